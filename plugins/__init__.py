@@ -1,0 +1,1 @@
+"""unibus built-in plugins (each registered through the ``unibus`` entry-point group)."""
