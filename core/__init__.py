@@ -7,4 +7,6 @@ __version__ = "0.11.0"
 #: Marker for plugin hook implementations: ``from unibus import hookimpl``.
 hookimpl = pluggy.HookimplMarker("unibus")
 
-__all__ = ["__version__", "hookimpl"]
+from .settings import Option  # noqa: E402  (re-exported for plugin authors)
+
+__all__ = ["Option", "__version__", "hookimpl"]

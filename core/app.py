@@ -1,0 +1,158 @@
+"""The aiohttp control plane: app factory, problem+json middleware, /healthz, /openapi.json.
+
+Handlers stay thin; state lives on the application under typed ``web.AppKey``
+keys that plugins use too (``app[unibus.app.SETTINGS]``, ``app[unibus.app.BUS]``...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .bus import Bus
+from .openapi import OpenAPI
+from .pluginmanager import PluginManager
+from .posture import merge_posture
+from .problems import Problem, from_problem, problem_response
+from .settings import Settings
+from .supervisor import NatsSupervisor
+
+log = logging.getLogger("unibus.http")
+
+SETTINGS = web.AppKey("settings", Settings)
+PLUGINS = web.AppKey("plugins", PluginManager)
+BUS = web.AppKey("bus", Bus)
+SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external NATS)
+OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
+EXTRA = web.AppKey("extra", dict)  # free-form runtime objects (store, engine...) by name
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats"})
+
+
+@web.middleware
+async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error leaves as RFC 9457 problem+json; never a traceback to the client."""
+    try:
+        return await handler(request)
+    except Problem as p:
+        return from_problem(p)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+        if e.status == 404:
+            detail = f"no route for {request.method} {request.path}"
+        elif e.status == 405:
+            allowed = headers.get("Allow", "")
+            detail = f"{request.method} is not allowed on {request.path}" + (f"; allowed: {allowed}" if allowed else "")
+        else:
+            detail = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+        return problem_response(e.status, detail, headers=headers)
+    except json.JSONDecodeError as e:
+        return problem_response(400, f"malformed JSON body: {e.msg} at position {e.pos}", kind="malformed-json")
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return problem_response(500, "internal error; see the membershipd log")
+
+
+def add_route(
+    app: web.Application,
+    method: str,
+    path: str,
+    handler: Handler,
+    *,
+    summary: str,
+    responses: dict[int, str],
+    signed: bool = True,
+    request_schema: dict[str, Any] | None = None,
+    request_content_type: str = "application/json",
+    tags: list[str] | None = None,
+) -> None:
+    """Register a route and its OpenAPI operation together (plugins use this too)."""
+    app.router.add_route(method, path, handler)
+    app[OPENAPI_DOC].add_operation(
+        method, path, summary=summary, responses=responses, signed=signed,
+        request_schema=request_schema, request_content_type=request_content_type, tags=tags,
+        operation_id=getattr(handler, "__name__", None),
+    )
+
+
+def current_posture(app: web.Application) -> dict[str, Any]:
+    settings = app[SETTINGS].for_plugins()
+    return merge_posture(r for _, r in app[PLUGINS].call_each("posture", settings=settings))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    app = request.app
+    body = await healthz_body(app)
+    return web.json_response(body, status=200 if body["status"] == "ok" else 503)
+
+
+async def healthz_body(app: web.Application) -> dict[str, Any]:
+    settings, bus = app[SETTINGS], app[BUS]
+    supervisor: NatsSupervisor | None = app[SUPERVISOR]  # type: ignore[assignment]
+    jetstream = await bus.jetstream_ok(timeout=1.0)
+    connected = bus.connected
+    ok = connected and jetstream and (supervisor is None or supervisor.running)
+    cluster = None
+    if settings.cluster_name:
+        cluster = {"name": settings.cluster_name, "routes": app[EXTRA].get("routes_connected", 0)}
+    body: dict[str, Any] = {
+        "status": "ok" if ok else "degraded",
+        "version": __version__,
+        "node": settings.server_name,
+        "posture": current_posture(app),
+        "nats": {
+            "mode": "embedded" if settings.embedded else "external",
+            "url": settings.nats_client_url,
+            "connected": connected,
+            "jetstream": jetstream,
+            "restarts": supervisor.restarts if supervisor is not None else 0,
+            "kv_replicas": settings.kv_replicas,
+            "cluster": cluster,
+        },
+    }
+    for name, fields in app[PLUGINS].call_each_safe("healthz_fields", app=app):
+        if not isinstance(fields, dict):
+            continue
+        for key, value in fields.items():
+            if key in CORE_HEALTHZ_KEYS:
+                log.warning("plugin %s: healthz_fields key %r is reserved; ignored", name, key)
+                continue
+            body[key] = value
+    return body
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI_DOC].document())
+
+
+def make_app(
+    settings: Settings,
+    plugins: PluginManager,
+    bus: Bus,
+    supervisor: NatsSupervisor | None,
+    *,
+    middlewares: list[Any] | None = None,
+) -> web.Application:
+    """The control-plane application; plugins add their routes in ``startup``."""
+    app = web.Application(middlewares=[problem_middleware, *(middlewares or [])], client_max_size=1024 * 1024)
+    app[SETTINGS] = settings
+    app[PLUGINS] = plugins
+    app[BUS] = bus
+    app[SUPERVISOR] = supervisor
+    app[OPENAPI_DOC] = OpenAPI()
+    app[EXTRA] = {"started": time.time()}
+    add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,
+              responses={200: "serving", 503: "degraded: NATS or JetStream unavailable"}, tags=["health"])
+    add_route(app, "GET", "/openapi.json", openapi_json, summary="This OpenAPI document", signed=False,
+              responses={200: "the document"}, tags=["meta"])
+    return app

@@ -1,0 +1,191 @@
+"""``membershipd``: the daemon and its operator commands (SPEC §3).
+
+``serve`` is the default subcommand. Expected errors print one line on stderr
+and exit 2 (configuration, usage) or 1 (runtime); never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, UnibusError
+from .pluginmanager import PluginManager
+from .settings import Settings, add_core_arguments, add_plugin_arguments, build_settings
+
+log = logging.getLogger("unibus.cli")
+
+PROG = "membershipd"
+COMMANDS = ("serve", "migrate", "posture", "plugins")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a usage line and one 'error:' line (its default)."""
+
+
+def _disable_pre_parser() -> argparse.ArgumentParser:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--disable-plugin", action="append", default=[])
+    return pre
+
+
+def _serve_parser(command: str, plugin_options) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} {command}", description=_DESCRIPTIONS[command])
+    add_core_arguments(parser)
+    parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
+    add_plugin_arguments(parser, plugin_options)
+    return parser
+
+
+_DESCRIPTIONS = {
+    "serve": "Run the control plane and its embedded NATS + JetStream server.",
+    "migrate": "Apply database migrations to <data-dir>/membershipd.db and exit.",
+    "posture": "Print the posture this configuration would report; exit 0 when enforce+acl+tls.",
+    "plugins": "List the loaded plugins with their distribution, version and hooks.",
+}
+
+
+def _refuse_blocked_flags(argv: Sequence[str], plugins: PluginManager) -> None:
+    owned = plugins.blocked_flags()
+    for arg in argv:
+        flag = arg.split("=", 1)[0]
+        if flag in owned:
+            raise ConfigError(
+                f"{flag} belongs to the {owned[flag]} plugin, which --disable-plugin {owned[flag]} blocks; "
+                f"drop {flag} or enable the plugin"
+            )
+
+
+def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings, PluginManager]:
+    """Flags + env → (Settings, PluginManager), as ``serve`` and ``posture`` see them."""
+    env = os.environ if env is None else env
+    pre, _ = _disable_pre_parser().parse_known_args(argv)
+    plugins = PluginManager(blocked=pre.disable_plugin)
+    _refuse_blocked_flags(argv, plugins)
+    plugin_options = plugins.options()
+    ns = _serve_parser(command, plugin_options).parse_args(argv)
+    settings = build_settings(ns, env, plugin_options, disabled_plugins=plugins.blocked)
+    if settings.bus_auth == "enforce" and "auth_enforce" in plugins.blocked:
+        raise ConfigError("--disable-plugin auth_enforce is accepted only together with --bus-auth off")
+    return settings, plugins
+
+
+def cmd_serve(argv: Sequence[str]) -> int:
+    from .daemon import serve
+
+    _configure_logging()
+    settings, plugins = load_settings("serve", argv)
+    # Read once into Settings; no child process may inherit it.
+    os.environ.pop("UNIBUS_CLUSTER_PASS", None)
+    return serve(settings, plugins)
+
+
+def cmd_posture(argv: Sequence[str]) -> int:
+    from .daemon import compute_posture
+    from .posture import CLUSTER_REQUIRED
+
+    settings, plugins = load_settings("posture", argv)
+    posture = compute_posture(settings, plugins)
+    print(json.dumps(posture, indent=2))
+    return 0 if posture["summary"] == CLUSTER_REQUIRED else 1
+
+
+def _data_dir_parser(command: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} {command}", description=_DESCRIPTIONS[command])
+    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    return parser
+
+
+def resolve_data_dir(ns: argparse.Namespace) -> Path:
+    return Path(ns.data_dir or os.environ.get("UNIBUS_DATA_DIR") or "./local_files").expanduser()
+
+
+def cmd_migrate(argv: Sequence[str]) -> int:
+    from .daemon import prepare_data_dir
+    from .store.db import migrate
+
+    ns = _data_dir_parser("migrate").parse_args(argv)
+    data_dir = resolve_data_dir(ns)
+    prepare_data_dir(data_dir)
+    before, after = migrate(data_dir / "membershipd.db")
+    if before == after:
+        print(f"{data_dir / 'membershipd.db'}: already at revision {after}")
+    else:
+        print(f"{data_dir / 'membershipd.db'}: migrated {before or 'empty'} -> {after}")
+    return 0
+
+
+def cmd_plugins(argv: Sequence[str]) -> int:
+    parser = _Parser(prog=f"{PROG} plugins", description=_DESCRIPTIONS["plugins"])
+    parser.add_argument("--json", action="store_true", help="print JSON for machines")
+    parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
+    ns = parser.parse_args(argv)
+    plugins = PluginManager(blocked=ns.disable_plugin)
+    infos = plugins.list_plugins()
+    if ns.json:
+        print(json.dumps([i.as_json() for i in infos], indent=2))
+        return 0
+    for i in infos:
+        print(f"{i.name}  ({i.distribution or '-'} {i.version or '-'})")
+        print(f"    hooks: {', '.join(i.hooks) or '-'}")
+    if plugins.blocked:
+        print(f"blocked: {', '.join(plugins.blocked)}")
+    return 0
+
+
+HANDLERS = {"serve": cmd_serve, "migrate": cmd_migrate, "posture": cmd_posture, "plugins": cmd_plugins}
+
+
+def _top_help() -> str:
+    lines = [f"usage: {PROG} [COMMAND] [FLAGS]", "", "commands:"]
+    for name in COMMANDS:
+        lines.append(f"  {name:<10} {_DESCRIPTIONS[name]}")
+    lines += ["", "serve is the default command; run 'membershipd serve --help' for its flags.", "  --version  print the version and exit"]
+    return "\n".join(lines)
+
+
+def _configure_logging() -> None:
+    level = os.environ.get("UNIBUS_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--version"], ["-V"]):
+        print(f"{PROG} {__version__}")
+        return 0
+    if argv[:1] in (["-h"], ["--help"], ["help"]):
+        print(_top_help())
+        return 0
+    command = "serve"
+    if argv and argv[0] in HANDLERS:
+        command = argv.pop(0)
+    elif argv and not argv[0].startswith("-"):
+        print(f"usage: {PROG} [{'|'.join(COMMANDS)}] [FLAGS]", file=sys.stderr)
+        print(f"{PROG}: error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return HANDLERS[command](argv)
+    except UnibusError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `membershipd plugins | head`
+        sys.stderr.close()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

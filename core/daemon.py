@@ -1,0 +1,211 @@
+"""``membershipd serve``: the start-up order of SPEC §3, signals, and shutdown.
+
+settings → plugins → posture → (cluster gate) → migrations → nats.conf written
+→ nats-server started and ready → store and KV buckets ready → ``startup``
+hooks → HTTP port opens → sd_notify READY=1. SIGTERM/SIGINT stop HTTP, then the
+plugins, then NATS; SIGHUP regenerates the NATS configuration and reloads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import signal
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .app import EXTRA, make_app
+from .bus import Bus
+from .errors import ConfigError, RuntimeFailure
+from .natsconf import base_config, finalize_config, render_config, write_config
+from .pluginmanager import PluginManager
+from .posture import cluster_gate, merge_posture
+from .sdnotify import sd_notify
+from .servicekey import ensure_service_nkey
+from .settings import HostPort, Settings, child_environment
+from .store.db import migrate
+from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server
+
+log = logging.getLogger("unibus.daemon")
+
+SHUTDOWN_HOOK_TIMEOUT = 10.0
+
+
+def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
+    return merge_posture(r for _, r in plugins.call_each("posture", settings=settings.for_plugins()))
+
+
+def nats_config(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
+    """Base config, every plugin's ``configure_nats``, then the core's invariants."""
+    config = base_config(settings)
+    plugins.call_each("configure_nats", settings=settings.for_plugins(), config=config)
+    return finalize_config(config, settings)
+
+
+def forward_levels(config: dict[str, Any]) -> frozenset[str]:
+    """Quiet unless nats-server's own debug/trace is on (the nats_monitor switch)."""
+    return ALL_LEVELS if config.get("debug") or config.get("trace") else QUIET_LEVELS
+
+
+def prepare_data_dir(data_dir: Path) -> None:
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--data-dir: {data_dir} is not writable ({e.strerror}); choose a writable directory") from None
+
+
+def check_port_free(flag: str, addr: HostPort) -> None:
+    """Fail fast, naming the flag, when a listener's port is taken."""
+    family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((addr.host, addr.port))
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise RuntimeFailure(f"{flag} {addr}: address already in use; stop the other process or pick another port") from None
+            raise RuntimeFailure(f"{flag} {addr}: cannot listen there ({e.strerror})") from None
+
+
+class Daemon:
+    """One running membershipd: owns the supervisor, the bus connection and the HTTP site."""
+
+    def __init__(self, settings: Settings, plugins: PluginManager) -> None:
+        self.settings = settings
+        self.plugins = plugins
+        self.supervisor: NatsSupervisor | None = None
+        self.bus: Bus | None = None
+        self.app: web.Application | None = None
+        self.runner: web.AppRunner | None = None
+        self._rendered: str | None = None
+        self._stop = asyncio.Event()
+        self._started_hooks = False
+
+    async def start(self) -> None:
+        s = self.settings
+        cluster_gate(compute_posture(s, self.plugins), s.clustered)
+        binary = find_nats_server(s.nats_server_bin) if s.embedded else None
+        prepare_data_dir(s.data_dir)
+        check_port_free("--http-addr", s.http_addr)
+        if s.embedded:
+            check_port_free("--nats-addr", s.nats_addr)
+        await asyncio.to_thread(migrate, s.db_path)
+        seed, _public = ensure_service_nkey(s.data_dir)
+
+        if s.embedded:
+            assert binary is not None
+            config = self.write_nats_config()
+            self.supervisor = NatsSupervisor(
+                binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
+                env=child_environment(), forward_levels=forward_levels(config),
+            )
+            await self.supervisor.start()
+
+        self.bus = Bus(s.nats_client_url, seed)
+        await self.bus.connect()
+        self.app = make_app(s, self.plugins, self.bus, self.supervisor)
+        self.app[EXTRA]["daemon"] = self
+        await self.plugins.acall_each("startup", app=self.app)
+        self._started_hooks = True
+
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, s.http_addr.host, s.http_addr.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as e:
+            raise RuntimeFailure(f"--http-addr {s.http_addr}: cannot listen ({e.strerror})") from None
+        log.info("membershipd serving on http://%s (NATS %s, node %s)", s.http_addr, s.nats_client_url, s.server_name)
+        sd_notify("READY=1")
+
+    def write_nats_config(self) -> dict[str, Any]:
+        config = nats_config(self.settings, self.plugins)
+        write_config(config, self.settings.nats_conf_path)
+        self._rendered = render_config(config)
+        return config
+
+    def regenerate_nats_config(self) -> bool:
+        """Re-run ``configure_nats``; rewrite and reload nats-server when it changed."""
+        if not self.settings.embedded or self.supervisor is None:
+            return False
+        config = nats_config(self.settings, self.plugins)
+        if render_config(config) == self._rendered:
+            return False
+        write_config(config, self.settings.nats_conf_path)
+        self._rendered = render_config(config)
+        self.supervisor.forward_levels = forward_levels(config)
+        self.supervisor.reload()
+        return True
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    def on_sighup(self) -> None:
+        log.info("SIGHUP: regenerating the NATS configuration")
+        try:
+            self.regenerate_nats_config()
+        except Exception as e:
+            log.error("SIGHUP: regenerating the NATS configuration failed: %s", e)
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+    async def stop(self) -> None:
+        """HTTP first, then plugins' shutdown hooks, then NATS."""
+        if self.runner is not None:
+            with contextlib.suppress(Exception):
+                await self.runner.cleanup()
+        if self._started_hooks and self.app is not None:
+            for name, impl in self.plugins._impls("shutdown"):
+                try:
+                    res = impl.function(**{a: self.app for a in impl.argnames})
+                    if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
+                        await asyncio.wait_for(res, SHUTDOWN_HOOK_TIMEOUT)
+                except asyncio.TimeoutError:
+                    log.error("plugin %s: shutdown did not finish within %.0f s; cancelled", name, SHUTDOWN_HOOK_TIMEOUT)
+                except Exception as e:
+                    log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
+        if self.bus is not None:
+            await self.bus.close()
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+
+
+async def _serve(settings: Settings, plugins: PluginManager) -> None:
+    daemon = Daemon(settings, plugins)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, daemon.request_stop)
+    loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
+    try:
+        start = asyncio.create_task(daemon.start())
+        stop = asyncio.create_task(daemon.wait())
+        done, _ = await asyncio.wait({start, stop}, return_when=asyncio.FIRST_COMPLETED)
+        if start in done:
+            start.result()  # raise start-up errors
+            await stop
+        else:
+            start.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await start
+        log.info("stopping")
+    finally:
+        stop.cancel()
+        await daemon.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+
+def serve(settings: Settings, plugins: PluginManager) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code (errors raise)."""
+    asyncio.run(_serve(settings, plugins))
+    return 0

@@ -1,0 +1,103 @@
+"""The hooks a unibus plugin may implement.
+
+Every built-in feature that is not the core (the loopback NATS monitor, bus
+authorization, route TLS, the blob store) is a plugin that implements these
+hooks, registered through the ``unibus`` entry-point group exactly like a
+third-party plugin. docs/plugins.md reproduces these docstrings.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from aiohttp import web
+
+    from .settings import Option, Settings
+
+hookspec = pluggy.HookspecMarker("unibus")
+
+
+@hookspec
+def cli_options() -> list[Option]:
+    """Return the command-line options this plugin adds to ``membershipd serve``.
+
+    Called once while the CLI is built, before any flag is parsed, for every
+    plugin that is not blocked. Return a list of :class:`unibus.Option`; each
+    option's value reaches every other hook as ``settings.option(dest)``. An
+    option may name an environment variable (``env=``) that supplies its value
+    when the flag is absent, and a ``convert`` callable that turns the raw
+    string into the value or raises ``ValueError`` with a message saying what
+    is allowed (membershipd then exits 2, naming the flag).
+
+    A flag owned by a plugin that ``--disable-plugin`` blocked is refused with
+    exit 2, naming the flag and the plugin.
+    """
+
+
+@hookspec
+def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
+    """Mutate the nats-server configuration before it is written.
+
+    ``config`` is the whole server configuration as a plain dict (the JSON that
+    nats-server reads): ``server_name``, ``host``, ``port``, ``jetstream``,
+    ``cluster``... Add or change keys in place; the return value is ignored.
+    Called once at start-up after the core filled in its own keys, and again
+    whenever the configuration is regenerated (membership changes, SIGHUP), so
+    an implementation must be a pure function of ``settings`` and the state it
+    reads.
+
+    The core renders the dict after every plugin ran. Whatever a plugin writes,
+    the monitoring endpoint (``http``) is forced onto 127.0.0.1 and secrets the
+    plugin never saw (the route password) are injected only then.
+    """
+
+
+@hookspec
+def posture(settings: Settings) -> dict[str, Any]:
+    """Return the security facts this plugin is responsible for.
+
+    Facts are ``bus_auth`` (``"enforce"`` or ``"off"``), ``acl`` (bool) and
+    ``tls`` (bool); report only those the plugin really enforces. The core
+    merges all answers (a fact reported twice keeps the weaker value), fills
+    unreported facts with their insecure value and computes ``summary``. Called
+    at start-up, before the cluster gate, by ``membershipd posture`` and on
+    every ``/healthz``; it must be cheap and must not do I/O.
+    """
+
+
+@hookspec
+def healthz_fields(app: web.Application) -> dict[str, Any]:
+    """Return fields to merge into the ``/healthz`` body.
+
+    Return ``{"<plugin name>": {...}}``: a dict keyed by the plugin's own name.
+    Called on every ``/healthz`` request; must be cheap and must not block
+    (no network round trips). ``app`` is the running aiohttp application, whose
+    state (settings, NATS connection, store) is reachable through the
+    ``unibus.app`` keys.
+    """
+
+
+@hookspec
+def startup(app: web.Application) -> Any:
+    """Start the plugin's runtime part.
+
+    Called once, after nats-server and the store are ready and before the HTTP
+    port opens, in registration order. May be a coroutine function. It may add
+    HTTP routes (``unibus.app.add_route``, which also documents them in
+    ``/openapi.json``) and start background tasks. An exception stops
+    membershipd with exit 1 and a message naming the plugin.
+    """
+
+
+@hookspec
+def shutdown(app: web.Application) -> Any:
+    """Stop the plugin's runtime part.
+
+    Called once on SIGTERM/SIGINT after the HTTP port stopped accepting
+    requests and before nats-server is stopped. May be a coroutine function;
+    it must finish within 10 seconds (it is cancelled after that, and an error
+    is logged naming the plugin).
+    """

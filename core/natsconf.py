@@ -1,0 +1,144 @@
+"""The nats-server configuration as data, and the one renderer that writes it.
+
+The configuration is a plain dict until :func:`write_config` serialises it as
+JSON (a format nats-server reads natively) into ``<data-dir>/nats.conf`` with
+mode 0600. Plugins mutate the dict in their ``configure_nats`` hook; they never
+format config text. Two rules are enforced here, after every plugin ran:
+
+* the monitoring endpoint, if any, listens on 127.0.0.1 only (it has no
+  authentication);
+* secrets the plugins never saw (the route password) are injected last.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from .errors import RuntimeFailure
+from .settings import Settings
+
+log = logging.getLogger("unibus.natsconf")
+
+MONITOR_HOST = "127.0.0.1"
+# nats-server keys that open the monitoring endpoint.
+_MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
+
+
+def base_config(settings: Settings) -> dict[str, Any]:
+    """The core's part of the configuration: identity, listener, JetStream, cluster."""
+    config: dict[str, Any] = {
+        "server_name": settings.server_name,
+        "host": settings.nats_addr.host,
+        "port": settings.nats_addr.port,
+        "jetstream": {"store_dir": str((settings.data_dir / "jetstream").resolve())},
+        # Log without colours or a PID prefix clash; membershipd forwards lines.
+        "logtime": True,
+        "debug": False,
+        "trace": False,
+    }
+    if settings.tls_cert:
+        tls: dict[str, Any] = {"cert_file": str(settings.tls_cert), "key_file": str(settings.tls_key)}
+        if settings.tls_ca:
+            tls["ca_file"] = str(settings.tls_ca)
+            tls["verify"] = True
+        config["tls"] = tls
+    if settings.cluster_name:
+        config["cluster"] = {
+            "name": settings.cluster_name,
+            "host": settings.cluster_addr.host,
+            "port": settings.cluster_addr.port,
+            "routes": list(settings.routes),
+        }
+    return config
+
+
+def enforce_loopback_monitor(config: dict[str, Any]) -> None:
+    """Pin any monitoring listener to 127.0.0.1 (SPEC §2); drop HTTPS variants.
+
+    Whatever a flag, the environment or a plugin wrote, the only monitor
+    membershipd lets nats-server open is plain HTTP on loopback.
+    """
+    port: int | None = None
+    http = config.get("http")
+    if isinstance(http, str) and http.rsplit(":", 1)[-1].isdigit():
+        port = int(http.rsplit(":", 1)[-1])
+        if http != f"{MONITOR_HOST}:{port}":
+            log.warning("monitor address %r moved to %s:%d: the endpoint has no authentication", http, MONITOR_HOST, port)
+    elif isinstance(http, int):
+        port = http
+    elif http is not None:
+        log.warning("ignoring monitor setting http=%r: not HOST:PORT", http)
+    for key in ("http_port", "monitor_port"):
+        if key in config:
+            if port is None and isinstance(config[key], int):
+                port = config[key]
+            log.warning("monitor setting %s rewritten as http: %s:<port>", key, MONITOR_HOST)
+    for key in ("https", "https_port", "http_base_path"):
+        if key in config:
+            log.warning("monitor setting %s removed: only a plain loopback monitor is allowed", key)
+    for key in _MONITOR_KEYS + ("http_base_path",):
+        config.pop(key, None)
+    if port is not None:
+        config["http"] = f"{MONITOR_HOST}:{port}"
+
+
+def finalize_config(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Apply the core's invariants to a plugin-mutated config; returns a new dict."""
+    final = copy.deepcopy(config)
+    enforce_loopback_monitor(final)
+    if settings.cluster_name and settings.cluster_pass is not None:
+        cluster = final.setdefault("cluster", {})
+        cluster["authorization"] = {"user": "route", "password": settings.cluster_pass.reveal()}
+        # Explicit routes must carry the credentials in their URL (they dial out).
+        cluster["routes"] = [
+            _with_credentials(url, "route", settings.cluster_pass.reveal()) for url in cluster.get("routes", [])
+        ]
+    return final
+
+
+def _with_credentials(url: str, user: str, password: str) -> str:
+    from urllib.parse import quote
+
+    scheme, rest = url.split("://", 1)
+    return f"nats-route://{quote(user, safe='')}:{quote(password, safe='')}@{rest}"
+
+
+def render_config(config: dict[str, Any]) -> str:
+    """The one renderer: the config dict as the JSON text nats-server reads."""
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
+
+
+def write_config(config: dict[str, Any], path: Path) -> None:
+    """Write the rendered config atomically with mode 0600 from the first byte."""
+    text = render_config(config)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_config(binary: Path, path: Path, timeout: float = 10.0) -> None:
+    """Run ``nats-server -t -c PATH``; raise RuntimeFailure with its complaint."""
+    try:
+        proc = subprocess.run(
+            [str(binary), "-t", "-c", str(path)], capture_output=True, text=True, timeout=timeout
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeFailure(f"could not check {path} with {binary}: {e}") from e
+    if proc.returncode != 0:
+        msg = (proc.stderr or proc.stdout).strip().splitlines()
+        raise RuntimeFailure(f"nats-server rejected {path}: {msg[-1] if msg else proc.returncode}")

@@ -1,0 +1,47 @@
+"""RFC 9457 problem details: the one error shape of the HTTP API."""
+
+from __future__ import annotations
+
+import json
+from http import HTTPStatus
+from typing import Any
+
+from aiohttp import web
+
+PROBLEM_TYPE_BASE = "https://unibus.dev/problems/"
+CONTENT_TYPE = "application/problem+json"
+
+
+class Problem(Exception):
+    """Raise from a handler to answer with ``application/problem+json``.
+
+    ``kind`` becomes the problem ``type`` (``https://unibus.dev/problems/<kind>``);
+    ``extra`` members are added to the body (e.g. ``missing``/``extra`` handles).
+    """
+
+    def __init__(self, status: int, detail: str, *, kind: str | None = None, title: str | None = None,
+                 headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.title = title or HTTPStatus(status).phrase
+        self.kind = kind or self.title.lower().replace(" ", "-")
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def problem_response(status: int, detail: str, *, kind: str | None = None, title: str | None = None,
+                     headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
+    title = title or HTTPStatus(status).phrase
+    body = {
+        "type": PROBLEM_TYPE_BASE + (kind or title.lower().replace(" ", "-")),
+        "title": title,
+        "status": status,
+        "detail": detail,
+        **extra,
+    }
+    return web.Response(status=status, text=json.dumps(body), content_type=CONTENT_TYPE, headers=headers)
+
+
+def from_problem(p: Problem) -> web.Response:
+    return problem_response(p.status, p.detail, kind=p.kind, title=p.title, headers=p.headers, **p.extra)

@@ -1,0 +1,427 @@
+"""Settings: flags and environment in, one validated frozen object out.
+
+Every value membershipd runs with passes through :func:`build_settings`, which
+raises :class:`ConfigError` naming the flag and what is allowed. Plugins add
+their own flags through the ``cli_options`` hook as :class:`Option` objects;
+their validated values live in ``Settings.options``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import socket
+import stat
+import types
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+
+DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
+DEFAULT_NATS_ADDR = "127.0.0.1:4250"
+DEFAULT_CLUSTER_ADDR = "0.0.0.0:6250"
+DEFAULT_AUTH_SKEW = 60
+KV_REPLICA_CHOICES = (1, 3, 5)
+BUS_AUTH_CHOICES = ("off", "enforce")
+
+_SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+
+
+@dataclass(frozen=True)
+class Option:
+    """A flag a plugin adds to ``membershipd serve`` (see the ``cli_options`` hook).
+
+    ``flag`` is the long option (``--nats-monitor-port``); ``dest`` the name the
+    value is read back with (``settings.option("nats_monitor_port")``);
+    ``convert`` turns the raw string into the value or raises ``ValueError``
+    whose message says what is allowed; ``env`` names an environment variable
+    used when the flag is absent.
+    """
+
+    flag: str
+    help: str
+    default: Any = None
+    convert: Callable[[str], Any] = str
+    dest: str | None = None
+    env: str | None = None
+    metavar: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.dest or self.flag.lstrip("-").replace("-", "_")
+
+
+class Secret:
+    """A string that never shows itself in repr, str or logs."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('***')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def connect_host(self) -> str:
+        """The host a local client dials: a wildcard listener is reached on loopback."""
+        if self.host in ("0.0.0.0", ""):
+            return "127.0.0.1"
+        if self.host == "::":
+            return "::1"
+        return self.host
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything membershipd runs with, validated. Build it with :func:`build_settings`."""
+
+    data_dir: Path = Path("./local_files")
+    http_addr: HostPort = HostPort("127.0.0.1", 8470)
+    nats_addr: HostPort = HostPort("127.0.0.1", 4250)
+    nats_url: str | None = None
+    bus_auth: str = "enforce"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    server_name: str = "unibus"
+    kv_replicas: int = 1
+    cluster_name: str | None = None
+    cluster_addr: HostPort = HostPort("0.0.0.0", 6250)
+    routes: tuple[str, ...] = ()
+    cluster_pass_file: Path | None = None
+    cluster_pass: Secret | None = field(default=None, repr=False, compare=False)
+    auth_skew: int = DEFAULT_AUTH_SKEW
+    nats_server_bin: Path | None = None
+    disabled_plugins: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}))
+
+    @property
+    def clustered(self) -> bool:
+        """True when any cluster flag was given (the posture gate then applies)."""
+        return bool(self.cluster_name or self.routes or self.cluster_pass is not None)
+
+    @property
+    def embedded(self) -> bool:
+        return self.nats_url is None
+
+    @property
+    def nats_client_url(self) -> str:
+        """The URL membershipd itself (and local tools) use to reach NATS."""
+        if self.nats_url:
+            return self.nats_url
+        host = self.nats_addr.connect_host
+        host = f"[{host}]" if ":" in host else host
+        return f"nats://{host}:{self.nats_addr.port}"
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of a plugin option, by its ``Option.name``."""
+        return self.options.get(name, default)
+
+    def for_plugins(self) -> Settings:
+        """A copy without secrets: what hook implementations receive."""
+        return replace(self, cluster_pass=None)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "membershipd.db"
+
+    @property
+    def nats_conf_path(self) -> Path:
+        return self.data_dir / "nats.conf"
+
+
+# -- converters: each raises ValueError with what is allowed -----------------
+
+
+def parse_host_port(value: str) -> HostPort:
+    value = value.strip()
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", value) or re.fullmatch(r"([^:\[\]]*):(\d{1,5})", value)
+    if not m:
+        raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8470)")
+    host, port = m.group(1), int(m.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is out of range 1-65535")
+    if not host:
+        raise ValueError(f"{value!r} has no host; use 0.0.0.0:{port} to listen on every address")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME_RE.match(host):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+    return HostPort(host, port)
+
+
+def parse_port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a port number (1-65535)") from None
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{port} is out of range 1-65535")
+    return port
+
+
+def parse_positive_int(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise ValueError(f"{n} must be at least 1")
+    return n
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"", "0", "false", "no", "off"}
+
+
+def parse_bool_env(value: str | None) -> bool:
+    """The boolean spellings of SPEC §3: ``1 true yes on`` / ``0 false no off`` / empty."""
+    if value is None:
+        return False
+    v = value.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{value!r} is not a boolean; use one of 1 true yes on / 0 false no off")
+
+
+def parse_route(value: str) -> str:
+    url = value.strip()
+    parts = urlsplit(url)
+    if parts.scheme not in ("nats", "nats-route"):
+        raise ValueError(f"{url!r} must be nats://HOST:PORT")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "a route URL must not carry credentials (user:pass@); give the password with "
+            "--cluster-pass-file or UNIBUS_CLUSTER_PASS"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"{url!r} has a bad port") from None
+    if not parts.hostname or not port:
+        raise ValueError(f"{url!r} must be nats://HOST:PORT")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{url!r} must be a bare nats://HOST:PORT")
+    return f"nats://{parts.netloc}"
+
+
+# -- the parser ---------------------------------------------------------------
+
+
+def add_core_arguments(parser: argparse.ArgumentParser) -> None:
+    """The core flags of ``serve`` (SPEC §3). Defaults are applied in build_settings."""
+    a = parser.add_argument
+    a("--data-dir", metavar="DIR", help="all writable state [UNIBUS_DATA_DIR] (default ./local_files)")
+    a("--http-addr", metavar="HOST:PORT", help=f"control-plane HTTP (default {DEFAULT_HTTP_ADDR})")
+    a("--nats-addr", metavar="HOST:PORT", help=f"embedded NATS client listener (default {DEFAULT_NATS_ADDR})")
+    a("--nats-url", metavar="URL", help="use an external NATS; no embedded server")
+    a("--bus-auth", metavar="off|enforce", help="data-plane authorization (default enforce)")
+    a("--tls-cert", metavar="PATH", help="client TLS certificate of the NATS listener")
+    a("--tls-key", metavar="PATH", help="client TLS key of the NATS listener")
+    a("--tls-ca", metavar="PATH", help="CA that verifies NATS client certificates")
+    a("--server-name", metavar="NAME", help="NATS server_name (default: host name)")
+    a("--kv-replicas", metavar="N", help="replicas of every KV bucket: 1, 3 or 5 (default 1)")
+    a("--cluster-name", metavar="NAME", help="join a cluster (with --routes)")
+    a("--cluster-addr", metavar="HOST:PORT", help=f"route listener (default {DEFAULT_CLUSTER_ADDR})")
+    a("--routes", metavar="URL[,URL...]", help="cluster peers as bare nats://host:port")
+    a("--cluster-pass-file", metavar="PATH", help="route password file, mode 0600 [UNIBUS_CLUSTER_PASS]")
+    a("--auth-skew", metavar="SECONDS", help=f"allowed clock skew of signed requests (default {DEFAULT_AUTH_SKEW})")
+    a("--nats-server-bin", metavar="PATH", help="the nats-server binary (default: beside python, then PATH)")
+
+
+def add_plugin_arguments(parser: argparse.ArgumentParser, options: Sequence[tuple[str, Option]]) -> None:
+    for plugin, opt in options:
+        parser.add_argument(
+            opt.flag,
+            dest=f"plugin__{opt.name}",
+            metavar=opt.metavar,
+            help=f"{opt.help} [{plugin} plugin]" + (f" [{opt.env}]" if opt.env else ""),
+        )
+
+
+def _convert(flag: str, raw: str, convert: Callable[[str], Any]) -> Any:
+    try:
+        return convert(raw)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def _path_or_none(raw: str | None) -> Path | None:
+    return Path(raw).expanduser() if raw else None
+
+
+def build_settings(
+    ns: argparse.Namespace,
+    env: Mapping[str, str],
+    plugin_options: Sequence[tuple[str, Option]] = (),
+    disabled_plugins: Sequence[str] = (),
+) -> Settings:
+    """Validate parsed flags and the environment into :class:`Settings`.
+
+    Raises :class:`ConfigError` whose message starts with the flag at fault.
+    ``env`` is read, never modified.
+    """
+
+    def get(name: str) -> Any:
+        return getattr(ns, name, None)
+
+    data_dir = Path(get("data_dir") or env.get("UNIBUS_DATA_DIR") or "./local_files").expanduser()
+    http_addr = _convert("--http-addr", get("http_addr") or DEFAULT_HTTP_ADDR, parse_host_port)
+    nats_addr = _convert("--nats-addr", get("nats_addr") or DEFAULT_NATS_ADDR, parse_host_port)
+
+    nats_url = get("nats_url")
+    if nats_url is not None:
+        parts = urlsplit(nats_url)
+        if parts.scheme not in ("nats", "tls") or not parts.hostname:
+            raise ConfigError(f"--nats-url: {nats_url!r} must be nats://HOST:PORT or tls://HOST:PORT")
+
+    bus_auth = get("bus_auth") or "enforce"
+    if bus_auth not in BUS_AUTH_CHOICES:
+        raise ConfigError(f"--bus-auth: {bus_auth!r} is not allowed; use off or enforce")
+
+    tls = {k: _path_or_none(get(k)) for k in ("tls_cert", "tls_key", "tls_ca")}
+    if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
+        raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
+    if tls["tls_ca"] and not tls["tls_cert"]:
+        raise ConfigError("--tls-ca verifies client certificates and needs --tls-cert and --tls-key")
+    for k, p in tls.items():
+        if p is not None and not p.is_file():
+            raise ConfigError(f"--{k.replace('_', '-')}: {p} is not a readable file")
+
+    server_name = get("server_name") or socket.gethostname() or "unibus"
+    if not _SERVER_NAME_RE.match(server_name):
+        raise ConfigError(
+            f"--server-name: {server_name!r} is not allowed; use 1-64 of letters, digits, '_', '.', '-'"
+        )
+
+    kv_raw = get("kv_replicas") or "1"
+    try:
+        kv_replicas = int(kv_raw)
+    except ValueError:
+        kv_replicas = 0
+    if kv_replicas not in KV_REPLICA_CHOICES:
+        raise ConfigError(f"--kv-replicas: {kv_raw!r} is not allowed; use 1, 3 or 5")
+
+    cluster_name = get("cluster_name")
+    if cluster_name is not None and not _SERVER_NAME_RE.match(cluster_name):
+        raise ConfigError(f"--cluster-name: {cluster_name!r} is not allowed; use letters, digits, '_', '.', '-'")
+    cluster_addr = _convert("--cluster-addr", get("cluster_addr") or DEFAULT_CLUSTER_ADDR, parse_host_port)
+    routes: tuple[str, ...] = ()
+    if get("routes"):
+        routes = tuple(
+            _convert("--routes", r, parse_route) for r in get("routes").split(",") if r.strip()
+        )
+
+    cluster_pass_file = _path_or_none(get("cluster_pass_file"))
+    cluster_pass: Secret | None = None
+    if cluster_pass_file is not None:
+        cluster_pass = Secret(read_secret_file("--cluster-pass-file", cluster_pass_file))
+    elif env.get("UNIBUS_CLUSTER_PASS"):
+        cluster_pass = Secret(env["UNIBUS_CLUSTER_PASS"])
+
+    auth_skew = _convert("--auth-skew", get("auth_skew") or str(DEFAULT_AUTH_SKEW), parse_positive_int)
+    nats_server_bin = _path_or_none(get("nats_server_bin"))
+
+    options: dict[str, Any] = {}
+    for plugin, opt in plugin_options:
+        raw = getattr(ns, f"plugin__{opt.name}", None)
+        source = opt.flag
+        if raw is None and opt.env and env.get(opt.env) is not None:
+            raw, source = env[opt.env], opt.env
+        options[opt.name] = opt.default if raw is None else _convert(source, raw, opt.convert)
+
+    settings = Settings(
+        data_dir=data_dir,
+        http_addr=http_addr,
+        nats_addr=nats_addr,
+        nats_url=nats_url,
+        bus_auth=bus_auth,
+        server_name=server_name,
+        kv_replicas=kv_replicas,
+        cluster_name=cluster_name,
+        cluster_addr=cluster_addr,
+        routes=routes,
+        cluster_pass_file=cluster_pass_file,
+        cluster_pass=cluster_pass,
+        auth_skew=auth_skew,
+        nats_server_bin=nats_server_bin,
+        disabled_plugins=tuple(disabled_plugins),
+        options=types.MappingProxyType(options),
+        **tls,
+    )
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    """Cross-flag rules (SPEC §3); raises :class:`ConfigError`."""
+    s = settings
+    if s.nats_url and s.clustered:
+        raise ConfigError("--nats-url starts no embedded server; drop the cluster flags or --nats-url")
+    if s.nats_url and (s.tls_cert or s.tls_ca):
+        raise ConfigError("--tls-cert/--tls-key/--tls-ca configure the embedded server; they do not apply with --nats-url")
+    if s.routes and not s.cluster_name:
+        raise ConfigError("--routes needs --cluster-name")
+    if s.cluster_name and s.cluster_pass is None:
+        raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
+    if s.kv_replicas > 1 and not s.cluster_name:
+        raise ConfigError(f"--kv-replicas {s.kv_replicas} needs a cluster (--cluster-name and --routes); use 1 on a single node")
+    if s.http_addr == s.nats_addr:
+        raise ConfigError("--http-addr and --nats-addr must differ")
+
+
+def read_secret_file(flag: str, path: Path) -> str:
+    """Read a one-line secret from a file that only its owner may read."""
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{flag}: {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ConfigError(f"{flag}: {path} is readable by group or others; run chmod 600 {path}")
+    try:
+        value = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    if not value or "\n" in value:
+        raise ConfigError(f"{flag}: {path} must hold the password on one line")
+    return value
+
+
+def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment a child process inherits: without any unibus secret."""
+    src = os.environ if env is None else env
+    return {k: v for k, v in src.items() if k != "UNIBUS_CLUSTER_PASS"}
