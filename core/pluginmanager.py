@@ -94,7 +94,7 @@ class PluginManager:
         return self._pm.hook
 
     def names(self) -> list[str]:
-        return [name for name, _ in self._pm.list_name_plugin()]
+        return [name for name, plugin in self._pm.list_name_plugin() if plugin is not None]
 
     def has(self, name: str) -> bool:
         return self._pm.has_plugin(name)
@@ -102,6 +102,8 @@ class PluginManager:
     def list_plugins(self) -> list[PluginInfo]:
         infos = []
         for name, plugin in self._pm.list_name_plugin():
+            if plugin is None:  # blocked
+                continue
             hooks = sorted(h.name for h in self._pm.get_hookcallers(plugin) or [])
             dist, version = self._dist.get(name, (None, None))
             infos.append(PluginInfo(name, dist, version, tuple(hooks)))

@@ -1,1 +1,329 @@
+"""unibus.testing: a pytest plugin for unibus and its plugin authors.
 
+Installed with unibus (entry point ``unibus`` in group ``pytest11``), so these
+fixtures are available in any test suite that has unibus installed:
+
+``unibus_plugin_manager``
+    A factory: ``unibus_plugin_manager(plugin_module, ...)`` builds a
+    :class:`unibus.pluginmanager.PluginManager` holding only the plugins given
+    (no entry points are loaded).
+``nats_server``
+    A real nats-server (JetStream on) run by unibus's own supervisor on free
+    loopback ports in a temporary directory. Attributes: ``url``, ``port``,
+    ``supervisor``, ``restarts``; ``kill()`` simulates a crash.
+``membershipd_factory`` / ``membershipd``
+    A real ``membershipd serve`` process in a temporary data dir on free
+    ports, started and waited for until ``/healthz`` answers 200. Attributes:
+    ``base_url``, ``data_dir``, ``log_path``, ``log_text()``, ``healthz()``,
+    ``stop()`` (SIGTERM, returns the exit code), ``nats_pid()``. Every process
+    a fixture started is stopped at teardown.
+
+Everything listens on 127.0.0.1 only; nothing assumes a fixed port is free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .natsconf import base_config, finalize_config, write_config
+from .pluginmanager import PluginManager
+from .settings import HostPort, Settings
+from .supervisor import NatsSupervisor, find_nats_server
+
+DEFAULT_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
+                    timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``membershipd ARGS`` to completion and capture its output."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "unibus.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def nats_server_pids(under: Path | str | None = None) -> set[int]:
+    """PIDs of running nats-server processes, those whose config lies ``under`` a path if given.
+
+    Tests use it to prove that nothing was left running.
+    """
+    pids = set()
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            argv = (p / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"nats-server") and (under is None or any(str(under).encode() in a for a in argv)):
+            pids.add(int(p.name))
+    return pids
+
+
+def make_plugin_manager(*plugins: Any) -> PluginManager:
+    """A plugin manager holding only ``plugins`` (modules or objects with hookimpls)."""
+    return PluginManager(load_entry_points=False, plugins=plugins)
+
+
+# -- a supervised nats-server run from synchronous tests ----------------------
+
+
+class _LoopThread:
+    """An asyncio loop in a daemon thread, so sync fixtures can drive async code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="unibus-testing-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Any, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        fut: Future[Any] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(5)
+        self.loop.close()
+
+
+class NatsServer:
+    """A real nats-server under :class:`NatsSupervisor`, for tests."""
+
+    def __init__(self, data_dir: Path, *, config_hook: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.settings = Settings(data_dir=data_dir, nats_addr=HostPort("127.0.0.1", self.port), server_name="unibus-test")
+        config = base_config(self.settings)
+        if config_hook:
+            config_hook(config)
+        self.config = finalize_config(config, self.settings)
+        data_dir.mkdir(parents=True, exist_ok=True)
+        write_config(self.config, self.settings.nats_conf_path)
+        self._loop = _LoopThread()
+        self.supervisor = self._loop.run(self._make_supervisor())
+
+    async def _make_supervisor(self) -> NatsSupervisor:
+        sup = NatsSupervisor(find_nats_server(), self.settings.nats_conf_path, "127.0.0.1", self.port,
+                             backoff_initial=0.1)
+        await sup.start()
+        return sup
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    @property
+    def restarts(self) -> int:
+        return self.supervisor.restarts
+
+    @property
+    def pid(self) -> int | None:
+        return self.supervisor.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        self._loop.loop.call_soon_threadsafe(self.supervisor.kill, sig)
+
+    def wait_running(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.supervisor.running:
+                return
+            time.sleep(0.02)
+        raise TimeoutError("nats-server did not come back")
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self._loop.run(self.supervisor.stop(), timeout=15)
+        self._loop.close()
+
+
+# -- a membershipd process ------------------------------------------------------
+
+
+class MembershipdProcess:
+    """``membershipd serve`` as a child process, on free loopback ports."""
+
+    def __init__(self, data_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
+                 command: Sequence[str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.http_port = free_port()
+        self.nats_port = free_port()
+        self.monitor_port = free_port()
+        self.args = list(args)
+        self.env = {**os.environ, **(env or {})}
+        self.env.setdefault("UNIBUS_LOG_LEVEL", "INFO")
+        self.log_path = data_dir.parent / f"{data_dir.name}.log"
+        argv = list(command or [sys.executable, "-m", "unibus.cli"])
+        argv += ["serve", "--data-dir", str(data_dir),
+                 "--http-addr", f"127.0.0.1:{self.http_port}", "--nats-addr", f"127.0.0.1:{self.nats_port}"]
+        if "--nats-monitor-port" not in self.args and "nats_monitor" not in self.args:
+            argv += ["--nats-monitor-port", str(self.monitor_port)]
+        self.argv = argv + self.args
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, wait: bool = True, timeout: float = DEFAULT_TIMEOUT) -> MembershipdProcess:
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                     stdin=subprocess.DEVNULL)
+        if wait:
+            self.wait_healthy(timeout)
+        return self
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def healthz(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
+        """``(status, body)`` of GET /healthz."""
+        return http_json("GET", self.base_url + "/healthz", timeout=timeout)
+
+    def wait_healthy(self, timeout: float = DEFAULT_TIMEOUT, want: int = 200) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"membershipd exited with {self.proc.returncode}:\n{self.log_text()[-4000:]}")
+            try:
+                status, body = self.healthz(timeout=2.0)
+                if status == want:
+                    return body
+                last = (status, body)
+            except (OSError, urllib.error.URLError) as e:
+                last = e
+            time.sleep(0.05)
+        raise TimeoutError(f"/healthz did not answer {want} within {timeout}s (last: {last})\n{self.log_text()[-4000:]}")
+
+    def nats_pid(self) -> int | None:
+        """The pid of the nats-server child, from /proc."""
+        try:
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        except OSError:
+            return None
+        for c in children:
+            with contextlib.suppress(OSError):
+                if "nats-server" in Path(f"/proc/{c}/cmdline").read_bytes().decode(errors="replace"):
+                    return int(c)
+        return None
+
+    def send_signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM and wait; SIGKILL (and its nats-server) if it does not stop in time."""
+        if self.proc is None:
+            return None
+        nats = self.nats_pid()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if nats is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(nats, signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            self._log.close()
+        return self.proc.returncode
+
+
+def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
+              timeout: float = 5.0) -> tuple[int, Any]:
+    """A tiny synchronous JSON client for tests: ``(status, decoded body or text)``."""
+    data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
+    req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+# -- fixtures -------------------------------------------------------------------
+
+
+@pytest.fixture
+def unibus_plugin_manager() -> Callable[..., PluginManager]:
+    """Factory: ``unibus_plugin_manager(plugin, ...)`` → a manager with only those plugins."""
+    return make_plugin_manager
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A real, supervised nats-server with JetStream on free loopback ports."""
+    server = NatsServer(tmp_path / "nats")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def membershipd_factory(tmp_path: Path) -> Iterator[Callable[..., MembershipdProcess]]:
+    """Factory: ``membershipd_factory(*args, env=None, wait=True)`` → a started daemon."""
+    started: list[MembershipdProcess] = []
+    counter = iter(range(1000))
+
+    def make(*args: str, env: dict[str, str] | None = None, wait: bool = True,
+             data_dir: Path | None = None) -> MembershipdProcess:
+        d = data_dir or tmp_path / f"membershipd-{next(counter)}"
+        proc = MembershipdProcess(d, args, env)
+        started.append(proc)
+        return proc.start(wait=wait)
+
+    try:
+        yield make
+    finally:
+        for p in started:
+            p.stop()
+
+
+@pytest.fixture
+def membershipd(membershipd_factory: Callable[..., MembershipdProcess]) -> MembershipdProcess:
+    """A running membershipd with default settings (embedded NATS, free ports)."""
+    return membershipd_factory()

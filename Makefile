@@ -1,0 +1,55 @@
+# unibus: `make run` sets up a venv and runs the daemon; `make test` sets up and runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+EXAMPLE_VENV ?= .venv-example
+EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
+PYTEST_ARGS ?=
+DATA_DIR ?= ./local_files
+
+.PHONY: install run test test-fast test-example wheel-check bench lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/membershipd serve --data-dir $(DATA_DIR)
+
+# The whole suite, as CI runs it: unit + integration tests (slow ones included),
+# the example plugin's own tests, and a regular (non-editable) wheel install.
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(MAKE) test-example
+	$(MAKE) wheel-check
+
+# Locally: skip the slow cluster/large-blob tests.
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+$(EXAMPLE_STAMP): pyproject.toml examples/unibus-hello-plugin/pyproject.toml
+	$(PYTHON) -m venv $(EXAMPLE_VENV)
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet -e '.[test]' -e examples/unibus-hello-plugin
+	touch $(EXAMPLE_STAMP)
+
+test-example: $(EXAMPLE_STAMP)
+	cd examples/unibus-hello-plugin && ../../$(EXAMPLE_VENV)/bin/python -m pytest -q
+
+wheel-check: install
+	bash .ci/wheel-check
+
+bench: install
+	$(PY) bench/bench_startup.py
+
+lint: install
+	$(PY) -m pip install --quiet ruff
+	$(PY) -m ruff check core plugins tests bench migrations
+
+clean:
+	rm -rf $(VENV) $(EXAMPLE_VENV) build dist *.egg-info .pytest_cache

@@ -1,0 +1,134 @@
+"""membershipd's commands and its refusals: one line, the right exit code, nothing left running."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+import stat
+
+import pytest
+
+from unibus.testing import free_port, nats_server_pids, run_membershipd
+
+BUILTINS = {"nats_monitor", "auth_enforce", "route_tls", "blobstore"}
+
+
+def assert_one_line_error(proc, code, *needles):
+    assert proc.returncode == code, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_version():
+    proc = run_membershipd("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == "membershipd 0.11.0"
+
+
+def test_plugins_json_lists_the_builtins():
+    proc = run_membershipd("plugins", "--json")
+    assert proc.returncode == 0, proc.stderr
+    listed = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert BUILTINS <= set(listed)
+    for name in BUILTINS:
+        assert listed[name]["distribution"] == "unibus"
+        assert listed[name]["version"] == "0.11.0"
+        assert listed[name]["hooks"]
+    assert "configure_nats" in listed["nats_monitor"]["hooks"]
+
+
+def test_plugins_text_and_disable():
+    proc = run_membershipd("plugins", "--disable-plugin", "blobstore")
+    assert proc.returncode == 0
+    assert "nats_monitor" in proc.stdout and "blocked: blobstore" in proc.stdout
+    assert not any(line.startswith("blobstore") for line in proc.stdout.splitlines())
+
+
+def test_migrate_creates_a_private_db_and_is_idempotent(tmp_path):
+    first = run_membershipd("migrate", "--data-dir", str(tmp_path / "d"))
+    assert first.returncode == 0, first.stderr
+    db = tmp_path / "d" / "membershipd.db"
+    assert stat.S_IMODE(db.stat().st_mode) == 0o600
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("select version_num from alembic_version").fetchone()[0]
+    second = run_membershipd("migrate", env={"UNIBUS_DATA_DIR": str(tmp_path / "d")})
+    assert second.returncode == 0 and "already at revision" in second.stdout
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--no-such-flag"], "--no-such-flag"),
+        (["--http-addr", "localhost"], "--http-addr"),
+        (["--nats-addr", "127.0.0.1:99999"], "--nats-addr"),
+        (["--bus-auth", "sometimes"], "--bus-auth"),
+        (["--kv-replicas", "3"], "--kv-replicas"),
+        (["--nats-server-bin", "/nonexistent/nats-server"], "--nats-server-bin"),
+        (["--disable-plugin", "nope"], "--disable-plugin"),
+        (["--disable-plugin", "auth_enforce"], "--bus-auth off"),
+        (["--disable-plugin", "nats_monitor", "--nats-monitor-port", "9999"], "nats_monitor"),
+        (["--routes", "nats://u:p@127.0.0.1:6250", "--cluster-name", "c"], "--routes"),
+    ],
+)
+def test_serve_refusals_exit_2(tmp_path, args, needle):
+    proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), *args)
+    assert_one_line_error(proc, 2, needle)
+    assert not nats_server_pids(tmp_path)
+
+
+def test_unknown_command():
+    proc = run_membershipd("frobnicate")
+    assert_one_line_error(proc, 2, "frobnicate")
+
+
+def test_unwritable_data_dir(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run_membershipd("serve", "--data-dir", str(blocker / "sub"), "--http-addr", f"127.0.0.1:{free_port()}",
+                           "--nats-addr", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(proc, 2, "--data-dir")
+
+
+def test_cluster_gate_refuses_before_anything_starts(tmp_path):
+    pw = tmp_path / "pass"
+    pw.write_text("route-secret-123\n")
+    pw.chmod(0o600)
+    proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--cluster-name", "c",
+                           "--routes", "nats://127.0.0.1:6250", "--cluster-pass-file", str(pw))
+    assert_one_line_error(proc, 2, "enforce+acl+tls", "tls is false")
+    assert "route-secret-123" not in proc.stderr
+    assert not (tmp_path / "d").exists()  # refused before the data dir was even touched
+
+
+def test_posture_command(tmp_path):
+    proc = run_membershipd("posture", "--bus-auth", "off")
+    assert proc.returncode == 1
+    assert json.loads(proc.stdout) == {"bus_auth": "off", "acl": False, "tls": False, "summary": "open"}
+    bad = run_membershipd("posture", "--routes", "nats://u:p@127.0.0.1:1", "--cluster-name", "c")
+    assert_one_line_error(bad, 2, "--routes")
+
+
+def test_port_in_use_is_a_runtime_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--http-addr", f"127.0.0.1:{busy}",
+                               "--nats-addr", f"127.0.0.1:{free_port()}")
+        assert_one_line_error(proc, 1, "--http-addr", "in use")
+        proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--http-addr", f"127.0.0.1:{free_port()}",
+                               "--nats-addr", f"127.0.0.1:{busy}")
+        assert_one_line_error(proc, 1, "--nats-addr", "in use")
+        assert not nats_server_pids(tmp_path)
+
+
+def test_nats_server_that_exits_at_once(tmp_path):
+    fake = tmp_path / "nats-server"
+    fake.write_text("#!/bin/sh\necho '[1] 2026/01/01 00:00:00.000000 [FTL] simulated failure' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--nats-server-bin", str(fake),
+                           "--http-addr", f"127.0.0.1:{free_port()}", "--nats-addr", f"127.0.0.1:{free_port()}")
+    assert_one_line_error(proc, 1, "nats-server failed to start", "simulated failure")

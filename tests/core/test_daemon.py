@@ -1,0 +1,208 @@
+"""membershipd serve, end to end: /healthz, errors, signals, restarts, sd_notify."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from unibus import hookimpl
+from unibus.app import OPENAPI_DOC
+from unibus.daemon import Daemon, _serve
+from unibus.errors import RuntimeFailure
+from unibus.pluginmanager import PluginManager
+from unibus.settings import HostPort, Settings
+from unibus.testing import free_port, http_json, nats_server_pids
+
+HEALTHZ_KEYS = {"status", "version", "node", "posture", "nats"}
+NATS_KEYS = {"mode", "url", "connected", "jetstream", "restarts", "kv_replicas", "cluster"}
+
+
+def test_healthz_shape(membershipd):
+    status, body = membershipd.healthz()
+    assert status == 200
+    assert HEALTHZ_KEYS <= set(body)
+    assert body["status"] == "ok" and body["version"] == "0.11.0"
+    assert set(body["nats"]) == NATS_KEYS
+    assert body["nats"] == {
+        "mode": "embedded", "url": membershipd.nats_url, "connected": True, "jetstream": True,
+        "restarts": 0, "kv_replicas": 1, "cluster": None,
+    }
+    assert set(body["posture"]) == {"bus_auth", "acl", "tls", "summary"}
+    assert body["nats_monitor"] == {"enabled": False, "url": None}
+
+
+def test_errors_are_problem_json(membershipd):
+    import urllib.request
+
+    for method, path, code in (("GET", "/nope", 404), ("POST", "/healthz", 405), ("DELETE", "/openapi.json", 405)):
+        req = urllib.request.Request(membershipd.base_url + path, method=method)
+        try:
+            urllib.request.urlopen(req, timeout=5)
+            raise AssertionError("expected an error")
+        except urllib.error.HTTPError as e:
+            assert e.code == code
+            assert e.headers["Content-Type"].startswith("application/problem+json")
+            import json
+
+            body = json.loads(e.read())
+            assert {"type", "title", "status", "detail"} <= set(body) and body["status"] == code
+
+
+def test_openapi_served(membershipd):
+    status, doc = http_json("GET", membershipd.base_url + "/openapi.json")
+    assert status == 200 and doc["openapi"].startswith("3.1")
+    assert "get" in doc["paths"]["/healthz"]
+
+
+def test_files_are_private(membershipd):
+    d = membershipd.data_dir
+    for name in ("nats.conf", "service.nkey", "membershipd.db"):
+        assert (d / name).stat().st_mode & 0o077 == 0, name
+    seed = (d / "service.nkey").read_text().strip()
+    assert seed.startswith("SU")
+    assert seed not in membershipd.log_text()
+    assert seed.encode() not in Path(f"/proc/{membershipd.nats_pid()}/cmdline").read_bytes()
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return  # exited, not yet reaped by its parent
+        time.sleep(0.005)
+    raise TimeoutError(f"pid {pid} still running")
+
+
+def test_nats_crash_degrades_then_recovers(membershipd):
+    pid = membershipd.nats_pid()
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    _wait_gone(pid)
+    # Hold the port so the supervisor's restarts fail: the outage is ours to end.
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind(("127.0.0.1", membershipd.nats_port))
+        blocker.listen()
+        body = membershipd.wait_healthy(want=503, timeout=20)
+        assert body["status"] == "degraded"
+        assert body["nats"]["connected"] is False or body["nats"]["jetstream"] is False
+    body = membershipd.wait_healthy(want=200, timeout=30)
+    assert body["nats"]["restarts"] >= 1 and body["nats"]["connected"] and body["nats"]["jetstream"]
+    assert membershipd.nats_pid() not in (None, pid)
+
+
+def test_sigterm_stops_everything(membershipd):
+    nats = membershipd.nats_pid()
+    t0 = time.monotonic()
+    membershipd.send_signal(signal.SIGTERM)
+    assert membershipd.wait(timeout=12) == 0
+    assert time.monotonic() - t0 < 10
+    assert not Path(f"/proc/{nats}").exists()
+    assert "Traceback" not in membershipd.log_text()
+
+
+def test_sighup_keeps_serving(membershipd):
+    membershipd.send_signal(signal.SIGHUP)
+    body = membershipd.wait_healthy()
+    assert body["status"] == "ok"
+    assert "SIGHUP" in membershipd.log_text()
+
+
+def test_kill_9_leaves_no_nats_server(membershipd):
+    nats = membershipd.nats_pid()
+    membershipd.send_signal(signal.SIGKILL)
+    membershipd.wait(10)
+    _wait_gone(nats)
+
+
+def test_sd_notify_ready(tmp_path, membershipd_factory):
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(30)
+        proc = membershipd_factory(env={"NOTIFY_SOCKET": str(sock_path)}, wait=False)
+        msg = sock.recv(1024)
+        assert msg == b"READY=1"
+        status, _ = proc.healthz()  # READY is sent only once HTTP is open
+        assert status == 200
+
+
+def test_external_nats_starts_no_server(nats_server, membershipd_factory):
+    proc = membershipd_factory("--nats-url", nats_server.url)
+    status, body = proc.healthz()
+    assert status == 200
+    assert body["nats"]["mode"] == "external" and body["nats"]["url"] == nats_server.url
+    assert proc.nats_pid() is None
+    assert not (proc.data_dir / "nats.conf").exists()
+
+
+# -- in-process: plugins that misbehave ------------------------------------------
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "d", http_addr=HostPort("127.0.0.1", free_port()),
+                    nats_addr=HostPort("127.0.0.1", free_port()), server_name="t", bus_auth="off")
+
+
+class FailingStartup:
+    @hookimpl
+    def startup(self, app):
+        raise ValueError("kaboom")
+
+
+async def test_failing_startup_hook_names_the_plugin_and_stops_nats(tmp_path):
+    pm = PluginManager(load_entry_points=False)
+    pm.register(FailingStartup(), "broken_plugin")
+    with pytest.raises(RuntimeFailure, match="plugin broken_plugin: startup failed: ValueError: kaboom"):
+        await _serve(_settings(tmp_path), pm)
+    assert not nats_server_pids(tmp_path)
+
+
+class RouteAdder:
+    @hookimpl
+    async def startup(self, app):
+        from unibus.app import add_route
+
+        async def ping(request):
+            from aiohttp import web
+
+            return web.json_response({"pong": True})
+
+        add_route(app, "GET", "/v1/ping", ping, summary="ping", responses={200: "pong"})
+
+    @hookimpl
+    def healthz_fields(self, app):
+        raise RuntimeError("healthz broke")
+
+
+async def test_routes_match_openapi_and_broken_healthz_plugin_is_contained(tmp_path):
+    pm = PluginManager()  # the real entry points...
+    pm.register(RouteAdder(), "route_adder")  # ...and one more
+    daemon = Daemon(_settings(tmp_path), pm)
+    try:
+        await daemon.start()
+        doc = daemon.app[OPENAPI_DOC].document()
+        routes = {(r.method.lower(), r.resource.canonical) for r in daemon.app.router.routes() if r.method != "HEAD"}
+        documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+        assert routes == documented
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"http://{daemon.settings.http_addr}/healthz") as r:
+                assert r.status == 200
+                body = await r.json()
+            async with s.get(f"http://{daemon.settings.http_addr}/v1/ping") as r:
+                assert (await r.json()) == {"pong": True}
+        assert body["status"] == "ok" and "route_adder" not in body
+    finally:
+        await daemon.stop()
+    assert not nats_server_pids(tmp_path)

@@ -1,0 +1,146 @@
+"""Settings: every bad value is a ConfigError naming its flag."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import pytest
+
+from unibus.errors import ConfigError
+from unibus.settings import (
+    HostPort,
+    Option,
+    Secret,
+    add_core_arguments,
+    build_settings,
+    child_environment,
+    parse_bool_env,
+    parse_host_port,
+)
+
+
+def settings_from(argv, env=None, plugin_options=()):
+    parser = argparse.ArgumentParser()
+    add_core_arguments(parser)
+    from unibus.settings import add_plugin_arguments
+
+    add_plugin_arguments(parser, plugin_options)
+    return build_settings(parser.parse_args(argv), env or {}, plugin_options)
+
+
+def test_defaults_follow_the_spec():
+    s = settings_from([])
+    assert s.data_dir == Path("local_files")
+    assert s.http_addr == HostPort("127.0.0.1", 8470)
+    assert s.nats_addr == HostPort("127.0.0.1", 4250)
+    assert s.cluster_addr == HostPort("0.0.0.0", 6250)
+    assert (s.bus_auth, s.kv_replicas, s.auth_skew, s.nats_url) == ("enforce", 1, 60, None)
+    assert not s.clustered and s.embedded
+    assert s.nats_client_url == "nats://127.0.0.1:4250"
+
+
+def test_env_data_dir_and_flag_precedence(tmp_path):
+    assert settings_from([], {"UNIBUS_DATA_DIR": str(tmp_path)}).data_dir == tmp_path
+    assert settings_from(["--data-dir", "x"], {"UNIBUS_DATA_DIR": str(tmp_path)}).data_dir == Path("x")
+
+
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--http-addr", "nonsense"], "--http-addr"),
+        (["--http-addr", "127.0.0.1:70000"], "--http-addr"),
+        (["--http-addr", ":8470"], "--http-addr"),
+        (["--nats-addr", "bad host:4250"], "--nats-addr"),
+        (["--nats-addr", "127.0.0.1:0"], "--nats-addr"),
+        (["--bus-auth", "maybe"], "--bus-auth"),
+        (["--kv-replicas", "2"], "--kv-replicas"),
+        (["--kv-replicas", "three"], "--kv-replicas"),
+        (["--kv-replicas", "3"], "--kv-replicas"),
+        (["--server-name", "has space"], "--server-name"),
+        (["--auth-skew", "-5"], "--auth-skew"),
+        (["--auth-skew", "soon"], "--auth-skew"),
+        (["--nats-url", "http://x"], "--nats-url"),
+        (["--routes", "nats://user:pw@127.0.0.2:6250", "--cluster-name", "c"], "--routes"),
+        (["--routes", "http://127.0.0.2:6250", "--cluster-name", "c"], "--routes"),
+        (["--routes", "nats://127.0.0.2:6250"], "--routes"),
+        (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
+        (["--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
+        (["--cluster-name", "c"], "--cluster-name"),
+        (["--cluster-pass-file", "/nonexistent/pass", "--cluster-name", "c"], "--cluster-pass-file"),
+    ],
+)
+def test_bad_values_name_their_flag(argv, flag):
+    with pytest.raises(ConfigError) as e:
+        settings_from(argv)
+    assert e.value.exit_code == 2
+    assert flag in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_route_password_never_in_the_error():
+    with pytest.raises(ConfigError) as e:
+        settings_from(["--cluster-name", "c", "--routes", "nats://route:hunter2secret@127.0.0.2:6250"])
+    assert "hunter2secret" not in str(e.value)
+
+
+def test_cluster_pass_file_must_be_private(tmp_path):
+    f = tmp_path / "pass"
+    f.write_text("s3cret-route-pass\n")
+    f.chmod(0o640)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        settings_from(["--cluster-name", "c", "--cluster-pass-file", str(f)])
+    f.chmod(0o600)
+    s = settings_from(["--cluster-name", "c", "--cluster-pass-file", str(f), "--routes", "nats://127.0.0.2:6250"])
+    assert s.cluster_pass == Secret("s3cret-route-pass")
+    assert "s3cret" not in repr(s) and "s3cret" not in repr(s.cluster_pass)
+    assert s.for_plugins().cluster_pass is None
+    assert s.clustered and s.routes == ("nats://127.0.0.2:6250",)
+
+
+def test_cluster_pass_from_env_and_child_env_strips_it():
+    s = settings_from(["--cluster-name", "c"], {"UNIBUS_CLUSTER_PASS": "from-env"})
+    assert s.cluster_pass == Secret("from-env")
+    assert "UNIBUS_CLUSTER_PASS" not in child_environment({"UNIBUS_CLUSTER_PASS": "x", "PATH": "/bin"})
+
+
+def test_nats_url_refuses_cluster_flags():
+    with pytest.raises(ConfigError, match="--nats-url"):
+        settings_from(["--nats-url", "nats://127.0.0.1:4222", "--cluster-name", "c"], {"UNIBUS_CLUSTER_PASS": "p"})
+
+
+def test_plugin_options_are_converted_and_named():
+    opt = Option("--widget-count", help="widgets", default=3, convert=int)
+    s = settings_from(["--widget-count", "7"], plugin_options=[("widgets", opt)])
+    assert s.option("widget_count") == 7
+    assert settings_from([], plugin_options=[("widgets", opt)]).option("widget_count") == 3
+    with pytest.raises(ConfigError, match="--widget-count"):
+        settings_from(["--widget-count", "many"], plugin_options=[("widgets", opt)])
+
+
+def test_plugin_option_env():
+    opt = Option("--widget-count", help="widgets", default=3, convert=int, env="WIDGETS")
+    assert settings_from([], {"WIDGETS": "9"}, plugin_options=[("w", opt)]).option("widget_count") == 9
+    with pytest.raises(ConfigError, match="WIDGETS"):
+        settings_from([], {"WIDGETS": "x"}, plugin_options=[("w", opt)])
+
+
+@pytest.mark.parametrize("raw, value", [("1", True), ("TRUE", True), (" yes ", True), ("On", True),
+                                        ("0", False), ("false", False), ("NO", False), ("off", False),
+                                        ("", False), (None, False)])
+def test_bool_spellings(raw, value):
+    assert parse_bool_env(raw) is value
+
+
+@pytest.mark.parametrize("raw", ["2", "enable", "y", "truee"])
+def test_bool_bad_spellings(raw):
+    with pytest.raises(ValueError):
+        parse_bool_env(raw)
+
+
+def test_host_port_forms():
+    assert parse_host_port("0.0.0.0:8470").connect_host == "127.0.0.1"
+    assert parse_host_port("[::1]:8470") == HostPort("::1", 8470)
+    assert str(parse_host_port("[::1]:8470")) == "[::1]:8470"
+    assert parse_host_port("localhost:1").host == "localhost"
