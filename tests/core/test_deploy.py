@@ -1,0 +1,778 @@
+"""deploy/: systemd units, drop-in, install.sh and the cluster R3 gate (SPEC §8, §9).
+
+Everything here runs against real parts: the unit files are parsed (and checked
+with ``systemd-analyze verify`` where it exists), install.sh runs for real in
+--dry-run mode with HOME pointed at a temporary directory, and
+check-r3-current.sh runs against a local HTTP server that serves /jsz in the
+real nats-server shape, against a real single nats-server, and against a real
+3-node nats-server cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+SINGLE_UNIT = DEPLOY / "unibus-membershipd.service"
+CLUSTER_UNIT = DEPLOY / "membershipd-cluster.service"
+DROPIN = DEPLOY / "membershipd-cluster.service.d" / "nats-monitor.conf"
+INSTALL = DEPLOY / "install.sh"
+CHECK = DEPLOY / "cluster" / "check-r3-current.sh"
+RUNBOOK = DEPLOY / "cluster" / "README.md"
+BIN_DIR = Path(sys.executable).parent
+
+
+# -- a small systemd unit parser ---------------------------------------------------
+
+
+def parse_unit(text: str) -> dict[str, list[tuple[str, str]]]:
+    """Sections -> ordered (key, value) pairs; repeated keys are kept (systemd allows them).
+
+    Follows systemd.syntax(7): '#' and ';' start comment lines, a trailing
+    backslash continues a line, whitespace around '=' is dropped.
+    """
+    sections: dict[str, list[tuple[str, str]]] = {}
+    current: str | None = None
+    pending = ""
+    for raw in text.splitlines():
+        line = pending + raw.strip() if pending else raw.strip()
+        pending = ""
+        if not line or line[0] in "#;":
+            continue
+        if line.endswith("\\"):
+            pending = line[:-1].rstrip() + " "
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            current = line[1:-1]
+            sections.setdefault(current, [])
+            continue
+        assert current is not None, f"assignment outside a section: {line!r}"
+        assert "=" in line, f"not an assignment: {line!r}"
+        key, value = line.split("=", 1)
+        sections[current].append((key.strip(), value.strip()))
+    assert not pending, "file ends in a line continuation"
+    return sections
+
+
+def values(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> list[str]:
+    return [v for k, v in unit.get(section, []) if k == key]
+
+
+def one(unit: dict[str, list[tuple[str, str]]], section: str, key: str) -> str:
+    vs = values(unit, section, key)
+    assert len(vs) == 1, f"[{section}] {key}= expected once, found {vs}"
+    return vs[0]
+
+
+def test_parser_handles_repeats_comments_and_continuations() -> None:
+    u = parse_unit("# c\n[Service]\n; c\nA=1\nA=2\nB = x \\\n  y\n[Install]\nWantedBy=default.target\n")
+    assert values(u, "Service", "A") == ["1", "2"]
+    assert one(u, "Service", "B") == "x y"
+    assert one(u, "Install", "WantedBy") == "default.target"
+
+
+# -- unit files -------------------------------------------------------------------
+
+MOUNT_NS_OPTIONS = ("PrivateTmp", "ProtectSystem", "ProtectHome", "PrivateDevices", "PrivateUsers")
+
+
+def _common_service_checks(u: dict[str, list[tuple[str, str]]]) -> list[str]:
+    assert one(u, "Service", "Type") == "notify"
+    assert one(u, "Service", "NotifyAccess") == "main"
+    assert one(u, "Service", "Restart") == "on-failure"
+    assert float(one(u, "Service", "RestartSec")) > 0
+    assert one(u, "Service", "RestartPreventExitStatus") == "2"  # refused configuration: do not loop
+    assert one(u, "Service", "TimeoutStopSec") == "15"  # daemon stops within 10 s
+    assert one(u, "Service", "KillMode") in ("mixed", "control-group")
+    assert one(u, "Service", "WorkingDirectory") == "%h/unibus"
+    assert one(u, "Service", "UMask") == "0077"
+    assert one(u, "Service", "NoNewPrivileges") == "yes"
+    assert one(u, "Install", "WantedBy") == "default.target"  # a *user* unit
+    # user unit: no User=/Group= (the user manager runs it as its own user), and
+    # none of the mount-namespace options that need user namespaces in user units
+    assert not values(u, "Service", "User") and not values(u, "Service", "Group")
+    for opt in MOUNT_NS_OPTIONS:
+        assert not values(u, "Service", opt), f"{opt}= does not work reliably in a user unit"
+    assert "network-online.target" not in " ".join(v for _, v in u.get("Unit", []))
+    argv = one(u, "Service", "ExecStart").split()
+    assert argv[0] == "%h/unibus/.venv/bin/membershipd"
+    assert argv[1] == "serve"
+    flags = dict(zip(argv[2::2], argv[3::2]))
+    assert flags["--http-addr"] == "0.0.0.0:8470"
+    assert flags["--nats-addr"] == "0.0.0.0:4250"
+    return argv
+
+
+def test_single_node_unit() -> None:
+    u = parse_unit(SINGLE_UNIT.read_text())
+    argv = _common_service_checks(u)
+    assert argv[2:] == [
+        "--http-addr", "0.0.0.0:8470", "--nats-addr", "0.0.0.0:4250", "--data-dir", "%h/unibus/local_files",
+    ]
+    assert not values(u, "Service", "EnvironmentFile")
+    assert one(u, "Service", "ExecReload") == "kill -HUP $MAINPID"  # SIGHUP re-reads the store
+
+
+def test_cluster_unit() -> None:
+    text = CLUSTER_UNIT.read_text()
+    u = parse_unit(text)
+    argv = _common_service_checks(u)
+    assert argv[2:] == [
+        "--http-addr", "0.0.0.0:8470", "--nats-addr", "0.0.0.0:4250",
+        "--data-dir", "${UNIBUS_DATA_DIR}", "$UNIBUS_CLUSTER_FLAGS",
+    ]
+    # required (no "-" prefix): a cluster node without its flags must not start standalone
+    assert one(u, "Service", "EnvironmentFile") == "%h/.config/unibus/cluster.env"
+    env = values(u, "Service", "Environment")
+    assert "UNIBUS_DATA_DIR=%h/unibus/local_files" in env
+    assert not any(e.startswith("UNIBUS_NATS_MONITOR") for e in env)  # that is the drop-in's job
+    # the route password comes only from --cluster-pass-file
+    assert "UNIBUS_CLUSTER_PASS" in one(u, "Service", "UnsetEnvironment").split()
+    assert not any("UNIBUS_CLUSTER_PASS" in e for e in env)
+    # the env file format is documented in the unit's comments
+    for word in ("UNIBUS_DATA_DIR=", "UNIBUS_CLUSTER_FLAGS=", "--cluster-name", "--routes",
+                 "--route-tls-cert", "--route-tls-key", "--route-tls-ca", "--kv-replicas 3",
+                 "--cluster-pass-file", "0600"):
+        assert word in text, word
+
+
+def test_dropin_enables_the_monitor() -> None:
+    text = DROPIN.read_text()
+    u = parse_unit(text)
+    assert list(u) == ["Service"]
+    assert values(u, "Service", "Environment") == ["UNIBUS_NATS_MONITOR=1"]
+    assert "127.0.0.1" in text and "no authentication" in text.lower()
+
+
+SECRET_PATTERNS = [
+    re.compile(r"\bS[UAONC][A-Z2-7]{50,}\b"),  # nkeys seed
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"nats://[^/\s:@]+:[^/\s@]+@"),  # credentials in a route URL
+    # an assignment of a password/secret/token-named variable, bare or in Environment=
+    re.compile(r"(?im)^\s*(environment\s*=\s*)?\"?[a-z0-9_]*(pass|passwd|password|secret|token)[a-z0-9_]*\s*=\s*\S"),
+    re.compile(r"(?i)--(password|pass|token|secret)[= ]"),
+    re.compile(r"--cluster-pass(?!-file)\b"),
+]
+
+
+@pytest.mark.parametrize("path", [SINGLE_UNIT, CLUSTER_UNIT, DROPIN], ids=lambda p: p.name)
+def test_no_secrets_in_units(path: Path) -> None:
+    text = path.read_text()
+    for pat in SECRET_PATTERNS:
+        assert not pat.search(text), f"{path.name}: secret-looking text matches {pat.pattern}"
+    for key, value in parse_unit(text).get("Service", []):
+        if key in ("Environment", "ExecStart", "ExecStartPre", "ExecReload"):
+            assert "pass" not in value.lower() or "--cluster-pass-file" in value, (key, value)
+
+
+def test_no_secret_patterns_match_the_shipped_scripts() -> None:
+    for path in (INSTALL, CHECK):
+        text = path.read_text()
+        for pat in SECRET_PATTERNS[:3]:
+            assert not pat.search(text), (path.name, pat.pattern)
+
+
+# -- systemd-analyze verify ----------------------------------------------------------
+
+
+def _verify_tree(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    """A unit search dir with copies of the units + drop-in, and a HOME whose
+    unibus/.venv/bin/membershipd is the real console script of this environment."""
+    units = tmp_path / "units"
+    shutil.copytree(DEPLOY / "membershipd-cluster.service.d", units / "membershipd-cluster.service.d")
+    shutil.copy(SINGLE_UNIT, units)
+    shutil.copy(CLUSTER_UNIT, units)
+    home = tmp_path / "home"
+    venv_bin = home / "unibus" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    real = BIN_DIR / "membershipd"
+    assert real.exists(), "the membershipd console script is not installed beside python"
+    (venv_bin / "membershipd").symlink_to(real)
+    runtime = tmp_path / "xdg-runtime"
+    runtime.mkdir(mode=0o700)
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "XDG_RUNTIME_DIR": str(runtime),
+        "SYSTEMD_UNIT_PATH": f"{units}:",  # trailing ':' keeps the default search path too
+        "SYSTEMD_PAGER": "",
+        "SYSTEMD_LOG_COLOR": "0",
+    }
+    return units, env
+
+
+def _verify(units: Path, env: dict[str, str], name: str) -> tuple[int, list[str]]:
+    r = subprocess.run(
+        ["systemd-analyze", "--user", "verify", "--man=no", name],
+        cwd=units, env=env, capture_output=True, text=True, timeout=60,
+    )
+    out = (r.stdout + r.stderr).splitlines()
+    # only lines about our files count (other units on the host are not ours to judge)
+    ours = [ln for ln in out if any(s in ln for s in (
+        "unibus-membershipd", "membershipd-cluster", "nats-monitor.conf", "membershipd"))]
+    return r.returncode, ours
+
+
+needs_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze not installed (apt-get install -y --no-install-recommends systemd); "
+           "the units are still parsed by the tests above",
+)
+
+
+@needs_analyze
+@pytest.mark.parametrize("name", ["unibus-membershipd.service", "membershipd-cluster.service"])
+def test_systemd_analyze_verify(tmp_path: Path, name: str) -> None:
+    units, env = _verify_tree(tmp_path)
+    rc, ours = _verify(units, env, name)
+    assert rc == 0 and ours == [], ours
+
+
+@needs_analyze
+def test_systemd_analyze_sees_the_dropin(tmp_path: Path) -> None:
+    """Negative control: a bad key in the drop-in is reported, so the check above covers it."""
+    units, env = _verify_tree(tmp_path)
+    conf = units / "membershipd-cluster.service.d" / "nats-monitor.conf"
+    conf.write_text(conf.read_text() + "NoSuchSetting=1\n")
+    _, ours = _verify(units, env, "membershipd-cluster.service")
+    assert any("nats-monitor.conf" in ln and "NoSuchSetting" in ln for ln in ours), ours
+
+
+@needs_analyze
+def test_systemd_analyze_verify_rendered_copy(tmp_path: Path) -> None:
+    """The copy install.sh writes for a checkout outside ~/unibus (%h/unibus -> path) is valid."""
+    units, env = _verify_tree(tmp_path)
+    app = tmp_path / "srv" / "unibus-app"
+    (app / ".venv" / "bin").mkdir(parents=True)
+    (app / ".venv" / "bin" / "membershipd").symlink_to(BIN_DIR / "membershipd")
+    for name in ("unibus-membershipd.service", "membershipd-cluster.service"):
+        rendered = (DEPLOY / name).read_text().replace("%h/unibus", str(app))
+        assert "%h/unibus" not in rendered
+        (units / name).write_text(rendered)
+        rc, ours = _verify(units, env, name)
+        assert rc == 0 and ours == [], ours
+    # and a missing binary is caught (so the checks above are meaningful)
+    (app / ".venv" / "bin" / "membershipd").unlink()
+    rc, ours = _verify(units, env, "unibus-membershipd.service")
+    assert rc != 0 and any("membershipd" in ln for ln in ours)
+
+
+# -- install.sh ------------------------------------------------------------------------
+
+
+def test_shell_syntax() -> None:
+    subprocess.run(["bash", "-n", str(INSTALL)], check=True)
+    subprocess.run(["sh", "-n", str(CHECK)], check=True)
+    if shutil.which("dash"):
+        subprocess.run(["dash", "-n", str(CHECK)], check=True)
+    assert INSTALL.read_text().startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in INSTALL.read_text()
+    assert CHECK.read_text().startswith("#!/bin/sh\n")
+    for p in (INSTALL, CHECK):
+        assert os.access(p, os.X_OK), f"{p} is not executable"
+
+
+def _tree(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def _install(*args: str, home: Path, script: Path = INSTALL, extra_env: dict[str, str] | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
+    env.update({"HOME": str(home), "PYTHON": sys.executable, **(extra_env or {})})
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def _step_lines(out: str) -> list[str]:
+    lines = out.splitlines()
+    for ln in lines:
+        assert ln.startswith(("would run: ", "ok: ", "note: ", "warning: ", "dry run: ")), ln
+    return lines
+
+
+def test_install_help_and_bad_usage(tmp_path: Path) -> None:
+    r = _install("--help", home=tmp_path)
+    assert r.returncode == 0
+    for word in ("--dry-run", "--cluster", "--nats-monitor", "daemon-reload", "enable --now"):
+        assert word in r.stdout
+    r = _install("--bogus", home=tmp_path)
+    assert r.returncode == 2 and "--bogus" in r.stderr
+    assert _tree(tmp_path) == []
+
+
+def test_install_dry_run_changes_nothing(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    venv_before = (REPO / ".venv").exists()
+    deploy_before = _tree(DEPLOY)
+    r = _install("--dry-run", home=home)
+    assert r.returncode == 0, r.stderr
+    lines = _step_lines(r.stdout)
+    text = "\n".join(lines)
+    assert re.search(r"^(ok: venv exists: |would run: .* -m venv )" + re.escape(str(REPO / ".venv")), text, re.M)
+    assert re.search(r"^would run: .*/\.venv/bin/python -m pip install .*" + re.escape(str(REPO)) + "$", text, re.M)
+    unit_dir = home / ".config" / "systemd" / "user"
+    assert f"would run: mkdir -p {unit_dir}" in lines
+    # the checkout is not ~/unibus: a copy with the path substituted
+    assert any(ln.startswith("would run: sed -e 's|%h/unibus|" + str(REPO) + "|g'")
+               and ln.endswith("(link a copy of the unit with the checkout path)")
+               and str(unit_dir / "unibus-membershipd.service") in ln for ln in lines), text
+    assert "would run: systemctl --user daemon-reload" in lines
+    assert "would run: systemctl --user enable --now unibus-membershipd.service" in lines
+    # steps in order
+    order = [next(i for i, ln in enumerate(lines) if needle in ln)
+             for needle in ("venv", "pip install", "unibus-membershipd.service  (link", "daemon-reload", "enable --now")]
+    assert order == sorted(order)
+    assert lines[-1] == "dry run: nothing was changed"
+    # nothing created: HOME still empty, no venv appeared, deploy/ untouched
+    assert _tree(home) == []
+    assert (REPO / ".venv").exists() == venv_before
+    assert _tree(DEPLOY) == deploy_before
+    # idempotent (at least in dry-run): the same plan again
+    again = _install("--dry-run", home=home)
+    assert again.returncode == 0 and again.stdout == r.stdout
+    assert _tree(home) == []
+
+
+def _fresh_app(tmp_path: Path, name: str = "app") -> Path:
+    """A checkout without a venv: just deploy/ copied (install.sh only needs its own tree in dry-run)."""
+    app = tmp_path / name
+    app.mkdir()
+    shutil.copytree(DEPLOY, app / "deploy", symlinks=True)
+    return app
+
+
+def test_install_dry_run_fresh_checkout_at_home_unibus(tmp_path: Path) -> None:
+    app = _fresh_app(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "unibus").symlink_to(app)  # checkout reachable as ~/unibus: the unit is linked, not copied
+    r = _install("--dry-run", home=home, script=app / "deploy" / "install.sh")
+    assert r.returncode == 0, r.stderr
+    lines = _step_lines(r.stdout)
+    unit_dir = home / ".config" / "systemd" / "user"
+    app = app.resolve()  # install.sh prints physical paths
+    assert f"would run: {sys.executable} -m venv {app / '.venv'}" in lines
+    assert f"would run: {app / '.venv/bin/python'} -m pip install --disable-pip-version-check --no-input {app}" in lines
+    assert (f"would run: ln -sf {app / 'deploy/unibus-membershipd.service'} "
+            f"{unit_dir / 'unibus-membershipd.service'}") in lines
+    assert "would run: systemctl --user daemon-reload" in lines
+    assert "would run: systemctl --user enable --now unibus-membershipd.service" in lines
+    assert not (app / ".venv").exists()
+    assert _tree(home) == ["unibus"]
+    assert _install("--dry-run", home=home, script=app / "deploy" / "install.sh").stdout == r.stdout
+
+
+def test_install_dry_run_cluster(tmp_path: Path) -> None:
+    app = _fresh_app(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    script = app / "deploy" / "install.sh"
+    app = app.resolve()  # install.sh prints physical paths
+    unit_dir = home / ".config" / "systemd" / "user"
+    dropin_dir = unit_dir / "membershipd-cluster.service.d"
+
+    # without cluster.env: enabled, not started
+    r = _install("--dry-run", "--cluster", home=home, script=script)
+    assert r.returncode == 0, r.stderr
+    lines = _step_lines(r.stdout)
+    assert any("membershipd-cluster.service  (link" in ln and "unibus-membershipd" not in ln for ln in lines)
+    assert f"would run: mkdir -p {dropin_dir}" in lines
+    assert not any("nats-monitor.conf" in ln for ln in lines)  # opt-in only
+    assert "would run: systemctl --user daemon-reload" in lines
+    assert "would run: systemctl --user enable membershipd-cluster.service" in lines
+    assert any(ln.startswith("note: ") and "cluster.env is missing" in ln for ln in lines)
+    assert _tree(home) == []
+
+    # with cluster.env and the monitor drop-in
+    env_file = home / ".config" / "unibus" / "cluster.env"
+    env_file.parent.mkdir(parents=True)
+    env_file.write_text("UNIBUS_CLUSTER_FLAGS=--cluster-name t\n")
+    env_file.chmod(0o600)
+    before = _tree(home)
+    r = _install("--dry-run", "--cluster", "--nats-monitor", home=home, script=script)
+    assert r.returncode == 0, r.stderr
+    lines = _step_lines(r.stdout)
+    assert (f"would run: ln -sf {app / 'deploy/membershipd-cluster.service.d/nats-monitor.conf'} "
+            f"{dropin_dir / 'nats-monitor.conf'}") in lines
+    assert "would run: systemctl --user enable --now membershipd-cluster.service" in lines
+    assert not any("warning" in ln for ln in lines)
+    assert not any(ln.startswith("would run: systemctl --user restart") for ln in lines)  # never restarts
+    assert _tree(home) == before
+    assert not (app / ".venv").exists()
+    again = _install("--dry-run", "--cluster", "--nats-monitor", home=home, script=script)
+    assert again.stdout == r.stdout
+
+    # a group-readable env file is flagged
+    env_file.chmod(0o640)
+    r = _install("--dry-run", "--cluster", home=home, script=script)
+    assert any(ln.startswith("warning: ") and "chmod 600" in ln for ln in _step_lines(r.stdout))
+
+
+def test_install_refuses_a_path_a_unit_cannot_hold(tmp_path: Path) -> None:
+    app = _fresh_app(tmp_path, "my app")
+    home = tmp_path / "home"
+    home.mkdir()
+    r = _install("--dry-run", home=home, script=app / "deploy" / "install.sh")
+    assert r.returncode == 2
+    assert "my app" in r.stderr and "Traceback" not in r.stderr
+    assert _tree(home) == []
+
+
+# -- the runbook -----------------------------------------------------------------------
+
+
+def test_runbook_sections() -> None:
+    text = RUNBOOK.read_text()
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    for h in ("Overview", "Route certificates", "NATS server metrics", "Rolling restarts"):
+        assert h in headings, h
+    assert any(h.startswith("Bootstrap") for h in headings)
+    assert any(h.startswith("Join") for h in headings)
+    assert any("R1" in h and "R3" in h for h in headings)
+    for word in ("/varz", "/connz", "/jsz?accounts=true&streams=true", "in_msgs", "out_msgs", "KV_",
+                 "state.messages", "cluster.leader", "nats.restarts", "http://127.0.0.1:8222",
+                 "check-r3-current.sh", "generate-cluster-certs.sh", "R1 is not HA", "2/2",
+                 "daemon-reload", "nats-monitor.conf", "single point of failure"):
+        assert word in text, word
+
+
+# -- check-r3-current.sh ---------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_check(*args: str, port: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN_DIR}{os.pathsep}{env.get('PATH', '')}"  # python3 from this environment first
+    env.pop("PORT", None)
+    if port is not None:
+        env["PORT"] = str(port)
+    return subprocess.run(["sh", str(CHECK), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+class FakeMonitor:
+    """A local HTTP server answering /varz, /jsz and /healthz like nats-server's monitor."""
+
+    def __init__(self) -> None:
+        self.varz: dict[str, Any] = {"server_name": "n1"}
+        self.jsz: dict[str, Any] = {}
+        self.healthz: tuple[int, dict[str, Any]] = (200, {"status": "ok"})
+        self.queries: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                outer.queries.append(self.path)
+                path = self.path.split("?", 1)[0]
+                code, body = {
+                    "/varz": (200, outer.varz),
+                    "/jsz": (200, outer.jsz),
+                    "/healthz": outer.healthz,
+                }.get(path, (404, {"error": "not found"}))
+                data = json.dumps(body).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *a: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def fake_monitor() -> Iterator[FakeMonitor]:
+    m = FakeMonitor()
+    try:
+        yield m
+    finally:
+        m.close()
+
+
+def replica(name: str, current: bool = True, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "current": current, "active": 0 if not current else 120_000_000, "peer": name[:8], **kw}
+
+
+def jsz(streams: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The shape of nats-server 2.x /jsz?accounts=true&streams=true&config=true."""
+    out: dict[str, Any] = {
+        "server_id": "NXXX", "streams": len(streams),
+        "account_details": [{"name": "$G", "id": "$G", "stream_detail": streams}],
+    }
+    if meta is not None:
+        out["meta_cluster"] = meta
+    return out
+
+
+def stream(name: str, r: int, cluster: dict[str, Any], messages: int = 5) -> dict[str, Any]:
+    return {"name": name, "cluster": cluster, "config": {"name": name, "num_replicas": r},
+            "state": {"messages": messages}}
+
+
+META_N1_LEADS = {"name": "c1", "leader": "n1", "cluster_size": 3, "quorum_needed": 2,
+                 "replicas": [replica("n2"), replica("n3")]}
+
+
+def test_check_all_current_on_leader(fake_monitor: FakeMonitor) -> None:
+    fake_monitor.jsz = jsz([
+        stream("KV_unibus_nonces", 3, {"name": "c1", "leader": "n1", "replicas": [replica("n2"), replica("n3")]}),
+        stream("KV_one", 1, {"name": "c1", "leader": "n1"}),
+    ], META_N1_LEADS)
+    r = run_check(port=fake_monitor.port)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "CONVERGED" in r.stdout and "2/2 followers current" in r.stdout
+    assert "KV_one" in r.stdout and "R1" in r.stdout
+    jq = [q for q in fake_monitor.queries if q.startswith("/jsz")]
+    assert jq and "accounts=true" in jq[0] and "streams=true" in jq[0]
+
+
+@pytest.mark.parametrize("bad", [
+    replica("n3", current=False, lag=3000),            # lagging
+    replica("n3", current=True, offline=True, lag=0),  # offline (nats-server keeps current=true here)
+], ids=["lagging", "offline"])
+def test_check_lagging_or_offline_replica_fails(fake_monitor: FakeMonitor, bad: dict[str, Any]) -> None:
+    fake_monitor.jsz = jsz([stream("KV_B", 3, {"name": "c1", "leader": "n1", "replicas": [replica("n2"), bad]})],
+                           META_N1_LEADS)
+    r = run_check(port=fake_monitor.port)
+    assert r.returncode == 1, r.stdout
+    assert "FAIL" in r.stdout and "KV_B" in r.stdout and "n3" in r.stdout and "NOT CONVERGED" in r.stdout
+
+
+def test_check_missing_replica_or_leader_fails(fake_monitor: FakeMonitor) -> None:
+    fake_monitor.jsz = jsz([stream("KV_B", 3, {"name": "c1", "leader": "n1", "replicas": [replica("n2")]})])
+    assert run_check(port=fake_monitor.port).returncode == 1
+    fake_monitor.jsz = jsz([stream("KV_B", 3, {"name": "c1", "replicas": [replica("n2"), replica("n3")]})])
+    r = run_check(port=fake_monitor.port)
+    assert r.returncode == 1 and "no leader" in r.stdout
+    fake_monitor.jsz = jsz([], {**META_N1_LEADS, "leader": ""})
+    assert run_check(port=fake_monitor.port).returncode == 1
+
+
+def test_check_unhealthy_node_fails(fake_monitor: FakeMonitor) -> None:
+    fake_monitor.jsz = jsz([stream("KV_B", 3, {"name": "c1", "leader": "n1", "replicas": [replica("n2"), replica("n3")]})])
+    fake_monitor.healthz = (503, {"status": "unavailable", "error": "JetStream stream '$G > KV_B' is not current"})
+    r = run_check(port=fake_monitor.port)
+    assert r.returncode == 1 and "not current" in r.stdout
+
+
+def test_check_follower_view(fake_monitor: FakeMonitor) -> None:
+    """Real follower shape: the other follower always shows current=false/active=0 there."""
+    fake_monitor.varz = {"server_name": "n2"}
+    fake_monitor.jsz = jsz(
+        [stream("KV_B", 3, {"name": "c1", "leader": "n1", "replicas": [replica("n1"), replica("n3", current=False)]})],
+        {"name": "c1", "leader": "n1", "cluster_size": 3, "replicas": [replica("n1"), replica("n3", current=False)]},
+    )
+    r = run_check(port=fake_monitor.port)
+    assert r.returncode == 0, r.stdout
+    assert "followers-unverified" in r.stdout and "run this check on n1" in r.stdout
+    r = run_check("--strict", fake_monitor.url)
+    assert r.returncode == 1 and "FAIL" in r.stdout
+    # the follower has lost its leader
+    fake_monitor.jsz = jsz([stream("KV_B", 3, {"name": "c1", "leader": "n1",
+                                              "replicas": [replica("n1", current=False, offline=True), replica("n3")]})])
+    assert run_check(port=fake_monitor.port).returncode == 1
+
+
+def test_check_strict_with_leader_and_follower_urls() -> None:
+    leader, follower = FakeMonitor(), FakeMonitor()
+    try:
+        leader.jsz = jsz([stream("KV_B", 3, {"name": "c1", "leader": "n1", "replicas": [replica("n2"), replica("n3")]})],
+                         META_N1_LEADS)
+        follower.varz = {"server_name": "n2"}
+        follower.jsz = jsz([stream("KV_B", 3, {"name": "c1", "leader": "n1",
+                                              "replicas": [replica("n1"), replica("n3", current=False)]})],
+                           {**META_N1_LEADS, "replicas": [replica("n1"), replica("n3", current=False)]})
+        r = run_check("--strict", leader.url, follower.url)
+        assert r.returncode == 0, r.stdout
+        assert "followers-unverified" not in r.stdout
+    finally:
+        leader.close()
+        follower.close()
+
+
+def test_check_unreachable_and_bad_usage() -> None:
+    r = run_check(port=free_port())  # nothing listens there
+    assert r.returncode == 2 and "unreachable" in r.stdout
+    assert run_check("--wait").returncode == 2
+    assert run_check("--nope").returncode == 2
+    assert run_check("--help").returncode == 0
+
+
+# -- check-r3-current.sh against real nats-server ------------------------------------
+
+
+def nats_server_bin() -> str:
+    cand = BIN_DIR / "nats-server"
+    found = str(cand) if cand.exists() else shutil.which("nats-server")
+    assert found, "nats-server not found (the nats-server-bin dependency ships it)"
+    return found
+
+
+class Nats:
+    def __init__(self, tmp: Path, name: str, client: int, http: int, cluster: dict[str, Any] | None = None) -> None:
+        self.name, self.client, self.http = name, client, http
+        conf: dict[str, Any] = {
+            "server_name": name,
+            "listen": f"127.0.0.1:{client}",
+            "http": f"127.0.0.1:{http}",
+            "jetstream": {"store_dir": str(tmp / name / "js")},
+        }
+        if cluster:
+            conf["cluster"] = cluster
+        self.conf = tmp / f"{name}.json"
+        self.log = tmp / f"{name}.log"
+        (tmp / name).mkdir(exist_ok=True)
+        self.conf.write_text(json.dumps(conf))
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([nats_server_bin(), "-c", str(self.conf)], stdout=log, stderr=log)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def wait_monitor(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc and self.proc.poll() is None, self.log.read_text()
+            try:
+                with socket.create_connection(("127.0.0.1", self.http), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError(f"{self.name}: monitor did not open\n{self.log.read_text()}")
+
+
+async def _make_kv(url: str, buckets: dict[str, int]) -> None:
+    import nats
+    from nats.js.api import KeyValueConfig
+
+    deadline = time.monotonic() + 60
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for bucket, replicas in buckets.items():
+            while True:  # a fresh cluster may not have elected its meta leader yet
+                try:
+                    kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.5)
+            for i in range(5):
+                await kv.put(f"k{i}", b"v")
+    finally:
+        await nc.close()
+
+
+def test_check_real_single_node_r1(tmp_path: Path) -> None:
+    n = Nats(tmp_path, "solo", free_port(), free_port())
+    n.start()
+    try:
+        n.wait_monitor()
+        asyncio.run(_make_kv(f"nats://127.0.0.1:{n.client}", {"unibus_nonces": 1}))
+        r = run_check("--wait", "60", "--interval", "0.2", port=n.http)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "KV_unibus_nonces" in r.stdout and "R1" in r.stdout
+        # the documented KV message count is where the runbook says it is
+        with urllib.request.urlopen(f"http://127.0.0.1:{n.http}/jsz?accounts=true&streams=true", timeout=5) as resp:
+            body = json.load(resp)
+        counts = {s["name"]: s["state"]["messages"]
+                  for a in body["account_details"] for s in a["stream_detail"]}
+        assert counts["KV_unibus_nonces"] == 5
+    finally:
+        n.stop()
+
+
+@pytest.mark.slow
+def test_check_real_three_node_cluster(tmp_path: Path) -> None:
+    ports = [(free_port(), free_port(), free_port()) for _ in range(3)]  # client, http, route
+    routes = [f"nats://127.0.0.1:{p[2]}" for p in ports]
+    nodes = [
+        Nats(tmp_path, f"n{i + 1}", p[0], p[1],
+             cluster={"name": "c1", "listen": f"127.0.0.1:{p[2]}", "routes": routes})
+        for i, p in enumerate(ports)
+    ]
+    urls = [f"http://127.0.0.1:{n.http}" for n in nodes]
+    try:
+        for n in nodes:
+            n.start()
+        for n in nodes:
+            n.wait_monitor()
+        asyncio.run(_make_kv(f"nats://127.0.0.1:{nodes[0].client}", {"unibus_nonces": 3, "unibus_rooms": 3}))
+
+        # every node, on its own (the per-node gate), converges
+        for n in nodes:
+            r = run_check("--wait", "90", "--interval", "0.3", port=n.http)
+            assert r.returncode == 0, f"{n.name}\n{r.stdout}{r.stderr}"
+        # and all nodes together, strictly: every stream 2/2 current from its leader's view
+        r = run_check("--strict", "--wait", "90", "--interval", "0.3", *urls)
+        assert r.returncode == 0, r.stdout
+        assert r.stdout.count("2/2 followers current") == 3  # meta group + 2 streams
+
+        # one node down: the leaders see it offline -> not converged (eventually; no timing assumed)
+        nodes[2].stop()
+        deadline = time.monotonic() + 90
+        while True:
+            r = run_check(*urls[:2])
+            if r.returncode == 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert r.returncode == 1, r.stdout
+        assert "n3" in r.stdout and "FAIL" in r.stdout
+        # its monitor is gone: unreachable is its own exit code
+        assert run_check(urls[2]).returncode == 2
+
+        # back up: reconverges (the rolling-restart gate)
+        nodes[2].start()
+        nodes[2].wait_monitor()
+        r = run_check("--strict", "--wait", "120", "--interval", "0.3", *urls)
+        assert r.returncode == 0, r.stdout
+    finally:
+        for n in nodes:
+            n.stop()
