@@ -58,32 +58,39 @@ def base_config(settings: Settings) -> dict[str, Any]:
     return config
 
 
+def _monitor_port(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.rsplit(":", 1)[-1].isdigit():
+        return int(value.rsplit(":", 1)[-1])
+    return None
+
+
 def enforce_loopback_monitor(config: dict[str, Any]) -> None:
     """Pin any monitoring listener to 127.0.0.1 (SPEC §2); drop HTTPS variants.
 
     Whatever a flag, the environment or a plugin wrote, the only monitor
-    membershipd lets nats-server open is plain HTTP on loopback.
+    membershipd lets nats-server open is plain HTTP on loopback. nats-server
+    reads config keys case-insensitively, so every spelling is caught.
     """
     port: int | None = None
-    http = config.get("http")
-    if isinstance(http, str) and http.rsplit(":", 1)[-1].isdigit():
-        port = int(http.rsplit(":", 1)[-1])
-        if http != f"{MONITOR_HOST}:{port}":
-            log.warning("monitor address %r moved to %s:%d: the endpoint has no authentication", http, MONITOR_HOST, port)
-    elif isinstance(http, int):
-        port = http
-    elif http is not None:
-        log.warning("ignoring monitor setting http=%r: not HOST:PORT", http)
-    for key in ("http_port", "monitor_port"):
-        if key in config:
-            if port is None and isinstance(config[key], int):
-                port = config[key]
-            log.warning("monitor setting %s rewritten as http: %s:<port>", key, MONITOR_HOST)
-    for key in ("https", "https_port", "http_base_path"):
-        if key in config:
+    for key in [k for k in config if isinstance(k, str) and k.lower() in _MONITOR_KEYS + ("http_base_path",)]:
+        value = config.pop(key)
+        low = key.lower()
+        if low in ("https", "https_port", "http_base_path"):
             log.warning("monitor setting %s removed: only a plain loopback monitor is allowed", key)
-    for key in _MONITOR_KEYS + ("http_base_path",):
-        config.pop(key, None)
+            continue
+        candidate = _monitor_port(value)
+        if candidate is None:
+            log.warning("ignoring monitor setting %s=%r: not a port or HOST:PORT", key, value)
+            continue
+        if port is None or low == "http":
+            port = candidate
+        if value != f"{MONITOR_HOST}:{candidate}":
+            log.warning("monitor setting %s=%r pinned to %s:%d: the endpoint has no authentication",
+                        key, value, MONITOR_HOST, candidate)
     if port is not None:
         config["http"] = f"{MONITOR_HOST}:{port}"
 

@@ -34,6 +34,8 @@ MONITOR_HOST = "127.0.0.1"
 DEFAULT_PORT = 8222
 ENV_DEBUG = "UNIBUS_NATS_DEBUG"
 ENV_MONITOR = "UNIBUS_NATS_MONITOR"
+# nats-server config keys that open (or shape) the monitoring endpoint.
+_MONITOR_KEYS = frozenset({"http", "http_port", "monitor_port", "https", "https_port", "http_base_path"})
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,10 @@ def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
     opts = current_log_opts()
     config["debug"] = opts.debug
     config["trace"] = opts.trace
-    for key in ("http", "http_port", "monitor_port", "https", "https_port"):
-        config.pop(key, None)
+    # nats-server matches config keys case-insensitively ("HTTP" opens the
+    # monitor like "http" does), so every spelling of a monitor key goes.
+    for key in [k for k in config if isinstance(k, str) and k.lower() in _MONITOR_KEYS]:
+        del config[key]
     if opts.monitor:
         config["http"] = f"{MONITOR_HOST}:{settings.option('nats_monitor_port', DEFAULT_PORT)}"
 

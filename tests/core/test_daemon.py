@@ -87,16 +87,24 @@ def _wait_gone(pid: int, timeout: float = 10.0) -> None:
 def test_nats_crash_degrades_then_recovers(membershipd):
     pid = membershipd.nats_pid()
     assert pid
-    os.kill(pid, signal.SIGKILL)
-    _wait_gone(pid)
-    # Hold the port so the supervisor's restarts fail: the outage is ours to end.
-    with socket.socket() as blocker:
-        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        blocker.bind(("127.0.0.1", membershipd.nats_port))
-        blocker.listen()
+    conf = membershipd.data_dir / "nats.conf"
+    good = conf.read_text()
+    # Freeze membershipd, kill its nats-server and break the config, so every
+    # restart fails until we mend it: the outage is ours to end, and no restart
+    # can slip in before /healthz is looked at.
+    membershipd.send_signal(signal.SIGSTOP)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        _wait_gone(pid)
+        conf.write_text("this is { not a nats config")
+    finally:
+        membershipd.send_signal(signal.SIGCONT)
+    try:
         body = membershipd.wait_healthy(want=503, timeout=20)
         assert body["status"] == "degraded"
         assert body["nats"]["connected"] is False or body["nats"]["jetstream"] is False
+    finally:
+        conf.write_text(good)
     body = membershipd.wait_healthy(want=200, timeout=30)
     assert body["nats"]["restarts"] >= 1 and body["nats"]["connected"] and body["nats"]["jetstream"]
     assert membershipd.nats_pid() not in (None, pid)
@@ -179,7 +187,7 @@ class RouteAdder:
 
             return web.json_response({"pong": True})
 
-        add_route(app, "GET", "/v1/ping", ping, summary="ping", responses={200: "pong"})
+        add_route(app, "GET", "/ping", ping, summary="ping", responses={200: "pong"}, signed=False)
 
     @hookimpl
     def healthz_fields(self, app):
@@ -200,7 +208,7 @@ async def test_routes_match_openapi_and_broken_healthz_plugin_is_contained(tmp_p
             async with s.get(f"http://{daemon.settings.http_addr}/healthz") as r:
                 assert r.status == 200
                 body = await r.json()
-            async with s.get(f"http://{daemon.settings.http_addr}/v1/ping") as r:
+            async with s.get(f"http://{daemon.settings.http_addr}/ping") as r:
                 assert (await r.json()) == {"pong": True}
         assert body["status"] == "ok" and "route_adder" not in body
     finally:
