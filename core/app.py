@@ -21,6 +21,7 @@ from .pluginmanager import PluginManager
 from .posture import merge_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings
+from .store.base import Conflict, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
 
 log = logging.getLogger("unibus.http")
@@ -30,9 +31,13 @@ PLUGINS = web.AppKey("plugins", PluginManager)
 BUS = web.AppKey("bus", Bus)
 SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external NATS)
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
+STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)  # free-form runtime objects (store, engine...) by name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: Largest JSON body: a keys POST for 1,000 MLKEM768_X25519 members is ~1.6 MB.
+MAX_JSON_BODY = 8 * 1024 * 1024
 
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats"})
 
@@ -44,6 +49,13 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return await handler(request)
     except Problem as p:
         return from_problem(p)
+    except NotFound as e:
+        return problem_response(404, str(e), kind="not-found")
+    except Conflict as e:
+        return problem_response(409, str(e), kind="conflict", **e.extra)
+    except StoreUnavailable as e:
+        return problem_response(503, f"the store is unavailable: {e}", kind="store-unavailable",
+                                headers={"Retry-After": "1"})
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -140,15 +152,18 @@ def make_app(
     plugins: PluginManager,
     bus: Bus,
     supervisor: NatsSupervisor | None,
+    store: Store | None = None,
     *,
     middlewares: list[Any] | None = None,
 ) -> web.Application:
     """The control-plane application; plugins add their routes in ``startup``."""
-    app = web.Application(middlewares=[problem_middleware, *(middlewares or [])], client_max_size=1024 * 1024)
+    app = web.Application(middlewares=[problem_middleware, *(middlewares or [])], client_max_size=MAX_JSON_BODY)
     app[SETTINGS] = settings
     app[PLUGINS] = plugins
     app[BUS] = bus
     app[SUPERVISOR] = supervisor
+    if store is not None:
+        app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
     app[EXTRA] = {"started": time.time()}
     add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,

@@ -22,7 +22,7 @@ from .settings import Settings, add_core_arguments, add_plugin_arguments, build_
 log = logging.getLogger("unibus.cli")
 
 PROG = "membershipd"
-COMMANDS = ("serve", "migrate", "posture", "plugins")
+COMMANDS = ("serve", "migrate", "member", "posture", "plugins")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,6 +46,7 @@ def _serve_parser(command: str, plugin_options) -> argparse.ArgumentParser:
 _DESCRIPTIONS = {
     "serve": "Run the control plane and its embedded NATS + JetStream server.",
     "migrate": "Apply database migrations to <data-dir>/membershipd.db and exit.",
+    "member": "Offline member bootstrap: 'member add' writes a member into the store (SIGHUP a running daemon).",
     "posture": "Print the posture this configuration would report; exit 0 when enforce+acl+tls.",
     "plugins": "List the loaded plugins with their distribution, version and hooks.",
 }
@@ -139,7 +140,60 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     return 0
 
 
-HANDLERS = {"serve": cmd_serve, "migrate": cmd_migrate, "posture": cmd_posture, "plugins": cmd_plugins}
+def cmd_member(argv: Sequence[str]) -> int:
+    from .client.keys import HandleError, KeyFormatError, validate_enc_pub, validate_enc_suite, validate_handle, validate_sign_pub
+    from .daemon import prepare_data_dir
+    from .store.base import ROLES, Conflict
+    from .store.db import make_engine, migrate
+    from .store.sqlite import add_member_sync, new_member
+    from sqlalchemy.orm import Session
+
+    parser = _Parser(prog=f"{PROG} member", description=_DESCRIPTIONS["member"])
+    sub = parser.add_subparsers(dest="action", required=True, metavar="add")
+    add = sub.add_parser("add", help="add a member (the first admin, typically)")
+    add.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    add.add_argument("--handle", required=True, help="^[a-z][a-z0-9_-]{0,31}$")
+    add.add_argument("--role", required=True, help="admin or member")
+    add.add_argument("--sign-pub", required=True, metavar="B64", help="raw Ed25519 public key, standard base64")
+    add.add_argument("--enc-pub", required=True, metavar="B64", help="raw HPKE public key of --enc-suite, standard base64")
+    add.add_argument("--enc-suite", default="X25519", metavar="S", help="X25519 (default) or MLKEM768_X25519")
+    ns = parser.parse_args(argv)
+    try:
+        handle = validate_handle(ns.handle)
+    except HandleError as e:
+        raise ConfigError(f"--handle: {e}") from None
+    if ns.role not in ROLES:
+        raise ConfigError(f"--role: {ns.role!r} is not allowed; use admin or member")
+    try:
+        suite = validate_enc_suite(ns.enc_suite)
+    except KeyFormatError as e:
+        raise ConfigError(f"--enc-suite: {e}") from None
+    try:
+        sign_pub = validate_sign_pub(ns.sign_pub)
+    except KeyFormatError as e:
+        raise ConfigError(f"--sign-pub: {e}") from None
+    try:
+        enc_pub = validate_enc_pub(ns.enc_pub, suite)
+    except KeyFormatError as e:
+        raise ConfigError(f"--enc-pub: {e}") from None
+    data_dir = resolve_data_dir(ns)
+    prepare_data_dir(data_dir)
+    db = data_dir / "membershipd.db"
+    migrate(db)
+    engine = make_engine(db)
+    try:
+        with Session(engine) as session, session.begin():
+            add_member_sync(session, new_member(handle, ns.role, sign_pub, enc_pub, suite))
+    except Conflict as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        engine.dispose()
+    print(f"added {ns.role} {handle!r} to {db}; send SIGHUP to a running membershipd to pick it up")
+    return 0
+
+
+HANDLERS = {"serve": cmd_serve, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
 
 
 def _top_help() -> str:

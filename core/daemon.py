@@ -21,7 +21,11 @@ from typing import Any
 
 from aiohttp import web
 
+from .api import bus as bus_api
+from .api import members as members_api
+from .api import rooms as rooms_api
 from .app import EXTRA, make_app
+from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware
 from .bus import Bus
 from .errors import ConfigError, RuntimeFailure
 from .natsconf import base_config, finalize_config, render_config, write_config
@@ -30,7 +34,9 @@ from .posture import cluster_gate, merge_posture
 from .sdnotify import sd_notify
 from .servicekey import ensure_service_nkey
 from .settings import HostPort, Settings, child_environment
+from .store.base import Store
 from .store.db import migrate
+from .store.sqlite import SqliteStore
 from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server
 
 log = logging.getLogger("unibus.daemon")
@@ -83,11 +89,13 @@ class Daemon:
         self.settings = settings
         self.plugins = plugins
         self.supervisor: NatsSupervisor | None = None
+        self.store: Store | None = None
         self.bus: Bus | None = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self._rendered: str | None = None
         self._stop = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._started_hooks = False
 
     async def start(self) -> None:
@@ -112,8 +120,19 @@ class Daemon:
 
         self.bus = Bus(s.nats_client_url, seed)
         await self.bus.connect()
-        self.app = make_app(s, self.plugins, self.bus, self.supervisor)
+        self.store = SqliteStore(s.db_path)
+        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
+        try:
+            await nonces.ensure()
+        except Exception as e:
+            raise RuntimeFailure(f"cannot create the KV bucket {NONCE_BUCKET}: {type(e).__name__}: {e}") from None
+        authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
+        self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
+                            middlewares=[auth_middleware(authenticator)])
         self.app[EXTRA]["daemon"] = self
+        self.app[EXTRA]["nonces"] = nonces
+        for register in (members_api.register, rooms_api.register, bus_api.register):
+            register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True
 
@@ -150,11 +169,18 @@ class Daemon:
         self._stop.set()
 
     def on_sighup(self) -> None:
-        log.info("SIGHUP: regenerating the NATS configuration")
+        log.info("SIGHUP: re-reading the store and regenerating the NATS configuration")
+        task = asyncio.get_running_loop().create_task(self._reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reload(self) -> None:
         try:
+            if self.store is not None:
+                await self.store.reload()
             self.regenerate_nats_config()
         except Exception as e:
-            log.error("SIGHUP: regenerating the NATS configuration failed: %s", e)
+            log.error("SIGHUP: reload failed: %s: %s", type(e).__name__, e)
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -174,6 +200,9 @@ class Daemon:
                     log.error("plugin %s: shutdown did not finish within %.0f s; cancelled", name, SHUTDOWN_HOOK_TIMEOUT)
                 except Exception as e:
                     log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
+        if self.store is not None:
+            with contextlib.suppress(Exception):
+                await self.store.close()
         if self.bus is not None:
             await self.bus.close()
         if self.supervisor is not None:

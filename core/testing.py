@@ -65,6 +65,15 @@ def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | N
                           env=full_env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def bootstrap_member(data_dir: Path, identity: Any, role: str = "member") -> None:
+    """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline."""
+    proc = run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", identity.handle,
+                           "--role", role, "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64,
+                           "--enc-suite", identity.enc_suite)
+    if proc.returncode != 0:
+        raise RuntimeError(f"membershipd member add failed: {proc.stderr.strip()}")
+
+
 def nats_server_pids(under: Path | str | None = None) -> set[int]:
     """PIDs of running nats-server processes, those whose config lies ``under`` a path if given.
 

@@ -1,0 +1,45 @@
+"""/v1/bus: how a member reaches the data plane."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..app import SETTINGS, STORE, add_route
+from ..auth import current_member
+from ..client.keys import nkey_from_sign_pub
+from .common import json_response
+
+
+def nats_servers(request: web.Request) -> list[str]:
+    """The NATS URL(s) a member dials: a wildcard listener is advertised under
+    the host name the member used to reach this HTTP endpoint."""
+    settings = request.app[SETTINGS]
+    if settings.nats_url:
+        return [settings.nats_url]
+    host = settings.nats_addr.host
+    if host in ("0.0.0.0", "::", ""):
+        host = (request.url.host or "127.0.0.1")
+    host = f"[{host}]" if ":" in host else host
+    scheme = "tls" if settings.tls_cert else "nats"
+    return [f"{scheme}://{host}:{settings.nats_addr.port}"]
+
+
+def inbox_prefix(handle: str) -> str:
+    return f"_INBOX_{handle}"
+
+
+async def get_bus(request: web.Request) -> web.Response:
+    me = current_member(request)
+    rooms = await request.app[STORE].list_rooms(me.handle)
+    return json_response({
+        "servers": nats_servers(request),
+        "user_nkey": nkey_from_sign_pub(me.sign_pub),
+        "inbox_prefix": inbox_prefix(me.handle),
+        "rooms": {r.room_id: f"{r.subject}.>" for r in rooms},
+    })
+
+
+def register(app: web.Application) -> None:
+    add_route(app, "GET", "/v1/bus", get_bus, summary="NATS servers, the caller's nkey, inbox prefix and room subjects",
+              responses={200: "bus parameters", 401: "missing or invalid signature",
+                         503: "replay protection unavailable"}, tags=["bus"])

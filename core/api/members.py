@@ -1,0 +1,117 @@
+"""/v1/me and /v1/members: who is on the bus (admin-only writes)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from ..app import STORE, add_route
+from ..auth import current_member
+from ..client.keys import (
+    DEFAULT_ENC_SUITE,
+    HandleError,
+    KeyFormatError,
+    validate_enc_pub,
+    validate_enc_suite,
+    validate_handle,
+    validate_sign_pub,
+)
+from ..problems import Problem
+from ..store.base import ROLES, NotFound
+from ..store.sqlite import new_member
+from .common import invalid, json_object, json_response, require_admin, require_str
+
+MEMBER_SCHEMA = {
+    "type": "object",
+    "required": ["handle", "role", "sign_pub", "enc_pub"],
+    "additionalProperties": False,
+    "properties": {
+        "handle": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+        "role": {"type": "string", "enum": list(ROLES)},
+        "sign_pub": {"type": "string", "contentEncoding": "base64", "description": "raw Ed25519 public key (32 bytes)"},
+        "enc_pub": {"type": "string", "contentEncoding": "base64", "description": "raw HPKE public key of enc_suite"},
+        "enc_suite": {"type": "string", "enum": ["X25519", "MLKEM768_X25519"], "default": "X25519"},
+    },
+}
+PATCH_SCHEMA = {"type": "object", "required": ["role"], "additionalProperties": False,
+                "properties": {"role": {"type": "string", "enum": list(ROLES)}}}
+
+
+def parse_handle(value: str, field: str = "handle") -> str:
+    try:
+        return validate_handle(value)
+    except HandleError as e:
+        raise invalid(field, str(e)) from None
+
+
+def parse_role(value: object) -> str:
+    if value not in ROLES:
+        raise invalid("role", f"must be one of {', '.join(ROLES)}")
+    return value  # type: ignore[return-value]
+
+
+async def get_me(request: web.Request) -> web.Response:
+    return json_response(current_member(request).as_json())
+
+
+async def list_members(request: web.Request) -> web.Response:
+    members = await request.app[STORE].list_members()
+    return json_response({"members": [mb.as_json() for mb in members]})
+
+
+async def get_member(request: web.Request) -> web.Response:
+    member = await request.app[STORE].get_member(request.match_info["handle"])
+    if member is None:
+        raise Problem(404, f"no member {request.match_info['handle']!r}", kind="not-found")
+    return json_response(member.as_json())
+
+
+async def add_member(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await json_object(request, required={"handle", "role", "sign_pub", "enc_pub"}, optional={"enc_suite"})
+    handle = parse_handle(require_str(body, "handle"))
+    role = parse_role(body["role"])
+    try:
+        suite = validate_enc_suite(body.get("enc_suite", DEFAULT_ENC_SUITE))
+        sign_pub = validate_sign_pub(require_str(body, "sign_pub"))
+        enc_pub = validate_enc_pub(require_str(body, "enc_pub"), suite)
+    except KeyFormatError as e:
+        raise Problem(422, str(e), kind="invalid-field") from None
+    member = await request.app[STORE].add_member(new_member(handle, role, sign_pub, enc_pub, suite))
+    return json_response(member.as_json(), status=201)
+
+
+async def patch_member(request: web.Request) -> web.Response:
+    require_admin(request)
+    body = await json_object(request, required={"role"})
+    member = await request.app[STORE].set_role(request.match_info["handle"], parse_role(body["role"]))
+    return json_response(member.as_json())
+
+
+async def delete_member(request: web.Request) -> web.Response:
+    require_admin(request)
+    await request.app[STORE].delete_member(request.match_info["handle"])
+    return web.Response(status=204)
+
+
+def register(app: web.Application) -> None:
+    r = {401: "missing or invalid signature", 503: "replay protection unavailable"}
+    add_route(app, "GET", "/v1/me", get_me, summary="The caller's own member record",
+              responses={200: "the record", **r}, tags=["members"])
+    add_route(app, "GET", "/v1/members", list_members, summary="All members (public keys included)",
+              responses={200: "{members: [...]}", **r}, tags=["members"])
+    add_route(app, "POST", "/v1/members", add_member, summary="Add a member (admin)", request_schema=MEMBER_SCHEMA,
+              responses={201: "created", 400: "malformed JSON", 403: "not an admin", 409: "handle or key exists",
+                         422: "invalid field", **r}, tags=["members"])
+    add_route(app, "GET", "/v1/members/{handle}", get_member, summary="One member",
+              responses={200: "the record", 404: "no such member", **r}, tags=["members"])
+    add_route(app, "PATCH", "/v1/members/{handle}", patch_member, summary="Change a member's role (admin)",
+              request_schema=PATCH_SCHEMA,
+              responses={200: "the record", 403: "not an admin", 404: "no such member",
+                         409: "would remove the last admin", 422: "invalid field", **r}, tags=["members"])
+    add_route(app, "DELETE", "/v1/members/{handle}", delete_member,
+              summary="Delete a member: removed from every room, bus access revoked (admin)",
+              responses={204: "deleted", 403: "not an admin", 404: "no such member",
+                         409: "the last admin", **r}, tags=["members"])
+
+
+__all__ = ["register", "NotFound"]

@@ -1,0 +1,198 @@
+"""Signed requests on the server: who is asking (RFC 9421), and have we seen it before.
+
+Everything under ``/v1/`` goes through :func:`auth_middleware`:
+
+1. parse and check the signature headers, the covered components, the
+   Content-Digest against the real body and the ``created`` window
+   (:func:`unibus.signing.check_request`);
+2. find the member by ``keyid`` in the in-memory :class:`MemberDirectory`;
+3. verify the Ed25519 signature;
+4. claim ``(keyid, nonce)`` in the JetStream KV bucket ``unibus_nonces``: a
+   nonce already there is a replay (401). If the bucket cannot be written the
+   request fails closed with 503: it is never served unauthenticated.
+
+A signed request to an unknown route is authenticated first, then 404.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import nacl.signing
+from aiohttp import web
+from nats.errors import ConnectionClosedError, NoRespondersError, TimeoutError as NatsTimeoutError
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.errors import APIError
+
+from .bus import Bus
+from .problems import Problem
+from .signing import SignatureError, check_request, split_path_query
+from .store.base import Change, Member, Store
+
+log = logging.getLogger("unibus.auth")
+
+NONCE_BUCKET = "unibus_nonces"
+WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence failed
+STREAM_NAME_IN_USE = 10058
+MEMBER_KEY = "unibus.member"
+#: The handler attribute that marks a streamed upload (the body is not read here).
+STREAMING_ATTR = "unibus_streaming"
+
+
+class NonceStoreUnavailable(Exception):
+    """The nonce bucket could not be written: fail closed."""
+
+
+class NonceStore:
+    """Replay protection: one KV key per (handle, nonce), created at most once.
+
+    A claim is a raw JetStream publish to ``$KV.unibus_nonces.<handle>.<nonce>``
+    with ``Nats-Expected-Last-Subject-Sequence: 0``: the server accepts it only
+    if the key has never been written, and rejects a replay in one round trip
+    (nats-py's ``kv.create`` needs two). Keys expire with the bucket's max age,
+    twice the allowed skew, after which ``created`` alone rejects the request.
+    """
+
+    def __init__(self, bus: Bus, *, skew: int, replicas: int, timeout: float = 1.0) -> None:
+        self.bus = bus
+        self.ttl = 2 * skew
+        self.replicas = replicas
+        self.timeout = timeout
+        self.claims = 0
+        self.replays = 0
+
+    def bucket_config(self) -> KeyValueConfig:
+        return KeyValueConfig(bucket=NONCE_BUCKET, history=1, ttl=float(self.ttl), replicas=self.replicas,
+                              storage=StorageType.FILE,
+                              description="unibus: seen (handle, nonce) pairs of signed requests")
+
+    async def ensure(self) -> None:
+        """Create the bucket if absent; bring TTL and replicas in line if it exists."""
+        assert self.bus.js is not None
+        try:
+            await self.bus.js.create_key_value(config=self.bucket_config())
+        except APIError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+            info = await self.bus.js.stream_info(f"KV_{NONCE_BUCKET}")
+            cfg = info.config
+            if cfg.max_age != float(self.ttl) or cfg.num_replicas != self.replicas:
+                cfg.max_age, cfg.num_replicas = float(self.ttl), self.replicas
+                await self.bus.js.update_stream(cfg)
+                log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, self.replicas)
+
+    async def claim(self, handle: str, nonce: str) -> bool:
+        """True if this is the first use of ``nonce`` by ``handle``; False for a replay."""
+        js = self.bus.js
+        if js is None or not self.bus.connected:
+            raise NonceStoreUnavailable("not connected to NATS")
+        try:
+            await js.publish(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", b"1", timeout=self.timeout,
+                             headers={"Nats-Expected-Last-Subject-Sequence": "0"})
+        except APIError as e:
+            if e.err_code == WRONG_LAST_SEQUENCE:
+                self.replays += 1
+                return False
+            raise NonceStoreUnavailable(f"JetStream refused the nonce write: {e.description or e}") from None
+        except (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError) as e:
+            raise NonceStoreUnavailable(f"nonce bucket unavailable: {type(e).__name__}") from None
+        except Exception as e:  # anything else is also "cannot write": fail closed
+            raise NonceStoreUnavailable(f"nonce bucket unavailable: {type(e).__name__}: {e}") from None
+        self.claims += 1
+        return True
+
+
+class MemberDirectory:
+    """Members by handle, with their parsed verify keys, cached in memory.
+
+    A committed member change marks the cache stale synchronously (store
+    listeners run before the writing handler returns), and the next lookup
+    reloads it first: a deleted member's next request is already refused.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._members: dict[str, tuple[Member, nacl.signing.VerifyKey]] = {}
+        self._stale = True
+        self._lock = asyncio.Lock()
+        store.add_listener(self._on_change)
+
+    def _on_change(self, change: Change) -> None:
+        if change.kind.startswith("member_") or change.kind == "reloaded":
+            self._stale = True
+
+    async def _refresh(self) -> None:
+        async with self._lock:
+            if not self._stale:
+                return
+            self._stale = False
+            members = await self.store.list_members()
+            self._members = {mb.handle: (mb, nacl.signing.VerifyKey(mb.sign_pub)) for mb in members}
+
+    async def get(self, handle: str) -> tuple[Member, nacl.signing.VerifyKey] | None:
+        if self._stale:
+            await self._refresh()
+        return self._members.get(handle)
+
+    def __len__(self) -> int:
+        return len(self._members)
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(401, detail, kind="invalid-signature", headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
+
+
+class Authenticator:
+    def __init__(self, directory: MemberDirectory, nonces: NonceStore, skew: int) -> None:
+        self.directory = directory
+        self.nonces = nonces
+        self.skew = skew
+
+    async def authenticate(self, request: web.Request, body: bytes | None) -> Member:
+        path, query = split_path_query(request.raw_path)
+        try:
+            pending = check_request(request.method, path, query, request.headers, body, now=time.time(),
+                                    skew=self.skew)
+        except SignatureError as e:
+            raise unauthorized(e.reason) from None
+        found = await self.directory.get(pending.keyid)
+        if found is None:
+            raise unauthorized("unknown keyid")
+        member, verify_key = found
+        try:
+            verified = pending.verify(verify_key)
+        except SignatureError as e:
+            raise unauthorized(e.reason) from None
+        try:
+            fresh = await self.nonces.claim(member.handle, verified.nonce)
+        except NonceStoreUnavailable as e:
+            log.warning("failing closed: %s", e)
+            raise Problem(503, "replay protection is unavailable (the nonce store cannot be written); try again",
+                          kind="nonce-store-unavailable", headers={"Retry-After": "1"}) from None
+        if not fresh:
+            raise unauthorized("replayed nonce: this (keyid, nonce) was already used")
+        request[MEMBER_KEY] = member
+        request["unibus.signature"] = verified
+        return member
+
+
+def auth_middleware(authenticator: Authenticator) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
+        if not request.path.startswith("/v1/"):
+            return await handler(request)
+        route_handler = getattr(request.match_info.route, "handler", None)
+        streaming = bool(getattr(route_handler, STREAMING_ATTR, False))
+        body = None if streaming else await request.read()
+        await authenticator.authenticate(request, body)
+        return await handler(request)
+
+    return middleware
+
+
+def current_member(request: web.Request) -> Member:
+    return request[MEMBER_KEY]

@@ -1,0 +1,216 @@
+"""The store contract: records, errors, and the interface every backend implements.
+
+membershipd keeps members, rooms, room members and sealed room keys. The
+SQLite backend (``unibus.store.sqlite``) serves a single node; a JetStream KV
+backend serves a cluster. One contract test suite runs against every backend.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+log = logging.getLogger("unibus.store")
+
+ROLES = ("admin", "member")
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def iso(ts: datetime) -> str:
+    return ts.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True)
+class Member:
+    handle: str
+    role: str
+    sign_pub: bytes
+    enc_pub: bytes
+    enc_suite: str
+    created_at: datetime
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "handle": self.handle,
+            "role": self.role,
+            "sign_pub": b64(self.sign_pub),
+            "enc_pub": b64(self.enc_pub),
+            "enc_suite": self.enc_suite,
+            "created_at": iso(self.created_at),
+        }
+
+    def room_entry(self) -> dict[str, Any]:
+        """How a room lists its members (SPEC §5)."""
+        return {"handle": self.handle, "enc_pub": b64(self.enc_pub), "enc_suite": self.enc_suite}
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+@dataclass(frozen=True)
+class Room:
+    room_id: str
+    name: str
+    owner: str
+    epoch: int
+    rekey_required: bool
+    created_at: datetime
+    members: tuple[Member, ...] = ()
+
+    @property
+    def subject(self) -> str:
+        return f"unibus.room.{self.room_id}"
+
+    @property
+    def handles(self) -> frozenset[str]:
+        return frozenset(m.handle for m in self.members)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "room_id": self.room_id,
+            "name": self.name,
+            "subject": self.subject,
+            "owner": self.owner,
+            "epoch": self.epoch,
+            "rekey_required": self.rekey_required,
+            "members": [m.room_entry() for m in self.members],
+            "created_at": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True)
+class Membership:
+    """A snapshot of who may be on the bus and where: what bus authorization is made of."""
+
+    members: tuple[Member, ...]
+    rooms: dict[str, frozenset[str]] = field(default_factory=dict)  # room_id -> handles
+
+    def rooms_of(self, handle: str) -> list[str]:
+        return sorted(r for r, hs in self.rooms.items() if handle in hs)
+
+
+@dataclass(frozen=True)
+class Change:
+    """What a committed write changed; listeners (bus authorization, blob store) react to it."""
+
+    kind: str  # member_added, member_updated, member_deleted, room_created, room_deleted,
+    #            room_member_added, room_member_removed, keys_posted, reloaded
+    handle: str | None = None
+    room_id: str | None = None
+    rooms: tuple[str, ...] = ()
+
+    @property
+    def affects_bus(self) -> bool:
+        return self.kind not in ("keys_posted", "member_updated")
+
+
+class StoreError(Exception):
+    """Base class of the store's domain errors; handlers turn them into problems."""
+
+
+class NotFound(StoreError):
+    pass
+
+
+class Conflict(StoreError):
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.extra = extra
+
+
+class StoreUnavailable(StoreError):
+    """The backend cannot answer now (a KV without quorum): the request gets 503."""
+
+
+Listener = Callable[[Change], Any]
+
+
+class Store(abc.ABC):
+    """The interface of a membershipd store. Every method is a coroutine."""
+
+    def __init__(self) -> None:
+        self._listeners: list[Listener] = []
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(change)`` after every committed change (and after ``reload``)."""
+        self._listeners.append(listener)
+
+    def _notify(self, change: Change) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(change)
+            except Exception:
+                log.exception("store listener %r failed on %s", listener, change.kind)
+
+    async def reload(self) -> None:
+        """Drop caches and re-read the backend (SIGHUP, offline ``member add``)."""
+        self._notify(Change("reloaded"))
+
+    async def close(self) -> None:  # pragma: no cover - default no-op
+        return None
+
+    # -- members -------------------------------------------------------------
+    @abc.abstractmethod
+    async def list_members(self) -> list[Member]: ...
+
+    @abc.abstractmethod
+    async def get_member(self, handle: str) -> Member | None: ...
+
+    @abc.abstractmethod
+    async def add_member(self, member: Member) -> Member:
+        """Add a member; :class:`Conflict` if the handle or signing key exists."""
+
+    @abc.abstractmethod
+    async def set_role(self, handle: str, role: str) -> Member:
+        """Change a role; :class:`NotFound`, or :class:`Conflict` when it would demote the last admin."""
+
+    @abc.abstractmethod
+    async def delete_member(self, handle: str) -> list[str]:
+        """Delete a member and its room memberships; returns the rooms it left (now rekey_required)."""
+
+    # -- rooms ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_room(self, name: str, owner: str) -> Room: ...
+
+    @abc.abstractmethod
+    async def list_rooms(self, handle: str | None = None) -> list[Room]:
+        """All rooms, or those ``handle`` is a member of."""
+
+    @abc.abstractmethod
+    async def get_room(self, room_id: str) -> Room | None: ...
+
+    @abc.abstractmethod
+    async def delete_room(self, room_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def add_room_member(self, room_id: str, handle: str) -> Room:
+        """Add (idempotent); a new member makes the room ``rekey_required``."""
+
+    @abc.abstractmethod
+    async def remove_room_member(self, room_id: str, handle: str) -> Room:
+        """Remove; the room becomes ``rekey_required``. :class:`NotFound` if not a member."""
+
+    @abc.abstractmethod
+    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes]) -> Room:
+        """Store a new epoch atomically.
+
+        :class:`Conflict` unless ``epoch`` is current+1 and ``sealed`` names exactly
+        the current members (``extra`` holds ``missing``/``extra`` handles). Of two
+        concurrent calls for the same epoch exactly one wins.
+        """
+
+    @abc.abstractmethod
+    async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
+        """The key sealed to ``handle`` at ``epoch`` (latest such epoch when None)."""
+
+    @abc.abstractmethod
+    async def membership(self) -> Membership: ...

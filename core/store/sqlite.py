@@ -1,0 +1,271 @@
+"""The SQLite store: one file, one writer thread, transactions for every change.
+
+All database work runs on a single dedicated thread, so writes are serialised
+in the order they arrive and the event loop never blocks on SQLite. Each
+mutation is one transaction: a crash mid-write leaves the previous state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import models as m
+from .base import Change, Conflict, Member, Membership, NotFound, Room, Store
+from .db import make_engine
+
+T = TypeVar("T")
+
+
+def new_room_id() -> str:
+    """24 characters of [a-z2-7]: 120 random bits, matching ``^[a-z0-9]{1,40}$``."""
+    return base64.b32encode(os.urandom(15)).decode("ascii").lower()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
+
+
+def _member(row: m.Member) -> Member:
+    return Member(row.handle, row.role, bytes(row.sign_pub), bytes(row.enc_pub), row.enc_suite, _aware(row.created_at))
+
+
+class SqliteStore(Store):
+    def __init__(self, db_path: Path) -> None:
+        super().__init__()
+        self.engine = make_engine(db_path)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="unibus-sqlite")
+
+    async def _run(self, fn: Callable[[Session], T]) -> T:
+        def work() -> T:
+            with self._sessions.begin() as session:
+                return fn(session)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def close(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.engine.dispose)
+        self._executor.shutdown(wait=True)
+
+    # -- members ---------------------------------------------------------------
+
+    async def list_members(self) -> list[Member]:
+        return await self._run(lambda s: [_member(r) for r in s.scalars(select(m.Member).order_by(m.Member.handle))])
+
+    async def get_member(self, handle: str) -> Member | None:
+        def q(s: Session) -> Member | None:
+            row = s.get(m.Member, handle)
+            return _member(row) if row else None
+
+        return await self._run(q)
+
+    async def add_member(self, member: Member) -> Member:
+        result = await self._run(lambda s: add_member_sync(s, member))
+        self._notify(Change("member_added", handle=member.handle))
+        return result
+
+    async def set_role(self, handle: str, role: str) -> Member:
+        def q(s: Session) -> Member:
+            row = s.get(m.Member, handle)
+            if row is None:
+                raise NotFound(f"no member {handle!r}")
+            if row.role == "admin" and role != "admin" and _admin_count(s) <= 1:
+                raise Conflict(f"{handle!r} is the last admin; make another member admin first")
+            row.role = role
+            return _member(row)
+
+        result = await self._run(q)
+        self._notify(Change("member_updated", handle=handle))
+        return result
+
+    async def delete_member(self, handle: str) -> list[str]:
+        def q(s: Session) -> list[str]:
+            row = s.get(m.Member, handle)
+            if row is None:
+                raise NotFound(f"no member {handle!r}")
+            if row.role == "admin" and _admin_count(s) <= 1:
+                raise Conflict(f"{handle!r} is the last admin and cannot be deleted")
+            rooms = list(s.scalars(select(m.RoomMember.room_id).where(m.RoomMember.handle == handle)))
+            if rooms:
+                s.execute(update(m.Room).where(m.Room.room_id.in_(rooms)).values(rekey_required=True))
+            s.execute(delete(m.RoomMember).where(m.RoomMember.handle == handle))
+            s.execute(delete(m.SealedKey).where(m.SealedKey.handle == handle))
+            s.delete(row)
+            return sorted(rooms)
+
+        rooms = await self._run(q)
+        self._notify(Change("member_deleted", handle=handle, rooms=tuple(rooms)))
+        return rooms
+
+    # -- rooms -----------------------------------------------------------------
+
+    def _room(self, s: Session, row: m.Room) -> Room:
+        members = s.scalars(
+            select(m.Member).join(m.RoomMember, m.RoomMember.handle == m.Member.handle)
+            .where(m.RoomMember.room_id == row.room_id).order_by(m.Member.handle)
+        )
+        return Room(row.room_id, row.name, row.owner, row.epoch, bool(row.rekey_required), _aware(row.created_at),
+                    tuple(_member(r) for r in members))
+
+    def _get_room_row(self, s: Session, room_id: str) -> m.Room:
+        row = s.get(m.Room, room_id)
+        if row is None:
+            raise NotFound(f"no room {room_id!r}")
+        return row
+
+    async def create_room(self, name: str, owner: str) -> Room:
+        def q(s: Session) -> Room:
+            if s.get(m.Member, owner) is None:
+                raise NotFound(f"no member {owner!r}")
+            now = _now()
+            row = m.Room(room_id=new_room_id(), name=name, owner=owner, epoch=0, rekey_required=True, created_at=now)
+            s.add(row)
+            s.add(m.RoomMember(room_id=row.room_id, handle=owner, added_at=now))
+            s.flush()
+            return self._room(s, row)
+
+        room = await self._run(q)
+        self._notify(Change("room_created", handle=owner, room_id=room.room_id))
+        return room
+
+    async def list_rooms(self, handle: str | None = None) -> list[Room]:
+        def q(s: Session) -> list[Room]:
+            stmt = select(m.Room).order_by(m.Room.created_at, m.Room.room_id)
+            if handle is not None:
+                stmt = stmt.join(m.RoomMember, m.RoomMember.room_id == m.Room.room_id).where(m.RoomMember.handle == handle)
+            return [self._room(s, r) for r in s.scalars(stmt)]
+
+        return await self._run(q)
+
+    async def get_room(self, room_id: str) -> Room | None:
+        def q(s: Session) -> Room | None:
+            row = s.get(m.Room, room_id)
+            return self._room(s, row) if row else None
+
+        return await self._run(q)
+
+    async def delete_room(self, room_id: str) -> None:
+        def q(s: Session) -> None:
+            row = self._get_room_row(s, room_id)
+            s.execute(delete(m.SealedKey).where(m.SealedKey.room_id == room_id))
+            s.execute(delete(m.RoomMember).where(m.RoomMember.room_id == room_id))
+            s.delete(row)
+
+        await self._run(q)
+        self._notify(Change("room_deleted", room_id=room_id))
+
+    async def add_room_member(self, room_id: str, handle: str) -> Room:
+        def q(s: Session) -> tuple[Room, bool]:
+            row = self._get_room_row(s, room_id)
+            if s.get(m.Member, handle) is None:
+                raise NotFound(f"no member {handle!r}")
+            if s.get(m.RoomMember, (room_id, handle)) is not None:
+                return self._room(s, row), False
+            s.add(m.RoomMember(room_id=room_id, handle=handle, added_at=_now()))
+            row.rekey_required = True
+            s.flush()
+            return self._room(s, row), True
+
+        room, changed = await self._run(q)
+        if changed:
+            self._notify(Change("room_member_added", handle=handle, room_id=room_id))
+        return room
+
+    async def remove_room_member(self, room_id: str, handle: str) -> Room:
+        def q(s: Session) -> Room:
+            row = self._get_room_row(s, room_id)
+            link = s.get(m.RoomMember, (room_id, handle))
+            if link is None:
+                raise NotFound(f"{handle!r} is not a member of room {room_id!r}")
+            s.delete(link)
+            row.rekey_required = True
+            s.flush()
+            return self._room(s, row)
+
+        room = await self._run(q)
+        self._notify(Change("room_member_removed", handle=handle, room_id=room_id))
+        return room
+
+    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes]) -> Room:
+        def q(s: Session) -> Room:
+            row = self._get_room_row(s, room_id)
+            if epoch != row.epoch + 1:
+                raise Conflict(f"epoch must be {row.epoch + 1} (the room is at epoch {row.epoch})",
+                               current_epoch=row.epoch)
+            current = set(s.scalars(select(m.RoomMember.handle).where(m.RoomMember.room_id == room_id)))
+            missing, extra = sorted(current - sealed.keys()), sorted(sealed.keys() - current)
+            if missing or extra:
+                raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
+            # Conditional on the epoch we read: of two racing writers, one wins.
+            done = s.execute(update(m.Room).where(m.Room.room_id == room_id, m.Room.epoch == row.epoch)
+                             .values(epoch=epoch, rekey_required=False))
+            if done.rowcount != 1:
+                raise Conflict("another rekey won the race; fetch the room and try again")
+            s.add_all(m.SealedKey(room_id=room_id, epoch=epoch, handle=h, sealed=v) for h, v in sealed.items())
+            s.flush()
+            s.refresh(row)
+            return self._room(s, row)
+
+        room = await self._run(q)
+        self._notify(Change("keys_posted", room_id=room_id))
+        return room
+
+    async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
+        def q(s: Session) -> tuple[int, bytes] | None:
+            stmt = select(m.SealedKey).where(m.SealedKey.room_id == room_id, m.SealedKey.handle == handle)
+            stmt = stmt.where(m.SealedKey.epoch == epoch) if epoch is not None else stmt.order_by(m.SealedKey.epoch.desc())
+            row = s.scalars(stmt.limit(1)).first()
+            return (row.epoch, bytes(row.sealed)) if row else None
+
+        return await self._run(q)
+
+    async def membership(self) -> Membership:
+        return await self._run(membership_sync)
+
+
+# -- synchronous helpers shared with offline commands (membershipd member add) ----
+
+
+def _admin_count(s: Session) -> int:
+    return s.scalar(select(func.count()).select_from(m.Member).where(m.Member.role == "admin")) or 0
+
+
+def add_member_sync(s: Session, member: Member) -> Member:
+    if s.get(m.Member, member.handle) is not None:
+        raise Conflict(f"a member with handle {member.handle!r} already exists")
+    if s.scalar(select(m.Member.handle).where(m.Member.sign_pub == member.sign_pub)) is not None:
+        raise Conflict("another member already has this sign_pub")
+    s.add(m.Member(handle=member.handle, role=member.role, sign_pub=member.sign_pub, enc_pub=member.enc_pub,
+                   enc_suite=member.enc_suite, created_at=member.created_at))
+    try:
+        s.flush()
+    except IntegrityError:
+        raise Conflict(f"a member with handle {member.handle!r} or this sign_pub already exists") from None
+    return member
+
+
+def membership_sync(s: Session) -> Membership:
+    members = tuple(_member(r) for r in s.scalars(select(m.Member).order_by(m.Member.handle)))
+    rooms: dict[str, set[str]] = {r: set() for r in s.scalars(select(m.Room.room_id))}
+    for room_id, handle in s.execute(select(m.RoomMember.room_id, m.RoomMember.handle)):
+        rooms.setdefault(room_id, set()).add(handle)
+    return Membership(members, {k: frozenset(v) for k, v in rooms.items()})
+
+
+def new_member(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_suite: str) -> Member:
+    return Member(handle, role, sign_pub, enc_pub, enc_suite, _now())
