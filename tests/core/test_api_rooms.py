@@ -1,0 +1,161 @@
+"""Rooms, room membership and sealed keys against a real daemon (server rules of SPEC §5)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import pytest
+
+from unibus.client import ApiError, UnibusClient
+from unibus.client.keys import generate_identity
+from unibus.client.sealing import new_room_key, open_room_key, seal_room_key
+
+
+async def expect(status, coro):
+    with pytest.raises(ApiError) as e:
+        await coro
+    assert e.value.status == status, e.value.problem
+    return e.value.problem
+
+
+@pytest.fixture
+async def world(daemon_with_admin, alice):
+    """alice (admin), bob and carol (members; carol hybrid), each with a client."""
+    server = daemon_with_admin()
+    people = {"alice": alice, "bob": generate_identity("bob"), "carol": generate_identity("carol", "MLKEM768_X25519"),
+              "dave": generate_identity("dave")}
+    clients = {h: UnibusClient(server.base_url, i) for h, i in people.items()}
+    for h in ("bob", "carol", "dave"):
+        i = people[h]
+        await clients["alice"].add_member(h, i.sign_pub_b64, i.enc_pub_b64, i.enc_suite)
+    yield server, people, clients
+    for c in clients.values():
+        await c.close()
+
+
+def seal_all(room, key, epoch, people):
+    return {m["handle"]: base64.b64encode(seal_room_key(key, base64.b64decode(m["enc_pub"]), m["enc_suite"],
+                                                        room["room_id"], epoch)).decode()
+            for m in room["members"]}
+
+
+async def test_room_lifecycle(world):
+    server, people, c = world
+    room = await c["bob"].create_room("ops")
+    assert room["epoch"] == 0 and room["rekey_required"] is True and room["owner"] == "bob"
+    assert room["subject"] == f"unibus.room.{room['room_id']}"
+    assert room["members"] == [{"handle": "bob", "enc_pub": people["bob"].enc_pub_b64, "enc_suite": "X25519"}]
+    rid = room["room_id"]
+
+    assert [r["room_id"] for r in await c["bob"].list_rooms()] == [rid]
+    assert await c["carol"].list_rooms() == []
+    assert [r["room_id"] for r in await c["alice"].list_rooms()] == [rid]  # admins see all
+    await expect(403, c["carol"].get_room(rid))
+    await expect(404, c["bob"].get_room("nosuchroom"))
+    await expect(403, c["carol"].add_room_member(rid, "carol"))  # not the owner
+
+    room = await c["bob"].add_room_member(rid, "carol")
+    assert {m["handle"] for m in room["members"]} == {"bob", "carol"}
+    carol_entry = next(m for m in room["members"] if m["handle"] == "carol")
+    assert carol_entry["enc_suite"] == "MLKEM768_X25519" and len(base64.b64decode(carol_entry["enc_pub"])) == 1216
+    await expect(404, c["bob"].add_room_member(rid, "zed"))
+    assert (await c["bob"].add_room_member(rid, "carol"))["members"] == room["members"]  # idempotent
+
+    # keys: wrong epoch, missing and extra handles are 409s that say which
+    key = new_room_key()
+    sealed = seal_all(room, key, 1, people)
+    problem = await expect(409, c["bob"].post_keys(rid, 2, sealed))
+    assert "epoch must be 1" in problem["detail"]
+    problem = await expect(409, c["bob"].post_keys(rid, 1, {"bob": sealed["bob"]}))
+    assert problem["missing"] == ["carol"] and problem["extra"] == []
+    problem = await expect(409, c["bob"].post_keys(rid, 1, {**sealed, "dave": sealed["bob"]}))
+    assert problem["missing"] == [] and problem["extra"] == ["dave"]
+    await expect(422, c["bob"].post_keys(rid, 1, {**sealed, "carol": sealed["bob"]}))  # wrong size for the suite
+    await expect(403, c["carol"].post_keys(rid, 1, sealed))
+    room = await c["bob"].post_keys(rid, 1, sealed)
+    assert room["epoch"] == 1 and room["rekey_required"] is False
+
+    for h in ("bob", "carol"):
+        got = await c[h].my_key(rid)
+        assert got["epoch"] == 1
+        assert open_room_key(base64.b64decode(got["sealed"]), people[h], rid, 1) == key
+    await expect(404, c["dave"].my_key(rid))
+
+    # removal: rekey_required; carol may still read epoch 1, never epoch 2
+    await c["bob"].remove_room_member(rid, "carol")
+    room = await c["bob"].get_room(rid)
+    assert room["rekey_required"] is True and [m["handle"] for m in room["members"]] == ["bob"]
+    key2 = new_room_key()
+    await c["bob"].post_keys(rid, 2, seal_all(room, key2, 2, people))
+    assert (await c["carol"].my_key(rid))["epoch"] == 1
+    await expect(404, c["carol"].my_key(rid, epoch=2))
+    assert (await c["carol"].my_key(rid, epoch=1))["epoch"] == 1
+
+    # a member may remove itself; the owner or an admin may delete the room
+    await c["bob"].add_room_member(rid, "dave")
+    await c["dave"].remove_room_member(rid, "dave")
+    await expect(403, c["dave"].delete_room(rid))
+    await c["alice"].delete_room(rid)
+    await expect(404, c["bob"].get_room(rid))
+    await expect(404, c["bob"].my_key(rid))
+
+
+async def test_deleting_a_member_removes_it_from_every_room(world):
+    server, people, c = world
+    r1 = (await c["bob"].create_room("one"))["room_id"]
+    r2 = (await c["bob"].create_room("two"))["room_id"]
+    for rid in (r1, r2):
+        room = await c["bob"].add_room_member(rid, "dave")
+        await c["bob"].post_keys(rid, 1, seal_all(room, new_room_key(), 1, people))
+    await c["alice"].remove_member("dave")
+    for rid in (r1, r2):
+        room = await c["bob"].get_room(rid)
+        assert [m["handle"] for m in room["members"]] == ["bob"] and room["rekey_required"] is True
+
+
+async def test_concurrent_rekeys_exactly_one_wins(world):
+    server, people, c = world
+    room = await c["bob"].create_room("race")
+    rid = room["room_id"]
+    room = await c["bob"].add_room_member(rid, "carol")
+    keys = [new_room_key() for _ in range(6)]
+    results = await asyncio.gather(
+        *(c["bob" if i % 2 else "alice"].post_keys(rid, 1, seal_all(room, k, 1, people)) for i, k in enumerate(keys)),
+        return_exceptions=True,
+    )
+    wins = [r for r in results if not isinstance(r, Exception)]
+    losses = [r for r in results if isinstance(r, ApiError)]
+    assert len(wins) == 1 and len(losses) == 5
+    assert all(e.status == 409 for e in losses)
+    # no mixed epoch: both members hold the same key
+    opened = {open_room_key(base64.b64decode((await c[h].my_key(rid))["sealed"]), people[h], rid, 1)
+              for h in ("bob", "carol")}
+    assert len(opened) == 1 and opened <= set(keys)
+
+
+async def test_bus_info(world):
+    server, people, c = world
+    rid = (await c["bob"].create_room("bus"))["room_id"]
+    info = await c["bob"].bus_info()
+    assert info["servers"] == [server.nats_url]
+    assert info["user_nkey"] == people["bob"].user_nkey and info["user_nkey"].startswith("U")
+    assert info["inbox_prefix"] == "_INBOX_bob"
+    assert info["rooms"] == {rid: f"unibus.room.{rid}.>"}
+
+
+async def test_bad_room_input(world):
+    server, people, c = world
+    for body in ({"name": ""}, {"name": 5}, {"name": "x" * 201}, {"name": "a\nb"}, {"nom": "x"}, {}):
+        with pytest.raises(ApiError) as e:
+            await c["bob"].request("POST", "/v1/rooms", json_body=body)
+        assert e.value.status in (400, 422), body
+    rid = (await c["bob"].create_room("x"))["room_id"]
+    for body in ({"epoch": "1", "sealed": {}}, {"epoch": 1, "sealed": {}}, {"epoch": 1, "sealed": {"bob": "!!"}},
+                 {"epoch": 1, "sealed": []}, {"epoch": True, "sealed": {"bob": "AAAA"}}):
+        with pytest.raises(ApiError) as e:
+            await c["bob"].request("POST", f"/v1/rooms/{rid}/keys", json_body=body)
+        assert e.value.status == 422, body
+    with pytest.raises(ApiError) as e:
+        await c["bob"].request("GET", f"/v1/rooms/{rid}/keys/me", query={"epoch": "one"})
+    assert e.value.status == 422
