@@ -32,7 +32,11 @@ BUS = web.AppKey("bus", Bus)
 SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external NATS)
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
 STORE = web.AppKey("store", Store)
-EXTRA = web.AppKey("extra", dict)  # free-form runtime objects (store, engine...) by name
+EXTRA = web.AppKey("extra", dict)
+#: ``await app[RECONFIGURE_NATS]()``: re-run every ``configure_nats`` and, if the
+#: config changed, rewrite it and reload nats-server. Calls made close together
+#: share one reload; the result is True once nats-server confirmed it.
+RECONFIGURE_NATS = web.AppKey("reconfigure_nats", object)  # free-form runtime objects (store, engine...) by name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -111,7 +115,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def healthz_body(app: web.Application) -> dict[str, Any]:
     settings, bus = app[SETTINGS], app[BUS]
     supervisor: NatsSupervisor | None = app[SUPERVISOR]  # type: ignore[assignment]
-    jetstream = await bus.jetstream_ok(timeout=1.0)
+    nonces = app[EXTRA].get("nonces")
+    # JetStream answers *and* the nonce bucket is there: without it no signed
+    # request can be served, so the node is degraded.
+    jetstream = await (nonces.available() if nonces is not None else bus.jetstream_ok(timeout=1.0))
     connected = bus.connected
     ok = connected and jetstream and (supervisor is None or supervisor.running)
     cluster = None
@@ -124,7 +131,7 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
         "posture": current_posture(app),
         "nats": {
             "mode": "embedded" if settings.embedded else "external",
-            "url": settings.nats_client_url,
+            "url": settings.nats_public_url,
             "connected": connected,
             "jetstream": jetstream,
             "restarts": supervisor.restarts if supervisor is not None else 0,
@@ -158,7 +165,7 @@ def make_app(
 ) -> web.Application:
     """The control-plane application; plugins add their routes in ``startup``."""
     app = web.Application(middlewares=[problem_middleware, *(middlewares or [])], client_max_size=MAX_JSON_BODY)
-    app[SETTINGS] = settings
+    app[SETTINGS] = settings.for_plugins()  # no secret reaches a hook
     app[PLUGINS] = plugins
     app[BUS] = bus
     app[SUPERVISOR] = supervisor

@@ -85,6 +85,16 @@ class NonceStore:
                 await self.bus.js.update_stream(cfg)
                 log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, self.replicas)
 
+    async def available(self, timeout: float = 1.0) -> bool:
+        """The bucket's stream answers (JetStream up, stream has a leader)."""
+        if self.bus.js is None or not self.bus.connected:
+            return False
+        try:
+            await asyncio.wait_for(self.bus.js.stream_info(f"KV_{NONCE_BUCKET}"), timeout)
+            return True
+        except Exception:
+            return False
+
     async def claim(self, handle: str, nonce: str) -> bool:
         """True if this is the first use of ``nonce`` by ``handle``; False for a replay."""
         js = self.bus.js

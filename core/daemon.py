@@ -24,7 +24,7 @@ from aiohttp import web
 from .api import bus as bus_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EXTRA, make_app
+from .app import EXTRA, RECONFIGURE_NATS, make_app
 from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware
 from .bus import Bus
 from .errors import ConfigError, RuntimeFailure
@@ -41,7 +41,13 @@ from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_serv
 
 log = logging.getLogger("unibus.daemon")
 
-SHUTDOWN_HOOK_TIMEOUT = 10.0
+#: SIGTERM to exit stays within 10 s: HTTP ≤ 2 s, every plugin's shutdown
+#: together ≤ 5 s, nats-server ≤ 2.5 s (then SIGKILL).
+HTTP_STOP_TIMEOUT = 2.0
+SHUTDOWN_HOOKS_BUDGET = 5.0
+NATS_STOP_TIMEOUT = 2.5
+#: How long a configuration change waits for others to join it in one reload.
+RECONFIGURE_DEBOUNCE = 0.01
 
 
 def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
@@ -96,6 +102,8 @@ class Daemon:
         self._rendered: str | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._reconfigure_pending: asyncio.Future[bool] | None = None
+        self._reconfigure_lock = asyncio.Lock()
         self._started_hooks = False
 
     async def start(self) -> None:
@@ -130,13 +138,14 @@ class Daemon:
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
                             middlewares=[auth_middleware(authenticator)])
         self.app[EXTRA]["daemon"] = self
+        self.app[RECONFIGURE_NATS] = self.reconfigure_nats
         self.app[EXTRA]["nonces"] = nonces
         for register in (members_api.register, rooms_api.register, bus_api.register):
             register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True
 
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.http_addr.host, s.http_addr.port, reuse_address=True)
         try:
@@ -152,18 +161,47 @@ class Daemon:
         self._rendered = render_config(config)
         return config
 
-    def regenerate_nats_config(self) -> bool:
-        """Re-run ``configure_nats``; rewrite and reload nats-server when it changed."""
+    def reconfigure_nats(self) -> asyncio.Future[bool]:
+        """Schedule a coalesced regeneration of nats.conf and a reload.
+
+        Requests arriving within ``RECONFIGURE_DEBOUNCE`` of each other, or
+        while a reload is running, share the next one. The future resolves to
+        True when nats-server confirmed the new config (or nothing changed).
+        """
+        loop = asyncio.get_running_loop()
+        if self._reconfigure_pending is None:
+            self._reconfigure_pending = loop.create_future()
+            loop.call_later(RECONFIGURE_DEBOUNCE, self._start_reconfigure)
+        return self._reconfigure_pending
+
+    def _start_reconfigure(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._reconfigure())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reconfigure(self) -> None:
+        async with self._reconfigure_lock:
+            future, self._reconfigure_pending = self._reconfigure_pending, None
+            try:
+                ok = await self._apply_nats_config()
+            except Exception as e:
+                log.error("regenerating the NATS configuration failed: %s: %s", type(e).__name__, e)
+                ok = False
+            if future is not None and not future.done():
+                future.set_result(ok)
+
+    async def _apply_nats_config(self) -> bool:
         if not self.settings.embedded or self.supervisor is None:
-            return False
-        config = nats_config(self.settings, self.plugins)
-        if render_config(config) == self._rendered:
-            return False
-        write_config(config, self.settings.nats_conf_path)
-        self._rendered = render_config(config)
+            return True
+        # Plugins may read the store here (bus authorization): off the event loop.
+        config = await asyncio.to_thread(nats_config, self.settings, self.plugins)
+        rendered = render_config(config)
+        if rendered == self._rendered:
+            return True
+        await asyncio.to_thread(write_config, config, self.settings.nats_conf_path)
+        self._rendered = rendered
         self.supervisor.forward_levels = forward_levels(config)
-        self.supervisor.reload()
-        return True
+        return await self.supervisor.reload_and_wait()
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -178,7 +216,7 @@ class Daemon:
         try:
             if self.store is not None:
                 await self.store.reload()
-            self.regenerate_nats_config()
+            await self.reconfigure_nats()
         except Exception as e:
             log.error("SIGHUP: reload failed: %s: %s", type(e).__name__, e)
 
@@ -191,22 +229,26 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await self.runner.cleanup()
         if self._started_hooks and self.app is not None:
+            deadline = asyncio.get_running_loop().time() + SHUTDOWN_HOOKS_BUDGET
             for name, impl in self.plugins._impls("shutdown"):
+                remaining = max(0.1, deadline - asyncio.get_running_loop().time())
                 try:
                     res = impl.function(**{a: self.app for a in impl.argnames})
                     if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
-                        await asyncio.wait_for(res, SHUTDOWN_HOOK_TIMEOUT)
+                        await asyncio.wait_for(res, remaining)
                 except asyncio.TimeoutError:
-                    log.error("plugin %s: shutdown did not finish within %.0f s; cancelled", name, SHUTDOWN_HOOK_TIMEOUT)
+                    log.error("plugin %s: shutdown did not finish in time; cancelled", name)
                 except Exception as e:
                     log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
+        for task in list(self._tasks):
+            task.cancel()
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
         if self.bus is not None:
             await self.bus.close()
         if self.supervisor is not None:
-            await self.supervisor.stop()
+            await self.supervisor.stop(timeout=NATS_STOP_TIMEOUT)
 
 
 async def _serve(settings: Settings, plugins: PluginManager) -> None:

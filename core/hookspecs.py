@@ -97,7 +97,8 @@ def shutdown(app: web.Application) -> Any:
     """Stop the plugin's runtime part.
 
     Called once on SIGTERM/SIGINT after the HTTP port stopped accepting
-    requests and before nats-server is stopped. May be a coroutine function;
-    it must finish within 10 seconds (it is cancelled after that, and an error
-    is logged naming the plugin).
+    requests and before nats-server is stopped. May be a coroutine function.
+    The whole stop must fit in 10 seconds, so all shutdown hooks together get
+    5 seconds; a hook still running then is cancelled and an error is logged
+    naming the plugin.
     """

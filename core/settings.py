@@ -126,12 +126,21 @@ class Settings:
 
     @property
     def clustered(self) -> bool:
-        """True when any cluster flag was given (the posture gate then applies)."""
-        return bool(self.cluster_name or self.routes or self.cluster_pass is not None)
+        """True when cluster flags were given (the posture gate then applies).
+
+        A stray ``UNIBUS_CLUSTER_PASS`` in the environment alone does not make
+        a node clustered; it is ignored without ``--cluster-name``.
+        """
+        return bool(self.cluster_name or self.routes)
 
     @property
     def embedded(self) -> bool:
         return self.nats_url is None
+
+    @property
+    def nats_public_url(self) -> str:
+        """:attr:`nats_client_url` without any ``user:pass@`` (for /healthz and /v1/bus)."""
+        return redact_url(self.nats_client_url)
 
     @property
     def nats_client_url(self) -> str:
@@ -216,6 +225,14 @@ def parse_bool_env(value: str | None) -> bool:
     raise ValueError(f"{value!r} is not a boolean; use one of 1 true yes on / 0 false no off")
 
 
+def redact_url(url: str) -> str:
+    """``scheme://user:pass@host:port`` → ``scheme://host:port``."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+
+
 def parse_route(value: str) -> str:
     url = value.strip()
     parts = urlsplit(url)
@@ -262,7 +279,11 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_plugin_arguments(parser: argparse.ArgumentParser, options: Sequence[tuple[str, Option]]) -> None:
+    from .errors import RuntimeFailure
+
     for plugin, opt in options:
+        if opt.flag in parser._option_string_actions:
+            raise RuntimeFailure(f"plugin {plugin}: flag {opt.flag} clashes with a core flag")
         parser.add_argument(
             opt.flag,
             dest=f"plugin__{opt.name}",
@@ -394,10 +415,12 @@ def validate(settings: Settings) -> None:
         raise ConfigError("--tls-cert/--tls-key/--tls-ca configure the embedded server; they do not apply with --nats-url")
     if s.routes and not s.cluster_name:
         raise ConfigError("--routes needs --cluster-name")
+    if s.cluster_pass_file and not s.cluster_name:
+        raise ConfigError("--cluster-pass-file needs --cluster-name")
     if s.cluster_name and s.cluster_pass is None:
         raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
     if s.kv_replicas > 1 and not s.cluster_name:
-        raise ConfigError(f"--kv-replicas {s.kv_replicas} needs a cluster (--cluster-name and --routes); use 1 on a single node")
+        raise ConfigError(f"--kv-replicas {s.kv_replicas} needs a cluster (--cluster-name); use 1 on a single node")
     if s.http_addr == s.nats_addr:
         raise ConfigError("--http-addr and --nats-addr must differ")
 

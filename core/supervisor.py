@@ -31,6 +31,8 @@ log = logging.getLogger("unibus.supervisor")
 nats_log = logging.getLogger("unibus.nats")
 
 READY_MARKER = "Server is ready"
+RELOADED_MARKER = "Reloaded server configuration"
+RELOAD_FAILED_MARKER = "Failed to reload server configuration"
 QUIET_LEVELS = frozenset({"WRN", "ERR", "FTL"})
 ALL_LEVELS = frozenset({"INF", "WRN", "ERR", "FTL", "DBG", "TRC"})
 _LEVEL_RE = re.compile(r"\[(INF|WRN|ERR|FTL|DBG|TRC)\]")
@@ -105,6 +107,10 @@ class NatsSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._recent: deque[str] = deque(maxlen=20)
+        self._reload_lock = asyncio.Lock()
+        self._reload_result: asyncio.Future[str] | None = None
+        self.reloads = 0
+        self.last_reload: float | None = None
 
     # -- state ---------------------------------------------------------------
 
@@ -132,6 +138,9 @@ class NatsSupervisor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
+                # Its own session: a Ctrl-C on membershipd's terminal is for
+                # membershipd, which then stops nats-server in order.
+                start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
             )
         except OSError as e:
@@ -149,8 +158,12 @@ class NatsSupervisor:
             self.started_at = time.monotonic()
             log.info("nats-server ready (pid %d, %s:%d)", self._proc.pid, self.host, self.port)
             return
+        exited_rc = self._proc.returncode
         await self._reap()
-        reason = self._last_problem() or ("did not become ready in %.0f s" % self.ready_timeout)
+        reason = self._last_problem()
+        if reason is None:
+            reason = (f"it exited with code {exited_rc} without a word" if exited_rc is not None
+                      else "did not become ready in %.0f s" % self.ready_timeout)
         raise RuntimeFailure(f"nats-server failed to start: {reason}")
 
     async def _port_open(self) -> bool:
@@ -185,6 +198,9 @@ class NatsSupervisor:
             level = nats_line_level(line)
             if READY_MARKER in line:
                 self._ready.set()
+            elif (RELOADED_MARKER in line or RELOAD_FAILED_MARKER in line) and self._reload_result is not None:
+                if not self._reload_result.done():
+                    self._reload_result.set_result(line)
             if level is None or level in self.forward_levels:
                 nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s", line)
 
@@ -213,9 +229,35 @@ class NatsSupervisor:
                 log.error("%s", e)
 
     def reload(self) -> None:
-        """Ask nats-server to re-read its config (SIGHUP)."""
+        """Ask nats-server to re-read its config (SIGHUP), without waiting."""
         if self._proc and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGHUP)
+
+    async def reload_and_wait(self, timeout: float = 10.0) -> bool:
+        """SIGHUP nats-server and wait until it logs that the reload is in effect.
+
+        Returns True once nats-server says "Reloaded server configuration",
+        False if it refused the new config, could not be signalled, or did not
+        answer within ``timeout``. Reloads are serialised.
+        """
+        async with self._reload_lock:
+            if not (self._proc and self._proc.returncode is None):
+                return False
+            self._reload_result = asyncio.get_running_loop().create_future()
+            try:
+                self._proc.send_signal(signal.SIGHUP)
+                line = await asyncio.wait_for(self._reload_result, timeout)
+            except (asyncio.TimeoutError, ProcessLookupError):
+                log.error("nats-server did not confirm the config reload within %.0f s", timeout)
+                return False
+            finally:
+                self._reload_result = None
+            if RELOAD_FAILED_MARKER in line:
+                log.error("nats-server refused the new config: %s", line.split(RELOAD_FAILED_MARKER, 1)[1].lstrip(": "))
+                return False
+            self.reloads += 1
+            self.last_reload = time.time()
+            return True
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal to the child (tests use it to simulate a crash)."""

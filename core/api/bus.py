@@ -15,7 +15,7 @@ def nats_servers(request: web.Request) -> list[str]:
     the host name the member used to reach this HTTP endpoint."""
     settings = request.app[SETTINGS]
     if settings.nats_url:
-        return [settings.nats_url]
+        return [settings.nats_public_url]
     host = settings.nats_addr.host
     if host in ("0.0.0.0", "::", ""):
         host = (request.url.host or "127.0.0.1")

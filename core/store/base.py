@@ -8,6 +8,8 @@ backend serves a cluster. One contract test suite runs against every backend.
 from __future__ import annotations
 
 import abc
+import asyncio
+import inspect
 import base64
 import logging
 from collections.abc import Callable
@@ -18,6 +20,8 @@ from typing import Any
 log = logging.getLogger("unibus.store")
 
 ROLES = ("admin", "member")
+#: How long a write waits for its listeners (a nats-server reload) to apply it.
+CHANGE_APPLY_TIMEOUT = 5.0
 
 
 def b64(raw: bytes) -> str:
@@ -79,7 +83,7 @@ class Room:
             "room_id": self.room_id,
             "name": self.name,
             "subject": self.subject,
-            "owner": self.owner,
+            "owner": self.owner or None,
             "epoch": self.epoch,
             "rekey_required": self.rekey_required,
             "members": [m.room_entry() for m in self.members],
@@ -141,19 +145,37 @@ class Store(abc.ABC):
         self._listeners: list[Listener] = []
 
     def add_listener(self, listener: Listener) -> None:
-        """Call ``listener(change)`` after every committed change (and after ``reload``)."""
+        """Call ``listener(change)`` after every committed change (and after ``reload``).
+
+        A listener may return an awaitable (bus authorization returns the
+        pending nats-server reload): the write that caused the change waits
+        for it, up to ``CHANGE_APPLY_TIMEOUT``, before it returns. So when a
+        client gets the 2xx of a membership change, the bus already enforces it.
+        """
         self._listeners.append(listener)
 
-    def _notify(self, change: Change) -> None:
+    async def _changed(self, change: Change) -> None:
+        waits = []
         for listener in list(self._listeners):
             try:
-                listener(change)
+                result = listener(change)
             except Exception:
                 log.exception("store listener %r failed on %s", listener, change.kind)
+                continue
+            if inspect.isawaitable(result):
+                waits.append(asyncio.ensure_future(result))
+        if not waits:
+            return
+        done, pending = await asyncio.wait(waits, timeout=CHANGE_APPLY_TIMEOUT)
+        for fut in done:
+            if fut.exception() is not None:
+                log.error("applying %s failed: %s", change.kind, fut.exception())
+        if pending:
+            log.error("applying %s is taking longer than %.0f s; answering anyway", change.kind, CHANGE_APPLY_TIMEOUT)
 
     async def reload(self) -> None:
         """Drop caches and re-read the backend (SIGHUP, offline ``member add``)."""
-        self._notify(Change("reloaded"))
+        await self._changed(Change("reloaded"))
 
     async def close(self) -> None:  # pragma: no cover - default no-op
         return None

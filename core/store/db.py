@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
+import sqlite3
+from typing import TYPE_CHECKING
+
 from sqlalchemy import Engine, create_engine, event
 
 from ..errors import RuntimeFailure
+from ..migrations import HEAD_REVISION
+
+if TYPE_CHECKING:  # alembic is imported only when a migration must run
+    from alembic.config import Config
 
 log = logging.getLogger("unibus.store")
 
@@ -33,6 +37,8 @@ def make_engine(db_path: Path) -> Engine:
 
 
 def alembic_config() -> Config:
+    from alembic.config import Config
+
     import unibus.migrations
 
     cfg = Config()
@@ -41,12 +47,26 @@ def alembic_config() -> Config:
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
+
+
+def stored_revision(db_path: Path) -> str | None:
+    """The revision recorded in the database, read with plain sqlite3 (no alembic)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
 
 
 def migrate(db_path: Path) -> tuple[str | None, str | None]:
@@ -59,6 +79,13 @@ def migrate(db_path: Path) -> tuple[str | None, str | None]:
     if not db_path.exists():
         fd = os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
+    else:
+        # Fast path for every start after the first: no alembic import at all.
+        current = stored_revision(db_path)
+        if current == HEAD_REVISION:
+            return current, current
+    from alembic import command
+
     engine = make_engine(db_path)
     try:
         before = current_revision(engine)

@@ -76,7 +76,7 @@ class SqliteStore(Store):
 
     async def add_member(self, member: Member) -> Member:
         result = await self._run(lambda s: add_member_sync(s, member))
-        self._notify(Change("member_added", handle=member.handle))
+        await self._changed(Change("member_added", handle=member.handle))
         return result
 
     async def set_role(self, handle: str, role: str) -> Member:
@@ -90,7 +90,7 @@ class SqliteStore(Store):
             return _member(row)
 
         result = await self._run(q)
-        self._notify(Change("member_updated", handle=handle))
+        await self._changed(Change("member_updated", handle=handle))
         return result
 
     async def delete_member(self, handle: str) -> list[str]:
@@ -105,11 +105,14 @@ class SqliteStore(Store):
                 s.execute(update(m.Room).where(m.Room.room_id.in_(rooms)).values(rekey_required=True))
             s.execute(delete(m.RoomMember).where(m.RoomMember.handle == handle))
             s.execute(delete(m.SealedKey).where(m.SealedKey.handle == handle))
+            # Ownership dies with the member: a later member reusing the handle
+            # must not inherit it. Admins manage ownerless rooms.
+            s.execute(update(m.Room).where(m.Room.owner == handle).values(owner=""))
             s.delete(row)
             return sorted(rooms)
 
         rooms = await self._run(q)
-        self._notify(Change("member_deleted", handle=handle, rooms=tuple(rooms)))
+        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(rooms)))
         return rooms
 
     # -- rooms -----------------------------------------------------------------
@@ -140,7 +143,7 @@ class SqliteStore(Store):
             return self._room(s, row)
 
         room = await self._run(q)
-        self._notify(Change("room_created", handle=owner, room_id=room.room_id))
+        await self._changed(Change("room_created", handle=owner, room_id=room.room_id))
         return room
 
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
@@ -167,7 +170,7 @@ class SqliteStore(Store):
             s.delete(row)
 
         await self._run(q)
-        self._notify(Change("room_deleted", room_id=room_id))
+        await self._changed(Change("room_deleted", room_id=room_id))
 
     async def add_room_member(self, room_id: str, handle: str) -> Room:
         def q(s: Session) -> tuple[Room, bool]:
@@ -183,7 +186,7 @@ class SqliteStore(Store):
 
         room, changed = await self._run(q)
         if changed:
-            self._notify(Change("room_member_added", handle=handle, room_id=room_id))
+            await self._changed(Change("room_member_added", handle=handle, room_id=room_id))
         return room
 
     async def remove_room_member(self, room_id: str, handle: str) -> Room:
@@ -198,7 +201,7 @@ class SqliteStore(Store):
             return self._room(s, row)
 
         room = await self._run(q)
-        self._notify(Change("room_member_removed", handle=handle, room_id=room_id))
+        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id))
         return room
 
     async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes]) -> Room:
@@ -222,7 +225,7 @@ class SqliteStore(Store):
             return self._room(s, row)
 
         room = await self._run(q)
-        self._notify(Change("keys_posted", room_id=room_id))
+        await self._changed(Change("keys_posted", room_id=room_id))
         return room
 
     async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
@@ -269,3 +272,19 @@ def membership_sync(s: Session) -> Membership:
 
 def new_member(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_suite: str) -> Member:
     return Member(handle, role, sign_pub, enc_pub, enc_suite, _now())
+
+
+_snapshot_engines: dict[Path, object] = {}
+
+
+def read_membership(db_path: Path) -> Membership:
+    """A consistent snapshot of members and room memberships, read synchronously.
+
+    For ``configure_nats`` implementations (bus authorization), which run at
+    start-up before the store is up and, later, in a worker thread.
+    """
+    engine = _snapshot_engines.get(db_path)
+    if engine is None:
+        engine = _snapshot_engines.setdefault(db_path, make_engine(db_path))
+    with Session(engine) as session, session.begin():  # type: ignore[arg-type]
+        return membership_sync(session)

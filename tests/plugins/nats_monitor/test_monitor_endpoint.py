@@ -375,11 +375,16 @@ def test_debug_toggle_opens_monitor(membershipd_factory) -> None:
 # -- the log: quiet with MONITOR, loud with DEBUG ---------------------------------------
 
 
-async def room_traffic(nats_url: str, count: int = 5) -> None:
-    """A real nats-py client subscribes and publishes on a room-like subject."""
+async def room_traffic(proc, count: int = 5) -> None:
+    """A real nats-py client subscribes and publishes on a room-like subject.
+
+    Bus authorization is on (the default): it connects with the daemon's own
+    service nkey, the one user allowed everywhere.
+    """
     import nats
 
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=0)
+    nc = await nats.connect(proc.nats_url, connect_timeout=5, max_reconnect_attempts=0, allow_reconnect=False,
+                            nkeys_seed=str(proc.data_dir / "service.nkey"))
     try:
         got: asyncio.Queue = asyncio.Queue()
 
@@ -404,7 +409,7 @@ def nats_lines(log: str, level: str) -> list[str]:
 
 async def test_monitor_keeps_log_quiet(membershipd_factory) -> None:
     proc = membershipd_factory(env={ENV_MONITOR: "1", ENV_DEBUG: ""})
-    await room_traffic(proc.nats_url)
+    await room_traffic(proc)
     status, varz = http_json("GET", f"http://127.0.0.1:{proc.monitor_port}/varz")
     assert status == 200 and varz["in_msgs"] >= 5
     assert proc.stop() == 0
@@ -417,7 +422,7 @@ async def test_monitor_keeps_log_quiet(membershipd_factory) -> None:
 
 async def test_debug_log_shows_debug_and_trace(membershipd_factory) -> None:
     proc = membershipd_factory(env={ENV_DEBUG: "1", ENV_MONITOR: ""})
-    await room_traffic(proc.nats_url)
+    await room_traffic(proc)
     assert proc.stop() == 0
     log = proc.log_text()
     assert nats_lines(log, "DBG"), "no [DBG] line in the debug log"

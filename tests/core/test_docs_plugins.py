@@ -1,0 +1,57 @@
+"""docs/plugins.md cannot drift from the code it documents.
+
+Every hookspec's signature and docstring must appear in the guide verbatim
+(whitespace normalised), and the worked example must be the files of
+examples/unibus-hello-plugin, byte for byte.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from unibus import hookspecs
+
+REPO = Path(__file__).resolve().parents[2]
+GUIDE = REPO / "docs" / "plugins.md"
+EXAMPLE = REPO / "examples" / "unibus-hello-plugin"
+
+
+def _specs() -> list[tuple[str, Callable[..., object]]]:
+    return [(name, fn) for name, fn in vars(hookspecs).items() if callable(fn) and hasattr(fn, "unibus_spec")]
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _signature(name: str, fn: Callable[..., object]) -> str:
+    # hookspecs uses `from __future__ import annotations`: annotations are the source text.
+    sig = inspect.signature(fn)
+    params = ", ".join(f"{p.name}: {p.annotation}" for p in sig.parameters.values())
+    return f"def {name}({params}) -> {sig.return_annotation}"
+
+
+def test_the_six_hooks_of_the_spec_are_declared() -> None:
+    assert {name for name, _ in _specs()} == {
+        "cli_options", "configure_nats", "posture", "healthz_fields", "startup", "shutdown",
+    }
+
+
+@pytest.mark.parametrize(("name", "fn"), _specs(), ids=[name for name, _ in _specs()])
+def test_hookspec_docstring_and_signature_are_in_the_guide(name: str, fn: Callable[..., object]) -> None:
+    guide = GUIDE.read_text()
+    doc = inspect.getdoc(fn)
+    assert doc, f"hookspec {name} has no docstring"
+    assert re.search(rf"^### `{name}`$", guide, re.MULTILINE), f"docs/plugins.md has no '### `{name}`' section"
+    assert _normalize(doc) in _normalize(guide), f"the docstring of {name} is not reproduced verbatim in docs/plugins.md"
+    assert _signature(name, fn) in guide, f"docs/plugins.md does not show the signature {_signature(name, fn)}"
+
+
+@pytest.mark.parametrize("path", ["pyproject.toml", "unibus_hello_plugin/__init__.py", "tests/test_hello.py"])
+def test_worked_example_matches_the_example_plugin(path: str) -> None:
+    source = (EXAMPLE / path).read_text().rstrip("\n")
+    assert f"\n{source}\n```" in GUIDE.read_text(), f"docs/plugins.md does not show examples/unibus-hello-plugin/{path} verbatim"

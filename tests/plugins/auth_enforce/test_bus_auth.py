@@ -1,0 +1,224 @@
+"""auth_enforce against a real embedded nats-server and real nats-py clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import nats
+import pytest
+from nats.errors import NoServersError
+
+from unibus.client import UnibusClient
+from unibus.client.keys import generate_identity
+from unibus.plugins.auth_enforce import authorization, member_permissions
+from unibus.store.base import Membership
+from unibus.store.sqlite import new_member
+
+WAIT = 10.0  # upper bound for "eventually"; the latency itself is measured in bench/
+
+
+class Conn:
+    """A member's NATS connection that records the server's -ERR lines."""
+
+    def __init__(self, identity, url):
+        self.identity, self.url = identity, url
+        self.errors: list[str] = []
+        self.closed = asyncio.Event()
+        self.nc = None
+
+    async def __aenter__(self):
+        async def error_cb(e):
+            self.errors.append(str(e))
+
+        async def closed_cb():
+            self.closed.set()
+
+        self.nc = await nats.connect(self.url, nkeys_seed_str=self.identity.nkey_seed(),
+                                     inbox_prefix=f"_INBOX_{self.identity.handle}", error_cb=error_cb,
+                                     closed_cb=closed_cb, disconnected_cb=closed_cb, allow_reconnect=False,
+                                     connect_timeout=2)
+        return self
+
+    async def __aexit__(self, *exc):
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+    async def violation(self, what: str) -> bool:
+        """Wait (bounded) for a permissions violation mentioning ``what``."""
+        await self.nc.flush(timeout=2)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            if any("permissions violation" in e.lower() and what.lower() in e.lower() for e in self.errors):
+                return True
+            await asyncio.sleep(0.02)
+        return False
+
+
+async def eventually(check, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while True:
+        if await check():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def bus_world(daemon_with_admin, alice):
+    server = daemon_with_admin()
+    people = {"alice": alice, "bob": generate_identity("bob"), "carol": generate_identity("carol")}
+    clients = {h: UnibusClient(server.base_url, i) for h, i in people.items()}
+    for h in ("bob", "carol"):
+        await clients["alice"].add_member(h, people[h].sign_pub_b64, people[h].enc_pub_b64)
+    room = (await clients["alice"].create_room("ops"))["room_id"]
+    other = (await clients["alice"].create_room("other"))["room_id"]
+    await clients["alice"].add_room_member(room, "bob")
+    await clients["alice"].add_room_member(room, "carol")
+    yield server, people, clients, room, other
+    for c in clients.values():
+        await c.close()
+
+
+async def receives(sub_conn: Conn, pub_conn: Conn, subject: str) -> bool:
+    """Does a message published on ``subject`` by pub_conn reach a fresh subscription of sub_conn?"""
+    sub = await sub_conn.nc.subscribe(subject)
+    await sub_conn.nc.flush()
+    await pub_conn.nc.publish(subject, b"ping")
+    await pub_conn.nc.flush()
+    try:
+        await sub.next_msg(timeout=0.5)
+        return True
+    except nats.errors.TimeoutError:
+        return False
+    finally:
+        if not sub_conn.nc.is_closed:
+            await sub.unsubscribe()
+
+
+def test_permissions_shape():
+    assert member_permissions("bob", []) == {"publish": {"deny": [">"]}, "subscribe": {"allow": ["_INBOX_bob.>"]},
+                                             "allow_responses": True}
+    p = member_permissions("bob", ["r1", "r2"])
+    assert p["publish"] == {"allow": ["unibus.room.r1.>", "unibus.room.r2.>"]}
+    assert p["subscribe"]["allow"] == ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]
+    bob = generate_identity("bob")
+    block = authorization("USERVICE", Membership((new_member("bob", "member", bob.sign_pub, bob.enc_pub, "X25519"),),
+                                                 {"r1": frozenset({"bob"})}))
+    assert block["users"][0] == {"nkey": "USERVICE"}
+    assert block["users"][1]["nkey"] == bob.user_nkey
+    assert "no_auth_user" not in json.dumps(block)
+
+
+async def test_anonymous_and_unknown_nkeys_are_refused(bus_world):
+    server, people, *_ = bus_world
+    for kwargs in ({}, {"nkeys_seed_str": generate_identity("mallory").nkey_seed()}):
+        with pytest.raises((nats.errors.Error, NoServersError)) as e:
+            await nats.connect(server.nats_url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
+                               **kwargs)
+        assert "Authorization Violation" in str(e.value) or isinstance(e.value, NoServersError)
+
+
+async def test_room_access_is_exactly_the_acl(bus_world):
+    server, people, clients, room, other = bus_world
+    async with Conn(people["bob"], server.nats_url) as bob, Conn(people["carol"], server.nats_url) as carol:
+        assert await receives(carol, bob, f"unibus.room.{room}.chat")
+        # request/reply inside the room, replies through the inbox prefix
+        async def responder(msg):
+            await msg.respond(b"pong:" + msg.data)
+
+        await carol.nc.subscribe(f"unibus.room.{room}.rpc", cb=responder)
+        await carol.nc.flush()
+        reply = await bob.nc.request(f"unibus.room.{room}.rpc", b"x", timeout=2)
+        assert reply.data == b"pong:x"
+
+        for subject in (f"unibus.room.{other}.chat", ">", "unibus.>", "anything", "_INBOX_carol.>", "$JS.API.>",
+                        "$KV.unibus_nonces.>"):
+            sub = await bob.nc.subscribe(subject)
+            assert await bob.violation(subject), subject
+            await sub.unsubscribe()
+        for subject in (f"unibus.room.{other}.chat", "anything", "_INBOX_carol.x", "$JS.API.INFO"):
+            await bob.nc.publish(subject, b"x")
+            assert await bob.violation(subject), subject
+        assert not bob.nc.is_closed
+
+
+async def test_membership_changes_reach_the_bus(bus_world):
+    server, people, clients, room, other = bus_world
+    a = clients["alice"]
+    async with Conn(people["bob"], server.nats_url) as bob, Conn(people["alice"], server.nats_url) as alice:
+        # added to a room: access follows without reconnecting
+        assert not await receives(bob, alice, f"unibus.room.{other}.x")
+        await a.add_room_member(other, "bob")
+        assert await eventually(lambda: receives(bob, alice, f"unibus.room.{other}.x"))
+
+        # removed: the live subscription stops receiving, the connection stays
+        sub = await bob.nc.subscribe(f"unibus.room.{room}.>")
+        await bob.nc.flush()
+        await alice.nc.publish(f"unibus.room.{room}.before", b"1")
+        assert (await sub.next_msg(timeout=2)).data == b"1"
+        await a.remove_room_member(room, "bob")
+
+        async def cut_off():
+            await alice.nc.publish(f"unibus.room.{room}.after", b"2")
+            await alice.nc.flush()
+            try:
+                await sub.next_msg(timeout=0.2)
+                return False
+            except nats.errors.TimeoutError:
+                return True
+
+        assert await eventually(cut_off)
+        assert not bob.nc.is_closed
+
+    # deleted member: its connection is closed
+    async with Conn(people["carol"], server.nats_url) as carol:
+        assert carol.nc.is_connected
+        await a.remove_member("carol")
+        assert await eventually(lambda: _closed(carol))
+    with pytest.raises((nats.errors.Error, NoServersError)):
+        await nats.connect(server.nats_url, nkeys_seed_str=people["carol"].nkey_seed(), allow_reconnect=False,
+                           max_reconnect_attempts=0, connect_timeout=2)
+
+    # the daemon's own KV traffic (nonces of signed requests) kept working throughout
+    assert (await a.me())["handle"] == "alice"
+
+
+async def _closed(conn: Conn) -> bool:
+    return conn.closed.is_set() or not conn.nc.is_connected
+
+
+async def test_a_burst_of_changes_is_few_reloads(bus_world):
+    server, people, clients, room, other = bus_world
+    a = clients["alice"]
+    newcomers = [generate_identity(f"m{i}") for i in range(12)]
+    for n in newcomers:
+        await a.add_member(n.handle, n.sign_pub_b64, n.enc_pub_b64)
+
+    async def settled():
+        return server.healthz()[1]["auth_enforce"]
+
+    await asyncio.sleep(0.3)
+    before = (await settled())["reloads"]
+    await asyncio.gather(*(a.add_room_member(other, n.handle) for n in newcomers))
+    async with Conn(newcomers[-1], server.nats_url) as last, Conn(people["alice"], server.nats_url) as alice:
+        assert await eventually(lambda: receives(last, alice, f"unibus.room.{other}.x"))
+    fields = await settled()
+    assert 1 <= fields["reloads"] - before < len(newcomers)
+    assert fields["users"] == 1 + 3 + len(newcomers)  # service user + members
+    assert fields["enforced"] is True and fields["last_reload"]
+
+
+async def test_posture_with_enforce_and_off(daemon_with_admin, membershipd_factory):
+    server = daemon_with_admin()
+    body = server.healthz()[1]
+    assert body["posture"] == {"bus_auth": "enforce", "acl": True, "tls": False, "summary": "enforce+acl"}
+    off = membershipd_factory("--bus-auth", "off")
+    body = off.healthz()[1]
+    assert body["posture"]["summary"] == "open" and body["auth_enforce"] == {"enforced": False}
+    off.stop()
+    assert "--bus-auth off" in off.log_text() and "WARNING" in off.log_text()
+    conf = json.loads((off.data_dir / "nats.conf").read_text())
+    assert "authorization" not in conf
