@@ -214,3 +214,32 @@ async def test_routes_match_openapi_and_broken_healthz_plugin_is_contained(tmp_p
     finally:
         await daemon.stop()
     assert not nats_server_pids(tmp_path)
+
+
+class SettingsSpy:
+    seen: list = []
+
+    @hookimpl
+    def healthz_fields(self, app):
+        from unibus.app import SETTINGS
+
+        SettingsSpy.seen.append(app[SETTINGS].cluster_pass)
+        return {}
+
+
+async def test_hooks_reached_through_app_see_no_secret(tmp_path):
+    from dataclasses import replace
+
+    from unibus.app import make_app
+    from unibus.bus import Bus
+    from unibus.settings import Secret
+
+    settings = replace(_settings(tmp_path), cluster_pass=Secret("route-secret"))
+    pm = PluginManager(load_entry_points=False)
+    pm.register(SettingsSpy(), "spy")
+    app = make_app(settings, pm, Bus("nats://127.0.0.1:1"), None)
+    from unibus.app import healthz_body
+
+    body = await healthz_body(app)
+    assert SettingsSpy.seen == [None]
+    assert body["status"] == "degraded"
