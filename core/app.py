@@ -123,7 +123,9 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
     ok = connected and jetstream and (supervisor is None or supervisor.running)
     cluster = None
     if settings.cluster_name:
-        cluster = {"name": settings.cluster_name, "routes": app[EXTRA].get("routes_connected", 0)}
+        system_bus = app[EXTRA].get("system_bus")
+        peers = await system_bus.route_peers() if system_bus is not None else None
+        cluster = {"name": settings.cluster_name, "routes": peers or 0}
     body: dict[str, Any] = {
         "status": "ok" if ok else "degraded",
         "version": __version__,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 
 import nats
@@ -30,7 +31,7 @@ class Bus:
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
 
-    async def connect(self, timeout: float = 10.0) -> None:
+    async def connect(self, timeout: float = 10.0, jetstream_timeout: float = 10.0, check_jetstream: bool = True) -> None:
         async def _err(e: Exception) -> None:
             log.debug("nats client: %s", e)
 
@@ -62,8 +63,19 @@ class Bus:
         except Exception as e:
             raise RuntimeFailure(f"cannot connect to NATS at {self.url}: {type(e).__name__}: {e}") from None
         self.js = self.nc.jetstream(timeout=2.0)
-        if not await self.jetstream_ok(timeout=timeout):
-            raise RuntimeFailure(f"NATS at {self.url} answers but JetStream does not (is it enabled?)")
+        if check_jetstream:
+            await self.wait_jetstream(jetstream_timeout)
+
+    async def wait_jetstream(self, timeout: float) -> None:
+        """Wait until JetStream answers: in a forming cluster, until it has a meta leader."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not await self.jetstream_ok(timeout=2.0):
+            if loop.time() > deadline:
+                raise RuntimeFailure(
+                    f"NATS at {self.url} answers but JetStream does not after {timeout:.0f} s "
+                    "(is it enabled? in a cluster: are enough nodes up for a quorum?)")
+            await asyncio.sleep(0.25)
 
     @property
     def connected(self) -> bool:
@@ -78,6 +90,26 @@ class Bus:
             return True
         except Exception:
             return False
+
+    async def route_peers(self, timeout: float = 1.0) -> int | None:
+        """How many other servers this node's nats-server has routes to.
+
+        Asks the server itself (``$SYS.REQ.SERVER.<id>.ROUTEZ``): this must be
+        a connection of a system-account user. Route pooling opens several
+        connections per peer, so peers are counted by their server id. None
+        when the server does not answer.
+        """
+        if not self.connected or self.nc is None:
+            return None
+        server_id = (getattr(self.nc, "_server_info", None) or {}).get("server_id")
+        if not server_id:
+            return None
+        try:
+            msg = await self.nc.request(f"$SYS.REQ.SERVER.{server_id}.ROUTEZ", b"", timeout=timeout)
+            routes = json.loads(msg.data).get("data", {}).get("routes") or []
+        except Exception:
+            return None
+        return len({r.get("remote_id") or r.get("remote_name") for r in routes})
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:

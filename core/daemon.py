@@ -32,7 +32,7 @@ from .natsconf import base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager
 from .posture import cluster_gate, merge_posture
 from .sdnotify import sd_notify
-from .servicekey import ensure_service_nkey
+from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
 from .settings import HostPort, Settings, child_environment
 from .store.base import Store
 from .store.db import migrate
@@ -46,17 +46,38 @@ log = logging.getLogger("unibus.daemon")
 HTTP_STOP_TIMEOUT = 2.0
 SHUTDOWN_HOOKS_BUDGET = 5.0
 NATS_STOP_TIMEOUT = 2.5
+#: How long a clustered node waits for JetStream (a quorum of its peers) at start.
+CLUSTER_FORM_TIMEOUT = 120.0
 #: How long a configuration change waits for others to join it in one reload.
 RECONFIGURE_DEBOUNCE = 0.01
+
+
+async def retry_until(fn: Any, timeout: float, what: str) -> None:
+    """Call ``await fn()`` until it succeeds; RuntimeFailure naming ``what`` after ``timeout``.
+
+    JetStream answers "insufficient resources" or "no suitable peers" while a
+    cluster is still forming; those clear up as the other nodes join.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await fn()
+            return
+        except Exception as e:
+            if loop.time() > deadline:
+                raise RuntimeFailure(f"{what}: {type(e).__name__}: {e}") from None
+            log.info("%s (retrying): %s", what, e)
+            await asyncio.sleep(0.5)
 
 
 def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
     return merge_posture(r for _, r in plugins.call_each("posture", settings=settings.for_plugins()))
 
 
-def nats_config(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
+def nats_config(settings: Settings, plugins: PluginManager, system_user: str | None = None) -> dict[str, Any]:
     """Base config, every plugin's ``configure_nats``, then the core's invariants."""
-    config = base_config(settings)
+    config = base_config(settings, system_user)
     plugins.call_each("configure_nats", settings=settings.for_plugins(), config=config)
     return finalize_config(config, settings)
 
@@ -97,6 +118,9 @@ class Daemon:
         self.supervisor: NatsSupervisor | None = None
         self.store: Store | None = None
         self.bus: Bus | None = None
+        self.system_bus: Bus | None = None
+        self._system_seed = None
+        self._system_user: str | None = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self._rendered: str | None = None
@@ -116,6 +140,8 @@ class Daemon:
             check_port_free("--nats-addr", s.nats_addr)
         await asyncio.to_thread(migrate, s.db_path)
         seed, _public = ensure_service_nkey(s.data_dir)
+        self._system_seed, self._system_user = (ensure_service_nkey(s.data_dir, SYSTEM_NKEY_FILE)
+                                                if s.clustered else (None, None))
 
         if s.embedded:
             assert binary is not None
@@ -127,17 +153,20 @@ class Daemon:
             await self.supervisor.start()
 
         self.bus = Bus(s.nats_client_url, seed)
-        await self.bus.connect()
+        # A forming cluster has no JetStream until a quorum of nodes is up.
+        js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
+        await self.bus.connect(jetstream_timeout=js_wait)
         self.store = SqliteStore(s.db_path)
         nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
-        try:
-            await nonces.ensure()
-        except Exception as e:
-            raise RuntimeFailure(f"cannot create the KV bucket {NONCE_BUCKET}: {type(e).__name__}: {e}") from None
+        await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
                             middlewares=[auth_middleware(authenticator)])
         self.app[EXTRA]["daemon"] = self
+        if self._system_seed is not None:
+            self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system")
+            await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
+            self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[RECONFIGURE_NATS] = self.reconfigure_nats
         self.app[EXTRA]["nonces"] = nonces
         for register in (members_api.register, rooms_api.register, bus_api.register):
@@ -156,7 +185,7 @@ class Daemon:
         sd_notify("READY=1")
 
     def write_nats_config(self) -> dict[str, Any]:
-        config = nats_config(self.settings, self.plugins)
+        config = nats_config(self.settings, self.plugins, self._system_user)
         write_config(config, self.settings.nats_conf_path)
         self._rendered = render_config(config)
         return config
@@ -194,7 +223,7 @@ class Daemon:
         if not self.settings.embedded or self.supervisor is None:
             return True
         # Plugins may read the store here (bus authorization): off the event loop.
-        config = await asyncio.to_thread(nats_config, self.settings, self.plugins)
+        config = await asyncio.to_thread(nats_config, self.settings, self.plugins, self._system_user)
         rendered = render_config(config)
         if rendered == self._rendered:
             return True
@@ -245,6 +274,8 @@ class Daemon:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
+        if self.system_bus is not None:
+            await self.system_bus.close()
         if self.bus is not None:
             await self.bus.close()
         if self.supervisor is not None:

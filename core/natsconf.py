@@ -30,8 +30,15 @@ MONITOR_HOST = "127.0.0.1"
 _MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
 
 
-def base_config(settings: Settings) -> dict[str, Any]:
-    """The core's part of the configuration: identity, listener, JetStream, cluster."""
+def base_config(settings: Settings, system_user: str | None = None) -> dict[str, Any]:
+    """The core's part of the configuration: identity, listener, JetStream, cluster.
+
+    ``system_user`` (an nkey public key) is put in the system account ``SYS``:
+    membershipd's second identity, used only to ask its own server about its
+    routes. It is added on clustered nodes only (which always enforce bus
+    authorization), since any user anywhere makes nats-server require
+    authentication of every client.
+    """
     config: dict[str, Any] = {
         "server_name": settings.server_name,
         "host": settings.nats_addr.host,
@@ -54,7 +61,12 @@ def base_config(settings: Settings) -> dict[str, Any]:
             "host": settings.cluster_addr.host,
             "port": settings.cluster_addr.port,
             "routes": list(settings.routes),
+            # Clients reach the servers /v1/bus names; no gossip of other nodes' URLs.
+            "no_advertise": True,
         }
+    if system_user and settings.clustered:
+        config["accounts"] = {"SYS": {"users": [{"nkey": system_user}]}}
+        config["system_account"] = "SYS"
     return config
 
 

@@ -11,11 +11,13 @@ from .errors import RuntimeFailure
 from .settings import Secret
 
 SERVICE_NKEY_FILE = "service.nkey"
+#: A second identity in nats-server's system account (clustered nodes only).
+SYSTEM_NKEY_FILE = "system.nkey"
 
 
-def ensure_service_nkey(data_dir: Path) -> tuple[Secret, str]:
-    """Load or create (mode 0600) the service user's seed; returns (seed, public key)."""
-    path = data_dir / SERVICE_NKEY_FILE
+def ensure_service_nkey(data_dir: Path, name: str = SERVICE_NKEY_FILE) -> tuple[Secret, str]:
+    """Load or create (mode 0600) a user nkey seed; returns (seed, public key)."""
+    path = data_dir / name
     if not path.exists():
         seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
         tmp = path.with_name(f".{path.name}.tmp")

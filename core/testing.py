@@ -336,3 +336,69 @@ def membershipd_factory(tmp_path: Path) -> Iterator[Callable[..., MembershipdPro
 def membershipd(membershipd_factory: Callable[..., MembershipdProcess]) -> MembershipdProcess:
     """A running membershipd with default settings (embedded NATS, free ports)."""
     return membershipd_factory()
+
+
+# -- a throwaway PKI for TLS tests ------------------------------------------------
+
+
+def make_test_ca(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed CA (EC P-256) as ``<name>.crt``/``<name>.key`` in ``directory``."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                         crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    return _write_pair(directory, name, cert, key, serialization)
+
+
+def make_test_cert(directory: Path, name: str, ca: tuple[Path, Path], *, ips: Sequence[str] = ("127.0.0.1",),
+                   dns: Sequence[str] = ("localhost",), server_auth: bool = True, client_auth: bool = True,
+                   valid_from_days: float = -1, valid_for_days: float = 30) -> tuple[Path, Path]:
+    """A leaf certificate signed by ``ca`` with the given SANs and extended key usages."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    ca_cert = x509.load_pem_x509_certificate(ca[0].read_bytes())
+    ca_key = serialization.load_pem_private_key(ca[1].read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.now(dt.UTC) + dt.timedelta(days=valid_from_days)
+    usages = [u for u, on in ((ExtendedKeyUsageOID.SERVER_AUTH, server_auth),
+                              (ExtendedKeyUsageOID.CLIENT_AUTH, client_auth)) if on]
+    sans = [x509.IPAddress(ipaddress.ip_address(i)) for i in ips] + [x509.DNSName(d) for d in dns]
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+               .issuer_name(ca_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(start).not_valid_after(start + dt.timedelta(days=valid_for_days))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.SubjectAlternativeName(sans), critical=False))
+    if usages:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+    return _write_pair(directory, name, builder.sign(ca_key, hashes.SHA256()), key, serialization)
+
+
+def _write_pair(directory: Path, name: str, cert: Any, key: Any, serialization: Any) -> tuple[Path, Path]:
+    crt, pem = directory / f"{name}.crt", directory / f"{name}.key"
+    crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return crt, pem

@@ -1,19 +1,150 @@
-"""route_tls: mutual TLS on cluster routes with a dedicated route CA (SPEC §4, §8).
+"""route_tls: mutual TLS on cluster routes, on a dedicated route CA (SPEC §4, §8).
 
-Not implemented in this release: routes are not protected by TLS, and the
-plugin reports ``tls: false`` so the cluster gate refuses to form a cluster.
+``--route-tls-cert``, ``--route-tls-key`` and ``--route-tls-ca`` (all three)
+add a ``tls`` block to the ``cluster`` section of nats.conf with verification
+on: every route, dialled or accepted, must present a certificate signed by the
+route CA (nats-server always verifies route peers). Refused with exit 2,
+before anything starts:
+
+* a route CA that is the client CA (``--tls-ca``): a client certificate must
+  never be able to join the cluster as a route;
+* a ``--tls-cert`` (client listener) issued by the route CA;
+* a route certificate that is expired, not yet valid, not signed by the route
+  CA, lacks serverAuth + clientAuth extended key usage, or does not match its key;
+* a route key readable by group or others.
+
+``posture`` reports ``tls: true`` only when all of that holds.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import functools
+import stat
+from pathlib import Path
 from typing import Any
 
 from unibus import hookimpl
-from unibus.settings import Settings
+from unibus.errors import ConfigError
+from unibus.settings import Option, Settings
 
 PLUGIN_NAME = "route_tls"
+FLAGS = ("--route-tls-cert", "--route-tls-key", "--route-tls-ca")
+
+
+def _existing_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise ValueError(f"{path} is not a readable file")
+    return path.resolve()
+
+
+@hookimpl
+def cli_options() -> list[Option]:
+    return [
+        Option("--route-tls-cert", help="route certificate (PEM) signed by the route CA", convert=_existing_file,
+               metavar="PATH"),
+        Option("--route-tls-key", help="route private key (PEM, mode 0600)", convert=_existing_file, metavar="PATH"),
+        Option("--route-tls-ca", help="the dedicated route CA (PEM); never the client CA", convert=_existing_file,
+               metavar="PATH"),
+    ]
+
+
+def configured(settings: Settings) -> tuple[Path, Path, Path] | None:
+    paths = [settings.option(f.lstrip("-").replace("-", "_")) for f in FLAGS]
+    if not any(paths):
+        return None
+    if not all(paths):
+        missing = [f for f, p in zip(FLAGS, paths) if not p]
+        raise ConfigError(f"{', '.join(missing)}: route TLS needs all of {', '.join(FLAGS)}")
+    return paths[0], paths[1], paths[2]  # type: ignore[return-value]
+
+
+def _load_certs(path: Path, flag: str):
+    from cryptography import x509
+
+    try:
+        certs = x509.load_pem_x509_certificates(path.read_bytes())
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{flag}: {path} is not a PEM certificate ({e})") from None
+    if not certs:
+        raise ConfigError(f"{flag}: {path} holds no certificate")
+    return certs
+
+
+def _issued_by(cert, issuer) -> bool:
+    try:
+        cert.verify_directly_issued_by(issuer)
+        return True
+    except Exception:
+        return False
+
+
+@functools.lru_cache(maxsize=16)
+def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | None, client_cert: Path | None,
+             mtimes: tuple[float, ...]) -> None:
+    """Every check of the module docstring; raises ConfigError naming the flag. Cached per file state."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    ca = _load_certs(ca_path, "--route-tls-ca")[0]
+    cert = _load_certs(cert_path, "--route-tls-cert")[0]
+
+    if client_ca is not None:
+        for client in _load_certs(client_ca, "--tls-ca"):
+            if client.public_key() == ca.public_key() or client.fingerprint(client.signature_hash_algorithm) == \
+                    ca.fingerprint(ca.signature_hash_algorithm):
+                raise ConfigError("--route-tls-ca is the client CA (--tls-ca); routes need a dedicated route CA")
+    if client_cert is not None and _issued_by(_load_certs(client_cert, "--tls-cert")[0], ca):
+        raise ConfigError("--tls-cert is issued by the route CA; client and route certificates need separate CAs")
+
+    now = dt.datetime.now(dt.UTC)
+    if cert.not_valid_before_utc > now:
+        raise ConfigError(f"--route-tls-cert: {cert_path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if cert.not_valid_after_utc < now:
+        raise ConfigError(f"--route-tls-cert: {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+    if not _issued_by(cert, ca):
+        raise ConfigError(f"--route-tls-cert: {cert_path} is not signed by the route CA {ca_path}")
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        eku = []
+    if ExtendedKeyUsageOID.SERVER_AUTH not in eku or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
+        raise ConfigError(f"--route-tls-cert: {cert_path} needs both serverAuth and clientAuth extended key usage")
+
+    if key_path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"--route-tls-key: {key_path} is readable by group or others; run chmod 600 {key_path}")
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except (ValueError, TypeError, OSError) as e:
+        raise ConfigError(f"--route-tls-key: {key_path} is not an unencrypted PEM private key ({e})") from None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    enc = serialization.Encoding.DER
+    if key.public_key().public_bytes(enc, pub) != cert.public_key().public_bytes(enc, pub):
+        raise ConfigError(f"--route-tls-key: {key_path} does not match --route-tls-cert {cert_path}")
+
+
+def check(settings: Settings) -> tuple[Path, Path, Path] | None:
+    paths = configured(settings)
+    if paths is None:
+        return None
+    files = [*paths, settings.tls_ca, settings.tls_cert]
+    mtimes = tuple(p.stat().st_mtime if p else 0.0 for p in files)
+    validate(*paths, settings.tls_ca, settings.tls_cert, mtimes)
+    return paths
 
 
 @hookimpl
 def posture(settings: Settings) -> dict[str, Any]:
-    return {"tls": False}
+    return {"tls": check(settings) is not None}
+
+
+@hookimpl
+def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
+    paths = check(settings)
+    if paths is None or "cluster" not in config:
+        return
+    cert, key, ca = paths
+    config["cluster"]["tls"] = {"cert_file": str(cert), "key_file": str(key), "ca_file": str(ca),
+                                "verify": True, "timeout": 3}

@@ -1,0 +1,176 @@
+"""Three membershipd nodes on loopback: mutual route TLS, R3 state, failover, fail-closed.
+
+Marked slow: run in CI, skip locally with -m "not slow".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import nats
+import pytest
+
+from unibus.client import ApiError, UnibusClient
+from unibus.client.keys import generate_identity
+from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_test_ca, make_test_cert
+
+pytestmark = pytest.mark.slow
+
+SECRET = "route-secret-do-not-leak-7c1f"
+FORM_TIMEOUT = 120
+
+
+class Cluster:
+    def __init__(self, tmp_path: Path, admin) -> None:
+        self.tmp = tmp_path
+        pki = tmp_path / "pki"
+        ca = make_test_ca(pki, "route-ca")
+        self.pass_file = tmp_path / "cluster.pass"
+        self.pass_file.write_text(SECRET + "\n")
+        self.pass_file.chmod(0o600)
+        self.route_ports = [free_port() for _ in range(3)]
+        self.nodes: list[MembershipdProcess] = []
+        for i in range(3):
+            name = f"n{i + 1}"
+            cert = make_test_cert(pki, name, ca)
+            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
+            data = tmp_path / name
+            bootstrap_member(data, admin, "admin")
+            args = ["--server-name", name, "--cluster-name", "unibus-test",
+                    "--cluster-addr", f"127.0.0.1:{self.route_ports[i]}", "--routes", routes,
+                    "--cluster-pass-file", str(self.pass_file), "--kv-replicas", "3",
+                    "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]), "--route-tls-ca", str(ca[0])]
+            self.nodes.append(MembershipdProcess(data, args))
+
+    def start(self, *indexes: int) -> None:
+        for i in indexes:
+            self.nodes[i].start(wait=False)
+        for i in indexes:
+            self.nodes[i].wait_healthy(timeout=FORM_TIMEOUT)
+
+    def restart(self, i: int) -> None:
+        old = self.nodes[i]
+        new = MembershipdProcess(old.data_dir, old.args)
+        new.http_port, new.nats_port, new.monitor_port = old.http_port, old.nats_port, old.monitor_port
+        new.argv = old.argv
+        self.nodes[i] = new
+        new.start(wait=False)
+
+    def kill(self, i: int) -> None:
+        node = self.nodes[i]
+        nats_pid = node.nats_pid()
+        node.send_signal(signal.SIGKILL)
+        node.wait(10)
+        if nats_pid:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{nats_pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    admin = generate_identity("alice")
+    c = Cluster(tmp_path, admin)
+    c.admin = admin
+    try:
+        c.start(0, 1, 2)
+        yield c
+    finally:
+        c.stop()
+
+
+async def signed_ok(node: MembershipdProcess, identity) -> bool:
+    async with UnibusClient(node.base_url, identity, timeout=5) as client:
+        try:
+            await client.me()
+            return True
+        except ApiError as e:
+            if e.status == 503:
+                return False
+            raise
+
+
+async def eventually(check, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.2)
+    return False
+
+
+async def test_cluster_forms_fails_over_and_fails_closed(cluster):
+    alice = cluster.admin
+    # formed: every node enforce+acl+tls, routed to both peers, R3 nonce bucket
+    for node in cluster.nodes:
+        status, body = node.healthz()
+        assert status == 200
+        assert body["posture"]["summary"] == "enforce+acl+tls"
+        assert body["nats"]["kv_replicas"] == 3
+        assert body["nats"]["cluster"]["name"] == "unibus-test"
+        assert await eventually(lambda n=node: _routes(n, 2), 30)
+    nc = await nats.connect(cluster.nodes[0].nats_url, nkeys_seed=str(cluster.nodes[0].data_dir / "service.nkey"))
+    try:
+        info = await nc.jetstream().stream_info("KV_unibus_nonces")
+        assert info.config.num_replicas == 3
+    finally:
+        await nc.close()
+
+    # signed requests work through every node
+    for node in cluster.nodes:
+        assert await signed_ok(node, alice)
+
+    # one node down: signed writes keep working through the others (after an election)
+    cluster.kill(0)
+    for node in cluster.nodes[1:]:
+        assert await eventually(lambda n=node: signed_ok(n, alice), 30)
+
+    # two down: no quorum, a freshly signed request fails closed with 503, quickly
+    cluster.kill(1)
+    t0 = time.monotonic()
+    async with UnibusClient(cluster.nodes[2].base_url, alice, timeout=15) as client:
+        with pytest.raises(ApiError) as e:
+            await client.me()
+    assert e.value.status == 503
+    assert time.monotonic() - t0 < 10
+
+    # back: state converges, nothing written before is lost
+    cluster.restart(0)
+    cluster.restart(1)
+    for node in cluster.nodes:
+        node.wait_healthy(timeout=FORM_TIMEOUT)
+    for node in cluster.nodes:
+        assert await eventually(lambda n=node: signed_ok(n, alice), 60)
+
+
+async def test_no_secret_in_argv_or_logs(cluster):
+    pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        assert SECRET.encode() not in cmdline, f"route password in argv of pid {pid}"
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
+        except OSError:
+            continue
+        if b"nats-server" in cmdline:
+            assert SECRET.encode() not in environ
+    for node in cluster.nodes:
+        assert SECRET not in node.log_text()
+        conf = node.data_dir / "nats.conf"
+        assert conf.stat().st_mode & 0o077 == 0
+        assert SECRET in conf.read_text()  # the one place it belongs
+
+
+async def _routes(node: MembershipdProcess, want: int) -> bool:
+    return node.healthz()[1]["nats"]["cluster"]["routes"] == want
