@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client
@@ -17,6 +19,23 @@ from .settings import Secret
 log = logging.getLogger("unibus.bus")
 
 
+def embedded_tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
+    """TLS for membershipd's own connection to its embedded server (``--tls-cert``).
+
+    The server's certificate is pinned (it is the one trust anchor, accepted
+    as a partial chain), so nothing else is trusted and the loopback dial
+    needs no host name in the certificate. With ``--tls-ca`` the server asks
+    every client for a certificate: membershipd presents the same one, which
+    then needs the clientAuth usage too.
+    """
+    ctx = ssl.create_default_context(cadata=cert.read_text())
+    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    ctx.check_hostname = False
+    if client_ca is not None:
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
 class Bus:
     """A reconnecting nats-py client plus its JetStream context.
 
@@ -24,10 +43,12 @@ class Bus:
     that need it fail fast and ``/healthz`` reports ``degraded``.
     """
 
-    def __init__(self, url: str, seed: Secret | None = None, *, name: str = "membershipd") -> None:
+    def __init__(self, url: str, seed: Secret | None = None, *, name: str = "membershipd",
+                 tls: ssl.SSLContext | None = None) -> None:
         self.url = url
         self._seed = seed
         self.name = name
+        self.tls = tls
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
 
@@ -41,7 +62,9 @@ class Bus:
         async def _reconn() -> None:
             log.info("reconnected to NATS at %s", self.url)
 
-        kwargs = {}
+        kwargs: dict = {}
+        if self.tls is not None:
+            kwargs["tls"] = self.tls
         if self._seed is not None:
             kwargs["nkeys_seed_str"] = self._seed.reveal()
         try:

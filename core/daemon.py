@@ -26,7 +26,7 @@ from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EXTRA, RECONFIGURE_NATS, make_app
 from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware
-from .bus import Bus
+from .bus import Bus, embedded_tls_context
 from .errors import ConfigError, RuntimeFailure
 from .natsconf import base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager
@@ -152,7 +152,8 @@ class Daemon:
             )
             await self.supervisor.start()
 
-        self.bus = Bus(s.nats_client_url, seed)
+        tls = embedded_tls_context(s.tls_cert, s.tls_key, s.tls_ca) if s.embedded and s.tls_cert else None
+        self.bus = Bus(s.nats_client_url, seed, tls=tls)
         # A forming cluster has no JetStream until a quorum of nodes is up.
         js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
         await self.bus.connect(jetstream_timeout=js_wait)
@@ -164,7 +165,7 @@ class Daemon:
                             middlewares=[auth_middleware(authenticator)])
         self.app[EXTRA]["daemon"] = self
         if self._system_seed is not None:
-            self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system")
+            self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
             self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[RECONFIGURE_NATS] = self.reconfigure_nats

@@ -149,7 +149,8 @@ class Settings:
             return self.nats_url
         host = self.nats_addr.connect_host
         host = f"[{host}]" if ":" in host else host
-        return f"nats://{host}:{self.nats_addr.port}"
+        scheme = "tls" if self.tls_cert else "nats"
+        return f"{scheme}://{host}:{self.nats_addr.port}"
 
     def option(self, name: str, default: Any = None) -> Any:
         """The value of a plugin option, by its ``Option.name``."""
