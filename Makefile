@@ -44,8 +44,9 @@ test-example: $(EXAMPLE_STAMP)
 wheel-check: install
 	bash .ci/wheel-check
 
+# Every bench/bench_*.py; each writes its own section of docs/benchmarks.md.
 bench: install
-	$(PY) bench/bench_startup.py
+	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
 lint: install
 	$(PY) -m pip install --quiet ruff

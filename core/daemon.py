@@ -34,6 +34,7 @@ from .posture import cluster_gate, merge_posture
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
 from .settings import HostPort, Settings, child_environment
+from .store import publish_membership
 from .store.base import Store
 from .store.db import migrate
 from .store.sqlite import SqliteStore
@@ -223,7 +224,9 @@ class Daemon:
     async def _apply_nats_config(self) -> bool:
         if not self.settings.embedded or self.supervisor is None:
             return True
-        # Plugins may read the store here (bus authorization): off the event loop.
+        if self.store is not None:
+            # What bus authorization is built from, read from whichever backend.
+            publish_membership(self.settings.data_dir, await self.store.membership())
         config = await asyncio.to_thread(nats_config, self.settings, self.plugins, self._system_user)
         rendered = render_config(config)
         if rendered == self._rendered:

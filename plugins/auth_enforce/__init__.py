@@ -99,9 +99,9 @@ def posture(settings: Settings) -> dict[str, Any]:
 def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
     if not enforcing(settings):
         return
-    from unibus.store.sqlite import read_membership  # SQLAlchemy: only when serving
+    from unibus.store import membership_snapshot
 
-    block = authorization(service_public_key(settings), read_membership(settings.db_path))
+    block = authorization(service_public_key(settings), membership_snapshot(settings))
     config["authorization"] = block
     config.pop("no_auth_user", None)
     with _lock:
