@@ -1,0 +1,557 @@
+"""``unibus``: the member's command-line client (SPEC §6b).
+
+Exit codes: 0 done; 1 the server refused or failed, or could not be reached
+(one line on stderr: its problem detail, or the URL it could not reach);
+2 bad usage, or a missing/unreadable identity file (one line saying what to
+do). Expected errors never print a traceback; private keys are never printed.
+The guide is docs/client.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
+
+from .. import __version__ as _version
+from .api import ApiError, BusError, Message, ServerUnreachable, UnibusClient
+from .keys import (
+    DEFAULT_ENC_SUITE,
+    ENC_SUITES,
+    HandleError,
+    IdentityError,
+    KeyFormatError,
+    generate_identity,
+    load_identity,
+    save_identity,
+    validate_enc_pub,
+    validate_enc_suite,
+    validate_handle,
+    validate_sign_pub,
+)
+from .sealing import SealError, message_subject, room_subject, validate_room_id
+
+PROG = "unibus"
+DEFAULT_SERVER = "http://127.0.0.1:8470"
+DEFAULT_IDENTITY = "~/.config/unibus/identity.json"
+ROLES = ("member", "admin")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad usage or an unusable identity file: exit 2."""
+
+
+class Failed(Exception):
+    """The server refused or failed, or could not be reached: exit 1."""
+
+
+# --------------------------------------------------------------------------- output helpers
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split()) if text is not None else ""
+
+
+def _err(message: str) -> None:
+    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _note(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _json_out(obj: Any) -> None:
+    _out(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+
+
+def _escape(text: str) -> str:
+    """One printable line: control characters (newlines included) are escaped."""
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\r":
+            out.append("\\r")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+def _print_fields(record: dict[str, Any], keys: Sequence[str]) -> None:
+    present = [k for k in keys if k in record]
+    width = max((len(k) for k in present), default=0) + 1
+    for k in present:
+        v = record[k]
+        if isinstance(v, bool):
+            v = "yes" if v else "no"
+        _out(f"{k + ':':<{width}} {v}")
+
+
+def _table(rows: list[list[str]]) -> None:
+    if not rows:
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        _out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+MEMBER_FIELDS = ("handle", "role", "enc_suite", "sign_pub", "enc_pub", "created_at")
+ROOM_FIELDS = ("room_id", "name", "subject", "owner", "epoch", "rekey_required", "created_at")
+
+
+def _print_member(m: dict[str, Any], *, extra: Sequence[str] = ()) -> None:
+    shown = dict(m)
+    enc = shown.get("enc_pub")
+    if isinstance(enc, str) and len(enc) > 60:
+        shown["enc_pub"] = f"{enc[:44]}… ({len(enc) * 3 // 4 - enc.count('=')} bytes; --json for all)"
+    _print_fields(shown, (*MEMBER_FIELDS, *extra))
+
+
+def _print_room(room: dict[str, Any]) -> None:
+    _print_fields(room, ROOM_FIELDS)
+    members = room.get("members")
+    if isinstance(members, list):
+        _out(f"members: ({len(members)})")
+        rows = [["  " + str(m.get("handle", "?")), str(m.get("enc_suite") or DEFAULT_ENC_SUITE)]
+                for m in members if isinstance(m, dict)]
+        _table(rows)
+
+
+def _room_line(room: dict[str, Any]) -> list[str]:
+    n = len(room.get("members") or []) if isinstance(room.get("members"), list) else None
+    cols = [str(room.get("room_id", "?")), str(room.get("name", "")), f"epoch={room.get('epoch', '?')}"]
+    if n is not None:
+        cols.append(f"members={n}")
+    cols.append("rekey-required" if room.get("rekey_required") else "")
+    return cols
+
+
+# --------------------------------------------------------------------------- argument parsing
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that exits 2 with a usage line and one ``error:`` line (never a traceback)."""
+
+    def error(self, message: str) -> NoReturn:  # pragma: no cover - exercised via subprocess
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)}\n")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    d = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--server", metavar="URL", default=d,
+                        help=f"membershipd URL [UNIBUS_SERVER, default {DEFAULT_SERVER}]")
+    parser.add_argument("--identity", metavar="PATH", default=d,
+                        help=f"identity file [UNIBUS_IDENTITY, default {DEFAULT_IDENTITY}]")
+
+
+def _leaf(sub: Any, name: str, help: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help)
+    _global_options(p, suppress=True)
+    if json_flag:
+        p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="unibus: the member's client of an end-to-end-encrypted message bus.",
+                     epilog="Exit codes: 0 done; 1 the server refused or failed; 2 bad usage or identity file. "
+                            "Guide: docs/client.md")
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version}")
+    _global_options(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = _leaf(sub, "keygen", "create an identity file (keys) and print the operator's `membershipd member add` line")
+    p.add_argument("--handle", required=True, help="your handle: ^[a-z][a-z0-9_-]{0,31}$")
+    p.add_argument("--enc-suite", default=DEFAULT_ENC_SUITE, choices=ENC_SUITES, help="HPKE suite of the encryption key")
+    p.add_argument("--out", metavar="PATH", help="where to write the identity (default: --identity)")
+    p.add_argument("--force", action="store_true", help="replace an existing identity file")
+    p.set_defaults(func=cmd_keygen)
+
+    p = _leaf(sub, "whoami", "show your member record as the server knows it")
+    p.set_defaults(func=cmd_whoami)
+
+    members = sub.add_parser("members", help="list, add (admin), remove (admin) members")
+    msub = members.add_subparsers(dest="members_command", metavar="ACTION", parser_class=_Parser)
+    msub.required = True
+    p = _leaf(msub, "list", "list members")
+    p.set_defaults(func=cmd_members_list)
+    p = _leaf(msub, "show", "show one member")
+    p.add_argument("handle", metavar="HANDLE")
+    p.set_defaults(func=cmd_members_show)
+    p = _leaf(msub, "add", "add a member (admin)")
+    p.add_argument("--handle", required=True)
+    p.add_argument("--sign-pub", required=True, metavar="B64", help="Ed25519 public key, base64")
+    p.add_argument("--enc-pub", required=True, metavar="B64", help="HPKE public key, base64")
+    p.add_argument("--enc-suite", default=DEFAULT_ENC_SUITE, choices=ENC_SUITES)
+    p.add_argument("--role", default="member", choices=ROLES)
+    p.set_defaults(func=cmd_members_add)
+    p = _leaf(msub, "remove", "delete a member (admin): removed from every room, bus access revoked")
+    p.add_argument("handle", metavar="HANDLE")
+    p.set_defaults(func=cmd_members_remove)
+
+    rooms = sub.add_parser("rooms", help="create, list, show rooms; add/remove room members; rekey")
+    rsub = rooms.add_subparsers(dest="rooms_command", metavar="ACTION", parser_class=_Parser)
+    rsub.required = True
+    p = _leaf(rsub, "create", "create a room (you own it); prints its id")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_rooms_create)
+    p = _leaf(rsub, "list", "rooms you are in (admins: all)")
+    p.set_defaults(func=cmd_rooms_list)
+    p = _leaf(rsub, "show", "a room with its members")
+    p.add_argument("room", metavar="ROOM")
+    p.set_defaults(func=cmd_rooms_show)
+    p = _leaf(rsub, "add", "add a member to a room (owner/admin); the room then needs a rekey")
+    p.add_argument("room", metavar="ROOM")
+    p.add_argument("handle", metavar="HANDLE")
+    p.set_defaults(func=cmd_rooms_add)
+    p = _leaf(rsub, "remove", "remove a member from a room; the room then needs a rekey")
+    p.add_argument("room", metavar="ROOM")
+    p.add_argument("handle", metavar="HANDLE")
+    p.set_defaults(func=cmd_rooms_remove)
+    p = _leaf(rsub, "rekey", "draw a new room key, seal it to every member, upload it")
+    p.add_argument("room", metavar="ROOM")
+    p.set_defaults(func=cmd_rooms_rekey)
+    p = _leaf(rsub, "delete", "delete a room (owner/admin)")
+    p.add_argument("room", metavar="ROOM")
+    p.set_defaults(func=cmd_rooms_delete)
+
+    p = _leaf(sub, "send", "encrypt TEXT with the room's current key and publish it on the room's TOPIC")
+    p.add_argument("room", metavar="ROOM")
+    p.add_argument("topic", metavar="TOPIC")
+    p.add_argument("text", metavar="TEXT")
+    p.add_argument("--no-sender", action="store_true", help="do not add the Unibus-Sender header")
+    p.set_defaults(func=cmd_send)
+
+    p = _leaf(sub, "listen", "print the room's messages as they arrive, decrypted")
+    p.add_argument("room", metavar="ROOM")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N decrypted messages")
+    p.set_defaults(func=cmd_listen)
+    return parser
+
+
+# --------------------------------------------------------------------------- context
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.server = getattr(args, "server", None) or os.environ.get("UNIBUS_SERVER") or DEFAULT_SERVER
+        self.identity_path = os.path.expanduser(
+            getattr(args, "identity", None) or os.environ.get("UNIBUS_IDENTITY") or DEFAULT_IDENTITY)
+        self.json = bool(getattr(args, "json", False))
+
+    def client(self) -> UnibusClient:
+        try:
+            identity = load_identity(self.identity_path)
+        except IdentityError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            return UnibusClient(self.server, identity)
+        except ValueError as exc:
+            raise UsageError(f"--server: {exc}") from None
+
+
+def _room_arg(value: str) -> str:
+    try:
+        return validate_room_id(value)
+    except ValueError as exc:
+        raise UsageError(f"ROOM: {exc} (room ids are printed by `unibus rooms create` and `unibus rooms list`)") from None
+
+
+def _handle_arg(value: str, what: str = "HANDLE") -> str:
+    try:
+        return validate_handle(value)
+    except HandleError as exc:
+        raise UsageError(f"{what}: {exc}") from None
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_keygen(ctx: Context) -> int:
+    a = ctx.args
+    handle = _handle_arg(a.handle, "--handle")
+    suite = validate_enc_suite(a.enc_suite)
+    path = os.path.expanduser(a.out) if a.out else ctx.identity_path
+    identity = generate_identity(handle, suite)
+    try:
+        written = save_identity(identity, path, force=a.force)
+    except FileExistsError:
+        raise UsageError(f"{path} already exists; refusing to overwrite it (use --force to replace it, "
+                         "or --out PATH to write elsewhere)") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory; give a file path with --out") from None
+    except OSError as exc:
+        raise UsageError(f"cannot write the identity file {path}: {exc.strerror or exc}") from None
+    line = (f"membershipd member add --handle {handle} --role member --sign-pub {identity.sign_pub_b64} "
+            f"--enc-pub {identity.enc_pub_b64} --enc-suite {suite}")
+    if ctx.json:
+        _json_out({**identity.public_record(), "identity_path": str(written), "user_nkey": identity.user_nkey,
+                   "operator_command": line})
+    else:
+        _out(line)
+    _note(f"wrote the identity of {handle} to {written} (mode 0600; it holds your private keys). "
+          "An operator runs the line above (or an admin: `unibus members add` with the same flags).")
+    return EXIT_OK
+
+
+async def cmd_whoami(ctx: Context, c: UnibusClient) -> int:
+    me = await c.me()
+    if ctx.json:
+        _json_out(me)
+        return EXIT_OK
+    _print_member({**me, "user_nkey": c.identity.user_nkey, "server": c.base_url, "identity": ctx.identity_path},
+                  extra=("user_nkey", "server", "identity"))
+    return EXIT_OK
+
+
+async def cmd_members_list(ctx: Context, c: UnibusClient) -> int:
+    members = await c.list_members()
+    if ctx.json:
+        _json_out({"members": members})
+        return EXIT_OK
+    _table([[str(m.get("handle")), str(m.get("role")), str(m.get("enc_suite") or DEFAULT_ENC_SUITE)]
+            for m in members])
+    return EXIT_OK
+
+
+async def cmd_members_show(ctx: Context, c: UnibusClient) -> int:
+    m = await c.get_member(_handle_arg(ctx.args.handle))
+    _json_out(m) if ctx.json else _print_member(m)
+    return EXIT_OK
+
+
+async def cmd_members_add(ctx: Context, c: UnibusClient) -> int:
+    a = ctx.args
+    handle = _handle_arg(a.handle, "--handle")
+    try:
+        validate_sign_pub(a.sign_pub)
+    except KeyFormatError as exc:
+        raise UsageError(f"--sign-pub: {exc}") from None
+    try:
+        validate_enc_pub(a.enc_pub, a.enc_suite)
+    except KeyFormatError as exc:
+        raise UsageError(f"--enc-pub: {exc}") from None
+    m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role)
+    if ctx.json:
+        _json_out(m)
+    else:
+        _out(f"added {m.get('handle', handle)} ({m.get('role', a.role)}, {m.get('enc_suite', a.enc_suite)})")
+    return EXIT_OK
+
+
+async def cmd_members_remove(ctx: Context, c: UnibusClient) -> int:
+    handle = _handle_arg(ctx.args.handle)
+    await c.remove_member(handle)
+    if ctx.json:
+        _json_out({"handle": handle, "removed": True})
+    else:
+        _out(f"removed {handle}")
+        _note(f"every room {handle} was in now needs a rekey (`unibus rooms list` shows rekey-required)")
+    return EXIT_OK
+
+
+async def cmd_rooms_create(ctx: Context, c: UnibusClient) -> int:
+    room = await c.create_room(ctx.args.name)
+    if ctx.json:
+        _json_out(room)
+    else:
+        _out(str(room.get("room_id")))
+        _note(f"created room {room.get('name')!r} ({room.get('room_id')}); add members with "
+              f"`unibus rooms add {room.get('room_id')} HANDLE`, then `unibus rooms rekey {room.get('room_id')}`")
+    return EXIT_OK
+
+
+async def cmd_rooms_list(ctx: Context, c: UnibusClient) -> int:
+    rooms = await c.list_rooms()
+    if ctx.json:
+        _json_out({"rooms": rooms})
+    else:
+        _table([_room_line(r) for r in rooms])
+    return EXIT_OK
+
+
+async def cmd_rooms_show(ctx: Context, c: UnibusClient) -> int:
+    room = await c.get_room(_room_arg(ctx.args.room))
+    _json_out(room) if ctx.json else _print_room(room)
+    return EXIT_OK
+
+
+async def cmd_rooms_add(ctx: Context, c: UnibusClient) -> int:
+    room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
+    room = await c.add_room_member(room_id, handle)
+    if ctx.json:
+        _json_out(room)
+    else:
+        _out(f"added {handle} to room {room_id}")
+        _note(f"{handle} cannot read until the room is rekeyed: `unibus rooms rekey {room_id}`")
+    return EXIT_OK
+
+
+async def cmd_rooms_remove(ctx: Context, c: UnibusClient) -> int:
+    room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
+    room = await c.remove_room_member(room_id, handle)
+    if ctx.json:
+        _json_out(room if isinstance(room, dict) else {"room_id": room_id, "handle": handle, "removed": True})
+    else:
+        _out(f"removed {handle} from room {room_id}")
+        _note(f"rekey now so that {handle} cannot read what follows: `unibus rooms rekey {room_id}`")
+    return EXIT_OK
+
+
+async def cmd_rooms_rekey(ctx: Context, c: UnibusClient) -> int:
+    room_id = _room_arg(ctx.args.room)
+    epoch = await c.rekey(room_id)
+    if ctx.json:
+        _json_out({"room_id": room_id, "epoch": epoch})
+    else:
+        _out(f"room {room_id} is now at epoch {epoch}")
+    return EXIT_OK
+
+
+async def cmd_rooms_delete(ctx: Context, c: UnibusClient) -> int:
+    room_id = _room_arg(ctx.args.room)
+    await c.delete_room(room_id)
+    _json_out({"room_id": room_id, "deleted": True}) if ctx.json else _out(f"deleted room {room_id}")
+    return EXIT_OK
+
+
+async def cmd_send(ctx: Context, c: UnibusClient) -> int:
+    room_id = _room_arg(ctx.args.room)
+    try:
+        subject = message_subject(room_id, ctx.args.topic)
+    except ValueError as exc:
+        raise UsageError(f"TOPIC: {exc}") from None
+    async with c.bus(key_ttl=0) as bus:
+        epoch = await bus.send(room_id, ctx.args.topic, ctx.args.text.encode("utf-8"),
+                               sender=not ctx.args.no_sender)
+    if ctx.json:
+        _json_out({"room_id": room_id, "topic": ctx.args.topic, "subject": subject, "epoch": epoch})
+    return EXIT_OK
+
+
+def _message_json(m: Message) -> dict[str, Any]:
+    doc: dict[str, Any] = {"room_id": m.room_id, "topic": m.topic, "epoch": m.epoch, "subject": m.subject,
+                           "sender_claimed": m.sender}
+    if m.error is not None:
+        doc["text"] = None
+        doc["error"] = m.error
+        return doc
+    assert m.plaintext is not None
+    try:
+        doc["text"] = m.plaintext.decode("utf-8")
+    except UnicodeDecodeError:
+        doc["text"] = None
+        doc["data_b64"] = base64.b64encode(m.plaintext).decode("ascii")
+    return doc
+
+
+def _message_line(m: Message) -> str:
+    who = f"{_escape(m.sender)} (claimed): " if m.sender else ""
+    return f"[{_escape(m.topic)}] {who}{_escape(m.text or '')}"
+
+
+async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
+    room_id = _room_arg(ctx.args.room)
+    count = ctx.args.count
+    if count is not None and count < 1:
+        raise UsageError("--count must be at least 1")
+    got = 0
+    async with c.bus() as bus, bus.listen(room_id) as messages:
+        _note(f"listening on {room_subject(room_id)}.> (Ctrl-C to stop)")
+        async for m in messages:
+            if m.error is not None:
+                if ctx.json:
+                    _json_out(_message_json(m))
+                else:
+                    print(f"{PROG}: warning: [{_escape(m.topic)}] epoch {m.epoch}: {_one_line(m.error)}",
+                          file=sys.stderr, flush=True)
+                continue
+            _json_out(_message_json(m)) if ctx.json else _out(_message_line(m))
+            got += 1
+            if count is not None and got >= count:
+                break
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+
+async def _run_async(fn: Callable[..., Any], ctx: Context) -> int:
+    client = ctx.client()
+    try:
+        return await fn(ctx, client)
+    finally:
+        await client.close()
+
+
+def _setup_logging() -> None:
+    """Quiet by default (errors are reported by the CLI itself, one line each);
+    ``UNIBUS_CLIENT_LOG=DEBUG`` (or INFO, WARNING) shows the SDK's and nats-py's logs on stderr."""
+    level = os.environ.get("UNIBUS_CLIENT_LOG", "").upper()
+    if level in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        logging.basicConfig(level=level, stream=sys.stderr, format=f"{PROG}: %(levelname)s %(name)s: %(message)s")
+    else:
+        logging.getLogger().addHandler(logging.NullHandler())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    ctx = Context(args)
+    try:
+        if args.func is cmd_keygen:
+            return cmd_keygen(ctx)
+        return asyncio.run(_run_async(args.func, ctx))
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ServerUnreachable as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except ApiError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except (BusError, SealError) as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except (HandleError, KeyFormatError) as exc:
+        # arguments are validated up front (UsageError); these come from server data
+        _err(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_OK if args.func is cmd_listen else 130
+    except BrokenPipeError:
+        # `unibus listen ROOM | head -n 3`: the reader went away, nothing is wrong.
+        # Python's documented recipe: point stdout at devnull so the flush at exit is silent.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The `unibus` CLI without a server: keygen, usage errors, identity errors, unreachable server."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from unibus.client.keys import load_identity, validate_enc_pub, validate_sign_pub
+from unibus.testing import free_port, run_membershipd
+
+
+def unibus(*args: str, env: dict[str, str] | None = None, home: Path | None = None,
+           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    if home is not None:
+        full_env["HOME"] = str(home)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "unibus.client.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def parse_member_add(line: str) -> dict[str, str]:
+    argv = shlex.split(line)
+    assert argv[:3] == ["membershipd", "member", "add"], line
+    flags = argv[3:]
+    assert len(flags) == 10, flags
+    return {flags[i]: flags[i + 1] for i in range(0, len(flags), 2)}
+
+
+@pytest.mark.parametrize("suite", ["X25519", "MLKEM768_X25519"])
+def test_keygen_writes_a_private_identity_and_prints_the_operator_line(tmp_path, suite):
+    out = tmp_path / "keys" / "bob.json"
+    proc = unibus("keygen", "--handle", "bob", "--enc-suite", suite, "--out", str(out), home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1
+    flags = parse_member_add(lines[0])
+    assert list(flags) == ["--handle", "--role", "--sign-pub", "--enc-pub", "--enc-suite"]
+    ident = load_identity(out)
+    assert flags["--handle"] == "bob" and flags["--role"] == "member" and flags["--enc-suite"] == suite
+    assert validate_sign_pub(flags["--sign-pub"]) == ident.sign_pub
+    assert validate_enc_pub(flags["--enc-pub"], suite) == ident.enc_pub
+    # never a private key on any output
+    doc = json.loads(out.read_text())
+    for secret in (doc["sign_seed"], doc["enc_key"]):
+        assert secret not in proc.stdout and secret not in proc.stderr
+
+
+def test_keygen_refuses_to_overwrite_without_force(tmp_path):
+    out = tmp_path / "id.json"
+    assert unibus("keygen", "--handle", "alice", "--out", str(out)).returncode == 0
+    before = out.read_bytes()
+    proc = unibus("keygen", "--handle", "alice", "--out", str(out))
+    one_error_line(proc, 2, str(out), "--force")
+    assert proc.stdout == ""
+    assert out.read_bytes() == before
+    proc = unibus("keygen", "--handle", "alice", "--out", str(out), "--force")
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes() != before
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+
+
+def test_keygen_defaults_to_the_identity_path(tmp_path):
+    # --identity, then UNIBUS_IDENTITY, then ~/.config/unibus/identity.json
+    proc = unibus("--identity", str(tmp_path / "a.json"), "keygen", "--handle", "alice")
+    assert proc.returncode == 0 and (tmp_path / "a.json").exists()
+    proc = unibus("keygen", "--handle", "bob", env={"UNIBUS_IDENTITY": str(tmp_path / "b.json")})
+    assert proc.returncode == 0 and load_identity(tmp_path / "b.json").handle == "bob"
+    proc = unibus("keygen", "--handle", "carol", home=tmp_path / "home")
+    assert proc.returncode == 0, proc.stderr
+    default = tmp_path / "home" / ".config" / "unibus" / "identity.json"
+    assert load_identity(default).handle == "carol"
+    assert stat.S_IMODE(default.parent.stat().st_mode) == 0o700
+
+
+def test_keygen_json(tmp_path):
+    proc = unibus("keygen", "--handle", "dave", "--out", str(tmp_path / "d.json"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    ident = load_identity(tmp_path / "d.json")
+    assert doc["handle"] == "dave" and doc["sign_pub"] == ident.sign_pub_b64 and doc["enc_pub"] == ident.enc_pub_b64
+    assert doc["user_nkey"] == ident.user_nkey
+    assert parse_member_add(doc["operator_command"])["--handle"] == "dave"
+    assert "sign_seed" not in doc and "enc_key" not in doc
+
+
+@pytest.mark.parametrize("suite", ["X25519", "MLKEM768_X25519"])
+def test_membershipd_member_add_accepts_the_keygen_line(tmp_path, suite):
+    proc = unibus("keygen", "--handle", "erin", "--enc-suite", suite, "--out", str(tmp_path / "e.json"))
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout.strip())
+    added = run_membershipd(*argv[1:3], "--data-dir", str(tmp_path / "d"), *argv[3:])
+    assert added.returncode == 0, added.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ([], "required"),
+        (["frobnicate"], "frobnicate"),
+        (["keygen"], "--handle"),
+        (["keygen", "--handle", "Bad Handle"], "--handle"),
+        (["keygen", "--handle", "ok", "--enc-suite", "RSA"], "--enc-suite"),
+        (["rooms"], "required"),
+        (["rooms", "show"], "ROOM"),
+        (["send", "r1", "topic"], "TEXT"),
+        (["listen", "r1", "--count", "many"], "--count"),
+        (["members", "add", "--handle", "x"], "--sign-pub"),
+    ],
+)
+def test_bad_usage_exits_2(tmp_path, args, needle):
+    proc = unibus(*args, home=tmp_path)
+    one_error_line(proc, 2, needle)
+    assert proc.stdout == ""
+
+
+@pytest.fixture
+def identity_file(tmp_path):
+    path = tmp_path / "id.json"
+    assert unibus("keygen", "--handle", "alice", "--out", str(path)).returncode == 0
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["rooms", "show", "Not-A-Room"], "ROOM"),
+        (["send", "abc", "bad topic", "hi"], "TOPIC"),
+        (["listen", "abc", "--count", "0"], "--count"),
+        (["members", "add", "--handle", "bob", "--sign-pub", "AAAA", "--enc-pub", "AAAA"], "--sign-pub"),
+        (["--server", "localhost:8470", "whoami"], "--server"),
+        (["members", "remove", "Bob!"], "HANDLE"),
+    ],
+)
+def test_bad_arguments_exit_2_before_any_request(identity_file, args, needle):
+    port = free_port()  # nothing listens there: exit 2 proves nothing was sent
+    proc = unibus("--identity", str(identity_file), "--server", f"http://127.0.0.1:{port}", *args)
+    one_error_line(proc, 2, needle)
+
+
+def test_missing_identity_exits_2_and_says_what_to_do(tmp_path):
+    proc = unibus("whoami", home=tmp_path)
+    one_error_line(proc, 2, str(tmp_path / ".config" / "unibus" / "identity.json"), "unibus keygen")
+    proc = unibus("--identity", str(tmp_path / "nope.json"), "rooms", "list")
+    one_error_line(proc, 2, "nope.json", "unibus keygen")
+    proc = unibus("members", "list", env={"UNIBUS_IDENTITY": str(tmp_path / "env.json")})
+    one_error_line(proc, 2, "env.json")
+
+
+def test_unreadable_identity_exits_2(identity_file, tmp_path):
+    identity_file.chmod(0o644)
+    proc = unibus("--identity", str(identity_file), "whoami")
+    one_error_line(proc, 2, "chmod 600")
+    garbage = tmp_path / "garbage.json"
+    garbage.write_text("{not json")
+    garbage.chmod(0o600)
+    one_error_line(unibus("--identity", str(garbage), "whoami"), 2, "not valid JSON")
+
+
+@pytest.mark.parametrize("args", [["whoami"], ["members", "list"], ["rooms", "list"], ["rooms", "rekey", "abc"],
+                                  ["send", "abc", "chat", "hi"], ["listen", "abc"]])
+def test_unreachable_server_exits_1_naming_it(identity_file, args):
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = unibus("--identity", str(identity_file), "--server", url, *args, timeout=30)
+    one_error_line(proc, 1, url)
+    assert proc.stdout == ""
+
+
+def test_server_from_environment_and_flag_position(identity_file):
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = unibus("whoami", env={"UNIBUS_SERVER": url, "UNIBUS_IDENTITY": str(identity_file)})
+    one_error_line(proc, 1, url)
+    # global flags are also accepted after the command
+    url2 = f"http://127.0.0.1:{free_port()}"
+    proc = unibus("whoami", "--server", url2, "--identity", str(identity_file), env={"UNIBUS_SERVER": url})
+    one_error_line(proc, 1, url2)
+
+
+def test_version():
+    proc = unibus("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == "unibus 0.11.0"
