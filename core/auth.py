@@ -57,7 +57,7 @@ class NonceStore:
     twice the allowed skew, after which ``created`` alone rejects the request.
     """
 
-    def __init__(self, bus: Bus, *, skew: int, replicas: int, timeout: float = 1.0) -> None:
+    def __init__(self, bus: Bus, *, skew: int, replicas: int, timeout: float = 2.0) -> None:
         self.bus = bus
         self.ttl = 2 * skew
         self.replicas = replicas
