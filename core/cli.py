@@ -22,7 +22,7 @@ from .settings import Settings, add_core_arguments, add_plugin_arguments, build_
 log = logging.getLogger("unibus.cli")
 
 PROG = "membershipd"
-COMMANDS = ("serve", "migrate", "member", "posture", "plugins")
+COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "posture", "plugins")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +47,7 @@ _DESCRIPTIONS = {
     "serve": "Run the control plane and its embedded NATS + JetStream server.",
     "migrate": "Apply database migrations to <data-dir>/membershipd.db and exit.",
     "member": "Offline member bootstrap: 'member add' writes a member into the store (SIGHUP a running daemon).",
+    "migrate-to-kv": "Copy members, rooms and sealed keys from the SQLite store into the cluster's JetStream KV.",
     "posture": "Print the posture this configuration would report; exit 0 when enforce+acl+tls.",
     "plugins": "List the loaded plugins with their distribution, version and hooks.",
 }
@@ -193,7 +194,91 @@ def cmd_member(argv: Sequence[str]) -> int:
     return 0
 
 
-HANDLERS = {"serve": cmd_serve, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
+    import asyncio
+    import ssl
+    from urllib.parse import urlsplit
+
+    from .servicekey import SERVICE_NKEY_FILE, load_nkey_seed
+    from .settings import redact_url
+
+    parser = _Parser(prog=f"{PROG} migrate-to-kv", description=_DESCRIPTIONS["migrate-to-kv"])
+    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    parser.add_argument("--nats-url", required=True, metavar="URL", help="the target NATS (a node's loopback URL)")
+    parser.add_argument("--ca", metavar="PATH", help="CA that verifies the target's TLS certificate (required off loopback)")
+    parser.add_argument("--nkey-seed-file", metavar="PATH",
+                        help=f"the nkey seed to authenticate with (default <data-dir>/{SERVICE_NKEY_FILE})")
+    parser.add_argument("--kv-replicas", type=int, choices=(1, 3, 5), default=1, metavar="N",
+                        help="replicas if the bucket must be created (an existing bucket keeps its own; default 1)")
+    ns = parser.parse_args(argv)
+    parts = urlsplit(ns.nats_url)
+    if parts.scheme not in ("nats", "tls") or not parts.hostname:
+        raise ConfigError(f"--nats-url: {redact_url(ns.nats_url)!r} must be nats://HOST:PORT or tls://HOST:PORT")
+    if "@" in parts.netloc:
+        raise ConfigError("--nats-url must not carry credentials; authentication is by --nkey-seed-file")
+    ca = Path(ns.ca).expanduser() if ns.ca else None
+    if ca is None and not _is_loopback(parts.hostname):
+        raise ConfigError(f"--nats-url: {parts.hostname} is not a loopback address; give --ca PATH to require "
+                          "TLS verified against that CA")
+    if ca is not None and not ca.is_file():
+        raise ConfigError(f"--ca: {ca} is not a readable file")
+    data_dir = resolve_data_dir(ns)
+    db = data_dir / "membershipd.db"
+    if not db.exists():
+        raise ConfigError(f"--data-dir: {db} does not exist; nothing to copy (run membershipd member add first)")
+    seed_file = Path(ns.nkey_seed_file).expanduser() if ns.nkey_seed_file else data_dir / SERVICE_NKEY_FILE
+    try:
+        seed, _ = load_nkey_seed(seed_file)
+    except UnibusError as e:
+        raise ConfigError(f"--nkey-seed-file: {e}") from None
+    tls = None
+    url = ns.nats_url
+    if ca is not None:
+        tls = ssl.create_default_context(cafile=str(ca))  # verifies chain and host name
+        url = "tls://" + parts.netloc
+
+    async def run() -> dict[str, int]:
+        from .bus import Bus
+        from .store.db import migrate
+        from .store.kv import KvStore, copy_store
+        from .store.sqlite import SqliteStore
+
+        migrate(db)
+        bus = Bus(url, seed, name="membershipd-migrate-to-kv", tls=tls)
+        await bus.connect(timeout=10, jetstream_timeout=30)
+        src = SqliteStore(db)
+        try:
+            dst = KvStore(bus.js, replicas=ns.kv_replicas)
+            await dst.ensure()
+            return await copy_store(src, dst)
+        finally:
+            await src.close()
+            await bus.close()
+
+    from .errors import RuntimeFailure
+    from .store.base import StoreError
+
+    try:
+        counts = asyncio.run(run())
+    except (StoreError, ssl.SSLError, OSError) as e:
+        raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
+    print(f"copied {counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
+          f"epoch(s) to {redact_url(url)}" + ("" if any(counts.values()) else " (already there: nothing to do)"))
+    return 0
+
+
+HANDLERS = {"serve": cmd_serve, "migrate-to-kv": cmd_migrate_to_kv, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
 
 
 def _top_help() -> str:

@@ -37,6 +37,7 @@ from .settings import HostPort, Settings, child_environment
 from .store import publish_membership
 from .store.base import Store
 from .store.db import migrate
+from .store.kv import KvStore
 from .store.sqlite import SqliteStore
 from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server
 
@@ -158,7 +159,14 @@ class Daemon:
         # A forming cluster has no JetStream until a quorum of nodes is up.
         js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
         await self.bus.connect(jetstream_timeout=js_wait)
-        self.store = SqliteStore(s.db_path)
+        if s.clustered:
+            # Cluster state lives in JetStream KV (replicated); each node watches it.
+            kv = KvStore(self.bus.js, replicas=s.kv_replicas)
+            await retry_until(kv.ensure, js_wait, "cannot create the KV state bucket")
+            kv.start_watch()
+            self.store = kv
+        else:
+            self.store = SqliteStore(s.db_path)
         nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
         await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)

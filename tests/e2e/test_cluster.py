@@ -16,7 +16,8 @@ import pytest
 
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_test_ca, make_test_cert
+from unibus.testing import (MembershipdProcess, bootstrap_member, free_port, make_test_ca, make_test_cert,
+                            run_membershipd)
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,8 @@ class Cluster:
             cert = make_test_cert(pki, name, ca)
             routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
             data = tmp_path / name
-            bootstrap_member(data, admin, "admin")
+            if i == 0:  # SPEC §3: bootstrap on one node, then migrate-to-kv into the cluster
+                bootstrap_member(data, admin, "admin")
             args = ["--server-name", name, "--cluster-name", "unibus-test",
                     "--cluster-addr", f"127.0.0.1:{self.route_ports[i]}", "--routes", routes,
                     "--cluster-pass-file", str(self.pass_file), "--kv-replicas", "3",
@@ -82,6 +84,11 @@ def cluster(tmp_path):
     c.admin = admin
     try:
         c.start(0, 1, 2)
+        n1 = c.nodes[0]
+        for _ in range(2):  # the second run changes nothing
+            proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url)
+            assert proc.returncode == 0, proc.stderr
+        assert "nothing to do" in proc.stdout
         yield c
     finally:
         c.stop()
@@ -124,9 +131,30 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
     finally:
         await nc.close()
 
-    # signed requests work through every node
+    # signed requests work through every node: the admin copied into KV reached all of them
     for node in cluster.nodes:
-        assert await signed_ok(node, alice)
+        assert await eventually(lambda n=node: signed_ok(n, alice), 10)
+
+    # a member added through node 1 is known to node 3 (KV watch) and may use its bus
+    bob = generate_identity("bob")
+    async with UnibusClient(cluster.nodes[0].base_url, alice) as a1:
+        await a1.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64)
+        room = (await a1.create_room("ops"))["room_id"]
+        await a1.add_room_member(room, "bob")
+    t0 = time.monotonic()
+    assert await eventually(lambda: signed_ok(cluster.nodes[2], bob), 10)
+
+    async def bob_on_node3_bus() -> bool:
+        try:
+            nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.nkey_seed(), allow_reconnect=False,
+                                    max_reconnect_attempts=0, connect_timeout=2)
+        except Exception:
+            return False
+        await nc.close()
+        return True
+
+    assert await eventually(bob_on_node3_bus, 10)
+    print(f"member added on node 1 usable on node 3 after {time.monotonic() - t0:.2f} s")
 
     # one node down: signed writes keep working through the others (after an election)
     cluster.kill(0)
@@ -149,6 +177,10 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
         node.wait_healthy(timeout=FORM_TIMEOUT)
     for node in cluster.nodes:
         assert await eventually(lambda n=node: signed_ok(n, alice), 60)
+    async with UnibusClient(cluster.nodes[1].base_url, alice) as a2:
+        rooms = await a2.list_rooms()
+        assert [r["name"] for r in rooms] == ["ops"]  # written before the outage, still there
+        assert {m["handle"] for m in rooms[0]["members"]} == {"alice", "bob"}
 
 
 async def test_no_secret_in_argv_or_logs(cluster):

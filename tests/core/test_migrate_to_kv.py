@@ -1,0 +1,78 @@
+"""membershipd migrate-to-kv: what it copies, where it may connect, and idempotence."""
+
+from __future__ import annotations
+
+import asyncio
+
+import nats
+import pytest
+
+from unibus.client import UnibusClient
+from unibus.client.keys import generate_identity
+from unibus.store.kv import KvStore
+from unibus.testing import make_test_ca, make_test_cert, run_membershipd
+
+
+def one_line(proc, code, needle):
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+async def test_copies_everything_once(daemon_with_admin, alice):
+    server = daemon_with_admin()
+    bob = generate_identity("bob", "MLKEM768_X25519")
+    async with UnibusClient(server.base_url, alice) as a:
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, "MLKEM768_X25519")
+        room = (await a.create_room("ops"))["room_id"]
+        await a.add_room_member(room, "bob")
+        await a.rekey(room)
+        await a.rekey(room)
+    args = ["migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", server.nats_url]
+    first = await asyncio.to_thread(run_membershipd, *args)
+    assert first.returncode == 0, first.stderr
+    assert "copied 2 member(s), 1 room(s), 2 sealed epoch(s)" in first.stdout
+    second = await asyncio.to_thread(run_membershipd, *args)
+    assert second.returncode == 0 and "nothing to do" in second.stdout
+
+    nc = await nats.connect(server.nats_url, nkeys_seed=str(server.data_dir / "service.nkey"))
+    try:
+        kv = KvStore(nc.jetstream())
+        assert [m.handle for m in await kv.list_members()] == ["alice", "bob"]
+        copied = await kv.get_room(room)
+        assert copied.epoch == 2 and copied.handles == {"alice", "bob"}
+        for epoch in (1, 2):
+            got = await kv.get_sealed_key(room, "bob", epoch)
+            assert got is not None and len(got[1]) == 1168
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("nats://192.0.2.7:4250", "not a loopback address"),
+    ("nats://route:secret@127.0.0.1:4250", "credentials"),
+    ("http://127.0.0.1:4250", "--nats-url"),
+])
+def test_refusals_before_connecting(tmp_path, url, needle):
+    proc = run_membershipd("migrate-to-kv", "--data-dir", str(tmp_path), "--nats-url", url)
+    one_line(proc, 2, needle)
+    assert "secret" not in proc.stderr
+
+
+def test_needs_a_store_and_a_private_seed(tmp_path):
+    one_line(run_membershipd("migrate-to-kv", "--data-dir", str(tmp_path), "--nats-url", "nats://127.0.0.1:1"),
+             2, "nothing to copy")
+
+
+def test_ca_requires_verified_tls(tmp_path, daemon_with_admin):
+    pki = tmp_path / "pki"
+    ca = make_test_ca(pki, "client-ca")
+    cert = make_test_cert(pki, "nats", ca)
+    server = daemon_with_admin("--tls-cert", str(cert[0]), "--tls-key", str(cert[1]))
+    url = f"nats://localhost:{server.nats_port}"
+    ok = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url, "--ca", str(ca[0]))
+    assert ok.returncode == 0, ok.stderr
+    other = make_test_ca(pki, "other-ca")
+    bad = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url, "--ca", str(other[0]))
+    one_line(bad, 1, "cannot connect")

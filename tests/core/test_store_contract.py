@@ -1,0 +1,658 @@
+"""One contract suite for every store backend: SQLite (single node) and JetStream KV (cluster).
+
+The ``store`` fixture runs each contract test against both. The KV-only tests
+at the end cover what only a shared, networked store has: two instances on two
+connections, the watch (also across a NATS restart), failing fast when NATS is
+gone, the bucket's creation and upgrade, and ``copy_store`` (migrate-to-kv).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+from unibus.store.base import (
+    Change,
+    Conflict,
+    Member,
+    NotFound,
+    Store,
+    StoreUnavailable,
+)
+from unibus.store.db import migrate
+from unibus.store.kv import STATE_BUCKET, KvStore, copy_store
+from unibus.store.sqlite import SqliteStore, new_member
+from unibus.testing import NatsServer
+
+WAIT = 15.0  # upper bound of every wait for something asynchronous (never a timing assertion)
+
+
+def member(handle: str, role: str = "member", suite: str = "X25519") -> Member:
+    return new_member(handle, role, os.urandom(32), os.urandom(32 if suite == "X25519" else 1216), suite)
+
+
+async def connect(url: str) -> nats.NATS:
+    return await nats.connect(servers=[url], connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+                              reconnect_time_wait=0.1)
+
+
+async def kv_store(url: str, **kwargs: Any) -> tuple[nats.NATS, KvStore]:
+    nc = await connect(url)
+    store = KvStore(nc.jetstream(timeout=2.0), **kwargs)
+    await store.ensure()
+    return nc, store
+
+
+async def sqlite_store(path: Path) -> SqliteStore:
+    await asyncio.to_thread(migrate, path)
+    return SqliteStore(path)
+
+
+@pytest.fixture(params=["sqlite", "kv"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "sqlite":
+        s = await sqlite_store(tmp_path / "state.db")
+        try:
+            yield s
+        finally:
+            await s.close()
+    else:
+        server = request.getfixturevalue("nats_server")
+        nc, s = await kv_store(server.url)
+        try:
+            yield s
+        finally:
+            await s.close()
+            await nc.close()
+
+
+@pytest.fixture
+async def admin(store: Store) -> Member:
+    return await store.add_member(member("alice", "admin"))
+
+
+async def eventually(check: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy, at most ``timeout``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- members ----------------------------------------------------------------------
+
+
+async def test_add_get_list_members(store: Store) -> None:
+    a = await store.add_member(member("alice", "admin"))
+    b = await store.add_member(member("bob", suite="MLKEM768_X25519"))
+    assert await store.get_member("alice") == a
+    got = await store.get_member("bob")
+    assert got == b and got.as_json() == b.as_json() and len(got.enc_pub) == 1216
+    assert await store.get_member("nobody") is None
+    assert [m.handle for m in await store.list_members()] == ["alice", "bob"]
+    assert (await store.get_member("alice")).is_admin
+
+
+async def test_add_member_conflicts(store: Store) -> None:
+    a = await store.add_member(member("alice", "admin"))
+    with pytest.raises(Conflict):
+        await store.add_member(member("alice"))
+    twin = new_member("bob", "member", a.sign_pub, os.urandom(32), "X25519")
+    with pytest.raises(Conflict):
+        await store.add_member(twin)
+    assert [m.handle for m in await store.list_members()] == ["alice"]
+
+
+async def test_set_role_and_last_admin(store: Store, admin: Member) -> None:
+    with pytest.raises(NotFound):
+        await store.set_role("nobody", "admin")
+    await store.add_member(member("bob"))
+    with pytest.raises(Conflict):
+        await store.set_role("alice", "member")
+    assert (await store.set_role("alice", "admin")).role == "admin"  # unchanged is fine
+    assert (await store.set_role("bob", "admin")).role == "admin"
+    assert (await store.set_role("alice", "member")).role == "member"
+    assert (await store.get_member("alice")).role == "member"
+    with pytest.raises(Conflict):
+        await store.set_role("bob", "member")
+    with pytest.raises(Conflict):
+        await store.delete_member("bob")
+    assert (await store.get_member("bob")).is_admin
+
+
+async def test_delete_member_not_found_and_last_admin(store: Store, admin: Member) -> None:
+    with pytest.raises(NotFound):
+        await store.delete_member("nobody")
+    with pytest.raises(Conflict):
+        await store.delete_member("alice")
+    await store.add_member(member("bob", "admin"))
+    assert await store.delete_member("alice") == []
+    assert await store.get_member("alice") is None
+    with pytest.raises(NotFound):
+        await store.delete_member("alice")
+
+
+async def test_concurrent_demotions_keep_one_admin(store: Store) -> None:
+    for h in ("a1", "a2", "a3"):
+        await store.add_member(member(h, "admin"))
+    results = await asyncio.gather(store.set_role("a1", "member"), store.set_role("a2", "member"),
+                                   store.delete_member("a3"), return_exceptions=True)
+    assert sum(isinstance(r, Conflict) for r in results) == 1, results
+    assert not [r for r in results if isinstance(r, Exception) and not isinstance(r, Conflict)], results
+    admins = [m.handle for m in await store.list_members() if m.is_admin]
+    assert len(admins) == 1
+
+
+async def test_add_member_after_delete_reuses_handle(store: Store, admin: Member) -> None:
+    b = await store.add_member(member("bob"))
+    await store.delete_member("bob")
+    b2 = await store.add_member(new_member("bob", "member", b.sign_pub, os.urandom(32), "X25519"))
+    assert await store.get_member("bob") == b2
+
+
+# -- rooms ----------------------------------------------------------------------------
+
+
+async def test_create_get_list_rooms(store: Store, admin: Member) -> None:
+    with pytest.raises(NotFound):
+        await store.create_room("x", "nobody")
+    bob = await store.add_member(member("bob"))
+    r1 = await store.create_room("one", "alice")
+    assert (r1.name, r1.owner, r1.epoch, r1.rekey_required) == ("one", "alice", 0, True)
+    assert r1.members == (admin,) and r1.subject == f"unibus.room.{r1.room_id}"
+    r2 = await store.create_room("two", "bob")
+    assert await store.get_room(r1.room_id) == r1
+    assert await store.get_room("nosuchroom") is None
+    assert await store.get_room("not a valid id") is None
+    assert [r.room_id for r in await store.list_rooms()] == [r1.room_id, r2.room_id]
+    assert [r.room_id for r in await store.list_rooms("bob")] == [r2.room_id]
+    assert [r.room_id for r in await store.list_rooms("nobody")] == []
+    assert (await store.list_rooms("bob"))[0].members == (bob,)
+    assert r1.as_json()["members"] == [admin.room_entry()]
+
+
+async def test_delete_room(store: Store, admin: Member) -> None:
+    with pytest.raises(NotFound):
+        await store.delete_room("nosuchroom")
+    room = await store.create_room("r", "alice")
+    await store.put_keys(room.room_id, 1, {"alice": b"k1"})
+    await store.delete_room(room.room_id)
+    assert await store.get_room(room.room_id) is None
+    assert await store.list_rooms() == []
+    assert await store.get_sealed_key(room.room_id, "alice") is None
+    assert await store.get_sealed_key(room.room_id, "alice", 1) is None
+    with pytest.raises(NotFound):
+        await store.delete_room(room.room_id)
+    assert (await store.membership()).rooms == {}
+
+
+async def test_add_and_remove_room_members(store: Store, admin: Member) -> None:
+    bob = await store.add_member(member("bob"))
+    room = await store.create_room("r", "alice")
+    await store.put_keys(room.room_id, 1, {"alice": b"k"})
+    with pytest.raises(NotFound):
+        await store.add_room_member("nosuchroom", "bob")
+    with pytest.raises(NotFound):
+        await store.add_room_member(room.room_id, "nobody")
+    changes: list[Change] = []
+    store.add_listener(changes.append)
+    added = await store.add_room_member(room.room_id, "bob")
+    assert added.members == (admin, bob) and added.rekey_required and added.epoch == 1
+    again = await store.add_room_member(room.room_id, "bob")
+    assert again == added
+    assert [c.kind for c in changes] == ["room_member_added"]
+    with pytest.raises(NotFound):
+        await store.remove_room_member(room.room_id, "nobody")
+    with pytest.raises(NotFound):
+        await store.remove_room_member("nosuchroom", "bob")
+    await store.put_keys(room.room_id, 2, {"alice": b"k", "bob": b"k"})
+    removed = await store.remove_room_member(room.room_id, "bob")
+    assert removed.members == (admin,) and removed.rekey_required
+    with pytest.raises(NotFound):
+        await store.remove_room_member(room.room_id, "bob")
+    assert [r.room_id for r in await store.list_rooms("bob")] == []
+    assert [c.kind for c in changes] == ["room_member_added", "keys_posted", "room_member_removed"]
+
+
+async def test_owner_leaving_keeps_ownership(store: Store, admin: Member) -> None:
+    await store.add_member(member("bob"))
+    room = await store.create_room("r", "bob")
+    await store.add_room_member(room.room_id, "alice")
+    left = await store.remove_room_member(room.room_id, "bob")
+    assert left.owner == "bob" and [m.handle for m in left.members] == ["alice"]
+
+
+# -- sealed keys ---------------------------------------------------------------------------
+
+
+async def test_put_keys_rules(store: Store, admin: Member) -> None:
+    await store.add_member(member("bob"))
+    room = await store.create_room("r", "alice")
+    await store.add_room_member(room.room_id, "bob")
+    with pytest.raises(NotFound):
+        await store.put_keys("nosuchroom", 1, {"alice": b"x"})
+    for bad in (0, 2, -1):
+        with pytest.raises(Conflict) as e:
+            await store.put_keys(room.room_id, bad, {"alice": b"a", "bob": b"b"})
+        assert e.value.extra == {"current_epoch": 0}
+    with pytest.raises(Conflict) as e:
+        await store.put_keys(room.room_id, 1, {"alice": b"a", "carol": b"c"})
+    assert e.value.extra == {"missing": ["bob"], "extra": ["carol"]}
+    with pytest.raises(Conflict) as e:
+        await store.put_keys(room.room_id, 1, {})
+    assert e.value.extra == {"missing": ["alice", "bob"], "extra": []}
+    got = await store.put_keys(room.room_id, 1, {"alice": b"a1", "bob": b"b1"})
+    assert (got.epoch, got.rekey_required) == (1, False)
+    assert await store.get_room(room.room_id) == got
+    with pytest.raises(Conflict) as e:
+        await store.put_keys(room.room_id, 1, {"alice": b"a", "bob": b"b"})
+    assert e.value.extra == {"current_epoch": 1}
+    assert await store.get_sealed_key(room.room_id, "alice") == (1, b"a1")
+
+
+async def test_concurrent_put_keys_exactly_one_wins(store: Store, admin: Member) -> None:
+    await store.add_member(member("bob"))
+    room = await store.create_room("r", "alice")
+    await store.add_room_member(room.room_id, "bob")
+    attempts = [{"alice": f"a{i}".encode(), "bob": f"b{i}".encode()} for i in range(6)]
+    results = await asyncio.gather(*(store.put_keys(room.room_id, 1, s) for s in attempts), return_exceptions=True)
+    winners = [i for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    assert len(winners) == 1, results
+    assert all(isinstance(r, Conflict) for i, r in enumerate(results) if i != winners[0]), results
+    w = winners[0]
+    assert (await store.get_room(room.room_id)).epoch == 1
+    assert await store.get_sealed_key(room.room_id, "alice", 1) == (1, attempts[w]["alice"])
+    assert await store.get_sealed_key(room.room_id, "bob", 1) == (1, attempts[w]["bob"])
+
+
+async def test_get_sealed_key_latest_by_epoch_and_removed(store: Store, admin: Member) -> None:
+    await store.add_member(member("bob"))
+    room = await store.create_room("r", "alice")
+    rid = room.room_id
+    await store.put_keys(rid, 1, {"alice": b"a1"})
+    await store.add_room_member(rid, "bob")
+    assert await store.get_sealed_key(rid, "bob") is None  # never sealed to bob yet
+    await store.put_keys(rid, 2, {"alice": b"a2", "bob": b"b2"})
+    await store.put_keys(rid, 3, {"alice": b"a3", "bob": b"b3"})
+    await store.remove_room_member(rid, "bob")
+    await store.put_keys(rid, 4, {"alice": b"a4"})
+    assert await store.get_sealed_key(rid, "alice") == (4, b"a4")
+    assert await store.get_sealed_key(rid, "alice", 1) == (1, b"a1")
+    assert await store.get_sealed_key(rid, "alice", 5) is None
+    assert await store.get_sealed_key(rid, "bob") == (3, b"b3")  # a former member: latest addressed to it
+    assert await store.get_sealed_key(rid, "bob", 2) == (2, b"b2")
+    assert await store.get_sealed_key(rid, "bob", 1) is None
+    assert await store.get_sealed_key(rid, "bob", 4) is None  # removed: nothing after its removal
+    await store.add_room_member(rid, "bob")
+    await store.put_keys(rid, 5, {"alice": b"a5", "bob": b"b5"})
+    assert await store.get_sealed_key(rid, "bob", 4) is None
+    assert await store.get_sealed_key(rid, "bob") == (5, b"b5")
+    assert await store.get_sealed_key(rid, "nobody") is None
+    assert await store.get_sealed_key("nosuchroom", "alice") is None
+
+
+# -- delete_member cascades --------------------------------------------------------------------
+
+
+async def test_delete_member_cascades(store: Store, admin: Member) -> None:
+    bob = await store.add_member(member("bob"))
+    await store.add_member(member("carol"))
+    owned = await store.create_room("bob's", "bob")
+    await store.add_room_member(owned.room_id, "alice")
+    shared = await store.create_room("shared", "alice")
+    await store.add_room_member(shared.room_id, "bob")
+    await store.add_room_member(shared.room_id, "carol")
+    left_before = await store.create_room("left", "alice")
+    await store.add_room_member(left_before.room_id, "bob")
+    await store.put_keys(left_before.room_id, 1, {"alice": b"a", "bob": b"b"})
+    await store.remove_room_member(left_before.room_id, "bob")
+    await store.put_keys(left_before.room_id, 2, {"alice": b"a2"})
+    other = await store.create_room("other", "carol")
+    for r in (owned, shared):
+        handles = [m.handle for m in (await store.get_room(r.room_id)).members]
+        await store.put_keys(r.room_id, 1, {h: h.encode() for h in handles})
+
+    changes: list[Change] = []
+    store.add_listener(changes.append)
+    rooms = await store.delete_member("bob")
+    assert rooms == sorted([owned.room_id, shared.room_id])
+    assert changes == [Change("member_deleted", handle="bob", rooms=tuple(rooms))]
+    assert await store.get_member("bob") is None
+    o = await store.get_room(owned.room_id)
+    assert o.owner == "" and o.rekey_required and [m.handle for m in o.members] == ["alice"]
+    assert o.as_json()["owner"] is None
+    s = await store.get_room(shared.room_id)
+    assert s.rekey_required and [m.handle for m in s.members] == ["alice", "carol"]
+    lb = await store.get_room(left_before.room_id)
+    assert not lb.rekey_required  # bob had already left it
+    assert await store.get_room(other.room_id) == other  # untouched
+    for r in (owned, shared, left_before):
+        assert await store.get_sealed_key(r.room_id, "bob") is None
+        assert await store.get_sealed_key(r.room_id, "bob", 1) is None
+    assert await store.get_sealed_key(shared.room_id, "carol", 1) == (1, b"carol")
+    snap = await store.membership()
+    assert "bob" not in {m.handle for m in snap.members}
+    assert snap.rooms_of("bob") == []
+
+    # A new member with the old handle inherits nothing: rooms, ownership, keys.
+    bob2 = await store.add_member(member("bob"))
+    assert bob2.sign_pub != bob.sign_pub
+    assert await store.list_rooms("bob") == []
+    assert (await store.get_room(owned.room_id)).owner == ""
+    assert await store.get_sealed_key(shared.room_id, "bob", 1) is None
+    await store.add_room_member(shared.room_id, "bob")
+    assert await store.get_sealed_key(shared.room_id, "bob", 1) is None
+    await store.put_keys(shared.room_id, 2, {"alice": b"a", "bob": b"new", "carol": b"c"})
+    assert await store.get_sealed_key(shared.room_id, "bob") == (2, b"new")
+    assert await store.get_sealed_key(shared.room_id, "bob", 1) is None
+
+
+async def test_membership_snapshot(store: Store, admin: Member) -> None:
+    bob = await store.add_member(member("bob"))
+    r1 = await store.create_room("one", "alice")
+    r2 = await store.create_room("two", "bob")
+    await store.add_room_member(r1.room_id, "bob")
+    snap = await store.membership()
+    assert snap.members == (admin, bob)
+    assert snap.rooms == {r1.room_id: frozenset({"alice", "bob"}), r2.room_id: frozenset({"bob"})}
+    assert snap.rooms_of("bob") == sorted([r1.room_id, r2.room_id])
+    assert snap.rooms_of("alice") == [r1.room_id]
+
+
+# -- listeners ----------------------------------------------------------------------------------
+
+
+async def test_listeners_get_changes_and_writes_wait_for_them(store: Store) -> None:
+    seen: list[Change] = []
+    applied: list[str] = []
+
+    async def apply(change: Change) -> None:
+        await asyncio.sleep(0.01)
+        applied.append(change.kind)
+
+    store.add_listener(seen.append)
+    store.add_listener(lambda c: apply(c))
+
+    def broken(change: Change) -> None:
+        raise RuntimeError("a broken listener must not break the write")
+
+    store.add_listener(broken)
+
+    await store.add_member(member("alice", "admin"))
+    assert applied == ["member_added"]  # the write returned only after the awaitable finished
+    await store.add_member(member("bob"))
+    await store.set_role("bob", "admin")
+    room = await store.create_room("r", "alice")
+    await store.add_room_member(room.room_id, "bob")
+    await store.put_keys(room.room_id, 1, {"alice": b"a", "bob": b"b"})
+    await store.remove_room_member(room.room_id, "bob")
+    with pytest.raises(Conflict):
+        await store.put_keys(room.room_id, 1, {"alice": b"a"})  # a refused write changes nothing
+    await store.delete_member("bob")
+    await store.delete_room(room.room_id)
+    await store.reload()
+    kinds = ["member_added", "member_added", "member_updated", "room_created", "room_member_added", "keys_posted",
+             "room_member_removed", "member_deleted", "room_deleted", "reloaded"]
+    assert [c.kind for c in seen] == kinds
+    assert applied == kinds
+    assert seen[3] == Change("room_created", handle="alice", room_id=room.room_id)
+    assert seen[5] == Change("keys_posted", room_id=room.room_id)
+    assert seen[7] == Change("member_deleted", handle="bob", rooms=())
+
+
+# -- KV only: two nodes, the watch, failures, the bucket, the copy ----------------------------------
+
+
+@pytest.fixture
+async def two_kv(nats_server: NatsServer) -> AsyncIterator[tuple[KvStore, KvStore]]:
+    nc1, a = await kv_store(nats_server.url)
+    nc2, b = await kv_store(nats_server.url)
+    try:
+        yield a, b
+    finally:
+        for s, nc in ((a, nc1), (b, nc2)):
+            await s.close()
+            await nc.close()
+
+
+async def test_kv_two_instances_see_each_other_and_the_watch_fires(two_kv: tuple[KvStore, KvStore]) -> None:
+    a, b = two_kv
+    seen: list[Change] = []
+    b.add_listener(seen.append)
+    b.start_watch()
+    await asyncio.wait_for(b.watch_ready.wait(), WAIT)
+    await eventually(lambda: seen, "the watch's start-up reload")
+    seen.clear()
+
+    await a.add_member(member("alice", "admin"))
+    assert (await b.get_member("alice")) == (await a.get_member("alice"))
+    await eventually(lambda: [c for c in seen if c.kind == "reloaded"], "b's watch to report a's write")
+
+    seen.clear()
+    room = await a.create_room("r", "alice")
+    await eventually(lambda: seen, "b's watch to report the room")
+    assert (await b.get_room(room.room_id)) == room
+    bob = await b.add_member(member("bob"))
+    await b.add_room_member(room.room_id, "bob")
+    assert (await a.get_room(room.room_id)).members == (await a.get_member("alice"), bob)
+    assert (await a.membership()) == (await b.membership())
+
+    # Exactly one winner for one epoch across instances (two connections, as two nodes would).
+    results = await asyncio.gather(a.put_keys(room.room_id, 1, {"alice": b"a", "bob": b"b"}),
+                                   b.put_keys(room.room_id, 1, {"alice": b"A", "bob": b"B"}),
+                                   return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "Room"], results
+    won = next(r for r in results if not isinstance(r, Exception))
+    assert await b.get_room(room.room_id) == won == await a.get_room(room.room_id)
+
+    # The last-admin guard across instances.
+    await a.set_role("bob", "admin")
+    results = await asyncio.gather(a.set_role("alice", "member"), b.set_role("bob", "member"),
+                                   return_exceptions=True)
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "Member"], results
+    assert len([m for m in await a.list_members() if m.is_admin]) == 1
+
+    # A deletion through a reaches b's readers at once.
+    non_admin = next(m.handle for m in await a.list_members() if not m.is_admin)
+    await a.delete_member(non_admin)
+    assert await b.get_member(non_admin) is None
+    assert await b.membership() == await a.membership()
+
+
+async def test_kv_own_writes_are_not_reported_again(two_kv: tuple[KvStore, KvStore]) -> None:
+    a, b = two_kv
+    seen: list[Change] = []
+    a.add_listener(seen.append)
+    a.start_watch()
+    await asyncio.wait_for(a.watch_ready.wait(), WAIT)
+    await eventually(lambda: a.watch_stats["reported"] == 1, "the watch's start-up reload")
+    seen.clear()
+    await a.add_member(member("alice", "admin"))  # one batch: member, sign index, admins
+    await eventually(lambda: a.watch_stats["own"] == 3, "the watch to see a's own batch")
+    assert [c.kind for c in seen] == ["member_added"]  # reported once, by the write itself
+    await b.add_member(member("zed"))
+    await eventually(lambda: [c for c in seen if c.kind == "reloaded"], "b's write, reported by a's watch")
+    assert a.watch_stats["remote"] == 2
+
+
+async def test_kv_watch_survives_a_nats_restart(nats_server: NatsServer) -> None:
+    nc1, a = await kv_store(nats_server.url)
+    nc2, b = await kv_store(nats_server.url)
+    try:
+        seen: list[Change] = []
+        b.add_listener(seen.append)
+        b.start_watch()
+        await asyncio.wait_for(b.watch_ready.wait(), WAIT)
+        await a.add_member(member("alice", "admin"))
+        await eventually(lambda: b.watch_restarts == 0 and seen, "the first report")
+
+        nats_server.kill()
+        await eventually(lambda: b.watch_restarts >= 1 and b.watch_ready.is_set(), "the watch to come back")
+        seen.clear()
+
+        async def write() -> bool:
+            try:
+                await a.add_member(member("bob"))
+                return True
+            except StoreUnavailable:
+                return False
+
+        await eventually(write, "a write after the restart")
+        await eventually(lambda: [c for c in seen if c.kind == "reloaded"], "b's watch after the restart")
+        assert [m.handle for m in await b.list_members()] == ["alice", "bob"]  # nothing lost
+    finally:
+        for s, nc in ((a, nc1), (b, nc2)):
+            await s.close()
+            await nc.close()
+
+
+async def test_kv_unavailable_fails_fast(tmp_path: Path) -> None:
+    server = NatsServer(tmp_path / "doomed")
+    stopped = False
+    try:
+        nc, s = await kv_store(server.url, timeout=1.0)
+        await s.add_member(member("alice", "admin"))
+        room = await s.create_room("r", "alice")
+        s.start_watch()
+        await asyncio.to_thread(server.stop)
+        stopped = True
+        calls = [
+            s.list_members(), s.get_member("alice"), s.add_member(member("bob")), s.set_role("alice", "admin"),
+            s.delete_member("alice"), s.create_room("x", "alice"), s.list_rooms(), s.get_room(room.room_id),
+            s.delete_room(room.room_id), s.add_room_member(room.room_id, "alice"),
+            s.remove_room_member(room.room_id, "alice"), s.put_keys(room.room_id, 1, {"alice": b"k"}),
+            s.get_sealed_key(room.room_id, "alice"), s.membership(), s.ensure(),
+        ]
+        for call in calls:
+            with pytest.raises(StoreUnavailable):
+                await asyncio.wait_for(call, 10)  # bounded: a hang fails the test instead of blocking it
+        await asyncio.wait_for(s.close(), 10)
+        with contextlib.suppress(Exception):  # nats-py may fail to close a connection that is down
+            await nc.close()
+    finally:
+        if not stopped:
+            server.stop()
+
+
+async def test_kv_unavailable_while_connected_times_out_quickly(nats_server: NatsServer) -> None:
+    """A bucket that does not answer (here: absent) is a StoreUnavailable, not a hang."""
+    nc = await connect(nats_server.url)
+    try:
+        s = KvStore(nc.jetstream(timeout=1.0), timeout=1.0, bucket="unibus_absent")
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(s.get_member("alice"), 10)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(s.add_member(member("alice")), 10)
+        with pytest.raises(StoreUnavailable):
+            await asyncio.wait_for(s.list_members(), 10)
+    finally:
+        await nc.close()
+
+
+async def test_kv_ensure_creates_and_upgrades_in_place(nats_server: NatsServer) -> None:
+    nc = await connect(nats_server.url)
+    try:
+        js = nc.jetstream(timeout=2.0)
+        # A bucket made earlier without atomic batches (as a plain KV bucket), with data in it.
+        kv = await js.create_key_value(config=KeyValueConfig(bucket=STATE_BUCKET, history=1, replicas=1))
+        await kv.put("meta.note", b'{"kept": true}')
+        before = (await js.stream_info(f"KV_{STATE_BUCKET}")).state.messages
+        s = KvStore(js, replicas=1)
+        await s.ensure()
+        status = await s.status()
+        assert status["allow_atomic"] and status["replicas"] == 1
+        assert status["messages"] == before + 1  # + meta.schema; nothing lost
+        assert (await kv.get("meta.note")).value == b'{"kept": true}'
+        await s.add_member(member("alice", "admin"))
+        await s.ensure()  # idempotent
+        assert (await s.status())["messages"] == before + 4  # + member, sign index, admins: one batch
+        assert (await s.get_member("alice")).is_admin
+        # Asking for more replicas than a single server can hold is refused, and changes nothing.
+        with pytest.raises(StoreUnavailable):
+            await KvStore(js, replicas=3).ensure()
+        assert (await s.status())["replicas"] == 1
+        assert (await s.get_member("alice")).is_admin
+    finally:
+        await nc.close()
+
+
+async def test_kv_deleted_keys_are_removed_not_only_hidden(nats_server: NatsServer) -> None:
+    nc, s = await kv_store(nats_server.url)
+    try:
+        await s.add_member(member("alice", "admin"))
+        await s.add_member(member("bob"))
+        room = await s.create_room("r", "alice")
+        await s.add_room_member(room.room_id, "bob")
+        for e in (1, 2):
+            await s.put_keys(room.room_id, e, {"alice": b"a", "bob": b"b"})
+        await s.delete_member("bob")
+        for e in (1, 2):
+            entry, _rev = await s._read(f"keys.{room.room_id}.{e}")
+            assert set(entry["sealed"]) == {"alice"}
+        await s.delete_room(room.room_id)
+        assert await s._read(f"keys.{room.room_id}.1") == (None, 0)  # purged, not even a tombstone
+    finally:
+        await s.close()
+        await nc.close()
+
+
+async def test_copy_store_sqlite_to_kv_is_complete_and_idempotent(tmp_path: Path, nats_server: NatsServer) -> None:
+    src = await sqlite_store(tmp_path / "src.db")
+    nc, dst = await kv_store(nats_server.url)
+    try:
+        await src.add_member(member("alice", "admin"))
+        await src.add_member(member("bob", suite="MLKEM768_X25519"))
+        await src.add_member(member("carol"))
+        await src.add_member(member("dave", "admin"))
+        r1 = await src.create_room("one", "alice")
+        for h in ("bob", "carol"):
+            await src.add_room_member(r1.room_id, h)
+        await src.put_keys(r1.room_id, 1, {"alice": b"a1", "bob": b"b1", "carol": b"c1"})
+        await src.remove_room_member(r1.room_id, "carol")
+        await src.put_keys(r1.room_id, 2, {"alice": b"a2", "bob": b"b2"})
+        await src.add_room_member(r1.room_id, "dave")  # rekey_required, not rekeyed
+        r2 = await src.create_room("two", "carol")
+        await src.add_room_member(r2.room_id, "alice")
+        await src.remove_room_member(r2.room_id, "carol")  # owner left: still the owner
+        await src.create_room("three", "dave")
+
+        counts = await copy_store(src, dst)
+        assert counts == {"members": 4, "rooms": 3, "sealed_epochs": 2}
+        assert [m.as_json() for m in await dst.list_members()] == [m.as_json() for m in await src.list_members()]
+        assert [r.as_json() for r in await dst.list_rooms()] == [r.as_json() for r in await src.list_rooms()]
+        assert await dst.membership() == await src.membership()
+        for room in await src.list_rooms():
+            for h in ("alice", "bob", "carol", "dave"):
+                assert await dst.get_sealed_key(room.room_id, h) == await src.get_sealed_key(room.room_id, h)
+                for e in range(room.epoch + 2):
+                    assert await dst.get_sealed_key(room.room_id, h, e) == await src.get_sealed_key(room.room_id, h, e)
+        assert await dst.get_sealed_key(r1.room_id, "carol") == (1, b"c1")
+
+        last_seq = (await dst.status())["last_seq"]
+        assert await copy_store(src, dst) == {"members": 0, "rooms": 0, "sealed_epochs": 0}
+        assert (await dst.status())["last_seq"] == last_seq  # the second run wrote nothing
+
+        # The copy obeys the rules: the last-admin guard knows both admins; rekeys continue.
+        await dst.delete_member("dave")
+        with pytest.raises(Conflict):
+            await dst.set_role("alice", "member")
+        room = await dst.put_keys(r1.room_id, 3, {"alice": b"a3", "bob": b"b3"})
+        assert room.epoch == 3 and not room.rekey_required
+    finally:
+        await src.close()
+        await dst.close()
+        await nc.close()
