@@ -80,10 +80,13 @@ class NonceStore:
                 raise
             info = await self.bus.js.stream_info(f"KV_{NONCE_BUCKET}")
             cfg = info.config
-            if cfg.max_age != float(self.ttl) or cfg.num_replicas != self.replicas:
-                cfg.max_age, cfg.num_replicas = float(self.ttl), self.replicas
+            # Replicas are only ever raised (R1 -> R3 in place keeps every key):
+            # a node restarted with a stale --kv-replicas must not lower them.
+            replicas = max(cfg.num_replicas or 1, self.replicas)
+            if cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas:
+                cfg.max_age, cfg.num_replicas = float(self.ttl), replicas
                 await self.bus.js.update_stream(cfg)
-                log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, self.replicas)
+                log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, replicas)
 
     async def available(self, timeout: float = 1.0) -> bool:
         """The bucket's stream answers (JetStream up, stream has a leader)."""
