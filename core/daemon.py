@@ -172,7 +172,6 @@ class Daemon:
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
                             middlewares=[auth_middleware(authenticator)])
-        self.app[EXTRA]["daemon"] = self
         if self._system_seed is not None:
             self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
@@ -183,6 +182,9 @@ class Daemon:
             register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True
+        # The first nats.conf was built before the store was up (from SQLite);
+        # a clustered node's truth is in KV. Bring nats-server in line now.
+        await self.reconfigure_nats()
 
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT)
         await self.runner.setup()
