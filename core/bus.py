@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import ssl
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
@@ -17,6 +18,28 @@ from .errors import RuntimeFailure
 from .settings import Secret
 
 log = logging.getLogger("unibus.bus")
+
+#: How long a clustered node waits for JetStream (a quorum of its peers) at start.
+CLUSTER_FORM_TIMEOUT = 120.0
+
+
+async def retry_until(fn: Callable[[], Awaitable[object]], timeout: float, what: str) -> None:
+    """Call ``await fn()`` until it succeeds; RuntimeFailure naming ``what`` after ``timeout``.
+
+    JetStream answers "insufficient resources" or "no suitable peers" while a
+    cluster is still forming; those clear up as the other nodes join.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        try:
+            await fn()
+            return
+        except Exception as e:
+            if loop.time() > deadline:
+                raise RuntimeFailure(f"{what}: {type(e).__name__}: {e}") from None
+            log.info("%s (retrying): %s", what, e)
+            await asyncio.sleep(0.5)
 
 
 def embedded_tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:

@@ -26,7 +26,7 @@ from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EXTRA, RECONFIGURE_NATS, make_app
 from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware
-from .bus import Bus, embedded_tls_context
+from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .natsconf import base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager
@@ -48,29 +48,8 @@ log = logging.getLogger("unibus.daemon")
 HTTP_STOP_TIMEOUT = 2.0
 SHUTDOWN_HOOKS_BUDGET = 5.0
 NATS_STOP_TIMEOUT = 2.5
-#: How long a clustered node waits for JetStream (a quorum of its peers) at start.
-CLUSTER_FORM_TIMEOUT = 120.0
 #: How long a configuration change waits for others to join it in one reload.
 RECONFIGURE_DEBOUNCE = 0.01
-
-
-async def retry_until(fn: Any, timeout: float, what: str) -> None:
-    """Call ``await fn()`` until it succeeds; RuntimeFailure naming ``what`` after ``timeout``.
-
-    JetStream answers "insufficient resources" or "no suitable peers" while a
-    cluster is still forming; those clear up as the other nodes join.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        try:
-            await fn()
-            return
-        except Exception as e:
-            if loop.time() > deadline:
-                raise RuntimeFailure(f"{what}: {type(e).__name__}: {e}") from None
-            log.info("%s (retrying): %s", what, e)
-            await asyncio.sleep(0.5)
 
 
 def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -243,6 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", metavar="TEXT")
     p.add_argument("--no-sender", action="store_true", help="do not add the Unibus-Sender header")
     p.set_defaults(func=cmd_send)
+
+    blob = sub.add_parser("blob", help="put or get a room blob (encrypted with the room key on your side)")
+    bsub = blob.add_subparsers(dest="blob_command", metavar="ACTION", parser_class=_Parser)
+    bsub.required = True
+    p = _leaf(bsub, "put", "encrypt FILE with the room's current key, upload it, print its blob id")
+    p.add_argument("room", metavar="ROOM")
+    p.add_argument("file", metavar="FILE")
+    p.set_defaults(func=cmd_blob_put)
+    p = _leaf(bsub, "get", "download a blob, check it, decrypt it into OUT")
+    p.add_argument("room", metavar="ROOM")
+    p.add_argument("blob_id", metavar="BLOB_ID")
+    p.add_argument("out", metavar="OUT")
+    p.set_defaults(func=cmd_blob_get)
 
     p = _leaf(sub, "listen", "print the room's messages as they arrive, decrypted")
     p.add_argument("room", metavar="ROOM")
@@ -517,6 +531,53 @@ def _setup_logging() -> None:
         logging.getLogger().addHandler(logging.NullHandler())
 
 
+class _Progress:
+    """A progress bar on stderr, only when stderr is a terminal."""
+
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.enabled = sys.stderr.isatty()
+        self._last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        pct = 100 if not total else min(100, done * 100 // total)
+        if pct == self._last:
+            return
+        self._last = pct
+        bar = "#" * (pct // 4)
+        sys.stderr.write(f"\r{self.label} [{bar:<25}] {pct:3d}% {done / 1048576:8.1f} MiB")
+        if pct == 100:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+async def cmd_blob_put(ctx: Context, c: UnibusClient) -> int:
+    from .blobs import put_blob
+
+    room_id = _room_arg(ctx.args.room)
+    path = Path(ctx.args.file).expanduser()
+    if not path.is_file():
+        raise UsageError(f"{path} is not a readable file")
+    blob_id = await put_blob(c, room_id, path, progress=_Progress("upload"))
+    _json_out({"room_id": room_id, "blob_id": blob_id}) if ctx.json else _out(blob_id)
+    return EXIT_OK
+
+
+async def cmd_blob_get(ctx: Context, c: UnibusClient) -> int:
+    from .blobs import get_blob
+
+    room_id = _room_arg(ctx.args.room)
+    blob_id = ctx.args.blob_id.lower()
+    if len(blob_id) != 64 or any(ch not in "0123456789abcdef" for ch in blob_id):
+        raise UsageError(f"{ctx.args.blob_id!r} is not a blob id (64 hex characters)")
+    size = await get_blob(c, room_id, blob_id, Path(ctx.args.out).expanduser(), progress=_Progress("download"))
+    if ctx.json:
+        _json_out({"room_id": room_id, "blob_id": blob_id, "out": str(ctx.args.out), "size": size})
+    return EXIT_OK
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     parser = build_parser()
@@ -537,6 +598,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except (BusError, SealError) as exc:
         _err(str(exc))
+        return EXIT_FAILED
+    except ValueError as exc:  # BlobFormatError/BlobIntegrityError: a blob that does not decrypt
+        _err(str(exc))
+        return EXIT_FAILED
+    except OSError as exc:  # a local file that cannot be read or written
+        _err(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
         return EXIT_FAILED
     except (HandleError, KeyFormatError) as exc:
         # arguments are validated up front (UsageError); these come from server data

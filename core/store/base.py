@@ -141,6 +141,10 @@ Listener = Callable[[Change], Any]
 class Store(abc.ABC):
     """The interface of a membershipd store. Every method is a coroutine."""
 
+    #: True when this store is the whole cluster's truth (KV), so a room it
+    #: does not know is really gone (the blob store sweeps by it).
+    cluster_wide = False
+
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
 

@@ -155,6 +155,8 @@ class KvStore(Store):
     leader, no quorum) it raises :class:`StoreUnavailable` — the HTTP layer's 503.
     """
 
+    cluster_wide = True
+
     def __init__(self, js: JetStreamContext, *, replicas: int = 1, timeout: float = 2.0,
                  bucket: str = STATE_BUCKET) -> None:
         super().__init__()

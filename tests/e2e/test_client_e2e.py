@@ -468,3 +468,33 @@ def refused_bus(proc: subprocess.CompletedProcess[str]) -> str:
     assert len(errors) == 1, proc.stderr
     assert "refused" in errors[0], errors[0]
     return errors[0]
+
+
+# --------------------------------------------------------------------------- blobs
+
+
+def test_blob_put_and_get_via_cli(world, tmp_path):
+    alice, bob, carol = world["alice"], world["bob"], world["carol"]
+    ok(alice.cli("members", "add", *bob.key_flags))
+    ok(alice.cli("members", "add", *carol.key_flags))
+    room = json.loads(ok(alice.cli("rooms", "create", "files", "--json")))["room_id"]
+    ok(alice.cli("rooms", "add", room, "bob"))
+    ok(alice.cli("rooms", "rekey", room))
+
+    src = tmp_path / "report.bin"
+    src.write_bytes(os.urandom(200_000) + b"the end")
+    blob_id = ok(alice.cli("blob", "put", room, str(src))).strip()
+    assert len(blob_id) == 64
+    stored = list((world["daemon"].data_dir / "blobs").rglob("*"))
+    assert stored and not any(src.read_bytes()[:64] in p.read_bytes() for p in stored if p.is_file())  # ciphertext only
+
+    out = tmp_path / "copy.bin"
+    ok(bob.cli("blob", "get", room, blob_id, str(out)))
+    assert out.read_bytes() == src.read_bytes()
+
+    refused(carol.cli("blob", "get", room, blob_id, str(tmp_path / "nope")), 403)
+    assert not (tmp_path / "nope").exists()
+    bad = bob.cli("blob", "get", room, "not-an-id", str(out))
+    assert bad.returncode == 2 and "64 hex" in bad.stderr
+    missing = alice.cli("blob", "put", room, str(tmp_path / "missing.bin"))
+    assert missing.returncode == 2 and "missing.bin" in missing.stderr
