@@ -122,32 +122,43 @@ class NonceStore:
 class MemberDirectory:
     """Members by handle, with their parsed verify keys, cached in memory.
 
-    A committed member change marks the cache stale synchronously (store
+    A committed member change marks that handle dirty synchronously (store
     listeners run before the writing handler returns), and the next lookup
-    reloads it first: a deleted member's next request is already refused.
+    re-reads it first: a deleted member's next request is already refused.
+    A reload (SIGHUP, another cluster node's change) re-reads everything.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._members: dict[str, tuple[Member, nacl.signing.VerifyKey]] = {}
-        self._stale = True
+        self._stale = True  # reload everything
+        self._dirty: set[str] = set()  # reload these handles
         self._lock = asyncio.Lock()
         store.add_listener(self._on_change)
 
     def _on_change(self, change: Change) -> None:
-        if change.kind.startswith("member_") or change.kind == "reloaded":
+        if change.kind == "reloaded":
             self._stale = True
+        elif change.kind.startswith("member_") and change.handle:
+            self._dirty.add(change.handle)
 
     async def _refresh(self) -> None:
         async with self._lock:
-            if not self._stale:
-                return
-            self._stale = False
-            members = await self.store.list_members()
-            self._members = {mb.handle: (mb, nacl.signing.VerifyKey(mb.sign_pub)) for mb in members}
+            if self._stale:
+                self._stale = False
+                self._dirty.clear()
+                members = await self.store.list_members()
+                self._members = {mb.handle: (mb, nacl.signing.VerifyKey(mb.sign_pub)) for mb in members}
+            while self._dirty:
+                handle = self._dirty.pop()
+                mb = await self.store.get_member(handle)
+                if mb is None:
+                    self._members.pop(handle, None)
+                else:
+                    self._members[handle] = (mb, nacl.signing.VerifyKey(mb.sign_pub))
 
     async def get(self, handle: str) -> tuple[Member, nacl.signing.VerifyKey] | None:
-        if self._stale:
+        if self._stale or self._dirty:
             await self._refresh()
         return self._members.get(handle)
 

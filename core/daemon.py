@@ -177,8 +177,8 @@ class Daemon:
 
     def write_nats_config(self) -> dict[str, Any]:
         config = nats_config(self.settings, self.plugins, self._system_user)
-        write_config(config, self.settings.nats_conf_path)
         self._rendered = render_config(config)
+        write_config(self._rendered, self.settings.nats_conf_path)
         return config
 
     def reconfigure_nats(self) -> asyncio.Future[bool]:
@@ -217,10 +217,10 @@ class Daemon:
             # What bus authorization is built from, read from whichever backend.
             publish_membership(self.settings.data_dir, await self.store.membership())
         config = await asyncio.to_thread(nats_config, self.settings, self.plugins, self._system_user)
-        rendered = render_config(config)
+        rendered = await asyncio.to_thread(render_config, config)
         if rendered == self._rendered:
             return True
-        await asyncio.to_thread(write_config, config, self.settings.nats_conf_path)
+        await asyncio.to_thread(write_config, rendered, self.settings.nats_conf_path)
         self._rendered = rendered
         self.supervisor.forward_levels = forward_levels(config)
         return await self.supervisor.reload_and_wait()

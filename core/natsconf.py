@@ -12,7 +12,6 @@ format config text. Two rules are enforced here, after every plugin ran:
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -108,8 +107,8 @@ def enforce_loopback_monitor(config: dict[str, Any]) -> None:
 
 
 def finalize_config(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Apply the core's invariants to a plugin-mutated config; returns a new dict."""
-    final = copy.deepcopy(config)
+    """Apply the core's invariants to a freshly built, plugin-mutated config, in place."""
+    final = config
     enforce_loopback_monitor(final)
     if settings.cluster_name and settings.cluster_pass is not None:
         cluster = final.setdefault("cluster", {})
@@ -133,9 +132,9 @@ def render_config(config: dict[str, Any]) -> str:
     return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
-def write_config(config: dict[str, Any], path: Path) -> None:
-    """Write the rendered config atomically with mode 0600 from the first byte."""
-    text = render_config(config)
+def write_config(config: dict[str, Any] | str, path: Path) -> None:
+    """Write the config (a dict, or its rendered text) atomically, mode 0600 from the first byte."""
+    text = config if isinstance(config, str) else render_config(config)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

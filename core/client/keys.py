@@ -286,13 +286,9 @@ def validate_enc_pub(b64: Any, suite: Any) -> bytes:
 
 
 def _crc16_xmodem(data: bytes) -> int:
-    crc = 0
-    for byte in data:
-        crc ^= byte << 8
-        for _ in range(8):
-            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else (crc << 1)
-            crc &= 0xFFFF
-    return crc
+    # CRC-16/XMODEM is CRC-CCITT with initial value 0: binascii does it in C
+    # (bus authorization encodes one nkey per member on every reload).
+    return binascii.crc_hqx(data, 0)
 
 
 def nkey_from_sign_pub(raw32: Any) -> str:

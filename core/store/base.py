@@ -21,7 +21,7 @@ log = logging.getLogger("unibus.store")
 
 ROLES = ("admin", "member")
 #: How long a write waits for its listeners (a nats-server reload) to apply it.
-CHANGE_APPLY_TIMEOUT = 5.0
+CHANGE_APPLY_TIMEOUT = 15.0  # longer than a nats-server reload may take (10 s)
 
 
 def b64(raw: bytes) -> str:
@@ -99,7 +99,18 @@ class Membership:
     rooms: dict[str, frozenset[str]] = field(default_factory=dict)  # room_id -> handles
 
     def rooms_of(self, handle: str) -> list[str]:
-        return sorted(r for r, hs in self.rooms.items() if handle in hs)
+        return self._by_member().get(handle, [])
+
+    def _by_member(self) -> dict[str, list[str]]:
+        # Built once per snapshot: members x rooms scans cost 0.6 s at 10,000 members.
+        index = self.__dict__.get("_index")
+        if index is None:
+            index = {}
+            for room_id in sorted(self.rooms):
+                for handle in self.rooms[room_id]:
+                    index.setdefault(handle, []).append(room_id)
+            object.__setattr__(self, "_index", index)
+        return index
 
 
 @dataclass(frozen=True)

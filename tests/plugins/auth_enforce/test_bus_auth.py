@@ -85,6 +85,8 @@ async def bus_world(daemon_with_admin, alice):
 async def receives(sub_conn: Conn, pub_conn: Conn, subject: str) -> bool:
     """Does a message published on ``subject`` by pub_conn reach a fresh subscription of sub_conn?"""
     sub = await sub_conn.nc.subscribe(subject)
+    # Twice: nats-py 2.16 may send flush's PING before a still-buffered SUB.
+    await sub_conn.nc.flush()
     await sub_conn.nc.flush()
     await pub_conn.nc.publish(subject, b"ping")
     await pub_conn.nc.flush()
