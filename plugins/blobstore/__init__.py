@@ -1,18 +1,361 @@
-"""blobstore: content-addressed, encrypted room blobs (SPEC §5, §8).
+"""blobstore: streamed, content-addressed room blobs (SPEC §5, §8; issue 7).
 
-Not implemented in this release: no blob routes are served, and ``/healthz``
-says so under ``blobstore``.
+Routes (added by :func:`startup`, documented in ``/openapi.json``)::
+
+    PUT    /v1/rooms/{room_id}/blobs              room members; streamed body, signed Content-Digest
+    GET    /v1/rooms/{room_id}/blobs/{blob_id}    room members; streamed, Content-Digest + Content-Length
+    DELETE /v1/rooms/{room_id}/blobs/{blob_id}    the uploader (while a member), the room's owner, admins
+
+A blob is whatever the client sends, normally a file encrypted with the room
+key (``unibus.client.blobs``; the server never sees plaintext). Its id is the
+SHA-256 of its bytes, so uploading the same bytes again is idempotent.
+
+The upload handler is marked streaming (``unibus_streaming``): the auth layer
+checks the signature, including that a ``Content-Digest`` is covered, without
+reading the body; the handler then streams the body into a staging file,
+hashing it, and compares the hash with the signed digest at the end (400 and
+nothing stored on a mismatch). ``Content-Length`` above ``--blob-max-bytes``
+is refused with 413 before anything is read, and a body (chunked or not) that
+runs over the limit is refused with 413 as soon as it does.
+
+Storage: :mod:`.fs` (``<data-dir>/blobs``) on a single node; :mod:`.objectstore`
+(the JetStream object store ``unibus_blobs``, ``--kv-replicas`` replicas) in
+cluster mode. Deleting a room deletes its blobs. See docs/blobstore.md.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import functools
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from aiohttp import web
 from unibus import hookimpl
+from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
+from unibus.settings import Option, parse_positive_int
+
+from .backend import WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
 
 PLUGIN_NAME = "blobstore"
+DEFAULT_MAX_BYTES = 104857600
+#: ``app[unibus.app.EXTRA][EXTRA_KEY]`` holds the running :class:`BlobService`.
+EXTRA_KEY = "blobstore"
+BLOBS_DIR = "blobs"
+
+log = logging.getLogger("unibus.plugins.blobstore")
+
+
+class BlobService:
+    """The plugin's runtime: the backend and the limit."""
+
+    def __init__(self, backend: BlobBackend, max_bytes: int) -> None:
+        self.backend = backend
+        self.max_bytes = max_bytes
+
+    def on_change(self, change: Any) -> Awaitable[int] | None:
+        """Store listener: a deleted room takes its blobs with it (the DELETE waits for it)."""
+        if change.kind == "room_deleted" and change.room_id:
+            return self.backend.delete_room(change.room_id)
+        return None
+
+
+def make_backend(settings: Any, js: Any = None) -> BlobBackend:
+    """The fs backend on a single node; the JetStream object store in cluster mode."""
+    root = settings.data_dir / BLOBS_DIR
+    if settings.clustered:
+        from .objectstore import ObjectStoreBackend
+
+        return ObjectStoreBackend(js, root, replicas=settings.kv_replicas)
+    from .fs import FsBackend
+
+    return FsBackend(root)
+
+
+# --------------------------------------------------------------------------- hooks
 
 
 @hookimpl
-def healthz_fields(app) -> dict[str, Any]:
-    return {PLUGIN_NAME: {"enabled": False}}
+def cli_options() -> list[Option]:
+    return [
+        Option(
+            "--blob-max-bytes",
+            help=f"largest blob accepted, in bytes (default {DEFAULT_MAX_BYTES})",
+            default=DEFAULT_MAX_BYTES,
+            convert=parse_positive_int,
+            metavar="N",
+        )
+    ]
+
+
+@hookimpl
+async def startup(app: web.Application) -> None:
+    from unibus.app import BUS, EXTRA, SETTINGS, STORE
+
+    settings = app[SETTINGS]
+    store = app[STORE]
+    backend = make_backend(settings, app[BUS].js)
+
+    async def room_exists(room_id: str) -> bool:
+        return await store.get_room(room_id) is not None
+
+    # Blobs of rooms the store no longer knows are swept at start-up, but in a
+    # cluster only when the store is cluster-wide: a node-local store (SQLite on
+    # every node) does not know the rooms other nodes made, whose blobs share
+    # the object store.
+    sweep = not settings.clustered or bool(getattr(store, "cluster_wide", False))
+    # A forming cluster elects the object store's stream leader after the
+    # other buckets': retry like the core does for its own buckets.
+    await retry_until(lambda: backend.start(room_exists if sweep else None),
+                      CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
+    service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)))
+    app[EXTRA][EXTRA_KEY] = service
+    store.add_listener(service.on_change)
+    register_routes(app)
+
+
+@hookimpl
+async def shutdown(app: web.Application) -> None:
+    from unibus.app import EXTRA
+
+    service = app[EXTRA].get(EXTRA_KEY)
+    if service is not None:
+        await service.backend.close()
+
+
+@hookimpl
+def healthz_fields(app: web.Application) -> dict[str, Any]:
+    from unibus.app import EXTRA
+
+    service = app[EXTRA].get(EXTRA_KEY)
+    if service is None:
+        return {PLUGIN_NAME: {"backend": None, "blobs": 0, "bytes": 0}}
+    return {PLUGIN_NAME: service.backend.stats()}
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+def _service(request: web.Request) -> BlobService:
+    from unibus.app import EXTRA
+
+    return request.app[EXTRA][EXTRA_KEY]
+
+
+def _problem(status: int, detail: str, kind: str | None = None, **kw: Any) -> Exception:
+    from unibus.problems import Problem
+
+    return Problem(status, detail, kind=kind, **kw)
+
+
+def _unavailable_as_503(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BlobUnavailable as e:
+            raise _problem(503, str(e), kind="blobstore-unavailable", headers={"Retry-After": "1"}) from None
+
+    return wrapped
+
+
+async def _room_for_member(request: web.Request) -> Any:
+    """The room of the path; 404 if absent, 403 unless the caller is one of its members."""
+    from unibus.api.rooms import load_room
+    from unibus.auth import current_member
+
+    room = await load_room(request)
+    me = current_member(request)
+    if me.handle not in room.handles:
+        raise _problem(403, "only the room's members may use its blobs", kind="forbidden")
+    return room, me
+
+
+def _blob_id(request: web.Request) -> str:
+    raw = request.match_info["blob_id"]
+    try:
+        return check_blob_id(raw.lower() if len(raw) == 64 else raw)
+    except ValueError:
+        raise _problem(422, "blob_id: must be 64 hex characters (the SHA-256 of the blob)",
+                       kind="invalid-field") from None
+
+
+def content_digest_value(blob_id: str) -> str:
+    return "sha-256=:" + base64.b64encode(bytes.fromhex(blob_id)).decode("ascii") + ":"
+
+
+async def put_blob(request: web.Request) -> web.Response:
+    from unibus.api.common import json_response
+    from unibus.app import STORE
+    from unibus.auth import unauthorized
+
+    service = _service(request)
+    room, me = await _room_for_member(request)
+    verified = request.get("unibus.signature")
+    expected = getattr(verified, "content_sha256", None)
+    if expected is None:
+        raise unauthorized("a blob upload needs a signed Content-Digest (sha-256) that names the body")
+    limit = service.max_bytes
+    length = request.content_length
+    if length is not None and length > limit:
+        raise _problem(413, f"the blob is {length} bytes; this server accepts at most {limit} (--blob-max-bytes)",
+                       kind="too-large", max_bytes=limit)
+    upload = await service.backend.begin(room.room_id)
+    try:
+        total = 0
+        parts: list[bytes] = []
+        buffered = 0
+        async for data in request.content.iter_any():
+            total += len(data)
+            if total > limit:
+                raise _problem(413, f"the blob is larger than {limit} bytes, the most this server accepts "
+                               "(--blob-max-bytes)", kind="too-large", max_bytes=limit)
+            parts.append(data)
+            buffered += len(data)
+            if buffered >= WRITE_CHUNK:
+                await upload.write(b"".join(parts) if len(parts) > 1 else parts[0])
+                parts.clear()
+                buffered = 0
+        if parts:
+            await upload.write(b"".join(parts))
+        digest = await upload.finish()
+        if not hmac.compare_digest(digest, expected):
+            raise _problem(400, "the body does not match its signed Content-Digest; nothing was stored",
+                           kind="digest-mismatch")
+        info, created = await upload.commit(me.handle)
+    finally:
+        await upload.abort()  # no-op once committed
+    if await request.app[STORE].get_room(room.room_id) is None:  # deleted while we were receiving
+        await service.backend.delete(room.room_id, info.blob_id)
+        raise _problem(404, f"room {room.room_id!r} was deleted during the upload", kind="not-found")
+    if created:
+        log.info("blob %s stored in room %s by %s (%d bytes)", info.blob_id, room.room_id, me.handle, info.size)
+    response = json_response({"blob_id": info.blob_id, "size": info.size}, status=201)
+    response.headers["Location"] = f"/v1/rooms/{room.room_id}/blobs/{info.blob_id}"
+    return response
+
+
+# The auth layer checks the signature without reading the body (unibus.auth.STREAMING_ATTR).
+put_blob.unibus_streaming = True  # type: ignore[attr-defined]
+
+
+class _SendfileResponse(web.StreamResponse):
+    """A whole file with sendfile(2): no Range or conditional handling, so
+    the Content-Digest always describes exactly the bytes sent."""
+
+    def __init__(self, file: Any, size: int, headers: dict[str, str]) -> None:
+        super().__init__(status=200, headers=headers)
+        self._file = file
+        self._size = size
+        self.content_length = size
+
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self.prepared:  # aiohttp calls prepare() again after the handler returned
+            return await super().prepare(request)
+        writer = await super().prepare(request)
+        if self._size == 0 or request.method == "HEAD":
+            return writer
+        transport = request.transport
+        if transport is None:
+            raise ConnectionResetError("connection lost")
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sendfile(transport, self._file, 0, self._size)
+        except NotImplementedError:
+            self._file.seek(0)
+            while chunk := await asyncio.to_thread(self._file.read, WRITE_CHUNK):
+                await writer.write(chunk)
+            await writer.drain()
+        await super().write_eof()
+        return writer
+
+
+async def get_blob(request: web.Request) -> web.StreamResponse:
+    service = _service(request)
+    room, _me = await _room_for_member(request)
+    blob_id = _blob_id(request)
+    reader = await service.backend.open(room.room_id, blob_id)
+    if reader is None:
+        raise _problem(404, f"no blob {blob_id} in room {room.room_id}", kind="not-found")
+    headers = {
+        "Content-Type": "application/octet-stream",
+        "Content-Digest": content_digest_value(blob_id),
+        "Cache-Control": "no-store",
+    }
+    try:
+        if reader.file is not None:
+            response: web.StreamResponse = _SendfileResponse(reader.file, reader.info.size, headers)
+            await response.prepare(request)
+            return response
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_length = reader.info.size
+        await response.prepare(request)
+        try:
+            async for chunk in reader.chunks():
+                await response.write(chunk)
+        except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
+            log.error("blob %s of room %s: streaming failed: %s", blob_id, room.room_id, e)
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        await response.write_eof()
+        return response
+    finally:
+        await reader.close()
+
+
+async def delete_blob(request: web.Request) -> web.Response:
+    from unibus.api.rooms import is_owner, load_room
+    from unibus.auth import current_member
+
+    service = _service(request)
+    room = await load_room(request)
+    me = current_member(request)
+    if not (me.is_admin or me.handle in room.handles):
+        raise _problem(403, "only the uploader, the room's owner and admins may delete a blob", kind="forbidden")
+    blob_id = _blob_id(request)
+    info = await service.backend.info(room.room_id, blob_id)
+    if info is None:
+        raise _problem(404, f"no blob {blob_id} in room {room.room_id}", kind="not-found")
+    if not (me.is_admin or is_owner(room, me) or info.uploader == me.handle):
+        raise _problem(403, "only the uploader, the room's owner and admins may delete a blob", kind="forbidden")
+    if not await service.backend.delete(room.room_id, blob_id):
+        raise _problem(404, f"no blob {blob_id} in room {room.room_id}", kind="not-found")
+    log.info("blob %s of room %s deleted by %s", blob_id, room.room_id, me.handle)
+    return web.Response(status=204)
+
+
+def register_routes(app: web.Application) -> None:
+    from unibus.app import add_route
+
+    common = {401: "missing or invalid signature", 403: "not allowed", 404: "no such room or blob",
+              503: "replay protection or the blob store unavailable"}
+    path = "/v1/rooms/{room_id}/blobs"
+    add_route(app, "PUT", path, _streaming(_unavailable_as_503(put_blob)),
+              summary="Upload a blob (streamed; signed Content-Digest required; room members)",
+              request_schema={"type": "string", "format": "binary",
+                              "description": "the blob's bytes (normally unibus-blob-v1 ciphertext)"},
+              request_content_type="application/octet-stream",
+              responses={201: "{blob_id, size}; also for a re-upload of the same bytes",
+                         400: "the body does not match its signed Content-Digest; nothing stored",
+                         413: "larger than --blob-max-bytes; nothing stored", **common},
+              tags=["blobs"])
+    add_route(app, "GET", path + "/{blob_id}", _unavailable_as_503(get_blob),
+              summary="Download a blob (streamed, with Content-Digest and Content-Length; room members)",
+              responses={200: "the blob's bytes", 422: "blob_id is not 64 hex characters", **common},
+              tags=["blobs"])
+    add_route(app, "DELETE", path + "/{blob_id}", _unavailable_as_503(delete_blob),
+              summary="Delete a blob (the uploader, the room's owner, admins)",
+              responses={204: "deleted", 422: "blob_id is not 64 hex characters", **common},
+              tags=["blobs"])
+
+
+def _streaming(handler: Callable[..., Any]) -> Callable[..., Any]:
+    handler.unibus_streaming = True  # type: ignore[attr-defined]
+    return handler
+
+
+__all__ = ["DEFAULT_MAX_BYTES", "PLUGIN_NAME", "BlobService", "make_backend"]

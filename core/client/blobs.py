@@ -1,0 +1,784 @@
+"""Room blobs, client side: the ``unibus-blob-v1`` encryption format and streaming helpers.
+
+The server stores blobs without ever seeing a plaintext: a file is encrypted
+with the room key before upload and decrypted after download (SPEC §6b).
+
+The format (byte by byte in docs/blobstore.md)::
+
+    header   = "unibus-blob-v1" (14) || epoch u64be (8) || file_id (16 random) || chunk_size u32be (4)   # 42 bytes
+    key      = HKDF-SHA256(ikm=room_key, salt=file_id,
+                           info="unibus/blob-key/v1|" || room_id || "|" || str(epoch), L=32)
+    record_i = ChaCha20-Poly1305(key, nonce_i, chunk_i, aad_i)                # len(chunk_i) + 16
+    nonce_i  = 0x00000000 || u64be(i)                                         # i = 0, 1, 2 ...
+    aad_i    = header || room_id || final_i                                   # final_i: 0x01 on the last record, else 0x00
+    blob     = header || record_0 || record_1 || ... || record_last
+
+Every chunk is ``chunk_size`` (65536) plaintext bytes except the last, which
+holds 0 to ``chunk_size`` bytes (an empty file is one empty final record). So:
+reordering records breaks the nonce; dropping trailing records leaves a last
+record whose flag says "not final"; appending turns the real final record
+into a non-final one; a blob moved to another room (or relabelled with
+another epoch) derives another key. Each of these fails authentication.
+
+Helpers (async, on top of :class:`unibus.client.UnibusClient`)::
+
+    blob_id = await put_blob(client, room_id, "report.pdf", progress=cb)   # encrypt, upload
+    await get_blob(client, room_id, blob_id, "out.pdf", progress=cb)       # download, verify, decrypt
+    await delete_blob(client, room_id, blob_id)
+
+``progress(bytes_done, total)`` is called as bytes of ciphertext go over the
+wire (``total`` is the ciphertext size). The plain transfers without
+encryption are :func:`put_raw_blob` / :func:`get_raw_blob`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import os
+import secrets
+import struct
+import tempfile
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from .sealing import validate_room_id
+
+__all__ = [
+    "CHUNK_SIZE",
+    "HEADER_SIZE",
+    "MAGIC",
+    "TAG_SIZE",
+    "BlobCiphertext",
+    "BlobDecryptor",
+    "BlobEncryptor",
+    "BlobFormatError",
+    "BlobHeader",
+    "BlobIntegrityError",
+    "Progress",
+    "blob_key",
+    "ciphertext_size",
+    "decrypt_stream",
+    "delete_blob",
+    "encrypt_file",
+    "encrypt_stream",
+    "get_blob",
+    "get_raw_blob",
+    "parse_header",
+    "put_blob",
+    "put_raw_blob",
+    "sign_streamed_request",
+]
+
+MAGIC = b"unibus-blob-v1"
+_HEADER = struct.Struct(">14sQ16sI")
+HEADER_SIZE = _HEADER.size  # 42
+FILE_ID_SIZE = 16
+TAG_SIZE = 16
+CHUNK_SIZE = 64 * 1024
+#: chunk sizes a reader accepts (the header names it, and the AAD binds it)
+MIN_CHUNK_SIZE = 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+KEY_INFO_PREFIX = b"unibus/blob-key/v1|"
+_EPOCH_MAX = 2**63 - 1
+#: bytes read from disk / handed to a worker thread at a time
+IO_BLOCK = 1024 * 1024
+
+Progress = Callable[[int, int], Any]
+
+
+class BlobFormatError(ValueError):
+    """A blob is not a valid ``unibus-blob-v1`` ciphertext for this room and key
+    (tampered with, truncated, reordered, another room or epoch, wrong key)."""
+
+
+class BlobIntegrityError(BlobFormatError):
+    """A downloaded blob's bytes do not hash to its id (or its Content-Digest)."""
+
+
+@dataclass(frozen=True)
+class BlobHeader:
+    epoch: int
+    file_id: bytes
+    chunk_size: int
+    raw: bytes
+
+
+@dataclass(frozen=True)
+class BlobCiphertext:
+    """What :func:`encrypt_stream` wrote: its size and SHA-256 (the blob id is its hex)."""
+
+    size: int
+    sha256: bytes
+
+    @property
+    def blob_id(self) -> str:
+        return self.sha256.hex()
+
+
+# --------------------------------------------------------------------------- the format
+
+
+def _check_key(room_key: Any) -> bytes:
+    if not isinstance(room_key, (bytes, bytearray, memoryview)) or len(room_key) != 32:
+        raise ValueError("a room key is 32 raw bytes")
+    return bytes(room_key)
+
+
+def _check_epoch(epoch: Any) -> int:
+    if type(epoch) is not int or not 0 <= epoch <= _EPOCH_MAX:
+        raise ValueError(f"invalid epoch {epoch!r}: expected a non-negative integer")
+    return epoch
+
+
+def blob_key(room_key: bytes, room_id: str, epoch: int, file_id: bytes) -> bytes:
+    """The per-file key: HKDF-SHA256(room_key, salt=file_id, info=unibus/blob-key/v1|<room_id>|<epoch>)."""
+    validate_room_id(room_id)
+    info = KEY_INFO_PREFIX + room_id.encode("ascii") + b"|" + str(_check_epoch(epoch)).encode("ascii")
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes(file_id), info=info).derive(_check_key(room_key))
+
+
+def _nonce(i: int) -> bytes:
+    return b"\x00\x00\x00\x00" + i.to_bytes(8, "big")
+
+
+def make_header(epoch: int, file_id: bytes, chunk_size: int = CHUNK_SIZE) -> bytes:
+    if len(file_id) != FILE_ID_SIZE:
+        raise ValueError("file_id is 16 bytes")
+    if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
+    return _HEADER.pack(MAGIC, _check_epoch(epoch), bytes(file_id), chunk_size)
+
+
+def parse_header(data: bytes) -> BlobHeader:
+    """Parse the first :data:`HEADER_SIZE` bytes of a blob; :class:`BlobFormatError` if they are not a v1 header."""
+    if len(data) < HEADER_SIZE:
+        raise BlobFormatError(f"not a unibus blob: {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
+    magic, epoch, file_id, chunk_size = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise BlobFormatError("not a unibus-blob-v1 ciphertext (bad magic)")
+    if epoch > _EPOCH_MAX or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+        raise BlobFormatError("malformed unibus-blob-v1 header")
+    return BlobHeader(epoch, file_id, chunk_size, bytes(data[:HEADER_SIZE]))
+
+
+def ciphertext_size(plaintext_size: int, chunk_size: int = CHUNK_SIZE) -> int:
+    """Size of the blob that ``plaintext_size`` bytes encrypt to."""
+    records = max(1, -(-plaintext_size // chunk_size))
+    return HEADER_SIZE + plaintext_size + TAG_SIZE * records
+
+
+class BlobEncryptor:
+    """Incremental encryption: ``header``, then ``update(data)`` as often as needed, then ``finish()``.
+
+    ``update`` returns the records that are complete (the last full chunk is
+    held back until more data or ``finish`` says whether it is the final one).
+    """
+
+    def __init__(self, room_key: bytes, room_id: str, epoch: int, *, chunk_size: int = CHUNK_SIZE,
+                 file_id: bytes | None = None) -> None:
+        self.room_id = validate_room_id(room_id)
+        self.file_id = secrets.token_bytes(FILE_ID_SIZE) if file_id is None else bytes(file_id)
+        self.header = make_header(epoch, self.file_id, chunk_size)
+        self.chunk_size = chunk_size
+        self._aead = ChaCha20Poly1305(blob_key(room_key, room_id, epoch, self.file_id))
+        self._aad = self.header + self.room_id.encode("ascii")
+        self._buf = bytearray()
+        self._i = 0
+        self._done = False
+
+    def _record(self, chunk: bytes, final: bool) -> bytes:
+        out = self._aead.encrypt(_nonce(self._i), chunk, self._aad + (b"\x01" if final else b"\x00"))
+        self._i += 1
+        return out
+
+    def update(self, data: bytes) -> bytes:
+        if self._done:
+            raise ValueError("finish() was already called")
+        self._buf += data
+        c = self.chunk_size
+        if len(self._buf) <= c:
+            return b""
+        out = []
+        n = (len(self._buf) - 1) // c  # always keep 1..c bytes back
+        view = memoryview(self._buf)
+        try:
+            for k in range(n):
+                out.append(self._record(bytes(view[k * c:(k + 1) * c]), False))
+        finally:
+            view.release()
+        del self._buf[: n * c]
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise ValueError("finish() was already called")
+        self._done = True
+        last = bytes(self._buf)
+        self._buf.clear()
+        return self._record(last, True)
+
+
+class BlobDecryptor:
+    """Incremental decryption of a blob of room ``room_id``.
+
+    ``feed(data)`` returns the plaintext that is authenticated so far. The
+    key is needed once the header is in: pass ``room_key`` up front, or check
+    :attr:`needs_key` after a ``feed``, read :attr:`header`\\ ``.epoch``, and
+    :meth:`set_key`. ``finish()`` checks that the blob ended with its final
+    record and returns the last plaintext. Every failure is :class:`BlobFormatError`;
+    plaintext already returned is authentic but possibly incomplete, so a
+    caller must discard its output unless ``finish()`` succeeds.
+    """
+
+    def __init__(self, room_id: str, room_key: bytes | None = None, *, epoch: int | None = None) -> None:
+        self.room_id = validate_room_id(room_id)
+        self._room_key = None if room_key is None else _check_key(room_key)
+        self.expected_epoch = epoch
+        self.header: BlobHeader | None = None
+        self._aead: ChaCha20Poly1305 | None = None
+        self._aad = b""
+        self._buf = bytearray()
+        self._i = 0
+        self._done = False
+        self.ciphertext_bytes = 0
+
+    @property
+    def needs_key(self) -> bool:
+        return self.header is not None and self._aead is None
+
+    def set_key(self, room_key: bytes) -> None:
+        if self.header is None:
+            raise ValueError("the header has not been read yet")
+        self._room_key = _check_key(room_key)
+        self._aead = ChaCha20Poly1305(blob_key(self._room_key, self.room_id, self.header.epoch, self.header.file_id))
+        self._aad = self.header.raw + self.room_id.encode("ascii")
+
+    def _open(self, record: bytes, final: bool) -> bytes:
+        assert self._aead is not None
+        try:
+            out = self._aead.decrypt(_nonce(self._i), record, self._aad + (b"\x01" if final else b"\x00"))
+        except InvalidTag:
+            raise BlobFormatError(
+                f"blob record {self._i} does not authenticate: wrong room or key, "
+                "truncated, reordered, or tampered with") from None
+        self._i += 1
+        return out
+
+    def feed(self, data: bytes) -> bytes:
+        if self._done:
+            raise BlobFormatError("data after the end of the blob")
+        self.ciphertext_bytes += len(data)
+        self._buf += data
+        if self.header is None:
+            if len(self._buf) < HEADER_SIZE:
+                return b""
+            self.header = parse_header(self._buf)
+            if self.expected_epoch is not None and self.header.epoch != self.expected_epoch:
+                raise BlobFormatError(f"blob is of epoch {self.header.epoch}, expected {self.expected_epoch}")
+            del self._buf[:HEADER_SIZE]
+            if self._room_key is not None:
+                self.set_key(self._room_key)
+        if self._aead is None:
+            return b""
+        rec = self.header.chunk_size + TAG_SIZE
+        if len(self._buf) <= rec:
+            return b""
+        n = (len(self._buf) - 1) // rec  # keep the possibly-final record back
+        view = memoryview(self._buf)
+        out = []
+        try:
+            for k in range(n):
+                out.append(self._open(bytes(view[k * rec:(k + 1) * rec]), False))
+        finally:
+            view.release()
+        del self._buf[: n * rec]
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        if self._done:
+            raise BlobFormatError("finish() was already called")
+        if self.header is None:
+            raise BlobFormatError("not a unibus blob: it ends before its header")
+        if self._aead is None:
+            raise ValueError("no key was set (see needs_key / set_key)")
+        if len(self._buf) < TAG_SIZE:
+            raise BlobFormatError("blob is truncated: its last record is incomplete")
+        self._done = True
+        last = bytes(self._buf)
+        self._buf.clear()
+        return self._open(last, True)
+
+
+def _read_full(src: IO[bytes], n: int) -> bytes:
+    data = src.read(n)
+    if not data or len(data) == n:
+        return data or b""
+    parts = [data]
+    got = len(data)
+    while got < n:
+        more = src.read(n - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def encrypt_stream(room_key: bytes, room_id: str, epoch: int, src: IO[bytes], dst: IO[bytes], *,
+                   chunk_size: int = CHUNK_SIZE, file_id: bytes | None = None) -> BlobCiphertext:
+    """Encrypt everything readable from ``src`` into ``dst`` (binary file objects).
+
+    Returns the ciphertext's size and SHA-256 (its future blob id), computed
+    on the way so that no second pass is needed.
+    """
+    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id)
+    h = hashlib.sha256()
+    size = 0
+
+    def out(b: bytes) -> None:
+        nonlocal size
+        if b:
+            h.update(b)
+            dst.write(b)
+            size += len(b)
+
+    out(enc.header)
+    block = max(chunk_size, (IO_BLOCK // chunk_size) * chunk_size)
+    while True:
+        data = _read_full(src, block)
+        if not data:
+            break
+        out(enc.update(data))
+    out(enc.finish())
+    return BlobCiphertext(size, h.digest())
+
+
+def encrypt_file(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],
+                 dst: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> BlobCiphertext:
+    """:func:`encrypt_stream` from one path to another, with hashing and writing in a
+    second thread so that they overlap with the encryption (same bytes out)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size)
+    h = hashlib.sha256()
+    size = 0
+    block = max(chunk_size, (IO_BLOCK // chunk_size) * chunk_size)
+    with open(src, "rb") as s, open(dst, "wb") as d, ThreadPoolExecutor(1) as pool:
+        def out(b: bytes) -> None:
+            h.update(b)
+            d.write(b)
+
+        pending: Future[None] | None = pool.submit(out, enc.header)
+        size += len(enc.header)
+        while True:
+            data = _read_full(s, block)
+            ct = enc.update(data) if data else enc.finish()
+            pending.result()
+            pending = pool.submit(out, ct)
+            size += len(ct)
+            if not data:
+                break
+        pending.result()
+    return BlobCiphertext(size, h.digest())
+
+
+def decrypt_stream(room_key: bytes, room_id: str, epoch: int | None, src: IO[bytes], dst: IO[bytes]) -> int:
+    """Decrypt a blob from ``src`` into ``dst``; return the plaintext size.
+
+    ``epoch`` (if not None) must be the blob's: the caller holds the key of
+    that epoch. Raises :class:`BlobFormatError`; then ``dst`` holds an
+    incomplete prefix that must be discarded (see :func:`get_blob`, which
+    writes to a temporary file and renames it only on success).
+    """
+    dec = BlobDecryptor(room_id, room_key, epoch=epoch)
+    n = 0
+    while True:
+        data = src.read(IO_BLOCK)
+        if not data:
+            break
+        pt = dec.feed(data)
+        if pt:
+            dst.write(pt)
+            n += len(pt)
+    pt = dec.finish()
+    dst.write(pt)
+    return n + len(pt)
+
+
+def read_blob_header(path: str | os.PathLike[str]) -> BlobHeader:
+    with open(path, "rb") as f:
+        return parse_header(f.read(HEADER_SIZE))
+
+
+# --------------------------------------------------------------------------- signing a streamed body
+
+
+def sign_streamed_request(method: str, path_and_query: str, content_sha256: bytes, *, keyid: str,
+                          private_key: Any, created: int | None = None, nonce: str | None = None) -> dict[str, str]:
+    """Like :func:`unibus.signing.sign_request`, for a body given by its SHA-256
+    only (a streamed upload): returns ``Content-Digest``, ``Signature-Input``
+    and ``Signature`` covering ``@method @path @query content-digest``.
+    """
+    from .. import signing
+
+    if len(content_sha256) != 32:
+        raise ValueError("content_sha256 is a 32-byte SHA-256 digest")
+    if not path_and_query.startswith("/"):
+        raise ValueError("path_and_query must start with '/'")
+    method = method.upper()
+    path, query = signing.split_path_query(path_and_query)
+    digest = "sha-256=:" + base64.b64encode(content_sha256).decode("ascii") + ":"
+    nonce = nonce or signing.make_nonce()
+    if not signing.NONCE_RE.fullmatch(nonce):
+        raise ValueError("nonce must be 16-64 characters of [A-Za-z0-9_-]")
+    components = [*signing.REQUIRED_COMPONENTS, "content-digest"]
+    params = [("created", int(time.time() if created is None else created)), ("nonce", nonce), ("keyid", keyid),
+              ("alg", signing.ALG)]
+    values = {"@method": method, "@path": path, "@query": "?" + query, "content-digest": digest}
+    sig_params = signing._serialize_signature_params(components, params)
+    base = signing._signature_base([(c, values[c]) for c in components], sig_params)
+    signature = private_key.sign(base)
+    label = signing.DEFAULT_LABEL
+    return {
+        "Content-Digest": digest,
+        "Signature-Input": f"{label}={sig_params}",
+        "Signature": f"{label}=:{base64.b64encode(signature).decode('ascii')}:",
+    }
+
+
+# --------------------------------------------------------------------------- transfers
+
+
+def _blobs_path(room_id: str, blob_id: str | None = None) -> str:
+    validate_room_id(room_id)
+    path = "/v1/rooms/" + urllib.parse.quote(room_id, safe="") + "/blobs"
+    if blob_id is not None:
+        if not isinstance(blob_id, str) or len(blob_id) != 64 or any(c not in "0123456789abcdef" for c in blob_id):
+            raise ValueError(f"invalid blob id {blob_id!r}: 64 lowercase hex characters")
+        path += "/" + blob_id
+    return path
+
+
+def _transfer_timeout(client: Any) -> Any:
+    import aiohttp
+
+    # The client's own timeout is per request in total; a big blob needs longer.
+    # Only a stall (no byte read for a while) or a slow connect counts.
+    return aiohttp.ClientTimeout(total=None, sock_connect=client.timeout, sock_read=max(60.0, client.timeout))
+
+
+def _problem(status: int, reason: str | None, raw: bytes) -> dict[str, Any]:
+    import json
+
+    try:
+        doc = json.loads(raw) if raw else None
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict):
+        return doc
+    return {"title": reason or "Error", "status": status, "detail": raw.decode("utf-8", "replace")[:300]}
+
+
+def _is_retryable_503(problem: dict[str, Any]) -> bool:
+    return str(problem.get("type") or "").endswith("/nonce-store-unavailable")
+
+
+async def _file_body(path: Path, size: int, progress: Progress | None) -> AsyncIterator[bytes]:
+    f = await asyncio.to_thread(open, path, "rb")
+    done = 0
+    try:
+        if progress:
+            progress(0, size)
+        while done < size:
+            data = await asyncio.to_thread(f.read, min(IO_BLOCK, size - done))
+            if not data:
+                raise OSError(f"{path} shrank while it was being uploaded")
+            done += len(data)
+            yield data
+            if progress:
+                progress(done, size)
+    finally:
+        f.close()
+
+
+def _sha256_file(path: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while data := f.read(IO_BLOCK):
+            h.update(data)
+    return h.digest()
+
+
+async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], *, sha256: bytes | None = None,
+                       progress: Progress | None = None) -> str:
+    """Upload the file at ``path`` as it is (no encryption); return its blob id.
+
+    ``sha256`` saves a pass over the file when the caller already knows it.
+    Raises :class:`unibus.client.ApiError` (413 too large, 403 not a member...)
+    or :class:`unibus.client.ServerUnreachable`.
+    """
+    import aiohttp
+
+    from .api import ApiError, ServerUnreachable
+
+    path = Path(path)
+    size = (await asyncio.to_thread(path.stat)).st_size
+    if sha256 is None:
+        sha256 = await asyncio.to_thread(_sha256_file, path)
+    url = client.url_for(_blobs_path(room_id))
+    for attempt in range(3):
+        headers = sign_streamed_request("PUT", url.raw_path_qs, sha256, keyid=client.identity.handle,
+                                        private_key=client.identity.sign_key)
+        headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size),
+                        "Accept": "application/json, application/problem+json"})
+        try:
+            async with client._http().put(url, data=_file_body(path, size, progress), headers=headers,
+                                          timeout=_transfer_timeout(client), allow_redirects=False) as resp:
+                raw = await resp.read()
+                status, reason = resp.status, resp.reason
+        except aiohttp.ClientConnectorError as e:
+            raise ServerUnreachable(client.base_url, str(e.os_error or e)) from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ServerUnreachable(client.base_url, str(e) or type(e).__name__) from None
+        if status == 201:
+            import json
+
+            doc = json.loads(raw)
+            if doc.get("blob_id") != sha256.hex() or doc.get("size") != size:
+                raise ApiError(status, {"title": "Bad response",
+                                        "detail": f"the server stored {doc.get('blob_id')}, not {sha256.hex()}"})
+            return sha256.hex()
+        problem = _problem(status, reason, raw)
+        if status == 503 and attempt < 2 and _is_retryable_503(problem):
+            await asyncio.sleep(0.5)
+            continue
+        raise ApiError(status, problem)
+    raise AssertionError("unreachable")
+
+
+class _Lane:
+    """A serial worker: ``fn(block)`` runs in a thread, one block at a time, in order,
+    while the event loop goes on receiving (two lanes use two threads)."""
+
+    def __init__(self, fn: Callable[[bytes], Any]) -> None:
+        self.fn = fn
+        self.pending: asyncio.Future[Any] | None = None
+
+    async def submit(self, data: bytes) -> None:
+        await self.drain()
+        self.pending = asyncio.get_running_loop().run_in_executor(None, self.fn, data)
+
+    async def drain(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            await pending
+
+
+async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _Lane, writer: _Lane,
+                   first: Callable[[bytes], Awaitable[None]] | None) -> int:
+    """Pass a response body on in blocks of up to 1 MiB: every block to ``hasher``,
+    the first to ``first`` (if given) and the others to ``writer``; return its size."""
+    done = 0
+    pending: list[bytes] = []
+    buffered = 0
+    if progress:
+        progress(0, total)
+
+    async def flush() -> None:
+        nonlocal buffered, first
+        data = b"".join(pending) if len(pending) > 1 else pending[0]
+        pending.clear()
+        buffered = 0
+        await hasher.submit(data)
+        if first is not None:
+            await first(data)
+            first = None
+        else:
+            await writer.submit(data)
+
+    async for data in resp.content.iter_any():
+        done += len(data)
+        pending.append(data)
+        buffered += len(data)
+        if buffered >= IO_BLOCK:
+            await flush()
+        if progress:
+            progress(done, total)
+    if pending:
+        await flush()
+    await hasher.drain()
+    await writer.drain()
+    return done
+
+
+async def _download(client: Any, room_id: str, blob_id: str, progress: Progress | None,
+                    sink: Callable[[bytes], Any], first: Callable[[bytes], Awaitable[None]] | None = None) -> int:
+    """GET a blob and verify its SHA-256; return its size.
+
+    Its bytes go, in blocks of up to 1 MiB and in order, to ``sink`` (called in
+    a worker thread), except the first block, which goes to ``await first(block)``
+    when ``first`` is given. Hashing runs in another worker thread, so
+    receiving, hashing and the sink overlap.
+    """
+    import aiohttp
+
+    from ..signing import sign_request
+    from .api import ApiError, ServerUnreachable
+
+    url = client.url_for(_blobs_path(room_id, blob_id))
+    for attempt in range(3):
+        headers = sign_request("GET", url.raw_path_qs, None, keyid=client.identity.handle,
+                               private_key=client.identity.sign_key)
+        headers["Accept"] = "application/octet-stream, application/problem+json"
+        h = hashlib.sha256()
+        hasher, writer = _Lane(h.update), _Lane(sink)
+        try:
+            async with client._http().get(url, headers=headers, timeout=_transfer_timeout(client),
+                                          allow_redirects=False) as resp:
+                if resp.status != 200:
+                    problem = _problem(resp.status, resp.reason, await resp.read())
+                    if resp.status == 503 and attempt < 2 and (_is_retryable_503(problem)
+                                                               or resp.headers.get("Retry-After")):
+                        await asyncio.sleep(0.5)
+                        continue
+                    raise ApiError(resp.status, problem)
+                want = "sha-256=:" + base64.b64encode(bytes.fromhex(blob_id)).decode() + ":"
+                got = resp.headers.get("Content-Digest")
+                if got is not None and got.replace(" ", "") != want:
+                    raise BlobIntegrityError(f"the server's Content-Digest for blob {blob_id} names other bytes")
+                total = resp.content_length if resp.content_length is not None else -1
+                done = await _receive(resp, total, progress, hasher, writer, first)
+        except aiohttp.ClientConnectorError as e:
+            raise ServerUnreachable(client.base_url, str(e.os_error or e)) from None
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise ServerUnreachable(client.base_url, f"download of blob {blob_id} failed: "
+                                    f"{str(e) or type(e).__name__}") from None
+        finally:
+            for lane in (hasher, writer):  # never leave a worker writing after we return
+                with contextlib.suppress(Exception):  # the first error is already on its way
+                    await lane.drain()
+        if total >= 0 and done != total:
+            raise BlobIntegrityError(f"blob {blob_id}: got {done} of {total} bytes")
+        if h.hexdigest() != blob_id:
+            raise BlobIntegrityError(f"blob {blob_id}: the bytes received do not hash to its id")
+        return done
+    raise AssertionError("unreachable")
+
+
+def _temp_beside(out_path: Path) -> tuple[int, Path]:
+    fd, name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".unibus-part", dir=out_path.parent)
+    return fd, Path(name)
+
+
+async def get_raw_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.PathLike[str], *,
+                       progress: Progress | None = None) -> int:
+    """Download a blob as it is stored (no decryption) to ``out_path``; return its size.
+
+    Written to a temporary file beside ``out_path`` and renamed into place
+    only once its SHA-256 matched ``blob_id``.
+    """
+    out_path = Path(out_path)
+    fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
+    f = os.fdopen(fd, "wb")
+    try:
+        size = await _download(client, room_id, blob_id, progress, f.write)
+        await asyncio.to_thread(_close_durably, f)
+        await asyncio.to_thread(os.replace, tmp, out_path)
+        return size
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _close_durably(f: IO[bytes]) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+    f.close()
+
+
+async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], progress: Progress | None = None, *,
+                   tmp_dir: str | os.PathLike[str] | None = None) -> str:
+    """Encrypt the file at ``path`` with the room's current key and upload it; return the blob id.
+
+    The ciphertext is written to a temporary file (in ``tmp_dir``, default the
+    system's) and hashed on the way, then streamed to the server with a signed
+    ``Content-Digest``; the temporary file is removed afterwards.
+    ``progress(bytes_done, total)`` follows the upload of the ciphertext.
+    Raises :class:`unibus.client.KeyUnavailable` (the room has no key for
+    you: rekey it), :class:`unibus.client.ApiError`, ``OSError``.
+    """
+    validate_room_id(room_id)
+    src = Path(path)
+    epoch, key = await client.room_key(room_id)
+    fd, name = tempfile.mkstemp(prefix=".unibus-blob-", suffix=".enc", dir=tmp_dir)
+    tmp = Path(name)
+    try:
+        os.close(fd)
+        ct = await asyncio.to_thread(encrypt_file, key, room_id, epoch, src, tmp)
+        return await put_raw_blob(client, room_id, tmp, sha256=ct.sha256, progress=progress)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.PathLike[str],
+                   progress: Progress | None = None) -> int:
+    """Download a blob, verify it, decrypt it with the room key of its epoch into ``out_path``.
+
+    Decrypts while downloading into a temporary file beside ``out_path``
+    (mode 0600), which replaces ``out_path`` only when the whole blob
+    authenticated and hashed to ``blob_id``; nothing is left behind on failure.
+    Returns the plaintext size. Raises :class:`BlobFormatError` (not a blob of
+    this room, tampered with, truncated), :class:`BlobIntegrityError`,
+    :class:`unibus.client.KeyUnavailable` (the key of the blob's epoch was not
+    sealed to you), :class:`unibus.client.ApiError`.
+    """
+    out_path = Path(out_path)
+    dec = BlobDecryptor(room_id)
+    fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
+    f = os.fdopen(fd, "wb")
+    written = 0
+
+    def consume(data: bytes) -> None:
+        nonlocal written
+        pt = dec.feed(data)
+        if pt:
+            f.write(pt)
+            written += len(pt)
+
+    async def first(data: bytes) -> None:
+        consume(data)  # the header, and what follows it, held back until the key is set
+        if dec.needs_key:
+            _epoch, key = await client.room_key(room_id, dec.header.epoch)
+            dec.set_key(key)
+            consume(b"")
+
+    try:
+        await _download(client, room_id, blob_id, progress, consume, first)
+        last = dec.finish()
+        f.write(last)
+        written += len(last)
+        await asyncio.to_thread(_close_durably, f)
+        await asyncio.to_thread(os.replace, tmp, out_path)
+        return written
+    except BaseException:
+        f.close()
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+async def delete_blob(client: Any, room_id: str, blob_id: str) -> None:
+    """``DELETE /v1/rooms/{id}/blobs/{blob_id}`` (the uploader, the room's owner, admins)."""
+    await client.request("DELETE", _blobs_path(room_id, blob_id))

@@ -1,0 +1,284 @@
+"""The blob backend contract: what the HTTP layer needs from a place that keeps blobs.
+
+A blob is an opaque byte string (a client-side encrypted file), addressed by
+its SHA-256 (``blob_id``, 64 lowercase hex characters) within a room. Two
+backends implement :class:`BlobBackend`: :class:`~unibus.plugins.blobstore.fs.FsBackend`
+(single node, ``<data-dir>/blobs``) and
+:class:`~unibus.plugins.blobstore.objectstore.ObjectStoreBackend` (cluster
+mode, the JetStream object store). ``tests/plugins/blobstore/test_backend_contract.py``
+runs the same suite against both.
+
+An upload is staged first, whatever the backend: :meth:`BlobBackend.begin`
+returns an :class:`Upload` whose chunks go to a temporary file under
+``<data-dir>/blobs/.tmp`` (hashed on the way, in a worker thread, one chunk in
+flight at a time, so memory stays flat); :meth:`Upload.finish` fsyncs it and
+returns the SHA-256; only then does the caller decide, and
+:meth:`Upload.commit` makes the blob visible atomically, or
+:meth:`Upload.abort` throws it away. Nothing half-written is ever visible.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+BLOB_ID_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
+#: Staging directory name inside ``<data-dir>/blobs`` (not a valid room id).
+TMP_DIR = ".tmp"
+#: Bytes handed to the writer thread at a time.
+WRITE_CHUNK = 256 * 1024
+#: Bytes read from a stored blob at a time when it is streamed (not sendfile).
+READ_CHUNK = 256 * 1024
+
+RoomExists = Callable[[str], Awaitable[bool]]
+
+
+class BlobError(Exception):
+    """A backend failure that is not the client's fault (I/O, JetStream)."""
+
+
+class BlobUnavailable(BlobError):
+    """The backend cannot answer now (JetStream without quorum): 503."""
+
+
+def check_blob_id(blob_id: str) -> str:
+    if not isinstance(blob_id, str) or not BLOB_ID_RE.match(blob_id):
+        raise ValueError(f"invalid blob id {blob_id!r}: 64 lowercase hex characters (a SHA-256)")
+    return blob_id
+
+
+def check_room_id(room_id: str) -> str:
+    if not isinstance(room_id, str) or not ROOM_ID_RE.match(room_id):
+        raise ValueError(f"invalid room id {room_id!r}")
+    return room_id
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """What is known about a stored blob."""
+
+    room_id: str
+    blob_id: str
+    size: int
+    uploader: str
+    created: float  # unix time
+
+    def meta_json(self) -> dict[str, Any]:
+        return {"v": 1, "room_id": self.room_id, "blob_id": self.blob_id, "size": self.size,
+                "uploader": self.uploader, "created": self.created}
+
+    @classmethod
+    def from_meta(cls, doc: Any) -> BlobInfo:
+        """Parse a metadata document; ValueError when malformed."""
+        if not isinstance(doc, dict) or doc.get("v") != 1:
+            raise ValueError("not a blob metadata document")
+        size, created, uploader = doc.get("size"), doc.get("created"), doc.get("uploader")
+        if type(size) is not int or size < 0 or not isinstance(created, (int, float)) or not isinstance(uploader, str):
+            raise ValueError("blob metadata has bad fields")
+        return cls(check_room_id(doc.get("room_id")), check_blob_id(doc.get("blob_id")), size, uploader,
+                   float(created))
+
+
+class BlobReader(abc.ABC):
+    """An opened stored blob. Use as an async context manager."""
+
+    info: BlobInfo
+    #: A path the HTTP layer may sendfile() from (fs backend), else None.
+    path: Path | None = None
+    #: An open binary file object positioned at 0 (fs backend), else None.
+    file: Any = None
+
+    @abc.abstractmethod
+    def chunks(self, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        """The blob's bytes, in order, a bounded chunk at a time."""
+
+    async def close(self) -> None:
+        return None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Upload(abc.ABC):
+    """A blob being received. ``write`` → ``finish`` → ``commit`` (or ``abort`` at any point)."""
+
+    room_id: str
+    size: int = 0
+
+    @abc.abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Append ``data`` (hashed and written off the event loop)."""
+
+    @abc.abstractmethod
+    async def finish(self) -> bytes:
+        """Flush and fsync what was written; return its SHA-256 (32 bytes)."""
+
+    @abc.abstractmethod
+    async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
+        """Make the blob visible; ``(info, created)``: ``created`` is False when
+        the same blob was already there (idempotent upload; the first upload's
+        metadata is kept and nothing is duplicated)."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Throw the staged bytes away. Idempotent; a no-op after commit."""
+
+
+class BlobBackend(abc.ABC):
+    """Where blobs live. Every method is a coroutine unless said otherwise."""
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.blobs = 0
+        self.bytes = 0
+
+    def stats(self) -> dict[str, Any]:
+        """``{"backend", "blobs", "bytes"}`` from in-memory counters (cheap; no I/O)."""
+        return {"backend": self.name, "blobs": self.blobs, "bytes": self.bytes}
+
+    @abc.abstractmethod
+    async def start(self, room_exists: RoomExists | None = None) -> None:
+        """Recover (remove staged leftovers of a crash), count what is stored, and,
+        when ``room_exists`` is given, delete the blobs of rooms it says are gone."""
+
+    async def close(self) -> None:
+        return None
+
+    @abc.abstractmethod
+    async def begin(self, room_id: str) -> Upload: ...
+
+    @abc.abstractmethod
+    async def info(self, room_id: str, blob_id: str) -> BlobInfo | None: ...
+
+    @abc.abstractmethod
+    async def open(self, room_id: str, blob_id: str) -> BlobReader | None:
+        """The blob for reading, or None if absent."""
+
+    @abc.abstractmethod
+    async def delete(self, room_id: str, blob_id: str) -> bool:
+        """Delete one blob; False if it was not there."""
+
+    @abc.abstractmethod
+    async def delete_room(self, room_id: str) -> int:
+        """Delete every blob of a room; return how many there were."""
+
+    @abc.abstractmethod
+    async def list_room(self, room_id: str) -> list[BlobInfo]: ...
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_private_dir(path: Path) -> bool:
+    """mkdir 0700 (parents too); True if it was created."""
+    try:
+        path.mkdir(mode=0o700)
+        return True
+    except FileExistsError:
+        return False
+    except FileNotFoundError:
+        make_private_dir(path.parent)
+        return make_private_dir(path)
+
+
+def clean_staging(tmp: Path) -> int:
+    """Remove everything under the staging directory (a crash's leftovers); return how many entries."""
+    make_private_dir(tmp)
+    n = 0
+    for entry in list(tmp.iterdir()):
+        n += 1
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+    return n
+
+
+class StagedFile:
+    """A temporary directory ``<tmp>/up-<random>/`` holding the upload as ``data``.
+
+    Chunks are hashed and written in a worker thread, at most one in flight,
+    while the event loop receives the next one: memory stays at a few chunks
+    whatever the blob size.
+    """
+
+    DATA = "data"
+
+    def __init__(self, tmp: Path) -> None:
+        self.dir = tmp / f"up-{secrets.token_hex(12)}"
+        self.dir.mkdir(mode=0o700)
+        self.path = self.dir / self.DATA
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._hash = hashlib.sha256()
+        self._pending: asyncio.Future[None] | None = None
+        self.size = 0
+        self.digest: bytes | None = None
+
+    def _write_sync(self, data: bytes) -> None:
+        self._hash.update(data)
+        view = memoryview(data)
+        fd = self._fd
+        assert fd is not None
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+
+    async def write(self, data: bytes) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+        if not data:
+            return
+        self.size += len(data)
+        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write_sync, data)
+
+    def _finish_sync(self) -> bytes:
+        assert self._fd is not None
+        os.fdatasync(self._fd)  # data and size; the directory fsyncs follow
+        os.close(self._fd)
+        self._fd = None
+        return self._hash.digest()
+
+    async def finish(self) -> bytes:
+        if self.digest is None:
+            await self.write(b"")  # wait for the last chunk
+            self.digest = await asyncio.to_thread(self._finish_sync)
+        return self.digest
+
+    async def discard(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with contextlib.suppress(Exception):  # we are throwing it away anyway
+                await pending
+        await asyncio.to_thread(self._discard_sync)
+
+    def _discard_sync(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            finally:
+                self._fd = None
+        shutil.rmtree(self.dir, ignore_errors=True)

@@ -1,0 +1,375 @@
+"""The cluster backend: one JetStream object store, ``unibus_blobs``, replicated like the KV buckets.
+
+Objects are named ``<room_id>/<blob_id>``; their metadata (uploader, created)
+is a JSON document in the object's ``description``. The stream is
+``OBJ_unibus_blobs`` with ``--kv-replicas`` replicas (file storage).
+
+An upload is received exactly as in the filesystem backend: into a staging
+file under ``<data-dir>/blobs/.tmp`` on this node, hashed and fsynced, and
+only after its digest checked out is it copied into the object store
+(``ObjectStore.put``: chunks of 256 KiB, each acknowledged by the stream
+leader, then the metadata message). An object becomes visible when its
+metadata message is stored, which happens after all of its chunks: a crash
+mid-put leaves chunks that no metadata references, never a partial object.
+Such orphaned chunks are purged at start-up once they are older than
+:data:`ORPHAN_AGE` (younger ones may belong to an upload another node is
+making right now). Deleting writes a tombstone metadata message (rolling up
+the old one) and purges the chunks.
+
+Reads stream chunk by chunk (one ``STREAM.MSG.GET`` with ``next_by_subj`` per
+chunk, answered by the stream leader), so memory stays flat. Every node keeps
+its counters for ``/healthz`` from an ordered consumer on the metadata
+subjects, so they include what other nodes stored, without a round trip per
+``/healthz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
+
+from .backend import (
+    READ_CHUNK,
+    TMP_DIR,
+    BlobBackend,
+    BlobError,
+    BlobInfo,
+    BlobReader,
+    BlobUnavailable,
+    RoomExists,
+    StagedFile,
+    Upload,
+    check_blob_id,
+    check_room_id,
+    clean_staging,
+    make_private_dir,
+)
+
+log = logging.getLogger("unibus.plugins.blobstore")
+
+BUCKET = "unibus_blobs"
+#: Size of the object store's chunks (well under nats-server's 1 MiB max_payload).
+CHUNK_SIZE = 256 * 1024
+#: Orphaned chunks (no metadata references them) younger than this are left alone.
+ORPHAN_AGE = 600.0
+STREAM_NAME_IN_USE = 10058
+_UNAVAILABLE = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError)
+
+
+def _unavailable(e: BaseException) -> BlobUnavailable:
+    return BlobUnavailable(f"the JetStream object store is unavailable: {type(e).__name__}: {e}")
+
+
+def _digest_of(obj: api.ObjectInfo) -> bytes | None:
+    d = obj.digest or ""
+    for prefix in ("SHA-256=", "sha-256="):
+        if d.startswith(prefix):
+            try:
+                return base64.urlsafe_b64decode(d[len(prefix):])
+            except ValueError:
+                return None
+    return None
+
+
+class ObjUpload(Upload):
+    def __init__(self, backend: ObjectStoreBackend, room_id: str) -> None:
+        self.backend = backend
+        self.room_id = room_id
+        self.staged = StagedFile(backend.tmp)
+        self._done = False
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self.staged.size
+
+    async def write(self, data: bytes) -> None:
+        await self.staged.write(data)
+
+    async def finish(self) -> bytes:
+        return await self.staged.finish()
+
+    async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
+        digest = await self.finish()
+        info = BlobInfo(self.room_id, digest.hex(), self.staged.size, uploader, time.time())
+        name = f"{info.room_id}/{info.blob_id}"
+        lock = self.backend.name_lock(name)
+        try:
+            async with lock:
+                existing = await self.backend.info(info.room_id, info.blob_id)
+                if existing is not None:
+                    return existing, False
+                await self.backend._put(info, self.staged.path)
+                return info, True
+        finally:
+            if not lock.locked():
+                self.backend._locks.pop(name, None)
+            self._done = True
+            await self.staged.discard()
+
+    async def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            await self.staged.discard()
+
+
+class ObjReader(BlobReader):
+    def __init__(self, backend: ObjectStoreBackend, info: BlobInfo, nuid: str) -> None:
+        self.backend = backend
+        self.info = info
+        self.nuid = nuid
+
+    async def chunks(self, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
+        # ``size`` is advisory: the object store's own chunk size decides.
+        import hashlib
+
+        js = self.backend.js
+        subject = f"$O.{self.backend.bucket}.C.{self.nuid}"
+        remaining = self.info.size
+        seq = 1
+        h = hashlib.sha256()
+        while remaining > 0:
+            try:
+                msg = await js.get_msg(self.backend.stream, seq=seq, subject=subject, next=True)
+            except NotFoundError:
+                raise BlobError(f"blob {self.info.blob_id}: chunks missing (deleted while being read?)") from None
+            except _UNAVAILABLE as e:
+                raise _unavailable(e) from None
+            data = msg.data or b""
+            if len(data) > remaining:
+                raise BlobError(f"blob {self.info.blob_id}: more data than its size")
+            remaining -= len(data)
+            h.update(data)
+            seq = (msg.seq or seq) + 1
+            yield data
+        if h.hexdigest() != self.info.blob_id:
+            raise BlobError(f"blob {self.info.blob_id}: stored chunks do not match its digest")
+
+
+class ObjectStoreBackend(BlobBackend):
+    """Blobs in the JetStream object store ``bucket`` (replicated ``replicas`` times)."""
+
+    name = "objectstore"
+
+    def __init__(self, js: Any, staging_root: Path, *, replicas: int = 1, bucket: str = BUCKET) -> None:
+        super().__init__()
+        self.js = js
+        self.bucket = bucket
+        self.stream = f"OBJ_{bucket}"
+        self.replicas = replicas
+        self.root = Path(staging_root)
+        self.tmp = self.root / TMP_DIR
+        self._locks: dict[str, asyncio.Lock] = {}
+        self.obs: ObjectStore | None = None
+        self._objects: dict[str, tuple[int, str]] = {}  # name -> (size, nuid)
+        self._synced = asyncio.Event()
+        self._sub: Any = None
+
+    # -- counters (from the metadata subjects, this node's writes and everyone else's)
+    def _apply(self, name: str, size: int | None, nuid: str | None) -> None:
+        old = self._objects.pop(name, None)
+        if old is not None:
+            self.blobs -= 1
+            self.bytes -= old[0]
+        if size is not None and nuid:
+            self._objects[name] = (size, nuid)
+            self.blobs += 1
+            self.bytes += size
+
+    async def _on_meta(self, msg: Any) -> None:
+        try:
+            obj = api.ObjectInfo.from_response(json.loads(msg.data))
+            if obj.deleted:
+                self._apply(obj.name, None, None)
+            else:
+                self._apply(obj.name, int(obj.size or 0), obj.nuid)
+        except Exception as e:  # noqa: BLE001 - a foreign or broken metadata message
+            log.warning("blobstore: unreadable object metadata on %s: %s", msg.subject, e)
+        try:
+            if not self._synced.is_set() and msg.metadata.num_pending == 0:
+                self._synced.set()
+        except Exception:  # noqa: BLE001
+            self._synced.set()
+
+    # -- start-up
+    async def _ensure_bucket(self) -> ObjectStore:
+        config = api.ObjectStoreConfig(bucket=self.bucket, replicas=self.replicas, storage=api.StorageType.FILE,
+                                       description="unibus: room blobs (client-side encrypted)")
+        try:
+            return await self.js.create_object_store(self.bucket, config=config)
+        except APIError as e:
+            if e.err_code != STREAM_NAME_IN_USE:
+                raise
+        info = await self.js.stream_info(self.stream)
+        if info.config.num_replicas != self.replicas:
+            info.config.num_replicas = self.replicas
+            await self.js.update_stream(info.config)
+            log.info("blobstore: object store %s now has %d replicas", self.bucket, self.replicas)
+        return await self.js.object_store(self.bucket)
+
+    async def start(self, room_exists: RoomExists | None = None) -> None:
+        make_private_dir(self.root)
+        leftovers = await asyncio.to_thread(clean_staging, self.tmp)
+        if leftovers:
+            log.info("blobstore: removed %d unfinished upload(s) left in %s", leftovers, self.tmp)
+        try:
+            self.obs = await self._ensure_bucket()
+            all_meta = f"$O.{self.bucket}.M.>"
+            try:
+                await self.js.get_last_msg(self.stream, all_meta)
+            except NotFoundError:
+                self._synced.set()
+            self._sub = await self.js.subscribe(all_meta, cb=self._on_meta, ordered_consumer=True,
+                                                deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
+            await asyncio.wait_for(self._synced.wait(), 30)
+        except _UNAVAILABLE as e:
+            raise _unavailable(e) from None
+        if room_exists is not None:
+            rooms = sorted({name.split("/", 1)[0] for name in self._objects})
+            for room_id in rooms:
+                if not await room_exists(room_id):
+                    n = await self.delete_room(room_id)
+                    log.info("blobstore: removed %d blob(s) of deleted room %s", n, room_id)
+        await self._purge_orphaned_chunks()
+        log.info("blobstore: object store %s: %d blob(s), %d bytes", self.bucket, self.blobs, self.bytes)
+
+    async def _purge_orphaned_chunks(self) -> None:
+        try:
+            info = await self.js.stream_info(self.stream, subjects_filter=f"$O.{self.bucket}.C.>")
+        except Exception as e:  # noqa: BLE001 - housekeeping only
+            log.warning("blobstore: cannot list object chunks: %s", e)
+            return
+        live = {nuid for _size, nuid in self._objects.values()}
+        now = datetime.now(UTC)
+        for subject in (info.state.subjects or {}):
+            nuid = subject.rsplit(".", 1)[-1]
+            if nuid in live:
+                continue
+            try:
+                last = await self.js.get_msg(self.stream, subject=subject)
+                if last.time is not None and (now - last.time).total_seconds() < ORPHAN_AGE:
+                    continue
+                await self.js.purge_stream(self.stream, subject=subject)
+                log.info("blobstore: purged orphaned chunks %s", subject)
+            except Exception as e:  # noqa: BLE001
+                log.warning("blobstore: cannot purge orphaned chunks %s: %s", subject, e)
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            with contextlib.suppress(Exception):  # the connection may be gone
+                await sub.unsubscribe()
+
+    # -- helpers
+    def name_lock(self, name: str) -> asyncio.Lock:
+        """One lock per object name on this node: the same blob uploaded twice at once is put once."""
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _store(self) -> ObjectStore:
+        if self.obs is None:
+            raise BlobUnavailable("the object store backend is not started")
+        return self.obs
+
+    @staticmethod
+    def _name(room_id: str, blob_id: str) -> str:
+        return f"{check_room_id(room_id)}/{check_blob_id(blob_id)}"
+
+    async def _get_object(self, room_id: str, blob_id: str) -> tuple[BlobInfo, str] | None:
+        name = self._name(room_id, blob_id)
+        try:
+            obj = await self._store().get_info(name)
+        except (ObjectNotFoundError, NotFoundError):
+            return None
+        except _UNAVAILABLE as e:
+            raise _unavailable(e) from None
+        digest = _digest_of(obj)
+        if digest is None or digest.hex() != blob_id:
+            log.error("blobstore: object %s: digest does not match its name; ignored", name)
+            return None
+        try:
+            meta = json.loads(obj.description or "{}")
+        except ValueError:
+            meta = None
+        uploader = meta.get("uploader") if isinstance(meta, dict) else None
+        created = meta.get("created") if isinstance(meta, dict) else None
+        if not isinstance(uploader, str) or not isinstance(created, (int, float)):
+            log.error("blobstore: object %s: unreadable metadata; ignored", name)
+            return None
+        return BlobInfo(room_id, blob_id, int(obj.size or 0), uploader, float(created)), obj.nuid
+
+    async def _put(self, info: BlobInfo, path: Path) -> None:
+        name = self._name(info.room_id, info.blob_id)
+        meta = api.ObjectMeta(name=name, description=json.dumps({"uploader": info.uploader, "created": info.created}),
+                              options=api.ObjectMetaOptions(max_chunk_size=CHUNK_SIZE))
+        f = await asyncio.to_thread(open, path, "rb")
+        try:
+            obj = await self._store().put(name, f, meta=meta)
+        except _UNAVAILABLE as e:
+            raise _unavailable(e) from None
+        except APIError as e:
+            raise BlobError(f"JetStream refused blob {info.blob_id}: {e.description or e}") from None
+        finally:
+            f.close()
+        digest = _digest_of(obj)
+        if digest is None or digest.hex() != info.blob_id or obj.size != info.size:
+            raise BlobError(f"blob {info.blob_id}: the object store stored something else")
+        self._apply(name, info.size, obj.nuid)
+
+    # -- the contract
+    async def begin(self, room_id: str) -> Upload:
+        check_room_id(room_id)
+        return await asyncio.to_thread(ObjUpload, self, room_id)
+
+    async def info(self, room_id: str, blob_id: str) -> BlobInfo | None:
+        found = await self._get_object(room_id, blob_id)
+        return None if found is None else found[0]
+
+    async def open(self, room_id: str, blob_id: str) -> BlobReader | None:
+        found = await self._get_object(room_id, blob_id)
+        if found is None:
+            return None
+        return ObjReader(self, *found)
+
+    async def delete(self, room_id: str, blob_id: str) -> bool:
+        name = self._name(room_id, blob_id)
+        try:
+            await self._store().delete(name)
+        except (ObjectNotFoundError, NotFoundError):
+            return False
+        except _UNAVAILABLE as e:
+            raise _unavailable(e) from None
+        self._apply(name, None, None)
+        return True
+
+    async def delete_room(self, room_id: str) -> int:
+        prefix = check_room_id(room_id) + "/"
+        n = 0
+        for name in [k for k in self._objects if k.startswith(prefix)]:
+            if await self.delete(room_id, name[len(prefix):]):
+                n += 1
+        return n
+
+    async def list_room(self, room_id: str) -> list[BlobInfo]:
+        prefix = check_room_id(room_id) + "/"
+        out = []
+        for name in sorted(k for k in self._objects if k.startswith(prefix)):
+            info = await self.info(room_id, name[len(prefix):])
+            if info is not None:
+                out.append(info)
+        return out

@@ -1,0 +1,332 @@
+"""The blob backend contract, one suite for both backends.
+
+``fs`` runs on a temporary directory; ``objectstore`` on a real nats-server
+with JetStream (the ``nats_server`` fixture of unibus.testing), with its
+staging directory in a temporary directory. Crash leftovers are simulated by
+putting in place what a crash at each step would leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import nats
+import pytest
+from unibus.plugins.blobstore.backend import TMP_DIR, BlobBackend, BlobInfo
+from unibus.plugins.blobstore.fs import FsBackend
+from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
+
+ROOM, OTHER = "room1", "room2"
+
+
+class Env:
+    """Makes backends of one kind on shared storage (a "restart" is a new backend)."""
+
+    def __init__(self, kind: str, root: Path, js=None) -> None:
+        self.kind, self.root, self.js = kind, root, js
+        self.made: list[BlobBackend] = []
+
+    async def backend(self, room_exists=None) -> BlobBackend:
+        if self.kind == "fs":
+            b: BlobBackend = FsBackend(self.root)
+        else:
+            b = ObjectStoreBackend(self.js, self.root, replicas=1)
+        await b.start(room_exists)
+        self.made.append(b)
+        return b
+
+    def staging(self) -> list[str]:
+        tmp = self.root / TMP_DIR
+        return sorted(p.name for p in tmp.iterdir()) if tmp.exists() else []
+
+
+@pytest.fixture(params=["fs", "objectstore"])
+async def env(request, tmp_path):
+    if request.param == "fs":
+        e = Env("fs", tmp_path / "blobs")
+        yield e
+    else:
+        server = request.getfixturevalue("nats_server")
+        nc = await nats.connect(server.url)
+        e = Env("objectstore", tmp_path / "blobs", nc.jetstream(timeout=5))
+        try:
+            yield e
+        finally:
+            for b in e.made:
+                await b.close()
+            await nc.close()
+    for b in e.made:
+        await b.close()
+
+
+async def put(backend: BlobBackend, data: bytes, room: str = ROOM, uploader: str = "alice", piece: int = 100_000):
+    up = await backend.begin(room)
+    for i in range(0, len(data), piece):
+        await up.write(data[i:i + piece])
+    digest = await up.finish()
+    assert digest == hashlib.sha256(data).digest()
+    assert up.size == len(data)
+    return await up.commit(uploader)
+
+
+async def read_all(backend: BlobBackend, room: str, blob_id: str) -> bytes:
+    reader = await backend.open(room, blob_id)
+    assert reader is not None
+    async with reader:
+        assert reader.info.blob_id == blob_id
+        return b"".join([c async for c in reader.chunks()])
+
+
+@pytest.mark.parametrize("size", [0, 1, 256 * 1024 - 1, 256 * 1024, 256 * 1024 + 1, 1024 * 1024 + 3])
+async def test_round_trip(env, size):
+    b = await env.backend()
+    assert b.stats() == {"backend": env.kind, "blobs": 0, "bytes": 0}
+    data = os.urandom(size)
+    info, created = await put(b, data)
+    assert created
+    assert info == BlobInfo(ROOM, hashlib.sha256(data).hexdigest(), size, "alice", info.created)
+    assert await b.info(ROOM, info.blob_id) == info
+    assert await read_all(b, ROOM, info.blob_id) == data
+    assert [i.blob_id for i in await b.list_room(ROOM)] == [info.blob_id]
+    assert b.stats() == {"backend": env.kind, "blobs": 1, "bytes": size}
+    assert await b.info(OTHER, info.blob_id) is None  # rooms are separate
+    assert env.staging() == []
+
+
+async def test_idempotent_upload_keeps_the_first(env):
+    b = await env.backend()
+    data = os.urandom(50_000)
+    first, created = await put(b, data, uploader="alice")
+    assert created
+    again, created = await put(b, data, uploader="bob")
+    assert not created and again == first and again.uploader == "alice"
+    assert b.stats()["blobs"] == 1 and b.stats()["bytes"] == 50_000
+    assert env.staging() == []
+    # the same bytes in another room are another blob
+    other, created = await put(b, data, room=OTHER)
+    assert created and other.room_id == OTHER
+    assert b.stats()["blobs"] == 2
+
+
+async def test_concurrent_identical_uploads_store_one(env):
+    b = await env.backend()
+    data = os.urandom(300_000)
+    results = await asyncio.gather(*(put(b, data, uploader=f"u{i}") for i in range(4)))
+    assert sum(created for _, created in results) == 1
+    assert len({info.blob_id for info, _ in results}) == 1
+    assert b.stats()["blobs"] == 1 and b.stats()["bytes"] == 300_000
+    assert env.staging() == []
+    assert await read_all(b, ROOM, results[0][0].blob_id) == data
+
+
+async def test_abort_leaves_nothing(env):
+    b = await env.backend()
+    up = await b.begin(ROOM)
+    await up.write(os.urandom(1000))
+    await up.write(os.urandom(1000))
+    await up.abort()
+    await up.abort()  # idempotent
+    assert b.stats()["blobs"] == 0 and await b.list_room(ROOM) == []
+    assert env.staging() == []
+    up = await b.begin(ROOM)
+    await up.write(b"x")
+    await up.finish()
+    await up.abort()  # after finish, before commit
+    assert await b.info(ROOM, hashlib.sha256(b"x").hexdigest()) is None
+    assert env.staging() == []
+
+
+async def test_delete(env):
+    b = await env.backend()
+    a, _ = await put(b, b"a" * 10)
+    c, _ = await put(b, b"c" * 20)
+    assert await b.delete(ROOM, a.blob_id) is True
+    assert await b.delete(ROOM, a.blob_id) is False
+    assert await b.info(ROOM, a.blob_id) is None and await b.open(ROOM, a.blob_id) is None
+    assert b.stats()["blobs"] == 1 and b.stats()["bytes"] == 20
+    assert await read_all(b, ROOM, c.blob_id) == b"c" * 20
+    # deleted, then uploaded again: a fresh blob
+    again, created = await put(b, b"a" * 10, uploader="carol")
+    assert created and again.uploader == "carol"
+    assert env.staging() == []
+
+
+async def test_delete_room(env):
+    b = await env.backend()
+    for i in range(3):
+        await put(b, f"blob {i}".encode())
+    keep, _ = await put(b, b"elsewhere", room=OTHER)
+    assert await b.delete_room(ROOM) == 3
+    assert await b.list_room(ROOM) == []
+    assert b.stats() == {"backend": env.kind, "blobs": 1, "bytes": len(b"elsewhere")}
+    assert await b.info(OTHER, keep.blob_id) == keep
+    assert await b.delete_room(ROOM) == 0
+    assert await b.delete_room("neverexisted") == 0
+    assert env.staging() == []
+
+
+async def test_restart_recounts_and_drops_rooms_that_are_gone(env):
+    b = await env.backend()
+    x, _ = await put(b, os.urandom(1000))
+    y, _ = await put(b, os.urandom(2000), room=OTHER)
+    await b.close()
+
+    b2 = await env.backend()
+    assert b2.stats() == {"backend": env.kind, "blobs": 2, "bytes": 3000}
+    assert await b2.info(ROOM, x.blob_id) == x
+    await b2.close()
+
+    async def room_exists(room_id: str) -> bool:
+        return room_id == ROOM
+
+    b3 = await env.backend(room_exists)
+    assert b3.stats() == {"backend": env.kind, "blobs": 1, "bytes": 1000}
+    assert await b3.info(OTHER, y.blob_id) is None
+    assert await b3.info(ROOM, x.blob_id) == x
+
+
+async def test_staging_leftovers_of_a_crash_are_removed_at_start(env):
+    b = await env.backend()
+    kept, _ = await put(b, b"kept")
+    # a crash mid-upload, one after the metadata was written but before the rename,
+    # and one mid-deletion: all of it lives in the staging directory only.
+    tmp = env.root / TMP_DIR
+    (tmp / "up-crashed").mkdir()
+    (tmp / "up-crashed" / "data").write_bytes(os.urandom(5000))
+    (tmp / "up-almost").mkdir()
+    (tmp / "up-almost" / "data").write_bytes(b"almost")
+    digest = hashlib.sha256(b"almost").hexdigest()
+    (tmp / "up-almost" / "meta.json").write_text(json.dumps(
+        BlobInfo(ROOM, digest, 6, "alice", 1.0).meta_json()))
+    (tmp / "del-1234").mkdir()
+    (tmp / "stray-file").write_bytes(b"x")
+    await b.close()
+
+    b2 = await env.backend()
+    assert env.staging() == []
+    assert b2.stats()["blobs"] == 1
+    assert await b2.info(ROOM, digest) is None
+    assert await read_all(b2, ROOM, kept.blob_id) == b"kept"
+
+
+async def test_invalid_ids_are_refused(env):
+    b = await env.backend()
+    for bad_room in ["../etc", "Room", "", "a" * 41, ".tmp"]:
+        with pytest.raises(ValueError):
+            await b.begin(bad_room)
+    for bad_blob in ["../x", "A" * 64, "0" * 63, "g" * 64]:
+        with pytest.raises(ValueError):
+            await b.info(ROOM, bad_blob)
+        with pytest.raises(ValueError):
+            await b.delete(ROOM, bad_blob)
+    assert await b.open(ROOM, "0" * 64) is None
+
+
+# -- backend-specific crash states ---------------------------------------------
+
+
+async def test_fs_half_made_blob_directories_are_not_visible(tmp_path):
+    """A blob directory missing a file, or whose metadata disagrees, is never served
+    (this code never makes one; a damaged disk or a hand edit could)."""
+    root = tmp_path / "blobs"
+    b = FsBackend(root)
+    await b.start()
+    good, _ = await put(b, b"good")
+    data = b"no metadata"
+    bid = hashlib.sha256(data).hexdigest()
+    (root / ROOM / bid).mkdir()
+    (root / ROOM / bid / "data").write_bytes(data)
+    meta_only = hashlib.sha256(b"meta only").hexdigest()
+    (root / ROOM / meta_only).mkdir()
+    (root / ROOM / meta_only / "meta.json").write_text(json.dumps(BlobInfo(ROOM, meta_only, 9, "a", 1.0).meta_json()))
+    b2 = FsBackend(root)
+    await b2.start()
+    assert b2.stats()["blobs"] == 1
+    assert await b2.info(ROOM, bid) is None and await b2.open(ROOM, bid) is None
+    assert await b2.info(ROOM, meta_only) is None
+    # uploading the real bytes replaces the damaged directory
+    _info, created = await put(b2, data)
+    assert created and await read_all(b2, ROOM, bid) == data
+    assert await b2.info(ROOM, good.blob_id) == good
+
+
+async def test_fs_layout_and_modes(tmp_path):
+    root = tmp_path / "blobs"
+    b = FsBackend(root)
+    await b.start()
+    info, _ = await put(b, b"secret-ish")
+    blob_dir = root / ROOM / info.blob_id
+    assert (blob_dir / "data").read_bytes() == b"secret-ish"
+    meta = json.loads((blob_dir / "meta.json").read_text())
+    assert meta == {"v": 1, "room_id": ROOM, "blob_id": info.blob_id, "size": 10, "uploader": "alice",
+                    "created": info.created}
+    for p in (root, root / TMP_DIR, root / ROOM, blob_dir):
+        assert p.stat().st_mode & 0o777 == 0o700, p
+    for p in (blob_dir / "data", blob_dir / "meta.json"):
+        assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+async def test_objectstore_orphaned_chunks_are_purged_at_start(nats_server, tmp_path, monkeypatch):
+    from unibus.plugins.blobstore import objectstore
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        kept, _ = await put(b, os.urandom(300_000))
+        # a crash mid-put: chunks published, no metadata message
+        await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
+        await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
+        await b.close()
+
+        young = ObjectStoreBackend(js, tmp_path / "blobs")
+        await young.start()  # too young to be sure: left alone (another node may be uploading)
+        info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
+        assert "$O.unibus_blobs.C.crashednuid" in (info.state.subjects or {})
+        await young.close()
+
+        monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
+        b2 = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b2.start()
+        info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
+        subjects = set(info.state.subjects or {})
+        assert "$O.unibus_blobs.C.crashednuid" not in subjects
+        assert len(subjects) == 1  # the kept blob's chunks
+        assert b2.stats()["blobs"] == 1
+        assert await read_all(b2, ROOM, kept.blob_id) is not None
+        await b2.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_counts_what_other_nodes_store(nats_server, tmp_path):
+    """Two backends on one bucket (two nodes): each one's /healthz counters include the other's writes."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        one = ObjectStoreBackend(js, tmp_path / "one")
+        two = ObjectStoreBackend(js, tmp_path / "two")
+        await one.start()
+        await two.start()
+        info, _ = await put(one, os.urandom(70_000))
+        for _ in range(200):
+            if two.stats()["blobs"] == 1:
+                break
+            await asyncio.sleep(0.02)
+        assert two.stats() == {"backend": "objectstore", "blobs": 1, "bytes": 70_000}
+        assert await read_all(two, ROOM, info.blob_id) is not None
+        assert await two.delete(ROOM, info.blob_id)
+        for _ in range(200):
+            if one.stats()["blobs"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert one.stats()["blobs"] == 0
+        await one.close()
+        await two.close()
+    finally:
+        await nc.close()

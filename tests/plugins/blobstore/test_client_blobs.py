@@ -1,0 +1,120 @@
+"""put_blob / get_blob end to end: encrypted with the room key, stored as ciphertext, decrypted back."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+from unibus.client import ApiError, KeyUnavailable
+from unibus.client.blobs import (
+    CHUNK_SIZE,
+    MAGIC,
+    BlobFormatError,
+    ciphertext_size,
+    delete_blob,
+    get_blob,
+    get_raw_blob,
+    parse_header,
+    put_blob,
+    put_raw_blob,
+)
+
+
+@pytest.mark.parametrize("size", [0, 1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * 1024 * 1024 + 5])
+async def test_put_get_round_trip(world, tmp_path, size):
+    rid = await world.room()
+    before = world.blobstore_health()
+    data = os.urandom(size)
+    src = tmp_path / "plain"
+    src.write_bytes(data)
+    up = []
+    blob_id = await put_blob(world.clients["carol"], rid, src, progress=lambda d, t: up.append((d, t)))
+    ct = ciphertext_size(size)
+    assert up[0] == (0, ct) and up[-1] == (ct, ct)
+    assert [d for d, _ in up] == sorted(d for d, _ in up)
+    # the server holds ciphertext only
+    stored = (world.blobs_dir / rid / blob_id / "data").read_bytes()
+    assert len(stored) == ct and stored.startswith(MAGIC) and hashlib.sha256(stored).hexdigest() == blob_id
+    if size >= 16:
+        assert data[:16] not in stored
+    assert world.blobstore_health()["bytes"] == before["bytes"] + ct
+    out = tmp_path / "sub" / "plain.out"
+    out.parent.mkdir()
+    down = []
+    assert await get_blob(world.clients["bob"], rid, blob_id, out, progress=lambda d, t: down.append((d, t))) == size
+    assert out.read_bytes() == data
+    assert down[-1] == (ct, ct)
+    assert sorted(os.listdir(out.parent)) == ["plain.out"]  # no temporary file left
+    assert not list(tmp_path.glob(".unibus-blob-*"))
+
+
+async def test_epochs_rekey_and_late_joiners(world, tmp_path):
+    c = world.clients
+    rid = await world.room()  # bob, carol; epoch 1
+    src = tmp_path / "p"
+    src.write_bytes(b"epoch one")
+    old = await put_blob(c["carol"], rid, src)
+    await c["bob"].add_room_member(rid, "dave")
+    assert await c["bob"].rekey(rid) == 2
+    src.write_bytes(b"epoch two")
+    new = await put_blob(c["carol"], rid, src)
+    raw = tmp_path / "raw"
+    await get_raw_blob(c["carol"], rid, new, raw)
+    assert parse_header(raw.read_bytes()).epoch == 2
+    out = tmp_path / "out"
+    await get_blob(c["carol"], rid, old, out)  # the header's epoch picks the key
+    assert out.read_bytes() == b"epoch one"
+    await get_blob(c["dave"], rid, new, out)
+    assert out.read_bytes() == b"epoch two"
+    # dave joined at epoch 2: epoch 1 was never sealed to him
+    out.write_bytes(b"untouched")
+    with pytest.raises(KeyUnavailable):
+        await get_blob(c["dave"], rid, old, out)
+    assert out.read_bytes() == b"untouched"  # a failed download never replaces the target
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "p", "raw"]
+
+
+async def test_blob_moved_to_another_room_does_not_decrypt(world, tmp_path):
+    c = world.clients
+    a = await world.room()
+    b = await world.room()
+    src = tmp_path / "p"
+    src.write_bytes(os.urandom(100_000))
+    blob_id = await put_blob(c["carol"], a, src)
+    raw = tmp_path / "raw"
+    await get_raw_blob(c["carol"], a, blob_id, raw)
+    assert await put_raw_blob(c["carol"], b, raw) == blob_id  # same bytes, other room
+    out = tmp_path / "out"
+    with pytest.raises(BlobFormatError):
+        await get_blob(c["carol"], b, blob_id, out)
+    assert not out.exists()
+    # raw bytes that are not a blob at all
+    junk = tmp_path / "junk"
+    junk.write_bytes(os.urandom(5000))
+    junk_id = await put_raw_blob(c["carol"], a, junk)
+    with pytest.raises(BlobFormatError):
+        await get_blob(c["carol"], a, junk_id, out)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["junk", "p", "raw"]
+
+
+async def test_unkeyed_room_delete_and_errors(world, tmp_path):
+    c = world.clients
+    unkeyed = await world.room(keyed=False)
+    src = tmp_path / "p"
+    src.write_bytes(b"x")
+    with pytest.raises(KeyUnavailable):
+        await put_blob(c["carol"], unkeyed, src)
+    rid = await world.room()
+    blob_id = await put_blob(c["carol"], rid, src)
+    with pytest.raises(ApiError) as e:
+        await put_blob(c["dave"], rid, src)
+    assert e.value.status in (403, 404)  # dave holds no key of the room (404) before he could even try
+    await delete_blob(c["carol"], rid, blob_id)
+    with pytest.raises(ApiError) as e:
+        await get_blob(c["carol"], rid, blob_id, tmp_path / "out")
+    assert e.value.status == 404
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError):
+        await get_blob(c["carol"], rid, "NOTHEX", tmp_path / "out")

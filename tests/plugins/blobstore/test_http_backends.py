@@ -1,0 +1,165 @@
+"""The blob handlers over both backends, in process.
+
+The daemon picks the object store only in cluster mode, so the HTTP path
+over it (a streamed GET from JetStream chunks, not sendfile) is exercised
+here: the plugin's real routes on an aiohttp test server, with a stand-in
+for the store and for the auth layer (which the daemon tests cover).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from datetime import UTC, datetime
+
+import aiohttp
+import nats
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+from unibus.app import EXTRA, OPENAPI_DOC, STORE, problem_middleware
+from unibus.auth import MEMBER_KEY
+from unibus.openapi import OpenAPI
+from unibus.plugins.blobstore import BlobService, register_routes
+from unibus.plugins.blobstore.fs import FsBackend
+from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
+from unibus.signing import Verified
+from unibus.store.base import Change, Member, Room
+
+NOW = datetime.now(UTC)
+# The stand-in auth layer uses the same plain string keys as unibus.auth.
+pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
+
+
+def member(handle: str, role: str = "member") -> Member:
+    return Member(handle, role, bytes(32), bytes(32), "X25519", NOW)
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.rooms = {"r1": Room("r1", "one", "bob", 1, False, NOW, (member("bob"), member("carol")))}
+        self.listeners = []
+
+    async def get_room(self, room_id):
+        return self.rooms.get(room_id)
+
+    def add_listener(self, cb):
+        self.listeners.append(cb)
+
+    async def delete_room(self, room_id):
+        del self.rooms[room_id]
+        for cb in self.listeners:
+            res = cb(Change("room_deleted", room_id=room_id))
+            if res is not None:
+                await res
+
+
+@web.middleware
+async def fake_auth(request, handler):
+    """Trust X-Test-Member / X-Test-Sha256 (the real auth layer is tested with a real daemon)."""
+    handle = request.headers.get("X-Test-Member", "bob")
+    request[MEMBER_KEY] = member(handle, "admin" if handle == "alice" else "member")
+    sha = request.headers.get("X-Test-Sha256")
+    request["unibus.signature"] = Verified(handle, "n" * 16, 0, "sig1", bytes.fromhex(sha) if sha else None)
+    return await handler(request)
+
+
+@pytest.fixture(params=["fs", "objectstore"])
+async def http(request, tmp_path):
+    nc = None
+    if request.param == "fs":
+        backend = FsBackend(tmp_path / "blobs")
+    else:
+        server = request.getfixturevalue("nats_server")
+        nc = await nats.connect(server.url)
+        backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
+    await backend.start()
+    store = FakeStore()
+    app = web.Application(middlewares=[problem_middleware, fake_auth])
+    app[STORE] = store
+    app[OPENAPI_DOC] = OpenAPI()
+    service = BlobService(backend, 5 * 1024 * 1024)
+    app[EXTRA] = {"blobstore": service}
+    store.add_listener(service.on_change)
+    register_routes(app)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield client, backend, store
+    finally:
+        await client.close()
+        await backend.close()
+        if nc is not None:
+            await nc.close()
+
+
+async def put(client, data, who="bob", sha=None):
+    return await client.put("/v1/rooms/r1/blobs", data=data, headers={
+        "X-Test-Member": who, "X-Test-Sha256": sha or hashlib.sha256(data).hexdigest()})
+
+
+@pytest.mark.parametrize("size", [0, 1, 256 * 1024 + 1, 3 * 1024 * 1024 + 5])
+async def test_put_get_delete(http, size):
+    client, backend, _ = http
+    data = os.urandom(size)
+    r = await put(client, data)
+    assert r.status == 201, await r.text()
+    blob_id = (await r.json())["blob_id"]
+    assert blob_id == hashlib.sha256(data).hexdigest()
+    r = await client.get(f"/v1/rooms/r1/blobs/{blob_id}", headers={"X-Test-Member": "carol"})
+    assert r.status == 200
+    assert r.headers["Content-Length"] == str(size)
+    assert r.headers["Content-Digest"].startswith("sha-256=:")
+    assert await r.read() == data
+    assert backend.stats()["blobs"] == 1
+    r = await client.delete(f"/v1/rooms/r1/blobs/{blob_id}", headers={"X-Test-Member": "carol"})
+    assert r.status == 403  # not the uploader
+    r = await client.delete(f"/v1/rooms/r1/blobs/{blob_id}", headers={"X-Test-Member": "bob"})
+    assert r.status == 204
+    r = await client.get(f"/v1/rooms/r1/blobs/{blob_id}")
+    assert r.status == 404
+    assert backend.stats()["blobs"] == 0
+
+
+async def test_refusals_store_nothing(http):
+    client, backend, _ = http
+    data = os.urandom(100_000)
+    r = await put(client, data, sha=hashlib.sha256(b"other").hexdigest())
+    assert r.status == 400
+    r = await put(client, os.urandom(5 * 1024 * 1024 + 1))
+    assert r.status == 413
+    r = await put(client, data, who="dave")
+    assert r.status == 403
+    r = await client.put("/v1/rooms/r1/blobs", data=data)  # no digest covered
+    assert r.status == 401
+    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+    assert list((backend.root / ".tmp").iterdir()) == []
+
+
+async def test_chunked_upload_and_room_deletion(http):
+    client, backend, store = http
+    pieces = [os.urandom(100_000) for _ in range(5)]
+
+    async def gen():
+        for p in pieces:
+            yield p
+
+    r = await put(client, gen(), sha=hashlib.sha256(b"".join(pieces)).hexdigest())
+    assert r.status == 201
+    await store.delete_room("r1")
+    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+
+
+@pytest.mark.parametrize("http", ["objectstore"], indirect=True)
+async def test_a_blob_whose_chunks_vanished_is_cut_short(http):
+    """If the chunks disappear under a reader, the response is cut short (its
+    Content-Length is not met), never completed with wrong bytes."""
+    client, backend, _ = http
+    data = os.urandom(1024 * 1024)
+    blob_id = (await (await put(client, data)).json())["blob_id"]
+    nuid = backend._objects[f"r1/{blob_id}"][1]
+    await backend.js.purge_stream(backend.stream, subject=f"$O.{backend.bucket}.C.{nuid}")
+    r = await client.get(f"/v1/rooms/r1/blobs/{blob_id}")
+    assert r.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await r.read()
