@@ -17,6 +17,8 @@ A signed request to an unknown route is authenticated first, then 404.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +26,6 @@ from typing import Any
 
 import nacl.signing
 from aiohttp import web
-from nats.errors import ConnectionClosedError, NoRespondersError, TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError
 
@@ -64,6 +65,9 @@ class NonceStore:
         self.timeout = timeout
         self.claims = 0
         self.replays = 0
+        self._inbox: str | None = None
+        self._counter = itertools.count()
+        self._waiting: dict[str, asyncio.Future[Any]] = {}
 
     def bucket_config(self) -> KeyValueConfig:
         return KeyValueConfig(bucket=NONCE_BUCKET, history=1, ttl=float(self.ttl), replicas=self.replicas,
@@ -99,24 +103,56 @@ class NonceStore:
             return False
 
     async def claim(self, handle: str, nonce: str) -> bool:
-        """True if this is the first use of ``nonce`` by ``handle``; False for a replay."""
-        js = self.bus.js
-        if js is None or not self.bus.connected:
+        """True if this is the first use of ``nonce`` by ``handle``; False for a replay.
+
+        The hot path of every signed request, so it skips nats-py's generic
+        request machinery (a fresh inbox, a ``wait_for`` and a JSON decode per
+        call): one long-lived wildcard subscription receives every PubAck, a
+        counter names each reply, and a success is recognised by its prefix.
+        """
+        nc = self.bus.nc
+        if nc is None or not self.bus.connected:
             raise NonceStoreUnavailable("not connected to NATS")
+        if self._inbox is None:
+            await self._subscribe(nc)
+        reply = f"{self._inbox}.{next(self._counter)}"
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._waiting[reply] = waiter
         try:
-            await js.publish(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", b"1", timeout=self.timeout,
+            await nc.publish(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", b"1", reply=reply,
                              headers={"Nats-Expected-Last-Subject-Sequence": "0"})
-        except APIError as e:
-            if e.err_code == WRONG_LAST_SEQUENCE:
-                self.replays += 1
-                return False
-            raise NonceStoreUnavailable(f"JetStream refused the nonce write: {e.description or e}") from None
-        except (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError) as e:
-            raise NonceStoreUnavailable(f"nonce bucket unavailable: {type(e).__name__}") from None
-        except Exception as e:  # anything else is also "cannot write": fail closed
+            async with asyncio.timeout(self.timeout):
+                msg = await waiter
+        except (TimeoutError, asyncio.TimeoutError):
+            raise NonceStoreUnavailable("nonce bucket unavailable: no PubAck in time") from None
+        except Exception as e:  # connection closed, outbound buffer full...: fail closed
             raise NonceStoreUnavailable(f"nonce bucket unavailable: {type(e).__name__}: {e}") from None
-        self.claims += 1
-        return True
+        finally:
+            self._waiting.pop(reply, None)
+        if msg.data.startswith(b'{"stream":'):
+            self.claims += 1
+            return True
+        if msg.headers and msg.headers.get("Status") == "503":
+            raise NonceStoreUnavailable("nonce bucket unavailable: no responders (no stream leader)")
+        try:
+            error = json.loads(msg.data).get("error") or {}
+        except ValueError:
+            error = {}
+        if error.get("err_code") == WRONG_LAST_SEQUENCE:
+            self.replays += 1
+            return False
+        raise NonceStoreUnavailable(f"JetStream refused the nonce write: {error.get('description') or msg.data[:200]!r}")
+
+    async def _subscribe(self, nc: Any) -> None:
+        inbox = nc.new_inbox()
+
+        async def on_reply(msg: Any) -> None:
+            waiter = self._waiting.pop(msg.subject, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
+
+        await nc.subscribe(inbox + ".*", cb=on_reply)
+        self._inbox = inbox
 
 
 class MemberDirectory:
