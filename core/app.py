@@ -119,6 +119,9 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
     # JetStream answers *and* the nonce bucket is there: without it no signed
     # request can be served, so the node is degraded.
     jetstream = await (nonces.available() if nonces is not None else bus.jetstream_ok(timeout=1.0))
+    store = app.get(STORE)
+    if jetstream and store is not None:
+        jetstream = await store.available()  # a cluster's state bucket has a leader
     connected = bus.connected
     ok = connected and jetstream and (supervisor is None or supervisor.running)
     cluster = None

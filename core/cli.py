@@ -127,6 +127,7 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     parser = _Parser(prog=f"{PROG} plugins", description=_DESCRIPTIONS["plugins"])
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
+    parser.add_argument("--data-dir", metavar="DIR", help="accepted like every command's; plugins do not depend on it")
     ns = parser.parse_args(argv)
     plugins = PluginManager(blocked=ns.disable_plugin)
     infos = plugins.list_plugins()

@@ -192,6 +192,10 @@ class Store(abc.ABC):
         """Drop caches and re-read the backend (SIGHUP, offline ``member add``)."""
         await self._changed(Change("reloaded"))
 
+    async def available(self) -> bool:
+        """Can the backend answer now? (``/healthz`` is degraded when not.)"""
+        return True
+
     async def close(self) -> None:  # pragma: no cover - default no-op
         return None
 

@@ -375,6 +375,15 @@ class KvStore(Store):
             raise StoreUnavailable(f"KV bucket {self.bucket} holds schema {_schema['version']}; "
                                    f"this membershipd knows {SCHEMA_VERSION}: upgrade it")
 
+    async def available(self) -> bool:
+        """The state bucket's stream answers within ``timeout`` (it has a leader)."""
+        try:
+            self._check_connected()
+            await asyncio.wait_for(self.js.stream_info(self.stream), min(self.timeout, 1.0))
+            return True
+        except Exception:
+            return False
+
     async def status(self) -> dict[str, Any]:
         """The bucket's stream: replicas, messages, atomic batches, leader."""
         info = await self._io(self.js.stream_info(self.stream), "bucket info")

@@ -14,7 +14,7 @@ No anonymous user, no ``no_auth_user``. Every committed membership change
 (member added or deleted, room member added or removed, room deleted, SIGHUP)
 regenerates the block and reloads nats-server; changes made close together
 share one reload, and the request that made the change gets its 2xx only once
-nats-server confirmed the reload (up to 5 s; after that it answers anyway and
+nats-server confirmed the reload (up to 15 s; after that it answers anyway and
 logs an error). nats-server's reload closes the connections of users that
 disappeared and drops subscriptions that are no longer allowed (measured and
 explained in docs/bus-auth.md).

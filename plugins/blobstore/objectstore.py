@@ -214,7 +214,9 @@ class ObjectStoreBackend(BlobBackend):
             if e.err_code != STREAM_NAME_IN_USE:
                 raise
         info = await self.js.stream_info(self.stream)
-        if info.config.num_replicas != self.replicas:
+        # Raised only, like the core's buckets: a node restarted with a stale,
+        # lower --kv-replicas must not take the blobs back to R1.
+        if (info.config.num_replicas or 1) < self.replicas:
             info.config.num_replicas = self.replicas
             await self.js.update_stream(info.config)
             log.info("blobstore: object store %s now has %d replicas", self.bucket, self.replicas)
