@@ -1,0 +1,838 @@
+"""Signed-request benchmark (issue 3): what RFC 9421 + the replay-nonce claim cost per request.
+
+Run with ``.venv/bin/python bench/bench_signed.py [--runs 5] [--requests N] [--no-write]``.
+Not a test: it prints markdown and writes it into docs/benchmarks.md between
+the ``bench:signed`` markers (other sections of that file are kept).
+
+Three servers, each loaded the same way, ``--runs`` times round-robin
+(median, min, max):
+
+* **signed**: a real ``membershipd serve`` (embedded nats-server, default bus
+  auth, skew 60 s) answering ``GET /v1/me`` for ``alice`` (bootstrapped as an
+  admin with ``membershipd member add``), every request signed with a unique
+  nonce by :func:`unibus.signing.sign_request`;
+* **baseline A**: a bare aiohttp handler returning the same JSON body (the
+  bytes /v1/me answered), in a separate server process;
+* **baseline B**: the same handler doing one Ed25519 verify of a 200-byte
+  message per request (PyNaCl's ``crypto_sign_open``, as the server does):
+  the irreducible cost of a signed request.
+
+The load comes from a second process (this script started with a hidden
+``--role loadgen``): aiohttp's client, ``TCPConnector(limit=32)``, 32 workers
+sharing one list of requests. Every run signs a fresh batch just before it
+starts (all signing outside the timed part; ``created`` stays well inside the
+skew window) and the baselines get the very same signed requests, so all
+three parse the same headers. The first ``--warmup`` requests open the 32
+connections and are not timed. Each process's CPU time is read from /proc
+around the run, which gives CPU µs per request: the cost of a request
+independent of how the two cores were shared.
+
+Then, for diagnosis:
+
+* a profile of each server during one extra, untimed run, summed into cost
+  centres (verify, ``check_request``, the nonce claim, JSON, aiohttp, the
+  event loop): ``py-spy record --pid`` when py-spy is there (install it with
+  ``.venv/bin/pip install py-spy``; it is not a project dependency), else
+  cProfile on the CPU clock, switched on and off with SIGUSR1 / SIGUSR2 around
+  the run (in the baselines, and in a second membershipd started through the
+  hidden ``--role cprofile-daemon`` wrapper, since membershipd has no such switch);
+* the nonce claim alone: :class:`unibus.auth.NonceStore` against a bare
+  ``nats-server -js`` with the same bucket (file storage as membershipd, and
+  memory for comparison): one at a time, 32 in flight, and rejected replays,
+  with CPU per claim on both sides and /varz message counts per claim.
+
+Every process started here is stopped in a ``finally``; everything listens on
+127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+SCRIPT = str(Path(__file__).resolve())
+MARK_START = "<!-- bench:signed:start -->"
+MARK_END = "<!-- bench:signed:end -->"
+HEADING = "## Signed requests (issue 3)"
+CONCURRENCY = 32
+PATH = "/v1/me"
+HANDLE = "alice"
+VERIFY_MESSAGE_SIZE = 200
+START_TIMEOUT = 30.0
+PROFILE_RATE = 250  # py-spy samples per second
+INTRO = """# Benchmarks
+
+Benchmarks live in `bench/` and are not part of `make test`. Run them with
+`make bench` (or `.venv/bin/python bench/<script>.py`); each script rewrites
+only its own section of this file, between its `<!-- bench:... -->` markers.
+
+Figures are medians of N runs (min and max beside them) on the 2-core
+CI-size machine, and every ratio is taken against a baseline measured in the
+same script and the same run, so a slower or faster machine shifts the
+absolute numbers but not the comparison.
+"""
+
+
+# =============================================================================
+# Roles run in child processes (hidden --role): the baseline servers and the
+# load generator. They import only what they need.
+# =============================================================================
+
+
+def install_profile_toggle(stats_path: Path) -> None:
+    """SIGUSR1 starts a cProfile (CPU-time clock) of the main thread, SIGUSR2 stops it and writes ``stats_path``.
+
+    The fallback when py-spy is missing: only the burst is profiled, not the start-up.
+    """
+    import cProfile
+
+    prof = cProfile.Profile(time.process_time)
+
+    def start(_sig: int, _frame: Any) -> None:
+        prof.enable()
+
+    def stop(_sig: int, _frame: Any) -> None:
+        prof.disable()
+        prof.dump_stats(str(stats_path))
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+def role_cprofile_daemon(argv: list[str]) -> int:
+    """``membershipd`` (``unibus.cli.main``) with the profile toggle; argv: STATS_FILE serve ARGS..."""
+    install_profile_toggle(Path(argv[0]))
+    from unibus.cli import main as membershipd
+
+    return membershipd(argv[1:])
+
+
+def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None = None) -> int:
+    """Baseline A (``plain``) or B (``verify``): GET /v1/me → the same JSON as membershipd's."""
+    if stats_path is not None:
+        install_profile_toggle(stats_path)
+    import nacl.bindings
+    import nacl.signing
+    from aiohttp import web
+
+    body = json.loads(body_path.read_text())
+    dumps = lambda o: json.dumps(o, separators=(",", ":"))  # what unibus.api.common uses
+    sk = nacl.signing.SigningKey.generate()
+    pub = bytes(sk.verify_key)
+    signed = bytes(sk.sign(os.urandom(VERIFY_MESSAGE_SIZE)))  # signature (64) || message (200)
+
+    async def plain(request: web.Request) -> web.Response:
+        return web.json_response(body, dumps=dumps)
+
+    async def verify(request: web.Request) -> web.Response:
+        nacl.bindings.crypto_sign_open(signed, pub)  # what PendingSignature.verify calls
+        return web.json_response(body, dumps=dumps)
+
+    async def main() -> None:
+        app = web.Application()
+        app.router.add_get(PATH, plain if mode == "plain" else verify)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print("ready", flush=True)
+        await stop.wait()
+        await runner.cleanup()
+
+    asyncio.run(main())
+    return 0
+
+
+def role_loadgen(url: str, requests_path: Path, warmup: int, concurrency: int) -> int:
+    """Send every request of the file (a JSON list of header dicts) once; print a JSON result line."""
+    import aiohttp
+    import yarl
+
+    all_headers: list[dict[str, str]] = json.loads(requests_path.read_text())
+    target = yarl.URL(url, encoded=True)
+
+    async def main() -> dict[str, Any]:
+        statuses: collections.Counter[int] = collections.Counter()
+        latencies: list[float] = []
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+        async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+            async def worker(it, record: bool) -> None:
+                perf = time.perf_counter
+                for headers in it:
+                    t0 = perf()
+                    async with session.get(target, headers=headers) as resp:
+                        await resp.read()
+                        status = resp.status
+                    statuses[status] += 1
+                    if record:
+                        latencies.append(perf() - t0)
+
+            warm = iter(all_headers[:warmup])
+            await asyncio.gather(*(worker(warm, False) for _ in range(concurrency)))
+            timed = iter(all_headers[warmup:])
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            await asyncio.gather(*(worker(timed, True) for _ in range(concurrency)))
+            elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        latencies.sort()
+        n = len(latencies)
+        return {"n": n, "seconds": elapsed, "rps": n / elapsed,
+                "p50": latencies[n // 2], "p99": latencies[min(n - 1, int(n * 0.99))],
+                "statuses": {str(k): v for k, v in statuses.items()}, "cpu": cpu}
+
+    print(json.dumps(asyncio.run(main())), flush=True)
+    return 0
+
+
+# =============================================================================
+# The orchestrating side
+# =============================================================================
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """user + system CPU time a live process has used so far (clock-tick resolution)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """``sig`` (SIGTERM), then SIGKILL if it does not stop in time."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def wait_ready_line(proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
+    """Wait for a baseline server's ``ready`` line on stdout."""
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if line.strip() == b"ready":
+            return
+        if not line and proc.poll() is not None:
+            raise RuntimeError(f"baseline server exited with {proc.returncode}")
+    raise TimeoutError("baseline server did not become ready")
+
+
+@dataclass
+class Target:
+    key: str  # "signed", "plain", "verify"
+    label: str
+    url: str
+    pids: dict[str, int]  # process label → pid whose CPU time is counted
+
+
+@dataclass
+class RunResult:
+    rps: float
+    p50: float  # seconds
+    p99: float
+    n: int  # timed requests
+    cpu_us: dict[str, float]  # process label → CPU µs per request
+
+
+@dataclass
+class Series:
+    runs: list[RunResult] = field(default_factory=list)
+
+    def values(self, attr: str) -> list[float]:
+        return [getattr(r, attr) for r in self.runs]
+
+    def med(self, attr: str) -> float:
+        return statistics.median(self.values(attr))
+
+    def cpu(self, proc: str) -> float | None:
+        vals = [r.cpu_us[proc] for r in self.runs if proc in r.cpu_us]
+        return statistics.median(vals) if vals else None
+
+
+def sign_batch(identity: Any, count: int) -> list[dict[str, str]]:
+    """``count`` signatures of GET /v1/me, each with its own nonce, ``created`` = now."""
+    from unibus.signing import sign_request
+
+    created = int(time.time())
+    return [sign_request("GET", PATH, None, keyid=identity.handle, private_key=identity.sign_key, created=created)
+            for _ in range(count)]
+
+
+def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch: Path) -> RunResult:
+    """One load-generator process over ``headers``; CPU of the target's processes read around it."""
+    req_file = scratch / f"requests-{target.key}.json"
+    req_file.write_text(json.dumps(headers))
+    argv = [PYTHON, SCRIPT, "--role", "loadgen", "--url", target.url + PATH, "--requests-file", str(req_file),
+            "--warmup", str(warmup)]
+    before = {name: proc_cpu_seconds(pid) for name, pid in target.pids.items()}
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        stop_process(proc)
+    after = {name: proc_cpu_seconds(pid) for name, pid in target.pids.items()}
+    req_file.unlink()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
+    res = json.loads(out.decode().strip().splitlines()[-1])
+    bad = {k: v for k, v in res["statuses"].items() if k != "200"}
+    if bad:
+        raise RuntimeError(f"{target.label}: non-200 answers {bad}")
+    # The servers are idle while the load generator imports and connects, so their CPU
+    # over its whole life divided by every request sent (warm-up too) is per request.
+    cpu_us = {k: (after[k] - before[k]) / len(headers) * 1e6 for k in before}
+    cpu_us["load generator"] = res["cpu"] / res["n"] * 1e6
+    return RunResult(rps=res["rps"], p50=res["p50"], p99=res["p99"], n=res["n"], cpu_us=cpu_us)
+
+
+# -- where the time goes: py-spy (or cProfile) ----------------------------------------
+
+_FRAME = re.compile(r"^(.*) \((.*):(\d+)\)$")
+#: Leaf frames of threads that are blocked, not working (py-spy's idle detection misses them here).
+_IDLE_LEAVES = {("_worker", "concurrent/futures/thread.py"), ("ThreadedChildWatcher._do_waitpid", "asyncio/unix_events.py"),
+                ("Condition.wait", "threading.py"), ("Event.wait", "threading.py")}
+
+#: Cost centres, tried in this order; the first that matches any frame of a stack owns the sample.
+SPECIFIC = [
+    ("Ed25519 verify (libsodium `crypto_sign_open`)", lambda f, p: f.startswith("crypto_sign_open")),
+    ("signature headers parsed and checked (`check_request`)",
+     lambda f, p: p.endswith("signing.py") and f.startswith(("check_request", "split_path_query", "_"))),
+    ("nonce claim: `NonceStore.claim` → nats-py `js.publish` → `request` (inbox token, future, `wait_for`, PubAck JSON)",
+     lambda f, p: f.startswith("NonceStore.claim")),
+    ("nonce claim: nats-py's own tasks (flusher's socket write, read loop, parser, reply dispatch)",
+     lambda f, p: p.startswith("nats/")),
+    ("member lookup (`MemberDirectory.get`)", lambda f, p: f.startswith("MemberDirectory")),
+    ("handler and JSON body (`json_response`, `as_json`, `json.dumps`)",
+     lambda f, p: f in ("get_me", "plain", "verify", "json_response", "Member.as_json", "iso", "b64")
+     or p.startswith("json/")),
+]
+AIOHTTP = "aiohttp: HTTP parsing, routing, middleware chain, response writing, socket I/O"
+GLUE = "unibus middlewares' own lines (`problem_middleware`, `auth_middleware`, `authenticate`)"
+LOOP = "asyncio event loop (scheduling, epoll, callbacks)"
+THREADS = "other threads (SQLite store)"
+OTHER = "other"
+_GLUE_FUNCS = ("problem_middleware", "auth_middleware", "Authenticator.", "current_member")
+CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, LOOP, THREADS, OTHER]
+
+
+def _parse_frames(stack: str) -> list[tuple[str, str]]:
+    frames = []
+    for raw in stack.split(";"):
+        m = _FRAME.match(raw)
+        frames.append((m.group(1), m.group(2)) if m else (raw, ""))
+    return frames
+
+
+def _centre(frames: list[tuple[str, str]]) -> str:
+    for name, pred in SPECIFIC:
+        if any(pred(f, p) for f, p in frames):
+            return name
+    if frames and frames[0][0] == "Thread._bootstrap":
+        return THREADS
+    for f, p in reversed(frames):  # nearest owner from the leaf up
+        if p.startswith(("aiohttp/", "multidict/", "yarl/", "propcache/")):
+            return AIOHTTP
+        if f.startswith(_GLUE_FUNCS):
+            return GLUE
+    if any(p.startswith(("asyncio/", "selectors")) for _, p in frames):
+        return LOOP
+    return OTHER
+
+
+@dataclass
+class Profile:
+    tool: str
+    samples: int
+    cpu_us: float  # the profiled process's CPU µs per request during the profiled run
+    centres: dict[str, int]  # cost centre → samples
+    top_lines: list[tuple[int, str]]  # (samples, leaf frame)
+
+    def us(self, centre: str) -> float:
+        return self.centres.get(centre, 0) / self.samples * self.cpu_us if self.samples else 0.0
+
+
+def summarize_raw(path: Path, cpu_us: float) -> Profile:
+    centres: collections.Counter[str] = collections.Counter()
+    leaves: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = _parse_frames(stack)
+        if frames and frames[-1] in _IDLE_LEAVES:
+            continue
+        n = int(count)
+        total += n
+        centres[_centre(frames)] += n
+        leaves[stack.split(";")[-1]] += n
+    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)])
+
+
+def pyspy_binary() -> str | None:
+    local = Path(PYTHON).parent / "py-spy"
+    return str(local) if local.is_file() else shutil.which("py-spy")
+
+
+def profile_target(target: Target, headers: list[dict[str, str]], warmup: int, scratch: Path,
+                   spy: str) -> tuple[Profile, RunResult]:
+    """An extra, untimed run with py-spy attached to the server process."""
+    out = scratch / f"profile-{target.key}.txt"
+    argv = [spy, "record", "--pid", str(target.pids["server"]), "--rate", str(PROFILE_RATE), "--format", "raw",
+            "--output", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(1.0)  # py-spy attaches
+        if proc.poll() is not None:
+            raise RuntimeError(f"py-spy failed: {proc.stderr.read().decode(errors='replace')[-2000:]}")  # type: ignore[union-attr]
+        result = run_load(target, headers, warmup, scratch)
+    finally:
+        stop_process(proc, sig=signal.SIGINT)  # py-spy writes its output on SIGINT
+    return summarize_raw(out, result.cpu_us["server"]), result
+
+
+_NATS_REQUEST_SIDE = frozenset({"publish", "request", "_request_new_style", "_send_publish", "_send_command",
+                                "_flush_pending", "_validate_subject", "next", "hpub_cmd", "from_response"})
+
+
+def summarize_pstats(path: Path, cpu_us: float) -> Profile:
+    """Fallback without py-spy: cProfile self time grouped by the same centres (by function, not by stack)."""
+    import pstats
+
+    stats = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    centres: collections.Counter[str] = collections.Counter()
+    lines: collections.Counter[str] = collections.Counter()
+    for (filename, lineno, func), (_cc, _nc, tottime, _ct, _callers) in stats.items():
+        rel = filename
+        for marker in ("/site-packages/", "/lib/python3", "/work/main/"):
+            if marker in rel:
+                rel = rel.split(marker, 1)[1].split("/", 1)[1] if marker == "/lib/python3" else rel.split(marker, 1)[1]
+        us = int(tottime * 1e6)
+        if func.startswith(("<built-in method", "<method")):
+            rel = func
+            if "crypto_sign_open" in func:
+                func = "crypto_sign_open"
+        elif rel.endswith("core/auth.py") and func == "claim":
+            func = "NonceStore.claim"  # pstats has co_name only
+        elif rel.startswith("nats/") and func in _NATS_REQUEST_SIDE:
+            func = "NonceStore.claim"  # by function name: the nats-py calls a claim makes
+        centres[_centre([(func, rel)])] += us
+        lines[f"{func} ({rel}:{lineno})"] += us
+    total = sum(centres.values())
+    return Profile("cProfile on the CPU clock, self time grouped by function (not by stack, so the centres are "
+                   "rougher than py-spy's)", total, cpu_us, dict(centres),
+                   [(n, f) for f, n in lines.most_common(12)])
+
+
+def daemon_env() -> dict[str, str]:
+    """The environment membershipd runs with here: no UNIBUS_* from outside, quiet logs."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    env["UNIBUS_LOG_LEVEL"] = "WARNING"
+    return env
+
+
+def profile_cprofile(target: Target, stats: Path, headers: list[dict[str, str]], warmup: int,
+                     scratch: Path) -> tuple[Profile, RunResult]:
+    """Fallback: an extra run with cProfile switched on (SIGUSR1) and off (SIGUSR2) around it."""
+    pid = target.pids["server"]
+    stats.unlink(missing_ok=True)
+    os.kill(pid, signal.SIGUSR1)
+    try:
+        result = run_load(target, headers, warmup, scratch)
+    finally:
+        os.kill(pid, signal.SIGUSR2)
+    deadline = time.monotonic() + 10
+    while not stats.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # dump_stats finishes writing
+    return summarize_pstats(stats, result.cpu_us["server"]), result
+
+
+# -- the nonce claim alone ---------------------------------------------------------------------
+
+
+@dataclass
+class ClaimPhase:
+    storage: str
+    phase: str
+    wall_us: float  # wall µs per claim
+    client_cpu_us: float  # this process's CPU µs per claim (what membershipd's event loop pays)
+    server_cpu_us: float  # nats-server CPU µs per claim
+    msgs_in: float  # messages nats-server received per claim (/varz in_msgs)
+    msgs_out: float  # messages it sent per claim (/varz out_msgs)
+
+
+def _varz(port: int) -> dict[str, Any]:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/varz", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+async def _claims(url: str, monitor: int, server_pid: int, storage: str, n: int) -> list[ClaimPhase]:
+    from nats.js.api import StorageType
+    from unibus.auth import NonceStore
+    from unibus.bus import Bus
+    from unibus.signing import DEFAULT_SKEW, make_nonce
+
+    logging.getLogger("unibus.bus").setLevel(logging.ERROR)  # "disconnected" on close is expected here
+
+    class Store(NonceStore):
+        def bucket_config(self):  # type: ignore[no-untyped-def]
+            cfg = super().bucket_config()
+            cfg.storage = StorageType.MEMORY if storage == "memory" else StorageType.FILE
+            return cfg
+
+    bus = Bus(url)
+    await bus.connect()
+    phases: list[ClaimPhase] = []
+    try:
+        store = Store(bus, skew=DEFAULT_SKEW, replicas=1)
+        await store.ensure()
+        for _ in range(200):  # warm-up
+            assert await store.claim(HANDLE, make_nonce())
+        fresh = [make_nonce() for _ in range(n)]
+        more = [make_nonce() for _ in range(n)]
+        replays = fresh[: max(100, n // 4)]
+
+        async def one_at_a_time(nonces: list[str], want: bool) -> None:
+            for nonce in nonces:
+                if await store.claim(HANDLE, nonce) is not want:
+                    raise RuntimeError("a fresh nonce was refused" if want else "a replayed nonce was accepted")
+
+        async def in_flight(nonces: list[str]) -> None:
+            it = iter(nonces)
+            await asyncio.gather(*(one_at_a_time(it, True) for _ in range(CONCURRENCY)))  # type: ignore[arg-type]
+
+        for phase, count, coro in (("fresh nonce, one at a time", n, lambda: one_at_a_time(fresh, True)),
+                                   (f"fresh nonce, {CONCURRENCY} in flight", n, lambda: in_flight(more)),
+                                   ("replayed nonce (rejected), one at a time", len(replays),
+                                    lambda: one_at_a_time(replays, False))):
+            v0, s0, c0, t0 = _varz(monitor), proc_cpu_seconds(server_pid), time.process_time(), time.perf_counter()
+            await coro()
+            t1, c1, s1, v1 = time.perf_counter(), time.process_time(), proc_cpu_seconds(server_pid), _varz(monitor)
+            phases.append(ClaimPhase(storage, phase, (t1 - t0) / count * 1e6, (c1 - c0) / count * 1e6,
+                                     (s1 - s0) / count * 1e6, (v1["in_msgs"] - v0["in_msgs"]) / count,
+                                     (v1["out_msgs"] - v0["out_msgs"]) / count))
+    finally:
+        await bus.close()
+    return phases
+
+
+def measure_claims(scratch: Path, storage: str, n: int) -> list[ClaimPhase]:
+    """:class:`unibus.auth.NonceStore` against a bare ``nats-server -js`` (its own store dir)."""
+    from unibus.supervisor import find_nats_server
+    from unibus.testing import free_port
+
+    port, monitor = free_port(), free_port()
+    argv = [str(find_nats_server()), "-js", "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
+            "-sd", str(scratch / f"nats-claims-{storage}")]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    try:
+        return asyncio.run(_claims(f"nats://127.0.0.1:{port}", monitor, proc.pid, storage, n))
+    finally:
+        stop_process(proc)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def _mm(values: list[float], fmt: str = "{:.0f}", scale: float = 1.0) -> tuple[str, str, str]:
+    return (fmt.format(min(values) * scale), fmt.format(statistics.median(values) * scale),
+            fmt.format(max(values) * scale))
+
+
+def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Series],
+           profiles: dict[str, Profile], claims: list[ClaimPhase], environment: str) -> str:
+    s, a, b = series["signed"], series["plain"], series["verify"]
+    out = [environment, "",
+           ("How to read it: baseline A is what aiohttp alone costs, baseline B adds the one Ed25519 verify that "
+            "no signed request can avoid; the signed row adds everything else membershipd does (signature "
+            "parsing and checks, the member lookup, the nonce claim round trip to JetStream, its middlewares). "
+            "Throughput is noisy on a shared 2-core machine; the CPU µs per request columns (from /proc, per "
+            "process) are the steadier measure of what a request costs, and the profile below splits the "
+            "server's share."), "",
+           (f"Each run sends {ns.requests:,} timed requests (after {ns.warmup:,} untimed ones) from a separate "
+            f"load-generator process (aiohttp client, `TCPConnector(limit={CONCURRENCY})`, {CONCURRENCY} workers) "
+            "over 32 keep-alive connections on loopback. Every request is pre-signed with its own nonce "
+            "(`unibus.signing.sign_request`, right before the run, outside the timed part); the baselines get the "
+            "same signed requests and ignore the signature. Latency is per request, as the load generator saw it."),
+           "",
+           ("| server | min req/s | median req/s | max req/s | p50 ms | p99 ms | server CPU µs/req | "
+            "nats-server CPU µs/req | load generator CPU µs/req |"),
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in ("signed", "verify", "plain"):
+        ser = series[key]
+        lo, med, hi = _mm(ser.values("rps"))
+        nats_cpu = ser.cpu("nats-server")
+        out.append(f"| {labels[key]} | {lo} | {med} | {hi} | {ser.med('p50') * 1e3:.1f} | {ser.med('p99') * 1e3:.1f} "
+                   f"| {ser.cpu('server'):.0f} | {'–' if nats_cpu is None else f'{nats_cpu:.0f}'} "
+                   f"| {ser.cpu('load generator'):.0f} |")
+
+    def ratios(num: Series, den: Series) -> tuple[str, str, str]:
+        return _mm([x.rps / y.rps for x, y in zip(num.runs, den.runs)], "{:.0%}")
+
+    out += ["", ("Ratios are taken run by run (the three servers are loaded one after the other in each run), "
+            "then min / median / max over the runs. The CPU ratio compares what one request costs the server "
+            "process(es), whatever else competed for the two cores at the time."), "",
+            "| ratio | min | median | max |", "|---|---:|---:|---:|"]
+    for label, num, den in (("signed / baseline B (throughput; the aim is ≥ 70%)", s, b),
+                            ("signed / baseline A (throughput)", s, a),
+                            ("baseline B / baseline A (throughput)", b, a)):
+        out.append(f"| {label} | " + " | ".join(ratios(num, den)) + " |")
+    cpu_ratio = [y.cpu_us["server"] / x.cpu_us["server"] for x, y in zip(s.runs, b.runs)]
+    cpu_ratio_all = [y.cpu_us["server"] / (x.cpu_us["server"] + x.cpu_us.get("nats-server", 0.0))
+                     for x, y in zip(s.runs, b.runs)]
+    out.append("| baseline B server CPU / signed server CPU per request (membershipd alone) | "
+               + " | ".join(_mm(cpu_ratio, "{:.0%}")) + " |")
+    out.append("| baseline B server CPU / signed CPU per request (membershipd + its nats-server) | "
+               + " | ".join(_mm(cpu_ratio_all, "{:.0%}")) + " |")
+
+    if profiles:
+        tool = next(iter(profiles.values())).tool
+        how = f"{tool}, {PROFILE_RATE} samples/s" if tool == "py-spy" else tool
+        out += ["", (f"Where the server's CPU goes ({how}; one extra untimed run per "
+                "server with the profiler attached; idle threads dropped). Each cost centre's share of the profile "
+                "times the server's CPU per request in that run gives µs per request; the last column is "
+                "what the signed path costs beyond baseline B."), "",
+                "| cost centre | signed µs/req | baseline B µs/req | baseline A µs/req | signed − B |",
+                "|---|---:|---:|---:|---:|"]
+        ps, pb, pa = profiles.get("signed"), profiles.get("verify"), profiles.get("plain")
+        for centre in CENTRES:
+            vals = [p.us(centre) if p else 0.0 for p in (ps, pb, pa)]
+            if max(vals) < 0.5:
+                continue
+            out.append(f"| {centre} | {vals[0]:.0f} | {vals[1]:.0f} | {vals[2]:.0f} | {vals[0] - vals[1]:+.0f} |")
+        tot = [p.cpu_us if p else 0.0 for p in (ps, pb, pa)]
+        out.append(f"| **total (server CPU µs per request in the profiled run)** | {tot[0]:.0f} | {tot[1]:.0f} "
+                   f"| {tot[2]:.0f} | {tot[0] - tot[1]:+.0f} |")
+        if ps is not None and pb is not None:
+            sc, bc = s.cpu("server") or 0.0, b.cpu("server") or 0.0
+            diffs = sorted(((ps.us(c) - pb.us(c), c) for c in CENTRES), reverse=True)
+            top = [f"{c} {d:+.0f} µs" for d, c in diffs if d >= 5][:4]
+            out += ["", (f"Reading: in the timed runs a signed request cost membershipd {sc:.0f} µs of CPU (median) "
+                    f"against {bc:.0f} µs for baseline B. One event loop serves each process, so throughput follows "
+                    f"that cost: 70% of baseline B needs the signed path at or under {bc / 0.7:.0f} µs, "
+                    f"{sc - bc / 0.7:.0f} µs less than now. In the profile the difference to baseline B is mostly: "
+                    + "; ".join(top) + ".")]
+        if ps is not None:
+            unit = "samples" if ps.tool == "py-spy" else "µs of self time"
+            out += ["", f"Signed path, top {len(ps.top_lines)} source lines by own {unit} (of {ps.samples}):", "",
+                    "| share | line |", "|---:|---|"]
+            for n, frame in ps.top_lines:
+                out.append(f"| {n / ps.samples:.1%} | `{frame}` |")
+
+    if claims:
+        out += ["", ("The nonce claim alone: `unibus.auth.NonceStore.claim` (a JetStream publish to "
+                "`$KV.unibus_nonces.<handle>.<nonce>` with `Nats-Expected-Last-Subject-Sequence: 0`) from this "
+                f"process against a bare `nats-server -js` and the same bucket config: {ns.claims:,} fresh nonces one "
+                f"at a time, {ns.claims:,} more with {CONCURRENCY} in flight, then replays of some of the first. "
+                "Client CPU is this process (nats-py and the asyncio loop: what membershipd pays per claim); "
+                "messages per claim are nats-server's /varz counter deltas, so 1 / 1 is one round trip."), "",
+                ("| bucket storage | claims | wall µs per claim | claims/s | client CPU µs/claim "
+                 "| nats-server CPU µs/claim | msgs in / out per claim |"),
+                "|---|---|---:|---:|---:|---:|---:|"]
+        for c in claims:
+            storage = "file (as membershipd)" if c.storage == "file" else f"{c.storage} (for comparison)"
+            out.append(f"| {storage} | {c.phase} | {c.wall_us:.0f} | {1e6 / c.wall_us:,.0f} | {c.client_cpu_us:.0f} "
+                       f"| {c.server_cpu_us:.0f} | {c.msgs_in:.2f} / {c.msgs_out:.2f} |")
+
+    out += ["", "Reproduce with:", "", "```",
+            ".venv/bin/pip install py-spy   # optional, for the profile; not a project dependency",
+            f".venv/bin/python bench/bench_signed.py --runs {ns.runs} --requests {ns.requests}", "```"]
+    return "\n".join(out) + "\n"
+
+
+def write_section(path: Path, body: str) -> None:
+    section = f"{MARK_START}\n{HEADING}\n\n{body}{MARK_END}\n"
+    text = path.read_text() if path.exists() else INTRO
+    start, end = text.find(MARK_START), text.find(MARK_END)
+    if start != -1 and end != -1 and end > start:
+        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def environment_line(ns: argparse.Namespace, load_before: float, load_after: float, profiler: str) -> str:
+    from importlib.metadata import version
+
+    from unibus.supervisor import find_nats_server
+
+    nats_version = subprocess.run([str(find_nats_server()), "--version"], capture_output=True, text=True,
+                                  check=True).stdout.strip()
+    return (f"Measured {datetime.now():%Y-%m-%d} by `bench/bench_signed.py --runs {ns.runs} --requests "
+            f"{ns.requests}`: {os.cpu_count()} CPUs, Python {platform.python_version()} (default asyncio loop), "
+            f"aiohttp {version('aiohttp')}, PyNaCl {version('pynacl')}, nats-py {version('nats-py')}, {nats_version}; "
+            f"{profiler}; 1-minute load average {load_before:.1f} before and {load_after:.1f} after (the server, its "
+            "nats-server and the load generator share the two cores; other work on the machine shows up as "
+            "noise in min/max).")
+
+
+# -- main ------------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5, help="runs per server (default 5)")
+    parser.add_argument("--requests", type=int, default=10000, help="timed requests per run (default 10000)")
+    parser.add_argument("--warmup", type=int, default=1000, help="untimed requests first in each run (default 1000)")
+    parser.add_argument("--claims", type=int, default=5000, help="nonce claims per phase when measured alone (default 5000)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
+                        help="markdown file whose signed-requests section is rewritten (default docs/benchmarks.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profile")
+    # hidden: the child roles
+    parser.add_argument("--role", choices=("loadgen", "plain", "verify"), help=argparse.SUPPRESS)
+    parser.add_argument("--url", help=argparse.SUPPRESS)
+    parser.add_argument("--requests-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--body-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--stats-file", type=Path, help=argparse.SUPPRESS)
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:2] == ["--role", "cprofile-daemon"]:  # membershipd's own flags follow: no parsing here
+        return role_cprofile_daemon(args[2:])
+    ns = parser.parse_args(args)
+    if ns.role == "loadgen":
+        return role_loadgen(ns.url, ns.requests_file, ns.warmup, CONCURRENCY)
+    if ns.role in ("plain", "verify"):
+        return role_server(ns.role, ns.port, ns.body_file, ns.stats_file)
+    if ns.runs < 1 or ns.requests < 100 or ns.warmup < CONCURRENCY or ns.claims < 100:
+        parser.error("need --runs ≥ 1, --requests ≥ 100, --warmup ≥ 32, --claims ≥ 100")
+    if ns.requests + ns.warmup > 25000:
+        # signing runs at a few thousand per second and `created` must stay inside the 60 s window
+        parser.error("--requests + --warmup must stay ≤ 25000 (each batch must be served within the 60 s skew window)")
+    return orchestrate(ns)
+
+
+def orchestrate(ns: argparse.Namespace) -> int:
+    import urllib.request
+
+    from unibus.client.keys import generate_identity
+    from unibus.testing import MembershipdProcess, bootstrap_member, free_port
+
+    load_before = os.getloadavg()[0]
+    tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-signed-"))
+    daemon: MembershipdProcess | None = None
+    baselines: list[subprocess.Popen] = []
+    series = {k: Series() for k in ("signed", "plain", "verify")}
+    profiles: dict[str, Profile] = {}
+    claims: list[ClaimPhase] = []
+    total = ns.requests + ns.warmup
+    spy: str | None = None
+    labels: dict[str, str] = {}
+    try:
+        alice = generate_identity(HANDLE)
+        data_dir = tmp / "membershipd"
+        bootstrap_member(data_dir, alice, role="admin")
+        spy = None if ns.no_profile else pyspy_binary()
+        daemon = MembershipdProcess(data_dir)
+        daemon.env = daemon_env()
+        daemon.start()
+        nats_pid = daemon.nats_pid()
+        if nats_pid is None:
+            raise RuntimeError("membershipd's nats-server child not found")
+        # The body the baselines return: exactly what /v1/me answers.
+        req = urllib.request.Request(daemon.base_url + PATH, headers=sign_batch(alice, 1)[0])
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            body_file = tmp / "me.json"
+            body_file.write_bytes(resp.read())
+        labels = {"signed": "signed GET /v1/me (membershipd)",
+                  "plain": "baseline A: bare aiohttp handler, same JSON",
+                  "verify": f"baseline B: A + one Ed25519 verify of {VERIFY_MESSAGE_SIZE} B"}
+        targets = {"signed": Target("signed", labels["signed"], daemon.base_url,
+                                    {"server": daemon.pid, "nats-server": nats_pid})}
+        for mode in ("plain", "verify"):
+            port = free_port()
+            p = subprocess.Popen([PYTHON, SCRIPT, "--role", mode, "--port", str(port), "--body-file", str(body_file),
+                                  "--stats-file", str(tmp / f"{mode}.pstats")],
+                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+            baselines.append(p)
+            wait_ready_line(p)
+            targets[mode] = Target(mode, labels[mode], f"http://127.0.0.1:{port}", {"server": p.pid})
+
+        for i in range(ns.runs):
+            order = ("signed", "verify", "plain") if i % 2 == 0 else ("plain", "verify", "signed")
+            for key in order:
+                r = run_load(targets[key], sign_batch(alice, total), ns.warmup, tmp)
+                series[key].runs.append(r)
+                print(f"run {i + 1}/{ns.runs} {key}: {r.rps:.0f} req/s, p50 {r.p50 * 1e3:.2f} ms, "
+                      f"p99 {r.p99 * 1e3:.2f} ms; CPU µs/req "
+                      + ", ".join(f"{k} {v:.0f}" for k, v in r.cpu_us.items()), file=sys.stderr)
+
+        if spy is not None:
+            for key in ("signed", "verify", "plain"):
+                prof, r = profile_target(targets[key], sign_batch(alice, total), ns.warmup, tmp, spy)
+                profiles[key] = prof
+                print(f"profiled {key}: {prof.samples} samples, {r.rps:.0f} req/s under py-spy", file=sys.stderr)
+        elif not ns.no_profile:
+            print("py-spy not found (.venv/bin/pip install py-spy); falling back to cProfile", file=sys.stderr)
+            # membershipd itself has no profile switch: a second one, run through the toggle wrapper
+            data_dir2 = tmp / "membershipd-cprofile"
+            bootstrap_member(data_dir2, alice, role="admin")
+            stats = tmp / "signed.pstats"
+            daemon2 = MembershipdProcess(data_dir2, command=[PYTHON, SCRIPT, "--role", "cprofile-daemon", str(stats)])
+            daemon2.env = daemon_env()
+            try:
+                daemon2.start()
+                t2 = Target("signed", labels["signed"], daemon2.base_url, {"server": daemon2.pid})
+                profiles["signed"], _ = profile_cprofile(t2, stats, sign_batch(alice, total), ns.warmup, tmp)
+            finally:
+                daemon2.stop()
+            for key in ("verify", "plain"):
+                profiles[key], _ = profile_cprofile(targets[key], tmp / f"{key}.pstats", sign_batch(alice, total),
+                                                    ns.warmup, tmp)
+
+        for storage in ("file", "memory"):
+            for c in measure_claims(tmp, storage, ns.claims):
+                claims.append(c)
+                print(f"nonce claims, {storage}, {c.phase}: {c.wall_us:.0f} µs/claim, client CPU {c.client_cpu_us:.0f} µs,"
+                      f" nats-server CPU {c.server_cpu_us:.0f} µs", file=sys.stderr)
+    finally:
+        for p in baselines:
+            stop_process(p)
+        if daemon is not None:
+            daemon.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    if spy is not None and profiles:
+        version = subprocess.run([spy, "--version"], capture_output=True, text=True, check=False).stdout.strip()
+        profiler = f"profile by {version}"
+    else:
+        profiler = "profile by cProfile" if profiles else "no profile"
+    body = render(ns, labels, series, profiles, claims,
+                  environment_line(ns, load_before, os.getloadavg()[0], profiler))
+    print(body)
+    if not ns.no_write:
+        write_section(ns.out, body)
+        print(f"wrote the signed-requests section of {ns.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
