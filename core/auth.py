@@ -182,12 +182,18 @@ class MemberDirectory:
         async with self._lock:
             if self._stale:
                 self._stale = False
-                self._dirty.clear()
-                members = await self.store.list_members()
+                dirty, self._dirty = self._dirty, set()
+                try:
+                    members = await self.store.list_members()
+                except BaseException:
+                    # Still stale: the old cache must not pass for fresh.
+                    self._stale, self._dirty = True, dirty | self._dirty
+                    raise
                 self._members = {mb.handle: (mb, nacl.signing.VerifyKey(mb.sign_pub)) for mb in members}
             while self._dirty:
-                handle = self._dirty.pop()
-                mb = await self.store.get_member(handle)
+                handle = next(iter(self._dirty))
+                mb = await self.store.get_member(handle)  # on failure the handle stays dirty
+                self._dirty.discard(handle)
                 if mb is None:
                     self._members.pop(handle, None)
                 else:

@@ -63,8 +63,11 @@ class Cluster:
         new.start(wait=False)
 
     def kill(self, i: int) -> None:
+        """A real crash: nats-server first (SIGKILL, no graceful hand-over), then membershipd."""
         node = self.nodes[i]
         nats_pid = node.nats_pid()
+        if nats_pid:
+            os.kill(nats_pid, signal.SIGKILL)
         node.send_signal(signal.SIGKILL)
         node.wait(10)
         if nats_pid:
