@@ -50,7 +50,7 @@ bench: install
 
 lint: install
 	$(PY) -m pip install --quiet ruff
-	$(PY) -m ruff check core plugins tests bench migrations
+	$(PY) -m ruff check core plugins tests bench migrations examples
 
 clean:
 	rm -rf $(VENV) $(EXAMPLE_VENV) build dist *.egg-info .pytest_cache

@@ -35,6 +35,7 @@ Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
+import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
 import hashlib
@@ -50,8 +51,6 @@ from datetime import date
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-MARK_START = "<!-- bench:blobs:start -->"
-MARK_END = "<!-- bench:blobs:end -->"
 MIB = 1024 * 1024
 
 
@@ -271,14 +270,7 @@ def render(results: dict, mem: dict, runs: int, big: int, env: str) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n## Blobs (issue 7)\n\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    benchdoc.write_section(path, "blobs", "## Blobs (issue 7)", body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -56,6 +56,7 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
+import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
 import contextlib
@@ -97,15 +98,7 @@ from unibus.supervisor import RELOADED_MARKER, find_nats_server
 from unibus.testing import MembershipdProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-MARK_START = "<!-- bench:busauth:start -->"
-MARK_END = "<!-- bench:busauth:end -->"
 HEADING = "## Bus authorization (issue 5)"
-INTRO = """# Benchmarks
-
-Benchmarks live in `bench/` and are not part of `make test`. Run them with
-`make bench` (or `.venv/bin/python bench/<script>.py`); each script rewrites
-only its own section of this file, between its `<!-- bench:... -->` markers.
-"""
 ROOM_SIZE = 10  # members per filler room
 PROBE_INTERVAL = 0.002
 AIM_MS = {1000: 100.0, 10000: 1000.0}  # issue 5: revocation in effect within this long of the 2xx
@@ -1051,15 +1044,7 @@ def findings(sizes: list[SizeResult], tp: dict[tuple[str, bool], TpSamples]) -> 
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n{HEADING}\n\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    benchdoc.write_section(path, "busauth", HEADING, body)
 
 
 def environment_line(ns: argparse.Namespace, binary: Path, load_before: float, load_after: float,

@@ -38,6 +38,7 @@ requests). Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
+import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
 import contextlib
@@ -82,8 +83,6 @@ from unibus.testing import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-MARK_START = "<!-- bench:failover:start -->"
-MARK_END = "<!-- bench:failover:end -->"
 TITLE = "## Cluster failover (issue 6)"
 NONCE_STREAM = "KV_unibus_nonces"
 NONCE_SUBJECT = "$KV.unibus_nonces"
@@ -800,14 +799,7 @@ def _failures(p: Probe) -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n{TITLE}\n\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
+    benchdoc.write_section(path, "failover", TITLE, body)
 
 
 def environment_line(runs: int, binary: Path, load_before: float, load_after: float, argv: Sequence[str]) -> str:

@@ -45,6 +45,7 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
+import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
 import collections
@@ -67,8 +68,6 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-MARK_START = "<!-- bench:rekey:start -->"
-MARK_END = "<!-- bench:rekey:end -->"
 HEADING = "## Rekey (issue 4)"
 SUITES = ("X25519", "MLKEM768_X25519")
 SIZES = (10, 100, 500, 1000)  # 500: an extra point to tell linear growth from noise
@@ -76,17 +75,6 @@ BASELINE_SEALS = 1000
 PROFILE_RATE = 250  # py-spy samples per second
 PROFILE_REKEYS = 6  # per suite, 1,000-member rooms
 AIM_SECONDS = 1.0
-INTRO = """# Benchmarks
-
-Benchmarks live in `bench/` and are not part of `make test`. Run them with
-`make bench` (or `.venv/bin/python bench/<script>.py`); each script rewrites
-only its own section of this file, between its `<!-- bench:... -->` markers.
-
-Figures are medians of N runs (min and max beside them) on the 2-core
-CI-size machine, and every ratio is taken against a baseline measured in the
-same script and the same run, so a slower or faster machine shifts the
-absolute numbers but not the comparison.
-"""
 
 
 # -- helpers -------------------------------------------------------------------------
@@ -653,15 +641,7 @@ def render(ns: argparse.Namespace, res: Results, prof: Profile | None, env_line:
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n{HEADING}\n\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    benchdoc.write_section(path, "rekey", HEADING, body)
 
 
 def environment_line(runs: int, load_before: float, load_after: float) -> str:

@@ -47,6 +47,7 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
+import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
 import collections
@@ -71,8 +72,6 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SCRIPT = str(Path(__file__).resolve())
-MARK_START = "<!-- bench:signed:start -->"
-MARK_END = "<!-- bench:signed:end -->"
 HEADING = "## Signed requests (issue 3)"
 CONCURRENCY = 32
 PATH = "/v1/me"
@@ -80,17 +79,6 @@ HANDLE = "alice"
 VERIFY_MESSAGE_SIZE = 200
 START_TIMEOUT = 30.0
 PROFILE_RATE = 250  # py-spy samples per second
-INTRO = """# Benchmarks
-
-Benchmarks live in `bench/` and are not part of `make test`. Run them with
-`make bench` (or `.venv/bin/python bench/<script>.py`); each script rewrites
-only its own section of this file, between its `<!-- bench:... -->` markers.
-
-Figures are medians of N runs (min and max beside them) on the 2-core
-CI-size machine, and every ratio is taken against a baseline measured in the
-same script and the same run, so a slower or faster machine shifts the
-absolute numbers but not the comparison.
-"""
 
 
 # =============================================================================
@@ -668,15 +656,7 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n{HEADING}\n\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    benchdoc.write_section(path, "signed", HEADING, body)
 
 
 def environment_line(ns: argparse.Namespace, load_before: float, load_after: float, profiler: str) -> str:

@@ -24,6 +24,7 @@ Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
+import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
 import contextlib
@@ -54,19 +55,6 @@ PYTHON = sys.executable
 MEMBERSHIPD = str(Path(sys.executable).parent / "membershipd")
 POLL_INTERVAL = 0.005
 HEALTHZ_TIMEOUT = 30.0
-MARK_START = "<!-- bench:startup:start -->"
-MARK_END = "<!-- bench:startup:end -->"
-INTRO = """# Benchmarks
-
-Benchmarks live in `bench/` and are not part of `make test`. Run them with
-`make bench` (or `.venv/bin/python bench/<script>.py`); each script rewrites
-only its own section of this file, between its `<!-- bench:... -->` markers.
-
-Figures are medians of N runs (min and max beside them) on the 2-core
-CI-size machine, and every ratio is taken against a baseline measured in the
-same script and the same run, so a slower or faster machine shifts the
-absolute numbers but not the comparison.
-"""
 
 
 # -- measurement helpers ------------------------------------------------------
@@ -412,15 +400,7 @@ def render(runs: int, rows: dict[str, Series], cold: list[DaemonRun], warm: list
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{MARK_START}\n## Start-up (issue 2)\n\n{body}{MARK_END}\n"
-    text = path.read_text() if path.exists() else INTRO
-    start, end = text.find(MARK_START), text.find(MARK_END)
-    if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(MARK_END):].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    benchdoc.write_section(path, "startup", "## Start-up (issue 2)", body)
 
 
 def environment_line(runs: int, binary: Path, load_before: float, load_after: float) -> str:

@@ -123,7 +123,7 @@ class NonceStore:
                              headers={"Nats-Expected-Last-Subject-Sequence": "0"})
             async with asyncio.timeout(self.timeout):
                 msg = await waiter
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             raise NonceStoreUnavailable("nonce bucket unavailable: no PubAck in time") from None
         except Exception as e:  # connection closed, outbound buffer full...: fail closed
             raise NonceStoreUnavailable(f"nonce bucket unavailable: {type(e).__name__}: {e}") from None

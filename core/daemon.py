@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 import signal
 import socket
 import tempfile
@@ -258,7 +257,7 @@ class Daemon:
                     res = impl.function(**{a: self.app for a in impl.argnames})
                     if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
                         await asyncio.wait_for(res, remaining)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     log.error("plugin %s: shutdown did not finish in time; cancelled", name)
                 except Exception as e:
                     log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)

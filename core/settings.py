@@ -377,7 +377,7 @@ def build_settings(
     nats_server_bin = _path_or_none(get("nats_server_bin"))
 
     options: dict[str, Any] = {}
-    for plugin, opt in plugin_options:
+    for _plugin, opt in plugin_options:
         raw = getattr(ns, f"plugin__{opt.name}", None)
         source = opt.flag
         if raw is None and opt.env and env.get(opt.env) is not None:

@@ -47,7 +47,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import nacl.bindings
 import nacl.exceptions
@@ -91,7 +91,7 @@ _KNOWN_PARAMS = frozenset({"created", "expires", "nonce", "alg", "keyid", "tag"}
 _MAX_COMPONENTS = 32
 _COMPONENT_NAME_RE = re.compile(r"@?[a-z0-9!#$%&'*+.^_`|~-]{1,64}")
 
-VerifyKeyLike = Union[Ed25519PublicKey, bytes, bytearray, memoryview]
+VerifyKeyLike = Ed25519PublicKey | bytes | bytearray | memoryview
 
 
 class SignatureError(Exception):

@@ -175,7 +175,7 @@ class NatsSupervisor:
                 with contextlib.suppress(Exception):
                     await w.wait_closed()
                 return True
-            except (OSError, asyncio.TimeoutError):
+            except (TimeoutError, OSError):
                 await asyncio.sleep(0.02)
         return False
 
@@ -247,7 +247,7 @@ class NatsSupervisor:
             try:
                 self._proc.send_signal(signal.SIGHUP)
                 line = await asyncio.wait_for(self._reload_result, timeout)
-            except (asyncio.TimeoutError, ProcessLookupError):
+            except (TimeoutError, ProcessLookupError):
                 log.error("nats-server did not confirm the config reload within %.0f s", timeout)
                 return False
             finally:
@@ -282,7 +282,7 @@ class NatsSupervisor:
                 proc.send_signal(signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()

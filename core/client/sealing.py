@@ -16,7 +16,8 @@ from __future__ import annotations
 import base64
 import os
 import re
-from typing import Any, Iterable, Mapping
+from typing import Any
+from collections.abc import Iterable, Mapping
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hpke
@@ -231,7 +232,7 @@ def message_aad(subject: str, epoch: int) -> bytes:
     """The AEAD associated data of a room message: ``<subject>|<epoch>`` in UTF-8."""
     if not isinstance(subject, str) or not subject:
         raise ValueError("subject must be a non-empty string")
-    return f"{subject}|{_check_epoch(epoch)}".encode("utf-8")
+    return f"{subject}|{_check_epoch(epoch)}".encode()
 
 
 def encrypt_message(room_key: bytes, subject: str, epoch: int, plaintext: bytes) -> bytes:

@@ -138,6 +138,31 @@ class Upload(abc.ABC):
         """Throw the staged bytes away. Idempotent; a no-op after commit."""
 
 
+class StagedUpload(Upload):
+    """An upload staged in a temporary file of the backend's ``tmp`` dir; backends add ``commit``."""
+
+    def __init__(self, backend: Any, room_id: str) -> None:
+        self.backend = backend
+        self.room_id = room_id
+        self.staged = StagedFile(backend.tmp)
+        self._done = False
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return self.staged.size
+
+    async def write(self, data: bytes) -> None:
+        await self.staged.write(data)
+
+    async def finish(self) -> bytes:
+        return await self.staged.finish()
+
+    async def abort(self) -> None:
+        if not self._done:
+            self._done = True
+            await self.staged.discard()
+
+
 class BlobBackend(abc.ABC):
     """Where blobs live. Every method is a coroutine unless said otherwise."""
 

@@ -47,7 +47,7 @@ from .backend import (
     BlobInfo,
     BlobReader,
     RoomExists,
-    StagedFile,
+    StagedUpload,
     Upload,
     check_blob_id,
     check_room_id,
@@ -91,22 +91,8 @@ def _read_meta(blob_dir: Path) -> BlobInfo | None:
     return info
 
 
-class FsUpload(Upload):
-    def __init__(self, backend: FsBackend, room_id: str) -> None:
-        self.backend = backend
-        self.room_id = room_id
-        self.staged = StagedFile(backend.tmp)
-        self._done = False
-
-    @property
-    def size(self) -> int:  # type: ignore[override]
-        return self.staged.size
-
-    async def write(self, data: bytes) -> None:
-        await self.staged.write(data)
-
-    async def finish(self) -> bytes:
-        return await self.staged.finish()
+class FsUpload(StagedUpload):
+    backend: FsBackend
 
     async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
         digest = await self.finish()
@@ -124,12 +110,6 @@ class FsUpload(Upload):
     def _prepare_meta(self, info: BlobInfo) -> None:
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
-
-    async def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            await self.staged.discard()
-
 
 class FsReader(BlobReader):
     def __init__(self, info: BlobInfo, path: Path, file: Any) -> None:

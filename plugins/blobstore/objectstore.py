@@ -51,7 +51,7 @@ from .backend import (
     BlobReader,
     BlobUnavailable,
     RoomExists,
-    StagedFile,
+    StagedUpload,
     Upload,
     check_blob_id,
     check_room_id,
@@ -85,22 +85,8 @@ def _digest_of(obj: api.ObjectInfo) -> bytes | None:
     return None
 
 
-class ObjUpload(Upload):
-    def __init__(self, backend: ObjectStoreBackend, room_id: str) -> None:
-        self.backend = backend
-        self.room_id = room_id
-        self.staged = StagedFile(backend.tmp)
-        self._done = False
-
-    @property
-    def size(self) -> int:  # type: ignore[override]
-        return self.staged.size
-
-    async def write(self, data: bytes) -> None:
-        await self.staged.write(data)
-
-    async def finish(self) -> bytes:
-        return await self.staged.finish()
+class ObjUpload(StagedUpload):
+    backend: ObjectStoreBackend
 
     async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
         digest = await self.finish()
@@ -119,12 +105,6 @@ class ObjUpload(Upload):
                 self.backend._locks.pop(name, None)
             self._done = True
             await self.staged.discard()
-
-    async def abort(self) -> None:
-        if not self._done:
-            self._done = True
-            await self.staged.discard()
-
 
 class ObjReader(BlobReader):
     def __init__(self, backend: ObjectStoreBackend, info: BlobInfo, nuid: str) -> None:

@@ -286,7 +286,7 @@ def test_library_signatures_verify():
             key_id="alice",
             nonce=NONCE,
             label="pyhms",
-            created=datetime.datetime.fromtimestamp(NOW, datetime.timezone.utc),
+            created=datetime.datetime.fromtimestamp(NOW, datetime.UTC),
             covered_component_ids=("@method", "@path", "@query"),
             body=body,
         )
