@@ -479,18 +479,6 @@ def _transfer_timeout(client: Any) -> Any:
     return aiohttp.ClientTimeout(total=None, sock_connect=client.timeout, sock_read=max(60.0, client.timeout))
 
 
-def _problem(status: int, reason: str | None, raw: bytes) -> dict[str, Any]:
-    import json
-
-    try:
-        doc = json.loads(raw) if raw else None
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict):
-        return doc
-    return {"title": reason or "Error", "status": status, "detail": raw.decode("utf-8", "replace")[:300]}
-
-
 def _is_retryable_503(problem: dict[str, Any]) -> bool:
     return str(problem.get("type") or "").endswith("/nonce-store-unavailable")
 
@@ -531,7 +519,7 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
     """
     import aiohttp
 
-    from .api import ApiError, ServerUnreachable
+    from .api import ApiError, ServerUnreachable, _problem_from
 
     path = Path(path)
     size = (await asyncio.to_thread(path.stat)).st_size
@@ -560,7 +548,7 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
                 raise ApiError(status, {"title": "Bad response",
                                         "detail": f"the server stored {doc.get('blob_id')}, not {sha256.hex()}"})
             return sha256.hex()
-        problem = _problem(status, reason, raw)
+        problem = _problem_from(status, reason, raw)
         if status == 503 and attempt < 2 and _is_retryable_503(problem):
             await asyncio.sleep(0.5)
             continue
@@ -635,7 +623,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
     import aiohttp
 
     from ..signing import sign_request
-    from .api import ApiError, ServerUnreachable
+    from .api import ApiError, ServerUnreachable, _problem_from
 
     url = client.url_for(_blobs_path(room_id, blob_id))
     for attempt in range(3):
@@ -648,7 +636,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
             async with client._http().get(url, headers=headers, timeout=_transfer_timeout(client),
                                           allow_redirects=False) as resp:
                 if resp.status != 200:
-                    problem = _problem(resp.status, resp.reason, await resp.read())
+                    problem = _problem_from(resp.status, resp.reason, await resp.read())
                     if resp.status == 503 and attempt < 2 and (_is_retryable_503(problem)
                                                                or resp.headers.get("Retry-After")):
                         await asyncio.sleep(0.5)
