@@ -309,9 +309,11 @@ SPECIFIC = [
     ("Ed25519 verify (libsodium `crypto_sign_open`)", lambda f, p: f.startswith("crypto_sign_open")),
     ("signature headers parsed and checked (`check_request`)",
      lambda f, p: p.endswith("signing.py") and f.startswith(("check_request", "split_path_query", "_"))),
-    ("nonce claim: `NonceStore.claim` → nats-py `js.publish` → `request` (inbox token, future, `wait_for`, PubAck JSON)",
-     lambda f, p: f.startswith("NonceStore.claim")),
-    ("nonce claim: nats-py's own tasks (flusher's socket write, read loop, parser, reply dispatch)",
+    ("nonce claim, request side: `NonceStore.claim` → `PubAckClient.request` (HPUB command, future)",
+     lambda f, p: f.startswith(("NonceStore.claim", "PubAckClient.request"))),
+    ("nonce claim, connection side: `unibus.pubacks` (one write per tick, `data_received` parsing the PubAck)",
+     lambda f, p: p.endswith("pubacks.py")),
+    ("nats-py (membershipd's main NATS connection; no claims go through it)",
      lambda f, p: p.startswith("nats/")),
     ("member lookup (`MemberDirectory.get`)", lambda f, p: f.startswith("MemberDirectory")),
     ("handler and JSON body (`json_response`, `as_json`, `json.dumps`)",
@@ -403,10 +405,6 @@ def profile_target(target: Target, headers: list[dict[str, str]], warmup: int, s
     return summarize_raw(out, result.cpu_us["server"]), result
 
 
-_NATS_REQUEST_SIDE = frozenset({"publish", "request", "_request_new_style", "_send_publish", "_send_command",
-                                "_flush_pending", "_validate_subject", "next", "hpub_cmd", "from_response"})
-
-
 def summarize_pstats(path: Path, cpu_us: float) -> Profile:
     """Fallback without py-spy: cProfile self time grouped by the same centres (by function, not by stack)."""
     import pstats
@@ -426,8 +424,8 @@ def summarize_pstats(path: Path, cpu_us: float) -> Profile:
                 func = "crypto_sign_open"
         elif rel.endswith("core/auth.py") and func == "claim":
             func = "NonceStore.claim"  # pstats has co_name only
-        elif rel.startswith("nats/") and func in _NATS_REQUEST_SIDE:
-            func = "NonceStore.claim"  # by function name: the nats-py calls a claim makes
+        elif rel.endswith("core/pubacks.py") and func == "request":
+            func = "PubAckClient.request"
         centres[_centre([(func, rel)])] += us
         lines[f"{func} ({rel}:{lineno})"] += us
     total = sum(centres.values())
@@ -498,9 +496,11 @@ async def _claims(url: str, monitor: int, server_pid: int, storage: str, n: int)
     bus = Bus(url)
     await bus.connect()
     phases: list[ClaimPhase] = []
+    store = None
     try:
         store = Store(bus, skew=DEFAULT_SKEW, replicas=1)
         await store.ensure()
+        await store.start()
         for _ in range(200):  # warm-up
             assert await store.claim(HANDLE, make_nonce())
         fresh = [make_nonce() for _ in range(n)]
@@ -527,6 +527,8 @@ async def _claims(url: str, monitor: int, server_pid: int, storage: str, n: int)
                                      (s1 - s0) / count * 1e6, (v1["in_msgs"] - v0["in_msgs"]) / count,
                                      (v1["out_msgs"] - v0["out_msgs"]) / count))
     finally:
+        if store is not None:
+            await store.close()
         await bus.close()
     return phases
 
@@ -639,7 +641,7 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                 "`$KV.unibus_nonces.<handle>.<nonce>` with `Nats-Expected-Last-Subject-Sequence: 0`) from this "
                 f"process against a bare `nats-server -js` and the same bucket config: {ns.claims:,} fresh nonces one "
                 f"at a time, {ns.claims:,} more with {CONCURRENCY} in flight, then replays of some of the first. "
-                "Client CPU is this process (nats-py and the asyncio loop: what membershipd pays per claim); "
+                "Client CPU is this process (`unibus.pubacks` and the asyncio loop: what membershipd pays per claim); "
                 "messages per claim are nats-server's /varz counter deltas, so 1 / 1 is one round trip."), "",
                 ("| bucket storage | claims | wall µs per claim | claims/s | client CPU µs/claim "
                  "| nats-server CPU µs/claim | msgs in / out per claim |"),

@@ -17,7 +17,6 @@ A signed request to an unknown route is authenticated first, then 404.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import logging
 import time
@@ -31,6 +30,7 @@ from nats.js.errors import APIError
 
 from .bus import Bus
 from .problems import Problem
+from .pubacks import PubAckUnavailable
 from .signing import SignatureError, check_request, split_path_query
 from .store.base import Change, Member, Store
 
@@ -42,6 +42,8 @@ STREAM_NAME_IN_USE = 10058
 MEMBER_KEY = "unibus.member"
 #: The handler attribute that marks a streamed upload (the body is not read here).
 STREAMING_ATTR = "unibus_streaming"
+#: The header block of a claim: write only if this key has never been written.
+CLAIM_HEADERS = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 0\r\n\r\n"
 
 
 class NonceStoreUnavailable(Exception):
@@ -65,9 +67,9 @@ class NonceStore:
         self.timeout = timeout
         self.claims = 0
         self.replays = 0
-        self._inbox: str | None = None
-        self._counter = itertools.count()
-        self._waiting: dict[str, asyncio.Future[Any]] = {}
+        # Claims go over their own lean connection (see unibus.pubacks); the
+        # bucket's management stays on the bus's nats-py client.
+        self.acks = bus.pub_ack_client(name=f"{bus.name}-nonces", timeout=timeout)
 
     def bucket_config(self) -> KeyValueConfig:
         return KeyValueConfig(bucket=NONCE_BUCKET, history=1, ttl=float(self.ttl), replicas=self.replicas,
@@ -92,9 +94,17 @@ class NonceStore:
                 await self.bus.js.update_stream(cfg)
                 log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, replicas)
 
+    async def start(self) -> None:
+        """Open the claim connection (it reconnects by itself from then on)."""
+        if not self.acks.connected:
+            await self.acks.connect()
+
+    async def close(self) -> None:
+        await self.acks.close()
+
     async def available(self, timeout: float = 1.0) -> bool:
-        """The bucket's stream answers (JetStream up, stream has a leader)."""
-        if self.bus.js is None or not self.bus.connected:
+        """Claims can be made: the claim connection is up and the bucket's stream answers."""
+        if self.bus.js is None or not self.bus.connected or not self.acks.connected:
             return False
         try:
             await asyncio.wait_for(self.bus.js.stream_info(f"KV_{NONCE_BUCKET}"), timeout)
@@ -105,54 +115,28 @@ class NonceStore:
     async def claim(self, handle: str, nonce: str) -> bool:
         """True if this is the first use of ``nonce`` by ``handle``; False for a replay.
 
-        The hot path of every signed request, so it skips nats-py's generic
-        request machinery (a fresh inbox, a ``wait_for`` and a JSON decode per
-        call): one long-lived wildcard subscription receives every PubAck, a
-        counter names each reply, and a success is recognised by its prefix.
+        The hot path of every signed request: one ``HPUB`` over the lean claim
+        connection, and a success is recognised by the PubAck's prefix without
+        decoding it. Raises :class:`NonceStoreUnavailable` for anything else
+        than "stored" or "already there": the caller fails closed.
         """
-        nc = self.bus.nc
-        if nc is None or not self.bus.connected:
-            raise NonceStoreUnavailable("not connected to NATS")
-        if self._inbox is None:
-            await self._subscribe(nc)
-        reply = f"{self._inbox}.{next(self._counter)}"
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting[reply] = waiter
         try:
-            await nc.publish(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", b"1", reply=reply,
-                             headers={"Nats-Expected-Last-Subject-Sequence": "0"})
-            async with asyncio.timeout(self.timeout):
-                msg = await waiter
-        except TimeoutError:
-            raise NonceStoreUnavailable("nonce bucket unavailable: no PubAck in time") from None
-        except Exception as e:  # connection closed, outbound buffer full...: fail closed
-            raise NonceStoreUnavailable(f"nonce bucket unavailable: {type(e).__name__}: {e}") from None
-        finally:
-            self._waiting.pop(reply, None)
-        if msg.data.startswith(b'{"stream":'):
+            status, data = await self.acks.request(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", CLAIM_HEADERS, b"1")
+        except PubAckUnavailable as e:
+            raise NonceStoreUnavailable(f"nonce bucket unavailable: {e}") from None
+        if status == 0 and data.startswith(b'{"stream":'):
             self.claims += 1
             return True
-        if msg.headers and msg.headers.get("Status") == "503":
+        if status == 503:
             raise NonceStoreUnavailable("nonce bucket unavailable: no responders (no stream leader)")
         try:
-            error = json.loads(msg.data).get("error") or {}
+            error = json.loads(data).get("error") or {}
         except ValueError:
             error = {}
         if error.get("err_code") == WRONG_LAST_SEQUENCE:
             self.replays += 1
             return False
-        raise NonceStoreUnavailable(f"JetStream refused the nonce write: {error.get('description') or msg.data[:200]!r}")
-
-    async def _subscribe(self, nc: Any) -> None:
-        inbox = nc.new_inbox()
-
-        async def on_reply(msg: Any) -> None:
-            waiter = self._waiting.pop(msg.subject, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(msg)
-
-        await nc.subscribe(inbox + ".*", cb=on_reply)
-        self._inbox = inbox
+        raise NonceStoreUnavailable(f"JetStream refused the nonce write: {error.get('description') or data[:200]!r}")
 
 
 class MemberDirectory:
@@ -253,7 +237,12 @@ def auth_middleware(authenticator: Authenticator) -> Callable[..., Awaitable[web
             return await handler(request)
         route_handler = getattr(request.match_info.route, "handler", None)
         streaming = bool(getattr(route_handler, STREAMING_ATTR, False))
-        body = None if streaming else await request.read()
+        if streaming:
+            body = None  # the handler hashes the body while streaming it
+        elif request.body_exists:
+            body = await request.read()
+        else:
+            body = b""  # no body at all (most GETs): nothing to read
         await authenticator.authenticate(request, body)
         return await handler(request)
 

@@ -15,6 +15,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from .errors import RuntimeFailure
+from .pubacks import PubAckClient
 from .settings import Secret
 
 log = logging.getLogger("unibus.bus")
@@ -156,6 +157,11 @@ class Bus:
         except Exception:
             return None
         return len({r.get("remote_id") or r.get("remote_name") for r in routes})
+
+    def pub_ack_client(self, *, name: str, timeout: float = 2.0) -> PubAckClient:
+        """A lean second connection, with this bus's URL and credentials, for
+        publish-and-await-reply on a hot path (see :mod:`unibus.pubacks`)."""
+        return PubAckClient(self.url, seed=self._seed, tls=self.tls, name=name, timeout=timeout)
 
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:

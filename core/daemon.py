@@ -99,6 +99,7 @@ class Daemon:
         self.store: Store | None = None
         self.bus: Bus | None = None
         self.system_bus: Bus | None = None
+        self.nonces: NonceStore | None = None
         self._system_seed = None
         self._system_user: str | None = None
         self.app: web.Application | None = None
@@ -147,6 +148,8 @@ class Daemon:
             self.store = SqliteStore(s.db_path)
         nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
         await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
+        await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
+        self.nonces = nonces
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
                             middlewares=[auth_middleware(authenticator)])
@@ -266,6 +269,8 @@ class Daemon:
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()
+        if self.nonces is not None:
+            await self.nonces.close()
         if self.system_bus is not None:
             await self.system_bus.close()
         if self.bus is not None:
