@@ -594,6 +594,100 @@ def test_fast_path_agrees_with_general_parser(raw):
     assert [(c, dict(p)) for c, p in ref[0]] == covered and dict(ref[1]) == params
 
 
+# check_request's fast path for exactly what sign_request writes must give the
+# same PendingSignature, or the same SignatureError reason, as the general path
+# (_check_general) for every request around it.
+
+b64_64 = st.binary(min_size=64, max_size=64).map(lambda b: base64.b64encode(b).decode())
+# mostly "", sometimes what no signature base may hold
+odd_text = st.sampled_from(["", "", "", "", "", "", "\n", "\r", "é", "\x00", " "])
+mostly = st.sampled_from([True, True, True, True, False])
+
+
+@st.composite
+def canonical_inputs(draw):
+    """(Signature-Input, label) in the canonical form, mostly with plausible values."""
+    raw = draw(st.from_regex(signing._CANONICAL_INPUT, fullmatch=True))
+    if draw(mostly):
+        label = draw(st.from_regex(r"[a-z*][a-z0-9_.*-]{0,63}", fullmatch=True))
+        digest = ' "content-digest"' if draw(st.booleans()) else ""
+        created = NOW + draw(st.integers(-SKEW - 2, SKEW + 2))
+        raw = (
+            f'{label}=("@method" "@path" "@query"{digest});created={created};nonce="{draw(nonces)}";'
+            f'keyid="{draw(st.from_regex(r"[A-Za-z0-9_.-]{1,128}", fullmatch=True))}";alg="ed25519"'
+        )
+    assert signing._CANONICAL_INPUT.fullmatch(raw)
+    return raw, raw.partition("=")[0]
+
+
+@st.composite
+def around_canonical(draw):
+    raw_input, label = draw(canonical_inputs())
+    sig_label = label if draw(mostly) else draw(st.from_regex(r"[a-z][a-z0-9]{0,3}", fullmatch=True))
+    if draw(mostly):
+        raw_sig = f"{sig_label}=:{draw(b64_64)}:"  # canonical
+    else:
+        raw_sig = draw(
+            st.one_of(
+                b64_64.map(lambda v: f"{sig_label}=:{v}:;p"),
+                st.binary(max_size=70).map(lambda b: f"{sig_label}=:{base64.b64encode(b).decode()}:"),
+            )
+        )
+    body = draw(bodies)
+    headers = {"Signature-Input": raw_input, "Signature": raw_sig}
+    if draw(mostly if '"content-digest"' in raw_input else st.booleans()):
+        digest_of = draw(st.sampled_from([body or b"", b"", b"other"]))
+        headers["Content-Digest"] = draw(
+            st.sampled_from(
+                [
+                    content_digest(digest_of),
+                    "sha-512=:AAAA:, " + content_digest(digest_of),
+                    "sha-256=:AAAA:",
+                    "sha-256=abc",
+                    content_digest(digest_of) + "\n",
+                ]
+            )
+        )
+    if draw(st.booleans()):
+        headers["Content-Length"] = draw(st.sampled_from(["0", "1", "10", "-1", "abc", " 3 "]))
+    if draw(st.booleans()):
+        headers["Transfer-Encoding"] = "chunked"
+    method = draw(methods) + draw(odd_text)
+    path = draw(st.one_of(paths, st.just(""))) + draw(odd_text)
+    query = draw(st.one_of(queries, odd_text))
+    now = NOW + draw(st.integers(-3, 3)) + draw(st.sampled_from([0, 0.5]))
+    if draw(st.booleans()):
+        headers = CIMultiDictProxy(CIMultiDict([("Host", "127.0.0.1:8443"), *((k.lower(), v) for k, v in headers.items())]))
+    return method, path, query, headers, body, now
+
+
+def outcome(f, *args, **kw):
+    try:
+        return f(*args, **kw)
+    except SignatureError as e:
+        return e.reason
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(around_canonical())
+def test_canonical_fast_path_agrees_with_general_path(r):
+    method, path, query, headers, body, now = r
+    fast = outcome(check_request, method, path, query, headers, body, now=now, skew=SKEW)
+    raw_input = signing._get_header(headers, "signature-input")
+    raw_sig = signing._get_header(headers, "signature")
+    general = outcome(signing._check_general, method, path, query, headers, body, raw_input, raw_sig, now, SKEW)
+    assert fast == general
+
+
+@FAST
+@given(requests())
+def test_sign_request_output_takes_the_canonical_fast_path(r):
+    h = sign(r)
+    m = signing._CANONICAL_INPUT.fullmatch(h["Signature-Input"])
+    assert m is not None and signing._FAST_SIGNATURE.fullmatch(h["Signature"])
+    assert m.group(2) == h["Signature-Input"].partition("=")[2]  # the @signature-params text
+
+
 SF_SAMPLES = [
     'sig1=("@method" "@path");created=1;keyid="a\\"b\\\\c";x=?1;y=tok/en:1;z=:AAEC:;w=-5;v=1.25',
     'a=1, b=?0;p, c=(1 2 "x");q=:AA==:, d',
