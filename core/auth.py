@@ -152,6 +152,7 @@ class MemberDirectory:
         self.store = store
         self._members: dict[str, tuple[Member, nacl.signing.VerifyKey]] = {}
         self._stale = True  # reload everything
+        self._reloads = 0  # "reloaded" changes seen: one that comes during a reload makes it stale again
         self._dirty: set[str] = set()  # reload these handles
         self._lock = asyncio.Lock()
         store.add_listener(self._on_change)
@@ -159,32 +160,43 @@ class MemberDirectory:
     def _on_change(self, change: Change) -> None:
         if change.kind == "reloaded":
             self._stale = True
+            self._reloads += 1
         elif change.kind.startswith("member_") and change.handle:
             self._dirty.add(change.handle)
 
     async def _refresh(self) -> None:
         async with self._lock:
-            if self._stale:
-                self._stale = False
-                dirty, self._dirty = self._dirty, set()
+            for _ in range(3):  # a reload signalled during the read means read again (bounded)
+                if not self._stale:
+                    break
+                # Stale stays set until the new table is in place, so lookups
+                # made while it is read wait for it (on the lock) instead of
+                # answering from the old one.
+                reloads = self._reloads
+                dirty, self._dirty = self._dirty, set()  # the full read covers these
                 try:
                     members = await self.store.list_members()
                 except BaseException:
-                    # Still stale: the old cache must not pass for fresh.
-                    self._stale, self._dirty = True, dirty | self._dirty
+                    self._dirty |= dirty
                     raise
                 self._members = {mb.handle: (mb, nacl.signing.VerifyKey(mb.sign_pub)) for mb in members}
+                self._stale = self._reloads != reloads
             while self._dirty:
-                handle = next(iter(self._dirty))
-                mb = await self.store.get_member(handle)  # on failure the handle stays dirty
-                self._dirty.discard(handle)
+                # Taken out before the read: a change that comes during it marks the handle again.
+                handle = self._dirty.pop()
+                try:
+                    mb = await self.store.get_member(handle)
+                except BaseException:
+                    self._dirty.add(handle)
+                    raise
                 if mb is None:
                     self._members.pop(handle, None)
                 else:
                     self._members[handle] = (mb, nacl.signing.VerifyKey(mb.sign_pub))
 
     async def get(self, handle: str) -> tuple[Member, nacl.signing.VerifyKey] | None:
-        if self._stale or self._dirty:
+        # While a refresh is under way the table may be the old one: wait for it.
+        if self._stale or self._dirty or self._lock.locked():
             await self._refresh()
         return self._members.get(handle)
 
