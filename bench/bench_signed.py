@@ -627,7 +627,9 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
             out += ["", (f"Reading: in the timed runs a signed request cost membershipd {sc:.0f} µs of CPU (median) "
                     f"against {bc:.0f} µs for baseline B. One event loop serves each process, so throughput follows "
                     f"that cost: 70% of baseline B needs the signed path at or under {bc / 0.7:.0f} µs, "
-                    f"{sc - bc / 0.7:.0f} µs less than now. In the profile the difference to baseline B is mostly: "
+                    + (f"{sc - bc / 0.7:.0f} µs less than now. " if sc > bc / 0.7
+                       else f"which it is, with {bc / 0.7 - sc:.0f} µs to spare. ")
+                    + "In the profile the difference to baseline B is mostly: "
                     + "; ".join(top) + ".")]
         if ps is not None:
             unit = "samples" if ps.tool == "py-spy" else "µs of self time"

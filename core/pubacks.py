@@ -7,7 +7,9 @@ CPU per request (a publish coroutine, the flusher task, the read loop's
 before the reply reaches its future): a quarter of a signed request. This
 module does the same round trip in an :class:`asyncio.Protocol`:
 
-* ``HPUB`` commands written in one tick are sent in one ``write``;
+* ``HPUB`` commands are batched: while replies to the last write are
+  awaited, new ones wait and then go out in one ``write`` (see
+  :meth:`PubAckClient._maybe_flush`);
 * the replies of all requests arrive on one wildcard subscription, and the
   reply subject's last token (a counter) finds the waiting future directly
   from ``data_received``;
@@ -85,13 +87,15 @@ class PubAckClient:
         self.connect_timeout = connect_timeout
         self.server_info: dict[str, Any] = {}
         self.requests = 0
+        self.writes = 0  # socket writes of HPUB/PUB commands: requests / writes is the batching achieved
         self.reconnects = 0
         self._inbox_str = "_INBOX." + secrets.token_hex(11) + "."
         self._inbox = self._inbox_str.encode()
         self._counter = itertools.count(1)
         self._waiting: dict[int, tuple[asyncio.Future[tuple[int, bytes]], float]] = {}
         self._proto: _Protocol | None = None
-        self._outbox: list[bytes] = []
+        self._outbox: list[tuple[int, bytes]] = []  # (request number, command) not written yet
+        self._unreplied: set[int] = set()  # written, reply not in yet; always a subset of _waiting
         self._flush_handle: asyncio.Handle | None = None
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._reconnect_task: asyncio.Task[None] | None = None
@@ -111,6 +115,9 @@ class PubAckClient:
 
     async def close(self) -> None:
         """Stop reconnecting, fail what is in flight, close the connection."""
+        if not self._closed:
+            log.info("%s: %d requests in %d writes, %d reconnects", self.name, self.requests, self.writes,
+                     self.reconnects)
         self._closed = True
         if self._reconnect_task is not None:
             self._reconnect_task.cancel()
@@ -216,26 +223,44 @@ class PubAckClient:
         self._waiting[n] = (waiter, loop.time())
         if headers:
             hlen = len(headers)
-            self._outbox.append(f"HPUB {subject} {self._inbox_str}{n} {hlen} {hlen + len(payload)}\r\n".encode()
-                                + headers + payload + _CRLF)
+            self._outbox.append((n, f"HPUB {subject} {self._inbox_str}{n} {hlen} {hlen + len(payload)}\r\n".encode()
+                                 + headers + payload + _CRLF))
         else:
-            self._outbox.append(f"PUB {subject} {self._inbox_str}{n} {len(payload)}\r\n".encode() + payload + _CRLF)
-        if self._flush_handle is None:
-            self._flush_handle = loop.call_soon(self._flush)
+            self._outbox.append((n, f"PUB {subject} {self._inbox_str}{n} {len(payload)}\r\n".encode() + payload + _CRLF))
+        self._maybe_flush()
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(self.timeout / 4, self._sweep)
         self.requests += 1
         try:
             return await waiter
         finally:
-            self._waiting.pop(n, None)
+            if self._waiting.pop(n, None) is not None:  # cancelled: no longer counts as awaiting a reply
+                self._unreplied.discard(n)
+                self._maybe_flush()
+
+    def _maybe_flush(self) -> None:
+        """Write what is queued on the next tick, unless replies to the last write are outstanding.
+
+        Like Nagle's algorithm: with nothing in flight a request goes out at
+        once; while replies are awaited, requests gather and go out together
+        as soon as the last of them is in (:meth:`_Protocol.data_received`) or
+        has timed out. Under load that doubles the requests per write (about
+        4 to 9 here) and cuts nats-server's CPU per request by a fifth,
+        without delaying a request on an idle connection.
+        """
+        if self._outbox and self._flush_handle is None and not self._unreplied and self._proto is not None:
+            self._flush_handle = self._proto.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_handle = None
         out, self._outbox = self._outbox, []
         proto = self._proto
         if proto is not None and proto.transport is not None and out:
-            proto.transport.write(b"".join(out))
+            proto.transport.write(b"".join([c for _, c in out]))
+            # Only requests still waiting: one cancelled meanwhile will never be discarded again.
+            waiting = self._waiting
+            self._unreplied.update([n for n, _ in out if n in waiting])
+            self.writes += 1
 
     def _sweep(self) -> None:
         """Expire requests older than ``timeout``; re-arm while any are waiting."""
@@ -250,14 +275,17 @@ class PubAckClient:
                 break
             expired.append(n)
         for n in expired:
+            self._unreplied.discard(n)
             waiter, _ = self._waiting.pop(n)
             if not waiter.done():
                 waiter.set_exception(PubAckUnavailable(f"no reply from NATS in {self.timeout:g} s"))
+        self._maybe_flush()
         if self._waiting:
             self._sweep_handle = loop.call_later(self.timeout / 4, self._sweep)
 
     def _fail_all(self, reason: str) -> None:
         self._outbox.clear()
+        self._unreplied.clear()
         waiting, self._waiting = self._waiting, {}
         for waiter, _ in waiting.values():
             if not waiter.done():
@@ -270,6 +298,7 @@ class PubAckClient:
             n = int(subject[len(self._inbox):])
         except ValueError:
             return
+        self._unreplied.discard(n)
         entry = self._waiting.pop(n, None)
         if entry is not None and not entry[0].done():
             entry[0].set_result((status, data))
@@ -361,6 +390,7 @@ class _Protocol(asyncio.Protocol):
             else:
                 return self._protocol_error(f"unexpected {bytes(op)!r}")
         self._buf = buf[pos:] if pos < size else b""
+        client._maybe_flush()
 
     def _protocol_error(self, what: str) -> None:
         self._error = f"protocol error: {what}"

@@ -282,3 +282,61 @@ async def test_nonce_store_claims_over_the_lean_connection(nats_server):
     finally:
         await store.close()
         await bus.close()
+
+
+@contextlib.asynccontextmanager
+async def responders(url):
+    """``echo`` answers at once, ``slow`` after 0.3 s, ``sink`` never."""
+    nc = await nats.connect(url)
+
+    async def echo(msg):
+        await nc.publish(msg.reply, msg.data)
+
+    async def slow(msg):
+        await asyncio.sleep(0.3)
+        await nc.publish(msg.reply, b"slow")
+
+    await nc.subscribe("echo", cb=echo)
+    await nc.subscribe("slow", cb=slow)
+    await nc.subscribe("sink", cb=ignore)
+    await nc.flush()
+    try:
+        yield
+    finally:
+        await nc.close()
+
+
+async def test_requests_gather_while_replies_are_awaited(nats_server):
+    async with responders(nats_server.url), client(nats_server.url, timeout=30) as c:
+        assert await c.request("echo", b"", b"a") == (0, b"a")
+        assert c.writes == 1  # nothing was in flight: written at once
+        slow = asyncio.ensure_future(c.request("slow", b"", b""))
+        await asyncio.sleep(0.05)
+        assert c.writes == 2
+        held = [asyncio.ensure_future(c.request("echo", b"", str(i).encode())) for i in range(10)]
+        await asyncio.sleep(0.1)
+        assert not any(h.done() for h in held) and c.writes == 2  # held while the slow reply is awaited
+        async with asyncio.timeout(10):
+            assert await slow == (0, b"slow")
+            assert [await h for h in held] == [(0, str(i).encode()) for i in range(10)]
+        assert c.writes == 3  # the ten went out together
+
+
+async def test_a_cancelled_request_does_not_hold_back_the_next(nats_server):
+    async with responders(nats_server.url), client(nats_server.url, timeout=30) as c:
+        # Cancelled after it was written ...
+        lost = asyncio.ensure_future(c.request("sink", b"", b""))
+        await asyncio.sleep(0.05)
+        lost.cancel()
+        async with asyncio.timeout(5):  # far less than the 30 s timeout: nothing waits for the sweep
+            assert await c.request("echo", b"", b"x") == (0, b"x")
+        # ... and cancelled while it was still held, then written anyway.
+        slow = asyncio.ensure_future(c.request("slow", b"", b""))
+        await asyncio.sleep(0.05)
+        held = asyncio.ensure_future(c.request("sink", b"", b""))
+        await asyncio.sleep(0)
+        held.cancel()
+        async with asyncio.timeout(5):
+            await slow
+            assert await c.request("echo", b"", b"y") == (0, b"y")
+        assert not c._unreplied and not c._waiting
