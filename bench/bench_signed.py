@@ -311,7 +311,7 @@ SPECIFIC = [
      lambda f, p: p.endswith("signing.py") and f.startswith(("check_request", "split_path_query", "_"))),
     ("nonce claim, request side: `NonceStore.claim` → `PubAckClient.request` (HPUB command, future)",
      lambda f, p: f.startswith(("NonceStore.claim", "PubAckClient.request"))),
-    ("nonce claim, connection side: `unibus.pubacks` (one write per tick, `data_received` parsing the PubAck)",
+    ("nonce claim, connection side: `unibus.pubacks` (batched writes, `data_received` parsing the PubAck)",
      lambda f, p: p.endswith("pubacks.py")),
     ("nats-py (membershipd's main NATS connection; no claims go through it)",
      lambda f, p: p.startswith("nats/")),

@@ -24,8 +24,8 @@ from the URL), TLS upgrade after ``INFO``, ``SUB``, ``HPUB``, ``MSG``/``HMSG``
 ``-ERR``. Everything else about the bus (JetStream management, watches,
 membershipd's other traffic) stays on nats-py.
 
-It fails closed and never queues: while it is disconnected :meth:`request`
-raises :class:`PubAckUnavailable` at once, every request in flight when the
+It fails closed and keeps nothing for later: while it is disconnected
+:meth:`request` raises :class:`PubAckUnavailable` at once, every request in flight when the
 connection drops gets the same error, and a request with no reply after
 ``timeout`` (to within a quarter of it) gets it too. It reconnects by itself
 with a short backoff (50 ms doubling to 1 s), forever, until :meth:`close`.
@@ -51,7 +51,7 @@ log = logging.getLogger("unibus.pubacks")
 __all__ = ["PubAckClient", "PubAckUnavailable"]
 
 _CRLF = b"\r\n"
-#: A control line longer than this without CRLF is a protocol error (nats-server's MAX_CONTROL_LINE_SIZE is 4 KiB).
+#: A control line from the server longer than this without CRLF is a protocol error (its own lines are short).
 _MAX_CONTROL_LINE = 64 * 1024
 RECONNECT_INITIAL = 0.05
 RECONNECT_MAX = 1.0
