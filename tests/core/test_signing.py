@@ -668,7 +668,7 @@ def outcome(f, *args, **kw):
         return e.reason
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(around_canonical())
 def test_canonical_fast_path_agrees_with_general_path(r):
     method, path, query, headers, body, now = r
