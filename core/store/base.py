@@ -11,6 +11,7 @@ import abc
 import asyncio
 import inspect
 import base64
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +43,13 @@ class Member:
     created_at: datetime
 
     def as_json(self) -> dict[str, Any]:
+        return dict(self._json)  # a copy: callers may add to it
+
+    @functools.cached_property
+    def _json(self) -> dict[str, Any]:
+        # Computed once per Member object: the authentication cache keeps the
+        # same objects, so GET /v1/me and member lists skip the base64 and the
+        # date formatting on every request.
         return {
             "handle": self.handle,
             "role": self.role,
