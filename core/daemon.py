@@ -32,13 +32,13 @@ from .pluginmanager import PluginManager
 from .posture import cluster_gate, merge_posture
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
-from .settings import HostPort, Settings, child_environment
+from .settings import HostPort, Settings
 from .store import publish_membership
 from .store.base import Store
 from .store.db import migrate
 from .store.kv import KvStore
 from .store.sqlite import SqliteStore
-from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server
+from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server, nats_server_environment
 
 log = logging.getLogger("unibus.daemon")
 
@@ -129,7 +129,7 @@ class Daemon:
             config = self.write_nats_config()
             self.supervisor = NatsSupervisor(
                 binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
-                env=child_environment(), forward_levels=forward_levels(config),
+                env=nats_server_environment(), forward_levels=forward_levels(config),
             )
             await self.supervisor.start()
 

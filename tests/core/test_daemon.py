@@ -70,6 +70,28 @@ def test_files_are_private(membershipd):
     assert seed.encode() not in Path(f"/proc/{membershipd.nats_pid()}/cmdline").read_bytes()
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+def test_nats_server_leaves_one_cpu_to_membershipd(membershipd_factory):
+    expected = str(max(1, len(os.sched_getaffinity(0)) - 1))
+    default = membershipd_factory()
+    assert _environ(default.nats_pid())["GOMAXPROCS"] == expected
+    chosen = membershipd_factory(env={**os.environ, "GOMAXPROCS": "3", "UNIBUS_CLUSTER_PASS": "route-secret-1234567890"})
+    env = _environ(chosen.nats_pid())
+    assert env["GOMAXPROCS"] == "3"  # the operator's value wins
+    assert "UNIBUS_CLUSTER_PASS" not in env
+
+
+def test_nats_server_environment_rule():
+    from unibus.supervisor import nats_server_environment
+
+    assert [nats_server_environment({}, cpus=n)["GOMAXPROCS"] for n in (1, 2, 4, 64)] == ["1", "1", "3", "63"]
+    assert nats_server_environment({"GOMAXPROCS": "8", "PATH": "/bin"}, cpus=2) == {"GOMAXPROCS": "8", "PATH": "/bin"}
+
+
 def _wait_gone(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
