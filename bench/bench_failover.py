@@ -518,12 +518,8 @@ class DaemonCluster:
         return {"nkeys_seed": str(self.nodes[i].data_dir / "service.nkey")}
 
     def restart(self, i: int) -> None:
-        old = self.nodes[i]
-        new = MembershipdProcess(old.data_dir, old.args)
-        new.http_port, new.nats_port, new.monitor_port = old.http_port, old.nats_port, old.monitor_port
-        new.argv = old.argv
-        self.nodes[i] = new
-        new.start(wait=False)
+        self.nodes[i] = self.nodes[i].again()
+        self.nodes[i].start(wait=False)
 
     def stop(self) -> None:
         for n in self.nodes:

@@ -15,7 +15,8 @@ fixtures are available in any test suite that has unibus installed:
     A real ``membershipd serve`` process in a temporary data dir on free
     ports, started and waited for until ``/healthz`` answers 200. Attributes:
     ``base_url``, ``data_dir``, ``log_path``, ``log_text()``, ``healthz()``,
-    ``stop()`` (SIGTERM, returns the exit code), ``nats_pid()``. Every process
+    ``stop()`` (SIGTERM, returns the exit code), ``nats_pid()``, ``again()``
+    (the same node, unstarted, to start after a stop or crash). Every process
     a fixture started is stopped at teardown.
 
 Everything listens on 127.0.0.1 only; nothing assumes a fixed port is free.
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -192,6 +194,14 @@ class MembershipdProcess:
             argv += ["--nats-monitor-port", str(self.monitor_port)]
         self.argv = argv + self.args
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def again(self) -> MembershipdProcess:
+        """A new, unstarted process for the same data dir, ports, argv and
+        environment: the same node after a crash or a stop."""
+        new = copy.copy(self)
+        new.proc = None
+        new.args, new.argv, new.env = list(self.args), list(self.argv), dict(self.env)
+        return new
 
     @property
     def base_url(self) -> str:

@@ -55,12 +55,8 @@ class Cluster:
             self.nodes[i].wait_healthy(timeout=FORM_TIMEOUT)
 
     def restart(self, i: int) -> None:
-        old = self.nodes[i]
-        new = MembershipdProcess(old.data_dir, old.args)
-        new.http_port, new.nats_port, new.monitor_port = old.http_port, old.nats_port, old.monitor_port
-        new.argv = old.argv
-        self.nodes[i] = new
-        new.start(wait=False)
+        self.nodes[i] = self.nodes[i].again()
+        self.nodes[i].start(wait=False)
 
     def kill(self, i: int) -> None:
         """A real crash: nats-server first (SIGKILL, no graceful hand-over), then membershipd."""
