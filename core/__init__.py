@@ -2,7 +2,7 @@
 
 import pluggy
 
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 
 #: Marker for plugin hook implementations: ``from unibus import hookimpl``.
 hookimpl = pluggy.HookimplMarker("unibus")

@@ -143,7 +143,7 @@ def cmd_plugins(argv: Sequence[str]) -> int:
 
 
 def cmd_member(argv: Sequence[str]) -> int:
-    from .client.keys import HandleError, KeyFormatError, validate_enc_pub, validate_enc_suite, validate_handle, validate_sign_pub
+    from .wire import HandleError, KeyFormatError, validate_enc_pub, validate_enc_suite, validate_handle, validate_sign_pub
     from .daemon import prepare_data_dir
     from .store.base import ROLES, Conflict
     from .store.db import make_engine, migrate

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from ..app import SETTINGS, STORE, add_route
 from ..auth import current_member
-from ..client.keys import nkey_from_sign_pub
+from ..wire import nkey_from_sign_pub
 from .common import json_response
 
 

@@ -6,7 +6,7 @@ from aiohttp import web
 
 from ..app import STORE, add_route
 from ..auth import current_member
-from ..client.keys import (
+from ..wire import (
     DEFAULT_ENC_SUITE,
     HandleError,
     KeyFormatError,

@@ -15,22 +15,47 @@ has no network or server dependency.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import hmac
 import json
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nacl.bindings
 import nkeys
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
+
+# Validation and encodings shared with the server live in unibus.wire; they
+# are re-exported here for the SDK's users.
+from ..wire import (
+    DEFAULT_ENC_SUITE,
+    ENC_KEY_SIZES,
+    ENC_PUB_SIZES,
+    ENC_SUITES,
+    HANDLE_PATTERN,
+    HANDLE_RE,
+    MLKEM768_PUB_SIZE,
+    SIGN_PUB_SIZE,
+    SIGN_SEED_SIZE,
+    X25519_PUB_SIZE,
+    HandleError,
+    KeyFormatError,
+    b64decode_strict,
+    b64encode,
+    check_enc_pub,
+    check_sign_pub,
+    enc_public_key,
+    nkey_from_sign_pub,
+    sign_pub_from_nkey,
+    validate_bus_pub,
+    validate_enc_pub,
+    validate_enc_suite,
+    validate_handle,
+    validate_sign_pub,
+)
 
 __all__ = [
     "ENC_SUITES",
@@ -54,6 +79,7 @@ __all__ = [
     "validate_sign_pub",
     "validate_enc_pub",
     "validate_enc_suite",
+    "validate_bus_pub",
     "check_sign_pub",
     "check_enc_pub",
     "enc_public_key",
@@ -66,46 +92,8 @@ __all__ = [
     "load_identity",
 ]
 
-# --------------------------------------------------------------------------- constants
-
-#: The HPKE suites a member's ``enc_suite`` may name (SPEC §5).
-ENC_SUITES: tuple[str, ...] = ("X25519", "MLKEM768_X25519")
-DEFAULT_ENC_SUITE = "X25519"
-
-SIGN_PUB_SIZE = 32  #: raw Ed25519 public key
-SIGN_SEED_SIZE = 32  #: raw Ed25519 private key (RFC 8032 seed)
-X25519_PUB_SIZE = 32
-MLKEM768_PUB_SIZE = 1184
-#: raw public key size per suite: X25519 32; MLKEM768_X25519 = ML-KEM-768 pub (1184) || X25519 pub (32)
-ENC_PUB_SIZES: dict[str, int] = {
-    "X25519": X25519_PUB_SIZE,
-    "MLKEM768_X25519": MLKEM768_PUB_SIZE + X25519_PUB_SIZE,  # 1216
-}
-#: raw private key size per suite, as stored in the identity file's ``enc_key``:
-#: X25519: the 32-byte X25519 private scalar; MLKEM768_X25519: the 32-byte X-Wing seed
-ENC_KEY_SIZES: dict[str, int] = {"X25519": 32, "MLKEM768_X25519": 32}
-
-#: Handle rule of SPEC §5, in the portable (JSON Schema / ECMA) spelling.
-HANDLE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
-#: Compiled handle rule. Anchored with ``\A``/``\Z`` (not ``$``, which would let
-#: a trailing newline through), so ``.match``, ``.search`` and ``.fullmatch`` all agree.
-HANDLE_RE = re.compile(r"\A[a-z][a-z0-9_-]{0,31}\Z")
-
 IDENTITY_VERSION = 1
 _IDENTITY_MAX_BYTES = 64 * 1024
-
-_P25519 = 2**255 - 19
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class KeyFormatError(ValueError):
-    """A key (or suite name) is malformed; the message says what is wrong and what is expected."""
-
-
-class HandleError(ValueError):
-    """A member handle does not match ``^[a-z][a-z0-9_-]{0,31}$``."""
 
 
 class IdentityError(Exception):
@@ -114,211 +102,6 @@ class IdentityError(Exception):
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.path = None if path is None else os.fspath(path)
-
-
-# --------------------------------------------------------------------------- base64
-
-
-def b64encode(raw: bytes) -> str:
-    """Standard base64 with ``=`` padding (RFC 4648 §4), as used for every key in JSON."""
-    return base64.b64encode(bytes(raw)).decode("ascii")
-
-
-def _b64_len(n: int) -> int:
-    return 4 * ((n + 2) // 3)
-
-
-def b64decode_strict(value: Any, what: str = "value", size: int | None = None) -> bytes:
-    """Decode canonical standard base64 (``A-Z a-z 0-9 + /``, ``=`` padding required).
-
-    Rejects whitespace, URL-safe characters, missing or extra padding and
-    non-zero trailing bits (so each byte string has exactly one accepted
-    spelling). ``size``, if given, is the required decoded length.
-    Raises :class:`KeyFormatError`.
-    """
-    hint = (
-        f"standard base64 with '=' padding of {size} bytes ({_b64_len(size)} characters)"
-        if size is not None
-        else "standard base64 with '=' padding"
-    )
-    if not isinstance(value, str):
-        raise KeyFormatError(f"{what}: expected a base64 string, got {type(value).__name__}; expected {hint}")
-    if not value:
-        raise KeyFormatError(f"{what}: empty; expected {hint}")
-    if not value.isascii():
-        raise KeyFormatError(f"{what}: contains non-ASCII characters; expected {hint}")
-    if len(value) % 4:
-        raise KeyFormatError(
-            f"{what}: invalid base64 (length {len(value)} is not a multiple of 4; padding missing?); expected {hint}"
-        )
-    try:
-        raw = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise KeyFormatError(f"{what}: invalid base64 ({exc}); expected {hint}") from None
-    if base64.b64encode(raw).decode("ascii") != value:
-        raise KeyFormatError(f"{what}: non-canonical base64 (stray bits or padding); expected {hint}")
-    if size is not None and len(raw) != size:
-        raise KeyFormatError(f"{what}: decodes to {len(raw)} bytes; expected {hint}")
-    return raw
-
-
-# --------------------------------------------------------------------------- handles
-
-
-def validate_handle(handle: Any) -> str:
-    """Return ``handle`` if it matches ``^[a-z][a-z0-9_-]{0,31}$``, else raise :class:`HandleError`."""
-    if not isinstance(handle, str):
-        raise HandleError(f"handle must be a string, got {type(handle).__name__}")
-    if HANDLE_RE.match(handle) is None:
-        raise HandleError(
-            f"invalid handle {handle!r}: expected 1-32 characters, a lowercase letter first, "
-            "then lowercase letters, digits, '_' or '-' (^[a-z][a-z0-9_-]{0,31}$)"
-        )
-    return handle
-
-
-# --------------------------------------------------------------------------- public keys
-
-
-def validate_enc_suite(suite: Any) -> str:
-    """Return ``suite`` if it is one of :data:`ENC_SUITES`, else raise :class:`KeyFormatError`."""
-    if not isinstance(suite, str) or suite not in ENC_SUITES:
-        raise KeyFormatError(f"unknown enc_suite {suite!r}; expected one of {', '.join(ENC_SUITES)}")
-    return suite
-
-
-def check_sign_pub(raw: Any, what: str = "sign_pub") -> bytes:
-    """Check raw Ed25519 public key bytes; return them as ``bytes``.
-
-    Accepted: 32 bytes that canonically encode a point of the prime-order
-    subgroup other than the identity (every key a real Ed25519 key generator
-    makes). Rejected: wrong size, non-canonical encodings, non-points,
-    small-order and mixed-order points.
-    """
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise KeyFormatError(f"{what}: expected bytes, got {type(raw).__name__}")
-    raw = bytes(raw)
-    if len(raw) != SIGN_PUB_SIZE:
-        raise KeyFormatError(f"{what}: {len(raw)} bytes; an Ed25519 public key is {SIGN_PUB_SIZE} bytes")
-    if not nacl.bindings.crypto_core_ed25519_is_valid_point(raw):
-        raise KeyFormatError(
-            f"{what}: not a valid Ed25519 public key (not a canonical point of the prime-order "
-            "subgroup, or a small-order point)"
-        )
-    return raw
-
-
-def validate_sign_pub(b64: Any) -> bytes:
-    """Decode and check a base64 ``sign_pub`` (raw 32-byte Ed25519 public key)."""
-    return check_sign_pub(b64decode_strict(b64, "sign_pub", SIGN_PUB_SIZE))
-
-
-_X25519_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-
-
-def _x25519_pub(raw: bytes, what: str, check_low_order: bool) -> x25519.X25519PublicKey:
-    if int.from_bytes(raw, "little") >= _P25519:
-        raise KeyFormatError(
-            f"{what}: non-canonical X25519 public key (u-coordinate >= 2^255-19 or top bit set); "
-            "expected the canonical 32-byte little-endian encoding"
-        )
-    pub = x25519.X25519PublicKey.from_public_bytes(raw)
-    if check_low_order:
-        # Every low-order point yields an all-zero shared secret for any (clamped)
-        # scalar; OpenSSL refuses it with ValueError. Such a key would make every
-        # seal to it fail (or, elsewhere, be contributory-less).
-        try:
-            _X25519_PROBE.exchange(pub)
-        except ValueError:
-            raise KeyFormatError(f"{what}: X25519 public key is a low-order point (all-zero shared secret)") from None
-    return pub
-
-
-def enc_public_key(raw: Any, suite: str, what: str = "enc_pub", *, check_low_order: bool = True):
-    """Check raw ``enc_pub`` bytes for ``suite`` and return cryptography's HPKE public key object.
-
-    ``X25519`` → ``x25519.X25519PublicKey``; ``MLKEM768_X25519`` →
-    ``hpke.MLKEM768X25519PublicKey`` (built from the ML-KEM-768 part, which must
-    pass FIPS 203's encapsulation-key check, and the X25519 part, checked as above).
-    Raises :class:`KeyFormatError`.
-    """
-    validate_enc_suite(suite)
-    if not isinstance(raw, (bytes, bytearray, memoryview)):
-        raise KeyFormatError(f"{what}: expected bytes, got {type(raw).__name__}")
-    raw = bytes(raw)
-    size = ENC_PUB_SIZES[suite]
-    if len(raw) != size:
-        if suite == "X25519":
-            exp = "an X25519 public key is 32 bytes"
-        else:
-            exp = (
-                "an MLKEM768_X25519 public key is 1216 bytes "
-                "(ML-KEM-768 public key 1184 bytes || X25519 public key 32 bytes)"
-            )
-        raise KeyFormatError(f"{what}: {len(raw)} bytes for enc_suite {suite}; {exp}")
-    if suite == "X25519":
-        return _x25519_pub(raw, what, check_low_order)
-    try:
-        mpub = mlkem.MLKEM768PublicKey.from_public_bytes(raw[:MLKEM768_PUB_SIZE])
-    except ValueError:
-        raise KeyFormatError(
-            f"{what}: the ML-KEM-768 part (first 1184 bytes) is not a valid ML-KEM-768 "
-            "encapsulation key (a coefficient is not reduced mod 3329)"
-        ) from None
-    xpub = _x25519_pub(raw[MLKEM768_PUB_SIZE:], f"{what} (X25519 part, last 32 bytes)", check_low_order)
-    return hpke.MLKEM768X25519PublicKey(mpub, xpub)
-
-
-def check_enc_pub(raw: Any, suite: str, what: str = "enc_pub") -> bytes:
-    """Check raw ``enc_pub`` bytes for ``suite``; return them as ``bytes``."""
-    enc_public_key(raw, suite, what)
-    return bytes(raw)
-
-
-def validate_enc_pub(b64: Any, suite: Any) -> bytes:
-    """Decode and check a base64 ``enc_pub`` of ``suite``; return the raw bytes."""
-    validate_enc_suite(suite)
-    raw = b64decode_strict(b64, "enc_pub", ENC_PUB_SIZES[suite])
-    return check_enc_pub(raw, suite)
-
-
-# --------------------------------------------------------------------------- nkeys
-
-
-def _crc16_xmodem(data: bytes) -> int:
-    # CRC-16/XMODEM is CRC-CCITT with initial value 0: binascii does it in C
-    # (bus authorization encodes one nkey per member on every reload).
-    return binascii.crc_hqx(data, 0)
-
-
-def nkey_from_sign_pub(raw32: Any) -> str:
-    """The NATS user nkey (``U…``) of a raw 32-byte Ed25519 public key.
-
-    ``base32(0xA0 || key || crc16_xmodem(0xA0 || key) as 2 bytes little-endian)``
-    without ``=`` padding: 56 characters. Same as ``nkeys.from_seed(seed).public_key``.
-    """
-    if not isinstance(raw32, (bytes, bytearray, memoryview)) or len(raw32) != SIGN_PUB_SIZE:
-        raise KeyFormatError("sign_pub: expected the raw 32-byte Ed25519 public key")
-    body = bytes([nkeys.PREFIX_BYTE_USER]) + bytes(raw32)
-    body += _crc16_xmodem(body).to_bytes(2, "little")
-    return base64.b32encode(body).decode("ascii").rstrip("=")
-
-
-def sign_pub_from_nkey(nkey: Any) -> bytes:
-    """Inverse of :func:`nkey_from_sign_pub`: the raw Ed25519 key of a ``U…`` user nkey."""
-    if not isinstance(nkey, str) or len(nkey) != 56 or not nkey.startswith("U"):
-        raise KeyFormatError("user nkey: expected 56 base32 characters starting with 'U'")
-    try:
-        body = base64.b32decode(nkey)  # 35 bytes = 56 characters, no padding
-    except (binascii.Error, ValueError):
-        raise KeyFormatError("user nkey: invalid base32") from None
-    if len(body) != 35 or body[0] != nkeys.PREFIX_BYTE_USER:
-        raise KeyFormatError("user nkey: not a user public key")
-    if _crc16_xmodem(body[:33]).to_bytes(2, "little") != body[33:]:
-        raise KeyFormatError("user nkey: checksum mismatch")
-    if nkey_from_sign_pub(body[1:33]) != nkey:
-        raise KeyFormatError("user nkey: non-canonical base32")
-    return body[1:33]
 
 
 # --------------------------------------------------------------------------- private keys

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from unibus import hookimpl
-from unibus.client.keys import nkey_from_sign_pub
+from unibus.wire import nkey_from_sign_pub
 from unibus.servicekey import SERVICE_NKEY_FILE, load_nkey_seed
 from unibus.settings import Settings
 from unibus.store.base import Change, Membership

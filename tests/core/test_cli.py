@@ -25,7 +25,7 @@ def assert_one_line_error(proc, code, *needles):
 
 def test_version():
     proc = run_membershipd("--version")
-    assert proc.returncode == 0 and proc.stdout.strip() == "membershipd 0.11.0"
+    assert proc.returncode == 0 and proc.stdout.strip() == "membershipd 0.12.0"
 
 
 def test_plugins_json_lists_the_builtins():
@@ -35,7 +35,7 @@ def test_plugins_json_lists_the_builtins():
     assert BUILTINS <= set(listed)
     for name in BUILTINS:
         assert listed[name]["distribution"] == "unibus"
-        assert listed[name]["version"] == "0.11.0"
+        assert listed[name]["version"] == "0.12.0"
         assert listed[name]["hooks"]
     assert "configure_nats" in listed["nats_monitor"]["hooks"]
 

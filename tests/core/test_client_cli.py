@@ -195,4 +195,4 @@ def test_server_from_environment_and_flag_position(identity_file):
 
 def test_version():
     proc = unibus("--version")
-    assert proc.returncode == 0 and proc.stdout.strip() == "unibus 0.11.0"
+    assert proc.returncode == 0 and proc.stdout.strip() == "unibus 0.12.0"

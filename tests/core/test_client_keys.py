@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from unibus.client import keys
+from unibus import wire
 from unibus.client.keys import (
     ENC_PUB_SIZES,
     ENC_SUITES,
@@ -722,13 +723,13 @@ def test_formats_doc_vectors():
         "enc_pub": "NYBy1jZYgNGu6jKa35EhODhR7SGijjt16WXQ0s0WYlQ=",
     }
     assert ident.sign_pub.hex() == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
-    assert keys._crc16_xmodem(b"\xa0" + ident.sign_pub) == 0x4AAD
+    assert wire._crc16_xmodem(b"\xa0" + ident.sign_pub) == 0x4AAD
     assert ident.user_nkey == "UAB2CB576PHBBPQ5ODORRZ2LYCMWPZGWGCN2KDK7DXOIMZASKUY3RLKK"
     assert ident.nkey_seed() == "SUAAAAICAMCAKBQHBAEQUCYMBUHA6EARCIJRIFIWC4MBSGQ3DQOR4H776Y"
     # the seed layout of docs/formats.md §2.2, computed by hand
     b0, b1 = 0x90 | (0xA0 >> 5), (0xA0 & 31) << 3
     body = bytes([b0, b1]) + ident.sign_seed
-    body += keys._crc16_xmodem(body).to_bytes(2, "little")
+    body += wire._crc16_xmodem(body).to_bytes(2, "little")
     assert base64.b32encode(body).decode().rstrip("=") == ident.nkey_seed()
     hybrid = Identity("alice", ident.sign_key, "MLKEM768_X25519", bytes(range(32, 64)))
     assert len(hybrid.enc_pub_b64) == 1624

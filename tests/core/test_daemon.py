@@ -27,7 +27,7 @@ def test_healthz_shape(membershipd):
     status, body = membershipd.healthz()
     assert status == 200
     assert HEALTHZ_KEYS <= set(body)
-    assert body["status"] == "ok" and body["version"] == "0.11.0"
+    assert body["status"] == "ok" and body["version"] == "0.12.0"
     assert set(body["nats"]) == NATS_KEYS
     assert body["nats"] == {
         "mode": "embedded", "url": membershipd.nats_url, "connected": True, "jetstream": True,
