@@ -17,7 +17,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
-from .auth import MAX_BODY, body_unread, send_continue
+from .auth import MAX_BODY, body_unread
 from .bus import Bus
 from .inputs import check_path_params
 from .openapi import OpenAPI
@@ -134,14 +134,13 @@ async def path_params_middleware(request: web.Request, handler: Handler) -> web.
 
 async def defer_continue(request: web.Request) -> web.StreamResponse | None:
     """Expect handler of signed routes: ``100 Continue`` waits until the
-    signature was accepted (:func:`unibus.auth.send_continue`); any other
+    signature was accepted (the auth middleware sends it with
+    :func:`unibus.auth.send_continue` before reading the body); any other
     expectation is 417."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
         return problem_response(417, "the only expectation this server meets is Expect: 100-continue",
                                 kind="expectation-failed")
-    if not request.path.startswith("/v1/"):  # not signed after all: no reason to wait
-        await send_continue(request)
     return None
 
 

@@ -1,6 +1,7 @@
 """Signed requests on the server: who is asking (RFC 9421), and have we seen it before.
 
-Everything under ``/v1/`` goes through :func:`auth_middleware`, in this order
+Everything under ``/v1/`` (and any route elsewhere that was not registered
+with ``signed=False``) goes through :func:`auth_middleware`, in this order
 (docs/http-api.md, "Order of the checks"), and nothing of the body is read
 before step 4:
 
@@ -391,11 +392,25 @@ def body_unread(request: web.BaseRequest) -> bool:
     return request.body_exists and not request.content.is_eof()
 
 
+def _open_route(request: web.Request) -> bool:
+    """Outside ``/v1/``, only an unknown path (404/405) and a route registered
+    with ``add_route(..., signed=False)`` (``/healthz``, ``/openapi.json``) go
+    without a signature. Any other route, wherever its path and however it was
+    added, is signed: a route nobody declared open is not open (fail closed)."""
+    if request.match_info.http_exception is not None:
+        return True
+    from .app import OPENAPI_DOC  # unibus.app imports this module
+
+    doc = request.app.get(OPENAPI_DOC)
+    resource = request.match_info.route.resource
+    return doc is not None and resource is not None and doc.signed(request.method, resource.canonical) is False
+
+
 def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAULT_BODY_TIMEOUT,
                     max_body: int = MAX_BODY) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith("/v1/") and _open_route(request):
             return await handler(request)
         has_body = request.body_exists
         # Steps 1-3, from the headers: not one byte of the body is read before them.

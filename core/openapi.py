@@ -69,6 +69,12 @@ class OpenAPI:
             op["responses"][str(status)] = resp
         self.paths.setdefault(path, {})[method.lower()] = op
 
+    def signed(self, method: str, path: str) -> bool | None:
+        """Whether the operation ``method path`` (``path`` as registered, e.g.
+        ``/v1/rooms/{room_id}``) was registered signed; None if it never was."""
+        op = self.paths.get(path, {}).get(method.lower())
+        return None if op is None else "security" in op
+
     def document(self) -> dict[str, Any]:
         return {
             "openapi": "3.1.0",

@@ -468,3 +468,44 @@ def test_a_bad_body_timeout_is_refused_with_one_line(tmp_path, value):
     assert lines[-1].startswith(f"membershipd: error: {BODY_TIMEOUT_ENV}: ") and "from 0.1 to 3600" in lines[-1]
     assert "Traceback" not in proc.stderr
 
+
+
+async def test_only_routes_declared_open_go_unsigned(tmp_path):
+    """Outside /v1/ too, a route is signed unless it was registered with
+    signed=False: one added under another prefix, or straight on the router,
+    is refused without a signature (a real aiohttp server, a real SQLite store)."""
+    import asyncio
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from unibus.app import add_route, make_app
+    from unibus.auth import Authenticator, MemberDirectory, auth_middleware
+    from unibus.bus import Bus
+    from unibus.pluginmanager import PluginManager
+    from unibus.settings import Settings
+    from unibus.store.db import migrate
+    from unibus.store.sqlite import SqliteStore
+
+    async def hello(request):
+        return web.json_response({"hello": True})
+
+    await asyncio.to_thread(migrate, tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
+    auth = Authenticator(MemberDirectory(store), nonces=None, skew=60)  # unsigned requests never reach a claim
+    app = make_app(Settings(data_dir=tmp_path), PluginManager(load_entry_points=False), Bus("nats://127.0.0.1:1"),
+                   None, store, middlewares=[auth_middleware(auth)])
+    add_route(app, "GET", "/plugin/signed", hello, summary="signed, outside /v1", responses={200: "hi"})
+    add_route(app, "GET", "/plugin/open", hello, summary="declared open", responses={200: "hi"}, signed=False)
+    app.router.add_get("/plugin/raw", hello, allow_head=False)  # not through add_route: nobody declared it open
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for path, want in (("/plugin/signed", 401), ("/plugin/raw", 401), ("/plugin/open", 200),
+                               ("/openapi.json", 200), ("/nope", 404), ("/v1/me", 401), ("/v1/nope", 401)):
+                async with s.get(f"http://127.0.0.1:{server.port}{path}") as r:
+                    assert r.status == want, (path, await r.text())
+    finally:
+        await server.close()
+        await store.close()
