@@ -509,3 +509,17 @@ async def test_only_routes_declared_open_go_unsigned(tmp_path):
     finally:
         await server.close()
         await store.close()
+
+
+def test_body_timeout_from_the_environment():
+    from unibus.auth import DEFAULT_BODY_TIMEOUT, body_timeout_from_env
+    from unibus.errors import ConfigError
+
+    assert body_timeout_from_env({}) == DEFAULT_BODY_TIMEOUT == 30.0
+    assert body_timeout_from_env({BODY_TIMEOUT_ENV: " "}) == DEFAULT_BODY_TIMEOUT
+    assert body_timeout_from_env({BODY_TIMEOUT_ENV: "0.1"}) == 0.1
+    assert body_timeout_from_env({BODY_TIMEOUT_ENV: "3600"}) == 3600.0
+    for bad in ("0", "0.09", "3601", "-5", "nan", "inf", "1e9", "30s", "x" * 100):
+        with pytest.raises(ConfigError) as e:
+            body_timeout_from_env({BODY_TIMEOUT_ENV: bad})
+        assert str(e.value).startswith(f"{BODY_TIMEOUT_ENV}: ") and len(str(e.value)) < 160
