@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
+from .auth import MAX_BODY, body_unread
 from .bus import Bus
+from .inputs import check_path_params
 from .openapi import OpenAPI
 from .pluginmanager import PluginManager
 from .posture import merge_posture
@@ -41,14 +45,54 @@ RECONFIGURE_NATS = web.AppKey("reconfigure_nats", object)  # free-form runtime o
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 #: Largest JSON body: a keys POST for 1,000 MLKEM768_X25519 members is ~1.6 MB.
-MAX_JSON_BODY = 8 * 1024 * 1024
+MAX_JSON_BODY = MAX_BODY
+#: After a response sent before the request body was all read (a 401, 403,
+#: 408, 413...), the connection is closed, not kept: the response says
+#: ``Connection: close``. Before closing, the server throws away (never keeps)
+#: what is still in flight for at most this many seconds, the staged close of
+#: RFC 9112 §9.6: closing a socket with unread bytes makes the kernel send a
+#: reset that can destroy the response before the client reads it. aiohttp's
+#: default would be 10 s ("lingering", in its web_protocol.py).
+UNREAD_BODY_DRAIN = 1.0
+
+
+class _ServerLogger(logging.LoggerAdapter):
+    """aiohttp's ``aiohttp.server`` logger, except that a request aiohttp's
+    parser refuses (400: a line too long, broken framing, a bad header) is
+    one INFO line, not an ERROR with a traceback: any client can send those."""
+
+    def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
+        exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
+        if isinstance(exc, HttpProcessingError):
+            what = " ".join(str(exc.message).split())[:200]
+            self.info("refused a malformed request (%d): %s", exc.code, what)
+            return
+        super().exception(msg, *args, exc_info=exc_info, **kwargs)
+
+
+#: Keyword arguments of the ``web.AppRunner`` that serves the app. Request
+#: bodies are taken as sent: no ``Content-Encoding`` is decoded (a signed
+#: request with one is 415). See docs/http-api.md, "Slow and large bodies".
+SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_decompress": False,
+                                  "logger": _ServerLogger(logging.getLogger("aiohttp.server"), {})}
 
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats"})
 
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error leaves as RFC 9457 problem+json; never a traceback to the client."""
+    """Every error leaves as RFC 9457 problem+json; never a traceback to the client.
+
+    A response that leaves while part of the request body has not arrived
+    closes the connection (``Connection: close``; see UNREAD_BODY_DRAIN).
+    """
+    response = await _problem_or_response(request, handler)
+    if not response.prepared and body_unread(request):
+        response.force_close()
+    return response
+
+
+async def _problem_or_response(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Problem as p:
@@ -79,6 +123,27 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
         return problem_response(500, "internal error; see the membershipd log")
 
 
+@web.middleware
+async def path_params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Route parameters against the rules of :mod:`unibus.inputs` (422), for
+    every route, plugins' included; innermost, so after the signature."""
+    if request.match_info.http_exception is None:
+        check_path_params(request.match_info)
+    return await handler(request)
+
+
+async def defer_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler of signed routes: ``100 Continue`` waits until the
+    signature was accepted (the auth middleware sends it with
+    :func:`unibus.auth.send_continue` before reading the body); any other
+    expectation is 417."""
+    expect = request.headers.get("Expect", "")
+    if expect.lower() != "100-continue":
+        return problem_response(417, "the only expectation this server meets is Expect: 100-continue",
+                                kind="expectation-failed")
+    return None
+
+
 def add_route(
     app: web.Application,
     method: str,
@@ -91,13 +156,20 @@ def add_route(
     request_schema: dict[str, Any] | None = None,
     request_content_type: str = "application/json",
     tags: list[str] | None = None,
+    query: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    """Register a route and its OpenAPI operation together (plugins use this too)."""
-    app.router.add_route(method, path, handler)
+    """Register a route and its OpenAPI operation together (plugins use this too).
+
+    ``query`` documents the query parameters the handler reads (name -> JSON
+    Schema); path parameters are documented, and checked before the handler
+    runs, by the rules of :mod:`unibus.inputs`. ``Expect: 100-continue`` is
+    answered only once the signature was accepted (docs/http-api.md).
+    """
+    app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else None)
     app[OPENAPI_DOC].add_operation(
         method, path, summary=summary, responses=responses, signed=signed,
         request_schema=request_schema, request_content_type=request_content_type, tags=tags,
-        operation_id=getattr(handler, "__name__", None),
+        operation_id=getattr(handler, "__name__", None), query=query,
     )
 
 
@@ -169,7 +241,8 @@ def make_app(
     middlewares: list[Any] | None = None,
 ) -> web.Application:
     """The control-plane application; plugins add their routes in ``startup``."""
-    app = web.Application(middlewares=[problem_middleware, *(middlewares or [])], client_max_size=MAX_JSON_BODY)
+    app = web.Application(middlewares=[problem_middleware, *(middlewares or []), path_params_middleware],
+                          client_max_size=MAX_JSON_BODY)
     app[SETTINGS] = settings.for_plugins()  # no secret reaches a hook
     app[PLUGINS] = plugins
     app[BUS] = bus

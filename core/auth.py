@@ -1,37 +1,54 @@
 """Signed requests on the server: who is asking (RFC 9421), and have we seen it before.
 
-Everything under ``/v1/`` goes through :func:`auth_middleware`:
+Everything under ``/v1/`` (and any route elsewhere that was not registered
+with ``signed=False``) goes through :func:`auth_middleware`, in this order
+(docs/http-api.md, "Order of the checks"), and nothing of the body is read
+before step 4:
 
-1. parse and check the signature headers, the covered components, the
-   Content-Digest against the real body and the ``created`` window
-   (:func:`unibus.signing.check_request`);
-2. find the member by ``keyid`` in the in-memory :class:`MemberDirectory`;
-3. verify the Ed25519 signature;
-4. claim ``(keyid, nonce)`` in the JetStream KV bucket ``unibus_nonces``: a
+1. from the headers alone: the signature headers, the covered components
+   (``content-digest`` when ``Content-Length`` > 0 or ``Transfer-Encoding``
+   says a body follows), the format of ``Content-Digest`` and the
+   ``created`` window (:func:`unibus.signing.check_request` with ``body=None``);
+2. the member by ``keyid`` in the in-memory :class:`MemberDirectory`, and the
+   Ed25519 signature. An unknown keyid is verified against a fixed dummy key
+   and answered with the very same 401 as a bad signature;
+3. claim ``(keyid, nonce)`` in the JetStream KV bucket ``unibus_nonces``: a
    nonce already there is a replay (401). If the bucket cannot be written the
-   request fails closed with 503: it is never served unauthenticated.
+   request fails closed with 503: it is never served unauthenticated;
+4. only then the body: refused with 415 if it has a ``Content-Encoding``, with
+   413 if longer than :data:`MAX_BODY`, read under the body deadline (408),
+   and compared with the signed digest (401). Streamed uploads (handlers
+   marked :data:`STREAMING_ATTR`) read it themselves with :func:`body_chunks`.
 
-A signed request to an unknown route is authenticated first, then 404.
+A response sent while the body is still unread (any 4xx above) closes the
+connection; what is still in flight is thrown away, never kept (see
+``UNREAD_BODY_DRAIN`` in unibus.app). A signed request to an unknown route is
+authenticated first, then 404; its body is never read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import nacl.signing
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError
 
 from .bus import Bus
+from .errors import ConfigError
 from .problems import Problem
 from .pubacks import PubAckUnavailable
-from .signing import SignatureError, check_request, split_path_query
+from .signing import SignatureError, Verified, check_request, split_path_query
 from .store.base import Change, Member, Store
 
 log = logging.getLogger("unibus.auth")
@@ -44,6 +61,41 @@ MEMBER_KEY = "unibus.member"
 STREAMING_ATTR = "unibus_streaming"
 #: The header block of a claim: write only if this key has never been written.
 CLAIM_HEADERS = b"NATS/1.0\r\nNats-Expected-Last-Subject-Sequence: 0\r\n\r\n"
+#: Largest request body read into memory: a keys POST for 1,000
+#: MLKEM768_X25519 members is ~1.6 MB. Streamed uploads have their own limit.
+MAX_BODY = 8 * 1024 * 1024
+#: Seconds a request body may take to arrive once the signature was accepted
+#: (for a streamed upload: the longest gap between two chunks). Set with the
+#: environment variable BODY_TIMEOUT_ENV (docs/http-api.md, "Slow and large bodies").
+DEFAULT_BODY_TIMEOUT = 30.0
+BODY_TIMEOUT_ENV = "UNIBUS_BODY_TIMEOUT"
+BODY_TIMEOUT_RANGE = (0.1, 3600.0)
+#: ``request[BODY_TIMEOUT_KEY]``: the body deadline of this request, for streaming handlers.
+BODY_TIMEOUT_KEY = "unibus.body_timeout"
+_CONTINUE_SENT = "unibus.continue_sent"
+#: The ``detail`` of the 401 for an unknown keyid *and* for a signature that
+#: does not verify: one answer, so an anonymous caller cannot tell which
+#: handles exist (docs/http-api.md, "What each 401 means").
+BAD_SIGNATURE = "signature verification failed (unknown keyid or bad signature)"
+#: An unknown keyid is verified against this key, so that it costs what a
+#: known one costs. Its private half is derived from a public label: it stands
+#: for no member, and a signature by it is still refused.
+DUMMY_VERIFY_KEY = nacl.signing.SigningKey(hashlib.sha256(b"unibus: the key of no member").digest()).verify_key
+
+
+def body_timeout_from_env(env: Mapping[str, str]) -> float:
+    """``UNIBUS_BODY_TIMEOUT`` (seconds), or the default; ConfigError (exit 2) naming it otherwise."""
+    raw = env.get(BODY_TIMEOUT_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_BODY_TIMEOUT
+    lo, hi = BODY_TIMEOUT_RANGE
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not lo <= value <= hi:
+        raise ConfigError(f"{BODY_TIMEOUT_ENV}: {raw[:40]!r} is not allowed; use a number of seconds from {lo:g} to {hi:g}")
+    return value
 
 
 class NonceStoreUnavailable(Exception):
@@ -214,21 +266,37 @@ class Authenticator:
         self.nonces = nonces
         self.skew = skew
 
-    async def authenticate(self, request: web.Request, body: bytes | None) -> Member:
-        path, query = split_path_query(request.raw_path)
+    async def verify(self, method: str, raw_path: str, headers: Any,
+                     body: bytes | None) -> tuple[Member, Verified]:
+        """Steps 1-2: the signature from the headers, the member, Ed25519.
+
+        Every failure is a 401 :class:`Problem`. An unknown keyid costs one
+        Ed25519 verification (against :data:`DUMMY_VERIFY_KEY`), like a known
+        one, and gets the same :data:`BAD_SIGNATURE` detail.
+        """
+        path, query = split_path_query(raw_path)
         try:
-            pending = check_request(request.method, path, query, request.headers, body, now=time.time(),
-                                    skew=self.skew)
+            pending = check_request(method, path, query, headers, body, now=time.time(), skew=self.skew)
         except SignatureError as e:
             raise unauthorized(e.reason) from None
         found = await self.directory.get(pending.keyid)
         if found is None:
-            raise unauthorized("unknown keyid")
+            try:
+                pending.verify(DUMMY_VERIFY_KEY)
+            except SignatureError:
+                pass
+            raise unauthorized(BAD_SIGNATURE)
         member, verify_key = found
         try:
-            verified = pending.verify(verify_key)
-        except SignatureError as e:
-            raise unauthorized(e.reason) from None
+            return member, pending.verify(verify_key)
+        except SignatureError:
+            raise unauthorized(BAD_SIGNATURE) from None
+
+    async def authenticate(self, request: web.Request, body: bytes | None) -> Member:
+        """Steps 1-3 of the module docstring. ``body`` is ``None`` while the
+        body is unread (the caller then compares ``request["unibus.signature"].content_sha256``
+        with what it reads), ``b""`` for a request without a body."""
+        member, verified = await self.verify(request.method, request.raw_path, request.headers, body)
         try:
             fresh = await self.nonces.claim(member.handle, verified.nonce)
         except NonceStoreUnavailable as e:
@@ -242,20 +310,124 @@ class Authenticator:
         return member
 
 
-def auth_middleware(authenticator: Authenticator) -> Callable[..., Awaitable[web.StreamResponse]]:
+# --------------------------------------------------------------------------- the body, after the signature
+
+
+def _timeout_problem(timeout: float, what: str) -> Problem:
+    return Problem(408, f"{what} did not arrive within {timeout:g} s", kind="request-timeout")
+
+
+def _unreadable_body(e: Exception) -> Problem:
+    if isinstance(e, ConnectionError):
+        return Problem(400, "the connection closed before the request body was complete", kind="incomplete-body")
+    return Problem(400, f"the request body is malformed: {getattr(e, 'message', None) or type(e).__name__}",
+                   kind="malformed-body")
+
+
+def too_large(limit: int, length: int | None = None) -> Problem:
+    said = f"the request body is {length} bytes" if length is not None else "the request body is too large"
+    return Problem(413, f"{said}; this server reads at most {limit} bytes", kind="request-entity-too-large",
+                   max_bytes=limit)
+
+
+async def send_continue(request: web.BaseRequest) -> None:
+    """Send ``100 Continue`` if the client asked for it (``Expect: 100-continue``), once.
+
+    Signed routes defer aiohttp's automatic ``100 Continue`` (unibus.app's
+    ``defer_continue``) until the signature was accepted, so that a client
+    that waits for it never sends a body that is answered 401.
+    """
+    if request.get(_CONTINUE_SENT) or request.version < (1, 1):
+        return
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue" or request.content.is_eof():
+        return
+    request[_CONTINUE_SENT] = True
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0
+
+
+async def read_body(request: web.Request, *, timeout: float, limit: int = MAX_BODY) -> bytes:
+    """The whole body, read by aiohttp's ``request.read()`` (which keeps it for
+    the handler): 413 beyond ``limit`` (before any byte when ``Content-Length``
+    says so), 408 if it has not all arrived ``timeout`` seconds from now, 400
+    if the HTTP framing of the body is broken."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise too_large(limit, length)
+    await send_continue(request)
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise _timeout_problem(timeout, "the request body") from None
+    except web.HTTPRequestEntityTooLarge:
+        raise too_large(limit) from None
+    except (HttpProcessingError, ConnectionError) as e:
+        raise _unreadable_body(e) from None
+
+
+async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
+    """The body of a streamed upload, chunk by chunk, for a handler marked
+    :data:`STREAMING_ATTR`: each chunk must come within the body timeout of the
+    previous one (408), a body whose HTTP framing is broken is 400. The caller
+    hashes what it gets and compares with ``request["unibus.signature"].content_sha256``."""
+    timeout = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
+    await send_continue(request)
+    content = request.content
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await content.readany()
+        except TimeoutError:
+            raise _timeout_problem(timeout, "the next part of the request body") from None
+        except (HttpProcessingError, ConnectionError) as e:
+            raise _unreadable_body(e) from None
+        if not chunk:
+            return
+        yield chunk
+
+
+def body_unread(request: web.BaseRequest) -> bool:
+    """Part of the request body has not arrived yet (it was not read to the end)."""
+    return request.body_exists and not request.content.is_eof()
+
+
+def _open_route(request: web.Request) -> bool:
+    """Outside ``/v1/``, only an unknown path (404/405) and a route registered
+    with ``add_route(..., signed=False)`` (``/healthz``, ``/openapi.json``) go
+    without a signature. Any other route, wherever its path and however it was
+    added, is signed: a route nobody declared open is not open (fail closed)."""
+    if request.match_info.http_exception is not None:
+        return True
+    from .app import OPENAPI_DOC  # unibus.app imports this module
+
+    doc = request.app.get(OPENAPI_DOC)
+    resource = request.match_info.route.resource
+    return doc is not None and resource is not None and doc.signed(request.method, resource.canonical) is False
+
+
+def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAULT_BODY_TIMEOUT,
+                    max_body: int = MAX_BODY) -> Callable[..., Awaitable[web.StreamResponse]]:
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
-        if not request.path.startswith("/v1/"):
+        if not request.path.startswith("/v1/") and _open_route(request):
             return await handler(request)
-        route_handler = getattr(request.match_info.route, "handler", None)
-        streaming = bool(getattr(route_handler, STREAMING_ATTR, False))
-        if streaming:
-            body = None  # the handler hashes the body while streaming it
-        elif request.body_exists:
-            body = await request.read()
-        else:
-            body = b""  # no body at all (most GETs): nothing to read
-        await authenticator.authenticate(request, body)
+        has_body = request.body_exists
+        # Steps 1-3, from the headers: not one byte of the body is read before them.
+        await authenticator.authenticate(request, None if has_body else b"")
+        request[BODY_TIMEOUT_KEY] = body_timeout
+        if not has_body or request.match_info.http_exception is not None:
+            return await handler(request)  # no body, or an unknown route (404/405): the body is never read
+        encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
+        if encoding != "identity":
+            raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
+                          kind="unsupported-content-encoding")
+        if getattr(request.match_info.handler, STREAMING_ATTR, False):
+            return await handler(request)  # it reads the body itself (body_chunks)
+        body = await read_body(request, timeout=body_timeout, limit=max_body)
+        expected = request["unibus.signature"].content_sha256
+        if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
+            raise unauthorized("Content-Digest does not match the body")
         return await handler(request)
 
     return middleware

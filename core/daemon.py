@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import tempfile
@@ -23,8 +24,8 @@ from aiohttp import web
 from .api import bus as bus_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EXTRA, RECONFIGURE_NATS, make_app
-from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware
+from .app import EXTRA, RECONFIGURE_NATS, SERVER_OPTIONS, make_app
+from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .natsconf import base_config, finalize_config, render_config, write_config
@@ -113,6 +114,7 @@ class Daemon:
 
     async def start(self) -> None:
         s = self.settings
+        body_timeout = body_timeout_from_env(os.environ)
         cluster_gate(compute_posture(s, self.plugins), s.clustered)
         binary = find_nats_server(s.nats_server_bin) if s.embedded else None
         prepare_data_dir(s.data_dir)
@@ -152,7 +154,7 @@ class Daemon:
         self.nonces = nonces
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
-                            middlewares=[auth_middleware(authenticator)])
+                            middlewares=[auth_middleware(authenticator, body_timeout=body_timeout)])
         if self._system_seed is not None:
             self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
@@ -167,7 +169,8 @@ class Daemon:
         # a clustered node's truth is in KV. Bring nats-server in line now.
         await self.reconfigure_nats()
 
-        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT)
+        self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
+                                    **SERVER_OPTIONS)
         await self.runner.setup()
         site = web.TCPSite(self.runner, s.http_addr.host, s.http_addr.port, reuse_address=True)
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import __version__
+from .inputs import path_param_schema
 
 PROBLEM_SCHEMA = {
     "type": "object",
@@ -39,16 +40,22 @@ class OpenAPI:
         request_content_type: str = "application/json",
         tags: list[str] | None = None,
         operation_id: str | None = None,
+        query: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """Record one operation. ``query`` maps each query parameter the route
+        reads to its JSON Schema (``{"type": "integer", "minimum": 1, ...}``);
+        path parameters get theirs from :func:`unibus.inputs.path_param_schema`."""
         op: dict[str, Any] = {"summary": summary, "responses": {}}
         if operation_id:
             op["operationId"] = operation_id
         if tags:
             op["tags"] = tags
         params = [
-            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            {"name": name, "in": "path", "required": True, "schema": path_param_schema(name)}
             for name in _path_params(path)
         ]
+        params += [{"name": name, "in": "query", "required": False, "schema": schema}
+                   for name, schema in (query or {}).items()]
         if params:
             op["parameters"] = params
         if signed:
@@ -61,6 +68,12 @@ class OpenAPI:
                 resp["content"] = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
             op["responses"][str(status)] = resp
         self.paths.setdefault(path, {})[method.lower()] = op
+
+    def signed(self, method: str, path: str) -> bool | None:
+        """Whether the operation ``method path`` (``path`` as registered, e.g.
+        ``/v1/rooms/{room_id}``) was registered signed; None if it never was."""
+        op = self.paths.get(path, {}).get(method.lower())
+        return None if op is None else "security" in op
 
     def document(self) -> dict[str, Any]:
         return {

@@ -8,19 +8,22 @@ from typing import Any
 from aiohttp import web
 
 from ..auth import current_member
+from ..inputs import invalid, parse_json
 from ..problems import Problem
 from ..store.base import Member
 
 
 async def json_object(request: web.Request, *, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:
-    """The request body as a JSON object with exactly the allowed fields (400/422 otherwise)."""
+    """The request body as a JSON object with exactly the allowed fields (400/422 otherwise).
+
+    The body was read, under the size limit and the deadline, and checked
+    against its signed Content-Digest by the auth middleware; here it is
+    parsed by :func:`unibus.inputs.parse_json` (docs/http-api.md, "Input rules").
+    """
     raw = await request.read()
     if not raw:
         raise Problem(400, "a JSON object body is required", kind="malformed-json")
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise Problem(400, f"malformed JSON body: {e}", kind="malformed-json") from None
+    body = parse_json(raw)
     if not isinstance(body, dict):
         raise Problem(422, "the body must be a JSON object", kind="invalid-field")
     missing = sorted(required - body.keys())
@@ -28,12 +31,14 @@ async def json_object(request: web.Request, *, required: set[str], optional: set
         raise Problem(422, f"missing field(s): {', '.join(missing)}", kind="invalid-field")
     unknown = sorted(body.keys() - required - optional)
     if unknown:
-        raise Problem(422, f"unknown field(s): {', '.join(unknown)}", kind="invalid-field")
+        raise Problem(422, f"unknown field(s): {_names(unknown)}", kind="invalid-field")
     return body
 
 
-def invalid(field: str, why: str) -> Problem:
-    return Problem(422, f"{field}: {why}", kind="invalid-field")
+def _names(names: list[str], most: int = 10, width: int = 64) -> str:
+    """Client-chosen names for a detail, bounded (a key may be megabytes long)."""
+    shown = [n if len(n) <= width else n[:width] + "..." for n in names[:most]]
+    return ", ".join(shown) + (f" (and {len(names) - most} more)" if len(names) > most else "")
 
 
 def require_str(body: dict[str, Any], field: str) -> str:

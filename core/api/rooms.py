@@ -1,4 +1,4 @@
-"""/v1/rooms: rooms, their members and their sealed keys (SPEC §5)."""
+"""/v1/rooms: rooms, their members and their sealed keys (docs/http-api.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from aiohttp import web
 
 from ..app import STORE, add_route
 from ..auth import current_member
+from ..inputs import EPOCH_MAX, EPOCH_MIN, int_value, query_int
 from ..problems import Problem
 from ..store.base import Member, Room
+from ..wire import HANDLE_RE
 from .common import invalid, json_object, json_response
 from .members import parse_handle
 
@@ -25,7 +27,7 @@ KEYS_SCHEMA = {
     "required": ["epoch", "sealed"],
     "additionalProperties": False,
     "properties": {
-        "epoch": {"type": "integer", "minimum": 1},
+        "epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX},
         "sealed": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"},
                    "description": "handle -> base64(enc || ct): the new room key sealed to each current member"},
     },
@@ -104,14 +106,14 @@ async def post_keys(request: web.Request) -> web.Response:
     room = await load_room(request)
     require_owner_or_admin(room, current_member(request))
     body = await json_object(request, required={"epoch", "sealed"})
-    epoch, sealed_in = body["epoch"], body["sealed"]
-    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
-        raise invalid("epoch", "must be a positive integer")
+    epoch, sealed_in = int_value(body["epoch"], "epoch", EPOCH_MIN, EPOCH_MAX), body["sealed"]
     if not isinstance(sealed_in, dict) or not sealed_in:
         raise invalid("sealed", "must be a non-empty object of handle -> base64")
     suites = {mb.handle: mb.enc_suite for mb in room.members}
     sealed: dict[str, bytes] = {}
     for handle, value in sealed_in.items():
+        if HANDLE_RE.match(handle) is None:
+            raise invalid("sealed", "every key must be a handle (^[a-z][a-z0-9_-]{0,31}$)")
         if not isinstance(value, str):
             raise invalid(f"sealed.{handle}", "must be a base64 string")
         try:
@@ -129,12 +131,7 @@ async def post_keys(request: web.Request) -> web.Response:
 async def get_my_key(request: web.Request) -> web.Response:
     room_id = request.match_info["room_id"]
     me = current_member(request)
-    epoch = None
-    if "epoch" in request.query:
-        try:
-            epoch = int(request.query["epoch"])
-        except ValueError:
-            raise invalid("epoch", "must be an integer") from None
+    epoch = query_int(request.query, "epoch", EPOCH_MIN, EPOCH_MAX)
     if await request.app[STORE].get_room(room_id) is None:
         raise Problem(404, f"no room {room_id!r}", kind="not-found")
     found = await request.app[STORE].get_sealed_key(room_id, me.handle, epoch)
@@ -173,4 +170,4 @@ def register(app: web.Application) -> None:
     add_route(app, "GET", room + "/keys/me", get_my_key,
               summary="The room key sealed to the caller (latest epoch, or ?epoch=N)",
               responses={200: "{room_id, epoch, sealed}", 404: "no key sealed to the caller", 422: "bad epoch", **r},
-              tags=["keys"])
+              query={"epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX}}, tags=["keys"])

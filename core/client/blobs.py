@@ -94,6 +94,10 @@ KEY_INFO_PREFIX = b"unibus/blob-key/v1|"
 _EPOCH_MAX = 2**63 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
+#: Uploads larger than this send ``Expect: 100-continue``: membershipd answers
+#: a refused upload (401, 403, 404, 413) before one byte of it is sent
+#: (docs/http-api.md, "Slow and large bodies").
+EXPECT_CONTINUE_OVER = 64 * 1024
 
 Progress = Callable[[int, int], Any]
 
@@ -533,7 +537,8 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
                         "Accept": "application/json, application/problem+json"})
         try:
             async with client._http().put(url, data=_file_body(path, size, progress), headers=headers,
-                                          timeout=_transfer_timeout(client), allow_redirects=False) as resp:
+                                          timeout=_transfer_timeout(client), allow_redirects=False,
+                                          expect100=size > EXPECT_CONTINUE_OVER) as resp:
                 raw = await resp.read()
                 status, reason = resp.status, resp.reason
         except aiohttp.ClientConnectorError as e:

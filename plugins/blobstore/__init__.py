@@ -16,7 +16,9 @@ reading the body; the handler then streams the body into a staging file,
 hashing it, and compares the hash with the signed digest at the end (400 and
 nothing stored on a mismatch). ``Content-Length`` above ``--blob-max-bytes``
 is refused with 413 before anything is read, and a body (chunked or not) that
-runs over the limit is refused with 413 as soon as it does.
+runs over the limit is refused with 413 as soon as it does. A body that stalls
+for longer than the body timeout (``UNIBUS_BODY_TIMEOUT``) is 408; every
+refusal before the end closes the connection (docs/http-api.md).
 
 Storage: :mod:`.fs` (``<data-dir>/blobs``) on a single node; :mod:`.objectstore`
 (the JetStream object store ``unibus_blobs``, ``--kv-replicas`` replicas) in
@@ -190,7 +192,7 @@ def content_digest_value(blob_id: str) -> str:
 async def put_blob(request: web.Request) -> web.Response:
     from unibus.api.common import json_response
     from unibus.app import STORE
-    from unibus.auth import unauthorized
+    from unibus.auth import body_chunks, unauthorized
 
     service = _service(request)
     room, me = await _room_for_member(request)
@@ -208,7 +210,7 @@ async def put_blob(request: web.Request) -> web.Response:
         total = 0
         parts: list[bytes] = []
         buffered = 0
-        async for data in request.content.iter_any():
+        async for data in body_chunks(request):  # 408 on a stalled body, 400 on broken framing
             total += len(data)
             if total > limit:
                 raise _problem(413, f"the blob is larger than {limit} bytes, the most this server accepts "

@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from unibus.auth import BAD_SIGNATURE
 from unibus.client.keys import generate_identity
 from unibus.signing import content_digest, sign_request
 
@@ -156,7 +157,7 @@ async def test_unknown_handle_is_401(shared_server):
     server = shared_server
     stranger = generate_identity("mallory")
     status, body, _ = await send(server.base_url, "GET", "/v1/me", stranger)
-    assert status == 401 and body["detail"] == "unknown keyid"
+    assert status == 401 and body["detail"] == BAD_SIGNATURE
 
 
 async def test_unknown_route_under_v1_authenticates_first(shared_server):
@@ -212,7 +213,7 @@ async def test_members_routes(server, alice):
     assert status == 409 and "last admin" in body["detail"]
     assert (await send(server.base_url, "DELETE", "/v1/members/alice", bob))[0] == 204
     status, body, _ = await send(server.base_url, "GET", "/v1/me", alice)
-    assert status == 401 and body["detail"] == "unknown keyid"
+    assert status == 401 and body["detail"] == BAD_SIGNATURE
 
 
 async def test_offline_member_add_then_sighup(server, alice):

@@ -20,6 +20,8 @@ from unibus.testing import MembershipdProcess, bootstrap_member
 
 #: The limit the shared daemon runs with: odd on purpose, a little over 3 MiB.
 MAX_BYTES = 3 * 1024 * 1024 + 17
+#: The shared daemon's body deadline (UNIBUS_BODY_TIMEOUT): a stalled upload is 408 after it.
+BODY_TIMEOUT = 3
 
 
 @dataclass
@@ -55,11 +57,12 @@ class World:
         return rid
 
 
-def start_world(data_dir: Path, *args: str) -> tuple[MembershipdProcess, dict[str, Identity]]:
+def start_world(data_dir: Path, *args: str,
+                env: dict[str, str] | None = None) -> tuple[MembershipdProcess, dict[str, Identity]]:
     people = {"alice": generate_identity("alice"), "bob": generate_identity("bob"),
               "carol": generate_identity("carol"), "dave": generate_identity("dave")}
     bootstrap_member(data_dir, people["alice"], "admin")
-    server = MembershipdProcess(data_dir, args).start()
+    server = MembershipdProcess(data_dir, args, env).start()
 
     async def add_members() -> None:
         async with UnibusClient(server.base_url, people["alice"]) as admin:
@@ -80,7 +83,8 @@ def start_world(data_dir: Path, *args: str) -> tuple[MembershipdProcess, dict[st
 @pytest.fixture(scope="module")
 def shared_daemon(tmp_path_factory):
     """One daemon (``--blob-max-bytes MAX_BYTES``) for the module; each test makes its own rooms."""
-    server, people = start_world(tmp_path_factory.mktemp("blobs") / "daemon", "--blob-max-bytes", str(MAX_BYTES))
+    server, people = start_world(tmp_path_factory.mktemp("blobs") / "daemon", "--blob-max-bytes", str(MAX_BYTES),
+                                 env={"UNIBUS_BODY_TIMEOUT": str(BODY_TIMEOUT)})
     try:
         yield server, people
     finally:

@@ -15,7 +15,7 @@ import pytest
 from unibus.client import ApiError
 from unibus.client.blobs import get_raw_blob, put_raw_blob
 
-from .conftest import MAX_BYTES, agen, raw_request
+from .conftest import BODY_TIMEOUT, MAX_BYTES, agen, raw_request
 
 
 def digest_header(data: bytes) -> str:
@@ -159,6 +159,72 @@ async def test_too_large_content_length_is_refused_before_the_body_is_read(world
                     digest_of=b"whatever", headers={"Content-Length": str(declared)}), 30)
     assert status == 413 and doc["detail"].startswith(f"the blob is {declared} bytes")
     assert world.stored(rid) == [] and world.staging() == []
+
+
+async def test_stalled_upload_is_408_and_nothing_is_kept(world):
+    """A member's upload that stops sending is ended after the body deadline, not held open."""
+    rid = await world.room()
+    before = world.blobstore_health()
+    stall = asyncio.Event()
+
+    async def body():
+        yield os.urandom(100 * 1024)
+        await stall.wait()  # never set
+
+    status, doc, headers = await asyncio.wait_for(
+        raw_request(world.server.base_url, "PUT", f"/v1/rooms/{rid}/blobs", world.people["carol"], body=body(),
+                    digest_of=b"whatever", headers={"Content-Length": str(1024 * 1024)}), 60)
+    assert status == 408, doc
+    assert doc["detail"] == f"the next part of the request body did not arrive within {BODY_TIMEOUT} s"
+    assert headers["Connection"].lower() == "close"
+    assert world.stored(rid) == [] and world.staging() == []
+    assert world.blobstore_health() == before
+
+
+def _raw_put(port: int, target: str, headers: dict[str, str]):
+    """A socket that sent the head of a PUT, and its first response: (socket, status, rest)."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    lines = [f"PUT {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items())]
+    sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    return sock, int(data.split(b" ", 2)[1]), data
+
+
+async def test_expect_continue_refusals_come_before_the_body(world):
+    from unibus.client.blobs import sign_streamed_request
+
+    rid = await world.room()  # bob (owner), carol; dave is no member
+    data = os.urandom(512 * 1024)
+    target = f"/v1/rooms/{rid}/blobs"
+    port = world.server.http_port
+
+    def headers(who: str) -> dict[str, str]:
+        h = sign_streamed_request("PUT", target, hashlib.sha256(data).digest(), keyid=who,
+                                  private_key=world.people[who].sign_key)
+        h.update({"Content-Length": str(len(data)), "Expect": "100-continue"})
+        return h
+
+    for who, want in (("dave", 403), ("carol", 100)):
+        sock, status, head = await asyncio.to_thread(_raw_put, port, target, headers(who))
+        try:
+            assert status == want, head
+            if who == "dave":
+                assert b"Connection: close" in head
+            else:
+                sock.sendall(data)
+                rest = head.split(b"\r\n\r\n", 1)[1]
+                while b"\r\n\r\n" not in rest:
+                    rest += sock.recv(65536)
+                assert rest.startswith(b"HTTP/1.1 201"), rest
+        finally:
+            sock.close()
+    assert world.stored(rid) == [hashlib.sha256(data).hexdigest()]
 
 
 async def test_members_only(world, tmp_path):
