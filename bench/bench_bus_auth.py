@@ -96,6 +96,7 @@ from unibus.store.sqlite import (
 )
 from unibus.supervisor import RELOADED_MARKER, find_nats_server
 from unibus.testing import MembershipdProcess, free_port
+from unibus.wire import nkey_from_public_key
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Bus authorization (issue 5)"
@@ -164,16 +165,18 @@ def build_world(data_dir: Path, total: int, specials: Sequence[str], in_room: Se
     memberships = 0
     try:
         with Session(engine) as s, s.begin():
-            add_member_sync(s, new_member("admin", "admin", ids["admin"].sign_pub, ids["admin"].enc_pub, "X25519"))
+            add_member_sync(s, new_member("admin", "admin", ids["admin"].sign_pub, ids["admin"].enc_pub, "X25519",
+                                          ids["admin"].bus_pub))
             for h in specials:
-                add_member_sync(s, new_member(h, "member", ids[h].sign_pub, ids[h].enc_pub, "X25519"))
+                add_member_sync(s, new_member(h, "member", ids[h].sign_pub, ids[h].enc_pub, "X25519", ids[h].bus_pub))
             room_id = new_room_id()
             s.add(m.Room(room_id=room_id, name="bench", owner="admin", epoch=0, rekey_required=True, created_at=t))
             s.add_all(m.RoomMember(room_id=room_id, handle=h, added_at=t) for h in in_room)
             memberships += len(in_room)
             handles = [f"f{j:05d}" for j in range(fillers)]
             s.add_all(m.Member(handle=h, role="member", sign_pub=os.urandom(32), enc_pub=os.urandom(32),
-                               enc_suite="X25519", created_at=t) for h in handles)
+                               enc_suite="X25519", created_at=t, bus_pub=nkey_from_public_key(os.urandom(32)))
+                      for h in handles)
             n_rooms = (fillers + ROOM_SIZE - 1) // ROOM_SIZE
             rooms = [new_room_id() for _ in range(n_rooms)]
             s.add_all(m.Room(room_id=r, name=f"r{i}", owner=handles[i * ROOM_SIZE], epoch=0, rekey_required=True,
@@ -214,7 +217,7 @@ class Conn:
 
         creds: dict[str, Any] = {}
         if self.identity is not None:
-            creds = {"nkeys_seed_str": self.identity.nkey_seed(), "inbox_prefix": f"_INBOX_{self.identity.handle}"}
+            creds = {"nkeys_seed_str": self.identity.bus_nkey_seed(), "inbox_prefix": f"_INBOX_{self.identity.handle}"}
         self.nc = await nats.connect(self.url, error_cb=error_cb, disconnected_cb=gone, closed_cb=gone,
                                      allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
                                      pending_size=8 * 1024 * 1024, **creds)

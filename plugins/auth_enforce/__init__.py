@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 from unibus import hookimpl
-from unibus.wire import nkey_from_sign_pub
 from unibus.servicekey import SERVICE_NKEY_FILE, load_nkey_seed
 from unibus.settings import Settings
 from unibus.store.base import Change, Membership
@@ -66,8 +65,10 @@ def authorization(service_nkey: str, membership: Membership) -> dict[str, Any]:
     """The ``authorization`` block: the service user plus one user per member."""
     users: list[dict[str, Any]] = [{"nkey": service_nkey}]
     for member in membership.members:
+        if member.bus_pub is None:
+            continue  # upgraded from 0.11, no bus key yet: no bus access
         users.append({
-            "nkey": nkey_from_sign_pub(member.sign_pub),
+            "nkey": member.bus_pub,
             "permissions": member_permissions(member.handle, membership.rooms_of(member.handle)),
         })
     return {"users": users}

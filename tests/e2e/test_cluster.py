@@ -137,7 +137,7 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
     # a member added through node 1 is known to node 3 (KV watch) and may use its bus
     bob = generate_identity("bob")
     async with UnibusClient(cluster.nodes[0].base_url, alice) as a1:
-        await a1.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64)
+        await a1.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
         room = (await a1.create_room("ops"))["room_id"]
         await a1.add_room_member(room, "bob")
     t0 = time.monotonic()
@@ -145,7 +145,7 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
 
     async def bob_on_node3_bus() -> bool:
         try:
-            nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.nkey_seed(), allow_reconnect=False,
+            nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
                                     max_reconnect_attempts=0, connect_timeout=2)
         except Exception:
             return False

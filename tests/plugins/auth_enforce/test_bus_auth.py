@@ -35,7 +35,7 @@ class Conn:
         async def closed_cb():
             self.closed.set()
 
-        self.nc = await nats.connect(self.url, nkeys_seed_str=self.identity.nkey_seed(),
+        self.nc = await nats.connect(self.url, nkeys_seed_str=self.identity.bus_nkey_seed(),
                                      inbox_prefix=f"_INBOX_{self.identity.handle}", error_cb=error_cb,
                                      closed_cb=closed_cb, disconnected_cb=closed_cb, allow_reconnect=False,
                                      connect_timeout=2)
@@ -72,7 +72,7 @@ async def bus_world(daemon_with_admin, alice):
     people = {"alice": alice, "bob": generate_identity("bob"), "carol": generate_identity("carol")}
     clients = {h: UnibusClient(server.base_url, i) for h, i in people.items()}
     for h in ("bob", "carol"):
-        await clients["alice"].add_member(h, people[h].sign_pub_b64, people[h].enc_pub_b64)
+        await clients["alice"].add_member(h, people[h].sign_pub_b64, people[h].enc_pub_b64, bus_pub=people[h].bus_pub)
     room = (await clients["alice"].create_room("ops"))["room_id"]
     other = (await clients["alice"].create_room("other"))["room_id"]
     await clients["alice"].add_room_member(room, "bob")
@@ -107,16 +107,17 @@ def test_permissions_shape():
     assert p["publish"] == {"allow": ["unibus.room.r1.>", "unibus.room.r2.>"]}
     assert p["subscribe"]["allow"] == ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]
     bob = generate_identity("bob")
-    block = authorization("USERVICE", Membership((new_member("bob", "member", bob.sign_pub, bob.enc_pub, "X25519"),),
+    block = authorization("USERVICE", Membership((new_member("bob", "member", bob.sign_pub, bob.enc_pub, "X25519",
+                                                            bob.bus_pub),),
                                                  {"r1": frozenset({"bob"})}))
     assert block["users"][0] == {"nkey": "USERVICE"}
-    assert block["users"][1]["nkey"] == bob.user_nkey
+    assert block["users"][1]["nkey"] == bob.bus_pub
     assert "no_auth_user" not in json.dumps(block)
 
 
 async def test_anonymous_and_unknown_nkeys_are_refused(bus_world):
     server, people, *_ = bus_world
-    for kwargs in ({}, {"nkeys_seed_str": generate_identity("mallory").nkey_seed()}):
+    for kwargs in ({}, {"nkeys_seed_str": generate_identity("mallory").bus_nkey_seed()}):
         with pytest.raises((nats.errors.Error, NoServersError)) as e:
             await nats.connect(server.nats_url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
                                **kwargs)
@@ -181,7 +182,7 @@ async def test_membership_changes_reach_the_bus(bus_world):
         await a.remove_member("carol")
         assert await eventually(lambda: _closed(carol))
     with pytest.raises((nats.errors.Error, NoServersError)):
-        await nats.connect(server.nats_url, nkeys_seed_str=people["carol"].nkey_seed(), allow_reconnect=False,
+        await nats.connect(server.nats_url, nkeys_seed_str=people["carol"].bus_nkey_seed(), allow_reconnect=False,
                            max_reconnect_attempts=0, connect_timeout=2)
 
     # the daemon's own KV traffic (nonces of signed requests) kept working throughout
@@ -197,7 +198,7 @@ async def test_a_burst_of_changes_is_few_reloads(bus_world):
     a = clients["alice"]
     newcomers = [generate_identity(f"m{i}") for i in range(12)]
     for n in newcomers:
-        await a.add_member(n.handle, n.sign_pub_b64, n.enc_pub_b64)
+        await a.add_member(n.handle, n.sign_pub_b64, n.enc_pub_b64, bus_pub=n.bus_pub)
 
     async def settled():
         return server.healthz()[1]["auth_enforce"]
