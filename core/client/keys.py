@@ -514,10 +514,11 @@ def upgrade_identity_file(path: str | os.PathLike[str]) -> tuple[Identity, Path 
 
 
 def _write_backup(backup: Path, data: bytes) -> None:
-    try:
+    existing = None
+    if os.path.lexists(backup):
+        if not stat.S_ISREG(os.lstat(backup).st_mode):
+            raise IdentityError(f"{backup} exists and is not a regular file; move it away before upgrading", backup)
         existing = backup.read_bytes()
-    except FileNotFoundError:
-        existing = None
     if existing is not None:
         if hmac.compare_digest(existing, data):
             os.chmod(backup, 0o600)

@@ -840,7 +840,14 @@ def test_upgrade_never_overwrites_another_backup(tmp_path):
     with pytest.raises(IdentityError, match="move it away"):
         keys.upgrade_identity_file(path)
     assert path.read_bytes() == before
+    # nor follows a link planted there
+    os.unlink(tmp_path / "id.json.v1.bak")
+    os.symlink(path, tmp_path / "id.json.v1.bak")
+    with pytest.raises(IdentityError, match="not a regular file"):
+        keys.upgrade_identity_file(path)
+    assert path.read_bytes() == before
     # the same bytes (an interrupted earlier run) are fine
+    os.unlink(tmp_path / "id.json.v1.bak")
     _write(tmp_path / "id.json.v1.bak", before)
     assert keys.upgrade_identity_file(path)[1] == tmp_path / "id.json.v1.bak"
 
