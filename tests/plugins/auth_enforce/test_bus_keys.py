@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import concurrent.futures
 import hashlib
 import json
 import time
@@ -34,12 +33,6 @@ from unibus.testing import MembershipdProcess, bootstrap_member, free_port, http
 from unibus.wire import nkey_from_public_key, nkey_from_sign_pub, sign_pub_from_nkey
 
 WAIT = 10.0  # upper bound of every "eventually"; never a timing assertion
-
-
-def run(coro: Any) -> Any:
-    """Run ``coro`` to completion from a sync fixture (an event loop may be running in this thread)."""
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result(60)
 
 
 @pytest.fixture(scope="module")
