@@ -96,6 +96,7 @@ from unibus.store.sqlite import (
 )
 from unibus.supervisor import RELOADED_MARKER, find_nats_server
 from unibus.testing import MembershipdProcess, free_port
+from unibus.wire import nkey_from_public_key
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Bus authorization (issue 5)"
@@ -164,16 +165,18 @@ def build_world(data_dir: Path, total: int, specials: Sequence[str], in_room: Se
     memberships = 0
     try:
         with Session(engine) as s, s.begin():
-            add_member_sync(s, new_member("admin", "admin", ids["admin"].sign_pub, ids["admin"].enc_pub, "X25519"))
+            add_member_sync(s, new_member("admin", "admin", ids["admin"].sign_pub, ids["admin"].enc_pub, "X25519",
+                                          ids["admin"].bus_pub))
             for h in specials:
-                add_member_sync(s, new_member(h, "member", ids[h].sign_pub, ids[h].enc_pub, "X25519"))
+                add_member_sync(s, new_member(h, "member", ids[h].sign_pub, ids[h].enc_pub, "X25519", ids[h].bus_pub))
             room_id = new_room_id()
             s.add(m.Room(room_id=room_id, name="bench", owner="admin", epoch=0, rekey_required=True, created_at=t))
             s.add_all(m.RoomMember(room_id=room_id, handle=h, added_at=t) for h in in_room)
             memberships += len(in_room)
             handles = [f"f{j:05d}" for j in range(fillers)]
             s.add_all(m.Member(handle=h, role="member", sign_pub=os.urandom(32), enc_pub=os.urandom(32),
-                               enc_suite="X25519", created_at=t) for h in handles)
+                               enc_suite="X25519", created_at=t, bus_pub=nkey_from_public_key(os.urandom(32)))
+                      for h in handles)
             n_rooms = (fillers + ROOM_SIZE - 1) // ROOM_SIZE
             rooms = [new_room_id() for _ in range(n_rooms)]
             s.add_all(m.Room(room_id=r, name=f"r{i}", owner=handles[i * ROOM_SIZE], epoch=0, rekey_required=True,
@@ -214,7 +217,7 @@ class Conn:
 
         creds: dict[str, Any] = {}
         if self.identity is not None:
-            creds = {"nkeys_seed_str": self.identity.nkey_seed(), "inbox_prefix": f"_INBOX_{self.identity.handle}"}
+            creds = {"nkeys_seed_str": self.identity.bus_nkey_seed(), "inbox_prefix": f"_INBOX_{self.identity.handle}"}
         self.nc = await nats.connect(self.url, error_cb=error_cb, disconnected_cb=gone, closed_cb=gone,
                                      allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
                                      pending_size=8 * 1024 * 1024, **creds)
@@ -492,14 +495,14 @@ def measure_config_generation(daemon: MembershipdProcess, runs: int, scratch: Pa
     from unibus.client.keys import nkey_from_sign_pub
     from unibus.daemon import nats_config
     from unibus.natsconf import base_config, finalize_config
-    from unibus.plugins.auth_enforce import authorization, service_public_key
+    from unibus.plugins.auth_enforce import accounts, service_public_key, system_public_key
 
     argv = daemon.argv[daemon.argv.index("serve") + 1:]
     settings, plugins = load_settings("serve", argv, env={})
     out = GenSamples()
     scratch.mkdir(parents=True, exist_ok=True)
     nats_config(settings, plugins)  # warm: engine, imports
-    service = service_public_key(settings)
+    service, system = service_public_key(settings), system_public_key(settings)
     for _ in range(runs):
         t0 = now()
         config = nats_config(settings, plugins)
@@ -508,18 +511,18 @@ def measure_config_generation(daemon: MembershipdProcess, runs: int, scratch: Pa
         membership = read_membership(settings.db_path)
         out.read.append(now() - t0)
         t0 = now()
-        block = authorization(service, membership)
+        block = accounts(service, system, membership)
         out.block.append(now() - t0)
         t0 = now()
         for mb in membership.members:
-            nkey_from_sign_pub(mb.sign_pub)
+            nkey_from_sign_pub(mb.sign_pub)  # 0.12 stores bus_pub as an nkey: kept as the cost 0.11 paid
         out.nkeys.append(now() - t0)
         t0 = now()
         for mb in membership.members:
             membership.rooms_of(mb.handle)
         out.rooms_of.append(now() - t0)
         t0 = now()
-        finalize_config({**base_config(settings), "authorization": block}, settings)
+        finalize_config({**base_config(settings), "accounts": block, "system_account": "SYS"}, settings)
         out.finalize.append(now() - t0)
         t0 = now()
         text = render_config(config)
@@ -571,12 +574,12 @@ def bare_variant(config: dict[str, Any], store: Path, strip_permissions: bool) -
     a["http"] = f"127.0.0.1:{free_port()}"
     a["server_name"] = "bench-bare"
     a["jetstream"] = {"store_dir": str(store)}
-    users = a.get("authorization", {}).get("users", [])
+    users = a.get("accounts", {}).get("MEMBERS", {}).get("users", [])
     if strip_permissions:
         for u in users:
             u.pop("permissions", None)
     b = json.loads(json.dumps(a))
-    b_users = b.get("authorization", {}).get("users", [])
+    b_users = b.get("accounts", {}).get("MEMBERS", {}).get("users", [])
     if strip_permissions:
         b_users.pop()
     else:
@@ -623,7 +626,7 @@ def measure_kick(binary: Path, config: dict[str, Any], scratch: Path, runs: int,
     scratch.mkdir(parents=True, exist_ok=True)
     a, _ = bare_variant(config, scratch / "js", strip_permissions=False)
     password = os.urandom(12).hex()
-    a["accounts"] = {"SYS": {"users": [{"user": "sys", "password": password}]}}
+    a["accounts"]["SYS"] = {"users": [{"user": "sys", "password": password}]}  # replaces membershipd's system user
     a["system_account"] = "SYS"
     conf = scratch / "nats.conf"
     write_config(a, conf)

@@ -141,7 +141,8 @@ def build_world(data_dir: Path) -> World:
             for suite in SUITES:
                 for ident in [owners[suite], *members[suite]]:
                     role = "admin" if ident is owners[suite] else "member"
-                    add_member_sync(s, new_member(ident.handle, role, ident.sign_pub, ident.enc_pub, suite))
+                    add_member_sync(s, new_member(ident.handle, role, ident.sign_pub, ident.enc_pub, suite,
+                                                  ident.bus_pub))
             now = datetime.now().astimezone()
             for suite in SUITES:
                 for n in SIZES:

@@ -143,7 +143,8 @@ def cmd_plugins(argv: Sequence[str]) -> int:
 
 
 def cmd_member(argv: Sequence[str]) -> int:
-    from .wire import HandleError, KeyFormatError, validate_enc_pub, validate_enc_suite, validate_handle, validate_sign_pub
+    from .wire import (HandleError, KeyFormatError, nkey_from_sign_pub, validate_bus_pub, validate_enc_pub,
+                       validate_enc_suite, validate_handle, validate_sign_pub)
     from .daemon import prepare_data_dir
     from .store.base import ROLES, Conflict
     from .store.db import make_engine, migrate
@@ -159,6 +160,8 @@ def cmd_member(argv: Sequence[str]) -> int:
     add.add_argument("--sign-pub", required=True, metavar="B64", help="raw Ed25519 public key, standard base64")
     add.add_argument("--enc-pub", required=True, metavar="B64", help="raw HPKE public key of --enc-suite, standard base64")
     add.add_argument("--enc-suite", default="X25519", metavar="S", help="X25519 (default) or MLKEM768_X25519")
+    add.add_argument("--bus-pub", required=True, metavar="U...",
+                     help="the member's bus key, a NATS user nkey (unibus keygen prints it); never the signing key")
     ns = parser.parse_args(argv)
     try:
         handle = validate_handle(ns.handle)
@@ -178,6 +181,13 @@ def cmd_member(argv: Sequence[str]) -> int:
         enc_pub = validate_enc_pub(ns.enc_pub, suite)
     except KeyFormatError as e:
         raise ConfigError(f"--enc-pub: {e}") from None
+    try:
+        bus_pub = validate_bus_pub(ns.bus_pub)
+    except KeyFormatError as e:
+        raise ConfigError(f"--bus-pub: {e}") from None
+    if bus_pub == nkey_from_sign_pub(sign_pub):
+        raise ConfigError("--bus-pub: is the nkey of --sign-pub; the bus key must be a separate key "
+                          "(unibus keygen prints both)")
     data_dir = resolve_data_dir(ns)
     prepare_data_dir(data_dir)
     db = data_dir / "membershipd.db"
@@ -185,7 +195,7 @@ def cmd_member(argv: Sequence[str]) -> int:
     engine = make_engine(db)
     try:
         with Session(engine) as session, session.begin():
-            add_member_sync(session, new_member(handle, ns.role, sign_pub, enc_pub, suite))
+            add_member_sync(session, new_member(handle, ns.role, sign_pub, enc_pub, suite, bus_pub))
     except Conflict as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

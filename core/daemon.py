@@ -28,7 +28,7 @@ from .app import EXTRA, RECONFIGURE_NATS, SERVER_OPTIONS, make_app
 from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
-from .natsconf import base_config, finalize_config, render_config, write_config
+from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager
 from .posture import cluster_gate, merge_posture
 from .sdnotify import sd_notify
@@ -56,9 +56,9 @@ def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any
     return merge_posture(r for _, r in plugins.call_each("posture", settings=settings.for_plugins()))
 
 
-def nats_config(settings: Settings, plugins: PluginManager, system_user: str | None = None) -> dict[str, Any]:
+def nats_config(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
     """Base config, every plugin's ``configure_nats``, then the core's invariants."""
-    config = base_config(settings, system_user)
+    config = base_config(settings)
     plugins.call_each("configure_nats", settings=settings.for_plugins(), config=config)
     return finalize_config(config, settings)
 
@@ -102,7 +102,6 @@ class Daemon:
         self.system_bus: Bus | None = None
         self.nonces: NonceStore | None = None
         self._system_seed = None
-        self._system_user: str | None = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         self._rendered: str | None = None
@@ -123,12 +122,16 @@ class Daemon:
             check_port_free("--nats-addr", s.nats_addr)
         await asyncio.to_thread(migrate, s.db_path)
         seed, _public = ensure_service_nkey(s.data_dir)
-        self._system_seed, self._system_user = (ensure_service_nkey(s.data_dir, SYSTEM_NKEY_FILE)
-                                                if s.clustered else (None, None))
-
         if s.embedded:
+            # membershipd's second identity, for bus authorization to place in
+            # the system account (docs/bus-auth.md); the core uses it only if it did.
+            system_seed, _ = ensure_service_nkey(s.data_dir, SYSTEM_NKEY_FILE)
             assert binary is not None
             config = self.write_nats_config()
+            self._system_seed = system_seed if config.get("system_account") else None
+            moved = adopt_global_jetstream(s, config)
+            if moved:
+                log.warning("upgrade from 0.11: %s", moved)
             self.supervisor = NatsSupervisor(
                 binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
                 env=nats_server_environment(), forward_levels=forward_levels(config),
@@ -181,7 +184,7 @@ class Daemon:
         sd_notify("READY=1")
 
     def write_nats_config(self) -> dict[str, Any]:
-        config = nats_config(self.settings, self.plugins, self._system_user)
+        config = nats_config(self.settings, self.plugins)
         self._rendered = render_config(config)
         write_config(self._rendered, self.settings.nats_conf_path)
         return config
@@ -221,7 +224,7 @@ class Daemon:
         if self.store is not None:
             # What bus authorization is built from, read from whichever backend.
             publish_membership(self.settings.data_dir, await self.store.membership())
-        config = await asyncio.to_thread(nats_config, self.settings, self.plugins, self._system_user)
+        config = await asyncio.to_thread(nats_config, self.settings, self.plugins)
         rendered = await asyncio.to_thread(render_config, config)
         if rendered == self._rendered:
             return True

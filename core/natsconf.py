@@ -19,7 +19,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .errors import RuntimeFailure
+from .errors import ConfigError, RuntimeFailure
 from .settings import Settings
 
 log = logging.getLogger("unibus.natsconf")
@@ -29,14 +29,12 @@ MONITOR_HOST = "127.0.0.1"
 _MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
 
 
-def base_config(settings: Settings, system_user: str | None = None) -> dict[str, Any]:
+def base_config(settings: Settings) -> dict[str, Any]:
     """The core's part of the configuration: identity, listener, JetStream, cluster.
 
-    ``system_user`` (an nkey public key) is put in the system account ``SYS``:
-    membershipd's second identity, used only to ask its own server about its
-    routes. It is added on clustered nodes only (which always enforce bus
-    authorization), since any user anywhere makes nats-server require
-    authentication of every client.
+    Who may connect, and in which account, is bus authorization's to write
+    (the auth_enforce plugin, docs/bus-auth.md); without it nats-server runs
+    one open global account.
     """
     config: dict[str, Any] = {
         "server_name": settings.server_name,
@@ -63,9 +61,6 @@ def base_config(settings: Settings, system_user: str | None = None) -> dict[str,
             # Clients reach the servers /v1/bus names; no gossip of other nodes' URLs.
             "no_advertise": True,
         }
-    if system_user and settings.clustered:
-        config["accounts"] = {"SYS": {"users": [{"nkey": system_user}]}}
-        config["system_account"] = "SYS"
     return config
 
 
@@ -160,3 +155,47 @@ def check_config(binary: Path, path: Path, timeout: float = 10.0) -> None:
     if proc.returncode != 0:
         msg = (proc.stderr or proc.stdout).strip().splitlines()
         raise RuntimeFailure(f"nats-server rejected {path}: {msg[-1] if msg else proc.returncode}")
+
+
+def jetstream_account(config: dict[str, Any]) -> str | None:
+    """The one named account a config gives JetStream to, or None (the global account ``$G``).
+
+    With accounts configured, nats-server enables JetStream only for the
+    accounts that ask for it; their streams live in ``<store_dir>/jetstream/<account>``.
+    """
+    accounts = config.get("accounts")
+    if not isinstance(accounts, dict):
+        return None
+    named = [name for name, acc in accounts.items()
+             if isinstance(acc, dict) and acc.get("jetstream") not in (None, False, "disabled")]
+    return named[0] if len(named) == 1 else None
+
+
+def adopt_global_jetstream(settings: Settings, config: dict[str, Any]) -> str | None:
+    """Move a 0.11 node's JetStream data from the global account into the config's account.
+
+    0.11 kept its buckets in nats-server's global account (``$G``); 0.12 puts
+    them in a named account (docs/bus-auth.md). On a single node the stream
+    files move with their directory: ``jetstream/jetstream/$G`` becomes
+    ``jetstream/jetstream/<account>`` before nats-server starts, when the
+    latter does not exist yet. A clustered node cannot do that (its JetStream
+    meta group records each stream's account), so it refuses to start and
+    names the upgrade procedure (docs/operations.md#upgrading-from-011).
+    Returns what was done, for the log, or None.
+    """
+    target = jetstream_account(config)
+    if target is None:
+        return None
+    root = settings.data_dir / "jetstream" / "jetstream"
+    old, new = root / "$G", root / target
+    if not old.is_dir() or new.exists():
+        return None
+    if not any((old / "streams").glob("*")):
+        return None  # nothing to carry over
+    if settings.clustered:
+        raise ConfigError(
+            f"--data-dir: {old} holds JetStream data of unibus 0.11 (global account), which a clustered 0.12 "
+            f"node keeps in the {target} account; follow docs/operations.md, section 'Upgrading from 0.11' "
+            "(clusters), before starting this node")
+    os.rename(old, new)
+    return f"moved the 0.11 JetStream data {old} to {new} (account {target})"

@@ -69,9 +69,11 @@ def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | N
 
 def bootstrap_member(data_dir: Path, identity: Any, role: str = "member") -> None:
     """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline."""
+    if identity.bus_pub is None:
+        raise ValueError(f"{identity.handle}: the identity has no bus key (membershipd member add needs --bus-pub)")
     proc = run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", identity.handle,
                            "--role", role, "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64,
-                           "--enc-suite", identity.enc_suite)
+                           "--enc-suite", identity.enc_suite, "--bus-pub", identity.bus_pub)
     if proc.returncode != 0:
         raise RuntimeError(f"membershipd member add failed: {proc.stderr.strip()}")
 

@@ -41,6 +41,7 @@ __all__ = [
     "check_sign_pub",
     "check_enc_pub",
     "enc_public_key",
+    "nkey_from_public_key",
     "nkey_from_sign_pub",
     "sign_pub_from_nkey",
 ]
@@ -261,17 +262,27 @@ def _crc16_xmodem(data: bytes) -> int:
     return binascii.crc_hqx(data, 0)
 
 
-def nkey_from_sign_pub(raw32: Any) -> str:
+def nkey_from_public_key(raw32: Any, what: str = "public key") -> str:
     """The NATS user nkey (``U…``) of a raw 32-byte Ed25519 public key.
 
     ``base32(0xA0 || key || crc16_xmodem(0xA0 || key) as 2 bytes little-endian)``
     without ``=`` padding: 56 characters. Same as ``nkeys.from_seed(seed).public_key``.
+    A member's bus key travels in this form (``bus_pub``, docs/formats.md).
     """
     if not isinstance(raw32, (bytes, bytearray, memoryview)) or len(raw32) != SIGN_PUB_SIZE:
-        raise KeyFormatError("sign_pub: expected the raw 32-byte Ed25519 public key")
+        raise KeyFormatError(f"{what}: expected the raw 32-byte Ed25519 public key")
     body = bytes([nkeys.PREFIX_BYTE_USER]) + bytes(raw32)
     body += _crc16_xmodem(body).to_bytes(2, "little")
     return base64.b32encode(body).decode("ascii").rstrip("=")
+
+
+def nkey_from_sign_pub(raw32: Any) -> str:
+    """What a ``sign_pub`` would be as a NATS user nkey.
+
+    Never a login: the server uses it only to refuse a ``bus_pub`` equal to a
+    signing key (docs/bus-auth.md#bus-keys).
+    """
+    return nkey_from_public_key(raw32, "sign_pub")
 
 
 def sign_pub_from_nkey(nkey: Any) -> bytes:
@@ -286,7 +297,7 @@ def sign_pub_from_nkey(nkey: Any) -> bytes:
         raise KeyFormatError("user nkey: not a user public key")
     if _crc16_xmodem(body[:33]).to_bytes(2, "little") != body[33:]:
         raise KeyFormatError("user nkey: checksum mismatch")
-    if nkey_from_sign_pub(body[1:33]) != nkey:
+    if nkey_from_public_key(body[1:33]) != nkey:
         raise KeyFormatError("user nkey: non-canonical base32")
     return body[1:33]
 

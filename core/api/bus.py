@@ -6,7 +6,7 @@ from aiohttp import web
 
 from ..app import SETTINGS, STORE, add_route
 from ..auth import current_member
-from ..wire import nkey_from_sign_pub
+from ..problems import Problem
 from .common import json_response
 
 
@@ -28,18 +28,30 @@ def inbox_prefix(handle: str) -> str:
     return f"_INBOX_{handle}"
 
 
+def upgrade_command(request: web.Request) -> str:
+    """The command that gives the caller a bus key, with this server's URL in it."""
+    return f"unibus keygen --upgrade --server {request.url.origin()}"
+
+
 async def get_bus(request: web.Request) -> web.Response:
     me = current_member(request)
+    if me.bus_pub is None:
+        # Upgraded from 0.11: the signing key is never a NATS login, so there is
+        # no bus access until the member uploads a bus key (docs/bus-auth.md#bus-keys).
+        raise Problem(409, f"{me.handle} has no bus key yet, so no bus access; run `{upgrade_command(request)}` "
+                           "to add one to your identity file and upload it", kind="no-bus-key")
     rooms = await request.app[STORE].list_rooms(me.handle)
     return json_response({
         "servers": nats_servers(request),
-        "user_nkey": nkey_from_sign_pub(me.sign_pub),
+        "user_nkey": me.bus_pub,
         "inbox_prefix": inbox_prefix(me.handle),
         "rooms": {r.room_id: f"{r.subject}.>" for r in rooms},
     })
 
 
 def register(app: web.Application) -> None:
-    add_route(app, "GET", "/v1/bus", get_bus, summary="NATS servers, the caller's nkey, inbox prefix and room subjects",
+    add_route(app, "GET", "/v1/bus", get_bus,
+              summary="NATS servers, the caller's bus key (user_nkey), inbox prefix and room subjects",
               responses={200: "bus parameters", 401: "missing or invalid signature",
+                         409: "the caller has no bus key yet (no-bus-key): run unibus keygen --upgrade --server URL",
                          503: "replay protection unavailable"}, tags=["bus"])

@@ -8,8 +8,11 @@ from ..app import STORE, add_route
 from ..auth import current_member
 from ..wire import (
     DEFAULT_ENC_SUITE,
+    HANDLE_PATTERN,
     HandleError,
     KeyFormatError,
+    nkey_from_sign_pub,
+    validate_bus_pub,
     validate_enc_pub,
     validate_enc_suite,
     validate_handle,
@@ -20,18 +23,26 @@ from ..store.base import ROLES, NotFound
 from ..store.sqlite import new_member
 from .common import invalid, json_object, json_response, require_admin, require_str
 
+BUS_PUB_PROPERTY = {
+    "type": "string", "pattern": "^U[A-Z2-7]{55}$",
+    "description": "the member's bus key: a NATS user public nkey (U..., 56 characters), never the nkey of a "
+                   "sign_pub (docs/bus-auth.md)",
+}
 MEMBER_SCHEMA = {
     "type": "object",
-    "required": ["handle", "role", "sign_pub", "enc_pub"],
+    "required": ["handle", "role", "sign_pub", "enc_pub", "bus_pub"],
     "additionalProperties": False,
     "properties": {
-        "handle": {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"},
+        "handle": {"type": "string", "pattern": HANDLE_PATTERN},
         "role": {"type": "string", "enum": list(ROLES)},
         "sign_pub": {"type": "string", "contentEncoding": "base64", "description": "raw Ed25519 public key (32 bytes)"},
         "enc_pub": {"type": "string", "contentEncoding": "base64", "description": "raw HPKE public key of enc_suite"},
         "enc_suite": {"type": "string", "enum": ["X25519", "MLKEM768_X25519"], "default": "X25519"},
+        "bus_pub": BUS_PUB_PROPERTY,
     },
 }
+BUS_KEY_SCHEMA = {"type": "object", "required": ["bus_pub"], "additionalProperties": False,
+                  "properties": {"bus_pub": BUS_PUB_PROPERTY}}
 PATCH_SCHEMA = {"type": "object", "required": ["role"], "additionalProperties": False,
                 "properties": {"role": {"type": "string", "enum": list(ROLES)}}}
 
@@ -65,9 +76,24 @@ async def get_member(request: web.Request) -> web.Response:
     return json_response(member.as_json())
 
 
+def parse_bus_pub(body: dict, sign_pub: bytes) -> str:
+    """A valid bus key that is not the nkey of the member's own ``sign_pub`` (422 otherwise)."""
+    try:
+        bus_pub = validate_bus_pub(require_str(body, "bus_pub"))
+    except KeyFormatError as e:
+        raise Problem(422, str(e), kind="invalid-field") from None
+    if bus_pub == nkey_from_sign_pub(sign_pub):
+        # Whatever key logs in to NATS signs nonces the server chooses: a signing
+        # key must never be one (docs/bus-auth.md#bus-keys).
+        raise invalid("bus_pub", "is the nkey of this member's sign_pub; the bus key must be a separate key "
+                                 "(unibus keygen makes one)")
+    return bus_pub
+
+
 async def add_member(request: web.Request) -> web.Response:
     require_admin(request)
-    body = await json_object(request, required={"handle", "role", "sign_pub", "enc_pub"}, optional={"enc_suite"})
+    body = await json_object(request, required={"handle", "role", "sign_pub", "enc_pub", "bus_pub"},
+                             optional={"enc_suite"})
     handle = parse_handle(require_str(body, "handle"))
     role = parse_role(body["role"])
     try:
@@ -76,8 +102,20 @@ async def add_member(request: web.Request) -> web.Response:
         enc_pub = validate_enc_pub(require_str(body, "enc_pub"), suite)
     except KeyFormatError as e:
         raise Problem(422, str(e), kind="invalid-field") from None
-    member = await request.app[STORE].add_member(new_member(handle, role, sign_pub, enc_pub, suite))
+    bus_pub = parse_bus_pub(body, sign_pub)
+    member = await request.app[STORE].add_member(new_member(handle, role, sign_pub, enc_pub, suite, bus_pub))
     return json_response(member.as_json(), status=201)
+
+
+async def put_my_bus_key(request: web.Request) -> web.Response:
+    """Set or rotate the caller's bus key. The store's change regenerates bus
+    authorization and waits for nats-server's reload, which closes every
+    connection under the old key: they are gone when the 200 leaves."""
+    me = current_member(request)
+    body = await json_object(request, required={"bus_pub"})
+    bus_pub = parse_bus_pub(body, me.sign_pub)
+    member = await request.app[STORE].set_bus_key(me.handle, bus_pub)
+    return json_response(member.as_json())
 
 
 async def patch_member(request: web.Request) -> web.Response:
@@ -100,8 +138,17 @@ def register(app: web.Application) -> None:
     add_route(app, "GET", "/v1/members", list_members, summary="All members (public keys included)",
               responses={200: "{members: [...]}", **r}, tags=["members"])
     add_route(app, "POST", "/v1/members", add_member, summary="Add a member (admin)", request_schema=MEMBER_SCHEMA,
-              responses={201: "created", 400: "malformed JSON", 403: "not an admin", 409: "handle or key exists",
-                         422: "invalid field", **r}, tags=["members"])
+              responses={201: "created", 400: "malformed JSON", 403: "not an admin",
+                         409: "handle or key exists, or bus_pub is the nkey of a member's sign_pub (or the "
+                              "reverse)",
+                         422: "invalid field, or bus_pub is the nkey of the new member's own sign_pub", **r},
+              tags=["members"])
+    add_route(app, "PUT", "/v1/me/bus-key", put_my_bus_key,
+              summary="Set or rotate the caller's bus key; its bus connections under the old key are closed "
+                      "before the answer", request_schema=BUS_KEY_SCHEMA,
+              responses={200: "the caller's member record", 400: "malformed JSON",
+                         409: "another member has this key, or it is the nkey of a member's sign_pub",
+                         422: "invalid bus_pub, or the nkey of the caller's own sign_pub", **r}, tags=["members"])
     add_route(app, "GET", "/v1/members/{handle}", get_member, summary="One member",
               responses={200: "the record", 404: "no such member", **r}, tags=["members"])
     add_route(app, "PATCH", "/v1/members/{handle}", patch_member, summary="Change a member's role (admin)",

@@ -46,7 +46,7 @@ import yarl
 from nats.errors import Error as NatsError
 
 from ..signing import sign_request
-from .keys import DEFAULT_ENC_SUITE, Identity
+from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey
 from .sealing import (
     EPOCH_HEADER,
     MessageError,
@@ -347,10 +347,27 @@ class UnibusClient:
         return await self.request("GET", "/v1/members/" + _seg(handle, "handle"))
 
     async def add_member(self, handle: str, sign_pub: str, enc_pub: str, enc_suite: str = DEFAULT_ENC_SUITE,
-                         role: str = "member") -> dict[str, Any]:
-        """``POST /v1/members`` (admin): keys as standard base64, as ``keygen`` prints them."""
+                         role: str = "member", bus_pub: str | None = None) -> dict[str, Any]:
+        """``POST /v1/members`` (admin): keys as ``keygen`` prints them.
+
+        ``sign_pub``/``enc_pub`` are standard base64, ``bus_pub`` the ``U…`` nkey
+        of the new member's bus key; the server requires it (422 without).
+        """
         body = {"handle": handle, "role": role, "sign_pub": sign_pub, "enc_pub": enc_pub, "enc_suite": enc_suite}
+        if bus_pub is not None:
+            body["bus_pub"] = bus_pub
         return await self.request("POST", "/v1/members", json_body=body)
+
+    async def set_bus_key(self, bus_pub: str | None = None) -> dict[str, Any]:
+        """``PUT /v1/me/bus-key``: set or rotate my bus key; returns my member record.
+
+        Default: the bus key of this client's identity. The server closes my
+        bus connections under the old key before it answers.
+        """
+        if bus_pub is None:
+            self.identity.require_bus_key()  # NoBusKey, saying what to do, for a version 1 identity
+            bus_pub = self.identity.bus_pub
+        return await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
 
     async def set_role(self, handle: str, role: str) -> dict[str, Any]:
         return await self.request("PATCH", "/v1/members/" + _seg(handle, "handle"), json_body={"role": role})
@@ -565,10 +582,28 @@ class Bus:
         import nats
         from nats import errors as nats_errors
 
-        info = await self.client.bus_info()
+        identity = self.client.identity
+        try:
+            # The bus key, never the signing key: nats-py signs whatever nonce
+            # the server sends, so the key that logs in is a signing oracle for
+            # whoever runs (or impersonates) that server (docs/bus-auth.md#bus-keys).
+            seed = identity.bus_nkey_seed()
+        except NoBusKey as exc:
+            raise BusError(str(exc)) from None
+        try:
+            info = await self.client.bus_info()
+        except ApiError as exc:
+            if exc.status == 409:
+                raise BusError(exc.problem.get("detail") or str(exc)) from None
+            raise
         servers = info.get("servers") if isinstance(info, dict) else None
         if not servers or not isinstance(servers, list):
             raise BusError("the server's /v1/bus answer lists no NATS servers")
+        known = info.get("user_nkey")
+        if known != identity.bus_pub:
+            raise BusError(f"the server has another bus key for {identity.handle} ({known}) than the identity file "
+                           f"({identity.bus_pub}); upload yours with `unibus keygen --upgrade --server "
+                           f"{self.client.base_url}`")
         self.info = info
         inbox = info.get("inbox_prefix") or f"_INBOX_{self.client.identity.handle}"
 
@@ -604,7 +639,7 @@ class Bus:
                 self._nc = await nats.connect(
                     servers=servers,
                     **extra,
-                    nkeys_seed_str=self.client.identity.nkey_seed(),
+                    nkeys_seed_str=seed,
                     inbox_prefix=inbox,
                     name=f"unibus-client/{self.client.identity.handle}",
                     connect_timeout=self.connect_timeout,

@@ -32,6 +32,8 @@ from .keys import (
     generate_identity,
     load_identity,
     save_identity,
+    upgrade_identity_file,
+    validate_bus_pub,
     validate_enc_pub,
     validate_enc_suite,
     validate_handle,
@@ -116,7 +118,7 @@ def _table(rows: list[list[str]]) -> None:
         _out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
 
 
-MEMBER_FIELDS = ("handle", "role", "enc_suite", "sign_pub", "enc_pub", "created_at")
+MEMBER_FIELDS = ("handle", "role", "enc_suite", "sign_pub", "enc_pub", "bus_pub", "created_at")
 ROOM_FIELDS = ("room_id", "name", "subject", "owner", "epoch", "rekey_required", "created_at")
 
 
@@ -184,10 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = _leaf(sub, "keygen", "create an identity file (keys) and print the operator's `membershipd member add` line")
-    p.add_argument("--handle", required=True, help="your handle: ^[a-z][a-z0-9_-]{0,31}$")
-    p.add_argument("--enc-suite", default=DEFAULT_ENC_SUITE, choices=ENC_SUITES, help="HPKE suite of the encryption key")
+    p.add_argument("--handle", help="your handle: ^[a-z][a-z0-9_-]{0,31}$ (required unless --upgrade)")
+    p.add_argument("--enc-suite", choices=ENC_SUITES,
+                   help=f"HPKE suite of the encryption key (default {DEFAULT_ENC_SUITE})")
     p.add_argument("--out", metavar="PATH", help="where to write the identity (default: --identity)")
     p.add_argument("--force", action="store_true", help="replace an existing identity file")
+    p.add_argument("--upgrade", action="store_true",
+                   help="add a bus key to a 0.11 (version 1) identity file in place, keeping a .v1.bak copy; "
+                        "with --server (or UNIBUS_SERVER) also upload it")
     p.set_defaults(func=cmd_keygen)
 
     p = _leaf(sub, "whoami", "show your member record as the server knows it")
@@ -206,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sign-pub", required=True, metavar="B64", help="Ed25519 public key, base64")
     p.add_argument("--enc-pub", required=True, metavar="B64", help="HPKE public key, base64")
     p.add_argument("--enc-suite", default=DEFAULT_ENC_SUITE, choices=ENC_SUITES)
+    p.add_argument("--bus-pub", required=True, metavar="U...", help="bus key, a NATS user nkey (keygen prints it)")
     p.add_argument("--role", default="member", choices=ROLES)
     p.set_defaults(func=cmd_members_add)
     p = _leaf(msub, "remove", "delete a member (admin): removed from every room, bus access revoked")
@@ -271,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
 class Context:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
+        self.server_explicit = bool(getattr(args, "server", None) or os.environ.get("UNIBUS_SERVER"))
         self.server = getattr(args, "server", None) or os.environ.get("UNIBUS_SERVER") or DEFAULT_SERVER
         self.identity_path = os.path.expanduser(
             getattr(args, "identity", None) or os.environ.get("UNIBUS_IDENTITY") or DEFAULT_IDENTITY)
@@ -306,24 +314,28 @@ def _handle_arg(value: str, what: str = "HANDLE") -> str:
 
 def cmd_keygen(ctx: Context) -> int:
     a = ctx.args
+    if a.upgrade:
+        return cmd_keygen_upgrade(ctx)
+    if not a.handle:
+        raise UsageError("--handle is required (or --upgrade, to add a bus key to an existing identity file)")
     handle = _handle_arg(a.handle, "--handle")
-    suite = validate_enc_suite(a.enc_suite)
+    suite = validate_enc_suite(a.enc_suite or DEFAULT_ENC_SUITE)
     path = os.path.expanduser(a.out) if a.out else ctx.identity_path
     identity = generate_identity(handle, suite)
     try:
         written = save_identity(identity, path, force=a.force)
     except FileExistsError:
         raise UsageError(f"{path} already exists; refusing to overwrite it (use --force to replace it, "
-                         "or --out PATH to write elsewhere)") from None
+                         "or --out PATH to write elsewhere; `unibus keygen --upgrade` adds a bus key to a "
+                         "0.11 identity file)") from None
     except IsADirectoryError:
         raise UsageError(f"{path} is a directory; give a file path with --out") from None
     except OSError as exc:
         raise UsageError(f"cannot write the identity file {path}: {exc.strerror or exc}") from None
     line = (f"membershipd member add --handle {handle} --role member --sign-pub {identity.sign_pub_b64} "
-            f"--enc-pub {identity.enc_pub_b64} --enc-suite {suite}")
+            f"--enc-pub {identity.enc_pub_b64} --enc-suite {suite} --bus-pub {identity.bus_pub}")
     if ctx.json:
-        _json_out({**identity.public_record(), "identity_path": str(written), "user_nkey": identity.user_nkey,
-                   "operator_command": line})
+        _json_out({**identity.public_record(), "identity_path": str(written), "operator_command": line})
     else:
         _out(line)
     _note(f"wrote the identity of {handle} to {written} (mode 0600; it holds your private keys). "
@@ -331,13 +343,64 @@ def cmd_keygen(ctx: Context) -> int:
     return EXIT_OK
 
 
+def cmd_keygen_upgrade(ctx: Context) -> int:
+    """``keygen --upgrade``: add a bus key to a version 1 identity file; upload it given --server."""
+    a = ctx.args
+    extra = [flag for flag, value in (("--handle", a.handle), ("--enc-suite", a.enc_suite), ("--out", a.out),
+                                      ("--force", a.force)) if value]
+    if extra:
+        raise UsageError(f"{extra[0]} cannot be combined with --upgrade, which keeps the handle and keys of the "
+                         "identity file (--identity PATH) and only adds a bus key")
+    try:
+        identity, backup = upgrade_identity_file(ctx.identity_path)
+    except IdentityError as exc:
+        raise UsageError(str(exc)) from None
+    except OSError as exc:
+        raise UsageError(f"cannot upgrade the identity file {ctx.identity_path}: {exc.strerror or exc}") from None
+    if backup is None:
+        _note(f"{ctx.identity_path} already has a bus key (identity file version 2): nothing to upgrade")
+    else:
+        _note(f"added a bus key to {ctx.identity_path} (signing and encryption keys unchanged); "
+              f"the version 1 file is kept in {backup} (mode 0600)")
+    uploaded = False
+    if ctx.server_explicit:
+        uploaded = asyncio.run(_upload_bus_key(ctx, identity))
+    elif backup is not None:
+        _note(f"upload it with `unibus keygen --upgrade --server URL` (your bus access needs it), or give an "
+              f"operator this key: {identity.bus_pub}")
+    if ctx.json:
+        _json_out({"handle": identity.handle, "identity_path": ctx.identity_path, "upgraded": backup is not None,
+                   "backup_path": None if backup is None else str(backup), "bus_pub": identity.bus_pub,
+                   "uploaded": uploaded})
+    else:
+        _out(identity.bus_pub)
+    return EXIT_OK
+
+
+async def _upload_bus_key(ctx: Context, identity: Any) -> bool:
+    try:
+        client = UnibusClient(ctx.server, identity)
+    except ValueError as exc:
+        raise UsageError(f"--server: {exc}") from None
+    async with client:
+        me = await client.me()
+        if me.get("bus_pub") == identity.bus_pub:
+            _note(f"{ctx.server} already has this bus key for {identity.handle}")
+            return True
+        await client.set_bus_key(identity.bus_pub)
+    _note(f"uploaded the bus key of {identity.handle} to {ctx.server}; connections under the old one are closed")
+    return True
+
+
 async def cmd_whoami(ctx: Context, c: UnibusClient) -> int:
     me = await c.me()
     if ctx.json:
         _json_out(me)
         return EXIT_OK
-    _print_member({**me, "user_nkey": c.identity.user_nkey, "server": c.base_url, "identity": ctx.identity_path},
-                  extra=("user_nkey", "server", "identity"))
+    _print_member({**me, "server": c.base_url, "identity": ctx.identity_path}, extra=("server", "identity"))
+    if me.get("bus_pub") != c.identity.bus_pub:
+        _note("the server's bus key for you is not the one in your identity file: "
+              f"run `unibus keygen --upgrade --server {c.base_url}`")
     return EXIT_OK
 
 
@@ -368,7 +431,11 @@ async def cmd_members_add(ctx: Context, c: UnibusClient) -> int:
         validate_enc_pub(a.enc_pub, a.enc_suite)
     except KeyFormatError as exc:
         raise UsageError(f"--enc-pub: {exc}") from None
-    m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role)
+    try:
+        validate_bus_pub(a.bus_pub)
+    except KeyFormatError as exc:
+        raise UsageError(f"--bus-pub: {exc}") from None
+    m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role, bus_pub=a.bus_pub)
     if ctx.json:
         _json_out(m)
     else:

@@ -1,12 +1,16 @@
 """Key material of a unibus member: validation, encodings and the identity file.
 
-A member has two key pairs:
+A member has three key pairs:
 
-* an **Ed25519 signing key** — signs every control-plane request (RFC 9421) and,
-  encoded as a NATS *user nkey*, is the member's bus credential (the bus nkey
-  seed is the same 32-byte Ed25519 seed);
+* an **Ed25519 signing key** — signs every control-plane request (RFC 9421)
+  and nothing chosen by a remote party;
 * an **HPKE encryption key** of suite ``X25519`` (default) or
-  ``MLKEM768_X25519`` (X-Wing, ML-KEM-768 + X25519) — room keys are sealed to it.
+  ``MLKEM768_X25519`` (X-Wing, ML-KEM-768 + X25519) — room keys are sealed to it;
+* an **Ed25519 bus key** — the member's NATS user nkey (``bus_pub``, ``U…``),
+  used only to answer nats-server's login nonce. Whatever key logs in to NATS
+  signs bytes the server (or whoever pretends to be it) chooses, so it is a
+  key of its own (docs/bus-auth.md#bus-keys). Identity files of version 1
+  (0.11) have no bus key: ``unibus keygen --upgrade`` adds one.
 
 Public keys travel as standard base64 (with ``=`` padding) of their raw bytes;
 see docs/formats.md for the byte layouts. Everything here is synchronous and
@@ -48,6 +52,7 @@ from ..wire import (
     check_enc_pub,
     check_sign_pub,
     enc_public_key,
+    nkey_from_public_key,
     nkey_from_sign_pub,
     sign_pub_from_nkey,
     validate_bus_pub,
@@ -69,6 +74,7 @@ __all__ = [
     "HANDLE_PATTERN",
     "HANDLE_RE",
     "IDENTITY_VERSION",
+    "IDENTITY_VERSIONS",
     "KeyFormatError",
     "HandleError",
     "IdentityError",
@@ -83,16 +89,23 @@ __all__ = [
     "check_sign_pub",
     "check_enc_pub",
     "enc_public_key",
+    "nkey_from_public_key",
     "nkey_from_sign_pub",
     "sign_pub_from_nkey",
     "generate_identity",
+    "with_bus_key",
+    "upgrade_identity_file",
+    "NoBusKey",
     "identity_from_json",
     "identity_to_json",
     "save_identity",
     "load_identity",
 ]
 
-IDENTITY_VERSION = 1
+#: The version ``unibus keygen`` writes: 2 carries the bus key.
+IDENTITY_VERSION = 2
+#: The versions this unibus reads: 1 (0.11, no bus key) and 2.
+IDENTITY_VERSIONS = (1, 2)
 _IDENTITY_MAX_BYTES = 64 * 1024
 
 
@@ -102,6 +115,10 @@ class IdentityError(Exception):
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
         super().__init__(message)
         self.path = None if path is None else os.fspath(path)
+
+
+class NoBusKey(IdentityError):
+    """The identity (a version 1 file) has no bus key: ``unibus keygen --upgrade`` adds one."""
 
 
 # --------------------------------------------------------------------------- private keys
@@ -125,18 +142,25 @@ def _hpke_private_key(suite: str, enc_key: bytes):
 class Identity:
     """A member's private key material.
 
-    ``sign_key`` is the Ed25519 private key; ``enc_key`` the raw private form of
+    ``sign_key`` is the Ed25519 signing key; ``enc_key`` the raw private form of
     the HPKE key of ``enc_suite`` (X25519: the 32-byte scalar; MLKEM768_X25519:
-    the 32-byte X-Wing seed). Public keys and the HPKE key object are derived.
-    The repr never shows private material.
+    the 32-byte X-Wing seed); ``bus_key`` the Ed25519 bus key, None for an
+    identity read from a version 1 file. Public keys and the HPKE key object
+    are derived. The repr never shows private material.
+
+    There is deliberately no "sign these bytes" method: the signing key signs
+    RFC 9421 signature bases only (:func:`unibus.signing.sign_request`), and
+    the bus key is handed to the NATS client as a seed, nothing else.
     """
 
     handle: str
     sign_key: ed25519.Ed25519PrivateKey = field(repr=False)
     enc_suite: str
     enc_key: bytes = field(repr=False)
+    bus_key: ed25519.Ed25519PrivateKey | None = field(default=None, repr=False)
     sign_pub: bytes = field(init=False, repr=False)
     enc_pub: bytes = field(init=False, repr=False)
+    bus_pub: str | None = field(init=False, default=None)
     hpke_private_key: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -153,6 +177,13 @@ class Identity:
         object.__setattr__(self, "hpke_private_key", sk)
         object.__setattr__(self, "enc_pub", pub)
         object.__setattr__(self, "sign_pub", self.sign_key.public_key().public_bytes_raw())
+        if self.bus_key is not None:
+            if not isinstance(self.bus_key, ed25519.Ed25519PrivateKey):
+                raise TypeError("bus_key must be an Ed25519PrivateKey")
+            raw = self.bus_key.public_key().public_bytes_raw()
+            if hmac.compare_digest(raw, self.sign_pub):
+                raise KeyFormatError("bus_key: must not be the signing key; the bus key is a separate key")
+            object.__setattr__(self, "bus_pub", nkey_from_public_key(raw, "bus key"))
 
     # -- derived encodings
     @property
@@ -169,26 +200,40 @@ class Identity:
         return b64encode(self.enc_pub)
 
     @property
-    def user_nkey(self) -> str:
-        """The member's NATS user nkey (``U…``), derived from ``sign_pub``."""
-        return nkey_from_sign_pub(self.sign_pub)
+    def bus_seed(self) -> bytes:
+        """The raw 32-byte Ed25519 private key of the bus key; :class:`NoBusKey` without one."""
+        return self.require_bus_key().private_bytes_raw()
 
-    def nkey_seed(self) -> str:
-        """The NATS nkey seed (``SU…``) of the signing key: pass as nats-py ``nkeys_seed_str=``."""
-        return nkeys.encode_seed(self.sign_seed, nkeys.PREFIX_BYTE_USER).decode("ascii")
+    def bus_nkey_seed(self) -> str:
+        """The NATS nkey seed (``SU…``) of the bus key: nats-py's ``nkeys_seed_str=``.
 
-    def sign(self, message: bytes) -> bytes:
-        """Ed25519 signature (64 bytes) of ``message``."""
-        return self.sign_key.sign(message)
+        The only nkey seed an identity has; :class:`NoBusKey` for a version 1 identity.
+        """
+        return nkeys.encode_seed(self.bus_seed, nkeys.PREFIX_BYTE_USER).decode("ascii")
+
+    def require_bus_key(self) -> ed25519.Ed25519PrivateKey:
+        """The bus key; :class:`NoBusKey`, saying how to add one, for a version 1 identity."""
+        if self.bus_key is None:
+            raise NoBusKey(
+                f"the identity of {self.handle} has no bus key (a version 1 identity file from unibus 0.11); "
+                "run `unibus keygen --upgrade --server URL` to add one and upload it"
+            )
+        return self.bus_key
 
     def public_record(self) -> dict[str, str]:
-        """``{handle, sign_pub, enc_pub, enc_suite}`` as the control plane expects them."""
-        return {
+        """``{handle, sign_pub, enc_pub, enc_suite, bus_pub}`` as the control plane expects them.
+
+        ``bus_pub`` is left out for an identity without a bus key.
+        """
+        record = {
             "handle": self.handle,
             "sign_pub": self.sign_pub_b64,
             "enc_pub": self.enc_pub_b64,
             "enc_suite": self.enc_suite,
         }
+        if self.bus_pub is not None:
+            record["bus_pub"] = self.bus_pub
+        return record
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Identity):
@@ -198,13 +243,15 @@ class Identity:
             and self.enc_suite == other.enc_suite
             and hmac.compare_digest(self.sign_seed, other.sign_seed)
             and hmac.compare_digest(self.enc_key, other.enc_key)
+            and (self.bus_key is None) == (other.bus_key is None)
+            and (self.bus_key is None or hmac.compare_digest(self.bus_seed, other.bus_seed))
         )
 
     __hash__ = None  # type: ignore[assignment]
 
 
 def generate_identity(handle: str, enc_suite: str = DEFAULT_ENC_SUITE) -> Identity:
-    """Fresh random keys for ``handle``. Raises HandleError / KeyFormatError on bad input."""
+    """Fresh random keys (signing, encryption, bus) for ``handle``. Raises HandleError / KeyFormatError."""
     validate_handle(handle)
     validate_enc_suite(enc_suite)
     return Identity(
@@ -212,18 +259,35 @@ def generate_identity(handle: str, enc_suite: str = DEFAULT_ENC_SUITE) -> Identi
         sign_key=ed25519.Ed25519PrivateKey.generate(),
         enc_suite=enc_suite,
         enc_key=os.urandom(ENC_KEY_SIZES[enc_suite]),
+        bus_key=ed25519.Ed25519PrivateKey.generate(),
+    )
+
+
+def with_bus_key(identity: Identity, bus_key: ed25519.Ed25519PrivateKey | None = None) -> Identity:
+    """``identity`` with a (fresh, unless given) bus key; the signing and encryption keys are kept."""
+    return Identity(
+        handle=identity.handle,
+        sign_key=identity.sign_key,
+        enc_suite=identity.enc_suite,
+        enc_key=identity.enc_key,
+        bus_key=bus_key or ed25519.Ed25519PrivateKey.generate(),
     )
 
 
 # --------------------------------------------------------------------------- identity file
 
-_FIELDS = ("version", "handle", "sign_seed", "sign_pub", "enc_suite", "enc_key", "enc_pub")
+_FIELDS_V1 = ("version", "handle", "sign_seed", "sign_pub", "enc_suite", "enc_key", "enc_pub")
+_FIELDS_V2 = (*_FIELDS_V1, "bus_seed", "bus_pub")
 
 
 def identity_to_json(identity: Identity) -> dict[str, Any]:
-    """The identity file's JSON object (contains private keys)."""
-    return {
-        "version": IDENTITY_VERSION,
+    """The identity file's JSON object (contains private keys).
+
+    Version 2 (with ``bus_seed`` and ``bus_pub``) for an identity with a bus
+    key; an identity read from a version 1 file is written back as version 1.
+    """
+    doc: dict[str, Any] = {
+        "version": IDENTITY_VERSION if identity.bus_key is not None else 1,
         "handle": identity.handle,
         "sign_seed": b64encode(identity.sign_seed),
         "sign_pub": identity.sign_pub_b64,
@@ -231,6 +295,10 @@ def identity_to_json(identity: Identity) -> dict[str, Any]:
         "enc_key": b64encode(identity.enc_key),
         "enc_pub": identity.enc_pub_b64,
     }
+    if identity.bus_key is not None:
+        doc["bus_seed"] = b64encode(identity.bus_seed)
+        doc["bus_pub"] = identity.bus_pub
+    return doc
 
 
 def identity_from_json(doc: Any, source: str = "identity file") -> Identity:
@@ -240,11 +308,12 @@ def identity_from_json(doc: Any, source: str = "identity file") -> Identity:
     version = doc.get("version")
     if type(version) is not int:
         raise IdentityError(f"{source}: missing or non-integer \"version\"; expected {IDENTITY_VERSION}")
-    if version != IDENTITY_VERSION:
+    if version not in IDENTITY_VERSIONS:
         raise IdentityError(
-            f"{source}: unsupported identity file version {version}; this unibus reads version {IDENTITY_VERSION}"
+            f"{source}: unsupported identity file version {version}; this unibus reads versions "
+            f"{' and '.join(map(str, IDENTITY_VERSIONS))}"
         )
-    missing = [k for k in _FIELDS if k not in doc]
+    missing = [k for k in (_FIELDS_V2 if version == 2 else _FIELDS_V1) if k not in doc]
     if missing:
         raise IdentityError(f"{source}: missing field(s) {', '.join(missing)}")
     try:
@@ -254,14 +323,25 @@ def identity_from_json(doc: Any, source: str = "identity file") -> Identity:
         enc_key = b64decode_strict(doc["enc_key"], "enc_key", ENC_KEY_SIZES[suite])
         sign_pub = b64decode_strict(doc["sign_pub"], "sign_pub", SIGN_PUB_SIZE)
         enc_pub = b64decode_strict(doc["enc_pub"], "enc_pub", ENC_PUB_SIZES[suite])
+        bus_key = None
+        if version == 2:
+            bus_seed = b64decode_strict(doc["bus_seed"], "bus_seed", SIGN_SEED_SIZE)
+            if not isinstance(doc["bus_pub"], str):
+                raise KeyFormatError("bus_pub: expected a NATS user public key (U..., 56 characters)")
+            bus_key = ed25519.Ed25519PrivateKey.from_private_bytes(bus_seed)
+            if hmac.compare_digest(bus_seed, sign_seed):
+                raise KeyFormatError("bus_seed: equals sign_seed; the bus key must be a separate key")
+        identity = Identity(
+            handle=handle,
+            sign_key=ed25519.Ed25519PrivateKey.from_private_bytes(sign_seed),
+            enc_suite=suite,
+            enc_key=enc_key,
+            bus_key=bus_key,
+        )
     except ValueError as exc:  # KeyFormatError, HandleError
         raise IdentityError(f"{source}: {exc}") from None
-    identity = Identity(
-        handle=handle,
-        sign_key=ed25519.Ed25519PrivateKey.from_private_bytes(sign_seed),
-        enc_suite=suite,
-        enc_key=enc_key,
-    )
+    if version == 2 and not hmac.compare_digest(identity.bus_pub.encode(), doc["bus_pub"].encode()):
+        raise IdentityError(f"{source}: bus_pub does not match bus_seed (file corrupted or edited)")
     if not hmac.compare_digest(identity.sign_pub, sign_pub):
         raise IdentityError(f"{source}: sign_pub does not match sign_seed (file corrupted or edited)")
     if not hmac.compare_digest(identity.enc_pub, enc_pub):
@@ -409,3 +489,66 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     except IdentityError as exc:
         exc.path = p
         raise
+
+
+def upgrade_identity_file(path: str | os.PathLike[str]) -> tuple[Identity, Path | None]:
+    """Add a bus key to a version 1 identity file, in place; ``(identity, backup path)``.
+
+    The signing and encryption keys stay as they are. The original bytes are
+    kept first in ``<path>.v1.bak`` (mode 0600; an identical backup left by an
+    earlier, interrupted run is reused, a different one is never overwritten),
+    then the version 2 file replaces the original atomically (0600). A file that
+    already has a bus key is left alone: the backup path is then None.
+    Raises :class:`IdentityError` (and OSError for a directory it cannot write).
+    """
+    target = Path(os.path.expanduser(os.fspath(path)))
+    identity = load_identity(target)
+    if identity.bus_key is not None:
+        return identity, None
+    original = target.read_bytes()
+    backup = target.with_name(target.name + ".v1.bak")
+    _write_backup(backup, original)
+    upgraded = with_bus_key(identity)
+    save_identity(upgraded, target, force=True)
+    return upgraded, backup
+
+
+def _write_backup(backup: Path, data: bytes) -> None:
+    existing = None
+    if os.path.lexists(backup):
+        if not stat.S_ISREG(os.lstat(backup).st_mode):
+            raise IdentityError(f"{backup} exists and is not a regular file; move it away before upgrading", backup)
+        existing = backup.read_bytes()
+    if existing is not None:
+        if hmac.compare_digest(existing, data):
+            os.chmod(backup, 0o600)
+            return
+        raise IdentityError(
+            f"{backup} exists and differs from the identity file; move it away before upgrading", backup
+        )
+    fd, tmp = _open_private_temp(backup.parent, backup.name)
+    try:
+        try:
+            os.fchmod(fd, 0o600)
+            view = memoryview(data)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, backup)
+        except FileExistsError:
+            raise IdentityError(f"{backup} appeared while upgrading; move it away and try again", backup) from None
+        except OSError:  # filesystem without hard links
+            if os.path.lexists(backup):
+                raise IdentityError(f"{backup} appeared while upgrading; move it away and try again",
+                                    backup) from None
+            os.replace(tmp, backup)
+    finally:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+    _fsync_dir(backup.parent)

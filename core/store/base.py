@@ -41,6 +41,9 @@ class Member:
     enc_pub: bytes
     enc_suite: str
     created_at: datetime
+    #: The member's bus key as a NATS user nkey (``U…``); None for a member
+    #: upgraded from 0.11 that has not set one yet (no bus access: docs/bus-auth.md).
+    bus_pub: str | None = None
 
     def as_json(self) -> dict[str, Any]:
         return dict(self._json)  # a copy: callers may add to it
@@ -56,6 +59,7 @@ class Member:
             "sign_pub": b64(self.sign_pub),
             "enc_pub": b64(self.enc_pub),
             "enc_suite": self.enc_suite,
+            "bus_pub": self.bus_pub,
             "created_at": iso(self.created_at),
         }
 
@@ -125,8 +129,8 @@ class Membership:
 class Change:
     """What a committed write changed; listeners (bus authorization, blob store) react to it."""
 
-    kind: str  # member_added, member_updated, member_deleted, room_created, room_deleted,
-    #            room_member_added, room_member_removed, keys_posted, reloaded
+    kind: str  # member_added, member_updated, member_bus_key, member_deleted, room_created,
+    #            room_deleted, room_member_added, room_member_removed, keys_posted, reloaded
     handle: str | None = None
     room_id: str | None = None
     rooms: tuple[str, ...] = ()
@@ -216,7 +220,23 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def add_member(self, member: Member) -> Member:
-        """Add a member; :class:`Conflict` if the handle or signing key exists."""
+        """Add a member; :class:`Conflict` if the handle or a key is taken.
+
+        A key is taken when another member has the same ``sign_pub`` or
+        ``bus_pub``, when the new ``bus_pub`` is the nkey of any member's
+        ``sign_pub`` (its own included), or when the nkey of the new
+        ``sign_pub`` is some member's ``bus_pub``: a signing key never becomes
+        a bus identity (docs/bus-auth.md).
+        """
+
+    @abc.abstractmethod
+    async def set_bus_key(self, handle: str, bus_pub: str) -> Member:
+        """Set or rotate a member's bus key (a ``U…`` nkey); report ``member_bus_key``.
+
+        :class:`NotFound` for an unknown handle; :class:`Conflict` when the key is
+        taken as for :meth:`add_member`. Setting the key the member already has
+        changes nothing and reports nothing.
+        """
 
     @abc.abstractmethod
     async def set_role(self, handle: str, role: str) -> Member:

@@ -5,8 +5,11 @@ Layout (bucket ``unibus_state``, one JetStream stream ``KV_unibus_state``):
 ===============================  ==========================================================
 key                              value (JSON)
 ===============================  ==========================================================
-``member.<handle>``              ``{handle, role, sign_pub, enc_pub, enc_suite, created_at}``
+``member.<handle>``              ``{handle, role, sign_pub, enc_pub, enc_suite, created_at, bus_pub}``
 ``sign.<hex sign_pub>``          ``{handle}`` — the uniqueness index of signing keys
+``bus.<nkey>``                   ``{handle, key: "bus"|"sign"}`` — every NATS identity a member's
+                                 keys map to: its bus key, and its signing key as an nkey
+                                 (reserved, so it can never become anyone's bus key)
 ``meta.admins``                  ``{admins: [handles]}`` — the last-admin guard
 ``meta.schema``                  ``{version: 1}``
 ``room.<room_id>``               ``{room_id, name, owner, epoch, rekey_required, created_at,
@@ -61,6 +64,7 @@ from .base import (
     Store,
     StoreUnavailable,
 )
+from ..wire import KeyFormatError, nkey_from_sign_pub, sign_pub_from_nkey
 from .sqlite import new_room_id
 
 log = logging.getLogger("unibus.store.kv")
@@ -82,6 +86,10 @@ NO_MESSAGE_FOUND = 10037
 KV_OP = "KV-Operation"
 EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _PART = re.compile(r"^[-_=a-zA-Z0-9]+$")  # one token of a key: no dots, nothing KV refuses
+
+
+async def _none() -> tuple[None, int]:
+    return None, 0
 
 
 class _CasLost(Exception):
@@ -115,12 +123,12 @@ def _ts(s: str) -> datetime:
 def _member_json(m: Member) -> dict[str, Any]:
     created = m.created_at if m.created_at.tzinfo else m.created_at.replace(tzinfo=UTC)
     return {"handle": m.handle, "role": m.role, "sign_pub": _b64e(m.sign_pub), "enc_pub": _b64e(m.enc_pub),
-            "enc_suite": m.enc_suite, "created_at": created.isoformat()}
+            "enc_suite": m.enc_suite, "created_at": created.isoformat(), "bus_pub": m.bus_pub}
 
 
 def _member(d: dict[str, Any]) -> Member:
     return Member(d["handle"], d["role"], _b64d(d["sign_pub"]), _b64d(d["enc_pub"]), d["enc_suite"],
-                  _ts(d["created_at"]))
+                  _ts(d["created_at"]), d.get("bus_pub"))
 
 
 def _valid(*parts: str) -> bool:
@@ -133,6 +141,18 @@ def _mkey(handle: str) -> str:
 
 def _skey(sign_pub: bytes) -> str:
     return f"sign.{sign_pub.hex()}"
+
+
+def _bkey(nkey: str) -> str:
+    return f"bus.{nkey}"
+
+
+def _sign_key_of_nkey(nkey: str) -> str | None:
+    """``sign.<hex>`` of the raw key inside a user nkey (None if it is not one)."""
+    try:
+        return _skey(sign_pub_from_nkey(nkey))
+    except KeyFormatError:
+        return None
 
 
 def _rkey(room_id: str) -> str:
@@ -412,19 +432,52 @@ class KvStore(Store):
         value, _rev = await self._read(_mkey(handle))
         return _member(value) if value else None
 
+    async def _bus_pub_taken(self, bus_pub: str, handle: str) -> tuple[str | None, int]:
+        """Why ``bus_pub`` cannot be ``handle``'s bus key (or None), and the revision of ``bus.<bus_pub>``.
+
+        The ``bus.`` index holds every member's bus key and the nkey of every
+        member's signing key; ``sign.<hex>`` is read too, for members whose
+        signing key was indexed before the ``bus.`` index existed.
+        """
+        if not _valid(bus_pub):
+            raise ValueError(f"bus_pub {bus_pub!r} cannot be a KV key")
+        skey = _sign_key_of_nkey(bus_pub)
+        (entry, rev), (signer, _srev) = await asyncio.gather(
+            self._read(_bkey(bus_pub)), self._read(skey) if skey else _none())
+        if entry is not None:
+            if entry.get("key") == "sign":
+                return "this bus_pub is the nkey of a member's sign_pub; a signing key never logs in to the bus", rev
+            if entry.get("handle") != handle:
+                return "another member already has this bus_pub", rev
+        if signer is not None:
+            return "this bus_pub is the nkey of a member's sign_pub; a signing key never logs in to the bus", rev
+        return None, rev
+
     async def add_member(self, member: Member) -> Member:
         if not _valid(member.handle):
             raise ValueError(f"handle {member.handle!r} cannot be a KV key")
+        sign_nkey = nkey_from_sign_pub(member.sign_pub)
+        if member.bus_pub is not None and member.bus_pub == sign_nkey:
+            raise Conflict("bus_pub is the nkey of the member's own sign_pub; the bus key must be a separate key")
 
         async def attempt() -> Member:
-            (m, mrev), (s, srev), (admins, arev) = await asyncio.gather(
-                self._read(_mkey(member.handle)), self._read(_skey(member.sign_pub)), self._read(ADMINS_KEY))
+            (m, mrev), (s, srev), (sb, sbrev), (admins, arev) = await asyncio.gather(
+                self._read(_mkey(member.handle)), self._read(_skey(member.sign_pub)), self._read(_bkey(sign_nkey)),
+                self._read(ADMINS_KEY))
             if m is not None:
                 raise Conflict(f"a member with handle {member.handle!r} already exists")
             if s is not None:
                 raise Conflict("another member already has this sign_pub")
+            if sb is not None:
+                raise Conflict("the nkey of this sign_pub is a member's bus_pub; a signing key never logs in to the bus")
             writes = [_Write(_mkey(member.handle), _member_json(member), mrev),
-                      _Write(_skey(member.sign_pub), {"handle": member.handle}, srev)]
+                      _Write(_skey(member.sign_pub), {"handle": member.handle}, srev),
+                      _Write(_bkey(sign_nkey), {"handle": member.handle, "key": "sign"}, sbrev)]
+            if member.bus_pub is not None:
+                why, brev = await self._bus_pub_taken(member.bus_pub, member.handle)
+                if why:
+                    raise Conflict(why)
+                writes.append(_Write(_bkey(member.bus_pub), {"handle": member.handle, "key": "bus"}, brev))
             if member.role == "admin":
                 current = set((admins or {}).get("admins", []))
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current | {member.handle})}, arev))
@@ -433,6 +486,35 @@ class KvStore(Store):
 
         result = await self._retrying(attempt)
         await self._changed(Change("member_added", handle=member.handle))
+        return result
+
+    async def set_bus_key(self, handle: str, bus_pub: str) -> Member:
+        if not _valid(handle):
+            raise NotFound(f"no member {handle!r}")
+
+        async def attempt() -> tuple[Member, bool]:
+            m, mrev = await self._read(_mkey(handle))
+            if m is None:
+                raise NotFound(f"no member {handle!r}")
+            old = m.get("bus_pub")
+            if old == bus_pub:
+                return _member(m), False
+            why, brev = await self._bus_pub_taken(bus_pub, handle)
+            if why:
+                raise Conflict(why)
+            new = {**m, "bus_pub": bus_pub}
+            writes = [_Write(_mkey(handle), new, mrev),
+                      _Write(_bkey(bus_pub), {"handle": handle, "key": "bus"}, brev)]
+            if old and _valid(old):
+                entry, orev = await self._read(_bkey(old))
+                if entry is not None and entry.get("handle") == handle and entry.get("key") == "bus":
+                    writes.append(_Write(_bkey(old), None, orev))  # the old key is free again
+            await self._commit(writes)
+            return _member(new), True
+
+        result, changed = await self._retrying(attempt)
+        if changed:
+            await self._changed(Change("member_bus_key", handle=handle))
         return result
 
     async def set_role(self, handle: str, role: str) -> Member:
@@ -465,11 +547,19 @@ class KvStore(Store):
             (m, mrev), rooms = await asyncio.gather(self._read(_mkey(handle)), self._scan("room"))
             if m is None:
                 raise NotFound(f"no member {handle!r}")
-            skey = _skey(_b64d(m["sign_pub"]))
-            (s, srev), (admins, arev) = await asyncio.gather(self._read(skey), self._read(ADMINS_KEY))
+            sign_pub = _b64d(m["sign_pub"])
+            skey = _skey(sign_pub)
+            bkeys = [_bkey(nkey_from_sign_pub(sign_pub))]
+            if m.get("bus_pub") and _valid(m["bus_pub"]):
+                bkeys.append(_bkey(m["bus_pub"]))
+            (s, srev), (admins, arev), *bus = await asyncio.gather(
+                self._read(skey), self._read(ADMINS_KEY), *(self._read(k) for k in bkeys))
             writes = [_Write(_mkey(handle), None, mrev)]
             if s is not None and s.get("handle") == handle:
                 writes.append(_Write(skey, None, srev))
+            for key, (entry, rev) in zip(bkeys, bus):
+                if entry is not None and entry.get("handle") == handle:
+                    writes.append(_Write(key, None, rev))
             current = set((admins or {}).get("admins", []))
             if m["role"] == "admin" and not (current - {handle}):
                 raise Conflict(f"{handle!r} is the last admin and cannot be deleted")

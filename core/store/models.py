@@ -35,6 +35,9 @@ class Member(Base):
     enc_pub: Mapped[bytes] = mapped_column(LargeBinary(2048))
     enc_suite: Mapped[str] = mapped_column(String(32))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: The bus key, a NATS user nkey (``U…``, 56 characters); NULL until set
+    #: (members upgraded from 0.11). Unique where set (revision 0003).
+    bus_pub: Mapped[str | None] = mapped_column(String(56), nullable=True, unique=True, index=True)
 
 
 class Room(Base):

@@ -20,6 +20,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..wire import KeyFormatError, nkey_from_sign_pub, sign_pub_from_nkey
 from . import models as m
 from .base import Change, Conflict, Member, Membership, NotFound, Room, Store
 from .db import make_engine
@@ -41,7 +42,8 @@ def _aware(ts: datetime) -> datetime:
 
 
 def _member(row: m.Member) -> Member:
-    return Member(row.handle, row.role, bytes(row.sign_pub), bytes(row.enc_pub), row.enc_suite, _aware(row.created_at))
+    return Member(row.handle, row.role, bytes(row.sign_pub), bytes(row.enc_pub), row.enc_suite, _aware(row.created_at),
+                  row.bus_pub)
 
 
 class SqliteStore(Store):
@@ -77,6 +79,26 @@ class SqliteStore(Store):
     async def add_member(self, member: Member) -> Member:
         result = await self._run(lambda s: add_member_sync(s, member))
         await self._changed(Change("member_added", handle=member.handle))
+        return result
+
+    async def set_bus_key(self, handle: str, bus_pub: str) -> Member:
+        def q(s: Session) -> tuple[Member, bool]:
+            row = s.get(m.Member, handle)
+            if row is None:
+                raise NotFound(f"no member {handle!r}")
+            if row.bus_pub == bus_pub:
+                return _member(row), False
+            _check_bus_pub_free(s, bus_pub, handle)
+            row.bus_pub = bus_pub
+            try:
+                s.flush()
+            except IntegrityError:
+                raise Conflict("another member already has this bus_pub") from None
+            return _member(row), True
+
+        result, changed = await self._run(q)
+        if changed:
+            await self._changed(Change("member_bus_key", handle=handle))
         return result
 
     async def set_role(self, handle: str, role: str) -> Member:
@@ -122,11 +144,11 @@ class SqliteStore(Store):
         # room request and rekey (measured: 2x faster than loading objects).
         rows = s.execute(
             select(m.Member.handle, m.Member.role, m.Member.sign_pub, m.Member.enc_pub, m.Member.enc_suite,
-                   m.Member.created_at)
+                   m.Member.created_at, m.Member.bus_pub)
             .join(m.RoomMember, m.RoomMember.handle == m.Member.handle)
             .where(m.RoomMember.room_id == room_id).order_by(m.Member.handle)
         )
-        return tuple(Member(h, r, bytes(sp), bytes(ep), es, _aware(c)) for h, r, sp, ep, es, c in rows)
+        return tuple(Member(h, r, bytes(sp), bytes(ep), es, _aware(c), bp) for h, r, sp, ep, es, c, bp in rows)
 
     def _room(self, s: Session, row: m.Room) -> Room:
         return Room(row.room_id, row.name, row.owner, row.epoch, bool(row.rekey_required), _aware(row.created_at),
@@ -255,17 +277,36 @@ def _admin_count(s: Session) -> int:
     return s.scalar(select(func.count()).select_from(m.Member).where(m.Member.role == "admin")) or 0
 
 
+def _check_bus_pub_free(s: Session, bus_pub: str, handle: str) -> None:
+    """Conflict unless ``bus_pub`` is nobody else's bus key and nobody's signing key as an nkey."""
+    owner = s.scalar(select(m.Member.handle).where(m.Member.bus_pub == bus_pub))
+    if owner is not None and owner != handle:
+        raise Conflict("another member already has this bus_pub")
+    try:
+        raw = sign_pub_from_nkey(bus_pub)
+    except KeyFormatError:
+        return  # not an nkey at all: it cannot be anyone's signing key (the API refuses it first)
+    if s.scalar(select(m.Member.handle).where(m.Member.sign_pub == raw)) is not None:
+        raise Conflict("this bus_pub is the nkey of a member's sign_pub; a signing key never logs in to the bus")
+
+
 def add_member_sync(s: Session, member: Member) -> Member:
     if s.get(m.Member, member.handle) is not None:
         raise Conflict(f"a member with handle {member.handle!r} already exists")
     if s.scalar(select(m.Member.handle).where(m.Member.sign_pub == member.sign_pub)) is not None:
         raise Conflict("another member already has this sign_pub")
+    if s.scalar(select(m.Member.handle).where(m.Member.bus_pub == nkey_from_sign_pub(member.sign_pub))) is not None:
+        raise Conflict("the nkey of this sign_pub is a member's bus_pub; a signing key never logs in to the bus")
+    if member.bus_pub is not None:
+        if member.bus_pub == nkey_from_sign_pub(member.sign_pub):
+            raise Conflict("bus_pub is the nkey of the member's own sign_pub; the bus key must be a separate key")
+        _check_bus_pub_free(s, member.bus_pub, member.handle)
     s.add(m.Member(handle=member.handle, role=member.role, sign_pub=member.sign_pub, enc_pub=member.enc_pub,
-                   enc_suite=member.enc_suite, created_at=member.created_at))
+                   enc_suite=member.enc_suite, created_at=member.created_at, bus_pub=member.bus_pub))
     try:
         s.flush()
     except IntegrityError:
-        raise Conflict(f"a member with handle {member.handle!r} or this sign_pub already exists") from None
+        raise Conflict(f"a member with handle {member.handle!r}, this sign_pub or this bus_pub already exists") from None
     return member
 
 
@@ -277,8 +318,9 @@ def membership_sync(s: Session) -> Membership:
     return Membership(members, {k: frozenset(v) for k, v in rooms.items()})
 
 
-def new_member(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_suite: str) -> Member:
-    return Member(handle, role, sign_pub, enc_pub, enc_suite, _now())
+def new_member(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_suite: str,
+               bus_pub: str | None = None) -> Member:
+    return Member(handle, role, sign_pub, enc_pub, enc_suite, _now(), bus_pub)
 
 
 _snapshot_engines: dict[Path, object] = {}

@@ -1,27 +1,31 @@
-"""auth_enforce: data-plane authorization generated from membership (SPEC §7).
+"""auth_enforce: data-plane authorization generated from membership (docs/bus-auth.md).
 
-With ``--bus-auth enforce`` (the default) the nats-server configuration gets an
-``authorization`` block with:
+With ``--bus-auth enforce`` (the default) the nats-server configuration gets
+three accounts and nothing else that lets a client in:
 
-* membershipd's own service user (the nkey in ``<data-dir>/service.nkey``) with
-  full rights: it owns the KV buckets;
-* one nkey user per member, its public key derived from the member's Ed25519
-  ``sign_pub``, allowed to publish and subscribe on ``unibus.room.<id>.>`` for
-  each room it is in, to subscribe on its inbox prefix ``_INBOX_<handle>.>``,
-  and to publish the replies it is asked for (``allow_responses``). Nothing else.
+* ``UNIBUS``: membershipd's service user (the nkey in ``<data-dir>/service.nkey``)
+  with JetStream, so every KV bucket and the blob object store live here;
+* ``MEMBERS``: one nkey user per member that has a bus key (``bus_pub``; never
+  a signing key), allowed to publish and subscribe on ``unibus.room.<id>.>``
+  for each room it is in and to subscribe on its inbox prefix
+  ``_INBOX_<handle>.>``. No JetStream, no imports or exports, and no
+  ``allow_responses``: a subject of ``UNIBUS`` or ``SYS`` does not exist for a
+  member, whatever reply subject it gets a message with;
+* ``SYS`` (``system_account``): membershipd's system user (``system.nkey``).
 
-No anonymous user, no ``no_auth_user``. Every committed membership change
-(member added or deleted, room member added or removed, room deleted, SIGHUP)
-regenerates the block and reloads nats-server; changes made close together
-share one reload, and the request that made the change gets its 2xx only once
-nats-server confirmed the reload (up to 15 s; after that it answers anyway and
-logs an error). nats-server's reload closes the connections of users that
-disappeared and drops subscriptions that are no longer allowed (measured and
-explained in docs/bus-auth.md).
+No top-level ``authorization``, no ``no_auth_user``: anonymous and unknown
+clients are refused. Every committed membership change (member added,
+deleted or given a new bus key, room member added or removed, room deleted,
+SIGHUP) regenerates the accounts and reloads nats-server; changes made close
+together share one reload, and the request that made the change gets its 2xx
+only once nats-server confirmed the reload (up to 15 s; after that it answers
+anyway and logs an error). nats-server's reload closes the connections of
+users that disappeared and drops subscriptions that are no longer allowed.
 
-``--bus-auth off`` is for development: a warning at start-up, and the posture
-says ``bus_auth: "off"``, ``acl: false``. So does ``--nats-url``, because the
-external server's authorization is not membershipd's to write.
+``--bus-auth off`` is for development: one open global account, a warning at
+start-up, and the posture says ``bus_auth: "off"``, ``acl: false``. So does
+``--nats-url``, because the external server's authorization is not
+membershipd's to write.
 """
 
 from __future__ import annotations
@@ -33,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from unibus import hookimpl
-from unibus.wire import nkey_from_sign_pub
-from unibus.servicekey import SERVICE_NKEY_FILE, load_nkey_seed
+from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_service_nkey, load_nkey_seed
 from unibus.settings import Settings
 from unibus.store.base import Change, Membership
 
@@ -43,6 +46,10 @@ log = logging.getLogger("unibus.plugins.auth_enforce")
 
 ROOM_SUBJECT = "unibus.room.{room_id}.>"
 INBOX = "_INBOX_{handle}.>"
+#: The accounts of docs/bus-auth.md: membershipd and JetStream, the members, the system.
+SERVICE_ACCOUNT = "UNIBUS"
+MEMBERS_ACCOUNT = "MEMBERS"
+SYSTEM_ACCOUNT = "SYS"
 
 
 def enforcing(settings: Settings) -> bool:
@@ -50,32 +57,49 @@ def enforcing(settings: Settings) -> bool:
 
 
 def member_permissions(handle: str, rooms: list[str]) -> dict[str, Any]:
-    """The NATS permissions of one member: its rooms, its inbox, replies it is asked for."""
+    """The NATS permissions of one member: its rooms and its inbox, nothing else.
+
+    No ``allow_responses``: it would let a member publish once to the reply
+    subject of any message it receives, its own messages included, whose
+    reply subject it chose itself (docs/bus-auth.md#why-no-allow_responses).
+    """
     room_subjects = [ROOM_SUBJECT.format(room_id=r) for r in rooms]
     # An empty allow list means "no restriction" to nats-server: a member in no
-    # room is denied every publish instead (replies stay allowed).
+    # room is denied every publish instead.
     publish: dict[str, Any] = {"allow": room_subjects} if room_subjects else {"deny": [">"]}
     return {
         "publish": publish,
         "subscribe": {"allow": [*room_subjects, INBOX.format(handle=handle)]},
-        "allow_responses": True,
     }
 
 
-def authorization(service_nkey: str, membership: Membership) -> dict[str, Any]:
-    """The ``authorization`` block: the service user plus one user per member."""
-    users: list[dict[str, Any]] = [{"nkey": service_nkey}]
-    for member in membership.members:
-        users.append({
-            "nkey": nkey_from_sign_pub(member.sign_pub),
-            "permissions": member_permissions(member.handle, membership.rooms_of(member.handle)),
-        })
-    return {"users": users}
+def member_users(membership: Membership) -> list[dict[str, Any]]:
+    """One nkey user per member with a bus key; a member without one (upgraded from 0.11) has none."""
+    return [
+        {"nkey": member.bus_pub, "permissions": member_permissions(member.handle, membership.rooms_of(member.handle))}
+        for member in membership.members
+        if member.bus_pub is not None
+    ]
+
+
+def accounts(service_nkey: str, system_nkey: str, membership: Membership) -> dict[str, Any]:
+    """The ``accounts`` block: ``UNIBUS`` (service user, JetStream), ``MEMBERS``, ``SYS``.
+
+    Only ``UNIBUS`` names JetStream: with accounts configured, nats-server
+    enables it for those accounts alone, so a member has no JetStream API at
+    all (checked by tests/plugins/auth_enforce/test_accounts.py).
+    """
+    return {
+        SERVICE_ACCOUNT: {"jetstream": "enabled", "users": [{"nkey": service_nkey}]},
+        MEMBERS_ACCOUNT: {"users": member_users(membership)},
+        SYSTEM_ACCOUNT: {"users": [{"nkey": system_nkey}]},
+    }
 
 
 @dataclass
 class _Generated:
-    users: int = 0
+    users: int = 0  # every user of the generated accounts
+    members: int = 0  # of which member users (members with a bus key)
 
 
 # Per data dir, so several daemons in one process (tests) keep apart.
@@ -85,6 +109,12 @@ _lock = threading.Lock()
 
 def service_public_key(settings: Settings) -> str:
     _seed, public = load_nkey_seed(settings.data_dir / SERVICE_NKEY_FILE)
+    return public
+
+
+def system_public_key(settings: Settings) -> str:
+    """membershipd's system user (``system.nkey``, 0600), made on first use: every enforcing node has one."""
+    _seed, public = ensure_service_nkey(settings.data_dir, SYSTEM_NKEY_FILE)
     return public
 
 
@@ -101,11 +131,14 @@ def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
         return
     from unibus.store import membership_snapshot
 
-    block = authorization(service_public_key(settings), membership_snapshot(settings))
-    config["authorization"] = block
-    config.pop("no_auth_user", None)
+    block = accounts(service_public_key(settings), system_public_key(settings), membership_snapshot(settings))
+    config["accounts"] = block
+    config["system_account"] = SYSTEM_ACCOUNT
+    for key in ("authorization", "no_auth_user"):
+        config.pop(key, None)
     with _lock:
-        _generated.setdefault(settings.data_dir, _Generated()).users = len(block["users"])
+        _generated[settings.data_dir] = _Generated(users=sum(len(a["users"]) for a in block.values()),
+                                                   members=len(block[MEMBERS_ACCOUNT]["users"]))
 
 
 @hookimpl
@@ -140,11 +173,12 @@ def healthz_fields(app) -> dict[str, Any]:
         return {PLUGIN_NAME: {"enforced": False}}
     supervisor = app[SUPERVISOR]
     with _lock:
-        users = _generated.get(settings.data_dir, _Generated()).users
+        generated = _generated.get(settings.data_dir, _Generated())
     last = getattr(supervisor, "last_reload", None)
     return {PLUGIN_NAME: {
         "enforced": True,
-        "users": users,
+        "users": generated.users,
+        "members": generated.members,
         "reloads": getattr(supervisor, "reloads", 0),
         "last_reload": None if last is None else _iso(last),
     }}
@@ -156,4 +190,4 @@ def _iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-__all__ = ["authorization", "member_permissions"]
+__all__ = ["MEMBERS_ACCOUNT", "SERVICE_ACCOUNT", "SYSTEM_ACCOUNT", "accounts", "member_permissions", "member_users"]

@@ -28,7 +28,7 @@ async def world(daemon_with_admin, alice):
     clients = {h: UnibusClient(server.base_url, i) for h, i in people.items()}
     for h in ("bob", "carol", "dave"):
         i = people[h]
-        await clients["alice"].add_member(h, i.sign_pub_b64, i.enc_pub_b64, i.enc_suite)
+        await clients["alice"].add_member(h, i.sign_pub_b64, i.enc_pub_b64, i.enc_suite, bus_pub=i.bus_pub)
     yield server, people, clients
     for c in clients.values():
         await c.close()
@@ -139,7 +139,7 @@ async def test_bus_info(world):
     rid = (await c["bob"].create_room("bus"))["room_id"]
     info = await c["bob"].bus_info()
     assert info["servers"] == [server.nats_url]
-    assert info["user_nkey"] == people["bob"].user_nkey and info["user_nkey"].startswith("U")
+    assert info["user_nkey"] == people["bob"].bus_pub and info["user_nkey"].startswith("U")
     assert info["inbox_prefix"] == "_INBOX_bob"
     assert info["rooms"] == {rid: f"unibus.room.{rid}.>"}
 

@@ -173,7 +173,8 @@ class FakeServer:
 
     async def bus(self, request):
         h = request[HANDLE]
-        return web.json_response({"servers": self.bus_servers, "user_nkey": "U", "inbox_prefix": f"_INBOX_{h}",
+        return web.json_response({"servers": self.bus_servers, "user_nkey": self.members[h].get("bus_pub"),
+                                  "inbox_prefix": f"_INBOX_{h}",
                                   "rooms": {}})
 
 
@@ -201,8 +202,9 @@ async def test_signed_requests_and_json_bodies(fake, people):
     async with UnibusClient(fake.base_url, people["alice"]) as c:
         assert (await c.me())["handle"] == "alice"
         bob = people["bob"].public_record()
-        added = await c.add_member(bob["handle"], bob["sign_pub"], bob["enc_pub"], bob["enc_suite"])
-        assert added["enc_suite"] == "MLKEM768_X25519"
+        added = await c.add_member(bob["handle"], bob["sign_pub"], bob["enc_pub"], bob["enc_suite"],
+                                   bus_pub=bob["bus_pub"])
+        assert added["enc_suite"] == "MLKEM768_X25519" and added["bus_pub"] == bob["bus_pub"]
         assert [m["handle"] for m in await c.list_members()] == ["alice", "bob"]
     method, raw_path, body = fake.requests[-2]
     assert (method, raw_path) == ("POST", "/v1/members")
@@ -227,7 +229,8 @@ async def test_api_error_shape(fake, people):
     fake.add(people["alice"])  # not an admin
     async with UnibusClient(fake.base_url, people["alice"]) as c:
         with pytest.raises(ApiError) as e:
-            await c.add_member("dave", people["carol"].sign_pub_b64, people["carol"].enc_pub_b64)
+            await c.add_member("dave", people["carol"].sign_pub_b64, people["carol"].enc_pub_b64,
+                               bus_pub=people["carol"].bus_pub)
     assert e.value.status == 403
     assert e.value.problem["detail"] == "admin only"
     assert str(e.value) == "403 Forbidden: admin only"

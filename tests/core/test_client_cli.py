@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from unibus.client.keys import load_identity, validate_enc_pub, validate_sign_pub
+from unibus.client.keys import (load_identity, nkey_from_sign_pub, validate_bus_pub, validate_enc_pub,
+                                validate_sign_pub)
 from unibus.testing import free_port, run_membershipd
 
 
@@ -39,7 +40,7 @@ def parse_member_add(line: str) -> dict[str, str]:
     argv = shlex.split(line)
     assert argv[:3] == ["membershipd", "member", "add"], line
     flags = argv[3:]
-    assert len(flags) == 10, flags
+    assert len(flags) == 12, flags
     return {flags[i]: flags[i + 1] for i in range(0, len(flags), 2)}
 
 
@@ -52,14 +53,16 @@ def test_keygen_writes_a_private_identity_and_prints_the_operator_line(tmp_path,
     lines = proc.stdout.splitlines()
     assert len(lines) == 1
     flags = parse_member_add(lines[0])
-    assert list(flags) == ["--handle", "--role", "--sign-pub", "--enc-pub", "--enc-suite"]
+    assert list(flags) == ["--handle", "--role", "--sign-pub", "--enc-pub", "--enc-suite", "--bus-pub"]
     ident = load_identity(out)
     assert flags["--handle"] == "bob" and flags["--role"] == "member" and flags["--enc-suite"] == suite
     assert validate_sign_pub(flags["--sign-pub"]) == ident.sign_pub
     assert validate_enc_pub(flags["--enc-pub"], suite) == ident.enc_pub
+    assert validate_bus_pub(flags["--bus-pub"]) == ident.bus_pub != nkey_from_sign_pub(ident.sign_pub)
     # never a private key on any output
     doc = json.loads(out.read_text())
-    for secret in (doc["sign_seed"], doc["enc_key"]):
+    assert doc["version"] == 2
+    for secret in (doc["sign_seed"], doc["enc_key"], doc["bus_seed"], ident.bus_nkey_seed()):
         assert secret not in proc.stdout and secret not in proc.stderr
 
 
@@ -96,9 +99,9 @@ def test_keygen_json(tmp_path):
     doc = json.loads(proc.stdout)
     ident = load_identity(tmp_path / "d.json")
     assert doc["handle"] == "dave" and doc["sign_pub"] == ident.sign_pub_b64 and doc["enc_pub"] == ident.enc_pub_b64
-    assert doc["user_nkey"] == ident.user_nkey
+    assert doc["bus_pub"] == ident.bus_pub
     assert parse_member_add(doc["operator_command"])["--handle"] == "dave"
-    assert "sign_seed" not in doc and "enc_key" not in doc
+    assert "sign_seed" not in doc and "enc_key" not in doc and "bus_seed" not in doc
 
 
 @pytest.mark.parametrize("suite", ["X25519", "MLKEM768_X25519"])
@@ -123,6 +126,8 @@ def test_membershipd_member_add_accepts_the_keygen_line(tmp_path, suite):
         (["send", "r1", "topic"], "TEXT"),
         (["listen", "r1", "--count", "many"], "--count"),
         (["members", "add", "--handle", "x"], "--sign-pub"),
+        (["keygen", "--upgrade", "--handle", "x"], "--handle cannot be combined with --upgrade"),
+        (["keygen", "--upgrade"], "not found"),
     ],
 )
 def test_bad_usage_exits_2(tmp_path, args, needle):
@@ -144,7 +149,10 @@ def identity_file(tmp_path):
         (["rooms", "show", "Not-A-Room"], "ROOM"),
         (["send", "abc", "bad topic", "hi"], "TOPIC"),
         (["listen", "abc", "--count", "0"], "--count"),
-        (["members", "add", "--handle", "bob", "--sign-pub", "AAAA", "--enc-pub", "AAAA"], "--sign-pub"),
+        (["members", "add", "--handle", "bob", "--sign-pub", "AAAA", "--enc-pub", "AAAA", "--bus-pub", "U"],
+         "--sign-pub"),
+        (["members", "add", "--handle", "bob", "--sign-pub", "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=",
+          "--enc-pub", "NYBy1jZYgNGu6jKa35EhODhR7SGijjt16WXQ0s0WYlQ=", "--bus-pub", "UNOTANKEY"], "--bus-pub"),
         (["--server", "localhost:8470", "whoami"], "--server"),
         (["members", "remove", "Bob!"], "HANDLE"),
     ],
@@ -196,3 +204,47 @@ def test_server_from_environment_and_flag_position(identity_file):
 def test_version():
     proc = unibus("--version")
     assert proc.returncode == 0 and proc.stdout.strip() == "unibus 0.12.0"
+
+
+def test_keygen_upgrade_adds_a_bus_key_to_a_version_1_file(tmp_path):
+    path = tmp_path / "id.json"
+    assert unibus("keygen", "--handle", "alice", "--out", str(path)).returncode == 0
+    doc = json.loads(path.read_text())
+    v1 = {k: v for k, v in doc.items() if k not in ("bus_seed", "bus_pub")} | {"version": 1}
+    path.write_text(json.dumps(v1))
+    old = load_identity(path)
+    proc = unibus("--identity", str(path), "keygen", "--upgrade")
+    assert proc.returncode == 0, proc.stderr
+    new = load_identity(path)
+    assert proc.stdout.strip() == new.bus_pub and "v1.bak" in proc.stderr
+    assert (new.sign_seed, new.enc_key, new.enc_suite, new.handle) == (old.sign_seed, old.enc_key, old.enc_suite,
+                                                                       old.handle)
+    assert load_identity(tmp_path / "id.json.v1.bak") == old
+    assert stat.S_IMODE((tmp_path / "id.json.v1.bak").stat().st_mode) == 0o600
+    assert new.bus_nkey_seed() not in proc.stdout + proc.stderr
+    assert "upload it with `unibus keygen --upgrade --server URL`" in proc.stderr  # no --server: nothing sent
+    # a version 2 file: nothing to do
+    before = path.read_bytes()
+    again = unibus("--identity", str(path), "keygen", "--upgrade", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"handle": "alice", "identity_path": str(path), "upgraded": False,
+                                        "backup_path": None, "bus_pub": new.bus_pub, "uploaded": False}
+    assert "nothing to upgrade" in again.stderr and path.read_bytes() == before
+
+
+def test_membershipd_member_add_refuses_a_missing_bad_or_signing_bus_key(tmp_path):
+    proc = unibus("keygen", "--handle", "erin", "--out", str(tmp_path / "e.json"))
+    flags = parse_member_add(proc.stdout.strip())
+    ident = load_identity(tmp_path / "e.json")
+    data = ["--data-dir", str(tmp_path / "d")]
+
+    def member_add(bus_pub: str | None) -> subprocess.CompletedProcess[str]:
+        argv = [a for f, v in flags.items() if f != "--bus-pub" for a in (f, v)]
+        return run_membershipd("member", "add", *data, *argv, *(["--bus-pub", bus_pub] if bus_pub else []))
+
+    for bad, needle in ((None, "--bus-pub"), ("UNOTANKEY", "--bus-pub"), (ident.sign_pub_b64, "--bus-pub"),
+                        (nkey_from_sign_pub(ident.sign_pub), "--bus-pub: is the nkey of --sign-pub")):
+        proc = member_add(bad)
+        one_error_line(proc, 2, needle)
+    assert not (tmp_path / "d").exists()  # refused before anything is written
+    assert member_add(ident.bus_pub).returncode == 0

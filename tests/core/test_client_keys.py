@@ -488,20 +488,31 @@ def test_nkey_equivalence(seed):
     assert sign_pub_from_nkey(expected) == pub
 
 
-def test_identity_nkey_is_signing_key():
+def test_identity_nkey_is_the_bus_key_never_the_signing_key():
     ident = generate_identity("alice")
-    seed = ident.nkey_seed()
+    seed = ident.bus_nkey_seed()
     assert seed.startswith("SU")
     kp = nkeys.from_seed(bytearray(seed.encode()))
-    assert kp.public_key.decode() == ident.user_nkey == nkey_from_sign_pub(ident.sign_pub)
-    # a signature made through nkeys verifies under sign_pub: it is the same key
+    assert kp.public_key.decode() == ident.bus_pub != nkey_from_sign_pub(ident.sign_pub)
+    assert nkeys.encode_seed(ident.bus_seed, nkeys.PREFIX_BYTE_USER).decode() == seed
+    # what nats-py signs with that seed (the server's nonce) does not verify under sign_pub
     sig = kp.sign(b"nonce-from-server")
-    ed25519.Ed25519PublicKey.from_public_bytes(ident.sign_pub).verify(sig, b"nonce-from-server")
-    assert nkeys.encode_seed(ident.sign_seed, nkeys.PREFIX_BYTE_USER).decode() == seed
+    ed25519.Ed25519PublicKey.from_public_bytes(sign_pub_from_nkey(ident.bus_pub)).verify(sig, b"nonce-from-server")
+    with pytest.raises(Exception):
+        ed25519.Ed25519PublicKey.from_public_bytes(ident.sign_pub).verify(sig, b"nonce-from-server")
+    # and nothing in the identity hands out the signing key as an nkey or signs arbitrary bytes with it
+    for gone in ("nkey_seed", "user_nkey", "sign"):
+        assert not hasattr(ident, gone), gone
+
+
+def test_an_identity_refuses_its_signing_key_as_bus_key():
+    sk = ed25519.Ed25519PrivateKey.generate()
+    with pytest.raises(KeyFormatError, match="bus key"):
+        Identity("alice", sk, "X25519", bytes(32), bus_key=sk)
 
 
 def test_sign_pub_from_nkey_rejects():
-    good = generate_identity("alice").user_nkey
+    good = generate_identity("alice").bus_pub
     bad_crc = good[:-1] + ("A" if good[-1] != "A" else "B")
     for bad in [bad_crc, good[:-1], "N" + good[1:], good.lower(), 5]:
         with pytest.raises(KeyFormatError):
@@ -526,11 +537,13 @@ def test_generate_identity(suite):
         "sign_pub": ident.sign_pub_b64,
         "enc_pub": ident.enc_pub_b64,
         "enc_suite": suite,
+        "bus_pub": ident.bus_pub,
     }
-    sig = ident.sign(b"msg")
-    ed25519.Ed25519PublicKey.from_public_bytes(ident.sign_pub).verify(sig, b"msg")
+    assert len(ident.bus_seed) == 32 and ident.bus_seed != ident.sign_seed
+    assert wire.validate_bus_pub(ident.bus_pub) == ident.bus_pub
     r = repr(ident)
     assert "alice" in r and b64(ident.enc_key) not in r and b64(ident.sign_seed) not in r
+    assert b64(ident.bus_seed) not in r and ident.bus_nkey_seed() not in r
     assert ident != generate_identity("alice", suite)
 
 
@@ -552,14 +565,16 @@ def test_save_load_roundtrip(tmp_path, suite):
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     doc = json.loads(path.read_text())
-    assert list(doc) == ["version", "handle", "sign_seed", "sign_pub", "enc_suite", "enc_key", "enc_pub"]
-    assert doc["version"] == 1 and doc["handle"] == "alice" and doc["enc_suite"] == suite
+    assert list(doc) == ["version", "handle", "sign_seed", "sign_pub", "enc_suite", "enc_key", "enc_pub",
+                         "bus_seed", "bus_pub"]
+    assert doc["version"] == 2 and doc["handle"] == "alice" and doc["enc_suite"] == suite
+    assert base64.b64decode(doc["bus_seed"]) == ident.bus_seed and doc["bus_pub"] == ident.bus_pub
     assert doc["sign_pub"] == ident.sign_pub_b64 and doc["enc_pub"] == ident.enc_pub_b64
     assert base64.b64decode(doc["sign_seed"]) == ident.sign_seed
     assert base64.b64decode(doc["enc_key"]) == ident.enc_key
     loaded = load_identity(path)
     assert loaded == ident
-    assert loaded.enc_pub == ident.enc_pub and loaded.user_nkey == ident.user_nkey
+    assert loaded.enc_pub == ident.enc_pub and loaded.bus_pub == ident.bus_pub
     assert os.listdir(path.parent) == ["identity.json"]  # no temp file left behind
 
 
@@ -658,6 +673,14 @@ _DEL = object()
 _other_x = generate_identity("zed")
 
 
+def _same_seed_doc():
+    """A version 2 file whose bus key is its signing key (hand-edited)."""
+    doc = keys.identity_to_json(generate_identity("alice"))
+    doc["bus_seed"] = doc["sign_seed"]
+    doc["bus_pub"] = nkey_from_sign_pub(base64.b64decode(doc["sign_pub"]))
+    return json.dumps(doc)
+
+
 @pytest.mark.parametrize(
     "content,needle",
     [
@@ -666,7 +689,7 @@ _other_x = generate_identity("zed")
         (b"\xff\xfe\x00", "not UTF-8"),
         ("{not json", r"not valid JSON \(line 1, column 2"),
         ("[1, 2]", "expected a JSON object"),
-        (_doc(version=2), "unsupported identity file version 2"),
+        (_doc(version=3), "unsupported identity file version 3"),
         (_doc(version="1"), "non-integer"),
         (_doc(version=True), "non-integer"),
         (_doc(version=_DEL), "version"),
@@ -679,6 +702,12 @@ _other_x = generate_identity("zed")
         (_doc(sign_pub=_other_x.sign_pub_b64), "sign_pub does not match sign_seed"),
         (_doc(enc_pub=_other_x.enc_pub_b64), "enc_pub does not match enc_key"),
         (_doc("MLKEM768_X25519", enc_suite="X25519"), "enc_pub: decodes to 1216 bytes"),
+        (_doc(bus_seed=_DEL), "missing field.*bus_seed"),
+        (_doc(bus_pub=_DEL), "missing field.*bus_pub"),
+        (_doc(bus_seed="AAAA"), "bus_seed: decodes to 3 bytes"),
+        (_doc(bus_pub=_other_x.bus_pub), "bus_pub does not match bus_seed"),
+        (_doc(bus_pub=5), "bus_pub"),
+        (_same_seed_doc(), "bus_seed: equals sign_seed"),
     ],
 )
 def test_load_corrupted(tmp_path, content, needle):
@@ -712,8 +741,9 @@ def test_load_expands_user(tmp_path, monkeypatch):
 
 def test_formats_doc_vectors():
     """The worked example of docs/formats.md §3."""
-    ident = Identity("alice", ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32))), "X25519", bytes(range(32, 64)))
-    assert keys.identity_to_json(ident) == {
+    ident = Identity("alice", ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(32))), "X25519",
+                     bytes(range(32, 64)), ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(64, 96))))
+    v1 = {
         "version": 1,
         "handle": "alice",
         "sign_seed": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
@@ -722,15 +752,26 @@ def test_formats_doc_vectors():
         "enc_key": "ICEiIyQlJicoKSorLC0uLzAxMjM0NTY3ODk6Ozw9Pj8=",
         "enc_pub": "NYBy1jZYgNGu6jKa35EhODhR7SGijjt16WXQ0s0WYlQ=",
     }
+    assert keys.identity_to_json(ident) == {
+        **v1,
+        "version": 2,
+        "bus_seed": "QEFCQ0RFRkdISUpLTE1OT1BRUlNUVVZXWFlaW1xdXl8=",
+        "bus_pub": "UASUHOJP6EEVKEKHNLOIG2O3NXOJGNTFUEMXRXNBIBHOCBTMVFKZ3BWH",
+    }
+    assert keys.identity_from_json(v1).bus_key is None  # a 0.11 file still loads, without a bus key
+    assert keys.identity_to_json(keys.identity_from_json(v1)) == v1
     assert ident.sign_pub.hex() == "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8"
     assert wire._crc16_xmodem(b"\xa0" + ident.sign_pub) == 0x4AAD
-    assert ident.user_nkey == "UAB2CB576PHBBPQ5ODORRZ2LYCMWPZGWGCN2KDK7DXOIMZASKUY3RLKK"
-    assert ident.nkey_seed() == "SUAAAAICAMCAKBQHBAEQUCYMBUHA6EARCIJRIFIWC4MBSGQ3DQOR4H776Y"
-    # the seed layout of docs/formats.md §2.2, computed by hand
+    assert nkey_from_sign_pub(ident.sign_pub) == "UAB2CB576PHBBPQ5ODORRZ2LYCMWPZGWGCN2KDK7DXOIMZASKUY3RLKK"
+    bus_raw = sign_pub_from_nkey(ident.bus_pub)
+    assert bus_raw.hex() == "2543b92ff1095511476adc8369db6ddc933665a11978dda1404ee1066ca9559d"
+    assert wire._crc16_xmodem(b"\xa0" + bus_raw) == 0xC786
+    assert ident.bus_nkey_seed() == "SUAEAQKCINCEKRSHJBEUUS2MJVHE6UCRKJJVIVKWK5MFSWS3LROV4XZ7LE"
+    # the seed layout of docs/formats.md §2.4, computed by hand
     b0, b1 = 0x90 | (0xA0 >> 5), (0xA0 & 31) << 3
-    body = bytes([b0, b1]) + ident.sign_seed
+    body = bytes([b0, b1]) + ident.bus_seed
     body += wire._crc16_xmodem(body).to_bytes(2, "little")
-    assert base64.b32encode(body).decode().rstrip("=") == ident.nkey_seed()
+    assert base64.b32encode(body).decode().rstrip("=") == ident.bus_nkey_seed()
     hybrid = Identity("alice", ident.sign_key, "MLKEM768_X25519", bytes(range(32, 64)))
     assert len(hybrid.enc_pub_b64) == 1624
     assert hashlib.sha256(hybrid.enc_pub).hexdigest() == "a1f324bc0701f1234fbba7b11901023b3644f3bb8c6eb4ee4368d7e859eb6228"
@@ -750,3 +791,70 @@ def test_load_unreadable_simulated(tmp_path, monkeypatch):
     monkeypatch.setattr(keys.os, "open", deny)
     with pytest.raises(IdentityError, match=r"cannot read identity file .*Permission denied"):
         load_identity(path)
+
+
+# ============================================================== version 1 files and --upgrade
+
+
+def _v1_file(path, ident):
+    doc = keys.identity_to_json(ident)
+    for k in ("bus_seed", "bus_pub"):
+        del doc[k]
+    doc["version"] = 1
+    return _write(path, json.dumps(doc, indent=2) + "\n")
+
+
+def test_a_version_1_file_loads_without_bus_access(tmp_path):
+    ident = generate_identity("alice")
+    old = load_identity(_v1_file(tmp_path / "id.json", ident))
+    assert old.bus_key is None and old.bus_pub is None and "bus_pub" not in old.public_record()
+    assert old.sign_seed == ident.sign_seed and old.enc_key == ident.enc_key
+    for use in (lambda: old.bus_nkey_seed(), lambda: old.bus_seed):
+        with pytest.raises(keys.NoBusKey, match=r"unibus keygen --upgrade"):
+            use()
+
+
+def test_upgrade_adds_a_bus_key_and_keeps_the_rest(tmp_path):
+    ident = generate_identity("alice", "MLKEM768_X25519")
+    path = _v1_file(tmp_path / "id.json", ident)
+    original = path.read_bytes()
+    upgraded, backup = keys.upgrade_identity_file(path)
+    assert backup == tmp_path / "id.json.v1.bak" and backup.read_bytes() == original
+    assert stat.S_IMODE(os.stat(backup).st_mode) == 0o600 and stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    old, new = load_identity(backup), load_identity(path)
+    assert new == upgraded and json.loads(path.read_text())["version"] == 2
+    assert (new.handle, new.enc_suite, new.sign_seed, new.sign_pub, new.enc_key, new.enc_pub) == (
+        old.handle, old.enc_suite, old.sign_seed, old.sign_pub, old.enc_key, old.enc_pub)
+    assert new.bus_pub and new.bus_seed != new.sign_seed
+    assert sorted(os.listdir(tmp_path)) == ["id.json", "id.json.v1.bak"]  # no temporary file left
+    # a version 2 file: nothing to do, nothing written
+    before = path.read_bytes()
+    again, none = keys.upgrade_identity_file(path)
+    assert none is None and again == new and path.read_bytes() == before
+
+
+def test_upgrade_never_overwrites_another_backup(tmp_path):
+    path = _v1_file(tmp_path / "id.json", generate_identity("alice"))
+    _write(tmp_path / "id.json.v1.bak", "something else")
+    before = path.read_bytes()
+    with pytest.raises(IdentityError, match="move it away"):
+        keys.upgrade_identity_file(path)
+    assert path.read_bytes() == before
+    # nor follows a link planted there
+    os.unlink(tmp_path / "id.json.v1.bak")
+    os.symlink(path, tmp_path / "id.json.v1.bak")
+    with pytest.raises(IdentityError, match="not a regular file"):
+        keys.upgrade_identity_file(path)
+    assert path.read_bytes() == before
+    # the same bytes (an interrupted earlier run) are fine
+    os.unlink(tmp_path / "id.json.v1.bak")
+    _write(tmp_path / "id.json.v1.bak", before)
+    assert keys.upgrade_identity_file(path)[1] == tmp_path / "id.json.v1.bak"
+
+
+def test_upgrade_refuses_an_open_file(tmp_path):
+    path = _v1_file(tmp_path / "id.json", generate_identity("alice"))
+    os.chmod(path, 0o644)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        keys.upgrade_identity_file(path)
+    assert not (tmp_path / "id.json.v1.bak").exists()

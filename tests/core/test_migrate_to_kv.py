@@ -24,7 +24,7 @@ async def test_copies_everything_once(daemon_with_admin, alice):
     server = daemon_with_admin()
     bob = generate_identity("bob", "MLKEM768_X25519")
     async with UnibusClient(server.base_url, alice) as a:
-        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, "MLKEM768_X25519")
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, "MLKEM768_X25519", bus_pub=bob.bus_pub)
         room = (await a.create_room("ops"))["room_id"]
         await a.add_room_member(room, "bob")
         await a.rekey(room)

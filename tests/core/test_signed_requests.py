@@ -115,7 +115,8 @@ async def test_bad_signatures_are_401_saying_which(shared_server, case, kwargs, 
 
 async def test_tampered_body_is_401(server, alice):
     bob = generate_identity("bob")
-    body = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64}
+    body = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64,
+            "bus_pub": bob.bus_pub}
 
     def swap_body(method, path, raw, h):
         return method, path, raw.replace(b'"member"', b'"admin"'), h
@@ -171,12 +172,13 @@ async def test_unknown_route_under_v1_authenticates_first(shared_server):
 
 async def test_non_admin_write_is_403_and_bad_json_never_500(server, alice, tmp_path):
     bob = generate_identity("bob")
-    new = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64}
+    new = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64,
+            "bus_pub": bob.bus_pub}
     status, body, _ = await send(server.base_url, "POST", "/v1/members", alice, new)
     assert status == 201 and body["handle"] == "bob" and body["enc_suite"] == "X25519"
     carol = generate_identity("carol", "MLKEM768_X25519")
     as_bob = {"handle": "carol", "role": "member", "sign_pub": carol.sign_pub_b64, "enc_pub": carol.enc_pub_b64,
-              "enc_suite": "MLKEM768_X25519"}
+              "enc_suite": "MLKEM768_X25519", "bus_pub": carol.bus_pub}
     status, body, _ = await send(server.base_url, "POST", "/v1/members", bob, as_bob)
     assert status == 403
     status, body, _ = await send(server.base_url, "DELETE", "/v1/members/alice", bob)
@@ -198,7 +200,8 @@ async def test_non_admin_write_is_403_and_bad_json_never_500(server, alice, tmp_
 
 async def test_members_routes(server, alice):
     bob = generate_identity("bob")
-    new = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64}
+    new = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64,
+            "bus_pub": bob.bus_pub}
     assert (await send(server.base_url, "POST", "/v1/members", alice, new))[0] == 201
     status, body, _ = await send(server.base_url, "GET", "/v1/members", bob)
     assert status == 200 and [m["handle"] for m in body["members"]] == ["alice", "bob"]

@@ -30,12 +30,19 @@ from unibus.store.db import migrate
 from unibus.store.kv import STATE_BUCKET, KvStore, copy_store
 from unibus.store.sqlite import SqliteStore, new_member
 from unibus.testing import NatsServer
+from unibus.wire import nkey_from_sign_pub, sign_pub_from_nkey
 
 WAIT = 15.0  # upper bound of every wait for something asynchronous (never a timing assertion)
 
 
-def member(handle: str, role: str = "member", suite: str = "X25519") -> Member:
-    return new_member(handle, role, os.urandom(32), os.urandom(32 if suite == "X25519" else 1216), suite)
+def bus_key() -> str:
+    """A fresh bus key as the API passes it: a NATS user nkey (the store does not check the point)."""
+    return nkey_from_sign_pub(os.urandom(32))
+
+
+def member(handle: str, role: str = "member", suite: str = "X25519", bus: bool = True) -> Member:
+    return new_member(handle, role, os.urandom(32), os.urandom(32 if suite == "X25519" else 1216), suite,
+                      bus_key() if bus else None)
 
 
 async def connect(url: str) -> nats.NATS:
@@ -115,6 +122,70 @@ async def test_add_member_conflicts(store: Store) -> None:
     with pytest.raises(Conflict):
         await store.add_member(twin)
     assert [m.handle for m in await store.list_members()] == ["alice"]
+
+
+async def test_bus_keys_are_unique_and_never_a_signing_key(store: Store) -> None:
+    a = await store.add_member(member("alice", "admin"))
+    assert a.bus_pub and (await store.get_member("alice")).bus_pub == a.bus_pub
+    assert a.as_json()["bus_pub"] == a.bus_pub
+    legacy = await store.add_member(member("old", bus=False))  # upgraded from 0.11: no bus key yet
+    assert legacy.bus_pub is None and (await store.get_member("old")).as_json()["bus_pub"] is None
+    refused = {
+        "another member's bus key": new_member("bob", "member", os.urandom(32), os.urandom(32), "X25519", a.bus_pub),
+        "another member's signing key as nkey": new_member("bob", "member", os.urandom(32), os.urandom(32), "X25519",
+                                                           nkey_from_sign_pub(a.sign_pub)),
+        "a legacy member's signing key as nkey": new_member("bob", "member", os.urandom(32), os.urandom(32),
+                                                            "X25519", nkey_from_sign_pub(legacy.sign_pub)),
+        "a signing key that is a member's bus key": new_member("bob", "member", sign_pub_from_nkey(a.bus_pub),
+                                                               os.urandom(32), "X25519", bus_key()),
+    }
+    own = os.urandom(32)
+    refused["its own signing key as nkey"] = new_member("bob", "member", own, os.urandom(32), "X25519",
+                                                        nkey_from_sign_pub(own))
+    for why, candidate in refused.items():
+        with pytest.raises(Conflict):
+            await store.add_member(candidate)
+        assert await store.get_member("bob") is None, why
+    assert {m.handle: m.bus_pub for m in (await store.membership()).members} == {"alice": a.bus_pub, "old": None}
+
+
+async def test_set_bus_key_sets_rotates_and_frees(store: Store) -> None:
+    a = await store.add_member(member("alice", "admin"))
+    old = await store.add_member(member("old", bus=False))
+    changes: list[Change] = []
+    store.add_listener(changes.append)
+    with pytest.raises(NotFound):
+        await store.set_bus_key("nobody", bus_key())
+    first = bus_key()
+    assert (await store.set_bus_key("old", first)).bus_pub == first
+    assert (await store.get_member("old")).bus_pub == first
+    assert changes == [Change("member_bus_key", handle="old")] and changes[0].affects_bus
+    assert (await store.set_bus_key("old", first)).bus_pub == first  # the same key: no change reported
+    assert len(changes) == 1
+    for taken in (a.bus_pub, nkey_from_sign_pub(a.sign_pub), nkey_from_sign_pub(old.sign_pub)):
+        with pytest.raises(Conflict):
+            await store.set_bus_key("old", taken)
+    assert (await store.get_member("old")).bus_pub == first
+    second = bus_key()
+    await store.set_bus_key("old", second)  # rotation frees the first key...
+    await store.set_bus_key("alice", first)  # ...for anyone
+    assert [(c.kind, c.handle) for c in changes[1:]] == [("member_bus_key", "old"), ("member_bus_key", "alice")]
+    assert {m.handle: m.bus_pub for m in await store.list_members()} == {"alice": first, "old": second}
+    await store.delete_member("old")  # deletion frees its bus key and its signing key's nkey
+    await store.add_member(new_member("new", "member", sign_pub_from_nkey(second), os.urandom(32), "X25519",
+                                      nkey_from_sign_pub(old.sign_pub)))
+    assert (await store.get_member("new")).bus_pub == nkey_from_sign_pub(old.sign_pub)
+
+
+async def test_concurrent_claims_of_one_bus_key_have_one_winner(store: Store, admin: Member) -> None:
+    for h in ("b1", "b2", "b3"):
+        await store.add_member(member(h, bus=False))
+    key = bus_key()
+    results = await asyncio.gather(*(store.set_bus_key(h, key) for h in ("b1", "b2", "b3")), return_exceptions=True)
+    assert sum(isinstance(r, Member) for r in results) == 1, results
+    assert all(isinstance(r, (Member, Conflict)) for r in results), results
+    assert [m.handle for m in await store.list_members() if m.bus_pub == key] == [
+        next(r.handle for r in results if isinstance(r, Member))]
 
 
 async def test_set_role_and_last_admin(store: Store, admin: Member) -> None:
@@ -481,12 +552,13 @@ async def test_kv_own_writes_are_not_reported_again(two_kv: tuple[KvStore, KvSto
     await asyncio.wait_for(a.watch_ready.wait(), WAIT)
     await eventually(lambda: a.watch_stats["reported"] == 1, "the watch's start-up reload")
     seen.clear()
-    await a.add_member(member("alice", "admin"))  # one batch: member, sign index, admins
-    await eventually(lambda: a.watch_stats["own"] == 3, "the watch to see a's own batch")
+    # one batch: member, sign index, bus index (its bus key and its signing key's nkey), admins
+    await a.add_member(member("alice", "admin"))
+    await eventually(lambda: a.watch_stats["own"] == 5, "the watch to see a's own batch")
     assert [c.kind for c in seen] == ["member_added"]  # reported once, by the write itself
     await b.add_member(member("zed"))
     await eventually(lambda: [c for c in seen if c.kind == "reloaded"], "b's write, reported by a's watch")
-    assert a.watch_stats["remote"] == 2
+    assert a.watch_stats["remote"] == 4  # member, sign index, two bus index entries
 
 
 async def test_kv_watch_survives_a_nats_restart(nats_server: NatsServer) -> None:
@@ -579,7 +651,8 @@ async def test_kv_ensure_creates_and_upgrades_in_place(nats_server: NatsServer) 
         assert (await kv.get("meta.note")).value == b'{"kept": true}'
         await s.add_member(member("alice", "admin"))
         await s.ensure()  # idempotent
-        assert (await s.status())["messages"] == before + 4  # + member, sign index, admins: one batch
+        # + member, sign index, two bus index entries, admins: one batch
+        assert (await s.status())["messages"] == before + 6
         assert (await s.get_member("alice")).is_admin
         # Asking for more replicas than a single server can hold is refused, and changes nothing.
         with pytest.raises(StoreUnavailable):

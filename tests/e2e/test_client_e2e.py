@@ -156,7 +156,7 @@ def test_whoami_and_members_via_cli(world):
     assert me["handle"] == "alice" and me["role"] == "admin"
     assert me["sign_pub"] == alice.identity.sign_pub_b64 and me["enc_pub"] == alice.identity.enc_pub_b64
     text = ok(alice.cli("whoami"))
-    assert "alice" in text and "admin" in text and alice.identity.user_nkey in text
+    assert "alice" in text and "admin" in text and alice.identity.bus_pub in text
 
     # bob is not a member yet: 401
     refused(bob.cli("whoami"), 401)
@@ -190,13 +190,13 @@ async def test_members_via_sdk(world):
     async with alice.client() as a:
         assert (await a.me())["handle"] == "alice"
         rec = bob.identity.public_record()
-        created = await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"])
+        created = await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"], bus_pub=rec["bus_pub"])
         assert created["handle"] == "bob" and created["role"] == "member"
         assert (await a.get_member("bob"))["enc_pub"] == rec["enc_pub"]
         assert (await a.set_role("bob", "admin"))["role"] == "admin"
         assert {m["handle"] for m in await a.list_members()} == {"alice", "bob"}
         with pytest.raises(ApiError) as e:
-            await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"])
+            await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"], bus_pub=rec["bus_pub"])
         assert e.value.status == 409
         with pytest.raises(ApiError) as e:
             await a.add_member("x", "not base64", rec["enc_pub"])
@@ -204,7 +204,7 @@ async def test_members_via_sdk(world):
         async with bob.client() as b:
             # bob is an admin now
             c = carol.identity.public_record()
-            await b.add_member(c["handle"], c["sign_pub"], c["enc_pub"])
+            await b.add_member(c["handle"], c["sign_pub"], c["enc_pub"], bus_pub=c["bus_pub"])
             await a.set_role("bob", "member")
             with pytest.raises(ApiError) as e:
                 await b.remove_member("carol")
@@ -307,7 +307,7 @@ async def test_sdk_bus_and_sealed_key_binding(world):
     async with alice.client() as a, bob.client() as b, carol.client() as c:
         for m in (bob, carol):
             rec = m.identity.public_record()
-            await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"])
+            await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"], bus_pub=rec["bus_pub"])
         room = await a.create_room("dev")
         rid = room["room_id"]
         other = (await a.create_room("other"))["room_id"]
@@ -319,7 +319,7 @@ async def test_sdk_bus_and_sealed_key_binding(world):
 
         info = await b.bus_info()
         assert info["servers"] and info["inbox_prefix"] == "_INBOX_bob"
-        assert info["user_nkey"] == bob.identity.user_nkey
+        assert info["user_nkey"] == bob.identity.bus_pub
         assert info["rooms"][rid] == f"unibus.room.{rid}.>"
 
         # info binding: bob's sealed key of rid/1 does not open as another room or epoch
@@ -364,7 +364,7 @@ async def test_member_deletion_makes_rooms_rekey_required(world):
     async with alice.client() as a:
         for m in (bob, carol):
             rec = m.identity.public_record()
-            await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"])
+            await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"], bus_pub=rec["bus_pub"])
         rid = (await a.create_room("r"))["room_id"]
         await a.add_room_member(rid, "bob")
         await a.add_room_member(rid, "carol")
@@ -381,7 +381,8 @@ async def test_concurrent_rekeys_both_land(world):
     alice, bob = world["alice"], world["bob"]
     async with alice.client() as a:
         rec = bob.identity.public_record()
-        await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"], role="admin")
+        await a.add_member(rec["handle"], rec["sign_pub"], rec["enc_pub"], rec["enc_suite"], role="admin",
+                           bus_pub=rec["bus_pub"])
         rid = (await a.create_room("race"))["room_id"]
         await a.add_room_member(rid, "bob")
         async with bob.client() as b:

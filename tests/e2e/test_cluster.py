@@ -6,6 +6,7 @@ Marked slow: run in CI, skip locally with -m "not slow".
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -137,7 +138,7 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
     # a member added through node 1 is known to node 3 (KV watch) and may use its bus
     bob = generate_identity("bob")
     async with UnibusClient(cluster.nodes[0].base_url, alice) as a1:
-        await a1.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64)
+        await a1.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
         room = (await a1.create_room("ops"))["room_id"]
         await a1.add_room_member(room, "bob")
     t0 = time.monotonic()
@@ -145,7 +146,7 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
 
     async def bob_on_node3_bus() -> bool:
         try:
-            nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.nkey_seed(), allow_reconnect=False,
+            nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
                                     max_reconnect_attempts=0, connect_timeout=2)
         except Exception:
             return False
@@ -154,6 +155,9 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
 
     assert await eventually(bob_on_node3_bus, 10)
     print(f"member added on node 1 usable on node 3 after {time.monotonic() - t0:.2f} s")
+
+    # bob cannot reach the cluster's membership (KV state) with the 0.11 reply-subject trick, nor directly
+    await reply_trick_reaches_nothing(cluster, bob, room, alice)
 
     # one node down: signed writes keep working through the others (after an election)
     cluster.kill(0)
@@ -201,6 +205,58 @@ async def test_no_secret_in_argv_or_logs(cluster):
         conf = node.data_dir / "nats.conf"
         assert conf.stat().st_mode & 0o077 == 0
         assert SECRET in conf.read_text()  # the one place it belongs
+
+
+async def reply_trick_reaches_nothing(cluster: Cluster, bob, room: str, alice) -> None:
+    eve = generate_identity("eve")
+    forged = json.dumps({"handle": "eve", "role": "admin", "sign_pub": eve.sign_pub_b64, "enc_pub": eve.enc_pub_b64,
+                          "enc_suite": "X25519", "created_at": "2026-01-01T00:00:00+00:00",
+                          "bus_pub": eve.bus_pub}).encode()
+    targets = {"$KV.unibus_state.member.eve": forged, "$KV.unibus_state.meta.admins": b'{"admins":["eve"]}',
+               "$JS.API.STREAM.PURGE.KV_unibus_state": b""}
+    errors: list[str] = []
+
+    async def error_cb(e: Exception) -> None:
+        errors.append(str(e).lower())
+
+    async def in_room_on_node3() -> bool:
+        # node 3 applies the room membership from its KV watch: wait until bob's connection has it
+        nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                                connect_timeout=2, error_cb=error_cb)
+        try:
+            sub = await nc.subscribe(f"unibus.room.{room}.probe")
+            await nc.flush()
+            await nc.publish(f"unibus.room.{room}.probe", b"?")
+            await sub.next_msg(timeout=0.5)
+            return True
+        except nats.errors.Error:
+            return False
+        finally:
+            await nc.close()
+
+    assert await eventually(in_room_on_node3, 10)
+    errors.clear()
+    nc = await nats.connect(cluster.nodes[2].nats_url, nkeys_seed_str=bob.bus_nkey_seed(), inbox_prefix="_INBOX_bob",
+                            error_cb=error_cb, allow_reconnect=False, connect_timeout=2)
+    try:
+        own = await nc.subscribe(f"unibus.room.{room}.>")
+        await nc.flush()
+        for subject, payload in targets.items():
+            await nc.publish(f"unibus.room.{room}.t", b"bait", reply=subject)
+            msg = await own.next_msg(timeout=5)
+            await nc.publish(msg.reply, payload)
+            await nc.publish(subject, payload)
+            await nc.flush()
+
+            async def refused(subject: str = subject) -> bool:
+                return any("permissions violation" in e and subject.lower() in e for e in errors)
+
+            assert await eventually(refused, 5), subject
+    finally:
+        await nc.close()
+    async with UnibusClient(cluster.nodes[0].base_url, alice) as a1:
+        assert {m["handle"] for m in await a1.list_members()} == {"alice", "bob"}
+        assert [m["handle"] for m in await a1.list_members() if m["role"] == "admin"] == ["alice"]
 
 
 async def _routes(node: MembershipdProcess, want: int) -> bool:

@@ -12,7 +12,7 @@ from nats.errors import NoServersError
 
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.plugins.auth_enforce import authorization, member_permissions
+from unibus.plugins.auth_enforce import accounts, member_permissions
 from unibus.store.base import Membership
 from unibus.store.sqlite import new_member
 
@@ -35,7 +35,7 @@ class Conn:
         async def closed_cb():
             self.closed.set()
 
-        self.nc = await nats.connect(self.url, nkeys_seed_str=self.identity.nkey_seed(),
+        self.nc = await nats.connect(self.url, nkeys_seed_str=self.identity.bus_nkey_seed(),
                                      inbox_prefix=f"_INBOX_{self.identity.handle}", error_cb=error_cb,
                                      closed_cb=closed_cb, disconnected_cb=closed_cb, allow_reconnect=False,
                                      connect_timeout=2)
@@ -72,7 +72,7 @@ async def bus_world(daemon_with_admin, alice):
     people = {"alice": alice, "bob": generate_identity("bob"), "carol": generate_identity("carol")}
     clients = {h: UnibusClient(server.base_url, i) for h, i in people.items()}
     for h in ("bob", "carol"):
-        await clients["alice"].add_member(h, people[h].sign_pub_b64, people[h].enc_pub_b64)
+        await clients["alice"].add_member(h, people[h].sign_pub_b64, people[h].enc_pub_b64, bus_pub=people[h].bus_pub)
     room = (await clients["alice"].create_room("ops"))["room_id"]
     other = (await clients["alice"].create_room("other"))["room_id"]
     await clients["alice"].add_room_member(room, "bob")
@@ -101,22 +101,28 @@ async def receives(sub_conn: Conn, pub_conn: Conn, subject: str) -> bool:
 
 
 def test_permissions_shape():
-    assert member_permissions("bob", []) == {"publish": {"deny": [">"]}, "subscribe": {"allow": ["_INBOX_bob.>"]},
-                                             "allow_responses": True}
+    assert member_permissions("bob", []) == {"publish": {"deny": [">"]}, "subscribe": {"allow": ["_INBOX_bob.>"]}}
     p = member_permissions("bob", ["r1", "r2"])
-    assert p["publish"] == {"allow": ["unibus.room.r1.>", "unibus.room.r2.>"]}
-    assert p["subscribe"]["allow"] == ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]
-    bob = generate_identity("bob")
-    block = authorization("USERVICE", Membership((new_member("bob", "member", bob.sign_pub, bob.enc_pub, "X25519"),),
-                                                 {"r1": frozenset({"bob"})}))
-    assert block["users"][0] == {"nkey": "USERVICE"}
-    assert block["users"][1]["nkey"] == bob.user_nkey
-    assert "no_auth_user" not in json.dumps(block)
+    assert p == {"publish": {"allow": ["unibus.room.r1.>", "unibus.room.r2.>"]},
+                 "subscribe": {"allow": ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]}}
+    bob, old = generate_identity("bob"), generate_identity("old")
+    block = accounts("USERVICE", "USYSTEM", Membership(
+        (new_member("bob", "member", bob.sign_pub, bob.enc_pub, "X25519", bob.bus_pub),
+         new_member("old", "member", old.sign_pub, old.enc_pub, "X25519")),  # no bus key: no user
+        {"r1": frozenset({"bob", "old"})}))
+    assert block == {
+        "UNIBUS": {"jetstream": "enabled", "users": [{"nkey": "USERVICE"}]},
+        "MEMBERS": {"users": [{"nkey": bob.bus_pub, "permissions": member_permissions("bob", ["r1"])}]},
+        "SYS": {"users": [{"nkey": "USYSTEM"}]},
+    }
+    text = json.dumps(block)
+    for absent in ("no_auth_user", "allow_responses", "exports", "imports"):
+        assert absent not in text
 
 
 async def test_anonymous_and_unknown_nkeys_are_refused(bus_world):
     server, people, *_ = bus_world
-    for kwargs in ({}, {"nkeys_seed_str": generate_identity("mallory").nkey_seed()}):
+    for kwargs in ({}, {"nkeys_seed_str": generate_identity("mallory").bus_nkey_seed()}):
         with pytest.raises((nats.errors.Error, NoServersError)) as e:
             await nats.connect(server.nats_url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
                                **kwargs)
@@ -127,14 +133,23 @@ async def test_room_access_is_exactly_the_acl(bus_world):
     server, people, clients, room, other = bus_world
     async with Conn(people["bob"], server.nats_url) as bob, Conn(people["carol"], server.nats_url) as carol:
         assert await receives(carol, bob, f"unibus.room.{room}.chat")
-        # request/reply inside the room, replies through the inbox prefix
+        # request/reply between members: the reply subject is inside the room
         async def responder(msg):
-            await msg.respond(b"pong:" + msg.data)
+            await carol.nc.publish(msg.reply, b"pong:" + msg.data)
 
         await carol.nc.subscribe(f"unibus.room.{room}.rpc", cb=responder)
+        replies = await bob.nc.subscribe(f"unibus.room.{room}.reply.bob.>")
         await carol.nc.flush()
-        reply = await bob.nc.request(f"unibus.room.{room}.rpc", b"x", timeout=2)
-        assert reply.data == b"pong:x"
+        await bob.nc.flush()
+        await bob.nc.publish(f"unibus.room.{room}.rpc", b"x", reply=f"unibus.room.{room}.reply.bob.1")
+        assert (await replies.next_msg(timeout=2)).data == b"pong:x"
+        # ... and not through an inbox: no allow_responses, so carol cannot answer to bob's inbox
+        inbox = await bob.nc.subscribe("_INBOX_bob.rpc.>")
+        await bob.nc.flush()
+        await bob.nc.publish(f"unibus.room.{room}.rpc", b"y", reply="_INBOX_bob.rpc.1")
+        assert await carol.violation("_INBOX_bob.rpc.1")
+        with pytest.raises(nats.errors.TimeoutError):
+            await inbox.next_msg(timeout=0.3)
 
         for subject in (f"unibus.room.{other}.chat", ">", "unibus.>", "anything", "_INBOX_carol.>", "$JS.API.>",
                         "$KV.unibus_nonces.>"):
@@ -181,7 +196,7 @@ async def test_membership_changes_reach_the_bus(bus_world):
         await a.remove_member("carol")
         assert await eventually(lambda: _closed(carol))
     with pytest.raises((nats.errors.Error, NoServersError)):
-        await nats.connect(server.nats_url, nkeys_seed_str=people["carol"].nkey_seed(), allow_reconnect=False,
+        await nats.connect(server.nats_url, nkeys_seed_str=people["carol"].bus_nkey_seed(), allow_reconnect=False,
                            max_reconnect_attempts=0, connect_timeout=2)
 
     # the daemon's own KV traffic (nonces of signed requests) kept working throughout
@@ -197,7 +212,7 @@ async def test_a_burst_of_changes_is_few_reloads(bus_world):
     a = clients["alice"]
     newcomers = [generate_identity(f"m{i}") for i in range(12)]
     for n in newcomers:
-        await a.add_member(n.handle, n.sign_pub_b64, n.enc_pub_b64)
+        await a.add_member(n.handle, n.sign_pub_b64, n.enc_pub_b64, bus_pub=n.bus_pub)
 
     async def settled():
         return server.healthz()[1]["auth_enforce"]
@@ -209,7 +224,8 @@ async def test_a_burst_of_changes_is_few_reloads(bus_world):
         assert await eventually(lambda: receives(last, alice, f"unibus.room.{other}.x"))
     fields = await settled()
     assert 1 <= fields["reloads"] - before < len(newcomers)
-    assert fields["users"] == 1 + 3 + len(newcomers)  # service user + members
+    assert fields["users"] == 2 + 3 + len(newcomers)  # service and system users + members
+    assert fields["members"] == 3 + len(newcomers)
     assert fields["enforced"] is True and fields["last_reload"]
 
 
@@ -223,4 +239,5 @@ async def test_posture_with_enforce_and_off(daemon_with_admin, membershipd_facto
     off.stop()
     assert "--bus-auth off" in off.log_text() and "WARNING" in off.log_text()
     conf = json.loads((off.data_dir / "nats.conf").read_text())
-    assert "authorization" not in conf
+    for key in ("authorization", "accounts", "system_account"):
+        assert key not in conf

@@ -68,7 +68,7 @@ def start_world(data_dir: Path, *args: str,
         async with UnibusClient(server.base_url, people["alice"]) as admin:
             for h in ("bob", "carol", "dave"):
                 i = people[h]
-                await admin.add_member(h, i.sign_pub_b64, i.enc_pub_b64, i.enc_suite)
+                await admin.add_member(h, i.sign_pub_b64, i.enc_pub_b64, i.enc_suite, bus_pub=i.bus_pub)
 
     # In a thread of its own: a fixture may run while an event loop is running.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

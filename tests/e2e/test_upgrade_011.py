@@ -1,0 +1,134 @@
+"""Upgrading from 0.11: a 0.11 database and 0.11 identity files against a real 0.12 daemon.
+
+Members keep everything but have no bus key, hence no bus access, until they
+run ``unibus keygen --upgrade --server URL`` (docs/operations.md#upgrading-from-011).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import nkeys
+import pytest
+from alembic import command
+from nats.errors import NoServersError
+
+from unibus.client import ApiError, BusError, UnibusClient
+from unibus.client.keys import Identity, generate_identity, identity_to_json, load_identity
+from unibus.store.db import alembic_config, make_engine
+from unibus.testing import MembershipdProcess
+
+
+def write_v1_identity(path: Path, identity: Identity) -> Path:
+    """The identity file 0.11 wrote: version 1, no bus key."""
+    doc = {k: v for k, v in identity_to_json(identity).items() if k not in ("bus_seed", "bus_pub")}
+    doc["version"] = 1
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f, indent=2)
+    return path
+
+
+def build_011_database(db: Path, admins: list[Identity], members: list[Identity], room: str) -> None:
+    """alembic at revision 0002 (0.11's head) and rows with 0.11's columns only."""
+    db.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    engine = make_engine(db)
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    engine.dispose()
+    now = datetime.now(UTC).isoformat()
+    people = [(i, "admin") for i in admins] + [(i, "member") for i in members]
+    with sqlite3.connect(db) as conn:
+        conn.executemany("insert into members (handle, role, sign_pub, enc_pub, enc_suite, created_at) "
+                         "values (?, ?, ?, ?, ?, ?)",
+                         [(i.handle, role, i.sign_pub, i.enc_pub, i.enc_suite, now) for i, role in people])
+        conn.execute("insert into rooms (room_id, name, owner, epoch, rekey_required, created_at) "
+                     "values (?, 'ops', ?, 0, 1, ?)", (room, admins[0].handle, now))
+        conn.executemany("insert into room_members (room_id, handle, added_at) values (?, ?, ?)",
+                         [(room, i.handle, now) for i, _ in people])
+
+
+def unibus(*args: str, identity: Path, server: str | None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    argv = [sys.executable, "-m", "unibus.client.cli", "--identity", str(identity)]
+    if server:
+        argv += ["--server", server]
+    return subprocess.run([*argv, *args], capture_output=True, text=True, env=env, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+
+
+async def test_a_011_deployment_upgrades_members_regain_the_bus_with_a_bus_key(tmp_path, membershipd_factory):
+    room = "r0ld"
+    alice, bob = generate_identity("alice"), generate_identity("bob", "MLKEM768_X25519")
+    files = {i.handle: write_v1_identity(tmp_path / f"{i.handle}.json", i) for i in (alice, bob)}
+    data_dir = tmp_path / "node"
+    build_011_database(data_dir / "membershipd.db", [alice], [bob], room)
+    daemon: MembershipdProcess = membershipd_factory(data_dir=data_dir)
+    url = daemon.base_url
+    old = {h: load_identity(p) for h, p in files.items()}
+    assert all(i.bus_key is None for i in old.values())
+
+    # migrated: everything kept, no bus key, so no bus
+    async with UnibusClient(url, old["alice"]) as a:
+        me = await a.me()
+        assert (me["handle"], me["role"], me["sign_pub"], me["enc_pub"], me["bus_pub"]) == (
+            "alice", "admin", alice.sign_pub_b64, alice.enc_pub_b64, None)
+        members = {m["handle"]: m for m in await a.list_members()}
+        assert members["bob"]["enc_suite"] == "MLKEM768_X25519" and members["bob"]["bus_pub"] is None
+        assert {m["handle"] for m in (await a.get_room(room))["members"]} == {"alice", "bob"}
+        with pytest.raises(ApiError) as e:
+            await a.bus_info()
+        assert e.value.status == 409 and e.value.problem["type"].endswith("/no-bus-key")
+        assert f"unibus keygen --upgrade --server {url}" in e.value.detail
+        with pytest.raises(BusError, match="keygen --upgrade"):
+            async with a.bus():
+                pass
+        assert await a.rekey(room) == 1  # the control plane works as before
+    conf = json.loads((data_dir / "nats.conf").read_text())
+    assert conf["accounts"]["MEMBERS"]["users"] == []
+    for i in (alice, bob):  # 0.11's login (the signing key as nkey) is gone
+        with pytest.raises((nats.errors.Error, NoServersError)):
+            await nats.connect(daemon.nats_url, nkeys_seed_str=nkeys.encode_seed(i.sign_seed, nkeys.PREFIX_BYTE_USER)
+                               .decode(), allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+    sent = unibus("send", room, "chat", "hello", identity=files["alice"], server=url)
+    assert sent.returncode == 1 and "keygen --upgrade" in sent.stderr, sent.stderr
+
+    # bob upgrades and uploads in one step
+    up = unibus("keygen", "--upgrade", identity=files["bob"], server=url)
+    assert up.returncode == 0, up.stderr
+    new_bob = load_identity(files["bob"])
+    backup = load_identity(tmp_path / "bob.json.v1.bak")
+    assert backup == old["bob"] and up.stdout.strip() == new_bob.bus_pub
+    assert (new_bob.sign_seed, new_bob.enc_key, new_bob.enc_suite) == (backup.sign_seed, backup.enc_key,
+                                                                       backup.enc_suite)
+    async with UnibusClient(url, new_bob) as b:
+        assert (await b.me())["bus_pub"] == new_bob.bus_pub
+        async with b.bus() as bus, bus.listen(room, include_errors=False) as msgs:
+            assert await bus.send(room, "chat", "after the upgrade") == 1
+            msg = await anext(aiter(msgs))
+            assert msg.text == "after the upgrade" and msg.sender == "bob"
+
+    # alice upgrades without --server first (nothing sent), then uploads with it
+    local = unibus("keygen", "--upgrade", identity=files["alice"], server=None)
+    assert local.returncode == 0 and "upload it with" in local.stderr, local.stderr
+    async with UnibusClient(url, old["alice"]) as a:
+        assert (await a.me())["bus_pub"] is None
+    again = unibus("keygen", "--upgrade", "--json", identity=files["alice"], server=url)
+    assert again.returncode == 0, again.stderr
+    doc = json.loads(again.stdout)
+    assert doc["upgraded"] is False and doc["uploaded"] is True
+    new_alice = load_identity(files["alice"])
+    async with UnibusClient(url, new_alice) as a:
+        assert (await a.me())["bus_pub"] == new_alice.bus_pub == doc["bus_pub"]
+        async with a.bus():
+            pass
+    assert json.loads((data_dir / "nats.conf").read_text())["accounts"]["MEMBERS"]["users"] != []
