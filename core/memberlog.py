@@ -1,0 +1,708 @@
+"""The membership log: every accepted membership change, hash-chained, re-checkable by any member.
+
+The server appends each accepted membership-changing request *verbatim* (its
+signed components, its signature and its body) in the same store transaction
+as its effect; clients replay the log, check every entry, and derive members,
+keys and room rosters from it instead of trusting the server's answers. The
+formats and the rules are in docs/formats.md ("The membership log"); this
+module is their one implementation, used by the server (to build and serve
+entries) and by the client (to verify them). It is pure: no I/O, no network.
+
+An entry is a JSON object; its hash is the lowercase hex SHA-256 of its
+RFC 8785 canonical JSON (the ``rfc8785`` package; 48 µs per entry here,
+well inside the log-verification budget measured in docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import hashlib
+import hmac
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.bindings
+import nacl.exceptions
+import rfc8785
+
+from .signing import SignatureError, check_request
+from .wire import (
+    ENC_SUITES,
+    HANDLE_RE,
+    KeyFormatError,
+    b64decode_strict,
+    nkey_from_sign_pub,
+    validate_bus_pub,
+    validate_enc_pub,
+    validate_enc_suite,
+    validate_sign_pub,
+)
+
+__all__ = [
+    "KEY_PACKAGE_LABEL",
+    "MESSAGE_LABEL",
+    "ROLES",
+    "LogError",
+    "LogState",
+    "LoggedRequest",
+    "bootstrap_entry",
+    "canonical",
+    "entry_hash",
+    "key_package_input",
+    "logged_operation",
+    "message_input",
+    "request_entry",
+    "snapshot_entry",
+]
+
+ROLES = ("admin", "member")
+#: Context labels of the signatures made with a member's *signing* key outside
+#: RFC 9421. Each begins the signed bytes and ends in a newline, so none of
+#: them can be mistaken for an RFC 9421 signature base (which begins with '"').
+KEY_PACKAGE_LABEL = b"unibus/room-key/v1\n"
+MESSAGE_LABEL = b"unibus/msg/v1\n"
+
+ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
+_HANDLE = r"([a-z][a-z0-9_-]{0,31})"
+_ROOM = r"([a-z0-9]{1,40})"
+#: The logged routes: (method, path pattern) → operation. Paths are matched
+#: raw (percent-encoded as signed): a logged request must use the canonical
+#: spelling, which the server enforces before it appends.
+_ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
+    ("POST", re.compile(r"\A/v1/members\Z"), "member.add"),
+    ("PATCH", re.compile(rf"\A/v1/members/{_HANDLE}\Z"), "member.role"),
+    ("DELETE", re.compile(rf"\A/v1/members/{_HANDLE}\Z"), "member.delete"),
+    ("PUT", re.compile(r"\A/v1/me/bus-key\Z"), "member.bus_key"),
+    ("POST", re.compile(r"\A/v1/rooms\Z"), "room.create"),
+    ("DELETE", re.compile(rf"\A/v1/rooms/{_ROOM}\Z"), "room.delete"),
+    ("PUT", re.compile(rf"\A/v1/rooms/{_ROOM}/members/{_HANDLE}\Z"), "room.member_add"),
+    ("DELETE", re.compile(rf"\A/v1/rooms/{_ROOM}/members/{_HANDLE}\Z"), "room.member_remove"),
+    ("POST", re.compile(rf"\A/v1/rooms/{_ROOM}/keys\Z"), "room.keys"),
+)
+#: Operations whose request body is not kept in the log (the signed digest suffices).
+BODYLESS = frozenset({"room.keys"})
+#: What ``result`` holds, per operation.
+_RESULT_FIELDS: dict[str, frozenset[str]] = {op: frozenset() for _m, _p, op in _ROUTES}
+_RESULT_FIELDS["room.create"] = frozenset({"room_id"})
+_RESULT_FIELDS["room.keys"] = frozenset({"epoch"})
+_BODY_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {  # required, optional
+    "member.add": (frozenset({"handle", "role", "sign_pub", "enc_pub", "bus_pub"}), frozenset({"enc_suite"})),
+    "member.role": (frozenset({"role"}), frozenset()),
+    "member.bus_key": (frozenset({"bus_pub"}), frozenset()),
+    "room.create": (frozenset({"name"}), frozenset()),
+}
+_ENTRY_FIELDS = {
+    "request": frozenset({"seq", "prev", "at", "kind", "request", "result"}),
+    "bootstrap": frozenset({"seq", "prev", "at", "kind", "member"}),
+    "snapshot": frozenset({"seq", "prev", "at", "kind", "state"}),
+}
+_REQUEST_FIELDS = frozenset({"method", "path", "query", "content_digest", "signature_input", "signature", "body"})
+_MEMBER_FIELDS = frozenset({"handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub"})
+_ROOM_FIELDS = frozenset({"room_id", "name", "owner", "epoch", "rekey_required", "members"})
+#: JSON numbers that stay exact in every JSON reader (RFC 8785 needs them to).
+MAX_SAFE_INT = 2**53 - 1
+
+
+class LogError(Exception):
+    """An entry of the log fails a check. ``seq`` names it (None: the log as a whole)."""
+
+    def __init__(self, seq: int | None, reason: str) -> None:
+        self.seq = seq
+        self.reason = reason
+        super().__init__(f"membership log entry {seq}: {reason}" if seq is not None else f"membership log: {reason}")
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def canonical(entry: Mapping[str, Any]) -> bytes:
+    """The RFC 8785 canonical JSON of an entry: what its hash covers."""
+    return rfc8785.dumps(entry)
+
+
+def entry_hash(entry: Mapping[str, Any]) -> str:
+    """``hash(entry)``: lowercase hex SHA-256 of the canonical JSON; an entry's ``prev`` is its predecessor's."""
+    return hashlib.sha256(canonical(entry)).hexdigest()
+
+
+# --------------------------------------------------------------------------- building entries (server side)
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedRequest:
+    """A signed request as the log records it: exactly what its signature covered, plus the body.
+
+    ``query`` is the raw query string without ``?``; ``content_digest``,
+    ``signature_input`` and ``signature`` are the header values as the
+    verifier read them; ``body`` the exact body bytes (None: no body).
+    """
+
+    method: str
+    path: str
+    query: str
+    content_digest: str | None
+    signature_input: str
+    signature: str
+    body: bytes | None
+
+    def as_json(self, keep_body: bool = True) -> dict[str, Any]:
+        body = None if self.body is None or not keep_body else base64.b64encode(self.body).decode("ascii")
+        return {"method": self.method, "path": self.path, "query": self.query,
+                "content_digest": self.content_digest, "signature_input": self.signature_input,
+                "signature": self.signature, "body": body}
+
+
+def logged_operation(method: str, path: str) -> tuple[str, tuple[str, ...]] | None:
+    """``(operation, path arguments)`` when ``method path`` is a logged route in its canonical spelling."""
+    for m, pattern, op in _ROUTES:
+        if m == method:
+            found = pattern.fullmatch(path)
+            if found is not None:
+                return op, found.groups()
+    return None
+
+
+def request_entry(seq: int, prev: str, at: int, request: LoggedRequest, result: Mapping[str, Any]) -> dict[str, Any]:
+    found = logged_operation(request.method, request.path)
+    keep_body = found is None or found[0] not in BODYLESS
+    return {"seq": seq, "prev": prev, "at": int(at), "kind": "request",
+            "request": request.as_json(keep_body), "result": dict(result)}
+
+
+def member_json(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_suite: str,
+                bus_pub: str | None) -> dict[str, Any]:
+    return {"handle": handle, "role": role, "sign_pub": base64.b64encode(sign_pub).decode("ascii"),
+            "enc_pub": base64.b64encode(enc_pub).decode("ascii"), "enc_suite": enc_suite, "bus_pub": bus_pub}
+
+
+def bootstrap_entry(seq: int, prev: str, at: int, member: Mapping[str, Any]) -> dict[str, Any]:
+    """An offline ``membershipd member add``: unsigned, trusted only by pinning (docs/formats.md)."""
+    return {"seq": seq, "prev": prev, "at": int(at), "kind": "bootstrap", "member": dict(member)}
+
+
+def snapshot_entry(at: int, members: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Entry 0 of a database upgraded from a version without a log: the whole state then."""
+    return {"seq": 0, "prev": "", "at": int(at), "kind": "snapshot",
+            "state": {"members": sorted((dict(m) for m in members), key=lambda m: m["handle"]),
+                      "rooms": sorted((dict(r) for r in rooms), key=lambda r: r["room_id"])}}
+
+
+# --------------------------------------------------------------------------- context-labelled signatures
+
+
+def key_package_input(room_id: str, epoch: int, handle: str, sealed: bytes, log_seq: int, log_hash: str) -> bytes:
+    """The bytes a sealer signs for each member's sealed room key (docs/formats.md)."""
+    return (KEY_PACKAGE_LABEL + f"{room_id}\n{epoch}\n{handle}\n{hashlib.sha256(sealed).hexdigest()}\n"
+            f"{log_seq}\n{log_hash}".encode("ascii"))
+
+
+def message_input(subject: str, epoch: int, sender: str, time_ms: int, msg_id: str, payload: bytes) -> bytes:
+    """The bytes a sender signs for a room message (docs/formats.md)."""
+    return (MESSAGE_LABEL + f"{subject}\n{epoch}\n{sender}\n{time_ms}\n{msg_id}\n"
+            f"{hashlib.sha256(payload).hexdigest()}".encode("ascii"))
+
+
+def verify_ed25519(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    try:
+        nacl.bindings.crypto_sign_open(signature + message, public_key)
+        return True
+    except (nacl.exceptions.CryptoError, ValueError, TypeError):
+        return False
+
+
+# --------------------------------------------------------------------------- derived state
+
+
+@dataclass(slots=True)
+class Member:
+    """A member as the log established it."""
+
+    handle: str
+    role: str
+    sign_pub: bytes
+    enc_pub: bytes
+    enc_suite: str
+    bus_pub: str | None
+    since: int  # seq of the entry that made it
+
+    def as_json(self) -> dict[str, Any]:
+        return member_json(self.handle, self.role, self.sign_pub, self.enc_pub, self.enc_suite, self.bus_pub)
+
+
+@dataclass(frozen=True, slots=True)
+class EpochRecord:
+    """A keys entry: who sealed epoch ``epoch`` of a room, at which seq, to whom."""
+
+    seq: int
+    sealer: str
+    roster: frozenset[str]
+
+
+@dataclass(slots=True)
+class Room:
+    room_id: str
+    name: str
+    owner: str  # "" when the owner was deleted
+    epoch: int
+    rekey_required: bool
+    members: set[str]
+    since: int
+    epochs: dict[int, EpochRecord] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return {"room_id": self.room_id, "name": self.name, "owner": self.owner, "epoch": self.epoch,
+                "rekey_required": self.rekey_required, "members": sorted(self.members)}
+
+
+class _Spans:
+    """Values over seq ranges: ``set(seq, value)`` from ``seq`` on; ``at(seq)``."""
+
+    __slots__ = ("_seqs", "_values")
+
+    def __init__(self) -> None:
+        self._seqs: list[int] = []
+        self._values: list[Any] = []
+
+    def set(self, seq: int, value: Any) -> None:
+        if self._seqs and self._seqs[-1] == seq:
+            self._values[-1] = value
+        else:
+            self._seqs.append(seq)
+            self._values.append(value)
+
+    def at(self, seq: int) -> Any:
+        i = bisect.bisect_right(self._seqs, seq)
+        return self._values[i - 1] if i else None
+
+
+class LogState:
+    """What a verified log establishes: members, rooms, rosters, and their history.
+
+    Built by :meth:`apply`, one entry at a time, each fully checked first (the
+    chain, the author's RFC 9421 signature with the key the log itself gave
+    them, the authority rules, nonce uniqueness and ``created`` order). A
+    failing entry raises :class:`LogError` and leaves the state unchanged.
+
+    ``trust_root`` is the pinned ``hash(entry 0)`` (None: pin whatever entry 0
+    is — trust on first use); ``accepted_bootstraps`` the hashes of later
+    bootstrap entries the user re-trusted explicitly. ``skew`` is the server's
+    ``--auth-skew``: a request's ``created`` must be within it of the entry's
+    ``at``, and never more than twice it older than the largest ``created``
+    seen before.
+    """
+
+    def __init__(self, *, trust_root: str | None = None, accepted_bootstraps: Iterable[str] = (),
+                 skew: int = 60) -> None:
+        self.trust_root = trust_root
+        self.accepted_bootstraps = set(accepted_bootstraps)
+        self.skew = int(skew)
+        self.members: dict[str, Member] = {}
+        self.rooms: dict[str, Room] = {}
+        self.hashes: list[str] = []
+        self.nonces: set[tuple[str, str]] = set()
+        self.max_created = 0
+        self._members_at: dict[str, _Spans] = {}  # handle -> Member snapshot (or None) over seqs
+        self._rosters_at: dict[tuple[str, str], _Spans] = {}  # (room, handle) -> bool over seqs
+        self._owners_at: dict[str, _Spans] = {}  # room -> owner handle ("" none) over seqs
+
+    # -- reading ---------------------------------------------------------------
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last verified entry; ``(-1, "")`` for an empty log."""
+        return (len(self.hashes) - 1, self.hashes[-1]) if self.hashes else (-1, "")
+
+    @property
+    def root(self) -> str | None:
+        return self.hashes[0] if self.hashes else None
+
+    def hash_at(self, seq: int) -> str | None:
+        return self.hashes[seq] if 0 <= seq < len(self.hashes) else None
+
+    def member_at(self, handle: str, seq: int) -> Member | None:
+        spans = self._members_at.get(handle)
+        return None if spans is None else spans.at(seq)
+
+    def in_room_at(self, room_id: str, handle: str, seq: int) -> bool:
+        spans = self._rosters_at.get((room_id, handle))
+        return bool(spans is not None and spans.at(seq))
+
+    def may_rekey_at(self, room_id: str, handle: str, seq: int) -> bool:
+        """Owner (while a room member) or admin, at ``seq``."""
+        member = self.member_at(handle, seq)
+        if member is None:
+            return False
+        if member.role == "admin":
+            return True
+        owners = self._owners_at.get(room_id)
+        return owners is not None and owners.at(seq) == handle and self.in_room_at(room_id, handle, seq)
+
+    def rekeyers(self, room_id: str) -> list[str]:
+        """Who may rekey the room now: its owner (if still a member) and every admin."""
+        room = self.rooms.get(room_id)
+        out = sorted(h for h, m in self.members.items() if m.role == "admin")
+        if room is not None and room.owner in room.members and room.owner not in out:
+            out.insert(0, room.owner)
+        return out
+
+    # -- replay ----------------------------------------------------------------
+
+    def apply(self, entry: Any) -> str:
+        """Check ``entry`` as the next one and apply it; return its hash. Raises :class:`LogError`."""
+        seq = entry.get("seq") if isinstance(entry, dict) else None
+        if not isinstance(entry, dict):
+            raise LogError(None, "an entry is not a JSON object")
+        expected = len(self.hashes)
+        if type(seq) is not int or seq != expected:
+            raise LogError(expected, f"expected entry {expected}, got seq {seq!r}")
+        kind = entry.get("kind")
+        fields = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
+        if fields is None:
+            raise LogError(seq, f"unknown kind {kind!r}")
+        if set(entry) != fields:
+            raise LogError(seq, f"a {kind} entry has exactly the fields {', '.join(sorted(fields))}")
+        prev = self.hashes[-1] if self.hashes else ""
+        if not isinstance(entry["prev"], str) or not hmac.compare_digest(entry["prev"], prev):
+            raise LogError(seq, "prev is not the hash of the entry before it (the log was altered, reordered "
+                                "or forked)")
+        at = entry["at"]
+        if type(at) is not int or not 0 <= at <= MAX_SAFE_INT:
+            raise LogError(seq, "at must be a non-negative integer")
+        try:
+            digest = entry_hash(entry)
+        except (TypeError, ValueError, rfc8785.CanonicalizationError) as e:
+            raise LogError(seq, f"not canonicalizable JSON: {e}") from None
+        if kind == "request":
+            if seq == 0:
+                raise LogError(seq, "entry 0 must be a bootstrap or a snapshot")
+            self._apply_request(seq, entry)
+        elif kind == "bootstrap":
+            self._check_root_or_bootstrap(seq, digest)
+            self._apply_bootstrap(seq, entry["member"])
+        else:
+            if seq != 0:
+                raise LogError(seq, "a snapshot may only be entry 0")
+            self._check_root_or_bootstrap(seq, digest)
+            self._apply_snapshot(seq, entry["state"])
+        self.hashes.append(digest)
+        return digest
+
+    def _check_root_or_bootstrap(self, seq: int, digest: str) -> None:
+        if seq == 0:
+            if self.trust_root is not None and not hmac.compare_digest(self.trust_root, digest):
+                raise LogError(0, f"entry 0 has fingerprint {digest}, not the trusted {self.trust_root} "
+                                  "(a different deployment, or a server that rewrote its history)")
+            return
+        if digest not in self.accepted_bootstraps:
+            raise LogError(seq, f"an offline bootstrap (recovery) after the trust root, fingerprint {digest}; "
+                                f"accept it only if your operator did this: unibus trust {digest}")
+
+    # -- bootstrap and snapshot -------------------------------------------------------
+
+    def _member_from_json(self, seq: int, doc: Any, what: str) -> Member:
+        if not isinstance(doc, dict) or set(doc) != _MEMBER_FIELDS:
+            raise LogError(seq, f"{what}: a member has exactly the fields {', '.join(sorted(_MEMBER_FIELDS))}")
+        try:
+            handle = doc["handle"]
+            if not isinstance(handle, str) or not HANDLE_RE.match(handle):
+                raise KeyFormatError(f"bad handle {handle!r}")
+            if doc["role"] not in ROLES:
+                raise KeyFormatError(f"bad role {doc['role']!r}")
+            suite = validate_enc_suite(doc["enc_suite"])
+            sign_pub = validate_sign_pub(doc["sign_pub"])
+            enc_pub = validate_enc_pub(doc["enc_pub"], suite)
+            bus_pub = doc["bus_pub"]
+            if bus_pub is not None:
+                validate_bus_pub(bus_pub)
+                if bus_pub == nkey_from_sign_pub(sign_pub):
+                    raise KeyFormatError("bus_pub is the member's signing key")
+        except (KeyFormatError, ValueError) as e:
+            raise LogError(seq, f"{what}: {e}") from None
+        return Member(handle, doc["role"], sign_pub, enc_pub, suite, bus_pub, seq)
+
+    def _add_member(self, seq: int, member: Member) -> None:
+        if member.handle in self.members:
+            raise LogError(seq, f"member {member.handle!r} already exists")
+        for other in self.members.values():
+            if other.sign_pub == member.sign_pub:
+                raise LogError(seq, f"member {member.handle!r} reuses the signing key of {other.handle!r}")
+            if member.bus_pub is not None and other.bus_pub == member.bus_pub:
+                raise LogError(seq, f"member {member.handle!r} reuses the bus key of {other.handle!r}")
+        self._set_member(seq, member)
+
+    def _set_member(self, seq: int, member: Member | None, handle: str | None = None) -> None:
+        handle = member.handle if member is not None else handle
+        assert handle is not None
+        if member is None:
+            self.members.pop(handle, None)
+        else:
+            self.members[handle] = member
+        snapshot = None if member is None else Member(member.handle, member.role, member.sign_pub, member.enc_pub,
+                                                      member.enc_suite, member.bus_pub, member.since)
+        self._members_at.setdefault(handle, _Spans()).set(seq, snapshot)
+
+    def _set_in_room(self, seq: int, room_id: str, handle: str, inside: bool) -> None:
+        self._rosters_at.setdefault((room_id, handle), _Spans()).set(seq, inside)
+
+    def _apply_bootstrap(self, seq: int, doc: Any) -> None:
+        self._add_member(seq, self._member_from_json(seq, doc, "bootstrap member"))
+
+    def _apply_snapshot(self, seq: int, state: Any) -> None:
+        if not isinstance(state, dict) or set(state) != {"members", "rooms"}:
+            raise LogError(seq, "a snapshot's state has exactly the fields members, rooms")
+        if not isinstance(state["members"], list) or not isinstance(state["rooms"], list):
+            raise LogError(seq, "snapshot members and rooms are lists")
+        for doc in state["members"]:
+            self._add_member(seq, self._member_from_json(seq, doc, "snapshot member"))
+        for doc in state["rooms"]:
+            if not isinstance(doc, dict) or set(doc) != _ROOM_FIELDS:
+                raise LogError(seq, f"a snapshot room has exactly the fields {', '.join(sorted(_ROOM_FIELDS))}")
+            room_id, name, owner, epoch = doc["room_id"], doc["name"], doc["owner"], doc["epoch"]
+            if not isinstance(room_id, str) or not ROOM_ID_RE.match(room_id) or room_id in self.rooms:
+                raise LogError(seq, f"snapshot room id {room_id!r} is malformed or repeated")
+            if not isinstance(name, str) or not isinstance(owner, str) or type(epoch) is not int or epoch < 0 \
+                    or type(doc["rekey_required"]) is not bool or not isinstance(doc["members"], list):
+                raise LogError(seq, f"snapshot room {room_id}: malformed")
+            members = set(doc["members"])
+            if len(members) != len(doc["members"]) or not members <= self.members.keys():
+                raise LogError(seq, f"snapshot room {room_id}: members must be distinct known members")
+            if owner and owner not in self.members:
+                raise LogError(seq, f"snapshot room {room_id}: unknown owner {owner!r}")
+            # Keys sealed before the log existed carry no signature: none of
+            # them is usable for verified reading (docs/formats.md).
+            self.rooms[room_id] = Room(room_id, name, owner, epoch, doc["rekey_required"], members, seq)
+            self._owners_at.setdefault(room_id, _Spans()).set(seq, owner)
+            for h in members:
+                self._set_in_room(seq, room_id, h, True)
+
+    # -- requests ------------------------------------------------------------------
+
+    def _apply_request(self, seq: int, entry: dict[str, Any]) -> None:
+        req, result = entry["request"], entry["result"]
+        if not isinstance(req, dict) or set(req) != _REQUEST_FIELDS:
+            raise LogError(seq, f"request has exactly the fields {', '.join(sorted(_REQUEST_FIELDS))}")
+        for name in ("method", "path", "query", "signature_input", "signature"):
+            if not isinstance(req[name], str):
+                raise LogError(seq, f"request.{name} must be a string")
+        if req["content_digest"] is not None and not isinstance(req["content_digest"], str):
+            raise LogError(seq, "request.content_digest must be a string or null")
+        found = logged_operation(req["method"], req["path"])
+        if found is None:
+            raise LogError(seq, f"{req['method']} {req['path']!r} is not a logged request")
+        op, args = found
+        if req["query"] != "":
+            raise LogError(seq, "a logged request has no query")
+        if not isinstance(result, dict) or set(result) != _RESULT_FIELDS[op]:
+            raise LogError(seq, f"{op}: result must have exactly the fields {sorted(_RESULT_FIELDS[op])}")
+
+        body: bytes | None = None
+        if req["body"] is not None:
+            if op in BODYLESS:
+                raise LogError(seq, f"{op}: the body is not kept in the log")
+            try:
+                body = b64decode_strict(req["body"], "request.body") if req["body"] else b""
+            except KeyFormatError as e:
+                raise LogError(seq, str(e)) from None
+        elif op in _BODY_FIELDS:
+            raise LogError(seq, f"{op}: the request body is missing")
+
+        # The author's signature, with the key the log established for them.
+        headers = {"signature-input": req["signature_input"], "signature": req["signature"]}
+        if req["content_digest"] is not None:
+            headers["content-digest"] = req["content_digest"]
+        if op in BODYLESS:
+            # The body is not here; its signed digest is checked for presence and form only.
+            headers["content-length"] = "1"
+        try:
+            pending = check_request(req["method"], req["path"], "", headers, body, now=float(entry["at"]),
+                                    skew=self.skew)
+        except SignatureError as e:
+            raise LogError(seq, f"signature: {e.reason}") from None
+        author = self.members.get(pending.keyid)
+        if author is None:
+            raise LogError(seq, f"the author {pending.keyid!r} is not a member at this point")
+        try:
+            pending.verify(author.sign_pub)
+        except SignatureError:
+            raise LogError(seq, f"the signature does not verify with {author.handle}'s signing key") from None
+        if (author.handle, pending.nonce) in self.nonces:
+            raise LogError(seq, f"nonce {pending.nonce} of {author.handle} appears twice (a replayed request)")
+        if pending.created < self.max_created - 2 * self.skew:
+            raise LogError(seq, f"created {pending.created} is more than {2 * self.skew} s older than an "
+                                "earlier entry's (a request held back and appended late)")
+        doc = self._body_json(seq, op, body) if op in _BODY_FIELDS else None
+        getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
+        self.nonces.add((author.handle, pending.nonce))
+        self.max_created = max(self.max_created, pending.created)
+
+    def _body_json(self, seq: int, op: str, body: bytes | None) -> dict[str, Any]:
+        try:
+            doc = json.loads(body or b"")
+        except (ValueError, UnicodeDecodeError):
+            raise LogError(seq, f"{op}: the body is not JSON") from None
+        required, optional = _BODY_FIELDS[op]
+        if not isinstance(doc, dict) or not required <= doc.keys() or not doc.keys() <= required | optional:
+            raise LogError(seq, f"{op}: the body must have the fields {sorted(required)} (optional {sorted(optional)})")
+        return doc
+
+    def _require(self, seq: int, ok: bool, why: str) -> None:
+        if not ok:
+            raise LogError(seq, why)
+
+    def _room(self, seq: int, room_id: str) -> Room:
+        room = self.rooms.get(room_id)
+        if room is None:
+            raise LogError(seq, f"room {room_id} does not exist at this point")
+        return room
+
+    def _may_manage(self, room: Room, author: Member) -> bool:
+        return author.role == "admin" or (room.owner == author.handle and author.handle in room.members)
+
+    def _op_member_add(self, seq: int, author: Member, _args: tuple[str, ...], doc: Any, _result: Any) -> None:
+        self._require(seq, author.role == "admin", f"{author.handle} added a member without being an admin")
+        fields = {**doc}
+        fields.setdefault("enc_suite", "X25519")
+        if fields["enc_suite"] not in ENC_SUITES:
+            raise LogError(seq, f"unknown enc_suite {fields['enc_suite']!r}")
+        member = self._member_from_json(seq, fields, "added member")
+        if member.bus_pub is None:
+            raise LogError(seq, "an added member needs a bus_pub")
+        self._add_member(seq, member)
+
+    def _op_member_role(self, seq: int, author: Member, args: tuple[str, ...], doc: Any, _result: Any) -> None:
+        self._require(seq, author.role == "admin", f"{author.handle} changed a role without being an admin")
+        target = self.members.get(args[0])
+        self._require(seq, target is not None, f"no member {args[0]!r}")
+        role = doc["role"]
+        self._require(seq, role in ROLES, f"bad role {role!r}")
+        assert target is not None
+        if target.role == "admin" and role != "admin":
+            self._require(seq, any(m.role == "admin" for h, m in self.members.items() if h != target.handle),
+                          f"{target.handle} is the last admin and cannot be demoted")
+        target.role = role
+        self._set_member(seq, target)
+
+    def _op_member_delete(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, _result: Any) -> None:
+        self._require(seq, author.role == "admin", f"{author.handle} deleted a member without being an admin")
+        target = self.members.get(args[0])
+        self._require(seq, target is not None, f"no member {args[0]!r}")
+        assert target is not None
+        if target.role == "admin":
+            self._require(seq, any(m.role == "admin" for h, m in self.members.items() if h != target.handle),
+                          f"{target.handle} is the last admin and cannot be deleted")
+        for room in self.rooms.values():
+            if target.handle in room.members:
+                room.members.discard(target.handle)
+                room.rekey_required = True
+                self._set_in_room(seq, room.room_id, target.handle, False)
+            if room.owner == target.handle:
+                room.owner = ""  # ownership dies with the member
+                self._owners_at[room.room_id].set(seq, "")
+        self._set_member(seq, None, target.handle)
+
+    def _op_member_bus_key(self, seq: int, author: Member, _args: tuple[str, ...], doc: Any, _result: Any) -> None:
+        bus_pub = doc["bus_pub"]
+        try:
+            validate_bus_pub(bus_pub)
+        except KeyFormatError as e:
+            raise LogError(seq, str(e)) from None
+        self._require(seq, bus_pub != nkey_from_sign_pub(author.sign_pub), "a bus key equal to the signing key")
+        for other in self.members.values():
+            self._require(seq, other.handle == author.handle or other.bus_pub != bus_pub,
+                          f"{author.handle} took the bus key of {other.handle}")
+        author.bus_pub = bus_pub
+        self._set_member(seq, author)
+
+    def _op_room_create(self, seq: int, author: Member, _args: tuple[str, ...], doc: Any, result: Any) -> None:
+        room_id, name = result["room_id"], doc["name"]
+        self._require(seq, isinstance(room_id, str) and bool(ROOM_ID_RE.match(room_id)), "malformed room_id")
+        self._require(seq, room_id not in self.rooms and room_id not in self._owners_at,
+                      f"room id {room_id} was used before")
+        self._require(seq, isinstance(name, str) and 0 < len(name) <= 200, "malformed room name")
+        self.rooms[room_id] = Room(room_id, name, author.handle, 0, True, {author.handle}, seq)
+        self._owners_at.setdefault(room_id, _Spans()).set(seq, author.handle)
+        self._set_in_room(seq, room_id, author.handle, True)
+
+    def _op_room_delete(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, _result: Any) -> None:
+        room = self._room(seq, args[0])
+        self._require(seq, self._may_manage(room, author), f"{author.handle} deleted room {room.room_id} "
+                                                           "without being its owner or an admin")
+        for h in room.members:
+            self._set_in_room(seq, room.room_id, h, False)
+        self._owners_at[room.room_id].set(seq, "")
+        del self.rooms[room.room_id]
+
+    def _op_room_member_add(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, _res: Any) -> None:
+        room = self._room(seq, args[0])
+        self._require(seq, self._may_manage(room, author), f"{author.handle} added a member to room "
+                                                           f"{room.room_id} without being its owner or an admin")
+        handle = args[1]
+        self._require(seq, handle in self.members, f"no member {handle!r}")
+        if handle not in room.members:
+            room.members.add(handle)
+            room.rekey_required = True
+            self._set_in_room(seq, room.room_id, handle, True)
+
+    def _op_room_member_remove(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, _r: Any) -> None:
+        room = self._room(seq, args[0])
+        handle = args[1]
+        self._require(seq, handle == author.handle or self._may_manage(room, author),
+                      f"{author.handle} removed {handle} from room {room.room_id} without the right")
+        self._require(seq, handle in room.members, f"{handle} is not in room {room.room_id}")
+        room.members.discard(handle)
+        room.rekey_required = True
+        self._set_in_room(seq, room.room_id, handle, False)
+
+    def _op_room_keys(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, result: Any) -> None:
+        room = self._room(seq, args[0])
+        self._require(seq, self._may_manage(room, author), f"{author.handle} rekeyed room {room.room_id} "
+                                                           "without being its owner or an admin")
+        epoch = result["epoch"]
+        self._require(seq, type(epoch) is int and epoch == room.epoch + 1,
+                      f"room {room.room_id}: epoch {epoch!r} does not follow {room.epoch}")
+        room.epoch = epoch
+        room.rekey_required = False
+        room.epochs[epoch] = EpochRecord(seq, author.handle, frozenset(room.members))
+
+    # -- checks the client makes with the verified state -----------------------------
+
+    def check_key_package(self, room_id: str, epoch: int, me: str, sealed: bytes, sig: bytes, sealer: str,
+                          log_head: Mapping[str, Any]) -> None:
+        """Raise :class:`LogError` unless a sealed room key may be used (docs/formats.md, key packages)."""
+        seq, digest = log_head.get("seq") if isinstance(log_head, Mapping) else None, \
+            log_head.get("hash") if isinstance(log_head, Mapping) else None
+        if type(seq) is not int or not isinstance(digest, str):
+            raise LogError(None, f"room {room_id} epoch {epoch}: the key package has no log head")
+        known = self.hash_at(seq)
+        if known is None or not hmac.compare_digest(known, digest):
+            raise LogError(seq, f"room {room_id} epoch {epoch}: the key package's log head is not in the "
+                                "verified log")
+        room = self.rooms.get(room_id)
+        record = room.epochs.get(epoch) if room is not None else None
+        if record is None:
+            raise LogError(None, f"room {room_id}: the verified log has no rekey to epoch {epoch}")
+        if record.sealer != sealer or not seq < record.seq:
+            raise LogError(record.seq, f"room {room_id} epoch {epoch}: sealed by {record.sealer} after seq "
+                                       f"{seq} in the log, but the package names {sealer}")
+        if not self.may_rekey_at(room_id, sealer, seq):
+            raise LogError(seq, f"room {room_id}: {sealer} could not rekey it at seq {seq}")
+        if not (self.in_room_at(room_id, me, seq) and me in record.roster):
+            raise LogError(seq, f"room {room_id} epoch {epoch}: {me} was not in the room's roster")
+        author = self.member_at(sealer, record.seq)
+        assert author is not None
+        message = key_package_input(room_id, epoch, me, sealed, seq, digest)
+        if len(sig) != 64 or not verify_ed25519(author.sign_pub, message, sig):
+            raise LogError(None, f"room {room_id} epoch {epoch}: the key package signature of {sealer} "
+                                 "does not verify")
+
+    def check_sender(self, room_id: str, sender: str, log_seq: int) -> Member:
+        """The member who may have sent to the room under a key package whose log head is ``log_seq``."""
+        member = self.member_at(sender, log_seq)
+        if member is None or not self.in_room_at(room_id, sender, log_seq):
+            raise LogError(None, f"{sender} was not in room {room_id} at seq {log_seq}")
+        return member
+

@@ -1,0 +1,287 @@
+"""The membership log's replay rules, entry by entry (pure: no server).
+
+Entries are built the way the server builds them: from requests signed by
+``unibus.signing.sign_request`` with real keys. Each check of docs/formats.md
+("The membership log") gets an entry that breaks it.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from unibus.client.keys import generate_identity
+from unibus.memberlog import (
+    LoggedRequest,
+    LogError,
+    LogState,
+    bootstrap_entry,
+    entry_hash,
+    key_package_input,
+    member_json,
+    request_entry,
+    snapshot_entry,
+)
+from unibus.signing import sign_request
+
+NOW = int(time.time())
+
+
+def bus_pub(identity) -> str:
+    return identity.bus_pub
+
+
+def member_doc(identity, role="member"):
+    return member_json(identity.handle, role, identity.sign_pub, identity.enc_pub, identity.enc_suite,
+                       bus_pub(identity))
+
+
+class Log:
+    """Builds a log as a server would: seq, prev, at, verbatim signed requests."""
+
+    def __init__(self, admin):
+        self.entries = []
+        self.append_raw(lambda seq, prev: bootstrap_entry(seq, prev, NOW, member_doc(admin, "admin")))
+
+    @property
+    def head(self):
+        return len(self.entries) - 1, entry_hash(self.entries[-1])
+
+    def append_raw(self, make):
+        prev = entry_hash(self.entries[-1]) if self.entries else ""
+        entry = make(len(self.entries), prev)
+        self.entries.append(entry)
+        return entry
+
+    def request(self, who, method, path, body=None, result=None, created=None, nonce=None, at=None):
+        raw = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        headers = sign_request(method, path, raw, keyid=who.handle, private_key=who.sign_key,
+                               created=created or NOW, nonce=nonce)
+        req = LoggedRequest(method, path, "", headers.get("Content-Digest"), headers["Signature-Input"],
+                            headers["Signature"], raw)
+        return self.append_raw(lambda seq, prev: request_entry(seq, prev, at or NOW, req, result or {}))
+
+    def add_member(self, admin, identity, role="member"):
+        body = {"handle": identity.handle, "role": role, "sign_pub": identity.sign_pub_b64,
+                "enc_pub": identity.enc_pub_b64, "enc_suite": identity.enc_suite, "bus_pub": bus_pub(identity)}
+        return self.request(admin, "POST", "/v1/members", body)
+
+    def create_room(self, who, room_id, name="ops"):
+        return self.request(who, "POST", "/v1/rooms", {"name": name}, {"room_id": room_id})
+
+    def rekey(self, who, room_id, epoch):
+        body = {"epoch": epoch, "sealed": {}, "sigs": {}, "log_head": {"seq": 0, "hash": ""}}
+        return self.request(who, "POST", f"/v1/rooms/{room_id}/keys", body, {"epoch": epoch})
+
+
+def replay(entries, **kwargs) -> LogState:
+    state = LogState(**kwargs)
+    for e in entries:
+        state.apply(copy.deepcopy(e))
+    return state
+
+
+@pytest.fixture(scope="module")
+def people():
+    return {h: generate_identity(h) for h in ("alice", "bob", "carol", "dave")}
+
+
+@pytest.fixture
+def world(people):
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    log = Log(alice)
+    log.add_member(alice, bob)
+    log.add_member(alice, carol)
+    log.create_room(bob, "r1")
+    log.request(bob, "PUT", "/v1/rooms/r1/members/carol")
+    log.rekey(bob, "r1", 1)
+    return log
+
+
+def test_a_valid_log_derives_members_rooms_and_epochs(world, people):
+    state = replay(world.entries)
+    assert sorted(state.members) == ["alice", "bob", "carol"]
+    assert state.members["alice"].role == "admin"
+    room = state.rooms["r1"]
+    assert (room.owner, room.epoch, room.rekey_required, room.members) == ("bob", 1, False, {"bob", "carol"})
+    assert room.epochs[1].sealer == "bob" and room.epochs[1].roster == {"bob", "carol"}
+    assert state.head == world.head and state.root == entry_hash(world.entries[0])
+
+
+def test_removal_and_deletion_follow_the_server_rules(world, people):
+    alice, bob, carol = people["alice"], people["bob"], people["carol"]
+    world.request(carol, "DELETE", "/v1/rooms/r1/members/carol")  # a member may leave
+    world.request(bob, "PUT", "/v1/rooms/r1/members/carol")
+    world.request(alice, "DELETE", "/v1/members/bob")  # the owner goes: ownership dies with it
+    state = replay(world.entries)
+    room = state.rooms["r1"]
+    assert room.members == {"carol"} and room.owner == "" and room.rekey_required
+    assert state.may_rekey_at("r1", "alice", state.head[0]) and not state.may_rekey_at("r1", "carol", state.head[0])
+    # history: bob was in the room (and could rekey it) at the rekey's seq
+    rekey_seq = room.epochs[1].seq
+    assert state.in_room_at("r1", "bob", rekey_seq) and state.may_rekey_at("r1", "bob", rekey_seq)
+    assert not state.in_room_at("r1", "bob", state.head[0])
+
+
+def _flip_signature(e):
+    label, _, rest = e["request"]["signature"].partition("=:")
+    raw = bytearray(base64.b64decode(rest[:-1]))
+    raw[0] ^= 1
+    e["request"]["signature"] = f"{label}=:{base64.b64encode(bytes(raw)).decode()}:"
+
+
+@pytest.mark.parametrize("mutate, seq, why", [
+    (lambda e: e["request"].__setitem__("path", "/v1/rooms/r2/members/carol"), 4, "does not verify"),
+    (lambda e: e.__setitem__("at", e["at"] + 1), 5, "prev is not the hash"),  # the next entry no longer chains
+    (lambda e: e["result"].__setitem__("extra", 1), 4, "result must have exactly"),
+    (_flip_signature, 4, "does not verify"),
+])
+def test_tampered_entries_are_rejected(world, mutate, seq, why):
+    entries = copy.deepcopy(world.entries)
+    mutate(entries[4])  # PUT /v1/rooms/r1/members/carol
+    with pytest.raises(LogError, match=why) as e:
+        replay(entries)
+    assert e.value.seq == seq
+
+
+def test_reordered_and_dropped_entries_are_rejected(world):
+    swapped = copy.deepcopy(world.entries)
+    swapped[3], swapped[4] = swapped[4], swapped[3]
+    with pytest.raises(LogError) as e:
+        replay(swapped)
+    assert e.value.seq == 3
+    dropped = copy.deepcopy(world.entries)
+    del dropped[2]
+    with pytest.raises(LogError) as e:
+        replay(dropped)
+    assert e.value.seq == 2
+
+
+def test_a_body_that_does_not_match_its_signed_digest_is_rejected(world, people):
+    entries = copy.deepcopy(world.entries)
+    body = json.loads(base64.b64decode(entries[1]["request"]["body"]))
+    body["role"] = "admin"  # the server promotes bob behind alice's back
+    entries[1]["request"]["body"] = base64.b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
+    for i in range(1, len(entries)):
+        entries[i]["prev"] = entry_hash(entries[i - 1])
+    with pytest.raises(LogError, match="Content-Digest does not match"):
+        replay(entries)
+
+
+def test_authority_is_checked_with_the_roles_the_log_established(world, people):
+    bob, dave = people["bob"], people["dave"]
+    world.add_member(bob, dave)  # bob is not an admin
+    with pytest.raises(LogError, match="without being an admin") as e:
+        replay(world.entries)
+    assert e.value.seq == len(world.entries) - 1
+
+
+def test_a_non_member_author_and_a_ghost_target_are_rejected(world, people):
+    dave = people["dave"]
+    log = copy.deepcopy(world)
+    log.request(dave, "POST", "/v1/rooms", {"name": "x"}, {"room_id": "r9"})
+    with pytest.raises(LogError, match="not a member"):
+        replay(log.entries)
+    log = copy.deepcopy(world)
+    log.request(people["bob"], "PUT", "/v1/rooms/r1/members/dave")
+    with pytest.raises(LogError, match="no member 'dave'"):
+        replay(log.entries)
+
+
+def test_a_replayed_nonce_and_a_held_back_request_are_rejected(world, people):
+    alice, bob = people["alice"], people["bob"]
+    log = copy.deepcopy(world)
+    nonce = "n" * 32
+    log.request(bob, "PUT", "/v1/rooms/r1/members/alice", nonce=nonce)
+    log.request(bob, "DELETE", "/v1/rooms/r1/members/alice", nonce=nonce)
+    with pytest.raises(LogError, match="appears twice"):
+        replay(log.entries)
+    log = copy.deepcopy(world)
+    old = NOW - 3 * 60
+    log.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=old, at=old + 1)
+    with pytest.raises(LogError, match="older than an earlier entry"):
+        replay(log.entries)
+
+
+def test_created_must_be_within_the_skew_of_the_server_time(world, people):
+    world.request(people["bob"], "DELETE", "/v1/rooms/r1/members/carol", created=NOW, at=NOW + 3600)
+    with pytest.raises(LogError, match="created is too old|expired"):
+        replay(world.entries)
+
+
+def test_trust_root_and_later_bootstraps(world, people):
+    root = entry_hash(world.entries[0])
+    replay(world.entries, trust_root=root)
+    with pytest.raises(LogError, match="not the trusted") as e:
+        replay(world.entries, trust_root="0" * 64)
+    assert e.value.seq == 0
+    eve = generate_identity("eve")
+    boot = world.append_raw(lambda seq, prev: bootstrap_entry(seq, prev, NOW, member_doc(eve, "admin")))
+    with pytest.raises(LogError, match="unibus trust") as e:
+        replay(world.entries, trust_root=root)
+    assert e.value.seq == boot["seq"]
+    state = replay(world.entries, trust_root=root, accepted_bootstraps=[entry_hash(boot)])
+    assert state.members["eve"].role == "admin"
+
+
+def test_a_snapshot_is_entry_zero_only_and_carries_state(people):
+    alice, bob = people["alice"], people["bob"]
+    snap = snapshot_entry(NOW, [member_doc(alice, "admin"), {**member_doc(bob), "bus_pub": None}],
+                          [{"room_id": "r1", "name": "ops", "owner": "bob", "epoch": 3, "rekey_required": False,
+                            "members": ["alice", "bob"]}])
+    state = replay([snap])
+    assert state.rooms["r1"].epoch == 3 and state.members["bob"].bus_pub is None
+    assert state.rooms["r1"].epochs == {}  # pre-log keys carry no signature: not usable verified
+
+
+def test_key_packages(world, people):
+    bob, carol = people["bob"], people["carol"]
+    state = replay(world.entries)
+    head_seq = 4  # the log head bob verified before his keys POST (entry 5)
+    head = {"seq": head_seq, "hash": state.hash_at(head_seq)}
+    sealed = b"s" * 80
+    sig = bob.sign_key.sign(key_package_input("r1", 1, "carol", sealed, head_seq, head["hash"]))
+    state.check_key_package("r1", 1, "carol", sealed, sig, "bob", head)
+    bad = [
+        ("r1", 1, "carol", b"t" * 80, sig, "bob", head, "does not verify"),  # another sealed value
+        ("r1", 1, "carol", sealed, sig, "alice", head, "names alice"),  # a sealer the log does not name
+        ("r1", 1, "carol", sealed, sig, "bob", {"seq": 4, "hash": "0" * 64}, "not in the verified log"),
+        ("r1", 2, "carol", sealed, sig, "bob", head, "no rekey to epoch 2"),  # a server-chosen epoch
+        ("r1", 1, "alice", sealed, sig, "bob", head, "not in the room"),
+    ]
+    for room, epoch, me, s, g, sealer, h, why in bad:
+        with pytest.raises(LogError, match=why):
+            state.check_key_package(room, epoch, me, s, g, sealer, h)
+
+
+def test_every_entry_hash_is_over_the_canonical_json(world):
+    e = world.entries[1]
+    reordered = dict(reversed(list(e.items())))
+    assert entry_hash(reordered) == entry_hash(e)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_any_single_byte_change_is_caught(people, data):
+    alice, bob = people["alice"], people["bob"]
+    log = Log(alice)
+    log.add_member(alice, bob)
+    log.create_room(bob, "r1")
+    text = json.dumps(log.entries[1])
+    i = data.draw(st.integers(0, len(text) - 1))
+    ch = data.draw(st.sampled_from("aZ0 }\"9"))
+    changed = text[:i] + ch + text[i + 1:]
+    try:
+        tampered = json.loads(changed)
+    except ValueError:
+        return  # not JSON any more: a transport error, not a log
+    if tampered == log.entries[1]:
+        return  # the change did not change the value (e.g. whitespace)
+    with pytest.raises(LogError):
+        replay([log.entries[0], tampered, log.entries[2]])
