@@ -241,7 +241,7 @@ def test_a_snapshot_is_entry_zero_only_and_carries_state(people):
 
 
 def test_key_packages(world, people):
-    bob, carol = people["bob"], people["carol"]
+    bob = people["bob"]
     state = replay(world.entries)
     head_seq = 4  # the log head bob verified before his keys POST (entry 5)
     head = {"seq": head_seq, "hash": state.hash_at(head_seq)}
