@@ -18,9 +18,9 @@ from . import __version__
 from .bus import Bus
 from .openapi import OpenAPI
 from .pluginmanager import PluginManager
-from .posture import merge_posture
+from .posture import compute_posture
 from .problems import Problem, from_problem, problem_response
-from .settings import Settings
+from .settings import Settings, insecure_plaintext_warnings
 from .store.base import Conflict, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
 
@@ -43,7 +43,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: Largest JSON body: a keys POST for 1,000 MLKEM768_X25519 members is ~1.6 MB.
 MAX_JSON_BODY = 8 * 1024 * 1024
 
-CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats"})
+CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
 
 
 @web.middleware
@@ -102,8 +102,7 @@ def add_route(
 
 
 def current_posture(app: web.Application) -> dict[str, Any]:
-    settings = app[SETTINGS].for_plugins()
-    return merge_posture(r for _, r in app[PLUGINS].call_each("posture", settings=settings))
+    return compute_posture(app[SETTINGS], app[PLUGINS])
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -144,6 +143,10 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
             "cluster": cluster,
         },
     }
+    # --insecure-plaintext: said on every /healthz, not only once in the log (docs/http-api.md)
+    warnings = insecure_plaintext_warnings(settings)
+    if warnings:
+        body["warnings"] = warnings
     for name, fields in app[PLUGINS].call_each_safe("healthz_fields", app=app):
         if not isinstance(fields, dict):
             continue

@@ -106,7 +106,10 @@ def test_cluster_gate_refuses_before_anything_starts(tmp_path):
 def test_posture_command(tmp_path):
     proc = run_membershipd("posture", "--bus-auth", "off")
     assert proc.returncode == 1
-    assert json.loads(proc.stdout) == {"bus_auth": "off", "acl": False, "tls": False, "summary": "open"}
+    assert json.loads(proc.stdout) == {
+        "bus_auth": "off", "acl": False, "tls": True, "summary": "tls",
+        "listeners": {"http": "loopback", "nats": "loopback", "routes": "none", "metrics": "none"},
+    }
     bad = run_membershipd("posture", "--routes", "nats://u:p@127.0.0.1:1", "--cluster-name", "c")
     assert_one_line_error(bad, 2, "--routes")
 
