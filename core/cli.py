@@ -71,9 +71,13 @@ _DESCRIPTIONS = {
 }
 
 
-def _refuse_unavailable_flags(argv: Sequence[str], plugins: PluginManager) -> None:
-    """A flag of a plugin that is not loaded is refused naming the plugin (never an open default)."""
-    owned = plugins.unavailable_flags()
+def _refuse_unavailable_flags(argv: Sequence[str], plugins: PluginManager, loaded_flags: set[str]) -> None:
+    """A flag of a plugin that is not loaded is refused naming the plugin (never an open default).
+
+    A flag that a loaded plugin defines (a third-party replacement of a
+    built-in, say) is that plugin's and is never refused here.
+    """
+    owned = {flag: plugin for flag, plugin in plugins.unavailable_flags().items() if flag not in loaded_flags}
     for arg in argv:
         if arg == "--":
             break
@@ -107,7 +111,7 @@ def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings
     pre, _ = _disable_pre_parser().parse_known_args(argv)
     plugins = make_plugins(pre.disable_plugin, env)
     plugin_options = plugins.options(reserved=_core_flags())
-    _refuse_unavailable_flags(argv, plugins)
+    _refuse_unavailable_flags(argv, plugins, {opt.flag for _, opt in plugin_options})
     ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
     plugins.require_healthy()
     settings = build_settings(ns, env, plugin_options, disabled_plugins=plugins.blocked)

@@ -222,12 +222,32 @@ BROKEN = {
 }
 
 
+GOOD = {
+    # a third-party plugin that takes over a built-in's flag: it is its own, not refused
+    "monitor2": ("unibus_test_monitor2", """
+        from unibus import Option, hookimpl
+
+        @hookimpl
+        def cli_options():
+            return [Option("--nats-monitor-port", help="another monitor", convert=int)]
+        """, ()),
+}
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:
     """A directory with plugin modules and a dist-info that declares them as ``unibus`` entry points."""
-    d = tmp_path_factory.mktemp("site")
+    return make_site(tmp_path_factory.mktemp("site"), BROKEN)
+
+
+@pytest.fixture(scope="module")
+def site_with_replacement(tmp_path_factory) -> Path:
+    return make_site(tmp_path_factory.mktemp("site2"), GOOD)
+
+
+def make_site(d: Path, plugins: dict) -> Path:
     eps = ["[unibus]"]
-    for name, (module, source, _) in BROKEN.items():
+    for name, (module, source, _) in plugins.items():
         (d / f"{module}.py").write_text(textwrap.dedent(source))
         eps.append(f"{name} = {module}")
     info = d / "unibus_test_plugins-0.1.dist-info"
@@ -323,3 +343,12 @@ def test_unknown_plugin_in_load_plugins():
     listing = run_membershipd("plugins", env={"UNIBUS_LOAD_PLUGINS": "route_tls"})
     assert listing.returncode == 0
     assert "not loaded (UNIBUS_LOAD_PLUGINS): auth_enforce, blobstore, nats_monitor" in listing.stdout.splitlines()
+
+
+def test_a_loaded_plugin_owns_a_flag_a_missing_built_in_would_have(site_with_replacement):
+    site = site_with_replacement
+    env = with_site(site, "auth_enforce,monitor2")
+    proc = run_membershipd("posture", "--nats-monitor-port", "9999", env=env)
+    assert proc.returncode == 0, proc.stderr
+    gone = run_membershipd("posture", "--nats-monitor-port", "9999", env=with_site(site, "auth_enforce"))
+    one_error_line(gone, 2, "--nats-monitor-port", "nats_monitor")
