@@ -22,9 +22,9 @@ from .bus import Bus
 from .inputs import check_path_params
 from .openapi import OpenAPI
 from .pluginmanager import PluginManager
-from .posture import merge_posture
+from .posture import compute_posture
 from .problems import Problem, from_problem, problem_response
-from .settings import Settings
+from .settings import Settings, insecure_plaintext_warnings
 from .store.base import Conflict, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
 
@@ -76,7 +76,7 @@ class _ServerLogger(logging.LoggerAdapter):
 SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_decompress": False,
                                   "logger": _ServerLogger(logging.getLogger("aiohttp.server"), {})}
 
-CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats"})
+CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
 
 
 @web.middleware
@@ -174,8 +174,7 @@ def add_route(
 
 
 def current_posture(app: web.Application) -> dict[str, Any]:
-    settings = app[SETTINGS].for_plugins()
-    return merge_posture(r for _, r in app[PLUGINS].call_each("posture", settings=settings))
+    return compute_posture(app[SETTINGS], app[PLUGINS])
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -216,6 +215,10 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
             "cluster": cluster,
         },
     }
+    # --insecure-plaintext: said on every /healthz, not only once in the log (docs/http-api.md)
+    warnings = insecure_plaintext_warnings(settings)
+    if warnings:
+        body["warnings"] = warnings
     for name, fields in app[PLUGINS].call_each_safe("healthz_fields", app=app):
         if not isinstance(fields, dict):
             continue

@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from .errors import RuntimeFailure
 from .pubacks import PubAckClient
 from .settings import Secret
+from .tls import connect_bounded, permanent_tls_error
 
 log = logging.getLogger("unibus.bus")
 
@@ -60,6 +61,20 @@ def embedded_tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.S
     return ctx
 
 
+def tls_first(url: str) -> bool:
+    """Whether to start a connection to ``url`` with the TLS handshake (``tls://`` URLs).
+
+    nats-py otherwise reads the server's INFO in clear and upgrades only if
+    that INFO says ``tls_required``: a man in the middle who strips the flag
+    would get the nkey's answer to the nonce in clear, and could relay it to
+    log in as us. Starting with the handshake leaves nothing to strip. The
+    embedded server accepts both (``handshake_first: auto``); an external
+    NATS reached over ``tls://`` must enable ``handshake_first`` too
+    (docs/operations.md, "Listeners and TLS").
+    """
+    return url.strip().lower().startswith("tls://")
+
+
 class Bus:
     """A reconnecting nats-py client plus its JetStream context.
 
@@ -77,8 +92,15 @@ class Bus:
         self.js: JetStreamContext | None = None
 
     async def connect(self, timeout: float = 10.0, jetstream_timeout: float = 10.0, check_jetstream: bool = True) -> None:
+        tls_errors: list[Exception] = []
+        tls_refused = asyncio.Event()
+
         async def _err(e: Exception) -> None:
             log.debug("nats client: %s", e)
+            if isinstance(e, ssl.SSLError) and self.nc is None:
+                tls_errors.append(e)
+                if permanent_tls_error(e):
+                    tls_refused.set()  # the same certificates will fail again: stop retrying
 
         async def _disc() -> None:
             log.warning("disconnected from NATS at %s", self.url)
@@ -89,10 +111,12 @@ class Bus:
         kwargs: dict = {}
         if self.tls is not None:
             kwargs["tls"] = self.tls
+        if tls_first(self.url):
+            kwargs["tls_handshake_first"] = True
         if self._seed is not None:
             kwargs["nkeys_seed_str"] = self._seed.reveal()
         try:
-            self.nc = await asyncio.wait_for(
+            self.nc = await connect_bounded(
                 nats.connect(
                     servers=[self.url],
                     name=self.name,
@@ -106,8 +130,11 @@ class Bus:
                     **kwargs,
                 ),
                 timeout,
+                tls_refused,
             )
         except Exception as e:
+            if isinstance(e, TimeoutError) and tls_errors:
+                e = tls_errors[-1]  # what kept it from connecting, rather than the timeout
             raise RuntimeFailure(f"cannot connect to NATS at {self.url}: {type(e).__name__}: {e}") from None
         self.js = self.nc.jetstream(timeout=2.0)
         if check_jetstream:

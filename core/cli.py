@@ -16,7 +16,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, UnibusError
-from .pluginmanager import PluginManager
+from .pluginmanager import LOAD_PLUGINS_ENV, PluginManager, load_plugins_from_env
 from .settings import Settings, add_core_arguments, add_plugin_arguments, build_settings
 
 log = logging.getLogger("unibus.cli")
@@ -35,8 +35,26 @@ def _disable_pre_parser() -> argparse.ArgumentParser:
     return pre
 
 
-def _serve_parser(command: str, plugin_options) -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} {command}", description=_DESCRIPTIONS[command])
+def _core_flags() -> set[str]:
+    parser = argparse.ArgumentParser(add_help=True)
+    add_core_arguments(parser)
+    parser.add_argument("--disable-plugin")
+    return set(parser._option_string_actions)
+
+
+def _broken_epilog(plugins: PluginManager) -> str | None:
+    """The broken plugins, for --help: listed with their error instead of crashing."""
+    if not plugins.broken:
+        return None
+    lines = ["broken plugins (serve refuses to start until they are fixed or blocked with --disable-plugin):"]
+    lines += [f"  {b.name}: {b.error}" for b in plugins.broken.values()]
+    return "\n".join(lines)
+
+
+def _serve_parser(command: str, plugin_options, plugins: PluginManager | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} {command}", description=_DESCRIPTIONS[command],
+                     epilog=_broken_epilog(plugins) if plugins is not None else None,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_core_arguments(parser)
     parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
     add_plugin_arguments(parser, plugin_options)
@@ -53,25 +71,49 @@ _DESCRIPTIONS = {
 }
 
 
-def _refuse_blocked_flags(argv: Sequence[str], plugins: PluginManager) -> None:
-    owned = plugins.blocked_flags()
+def _refuse_unavailable_flags(argv: Sequence[str], plugins: PluginManager, loaded_flags: set[str]) -> None:
+    """A flag of a plugin that is not loaded is refused naming the plugin (never an open default).
+
+    A flag that a loaded plugin defines (a third-party replacement of a
+    built-in, say) is that plugin's and is never refused here.
+    """
+    owned = {flag: plugin for flag, plugin in plugins.unavailable_flags().items() if flag not in loaded_flags}
     for arg in argv:
+        if arg == "--":
+            break
         flag = arg.split("=", 1)[0]
-        if flag in owned:
+        if flag not in owned:
+            continue
+        plugin = owned[flag]
+        if plugin in plugins.blocked:
             raise ConfigError(
-                f"{flag} belongs to the {owned[flag]} plugin, which --disable-plugin {owned[flag]} blocks; "
+                f"{flag} belongs to the {plugin} plugin, which --disable-plugin {plugin} blocks; "
                 f"drop {flag} or enable the plugin"
             )
+        raise ConfigError(f"{flag} belongs to the {plugin} plugin, which {plugins.why_not_loaded(plugin)}; "
+                          f"drop {flag} or make the {plugin} plugin available")
+
+
+def make_plugins(blocked: Sequence[str], env=None) -> PluginManager:
+    """The plugin manager of a command: entry points, ``--disable-plugin``, ``UNIBUS_LOAD_PLUGINS``."""
+    env = os.environ if env is None else env
+    return PluginManager(blocked=blocked, only=load_plugins_from_env(env))
 
 
 def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings, PluginManager]:
-    """Flags + env → (Settings, PluginManager), as ``serve`` and ``posture`` see them."""
+    """Flags + env → (Settings, PluginManager), as ``serve`` and ``posture`` see them.
+
+    Refusals, in order: a flag of a plugin that is not loaded; ``--help``
+    still works with a broken plugin (and lists it); then any broken plugin;
+    then the flags themselves.
+    """
     env = os.environ if env is None else env
     pre, _ = _disable_pre_parser().parse_known_args(argv)
-    plugins = PluginManager(blocked=pre.disable_plugin)
-    _refuse_blocked_flags(argv, plugins)
-    plugin_options = plugins.options()
-    ns = _serve_parser(command, plugin_options).parse_args(argv)
+    plugins = make_plugins(pre.disable_plugin, env)
+    plugin_options = plugins.options(reserved=_core_flags())
+    _refuse_unavailable_flags(argv, plugins, {opt.flag for _, opt in plugin_options})
+    ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
+    plugins.require_healthy()
     settings = build_settings(ns, env, plugin_options, disabled_plugins=plugins.blocked)
     if settings.bus_auth == "enforce" and "auth_enforce" in plugins.blocked:
         raise ConfigError("--disable-plugin auth_enforce is accepted only together with --bus-auth off")
@@ -89,12 +131,18 @@ def cmd_serve(argv: Sequence[str]) -> int:
 
 
 def cmd_posture(argv: Sequence[str]) -> int:
-    from .daemon import compute_posture
-    from .posture import CLUSTER_REQUIRED
+    from .posture import CLUSTER_REQUIRED, cluster_gate, startup_posture
+    from .settings import insecure_plaintext_warnings
 
     settings, plugins = load_settings("posture", argv)
-    posture = compute_posture(settings, plugins)
+    posture = startup_posture(settings, plugins)
     print(json.dumps(posture, indent=2))
+    for warning in insecure_plaintext_warnings(settings):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    try:
+        cluster_gate(posture, settings.clustered)
+    except ConfigError as e:
+        print(f"{PROG}: {e}", file=sys.stderr)  # what serve would refuse with; the exit code says 1
     return 0 if posture["summary"] == CLUSTER_REQUIRED else 1
 
 
@@ -129,16 +177,22 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
     parser.add_argument("--data-dir", metavar="DIR", help="accepted like every command's; plugins do not depend on it")
     ns = parser.parse_args(argv)
-    plugins = PluginManager(blocked=ns.disable_plugin)
+    plugins = make_plugins(ns.disable_plugin)
+    plugins.options(reserved=_core_flags())  # a plugin whose cli_options fails is listed as broken
     infos = plugins.list_plugins()
     if ns.json:
         print(json.dumps([i.as_json() for i in infos], indent=2))
         return 0
     for i in infos:
-        print(f"{i.name}  ({i.distribution or '-'} {i.version or '-'})")
-        print(f"    hooks: {', '.join(i.hooks) or '-'}")
+        print(f"{i.name}  ({i.distribution or '-'} {i.version or '-'})" + ("  BROKEN" if i.error else ""))
+        if i.error:
+            print(f"    error: {i.error}")
+        else:
+            print(f"    hooks: {', '.join(i.hooks) or '-'}")
     if plugins.blocked:
         print(f"blocked: {', '.join(plugins.blocked)}")
+    if plugins.not_loaded:
+        print(f"not loaded ({LOAD_PLUGINS_ENV}): {', '.join(plugins.not_loaded)}")
     return 0
 
 
@@ -228,6 +282,8 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
     parser.add_argument("--nats-url", required=True, metavar="URL", help="the target NATS (a node's loopback URL)")
     parser.add_argument("--ca", metavar="PATH", help="CA that verifies the target's TLS certificate (required off loopback)")
+    parser.add_argument("--cert", metavar="PATH", help="client certificate for a target that verifies clients (with --key, --ca)")
+    parser.add_argument("--key", metavar="PATH", help="the client certificate's private key (mode 0600)")
     parser.add_argument("--nkey-seed-file", metavar="PATH",
                         help=f"the nkey seed to authenticate with (default <data-dir>/{SERVICE_NKEY_FILE})")
     parser.add_argument("--kv-replicas", type=int, choices=(1, 3, 5), default=1, metavar="N",
@@ -244,6 +300,15 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
                           "TLS verified against that CA")
     if ca is not None and not ca.is_file():
         raise ConfigError(f"--ca: {ca} is not a readable file")
+    cert = Path(ns.cert).expanduser() if ns.cert else None
+    key = Path(ns.key).expanduser() if ns.key else None
+    if (cert is None) != (key is None):
+        raise ConfigError("--cert and --key go together; give both or neither")
+    if cert is not None and ca is None:
+        raise ConfigError("--cert/--key are presented over TLS, which --ca turns on; give --ca PATH too")
+    for flag, path in (("--cert", cert), ("--key", key)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag}: {path} is not a readable file")
     data_dir = resolve_data_dir(ns)
     db = data_dir / "membershipd.db"
     if not db.exists():
@@ -256,7 +321,12 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     tls = None
     url = ns.nats_url
     if ca is not None:
-        tls = ssl.create_default_context(cafile=str(ca))  # verifies chain and host name
+        from .tls import TLSFileError, client_context
+
+        try:  # verifies chain and host name; presents --cert if given
+            tls = client_context(ca, cert, key, names=("--ca", "--cert", "--key"))
+        except TLSFileError as e:
+            raise ConfigError(str(e)) from None
         url = "tls://" + parts.netloc
 
     async def run() -> dict[str, int]:
@@ -297,6 +367,14 @@ def _top_help() -> str:
     for name in COMMANDS:
         lines.append(f"  {name:<10} {_DESCRIPTIONS[name]}")
     lines += ["", "serve is the default command; run 'membershipd serve --help' for its flags.", "  --version  print the version and exit"]
+    try:
+        plugins = make_plugins([])
+        plugins.options(reserved=_core_flags())
+        broken = _broken_epilog(plugins)
+    except UnibusError as e:  # e.g. a bad UNIBUS_LOAD_PLUGINS: say so, help still prints
+        broken = f"plugins: {e}"
+    if broken:
+        lines += ["", broken]
     return "\n".join(lines)
 
 

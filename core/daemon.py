@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -30,15 +31,16 @@ from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager
-from .posture import cluster_gate, merge_posture
+from .posture import cluster_gate, compute_posture, startup_posture
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
-from .settings import HostPort, Settings
+from .settings import HostPort, Settings, insecure_plaintext_warnings
 from .store import publish_membership
 from .store.base import Store
 from .store.db import migrate
 from .store.kv import KvStore
 from .store.sqlite import SqliteStore
+from .tls import server_context
 from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server, nats_server_environment
 
 log = logging.getLogger("unibus.daemon")
@@ -52,8 +54,7 @@ NATS_STOP_TIMEOUT = 2.5
 RECONFIGURE_DEBOUNCE = 0.01
 
 
-def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
-    return merge_posture(r for _, r in plugins.call_each("posture", settings=settings.for_plugins()))
+__all__ = ["Daemon", "compute_posture", "nats_config", "serve"]
 
 
 def nats_config(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
@@ -90,6 +91,16 @@ def check_port_free(flag: str, addr: HostPort) -> None:
             raise RuntimeFailure(f"{flag} {addr}: cannot listen there ({e.strerror})") from None
 
 
+def _https_context(settings: Settings) -> ssl.SSLContext | None:
+    """The control plane's TLS context (--http-tls-cert/--http-tls-key), or None for plain HTTP."""
+    if not (settings.http_tls_cert and settings.http_tls_key):
+        return None
+    try:
+        return server_context(settings.http_tls_cert, settings.http_tls_key)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"--http-tls-cert/--http-tls-key: cannot be used for HTTPS ({e})") from None
+
+
 class Daemon:
     """One running membershipd: owns the supervisor, the bus connection and the HTTP site."""
 
@@ -114,7 +125,10 @@ class Daemon:
     async def start(self) -> None:
         s = self.settings
         body_timeout = body_timeout_from_env(os.environ)
-        cluster_gate(compute_posture(s, self.plugins), s.clustered)
+        cluster_gate(startup_posture(s, self.plugins), s.clustered)
+        for warning in insecure_plaintext_warnings(s):
+            log.warning("%s", warning)
+        http_tls = _https_context(s)
         binary = find_nats_server(s.nats_server_bin) if s.embedded else None
         prepare_data_dir(s.data_dir)
         check_port_free("--http-addr", s.http_addr)
@@ -175,12 +189,13 @@ class Daemon:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
                                     **SERVER_OPTIONS)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, s.http_addr.host, s.http_addr.port, reuse_address=True)
+        site = web.TCPSite(self.runner, s.http_addr.host, s.http_addr.port, reuse_address=True, ssl_context=http_tls)
         try:
             await site.start()
         except OSError as e:
             raise RuntimeFailure(f"--http-addr {s.http_addr}: cannot listen ({e.strerror})") from None
-        log.info("membershipd serving on http://%s (NATS %s, node %s)", s.http_addr, s.nats_client_url, s.server_name)
+        log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
+                 s.nats_client_url, s.server_name)
         sd_notify("READY=1")
 
     def write_nats_config(self) -> dict[str, Any]:

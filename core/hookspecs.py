@@ -60,11 +60,15 @@ def posture(settings: Settings) -> dict[str, Any]:
     """Return the security facts this plugin is responsible for.
 
     Facts are ``bus_auth`` (``"enforce"`` or ``"off"``), ``acl`` (bool) and
-    ``tls`` (bool); report only those the plugin really enforces. The core
-    merges all answers (a fact reported twice keeps the weaker value), fills
-    unreported facts with their insecure value and computes ``summary``. Called
-    at start-up, before the cluster gate, by ``membershipd posture`` and on
-    every ``/healthz``; it must be cheap and must not do I/O.
+    ``tls`` (bool), and ``listeners``: a dict of the listeners the plugin
+    opens or secures (``"routes"``, ``"metrics"``) with their state
+    (``"loopback"``, ``"tls"``, ``"mtls"`` or ``"plaintext"``). Report only
+    what the plugin really enforces. The core merges all answers with its own
+    listeners (a fact or listener reported twice keeps the weaker value),
+    fills unreported facts with their insecure value, sets ``tls`` false when
+    any listener is plaintext, and computes ``summary``. Called at start-up,
+    before the cluster gate, by ``membershipd posture`` and on every
+    ``/healthz``; it must be cheap and must not do I/O.
     """
 
 

@@ -25,6 +25,8 @@ from .settings import Settings
 log = logging.getLogger("unibus.natsconf")
 
 MONITOR_HOST = "127.0.0.1"
+#: nats-server's TLS-first mode on the client listener, with fallback for classic clients.
+HANDSHAKE_FIRST = "auto"
 # nats-server keys that open the monitoring endpoint.
 _MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
 
@@ -47,7 +49,12 @@ def base_config(settings: Settings) -> dict[str, Any]:
         "trace": False,
     }
     if settings.tls_cert:
-        tls: dict[str, Any] = {"cert_file": str(settings.tls_cert), "key_file": str(settings.tls_key)}
+        # handshake_first: clients that start with the TLS handshake (unibus's own, see
+        # docs/operations.md "Listeners and TLS") never read a plaintext INFO that a
+        # man in the middle could strip tls_required from; "auto" still serves other
+        # clients the classic way after a short wait.
+        tls: dict[str, Any] = {"cert_file": str(settings.tls_cert), "key_file": str(settings.tls_key),
+                               "handshake_first": HANDSHAKE_FIRST}
         if settings.tls_ca:
             tls["ca_file"] = str(settings.tls_ca)
             tls["verify"] = True

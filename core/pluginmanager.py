@@ -1,16 +1,25 @@
-"""The one plugin manager: entry points in, hooks out, blocking and listing.
+"""The one plugin manager: entry points in, hooks out, checking, blocking and listing.
 
 Built-in plugins are loaded exactly like third-party ones, from the ``unibus``
 entry-point group. ``--disable-plugin NAME`` blocks a plugin before it is
-imported.
+imported; ``UNIBUS_LOAD_PLUGINS=a,b`` loads only the plugins it names.
+
+Every plugin is checked when it registers (docs/plugins.md, "Hook checks"):
+each hook implementation must name a hook of :mod:`unibus.hookspecs`, take
+only arguments that hook declares, and not be a hook wrapper. A plugin that
+fails a check, fails to import or whose ``cli_options`` fails is *broken*: it
+is not registered, ``membershipd plugins`` and ``--help`` list it with its
+error, and ``serve``/``posture`` refuse to start (exit 2, one line naming the
+plugin and the hook).
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -24,6 +33,33 @@ from .settings import Option
 log = logging.getLogger("unibus.plugins")
 
 ENTRY_POINT_GROUP = "unibus"
+#: Comma-separated entry-point names; when set (even empty), only those plugins load.
+LOAD_PLUGINS_ENV = "UNIBUS_LOAD_PLUGINS"
+
+#: The flags of the built-in plugins, so that a flag of a plugin that is not
+#: loaded (blocked, left out by UNIBUS_LOAD_PLUGINS, broken or not installed)
+#: is refused naming its plugin instead of being an unknown flag.
+BUILTIN_PLUGIN_FLAGS: Mapping[str, str] = {
+    "--nats-monitor-port": "nats_monitor",
+    "--route-tls-cert": "route_tls",
+    "--route-tls-key": "route_tls",
+    "--route-tls-ca": "route_tls",
+    "--blob-max-bytes": "blobstore",
+}
+
+HOOK_NAMES = tuple(sorted(name for name, fn in vars(hookspecs).items()
+                          if callable(fn) and hasattr(fn, "unibus_spec")))
+
+
+class PluginError(ConfigError):
+    """A plugin that cannot be used: the message names the plugin (and the hook)."""
+
+    def __init__(self, plugin: str, problem: str, hook: str | None = None) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        self.problem = problem
+        where = f"plugin {plugin}" + (f", hook {hook}" if hook else "")
+        super().__init__(f"{where}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -32,17 +68,47 @@ class PluginInfo:
     distribution: str | None
     version: str | None
     hooks: tuple[str, ...]
+    error: str | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "distribution": self.distribution, "version": self.version, "hooks": list(self.hooks)}
+        doc: dict[str, Any] = {"name": self.name, "distribution": self.distribution, "version": self.version,
+                               "hooks": list(self.hooks)}
+        if self.error is not None:
+            doc["error"] = self.error
+        return doc
+
+
+def load_plugins_from_env(env: Mapping[str, str]) -> tuple[str, ...] | None:
+    """``UNIBUS_LOAD_PLUGINS`` as a tuple of names; ``None`` when unset (load every plugin)."""
+    raw = env.get(LOAD_PLUGINS_ENV)
+    if raw is None:
+        return None
+    return tuple(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+
+
+def _required_args(function: Any) -> list[str]:
+    """The arguments pluggy passes to a hook implementation: those without a default."""
+    try:
+        sig = inspect.signature(function)
+    except (TypeError, ValueError):
+        return []
+    args = [p.name for p in sig.parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    # as pluggy does: a function defined in a class (reached through the class) takes self implicitly
+    if args and args[0] == "self" and "." in getattr(function, "__qualname__", ""):
+        args = args[1:]
+    return args
 
 
 class PluginManager:
     """Wraps :class:`pluggy.PluginManager` with unibus's verbs.
 
     ``PluginManager()`` loads every entry point of the ``unibus`` group except
-    the blocked ones; ``PluginManager(load_entry_points=False, plugins=[...])``
-    holds only the plugins given (what ``unibus.testing`` uses).
+    the blocked ones (and, with ``only``, except those ``only`` leaves out);
+    ``PluginManager(load_entry_points=False, plugins=[...])`` holds only the
+    plugins given (what ``unibus.testing`` uses), and raises :class:`PluginError`
+    for one that fails its checks.
     """
 
     def __init__(
@@ -51,42 +117,114 @@ class PluginManager:
         *,
         load_entry_points: bool = True,
         plugins: Iterable[ModuleType | object] = (),
+        only: Iterable[str] | None = None,
     ) -> None:
         self._pm = pluggy.PluginManager("unibus")
         self._pm.add_hookspecs(hookspecs)
         self._dist: dict[str, tuple[str | None, str | None]] = {}
         self.blocked = tuple(dict.fromkeys(blocked))
+        self.only = None if only is None else tuple(only)
         self._blocked_eps: dict[str, importlib.metadata.EntryPoint] = {}
+        #: plugins that could not be used, ``{name: PluginInfo with error}``
+        self.broken: dict[str, PluginInfo] = {}
+        #: installed plugins that ``only`` left out
+        self.not_loaded: tuple[str, ...] = ()
+        self._installed: set[str] = set()
         eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} if load_entry_points else {}
+        self._installed = set(eps)
         if load_entry_points:
             unknown = [b for b in self.blocked if b not in eps]
             if unknown:
                 raise ConfigError(
                     f"--disable-plugin: no plugin named {', '.join(unknown)}; installed: {', '.join(sorted(eps)) or 'none'}"
                 )
+            if self.only is not None:
+                unknown = [n for n in self.only if n not in eps]
+                if unknown:
+                    raise ConfigError(
+                        f"{LOAD_PLUGINS_ENV}: no plugin named {', '.join(unknown)}; "
+                        f"installed: {', '.join(sorted(eps)) or 'none'}"
+                    )
+                self.not_loaded = tuple(sorted(n for n in eps if n not in self.only and n not in self.blocked))
         for name in self.blocked:
             self._pm.set_blocked(name)
         for name, ep in eps.items():
             if name in self.blocked:
                 self._blocked_eps[name] = ep
                 continue
-            try:
-                plugin = ep.load()
-            except Exception as e:  # a broken third-party plugin must name itself
-                raise RuntimeFailure(f"plugin {name} failed to load: {type(e).__name__}: {e}") from e
-            self.register(plugin, name)
+            if name in self.not_loaded:
+                continue
             dist = ep.dist
             self._dist[name] = (dist.name if dist else None, dist.version if dist else None)
+            try:
+                plugin = ep.load()
+            except Exception as e:  # a broken plugin must name itself, not crash every command
+                self._mark_broken(name, f"plugin {name}: failed to load: {type(e).__name__}: {_one_line(e)}")
+                continue
+            try:
+                self.register(plugin, name)
+            except PluginError as e:
+                self._mark_broken(name, str(e))
         for plugin in plugins:
             self.register(plugin)
 
+    # -- registration and its checks --------------------------------------------
+
+    def _mark_broken(self, name: str, error: str) -> None:
+        dist, version = self._dist.get(name, (None, None))
+        self.broken[name] = PluginInfo(name, dist, version, (), error)
+        log.debug("%s", error)
+
+    def check_plugin(self, plugin: ModuleType | object, name: str) -> None:
+        """Raise :class:`PluginError` unless every hook implementation of ``plugin`` is usable.
+
+        Each one must name a hook of :mod:`unibus.hookspecs` (``optionalhook``
+        excepted, as in pluggy), take only arguments that hook declares, and
+        must not be a wrapper (``hookwrapper=True`` or ``wrapper=True``): the
+        core calls hooks plugin by plugin and never runs wrappers.
+        """
+        for attr in sorted(dir(plugin)):
+            try:
+                opts = self._pm.parse_hookimpl_opts(plugin, attr)
+            except Exception:
+                continue
+            if opts is None:
+                continue
+            hook_name = opts.get("specname") or attr
+            if opts.get("hookwrapper") or opts.get("wrapper"):
+                raise PluginError(name, "hook wrappers are not supported; drop hookwrapper=/wrapper= and "
+                                        "implement the hook plainly", hook_name)
+            caller = getattr(self._pm.hook, hook_name, None)
+            spec = getattr(caller, "spec", None)
+            if spec is None:
+                if opts.get("optionalhook"):
+                    continue
+                close = difflib.get_close_matches(hook_name, HOOK_NAMES, n=1)
+                hint = f"; did you mean {close[0]}?" if close else f"; the hooks are {', '.join(HOOK_NAMES)}"
+                raise PluginError(name, f"no such hook{hint}", hook_name)
+            args = _required_args(getattr(plugin, attr))
+            extra = [a for a in args if a not in spec.argnames]
+            if extra:
+                raise PluginError(
+                    name, f"argument(s) {', '.join(extra)} not in the hook's arguments "
+                          f"({', '.join(spec.argnames) or 'none'})", hook_name)
+
     def register(self, plugin: ModuleType | object, name: str | None = None) -> str:
+        """Check and register ``plugin``; :class:`PluginError` (exit 2) names what is wrong."""
         name = name or getattr(plugin, "PLUGIN_NAME", None) or getattr(plugin, "__name__", None) or repr(plugin)
         name = name.rsplit(".", 1)[-1] if isinstance(plugin, ModuleType) and name == plugin.__name__ else name
+        self.check_plugin(plugin, name)
         try:
             self._pm.register(plugin, name=name)
+        except pluggy.PluginValidationError as e:
+            raise PluginError(name, _one_line(e)) from None
         except ValueError as e:
-            raise RuntimeFailure(f"plugin {name} could not be registered: {e}") from e
+            raise PluginError(name, f"could not be registered: {_one_line(e)}") from None
+        try:
+            self._pm.check_pending()  # the checks above should make this a no-op; pluggy has the last word
+        except pluggy.PluginValidationError as e:
+            self._pm.unregister(plugin)
+            raise PluginError(name, _one_line(e)) from None
         return name
 
     @property
@@ -97,9 +235,35 @@ class PluginManager:
         return [name for name, plugin in self._pm.list_name_plugin() if plugin is not None]
 
     def has(self, name: str) -> bool:
-        return self._pm.has_plugin(name)
+        return self._pm.has_plugin(name) and self._pm.get_plugin(name) is not None
+
+    def why_not_loaded(self, name: str) -> str:
+        """Why plugin ``name`` is not loaded, as words for an error message."""
+        if self.has(name):
+            return "is loaded"
+        if name in self.blocked:
+            return f"is blocked by --disable-plugin {name}"
+        if name in self.broken:
+            return f"is broken: {self.broken[name].error}"
+        if name in self.not_loaded:
+            return f"is not loaded: {LOAD_PLUGINS_ENV}={','.join(self.only or ()) or '(empty)'} leaves it out"
+        if self._installed and name not in self._installed:
+            return "is not installed"
+        return "is not loaded"
+
+    def require_healthy(self) -> None:
+        """Refuse (exit 2) to run with a broken plugin: one line naming it and its problem."""
+        if not self.broken:
+            return
+        first = next(iter(self.broken.values()))
+        more = len(self.broken) - 1
+        raise ConfigError(
+            f"{first.error}; fix or reinstall it, or block it with --disable-plugin {first.name}"
+            + (f" ({more} more broken: see membershipd plugins)" if more else "")
+        )
 
     def list_plugins(self) -> list[PluginInfo]:
+        """Loaded plugins, then broken ones (with ``error`` set)."""
         infos = []
         for name, plugin in self._pm.list_name_plugin():
             if plugin is None:  # blocked
@@ -107,12 +271,12 @@ class PluginManager:
             hooks = sorted(h.name for h in self._pm.get_hookcallers(plugin) or [])
             dist, version = self._dist.get(name, (None, None))
             infos.append(PluginInfo(name, dist, version, tuple(hooks)))
-        return infos
+        return infos + list(self.broken.values())
 
     # -- hook calls that need plugin names (for options and error messages) ---
 
     def _impls(self, hook_name: str) -> list[tuple[str, Any]]:
-        """``(plugin name, hookimpl)`` in call order; wrappers are not supported here."""
+        """``(plugin name, hookimpl)`` in call order (wrappers are refused at registration)."""
         out = []
         for impl in reversed(getattr(self._pm.hook, hook_name).get_hookimpls()):
             if impl.hookwrapper or getattr(impl, "wrapper", False):
@@ -163,16 +327,34 @@ class PluginManager:
             results.append((name, res))
         return results
 
-    def options(self) -> list[tuple[str, Option]]:
-        """Every plugin option, as ``(plugin name, Option)``; duplicates refused."""
-        seen: dict[str, str] = {}
+    def options(self, reserved: Iterable[str] = ()) -> list[tuple[str, Option]]:
+        """Every plugin option, as ``(plugin name, Option)``.
+
+        A plugin whose ``cli_options`` fails, returns something else than
+        :class:`unibus.Option` objects with ``--flags``, or defines a flag that
+        is ``reserved`` (a core flag) or already another plugin's, is marked
+        broken and unregistered, so ``--help`` still works and shows it.
+        """
+        seen: dict[str, str] = {flag: "the core" for flag in reserved}
         out = []
-        for name, opts in self.call_each("cli_options"):
-            for opt in opts or ():
-                if not isinstance(opt, Option) or not opt.flag.startswith("--"):
-                    raise RuntimeFailure(f"plugin {name}: cli_options must return unibus.Option objects with --flags")
-                if opt.flag in seen:
-                    raise RuntimeFailure(f"plugin {name}: flag {opt.flag} is already defined by {seen[opt.flag]}")
+        for name, impl in self._impls("cli_options"):
+            try:
+                opts = list(impl.function() or ())
+                problem = None
+                for opt in opts:
+                    if not isinstance(opt, Option) or not str(opt.flag).startswith("--"):
+                        problem = "must return a list of unibus.Option objects with --flags"
+                        break
+                    if opt.flag in seen:
+                        problem = f"flag {opt.flag} is already defined by {seen[opt.flag]}"
+                        break
+            except Exception as e:
+                problem = f"failed: {type(e).__name__}: {_one_line(e)}"
+            if problem is not None:
+                self._pm.unregister(name=name)
+                self._mark_broken(name, f"plugin {name}, hook cli_options: {problem}")
+                continue
+            for opt in opts:
                 seen[opt.flag] = name
                 out.append((name, opt))
         return out
@@ -195,3 +377,14 @@ class PluginManager:
                 if isinstance(opt, Option):
                     flags[opt.flag] = name
         return flags
+
+    def unavailable_flags(self) -> dict[str, str]:
+        """Flags of plugins that are not loaded, ``{flag: plugin}``: blocked ones
+        (read from the plugin) and the built-ins' (from :data:`BUILTIN_PLUGIN_FLAGS`)."""
+        flags = {flag: plugin for flag, plugin in BUILTIN_PLUGIN_FLAGS.items() if not self.has(plugin)}
+        flags.update(self.blocked_flags())
+        return flags
+
+
+def _one_line(e: BaseException | str) -> str:
+    return " ".join(str(e).split())

@@ -1,20 +1,50 @@
-"""Posture: merge the facts plugins report, summarise them, gate the cluster.
+"""Posture: merge the facts plugins and the core report, summarise them, gate the cluster.
 
-SPEC §4: ``bus_auth`` ("enforce"/"off"), ``acl`` and ``tls`` (bools). A fact
-no plugin reports counts as not holding. ``summary`` joins the facts that
-hold in the order enforce, acl, tls, or says ``open``.
+docs/operations.md ("Posture and the cluster gate") is the operator's view of
+what follows. Facts: ``bus_auth`` ("enforce"/"off"), ``acl`` and ``tls``
+(bools), plus ``listeners``: the state of each listener (``http``, ``nats``,
+``routes``, ``metrics``), one of ``loopback``, ``tls``, ``mtls``,
+``plaintext`` or ``none`` (no such listener).
+
+The core reports the listeners it opens itself (HTTP, the embedded NATS
+client port); the route_tls plugin reports the routes of a clustered node.
+``tls`` holds when every listener is loopback, TLS or absent, a clustered
+node's routes use mutual TLS, and no plugin reports ``tls: false``. A fact no
+plugin reports counts as not holding. ``summary`` joins the facts that hold in
+the order enforce, acl, tls, or says ``open``.
+
+Fail closed: a flag that asks for a fact no loaded plugin reports is refused
+(:func:`require_reporters`), so a broken install never silently runs an open bus.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
+from .settings import LISTENER_TLS_FLAGS, Settings, is_loopback_host
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .pluginmanager import PluginManager
 
 FACTS = ("bus_auth", "acl", "tls")
 INSECURE: dict[str, Any] = {"bus_auth": "off", "acl": False, "tls": False}
 CLUSTER_REQUIRED = "enforce+acl+tls"
+
+LISTENERS = ("http", "nats", "routes", "metrics")
+#: Listener states from weakest to strongest; ``none`` (no listener) is outside the order.
+LISTENER_STATES = ("plaintext", "loopback", "tls", "mtls")
+SECURE_STATES = frozenset({"loopback", "tls", "mtls", "none"})
+#: What fixes a plaintext listener, for the gate's message.
+LISTENER_FIX = {
+    **LISTENER_TLS_FLAGS,
+    "routes": "mutual route TLS: --route-tls-cert/--route-tls-key/--route-tls-ca, route_tls plugin",
+    "metrics": "TLS on --metrics-addr, or bind it to 127.0.0.1",
+}
+
+#: The built-in plugin that reports each fact: named when a flag asks for a fact nobody reports.
+FACT_OWNERS = {"bus_auth": "auth_enforce", "acl": "auth_enforce", "routes": "route_tls"}
 
 
 def _holds(fact: str, value: Any) -> bool:
@@ -23,29 +53,74 @@ def _holds(fact: str, value: Any) -> bool:
     return value is True
 
 
-def merge_posture(reports: Iterable[Mapping[str, Any] | None]) -> dict[str, Any]:
-    """Merge plugin reports into the posture object of ``/healthz``.
+def listener_state(host: str, *, tls: bool, mutual: bool = False) -> str:
+    """``mtls``/``tls`` when the listener has TLS, else ``loopback`` or ``plaintext`` by its host."""
+    if tls:
+        return "mtls" if mutual else "tls"
+    return "loopback" if is_loopback_host(host) else "plaintext"
 
-    A fact reported by several plugins keeps the weakest value, so one plugin
-    can never make another's missing enforcement look enforced. Unknown keys
-    are ignored: the posture has exactly the SPEC's facts plus ``summary``.
+
+def core_listeners(settings: Settings) -> dict[str, str]:
+    """The listeners the core opens itself. Routes are the route_tls plugin's to report."""
+    return {
+        "http": listener_state(settings.http_addr.host, tls=bool(settings.http_tls_cert)),
+        "nats": (listener_state(settings.nats_addr.host, tls=bool(settings.tls_cert), mutual=bool(settings.tls_ca))
+                 if settings.embedded else "none"),
+        # --metrics-addr comes in a later change; there is no metrics listener yet.
+        "metrics": "none",
+    }
+
+
+def _weaker(a: str | None, b: str) -> str:
+    if a is None:
+        return b
+    return a if LISTENER_STATES.index(a) <= LISTENER_STATES.index(b) else b
+
+
+def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Settings) -> dict[str, Any]:
+    """Merge the core's listeners and plugin reports into the posture object of ``/healthz``.
+
+    A fact or listener reported several times keeps the weakest value, so one
+    plugin can never make another's missing enforcement look enforced. An
+    unknown listener state counts as ``plaintext``; unknown keys are ignored.
     """
     merged: dict[str, Any] = {}
-    for report in reports:
+    listeners: dict[str, str | None] = {}
+    for report in [{"listeners": core_listeners(settings)}, *reports]:
+        if not isinstance(report, Mapping):
+            continue
         for fact in FACTS:
-            if not report or fact not in report:
+            if fact not in report:
                 continue
             value = report[fact]
             if fact == "bus_auth" and value not in ("enforce", "off"):
                 value = "off"
             elif fact != "bus_auth":
                 value = value is True
-            if fact in merged and _holds(fact, merged[fact]) and not _holds(fact, value):
+            if fact not in merged or (_holds(fact, merged[fact]) and not _holds(fact, value)):
                 merged[fact] = value
-            elif fact not in merged:
-                merged[fact] = value
-    posture = {fact: merged.get(fact, INSECURE[fact]) for fact in FACTS}
+        reported = report.get("listeners")
+        if isinstance(reported, Mapping):
+            for name, state in reported.items():
+                if name not in LISTENERS or state == "none":
+                    continue
+                if name == "routes" and not settings.clustered:
+                    continue  # an unclustered node has no routes, whatever is claimed
+                state = state if state in LISTENER_STATES else "plaintext"
+                listeners[name] = _weaker(listeners.get(name), state)
+    if settings.clustered and "routes" not in listeners:
+        listeners["routes"] = "plaintext"  # nobody vouches for the routes
+    final = {name: listeners.get(name) or "none" for name in LISTENERS}
+    listeners_ok = all(state in SECURE_STATES for state in final.values()) and (
+        not settings.clustered or final["routes"] == "mtls")
+    tls = listeners_ok and merged.get("tls", True) is True
+    posture: dict[str, Any] = {
+        "bus_auth": merged.get("bus_auth", INSECURE["bus_auth"]),
+        "acl": merged.get("acl", INSECURE["acl"]),
+        "tls": tls,
+    }
     posture["summary"] = posture_summary(posture)
+    posture["listeners"] = final
     return posture
 
 
@@ -55,15 +130,53 @@ def posture_summary(posture: Mapping[str, Any]) -> str:
     return "+".join(held) if held else "open"
 
 
+def posture_reports(settings: Settings, plugins: PluginManager) -> list[tuple[str, Any]]:
+    """Every plugin's ``posture`` answer as ``(plugin name, report)``; hooks see no secret."""
+    return plugins.call_each("posture", settings=settings.for_plugins())
+
+
+def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
+    return merge_posture((r for _, r in posture_reports(settings, plugins)), settings)
+
+
+def require_reporters(settings: Settings, plugins: PluginManager, reports: Iterable[tuple[str, Any]]) -> None:
+    """Refuse (exit 2) a flag that asks for a fact no loaded plugin reports.
+
+    ``--bus-auth enforce`` (the default) needs a plugin that reports
+    ``bus_auth``: without auth_enforce nothing would write the bus's
+    authorization and the bus would be open.
+    """
+    reported = {key for _, r in reports if isinstance(r, Mapping) for key in r}
+    if settings.bus_auth == "enforce" and "bus_auth" not in reported:
+        owner = FACT_OWNERS["bus_auth"]
+        raise ConfigError(
+            f"--bus-auth enforce: no loaded plugin enforces bus authorization (the {owner} plugin "
+            f"{plugins.why_not_loaded(owner)}); the bus would be open. Install or enable {owner}, "
+            "or give --bus-auth off (development only)"
+        )
+
+
+def startup_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
+    """The posture ``serve`` and ``membershipd posture`` start from, after the fail-closed checks."""
+    reports = posture_reports(settings, plugins)
+    require_reporters(settings, plugins, reports)
+    return merge_posture((r for _, r in reports), settings)
+
+
 def missing_facts(posture: Mapping[str, Any]) -> list[str]:
-    """Human names of the facts that do not hold, for the gate's message."""
+    """Human names of the facts that do not hold, for the gate's message; names the listeners at fault."""
     out = []
     if not _holds("bus_auth", posture.get("bus_auth")):
         out.append("bus_auth is not enforce (--bus-auth enforce, auth_enforce plugin)")
     if not _holds("acl", posture.get("acl")):
         out.append("acl is false (per-member ACLs from the auth_enforce plugin)")
     if not _holds("tls", posture.get("tls")):
-        out.append("tls is false (mutual route TLS: --route-tls-cert/--route-tls-key/--route-tls-ca, route_tls plugin)")
+        listeners = posture.get("listeners") or {}
+        faults = [f"the {name} listener is {state} ({LISTENER_FIX.get(name, 'TLS')})"
+                  for name, state in listeners.items() if state not in SECURE_STATES]
+        if listeners.get("routes") not in (None, "none", "mtls", "plaintext"):
+            faults.append(f"the routes listener is {listeners['routes']}, not mutual TLS ({LISTENER_FIX['routes']})")
+        out.append("tls is false: " + "; ".join(faults) if faults else "tls is false (a plugin reports tls: false)")
     return out
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
+from .tls import TLSFileError, check_pair, load_certificates
 
 DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
 DEFAULT_NATS_ADDR = "127.0.0.1:4250"
@@ -112,6 +113,9 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_ca: Path | None = None
+    http_tls_cert: Path | None = None
+    http_tls_key: Path | None = None
+    insecure_plaintext: bool = False
     server_name: str = "unibus"
     kv_replicas: int = 1
     cluster_name: str | None = None
@@ -136,6 +140,10 @@ class Settings:
     @property
     def embedded(self) -> bool:
         return self.nats_url is None
+
+    @property
+    def http_scheme(self) -> str:
+        return "https" if self.http_tls_cert else "http"
 
     @property
     def nats_public_url(self) -> str:
@@ -167,6 +175,49 @@ class Settings:
     @property
     def nats_conf_path(self) -> Path:
         return self.data_dir / "nats.conf"
+
+
+# -- listeners: loopback or exposed (docs/operations.md, "Listeners and TLS") ----
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 (also IPv4-mapped) and ``localhost``; every other host is exposed.
+
+    ``0.0.0.0`` and ``::`` listen on every address, so they are exposed; any
+    host name but ``localhost`` is exposed too, whatever it resolves to today.
+    """
+    h = host.strip().lower()
+    if h == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(h)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return bool(ip.is_loopback or (mapped is not None and mapped.is_loopback))
+
+
+#: The flags that put TLS on each core listener (in refusals and posture messages).
+LISTENER_TLS_FLAGS = {"http": "--http-tls-cert/--http-tls-key", "nats": "--tls-cert/--tls-key"}
+
+
+def exposed_plaintext_listeners(settings: Settings) -> list[tuple[str, str, HostPort]]:
+    """``(listener, flag, address)`` of each core listener that is exposed and has no TLS."""
+    out = []
+    if not settings.http_tls_cert and not is_loopback_host(settings.http_addr.host):
+        out.append(("http", "--http-addr", settings.http_addr))
+    if settings.embedded and not settings.tls_cert and not is_loopback_host(settings.nats_addr.host):
+        out.append(("nats", "--nats-addr", settings.nats_addr))
+    return out
+
+
+def insecure_plaintext_warnings(settings: Settings) -> list[str]:
+    """The warnings of ``--insecure-plaintext``: one per exposed listener without TLS."""
+    if not settings.insecure_plaintext:
+        return []
+    return [f"--insecure-plaintext: the {name} listener {flag} {addr} is exposed without TLS; anyone on the "
+            f"network can read and alter its traffic (development only; {LISTENER_TLS_FLAGS[name]} fix it)"
+            for name, flag, addr in exposed_plaintext_listeners(settings)]
 
 
 # -- converters: each raises ValueError with what is allowed -----------------
@@ -259,7 +310,7 @@ def parse_route(value: str) -> str:
 
 
 def add_core_arguments(parser: argparse.ArgumentParser) -> None:
-    """The core flags of ``serve`` (SPEC §3). Defaults are applied in build_settings."""
+    """The core flags of ``serve`` (docs/operations.md, "Flags and environment"). Defaults are applied in build_settings."""
     a = parser.add_argument
     a("--data-dir", metavar="DIR", help="all writable state [UNIBUS_DATA_DIR] (default ./local_files)")
     a("--http-addr", metavar="HOST:PORT", help=f"control-plane HTTP (default {DEFAULT_HTTP_ADDR})")
@@ -269,6 +320,10 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tls-cert", metavar="PATH", help="client TLS certificate of the NATS listener")
     a("--tls-key", metavar="PATH", help="client TLS key of the NATS listener")
     a("--tls-ca", metavar="PATH", help="CA that verifies NATS client certificates")
+    a("--http-tls-cert", metavar="PATH", help="serve the control plane over HTTPS with this certificate (PEM)")
+    a("--http-tls-key", metavar="PATH", help="the HTTPS private key (PEM, mode 0600)")
+    a("--insecure-plaintext", action="store_true", default=None,
+      help="allow an exposed listener without TLS (development only; warned at start-up and on /healthz)")
     a("--server-name", metavar="NAME", help="NATS server_name (default: host name)")
     a("--kv-replicas", metavar="N", help="replicas of every KV bucket: 1, 3 or 5 (default 1)")
     a("--cluster-name", metavar="NAME", help="join a cluster (with --routes)")
@@ -338,9 +393,26 @@ def build_settings(
         raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
     if tls["tls_ca"] and not tls["tls_cert"]:
         raise ConfigError("--tls-ca verifies client certificates and needs --tls-cert and --tls-key")
-    for k, p in tls.items():
+    http_tls = {k: _path_or_none(get(k)) for k in ("http_tls_cert", "http_tls_key")}
+    if bool(http_tls["http_tls_cert"]) != bool(http_tls["http_tls_key"]):
+        raise ConfigError("--http-tls-cert and --http-tls-key go together; give both or neither")
+    for k, p in (*tls.items(), *http_tls.items()):
         if p is not None and not p.is_file():
-            raise ConfigError(f"--{k.replace('_', '-')}: {p} is not a readable file")
+            hint = "" if k == "tls_ca" else " (deploy/generate-certs.sh makes a certificate and its key)"
+            raise ConfigError(f"--{k.replace('_', '-')}: {p} is not a readable file{hint}")
+    for cert_flag, cert, key_flag, key in (("--tls-cert", tls["tls_cert"], "--tls-key", tls["tls_key"]),
+                                           ("--http-tls-cert", http_tls["http_tls_cert"],
+                                            "--http-tls-key", http_tls["http_tls_key"])):
+        if cert is not None and key is not None:
+            try:
+                check_pair(cert_flag, cert, key_flag, key)
+            except TLSFileError as e:
+                raise ConfigError(str(e)) from None
+    if tls["tls_ca"] is not None:
+        try:
+            load_certificates(tls["tls_ca"])
+        except TLSFileError as e:
+            raise ConfigError(f"--tls-ca: {e}") from None
 
     server_name = get("server_name") or socket.gethostname() or "unibus"
     if not _SERVER_NAME_RE.match(server_name):
@@ -401,14 +473,16 @@ def build_settings(
         nats_server_bin=nats_server_bin,
         disabled_plugins=tuple(disabled_plugins),
         options=types.MappingProxyType(options),
+        insecure_plaintext=bool(get("insecure_plaintext")),
         **tls,
+        **http_tls,
     )
     validate(settings)
     return settings
 
 
 def validate(settings: Settings) -> None:
-    """Cross-flag rules (SPEC §3); raises :class:`ConfigError`."""
+    """Cross-flag rules (docs/operations.md, "Flags and environment", "Listeners and TLS"); raises :class:`ConfigError`."""
     s = settings
     if s.nats_url and s.clustered:
         raise ConfigError("--nats-url starts no embedded server; drop the cluster flags or --nats-url")
@@ -424,6 +498,13 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"--kv-replicas {s.kv_replicas} needs a cluster (--cluster-name); use 1 on a single node")
     if s.http_addr == s.nats_addr:
         raise ConfigError("--http-addr and --nats-addr must differ")
+    exposed = exposed_plaintext_listeners(s)
+    if exposed and not s.insecure_plaintext:
+        raise ConfigError(
+            "; ".join(f"{flag} {addr} is exposed (not a loopback address) without TLS: give "
+                      f"{LISTENER_TLS_FLAGS[name].replace('/', ' and ')}" for name, flag, addr in exposed)
+            + " (deploy/generate-certs.sh makes them), bind to 127.0.0.1, or add --insecure-plaintext (development only)"
+        )
 
 
 def read_secret_file(flag: str, path: Path) -> str:

@@ -17,7 +17,14 @@ fixtures are available in any test suite that has unibus installed:
     ``base_url``, ``data_dir``, ``log_path``, ``log_text()``, ``healthz()``,
     ``stop()`` (SIGTERM, returns the exit code), ``nats_pid()``, ``again()``
     (the same node, unstarted, to start after a stop or crash). Every process
-    a fixture started is stopped at teardown.
+    a fixture started is stopped at teardown. An HTTPS daemon
+    (``--http-tls-cert``) needs ``ca=`` (the CA file its health checks trust);
+    its ``base_url`` is then ``https://...`` and ``ssl_context()`` verifies it.
+
+``make_test_pki(directory)`` makes a client-facing CA with a server
+certificate for 127.0.0.1, ::1 and localhost and a client certificate
+(:class:`PKI`; ``pki.serve_args()`` are the matching ``serve`` flags), and
+``make_test_ca``/``make_test_cert`` the pieces of any other test PKI.
 
 Everything listens on 127.0.0.1 only; nothing assumes a fixed port is free.
 """
@@ -31,6 +38,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -39,6 +47,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,18 +189,24 @@ class MembershipdProcess:
     """``membershipd serve`` as a child process, on free loopback ports."""
 
     def __init__(self, data_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
-                 command: Sequence[str] | None = None) -> None:
+                 command: Sequence[str] | None = None, *, ca: Path | None = None, http_host: str = "127.0.0.1",
+                 nats_host: str = "127.0.0.1") -> None:
         self.data_dir = data_dir
         self.http_port = free_port()
         self.nats_port = free_port()
         self.monitor_port = free_port()
         self.args = list(args)
+        self.ca = ca
+        self.http_host = http_host
+        self.nats_host = nats_host
+        if self.https and ca is None:
+            raise ValueError("an HTTPS membershipd (--http-tls-cert) needs ca= for its health checks")
         self.env = {**os.environ, **(env or {})}
         self.env.setdefault("UNIBUS_LOG_LEVEL", "INFO")
         self.log_path = data_dir.parent / f"{data_dir.name}.log"
         argv = list(command or [sys.executable, "-m", "unibus.cli"])
         argv += ["serve", "--data-dir", str(data_dir),
-                 "--http-addr", f"127.0.0.1:{self.http_port}", "--nats-addr", f"127.0.0.1:{self.nats_port}"]
+                 "--http-addr", f"{http_host}:{self.http_port}", "--nats-addr", f"{nats_host}:{self.nats_port}"]
         if "--nats-monitor-port" not in self.args and "nats_monitor" not in self.args:
             argv += ["--nats-monitor-port", str(self.monitor_port)]
         self.argv = argv + self.args
@@ -206,12 +221,21 @@ class MembershipdProcess:
         return new
 
     @property
+    def https(self) -> bool:
+        return any(a.split("=", 1)[0] == "--http-tls-cert" for a in self.args)
+
+    @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"{'https' if self.https else 'http'}://{_dial(self.http_host)}:{self.http_port}"
 
     @property
     def nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.nats_port}"
+        scheme = "tls" if any(a.split("=", 1)[0] == "--tls-cert" for a in self.args) else "nats"
+        return f"{scheme}://{_dial(self.nats_host)}:{self.nats_port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """A client context that trusts ``ca`` (None when no CA was given)."""
+        return ssl.create_default_context(cafile=str(self.ca)) if self.ca is not None else None
 
     @property
     def pid(self) -> int:
@@ -231,7 +255,7 @@ class MembershipdProcess:
 
     def healthz(self, timeout: float = 5.0) -> tuple[int, dict[str, Any]]:
         """``(status, body)`` of GET /healthz."""
-        return http_json("GET", self.base_url + "/healthz", timeout=timeout)
+        return http_json("GET", self.base_url + "/healthz", timeout=timeout, context=self.ssl_context())
 
     def wait_healthy(self, timeout: float = DEFAULT_TIMEOUT, want: int = 200) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -289,13 +313,21 @@ class MembershipdProcess:
         return self.proc.returncode
 
 
+def _dial(host: str) -> str:
+    """The host a test dials for a listener bound to ``host``: a wildcard is reached on loopback."""
+    return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+
+
 def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] | None = None,
-              timeout: float = 5.0) -> tuple[int, Any]:
-    """A tiny synchronous JSON client for tests: ``(status, decoded body or text)``."""
+              timeout: float = 5.0, context: ssl.SSLContext | None = None) -> tuple[int, Any]:
+    """A tiny synchronous JSON client for tests: ``(status, decoded body or text)``.
+
+    ``context`` verifies an ``https://`` URL (e.g. ``MembershipdProcess.ssl_context()``).
+    """
     data = json.dumps(body).encode() if body is not None and not isinstance(body, bytes) else body
     req = urllib.request.Request(url, data=data, method=method, headers=headers or {})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
             status, raw = resp.status, resp.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
@@ -331,9 +363,10 @@ def membershipd_factory(tmp_path: Path) -> Iterator[Callable[..., MembershipdPro
     counter = iter(range(1000))
 
     def make(*args: str, env: dict[str, str] | None = None, wait: bool = True,
-             data_dir: Path | None = None) -> MembershipdProcess:
+             data_dir: Path | None = None, **kwargs: Any) -> MembershipdProcess:
+        """``kwargs`` go to :class:`MembershipdProcess` (``ca``, ``http_host``, ``nats_host``)."""
         d = data_dir or tmp_path / f"membershipd-{next(counter)}"
-        proc = MembershipdProcess(d, args, env)
+        proc = MembershipdProcess(d, args, env, **kwargs)
         started.append(proc)
         return proc.start(wait=wait)
 
@@ -404,6 +437,37 @@ def make_test_cert(directory: Path, name: str, ca: tuple[Path, Path], *, ips: Se
     if usages:
         builder = builder.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
     return _write_pair(directory, name, builder.sign(ca_key, hashes.SHA256()), key, serialization)
+
+
+@dataclass(frozen=True)
+class PKI:
+    """A client-facing test PKI: ``ca``, ``server`` and ``client`` as ``(cert, key)`` paths."""
+
+    ca: tuple[Path, Path]
+    server: tuple[Path, Path]
+    client: tuple[Path, Path]
+
+    def serve_args(self, *, http: bool = True, nats: bool = True, verify_clients: bool = False) -> list[str]:
+        """``serve`` flags: HTTPS and/or TLS on the NATS listener (``--tls-ca`` with ``verify_clients``)."""
+        args: list[str] = []
+        if http:
+            args += ["--http-tls-cert", str(self.server[0]), "--http-tls-key", str(self.server[1])]
+        if nats:
+            args += ["--tls-cert", str(self.server[0]), "--tls-key", str(self.server[1])]
+            if verify_clients:
+                args += ["--tls-ca", str(self.ca[0])]
+        return args
+
+
+def make_test_pki(directory: Path, *, ips: Sequence[str] = ("127.0.0.1", "::1"),
+                  dns: Sequence[str] = ("localhost",)) -> PKI:
+    """A CA, a server certificate (for ``ips``/``dns``; serverAuth + clientAuth, as
+    membershipd presents it to its own NATS listener when that verifies clients)
+    and a client certificate, in ``directory``; keys are 0600."""
+    ca = make_test_ca(directory, "test-client-ca")
+    server = make_test_cert(directory, "server", ca, ips=ips, dns=dns)
+    client = make_test_cert(directory, "client", ca, ips=(), dns=("client",), server_auth=False)
+    return PKI(ca, server, client)
 
 
 def _write_pair(directory: Path, name: str, cert: Any, key: Any, serialization: Any) -> tuple[Path, Path]:

@@ -15,10 +15,18 @@ Install unibus membershipd from the checkout that holds this script (the "app
 directory") as a systemd user service:
   1. create <app>/.venv with "python3 -m venv" (if it does not exist)
   2. pip install the app into it
-  3. link the unit into ~/.config/systemd/user/ (a symlink if the checkout is
+  3. TLS (single node, when ~/.config/unibus/tls/server.crt or server.key is
+     missing): deploy/generate-certs.sh makes a client-facing CA in
+     ~/.config/unibus/pki and a certificate for this host (localhost, its
+     names and addresses); server.crt, server.key (0600) and client-ca.crt
+     are installed into ~/.config/unibus/tls/, where the unit reads them.
+     Members verify the server with: unibus --ca client-ca.crt
+     (--cluster: nothing is generated; copy the node's files made once for
+     the whole cluster, see deploy/cluster/README.md)
+  4. link the unit into ~/.config/systemd/user/ (a symlink if the checkout is
      ~/unibus, otherwise a copy with %h/unibus replaced by the checkout path)
-  4. systemctl --user daemon-reload
-  5. systemctl --user enable --now <unit>
+  5. systemctl --user daemon-reload
+  6. systemctl --user enable --now <unit>
 
 Options:
   --dry-run       print each step ("would run: ...") and change nothing
@@ -58,6 +66,9 @@ APP_DIR="$(cd "$SCRIPT_DIR/.." && pwd -P)"
 VENV="$APP_DIR/.venv"
 UNIT_DIR="$HOME/.config/systemd/user"
 CLUSTER_ENV="$HOME/.config/unibus/cluster.env"
+# Both units serve HTTPS and tls:// with the files in TLS_DIR (see the units).
+TLS_DIR="$HOME/.config/unibus/tls"
+PKI_DIR="$HOME/.config/unibus/pki"
 
 if [ "$CLUSTER" -eq 1 ]; then
     UNIT=membershipd-cluster.service
@@ -110,7 +121,39 @@ fi
 # 2. install the app (a regular, non-editable install of this checkout)
 run "$VENV/bin/python" -m pip install --disable-pip-version-check --no-input "$APP_DIR"
 
-# 3. the unit
+# 3. TLS: the unit serves HTTPS and tls:// with TLS_DIR/server.crt and server.key.
+if [ -f "$TLS_DIR/server.crt" ] && [ -f "$TLS_DIR/server.key" ]; then
+    say "ok: TLS certificate exists: $TLS_DIR/server.crt (reused)"
+    if [ -n "$(find "$TLS_DIR/server.key" -perm /077 2>/dev/null)" ]; then
+        say "warning: $TLS_DIR/server.key is readable by group/others; membershipd refuses it: chmod 600 it"
+    fi
+elif [ "$CLUSTER" -eq 1 ]; then
+    say "note: $TLS_DIR/server.crt and server.key are missing: a cluster node uses the certificate made for it"
+    say "note: by deploy/generate-certs.sh with the cluster's one client CA (deploy/cluster/README.md, Client TLS)"
+else
+    node="$(hostname -s 2>/dev/null || true)"
+    node="${node//[!A-Za-z0-9_.-]/}"
+    [ -n "$node" ] || node=node
+    addrs="127.0.0.1,::1,localhost"
+    for name in "$(hostname 2>/dev/null || true)" "$(hostname -f 2>/dev/null || true)"; do
+        case ",$addrs," in *",$name,"*) ;; *) [ -n "$name" ] && [[ "$name" != *[!A-Za-z0-9_.:-]* ]] && addrs="$addrs,$name" ;; esac
+    done
+    for ip in $(hostname -I 2>/dev/null || true); do
+        case ",$addrs," in *",$ip,"*) ;; *) [[ "$ip" != *[!0-9A-Fa-f.:]* ]] && addrs="$addrs,$ip" ;; esac
+    done
+    (
+        umask 077
+        run mkdir -p "$TLS_DIR"
+        run bash "$SCRIPT_DIR/generate-certs.sh" "$PKI_DIR" "$node=$addrs"
+        run cp "$PKI_DIR/$node/server.key" "$TLS_DIR/server.key"
+        run cp "$PKI_DIR/$node/server.crt" "$TLS_DIR/server.crt"
+        run cp "$PKI_DIR/$node/client-ca.crt" "$TLS_DIR/client-ca.crt"
+    )
+    say "note: members verify this server with: unibus --server https://$(hostname 2>/dev/null || echo HOST):8470 --ca $TLS_DIR/client-ca.crt"
+    say "note: keep $PKI_DIR/client-ca.key (the CA's key) offline once you have made the certificates you need"
+fi
+
+# 4. the unit
 if [ -d "$UNIT_DIR" ]; then
     say "ok: unit directory exists: $UNIT_DIR"
 else
@@ -157,7 +200,7 @@ if [ "$NATS_MONITOR" -eq 1 ]; then
     fi
 fi
 
-# 4./5. systemd
+# 5./6. systemd
 if [ "$DRY_RUN" -eq 0 ] && ! command -v systemctl >/dev/null 2>&1; then
     printf 'install.sh: systemctl not found; this host has no systemd to run the unit\n' >&2
     exit 1

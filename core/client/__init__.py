@@ -11,7 +11,7 @@ from typing import Any
 # must not pay for the aiohttp client and nats-py that the SDK pulls in.
 _EXPORTS = {
     "ApiError": ".api", "Bus": ".api", "BusError": ".api", "KeyUnavailable": ".api", "Message": ".api",
-    "ServerUnreachable": ".api", "UnibusClient": ".api",
+    "ServerUnreachable": ".api", "UnibusClient": ".api", "tls_context": ".api",
     "Identity": ".keys", "IdentityError": ".keys", "generate_identity": ".keys", "load_identity": ".keys",
     "save_identity": ".keys",
 }
@@ -37,4 +37,5 @@ __all__ = [
     "generate_identity",
     "load_identity",
     "save_identity",
+    "tls_context",
 ]

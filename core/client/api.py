@@ -22,8 +22,13 @@ and handed to aiohttp as ``yarl.URL(..., encoded=True)``, so the ``@path`` and
 
 Errors: a non-2xx answer raises :class:`ApiError` (``status`` and the RFC 9457
 ``problem`` dict; ``str()`` is ``"<status> <title>: <detail>"``). A server that
-cannot be reached raises :class:`ServerUnreachable`; the bus raises
-:class:`BusError`. See docs/client.md.
+cannot be reached raises :class:`ServerUnreachable` (an HTTPS server whose
+certificate does not verify too); the bus raises :class:`BusError`.
+
+TLS: ``UnibusClient(..., ssl=ctx)`` takes one ``ssl.SSLContext`` (make it with
+:func:`unibus.client.tls_context`) that verifies the HTTPS control plane and
+the ``tls://`` bus alike, and presents a client certificate if it holds one.
+See docs/client.md.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import contextlib
 import json
 import logging
 import os
+import ssl as _ssl
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -46,6 +52,7 @@ import yarl
 from nats.errors import Error as NatsError
 
 from ..signing import sign_request
+from ..tls import connect_bounded, permanent_tls_error
 from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey
 from .sealing import (
     EPOCH_HEADER,
@@ -88,6 +95,8 @@ SENDER_HEADER = "Unibus-Sender"
 REKEY_RETRIES = 3
 #: How many times a request refused with a retryable 503 is signed again and resent.
 RETRIES_503 = 2
+#: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
+CONNECT_SLACK = 5.0
 
 _JSON_TYPE = "application/json"
 
@@ -166,6 +175,27 @@ class BusError(Exception):
     """The bus could not be joined, or was lost (access revoked, connection closed)."""
 
 
+# --------------------------------------------------------------------------- TLS
+
+
+def tls_context(ca: str | os.PathLike[str] | None = None, cert: str | os.PathLike[str] | None = None,
+                key: str | os.PathLike[str] | None = None) -> _ssl.SSLContext:
+    """The ``ssl=`` of :class:`UnibusClient`: verify servers against ``ca`` (a PEM
+    file; default: the system's trust store), present ``cert``/``key`` if given.
+
+    TLS 1.2 at least; host names are checked. A file that cannot be used
+    raises ``ValueError`` naming it (a key file others may read included).
+    """
+    from pathlib import Path
+
+    from ..tls import client_context
+
+    def path(p: str | os.PathLike[str] | None) -> Path | None:
+        return None if p is None else Path(p).expanduser()
+
+    return client_context(path(ca), path(cert), path(key))
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -181,6 +211,14 @@ def _seg(value: Any, what: str) -> str:
 
 
 def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        cert_err = exc.certificate_error
+        why = getattr(cert_err, "verify_message", None) or getattr(cert_err, "reason", None) or str(cert_err)
+        return (f"its TLS certificate does not verify ({why}); give the CA that signed it with --ca PATH "
+                "[UNIBUS_CA] (SDK: ssl=unibus.client.tls_context(ca=PATH))")
+    if isinstance(exc, aiohttp.ClientSSLError):
+        err = getattr(exc, "os_error", None)
+        return f"the TLS handshake failed ({getattr(err, 'reason', None) or err or exc})"
     err = getattr(exc, "os_error", None)
     errno_ = getattr(err, "errno", None)
     if errno_:
@@ -235,10 +273,15 @@ class UnibusClient:
 
     Room keys opened by this client are cached per ``(room_id, epoch)`` for
     its lifetime; they never leave the process.
+
+    ``ssl``: an ``ssl.SSLContext`` used both for an ``https://`` server and
+    for a ``tls://`` bus (:meth:`bus`): it decides which CA is trusted (by
+    default, the system's) and may carry a client certificate. Build it with
+    :func:`unibus.client.tls_context`.
     """
 
     def __init__(self, base_url: str, identity: Identity, *, timeout: float = 10,
-                 session: aiohttp.ClientSession | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None, ssl: _ssl.SSLContext | None = None) -> None:
         if not isinstance(identity, Identity):
             raise TypeError("identity must be a unibus.client.keys.Identity (see load_identity)")
         url = yarl.URL(str(base_url).rstrip("/"))
@@ -248,6 +291,9 @@ class UnibusClient:
         self._base = url
         self.identity = identity
         self.timeout = timeout
+        if ssl is not None and not isinstance(ssl, _ssl.SSLContext):
+            raise TypeError("ssl must be an ssl.SSLContext (see unibus.client.tls_context)")
+        self.ssl = ssl
         self._session = session
         self._own_session = session is None
         self._keys: dict[tuple[str, int], bytes] = {}
@@ -270,7 +316,9 @@ class UnibusClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+            connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
+                                                  connector=connector)
             self._own_session = True
         return self._session
 
@@ -493,12 +541,13 @@ class UnibusClient:
             grant_wait: float = 2.0) -> Bus:
         """The encrypted bus: ``async with client.bus() as bus: ...`` (see :class:`Bus`).
 
-        ``tls`` is an ``ssl.SSLContext`` for a ``tls://`` bus whose certificate
-        is not signed by a CA the system trusts (or that wants a client cert).
+        ``tls`` is an ``ssl.SSLContext`` for a ``tls://`` bus; by default the
+        client's own ``ssl`` context (see :class:`UnibusClient`).
         ``grant_wait``: how long a refused connection (a member added a moment
         ago) is retried, since membership reaches nats-server within 1 s.
         """
-        return Bus(self, connect_timeout=connect_timeout, key_ttl=key_ttl, tls=tls, grant_wait=grant_wait)
+        return Bus(self, connect_timeout=connect_timeout, key_ttl=key_ttl, tls=tls if tls is not None else self.ssl,
+                   grant_wait=grant_wait)
 
 
 # --------------------------------------------------------------------------- the bus
@@ -617,6 +666,9 @@ class Bus:
                 return
             if self._nc is None:
                 log.debug("bus: %s (while connecting)", text)  # connect() retries or raises
+                connect_errors.append(exc)
+                if permanent_tls_error(exc):
+                    tls_refused.set()  # retrying cannot help: stop now
                 return
             if "permissions violation" in low and "publish" in low:
                 self._publish_denied.append((time.monotonic(), text.strip()))
@@ -632,11 +684,18 @@ class Bus:
         async def disconnected_cb() -> None:
             log.info("bus: disconnected; reconnecting")
 
+        connect_errors: list[Exception] = []
+        tls_refused = asyncio.Event()
         extra: dict[str, Any] = {"tls": self.tls} if self.tls is not None else {}
+        if all(str(s).strip().lower().startswith("tls://") for s in servers):
+            # Start with the TLS handshake: nats-py would otherwise read the INFO
+            # in clear, and a man in the middle who removed tls_required from it
+            # would get our nkey's answer to the nonce in clear (docs/client.md, "TLS").
+            extra["tls_handshake_first"] = True
         deadline = time.monotonic() + self.grant_wait
         while True:
             try:
-                self._nc = await nats.connect(
+                self._nc = await connect_bounded(nats.connect(
                     servers=servers,
                     **extra,
                     nkeys_seed_str=seed,
@@ -649,18 +708,27 @@ class Bus:
                     error_cb=error_cb,
                     closed_cb=closed_cb,
                     disconnected_cb=disconnected_cb,
-                )
+                ), self.connect_timeout + CONNECT_SLACK, tls_refused)
                 return
             except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
                 reason = str(exc) or type(exc).__name__
                 where = ", ".join(map(str, servers))
                 if "authorization violation" in reason.lower() or isinstance(exc, nats_errors.AuthorizationError):
-                    # a member added a moment ago reaches nats-server within 1 s (SPEC §7)
+                    # a member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md)
                     if time.monotonic() < deadline:
                         await asyncio.sleep(0.2)
                         continue
                     raise BusError(f"the bus at {where} refused the connection of "
                                    f"{self.client.identity.handle} (authorization violation)") from None
+                cause = next((e for e in reversed(connect_errors) if isinstance(e, _ssl.SSLError)), None)
+                if isinstance(exc, _ssl.SSLError) or cause is not None:
+                    ssl_exc = cause if cause is not None else exc
+                    why = getattr(ssl_exc, "verify_message", None) or getattr(ssl_exc, "reason", None) or ssl_exc
+                    raise BusError(f"cannot connect to the bus at {where}: TLS failed ({why}); the bus certificate "
+                                   "must verify against --ca PATH [UNIBUS_CA], and a bus that verifies clients "
+                                   "needs --cert/--key") from None
+                if isinstance(exc, TimeoutError):
+                    reason = f"no connection within {self.connect_timeout + CONNECT_SLACK:.0f} s"
                 raise BusError(f"cannot connect to the bus at {where}: {reason}") from None
 
     async def close(self) -> None:
@@ -763,6 +831,8 @@ class Bus:
 
 
 _END = object()
+
+
 
 
 async def _barrier(nc: Any, timeout: float) -> None:

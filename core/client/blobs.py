@@ -523,7 +523,7 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
     """
     import aiohttp
 
-    from .api import ApiError, ServerUnreachable, _problem_from
+    from .api import ApiError, ServerUnreachable, _connect_reason, _problem_from
 
     path = Path(path)
     size = (await asyncio.to_thread(path.stat)).st_size
@@ -542,7 +542,7 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
                 raw = await resp.read()
                 status, reason = resp.status, resp.reason
         except aiohttp.ClientConnectorError as e:
-            raise ServerUnreachable(client.base_url, str(e.os_error or e)) from None
+            raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
             raise ServerUnreachable(client.base_url, str(e) or type(e).__name__) from None
         if status == 201:
@@ -628,7 +628,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
     import aiohttp
 
     from ..signing import sign_request
-    from .api import ApiError, ServerUnreachable, _problem_from
+    from .api import ApiError, ServerUnreachable, _connect_reason, _problem_from
 
     url = client.url_for(_blobs_path(room_id, blob_id))
     for attempt in range(3):
@@ -654,7 +654,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
                 total = resp.content_length if resp.content_length is not None else -1
                 done = await _receive(resp, total, progress, hasher, writer, first)
         except aiohttp.ClientConnectorError as e:
-            raise ServerUnreachable(client.base_url, str(e.os_error or e)) from None
+            raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
             raise ServerUnreachable(client.base_url, f"download of blob {blob_id} failed: "
                                     f"{str(e) or type(e).__name__}") from None

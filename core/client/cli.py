@@ -166,6 +166,12 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
                         help=f"membershipd URL [UNIBUS_SERVER, default {DEFAULT_SERVER}]")
     parser.add_argument("--identity", metavar="PATH", default=d,
                         help=f"identity file [UNIBUS_IDENTITY, default {DEFAULT_IDENTITY}]")
+    parser.add_argument("--ca", metavar="PATH", default=d,
+                        help="CA (PEM) that verifies the server's HTTPS and tls:// bus certificates [UNIBUS_CA; "
+                             "default: the system's trust store]")
+    parser.add_argument("--cert", metavar="PATH", default=d,
+                        help="client certificate (PEM), for a bus that verifies clients [UNIBUS_CERT]")
+    parser.add_argument("--key", metavar="PATH", default=d, help="its private key (PEM, mode 0600) [UNIBUS_KEY]")
 
 
 def _leaf(sub: Any, name: str, help: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
@@ -284,13 +290,34 @@ class Context:
             getattr(args, "identity", None) or os.environ.get("UNIBUS_IDENTITY") or DEFAULT_IDENTITY)
         self.json = bool(getattr(args, "json", False))
 
+    def _path(self, flag: str, env: str) -> str | None:
+        value = getattr(self.args, flag, None) or os.environ.get(env) or None
+        return os.path.expanduser(value) if value else None
+
+    def ssl_context(self) -> Any:
+        """``--ca``/``--cert``/``--key`` (or their environment) as one SSL context; None without any."""
+        ca, cert, key = self._path("ca", "UNIBUS_CA"), self._path("cert", "UNIBUS_CERT"), self._path("key", "UNIBUS_KEY")
+        if ca is None and cert is None and key is None:
+            return None
+        from ..tls import TLSFileError, client_context
+
+        for flag, value in (("--ca", ca), ("--cert", cert), ("--key", key)):
+            if value is not None and not os.path.isfile(value):
+                raise UsageError(f"{flag}: {value} is not a readable file")
+        try:
+            return client_context(Path(ca) if ca else None, Path(cert) if cert else None, Path(key) if key else None,
+                                  names=("--ca", "--cert", "--key"))
+        except TLSFileError as exc:
+            raise UsageError(str(exc)) from None
+
     def client(self) -> UnibusClient:
         try:
             identity = load_identity(self.identity_path)
         except IdentityError as exc:
             raise UsageError(str(exc)) from None
+        ssl_context = self.ssl_context()
         try:
-            return UnibusClient(self.server, identity)
+            return UnibusClient(self.server, identity, ssl=ssl_context)
         except ValueError as exc:
             raise UsageError(f"--server: {exc}") from None
 

@@ -13,12 +13,14 @@
 # peers both ways) and a SAN for every address given: IP SANs for IPs, DNS
 # SANs for names (nats-server may dial a resolved IP, so list the IPs the
 # routes use). Private keys are created with mode 0600. The route CA must not
-# be the CA of client (data-plane) certificates: membershipd refuses that.
+# be the CA of client (data-plane) certificates: membershipd refuses that, and
+# this script refuses a directory that holds the client-facing CA of
+# deploy/generate-certs.sh (client-ca.crt).
 # An existing route CA in OUT_DIR is reused, so the script can add nodes later.
 set -euo pipefail
 umask 077
 
-usage() { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 case "${1:-}" in -h|--help) usage; exit 0 ;; esac
 if [ $# -lt 2 ]; then
   usage >&2
@@ -29,6 +31,10 @@ command -v openssl >/dev/null || { echo "generate-cluster-certs.sh: openssl is n
 
 out=$1
 shift
+if [ -f "$out/client-ca.crt" ] || [ -f "$out/client-ca.key" ]; then
+  echo "generate-cluster-certs.sh: $out holds the client-facing CA (client-ca.crt, deploy/generate-certs.sh); keep the route CA in another directory" >&2
+  exit 2
+fi
 mkdir -p "$out"
 days=${UNIBUS_CERT_DAYS:-825}
 

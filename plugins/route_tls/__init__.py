@@ -1,4 +1,4 @@
-"""route_tls: mutual TLS on cluster routes, on a dedicated route CA (SPEC §4, §8).
+"""route_tls: mutual TLS on cluster routes, on a dedicated route CA (deploy/cluster/README.md).
 
 ``--route-tls-cert``, ``--route-tls-key`` and ``--route-tls-ca`` (all three)
 add a ``tls`` block to the ``cluster`` section of nats.conf with verification
@@ -8,12 +8,16 @@ before anything starts:
 
 * a route CA that is the client CA (``--tls-ca``): a client certificate must
   never be able to join the cluster as a route;
-* a ``--tls-cert`` (client listener) issued by the route CA;
+* a ``--tls-cert`` (client listener) or ``--http-tls-cert`` (HTTPS) issued by
+  the route CA;
 * a route certificate that is expired, not yet valid, not signed by the route
   CA, lacks serverAuth + clientAuth extended key usage, or does not match its key;
 * a route key readable by group or others.
 
-``posture`` reports ``tls: true`` only when all of that holds.
+``posture`` speaks only for a clustered node (an unclustered node has no
+routes): ``listeners.routes`` is ``mtls`` and ``tls`` true when all of that
+holds, ``plaintext`` and false without route TLS (docs/operations.md,
+"Posture and the cluster gate").
 """
 
 from __future__ import annotations
@@ -82,7 +86,7 @@ def _issued_by(cert, issuer) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | None, client_cert: Path | None,
-             mtimes: tuple[float, ...]) -> None:
+             mtimes: tuple[float, ...], http_cert: Path | None = None) -> None:
     """Every check of the module docstring; raises ConfigError naming the flag. Cached per file state."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -98,6 +102,9 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
                 raise ConfigError("--route-tls-ca is the client CA (--tls-ca); routes need a dedicated route CA")
     if client_cert is not None and _issued_by(_load_certs(client_cert, "--tls-cert")[0], ca):
         raise ConfigError("--tls-cert is issued by the route CA; client and route certificates need separate CAs")
+    if http_cert is not None and _issued_by(_load_certs(http_cert, "--http-tls-cert")[0], ca):
+        raise ConfigError("--http-tls-cert is issued by the route CA; client-facing and route certificates need "
+                          "separate CAs (deploy/generate-certs.sh makes the client-facing one)")
 
     now = dt.datetime.now(dt.UTC)
     if cert.not_valid_before_utc > now:
@@ -129,15 +136,18 @@ def check(settings: Settings) -> tuple[Path, Path, Path] | None:
     paths = configured(settings)
     if paths is None:
         return None
-    files = [*paths, settings.tls_ca, settings.tls_cert]
+    files = [*paths, settings.tls_ca, settings.tls_cert, settings.http_tls_cert]
     mtimes = tuple(p.stat().st_mtime if p else 0.0 for p in files)
-    validate(*paths, settings.tls_ca, settings.tls_cert, mtimes)
+    validate(*paths, settings.tls_ca, settings.tls_cert, mtimes, settings.http_tls_cert)
     return paths
 
 
 @hookimpl
 def posture(settings: Settings) -> dict[str, Any]:
-    return {"tls": check(settings) is not None}
+    verified = check(settings) is not None  # validates (and refuses bad files) even on a single node
+    if not settings.clustered:
+        return {}  # no routes: nothing to report (a false here would drag a single node's tls down)
+    return {"tls": verified, "listeners": {"routes": "mtls" if verified else "plaintext"}}
 
 
 @hookimpl

@@ -98,7 +98,8 @@ def test_cluster_gate_refuses_before_anything_starts(tmp_path):
     pw.chmod(0o600)
     proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--cluster-name", "c",
                            "--routes", "nats://127.0.0.1:6250", "--cluster-pass-file", str(pw))
-    assert_one_line_error(proc, 2, "enforce+acl+tls", "tls is false")
+    assert_one_line_error(proc, 2, "enforce+acl+tls", "tls is false", "the routes listener is plaintext",
+                          "--route-tls-cert")
     assert "route-secret-123" not in proc.stderr
     assert not (tmp_path / "d").exists()  # refused before the data dir was even touched
 
@@ -106,7 +107,10 @@ def test_cluster_gate_refuses_before_anything_starts(tmp_path):
 def test_posture_command(tmp_path):
     proc = run_membershipd("posture", "--bus-auth", "off")
     assert proc.returncode == 1
-    assert json.loads(proc.stdout) == {"bus_auth": "off", "acl": False, "tls": False, "summary": "open"}
+    assert json.loads(proc.stdout) == {
+        "bus_auth": "off", "acl": False, "tls": True, "summary": "tls",
+        "listeners": {"http": "loopback", "nats": "loopback", "routes": "none", "metrics": "none"},
+    }
     bad = run_membershipd("posture", "--routes", "nats://u:p@127.0.0.1:1", "--cluster-name", "c")
     assert_one_line_error(bad, 2, "--routes")
 

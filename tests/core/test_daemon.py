@@ -33,7 +33,12 @@ def test_healthz_shape(membershipd):
         "mode": "embedded", "url": membershipd.nats_url, "connected": True, "jetstream": True,
         "restarts": 0, "kv_replicas": 1, "cluster": None,
     }
-    assert set(body["posture"]) == {"bus_auth", "acl", "tls", "summary"}
+    # the default single node: everything on loopback, so the full posture (docs/operations.md)
+    assert body["posture"] == {
+        "bus_auth": "enforce", "acl": True, "tls": True, "summary": "enforce+acl+tls",
+        "listeners": {"http": "loopback", "nats": "loopback", "routes": "none", "metrics": "none"},
+    }
+    assert "warnings" not in body
     assert body["nats_monitor"] == {"enabled": False, "url": None}
 
 

@@ -35,6 +35,7 @@ SINGLE_UNIT = DEPLOY / "unibus-membershipd.service"
 CLUSTER_UNIT = DEPLOY / "membershipd-cluster.service"
 DROPIN = DEPLOY / "membershipd-cluster.service.d" / "nats-monitor.conf"
 INSTALL = DEPLOY / "install.sh"
+GENERATE_CERTS = DEPLOY / "generate-certs.sh"
 CHECK = DEPLOY / "cluster" / "check-r3-current.sh"
 RUNBOOK = DEPLOY / "cluster" / "README.md"
 BIN_DIR = Path(sys.executable).parent
@@ -118,14 +119,24 @@ def _common_service_checks(u: dict[str, list[tuple[str, str]]]) -> list[str]:
     flags = dict(zip(argv[2::2], argv[3::2]))
     assert flags["--http-addr"] == "0.0.0.0:8470"
     assert flags["--nats-addr"] == "0.0.0.0:4250"
+    # exposed listeners: HTTPS and tls:// by default, with the files install.sh / generate-certs.sh make
+    assert flags["--http-tls-cert"] == flags["--tls-cert"] == "%h/.config/unibus/tls/server.crt"
+    assert flags["--http-tls-key"] == flags["--tls-key"] == "%h/.config/unibus/tls/server.key"
+    assert "--insecure-plaintext" not in argv
     return argv
+
+
+TLS_ARGS = [
+    "--http-tls-cert", "%h/.config/unibus/tls/server.crt", "--http-tls-key", "%h/.config/unibus/tls/server.key",
+    "--tls-cert", "%h/.config/unibus/tls/server.crt", "--tls-key", "%h/.config/unibus/tls/server.key",
+]
 
 
 def test_single_node_unit() -> None:
     u = parse_unit(SINGLE_UNIT.read_text())
     argv = _common_service_checks(u)
     assert argv[2:] == [
-        "--http-addr", "0.0.0.0:8470", "--nats-addr", "0.0.0.0:4250", "--data-dir", "%h/unibus/local_files",
+        "--http-addr", "0.0.0.0:8470", "--nats-addr", "0.0.0.0:4250", *TLS_ARGS, "--data-dir", "%h/unibus/local_files",
     ]
     assert not values(u, "Service", "EnvironmentFile")
     assert one(u, "Service", "ExecReload") == "kill -HUP $MAINPID"  # SIGHUP re-reads the store
@@ -136,7 +147,7 @@ def test_cluster_unit() -> None:
     u = parse_unit(text)
     argv = _common_service_checks(u)
     assert argv[2:] == [
-        "--http-addr", "0.0.0.0:8470", "--nats-addr", "0.0.0.0:4250",
+        "--http-addr", "0.0.0.0:8470", "--nats-addr", "0.0.0.0:4250", *TLS_ARGS,
         "--data-dir", "${UNIBUS_DATA_DIR}", "$UNIBUS_CLUSTER_FLAGS",
     ]
     # required (no "-" prefix): a cluster node without its flags must not start standalone
@@ -184,7 +195,7 @@ def test_no_secrets_in_units(path: Path) -> None:
 
 
 def test_no_secret_patterns_match_the_shipped_scripts() -> None:
-    for path in (INSTALL, CHECK):
+    for path in (INSTALL, CHECK, GENERATE_CERTS):
         text = path.read_text()
         for pat in SECRET_PATTERNS[:3]:
             assert not pat.search(text), (path.name, pat.pattern)
@@ -280,13 +291,15 @@ def test_systemd_analyze_verify_rendered_copy(tmp_path: Path) -> None:
 
 def test_shell_syntax() -> None:
     subprocess.run(["bash", "-n", str(INSTALL)], check=True)
+    subprocess.run(["bash", "-n", str(GENERATE_CERTS)], check=True)
     subprocess.run(["sh", "-n", str(CHECK)], check=True)
     if shutil.which("dash"):
         subprocess.run(["dash", "-n", str(CHECK)], check=True)
     assert INSTALL.read_text().startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in INSTALL.read_text()
     assert CHECK.read_text().startswith("#!/bin/sh\n")
-    for p in (INSTALL, CHECK):
+    assert "set -euo pipefail" in GENERATE_CERTS.read_text() and "umask 077" in GENERATE_CERTS.read_text()
+    for p in (INSTALL, CHECK, GENERATE_CERTS):
         assert os.access(p, os.X_OK), f"{p} is not executable"
 
 
@@ -339,7 +352,8 @@ def test_install_dry_run_changes_nothing(tmp_path: Path) -> None:
     assert "would run: systemctl --user enable --now unibus-membershipd.service" in lines
     # steps in order
     order = [next(i for i, ln in enumerate(lines) if needle in ln)
-             for needle in ("venv", "pip install", "unibus-membershipd.service  (link", "daemon-reload", "enable --now")]
+             for needle in ("venv", "pip install", "generate-certs.sh", "tls/server.key", "unibus-membershipd.service  (link",
+                            "daemon-reload", "enable --now")]
     assert order == sorted(order)
     assert lines[-1] == "dry run: nothing was changed"
     # nothing created: HOME still empty, no venv appeared, deploy/ untouched
@@ -437,13 +451,179 @@ def test_install_refuses_a_path_a_unit_cannot_hold(tmp_path: Path) -> None:
     assert _tree(home) == []
 
 
+# -- client-facing TLS: generate-certs.sh and install.sh ------------------------------
+
+
+def _generate(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(GENERATE_CERTS), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(extra_env or {})})
+
+
+def _openssl_verify(ca: Path, cert: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["openssl", "verify", "-CAfile", str(ca), str(cert)], capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_generate_certs_makes_a_client_ca_and_node_certificates(tmp_path: Path) -> None:
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    out = tmp_path / "client-pki"
+    r = _generate(str(out), "n1=10.0.0.1,n1.example.net,127.0.0.1", "n2=10.0.0.2,fd00::2")
+    assert r.returncode == 0, r.stderr
+    ca = out / "client-ca.crt"
+    # never the route CA's names (deploy/cluster/generate-cluster-certs.sh: route-ca.crt, NODE.crt)
+    assert not (out / "route-ca.crt").exists() and not (out / "n1.crt").exists()
+    assert stat_mode(out) == 0o700 and stat_mode(out / "client-ca.key") == 0o600
+    for node, ips, dns in (("n1", {"10.0.0.1", "127.0.0.1"}, {"n1.example.net"}), ("n2", {"10.0.0.2", "fd00::2"}, set())):
+        d = out / node
+        assert sorted(p.name for p in d.iterdir()) == ["client-ca.crt", "server.crt", "server.key"]
+        assert stat_mode(d) == 0o700 and stat_mode(d / "server.key") == 0o600
+        assert (d / "client-ca.crt").read_bytes() == ca.read_bytes()
+        v = _openssl_verify(ca, d / "server.crt")
+        assert v.returncode == 0 and v.stdout.strip().endswith(": OK"), v.stdout + v.stderr
+        cert = x509.load_pem_x509_certificate((d / "server.crt").read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert {str(i) for i in san.get_values_for_type(x509.IPAddress)} == {str(ipaddress.ip_address(i)) for i in ips}
+        assert set(san.get_values_for_type(x509.DNSName)) == dns
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        assert ExtendedKeyUsageOID.SERVER_AUTH in eku and ExtendedKeyUsageOID.CLIENT_AUTH in eku
+        assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    # a certificate from another CA does not verify (so the check above means something)
+    other = tmp_path / "other-pki"
+    assert _generate(str(other), "x=127.0.0.1").returncode == 0
+    assert _openssl_verify(ca, other / "x" / "server.crt").returncode != 0
+
+    # adding a node later keeps the CA
+    before = ca.read_bytes()
+    r = _generate(str(out), "n3=10.0.0.3")
+    assert r.returncode == 0, r.stderr
+    assert ca.read_bytes() == before and "client CA:" not in r.stdout
+    assert _openssl_verify(ca, out / "n3" / "server.crt").returncode == 0
+
+
+def stat_mode(path: Path) -> int:
+    return path.stat().st_mode & 0o777
+
+
+@pytest.mark.parametrize("args, needle", [
+    ([], "OUT_DIR"),
+    (["OUT"], "OUT_DIR"),
+    (["OUT", "n1"], "no address"),
+    (["OUT", "=10.0.0.1"], "bad node name"),
+    (["OUT", "../x=10.0.0.1"], "bad node name"),
+    (["OUT", "n1=10.0.0.1", "bad/name=1.2.3.4"], "bad node name"),
+])
+def test_generate_certs_bad_usage(tmp_path: Path, args: list[str], needle: str) -> None:
+    r = _generate(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()  # checked before anything is written
+
+
+def test_generate_certs_refuses_the_route_ca_directory(tmp_path: Path) -> None:
+    out = tmp_path / "pki"
+    route = subprocess.run(["bash", str(DEPLOY / "cluster" / "generate-cluster-certs.sh"), str(out), "n1=127.0.0.1"],
+                           capture_output=True, text=True, timeout=60)
+    assert route.returncode == 0, route.stderr
+    r = _generate(str(out), "n1=127.0.0.1")
+    assert r.returncode == 2 and "route CA" in r.stderr
+    assert not (out / "client-ca.crt").exists()
+    # and the other way round
+    client = tmp_path / "client-pki"
+    assert _generate(str(client), "n1=127.0.0.1").returncode == 0
+    route = subprocess.run(["bash", str(DEPLOY / "cluster" / "generate-cluster-certs.sh"), str(client), "n1=127.0.0.1"],
+                           capture_output=True, text=True, timeout=60)
+    assert route.returncode == 2 and "client-facing CA" in route.stderr
+    assert not (client / "route-ca.crt").exists()
+
+
+def _unit_argv(unit: Path, home: Path) -> list[str]:
+    argv = one(parse_unit(unit.read_text()), "Service", "ExecStart").split()
+    return [a.replace("%h", str(home)) for a in argv]
+
+
+@pytest.mark.parametrize("unit", [SINGLE_UNIT, CLUSTER_UNIT], ids=lambda p: p.name)
+def test_units_serve_tls_with_the_generated_files(tmp_path: Path, unit: Path) -> None:
+    """The unit's own flags with generate-certs.sh's files pass membershipd's checks: HTTPS and tls://."""
+    home = tmp_path / "home"
+    pki = home / ".config" / "unibus" / "pki"
+    assert _generate(str(pki), "n1=127.0.0.1,localhost").returncode == 0
+    tls = home / ".config" / "unibus" / "tls"
+    tls.mkdir(mode=0o700)
+    for name in ("server.crt", "server.key", "client-ca.crt"):
+        shutil.copy2(pki / "n1" / name, tls / name)
+    argv = _unit_argv(unit, home)
+    flags = argv[2:]
+    flags[flags.index("--data-dir") + 1] = str(tmp_path / "data")
+    flags = [a for a in flags if a != "$UNIBUS_CLUSTER_FLAGS"]  # a cluster node's own flags come from cluster.env
+    env = {**os.environ, "PATH": f"{BIN_DIR}{os.pathsep}{os.environ.get('PATH', '')}"}
+    r = subprocess.run([str(BIN_DIR / "membershipd"), "posture", *flags], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 0, r.stderr
+    posture = json.loads(r.stdout)
+    assert posture["summary"] == "enforce+acl+tls"
+    assert posture["listeners"] == {"http": "tls", "nats": "tls", "routes": "none", "metrics": "none"}
+    # and without the files the unit refuses to start (exit 2: RestartPreventExitStatus, no restart loop)
+    (tls / "server.key").unlink()
+    r = subprocess.run([str(BIN_DIR / "membershipd"), "posture", *flags], capture_output=True, text=True,
+                       timeout=60, env=env)
+    assert r.returncode == 2 and "server.key" in r.stderr and "generate-certs.sh" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_install_dry_run_makes_certificates_when_missing(tmp_path: Path) -> None:
+    app = _fresh_app(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    script = app / "deploy" / "install.sh"
+    app = app.resolve()
+    tls, pki = home / ".config" / "unibus" / "tls", home / ".config" / "unibus" / "pki"
+    r = _install("--dry-run", home=home, script=script)
+    assert r.returncode == 0, r.stderr
+    lines = _step_lines(r.stdout)
+    gen = [ln for ln in lines if ln.startswith(f"would run: bash {app / 'deploy/generate-certs.sh'} {pki} ")]
+    assert len(gen) == 1, lines
+    node, addrs = gen[0].rsplit(" ", 1)[1].split("=", 1)
+    assert {"127.0.0.1", "::1", "localhost"} <= set(addrs.replace("\\", "").split(","))
+    assert f"would run: cp {pki / node / 'server.key'} {tls / 'server.key'}" in lines
+    assert f"would run: cp {pki / node / 'server.crt'} {tls / 'server.crt'}" in lines
+    assert any(ln.startswith("note: ") and "--ca" in ln and "client-ca.crt" in ln for ln in lines)
+    assert _tree(home) == []
+
+    # present: reused, nothing generated; a key others may read is flagged
+    tls.mkdir(parents=True)
+    (tls / "server.crt").write_text("x")
+    (tls / "server.key").write_text("x")
+    (tls / "server.key").chmod(0o600)
+    r = _install("--dry-run", home=home, script=script)
+    lines = _step_lines(r.stdout)
+    assert f"ok: TLS certificate exists: {tls / 'server.crt'} (reused)" in lines
+    assert not any("generate-certs.sh" in ln for ln in lines)
+    (tls / "server.key").chmod(0o644)
+    lines = _step_lines(_install("--dry-run", home=home, script=script).stdout)
+    assert any(ln.startswith("warning: ") and "chmod 600" in ln and "server.key" in ln for ln in lines)
+
+
+def test_install_dry_run_cluster_does_not_make_its_own_ca(tmp_path: Path) -> None:
+    app = _fresh_app(tmp_path)
+    home = tmp_path / "home"
+    home.mkdir()
+    r = _install("--dry-run", "--cluster", home=home, script=app / "deploy" / "install.sh")
+    assert r.returncode == 0, r.stderr
+    lines = _step_lines(r.stdout)
+    assert not any("generate-certs.sh " in ln and ln.startswith("would run") for ln in lines)
+    assert any(ln.startswith("note: ") and "server.crt" in ln for ln in lines)
+
+
 # -- the runbook -----------------------------------------------------------------------
 
 
 def test_runbook_sections() -> None:
     text = RUNBOOK.read_text()
     headings = re.findall(r"^#+ (.+)$", text, re.M)
-    for h in ("Overview", "Route certificates", "NATS server metrics", "Rolling restarts"):
+    for h in ("Overview", "Route certificates", "Client TLS", "NATS server metrics", "Rolling restarts"):
         assert h in headings, h
     assert any(h.startswith("Bootstrap") for h in headings)
     assert any(h.startswith("Join") for h in headings)
@@ -451,7 +631,8 @@ def test_runbook_sections() -> None:
     for word in ("/varz", "/connz", "/jsz?accounts=true&streams=true", "in_msgs", "out_msgs", "KV_",
                  "state.messages", "cluster.leader", "nats.restarts", "http://127.0.0.1:8222",
                  "check-r3-current.sh", "generate-cluster-certs.sh", "R1 is not HA", "2/2",
-                 "daemon-reload", "nats-monitor.conf", "single point of failure"):
+                 "daemon-reload", "nats-monitor.conf", "single point of failure",
+                 "generate-certs.sh", "client-ca.crt", "--cacert", "tls://localhost:4250"):
         assert word in text, word
 
 

@@ -1,16 +1,17 @@
-"""Posture merge, summary and the cluster gate, with small test plugins."""
+"""Posture merge, summary, listeners and the cluster gate, with small test plugins."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 
 from unibus import hookimpl
 from unibus.daemon import compute_posture
 from unibus.errors import ConfigError
-from unibus.posture import cluster_gate, merge_posture, posture_summary
-from unibus.settings import Settings
+from unibus.posture import cluster_gate, merge_posture, posture_summary, require_reporters, startup_posture
+from unibus.settings import HostPort, Settings, is_loopback_host
 
 
 class Reports:
@@ -27,6 +28,7 @@ class Reports:
 
 BUS_AUTH = ["enforce", "off", None]  # None: no plugin reports it
 BOOL = [True, False, None]
+LOOPBACK_ONLY = {"http": "loopback", "nats": "loopback", "routes": "none", "metrics": "none"}
 
 
 @pytest.mark.parametrize("bus_auth, acl, tls", list(itertools.product(BUS_AUTH, BOOL, BOOL)))
@@ -41,8 +43,11 @@ def test_every_combination(unibus_plugin_manager, bus_auth, acl, tls):
 
     assert posture["bus_auth"] == (bus_auth or "off")
     assert posture["acl"] is bool(acl)
-    assert posture["tls"] is bool(tls)
-    expected = [n for n, held in (("enforce", bus_auth == "enforce"), ("acl", acl is True), ("tls", tls is True)) if held]
+    # the core reports tls for its own listeners: all loopback here, so only a plugin's false drags it down
+    assert posture["tls"] is (tls is not False)
+    assert posture["listeners"] == LOOPBACK_ONLY
+    expected = [n for n, held in (("enforce", bus_auth == "enforce"), ("acl", acl is True), ("tls", tls is not False))
+                if held]
     assert posture["summary"] == ("+".join(expected) or "open")
 
     if posture["summary"] == "enforce+acl+tls":
@@ -54,7 +59,7 @@ def test_every_combination(unibus_plugin_manager, bus_auth, acl, tls):
         msg = str(e.value)
         assert ("bus_auth" in msg) == (bus_auth != "enforce")
         assert ("acl is false" in msg) == (acl is not True)
-        assert ("tls is false" in msg) == (tls is not True)
+        assert ("tls is false" in msg) == (tls is False)
     cluster_gate(posture, clustered=False)  # a single node is never gated
 
 
@@ -64,8 +69,8 @@ def test_weakest_report_wins(unibus_plugin_manager):
 
 
 def test_odd_values_do_not_hold():
-    posture = merge_posture([{"bus_auth": "ENFORCE", "acl": "yes", "tls": 1}])
-    assert posture == {"bus_auth": "off", "acl": False, "tls": False, "summary": "open"}
+    posture = merge_posture([{"bus_auth": "ENFORCE", "acl": "yes", "tls": 1}], Settings())
+    assert posture == {"bus_auth": "off", "acl": False, "tls": False, "summary": "open", "listeners": LOOPBACK_ONLY}
 
 
 def test_summary_order():
@@ -86,3 +91,95 @@ def test_hooks_never_see_the_route_password(unibus_plugin_manager):
 
     compute_posture(Settings(cluster_name="c", cluster_pass=Secret("pw")), unibus_plugin_manager(Spy()))
     assert seen == [None]
+
+
+# -- listeners ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.9.8.7", "::1", "localhost", "LOCALHOST", "::ffff:127.0.0.1"])
+def test_loopback_hosts(host):
+    assert is_loopback_host(host)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.1", "192.0.2.7", "fd00::2", "example.net", "vm",
+                                  "localhost.example.net", "127.1"])
+def test_exposed_hosts(host):
+    assert not is_loopback_host(host)
+
+
+EXPOSED = HostPort("0.0.0.0", 8470)
+
+
+@pytest.mark.parametrize("settings, listeners", [
+    (Settings(), LOOPBACK_ONLY),
+    (Settings(http_addr=EXPOSED, insecure_plaintext=True), {**LOOPBACK_ONLY, "http": "plaintext"}),
+    (Settings(nats_addr=HostPort("::", 4250), insecure_plaintext=True), {**LOOPBACK_ONLY, "nats": "plaintext"}),
+    (Settings(http_addr=EXPOSED, http_tls_cert=Path("c"), http_tls_key=Path("k")), {**LOOPBACK_ONLY, "http": "tls"}),
+    (Settings(tls_cert=Path("c"), tls_key=Path("k")), {**LOOPBACK_ONLY, "nats": "tls"}),
+    (Settings(tls_cert=Path("c"), tls_key=Path("k"), tls_ca=Path("ca")), {**LOOPBACK_ONLY, "nats": "mtls"}),
+    (Settings(nats_url="nats://127.0.0.1:4222"), {**LOOPBACK_ONLY, "nats": "none"}),
+], ids=["default", "http-exposed", "nats-exposed", "https", "nats-tls", "nats-mtls", "external-nats"])
+def test_core_listeners(unibus_plugin_manager, settings, listeners):
+    posture = compute_posture(settings, unibus_plugin_manager())
+    assert posture["listeners"] == listeners
+    assert posture["tls"] is ("plaintext" not in listeners.values())
+    assert list(posture) == ["bus_auth", "acl", "tls", "summary", "listeners"]
+
+
+CLUSTERED = {"cluster_name": "c", "routes": ("nats://127.0.0.1:6250",)}
+
+
+def test_clustered_routes_without_a_reporter_are_plaintext_and_gated(unibus_plugin_manager):
+    pm = unibus_plugin_manager(Reports(bus_auth="enforce", acl=True))
+    posture = compute_posture(Settings(**CLUSTERED), pm)
+    assert posture["listeners"]["routes"] == "plaintext" and posture["tls"] is False
+    with pytest.raises(ConfigError) as e:
+        cluster_gate(posture, clustered=True)
+    assert "the routes listener is plaintext" in str(e.value) and "--route-tls-cert" in str(e.value)
+
+
+def test_clustered_routes_need_mutual_tls(unibus_plugin_manager):
+    enforced = Reports(bus_auth="enforce", acl=True)
+    mtls = compute_posture(Settings(**CLUSTERED), unibus_plugin_manager(enforced, Reports(listeners={"routes": "mtls"})))
+    assert mtls["listeners"]["routes"] == "mtls" and mtls["summary"] == "enforce+acl+tls"
+    cluster_gate(mtls, clustered=True)
+    one_way = compute_posture(Settings(**CLUSTERED), unibus_plugin_manager(enforced, Reports(listeners={"routes": "tls"})))
+    assert one_way["tls"] is False
+    with pytest.raises(ConfigError, match="routes listener is tls, not mutual TLS"):
+        cluster_gate(one_way, clustered=True)
+
+
+def test_exposed_http_is_named_by_the_gate(unibus_plugin_manager):
+    pm = unibus_plugin_manager(Reports(bus_auth="enforce", acl=True), Reports(listeners={"routes": "mtls"}))
+    posture = compute_posture(Settings(http_addr=EXPOSED, insecure_plaintext=True, **CLUSTERED), pm)
+    with pytest.raises(ConfigError) as e:
+        cluster_gate(posture, clustered=True)
+    msg = str(e.value)
+    assert "the http listener is plaintext" in msg and "--http-tls-cert" in msg and "routes" not in msg
+
+
+def test_a_plugin_can_weaken_a_listener_but_never_strengthen_it(unibus_plugin_manager):
+    liar = Reports(listeners={"http": "mtls", "nats": "tls"})
+    posture = compute_posture(Settings(http_addr=EXPOSED, insecure_plaintext=True), unibus_plugin_manager(liar))
+    assert posture["listeners"]["http"] == "plaintext" and posture["listeners"]["nats"] == "loopback"
+    odd = Reports(listeners={"nats": "encrypted-ish", "metrics": "loopback"})
+    posture = compute_posture(Settings(), unibus_plugin_manager(odd))
+    assert posture["listeners"]["nats"] == "plaintext" and posture["listeners"]["metrics"] == "loopback"
+    assert posture["tls"] is False
+
+
+def test_unclustered_routes_claims_are_ignored(unibus_plugin_manager):
+    posture = compute_posture(Settings(), unibus_plugin_manager(Reports(listeners={"routes": "plaintext"})))
+    assert posture["listeners"]["routes"] == "none" and posture["tls"] is True
+
+
+# -- fail closed ------------------------------------------------------------------------
+
+
+def test_enforce_needs_a_plugin_that_reports_bus_auth(unibus_plugin_manager):
+    pm = unibus_plugin_manager(Reports(tls=True))
+    with pytest.raises(ConfigError) as e:
+        startup_posture(Settings(bus_auth="enforce"), pm)
+    assert e.value.exit_code == 2 and "auth_enforce" in str(e.value) and "--bus-auth" in str(e.value)
+    assert startup_posture(Settings(bus_auth="off"), pm)["bus_auth"] == "off"
+    require_reporters(Settings(), unibus_plugin_manager(Reports(bus_auth="off")), [("x", {"bus_auth": "off"})])

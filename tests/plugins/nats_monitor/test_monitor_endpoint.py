@@ -335,11 +335,14 @@ def test_monitor_on_real_daemon(membershipd_factory) -> None:
     assert listeners == [("/proc/net/tcp", "0100007F")], listeners
 
 
-def test_monitor_stays_on_loopback_with_wildcard_client_listener(membershipd_factory) -> None:
-    """The deploy unit binds NATS to 0.0.0.0; nats-server would give the monitor that host
+def test_monitor_stays_on_loopback_with_wildcard_client_listener(membershipd_factory, tmp_path) -> None:
+    """The deploy unit binds NATS to 0.0.0.0 (with TLS); nats-server would give the monitor that host
     if ``http`` were written without one. The monitor must still be 127.0.0.1 only."""
+    from unibus.testing import make_test_pki
+
     nats_port = free_port()
-    proc = membershipd_factory("--nats-addr", f"0.0.0.0:{nats_port}", env={ENV_MONITOR: "1", ENV_DEBUG: ""})
+    tls = make_test_pki(tmp_path / "pki").serve_args(http=False)  # an exposed NATS listener needs TLS
+    proc = membershipd_factory("--nats-addr", f"0.0.0.0:{nats_port}", *tls, env={ENV_MONITOR: "1", ENV_DEBUG: ""})
     port = proc.monitor_port
     # Sanity: the client listener really is a wildcard (Go binds 0.0.0.0 as a dual-stack [::]).
     assert {addr.strip("0") for _, addr in tcp_listeners(nats_port)} == {""}, tcp_listeners(nats_port)

@@ -45,7 +45,10 @@ def one_line(proc, code, needle):
 def test_good_route_tls_makes_the_full_posture(pki):
     proc = posture(*cluster_args(pki))
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"bus_auth": "enforce", "acl": True, "tls": True, "summary": "enforce+acl+tls"}
+    assert json.loads(proc.stdout) == {
+        "bus_auth": "enforce", "acl": True, "tls": True, "summary": "enforce+acl+tls",
+        "listeners": {"http": "loopback", "nats": "loopback", "routes": "mtls", "metrics": "none"},
+    }
     assert "correct-horse" not in proc.stdout + proc.stderr
 
 
@@ -72,13 +75,14 @@ def test_config_has_verified_route_tls(pki, tmp_path):
     check_config(find_nats_server(), path)
 
 
-@pytest.mark.parametrize("case", ["ca-is-client-ca", "client-cert-from-route-ca", "expired", "not-yet-valid",
-                                  "other-ca", "no-client-auth", "wrong-key", "key-readable", "partial"])
+@pytest.mark.parametrize("case", ["ca-is-client-ca", "client-cert-from-route-ca", "https-cert-from-route-ca", "expired",
+                                  "not-yet-valid", "other-ca", "no-client-auth", "wrong-key", "key-readable", "partial"])
 def test_refusals(pki, case):
     d = pki["dir"]
     args = cluster_args(pki)
     extra: list[str] = []
     needle = {"ca-is-client-ca": "client CA", "client-cert-from-route-ca": "--tls-cert",
+              "https-cert-from-route-ca": "--http-tls-cert is issued by the route CA",
               "expired": "expired", "not-yet-valid": "not valid before", "other-ca": "not signed by the route CA",
               "no-client-auth": "clientAuth", "wrong-key": "does not match", "key-readable": "chmod 600",
               "partial": "--route-tls-ca"}[case]
@@ -88,6 +92,9 @@ def test_refusals(pki, case):
     elif case == "client-cert-from-route-ca":
         bad_client = make_test_cert(d, "client-from-route", pki["route_ca"])
         extra = ["--tls-cert", str(bad_client[0]), "--tls-key", str(bad_client[1]), "--tls-ca", str(pki["client_ca"][0])]
+    elif case == "https-cert-from-route-ca":
+        https = make_test_cert(d, "https-from-route", pki["route_ca"])
+        extra = ["--http-tls-cert", str(https[0]), "--http-tls-key", str(https[1])]
     elif case == "expired":
         args = cluster_args(pki, node=make_test_cert(d, "old", pki["route_ca"], valid_from_days=-60, valid_for_days=30))
     elif case == "not-yet-valid":
@@ -147,3 +154,18 @@ def test_generate_cluster_certs_script(tmp_path):
     assert ok.returncode == 0, ok.stderr
     bad = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
+
+
+def test_routes_are_reported_only_on_a_clustered_node(pki):
+    """An unclustered node has no routes: route_tls must not drag its tls down, whatever flags it got."""
+    import unibus.plugins.route_tls as route_tls
+    from unibus.cli import load_settings
+
+    single, _ = load_settings("posture", [], env={})
+    assert route_tls.posture(single.for_plugins()) == {}
+    clustered, _ = load_settings("posture", cluster_args(pki), env={})
+    assert route_tls.posture(clustered.for_plugins()) == {"tls": True, "listeners": {"routes": "mtls"}}
+    plain = cluster_args(pki)
+    plain = plain[: plain.index("--route-tls-cert")]
+    clustered_plain, _ = load_settings("posture", plain, env={})
+    assert route_tls.posture(clustered_plain.for_plugins()) == {"tls": False, "listeners": {"routes": "plaintext"}}

@@ -1,0 +1,178 @@
+"""TLS files and contexts: what membershipd and the client check before they use them.
+
+The checks raise :class:`TLSFileError` whose message names the file and says
+what to change; callers put the flag in front (``--http-tls-key: ...``). The
+rules (docs/operations.md, "TLS"):
+
+* a certificate is a PEM certificate that is valid now;
+* a private key is an unencrypted PEM key that only its owner may read
+  (mode 0600, like the route key and the route password);
+* a certificate and its key belong together.
+
+The contexts:
+
+* :func:`server_context` serves HTTPS (TLS 1.2 at least);
+* :func:`client_context` verifies a server against a CA file (or the system's
+  trust store) and may present a client certificate; it is used for the
+  control plane (HTTPS) and the bus (``tls://``) alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ssl
+import stat
+from pathlib import Path
+from typing import Any
+
+
+class TLSFileError(ValueError):
+    """A certificate, key or CA file that cannot be used; the message names it."""
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise TLSFileError(f"{path} is not readable ({e.strerror})") from None
+
+
+def load_certificates(path: Path) -> list[Any]:
+    """The PEM certificates in ``path`` (at least one)."""
+    from cryptography import x509
+
+    data = _read(path)
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise TLSFileError(f"{path} holds no PEM certificate")
+    return certs
+
+
+def check_private_key_file(path: Path) -> Any:
+    """Refuse a key file others may read; return the loaded private key."""
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        st = path.stat()
+    except OSError as e:
+        raise TLSFileError(f"{path} is not readable ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise TLSFileError(f"{path} is not a regular file")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TLSFileError(f"{path} is readable by group or others; run chmod 600 {path}")
+    try:
+        return serialization.load_pem_private_key(_read(path), password=None)
+    except (ValueError, TypeError) as e:
+        raise TLSFileError(f"{path} is not an unencrypted PEM private key ({e})") from None
+
+
+def _public_der(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def check_pair(cert_flag: str, cert: Path, key_flag: str, key: Path) -> None:
+    """Both files usable, the certificate valid now, and the key the certificate's.
+
+    Raises :class:`TLSFileError` whose message starts with the flag at fault.
+    """
+    try:
+        leaf = load_certificates(cert)[0]
+    except TLSFileError as e:
+        raise TLSFileError(f"{cert_flag}: {e}") from None
+    now = dt.datetime.now(dt.UTC)
+    if leaf.not_valid_before_utc > now:
+        raise TLSFileError(f"{cert_flag}: {cert} is not valid before {leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
+    if leaf.not_valid_after_utc < now:
+        raise TLSFileError(f"{cert_flag}: {cert} expired on {leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; "
+                           "make a new one (deploy/generate-certs.sh)")
+    try:
+        private = check_private_key_file(key)
+    except TLSFileError as e:
+        raise TLSFileError(f"{key_flag}: {e}") from None
+    if _public_der(private.public_key()) != _public_der(leaf.public_key()):
+        raise TLSFileError(f"{key_flag}: {key} does not match {cert_flag} {cert}")
+
+
+def server_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The HTTPS context of the control plane: TLS 1.2 or newer, no client certificates."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def client_context(ca: Path | None = None, cert: Path | None = None, key: Path | None = None, *,
+                   names: tuple[str, str, str] = ("ca", "cert", "key")) -> ssl.SSLContext:
+    """A client context that verifies the server (host name included).
+
+    ``ca``: trust only this CA file (PEM) instead of the system's trust store.
+    ``cert``/``key``: a client certificate to present (both or neither).
+    Raises :class:`TLSFileError` whose message starts with the name (``names``:
+    how the caller calls ``ca``, ``cert`` and ``key``, e.g. its flags).
+    """
+    ca_name, cert_name, key_name = names
+    if (cert is None) != (key is None):
+        raise TLSFileError(f"{cert_name} and {key_name} go together; give both or neither")
+    if ca is not None:
+        try:
+            load_certificates(ca)  # a clear error for a file that holds no certificate
+            ctx = ssl.create_default_context(cafile=str(ca))
+        except TLSFileError as e:
+            raise TLSFileError(f"{ca_name}: {e}") from None
+        except (ssl.SSLError, OSError) as e:
+            raise TLSFileError(f"{ca_name}: {ca} cannot be used as a CA file ({e})") from None
+    else:
+        ctx = ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert is not None and key is not None:
+        check_pair(cert_name, cert, key_name, key)
+        ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
+def permanent_tls_error(exc: BaseException) -> bool:
+    """A TLS failure that the same files would hit again on the next attempt.
+
+    A certificate that does not verify, an alert from the server (it wants a
+    client certificate, or refused ours), or a peer that does not speak TLS
+    at all. A connection closed mid-handshake is not: the server may be
+    restarting.
+    """
+    if not isinstance(exc, ssl.SSLError):
+        return False
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError, ssl.SSLWantWriteError)):
+        return False
+    return "EOF" not in str(getattr(exc, "reason", "") or exc).upper()
+
+
+async def connect_bounded(connect: Any, timeout: float, give_up: asyncio.Event) -> Any:
+    """Await a ``nats.connect(...)`` coroutine at most ``timeout`` seconds, or until ``give_up`` is set.
+
+    Bounded because after a failed TLS handshake nats-py 2.16 may wait forever
+    for the dead socket to close before its next attempt; and a certificate
+    that does not verify will not verify on the next attempt either (the
+    connection's ``error_cb`` sets ``give_up`` on a :func:`permanent_tls_error`).
+    Raises ``TimeoutError`` when it gave up.
+    """
+    task = asyncio.ensure_future(connect)
+    stop = asyncio.ensure_future(give_up.wait())
+    try:
+        done, _ = await asyncio.wait({task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise TimeoutError
+    finally:
+        stop.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task

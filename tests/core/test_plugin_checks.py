@@ -1,0 +1,354 @@
+"""Hook checks at registration, broken plugins, UNIBUS_LOAD_PLUGINS, and failing closed on a missing plugin.
+
+In-process against the real PluginManager with small plugin objects, and in
+subprocesses with real plugin modules installed through a real entry point
+(a ``*.dist-info`` directory on PYTHONPATH, which importlib.metadata reads
+like any installed distribution).
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from unibus import hookimpl
+from unibus.errors import ConfigError
+from unibus.pluginmanager import PluginError, PluginManager, load_plugins_from_env
+from unibus.settings import Option
+from unibus.testing import nats_server_pids, run_membershipd
+
+
+def manager(*plugins):
+    return PluginManager(load_entry_points=False, plugins=plugins)
+
+
+def refused(plugin, *needles):
+    with pytest.raises(PluginError) as e:
+        manager(plugin)
+    msg = str(e.value)
+    assert e.value.exit_code == 2 and "\n" not in msg
+    for needle in needles:
+        assert needle in msg, msg
+    return msg
+
+
+class Named:
+    def __init__(self, name):
+        self.PLUGIN_NAME = name
+
+
+# -- the checks, in process -----------------------------------------------------------------
+
+
+def test_a_misspelt_hook_is_refused():
+    class P(Named):
+        @hookimpl
+        def configure_nat(self, settings, config):
+            pass
+
+    refused(P("typo"), "plugin typo", "hook configure_nat", "no such hook", "did you mean configure_nats")
+
+
+def test_an_unknown_hook_lists_the_hooks():
+    class P(Named):
+        @hookimpl
+        def frobnicate(self):
+            pass
+
+    refused(P("odd"), "hook frobnicate", "cli_options", "posture", "startup")
+
+
+def test_a_wrong_argument_name_is_refused():
+    class P(Named):
+        @hookimpl
+        def posture(self, setings):
+            return {}
+
+    refused(P("args"), "plugin args", "hook posture", "setings", "(settings)")
+
+
+@pytest.mark.parametrize("marker", [hookimpl(hookwrapper=True), hookimpl(wrapper=True)], ids=["hookwrapper", "wrapper"])
+def test_hook_wrappers_are_refused(marker):
+    class P(Named):
+        @marker
+        def posture(self, settings):
+            return (yield)
+
+    refused(P("wrap"), "plugin wrap", "hook posture", "wrappers are not supported")
+
+
+def test_specname_is_checked_too():
+    class Good(Named):
+        @hookimpl(specname="posture")
+        def my_facts(self, settings):
+            return {"acl": True}
+
+    pm = manager(Good("good"))
+    assert pm.call_each("posture", settings=None) == [("good", {"acl": True})]
+
+    class Bad(Named):
+        @hookimpl(specname="postur")
+        def my_facts(self, settings):
+            return {}
+
+    refused(Bad("bad"), "hook postur", "did you mean posture")
+
+
+def test_what_pluggy_allows_stays_allowed():
+    class P(Named):
+        @hookimpl
+        def posture(self):  # fewer arguments than the hook declares
+            return {}
+
+        @hookimpl
+        def configure_nats(self, config, settings, extra=None):  # any order; a default is never passed
+            return None
+
+        @hookimpl(optionalhook=True)
+        def not_a_unibus_hook(self):  # explicitly optional, as in pluggy
+            pass
+
+        @hookimpl(tryfirst=True)
+        def healthz_fields(self, app):
+            return {}
+
+    pm = manager(P("fine"))
+    assert pm.names() == ["fine"]
+
+
+def test_a_refused_plugin_is_not_registered():
+    pm = manager()
+    with pytest.raises(PluginError):
+        class P(Named):
+            @hookimpl
+            def posture(self, nope):
+                return {}
+
+        pm.register(P("half"))
+    assert "half" not in pm.names() and pm.call_each("posture", settings=None) == []
+
+
+def test_a_broken_cli_options_marks_the_plugin_broken():
+    class Boom(Named):
+        @hookimpl
+        def cli_options(self):
+            raise RuntimeError("boom")
+
+        @hookimpl
+        def posture(self, settings):
+            return {"tls": False}
+
+    class Clash(Named):
+        @hookimpl
+        def cli_options(self):
+            return [Option("--http-addr", help="mine")]
+
+    class NotOptions(Named):
+        @hookimpl
+        def cli_options(self):
+            return ["--flag"]
+
+    class Fine(Named):
+        @hookimpl
+        def cli_options(self):
+            return [Option("--fine-flag", help="ok")]
+
+    pm = manager(Boom("boom"), Clash("clash"), NotOptions("strings"), Fine("fine"))
+    options = pm.options(reserved=["--http-addr"])
+    assert [(name, o.flag) for name, o in options] == [("fine", "--fine-flag")]
+    assert set(pm.broken) == {"boom", "clash", "strings"}
+    assert "RuntimeError: boom" in pm.broken["boom"].error and "hook cli_options" in pm.broken["boom"].error
+    assert "--http-addr is already defined by the core" in pm.broken["clash"].error
+    assert pm.names() == ["fine"]  # the broken ones are unregistered: none of their hooks run
+    assert pm.call_each("posture", settings=None) == []
+    listed = {i.name: i for i in pm.list_plugins()}
+    assert listed["boom"].error and listed["fine"].error is None
+    assert "error" in listed["boom"].as_json() and "error" not in listed["fine"].as_json()
+    with pytest.raises(ConfigError) as e:
+        pm.require_healthy()
+    first = next(iter(pm.broken))
+    assert f"plugin {first}" in str(e.value) and f"--disable-plugin {first}" in str(e.value)
+    assert "2 more" in str(e.value)
+
+
+@pytest.mark.parametrize("raw, expected", [(None, None), ("", ()), (" a, b,,a ", ("a", "b"))])
+def test_load_plugins_env(raw, expected):
+    env = {} if raw is None else {"UNIBUS_LOAD_PLUGINS": raw}
+    assert load_plugins_from_env(env) == expected
+
+
+def test_load_only_some_entry_points():
+    pm = PluginManager(only=["route_tls"])
+    assert pm.names() == ["route_tls"]
+    assert set(pm.not_loaded) == {"auth_enforce", "blobstore", "nats_monitor"}
+    assert "UNIBUS_LOAD_PLUGINS" in pm.why_not_loaded("auth_enforce")
+    assert pm.unavailable_flags()["--nats-monitor-port"] == "nats_monitor"
+    assert "--route-tls-cert" not in pm.unavailable_flags()
+    assert PluginManager(only=[]).names() == []
+    with pytest.raises(ConfigError, match="UNIBUS_LOAD_PLUGINS: no plugin named nope"):
+        PluginManager(only=["nope"])
+
+
+# -- real installed plugins, in subprocesses ---------------------------------------------------
+
+BROKEN = {
+    "misspelt": ("unibus_test_misspelt", """
+        from unibus import hookimpl
+
+        @hookimpl
+        def configure_nat(settings, config):
+            config["oops"] = True
+        """, ("plugin misspelt", "hook configure_nat", "did you mean configure_nats")),
+    "badarg": ("unibus_test_badarg", """
+        from unibus import hookimpl
+
+        @hookimpl
+        def posture(setings):
+            return {"tls": True}
+        """, ("plugin badarg", "hook posture", "setings")),
+    "wrapper": ("unibus_test_wrapper", """
+        from unibus import hookimpl
+
+        @hookimpl(hookwrapper=True)
+        def posture(settings):
+            yield
+        """, ("plugin wrapper", "hook posture", "wrappers are not supported")),
+    "noimport": ("unibus_test_noimport", """
+        raise ImportError("simulated broken install")
+        """, ("plugin noimport", "failed to load", "simulated broken install")),
+}
+
+
+GOOD = {
+    # a third-party plugin that takes over a built-in's flag: it is its own, not refused
+    "monitor2": ("unibus_test_monitor2", """
+        from unibus import Option, hookimpl
+
+        @hookimpl
+        def cli_options():
+            return [Option("--nats-monitor-port", help="another monitor", convert=int)]
+        """, ()),
+}
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    """A directory with plugin modules and a dist-info that declares them as ``unibus`` entry points."""
+    return make_site(tmp_path_factory.mktemp("site"), BROKEN)
+
+
+@pytest.fixture(scope="module")
+def site_with_replacement(tmp_path_factory) -> Path:
+    return make_site(tmp_path_factory.mktemp("site2"), GOOD)
+
+
+def make_site(d: Path, plugins: dict) -> Path:
+    eps = ["[unibus]"]
+    for name, (module, source, _) in plugins.items():
+        (d / f"{module}.py").write_text(textwrap.dedent(source))
+        eps.append(f"{name} = {module}")
+    info = d / "unibus_test_plugins-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: unibus-test-plugins\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("\n".join(eps) + "\n")
+    return d
+
+
+def with_site(site: Path, load: str | None = None) -> dict[str, str]:
+    env = {"PYTHONPATH": str(site)}
+    if load is not None:
+        env["UNIBUS_LOAD_PLUGINS"] = load
+    return env
+
+
+def one_error_line(proc, code, *needles):
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+def test_plugins_lists_and_marks_broken_plugins(site):
+    proc = run_membershipd("plugins", "--json", env=with_site(site))
+    assert proc.returncode == 0, proc.stderr
+    listed = {p["name"]: p for p in json.loads(proc.stdout)}
+    assert {"nats_monitor", "auth_enforce", "route_tls", "blobstore"} <= set(listed)
+    assert all("error" not in listed[n] for n in ("nats_monitor", "auth_enforce", "route_tls", "blobstore"))
+    for name, (_, _, needles) in BROKEN.items():
+        entry = listed[name]
+        assert entry["distribution"] == "unibus-test-plugins" and entry["version"] == "0.1"
+        assert entry["hooks"] == []
+        for needle in needles:
+            assert needle in entry["error"], entry["error"]
+    text = run_membershipd("plugins", env=with_site(site))
+    assert text.returncode == 0 and "Traceback" not in text.stderr
+    assert sum("BROKEN" in line for line in text.stdout.splitlines()) == len(BROKEN)
+
+
+def test_help_still_works_and_shows_the_broken_plugins(site):
+    for argv in (["serve", "--help"], ["--help"], ["posture", "--help"]):
+        proc = run_membershipd(*argv, env=with_site(site))
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert "broken plugins" in proc.stdout and "hook configure_nat" in proc.stdout
+    assert "--route-tls-cert" in run_membershipd("serve", "--help", env=with_site(site)).stdout
+
+
+@pytest.mark.parametrize("name", sorted(BROKEN))
+def test_a_broken_plugin_stops_serve_with_one_line(site, tmp_path, name):
+    needles = BROKEN[name][2]
+    env = with_site(site, f"auth_enforce,{name}")
+    one_error_line(run_membershipd("posture", env=env), 2, *needles, f"--disable-plugin {name}")
+    if name == "misspelt":  # serve too: before anything starts
+        proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), env=env)
+        one_error_line(proc, 2, *needles)
+        assert not (tmp_path / "d").exists() and not nats_server_pids(tmp_path)
+
+
+def test_blocking_the_broken_plugin_lets_it_start(site):
+    env = with_site(site, "auth_enforce,misspelt")
+    proc = run_membershipd("posture", "--disable-plugin", "misspelt", env=env)
+    assert proc.returncode == 0, proc.stderr
+
+
+# -- fail closed when the plugin behind a flag is not there ----------------------------------------
+
+
+def test_bus_auth_enforce_without_auth_enforce_is_refused(tmp_path):
+    env = {"UNIBUS_LOAD_PLUGINS": "nats_monitor,route_tls,blobstore"}
+    proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), env=env)
+    one_error_line(proc, 2, "--bus-auth enforce", "auth_enforce", "UNIBUS_LOAD_PLUGINS", "--bus-auth off")
+    assert not (tmp_path / "d").exists() and not nats_server_pids(tmp_path)
+    one_error_line(run_membershipd("posture", env=env), 2, "auth_enforce")
+    # the open bus only when asked for, and the posture says so
+    off = run_membershipd("posture", "--bus-auth", "off", env=env)
+    assert off.returncode == 1 and json.loads(off.stdout)["bus_auth"] == "off"
+
+
+@pytest.mark.parametrize("flag", ["--route-tls-cert", "--route-tls-ca=/x"])
+def test_route_tls_flags_without_route_tls_are_refused(flag):
+    env = {"UNIBUS_LOAD_PLUGINS": "auth_enforce"}
+    args = [flag] if "=" in flag else [flag, "/x"]
+    one_error_line(run_membershipd("posture", *args, env=env), 2, flag.split("=")[0], "route_tls",
+                   "UNIBUS_LOAD_PLUGINS")
+
+
+def test_unknown_plugin_in_load_plugins():
+    one_error_line(run_membershipd("posture", env={"UNIBUS_LOAD_PLUGINS": "auth_enforce,nope"}), 2,
+                   "UNIBUS_LOAD_PLUGINS", "nope")
+    listing = run_membershipd("plugins", env={"UNIBUS_LOAD_PLUGINS": "route_tls"})
+    assert listing.returncode == 0
+    assert "not loaded (UNIBUS_LOAD_PLUGINS): auth_enforce, blobstore, nats_monitor" in listing.stdout.splitlines()
+
+
+def test_a_loaded_plugin_owns_a_flag_a_missing_built_in_would_have(site_with_replacement):
+    site = site_with_replacement
+    env = with_site(site, "auth_enforce,monitor2")
+    proc = run_membershipd("posture", "--nats-monitor-port", "9999", env=env)
+    assert proc.returncode == 0, proc.stderr
+    gone = run_membershipd("posture", "--nats-monitor-port", "9999", env=with_site(site, "auth_enforce"))
+    one_error_line(gone, 2, "--nats-monitor-port", "nats_monitor")
