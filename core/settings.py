@@ -123,6 +123,10 @@ class Settings:
     routes: tuple[str, ...] = ()
     cluster_pass_file: Path | None = None
     cluster_pass: Secret | None = field(default=None, repr=False, compare=False)
+    #: A key every node of the cluster derives from the route password (HKDF-SHA256,
+    #: salted with the cluster name): plugins derive their own shared keys from it
+    #: (:meth:`cluster_key`) without ever seeing the password. None off a cluster.
+    cluster_secret: Secret | None = field(default=None, repr=False, compare=False)
     auth_skew: int = DEFAULT_AUTH_SKEW
     nats_server_bin: Path | None = None
     disabled_plugins: tuple[str, ...] = ()
@@ -167,6 +171,18 @@ class Settings:
     def for_plugins(self) -> Settings:
         """A copy without secrets: what hook implementations receive."""
         return replace(self, cluster_pass=None)
+
+    def cluster_key(self, label: str) -> bytes | None:
+        """32 bytes every node of this cluster derives alike for ``label`` (None off a cluster).
+
+        For a plugin that needs a secret shared by all nodes (the auth
+        callout's issuer key, docs/bus-auth.md): derived from
+        :attr:`cluster_secret` with HKDF-SHA256, so it changes with the route
+        password and reveals nothing of it.
+        """
+        if self.cluster_secret is None:
+            return None
+        return _hkdf(self.cluster_secret.reveal().encode("ascii"), b"unibus/plugin-key/v1", label.encode())
 
     @property
     def db_path(self) -> Path:
@@ -469,6 +485,9 @@ def build_settings(
         routes=routes,
         cluster_pass_file=cluster_pass_file,
         cluster_pass=cluster_pass,
+        cluster_secret=(Secret(_hkdf(cluster_pass.reveal().encode(), (cluster_name or "").encode(),
+                                     b"unibus/cluster-secret/v1").hex())
+                        if cluster_pass is not None and cluster_name else None),
         auth_skew=auth_skew,
         nats_server_bin=nats_server_bin,
         disabled_plugins=tuple(disabled_plugins),
@@ -479,6 +498,13 @@ def build_settings(
     )
     validate(settings)
     return settings
+
+
+def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
 
 
 def validate(settings: Settings) -> None:
