@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import bus as bus_api
+from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EXTRA, SERVER_OPTIONS, make_app
@@ -172,7 +173,7 @@ class Daemon:
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
             self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[EXTRA]["nonces"] = nonces
-        for register in (members_api.register, rooms_api.register, bus_api.register):
+        for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
             register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True
