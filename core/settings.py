@@ -28,6 +28,10 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
 DEFAULT_NATS_ADDR = "127.0.0.1:4250"
 DEFAULT_CLUSTER_ADDR = "0.0.0.0:6250"
 DEFAULT_AUTH_SKEW = 60
+#: The largest --auth-skew: a signed request can be replayed for twice this long
+#: if its nonce is lost, and clients check the membership log's ``created`` order
+#: against it whatever the skew was when an entry was written (docs/formats.md).
+MAX_AUTH_SKEW = 600
 KV_REPLICA_CHOICES = (1, 3, 5)
 BUS_AUTH_CHOICES = ("off", "enforce")
 
@@ -346,7 +350,8 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cluster-addr", metavar="HOST:PORT", help=f"route listener (default {DEFAULT_CLUSTER_ADDR})")
     a("--routes", metavar="URL[,URL...]", help="cluster peers as bare nats://host:port")
     a("--cluster-pass-file", metavar="PATH", help="route password file, mode 0600 [UNIBUS_CLUSTER_PASS]")
-    a("--auth-skew", metavar="SECONDS", help=f"allowed clock skew of signed requests (default {DEFAULT_AUTH_SKEW})")
+    a("--auth-skew", metavar="SECONDS",
+      help=f"allowed clock skew of signed requests, 1-{MAX_AUTH_SKEW} (default {DEFAULT_AUTH_SKEW})")
     a("--nats-server-bin", metavar="PATH", help="the nats-server binary (default: beside python, then PATH)")
 
 
@@ -462,6 +467,8 @@ def build_settings(
         cluster_pass = Secret(env["UNIBUS_CLUSTER_PASS"])
 
     auth_skew = _convert("--auth-skew", get("auth_skew") or str(DEFAULT_AUTH_SKEW), parse_positive_int)
+    if auth_skew > MAX_AUTH_SKEW:
+        raise ConfigError(f"--auth-skew: {auth_skew} is too large; use 1 to {MAX_AUTH_SKEW} seconds (run NTP instead)")
     nats_server_bin = _path_or_none(get("nats_server_bin"))
 
     options: dict[str, Any] = {}
