@@ -313,6 +313,41 @@ class MembershipdProcess:
         return self.proc.returncode
 
 
+async def member_connections(daemon: MembershipdProcess, handle: str, *, servers: int = 1) -> set[tuple[str, int]]:
+    """``(server id, client id)`` of every connection of ``handle`` that nats-server holds right now.
+
+    Asked as membershipd's system user (``system.nkey``) of every server
+    (``$SYS.REQ.SERVER.PING.CONNZ``, one answer per server: ``servers`` of
+    them are awaited); a callout user is named by its handle.
+    """
+    import nats
+
+    seed = (daemon.data_dir / "system.nkey").read_text().strip()
+    nc = await nats.connect(daemon.nats_url, nkeys_seed_str=seed, allow_reconnect=False, connect_timeout=2,
+                            tls=daemon.ssl_context())
+    found: set[tuple[str, int]] = set()
+    answered: set[str] = set()
+    done = asyncio.Event()
+
+    async def on_reply(msg) -> None:
+        reply = json.loads(msg.data)
+        server = reply["server"]["id"]
+        answered.add(server)
+        found.update((server, c["cid"]) for c in reply["data"].get("connections") or [])
+        if len(answered) >= servers:
+            done.set()
+
+    try:
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_reply)
+        await nc.publish("$SYS.REQ.SERVER.PING.CONNZ",
+                         json.dumps({"acc": "MEMBERS", "auth": True, "user": handle}).encode(), reply=inbox)
+        await asyncio.wait_for(done.wait(), 5)
+        return found
+    finally:
+        await nc.close()
+
+
 def _dial(host: str) -> str:
     """The host a test dials for a listener bound to ``host``: a wildcard is reached on loopback."""
     return {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
