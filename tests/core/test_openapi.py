@@ -1,0 +1,197 @@
+"""The OpenAPI document: what add_route records, and the whole document as the
+daemon builds it (docs/plugins.md, "Documenting responses"; docs/http-api.md,
+"GET /openapi.json"). Schemathesis holds the running server to it in
+tests/core/test_api_fuzz.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import pytest
+import schemathesis
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from unibus.api import bus as bus_api
+from unibus.api import log as log_api
+from unibus.api import members as members_api
+from unibus.api import rooms as rooms_api
+from unibus.app import OPENAPI_DOC, add_route, add_schema, make_app
+from unibus.bus import Bus
+from unibus.openapi import OpenAPI, Response, header
+from unibus.pluginmanager import PluginManager
+from unibus.plugins.blobstore import register_routes as register_blob_routes
+from unibus.settings import Settings
+
+PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.json_response({"hello": True})
+
+
+def bare_app(tmp_path) -> web.Application:
+    return make_app(Settings(data_dir=tmp_path), PluginManager(load_entry_points=False), Bus("nats://127.0.0.1:1"),
+                    None)
+
+
+def full_document(tmp_path) -> dict[str, Any]:
+    """The document of a daemon with the built-in routes: the core's and the blobstore's."""
+    app = bare_app(tmp_path)
+    for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register,
+                     register_blob_routes):
+        register(app)
+    return json.loads(json.dumps(app[OPENAPI_DOC].document()))
+
+
+def test_a_plugin_route_with_descriptions_only_still_works_and_gets_the_core_statuses():
+    """The 0.11 form, {status: description}, is still taken (third-party plugins)."""
+    doc = OpenAPI()
+    doc.add_operation("GET", "/v1/hello/{thing}", summary="hi", responses={200: "hi", 404: "no such thing"},
+                      signed=True)
+    op = doc.document()["paths"]["/v1/hello/{thing}"]["get"]
+    assert set(op["responses"]) == {"200", "400", "401", "404", "408", "413", "415", "417", "422", "503"}
+    assert op["responses"]["200"] == {"description": "hi"}  # no body documented: none promised
+    assert op["responses"]["404"] == {"description": "no such thing", "content": PROBLEM}
+    assert op["responses"]["401"]["headers"]["WWW-Authenticate"]["required"] is True
+    assert op["responses"]["503"]["headers"]["Retry-After"]["required"] is True
+    assert op["responses"]["422"]["content"] == PROBLEM
+    assert op["parameters"] == [{"name": "thing", "in": "path", "required": True,
+                                 "schema": {"type": "string", "minLength": 1, "maxLength": 256,
+                                            "pattern": "^[!-~]{1,256}$"}}]
+
+
+def test_open_route_gets_only_417_and_no_422_without_path_parameters():
+    doc = OpenAPI()
+    doc.add_operation("GET", "/ping", summary="ping", responses={200: ("pong", {"type": "object"})}, signed=False)
+    op = doc.document()["paths"]["/ping"]["get"]
+    assert set(op["responses"]) == {"200", "417"}
+    assert op["responses"]["200"]["content"] == {"application/json": {"schema": {"type": "object"}}}
+    assert "security" not in op
+
+
+def test_response_forms_and_merging_with_the_core():
+    doc = OpenAPI()
+    ref = doc.add_schema("Thing", {"type": "object", "required": ["id"]})
+    doc.add_operation("PUT", "/v1/things", summary="put", signed=True, responses={
+        201: Response("stored", ref, headers={"Location": header("where it is")}),
+        200: Response("the bytes", {"type": "string", "format": "binary"}, "application/octet-stream"),
+        401: "bad signature, or a body whose digest is not signed",
+        409: ("a conflict with extras", {"type": "object", "required": ["why"]}),
+    })
+    responses = doc.document()["paths"]["/v1/things"]["put"]["responses"]
+    assert responses["201"]["content"] == {"application/json": {"schema": {"$ref": "#/components/schemas/Thing"}}}
+    assert responses["201"]["headers"]["Location"]["schema"] == {"type": "string"}
+    assert responses["200"]["content"] == {"application/octet-stream": {"schema": {"type": "string",
+                                                                                    "format": "binary"}}}
+    # the route's description, the core's header
+    assert responses["401"]["description"].startswith("bad signature")
+    assert "WWW-Authenticate" in responses["401"]["headers"] and responses["401"]["content"] == PROBLEM
+    assert responses["409"]["content"] == {"application/json": {"schema": {"type": "object", "required": ["why"]}}}
+    assert doc.document()["components"]["schemas"]["Thing"] == {"type": "object", "required": ["id"]}
+
+
+def test_bad_registrations_are_refused():
+    doc = OpenAPI()
+    doc.add_schema("Thing", {"type": "object"})
+    doc.add_schema("Thing", {"type": "object"})  # the same again: fine
+    with pytest.raises(ValueError, match="'Thing' is already registered"):
+        doc.add_schema("Thing", {"type": "string"})
+    with pytest.raises(ValueError, match="path_params names no parameter of the path: blob"):
+        doc.add_operation("GET", "/v1/x/{id}", summary="x", responses={200: "x"}, signed=True,
+                          path_params={"blob": {"type": "string"}})
+    with pytest.raises(TypeError, match="a response is a description"):
+        doc.add_operation("GET", "/v1/x", summary="x", responses={200: 5}, signed=True)  # type: ignore[dict-item]
+
+
+def test_path_params_document_a_stricter_rule(tmp_path):
+    app = bare_app(tmp_path)
+    add_route(app, "GET", "/v1/x/{blob_id}", hello, summary="x", responses={200: "x"},
+              path_params={"blob_id": {"type": "string", "pattern": "^[0-9a-f]{64}$"}})
+    [param] = app[OPENAPI_DOC].document()["paths"]["/v1/x/{blob_id}"]["get"]["parameters"]
+    assert param["schema"] == {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+    assert add_schema(app, "X", {"type": "object"}) == {"$ref": "#/components/schemas/X"}
+
+
+def _refs(node: Any) -> list[str]:
+    if isinstance(node, dict):
+        return ([node["$ref"]] if isinstance(node.get("$ref"), str) else []) + [r for v in node.values() for r in _refs(v)]
+    if isinstance(node, list):
+        return [r for v in node for r in _refs(v)]
+    return []
+
+
+def test_the_daemon_document_is_valid_and_describes_every_answer(tmp_path):
+    doc = full_document(tmp_path)
+    schemathesis.openapi.from_dict(doc).validate()  # OpenAPI 3.1, by schemathesis's own validator
+    for ref in _refs(doc):
+        assert ref.startswith("#/components/schemas/") and ref.rsplit("/", 1)[1] in doc["components"]["schemas"], ref
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            where = f"{method.upper()} {path}"
+            codes = {int(c) for c in op["responses"]}
+            assert 417 in codes, where
+            if "security" in op:
+                assert {400, 401, 408, 413, 415, 503} <= codes, where
+                assert op["responses"]["401"]["headers"]["WWW-Authenticate"]["required"], where
+                assert op["responses"]["503"]["headers"]["Retry-After"]["required"], where
+            if "{" in path:
+                assert 422 in codes, where
+            for code, resp in op["responses"].items():
+                if code == "204":
+                    assert "content" not in resp, where
+                elif int(code) < 300 or where == "GET /healthz":
+                    # every success body (and the degraded /healthz) has a schema
+                    [(ctype, media)] = resp["content"].items()
+                    assert "schema" in media, (where, code)
+                else:
+                    assert resp["content"] == PROBLEM, (where, code)
+    assert doc["paths"]["/healthz"]["get"]["responses"]["503"]["content"] == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Healthz"}}}
+    blob_get = doc["paths"]["/v1/rooms/{room_id}/blobs/{blob_id}"]["get"]
+    assert set(blob_get["responses"]["200"]["content"]) == {"application/octet-stream"}
+    assert blob_get["responses"]["200"]["headers"]["Content-Digest"]["required"]
+    logged = doc["paths"]["/v1/rooms/{room_id}/members/{handle}"]["put"]["responses"]
+    assert {"400", "409", "413"} <= set(logged)  # non-canonical, a concurrent writer, the log's body limit
+
+
+async def _raw(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+        body = await asyncio.wait_for(reader.readexactly(int(headers.get("content-length", "0"))), 10)
+        return int(lines[0].split()[1]), headers, body
+    finally:
+        writer.close()
+
+
+async def test_an_unknown_expectation_on_an_open_route_is_a_problem(tmp_path):
+    """/healthz and the other open routes answer an Expect they cannot meet
+    like the signed ones: 417 in problem+json (aiohttp's own is text/plain)."""
+    app = bare_app(tmp_path)
+    server = TestServer(app, host="127.0.0.1", port=0)
+    await server.start_server()
+    try:
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\nExpect: tea\r\nConnection: close\r\n\r\n"
+        status, headers, body = await _raw(server.port, request)
+        assert status == 417 and headers["content-type"].startswith("application/problem+json")
+        assert json.loads(body)["type"] == "https://unibus.dev/problems/expectation-failed"
+        request = b"GET /openapi.json HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        try:
+            writer.write(request)
+            await writer.drain()
+            first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert first.startswith(b"HTTP/1.1 100 Continue")
+            final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert final.startswith(b"HTTP/1.1 200")
+        finally:
+            writer.close()
+    finally:
+        await server.close()
