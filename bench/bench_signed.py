@@ -46,8 +46,8 @@ independent of how the two cores were shared.
 
 Then, for diagnosis:
 
-* a profile of the signed server (this code, HTTP) and of baselines A and B
-  during one extra, untimed run each, summed into cost
+* a profile of the signed server (this code, HTTP), baselines A and B, and
+  (with py-spy) the HTTPS pair during one extra, untimed run each, summed into cost
   centres (verify, ``check_request``, the nonce claim, JSON, aiohttp, the
   event loop): ``py-spy record --pid`` when py-spy is there (install it with
   ``.venv/bin/pip install py-spy``; it is not a project dependency), else
@@ -94,6 +94,8 @@ HEADING = "## Signed requests"
 BEFORE_REF = "v0.11.0"  # the release the signed path is compared with (bench/baseline.py)
 #: Every target, in the order of the tables.
 KEYS = ("signed", "before", "verify", "plain", "https", "verify-https")
+#: Profiled with py-spy (the cProfile fallback does the first three: membershipd needs its wrapper there).
+PROFILED = ("signed", "verify", "plain", "https", "verify-https")
 #: The order of even runs (odd runs go backwards): the pairs that are compared run by run
 #: (before/after, each signed server and the baseline B of its transport, B over both
 #: transports) are loaded one right after the other.
@@ -370,9 +372,10 @@ AIOHTTP = "aiohttp: HTTP parsing, routing, middleware chain, response writing, s
 GLUE = "unibus middlewares' own lines (`problem_middleware`, `auth_middleware`, `authenticate`)"
 LOOP = "asyncio event loop (scheduling, epoll, callbacks)"
 THREADS = "other threads (SQLite store)"
+TLS = "TLS: asyncio's `sslproto`, the `ssl` module and the socket writes under them"
 OTHER = "other"
 _GLUE_FUNCS = ("problem_middleware", "auth_middleware", "Authenticator.", "current_member")
-CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, LOOP, THREADS, OTHER]
+CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, TLS, LOOP, THREADS, OTHER]
 
 
 def _parse_frames(stack: str) -> list[tuple[str, str]]:
@@ -394,6 +397,8 @@ def _centre(frames: list[tuple[str, str]]) -> str:
             return AIOHTTP
         if f.startswith(_GLUE_FUNCS):
             return GLUE
+        if p == "asyncio/sslproto.py" or p == "ssl.py":
+            return TLS
     if any(p.startswith(("asyncio/", "selectors")) for _, p in frames):
         return LOOP
     return OTHER
@@ -407,8 +412,15 @@ class Profile:
     centres: dict[str, int]  # cost centre → samples
     top_lines: list[tuple[int, str]]  # (samples, leaf frame)
 
+    leaves: dict[str, int] = field(default_factory=dict)  # leaf frame → samples (py-spy)
+
     def us(self, centre: str) -> float:
         return self.centres.get(centre, 0) / self.samples * self.cpu_us if self.samples else 0.0
+
+    def line_us(self, prefix: str) -> float:
+        """µs per request in leaf frames that start with ``prefix`` (own samples, every source line)."""
+        n = sum(v for k, v in self.leaves.items() if k.startswith(prefix))
+        return n / self.samples * self.cpu_us if self.samples else 0.0
 
 
 def summarize_raw(path: Path, cpu_us: float) -> Profile:
@@ -426,7 +438,7 @@ def summarize_raw(path: Path, cpu_us: float) -> Profile:
         total += n
         centres[_centre(frames)] += n
         leaves[stack.split(";")[-1]] += n
-    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)])
+    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)], dict(leaves))
 
 
 def pyspy_binary() -> str | None:
@@ -629,14 +641,19 @@ def verdict(series: dict[str, Series], before: Before | None) -> str:
     if old is not None and before is not None:
         ab = run_ratios(s, old)
         m = med(ab)
-        drop = "no drop" if m >= 1.0 else f"{1 - m:.0%} fewer"
+        drop = "no drop in the median" if m >= 1.0 else f"{1 - m:.0%} fewer in the median"
+        cpu = med(cpu_ratios(s, old, nats=True))
+        cost = ("the same cost within 5%" if abs(cpu - 1) < 0.05
+                else "this code is the cheaper one" if cpu > 1 else "this code costs more")
         parts.append(
             f"Reading, before and after: signed / baseline B is {med(run_ratios(s, b)):.0%} with this code and "
             f"{med(run_ratios(old, b)):.0%} with {before.version} (medians of the run-by-run ratios); run by run "
             f"this code served {m:.0%} of {before.version}'s requests per second ({min(ab):.0%}–{max(ab):.0%}): "
-            f"{drop}. The CPU a signed request costs is the steadier measure: {s.cpu('server'):.0f} µs in "
+            f"{drop}. That spread is the machine's (other work shares the two cores, see the load average "
+            f"above); the CPU a signed request costs is the steadier measure: {s.cpu('server'):.0f} µs in "
             f"membershipd and {s.cpu('nats-server') or 0:.0f} µs in its nats-server now, against "
-            f"{old.cpu('server'):.0f} and {old.cpu('nats-server') or 0:.0f} µs in {before.version} (medians).")
+            f"{old.cpu('server'):.0f} and {old.cpu('nats-server') or 0:.0f} µs in {before.version} (medians); "
+            f"run by run {before.version} ÷ this code is {cpu:.0%}: {cost}.")
     tls_s, tls_b = med(run_ratios(hs, s)), med(run_ratios(hb, b))
     parts.append(
         f"Over HTTPS signed / baseline B is {med(run_ratios(hs, hb)):.0%} (median); TLS leaves membershipd "
@@ -735,21 +752,31 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
     if profiles:
         tool = next(iter(profiles.values())).tool
         how = f"{tool}, {PROFILE_RATE} samples/s" if tool == "py-spy" else tool
+        ps, pb, pa = profiles.get("signed"), profiles.get("verify"), profiles.get("plain")
+        phs, phb = profiles.get("https"), profiles.get("verify-https")
+        https = phs is not None and phb is not None
+        cols = [ps, pb, pa] + ([phs, phb] if https else [])
         out += ["", (f"Where the server's CPU goes ({how}; one extra untimed run per "
                 "server with the profiler attached; idle threads dropped). Each cost centre's share of the profile "
-                "times the server's CPU per request in that run gives µs per request; the last column is "
-                "what the signed path costs beyond baseline B."), "",
-                "| cost centre | signed µs/req | baseline B µs/req | baseline A µs/req | signed − B |",
-                "|---|---:|---:|---:|---:|"]
-        ps, pb, pa = profiles.get("signed"), profiles.get("verify"), profiles.get("plain")
+                "times the server's CPU per request in that run gives µs per request; the difference columns are "
+                "what the signed path costs beyond baseline B of the same transport."), "",
+                "| cost centre | signed µs/req | baseline B µs/req | baseline A µs/req | signed − B |"
+                + (" signed HTTPS µs/req | baseline B HTTPS µs/req | signed HTTPS − B HTTPS |" if https else ""),
+                "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if https else "")]
+
+        def row(label: str, vals: list[float]) -> str:
+            line = f"| {label} | {vals[0]:.0f} | {vals[1]:.0f} | {vals[2]:.0f} | {vals[0] - vals[1]:+.0f} |"
+            if https:
+                line += f" {vals[3]:.0f} | {vals[4]:.0f} | {vals[3] - vals[4]:+.0f} |"
+            return line
+
         for centre in CENTRES:
-            vals = [p.us(centre) if p else 0.0 for p in (ps, pb, pa)]
+            vals = [p.us(centre) if p else 0.0 for p in cols]
             if max(vals) < 0.5:
                 continue
-            out.append(f"| {centre} | {vals[0]:.0f} | {vals[1]:.0f} | {vals[2]:.0f} | {vals[0] - vals[1]:+.0f} |")
-        tot = [p.cpu_us if p else 0.0 for p in (ps, pb, pa)]
-        out.append(f"| **total (server CPU µs per request in the profiled run)** | {tot[0]:.0f} | {tot[1]:.0f} "
-                   f"| {tot[2]:.0f} | {tot[0] - tot[1]:+.0f} |")
+            out.append(row(centre, vals))
+        out.append(row("**total (server CPU µs per request in the profiled run)**",
+                       [p.cpu_us if p else 0.0 for p in cols]))
         if ps is not None and pb is not None:
             sc, bc = s.cpu("server") or 0.0, b.cpu("server") or 0.0
             diffs = sorted(((ps.us(c) - pb.us(c), c) for c in CENTRES), reverse=True)
@@ -761,6 +788,14 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                        else f"which it is, with {bc / 0.7 - sc:.0f} µs to spare. ")
                     + "In the profile the difference to baseline B is mostly: "
                     + "; ".join(top) + ".")]
+        if https:
+            assert phs is not None and phb is not None
+            tls_s, tls_b = phs.us(TLS), phb.us(TLS)
+            write_s = phs.line_us("_SelectorSocketTransport.write ")
+            write_b = phb.line_us("_SelectorSocketTransport.write ")
+            out += ["", (f"Over HTTPS the TLS centre costs membershipd {tls_s:.0f} µs per request and baseline B "
+                    f"{tls_b:.0f} µs; of it, the socket send itself (`_SelectorSocketTransport.write`, own "
+                    f"samples) {write_s:.0f} against {write_b:.0f} µs.")]
         if ps is not None:
             unit = "samples" if ps.tool == "py-spy" else "µs of self time"
             out += ["", f"Signed path, top {len(ps.top_lines)} source lines by own {unit} (of {ps.samples}):", "",
@@ -1006,7 +1041,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
                       + ", ".join(f"{k} {v:.0f}" for k, v in r.cpu_us.items()), file=sys.stderr)
 
         if spy is not None:
-            for key in ("signed", "verify", "plain"):
+            for key in PROFILED:
                 prof, r = profile_target(targets[key], sign_batch(alice, total), ns.warmup, tmp, spy)
                 profiles[key] = prof
                 print(f"profiled {key}: {prof.samples} samples, {r.rps:.0f} req/s under py-spy", file=sys.stderr)
