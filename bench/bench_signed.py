@@ -246,8 +246,14 @@ def role_loadgen(url: str, requests_path: Path, warmup: int, concurrency: int, c
 
 def proc_cpu_seconds(pid: int) -> float:
     """user + system CPU time a live process has used so far (clock-tick resolution)."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time a live process has used so far (clock-tick resolution)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
@@ -324,13 +330,13 @@ def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch
             "--warmup", str(warmup)]
     if target.cafile is not None:
         argv += ["--cafile", str(target.cafile)]
-    before = {name: proc_cpu_seconds(pid) for name, pid in target.pids.items()}
+    before = {name: proc_cpu_split(pid) for name, pid in target.pids.items()}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         out, err = proc.communicate(timeout=600)
     finally:
         stop_process(proc)
-    after = {name: proc_cpu_seconds(pid) for name, pid in target.pids.items()}
+    after = {name: proc_cpu_split(pid) for name, pid in target.pids.items()}
     req_file.unlink()
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
@@ -340,7 +346,8 @@ def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch
         raise RuntimeError(f"{target.label}: non-200 answers {bad}")
     # The servers are idle while the load generator imports and connects, so their CPU
     # over its whole life divided by every request sent (warm-up too) is per request.
-    cpu_us = {k: (after[k] - before[k]) / len(headers) * 1e6 for k in before}
+    cpu_us = {k: (sum(after[k]) - sum(before[k])) / len(headers) * 1e6 for k in before}
+    cpu_us["server kernel"] = (after["server"][1] - before["server"][1]) / len(headers) * 1e6
     cpu_us["load generator"] = res["cpu"] / res["n"] * 1e6
     return RunResult(rps=res["rps"], p50=res["p50"], p99=res["p99"], n=res["n"], cpu_us=cpu_us)
 
@@ -412,20 +419,21 @@ class Profile:
     centres: dict[str, int]  # cost centre → samples
     top_lines: list[tuple[int, str]]  # (samples, leaf frame)
 
-    leaves: dict[str, int] = field(default_factory=dict)  # leaf frame → samples (py-spy)
+    leaves: dict[tuple[str, str], int] = field(default_factory=dict)  # (cost centre, leaf frame) → samples (py-spy)
 
     def us(self, centre: str) -> float:
         return self.centres.get(centre, 0) / self.samples * self.cpu_us if self.samples else 0.0
 
-    def line_us(self, prefix: str) -> float:
-        """µs per request in leaf frames that start with ``prefix`` (own samples, every source line)."""
-        n = sum(v for k, v in self.leaves.items() if k.startswith(prefix))
+    def line_us(self, centre: str, prefix: str) -> float:
+        """µs per request in ``centre``'s leaf frames that start with ``prefix`` (own samples, any source line)."""
+        n = sum(v for (c, leaf), v in self.leaves.items() if c == centre and leaf.startswith(prefix))
         return n / self.samples * self.cpu_us if self.samples else 0.0
 
 
 def summarize_raw(path: Path, cpu_us: float) -> Profile:
     centres: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
+    by_centre: collections.Counter[tuple[str, str]] = collections.Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -436,9 +444,12 @@ def summarize_raw(path: Path, cpu_us: float) -> Profile:
             continue
         n = int(count)
         total += n
-        centres[_centre(frames)] += n
+        centre = _centre(frames)
+        centres[centre] += n
         leaves[stack.split(";")[-1]] += n
-    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)], dict(leaves))
+        by_centre[(centre, stack.split(";")[-1])] += n
+    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)],
+                   dict(by_centre))
 
 
 def pyspy_binary() -> str | None:
@@ -703,8 +714,8 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
              "The ratio column divides each run's req/s by that of baseline B over the same transport in the same "
              "run: median (min–max) over the runs."), "",
             ("| server | min req/s | median req/s | max req/s | ÷ baseline B, same transport | p50 ms | p99 ms "
-             "| server CPU µs/req | nats-server CPU µs/req | load generator CPU µs/req |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| server CPU µs/req | … of it in the kernel | nats-server CPU µs/req | load generator CPU µs/req |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key in KEYS:
         if key not in series:
             continue
@@ -713,7 +724,7 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
         rlo, rmed, rhi = _mm(run_ratios(ser, series[SAME_TRANSPORT_B[key]]), "{:.0%}")
         nats_cpu = ser.cpu("nats-server")
         out.append(f"| {labels[key]} | {lo} | {med} | {hi} | {rmed} ({rlo}–{rhi}) | {ser.med('p50') * 1e3:.1f} "
-                   f"| {ser.med('p99') * 1e3:.1f} | {ser.cpu('server'):.0f} "
+                   f"| {ser.med('p99') * 1e3:.1f} | {ser.cpu('server'):.0f} | {ser.cpu('server kernel'):.0f} "
                    f"| {'–' if nats_cpu is None else f'{nats_cpu:.0f}'} | {ser.cpu('load generator'):.0f} |")
 
     out += ["", (f"Ratios are taken run by run (the {n_targets} servers are loaded one after the other in each run), "
@@ -791,11 +802,20 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
         if https:
             assert phs is not None and phb is not None
             tls_s, tls_b = phs.us(TLS), phb.us(TLS)
-            write_s = phs.line_us("_SelectorSocketTransport.write ")
-            write_b = phb.line_us("_SelectorSocketTransport.write ")
+            write_s = phs.line_us(TLS, "_SelectorSocketTransport.write ")
+            write_b = phb.line_us(TLS, "_SelectorSocketTransport.write ")
             out += ["", (f"Over HTTPS the TLS centre costs membershipd {tls_s:.0f} µs per request and baseline B "
-                    f"{tls_b:.0f} µs; of it, the socket send itself (`_SelectorSocketTransport.write`, own "
-                    f"samples) {write_s:.0f} against {write_b:.0f} µs.")]
+                    f"{tls_b:.0f} µs, of which the send of the encrypted response (`_SelectorSocketTransport.write` "
+                    f"under `sslproto`) {write_s:.0f} and {write_b:.0f} µs.")]
+        if ps is not None and ps.tool == "py-spy":
+            sends = sum(n for n, frame in ps.top_lines if frame.startswith("_SelectorSocketTransport.write "))
+            out += ["", ("A caveat for every py-spy share here: py-spy counts a thread that is runnable but "
+                    "waiting for a core as busy on its current line, and a send on loopback often hands the core "
+                    "to the process it wakes (the load generator, nats-server), so socket sends "
+                    f"(`_SelectorSocketTransport.write`: {sends / ps.samples if ps.samples else 0:.0%} of the "
+                    "signed samples) are over-counted on a busy 2-core machine. What they cost in CPU is in the "
+                    "kernel column of the first table (from /proc), which holds the system calls: "
+                    f"{s.cpu('server kernel'):.0f} µs per signed request.")]
         if ps is not None:
             unit = "samples" if ps.tool == "py-spy" else "µs of self time"
             out += ["", f"Signed path, top {len(ps.top_lines)} source lines by own {unit} (of {ps.samples}):", "",
