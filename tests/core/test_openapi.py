@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from unibus.openapi import OpenAPI, Response, header
 from unibus.pluginmanager import PluginManager
 from unibus.plugins.blobstore import register_routes as register_blob_routes
 from unibus.settings import Settings
+from unibus.wire import SIGN_PUB_SIZE, KeyFormatError, b64_pattern, b64decode_strict, b64encode
 
 PROBLEM = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
 
@@ -195,3 +197,35 @@ async def test_an_unknown_expectation_on_an_open_route_is_a_problem(tmp_path):
             writer.close()
     finally:
         await server.close()
+
+
+# ----------------------------------------------------------------- the documented rules are the ones checked
+
+
+def _documented(pattern: str, value: str) -> bool:
+    """A JSON Schema ``pattern`` as OpenAPI 3.1 reads it (ECMA-262: ``$`` is
+    the end of the input, not "before a final newline")."""
+    return re.search(pattern.replace("$", r"\Z"), value) is not None
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 32, SIGN_PUB_SIZE, 1216])
+def test_b64_pattern_is_what_b64decode_strict_accepts(size):
+    """sign_pub and enc_pub are documented by ``b64_pattern``: every one-character
+    change of a canonical encoding (trailing bits, padding, alphabet) is accepted
+    by the pattern exactly when the server's decoder accepts it."""
+    pattern = b64_pattern(size)
+    for raw in (bytes(size), bytes((i * 37 + 11) % 256 for i in range(size)), b"\xff" * size):
+        canonical = b64encode(raw)
+        variants = {canonical, canonical + "=", canonical[:-1], canonical + "\n", " " + canonical,
+                    canonical.replace("=", "")}
+        for i in {len(canonical.rstrip("=")) - 1, 0}:
+            for c in "ABQgw/+-_=é9":
+                variants.add(canonical[:i] + c + canonical[i + 1:])
+        for value in variants:
+            try:
+                b64decode_strict(value, "key", size)
+                accepted = True
+            except KeyFormatError:
+                accepted = False
+            assert _documented(pattern, value) == accepted, (size, value)
+
