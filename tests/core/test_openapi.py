@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -229,3 +230,21 @@ def test_b64_pattern_is_what_b64decode_strict_accepts(size):
                 accepted = False
             assert _documented(pattern, value) == accepted, (size, value)
 
+
+
+async def test_the_example_of_docs_plugins_documents_its_route(tmp_path):
+    """The example of docs/plugins.md, "Documenting responses", run as written."""
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()
+    section = guide.split("### Documenting responses", 1)[1].split("\n## ", 1)[0]
+    [code] = re.findall(r"```python\n(.*?)```", section, re.S)
+    namespace: dict[str, Any] = {"hello": hello}
+    exec(compile(code, "docs/plugins.md", "exec"), namespace)  # noqa: S102 - the repository's own docs
+    app = bare_app(tmp_path)
+    await namespace["startup"](app)
+    doc = app[OPENAPI_DOC].document()
+    op = doc["paths"]["/v1/hello/{handle}"]["get"]
+    assert op["responses"]["200"]["content"] == {
+        "application/json": {"schema": {"$ref": "#/components/schemas/HelloGreeting"}}}
+    assert op["responses"]["404"]["content"] == PROBLEM and "401" in op["responses"]
+    assert doc["components"]["schemas"]["HelloGreeting"] == namespace["GREETING"]
+    schemathesis.openapi.from_dict(json.loads(json.dumps(doc))).validate()
