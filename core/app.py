@@ -20,9 +20,9 @@ from . import __version__
 from .auth import MAX_BODY, body_unread
 from .bus import Bus
 from .inputs import check_path_params
-from .openapi import OpenAPI
+from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager
-from .posture import compute_posture
+from .posture import LISTENER_STATES, LISTENERS, compute_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
 from .store.base import ChangeNotEnforced, Conflict, LogRejected, NotFound, Store, StoreUnavailable
@@ -73,6 +73,57 @@ SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_dec
                                   "logger": _ServerLogger(logging.getLogger("aiohttp.server"), {})}
 
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
+
+_LISTENER_STATE = {"type": "string", "enum": [*LISTENER_STATES, "none"]}
+#: The body of ``GET /healthz`` (docs/http-api.md, "GET /healthz"); each plugin
+#: adds its own key (any JSON value) beside the core's.
+HEALTHZ_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "version", "node", "posture", "nats"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "degraded"]},
+        "version": {"type": "string"},
+        "node": {"type": "string"},
+        "posture": {
+            "type": "object", "required": ["bus_auth", "acl", "tls", "summary", "listeners"],
+            "additionalProperties": False,
+            "properties": {
+                "bus_auth": {"type": "string", "enum": ["enforce", "off"]},
+                "acl": {"type": "boolean"},
+                "tls": {"type": "boolean"},
+                "summary": {"type": "string"},
+                "listeners": {"type": "object", "required": list(LISTENERS), "additionalProperties": False,
+                              "properties": {name: _LISTENER_STATE for name in LISTENERS}},
+            },
+        },
+        "nats": {
+            "type": "object",
+            "required": ["mode", "url", "connected", "jetstream", "restarts", "kv_replicas", "cluster"],
+            "additionalProperties": False,
+            "properties": {
+                "mode": {"type": "string", "enum": ["embedded", "external"]},
+                "url": {"type": "string"},
+                "connected": {"type": "boolean"},
+                "jetstream": {"type": "boolean"},
+                "restarts": {"type": "integer", "minimum": 0},
+                "kv_replicas": {"type": "integer", "minimum": 1},
+                "cluster": {"oneOf": [
+                    {"type": "null"},
+                    {"type": "object", "required": ["name", "routes"], "additionalProperties": False,
+                     "properties": {"name": {"type": "string"}, "routes": {"type": "integer", "minimum": 0}}},
+                ]},
+            },
+        },
+        "warnings": {"type": "array", "items": {"type": "string"}},
+    },
+    "additionalProperties": {"description": "a plugin's healthz_fields, under the plugin's name"},
+}
+#: The body of ``GET /openapi.json``: this document.
+OPENAPI_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["openapi", "info", "paths", "components"],
+    "properties": {"openapi": {"type": "string", "pattern": "^3\\.1\\."}, "info": {"type": "object"},
+                   "paths": {"type": "object"}, "components": {"type": "object"}},
+}
 
 
 @web.middleware
@@ -142,9 +193,24 @@ async def defer_continue(request: web.Request) -> web.StreamResponse | None:
     expectation is 417."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        return problem_response(417, "the only expectation this server meets is Expect: 100-continue",
-                                kind="expectation-failed")
+        return _expectation_failed()
     return None
+
+
+async def open_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler of open routes (``signed=False``): aiohttp's own, except
+    that an unknown expectation is a problem+json 417 like everywhere else."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _expectation_failed()
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
+
+
+def _expectation_failed() -> web.Response:
+    return problem_response(417, "the only expectation this server meets is Expect: 100-continue",
+                            kind="expectation-failed")
 
 
 def add_route(
@@ -154,26 +220,41 @@ def add_route(
     handler: Handler,
     *,
     summary: str,
-    responses: dict[int, str],
+    responses: dict[int, ResponseSpec],
     signed: bool = True,
     request_schema: dict[str, Any] | None = None,
     request_content_type: str = "application/json",
     tags: list[str] | None = None,
     query: dict[str, dict[str, Any]] | None = None,
+    path_params: dict[str, dict[str, Any]] | None = None,
 ) -> None:
     """Register a route and its OpenAPI operation together (plugins use this too).
 
+    ``responses`` maps each status the handler answers to a description, a
+    ``(description, schema)`` pair (a JSON body; an error's body is the
+    ``Problem`` schema unless a schema is given) or a :class:`unibus.openapi.Response`
+    (another content type, headers). The statuses the core answers for the
+    route (401, 503, 408, 413, 415, 417, 422 for a path parameter...) are
+    added to them (docs/plugins.md, "Documenting responses").
     ``query`` documents the query parameters the handler reads (name -> JSON
     Schema); path parameters are documented, and checked before the handler
-    runs, by the rules of :mod:`unibus.inputs`. ``Expect: 100-continue`` is
-    answered only once the signature was accepted (docs/http-api.md).
+    runs, by the rules of :mod:`unibus.inputs`; ``path_params`` documents a
+    stricter rule the handler checks itself (name -> JSON Schema).
+    ``Expect: 100-continue`` is answered only once the signature was accepted
+    (docs/http-api.md).
     """
-    app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else None)
+    app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else open_continue)
     app[OPENAPI_DOC].add_operation(
         method, path, summary=summary, responses=responses, signed=signed,
         request_schema=request_schema, request_content_type=request_content_type, tags=tags,
-        operation_id=getattr(handler, "__name__", None), query=query,
+        operation_id=getattr(handler, "__name__", None), query=query, path_params=path_params,
     )
+
+
+def add_schema(app: web.Application, name: str, schema: dict[str, Any]) -> dict[str, str]:
+    """Name a JSON Schema in ``/openapi.json`` (``components/schemas/<name>``)
+    and return its ``$ref``, for ``responses`` and other schemas to use."""
+    return app[OPENAPI_DOC].add_schema(name, schema)
 
 
 def current_posture(app: web.Application) -> dict[str, Any]:
@@ -257,8 +338,12 @@ def make_app(
         app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
     app[EXTRA] = {"started": time.time()}
+    health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)
     add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,
-              responses={200: "serving", 503: "degraded: NATS or JetStream unavailable"}, tags=["health"])
+              responses={200: ("serving", health),
+                         503: Response("degraded (NATS, JetStream or the nonce bucket unavailable): the same body "
+                                       'with "status": "degraded"', health, JSON)},
+              tags=["health"])
     add_route(app, "GET", "/openapi.json", openapi_json, summary="This OpenAPI document", signed=False,
-              responses={200: "the document"}, tags=["meta"])
+              responses={200: ("the document", OPENAPI_SCHEMA)}, tags=["meta"])
     return app
