@@ -22,6 +22,7 @@ the process that makes or restores the backup, so the core calls it directly.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import io
 import json
@@ -158,7 +159,10 @@ def write_archive(out: Path, manifest: dict[str, Any], files: list[ArchiveFile])
     mtime = int(datetime.now(UTC).timestamp())
     try:
         with os.fdopen(fd, "wb") as raw:
-            with tarfile.open(fileobj=raw, mode="w|gz" if compress else "w|", format=tarfile.PAX_FORMAT) as tar:
+            # gzip at its default level 6: blobs are ciphertext, level 9 would only cost time.
+            gz = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=mtime) if compress else None
+            with (gz or contextlib.nullcontext()), \
+                    tarfile.open(fileobj=gz or raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                 body = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
                 for f in [ArchiveFile.of_bytes(MANIFEST, body), *files]:
                     info = tarfile.TarInfo(f.path)
