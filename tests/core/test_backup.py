@@ -18,6 +18,7 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +221,19 @@ class Workload:
         return i
 
 
+async def writer_under_way(writer: asyncio.Task, ready: Callable[[], bool], timeout: float = 120) -> None:
+    """Until ``ready()``: what stopped ``writer`` if it ended first, TimeoutError if it never gets there."""
+
+    async def wait() -> None:
+        while not ready():
+            if writer.done():
+                writer.result()  # raises what stopped it
+                raise AssertionError("the writer stopped before it was under way")
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(wait(), timeout)
+
+
 async def test_backup_under_write_load_restores_exactly_one_instant(tmp_path, daemon_with_admin, alice,
                                                                     membershipd_factory):
     src = daemon_with_admin()
@@ -243,8 +257,7 @@ async def test_backup_under_write_load_restores_exactly_one_instant(tmp_path, da
 
         stop = asyncio.Event()
         writer = asyncio.create_task(load.run(stop, 2))
-        while len(load.acked) < 15:  # the writer is under way
-            await asyncio.sleep(0.01)
+        await writer_under_way(writer, lambda: len(load.acked) >= 15)
         acked_before = list(load.acked)
         archive = tmp_path / "under-load.tar.gz"
         backup = await asyncio.to_thread(cli, "backup", "--out", str(archive), "--data-dir", str(src.data_dir))

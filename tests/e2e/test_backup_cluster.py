@@ -141,8 +141,14 @@ async def test_backups_cross_the_cluster_boundary_both_ways(tmp_path, membership
 
         task = asyncio.create_task(writer())
         try:
-            while len(made) < 3:
-                await asyncio.sleep(0.05)
+            async def under_way() -> None:
+                while len(made) < 3:
+                    if task.done():
+                        task.result()  # raises what stopped the writer
+                        raise AssertionError("the writer stopped before it was under way")
+                    await asyncio.sleep(0.05)
+
+            await asyncio.wait_for(under_way(), 120)
             before = list(made)
             archive = tmp_path / "cluster.tar.gz"
             backup = await asyncio.to_thread(run_membershipd, "backup", "--out", str(archive), "--data-dir",
