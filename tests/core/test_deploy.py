@@ -623,7 +623,8 @@ def test_install_dry_run_cluster_does_not_make_its_own_ca(tmp_path: Path) -> Non
 def test_runbook_sections() -> None:
     text = RUNBOOK.read_text()
     headings = re.findall(r"^#+ (.+)$", text, re.M)
-    for h in ("Overview", "Route certificates", "Client TLS", "NATS server metrics", "Rolling restarts"):
+    for h in ("Overview", "Route certificates", "Client TLS", "NATS server metrics", "Rolling restarts",
+              "Backups and restore"):
         assert h in headings, h
     assert any(h.startswith("Bootstrap") for h in headings)
     assert any(h.startswith("Join") for h in headings)
