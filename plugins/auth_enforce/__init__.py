@@ -243,6 +243,9 @@ async def startup(app) -> None:
     from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE
 
     settings = app[SETTINGS]
+    if not enforcing(settings):
+        # The metrics exist all the same (at 0), so dashboards and alerts see one shape on every node.
+        BusAuthMetrics.register(app[METRICS].plugin(PLUGIN_NAME), pending=lambda: 0, connections=lambda: 0)
     if settings.bus_auth == "off":
         log.warning("--bus-auth off: the bus is open to any client that reaches the NATS port (development only)")
         return

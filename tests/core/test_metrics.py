@@ -412,3 +412,21 @@ async def test_counts_follow_changes_without_rescanning(tmp_path: Path):
         assert counts.rooms == set() and reads.count("membership") == 2
     finally:
         await store.close()
+
+
+async def test_bus_auth_metrics_have_one_shape_enforced_or_not(tmp_path):
+    """--bus-auth off: auth_enforce's metrics exist all the same, at 0 (dashboards and alerts see one shape)."""
+    from unibus.app import METRICS, make_app
+    from unibus.bus import Bus
+    from unibus.plugins import auth_enforce
+    from unibus.settings import HostPort, Settings
+
+    settings = Settings(data_dir=tmp_path, http_addr=HostPort("127.0.0.1", free_port()), server_name="t",
+                        bus_auth="off")
+    app = make_app(settings, make_plugin_manager(auth_enforce), Bus("nats://127.0.0.1:1"), None)
+    await auth_enforce.startup(app)
+    text = (await app[METRICS].render())[0].decode()
+    for line in ("unibus_bus_auth_changes_total 0.0", "unibus_bus_auth_change_duration_seconds_count 0.0",
+                 "unibus_bus_auth_kicks_total 0.0", "unibus_bus_auth_kicks_pending 0.0",
+                 'unibus_bus_auth_callouts_total{result="authorized"} 0.0'):
+        assert line in text, line
