@@ -268,12 +268,14 @@ class Daemon:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """HTTP (and metrics) first, then plugins' shutdown hooks, then NATS."""
+        """HTTP and the metrics listener first (together: one share of the stop budget),
+        then plugins' shutdown hooks, then NATS."""
+        listeners = []
         if self.metrics_server is not None:
-            await self.metrics_server.stop()
+            listeners.append(self.metrics_server.stop())
         if self.runner is not None:
-            with contextlib.suppress(Exception):
-                await self.runner.cleanup()
+            listeners.append(self.runner.cleanup())
+        await asyncio.gather(*listeners, return_exceptions=True)
         if self._started_hooks and self.app is not None:
             deadline = asyncio.get_running_loop().time() + SHUTDOWN_HOOKS_BUDGET
             for name, impl in self.plugins._impls("shutdown"):
