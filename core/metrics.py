@@ -328,11 +328,12 @@ class Metrics:
     # -- what the core feeds ---------------------------------------------------------------
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
+        # keyed by the label, never the raw method: a client may send any token as a method,
+        # and this cache must stay as bounded as the label set
+        key = (route, http_method_label(method), status)
         child = self._request_children.get(key)
         if child is None:
-            child = self._request_children[key] = self.http_requests.labels(route, http_method_label(method),
-                                                                             str(status))
+            child = self._request_children[key] = self.http_requests.labels(route, key[1], str(status))
         child.inc()
         duration = self._duration_children.get(route)
         if duration is None:

@@ -349,6 +349,19 @@ def test_each_daemon_has_its_own_registry_and_plugins_their_namespace():
         assert f'unibus_nonce_claims_total{{result="{result}"}} 0.0' in text_b
 
 
+def test_methods_a_client_invents_cost_one_series_and_one_cache_entry():
+    """An attacker can send any token as a method: the labels and the per-request cache
+    behind them stay bounded (one ``other`` entry), however many tokens it sends."""
+    m = Metrics(process=False)
+    for i in range(500):
+        m.observe_request("unmatched", f"X-METHOD-{i}", 405, 0.001)
+    m.observe_request("unmatched", "GET", 404, 0.001)
+    assert len(m._request_children) == 2  # noqa: SLF001 - the cache is what would grow
+    text = asyncio.run(m.render())[0].decode()
+    assert 'unibus_http_requests_total{method="other",route="unmatched",status="405"} 500.0' in text
+    assert "X-METHOD" not in text
+
+
 class BrokenHealthz:
     from unibus import hookimpl
 
