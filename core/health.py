@@ -136,11 +136,13 @@ class HealthProber:
 
     async def _run(self) -> None:
         while True:
+            # cleared before probing: a wake that arrives during a probe (a reconnect right
+            # after the disconnect that woke it) makes another probe, it is never lost
+            self._wake.clear()
             try:
                 await self.probe_once()
             except Exception as e:  # noqa: BLE001 - keep probing; stale results count as failures
                 log.warning("health probe failed: %s: %s", type(e).__name__, e)
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.interval)
 

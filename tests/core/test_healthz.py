@@ -5,12 +5,13 @@ nothing answers) must still answer /healthz, degraded, and /metrics, while
 signed requests fail closed; then come back. How fast /healthz answers is
 measured in bench/bench_healthz.py, not asserted here. The prober's own rules
 (a hung probe is a failure, an old result is a failure, a disconnect wakes
-it) are tested with stand-ins for NATS.
+it) are tested against a real nats-server that is frozen and killed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import urllib.request
@@ -21,9 +22,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from unibus import hookimpl
 from unibus.client.keys import generate_identity
-from unibus.health import STALE_AFTER, HealthProber
+from unibus.auth import NonceStore
+from unibus.bus import Bus
+from unibus.health import STALE_AFTER, HealthProber, HealthState
 from unibus.signing import sign_request
-from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_plugin_manager
+from unibus.testing import MembershipdProcess, NatsServer, bootstrap_member, free_port, make_plugin_manager
 
 
 def _metric(url: str, name: str) -> float:
@@ -74,74 +77,127 @@ async def test_a_frozen_nats_server_makes_healthz_say_degraded_and_it_still_answ
         daemon.stop()
 
 
-# -- the prober's rules, with stand-ins for NATS -----------------------------------------------
+# -- the prober's rules, against a real nats-server -------------------------------------------
 
 
-class FakeBus:
-    def __init__(self) -> None:
-        self.connected = True
+async def _until(predicate, timeout: float = 20.0) -> None:
+    """Wait (bounded) until ``predicate()`` holds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "timed out"
+        await asyncio.sleep(0.02)
 
 
-class Nonces:
-    """A nonce store whose availability check answers, fails, or hangs."""
+class Server(NatsServer):
+    """A NatsServer that a test may stop itself (stopped once, whoever asks first)."""
 
-    def __init__(self) -> None:
-        self.mode = "ok"
-        self.calls = 0
+    stopped = False
 
-    async def available(self, timeout: float = 1.0) -> bool:
-        self.calls += 1
-        if self.mode == "hang":
-            await asyncio.sleep(3600)
-        return self.mode == "ok"
+    def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            super().stop()
 
 
-class Supervisor:
-    running = True
-    restarts = 0
+async def freeze(pid: int) -> None:
+    """SIGSTOP ``pid`` and wait (bounded) until every thread of it is stopped: the
+    signal is delivered asynchronously, and a thread still running could answer."""
+    os.kill(pid, signal.SIGSTOP)
+
+    def stopped() -> bool:
+        states = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        return bool(states) and all(state in ("T", "t") for state in states)
+
+    await _until(stopped, timeout=10)
 
 
-async def test_the_prober_reports_what_it_saw_and_never_waits_for_a_hung_probe():
-    bus, nonces, sup = FakeBus(), Nonces(), Supervisor()
-    now = [1000.0]
-    prober = HealthProber(bus, nonces=nonces, supervisor=sup, timeout=0.05, clock=lambda: now[0])
-    assert not prober.state().ok  # nothing probed yet: degraded, not a guess
-    assert (await prober.probe_once()).ok
-    nonces.mode = "hang"
-    assert not (await prober.probe_once()).ok  # a probe that does not answer within its timeout fails
-    nonces.mode = "ok"
-    assert (await prober.probe_once()).ok
-    bus.connected = False
-    state = prober.state()  # the connection is read live
-    assert not state.ok and not state.connected and not state.jetstream
-    bus.connected = True
-    sup.running = False
-    assert not prober.state().ok and not prober.state().nats_running
-    sup.running = True
-    now[0] += STALE_AFTER + 1  # the prober stopped: its old "ok" is not kept alive
-    assert not prober.state().ok
-    assert (await prober.probe_once()).ok
-
-
-async def test_the_prober_runs_in_the_background_and_a_disconnect_wakes_it():
-    bus, nonces = FakeBus(), Nonces()
-    prober = HealthProber(bus, nonces=nonces, interval=3600, timeout=0.5)
-    prober.start()
+@contextlib.asynccontextmanager
+async def nats_with_nonces(tmp_path):
+    """A real supervised nats-server, a Bus connected to it and the nonce store on it."""
+    server = Server(tmp_path / "nats")
+    bus = Bus(server.url)
+    nonces = None
     try:
-        for _ in range(200):
-            if prober.probes:
-                break
-            await asyncio.sleep(0.01)
-        assert prober.probes == 1 and prober.state().ok
-        nonces.mode = "down"
-        prober.wake()  # what the bus's disconnect and reconnect callbacks do
-        for _ in range(200):
-            if prober.probes > 1:
-                break
-            await asyncio.sleep(0.01)
-        assert prober.probes == 2 and not prober.state().ok
+        await bus.connect()
+        nonces = NonceStore(bus, skew=60, replicas=1, timeout=1.0)
+        await nonces.ensure()
+        await nonces.start()
+        yield server, bus, nonces
     finally:
-        await prober.stop()
+        pid = server.pid
+        if pid is not None and not server.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # never leave a frozen server behind
+        if nonces is not None:
+            await nonces.close()
+        await bus.close()
+        server.stop()
+
+
+async def test_the_prober_reports_what_it_saw_and_never_waits_for_a_hung_probe(tmp_path):
+    async with nats_with_nonces(tmp_path) as (server, bus, nonces):
+        now = [1000.0]
+        prober = HealthProber(bus, nonces=nonces, supervisor=server.supervisor, timeout=0.3, clock=lambda: now[0])
+        assert not prober.state().ok  # nothing probed yet: degraded, not a guess
+        assert (await prober.probe_once()).ok
+        await freeze(server.pid)  # the server's socket stays open; nothing answers
+        try:
+            hung = await asyncio.wait_for(prober.probe_once(), 10)  # the probe gives up on its own
+            assert not hung.ok and hung.connected and not hung.jetstream
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        for _ in range(50):  # bounded: the server answers again
+            if (await prober.probe_once()).ok:
+                break
+            await asyncio.sleep(0.1)
+        assert prober.state().ok
+        now[0] += STALE_AFTER + 1  # the prober stopped: its old "ok" is not kept alive
+        assert not prober.state().ok
+        assert (await prober.probe_once()).ok
+        await bus.close()  # the connection is read live, not from the last probe
+        state = prober.state()
+        assert not state.ok and not state.connected and not state.jetstream
+
+
+async def test_the_prober_runs_in_the_background_and_a_disconnect_wakes_it(tmp_path):
+    async with nats_with_nonces(tmp_path) as (server, bus, nonces):
+        prober = HealthProber(bus, nonces=nonces, supervisor=server.supervisor, interval=3600, timeout=1.0)
+        bus.state_listeners.append(prober.wake)  # as the daemon wires it
+        seen: list[bool] = []
+        probe_once = prober.probe_once
+
+        async def recording() -> HealthState:
+            state = await probe_once()
+            seen.append(state.ok)
+            return state
+
+        prober.probe_once = recording  # type: ignore[method-assign]
+        prober.start()
+        try:
+            await _until(lambda: prober.probes == 1)
+            assert seen == [True]
+            server.kill(signal.SIGKILL)  # the supervisor restarts it; the bus disconnects, then reconnects
+            # with a 1 h interval, only the bus's disconnect and reconnect callbacks can make more probes
+            await _until(lambda: prober.probes >= 3)
+            assert False in seen[1:]  # the disconnect's probe saw the node down
+            server.wait_running()
+            await _until(lambda: bus.connected)
+            for _ in range(100):  # bounded: JetStream is back after the restart
+                if prober.state().ok:
+                    break
+                prober.wake()
+                await asyncio.sleep(0.1)
+            assert prober.state().ok
+            assert server.restarts == 1
+        finally:
+            await prober.stop()
+        # the supervisor's view is read live: a nats-server that is not running is degraded
+        server.stop()
+        assert not prober.state().ok and not prober.state().nats_running
 
 
 class BrokenPosture:
@@ -166,12 +222,16 @@ async def test_a_posture_hook_that_fails_while_serving_drops_its_facts_not_healt
 
 
 @pytest.mark.parametrize("connected", [True, False])
-async def test_without_a_prober_healthz_is_degraded(tmp_path, connected):
+async def test_without_a_prober_healthz_is_degraded(tmp_path, nats_server, connected):
     from unibus.app import health_state, make_app
     from unibus.settings import HostPort, Settings
 
-    bus = FakeBus()
-    bus.connected = connected
-    settings = Settings(data_dir=tmp_path, http_addr=HostPort("127.0.0.1", free_port()), server_name="t")
-    state = health_state(make_app(settings, make_plugin_manager(), bus, None))  # type: ignore[arg-type]
-    assert not state.ok and state.connected is connected and state.jetstream is False
+    bus = Bus(nats_server.url if connected else "nats://127.0.0.1:1")
+    if connected:
+        await bus.connect()
+    try:
+        settings = Settings(data_dir=tmp_path, http_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+        state = health_state(make_app(settings, make_plugin_manager(), bus, None))
+        assert not state.ok and state.connected is connected and state.jetstream is False
+    finally:
+        await bus.close()

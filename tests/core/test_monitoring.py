@@ -22,6 +22,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from unibus.bus import Bus
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.health import HealthProber
@@ -67,10 +68,7 @@ def test_the_expression_parser_finds_what_it_should():
 def exported_by_a_cluster_node() -> set[str]:
     """What a cluster node exports beyond a single node: read from the collector itself."""
 
-    class Connected:
-        connected = True
-
-    prober = HealthProber(Connected(), clustered=True)
+    prober = HealthProber(Bus("nats://127.0.0.1:1"), clustered=True)  # never probed: routes 0, still exported
     metrics = Metrics(process=False)
     metrics.health = prober
     text = metrics.registry.collect()
