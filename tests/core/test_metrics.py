@@ -416,8 +416,8 @@ async def test_counts_follow_changes_without_rescanning(tmp_path: Path):
         assert reads == ["membership"]  # the start-up load only
         counts.on_change(Change("reloaded", origin="remote", keys=("member.ann", "member.zed")))
         await counts.refresh()
-        assert counts.members == {"ann"} and reads[1:] == ["member ann", "member zed"] or \
-            reads[1:] == ["member zed", "member ann"]
+        assert counts.members == {"ann"}  # zed is no member: re-read, not added
+        assert sorted(reads[1:]) == ["member ann", "member zed"]  # one read per key, in any order
         await store.delete_room(room.room_id)
         await store.reload()  # SIGHUP: one full read
         await counts.refresh()
