@@ -1,4 +1,6 @@
-"""/healthz and /metrics latency (issue 14): does /healthz answer within 50 ms whatever NATS is doing?
+"""/healthz and /metrics latency: does /healthz answer within 50 ms whatever NATS is doing?
+
+The results are in docs/benchmarks.md ("/healthz under a frozen NATS").
 
 Run with ``make bench`` or ``.venv/bin/python bench/bench_healthz.py [--requests 200]``.
 Not a test: it prints a markdown table and writes it into docs/benchmarks.md
