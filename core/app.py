@@ -19,10 +19,12 @@ from aiohttp.http_exceptions import HttpProcessingError
 from . import __version__
 from .auth import MAX_BODY, body_unread
 from .bus import Bus
+from .health import HealthProber, HealthState
 from .inputs import check_path_params
+from .metrics import Metrics, metrics_middleware
 from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager
-from .posture import LISTENER_STATES, LISTENERS, compute_posture
+from .posture import LISTENER_STATES, LISTENERS, merge_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
 from .store.base import ChangeNotEnforced, Conflict, LogRejected, NotFound, Store, StoreUnavailable
@@ -37,6 +39,11 @@ SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
+#: The daemon's :class:`unibus.metrics.Metrics`; a plugin makes its own metrics with
+#: ``app[METRICS].plugin("<plugin name>")`` (docs/plugins.md, "Metrics").
+METRICS = web.AppKey("metrics", Metrics)
+#: The :class:`unibus.health.HealthProber` whose results /healthz reads (absent until the daemon started it).
+HEALTH = web.AppKey("health", HealthProber)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -139,16 +146,26 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+def _rejected(request: web.Request, reason: str) -> None:
+    """Count a 401 of a signed request (``unibus_signature_rejections_total{reason}``)."""
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.signature_rejected(reason)
+
+
 async def _problem_or_response(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Problem as p:
+        if p.status == 401:
+            _rejected(request, getattr(p, "reason", "other"))
         return from_problem(p)
     except NotFound as e:
         return problem_response(404, str(e), kind="not-found")
     except Conflict as e:
         return problem_response(409, str(e), kind="conflict", **e.extra)
     except LogRejected as e:  # the request's signature cannot join the membership log
+        _rejected(request, "replay" if "nonce" in str(e) else "log_order")
         return problem_response(401, str(e), kind="invalid-signature",
                                 headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
     except StoreUnavailable as e:
@@ -258,7 +275,22 @@ def add_schema(app: web.Application, name: str, schema: dict[str, Any]) -> dict[
 
 
 def current_posture(app: web.Application) -> dict[str, Any]:
-    return compute_posture(app[SETTINGS], app[PLUGINS])
+    """The posture of the running node. A ``posture`` hook that fails now is logged, counted
+    and left out, so its facts count as not holding (fail closed), and /healthz still answers."""
+    reports = app[PLUGINS].call_each_safe("posture", settings=app[SETTINGS])
+    return merge_posture((r for _, r in reports), app[SETTINGS])
+
+
+def health_state(app: web.Application) -> HealthState:
+    """The node's health as the prober last saw it (no I/O); degraded before it ran."""
+    prober = app.get(HEALTH)
+    if prober is not None:
+        return prober.state()
+    supervisor: NatsSupervisor | None = app[SUPERVISOR]  # type: ignore[assignment]
+    connected = app[BUS].connected
+    running = supervisor is None or supervisor.running
+    return HealthState(ok=False, connected=connected, jetstream=False, nats_running=running,
+                       routes=0 if app[SETTINGS].cluster_name else None)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -268,32 +300,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def healthz_body(app: web.Application) -> dict[str, Any]:
-    settings, bus = app[SETTINGS], app[BUS]
+    """The /healthz body, from in-memory state only (docs/http-api.md, "GET /healthz"):
+    it answers at once whatever NATS is doing."""
+    settings = app[SETTINGS]
     supervisor: NatsSupervisor | None = app[SUPERVISOR]  # type: ignore[assignment]
-    nonces = app[EXTRA].get("nonces")
-    # JetStream answers *and* the nonce bucket is there: without it no signed
-    # request can be served, so the node is degraded.
-    jetstream = await (nonces.available() if nonces is not None else bus.jetstream_ok(timeout=1.0))
-    store = app.get(STORE)
-    if jetstream and store is not None:
-        jetstream = await store.available()  # a cluster's state bucket has a leader
-    connected = bus.connected
-    ok = connected and jetstream and (supervisor is None or supervisor.running)
+    state = health_state(app)
     cluster = None
     if settings.cluster_name:
-        system_bus = app[EXTRA].get("system_bus")
-        peers = await system_bus.route_peers() if system_bus is not None else None
-        cluster = {"name": settings.cluster_name, "routes": peers or 0}
+        cluster = {"name": settings.cluster_name, "routes": state.routes or 0}
     body: dict[str, Any] = {
-        "status": "ok" if ok else "degraded",
+        "status": "ok" if state.ok else "degraded",
         "version": __version__,
         "node": settings.server_name,
         "posture": current_posture(app),
         "nats": {
             "mode": "embedded" if settings.embedded else "external",
             "url": settings.nats_public_url,
-            "connected": connected,
-            "jetstream": jetstream,
+            "connected": state.connected,
+            "jetstream": state.jetstream,
             "restarts": supervisor.restarts if supervisor is not None else 0,
             "kv_replicas": settings.kv_replicas,
             "cluster": cluster,
@@ -326,11 +350,15 @@ def make_app(
     store: Store | None = None,
     *,
     middlewares: list[Any] | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The control-plane application; plugins add their routes in ``startup``."""
-    app = web.Application(middlewares=[problem_middleware, *(middlewares or []), path_params_middleware],
+    metrics = metrics if metrics is not None else Metrics(node=settings.server_name, process=False)
+    app = web.Application(middlewares=[metrics_middleware(metrics), problem_middleware, *(middlewares or []),
+                                       path_params_middleware],
                           client_max_size=MAX_JSON_BODY)
     app[SETTINGS] = settings.for_plugins()  # no secret reaches a hook
+    app[METRICS] = metrics
     app[PLUGINS] = plugins
     app[BUS] = bus
     app[SUPERVISOR] = supervisor

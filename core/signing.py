@@ -77,6 +77,7 @@ __all__ = [
     "header_value",
     "make_nonce",
     "parse_content_digest",
+    "rejection_kind",
     "sign_request",
     "split_path_query",
     "verify_request",
@@ -106,12 +107,31 @@ class SignatureError(Exception):
     """A request signature was missing or invalid.
 
     ``reason`` is short, specific and safe to show to the client (it never
-    contains key material or echoes attacker-chosen values).
+    contains key material or echoes attacker-chosen values). ``kind`` is one
+    of a few words for it (:func:`rejection_kind`), for counting.
     """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = rejection_kind(reason)
+
+
+def rejection_kind(reason: str) -> str:
+    """The bounded kind of a :class:`SignatureError` reason: ``missing`` (no
+    signature headers), ``expired`` (``created``/``expires`` outside the window),
+    ``digest`` (Content-Digest), ``bad_signature`` (unknown keyid, or the
+    signature does not verify) or ``malformed`` (everything else: a header or
+    parameter that does not parse or is refused). unibus.metrics counts them."""
+    if reason in ("missing Signature-Input header", "missing Signature header"):
+        return "missing"
+    if "expired" in reason or "in the future" in reason:
+        return "expired"
+    if "content-digest" in reason.lower():
+        return "digest"
+    if reason in ("unknown keyid", "signature verification failed") or "not an Ed25519 public key" in reason:
+        return "bad_signature"
+    return "malformed"
 
 
 # Frozen: plugins share it as request["unibus.signature"].

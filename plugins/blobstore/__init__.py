@@ -95,7 +95,7 @@ def cli_options() -> list[Option]:
 
 @hookimpl
 async def startup(app: web.Application) -> None:
-    from unibus.app import BUS, EXTRA, SETTINGS, STORE
+    from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE
 
     settings = app[SETTINGS]
     store = app[STORE]
@@ -115,6 +115,10 @@ async def startup(app: web.Application) -> None:
                       CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
     service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)))
     app[EXTRA][EXTRA_KEY] = service
+    # Read at every scrape from the backend's in-memory counters (docs/operations.md, "Metrics").
+    metrics = app[METRICS].plugin(PLUGIN_NAME)
+    metrics.gauge("unibus_blobs", "blobs stored (on a cluster: by every node)", function=lambda: backend.blobs)
+    metrics.gauge("unibus_blob_bytes", "bytes of the blobs stored (ciphertext)", function=lambda: backend.bytes)
     store.add_listener(service.on_change)
     register_routes(app)
 
@@ -199,7 +203,7 @@ async def put_blob(request: web.Request) -> web.Response:
     verified = request.get("unibus.signature")
     expected = getattr(verified, "content_sha256", None)
     if expected is None:
-        raise unauthorized("a blob upload needs a signed Content-Digest (sha-256) that names the body")
+        raise unauthorized("a blob upload needs a signed Content-Digest (sha-256) that names the body", "digest")
     limit = service.max_bytes
     length = request.content_length
     if length is not None and length > limit:

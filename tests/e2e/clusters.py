@@ -28,6 +28,7 @@ class Cluster:
         self.pass_file.write_text(SECRET + "\n")
         self.pass_file.chmod(0o600)
         self.route_ports = [free_port() for _ in range(3)]
+        self.metrics_ports = [free_port() for _ in range(3)]
         self.nodes: list[MembershipdProcess] = []
         for i in range(3):
             name = f"n{i + 1}"
@@ -39,7 +40,8 @@ class Cluster:
             args = ["--server-name", name, "--cluster-name", "unibus-test",
                     "--cluster-addr", f"127.0.0.1:{self.route_ports[i]}", "--routes", routes,
                     "--cluster-pass-file", str(self.pass_file), "--kv-replicas", "3",
-                    "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]), "--route-tls-ca", str(ca[0])]
+                    "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]), "--route-tls-ca", str(ca[0]),
+                    "--metrics-addr", f"127.0.0.1:{self.metrics_ports[i]}"]
             self.nodes.append(MembershipdProcess(data, args))
 
     def start(self, *indexes: int) -> None:

@@ -71,6 +71,10 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
         assert body["nats"]["kv_replicas"] == 3
         assert body["nats"]["cluster"]["name"] == "unibus-test"
         assert await eventually(lambda n=node: _routes(n, 2), 30)
+    # the same on /metrics (docs/operations.md, "Metrics"): a cluster node's route peers, its health
+    for port in cluster.metrics_ports:
+        assert await eventually(lambda p=port: _metric_is(p, "unibus_cluster_routes", 2), 10)
+        assert _metric(port, "unibus_healthy") == 1 and _metric(port, "unibus_posture_secure") == 1
     nc = await nats.connect(cluster.nodes[0].nats_url, nkeys_seed=str(cluster.nodes[0].data_dir / "service.nkey"))
     try:
         info = await nc.jetstream().stream_info("KV_unibus_nonces")
@@ -271,6 +275,25 @@ async def _no_pending(node: MembershipdProcess) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def _metric(port: int, name: str) -> float | None:
+    """A metric without labels from a node's /metrics, or None."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    return None
+
+
+async def _metric_is(port: int, name: str, want: float) -> bool:
+    return _metric(port, name) == want
 
 
 async def _routes(node: MembershipdProcess, want: int) -> bool:
