@@ -1402,7 +1402,12 @@ def findings(sizes: list[SizeResult], before: BeforeResult | None, cluster: Clus
             "other processes on two shared cores. What bus authorization adds, revocation and deletion in "
             "force minus that floor (medians): " + " / ".join(ms(x, 1) for x in bus)
             + " ms; the enforcement the daemon measures (re-read, `CONNZ`, kicks confirmed): "
-            + " / ".join(ms(x, 1) for x in enf) + " ms. A grant adds the client's reconnect (below).")
+            + " / ".join(ms(x, 1) for x in enf) + " ms. A grant adds the client's reconnect (below). The floor "
+            "is not flat by itself: every other `PATCH` demotes, and a demotion first counts the admins (the "
+            "last admin may not go), a scan of the members table, which has no index on `role`; measured "
+            "apart (2026-12-03, 30 `PATCH`es on an otherwise idle daemon), membershipd's CPU per `PATCH` was "
+            "8.7 ms at 1,000 members and 19.7 ms at 100,000. A change of room membership counts no admins, so "
+            "at 100,000 members this floor overstates the part of a change that is not bus work.")
     c = big.changes
     http = med(c.revoke_http)
     floor, write = med(c.http_floor), med(c.write_floor)
