@@ -210,66 +210,48 @@ class NonceStore:
 class MemberDirectory:
     """Members by handle, with their parsed verify keys, cached in memory.
 
-    A committed member change marks that handle dirty synchronously (store
-    listeners run before the writing handler returns), and the next lookup
-    re-reads it first: a deleted member's next request is already refused.
-    A reload (SIGHUP, another cluster node's change) re-reads everything.
+    Filled lazily, one handle at a time, from the store (a node with 100,000
+    members does not read them all before its first request: that took 14 s,
+    docs/benchmarks.md). A committed member change drops that handle
+    synchronously (store listeners run before the writing handler returns), so
+    a deleted member's next request is already refused; a reload (SIGHUP)
+    drops everything; another cluster node's changes drop the members among
+    their keys. Only members found are cached: an unknown keyid costs a store
+    lookup every time, and no memory.
     """
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self._members: dict[str, tuple[Member, nacl.signing.VerifyKey]] = {}
-        self._stale = True  # reload everything
-        self._reloads = 0  # "reloaded" changes seen: one that comes during a reload makes it stale again
-        self._dirty: set[str] = set()  # reload these handles
-        self._lock = asyncio.Lock()
+        self._version = 0  # bumped by every change: a read that spans one is not cached
         store.add_listener(self._on_change)
 
     def _on_change(self, change: Change) -> None:
         if change.kind == "reloaded" and change.keys:
-            # Another cluster node's writes, key by key: re-read only the members among them.
-            self._dirty.update(k.split(".", 1)[1] for k in change.keys if k.startswith("member."))
+            # Another cluster node's writes, key by key: drop only the members among them.
+            for key in change.keys:
+                if key.startswith("member."):
+                    self._members.pop(key.split(".", 1)[1], None)
         elif change.kind == "reloaded":
-            self._stale = True
-            self._reloads += 1
+            self._members.clear()
         elif change.kind.startswith("member_") and change.handle:
-            self._dirty.add(change.handle)
-
-    async def _refresh(self) -> None:
-        async with self._lock:
-            for _ in range(3):  # a reload signalled during the read means read again (bounded)
-                if not self._stale:
-                    break
-                # Stale stays set until the new table is in place, so lookups
-                # made while it is read wait for it (on the lock) instead of
-                # answering from the old one.
-                reloads = self._reloads
-                dirty, self._dirty = self._dirty, set()  # the full read covers these
-                try:
-                    members = await self.store.list_members()
-                except BaseException:
-                    self._dirty |= dirty
-                    raise
-                self._members = {mb.handle: (mb, nacl.signing.VerifyKey(mb.sign_pub)) for mb in members}
-                self._stale = self._reloads != reloads
-            while self._dirty:
-                # Taken out before the read: a change that comes during it marks the handle again.
-                handle = self._dirty.pop()
-                try:
-                    mb = await self.store.get_member(handle)
-                except BaseException:
-                    self._dirty.add(handle)
-                    raise
-                if mb is None:
-                    self._members.pop(handle, None)
-                else:
-                    self._members[handle] = (mb, nacl.signing.VerifyKey(mb.sign_pub))
+            self._members.pop(change.handle, None)
+        else:
+            return
+        self._version += 1
 
     async def get(self, handle: str) -> tuple[Member, nacl.signing.VerifyKey] | None:
-        # While a refresh is under way the table may be the old one: wait for it.
-        if self._stale or self._dirty or self._lock.locked():
-            await self._refresh()
-        return self._members.get(handle)
+        found = self._members.get(handle)
+        if found is not None:
+            return found
+        version = self._version
+        mb = await self.store.get_member(handle)
+        if mb is None:
+            return None
+        found = (mb, nacl.signing.VerifyKey(mb.sign_pub))
+        if self._version == version:  # nothing changed while it was read: the entry is current
+            self._members[handle] = found
+        return found
 
     def __len__(self) -> int:
         return len(self._members)
