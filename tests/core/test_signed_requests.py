@@ -299,3 +299,43 @@ async def test_server_accepts_an_independent_rfc9421_signature(shared_server):
         async with s.post(shared_server.base_url + "/v1/rooms", data=body, headers=headers) as r:
             assert r.status == 201, await r.text()
             assert (await r.json())["name"] == "interop"
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a signature names no deployment (no @authority, no deployment tag), and GET /v1/log hands every "
+    "member the signed requests verbatim: a member of one deployment replays an admin's fresh request on "
+    "another deployment where the admin has the same identity. Fix: sign a deployment id (e.g. the "
+    "trust root, hash of log entry 0, as the signature's tag) and refuse any other (docs/http-api.md)"))
+async def test_a_logged_request_cannot_be_replayed_on_another_deployment(tmp_path, membershipd_factory):
+    """Adversary: an ordinary member of deployment A (eve), reading A's membership log.
+
+    alice is admin of A and of B with one identity file (the SDK's identity is
+    not bound to a server: ``--server`` picks one). alice adds eve to A; eve
+    lifts alice's signed ``POST /v1/members`` from ``GET /v1/log`` and sends it
+    to B within the skew window: B must refuse it.
+    """
+    from unibus.client import UnibusClient
+
+    alice, eve = generate_identity("alice"), generate_identity("eve")
+    deployments = []
+    for name in ("a", "b"):
+        bootstrap_member(tmp_path / name, alice, "admin")
+        deployments.append(membershipd_factory(data_dir=tmp_path / name))
+    a, b = deployments
+    admin_a = UnibusClient(a.base_url, alice)
+    eve_a = UnibusClient(a.base_url, eve)
+    try:
+        await admin_a.add_member("eve", eve.sign_pub_b64, eve.enc_pub_b64, bus_pub=eve.bus_pub)
+        entries = (await eve_a.log())["entries"]  # eve is an ordinary member of A: she may read the log
+    finally:
+        await admin_a.close()
+        await eve_a.close()
+    lifted = next(e["request"] for e in entries if e.get("kind") == "request"
+                  and e["request"]["method"] == "POST" and e["request"]["path"] == "/v1/members")
+    body = base64.b64decode(lifted["body"])
+    headers = {"Signature-Input": lifted["signature_input"], "Signature": lifted["signature"],
+               "Content-Digest": lifted["content_digest"], "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(b.base_url + lifted["path"], data=body, headers=headers) as r:
+            status = r.status
+    assert status == 401, f"B accepted alice's request lifted from A's log ({status}): eve is now a member of B"
