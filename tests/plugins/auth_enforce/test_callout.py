@@ -24,7 +24,7 @@ from nats.errors import NoServersError
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.plugins.auth_enforce import jwt
-from unibus.plugins.auth_enforce.callout import Issuer, Responder, holds_key
+from unibus.plugins.auth_enforce.callout import IN_FLIGHT_TTL, Issuer, Responder, holds_key
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
 
@@ -258,3 +258,28 @@ async def test_a_storm_of_500_members_is_authorized(tmp_path):
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         daemon.stop()
+
+
+def test_grants_that_never_become_connections_do_not_pile_up():
+    """A grant nats-server never registers is reported by no CONNECT event.
+
+    That happens when the answer comes after nats-server's authorization
+    timeout (a login flood delays answers past it: docs/bus-auth.md, "Login
+    floods") and the member's client retries. Nothing but a change to the
+    member forgot such a grant, so each one stayed in membershipd's memory.
+    A grant is only worth keeping for IN_FLIGHT_TTL (docs/bus-auth.md, "How a
+    change takes effect"). (A client that hangs up right after CONNECT is
+    still registered and reported: measured against nats-server.)
+    """
+    bob = generate_identity("bob")
+    policy = Policy()
+    policy.load([("bob", bob.bus_pub)], {"r1": frozenset({"bob"})})
+    now = [1000.0]
+    r = Responder(policy, ISSUER, clock=lambda: now[0])
+    seed = bob.bus_nkey_seed()
+    for _ in range(200):
+        assert r.answer(request(seed, exp=now[0] + 2)) is not None
+        now[0] += 0.1  # 200 logins over 20 s, none of them ever reported
+    assert r.stats["authorized"] == 200
+    # only the grants of the last IN_FLIGHT_TTL seconds are still worth a kick
+    assert len(r.in_flight.get("bob", ())) <= IN_FLIGHT_TTL / 0.1 + 1, len(r.in_flight["bob"])
