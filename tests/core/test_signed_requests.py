@@ -339,3 +339,19 @@ async def test_a_logged_request_cannot_be_replayed_on_another_deployment(tmp_pat
         async with s.post(b.base_url + lifted["path"], data=body, headers=headers) as r:
             status = r.status
     assert status == 401, f"B accepted alice's request lifted from A's log ({status}): eve is now a member of B"
+
+
+async def test_a_node_restarts_with_a_lower_auth_skew(tmp_path, membershipd_factory):
+    """The nonce bucket made under the default skew (TTL 120 s, duplicate window 120 s) is brought down
+    to a shorter TTL: nats-server refuses a duplicate window longer than the max age, and membershipd
+    must not fail to start over it (docs/http-api.md, "Nonces and replay protection")."""
+    alice = generate_identity("alice")
+    bootstrap_member(tmp_path / "d", alice, "admin")
+    first = membershipd_factory(data_dir=tmp_path / "d")
+    status, _, _ = await send(first.base_url, "GET", "/v1/me", alice)
+    assert status == 200
+    first.stop()
+    second = membershipd_factory("--auth-skew", "20", data_dir=tmp_path / "d")
+    nonce = "n" * 32
+    assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 200
+    assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 401  # still a replay
