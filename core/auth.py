@@ -154,8 +154,11 @@ class NonceStore:
             # Replicas are only ever raised (R1 -> R3 in place keeps every key):
             # a node restarted with a stale --kv-replicas must not lower them.
             replicas = max(cfg.num_replicas or 1, self.replicas)
-            if cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas:
-                cfg.max_age, cfg.num_replicas = float(self.ttl), replicas
+            # nats-server refuses a duplicate window longer than the max age (a lower
+            # --auth-skew than the bucket was made with); nats-py's create caps it alike.
+            window = min(float(cfg.duplicate_window or self.ttl), float(self.ttl))
+            if cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas or cfg.duplicate_window != window:
+                cfg.max_age, cfg.num_replicas, cfg.duplicate_window = float(self.ttl), replicas, window
                 await self.bus.js.update_stream(cfg)
                 log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, replicas)
 
