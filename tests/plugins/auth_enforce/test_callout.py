@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -283,3 +284,63 @@ def test_grants_that_never_become_connections_do_not_pile_up():
     assert r.stats["authorized"] == 200
     # only the grants of the last IN_FLIGHT_TTL seconds are still worth a kick
     assert len(r.in_flight.get("bob", ())) <= IN_FLIGHT_TTL / 0.1 + 1, len(r.in_flight["bob"])
+
+
+async def test_logins_racing_a_removal_never_keep_the_room(world):
+    """Adversary: a member being removed from a room, logging in again and again while it happens.
+
+    Each login races the change: the callout may answer with the old rights
+    just before the index changes, and nats-server registers the connection
+    just after. Once the removal's 204 is here, no connection of the member,
+    old or new, may still receive the room (docs/bus-auth.md, "How a change
+    takes effect": grants in flight are kicked too).
+    """
+    daemon, alice = world
+    fay = generate_identity("fay")
+    async with UnibusClient(daemon.base_url, alice) as admin:
+        await admin.add_member("fay", fay.sign_pub_b64, fay.enc_pub_b64, bus_pub=fay.bus_pub)
+        room = (await admin.create_room("race"))["room_id"]
+        await admin.add_room_member(room, "fay")
+        subject = f"unibus.room.{room}.>"
+        opened: list = []
+        stop = asyncio.Event()
+
+        async def login_loop() -> None:
+            for _ in range(200):  # bounded; stops once the removal is answered
+                if stop.is_set():
+                    return
+                try:
+                    nc = await nats.connect(daemon.nats_url, nkeys_seed_str=fay.bus_nkey_seed(),
+                                            allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3)
+                except (nats.errors.Error, NoServersError, OSError, TimeoutError):
+                    continue
+                sub = await nc.subscribe(subject)
+                opened.append((nc, sub))
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
+
+        loops = [asyncio.create_task(login_loop()) for _ in range(4)]
+        try:
+            await asyncio.sleep(0.3)  # logins are flowing
+            await admin.remove_room_member(room, "fay")
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*loops), 30)
+            assert opened, "no login went through before the removal"
+            probe = await nats.connect(daemon.nats_url, nkeys_seed_str=alice.bus_nkey_seed(), allow_reconnect=False,
+                                       connect_timeout=3)
+            try:
+                await probe.publish(f"unibus.room.{room}.after", b"secret")
+                await probe.flush(timeout=2)
+            finally:
+                await probe.close()
+            leaked = []
+            for nc, sub in opened:
+                with contextlib.suppress(nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+                    if not nc.is_closed:
+                        leaked.append((await sub.next_msg(timeout=0.3)).data)
+            assert leaked == [], f"{len(leaked)} of {len(opened)} connections still received the room after the 204"
+        finally:
+            stop.set()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*(nc.close() for nc, _ in opened if not nc.is_closed), return_exceptions=True)
