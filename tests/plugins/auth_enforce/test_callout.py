@@ -286,8 +286,10 @@ def test_grants_that_never_become_connections_do_not_pile_up():
     assert len(r.in_flight.get("bob", ())) <= IN_FLIGHT_TTL / 0.1 + 1, len(r.in_flight["bob"])
 
 
-async def test_logins_racing_a_removal_never_keep_the_room(world):
-    """Adversary: a member being removed from a room, logging in again and again while it happens.
+@pytest.mark.parametrize("change", ["room removal", "member deletion", "bus key rotation"])
+async def test_logins_racing_a_removal_never_keep_the_room(world, change):
+    """Adversary: a member losing a room (removed from it, deleted, or logging in with a bus key that
+    was just replaced: a stolen key the member rotates away), logging in again and again meanwhile.
 
     Each login races the change: the callout may answer with the old rights
     just before the index changes, and nats-server registers the connection
@@ -296,11 +298,12 @@ async def test_logins_racing_a_removal_never_keep_the_room(world):
     takes effect": grants in flight are kicked too).
     """
     daemon, alice = world
-    fay = generate_identity("fay")
-    async with UnibusClient(daemon.base_url, alice) as admin:
-        await admin.add_member("fay", fay.sign_pub_b64, fay.enc_pub_b64, bus_pub=fay.bus_pub)
+    handle = "fay" + str(["room removal", "member deletion", "bus key rotation"].index(change))
+    fay = generate_identity(handle)
+    async with UnibusClient(daemon.base_url, alice) as admin, UnibusClient(daemon.base_url, fay) as self_:
+        await admin.add_member(handle, fay.sign_pub_b64, fay.enc_pub_b64, bus_pub=fay.bus_pub)
         room = (await admin.create_room("race"))["room_id"]
-        await admin.add_room_member(room, "fay")
+        await admin.add_room_member(room, handle)
         subject = f"unibus.room.{room}.>"
         opened: list = []
         stop = asyncio.Event()
@@ -322,7 +325,12 @@ async def test_logins_racing_a_removal_never_keep_the_room(world):
         loops = [asyncio.create_task(login_loop()) for _ in range(4)]
         try:
             await asyncio.sleep(0.3)  # logins are flowing
-            await admin.remove_room_member(room, "fay")
+            if change == "room removal":
+                await admin.remove_room_member(room, handle)
+            elif change == "member deletion":
+                await admin.remove_member(handle)
+            else:
+                await self_.set_bus_key(generate_identity("new").bus_pub)
             stop.set()
             await asyncio.wait_for(asyncio.gather(*loops), 30)
             assert opened, "no login went through before the removal"
