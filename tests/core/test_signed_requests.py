@@ -348,10 +348,14 @@ async def test_a_node_restarts_with_a_lower_auth_skew(tmp_path, membershipd_fact
     alice = generate_identity("alice")
     bootstrap_member(tmp_path / "d", alice, "admin")
     first = membershipd_factory(data_dir=tmp_path / "d")
-    status, _, _ = await send(first.base_url, "GET", "/v1/me", alice)
-    assert status == 200
+    created, kept = int(time.time()), "k" * 32
+    assert (await send(first.base_url, "GET", "/v1/me", alice, created=created, nonce=kept))[0] == 200
     first.stop()
     second = membershipd_factory("--auth-skew", "20", data_dir=tmp_path / "d")
+    # the same request again after the restart (still within the new skew): the nonce outlived the restart
+    status, problem, _ = await send(second.base_url, "GET", "/v1/me", alice, created=created, nonce=kept)
+    assert status == 401
+    assert "replayed" in problem["detail"] or time.time() - created > 15, problem  # not merely expired
     nonce = "n" * 32
     assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 200
     assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 401  # still a replay
