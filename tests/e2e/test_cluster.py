@@ -301,12 +301,6 @@ async def _routes(node: MembershipdProcess, want: int) -> bool:
     return node.healthz()[1]["nats"]["cluster"]["routes"] == want
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a revocation asks every node's membershipd to re-read the change (unibus.authz.apply) before it kicks "
-    "anything: with one node's membershipd hung (its nats-server up, routes up), the change answers 503 "
-    "and the removed member's connection on a healthy node is never kicked until that node is back. Fix: "
-    "kick the known connections at once, then keep retrying apply + kick until every node confirmed "
-    "(plugins/auth_enforce/enforcer.py, Enforcer._enforce)"))
 async def test_a_hung_membershipd_does_not_keep_a_removed_member_in_the_room_elsewhere(cluster):
     """Adversary: a member removed from a room while one node's membershipd hangs (SIGSTOP; its
     nats-server and routes stay up). The removal is answered 503 (docs/bus-auth.md: it stays committed and
