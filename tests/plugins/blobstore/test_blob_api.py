@@ -330,10 +330,6 @@ async def test_healthz_and_openapi(world):
     assert "application/octet-stream" in put["requestBody"]["content"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "membership is checked when the upload starts, and at the end only that the room still exists: a member "
-    "removed from the room (or deleted) meanwhile still stores its blob there. Fix: re-check the uploader's "
-    "room membership before commit (plugins/blobstore/__init__.py, put_blob) and answer 403, storing nothing"))
 async def test_an_upload_does_not_outlive_the_uploaders_room_membership(world):
     """Adversary: a member about to be removed from a room, who starts a (slow) upload before the removal
     and finishes it after."""
