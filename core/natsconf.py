@@ -82,7 +82,7 @@ def _monitor_port(value: Any) -> int | None:
 
 
 def enforce_loopback_monitor(config: dict[str, Any]) -> None:
-    """Pin any monitoring listener to 127.0.0.1 (SPEC §2); drop HTTPS variants.
+    """Pin any monitoring listener to 127.0.0.1 (docs/nats-monitor.md); drop HTTPS variants.
 
     Whatever a flag, the environment or a plugin wrote, the only monitor
     membershipd lets nats-server open is plain HTTP on loopback. nats-server

@@ -75,7 +75,7 @@ class Member:
         }
 
     def room_entry(self) -> dict[str, Any]:
-        """How a room lists its members (SPEC §5)."""
+        """How a room lists its members (docs/http-api.md, "Room")."""
         return {"handle": self.handle, "enc_pub": b64(self.enc_pub), "enc_suite": self.enc_suite}
 
     @property
