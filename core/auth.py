@@ -197,6 +197,11 @@ class _BucketMissing(Exception):
     """The nonce bucket's stream does not exist (a single node's nats-server restarted)."""
 
 
+def _for_how_long(floor: int) -> str:
+    wait = floor - time.time()
+    return f"for about {wait:.0f} s more" if wait > 0 else "none is fresh any more"
+
+
 def _ack_seq(data: bytes) -> int:
     """The ``seq`` of a PubAck (``{"stream":"…","seq":N…}``) without decoding the JSON; 0 if absent."""
     i = data.find(b'"seq":')
@@ -441,6 +446,12 @@ class NonceStore:
             raw = await self._read_epoch()  # ours, or the one another node wrote first
             if raw is None:
                 raise NonceStoreUnavailable("the nonce epoch was written but cannot be read back")
+            if error is None and floor > 0:
+                log.warning("nonce bucket: new epoch, written here: the bucket is new and requests may have been "
+                            "accepted before (its nonces were lost); signed requests created at or before %d are "
+                            "refused with 503 (%s)", floor, _for_how_long(floor))
+            elif error is None:
+                log.info("nonce bucket: first epoch (no signed request was ever accepted here)")
         self._adopt(raw, mark, reconnects)
 
     def _adopt(self, raw: bytes, mark: int, reconnects: int) -> None:
@@ -451,15 +462,12 @@ class NonceStore:
         new = raw != self._epoch_raw
         if new and self._epoch_raw is not None:
             self.resets += 1
+            log.warning("nonce bucket: new epoch, adopted: the bucket was lost and made again; signed requests "
+                        "created at or before %d are refused with 503 (%s)", floor, _for_how_long(floor))
+        elif new:
+            log.info("nonce bucket: epoch with floor %d (%s)", floor, _for_how_long(floor))
         if new:
             self._max_seq = 0
-            wait = floor - time.time()
-            if wait > 0 or self._epoch_raw is not None:
-                log.warning("nonce bucket: new epoch (the bucket is new: lost with every nats-server, or re-created); "
-                            "signed requests created at or before %d are refused with 503 (%s)", floor,
-                            f"for about {wait:.0f} s more" if wait > 0 else "none is fresh any more")
-            else:
-                log.info("nonce bucket epoch: floor %d", floor)
         self._epoch_raw = raw
         self._pending_floor = None
         self._reconnects = reconnects
