@@ -76,15 +76,50 @@ def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | N
                           env=full_env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+_migrated_template: Path | None = None
+
+
+def _migrated_db() -> Path:
+    """An empty database at the newest revision, made once per process (alembic is slow to import)."""
+    global _migrated_template
+    if _migrated_template is None or not _migrated_template.exists():
+        import tempfile
+
+        from .store.db import migrate
+
+        path = Path(tempfile.mkdtemp(prefix="unibus-testing-")) / "membershipd.db"
+        migrate(path)
+        _migrated_template = path
+    return _migrated_template
+
+
 def bootstrap_member(data_dir: Path, identity: Any, role: str = "member") -> None:
-    """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline."""
+    """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline.
+
+    It runs the command in this process (``unibus.cli.main``), on a database
+    copied from one migrated once per process: the same code path as the
+    command, without a Python start-up and a migration per call.
+    """
+    import io
+    import shutil
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from .cli import main
+
     if identity.bus_pub is None:
         raise ValueError(f"{identity.handle}: the identity has no bus key (membershipd member add needs --bus-pub)")
-    proc = run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", identity.handle,
-                           "--role", role, "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64,
-                           "--enc-suite", identity.enc_suite, "--bus-pub", identity.bus_pub)
-    if proc.returncode != 0:
-        raise RuntimeError(f"membershipd member add failed: {proc.stderr.strip()}")
+    db = data_dir / "membershipd.db"
+    if not db.exists():
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_db(), db)
+        db.chmod(0o600)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["member", "add", "--data-dir", str(data_dir), "--handle", identity.handle, "--role", role,
+                     "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64,
+                     "--enc-suite", identity.enc_suite, "--bus-pub", identity.bus_pub])
+    if code != 0:
+        raise RuntimeError(f"membershipd member add failed: {err.getvalue().strip()}")
 
 
 def nats_server_pids(under: Path | str | None = None) -> set[int]:
