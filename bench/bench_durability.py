@@ -319,6 +319,16 @@ def mmm(xs: Sequence[float], fmt: str = "{:,.0f}") -> str:
     return " | ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
 
 
+def cpu_ratios(after: Sequence[bench_signed.RunResult], before: Sequence[bench_signed.RunResult]) -> str:
+    """CPU per request after / before, median over runs, per process: the steadier figure on a loaded machine."""
+    parts = []
+    for key, label in (("server", "membershipd"), ("nats-server", "nats-server"), ("load generator", "load generator")):
+        x = statistics.median([r.cpu_us[key] for r in after])
+        y = statistics.median([r.cpu_us[key] for r in before])
+        parts.append(f"{label} {x / y:.0%}")
+    return ", ".join(parts)
+
+
 def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -> str:
     b, a = results["before"], results["after"]
     out = [environment, "",
@@ -342,7 +352,10 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
                    f"| {pct(m.writes, 0.5) * 1e3:.2f} | {pct(m.writes, 0.99) * 1e3:.2f} |")
     ratios = [x.rps / y.rps for x, y in zip(a.throughput, b.throughput)]
     out += ["", (f"Signed throughput after / before, run by run: {mmm(ratios, '{:.0%}').replace(' | ', ' / ')} "
-                 f"(min / median / max; the aim: a drop of at most 5%, i.e. ≥ 95%)."), "",
+                 f"(min / median / max; the aim: a drop of at most 5%, i.e. ≥ 95%). CPU per request after / before "
+                 f"(medians): {cpu_ratios(a.throughput, b.throughput)}. The load generator does the same work in "
+                 "both configurations, so its change is this machine's noise (CPU frequency, cache and scheduler "
+                 "contention from other work): read the others against it."), "",
             ("After a restart of the node (SIGTERM, start, `/healthz` 200), freshly signed requests until one is "
              "served: before, the file bucket survived and the first one is; after, the memory bucket is new and its "
              "floor is the high-water mark (the last accepted `created` + 2 s): a request created at or before it is "
@@ -368,7 +381,8 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
                        f"| {statistics.median([r.cpu_us['nats-server'] for r in m.c_throughput]):.0f} "
                        f"| {pct(m.c_writes, 0.5) * 1e3:.2f} | {pct(m.c_writes, 0.99) * 1e3:.2f} |")
         cr = [x.rps / y.rps for x, y in zip(a.c_throughput, b.c_throughput)]
-        out += ["", f"Signed throughput after / before (cluster, run by run): {mmm(cr, '{:.0%}').replace(' | ', ' / ')}."]
+        out += ["", (f"Signed throughput after / before (cluster, run by run): {mmm(cr, '{:.0%}').replace(' | ', ' / ')}. "
+                        f"CPU per request after / before (medians): {cpu_ratios(a.c_throughput, b.c_throughput)}.")]
         if a.strace or b.strace:
             out += ["", ("The proof, one member change through node 1 with `strace -f -ttt -T -yy -e "
                          "trace=fsync,fdatasync,…,pwrite64,writev,sendto` attached to every nats-server and to node "
