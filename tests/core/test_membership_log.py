@@ -18,7 +18,7 @@ import pytest
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import new_room_key, seal_room_key
-from unibus.memberlog import LogState, entry_hash, key_package_input, verify_ed25519
+from unibus.memberlog import LogError, LogState, entry_hash, key_package_input, verify_ed25519
 from unibus.signing import sign_request
 from unibus.testing import MembershipdProcess, bootstrap_member
 
@@ -244,7 +244,7 @@ async def test_log_routes_page_validate_and_need_a_member(server):
         await expect(401, e.log())  # a removed member reads no more
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=LogError, reason=(
     "LogState checks created against the skew GET /v1/log/head serves today, not the cap (600 s) that "
     "docs/operations.md ('--auth-skew') says clients use: lowering --auth-skew makes every client refuse "
     "entries that were valid, and an ordinary member can plant such entries on purpose; a compromised "

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import time
 
@@ -251,7 +253,17 @@ async def test_fails_closed_when_nats_is_down(server, alice):
     finally:
         conf.write_text(good)
     server.wait_healthy(timeout=30)
-    assert (await send(server.base_url, "GET", "/v1/me", alice))[0] == 200
+    # The nonce bucket (memory) went with its nats-server: the new one refuses
+    # requests created at or before its floor, a few seconds at most
+    # (docs/operations.md, "Durability"); then a fresh request is served.
+    deadline = time.monotonic() + 15
+    while True:
+        status, body, headers = await send(server.base_url, "GET", "/v1/me", alice)
+        if status != 503 or time.monotonic() > deadline:
+            break
+        assert body["type"].endswith("/nonce-store-unavailable") and headers.get("Retry-After"), body
+        time.sleep(0.25)
+    assert status == 200, body
 
 
 async def test_openapi_describes_every_route(shared_server):
@@ -301,7 +313,7 @@ async def test_server_accepts_an_independent_rfc9421_signature(shared_server):
             assert (await r.json())["name"] == "interop"
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "a signature names no deployment (no @authority, no deployment tag), and GET /v1/log hands every "
     "member the signed requests verbatim: a member of one deployment replays an admin's fresh request on "
     "another deployment where the admin has the same identity. Fix: sign a deployment id (e.g. the "
@@ -341,21 +353,26 @@ async def test_a_logged_request_cannot_be_replayed_on_another_deployment(tmp_pat
     assert status == 401, f"B accepted alice's request lifted from A's log ({status}): eve is now a member of B"
 
 
-async def test_a_node_restarts_with_a_lower_auth_skew(tmp_path, membershipd_factory):
-    """The nonce bucket made under the default skew (TTL 120 s, duplicate window 120 s) is brought down
-    to a shorter TTL: nats-server refuses a duplicate window longer than the max age, and membershipd
-    must not fail to start over it (docs/http-api.md, "Nonces and replay protection")."""
+async def test_a_node_restarts_with_a_lower_auth_skew(tmp_path, membershipd_factory, nats_server):
+    """The nonce bucket made under the default skew (TTL 120 s, duplicate window 120 s) is brought down to
+    a shorter TTL when membershipd restarts with a lower ``--auth-skew`` while the bucket lives on (an
+    external nats-server here; on a cluster, the other nodes'): nats-server refuses a duplicate window
+    longer than the max age, and membershipd must not fail to start over it (docs/http-api.md, "Nonces
+    and replay protection"). A request accepted before the restart stays refused after it."""
     alice = generate_identity("alice")
     bootstrap_member(tmp_path / "d", alice, "admin")
-    first = membershipd_factory(data_dir=tmp_path / "d")
+    first = membershipd_factory("--nats-url", nats_server.url, data_dir=tmp_path / "d")
     created, kept = int(time.time()), "k" * 32
     assert (await send(first.base_url, "GET", "/v1/me", alice, created=created, nonce=kept))[0] == 200
     first.stop()
-    second = membershipd_factory("--auth-skew", "20", data_dir=tmp_path / "d")
-    # the same request again after the restart (still within the new skew): the nonce outlived the restart
+    second = membershipd_factory("--nats-url", nats_server.url, "--auth-skew", "20", data_dir=tmp_path / "d")
     status, problem, _ = await send(second.base_url, "GET", "/v1/me", alice, created=created, nonce=kept)
-    assert status == 401
-    assert "replayed" in problem["detail"] or time.time() - created > 15, problem  # not merely expired
-    nonce = "n" * 32
-    assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 200
+    assert status in (401, 503), problem  # replayed, or below the bucket's floor: refused either way
+    deadline, status = time.monotonic() + 15, 0
+    while status != 200 and time.monotonic() < deadline:
+        nonce = secrets.token_urlsafe(24)
+        status = (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0]
+        if status != 200:
+            await asyncio.sleep(0.5)
+    assert status == 200
     assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 401  # still a replay
