@@ -230,8 +230,10 @@ async def instrumented_rekey(client: Any, room_id: str, server_pid: int) -> tupl
     sealed = seal_for_members(key, room.get("members") or [], room_id, epoch)
     t2, c2 = clock(), cpu()
     s2 = srv()
+    head = await client.log_head()  # 0.12: each member's key package signed at the log head
+    sigs = client.sign_key_packages(room_id, epoch, sealed, head)
     c2b, t2b = cpu(), clock()
-    await client.post_keys(room_id, epoch, sealed)
+    await client.post_keys(room_id, epoch, sealed, sigs, head)
     t3, c3, s3 = clock(), cpu(), srv()
     room_bytes = len(json.dumps(room, separators=(",", ":")))
     body_bytes = len(json.dumps({"epoch": epoch, "sealed": sealed}, separators=(",", ":")))
@@ -432,8 +434,10 @@ async def profile_workload(base_url: str, world: World, server_pid: int,
             for s, rid, epoch, members in prepared:
                 e = epoch + 1 + k
                 sealed = seal_for_members(new_room_key(), members, rid, e)
+                head = await clients[s].log_head()
+                sigs = clients[s].sign_key_packages(rid, e, sealed, head)
                 c0, t0 = proc_cpu_seconds(server_pid), time.perf_counter()
-                await clients[s].post_keys(rid, e, sealed)
+                await clients[s].post_keys(rid, e, sealed, sigs, head)
                 wall.append(time.perf_counter() - t0)
                 cpu += proc_cpu_seconds(server_pid) - c0
     finally:

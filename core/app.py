@@ -25,7 +25,7 @@ from .pluginmanager import PluginManager
 from .posture import compute_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
-from .store.base import Conflict, NotFound, Store, StoreUnavailable
+from .store.base import Conflict, LogRejected, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
 
 log = logging.getLogger("unibus.http")
@@ -101,6 +101,9 @@ async def _problem_or_response(request: web.Request, handler: Handler) -> web.St
         return problem_response(404, str(e), kind="not-found")
     except Conflict as e:
         return problem_response(409, str(e), kind="conflict", **e.extra)
+    except LogRejected as e:  # the request's signature cannot join the membership log
+        return problem_response(401, str(e), kind="invalid-signature",
+                                headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
     except StoreUnavailable as e:
         return problem_response(503, f"the store is unavailable: {e}", kind="store-unavailable",
                                 headers={"Retry-After": "1"})

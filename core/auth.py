@@ -48,7 +48,8 @@ from .bus import Bus
 from .errors import ConfigError
 from .problems import Problem
 from .pubacks import PubAckUnavailable
-from .signing import SignatureError, Verified, check_request, split_path_query
+from .memberlog import LoggedRequest
+from .signing import SignatureError, Verified, check_request, header_value, split_path_query
 from .store.base import Change, Member, Store
 
 log = logging.getLogger("unibus.auth")
@@ -57,6 +58,16 @@ NONCE_BUCKET = "unibus_nonces"
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence failed
 STREAM_NAME_IN_USE = 10058
 MEMBER_KEY = "unibus.member"
+#: ``request[LOGGED_REQUEST_KEY]``: the authenticated request as the membership
+#: log records it (a :class:`unibus.memberlog.LoggedRequest`: method, raw path and
+#: query, the signature headers as the verifier read them, and the body bytes once
+#: read; docs/formats.md, "The membership log"). Handlers of logged routes pass it
+#: to the store with :func:`unibus.api.common.log_record`.
+LOGGED_REQUEST_KEY = "unibus.logged_request"
+#: ``request[AUTH_TIME_KEY]``: the server time (unix seconds, float) at which the
+#: signature was checked; a log entry's ``at`` is this time, so its ``created``
+#: is within the skew of ``at`` however long the body took to arrive.
+AUTH_TIME_KEY = "unibus.auth_time"
 #: The handler attribute that marks a streamed upload (the body is not read here).
 STREAMING_ATTR = "unibus_streaming"
 #: The header block of a claim: write only if this key has never been written.
@@ -267,7 +278,7 @@ class Authenticator:
         self.skew = skew
 
     async def verify(self, method: str, raw_path: str, headers: Any,
-                     body: bytes | None) -> tuple[Member, Verified]:
+                     body: bytes | None, now: float | None = None) -> tuple[Member, Verified]:
         """Steps 1-2: the signature from the headers, the member, Ed25519.
 
         Every failure is a 401 :class:`Problem`. An unknown keyid costs one
@@ -276,7 +287,8 @@ class Authenticator:
         """
         path, query = split_path_query(raw_path)
         try:
-            pending = check_request(method, path, query, headers, body, now=time.time(), skew=self.skew)
+            pending = check_request(method, path, query, headers, body, now=now if now is not None else time.time(),
+                                    skew=self.skew)
         except SignatureError as e:
             raise unauthorized(e.reason) from None
         found = await self.directory.get(pending.keyid)
@@ -296,7 +308,8 @@ class Authenticator:
         """Steps 1-3 of the module docstring. ``body`` is ``None`` while the
         body is unread (the caller then compares ``request["unibus.signature"].content_sha256``
         with what it reads), ``b""`` for a request without a body."""
-        member, verified = await self.verify(request.method, request.raw_path, request.headers, body)
+        now = time.time()
+        member, verified = await self.verify(request.method, request.raw_path, request.headers, body, now)
         try:
             fresh = await self.nonces.claim(member.handle, verified.nonce)
         except NonceStoreUnavailable as e:
@@ -307,6 +320,7 @@ class Authenticator:
             raise unauthorized("replayed nonce: this (keyid, nonce) was already used")
         request[MEMBER_KEY] = member
         request["unibus.signature"] = verified
+        request[AUTH_TIME_KEY] = now
         return member
 
 
@@ -417,20 +431,35 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         await authenticator.authenticate(request, None if has_body else b"")
         request[BODY_TIMEOUT_KEY] = body_timeout
         if not has_body or request.match_info.http_exception is not None:
+            _keep_logged_request(request, None)
             return await handler(request)  # no body, or an unknown route (404/405): the body is never read
         encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
         if encoding != "identity":
             raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
                           kind="unsupported-content-encoding")
         if getattr(request.match_info.handler, STREAMING_ATTR, False):
+            _keep_logged_request(request, None)  # never logged: the body is not kept here
             return await handler(request)  # it reads the body itself (body_chunks)
         body = await read_body(request, timeout=body_timeout, limit=max_body)
         expected = request["unibus.signature"].content_sha256
         if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
             raise unauthorized("Content-Digest does not match the body")
+        _keep_logged_request(request, body)
         return await handler(request)
 
     return middleware
+
+
+def _keep_logged_request(request: web.Request, body: bytes | None) -> None:
+    """``request[LOGGED_REQUEST_KEY]``: what the verifier checked, as the membership log records it."""
+    path, query = split_path_query(request.raw_path)
+    headers = request.headers
+    # The digest is part of the record only when the signature covered it.
+    digest = header_value(headers, "content-digest") if request["unibus.signature"].content_sha256 is not None else None
+    request[LOGGED_REQUEST_KEY] = LoggedRequest(
+        method=request.method, path=path, query=query, content_digest=digest,
+        signature_input=header_value(headers, "signature-input") or "",
+        signature=header_value(headers, "signature") or "", body=body)
 
 
 def current_member(request: web.Request) -> Member:

@@ -65,7 +65,8 @@ _DESCRIPTIONS = {
     "serve": "Run the control plane and its embedded NATS + JetStream server.",
     "migrate": "Apply database migrations to <data-dir>/membershipd.db and exit.",
     "member": "Offline member bootstrap: 'member add' writes a member into the store (SIGHUP a running daemon).",
-    "migrate-to-kv": "Copy members, rooms and sealed keys from the SQLite store into the cluster's JetStream KV.",
+    "migrate-to-kv": "Copy the membership log, members, rooms and sealed keys from the SQLite store into the "
+                     "cluster's JetStream KV.",
     "posture": "Print the posture this configuration would report; exit 0 when enforce+acl+tls.",
     "plugins": "List the loaded plugins with their distribution, version and hooks.",
 }
@@ -168,7 +169,23 @@ def cmd_migrate(argv: Sequence[str]) -> int:
         print(f"{data_dir / 'membershipd.db'}: already at revision {after}")
     else:
         print(f"{data_dir / 'membershipd.db'}: migrated {before or 'empty'} -> {after}")
+    root = trust_root(data_dir / "membershipd.db")
+    if root is not None:
+        print(f"trust root fingerprint: {root} (members pin it with `unibus trust {root}`)")
     return 0
+
+
+def trust_root(db: Path) -> str | None:
+    """``hash(entry 0)`` of the membership log in a SQLite database; None for an empty log."""
+    import contextlib
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
+            row = conn.execute("SELECT hash FROM log_entries WHERE seq = 0").fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:
@@ -202,7 +219,7 @@ def cmd_member(argv: Sequence[str]) -> int:
     from .daemon import prepare_data_dir
     from .store.base import ROLES, Conflict
     from .store.db import make_engine, migrate
-    from .store.sqlite import add_member_sync, new_member
+    from .store.sqlite import append_bootstrap_sync, new_member
     from sqlalchemy.orm import Session
 
     parser = _Parser(prog=f"{PROG} member", description=_DESCRIPTIONS["member"])
@@ -248,14 +265,21 @@ def cmd_member(argv: Sequence[str]) -> int:
     migrate(db)
     engine = make_engine(db)
     try:
+        # The member and its bootstrap entry of the membership log: one transaction.
         with Session(engine) as session, session.begin():
-            add_member_sync(session, new_member(handle, ns.role, sign_pub, enc_pub, suite, bus_pub))
+            seq, fingerprint = append_bootstrap_sync(session, new_member(handle, ns.role, sign_pub, enc_pub, suite,
+                                                                         bus_pub))
     except Conflict as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     finally:
         engine.dispose()
     print(f"added {ns.role} {handle!r} to {db}; send SIGHUP to a running membershipd to pick it up")
+    if seq == 0:
+        print(f"trust root fingerprint: {fingerprint} (members pin it with `unibus trust {fingerprint}`)")
+    else:
+        print(f"recovery bootstrap at seq {seq}, fingerprint {fingerprint}: clients refuse it until each member "
+              f"runs `unibus trust {fingerprint}`")
     return 0
 
 
@@ -354,7 +378,8 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
         counts = asyncio.run(run())
     except (StoreError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
-    print(f"copied {counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
+    print(f"copied {counts['log_entries']} membership log entr{'y' if counts['log_entries'] == 1 else 'ies'}, "
+          f"{counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
           f"epoch(s) to {redact_url(url)}" + ("" if any(counts.values()) else " (already there: nothing to do)"))
     return 0
 

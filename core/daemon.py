@@ -23,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from .api import bus as bus_api
+from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EXTRA, RECONFIGURE_NATS, SERVER_OPTIONS, make_app
@@ -178,7 +179,7 @@ class Daemon:
             self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[RECONFIGURE_NATS] = self.reconfigure_nats
         self.app[EXTRA]["nonces"] = nonces
-        for register in (members_api.register, rooms_api.register, bus_api.register):
+        for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
             register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True

@@ -69,6 +69,7 @@ __all__ = [
     "Verified",
     "check_request",
     "content_digest",
+    "header_value",
     "make_nonce",
     "parse_content_digest",
     "sign_request",
@@ -537,6 +538,15 @@ def verify_request(
 
 # --------------------------------------------------------------------------
 # Internals: headers, body presence, keys
+
+
+def header_value(headers: Any, name: str) -> str | None:
+    """The value of header ``name`` exactly as the verifier reads it (see :func:`_get_header`).
+
+    The membership log records the signature headers with it (docs/formats.md,
+    "The membership log"), so a replay checks the very bytes the server checked.
+    """
+    return _get_header(headers, name.lower())
 
 
 def _get_header(headers: Any, name: str) -> str | None:

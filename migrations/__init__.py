@@ -2,4 +2,4 @@
 
 #: The newest revision in versions/; a test checks it against alembic's own head,
 #: and membershipd skips importing alembic at start-up when the store is there.
-HEAD_REVISION = "0003"
+HEAD_REVISION = "0004"

@@ -7,10 +7,23 @@ from typing import Any
 
 from aiohttp import web
 
-from ..auth import current_member
+from ..app import SETTINGS
+from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, current_member
 from ..inputs import invalid, parse_json
+from ..memberlog import BODYLESS, logged_operation
 from ..problems import Problem
-from ..store.base import Member
+from ..store.base import LogRecord, Member
+
+#: Largest body of a logged request whose body the log keeps (every logged body
+#: but the keys POST's). The largest legitimate one, a member add with an
+#: MLKEM768_X25519 key, is under 2 KiB; the log is read by every member, so a
+#: member cannot make it grow by megabytes of JSON whitespace.
+MAX_LOGGED_BODY = 16 * 1024
+#: OpenAPI responses every logged route has, besides its own.
+LOGGED_RESPONSES = {400: "malformed JSON, or a path that is not the canonical spelling or has a query string "
+                         "(non-canonical-request: the membership log records requests as signed)",
+                    401: "missing or invalid signature, or a nonce or created the membership log refuses",
+                    413: "a body larger than the membership log keeps"}
 
 
 async def json_object(request: web.Request, *, required: set[str], optional: set[str] = frozenset()) -> dict[str, Any]:
@@ -53,6 +66,30 @@ def require_admin(request: web.Request) -> Member:
     if not me.is_admin:
         raise Problem(403, "this action needs the admin role", kind="forbidden")
     return me
+
+
+def log_record(request: web.Request) -> LogRecord:
+    """The request as the membership log will record it, for the store's ``logged=``.
+
+    Called first by the handler of every logged route (docs/formats.md, "The
+    membership log"). A request the log could not record so that every client
+    parses it is refused before anything happens: its raw path must be the
+    route's canonical spelling (no percent-encoded character that needs none)
+    and it must have no query string (400 ``non-canonical-request``); its body,
+    if the log keeps it, is at most :data:`MAX_LOGGED_BODY` bytes (413).
+    """
+    logged = request[LOGGED_REQUEST_KEY]
+    found = logged_operation(logged.method, logged.path)
+    if found is None or logged.query != "":
+        raise Problem(400, "a membership-changing request is recorded in the membership log as signed, so it must "
+                           "use the canonical path (nothing percent-encoded that needs no encoding) and no query "
+                           "string", kind="non-canonical-request")
+    if logged.body is not None and found[0] not in BODYLESS and len(logged.body) > MAX_LOGGED_BODY:
+        raise Problem(413, f"the body of this request is kept in the membership log: at most {MAX_LOGGED_BODY} "
+                           "bytes", kind="request-entity-too-large", max_bytes=MAX_LOGGED_BODY)
+    verified = request["unibus.signature"]
+    return LogRecord(logged, verified.keyid, verified.nonce, verified.created, int(request[AUTH_TIME_KEY]),
+                     int(request.app[SETTINGS].auth_skew))
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -21,7 +21,7 @@ from ..wire import (
 from ..problems import Problem
 from ..store.base import ROLES, NotFound
 from ..store.sqlite import new_member
-from .common import invalid, json_object, json_response, require_admin, require_str
+from .common import LOGGED_RESPONSES, invalid, json_object, json_response, log_record, require_admin, require_str
 
 BUS_PUB_PROPERTY = {
     "type": "string", "pattern": "^U[A-Z2-7]{55}$",
@@ -91,6 +91,7 @@ def parse_bus_pub(body: dict, sign_pub: bytes) -> str:
 
 
 async def add_member(request: web.Request) -> web.Response:
+    logged = log_record(request)
     require_admin(request)
     body = await json_object(request, required={"handle", "role", "sign_pub", "enc_pub", "bus_pub"},
                              optional={"enc_suite"})
@@ -103,7 +104,8 @@ async def add_member(request: web.Request) -> web.Response:
     except KeyFormatError as e:
         raise Problem(422, str(e), kind="invalid-field") from None
     bus_pub = parse_bus_pub(body, sign_pub)
-    member = await request.app[STORE].add_member(new_member(handle, role, sign_pub, enc_pub, suite, bus_pub))
+    member = await request.app[STORE].add_member(new_member(handle, role, sign_pub, enc_pub, suite, bus_pub),
+                                                 logged=logged)
     return json_response(member.as_json(), status=201)
 
 
@@ -111,23 +113,26 @@ async def put_my_bus_key(request: web.Request) -> web.Response:
     """Set or rotate the caller's bus key. The store's change regenerates bus
     authorization and waits for nats-server's reload, which closes every
     connection under the old key: they are gone when the 200 leaves."""
+    logged = log_record(request)
     me = current_member(request)
     body = await json_object(request, required={"bus_pub"})
     bus_pub = parse_bus_pub(body, me.sign_pub)
-    member = await request.app[STORE].set_bus_key(me.handle, bus_pub)
+    member = await request.app[STORE].set_bus_key(me.handle, bus_pub, logged=logged)
     return json_response(member.as_json())
 
 
 async def patch_member(request: web.Request) -> web.Response:
+    logged = log_record(request)
     require_admin(request)
     body = await json_object(request, required={"role"})
-    member = await request.app[STORE].set_role(request.match_info["handle"], parse_role(body["role"]))
+    member = await request.app[STORE].set_role(request.match_info["handle"], parse_role(body["role"]), logged=logged)
     return json_response(member.as_json())
 
 
 async def delete_member(request: web.Request) -> web.Response:
+    logged = log_record(request)
     require_admin(request)
-    await request.app[STORE].delete_member(request.match_info["handle"])
+    await request.app[STORE].delete_member(request.match_info["handle"], logged=logged)
     return web.Response(status=204)
 
 
@@ -141,24 +146,24 @@ def register(app: web.Application) -> None:
               responses={201: "created", 400: "malformed JSON", 403: "not an admin",
                          409: "handle or key exists, or bus_pub is the nkey of a member's sign_pub (or the "
                               "reverse)",
-                         422: "invalid field, or bus_pub is the nkey of the new member's own sign_pub", **r},
+                         422: "invalid field, or bus_pub is the nkey of the new member's own sign_pub", **r, **LOGGED_RESPONSES},
               tags=["members"])
     add_route(app, "PUT", "/v1/me/bus-key", put_my_bus_key,
               summary="Set or rotate the caller's bus key; its bus connections under the old key are closed "
                       "before the answer", request_schema=BUS_KEY_SCHEMA,
               responses={200: "the caller's member record", 400: "malformed JSON",
                          409: "another member has this key, or it is the nkey of a member's sign_pub",
-                         422: "invalid bus_pub, or the nkey of the caller's own sign_pub", **r}, tags=["members"])
+                         422: "invalid bus_pub, or the nkey of the caller's own sign_pub", **r, **LOGGED_RESPONSES}, tags=["members"])
     add_route(app, "GET", "/v1/members/{handle}", get_member, summary="One member",
               responses={200: "the record", 404: "no such member", **r}, tags=["members"])
     add_route(app, "PATCH", "/v1/members/{handle}", patch_member, summary="Change a member's role (admin)",
               request_schema=PATCH_SCHEMA,
               responses={200: "the record", 403: "not an admin", 404: "no such member",
-                         409: "would remove the last admin", 422: "invalid field", **r}, tags=["members"])
+                         409: "would remove the last admin", 422: "invalid field", **r, **LOGGED_RESPONSES}, tags=["members"])
     add_route(app, "DELETE", "/v1/members/{handle}", delete_member,
               summary="Delete a member: removed from every room, bus access revoked (admin)",
               responses={204: "deleted", 403: "not an admin", 404: "no such member",
-                         409: "the last admin", **r}, tags=["members"])
+                         409: "the last admin", **r, **LOGGED_RESPONSES}, tags=["members"])
 
 
 __all__ = ["register", "NotFound"]

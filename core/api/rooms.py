@@ -4,32 +4,47 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
+from typing import Any
 
 from aiohttp import web
 
 from ..app import STORE, add_route
 from ..auth import current_member
-from ..inputs import EPOCH_MAX, EPOCH_MIN, int_value, query_int
+from ..inputs import EPOCH_MAX, EPOCH_MIN, MAX_SAFE_INT, int_value, query_int
 from ..problems import Problem
 from ..store.base import Member, Room
 from ..wire import HANDLE_RE
-from .common import invalid, json_object, json_response
+from .common import LOGGED_RESPONSES, invalid, json_object, json_response, log_record
 from .members import parse_handle
 
 #: enc || ct + tag, by suite: X25519 enc 32, X-Wing (MLKEM768_X25519) enc 1120; key 32; tag 16.
 SEALED_SIZES = {"X25519": 32 + 32 + 16, "MLKEM768_X25519": 1120 + 32 + 16}
 NAME_MAX = 200
+#: A key package signature: Ed25519, 64 bytes (docs/formats.md).
+SIG_SIZE = 64
+LOG_HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+LOG_HEAD_SCHEMA = {
+    "type": "object", "required": ["seq", "hash"], "additionalProperties": False,
+    "description": "the membership log head {seq, hash} the sealer verified (GET /v1/log/head)",
+    "properties": {"seq": {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT},
+                   "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
+}
 
 ROOM_SCHEMA = {"type": "object", "required": ["name"], "additionalProperties": False,
                "properties": {"name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX}}}
 KEYS_SCHEMA = {
     "type": "object",
-    "required": ["epoch", "sealed"],
+    "required": ["epoch", "sealed", "sigs", "log_head"],
     "additionalProperties": False,
     "properties": {
         "epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX},
         "sealed": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"},
                    "description": "handle -> base64(enc || ct): the new room key sealed to each current member"},
+        "sigs": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"},
+                 "description": "handle -> base64 of the sealer's 64-byte Ed25519 signature of that member's key "
+                                "package (docs/formats.md); exactly the handles of sealed"},
+        "log_head": LOG_HEAD_SCHEMA,
     },
 }
 
@@ -57,11 +72,12 @@ def require_owner_or_admin(room: Room, me: Member) -> None:
 
 
 async def create_room(request: web.Request) -> web.Response:
+    logged = log_record(request)
     body = await json_object(request, required={"name"})
     name = body["name"]
     if not isinstance(name, str) or not name.strip() or len(name) > NAME_MAX or any(ord(c) < 32 for c in name):
         raise invalid("name", f"must be 1-{NAME_MAX} printable characters")
-    room = await request.app[STORE].create_room(name, current_member(request).handle)
+    room = await request.app[STORE].create_room(name, current_member(request).handle, logged=logged)
     return json_response(room.as_json(), status=201)
 
 
@@ -78,34 +94,72 @@ async def get_room(request: web.Request) -> web.Response:
 
 
 async def delete_room(request: web.Request) -> web.Response:
+    logged = log_record(request)
     room = await load_room(request)
     require_owner_or_admin(room, current_member(request))
-    await request.app[STORE].delete_room(room.room_id)
+    await request.app[STORE].delete_room(room.room_id, logged=logged)
     return web.Response(status=204)
 
 
 async def put_room_member(request: web.Request) -> web.Response:
+    logged = log_record(request)
     room = await load_room(request)
     require_owner_or_admin(room, current_member(request))
     handle = parse_handle(request.match_info["handle"])
-    room = await request.app[STORE].add_room_member(room.room_id, handle)
+    room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
     return json_response(room.as_json())
 
 
 async def delete_room_member(request: web.Request) -> web.Response:
+    logged = log_record(request)
     room = await load_room(request)
     me = current_member(request)
     handle = request.match_info["handle"]
     if handle != me.handle:
         require_owner_or_admin(room, me)
-    await request.app[STORE].remove_room_member(room.room_id, handle)
+    await request.app[STORE].remove_room_member(room.room_id, handle, logged=logged)
     return web.Response(status=204)
 
 
+def parse_sigs(value: Any, handles: set[str]) -> dict[str, bytes]:
+    """``sigs``: exactly the handles of ``sealed``, each the base64 of a 64-byte signature (422 otherwise)."""
+    if not isinstance(value, dict):
+        raise invalid("sigs", "must be an object of handle -> base64 of a 64-byte signature")
+    if value.keys() != handles:
+        missing, extra = sorted(handles - value.keys()), sorted(value.keys() - handles)
+        raise Problem(422, "sigs: must name exactly the handles of sealed", kind="invalid-field",
+                      missing=missing[:100], extra=[h[:64] for h in extra[:100]])
+    sigs: dict[str, bytes] = {}
+    for handle, sig in value.items():
+        if not isinstance(sig, str):
+            raise invalid(f"sigs.{handle}", "must be a base64 string")
+        try:
+            raw = base64.b64decode(sig, validate=True)
+        except (binascii.Error, ValueError):
+            raise invalid(f"sigs.{handle}", "is not valid base64") from None
+        if len(raw) != SIG_SIZE:
+            raise invalid(f"sigs.{handle}", f"must be {SIG_SIZE} bytes (an Ed25519 signature), got {len(raw)}")
+        sigs[handle] = raw
+    return sigs
+
+
+def parse_log_head(value: Any) -> dict[str, Any]:
+    """``log_head``: ``{seq, hash}`` with seq an integer from 0 and hash 64 lowercase hex digits (422 otherwise)."""
+    if not isinstance(value, dict) or value.keys() != {"seq", "hash"}:
+        raise invalid("log_head", "must be an object with exactly seq and hash (GET /v1/log/head)")
+    seq = int_value(value["seq"], "log_head.seq", 0, MAX_SAFE_INT)
+    digest = value["hash"]
+    if not isinstance(digest, str) or LOG_HASH_RE.match(digest) is None:
+        raise invalid("log_head.hash", "must be 64 lowercase hex digits")
+    return {"seq": seq, "hash": digest}
+
+
 async def post_keys(request: web.Request) -> web.Response:
+    logged = log_record(request)
     room = await load_room(request)
-    require_owner_or_admin(room, current_member(request))
-    body = await json_object(request, required={"epoch", "sealed"})
+    me = current_member(request)
+    require_owner_or_admin(room, me)
+    body = await json_object(request, required={"epoch", "sealed", "sigs", "log_head"})
     epoch, sealed_in = int_value(body["epoch"], "epoch", EPOCH_MIN, EPOCH_MAX), body["sealed"]
     if not isinstance(sealed_in, dict) or not sealed_in:
         raise invalid("sealed", "must be a non-empty object of handle -> base64")
@@ -124,7 +178,15 @@ async def post_keys(request: web.Request) -> web.Response:
         if want is not None and len(raw) != want:
             raise invalid(f"sealed.{handle}", f"must be {want} bytes for {suites[handle]}, got {len(raw)}")
         sealed[handle] = raw
-    room = await request.app[STORE].put_keys(room.room_id, epoch, sealed)
+    sigs = parse_sigs(body["sigs"], set(sealed))
+    log_head = parse_log_head(body["log_head"])
+    # The head the sealer verified must be in this server's log: the log only
+    # grows, so an entry there now is there for good.
+    if await request.app[STORE].log_hash_at(log_head["seq"]) != log_head["hash"]:
+        raise Problem(409, f"log_head: the membership log has no entry {log_head['seq']} with this hash; fetch "
+                           "GET /v1/log/head (and verify the log) again", kind="unknown-log-head")
+    room = await request.app[STORE].put_keys(room.room_id, epoch, sealed, sigs=sigs, sealer=me.handle,
+                                             log_head=log_head, logged=logged)
     return json_response(room.as_json(), status=201)
 
 
@@ -134,40 +196,42 @@ async def get_my_key(request: web.Request) -> web.Response:
     epoch = query_int(request.query, "epoch", EPOCH_MIN, EPOCH_MAX)
     if await request.app[STORE].get_room(room_id) is None:
         raise Problem(404, f"no room {room_id!r}", kind="not-found")
-    found = await request.app[STORE].get_sealed_key(room_id, me.handle, epoch)
+    found = await request.app[STORE].get_key_package(room_id, me.handle, epoch)
     if found is None:
         which = f"epoch {epoch}" if epoch is not None else "any epoch"
         raise Problem(404, f"no key of {which} was sealed to {me.handle!r} in room {room_id!r}", kind="not-found")
-    return json_response({"room_id": room_id, "epoch": found[0], "sealed": base64.b64encode(found[1]).decode()})
+    # sig, sealer and log_head are null for keys sealed before 0.12 (docs/http-api.md).
+    return json_response(found.as_json())
 
 
 def register(app: web.Application) -> None:
     r = {401: "missing or invalid signature", 503: "replay protection unavailable"}
     room = "/v1/rooms/{room_id}"
     add_route(app, "POST", "/v1/rooms", create_room, summary="Create a room; the caller owns it",
-              request_schema=ROOM_SCHEMA, responses={201: "the room", 400: "malformed JSON", 422: "invalid field", **r},
+              request_schema=ROOM_SCHEMA, responses={201: "the room", 400: "malformed JSON", 422: "invalid field", **r, **LOGGED_RESPONSES},
               tags=["rooms"])
     add_route(app, "GET", "/v1/rooms", list_rooms, summary="Rooms the caller is in (admins: all)",
               responses={200: "{rooms: [...]}", **r}, tags=["rooms"])
     add_route(app, "GET", room, get_room, summary="A room with its members' enc_pub/enc_suite",
               responses={200: "the room", 403: "not a member", 404: "no such room", **r}, tags=["rooms"])
     add_route(app, "DELETE", room, delete_room, summary="Delete a room (owner, admin)",
-              responses={204: "deleted", 403: "not owner or admin", 404: "no such room", **r}, tags=["rooms"])
+              responses={204: "deleted", 403: "not owner or admin", 404: "no such room", **r, **LOGGED_RESPONSES}, tags=["rooms"])
     add_route(app, "PUT", room + "/members/{handle}", put_room_member,
               summary="Add a member to the room; the room becomes rekey_required (owner, admin)",
               responses={200: "the room", 403: "not owner or admin", 404: "no such room or member",
-                         422: "invalid handle", **r}, tags=["rooms"])
+                         422: "invalid handle", **r, **LOGGED_RESPONSES}, tags=["rooms"])
     add_route(app, "DELETE", room + "/members/{handle}", delete_room_member,
               summary="Remove a member (owner, admin, the member itself); rekey_required; bus access cut",
-              responses={204: "removed", 403: "not allowed", 404: "no such room or not a member", **r},
+              responses={204: "removed", 403: "not allowed", 404: "no such room or not a member", **r, **LOGGED_RESPONSES},
               tags=["rooms"])
     add_route(app, "POST", room + "/keys", post_keys,
               summary="Upload the next epoch's room key sealed to exactly the current members (owner, admin)",
               request_schema=KEYS_SCHEMA,
               responses={201: "the room at its new epoch", 400: "malformed JSON", 403: "not owner or admin",
-                         404: "no such room", 409: "wrong epoch, or missing/extra handles", 422: "invalid field", **r},
+                         404: "no such room", 409: "wrong epoch, missing/extra handles, or a log_head the log does not have",
+                         422: "invalid field (sigs must name exactly the handles of sealed, 64 bytes each)", **r, **LOGGED_RESPONSES},
               tags=["keys"])
     add_route(app, "GET", room + "/keys/me", get_my_key,
               summary="The room key sealed to the caller (latest epoch, or ?epoch=N)",
-              responses={200: "{room_id, epoch, sealed}", 404: "no key sealed to the caller", 422: "bad epoch", **r},
+              responses={200: "{room_id, epoch, sealed, sig, sealer, log_head}", 404: "no key sealed to the caller", 422: "bad epoch", **r},
               query={"epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX}}, tags=["keys"])

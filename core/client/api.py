@@ -51,6 +51,7 @@ import aiohttp
 import yarl
 from nats.errors import Error as NatsError
 
+from ..memberlog import key_package_input
 from ..signing import sign_request
 from ..tls import connect_bounded, permanent_tls_error
 from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey
@@ -445,10 +446,45 @@ class UnibusClient:
         """``DELETE /v1/rooms/{id}/members/{handle}``: the room becomes ``rekey_required``."""
         return await self.request("DELETE", f"/v1/rooms/{_seg(room_id, 'room id')}/members/{_seg(handle, 'handle')}")
 
-    async def post_keys(self, room_id: str, epoch: int, sealed: Mapping[str, str]) -> Any:
-        """``POST /v1/rooms/{id}/keys`` with ``{epoch, sealed: {handle: base64}}``."""
+    async def post_keys(self, room_id: str, epoch: int, sealed: Mapping[str, str], sigs: Mapping[str, str],
+                        log_head: Mapping[str, Any]) -> Any:
+        """``POST /v1/rooms/{id}/keys`` with ``{epoch, sealed, sigs, log_head}`` as given.
+
+        ``sealed`` and ``sigs`` map each handle to base64 (``sigs[h]``: the
+        64-byte signature of :meth:`sign_key_packages`); ``log_head`` is the
+        ``{seq, hash}`` the signatures name. Sent as is: the caller chooses the head.
+        """
         return await self.request("POST", f"/v1/rooms/{_seg(room_id, 'room id')}/keys",
-                                  json_body={"epoch": epoch, "sealed": dict(sealed)})
+                                  json_body={"epoch": epoch, "sealed": dict(sealed), "sigs": dict(sigs),
+                                             "log_head": {"seq": log_head["seq"], "hash": log_head["hash"]}})
+
+    def sign_key_packages(self, room_id: str, epoch: int, sealed: Mapping[str, str],
+                          log_head: Mapping[str, Any]) -> dict[str, str]:
+        """``{handle: base64 signature}``: this identity's signature of each member's key
+        package (docs/formats.md, "The membership log": key packages) at ``log_head``."""
+        seq, digest = int(log_head["seq"]), str(log_head["hash"])
+        return {h: _b64(self.identity.sign_key.sign(key_package_input(room_id, epoch, h, base64.b64decode(v),
+                                                                        seq, digest)))
+                for h, v in sealed.items()}
+
+    # -- the membership log (docs/formats.md)
+    async def log(self, after: int | None = None, limit: int | None = None) -> dict[str, Any]:
+        """``GET /v1/log[?after=N][&limit=M]`` → ``{"entries": [...], "head": {"seq", "hash"}}``, unverified.
+
+        Entries with ``seq > after`` in order (from seq 0 without ``after``), at
+        most ``limit`` (server default 500, at most 1000). Verify them with
+        :class:`unibus.memberlog.LogState` before trusting anything in them.
+        """
+        query: dict[str, int] = {}
+        if after is not None:
+            query["after"] = int(after)
+        if limit is not None:
+            query["limit"] = int(limit)
+        return await self.request("GET", "/v1/log", query=query or None)
+
+    async def log_head(self) -> dict[str, Any]:
+        """``GET /v1/log/head`` → ``{"seq", "hash", "auth_skew"}`` (seq -1, hash "" for an empty log), unverified."""
+        return await self.request("GET", "/v1/log/head")
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
         """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{epoch, sealed}`` (sealed still base64).
@@ -524,8 +560,11 @@ class UnibusClient:
             epoch = int(room["epoch"]) + 1
             key = new_room_key()
             sealed = seal_for_members(key, room.get("members") or [], room_id, epoch)
+            # The served head, as is: verifying the log before sealing is the caller's part.
+            head = await self.log_head()
+            sigs = self.sign_key_packages(room_id, epoch, sealed, head)
             try:
-                await self.post_keys(room_id, epoch, sealed)
+                await self.post_keys(room_id, epoch, sealed, sigs, head)
             except ApiError as exc:
                 if exc.status == 409 and attempt < REKEY_RETRIES:
                     attempt += 1

@@ -1,8 +1,16 @@
 """The store contract: records, errors, and the interface every backend implements.
 
-membershipd keeps members, rooms, room members and sealed room keys. The
-SQLite backend (``unibus.store.sqlite``) serves a single node; a JetStream KV
-backend serves a cluster. One contract test suite runs against every backend.
+membershipd keeps members, rooms, room members, sealed room keys and the
+membership log. The SQLite backend (``unibus.store.sqlite``) serves a single
+node; a JetStream KV backend serves a cluster. One contract test suite runs
+against every backend.
+
+Every membership-changing method takes ``logged=``, a :class:`LogRecord`: the
+signed request that asked for the change. When given, the backend appends its
+entry to the membership log in the same transaction (SQLite) or atomic batch
+(KV) as the effect, after the checks of :func:`check_appendable`; without it
+(imports, tests of the effect alone) nothing is appended. docs/store.md, "The
+membership log", says how each backend does it.
 """
 
 from __future__ import annotations
@@ -17,6 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
+
+from ..memberlog import LoggedRequest, entry_hash, member_json, request_entry
 
 log = logging.getLogger("unibus.store")
 
@@ -158,6 +168,88 @@ class StoreUnavailable(StoreError):
     """The backend cannot answer now (a KV without quorum): the request gets 503."""
 
 
+class LogRejected(StoreError):
+    """A signed request that cannot join the membership log (its nonce is in the log
+    already, or its ``created`` is too old for the log's order): the request gets 401."""
+
+
+# -- the membership log ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """A signed request to append to the membership log, with what the server established.
+
+    ``keyid``, ``nonce`` and ``created`` come from the verified signature,
+    ``at`` is the server time (unix seconds) when it was checked: the entry's
+    ``at``. ``skew`` is the server's ``--auth-skew``.
+    """
+
+    request: LoggedRequest
+    keyid: str
+    nonce: str
+    created: int
+    at: int
+    skew: int
+
+    def entry(self, seq: int, prev: str, result: dict[str, Any]) -> tuple[str, str]:
+        """``(hash, text)`` of this request's entry at ``seq`` after ``prev``."""
+        return entry_text(request_entry(seq, prev, self.at, self.request, result))
+
+
+def entry_text(entry: dict[str, Any]) -> tuple[str, str]:
+    """``(hash, stored text)`` of an entry: the text is its RFC 8785 canonical JSON,
+    so the bytes served are the bytes hashed (docs/formats.md)."""
+    from ..memberlog import canonical
+
+    return entry_hash(entry), canonical(entry).decode("utf-8")
+
+
+def check_appendable(record: LogRecord, max_created: int, nonce_in_log: bool) -> None:
+    """The rules a client checks of every request entry that the request itself
+    decides (docs/formats.md, "The membership log"): each (keyid, nonce) once in
+    the whole log, and ``created`` never more than twice the skew older than the
+    largest ``created`` before it. The server refuses, before appending, what a
+    client would refuse when replaying. :class:`LogRejected` otherwise."""
+    if nonce_in_log:
+        raise LogRejected("replayed nonce: this (keyid, nonce) is already in the membership log; sign the "
+                          "request again")
+    if record.created < max_created - 2 * record.skew:
+        raise LogRejected(f"the signature's created is more than {2 * record.skew} s older than a request "
+                          "already in the membership log; sign the request again")
+
+
+def snapshot_member(m: Member) -> dict[str, Any]:
+    return member_json(m.handle, m.role, m.sign_pub, m.enc_pub, m.enc_suite, m.bus_pub)
+
+
+def snapshot_room(room_id: str, name: str, owner: str, epoch: int, rekey_required: bool,
+                  members: set[str] | frozenset[str], known: set[str] | frozenset[str]) -> dict[str, Any]:
+    """A room as a snapshot entry has it: only known members; an owner that is no member is ``""``."""
+    return {"room_id": room_id, "name": name, "owner": owner if owner in known else "", "epoch": int(epoch),
+            "rekey_required": bool(rekey_required), "members": sorted(h for h in members if h in known)}
+
+
+@dataclass(frozen=True)
+class KeyPackage:
+    """A room key sealed to one member at one epoch, with what signs it (docs/formats.md).
+
+    ``sig``, ``sealer`` and ``log_head`` are None for keys sealed before 0.12.
+    """
+
+    room_id: str
+    epoch: int
+    sealed: bytes
+    sig: bytes | None = None
+    sealer: str | None = None
+    log_head: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"room_id": self.room_id, "epoch": self.epoch, "sealed": b64(self.sealed),
+                "sig": b64(self.sig) if self.sig is not None else None, "sealer": self.sealer,
+                "log_head": dict(self.log_head) if self.log_head is not None else None}
+
+
 Listener = Callable[[Change], Any]
 
 
@@ -219,7 +311,7 @@ class Store(abc.ABC):
     async def get_member(self, handle: str) -> Member | None: ...
 
     @abc.abstractmethod
-    async def add_member(self, member: Member) -> Member:
+    async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
         """Add a member; :class:`Conflict` if the handle or a key is taken.
 
         A key is taken when another member has the same ``sign_pub`` or
@@ -230,25 +322,26 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def set_bus_key(self, handle: str, bus_pub: str) -> Member:
+    async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
         """Set or rotate a member's bus key (a ``U…`` nkey); report ``member_bus_key``.
 
         :class:`NotFound` for an unknown handle; :class:`Conflict` when the key is
         taken as for :meth:`add_member`. Setting the key the member already has
-        changes nothing and reports nothing.
+        changes nothing and reports nothing (a ``logged`` record is still appended).
         """
 
     @abc.abstractmethod
-    async def set_role(self, handle: str, role: str) -> Member:
+    async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
         """Change a role; :class:`NotFound`, or :class:`Conflict` when it would demote the last admin."""
 
     @abc.abstractmethod
-    async def delete_member(self, handle: str) -> list[str]:
+    async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
         """Delete a member and its room memberships; returns the rooms it left (now rekey_required)."""
 
     # -- rooms ---------------------------------------------------------------
     @abc.abstractmethod
-    async def create_room(self, name: str, owner: str) -> Room: ...
+    async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
+        """Create a room owned by ``owner``; a ``logged`` entry's result is ``{"room_id": ...}``."""
 
     @abc.abstractmethod
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
@@ -258,28 +351,49 @@ class Store(abc.ABC):
     async def get_room(self, room_id: str) -> Room | None: ...
 
     @abc.abstractmethod
-    async def delete_room(self, room_id: str) -> None: ...
+    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None: ...
 
     @abc.abstractmethod
-    async def add_room_member(self, room_id: str, handle: str) -> Room:
+    async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         """Add (idempotent); a new member makes the room ``rekey_required``."""
 
     @abc.abstractmethod
-    async def remove_room_member(self, room_id: str, handle: str) -> Room:
+    async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         """Remove; the room becomes ``rekey_required``. :class:`NotFound` if not a member."""
 
     @abc.abstractmethod
-    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes]) -> Room:
-        """Store a new epoch atomically.
+    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
+                       sigs: dict[str, bytes] | None = None, sealer: str | None = None,
+                       log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
+        """Store a new epoch atomically, with each member's signature and the epoch's sealer and log head.
 
         :class:`Conflict` unless ``epoch`` is current+1 and ``sealed`` names exactly
         the current members (``extra`` holds ``missing``/``extra`` handles). Of two
-        concurrent calls for the same epoch exactly one wins.
+        concurrent calls for the same epoch exactly one wins. A ``logged`` entry's
+        result is ``{"epoch": epoch}``.
         """
 
-    @abc.abstractmethod
     async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
         """The key sealed to ``handle`` at ``epoch`` (latest such epoch when None)."""
+        found = await self.get_key_package(room_id, handle, epoch)
+        return None if found is None else (found.epoch, found.sealed)
+
+    @abc.abstractmethod
+    async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
+        """The key package sealed to ``handle`` at ``epoch`` (latest such epoch when None)."""
+
+    # -- the membership log --------------------------------------------------------
+    @abc.abstractmethod
+    async def log_head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last entry; ``(-1, "")`` for an empty log."""
+
+    @abc.abstractmethod
+    async def log_entries(self, after: int = -1, limit: int = 500) -> list[str]:
+        """The stored texts of the entries with ``seq > after``, in order, at most ``limit``."""
+
+    @abc.abstractmethod
+    async def log_hash_at(self, seq: int) -> str | None:
+        """The hash of entry ``seq``; None when the log has no such entry."""
 
     @abc.abstractmethod
     async def membership(self) -> Membership: ...

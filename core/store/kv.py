@@ -14,8 +14,19 @@ key                              value (JSON)
 ``meta.schema``                  ``{version: 1}``
 ``room.<room_id>``               ``{room_id, name, owner, epoch, rekey_required, created_at,
                                  members: [handles], sealed: {handle: [first, last]}}``
-``keys.<room_id>.<epoch>``       ``{room_id, epoch, sealed: {handle: base64}}``
+``keys.<room_id>.<epoch>``       ``{room_id, epoch, sealed: {handle: base64}, sigs: {handle: base64},
+                                 sealer, log_head: {seq, hash}}`` (no sigs/sealer/log_head
+                                 before 0.12)
+``log.<seq>``                    an entry of the membership log: its RFC 8785 canonical JSON text
+``meta.loghead``                 ``{seq, hash, max_created}`` — the log's head, and the largest
+                                 ``created`` of a request in it
+``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
 ===============================  ==========================================================
+
+A logged change (``logged=``) adds to its batch the entry ``log.<seq>``, its
+``lognonce.`` key (created only if absent) and ``meta.loghead``, conditional
+on the head revision it read: every logged change through every node is
+serialised by that head, and the log cannot fork (docs/store.md).
 
 Every write is conditional on the revision it read (``Nats-Expected-Last-Subject-Sequence``;
 0 for "never written", the tombstone's revision for a deleted key). A change that
@@ -38,10 +49,12 @@ import asyncio
 import base64
 import collections
 import contextlib
+import hashlib
 import json
 import logging
 import random
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -57,14 +70,22 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 from .base import (
     Change,
     Conflict,
+    KeyPackage,
+    LogRecord,
+    LogRejected,
     Member,
     Membership,
     NotFound,
     Room,
     Store,
     StoreUnavailable,
+    check_appendable,
+    entry_text,
+    snapshot_member,
+    snapshot_room,
 )
 from ..wire import KeyFormatError, nkey_from_sign_pub, sign_pub_from_nkey
+from ..memberlog import snapshot_entry
 from .sqlite import new_room_id
 
 log = logging.getLogger("unibus.store.kv")
@@ -105,6 +126,18 @@ class _Write:
     key: str
     value: dict[str, Any] | None  # None: delete (a KV tombstone)
     last: int  # the revision read: the write applies only if the key is still at it
+    raw: bytes | None = None  # stored as given, instead of ``value`` as JSON (log entries)
+
+
+@dataclass(frozen=True)
+class _LogPosition:
+    """Where the next log entry goes, and the revisions its batch is conditional on."""
+
+    seq: int
+    prev: str
+    head_rev: int
+    max_created: int
+    nonce_rev: int
 
 
 def _b64d(s: str) -> bytes:
@@ -129,6 +162,19 @@ def _member_json(m: Member) -> dict[str, Any]:
 def _member(d: dict[str, Any]) -> Member:
     return Member(d["handle"], d["role"], _b64d(d["sign_pub"]), _b64d(d["enc_pub"]), d["enc_suite"],
                   _ts(d["created_at"]), d.get("bus_pub"))
+
+
+def _keys_record(room_id: str, epoch: int, sealed: dict[str, bytes], sigs: dict[str, bytes] | None,
+                 sealer: str | None, log_head: dict[str, Any] | None) -> dict[str, Any]:
+    """The ``keys.<room>.<epoch>`` record; the key package fields only when there are some (0.12)."""
+    record: dict[str, Any] = {"room_id": room_id, "epoch": epoch,
+                              "sealed": {h: _b64e(v) for h, v in sorted(sealed.items())}}
+    if sigs:
+        record["sigs"] = {h: _b64e(v) for h, v in sorted(sigs.items())}
+    if sealer is not None and log_head is not None:
+        record["sealer"] = sealer
+        record["log_head"] = {"seq": int(log_head["seq"]), "hash": str(log_head["hash"])}
+    return record
 
 
 def _valid(*parts: str) -> bool:
@@ -163,8 +209,19 @@ def _kkey(room_id: str, epoch: int) -> str:
     return f"keys.{room_id}.{epoch}"
 
 
+def _lkey(seq: int) -> str:
+    return f"log.{seq}"
+
+
+def _nonce_key(keyid: str, nonce: str) -> str:
+    return f"lognonce.{keyid}.{nonce}"
+
+
 ADMINS_KEY = "meta.admins"
 SCHEMA_KEY = "meta.schema"
+LOG_HEAD_KEY = "meta.loghead"
+#: Log entries read at once by ``log_entries``.
+LOG_READ_CHUNK = 64
 
 
 class KvStore(Store):
@@ -224,6 +281,11 @@ class KvStore(Store):
 
     async def _read(self, key: str) -> tuple[dict[str, Any] | None, int]:
         """``(value, revision)``: revision is 0 for a key never written, the tombstone's for a deleted one."""
+        raw, rev = await self._read_raw(key)
+        return (json.loads(raw) if raw is not None else None), rev
+
+    async def _read_raw(self, key: str) -> tuple[bytes | None, int]:
+        """``(stored bytes, revision)`` of ``key``, as :meth:`_read`."""
         self._check_connected()
 
         async def get() -> Any:
@@ -240,7 +302,7 @@ class KvStore(Store):
         hdrs = msg.headers or {}
         if hdrs.get(KV_OP) in ("DEL", "PURGE"):
             return None, msg.seq
-        return json.loads(msg.data), msg.seq
+        return bytes(msg.data), msg.seq
 
     async def _commit(self, writes: list[_Write]) -> None:
         """Write all of ``writes`` or none: one conditional publish, or one atomic batch."""
@@ -251,6 +313,8 @@ class KvStore(Store):
 
         def encode(w: _Write) -> tuple[str, bytes, dict[str, str]]:
             hdrs = {EXPECTED_LAST_SUBJECT_SEQ: str(w.last)}
+            if w.raw is not None:
+                return self._prefix + w.key, w.raw, hdrs
             if w.value is None:
                 hdrs[KV_OP] = "DEL"
                 return self._prefix + w.key, b"", hdrs
@@ -347,6 +411,88 @@ class KvStore(Store):
 
         return await self._io(scan(), f"list {prefix}")
 
+    # -- the membership log ----------------------------------------------------------
+
+    async def _log_position(self, logged: LogRecord | None) -> _LogPosition | None:
+        """Read the head (writing entry 0 first if the bucket has state but no log) and
+        check ``logged`` against the log; None when nothing is to be logged."""
+        if logged is None:
+            return None
+        if not _valid(logged.keyid, logged.nonce):  # handles and nonces are KV-safe: this is a bug guard
+            raise LogRejected("this keyid or nonce cannot be recorded in the membership log")
+        (head, hrev), (seen, nrev) = await asyncio.gather(self._read(LOG_HEAD_KEY),
+                                                          self._read(_nonce_key(logged.keyid, logged.nonce)))
+        if head is None:
+            if await self._write_root():
+                raise _CasLost()  # the log has its entry 0 now: read the head again
+            head = {"seq": -1, "hash": "", "max_created": 0}
+        max_created = int(head.get("max_created", 0))
+        check_appendable(logged, max_created, seen is not None)
+        return _LogPosition(int(head["seq"]) + 1, str(head["hash"]), hrev, max_created, nrev)
+
+    @staticmethod
+    def _log_writes(pos: _LogPosition | None, logged: LogRecord | None, result: dict[str, Any]) -> list[_Write]:
+        """The writes that append ``logged``'s entry at ``pos``: entry, nonce, head (conditional on the head read)."""
+        if pos is None or logged is None:
+            return []
+        digest, text = logged.entry(pos.seq, pos.prev, result)
+        head = {"seq": pos.seq, "hash": digest, "max_created": max(pos.max_created, logged.created)}
+        return [_Write(_lkey(pos.seq), None, 0, raw=text.encode("utf-8")),
+                _Write(_nonce_key(logged.keyid, logged.nonce), {"seq": pos.seq}, pos.nonce_rev),
+                _Write(LOG_HEAD_KEY, head, pos.head_rev)]
+
+    async def _write_root(self) -> bool:
+        """Entry 0, a snapshot of the bucket's state, when the bucket has members but no log
+        (a cluster upgraded from 0.11). True when the log has a head afterwards."""
+        head, hrev = await self._read(LOG_HEAD_KEY)
+        if head is not None:
+            return True
+        members, rooms = await asyncio.gather(self._scan("member"), self._scan("room"))
+        if not members:
+            return False
+        ms = sorted((_member(v) for v, _rev in members.values()), key=lambda m: m.handle)
+        known = frozenset(m.handle for m in ms)
+        entry = snapshot_entry(int(time.time()), [snapshot_member(m) for m in ms],
+                               [snapshot_room(v["room_id"], v["name"], v.get("owner", ""), v["epoch"],
+                                              v["rekey_required"], set(v["members"]), known)
+                                for v, _rev in rooms.values()])
+        digest, text = entry_text(entry)
+        try:
+            # Conditional on no head and no entry 0: of two nodes starting at once, one writes it.
+            await self._commit([_Write(_lkey(0), None, 0, raw=text.encode("utf-8")),
+                                _Write(LOG_HEAD_KEY, {"seq": 0, "hash": digest, "max_created": 0}, hrev)])
+            log.info("membership log: wrote entry 0 (snapshot of %d members, %d rooms); trust root fingerprint %s",
+                     len(ms), len(rooms), digest)
+        except _CasLost:
+            head, _hrev = await self._read(LOG_HEAD_KEY)
+            if head is None:
+                raise StoreUnavailable(f"KV bucket {self.bucket} has membership log entries but no head (an "
+                                       "interrupted membershipd migrate-to-kv?): run migrate-to-kv again") from None
+        return True
+
+    async def log_head(self) -> tuple[int, str]:
+        head, _rev = await self._read(LOG_HEAD_KEY)
+        return (int(head["seq"]), str(head["hash"])) if head is not None else (-1, "")
+
+    async def log_entries(self, after: int = -1, limit: int = 500) -> list[str]:
+        last, _hash = await self.log_head()
+        seqs = list(range(max(after, -1) + 1, min(last, after + limit) + 1))
+        out: list[str] = []
+        for i in range(0, len(seqs), LOG_READ_CHUNK):
+            got = await asyncio.gather(*(self._read_raw(_lkey(q)) for q in seqs[i:i + LOG_READ_CHUNK]))
+            for q, (raw, _rev) in zip(seqs[i:i + LOG_READ_CHUNK], got):
+                if raw is None:
+                    raise StoreUnavailable(f"membership log entry {q} is missing from KV bucket {self.bucket}")
+                out.append(raw.decode("utf-8"))
+        return out
+
+    async def log_hash_at(self, seq: int) -> str | None:
+        if seq < 0:
+            return None
+        raw, _rev = await self._read_raw(_lkey(seq))
+        # The stored text is the entry's canonical JSON: its hash is the entry's hash.
+        return hashlib.sha256(raw).hexdigest() if raw is not None else None
+
     # -- the bucket --------------------------------------------------------------
 
     def bucket_config(self) -> KeyValueConfig:
@@ -394,6 +540,7 @@ class KvStore(Store):
         elif _schema.get("version", 0) > SCHEMA_VERSION:
             raise StoreUnavailable(f"KV bucket {self.bucket} holds schema {_schema['version']}; "
                                    f"this membershipd knows {SCHEMA_VERSION}: upgrade it")
+        await self._write_root()
 
     async def available(self) -> bool:
         """The state bucket's stream answers within ``timeout`` (it has a leader)."""
@@ -453,7 +600,7 @@ class KvStore(Store):
             return "this bus_pub is the nkey of a member's sign_pub; a signing key never logs in to the bus", rev
         return None, rev
 
-    async def add_member(self, member: Member) -> Member:
+    async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
         if not _valid(member.handle):
             raise ValueError(f"handle {member.handle!r} cannot be a KV key")
         sign_nkey = nkey_from_sign_pub(member.sign_pub)
@@ -461,6 +608,7 @@ class KvStore(Store):
             raise Conflict("bus_pub is the nkey of the member's own sign_pub; the bus key must be a separate key")
 
         async def attempt() -> Member:
+            pos = await self._log_position(logged)
             (m, mrev), (s, srev), (sb, sbrev), (admins, arev) = await asyncio.gather(
                 self._read(_mkey(member.handle)), self._read(_skey(member.sign_pub)), self._read(_bkey(sign_nkey)),
                 self._read(ADMINS_KEY))
@@ -481,23 +629,26 @@ class KvStore(Store):
             if member.role == "admin":
                 current = set((admins or {}).get("admins", []))
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current | {member.handle})}, arev))
-            await self._commit(writes)
+            await self._commit(writes + self._log_writes(pos, logged, {}))
             return member
 
         result = await self._retrying(attempt)
         await self._changed(Change("member_added", handle=member.handle))
         return result
 
-    async def set_bus_key(self, handle: str, bus_pub: str) -> Member:
+    async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
         async def attempt() -> tuple[Member, bool]:
+            pos = await self._log_position(logged)
             m, mrev = await self._read(_mkey(handle))
             if m is None:
                 raise NotFound(f"no member {handle!r}")
             old = m.get("bus_pub")
             if old == bus_pub:
+                if pos is not None:
+                    await self._commit(self._log_writes(pos, logged, {}))
                 return _member(m), False
             why, brev = await self._bus_pub_taken(bus_pub, handle)
             if why:
@@ -509,7 +660,7 @@ class KvStore(Store):
                 entry, orev = await self._read(_bkey(old))
                 if entry is not None and entry.get("handle") == handle and entry.get("key") == "bus":
                     writes.append(_Write(_bkey(old), None, orev))  # the old key is free again
-            await self._commit(writes)
+            await self._commit(writes + self._log_writes(pos, logged, {}))
             return _member(new), True
 
         result, changed = await self._retrying(attempt)
@@ -517,11 +668,12 @@ class KvStore(Store):
             await self._changed(Change("member_bus_key", handle=handle))
         return result
 
-    async def set_role(self, handle: str, role: str) -> Member:
+    async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
         async def attempt() -> Member:
+            pos = await self._log_position(logged)
             (m, mrev), (admins, arev) = await asyncio.gather(self._read(_mkey(handle)), self._read(ADMINS_KEY))
             if m is None:
                 raise NotFound(f"no member {handle!r}")
@@ -529,21 +681,25 @@ class KvStore(Store):
             if m["role"] == "admin" and role != "admin" and not (current - {handle}):
                 raise Conflict(f"{handle!r} is the last admin; make another member admin first")
             if m["role"] == role:
+                if pos is not None:
+                    await self._commit(self._log_writes(pos, logged, {}))
                 return _member(m)
             new = {**m, "role": role}
             after = current | {handle} if role == "admin" else current - {handle}
-            await self._commit([_Write(_mkey(handle), new, mrev), _Write(ADMINS_KEY, {"admins": sorted(after)}, arev)])
+            await self._commit([_Write(_mkey(handle), new, mrev), _Write(ADMINS_KEY, {"admins": sorted(after)}, arev)]
+                               + self._log_writes(pos, logged, {}))
             return _member(new)
 
         result = await self._retrying(attempt)
         await self._changed(Change("member_updated", handle=handle))
         return result
 
-    async def delete_member(self, handle: str) -> list[str]:
+    async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
         async def attempt() -> tuple[list[str], list[tuple[str, int, int]]]:
+            pos = await self._log_position(logged)
             (m, mrev), rooms = await asyncio.gather(self._read(_mkey(handle)), self._scan("room"))
             if m is None:
                 raise NotFound(f"no member {handle!r}")
@@ -584,7 +740,7 @@ class KvStore(Store):
                 if rng:
                     strip.append((room["room_id"], rng[0], rng[1]))
                 writes.append(_Write(_rkey(room["room_id"]), new, rrev))
-            await self._commit(writes)
+            await self._commit(writes + self._log_writes(pos, logged, {}))
             return sorted(left), strip
 
         left, strip = await self._retrying(attempt)
@@ -606,6 +762,8 @@ class KvStore(Store):
                 if entry is None or handle not in entry.get("sealed", {}):
                     return
                 entry = {**entry, "sealed": {h: v for h, v in entry["sealed"].items() if h != handle}}
+                if "sigs" in entry:
+                    entry["sigs"] = {h: v for h, v in entry["sigs"].items() if h != handle}
                 await self._commit([_Write(key, entry, rev)])
 
             try:
@@ -629,11 +787,12 @@ class KvStore(Store):
         reads = await asyncio.gather(*(self._read(_mkey(h)) for h in handles))
         return {h: _member(v) for h, (v, _rev) in zip(handles, reads) if v is not None}
 
-    async def create_room(self, name: str, owner: str) -> Room:
+    async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
         if not _valid(owner):
             raise NotFound(f"no member {owner!r}")
 
         async def attempt() -> Room:
+            pos = await self._log_position(logged)
             m, mrev = await self._read(_mkey(owner))
             if m is None:
                 raise NotFound(f"no member {owner!r}")
@@ -641,7 +800,8 @@ class KvStore(Store):
             record = {"room_id": room_id, "name": name, "owner": owner, "epoch": 0, "rekey_required": True,
                       "created_at": datetime.now(UTC).isoformat(), "members": [owner], "sealed": {}}
             # The touch of the owner's record makes a concurrent delete_member of the owner lose (or this).
-            await self._commit([_Write(_rkey(room_id), record, 0), _Write(_mkey(owner), m, mrev)])
+            await self._commit([_Write(_rkey(room_id), record, 0), _Write(_mkey(owner), m, mrev)]
+                               + self._log_writes(pos, logged, {"room_id": room_id}))
             return self._room(record, {owner: _member(m)})
 
         room = await self._retrying(attempt)
@@ -670,10 +830,11 @@ class KvStore(Store):
             raise NotFound(f"no room {room_id!r}")
         return room, rev
 
-    async def delete_room(self, room_id: str) -> None:
+    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
         async def attempt() -> None:
+            pos = await self._log_position(logged)
             _room, rev = await self._room_or_404(room_id)
-            await self._commit([_Write(_rkey(room_id), None, rev)])
+            await self._commit([_Write(_rkey(room_id), None, rev)] + self._log_writes(pos, logged, {}))
 
         await self._retrying(attempt)
         # The sealed keys are unreachable once the room record is gone (room ids are
@@ -685,17 +846,21 @@ class KvStore(Store):
             log.warning("could not purge the sealed keys of deleted room %s: %s", room_id, e)
         await self._changed(Change("room_deleted", room_id=room_id))
 
-    async def add_room_member(self, room_id: str, handle: str) -> Room:
+    async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         async def attempt() -> tuple[Room, bool]:
+            pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
             m, mrev = await self._read(_mkey(handle)) if _valid(handle) else (None, 0)
             if m is None:
                 raise NotFound(f"no member {handle!r}")
             if handle in room["members"]:
+                if pos is not None:
+                    await self._commit(self._log_writes(pos, logged, {}))
                 return self._room(room, await self._members_of(room["members"])), False
             new = {**room, "members": sorted(set(room["members"]) | {handle}), "rekey_required": True}
             # The touch of the member's record: a concurrent delete_member of it cannot miss this room.
-            await self._commit([_Write(_rkey(room_id), new, rrev), _Write(_mkey(handle), m, mrev)])
+            await self._commit([_Write(_rkey(room_id), new, rrev), _Write(_mkey(handle), m, mrev)]
+                               + self._log_writes(pos, logged, {}))
             return self._room(new, await self._members_of(new["members"])), True
 
         room, changed = await self._retrying(attempt)
@@ -703,24 +868,28 @@ class KvStore(Store):
             await self._changed(Change("room_member_added", handle=handle, room_id=room_id))
         return room
 
-    async def remove_room_member(self, room_id: str, handle: str) -> Room:
+    async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         async def attempt() -> Room:
+            pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
             if handle not in room["members"]:
                 raise NotFound(f"{handle!r} is not a member of room {room_id!r}")
             new = {**room, "members": [h for h in room["members"] if h != handle], "rekey_required": True}
-            await self._commit([_Write(_rkey(room_id), new, rrev)])
+            await self._commit([_Write(_rkey(room_id), new, rrev)] + self._log_writes(pos, logged, {}))
             return self._room(new, await self._members_of(new["members"]))
 
         room = await self._retrying(attempt)
         await self._changed(Change("room_member_removed", handle=handle, room_id=room_id))
         return room
 
-    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes]) -> Room:
+    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
+                       sigs: dict[str, bytes] | None = None, sealer: str | None = None,
+                       log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
         if not _valid(room_id):
             raise NotFound(f"no room {room_id!r}")
 
         async def attempt() -> Room:
+            pos = await self._log_position(logged)
             (room, rrev), (_old, krev) = await asyncio.gather(self._room_or_404(room_id),
                                                              self._read(_kkey(room_id, epoch)))
             if epoch != room["epoch"] + 1:
@@ -737,16 +906,17 @@ class KvStore(Store):
                 first = ranges[h][0] if h in ranges else epoch
                 ranges[h] = [first, epoch]
             new = {**room, "epoch": epoch, "rekey_required": False, "sealed": ranges}
-            entry = {"room_id": room_id, "epoch": epoch, "sealed": {h: _b64e(v) for h, v in sorted(sealed.items())}}
+            entry = _keys_record(room_id, epoch, sealed, sigs, sealer, log_head)
             # One batch, both conditional: of two writers for the same epoch exactly one commits.
-            await self._commit([_Write(_kkey(room_id, epoch), entry, krev), _Write(_rkey(room_id), new, rrev)])
+            await self._commit([_Write(_kkey(room_id, epoch), entry, krev), _Write(_rkey(room_id), new, rrev)]
+                               + self._log_writes(pos, logged, {"epoch": epoch}))
             return self._room(new, await self._members_of(new["members"]))
 
         room = await self._retrying(attempt)
         await self._changed(Change("keys_posted", room_id=room_id))
         return room
 
-    async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
+    async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
         if not _valid(room_id, handle):
             return None
         room, _rev = await self._read(_rkey(room_id))
@@ -760,7 +930,13 @@ class KvStore(Store):
             return None
         entry, _rev = await self._read(_kkey(room_id, e))
         value = (entry or {}).get("sealed", {}).get(handle)
-        return (e, _b64d(value)) if value is not None else None
+        if value is None:
+            return None
+        assert entry is not None
+        sig = entry.get("sigs", {}).get(handle)
+        head = entry.get("log_head")
+        return KeyPackage(room_id, e, _b64d(value), _b64d(sig) if sig is not None else None, entry.get("sealer"),
+                          dict(head) if head is not None else None)
 
     async def membership(self) -> Membership:
         rooms, members = await asyncio.gather(self._scan("room"), self._scan("member"))
@@ -786,8 +962,11 @@ class KvStore(Store):
             raise
         return True
 
-    async def import_room(self, room: Room, epochs: dict[int, dict[str, bytes]]) -> bool:
+    async def import_room(self, room: Room, epochs: dict[int, dict[str, Any]]) -> bool:
         """Copy a room with its id, epoch, members and every sealed epoch; False if it is already here.
+
+        ``epochs``: ``{epoch: {"sealed": {handle: bytes}, "sigs": {handle: bytes},
+        "sealer": str | None, "log_head": {seq, hash} | None}}`` (the key packages).
 
         The sealed keys go first, each entry created only if absent; the room
         record last, as the commit point: until it exists nothing reads the
@@ -801,9 +980,10 @@ class KvStore(Store):
         if rrev:
             # A tombstone: the room was deleted here after an earlier copy. Do not resurrect it.
             return False
-        for e, sealed in sorted(epochs.items()):
+        for e, package in sorted(epochs.items()):
             key = _kkey(room.room_id, e)
-            entry = {"room_id": room.room_id, "epoch": e, "sealed": {h: _b64e(v) for h, v in sorted(sealed.items())}}
+            entry = _keys_record(room.room_id, e, package["sealed"], package.get("sigs"), package.get("sealer"),
+                                 package.get("log_head"))
 
             async def put(key: str = key, entry: dict[str, Any] = entry) -> None:
                 old, krev = await self._read(key)
@@ -812,8 +992,8 @@ class KvStore(Store):
 
             await self._retrying(put)
         ranges: dict[str, list[int]] = {}
-        for e, sealed in sorted(epochs.items()):
-            for h in sealed:
+        for e, package in sorted(epochs.items()):
+            for h in package["sealed"]:
                 ranges.setdefault(h, [e, e])[1] = e
         members = await self._members_of(m.handle for m in room.members)
         owner = room.owner if room.owner and await self.get_member(room.owner) is not None else ""
@@ -827,6 +1007,57 @@ class KvStore(Store):
             return False  # a concurrent import won
         await self._changed(Change("room_created", handle=owner or None, room_id=room.room_id))
         return True
+
+    async def import_log(self, texts: list[str], nonces: list[tuple[str, str, int]], max_created: int) -> int:
+        """Copy a membership log (entry texts from seq 0 on, the (keyid, nonce, seq) of
+        its requests, its largest ``created``); returns the entries written.
+
+        Entries and nonces first, each written only if absent; the head last, as
+        the commit point, so a re-run after a crash finishes the copy. A bucket
+        whose log already holds the last entry is left alone (a second run, or
+        a cluster that has moved on since); one with a log of its own that
+        does not contain this one is a :class:`Conflict`.
+        """
+        if not texts:
+            return 0
+        last = len(texts) - 1
+        last_hash = hashlib.sha256(texts[-1].encode("utf-8")).hexdigest()
+        head, hrev = await self._read(LOG_HEAD_KEY)
+        if head is not None:
+            if int(head["seq"]) >= last and await self.log_hash_at(last) == last_hash:
+                return 0
+            raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {head['seq']}) that "
+                           f"does not contain the one being copied (entry {last}, {last_hash}); nothing copied")
+        written = 0
+        chunk = 256
+        for i in range(0, len(texts), chunk):
+            part = [(_lkey(q), texts[q].encode("utf-8")) for q in range(i, min(i + chunk, len(texts)))]
+            got = await asyncio.gather(*(self._read_raw(k) for k, _raw in part))
+            writes = []
+            for (key, raw), (old, rev) in zip(part, got):
+                if old == raw:
+                    continue
+                if old is not None:
+                    raise Conflict(f"KV bucket {self.bucket}: {key} differs from the log being copied; nothing "
+                                   "more copied")
+                writes.append(_Write(key, None, rev, raw=raw))
+            if writes:
+                await self._commit(writes)
+                written += len(writes)
+        valid = [(k, n, q) for k, n, q in nonces if _valid(k, n)]
+        for i in range(0, len(valid), chunk):
+            part = valid[i:i + chunk]
+            got = await asyncio.gather(*(self._read(_nonce_key(k, n)) for k, n, _q in part))
+            writes = [_Write(_nonce_key(k, n), {"seq": q}, rev) for (k, n, q), (old, rev) in zip(part, got)
+                      if old is None]
+            if writes:
+                await self._commit(writes)
+        try:
+            await self._commit([_Write(LOG_HEAD_KEY, {"seq": last, "hash": last_hash, "max_created": max_created},
+                                       hrev)])
+        except _CasLost:
+            raise Conflict(f"KV bucket {self.bucket}: its membership log head changed during the copy") from None
+        return written
 
     # -- the watch ------------------------------------------------------------------
 
@@ -920,40 +1151,41 @@ class KvStore(Store):
                     log.exception("KV watch: reporting a change failed")
 
 
-async def _sealed_epochs(src: Store, room: Room, handles: list[str]) -> dict[int, dict[str, bytes]]:
-    """Every sealed key of a room in ``src``: ``{epoch: {handle: sealed}}``."""
+async def _sealed_epochs(src: Store, room: Room, handles: list[str]) -> dict[int, dict[str, Any]]:
+    """Every sealed epoch of a room in ``src`` with its key packages (see :meth:`KvStore.import_room`)."""
     from .sqlite import SqliteStore
 
     if isinstance(src, SqliteStore):
-        from sqlalchemy import select
-
-        from . import models as m
-
-        def q(s: Any) -> dict[int, dict[str, bytes]]:
-            out: dict[int, dict[str, bytes]] = {}
-            for row in s.scalars(select(m.SealedKey).where(m.SealedKey.room_id == room.room_id)):
-                out.setdefault(row.epoch, {})[row.handle] = bytes(row.sealed)
-            return out
-
-        return await src._run(q)
-    out: dict[int, dict[str, bytes]] = {}
+        return await src.epoch_packages(room.room_id)
+    out: dict[int, dict[str, Any]] = {}
     for e in range(1, room.epoch + 1):
-        got = await asyncio.gather(*(src.get_sealed_key(room.room_id, h, e) for h in handles))
+        got = await asyncio.gather(*(src.get_key_package(room.room_id, h, e) for h in handles))
         for h, g in zip(handles, got):
             if g is not None:
-                out.setdefault(e, {})[h] = g[1]
+                package = out.setdefault(e, {"sealed": {}, "sigs": {}, "sealer": g.sealer, "log_head": g.log_head})
+                package["sealed"][h] = g.sealed
+                if g.sig is not None:
+                    package["sigs"][h] = g.sig
     return out
 
 
 async def copy_store(src: Store, dst: KvStore) -> dict[str, int]:
-    """Copy members, rooms, room members and every sealed epoch from ``src`` into ``dst``.
+    """Copy the membership log, members, rooms, room members and every sealed epoch
+    (with its key packages) from ``src`` (SQLite) into ``dst``.
 
-    Idempotent: what is already in ``dst`` (a member by handle, a room by id) is
-    left untouched, and so is what was copied and deleted there since; a second
-    run writes nothing. A run cut short is finished by the next one. Returns what was copied:
-    ``{"members": n, "rooms": n, "sealed_epochs": n}``.
+    Idempotent: what is already in ``dst`` (the log up to its last entry, a
+    member by handle, a room by id) is left untouched, and so is what was
+    copied and deleted there since; a second run writes nothing. A run cut
+    short is finished by the next one. Returns what was copied:
+    ``{"log_entries": n, "members": n, "rooms": n, "sealed_epochs": n}``.
     """
-    counts = {"members": 0, "rooms": 0, "sealed_epochs": 0}
+    from .sqlite import SqliteStore
+
+    counts = {"log_entries": 0, "members": 0, "rooms": 0, "sealed_epochs": 0}
+    if isinstance(src, SqliteStore):
+        # The log first: once its head is in the bucket, no node writes a snapshot of its own there.
+        texts, nonces, max_created = await src.log_export()
+        counts["log_entries"] = await dst.import_log(texts, nonces, max_created)
     members = await src.list_members()
     for member in members:
         if await dst.import_member(member):

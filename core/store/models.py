@@ -68,3 +68,38 @@ class SealedKey(Base):
     epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
     handle: Mapped[str] = mapped_column(ForeignKey("members.handle", ondelete="CASCADE"), primary_key=True)
     sealed: Mapped[bytes] = mapped_column(LargeBinary(4096))
+    #: The sealer's Ed25519 signature of this member's key package (64 bytes;
+    #: docs/formats.md); NULL for keys sealed before 0.12 (revision 0004).
+    sig: Mapped[bytes | None] = mapped_column(LargeBinary(64), nullable=True)
+
+
+class RoomEpoch(Base):
+    """Who sealed an epoch of a room, at which membership-log head (revision 0004)."""
+
+    __tablename__ = "room_epochs"
+
+    room_id: Mapped[str] = mapped_column(ForeignKey("rooms.room_id", ondelete="CASCADE"), primary_key=True)
+    epoch: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sealer: Mapped[str] = mapped_column(String(32))
+    log_seq: Mapped[int] = mapped_column(Integer)
+    log_hash: Mapped[str] = mapped_column(String(64))
+
+
+class LogEntry(Base):
+    """One entry of the membership log: its RFC 8785 canonical JSON text and its hash (revision 0004)."""
+
+    __tablename__ = "log_entries"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    hash: Mapped[str] = mapped_column(Text)
+    entry: Mapped[str] = mapped_column(Text)
+
+
+class LogNonce(Base):
+    """Every (keyid, nonce) of a request in the membership log: each may be there once (revision 0004)."""
+
+    __tablename__ = "log_nonces"
+
+    keyid: Mapped[str] = mapped_column(String(128), primary_key=True)
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer)

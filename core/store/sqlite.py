@@ -3,6 +3,12 @@
 All database work runs on a single dedicated thread, so writes are serialised
 in the order they arrive and the event loop never blocks on SQLite. Each
 mutation is one transaction: a crash mid-write leaves the previous state.
+
+A logged change (``logged=``) appends its membership-log entry in that same
+transaction: the transaction first takes SQLite's write lock (so an offline
+``membershipd member add`` in another process cannot interleave), reads the
+head, checks the request against the log, applies the effect, and inserts the
+entry; an error anywhere rolls all of it back (docs/store.md, "The membership log").
 """
 
 from __future__ import annotations
@@ -16,13 +22,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import delete, func, insert, select, update
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from ..memberlog import bootstrap_entry, snapshot_entry
 from ..wire import KeyFormatError, nkey_from_sign_pub, sign_pub_from_nkey
 from . import models as m
-from .base import Change, Conflict, Member, Membership, NotFound, Room, Store
+from .base import (
+    Change,
+    Conflict,
+    KeyPackage,
+    LogRecord,
+    Member,
+    Membership,
+    NotFound,
+    Room,
+    Store,
+    check_appendable,
+    entry_text,
+    snapshot_member,
+    snapshot_room,
+)
 from .db import make_engine
 
 T = TypeVar("T")
@@ -76,17 +100,25 @@ class SqliteStore(Store):
 
         return await self._run(q)
 
-    async def add_member(self, member: Member) -> Member:
-        result = await self._run(lambda s: add_member_sync(s, member))
+    async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
+        def q(s: Session) -> Member:
+            pos = log_begin(s, logged)
+            added = add_member_sync(s, member)
+            log_end(s, pos, logged, {})
+            return added
+
+        result = await self._run(q)
         await self._changed(Change("member_added", handle=member.handle))
         return result
 
-    async def set_bus_key(self, handle: str, bus_pub: str) -> Member:
+    async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
         def q(s: Session) -> tuple[Member, bool]:
+            pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
             if row is None:
                 raise NotFound(f"no member {handle!r}")
             if row.bus_pub == bus_pub:
+                log_end(s, pos, logged, {})
                 return _member(row), False
             _check_bus_pub_free(s, bus_pub, handle)
             row.bus_pub = bus_pub
@@ -94,6 +126,7 @@ class SqliteStore(Store):
                 s.flush()
             except IntegrityError:
                 raise Conflict("another member already has this bus_pub") from None
+            log_end(s, pos, logged, {})
             return _member(row), True
 
         result, changed = await self._run(q)
@@ -101,22 +134,25 @@ class SqliteStore(Store):
             await self._changed(Change("member_bus_key", handle=handle))
         return result
 
-    async def set_role(self, handle: str, role: str) -> Member:
+    async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
         def q(s: Session) -> Member:
+            pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
             if row is None:
                 raise NotFound(f"no member {handle!r}")
             if row.role == "admin" and role != "admin" and _admin_count(s) <= 1:
                 raise Conflict(f"{handle!r} is the last admin; make another member admin first")
             row.role = role
+            log_end(s, pos, logged, {})
             return _member(row)
 
         result = await self._run(q)
         await self._changed(Change("member_updated", handle=handle))
         return result
 
-    async def delete_member(self, handle: str) -> list[str]:
+    async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
         def q(s: Session) -> list[str]:
+            pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
             if row is None:
                 raise NotFound(f"no member {handle!r}")
@@ -131,6 +167,7 @@ class SqliteStore(Store):
             # must not inherit it. Admins manage ownerless rooms.
             s.execute(update(m.Room).where(m.Room.owner == handle).values(owner=""))
             s.delete(row)
+            log_end(s, pos, logged, {})
             return sorted(rooms)
 
         rooms = await self._run(q)
@@ -160,8 +197,9 @@ class SqliteStore(Store):
             raise NotFound(f"no room {room_id!r}")
         return row
 
-    async def create_room(self, name: str, owner: str) -> Room:
+    async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
         def q(s: Session) -> Room:
+            pos = log_begin(s, logged)
             if s.get(m.Member, owner) is None:
                 raise NotFound(f"no member {owner!r}")
             now = _now()
@@ -169,6 +207,7 @@ class SqliteStore(Store):
             s.add(row)
             s.add(m.RoomMember(room_id=row.room_id, handle=owner, added_at=now))
             s.flush()
+            log_end(s, pos, logged, {"room_id": row.room_id})
             return self._room(s, row)
 
         room = await self._run(q)
@@ -191,26 +230,32 @@ class SqliteStore(Store):
 
         return await self._run(q)
 
-    async def delete_room(self, room_id: str) -> None:
+    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
         def q(s: Session) -> None:
+            pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             s.execute(delete(m.SealedKey).where(m.SealedKey.room_id == room_id))
+            s.execute(delete(m.RoomEpoch).where(m.RoomEpoch.room_id == room_id))
             s.execute(delete(m.RoomMember).where(m.RoomMember.room_id == room_id))
             s.delete(row)
+            log_end(s, pos, logged, {})
 
         await self._run(q)
         await self._changed(Change("room_deleted", room_id=room_id))
 
-    async def add_room_member(self, room_id: str, handle: str) -> Room:
+    async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         def q(s: Session) -> tuple[Room, bool]:
+            pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             if s.get(m.Member, handle) is None:
                 raise NotFound(f"no member {handle!r}")
             if s.get(m.RoomMember, (room_id, handle)) is not None:
+                log_end(s, pos, logged, {})
                 return self._room(s, row), False
             s.add(m.RoomMember(room_id=room_id, handle=handle, added_at=_now()))
             row.rekey_required = True
             s.flush()
+            log_end(s, pos, logged, {})
             return self._room(s, row), True
 
         room, changed = await self._run(q)
@@ -218,8 +263,9 @@ class SqliteStore(Store):
             await self._changed(Change("room_member_added", handle=handle, room_id=room_id))
         return room
 
-    async def remove_room_member(self, room_id: str, handle: str) -> Room:
+    async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         def q(s: Session) -> Room:
+            pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             link = s.get(m.RoomMember, (room_id, handle))
             if link is None:
@@ -227,14 +273,20 @@ class SqliteStore(Store):
             s.delete(link)
             row.rekey_required = True
             s.flush()
+            log_end(s, pos, logged, {})
             return self._room(s, row)
 
         room = await self._run(q)
         await self._changed(Change("room_member_removed", handle=handle, room_id=room_id))
         return room
 
-    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes]) -> Room:
+    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
+                       sigs: dict[str, bytes] | None = None, sealer: str | None = None,
+                       log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
+        sigs = sigs or {}
+
         def q(s: Session) -> Room:
+            pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             if epoch != row.epoch + 1:
                 raise Conflict(f"epoch must be {row.epoch + 1} (the room is at epoch {row.epoch})",
@@ -250,24 +302,79 @@ class SqliteStore(Store):
             if done.rowcount != 1:
                 raise Conflict("another rekey won the race; fetch the room and try again")
             s.execute(insert(m.SealedKey.__table__),
-                      [{"room_id": room_id, "epoch": epoch, "handle": h, "sealed": v} for h, v in sealed.items()])
+                      [{"room_id": room_id, "epoch": epoch, "handle": h, "sealed": v, "sig": sigs.get(h)}
+                       for h, v in sealed.items()])
+            if sealer is not None and log_head is not None:
+                s.execute(insert(m.RoomEpoch.__table__).values(room_id=room_id, epoch=epoch, sealer=sealer,
+                                                               log_seq=log_head["seq"], log_hash=log_head["hash"]))
+            log_end(s, pos, logged, {"epoch": epoch})
             return Room(row.room_id, row.name, row.owner, epoch, False, _aware(row.created_at), members)
 
         room = await self._run(q)
         await self._changed(Change("keys_posted", room_id=room_id))
         return room
 
-    async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
-        def q(s: Session) -> tuple[int, bytes] | None:
-            stmt = select(m.SealedKey).where(m.SealedKey.room_id == room_id, m.SealedKey.handle == handle)
-            stmt = stmt.where(m.SealedKey.epoch == epoch) if epoch is not None else stmt.order_by(m.SealedKey.epoch.desc())
-            row = s.scalars(stmt.limit(1)).first()
-            return (row.epoch, bytes(row.sealed)) if row else None
+    async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
+        def q(s: Session) -> KeyPackage | None:
+            k, e = m.SealedKey, m.RoomEpoch
+            stmt = (select(k.epoch, k.sealed, k.sig, e.sealer, e.log_seq, e.log_hash)
+                    .outerjoin(e, (e.room_id == k.room_id) & (e.epoch == k.epoch))
+                    .where(k.room_id == room_id, k.handle == handle))
+            stmt = stmt.where(k.epoch == epoch) if epoch is not None else stmt.order_by(k.epoch.desc())
+            row = s.execute(stmt.limit(1)).first()
+            if row is None:
+                return None
+            got, sealed, sig, sealer, log_seq, log_hash = row
+            head = {"seq": log_seq, "hash": log_hash} if sealer is not None else None
+            return KeyPackage(room_id, got, bytes(sealed), bytes(sig) if sig is not None else None,
+                              sealer, head)
 
         return await self._run(q)
 
     async def membership(self) -> Membership:
         return await self._run(membership_sync)
+
+    # -- the membership log ------------------------------------------------------
+
+    async def log_head(self) -> tuple[int, str]:
+        return await self._run(log_head_sync)
+
+    async def log_entries(self, after: int = -1, limit: int = 500) -> list[str]:
+        return await self._run(lambda s: list(s.scalars(
+            select(m.LogEntry.entry).where(m.LogEntry.seq > after).order_by(m.LogEntry.seq).limit(limit))))
+
+    async def log_hash_at(self, seq: int) -> str | None:
+        return await self._run(lambda s: s.scalar(select(m.LogEntry.hash).where(m.LogEntry.seq == seq)))
+
+    async def log_export(self) -> tuple[list[str], list[tuple[str, str, int]], int]:
+        """The whole log for ``migrate-to-kv``: entry texts in order, the (keyid, nonce, seq)
+        of its requests, and the largest ``created`` of a request in it."""
+        def q(s: Session) -> tuple[list[str], list[tuple[str, str, int]], int]:
+            texts = list(s.scalars(select(m.LogEntry.entry).order_by(m.LogEntry.seq)))
+            nonces = [(k, n, int(q)) for k, n, q in s.execute(select(m.LogNonce.keyid, m.LogNonce.nonce,
+                                                                       m.LogNonce.seq))]
+            max_created = int(s.scalar(select(m.Meta.value).where(m.Meta.key == MAX_CREATED_KEY)) or 0)
+            return texts, nonces, max_created
+
+        return await self._run(q)
+
+    async def epoch_packages(self, room_id: str) -> dict[int, dict[str, Any]]:
+        """Every sealed epoch of a room with its key packages (for ``migrate-to-kv``):
+        ``{epoch: {"sealed": {handle: bytes}, "sigs": {handle: bytes}, "sealer", "log_head"}}``."""
+        def q(s: Session) -> dict[int, dict[str, Any]]:
+            out: dict[int, dict[str, Any]] = {}
+            for row in s.scalars(select(m.SealedKey).where(m.SealedKey.room_id == room_id)):
+                e = out.setdefault(row.epoch, {"sealed": {}, "sigs": {}, "sealer": None, "log_head": None})
+                e["sealed"][row.handle] = bytes(row.sealed)
+                if row.sig is not None:
+                    e["sigs"][row.handle] = bytes(row.sig)
+            for row in s.scalars(select(m.RoomEpoch).where(m.RoomEpoch.room_id == room_id)):
+                if row.epoch in out:
+                    out[row.epoch]["sealer"] = row.sealer
+                    out[row.epoch]["log_head"] = {"seq": row.log_seq, "hash": row.log_hash}
+            return out
+
+        return await self._run(q)
 
 
 # -- synchronous helpers shared with offline commands (membershipd member add) ----
@@ -308,6 +415,110 @@ def add_member_sync(s: Session, member: Member) -> Member:
     except IntegrityError:
         raise Conflict(f"a member with handle {member.handle!r}, this sign_pub or this bus_pub already exists") from None
     return member
+
+
+# -- the membership log, inside a write transaction (docs/store.md) ---------------------
+
+#: unibus_meta key of the largest ``created`` of a request in the log.
+MAX_CREATED_KEY = "log.max_created"
+
+
+@dataclass(frozen=True)
+class LogPosition:
+    """Where the next entry goes: ``seq`` after ``prev``; the log's largest ``created``."""
+
+    seq: int
+    prev: str
+    max_created: int
+
+
+def log_head_sync(s: Session) -> tuple[int, str]:
+    last = s.execute(select(m.LogEntry.seq, m.LogEntry.hash).order_by(m.LogEntry.seq.desc()).limit(1)).first()
+    return (int(last[0]), str(last[1])) if last is not None else (-1, "")
+
+
+def _lock_for_write(s: Session) -> None:
+    """Take SQLite's write lock now, before the log head is read: the head read
+    and the append are then one serialised step, even against another process
+    (``membershipd member add`` while the daemon runs), which waits its turn."""
+    s.execute(text("UPDATE unibus_meta SET value = value WHERE key = :k"), {"k": MAX_CREATED_KEY})
+
+
+def snapshot_sync(s: Session) -> dict[str, Any] | None:
+    """The snapshot entry (seq 0) of the current state; None when there are no members."""
+    members = [_member(r) for r in s.scalars(select(m.Member).order_by(m.Member.handle))]
+    if not members:
+        return None
+    known = frozenset(mb.handle for mb in members)
+    rosters: dict[str, set[str]] = {}
+    for room_id, handle in s.execute(select(m.RoomMember.room_id, m.RoomMember.handle)):
+        rosters.setdefault(room_id, set()).add(handle)
+    rooms = [snapshot_room(r.room_id, r.name, r.owner, r.epoch, bool(r.rekey_required), rosters.get(r.room_id, set()),
+                           known) for r in s.scalars(select(m.Room))]
+    return snapshot_entry(int(_now().timestamp()), [snapshot_member(mb) for mb in members], rooms)
+
+
+def ensure_root_sync(s: Session) -> tuple[int, str]:
+    """The log's head, after writing entry 0 (a snapshot of the state) if the log is
+    empty while there are members: a store filled before it had a log."""
+    head = log_head_sync(s)
+    if head[0] >= 0:
+        return head
+    entry = snapshot_sync(s)
+    if entry is None:
+        return head
+    digest, body = entry_text(entry)
+    s.add(m.LogEntry(seq=0, hash=digest, entry=body))
+    s.flush()
+    return 0, digest
+
+
+def log_begin(s: Session, logged: LogRecord | None) -> LogPosition | None:
+    """First step of a logged write: lock, read the head, check the request against the log.
+
+    Runs before the effect, so a snapshot it may write (entry 0) is the state
+    before it. :class:`unibus.store.base.LogRejected` when the log refuses the request.
+    """
+    if logged is None:
+        return None
+    _lock_for_write(s)
+    seq, prev = ensure_root_sync(s)
+    max_created = int(s.scalar(select(m.Meta.value).where(m.Meta.key == MAX_CREATED_KEY)) or 0)
+    seen = s.get(m.LogNonce, (logged.keyid, logged.nonce)) is not None
+    check_appendable(logged, max_created, seen)
+    return LogPosition(seq + 1, prev, max_created)
+
+
+def log_end(s: Session, pos: LogPosition | None, logged: LogRecord | None, result: dict[str, Any]) -> None:
+    """Last step of a logged write: the entry, its nonce and the log's largest ``created``."""
+    if pos is None or logged is None:
+        return
+    digest, body = logged.entry(pos.seq, pos.prev, result)
+    s.add(m.LogEntry(seq=pos.seq, hash=digest, entry=body))
+    s.add(m.LogNonce(keyid=logged.keyid, nonce=logged.nonce, seq=pos.seq))
+    meta = s.get(m.Meta, MAX_CREATED_KEY)
+    if meta is None:
+        s.add(m.Meta(key=MAX_CREATED_KEY, value=str(max(pos.max_created, logged.created))))
+    else:
+        meta.value = str(max(pos.max_created, logged.created))
+    try:
+        s.flush()
+    except IntegrityError:  # another writer took this seq: impossible under the write lock, refused anyway
+        raise Conflict("the membership log moved during this change; try again") from None
+
+
+def append_bootstrap_sync(s: Session, member: Member) -> tuple[int, str]:
+    """``membershipd member add``: the member and its ``bootstrap`` entry, in the caller's transaction.
+
+    Returns ``(seq, hash)`` of the entry (its fingerprint).
+    """
+    _lock_for_write(s)
+    seq, prev = ensure_root_sync(s)
+    add_member_sync(s, member)
+    digest, body = entry_text(bootstrap_entry(seq + 1, prev, int(_now().timestamp()), snapshot_member(member)))
+    s.add(m.LogEntry(seq=seq + 1, hash=digest, entry=body))
+    s.flush()
+    return seq + 1, digest
 
 
 def membership_sync(s: Session) -> Membership:

@@ -34,6 +34,13 @@ async def world(daemon_with_admin, alice):
         await c.close()
 
 
+async def post_keys(client, room_id, epoch, sealed):
+    """A keys POST as a 0.12 client makes it: each member's key package signed at the served log head."""
+    head = await client.log_head()
+    return await client.post_keys(room_id, epoch, sealed, client.sign_key_packages(room_id, epoch, sealed, head),
+                                  {"seq": head["seq"], "hash": head["hash"]})
+
+
 def seal_all(room, key, epoch, people):
     return {m["handle"]: base64.b64encode(seal_room_key(key, base64.b64decode(m["enc_pub"]), m["enc_suite"],
                                                         room["room_id"], epoch)).decode()
@@ -65,15 +72,15 @@ async def test_room_lifecycle(world):
     # keys: wrong epoch, missing and extra handles are 409s that say which
     key = new_room_key()
     sealed = seal_all(room, key, 1, people)
-    problem = await expect(409, c["bob"].post_keys(rid, 2, sealed))
+    problem = await expect(409, post_keys(c["bob"], rid, 2, sealed))
     assert "epoch must be 1" in problem["detail"]
-    problem = await expect(409, c["bob"].post_keys(rid, 1, {"bob": sealed["bob"]}))
+    problem = await expect(409, post_keys(c["bob"], rid, 1, {"bob": sealed["bob"]}))
     assert problem["missing"] == ["carol"] and problem["extra"] == []
-    problem = await expect(409, c["bob"].post_keys(rid, 1, {**sealed, "dave": sealed["bob"]}))
+    problem = await expect(409, post_keys(c["bob"], rid, 1, {**sealed, "dave": sealed["bob"]}))
     assert problem["missing"] == [] and problem["extra"] == ["dave"]
-    await expect(422, c["bob"].post_keys(rid, 1, {**sealed, "carol": sealed["bob"]}))  # wrong size for the suite
-    await expect(403, c["carol"].post_keys(rid, 1, sealed))
-    room = await c["bob"].post_keys(rid, 1, sealed)
+    await expect(422, post_keys(c["bob"], rid, 1, {**sealed, "carol": sealed["bob"]}))  # wrong size for the suite
+    await expect(403, post_keys(c["carol"], rid, 1, sealed))
+    room = await post_keys(c["bob"], rid, 1, sealed)
     assert room["epoch"] == 1 and room["rekey_required"] is False
 
     for h in ("bob", "carol"):
@@ -87,7 +94,7 @@ async def test_room_lifecycle(world):
     room = await c["bob"].get_room(rid)
     assert room["rekey_required"] is True and [m["handle"] for m in room["members"]] == ["bob"]
     key2 = new_room_key()
-    await c["bob"].post_keys(rid, 2, seal_all(room, key2, 2, people))
+    await post_keys(c["bob"], rid, 2, seal_all(room, key2, 2, people))
     assert (await c["carol"].my_key(rid))["epoch"] == 1
     await expect(404, c["carol"].my_key(rid, epoch=2))
     assert (await c["carol"].my_key(rid, epoch=1))["epoch"] == 1
@@ -107,7 +114,7 @@ async def test_deleting_a_member_removes_it_from_every_room(world):
     r2 = (await c["bob"].create_room("two"))["room_id"]
     for rid in (r1, r2):
         room = await c["bob"].add_room_member(rid, "dave")
-        await c["bob"].post_keys(rid, 1, seal_all(room, new_room_key(), 1, people))
+        await post_keys(c["bob"], rid, 1, seal_all(room, new_room_key(), 1, people))
     await c["alice"].remove_member("dave")
     for rid in (r1, r2):
         room = await c["bob"].get_room(rid)
@@ -121,7 +128,7 @@ async def test_concurrent_rekeys_exactly_one_wins(world):
     room = await c["bob"].add_room_member(rid, "carol")
     keys = [new_room_key() for _ in range(6)]
     results = await asyncio.gather(
-        *(c["bob" if i % 2 else "alice"].post_keys(rid, 1, seal_all(room, k, 1, people)) for i, k in enumerate(keys)),
+        *(post_keys(c["bob" if i % 2 else "alice"], rid, 1, seal_all(room, k, 1, people)) for i, k in enumerate(keys)),
         return_exceptions=True,
     )
     wins = [r for r in results if not isinstance(r, Exception)]

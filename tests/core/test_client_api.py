@@ -19,6 +19,7 @@ from aiohttp import web
 from unibus.client import ApiError, KeyUnavailable, ServerUnreachable, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import SealError, encrypt_message, open_room_key
+from unibus.memberlog import key_package_input, verify_ed25519
 from unibus.signing import SignatureError, split_path_query, verify_request
 from unibus.testing import free_port
 
@@ -61,6 +62,8 @@ class FakeServer:
         r.add_post("/v1/rooms/{id}/keys", self.post_keys)
         r.add_get("/v1/rooms/{id}/keys/me", self.my_key)
         r.add_get("/v1/bus", self.bus)
+        r.add_get("/v1/log/head", self.log_head)
+        self.head = {"seq": 4, "hash": "ab" * 32, "auth_skew": 60}
         self.app = app
 
     def add(self, identity, role="member") -> None:
@@ -156,6 +159,15 @@ class FakeServer:
         want = {m["handle"] for m in room["members"]}
         if set(doc["sealed"]) != want:
             return problem(409, "sealed must name exactly the members")
+        # The SDK signs every member's key package at the head it was served (docs/formats.md).
+        if doc["log_head"] != {"seq": self.head["seq"], "hash": self.head["hash"]} or set(doc["sigs"]) != want:
+            return problem(422, "sigs and log_head must go with sealed")
+        sealer = base64.b64decode(self.members[request[HANDLE]]["sign_pub"])
+        for h, sealed in doc["sealed"].items():
+            message = key_package_input(rid, doc["epoch"], h, base64.b64decode(sealed), self.head["seq"],
+                                        self.head["hash"])
+            if not verify_ed25519(sealer, message, base64.b64decode(doc["sigs"][h])):
+                return problem(422, f"sigs.{h} does not verify")
         self.keys[(rid, doc["epoch"])] = doc["sealed"]
         room["epoch"] = doc["epoch"]
         room["rekey_required"] = False
@@ -170,6 +182,9 @@ class FakeServer:
         if not epochs:
             return problem(404, "no key sealed to you")
         return web.json_response({"epoch": epochs[0], "sealed": self.keys[(rid, epochs[0])][me]})
+
+    async def log_head(self, request):
+        return web.json_response(self.head)
 
     async def bus(self, request):
         h = request[HANDLE]

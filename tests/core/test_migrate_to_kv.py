@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import nats
 import pytest
@@ -32,9 +33,13 @@ async def test_copies_everything_once(daemon_with_admin, alice):
     args = ["migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", server.nats_url]
     first = await asyncio.to_thread(run_membershipd, *args)
     assert first.returncode == 0, first.stderr
-    assert "copied 2 member(s), 1 room(s), 2 sealed epoch(s)" in first.stdout
+    # The log: alice's bootstrap, bob's add, the room, its member, two rekeys.
+    assert "copied 6 membership log entries, 2 member(s), 1 room(s), 2 sealed epoch(s)" in first.stdout
     second = await asyncio.to_thread(run_membershipd, *args)
     assert second.returncode == 0 and "nothing to do" in second.stdout
+    async with UnibusClient(server.base_url, bob) as b:
+        served = await b.log()
+        packages = [await b.my_key(room, epoch) for epoch in (1, 2)]
 
     nc = await nats.connect(server.nats_url, nkeys_seed=str(server.data_dir / "service.nkey"))
     try:
@@ -45,6 +50,12 @@ async def test_copies_everything_once(daemon_with_admin, alice):
         for epoch in (1, 2):
             got = await kv.get_sealed_key(room, "bob", epoch)
             assert got is not None and len(got[1]) == 1168
+            # The key packages came along: the same sig, sealer and log head as the server serves.
+            assert (await kv.get_key_package(room, "bob", epoch)).as_json() == packages[epoch - 1]
+        # The log, byte for byte, and its head.
+        texts = await kv.log_entries()
+        assert [json.loads(t) for t in texts] == served["entries"]
+        assert await kv.log_head() == (served["head"]["seq"], served["head"]["hash"]) == (5, served["head"]["hash"])
     finally:
         await nc.close()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import sqlite3
 import subprocess
@@ -10,10 +11,13 @@ import sys
 
 import pytest
 
+from unibus.client.keys import generate_identity
+from unibus.memberlog import LogError, LogState, entry_hash
 from unibus.migrations import HEAD_REVISION
 from unibus.store.base import Conflict
 from unibus.store.db import head_revision, migrate, stored_revision
 from unibus.store.sqlite import SqliteStore, read_membership
+from unibus.testing import run_membershipd
 from unibus.wire import nkey_from_sign_pub
 
 
@@ -115,3 +119,104 @@ def test_a_011_database_upgrades_without_loss_and_without_bus_keys(tmp_path):
             await store.close()
 
     asyncio.run(two_keys())
+
+
+# -- the membership log: revision 0004, `migrate` and `member add` ------------------------------------
+
+
+def log_rows(db):
+    with sqlite3.connect(db) as conn:
+        return [(seq, digest, json.loads(text)) for seq, digest, text in
+                conn.execute("select seq, hash, entry from log_entries order by seq")]
+
+
+def fingerprint_line(stdout):
+    lines = [line for line in stdout.splitlines() if line.startswith("trust root fingerprint: ")]
+    assert len(lines) == 1, stdout
+    return lines[0].split()[3]
+
+
+def test_a_011_database_gets_a_snapshot_that_replays_to_its_state(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    db = data_dir / "membershipd.db"
+    people = {"alice": generate_identity("alice"), "bob": generate_identity("bob", "MLKEM768_X25519"),
+              "carol": generate_identity("carol")}
+    roles = {"alice": "admin", "bob": "member", "carol": "member"}
+    build_011_database(db, [(h, roles[h], i.sign_pub, i.enc_pub, i.enc_suite) for h, i in people.items()],
+                       [("r0", "ops", "alice", ["alice", "bob"]), ("r1", "orphans", "ghost", ["bob", "carol"])])
+    with sqlite3.connect(db) as conn:  # r0 was keyed three times; its last key is still stored
+        conn.execute("update rooms set epoch = 3, rekey_required = 0 where room_id = 'r0'")
+        conn.execute("insert into sealed_keys values ('r0', 3, 'bob', x'0102')")
+    proc = run_membershipd("migrate", "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    root = fingerprint_line(proc.stdout)
+    assert f"`unibus trust {root}`" in proc.stdout
+
+    [(seq, digest, entry)] = log_rows(db)
+    assert (seq, digest) == (0, root) and entry["kind"] == "snapshot" and entry_hash(entry) == root
+    state = LogState(trust_root=root)
+    state.apply(entry)
+    assert {h: (m.role, m.sign_pub, m.enc_pub, m.enc_suite, m.bus_pub) for h, m in state.members.items()} == {
+        h: (roles[h], i.sign_pub, i.enc_pub, i.enc_suite, None) for h, i in people.items()}
+    assert {rid: r.as_json() for rid, r in state.rooms.items()} == {
+        "r0": {"room_id": "r0", "name": "ops", "owner": "alice", "epoch": 3, "rekey_required": False,
+               "members": ["alice", "bob"]},
+        "r1": {"room_id": "r1", "name": "orphans", "owner": "", "epoch": 0, "rekey_required": True,
+               "members": ["bob", "carol"]}}
+
+    async def check_store() -> None:
+        store = SqliteStore(db)
+        try:
+            assert (await store.get_room("r1")).owner == ""  # the rows say what the snapshot says
+            old = await store.get_key_package("r0", "bob")
+            assert (old.epoch, old.sealed, old.sig, old.sealer, old.log_head) == (3, b"\x01\x02", None, None, None)
+            assert old.as_json()["sig"] is None
+            assert await store.log_head() == (0, root)
+        finally:
+            await store.close()
+
+    asyncio.run(check_store())
+    again = run_membershipd("migrate", "--data-dir", str(data_dir))
+    assert again.returncode == 0 and "already at revision" in again.stdout
+    assert fingerprint_line(again.stdout) == root and len(log_rows(db)) == 1
+
+
+def test_an_empty_database_gets_no_snapshot(tmp_path):
+    data_dir = tmp_path / "data"
+    proc = run_membershipd("migrate", "--data-dir", str(data_dir))
+    assert proc.returncode == 0 and "fingerprint" not in proc.stdout
+    assert log_rows(data_dir / "membershipd.db") == []
+
+
+def test_member_add_writes_a_bootstrap_entry_and_prints_its_fingerprint(tmp_path):
+    data_dir = tmp_path / "data"
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+
+    def add(i, role):
+        return run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", i.handle, "--role", role,
+                               "--sign-pub", i.sign_pub_b64, "--enc-pub", i.enc_pub_b64, "--bus-pub", i.bus_pub)
+
+    first = add(alice, "admin")
+    assert first.returncode == 0, first.stderr
+    root = fingerprint_line(first.stdout)
+    assert f"trust root fingerprint: {root} (members pin it with `unibus trust {root}`)" in first.stdout
+    second = add(bob, "member")
+    assert second.returncode == 0, second.stderr
+    rows = log_rows(data_dir / "membershipd.db")
+    assert [(s, e["kind"], e["member"]["handle"]) for s, _d, e in rows] == [(0, "bootstrap", "alice"),
+                                                                            (1, "bootstrap", "bob")]
+    later = rows[1][1]
+    assert (f"recovery bootstrap at seq 1, fingerprint {later}: clients refuse it until each member runs "
+            f"`unibus trust {later}`") in second.stdout
+    assert add(bob, "member").returncode == 1  # the handle exists: no member, no entry
+    assert len(log_rows(data_dir / "membershipd.db")) == 2
+
+    pinned = LogState(trust_root=root)
+    pinned.apply(rows[0][2])
+    with pytest.raises(LogError):  # a later bootstrap is refused until re-trusted
+        pinned.apply(rows[1][2])
+    trusted = LogState(trust_root=root, accepted_bootstraps={later})
+    for _seq, _digest, entry in rows:
+        trusted.apply(entry)
+    assert set(trusted.members) == {"alice", "bob"} and trusted.members["alice"].role == "admin"

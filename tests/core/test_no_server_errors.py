@@ -203,10 +203,19 @@ async def test_epoch_bounds_reach_the_store_without_a_5xx(world):
         assert (await send("GET", f"/v1/rooms/{rid}/keys/me?epoch={MAX_SAFE_INT}"))[0] == 404
         status, doc = await send("GET", f"/v1/rooms/{rid}/keys/me?epoch={MAX_SAFE_INT + 1}")
         assert status == 422 and doc["detail"] == f"epoch: must be an integer from 1 to {MAX_SAFE_INT}"
-        body = json.dumps({"epoch": MAX_SAFE_INT, "sealed": {"bob": sealed}}).encode()
+        _status, head = await send("GET", "/v1/log/head")
+        package = {"sigs": {"bob": base64.b64encode(b"s" * 64).decode()},
+                   "log_head": {"seq": head["seq"], "hash": head["hash"]}}
+        body = json.dumps({"epoch": MAX_SAFE_INT, "sealed": {"bob": sealed}, **package}).encode()
         status, doc = await send("POST", f"/v1/rooms/{rid}/keys", body)
         assert status == 409 and doc["current_epoch"] == 0
-        body = json.dumps({"epoch": MAX_SAFE_INT + 1, "sealed": {"bob": sealed}}).encode()
+        body = json.dumps({"epoch": MAX_SAFE_INT, "sealed": {"bob": sealed}, **package,
+                           "log_head": {"seq": MAX_SAFE_INT, "hash": head["hash"]}}).encode()
+        status, doc = await send("POST", f"/v1/rooms/{rid}/keys", body)  # the largest seq: no such entry
+        assert status == 409 and doc["type"].endswith("/unknown-log-head")
+        status, doc = await send("GET", f"/v1/log?after={MAX_SAFE_INT}&limit=1000")
+        assert status == 200 and doc["entries"] == []
+        body = json.dumps({"epoch": MAX_SAFE_INT + 1, "sealed": {"bob": sealed}, **package}).encode()
         status, doc = await send("POST", f"/v1/rooms/{rid}/keys", body)
         assert status == 422 and doc["detail"] == f"epoch: must be an integer from 1 to {MAX_SAFE_INT}"
         status, doc = await send("GET", f"/v1/rooms/{rid}/keys/me?epoch=99999999999999999999")

@@ -10,7 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,9 +23,15 @@ from typing import Any
 import nats
 import pytest
 from nats.js.api import KeyValueConfig
+from unibus.client.keys import Identity, generate_identity
+from unibus.memberlog import LoggedRequest, LogState
+from unibus.signing import make_nonce, sign_request
 from unibus.store.base import (
     Change,
     Conflict,
+    KeyPackage,
+    LogRecord,
+    LogRejected,
     Member,
     NotFound,
     Store,
@@ -649,10 +660,14 @@ async def test_kv_ensure_creates_and_upgrades_in_place(nats_server: NatsServer) 
         assert status["allow_atomic"] and status["replicas"] == 1
         assert status["messages"] == before + 1  # + meta.schema; nothing lost
         assert (await kv.get("meta.note")).value == b'{"kept": true}'
-        await s.add_member(member("alice", "admin"))
-        await s.ensure()  # idempotent
+        await s.add_member(member("alice", "admin"))  # unlogged: state without a membership log
         # + member, sign index, two bus index entries, admins: one batch
         assert (await s.status())["messages"] == before + 6
+        await s.ensure()  # a bucket with members and no log gets its entry 0: a snapshot (log.0, meta.loghead)
+        assert (await s.status())["messages"] == before + 8
+        assert (await s.log_head())[0] == 0
+        await s.ensure()  # idempotent
+        assert (await s.status())["messages"] == before + 8
         assert (await s.get_member("alice")).is_admin
         # Asking for more replicas than a single server can hold is refused, and changes nothing.
         with pytest.raises(StoreUnavailable):
@@ -704,7 +719,7 @@ async def test_copy_store_sqlite_to_kv_is_complete_and_idempotent(tmp_path: Path
         await src.create_room("three", "dave")
 
         counts = await copy_store(src, dst)
-        assert counts == {"members": 4, "rooms": 3, "sealed_epochs": 2}
+        assert counts == {"log_entries": 0, "members": 4, "rooms": 3, "sealed_epochs": 2}  # nothing was logged
         assert [m.as_json() for m in await dst.list_members()] == [m.as_json() for m in await src.list_members()]
         assert [r.as_json() for r in await dst.list_rooms()] == [r.as_json() for r in await src.list_rooms()]
         assert await dst.membership() == await src.membership()
@@ -716,7 +731,7 @@ async def test_copy_store_sqlite_to_kv_is_complete_and_idempotent(tmp_path: Path
         assert await dst.get_sealed_key(r1.room_id, "carol") == (1, b"c1")
 
         last_seq = (await dst.status())["last_seq"]
-        assert await copy_store(src, dst) == {"members": 0, "rooms": 0, "sealed_epochs": 0}
+        assert await copy_store(src, dst) == {"log_entries": 0, "members": 0, "rooms": 0, "sealed_epochs": 0}
         assert (await dst.status())["last_seq"] == last_seq  # the second run wrote nothing
 
         # The copy obeys the rules: the last-admin guard knows both admins; rekeys continue.
@@ -728,4 +743,340 @@ async def test_copy_store_sqlite_to_kv_is_complete_and_idempotent(tmp_path: Path
     finally:
         await src.close()
         await dst.close()
+        await nc.close()
+
+
+# -- the membership log (both backends) ------------------------------------------------------------
+#
+# Logged writes carry requests signed with real keys, as the server passes them:
+# the log they build must replay through unibus.memberlog.LogState (the client's
+# verifier) to the very state the store holds.
+
+SKEW = 60
+
+
+def identity(handle: str, suite: str = "X25519") -> Identity:
+    return generate_identity(handle, suite)
+
+
+def signed(author: Identity, method: str, path: str, body: dict[str, Any] | None = None, *,
+           created: int | None = None, nonce: str | None = None) -> LogRecord:
+    """A request signed by ``author`` as the auth middleware hands it to the store."""
+    created = int(time.time()) if created is None else created
+    nonce = nonce or make_nonce()
+    raw = json.dumps(body).encode() if body is not None else None
+    headers = sign_request(method, path, raw, keyid=author.handle, private_key=author.sign_key, created=created,
+                           nonce=nonce)
+    request = LoggedRequest(method, path, "", headers.get("Content-Digest"), headers["Signature-Input"],
+                            headers["Signature"], raw)
+    return LogRecord(request, author.handle, nonce, created, int(time.time()), SKEW)
+
+
+def as_member(i: Identity, role: str = "member") -> Member:
+    return new_member(i.handle, role, i.sign_pub, i.enc_pub, i.enc_suite, i.bus_pub)
+
+
+def member_body(i: Identity, role: str = "member") -> dict[str, Any]:
+    return {"handle": i.handle, "role": role, "sign_pub": i.sign_pub_b64, "enc_pub": i.enc_pub_b64,
+            "enc_suite": i.enc_suite, "bus_pub": i.bus_pub}
+
+
+async def add_logged(store: Store, author: Identity, i: Identity, role: str = "member") -> Member:
+    return await store.add_member(as_member(i, role), logged=signed(author, "POST", "/v1/members",
+                                                                    member_body(i, role)))
+
+
+async def replay(store: Store) -> LogState:
+    """Fetch the whole log and verify it entry by entry, as a client does."""
+    state = LogState(skew=SKEW)
+    after = -1
+    while True:
+        texts = await store.log_entries(after, 7)  # small pages: paging is part of what is checked
+        if not texts:
+            break
+        for text in texts:
+            entry = json.loads(text)
+            digest = state.apply(entry)
+            assert digest == hashlib.sha256(text.encode()).hexdigest()  # stored text = canonical JSON
+            after = entry["seq"]
+    assert state.head == await store.log_head()
+    return state
+
+
+async def assert_replays_to_store(store: Store) -> LogState:
+    state = await replay(store)
+    members = {m.handle: (m.role, m.sign_pub, m.enc_pub, m.enc_suite, m.bus_pub) for m in await store.list_members()}
+    assert {h: (m.role, m.sign_pub, m.enc_pub, m.enc_suite, m.bus_pub) for h, m in state.members.items()} == members
+    rooms = {r.room_id: {"room_id": r.room_id, "name": r.name, "owner": r.owner, "epoch": r.epoch,
+                         "rekey_required": r.rekey_required, "members": sorted(r.handles)}
+             for r in await store.list_rooms()}
+    assert {rid: room.as_json() for rid, room in state.rooms.items()} == rooms
+    return state
+
+
+@pytest.fixture
+async def logged_world(store: Store) -> tuple[Store, dict[str, Identity]]:
+    """alice (admin, added before the store had a log: the first logged write snapshots her), bob, carol."""
+    people = {"alice": identity("alice"), "bob": identity("bob", "MLKEM768_X25519"), "carol": identity("carol")}
+    await store.add_member(as_member(people["alice"], "admin"))
+    await add_logged(store, people["alice"], people["bob"])
+    await add_logged(store, people["alice"], people["carol"])
+    return store, people
+
+
+async def test_every_logged_write_appends_one_entry_that_replays_to_the_state(logged_world) -> None:
+    store, p = logged_world
+    alice, bob, carol = p["alice"], p["bob"], p["carol"]
+    assert (await store.log_head())[0] == 2  # snapshot, bob, carol
+    first = json.loads((await store.log_entries(-1, 1))[0])
+    assert first["kind"] == "snapshot" and [m["handle"] for m in first["state"]["members"]] == ["alice"]
+
+    async def step(coro: Any) -> Any:
+        before = (await store.log_head())[0]
+        result = await coro
+        assert (await store.log_head())[0] == before + 1, "each logged write appends exactly one entry"
+        return result
+
+    room = await step(store.create_room("ops", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "ops"})))
+    rid = room.room_id
+    created = json.loads((await store.log_entries((await store.log_head())[0] - 1, 1))[0])
+    assert created["result"] == {"room_id": rid} and created["request"]["body"] is not None
+    await step(store.add_room_member(rid, "carol", logged=signed(bob, "PUT", f"/v1/rooms/{rid}/members/carol")))
+    await step(store.add_room_member(rid, "carol", logged=signed(bob, "PUT", f"/v1/rooms/{rid}/members/carol")))
+    head = await store.log_head()
+    await step(store.put_keys(rid, 1, {"bob": b"b1", "carol": b"c1"}, sigs={"bob": b"s" * 64, "carol": b"t" * 64},
+                              sealer="bob", log_head={"seq": head[0], "hash": head[1]},
+                              logged=signed(bob, "POST", f"/v1/rooms/{rid}/keys", {"epoch": 1})))
+    keys = json.loads((await store.log_entries(head[0], 1))[0])
+    assert keys["result"] == {"epoch": 1} and keys["request"]["body"] is None  # the signed digest suffices
+    package = await store.get_key_package(rid, "carol")
+    assert package == KeyPackage(rid, 1, b"c1", b"t" * 64, "bob", {"seq": head[0], "hash": head[1]})
+    await step(store.set_role("carol", "admin", logged=signed(alice, "PATCH", "/v1/members/carol", {"role": "admin"})))
+    await step(store.set_role("carol", "admin", logged=signed(alice, "PATCH", "/v1/members/carol", {"role": "admin"})))
+    new_bus = generate_identity("carol").bus_pub
+    await step(store.set_bus_key("carol", new_bus, logged=signed(carol, "PUT", "/v1/me/bus-key", {"bus_pub": new_bus})))
+    await step(store.set_bus_key("carol", new_bus, logged=signed(carol, "PUT", "/v1/me/bus-key", {"bus_pub": new_bus})))
+    await step(store.remove_room_member(rid, "carol", logged=signed(carol, "DELETE", f"/v1/rooms/{rid}/members/carol")))
+    other = await step(store.create_room("tmp", "alice", logged=signed(alice, "POST", "/v1/rooms", {"name": "tmp"})))
+    await step(store.delete_room(other.room_id, logged=signed(carol, "DELETE", f"/v1/rooms/{other.room_id}")))
+    await step(store.delete_member("bob", logged=signed(alice, "DELETE", "/v1/members/bob")))  # the owner goes
+    state = await assert_replays_to_store(store)
+    assert state.rooms[rid].owner == "" and state.rooms[rid].epochs[1].sealer == "bob"
+
+
+async def test_rejected_writes_append_nothing(logged_world) -> None:
+    store, p = logged_world
+    alice, bob = p["alice"], p["bob"]
+    room = await store.create_room("ops", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "ops"}))
+    rid = room.room_id
+    head = await store.log_head()
+    refused = [
+        (Conflict, add_logged(store, alice, p["bob"])),  # the handle exists
+        (NotFound, store.set_role("zed", "admin", logged=signed(alice, "PATCH", "/v1/members/zed", {"role": "admin"}))),
+        (Conflict, store.set_role("alice", "member", logged=signed(alice, "PATCH", "/v1/members/alice",
+                                                                   {"role": "member"}))),  # the last admin
+        (NotFound, store.delete_member("zed", logged=signed(alice, "DELETE", "/v1/members/zed"))),
+        (NotFound, store.add_room_member(rid, "zed", logged=signed(bob, "PUT", f"/v1/rooms/{rid}/members/zed"))),
+        (NotFound, store.remove_room_member(rid, "carol",
+                                            logged=signed(bob, "DELETE", f"/v1/rooms/{rid}/members/carol"))),
+        (Conflict, store.put_keys(rid, 2, {"bob": b"b"}, sigs={"bob": b"s" * 64}, sealer="bob",
+                                  log_head={"seq": 0, "hash": head[1]},
+                                  logged=signed(bob, "POST", f"/v1/rooms/{rid}/keys", {"epoch": 2}))),  # wrong epoch
+        (Conflict, store.put_keys(rid, 1, {"carol": b"c"}, sigs={"carol": b"s" * 64}, sealer="bob",
+                                  log_head={"seq": 0, "hash": head[1]},
+                                  logged=signed(bob, "POST", f"/v1/rooms/{rid}/keys", {"epoch": 1}))),  # wrong set
+        (NotFound, store.delete_room("nosuchroom", logged=signed(alice, "DELETE", "/v1/rooms/nosuchroom"))),
+    ]
+    for error, attempt in refused:
+        with pytest.raises(error):
+            await attempt
+        assert await store.log_head() == head
+    await assert_replays_to_store(store)
+
+
+async def test_the_log_refuses_a_reused_nonce_and_a_late_created(logged_world) -> None:
+    store, p = logged_world
+    alice, bob = p["alice"], p["bob"]
+    now = int(time.time())
+    first = signed(bob, "POST", "/v1/rooms", {"name": "one"}, created=now + SKEW)  # a clock ahead, within the skew
+    await store.create_room("one", "bob", logged=first)
+    head = await store.log_head()
+    # The same (keyid, nonce) in a new request: every client would refuse the entry, so the store does.
+    with pytest.raises(LogRejected):
+        await store.create_room("two", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "two"},
+                                                           nonce=first.nonce))
+    # created more than twice the skew older than the newest created in the log (a request held back).
+    with pytest.raises(LogRejected):
+        await store.create_room("late", "alice", logged=signed(alice, "POST", "/v1/rooms", {"name": "late"},
+                                                               created=now + SKEW - 2 * SKEW - 1))
+    assert await store.log_head() == head
+    assert sorted(r.name for r in await store.list_rooms()) == ["one"]  # no effect either
+    await store.create_room("fine", "alice", logged=signed(alice, "POST", "/v1/rooms", {"name": "fine"},
+                                                           created=now + SKEW - 2 * SKEW + 1))
+    await assert_replays_to_store(store)
+
+
+async def test_an_effect_and_its_entry_commit_together_or_not_at_all(logged_world, monkeypatch) -> None:
+    store, p = logged_world
+    alice, bob = p["alice"], p["bob"]
+    room = await store.create_room("ops", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "ops"}))
+    head, members = await store.log_head(), [m.as_json() for m in await store.list_members()]
+
+    def broken(self: LogRecord, seq: int, prev: str, result: dict[str, Any]) -> tuple[str, str]:
+        raise Conflict("injected: the entry cannot be written")  # after the effect's checks (and, SQLite, its rows)
+
+    monkeypatch.setattr(LogRecord, "entry", broken)
+    dave = identity("dave")
+    with pytest.raises(Conflict, match="injected"):
+        await add_logged(store, alice, dave)
+    with pytest.raises(Conflict, match="injected"):
+        await store.delete_member("carol", logged=signed(alice, "DELETE", "/v1/members/carol"))
+    with pytest.raises(Conflict, match="injected"):
+        await store.add_room_member(room.room_id, "carol",
+                                    logged=signed(bob, "PUT", f"/v1/rooms/{room.room_id}/members/carol"))
+    monkeypatch.undo()
+    assert await store.log_head() == head
+    assert [m.as_json() for m in await store.list_members()] == members
+    assert (await store.get_room(room.room_id)).handles == {"bob"}
+    await add_logged(store, alice, dave)  # and the store goes on from there
+    await assert_replays_to_store(store)
+
+
+async def test_concurrent_logged_writers_never_fork_the_log(logged_world) -> None:
+    store, p = logged_world
+    writers = [p["alice"], p["bob"], p["carol"]] * 6
+    rooms = await asyncio.gather(*(store.create_room(f"r{i}", w.handle, logged=signed(w, "POST", "/v1/rooms",
+                                                                                      {"name": f"r{i}"}))
+                                   for i, w in enumerate(writers)))
+    assert len({r.room_id for r in rooms}) == len(writers)
+    assert (await store.log_head())[0] == 2 + len(writers)
+    await assert_replays_to_store(store)
+
+
+async def test_kv_two_stores_on_one_bucket_never_fork_the_log(two_kv: tuple[KvStore, KvStore]) -> None:
+    a, b = two_kv
+    people = {h: identity(h) for h in ("alice", "bob", "carol")}
+    await a.add_member(as_member(people["alice"], "admin"))
+    await asyncio.gather(add_logged(a, people["alice"], people["bob"]), add_logged(b, people["alice"], people["carol"]))
+    room = await a.create_room("ops", "alice", logged=signed(people["alice"], "POST", "/v1/rooms", {"name": "ops"}))
+    rid = room.room_id
+    ops = []
+    for i in range(8):  # both nodes at once: room changes, role changes, new rooms
+        s = (a, b)[i % 2]
+        who = ("bob", "carol")[i % 2]
+        ops.append(s.add_room_member(rid, who, logged=signed(people["alice"], "PUT", f"/v1/rooms/{rid}/members/{who}")))
+        ops.append(s.create_room(f"n{i}", who, logged=signed(people[who], "POST", "/v1/rooms", {"name": f"n{i}"})))
+    await asyncio.gather(*ops)
+    assert await a.log_head() == await b.log_head()
+    assert (await a.log_head())[0] == 3 + len(ops)
+    assert await a.log_entries() == await b.log_entries()
+    await assert_replays_to_store(b)
+
+
+async def test_sqlite_a_crash_mid_write_leaves_no_partial_state(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    await asyncio.to_thread(migrate, db)
+    script = f"""
+import asyncio, json, os, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from test_store_contract import add_logged, as_member, identity, signed
+from unibus.store.base import LogRecord
+from unibus.store.sqlite import SqliteStore
+
+async def main():
+    store = SqliteStore(Path({str(db)!r}))
+    alice, bob = identity("alice"), identity("bob")
+    await store.add_member(as_member(alice, "admin"))
+    await store.create_room("ops", "alice", logged=signed(alice, "POST", "/v1/rooms", {{"name": "ops"}}))
+    print(json.dumps(list(await store.log_head())), flush=True)
+    LogRecord.entry = lambda *a: os._exit(9)  # the process dies after the effect's rows, before the commit
+    await add_logged(store, alice, bob)
+
+asyncio.run(main())
+"""
+    proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-c", script], capture_output=True, text=True,
+                                   timeout=60)
+    assert proc.returncode == 9, proc.stderr
+    head = tuple(json.loads(proc.stdout.splitlines()[-1]))
+    store = SqliteStore(db)
+    try:
+        assert await store.log_head() == head
+        assert [m.handle for m in await store.list_members()] == ["alice"]
+        await assert_replays_to_store(store)
+    finally:
+        await store.close()
+
+
+async def test_kv_a_crash_mid_batch_leaves_no_partial_state(nats_server: NatsServer) -> None:
+    nc, store = await kv_store(nats_server.url)
+    try:
+        alice, bob = identity("alice"), identity("bob")
+        await store.add_member(as_member(alice, "admin"))
+        await store.create_room("ops", "alice", logged=signed(alice, "POST", "/v1/rooms", {"name": "ops"}))
+        head = await store.log_head()
+        real = nc.request
+        sent: list[str] = []
+
+        async def dies_before_the_commit(subject: str, payload: bytes = b"", timeout: float = 0.5,
+                                         headers: dict[str, str] | None = None, **kw: Any) -> Any:
+            if headers and "Nats-Batch-Commit" in headers:
+                raise ConnectionResetError("the writer died before its commit message left")
+            sent.append(subject)
+            return await real(subject, payload, timeout=timeout, headers=headers, **kw)
+
+        nc.request = dies_before_the_commit  # type: ignore[method-assign]
+        with pytest.raises(StoreUnavailable):
+            await add_logged(store, alice, bob)
+        nc.request = real  # type: ignore[method-assign]
+        assert sent, "part of the batch reached the server"
+        assert await store.log_head() == head
+        assert [m.handle for m in await store.list_members()] == ["alice"]
+        await add_logged(store, alice, bob)  # the abandoned batch does not stand in the way
+        await assert_replays_to_store(store)
+    finally:
+        await store.close()
+        await nc.close()
+
+
+async def test_kv_a_batch_is_rejected_whole_when_its_log_entry_cannot_be_written(nats_server: NatsServer) -> None:
+    nc, store = await kv_store(nats_server.url)
+    try:
+        alice, bob = identity("alice"), identity("bob")
+        await store.add_member(as_member(alice, "admin"))
+        await store.create_room("ops", "alice", logged=signed(alice, "POST", "/v1/rooms", {"name": "ops"}))
+        seq, _hash = await store.log_head()
+        # Something already sits where the next entry goes: the batch's conditional write of it fails at commit.
+        await nc.jetstream().publish(f"$KV.{STATE_BUCKET}.log.{seq + 1}", b"{}")
+        with pytest.raises(Conflict):
+            await add_logged(store, alice, bob)
+        assert [m.handle for m in await store.list_members()] == ["alice"]  # the member's own writes were valid
+        assert (await store.log_head())[0] == seq
+    finally:
+        await store.close()
+        await nc.close()
+
+
+async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: NatsServer) -> None:
+    """A 0.11 cluster: members and rooms in the bucket, no meta.loghead."""
+    nc, store = await kv_store(nats_server.url)
+    try:
+        alice, bob = identity("alice"), identity("bob")
+        await store.add_member(as_member(alice, "admin"))
+        await store.add_member(as_member(bob))
+        room = await store.create_room("ops", "bob")
+        await store.add_room_member(room.room_id, "alice")
+        await store.delete_member("bob")  # an ownerless room
+        assert await store.log_head() == (-1, "")
+        nc2, other = await kv_store(nats_server.url)  # another node starting: ensure() writes entry 0 once
+        try:
+            await asyncio.gather(store.ensure(), other.ensure())
+        finally:
+            await other.close()
+            await nc2.close()
+        assert (await store.log_head())[0] == 0
+        state = await assert_replays_to_store(store)
+        assert state.rooms[room.room_id].owner == "" and state.rooms[room.room_id].members == {"alice"}
+    finally:
+        await store.close()
         await nc.close()
