@@ -316,3 +316,52 @@ def test_a_trusted_replay_rebuilds_the_same_state_without_the_signature_checks(w
         state.apply(json.loads(raw), trusted_hash=hashlib.sha256(raw).hexdigest())
     with pytest.raises(LogError, match="without being an admin"):
         state.apply(bad.entries[-1], trusted_hash=entry_hash(bad.entries[-1]))
+
+
+def test_deferred_checks_name_the_first_bad_entry(world, people):
+    """defer_checks/run_deferred: the Ed25519 work in bulk, the verdict of a sequential replay."""
+    big = copy.deepcopy(world)
+    for i in range(40):  # enough entries for the parallel path
+        big.request(people["bob"], "PUT", "/v1/rooms/r1/members/alice" if i % 2 == 0 else "/v1/rooms/r1/members/bob")
+    state = LogState()
+    state.defer_checks()
+    for e in big.entries:
+        state.apply(copy.deepcopy(e))
+    assert state.run_deferred() is None
+    assert state.head == replay(big.entries).head
+    entries = copy.deepcopy(big.entries)
+    _flip_signature(entries[20])
+    _flip_signature(entries[30])
+    for i in range(21, len(entries)):  # re-chained: only the signatures are wrong
+        entries[i]["prev"] = entry_hash(entries[i - 1])
+    state = LogState()
+    state.defer_checks()
+    for e in entries:
+        state.apply(copy.deepcopy(e))
+    assert state.run_deferred() == (20, "the signature does not verify with bob's signing key")
+    with pytest.raises(LogError) as e:
+        replay(entries)
+    assert e.value.seq == 20
+    # a signing key that is not a valid point, in a deferred replay
+    bad_key = bytes(32)  # the identity... encoded: not a valid public key
+    doc = {**member_doc(people["dave"]), "sign_pub": base64.b64encode(bad_key).decode()}
+    log = Log(people["alice"])
+    log.append_raw(lambda seq, prev: bootstrap_entry(seq, prev, NOW, doc))
+    state = LogState(accepted_bootstraps=[entry_hash(log.entries[1])])
+    state.defer_checks()
+    for e in log.entries:
+        state.apply(copy.deepcopy(e))
+    found = state.run_deferred(workers=1)
+    assert found is not None and found[0] == 1 and "not a valid Ed25519 public key" in found[1]
+    with pytest.raises(LogError, match="sign_pub"):
+        replay(log.entries, accepted_bootstraps=[entry_hash(log.entries[1])])
+
+
+def test_a_body_that_is_not_a_string_is_refused(world):
+    entries = copy.deepcopy(world.entries)
+    entries[3]["request"]["body"] = 0.0  # falsy: must not pass for an empty body
+    for i in range(4, len(entries)):
+        entries[i]["prev"] = entry_hash(entries[i - 1])
+    with pytest.raises(LogError, match="body must be a base64 string") as e:
+        replay(entries)
+    assert e.value.seq == 3
