@@ -92,6 +92,10 @@ class VerificationError(Exception):
         return cls(f"the membership log of {server} does not verify: {exc}", exc.seq)
 
 
+class _Redo(Exception):
+    """A page's deferred checks failed: verify it again entry by entry."""
+
+
 class ReplicaError(Exception):
     """The local replica cannot be used (permissions, another user's files, a lock held too long)."""
 
@@ -158,6 +162,8 @@ def _check_private_dir(path: Path) -> None:
 
 
 def _make_private_dir(path: Path) -> None:
+    """``path`` (a server's replica) and its parent (the replica root) as private directories."""
+    os.makedirs(path.parent.parent, mode=0o700, exist_ok=True)
     for d in (path.parent, path):
         try:
             os.mkdir(d, 0o700)
@@ -437,7 +443,7 @@ class Replica:
         async with self.locked():
             return await self._sync(client, from_scratch)
 
-    async def _sync(self, client: Any, from_scratch: bool) -> SyncResult:
+    async def _sync(self, client: Any, from_scratch: bool, defer: bool = True) -> SyncResult:
         head = await client.log_head()
         if not isinstance(head, dict):
             raise VerificationError(f"{self.server} answered GET /v1/log/head with something else than an object")
@@ -467,11 +473,21 @@ class Replica:
                 if not isinstance(entries, list) or not entries:
                     raise VerificationError(f"{self.server} says its membership log reaches seq {seq}, but serves "
                                             f"no entry after seq {after}", after + 1)
+                if defer:  # the Ed25519 work of a page on every core, then the page's verdict
+                    state.defer_checks()
                 for entry in entries:
                     _digest, raw = state.apply_canonical(entry)
                     lines.append(raw)
-        except LogError as exc:
+                if defer and state.run_deferred() is not None:
+                    raise _Redo
+        except (LogError, _Redo) as exc:
             self._discard(from_scratch)
+            if defer:
+                # Something failed: check again entry by entry, which names the first bad one.
+                if self.directory is not None and not from_scratch:
+                    self._refresh()
+                return await self._sync(client, from_scratch, defer=False)
+            assert isinstance(exc, LogError)
             raise VerificationError.from_log(exc, self.server) from None
         except BaseException:
             self._discard(from_scratch)

@@ -622,3 +622,33 @@ async def test_undecryptable_and_malformed_messages_are_rejected(world):
                                                       (None, b"\x00\xffbinary")]
     assert "does not authenticate" in got[0].error and "Unibus-Epoch" in got[1].error
     assert (only.plaintext, only.sender) == (b"\x00\xffbinary", "alice")
+
+
+async def test_an_entry_whose_signature_was_changed_is_named(world, tmp_path, mitm):
+    async with world.sdk("alice") as a:
+        head = await a.log_head()
+        target = max(1, head["seq"] - 3)
+
+    def tamper(method: str, path: str, query: str, doc: Any) -> Any:
+        if path != "/v1/log":
+            return None
+        out = []
+        for e in doc["entries"]:
+            if e["seq"] == target and e["kind"] == "request":
+                label, _, rest = e["request"]["signature"].partition("=:")
+                raw = bytearray(base64.b64decode(rest[:-1]))
+                raw[5] ^= 1
+                e = {**e, "request": {**e["request"], "signature": f"{label}=:{base64.b64encode(raw).decode()}:"}}
+            out.append(e)
+        for i in range(1, len(out)):  # re-chained, as a server rewriting its history would
+            if out[i]["seq"] == out[i - 1]["seq"] + 1:
+                out[i] = {**out[i], "prev": entry_hash(out[i - 1])}
+        return {"entries": out, "head": doc["head"]}
+
+    mitm.rules.append(tamper)
+    line = failed(await cli(tmp_path, world, "alice", "log", "verify", server=mitm.url), f"entry {target}")
+    assert "the signature does not verify with" in line
+    async with world.sdk("alice", mitm.url) as a:
+        with pytest.raises(VerificationError) as e:
+            await a.sync()
+        assert e.value.seq == target
