@@ -13,7 +13,7 @@ _EXPORTS = {
     "ApiError": ".api", "Bus": ".api", "BusError": ".api", "KeyUnavailable": ".api", "Message": ".api",
     "NotARoomMember": ".api", "RekeyRequired": ".api", "ServerUnreachable": ".api", "UnibusClient": ".api",
     "UnsignedKey": ".api", "tls_context": ".api",
-    "ReplicaError": ".replica", "VerificationError": ".replica",
+    "LogVerificationError": ".replica", "ReplicaError": ".replica", "VerificationError": ".replica",
     "Identity": ".keys", "IdentityError": ".keys", "generate_identity": ".keys", "load_identity": ".keys",
     "save_identity": ".keys",
 }
@@ -33,6 +33,7 @@ __all__ = [
     "Identity",
     "IdentityError",
     "KeyUnavailable",
+    "LogVerificationError",
     "Message",
     "NotARoomMember",
     "RekeyRequired",

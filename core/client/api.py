@@ -68,7 +68,7 @@ from ..memberlog import Room as LogRoom
 from ..signing import sign_request
 from ..tls import connect_bounded, permanent_tls_error
 from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey
-from .replica import Replica, ReplicaError, VerificationError, server_id
+from .replica import LogVerificationError, Replica, ReplicaError, VerificationError, server_id
 from .sealing import (
     MessageError,
     SealError,
@@ -92,6 +92,7 @@ __all__ = [
     "Bus",
     "BusError",
     "KeyUnavailable",
+    "LogVerificationError",
     "Message",
     "NotARoomMember",
     "RekeyRequired",
@@ -1018,15 +1019,13 @@ class Bus:
         """``(epoch, key)`` to send with: the room's current epoch in the verified log (see ``key_ttl``)."""
         now = time.monotonic()
         hit = self._current.get(room_id)
-        if hit is not None and now - hit[0] < self.key_ttl:
+        # a rekey done through the client (or a newer key it verified) ends the cached answer at once
+        newest = max((e for (r, e) in self.client._keys if r == room_id), default=-1)
+        if hit is not None and now - hit[0] < self.key_ttl and newest <= hit[1]:
             key = self.client.cached_key(room_id, hit[1])
             if key is not None:
                 return hit[1], key
         epoch, key = await self.client.current_key(room_id)
-        # a rekey done through the client may already know a newer epoch
-        newer = max((e for (r, e) in self.client._keys if r == room_id), default=epoch)
-        if newer > epoch:
-            epoch, key = newer, self.client._keys[(room_id, newer)]
         self._current[room_id] = (now, epoch)
         return epoch, key
 
@@ -1119,6 +1118,8 @@ class Bus:
         except KeyUnavailable:
             return reject("no-key", f"no key for epoch {env.epoch} of room {r}: it was not sealed to you "
                                     "(you were not a member of the room at that epoch)")
+        except LogVerificationError:
+            raise  # the log itself: nothing more from this server can be trusted (the listener stops)
         except VerificationError as exc:
             return reject("key", str(exc))
         except (ApiError, SealError, ServerUnreachable, ReplicaError) as exc:

@@ -616,6 +616,7 @@ async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
     if not 0 < max_age <= 86400:
         raise UsageError("--max-age must be more than 0 and at most 86400 seconds")
     got = 0
+    await c.sync()  # the log first: a first-use pin or a rollback is said now, not at the first message
     async with c.bus() as bus, bus.listen(room_id, max_age=max_age) as messages:
         _note(f"listening on {room_subject(room_id)}.> (Ctrl-C to stop)")
         async for m in messages:

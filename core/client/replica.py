@@ -50,6 +50,7 @@ from ..memberlog import MAX_SAFE_INT, LogError, LogState
 __all__ = [
     "FINGERPRINT_RE",
     "LOCK_TIMEOUT",
+    "LogVerificationError",
     "Replica",
     "ReplicaError",
     "SKEW_MAX",
@@ -87,8 +88,17 @@ class VerificationError(Exception):
         self.seq = seq
         super().__init__(message)
 
+
+
+class LogVerificationError(VerificationError):
+    """The server's membership log itself fails: a rollback, a fork, an entry that fails a check.
+
+    Unlike a single answer that does not verify, nothing more can be
+    trusted from this server until it is resolved: a listener stops on it.
+    """
+
     @classmethod
-    def from_log(cls, exc: LogError, server: str) -> VerificationError:
+    def from_log(cls, exc: LogError, server: str) -> LogVerificationError:
         return cls(f"the membership log of {server} does not verify: {exc}", exc.seq)
 
 
@@ -403,7 +413,7 @@ class Replica:
                 return "reset"
             if self.trust_root == fp:
                 return "already"
-            if self.state.root is None:  # nothing verified yet: (re)pin
+            if self.pinned_head[0] < 0:  # nothing verified yet: (re)pin
                 self.trust_root = fp
                 self.state.trust_root = fp
                 self._write_state()
@@ -446,19 +456,19 @@ class Replica:
     async def _sync(self, client: Any, from_scratch: bool, defer: bool = True) -> SyncResult:
         head = await client.log_head()
         if not isinstance(head, dict):
-            raise VerificationError(f"{self.server} answered GET /v1/log/head with something else than an object")
+            raise LogVerificationError(f"{self.server} answered GET /v1/log/head with something else than an object")
         seq, digest = head.get("seq"), head.get("hash")
         if type(seq) is not int or not -1 <= seq <= MAX_SAFE_INT or not isinstance(digest, str) \
                 or (seq >= 0 and not FINGERPRINT_RE.match(digest)):
-            raise VerificationError(f"{self.server} served a malformed log head")
+            raise LogVerificationError(f"{self.server} served a malformed log head")
         skew = clamp_skew(head.get("auth_skew"))
         pinned_seq, pinned_hash = self.pinned_head
         if seq < pinned_seq:
-            raise VerificationError(
+            raise LogVerificationError(
                 f"rollback: {self.server} serves a membership log that ends at seq {seq}, but this client has "
                 f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped", pinned_seq)
         if seq == pinned_seq and digest != pinned_hash:
-            raise VerificationError(
+            raise LogVerificationError(
                 f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "
                 f"({digest} instead of {pinned_hash})", seq)
         state = self._fresh_state(skew) if from_scratch else self.state
@@ -471,7 +481,7 @@ class Replica:
                 page = await client.log(after=None if after < 0 else after, limit=PAGE_LIMIT)
                 entries = page.get("entries") if isinstance(page, dict) else None
                 if not isinstance(entries, list) or not entries:
-                    raise VerificationError(f"{self.server} says its membership log reaches seq {seq}, but serves "
+                    raise LogVerificationError(f"{self.server} says its membership log reaches seq {seq}, but serves "
                                             f"no entry after seq {after}", after + 1)
                 if defer:  # the Ed25519 work of a page on every core, then the page's verdict
                     state.defer_checks()
@@ -488,17 +498,17 @@ class Replica:
                     self._refresh()
                 return await self._sync(client, from_scratch, defer=False)
             assert isinstance(exc, LogError)
-            raise VerificationError.from_log(exc, self.server) from None
+            raise LogVerificationError.from_log(exc, self.server) from None
         except BaseException:
             self._discard(from_scratch)
             raise
         if state.hash_at(seq) != (digest or None):
             self._discard(from_scratch)
-            raise VerificationError(f"fork: the entry {self.server} serves at seq {seq} is not the one its log head "
+            raise LogVerificationError(f"fork: the entry {self.server} serves at seq {seq} is not the one its log head "
                                     "names", seq)
         if pinned_seq >= 0 and state.hash_at(pinned_seq) != pinned_hash:
             self._discard(from_scratch)
-            raise VerificationError(f"fork: {self.server} serves another entry at seq {pinned_seq} than the one "
+            raise LogVerificationError(f"fork: {self.server} serves another entry at seq {pinned_seq} than the one "
                                     "this client verified", pinned_seq)
         pinned = None
         if self.trust_root is None and state.root is not None:

@@ -28,7 +28,15 @@ import pytest
 import yarl
 from aiohttp import web
 
-from unibus.client import ApiError, BusError, KeyUnavailable, RekeyRequired, UnibusClient, VerificationError
+from unibus.client import (
+    ApiError,
+    BusError,
+    KeyUnavailable,
+    LogVerificationError,
+    RekeyRequired,
+    UnibusClient,
+    VerificationError,
+)
 from unibus.client.blobs import put_blob
 from unibus.client.keys import generate_identity, save_identity
 from unibus.client.sealing import encrypt_message, seal_room_key
@@ -652,3 +660,19 @@ async def test_an_entry_whose_signature_was_changed_is_named(world, tmp_path, mi
         with pytest.raises(VerificationError) as e:
             await a.sync()
         assert e.value.seq == target
+
+
+async def test_a_listener_stops_on_a_rolled_back_log(world, mitm):
+    rid = await new_room(world, "bob")
+    async with world.sdk("bob", mitm.url) as b, b.bus() as bus, bus.listen(rid) as msgs, world.sdk("alice") as a, \
+            a.bus() as abus:
+        await abus.send(rid, "chat", "epoch one")
+        assert (await asyncio.wait_for(msgs.__anext__(), 10)).plaintext == b"epoch one"
+        seen = b.verified.head
+        mitm.rules.append(lambda m, p, q, doc: {**doc, "seq": seen[0] - 1, "hash": b.verified.hash_at(seen[0] - 1)}
+                          if p == "/v1/log/head" else None)
+        await a.rekey(rid)
+        await abus.send(rid, "chat", "epoch two")  # bob needs epoch 2's key: a sync, refused
+        with pytest.raises(LogVerificationError, match="rollback") as e:
+            await asyncio.wait_for(msgs.__anext__(), 10)
+        assert e.value.seq == seen[0]
