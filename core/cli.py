@@ -159,7 +159,7 @@ def resolve_data_dir(ns: argparse.Namespace) -> Path:
 
 def cmd_migrate(argv: Sequence[str]) -> int:
     from .daemon import prepare_data_dir
-    from .store.db import migrate
+    from .store.db import migrate, trust_root
 
     ns = _data_dir_parser("migrate").parse_args(argv)
     data_dir = resolve_data_dir(ns)
@@ -173,19 +173,6 @@ def cmd_migrate(argv: Sequence[str]) -> int:
     if root is not None:
         print(f"trust root fingerprint: {root} (members pin it with `unibus trust {root}`)")
     return 0
-
-
-def trust_root(db: Path) -> str | None:
-    """``hash(entry 0)`` of the membership log in a SQLite database; None for an empty log."""
-    import contextlib
-    import sqlite3
-
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)) as conn:
-            row = conn.execute("SELECT hash FROM log_entries WHERE seq = 0").fetchone()
-    except sqlite3.Error:
-        return None
-    return str(row[0]) if row else None
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:

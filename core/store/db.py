@@ -100,4 +100,17 @@ def migrate(db_path: Path) -> tuple[str | None, str | None]:
         engine.dispose()
     if before != after:
         log.info("database %s migrated from %s to %s", db_path, before or "empty", after)
+        root = trust_root(db_path)
+        if root is not None:
+            log.info("membership log trust root fingerprint: %s (members pin it with `unibus trust %s`)", root, root)
     return before, after
+
+
+def trust_root(db_path: Path) -> str | None:
+    """``hash(entry 0)`` of the membership log (docs/formats.md); None for an empty log or no log table."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
+            row = conn.execute("SELECT hash FROM log_entries WHERE seq = 0").fetchone()
+    except sqlite3.Error:
+        return None
+    return str(row[0]) if row else None
