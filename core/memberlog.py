@@ -111,6 +111,17 @@ _SIGNATURE, _POINT = 1, 2  # kinds of deferred checks
 MAX_SAFE_INT = 2**53 - 1
 
 
+class _Headers(dict):
+    """Lower-case header names → one value each, with the ``getall`` that
+    ``unibus.signing`` looks up first (a plain dict is scanned item by item)."""
+
+    __slots__ = ()
+
+    def getall(self, name: str, default: Any = None) -> Any:
+        value = self.get(name)
+        return default if value is None else [value]
+
+
 class LogError(Exception):
     """An entry of the log fails a check. ``seq`` names it (None: the log as a whole)."""
 
@@ -677,7 +688,7 @@ class LogState:
             raise LogError(seq, f"{op}: the request body is missing")
 
         # The author's signature, with the key the log established for them.
-        headers = {"signature-input": req["signature_input"], "signature": req["signature"]}
+        headers = _Headers({"signature-input": req["signature_input"], "signature": req["signature"]})
         if req["content_digest"] is not None:
             headers["content-digest"] = req["content_digest"]
         if op in BODYLESS:
