@@ -316,6 +316,7 @@ def role_worker(ns: argparse.Namespace) -> int:
                 queue: asyncio.Queue[Any] = asyncio.Queue()
                 await bus.nc.subscribe(subject, cb=queue.put)
                 await bus.nc.flush()
+                await bus.nc.flush()  # the SUB is live on the server (unibus.client.api._barrier)
                 _, key = await c.current_key(ns.room)
                 print("ready", flush=True)
                 rejected = {}

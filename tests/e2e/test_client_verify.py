@@ -207,6 +207,7 @@ async def first_published_after(world: World, rid: str, act: Callable[[], Any]) 
         seen: asyncio.Queue[Any] = asyncio.Queue()
         await bus.nc.subscribe(f"unibus.room.{rid}.>", cb=seen.put)
         await bus.nc.flush()
+        await bus.nc.flush()  # the SUB is live on the server (see publish_raw)
         await act()
         await bus.nc.publish(f"unibus.room.{rid}.sentinel", b"sentinel")
         return (await asyncio.wait_for(seen.get(), 15)).subject
@@ -424,7 +425,10 @@ async def test_a_forked_log_is_refused(world, tmp_path, mitm):
 
 
 async def publish_raw(bus: Any, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    """Publish, and return once nats-server has processed it (so what another connection
+    publishes next arrives after it): two flushes, as ``unibus.client.api._barrier`` explains."""
     await bus.nc.publish(subject, payload, headers=headers)
+    await bus.nc.flush()
     await bus.nc.flush()
 
 
@@ -438,6 +442,7 @@ async def test_a_forged_sender_is_rejected_and_never_shown(world):
         captured: asyncio.Queue[Any] = asyncio.Queue()
         await mbus.nc.subscribe(subject, cb=captured.put)
         await mbus.nc.flush()
+        await mbus.nc.flush()  # the SUB is live on the server (see publish_raw)
         await abus.send(rid, "chat", "from alice")  # before bob listens: its msg id is new to him
         genuine = await asyncio.wait_for(captured.get(), 10)
         async with bbus.listen(rid) as msgs:
@@ -485,6 +490,7 @@ async def test_replayed_and_old_messages_are_rejected(world, tmp_path):
             captured: asyncio.Queue[Any] = asyncio.Queue()
             await mbus.nc.subscribe(subject, cb=captured.put)
             await mbus.nc.flush()
+            await mbus.nc.flush()  # the SUB is live on the server (see publish_raw)
             await abus.send(rid, "chat", "once only")
             genuine = await asyncio.wait_for(captured.get(), 10)
             await publish_raw(mbus, subject, genuine.data, dict(genuine.headers))  # the same message again
