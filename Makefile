@@ -8,7 +8,7 @@ EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
 PYTEST_ARGS ?=
 DATA_DIR ?= ./local_files
 
-.PHONY: install run test test-fast test-example wheel-check bench lint clean
+.PHONY: install run test test-fast test-example wheel-check bench bench-clean lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ wheel-check: install
 # Every bench/bench_*.py; each writes its own section of docs/benchmarks.md.
 bench: install
 	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# The earlier releases bench/baseline.py built under bench/.baselines/ (worktrees and venvs).
+bench-clean:
+	$(PYTHON) bench/baseline.py clean
 
 lint: install
 	$(PY) -m pip install --quiet ruff

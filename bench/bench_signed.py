@@ -1,35 +1,53 @@
-"""Signed-request benchmark (issue 3): what RFC 9421 + the replay-nonce claim cost per request.
+"""Signed-request benchmark: what RFC 9421 + the replay-nonce claim cost per request, before and after, HTTP and HTTPS.
 
-Run with ``.venv/bin/python bench/bench_signed.py [--runs 5] [--requests N] [--no-write]``.
-Not a test: it prints markdown and writes it into docs/benchmarks.md between
+Run with ``.venv/bin/python bench/bench_signed.py [--runs 5] [--requests N] [--before REF | --no-before]
+[--no-write]``. Not a test: it prints markdown and writes it into docs/benchmarks.md between
 the ``bench:signed`` markers (other sections of that file are kept).
 
-Three servers, each loaded the same way, ``--runs`` times round-robin
+Six servers, each loaded the same way, ``--runs`` times round-robin
 (median, min, max):
 
-* **signed**: a real ``membershipd serve`` (embedded nats-server, default bus
-  auth, skew 60 s) answering ``GET /v1/me`` for ``alice`` (bootstrapped as an
-  admin with ``membershipd member add``), every request signed with a unique
-  nonce by :func:`unibus.signing.sign_request`;
+* **signed**: a real ``membershipd serve`` of this code (embedded
+  nats-server, default bus auth, skew 60 s) answering ``GET /v1/me`` for
+  ``alice`` (bootstrapped as an admin with ``membershipd member add``), every
+  request signed with a unique nonce by :func:`unibus.signing.sign_request`;
+* **signed, 0.11.0** (``--before REF``, default ``v0.11.0``): the same, served
+  by a real membershipd of that release from its own virtualenv, which
+  ``bench/baseline.py`` builds once under ``bench/.baselines/`` (a git
+  worktree at the tag, ``pip install -e``) and reuses; ``alice`` is
+  bootstrapped by that release's own ``membershipd member add`` (0.11 has no
+  ``--bus-pub``) on its own data dir. RFC 9421 signing did not change, so it
+  gets the same kind of signed requests;
+* **signed, HTTPS**: this code's membershipd with ``--http-tls-cert`` /
+  ``--http-tls-key`` (a test CA and server certificate from
+  :func:`unibus.testing.make_test_pki`);
 * **baseline A**: a bare aiohttp handler returning the same JSON body (the
   bytes /v1/me answered), in a separate server process;
 * **baseline B**: the same handler doing one Ed25519 verify of a 200-byte
   message per request (PyNaCl's ``crypto_sign_open``, as the server does):
-  the irreducible cost of a signed request.
+  the irreducible cost of a signed request;
+* **baseline B, HTTPS**: baseline B serving the same certificate through the
+  same server context as membershipd (:func:`unibus.tls.server_context`).
+
+Each server's throughput is also given as a ratio to baseline B of the same
+transport, run by run, and the signed path of this code as a ratio to the
+earlier release's (the before/after ratio).
 
 The load comes from a second process (this script started with a hidden
 ``--role loadgen``): aiohttp's client, ``TCPConnector(limit=32)``, 32 workers
-sharing one list of requests. Every run signs a fresh batch just before it
+sharing one list of requests (over HTTPS it verifies the server against the
+test CA with :func:`unibus.tls.client_context`). Every run signs a fresh batch just before it
 starts (all signing outside the timed part; ``created`` stays well inside the
 skew window) and the baselines get the very same signed requests, so all
-three parse the same headers. The first ``--warmup`` requests open the 32
+of them parse the same headers. The first ``--warmup`` requests open the 32
 connections and are not timed. Each process's CPU time is read from /proc
 around the run, which gives CPU µs per request: the cost of a request
 independent of how the two cores were shared.
 
 Then, for diagnosis:
 
-* a profile of each server during one extra, untimed run, summed into cost
+* a profile of the signed server (this code, HTTP), baselines A and B, and
+  (with py-spy) the HTTPS pair during one extra, untimed run each, summed into cost
   centres (verify, ``check_request``, the nonce claim, JSON, aiohttp, the
   event loop): ``py-spy record --pid`` when py-spy is there (install it with
   ``.venv/bin/pip install py-spy``; it is not a project dependency), else
@@ -72,7 +90,16 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 SCRIPT = str(Path(__file__).resolve())
-HEADING = "## Signed requests (issue 3)"
+HEADING = "## Signed requests"
+BEFORE_REF = "v0.11.0"  # the release the signed path is compared with (bench/baseline.py)
+#: Every target, in the order of the tables.
+KEYS = ("signed", "before", "verify", "plain", "https", "verify-https")
+#: Profiled with py-spy (the cProfile fallback does the first three: membershipd needs its wrapper there).
+PROFILED = ("signed", "verify", "plain", "https", "verify-https")
+#: The order of even runs (odd runs go backwards): the pairs that are compared run by run
+#: (before/after, each signed server and the baseline B of its transport, B over both
+#: transports) are loaded one right after the other.
+RUN_ORDER = ("before", "signed", "verify", "verify-https", "https", "plain")
 CONCURRENCY = 32
 PATH = "/v1/me"
 HANDLE = "alice"
@@ -115,8 +142,13 @@ def role_cprofile_daemon(argv: list[str]) -> int:
     return membershipd(argv[1:])
 
 
-def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None = None) -> int:
-    """Baseline A (``plain``) or B (``verify``): GET /v1/me → the same JSON as membershipd's."""
+def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None = None,
+                tls: tuple[Path, Path] | None = None) -> int:
+    """Baseline A (``plain``) or B (``verify``): GET /v1/me → the same JSON as membershipd's.
+
+    ``tls`` (certificate, key): serve HTTPS with the context membershipd's
+    ``--http-tls-cert``/``--http-tls-key`` get (``unibus.tls.server_context``).
+    """
     if stats_path is not None:
         install_profile_toggle(stats_path)
     import nacl.bindings
@@ -141,7 +173,12 @@ def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None =
         app.router.add_get(PATH, plain if mode == "plain" else verify)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True).start()
+        ssl_context = None
+        if tls is not None:
+            from unibus.tls import server_context
+
+            ssl_context = server_context(*tls)
+        await web.TCPSite(runner, "127.0.0.1", port, reuse_address=True, ssl_context=ssl_context).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -154,18 +191,26 @@ def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None =
     return 0
 
 
-def role_loadgen(url: str, requests_path: Path, warmup: int, concurrency: int) -> int:
-    """Send every request of the file (a JSON list of header dicts) once; print a JSON result line."""
+def role_loadgen(url: str, requests_path: Path, warmup: int, concurrency: int, cafile: Path | None = None) -> int:
+    """Send every request of the file (a JSON list of header dicts) once; print a JSON result line.
+
+    ``cafile``: an ``https://`` URL is verified against this CA (host name included).
+    """
     import aiohttp
     import yarl
 
     all_headers: list[dict[str, str]] = json.loads(requests_path.read_text())
     target = yarl.URL(url, encoded=True)
+    ssl_context: Any = True
+    if cafile is not None:
+        from unibus.tls import client_context
+
+        ssl_context = client_context(cafile)
 
     async def main() -> dict[str, Any]:
         statuses: collections.Counter[int] = collections.Counter()
         latencies: list[float] = []
-        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False)
+        connector = aiohttp.TCPConnector(limit=concurrency, force_close=False, ssl=ssl_context)
         async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
             async def worker(it, record: bool) -> None:
                 perf = time.perf_counter
@@ -201,8 +246,14 @@ def role_loadgen(url: str, requests_path: Path, warmup: int, concurrency: int) -
 
 def proc_cpu_seconds(pid: int) -> float:
     """user + system CPU time a live process has used so far (clock-tick resolution)."""
+    return sum(proc_cpu_split(pid))
+
+
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(user, system) CPU time a live process has used so far (clock-tick resolution)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
@@ -231,10 +282,11 @@ def wait_ready_line(proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> N
 
 @dataclass
 class Target:
-    key: str  # "signed", "plain", "verify"
+    key: str  # one of KEYS
     label: str
     url: str
     pids: dict[str, int]  # process label → pid whose CPU time is counted
+    cafile: Path | None = None  # HTTPS: the CA the load generator trusts
 
 
 @dataclass
@@ -276,13 +328,15 @@ def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch
     req_file.write_text(json.dumps(headers))
     argv = [PYTHON, SCRIPT, "--role", "loadgen", "--url", target.url + PATH, "--requests-file", str(req_file),
             "--warmup", str(warmup)]
-    before = {name: proc_cpu_seconds(pid) for name, pid in target.pids.items()}
+    if target.cafile is not None:
+        argv += ["--cafile", str(target.cafile)]
+    before = {name: proc_cpu_split(pid) for name, pid in target.pids.items()}
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
         out, err = proc.communicate(timeout=600)
     finally:
         stop_process(proc)
-    after = {name: proc_cpu_seconds(pid) for name, pid in target.pids.items()}
+    after = {name: proc_cpu_split(pid) for name, pid in target.pids.items()}
     req_file.unlink()
     if proc.returncode != 0:
         raise RuntimeError(f"load generator failed ({proc.returncode}):\n{err.decode(errors='replace')[-3000:]}")
@@ -292,7 +346,8 @@ def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch
         raise RuntimeError(f"{target.label}: non-200 answers {bad}")
     # The servers are idle while the load generator imports and connects, so their CPU
     # over its whole life divided by every request sent (warm-up too) is per request.
-    cpu_us = {k: (after[k] - before[k]) / len(headers) * 1e6 for k in before}
+    cpu_us = {k: (sum(after[k]) - sum(before[k])) / len(headers) * 1e6 for k in before}
+    cpu_us["server kernel"] = (after["server"][1] - before["server"][1]) / len(headers) * 1e6
     cpu_us["load generator"] = res["cpu"] / res["n"] * 1e6
     return RunResult(rps=res["rps"], p50=res["p50"], p99=res["p99"], n=res["n"], cpu_us=cpu_us)
 
@@ -324,9 +379,10 @@ AIOHTTP = "aiohttp: HTTP parsing, routing, middleware chain, response writing, s
 GLUE = "unibus middlewares' own lines (`problem_middleware`, `auth_middleware`, `authenticate`)"
 LOOP = "asyncio event loop (scheduling, epoll, callbacks)"
 THREADS = "other threads (SQLite store)"
+TLS = "TLS: asyncio's `sslproto`, the `ssl` module and the socket writes under them"
 OTHER = "other"
 _GLUE_FUNCS = ("problem_middleware", "auth_middleware", "Authenticator.", "current_member")
-CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, LOOP, THREADS, OTHER]
+CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, TLS, LOOP, THREADS, OTHER]
 
 
 def _parse_frames(stack: str) -> list[tuple[str, str]]:
@@ -348,6 +404,8 @@ def _centre(frames: list[tuple[str, str]]) -> str:
             return AIOHTTP
         if f.startswith(_GLUE_FUNCS):
             return GLUE
+        if p == "asyncio/sslproto.py" or p == "ssl.py":
+            return TLS
     if any(p.startswith(("asyncio/", "selectors")) for _, p in frames):
         return LOOP
     return OTHER
@@ -361,13 +419,21 @@ class Profile:
     centres: dict[str, int]  # cost centre → samples
     top_lines: list[tuple[int, str]]  # (samples, leaf frame)
 
+    leaves: dict[tuple[str, str], int] = field(default_factory=dict)  # (cost centre, leaf frame) → samples (py-spy)
+
     def us(self, centre: str) -> float:
         return self.centres.get(centre, 0) / self.samples * self.cpu_us if self.samples else 0.0
+
+    def line_us(self, centre: str, prefix: str) -> float:
+        """µs per request in ``centre``'s leaf frames that start with ``prefix`` (own samples, any source line)."""
+        n = sum(v for (c, leaf), v in self.leaves.items() if c == centre and leaf.startswith(prefix))
+        return n / self.samples * self.cpu_us if self.samples else 0.0
 
 
 def summarize_raw(path: Path, cpu_us: float) -> Profile:
     centres: collections.Counter[str] = collections.Counter()
     leaves: collections.Counter[str] = collections.Counter()
+    by_centre: collections.Counter[tuple[str, str]] = collections.Counter()
     total = 0
     for line in path.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
@@ -378,9 +444,12 @@ def summarize_raw(path: Path, cpu_us: float) -> Profile:
             continue
         n = int(count)
         total += n
-        centres[_centre(frames)] += n
+        centre = _centre(frames)
+        centres[centre] += n
         leaves[stack.split(";")[-1]] += n
-    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)])
+        by_centre[(centre, stack.split(";")[-1])] += n
+    return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)],
+                   dict(by_centre))
 
 
 def pyspy_binary() -> str | None:
@@ -556,70 +625,169 @@ def _mm(values: list[float], fmt: str = "{:.0f}", scale: float = 1.0) -> tuple[s
             fmt.format(max(values) * scale))
 
 
+#: The baseline B of each target's transport: its ratio column divides by it.
+SAME_TRANSPORT_B = {"signed": "verify", "before": "verify", "verify": "verify", "plain": "verify",
+                    "https": "verify-https", "verify-https": "verify-https"}
+
+
+def run_ratios(num: Series, den: Series, attr: str = "rps") -> list[float]:
+    """``num / den`` run by run (both were loaded in the same run)."""
+    return [getattr(x, attr) / getattr(y, attr) for x, y in zip(num.runs, den.runs)]
+
+
+def cpu_ratios(num: Series, den: Series, nats: bool = False) -> list[float]:
+    """Server CPU per request of ``den`` / that of ``num``, run by run (> 100%: ``num`` is the cheaper one)."""
+    def cpu(r: RunResult) -> float:
+        return r.cpu_us["server"] + (r.cpu_us.get("nats-server", 0.0) if nats else 0.0)
+
+    return [cpu(y) / cpu(x) for x, y in zip(num.runs, den.runs)]
+
+
+def verdict(series: dict[str, Series], before: Before | None) -> str:
+    """The paragraph that reads the before/after and HTTPS ratios, with this run's numbers."""
+    s, b, hs, hb = series["signed"], series["verify"], series["https"], series["verify-https"]
+    med = statistics.median
+    parts = []
+    old = series.get("before")
+    if old is not None and before is not None:
+        ab = run_ratios(s, old)
+        m = med(ab)
+        drop = "no drop in the median" if m >= 1.0 else f"{1 - m:.0%} fewer in the median"
+        cpu = med(cpu_ratios(s, old, nats=True))
+        cost = ("the same cost within 5%" if abs(cpu - 1) < 0.05
+                else "this code is the cheaper one" if cpu > 1 else "this code costs more")
+        parts.append(
+            f"Reading, before and after: signed / baseline B is {med(run_ratios(s, b)):.0%} with this code and "
+            f"{med(run_ratios(old, b)):.0%} with {before.version} (medians of the run-by-run ratios); run by run "
+            f"this code served {m:.0%} of {before.version}'s requests per second ({min(ab):.0%}–{max(ab):.0%}): "
+            f"{drop}. That spread is the machine's (other work shares the two cores, see the load average "
+            f"above); the CPU a signed request costs is the steadier measure: {s.cpu('server'):.0f} µs in "
+            f"membershipd and {s.cpu('nats-server') or 0:.0f} µs in its nats-server now, against "
+            f"{old.cpu('server'):.0f} and {old.cpu('nats-server') or 0:.0f} µs in {before.version} (medians); "
+            f"run by run {before.version} ÷ this code is {cpu:.0%}: {cost}.")
+    tls_s, tls_b = med(run_ratios(hs, s)), med(run_ratios(hb, b))
+    parts.append(
+        f"Over HTTPS signed / baseline B is {med(run_ratios(hs, hb)):.0%} (median); TLS leaves membershipd "
+        f"{tls_s:.0%} of its plain-HTTP throughput and baseline B {tls_b:.0%} of its own, at "
+        f"{hs.cpu('server') - s.cpu('server'):+.0f} and {hb.cpu('server') - b.cpu('server'):+.0f} µs of server CPU "
+        "per request.")
+    return " ".join(parts)
+
+
 def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Series],
-           profiles: dict[str, Profile], claims: list[ClaimPhase], environment: str) -> str:
+           profiles: dict[str, Profile], claims: list[ClaimPhase], environment: str,
+           before: Before | None = None) -> str:
     s, a, b = series["signed"], series["plain"], series["verify"]
+    old = series.get("before")
+    hs, hb = series["https"], series["verify-https"]
+    n_targets = len(series)
+    short = {"signed": "signed", "before": f"signed {before.version}" if before else "before",
+             "verify": "baseline B", "plain": "baseline A", "https": "signed over HTTPS",
+             "verify-https": "baseline B over HTTPS"}
     out = [environment, "",
            ("How to read it: baseline A is what aiohttp alone costs, baseline B adds the one Ed25519 verify that "
             "no signed request can avoid; the signed row adds everything else membershipd does (signature "
             "parsing and checks, the member lookup, the nonce claim round trip to JetStream, its middlewares). "
             "Throughput is noisy on a shared 2-core machine; the CPU µs per request columns (from /proc, per "
             "process) are the steadier measure of what a request costs, and the profile below splits the "
-            "server's share."), "",
-           (f"Each run sends {ns.requests:,} timed requests (after {ns.warmup:,} untimed ones) from a separate "
-            f"load-generator process (aiohttp client, `TCPConnector(limit={CONCURRENCY})`, {CONCURRENCY} workers) "
-            "over 32 keep-alive connections on loopback. Every request is pre-signed with its own nonce "
-            "(`unibus.signing.sign_request`, right before the run, outside the timed part); the baselines get the "
-            "same signed requests and ignore the signature. Latency is per request, as the load generator saw it."),
-           "",
-           ("| server | min req/s | median req/s | max req/s | p50 ms | p99 ms | server CPU µs/req | "
-            "nats-server CPU µs/req | load generator CPU µs/req |"),
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for key in ("signed", "verify", "plain"):
+            "server's share."), ""]
+    if before is not None:
+        out += [(f"Before and after: the \"{before.version}\" row is a real membershipd {before.version} (git "
+                 f"`{before.ref}`, commit `{before.commit[:12]}`) from its own virtualenv, built and cached by "
+                 "`bench/baseline.py` (`python bench/baseline.py clean` removes it), with the member bootstrapped "
+                 f"by its own `membershipd member add` on its own data dir; it gets the same load and the same "
+                 "kind of signed requests (RFC 9421 signing is unchanged between the versions). The baselines "
+                 "return this code's /v1/me body."), ""]
+    out += [("HTTPS: membershipd with `--http-tls-cert`/`--http-tls-key` and baseline B serving the same "
+             "certificate with the same server context (`unibus.tls.server_context`, TLS 1.2 or newer), both from "
+             "a test CA made by `unibus.testing.make_test_pki`; the load generator verifies the server against "
+             "that CA (`unibus.tls.client_context`). Connections are kept alive, so the 32 handshakes fall in the "
+             "untimed warm-up and the timed part pays for record encryption only."), "",
+            (f"Each run sends {ns.requests:,} timed requests (after {ns.warmup:,} untimed ones) to each of the "
+             f"{n_targets} servers from a separate load-generator process (aiohttp client, "
+             f"`TCPConnector(limit={CONCURRENCY})`, {CONCURRENCY} workers) over 32 keep-alive connections on "
+             "loopback; the servers are loaded one after the other, in the order "
+             f"{', '.join(short[k] for k in RUN_ORDER if k in series)} in even runs and backwards in odd ones (the pairs "
+             "compared run by run are neighbours). Every request is pre-signed with its own nonce "
+             "(`unibus.signing.sign_request`, right before the run, outside the timed part); the baselines get the "
+             "same signed requests and ignore the signature. Latency is per request, as the load generator saw it. "
+             "The ratio column divides each run's req/s by that of baseline B over the same transport in the same "
+             "run: median (min–max) over the runs."), "",
+            ("| server | min req/s | median req/s | max req/s | ÷ baseline B, same transport | p50 ms | p99 ms "
+             "| server CPU µs/req | … of it in the kernel | nats-server CPU µs/req | load generator CPU µs/req |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key in KEYS:
+        if key not in series:
+            continue
         ser = series[key]
         lo, med, hi = _mm(ser.values("rps"))
+        rlo, rmed, rhi = _mm(run_ratios(ser, series[SAME_TRANSPORT_B[key]]), "{:.0%}")
         nats_cpu = ser.cpu("nats-server")
-        out.append(f"| {labels[key]} | {lo} | {med} | {hi} | {ser.med('p50') * 1e3:.1f} | {ser.med('p99') * 1e3:.1f} "
-                   f"| {ser.cpu('server'):.0f} | {'–' if nats_cpu is None else f'{nats_cpu:.0f}'} "
-                   f"| {ser.cpu('load generator'):.0f} |")
+        out.append(f"| {labels[key]} | {lo} | {med} | {hi} | {rmed} ({rlo}–{rhi}) | {ser.med('p50') * 1e3:.1f} "
+                   f"| {ser.med('p99') * 1e3:.1f} | {ser.cpu('server'):.0f} | {ser.cpu('server kernel'):.0f} "
+                   f"| {'–' if nats_cpu is None else f'{nats_cpu:.0f}'} | {ser.cpu('load generator'):.0f} |")
 
-    def ratios(num: Series, den: Series) -> tuple[str, str, str]:
-        return _mm([x.rps / y.rps for x, y in zip(num.runs, den.runs)], "{:.0%}")
-
-    out += ["", ("Ratios are taken run by run (the three servers are loaded one after the other in each run), "
-            "then min / median / max over the runs. The CPU ratio compares what one request costs the server "
-            "process(es), whatever else competed for the two cores at the time."), "",
+    out += ["", (f"Ratios are taken run by run (the {n_targets} servers are loaded one after the other in each run), "
+            "then min / median / max over the runs. The CPU ratios compare what one request costs the server "
+            "process(es), whatever else competed for the two cores at the time (above 100%: the first-named "
+            "server is the cheaper one)."), "",
             "| ratio | min | median | max |", "|---|---:|---:|---:|"]
-    for label, num, den in (("signed / baseline B (throughput; the aim is ≥ 70%)", s, b),
-                            ("signed / baseline A (throughput)", s, a),
-                            ("baseline B / baseline A (throughput)", b, a)):
-        out.append(f"| {label} | " + " | ".join(ratios(num, den)) + " |")
-    cpu_ratio = [y.cpu_us["server"] / x.cpu_us["server"] for x, y in zip(s.runs, b.runs)]
-    cpu_ratio_all = [y.cpu_us["server"] / (x.cpu_us["server"] + x.cpu_us.get("nats-server", 0.0))
-                     for x, y in zip(s.runs, b.runs)]
-    out.append("| baseline B server CPU / signed server CPU per request (membershipd alone) | "
-               + " | ".join(_mm(cpu_ratio, "{:.0%}")) + " |")
-    out.append("| baseline B server CPU / signed CPU per request (membershipd + its nats-server) | "
-               + " | ".join(_mm(cpu_ratio_all, "{:.0%}")) + " |")
+    rows: list[tuple[str, list[float]]] = []
+    if old is not None and before is not None:
+        rows += [(f"**after / before**: signed (this code) / signed ({before.version}), throughput; the aim is no drop",
+                  run_ratios(s, old)),
+                 ("signed / baseline B, this code (throughput; the aim is ≥ 70%)", run_ratios(s, b)),
+                 (f"signed / baseline B, {before.version} (throughput)", run_ratios(old, b)),
+                 (f"after / before, server CPU per request ({before.version} ÷ this code; membershipd alone)",
+                  cpu_ratios(s, old)),
+                 (f"after / before, CPU per request ({before.version} ÷ this code; membershipd + its nats-server)",
+                  cpu_ratios(s, old, nats=True))]
+    else:
+        rows.append(("signed / baseline B (throughput; the aim is ≥ 70%)", run_ratios(s, b)))
+    rows += [("signed / baseline B, both over HTTPS (throughput)", run_ratios(hs, hb)),
+             ("signed over HTTPS / signed over HTTP (throughput)", run_ratios(hs, s)),
+             ("baseline B over HTTPS / baseline B over HTTP (throughput)", run_ratios(hb, b)),
+             ("signed / baseline A (throughput)", run_ratios(s, a)),
+             ("baseline B / baseline A (throughput)", run_ratios(b, a)),
+             ("baseline B server CPU / signed server CPU per request (membershipd alone)", cpu_ratios(s, b)),
+             ("baseline B server CPU / signed CPU per request (membershipd + its nats-server)",
+              cpu_ratios(s, b, nats=True)),
+             ("baseline B server CPU / signed server CPU per request, both over HTTPS (membershipd alone)",
+              cpu_ratios(hs, hb)),
+             ("signed server CPU per request, HTTP / HTTPS (membershipd alone)", cpu_ratios(hs, s)),
+             ("baseline B server CPU per request, HTTP / HTTPS", cpu_ratios(hb, b))]
+    for label, vals in rows:
+        out.append(f"| {label} | " + " | ".join(_mm(vals, "{:.0%}")) + " |")
+    out += ["", verdict(series, before)]
 
     if profiles:
         tool = next(iter(profiles.values())).tool
         how = f"{tool}, {PROFILE_RATE} samples/s" if tool == "py-spy" else tool
+        ps, pb, pa = profiles.get("signed"), profiles.get("verify"), profiles.get("plain")
+        phs, phb = profiles.get("https"), profiles.get("verify-https")
+        https = phs is not None and phb is not None
+        cols = [ps, pb, pa] + ([phs, phb] if https else [])
         out += ["", (f"Where the server's CPU goes ({how}; one extra untimed run per "
                 "server with the profiler attached; idle threads dropped). Each cost centre's share of the profile "
-                "times the server's CPU per request in that run gives µs per request; the last column is "
-                "what the signed path costs beyond baseline B."), "",
-                "| cost centre | signed µs/req | baseline B µs/req | baseline A µs/req | signed − B |",
-                "|---|---:|---:|---:|---:|"]
-        ps, pb, pa = profiles.get("signed"), profiles.get("verify"), profiles.get("plain")
+                "times the server's CPU per request in that run gives µs per request; the difference columns are "
+                "what the signed path costs beyond baseline B of the same transport."), "",
+                "| cost centre | signed µs/req | baseline B µs/req | baseline A µs/req | signed − B |"
+                + (" signed HTTPS µs/req | baseline B HTTPS µs/req | signed HTTPS − B HTTPS |" if https else ""),
+                "|---|---:|---:|---:|---:|" + ("---:|---:|---:|" if https else "")]
+
+        def row(label: str, vals: list[float]) -> str:
+            line = f"| {label} | {vals[0]:.0f} | {vals[1]:.0f} | {vals[2]:.0f} | {vals[0] - vals[1]:+.0f} |"
+            if https:
+                line += f" {vals[3]:.0f} | {vals[4]:.0f} | {vals[3] - vals[4]:+.0f} |"
+            return line
+
         for centre in CENTRES:
-            vals = [p.us(centre) if p else 0.0 for p in (ps, pb, pa)]
+            vals = [p.us(centre) if p else 0.0 for p in cols]
             if max(vals) < 0.5:
                 continue
-            out.append(f"| {centre} | {vals[0]:.0f} | {vals[1]:.0f} | {vals[2]:.0f} | {vals[0] - vals[1]:+.0f} |")
-        tot = [p.cpu_us if p else 0.0 for p in (ps, pb, pa)]
-        out.append(f"| **total (server CPU µs per request in the profiled run)** | {tot[0]:.0f} | {tot[1]:.0f} "
-                   f"| {tot[2]:.0f} | {tot[0] - tot[1]:+.0f} |")
+            out.append(row(centre, vals))
+        out.append(row("**total (server CPU µs per request in the profiled run)**",
+                       [p.cpu_us if p else 0.0 for p in cols]))
         if ps is not None and pb is not None:
             sc, bc = s.cpu("server") or 0.0, b.cpu("server") or 0.0
             diffs = sorted(((ps.us(c) - pb.us(c), c) for c in CENTRES), reverse=True)
@@ -631,6 +799,23 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                        else f"which it is, with {bc / 0.7 - sc:.0f} µs to spare. ")
                     + "In the profile the difference to baseline B is mostly: "
                     + "; ".join(top) + ".")]
+        if https:
+            assert phs is not None and phb is not None
+            tls_s, tls_b = phs.us(TLS), phb.us(TLS)
+            write_s = phs.line_us(TLS, "_SelectorSocketTransport.write ")
+            write_b = phb.line_us(TLS, "_SelectorSocketTransport.write ")
+            out += ["", (f"Over HTTPS the TLS centre costs membershipd {tls_s:.0f} µs per request and baseline B "
+                    f"{tls_b:.0f} µs, of which the send of the encrypted response (`_SelectorSocketTransport.write` "
+                    f"under `sslproto`) {write_s:.0f} and {write_b:.0f} µs.")]
+        if ps is not None and ps.tool == "py-spy":
+            sends = sum(n for n, frame in ps.top_lines if frame.startswith("_SelectorSocketTransport.write "))
+            out += ["", ("A caveat for every py-spy share here: py-spy counts a thread that is runnable but "
+                    "waiting for a core as busy on its current line, and a send on loopback often hands the core "
+                    "to the process it wakes (the load generator, nats-server), so socket sends "
+                    f"(`_SelectorSocketTransport.write`: {sends / ps.samples if ps.samples else 0:.0%} of the "
+                    "signed samples) are over-counted on a busy 2-core machine. What they cost in CPU is in the "
+                    "kernel column of the first table (from /proc), which holds the system calls: "
+                    f"{s.cpu('server kernel'):.0f} µs per signed request.")]
         if ps is not None:
             unit = "samples" if ps.tool == "py-spy" else "µs of self time"
             out += ["", f"Signed path, top {len(ps.top_lines)} source lines by own {unit} (of {ps.samples}):", "",
@@ -655,7 +840,7 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
 
     out += ["", "Reproduce with:", "", "```",
             ".venv/bin/pip install py-spy   # optional, for the profile; not a project dependency",
-            f".venv/bin/python bench/bench_signed.py --runs {ns.runs} --requests {ns.requests}", "```"]
+            f".venv/bin/python {command_line(ns)}", "```"]
     return "\n".join(out) + "\n"
 
 
@@ -663,16 +848,35 @@ def write_section(path: Path, body: str) -> None:
     benchdoc.write_section(path, "signed", HEADING, body)
 
 
-def environment_line(ns: argparse.Namespace, load_before: float, load_after: float, profiler: str) -> str:
+def command_line(ns: argparse.Namespace) -> str:
+    """The options this run was given, as a reader would type them."""
+    cmd = f"bench/bench_signed.py --runs {ns.runs} --requests {ns.requests}"
+    if ns.before is None:
+        cmd += " --no-before"
+    elif ns.before != BEFORE_REF:
+        cmd += f" --before {ns.before}"
+    return cmd
+
+
+def environment_line(ns: argparse.Namespace, load_before: float, load_after: float, profiler: str,
+                     before: Before | None = None) -> str:
     from importlib.metadata import version
 
     from unibus.supervisor import find_nats_server
 
     nats_version = subprocess.run([str(find_nats_server()), "--version"], capture_output=True, text=True,
                                   check=True).stdout.strip()
-    return (f"Measured {datetime.now():%Y-%m-%d} by `bench/bench_signed.py --runs {ns.runs} --requests "
-            f"{ns.requests}`: {os.cpu_count()} CPUs, Python {platform.python_version()} (default asyncio loop), "
-            f"aiohttp {version('aiohttp')}, PyNaCl {version('pynacl')}, nats-py {version('nats-py')}, {nats_version}; "
+    here = {"aiohttp": version("aiohttp"), "pynacl": version("pynacl"), "nats-py": version("nats-py")}
+    then = ""
+    if before is not None:
+        same = before.versions == here and before.nats_server == nats_version
+        then = (f"; membershipd {before.version} in its own venv with "
+                + ("the same aiohttp, PyNaCl, nats-py and nats-server" if same else
+                   f"aiohttp {before.versions.get('aiohttp')}, PyNaCl {before.versions.get('pynacl')}, "
+                   f"nats-py {before.versions.get('nats-py')}, {before.nats_server}"))
+    return (f"Measured {datetime.now():%Y-%m-%d} by `{command_line(ns)}`: {os.cpu_count()} CPUs, Python "
+            f"{platform.python_version()} (default asyncio loop), aiohttp {here['aiohttp']}, PyNaCl {here['pynacl']}, "
+            f"nats-py {here['nats-py']}, {nats_version}{then}; "
             f"{profiler}; 1-minute load average {load_before:.1f} before and {load_after:.1f} after (the server, its "
             "nats-server and the load generator share the two cores; other work on the machine shows up as "
             "noise in min/max).")
@@ -691,6 +895,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="markdown file whose signed-requests section is rewritten (default docs/benchmarks.md)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--no-profile", action="store_true", help="skip the profile")
+    parser.add_argument("--before", default=BEFORE_REF, metavar="REF",
+                        help=f"the release to compare with, a git tag or commit (default {BEFORE_REF}); built once "
+                        "by bench/baseline.py under bench/.baselines/")
+    parser.add_argument("--no-before", action="store_true", help="skip the earlier release (no build, no target)")
     # hidden: the child roles
     parser.add_argument("--role", choices=("loadgen", "plain", "verify"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
@@ -698,14 +906,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--body-file", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--stats-file", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--cafile", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tls-cert", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--tls-key", type=Path, help=argparse.SUPPRESS)
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:2] == ["--role", "cprofile-daemon"]:  # membershipd's own flags follow: no parsing here
         return role_cprofile_daemon(args[2:])
     ns = parser.parse_args(args)
     if ns.role == "loadgen":
-        return role_loadgen(ns.url, ns.requests_file, ns.warmup, CONCURRENCY)
+        return role_loadgen(ns.url, ns.requests_file, ns.warmup, CONCURRENCY, ns.cafile)
     if ns.role in ("plain", "verify"):
-        return role_server(ns.role, ns.port, ns.body_file, ns.stats_file)
+        tls = (ns.tls_cert, ns.tls_key) if ns.tls_cert else None
+        return role_server(ns.role, ns.port, ns.body_file, ns.stats_file, tls)
+    if ns.no_before:
+        ns.before = None
+    else:
+        import baseline
+
+        try:
+            baseline.resolve(ns.before)
+        except baseline.BadRef as e:
+            parser.error(f"--before: {e}")
     if ns.runs < 1 or ns.requests < 100 or ns.warmup < CONCURRENCY or ns.claims < 100:
         parser.error("need --runs ≥ 1, --requests ≥ 100, --warmup ≥ 32, --claims ≥ 100")
     if ns.requests + ns.warmup > 25000:
@@ -714,54 +935,124 @@ def main(argv: Sequence[str] | None = None) -> int:
     return orchestrate(ns)
 
 
+def start_baseline_server(mode: str, body_file: Path, scratch: Path, tls: tuple[Path, Path] | None = None,
+                          stats: bool = True) -> tuple[subprocess.Popen, str]:
+    """A baseline server process (``plain`` or ``verify``) on a free port, ready; (process, base URL)."""
+    from unibus.testing import free_port
+
+    port = free_port()
+    argv = [PYTHON, SCRIPT, "--role", mode, "--port", str(port), "--body-file", str(body_file)]
+    if stats:
+        argv += ["--stats-file", str(scratch / f"{mode}.pstats")]
+    if tls is not None:
+        argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    try:
+        wait_ready_line(p)
+    except BaseException:
+        stop_process(p)
+        raise
+    return p, f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+
+
+@dataclass
+class Before:
+    """The earlier release the signed path is compared with (bench/baseline.py)."""
+
+    ref: str
+    python: Path
+    version: str
+    commit: str
+    versions: dict[str, str]  # distribution → version in its venv (aiohttp, PyNaCl, ...)
+    nats_server: str
+
+
+def prepare_before(ref: str) -> Before:
+    import baseline
+
+    python = baseline.prepare(ref)
+    probe = ("import json, unibus; from importlib.metadata import version as v; "
+             "print(json.dumps({'unibus': unibus.__version__, 'aiohttp': v('aiohttp'), 'pynacl': v('pynacl'), "
+             "'nats-py': v('nats-py')}))")
+    out = json.loads(subprocess.run([str(python), "-c", probe], capture_output=True, text=True, check=True,
+                                    timeout=60).stdout)
+    nats = subprocess.run([str(python.parent / "nats-server"), "--version"], capture_output=True, text=True,
+                          check=True, timeout=30).stdout.strip()
+    return Before(ref, python, out.pop("unibus"), baseline.resolve(ref), out, nats)
+
+
+def bootstrap_before(before: Before, data_dir: Path, identity: Any) -> None:
+    """That release's own ``membershipd member add`` (0.11 has no ``--bus-pub``: it is not given)."""
+    proc = subprocess.run([str(before.python), "-m", "unibus.cli", "member", "add", "--data-dir", str(data_dir),
+                           "--handle", identity.handle, "--role", "admin", "--sign-pub", identity.sign_pub_b64,
+                           "--enc-pub", identity.enc_pub_b64, "--enc-suite", identity.enc_suite],
+                          capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=daemon_env())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{before.version} membershipd member add failed: {proc.stderr.strip()[-2000:]}")
+
+
 def orchestrate(ns: argparse.Namespace) -> int:
     import urllib.request
 
     from unibus.client.keys import generate_identity
-    from unibus.testing import MembershipdProcess, bootstrap_member, free_port
+    from unibus.testing import MembershipdProcess, bootstrap_member, make_test_pki
 
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-signed-"))
-    daemon: MembershipdProcess | None = None
+    daemons: list[MembershipdProcess] = []
     baselines: list[subprocess.Popen] = []
-    series = {k: Series() for k in ("signed", "plain", "verify")}
+    keys = [k for k in RUN_ORDER if ns.before or k != "before"]
+    series = {k: Series() for k in keys}
     profiles: dict[str, Profile] = {}
     claims: list[ClaimPhase] = []
     total = ns.requests + ns.warmup
     spy: str | None = None
     labels: dict[str, str] = {}
+    before: Before | None = prepare_before(ns.before) if ns.before else None
     try:
         alice = generate_identity(HANDLE)
-        data_dir = tmp / "membershipd"
-        bootstrap_member(data_dir, alice, role="admin")
+        pki = make_test_pki(tmp / "pki")
         spy = None if ns.no_profile else pyspy_binary()
-        daemon = MembershipdProcess(data_dir)
-        daemon.env = daemon_env()
-        daemon.start()
-        nats_pid = daemon.nats_pid()
-        if nats_pid is None:
-            raise RuntimeError("membershipd's nats-server child not found")
+        targets: dict[str, Target] = {}
+
+        def daemon(key: str, label: str, args: Sequence[str] = (), command: Sequence[str] | None = None,
+                   bootstrap: Any = None, ca: Path | None = None) -> MembershipdProcess:
+            data_dir = tmp / f"membershipd-{key}"
+            (bootstrap or (lambda d: bootstrap_member(d, alice, role="admin")))(data_dir)
+            d = MembershipdProcess(data_dir, args, command=command, ca=ca)
+            d.env = daemon_env()
+            daemons.append(d)
+            d.start(timeout=START_TIMEOUT)
+            nats_pid = d.nats_pid()
+            if nats_pid is None:
+                raise RuntimeError(f"{label}: membershipd's nats-server child not found")
+            targets[key] = Target(key, label, d.base_url, {"server": d.pid, "nats-server": nats_pid}, ca)
+            return d
+
+        labels["signed"] = "signed GET /v1/me (membershipd, this code)"
+        plain_daemon = daemon("signed", labels["signed"])
         # The body the baselines return: exactly what /v1/me answers.
-        req = urllib.request.Request(daemon.base_url + PATH, headers=sign_batch(alice, 1)[0])
+        req = urllib.request.Request(plain_daemon.base_url + PATH, headers=sign_batch(alice, 1)[0])
         with urllib.request.urlopen(req, timeout=5) as resp:
             body_file = tmp / "me.json"
             body_file.write_bytes(resp.read())
-        labels = {"signed": "signed GET /v1/me (membershipd)",
-                  "plain": "baseline A: bare aiohttp handler, same JSON",
-                  "verify": f"baseline B: A + one Ed25519 verify of {VERIFY_MESSAGE_SIZE} B"}
-        targets = {"signed": Target("signed", labels["signed"], daemon.base_url,
-                                    {"server": daemon.pid, "nats-server": nats_pid})}
-        for mode in ("plain", "verify"):
-            port = free_port()
-            p = subprocess.Popen([PYTHON, SCRIPT, "--role", mode, "--port", str(port), "--body-file", str(body_file),
-                                  "--stats-file", str(tmp / f"{mode}.pstats")],
-                                 stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+        if before is not None:
+            labels["before"] = f"signed GET /v1/me (membershipd {before.version})"
+            daemon("before", labels["before"], command=[str(before.python), "-m", "unibus.cli"],
+                   bootstrap=lambda d: bootstrap_before(before, d, alice))
+        labels["https"] = "signed GET /v1/me over HTTPS (membershipd, this code)"
+        daemon("https", labels["https"], pki.serve_args(http=True, nats=False), ca=pki.ca[0])
+        labels["plain"] = "baseline A: bare aiohttp handler, same JSON"
+        labels["verify"] = f"baseline B: A + one Ed25519 verify of {VERIFY_MESSAGE_SIZE} B"
+        labels["verify-https"] = "baseline B over HTTPS (same certificate)"
+        for key, mode, tls in (("plain", "plain", None), ("verify", "verify", None),
+                               ("verify-https", "verify", pki.server)):
+            p, url = start_baseline_server(mode, body_file, tmp, tls, stats=tls is None)
             baselines.append(p)
-            wait_ready_line(p)
-            targets[mode] = Target(mode, labels[mode], f"http://127.0.0.1:{port}", {"server": p.pid})
+            targets[key] = Target(key, labels[key], url, {"server": p.pid}, pki.ca[0] if tls else None)
 
         for i in range(ns.runs):
-            order = ("signed", "verify", "plain") if i % 2 == 0 else ("plain", "verify", "signed")
+            order = keys if i % 2 == 0 else keys[::-1]
             for key in order:
                 r = run_load(targets[key], sign_batch(alice, total), ns.warmup, tmp)
                 series[key].runs.append(r)
@@ -770,7 +1061,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
                       + ", ".join(f"{k} {v:.0f}" for k, v in r.cpu_us.items()), file=sys.stderr)
 
         if spy is not None:
-            for key in ("signed", "verify", "plain"):
+            for key in PROFILED:
                 prof, r = profile_target(targets[key], sign_batch(alice, total), ns.warmup, tmp, spy)
                 profiles[key] = prof
                 print(f"profiled {key}: {prof.samples} samples, {r.rps:.0f} req/s under py-spy", file=sys.stderr)
@@ -800,8 +1091,8 @@ def orchestrate(ns: argparse.Namespace) -> int:
     finally:
         for p in baselines:
             stop_process(p)
-        if daemon is not None:
-            daemon.stop()
+        for d in daemons:
+            d.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
     if spy is not None and profiles:
@@ -810,7 +1101,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
     else:
         profiler = "profile by cProfile" if profiles else "no profile"
     body = render(ns, labels, series, profiles, claims,
-                  environment_line(ns, load_before, os.getloadavg()[0], profiler))
+                  environment_line(ns, load_before, os.getloadavg()[0], profiler, before), before)
     print(body)
     if not ns.no_write:
         write_section(ns.out, body)

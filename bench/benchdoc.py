@@ -2,7 +2,8 @@
 
 ``write_section(path, name, heading, body)`` replaces the text between
 ``<!-- bench:NAME:start -->`` and ``<!-- bench:NAME:end -->`` (or appends the
-section), leaving every other section as it is.
+section), leaving every other section as it is. ``section(name, heading, body)``
+is that text, for a section nested in another one's body.
 """
 
 from __future__ import annotations
@@ -19,14 +20,22 @@ rewritten by its own script.
 """
 
 
+def section(name: str, heading: str, body: str) -> str:
+    """The text of section ``name``, markers included: what ``write_section`` puts in the file.
+
+    A script may nest one section inside another's body (a part it can rerun alone).
+    """
+    return f"<!-- bench:{name}:start -->\n{heading}\n\n{body}<!-- bench:{name}:end -->\n"
+
+
 def write_section(path: Path, name: str, heading: str, body: str) -> None:
     start_mark, end_mark = f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
-    section = f"{start_mark}\n{heading}\n\n{body}{end_mark}\n"
+    section_text = section(name, heading, body)
     text = path.read_text() if path.exists() else INTRO
     start, end = text.find(start_mark), text.find(end_mark)
     if start != -1 and end != -1 and end > start:
-        text = text[:start] + section + text[end + len(end_mark):].lstrip("\n")
+        text = text[:start] + section_text + text[end + len(end_mark):].lstrip("\n")
     else:
-        text = text.rstrip("\n") + "\n\n" + section
+        text = text.rstrip("\n") + "\n\n" + section_text
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)

@@ -25,7 +25,7 @@ from .pluginmanager import PluginManager
 from .posture import compute_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
-from .store.base import Conflict, LogRejected, NotFound, Store, StoreUnavailable
+from .store.base import ChangeNotEnforced, Conflict, LogRejected, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
 
 log = logging.getLogger("unibus.http")
@@ -37,10 +37,6 @@ SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
-#: ``await app[RECONFIGURE_NATS]()``: re-run every ``configure_nats`` and, if the
-#: config changed, rewrite it and reload nats-server. Calls made close together
-#: share one reload; the result is True once nats-server confirmed it.
-RECONFIGURE_NATS = web.AppKey("reconfigure_nats", object)  # free-form runtime objects (store, engine...) by name
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -107,6 +103,10 @@ async def _problem_or_response(request: web.Request, handler: Handler) -> web.St
     except StoreUnavailable as e:
         return problem_response(503, f"the store is unavailable: {e}", kind="store-unavailable",
                                 headers={"Retry-After": "1"})
+    except ChangeNotEnforced as e:
+        return problem_response(503, "the change is saved, but the bus has not confirmed it on every node yet; "
+                                f"it is retried until it has ({e}); /healthz shows what waits",
+                                kind="change-not-enforced", headers={"Retry-After": "2"})
     except web.HTTPException as e:
         if e.status < 400:
             raise

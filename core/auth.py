@@ -221,7 +221,10 @@ class MemberDirectory:
         store.add_listener(self._on_change)
 
     def _on_change(self, change: Change) -> None:
-        if change.kind == "reloaded":
+        if change.kind == "reloaded" and change.keys:
+            # Another cluster node's writes, key by key: re-read only the members among them.
+            self._dirty.update(k.split(".", 1)[1] for k in change.keys if k.startswith("member."))
+        elif change.kind == "reloaded":
             self._stale = True
             self._reloads += 1
         elif change.kind.startswith("member_") and change.handle:

@@ -1,9 +1,10 @@
-"""``membershipd serve``: the start-up order of SPEC §3, signals, and shutdown.
+"""``membershipd serve``: the start-up order (docs/operations.md), signals, and shutdown.
 
 settings → plugins → posture → (cluster gate) → migrations → nats.conf written
 → nats-server started and ready → store and KV buckets ready → ``startup``
 hooks → HTTP port opens → sd_notify READY=1. SIGTERM/SIGINT stop HTTP, then the
-plugins, then NATS; SIGHUP regenerates the NATS configuration and reloads it.
+plugins, then NATS; SIGHUP re-reads the store (nats.conf does not depend on
+membership: bus authorization is answered by the auth callout, docs/bus-auth.md).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EXTRA, RECONFIGURE_NATS, SERVER_OPTIONS, make_app
+from .app import EXTRA, SERVER_OPTIONS, make_app
 from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
@@ -36,7 +37,6 @@ from .posture import cluster_gate, compute_posture, startup_posture
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
 from .settings import HostPort, Settings, insecure_plaintext_warnings
-from .store import publish_membership
 from .store.base import Store
 from .store.db import migrate
 from .store.kv import KvStore
@@ -51,8 +51,6 @@ log = logging.getLogger("unibus.daemon")
 HTTP_STOP_TIMEOUT = 2.0
 SHUTDOWN_HOOKS_BUDGET = 5.0
 NATS_STOP_TIMEOUT = 2.5
-#: How long a configuration change waits for others to join it in one reload.
-RECONFIGURE_DEBOUNCE = 0.01
 
 
 __all__ = ["Daemon", "compute_posture", "nats_config", "serve"]
@@ -116,11 +114,8 @@ class Daemon:
         self._system_seed = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
-        self._rendered: str | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
-        self._reconfigure_pending: asyncio.Future[bool] | None = None
-        self._reconfigure_lock = asyncio.Lock()
         self._started_hooks = False
 
     async def start(self) -> None:
@@ -177,15 +172,11 @@ class Daemon:
             self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
             self.app[EXTRA]["system_bus"] = self.system_bus
-        self.app[RECONFIGURE_NATS] = self.reconfigure_nats
         self.app[EXTRA]["nonces"] = nonces
         for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
             register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True
-        # The first nats.conf was built before the store was up (from SQLite);
-        # a clustered node's truth is in KV. Bring nats-server in line now.
-        await self.reconfigure_nats()
 
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
                                     **SERVER_OPTIONS)
@@ -200,60 +191,16 @@ class Daemon:
         sd_notify("READY=1")
 
     def write_nats_config(self) -> dict[str, Any]:
+        """The one nats.conf of this run: it does not depend on membership (docs/bus-auth.md)."""
         config = nats_config(self.settings, self.plugins)
-        self._rendered = render_config(config)
-        write_config(self._rendered, self.settings.nats_conf_path)
+        write_config(render_config(config), self.settings.nats_conf_path)
         return config
-
-    def reconfigure_nats(self) -> asyncio.Future[bool]:
-        """Schedule a coalesced regeneration of nats.conf and a reload.
-
-        Requests arriving within ``RECONFIGURE_DEBOUNCE`` of each other, or
-        while a reload is running, share the next one. The future resolves to
-        True when nats-server confirmed the new config (or nothing changed).
-        """
-        loop = asyncio.get_running_loop()
-        if self._reconfigure_pending is None:
-            self._reconfigure_pending = loop.create_future()
-            loop.call_later(RECONFIGURE_DEBOUNCE, self._start_reconfigure)
-        return self._reconfigure_pending
-
-    def _start_reconfigure(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._reconfigure())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reconfigure(self) -> None:
-        async with self._reconfigure_lock:
-            future, self._reconfigure_pending = self._reconfigure_pending, None
-            try:
-                ok = await self._apply_nats_config()
-            except Exception as e:
-                log.error("regenerating the NATS configuration failed: %s: %s", type(e).__name__, e)
-                ok = False
-            if future is not None and not future.done():
-                future.set_result(ok)
-
-    async def _apply_nats_config(self) -> bool:
-        if not self.settings.embedded or self.supervisor is None:
-            return True
-        if self.store is not None:
-            # What bus authorization is built from, read from whichever backend.
-            publish_membership(self.settings.data_dir, await self.store.membership())
-        config = await asyncio.to_thread(nats_config, self.settings, self.plugins)
-        rendered = await asyncio.to_thread(render_config, config)
-        if rendered == self._rendered:
-            return True
-        await asyncio.to_thread(write_config, rendered, self.settings.nats_conf_path)
-        self._rendered = rendered
-        self.supervisor.forward_levels = forward_levels(config)
-        return await self.supervisor.reload_and_wait()
 
     def request_stop(self) -> None:
         self._stop.set()
 
     def on_sighup(self) -> None:
-        log.info("SIGHUP: re-reading the store and regenerating the NATS configuration")
+        log.info("SIGHUP: re-reading the store")
         task = asyncio.get_running_loop().create_task(self._reload())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -262,7 +209,6 @@ class Daemon:
         try:
             if self.store is not None:
                 await self.store.reload()
-            await self.reconfigure_nats()
         except Exception as e:
             log.error("SIGHUP: reload failed: %s: %s", type(e).__name__, e)
 

@@ -44,10 +44,10 @@ def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
     ``config`` is the whole server configuration as a plain dict (the JSON that
     nats-server reads): ``server_name``, ``host``, ``port``, ``jetstream``,
     ``cluster``... Add or change keys in place; the return value is ignored.
-    Called once at start-up after the core filled in its own keys, and again
-    whenever the configuration is regenerated (membership changes, SIGHUP), so
-    an implementation must be a pure function of ``settings`` and the state it
-    reads.
+    Called once at start-up, after the core filled in its own keys; the
+    configuration is then fixed for the life of the daemon (it depends on
+    settings only, never on membership), so an implementation must be a pure
+    function of ``settings`` and the files of the data dir.
 
     The core renders the dict after every plugin ran. Whatever a plugin writes,
     the monitoring endpoint (``http``) is forced onto 127.0.0.1 and secrets the

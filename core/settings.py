@@ -28,6 +28,10 @@ DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
 DEFAULT_NATS_ADDR = "127.0.0.1:4250"
 DEFAULT_CLUSTER_ADDR = "0.0.0.0:6250"
 DEFAULT_AUTH_SKEW = 60
+#: The largest --auth-skew: a signed request can be replayed for twice this long
+#: if its nonce is lost, and clients check the membership log's ``created`` order
+#: against it whatever the skew was when an entry was written (docs/formats.md).
+MAX_AUTH_SKEW = 600
 KV_REPLICA_CHOICES = (1, 3, 5)
 BUS_AUTH_CHOICES = ("off", "enforce")
 
@@ -123,6 +127,10 @@ class Settings:
     routes: tuple[str, ...] = ()
     cluster_pass_file: Path | None = None
     cluster_pass: Secret | None = field(default=None, repr=False, compare=False)
+    #: A key every node of the cluster derives from the route password (HKDF-SHA256,
+    #: salted with the cluster name): plugins derive their own shared keys from it
+    #: (:meth:`cluster_key`) without ever seeing the password. None off a cluster.
+    cluster_secret: Secret | None = field(default=None, repr=False, compare=False)
     auth_skew: int = DEFAULT_AUTH_SKEW
     nats_server_bin: Path | None = None
     disabled_plugins: tuple[str, ...] = ()
@@ -167,6 +175,18 @@ class Settings:
     def for_plugins(self) -> Settings:
         """A copy without secrets: what hook implementations receive."""
         return replace(self, cluster_pass=None)
+
+    def cluster_key(self, label: str) -> bytes | None:
+        """32 bytes every node of this cluster derives alike for ``label`` (None off a cluster).
+
+        For a plugin that needs a secret shared by all nodes (the auth
+        callout's issuer key, docs/bus-auth.md): derived from
+        :attr:`cluster_secret` with HKDF-SHA256, so it changes with the route
+        password and reveals nothing of it.
+        """
+        if self.cluster_secret is None:
+            return None
+        return _hkdf(self.cluster_secret.reveal().encode("ascii"), b"unibus/plugin-key/v1", label.encode())
 
     @property
     def db_path(self) -> Path:
@@ -330,7 +350,8 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     a("--cluster-addr", metavar="HOST:PORT", help=f"route listener (default {DEFAULT_CLUSTER_ADDR})")
     a("--routes", metavar="URL[,URL...]", help="cluster peers as bare nats://host:port")
     a("--cluster-pass-file", metavar="PATH", help="route password file, mode 0600 [UNIBUS_CLUSTER_PASS]")
-    a("--auth-skew", metavar="SECONDS", help=f"allowed clock skew of signed requests (default {DEFAULT_AUTH_SKEW})")
+    a("--auth-skew", metavar="SECONDS",
+      help=f"allowed clock skew of signed requests, 1-{MAX_AUTH_SKEW} (default {DEFAULT_AUTH_SKEW})")
     a("--nats-server-bin", metavar="PATH", help="the nats-server binary (default: beside python, then PATH)")
 
 
@@ -446,6 +467,8 @@ def build_settings(
         cluster_pass = Secret(env["UNIBUS_CLUSTER_PASS"])
 
     auth_skew = _convert("--auth-skew", get("auth_skew") or str(DEFAULT_AUTH_SKEW), parse_positive_int)
+    if auth_skew > MAX_AUTH_SKEW:
+        raise ConfigError(f"--auth-skew: {auth_skew} is too large; use 1 to {MAX_AUTH_SKEW} seconds (run NTP instead)")
     nats_server_bin = _path_or_none(get("nats_server_bin"))
 
     options: dict[str, Any] = {}
@@ -469,6 +492,9 @@ def build_settings(
         routes=routes,
         cluster_pass_file=cluster_pass_file,
         cluster_pass=cluster_pass,
+        cluster_secret=(Secret(_hkdf(cluster_pass.reveal().encode(), (cluster_name or "").encode(),
+                                     b"unibus/cluster-secret/v1").hex())
+                        if cluster_pass is not None and cluster_name else None),
         auth_skew=auth_skew,
         nats_server_bin=nats_server_bin,
         disabled_plugins=tuple(disabled_plugins),
@@ -479,6 +505,13 @@ def build_settings(
     )
     validate(settings)
     return settings
+
+
+def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
 
 
 def validate(settings: Settings) -> None:

@@ -32,8 +32,6 @@ log = logging.getLogger("unibus.supervisor")
 nats_log = logging.getLogger("unibus.nats")
 
 READY_MARKER = "Server is ready"
-RELOADED_MARKER = "Reloaded server configuration"
-RELOAD_FAILED_MARKER = "Failed to reload server configuration"
 QUIET_LEVELS = frozenset({"WRN", "ERR", "FTL"})
 ALL_LEVELS = frozenset({"INF", "WRN", "ERR", "FTL", "DBG", "TRC"})
 _LEVEL_RE = re.compile(r"\[(INF|WRN|ERR|FTL|DBG|TRC)\]")
@@ -127,10 +125,6 @@ class NatsSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._recent: deque[str] = deque(maxlen=20)
-        self._reload_lock = asyncio.Lock()
-        self._reload_result: asyncio.Future[str] | None = None
-        self.reloads = 0
-        self.last_reload: float | None = None
 
     # -- state ---------------------------------------------------------------
 
@@ -218,9 +212,6 @@ class NatsSupervisor:
             level = nats_line_level(line)
             if READY_MARKER in line:
                 self._ready.set()
-            elif (RELOADED_MARKER in line or RELOAD_FAILED_MARKER in line) and self._reload_result is not None:
-                if not self._reload_result.done():
-                    self._reload_result.set_result(line)
             if level is None or level in self.forward_levels:
                 nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s", line)
 
@@ -247,37 +238,6 @@ class NatsSupervisor:
                 await self._spawn_and_wait()
             except RuntimeFailure as e:
                 log.error("%s", e)
-
-    def reload(self) -> None:
-        """Ask nats-server to re-read its config (SIGHUP), without waiting."""
-        if self._proc and self._proc.returncode is None:
-            self._proc.send_signal(signal.SIGHUP)
-
-    async def reload_and_wait(self, timeout: float = 10.0) -> bool:
-        """SIGHUP nats-server and wait until it logs that the reload is in effect.
-
-        Returns True once nats-server says "Reloaded server configuration",
-        False if it refused the new config, could not be signalled, or did not
-        answer within ``timeout``. Reloads are serialised.
-        """
-        async with self._reload_lock:
-            if not (self._proc and self._proc.returncode is None):
-                return False
-            self._reload_result = asyncio.get_running_loop().create_future()
-            try:
-                self._proc.send_signal(signal.SIGHUP)
-                line = await asyncio.wait_for(self._reload_result, timeout)
-            except (TimeoutError, ProcessLookupError):
-                log.error("nats-server did not confirm the config reload within %.0f s", timeout)
-                return False
-            finally:
-                self._reload_result = None
-            if RELOAD_FAILED_MARKER in line:
-                log.error("nats-server refused the new config: %s", line.split(RELOAD_FAILED_MARKER, 1)[1].lstrip(": "))
-                return False
-            self.reloads += 1
-            self.last_reload = time.time()
-            return True
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         """Send a signal to the child (tests use it to simulate a crash)."""

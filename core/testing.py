@@ -76,15 +76,50 @@ def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | N
                           env=full_env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+_migrated_template: Path | None = None
+
+
+def _migrated_db() -> Path:
+    """An empty database at the newest revision, made once per process (alembic is slow to import)."""
+    global _migrated_template
+    if _migrated_template is None or not _migrated_template.exists():
+        import tempfile
+
+        from .store.db import migrate
+
+        path = Path(tempfile.mkdtemp(prefix="unibus-testing-")) / "membershipd.db"
+        migrate(path)
+        _migrated_template = path
+    return _migrated_template
+
+
 def bootstrap_member(data_dir: Path, identity: Any, role: str = "member") -> None:
-    """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline."""
+    """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline.
+
+    It runs the command in this process (``unibus.cli.main``), on a database
+    copied from one migrated once per process: the same code path as the
+    command, without a Python start-up and a migration per call.
+    """
+    import io
+    import shutil
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from .cli import main
+
     if identity.bus_pub is None:
         raise ValueError(f"{identity.handle}: the identity has no bus key (membershipd member add needs --bus-pub)")
-    proc = run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", identity.handle,
-                           "--role", role, "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64,
-                           "--enc-suite", identity.enc_suite, "--bus-pub", identity.bus_pub)
-    if proc.returncode != 0:
-        raise RuntimeError(f"membershipd member add failed: {proc.stderr.strip()}")
+    db = data_dir / "membershipd.db"
+    if not db.exists():
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(_migrated_db(), db)
+        db.chmod(0o600)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(["member", "add", "--data-dir", str(data_dir), "--handle", identity.handle, "--role", role,
+                     "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64,
+                     "--enc-suite", identity.enc_suite, "--bus-pub", identity.bus_pub])
+    if code != 0:
+        raise RuntimeError(f"membershipd member add failed: {err.getvalue().strip()}")
 
 
 def nats_server_pids(under: Path | str | None = None) -> set[int]:
@@ -311,6 +346,41 @@ class MembershipdProcess:
         with contextlib.suppress(Exception):
             self._log.close()
         return self.proc.returncode
+
+
+async def member_connections(daemon: MembershipdProcess, handle: str, *, servers: int = 1) -> set[tuple[str, int]]:
+    """``(server id, client id)`` of every connection of ``handle`` that nats-server holds right now.
+
+    Asked as membershipd's system user (``system.nkey``) of every server
+    (``$SYS.REQ.SERVER.PING.CONNZ``, one answer per server: ``servers`` of
+    them are awaited); a callout user is named by its handle.
+    """
+    import nats
+
+    seed = (daemon.data_dir / "system.nkey").read_text().strip()
+    nc = await nats.connect(daemon.nats_url, nkeys_seed_str=seed, allow_reconnect=False, connect_timeout=2,
+                            tls=daemon.ssl_context())
+    found: set[tuple[str, int]] = set()
+    answered: set[str] = set()
+    done = asyncio.Event()
+
+    async def on_reply(msg) -> None:
+        reply = json.loads(msg.data)
+        server = reply["server"]["id"]
+        answered.add(server)
+        found.update((server, c["cid"]) for c in reply["data"].get("connections") or [])
+        if len(answered) >= servers:
+            done.set()
+
+    try:
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=on_reply)
+        await nc.publish("$SYS.REQ.SERVER.PING.CONNZ",
+                         json.dumps({"acc": "MEMBERS", "auth": True, "user": handle}).encode(), reply=inbox)
+        await asyncio.wait_for(done.wait(), 5)
+        return found
+    finally:
+        await nc.close()
 
 
 def _dial(host: str) -> str:

@@ -44,6 +44,7 @@ __all__ = [
     "nkey_from_public_key",
     "nkey_from_sign_pub",
     "sign_pub_from_nkey",
+    "public_key_from_nkey",
 ]
 
 # --------------------------------------------------------------------------- constants
@@ -285,21 +286,36 @@ def nkey_from_sign_pub(raw32: Any) -> str:
     return nkey_from_public_key(raw32, "sign_pub")
 
 
-def sign_pub_from_nkey(nkey: Any) -> bytes:
-    """Inverse of :func:`nkey_from_sign_pub`: the raw Ed25519 key of a ``U…`` user nkey."""
-    if not isinstance(nkey, str) or len(nkey) != 56 or not nkey.startswith("U"):
-        raise KeyFormatError("user nkey: expected 56 base32 characters starting with 'U'")
+def public_key_from_nkey(nkey: Any, prefix: int = nkeys.PREFIX_BYTE_USER, what: str = "user nkey") -> bytes:
+    """The raw 32-byte Ed25519 key of a public nkey with ``prefix`` (user ``U…`` by default;
+    ``nkeys.PREFIX_BYTE_SERVER`` for ``N…``, ``PREFIX_BYTE_ACCOUNT`` for ``A…``).
+
+    Only the canonical spelling is accepted (checksum, prefix, no padding).
+    """
+    letter = nkey_letter(prefix)
+    if not isinstance(nkey, str) or len(nkey) != 56 or not nkey.startswith(letter):
+        raise KeyFormatError(f"{what}: expected 56 base32 characters starting with {letter!r}")
     try:
         body = base64.b32decode(nkey)  # 35 bytes = 56 characters, no padding
     except (binascii.Error, ValueError):
-        raise KeyFormatError("user nkey: invalid base32") from None
-    if len(body) != 35 or body[0] != nkeys.PREFIX_BYTE_USER:
-        raise KeyFormatError("user nkey: not a user public key")
+        raise KeyFormatError(f"{what}: invalid base32") from None
+    if len(body) != 35 or body[0] != prefix:
+        raise KeyFormatError(f"{what}: not the expected kind of public key")
     if _crc16_xmodem(body[:33]).to_bytes(2, "little") != body[33:]:
-        raise KeyFormatError("user nkey: checksum mismatch")
-    if nkey_from_public_key(body[1:33]) != nkey:
-        raise KeyFormatError("user nkey: non-canonical base32")
+        raise KeyFormatError(f"{what}: checksum mismatch")
+    if base64.b32encode(body).decode("ascii").rstrip("=") != nkey:
+        raise KeyFormatError(f"{what}: non-canonical base32")
     return body[1:33]
+
+
+def nkey_letter(prefix: int) -> str:
+    """The first character of a public nkey of ``prefix`` (``U``, ``A``, ``N``...)."""
+    return base64.b32encode(bytes([prefix, 0, 0, 0, 0]))[:1].decode("ascii")
+
+
+def sign_pub_from_nkey(nkey: Any) -> bytes:
+    """Inverse of :func:`nkey_from_sign_pub`: the raw Ed25519 key of a ``U…`` user nkey."""
+    return public_key_from_nkey(nkey)
 
 
 def validate_bus_pub(nkey: Any, what: str = "bus_pub") -> str:

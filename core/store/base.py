@@ -31,8 +31,9 @@ from ..memberlog import LoggedRequest, entry_hash, member_json, request_entry
 log = logging.getLogger("unibus.store")
 
 ROLES = ("admin", "member")
-#: How long a write waits for its listeners (a nats-server reload) to apply it.
-CHANGE_APPLY_TIMEOUT = 15.0  # longer than a nats-server reload may take (10 s)
+#: How long a write waits for its listeners (bus authorization's kicks) to apply it;
+#: a listener that needs a deadline of its own (the kicks' 2 s) raises ChangeNotEnforced.
+CHANGE_APPLY_TIMEOUT = 15.0
 
 
 def b64(raw: bytes) -> str:
@@ -144,6 +145,11 @@ class Change:
     handle: str | None = None
     room_id: str | None = None
     rooms: tuple[str, ...] = ()
+    #: "local" (this process wrote it), "remote" (another cluster node: a
+    #: ``reloaded`` with the store ``keys`` that changed), "offline" (SIGHUP
+    #: after an offline ``membershipd member add``).
+    origin: str = "local"
+    keys: tuple[str, ...] = ()
 
     @property
     def affects_bus(self) -> bool:
@@ -166,6 +172,11 @@ class Conflict(StoreError):
 
 class StoreUnavailable(StoreError):
     """The backend cannot answer now (a KV without quorum): the request gets 503."""
+
+
+class ChangeNotEnforced(StoreError):
+    """The change is committed, but a listener could not confirm its effect in time
+    (bus authorization's kicks): the request gets 503, and the listener keeps retrying."""
 
 
 class LogRejected(StoreError):
@@ -266,10 +277,12 @@ class Store(abc.ABC):
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(change)`` after every committed change (and after ``reload``).
 
-        A listener may return an awaitable (bus authorization returns the
-        pending nats-server reload): the write that caused the change waits
-        for it, up to ``CHANGE_APPLY_TIMEOUT``, before it returns. So when a
-        client gets the 2xx of a membership change, the bus already enforces it.
+        A listener may return an awaitable (bus authorization returns its
+        kicks): the write that caused the change waits for it, up to
+        ``CHANGE_APPLY_TIMEOUT``, before it returns. So when a client gets the
+        2xx of a membership change, the bus already enforces it. An awaitable
+        that raises :class:`ChangeNotEnforced` makes the write raise it too
+        (after every listener ran): the change stays committed.
         """
         self._listeners.append(listener)
 
@@ -286,15 +299,35 @@ class Store(abc.ABC):
         if not waits:
             return
         done, pending = await asyncio.wait(waits, timeout=CHANGE_APPLY_TIMEOUT)
+        not_enforced: ChangeNotEnforced | None = None
         for fut in done:
-            if fut.exception() is not None:
-                log.error("applying %s failed: %s", change.kind, fut.exception())
+            error = fut.exception()
+            if isinstance(error, ChangeNotEnforced):
+                not_enforced = error
+            elif error is not None:
+                log.error("applying %s failed: %s", change.kind, error)
         if pending:
             log.error("applying %s is taking longer than %.0f s; answering anyway", change.kind, CHANGE_APPLY_TIMEOUT)
+        if not_enforced is not None:
+            raise not_enforced
 
     async def reload(self) -> None:
         """Drop caches and re-read the backend (SIGHUP, offline ``member add``)."""
-        await self._changed(Change("reloaded"))
+        await self._changed(Change("reloaded", origin="offline"))
+
+    async def bus_member(self, handle: str) -> tuple[bool, str | None, int]:
+        """``(exists, bus_pub, revision)`` of a member, for bus authorization.
+
+        ``revision`` orders reads of the same record (0: this backend reads
+        in commit order and has none).
+        """
+        member = await self.get_member(handle)
+        return member is not None, (member.bus_pub if member is not None else None), 0
+
+    async def room_handles(self, room_id: str) -> tuple[frozenset[str] | None, int]:
+        """``(handles of the room's members or None when it is gone, revision)``."""
+        room = await self.get_room(room_id)
+        return (room.handles if room is not None else None), 0
 
     async def available(self) -> bool:
         """Can the backend answer now? (``/healthz`` is degraded when not.)"""

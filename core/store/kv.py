@@ -245,7 +245,7 @@ class KvStore(Store):
         self._prefix = f"$KV.{bucket}."
         # The watch: revisions this instance wrote (not "remote"), and its tasks.
         self._own: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._seen: list[int] = []
+        self._seen: list[tuple[int, str]] = []  # (stream seq, key); seq -1: maybe missed something
         self._kick = asyncio.Event()
         self._closing = asyncio.Event()
         self._watch_task: asyncio.Task[None] | None = None
@@ -566,6 +566,20 @@ class KvStore(Store):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    # -- bus authorization's reads (with revisions) ----------------------------------
+
+    async def bus_member(self, handle: str) -> tuple[bool, str | None, int]:
+        if not _valid(handle):
+            return False, None, 0
+        value, rev = await self._read(_mkey(handle))
+        return value is not None, (value or {}).get("bus_pub"), rev
+
+    async def room_handles(self, room_id: str) -> tuple[frozenset[str] | None, int]:
+        if not _valid(room_id):
+            return None, 0
+        value, rev = await self._read(_rkey(room_id))
+        return (frozenset(value["members"]) if value is not None else None), rev
 
     # -- members ---------------------------------------------------------------
 
@@ -1088,7 +1102,7 @@ class KvStore(Store):
                         await asyncio.wait_for(self._closing.wait(), 0.5)
                     continue
                 reconnects = self._nc.stats.get("reconnects", 0)
-                self._seen.append(-1)  # "maybe missed something": report once
+                self._seen.append((-1, ""))  # "maybe missed something": report once
                 self._kick.set()
                 self.watch_ready.set()
                 while not self._closing.is_set():
@@ -1119,7 +1133,7 @@ class KvStore(Store):
 
     async def _subscribe_watch(self) -> Any:
         async def on_msg(msg: Any) -> None:
-            self._seen.append(msg.metadata.sequence.stream)
+            self._seen.append((msg.metadata.sequence.stream, msg.subject[len(self._prefix):]))
             self._kick.set()
 
         return await asyncio.wait_for(
@@ -1134,19 +1148,24 @@ class KvStore(Store):
             await asyncio.sleep(WATCH_DEBOUNCE)
             self._kick.clear()
             seen, self._seen = self._seen, []
-            remote = False
-            for seq in seen:
+            keys: set[str] = set()
+            missed = False
+            for seq, key in seen:
                 if seq in self._own:
                     del self._own[seq]
                     self.watch_stats["own"] += 1
+                elif seq < 0:
+                    missed = True
                 else:
-                    remote = True
-                    if seq >= 0:
-                        self.watch_stats["remote"] += 1
-            if remote:
+                    keys.add(key)
+                    self.watch_stats["remote"] += 1
+            if missed or keys:
                 self.watch_stats["reported"] += 1
+                # Listeners that can, apply the keys one by one; a (re)subscription
+                # may have missed some, so it reports no keys: re-read everything.
+                change = Change("reloaded", origin="remote", keys=() if missed else tuple(sorted(keys)))
                 try:
-                    await self._changed(Change("reloaded"))
+                    await self._changed(change)
                 except Exception:  # pragma: no cover - _changed logs listener errors itself
                     log.exception("KV watch: reporting a change failed")
 

@@ -534,17 +534,11 @@ def new_member(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_suit
     return Member(handle, role, sign_pub, enc_pub, enc_suite, _now(), bus_pub)
 
 
-_snapshot_engines: dict[Path, object] = {}
-
-
 def read_membership(db_path: Path) -> Membership:
-    """A consistent snapshot of members and room memberships, read synchronously.
-
-    For ``configure_nats`` implementations (bus authorization), which run at
-    start-up before the store is up and, later, in a worker thread.
-    """
-    engine = _snapshot_engines.get(db_path)
-    if engine is None:
-        engine = _snapshot_engines.setdefault(db_path, make_engine(db_path))
-    with Session(engine) as session, session.begin():  # type: ignore[arg-type]
-        return membership_sync(session)
+    """A consistent snapshot of members and room memberships, read synchronously (offline tools, tests)."""
+    engine = make_engine(db_path)
+    try:
+        with Session(engine) as session, session.begin():
+            return membership_sync(session)
+    finally:
+        engine.dispose()

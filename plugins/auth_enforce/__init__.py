@@ -1,26 +1,22 @@
-"""auth_enforce: data-plane authorization generated from membership (docs/bus-auth.md).
+"""auth_enforce: data-plane authorization by NATS auth callout (docs/bus-auth.md).
 
-With ``--bus-auth enforce`` (the default) the nats-server configuration gets
-three accounts and nothing else that lets a client in:
+With ``--bus-auth enforce`` (the default) nats.conf holds three accounts and
+lists no member:
 
-* ``UNIBUS``: membershipd's service user (the nkey in ``<data-dir>/service.nkey``)
-  with JetStream, so every KV bucket and the blob object store live here;
-* ``MEMBERS``: one nkey user per member that has a bus key (``bus_pub``; never
-  a signing key), allowed to publish and subscribe on ``unibus.room.<id>.>``
-  for each room it is in and to subscribe on its inbox prefix
-  ``_INBOX_<handle>.>``. No JetStream, no imports or exports, and no
-  ``allow_responses``: a subject of ``UNIBUS`` or ``SYS`` does not exist for a
-  member, whatever reply subject it gets a message with;
-* ``SYS`` (``system_account``): membershipd's system user (``system.nkey``).
+* ``UNIBUS``: membershipd's service user (``<data-dir>/service.nkey``) with
+  JetStream: every KV bucket and the blob object store live here;
+* ``MEMBERS``: no users in the configuration, no JetStream. Every member
+  connection is authorized by the ``auth_callout`` block: nats-server asks,
+  membershipd answers (:mod:`.callout`) with a user JWT that allows publish and
+  subscribe on ``unibus.room.<id>.>`` for each of the member's rooms and
+  subscribe on ``_INBOX_<handle>.>``. No ``allow_responses``;
+* ``SYS``: membershipd's system user (``system.nkey``), which watches
+  connections and kicks them (:mod:`.enforcer`).
 
-No top-level ``authorization``, no ``no_auth_user``: anonymous and unknown
-clients are refused. Every committed membership change (member added,
-deleted or given a new bus key, room member added or removed, room deleted,
-SIGHUP) regenerates the accounts and reloads nats-server; changes made close
-together share one reload, and the request that made the change gets its 2xx
-only once nats-server confirmed the reload (up to 15 s; after that it answers
-anyway and logs an error). nats-server's reload closes the connections of
-users that disappeared and drops subscriptions that are no longer allowed.
+A membership change needs no reload: the callout's index (:mod:`.policy`) is
+updated before the change is answered, and every connection whose rights
+changed is kicked on every node, then re-authorized through the callout. The
+configuration is the same for the whole life of the daemon.
 
 ``--bus-auth off`` is for development: one open global account, a warning at
 start-up, and the posture says ``bus_auth: "off"``, ``acl: false``. So does
@@ -30,60 +26,65 @@ membershipd's to write.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from unibus import hookimpl
 from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_service_nkey, load_nkey_seed
 from unibus.settings import Settings
-from unibus.store.base import Change, Membership
+from unibus.store.base import Change, ChangeNotEnforced, Store
+
+from .callout import AUTH_TIMEOUT, Issuer, Responder
+from .enforcer import Enforcer, KickUnconfirmed
+from .policy import Policy, diff, member_permissions
 
 PLUGIN_NAME = "auth_enforce"
 log = logging.getLogger("unibus.plugins.auth_enforce")
 
-ROOM_SUBJECT = "unibus.room.{room_id}.>"
-INBOX = "_INBOX_{handle}.>"
 #: The accounts of docs/bus-auth.md: membershipd and JetStream, the members, the system.
 SERVICE_ACCOUNT = "UNIBUS"
 MEMBERS_ACCOUNT = "MEMBERS"
 SYSTEM_ACCOUNT = "SYS"
+ISSUER_FILE = Path("plugins") / PLUGIN_NAME / "issuer.nkey"
+ISSUER_LABEL = "auth_enforce/callout-issuer"
 
 
 def enforcing(settings: Settings) -> bool:
     return settings.bus_auth == "enforce" and settings.embedded
 
 
-def member_permissions(handle: str, rooms: list[str]) -> dict[str, Any]:
-    """The NATS permissions of one member: its rooms and its inbox, nothing else.
+def issuer_for(settings: Settings) -> Issuer:
+    """The callout issuer: derived from the cluster's shared key on a cluster node
+    (every node must sign alike), else a random account seed kept in
+    ``<data-dir>/plugins/auth_enforce/issuer.nkey`` (0600, in a 0700 directory)."""
+    shared = settings.cluster_key(ISSUER_LABEL)
+    if shared is not None:
+        return Issuer.from_raw(shared)
+    path = settings.data_dir / ISSUER_FILE
+    if not path.exists():
+        import nkeys
 
-    No ``allow_responses``: it would let a member publish once to the reply
-    subject of any message it receives, its own messages included, whose
-    reply subject it chose itself (docs/bus-auth.md#why-no-allow_responses).
-    """
-    room_subjects = [ROOM_SUBJECT.format(room_id=r) for r in rooms]
-    # An empty allow list means "no restriction" to nats-server: a member in no
-    # room is denied every publish instead.
-    publish: dict[str, Any] = {"allow": room_subjects} if room_subjects else {"deny": [">"]}
-    return {
-        "publish": publish,
-        "subscribe": {"allow": [*room_subjects, INBOX.format(handle=handle)]},
-    }
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT) + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    if path.stat().st_mode & 0o077:
+        from unibus.errors import RuntimeFailure
+
+        raise RuntimeFailure(f"{path} is readable by group or others; run chmod 600 {path}")
+    return Issuer.from_seed(path.read_text().strip())
 
 
-def member_users(membership: Membership) -> list[dict[str, Any]]:
-    """One nkey user per member with a bus key; a member without one (upgraded from 0.11) has none."""
-    return [
-        {"nkey": member.bus_pub, "permissions": member_permissions(member.handle, membership.rooms_of(member.handle))}
-        for member in membership.members
-        if member.bus_pub is not None
-    ]
-
-
-def accounts(service_nkey: str, system_nkey: str, membership: Membership) -> dict[str, Any]:
-    """The ``accounts`` block: ``UNIBUS`` (service user, JetStream), ``MEMBERS``, ``SYS``.
+def accounts(service_nkey: str, system_nkey: str) -> dict[str, Any]:
+    """The ``accounts`` block: ``UNIBUS`` (service user, JetStream), ``MEMBERS`` (empty), ``SYS``.
 
     Only ``UNIBUS`` names JetStream: with accounts configured, nats-server
     enables it for those accounts alone, so a member has no JetStream API at
@@ -91,20 +92,21 @@ def accounts(service_nkey: str, system_nkey: str, membership: Membership) -> dic
     """
     return {
         SERVICE_ACCOUNT: {"jetstream": "enabled", "users": [{"nkey": service_nkey}]},
-        MEMBERS_ACCOUNT: {"users": member_users(membership)},
+        MEMBERS_ACCOUNT: {},
         SYSTEM_ACCOUNT: {"users": [{"nkey": system_nkey}]},
     }
 
 
-@dataclass
-class _Generated:
-    users: int = 0  # every user of the generated accounts
-    members: int = 0  # of which member users (members with a bus key)
+def authorization(service_nkey: str, issuer: str) -> dict[str, Any]:
+    """The ``authorization`` block: the callout for every connection that is not membershipd's own.
 
-
-# Per data dir, so several daemons in one process (tests) keep apart.
-_generated: dict[Path, _Generated] = {}
-_lock = threading.Lock()
+    ``allowed_accounts`` keeps the system user out of the callout; the service
+    user is an ``auth_user``. ``timeout`` is how long nats-server waits for an
+    answer (docs/bus-auth.md, "When no membershipd answers").
+    """
+    return {"timeout": AUTH_TIMEOUT,
+            "auth_callout": {"issuer": issuer, "account": SERVICE_ACCOUNT, "auth_users": [service_nkey],
+                             "allowed_accounts": [MEMBERS_ACCOUNT]}}
 
 
 def service_public_key(settings: Settings) -> str:
@@ -118,6 +120,20 @@ def system_public_key(settings: Settings) -> str:
     return public
 
 
+@dataclass
+class Runtime:
+    """What the plugin runs for one daemon (on ``app``; several daemons may share a process in tests)."""
+
+    store: Store
+    policy: Policy
+    responder: Responder
+    enforcer: Enforcer | None = None
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+
+RUNTIME_KEY = "auth_enforce"
+
+
 @hookimpl
 def posture(settings: Settings) -> dict[str, Any]:
     if enforcing(settings):
@@ -129,21 +145,83 @@ def posture(settings: Settings) -> dict[str, Any]:
 def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
     if not enforcing(settings):
         return
-    from unibus.store import membership_snapshot
-
-    block = accounts(service_public_key(settings), system_public_key(settings), membership_snapshot(settings))
-    config["accounts"] = block
+    service = service_public_key(settings)
+    config["accounts"] = accounts(service, system_public_key(settings))
     config["system_account"] = SYSTEM_ACCOUNT
-    for key in ("authorization", "no_auth_user"):
-        config.pop(key, None)
-    with _lock:
-        _generated[settings.data_dir] = _Generated(users=sum(len(a["users"]) for a in block.values()),
-                                                   members=len(block[MEMBERS_ACCOUNT]["users"]))
+    config["authorization"] = authorization(service, issuer_for(settings).public)
+    config.pop("no_auth_user", None)
+
+
+async def load_policy(store: Store, policy: Policy) -> None:
+    members = await store.list_members()
+    membership = await store.membership()
+    policy.load(((m.handle, m.bus_pub) for m in members), dict(membership.rooms))
+
+
+async def reread(store: Store, policy: Policy, handles: list[str], rooms: list[str]) -> tuple[set[str], set[str]]:
+    """Re-read members and rooms from the store into the policy; ``(revoked, granted)``."""
+    revoked: set[str] = set()
+    granted: set[str] = set()
+    for handle in handles:
+        exists, bus_pub, revision = await store.bus_member(handle)
+        r, g = policy.set_member(handle, exists, bus_pub, revision)
+        revoked |= r
+        granted |= g
+    for room_id in rooms:
+        members, revision = await store.room_handles(room_id)
+        r, g = policy.set_room(room_id, members, revision)
+        revoked |= r
+        granted |= g
+    return revoked, granted - revoked
+
+
+def affected(change: Change, policy: Policy) -> tuple[list[str], list[str]]:
+    """The members and rooms a local change touched: ``(handles, room ids)`` to re-read."""
+    if change.kind in ("member_added", "member_bus_key"):
+        return [change.handle] if change.handle else [], []
+    if change.kind == "member_deleted":
+        return [change.handle] if change.handle else [], list(change.rooms)
+    if change.kind in ("room_created", "room_deleted", "room_member_added", "room_member_removed"):
+        return [], [change.room_id] if change.room_id else []
+    return [], []
+
+
+def remote_keys(keys: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Members and rooms among the store keys another node wrote (docs/store.md)."""
+    handles = [k.split(".", 1)[1] for k in keys if k.startswith("member.")]
+    rooms = [k.split(".", 1)[1] for k in keys if k.startswith("room.")]
+    return handles, rooms
+
+
+async def apply_change(rt: Runtime, change: Change) -> None:
+    """Bring the policy in line with a change, then kick what it revoked or granted."""
+    if change.kind == "reloaded" and change.keys:
+        # Another node's writes: that node kicks; here only the index follows.
+        await reread(rt.store, rt.policy, *remote_keys(change.keys))
+        return
+    if change.kind == "reloaded":
+        before = rt.policy.snapshot()
+        await load_policy(rt.store, rt.policy)
+        if change.origin == "remote":
+            return
+        revoked, granted = diff(before, rt.policy.snapshot())
+        rooms: list[str] = []
+    else:
+        handles, rooms = affected(change, rt.policy)
+        if change.kind == "room_deleted" and change.room_id:
+            rooms = [change.room_id]
+        revoked, granted = await reread(rt.store, rt.policy, handles, rooms)
+    if rt.enforcer is None:
+        return
+    try:
+        await rt.enforcer.enforce(revoked, granted, rooms)
+    except KickUnconfirmed as e:
+        raise ChangeNotEnforced(str(e)) from None
 
 
 @hookimpl
-def startup(app) -> None:
-    from unibus.app import RECONFIGURE_NATS, SETTINGS, STORE
+async def startup(app) -> None:
+    from unibus.app import BUS, EXTRA, SETTINGS, STORE
 
     settings = app[SETTINGS]
     if settings.bus_auth == "off":
@@ -152,42 +230,63 @@ def startup(app) -> None:
     if not settings.embedded:
         log.warning("--nats-url: bus authorization is the external NATS server's job; posture says bus_auth off")
         return
-    reconfigure = app[RECONFIGURE_NATS]
+    store = app[STORE]
+    policy = Policy()
+    await load_policy(store, policy)
+    rt = Runtime(store, policy, Responder(policy, issuer_for(settings)))
+    await rt.responder.start(app[BUS].nc)
+    system_bus = app[EXTRA].get("system_bus")
+    if system_bus is None:  # pragma: no cover - the core connects it whenever the config has SYS
+        raise RuntimeError("no system-account connection: kicks are impossible")
 
-    def on_change(change: Change):
-        if change.affects_bus:
-            # Coalesced with other changes; the write that caused it waits for
-            # this future, so its 2xx leaves once nats-server enforces it.
-            return reconfigure()
-        return None
+    async def apply_local(handles: list[str], rooms: list[str]) -> None:
+        await reread(store, policy, handles, rooms)
 
-    app[STORE].add_listener(on_change)
+    rt.enforcer = Enforcer(system_bus.nc, app[BUS].nc, rt.responder, clustered=settings.clustered,
+                           node=settings.server_name, apply_local=apply_local, peers=system_bus.route_peers)
+    await rt.enforcer.start()
+    app[EXTRA][RUNTIME_KEY] = rt
+
+    def on_change(change: Change) -> Any:
+        if change.kind in ("keys_posted", "member_updated"):
+            return None
+        return apply_change(rt, change)
+
+    store.add_listener(on_change)
+
+
+@hookimpl
+async def shutdown(app) -> None:
+    from unibus.app import EXTRA
+
+    rt = app[EXTRA].get(RUNTIME_KEY)
+    if rt is None:
+        return
+    if rt.enforcer is not None:
+        await rt.enforcer.stop()
+    await rt.responder.stop()
 
 
 @hookimpl
 def healthz_fields(app) -> dict[str, Any]:
-    from unibus.app import SETTINGS, SUPERVISOR
+    from unibus.app import EXTRA, SETTINGS
 
     settings = app[SETTINGS]
-    if not enforcing(settings):
+    rt = app[EXTRA].get(RUNTIME_KEY)
+    if not enforcing(settings) or rt is None:
         return {PLUGIN_NAME: {"enforced": False}}
-    supervisor = app[SUPERVISOR]
-    with _lock:
-        generated = _generated.get(settings.data_dir, _Generated())
-    last = getattr(supervisor, "last_reload", None)
+    enforcer = rt.enforcer
     return {PLUGIN_NAME: {
         "enforced": True,
-        "users": generated.users,
-        "members": generated.members,
-        "reloads": getattr(supervisor, "reloads", 0),
-        "last_reload": None if last is None else _iso(last),
+        "mode": "callout",
+        "members": len(rt.policy.bus_of),
+        "connections": sum(len(c) for c in enforcer.connections.values()) if enforcer else 0,
+        "callouts": dict(rt.responder.stats),
+        "kicks": enforcer.stats["kicks"] if enforcer else 0,
+        "kicks_pending": sorted(enforcer.pending) if enforcer else [],
+        "last_change_ms": (round(enforcer.last_duration * 1000, 1)
+                           if enforcer and enforcer.last_duration is not None else None),
     }}
 
 
-def _iso(ts: float) -> str:
-    from datetime import UTC, datetime
-
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-__all__ = ["MEMBERS_ACCOUNT", "SERVICE_ACCOUNT", "SYSTEM_ACCOUNT", "accounts", "member_permissions", "member_users"]
+__all__ = ["MEMBERS_ACCOUNT", "SERVICE_ACCOUNT", "SYSTEM_ACCOUNT", "accounts", "authorization", "member_permissions"]

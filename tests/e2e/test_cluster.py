@@ -18,7 +18,7 @@ import pytest
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.testing import (MembershipdProcess, bootstrap_member, free_port, make_test_ca, make_test_cert,
-                            run_membershipd)
+                            member_connections, run_membershipd)
 
 pytestmark = pytest.mark.slow
 
@@ -100,7 +100,7 @@ async def signed_ok(node: MembershipdProcess, identity) -> bool:
             await client.me()
             return True
         except ApiError as e:
-            if e.status == 503:
+            if e.status in (401, 503):  # 401: this node has not seen the member yet (its KV watch)
                 return False
             raise
 
@@ -158,6 +158,9 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
 
     # bob cannot reach the cluster's membership (KV state) with the 0.11 reply-subject trick, nor directly
     await reply_trick_reaches_nothing(cluster, bob, room, alice)
+
+    # rights change on every node before the 2xx, and fail closed when a kick cannot be confirmed
+    await removal_cuts_off_on_another_node(cluster, bob, room, alice)
 
     # one node down: signed writes keep working through the others (after an election)
     cluster.kill(0)
@@ -257,6 +260,70 @@ async def reply_trick_reaches_nothing(cluster: Cluster, bob, room: str, alice) -
     async with UnibusClient(cluster.nodes[0].base_url, alice) as a1:
         assert {m["handle"] for m in await a1.list_members()} == {"alice", "bob"}
         assert [m["handle"] for m in await a1.list_members() if m["role"] == "admin"] == ["alice"]
+
+
+async def removal_cuts_off_on_another_node(cluster: Cluster, bob, room: str, alice) -> None:
+    n1, n3 = cluster.nodes[0], cluster.nodes[2]
+    nc = await nats.connect(n3.nats_url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                            connect_timeout=3)
+    try:
+        before = await member_connections(n1, "bob", servers=3)
+        assert len(before) == 1
+        async with UnibusClient(n1.base_url, alice) as a1:
+            await a1.remove_room_member(room, "bob")  # served by node 1; bob is on node 3
+            # the 204 is here: no server holds bob's connection any more
+            assert not before & await member_connections(n1, "bob", servers=3)
+            await a1.add_room_member(room, "bob")
+    finally:
+        await nc.close()
+
+    # a node whose nats-server hangs (one that leads neither bucket, so writes go on):
+    # a kick there cannot be confirmed, the change answers 503 (it is committed) and
+    # is retried until it is confirmed
+    hung, serving = await hang_candidate(cluster)
+    nc = await nats.connect(hung.nats_url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                            connect_timeout=3)
+    nats_pid = hung.nats_pid()
+    assert nats_pid is not None
+    os.kill(nats_pid, signal.SIGSTOP)
+    try:
+        async with UnibusClient(serving.base_url, alice, timeout=20) as a:
+            with pytest.raises(ApiError) as e:
+                await a.remove_room_member(room, "bob")
+            assert e.value.status == 503 and e.value.problem["type"].endswith("/change-not-enforced"), e.value
+            assert "bob" in serving.healthz()[1]["auth_enforce"]["kicks_pending"]
+            room_now = await a.get_room(room)
+            assert "bob" not in {m["handle"] for m in room_now["members"]}  # the change itself is committed
+    finally:
+        os.kill(nats_pid, signal.SIGCONT)
+    assert await eventually(lambda: _no_pending(serving), 30)
+    assert await eventually(lambda: _true(nc.is_closed or not nc.is_connected), 10)
+    await nc.close()
+    async with UnibusClient(serving.base_url, alice) as a:
+        await a.add_room_member(room, "bob")
+
+
+async def hang_candidate(cluster: Cluster) -> tuple[MembershipdProcess, MembershipdProcess]:
+    """``(node to hang, node to serve)``: the hung one leads neither the state nor the nonce bucket."""
+    n1 = cluster.nodes[0]
+    nc = await nats.connect(n1.nats_url, nkeys_seed=str(n1.data_dir / "service.nkey"))
+    try:
+        js = nc.jetstream()
+        leaders = {(await js.stream_info(s)).cluster.leader for s in ("KV_unibus_state", "KV_unibus_nonces")}
+    finally:
+        await nc.close()
+    names = {f"n{i + 1}": node for i, node in enumerate(cluster.nodes)}
+    hung = next(node for name, node in names.items() if name not in leaders)
+    serving = next(node for node in cluster.nodes if node is not hung)
+    return hung, serving
+
+
+async def _no_pending(node: MembershipdProcess) -> bool:
+    return node.healthz()[1]["auth_enforce"]["kicks_pending"] == []
+
+
+async def _true(value: bool) -> bool:
+    return value
 
 
 async def _routes(node: MembershipdProcess, want: int) -> bool:

@@ -146,9 +146,18 @@ def test_the_config_has_three_accounts_and_nothing_open(world):
     assert set(conf["accounts"]) == {"UNIBUS", "MEMBERS", "SYS"} and conf["system_account"] == "SYS"
     assert conf["accounts"]["UNIBUS"]["jetstream"] == "enabled"
     assert "jetstream" not in conf["accounts"]["MEMBERS"] and "jetstream" not in conf["accounts"]["SYS"]
-    members = {u["nkey"] for u in conf["accounts"]["MEMBERS"]["users"]}
-    assert members == {p.bus_pub for p in world.people.values()}
-    assert "authorization" not in conf  # no user outside the three accounts
+    # no member is listed: every member connection goes through the auth callout
+    assert conf["accounts"]["MEMBERS"] == {}
+    assert all(p.bus_pub not in path.read_text() for p in world.people.values())
+    service = ensure_service_nkey(world.daemon.data_dir)[1]
+    callout = conf["authorization"]["auth_callout"]
+    assert set(conf["authorization"]) == {"timeout", "auth_callout"}  # no user outside the three accounts
+    assert callout["account"] == "UNIBUS" and callout["auth_users"] == [service]
+    assert callout["allowed_accounts"] == ["MEMBERS"] and callout["issuer"].startswith("A")
+    issuer = world.daemon.data_dir / "plugins" / "auth_enforce" / "issuer.nkey"
+    assert stat.S_IMODE(issuer.stat().st_mode) == 0o600
+    assert stat.S_IMODE(issuer.parent.stat().st_mode) == 0o700
+    assert issuer.read_text().strip() not in path.read_text()
     text = json.dumps(conf)
     for absent in ("no_auth_user", "allow_responses", "exports", "imports"):
         assert absent not in text, absent
@@ -158,7 +167,7 @@ async def test_each_identity_lands_in_its_account(world):
     async with world.member("bob"), Conn(world.daemon.nats_url, world.service_seed):
         connz = (await sys_request(world, "$SYS.REQ.SERVER.PING.CONNZ", {"auth": True, "limit": 1024}))["data"]
     accounts = {c.get("authorized_user"): c.get("account") for c in connz["connections"]}
-    assert accounts[world.people["bob"].bus_pub] == "MEMBERS"
+    assert accounts["bob"] == "MEMBERS"  # a callout user is named by its handle
     assert accounts[ensure_service_nkey(world.daemon.data_dir)[1]] == "UNIBUS"
     for kwargs in ({}, {"nkeys_seed_str": generate_identity("mallory").bus_nkey_seed()}):
         with pytest.raises((nats.errors.Error, NoServersError)):

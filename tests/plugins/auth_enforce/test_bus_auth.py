@@ -1,4 +1,8 @@
-"""auth_enforce against a real embedded nats-server and real nats-py clients."""
+"""auth_enforce against a real embedded nats-server and real nats-py clients.
+
+Members are authorized by the auth callout; a change of rights kicks the
+member's connections, which reconnect and get their new rights (docs/bus-auth.md).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +16,8 @@ from nats.errors import NoServersError
 
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.plugins.auth_enforce import accounts, member_permissions
-from unibus.store.base import Membership
-from unibus.store.sqlite import new_member
+from unibus.plugins.auth_enforce import accounts, authorization, member_permissions
+from unibus.testing import member_connections
 
 WAIT = 10.0  # upper bound for "eventually"; the latency itself is measured in bench/
 
@@ -22,10 +25,12 @@ WAIT = 10.0  # upper bound for "eventually"; the latency itself is measured in b
 class Conn:
     """A member's NATS connection that records the server's -ERR lines."""
 
-    def __init__(self, identity, url):
-        self.identity, self.url = identity, url
+    def __init__(self, identity, url, *, reconnect: bool = False):
+        self.identity, self.url, self.reconnect = identity, url, reconnect
         self.errors: list[str] = []
         self.closed = asyncio.Event()
+        self.disconnects = 0
+        self.reconnected = asyncio.Event()
         self.nc = None
 
     async def __aenter__(self):
@@ -35,10 +40,19 @@ class Conn:
         async def closed_cb():
             self.closed.set()
 
+        async def disconnected_cb():
+            self.disconnects += 1
+            if not self.reconnect:
+                self.closed.set()
+
+        async def reconnected_cb():
+            self.reconnected.set()
+
         self.nc = await nats.connect(self.url, nkeys_seed_str=self.identity.bus_nkey_seed(),
                                      inbox_prefix=f"_INBOX_{self.identity.handle}", error_cb=error_cb,
-                                     closed_cb=closed_cb, disconnected_cb=closed_cb, allow_reconnect=False,
-                                     connect_timeout=2)
+                                     closed_cb=closed_cb, disconnected_cb=disconnected_cb,
+                                     reconnected_cb=reconnected_cb, allow_reconnect=self.reconnect,
+                                     reconnect_time_wait=0.05, max_reconnect_attempts=3, connect_timeout=2)
         return self
 
     async def __aexit__(self, *exc):
@@ -100,22 +114,20 @@ async def receives(sub_conn: Conn, pub_conn: Conn, subject: str) -> bool:
             await sub.unsubscribe()
 
 
-def test_permissions_shape():
-    assert member_permissions("bob", []) == {"publish": {"deny": [">"]}, "subscribe": {"allow": ["_INBOX_bob.>"]}}
-    p = member_permissions("bob", ["r1", "r2"])
-    assert p == {"publish": {"allow": ["unibus.room.r1.>", "unibus.room.r2.>"]},
-                 "subscribe": {"allow": ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]}}
-    bob, old = generate_identity("bob"), generate_identity("old")
-    block = accounts("USERVICE", "USYSTEM", Membership(
-        (new_member("bob", "member", bob.sign_pub, bob.enc_pub, "X25519", bob.bus_pub),
-         new_member("old", "member", old.sign_pub, old.enc_pub, "X25519")),  # no bus key: no user
-        {"r1": frozenset({"bob", "old"})}))
-    assert block == {
-        "UNIBUS": {"jetstream": "enabled", "users": [{"nkey": "USERVICE"}]},
-        "MEMBERS": {"users": [{"nkey": bob.bus_pub, "permissions": member_permissions("bob", ["r1"])}]},
-        "SYS": {"users": [{"nkey": "USYSTEM"}]},
-    }
-    text = json.dumps(block)
+def test_permissions_and_config_shape():
+    assert member_permissions("bob", []) == {"publish": [], "subscribe": ["_INBOX_bob.>"]}
+    assert member_permissions("bob", ["r2", "r1"]) == {
+        "publish": ["unibus.room.r1.>", "unibus.room.r2.>"],
+        "subscribe": ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]}
+    # the configuration lists no member at all: the callout answers for MEMBERS
+    block = accounts("USERVICE", "USYSTEM")
+    assert block == {"UNIBUS": {"jetstream": "enabled", "users": [{"nkey": "USERVICE"}]}, "MEMBERS": {},
+                     "SYS": {"users": [{"nkey": "USYSTEM"}]}}
+    auth = authorization("USERVICE", "AISSUER")
+    assert auth["auth_callout"] == {"issuer": "AISSUER", "account": "UNIBUS", "auth_users": ["USERVICE"],
+                                    "allowed_accounts": ["MEMBERS"]}
+    assert 1 <= auth["timeout"] < 2  # below nats-py's first PING (docs/bus-auth.md)
+    text = json.dumps([block, auth])
     for absent in ("no_auth_user", "allow_responses", "exports", "imports"):
         assert absent not in text
 
@@ -165,35 +177,45 @@ async def test_room_access_is_exactly_the_acl(bus_world):
 async def test_membership_changes_reach_the_bus(bus_world):
     server, people, clients, room, other = bus_world
     a = clients["alice"]
-    async with Conn(people["bob"], server.nats_url) as bob, Conn(people["alice"], server.nats_url) as alice:
-        # added to a room: access follows without reconnecting
+    async with Conn(people["bob"], server.nats_url, reconnect=True) as bob, \
+            Conn(people["alice"], server.nats_url, reconnect=True) as alice:
+        # added to a room: the connection is kicked before the 2xx and comes back with the room
         assert not await receives(bob, alice, f"unibus.room.{other}.x")
+        before = await member_connections(server, "bob")
+        assert len(before) == 1
         await a.add_room_member(other, "bob")
+        # the 200 is here: nats-server no longer holds bob's old connection
+        assert not before & await member_connections(server, "bob")
         assert await eventually(lambda: receives(bob, alice, f"unibus.room.{other}.x"))
 
-        # removed: the live subscription stops receiving, the connection stays
+        # removed: cut off before the 204; the reconnect does not get the room back
         sub = await bob.nc.subscribe(f"unibus.room.{room}.>")
+        await bob.nc.flush()
         await bob.nc.flush()
         await alice.nc.publish(f"unibus.room.{room}.before", b"1")
         assert (await sub.next_msg(timeout=2)).data == b"1"
+        bob.reconnected.clear()
+        before = await member_connections(server, "bob")
         await a.remove_room_member(room, "bob")
+        assert not before & await member_connections(server, "bob")
+        await alice.nc.publish(f"unibus.room.{room}.after", b"2")
+        await alice.nc.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=0.5)
+        await asyncio.wait_for(bob.reconnected.wait(), WAIT)
+        assert await bob.violation(f"unibus.room.{room}.>")  # the resubscription is refused
+        await alice.nc.publish(f"unibus.room.{room}.later", b"3")
+        await alice.nc.flush()
+        with pytest.raises(nats.errors.TimeoutError):
+            await sub.next_msg(timeout=0.5)
+        await bob.nc.publish(f"unibus.room.{room}.x", b"no")
+        assert await bob.violation(f"unibus.room.{room}.x")
 
-        async def cut_off():
-            await alice.nc.publish(f"unibus.room.{room}.after", b"2")
-            await alice.nc.flush()
-            try:
-                await sub.next_msg(timeout=0.2)
-                return False
-            except nats.errors.TimeoutError:
-                return True
-
-        assert await eventually(cut_off)
-        assert not bob.nc.is_closed
-
-    # deleted member: its connection is closed
+    # deleted member: its connection is closed before the 204 and cannot come back
     async with Conn(people["carol"], server.nats_url) as carol:
         assert carol.nc.is_connected
         await a.remove_member("carol")
+        assert await member_connections(server, "carol") == set()
         assert await eventually(lambda: _closed(carol))
     with pytest.raises((nats.errors.Error, NoServersError)):
         await nats.connect(server.nats_url, nkeys_seed_str=people["carol"].bus_nkey_seed(), allow_reconnect=False,
@@ -207,26 +229,25 @@ async def _closed(conn: Conn) -> bool:
     return conn.closed.is_set() or not conn.nc.is_connected
 
 
-async def test_a_burst_of_changes_is_few_reloads(bus_world):
+async def test_changes_need_no_reload_and_grants_without_connections_cost_nothing(bus_world):
     server, people, clients, room, other = bus_world
     a = clients["alice"]
+    conf = (server.data_dir / "nats.conf").read_text()
     newcomers = [generate_identity(f"m{i}") for i in range(12)]
     for n in newcomers:
         await a.add_member(n.handle, n.sign_pub_b64, n.enc_pub_b64, bus_pub=n.bus_pub)
-
-    async def settled():
-        return server.healthz()[1]["auth_enforce"]
-
-    await asyncio.sleep(0.3)
-    before = (await settled())["reloads"]
+    before = server.healthz()[1]["auth_enforce"]
     await asyncio.gather(*(a.add_room_member(other, n.handle) for n in newcomers))
+    fields = server.healthz()[1]["auth_enforce"]
+    assert fields["kicks"] == before["kicks"]  # nobody was connected: no NATS work
     async with Conn(newcomers[-1], server.nats_url) as last, Conn(people["alice"], server.nats_url) as alice:
-        assert await eventually(lambda: receives(last, alice, f"unibus.room.{other}.x"))
-    fields = await settled()
-    assert 1 <= fields["reloads"] - before < len(newcomers)
-    assert fields["users"] == 2 + 3 + len(newcomers)  # service and system users + members
-    assert fields["members"] == 3 + len(newcomers)
-    assert fields["enforced"] is True and fields["last_reload"]
+        assert await receives(last, alice, f"unibus.room.{other}.x")
+    fields = server.healthz()[1]["auth_enforce"]
+    assert (server.data_dir / "nats.conf").read_text() == conf  # the configuration never changes
+    assert "Reloaded server configuration" not in server.log_text()
+    assert fields["enforced"] is True and fields["mode"] == "callout"
+    assert fields["members"] == 3 + len(newcomers) and fields["kicks_pending"] == []
+    assert fields["callouts"]["authorized"] >= 2
 
 
 async def test_posture_with_enforce_and_off(daemon_with_admin, membershipd_factory):

@@ -1,0 +1,221 @@
+"""The auth callout responder: nats-server asks, membershipd decides (docs/bus-auth.md).
+
+With ``--bus-auth enforce`` nats.conf lists no member at all. A member's
+connection makes nats-server publish an authorization request (a JWT it
+signed) on ``$SYS.REQ.USER.AUTH`` in the ``UNIBUS`` account; every node's
+membershipd subscribes there as the queue group ``unibus-authz``, so any live
+node answers for any node. The responder
+
+1. checks the request JWT (signed by the server named in it, not expired);
+2. checks the member's proof: its bus key's Ed25519 signature of the server's
+   nonce (nats-server does not check it for a key it does not know);
+3. looks the bus key up in the :class:`~.policy.Policy`;
+4. answers with a user JWT signed by the callout issuer that places the
+   connection in ``MEMBERS`` with exactly the member's rooms and inbox, or
+   with an error claim (refused at once).
+
+Every grant is remembered for a moment as *in flight* (server id, client id):
+until nats-server reports the connection, only the responder knows it
+exists, and the enforcer must be able to kick it if the member's rights
+shrink meanwhile.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.signing
+import nkeys
+
+from unibus.wire import KeyFormatError, public_key_from_nkey
+
+from . import jwt
+from .policy import Policy
+
+log = logging.getLogger("unibus.plugins.auth_enforce")
+
+REQUEST_SUBJECT = "$SYS.REQ.USER.AUTH"
+QUEUE = "unibus-authz"
+MEMBERS_ACCOUNT = "MEMBERS"
+#: nats-server's ``authorization.timeout`` with the callout: how long a
+#: connecting client waits for an answer. Below nats-py's first-PING window
+#: (2 s), past which a slow callout looks like a half-open success to it.
+AUTH_TIMEOUT = 1.5
+#: How long a grant stays "in flight" if nats-server never reports the connection.
+IN_FLIGHT_TTL = AUTH_TIMEOUT + 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class Issuer:
+    """The callout issuer: an account nkey whose seed signs every user JWT.
+
+    It can mint a user in any account (docs/bus-auth.md), so it is a secret
+    like the service seed: 0600 on disk, never logged, never in argv.
+    """
+
+    signing_key: nacl.signing.SigningKey = field(repr=False)
+    public: str
+
+    @classmethod
+    def from_raw(cls, raw32: bytes) -> Issuer:
+        signing_key = nacl.signing.SigningKey(raw32)
+        seed = nkeys.encode_seed(raw32, nkeys.PREFIX_BYTE_ACCOUNT)
+        public = nkeys.from_seed(bytearray(seed)).public_key.decode("ascii")
+        return cls(signing_key, public)
+
+    @classmethod
+    def from_seed(cls, seed: str) -> Issuer:
+        prefix, raw = nkeys.decode_seed(bytearray(seed.encode("ascii")))
+        if prefix != nkeys.PREFIX_BYTE_ACCOUNT:
+            raise ValueError("the callout issuer must be an account seed (SA...)")
+        return cls.from_raw(bytes(raw))
+
+
+def _b64any(text: str) -> bytes:
+    """nats-py sends the nonce signature as standard base64, Go clients as raw base64url."""
+    try:
+        if "-" in text or "_" in text:
+            return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def holds_key(nkey: str, nonce: str, sig: str) -> bool:
+    """Did the connecting client sign the server's nonce with the private half of ``nkey``?"""
+    try:
+        raw = public_key_from_nkey(nkey)
+    except KeyFormatError:
+        return False
+    signature = _b64any(sig)
+    if len(signature) != 64:
+        return False
+    try:
+        nacl.bindings.crypto_sign_open(signature + nonce.encode("ascii"), raw)
+        return True
+    except (nacl.exceptions.CryptoError, ValueError, TypeError, UnicodeEncodeError):
+        return False
+
+
+class Responder:
+    """Answers authorization requests from a :class:`Policy` (see the module docstring)."""
+
+    def __init__(self, policy: Policy, issuer: Issuer, *, clock: Callable[[], float] = time.time) -> None:
+        self.policy = policy
+        self.issuer = issuer
+        self.clock = clock
+        self.sub: Any = None
+        self.stats = {"authorized": 0, "refused": 0, "expired": 0, "malformed": 0}
+        #: handle -> [(server_id, cid, answered_at)] granted but maybe not reported yet by nats-server
+        self.in_flight: dict[str, list[tuple[str, int, float]]] = {}
+
+    async def start(self, nc: Any) -> None:
+        self.sub = await nc.subscribe(REQUEST_SUBJECT, queue=QUEUE, cb=self._on_request)
+
+    async def stop(self) -> None:
+        sub, self.sub = self.sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # noqa: BLE001 - the connection may be gone already
+                pass
+
+    def in_flight_of(self, handle: str) -> list[tuple[str, int, float]]:
+        """The grants to ``handle`` still in flight (older ones are forgotten here)."""
+        horizon = self.clock() - IN_FLIGHT_TTL
+        kept = [e for e in self.in_flight.get(handle, ()) if e[2] >= horizon]
+        if kept:
+            self.in_flight[handle] = kept
+        else:
+            self.in_flight.pop(handle, None)
+        return kept
+
+    def reported(self, handle: str, server_id: str, cid: int) -> None:
+        """nats-server reported this connection: it is no longer only in flight."""
+        entries = self.in_flight.get(handle)
+        if entries:
+            self.in_flight[handle] = [e for e in entries if (e[0], e[1]) != (server_id, cid)]
+
+    async def _on_request(self, msg: Any) -> None:
+        try:
+            answer = self.answer(msg.data)
+        except Exception:  # noqa: BLE001 - one bad request must not stop the responder
+            log.exception("auth callout: answering a request failed")
+            return
+        if answer is not None and msg.reply:
+            await msg.respond(answer)
+
+    def answer(self, data: bytes) -> bytes | None:
+        """The response JWT for one request, or None when it cannot be answered (expired, malformed)."""
+        now = self.clock()
+        try:
+            claims = jwt.decode(data, nkeys.PREFIX_BYTE_SERVER)
+        except jwt.JWTError as e:
+            self.stats["malformed"] += 1
+            log.warning("auth callout: ignored a request that is not a server-signed JWT (%s)", e)
+            return None
+        body = claims.get("nats") if isinstance(claims.get("nats"), dict) else {}
+        server = body.get("server_id") if isinstance(body.get("server_id"), dict) else {}
+        server_id, user_nkey = server.get("id"), body.get("user_nkey")
+        if server_id != claims.get("iss") or body.get("type") != "authorization_request" \
+                or not isinstance(user_nkey, str):
+            self.stats["malformed"] += 1
+            log.warning("auth callout: ignored a malformed authorization request")
+            return None
+        exp = claims.get("exp")
+        if isinstance(exp, (int, float)) and exp < now:
+            self.stats["expired"] += 1  # the server has refused this client already
+            return None
+        opts = body.get("connect_opts") if isinstance(body.get("connect_opts"), dict) else {}
+        info = body.get("client_info") if isinstance(body.get("client_info"), dict) else {}
+        nkey, sig, nonce = opts.get("nkey"), opts.get("sig"), info.get("nonce")
+        if not (isinstance(nkey, str) and isinstance(sig, str) and isinstance(nonce, str) and nonce):
+            return self._refuse(server_id, user_nkey, now, "a member logs in with its bus key (nkey)")
+        if not holds_key(nkey, nonce, sig):
+            return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
+        grant = self.policy.grant(nkey)
+        if grant is None:
+            return self._refuse(server_id, user_nkey, now, "unknown bus key")
+        publish: dict[str, Any] = {"allow": list(grant.publish)} if grant.publish else {"deny": [">"]}
+        user = {
+            "iss": self.issuer.public, "sub": user_nkey, "aud": MEMBERS_ACCOUNT, "name": grant.handle,
+            "iat": int(now),
+            "nats": {"pub": publish, "sub": {"allow": list(grant.subscribe)},
+                     "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2},
+        }
+        response = {
+            "iss": self.issuer.public, "sub": user_nkey, "aud": server_id, "iat": int(now),
+            "nats": {"jwt": jwt.encode(user, self.issuer.signing_key), "type": "authorization_response",
+                     "version": 2},
+        }
+        cid = info.get("id")
+        if isinstance(cid, int):
+            self.in_flight.setdefault(grant.handle, []).append((server_id, cid, now))
+        self.stats["authorized"] += 1
+        return jwt.encode(response, self.issuer.signing_key).encode("ascii")
+
+    def _refuse(self, server_id: str, user_nkey: str, now: float, why: str) -> bytes:
+        self.stats["refused"] += 1
+        log.info("auth callout: refused a connection: %s", why)
+        response = {"iss": self.issuer.public, "sub": user_nkey, "aud": server_id, "iat": int(now),
+                    "nats": {"error": why, "type": "authorization_response", "version": 2}}
+        return jwt.encode(response, self.issuer.signing_key).encode("ascii")
+
+
+def parse_event(data: bytes) -> tuple[str, str, int, str] | None:
+    """``(type, server_id, cid, user)`` of a ``$SYS.ACCOUNT.MEMBERS.CONNECT/DISCONNECT`` event."""
+    try:
+        event = json.loads(data)
+        server, client = event["server"], event["client"]
+        return str(event.get("type", "")), str(server["id"]), int(client["id"]), str(client.get("user", ""))
+    except (ValueError, KeyError, TypeError):
+        return None

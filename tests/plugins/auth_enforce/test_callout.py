@@ -1,0 +1,260 @@
+"""The auth callout: what the responder answers, and what nats-server does with it.
+
+Pure tests of :class:`Responder.answer` with requests signed like nats-server
+signs them, then a real daemon: an impostor that names a member's bus key
+without its private key, a member deleted a moment ago, no membershipd
+answering (its nats-server still running), and a storm of connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import time
+
+import nacl.signing
+import nats
+import nkeys
+import pytest
+from nats.errors import NoServersError
+
+from unibus.client import UnibusClient
+from unibus.client.keys import generate_identity
+from unibus.plugins.auth_enforce import jwt
+from unibus.plugins.auth_enforce.callout import Issuer, Responder, holds_key
+from unibus.plugins.auth_enforce.policy import Policy
+from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
+
+SERVER = nacl.signing.SigningKey(os.urandom(32))
+SERVER_ID = nkeys.from_seed(bytearray(nkeys.encode_seed(bytes(SERVER), nkeys.PREFIX_BYTE_SERVER))).public_key.decode()
+ISSUER = Issuer.from_raw(os.urandom(32))
+
+
+def request(member_seed: str | None, *, nonce: str = "n0nce-from-srv", sig: str | None = None,
+            exp: float | None = None, server: nacl.signing.SigningKey = SERVER, iss: str = SERVER_ID) -> bytes:
+    """An authorization request JWT as nats-server makes one for a connecting client."""
+    opts: dict = {"name": "x", "lang": "python3", "protocol": 1}
+    if member_seed is not None:
+        kp = nkeys.from_seed(bytearray(member_seed.encode()))
+        opts["nkey"] = kp.public_key.decode()
+        opts["sig"] = sig if sig is not None else base64.b64encode(kp.sign(nonce.encode())).decode()
+    claims = {"iss": iss, "sub": ISSUER.public, "aud": "nats-authorization-request", "iat": int(time.time()),
+              "exp": int(exp if exp is not None else time.time() + 2),
+              "nats": {"server_id": {"id": SERVER_ID, "name": "n1"}, "user_nkey": "UFRESHKEYFORTHISATTEMPT",
+                       "client_info": {"id": 7, "nonce": nonce, "host": "127.0.0.1"}, "connect_opts": opts,
+                       "type": "authorization_request", "version": 2}}
+    return jwt.encode(claims, server).encode()
+
+
+@pytest.fixture
+def responder():
+    bob = generate_identity("bob")
+    policy = Policy()
+    policy.load([("bob", bob.bus_pub), ("old", None)], {"r1": frozenset({"bob", "old"}), "r2": frozenset()})
+    return Responder(policy, ISSUER), bob
+
+
+def test_a_member_gets_exactly_its_rooms_and_inbox(responder):
+    r, bob = responder
+    answer = jwt.decode(r.answer(request(bob.bus_nkey_seed())), nkeys.PREFIX_BYTE_ACCOUNT)
+    assert answer["iss"] == ISSUER.public and answer["aud"] == SERVER_ID
+    assert answer["sub"] == "UFRESHKEYFORTHISATTEMPT"  # the server's key for this attempt, not the member's
+    user = jwt.decode(answer["nats"]["jwt"], nkeys.PREFIX_BYTE_ACCOUNT)
+    assert user["aud"] == "MEMBERS" and user["name"] == "bob" and user["sub"] == "UFRESHKEYFORTHISATTEMPT"
+    assert user["nats"]["pub"] == {"allow": ["unibus.room.r1.>"]}
+    assert user["nats"]["sub"] == {"allow": ["unibus.room.r1.>", "_INBOX_bob.>"]}
+    assert "resp" not in user["nats"] and "error" not in answer["nats"]
+    assert r.in_flight_of("bob") and r.in_flight_of("bob")[0][:2] == (SERVER_ID, 7)
+
+
+def test_a_member_in_no_room_publishes_nothing(responder):
+    r, bob = responder
+    r.policy.set_room("r1", frozenset())
+    user = jwt.decode(jwt.decode(r.answer(request(bob.bus_nkey_seed())), nkeys.PREFIX_BYTE_ACCOUNT)["nats"]["jwt"],
+                      nkeys.PREFIX_BYTE_ACCOUNT)
+    assert user["nats"]["pub"] == {"deny": [">"]}  # an empty allow list would mean "everything"
+    assert user["nats"]["sub"] == {"allow": ["_INBOX_bob.>"]}
+
+
+@pytest.mark.parametrize("case", ["unknown key", "no key", "bad signature", "no signature", "signing key"])
+def test_refusals(responder, case):
+    r, bob = responder
+    if case == "unknown key":
+        req = request(generate_identity("eve").bus_nkey_seed())
+    elif case == "no key":
+        req = request(None)
+    elif case == "bad signature":  # an impostor names bob's bus key without holding it
+        req = request(bob.bus_nkey_seed(), sig=base64.b64encode(b"\0" * 64).decode())
+    elif case == "no signature":
+        req = request(bob.bus_nkey_seed(), sig="")
+    else:  # bob's signing key as nkey: not a bus key
+        seed = nkeys.encode_seed(bob.sign_key.private_bytes_raw(), nkeys.PREFIX_BYTE_USER).decode()
+        req = request(seed)
+    answer = jwt.decode(r.answer(req), nkeys.PREFIX_BYTE_ACCOUNT)
+    assert answer["nats"]["error"] and "jwt" not in answer["nats"]
+    assert r.stats["refused"] == 1 and r.stats["authorized"] == 0
+
+
+def test_requests_not_made_by_a_server_are_ignored(responder):
+    r, bob = responder
+    other = nacl.signing.SigningKey(os.urandom(32))
+    assert r.answer(request(bob.bus_nkey_seed(), server=other)) is None  # signed by another key than iss
+    assert r.answer(request(bob.bus_nkey_seed(), exp=time.time() - 1)) is None  # the server gave up already
+    assert r.answer(b"not a jwt") is None
+    assert r.stats == {"authorized": 0, "refused": 0, "expired": 1, "malformed": 2}
+
+
+def test_the_nonce_proof_accepts_both_base64_alphabets():
+    bob = generate_identity("bob")
+    kp = nkeys.from_seed(bytearray(bob.bus_nkey_seed().encode()))
+    sig = kp.sign(b"abc")
+    assert holds_key(bob.bus_pub, "abc", base64.b64encode(sig).decode())
+    assert holds_key(bob.bus_pub, "abc", base64.urlsafe_b64encode(sig).rstrip(b"=").decode())
+    assert not holds_key(bob.bus_pub, "abd", base64.b64encode(sig).decode())
+
+
+def test_jwt_decode_refuses_forgeries():
+    token = jwt.encode({"iss": ISSUER.public, "x": 1}, ISSUER.signing_key)
+    head, body, sig = token.split(".")
+    edited = base64.urlsafe_b64encode(json.dumps({"iss": ISSUER.public, "x": 2}).encode()).rstrip(b"=").decode()
+    zero = base64.urlsafe_b64encode(b"\0" * 64).rstrip(b"=").decode()
+    for forged in (f"{head}.{edited}.{sig}", f"{head}.{body}.{zero}", f"{head}.{body}"):
+        with pytest.raises(jwt.JWTError):
+            jwt.decode(forged, nkeys.PREFIX_BYTE_ACCOUNT)
+    assert jwt.decode(token, nkeys.PREFIX_BYTE_ACCOUNT)["x"] == 1
+
+
+# -- against a real daemon ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("callout")
+    alice = generate_identity("alice")
+    bootstrap_member(root / "data", alice, "admin")
+    daemon = MembershipdProcess(root / "data").start()
+    try:
+        yield daemon, alice
+    finally:
+        daemon.stop()
+
+
+async def raw_connect(url: str, connect: dict) -> bytes:
+    """Speak the NATS protocol by hand: INFO in, CONNECT + PING out, the server's answer back."""
+    host, port = url.removeprefix("nats://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        info = json.loads((await asyncio.wait_for(reader.readline(), 5)).split(b" ", 1)[1])
+        writer.write(b"CONNECT " + json.dumps(connect(info["nonce"])).encode() + b"\r\nPING\r\n")
+        await writer.drain()
+        return await asyncio.wait_for(reader.readline(), 5)
+    finally:
+        writer.close()
+
+
+async def test_an_impostor_without_the_private_key_is_refused(world):
+    daemon, alice = world
+    bob = generate_identity("bob")
+    async with UnibusClient(daemon.base_url, alice) as admin:
+        await admin.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+    kp = nkeys.from_seed(bytearray(bob.bus_nkey_seed().encode()))
+
+    def honest(nonce):
+        return {"verbose": False, "protocol": 1, "nkey": bob.bus_pub,
+                "sig": base64.urlsafe_b64encode(kp.sign(nonce.encode())).rstrip(b"=").decode()}
+
+    def impostor(nonce):
+        return {"verbose": False, "protocol": 1, "nkey": bob.bus_pub, "sig": base64.b64encode(b"\1" * 64).decode()}
+
+    def no_sig(nonce):
+        return {"verbose": False, "protocol": 1, "nkey": bob.bus_pub}
+
+    assert (await raw_connect(daemon.nats_url, honest)).startswith(b"PONG")
+    for connect in (impostor, no_sig):
+        answer = await raw_connect(daemon.nats_url, connect)
+        assert answer.startswith(b"-ERR") and b"Authorization Violation" in answer, answer
+
+
+async def test_a_member_deleted_a_moment_ago_is_refused(world):
+    daemon, alice = world
+    dora = generate_identity("dora")
+    async with UnibusClient(daemon.base_url, alice) as admin:
+        await admin.add_member("dora", dora.sign_pub_b64, dora.enc_pub_b64, bus_pub=dora.bus_pub)
+        nc = await nats.connect(daemon.nats_url, nkeys_seed_str=dora.bus_nkey_seed(), allow_reconnect=False,
+                                connect_timeout=2)
+        await nc.close()
+        await admin.remove_member("dora")
+    with pytest.raises((nats.errors.Error, NoServersError)):
+        await nats.connect(daemon.nats_url, nkeys_seed_str=dora.bus_nkey_seed(), allow_reconnect=False,
+                           max_reconnect_attempts=0, connect_timeout=2)
+
+
+async def test_with_no_membershipd_answering_members_are_refused_and_live_ones_keep_their_rights(world):
+    daemon, alice = world
+    erin = generate_identity("erin")
+    async with UnibusClient(daemon.base_url, alice) as admin:
+        await admin.add_member("erin", erin.sign_pub_b64, erin.enc_pub_b64, bus_pub=erin.bus_pub)
+        room = (await admin.create_room("stop"))["room_id"]
+        await admin.add_room_member(room, "erin")
+    live = await nats.connect(daemon.nats_url, nkeys_seed_str=erin.bus_nkey_seed(), allow_reconnect=False,
+                              connect_timeout=2)
+    sub = await live.subscribe(f"unibus.room.{room}.>")
+    await live.flush()
+    await live.flush()
+    nats_pid = daemon.nats_pid()
+    assert nats_pid is not None
+    os.kill(daemon.pid, signal.SIGSTOP)  # membershipd hangs; its nats-server keeps running
+    try:
+        with pytest.raises((nats.errors.Error, NoServersError)):
+            await nats.connect(daemon.nats_url, nkeys_seed_str=erin.bus_nkey_seed(), allow_reconnect=False,
+                               max_reconnect_attempts=0, connect_timeout=3)
+        # the live connection keeps its rights
+        await live.publish(f"unibus.room.{room}.still", b"here")
+        assert (await sub.next_msg(timeout=2)).data == b"here"
+        # membershipd's own users are not subject to the callout: they log in from the configuration
+        for name in ("service.nkey", "system.nkey"):
+            seed = (daemon.data_dir / name).read_text().strip()
+            nc = await nats.connect(daemon.nats_url, nkeys_seed_str=seed, allow_reconnect=False, connect_timeout=2)
+            await nc.close()
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+        await live.close()
+    nc = await nats.connect(daemon.nats_url, nkeys_seed_str=erin.bus_nkey_seed(), allow_reconnect=False,
+                            connect_timeout=3)
+    await nc.close()
+    assert daemon.healthz()[0] == 200
+
+
+@pytest.mark.slow
+async def test_a_storm_of_500_members_is_authorized(tmp_path):
+    from unibus.store.sqlite import SqliteStore, new_member
+    from unibus.store.db import migrate
+
+    data = tmp_path / "storm"
+    alice = generate_identity("alice")
+    bootstrap_member(data, alice, "admin")
+    people = [generate_identity(f"s{i}") for i in range(500)]
+    migrate(data / "membershipd.db")
+    store = SqliteStore(data / "membershipd.db")
+    try:
+        for p in people:
+            await store.add_member(new_member(p.handle, "member", p.sign_pub, p.enc_pub, p.enc_suite, p.bus_pub))
+    finally:
+        await store.close()
+    daemon = MembershipdProcess(data).start()
+    conns: list = []
+    try:
+        results = await asyncio.gather(
+            *(nats.connect(daemon.nats_url, nkeys_seed_str=p.bus_nkey_seed(), allow_reconnect=False,
+                           max_reconnect_attempts=0, connect_timeout=10) for p in people),
+            return_exceptions=True)
+        conns = [r for r in results if not isinstance(r, BaseException)]
+        failed = [r for r in results if isinstance(r, BaseException)]
+        assert not failed, f"{len(failed)} of 500 refused, e.g. {failed[0]!r}"
+        assert len(await member_connections(daemon, "s499")) == 1
+    finally:
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        daemon.stop()
