@@ -37,6 +37,7 @@ from .wire import (
     ENC_PUB_SIZES,
     ENC_SUITES,
     HANDLE_RE,
+    MAX_AUTH_SKEW,
     KeyFormatError,
     b64decode_strict,
     enc_public_key,
@@ -47,6 +48,7 @@ from .wire import (
 
 __all__ = [
     "KEY_PACKAGE_LABEL",
+    "MAX_AUTH_SKEW",
     "MESSAGE_LABEL",
     "ROLES",
     "LogError",
@@ -368,14 +370,17 @@ class LogState:
 
     ``trust_root`` is the pinned ``hash(entry 0)`` (None: pin whatever entry 0
     is — trust on first use); ``accepted_bootstraps`` the hashes of later
-    bootstrap entries the user re-trusted explicitly. ``skew`` is the server's
-    ``--auth-skew``: a request's ``created`` must be within it of the entry's
+    bootstrap entries the user re-trusted explicitly. ``skew`` bounds the
+    time checks: a request's ``created`` must be within it of the entry's
     ``at``, and never more than twice it older than the largest ``created``
-    seen before.
+    seen before. A client keeps the default, :data:`MAX_AUTH_SKEW` (the cap of
+    every server's ``--auth-skew``), and never takes the skew a server reports:
+    a compromised server would report a huge one, and a server whose skew was
+    lowered would make its own older entries fail (docs/formats.md).
     """
 
     def __init__(self, *, trust_root: str | None = None, accepted_bootstraps: Iterable[str] = (),
-                 skew: int = 60) -> None:
+                 skew: int = MAX_AUTH_SKEW) -> None:
         self.trust_root = trust_root
         self.accepted_bootstraps = set(accepted_bootstraps)
         self.skew = int(skew)

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 __all__ = [
     "ENC_SUITES",
     "DEFAULT_ENC_SUITE",
+    "MAX_AUTH_SKEW",
     "SIGN_PUB_SIZE",
     "SIGN_SEED_SIZE",
     "ENC_PUB_SIZES",
@@ -48,6 +49,14 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- constants
+
+#: The largest ``--auth-skew`` a server accepts (seconds), and the bound every
+#: client checks the membership log's times against, whatever skew the server
+#: reports: a request's ``created`` within this of its entry's ``at``, and never
+#: more than twice this older than the largest ``created`` before it. A server
+#: cannot widen it, and lowering or raising ``--auth-skew`` later never makes
+#: an old entry unverifiable (docs/formats.md, "The membership log").
+MAX_AUTH_SKEW = 600
 
 #: The HPKE suites a member's ``enc_suite`` may name (SPEC §5).
 ENC_SUITES: tuple[str, ...] = ("X25519", "MLKEM768_X25519")

@@ -45,7 +45,7 @@ from typing import Any
 
 import yarl
 
-from ..memberlog import MAX_SAFE_INT, LogError, LogState
+from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState
 
 __all__ = [
     "FINGERPRINT_RE",
@@ -53,11 +53,8 @@ __all__ = [
     "LogVerificationError",
     "Replica",
     "ReplicaError",
-    "SKEW_MAX",
-    "SKEW_MIN",
     "SyncResult",
     "VerificationError",
-    "clamp_skew",
     "replica_root_for",
     "server_id",
 ]
@@ -65,9 +62,6 @@ __all__ = [
 log = logging.getLogger("unibus.client")
 
 REPLICA_VERSION = 1
-#: ``auth_skew`` from the server is clamped into this range (seconds): a server
-#: cannot widen the window in which the log accepts late requests beyond 10 min.
-SKEW_MIN, SKEW_MAX = 1, 600
 #: Entries asked for per ``GET /v1/log`` (the server's maximum).
 PAGE_LIMIT = 1000
 #: Seconds a process waits for another one's lock on the replica.
@@ -108,13 +102,6 @@ class _Redo(Exception):
 
 class ReplicaError(Exception):
     """The local replica cannot be used (permissions, another user's files, a lock held too long)."""
-
-
-def clamp_skew(value: Any) -> int:
-    """The server's ``auth_skew`` as the log checks use it: an integer in [SKEW_MIN, SKEW_MAX]."""
-    if type(value) is not int:
-        return 60
-    return max(SKEW_MIN, min(SKEW_MAX, value))
 
 
 def _escape(text: str) -> str:
@@ -285,8 +272,10 @@ class Replica:
 
     # -- loading ---------------------------------------------------------------------------
 
-    def _fresh_state(self, skew: int = 60) -> LogState:
-        return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=skew)
+    def _fresh_state(self) -> LogState:
+        # The time checks use the constant cap of every server's --auth-skew,
+        # never the auth_skew a server reports (docs/client.md, "The verified replica").
+        return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=MAX_AUTH_SKEW)
 
     def _refresh(self) -> None:
         """Catch up with the files (another process may have synced); load them the first time."""
@@ -333,7 +322,7 @@ class Replica:
         self._stale = False
 
     def _reset_memory(self) -> None:
-        self.state = self._fresh_state(self.state.skew)
+        self.state = self._fresh_state()
         self._disk_lines = self._disk_bytes = 0
 
     def _load_entries(self) -> None:
@@ -461,7 +450,6 @@ class Replica:
         if type(seq) is not int or not -1 <= seq <= MAX_SAFE_INT or not isinstance(digest, str) \
                 or (seq >= 0 and not FINGERPRINT_RE.match(digest)):
             raise LogVerificationError(f"{self.server} served a malformed log head")
-        skew = clamp_skew(head.get("auth_skew"))
         pinned_seq, pinned_hash = self.pinned_head
         if seq < pinned_seq:
             raise LogVerificationError(
@@ -471,8 +459,7 @@ class Replica:
             raise LogVerificationError(
                 f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "
                 f"({digest} instead of {pinned_hash})", seq)
-        state = self._fresh_state(skew) if from_scratch else self.state
-        state.skew = skew
+        state = self._fresh_state() if from_scratch else self.state
         had_root = self.trust_root
         lines: list[bytes] = []
         try:

@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unibus.client.keys import generate_identity
+from unibus.client.replica import Replica, VerificationError
 from unibus.memberlog import (
+    MAX_AUTH_SKEW,
     LoggedRequest,
     LogError,
     LogState,
@@ -206,13 +208,59 @@ def test_a_replayed_nonce_and_a_held_back_request_are_rejected(world, people):
     old = NOW - 3 * 60
     log.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=old, at=old + 1)
     with pytest.raises(LogError, match="older than an earlier entry"):
-        replay(log.entries)
+        replay(log.entries, skew=60)
 
 
 def test_created_must_be_within_the_skew_of_the_server_time(world, people):
     world.request(people["bob"], "DELETE", "/v1/rooms/r1/members/carol", created=NOW, at=NOW + 3600)
     with pytest.raises(LogError, match="created is too old|expired"):
         replay(world.entries)
+
+
+def _late_entry(world, people, age):
+    """``world`` plus a request signed ``age`` s before the newest ``created`` (and appended 1 s later)."""
+    log = copy.deepcopy(world)
+    log.request(people["bob"], "DELETE", "/v1/rooms/r1/members/carol", created=NOW - age, at=NOW - age + 1)
+    return log
+
+
+def test_the_time_bound_is_the_constant_cap_of_auth_skew(world, people):
+    """A client checks ``created`` against MAX_AUTH_SKEW by default: what a server with
+    --auth-skew 600 could accept verifies, and nothing beyond it does (docs/formats.md)."""
+    assert LogState().skew == MAX_AUTH_SKEW == 600
+    replay(_late_entry(world, people, 2 * MAX_AUTH_SKEW - 5).entries)
+    late = _late_entry(world, people, 2 * MAX_AUTH_SKEW + 5)
+    with pytest.raises(LogError, match="older than an earlier entry") as e:
+        replay(late.entries)
+    assert e.value.seq == len(late.entries) - 1
+
+
+class _Server:
+    """What Replica.sync reads of a server: a log and a head with any ``auth_skew``."""
+
+    def __init__(self, entries, auth_skew):
+        self.entries, self.auth_skew = entries, auth_skew
+
+    async def log_head(self):
+        return {"seq": len(self.entries) - 1, "hash": entry_hash(self.entries[-1]), "auth_skew": self.auth_skew}
+
+    async def log(self, after=None, limit=None):
+        start = 0 if after is None else after + 1
+        return {"entries": copy.deepcopy(self.entries[start:start + (limit or 500)])}
+
+
+@pytest.mark.parametrize("reported", [10**9, 600, 1, "60", None])
+async def test_the_replica_never_takes_the_skew_the_server_reports(world, people, reported):
+    """A compromised server reports a huge auth_skew to get a late entry accepted; a server
+    whose skew was lowered reports a small one. Neither changes the client's bound."""
+    late = _late_entry(world, people, 2 * MAX_AUTH_SKEW + 5)
+    with pytest.raises(VerificationError, match="older than an earlier entry") as e:
+        await Replica("http://127.0.0.1:1").sync(_Server(late.entries, reported))
+    assert e.value.seq == len(late.entries) - 1
+    ok = _late_entry(world, people, 15 * 60)  # valid under a skew of 600 s, then lowered
+    replica = Replica("http://127.0.0.1:1")
+    await replica.sync(_Server(ok.entries, reported))
+    assert replica.state.head == ok.head
 
 
 def test_trust_root_and_later_bootstraps(world, people):
