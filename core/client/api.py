@@ -50,7 +50,9 @@ import contextlib
 import json
 import logging
 import os
+import random
 import ssl as _ssl
+import weakref
 import time
 import urllib.parse
 from collections import Counter
@@ -67,7 +69,7 @@ from ..memberlog import LogError, LogState, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import sign_request
 from ..tls import connect_bounded, permanent_tls_error
-from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey
+from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey, with_bus_key
 from .replica import LogVerificationError, Replica, ReplicaError, VerificationError, server_id
 from .sealing import (
     MessageError,
@@ -118,6 +120,16 @@ REKEY_RETRIES = 3
 RETRIES_503 = 2
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
+#: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
+#: a disconnect waits up to RECONNECT_JITTER s (a kick: come back at once, but
+#: not every kicked member in the same millisecond); each later one
+#: RECONNECT_WAIT s plus up to as much again. The bus stops after
+#: AUTH_FAILURES_LIMIT authorization violations in a row, or MAX_RECONNECTS
+#: failed attempts on each server.
+RECONNECT_JITTER = 0.05
+RECONNECT_WAIT = 0.25
+AUTH_FAILURES_LIMIT = 3
+MAX_RECONNECTS = 60
 
 _JSON_TYPE = "application/json"
 
@@ -367,6 +379,8 @@ class UnibusClient:
         #: (room_id, epoch) whose key the server answered 404 for: permanent (the
         #: sealed set of an epoch never changes), so not asked again.
         self._missing: set[tuple[str, int]] = set()
+        #: open buses, told when this client rotates its bus key (:meth:`rotate_bus_key`)
+        self._buses: weakref.WeakSet[Bus] = weakref.WeakSet()
         directory = None if replica_root is None else Path(replica_root).expanduser() / server_id(self.base_url)
         self.replica = Replica(self.base_url, directory, trust_root=trust_root, notice=notice)
 
@@ -485,6 +499,32 @@ class UnibusClient:
             self.identity.require_bus_key()  # NoBusKey, saying what to do, for a version 1 identity
             bus_pub = self.identity.bus_pub
         return await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
+
+    async def rotate_bus_key(self, bus_key: Any = None) -> Identity:
+        """Replace my bus key: a fresh one (or ``bus_key``, an Ed25519 private key) uploaded
+        with ``PUT /v1/me/bus-key``; return the new identity.
+
+        The server closes my bus connections under the old key before it
+        answers; every open :class:`Bus` of this client reconnects with the
+        new key, its listeners resubscribed. From then on :attr:`identity` is
+        the new identity: save it (``save_identity(new, path, force=True)``),
+        or the old file's key no longer lets you on the bus. On an error
+        nothing changes (the old key stays in force).
+        """
+        new = with_bus_key(self.identity, bus_key)
+        buses = list(self._buses)
+        for bus in buses:
+            bus._rotation(begin=True)
+        try:
+            await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": new.bus_pub})
+        except BaseException:
+            for bus in buses:
+                bus._rotation(begin=False)
+            raise
+        self.identity = new
+        for bus in buses:
+            bus._rotation(begin=False, identity=new)
+        return new
 
     async def set_role(self, handle: str, role: str) -> dict[str, Any]:
         return await self.request("PATCH", "/v1/members/" + _seg(handle, "handle"), json_body={"role": role})
@@ -867,7 +907,20 @@ class Bus:
       ``plaintext`` is ``None`` (pass ``include_errors=False`` to drop such
       messages; they are counted in :attr:`RoomListener.rejected` and logged
       at WARNING either way). Losing the room (a permissions violation after
-      a removal) or the connection ends the iteration with :class:`BusError`.
+      a removal) or the bus ends that iteration with :class:`BusError`.
+
+    A lost connection (membershipd kicks every connection of a member whose
+    rights change; a restart; the network) is reconnected transparently,
+    with the same key, and every listener's subscription is made again: no
+    message published after the bus was re-authorized is lost or delivered
+    twice (those published while it was away are not delivered: the bus
+    keeps no messages). :attr:`reconnects` counts them and
+    :meth:`wait_reconnected` waits for one. A room the member lost ends its
+    listener with :class:`BusError`, the others go on. After
+    :data:`AUTH_FAILURES_LIMIT` authorization violations in a row (the member
+    was deleted, or its bus key changed) the bus stops: every listener and
+    :meth:`send` raise :class:`BusError` saying why and what to do.
+    docs/client.md ("Reconnects").
     """
 
     def __init__(self, client: UnibusClient, *, connect_timeout: float = 5.0, key_ttl: float = 1.0,
@@ -878,11 +931,19 @@ class Bus:
         self.connect_timeout = connect_timeout
         self.key_ttl = key_ttl
         self.info: dict[str, Any] | None = None
+        #: times the connection came back (re-authorized, every subscription made again)
+        self.reconnects = 0
         self._nc: Any = None
         self._current: dict[str, tuple[float, int]] = {}
         self._listeners: set[RoomListener] = set()
         self._closed_reason: str | None = None
         self._publish_denied: list[tuple[float, str]] = []
+        self._bus_pub: str | None = None  # the bus key this connection logs in with
+        self._auth_failures = 0  # authorization violations in a row while reconnecting
+        self._rotating = 0  # rotate_bus_key calls under way: violations are expected
+        self._failure: str | None = None  # why the bus stopped by itself
+        self._stopping: asyncio.Task[None] | None = None
+        self._reconnected = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -893,10 +954,105 @@ class Bus:
 
     @property
     def nc(self) -> Any:
-        """The underlying ``nats.aio.client.Client`` (connected)."""
+        """The underlying ``nats.aio.client.Client`` (connected, or reconnecting)."""
+        if self._failure is not None:
+            raise BusError(self._failure)
         if self._nc is None:
             raise BusError("not connected: use `async with client.bus() as bus`")
         return self._nc
+
+    async def connected(self) -> Any:
+        """:attr:`nc`, once connected: a reconnect under way is waited for (up to ``connect_timeout``
+        plus the slack of a connection), since nats-py forgets the PINGs sent meanwhile."""
+        nc = self.nc
+        if nc.is_reconnecting:
+            try:
+                await self.wait_reconnected(timeout=self.connect_timeout + CONNECT_SLACK)
+            except TimeoutError:
+                raise BusError(f"the bus connection was lost and is not back after "
+                               f"{self.connect_timeout + CONNECT_SLACK:g} s") from None
+            nc = self.nc
+        return nc
+
+    async def wait_reconnected(self, count: int | None = None, timeout: float = 10.0) -> int:
+        """Wait until :attr:`reconnects` reaches ``count`` (default: one more than now); return it.
+
+        Once this returns, every listener's subscription is live again on
+        nats-server (or refused: that listener ended). :class:`BusError` if
+        the bus stops first; ``TimeoutError`` after ``timeout`` seconds.
+        """
+        want = self.reconnects + 1 if count is None else count
+        deadline = time.monotonic() + timeout
+        while self.reconnects < want:
+            if self._failure is not None or self._nc is None:
+                raise BusError(self._failure or "the bus was closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the bus did not reconnect within {timeout:g} s")
+            event = self._reconnected
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(left, 0.5))
+        return self.reconnects
+
+    def _rotation(self, *, begin: bool, identity: Identity | None = None) -> None:
+        """:meth:`UnibusClient.rotate_bus_key` begins (violations expected) or ends (with the new key)."""
+        if begin:
+            self._rotating += 1
+            return
+        self._rotating = max(0, self._rotating - 1)
+        nc = self._nc
+        if identity is None or nc is None or self._failure is not None:
+            return
+        # The server closed the connection under the old key before its 200:
+        # nats-py is reconnecting, and must sign the next nonce with the new key.
+        # It reads its seed again for every nonce but keeps the public key it
+        # computed at connect, so both change here, together.
+        if not (hasattr(nc, "_nkeys_seed_str") and hasattr(nc, "_public_nkey")):
+            self._give_up(nc, "this nats-py cannot change the key of a live connection; the bus key was rotated: "
+                              "open the bus again")
+            return
+        nc._nkeys_seed_str = identity.bus_nkey_seed()
+        nc._public_nkey = identity.bus_pub
+        self._bus_pub = identity.bus_pub
+        self._auth_failures = 0
+
+    def _give_up(self, nc: Any, reason: str | None = None) -> None:
+        """Stop the bus for good (in a task of its own: nats-py's reconnect loop called us)."""
+        if self._stopping is not None:
+            return
+
+        async def stop() -> None:
+            why = reason or await self._refusal_reason()
+            self._failure = self._closed_reason = why
+            log.warning("bus: %s", why)
+            with contextlib.suppress(Exception):
+                await nc.close()  # closed_cb ends every listener with the reason
+
+        self._stopping = asyncio.get_running_loop().create_task(stop(), name="unibus-bus-stop")
+
+    async def _refusal_reason(self) -> str:
+        """Why nats-server keeps refusing this member, asked of the control plane (bounded)."""
+        client, handle = self.client, self.client.identity.handle
+        base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) and "
+                "stopped")
+        try:
+            info = await asyncio.wait_for(client.bus_info(), 5)
+        except ApiError as exc:
+            if exc.status == 401:
+                return (f"{base}: {client.base_url} no longer accepts {handle}'s signed requests either "
+                        "(the member was deleted?); an admin must add it again")
+            if exc.status == 409:
+                return (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
+                        f"`unibus keygen --upgrade --server {client.base_url}`")
+            return f"{base}: {client.base_url} answered {exc}"
+        except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
+            return f"{base}: the control plane could not say why ({exc or type(exc).__name__})"
+        known = info.get("user_nkey") if isinstance(info, dict) else None
+        if isinstance(known, str) and known != self._bus_pub:
+            return (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus logs in "
+                    f"with ({self._bus_pub}): it was rotated elsewhere; use the identity file that holds the new "
+                    f"key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
+        return f"{base}: {client.base_url} still has this bus key for {handle}; try again later"
 
     async def connect(self) -> None:
         import nats
@@ -945,15 +1101,58 @@ class Bus:
                 self._publish_denied.append((time.monotonic(), text.strip()))
                 del self._publish_denied[:-100]
                 return
+            if "authorization violation" in low or isinstance(exc, nats_errors.AuthorizationError):
+                # A reconnect refused by the auth callout: a key being rotated by
+                # this client is expected to be; otherwise the member was deleted
+                # or its key changed, and retrying forever cannot help.
+                if self._rotating:
+                    log.info("bus: reconnect refused while the bus key is being rotated; retrying")
+                    return
+                self._auth_failures += 1
+                log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
+                if self._auth_failures >= AUTH_FAILURES_LIMIT:
+                    self._give_up(self._nc)
+                return
+            if self._failure is not None or self._nc.is_closed:
+                return  # stopped already: what the closing socket says adds nothing
+            if self._nc.is_reconnecting:
+                log.info("bus: reconnect attempt failed: %s", text)
+                return
+            if isinstance(exc, (nats_errors.UnexpectedEOF, ConnectionError)):
+                log.info("bus: connection lost (%s); reconnecting", text)  # a kick looks like this
+                return
             log.warning("bus: %s", text)
 
         async def closed_cb() -> None:
-            reason = self._closed_reason or "the bus connection was closed"
+            reason = self._closed_reason
+            if reason is None:
+                last = getattr(self._nc, "last_error", None)
+                reason = (f"the bus connection was lost and could not be made again"
+                          f"{f' ({last})' if last else ''}")
+                self._failure = reason
             for listener in list(self._listeners):
                 listener._fail(reason)
 
         async def disconnected_cb() -> None:
-            log.info("bus: disconnected; reconnecting")
+            if self._nc is not None and self._nc.is_reconnecting:
+                log.info("bus: disconnected; reconnecting")
+
+        async def reconnected_cb() -> None:
+            # nats-py made every subscription again and flushed before calling
+            # this: the server has processed them (refusals came first, to error_cb).
+            self._auth_failures = 0
+            self.reconnects += 1
+            event, self._reconnected = self._reconnected, asyncio.Event()
+            event.set()
+            log.info("bus: reconnected (%d so far); subscriptions made again", self.reconnects)
+
+        def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+            # The least-tried server; the first attempt after a disconnect almost
+            # at once (jittered), later ones after RECONNECT_WAIT (jittered).
+            chosen = min(servers, key=lambda srv: srv.reconnects)
+            if chosen.reconnects == 0:
+                return chosen, random.uniform(0, RECONNECT_JITTER)
+            return chosen, RECONNECT_WAIT * (1 + random.random())
 
         connect_errors: list[Exception] = []
         tls_refused = asyncio.Event()
@@ -973,13 +1172,17 @@ class Bus:
                     inbox_prefix=inbox,
                     name=f"unibus-client/{self.client.identity.handle}",
                     connect_timeout=self.connect_timeout,
-                    max_reconnect_attempts=5,
-                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=MAX_RECONNECTS,
+                    reconnect_time_wait=RECONNECT_WAIT,
+                    reconnect_to_server_handler=next_server,
                     allow_reconnect=True,
                     error_cb=error_cb,
                     closed_cb=closed_cb,
                     disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
                 ), self.connect_timeout + CONNECT_SLACK, tls_refused)
+                self._bus_pub = identity.bus_pub
+                self.client._buses.add(self)
                 return
             except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
                 reason = str(exc) or type(exc).__name__
@@ -1004,7 +1207,13 @@ class Bus:
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
-        self._closed_reason = "the bus was closed"
+        self.client._buses.discard(self)
+        self._closed_reason = self._failure or "the bus was closed"
+        stopping = self._stopping
+        if stopping is not None and not stopping.done():
+            stopping.cancel()  # asking the control plane why; closed here anyway
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stopping
         for listener in list(self._listeners):
             listener._fail(None)
         if nc is not None and not nc.is_closed:
@@ -1039,20 +1248,34 @@ class Bus:
         Returns once nats-server has processed the publish; a publish it
         refused (permissions violation) raises :class:`BusError`.
         """
+        if self._failure is not None:
+            raise BusError(self._failure)
         if isinstance(data, str):
             data = data.encode("utf-8")
         subject = message_subject(room_id, topic)
         epoch, key = await self.current_key(room_id)
         payload = encrypt_message(key, subject, epoch, data)
         headers = message_headers(self.client.identity, subject, epoch, payload, int(time.time() * 1000))
-        nc = self.nc
+        nc = await self.connected()
         started = time.monotonic()
         try:
+            generation = self.reconnects
             await nc.publish(subject, payload, headers=headers)
             # nats-server answers a forbidden PUB with -ERR before the PONG that
             # follows it, so a refusal has reached error_cb when the barrier returns.
-            await _barrier(nc, self.connect_timeout)
+            try:
+                await _barrier(nc, self.connect_timeout)
+            except (TimeoutError, NatsError, OSError):
+                if self.reconnects == generation and not nc.is_reconnecting:
+                    raise
+                # The connection dropped meanwhile: nats-py forgets pending PINGs on a
+                # reconnect. The publish went out once (or was lost with the old
+                # socket; never sent twice): wait for the bus, then for the server.
+                await self.connected()
+                await _barrier(nc, self.connect_timeout)
         except (TimeoutError, NatsError, OSError) as exc:
+            if self._failure is not None:
+                raise BusError(self._failure) from None
             raise BusError(f"cannot publish on {subject}: {exc or type(exc).__name__}") from None
         # nats-py lower-cases -ERR texts; topics may have capitals
         denied = [t for (at, t) in self._publish_denied if at >= started and f'"{subject.lower()}"' in t.lower()]
@@ -1195,7 +1418,7 @@ class RoomListener:
         """
         if self._sub is not None or self._done:
             return self
-        nc = self.bus.nc
+        nc = await self.bus.connected()
 
         async def cb(msg: Any) -> None:
             self._queue.put_nowait(msg)
@@ -1263,6 +1486,11 @@ class RoomListener:
             if isinstance(item, BusError):
                 self._done = True
                 self.bus._listeners.discard(self)
+                # a refused subscription would be made again at every reconnect
+                sub, self._sub = self._sub, None
+                if sub is not None:
+                    with contextlib.suppress(NatsError, OSError, asyncio.TimeoutError):
+                        await sub.unsubscribe()
                 raise item
             message = await self.bus.decode(self.room_id, item, self.guard)
             if message.error is not None:
