@@ -58,7 +58,7 @@ __all__ = [
 #: an old entry unverifiable (docs/formats.md, "The membership log").
 MAX_AUTH_SKEW = 600
 
-#: The HPKE suites a member's ``enc_suite`` may name (SPEC §5).
+#: The HPKE suites a member's ``enc_suite`` may name (docs/formats.md).
 ENC_SUITES: tuple[str, ...] = ("X25519", "MLKEM768_X25519")
 DEFAULT_ENC_SUITE = "X25519"
 
@@ -75,7 +75,7 @@ ENC_PUB_SIZES: dict[str, int] = {
 #: X25519: the 32-byte X25519 private scalar; MLKEM768_X25519: the 32-byte X-Wing seed
 ENC_KEY_SIZES: dict[str, int] = {"X25519": 32, "MLKEM768_X25519": 32}
 
-#: Handle rule of SPEC §5, in the portable (JSON Schema / ECMA) spelling.
+#: The handle rule (docs/http-api.md), in the portable (JSON Schema / ECMA) spelling.
 HANDLE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 #: Compiled handle rule. Anchored with ``\A``/``\Z`` (not ``$``, which would let
 #: a trailing newline through), so ``.match``, ``.search`` and ``.fullmatch`` all agree.

@@ -464,7 +464,7 @@ class UnibusClient:
         except aiohttp.ClientError as exc:
             raise ServerUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
 
-    # -- members (SPEC §5)
+    # -- members (docs/http-api.md)
     async def me(self) -> dict[str, Any]:
         """``GET /v1/me``: the caller's own member record."""
         return await self.request("GET", "/v1/me")
@@ -890,10 +890,10 @@ class Message:
 
 
 class Bus:
-    """A NATS connection as this member, with end-to-end encryption (SPEC §6, §7).
+    """A NATS connection as this member, with end-to-end encryption (docs/client.md, docs/bus-auth.md).
 
     Connects to the ``servers`` of ``GET /v1/bus`` with the member's nkey
-    (the signing seed) and the member's ``inbox_prefix``.
+    (its bus key, never the signing key) and the member's ``inbox_prefix``.
 
     * :meth:`send` encrypts with the room's current key and signs the
       message. Which epoch is current comes from the verified log
@@ -1414,7 +1414,7 @@ class RoomListener:
 
         A subscription the bus refuses (permissions violation) is tried again
         for up to ``grant_wait`` seconds, since a membership change takes up to
-        a second to reach nats-server (SPEC §7); then :class:`BusError`.
+        a second to reach nats-server (docs/bus-auth.md); then :class:`BusError`.
         """
         if self._sub is not None or self._done:
             return self

@@ -1,7 +1,7 @@
 """Room blobs, client side: the ``unibus-blob-v1`` encryption format and streaming helpers.
 
 The server stores blobs without ever seeing a plaintext: a file is encrypted
-with the room key before upload and decrypted after download (SPEC §6b).
+with the room key before upload and decrypted after download (docs/blobstore.md).
 
 The format (byte by byte in docs/blobstore.md)::
 
