@@ -933,6 +933,8 @@ class Bus:
         self.info: dict[str, Any] | None = None
         #: times the connection came back (re-authorized, every subscription made again)
         self.reconnects = 0
+        #: called with a one-line note each time the connection came back (the CLI prints it)
+        self.on_reconnect: Callable[[str], None] | None = None
         self._nc: Any = None
         self._current: dict[str, tuple[float, int]] = {}
         self._listeners: set[RoomListener] = set()
@@ -1145,6 +1147,9 @@ class Bus:
             event, self._reconnected = self._reconnected, asyncio.Event()
             event.set()
             log.info("bus: reconnected (%d so far); subscriptions made again", self.reconnects)
+            if self.on_reconnect is not None:
+                self.on_reconnect(f"the bus connection was closed (your rights changed?) and is back; "
+                                  f"listening again ({self.reconnects} reconnect{'s' if self.reconnects > 1 else ''})")
 
         def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
             # The least-tried server; the first attempt after a disconnect almost

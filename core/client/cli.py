@@ -618,6 +618,7 @@ async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
     got = 0
     await c.sync()  # the log first: a first-use pin or a rollback is said now, not at the first message
     async with c.bus() as bus, bus.listen(room_id, max_age=max_age) as messages:
+        bus.on_reconnect = _note
         _note(f"listening on {room_subject(room_id)}.> (Ctrl-C to stop)")
         async for m in messages:
             if m.error is not None:

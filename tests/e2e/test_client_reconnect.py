@@ -13,6 +13,9 @@ with a BusError that says why, after a bounded number of attempts
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -21,7 +24,7 @@ import pytest
 
 from unibus.client import ApiError, BusError, NotARoomMember, UnibusClient
 from unibus.client.api import AUTH_FAILURES_LIMIT
-from unibus.client.keys import generate_identity, with_bus_key
+from unibus.client.keys import generate_identity, save_identity, with_bus_key
 from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
 
 WAIT = 20.0  # upper bound for "eventually" (never a timing assertion: latency lives in bench/)
@@ -239,3 +242,66 @@ async def test_a_send_during_a_reconnect_waits_for_the_bus(world):
             m = await next_message(messages)
             assert m.ok and m.text == f"after change {i}" and m.sender == "bob"
         assert messages.rejected == Counter()
+
+
+async def _listen_cli(world: World, tmp_path: Any, handle: str, *args: str) -> asyncio.subprocess.Process:
+    """`unibus listen ARGS` as ``handle``, started; returns once it says it is listening."""
+    path = tmp_path / f"{handle}.json"
+    if not path.exists():
+        save_identity(world.people[handle], path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "unibus.client.cli", "--server", world.daemon.base_url, "--identity", str(path),
+        "listen", *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+        assert line, "unibus listen ended before it listened"
+        if "listening on" in line:
+            return proc
+
+
+async def test_unibus_listen_goes_on_across_a_kick_and_stops_when_deleted(world, tmp_path):
+    await world.add("gus")
+    room_a = await new_room(world, "gus")
+    room_b = await new_room(world)
+    proc = await _listen_cli(world, tmp_path, "gus", room_a, "--count", "2", "--json")
+    try:
+        async with world.sdk("alice") as a, a.bus() as alice_bus:
+            await alice_bus.send(room_a, "t", b"one")
+            assert proc.stdout is not None
+            first = json.loads(await asyncio.wait_for(proc.stdout.readline(), WAIT))
+            assert (first["text"], first["sender"]) == ("one", "alice")
+            old = await member_connections(world.daemon, "gus")
+            await a.add_room_member(room_b, "gus")  # kicks gus's `listen`
+            assert not old & await member_connections(world.daemon, "gus")
+            assert proc.stderr is not None
+            while True:  # it says when it is back, subscription made again
+                line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+                assert line, "unibus listen ended"
+                if "listening again" in line:
+                    break
+            await alice_bus.send(room_a, "t", b"two")
+            out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 0, err.decode()
+        assert json.loads(out)["text"] == "two"
+        assert "Traceback" not in err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    proc = await _listen_cli(world, tmp_path, "gus", room_a)
+    try:
+        async with world.sdk("alice") as a:
+            await a.remove_member("gus")
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    errors = [line for line in err.decode().splitlines() if line.startswith("unibus: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err.decode(), err.decode()
+    assert "refused gus 3 times in a row (authorization violation)" in errors[0] and "deleted" in errors[0]
