@@ -493,12 +493,33 @@ class UnibusClient:
         """``PUT /v1/me/bus-key``: set or rotate my bus key; returns my member record.
 
         Default: the bus key of this client's identity. The server closes my
-        bus connections under the old key before it answers.
+        bus connections under the old key before it answers; an open
+        :class:`Bus` reconnects with the new key when it is this client's
+        identity's (``client.identity = new; await client.set_bus_key()``, or
+        :meth:`rotate_bus_key`), and otherwise stops with a :class:`BusError`
+        saying so (docs/client.md, "Reconnects").
         """
         if bus_pub is None:
             self.identity.require_bus_key()  # NoBusKey, saying what to do, for a version 1 identity
             bus_pub = self.identity.bus_pub
-        return await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
+        holder = self.identity if bus_pub == self.identity.bus_pub else None
+        return await self._put_bus_key(bus_pub, holder)
+
+    async def _put_bus_key(self, bus_pub: str, holder: Identity | None) -> dict[str, Any]:
+        # Open buses whose key changes expect the refusals of the old key
+        # while the request is under way, then log in with the holder's.
+        buses = [bus for bus in list(self._buses) if bus._bus_pub != bus_pub] if holder is not None else []
+        for bus in buses:
+            bus._rotation(begin=True)
+        try:
+            record = await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
+        except BaseException:
+            for bus in buses:
+                bus._rotation(begin=False)
+            raise
+        for bus in buses:
+            bus._rotation(begin=False, identity=holder)
+        return record
 
     async def rotate_bus_key(self, bus_key: Any = None) -> Identity:
         """Replace my bus key: a fresh one (or ``bus_key``, an Ed25519 private key) uploaded
@@ -512,18 +533,8 @@ class UnibusClient:
         nothing changes (the old key stays in force).
         """
         new = with_bus_key(self.identity, bus_key)
-        buses = list(self._buses)
-        for bus in buses:
-            bus._rotation(begin=True)
-        try:
-            await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": new.bus_pub})
-        except BaseException:
-            for bus in buses:
-                bus._rotation(begin=False)
-            raise
+        await self._put_bus_key(new.bus_pub, new)
         self.identity = new
-        for bus in buses:
-            bus._rotation(begin=False, identity=new)
         return new
 
     async def set_role(self, handle: str, role: str) -> dict[str, Any]:
