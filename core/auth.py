@@ -128,8 +128,10 @@ class NonceStore:
         self.ttl = 2 * skew
         self.replicas = replicas
         self.timeout = timeout
+        # Read by unibus.metrics (unibus_nonce_claims_total{result}).
         self.claims = 0
         self.replays = 0
+        self.failures = 0
         # Claims go over their own lean connection (see unibus.pubacks); the
         # bucket's management stays on the bus's nats-py client.
         self.acks = bus.pub_ack_client(name=f"{bus.name}-nonces", timeout=timeout)
@@ -186,11 +188,13 @@ class NonceStore:
         try:
             status, data = await self.acks.request(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", CLAIM_HEADERS, b"1")
         except PubAckUnavailable as e:
+            self.failures += 1
             raise NonceStoreUnavailable(f"nonce bucket unavailable: {e}") from None
         if status == 0 and data.startswith(b'{"stream":'):
             self.claims += 1
             return True
         if status == 503:
+            self.failures += 1
             raise NonceStoreUnavailable("nonce bucket unavailable: no responders (no stream leader)")
         try:
             error = json.loads(data).get("error") or {}
@@ -199,6 +203,7 @@ class NonceStore:
         if error.get("err_code") == WRONG_LAST_SEQUENCE:
             self.replays += 1
             return False
+        self.failures += 1
         raise NonceStoreUnavailable(f"JetStream refused the nonce write: {error.get('description') or data[:200]!r}")
 
 
@@ -270,8 +275,12 @@ class MemberDirectory:
         return len(self._members)
 
 
-def unauthorized(detail: str) -> Problem:
-    return Problem(401, detail, kind="invalid-signature", headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
+def unauthorized(detail: str, reason: str = "other") -> Problem:
+    """The 401 of a refused signature; ``reason`` (one of unibus.metrics.SIGNATURE_REJECTION_REASONS)
+    is counted, never sent: the client gets ``detail``."""
+    problem = Problem(401, detail, kind="invalid-signature", headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
+    problem.reason = reason  # type: ignore[attr-defined]
+    return problem
 
 
 class Authenticator:
@@ -293,19 +302,19 @@ class Authenticator:
             pending = check_request(method, path, query, headers, body, now=now if now is not None else time.time(),
                                     skew=self.skew)
         except SignatureError as e:
-            raise unauthorized(e.reason) from None
+            raise unauthorized(e.reason, e.kind) from None
         found = await self.directory.get(pending.keyid)
         if found is None:
             try:
                 pending.verify(DUMMY_VERIFY_KEY)
             except SignatureError:
                 pass
-            raise unauthorized(BAD_SIGNATURE)
+            raise unauthorized(BAD_SIGNATURE, "bad_signature")
         member, verify_key = found
         try:
             return member, pending.verify(verify_key)
         except SignatureError:
-            raise unauthorized(BAD_SIGNATURE) from None
+            raise unauthorized(BAD_SIGNATURE, "bad_signature") from None
 
     async def authenticate(self, request: web.Request, body: bytes | None) -> Member:
         """Steps 1-3 of the module docstring. ``body`` is ``None`` while the
@@ -320,7 +329,7 @@ class Authenticator:
             raise Problem(503, "replay protection is unavailable (the nonce store cannot be written); try again",
                           kind="nonce-store-unavailable", headers={"Retry-After": "1"}) from None
         if not fresh:
-            raise unauthorized("replayed nonce: this (keyid, nonce) was already used")
+            raise unauthorized("replayed nonce: this (keyid, nonce) was already used", "replay")
         request[MEMBER_KEY] = member
         request["unibus.signature"] = verified
         request[AUTH_TIME_KEY] = now
@@ -446,7 +455,7 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         body = await read_body(request, timeout=body_timeout, limit=max_body)
         expected = request["unibus.signature"].content_sha256
         if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
-            raise unauthorized("Content-Digest does not match the body")
+            raise unauthorized("Content-Digest does not match the body", "digest")
         _keep_logged_request(request, body)
         return await handler(request)
 

@@ -68,7 +68,10 @@ def posture(settings: Settings) -> dict[str, Any]:
     fills unreported facts with their insecure value, sets ``tls`` false when
     any listener is plaintext, and computes ``summary``. Called at start-up,
     before the cluster gate, by ``membershipd posture`` and on every
-    ``/healthz``; it must be cheap and must not do I/O.
+    ``/healthz``; it must be cheap and must not do I/O. An exception at
+    start-up stops membershipd; while serving it is logged, counted
+    (``unibus_plugin_hook_errors_total``) and the plugin's facts are left
+    out, so they count as not holding.
     """
 
 
@@ -78,9 +81,11 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
 
     Return ``{"<plugin name>": {...}}``: a dict keyed by the plugin's own name.
     Called on every ``/healthz`` request; must be cheap and must not block
-    (no network round trips). ``app`` is the running aiohttp application, whose
-    state (settings, NATS connection, store) is reachable through the
-    ``unibus.app`` keys.
+    (no network round trips: ``/healthz`` answers at once whatever NATS is
+    doing, so keep what you report current in the background). ``app`` is
+    the running aiohttp application, whose state (settings, NATS connection,
+    store, metrics) is reachable through the ``unibus.app`` keys. An
+    exception is logged and counted, and the plugin's fields are left out.
     """
 
 
@@ -91,8 +96,9 @@ def startup(app: web.Application) -> Any:
     Called once, after nats-server and the store are ready and before the HTTP
     port opens, in registration order. May be a coroutine function. It may add
     HTTP routes (``unibus.app.add_route``, which also documents them in
-    ``/openapi.json``) and start background tasks. An exception stops
-    membershipd with exit 1 and a message naming the plugin.
+    ``/openapi.json``), make its metrics (``app[unibus.app.METRICS].plugin(name)``)
+    and start background tasks. An exception stops membershipd with exit 1
+    and a message naming the plugin.
     """
 
 

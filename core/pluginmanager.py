@@ -127,6 +127,8 @@ class PluginManager:
         self._blocked_eps: dict[str, importlib.metadata.EntryPoint] = {}
         #: plugins that could not be used, ``{name: PluginInfo with error}``
         self.broken: dict[str, PluginInfo] = {}
+        #: hook calls that raised, ``{(plugin, hook): count}`` (unibus_plugin_hook_errors_total)
+        self.hook_errors: dict[tuple[str, str], int] = {}
         #: installed plugins that ``only`` left out
         self.not_loaded: tuple[str, ...] = ()
         self._installed: set[str] = set()
@@ -275,6 +277,11 @@ class PluginManager:
 
     # -- hook calls that need plugin names (for options and error messages) ---
 
+    def hook_failed(self, plugin: str, hook_name: str) -> None:
+        """Count a failed hook call (exported as ``unibus_plugin_hook_errors_total{plugin,hook}``)."""
+        key = (plugin, hook_name)
+        self.hook_errors[key] = self.hook_errors.get(key, 0) + 1
+
     def _impls(self, hook_name: str) -> list[tuple[str, Any]]:
         """``(plugin name, hookimpl)`` in call order (wrappers are refused at registration)."""
         out = []
@@ -295,8 +302,10 @@ class PluginManager:
             try:
                 res = impl.function(**{a: kwargs[a] for a in impl.argnames})
             except (ConfigError, RuntimeFailure):
+                self.hook_failed(name, hook_name)
                 raise
             except Exception as e:
+                self.hook_failed(name, hook_name)
                 raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
             results.append((name, res))
         return results
@@ -312,6 +321,7 @@ class PluginManager:
             try:
                 results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
             except Exception:
+                self.hook_failed(name, hook_name)
                 log.exception("plugin %s: %s failed", name, hook_name)
         return results
 
@@ -323,6 +333,7 @@ class PluginManager:
                 try:
                     res = await res
                 except Exception as e:
+                    self.hook_failed(name, hook_name)
                     raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
             results.append((name, res))
         return results
