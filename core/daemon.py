@@ -28,7 +28,8 @@ from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
-from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
+from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
+                   nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .health import HealthProber
@@ -143,6 +144,7 @@ class Daemon:
     async def start(self) -> None:
         s = self.settings
         body_timeout = body_timeout_from_env(os.environ)
+        nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         for warning in insecure_plaintext_warnings(s):
             log.warning("%s", warning)
@@ -188,7 +190,11 @@ class Daemon:
             self.store = kv
         else:
             self.store = SqliteStore(s.db_path)
-        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
+        # The high-water mark of signed requests lives in the store (durable); the
+        # nonces in memory (docs/operations.md, "Durability").
+        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
+                            max_bytes=nonce_max_bytes, exclusive=s.embedded and not s.clustered,
+                            node=s.server_name)
         await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
         await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
         self.nonces = nonces

@@ -304,7 +304,7 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 
 def parse_bool_env(value: str | None) -> bool:
-    """The boolean spellings of SPEC §3: ``1 true yes on`` / ``0 false no off`` / empty."""
+    """The boolean spellings of docs/operations.md ("Flags and environment"): ``1 true yes on`` / ``0 false no off`` / empty."""
     if value is None:
         return False
     v = value.strip().lower()

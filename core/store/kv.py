@@ -21,6 +21,8 @@ key                              value (JSON)
 ``meta.loghead``                 ``{seq, hash, max_created}`` — the log's head, and the largest
                                  ``created`` of a request in it
 ``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
+``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
+                                 ``created`` (docs/operations.md, "Durability")
 ===============================  ==========================================================
 
 A logged change (``logged=``) adds to its batch the entry ``log.<seq>``, its
@@ -218,6 +220,7 @@ def _nonce_key(keyid: str, nonce: str) -> str:
 
 
 ADMINS_KEY = "meta.admins"
+HIGH_WATER_KEY = "meta.nonce_high_water"
 SCHEMA_KEY = "meta.schema"
 LOG_HEAD_KEY = "meta.loghead"
 #: Log entries read at once by ``log_entries``.
@@ -525,6 +528,25 @@ class KvStore(Store):
         raw, _rev = await self._read_raw(_lkey(seq))
         # The stored text is the entry's canonical JSON: its hash is the entry's hash.
         return hashlib.sha256(raw).hexdigest() if raw is not None else None
+
+    # -- replay protection's high-water mark ------------------------------------------
+
+    async def nonce_high_water(self) -> int:
+        value, _rev = await self._read(HIGH_WATER_KEY)
+        return int(value["created"]) if value is not None else 0
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        async def attempt() -> int:
+            stored, rev = await self._read(HIGH_WATER_KEY)
+            current = int(stored["created"]) if stored is not None else 0
+            if current >= value:
+                return current
+            # Conditional on the revision read: of two nodes raising it at once,
+            # the loser re-reads and keeps the larger mark.
+            await self._commit([_Write(HIGH_WATER_KEY, {"created": value}, rev)])
+            return value
+
+        return await self._retrying(attempt)
 
     # -- the bucket --------------------------------------------------------------
 

@@ -187,11 +187,13 @@ class Responder:
         nkey, sig, nonce = opts.get("nkey"), opts.get("sig"), info.get("nonce")
         if not (isinstance(nkey, str) and isinstance(sig, str) and isinstance(nonce, str) and nonce):
             return self._refuse(server_id, user_nkey, now, "a member logs in with its bus key (nkey)")
-        if not holds_key(nkey, nonce, sig):
-            return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
+        # The lookup comes first: a key nobody holds is refused without an Ed25519
+        # check, so a flood of logins with random keys costs less (docs/bus-auth.md).
         grant = self.policy.grant(nkey)
         if grant is None:
             return self._refuse(server_id, user_nkey, now, "unknown bus key")
+        if not holds_key(nkey, nonce, sig):
+            return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
         publish: dict[str, Any] = {"allow": list(grant.publish)} if grant.publish else {"deny": [">"]}
         user = {
             "iss": self.issuer.public, "sub": user_nkey, "aud": MEMBERS_ACCOUNT, "name": grant.handle,
