@@ -37,6 +37,8 @@ SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
+#: The running :class:`unibus.events.ChangeEvents` (set once ``startup`` hooks ran).
+EVENTS = web.AppKey("events", object)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 

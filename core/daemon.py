@@ -27,10 +27,11 @@ from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EXTRA, SERVER_OPTIONS, make_app
+from .app import EVENTS, EXTRA, SERVER_OPTIONS, make_app
 from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
+from .events import ChangeEvents, call_runtime_hook
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager
 from .posture import cluster_gate, compute_posture, startup_posture
@@ -117,6 +118,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_hooks = False
+        self.events: ChangeEvents | None = None
 
     async def start(self) -> None:
         s = self.settings
@@ -177,6 +179,9 @@ class Daemon:
             register(self.app)
         await self.plugins.acall_each("startup", app=self.app)
         self._started_hooks = True
+        self.events = ChangeEvents(self.app, self.store, self.plugins)
+        await self.events.start()
+        self.app[EVENTS] = self.events
 
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
                                     **SERVER_OPTIONS)
@@ -206,11 +211,15 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _reload(self) -> None:
+        """Re-read the store (its listeners deliver the offline changes), then the ``reloaded`` hooks."""
         try:
             if self.store is not None:
                 await self.store.reload()
         except Exception as e:
             log.error("SIGHUP: reload failed: %s: %s", type(e).__name__, e)
+            return
+        if self.app is not None and self._started_hooks:
+            await call_runtime_hook(self.plugins, "reloaded", app=self.app)
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -220,6 +229,8 @@ class Daemon:
         if self.runner is not None:
             with contextlib.suppress(Exception):
                 await self.runner.cleanup()
+        if self.events is not None:
+            self.events.stop()
         if self._started_hooks and self.app is not None:
             deadline = asyncio.get_running_loop().time() + SHUTDOWN_HOOKS_BUDGET
             for name, impl in self.plugins._impls("shutdown"):

@@ -15,6 +15,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
 
+    from .events import ChangeEvent
     from .settings import Option, Settings
 
 hookspec = pluggy.HookspecMarker("unibus")
@@ -105,4 +106,39 @@ def shutdown(app: web.Application) -> Any:
     The whole stop must fit in 10 seconds, so all shutdown hooks together get
     5 seconds; a hook still running then is cancelled and an error is logged
     naming the plugin.
+    """
+
+
+@hookspec
+def store_changed(app: web.Application, event: ChangeEvent) -> Any:
+    """React to one committed membership change.
+
+    ``event`` is a :class:`unibus.events.ChangeEvent`: ``seq`` (the membership
+    log's seq of the change, None when it was not logged), ``kind``
+    (``member_added``, ``member_updated``, ``member_bus_key``,
+    ``member_deleted``, ``room_created``, ``room_deleted``,
+    ``room_member_added``, ``room_member_removed``, ``keys_posted``),
+    ``actor`` (the handle whose signed request made it; None for an offline
+    change or when unknown), ``origin`` (``"local"``, ``"remote"``: another
+    cluster node, ``"offline"``: ``membershipd member add`` picked up at
+    SIGHUP), ``before`` and ``after`` (the member's public record or the
+    room's fields with its members' handles; None where there is none or it
+    is not known, as for remote changes), ``handle`` and ``room_id``.
+
+    Called once per change, after it is committed: for a local change before
+    the request that made it is answered, for the others from the task that
+    learnt of them. May be a coroutine function; each call gets 5 seconds.
+    The return value is ignored; an exception is logged naming the plugin and
+    never undoes or fails the change. Not called before ``startup`` finished.
+    """
+
+
+@hookspec
+def reloaded(app: web.Application) -> Any:
+    """The daemon re-read the store after SIGHUP.
+
+    Called once per SIGHUP, after the store was re-read and after the
+    ``store_changed`` calls for the offline changes found (``membershipd
+    member add`` while the daemon ran). May be a coroutine function; the
+    return value is ignored and an exception is logged naming the plugin.
     """
