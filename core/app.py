@@ -21,7 +21,7 @@ from .auth import MAX_BODY, body_unread
 from .bus import Bus
 from .inputs import check_path_params
 from .openapi import OpenAPI
-from .pluginmanager import PluginManager
+from .pluginmanager import PluginManager, current_plugin
 from .posture import compute_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
@@ -149,6 +149,18 @@ async def defer_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+#: Where a plugin's routes live unless it declares otherwise (docs/plugins.md, "Routes").
+PLUGIN_ROUTE_PREFIX = "/v1/plugins/"
+
+
+def plugin_path(plugin: str, path: str) -> str:
+    """``path`` of plugin ``plugin`` under ``/v1/plugins/<plugin>/``; a path already there is kept."""
+    base = f"{PLUGIN_ROUTE_PREFIX}{plugin}"
+    if path == base or path.startswith(base + "/"):
+        return path
+    return base + (path if path.startswith("/") else "/" + path)
+
+
 def add_route(
     app: web.Application,
     method: str,
@@ -162,20 +174,34 @@ def add_route(
     request_content_type: str = "application/json",
     tags: list[str] | None = None,
     query: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """Register a route and its OpenAPI operation together (plugins use this too).
+    namespaced: bool = True,
+) -> str:
+    """Register a route and its OpenAPI operation together (plugins use this too); returns its path.
 
-    ``query`` documents the query parameters the handler reads (name -> JSON
-    Schema); path parameters are documented, and checked before the handler
-    runs, by the rules of :mod:`unibus.inputs`. ``Expect: 100-continue`` is
-    answered only once the signature was accepted (docs/http-api.md).
+    Called from a plugin's hook (``startup``), the route lives under
+    ``/v1/plugins/<plugin name>/`` (``path`` ``"/events"`` of plugin
+    ``audit`` is ``/v1/plugins/audit/events``) unless ``namespaced=False``
+    declares the path as given. ``signed=True`` is enforced whatever the
+    path: only ``signed=False`` opens a route, and never one under ``/v1/``
+    (a ``ValueError``). ``query`` documents the query parameters the handler
+    reads (name -> JSON Schema); path parameters are documented, and checked
+    before the handler runs, by the rules of :mod:`unibus.inputs`.
+    ``Expect: 100-continue`` is answered only once the signature was accepted
+    (docs/http-api.md).
     """
+    plugin = current_plugin()
+    if plugin is not None and namespaced:
+        path = plugin_path(plugin, path)
+    if not signed and (path == "/v1" or path.startswith("/v1/")):
+        raise ValueError(f"{method} {path}: every route under /v1/ is signed; drop signed=False "
+                         "or serve it outside /v1/ with namespaced=False")
     app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else None)
     app[OPENAPI_DOC].add_operation(
         method, path, summary=summary, responses=responses, signed=signed,
         request_schema=request_schema, request_content_type=request_content_type, tags=tags,
         operation_id=getattr(handler, "__name__", None), query=query,
     )
+    return path
 
 
 def current_posture(app: web.Application) -> dict[str, Any]:

@@ -111,6 +111,13 @@ def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings
     env = os.environ if env is None else env
     pre, _ = _disable_pre_parser().parse_known_args(argv)
     plugins = make_plugins(pre.disable_plugin, env)
+    return settings_for(command, argv, plugins, env), plugins
+
+
+def settings_for(command: str, argv: Sequence[str], plugins: PluginManager, env=None) -> Settings:
+    """``serve`` flags + env → Settings for the plugins of ``plugins`` (also what
+    ``unibus.testing`` uses): options, parsing, validation, then ``validate_settings``."""
+    env = os.environ if env is None else env
     plugin_options = plugins.options(reserved=_core_flags())
     _refuse_unavailable_flags(argv, plugins, {opt.flag for _, opt in plugin_options})
     ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
@@ -118,7 +125,7 @@ def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings
     settings = build_settings(ns, env, plugin_options, disabled_plugins=plugins.blocked)
     if settings.bus_auth == "enforce" and "auth_enforce" in plugins.blocked:
         raise ConfigError("--disable-plugin auth_enforce is accepted only together with --bus-auth off")
-    return settings, plugins
+    return settings
 
 
 def cmd_serve(argv: Sequence[str]) -> int:

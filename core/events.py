@@ -30,11 +30,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .memberlog import logged_operation
+from .pluginmanager import PluginManager, running_plugin
 
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
 
-    from .pluginmanager import PluginManager
     from .store.base import Change, Store
 
 log = logging.getLogger("unibus.events")
@@ -208,9 +208,10 @@ class ChangeEvents:
         for name, impl in self.plugins._impls("store_changed"):
             args = {"app": self.app, "event": event}
             try:
-                result = impl.function(**{a: args[a] for a in impl.argnames})
-                if inspect.isawaitable(result):
-                    await asyncio.wait_for(result, HOOK_TIMEOUT)
+                with running_plugin(name):
+                    result = impl.function(**{a: args[a] for a in impl.argnames})
+                    if inspect.isawaitable(result):
+                        await asyncio.wait_for(result, HOOK_TIMEOUT)
             except TimeoutError:
                 log.error("plugin %s: store_changed took longer than %.0f s on seq %s; given up",
                           name, HOOK_TIMEOUT, event.seq)
@@ -224,9 +225,10 @@ async def call_runtime_hook(plugins: PluginManager, hook: str, timeout: float = 
     up to ``timeout``; an error is logged naming the plugin, never raised."""
     for name, impl in plugins._impls(hook):
         try:
-            result = impl.function(**{a: kwargs[a] for a in impl.argnames})
-            if inspect.isawaitable(result):
-                await asyncio.wait_for(result, timeout)
+            with running_plugin(name):
+                result = impl.function(**{a: kwargs[a] for a in impl.argnames})
+                if inspect.isawaitable(result):
+                    await asyncio.wait_for(result, timeout)
         except TimeoutError:
             log.error("plugin %s: %s took longer than %.0f s; given up", name, hook, timeout)
         except Exception as e:

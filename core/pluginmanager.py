@@ -15,11 +15,13 @@ plugin and the hook).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -46,6 +48,27 @@ BUILTIN_PLUGIN_FLAGS: Mapping[str, str] = {
     "--route-tls-ca": "route_tls",
     "--blob-max-bytes": "blobstore",
 }
+
+#: The name of the plugin whose hook implementation is running (None: the core).
+#: ``unibus.app.add_route`` reads it to place a plugin's routes under
+#: ``/v1/plugins/<name>/`` (docs/plugins.md, "Routes").
+CURRENT_PLUGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("unibus_current_plugin", default=None)
+
+
+@contextlib.contextmanager
+def running_plugin(name: str) -> Iterator[None]:
+    """Mark ``name`` as the plugin whose code runs in this block (see :data:`CURRENT_PLUGIN`)."""
+    token = CURRENT_PLUGIN.set(name)
+    try:
+        yield
+    finally:
+        CURRENT_PLUGIN.reset(token)
+
+
+def current_plugin() -> str | None:
+    """The plugin whose hook implementation is running, or None."""
+    return CURRENT_PLUGIN.get()
+
 
 HOOK_NAMES = tuple(sorted(name for name, fn in vars(hookspecs).items()
                           if callable(fn) and hasattr(fn, "unibus_spec")))
@@ -293,8 +316,11 @@ class PluginManager:
         results = []
         for name, impl in self._impls(hook_name):
             try:
-                res = impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except (ConfigError, RuntimeFailure):
+                with running_plugin(name):
+                    res = impl.function(**{a: kwargs[a] for a in impl.argnames})
+            except ConfigError as e:
+                raise _named(e, name, hook_name) from e
+            except RuntimeFailure:
                 raise
             except Exception as e:
                 raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
@@ -310,7 +336,8 @@ class PluginManager:
         results = []
         for name, impl in self._impls(hook_name):
             try:
-                results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
+                with running_plugin(name):
+                    results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
             except Exception:
                 log.exception("plugin %s: %s failed", name, hook_name)
         return results
@@ -318,10 +345,16 @@ class PluginManager:
     async def acall_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Like :meth:`call_each`, awaiting coroutine results (startup, shutdown)."""
         results = []
-        for name, res in self.call_each(hook_name, **kwargs):
-            if inspect.isawaitable(res):
+        for name, impl in self._impls(hook_name):
+            with running_plugin(name):
                 try:
-                    res = await res
+                    res = impl.function(**{a: kwargs[a] for a in impl.argnames})
+                    if inspect.isawaitable(res):
+                        res = await res
+                except ConfigError as e:  # exit 2, also from a coroutine (docs/plugins.md, "Errors and exit codes")
+                    raise _named(e, name, hook_name) from e
+                except RuntimeFailure:
+                    raise
                 except Exception as e:
                     raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
             results.append((name, res))
@@ -384,6 +417,13 @@ class PluginManager:
         flags = {flag: plugin for flag, plugin in BUILTIN_PLUGIN_FLAGS.items() if not self.has(plugin)}
         flags.update(self.blocked_flags())
         return flags
+
+
+def _named(e: ConfigError, plugin: str, hook: str) -> ConfigError:
+    """A plugin's ConfigError, naming the plugin and the hook unless it already names the plugin."""
+    if str(e).startswith(f"plugin {plugin}"):
+        return e
+    return PluginError(plugin, _one_line(e), hook)
 
 
 def _one_line(e: BaseException | str) -> str:

@@ -167,10 +167,10 @@ def _unavailable_as_503(handler: Callable[[web.Request], Awaitable[web.StreamRes
 async def _room_for_member(request: web.Request) -> Any:
     """The room of the path; 404 if absent, 403 unless the caller is one of its members."""
     from unibus.api.rooms import load_room
-    from unibus.auth import current_member
+    from unibus.auth import require_member
 
     room = await load_room(request)
-    me = current_member(request)
+    me = require_member(request)
     if me.handle not in room.handles:
         raise _problem(403, "only the room's members may use its blobs", kind="forbidden")
     return room, me
@@ -311,11 +311,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 async def delete_blob(request: web.Request) -> web.Response:
     from unibus.api.rooms import is_owner, load_room
-    from unibus.auth import current_member
+    from unibus.auth import require_member
 
     service = _service(request)
     room = await load_room(request)
-    me = current_member(request)
+    me = require_member(request)
     if not (me.is_admin or me.handle in room.handles):
         raise _problem(403, "only the uploader, the room's owner and admins may delete a blob", kind="forbidden")
     blob_id = _blob_id(request)
@@ -344,15 +344,15 @@ def register_routes(app: web.Application) -> None:
               responses={201: "{blob_id, size}; also for a re-upload of the same bytes",
                          400: "the body does not match its signed Content-Digest; nothing stored",
                          413: "larger than --blob-max-bytes; nothing stored", **common},
-              tags=["blobs"])
+              tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     add_route(app, "GET", path + "/{blob_id}", _unavailable_as_503(get_blob),
               summary="Download a blob (streamed, with Content-Digest and Content-Length; room members)",
               responses={200: "the blob's bytes", 422: "blob_id is not 64 hex characters", **common},
-              tags=["blobs"])
+              tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     add_route(app, "DELETE", path + "/{blob_id}", _unavailable_as_503(delete_blob),
               summary="Delete a blob (the uploader, the room's owner, admins)",
               responses={204: "deleted", 422: "blob_id is not 64 hex characters", **common},
-              tags=["blobs"])
+              tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
 
 
 def _streaming(handler: Callable[..., Any]) -> Callable[..., Any]:
