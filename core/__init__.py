@@ -7,6 +7,7 @@ __version__ = "0.12.0"
 #: Marker for plugin hook implementations: ``from unibus import hookimpl``.
 hookimpl = pluggy.HookimplMarker("unibus")
 
-from .settings import Option  # noqa: E402  (re-exported for plugin authors)
+from .errors import ConfigError  # noqa: E402  (re-exported for plugin authors)
+from .settings import Option  # noqa: E402
 
-__all__ = ["Option", "__version__", "hookimpl"]
+__all__ = ["ConfigError", "Option", "__version__", "hookimpl"]

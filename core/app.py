@@ -251,14 +251,27 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
     if warnings:
         body["warnings"] = warnings
     for name, fields in app[PLUGINS].call_each_safe("healthz_fields", app=app):
-        if not isinstance(fields, dict):
+        placed = plugin_healthz(name, fields)
+        if placed is None:
             continue
-        for key, value in fields.items():
-            if key in CORE_HEALTHZ_KEYS:
-                log.warning("plugin %s: healthz_fields key %r is reserved; ignored", name, key)
-                continue
-            body[key] = value
+        if name in body or name in CORE_HEALTHZ_KEYS:  # never overwrites the core's keys
+            log.warning("plugin %s: its name is a /healthz key of the core; its fields are left out", name)
+            continue
+        body[name] = placed
     return body
+
+
+def plugin_healthz(name: str, fields: Any) -> dict[str, Any] | None:
+    """Where a plugin's ``healthz_fields`` go: under its own name, always (docs/plugins.md).
+
+    A plugin returns its own fields; the form of plugin API 1, ``{name: {...}}``
+    (one key, the plugin's name, holding a dict), is unwrapped. None: nothing to add.
+    """
+    if not isinstance(fields, dict) or not fields:
+        return None
+    if len(fields) == 1 and isinstance(fields.get(name), dict):
+        return dict(fields[name])
+    return dict(fields)
 
 
 async def openapi_json(request: web.Request) -> web.Response:

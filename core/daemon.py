@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
@@ -33,7 +34,7 @@ from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
-from .pluginmanager import PluginManager
+from .pluginmanager import PluginManager, running_plugin
 from .posture import cluster_gate, compute_posture, startup_posture
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
@@ -118,11 +119,14 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_hooks = False
+        #: plugins whose ``startup`` returned, in order; None until the startup hooks begin
+        self._started: list[str] | None = None
         self.events: ChangeEvents | None = None
 
     async def start(self) -> None:
         s = self.settings
         body_timeout = body_timeout_from_env(os.environ)
+        self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         for warning in insecure_plaintext_warnings(s):
             log.warning("%s", warning)
@@ -177,8 +181,7 @@ class Daemon:
         self.app[EXTRA]["nonces"] = nonces
         for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
             register(self.app)
-        await self.plugins.acall_each("startup", app=self.app)
-        self._started_hooks = True
+        await self.start_plugins()
         self.events = ChangeEvents(self.app, self.store, self.plugins)
         await self.events.start()
         self.app[EVENTS] = self.events
@@ -194,6 +197,29 @@ class Daemon:
         log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
                  s.nats_client_url, s.server_name)
         sd_notify("READY=1")
+
+    async def start_plugins(self) -> None:
+        """Every ``startup``, in the call order (docs/plugins.md, "Order"), one at a time.
+
+        A failure stops here: what already started is shut down by :meth:`stop`,
+        in reverse; the plugin that failed and those after it are not.
+        """
+        assert self.app is not None
+        self._started = []
+        for name, impl in self.plugins._impls("startup"):
+            await self.plugins.acall_one(name, impl, "startup", app=self.app)
+            self._started.append(name)
+        self._started_hooks = True
+
+    def shutdown_order(self) -> list[str]:
+        """Who gets ``shutdown``: the started plugins in reverse order, then those without a
+        ``startup`` hook (nothing to wait for: they count as started first, so stop last)."""
+        if self._started is None:
+            return []
+        with_startup = set(self.plugins.call_order("startup"))
+        shut = self.plugins.call_order("shutdown")
+        no_startup = [n for n in shut if n not in with_startup]
+        return [n for n in reversed(self._started) if n in shut] + list(reversed(no_startup))
 
     def write_nats_config(self) -> dict[str, Any]:
         """The one nats.conf of this run: it does not depend on membership (docs/bus-auth.md)."""
@@ -221,6 +247,24 @@ class Daemon:
         if self.app is not None and self._started_hooks:
             await call_runtime_hook(self.plugins, "reloaded", app=self.app)
 
+    async def _shutdown_plugins(self) -> None:
+        """``shutdown`` in :meth:`shutdown_order`, all of them within SHUTDOWN_HOOKS_BUDGET; each once."""
+        impls = dict(self.plugins._impls("shutdown"))
+        order, self._started = self.shutdown_order(), None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_HOOKS_BUDGET
+        for name in order:
+            remaining = max(0.1, deadline - loop.time())
+            try:
+                with running_plugin(name):
+                    res = impls[name].function(**{a: self.app for a in impls[name].argnames})
+                    if inspect.isawaitable(res):
+                        await asyncio.wait_for(res, remaining)
+            except TimeoutError:
+                log.error("plugin %s: shutdown did not finish in time; cancelled", name)
+            except Exception as e:
+                log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
+
     async def wait(self) -> None:
         await self._stop.wait()
 
@@ -231,18 +275,8 @@ class Daemon:
                 await self.runner.cleanup()
         if self.events is not None:
             self.events.stop()
-        if self._started_hooks and self.app is not None:
-            deadline = asyncio.get_running_loop().time() + SHUTDOWN_HOOKS_BUDGET
-            for name, impl in self.plugins._impls("shutdown"):
-                remaining = max(0.1, deadline - asyncio.get_running_loop().time())
-                try:
-                    res = impl.function(**{a: self.app for a in impl.argnames})
-                    if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
-                        await asyncio.wait_for(res, remaining)
-                except TimeoutError:
-                    log.error("plugin %s: shutdown did not finish in time; cancelled", name)
-                except Exception as e:
-                    log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
+        if self.app is not None:
+            await self._shutdown_plugins()
         for task in list(self._tasks):
             task.cancel()
         if self.store is not None:

@@ -39,6 +39,22 @@ def cli_options() -> list[Option]:
 
 
 @hookspec
+def validate_settings(settings: Settings) -> None:
+    """Refuse a configuration this plugin cannot run with.
+
+    Called once per command that runs with a configuration (``serve``,
+    ``posture``), after every flag and environment variable was parsed into
+    ``settings`` and before any other hook sees it. Check what the plugin's
+    options mean together and with the core's (files exist, certificates
+    match, combinations make sense); this is where such I/O belongs, so that
+    ``posture`` and ``healthz_fields`` stay cheap. Raise
+    :class:`unibus.ConfigError` with a message that names the flag and what to
+    change: membershipd exits 2 with one line naming the plugin and the hook.
+    The return value is ignored; any other exception exits 1, naming the plugin.
+    """
+
+
+@hookspec
 def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
     """Mutate the nats-server configuration before it is written.
 
@@ -69,15 +85,21 @@ def posture(settings: Settings) -> dict[str, Any]:
     fills unreported facts with their insecure value, sets ``tls`` false when
     any listener is plaintext, and computes ``summary``. Called at start-up,
     before the cluster gate, by ``membershipd posture`` and on every
-    ``/healthz``; it must be cheap and must not do I/O.
+    ``/healthz``; it must be cheap and must not do I/O: check files and
+    refuse bad combinations in ``validate_settings``, which runs first.
     """
 
 
 @hookspec
 def healthz_fields(app: web.Application) -> dict[str, Any]:
-    """Return fields to merge into the ``/healthz`` body.
+    """Return this plugin's fields for the ``/healthz`` body.
 
-    Return ``{"<plugin name>": {...}}``: a dict keyed by the plugin's own name.
+    Return a dict of the plugin's own fields; the core places it under the
+    plugin's name (``{"enabled": true}`` of plugin ``nats_monitor`` appears
+    as ``"nats_monitor": {"enabled": true}``), so a plugin cannot touch the
+    core's keys or another plugin's. A dict whose only key is the plugin's
+    name and holds a dict (the form of plugin API 1) is unwrapped; an empty
+    dict or None adds nothing. An exception is logged and the plugin left out.
     Called on every ``/healthz`` request; must be cheap and must not block
     (no network round trips). ``app`` is the running aiohttp application, whose
     state (settings, NATS connection, store) is reachable through the
@@ -90,10 +112,14 @@ def startup(app: web.Application) -> Any:
     """Start the plugin's runtime part.
 
     Called once, after nats-server and the store are ready and before the HTTP
-    port opens, in registration order. May be a coroutine function. It may add
-    HTTP routes (``unibus.app.add_route``, which also documents them in
-    ``/openapi.json``) and start background tasks. An exception stops
-    membershipd with exit 1 and a message naming the plugin.
+    port opens, plugin after plugin in the call order (docs/plugins.md,
+    "Order"), each awaited before the next starts. May be a coroutine
+    function. It may add HTTP routes (``unibus.app.add_route``, under
+    ``/v1/plugins/<plugin name>/``) and start background tasks. An exception
+    stops membershipd with exit 1 (exit 2 for :class:`unibus.ConfigError`)
+    and a message naming the plugin; the plugins that already started are
+    shut down, in reverse order, and the failing one is not: clean up what it
+    began before raising.
     """
 
 
@@ -102,7 +128,11 @@ def shutdown(app: web.Application) -> Any:
     """Stop the plugin's runtime part.
 
     Called once on SIGTERM/SIGINT after the HTTP port stopped accepting
-    requests and before nats-server is stopped. May be a coroutine function.
+    requests and before nats-server is stopped, in the reverse of the order
+    the plugins started; also when a later plugin's ``startup`` failed. Not
+    called for a plugin whose own ``startup`` failed or never ran. A plugin
+    without a ``startup`` hook counts as started first, so it stops last.
+    May be a coroutine function.
     The whole stop must fit in 10 seconds, so all shutdown hooks together get
     5 seconds; a hook still running then is cancelled and an error is logged
     naming the plugin.

@@ -274,9 +274,9 @@ def healthz_fields(app) -> dict[str, Any]:
     settings = app[SETTINGS]
     rt = app[EXTRA].get(RUNTIME_KEY)
     if not enforcing(settings) or rt is None:
-        return {PLUGIN_NAME: {"enforced": False}}
+        return {"enforced": False}
     enforcer = rt.enforcer
-    return {PLUGIN_NAME: {
+    return {
         "enforced": True,
         "mode": "callout",
         "members": len(rt.policy.bus_of),
@@ -286,7 +286,7 @@ def healthz_fields(app) -> dict[str, Any]:
         "kicks_pending": sorted(enforcer.pending) if enforcer else [],
         "last_change_ms": (round(enforcer.last_duration * 1000, 1)
                            if enforcer and enforcer.last_duration is not None else None),
-    }}
+    }
 
 
 __all__ = ["MEMBERS_ACCOUNT", "SERVICE_ACCOUNT", "SYSTEM_ACCOUNT", "accounts", "authorization", "member_permissions"]

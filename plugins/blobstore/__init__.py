@@ -134,8 +134,8 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
 
     service = app[EXTRA].get(EXTRA_KEY)
     if service is None:
-        return {PLUGIN_NAME: {"backend": None, "blobs": 0, "bytes": 0}}
-    return {PLUGIN_NAME: service.backend.stats()}
+        return {"backend": None, "blobs": 0, "bytes": 0}
+    return service.backend.stats()
 
 
 # --------------------------------------------------------------------------- HTTP
