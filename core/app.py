@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -22,6 +23,7 @@ from .bus import Bus
 from .inputs import check_path_params
 from .openapi import OpenAPI
 from .pluginmanager import PluginManager, current_plugin
+from .pluginstate import Stash, plugin_name, state_dir_of
 from .posture import compute_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
@@ -39,6 +41,8 @@ STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
 #: The running :class:`unibus.events.ChangeEvents` (set once ``startup`` hooks ran).
 EVENTS = web.AppKey("events", object)
+#: Each plugin's :class:`unibus.pluginstate.Stash`, by plugin name (use :func:`stash`).
+STASHES = web.AppKey("stashes", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -204,6 +208,20 @@ def add_route(
     return path
 
 
+def stash(app: web.Application, plugin: str | None = None) -> Stash:
+    """The plugin's own :class:`~unibus.pluginstate.Stash` on this app (docs/plugins.md, "State").
+
+    ``plugin`` defaults to the plugin whose hook is running; a request
+    handler, which runs outside any hook, names it (``stash(request.app, PLUGIN_NAME)``).
+    """
+    return app[STASHES].setdefault(plugin_name(plugin), Stash())
+
+
+def state_dir(app: web.Application, plugin: str | None = None) -> Path:
+    """The plugin's own directory ``<data-dir>/plugins/<plugin>/`` (mode 0700), made on first use."""
+    return state_dir_of(app[SETTINGS].data_dir, plugin)
+
+
 def current_posture(app: web.Application) -> dict[str, Any]:
     return compute_posture(app[SETTINGS], app[PLUGINS])
 
@@ -298,6 +316,7 @@ def make_app(
         app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
     app[EXTRA] = {"started": time.time()}
+    app[STASHES] = {}
     add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,
               responses={200: "serving", 503: "degraded: NATS or JetStream unavailable"}, tags=["health"])
     add_route(app, "GET", "/openapi.json", openapi_json, summary="This OpenAPI document", signed=False,

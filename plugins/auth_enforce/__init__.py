@@ -29,11 +29,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unibus import hookimpl
+from unibus import StashKey, hookimpl
+from unibus.pluginstate import state_dir_of
 from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_service_nkey, load_nkey_seed
 from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
@@ -64,11 +66,10 @@ def issuer_for(settings: Settings) -> Issuer:
     shared = settings.cluster_key(ISSUER_LABEL)
     if shared is not None:
         return Issuer.from_raw(shared)
-    path = settings.data_dir / ISSUER_FILE
+    path = state_dir_of(settings.data_dir, PLUGIN_NAME) / ISSUER_FILE.name
     if not path.exists():
         import nkeys
 
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -129,9 +130,11 @@ class Runtime:
     responder: Responder
     enforcer: Enforcer | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    unsubscribe: Callable[[], None] | None = None
 
 
-RUNTIME_KEY = "auth_enforce"
+#: The plugin's :class:`Runtime` in its stash (docs/plugins.md, "State").
+RUNTIME = StashKey[Runtime]("runtime")
 
 
 @hookimpl
@@ -221,7 +224,7 @@ async def apply_change(rt: Runtime, change: Change) -> None:
 
 @hookimpl
 async def startup(app) -> None:
-    from unibus.app import BUS, EXTRA, SETTINGS, STORE
+    from unibus.app import BUS, EXTRA, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
     if settings.bus_auth == "off":
@@ -245,23 +248,25 @@ async def startup(app) -> None:
     rt.enforcer = Enforcer(system_bus.nc, app[BUS].nc, rt.responder, clustered=settings.clustered,
                            node=settings.server_name, apply_local=apply_local, peers=system_bus.route_peers)
     await rt.enforcer.start()
-    app[EXTRA][RUNTIME_KEY] = rt
+    stash(app)[RUNTIME] = rt
 
     def on_change(change: Change) -> Any:
         if change.kind in ("keys_posted", "member_updated"):
             return None
         return apply_change(rt, change)
 
-    store.add_listener(on_change)
+    rt.unsubscribe = store.add_listener(on_change)
 
 
 @hookimpl
 async def shutdown(app) -> None:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    rt = app[EXTRA].get(RUNTIME_KEY)
+    rt = stash(app, PLUGIN_NAME).pop(RUNTIME)
     if rt is None:
         return
+    if rt.unsubscribe is not None:
+        rt.unsubscribe()
     if rt.enforcer is not None:
         await rt.enforcer.stop()
     await rt.responder.stop()
@@ -269,10 +274,10 @@ async def shutdown(app) -> None:
 
 @hookimpl
 def healthz_fields(app) -> dict[str, Any]:
-    from unibus.app import EXTRA, SETTINGS
+    from unibus.app import SETTINGS, stash
 
     settings = app[SETTINGS]
-    rt = app[EXTRA].get(RUNTIME_KEY)
+    rt = stash(app, PLUGIN_NAME).get(RUNTIME)
     if not enforcing(settings) or rt is None:
         return {"enforced": False}
     enforcer = rt.enforcer

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from unibus import hookimpl
+from unibus import StashKey, hookimpl
 from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
 from unibus.settings import Option, parse_positive_int
 
@@ -44,8 +44,8 @@ from .backend import WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
 
 PLUGIN_NAME = "blobstore"
 DEFAULT_MAX_BYTES = 104857600
-#: ``app[unibus.app.EXTRA][EXTRA_KEY]`` holds the running :class:`BlobService`.
-EXTRA_KEY = "blobstore"
+#: The running :class:`BlobService`, in the plugin's stash (docs/plugins.md, "State").
+SERVICE: StashKey[BlobService] = StashKey("service")
 BLOBS_DIR = "blobs"
 
 log = logging.getLogger("unibus.plugins.blobstore")
@@ -55,6 +55,8 @@ class BlobService:
     """The plugin's runtime: the backend and the limit."""
 
     def __init__(self, backend: BlobBackend, max_bytes: int) -> None:
+        #: removes :meth:`on_change` from the store's listeners (set at start-up)
+        self.unsubscribe: Callable[[], None] = lambda: None
         self.backend = backend
         self.max_bytes = max_bytes
 
@@ -95,7 +97,7 @@ def cli_options() -> list[Option]:
 
 @hookimpl
 async def startup(app: web.Application) -> None:
-    from unibus.app import BUS, EXTRA, SETTINGS, STORE
+    from unibus.app import BUS, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
     store = app[STORE]
@@ -114,25 +116,26 @@ async def startup(app: web.Application) -> None:
     await retry_until(lambda: backend.start(room_exists if sweep else None),
                       CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
     service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)))
-    app[EXTRA][EXTRA_KEY] = service
-    store.add_listener(service.on_change)
+    stash(app)[SERVICE] = service
+    service.unsubscribe = store.add_listener(service.on_change)
     register_routes(app)
 
 
 @hookimpl
 async def shutdown(app: web.Application) -> None:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    service = app[EXTRA].get(EXTRA_KEY)
+    service = stash(app, PLUGIN_NAME).pop(SERVICE)
     if service is not None:
+        service.unsubscribe()
         await service.backend.close()
 
 
 @hookimpl
 def healthz_fields(app: web.Application) -> dict[str, Any]:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    service = app[EXTRA].get(EXTRA_KEY)
+    service = stash(app, PLUGIN_NAME).get(SERVICE)
     if service is None:
         return {"backend": None, "blobs": 0, "bytes": 0}
     return service.backend.stats()
@@ -142,9 +145,9 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
 
 
 def _service(request: web.Request) -> BlobService:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    return request.app[EXTRA][EXTRA_KEY]
+    return stash(request.app, PLUGIN_NAME)[SERVICE]
 
 
 def _problem(status: int, detail: str, kind: str | None = None, **kw: Any) -> Exception:
