@@ -15,6 +15,7 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
 
+    from .client.plugins import ClientCommand
     from .events import ChangeEvent
     from .settings import Option, Settings
 
@@ -171,4 +172,21 @@ def reloaded(app: web.Application) -> Any:
     ``store_changed`` calls for the offline changes found (``membershipd
     member add`` while the daemon ran). May be a coroutine function; the
     return value is ignored and an exception is logged naming the plugin.
+    """
+
+
+@hookspec
+def client_commands() -> list[ClientCommand]:
+    """Return the ``unibus`` subcommands this plugin adds to the member's client.
+
+    Called by the ``unibus`` client (never by membershipd) while it builds its
+    command line, for each plugin of the entry-point group ``unibus.client``.
+    Return a list of :class:`unibus.client.plugins.ClientCommand`: ``name``
+    (one word, or two for a subcommand of a group: ``"audit tail"``), ``help``,
+    ``arguments`` (a function that adds arguments to the command's
+    ``argparse`` parser) and ``run(ctx, client)``, a coroutine function (or a
+    plain one) that gets the parsed command line (``ctx.args``, ``ctx.json``)
+    and a signed :class:`unibus.client.UnibusClient` and returns the exit code.
+    A name that a core command or another plugin already has makes the plugin
+    broken: ``unibus --help`` lists it with the error, and its commands are absent.
     """

@@ -35,6 +35,8 @@ from .settings import Option
 log = logging.getLogger("unibus.plugins")
 
 ENTRY_POINT_GROUP = "unibus"
+#: The entry points the member's client (``unibus``) loads for ``client_commands``.
+CLIENT_ENTRY_POINT_GROUP = "unibus.client"
 #: Comma-separated entry-point names; when set (even empty), only those plugins load.
 LOAD_PLUGINS_ENV = "UNIBUS_LOAD_PLUGINS"
 
@@ -142,6 +144,7 @@ class PluginManager:
         plugins: Iterable[ModuleType | object] = (),
         only: Iterable[str] | None = None,
         modules: Iterable[str] = (),
+        group: str = ENTRY_POINT_GROUP,
     ) -> None:
         self._pm = pluggy.PluginManager("unibus")
         self._pm.add_hookspecs(hookspecs)
@@ -157,7 +160,7 @@ class PluginManager:
         self._validated: Any = None  # the Settings validate_settings last passed
         # Registered sorted by name, so the call order (docs/plugins.md, "Order") does not
         # depend on the order the installed distributions happen to be listed in.
-        eps = ({ep.name: ep for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP),
+        eps = ({ep.name: ep for ep in sorted(importlib.metadata.entry_points(group=group),
                                              key=lambda ep: ep.name)} if load_entry_points else {})
         self._installed = set(eps)
         if load_entry_points:

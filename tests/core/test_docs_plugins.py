@@ -38,7 +38,7 @@ def _signature(name: str, fn: Callable[..., object]) -> str:
 def test_the_hooks_of_the_spec_are_declared() -> None:
     assert {name for name, _ in _specs()} == {
         "cli_options", "configure_nats", "posture", "healthz_fields", "startup", "shutdown",
-        "store_changed", "reloaded", "validate_settings",
+        "store_changed", "reloaded", "validate_settings", "client_commands",
     }
 
 
