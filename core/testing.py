@@ -246,14 +246,30 @@ class MembershipdProcess:
             argv += ["--nats-monitor-port", str(self.monitor_port)]
         self.argv = argv + self.args
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Every process of this node (this one and each ``again()``), so a
+        #: fixture's teardown stops them all; ``restarts`` counts the starts after the first.
+        self.family: list[MembershipdProcess] = [self]
+        self._log: Any = None
+
+    @property
+    def restarts(self) -> int:
+        return sum(1 for p in self.family if p.proc is not None) - 1
 
     def again(self) -> MembershipdProcess:
         """A new, unstarted process for the same data dir, ports, argv and
-        environment: the same node after a crash or a stop."""
+        environment: the same node after a crash or a stop. It joins this
+        node's ``family``, so the fixture that started the first stops it too."""
         new = copy.copy(self)
         new.proc = None
+        new._log = None
         new.args, new.argv, new.env = list(self.args), list(self.argv), dict(self.env)
+        self.family.append(new)
         return new
+
+    def restart(self, wait: bool = True, timeout: float = DEFAULT_TIMEOUT) -> MembershipdProcess:
+        """Stop this process (SIGTERM) and start the same node again; returns the new process."""
+        self.stop()
+        return self.again().start(wait=wait, timeout=timeout)
 
     @property
     def https(self) -> bool:
@@ -309,7 +325,9 @@ class MembershipdProcess:
         raise TimeoutError(f"/healthz did not answer {want} within {timeout}s (last: {last})\n{self.log_text()[-4000:]}")
 
     def nats_pid(self) -> int | None:
-        """The pid of the nats-server child, from /proc."""
+        """The pid of the nats-server child, from /proc (None once membershipd has exited)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
         try:
             children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         except OSError:
@@ -320,6 +338,26 @@ class MembershipdProcess:
                     return int(c)
         return None
 
+    def nats_handle(self) -> int | None:
+        """A pidfd of the nats-server child (close it with ``os.close``), or None.
+
+        Taken while membershipd runs and checked to still be its child after
+        it was opened, so the descriptor names that very process: a signal
+        sent through it (:func:`signal_pidfd`) never reaches a process that
+        reused the pid after nats-server exited.
+        """
+        pid = self.nats_pid()
+        if pid is None:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        if self.nats_pid() != pid:  # it exited between the look-up and the open: the pid may be another's
+            os.close(fd)
+            return None
+        return fd
+
     def send_signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -329,23 +367,36 @@ class MembershipdProcess:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM and wait; SIGKILL (and its nats-server) if it does not stop in time."""
+        """SIGTERM and wait; SIGKILL if it does not stop in time; then make sure its
+        nats-server is gone, through a pidfd (never a signal to a reused pid)."""
         if self.proc is None:
             return None
-        nats = self.nats_pid()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if nats is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(nats, signal.SIGKILL)
-        with contextlib.suppress(Exception):
-            self._log.close()
+        nats = self.nats_handle()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+            if nats is not None:
+                signal_pidfd(nats, signal.SIGKILL)
+        finally:
+            if nats is not None:
+                os.close(nats)
+            with contextlib.suppress(Exception):
+                self._log.close()
         return self.proc.returncode
+
+
+def signal_pidfd(fd: int, sig: int) -> bool:
+    """Send ``sig`` to the process a pidfd names; False when it has already exited."""
+    try:
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 async def member_connections(daemon: MembershipdProcess, handle: str, *, servers: int = 1) -> set[tuple[str, int]]:
@@ -581,8 +632,9 @@ def membershipd_factory(tmp_path: Path) -> Iterator[Callable[..., MembershipdPro
     try:
         yield make
     finally:
-        for p in started:
-            p.stop()
+        for first in started:
+            for p in first.family:  # the node's restarts (again()) included
+                p.stop()
 
 
 @pytest.fixture
