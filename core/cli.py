@@ -1,4 +1,4 @@
-"""``membershipd``: the daemon and its operator commands (SPEC §3).
+"""``membershipd``: the daemon and its operator commands (docs/operations.md).
 
 ``serve`` is the default subcommand. Expected errors print one line on stderr
 and exit 2 (configuration, usage) or 1 (runtime); never a traceback.

@@ -1,4 +1,4 @@
-"""``unibus``: the member's command-line client (SPEC §6b).
+"""``unibus``: the member's command-line client (docs/client.md).
 
 Exit codes: 0 done; 1 the server refused or failed, or could not be reached
 (one line on stderr: its problem detail, or the URL it could not reach);

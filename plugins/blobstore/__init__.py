@@ -1,4 +1,4 @@
-"""blobstore: streamed, content-addressed room blobs (SPEC §5, §8; issue 7).
+"""blobstore: streamed, content-addressed room blobs (docs/blobstore.md).
 
 Routes (added by :func:`startup`, documented in ``/openapi.json``)::
 

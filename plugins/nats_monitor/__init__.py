@@ -1,6 +1,6 @@
 """nats_monitor: nats-server's monitoring endpoint on loopback, and its log volume.
 
-Two environment toggles (SPEC §3) decide both, through one pure function,
+Two environment toggles (docs/nats-monitor.md) decide both, through one pure function,
 :func:`nats_log_opts`:
 
 ==========================  =======  =====  =====  =======
