@@ -183,7 +183,7 @@ class Daemon:
             register(self.app)
         await self.start_plugins()
         self.events = ChangeEvents(self.app, self.store, self.plugins)
-        await self.events.start()
+        await retry_until(self.events.start, js_wait, "cannot read the head of the membership log")
         self.app[EVENTS] = self.events
 
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,

@@ -151,11 +151,17 @@ class ChangeEvents:
         self._catch_up = asyncio.Lock()
         self._unsubscribe: Callable[[], None] | None = None
         self.delivered = 0
+        #: the store_changed implementations, fixed once plugins are loaded
+        self._hooks = plugins._impls("store_changed")
 
     async def start(self) -> None:
-        """Start from the log's current head: what is already there is not news."""
+        """Start from the log's current head: what is already there is not news.
+
+        Without a ``store_changed`` implementation nothing listens (no cost per write).
+        """
         self.last_seq, _hash = await self.store.log_head()
-        self._unsubscribe = self.store.add_listener(self.on_change)
+        if self._hooks and self._unsubscribe is None:
+            self._unsubscribe = self.store.add_listener(self.on_change)
 
     def stop(self) -> None:
         if self._unsubscribe is not None:
@@ -205,7 +211,7 @@ class ChangeEvents:
     async def deliver(self, event: ChangeEvent) -> None:
         """Call every plugin's ``store_changed``; errors and slow hooks are logged, never raised."""
         self.delivered += 1
-        for name, impl in self.plugins._impls("store_changed"):
+        for name, impl in self._hooks:
             args = {"app": self.app, "event": event}
             try:
                 with running_plugin(name):
