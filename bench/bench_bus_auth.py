@@ -1,51 +1,83 @@
-"""Bus authorization benchmark: how fast a membership change reaches the bus, and what enforcing costs.
+"""Bus authorization benchmark: how fast a membership change is in force on the bus, and what the callout costs.
 
-Run with ``.venv/bin/python bench/bench_bus_auth.py [--runs 5]``. Not a test:
+Run with ``.venv/bin/python bench/bench_bus_auth.py [--runs 7]``. Not a test:
 it prints markdown tables and writes them into docs/benchmarks.md between the
 ``bench:busauth`` markers (other sections of that file are kept). With
 ``--only throughput`` it measures only the publish throughput (the last part
 below) and rewrites only its subsection, between the ``bench:busauth-throughput``
-markers nested in that section.
+markers nested in that section. ``--save FILE`` also keeps the measurements
+(0600); ``--render FILE`` rewrites the section from kept measurements without
+measuring anything (after a change to the wording of the tables or the reading).
 
-At each membership size (10, 1,000 and 10,000 members by default; members are
-written straight into a fresh SQLite store before the daemon starts, each in
-one or two rooms of ten) a real ``membershipd serve`` (embedded nats-server,
-``--bus-auth enforce``) is started and, with real nats-py connections:
+Members reach the bus through nats-server's auth callout, answered by
+membershipd from an in-memory index, and a change of rights kicks the
+member's connections (docs/bus-auth.md). At each membership size (1,000,
+10,000 and 100,000 by default, all in one run) the members are written straight
+into a fresh SQLite store before the daemon starts (bulk inserts through the
+store's models, one transaction, no HTTP per member): an admin with a real
+identity (it signs the HTTP requests), a few bench members with real bus keys
+(``pub``, ``probe``, ``lat``, one ``victimN`` per run), and fillers, every
+filler in one room of ten and every other filler in a second one. The first
+1,000 fillers get real bus keys whose seeds the bench keeps (they connect in
+the connect storm); every other filler gets a random 32-byte value as its
+bus key and signing key: nothing ever connects with those, and
+``generate_identity`` (an ML-KEM and X25519 key pair each) would take minutes
+at 100,000. Then a real ``membershipd serve --bus-auth enforce`` (embedded
+nats-server) is started and, with real nats-py connections that reconnect
+the way clients do after a kick (``allow_reconnect``, nats-py re-sends its
+subscriptions):
 
-* (a) revocation: a member subscribed to its room is removed from it
-  (``DELETE /v1/rooms/{id}/members/{h}``). A second member publishes numbered
-  probes in the room every 2 ms while the request runs; afterwards a barrier
-  (the publisher's own echo, then a PING/PONG on the revoked connection) makes
-  sure every probe that was going to be delivered has been. The first probe
-  that did not arrive marks when the revocation took effect, given as an
-  offset from the 2xx (negative: before the client had its answer). Also the
-  arrival of the server's permissions-violation error, whether any probe sent
-  after the 2xx still arrived (a leak), and the HTTP latency of the DELETE;
-* (b) grant: ``PUT /v1/rooms/{id}/members/{h}``, then a fresh subscription
-  right after the 2xx, retried every 2 ms while nats-server refuses it (a
-  permissions violation before the PONG of a round trip): time from the 2xx
-  to the first accepted subscription, whether it then receives the room's
-  next message, and the HTTP latency of the PUT;
-* (c) deletion: ``DELETE /v1/members/{h}`` of a member with a live
-  connection: time from the 2xx to the connection's close (negative: closed
-  before the answer), and the HTTP latency;
-* where the time of a change goes: a signed request that changes nothing
-  (``GET /v1/me``: signature check and nonce in JetStream KV) as the HTTP
-  floor, a write that needs no reload (``PATCH`` of a role), and the first
-  signed request after a member change (the member directory reloads); ``unibus.daemon.nats_config`` run in this process against the same
-  database (what the daemon does before every reload), split into reading the
-  membership, building the authorization block, rendering and writing the
-  file; and nats-server's own reload, timed on a bare nats-server started with
-  a copy of the daemon's generated nats.conf (own ports and store dir) from
-  ``kill -HUP`` to its "Reloaded server configuration" line, alternating
-  between two configs that differ in one user's permissions, with the
-  permission blocks and, for comparison, with the same users without them;
-  plus ``nats-server -t`` on both (parsing and checking only), and what cutting
-  one connection without a reload costs: ``$SYS.REQ.SERVER.<id>.KICK`` (on a
-  bare server with the generated config plus a system account) to the close.
+* (a) revocation: ``probe`` is subscribed to a room it shares with ``pub``,
+  which publishes numbered probes there every 2 ms while the admin's
+  ``DELETE /v1/rooms/{id}/members/probe`` runs. After a barrier (the
+  publisher's own echo, then a PING/PONG on the probe's connection) the first
+  probe that did not arrive marks when the revocation was in force; the time
+  is taken from the start of the request. Also: when the probe's connection
+  was kicked and when it was back (reconnected through the callout), that the
+  re-sent subscription and a publish in the room were then refused, whether
+  any probe sent after the 2xx still arrived (a leak), and how many times the
+  connection was kicked in all (the enforcer sweeps a revocation once more
+  2.7 s later);
+* (b) grant: ``probe`` holds a subscription to a room it is not in (refused
+  by nats-server, kept by nats-py) while ``pub`` publishes probes there every
+  2 ms; ``PUT /v1/rooms/{id}/members/probe`` kicks the connection, nats-py
+  reconnects and re-sends the subscription, which the new rights accept: the
+  first probe received marks when the grant was in force;
+* (c) deletion: ``DELETE /v1/members/victimN`` of a member with a live
+  connection: from the start of the request to the connection's close, and
+  whether a new connection with the deleted member's key is refused.
 
-The daemon's log is checked for 2xx answers sent before nats-server confirmed
-the reload (the store's ``CHANGE_APPLY_TIMEOUT``).
+Each change's HTTP latency is split with the floors (a signed ``GET /v1/me``
+and a signed write that needs no bus work, ``PATCH`` of a role) and the
+enforcement time the daemon reports (``/healthz`` ``last_change_ms``: from the
+committed change to the last kick confirmed).
+
+Then, at each size: connect latency through the callout (``lat``'s bus key)
+against a user nats-server knows from its configuration (membershipd's service
+user, ``service.nkey``, an ``auth_users`` entry that never goes to the
+callout), on the same nats-server, alternating; and a connect storm: 1,000
+member logins of 1,000 members started at once, written in the NATS protocol
+itself (``INFO``, the nonce signed with the bus key, ``CONNECT``, ``PING``;
+authorized at the ``PONG``): nats-py's own connect costs this process about
+1 ms of CPU each, which made the bench the bottleneck. Wall time until the
+last answer, how many were authorized, why the others were not, and the CPU
+of membershipd, nats-server and the clients meanwhile. nats-server's RSS is
+read once the daemon is healthy; the first signed request after the start is
+timed apart (it loads the member directory). The responder's CPU per answer
+is also profiled alone, in this process, with a request JWT signed here.
+
+Before/after: membershipd 0.11.0 (``bench/baseline.py`` builds it in its own
+venv) is started with the same number of members written into its own store
+by its own models (0.11 lists every member in nats.conf, with its
+permissions); its nats-server's RSS, its nats.conf and its start time against
+this code's at the same size. 0.11's daemon gives nats-server 15 s to be
+ready, which 100,000 members exceed on this machine: then a bare nats-server
+(0.11's binary) is started with the nats.conf 0.11 generated, and its RSS and
+time to ready are taken instead.
+
+Optionally (``--cluster-members``) a three-node cluster (route TLS, KV store)
+with that many members, the same changes made through node 1 while the probe
+is connected to node 2: the apply broadcast to every node comes on top.
 
 Then publish throughput through the embedded server, enforce on and off in the
 same script: one member publishes ``--msgs`` messages of ``--msg-size`` bytes on
@@ -64,43 +96,39 @@ from __future__ import annotations
 import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import asyncio
+import base64
 import contextlib
-import itertools
 import json
 import math
 import os
+import pickle
 import platform
-import queue
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import nacl.bindings
+import nacl.signing
 import nats
+import nkeys
+from sqlalchemy import insert
 from sqlalchemy.orm import Session
 from unibus.client import UnibusClient
 from unibus.client.keys import Identity, generate_identity
-from unibus.daemon import RECONFIGURE_DEBOUNCE
-from unibus.natsconf import render_config, write_config
+from unibus.plugins.auth_enforce.enforcer import SECOND_SWEEP_AFTER
 from unibus.store import models as m
 from unibus.store.db import make_engine, migrate
-from unibus.store.sqlite import (
-    add_member_sync,
-    new_member,
-    new_room_id,
-    read_membership,
-)
-from unibus.supervisor import RELOADED_MARKER, find_nats_server
-from unibus.testing import MembershipdProcess, free_port
+from unibus.store.sqlite import add_member_sync, new_member, new_room_id
+from unibus.supervisor import find_nats_server
+from unibus.testing import MembershipdProcess, free_port, make_test_ca, make_test_cert, run_membershipd
 from unibus.wire import nkey_from_public_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,8 +136,14 @@ HEADING = "## Bus authorization"
 TP_SECTION = "busauth-throughput"  # nested in the busauth section; --only throughput rewrites it alone
 ROOM_SIZE = 10  # members per filler room
 PROBE_INTERVAL = 0.002
-AIM_MS = {1000: 100.0, 10000: 1000.0}  # issue 5: revocation in effect within this long of the 2xx
-HEALTHY_TIMEOUT = 120.0
+AIM_CHANGE_MS = 50.0  # request start → in force, at every size (docs/benchmarks.md, "Bus authorization")
+AIM_CONNECT_P50_MS = 5.0  # connect through the callout, p50
+AIM_STORM_S = 3.0  # 1,000 simultaneous connects, all authorized
+AIM_TP_RATIO = 0.95
+HEALTHY_TIMEOUT = 300.0
+BEFORE_REF = "v0.11.0"
+BEFORE_HEALTHY_TIMEOUT = 1800.0  # 0.11 generates and loads a config that lists every member
+SERVICE_NKEY = "service.nkey"
 
 
 def now() -> float:
@@ -118,6 +152,16 @@ def now() -> float:
 
 def med(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def pct(xs: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100), linear between the closest ranks."""
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
 def ms(x: float, digits: int = 0) -> str:
@@ -136,14 +180,37 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def proc_rss_mb(pid: int) -> float:
+def proc_status_mb(pid: int, key: str = "VmRSS") -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
 # -- a world: members written straight into a fresh store ------------------------
+
+
+@dataclass(frozen=True)
+class BusKey:
+    """A member's bus key only: the seed nats-py logs in with, and its nkey (``bus_pub``)."""
+
+    handle: str
+    seed: bytes = field(repr=False)
+    public: str
+
+    @classmethod
+    def new(cls, handle: str) -> BusKey:
+        seed = os.urandom(32)
+        pk, _sk = nacl.bindings.crypto_sign_seed_keypair(seed)
+        return cls(handle, seed, nkey_from_public_key(pk))
+
+    @property
+    def secret(self) -> bytes:
+        """The 64-byte Ed25519 secret key (seed and public key), for signing a nonce by hand."""
+        return nacl.bindings.crypto_sign_seed_keypair(self.seed)[1]
+
+    def bus_nkey_seed(self) -> str:
+        return nkeys.encode_seed(self.seed, nkeys.PREFIX_BYTE_USER).decode("ascii")
 
 
 @dataclass
@@ -152,64 +219,95 @@ class World:
     members: int
     rooms: int
     memberships: int
-    room_id: str  # the room the probes happen in
-    ids: dict[str, Identity]
+    room_id: str  # the bench room: pub, probe, the victims (and sub)
+    admin: Identity
+    ids: dict[str, BusKey]  # the bench members' bus keys
+    revoke_rooms: list[str] = field(default_factory=list)  # run i removes probe from revoke_rooms[i]
+    grant_rooms: list[str] = field(default_factory=list)  # run i adds probe to grant_rooms[i]
+    connectors: list[BusKey] = field(default_factory=list)  # fillers with real bus keys
 
 
-def build_world(data_dir: Path, total: int, specials: Sequence[str], in_room: Sequence[str]) -> World:
-    """A migrated store with ``total`` members: an admin, the ``specials`` (real
-    identities) and fillers (random keys, never connected), every filler in one
-    room of ten and every other filler in a second one; the specials named in
-    ``in_room`` share one room. One transaction."""
+def filler_links(fillers: int, room_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """``(rooms, [(room index, filler index)])``: every filler in one room of
+    ``room_size``, every other filler in the next room too."""
+    n_rooms = (fillers + room_size - 1) // room_size
+    links = []
+    for j in range(fillers):
+        home = j // room_size
+        links.append((home, j))
+        if j % 2 == 0 and n_rooms > 1:
+            links.append(((home + 1) % n_rooms, j))
+    return n_rooms, links
+
+
+def build_world(data_dir: Path, total: int, specials: Sequence[str], in_room: Sequence[str], *, runs: int = 0,
+                connectors: int = 0) -> World:
+    """A migrated store with ``total`` members (see the module docstring), in one transaction.
+
+    ``specials`` get real bus keys; those in ``in_room`` share the bench room;
+    ``runs`` pairs of rooms for the changes (``pub`` and ``probe`` in each
+    revoke room, ``pub`` alone in each grant room); the first ``connectors``
+    fillers get real bus keys too.
+    """
     data_dir.mkdir(mode=0o700, parents=True)
     db = data_dir / "membershipd.db"
     migrate(db)
-    ids = {h: generate_identity(h) for h in ("admin", *specials)}
-    fillers = max(0, total - len(ids))
+    admin = generate_identity("admin")
+    ids = {h: BusKey.new(h) for h in specials}
+    fillers = max(0, total - 1 - len(ids))
     t = datetime.now(UTC)
     engine = make_engine(db)
-    memberships = 0
+    conn_keys = [BusKey.new(f"f{j:06d}") for j in range(min(connectors, fillers))]
     try:
         with Session(engine) as s, s.begin():
-            add_member_sync(s, new_member("admin", "admin", ids["admin"].sign_pub, ids["admin"].enc_pub, "X25519",
-                                          ids["admin"].bus_pub))
-            for h in specials:
-                add_member_sync(s, new_member(h, "member", ids[h].sign_pub, ids[h].enc_pub, "X25519", ids[h].bus_pub))
+            add_member_sync(s, new_member("admin", "admin", admin.sign_pub, admin.enc_pub, "X25519", admin.bus_pub))
+            rows = [dict(handle=h, role="member", sign_pub=os.urandom(32), enc_pub=os.urandom(32), enc_suite="X25519",
+                         created_at=t, bus_pub=k.public) for h, k in ids.items()]
+            rows += [dict(handle=k.handle, role="member", sign_pub=os.urandom(32), enc_pub=os.urandom(32),
+                          enc_suite="X25519", created_at=t, bus_pub=k.public) for k in conn_keys]
+            rows += [dict(handle=f"f{j:06d}", role="member", sign_pub=os.urandom(32), enc_pub=os.urandom(32),
+                          enc_suite="X25519", created_at=t, bus_pub=nkey_from_public_key(os.urandom(32)))
+                     for j in range(len(conn_keys), fillers)]
+            s.execute(insert(m.Member), rows)
             room_id = new_room_id()
-            s.add(m.Room(room_id=room_id, name="bench", owner="admin", epoch=0, rekey_required=True, created_at=t))
-            s.add_all(m.RoomMember(room_id=room_id, handle=h, added_at=t) for h in in_room)
-            memberships += len(in_room)
-            handles = [f"f{j:05d}" for j in range(fillers)]
-            s.add_all(m.Member(handle=h, role="member", sign_pub=os.urandom(32), enc_pub=os.urandom(32),
-                               enc_suite="X25519", created_at=t, bus_pub=nkey_from_public_key(os.urandom(32)))
-                      for h in handles)
-            n_rooms = (fillers + ROOM_SIZE - 1) // ROOM_SIZE
+            revoke_rooms = [new_room_id() for _ in range(runs)]
+            grant_rooms = [new_room_id() for _ in range(runs)]
+            n_rooms, links = filler_links(fillers, ROOM_SIZE)
             rooms = [new_room_id() for _ in range(n_rooms)]
-            s.add_all(m.Room(room_id=r, name=f"r{i}", owner=handles[i * ROOM_SIZE], epoch=0, rekey_required=True,
-                             created_at=t) for i, r in enumerate(rooms))
-            s.flush()
-            links = []
-            for j, h in enumerate(handles):
-                home = j // ROOM_SIZE
-                links.append((rooms[home], h))
-                if j % 2 == 0 and n_rooms > 1:
-                    links.append((rooms[(home + 1) % n_rooms], h))
-            s.add_all(m.RoomMember(room_id=r, handle=h, added_at=t) for r, h in links)
-            memberships += len(links)
+            room_rows = [dict(room_id=room_id, name="bench", owner="admin", epoch=0, rekey_required=True,
+                              created_at=t)]
+            room_rows += [dict(room_id=r, name=f"revoke{i}", owner="admin", epoch=0, rekey_required=True,
+                               created_at=t) for i, r in enumerate(revoke_rooms)]
+            room_rows += [dict(room_id=r, name=f"grant{i}", owner="admin", epoch=0, rekey_required=True,
+                               created_at=t) for i, r in enumerate(grant_rooms)]
+            room_rows += [dict(room_id=r, name=f"r{i}", owner=f"f{i * ROOM_SIZE:06d}", epoch=0, rekey_required=True,
+                               created_at=t) for i, r in enumerate(rooms)]
+            s.execute(insert(m.Room), room_rows)
+            link_rows = [dict(room_id=room_id, handle=h, added_at=t) for h in in_room]
+            link_rows += [dict(room_id=r, handle=h, added_at=t) for r in revoke_rooms for h in ("pub", "probe")
+                          if h in ids]
+            link_rows += [dict(room_id=r, handle="pub", added_at=t) for r in grant_rooms if "pub" in ids]
+            link_rows += [dict(room_id=rooms[r], handle=f"f{j:06d}", added_at=t) for r, j in links]
+            s.execute(insert(m.RoomMember), link_rows)
     finally:
         engine.dispose()
-    return World(data_dir, len(ids) + fillers, n_rooms + 1, memberships, room_id, ids)
+    return World(data_dir, 1 + len(ids) + fillers, len(room_rows), len(link_rows), room_id, admin, ids,
+                 revoke_rooms, grant_rooms, conn_keys)
 
 
 # -- nats-py connections ----------------------------------------------------------
 
 
 class Conn:
-    """A member's NATS connection that timestamps the server's errors and its own close."""
+    """A member's NATS connection that timestamps the server's errors, its disconnects,
+    reconnects and close. With ``reconnect`` it comes back after a kick the way a
+    client does (nats-py re-sends its subscriptions on the new connection)."""
 
-    def __init__(self, url: str, identity: Identity | None) -> None:
-        self.url, self.identity = url, identity
+    def __init__(self, url: str, identity: Any, *, reconnect: bool = False) -> None:
+        self.url, self.identity, self.reconnect = url, identity, reconnect
         self.errors: list[tuple[float, str]] = []
+        self.disconnects: list[float] = []
+        self.reconnects: list[float] = []
         self.closed_at: float | None = None
         self.nc: Any = None
 
@@ -217,16 +315,25 @@ class Conn:
         async def error_cb(e: Exception) -> None:
             self.errors.append((now(), str(e)))
 
-        async def gone() -> None:
+        async def disconnected() -> None:
+            self.disconnects.append(now())
+            if not self.reconnect and self.closed_at is None:
+                self.closed_at = now()
+
+        async def reconnected() -> None:
+            self.reconnects.append(now())
+
+        async def closed() -> None:
             if self.closed_at is None:
                 self.closed_at = now()
 
         creds: dict[str, Any] = {}
         if self.identity is not None:
             creds = {"nkeys_seed_str": self.identity.bus_nkey_seed(), "inbox_prefix": f"_INBOX_{self.identity.handle}"}
-        self.nc = await nats.connect(self.url, error_cb=error_cb, disconnected_cb=gone, closed_cb=gone,
-                                     allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5,
-                                     pending_size=8 * 1024 * 1024, **creds)
+        self.nc = await nats.connect(self.url, error_cb=error_cb, disconnected_cb=disconnected, closed_cb=closed,
+                                     reconnected_cb=reconnected, allow_reconnect=self.reconnect,
+                                     max_reconnect_attempts=60 if self.reconnect else 0, reconnect_time_wait=0.05,
+                                     connect_timeout=5, pending_size=8 * 1024 * 1024, **creds)
         return self
 
     async def close(self) -> None:
@@ -234,8 +341,28 @@ class Conn:
             with contextlib.suppress(Exception):
                 await self.nc.close()
 
-    def violations_since(self, t: float) -> list[float]:
-        return [ts for ts, e in self.errors if ts >= t and "permissions violation" in e.lower()]
+    def violations_since(self, t: float, what: str = "") -> list[float]:
+        return [ts for ts, e in self.errors
+                if ts >= t and "permissions violation" in e.lower() and what.lower() in e.lower()]
+
+    def first_after(self, events: list[float], t: float) -> float | None:
+        return next((e for e in events if e > t), None)
+
+    async def back_after(self, t: float, timeout: float = 15.0) -> float:
+        """When the connection came back (reconnected) after ``t``; waits for it."""
+        await wait_until(lambda: self.first_after(self.reconnects, t) is not None and self.nc.is_connected,
+                         timeout, f"{self.identity.handle}'s connection did not come back within {timeout:.0f} s")
+        back = self.first_after(self.reconnects, t)
+        assert back is not None
+        return back
+
+
+async def wait_until(pred: Callable[[], Any], timeout: float, what: str) -> None:
+    deadline = now() + timeout
+    while not pred():
+        if now() > deadline:
+            raise TimeoutError(what)
+        await asyncio.sleep(0.001)
 
 
 async def server_saw_everything(conn: Conn) -> None:
@@ -252,33 +379,36 @@ async def server_saw_everything(conn: Conn) -> None:
 
 
 class Echo:
-    """The publisher's own subscription to the room: a barrier for "the server routed it"."""
+    """A barrier for "the server routed it": a marker on the bench room's ``.mark`` subject,
+    received by the publisher itself and by each ``receivers`` connection (on a cluster
+    the probe's node gets the marker after everything the route carried before it)."""
 
-    def __init__(self, pub: Conn, subject: str) -> None:
+    def __init__(self, pub: Conn, subject: str, receivers: Sequence[Conn] = ()) -> None:
         self.pub, self.subject = pub, subject
-        self.waiting: dict[bytes, asyncio.Future[None]] = {}
+        self.conns = [pub, *receivers]
+        self.seen: dict[bytes, set[int]] = {}
         self.counter = 0
 
     async def start(self) -> None:
-        async def cb(msg: Any) -> None:
-            fut = self.waiting.pop(msg.data, None)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+        for idx, c in enumerate(self.conns):
+            async def cb(msg: Any, idx: int = idx) -> None:
+                self.seen.setdefault(msg.data, set()).add(idx)
 
-        await self.pub.nc.subscribe(f"{self.subject}.mark", cb=cb)
-        await server_saw_everything(self.pub)
+            await c.nc.subscribe(f"{self.subject}.mark", cb=cb)
+        for c in self.conns:
+            await server_saw_everything(c)
 
     async def barrier(self, *others: Conn, drain: Sequence[Any] = ()) -> None:
-        """Publish a marker, wait for its echo (everything published before it has
-        been routed), then PING/PONG each other connection (everything routed to
-        it has arrived), then wait until the callbacks of the ``drain``
-        subscriptions have run for every message that arrived."""
+        """Publish a marker and wait until every receiver has it (everything published
+        before it has been routed and delivered), then PING/PONG each other connection,
+        then wait until the callbacks of the ``drain`` subscriptions have run for every
+        message that arrived."""
         self.counter += 1
         token = f"m{self.counter}".encode()
-        fut = asyncio.get_running_loop().create_future()
-        self.waiting[token] = fut
         await self.pub.nc.publish(f"{self.subject}.mark", token)
-        await asyncio.wait_for(fut, 10)
+        await wait_until(lambda: len(self.seen.get(token, ())) == len(self.conns), 10,
+                         "a barrier marker did not come back within 10 s")
+        self.seen.pop(token, None)
         for o in others:
             if o.nc.is_connected:
                 await server_saw_everything(o)
@@ -286,186 +416,41 @@ class Echo:
             await asyncio.wait_for(sub._pending_queue.join(), 10)
 
 
-# -- (a) (b) (c) against a running daemon --------------------------------------------
+class Prober:
+    """``pub`` publishes numbered probes on one subject every PROBE_INTERVAL; ``sent`` is (seq, time)."""
+
+    def __init__(self, pub: Conn, subject: str) -> None:
+        self.pub, self.subject = pub, subject
+        self.sent: list[tuple[int, float]] = []
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> Prober:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            self.sent.append((seq, now()))
+            await self.pub.nc.publish(self.subject, str(seq).encode())
+            await asyncio.sleep(PROBE_INTERVAL)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    def gaps(self) -> list[float]:
+        return [b[1] - a[1] for a, b in zip(self.sent, self.sent[1:])]
 
 
-@dataclass
-class ChangeSamples:
-    http_floor: list[float] = field(default_factory=list)  # GET /v1/me
-    write_floor: list[float] = field(default_factory=list)  # PATCH /v1/members/{h} (role): a write, no reload
-    after_member_change: list[float] = field(default_factory=list)  # GET /v1/me right after a member change
-    revoke_http: list[float] = field(default_factory=list)
-    revoke_effect: list[float] = field(default_factory=list)  # first undelivered probe − 2xx
-    revoke_total: list[float] = field(default_factory=list)  # first undelivered probe − request sent
-    revoke_err: list[float] = field(default_factory=list)  # permissions violation arrival − 2xx
-    revoke_leaks: int = 0  # runs where a probe sent after the 2xx was still delivered
-    revoke_after: list[float] = field(default_factory=list)  # how long after the 2xx probes still arrived
-    revoke_probe_gap: list[float] = field(default_factory=list)  # probe spacing around the effect
-    grant_http: list[float] = field(default_factory=list)
-    grant_effect: list[float] = field(default_factory=list)
-    grant_tries: list[int] = field(default_factory=list)
-    grant_missed: int = 0  # accepted subscription that did not receive the next message in the room
-    delete_http: list[float] = field(default_factory=list)
-    delete_closed: list[float] = field(default_factory=list)  # connection closed − 2xx
-    reloads: int | None = None
-    answered_anyway: int = 0  # daemon log: a 2xx sent before nats-server confirmed (CHANGE_APPLY_TIMEOUT)
-    reload_failures: int = 0  # daemon log: reload not confirmed / config refused
-
-
-async def measure_changes(daemon: MembershipdProcess, world: World, runs: int) -> ChangeSamples:
-    out = ChangeSamples()
-    room = world.room_id
-    subj = f"unibus.room.{room}"
-    url = daemon.nats_url
-    conns: list[Conn] = []
-    async with UnibusClient(daemon.base_url, world.ids["admin"], timeout=30) as admin:
-        try:
-            pub = await Conn(url, world.ids["pub"]).connect()
-            conns.append(pub)
-            probe = await Conn(url, world.ids["probe"]).connect()
-            conns.append(probe)
-            victims = []
-            for i in range(runs):
-                v = await Conn(url, world.ids[f"victim{i}"]).connect()
-                conns.append(v)
-                await v.nc.subscribe(f"{subj}.>")
-                victims.append(v)
-            echo = Echo(pub, subj)
-            await echo.start()
-            for _ in range(2):  # warm up: connections, HTTP keep-alive, nonce bucket
-                await admin.me()
-            for _ in range(runs):
-                t0 = now()
-                await admin.me()
-                out.http_floor.append(now() - t0)
-            for _ in range(runs):
-                for role in ("admin", "member"):
-                    # a committed write that does not touch the bus (no reload) ...
-                    t0 = now()
-                    await admin.set_role("pub", role)
-                    out.write_floor.append(now() - t0)
-                    # ... after which the next signed request reloads the member directory
-                    t0 = now()
-                    await admin.me()
-                    out.after_member_change.append(now() - t0)
-
-            received: set[int] = set()
-
-            async def on_probe(msg: Any) -> None:
-                received.add(int(msg.data))
-
-            probe_sub = await probe.nc.subscribe(f"{subj}.>", cb=on_probe)
-            await echo.barrier(probe, drain=[probe_sub])
-            for i in range(runs):
-                # (a) revocation, with probes every 2 ms while the request runs
-                received.clear()
-                sent: list[tuple[int, float]] = []
-                stop = asyncio.Event()
-
-                async def prober(stop: asyncio.Event = stop, sent: list[tuple[int, float]] = sent) -> None:
-                    seq = 0
-                    while not stop.is_set():
-                        seq += 1
-                        sent.append((seq, now()))
-                        await pub.nc.publish(f"{subj}.probe", str(seq).encode())
-                        await asyncio.sleep(PROBE_INTERVAL)
-
-                task = asyncio.create_task(prober())
-                await asyncio.sleep(0.03)
-                t0 = now()
-                await admin.remove_room_member(room, "probe")
-                t2 = now()
-                await asyncio.sleep(0.01)  # a few probes after the 2xx
-                stop.set()
-                await task
-                await echo.barrier(probe, drain=[probe_sub])
-                # Not in effect yet (the last probe still arrived)? Keep probing until it is.
-                seq = sent[-1][0]
-                while seq in received:
-                    if now() - t2 > 30:
-                        raise TimeoutError("a revocation did not take effect within 30 s of its 2xx")
-                    await asyncio.sleep(PROBE_INTERVAL)
-                    seq += 1
-                    sent.append((seq, now()))
-                    await pub.nc.publish(f"{subj}.probe", str(seq).encode())
-                    await echo.barrier(probe, drain=[probe_sub])
-                out.revoke_http.append(t2 - t0)
-                delivered = [seq for seq, _ in sent if seq in received]
-                last = max(delivered, default=0)
-                first_gone = next(((seq, ts) for seq, ts in sent if seq > last), None)
-                if first_gone is not None:
-                    out.revoke_effect.append(first_gone[1] - t2)
-                    out.revoke_total.append(first_gone[1] - t0)
-                    prev = dict(sent).get(last)
-                    if prev is not None:
-                        out.revoke_probe_gap.append(first_gone[1] - prev)
-                if any(ts > t2 and seq in received for seq, ts in sent):
-                    out.revoke_leaks += 1
-                    out.revoke_after.append(max(0.0, first_gone[1] - t2) if first_gone else float("nan"))
-                else:
-                    out.revoke_after.append(0.0)
-                errs = probe.violations_since(t0)
-                if errs:
-                    out.revoke_err.append(errs[0] - t2)
-                with contextlib.suppress(Exception):
-                    await probe_sub.unsubscribe()  # the server already dropped it
-
-                # (b) grant: subscribe right after the 2xx, retried until nats-server accepts it
-                t0 = now()
-                await admin.add_room_member(room, "probe")
-                t2 = now()
-                out.grant_http.append(t2 - t0)
-                tries = 0
-                while True:
-                    tries += 1
-                    ts = now()
-                    probe_sub = await probe.nc.subscribe(f"{subj}.>", cb=on_probe)
-                    await server_saw_everything(probe)  # a refusal (-ERR) arrives before this returns
-                    if not [t for t, e in probe.errors
-                            if t >= ts and "permissions violation for subscription" in e.lower()]:
-                        out.grant_effect.append(ts - t2)
-                        out.grant_tries.append(tries)
-                        break
-                    await probe_sub.unsubscribe()
-                    if now() - t2 > 30:
-                        raise TimeoutError("a granted subscription was still refused 30 s after the 2xx")
-                    await asyncio.sleep(PROBE_INTERVAL)
-                # ... and it receives the room's next message
-                received.clear()
-                await pub.nc.publish(f"{subj}.probe", b"-1")
-                await echo.barrier(probe, drain=[probe_sub])
-                if -1 not in received:
-                    out.grant_missed += 1
-
-                # (c) deletion of a member with a live connection
-                v = victims[i]
-                assert v.nc.is_connected and v.closed_at is None
-                t0 = now()
-                await admin.remove_member(f"victim{i}")
-                t2 = now()
-                out.delete_http.append(t2 - t0)
-                deadline = now() + 30
-                while v.closed_at is None and now() < deadline:
-                    await asyncio.sleep(0.001)
-                if v.closed_at is None:
-                    raise TimeoutError(f"victim{i}'s connection was not closed within 30 s of its deletion")
-                out.delete_closed.append(v.closed_at - t2)
-                # the member directory is stale now: pay its reload here, not in the next revocation
-                t0 = now()
-                await admin.me()
-                out.after_member_change.append(now() - t0)
-                print(f"    run {i + 1}/{runs}: revoke http {ms(out.revoke_http[-1])} ms "
-                      f"(effect {ms(out.revoke_effect[-1], 1) if out.revoke_effect else '?'} ms), "
-                      f"grant http {ms(out.grant_http[-1])} ms, delete http {ms(out.delete_http[-1])} ms "
-                      f"(closed {ms(out.delete_closed[-1], 1)} ms)", file=sys.stderr)
-            assert not probe.nc.is_closed, "a revoked member must keep its connection"
-        finally:
-            for c in conns:
-                await c.close()
-    status, body = daemon.healthz()
-    if status == 200 and isinstance(body, dict):
-        out.reloads = _find(body, "auth_enforce", {}).get("reloads")
-    return out
+async def last_change_s(daemon: MembershipdProcess) -> float:
+    """``/healthz`` ``auth_enforce.last_change_ms``: the enforcement of the last change, in s."""
+    status, body = await asyncio.to_thread(daemon.healthz)
+    value = _find(body, "last_change_ms", None) if status == 200 else None
+    return float(value) / 1000 if value is not None else float("nan")
 
 
 def _find(doc: Any, key: str, default: Any) -> Any:
@@ -480,275 +465,620 @@ def _find(doc: Any, key: str, default: Any) -> Any:
     return default
 
 
-# -- config generation in this process --------------------------------------------
+# -- (a) (b) (c) against a running daemon --------------------------------------------
 
 
 @dataclass
-class GenSamples:
-    total: list[float] = field(default_factory=list)  # unibus.daemon.nats_config
-    read: list[float] = field(default_factory=list)  # read_membership
-    block: list[float] = field(default_factory=list)  # auth_enforce.authorization
-    nkeys: list[float] = field(default_factory=list)  # … of which nkey_from_sign_pub for every member
-    rooms_of: list[float] = field(default_factory=list)  # … of which Membership.rooms_of for every member
-    finalize: list[float] = field(default_factory=list)  # natsconf.finalize_config (a deep copy)
-    render: list[float] = field(default_factory=list)
-    write: list[float] = field(default_factory=list)
-    config_bytes: int = 0
+class ChangeSamples:
+    http_floor: list[float] = field(default_factory=list)  # GET /v1/me
+    write_floor: list[float] = field(default_factory=list)  # PATCH /v1/members/{h} (role): a write, no bus work
+    after_member_change: list[float] = field(default_factory=list)  # GET /v1/me right after a member deletion
+    revoke_http: list[float] = field(default_factory=list)
+    revoke_force: list[float] = field(default_factory=list)  # first undelivered probe − request start
+    revoke_kicked: list[float] = field(default_factory=list)  # probe's disconnect − request start
+    revoke_back: list[float] = field(default_factory=list)  # probe reconnected − request start
+    revoke_enforce: list[float] = field(default_factory=list)  # /healthz last_change_ms
+    revoke_leaks: int = 0  # runs where a probe sent after the 2xx was still delivered
+    revoke_refused: int = 0  # runs where the re-sent subscription and a publish were refused after the reconnect
+    revoke_kicks: list[int] = field(default_factory=list)  # disconnects of the probe per revocation (with the sweep)
+    grant_http: list[float] = field(default_factory=list)
+    grant_force: list[float] = field(default_factory=list)  # first probe received on the new room − request start
+    grant_kicked: list[float] = field(default_factory=list)
+    grant_back: list[float] = field(default_factory=list)
+    grant_enforce: list[float] = field(default_factory=list)
+    grant_refused_before: int = 0  # runs where the held subscription was refused before the grant
+    delete_http: list[float] = field(default_factory=list)
+    delete_force: list[float] = field(default_factory=list)  # connection closed − request start
+    delete_enforce: list[float] = field(default_factory=list)
+    delete_refused: int = 0  # runs where a new connection with the deleted member's key was refused
+    probe_gaps: list[float] = field(default_factory=list)  # the probes' measured spacing
+    first_request: float = float("nan")  # the first signed request after the start (member directory cold)
+    first_write: float = float("nan")  # the first logged write (the log's entry 0, a snapshot of everything)
+    runs: int = 0
+
+    def worst_force(self) -> float:
+        return max([*self.revoke_force, *self.grant_force, *self.delete_force], default=float("nan"))
 
 
-def measure_config_generation(daemon: MembershipdProcess, runs: int, scratch: Path) -> GenSamples:
-    from unibus.cli import load_settings
-    from unibus.client.keys import nkey_from_sign_pub
-    from unibus.daemon import nats_config
-    from unibus.natsconf import base_config, finalize_config
-    from unibus.plugins.auth_enforce import accounts, service_public_key, system_public_key
+async def measure_changes(daemon: MembershipdProcess, world: World, runs: int, *, probe_url: str | None = None,
+                          label: str = "") -> ChangeSamples:
+    """(a), (b) and (c), ``runs`` times each; the probe connects to ``probe_url`` (another node on a cluster)."""
+    out = ChangeSamples(runs=runs)
+    url = daemon.nats_url
+    keys = world.ids
+    # the first signed request loads the member directory (every member's verify key): slow at 100,000
+    async with UnibusClient(daemon.base_url, world.admin, timeout=300) as admin:
+        pub = await Conn(url, keys["pub"]).connect()
+        probe = await Conn(probe_url or url, keys["probe"], reconnect=True).connect()
+        conns = [pub, probe]
+        try:
+            victims = []
+            for i in range(runs):
+                v = await Conn(probe_url or url, keys[f"victim{i}"]).connect()
+                conns.append(v)
+                victims.append(v)
+            echo = Echo(pub, f"unibus.room.{world.room_id}", receivers=[probe])
+            await echo.start()
+            t0 = now()
+            await admin.me()
+            out.first_request = now() - t0
+            # the first logged write of a store filled without the log writes its entry 0: a snapshot of
+            # every member and room (docs/store.md), in the request
+            t0 = now()
+            await admin.set_role("lat", "admin")
+            out.first_write = now() - t0
+            await admin.set_role("lat", "member")
+            for _ in range(2):  # warm up: connections, HTTP keep-alive, nonce bucket
+                await admin.me()
+            for _ in range(runs):
+                t0 = now()
+                await admin.me()
+                out.http_floor.append(now() - t0)
+                for role in ("admin", "member"):
+                    t0 = now()
+                    await admin.set_role("lat", role)  # a committed write that needs no bus work
+                    out.write_floor.append(now() - t0)
 
-    argv = daemon.argv[daemon.argv.index("serve") + 1:]
-    settings, plugins = load_settings("serve", argv, env={})
-    out = GenSamples()
-    scratch.mkdir(parents=True, exist_ok=True)
-    nats_config(settings, plugins)  # warm: engine, imports
-    service, system = service_public_key(settings), system_public_key(settings)
-    for _ in range(runs):
-        t0 = now()
-        config = nats_config(settings, plugins)
-        out.total.append(now() - t0)
-        t0 = now()
-        membership = read_membership(settings.db_path)
-        out.read.append(now() - t0)
-        t0 = now()
-        block = accounts(service, system, membership)
-        out.block.append(now() - t0)
-        t0 = now()
-        for mb in membership.members:
-            nkey_from_sign_pub(mb.sign_pub)  # 0.12 stores bus_pub as an nkey: kept as the cost 0.11 paid
-        out.nkeys.append(now() - t0)
-        t0 = now()
-        for mb in membership.members:
-            membership.rooms_of(mb.handle)
-        out.rooms_of.append(now() - t0)
-        t0 = now()
-        finalize_config({**base_config(settings), "accounts": block, "system_account": "SYS"}, settings)
-        out.finalize.append(now() - t0)
-        t0 = now()
-        text = render_config(config)
-        out.render.append(now() - t0)
-        t0 = now()
-        write_config(config, scratch / "nats.conf")
-        out.write.append(now() - t0)
-        out.config_bytes = len(text.encode())
+            for i in range(runs):
+                # (a) revocation: probe subscribed to revoke room i, probes every 2 ms
+                room = world.revoke_rooms[i]
+                subj = f"unibus.room.{room}"
+                received: set[int] = set()
+
+                async def on_probe(msg: Any, received: set[int] = received) -> None:
+                    received.add(int(msg.data))
+
+                sub = await probe.nc.subscribe(f"{subj}.>", cb=on_probe)
+                await server_saw_everything(probe)
+                prober = Prober(pub, f"{subj}.probe").start()
+                await asyncio.sleep(0.03)
+                t0 = now()
+                await admin.remove_room_member(room, "probe")
+                t2 = now()
+                await asyncio.sleep(0.01)  # a few probes after the 2xx
+                await prober.stop()
+                back = await probe.back_after(t0)
+                await echo.barrier(probe, drain=[sub])
+                sent = prober.sent
+                seq = sent[-1][0]
+                while seq in received:  # still delivered: keep probing until it is not
+                    if now() - t2 > 30:
+                        raise TimeoutError("a revocation was not in force within 30 s of its 2xx")
+                    await asyncio.sleep(PROBE_INTERVAL)
+                    seq += 1
+                    sent.append((seq, now()))
+                    await pub.nc.publish(f"{subj}.probe", str(seq).encode())
+                    await echo.barrier(probe, drain=[sub])
+                delivered = [s for s, _ in sent if s in received]
+                if not delivered:
+                    raise RuntimeError("no probe reached the probe's subscription before the revocation")
+                first_gone = next(ts for s, ts in sent if s > max(delivered))
+                out.revoke_http.append(t2 - t0)
+                out.revoke_force.append(first_gone - t0)
+                kicked = probe.first_after(probe.disconnects, t0)
+                out.revoke_kicked.append((kicked - t0) if kicked is not None else float("nan"))
+                out.revoke_back.append(back - t0)
+                out.probe_gaps += prober.gaps()
+                if any(ts > t2 and s in received for s, ts in sent):
+                    out.revoke_leaks += 1
+                out.revoke_enforce.append(await last_change_s(daemon))
+                # back with the new rights: the re-sent subscription was refused, and so is a publish
+                ts = now()
+                await probe.nc.publish(f"{subj}.x", b"no")
+                await server_saw_everything(probe)
+                # nats-py re-sends the subscriptions and waits for a PONG before it reports the
+                # reconnect, so the server's refusal of the re-sent one comes before ``back``
+                since = kicked if kicked is not None else t0
+                if probe.violations_since(since, f"subscription to \"{subj}.>\"") and \
+                        probe.violations_since(ts, f"publish to \"{subj}.x\""):
+                    out.revoke_refused += 1
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()  # not re-sent on later reconnects
+                # the enforcer sweeps a revocation once more SECOND_SWEEP_AFTER later: let it pass
+                await asyncio.sleep(max(0.0, t2 + SECOND_SWEEP_AFTER + 0.8 - now()))
+                out.revoke_kicks.append(sum(1 for d in probe.disconnects if d > t0))
+                await wait_until(lambda: probe.nc.is_connected, 15, "the probe did not come back after the sweep")
+
+                # (b) grant: a held subscription to grant room i, probes every 2 ms
+                room = world.grant_rooms[i]
+                subj = f"unibus.room.{room}"
+                got: dict[int, float] = {}
+
+                async def on_grant(msg: Any, got: dict[int, float] = got) -> None:
+                    got.setdefault(int(msg.data), now())
+
+                ts = now()
+                await probe.nc.subscribe(f"{subj}.>", cb=on_grant)
+                await server_saw_everything(probe)
+                if probe.violations_since(ts, f"subscription to \"{subj}.>\""):
+                    out.grant_refused_before += 1
+                prober = Prober(pub, f"{subj}.probe").start()
+                await asyncio.sleep(0.03)
+                t0 = now()
+                await admin.add_room_member(room, "probe")
+                t2 = now()
+                await wait_until(lambda got=got: got, 15, "a granted room's probes did not arrive within 15 s")
+                await prober.stop()
+                first = dict(prober.sent)[min(got)]
+                out.grant_http.append(t2 - t0)
+                out.grant_force.append(first - t0)
+                kicked = probe.first_after(probe.disconnects, t0)
+                out.grant_kicked.append((kicked - t0) if kicked is not None else float("nan"))
+                back = probe.first_after(probe.reconnects, t0)
+                out.grant_back.append((back - t0) if back is not None else float("nan"))
+                out.probe_gaps += prober.gaps()
+                out.grant_enforce.append(await last_change_s(daemon))
+
+                # (c) deletion of a member with a live connection
+                v = victims[i]
+                assert v.nc.is_connected and v.closed_at is None
+                t0 = now()
+                await admin.remove_member(f"victim{i}")
+                t2 = now()
+                out.delete_http.append(t2 - t0)
+                await wait_until(lambda v=v: v.closed_at is not None, 30,
+                                 f"victim{i}'s connection was not closed within 30 s of its deletion")
+                assert v.closed_at is not None
+                out.delete_force.append(v.closed_at - t0)
+                out.delete_enforce.append(await last_change_s(daemon))
+                try:
+                    again = await Conn(probe_url or url, keys[f"victim{i}"]).connect()
+                    await again.close()
+                except Exception:  # noqa: BLE001 - nats-py's authorization error: refused, as it must be
+                    out.delete_refused += 1
+                t0 = now()
+                await admin.me()  # the first signed request after a member change
+                out.after_member_change.append(now() - t0)
+                print(f"    {label}run {i + 1}/{runs}: revoke in force {ms(out.revoke_force[-1], 1)} ms "
+                      f"(2xx {ms(out.revoke_http[-1], 1)}), grant {ms(out.grant_force[-1], 1)} "
+                      f"(2xx {ms(out.grant_http[-1], 1)}), delete {ms(out.delete_force[-1], 1)} "
+                      f"(2xx {ms(out.delete_http[-1], 1)})", file=sys.stderr)
+        finally:
+            for c in conns:
+                await c.close()
     return out
 
 
-# -- a bare nats-server with a copy of the generated config ----------------------------
+# -- connects: latency and a storm --------------------------------------------------------
 
 
-class LogTail:
-    """nats-server's merged output, line by line with arrival times, from a thread."""
+@dataclass
+class ConnectSamples:
+    callout: list[float] = field(default_factory=list)  # a member, authorized by the callout
+    config: list[float] = field(default_factory=list)  # the service user, listed in nats.conf
+    storm_wall: list[float] = field(default_factory=list)  # all of --storm connects, opened at once
+    storm_ok: list[int] = field(default_factory=list)
+    storm_n: int = 0
+    storm_members: int = 0
+    storm_cpu: dict[str, list[float]] = field(default_factory=dict)  # process → CPU seconds per storm
+    storm_errors: dict[str, int] = field(default_factory=dict)  # why a login was not authorized → count
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.lines: queue.Queue[tuple[float, str]] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(proc,), daemon=True)
-        self._thread.start()
 
-    def _read(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            self.lines.put((now(), raw.decode("utf-8", "replace").rstrip()))
+async def measure_connect_latency(daemon: MembershipdProcess, world: World, n: int, out: ConnectSamples) -> None:
+    """``n`` sequential connects of each kind, alternating (the first kind swaps every round)."""
+    service_seed = (daemon.data_dir / SERVICE_NKEY).read_text().strip()
+    member_seed = world.ids["lat"].bus_nkey_seed()
+    kinds = [("callout", member_seed, out.callout), ("config", service_seed, out.config)]
+    for i in range(n + 5):  # the first 5 rounds warm up
+        for _, seed, samples in (kinds if i % 2 == 0 else kinds[::-1]):
+            t0 = now()
+            nc = await nats.connect(daemon.nats_url, nkeys_seed_str=seed, allow_reconnect=False,
+                                    max_reconnect_attempts=0, connect_timeout=5)
+            t1 = now()
+            await nc.close()
+            if i >= 5:
+                samples.append(t1 - t0)
+    await asyncio.sleep(0.2)
 
-    def wait_for(self, marker: str, timeout: float) -> float:
-        deadline = now() + timeout
+
+async def raw_connect(host: str, port: int, public: str, secret: bytes, timeout: float) -> tuple[asyncio.StreamWriter, str]:
+    """One member login in the NATS protocol itself: read ``INFO``, sign its nonce with the bus key,
+    send ``CONNECT`` and ``PING``; nats-server answers ``PONG`` once the callout authorized it, or
+    ``-ERR``. Returns the open connection and the answer line (``PONG`` or the error)."""
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        line = await asyncio.wait_for(reader.readline(), timeout)
+        if not line.startswith(b"INFO "):
+            return writer, line.decode(errors="replace").strip() or "closed before INFO"
+        nonce = json.loads(line[5:])["nonce"].encode("ascii")
+        signed = nacl.bindings.crypto_sign(nonce, secret)[:64]
+        connect = {"verbose": False, "pedantic": False, "protocol": 1, "headers": True, "no_responders": True,
+                   "lang": "bench-raw", "version": "0", "nkey": public,
+                   "sig": base64.urlsafe_b64encode(signed).rstrip(b"=").decode("ascii")}
+        writer.write(b"CONNECT " + json.dumps(connect).encode() + b"\r\nPING\r\n")
         while True:
-            left = deadline - now()
-            if left <= 0:
-                raise TimeoutError(f"nats-server did not log {marker!r} within {timeout} s")
-            try:
-                ts, line = self.lines.get(timeout=left)
-            except queue.Empty:
+            line = await asyncio.wait_for(reader.readline(), timeout)
+            if not line:
+                return writer, "connection closed"
+            if line.startswith((b"INFO ", b"+OK", b"PING")):
                 continue
-            if marker in line:
-                return ts
-            if "[FTL]" in line or "Failed to reload" in line:
-                raise RuntimeError(f"nats-server: {line}")
+            return writer, line.decode(errors="replace").strip()
+    except BaseException:
+        writer.close()
+        raise
 
 
-def bare_variant(config: dict[str, Any], store: Path, strip_permissions: bool) -> tuple[dict, dict]:
-    """Two configs that differ in one user (A: as given; B: one more subject for the last user,
-    or, without permission blocks, the last user removed), on their own ports and store dir."""
-    a = json.loads(json.dumps(config))
-    a["port"] = free_port()
-    a["http"] = f"127.0.0.1:{free_port()}"
-    a["server_name"] = "bench-bare"
-    a["jetstream"] = {"store_dir": str(store)}
-    users = a.get("accounts", {}).get("MEMBERS", {}).get("users", [])
-    if strip_permissions:
-        for u in users:
-            u.pop("permissions", None)
-    b = json.loads(json.dumps(a))
-    b_users = b.get("accounts", {}).get("MEMBERS", {}).get("users", [])
-    if strip_permissions:
-        b_users.pop()
-    else:
-        b_users[-1]["permissions"]["subscribe"]["allow"].append("unibus.room.zzzzzz.>")
-    return a, b
-
-
-def measure_bare_reload(binary: Path, config: dict[str, Any], scratch: Path, runs: int,
-                        strip_permissions: bool) -> tuple[list[float], float]:
-    """(SIGHUP → "Reloaded server configuration" seconds, start → ready seconds)."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    a, b = bare_variant(config, scratch / "js", strip_permissions)
-    conf = scratch / "nats.conf"
-    write_config(a, conf)
+async def storm_once(daemon: MembershipdProcess, world: World, n: int, out: ConnectSamples) -> None:
+    """``n`` member logins started at once (members cycled), in the NATS protocol itself (see
+    :func:`raw_connect`: nats-py's own connect costs this process ~1 ms CPU each, which made the
+    bench, not the server, the bottleneck); every connection closed afterwards."""
+    keys = world.connectors or [world.ids["lat"]]
+    secrets = {k.public: k.secret for k in keys}
+    who = [(keys[j % len(keys)].public, secrets[keys[j % len(keys)].public]) for j in range(n)]
+    host, port = "127.0.0.1", int(daemon.nats_url.rsplit(":", 1)[1])
+    pids = {"membershipd": daemon.pid, "nats-server": daemon.nats_pid()}
+    cpu0 = {k: proc_cpu_seconds(p) for k, p in pids.items() if p}
+    own0 = time.process_time()
     t0 = now()
-    proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-    times: list[float] = []
-    try:
-        tail = LogTail(proc)
-        started = tail.wait_for("Server is ready", 60) - t0
-        for i in range(runs + 1):  # the first reload is a warm-up
-            write_config(b if i % 2 == 0 else a, conf)
-            ts = now()
-            proc.send_signal(signal.SIGHUP)
-            done = tail.wait_for(RELOADED_MARKER, 60)
-            if i:
-                times.append(done - ts)
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-    return times, started
+    results = await asyncio.gather(*(raw_connect(host, port, pk, sk, 15.0) for pk, sk in who), return_exceptions=True)
+    wall = now() - t0
+    cpu = {k: proc_cpu_seconds(p) - cpu0[k] for k, p in pids.items() if p}
+    cpu["clients (this process)"] = time.process_time() - own0
+    ok = sum(1 for r in results if not isinstance(r, BaseException) and r[1] == "PONG")
+    out.storm_wall.append(wall)
+    out.storm_ok.append(ok)
+    out.storm_n = n
+    out.storm_members = min(n, len(keys))
+    for k, v in cpu.items():
+        out.storm_cpu.setdefault(k, []).append(v)
+    errors: dict[str, int] = {}
+    for r in results:
+        why = (str(r) or type(r).__name__) if isinstance(r, BaseException) else r[1]
+        if why != "PONG":
+            errors[why] = errors.get(why, 0) + 1
+    for e, c in errors.items():
+        out.storm_errors[e] = out.storm_errors.get(e, 0) + c
+    for r in results:
+        if not isinstance(r, BaseException):
+            r[0].close()
+    print(f"    storm: {ok} of {n} authorized in {wall:.2f} s"
+          + (f"; not: {dict(list(errors.items())[:3])}" if errors else ""), file=sys.stderr)
+    # let the disconnect events reach the enforcer before the next storm
+    deadline = now() + 30
+    while now() < deadline:
+        status, body = await asyncio.to_thread(daemon.healthz)
+        if status == 200 and (_find(body, "connections", 0) or 0) <= 0:
+            break
+        await asyncio.sleep(0.2)
 
 
-def measure_kick(binary: Path, config: dict[str, Any], scratch: Path, runs: int, member: Identity) -> list[float]:
-    """Seconds from a ``$SYS.REQ.SERVER.<id>.KICK`` request to the member's connection closing, on a bare
-    nats-server with the generated config plus a system account: what cutting one connection costs
-    without a reload."""
-    scratch.mkdir(parents=True, exist_ok=True)
-    a, _ = bare_variant(config, scratch / "js", strip_permissions=False)
-    password = os.urandom(12).hex()
-    a["accounts"]["SYS"] = {"users": [{"user": "sys", "password": password}]}  # replaces membershipd's system user
-    a["system_account"] = "SYS"
-    conf = scratch / "nats.conf"
-    write_config(a, conf)
-    proc = subprocess.Popen([str(binary), "-c", str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+def callout_profile(n: int = 2000) -> dict[str, float]:
+    """CPU µs per authorization request answered by the responder in this process (no NATS), and its
+    parts: the request JWT decoded (its server signature verified), the nonce proof verified, one JWT
+    signed (the answer signs two: the user JWT and the response)."""
+    from unibus.plugins.auth_enforce import jwt as njwt
+    from unibus.plugins.auth_enforce.callout import Issuer, Responder, holds_key
+    from unibus.plugins.auth_enforce.policy import Policy
 
-    async def kick_all() -> list[float]:
-        url = f"nats://127.0.0.1:{a['port']}"
-        sysc = await nats.connect(url, user="sys", password=password, allow_reconnect=False, connect_timeout=5)
-        times = []
-        try:
-            for _ in range(runs + 1):  # the first one is a warm-up
-                c = await Conn(url, member).connect()
-                try:
-                    server_id = c.nc._server_info["server_id"]
-                    t0 = now()
-                    await sysc.request(f"$SYS.REQ.SERVER.{server_id}.KICK",
-                                       json.dumps({"cid": c.nc._client_id}).encode(), timeout=10)
-                    while c.closed_at is None and now() - t0 < 10:
-                        await asyncio.sleep(0.0005)
-                    if c.closed_at is None:
-                        raise TimeoutError("KICK did not close the connection within 10 s")
-                    times.append(c.closed_at - t0)
-                finally:
-                    await c.close()
-        finally:
-            await sysc.close()
-        return times[1:]
+    key = BusKey.new("alice")
+    policy = Policy()
+    policy.load([("alice", key.public)], {"r1": frozenset({"alice"}), "r2": frozenset({"alice"})})
+    server_raw = os.urandom(32)
+    server = nkeys.from_seed(bytearray(nkeys.encode_seed(server_raw, nkeys.PREFIX_BYTE_SERVER)))
+    server_pub = server.public_key.decode()
+    nonce = base64.urlsafe_b64encode(os.urandom(11)).decode().rstrip("=")
+    sig = base64.urlsafe_b64encode(nacl.bindings.crypto_sign(nonce.encode(), key.secret)[:64]).decode().rstrip("=")
+    t = int(time.time())
+    claims = {"iss": server_pub, "sub": "U" + "A" * 55, "aud": "nats-authorization-request", "iat": t,
+              "exp": t + 600,
+              "nats": {"type": "authorization_request", "version": 2, "server_id": {"id": server_pub},
+                       "user_nkey": "U" + "A" * 55, "client_info": {"id": 7, "nonce": nonce},
+                       "connect_opts": {"nkey": key.public, "sig": sig, "protocol": 1}}}
+    issuer = Issuer.from_raw(os.urandom(32))
+    request = njwt.encode(claims, nacl.signing.SigningKey(server_raw)).encode()
+    responder = Responder(policy, issuer)
+    if responder.answer(request) is None or responder.stats["authorized"] != 1:
+        raise RuntimeError("the profile's authorization request was not authorized")
 
-    try:
-        LogTail(proc).wait_for("Server is ready", 60)
-        return asyncio.run(kick_all())
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
+    def cpu_us(f: Callable[[], Any]) -> float:
+        t0 = time.process_time()
+        for _ in range(n):
+            f()
+        return (time.process_time() - t0) / n * 1e6
+
+    def answer() -> None:
+        responder.answer(request)
+        responder.in_flight.clear()
+
+    return {"answer": cpu_us(answer),
+            "request JWT verified": cpu_us(lambda: njwt.decode(request, nkeys.PREFIX_BYTE_SERVER)),
+            "nonce proof verified": cpu_us(lambda: holds_key(key.public, nonce, sig)),
+            "one JWT signed": cpu_us(lambda: njwt.encode(claims, issuer.signing_key))}
 
 
-def measure_check(binary: Path, config: dict[str, Any], path: Path, runs: int) -> list[float]:
-    """``nats-server -t -c`` wall time: parse and check the config, nothing else."""
-    write_config(config, path)
-    times = []
-    for _ in range(runs):
-        t0 = now()
-        subprocess.run([str(binary), "-t", "-c", str(path)], check=True, capture_output=True)
-        times.append(now() - t0)
-    return times
-
-
-# -- one membership size -------------------------------------------------------------
+# -- one size -----------------------------------------------------------------------
 
 
 @dataclass
 class SizeResult:
     world: World
-    start: float  # daemon launch → /healthz 200
+    start: float  # daemon start → /healthz 200
     nats_rss_mb: float
+    daemon_rss_mb: float
+    nats_conf_bytes: int
     changes: ChangeSamples
-    gen: GenSamples
-    reload_perms: list[float]
-    reload_noperms: list[float]
-    bare_start_perms: float
-    bare_start_noperms: float
-    check_perms: list[float]
-    check_noperms: list[float]
-    check_floor: list[float]
-    kick: list[float]
+    connects: ConnectSamples
+    callouts: dict[str, int]
+    store_s: float
 
 
-def run_size(n: int, runs: int, tmp: Path, binary: Path) -> SizeResult:
-    print(f"== {n} members", file=sys.stderr)
-    victims = [f"victim{i}" for i in range(runs)]
-    specials = ["pub", "probe", *victims]
+def run_size(n: int, ns: argparse.Namespace, tmp: Path) -> SizeResult:
+    print(f"== {n:,} members", file=sys.stderr)
+    specials = ["pub", "probe", "lat", *[f"victim{i}" for i in range(ns.runs)]]
     t0 = now()
-    world = build_world(tmp / f"d{n}", n, specials, in_room=specials)
-    print(f"  store written in {now() - t0:.1f} s ({world.members} members, {world.rooms} rooms, "
-          f"{world.memberships} room memberships)", file=sys.stderr)
+    world = build_world(tmp / f"d{n}", n, specials, in_room=[h for h in specials if h != "lat"], runs=ns.runs,
+                        connectors=ns.storm)
+    store_s = now() - t0
+    print(f"  store written in {store_s:.1f} s ({world.members:,} members, {world.rooms:,} rooms, "
+          f"{world.memberships:,} room memberships)", file=sys.stderr)
     daemon = MembershipdProcess(world.data_dir, ["--bus-auth", "enforce"])
-    copied: dict[str, Any] | None = None
     try:
         t0 = now()
         daemon.start(wait=True, timeout=HEALTHY_TIMEOUT)
         start = now() - t0
         nats_pid = daemon.nats_pid()
-        rss = proc_rss_mb(nats_pid) if nats_pid else float("nan")
-        print(f"  daemon healthy after {start:.2f} s", file=sys.stderr)
-        changes = asyncio.run(measure_changes(daemon, world, runs))
-        copied = json.loads((world.data_dir / "nats.conf").read_text())
+        nats_rss = proc_status_mb(nats_pid) if nats_pid else float("nan")
+        daemon_rss = proc_status_mb(daemon.pid)
+        print(f"  daemon healthy after {start:.2f} s; nats-server RSS {nats_rss:.0f} MB, membershipd "
+              f"{daemon_rss:.0f} MB", file=sys.stderr)
+        changes = asyncio.run(measure_changes(daemon, world, ns.runs))
+        connects = ConnectSamples()
+        asyncio.run(measure_connect_latency(daemon, world, ns.connects, connects))
+        print(f"  connect p50: callout {ms(med(connects.callout), 2)} ms, config user "
+              f"{ms(med(connects.config), 2)} ms", file=sys.stderr)
+        for _ in range(ns.storm_runs):
+            asyncio.run(storm_once(daemon, world, ns.storm, connects))
+        status, body = daemon.healthz()
+        callouts = dict(_find(body, "callouts", {})) if status == 200 else {}
+        conf = len((world.data_dir / "nats.conf").read_bytes())
     finally:
         daemon.stop()
     log = daemon.log_text()
-    changes.answered_anyway = log.count("answering anyway")
-    changes.reload_failures = log.count("did not confirm the config reload") + log.count("refused the new config")
-    gen = measure_config_generation(daemon, runs, tmp / f"gen{n}")  # daemon stopped: a quiet machine
-    print(f"  config generation {ms(med(gen.total))} ms ({gen.config_bytes / 1e6:.1f} MB)", file=sys.stderr)
-    assert copied is not None
-    reload_perms, start_perms = measure_bare_reload(binary, copied, tmp / f"bare{n}p", runs, strip_permissions=False)
-    reload_noperms, start_noperms = measure_bare_reload(binary, copied, tmp / f"bare{n}n", runs,
-                                                        strip_permissions=True)
-    print(f"  bare reload {ms(med(reload_perms))} ms with permission blocks, "
-          f"{ms(med(reload_noperms))} ms without", file=sys.stderr)
-    kick = measure_kick(binary, copied, tmp / f"kick{n}", runs, world.ids["probe"])
-    checks = max(1, min(runs, 3))
-    a, _ = bare_variant(copied, tmp / "unused", strip_permissions=False)
-    c, _ = bare_variant(copied, tmp / "unused", strip_permissions=True)
-    floor = {"port": free_port(), "server_name": "floor"}
-    check_perms = measure_check(binary, a, tmp / f"check{n}p.conf", checks)
-    check_noperms = measure_check(binary, c, tmp / f"check{n}n.conf", checks)
-    check_floor = measure_check(binary, floor, tmp / f"check{n}f.conf", checks)
+    if "Traceback" in log:
+        print(f"  note: the daemon's log has a traceback:\n{log[log.index('Traceback'):][:2000]}", file=sys.stderr)
     shutil.rmtree(world.data_dir / "jetstream", ignore_errors=True)
-    return SizeResult(world, start, rss, changes, gen, reload_perms, reload_noperms, start_perms, start_noperms,
-                      check_perms, check_noperms, check_floor, kick)
+    return SizeResult(world, start, nats_rss, daemon_rss, conf, changes, connects, callouts, store_s)
+
+
+# -- before: 0.11.0 with every member in its nats.conf ------------------------------------
+
+#: Run by the earlier release's python: the same filler world as build_world (same
+#: handles, rooms of ten, every other filler in a second room) through its own models.
+#: 0.11 has no bus keys: it lists each member's signing key, as an nkey, in nats.conf.
+BEFORE_WORLD = r"""
+import os, sys
+from datetime import UTC, datetime
+from pathlib import Path
+from sqlalchemy import insert
+from sqlalchemy.orm import Session
+from unibus.store import models as m
+from unibus.store.db import make_engine, migrate
+from unibus.store.sqlite import new_room_id
+
+data_dir, total, room_size = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+data_dir.mkdir(mode=0o700, parents=True)
+db = data_dir / "membershipd.db"
+migrate(db)
+t = datetime.now(UTC)
+n_rooms = (total + room_size - 1) // room_size
+rooms = [new_room_id() for _ in range(n_rooms)]
+links = []
+for j in range(total):
+    home = j // room_size
+    links.append((rooms[home], f"f{j:06d}"))
+    if j % 2 == 0 and n_rooms > 1:
+        links.append((rooms[(home + 1) % n_rooms], f"f{j:06d}"))
+engine = make_engine(db)
+with Session(engine) as s, s.begin():
+    s.execute(insert(m.Member), [dict(handle=f"f{j:06d}", role="member", sign_pub=os.urandom(32),
+                                      enc_pub=os.urandom(32), enc_suite="X25519", created_at=t) for j in range(total)])
+    s.execute(insert(m.Room), [dict(room_id=r, name=f"r{i}", owner=f"f{i * room_size:06d}", epoch=0,
+                                    rekey_required=True, created_at=t) for i, r in enumerate(rooms)])
+    s.execute(insert(m.RoomMember), [dict(room_id=r, handle=h, added_at=t) for r, h in links])
+engine.dispose()
+print(n_rooms, len(links))
+"""
+
+
+@dataclass
+class BeforeResult:
+    ref: str
+    version: str
+    members: int
+    rooms: int
+    memberships: int
+    start: float = float("nan")  # daemon start → /healthz 200, or → its exit when it could not start
+    nats_rss_mb: float = float("nan")
+    daemon_rss_mb: float = float("nan")
+    nats_conf_bytes: int = 0
+    daemon_error: str | None = None  # the earlier release's daemon did not start: its last log line
+    bare_ready: float = float("nan")  # bare nats-server with that release's nats.conf: start → "Server is ready"
+    error: str | None = None  # why nothing could be measured
+
+
+def _last_line(text: str) -> str:
+    lines = [x.strip() for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def bare_nats_server(binary: Path, conf: Path, timeout: float = 600.0) -> tuple[float, float]:
+    """Start ``binary -c conf`` alone; ``(seconds until "Server is ready", RSS in MB then)``; stopped after."""
+    log_path = conf.with_name("bare-nats.log")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([str(binary), "-c", str(conf)], stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        t0 = now()
+        while "Server is ready" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None:
+                raise RuntimeError(f"bare nats-server exited with {proc.returncode}: "
+                                   f"{_last_line(log_path.read_text(errors='replace'))}")
+            if now() - t0 > timeout:
+                raise TimeoutError(f"bare nats-server not ready within {timeout:.0f} s")
+            time.sleep(0.05)
+        ready = now() - t0
+        time.sleep(0.5)  # let the heap settle after the parse
+        return ready, proc_status_mb(proc.pid)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def run_before(ref: str, n: int, tmp: Path) -> BeforeResult:
+    """The earlier release with ``n`` members in its store: its daemon until /healthz answers 200; if
+    it cannot start, a bare nats-server (that release's binary) with the nats.conf it generated."""
+    import baseline
+
+    print(f"== {ref} with {n:,} members", file=sys.stderr)
+    python = baseline.prepare(ref)
+    version = subprocess.run([str(python), "-c", "import unibus; print(unibus.__version__)"], capture_output=True,
+                             text=True, check=True, timeout=60).stdout.strip()
+    data_dir = tmp / f"before{n}"
+    t0 = now()
+    proc = subprocess.run([str(python), "-c", BEFORE_WORLD, str(data_dir), str(n), str(ROOM_SIZE)],
+                          capture_output=True, text=True, timeout=1800, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{ref}: writing the store failed: {proc.stderr.strip()[-2000:]}")
+    rooms, links = (int(x) for x in proc.stdout.split())
+    print(f"  store written in {now() - t0:.1f} s", file=sys.stderr)
+    out = BeforeResult(ref, version, n, rooms, links)
+    daemon = MembershipdProcess(data_dir, ["--bus-auth", "enforce"], command=[str(python), "-m", "unibus.cli"])
+    conf = data_dir / "nats.conf"
+    try:
+        t0 = now()
+        try:
+            daemon.start(wait=True, timeout=BEFORE_HEALTHY_TIMEOUT)
+        except RuntimeError:
+            out.start = now() - t0
+            out.daemon_error = _last_line(daemon.log_text())
+            print(f"  {ref} did not start ({out.daemon_error}) after {out.start:.1f} s", file=sys.stderr)
+        else:
+            out.start = now() - t0
+            nats_pid = daemon.nats_pid()
+            out.nats_rss_mb = proc_status_mb(nats_pid) if nats_pid else float("nan")
+            out.daemon_rss_mb = proc_status_mb(daemon.pid)
+        if conf.exists():
+            out.nats_conf_bytes = len(conf.read_bytes())
+    finally:
+        daemon.stop(timeout=60)
+    try:
+        if out.daemon_error is not None:
+            if not conf.exists():
+                raise RuntimeError(f"{ref} did not start and wrote no nats.conf: {out.daemon_error}")
+            binary = python.parent / "nats-server"
+            out.bare_ready, out.nats_rss_mb = bare_nats_server(binary if binary.exists() else find_nats_server(),
+                                                               conf)
+            print(f"  bare nats-server with {ref}'s nats.conf: ready after {out.bare_ready:.1f} s, RSS "
+                  f"{out.nats_rss_mb:.0f} MB", file=sys.stderr)
+        print(f"  {ref}: nats-server RSS {out.nats_rss_mb:.0f} MB, nats.conf {out.nats_conf_bytes / 1e6:.1f} MB",
+              file=sys.stderr)
+    finally:
+        shutil.rmtree(data_dir, ignore_errors=True)
+    return out
+
+
+# -- a three-node cluster -------------------------------------------------------------------
+
+
+class Cluster:
+    """Three membershipd nodes with route TLS and the KV store (as tests/e2e/test_cluster.py), the
+    world written into node 1's SQLite store and moved into the KV store by ``migrate-to-kv``."""
+
+    def __init__(self, root: Path, world: World) -> None:
+        self.root, self.world = root, world
+        ca = make_test_ca(root / "pki", "route-ca")
+        pass_file = root / "cluster.pass"
+        pass_file.write_text(os.urandom(16).hex() + "\n")
+        pass_file.chmod(0o600)
+        route_ports = [free_port() for _ in range(3)]
+        self.nodes: list[MembershipdProcess] = []
+        for i in range(3):
+            name = f"n{i + 1}"
+            cert = make_test_cert(root / "pki", name, ca)
+            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
+            data = world.data_dir if i == 0 else root / name
+            args = ["--server-name", name, "--cluster-name", "unibus-bench", "--cluster-addr",
+                    f"127.0.0.1:{route_ports[i]}", "--routes", routes, "--cluster-pass-file", str(pass_file),
+                    "--kv-replicas", "3", "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]),
+                    "--route-tls-ca", str(ca[0]), "--bus-auth", "enforce"]
+            self.nodes.append(MembershipdProcess(data, args))
+
+    def form(self) -> None:
+        for n in self.nodes:
+            n.start(wait=False)
+        for n in self.nodes:
+            n.wait_healthy(HEALTHY_TIMEOUT)
+        n1 = self.nodes[0]
+        proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url)
+        if proc.returncode != 0:
+            raise RuntimeError(f"migrate-to-kv failed: {proc.stderr.strip()[-2000:]}")
+        asyncio.run(self._serving())
+
+    async def _serving(self, timeout: float = 120.0) -> None:
+        """Until every node knows the admin and the bench members (its KV watch caught up)."""
+        for node in self.nodes:
+            async with UnibusClient(node.base_url, self.world.admin, timeout=5) as client:
+                deadline = now() + timeout
+                while True:
+                    try:
+                        handles = {mb["handle"] for mb in await client.list_members()}
+                        if {"probe", "pub"} <= handles:
+                            break
+                    except Exception:  # noqa: BLE001 - 401/503 until this node has caught up
+                        pass
+                    if now() > deadline:
+                        raise TimeoutError(f"{node.base_url} did not serve the members within {timeout:.0f} s")
+                    await asyncio.sleep(0.2)
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            with contextlib.suppress(Exception):
+                n.stop()
+
+
+@dataclass
+class ClusterResult:
+    world: World
+    changes: ChangeSamples
+
+
+def run_cluster(n: int, ns: argparse.Namespace, tmp: Path) -> ClusterResult:
+    print(f"== three-node cluster, {n:,} members", file=sys.stderr)
+    specials = ["pub", "probe", "lat", *[f"victim{i}" for i in range(ns.runs)]]
+    world = build_world(tmp / "cluster" / "n1", n, specials, in_room=[h for h in specials if h != "lat"],
+                        runs=ns.runs)
+    cluster = Cluster(tmp / "cluster", world)
+    try:
+        cluster.form()
+        changes = asyncio.run(measure_changes(cluster.nodes[0], world, ns.runs,
+                                              probe_url=cluster.nodes[1].nats_url, label="cluster "))
+    finally:
+        cluster.stop()
+    return ClusterResult(world, changes)
 
 
 # -- throughput, enforce on vs off -----------------------------------------------------
@@ -833,107 +1163,390 @@ def run_throughput(tmp: Path, runs: int, n: int, size: int) -> dict[tuple[str, b
     return results
 
 
+
+
 # -- report ------------------------------------------------------------------------
 
 
-def render(sizes: list[SizeResult], tp: dict[tuple[str, bool], TpSamples], ns: argparse.Namespace,
-           env_line: str, tp_env_line: str) -> str:
+def _names(labels: list[str]) -> str:
+    return labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
+def render(sizes: list[SizeResult], before: BeforeResult | None, cluster: ClusterResult | None,
+           tp: dict[tuple[str, bool], TpSamples], ns: argparse.Namespace, env_line: str, tp_env_line: str) -> str:
     out = [env_line, ""]
     out += [
-        ("All times in ms, median (min…max) of the runs. Offsets are taken from the moment the admin's client "
-        "had the 2xx of the change; a negative offset means the bus enforced the change before the answer "
-        "arrived (membershipd answers only after nats-server confirmed the reload)."),
+        ("Members reach the bus through nats-server's auth callout, and a change of rights kicks the member's "
+         "connections ([bus-auth.md](bus-auth.md#how-a-change-takes-effect)). Each size is a fresh store written "
+         "straight into SQLite (the bench members, plus fillers in rooms of ten, every other filler in two rooms) "
+         "and one `membershipd serve --bus-auth enforce`; the connections are real nats-py clients that "
+         "reconnect after a kick the way clients do (nats-py re-sends its subscriptions). All times in ms from "
+         "the start of the admin's signed request, median (min…max) of the runs."),
         "",
-        "### A membership change reaching live connections",
+        "### A membership change in force",
         "",
-        ("| members (rooms, room memberships) | (a) revocation: `DELETE` room member, HTTP | (a) first undelivered "
-        "probe, offset from 2xx | (a) permissions-violation error, offset | (a) probes sent after the 2xx that "
-        "still arrived | (b) grant: `PUT` room member, HTTP | (b) 2xx → first accepted subscribe | (c) `DELETE` "
-        "member, HTTP | (c) connection closed, offset | 2xx sent before nats-server confirmed (daemon log) "
-        "| reloads (`/healthz`) |"),
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ("(a) revocation: `DELETE /v1/rooms/{id}/members/probe` while `pub` publishes probes in the room every "
+         f"{PROBE_INTERVAL * 1000:.0f} ms; in force at the first probe that did not reach the probe's subscription. "
+         "(b) grant: `PUT /v1/rooms/{id}/members/probe` while `probe` holds a subscription to the room (refused "
+         "until then) and `pub` publishes probes there; in force at the first probe it received. (c) deletion: "
+         "`DELETE /v1/members/{h}` of a member with a live connection; in force when the connection closed. "
+         f"The aim: every change in force within {AIM_CHANGE_MS:.0f} ms of the request's start, at every size."),
+        "",
+        ("| members (rooms, room memberships) | (a) revocation in force | (a) 2xx | (b) grant in force | (b) 2xx "
+         "| (c) deletion in force | (c) 2xx | slowest of all runs | aim |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in sizes:
         c = r.changes
+        worst = c.worst_force()
         out.append(
-            f"| {r.world.members:,} ({r.world.rooms:,}, {r.world.memberships:,}) | {cell(c.revoke_http)} "
-            f"| {cell(c.revoke_effect, 1)} | {cell(c.revoke_err, 1)} | {c.revoke_leaks} of {len(c.revoke_http)} "
-            f"| {cell(c.grant_http)} | {cell(c.grant_effect, 1)} | {cell(c.delete_http)} "
-            f"| {cell(c.delete_closed, 1)} | {c.answered_anyway} of {3 * len(c.revoke_http)} "
-            f"| {'–' if c.reloads is None else c.reloads} |")
-    gaps = [g for r in sizes for g in r.changes.revoke_probe_gap]
-    tries = [t for r in sizes for t in r.changes.grant_tries]
-    missed = sum(r.changes.grant_missed for r in sizes)
-    out += ["", (f"Probes were published every {PROBE_INTERVAL * 1000:.0f} ms (measured spacing around the "
-            f"moment of effect: median {ms(med(gaps), 1)} ms), so the first undelivered probe places the moment "
-            f"of effect to within that spacing. Grants: {sum(1 for t in tries if t == 1)} of {len(tries)} first "
-            f"subscriptions after the 2xx were accepted at once; {len(tries) - missed} of {len(tries)} then "
-            "received the next message published in the room.")]
+            f"| {r.world.members:,} ({r.world.rooms:,}, {r.world.memberships:,}) | {cell(c.revoke_force, 1)} "
+            f"| {cell(c.revoke_http, 1)} | {cell(c.grant_force, 1)} | {cell(c.grant_http, 1)} "
+            f"| {cell(c.delete_force, 1)} | {cell(c.delete_http, 1)} | {ms(worst, 1)} "
+            f"| {'met' if worst * 1000 <= AIM_CHANGE_MS else 'missed'} (medians {_met(all_medians_within(c))}) |")
+    n_runs = sum(r.changes.runs for r in sizes)
+    leaks = sum(r.changes.revoke_leaks for r in sizes)
+    refused = sum(r.changes.revoke_refused for r in sizes)
+    held = sum(r.changes.grant_refused_before for r in sizes)
+    dead = sum(r.changes.delete_refused for r in sizes)
+    kicks = [k for r in sizes for k in r.changes.revoke_kicks]
+    gaps = [g for r in sizes for g in r.changes.probe_gaps]
+    out += ["", (
+        f"Checks over the {n_runs} runs of each change: probes published after a revocation's 2xx that still "
+        f"arrived: {leaks} runs of {n_runs}; after the kick the probe was back (reconnected through the callout) "
+        f"and its re-sent subscription and a publish in the room were refused: {refused} of {n_runs}; the "
+        f"subscription held before a grant was refused until the grant: {held} of {n_runs}; a new connection "
+        f"with a deleted member's key was refused: {dead} of {n_runs}. The probe's connection was kicked "
+        f"{_count_text(kicks)} per revocation in all (the enforcer sweeps a revocation once more "
+        f"{SECOND_SWEEP_AFTER:.1f} s later). Probes were {ms(med(gaps), 1)} ms apart (median; 90th percentile "
+        f"{ms(pct(gaps, 90), 1)} ms), which bounds how exactly the first lost or first received probe places "
+        "the moment a change was in force.")]
 
     out += ["", "### Where the time of a change goes", "",
-            ("membershipd's side: the HTTP floors of a signed request, then what it does before every reload "
-            "(`unibus.daemon.nats_config`, run in this process against the same database, and its parts)."), "",
-            ("| members | signed no-op (`GET /v1/me`), HTTP | signed write without reload (`PATCH` role), HTTP "
-            "| first signed request after a member change (member directory reloaded) | config generation (`nats_config`) | … read membership | … build authorization (of it: nkey "
-            "encoding + `rooms_of`, for every member) | … `finalize_config` (deep copy) | render JSON "
-            "| write file (render again + fsync) | generated nats.conf |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sizes:
-        g = r.gen
-        out.append(
-            f"| {r.world.members:,} | {cell(r.changes.http_floor, 1)} | {cell(r.changes.write_floor, 1)} "
-            f"| {cell(r.changes.after_member_change, 1)} "
-            f"| {cell(g.total)} | {ms(med(g.read))} | {ms(med(g.block))} ({ms(med(g.nkeys))} + {ms(med(g.rooms_of))}) | {ms(med(g.finalize))} | {ms(med(g.render))} | {ms(med(g.write))} "
-            f"| {g.config_bytes / 1e6:.2f} MB |")
-    out += ["", ("The daemon, per reload, runs `nats_config`, renders the result to compare it with the last "
-            "config, then `write_config` renders it again and fsyncs it: generation + render + write."), ""]
-    out += ["", ("nats-server's side, on a bare nats-server started with a copy of the daemon's generated config "
-            "(reload: SIGHUP → \"Reloaded server configuration\", alternating between two configs that differ in "
-            "one user; `-t`: a process that parses and checks the config and exits, the empty config being the "
-            "process floor):"), "",
-            ("| members | reload, generated config | reload, same users without permission blocks "
-            "| `nats-server -t`: generated / without permission blocks / empty | start → ready: generated / "
-            "without permission blocks | `$SYS` KICK of one connection → closed | daemon start → /healthz 200 "
-            "| nats-server RSS in the daemon |"),
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sizes:
-        out.append(
-            f"| {r.world.members:,} | {cell(r.reload_perms)} | {cell(r.reload_noperms)} "
-            f"| {ms(med(r.check_perms))} / {ms(med(r.check_noperms))} / {ms(med(r.check_floor))} "
-            f"| {ms(r.bare_start_perms)} / {ms(r.bare_start_noperms)} | {cell(r.kick, 1)} | {ms(r.start)} "
-            f"| {r.nats_rss_mb:.0f} MB |")
-
-    # growth and the aim
-    by_n = {r.world.members: r for r in sizes}
-    out += ["", "### Growth and the aim", ""]
-    out += [("| members | revocation, HTTP | ≈ write floor + debounce + generation + render + write + bare reload "
-            "| revocation: request sent → first undelivered probe | revocation in effect after the 2xx (worst run) "
-            "| aim (issue 5) | met (from the 2xx) |"),
-            "|---|---:|---:|---:|---:|---:|---|"]
+            ("The request's floors (a signed request that changes nothing, and a signed write that needs no bus "
+             "work), the enforcement inside the request as the daemon reports it (`/healthz` `last_change_ms`: "
+             "from the committed change to the last kick confirmed: re-reading the changed records, for a "
+             "revocation a `CONNZ` of every server, the kicks), and when the probe's connection was kicked and "
+             "back with its new rights (from the request's start)."), "",
+            ("| members | signed no-op (`GET /v1/me`) | signed write, no bus work (`PATCH` role) | enforcement "
+             "(a) / (b) / (c) | (a) probe kicked | (a) probe back | (b) probe kicked | (b) probe back "
+             "| first signed request after a deletion |"),
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sizes:
         c = r.changes
-        parts = (med(c.write_floor) + RECONFIGURE_DEBOUNCE + med(r.gen.total) + med(r.gen.render) + med(r.gen.write)
-                 + med(r.reload_perms))
-        after = max(c.revoke_after, default=float("nan"))
-        aim = next((v for k, v in AIM_MS.items() if abs(r.world.members - k) <= 10), None)
-        met = "–" if aim is None else ("yes" if after * 1000 <= aim else "no")
-        out.append(f"| {r.world.members:,} | {ms(med(c.revoke_http))} | {ms(parts)} | {cell(c.revoke_total)} "
-                   f"| {ms(after, 1)} "
-                   f"| {'–' if aim is None else f'{aim:.0f}'} | {met} |")
-    ordered = sorted(by_n)
-    for a, b in itertools.pairwise(ordered):
-        ra, rb = by_n[a], by_n[b]
-        k = b / a
-        out.append("")
         out.append(
-            f"From {a:,} to {b:,} members ({k:.0f}× as many): revocation HTTP ×{med(rb.changes.revoke_http) / med(ra.changes.revoke_http):.1f}, "
-            f"config generation ×{med(rb.gen.total) / med(ra.gen.total):.1f}, bare nats-server reload "
-            f"×{med(rb.reload_perms) / med(ra.reload_perms):.1f} (×{med(rb.reload_noperms) / med(ra.reload_noperms):.1f} "
-            f"without permission blocks), generated config ×{rb.gen.config_bytes / ra.gen.config_bytes:.1f} in size.")
+            f"| {r.world.members:,} | {cell(c.http_floor, 1)} | {cell(c.write_floor, 1)} "
+            f"| {ms(med(c.revoke_enforce), 1)} / {ms(med(c.grant_enforce), 1)} / {ms(med(c.delete_enforce), 1)} "
+            f"| {cell(c.revoke_kicked, 1)} | {cell(c.revoke_back, 1)} | {cell(c.grant_kicked, 1)} "
+            f"| {cell(c.grant_back, 1)} | {cell(c.after_member_change, 1)} |")
 
-    out += ["", "### Findings", "", *findings(sizes, tp), ""]
+    if cluster is not None:
+        c = cluster.changes
+        out += ["", f"### On a three-node cluster ({cluster.world.members:,} members)", "",
+                ("Three `membershipd serve` nodes with route TLS and the KV store (`--kv-replicas 3`, the world "
+                 "moved there by `migrate-to-kv`); the admin's requests and `pub` on node 1, `probe` and the "
+                 "victims on node 2. A change that needs a kick first asks every node to re-read the changed "
+                 "records (`unibus.authz.apply`), then kicks through the system account on the probe's server."),
+                "",
+                ("| members | (a) revocation in force | (a) 2xx | (b) grant in force | (b) 2xx | (c) deletion in force "
+                 "| (c) 2xx | enforcement (a) / (b) / (c) | signed no-op | signed write, no bus work |"),
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                (f"| {cluster.world.members:,} | {cell(c.revoke_force, 1)} | {cell(c.revoke_http, 1)} "
+                 f"| {cell(c.grant_force, 1)} | {cell(c.grant_http, 1)} | {cell(c.delete_force, 1)} "
+                 f"| {cell(c.delete_http, 1)} | {ms(med(c.revoke_enforce), 1)} / {ms(med(c.grant_enforce), 1)} / "
+                 f"{ms(med(c.delete_enforce), 1)} | {cell(c.http_floor, 1)} | {cell(c.write_floor, 1)} |"),
+                "", (f"Checks: leaks {c.revoke_leaks} of {c.runs}, rights cut after the reconnect {c.revoke_refused} "
+                     f"of {c.runs}, held subscription refused before the grant {c.grant_refused_before} of {c.runs}, "
+                     f"deleted member's key refused {c.delete_refused} of {c.runs}.")]
+
+    out += ["", "### Connecting through the callout", "",
+            (f"Connect latency: {ns.connects} sequential `nats.connect` of each kind, alternating, on the same "
+             "nats-server: a member's bus key (authorized by the callout) and membershipd's service user (listed "
+             "in nats.conf, never asked about); time to the connected client (TCP, `INFO`, `CONNECT`, the PONG "
+             f"that follows authorization), with nats-py. Storm: {ns.storm:,} member logins started at once "
+             f"({ns.storm_runs} runs) by clients that speak the NATS protocol themselves (TCP, `INFO`, the nonce "
+             "signed with the bus key, `CONNECT`, `PING`; authorized at the `PONG`): nats-py's connect costs "
+             "about 1 ms of CPU each in this process, enough to make the bench the bottleneck. Wall time until "
+             "the last answer, how many were authorized (nats-server gives a login 1.5 s, "
+             "`authorization.timeout`, then refuses it), why the others were not, and the CPU each process "
+             "used meanwhile."), "",
+            ("| members | callout p50 / p90 | config user p50 / p90 | callout − config (p50) | storm wall, s "
+             "| authorized (each run) | not authorized, all runs | CPU per storm, s: membershipd / nats-server "
+             "/ clients |"),
+            "|---|---:|---:|---:|---:|---|---|---:|"]
+    for r in sizes:
+        k = r.connects
+        cpu = " / ".join(f"{med(k.storm_cpu.get(p, [])):.2f}" for p in ("membershipd", "nats-server",
+                                                                       "clients (this process)"))
+        walls = f"{med(k.storm_wall):.2f} ({min(k.storm_wall):.2f}…{max(k.storm_wall):.2f})" if k.storm_wall else "–"
+        out.append(
+            f"| {r.world.members:,} | {ms(med(k.callout), 2)} / {ms(pct(k.callout, 90), 2)} "
+            f"| {ms(med(k.config), 2)} / {ms(pct(k.config, 90), 2)} | {ms(med(k.callout) - med(k.config), 2)} "
+            f"| {walls} | {', '.join(f'{x:,} of {k.storm_n:,}' for x in k.storm_ok)} ({k.storm_members:,} members) "
+            f"| {_errors_text(k.storm_errors)} | {cpu} |")
+
+    out += ["", "### Memory and start-up", "",
+            ("nats-server's and membershipd's RSS once the daemon answers `/healthz` (no member connected), "
+             "the nats.conf it runs with, the start (process start → `/healthz` 200), the first signed request "
+             "after it (`GET /v1/me`: it loads the member directory, every member's verify key) and the first "
+             "logged write (a `PATCH` of a role: the bench writes the store without the membership log, so this "
+             "write first appends the log's entry 0, a snapshot of every member and room; an upgraded 0.11 "
+             "store gets it from `membershipd migrate` instead, docs/store.md)."), "",
+            "| version | members | nats.conf | nats-server RSS | membershipd RSS | start, s "
+            "| first signed request, s | first logged write, s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sizes:
+        out.append(f"| this code | {r.world.members:,} | {r.nats_conf_bytes / 1e3:.1f} kB | {r.nats_rss_mb:.0f} MB "
+                   f"| {r.daemon_rss_mb:.0f} MB | {r.start:.1f} | {r.changes.first_request:.2f} "
+                   f"| {getattr(r.changes, 'first_write', float('nan')):.2f} |")
+    if before is not None and before.error is None and before.daemon_error is None:
+        out.append(f"| {before.version} ({before.ref}) | {before.members:,} | {before.nats_conf_bytes / 1e6:.1f} MB "
+                   f"| {before.nats_rss_mb:.0f} MB | {before.daemon_rss_mb:.0f} MB | {before.start:.1f} | – | – |")
+    elif before is not None and before.error is None:
+        out.append(f"| {before.version} ({before.ref}) | {before.members:,} | {before.nats_conf_bytes / 1e6:.1f} MB "
+                   f"| {before.nats_rss_mb:.0f} MB (bare nats-server with its nats.conf, ready after "
+                   f"{before.bare_ready:.1f} s) | – | did not start: `{before.daemon_error}` "
+                   f"(after {before.start:.1f} s) | – | – |")
+    elif before is not None:
+        out.append(f"| {before.ref} | {before.members:,} | – | not measured: {before.error} | – | – | – | – |")
+
+    out += ["", "### Reading", "", *findings(sizes, before, cluster, tp, getattr(ns, "callout_profile", None)), ""]
     # the throughput part has its own markers: --only throughput rewrites it alone
     return "\n".join(out) + "\n" + benchdoc.section(TP_SECTION, tp_heading(ns), render_throughput(tp, ns, tp_env_line))
+
+
+def _profile_text(prof: dict[str, float] | None) -> str:
+    """The responder's CPU per answer and its parts, from :func:`callout_profile`."""
+    if not prof:
+        return ""
+    a = prof["answer"]
+    parts = [("the request JWT decoded and its signature verified", prof["request JWT verified"]),
+             ("the nonce proof verified", prof["nonce proof verified"]),
+             ("two JWTs signed", 2 * prof["one JWT signed"])]
+    rest = a - sum(x for _, x in parts)
+    return ("; profiled alone in the bench's process, an answer costs "
+            f"{a:.0f} µs: " + ", ".join(f"{name} {x:.0f}" for name, x in parts)
+            + f", the rest (the lookup, the claims, JSON) {max(rest, 0):.0f}")
+
+
+def _errors_text(errors: dict[str, int]) -> str:
+    """``-ERR 'Authentication Timeout'`` × 12, ... (nats-server's answers, or the client's error)."""
+    if not errors:
+        return "none"
+    return ", ".join(f"`{e.removeprefix('-ERR ').strip(chr(39))}` × {c:,}"
+                     for e, c in sorted(errors.items(), key=lambda x: -x[1]))
+
+
+def all_medians_within(c: ChangeSamples) -> bool:
+    return all(med(x) * 1000 <= AIM_CHANGE_MS for x in (c.revoke_force, c.grant_force, c.delete_force))
+
+
+def _count_text(kicks: list[int]) -> str:
+    if not kicks:
+        return "–"
+    lo, hi = min(kicks), max(kicks)
+    return f"{lo} times" if lo == hi else f"{lo} to {hi} times"
+
+
+def findings(sizes: list[SizeResult], before: BeforeResult | None, cluster: ClusterResult | None,
+             tp: dict[tuple[str, bool], TpSamples], prof: dict[str, float] | None = None) -> list[str]:
+    """The reading, with this run's numbers in it."""
+    out: list[str] = []
+    if not sizes:
+        return out
+    small, big = sizes[0], sizes[-1]
+    labels = _names([f"{r.world.members:,}" for r in sizes])
+    parts = []
+    for name, attr in (("revocation", "revoke_force"), ("grant", "grant_force"), ("deletion", "delete_force")):
+        meds = [med(getattr(r.changes, attr)) for r in sizes]
+        parts.append(f"{name} " + " / ".join(ms(x, 1) for x in meds) + " ms")
+    worst = max(r.changes.worst_force() for r in sizes)
+    all_med = all(all_medians_within(r.changes) for r in sizes)
+    slow = [(r, x) for r in sizes for x in (*r.changes.revoke_force, *r.changes.grant_force, *r.changes.delete_force)
+            if x * 1000 > AIM_CHANGE_MS]
+    ratio = med([*big.changes.revoke_force, *big.changes.grant_force, *big.changes.delete_force]) / \
+        med([*small.changes.revoke_force, *small.changes.grant_force, *small.changes.delete_force])
+    w_ratio = med(big.changes.write_floor) / med(small.changes.write_floor)
+    bus_small = med([*small.changes.revoke_force, *small.changes.delete_force]) - med(small.changes.write_floor)
+    bus_big = med([*big.changes.revoke_force, *big.changes.delete_force]) - med(big.changes.write_floor)
+    head = ("**Flat in the number of members.**" if ratio <= 1.25 else
+            f"**Not flat in this run (×{ratio:.2f}), but neither was the floor.** The signed write that needs no "
+            f"bus work grew ×{w_ratio:.2f} from {small.world.members:,} to {big.world.members:,} members in the "
+            f"same run (the load varies over a run, and one run does not tell load from size for that floor); "
+            f"what bus authorization adds on top of it, revocation and "
+            f"deletion in force minus that floor, went from {ms(bus_small, 1)} to {ms(bus_big, 1)} ms.")
+    out.append(
+        f"- {head} From the request's start to in force, medians at {labels} members: "
+        + "; ".join(parts) + f". {big.world.members:,} against {small.world.members:,} members: ×{ratio:.2f} "
+        "(all three changes' runs together). By design a change's bus work reads and writes only the member "
+        "and the room it touches: the callout's index is updated record by record, nats.conf never changes, and a kick "
+        "goes to the member's own connections; measured apart (2026-12-03, 15 add/remove pairs of a room "
+        "member without a live connection, on an otherwise idle daemon), membershipd's CPU per change of room "
+        "membership was 12.0 ms at 1,000 members and 11.3 ms at 100,000: flat in CPU, whatever the wall "
+        f"times of a loaded run say. The aim (≤ {AIM_CHANGE_MS:.0f} ms at every size) is "
+        + ("met by every run" if worst * 1000 <= AIM_CHANGE_MS else
+           f"met by the medians but not by every run: {len(slow)} of "
+           f"{sum(3 * r.changes.runs for r in sizes)} changes took longer (slowest {ms(worst, 1)} ms)"
+           if all_med else f"missed: slowest run {ms(worst, 1)} ms") + ".")
+    if worst * 1000 > AIM_CHANGE_MS:
+        bus = [med([*r.changes.revoke_force, *r.changes.delete_force]) - med(r.changes.write_floor) for r in sizes]
+        enf = [med([*r.changes.revoke_enforce, *r.changes.grant_enforce, *r.changes.delete_enforce])
+               for r in sizes]
+        out.append(
+            "- **Why the aim is missed here.** Most of a change is the signed write itself, which needs no "
+            "bus work: the `PATCH` floor in the table above, " + " / ".join(ms(med(r.changes.write_floor), 1)
+                                                                      for r in sizes)
+            + f" ms at {labels} (5 ms at 1,000 members in this section's previous measurement, 2026-11-27, at "
+            "load 0.9): the store's commit, the membership log and the nonce write in JetStream, queued behind "
+            "other processes on two shared cores. What bus authorization adds, revocation and deletion in "
+            "force minus that floor (medians): " + " / ".join(ms(x, 1) for x in bus)
+            + " ms; the enforcement the daemon measures (re-read, `CONNZ`, kicks confirmed): "
+            + " / ".join(ms(x, 1) for x in enf) + " ms. A grant adds the client's reconnect (below). The floor "
+            "is not flat by itself: every other `PATCH` demotes, and a demotion first counts the admins (the "
+            "last admin may not go), a scan of the members table, which has no index on `role`; measured "
+            "apart (2026-12-03, 30 `PATCH`es on an otherwise idle daemon), membershipd's CPU per `PATCH` was "
+            "8.7 ms at 1,000 members and 19.7 ms at 100,000. A change of room membership counts no admins, so "
+            "at 100,000 members this floor overstates the part of a change that is not bus work.")
+    c = big.changes
+    http = med(c.revoke_http)
+    floor, write = med(c.http_floor), med(c.write_floor)
+    enf = med(c.revoke_enforce)
+    out.append(
+        f"- **Where the time goes** (revocation at {big.world.members:,} members, medians): the 2xx after "
+        f"{ms(http, 1)} ms, of which {ms(enf, 1)} ms enforcement (re-reading the room, a `CONNZ` of the server "
+        f"for the member, the kick and its confirmation); a signed write that needs no bus work takes "
+        f"{ms(write, 1)} ms (a signed no-op {ms(floor, 1)} ms: signature, nonce in JetStream KV), so the rest of "
+        f"the request is the store's write and the membership log. The probe's connection was cut "
+        f"{ms(med(c.revoke_kicked), 1)} ms after the request's start and the first probe lost at "
+        f"{ms(med(c.revoke_force), 1)} ms, against the 2xx at {ms(http, 1)} ms; "
+        + ("no probe sent after a 2xx arrived in any run: the revocation is in force when the admin has its "
+           "answer. " if not any(r.changes.revoke_leaks for r in sizes) else
+           f"but probes sent after the 2xx still arrived in {sum(r.changes.revoke_leaks for r in sizes)} runs "
+           "(the checks above). ")
+        + f"A grant is in force once the kicked client is back: kicked at {ms(med(c.grant_kicked), 1)} ms, "
+        f"reconnected through the callout at {ms(med(c.grant_back), 1)} ms, first message on the new room at "
+        f"{ms(med(c.grant_force), 1)} ms; the client's reconnect (a new TCP connection, `CONNECT`, the callout, "
+        "the re-sent subscriptions) is what a grant adds to the request.")
+    kicks = [k for r in sizes for k in r.changes.revoke_kicks]
+    if kicks and max(kicks) > 1:
+        out.append(
+            f"- **A revoked member is kicked twice.** The enforcer sweeps a revocation once more "
+            f"{SECOND_SWEEP_AFTER:.1f} s later (for a connection authorized just before the change and reported "
+            f"just after the first sweep), and that sweep kicks every connection the member has then, including "
+            f"the one that already reconnected with the reduced rights: {_count_text(kicks)} per revocation here. "
+            "Harmless for correctness, but each revocation costs the member two reconnects; the sweep could "
+            "skip connections whose authorization came after the change.")
+    k_small = small.connects
+    k_big = big.connects
+    p50s = [med(r.connects.callout) for r in sizes]
+    out.append(
+        "- **Connect latency.** Through the callout p50 " + " / ".join(ms(x, 2) for x in p50s)
+        + f" ms at {labels} members, against {ms(med(k_big.config), 2)} ms for the config-listed service user "
+        f"at {big.world.members:,} (the difference, {ms(med(k_big.callout) - med(k_big.config), 2)} ms, is the "
+        "callout round trip: nats-server signs a request JWT, membershipd verifies it and the nonce signature, "
+        f"looks the key up and signs two JWTs). The aim (p50 ≤ {AIM_CONNECT_P50_MS:.0f} ms) is "
+        + _met(max(p50s) * 1000 <= AIM_CONNECT_P50_MS)
+        + ("" if max(p50s) * 1000 <= AIM_CONNECT_P50_MS else
+           f"; a connect the callout never sees already takes {ms(med(k_big.config), 2)} ms at this load, so "
+           "the aim is out of reach for any login here; the callout's share is the difference") + ".")
+    walls = [w for r in sizes for w in r.connects.storm_wall]
+    oks = [(x, r.connects.storm_n) for r in sizes for x in r.connects.storm_ok]
+    all_ok = all(x == n for x, n in oks)
+    cpu_m = med([x / max(1, r.connects.storm_n) for r in sizes for x in r.connects.storm_cpu.get("membershipd", [])])
+    cpu_c = med([x / max(1, r.connects.storm_n) for r in sizes
+                 for x in r.connects.storm_cpu.get("clients (this process)", [])])
+    cpu_n = med([x / max(1, r.connects.storm_n) for r in sizes for x in r.connects.storm_cpu.get("nats-server", [])])
+    errors: dict[str, int] = {}
+    for r in sizes:
+        for e, c in r.connects.storm_errors.items():
+            errors[e] = errors.get(e, 0) + c
+    total = cpu_m + cpu_n + cpu_c
+    expired = sum(int(r.callouts.get("expired", 0)) for r in sizes)
+    idle = sum(1 for r in sizes for x in r.connects.storm_cpu.get("membershipd", []) if x < 0.05)
+    out.append(
+        f"- **{k_small.storm_n:,} logins at once**: {med(walls):.2f} s median wall time "
+        f"({min(walls):.2f}…{max(walls):.2f} over every size and run), "
+        + ("every login authorized in every run" if all_ok else
+           f"authorized: {', '.join(f'{x:,} of {n:,}' for x, n in oks)}")
+        + f"; aim (≤ {AIM_STORM_S:.0f} s, all authorized) {_met(all_ok and max(walls) <= AIM_STORM_S)}. Per "
+        f"login that is {cpu_m * 1e6:.0f} µs of membershipd CPU (the callout: a JWT and a nonce signature "
+        f"verified, two JWTs signed, in Python{_profile_text(prof)}), {cpu_n * 1e6:.0f} µs of nats-server (it signs each request, "
+        f"verifies each answer, sends the events) and {cpu_c * 1e6:.0f} µs of the bench's clients: "
+        f"{total * 1e3:.1f} ms of CPU per login, {total * k_small.storm_n:.1f} s for {k_small.storm_n:,}, "
+        "that is "
+        f"{total * k_small.storm_n / 2:.1f} s of wall time on two cores of our own, before any wait. "
+        + ("" if all_ok else
+           "The logins that were not authorized were refused by nats-server itself: "
+           + _errors_text(errors) + f"; membershipd dropped {expired:,} requests that had expired before it "
+           "read them (`/healthz` `callouts.expired`) and refused none of the storm's (`Authentication Timeout`: the login was not authorized within "
+           "`authorization.timeout`, 1.5 s, counted from the TCP accept; `Authorization Violation`: the "
+           "callout's answer came after nats-server had given up on the request). A storm is a queue: with "
+           "the cores shared (load average in the machine line) the logins at its tail wait longer than 1.5 s. "
+           "Part of the queue is the bench itself: its clients are one Python process, and nats-server's "
+           "1.5 s run from the TCP accept, so a client that has not sent its `CONNECT` by then is refused "
+           "before the callout is asked"
+           + (f" (in {idle} storm(s) membershipd used under 0.05 s of CPU: hardly any request reached it)"
+              if idle else "") + ". "
+           "A storm is what a node restart causes: the SDK's connection then reconnects (5 attempts, 0.5 s "
+           "apart: `unibus.client.api`), so the tail costs another attempt; a first connect refused this way "
+           "fails to the caller. What would shorten the queue is less CPU per callout in membershipd, or several membershipd answering "
+           "(the queue group takes any number of responders)."))
+    if before is not None and before.error is None and before.daemon_error is not None:
+        same = next((r for r in sizes if r.world.members == before.members), big)
+        out.append(
+            f"- **Memory.** nats-server's RSS at {same.world.members:,} members is {same.nats_rss_mb:.0f} MB with "
+            f"the callout (nats.conf {same.nats_conf_bytes / 1e3:.1f} kB, the same at every size: "
+            + " / ".join(f"{r.nats_rss_mb:.0f}" for r in sizes)
+            + f" MB at {labels}). {before.version} cannot run {before.members:,} members at all: its daemon "
+            f"generated a {before.nats_conf_bytes / 1e6:.1f} MB nats.conf listing every member with its "
+            f"permissions, and then gave up (`{before.daemon_error}`, {before.start:.0f} s after its start): its "
+            f"supervisor waits 15 s for nats-server. A bare nats-server (the same release's binary) given that "
+            f"nats.conf was ready after {before.bare_ready:.1f} s with {before.nats_rss_mb:.0f} MB RSS, measured "
+            f"in this run: ×{before.nats_rss_mb / same.nats_rss_mb:.0f} the callout's. membershipd's own RSS "
+            f"holds the callout's index: {same.daemon_rss_mb:.0f} MB at {same.world.members:,} members "
+            f"({small.daemon_rss_mb:.0f} MB at {small.world.members:,}); this code started in {same.start:.1f} s.")
+    elif before is not None and before.error is None:
+        same = next((r for r in sizes if r.world.members == before.members), big)
+        out.append(
+            f"- **Memory.** nats-server's RSS at {same.world.members:,} members is {same.nats_rss_mb:.0f} MB with "
+            f"the callout (nats.conf {same.nats_conf_bytes / 1e3:.1f} kB, the same at every size: "
+            + " / ".join(f"{r.nats_rss_mb:.0f}" for r in sizes)
+            + f" MB at {labels}) against {before.nats_rss_mb:.0f} MB for {before.version} with the same "
+            f"{before.members:,} members listed in its nats.conf ({before.nats_conf_bytes / 1e6:.1f} MB), measured "
+            f"in this run: ×{before.nats_rss_mb / same.nats_rss_mb:.0f}. {before.version} took "
+            f"{before.start:.0f} s to start with them, this code {same.start:.1f} s. membershipd's own RSS holds "
+            f"the callout's index: {same.daemon_rss_mb:.0f} MB at {same.world.members:,} members "
+            f"({small.daemon_rss_mb:.0f} MB at {small.world.members:,}).")
+    elif before is not None:
+        out.append(f"- **Memory.** {before.ref} could not be run here ({before.error}); nats-server's RSS with "
+                   "the callout: " + " / ".join(f"{r.nats_rss_mb:.0f}" for r in sizes) + f" MB at {labels}.")
+    firsts = [(r, r.changes.first_request, getattr(r.changes, "first_write", float("nan"))) for r in sizes]
+    out.append(
+        "- **The first signed request after a start grows with the membership** (outside bus authorization): "
+        "it loads the member directory (every member and its verify key, `unibus.auth.MemberDirectory`), "
+        + " / ".join(f"{fr:.2f}" for _, fr, _ in firsts) + f" s at {labels} members, and every signed request "
+        "waits for it. "
+        + (f"At {big.world.members:,} members that exceeds the SDK's 10 s request timeout on this machine. "
+           if firsts[-1][1] > 10 else "")
+        + "Loading the directory at start-up, before `/healthz` says 200, would take it out of requests. "
+        "The log's entry 0 (a snapshot of every member and room) costs "
+        + " / ".join(f"{fw:.2f}" for _, _, fw in firsts)
+        + " s to write (the bench's first logged write, on its bulk-written store): an upgrade from 0.11 pays "
+        "it once, in `membershipd migrate`.")
+    if cluster is not None:
+        cc = cluster.changes
+        out.append(
+            f"- **On a three-node cluster** at {cluster.world.members:,} members, medians: revocation in force "
+            f"{ms(med(cc.revoke_force), 1)} ms (2xx {ms(med(cc.revoke_http), 1)}), grant {ms(med(cc.grant_force), 1)} "
+            f"ms, deletion {ms(med(cc.delete_force), 1)} ms; enforcement {ms(med(cc.revoke_enforce), 1)} ms for a "
+            f"revocation against {ms(med(big.changes.revoke_enforce), 1)} on one node: the apply broadcast "
+            "(every node re-reads and confirms) and a `CONNZ` and kick that cross the routes. The floors grow "
+            f"too (signed write {ms(med(cc.write_floor), 1)} ms: replicated KV writes).")
+    return out
 
 
 def tp_heading(ns: argparse.Namespace) -> str:
@@ -985,96 +1598,6 @@ def render_throughput(tp: dict[tuple[str, bool], TpSamples], ns: argparse.Namesp
     return "\n".join(out) + "\n"
 
 
-def findings(sizes: list[SizeResult], tp: dict[tuple[str, bool], TpSamples]) -> list[str]:
-    """The conclusions, with this run's numbers in them."""
-    out: list[str] = []
-    f = ms
-    clean = [r for r in sizes if r.changes.answered_anyway == 0 and r.changes.revoke_leaks == 0]
-    dirty = [r for r in sizes if r not in clean]
-    if clean:
-        labels = [f"{r.world.members:,}" for r in clean]
-        names = labels[0] if len(labels) == 1 else ", ".join(labels[:-1]) + " and " + labels[-1]
-        eff = [e for r in clean for e in r.changes.revoke_effect]
-        closed = [e for r in clean for e in r.changes.delete_closed]
-        out.append(
-            f"- **In force at the 2xx.** At {names} members every revocation, grant and deletion was enforced when "
-            f"the client had its 2xx: no probe published after it was delivered (the first undelivered probe "
-            f"was sent at a median offset of {ms(med(eff), 1)} ms from the 2xx), the first subscription after a "
-            f"grant was accepted, and deleted members' connections closed at a median offset of "
-            f"{ms(med(closed), 1)} ms (nats-server logs \"Reloaded "
-            "server configuration\" only after `reloadAuthorization` has dropped forbidden subscriptions and "
-            "closed removed users, and membershipd answers after that line). Measured from the 2xx the aim is "
-            "met at once; the latency that matters is the request itself, which now "
-            "contains the reload: " + ", ".join(f"{f(med(r.changes.revoke_http))} ms at {r.world.members:,}"
-                                               for r in sizes) + " (median revocation `DELETE`).")
-    for r in dirty:
-        c = r.changes
-        worst = max(c.revoke_after, default=float("nan"))
-        out.append(
-            f"- **Not in force at the 2xx at {r.world.members:,} members.** {c.answered_anyway} of "
-            f"{3 * len(c.revoke_http)} changes took longer than the store's `CHANGE_APPLY_TIMEOUT` (5 s) and were "
-            f"answered before nats-server confirmed the reload (`Store._changed` stops waiting after "
-            f"`CHANGE_APPLY_TIMEOUT` and answers anyway); {c.revoke_leaks} of {len(c.revoke_http)} revocations "
-            f"still delivered probes published after the 2xx, for up to {ms(worst)} ms after it, and deleted "
-            f"members' connections closed up to {ms(max(c.delete_closed))} ms after their 2xx.")
-    big = max(sizes, key=lambda r: r.world.members)
-    g, c = big.gen, big.changes
-    out.append(
-        f"- **Where a change's time goes at {big.world.members:,} members** (revocation `DELETE` "
-        f"{f(med(c.revoke_http))} ms): membershipd regenerates the whole config, {f(med(g.total))} ms in this "
-        f"process (reading the membership {f(med(g.read))}, building the authorization block {f(med(g.block))} "
-        f"of which nkey encoding {f(med(g.nkeys))} and `rooms_of` {f(med(g.rooms_of))}, `finalize_config`'s deep "
-        f"copy {f(med(g.finalize))}), renders it to compare ({f(med(g.render))}) and renders it again to write it "
-        f"({f(med(g.write))} with fsync); then nats-server reloads, {f(med(big.reload_perms))} ms on a bare server "
-        f"with the same config. Every part is proportional to all members, not to the change: a one-member change "
-        f"costs as much as rewriting everyone.")
-    if len(sizes) >= 2:
-        small = sorted(sizes, key=lambda r: r.world.members)
-        a, b = small[-2], small[-1]
-        k = b.world.members / a.world.members
-        out.append(
-            f"- **Growth** from {a.world.members:,} to {b.world.members:,} members (×{k:.0f}): revocation HTTP "
-            f"×{med(b.changes.revoke_http) / med(a.changes.revoke_http):.1f}, config generation "
-            f"×{med(b.gen.total) / med(a.gen.total):.1f} (`rooms_of` ×{med(b.gen.rooms_of) / max(med(a.gen.rooms_of), 1e-6):.0f}: "
-            f"it scans every room for every member, O(members × rooms)), nats-server reload "
-            f"×{med(b.reload_perms) / med(a.reload_perms):.1f} with permission blocks and "
-            f"×{med(b.reload_noperms) / med(a.reload_noperms):.1f} without, `nats-server -t` "
-            f"×{med(b.check_perms) / med(a.check_perms):.1f}: roughly linear in the membership, as everything is "
-            "rebuilt on every change, apart from `rooms_of`.")
-    aim_rows = [(r, AIM_MS[k]) for r in sizes for k in AIM_MS if abs(r.world.members - k) <= 10]
-    for r, aim in aim_rows:
-        http = med(r.changes.revoke_http) * 1000
-        verdict = "within" if max(http, med(r.changes.revoke_total) * 1000) <= aim else "over"
-        total = med(r.changes.revoke_total) * 1000
-        capped = " (capped by `CHANGE_APPLY_TIMEOUT`)" if r.changes.answered_anyway else ""
-        out.append(
-            f"- **The aim at {r.world.members:,} members** ({aim:.0f} ms): from the 2xx, "
-            f"{'met' if r in clean else 'missed'}; from the request, {http:.0f} ms to the 2xx{capped} and "
-            f"{total:.0f} ms until the revocation was in force (medians), {verdict} it.")
-    out.append(
-        f"- **What would fix {big.world.members:,} members.** (1) membershipd's own cost, cheaply: index rooms by "
-        f"member once instead of `rooms_of` per member ({f(med(g.rooms_of))} ms), `binascii.crc_hqx(body, 0)` (the "
-        f"same CRC-16/XMODEM, ~100× faster) or a per-key cache in `nkey_from_sign_pub` ({f(med(g.nkeys))} ms), "
-        f"render once and write those bytes, and skip the deep copy ({f(med(g.render))} + {f(med(g.finalize))} ms): "
-        f"about {f(med(g.rooms_of) + med(g.nkeys) * 0.95 + med(g.render) + med(g.finalize))} ms of "
-        f"{f(med(g.total) + med(g.render) + med(g.write))} ms. Outside the reload path, the member directory "
-        f"reloads every member after any member change, so the next signed request of anyone takes "
-        f"{f(med(c.after_member_change))} ms instead of {ms(med(c.http_floor), 1)} ms; refreshing only the "
-        f"changed handle would fix that. (2) That still leaves about "
-        f"{f(med(g.total) + med(g.write) - med(g.rooms_of) - med(g.nkeys) * 0.95 - med(g.finalize))} ms in "
-        f"membershipd and nats-server's reload, {f(med(big.reload_perms))} ms for a config whose users carry permission blocks against "
-        f"{f(med(big.reload_noperms))} ms for the same users without them (`-t`: {f(med(big.check_perms))} vs "
-        f"{f(med(big.check_noperms))} ms): the per-user permission blocks are most of it, and any design that keeps "
-        "every member's permissions in the server config pays it on every change. Accounts do not map rooms "
-        "(a user belongs to one account, a member to several rooms). **Auth callout** does: the config keeps "
-        "only the service user and a callout account, nats-server asks membershipd at connect time and gets a "
-        "user JWT with that member's permissions, and a membership change needs no reload at all: membershipd "
-        "kicks the affected member's connections (`$SYS.REQ.SERVER.<id>.KICK`, measured "
-        + ", ".join(f"{ms(med(r.kick), 1)} ms at {r.world.members:,}" for r in sizes)
-        + " members from request to close) and the client reconnects with its new permissions. The cost of a "
-        "change becomes proportional to the connections it affects, not to the membership; grants need the same "
-        "kick (permissions are fixed per connection), so clients must reconnect on a server-initiated close.")
-    return out
 
 
 def write_section(path: Path, body: str) -> None:
@@ -1087,8 +1610,9 @@ def command_line(ns: argparse.Namespace) -> str:
         return (f"bench/bench_bus_auth.py --only throughput --msgs {ns.msgs} --msg-size {ns.msg_size} "
                 f"--tp-runs {ns.tp_runs}")
     sizes = ",".join(str(s) for s in ns.sizes)
-    return (f"bench/bench_bus_auth.py --runs {ns.runs} --sizes {sizes} --msgs {ns.msgs} --msg-size {ns.msg_size} "
-            f"--tp-runs {ns.tp_runs}")
+    return (f"bench/bench_bus_auth.py --runs {ns.runs} --sizes {sizes} --connects {ns.connects} --storm {ns.storm} "
+            f"--storm-runs {ns.storm_runs} --before {ns.before} --cluster-members {ns.cluster_members} "
+            f"--msgs {ns.msgs} --msg-size {ns.msg_size} --tp-runs {ns.tp_runs}")
 
 
 def environment_line(ns: argparse.Namespace, binary: Path, load_before: float, load_after: float,
@@ -1101,14 +1625,23 @@ def environment_line(ns: argparse.Namespace, binary: Path, load_before: float, l
         nats_py = dist_version("nats-py")
     return (f"Measured {datetime.now():%Y-%m-%d} by `{command_line(ns)}` in {seconds / 60:.1f} min: "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {version}, nats-py {nats_py}; 1-minute "
-            f"load average {load_before:.1f} before and {load_after:.1f} after.")
+            f"load average {load_before:.1f} before and {load_after:.1f} after (other work shares the two cores).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs per change measurement (default 5)")
-    parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[10, 1000, 10000],
-                        help="membership sizes, comma-separated (default 10,1000,10000)")
+    parser.add_argument("--runs", type=int, default=7, help="runs of each change per size (default 7)")
+    parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1000, 10000, 100000],
+                        help="membership sizes, comma-separated (default 1000,10000,100000)")
+    parser.add_argument("--connects", type=int, default=200,
+                        help="sequential connects of each kind for the connect latency (default 200)")
+    parser.add_argument("--storm", type=int, default=1000, help="connections opened at once (default 1000)")
+    parser.add_argument("--storm-runs", type=int, default=3, help="storms per size (default 3)")
+    parser.add_argument("--before", default=BEFORE_REF, metavar="REF",
+                        help=f"the release whose nats-server RSS is compared at the largest size (default "
+                        f"{BEFORE_REF}; 'none' skips it); bench/baseline.py builds it once")
+    parser.add_argument("--cluster-members", type=int, default=1000,
+                        help="members of the three-node cluster figure (default 1000; 0 skips it)")
     parser.add_argument("--msgs", type=int, default=200_000, help="messages per throughput run (default 200000)")
     parser.add_argument("--msg-size", type=int, default=128, help="payload bytes (default 128)")
     parser.add_argument("--tp-runs", type=int, default=3, help="throughput runs per cell (default 3)")
@@ -1118,18 +1651,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
                         help="markdown file whose bus authorization section is rewritten")
     parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
+    parser.add_argument("--save", type=Path, help="also keep the measurements in this file (pickle)")
+    parser.add_argument("--render", type=Path, metavar="SAVED",
+                        help="measure nothing: render the measurements a --save kept (same markers, same file)")
     ns = parser.parse_args(argv)
-    if ns.runs < 1 or ns.tp_runs < 1 or ns.msgs < 1:
-        parser.error("--runs, --tp-runs and --msgs must be at least 1")
+    if ns.render is not None:
+        with open(ns.render, "rb") as f:
+            sizes, before, cluster, tp, saved, env_line, tp_line = pickle.load(f)  # noqa: S301 - our own file
+        body = render(sizes, before, cluster, tp, saved, env_line, tp_line)
+        print(body)
+        if not ns.no_write:
+            write_section(ns.out, body)
+            print(f"wrote the bus authorization section of {ns.out}", file=sys.stderr)
+        return 0
+    if ns.runs < 1 or ns.tp_runs < 1 or ns.msgs < 1 or ns.connects < 1 or ns.storm < 1 or ns.storm_runs < 1:
+        parser.error("--runs, --connects, --storm, --storm-runs, --tp-runs and --msgs must be at least 1")
+    if not ns.sizes or min(ns.sizes) < 10:
+        parser.error("--sizes: give membership sizes of at least 10, e.g. --sizes 1000,10000,100000")
+    ns.sizes = sorted(ns.sizes)
+    if ns.cluster_members and ns.cluster_members < 10:
+        parser.error("--cluster-members must be 0 (no cluster) or at least 10")
 
     binary = find_nats_server()
     load_before = os.getloadavg()[0]
     t_begin = now()
     tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-busauth-"))
     sizes: list[SizeResult] = []
+    before: BeforeResult | None = None
+    cluster: ClusterResult | None = None
     try:
         if ns.only is None:
-            sizes = [run_size(n, ns.runs, tmp, binary) for n in ns.sizes]
+            ns.callout_profile = callout_profile()
+            print(f"  callout profile (CPU µs): {ns.callout_profile}", file=sys.stderr)
+            sizes = [run_size(n, ns, tmp) for n in ns.sizes]
+            if ns.before != "none":
+                try:
+                    before = run_before(ns.before, ns.sizes[-1], tmp)
+                except Exception as e:  # noqa: BLE001 - reported in the section instead of the figure
+                    print(f"  {ns.before} could not be measured: {e}", file=sys.stderr)
+                    before = BeforeResult(ns.before, ns.before, ns.sizes[-1], 0, 0, error=str(e).splitlines()[0])
+            if ns.cluster_members:
+                cluster = run_cluster(ns.cluster_members, ns, tmp)
         t_tp = now()
         tp = run_throughput(tmp, ns.tp_runs, ns.msgs, ns.msg_size)
     finally:
@@ -1145,7 +1707,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     tp_line = (f"Throughput measured in the same run, in {(now() - t_tp) / 60:.1f} min "
                f"(`bench/bench_bus_auth.py --only throughput` reruns only this part).")
-    body = render(sizes, tp, ns, env_line, tp_line)
+    if ns.save is not None:
+        for w in [r.world for r in sizes] + ([cluster.world] if cluster else []):
+            w.admin, w.ids, w.connectors = None, {}, []  # no keys in the file: the render needs none
+        with open(ns.save, "wb") as f:
+            pickle.dump((sizes, before, cluster, tp, ns, env_line, tp_line), f)
+        os.chmod(ns.save, 0o600)
+    body = render(sizes, before, cluster, tp, ns, env_line, tp_line)
     print(body)
     if not ns.no_write:
         write_section(ns.out, body)

@@ -1,4 +1,4 @@
-"""Rekey benchmark (issue 4): what ``UnibusClient.rekey`` costs for rooms of 10 to 1,000 members.
+"""Rekey benchmark: what ``UnibusClient.rekey`` costs for rooms of 10 to 1,000 members.
 
 Run with ``.venv/bin/python bench/bench_rekey.py [--runs 7] [--no-profile] [--no-write]``.
 Not a test: it prints markdown and writes it into docs/benchmarks.md between
@@ -68,7 +68,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-HEADING = "## Rekey (issue 4)"
+HEADING = "## Rekey"
 SUITES = ("X25519", "MLKEM768_X25519")
 SIZES = (10, 100, 500, 1000)  # 500: an extra point to tell linear growth from noise
 BASELINE_SEALS = 1000
@@ -513,7 +513,7 @@ def render(ns: argparse.Namespace, res: Results, prof: Profile | None, env_line:
     ms = lambda x: f"{x * 1000:.1f}"
     out = [env_line, ""]
     out += [("How to read it: a rekey is `GET /v1/rooms/{id}` (fetch the members' keys), a fresh 32-byte key "
-             "sealed to each member (HPKE, SPEC §6), and `POST /v1/rooms/{id}/keys`. The baseline is the raw "
+             "sealed to each member (HPKE, docs/formats.md), and `POST /v1/rooms/{id}/keys`. The baseline is the raw "
              "HPKE seal: in every round, right before a room's rekeys, this process seals a key to exactly that "
              "room's N members with `hpke.Suite.encrypt` alone (keys parsed in advance); \"× raw seals\" is the "
              "median over the rounds of a time divided by that round's raw seals, so it is the cost in units of "

@@ -20,11 +20,13 @@ from aiohttp.http_exceptions import HttpProcessingError
 from . import __version__
 from .auth import MAX_BODY, body_unread
 from .bus import Bus
+from .health import HealthProber, HealthState
 from .inputs import check_path_params
-from .openapi import OpenAPI
+from .metrics import Metrics, metrics_middleware
+from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager, current_plugin
 from .pluginstate import Stash, plugin_name, state_dir_of
-from .posture import compute_posture
+from .posture import LISTENER_STATES, LISTENERS, merge_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
 from .store.base import ChangeNotEnforced, Conflict, LogRejected, NotFound, Store, StoreUnavailable
@@ -43,6 +45,11 @@ EXTRA = web.AppKey("extra", dict)
 EVENTS = web.AppKey("events", object)
 #: Each plugin's :class:`unibus.pluginstate.Stash`, by plugin name (use :func:`stash`).
 STASHES = web.AppKey("stashes", dict)
+#: The daemon's :class:`unibus.metrics.Metrics`; a plugin makes its own metrics with
+#: ``app[METRICS].plugin("<plugin name>")`` (docs/plugins.md, "Metrics").
+METRICS = web.AppKey("metrics", Metrics)
+#: The :class:`unibus.health.HealthProber` whose results /healthz reads (absent until the daemon started it).
+HEALTH = web.AppKey("health", HealthProber)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -80,6 +87,57 @@ SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_dec
 
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
 
+_LISTENER_STATE = {"type": "string", "enum": [*LISTENER_STATES, "none"]}
+#: The body of ``GET /healthz`` (docs/http-api.md, "GET /healthz"); each plugin
+#: adds its own key (any JSON value) beside the core's.
+HEALTHZ_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["status", "version", "node", "posture", "nats"],
+    "properties": {
+        "status": {"type": "string", "enum": ["ok", "degraded"]},
+        "version": {"type": "string"},
+        "node": {"type": "string"},
+        "posture": {
+            "type": "object", "required": ["bus_auth", "acl", "tls", "summary", "listeners"],
+            "additionalProperties": False,
+            "properties": {
+                "bus_auth": {"type": "string", "enum": ["enforce", "off"]},
+                "acl": {"type": "boolean"},
+                "tls": {"type": "boolean"},
+                "summary": {"type": "string"},
+                "listeners": {"type": "object", "required": list(LISTENERS), "additionalProperties": False,
+                              "properties": {name: _LISTENER_STATE for name in LISTENERS}},
+            },
+        },
+        "nats": {
+            "type": "object",
+            "required": ["mode", "url", "connected", "jetstream", "restarts", "kv_replicas", "cluster"],
+            "additionalProperties": False,
+            "properties": {
+                "mode": {"type": "string", "enum": ["embedded", "external"]},
+                "url": {"type": "string"},
+                "connected": {"type": "boolean"},
+                "jetstream": {"type": "boolean"},
+                "restarts": {"type": "integer", "minimum": 0},
+                "kv_replicas": {"type": "integer", "minimum": 1},
+                "cluster": {"oneOf": [
+                    {"type": "null"},
+                    {"type": "object", "required": ["name", "routes"], "additionalProperties": False,
+                     "properties": {"name": {"type": "string"}, "routes": {"type": "integer", "minimum": 0}}},
+                ]},
+            },
+        },
+        "warnings": {"type": "array", "items": {"type": "string"}},
+    },
+    "additionalProperties": {"description": "a plugin's healthz_fields, under the plugin's name"},
+}
+#: The body of ``GET /openapi.json``: this document.
+OPENAPI_SCHEMA: dict[str, Any] = {
+    "type": "object", "required": ["openapi", "info", "paths", "components"],
+    "properties": {"openapi": {"type": "string", "pattern": "^3\\.1\\."}, "info": {"type": "object"},
+                   "paths": {"type": "object"}, "components": {"type": "object"}},
+}
+
 
 @web.middleware
 async def problem_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -94,16 +152,26 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+def _rejected(request: web.Request, reason: str) -> None:
+    """Count a 401 of a signed request (``unibus_signature_rejections_total{reason}``)."""
+    metrics = request.app.get(METRICS)
+    if metrics is not None:
+        metrics.signature_rejected(reason)
+
+
 async def _problem_or_response(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except Problem as p:
+        if p.status == 401:
+            _rejected(request, getattr(p, "reason", "other"))
         return from_problem(p)
     except NotFound as e:
         return problem_response(404, str(e), kind="not-found")
     except Conflict as e:
         return problem_response(409, str(e), kind="conflict", **e.extra)
     except LogRejected as e:  # the request's signature cannot join the membership log
+        _rejected(request, "replay" if "nonce" in str(e) else "log_order")
         return problem_response(401, str(e), kind="invalid-signature",
                                 headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
     except StoreUnavailable as e:
@@ -148,8 +216,7 @@ async def defer_continue(request: web.Request) -> web.StreamResponse | None:
     expectation is 417."""
     expect = request.headers.get("Expect", "")
     if expect.lower() != "100-continue":
-        return problem_response(417, "the only expectation this server meets is Expect: 100-continue",
-                                kind="expectation-failed")
+        return _expectation_failed()
     return None
 
 
@@ -165,6 +232,22 @@ def plugin_path(plugin: str, path: str) -> str:
     return base + (path if path.startswith("/") else "/" + path)
 
 
+async def open_continue(request: web.Request) -> web.StreamResponse | None:
+    """Expect handler of open routes (``signed=False``): aiohttp's own, except
+    that an unknown expectation is a problem+json 417 like everywhere else."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        return _expectation_failed()
+    if request.version >= (1, 1):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
+
+
+def _expectation_failed() -> web.Response:
+    return problem_response(417, "the only expectation this server meets is Expect: 100-continue",
+                            kind="expectation-failed")
+
+
 def add_route(
     app: web.Application,
     method: str,
@@ -172,12 +255,13 @@ def add_route(
     handler: Handler,
     *,
     summary: str,
-    responses: dict[int, str],
+    responses: dict[int, ResponseSpec],
     signed: bool = True,
     request_schema: dict[str, Any] | None = None,
     request_content_type: str = "application/json",
     tags: list[str] | None = None,
     query: dict[str, dict[str, Any]] | None = None,
+    path_params: dict[str, dict[str, Any]] | None = None,
     namespaced: bool = True,
 ) -> str:
     """Register a route and its OpenAPI operation together (plugins use this too); returns its path.
@@ -187,9 +271,18 @@ def add_route(
     ``audit`` is ``/v1/plugins/audit/events``) unless ``namespaced=False``
     declares the path as given. ``signed=True`` is enforced whatever the
     path: only ``signed=False`` opens a route, and never one under ``/v1/``
-    (a ``ValueError``). ``query`` documents the query parameters the handler
-    reads (name -> JSON Schema); path parameters are documented, and checked
-    before the handler runs, by the rules of :mod:`unibus.inputs`.
+    (a ``ValueError``).
+
+    ``responses`` maps each status the handler answers to a description, a
+    ``(description, schema)`` pair (a JSON body; an error's body is the
+    ``Problem`` schema unless a schema is given) or a :class:`unibus.openapi.Response`
+    (another content type, headers). The statuses the core answers for the
+    route (401, 503, 408, 413, 415, 417, 422 for a path parameter...) are
+    added to them (docs/plugins.md, "Documenting responses").
+    ``query`` documents the query parameters the handler reads (name -> JSON
+    Schema); path parameters are documented, and checked before the handler
+    runs, by the rules of :mod:`unibus.inputs`; ``path_params`` documents a
+    stricter rule the handler checks itself (name -> JSON Schema).
     ``Expect: 100-continue`` is answered only once the signature was accepted
     (docs/http-api.md).
     """
@@ -199,11 +292,11 @@ def add_route(
     if not signed and (path == "/v1" or path.startswith("/v1/")):
         raise ValueError(f"{method} {path}: every route under /v1/ is signed; drop signed=False "
                          "or serve it outside /v1/ with namespaced=False")
-    app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else None)
+    app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else open_continue)
     app[OPENAPI_DOC].add_operation(
         method, path, summary=summary, responses=responses, signed=signed,
         request_schema=request_schema, request_content_type=request_content_type, tags=tags,
-        operation_id=getattr(handler, "__name__", None), query=query,
+        operation_id=getattr(handler, "__name__", None), query=query, path_params=path_params,
     )
     return path
 
@@ -222,8 +315,29 @@ def state_dir(app: web.Application, plugin: str | None = None) -> Path:
     return state_dir_of(app[SETTINGS].data_dir, plugin)
 
 
+def add_schema(app: web.Application, name: str, schema: dict[str, Any]) -> dict[str, str]:
+    """Name a JSON Schema in ``/openapi.json`` (``components/schemas/<name>``)
+    and return its ``$ref``, for ``responses`` and other schemas to use."""
+    return app[OPENAPI_DOC].add_schema(name, schema)
+
+
 def current_posture(app: web.Application) -> dict[str, Any]:
-    return compute_posture(app[SETTINGS], app[PLUGINS])
+    """The posture of the running node. A ``posture`` hook that fails now is logged, counted
+    and left out, so its facts count as not holding (fail closed), and /healthz still answers."""
+    reports = app[PLUGINS].call_each_safe("posture", settings=app[SETTINGS])
+    return merge_posture((r for _, r in reports), app[SETTINGS])
+
+
+def health_state(app: web.Application) -> HealthState:
+    """The node's health as the prober last saw it (no I/O); degraded before it ran."""
+    prober = app.get(HEALTH)
+    if prober is not None:
+        return prober.state()
+    supervisor: NatsSupervisor | None = app[SUPERVISOR]  # type: ignore[assignment]
+    connected = app[BUS].connected
+    running = supervisor is None or supervisor.running
+    return HealthState(ok=False, connected=connected, jetstream=False, nats_running=running,
+                       routes=0 if app[SETTINGS].cluster_name else None)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -233,32 +347,24 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def healthz_body(app: web.Application) -> dict[str, Any]:
-    settings, bus = app[SETTINGS], app[BUS]
+    """The /healthz body, from in-memory state only (docs/http-api.md, "GET /healthz"):
+    it answers at once whatever NATS is doing."""
+    settings = app[SETTINGS]
     supervisor: NatsSupervisor | None = app[SUPERVISOR]  # type: ignore[assignment]
-    nonces = app[EXTRA].get("nonces")
-    # JetStream answers *and* the nonce bucket is there: without it no signed
-    # request can be served, so the node is degraded.
-    jetstream = await (nonces.available() if nonces is not None else bus.jetstream_ok(timeout=1.0))
-    store = app.get(STORE)
-    if jetstream and store is not None:
-        jetstream = await store.available()  # a cluster's state bucket has a leader
-    connected = bus.connected
-    ok = connected and jetstream and (supervisor is None or supervisor.running)
+    state = health_state(app)
     cluster = None
     if settings.cluster_name:
-        system_bus = app[EXTRA].get("system_bus")
-        peers = await system_bus.route_peers() if system_bus is not None else None
-        cluster = {"name": settings.cluster_name, "routes": peers or 0}
+        cluster = {"name": settings.cluster_name, "routes": state.routes or 0}
     body: dict[str, Any] = {
-        "status": "ok" if ok else "degraded",
+        "status": "ok" if state.ok else "degraded",
         "version": __version__,
         "node": settings.server_name,
         "posture": current_posture(app),
         "nats": {
             "mode": "embedded" if settings.embedded else "external",
             "url": settings.nats_public_url,
-            "connected": connected,
-            "jetstream": jetstream,
+            "connected": state.connected,
+            "jetstream": state.jetstream,
             "restarts": supervisor.restarts if supervisor is not None else 0,
             "kv_replicas": settings.kv_replicas,
             "cluster": cluster,
@@ -304,11 +410,15 @@ def make_app(
     store: Store | None = None,
     *,
     middlewares: list[Any] | None = None,
+    metrics: Metrics | None = None,
 ) -> web.Application:
     """The control-plane application; plugins add their routes in ``startup``."""
-    app = web.Application(middlewares=[problem_middleware, *(middlewares or []), path_params_middleware],
+    metrics = metrics if metrics is not None else Metrics(node=settings.server_name, process=False)
+    app = web.Application(middlewares=[metrics_middleware(metrics), problem_middleware, *(middlewares or []),
+                                       path_params_middleware],
                           client_max_size=MAX_JSON_BODY)
     app[SETTINGS] = settings.for_plugins()  # no secret reaches a hook
+    app[METRICS] = metrics
     app[PLUGINS] = plugins
     app[BUS] = bus
     app[SUPERVISOR] = supervisor
@@ -317,8 +427,12 @@ def make_app(
     app[OPENAPI_DOC] = OpenAPI()
     app[EXTRA] = {"started": time.time()}
     app[STASHES] = {}
+    health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)
     add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,
-              responses={200: "serving", 503: "degraded: NATS or JetStream unavailable"}, tags=["health"])
+              responses={200: ("serving", health),
+                         503: Response("degraded (NATS, JetStream or the nonce bucket unavailable): the same body "
+                                       'with "status": "degraded"', health, JSON)},
+              tags=["health"])
     add_route(app, "GET", "/openapi.json", openapi_json, summary="This OpenAPI document", signed=False,
-              responses={200: "the document"}, tags=["meta"])
+              responses={200: ("the document", OPENAPI_SCHEMA)}, tags=["meta"])
     return app

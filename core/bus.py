@@ -90,6 +90,15 @@ class Bus:
         self.tls = tls
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        #: called (no arguments, synchronously) on every disconnect and reconnect: the health prober wakes up
+        self.state_listeners: list[Callable[[], None]] = []
+
+    def _state_changed(self) -> None:
+        for listener in list(self.state_listeners):
+            try:
+                listener()
+            except Exception:  # noqa: BLE001 - a listener must not break the connection's callbacks
+                log.exception("bus state listener failed")
 
     async def connect(self, timeout: float = 10.0, jetstream_timeout: float = 10.0, check_jetstream: bool = True) -> None:
         tls_errors: list[Exception] = []
@@ -104,9 +113,11 @@ class Bus:
 
         async def _disc() -> None:
             log.warning("disconnected from NATS at %s", self.url)
+            self._state_changed()
 
         async def _reconn() -> None:
             log.info("reconnected to NATS at %s", self.url)
+            self._state_changed()
 
         kwargs: dict = {}
         if self.tls is not None:

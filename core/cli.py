@@ -12,7 +12,9 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .errors import ConfigError, UnibusError
@@ -22,7 +24,7 @@ from .settings import Settings, add_core_arguments, add_plugin_arguments, build_
 log = logging.getLogger("unibus.cli")
 
 PROG = "membershipd"
-COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "posture", "plugins")
+COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "backup", "restore", "posture", "plugins")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -73,6 +75,9 @@ _DESCRIPTIONS = {
     "member": "Offline member bootstrap: 'member add' writes a member into the store (SIGHUP a running daemon).",
     "migrate-to-kv": "Copy the membership log, members, rooms and sealed keys from the SQLite store into the "
                      "cluster's JetStream KV.",
+    "backup": "Write an online, consistent snapshot of the state (a single node's, or a cluster's with "
+              "--nats-url) into one archive.",
+    "restore": "Restore a backup archive into an empty data directory, checking all of it first.",
     "posture": "Print the posture this configuration would report; exit 0 when enforce+acl+tls.",
     "plugins": "List the loaded plugins with their distribution, version and hooks.",
 }
@@ -297,25 +302,36 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
-    import asyncio
-    import ssl
-    from urllib.parse import urlsplit
+def _add_nats_target_arguments(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
+    """The connection flags of the commands that reach a node's NATS (migrate-to-kv, backup)."""
+    from .servicekey import SERVICE_NKEY_FILE
 
-    from .servicekey import SERVICE_NKEY_FILE, load_nkey_seed
-    from .settings import redact_url
-
-    parser = _Parser(prog=f"{PROG} migrate-to-kv", description=_DESCRIPTIONS["migrate-to-kv"])
-    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
-    parser.add_argument("--nats-url", required=True, metavar="URL", help="the target NATS (a node's loopback URL)")
+    parser.add_argument("--nats-url", required=required, metavar="URL", help=what)
     parser.add_argument("--ca", metavar="PATH", help="CA that verifies the target's TLS certificate (required off loopback)")
     parser.add_argument("--cert", metavar="PATH", help="client certificate for a target that verifies clients (with --key, --ca)")
     parser.add_argument("--key", metavar="PATH", help="the client certificate's private key (mode 0600)")
     parser.add_argument("--nkey-seed-file", metavar="PATH",
                         help=f"the nkey seed to authenticate with (default <data-dir>/{SERVICE_NKEY_FILE})")
-    parser.add_argument("--kv-replicas", type=int, choices=(1, 3, 5), default=1, metavar="N",
-                        help="replicas if the bucket must be created (an existing bucket keeps its own; default 1)")
-    ns = parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class _NatsTarget:
+    """A checked ``--nats-url`` with its TLS files (no file read yet)."""
+
+    url: str
+    netloc: str
+    ca: Path | None
+    cert: Path | None
+    key: Path | None
+
+
+def _check_nats_target(ns: argparse.Namespace) -> _NatsTarget:
+    """The connection rules (docs/operations.md, "Operator commands"): a loopback target, or TLS
+    verified against ``--ca``; no credentials in the URL; ``--cert``/``--key`` together and with ``--ca``."""
+    from urllib.parse import urlsplit
+
+    from .settings import redact_url
+
     parts = urlsplit(ns.nats_url)
     if parts.scheme not in ("nats", "tls") or not parts.hostname:
         raise ConfigError(f"--nats-url: {redact_url(ns.nats_url)!r} must be nats://HOST:PORT or tls://HOST:PORT")
@@ -336,28 +352,57 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     for flag, path in (("--cert", cert), ("--key", key)):
         if path is not None and not path.is_file():
             raise ConfigError(f"{flag}: {path} is not a readable file")
-    data_dir = resolve_data_dir(ns)
-    db = data_dir / "membershipd.db"
-    if not db.exists():
-        raise ConfigError(f"--data-dir: {db} does not exist; nothing to copy (run membershipd member add first)")
+    return _NatsTarget(ns.nats_url, parts.netloc, ca, cert, key)
+
+
+def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Path) -> tuple[str, Any, Any]:
+    """``(url, seed, TLS context or None)``: the seed of ``--nkey-seed-file`` (default
+    ``<data-dir>/service.nkey``, mode 0600) and TLS verified against ``--ca`` (``tls://``)."""
+    from .servicekey import SERVICE_NKEY_FILE, load_nkey_seed
+
     seed_file = Path(ns.nkey_seed_file).expanduser() if ns.nkey_seed_file else data_dir / SERVICE_NKEY_FILE
     try:
         seed, _ = load_nkey_seed(seed_file)
     except UnibusError as e:
         raise ConfigError(f"--nkey-seed-file: {e}") from None
-    tls = None
-    url = ns.nats_url
-    if ca is not None:
-        from .tls import TLSFileError, client_context
+    if target.ca is None:
+        return target.url, seed, None
+    from .tls import TLSFileError, client_context
 
-        try:  # verifies chain and host name; presents --cert if given
-            tls = client_context(ca, cert, key, names=("--ca", "--cert", "--key"))
-        except TLSFileError as e:
-            raise ConfigError(str(e)) from None
-        url = "tls://" + parts.netloc
+    try:  # verifies chain and host name; presents --cert if given
+        tls = client_context(target.ca, target.cert, target.key, names=("--ca", "--cert", "--key"))
+    except TLSFileError as e:
+        raise ConfigError(str(e)) from None
+    return "tls://" + target.netloc, seed, tls
+
+
+def _warn(message: str) -> None:
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
+def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
+    import asyncio
+    import ssl
+
+    from .settings import redact_url
+
+    parser = _Parser(prog=f"{PROG} migrate-to-kv", description=_DESCRIPTIONS["migrate-to-kv"])
+    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_nats_target_arguments(parser, required=True, what="the target NATS (a node's loopback URL)")
+    parser.add_argument("--kv-replicas", type=int, choices=(1, 3, 5), default=1, metavar="N",
+                        help="replicas if the bucket or the blob store must be created (an existing one keeps its "
+                             "own; default 1)")
+    ns = parser.parse_args(argv)
+    target = _check_nats_target(ns)
+    data_dir = resolve_data_dir(ns)
+    db = data_dir / "membershipd.db"
+    if not db.exists():
+        raise ConfigError(f"--data-dir: {db} does not exist; nothing to copy (run membershipd member add first)")
+    url, seed, tls = _open_nats_target(ns, target, data_dir)
 
     async def run() -> dict[str, int]:
         from .bus import Bus
+        from .plugins.blobstore.archive import copy_to_object_store
         from .store.db import migrate
         from .store.kv import KvStore, copy_store
         from .store.sqlite import SqliteStore
@@ -369,25 +414,133 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
         try:
             dst = KvStore(bus.js, replicas=ns.kv_replicas)
             await dst.ensure()
-            return await copy_store(src, dst)
+            counts = await copy_store(src, dst)
+
+            async def room_exists(room_id: str) -> bool:
+                return await dst.get_room(room_id) is not None
+
+            # The blobs last: the object store keeps only blobs of rooms the bucket has.
+            counts["blobs"] = await copy_to_object_store(bus.js, data_dir / "blobs", replicas=ns.kv_replicas,
+                                                         room_exists=room_exists, warn=_warn)
+            return counts
         finally:
             await src.close()
             await bus.close()
 
     from .errors import RuntimeFailure
+    from .plugins.blobstore.backend import BlobError
     from .store.base import StoreError
 
     try:
         counts = asyncio.run(run())
-    except (StoreError, ssl.SSLError, OSError) as e:
+    except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
     print(f"copied {counts['log_entries']} membership log entr{'y' if counts['log_entries'] == 1 else 'ies'}, "
           f"{counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
-          f"epoch(s) to {redact_url(url)}" + ("" if any(counts.values()) else " (already there: nothing to do)"))
+          f"epoch(s), {counts['blobs']} blob(s) to {redact_url(url)}"
+          + ("" if any(counts.values()) else " (already there: nothing to do)"))
     return 0
 
 
-HANDLERS = {"serve": cmd_serve, "migrate-to-kv": cmd_migrate_to_kv, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
+def _cluster_node_data_dir(data_dir: Path) -> bool:
+    """Whether ``data_dir`` belongs to a cluster node: its generated nats.conf has a cluster block."""
+    try:
+        return "cluster" in json.loads((data_dir / "nats.conf").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def cmd_backup(argv: Sequence[str]) -> int:
+    import asyncio
+    import ssl
+
+    from .backup import backup_cluster, backup_single
+    from .errors import RuntimeFailure
+    from .settings import redact_url
+
+    parser = _Parser(prog=f"{PROG} backup", description=_DESCRIPTIONS["backup"])
+    parser.add_argument("--out", required=True, metavar="FILE",
+                        help="the archive to write (a new file; gzip-compressed when it ends in .gz or .tgz)")
+    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_nats_target_arguments(parser, required=False,
+                               what="back up a cluster through this node's NATS (its loopback URL) instead of the "
+                                    "single node in --data-dir")
+    ns = parser.parse_args(argv)
+    out = Path(ns.out).expanduser()
+    if out.exists() or out.is_symlink():
+        raise ConfigError(f"--out: {out} exists; backup never overwrites a file: give a new name")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out: {out.parent} is not a directory; create it first")
+    if not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out: cannot write in {out.parent}; choose a writable directory")
+    data_dir = resolve_data_dir(ns)
+    if ns.nats_url is None:
+        for flag in ("ca", "cert", "key", "nkey_seed_file"):
+            if getattr(ns, flag):
+                raise ConfigError(f"--{flag.replace('_', '-')} goes with --nats-url (a cluster backup); drop it to "
+                                  "back up the single node in --data-dir")
+        if not (data_dir / "membershipd.db").is_file():
+            raise ConfigError(f"--data-dir: {data_dir / 'membershipd.db'} does not exist; nothing to back up")
+        if _cluster_node_data_dir(data_dir):
+            raise ConfigError(f"--data-dir: {data_dir} belongs to a cluster node, whose state is in JetStream; "
+                              "back up the cluster with --nats-url (the node's loopback NATS URL)")
+        try:
+            result = backup_single(data_dir, out, _warn)
+        except OSError as e:
+            raise RuntimeFailure(f"backup of {data_dir} failed: {type(e).__name__}: {e} (a file vanished while it "
+                                 "was read? was membershipd started meanwhile? run backup again)") from None
+    else:
+        target = _check_nats_target(ns)
+        url, seed, tls = _open_nats_target(ns, target, data_dir)
+
+        async def run() -> Any:
+            from .bus import Bus
+
+            bus = Bus(url, seed, name="membershipd-backup", tls=tls)
+            await bus.connect(timeout=10, jetstream_timeout=30)
+            try:
+                info = getattr(bus.nc, "_server_info", None) or {}
+                return await backup_cluster(bus.js, str(info.get("server_name") or target.netloc), out, _warn)
+            finally:
+                await bus.close()
+
+        from .plugins.blobstore.backend import BlobError
+        from .store.base import StoreError
+
+        try:
+            result = asyncio.run(run())
+        except (StoreError, BlobError, ssl.SSLError, OSError) as e:
+            raise RuntimeFailure(f"backup through {redact_url(url)} failed: {type(e).__name__}: {e}") from None
+    print(result.summary())
+    return 0
+
+
+def cmd_restore(argv: Sequence[str]) -> int:
+    from .backup import restore
+
+    parser = _Parser(prog=f"{PROG} restore", description=_DESCRIPTIONS["restore"])
+    parser.add_argument("--in", dest="archive", required=True, metavar="FILE", help="the archive membershipd backup wrote")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="the directory to restore into: empty or new [UNIBUS_DATA_DIR] (default ./local_files)")
+    ns = parser.parse_args(argv)
+    archive = Path(ns.archive).expanduser()
+    if not archive.is_file():
+        raise ConfigError(f"--in: {archive} is not a readable file")
+    data_dir = Path(os.path.abspath(resolve_data_dir(ns)))
+    result = restore(archive, data_dir)
+    print(result.summary())
+    root = result.facts.trust_root
+    if root and root == result.manifest.get("trust_root"):
+        print(f"trust root fingerprint: {root} (unchanged: members keep their pin)")
+    elif root:  # a store from before the membership log: the migration wrote its entry 0
+        print(f"trust root fingerprint: {root} (new: members pin it with `unibus trust {root}`)")
+    print(f"start membershipd with --data-dir {data_dir}; it makes a new service.nkey, system.nkey and nats.conf"
+          + ("; to make a cluster of it, run membershipd migrate-to-kv from this directory"
+             if result.manifest["kind"] == "cluster" else ""))
+    return 0
+
+
+HANDLERS = {"serve": cmd_serve, "migrate-to-kv": cmd_migrate_to_kv, "backup": cmd_backup, "restore": cmd_restore, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
 
 
 def _top_help() -> str:

@@ -28,11 +28,14 @@ from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EVENTS, EXTRA, SERVER_OPTIONS, make_app
-from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
+from .app import EVENTS, EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
+from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
+                   nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
+from .health import HealthProber
+from .metrics import Metrics, MetricsServer, StateCounts
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager, running_plugin
 from .posture import cluster_gate, compute_posture, startup_posture
@@ -102,6 +105,22 @@ def _https_context(settings: Settings) -> ssl.SSLContext | None:
         raise ConfigError(f"--http-tls-cert/--http-tls-key: cannot be used for HTTPS ({e})") from None
 
 
+def _metrics_tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The metrics listener's TLS context (--metrics-tls-cert/--metrics-tls-key; with
+    --metrics-tls-ca a scraper must present a certificate signed by that CA), or None."""
+    if not (settings.metrics_tls_cert and settings.metrics_tls_key):
+        return None
+    try:
+        ctx = server_context(settings.metrics_tls_cert, settings.metrics_tls_key)
+        if settings.metrics_tls_ca is not None:
+            ctx.verify_mode = ssl.CERT_REQUIRED
+            ctx.load_verify_locations(cafile=str(settings.metrics_tls_ca))
+        return ctx
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"--metrics-tls-cert/--metrics-tls-key/--metrics-tls-ca: cannot be used for HTTPS "
+                          f"({e})") from None
+
+
 class Daemon:
     """One running membershipd: owns the supervisor, the bus connection and the HTTP site."""
 
@@ -116,6 +135,10 @@ class Daemon:
         self._system_seed = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
+        self.metrics = Metrics(node=settings.server_name)
+        self.metrics.plugins = plugins
+        self.metrics_server: MetricsServer | None = None
+        self.health: HealthProber | None = None
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_hooks = False
@@ -127,15 +150,19 @@ class Daemon:
         s = self.settings
         body_timeout = body_timeout_from_env(os.environ)
         self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
+        nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         for warning in insecure_plaintext_warnings(s):
             log.warning("%s", warning)
         http_tls = _https_context(s)
+        metrics_tls = _metrics_tls_context(s)
         binary = find_nats_server(s.nats_server_bin) if s.embedded else None
         prepare_data_dir(s.data_dir)
         check_port_free("--http-addr", s.http_addr)
         if s.embedded:
             check_port_free("--nats-addr", s.nats_addr)
+        if s.metrics_addr is not None:
+            check_port_free("--metrics-addr", s.metrics_addr)
         await asyncio.to_thread(migrate, s.db_path)
         seed, _public = ensure_service_nkey(s.data_dir)
         if s.embedded:
@@ -153,9 +180,11 @@ class Daemon:
                 env=nats_server_environment(), forward_levels=forward_levels(config),
             )
             await self.supervisor.start()
+            self.metrics.supervisor = self.supervisor
 
         tls = embedded_tls_context(s.tls_cert, s.tls_key, s.tls_ca) if s.embedded and s.tls_cert else None
         self.bus = Bus(s.nats_client_url, seed, tls=tls)
+        self.metrics.bus = self.bus
         # A forming cluster has no JetStream until a quorum of nodes is up.
         js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
         await self.bus.connect(jetstream_timeout=js_wait)
@@ -167,18 +196,40 @@ class Daemon:
             self.store = kv
         else:
             self.store = SqliteStore(s.db_path)
-        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
+        # The high-water mark of signed requests lives in the store (durable); the
+        # nonces in memory (docs/operations.md, "Durability").
+        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
+                            max_bytes=nonce_max_bytes, exclusive=s.embedded and not s.clustered,
+                            node=s.server_name)
         await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
         await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
         self.nonces = nonces
+        self.metrics.nonces = nonces
+        counts = StateCounts(self.store)
+        await counts.refresh()
+        self.store.add_listener(counts.on_change)
+        self.store.add_listener(self.metrics.store_changed)
+        self.metrics.counts = counts
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
-                            middlewares=[auth_middleware(authenticator, body_timeout=body_timeout)])
+                            middlewares=[auth_middleware(authenticator, body_timeout=body_timeout)],
+                            metrics=self.metrics)
         if self._system_seed is not None:
             self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
             self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[EXTRA]["nonces"] = nonces
+        # /healthz reads what this prober keeps; it makes no round trip itself (docs/http-api.md)
+        self.health = HealthProber(self.bus, nonces=nonces, store=self.store, supervisor=self.supervisor,
+                                   route_peers=self.system_bus.route_peers if self.system_bus is not None else None,
+                                   clustered=s.clustered)
+        self.bus.state_listeners.append(self.health.wake)
+        await self.health.probe_once()
+        self.health.start()
+        self.app[HEALTH] = self.health
+        self.metrics.health = self.health
+        app = self.app
+        self.metrics.posture = lambda: current_posture(app)
         for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
             register(self.app)
         await self.start_plugins()
@@ -194,6 +245,13 @@ class Daemon:
             await site.start()
         except OSError as e:
             raise RuntimeFailure(f"--http-addr {s.http_addr}: cannot listen ({e.strerror})") from None
+        if s.metrics_addr is not None:
+            self.metrics_server = MetricsServer(self.metrics, s.metrics_addr.host, s.metrics_addr.port, metrics_tls)
+            try:
+                await self.metrics_server.start()
+            except OSError as e:
+                raise RuntimeFailure(f"--metrics-addr {s.metrics_addr}: cannot listen ({e.strerror})") from None
+            log.info("metrics on %s://%s/metrics", s.metrics_scheme, s.metrics_addr)
         log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
                  s.nats_client_url, s.server_name)
         sd_notify("READY=1")
@@ -261,24 +319,32 @@ class Daemon:
                     if inspect.isawaitable(res):
                         await asyncio.wait_for(res, remaining)
             except TimeoutError:
+                self.plugins.hook_failed(name, "shutdown")
                 log.error("plugin %s: shutdown did not finish in time; cancelled", name)
             except Exception as e:
+                self.plugins.hook_failed(name, "shutdown")
                 log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
 
     async def wait(self) -> None:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """HTTP first, then plugins' shutdown hooks, then NATS."""
+        """HTTP and the metrics listener first (together: one share of the stop budget),
+        then plugins' shutdown hooks, then NATS."""
+        listeners = []
+        if self.metrics_server is not None:
+            listeners.append(self.metrics_server.stop())
         if self.runner is not None:
-            with contextlib.suppress(Exception):
-                await self.runner.cleanup()
+            listeners.append(self.runner.cleanup())
+        await asyncio.gather(*listeners, return_exceptions=True)
         if self.events is not None:
             self.events.stop()
         if self.app is not None:
             await self._shutdown_plugins()
         for task in list(self._tasks):
             task.cancel()
+        if self.health is not None:
+            await self.health.stop()
         if self.store is not None:
             with contextlib.suppress(Exception):
                 await self.store.close()

@@ -87,7 +87,10 @@ def posture(settings: Settings) -> dict[str, Any]:
     any listener is plaintext, and computes ``summary``. Called at start-up,
     before the cluster gate, by ``membershipd posture`` and on every
     ``/healthz``; it must be cheap and must not do I/O: check files and
-    refuse bad combinations in ``validate_settings``, which runs first.
+    refuse bad combinations in ``validate_settings``, which runs first. An
+    exception at start-up stops membershipd; while serving it is logged,
+    counted (``unibus_plugin_hook_errors_total``) and the plugin's facts are
+    left out, so they count as not holding.
     """
 
 
@@ -100,11 +103,13 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
     as ``"nats_monitor": {"enabled": true}``), so a plugin cannot touch the
     core's keys or another plugin's. A dict whose only key is the plugin's
     name and holds a dict (the form of plugin API 1) is unwrapped; an empty
-    dict or None adds nothing. An exception is logged and the plugin left out.
+    dict or None adds nothing.
     Called on every ``/healthz`` request; must be cheap and must not block
-    (no network round trips). ``app`` is the running aiohttp application, whose
-    state (settings, NATS connection, store) is reachable through the
-    ``unibus.app`` keys.
+    (no network round trips: ``/healthz`` answers at once whatever NATS is
+    doing, so keep what you report current in the background). ``app`` is
+    the running aiohttp application, whose state (settings, NATS connection,
+    store, metrics) is reachable through the ``unibus.app`` keys. An
+    exception is logged and counted, and the plugin's fields are left out.
     """
 
 
@@ -116,11 +121,12 @@ def startup(app: web.Application) -> Any:
     port opens, plugin after plugin in the call order (docs/plugins.md,
     "Order"), each awaited before the next starts. May be a coroutine
     function. It may add HTTP routes (``unibus.app.add_route``, under
-    ``/v1/plugins/<plugin name>/``) and start background tasks. An exception
-    stops membershipd with exit 1 (exit 2 for :class:`unibus.ConfigError`)
-    and a message naming the plugin; the plugins that already started are
-    shut down, in reverse order, and the failing one is not: clean up what it
-    began before raising.
+    ``/v1/plugins/<plugin name>/``), make its metrics
+    (``app[unibus.app.METRICS].plugin(name)``) and start background tasks.
+    An exception stops membershipd with exit 1 (exit 2 for
+    :class:`unibus.ConfigError`) and a message naming the plugin; the
+    plugins that already started are shut down, in reverse order, and the
+    failing one is not: clean up what it began before raising.
     """
 
 

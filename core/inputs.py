@@ -24,6 +24,7 @@ from .wire import HANDLE_PATTERN, HANDLE_RE
 __all__ = [
     "EPOCH_MAX",
     "EPOCH_MIN",
+    "GENERIC_PARAM_PATTERN",
     "MAX_JSON_DEPTH",
     "MAX_PATH_PARAM",
     "MAX_SAFE_INT",
@@ -60,6 +61,8 @@ PATH_PARAMS: dict[str, tuple[re.Pattern[str], str, str]] = {
 }
 _DIGITS = re.compile(r"\A[0-9]{1,20}\Z")  # ASCII digits only: int() would take "٣", "1_0", " 7", "+7"
 _GENERIC_PARAM = re.compile(r"\A[\x21-\x7e]{1,%d}\Z" % MAX_PATH_PARAM)
+#: The same rule in the portable spelling, for /openapi.json (``!`` is 0x21, ``~`` 0x7e).
+GENERIC_PARAM_PATTERN = "^[!-~]{1,%d}$" % MAX_PATH_PARAM
 
 
 def invalid(field: str, why: str) -> Problem:
@@ -203,4 +206,4 @@ def path_param_schema(name: str) -> dict[str, Any]:
     rule = PATH_PARAMS.get(name)
     if rule is not None:
         return {"type": "string", "pattern": rule[1]}
-    return {"type": "string", "minLength": 1, "maxLength": MAX_PATH_PARAM}
+    return {"type": "string", "minLength": 1, "maxLength": MAX_PATH_PARAM, "pattern": GENERIC_PARAM_PATTERN}

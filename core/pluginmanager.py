@@ -154,6 +154,8 @@ class PluginManager:
         self._blocked_eps: dict[str, importlib.metadata.EntryPoint] = {}
         #: plugins that could not be used, ``{name: PluginInfo with error}``
         self.broken: dict[str, PluginInfo] = {}
+        #: hook calls that raised, ``{(plugin, hook): count}`` (unibus_plugin_hook_errors_total)
+        self.hook_errors: dict[tuple[str, str], int] = {}
         #: installed plugins that ``only`` left out
         self.not_loaded: tuple[str, ...] = ()
         self._installed: set[str] = set()
@@ -333,6 +335,11 @@ class PluginManager:
 
     # -- hook calls that need plugin names (for options and error messages) ---
 
+    def hook_failed(self, plugin: str, hook_name: str) -> None:
+        """Count a failed hook call (exported as ``unibus_plugin_hook_errors_total{plugin,hook}``)."""
+        key = (plugin, hook_name)
+        self.hook_errors[key] = self.hook_errors.get(key, 0) + 1
+
     def _impls(self, hook_name: str) -> list[tuple[str, Any]]:
         """``(plugin name, hookimpl)`` in call order (wrappers are refused at registration)."""
         out = []
@@ -354,10 +361,13 @@ class PluginManager:
                 with running_plugin(name):
                     res = impl.function(**{a: kwargs[a] for a in impl.argnames})
             except ConfigError as e:
+                self.hook_failed(name, hook_name)
                 raise _named(e, name, hook_name) from e
             except RuntimeFailure:
+                self.hook_failed(name, hook_name)
                 raise
             except Exception as e:
+                self.hook_failed(name, hook_name)
                 raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
             results.append((name, res))
         return results
@@ -374,6 +384,7 @@ class PluginManager:
                 with running_plugin(name):
                     results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
             except Exception:
+                self.hook_failed(name, hook_name)
                 log.exception("plugin %s: %s failed", name, hook_name)
         return results
 
@@ -395,10 +406,13 @@ class PluginManager:
                 if inspect.isawaitable(res):
                     res = await res
             except ConfigError as e:  # exit 2, also from a coroutine (docs/plugins.md, "Errors and exit codes")
+                self.hook_failed(name, hook_name)
                 raise _named(e, name, hook_name) from e
             except RuntimeFailure:
+                self.hook_failed(name, hook_name)
                 raise
             except Exception as e:
+                self.hook_failed(name, hook_name)
                 raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
         return res
 

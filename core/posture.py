@@ -7,7 +7,7 @@ what follows. Facts: ``bus_auth`` ("enforce"/"off"), ``acl`` and ``tls``
 ``plaintext`` or ``none`` (no such listener).
 
 The core reports the listeners it opens itself (HTTP, the embedded NATS
-client port); the route_tls plugin reports the routes of a clustered node.
+client port, the metrics listener); the route_tls plugin reports the routes of a clustered node.
 ``tls`` holds when every listener is loopback, TLS or absent, a clustered
 node's routes use mutual TLS, and no plugin reports ``tls: false``. A fact no
 plugin reports counts as not holding. ``summary`` joins the facts that hold in
@@ -40,7 +40,7 @@ SECURE_STATES = frozenset({"loopback", "tls", "mtls", "none"})
 LISTENER_FIX = {
     **LISTENER_TLS_FLAGS,
     "routes": "mutual route TLS: --route-tls-cert/--route-tls-key/--route-tls-ca, route_tls plugin",
-    "metrics": "TLS on --metrics-addr, or bind it to 127.0.0.1",
+    "metrics": "--metrics-tls-cert/--metrics-tls-key, or bind --metrics-addr to 127.0.0.1",
 }
 
 #: The built-in plugin that reports each fact: named when a flag asks for a fact nobody reports.
@@ -66,8 +66,9 @@ def core_listeners(settings: Settings) -> dict[str, str]:
         "http": listener_state(settings.http_addr.host, tls=bool(settings.http_tls_cert)),
         "nats": (listener_state(settings.nats_addr.host, tls=bool(settings.tls_cert), mutual=bool(settings.tls_ca))
                  if settings.embedded else "none"),
-        # --metrics-addr comes in a later change; there is no metrics listener yet.
-        "metrics": "none",
+        "metrics": (listener_state(settings.metrics_addr.host, tls=bool(settings.metrics_tls_cert),
+                                   mutual=bool(settings.metrics_tls_ca))
+                    if settings.metrics_addr is not None else "none"),
     }
 
 

@@ -27,6 +27,8 @@ from .tls import TLSFileError, check_pair, load_certificates
 DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
 DEFAULT_NATS_ADDR = "127.0.0.1:4250"
 DEFAULT_CLUSTER_ADDR = "0.0.0.0:6250"
+#: Where the systemd units serve Prometheus metrics (``--metrics-addr`` is off by default).
+UNIT_METRICS_ADDR = "127.0.0.1:9470"
 DEFAULT_AUTH_SKEW = 60
 #: The largest --auth-skew: a signed request can be replayed for twice this long
 #: if its nonce is lost, and clients check the membership log's ``created`` order
@@ -119,6 +121,12 @@ class Settings:
     tls_ca: Path | None = None
     http_tls_cert: Path | None = None
     http_tls_key: Path | None = None
+    #: ``--metrics-addr``: Prometheus metrics (docs/operations.md, "Metrics"); None: no metrics listener.
+    metrics_addr: HostPort | None = None
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    #: ``--metrics-tls-ca``: scrapers must present a certificate signed by this CA.
+    metrics_tls_ca: Path | None = None
     insecure_plaintext: bool = False
     server_name: str = "unibus"
     kv_replicas: int = 1
@@ -152,6 +160,10 @@ class Settings:
     @property
     def http_scheme(self) -> str:
         return "https" if self.http_tls_cert else "http"
+
+    @property
+    def metrics_scheme(self) -> str:
+        return "https" if self.metrics_tls_cert else "http"
 
     @property
     def nats_public_url(self) -> str:
@@ -218,7 +230,8 @@ def is_loopback_host(host: str) -> bool:
 
 
 #: The flags that put TLS on each core listener (in refusals and posture messages).
-LISTENER_TLS_FLAGS = {"http": "--http-tls-cert/--http-tls-key", "nats": "--tls-cert/--tls-key"}
+LISTENER_TLS_FLAGS = {"http": "--http-tls-cert/--http-tls-key", "nats": "--tls-cert/--tls-key",
+                      "metrics": "--metrics-tls-cert/--metrics-tls-key"}
 
 
 def exposed_plaintext_listeners(settings: Settings) -> list[tuple[str, str, HostPort]]:
@@ -228,6 +241,9 @@ def exposed_plaintext_listeners(settings: Settings) -> list[tuple[str, str, Host
         out.append(("http", "--http-addr", settings.http_addr))
     if settings.embedded and not settings.tls_cert and not is_loopback_host(settings.nats_addr.host):
         out.append(("nats", "--nats-addr", settings.nats_addr))
+    if (settings.metrics_addr is not None and not settings.metrics_tls_cert
+            and not is_loopback_host(settings.metrics_addr.host)):
+        out.append(("metrics", "--metrics-addr", settings.metrics_addr))
     return out
 
 
@@ -286,7 +302,7 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 
 def parse_bool_env(value: str | None) -> bool:
-    """The boolean spellings of SPEC §3: ``1 true yes on`` / ``0 false no off`` / empty."""
+    """The boolean spellings of docs/operations.md ("Flags and environment"): ``1 true yes on`` / ``0 false no off`` / empty."""
     if value is None:
         return False
     v = value.strip().lower()
@@ -342,6 +358,11 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     a("--tls-ca", metavar="PATH", help="CA that verifies NATS client certificates")
     a("--http-tls-cert", metavar="PATH", help="serve the control plane over HTTPS with this certificate (PEM)")
     a("--http-tls-key", metavar="PATH", help="the HTTPS private key (PEM, mode 0600)")
+    a("--metrics-addr", metavar="HOST:PORT",
+      help=f"serve Prometheus metrics on GET /metrics there (default: off; the systemd units use {UNIT_METRICS_ADDR})")
+    a("--metrics-tls-cert", metavar="PATH", help="serve the metrics over HTTPS with this certificate (PEM)")
+    a("--metrics-tls-key", metavar="PATH", help="the metrics listener's HTTPS private key (PEM, mode 0600)")
+    a("--metrics-tls-ca", metavar="PATH", help="scrapers must present a client certificate signed by this CA")
     a("--insecure-plaintext", action="store_true", default=None,
       help="allow an exposed listener without TLS (development only; warned at start-up and on /healthz)")
     a("--server-name", metavar="NAME", help="NATS server_name (default: host name)")
@@ -417,23 +438,38 @@ def build_settings(
     http_tls = {k: _path_or_none(get(k)) for k in ("http_tls_cert", "http_tls_key")}
     if bool(http_tls["http_tls_cert"]) != bool(http_tls["http_tls_key"]):
         raise ConfigError("--http-tls-cert and --http-tls-key go together; give both or neither")
-    for k, p in (*tls.items(), *http_tls.items()):
+    metrics_addr = (_convert("--metrics-addr", get("metrics_addr"), parse_host_port)
+                    if get("metrics_addr") is not None else None)
+    metrics_tls = {k: _path_or_none(get(k)) for k in ("metrics_tls_cert", "metrics_tls_key", "metrics_tls_ca")}
+    if metrics_addr is None:
+        given = [k for k, p in metrics_tls.items() if p is not None]
+        if given:
+            raise ConfigError(f"--{given[0].replace('_', '-')} configures the metrics listener: it needs --metrics-addr")
+    if bool(metrics_tls["metrics_tls_cert"]) != bool(metrics_tls["metrics_tls_key"]):
+        raise ConfigError("--metrics-tls-cert and --metrics-tls-key go together; give both or neither")
+    if metrics_tls["metrics_tls_ca"] and not metrics_tls["metrics_tls_cert"]:
+        raise ConfigError("--metrics-tls-ca verifies scrapers' certificates and needs --metrics-tls-cert and "
+                          "--metrics-tls-key")
+    for k, p in (*tls.items(), *http_tls.items(), *metrics_tls.items()):
         if p is not None and not p.is_file():
-            hint = "" if k == "tls_ca" else " (deploy/generate-certs.sh makes a certificate and its key)"
+            hint = "" if k.endswith("_ca") else " (deploy/generate-certs.sh makes a certificate and its key)"
             raise ConfigError(f"--{k.replace('_', '-')}: {p} is not a readable file{hint}")
     for cert_flag, cert, key_flag, key in (("--tls-cert", tls["tls_cert"], "--tls-key", tls["tls_key"]),
                                            ("--http-tls-cert", http_tls["http_tls_cert"],
-                                            "--http-tls-key", http_tls["http_tls_key"])):
+                                            "--http-tls-key", http_tls["http_tls_key"]),
+                                           ("--metrics-tls-cert", metrics_tls["metrics_tls_cert"],
+                                            "--metrics-tls-key", metrics_tls["metrics_tls_key"])):
         if cert is not None and key is not None:
             try:
                 check_pair(cert_flag, cert, key_flag, key)
             except TLSFileError as e:
                 raise ConfigError(str(e)) from None
-    if tls["tls_ca"] is not None:
-        try:
-            load_certificates(tls["tls_ca"])
-        except TLSFileError as e:
-            raise ConfigError(f"--tls-ca: {e}") from None
+    for ca_flag, ca in (("--tls-ca", tls["tls_ca"]), ("--metrics-tls-ca", metrics_tls["metrics_tls_ca"])):
+        if ca is not None:
+            try:
+                load_certificates(ca)
+            except TLSFileError as e:
+                raise ConfigError(f"{ca_flag}: {e}") from None
 
     server_name = get("server_name") or socket.gethostname() or "unibus"
     if not _SERVER_NAME_RE.match(server_name):
@@ -500,8 +536,10 @@ def build_settings(
         disabled_plugins=tuple(disabled_plugins),
         options=types.MappingProxyType(options),
         insecure_plaintext=bool(get("insecure_plaintext")),
+        metrics_addr=metrics_addr,
         **tls,
         **http_tls,
+        **metrics_tls,
     )
     validate(settings)
     return settings
@@ -531,6 +569,13 @@ def validate(settings: Settings) -> None:
         raise ConfigError(f"--kv-replicas {s.kv_replicas} needs a cluster (--cluster-name); use 1 on a single node")
     if s.http_addr == s.nats_addr:
         raise ConfigError("--http-addr and --nats-addr must differ")
+    if s.metrics_addr is not None:
+        for flag, other in (("--http-addr", s.http_addr), ("--nats-addr", s.nats_addr if s.embedded else None)):
+            if other is not None and other.port == s.metrics_addr.port and (
+                    other.host == s.metrics_addr.host or "0.0.0.0" in (other.host, s.metrics_addr.host)
+                    or "::" in (other.host, s.metrics_addr.host)):
+                raise ConfigError(f"--metrics-addr {s.metrics_addr} and {flag} {other} are the same port; "
+                                  "give the metrics listener a port of its own (the units use 9470)")
     exposed = exposed_plaintext_listeners(s)
     if exposed and not s.insecure_plaintext:
         raise ConfigError(

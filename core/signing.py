@@ -14,7 +14,8 @@ Server side::
                        resolve_key=lookup, now=time.time(), skew=60)
     # then the caller checks (v.keyid, v.nonce) for replay
 
-``Signature-Input`` produced by :func:`sign_request` has the form of SPEC §5::
+``Signature-Input`` produced by :func:`sign_request` has the form docs/http-api.md
+("Signed requests") gives::
 
     sig1=("@method" "@path" "@query" "content-digest");created=<unix>;nonce="<n>";keyid="<handle>";alg="ed25519"
 
@@ -23,9 +24,12 @@ The headers are written by the http-message-signatures library
 serialized parameters and refuses to sign if it differs from ours; so every
 signature this module makes has been cross-checked against the library.
 
-Verification is a direct implementation (a fast path for exactly what
-:func:`sign_request` writes, in front of a strict Structured Fields parser;
-the signature base of RFC 9421 §2.5; libsodium's Ed25519 through PyNaCl).
+Verification is a direct implementation: one strict path that parses the
+fields with http_sfv (RFC 8941/9651; a repeated dictionary key is refused),
+builds the signature base of RFC 9421 §2.5 and checks Ed25519 with libsodium
+through PyNaCl; in front of it, a fast path for exactly what
+:func:`sign_request` writes, which the tests hold to the same result as the
+strict path for every input around it.
 Measured here with ``.venv/bin/python tests/core/test_signing.py``: ~87 µs per
 verify of a signed POST (of which ~9 µs is parsing and checks, the rest
 Ed25519), against ~520 µs through the library's ``HTTPMessageVerifier``
@@ -51,6 +55,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import http_sfv
 import nacl.bindings
 import nacl.exceptions
 import nacl.signing
@@ -72,6 +77,7 @@ __all__ = [
     "header_value",
     "make_nonce",
     "parse_content_digest",
+    "rejection_kind",
     "sign_request",
     "split_path_query",
     "verify_request",
@@ -79,9 +85,9 @@ __all__ = [
 
 ALG = "ed25519"
 DEFAULT_LABEL = "sig1"
-#: Default of ``membershipd --auth-skew`` (SPEC §3), seconds.
+#: Default of ``membershipd --auth-skew`` (docs/operations.md), seconds.
 DEFAULT_SKEW = 60
-#: SPEC §5: a nonce is 16-64 characters of ``[A-Za-z0-9_-]``.
+#: A nonce is 16-64 characters of ``[A-Za-z0-9_-]`` (docs/http-api.md, "Nonces").
 NONCE_RE = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 #: Components every signed request must cover (content-digest too when there is a body).
@@ -101,12 +107,31 @@ class SignatureError(Exception):
     """A request signature was missing or invalid.
 
     ``reason`` is short, specific and safe to show to the client (it never
-    contains key material or echoes attacker-chosen values).
+    contains key material or echoes attacker-chosen values). ``kind`` is one
+    of a few words for it (:func:`rejection_kind`), for counting.
     """
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = rejection_kind(reason)
+
+
+def rejection_kind(reason: str) -> str:
+    """The bounded kind of a :class:`SignatureError` reason: ``missing`` (no
+    signature headers), ``expired`` (``created``/``expires`` outside the window),
+    ``digest`` (Content-Digest), ``bad_signature`` (unknown keyid, or the
+    signature does not verify) or ``malformed`` (everything else: a header or
+    parameter that does not parse or is refused). unibus.metrics counts them."""
+    if reason in ("missing Signature-Input header", "missing Signature header"):
+        return "missing"
+    if "expired" in reason or "in the future" in reason:
+        return "expired"
+    if "content-digest" in reason.lower():
+        return "digest"
+    if reason in ("unknown keyid", "signature verification failed") or "not an Ed25519 public key" in reason:
+        return "bad_signature"
+    return "malformed"
 
 
 # Frozen: plugins share it as request["unibus.signature"].
@@ -199,17 +224,9 @@ def parse_content_digest(value: str) -> bytes:
         members = _parse_dictionary(value)
     except _SFError:
         raise SignatureError("malformed Content-Digest header") from None
-    found: bytes | None = None
-    seen = False
-    for key, item, _params in members:
-        if key != "sha-256":
-            continue
-        if seen:
-            raise SignatureError("malformed Content-Digest header")
-        seen = True
-        if not isinstance(item, bytes) or len(item) != 32:
-            raise SignatureError("malformed Content-Digest header: sha-256 must be 32 bytes")
-        found = item
+    found = getattr(members.get("sha-256"), "value", None)
+    if "sha-256" in members and (type(found) is not bytes or len(found) != 32):
+        raise SignatureError("malformed Content-Digest header: sha-256 must be 32 bytes")
     if found is None:
         raise SignatureError("Content-Digest must include sha-256")
     return found
@@ -252,6 +269,7 @@ def sign_request(
     created: int | None = None,
     nonce: str | None = None,
     label: str = DEFAULT_LABEL,
+    content_sha256: bytes | None = None,
 ) -> dict[str, str]:
     """Sign a request; return the headers to add to it.
 
@@ -259,8 +277,10 @@ def sign_request(
     the wire (``"/v1/rooms/abc/keys/me?epoch=3"``); with aiohttp pass the URL
     as ``yarl.URL(..., encoded=True)`` so that it is not re-encoded. When
     ``body`` is not ``None`` (even ``b""``), ``Content-Digest`` is returned and
-    covered. ``created`` defaults to now, ``nonce`` to 32 random URL-safe chars.
-    Raises ``ValueError`` for arguments that cannot be signed.
+    covered. A streamed body is signed by its SHA-256 instead: pass
+    ``body=None`` and ``content_sha256``. ``created`` defaults to now,
+    ``nonce`` to 32 random URL-safe chars. Raises ``ValueError`` for arguments
+    that cannot be signed.
     """
     from http_message_signatures import HTTPMessageSignaturesException, PreparedSignature
 
@@ -279,7 +299,12 @@ def sign_request(
 
     headers: dict[str, str] = {}
     components = list(REQUIRED_COMPONENTS)
-    if body is not None:
+    if content_sha256 is not None:
+        if body is not None or len(content_sha256) != 32:
+            raise ValueError("content_sha256 is the 32-byte SHA-256 of a streamed body (and body is None)")
+        headers["Content-Digest"] = "sha-256=:" + base64.b64encode(content_sha256).decode("ascii") + ":"
+        components.append("content-digest")
+    elif body is not None:
         headers["Content-Digest"] = content_digest(bytes(body))
         components.append("content-digest")
     if not isinstance(keyid, str) or not keyid:
@@ -287,7 +312,7 @@ def sign_request(
     params: list[tuple[str, Any]] = [("created", int(created)), ("nonce", nonce), ("keyid", keyid), ("alg", ALG)]
     values = {"@method": method, "@path": path, "@query": "?" + query, "content-digest": headers.get("Content-Digest")}
     try:
-        sig_params = _serialize_signature_params(components, params)
+        sig_params = _signature_params(components, params)
         base = _signature_base([(c, values[c]) for c in components], sig_params)
     except _BaseError as e:
         raise ValueError(f"cannot sign this request: {e}") from None
@@ -350,22 +375,14 @@ def check_request(
         if s is not None and s.group(1) == m.group(1):
             label, sig_params_text, digest_covered, created_text, nonce, keyid = m.groups()
             created = int(created_text)
-            if created > now + skew:
-                raise SignatureError("created is in the future")
-            if created < now - skew:
-                raise SignatureError("signature expired (created is too old)")
+            _check_window(created, now, skew)
             digest: bytes | None = None
             raw_digest: str | None = None
             if digest_covered is None:
                 if _has_body(headers, body):
                     raise SignatureError("signature does not cover content-digest")
             else:
-                raw_digest = _get_header(headers, "content-digest")
-                if raw_digest is None:
-                    raise SignatureError("missing Content-Digest header")
-                digest = parse_content_digest(raw_digest)
-                if body is not None and not hmac.compare_digest(digest, hashlib.sha256(body).digest()):
-                    raise SignatureError("Content-Digest does not match the body")
+                digest, raw_digest = _check_digest(headers, body)
             try:
                 base = _canonical_signature_base(method, path or "/", "?" + query, raw_digest, sig_params_text)
             except _BaseError as e:
@@ -389,41 +406,61 @@ def _check_general(
     skew: float,
 ) -> PendingSignature:
     """:func:`check_request` for any ``Signature-Input``/``Signature`` values
-    (``raw_input``/``raw_sig``, as :func:`_get_header` combines them)."""
-    # The fast paths accept only canonical serializations of what a unibus
-    # client sends and give the same result as the general parser (tested);
-    # anything else goes through the general parser.
-    fast = _fast_signature_input(raw_input)
-    if fast is not None:
-        inputs, sig_params_text = fast
-    else:
-        sig_params_text = None
-        try:
-            inputs = _parse_dictionary(raw_input)
-        except _SFError:
-            raise SignatureError("malformed Signature-Input header") from None
+    (``raw_input``/``raw_sig``, as :func:`_get_header` combines them): the one
+    strict path, parsing through http_sfv."""
+    label, member, signature = _one_signature(raw_input, raw_sig)
+    keyid, created, nonce = _check_params(dict(member.params), now, skew)
+    names = _covered_names(member, _has_body(headers, body))
+    digest, raw_digest = _check_digest(headers, body) if "content-digest" in names else (None, None)
+    lines: list[tuple[str, str]] = []
+    for name in names:  # the signature base (RFC 9421 §2.5)
+        if name in _DERIVED:
+            lines.append((name, {"@method": method, "@path": path or "/", "@query": "?" + query}[name]))
+        elif name == "content-digest":
+            lines.append((name, raw_digest))  # type: ignore[arg-type]
+        else:
+            value = _get_header(headers, name)
+            if value is None:
+                raise SignatureError(f"covered header {name} is missing")
+            lines.append((name, value))
+    try:
+        base = _signature_base(lines, str(member))
+    except _BaseError as e:
+        raise SignatureError(str(e)) from None
+    return PendingSignature(keyid, nonce, created, label, digest, base, signature)
+
+
+def _one_signature(raw_input: str, raw_sig: str) -> tuple[str, Any, bytes]:
+    """The label, the covered-components inner list and the signature of the one signature."""
+    try:
+        inputs = _parse_dictionary(raw_input)
+    except _SFError as e:
+        raise SignatureError(f"malformed Signature-Input header{e}") from None
     m = _FAST_SIGNATURE.fullmatch(raw_sig)
     if m is not None:
-        sigs = [(m.group(1), base64.b64decode(m.group(2)), {})]
+        sigs: dict[str, Any] = {m.group(1): base64.b64decode(m.group(2))}
     else:
         try:
-            sigs = _parse_dictionary(raw_sig)
-        except _SFError:
-            raise SignatureError("malformed Signature header") from None
+            sigs = {k: getattr(v, "value", v) for k, v in _parse_dictionary(raw_sig).items()}
+        except _SFError as e:
+            raise SignatureError(f"malformed Signature header{e}") from None
     if len(inputs) != 1 or len(sigs) != 1:
         raise SignatureError(f"expected exactly one signature, found {max(len(inputs), len(sigs))}")
-    label, covered, params = inputs[0]
-    sig_label, sig_value, _ = sigs[0]
+    ((label, member),) = inputs.items()
+    ((sig_label, signature),) = sigs.items()
     if label != sig_label:
         raise SignatureError("Signature and Signature-Input labels differ")
-    if not isinstance(covered, list):
+    if not isinstance(member, http_sfv.InnerList):
         raise SignatureError("malformed Signature-Input header: expected an inner list")
-    if not isinstance(sig_value, bytes):
+    if type(signature) is not bytes:
         raise SignatureError("malformed Signature header: expected a byte sequence")
-    if len(sig_value) != 64:
+    if len(signature) != 64:
         raise SignatureError("malformed Signature header: an ed25519 signature is 64 bytes")
+    return label, member, signature
 
-    # 2. Signature parameters.
+
+def _check_params(params: dict[str, Any], now: float, skew: float) -> tuple[str, int, str]:
+    """keyid, created and nonce, once every signature parameter passed its check."""
     for name in params:
         if name not in _KNOWN_PARAMS:
             raise SignatureError("unexpected signature parameter")
@@ -442,10 +479,7 @@ def _check_general(
         raise SignatureError("missing created parameter")
     if type(created) is not int:
         raise SignatureError("created must be an integer")
-    if created > now + skew:
-        raise SignatureError("created is in the future")
-    if created < now - skew:
-        raise SignatureError("signature expired (created is too old)")
+    _check_window(created, now, skew)
     if "expires" in params:
         expires = params["expires"]
         if type(expires) is not int:
@@ -457,61 +491,49 @@ def _check_general(
         raise SignatureError("missing nonce parameter")
     if type(nonce) is not str or not NONCE_RE.fullmatch(nonce):
         raise SignatureError("nonce must be 16-64 characters of [A-Za-z0-9_-]")
+    return keyid, created, nonce
 
-    # 3. Covered components.
-    if len(covered) > _MAX_COMPONENTS:
+
+def _check_window(created: int, now: float, skew: float) -> None:
+    if created > now + skew:
+        raise SignatureError("created is in the future")
+    if created < now - skew:
+        raise SignatureError("signature expired (created is too old)")
+
+
+def _covered_names(member: Any, has_body: bool) -> list[str]:
+    """The covered component names, each allowed, none repeated, the required ones there."""
+    if len(member) > _MAX_COMPONENTS:
         raise SignatureError("too many covered components")
     names: list[str] = []
-    for value, cparams in covered:
+    for item in member:
+        value = item.value
         if type(value) is not str or not _COMPONENT_NAME_RE.fullmatch(value):
             raise SignatureError("malformed Signature-Input header: bad component identifier")
-        if cparams:
+        if item.params:
             raise SignatureError("component parameters are not supported")
         if value in names:
             raise SignatureError("malformed Signature-Input header: repeated component")
         if value[0] == "@" and value not in _DERIVED:
             raise SignatureError("unsupported derived component (use @method, @path, @query)")
         names.append(value)
-    has_body = _has_body(headers, body)
     missing = [c for c in REQUIRED_COMPONENTS if c not in names]
     if has_body and "content-digest" not in names:
         missing.append("content-digest")
     if missing:
         raise SignatureError("signature does not cover " + ", ".join(missing))
+    return names
 
-    # 4. Content-Digest: required and checked when covered (and a body means covered).
-    digest: bytes | None = None
-    raw_digest = _get_header(headers, "content-digest") if "content-digest" in names else None
-    if "content-digest" in names:
-        if raw_digest is None:
-            raise SignatureError("missing Content-Digest header")
-        digest = parse_content_digest(raw_digest)
-        if body is not None and not hmac.compare_digest(digest, hashlib.sha256(body).digest()):
-            raise SignatureError("Content-Digest does not match the body")
 
-    # 5. The signature base (RFC 9421 §2.5).
-    lines: list[tuple[str, str]] = []
-    for name in names:
-        if name == "@method":
-            lines.append((name, method))
-        elif name == "@path":
-            lines.append((name, path or "/"))
-        elif name == "@query":
-            lines.append((name, "?" + query))
-        elif name == "content-digest":
-            lines.append((name, raw_digest))  # type: ignore[arg-type]
-        else:
-            hv = _get_header(headers, name)
-            if hv is None:
-                raise SignatureError(f"covered header {name} is missing")
-            lines.append((name, hv))
-    try:
-        if sig_params_text is None:
-            sig_params_text = _serialize_signature_params(names, params.items())
-        base = _signature_base(lines, sig_params_text)
-    except _BaseError as e:
-        raise SignatureError(str(e)) from None
-    return PendingSignature(keyid, nonce, created, label, digest, base, sig_value)
+def _check_digest(headers: Any, body: bytes | None) -> tuple[bytes, str]:
+    """A covered Content-Digest: present, well formed, and the body's when the body is here."""
+    raw_digest = _get_header(headers, "content-digest")
+    if raw_digest is None:
+        raise SignatureError("missing Content-Digest header")
+    digest = parse_content_digest(raw_digest)
+    if body is not None and not hmac.compare_digest(digest, hashlib.sha256(body).digest()):
+        raise SignatureError("Content-Digest does not match the body")
+    return digest, raw_digest
 
 
 def verify_request(
@@ -608,37 +630,6 @@ class _BaseError(Exception):
     pass
 
 
-def _ser_string(s: str) -> str:
-    if not s.isascii() or not s.isprintable():
-        raise _BaseError("signature parameters must be printable ASCII")
-    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _ser_bare(v: Any) -> str:
-    if v is True:
-        return "?1"
-    if v is False:
-        return "?0"
-    if type(v) is int:
-        return str(v)
-    if isinstance(v, _Token):
-        return str(v)
-    if isinstance(v, str):
-        return _ser_string(v)
-    if isinstance(v, bytes):
-        return ":" + base64.b64encode(v).decode("ascii") + ":"
-    raise _BaseError("unsupported signature parameter value")
-
-
-def _serialize_signature_params(components, params) -> str:
-    """Serialization of the covered-components inner list with its parameters
-    (RFC 8941 §4.1.1.1), the value of ``@signature-params``."""
-    out = ["(", " ".join('"' + c + '"' for c in components), ")"]
-    for k, v in params:
-        out.append(";" + k if v is True else ";" + k + "=" + _ser_bare(v))
-    return "".join(out)
-
-
 def _signature_base(lines: list[tuple[str, str]], sig_params: str) -> bytes:
     parts = []
     for name, value in lines:
@@ -672,28 +663,58 @@ def _canonical_signature_base(method: str, path: str, query: str, raw_digest: st
 
 
 # --------------------------------------------------------------------------
-# Internals: a strict Structured Fields (RFC 8941/9651) Dictionary parser for
-# the fields RFC 9421 and RFC 9530 use. Returns a list of (key, value, params)
-# with value an item or, for inner lists, a list of (item, params). Duplicate
-# keys (dictionary or parameters) are reported as errors rather than merged,
-# so that "two signatures" can never collapse into one.
+# Internals: Structured Fields (RFC 8941/9651) through http_sfv, plus the fast
+# paths for exactly what a unibus client writes.
 
 
 class _SFError(ValueError):
     pass
 
 
-# Fast paths: canonical forms only (no escapes, no leading zeros, no extra
-# whitespace), so that the matched text *is* its own re-serialization.
-_FAST_INPUT = re.compile(
-    r'([a-z*][a-z0-9_.*-]{0,63})='
-    r'(\(((?:"[a-z0-9@-]{1,64}")(?: "[a-z0-9@-]{1,64}")*)?\)'
-    r'((?:;[a-z][a-z0-9_.*-]{0,31}=(?:0|[1-9][0-9]{0,14}|"[A-Za-z0-9_.-]{0,128}"))*))'
-)
-#: Exactly the Signature-Input sign_request writes (SPEC §5): label, the
-#: serialized signature parameters (the value of @signature-params), whether
-#: content-digest is covered, created, nonce (as NONCE_RE), keyid (non-empty).
-#: Every value is canonical, so the text is its own re-serialization.
+class _StrictDictionary(http_sfv.Dictionary):
+    """An RFC 8941 Dictionary in which a repeated key is an error.
+
+    RFC 8941 lets a later member overwrite an earlier one of the same name;
+    here two members named alike are refused, so that two signatures can never
+    collapse into one."""
+
+    repeated = False
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if key in self.data:
+            self.repeated = True
+            raise ValueError("repeated dictionary key")
+        super().__setitem__(key, value)
+
+
+def _parse_dictionary(raw: str) -> http_sfv.Dictionary:
+    """Parse a Dictionary field value; raise :class:`_SFError` when it is not
+    one (its message says so when the only fault is a repeated key)."""
+    d = _StrictDictionary()
+    try:
+        d.parse(raw.encode("ascii"))
+    except (UnicodeEncodeError, ValueError):
+        raise _SFError(": a label appears twice" if d.repeated else "") from None
+    return d
+
+
+def _signature_params(components, params) -> str:
+    """Serialization of the covered-components inner list with its parameters
+    (RFC 9421 §2.3), the value of ``@signature-params``."""
+    inner = http_sfv.InnerList(list(components))
+    for name, value in params:
+        inner.params[name] = value
+    try:
+        return str(inner)
+    except ValueError:
+        raise _BaseError("signature parameters must be printable ASCII") from None
+
+
+#: Exactly the Signature-Input sign_request writes (docs/http-api.md,
+#: "Signed requests"): label, the serialized signature parameters (the value of
+#: @signature-params), whether content-digest is covered, created, nonce (as
+#: NONCE_RE), keyid (non-empty). Every value is canonical, so the text is its own
+#: re-serialization.
 _CANONICAL_INPUT = re.compile(
     r'([a-z*][a-z0-9_.*-]{0,63})='
     r'(\("@method" "@path" "@query"( "content-digest")?\)'
@@ -701,146 +722,3 @@ _CANONICAL_INPUT = re.compile(
 )
 _FAST_SIGNATURE = re.compile(r"([a-z*][a-z0-9_.*-]{0,63})=:([A-Za-z0-9+/]{85}[AQgw]==):")
 _FAST_DIGEST = re.compile(r"sha-256=:([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=):")
-
-
-def _fast_signature_input(raw: str):
-    """([(label, [(component, {}), ...], params)], sig_params_text) or None."""
-    m = _FAST_INPUT.fullmatch(raw)
-    if m is None:
-        return None
-    label, sig_params_text, comps, ptext = m.groups()
-    covered = [(c[1:-1], {}) for c in comps.split(" ")] if comps else []
-    params: dict[str, Any] = {}
-    for part in ptext.split(";")[1:]:
-        k, _, v = part.partition("=")
-        if k in params:
-            return None
-        params[k] = v[1:-1] if v[0] == '"' else int(v)
-    return [(label, covered, params)], sig_params_text
-
-
-class _Token(str):
-    __slots__ = ()
-
-
-_RE_KEY = re.compile(r"[a-z*][a-z0-9_.*-]*")
-_RE_NUM = re.compile(r"-?([0-9]+)(\.[0-9]+)?")
-_RE_STR = re.compile(r'"((?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\\"])*)"')
-_RE_TOKEN = re.compile(r"[A-Za-z*][!#$%&'*+.^_`|~0-9A-Za-z:/-]*")
-_RE_BYTES = re.compile(r":([A-Za-z0-9+/=]*):")
-_RE_OWS = re.compile(r"[ \t]*")
-_RE_SP = re.compile(r" *")
-_RE_UNESCAPE = re.compile(r"\\(.)")
-
-
-def _parse_bare(s: str, pos: int) -> tuple[Any, int]:
-    c = s[pos : pos + 1]
-    if c == '"':
-        m = _RE_STR.match(s, pos)
-        if m is None:
-            raise _SFError("bad string")
-        v = m.group(1)
-        return (_RE_UNESCAPE.sub(r"\1", v) if "\\" in v else v), m.end()
-    if c == ":":
-        m = _RE_BYTES.match(s, pos)
-        if m is None:
-            raise _SFError("bad byte sequence")
-        try:
-            return base64.b64decode(m.group(1), validate=True), m.end()
-        except (binascii.Error, ValueError):
-            raise _SFError("bad base64") from None
-    if c == "?":
-        b = s[pos + 1 : pos + 2]
-        if b not in ("0", "1"):
-            raise _SFError("bad boolean")
-        return b == "1", pos + 2
-    if c == "-" or c.isdigit():
-        m = _RE_NUM.match(s, pos)
-        if m is None:
-            raise _SFError("bad number")
-        ipart, fpart = m.group(1), m.group(2)
-        if fpart is None:
-            if len(ipart) > 15:
-                raise _SFError("integer too long")
-            return int(m.group(0)), m.end()
-        if len(ipart) > 12 or len(fpart) > 4:  # "." + up to 3 digits
-            raise _SFError("decimal too long")
-        return float(m.group(0)), m.end()
-    if c and (c.isalpha() or c == "*") and c.isascii():
-        m = _RE_TOKEN.match(s, pos)
-        return _Token(m.group(0)), m.end()  # type: ignore[union-attr]
-    raise _SFError("bad item")
-
-
-def _parse_params(s: str, pos: int) -> tuple[dict[str, Any], int]:
-    params: dict[str, Any] = {}
-    n = len(s)
-    while pos < n and s[pos] == ";":
-        pos = _RE_SP.match(s, pos + 1).end()  # type: ignore[union-attr]
-        m = _RE_KEY.match(s, pos)
-        if m is None:
-            raise _SFError("bad parameter key")
-        key = m.group(0)
-        pos = m.end()
-        if pos < n and s[pos] == "=":
-            value, pos = _parse_bare(s, pos + 1)
-        else:
-            value = True
-        if key in params:
-            raise _SFError("duplicate parameter")
-        params[key] = value
-    return params, pos
-
-
-def _parse_dictionary(s: str) -> list[tuple[str, Any, dict[str, Any]]]:
-    if not s.isascii():
-        raise _SFError("non-ASCII")
-    s = s.strip(" ")
-    out: list[tuple[str, Any, dict[str, Any]]] = []
-    n = len(s)
-    pos = 0
-    while pos < n:
-        m = _RE_KEY.match(s, pos)
-        if m is None:
-            raise _SFError("bad key")
-        key = m.group(0)
-        pos = m.end()
-        value: Any
-        if pos < n and s[pos] == "=":
-            pos += 1
-            if pos < n and s[pos] == "(":
-                value, pos = _parse_inner_list(s, pos)
-            else:
-                value, pos = _parse_bare(s, pos)
-        else:
-            value = True
-        params, pos = _parse_params(s, pos)
-        # RFC 8941 lets a repeated key overwrite; we keep both, so that the
-        # caller sees more than one member and refuses.
-        out.append((key, value, params))
-        pos = _RE_OWS.match(s, pos).end()  # type: ignore[union-attr]
-        if pos >= n:
-            return out
-        if s[pos] != ",":
-            raise _SFError("expected comma")
-        pos = _RE_OWS.match(s, pos + 1).end()  # type: ignore[union-attr]
-        if pos >= n:
-            raise _SFError("trailing comma")
-    return out
-
-
-def _parse_inner_list(s: str, pos: int) -> tuple[list[tuple[Any, dict[str, Any]]], int]:
-    pos += 1  # "("
-    items: list[tuple[Any, dict[str, Any]]] = []
-    n = len(s)
-    while pos < n:
-        pos = _RE_SP.match(s, pos).end()  # type: ignore[union-attr]
-        if pos < n and s[pos] == ")":
-            pos += 1
-            return items, pos
-        value, pos = _parse_bare(s, pos)
-        params, pos = _parse_params(s, pos)
-        items.append((value, params))
-        if pos < n and s[pos] not in " )":
-            raise _SFError("bad inner list")
-    raise _SFError("unterminated inner list")

@@ -33,6 +33,7 @@ __all__ = [
     "HandleError",
     "b64encode",
     "b64decode_strict",
+    "b64_pattern",
     "validate_handle",
     "validate_sign_pub",
     "validate_enc_pub",
@@ -98,6 +99,16 @@ def b64encode(raw: bytes) -> str:
 
 def _b64_len(n: int) -> int:
     return 4 * ((n + 2) // 3)
+
+
+def b64_pattern(size: int) -> str:
+    """The canonical standard base64 of exactly ``size`` bytes as a JSON Schema
+    pattern: what :func:`b64decode_strict` accepts (padding required, the bits
+    after the last byte zero), for ``/openapi.json``."""
+    groups, rest = divmod(size, 3)
+    alphabet = "[A-Za-z0-9+/]"
+    tail = {0: "", 1: alphabet + "[AQgw]==", 2: alphabet * 2 + "[AEIMQUYcgkosw048]="}[rest]
+    return f"^{alphabet}{{{4 * groups}}}{tail}$" if groups else f"^{tail}$"
 
 
 def b64decode_strict(value: Any, what: str = "value", size: int | None = None) -> bytes:

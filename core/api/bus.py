@@ -8,6 +8,19 @@ from ..app import SETTINGS, STORE, add_route
 from ..auth import require_member
 from ..problems import Problem
 from .common import json_response
+from .members import BUS_PUB_PATTERN
+
+#: ``GET /v1/bus`` (docs/http-api.md, "GET /v1/bus").
+BUS_SCHEMA = {
+    "type": "object", "required": ["servers", "user_nkey", "inbox_prefix", "rooms"], "additionalProperties": False,
+    "properties": {
+        "servers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+        "user_nkey": {"type": "string", "pattern": BUS_PUB_PATTERN},
+        "inbox_prefix": {"type": "string", "pattern": "^_INBOX_[a-z][a-z0-9_-]{0,31}$"},
+        "rooms": {"type": "object", "propertyNames": {"pattern": "^[a-z0-9]{1,40}$"},
+                  "additionalProperties": {"type": "string", "pattern": "^unibus\\.room\\.[a-z0-9]{1,40}\\.>$"}},
+    },
+}
 
 
 def nats_servers(request: web.Request) -> list[str]:
@@ -52,6 +65,6 @@ async def get_bus(request: web.Request) -> web.Response:
 def register(app: web.Application) -> None:
     add_route(app, "GET", "/v1/bus", get_bus,
               summary="NATS servers, the caller's bus key (user_nkey), inbox prefix and room subjects",
-              responses={200: "bus parameters", 401: "missing or invalid signature",
-                         409: "the caller has no bus key yet (no-bus-key): run unibus keygen --upgrade --server URL",
-                         503: "replay protection unavailable"}, tags=["bus"])
+              responses={200: ("bus parameters", BUS_SCHEMA),
+                         409: "the caller has no bus key yet (no-bus-key): run unibus keygen --upgrade --server URL"},
+              tags=["bus"])

@@ -23,6 +23,7 @@ MAX_LOGGED_BODY = 16 * 1024
 LOGGED_RESPONSES = {400: "malformed JSON, or a path that is not the canonical spelling or has a query string "
                          "(non-canonical-request: the membership log records requests as signed)",
                     401: "missing or invalid signature, or a nonce or created the membership log refuses",
+                    409: "the membership log or the record moved during this change (a concurrent writer); try again",
                     413: "a body larger than the membership log keeps"}
 
 

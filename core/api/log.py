@@ -6,12 +6,42 @@ import json
 
 from aiohttp import web
 
-from ..app import SETTINGS, STORE, add_route
+from ..app import SETTINGS, STORE, add_route, add_schema
 from ..inputs import MAX_SAFE_INT, query_int
+from ..openapi import schema_ref
 
 #: ``GET /v1/log``: most entries in one answer, and the default.
 LOG_LIMIT_MAX = 1000
 LOG_LIMIT_DEFAULT = 500
+
+_SEQ = {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT}
+_HASH = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+#: One entry of the membership log (docs/formats.md, "Entries"); its other
+#: fields depend on its kind.
+LOG_ENTRY_SCHEMA = {
+    "type": "object", "required": ["seq", "prev", "at", "kind"],
+    "properties": {
+        "seq": _SEQ,
+        "prev": {"type": "string", "pattern": "^(?:[0-9a-f]{64})?$"},
+        "at": {"type": "integer", "minimum": -MAX_SAFE_INT, "maximum": MAX_SAFE_INT},
+        "kind": {"type": "string", "enum": ["request", "bootstrap", "snapshot"]},
+    },
+}
+LOG_SCHEMA = {
+    "type": "object", "required": ["entries", "head"], "additionalProperties": False,
+    "properties": {
+        "entries": {"type": "array", "items": schema_ref("LogEntry")},
+        "head": {"type": "object", "required": ["seq", "hash"], "additionalProperties": False,
+                 "properties": {"seq": _SEQ, "hash": _HASH}},
+    },
+}
+#: ``GET /v1/log/head``: seq -1 and hash "" for an empty log.
+LOG_HEAD_RECORD = {
+    "type": "object", "required": ["seq", "hash", "auth_skew"], "additionalProperties": False,
+    "properties": {"seq": {"type": "integer", "minimum": -1, "maximum": MAX_SAFE_INT},
+                   "hash": {"type": "string", "pattern": "^(?:[0-9a-f]{64})?$"},
+                   "auth_skew": {"type": "integer", "minimum": 1}},
+}
 
 
 async def get_log(request: web.Request) -> web.Response:
@@ -38,14 +68,15 @@ async def get_log_head(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    r = {401: "missing or invalid signature", 503: "replay protection or the store unavailable"}
+    add_schema(app, "LogEntry", LOG_ENTRY_SCHEMA)
+    log = add_schema(app, "Log", LOG_SCHEMA)
     add_route(app, "GET", "/v1/log", get_log,
               summary="Entries of the membership log with seq > after, in order, and the head (any member)",
-              responses={200: '{"entries": [...], "head": {"seq", "hash"}}', 422: "bad after or limit", **r},
+              responses={200: ('{"entries": [...], "head": {"seq", "hash"}}', log), 422: "bad after or limit"},
               query={"after": {"type": "integer", "minimum": 0, "maximum": MAX_SAFE_INT},
                      "limit": {"type": "integer", "minimum": 1, "maximum": LOG_LIMIT_MAX,
                                "default": LOG_LIMIT_DEFAULT}},
               tags=["log"])
     add_route(app, "GET", "/v1/log/head", get_log_head,
               summary="The membership log's head and the server's --auth-skew (any member)",
-              responses={200: '{"seq", "hash", "auth_skew"}', **r}, tags=["log"])
+              responses={200: ('{"seq", "hash", "auth_skew"}', LOG_HEAD_RECORD)}, tags=["log"])

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from ..app import STORE, add_route
+from ..app import STORE, add_route, add_schema
 from ..auth import require_member
 from ..wire import (
     DEFAULT_ENC_SUITE,
+    ENC_PUB_SIZES,
     HANDLE_PATTERN,
+    SIGN_PUB_SIZE,
     HandleError,
     KeyFormatError,
+    b64_pattern,
     nkey_from_sign_pub,
     validate_bus_pub,
     validate_enc_pub,
@@ -23,11 +26,22 @@ from ..store.base import ROLES, NotFound
 from ..store.sqlite import new_member
 from .common import LOGGED_RESPONSES, invalid, json_object, json_response, log_record, require_admin, require_str
 
+BUS_PUB_PATTERN = "^U[A-Z2-7]{55}$"
 BUS_PUB_PROPERTY = {
-    "type": "string", "pattern": "^U[A-Z2-7]{55}$",
+    "type": "string", "pattern": BUS_PUB_PATTERN,
     "description": "the member's bus key: a NATS user public nkey (U..., 56 characters), never the nkey of a "
                    "sign_pub (docs/bus-auth.md)",
 }
+SIGN_PUB_PROPERTY = {"type": "string", "contentEncoding": "base64", "pattern": b64_pattern(SIGN_PUB_SIZE),
+                     "description": "raw Ed25519 public key (32 bytes), canonical base64"}
+ENC_PUB_PROPERTY = {
+    "type": "string", "contentEncoding": "base64",
+    # Either size: which one enc_suite asks for is checked by the handler (422).
+    "pattern": "|".join(f"(?:{b64_pattern(n)})" for n in sorted(set(ENC_PUB_SIZES.values()))),
+    "description": "raw HPKE public key of enc_suite, canonical base64: 32 bytes for X25519, 1216 for "
+                   "MLKEM768_X25519",
+}
+ENC_SUITE_PROPERTY = {"type": "string", "enum": ["X25519", "MLKEM768_X25519"]}
 MEMBER_SCHEMA = {
     "type": "object",
     "required": ["handle", "role", "sign_pub", "enc_pub", "bus_pub"],
@@ -35,10 +49,26 @@ MEMBER_SCHEMA = {
     "properties": {
         "handle": {"type": "string", "pattern": HANDLE_PATTERN},
         "role": {"type": "string", "enum": list(ROLES)},
-        "sign_pub": {"type": "string", "contentEncoding": "base64", "description": "raw Ed25519 public key (32 bytes)"},
-        "enc_pub": {"type": "string", "contentEncoding": "base64", "description": "raw HPKE public key of enc_suite"},
-        "enc_suite": {"type": "string", "enum": ["X25519", "MLKEM768_X25519"], "default": "X25519"},
+        "sign_pub": SIGN_PUB_PROPERTY,
+        "enc_pub": ENC_PUB_PROPERTY,
+        "enc_suite": {**ENC_SUITE_PROPERTY, "default": "X25519"},
         "bus_pub": BUS_PUB_PROPERTY,
+    },
+}
+#: A member record, as every route that answers one sends it (docs/http-api.md, "Member").
+MEMBER_RECORD = {
+    "type": "object",
+    "required": ["handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub", "created_at"],
+    "additionalProperties": False,
+    "properties": {
+        "handle": {"type": "string", "pattern": HANDLE_PATTERN},
+        "role": {"type": "string", "enum": list(ROLES)},
+        "sign_pub": SIGN_PUB_PROPERTY,
+        "enc_pub": ENC_PUB_PROPERTY,
+        "enc_suite": ENC_SUITE_PROPERTY,
+        "bus_pub": {"type": ["string", "null"], "pattern": BUS_PUB_PATTERN,
+                    "description": "null for a member upgraded from 0.11 that has no bus key yet"},
+        "created_at": {"type": "string", "format": "date-time"},
     },
 }
 BUS_KEY_SCHEMA = {"type": "object", "required": ["bus_pub"], "additionalProperties": False,
@@ -137,33 +167,42 @@ async def delete_member(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    r = {401: "missing or invalid signature", 503: "replay protection unavailable"}
+    member = add_schema(app, "Member", MEMBER_RECORD)
+    members = {"type": "object", "required": ["members"], "additionalProperties": False,
+               "properties": {"members": {"type": "array", "items": member}}}
     add_route(app, "GET", "/v1/me", get_me, summary="The caller's own member record",
-              responses={200: "the record", **r}, tags=["members"])
+              responses={200: ("the record", member)}, tags=["members"])
     add_route(app, "GET", "/v1/members", list_members, summary="All members (public keys included)",
-              responses={200: "{members: [...]}", **r}, tags=["members"])
+              responses={200: ("{members: [...]}", members)}, tags=["members"])
     add_route(app, "POST", "/v1/members", add_member, summary="Add a member (admin)", request_schema=MEMBER_SCHEMA,
-              responses={201: "created", 400: "malformed JSON", 403: "not an admin",
+              responses={201: ("the new member", member), 403: "not an admin",
+                         **LOGGED_RESPONSES,
+                         400: "malformed JSON, or a non-canonical path or a query string (non-canonical-request)",
                          409: "handle or key exists, or bus_pub is the nkey of a member's sign_pub (or the "
-                              "reverse)",
-                         422: "invalid field, or bus_pub is the nkey of the new member's own sign_pub", **r, **LOGGED_RESPONSES},
+                              "reverse); or a concurrent change (try again)",
+                         422: "invalid field (a key that is not a valid key of its kind included), or bus_pub is "
+                              "the nkey of the new member's own sign_pub"},
               tags=["members"])
     add_route(app, "PUT", "/v1/me/bus-key", put_my_bus_key,
               summary="Set or rotate the caller's bus key; its bus connections under the old key are closed "
                       "before the answer", request_schema=BUS_KEY_SCHEMA,
-              responses={200: "the caller's member record", 400: "malformed JSON",
-                         409: "another member has this key, or it is the nkey of a member's sign_pub",
-                         422: "invalid bus_pub, or the nkey of the caller's own sign_pub", **r, **LOGGED_RESPONSES}, tags=["members"])
+              responses={200: ("the caller's member record", member), **LOGGED_RESPONSES,
+                         409: "another member has this key, or it is the nkey of a member's sign_pub; or a "
+                              "concurrent change (try again)",
+                         422: "invalid bus_pub (not a valid user nkey), or the nkey of the caller's own sign_pub"},
+              tags=["members"])
     add_route(app, "GET", "/v1/members/{handle}", get_member, summary="One member",
-              responses={200: "the record", 404: "no such member", **r}, tags=["members"])
+              responses={200: ("the record", member), 404: "no such member"}, tags=["members"])
     add_route(app, "PATCH", "/v1/members/{handle}", patch_member, summary="Change a member's role (admin)",
               request_schema=PATCH_SCHEMA,
-              responses={200: "the record", 403: "not an admin", 404: "no such member",
-                         409: "would remove the last admin", 422: "invalid field", **r, **LOGGED_RESPONSES}, tags=["members"])
+              responses={200: ("the record", member), 403: "not an admin", 404: "no such member",
+                         **LOGGED_RESPONSES,
+                         409: "would remove the last admin; or a concurrent change (try again)",
+                         422: "invalid field, or a handle that breaks its syntax"}, tags=["members"])
     add_route(app, "DELETE", "/v1/members/{handle}", delete_member,
               summary="Delete a member: removed from every room, bus access revoked (admin)",
-              responses={204: "deleted", 403: "not an admin", 404: "no such member",
-                         409: "the last admin", **r, **LOGGED_RESPONSES}, tags=["members"])
+              responses={204: "deleted", 403: "not an admin", 404: "no such member", **LOGGED_RESPONSES,
+                         409: "the last admin; or a concurrent change (try again)"}, tags=["members"])
 
 
 __all__ = ["register", "NotFound"]

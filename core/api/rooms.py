@@ -9,14 +9,14 @@ from typing import Any
 
 from aiohttp import web
 
-from ..app import STORE, add_route
+from ..app import STORE, add_route, add_schema
 from ..auth import require_member
-from ..inputs import EPOCH_MAX, EPOCH_MIN, MAX_SAFE_INT, int_value, query_int
+from ..inputs import EPOCH_MAX, EPOCH_MIN, MAX_SAFE_INT, ROOM_ID_PATTERN, int_value, query_int
 from ..problems import Problem
 from ..store.base import Member, Room
-from ..wire import HANDLE_RE
+from ..wire import HANDLE_PATTERN, HANDLE_RE
 from .common import LOGGED_RESPONSES, invalid, json_object, json_response, log_record
-from .members import parse_handle
+from .members import ENC_PUB_PROPERTY, ENC_SUITE_PROPERTY, parse_handle
 
 #: enc || ct + tag, by suite: X25519 enc 32, X-Wing (MLKEM768_X25519) enc 1120; key 32; tag 16.
 SEALED_SIZES = {"X25519": 32 + 32 + 16, "MLKEM768_X25519": 1120 + 32 + 16}
@@ -31,20 +31,66 @@ LOG_HEAD_SCHEMA = {
                    "hash": {"type": "string", "pattern": "^[0-9a-f]{64}$"}},
 }
 
+#: A room name: 1-200 characters, none of them a control character (U+0000-U+001F),
+#: not all of them white space. The request schema and the handler use this one rule.
+NAME_PATTERN = r"^[^\x00-\x1f]*[^\x00-\x1f\s][^\x00-\x1f]*$"
+NAME_RE = re.compile(NAME_PATTERN.replace("^", "\\A", 1)[:-1] + "\\Z")
 ROOM_SCHEMA = {"type": "object", "required": ["name"], "additionalProperties": False,
-               "properties": {"name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX}}}
+               "properties": {"name": {"type": "string", "minLength": 1, "maxLength": NAME_MAX,
+                                       "pattern": NAME_PATTERN}}}
+#: Standard base64 as ``base64.b64decode(..., validate=True)`` takes it (sealed keys and sigs).
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+HANDLE_NAMES = {"type": "string", "pattern": HANDLE_PATTERN}
 KEYS_SCHEMA = {
     "type": "object",
     "required": ["epoch", "sealed", "sigs", "log_head"],
     "additionalProperties": False,
     "properties": {
         "epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX},
-        "sealed": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"},
-                   "description": "handle -> base64(enc || ct): the new room key sealed to each current member"},
-        "sigs": {"type": "object", "additionalProperties": {"type": "string", "contentEncoding": "base64"},
+        "sealed": {"type": "object", "minProperties": 1, "propertyNames": HANDLE_NAMES,
+                   "additionalProperties": {"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN},
+                   "description": "handle -> base64(enc || ct): the new room key sealed to each current member "
+                                  "(80 bytes for X25519, 1168 for MLKEM768_X25519)"},
+        "sigs": {"type": "object", "propertyNames": HANDLE_NAMES,
+                 "additionalProperties": {"type": "string", "contentEncoding": "base64",
+                                          "pattern": "^[A-Za-z0-9+/]{86}==$"},
                  "description": "handle -> base64 of the sealer's 64-byte Ed25519 signature of that member's key "
                                 "package (docs/formats.md); exactly the handles of sealed"},
         "log_head": LOG_HEAD_SCHEMA,
+    },
+}
+#: A room record (docs/http-api.md, "Room").
+ROOM_RECORD = {
+    "type": "object",
+    "required": ["room_id", "name", "subject", "owner", "epoch", "rekey_required", "members", "created_at"],
+    "additionalProperties": False,
+    "properties": {
+        "room_id": {"type": "string", "pattern": ROOM_ID_PATTERN},
+        "name": {"type": "string"},
+        "subject": {"type": "string", "pattern": "^unibus\\.room\\.[a-z0-9]{1,40}$"},
+        "owner": {"type": ["string", "null"], "pattern": HANDLE_PATTERN,
+                  "description": "null once the member who created the room was deleted"},
+        "epoch": {"type": "integer", "minimum": 0, "maximum": EPOCH_MAX},
+        "rekey_required": {"type": "boolean"},
+        "members": {"type": "array", "items": {
+            "type": "object", "required": ["handle", "enc_pub", "enc_suite"], "additionalProperties": False,
+            "properties": {"handle": HANDLE_NAMES, "enc_pub": ENC_PUB_PROPERTY, "enc_suite": ENC_SUITE_PROPERTY}}},
+        "created_at": {"type": "string", "format": "date-time"},
+    },
+}
+#: ``GET /v1/rooms/{room_id}/keys/me``: the key package sealed to the caller.
+KEY_PACKAGE_RECORD = {
+    "type": "object",
+    "required": ["room_id", "epoch", "sealed", "sig", "sealer", "log_head"],
+    "additionalProperties": False,
+    "properties": {
+        "room_id": {"type": "string", "pattern": ROOM_ID_PATTERN},
+        "epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX},
+        "sealed": {"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN},
+        "sig": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9+/]{86}==$",
+                "description": "null for a key sealed before 0.12 (clients refuse it)"},
+        "sealer": {"type": ["string", "null"], "pattern": HANDLE_PATTERN},
+        "log_head": {"oneOf": [{"type": "null"}, LOG_HEAD_SCHEMA]},
     },
 }
 
@@ -75,7 +121,7 @@ async def create_room(request: web.Request) -> web.Response:
     logged = log_record(request)
     body = await json_object(request, required={"name"})
     name = body["name"]
-    if not isinstance(name, str) or not name.strip() or len(name) > NAME_MAX or any(ord(c) < 32 for c in name):
+    if not isinstance(name, str) or len(name) > NAME_MAX or NAME_RE.match(name) is None:
         raise invalid("name", f"must be 1-{NAME_MAX} printable characters")
     room = await request.app[STORE].create_room(name, require_member(request).handle, logged=logged)
     return json_response(room.as_json(), status=201)
@@ -205,33 +251,42 @@ async def get_my_key(request: web.Request) -> web.Response:
 
 
 def register(app: web.Application) -> None:
-    r = {401: "missing or invalid signature", 503: "replay protection unavailable"}
+    room_ref = add_schema(app, "Room", ROOM_RECORD)
+    rooms = {"type": "object", "required": ["rooms"], "additionalProperties": False,
+             "properties": {"rooms": {"type": "array", "items": room_ref}}}
+    key_package = add_schema(app, "KeyPackage", KEY_PACKAGE_RECORD)
     room = "/v1/rooms/{room_id}"
     add_route(app, "POST", "/v1/rooms", create_room, summary="Create a room; the caller owns it",
-              request_schema=ROOM_SCHEMA, responses={201: "the room", 400: "malformed JSON", 422: "invalid field", **r, **LOGGED_RESPONSES},
-              tags=["rooms"])
+              request_schema=ROOM_SCHEMA,
+              responses={201: ("the room", room_ref), **LOGGED_RESPONSES, 422: "invalid field"}, tags=["rooms"])
     add_route(app, "GET", "/v1/rooms", list_rooms, summary="Rooms the caller is in (admins: all)",
-              responses={200: "{rooms: [...]}", **r}, tags=["rooms"])
+              responses={200: ("{rooms: [...]}", rooms)}, tags=["rooms"])
     add_route(app, "GET", room, get_room, summary="A room with its members' enc_pub/enc_suite",
-              responses={200: "the room", 403: "not a member", 404: "no such room", **r}, tags=["rooms"])
+              responses={200: ("the room", room_ref), 403: "not a member", 404: "no such room"}, tags=["rooms"])
     add_route(app, "DELETE", room, delete_room, summary="Delete a room (owner, admin)",
-              responses={204: "deleted", 403: "not owner or admin", 404: "no such room", **r, **LOGGED_RESPONSES}, tags=["rooms"])
+              responses={204: "deleted", 403: "not owner or admin", 404: "no such room", **LOGGED_RESPONSES},
+              tags=["rooms"])
     add_route(app, "PUT", room + "/members/{handle}", put_room_member,
               summary="Add a member to the room; the room becomes rekey_required (owner, admin)",
-              responses={200: "the room", 403: "not owner or admin", 404: "no such room or member",
-                         422: "invalid handle", **r, **LOGGED_RESPONSES}, tags=["rooms"])
+              responses={200: ("the room", room_ref), 403: "not owner or admin", 404: "no such room or member",
+                         **LOGGED_RESPONSES}, tags=["rooms"])
     add_route(app, "DELETE", room + "/members/{handle}", delete_room_member,
               summary="Remove a member (owner, admin, the member itself); rekey_required; bus access cut",
-              responses={204: "removed", 403: "not allowed", 404: "no such room or not a member", **r, **LOGGED_RESPONSES},
-              tags=["rooms"])
+              responses={204: "removed", 403: "not allowed", 404: "no such room or not a member",
+                         **LOGGED_RESPONSES}, tags=["rooms"])
     add_route(app, "POST", room + "/keys", post_keys,
               summary="Upload the next epoch's room key sealed to exactly the current members (owner, admin)",
               request_schema=KEYS_SCHEMA,
-              responses={201: "the room at its new epoch", 400: "malformed JSON", 403: "not owner or admin",
-                         404: "no such room", 409: "wrong epoch, missing/extra handles, or a log_head the log does not have",
-                         422: "invalid field (sigs must name exactly the handles of sealed, 64 bytes each)", **r, **LOGGED_RESPONSES},
+              responses={201: ("the room at its new epoch", room_ref), 403: "not owner or admin",
+                         404: "no such room", **LOGGED_RESPONSES,
+                         409: "wrong epoch, missing/extra handles, a log_head the log does not have, or a "
+                              "concurrent change",
+                         422: "invalid field (sigs must name exactly the handles of sealed, 64 bytes each; a "
+                              "sealed key of the wrong size for its member's suite)"},
               tags=["keys"])
     add_route(app, "GET", room + "/keys/me", get_my_key,
               summary="The room key sealed to the caller (latest epoch, or ?epoch=N)",
-              responses={200: "{room_id, epoch, sealed, sig, sealer, log_head}", 404: "no key sealed to the caller", 422: "bad epoch", **r},
+              responses={200: ("{room_id, epoch, sealed, sig, sealer, log_head}", key_package),
+                         404: "no such room, or no key sealed to the caller",
+                         422: "bad epoch, or a room_id that breaks its syntax"},
               query={"epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX}}, tags=["keys"])

@@ -41,7 +41,6 @@ import os
 import secrets
 import struct
 import tempfile
-import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -437,29 +436,8 @@ def sign_streamed_request(method: str, path_and_query: str, content_sha256: byte
     """
     from .. import signing
 
-    if len(content_sha256) != 32:
-        raise ValueError("content_sha256 is a 32-byte SHA-256 digest")
-    if not path_and_query.startswith("/"):
-        raise ValueError("path_and_query must start with '/'")
-    method = method.upper()
-    path, query = signing.split_path_query(path_and_query)
-    digest = "sha-256=:" + base64.b64encode(content_sha256).decode("ascii") + ":"
-    nonce = nonce or signing.make_nonce()
-    if not signing.NONCE_RE.fullmatch(nonce):
-        raise ValueError("nonce must be 16-64 characters of [A-Za-z0-9_-]")
-    components = [*signing.REQUIRED_COMPONENTS, "content-digest"]
-    params = [("created", int(time.time() if created is None else created)), ("nonce", nonce), ("keyid", keyid),
-              ("alg", signing.ALG)]
-    values = {"@method": method, "@path": path, "@query": "?" + query, "content-digest": digest}
-    sig_params = signing._serialize_signature_params(components, params)
-    base = signing._signature_base([(c, values[c]) for c in components], sig_params)
-    signature = private_key.sign(base)
-    label = signing.DEFAULT_LABEL
-    return {
-        "Content-Digest": digest,
-        "Signature-Input": f"{label}={sig_params}",
-        "Signature": f"{label}=:{base64.b64encode(signature).decode('ascii')}:",
-    }
+    return signing.sign_request(method, path_and_query, None, keyid=keyid, private_key=private_key,
+                                created=created, nonce=nonce, content_sha256=content_sha256)
 
 
 # --------------------------------------------------------------------------- transfers

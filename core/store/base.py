@@ -76,7 +76,7 @@ class Member:
         }
 
     def room_entry(self) -> dict[str, Any]:
-        """How a room lists its members (docs/http-api.md)."""
+        """How a room lists its members (docs/http-api.md, "Room")."""
         return {"handle": self.handle, "enc_pub": b64(self.enc_pub), "enc_suite": self.enc_suite}
 
     @property
@@ -481,3 +481,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def membership(self) -> Membership: ...
+
+    # -- replay protection's high-water mark -----------------------------------------
+    @abc.abstractmethod
+    async def nonce_high_water(self) -> int:
+        """The durable high-water mark of signed requests: no request was ever
+        accepted whose ``created`` is above it (0 when none was recorded).
+
+        The nonce bucket lives in memory (docs/operations.md, "Durability"): when
+        it is lost, the bucket that replaces it refuses every request created at
+        or before this mark, so none accepted before the loss can be replayed.
+        """
+
+    @abc.abstractmethod
+    async def raise_nonce_high_water(self, value: int) -> int:
+        """Make the mark at least ``value``, durably, before returning; never lower it.
+        Returns the stored mark (``>= value``)."""

@@ -21,6 +21,8 @@ key                              value (JSON)
 ``meta.loghead``                 ``{seq, hash, max_created}`` — the log's head, and the largest
                                  ``created`` of a request in it
 ``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
+``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
+                                 ``created`` (docs/operations.md, "Durability")
 ===============================  ==========================================================
 
 A logged change (``logged=``) adds to its batch the entry ``log.<seq>``, its
@@ -222,10 +224,44 @@ def _nonce_key(keyid: str, nonce: str) -> str:
 
 
 ADMINS_KEY = "meta.admins"
+HIGH_WATER_KEY = "meta.nonce_high_water"
 SCHEMA_KEY = "meta.schema"
 LOG_HEAD_KEY = "meta.loghead"
 #: Log entries read at once by ``log_entries``.
 LOG_READ_CHUNK = 64
+
+
+@dataclass(frozen=True)
+class KvSnapshot:
+    """The live keys of the state bucket as of stream sequence ``seq`` (:meth:`KvStore.snapshot`).
+
+    ``entries`` maps each key to its stored bytes and revision. ``exact``: no
+    write at all happened while it was read.
+    """
+
+    seq: int
+    entries: dict[str, tuple[bytes, int]]
+    exact: bool
+    attempts: int = 1
+
+
+def _snapshot_complete(entries: dict[str, tuple[bytes, int]]) -> bool:
+    """What a purge during a read could have taken is there: every log entry up to the
+    head, and every sealed epoch that a live room's ranges cover."""
+    try:
+        head = json.loads(entries[LOG_HEAD_KEY][0]) if LOG_HEAD_KEY in entries else None
+        if head is not None and any(_lkey(q) not in entries for q in range(int(head["seq"]) + 1)):
+            return False
+        for key, (raw, _rev) in entries.items():
+            if not key.startswith("room."):
+                continue
+            room = json.loads(raw)
+            epochs = {e for first, last in room.get("sealed", {}).values() for e in range(int(first), int(last) + 1)}
+            if any(_kkey(room["room_id"], e) not in entries for e in epochs):
+                return False
+    except (ValueError, KeyError, TypeError):
+        return False  # unreadable: let the exact read decide
+    return True
 
 
 class KvStore(Store):
@@ -497,6 +533,25 @@ class KvStore(Store):
         # The stored text is the entry's canonical JSON: its hash is the entry's hash.
         return hashlib.sha256(raw).hexdigest() if raw is not None else None
 
+    # -- replay protection's high-water mark ------------------------------------------
+
+    async def nonce_high_water(self) -> int:
+        value, _rev = await self._read(HIGH_WATER_KEY)
+        return int(value["created"]) if value is not None else 0
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        async def attempt() -> int:
+            stored, rev = await self._read(HIGH_WATER_KEY)
+            current = int(stored["created"]) if stored is not None else 0
+            if current >= value:
+                return current
+            # Conditional on the revision read: of two nodes raising it at once,
+            # the loser re-reads and keeps the larger mark.
+            await self._commit([_Write(HIGH_WATER_KEY, {"created": value}, rev)])
+            return value
+
+        return await self._retrying(attempt)
+
     # -- the bucket --------------------------------------------------------------
 
     def bucket_config(self) -> KeyValueConfig:
@@ -562,6 +617,88 @@ class KvStore(Store):
                 "allow_atomic": bool(info.config.allow_atomic), "messages": info.state.messages,
                 "last_seq": info.state.last_seq,
                 "leader": info.cluster.leader if info.cluster is not None else None}
+
+    # -- backup (membershipd backup) ---------------------------------------------------
+
+    async def _scan_raw(self, timeout: float) -> tuple[dict[str, tuple[bytes, int]], int]:
+        """The last message of every key: ``({key: (stored bytes, revision)} of live keys,
+        the largest stream sequence delivered, tombstones included)``."""
+        self._check_connected()
+
+        async def scan() -> tuple[dict[str, tuple[bytes, int]], int]:
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+
+            async def on_msg(msg: Any) -> None:
+                queue.put_nowait(msg)
+
+            sub = await self.js.subscribe(f"{self._prefix}>", stream=self.stream, cb=on_msg, ordered_consumer=True,
+                                          deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=5.0)
+            try:
+                info = await sub.consumer_info()
+                out: dict[str, tuple[bytes, int]] = {}
+                newest = 0
+                if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
+                    return out, newest
+                while True:
+                    msg = await queue.get()
+                    meta = msg.metadata
+                    key = msg.subject[len(self._prefix):]
+                    newest = max(newest, meta.sequence.stream)
+                    if (msg.headers or {}).get(KV_OP) in ("DEL", "PURGE"):
+                        out.pop(key, None)
+                    else:
+                        out[key] = (bytes(msg.data), meta.sequence.stream)
+                    if meta.num_pending == 0:
+                        return out, newest
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        except (TimeoutError, nats.errors.Error, APIError, OSError) as e:
+            raise StoreUnavailable(f"reading KV bucket {self.bucket}: {type(e).__name__} {e}".rstrip()) from None
+
+    async def _last_seq(self) -> int:
+        info = await self._io(self.js.stream_info(self.stream), "bucket info")
+        return int(info.state.last_seq or 0)
+
+    async def snapshot(self, *, budget: float = 60.0, exact_for: float = 10.0) -> KvSnapshot:
+        """Every live key of the bucket with its stored bytes, as of one stream sequence
+        (``membershipd backup``; docs/operations.md, "Backups").
+
+        The bucket keeps one message per key (``history=1``), so an older value
+        is gone once a key is rewritten: a point-in-time read has to be a read
+        that no write overtook. Each attempt reads the stream's last sequence
+        ``L``, then the last message of every key, then ``L`` again. When no
+        message read is newer than ``L`` and ``L`` has not moved, the read is
+        exactly the state at ``L`` (``exact``). Writes go on meanwhile, so it
+        retries; after ``exact_for`` seconds it also accepts a read whose
+        messages are all at or before ``L`` (every key then has its value at
+        ``L``: a key written later shows its newer message and fails the
+        attempt), provided what a purge could have taken (the sealed keys of a
+        room deleted during the read) is all there. :class:`StoreUnavailable`
+        when no attempt succeeds within ``budget`` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        pause = 0.01
+        attempts = 0
+        while True:
+            attempts += 1
+            before = await self._last_seq()
+            entries, newest = await self._scan_raw(timeout=max(self.timeout, 30.0))
+            after = await self._last_seq()
+            if newest <= before:
+                if after == before:
+                    return KvSnapshot(before, entries, True, attempts)
+                if loop.time() - start > exact_for and _snapshot_complete(entries):
+                    return KvSnapshot(before, entries, False, attempts)
+            if loop.time() - start > budget:
+                raise StoreUnavailable(f"KV bucket {self.bucket} kept changing for {budget:.0f} s ({attempts} "
+                                       "reads); try again when fewer writes are under way")
+            await asyncio.sleep(random.uniform(0, pause))
+            pause = min(pause * 2, 0.5)
 
     async def close(self) -> None:
         self._closing.set()
@@ -1243,4 +1380,4 @@ async def copy_store(src: Store, dst: KvStore) -> dict[str, int]:
     return counts
 
 
-__all__ = ["STATE_BUCKET", "KvStore", "copy_store"]
+__all__ = ["STATE_BUCKET", "KvSnapshot", "KvStore", "copy_store"]

@@ -367,6 +367,30 @@ class SqliteStore(Store):
     async def log_hash_at(self, seq: int) -> str | None:
         return await self._run(lambda s: s.scalar(select(m.LogEntry.hash).where(m.LogEntry.seq == seq)))
 
+    # -- replay protection's high-water mark ------------------------------------------
+
+    async def nonce_high_water(self) -> int:
+        def q(s: Session) -> int:
+            row = s.get(m.Meta, HIGH_WATER_KEY)
+            return int(row.value) if row is not None else 0
+
+        return await self._run(q)
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        def q(s: Session) -> int:
+            row = s.get(m.Meta, HIGH_WATER_KEY)
+            current = int(row.value) if row is not None else 0
+            if current >= value:
+                return current
+            if row is None:
+                s.add(m.Meta(key=HIGH_WATER_KEY, value=str(value)))
+            else:
+                row.value = str(value)
+            return value
+
+        # One transaction, committed (WAL, synchronous=FULL: fsynced) before this returns.
+        return await self._run(q)
+
     async def log_export(self) -> tuple[list[str], list[tuple[str, str, int]], int]:
         """The whole log for ``migrate-to-kv``: entry texts in order, the (keyid, nonce, seq)
         of its requests, and the largest ``created`` of a request in it."""
@@ -442,6 +466,8 @@ def add_member_sync(s: Session, member: Member) -> Member:
 
 #: unibus_meta key of the largest ``created`` of a request in the log.
 MAX_CREATED_KEY = "log.max_created"
+#: unibus_meta key of the signed requests' high-water mark (docs/operations.md, "Durability").
+HIGH_WATER_KEY = "nonces.high_water"
 
 
 @dataclass(frozen=True)

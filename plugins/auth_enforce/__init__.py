@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,7 @@ from unibus.store.base import Change, ChangeNotEnforced, Store
 
 from .callout import AUTH_TIMEOUT, Issuer, Responder
 from .enforcer import Enforcer, KickUnconfirmed
+from .metrics import BusAuthMetrics
 from .policy import Policy, diff, member_permissions
 
 PLUGIN_NAME = "auth_enforce"
@@ -129,6 +131,7 @@ class Runtime:
     policy: Policy
     responder: Responder
     enforcer: Enforcer | None = None
+    metrics: BusAuthMetrics | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     unsubscribe: Callable[[], None] | None = None
 
@@ -197,16 +200,32 @@ def remote_keys(keys: tuple[str, ...]) -> tuple[list[str], list[str]]:
 
 
 async def apply_change(rt: Runtime, change: Change) -> None:
-    """Bring the policy in line with a change, then kick what it revoked or granted."""
+    """Bring the policy in line with a change, then kick what it revoked or granted.
+
+    A change this node applies (its own, or a SIGHUP reload) is counted, with
+    how long it took to be in force (``unibus_bus_auth_change_*``); another
+    node's changes are that node's to count.
+    """
     if change.kind == "reloaded" and change.keys:
         # Another node's writes: that node kicks; here only the index follows.
         await reread(rt.store, rt.policy, *remote_keys(change.keys))
         return
+    if change.kind == "reloaded" and change.origin == "remote":
+        await load_policy(rt.store, rt.policy)
+        return
+    started = time.monotonic()
+    try:
+        await _apply_local(rt, change)
+    finally:
+        if rt.metrics is not None:
+            rt.metrics.changes.inc()
+            rt.metrics.change_duration.observe(time.monotonic() - started)
+
+
+async def _apply_local(rt: Runtime, change: Change) -> None:
     if change.kind == "reloaded":
         before = rt.policy.snapshot()
         await load_policy(rt.store, rt.policy)
-        if change.origin == "remote":
-            return
         revoked, granted = diff(before, rt.policy.snapshot())
         rooms: list[str] = []
     else:
@@ -224,9 +243,12 @@ async def apply_change(rt: Runtime, change: Change) -> None:
 
 @hookimpl
 async def startup(app) -> None:
-    from unibus.app import BUS, EXTRA, SETTINGS, STORE, stash
+    from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
+    if not enforcing(settings):
+        # The metrics exist all the same (at 0), so dashboards and alerts see one shape on every node.
+        BusAuthMetrics.register(app[METRICS].plugin(PLUGIN_NAME), pending=lambda: 0, connections=lambda: 0)
     if settings.bus_auth == "off":
         log.warning("--bus-auth off: the bus is open to any client that reaches the NATS port (development only)")
         return
@@ -248,6 +270,11 @@ async def startup(app) -> None:
     rt.enforcer = Enforcer(system_bus.nc, app[BUS].nc, rt.responder, clustered=settings.clustered,
                            node=settings.server_name, apply_local=apply_local, peers=system_bus.route_peers)
     await rt.enforcer.start()
+    enforcer = rt.enforcer
+    rt.metrics = BusAuthMetrics.register(
+        app[METRICS].plugin(PLUGIN_NAME), pending=lambda: len(enforcer.pending),
+        connections=lambda: sum(len(c) for c in enforcer.connections.values()))
+    rt.responder.metrics = rt.enforcer.metrics = rt.metrics
     stash(app)[RUNTIME] = rt
 
     def on_change(change: Change) -> Any:

@@ -115,6 +115,8 @@ class Responder:
         self.clock = clock
         self.sub: Any = None
         self.stats = {"authorized": 0, "refused": 0, "expired": 0, "malformed": 0}
+        #: the plugin's :class:`~.metrics.BusAuthMetrics` (set by its startup), or None
+        self.metrics: Any = None
         #: handle -> [(server_id, cid, answered_at)] granted but maybe not reported yet by nats-server
         self.in_flight: dict[str, list[tuple[str, int, float]]] = {}
 
@@ -128,6 +130,11 @@ class Responder:
                 await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - the connection may be gone already
                 pass
+
+    def _count(self, result: str) -> None:
+        self.stats[result] += 1
+        if self.metrics is not None:
+            self.metrics.callouts.labels(result).inc()
 
     def in_flight_of(self, handle: str) -> list[tuple[str, int, float]]:
         """The grants to ``handle`` still in flight (older ones are forgotten here)."""
@@ -160,7 +167,7 @@ class Responder:
         try:
             claims = jwt.decode(data, nkeys.PREFIX_BYTE_SERVER)
         except jwt.JWTError as e:
-            self.stats["malformed"] += 1
+            self._count("malformed")
             log.warning("auth callout: ignored a request that is not a server-signed JWT (%s)", e)
             return None
         body = claims.get("nats") if isinstance(claims.get("nats"), dict) else {}
@@ -168,23 +175,25 @@ class Responder:
         server_id, user_nkey = server.get("id"), body.get("user_nkey")
         if server_id != claims.get("iss") or body.get("type") != "authorization_request" \
                 or not isinstance(user_nkey, str):
-            self.stats["malformed"] += 1
+            self._count("malformed")
             log.warning("auth callout: ignored a malformed authorization request")
             return None
         exp = claims.get("exp")
         if isinstance(exp, (int, float)) and exp < now:
-            self.stats["expired"] += 1  # the server has refused this client already
+            self._count("expired")  # the server has refused this client already
             return None
         opts = body.get("connect_opts") if isinstance(body.get("connect_opts"), dict) else {}
         info = body.get("client_info") if isinstance(body.get("client_info"), dict) else {}
         nkey, sig, nonce = opts.get("nkey"), opts.get("sig"), info.get("nonce")
         if not (isinstance(nkey, str) and isinstance(sig, str) and isinstance(nonce, str) and nonce):
             return self._refuse(server_id, user_nkey, now, "a member logs in with its bus key (nkey)")
-        if not holds_key(nkey, nonce, sig):
-            return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
+        # The lookup comes first: a key nobody holds is refused without an Ed25519
+        # check, so a flood of logins with random keys costs less (docs/bus-auth.md).
         grant = self.policy.grant(nkey)
         if grant is None:
             return self._refuse(server_id, user_nkey, now, "unknown bus key")
+        if not holds_key(nkey, nonce, sig):
+            return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
         publish: dict[str, Any] = {"allow": list(grant.publish)} if grant.publish else {"deny": [">"]}
         user = {
             "iss": self.issuer.public, "sub": user_nkey, "aud": MEMBERS_ACCOUNT, "name": grant.handle,
@@ -200,11 +209,11 @@ class Responder:
         cid = info.get("id")
         if isinstance(cid, int):
             self.in_flight.setdefault(grant.handle, []).append((server_id, cid, now))
-        self.stats["authorized"] += 1
+        self._count("authorized")
         return jwt.encode(response, self.issuer.signing_key).encode("ascii")
 
     def _refuse(self, server_id: str, user_nkey: str, now: float, why: str) -> bytes:
-        self.stats["refused"] += 1
+        self._count("refused")
         log.info("auth callout: refused a connection: %s", why)
         response = {"iss": self.issuer.public, "sub": user_nkey, "aud": server_id, "iat": int(now),
                     "nats": {"error": why, "type": "authorization_response", "version": 2}}

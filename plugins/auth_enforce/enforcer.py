@@ -68,6 +68,8 @@ class Enforcer:
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
         self.stats = {"changes": 0, "kicks": 0, "unconfirmed": 0, "sweeps": 0}
         self.last_duration: float | None = None
+        #: the plugin's :class:`~.metrics.BusAuthMetrics` (set by its startup), or None
+        self.metrics: Any = None
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry: asyncio.Task[None] | None = None
@@ -191,6 +193,8 @@ class Enforcer:
                 return False
             if not error:
                 self.stats["kicks"] += 1
+                if self.metrics is not None:
+                    self.metrics.kicks.inc()
                 return True
             if NO_SUCH_CLIENT not in str(error.get("description", "")):
                 return False
@@ -240,6 +244,8 @@ class Enforcer:
             for h in revoked | granted:
                 self.pending[h] = self.pending.get(h, False) or h in revoked
             self.stats["unconfirmed"] += 1
+            if self.metrics is not None:
+                self.metrics.unconfirmed.inc()
             log.error("bus enforcement of a change to %s not confirmed within %.0f s (%s); retrying until it is",
                       ", ".join(sorted(revoked | granted)), KICK_DEADLINE, e or type(e).__name__)
             raise KickUnconfirmed(str(e)) from None

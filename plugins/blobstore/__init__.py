@@ -97,7 +97,7 @@ def cli_options() -> list[Option]:
 
 @hookimpl
 async def startup(app: web.Application) -> None:
-    from unibus.app import BUS, SETTINGS, STORE, stash
+    from unibus.app import BUS, METRICS, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
     store = app[STORE]
@@ -117,6 +117,10 @@ async def startup(app: web.Application) -> None:
                       CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
     service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)))
     stash(app)[SERVICE] = service
+    # Read at every scrape from the backend's in-memory counters (docs/operations.md, "Metrics").
+    metrics = app[METRICS].plugin(PLUGIN_NAME)
+    metrics.gauge("unibus_blobs", "blobs stored (on a cluster: by every node)", function=lambda: backend.blobs)
+    metrics.gauge("unibus_blob_bytes", "bytes of the blobs stored (ciphertext)", function=lambda: backend.bytes)
     service.unsubscribe = store.add_listener(service.on_change)
     register_routes(app)
 
@@ -202,7 +206,7 @@ async def put_blob(request: web.Request) -> web.Response:
     verified = request.get("unibus.signature")
     expected = getattr(verified, "content_sha256", None)
     if expected is None:
-        raise unauthorized("a blob upload needs a signed Content-Digest (sha-256) that names the body")
+        raise unauthorized("a blob upload needs a signed Content-Digest (sha-256) that names the body", "digest")
     limit = service.max_bytes
     length = request.content_length
     if length is not None and length > limit:
@@ -333,29 +337,49 @@ async def delete_blob(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def register_routes(app: web.Application) -> None:
-    from unibus.app import add_route
+#: ``blob_id``: the SHA-256 of the blob in hex (upper case accepted); the handlers check it (422).
+BLOB_ID_SCHEMA = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "SHA-256 of the blob, hex"}
+#: ``PUT .../blobs``: what was stored.
+BLOB_RECORD = {"type": "object", "required": ["blob_id", "size"], "additionalProperties": False,
+               "properties": {"blob_id": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                              "size": {"type": "integer", "minimum": 0}}}
 
-    common = {401: "missing or invalid signature", 403: "not allowed", 404: "no such room or blob",
-              503: "replay protection or the blob store unavailable"}
+
+def register_routes(app: web.Application) -> None:
+    from unibus.app import add_route, add_schema
+    from unibus.openapi import Response, header
+
+    blob = add_schema(app, "Blob", BLOB_RECORD)
+    common = {403: "not allowed", 404: "no such room or blob",
+              503: "replay protection, the store or the blob store unavailable; try again after Retry-After"}
     path = "/v1/rooms/{room_id}/blobs"
     add_route(app, "PUT", path, _streaming(_unavailable_as_503(put_blob)),
               summary="Upload a blob (streamed; signed Content-Digest required; room members)",
               request_schema={"type": "string", "format": "binary",
                               "description": "the blob's bytes (normally unibus-blob-v1 ciphertext)"},
               request_content_type="application/octet-stream",
-              responses={201: "{blob_id, size}; also for a re-upload of the same bytes",
-                         400: "the body does not match its signed Content-Digest; nothing stored",
+              responses={201: Response("{blob_id, size}; also for a re-upload of the same bytes", blob,
+                                       headers={"Location": header("/v1/rooms/{room_id}/blobs/{blob_id}")}),
+                         400: "the body does not match its signed Content-Digest (digest-mismatch), or its HTTP "
+                              "framing is broken; nothing stored",
+                         401: "missing or invalid signature, or a body whose Content-Digest is not signed",
+                         408: "a part of the body did not arrive within the body deadline; nothing stored",
                          413: "larger than --blob-max-bytes; nothing stored", **common},
               tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
+    blob_bytes = Response("the blob's bytes", {"type": "string", "format": "binary"}, "application/octet-stream",
+                          headers={"Content-Digest": header("sha-256=:<base64>: of the bytes",
+                                                            {"type": "string", "pattern": "^sha-256=:[A-Za-z0-9+/]{43}=:$"}),
+                                   "Content-Length": header("the blob's size", {"type": "string", "pattern": "^[0-9]+$"})})
     add_route(app, "GET", path + "/{blob_id}", _unavailable_as_503(get_blob),
               summary="Download a blob (streamed, with Content-Digest and Content-Length; room members)",
-              responses={200: "the blob's bytes", 422: "blob_id is not 64 hex characters", **common},
-              tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
+              responses={200: blob_bytes, 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
+                         **common},
+              path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     add_route(app, "DELETE", path + "/{blob_id}", _unavailable_as_503(delete_blob),
               summary="Delete a blob (the uploader, the room's owner, admins)",
-              responses={204: "deleted", 422: "blob_id is not 64 hex characters", **common},
-              tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
+              responses={204: "deleted", 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
+                         **common},
+              path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
 
 
 def _streaming(handler: Callable[..., Any]) -> Callable[..., Any]:

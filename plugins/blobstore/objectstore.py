@@ -249,6 +249,54 @@ class ObjectStoreBackend(BlobBackend):
             except Exception as e:  # noqa: BLE001
                 log.warning("blobstore: cannot purge orphaned chunks %s: %s", subject, e)
 
+    # -- read-only access (membershipd backup): no bucket made, no housekeeping
+    async def open_existing(self) -> bool:
+        """Open the bucket without creating or changing anything; False if it does not exist."""
+        try:
+            self.obs = await self.js.object_store(self.bucket)
+        except NotFoundError:
+            return False
+        except (*_UNAVAILABLE, APIError) as e:
+            raise _unavailable(e) from None
+        return True
+
+    async def object_names(self, timeout: float = 30.0) -> list[str]:
+        """The names of the live objects: the last metadata message of each, read to the end."""
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            queue.put_nowait(msg)
+
+        async def scan() -> list[str]:
+            sub = await self.js.subscribe(f"$O.{self.bucket}.M.>", stream=self.stream, cb=on_msg,
+                                          ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
+                                          inactive_threshold=5.0)
+            try:
+                info = await sub.consumer_info()
+                names: set[str] = set()
+                if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
+                    return []
+                while True:
+                    msg = await queue.get()
+                    try:
+                        obj = api.ObjectInfo.from_response(json.loads(msg.data))
+                        if obj.deleted:
+                            names.discard(obj.name)
+                        else:
+                            names.add(obj.name)
+                    except Exception as e:  # noqa: BLE001 - a foreign or broken metadata message
+                        log.warning("blobstore: unreadable object metadata on %s: %s", msg.subject, e)
+                    if msg.metadata.num_pending == 0:
+                        return sorted(n for n in names if n.count("/") == 1)
+            finally:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+
+        try:
+            return await asyncio.wait_for(scan(), timeout)
+        except (*_UNAVAILABLE, APIError) as e:
+            raise _unavailable(e) from None
+
     async def close(self) -> None:
         sub, self._sub = self._sub, None
         if sub is not None:

@@ -8,8 +8,8 @@ before anything starts:
 
 * a route CA that is the client CA (``--tls-ca``): a client certificate must
   never be able to join the cluster as a route;
-* a ``--tls-cert`` (client listener) or ``--http-tls-cert`` (HTTPS) issued by
-  the route CA;
+* a ``--tls-cert`` (client listener), ``--http-tls-cert`` (HTTPS) or
+  ``--metrics-tls-cert`` (the metrics listener) issued by the route CA;
 * a route certificate that is expired, not yet valid, not signed by the route
   CA, lacks serverAuth + clientAuth extended key usage, or does not match its key;
 * a route key readable by group or others.
@@ -86,7 +86,7 @@ def _issued_by(cert, issuer) -> bool:
 
 @functools.lru_cache(maxsize=16)
 def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | None, client_cert: Path | None,
-             mtimes: tuple[float, ...], http_cert: Path | None = None) -> None:
+             mtimes: tuple[float, ...], http_cert: Path | None = None, metrics_cert: Path | None = None) -> None:
     """Every check of the module docstring; raises ConfigError naming the flag. Cached per file state."""
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -102,9 +102,10 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
                 raise ConfigError("--route-tls-ca is the client CA (--tls-ca); routes need a dedicated route CA")
     if client_cert is not None and _issued_by(_load_certs(client_cert, "--tls-cert")[0], ca):
         raise ConfigError("--tls-cert is issued by the route CA; client and route certificates need separate CAs")
-    if http_cert is not None and _issued_by(_load_certs(http_cert, "--http-tls-cert")[0], ca):
-        raise ConfigError("--http-tls-cert is issued by the route CA; client-facing and route certificates need "
-                          "separate CAs (deploy/generate-certs.sh makes the client-facing one)")
+    for flag, path in (("--http-tls-cert", http_cert), ("--metrics-tls-cert", metrics_cert)):
+        if path is not None and _issued_by(_load_certs(path, flag)[0], ca):
+            raise ConfigError(f"{flag} is issued by the route CA; client-facing and route certificates need "
+                              "separate CAs (deploy/generate-certs.sh makes the client-facing one)")
 
     now = dt.datetime.now(dt.UTC)
     if cert.not_valid_before_utc > now:
@@ -136,9 +137,9 @@ def check(settings: Settings) -> tuple[Path, Path, Path] | None:
     paths = configured(settings)
     if paths is None:
         return None
-    files = [*paths, settings.tls_ca, settings.tls_cert, settings.http_tls_cert]
+    files = [*paths, settings.tls_ca, settings.tls_cert, settings.http_tls_cert, settings.metrics_tls_cert]
     mtimes = tuple(p.stat().st_mtime if p else 0.0 for p in files)
-    validate(*paths, settings.tls_ca, settings.tls_cert, mtimes, settings.http_tls_cert)
+    validate(*paths, settings.tls_ca, settings.tls_cert, mtimes, settings.http_tls_cert, settings.metrics_tls_cert)
     return paths
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 
 import pytest
 
+from unibus.api.rooms import NAME_MAX, ROOM_SCHEMA
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import new_room_key, open_room_key, seal_room_key
@@ -149,6 +151,23 @@ async def test_bus_info(world):
     assert info["user_nkey"] == people["bob"].bus_pub and info["user_nkey"].startswith("U")
     assert info["inbox_prefix"] == "_INBOX_bob"
     assert info["rooms"] == {rid: f"unibus.room.{rid}.>"}
+
+
+async def test_room_names_follow_the_documented_pattern(world):
+    """POST /v1/rooms applies the name rule /openapi.json documents: a name the
+    schema takes is created, one it refuses is 422 (docs/http-api.md, "POST /v1/rooms")."""
+    server, people, c = world
+    prop = ROOM_SCHEMA["properties"]["name"]
+    for name in ("ops", " a ", "x" * NAME_MAX, "é ü", "a\u3000b", "\x7f", "a\x1fb", "a\nb", "\t", "   ", "\u3000",
+                 "\u00a0", "", "x" * (NAME_MAX + 1), "ok\n"):
+        # ECMA-262 (OpenAPI 3.1): $ is the end of the input, not "before a final newline"
+        documented = (prop["minLength"] <= len(name) <= prop["maxLength"]
+                      and re.search(prop["pattern"].replace("$", r"\Z"), name) is not None)
+        try:
+            room = await c["bob"].request("POST", "/v1/rooms", json_body={"name": name})
+            assert documented and room["name"] == name, name
+        except ApiError as e:
+            assert not documented and e.status == 422, (name, e.status)
 
 
 async def test_bad_room_input(world):

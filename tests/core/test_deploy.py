@@ -123,12 +123,15 @@ def _common_service_checks(u: dict[str, list[tuple[str, str]]]) -> list[str]:
     assert flags["--http-tls-cert"] == flags["--tls-cert"] == "%h/.config/unibus/tls/server.crt"
     assert flags["--http-tls-key"] == flags["--tls-key"] == "%h/.config/unibus/tls/server.key"
     assert "--insecure-plaintext" not in argv
+    # Prometheus metrics on loopback (docs/operations.md, "Metrics"): no TLS needed, not reachable off the host
+    assert flags["--metrics-addr"] == "127.0.0.1:9470"
     return argv
 
 
 TLS_ARGS = [
     "--http-tls-cert", "%h/.config/unibus/tls/server.crt", "--http-tls-key", "%h/.config/unibus/tls/server.key",
     "--tls-cert", "%h/.config/unibus/tls/server.crt", "--tls-key", "%h/.config/unibus/tls/server.key",
+    "--metrics-addr", "127.0.0.1:9470",
 ]
 
 
@@ -564,7 +567,7 @@ def test_units_serve_tls_with_the_generated_files(tmp_path: Path, unit: Path) ->
     assert r.returncode == 0, r.stderr
     posture = json.loads(r.stdout)
     assert posture["summary"] == "enforce+acl+tls"
-    assert posture["listeners"] == {"http": "tls", "nats": "tls", "routes": "none", "metrics": "none"}
+    assert posture["listeners"] == {"http": "tls", "nats": "tls", "routes": "none", "metrics": "loopback"}
     # and without the files the unit refuses to start (exit 2: RestartPreventExitStatus, no restart loop)
     (tls / "server.key").unlink()
     r = subprocess.run([str(BIN_DIR / "membershipd"), "posture", *flags], capture_output=True, text=True,
@@ -623,7 +626,8 @@ def test_install_dry_run_cluster_does_not_make_its_own_ca(tmp_path: Path) -> Non
 def test_runbook_sections() -> None:
     text = RUNBOOK.read_text()
     headings = re.findall(r"^#+ (.+)$", text, re.M)
-    for h in ("Overview", "Route certificates", "Client TLS", "NATS server metrics", "Rolling restarts"):
+    for h in ("Overview", "Route certificates", "Client TLS", "NATS server metrics", "Rolling restarts",
+              "Backups and restore"):
         assert h in headings, h
     assert any(h.startswith("Bootstrap") for h in headings)
     assert any(h.startswith("Join") for h in headings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from multidict import MultiDict
@@ -121,4 +122,14 @@ def test_path_params_accepted_and_described():
     check_path_params({"room_id": "abc123", "handle": "bob_1-x", "blob_id": "0" * 64})
     assert path_param_schema("room_id") == {"type": "string", "pattern": "^[a-z0-9]{1,40}$"}
     assert path_param_schema("handle") == {"type": "string", "pattern": "^[a-z][a-z0-9_-]{0,31}$"}
-    assert path_param_schema("blob_id") == {"type": "string", "minLength": 1, "maxLength": MAX_PATH_PARAM}
+    generic = path_param_schema("blob_id")
+    assert generic == {"type": "string", "minLength": 1, "maxLength": MAX_PATH_PARAM, "pattern": "^[!-~]{1,256}$"}
+    # the documented pattern is the rule checked (printable ASCII, no space)
+    for value in ("x", "~" * MAX_PATH_PARAM, "a b", "é", "x" * (MAX_PATH_PARAM + 1), "a\x7f", "!"):
+        documented = re.fullmatch(generic["pattern"].strip("^$"), value) is not None
+        try:
+            check_path_params({"blob_id": value})
+            checked = True
+        except Problem:
+            checked = False
+        assert documented == checked, value

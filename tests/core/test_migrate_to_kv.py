@@ -87,3 +87,12 @@ def test_ca_requires_verified_tls(tmp_path, daemon_with_admin):
     other = make_test_ca(pki, "other-ca")
     bad = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url, "--ca", str(other[0]))
     one_line(bad, 1, "cannot connect")
+    # backup --nats-url follows the same rules: verified TLS, or nothing read and nothing written.
+    out = tmp_path / "kv.tar"
+    bad = run_membershipd("backup", "--out", str(out), "--data-dir", str(server.data_dir), "--nats-url", url,
+                          "--ca", str(other[0]))
+    one_line(bad, 1, "cannot connect")
+    assert not out.exists() and not list(tmp_path.glob(".kv.tar*"))
+    ok = run_membershipd("backup", "--out", str(out), "--data-dir", str(server.data_dir), "--nats-url", url,
+                         "--ca", str(ca[0]))
+    assert ok.returncode == 0 and "cluster backup" in ok.stdout, ok.stderr

@@ -60,6 +60,7 @@ def test_env_data_dir_and_flag_precedence(tmp_path):
         (["--server-name", "has space"], "--server-name"),
         (["--auth-skew", "-5"], "--auth-skew"),
         (["--auth-skew", "soon"], "--auth-skew"),
+        (["--auth-skew", "601"], "--auth-skew: 601 is too large; use 1 to 600"),
         (["--nats-url", "http://x"], "--nats-url"),
         (["--routes", "nats://user:pw@127.0.0.2:6250", "--cluster-name", "c"], "--routes"),
         (["--routes", "http://127.0.0.2:6250", "--cluster-name", "c"], "--routes"),

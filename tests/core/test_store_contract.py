@@ -499,6 +499,35 @@ async def test_listeners_get_changes_and_writes_wait_for_them(store: Store) -> N
 # -- KV only: two nodes, the watch, failures, the bucket, the copy ----------------------------------
 
 
+# -- replay protection's high-water mark ------------------------------------------
+
+
+async def test_nonce_high_water_only_rises(store: Store) -> None:
+    assert await store.nonce_high_water() == 0  # a new store: no request was ever accepted
+    assert await store.raise_nonce_high_water(1_800_000_000) == 1_800_000_000
+    assert await store.raise_nonce_high_water(1_700_000_000) == 1_800_000_000  # never lowered
+    assert await store.nonce_high_water() == 1_800_000_000
+    marks = await asyncio.gather(*(store.raise_nonce_high_water(1_800_000_000 + i) for i in range(10)))
+    assert max(marks) == 1_800_000_009 and all(m >= 1_800_000_000 + i for i, m in enumerate(marks))
+    assert await store.nonce_high_water() == 1_800_000_009
+    # not one of the membership changes: nothing for a listener, nothing in the log
+    assert await store.log_head() == (-1, "")
+
+
+async def test_sqlite_nonce_high_water_is_on_disk(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    first = await sqlite_store(db)
+    try:
+        await first.raise_nonce_high_water(1_800_000_123)
+    finally:
+        await first.close()
+    again = SqliteStore(db)
+    try:
+        assert await again.nonce_high_water() == 1_800_000_123
+    finally:
+        await again.close()
+
+
 @pytest.fixture
 async def two_kv(nats_server: NatsServer) -> AsyncIterator[tuple[KvStore, KvStore]]:
     nc1, a = await kv_store(nats_server.url)
@@ -553,6 +582,15 @@ async def test_kv_two_instances_see_each_other_and_the_watch_fires(two_kv: tuple
     await a.delete_member(non_admin)
     assert await b.get_member(non_admin) is None
     assert await b.membership() == await a.membership()
+
+
+async def test_kv_nonce_high_water_raised_through_two_nodes_keeps_the_largest(
+        two_kv: tuple[KvStore, KvStore]) -> None:
+    a, b = two_kv
+    results = await asyncio.gather(*(s.raise_nonce_high_water(1_800_000_000 + i)
+                                     for i in range(20) for s in (a, b)))
+    assert max(results) == 1_800_000_019
+    assert await a.nonce_high_water() == await b.nonce_high_water() == 1_800_000_019
 
 
 async def test_kv_own_writes_are_not_reported_again(two_kv: tuple[KvStore, KvStore]) -> None:

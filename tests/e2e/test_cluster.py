@@ -5,7 +5,6 @@ Marked slow: run in CI, skip locally with -m "not slow".
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,67 +13,13 @@ from pathlib import Path
 
 import nats
 import pytest
+from clusters import FORM_TIMEOUT, SECRET, Cluster, eventually, signed_ok
 
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.testing import (MembershipdProcess, bootstrap_member, free_port, make_test_ca, make_test_cert,
-                            member_connections, run_membershipd)
+from unibus.testing import MembershipdProcess, member_connections, run_membershipd
 
 pytestmark = pytest.mark.slow
-
-SECRET = "route-secret-do-not-leak-7c1f"
-FORM_TIMEOUT = 120
-
-
-class Cluster:
-    def __init__(self, tmp_path: Path, admin) -> None:
-        self.tmp = tmp_path
-        pki = tmp_path / "pki"
-        ca = make_test_ca(pki, "route-ca")
-        self.pass_file = tmp_path / "cluster.pass"
-        self.pass_file.write_text(SECRET + "\n")
-        self.pass_file.chmod(0o600)
-        self.route_ports = [free_port() for _ in range(3)]
-        self.nodes: list[MembershipdProcess] = []
-        for i in range(3):
-            name = f"n{i + 1}"
-            cert = make_test_cert(pki, name, ca)
-            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
-            data = tmp_path / name
-            if i == 0:  # SPEC §3: bootstrap on one node, then migrate-to-kv into the cluster
-                bootstrap_member(data, admin, "admin")
-            args = ["--server-name", name, "--cluster-name", "unibus-test",
-                    "--cluster-addr", f"127.0.0.1:{self.route_ports[i]}", "--routes", routes,
-                    "--cluster-pass-file", str(self.pass_file), "--kv-replicas", "3",
-                    "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]), "--route-tls-ca", str(ca[0])]
-            self.nodes.append(MembershipdProcess(data, args))
-
-    def start(self, *indexes: int) -> None:
-        for i in indexes:
-            self.nodes[i].start(wait=False)
-        for i in indexes:
-            self.nodes[i].wait_healthy(timeout=FORM_TIMEOUT)
-
-    def restart(self, i: int) -> None:
-        self.nodes[i] = self.nodes[i].again()
-        self.nodes[i].start(wait=False)
-
-    def kill(self, i: int) -> None:
-        """A real crash: nats-server first (SIGKILL, no graceful hand-over), then membershipd."""
-        node = self.nodes[i]
-        nats_pid = node.nats_pid()
-        if nats_pid:
-            os.kill(nats_pid, signal.SIGKILL)
-        node.send_signal(signal.SIGKILL)
-        node.wait(10)
-        if nats_pid:
-            deadline = time.monotonic() + 10
-            while Path(f"/proc/{nats_pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.02)
-
-    def stop(self) -> None:
-        for n in self.nodes:
-            n.stop()
 
 
 @pytest.fixture
@@ -94,26 +39,6 @@ def cluster(tmp_path):
         c.stop()
 
 
-async def signed_ok(node: MembershipdProcess, identity) -> bool:
-    async with UnibusClient(node.base_url, identity, timeout=5) as client:
-        try:
-            await client.me()
-            return True
-        except ApiError as e:
-            if e.status in (401, 503):  # 401: this node has not seen the member yet (its KV watch)
-                return False
-            raise
-
-
-async def eventually(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.2)
-    return False
-
-
 async def test_cluster_forms_fails_over_and_fails_closed(cluster):
     alice = cluster.admin
     # formed: every node enforce+acl+tls, routed to both peers, R3 nonce bucket
@@ -124,6 +49,10 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
         assert body["nats"]["kv_replicas"] == 3
         assert body["nats"]["cluster"]["name"] == "unibus-test"
         assert await eventually(lambda n=node: _routes(n, 2), 30)
+    # the same on /metrics (docs/operations.md, "Metrics"): a cluster node's route peers, its health
+    for port in cluster.metrics_ports:
+        assert await eventually(lambda p=port: _metric_is(p, "unibus_cluster_routes", 2), 10)
+        assert _metric(port, "unibus_healthy") == 1 and _metric(port, "unibus_posture_secure") == 1
     nc = await nats.connect(cluster.nodes[0].nats_url, nkeys_seed=str(cluster.nodes[0].data_dir / "service.nkey"))
     try:
         info = await nc.jetstream().stream_info("KV_unibus_nonces")
@@ -324,6 +253,25 @@ async def _no_pending(node: MembershipdProcess) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+def _metric(port: int, name: str) -> float | None:
+    """A metric without labels from a node's /metrics, or None."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and not sample.labels:
+                return sample.value
+    return None
+
+
+async def _metric_is(port: int, name: str, want: float) -> bool:
+    return _metric(port, name) == want
 
 
 async def _routes(node: MembershipdProcess, want: int) -> bool:

@@ -75,7 +75,8 @@ def test_config_has_verified_route_tls(pki, tmp_path):
     check_config(find_nats_server(), path)
 
 
-@pytest.mark.parametrize("case", ["ca-is-client-ca", "client-cert-from-route-ca", "https-cert-from-route-ca", "expired",
+@pytest.mark.parametrize("case", ["ca-is-client-ca", "client-cert-from-route-ca", "https-cert-from-route-ca",
+                                  "metrics-cert-from-route-ca", "expired",
                                   "not-yet-valid", "other-ca", "no-client-auth", "wrong-key", "key-readable", "partial"])
 def test_refusals(pki, case):
     d = pki["dir"]
@@ -83,6 +84,7 @@ def test_refusals(pki, case):
     extra: list[str] = []
     needle = {"ca-is-client-ca": "client CA", "client-cert-from-route-ca": "--tls-cert",
               "https-cert-from-route-ca": "--http-tls-cert is issued by the route CA",
+              "metrics-cert-from-route-ca": "--metrics-tls-cert is issued by the route CA",
               "expired": "expired", "not-yet-valid": "not valid before", "other-ca": "not signed by the route CA",
               "no-client-auth": "clientAuth", "wrong-key": "does not match", "key-readable": "chmod 600",
               "partial": "--route-tls-ca"}[case]
@@ -95,6 +97,10 @@ def test_refusals(pki, case):
     elif case == "https-cert-from-route-ca":
         https = make_test_cert(d, "https-from-route", pki["route_ca"])
         extra = ["--http-tls-cert", str(https[0]), "--http-tls-key", str(https[1])]
+    elif case == "metrics-cert-from-route-ca":
+        metrics = make_test_cert(d, "metrics-from-route", pki["route_ca"])
+        extra = ["--metrics-addr", "127.0.0.1:9470", "--metrics-tls-cert", str(metrics[0]),
+                 "--metrics-tls-key", str(metrics[1])]
     elif case == "expired":
         args = cluster_args(pki, node=make_test_cert(d, "old", pki["route_ca"], valid_from_days=-60, valid_for_days=30))
     elif case == "not-yet-valid":

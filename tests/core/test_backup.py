@@ -1,0 +1,690 @@
+"""membershipd backup and restore of a single node (and of a KV state, through one daemon's NATS).
+
+Real daemons, real SQLite, real nats-server. The archive is attacked the way
+a corrupted disk or a hostile file would: every refusal is exit 2 with one
+line, and nothing is written anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import io
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from unibus.backup import manifest_digest
+from unibus.cli import main
+from unibus.client import UnibusClient
+from unibus.client.blobs import get_raw_blob, put_raw_blob
+from unibus.client.keys import generate_identity
+from unibus.store.base import Conflict
+from unibus.store.fromkv import rows_from_kv
+from unibus.store.kv import KvStore
+from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
+
+from storecheck import assert_rows_match_log, read_store, replay, stored_blobs
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    """``membershipd ARGS`` in this process: the console script's code, without its start-up cost."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse
+            code = e.code
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
+def one_line(proc: subprocess.CompletedProcess[str], code: int, needle: str) -> None:
+    assert proc.returncode == code, (proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr
+
+
+# --------------------------------------------------------------------------- archives
+
+
+def members_of(archive: Path) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    with tarfile.open(archive) as tar:
+        return [(i, tar.extractfile(i).read() if i.isfile() else None) for i in tar.getmembers()]
+
+
+def write_members(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]], gz: bool = False) -> Path:
+    with tarfile.open(path, "w:gz" if gz else "w", format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            info = _copy(info)
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    return path
+
+
+def _copy(info: tarfile.TarInfo) -> tarfile.TarInfo:
+    new = tarfile.TarInfo(info.name)
+    new.size, new.mode, new.mtime, new.type, new.linkname = info.size, info.mode, info.mtime, info.type, info.linkname
+    return new
+
+
+def manifest_of(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> dict[str, Any]:
+    return json.loads(next(d for i, d in members if i.name == "manifest.json"))
+
+
+def with_manifest(members: list[tuple[tarfile.TarInfo, bytes | None]], manifest: dict[str, Any], *,
+                  redigest: bool = True) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    if redigest:
+        manifest = {**manifest, "digest": manifest_digest(manifest)}
+    body = json.dumps(manifest).encode()
+    return [(i, body if i.name == "manifest.json" else d) for i, d in members]
+
+
+def relisted(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    """The same members with a manifest that lists them exactly, digest recomputed: only content checks remain."""
+    manifest = manifest_of(members)
+    manifest["files"] = [{"path": i.name, "sha256": hashlib.sha256(d).hexdigest(), "size": len(d)}
+                         for i, d in members if i.name != "manifest.json" and d is not None]
+    return with_manifest(members, manifest)
+
+
+def regular(name: str, data: bytes) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o600
+    return info, data
+
+
+def special(name: str, kind: bytes, target: str) -> tuple[tarfile.TarInfo, None]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = kind, target
+    return info, None
+
+
+# --------------------------------------------------------------------------- a small source, backed up once
+
+
+class Source:
+    """A daemon with alice (admin), bob, a rekeyed room with a blob; its backup; its secrets."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.alice = generate_identity("alice")
+        self.bob = generate_identity("bob")
+        self.data_dir = root / "source"
+        bootstrap_member(self.data_dir, self.alice, "admin")
+        self.daemon = MembershipdProcess(self.data_dir).start()
+        self.blob = os.urandom(150_000)
+        asyncio.run(self._fill())
+        self.archive = root / "source.tar"
+        proc = cli("backup", "--out", str(self.archive), "--data-dir", str(self.data_dir))
+        assert proc.returncode == 0, proc.stderr
+        self.members = members_of(self.archive)
+
+    async def _fill(self) -> None:
+        async with UnibusClient(self.daemon.base_url, self.alice) as a:
+            await a.add_member("bob", self.bob.sign_pub_b64, self.bob.enc_pub_b64, bus_pub=self.bob.bus_pub)
+            self.room = (await a.create_room("ops"))["room_id"]
+            await a.add_room_member(self.room, "bob")
+            await a.rekey(self.room)
+            await a.remove_room_member(self.room, "bob")
+            await a.rekey(self.room)
+            self.other = (await a.create_room("other"))["room_id"]
+            await a.rekey(self.other)
+            path = self.root / "blob.bin"
+            path.write_bytes(self.blob)
+            self.blob_id = await put_raw_blob(a, self.room, path)
+
+    def secrets(self) -> dict[str, bytes]:
+        """Every secret in the data directory: none may be in an archive."""
+        found = {}
+        for name in ("service.nkey", "system.nkey", "plugins/auth_enforce/issuer.nkey"):
+            path = self.data_dir / name
+            if path.exists():
+                found[name] = path.read_bytes().strip()
+        return found
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Any:
+    s = Source(tmp_path_factory.mktemp("backup-source"))
+    try:
+        yield s
+    finally:
+        s.daemon.stop()
+
+
+def restore_into(archive: Path, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return cli("restore", "--in", str(archive), "--data-dir", str(data_dir))
+
+
+def assert_nothing_written(area: Path) -> None:
+    """Nothing in the directory around the target: not the target, not a temporary directory, not ../x."""
+    assert sorted(p.name for p in area.iterdir()) == ["archive"], sorted(p.name for p in area.iterdir())
+
+
+# --------------------------------------------------------------------------- under load
+
+
+class Workload:
+    """Membership changes, rekeys and blob uploads, each recorded once acknowledged (2xx)."""
+
+    def __init__(self, client: UnibusClient, files: Path) -> None:
+        self.client = client
+        self.files = files
+        self.acked: list[tuple[Any, ...]] = []
+        self.blobs: dict[tuple[str, str], bytes] = {}
+        self.rooms: list[str] = []
+
+    async def blob(self, room: str, size: int) -> str:
+        data = os.urandom(size)
+        path = self.files / f"{len(self.blobs)}.bin"
+        path.write_bytes(data)
+        blob_id = await put_raw_blob(self.client, room, path)
+        self.blobs[(room, blob_id)] = data
+        self.acked.append(("blob", room, blob_id))
+        return blob_id
+
+    async def round(self, i: int) -> None:
+        c = self.client
+        ident = generate_identity(f"m{i}")
+        await c.add_member(ident.handle, ident.sign_pub_b64, ident.enc_pub_b64, bus_pub=ident.bus_pub)
+        self.acked.append(("member", ident.handle))
+        room = (await c.create_room(f"room {i}"))["room_id"]
+        self.rooms.append(room)
+        self.acked.append(("room", room))
+        for r in self.rooms[-2:]:
+            await c.add_room_member(r, ident.handle)
+            self.acked.append(("roster", r, ident.handle))
+            epoch = await c.rekey(r)
+            self.acked.append(("epoch", r, epoch))
+        await self.blob(room, 1 + (i * 7919) % 60_000)
+
+    async def run(self, stop: asyncio.Event, start: int) -> int:
+        i = start
+        while not stop.is_set():
+            await self.round(i)
+            i += 1
+        return i
+
+
+async def writer_under_way(writer: asyncio.Task, ready: Callable[[], bool], timeout: float = 120) -> None:
+    """Until ``ready()``: what stopped ``writer`` if it ended first, TimeoutError if it never gets there."""
+
+    async def wait() -> None:
+        while not ready():
+            if writer.done():
+                writer.result()  # raises what stopped it
+                raise AssertionError("the writer stopped before it was under way")
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(wait(), timeout)
+
+
+async def test_backup_under_write_load_restores_exactly_one_instant(tmp_path, daemon_with_admin, alice,
+                                                                    membershipd_factory):
+    src = daemon_with_admin()
+    files = tmp_path / "files"
+    files.mkdir()
+    async with UnibusClient(src.base_url, alice) as a:
+        load = Workload(a, files)
+        # Changes undone before the backup: the restored state must not have them.
+        gone = generate_identity("gone")
+        await a.add_member("gone", gone.sign_pub_b64, gone.enc_pub_b64, bus_pub=gone.bus_pub)
+        doomed = (await a.create_room("doomed"))["room_id"]
+        await a.add_room_member(doomed, "gone")
+        await a.rekey(doomed)
+        doomed_blob = await load.blob(doomed, 1000)
+        for i in range(2):
+            await load.round(i)
+        dropped_blob = await load.blob(load.rooms[0], 2000)
+        await a.request("DELETE", f"/v1/rooms/{load.rooms[0]}/blobs/{dropped_blob}")
+        await a.remove_member("gone")
+        await a.delete_room(doomed)
+
+        stop = asyncio.Event()
+        writer = asyncio.create_task(load.run(stop, 2))
+        await writer_under_way(writer, lambda: len(load.acked) >= 15)
+        acked_before = list(load.acked)
+        archive = tmp_path / "under-load.tar.gz"
+        backup = await asyncio.to_thread(cli, "backup", "--out", str(archive), "--data-dir", str(src.data_dir))
+        acked_during = len(load.acked) - len(acked_before)
+        stop.set()
+        rounds = await writer
+    assert backup.returncode == 0, backup.stderr
+    print(f"{len(acked_before)} changes acknowledged before the backup, {acked_during} while it ran, "
+          f"{rounds} rounds")
+    src.stop()
+    source = read_store(src.data_dir / "membershipd.db")
+    source_blobs = stored_blobs(src.data_dir)
+
+    restored_dir = tmp_path / "restored"
+    proc = await asyncio.to_thread(restore_into, archive, restored_dir)
+    assert proc.returncode == 0, proc.stderr
+    manifest = manifest_of(members_of(archive))
+    got = read_store(restored_dir / "membershipd.db")
+
+    # The log: a byte-identical prefix of the source's, up to the head the manifest names, that replays.
+    head = manifest["log_head"]
+    assert got["log"] == source["log"][:head["seq"] + 1]
+    assert got["log"][-1][:2] == (head["seq"], head["hash"])
+    assert got["nonces"] == {k: v for k, v in source["nonces"].items() if v <= head["seq"]}
+    state = replay(got["log"])
+    # Rows and log are one instant.
+    assert_rows_match_log(got, state)
+    # Every row is the source's (the load only adds; keys of an epoch never change).
+    for table in ("members", "keys", "epochs"):
+        assert {k: source[table][k] for k in got[table]} == got[table], table
+    for rid, row in got["rooms"].items():
+        assert row[:2] == source["rooms"][rid][:2] and row[4] == source["rooms"][rid][4]
+        assert row[2] <= source["rooms"][rid][2]
+    # Everything acknowledged before the backup began is there.
+    for change in acked_before:
+        if change[0] == "member":
+            assert change[1] in got["members"], change
+        elif change[0] == "room":
+            assert change[1] in got["rooms"], change
+        elif change[0] == "roster":
+            assert (change[1], change[2]) in got["rosters"], change
+        elif change[0] == "epoch":
+            assert got["rooms"][change[1]][2] >= change[2], change
+    assert "gone" not in got["members"] and doomed not in got["rooms"]
+
+    # The blobs: whole, of rooms the store has, everything acknowledged before, nothing deleted before.
+    blobs = stored_blobs(restored_dir)
+    assert {r for r, _b in blobs} <= set(got["rooms"])
+    assert {k: source_blobs.get(k) for k in blobs} == blobs
+    assert {(c[1], c[2]) for c in acked_before if c[0] == "blob" and c[1] != doomed} - {(load.rooms[0], dropped_blob)} \
+        <= blobs.keys()
+    assert (doomed, doomed_blob) not in blobs and (load.rooms[0], dropped_blob) not in blobs
+    assert sorted(p.name for p in restored_dir.iterdir()) == ["blobs", "membershipd.db"]
+
+    # A daemon serves the restored state.
+    restored = membershipd_factory(data_dir=restored_dir)
+    async with UnibusClient(restored.base_url, alice) as a:
+        assert sorted(m["handle"] for m in await a.list_members()) == sorted(got["members"])
+        assert await a.log_head() == {**head, "auth_skew": 60}
+        for rid, row in got["rooms"].items():
+            room = await a.get_room(rid)
+            assert room["epoch"] == row[2]
+            if row[2]:
+                key = await a.my_key(rid)
+                assert key["sig"] is not None
+                sealed, sig = got["keys"][(rid, row[2], "alice")]
+                assert (key["sealed"], key["sig"]) == (_b64(sealed), _b64(sig))
+                assert key["log_head"] == {"seq": got["epochs"][(rid, row[2])][1],
+                                           "hash": got["epochs"][(rid, row[2])][2]}
+        for (rid, blob_id), data in sorted(blobs.items())[:5]:
+            out = tmp_path / f"{blob_id}.out"
+            await get_raw_blob(a, rid, blob_id, out)
+            assert out.read_bytes() == data == load.blobs[(rid, blob_id)]
+        # ...and goes on from it: the next logged change follows the restored head.
+        await a.create_room("after the restore")
+        assert (await a.log_head())["seq"] == head["seq"] + 1
+
+
+def _b64(raw: bytes) -> str:
+    import base64
+
+    return base64.b64encode(raw).decode()
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _flip(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1:]
+
+
+def _blob_dir(s: Source) -> str:
+    return f"blobs/{s.room}/{s.blob_id}"
+
+
+CORRUPTIONS = {
+    "flipped byte in the database": (
+        lambda s, m: [(i, _flip(d, 4000) if i.name == "membershipd.db" else d) for i, d in m],
+        "membershipd.db does not match its SHA-256"),
+    "flipped byte in a blob": (
+        lambda s, m: [(i, _flip(d, 77) if i.name.endswith("/data") else d) for i, d in m],
+        "does not match its SHA-256"),
+    "edited manifest": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "node": "elsewhere"}, redigest=False),
+        "manifest.json was altered"),
+    "manifest listing another hash": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "files": [
+            {**f, "sha256": "0" * 64} if f["path"] == "membershipd.db" else f for f in manifest_of(m)["files"]]}),
+        "membershipd.db does not match its SHA-256"),
+    "missing file": (
+        lambda s, m: [(i, d) for i, d in m if not i.name.endswith("meta.json")],
+        "meta.json is listed in manifest.json but missing"),
+    "missing manifest": (
+        lambda s, m: [(i, d) for i, d in m if i.name != "manifest.json"],
+        "has no manifest.json"),
+    "extra file": (
+        lambda s, m: m + [regular(f"blobs/{s.room}/{'a' * 64}/data", b"x")],
+        "is in the archive but not in manifest.json"),
+    "unknown file": (
+        lambda s, m: m + [regular("notes.txt", b"hello")],
+        "'notes.txt' is not a file a unibus backup contains"),
+    "path traversal": (
+        lambda s, m: m + [regular("../x", b"pwned")],
+        "'../x' is not a file a unibus backup contains"),
+    "path traversal listed in the manifest": (
+        lambda s, m: relisted(m + [regular("../x", b"pwned")]),
+        "'../x' is not a file a unibus backup contains"),
+    "absolute path": (
+        lambda s, m: m + [regular("/tmp/unibus-pwned", b"pwned")],
+        "is not a file a unibus backup contains"),
+    "symlink member": (
+        lambda s, m: [(i, d) for i, d in m if not i.name.endswith("/data")]
+        + [special(f"{_blob_dir(s)}/data", tarfile.SYMTYPE, "/etc/passwd")],
+        "is a symbolic link"),
+    "hard link member": (
+        lambda s, m: m + [special("membershipd.db-wal", tarfile.LNKTYPE, "membershipd.db")],
+        "is a hard link"),
+    "directory member": (
+        lambda s, m: [special("blobs", tarfile.DIRTYPE, "")] + m,
+        "is a directory"),
+    "duplicate member": (
+        lambda s, m: m + [next((i, d) for i, d in m if i.name == "membershipd.db")],
+        "'membershipd.db' is in the archive twice"),
+    "newer format": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "version": 99}),
+        "archive format version 99"),
+    "blob that is not its id": (
+        lambda s, m: relisted([(i, b"other bytes" if i.name.endswith("/data") else d) for i, d in m]),
+        "its data is not the blob its id names"),
+    "database that is not SQLite": (
+        lambda s, m: relisted([(i, os.urandom(8192) if i.name == "membershipd.db" else d) for i, d in m]),
+        "membershipd.db is not a usable SQLite database"),
+    "log head other than the manifest's": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "log_head": {"seq": 1, "hash": "0" * 64}}),
+        "not at the head its manifest names"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CORRUPTIONS))
+def test_a_damaged_archive_is_refused_and_nothing_is_written(source, tmp_path, case):
+    damage, needle = CORRUPTIONS[case]
+    area = tmp_path / "area"
+    area.mkdir()
+    archive = write_members(area / "archive", damage(source, source.members))
+    one_line(restore_into(archive, area / "restored"), 2, needle)
+    assert_nothing_written(area)
+    assert not Path("/tmp/unibus-pwned").exists()
+
+
+@pytest.mark.parametrize("cut", ["in the database", "at a member boundary", "gzip"])
+def test_a_truncated_archive_is_refused(source, tmp_path, cut):
+    area = tmp_path / "area"
+    area.mkdir()
+    raw = source.archive.read_bytes()
+    if cut == "gzip":
+        raw = gzip.compress(raw)
+        raw = raw[:len(raw) // 2]
+    elif cut == "in the database":
+        raw = raw[:8192]
+    else:  # after the manifest and the database: a tar reader sees a clean end there
+        with tarfile.open(source.archive) as tar:
+            infos = tar.getmembers()
+        raw = raw[:infos[2].offset]
+    (area / "archive").write_bytes(raw)
+    needle = "missing from the archive" if cut == "at a member boundary" else "not a complete tar archive"
+    one_line(restore_into(area / "archive", area / "restored"), 2, needle)
+    assert_nothing_written(area)
+
+
+def test_not_an_archive_is_refused(tmp_path):
+    area = tmp_path / "area"
+    area.mkdir()
+    (area / "archive").write_bytes(os.urandom(5000))
+    one_line(restore_into(area / "archive", area / "restored"), 2, "not a complete tar archive")
+    assert_nothing_written(area)
+
+
+def test_restore_only_into_an_empty_directory(source, tmp_path):
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / ".hidden").write_text("keep me")
+    # Through the console script once: the process exits 2.
+    one_line(run_membershipd("restore", "--in", str(source.archive), "--data-dir", str(full)), 2, "is not empty")
+    assert (full / ".hidden").read_text() == "keep me" and len(list(full.iterdir())) == 1
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    one_line(restore_into(source.archive, afile), 2, "exists and is not a directory")
+    link = tmp_path / "link"
+    (tmp_path / "empty").mkdir()
+    link.symlink_to(tmp_path / "empty")
+    one_line(restore_into(source.archive, link), 2, "is a symbolic link")
+    one_line(restore_into(tmp_path / "absent.tar", tmp_path / "new"), 2, "--in")
+    # An existing empty directory is fine, and is replaced whole.
+    proc = restore_into(source.archive, tmp_path / "empty")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["blobs", "membershipd.db"]
+
+
+def test_archive_and_restored_files_are_private_and_hold_no_secret(source, tmp_path):
+    secrets = source.secrets()
+    assert {"service.nkey", "system.nkey", "plugins/auth_enforce/issuer.nkey"} <= secrets.keys()
+    out = tmp_path / "open-umask.tar"
+    env = {**os.environ}
+    # umask 000: what another local user could read if the command relied on the umask.
+    proc = subprocess.run([sys.executable, "-m", "unibus.cli", "backup", "--out", str(out), "--data-dir",
+                           str(source.data_dir)], capture_output=True, text=True, env=env, timeout=60,
+                          preexec_fn=lambda: os.umask(0))
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary file left beside it
+    blobs_tmp = source.data_dir / "blobs" / ".tmp"
+    assert not [p for p in blobs_tmp.iterdir() if p.name.startswith("backup-")]  # staging removed
+    raw = out.read_bytes()
+    names = [i.name for i, _d in members_of(out)]
+    assert names[0] == "manifest.json"
+    assert not [n for n in names if n.endswith((".nkey", ".conf", ".key", ".crt")) or "plugins/" in n]
+    for name, secret in secrets.items():
+        assert secret not in raw, f"{name} is in the archive"
+    manifest = manifest_of(members_of(out))
+    assert manifest["kind"] == "single" and manifest["db_revision"] == "0004"
+    assert manifest["unibus_version"] == "0.12.0" and manifest["format"] == "unibus-backup"
+    assert manifest["counts"] == {"members": 2, "rooms": 2, "log_entries": 9, "blobs": 1, "blob_bytes": 150_000}
+
+    restored = tmp_path / "restored"
+    proc = subprocess.run([sys.executable, "-m", "unibus.cli", "restore", "--in", str(out), "--data-dir",
+                           str(restored)], capture_output=True, text=True, env=env, timeout=60,
+                          preexec_fn=lambda: os.umask(0))
+    assert proc.returncode == 0, proc.stderr
+    for dirpath, dirs, names in os.walk(restored):
+        for d in dirs:
+            assert os.stat(os.path.join(dirpath, d)).st_mode & 0o777 == 0o700, d
+        for n in names:
+            assert os.stat(os.path.join(dirpath, n)).st_mode & 0o777 == 0o600, n
+    assert restored.stat().st_mode & 0o777 == 0o700
+
+
+def test_backup_refusals(source, tmp_path):
+    d = str(source.data_dir)
+    existing = tmp_path / "exists.tar"
+    existing.write_text("an older backup")
+    one_line(run_membershipd("backup", "--out", str(existing), "--data-dir", d), 2, "exists")  # the real process
+    assert existing.read_text() == "an older backup"
+    one_line(cli("backup", "--out", str(tmp_path / "no" / "dir.tar"), "--data-dir", d), 2,
+             "is not a directory")
+    one_line(cli("backup", "--out", str(tmp_path / "a.tar"), "--data-dir", str(tmp_path / "empty")), 2,
+             "nothing to back up")
+    one_line(cli("backup", "--out", str(tmp_path / "a.tar"), "--data-dir", d, "--ca", "x"), 2,
+             "--ca goes with --nats-url")
+    one_line(cli("backup", "--out", str(tmp_path / "a.tar"), "--nats-url", "nats://192.0.2.7:4250"), 2,
+             "not a loopback address")
+    one_line(cli("backup", "--out", str(tmp_path / "a.tar"), "--nats-url",
+                             "nats://u:secret@127.0.0.1:4250"), 2, "credentials")
+    node = tmp_path / "node"
+    node.mkdir()
+    (node / "membershipd.db").write_bytes(b"")
+    (node / "nats.conf").write_text(json.dumps({"cluster": {"name": "c"}}))
+    one_line(cli("backup", "--out", str(tmp_path / "a.tar"), "--data-dir", str(node)), 2,
+             "belongs to a cluster node")
+    assert not list(tmp_path.glob("a.tar*")) and not list(tmp_path.glob(".a.tar*"))
+
+
+# --------------------------------------------------------------------------- a KV state, through one daemon
+
+
+async def test_kv_state_backup_restores_to_a_single_node(source, tmp_path):
+    """migrate-to-kv into a daemon's own NATS (blobs included), back that KV state up with
+    --nats-url, restore it: the same members, rooms, keys, log and blobs as the SQLite store."""
+    d, url = str(source.data_dir), source.daemon.nats_url
+    migrate = await asyncio.to_thread(cli, "migrate-to-kv", "--data-dir", d, "--nats-url", url)
+    assert migrate.returncode == 0, migrate.stderr
+    again = await asyncio.to_thread(cli, "migrate-to-kv", "--data-dir", d, "--nats-url", url)
+    assert again.returncode == 0 and "0 blob(s)" in again.stdout and "nothing to do" in again.stdout
+    archive = tmp_path / "kv.tar"
+    backup = await asyncio.to_thread(cli, "backup", "--out", str(archive), "--data-dir", d, "--nats-url", url)
+    assert backup.returncode == 0, backup.stderr
+    manifest = manifest_of(members_of(archive))
+    assert manifest["kind"] == "cluster" and manifest["kv"]["exact"] is True
+    room, blob_id = source.room, source.blob_id
+    assert [i.name for i, _d in members_of(archive)] == [
+        "manifest.json", "kv/unibus_state.jsonl", f"blobs/{room}/{blob_id}/data", f"blobs/{room}/{blob_id}/meta.json"]
+
+    restored_dir = tmp_path / "restored"
+    proc = await asyncio.to_thread(restore_into, archive, restored_dir)
+    assert proc.returncode == 0, proc.stderr
+    assert "restored the cluster backup" in proc.stdout and "migrate-to-kv" in proc.stdout
+    assert sorted(p.name for p in restored_dir.iterdir()) == ["blobs", "membershipd.db"]
+    want, got = read_store(source.data_dir / "membershipd.db"), read_store(restored_dir / "membershipd.db")
+    for table in ("members", "rooms", "rosters", "keys", "epochs", "log", "nonces", "max_created"):
+        assert got[table] == want[table], table
+    assert_rows_match_log(got, replay(got["log"]))
+    assert stored_blobs(restored_dir) == {(room, blob_id): source.blob}
+
+
+# --------------------------------------------------------------------------- KV snapshots under writes
+
+
+async def test_kv_snapshot_is_one_instant_under_concurrent_writes(nats_server):
+    """Writers keep rekeying rooms (room record and key entry in one atomic batch) and changing
+    rosters while snapshots are taken: no snapshot shows a key entry its room has not reached,
+    or a room without the key entry of its epoch."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = KvStore(nc.jetstream(timeout=5.0), timeout=5.0)
+        await kv.ensure()
+        people = [generate_identity(h) for h in ("alice", "bob", "carol")]
+        from unibus.store.sqlite import new_member
+
+        for p in people:
+            await kv.add_member(new_member(p.handle, "admin", p.sign_pub, p.enc_pub, "X25519", p.bus_pub))
+        rooms = [(await kv.create_room(f"r{i}", "alice")).room_id for i in range(3)]
+        stop = asyncio.Event()
+
+        async def rekeyer(room_id: str) -> int:
+            n = 0
+            while not stop.is_set():
+                room = await kv.get_room(room_id)
+                try:
+                    await kv.put_keys(room_id, room.epoch + 1, {m.handle: os.urandom(32) for m in room.members})
+                    n += 1
+                except Conflict:
+                    pass  # the roster changed under it: read again
+            return n
+
+        async def roster() -> int:
+            n = 0
+            while not stop.is_set():
+                for room_id in rooms:
+                    await kv.add_room_member(room_id, "bob")
+                    await kv.remove_room_member(room_id, "bob")
+                    n += 2
+            return n
+
+        writers = [asyncio.create_task(rekeyer(r)) for r in rooms] + [asyncio.create_task(roster())]
+        snaps = []
+        try:
+            while len(snaps) < 8:
+                snaps.append(await kv.snapshot(exact_for=0.5))
+        finally:
+            stop.set()
+            writes = await asyncio.gather(*writers)
+        assert sum(writes) > 0
+        for snap in snaps:
+            entries = {k: raw for k, (raw, _rev) in snap.entries.items()}
+            rows = rows_from_kv(entries)  # parses, every key
+            assert assert_snapshot_consistent(entries) and rows.rooms
+        print(f"{len(snaps)} snapshots, {sum(s.exact for s in snaps)} exact, "
+              f"{sum(s.attempts for s in snaps)} reads, {sum(writes)} writes")
+    finally:
+        await nc.close()
+
+
+def assert_snapshot_consistent(entries: dict[str, bytes]) -> bool:
+    for key, raw in entries.items():
+        if not key.startswith("room."):
+            continue
+        room = json.loads(raw)
+        epochs = {int(k.split(".")[2]) for k in entries if k.startswith(f"keys.{room['room_id']}.")}
+        assert epochs == set(range(1, room["epoch"] + 1)), (room["room_id"], room["epoch"], sorted(epochs))
+        if room["epoch"]:
+            last = json.loads(entries[f"keys.{room['room_id']}.{room['epoch']}"])
+            assert {h for h, (_f, e) in room["sealed"].items() if e == room["epoch"]} == set(last["sealed"])
+    return True
+
+
+# --------------------------------------------------------------------------- revisions
+
+
+def test_an_archive_from_before_the_log_is_migrated_on_restore(tmp_path):
+    """A store at revision 0002 (0.11, offline: backup needs no daemon) restores at the current
+    revision, with entry 0 written by the migration, whose fingerprint restore prints as new."""
+    from alembic import command
+
+    from unibus.store.db import alembic_config, make_engine
+
+    data = tmp_path / "old"
+    data.mkdir()
+    engine = make_engine(data / "membershipd.db")
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    engine.dispose()
+    alice = generate_identity("alice")
+    with contextlib.closing(sqlite3.connect(data / "membershipd.db")) as conn, conn:
+        conn.execute("insert into members (handle, role, sign_pub, enc_pub, enc_suite, created_at) values "
+                     "('alice', 'admin', ?, ?, 'X25519', '2026-01-01T00:00:00+00:00')", (alice.sign_pub, alice.enc_pub))
+    archive = tmp_path / "old.tar"
+    proc = cli("backup", "--out", str(archive), "--data-dir", str(data))
+    assert proc.returncode == 0, proc.stderr
+    manifest = manifest_of(members_of(archive))
+    assert manifest["db_revision"] == "0002" and manifest["log_head"] is None and manifest["trust_root"] is None
+    proc = restore_into(archive, tmp_path / "new")
+    assert proc.returncode == 0, proc.stderr
+    got = read_store(tmp_path / "new" / "membershipd.db")
+    assert [json.loads(text)["kind"] for _s, _h, text in got["log"]] == ["snapshot"]
+    assert f"(new: members pin it with `unibus trust {got['log'][0][1]}`)" in proc.stdout
+    assert list(got["members"]) == ["alice"]
+
+
+def test_a_database_of_a_newer_revision_is_refused(source, tmp_path):
+    area = tmp_path / "area"
+    area.mkdir()
+    db = tmp_path / "newer.db"
+    db.write_bytes(next(d for i, d in source.members if i.name == "membershipd.db"))
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("update alembic_version set version_num = '0099'")
+    newer = relisted([(i, db.read_bytes() if i.name == "membershipd.db" else d) for i, d in source.members])
+    one_line(restore_into(write_members(area / "archive", newer), area / "restored"), 2,
+             "revision '0099', which this membershipd does not know")
+    assert_nothing_written(area)
