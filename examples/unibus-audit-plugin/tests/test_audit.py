@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import unibus_audit_plugin
+from unibus.app import METRICS
 from unibus.client.cli import main as unibus_main
 from unibus.client.keys import generate_identity, save_identity
 from unibus.testing import bootstrap_member
@@ -47,6 +48,9 @@ def test_every_membership_change_is_recorded_with_its_actor(audited):
     assert records[3]["before"]["handle"] == "bob" and records[3]["after"] is None
     assert events(audited, after=2, limit=1) == [records[2]]
     assert audited.anonymous.get("/healthz")[1]["audit"] == {"events": 4}
+    text = audited.run(audited.app[METRICS].render())[0].decode()
+    assert 'unibus_audit_events_total{kind="member_added"} 1.0' in text
+    assert 'unibus_audit_events_total{kind="member_deleted"} 1.0' in text
 
 
 def test_only_admins_read_the_audit_log(audited):

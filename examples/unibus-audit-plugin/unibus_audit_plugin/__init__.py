@@ -59,15 +59,20 @@ class AuditLog:
 
 
 LOG = StashKey[AuditLog]("log")
+#: unibus_audit_events_total{kind}: the events recorded since the start, by kind
+RECORDED = StashKey[Any]("recorded")
 
 
 @hookimpl
 def startup(app) -> None:
     # Imported here, not at the top: `membershipd plugins`, `--help` and the
     # `unibus` client load the plugin and need no HTTP stack.
-    from unibus.app import add_route, stash, state_dir
+    from unibus.app import METRICS, add_route, stash, state_dir
 
     stash(app)[LOG] = AuditLog(state_dir(app) / LOG_FILE)
+    # "kind" has nine values: a bounded label (never a handle or a room id).
+    stash(app)[RECORDED] = app[METRICS].plugin(PLUGIN_NAME).counter(
+        "events_total", "membership changes recorded in the audit log", ["kind"])
     add_route(app, "GET", "/events", list_events, summary="The audit log: membership changes (admins)",
               responses={200: '{"events": [...], "last": <id of the last event>}', 403: "not an admin"},
               query={"after": {"type": "integer", "minimum": 0},
@@ -80,6 +85,7 @@ def store_changed(app, event) -> None:
     from unibus.app import stash
 
     stash(app)[LOG].append({"at": round(time.time(), 3), **event.as_json()})
+    stash(app)[RECORDED].labels(event.kind).inc()
 
 
 @hookimpl
