@@ -219,9 +219,11 @@ class ChangeEvents:
                     if inspect.isawaitable(result):
                         await asyncio.wait_for(result, HOOK_TIMEOUT)
             except TimeoutError:
+                self.plugins.hook_failed(name, "store_changed")
                 log.error("plugin %s: store_changed took longer than %.0f s on seq %s; given up",
                           name, HOOK_TIMEOUT, event.seq)
             except Exception as e:
+                self.plugins.hook_failed(name, "store_changed")
                 log.error("plugin %s: store_changed failed on %s (seq %s): %s: %s",
                           name, event.kind, event.seq, type(e).__name__, e)
 
@@ -236,8 +238,10 @@ async def call_runtime_hook(plugins: PluginManager, hook: str, timeout: float = 
                 if inspect.isawaitable(result):
                     await asyncio.wait_for(result, timeout)
         except TimeoutError:
+            plugins.hook_failed(name, hook)
             log.error("plugin %s: %s took longer than %.0f s; given up", name, hook, timeout)
         except Exception as e:
+            plugins.hook_failed(name, hook)
             log.error("plugin %s: %s failed: %s: %s", name, hook, type(e).__name__, e)
 
 

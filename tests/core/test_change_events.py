@@ -98,6 +98,8 @@ async def test_every_local_change_is_one_event_with_seq_actor_before_after(runni
     seqs = [e.seq for e in recorder.events]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     assert all(e.actor == "alice" and e.origin == "local" for e in recorder.events)
+    # the broken plugin failed on every change: counted for unibus_plugin_hook_errors_total
+    assert daemon.plugins.hook_errors[("broken", "store_changed")] == len(recorder.events)
 
 
 async def test_offline_member_add_is_an_offline_event_then_reloaded(running):
