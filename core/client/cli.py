@@ -192,7 +192,9 @@ def _leaf(sub: Any, name: str, help: str, *, json_flag: bool = True) -> argparse
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -> argparse.ArgumentParser:
+    """The command line: the core commands, then the plugins' ``client_commands``
+    (entry-point group ``unibus.client``, and ``plugins`` given by a test)."""
     parser = _Parser(prog=PROG, description="unibus: the member's client of an end-to-end-encrypted message bus.",
                      epilog="Exit codes: 0 done; 1 the server refused or failed; 2 bad usage or identity file. "
                             "Guide: docs/client.md")
@@ -306,7 +308,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_log_show)
     p = _leaf(lsub, "verify", "verify the server's whole membership log again from seq 0 (exit 0 valid, 1 invalid)")
     p.set_defaults(func=cmd_log_verify)
+    _add_plugin_commands(parser, sub, plugins, entry_points)
     return parser
+
+
+def _add_plugin_commands(parser: argparse.ArgumentParser, sub: Any, plugins: Sequence[object],
+                         entry_points: bool) -> None:
+    """Each plugin's commands (docs/plugins.md, "Client commands"); a plugin whose command
+    name is taken is broken: left out and listed by ``unibus --help``."""
+    from .plugins import client_plugin_commands
+
+    commands, broken = client_plugin_commands(plugins, entry_points=entry_points)
+    taken: dict[str, str] = {name: "the core" for name in sub.choices}
+    groups: dict[str, Any] = {}
+    by_plugin: dict[str, list[Any]] = {}
+    for plugin, command in commands:
+        by_plugin.setdefault(plugin, []).append(command)
+    for plugin, mine in by_plugin.items():
+        names = [" ".join(c.words) for c in mine]
+        clash = next((n for n in names if n in taken or n.split()[0] in taken and taken[n.split()[0]] != plugin),
+                     None)
+        if clash is not None:
+            owner = taken.get(clash) or taken[clash.split()[0]]
+            broken[plugin] = f"plugin {plugin}, hook client_commands: command {clash!r} is already {owner}'s"
+            continue
+        for command in mine:
+            words = command.words
+            if len(words) == 1:
+                p = _leaf(sub, words[0], command.help)
+            else:
+                if words[0] not in groups:
+                    group = sub.add_parser(words[0], help=f"{plugin} plugin commands")
+                    groups[words[0]] = group.add_subparsers(dest=f"{words[0]}_command", metavar="ACTION",
+                                                            parser_class=_Parser)
+                    groups[words[0]].required = True
+                p = _leaf(groups[words[0]], words[1], command.help)
+            if command.arguments is not None:
+                command.arguments(p)
+            p.set_defaults(func=_plugin_runner(command))
+            taken[" ".join(words)] = plugin
+            taken[words[0]] = plugin
+    if broken:
+        parser.epilog = (parser.epilog or "") + "\n\nbroken client plugins (their commands are absent): " + \
+            "; ".join(sorted(broken.values()))
+
+
+def _plugin_runner(command: Any) -> Callable[..., Any]:
+    async def run(ctx: Context, client: UnibusClient) -> int:
+        result = command.run(ctx, client)
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            result = await result
+        return int(result or 0)
+
+    return run
 
 
 # --------------------------------------------------------------------------- context
@@ -791,9 +845,10 @@ async def cmd_blob_get(ctx: Context, c: UnibusClient) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -> int:
+    """``unibus ARGV``; ``plugins`` adds client plugins that are not installed (tests)."""
     _setup_logging()
-    parser = build_parser()
+    parser = build_parser(plugins)
     args = parser.parse_args(argv)
     ctx = Context(args)
     try:
