@@ -26,6 +26,10 @@ Measured ``--runs`` times, round-robin over the eight rooms (median, min, max):
   child, from /proc; clock-tick resolution) is read around it too.
 * **rekey, as shipped**: ``await client.rekey(room_id)`` timed as one call,
   right after the instrumented one on the same room: the end-to-end figure.
+  Since 0.12 it also checks the server's room against the verified
+  membership log (here one snapshot entry, written by the server at the
+  first logged request and verified at the warm-up; a verified rekey from an
+  empty replica of a real log is in bench/bench_verify.py).
 * **baselines** (same round, same process): the raw HPKE seal rate per suite
   (``hpke.Suite.encrypt`` of a 32-byte key to 1,000 already-parsed public keys
   of distinct members, info and suite built once), and ``seal_room_key`` (the
@@ -254,8 +258,12 @@ def request_prep_seconds(identity: Any, room_id: str, epoch: int, sealed: dict[s
 async def measure(base_url: str, world: World, server_pid: int, runs: int, results: Results) -> None:
     from unibus.client import UnibusClient
 
-    clients = {s: UnibusClient(base_url, world.owners[s], timeout=60) for s in SUITES}
+    clients = {s: UnibusClient(base_url, world.owners[s], timeout=60, notice=lambda _t: None) for s in SUITES}
     try:
+        # The store was written without a membership log: its first logged request makes the
+        # server write entry 0, a snapshot of that state (docs/store.md), which `rekey()`
+        # verifies (and keeps in memory) before it seals to anyone. A role set to what it is.
+        await clients[SUITES[0]].set_role(owner_of(SUITES[1]), "admin")
         # warm-up: open connections, fill the server's member cache, first import of everything
         for s in SUITES:
             await clients[s].rekey(world.rooms[(s, min(SIZES))])

@@ -896,5 +896,30 @@ def _keep_logged_request(request: web.Request, body: bytes | None) -> None:
         signature=header_value(headers, "signature") or "", body=body)
 
 
-def current_member(request: web.Request) -> Member:
-    return request[MEMBER_KEY]
+# --------------------------------------------------------------------------- who is asking (docs/plugins.md, "Who is asking")
+
+
+def current_member(request: web.Request) -> Member | None:
+    """The member whose signed request this is, as authenticated before the handler ran.
+
+    None on a route that needs no signature (``add_route(..., signed=False)``).
+    The record is the one the signature was verified with; its role is the
+    role at that moment.
+    """
+    return request.get(MEMBER_KEY)
+
+
+def require_member(request: web.Request) -> Member:
+    """The caller, or a 401 :class:`~unibus.problems.Problem` when the request is not signed."""
+    member = request.get(MEMBER_KEY)
+    if member is None:
+        raise unauthorized("this route needs a signed request")
+    return member
+
+
+def require_admin(request: web.Request) -> Member:
+    """The caller if it is an admin; 403 for another member, 401 for an unsigned request."""
+    member = require_member(request)
+    if not member.is_admin:
+        raise Problem(403, "this action needs the admin role", kind="forbidden")
+    return member

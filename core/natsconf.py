@@ -37,7 +37,7 @@ MONITOR_HOST = "127.0.0.1"
 #: docs/operations.md, "Durability".
 JETSTREAM_SYNC = "always"
 #: nats-server's TLS-first mode on the client listener, with fallback for classic clients.
-HANDSHAKE_FIRST = "auto"
+HANDSHAKE_FIRST = True
 # nats-server keys that open the monitoring endpoint.
 _MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
 
@@ -61,10 +61,11 @@ def base_config(settings: Settings) -> dict[str, Any]:
         "trace": False,
     }
     if settings.tls_cert:
-        # handshake_first: clients that start with the TLS handshake (unibus's own, see
-        # docs/operations.md "Listeners and TLS") never read a plaintext INFO that a
-        # man in the middle could strip tls_required from; "auto" still serves other
-        # clients the classic way after a short wait.
+        # handshake_first: every client starts with the TLS handshake (unibus's own do,
+        # docs/operations.md "Listeners and TLS"), so none reads a plaintext INFO that a
+        # man in the middle could strip tls_required from. Not "auto": its short wait
+        # for a ClientHello sent INFO in clear to unibus clients on a busy host, which
+        # then failed their handshake.
         tls: dict[str, Any] = {"cert_file": str(settings.tls_cert), "key_file": str(settings.tls_key),
                                "handshake_first": HANDSHAKE_FIRST}
         if settings.tls_ca:

@@ -1,7 +1,7 @@
 """Room blobs, client side: the ``unibus-blob-v1`` encryption format and streaming helpers.
 
 The server stores blobs without ever seeing a plaintext: a file is encrypted
-with the room key before upload and decrypted after download (SPEC §6b).
+with the room key before upload and decrypted after download (docs/blobstore.md).
 
 The format (byte by byte in docs/blobstore.md)::
 
@@ -688,12 +688,14 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     system's) and hashed on the way, then streamed to the server with a signed
     ``Content-Digest``; the temporary file is removed afterwards.
     ``progress(bytes_done, total)`` follows the upload of the ciphertext.
-    Raises :class:`unibus.client.KeyUnavailable` (the room has no key for
-    you: rekey it), :class:`unibus.client.ApiError`, ``OSError``.
+    The key is the room's current one in the verified log
+    (``UnibusClient.current_key``: a room that needs a rekey is rekeyed
+    first when you may). Raises :class:`unibus.client.RekeyRequired`,
+    :class:`unibus.client.VerificationError`, :class:`unibus.client.ApiError`, ``OSError``.
     """
     validate_room_id(room_id)
     src = Path(path)
-    epoch, key = await client.room_key(room_id)
+    epoch, key = await client.current_key(room_id)
     fd, name = tempfile.mkstemp(prefix=".unibus-blob-", suffix=".enc", dir=tmp_dir)
     tmp = Path(name)
     try:
@@ -714,7 +716,8 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
     Returns the plaintext size. Raises :class:`BlobFormatError` (not a blob of
     this room, tampered with, truncated), :class:`BlobIntegrityError`,
     :class:`unibus.client.KeyUnavailable` (the key of the blob's epoch was not
-    sealed to you), :class:`unibus.client.ApiError`.
+    sealed to you), :class:`unibus.client.VerificationError` (its key package
+    does not verify), :class:`unibus.client.ApiError`.
     """
     out_path = Path(out_path)
     dec = BlobDecryptor(room_id)

@@ -1118,3 +1118,32 @@ async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: N
     finally:
         await store.close()
         await nc.close()
+
+
+async def test_changes_carry_seq_actor_before_and_after(logged_world) -> None:
+    """What the store_changed hook is built from (docs/plugins.md, "Change events"), on every backend."""
+    store, p = logged_world
+    alice, bob = p["alice"], p["bob"]
+    seen: list[Change] = []
+    store.add_listener(seen.append)
+    room = await store.create_room("ops", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "ops"}))
+    rid = room.room_id
+    await store.add_room_member(rid, "carol", logged=signed(alice, "PUT", f"/v1/rooms/{rid}/members/carol"))
+    await store.set_role("carol", "admin", logged=signed(alice, "PATCH", "/v1/members/carol", {"role": "admin"}))
+    await store.remove_room_member(rid, "carol", logged=signed(bob, "DELETE", f"/v1/rooms/{rid}/members/carol"))
+    await store.delete_room(rid, logged=signed(bob, "DELETE", f"/v1/rooms/{rid}"))
+    created, joined, promoted, left, deleted = seen
+    head = (await store.log_head())[0]
+    assert [c.seq for c in seen] == list(range(head - 4, head + 1))
+    assert [c.actor for c in seen] == ["bob", "alice", "alice", "bob", "bob"]
+    assert created.before is None and created.after == {
+        "room_id": rid, "name": "ops", "owner": "bob", "epoch": 0, "rekey_required": True, "members": ["bob"]}
+    assert joined.before == created.after and joined.after["members"] == ["bob", "carol"]
+    assert promoted.before["role"] == "member" and promoted.after["role"] == "admin"
+    assert promoted.after["handle"] == "carol" and "created_at" in promoted.after
+    assert left.before["members"] == ["bob", "carol"] and left.after["members"] == ["bob"]
+    assert deleted.before == left.after and deleted.after is None
+    # an unlogged write (an import, migrate-to-kv) has neither seq nor actor
+    seen.clear()
+    await store.add_member(member("dave"))
+    assert (seen[0].seq, seen[0].actor, seen[0].after["handle"]) == (None, None, "dave")
