@@ -310,11 +310,55 @@ def _bootstrap(data_dir: Path, identity: Any) -> None:
         raise RuntimeError(f"membershipd member add failed: {proc.stderr.strip()}")
 
 
+async def _measure(c: Any, rid: str, case: dict[str, Any], big: bool, scratch: Path, daemon_pid: int,
+                   result: dict[str, Any], profile: tuple[str, Path] | None) -> None:
+    """``case["runs"]`` rounds of the four transfers of one file; big: with the RSS peaks (and py-spy)."""
+    from unibus.client.blobs import delete_blob, get_blob, get_raw_blob, put_blob, put_raw_blob
+
+    src, size, sha = Path(case["src"]), case["size"], bytes.fromhex(case["sha"])
+    me = os.getpid()
+    out = scratch / "out"
+    ids: list[str] = []
+    secs: dict[str, list[float]] = {p: [] for p in PATHS}
+
+    async def put() -> None:
+        ids.append(await put_blob(c, rid, src, tmp_dir=scratch))
+
+    steps: dict[str, Callable[[], Awaitable[object]]] = {
+        "raw_put": lambda: put_raw_blob(c, rid, src, sha256=sha),
+        "raw_get": lambda: get_raw_blob(c, rid, sha.hex(), out),
+        "put": put,
+        "get": lambda: get_blob(c, rid, ids[-1], out),
+    }
+    if big:
+        result["daemon_rss_before_kib"] = reset_hwm(daemon_pid)
+    for _ in range(case["runs"]):
+        for name in ("raw_put", "raw_get", "put", "get"):
+            spy = None
+            if big:
+                before = reset_hwm(me)
+                if profile is not None:
+                    spy = _PySpy(profile[0], profile[1], name, {"client": me, "daemon": daemon_pid})
+            try:
+                secs[name].append(await _timed(steps[name]))
+            finally:
+                if spy is not None:
+                    spy.stop()
+            if big:
+                grown = status_kib(me, "VmHWM") - before
+                result["client_peak_kib"][name] = max(grown, result["client_peak_kib"].get(name, 0))
+            if name in ("raw_get", "get"):
+                out.unlink(missing_ok=True)
+                await delete_blob(c, rid, sha.hex() if name == "raw_get" else ids[-1])
+    if big:
+        result["daemon_hwm_kib"] = status_kib(daemon_pid, "VmHWM")
+    result["seconds"][str(size)] = secs
+
+
 async def drive(cases: list[dict[str, Any]], scratch: Path, profile: tuple[str, Path] | None) -> dict[str, Any]:
     """Start a membershipd of this interpreter's unibus and time every transfer of every case."""
     import unibus
     from unibus.client import UnibusClient
-    from unibus.client.blobs import delete_blob, get_blob, get_raw_blob, put_blob, put_raw_blob
     from unibus.client.keys import generate_identity
 
     alice = generate_identity("alice")
@@ -323,50 +367,12 @@ async def drive(cases: list[dict[str, Any]], scratch: Path, profile: tuple[str, 
     biggest = max(c["size"] for c in cases)
     server = _Daemon(data_dir, ["--blob-max-bytes", str(biggest * 2 + MIB)])
     result: dict[str, Any] = {"version": unibus.__version__, "seconds": {}, "client_peak_kib": {}}
-    me = os.getpid()
     try:
         async with UnibusClient(server.base_url, alice, timeout=30) as c:
             rid = (await c.create_room("bench"))["room_id"]
             await c.rekey(rid)
             for case in cases:
-                src, size, sha = Path(case["src"]), case["size"], bytes.fromhex(case["sha"])
-                big = size == biggest
-                out = scratch / "out"
-                ids: list[str] = []
-                secs: dict[str, list[float]] = {p: [] for p in PATHS}
-
-                async def put() -> None:
-                    ids.append(await put_blob(c, rid, src, tmp_dir=scratch))
-
-                steps: dict[str, Callable[[], Awaitable[object]]] = {
-                    "raw_put": lambda: put_raw_blob(c, rid, src, sha256=sha),
-                    "raw_get": lambda: get_raw_blob(c, rid, sha.hex(), out),
-                    "put": put,
-                    "get": lambda: get_blob(c, rid, ids[-1], out),
-                }
-                if big:
-                    result["daemon_rss_before_kib"] = reset_hwm(server.pid)
-                for _ in range(case["runs"]):
-                    for name in ("raw_put", "raw_get", "put", "get"):
-                        spy = None
-                        if big:
-                            before = reset_hwm(me)
-                            if profile is not None:
-                                spy = _PySpy(profile[0], profile[1], name, {"client": me, "daemon": server.pid})
-                        try:
-                            secs[name].append(await _timed(steps[name]))
-                        finally:
-                            if spy is not None:
-                                spy.stop()
-                        if big:
-                            grown = status_kib(me, "VmHWM") - before
-                            result["client_peak_kib"][name] = max(grown, result["client_peak_kib"].get(name, 0))
-                        if name in ("raw_get", "get"):
-                            out.unlink(missing_ok=True)
-                            await delete_blob(c, rid, sha.hex() if name == "raw_get" else ids[-1])
-                if big:
-                    result["daemon_hwm_kib"] = status_kib(server.pid, "VmHWM")
-                result["seconds"][str(size)] = secs
+                await _measure(c, rid, case, case["size"] == biggest, scratch, server.pid, result, profile)
     finally:
         server.stop()
     return result
@@ -403,7 +409,7 @@ def cell(size: int, secs: Sequence[float]) -> str:
 
 
 def render(data: dict[str, Any]) -> str:
-    big, runs = data["big"], data["runs"]
+    big = data["big"]
     ext = data["sha_ext"]
     before = data.get("before")
     loads = data["loads"]
@@ -482,26 +488,51 @@ def write_section(path: Path, body: str) -> None:
 # --------------------------------------------------------------------------- profile
 
 
-def summarize_profile(out_dir: Path) -> str:
-    """Where the samples of each collapsed-stack file fall: the top leaf frames and a few named buckets."""
+#: native frames where a thread waits (py-spy --native samples idle threads too)
+_IDLE = {"PyThread_acquire_lock_timed", "pthread_cond_timedwait", "pthread_cond_wait", "epoll_wait", "wait4",
+         "sem_wait", "sem_timedwait", "__futex_abstimed_wait_common", "nanosleep", "clock_nanosleep"}
+_SYSCALLS = {"write": "write(2)", "read": "read(2)", "recv": "recv(2)", "send": "send(2)", "sendfile64": "sendfile(2)",
+             "fdatasync": "fsync", "fsync": "fsync", "pread64": "read(2)", "readv": "read(2)", "writev": "write(2)",
+             "sendmsg": "send(2)", "recvmsg": "recv(2)"}
+
+
+def classify(frames: list[str]) -> str | None:
+    """The bucket of one sampled stack, or None when the thread was waiting."""
+    names = [f.split(" (")[0] for f in frames]
+    if any(n in _IDLE for n in names):
+        return None
+    for n in names:
+        low = n.lower()
+        if "sha256" in low and not n.startswith("_hashlib"):
+            return "SHA-256"
+        if "chacha" in low or "poly1305" in low:
+            return "ChaCha20-Poly1305"
+    for n in reversed(names):
+        if n in _SYSCALLS:
+            return _SYSCALLS[n]
+    named = next((n for n in reversed(names) if not n.startswith("0x")), "?")
+    if names[-1].startswith("0x"):
+        return f"C (copies, allocation) in {named}"
+    if frames[-1].split(" (")[-1].startswith(("lib", "_", "python")) and ".py:" not in frames[-1]:
+        return f"C: {named}"
+    return f"Python: {named}"
+
+
+def summarize_profile(out_dir: Path, rate_hz: int = 200) -> str:
+    """CPU time of each recorded process by bucket (hashing, cipher, syscalls, copies, Python)."""
     lines = []
     for f in sorted(out_dir.glob("*.txt")):
-        leaves: Counter[str] = Counter()
-        total = 0
+        buckets: Counter[str] = Counter()
         for line in f.read_text().splitlines():
             stack, _, n = line.rpartition(" ")
-            if not n.isdigit():
-                continue
-            frames = stack.split(";")
-            leaf = frames[-1]
-            # name a native leaf by the nearest named frame
-            named = next((fr for fr in reversed(frames) if not fr.startswith("0x")), leaf)
-            leaves[named.split(" (")[0] + (" [" + leaf.split(" (")[-1].rstrip(")") + "]" if leaf != named else "")] \
-                += int(n)
-            total += int(n)
-        lines.append(f"{f.stem}: {total} samples")
-        for name, n in leaves.most_common(12):
-            lines.append(f"  {n / max(total, 1):6.1%}  {name}")
+            if n.isdigit():
+                b = classify(stack.split(";"))
+                if b is not None:
+                    buckets[b] += int(n)
+        busy = sum(buckets.values())
+        lines.append(f"{f.stem}: {busy / rate_hz:.2f} s of CPU sampled")
+        for name, n in buckets.most_common(10):
+            lines.append(f"  {n / max(busy, 1):6.1%}  {n / rate_hz:5.2f} s  {name}")
     return "\n".join(lines)
 
 

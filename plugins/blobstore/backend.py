@@ -38,6 +38,8 @@ ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
 TMP_DIR = ".tmp"
 #: Bytes handed to the writer thread at a time (as the pieces received, never joined).
 WRITE_CHUNK = 1024 * 1024
+#: Bytes written to a staging file between two starts of its writeback (see StagedFile).
+WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Pieces per writev(2) call (the kernel's limit is 1024).
 IOV_MAX = 1024
 #: Bytes read from a stored blob at a time when it is streamed (not sendfile).
@@ -262,6 +264,7 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self._pending: asyncio.Future[None] | None = None
         self.size = 0
+        self._written = self._flushed = 0
         self.digest: bytes | None = None
 
     def _write_sync(self, parts: Sequence[bytes]) -> None:
@@ -281,6 +284,13 @@ class StagedFile:
                     n = 0
             while views and not len(views[0]):
                 views.pop(0)
+        self._written += sum(len(p) for p in parts)
+        if self._written - self._flushed >= WRITEBACK_EVERY:
+            # Start the writeback of what is written so far, now, in the background,
+            # so that the fdatasync at the end has only the tail left to wait for.
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self._written
 
     async def write(self, data: bytes | Sequence[bytes]) -> None:
         if self._pending is not None:
