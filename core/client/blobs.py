@@ -286,13 +286,14 @@ def _readinto_full(f: IO[bytes], view: memoryview) -> int:
 
 
 def _sealed_blocks(enc: BlobEncryptor, src: IO[bytes]) -> Iterator[bytes | bytearray]:
-    """The blob, block by block: the header, then blocks of :data:`BLOCK_RECORDS` records.
+    """The blob, block by block: the header, then blocks of about 1 MiB of plaintext
+    (:data:`BLOCK_RECORDS` records of the default size).
 
     The plaintext is read ahead one block (a full block is final only when
     nothing follows it) into two buffers that take turns; every block yielded
     is a new buffer, never reused, so a consumer may hold on to it.
     """
-    size = enc.chunk_size * BLOCK_RECORDS
+    size = enc.chunk_size * max(1, BLOCK_RECORDS * CHUNK_SIZE // enc.chunk_size)  # about 1 MiB
     yield enc.header
     cur, nxt = bytearray(size), bytearray(size)
     n = _readinto_full(src, memoryview(cur))

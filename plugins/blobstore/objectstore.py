@@ -16,8 +16,9 @@ Such orphaned chunks are purged at start-up once they are older than
 making right now). Deleting writes a tombstone metadata message (rolling up
 the old one) and purges the chunks.
 
-Reads stream chunk by chunk (one ``STREAM.MSG.GET`` with ``next_by_subj`` per
-chunk, answered by the stream leader), so memory stays flat. Every node keeps
+Reads stream chunk by chunk: direct gets (``next_by_subj``), up to
+:data:`READ_AHEAD` in flight, a miss asked again of the stream leader with
+``STREAM.MSG.GET`` (docs/blobstore.md, "Cluster mode"), so memory stays flat. Every node keeps
 its counters for ``/healthz`` from an ordered consumer on the metadata
 subjects, so they include what other nodes stored, without a round trip per
 ``/healthz``.
