@@ -869,11 +869,17 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
         if done != size:
             raise _SourceChanged(f"{path} changed while it was being uploaded; nothing was stored")
     finally:
-        if pending is not None:  # never close the file under a worker that is reading it
-            with contextlib.suppress(BaseException):
-                await pending
-        blocks.close()
-        f.close()
+        def close(fut: asyncio.Future[Any] | None = None) -> None:
+            if fut is not None and not fut.cancelled():
+                fut.exception()  # retrieved: the upload's own error is already on its way
+            with contextlib.suppress(ValueError):
+                blocks.close()
+            f.close()
+
+        if pending is not None and not pending.done():
+            pending.add_done_callback(close)  # never close the file under the worker reading it
+        else:
+            close(pending)
 
 
 class _SourceChanged(OSError):
