@@ -161,3 +161,33 @@ async def test_a_file_changed_between_the_two_passes_stores_nothing(world, tmp_p
         await asyncio.sleep(0.05)
     assert world.staging() == [] and world.stored(rid) == []
     assert world.blobstore_health() == before
+
+
+async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_path):
+    """Cancelling put_blob in the middle of its second pass (a block being sealed in a
+    worker thread) stores nothing; the server drops the partial upload; a new put works."""
+    import asyncio
+
+    rid = await world.room()
+    src = tmp_path / "p"
+    data = os.urandom(2 * 1024 * 1024 + 77)
+    src.write_bytes(data)
+    started = asyncio.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done > 0:
+            started.set()
+
+    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src, progress=progress))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if not world.staging():
+            break
+        await asyncio.sleep(0.05)
+    assert world.staging() == [] and world.stored(rid) == []
+    blob_id = await put_blob(world.clients["carol"], rid, src)
+    out = tmp_path / "out"
+    assert await get_blob(world.clients["bob"], rid, blob_id, out) == len(data) and out.read_bytes() == data
