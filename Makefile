@@ -32,14 +32,17 @@ test: install
 test-fast: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-$(EXAMPLE_STAMP): pyproject.toml examples/unibus-hello-plugin/pyproject.toml
+$(EXAMPLE_STAMP): pyproject.toml examples/unibus-hello-plugin/pyproject.toml examples/unibus-audit-plugin/pyproject.toml
 	$(PYTHON) -m venv $(EXAMPLE_VENV)
 	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(EXAMPLE_VENV)/bin/python -m pip install --quiet -e '.[test]' -e examples/unibus-hello-plugin
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet -e '.[test]' -e examples/unibus-hello-plugin \
+		-e examples/unibus-audit-plugin
 	touch $(EXAMPLE_STAMP)
 
+# Each example plugin's own tests, with both examples installed (as a user would have them).
 test-example: $(EXAMPLE_STAMP)
 	cd examples/unibus-hello-plugin && ../../$(EXAMPLE_VENV)/bin/python -m pytest -q
+	cd examples/unibus-audit-plugin && ../../$(EXAMPLE_VENV)/bin/python -m pytest -q
 
 wheel-check: install
 	bash .ci/wheel-check

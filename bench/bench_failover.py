@@ -1,4 +1,4 @@
-"""Cluster failover benchmark (issue 6): kill -9 the nonce stream's leader, time until signed writes work again.
+"""Cluster failover benchmark: kill -9 the nonce stream's leader, time until signed writes work again.
 
 Run with ``.venv/bin/python bench/bench_failover.py [--runs 5] [--disable-plugin blobstore]``. Not a test:
 it prints a markdown table and writes it into docs/benchmarks.md between the
@@ -83,7 +83,7 @@ from unibus.testing import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-TITLE = "## Cluster failover (issue 6)"
+TITLE = "## Cluster failover"
 NONCE_STREAM = "KV_unibus_nonces"
 NONCE_SUBJECT = "$KV.unibus_nonces"
 STATE_STREAM = "KV_unibus_state"

@@ -55,8 +55,8 @@ Then, for diagnosis:
   the run (in the baselines, and in a second membershipd started through the
   hidden ``--role cprofile-daemon`` wrapper, since membershipd has no such switch);
 * the nonce claim alone: :class:`unibus.auth.NonceStore` against a bare
-  ``nats-server -js`` with the same bucket (file storage as membershipd, and
-  memory for comparison): one at a time, 32 in flight, and rejected replays,
+  ``nats-server -js`` with the same bucket (memory storage as membershipd, and
+  file as before durable writes): one at a time, 32 in flight, and rejected replays,
   with CPU per claim on both sides and /varz message counts per claim.
 
 Every process started here is stopped in a ``finally``; everything listens on
@@ -834,7 +834,8 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                  "| nats-server CPU µs/claim | msgs in / out per claim |"),
                 "|---|---|---:|---:|---:|---:|---:|"]
         for c in claims:
-            storage = "file (as membershipd)" if c.storage == "file" else f"{c.storage} (for comparison)"
+            storage = ("memory (as membershipd: docs/operations.md, Durability)" if c.storage == "memory"
+                       else f"{c.storage} (as before durable writes)")
             out.append(f"| {storage} | {c.phase} | {c.wall_us:.0f} | {1e6 / c.wall_us:,.0f} | {c.client_cpu_us:.0f} "
                        f"| {c.server_cpu_us:.0f} | {c.msgs_in:.2f} / {c.msgs_out:.2f} |")
 

@@ -1,4 +1,4 @@
-"""Start-up benchmark (issue 2): where the time to the first /healthz 200 goes.
+"""Start-up benchmark: where the time to the first /healthz 200 goes.
 
 Run with ``make bench`` or ``.venv/bin/python bench/bench_startup.py [--runs 5]``.
 Not a test: it prints a markdown table and writes it into docs/benchmarks.md
@@ -400,7 +400,7 @@ def render(runs: int, rows: dict[str, Series], cold: list[DaemonRun], warm: list
 
 
 def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "startup", "## Start-up (issue 2)", body)
+    benchdoc.write_section(path, "startup", "## Start-up", body)
 
 
 def environment_line(runs: int, binary: Path, load_before: float, load_after: float) -> str:

@@ -7,6 +7,8 @@ __version__ = "0.12.0"
 #: Marker for plugin hook implementations: ``from unibus import hookimpl``.
 hookimpl = pluggy.HookimplMarker("unibus")
 
-from .settings import Option  # noqa: E402  (re-exported for plugin authors)
+from .errors import ConfigError  # noqa: E402  (re-exported for plugin authors)
+from .pluginstate import Stash, StashKey  # noqa: E402
+from .settings import Option  # noqa: E402
 
-__all__ = ["Option", "__version__", "hookimpl"]
+__all__ = ["ConfigError", "Option", "Stash", "StashKey", "__version__", "hookimpl"]

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -23,7 +24,8 @@ from .health import HealthProber, HealthState
 from .inputs import check_path_params
 from .metrics import Metrics, metrics_middleware
 from .openapi import JSON, OpenAPI, Response, ResponseSpec
-from .pluginmanager import PluginManager
+from .pluginmanager import PluginManager, current_plugin
+from .pluginstate import Stash, plugin_name, state_dir_of
 from .posture import LISTENER_STATES, LISTENERS, merge_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
@@ -39,6 +41,10 @@ SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
+#: The running :class:`unibus.events.ChangeEvents` (set once ``startup`` hooks ran).
+EVENTS = web.AppKey("events", object)
+#: Each plugin's :class:`unibus.pluginstate.Stash`, by plugin name (use :func:`stash`).
+STASHES = web.AppKey("stashes", dict)
 #: The daemon's :class:`unibus.metrics.Metrics`; a plugin makes its own metrics with
 #: ``app[METRICS].plugin("<plugin name>")`` (docs/plugins.md, "Metrics").
 METRICS = web.AppKey("metrics", Metrics)
@@ -214,6 +220,18 @@ async def defer_continue(request: web.Request) -> web.StreamResponse | None:
     return None
 
 
+#: Where a plugin's routes live unless it declares otherwise (docs/plugins.md, "Routes").
+PLUGIN_ROUTE_PREFIX = "/v1/plugins/"
+
+
+def plugin_path(plugin: str, path: str) -> str:
+    """``path`` of plugin ``plugin`` under ``/v1/plugins/<plugin>/``; a path already there is kept."""
+    base = f"{PLUGIN_ROUTE_PREFIX}{plugin}"
+    if path == base or path.startswith(base + "/"):
+        return path
+    return base + (path if path.startswith("/") else "/" + path)
+
+
 async def open_continue(request: web.Request) -> web.StreamResponse | None:
     """Expect handler of open routes (``signed=False``): aiohttp's own, except
     that an unknown expectation is a problem+json 417 like everywhere else."""
@@ -244,8 +262,16 @@ def add_route(
     tags: list[str] | None = None,
     query: dict[str, dict[str, Any]] | None = None,
     path_params: dict[str, dict[str, Any]] | None = None,
-) -> None:
-    """Register a route and its OpenAPI operation together (plugins use this too).
+    namespaced: bool = True,
+) -> str:
+    """Register a route and its OpenAPI operation together (plugins use this too); returns its path.
+
+    Called from a plugin's hook (``startup``), the route lives under
+    ``/v1/plugins/<plugin name>/`` (``path`` ``"/events"`` of plugin
+    ``audit`` is ``/v1/plugins/audit/events``) unless ``namespaced=False``
+    declares the path as given. ``signed=True`` is enforced whatever the
+    path: only ``signed=False`` opens a route, and never one under ``/v1/``
+    (a ``ValueError``).
 
     ``responses`` maps each status the handler answers to a description, a
     ``(description, schema)`` pair (a JSON body; an error's body is the
@@ -260,12 +286,33 @@ def add_route(
     ``Expect: 100-continue`` is answered only once the signature was accepted
     (docs/http-api.md).
     """
+    plugin = current_plugin()
+    if plugin is not None and namespaced:
+        path = plugin_path(plugin, path)
+    if not signed and (path == "/v1" or path.startswith("/v1/")):
+        raise ValueError(f"{method} {path}: every route under /v1/ is signed; drop signed=False "
+                         "or serve it outside /v1/ with namespaced=False")
     app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else open_continue)
     app[OPENAPI_DOC].add_operation(
         method, path, summary=summary, responses=responses, signed=signed,
         request_schema=request_schema, request_content_type=request_content_type, tags=tags,
         operation_id=getattr(handler, "__name__", None), query=query, path_params=path_params,
     )
+    return path
+
+
+def stash(app: web.Application, plugin: str | None = None) -> Stash:
+    """The plugin's own :class:`~unibus.pluginstate.Stash` on this app (docs/plugins.md, "State").
+
+    ``plugin`` defaults to the plugin whose hook is running; a request
+    handler, which runs outside any hook, names it (``stash(request.app, PLUGIN_NAME)``).
+    """
+    return app[STASHES].setdefault(plugin_name(plugin), Stash())
+
+
+def state_dir(app: web.Application, plugin: str | None = None) -> Path:
+    """The plugin's own directory ``<data-dir>/plugins/<plugin>/`` (mode 0700), made on first use."""
+    return state_dir_of(app[SETTINGS].data_dir, plugin)
 
 
 def add_schema(app: web.Application, name: str, schema: dict[str, Any]) -> dict[str, str]:
@@ -328,14 +375,27 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
     if warnings:
         body["warnings"] = warnings
     for name, fields in app[PLUGINS].call_each_safe("healthz_fields", app=app):
-        if not isinstance(fields, dict):
+        placed = plugin_healthz(name, fields)
+        if placed is None:
             continue
-        for key, value in fields.items():
-            if key in CORE_HEALTHZ_KEYS:
-                log.warning("plugin %s: healthz_fields key %r is reserved; ignored", name, key)
-                continue
-            body[key] = value
+        if name in body or name in CORE_HEALTHZ_KEYS:  # never overwrites the core's keys
+            log.warning("plugin %s: its name is a /healthz key of the core; its fields are left out", name)
+            continue
+        body[name] = placed
     return body
+
+
+def plugin_healthz(name: str, fields: Any) -> dict[str, Any] | None:
+    """Where a plugin's ``healthz_fields`` go: under its own name, always (docs/plugins.md).
+
+    A plugin returns its own fields; the form of plugin API 1, ``{name: {...}}``
+    (one key, the plugin's name, holding a dict), is unwrapped. None: nothing to add.
+    """
+    if not isinstance(fields, dict) or not fields:
+        return None
+    if len(fields) == 1 and isinstance(fields.get(name), dict):
+        return dict(fields[name])
+    return dict(fields)
 
 
 async def openapi_json(request: web.Request) -> web.Response:
@@ -366,6 +426,7 @@ def make_app(
         app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
     app[EXTRA] = {"started": time.time()}
+    app[STASHES] = {}
     health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)
     add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,
               responses={200: ("serving", health),

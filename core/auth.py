@@ -13,8 +13,10 @@ before step 4:
    Ed25519 signature. An unknown keyid is verified against a fixed dummy key
    and answered with the very same 401 as a bad signature;
 3. claim ``(keyid, nonce)`` in the JetStream KV bucket ``unibus_nonces``: a
-   nonce already there is a replay (401). If the bucket cannot be written the
-   request fails closed with 503: it is never served unauthenticated;
+   nonce already there is a replay (401). If the bucket cannot be written, its
+   epoch is not known, or the request was created at or before the epoch's
+   floor (the bucket was lost since: :class:`NonceStore`), the request fails
+   closed with 503: it is never served unauthenticated;
 4. only then the body: refused with 415 if it has a ``Content-Encoding``, with
    413 if longer than :data:`MAX_BODY`, read under the body deadline (408),
    and compared with the signed digest (401). Streamed uploads (handlers
@@ -29,20 +31,24 @@ authenticated first, then 404; its body is never read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import math
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import nacl.signing
+import nats.errors
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
-from nats.js.api import KeyValueConfig, StorageType
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import APIError
+from nats.js.errors import NotFoundError as JsNotFoundError
 
 from .bus import Bus
 from .errors import ConfigError
@@ -55,8 +61,34 @@ from .store.base import Change, Member, Store
 log = logging.getLogger("unibus.auth")
 
 NONCE_BUCKET = "unibus_nonces"
+NONCE_STREAM = f"KV_{NONCE_BUCKET}"
+NONCE_PREFIX = f"$KV.{NONCE_BUCKET}."
+#: The key of each incarnation of the nonce bucket: ``{floor, at, id, node}``.
+EPOCH_KEY = "_epoch"
+#: Written only if absent, and kept past the bucket's max age: it goes only with the bucket's contents.
+EPOCH_HEADERS = {"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": "never"}
+#: The nonce bucket's storage (docs/operations.md, "Durability"): memory, so that a
+#: claim costs no fsync; the epoch floor makes its loss safe.
+NONCE_STORAGE = StorageType.MEMORY
+#: The bucket's size bound: memory streams count against nats-server's
+#: max_memory_store. A full bucket refuses claims (503, fail closed); nonces
+#: expire after 2 × skew. ~200 bytes a nonce: 256 MiB hold ~1.3 million.
+DEFAULT_NONCE_MAX_BYTES = 256 * 1024 * 1024
+NONCE_MAX_BYTES_ENV = "UNIBUS_NONCE_MAX_BYTES"
+NONCE_MAX_BYTES_RANGE = (1024 * 1024, 64 * 1024 ** 3)
+#: How far ahead of a request's ``created`` the high-water mark is raised: it is
+#: written at most about once per this many seconds, and a lost bucket refuses
+#: fresh requests for about as long.
+HIGH_WATER_STEP = 2
+#: Seconds between two checks of the bucket's ``_epoch``.
+EPOCH_CHECK_INTERVAL = 1.0
+RECOVERY_TIMEOUT = 5.0
+RECOVERY_BACKOFF = 0.5
+MOVE_TIMEOUT = 60.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence failed
 STREAM_NAME_IN_USE = 10058
+STREAM_NOT_FOUND = 10059
+NO_MESSAGE_FOUND = 10037
 MEMBER_KEY = "unibus.member"
 #: ``request[LOGGED_REQUEST_KEY]``: the authenticated request as the membership
 #: log records it (a :class:`unibus.memberlog.LoggedRequest`: method, raw path and
@@ -110,7 +142,76 @@ def body_timeout_from_env(env: Mapping[str, str]) -> float:
 
 
 class NonceStoreUnavailable(Exception):
-    """The nonce bucket could not be written: fail closed."""
+    """The nonce bucket could not be written, or its epoch is not known: fail closed."""
+
+
+class ReplayFloorError(NonceStoreUnavailable):
+    """The request was created at or before the nonce bucket's floor: it may have
+    been accepted before the bucket was lost, so it cannot be checked (503)."""
+
+    def __init__(self, floor: int, retry_after: int) -> None:
+        super().__init__(f"created at or before the nonce floor {floor}")
+        self.floor = floor
+        self.retry_after = retry_after
+
+
+class HighWater(Protocol):
+    """Where the high-water mark of signed requests is kept durably (the store)."""
+
+    async def nonce_high_water(self) -> int: ...
+
+    async def raise_nonce_high_water(self, value: int) -> int: ...
+
+
+class MemoryHighWater:
+    """A high-water mark that lives as long as the process: for tests and benches
+    of :class:`NonceStore` alone. membershipd always passes its store."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    async def nonce_high_water(self) -> int:
+        return self.value
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        self.value = max(self.value, value)
+        return self.value
+
+
+def nonce_max_bytes_from_env(env: Mapping[str, str]) -> int:
+    """``UNIBUS_NONCE_MAX_BYTES``, or the default; ConfigError (exit 2) naming it otherwise."""
+    raw = env.get(NONCE_MAX_BYTES_ENV)
+    if raw is None or raw.strip() == "":
+        return DEFAULT_NONCE_MAX_BYTES
+    lo, hi = NONCE_MAX_BYTES_RANGE
+    try:
+        value = int(raw.strip())
+    except ValueError:
+        value = -1
+    if not lo <= value <= hi:
+        raise ConfigError(f"{NONCE_MAX_BYTES_ENV}: {raw[:40]!r} is not allowed; use a number of bytes from {lo} to {hi}")
+    return value
+
+
+class _BucketMissing(Exception):
+    """The nonce bucket's stream does not exist (a single node's nats-server restarted)."""
+
+
+def _for_how_long(floor: int) -> str:
+    wait = floor - time.time()
+    return f"for about {wait:.0f} s more" if wait > 0 else "none is fresh any more"
+
+
+def _ack_seq(data: bytes) -> int:
+    """The ``seq`` of a PubAck (``{"stream":"…","seq":N…}``) without decoding the JSON; 0 if absent."""
+    i = data.find(b'"seq":')
+    if i < 0:
+        return 0
+    j = i + 6
+    k = j
+    while k < len(data) and 48 <= data[k] <= 57:
+        k += 1
+    return int(data[j:k]) if k > j else 0
 
 
 class NonceStore:
@@ -121,58 +222,367 @@ class NonceStore:
     if the key has never been written, and rejects a replay in one round trip
     (nats-py's ``kv.create`` needs two). Keys expire with the bucket's max age,
     twice the allowed skew, after which ``created`` alone rejects the request.
+
+    The bucket is kept in memory (docs/operations.md, "Durability"): nonces are
+    worth nothing after 2 × skew, and memory spares every signed request an
+    fsync. So the bucket can be lost (a single node's nats-server restarts; every
+    node of a cluster crashes at once), and the rule that keeps that safe is:
+
+    * the store keeps a durable *high-water mark*: no request was accepted with
+      a ``created`` above it. :meth:`admit` raises it (by :data:`HIGH_WATER_STEP`
+      seconds ahead, so it is written every few seconds, not per request) before
+      a request's nonce is claimed;
+    * each incarnation of the bucket holds the key ``_epoch`` (created only if
+      absent, ``Nats-TTL: never``): its ``floor`` is the high-water mark read
+      when it was written. It disappears only with the bucket's contents;
+    * a request created at or before the floor is refused (503): its nonce may
+      have been claimed in the bucket that was lost. Until the epoch is known,
+      every request is refused (503);
+    * a loss is noticed from no responders (the stream is gone), the claim
+      connection reconnecting, a claim's sequence going backwards, and a check
+      of ``_epoch`` every :data:`EPOCH_CHECK_INTERVAL` seconds.
     """
 
-    def __init__(self, bus: Bus, *, skew: int, replicas: int, timeout: float = 2.0) -> None:
+    def __init__(self, bus: Bus, *, skew: int, replicas: int, high_water: HighWater | None = None,
+                 timeout: float = 2.0, max_bytes: int = DEFAULT_NONCE_MAX_BYTES, exclusive: bool = False,
+                 node: str = "") -> None:
         self.bus = bus
+        self.node = node or bus.name
+        self.skew = skew
         self.ttl = 2 * skew
         self.replicas = replicas
         self.timeout = timeout
+        self.max_bytes = max_bytes
+        #: Nobody else claims in this bucket (a single node's own nats-server): moving
+        #: a file bucket to memory then carries its nonces over exactly.
+        self.exclusive = exclusive
+        self.high_water_store: HighWater = high_water if high_water is not None else MemoryHighWater()
         # Read by unibus.metrics (unibus_nonce_claims_total{result}).
         self.claims = 0
         self.replays = 0
         self.failures = 0
+        #: Requests refused because they were created at or before the floor.
+        self.floor_refusals = 0
+        #: Losses of the bucket this node noticed (a new ``_epoch`` adopted).
+        self.resets = 0
+        #: The floor of the bucket's current incarnation; None while it is not known (503).
+        self.floor: int | None = None
+        #: The durable high-water mark as far as this node knows it (a lower bound).
+        self.high_water = 0
+        self._epoch_raw: bytes | None = None
+        self._max_seq = 0
+        self._reconnects = 0  # the claim connection's reconnects when the epoch was last established
+        self._pending_floor: int | None = None  # the floor of a bucket just moved from file storage
+        self._raising: asyncio.Future[int] | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = 0.0
+        self._watch_task: asyncio.Task[None] | None = None
         # Claims go over their own lean connection (see unibus.pubacks); the
         # bucket's management stays on the bus's nats-py client.
         self.acks = bus.pub_ack_client(name=f"{bus.name}-nonces", timeout=timeout)
 
     def bucket_config(self) -> KeyValueConfig:
         return KeyValueConfig(bucket=NONCE_BUCKET, history=1, ttl=float(self.ttl), replicas=self.replicas,
-                              storage=StorageType.FILE,
+                              storage=NONCE_STORAGE, max_bytes=self.max_bytes,
                               description="unibus: seen (handle, nonce) pairs of signed requests")
 
+    # -- the bucket ----------------------------------------------------------------
+
     async def ensure(self) -> None:
-        """Create the bucket if absent; bring TTL and replicas in line if it exists."""
+        """Create the bucket if absent (or move a file bucket to memory), bring TTL,
+        replicas and size in line, then establish its epoch."""
+        await self._ensure_bucket()
+        await self._establish()
+
+    async def _ensure_bucket(self) -> None:
         assert self.bus.js is not None
+        config = self.bucket_config()
         try:
-            await self.bus.js.create_key_value(config=self.bucket_config())
+            await self.bus.js.create_key_value(config=config)
+            return
         except APIError as e:
             if e.err_code != STREAM_NAME_IN_USE:
                 raise
-            info = await self.bus.js.stream_info(f"KV_{NONCE_BUCKET}")
-            cfg = info.config
-            # Replicas are only ever raised (R1 -> R3 in place keeps every key):
-            # a node restarted with a stale --kv-replicas must not lower them.
-            replicas = max(cfg.num_replicas or 1, self.replicas)
-            if cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas:
-                cfg.max_age, cfg.num_replicas = float(self.ttl), replicas
-                await self.bus.js.update_stream(cfg)
-                log.info("nonce bucket updated: ttl %ss, replicas %d", self.ttl, replicas)
+        info = await self.bus.js.stream_info(NONCE_STREAM)
+        cfg = info.config
+        if cfg.storage != config.storage:
+            await self._move_bucket(info)
+            return
+        # Replicas are only ever raised (R1 -> R3 in place keeps every key):
+        # a node restarted with a stale --kv-replicas must not lower them.
+        replicas = max(cfg.num_replicas or 1, self.replicas)
+        if cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas or cfg.max_bytes != self.max_bytes:
+            cfg.max_age, cfg.num_replicas, cfg.max_bytes = float(self.ttl), replicas, self.max_bytes
+            await self.bus.js.update_stream(cfg)
+            log.info("nonce bucket updated: ttl %ss, replicas %d, max %d bytes", self.ttl, replicas, self.max_bytes)
+
+    async def _move_bucket(self, info: Any) -> None:
+        """Re-create the bucket with the configured storage (it cannot be changed in place), keeping its nonces.
+
+        Before the old bucket goes, the high-water mark is raised to now + skew,
+        which covers every request it may hold: a crash before the copy is back
+        loses nothing. The copy carries every nonce with the time it has left.
+        When nobody else claims in the bucket (``exclusive``) the copy is exact
+        and the new bucket's floor stays the old mark; otherwise a node of the
+        previous version may have claimed after the copy was read, and the
+        floor is the raised mark (503 for up to ``skew`` seconds).
+        """
+        assert self.bus.js is not None
+        old = getattr(info.config.storage, "value", info.config.storage)
+        try:
+            nonces = await asyncio.wait_for(self._read_nonces(info), MOVE_TIMEOUT)
+        except Exception as e:  # noqa: BLE001 - the floor covers what is not copied
+            log.warning("nonce bucket: could not read the nonces of the %s bucket (%s: %s); requests from the "
+                        "last %d s will be refused instead", old, type(e).__name__, e, self.skew)
+            nonces = None
+        floor_before = await self.high_water_store.nonce_high_water()
+        raised = await self.high_water_store.raise_nonce_high_water(int(time.time()) + self.skew)
+        try:
+            await self.bus.js.delete_stream(NONCE_STREAM)
+        except APIError as e:
+            if e.err_code != STREAM_NOT_FOUND:
+                raise
+        try:
+            await self.bus.js.create_key_value(config=self.bucket_config())
+        except APIError as e:
+            if e.err_code != STREAM_NAME_IN_USE:  # another node re-created it first: copy into that one
+                raise
+        copied = await self._write_nonces(nonces) if nonces else 0
+        exact = self.exclusive and nonces is not None and copied == len(nonces)
+        self._pending_floor = floor_before if exact else raised
+        log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) carried "
+                    "over%s", old, getattr(self.bucket_config().storage, "value", "?"), copied,
+                    "" if exact else f"; requests created at or before {raised} are refused (503) until then")
+
+    async def _read_nonces(self, info: Any) -> list[tuple[str, int]]:
+        """``(key, seconds left)`` of every live nonce in the bucket, ``_epoch`` left out."""
+        assert self.bus.js is not None
+        if not info.state.messages:
+            return []
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.bus.js.subscribe(f"{NONCE_PREFIX}>", stream=NONCE_STREAM, cb=on_msg, ordered_consumer=True,
+                                          deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=5.0)
+        out: list[tuple[str, int]] = []
+        try:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
+                return out
+            now = time.time()
+            while True:
+                msg = await queue.get()
+                meta = msg.metadata
+                key = msg.subject[len(NONCE_PREFIX):]
+                left = math.ceil(self.ttl - (now - meta.timestamp.timestamp()))
+                if key != EPOCH_KEY and left > 0 and (msg.headers or {}).get("KV-Operation") is None:
+                    out.append((key, left))
+                if meta.num_pending == 0:
+                    return out
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    async def _write_nonces(self, nonces: list[tuple[str, int]]) -> int:
+        """Create each ``(key, seconds left)`` in the bucket; returns how many are in it afterwards."""
+        assert self.bus.nc is not None
+        nc = self.bus.nc
+
+        async def put(key: str, left: int) -> bool:
+            try:
+                reply = await nc.request(NONCE_PREFIX + key, b"1", timeout=self.timeout,
+                                         headers={"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": str(left)})
+            except Exception:  # noqa: BLE001 - counted as not copied
+                return False
+            try:
+                error = json.loads(reply.data).get("error")
+            except ValueError:
+                return False
+            return error is None or error.get("err_code") == WRONG_LAST_SEQUENCE  # there already
+
+        done = 0
+        for i in range(0, len(nonces), 256):
+            done += sum(await asyncio.gather(*(put(k, left) for k, left in nonces[i:i + 256])))
+        return done
+
+    # -- the epoch -------------------------------------------------------------------
+
+    async def _read_epoch(self) -> bytes | None:
+        """The stored ``_epoch`` record, None when absent; :class:`_BucketMissing` without a bucket."""
+        assert self.bus.js is not None
+        try:
+            msg = await self.bus.js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY, direct=False)
+        except JsNotFoundError as e:
+            if e.err_code == NO_MESSAGE_FOUND:
+                return None
+            if e.err_code == STREAM_NOT_FOUND:
+                raise _BucketMissing() from None
+            raise
+        except APIError as e:
+            if e.err_code == STREAM_NOT_FOUND:
+                raise _BucketMissing() from None
+            raise
+        if (msg.headers or {}).get("KV-Operation") is not None:
+            return None
+        return bytes(msg.data)
+
+    async def _establish(self) -> None:
+        """Read the bucket's ``_epoch``, writing it first if it is missing (the bucket is new), and adopt it."""
+        assert self.bus.nc is not None
+        reconnects = self.acks.reconnects
+        raw = await self._read_epoch()
+        mark = await self.high_water_store.nonce_high_water()
+        if raw is None:
+            floor = self._pending_floor if self._pending_floor is not None else mark
+            record = {"floor": floor, "at": round(time.time(), 3), "id": uuid.uuid4().hex, "node": self.node}
+            try:
+                reply = await self.bus.nc.request(NONCE_PREFIX + EPOCH_KEY, json.dumps(record).encode(),
+                                                  timeout=self.timeout, headers=EPOCH_HEADERS)
+            except nats.errors.NoRespondersError:
+                raise _BucketMissing() from None
+            error = (json.loads(reply.data) if reply.data else {}).get("error")
+            if error is not None and error.get("err_code") != WRONG_LAST_SEQUENCE:
+                raise NonceStoreUnavailable(f"JetStream refused the nonce epoch: {error.get('description', error)}")
+            raw = await self._read_epoch()  # ours, or the one another node wrote first
+            if raw is None:
+                raise NonceStoreUnavailable("the nonce epoch was written but cannot be read back")
+            if error is None and floor > 0:
+                log.warning("nonce bucket: new epoch, written here: the bucket is new and requests may have been "
+                            "accepted before (its nonces were lost); signed requests created at or before %d are "
+                            "refused with 503 (%s)", floor, _for_how_long(floor))
+            elif error is None:
+                log.info("nonce bucket: first epoch (no signed request was ever accepted here)")
+        self._adopt(raw, mark, reconnects)
+
+    def _adopt(self, raw: bytes, mark: int, reconnects: int) -> None:
+        try:
+            floor = int(json.loads(raw)["floor"])
+        except (ValueError, KeyError, TypeError):
+            raise NonceStoreUnavailable(f"the nonce epoch is unreadable: {raw[:100]!r}") from None
+        new = raw != self._epoch_raw
+        if new and self._epoch_raw is not None:
+            self.resets += 1
+            log.warning("nonce bucket: new epoch, adopted: the bucket was lost and made again; signed requests "
+                        "created at or before %d are refused with 503 (%s)", floor, _for_how_long(floor))
+        elif new:
+            log.info("nonce bucket: epoch with floor %d (%s)", floor, _for_how_long(floor))
+        if new:
+            self._max_seq = 0
+        self._epoch_raw = raw
+        self._pending_floor = None
+        self._reconnects = reconnects
+        self.high_water = max(self.high_water, mark)
+        self.floor = floor
+
+    def _lost(self, why: str) -> None:
+        if self.floor is not None:
+            log.warning("nonce bucket: %s; signed requests wait for its epoch", why)
+        self.floor = None
+
+    async def _recover(self) -> None:
+        """(Re)establish the epoch, creating the bucket if it is gone; on failure the floor stays unknown."""
+        async with self._lock:
+            if self.floor is not None and self._reconnects == self.acks.reconnects:
+                return  # done while we waited for the lock
+            self.floor = None
+            loop = asyncio.get_running_loop()
+            if loop.time() < self._retry_at:
+                return
+            try:
+                await asyncio.wait_for(self._rebuild(), RECOVERY_TIMEOUT)
+            except Exception as e:  # noqa: BLE001 - retried; requests meanwhile fail closed
+                self._retry_at = loop.time() + RECOVERY_BACKOFF
+                log.warning("nonce bucket: cannot establish its epoch yet (%s: %s)", type(e).__name__, e)
+
+    async def _rebuild(self) -> None:
+        try:
+            await self._establish()
+        except _BucketMissing:
+            log.warning("nonce bucket: %s is gone (its nats-server restarted); creating it again", NONCE_STREAM)
+            await self._ensure_bucket()
+            await self._establish()
+
+    async def _watch(self) -> None:
+        """Every EPOCH_CHECK_INTERVAL: re-establish an unknown epoch, and notice one that changed."""
+        while True:
+            await asyncio.sleep(EPOCH_CHECK_INTERVAL)
+            try:
+                if self.floor is None or self._reconnects != self.acks.reconnects:
+                    await self._recover()
+                    continue
+                raw = await asyncio.wait_for(self._read_epoch(), self.timeout)
+            except _BucketMissing:
+                self._lost(f"{NONCE_STREAM} is gone")
+                continue
+            except Exception as e:  # noqa: BLE001 - no answer now: claims fail closed on their own
+                log.debug("nonce epoch check: %s", e)
+                continue
+            if raw is None:
+                self._lost("its _epoch is missing (the bucket was reset)")
+                await self._recover()
+            elif raw != self._epoch_raw:
+                async with self._lock:
+                    with contextlib.suppress(Exception):
+                        self._adopt(raw, await self.high_water_store.nonce_high_water(), self._reconnects)
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def admit(self, created: int, now: float) -> None:
+        """Before a claim: the epoch is known, ``created`` is above its floor, and the
+        high-water mark covers ``created`` (raised durably first if it did not).
+
+        Raises :class:`ReplayFloorError` for a request created at or before the
+        floor, :class:`NonceStoreUnavailable` when the epoch is unknown or the
+        mark cannot be stored.
+        """
+        if self.floor is None or self._reconnects != self.acks.reconnects:
+            await self._recover()
+        floor = self.floor
+        if floor is None:
+            raise NonceStoreUnavailable("the nonce bucket's epoch is not known yet")
+        if created <= floor:
+            self.floor_refusals += 1
+            raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)))
+        while created > self.high_water:
+            fut = self._raising
+            if fut is None:
+                fut = self._raising = asyncio.ensure_future(self._raise(max(created, int(now)) + HIGH_WATER_STEP))
+            try:
+                await asyncio.shield(fut)
+            except Exception as e:  # noqa: BLE001 - fail closed
+                raise NonceStoreUnavailable(f"the high-water mark of signed requests cannot be stored: "
+                                            f"{type(e).__name__}: {e}") from None
+
+    async def _raise(self, value: int) -> int:
+        try:
+            stored = await asyncio.wait_for(self.high_water_store.raise_nonce_high_water(value), self.timeout)
+            self.high_water = max(self.high_water, stored)
+            return stored
+        finally:
+            self._raising = None
 
     async def start(self) -> None:
-        """Open the claim connection (it reconnects by itself from then on)."""
+        """Open the claim connection (it reconnects by itself from then on) and watch the epoch."""
         if not self.acks.connected:
             await self.acks.connect()
+        if self._watch_task is None or self._watch_task.done():
+            self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="unibus-nonce-epoch")
 
     async def close(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watch_task
         await self.acks.close()
 
     async def available(self, timeout: float = 1.0) -> bool:
-        """Claims can be made: the claim connection is up and the bucket's stream answers."""
-        if self.bus.js is None or not self.bus.connected or not self.acks.connected:
+        """Claims can be made: the epoch is known, the claim connection is up and the bucket's stream answers."""
+        if self.bus.js is None or not self.bus.connected or not self.acks.connected or self.floor is None:
             return False
         try:
-            await asyncio.wait_for(self.bus.js.stream_info(f"KV_{NONCE_BUCKET}"), timeout)
+            await asyncio.wait_for(self.bus.js.stream_info(NONCE_STREAM), timeout)
             return True
         except Exception:
             return False
@@ -181,21 +591,28 @@ class NonceStore:
         """True if this is the first use of ``nonce`` by ``handle``; False for a replay.
 
         The hot path of every signed request: one ``HPUB`` over the lean claim
-        connection, and a success is recognised by the PubAck's prefix without
-        decoding it. Raises :class:`NonceStoreUnavailable` for anything else
-        than "stored" or "already there": the caller fails closed.
+        connection, and a success is recognised by the PubAck's prefix; its
+        sequence is compared with the highest seen (one that goes backwards may
+        come from a new bucket: the epoch is checked). Raises
+        :class:`NonceStoreUnavailable` for anything else than "stored" or
+        "already there": the caller fails closed.
         """
         try:
-            status, data = await self.acks.request(f"$KV.{NONCE_BUCKET}.{handle}.{nonce}", CLAIM_HEADERS, b"1")
+            status, data = await self.acks.request(f"{NONCE_PREFIX}{handle}.{nonce}", CLAIM_HEADERS, b"1")
         except PubAckUnavailable as e:
             self.failures += 1
             raise NonceStoreUnavailable(f"nonce bucket unavailable: {e}") from None
         if status == 0 and data.startswith(b'{"stream":'):
+            seq = _ack_seq(data)
+            if seq >= self._max_seq:
+                self._max_seq = seq
+            else:
+                await self._same_epoch()
             self.claims += 1
             return True
         if status == 503:
             self.failures += 1
-            raise NonceStoreUnavailable("nonce bucket unavailable: no responders (no stream leader)")
+            raise NonceStoreUnavailable("nonce bucket unavailable: no responders (no stream leader, or no bucket)")
         try:
             error = json.loads(data).get("error") or {}
         except ValueError:
@@ -205,6 +622,18 @@ class NonceStore:
             return False
         self.failures += 1
         raise NonceStoreUnavailable(f"JetStream refused the nonce write: {error.get('description') or data[:200]!r}")
+
+    async def _same_epoch(self) -> None:
+        """A claim's sequence went backwards: unless ``_epoch`` is still the one adopted, the
+        claim landed in a new bucket whose floor this node does not know: refuse (503)."""
+        try:
+            raw = await asyncio.wait_for(self._read_epoch(), self.timeout)
+        except Exception as e:  # noqa: BLE001
+            self._lost(f"a claim's sequence went backwards and its epoch cannot be read ({type(e).__name__})")
+            raise NonceStoreUnavailable("the nonce bucket may have been reset; sign the request again") from None
+        if raw != self._epoch_raw:
+            self._lost("a claim's sequence went backwards and its epoch changed (the bucket was reset)")
+            raise NonceStoreUnavailable("the nonce bucket was reset; sign the request again")
 
 
 class MemberDirectory:
@@ -305,7 +734,13 @@ class Authenticator:
         now = time.time()
         member, verified = await self.verify(request.method, request.raw_path, request.headers, body, now)
         try:
+            await self.nonces.admit(verified.created, now)
             fresh = await self.nonces.claim(member.handle, verified.nonce)
+        except ReplayFloorError as e:
+            raise Problem(503, f"replay protection restarted (the nonce store was lost and made again): a request "
+                          f"created at or before {e.floor} cannot be checked for replay; sign it again in "
+                          f"{e.retry_after} s", kind="nonce-store-unavailable",
+                          headers={"Retry-After": str(e.retry_after)}) from None
         except NonceStoreUnavailable as e:
             log.warning("failing closed: %s", e)
             raise Problem(503, "replay protection is unavailable (the nonce store cannot be written); try again",
@@ -456,5 +891,30 @@ def _keep_logged_request(request: web.Request, body: bytes | None) -> None:
         signature=header_value(headers, "signature") or "", body=body)
 
 
-def current_member(request: web.Request) -> Member:
-    return request[MEMBER_KEY]
+# --------------------------------------------------------------------------- who is asking (docs/plugins.md, "Who is asking")
+
+
+def current_member(request: web.Request) -> Member | None:
+    """The member whose signed request this is, as authenticated before the handler ran.
+
+    None on a route that needs no signature (``add_route(..., signed=False)``).
+    The record is the one the signature was verified with; its role is the
+    role at that moment.
+    """
+    return request.get(MEMBER_KEY)
+
+
+def require_member(request: web.Request) -> Member:
+    """The caller, or a 401 :class:`~unibus.problems.Problem` when the request is not signed."""
+    member = request.get(MEMBER_KEY)
+    if member is None:
+        raise unauthorized("this route needs a signed request")
+    return member
+
+
+def require_admin(request: web.Request) -> Member:
+    """The caller if it is an admin; 403 for another member, 401 for an unsigned request."""
+    member = require_member(request)
+    if not member.is_admin:
+        raise Problem(403, "this action needs the admin role", kind="forbidden")
+    return member

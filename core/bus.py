@@ -68,7 +68,7 @@ def tls_first(url: str) -> bool:
     that INFO says ``tls_required``: a man in the middle who strips the flag
     would get the nkey's answer to the nonce in clear, and could relay it to
     log in as us. Starting with the handshake leaves nothing to strip. The
-    embedded server accepts both (``handshake_first: auto``); an external
+    embedded server requires it (``handshake_first: true``); an external
     NATS reached over ``tls://`` must enable ``handshake_first`` too
     (docs/operations.md, "Listeners and TLS").
     """

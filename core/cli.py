@@ -1,4 +1,4 @@
-"""``membershipd``: the daemon and its operator commands (SPEC §3).
+"""``membershipd``: the daemon and its operator commands (docs/operations.md).
 
 ``serve`` is the default subcommand. Expected errors print one line on stderr
 and exit 2 (configuration, usage) or 1 (runtime); never a traceback.
@@ -34,13 +34,18 @@ class _Parser(argparse.ArgumentParser):
 def _disable_pre_parser() -> argparse.ArgumentParser:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--disable-plugin", action="append", default=[])
+    pre.add_argument("--plugin", action="append", default=[])
     return pre
+
+
+PLUGIN_FLAG_HELP = "load the plugin module MODULE (importable from PYTHONPATH) without installing it (repeatable)"
 
 
 def _core_flags() -> set[str]:
     parser = argparse.ArgumentParser(add_help=True)
     add_core_arguments(parser)
     parser.add_argument("--disable-plugin")
+    parser.add_argument("--plugin")
     return set(parser._option_string_actions)
 
 
@@ -59,6 +64,7 @@ def _serve_parser(command: str, plugin_options, plugins: PluginManager | None = 
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_core_arguments(parser)
     parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
+    parser.add_argument("--plugin", metavar="MODULE", action="append", default=[], help=PLUGIN_FLAG_HELP)
     add_plugin_arguments(parser, plugin_options)
     return parser
 
@@ -100,10 +106,11 @@ def _refuse_unavailable_flags(argv: Sequence[str], plugins: PluginManager, loade
                           f"drop {flag} or make the {plugin} plugin available")
 
 
-def make_plugins(blocked: Sequence[str], env=None) -> PluginManager:
-    """The plugin manager of a command: entry points, ``--disable-plugin``, ``UNIBUS_LOAD_PLUGINS``."""
+def make_plugins(blocked: Sequence[str], env=None, modules: Sequence[str] = ()) -> PluginManager:
+    """The plugin manager of a command: entry points, ``--disable-plugin``,
+    ``UNIBUS_LOAD_PLUGINS``, and the modules of ``--plugin``."""
     env = os.environ if env is None else env
-    return PluginManager(blocked=blocked, only=load_plugins_from_env(env))
+    return PluginManager(blocked=blocked, only=load_plugins_from_env(env), modules=modules)
 
 
 def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings, PluginManager]:
@@ -115,7 +122,14 @@ def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings
     """
     env = os.environ if env is None else env
     pre, _ = _disable_pre_parser().parse_known_args(argv)
-    plugins = make_plugins(pre.disable_plugin, env)
+    plugins = make_plugins(pre.disable_plugin, env, pre.plugin)
+    return settings_for(command, argv, plugins, env), plugins
+
+
+def settings_for(command: str, argv: Sequence[str], plugins: PluginManager, env=None) -> Settings:
+    """``serve`` flags + env → Settings for the plugins of ``plugins`` (also what
+    ``unibus.testing`` uses): options, parsing, validation, then ``validate_settings``."""
+    env = os.environ if env is None else env
     plugin_options = plugins.options(reserved=_core_flags())
     _refuse_unavailable_flags(argv, plugins, {opt.flag for _, opt in plugin_options})
     ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
@@ -123,7 +137,8 @@ def load_settings(command: str, argv: Sequence[str], env=None) -> tuple[Settings
     settings = build_settings(ns, env, plugin_options, disabled_plugins=plugins.blocked)
     if settings.bus_auth == "enforce" and "auth_enforce" in plugins.blocked:
         raise ConfigError("--disable-plugin auth_enforce is accepted only together with --bus-auth off")
-    return settings, plugins
+    plugins.validate_settings(settings)
+    return settings
 
 
 def cmd_serve(argv: Sequence[str]) -> int:
@@ -184,9 +199,10 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     parser = _Parser(prog=f"{PROG} plugins", description=_DESCRIPTIONS["plugins"])
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
     parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
+    parser.add_argument("--plugin", metavar="MODULE", action="append", default=[], help=PLUGIN_FLAG_HELP)
     parser.add_argument("--data-dir", metavar="DIR", help="accepted like every command's; plugins do not depend on it")
     ns = parser.parse_args(argv)
-    plugins = make_plugins(ns.disable_plugin)
+    plugins = make_plugins(ns.disable_plugin, modules=ns.plugin)
     plugins.options(reserved=_core_flags())  # a plugin whose cli_options fails is listed as broken
     infos = plugins.list_plugins()
     if ns.json:

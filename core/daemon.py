@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import inspect
 import logging
 import os
 import signal
@@ -27,14 +28,16 @@ from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
-from .auth import NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env
+from .app import EVENTS, EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
+from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
+                   nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
+from .events import ChangeEvents, call_runtime_hook
 from .health import HealthProber
 from .metrics import Metrics, MetricsServer, StateCounts
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
-from .pluginmanager import PluginManager
+from .pluginmanager import PluginManager, running_plugin
 from .posture import cluster_gate, compute_posture, startup_posture
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
@@ -139,10 +142,15 @@ class Daemon:
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._started_hooks = False
+        #: plugins whose ``startup`` returned, in order; None until the startup hooks begin
+        self._started: list[str] | None = None
+        self.events: ChangeEvents | None = None
 
     async def start(self) -> None:
         s = self.settings
         body_timeout = body_timeout_from_env(os.environ)
+        self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
+        nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         for warning in insecure_plaintext_warnings(s):
             log.warning("%s", warning)
@@ -188,7 +196,11 @@ class Daemon:
             self.store = kv
         else:
             self.store = SqliteStore(s.db_path)
-        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas)
+        # The high-water mark of signed requests lives in the store (durable); the
+        # nonces in memory (docs/operations.md, "Durability").
+        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
+                            max_bytes=nonce_max_bytes, exclusive=s.embedded and not s.clustered,
+                            node=s.server_name)
         await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
         await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
         self.nonces = nonces
@@ -220,8 +232,10 @@ class Daemon:
         self.metrics.posture = lambda: current_posture(app)
         for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
             register(self.app)
-        await self.plugins.acall_each("startup", app=self.app)
-        self._started_hooks = True
+        await self.start_plugins()
+        self.events = ChangeEvents(self.app, self.store, self.plugins)
+        await retry_until(self.events.start, js_wait, "cannot read the head of the membership log")
+        self.app[EVENTS] = self.events
 
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
                                     **SERVER_OPTIONS)
@@ -242,6 +256,29 @@ class Daemon:
                  s.nats_client_url, s.server_name)
         sd_notify("READY=1")
 
+    async def start_plugins(self) -> None:
+        """Every ``startup``, in the call order (docs/plugins.md, "Order"), one at a time.
+
+        A failure stops here: what already started is shut down by :meth:`stop`,
+        in reverse; the plugin that failed and those after it are not.
+        """
+        assert self.app is not None
+        self._started = []
+        for name, impl in self.plugins._impls("startup"):
+            await self.plugins.acall_one(name, impl, "startup", app=self.app)
+            self._started.append(name)
+        self._started_hooks = True
+
+    def shutdown_order(self) -> list[str]:
+        """Who gets ``shutdown``: the started plugins in reverse order, then those without a
+        ``startup`` hook (nothing to wait for: they count as started first, so stop last)."""
+        if self._started is None:
+            return []
+        with_startup = set(self.plugins.call_order("startup"))
+        shut = self.plugins.call_order("shutdown")
+        no_startup = [n for n in shut if n not in with_startup]
+        return [n for n in reversed(self._started) if n in shut] + list(reversed(no_startup))
+
     def write_nats_config(self) -> dict[str, Any]:
         """The one nats.conf of this run: it does not depend on membership (docs/bus-auth.md)."""
         config = nats_config(self.settings, self.plugins)
@@ -258,11 +295,35 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
 
     async def _reload(self) -> None:
+        """Re-read the store (its listeners deliver the offline changes), then the ``reloaded`` hooks."""
         try:
             if self.store is not None:
                 await self.store.reload()
         except Exception as e:
             log.error("SIGHUP: reload failed: %s: %s", type(e).__name__, e)
+            return
+        if self.app is not None and self._started_hooks:
+            await call_runtime_hook(self.plugins, "reloaded", app=self.app)
+
+    async def _shutdown_plugins(self) -> None:
+        """``shutdown`` in :meth:`shutdown_order`, all of them within SHUTDOWN_HOOKS_BUDGET; each once."""
+        impls = dict(self.plugins._impls("shutdown"))
+        order, self._started = self.shutdown_order(), None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SHUTDOWN_HOOKS_BUDGET
+        for name in order:
+            remaining = max(0.1, deadline - loop.time())
+            try:
+                with running_plugin(name):
+                    res = impls[name].function(**{a: self.app for a in impls[name].argnames})
+                    if inspect.isawaitable(res):
+                        await asyncio.wait_for(res, remaining)
+            except TimeoutError:
+                self.plugins.hook_failed(name, "shutdown")
+                log.error("plugin %s: shutdown did not finish in time; cancelled", name)
+            except Exception as e:
+                self.plugins.hook_failed(name, "shutdown")
+                log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
 
     async def wait(self) -> None:
         await self._stop.wait()
@@ -276,20 +337,10 @@ class Daemon:
         if self.runner is not None:
             listeners.append(self.runner.cleanup())
         await asyncio.gather(*listeners, return_exceptions=True)
-        if self._started_hooks and self.app is not None:
-            deadline = asyncio.get_running_loop().time() + SHUTDOWN_HOOKS_BUDGET
-            for name, impl in self.plugins._impls("shutdown"):
-                remaining = max(0.1, deadline - asyncio.get_running_loop().time())
-                try:
-                    res = impl.function(**{a: self.app for a in impl.argnames})
-                    if asyncio.iscoroutine(res) or isinstance(res, asyncio.Future):
-                        await asyncio.wait_for(res, remaining)
-                except TimeoutError:
-                    self.plugins.hook_failed(name, "shutdown")
-                    log.error("plugin %s: shutdown did not finish in time; cancelled", name)
-                except Exception as e:
-                    self.plugins.hook_failed(name, "shutdown")
-                    log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
+        if self.events is not None:
+            self.events.stop()
+        if self.app is not None:
+            await self._shutdown_plugins()
         for task in list(self._tasks):
             task.cancel()
         if self.health is not None:

@@ -15,6 +15,8 @@ import pluggy
 if TYPE_CHECKING:  # pragma: no cover
     from aiohttp import web
 
+    from .client.plugins import ClientCommand
+    from .events import ChangeEvent
     from .settings import Option, Settings
 
 hookspec = pluggy.HookspecMarker("unibus")
@@ -34,6 +36,22 @@ def cli_options() -> list[Option]:
 
     A flag owned by a plugin that ``--disable-plugin`` blocked is refused with
     exit 2, naming the flag and the plugin.
+    """
+
+
+@hookspec
+def validate_settings(settings: Settings) -> None:
+    """Refuse a configuration this plugin cannot run with.
+
+    Called once per command that runs with a configuration (``serve``,
+    ``posture``), after every flag and environment variable was parsed into
+    ``settings`` and before any other hook sees it. Check what the plugin's
+    options mean together and with the core's (files exist, certificates
+    match, combinations make sense); this is where such I/O belongs, so that
+    ``posture`` and ``healthz_fields`` stay cheap. Raise
+    :class:`unibus.ConfigError` with a message that names the flag and what to
+    change: membershipd exits 2 with one line naming the plugin and the hook.
+    The return value is ignored; any other exception exits 1, naming the plugin.
     """
 
 
@@ -68,18 +86,24 @@ def posture(settings: Settings) -> dict[str, Any]:
     fills unreported facts with their insecure value, sets ``tls`` false when
     any listener is plaintext, and computes ``summary``. Called at start-up,
     before the cluster gate, by ``membershipd posture`` and on every
-    ``/healthz``; it must be cheap and must not do I/O. An exception at
-    start-up stops membershipd; while serving it is logged, counted
-    (``unibus_plugin_hook_errors_total``) and the plugin's facts are left
-    out, so they count as not holding.
+    ``/healthz``; it must be cheap and must not do I/O: check files and
+    refuse bad combinations in ``validate_settings``, which runs first. An
+    exception at start-up stops membershipd; while serving it is logged,
+    counted (``unibus_plugin_hook_errors_total``) and the plugin's facts are
+    left out, so they count as not holding.
     """
 
 
 @hookspec
 def healthz_fields(app: web.Application) -> dict[str, Any]:
-    """Return fields to merge into the ``/healthz`` body.
+    """Return this plugin's fields for the ``/healthz`` body.
 
-    Return ``{"<plugin name>": {...}}``: a dict keyed by the plugin's own name.
+    Return a dict of the plugin's own fields; the core places it under the
+    plugin's name (``{"enabled": true}`` of plugin ``nats_monitor`` appears
+    as ``"nats_monitor": {"enabled": true}``), so a plugin cannot touch the
+    core's keys or another plugin's. A dict whose only key is the plugin's
+    name and holds a dict (the form of plugin API 1) is unwrapped; an empty
+    dict or None adds nothing.
     Called on every ``/healthz`` request; must be cheap and must not block
     (no network round trips: ``/healthz`` answers at once whatever NATS is
     doing, so keep what you report current in the background). ``app`` is
@@ -94,11 +118,15 @@ def startup(app: web.Application) -> Any:
     """Start the plugin's runtime part.
 
     Called once, after nats-server and the store are ready and before the HTTP
-    port opens, in registration order. May be a coroutine function. It may add
-    HTTP routes (``unibus.app.add_route``, which also documents them in
-    ``/openapi.json``), make its metrics (``app[unibus.app.METRICS].plugin(name)``)
-    and start background tasks. An exception stops membershipd with exit 1
-    and a message naming the plugin.
+    port opens, plugin after plugin in the call order (docs/plugins.md,
+    "Order"), each awaited before the next starts. May be a coroutine
+    function. It may add HTTP routes (``unibus.app.add_route``, under
+    ``/v1/plugins/<plugin name>/``), make its metrics
+    (``app[unibus.app.METRICS].plugin(name)``) and start background tasks.
+    An exception stops membershipd with exit 1 (exit 2 for
+    :class:`unibus.ConfigError`) and a message naming the plugin; the
+    plugins that already started are shut down, in reverse order, and the
+    failing one is not: clean up what it began before raising.
     """
 
 
@@ -107,8 +135,64 @@ def shutdown(app: web.Application) -> Any:
     """Stop the plugin's runtime part.
 
     Called once on SIGTERM/SIGINT after the HTTP port stopped accepting
-    requests and before nats-server is stopped. May be a coroutine function.
+    requests and before nats-server is stopped, in the reverse of the order
+    the plugins started; also when a later plugin's ``startup`` failed. Not
+    called for a plugin whose own ``startup`` failed or never ran. A plugin
+    without a ``startup`` hook counts as started first, so it stops last.
+    May be a coroutine function.
     The whole stop must fit in 10 seconds, so all shutdown hooks together get
     5 seconds; a hook still running then is cancelled and an error is logged
     naming the plugin.
+    """
+
+
+@hookspec
+def store_changed(app: web.Application, event: ChangeEvent) -> Any:
+    """React to one committed membership change.
+
+    ``event`` is a :class:`unibus.events.ChangeEvent`: ``seq`` (the membership
+    log's seq of the change, None when it was not logged), ``kind``
+    (``member_added``, ``member_updated``, ``member_bus_key``,
+    ``member_deleted``, ``room_created``, ``room_deleted``,
+    ``room_member_added``, ``room_member_removed``, ``keys_posted``),
+    ``actor`` (the handle whose signed request made it; None for an offline
+    change or when unknown), ``origin`` (``"local"``, ``"remote"``: another
+    cluster node, ``"offline"``: ``membershipd member add`` picked up at
+    SIGHUP), ``before`` and ``after`` (the member's public record or the
+    room's fields with its members' handles; None where there is none or it
+    is not known, as for remote changes), ``handle`` and ``room_id``.
+
+    Called once per change, after it is committed: for a local change before
+    the request that made it is answered, for the others from the task that
+    learnt of them. May be a coroutine function; each call gets 5 seconds.
+    The return value is ignored; an exception is logged naming the plugin and
+    never undoes or fails the change. Not called before ``startup`` finished.
+    """
+
+
+@hookspec
+def reloaded(app: web.Application) -> Any:
+    """The daemon re-read the store after SIGHUP.
+
+    Called once per SIGHUP, after the store was re-read and after the
+    ``store_changed`` calls for the offline changes found (``membershipd
+    member add`` while the daemon ran). May be a coroutine function; the
+    return value is ignored and an exception is logged naming the plugin.
+    """
+
+
+@hookspec
+def client_commands() -> list[ClientCommand]:
+    """Return the ``unibus`` subcommands this plugin adds to the member's client.
+
+    Called by the ``unibus`` client (never by membershipd) while it builds its
+    command line, for each plugin of the entry-point group ``unibus.client``.
+    Return a list of :class:`unibus.client.plugins.ClientCommand`: ``name``
+    (one word, or two for a subcommand of a group: ``"audit tail"``), ``help``,
+    ``arguments`` (a function that adds arguments to the command's
+    ``argparse`` parser) and ``run(ctx, client)``, a coroutine function (or a
+    plain one) that gets the parsed command line (``ctx.args``, ``ctx.json``)
+    and a signed :class:`unibus.client.UnibusClient` and returns the exit code.
+    A name that a core command or another plugin already has makes the plugin
+    broken: ``unibus --help`` lists it with the error, and its commands are absent.
     """

@@ -7,6 +7,10 @@ format config text. Two rules are enforced here, after every plugin ran:
 
 * the monitoring endpoint, if any, listens on 127.0.0.1 only (it has no
   authentication);
+* JetStream fsyncs every write before it acknowledges it
+  (``sync_interval: always``, :data:`JETSTREAM_SYNC`), whatever a plugin wrote:
+  an acknowledged write survives a power cut of every node
+  (docs/operations.md, "Durability");
 * secrets the plugins never saw (the route password) are injected last.
 """
 
@@ -25,8 +29,15 @@ from .settings import Settings
 log = logging.getLogger("unibus.natsconf")
 
 MONITOR_HOST = "127.0.0.1"
+#: ``jetstream.sync_interval``: ``always`` makes nats-server fsync a stream's
+#: block (R1) or its Raft log (replicated streams) before it acknowledges a
+#: write; its default (2 min) acknowledges writes that are still only in the
+#: page cache. Server-wide only (no stream can ask for it), and not reloadable:
+#: it is written at start and stays for the life of the process.
+#: docs/operations.md, "Durability".
+JETSTREAM_SYNC = "always"
 #: nats-server's TLS-first mode on the client listener, with fallback for classic clients.
-HANDSHAKE_FIRST = "auto"
+HANDSHAKE_FIRST = True
 # nats-server keys that open the monitoring endpoint.
 _MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
 
@@ -42,17 +53,19 @@ def base_config(settings: Settings) -> dict[str, Any]:
         "server_name": settings.server_name,
         "host": settings.nats_addr.host,
         "port": settings.nats_addr.port,
-        "jetstream": {"store_dir": str((settings.data_dir / "jetstream").resolve())},
+        "jetstream": {"store_dir": str((settings.data_dir / "jetstream").resolve()),
+                      "sync_interval": JETSTREAM_SYNC},
         # Log without colours or a PID prefix clash; membershipd forwards lines.
         "logtime": True,
         "debug": False,
         "trace": False,
     }
     if settings.tls_cert:
-        # handshake_first: clients that start with the TLS handshake (unibus's own, see
-        # docs/operations.md "Listeners and TLS") never read a plaintext INFO that a
-        # man in the middle could strip tls_required from; "auto" still serves other
-        # clients the classic way after a short wait.
+        # handshake_first: every client starts with the TLS handshake (unibus's own do,
+        # docs/operations.md "Listeners and TLS"), so none reads a plaintext INFO that a
+        # man in the middle could strip tls_required from. Not "auto": its short wait
+        # for a ClientHello sent INFO in clear to unibus clients on a busy host, which
+        # then failed their handshake.
         tls: dict[str, Any] = {"cert_file": str(settings.tls_cert), "key_file": str(settings.tls_key),
                                "handshake_first": HANDSHAKE_FIRST}
         if settings.tls_ca:
@@ -82,7 +95,7 @@ def _monitor_port(value: Any) -> int | None:
 
 
 def enforce_loopback_monitor(config: dict[str, Any]) -> None:
-    """Pin any monitoring listener to 127.0.0.1 (SPEC §2); drop HTTPS variants.
+    """Pin any monitoring listener to 127.0.0.1 (docs/nats-monitor.md); drop HTTPS variants.
 
     Whatever a flag, the environment or a plugin wrote, the only monitor
     membershipd lets nats-server open is plain HTTP on loopback. nats-server
@@ -108,10 +121,29 @@ def enforce_loopback_monitor(config: dict[str, Any]) -> None:
         config["http"] = f"{MONITOR_HOST}:{port}"
 
 
+def enforce_sync_always(config: dict[str, Any]) -> None:
+    """Pin ``jetstream.sync_interval`` to :data:`JETSTREAM_SYNC` (docs/operations.md, "Durability").
+
+    A plugin may add to the JetStream block but not make acknowledged writes
+    lazy again; nats-server reads keys case-insensitively and takes ``sync``
+    as an alias, so every spelling is replaced.
+    """
+    js = config.get("jetstream")
+    if not isinstance(js, dict):
+        return
+    for key in [k for k in js if isinstance(k, str) and k.lower() in ("sync", "sync_interval")]:
+        value = js.pop(key)
+        if value != JETSTREAM_SYNC or key != "sync_interval":
+            log.warning("jetstream setting %s=%r replaced by sync_interval=%r: acknowledged writes are fsynced "
+                        "(docs/operations.md, Durability)", key, value, JETSTREAM_SYNC)
+    js["sync_interval"] = JETSTREAM_SYNC
+
+
 def finalize_config(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Apply the core's invariants to a freshly built, plugin-mutated config, in place."""
     final = config
     enforce_loopback_monitor(final)
+    enforce_sync_always(final)
     if settings.cluster_name and settings.cluster_pass is not None:
         cluster = final.setdefault("cluster", {})
         cluster["authorization"] = {"user": "route", "password": settings.cluster_pass.reveal()}

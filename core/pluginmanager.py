@@ -15,11 +15,13 @@ plugin and the hook).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import importlib.metadata
 import inspect
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -33,6 +35,8 @@ from .settings import Option
 log = logging.getLogger("unibus.plugins")
 
 ENTRY_POINT_GROUP = "unibus"
+#: The entry points the member's client (``unibus``) loads for ``client_commands``.
+CLIENT_ENTRY_POINT_GROUP = "unibus.client"
 #: Comma-separated entry-point names; when set (even empty), only those plugins load.
 LOAD_PLUGINS_ENV = "UNIBUS_LOAD_PLUGINS"
 
@@ -46,6 +50,27 @@ BUILTIN_PLUGIN_FLAGS: Mapping[str, str] = {
     "--route-tls-ca": "route_tls",
     "--blob-max-bytes": "blobstore",
 }
+
+#: The name of the plugin whose hook implementation is running (None: the core).
+#: ``unibus.app.add_route`` reads it to place a plugin's routes under
+#: ``/v1/plugins/<name>/`` (docs/plugins.md, "Routes").
+CURRENT_PLUGIN: contextvars.ContextVar[str | None] = contextvars.ContextVar("unibus_current_plugin", default=None)
+
+
+@contextlib.contextmanager
+def running_plugin(name: str) -> Iterator[None]:
+    """Mark ``name`` as the plugin whose code runs in this block (see :data:`CURRENT_PLUGIN`)."""
+    token = CURRENT_PLUGIN.set(name)
+    try:
+        yield
+    finally:
+        CURRENT_PLUGIN.reset(token)
+
+
+def current_plugin() -> str | None:
+    """The plugin whose hook implementation is running, or None."""
+    return CURRENT_PLUGIN.get()
+
 
 HOOK_NAMES = tuple(sorted(name for name, fn in vars(hookspecs).items()
                           if callable(fn) and hasattr(fn, "unibus_spec")))
@@ -118,6 +143,8 @@ class PluginManager:
         load_entry_points: bool = True,
         plugins: Iterable[ModuleType | object] = (),
         only: Iterable[str] | None = None,
+        modules: Iterable[str] = (),
+        group: str = ENTRY_POINT_GROUP,
     ) -> None:
         self._pm = pluggy.PluginManager("unibus")
         self._pm.add_hookspecs(hookspecs)
@@ -132,7 +159,11 @@ class PluginManager:
         #: installed plugins that ``only`` left out
         self.not_loaded: tuple[str, ...] = ()
         self._installed: set[str] = set()
-        eps = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)} if load_entry_points else {}
+        self._validated: Any = None  # the Settings validate_settings last passed
+        # Registered sorted by name, so the call order (docs/plugins.md, "Order") does not
+        # depend on the order the installed distributions happen to be listed in.
+        eps = ({ep.name: ep for ep in sorted(importlib.metadata.entry_points(group=group),
+                                             key=lambda ep: ep.name)} if load_entry_points else {})
         self._installed = set(eps)
         if load_entry_points:
             unknown = [b for b in self.blocked if b not in eps]
@@ -169,6 +200,33 @@ class PluginManager:
                 self._mark_broken(name, str(e))
         for plugin in plugins:
             self.register(plugin)
+        for module in dict.fromkeys(modules):
+            self._load_module(module)
+
+    def _load_module(self, module_name: str) -> None:
+        """``--plugin MODULE``: import a module from ``sys.path`` and register it like an entry point.
+
+        Its name is its ``PLUGIN_NAME`` (else the last part of the module name).
+        A module that cannot be imported is refused (exit 2, naming the flag); one
+        that fails its checks is *broken*, like an entry point that does.
+        """
+        import importlib
+
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:
+            raise ConfigError(f"--plugin {module_name}: cannot import it ({type(e).__name__}: {_one_line(e)}); "
+                              "give an importable module name (its directory on PYTHONPATH)") from None
+        name = getattr(module, "PLUGIN_NAME", None) or module_name.rsplit(".", 1)[-1]
+        if name in self.blocked:
+            return
+        if self._pm.has_plugin(name) or name in self.broken:
+            raise ConfigError(f"--plugin {module_name}: a plugin named {name} is already loaded")
+        self._dist[name] = (f"--plugin {module_name}", None)
+        try:
+            self.register(module, name)
+        except PluginError as e:
+            self._mark_broken(name, str(e))
 
     # -- registration and its checks --------------------------------------------
 
@@ -300,8 +358,12 @@ class PluginManager:
         results = []
         for name, impl in self._impls(hook_name):
             try:
-                res = impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except (ConfigError, RuntimeFailure):
+                with running_plugin(name):
+                    res = impl.function(**{a: kwargs[a] for a in impl.argnames})
+            except ConfigError as e:
+                self.hook_failed(name, hook_name)
+                raise _named(e, name, hook_name) from e
+            except RuntimeFailure:
                 self.hook_failed(name, hook_name)
                 raise
             except Exception as e:
@@ -319,7 +381,8 @@ class PluginManager:
         results = []
         for name, impl in self._impls(hook_name):
             try:
-                results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
+                with running_plugin(name):
+                    results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
             except Exception:
                 self.hook_failed(name, hook_name)
                 log.exception("plugin %s: %s failed", name, hook_name)
@@ -327,16 +390,46 @@ class PluginManager:
 
     async def acall_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Like :meth:`call_each`, awaiting coroutine results (startup, shutdown)."""
-        results = []
-        for name, res in self.call_each(hook_name, **kwargs):
-            if inspect.isawaitable(res):
-                try:
+        return [(name, await self.acall_one(name, impl, hook_name, **kwargs))
+                for name, impl in self._impls(hook_name)]
+
+    async def acall_one(self, name: str, impl: Any, hook_name: str, **kwargs: Any) -> Any:
+        """Call one plugin's implementation, awaiting a coroutine result.
+
+        Only this plugin's coroutine is ever created, so a failure leaves no
+        un-awaited coroutine behind. A :class:`ConfigError` (exit 2) names the
+        plugin and the hook; any other exception becomes a :class:`RuntimeFailure`.
+        """
+        with running_plugin(name):
+            try:
+                res = impl.function(**{a: kwargs[a] for a in impl.argnames})
+                if inspect.isawaitable(res):
                     res = await res
-                except Exception as e:
-                    self.hook_failed(name, hook_name)
-                    raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
-            results.append((name, res))
-        return results
+            except ConfigError as e:  # exit 2, also from a coroutine (docs/plugins.md, "Errors and exit codes")
+                self.hook_failed(name, hook_name)
+                raise _named(e, name, hook_name) from e
+            except RuntimeFailure:
+                self.hook_failed(name, hook_name)
+                raise
+            except Exception as e:
+                self.hook_failed(name, hook_name)
+                raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
+        return res
+
+    def call_order(self, hook_name: str) -> list[str]:
+        """The plugins implementing ``hook_name``, in the order the core calls them."""
+        return [name for name, _impl in self._impls(hook_name)]
+
+    def validate_settings(self, settings: Any) -> None:
+        """Every plugin's ``validate_settings``, once per ``settings`` object.
+
+        A :class:`ConfigError` (exit 2) names the plugin and the hook; any
+        other failure is a :class:`RuntimeFailure` (exit 1) naming the plugin.
+        """
+        if self._validated is settings:
+            return
+        self.call_each("validate_settings", settings=settings.for_plugins())
+        self._validated = settings
 
     def options(self, reserved: Iterable[str] = ()) -> list[tuple[str, Option]]:
         """Every plugin option, as ``(plugin name, Option)``.
@@ -395,6 +488,13 @@ class PluginManager:
         flags = {flag: plugin for flag, plugin in BUILTIN_PLUGIN_FLAGS.items() if not self.has(plugin)}
         flags.update(self.blocked_flags())
         return flags
+
+
+def _named(e: ConfigError, plugin: str, hook: str) -> ConfigError:
+    """A plugin's ConfigError, naming the plugin and the hook unless it already names the plugin."""
+    if str(e).startswith(f"plugin {plugin}"):
+        return e
+    return PluginError(plugin, _one_line(e), hook)
 
 
 def _one_line(e: BaseException | str) -> str:

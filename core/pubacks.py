@@ -133,7 +133,12 @@ class PubAckClient:
         proto = _Protocol(self)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                transport, _ = await loop.create_connection(lambda: proto, self.host, self.port)
+                # A tls:// server is spoken to in TLS from the first byte (the embedded
+                # listener has handshake_first: docs/operations.md, "Listeners and TLS"):
+                # no plaintext INFO that a man in the middle could rewrite.
+                tls_first = self._context() if self.tls_required else None
+                transport, _ = await loop.create_connection(lambda: proto, self.host, self.port, ssl=tls_first,
+                                                            server_hostname=self.host if tls_first else None)
                 try:
                     await self._handshake(loop, proto, transport)
                 except BaseException:
@@ -147,13 +152,17 @@ class PubAckClient:
         self._proto = proto
         proto.ready = True
 
+    def _context(self) -> ssl.SSLContext:
+        return self._tls if self._tls is not None else ssl.create_default_context()
+
     async def _handshake(self, loop: asyncio.AbstractEventLoop, proto: _Protocol,
                          transport: asyncio.BaseTransport) -> None:
         info = await proto.info
         self.server_info = info
-        if info.get("tls_required") or self.tls_required:
-            ctx = self._tls if self._tls is not None else ssl.create_default_context()
-            tls_transport = await loop.start_tls(transport, proto, ctx, server_hostname=self.host)  # type: ignore[arg-type]
+        if info.get("tls_required") and not self.tls_required:
+            # A nats:// URL whose server demands TLS: the classic upgrade after INFO.
+            tls_transport = await loop.start_tls(transport, proto, self._context(),  # type: ignore[arg-type]
+                                                 server_hostname=self.host)
             if tls_transport is None:
                 raise PubAckUnavailable("TLS upgrade failed")
             proto.transport = tls_transport

@@ -24,16 +24,18 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 from .tls import TLSFileError, check_pair, load_certificates
 
+# The largest --auth-skew (600 s): a signed request can be replayed for twice
+# this long if its nonce is lost, and clients check the membership log's times
+# against this very constant, whatever the skew was when an entry was written
+# (docs/formats.md). One constant, shared with the client.
+from .wire import MAX_AUTH_SKEW
+
 DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
 DEFAULT_NATS_ADDR = "127.0.0.1:4250"
 DEFAULT_CLUSTER_ADDR = "0.0.0.0:6250"
 #: Where the systemd units serve Prometheus metrics (``--metrics-addr`` is off by default).
 UNIT_METRICS_ADDR = "127.0.0.1:9470"
 DEFAULT_AUTH_SKEW = 60
-#: The largest --auth-skew: a signed request can be replayed for twice this long
-#: if its nonce is lost, and clients check the membership log's ``created`` order
-#: against it whatever the skew was when an entry was written (docs/formats.md).
-MAX_AUTH_SKEW = 600
 KV_REPLICA_CHOICES = (1, 3, 5)
 BUS_AUTH_CHOICES = ("off", "enforce")
 
@@ -302,7 +304,7 @@ _FALSE = {"", "0", "false", "no", "off"}
 
 
 def parse_bool_env(value: str | None) -> bool:
-    """The boolean spellings of SPEC §3: ``1 true yes on`` / ``0 false no off`` / empty."""
+    """The boolean spellings of docs/operations.md ("Flags and environment"): ``1 true yes on`` / ``0 false no off`` / empty."""
     if value is None:
         return False
     v = value.strip().lower()

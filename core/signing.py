@@ -375,22 +375,14 @@ def check_request(
         if s is not None and s.group(1) == m.group(1):
             label, sig_params_text, digest_covered, created_text, nonce, keyid = m.groups()
             created = int(created_text)
-            if created > now + skew:
-                raise SignatureError("created is in the future")
-            if created < now - skew:
-                raise SignatureError("signature expired (created is too old)")
+            _check_window(created, now, skew)
             digest: bytes | None = None
             raw_digest: str | None = None
             if digest_covered is None:
                 if _has_body(headers, body):
                     raise SignatureError("signature does not cover content-digest")
             else:
-                raw_digest = _get_header(headers, "content-digest")
-                if raw_digest is None:
-                    raise SignatureError("missing Content-Digest header")
-                digest = parse_content_digest(raw_digest)
-                if body is not None and not hmac.compare_digest(digest, hashlib.sha256(body).digest()):
-                    raise SignatureError("Content-Digest does not match the body")
+                digest, raw_digest = _check_digest(headers, body)
             try:
                 base = _canonical_signature_base(method, path or "/", "?" + query, raw_digest, sig_params_text)
             except _BaseError as e:
@@ -416,6 +408,30 @@ def _check_general(
     """:func:`check_request` for any ``Signature-Input``/``Signature`` values
     (``raw_input``/``raw_sig``, as :func:`_get_header` combines them): the one
     strict path, parsing through http_sfv."""
+    label, member, signature = _one_signature(raw_input, raw_sig)
+    keyid, created, nonce = _check_params(dict(member.params), now, skew)
+    names = _covered_names(member, _has_body(headers, body))
+    digest, raw_digest = _check_digest(headers, body) if "content-digest" in names else (None, None)
+    lines: list[tuple[str, str]] = []
+    for name in names:  # the signature base (RFC 9421 §2.5)
+        if name in _DERIVED:
+            lines.append((name, {"@method": method, "@path": path or "/", "@query": "?" + query}[name]))
+        elif name == "content-digest":
+            lines.append((name, raw_digest))  # type: ignore[arg-type]
+        else:
+            value = _get_header(headers, name)
+            if value is None:
+                raise SignatureError(f"covered header {name} is missing")
+            lines.append((name, value))
+    try:
+        base = _signature_base(lines, str(member))
+    except _BaseError as e:
+        raise SignatureError(str(e)) from None
+    return PendingSignature(keyid, nonce, created, label, digest, base, signature)
+
+
+def _one_signature(raw_input: str, raw_sig: str) -> tuple[str, Any, bytes]:
+    """The label, the covered-components inner list and the signature of the one signature."""
     try:
         inputs = _parse_dictionary(raw_input)
     except _SFError as e:
@@ -431,19 +447,20 @@ def _check_general(
     if len(inputs) != 1 or len(sigs) != 1:
         raise SignatureError(f"expected exactly one signature, found {max(len(inputs), len(sigs))}")
     ((label, member),) = inputs.items()
-    ((sig_label, sig_value),) = sigs.items()
+    ((sig_label, signature),) = sigs.items()
     if label != sig_label:
         raise SignatureError("Signature and Signature-Input labels differ")
     if not isinstance(member, http_sfv.InnerList):
         raise SignatureError("malformed Signature-Input header: expected an inner list")
-    if type(sig_value) is not bytes:
+    if type(signature) is not bytes:
         raise SignatureError("malformed Signature header: expected a byte sequence")
-    if len(sig_value) != 64:
+    if len(signature) != 64:
         raise SignatureError("malformed Signature header: an ed25519 signature is 64 bytes")
-    params = dict(member.params)
-    covered = [(item.value, item.params) for item in member]
+    return label, member, signature
 
-    # 2. Signature parameters.
+
+def _check_params(params: dict[str, Any], now: float, skew: float) -> tuple[str, int, str]:
+    """keyid, created and nonce, once every signature parameter passed its check."""
     for name in params:
         if name not in _KNOWN_PARAMS:
             raise SignatureError("unexpected signature parameter")
@@ -462,10 +479,7 @@ def _check_general(
         raise SignatureError("missing created parameter")
     if type(created) is not int:
         raise SignatureError("created must be an integer")
-    if created > now + skew:
-        raise SignatureError("created is in the future")
-    if created < now - skew:
-        raise SignatureError("signature expired (created is too old)")
+    _check_window(created, now, skew)
     if "expires" in params:
         expires = params["expires"]
         if type(expires) is not int:
@@ -477,59 +491,49 @@ def _check_general(
         raise SignatureError("missing nonce parameter")
     if type(nonce) is not str or not NONCE_RE.fullmatch(nonce):
         raise SignatureError("nonce must be 16-64 characters of [A-Za-z0-9_-]")
+    return keyid, created, nonce
 
-    # 3. Covered components.
-    if len(covered) > _MAX_COMPONENTS:
+
+def _check_window(created: int, now: float, skew: float) -> None:
+    if created > now + skew:
+        raise SignatureError("created is in the future")
+    if created < now - skew:
+        raise SignatureError("signature expired (created is too old)")
+
+
+def _covered_names(member: Any, has_body: bool) -> list[str]:
+    """The covered component names, each allowed, none repeated, the required ones there."""
+    if len(member) > _MAX_COMPONENTS:
         raise SignatureError("too many covered components")
     names: list[str] = []
-    for value, cparams in covered:
+    for item in member:
+        value = item.value
         if type(value) is not str or not _COMPONENT_NAME_RE.fullmatch(value):
             raise SignatureError("malformed Signature-Input header: bad component identifier")
-        if cparams:
+        if item.params:
             raise SignatureError("component parameters are not supported")
         if value in names:
             raise SignatureError("malformed Signature-Input header: repeated component")
         if value[0] == "@" and value not in _DERIVED:
             raise SignatureError("unsupported derived component (use @method, @path, @query)")
         names.append(value)
-    has_body = _has_body(headers, body)
     missing = [c for c in REQUIRED_COMPONENTS if c not in names]
     if has_body and "content-digest" not in names:
         missing.append("content-digest")
     if missing:
         raise SignatureError("signature does not cover " + ", ".join(missing))
+    return names
 
-    # 4. Content-Digest: required and checked when covered (and a body means covered).
-    digest: bytes | None = None
-    raw_digest = _get_header(headers, "content-digest") if "content-digest" in names else None
-    if "content-digest" in names:
-        if raw_digest is None:
-            raise SignatureError("missing Content-Digest header")
-        digest = parse_content_digest(raw_digest)
-        if body is not None and not hmac.compare_digest(digest, hashlib.sha256(body).digest()):
-            raise SignatureError("Content-Digest does not match the body")
 
-    # 5. The signature base (RFC 9421 §2.5).
-    lines: list[tuple[str, str]] = []
-    for name in names:
-        if name == "@method":
-            lines.append((name, method))
-        elif name == "@path":
-            lines.append((name, path or "/"))
-        elif name == "@query":
-            lines.append((name, "?" + query))
-        elif name == "content-digest":
-            lines.append((name, raw_digest))  # type: ignore[arg-type]
-        else:
-            hv = _get_header(headers, name)
-            if hv is None:
-                raise SignatureError(f"covered header {name} is missing")
-            lines.append((name, hv))
-    try:
-        base = _signature_base(lines, str(member))
-    except _BaseError as e:
-        raise SignatureError(str(e)) from None
-    return PendingSignature(keyid, nonce, created, label, digest, base, sig_value)
+def _check_digest(headers: Any, body: bytes | None) -> tuple[bytes, str]:
+    """A covered Content-Digest: present, well formed, and the body's when the body is here."""
+    raw_digest = _get_header(headers, "content-digest")
+    if raw_digest is None:
+        raise SignatureError("missing Content-Digest header")
+    digest = parse_content_digest(raw_digest)
+    if body is not None and not hmac.compare_digest(digest, hashlib.sha256(body).digest()):
+        raise SignatureError("Content-Digest does not match the body")
+    return digest, raw_digest
 
 
 def verify_request(

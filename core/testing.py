@@ -246,14 +246,30 @@ class MembershipdProcess:
             argv += ["--nats-monitor-port", str(self.monitor_port)]
         self.argv = argv + self.args
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Every process of this node (this one and each ``again()``), so a
+        #: fixture's teardown stops them all; ``restarts`` counts the starts after the first.
+        self.family: list[MembershipdProcess] = [self]
+        self._log: Any = None
+
+    @property
+    def restarts(self) -> int:
+        return sum(1 for p in self.family if p.proc is not None) - 1
 
     def again(self) -> MembershipdProcess:
         """A new, unstarted process for the same data dir, ports, argv and
-        environment: the same node after a crash or a stop."""
+        environment: the same node after a crash or a stop. It joins this
+        node's ``family``, so the fixture that started the first stops it too."""
         new = copy.copy(self)
         new.proc = None
+        new._log = None
         new.args, new.argv, new.env = list(self.args), list(self.argv), dict(self.env)
+        self.family.append(new)
         return new
+
+    def restart(self, wait: bool = True, timeout: float = DEFAULT_TIMEOUT) -> MembershipdProcess:
+        """Stop this process (SIGTERM) and start the same node again; returns the new process."""
+        self.stop()
+        return self.again().start(wait=wait, timeout=timeout)
 
     @property
     def https(self) -> bool:
@@ -309,7 +325,9 @@ class MembershipdProcess:
         raise TimeoutError(f"/healthz did not answer {want} within {timeout}s (last: {last})\n{self.log_text()[-4000:]}")
 
     def nats_pid(self) -> int | None:
-        """The pid of the nats-server child, from /proc."""
+        """The pid of the nats-server child, from /proc (None once membershipd has exited)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
         try:
             children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
         except OSError:
@@ -320,6 +338,26 @@ class MembershipdProcess:
                     return int(c)
         return None
 
+    def nats_handle(self) -> int | None:
+        """A pidfd of the nats-server child (close it with ``os.close``), or None.
+
+        Taken while membershipd runs and checked to still be its child after
+        it was opened, so the descriptor names that very process: a signal
+        sent through it (:func:`signal_pidfd`) never reaches a process that
+        reused the pid after nats-server exited.
+        """
+        pid = self.nats_pid()
+        if pid is None:
+            return None
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        if self.nats_pid() != pid:  # it exited between the look-up and the open: the pid may be another's
+            os.close(fd)
+            return None
+        return fd
+
     def send_signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -329,23 +367,36 @@ class MembershipdProcess:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        """SIGTERM and wait; SIGKILL (and its nats-server) if it does not stop in time."""
+        """SIGTERM and wait; SIGKILL if it does not stop in time; then make sure its
+        nats-server is gone, through a pidfd (never a signal to a reused pid)."""
         if self.proc is None:
             return None
-        nats = self.nats_pid()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if nats is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(nats, signal.SIGKILL)
-        with contextlib.suppress(Exception):
-            self._log.close()
+        nats = self.nats_handle()
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(5)
+            if nats is not None:
+                signal_pidfd(nats, signal.SIGKILL)
+        finally:
+            if nats is not None:
+                os.close(nats)
+            with contextlib.suppress(Exception):
+                self._log.close()
         return self.proc.returncode
+
+
+def signal_pidfd(fd: int, sig: int) -> bool:
+    """Send ``sig`` to the process a pidfd names; False when it has already exited."""
+    try:
+        signal.pidfd_send_signal(fd, sig)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 async def member_connections(daemon: MembershipdProcess, handle: str, *, servers: int = 1) -> set[tuple[str, int]]:
@@ -407,6 +458,144 @@ def http_json(method: str, url: str, body: Any = None, headers: dict[str, str] |
         return status, raw.decode(errors="replace")
 
 
+# -- an in-process membershipd with the plugins a test names ---------------------
+
+
+class SignedClient:
+    """A synchronous test client that signs every request as one member (RFC 9421).
+
+    ``get/post/put/patch/delete(path, json=None)`` return ``(status, body)``;
+    ``body`` is the decoded JSON (or text). ``signed=False`` sends the request
+    without a signature, as an anonymous caller would.
+    """
+
+    def __init__(self, base_url: str, identity: Any = None) -> None:
+        self.base_url = base_url
+        self.identity = identity
+
+    @property
+    def handle(self) -> str | None:
+        return self.identity.handle if self.identity is not None else None
+
+    def request(self, method: str, path: str, json_body: Any = None, *, signed: bool = True,
+                headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, Any]:
+        from .signing import sign_request
+
+        raw = json.dumps(json_body).encode() if json_body is not None else None
+        h = dict(headers or {})
+        if raw is not None:
+            h["Content-Type"] = "application/json"
+        if signed and self.identity is not None:
+            h.update(sign_request(method, path, raw, keyid=self.identity.handle,
+                                  private_key=self.identity.sign_key))
+        return http_json(method, self.base_url + path, raw, h, timeout=timeout)
+
+    def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, json: Any = None, **kw: Any) -> tuple[int, Any]:  # noqa: A002 - as in requests
+        return self.request("POST", path, json, **kw)
+
+    def put(self, path: str, json: Any = None, **kw: Any) -> tuple[int, Any]:  # noqa: A002
+        return self.request("PUT", path, json, **kw)
+
+    def patch(self, path: str, json: Any = None, **kw: Any) -> tuple[int, Any]:  # noqa: A002
+        return self.request("PATCH", path, json, **kw)
+
+    def delete(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return self.request("DELETE", path, **kw)
+
+
+class UnibusApp:
+    """membershipd in this process, with only the plugins a test names (docs/plugins.md, "Testing").
+
+    It is the real daemon (:class:`unibus.daemon.Daemon`): a real nats-server
+    child, SQLite in a temporary data dir, the HTTP port on loopback, every
+    start-up step and hook in order, run on an event loop in a background
+    thread, so tests (sync or async) call it synchronously. ``args`` are
+    ``serve`` flags (a plugin's own flags included); the bus runs with
+    ``--bus-auth off`` unless ``args`` say otherwise and ``auth_enforce`` is
+    among the plugins.
+
+    ``admin`` is a :class:`SignedClient` of the member ``admin`` (bootstrapped
+    offline before the start); ``member(handle, role)`` adds a member through
+    the API and returns its client; ``anonymous`` sends unsigned requests.
+    ``app`` is the aiohttp application (``app[unibus.app.STORE]``...),
+    ``run(coro)`` runs a coroutine on the daemon's loop, ``reload()`` does
+    what SIGHUP does, ``stop()`` stops it (also at teardown).
+    """
+
+    def __init__(self, data_dir: Path, plugins: Sequence[Any] = (), args: Sequence[str] = (),
+                 env: dict[str, str] | None = None) -> None:
+        from .cli import settings_for
+
+        self.data_dir = data_dir
+        self.plugins = make_plugin_manager(*plugins)
+        argv = ["--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{free_port()}",
+                "--nats-addr", f"127.0.0.1:{free_port()}", *args]
+        if not any(a.split("=", 1)[0] == "--bus-auth" for a in args):
+            argv += ["--bus-auth", "off"]
+        self.settings = settings_for("serve", argv, self.plugins, {} if env is None else env)
+        self.daemon: Any = None
+        self._loop: _LoopThread | None = None
+        self.admin = SignedClient(self.base_url, None)
+        self.anonymous = SignedClient(self.base_url, None)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http_addr.port}"
+
+    @property
+    def app(self) -> Any:
+        return self.daemon.app
+
+    def start(self) -> UnibusApp:
+        from .client.keys import generate_identity
+        from .daemon import Daemon
+
+        identity = generate_identity("admin")
+        bootstrap_member(self.data_dir, identity, "admin")
+        self.admin = SignedClient(self.base_url, identity)
+        self._loop = _LoopThread()
+        self.daemon = Daemon(self.settings, self.plugins)
+        try:
+            self._loop.run(self.daemon.start())
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def run(self, coro: Any, timeout: float = DEFAULT_TIMEOUT) -> Any:
+        assert self._loop is not None, "not started"
+        return self._loop.run(coro, timeout)
+
+    def member(self, handle: str, role: str = "member") -> SignedClient:
+        """Add a member (as ``admin``, through ``POST /v1/members``) and return its client."""
+        from .client.keys import generate_identity
+
+        identity = generate_identity(handle)
+        status, body = self.admin.post("/v1/members", {
+            "handle": handle, "role": role, "sign_pub": identity.sign_pub_b64, "enc_pub": identity.enc_pub_b64,
+            "enc_suite": identity.enc_suite, "bus_pub": identity.bus_pub})
+        if status != 201:
+            raise RuntimeError(f"adding member {handle!r} failed: {status} {body}")
+        return SignedClient(self.base_url, identity)
+
+    def reload(self) -> None:
+        """What SIGHUP does: re-read the store, deliver offline changes, call ``reloaded``."""
+        self.run(self.daemon._reload())
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+        loop, self._loop = self._loop, None
+        try:
+            if self.daemon is not None:
+                loop.run(self.daemon.stop(), timeout=DEFAULT_TIMEOUT)
+        finally:
+            loop.close()
+
+
 # -- fixtures -------------------------------------------------------------------
 
 
@@ -443,8 +632,31 @@ def membershipd_factory(tmp_path: Path) -> Iterator[Callable[..., MembershipdPro
     try:
         yield make
     finally:
-        for p in started:
-            p.stop()
+        for first in started:
+            for p in first.family:  # the node's restarts (again()) included
+                p.stop()
+
+
+@pytest.fixture
+def unibus_app(tmp_path: Path) -> Iterator[Callable[..., UnibusApp]]:
+    """Factory: ``unibus_app(plugins=[...], args=[...], env=None)`` → a started in-process :class:`UnibusApp`.
+
+    Only the plugins given are loaded (no entry points); each is checked as at
+    registration. Every app it started is stopped at teardown.
+    """
+    started: list[UnibusApp] = []
+    counter = iter(range(1000))
+
+    def make(plugins: Sequence[Any] = (), args: Sequence[str] = (), env: dict[str, str] | None = None) -> UnibusApp:
+        app = UnibusApp(tmp_path / f"unibus-app-{next(counter)}", plugins, args, env)
+        started.append(app)
+        return app.start()
+
+    try:
+        yield make
+    finally:
+        for app in started:
+            app.stop()
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import mlkem, x25519
 __all__ = [
     "ENC_SUITES",
     "DEFAULT_ENC_SUITE",
+    "MAX_AUTH_SKEW",
     "SIGN_PUB_SIZE",
     "SIGN_SEED_SIZE",
     "ENC_PUB_SIZES",
@@ -50,7 +51,15 @@ __all__ = [
 
 # --------------------------------------------------------------------------- constants
 
-#: The HPKE suites a member's ``enc_suite`` may name (SPEC §5).
+#: The largest ``--auth-skew`` a server accepts (seconds), and the bound every
+#: client checks the membership log's times against, whatever skew the server
+#: reports: a request's ``created`` within this of its entry's ``at``, and never
+#: more than twice this older than the largest ``created`` before it. A server
+#: cannot widen it, and lowering or raising ``--auth-skew`` later never makes
+#: an old entry unverifiable (docs/formats.md, "The membership log").
+MAX_AUTH_SKEW = 600
+
+#: The HPKE suites a member's ``enc_suite`` may name (docs/formats.md).
 ENC_SUITES: tuple[str, ...] = ("X25519", "MLKEM768_X25519")
 DEFAULT_ENC_SUITE = "X25519"
 
@@ -67,7 +76,7 @@ ENC_PUB_SIZES: dict[str, int] = {
 #: X25519: the 32-byte X25519 private scalar; MLKEM768_X25519: the 32-byte X-Wing seed
 ENC_KEY_SIZES: dict[str, int] = {"X25519": 32, "MLKEM768_X25519": 32}
 
-#: Handle rule of SPEC §5, in the portable (JSON Schema / ECMA) spelling.
+#: The handle rule (docs/http-api.md), in the portable (JSON Schema / ECMA) spelling.
 HANDLE_PATTERN = r"^[a-z][a-z0-9_-]{0,31}$"
 #: Compiled handle rule. Anchored with ``\A``/``\Z`` (not ``$``, which would let
 #: a trailing newline through), so ``.match``, ``.search`` and ``.fullmatch`` all agree.

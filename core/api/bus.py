@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..app import SETTINGS, STORE, add_route
-from ..auth import current_member
+from ..auth import require_member
 from ..problems import Problem
 from .common import json_response
 from .members import BUS_PUB_PATTERN
@@ -47,7 +47,7 @@ def upgrade_command(request: web.Request) -> str:
 
 
 async def get_bus(request: web.Request) -> web.Response:
-    me = current_member(request)
+    me = require_member(request)
     if me.bus_pub is None:
         # Upgraded from 0.11: the signing key is never a NATS login, so there is
         # no bus access until the member uploads a bus key (docs/bus-auth.md#bus-keys).

@@ -8,11 +8,11 @@ from typing import Any
 from aiohttp import web
 
 from ..app import SETTINGS
-from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, current_member
+from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, require_admin  # noqa: F401  (re-exported for the handlers)
 from ..inputs import invalid, parse_json
 from ..memberlog import BODYLESS, logged_operation
 from ..problems import Problem
-from ..store.base import LogRecord, Member
+from ..store.base import LogRecord
 
 #: Largest body of a logged request whose body the log keeps (every logged body
 #: but the keys POST's). The largest legitimate one, a member add with an
@@ -60,13 +60,6 @@ def require_str(body: dict[str, Any], field: str) -> str:
     if not isinstance(value, str):
         raise invalid(field, "must be a string")
     return value
-
-
-def require_admin(request: web.Request) -> Member:
-    me = current_member(request)
-    if not me.is_admin:
-        raise Problem(403, "this action needs the admin role", kind="forbidden")
-    return me
 
 
 def log_record(request: web.Request) -> LogRecord:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from ..app import STORE, add_route, add_schema
-from ..auth import current_member
+from ..auth import require_member
 from ..wire import (
     DEFAULT_ENC_SUITE,
     ENC_PUB_SIZES,
@@ -91,7 +91,7 @@ def parse_role(value: object) -> str:
 
 
 async def get_me(request: web.Request) -> web.Response:
-    return json_response(current_member(request).as_json())
+    return json_response(require_member(request).as_json())
 
 
 async def list_members(request: web.Request) -> web.Response:
@@ -144,7 +144,7 @@ async def put_my_bus_key(request: web.Request) -> web.Response:
     authorization and waits for nats-server's reload, which closes every
     connection under the old key: they are gone when the 200 leaves."""
     logged = log_record(request)
-    me = current_member(request)
+    me = require_member(request)
     body = await json_object(request, required={"bus_pub"})
     bus_pub = parse_bus_pub(body, me.sign_pub)
     member = await request.app[STORE].set_bus_key(me.handle, bus_pub, logged=logged)

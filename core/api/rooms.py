@@ -10,7 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from ..app import STORE, add_route, add_schema
-from ..auth import current_member
+from ..auth import require_member
 from ..inputs import EPOCH_MAX, EPOCH_MIN, MAX_SAFE_INT, ROOM_ID_PATTERN, int_value, query_int
 from ..problems import Problem
 from ..store.base import Member, Room
@@ -123,26 +123,26 @@ async def create_room(request: web.Request) -> web.Response:
     name = body["name"]
     if not isinstance(name, str) or len(name) > NAME_MAX or NAME_RE.match(name) is None:
         raise invalid("name", f"must be 1-{NAME_MAX} printable characters")
-    room = await request.app[STORE].create_room(name, current_member(request).handle, logged=logged)
+    room = await request.app[STORE].create_room(name, require_member(request).handle, logged=logged)
     return json_response(room.as_json(), status=201)
 
 
 async def list_rooms(request: web.Request) -> web.Response:
-    me = current_member(request)
+    me = require_member(request)
     rooms = await request.app[STORE].list_rooms(None if me.is_admin else me.handle)
     return json_response({"rooms": [r.as_json() for r in rooms]})
 
 
 async def get_room(request: web.Request) -> web.Response:
     room = await load_room(request)
-    require_member_or_admin(room, current_member(request))
+    require_member_or_admin(room, require_member(request))
     return json_response(room.as_json())
 
 
 async def delete_room(request: web.Request) -> web.Response:
     logged = log_record(request)
     room = await load_room(request)
-    require_owner_or_admin(room, current_member(request))
+    require_owner_or_admin(room, require_member(request))
     await request.app[STORE].delete_room(room.room_id, logged=logged)
     return web.Response(status=204)
 
@@ -150,7 +150,7 @@ async def delete_room(request: web.Request) -> web.Response:
 async def put_room_member(request: web.Request) -> web.Response:
     logged = log_record(request)
     room = await load_room(request)
-    require_owner_or_admin(room, current_member(request))
+    require_owner_or_admin(room, require_member(request))
     handle = parse_handle(request.match_info["handle"])
     room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
     return json_response(room.as_json())
@@ -159,7 +159,7 @@ async def put_room_member(request: web.Request) -> web.Response:
 async def delete_room_member(request: web.Request) -> web.Response:
     logged = log_record(request)
     room = await load_room(request)
-    me = current_member(request)
+    me = require_member(request)
     handle = request.match_info["handle"]
     if handle != me.handle:
         require_owner_or_admin(room, me)
@@ -203,7 +203,7 @@ def parse_log_head(value: Any) -> dict[str, Any]:
 async def post_keys(request: web.Request) -> web.Response:
     logged = log_record(request)
     room = await load_room(request)
-    me = current_member(request)
+    me = require_member(request)
     require_owner_or_admin(room, me)
     body = await json_object(request, required={"epoch", "sealed", "sigs", "log_head"})
     epoch, sealed_in = int_value(body["epoch"], "epoch", EPOCH_MIN, EPOCH_MAX), body["sealed"]
@@ -238,7 +238,7 @@ async def post_keys(request: web.Request) -> web.Response:
 
 async def get_my_key(request: web.Request) -> web.Response:
     room_id = request.match_info["room_id"]
-    me = current_member(request)
+    me = require_member(request)
     epoch = query_int(request.query, "epoch", EPOCH_MIN, EPOCH_MAX)
     if await request.app[STORE].get_room(room_id) is None:
         raise Problem(404, f"no room {room_id!r}", kind="not-found")

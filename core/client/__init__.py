@@ -11,7 +11,9 @@ from typing import Any
 # must not pay for the aiohttp client and nats-py that the SDK pulls in.
 _EXPORTS = {
     "ApiError": ".api", "Bus": ".api", "BusError": ".api", "KeyUnavailable": ".api", "Message": ".api",
-    "ServerUnreachable": ".api", "UnibusClient": ".api", "tls_context": ".api",
+    "NotARoomMember": ".api", "RekeyRequired": ".api", "ServerUnreachable": ".api", "UnibusClient": ".api",
+    "UnsignedKey": ".api", "tls_context": ".api",
+    "LogVerificationError": ".replica", "ReplicaError": ".replica", "VerificationError": ".replica",
     "Identity": ".keys", "IdentityError": ".keys", "generate_identity": ".keys", "load_identity": ".keys",
     "save_identity": ".keys",
 }
@@ -31,9 +33,15 @@ __all__ = [
     "Identity",
     "IdentityError",
     "KeyUnavailable",
+    "LogVerificationError",
     "Message",
+    "NotARoomMember",
+    "RekeyRequired",
+    "ReplicaError",
     "ServerUnreachable",
     "UnibusClient",
+    "UnsignedKey",
+    "VerificationError",
     "generate_identity",
     "load_identity",
     "save_identity",

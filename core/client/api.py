@@ -12,6 +12,13 @@
         async with c.bus() as bus:
             await bus.send(room["room_id"], "chat", b"hello")
 
+Nothing the server says about members, keys and rosters is trusted as such:
+the client keeps a verified replica of the server's membership log
+(:mod:`unibus.client.replica`) and checks against it whom it seals room keys
+to (:meth:`UnibusClient.rekey`), which room keys it uses (each key package's
+signature, :meth:`UnibusClient.room_key`) and who sent each message
+(:meth:`Bus.listen`). docs/client.md ("What the client verifies") has the rules.
+
 Every request under ``/v1/`` is signed with the member's Ed25519 key
 (RFC 9421, :func:`unibus.signing.sign_request`). A JSON body is serialized
 once (compact separators) and exactly those bytes are both signed (through
@@ -23,7 +30,10 @@ and handed to aiohttp as ``yarl.URL(..., encoded=True)``, so the ``@path`` and
 Errors: a non-2xx answer raises :class:`ApiError` (``status`` and the RFC 9457
 ``problem`` dict; ``str()`` is ``"<status> <title>: <detail>"``). A server that
 cannot be reached raises :class:`ServerUnreachable` (an HTTPS server whose
-certificate does not verify too); the bus raises :class:`BusError`.
+certificate does not verify too); the bus raises :class:`BusError`. An answer
+that contradicts the verified log (or a log that fails a check) raises
+:class:`~unibus.client.replica.VerificationError`; a room that needs a rekey
+this member may not do raises :class:`RekeyRequired`.
 
 TLS: ``UnibusClient(..., ssl=ctx)`` takes one ``ssl.SSLContext`` (make it with
 :func:`unibus.client.tls_context`) that verifies the HTTPS control plane and
@@ -40,56 +50,68 @@ import contextlib
 import json
 import logging
 import os
+import random
 import ssl as _ssl
+import weakref
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Self
 
 import aiohttp
 import yarl
 from nats.errors import Error as NatsError
 
-from ..memberlog import key_package_input
+from ..memberlog import LogError, LogState, verify_ed25519
+from ..memberlog import Room as LogRoom
 from ..signing import sign_request
 from ..tls import connect_bounded, permanent_tls_error
-from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey
+from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey, with_bus_key
+from .replica import LogVerificationError, Replica, ReplicaError, VerificationError, server_id
 from .sealing import (
-    EPOCH_HEADER,
     MessageError,
     SealError,
     decrypt_message,
     encrypt_message,
-    format_epoch_header,
     message_subject,
     new_room_key,
     open_room_key,
-    parse_epoch_header,
     parse_message_subject,
     room_subject,
-    seal_for_members,
+    seal_room_key,
     validate_room_id,
 )
+from .signed import SENDER_HEADER, ReplayGuard, message_headers, parse_envelope, sign_key_packages
 
 __all__ = [
+    "DEFAULT_MAX_AGE",
+    "REJECT_REASONS",
     "SENDER_HEADER",
     "ApiError",
     "Bus",
     "BusError",
     "KeyUnavailable",
+    "LogVerificationError",
     "Message",
+    "NotARoomMember",
+    "RekeyRequired",
+    "ReplicaError",
     "RoomListener",
     "ServerUnreachable",
     "UnibusClient",
+    "UnsignedKey",
+    "VerificationError",
 ]
 
 log = logging.getLogger("unibus.client")
 
-#: Optional header set by :meth:`Bus.send`: the handle the sender *claims*.
-#: Nothing authenticates it (it is outside the AEAD and the server never sees
-#: the message), so readers must treat it as a claim by some room member.
-SENDER_HEADER = "Unibus-Sender"
+#: Seconds a received message's ``Unibus-Time`` may be away from the listener's clock.
+DEFAULT_MAX_AGE = 300.0
+#: Why a listener rejects a message (the keys of :attr:`RoomListener.rejected`).
+REJECT_REASONS = ("malformed", "stale", "replay", "no-key", "key", "sender", "signature", "decrypt")
 
 #: How many times :meth:`UnibusClient.rekey` retries after a 409 (a concurrent
 #: rekey or a membership change between its GET and its POST).
@@ -98,6 +120,16 @@ REKEY_RETRIES = 3
 RETRIES_503 = 2
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
+#: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
+#: a disconnect waits up to RECONNECT_JITTER s (a kick: come back at once, but
+#: not every kicked member in the same millisecond); each later one
+#: RECONNECT_WAIT s plus up to as much again. The bus stops after
+#: AUTH_FAILURES_LIMIT authorization violations in a row, or MAX_RECONNECTS
+#: failed attempts on each server.
+RECONNECT_JITTER = 0.05
+RECONNECT_WAIT = 0.25
+AUTH_FAILURES_LIMIT = 3
+MAX_RECONNECTS = 60
 
 _JSON_TYPE = "application/json"
 
@@ -174,6 +206,39 @@ class ServerUnreachable(ConnectionError):
 
 class BusError(Exception):
     """The bus could not be joined, or was lost (access revoked, connection closed)."""
+
+
+class UnsignedKey(VerificationError):
+    """The server offers a room key sealed before 0.12: no key package signature, so not usable."""
+
+    def __init__(self, room_id: str, epoch: int) -> None:
+        self.room_id, self.epoch = room_id, epoch
+        super().__init__(f"the key of epoch {epoch} of room {room_id} was sealed before unibus 0.12 and carries no "
+                         f"signature, so it cannot be verified; its owner or an admin must rekey the room "
+                         f"(`unibus rooms rekey {room_id}`)")
+
+
+class RekeyRequired(Exception):
+    """The room's membership changed since its last rekey, and this member may not rekey it.
+
+    ``rekeyers`` are the handles that may (its owner, if still in the room,
+    and every admin), as the verified log has them.
+    """
+
+    def __init__(self, room_id: str, rekeyers: Iterable[str]) -> None:
+        self.room_id = room_id
+        self.rekeyers = list(rekeyers)
+        who = ", ".join(self.rekeyers) or "nobody (the log has no admin)"
+        super().__init__(f"room {room_id} needs a rekey (its membership changed) before anything is sent to it, "
+                         f"and only its owner or an admin can do it: {who} (`unibus rooms rekey {room_id}`)")
+
+
+class NotARoomMember(Exception):
+    """This member is not in the room, as the verified log has it."""
+
+    def __init__(self, room_id: str, handle: str) -> None:
+        self.room_id, self.handle = room_id, handle
+        super().__init__(f"{handle} is not a member of room {room_id} in the verified membership log")
 
 
 # --------------------------------------------------------------------------- TLS
@@ -279,10 +344,20 @@ class UnibusClient:
     for a ``tls://`` bus (:meth:`bus`): it decides which CA is trusted (by
     default, the system's) and may carry a client certificate. Build it with
     :func:`unibus.client.tls_context`.
+
+    The verified replica of the server's membership log (:attr:`replica`)
+    lives in ``replica_root/<server id>/`` (the CLI uses ``<identity
+    path>.log``), or in memory when ``replica_root`` is None: then it is
+    verified again from seq 0 in each process and trusts entry 0 on first
+    use unless ``trust_root`` pins its fingerprint. ``notice`` receives the
+    one-line notes a user should see (the first-use pin, a rekey done before
+    a send); by default they are logged at WARNING.
     """
 
     def __init__(self, base_url: str, identity: Identity, *, timeout: float = 10,
-                 session: aiohttp.ClientSession | None = None, ssl: _ssl.SSLContext | None = None) -> None:
+                 session: aiohttp.ClientSession | None = None, ssl: _ssl.SSLContext | None = None,
+                 replica_root: str | os.PathLike[str] | None = None, trust_root: str | None = None,
+                 notice: Callable[[str], None] | None = None) -> None:
         if not isinstance(identity, Identity):
             raise TypeError("identity must be a unibus.client.keys.Identity (see load_identity)")
         url = yarl.URL(str(base_url).rstrip("/"))
@@ -298,9 +373,16 @@ class UnibusClient:
         self._session = session
         self._own_session = session is None
         self._keys: dict[tuple[str, int], bytes] = {}
+        #: log seq of the key package of each (room_id, epoch) in ``_keys``: the
+        #: roster a message sender of that epoch is checked against.
+        self._packages: dict[tuple[str, int], int] = {}
         #: (room_id, epoch) whose key the server answered 404 for: permanent (the
         #: sealed set of an epoch never changes), so not asked again.
         self._missing: set[tuple[str, int]] = set()
+        #: open buses, told when this client rotates its bus key (:meth:`rotate_bus_key`)
+        self._buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+        directory = None if replica_root is None else Path(replica_root).expanduser() / server_id(self.base_url)
+        self.replica = Replica(self.base_url, directory, trust_root=trust_root, notice=notice)
 
     # -- lifecycle
     async def __aenter__(self) -> Self:
@@ -382,7 +464,7 @@ class UnibusClient:
         except aiohttp.ClientError as exc:
             raise ServerUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
 
-    # -- members (SPEC §5)
+    # -- members (docs/http-api.md)
     async def me(self) -> dict[str, Any]:
         """``GET /v1/me``: the caller's own member record."""
         return await self.request("GET", "/v1/me")
@@ -411,12 +493,49 @@ class UnibusClient:
         """``PUT /v1/me/bus-key``: set or rotate my bus key; returns my member record.
 
         Default: the bus key of this client's identity. The server closes my
-        bus connections under the old key before it answers.
+        bus connections under the old key before it answers; an open
+        :class:`Bus` reconnects with the new key when it is this client's
+        identity's (``client.identity = new; await client.set_bus_key()``, or
+        :meth:`rotate_bus_key`), and otherwise stops with a :class:`BusError`
+        saying so (docs/client.md, "Reconnects").
         """
         if bus_pub is None:
             self.identity.require_bus_key()  # NoBusKey, saying what to do, for a version 1 identity
             bus_pub = self.identity.bus_pub
-        return await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
+        holder = self.identity if bus_pub == self.identity.bus_pub else None
+        return await self._put_bus_key(bus_pub, holder)
+
+    async def _put_bus_key(self, bus_pub: str, holder: Identity | None) -> dict[str, Any]:
+        # Open buses whose key changes expect the refusals of the old key
+        # while the request is under way, then log in with the holder's.
+        buses = [bus for bus in list(self._buses) if bus._bus_pub != bus_pub] if holder is not None else []
+        for bus in buses:
+            bus._rotation(begin=True)
+        try:
+            record = await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
+        except BaseException:
+            for bus in buses:
+                bus._rotation(begin=False)
+            raise
+        for bus in buses:
+            bus._rotation(begin=False, identity=holder)
+        return record
+
+    async def rotate_bus_key(self, bus_key: Any = None) -> Identity:
+        """Replace my bus key: a fresh one (or ``bus_key``, an Ed25519 private key) uploaded
+        with ``PUT /v1/me/bus-key``; return the new identity.
+
+        The server closes my bus connections under the old key before it
+        answers; every open :class:`Bus` of this client reconnects with the
+        new key, its listeners resubscribed. From then on :attr:`identity` is
+        the new identity: save it (``save_identity(new, path, force=True)``),
+        or the old file's key no longer lets you on the bus. On an error
+        nothing changes (the old key stays in force).
+        """
+        new = with_bus_key(self.identity, bus_key)
+        await self._put_bus_key(new.bus_pub, new)
+        self.identity = new
+        return new
 
     async def set_role(self, handle: str, role: str) -> dict[str, Any]:
         return await self.request("PATCH", "/v1/members/" + _seg(handle, "handle"), json_body={"role": role})
@@ -452,7 +571,8 @@ class UnibusClient:
 
         ``sealed`` and ``sigs`` map each handle to base64 (``sigs[h]``: the
         64-byte signature of :meth:`sign_key_packages`); ``log_head`` is the
-        ``{seq, hash}`` the signatures name. Sent as is: the caller chooses the head.
+        ``{seq, hash}`` the signatures name. Sent as is: :meth:`rekey` is the
+        verified way to make all of them.
         """
         return await self.request("POST", f"/v1/rooms/{_seg(room_id, 'room id')}/keys",
                                   json_body={"epoch": epoch, "sealed": dict(sealed), "sigs": dict(sigs),
@@ -461,13 +581,11 @@ class UnibusClient:
     def sign_key_packages(self, room_id: str, epoch: int, sealed: Mapping[str, str],
                           log_head: Mapping[str, Any]) -> dict[str, str]:
         """``{handle: base64 signature}``: this identity's signature of each member's key
-        package (docs/formats.md, "The membership log": key packages) at ``log_head``."""
-        seq, digest = int(log_head["seq"]), str(log_head["hash"])
-        return {h: _b64(self.identity.sign_key.sign(key_package_input(room_id, epoch, h, base64.b64decode(v),
-                                                                        seq, digest)))
-                for h, v in sealed.items()}
+        package (docs/formats.md, "Key packages") at ``log_head``; ``sealed`` in base64."""
+        raw = {h: base64.b64decode(v, validate=True) for h, v in sealed.items()}
+        return sign_key_packages(self.identity, room_id, epoch, raw, int(log_head["seq"]), str(log_head["hash"]))
 
-    # -- the membership log (docs/formats.md)
+    # -- the membership log (docs/formats.md, docs/client.md)
     async def log(self, after: int | None = None, limit: int | None = None) -> dict[str, Any]:
         """``GET /v1/log[?after=N][&limit=M]`` → ``{"entries": [...], "head": {"seq", "hash"}}``, unverified.
 
@@ -487,9 +605,9 @@ class UnibusClient:
         return await self.request("GET", "/v1/log/head")
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
-        """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{epoch, sealed}`` (sealed still base64).
-
-        A 404 raises :class:`KeyUnavailable`.
+        """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{room_id, epoch, sealed, sig, sealer, log_head}``,
+        unverified (``sealed`` and ``sig`` still base64). A 404 raises :class:`KeyUnavailable`.
+        :meth:`room_key` is the verified way to get a key.
         """
         query = None if epoch is None else {"epoch": int(epoch)}
         try:
@@ -503,15 +621,90 @@ class UnibusClient:
         """``GET /v1/bus`` → ``{servers, user_nkey, inbox_prefix, rooms}``."""
         return await self.request("GET", "/v1/bus")
 
+    # -- the verified log
+    @property
+    def verified(self) -> LogState:
+        """The verified membership log as of the last sync (:meth:`sync`)."""
+        return self.replica.state
+
+    async def sync(self) -> LogState:
+        """Bring the verified replica up to the server's log head, checking every new entry.
+
+        Raises :class:`VerificationError` naming the seq (a rollback, a fork, an
+        entry that fails a check), :class:`ReplicaError` (the local files).
+        """
+        await self.replica.sync(self)
+        return self.replica.state
+
+    async def verify_log(self) -> LogState:
+        """Verify the server's whole log again from seq 0 (``unibus log verify``) and keep it."""
+        await self.replica.sync(self, from_scratch=True)
+        return self.replica.state
+
+    def room_differences(self, room: Mapping[str, Any]) -> list[str]:
+        """Every difference between a server room record (``GET /v1/rooms/{id}``) and the verified log."""
+        state = self.verified
+        room_id = room.get("room_id") if isinstance(room, Mapping) else None
+        lroom = state.rooms.get(room_id) if isinstance(room_id, str) else None
+        if lroom is None:
+            return [f"room {room_id}: the verified membership log has no such room"]
+        out: list[str] = []
+        listed: dict[str, Mapping[str, Any]] = {}
+        for m in room.get("members") or []:
+            handle = m.get("handle") if isinstance(m, Mapping) else None
+            if isinstance(handle, str):
+                listed[handle] = m
+        for handle in sorted(listed.keys() - lroom.members):
+            out.append(f"ghost member {handle}: the server lists {handle} in room {room_id}, the verified log "
+                       "does not")
+        for handle in sorted(lroom.members - listed.keys()):
+            out.append(f"missing member {handle}: the verified log has {handle} in room {room_id}, the server "
+                       "does not list it")
+        for handle in sorted(lroom.members & listed.keys()):
+            member, served = state.members[handle], listed[handle]
+            suite = served.get("enc_suite") or DEFAULT_ENC_SUITE
+            if served.get("enc_pub") != _b64(member.enc_pub) or suite != member.enc_suite:
+                out.append(f"swapped key of {handle}: the server's enc_pub for {handle} is not the one the "
+                           "verified log has")
+        if room.get("epoch") != lroom.epoch:
+            out.append(f"epoch: the server says {room.get('epoch')!r}, the verified log {lroom.epoch}")
+        if (room.get("owner") or "") != lroom.owner:
+            out.append(f"owner: the server says {room.get('owner')!r}, the verified log {lroom.owner or None!r}")
+        return out
+
+    async def verified_room(self, room_id: str) -> LogRoom:
+        """The room as the verified log has it, after checking the server's view agrees.
+
+        ``GET /v1/rooms/{id}``, then a sync (so the log is at least as recent
+        as the answer); a difference is read again once (a change between
+        the two reads), then raises :class:`VerificationError` naming each.
+        """
+        validate_room_id(room_id)
+        for attempt in range(2):
+            served = await self.get_room(room_id)
+            await self.sync()
+            diffs = self.room_differences({**served, "room_id": room_id}) if isinstance(served, dict) else \
+                ["the server's room record is not a JSON object"]
+            if not diffs:
+                return self.verified.rooms[room_id]
+            if attempt == 0:
+                log.info("room %s: the server's view differs from the verified log (%s); reading both again",
+                         room_id, "; ".join(diffs))
+        raise VerificationError(f"room {room_id}: the server's view differs from the verified membership log: "
+                                + "; ".join(diffs))
+
     # -- room keys
     async def room_key(self, room_id: str, epoch: int | None = None) -> tuple[int, bytes]:
-        """``(epoch, key)``: the room key of ``epoch``, or the latest one sealed to me.
+        """``(epoch, key)``: the room key of ``epoch``, or the latest one sealed to me, verified.
 
-        Keys are cached per ``(room_id, epoch)``; with ``epoch=None`` the server
-        is asked which epoch is the latest sealed to this member (one GET), and
-        its key is opened only if not cached yet. Raises :class:`KeyUnavailable`
-        (404), :class:`~unibus.client.sealing.SealError` (the sealed value does
-        not open with this identity), :class:`ApiError`.
+        The key package must pass every check of docs/client.md ("What the
+        client verifies"): its signature by the sealer the verified log names
+        for that epoch, over a log head in the verified log at which the
+        sealer could rekey and I was in the room. With ``epoch=None`` an epoch
+        lower than one already accepted for the room is refused (a rollback).
+        Keys are cached per ``(room_id, epoch)``. Raises :class:`KeyUnavailable`
+        (404), :class:`UnsignedKey` (sealed before 0.12), :class:`VerificationError`,
+        :class:`~unibus.client.sealing.SealError`, :class:`ApiError`.
         """
         validate_room_id(room_id)
         if epoch is not None:
@@ -528,43 +721,123 @@ class UnibusClient:
                 self._missing.add((room_id, epoch))
             raise
         got = doc.get("epoch") if isinstance(doc, dict) else None
-        sealed_b64 = doc.get("sealed") if isinstance(doc, dict) else None
-        if type(got) is not int or not isinstance(sealed_b64, str) or (epoch is not None and got != epoch):
-            raise ApiError(200, {"title": "Bad response", "detail": f"unexpected keys/me answer for room {room_id}"})
+        if type(got) is not int or got < 0:
+            raise VerificationError(f"{self.base_url} answered keys/me of room {room_id} without a valid epoch")
+        if epoch is not None and got != epoch:
+            raise VerificationError(f"{self.base_url} answered the key of epoch {epoch} of room {room_id} with a key "
+                                    f"of epoch {got}")
+        floor = await self.replica.accepted_epoch(room_id) if epoch is None else 0
+        if got < floor:
+            raise VerificationError(f"rollback: {self.base_url} offers epoch {got} as the latest key of room "
+                                    f"{room_id}, but this client already accepted epoch {floor}")
         cached = self._keys.get((room_id, got))
         if cached is not None:
             return got, cached
+        return got, await self._accept_key_package(room_id, got, doc)
+
+    async def _accept_key_package(self, room_id: str, epoch: int, doc: Mapping[str, Any]) -> bytes:
+        sealed_b64, sig_b64, sealer, head = doc.get("sealed"), doc.get("sig"), doc.get("sealer"), doc.get("log_head")
+        if sig_b64 is None:
+            raise UnsignedKey(room_id, epoch)
         try:
+            if not isinstance(sealed_b64, str) or not isinstance(sig_b64, str):
+                raise ValueError
             sealed = base64.b64decode(sealed_b64, validate=True)
+            sig = base64.b64decode(sig_b64, validate=True)
         except (binascii.Error, ValueError):
-            raise SealError(f"sealed room key for room {room_id} epoch {got} is not valid base64") from None
-        key = open_room_key(sealed, self.identity, room_id, got)
-        self._keys[(room_id, got)] = key
-        return got, key
+            raise VerificationError(f"the key package of epoch {epoch} of room {room_id} is malformed "
+                                    "(sealed and sig must be base64)") from None
+        if not isinstance(sealer, str) or not isinstance(head, dict) or type(head.get("seq")) is not int:
+            raise VerificationError(f"the key package of epoch {epoch} of room {room_id} names no sealer or log head")
+        state = self.verified
+        lroom = state.rooms.get(room_id)
+        if head["seq"] > state.head[0] or lroom is None or epoch not in lroom.epochs:
+            state = await self.sync()  # the package may be newer than the replica
+        try:
+            state.check_key_package(room_id, epoch, self.identity.handle, sealed, sig, sealer, head)
+        except LogError as exc:
+            raise VerificationError(f"the key of epoch {epoch} of room {room_id} that {self.base_url} serves does "
+                                    f"not verify: {exc.reason}", exc.seq) from None
+        key = open_room_key(sealed, self.identity, room_id, epoch)
+        self._keys[(room_id, epoch)] = key
+        self._packages[(room_id, epoch)] = head["seq"]
+        await self.replica.accept_epoch(room_id, epoch)
+        return key
 
     def cached_key(self, room_id: str, epoch: int) -> bytes | None:
-        """The cached key of ``(room_id, epoch)``, if this client has opened it."""
+        """The cached key of ``(room_id, epoch)``, if this client has opened (or made) it."""
         return self._keys.get((room_id, epoch))
 
-    async def rekey(self, room_id: str) -> int:
-        """Draw a new room key, seal it to every current member, upload it; return the new epoch.
+    async def message_key(self, room_id: str, epoch: int) -> tuple[bytes, int]:
+        """``(key, log seq of its key package)`` for reading a message of ``epoch``, verified.
 
-        ``GET`` the room, seal (SPEC §6) to each member's ``enc_pub`` /
-        ``enc_suite`` for ``epoch + 1``, ``POST`` the keys. A 409 (another
-        rekey won, or the membership changed in between) re-reads the room and
-        tries again, at most :data:`REKEY_RETRIES` more times; then the 409 is raised.
+        An epoch the verified log has no rekey to (after a sync) raises
+        :class:`KeyUnavailable` without asking the server for it.
+        """
+        key, seq = self._keys.get((room_id, epoch)), self._packages.get((room_id, epoch))
+        if key is not None and seq is not None:
+            return key, seq
+        lroom = self.verified.rooms.get(room_id)
+        if lroom is None or epoch not in lroom.epochs:
+            await self.sync()
+            lroom = self.verified.rooms.get(room_id)
+        if lroom is None or epoch not in lroom.epochs:
+            raise KeyUnavailable(room_id, epoch, 404, {
+                "title": "Not Found", "detail": f"the verified membership log has no rekey of room {room_id} to "
+                                                f"epoch {epoch}"})
+        _, key = await self.room_key(room_id, epoch)
+        return key, self._packages[(room_id, epoch)]
+
+    async def current_key(self, room_id: str, *, rekey: bool = True) -> tuple[int, bytes]:
+        """``(epoch, key)`` to encrypt with now: the room's current epoch in the verified log.
+
+        The server's room must agree with the verified log (:meth:`verified_room`).
+        A room that needs a rekey (membership changed, or never keyed) is
+        rekeyed first when ``rekey`` and this member may (owner or admin);
+        otherwise :class:`RekeyRequired` names who can. Never a key of an
+        older epoch: nothing goes to a removed member.
+        """
+        lroom = await self.verified_room(room_id)
+        state, me = self.verified, self.identity.handle
+        if me not in lroom.members:
+            raise NotARoomMember(room_id, me)
+        if lroom.rekey_required or lroom.epoch == 0:
+            if rekey and state.may_rekey_at(room_id, me, state.head[0]):
+                before = lroom.epoch
+                epoch = await self.rekey(room_id)
+                self.replica.notice(f"room {room_id} needed a rekey (its membership changed since epoch {before}); "
+                                    f"rekeyed it to epoch {epoch} first")
+                return epoch, self._keys[(room_id, epoch)]
+            raise RekeyRequired(room_id, state.rekeyers(room_id))
+        return await self.room_key(room_id, lroom.epoch)
+
+    async def rekey(self, room_id: str) -> int:
+        """Draw a new room key, seal it to every member the verified log has, upload it; return the new epoch.
+
+        The server's room must agree with the verified log (members, their
+        ``enc_pub``/``enc_suite``, epoch, owner; :meth:`verified_room`), else
+        :class:`VerificationError` names each difference and nothing is
+        sealed. The key is sealed for ``epoch + 1`` to the log's roster with
+        the log's keys, each member's key package signed at the verified head
+        (docs/formats.md, "Key packages"). A 409 (another rekey won, or the
+        membership changed) starts again, at most :data:`REKEY_RETRIES` more
+        times; then the 409 is raised.
         """
         attempt = 0
         while True:
-            room = await self.get_room(room_id)
-            epoch = int(room["epoch"]) + 1
+            lroom = await self.verified_room(room_id)
+            state = self.verified
+            epoch = lroom.epoch + 1
+            head_seq, head_hash = state.head
             key = new_room_key()
-            sealed = seal_for_members(key, room.get("members") or [], room_id, epoch)
-            # The served head, as is: verifying the log before sealing is the caller's part.
-            head = await self.log_head()
-            sigs = self.sign_key_packages(room_id, epoch, sealed, head)
+            sealed: dict[str, bytes] = {}
+            for handle in sorted(lroom.members):
+                member = state.members[handle]
+                sealed[handle] = seal_room_key(key, member.enc_pub, member.enc_suite, room_id, epoch)
+            sigs = sign_key_packages(self.identity, room_id, epoch, sealed, head_seq, head_hash)
             try:
-                await self.post_keys(room_id, epoch, sealed, sigs, head)
+                await self.post_keys(room_id, epoch, {h: _b64(v) for h, v in sealed.items()}, sigs,
+                                     {"seq": head_seq, "hash": head_hash})
             except ApiError as exc:
                 if exc.status == 409 and attempt < REKEY_RETRIES:
                     attempt += 1
@@ -573,6 +846,8 @@ class UnibusClient:
                 raise
             if self.identity.handle in sealed:
                 self._keys[(room_id, epoch)] = key
+                self._packages[(room_id, epoch)] = head_seq
+                await self.replica.accept_epoch(room_id, epoch)
             return epoch
 
     # -- the bus
@@ -596,10 +871,13 @@ class UnibusClient:
 class Message:
     """One room message received by :meth:`Bus.listen`.
 
-    ``plaintext`` is the decrypted payload, or ``None`` when ``error`` says why
-    it could not be decrypted (no key for its epoch, bad header, does not
-    authenticate). ``sender`` is the *claimed* handle from the optional
-    ``Unibus-Sender`` header (``None`` if absent): nothing vouches for it.
+    Accepted (``ok``): ``plaintext`` is the decrypted payload and ``sender``
+    the verified sender (its signature checked with its key from the verified
+    log, in the room's roster at the key package's log head); ``time_ms`` and
+    ``msg_id`` are its signed ``Unibus-Time`` and ``Unibus-Msg-Id``.
+    Rejected: ``plaintext`` is ``None``, ``reason`` one of
+    :data:`REJECT_REASONS` and ``error`` says why; ``sender`` is then only
+    what the message claims (or ``None``).
     """
 
     room_id: str
@@ -609,6 +887,9 @@ class Message:
     subject: str
     sender: str | None = None
     error: str | None = None
+    time_ms: int | None = None
+    msg_id: str | None = None
+    reason: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -620,22 +901,37 @@ class Message:
 
 
 class Bus:
-    """A NATS connection as this member, with end-to-end encryption (SPEC §6, §7).
+    """A NATS connection as this member, with end-to-end encryption (docs/client.md, docs/bus-auth.md).
 
     Connects to the ``servers`` of ``GET /v1/bus`` with the member's nkey
-    (the signing seed) and the member's ``inbox_prefix``.
+    (its bus key, never the signing key) and the member's ``inbox_prefix``.
 
-    * :meth:`send` encrypts with the room's current key. Which epoch is current
-      is asked from the server (``keys/me``) at most every ``key_ttl``
+    * :meth:`send` encrypts with the room's current key and signs the
+      message. Which epoch is current comes from the verified log
+      (:meth:`UnibusClient.current_key`), checked at most every ``key_ttl``
       seconds per room (0 = on every send); a rekey made through the same
       client takes effect at once.
-    * :meth:`listen` decrypts each message with the key of its own
-      ``Unibus-Epoch`` (fetched on first use, then cached). A message that
-      cannot be decrypted does not stop the iteration: it is yielded as a
-      :class:`Message` whose ``error`` is set and ``plaintext`` is ``None``
-      (pass ``include_errors=False`` to drop such messages; they are logged at
-      WARNING either way). Losing the room (a permissions violation after a
-      removal) or the connection ends the iteration with :class:`BusError`.
+    * :meth:`listen` verifies each message (sender signature, roster, time,
+      replay) and decrypts it with the verified key of its own
+      ``Unibus-Epoch``. A rejected message does not stop the iteration: it is
+      yielded as a :class:`Message` whose ``error`` and ``reason`` are set and
+      ``plaintext`` is ``None`` (pass ``include_errors=False`` to drop such
+      messages; they are counted in :attr:`RoomListener.rejected` and logged
+      at WARNING either way). Losing the room (a permissions violation after
+      a removal) or the bus ends that iteration with :class:`BusError`.
+
+    A lost connection (membershipd kicks every connection of a member whose
+    rights change; a restart; the network) is reconnected transparently,
+    with the same key, and every listener's subscription is made again: no
+    message published after the bus was re-authorized is lost or delivered
+    twice (those published while it was away are not delivered: the bus
+    keeps no messages). :attr:`reconnects` counts them and
+    :meth:`wait_reconnected` waits for one. A room the member lost ends its
+    listener with :class:`BusError`, the others go on. After
+    :data:`AUTH_FAILURES_LIMIT` authorization violations in a row (the member
+    was deleted, or its bus key changed) the bus stops: every listener and
+    :meth:`send` raise :class:`BusError` saying why and what to do.
+    docs/client.md ("Reconnects").
     """
 
     def __init__(self, client: UnibusClient, *, connect_timeout: float = 5.0, key_ttl: float = 1.0,
@@ -646,11 +942,21 @@ class Bus:
         self.connect_timeout = connect_timeout
         self.key_ttl = key_ttl
         self.info: dict[str, Any] | None = None
+        #: times the connection came back (re-authorized, every subscription made again)
+        self.reconnects = 0
+        #: called with a one-line note each time the connection came back (the CLI prints it)
+        self.on_reconnect: Callable[[str], None] | None = None
         self._nc: Any = None
         self._current: dict[str, tuple[float, int]] = {}
         self._listeners: set[RoomListener] = set()
         self._closed_reason: str | None = None
         self._publish_denied: list[tuple[float, str]] = []
+        self._bus_pub: str | None = None  # the bus key this connection logs in with
+        self._auth_failures = 0  # authorization violations in a row while reconnecting
+        self._rotating = 0  # rotate_bus_key calls under way: violations are expected
+        self._failure: str | None = None  # why the bus stopped by itself
+        self._stopping: asyncio.Task[None] | None = None
+        self._reconnected = asyncio.Event()
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -661,10 +967,105 @@ class Bus:
 
     @property
     def nc(self) -> Any:
-        """The underlying ``nats.aio.client.Client`` (connected)."""
+        """The underlying ``nats.aio.client.Client`` (connected, or reconnecting)."""
+        if self._failure is not None:
+            raise BusError(self._failure)
         if self._nc is None:
             raise BusError("not connected: use `async with client.bus() as bus`")
         return self._nc
+
+    async def connected(self) -> Any:
+        """:attr:`nc`, once connected: a reconnect under way is waited for (up to ``connect_timeout``
+        plus the slack of a connection), since nats-py forgets the PINGs sent meanwhile."""
+        nc = self.nc
+        if nc.is_reconnecting:
+            try:
+                await self.wait_reconnected(timeout=self.connect_timeout + CONNECT_SLACK)
+            except TimeoutError:
+                raise BusError(f"the bus connection was lost and is not back after "
+                               f"{self.connect_timeout + CONNECT_SLACK:g} s") from None
+            nc = self.nc
+        return nc
+
+    async def wait_reconnected(self, count: int | None = None, timeout: float = 10.0) -> int:
+        """Wait until :attr:`reconnects` reaches ``count`` (default: one more than now); return it.
+
+        Once this returns, every listener's subscription is live again on
+        nats-server (or refused: that listener ended). :class:`BusError` if
+        the bus stops first; ``TimeoutError`` after ``timeout`` seconds.
+        """
+        want = self.reconnects + 1 if count is None else count
+        deadline = time.monotonic() + timeout
+        while self.reconnects < want:
+            if self._failure is not None or self._nc is None:
+                raise BusError(self._failure or "the bus was closed")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the bus did not reconnect within {timeout:g} s")
+            event = self._reconnected
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), min(left, 0.5))
+        return self.reconnects
+
+    def _rotation(self, *, begin: bool, identity: Identity | None = None) -> None:
+        """:meth:`UnibusClient.rotate_bus_key` begins (violations expected) or ends (with the new key)."""
+        if begin:
+            self._rotating += 1
+            return
+        self._rotating = max(0, self._rotating - 1)
+        nc = self._nc
+        if identity is None or nc is None or self._failure is not None:
+            return
+        # The server closed the connection under the old key before its 200:
+        # nats-py is reconnecting, and must sign the next nonce with the new key.
+        # It reads its seed again for every nonce but keeps the public key it
+        # computed at connect, so both change here, together.
+        if not (hasattr(nc, "_nkeys_seed_str") and hasattr(nc, "_public_nkey")):
+            self._give_up(nc, "this nats-py cannot change the key of a live connection; the bus key was rotated: "
+                              "open the bus again")
+            return
+        nc._nkeys_seed_str = identity.bus_nkey_seed()
+        nc._public_nkey = identity.bus_pub
+        self._bus_pub = identity.bus_pub
+        self._auth_failures = 0
+
+    def _give_up(self, nc: Any, reason: str | None = None) -> None:
+        """Stop the bus for good (in a task of its own: nats-py's reconnect loop called us)."""
+        if self._stopping is not None:
+            return
+
+        async def stop() -> None:
+            why = reason or await self._refusal_reason()
+            self._failure = self._closed_reason = why
+            log.warning("bus: %s", why)
+            with contextlib.suppress(Exception):
+                await nc.close()  # closed_cb ends every listener with the reason
+
+        self._stopping = asyncio.get_running_loop().create_task(stop(), name="unibus-bus-stop")
+
+    async def _refusal_reason(self) -> str:
+        """Why nats-server keeps refusing this member, asked of the control plane (bounded)."""
+        client, handle = self.client, self.client.identity.handle
+        base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) and "
+                "stopped")
+        try:
+            info = await asyncio.wait_for(client.bus_info(), 5)
+        except ApiError as exc:
+            if exc.status == 401:
+                return (f"{base}: {client.base_url} no longer accepts {handle}'s signed requests either "
+                        "(the member was deleted?); an admin must add it again")
+            if exc.status == 409:
+                return (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
+                        f"`unibus keygen --upgrade --server {client.base_url}`")
+            return f"{base}: {client.base_url} answered {exc}"
+        except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
+            return f"{base}: the control plane could not say why ({exc or type(exc).__name__})"
+        known = info.get("user_nkey") if isinstance(info, dict) else None
+        if isinstance(known, str) and known != self._bus_pub:
+            return (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus logs in "
+                    f"with ({self._bus_pub}): it was rotated elsewhere; use the identity file that holds the new "
+                    f"key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
+        return f"{base}: {client.base_url} still has this bus key for {handle}; try again later"
 
     async def connect(self) -> None:
         import nats
@@ -713,15 +1114,61 @@ class Bus:
                 self._publish_denied.append((time.monotonic(), text.strip()))
                 del self._publish_denied[:-100]
                 return
+            if "authorization violation" in low or isinstance(exc, nats_errors.AuthorizationError):
+                # A reconnect refused by the auth callout: a key being rotated by
+                # this client is expected to be; otherwise the member was deleted
+                # or its key changed, and retrying forever cannot help.
+                if self._rotating:
+                    log.info("bus: reconnect refused while the bus key is being rotated; retrying")
+                    return
+                self._auth_failures += 1
+                log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
+                if self._auth_failures >= AUTH_FAILURES_LIMIT:
+                    self._give_up(self._nc)
+                return
+            if self._failure is not None or self._nc.is_closed:
+                return  # stopped already: what the closing socket says adds nothing
+            if self._nc.is_reconnecting:
+                log.info("bus: reconnect attempt failed: %s", text)
+                return
+            if isinstance(exc, (nats_errors.UnexpectedEOF, ConnectionError)):
+                log.info("bus: connection lost (%s); reconnecting", text)  # a kick looks like this
+                return
             log.warning("bus: %s", text)
 
         async def closed_cb() -> None:
-            reason = self._closed_reason or "the bus connection was closed"
+            reason = self._closed_reason
+            if reason is None:
+                last = getattr(self._nc, "last_error", None)
+                reason = (f"the bus connection was lost and could not be made again"
+                          f"{f' ({last})' if last else ''}")
+                self._failure = reason
             for listener in list(self._listeners):
                 listener._fail(reason)
 
         async def disconnected_cb() -> None:
-            log.info("bus: disconnected; reconnecting")
+            if self._nc is not None and self._nc.is_reconnecting:
+                log.info("bus: disconnected; reconnecting")
+
+        async def reconnected_cb() -> None:
+            # nats-py made every subscription again and flushed before calling
+            # this: the server has processed them (refusals came first, to error_cb).
+            self._auth_failures = 0
+            self.reconnects += 1
+            event, self._reconnected = self._reconnected, asyncio.Event()
+            event.set()
+            log.info("bus: reconnected (%d so far); subscriptions made again", self.reconnects)
+            if self.on_reconnect is not None:
+                self.on_reconnect(f"the bus connection was closed (your rights changed?) and is back; "
+                                  f"listening again ({self.reconnects} reconnect{'s' if self.reconnects > 1 else ''})")
+
+        def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+            # The least-tried server; the first attempt after a disconnect almost
+            # at once (jittered), later ones after RECONNECT_WAIT (jittered).
+            chosen = min(servers, key=lambda srv: srv.reconnects)
+            if chosen.reconnects == 0:
+                return chosen, random.uniform(0, RECONNECT_JITTER)
+            return chosen, RECONNECT_WAIT * (1 + random.random())
 
         connect_errors: list[Exception] = []
         tls_refused = asyncio.Event()
@@ -741,13 +1188,17 @@ class Bus:
                     inbox_prefix=inbox,
                     name=f"unibus-client/{self.client.identity.handle}",
                     connect_timeout=self.connect_timeout,
-                    max_reconnect_attempts=5,
-                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=MAX_RECONNECTS,
+                    reconnect_time_wait=RECONNECT_WAIT,
+                    reconnect_to_server_handler=next_server,
                     allow_reconnect=True,
                     error_cb=error_cb,
                     closed_cb=closed_cb,
                     disconnected_cb=disconnected_cb,
+                    reconnected_cb=reconnected_cb,
                 ), self.connect_timeout + CONNECT_SLACK, tls_refused)
+                self._bus_pub = identity.bus_pub
+                self.client._buses.add(self)
                 return
             except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
                 reason = str(exc) or type(exc).__name__
@@ -772,7 +1223,13 @@ class Bus:
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
-        self._closed_reason = "the bus was closed"
+        self.client._buses.discard(self)
+        self._closed_reason = self._failure or "the bus was closed"
+        stopping = self._stopping
+        if stopping is not None and not stopping.done():
+            stopping.cancel()  # asking the control plane why; closed here anyway
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await stopping
         for listener in list(self._listeners):
             listener._fail(None)
         if nc is not None and not nc.is_closed:
@@ -784,45 +1241,57 @@ class Bus:
                     await nc.close()
 
     async def current_key(self, room_id: str) -> tuple[int, bytes]:
-        """``(epoch, key)`` to send with: the latest epoch sealed to me (see ``key_ttl``)."""
+        """``(epoch, key)`` to send with: the room's current epoch in the verified log (see ``key_ttl``)."""
         now = time.monotonic()
         hit = self._current.get(room_id)
-        if hit is not None and now - hit[0] < self.key_ttl:
+        # a rekey done through the client (or a newer key it verified) ends the cached answer at once
+        newest = max((e for (r, e) in self.client._keys if r == room_id), default=-1)
+        if hit is not None and now - hit[0] < self.key_ttl and newest <= hit[1]:
             key = self.client.cached_key(room_id, hit[1])
             if key is not None:
                 return hit[1], key
-        epoch, key = await self.client.room_key(room_id)
-        # a rekey done through the client may already know a newer epoch
-        newer = max((e for (r, e) in self.client._keys if r == room_id), default=epoch)
-        if newer > epoch:
-            epoch, key = newer, self.client._keys[(room_id, newer)]
+        epoch, key = await self.client.current_key(room_id)
         self._current[room_id] = (now, epoch)
         return epoch, key
 
-    async def send(self, room_id: str, topic: str, data: bytes | str, *, sender: bool = True) -> int:
-        """Encrypt ``data`` with the room's current key and publish it; return the epoch used.
+    async def send(self, room_id: str, topic: str, data: bytes | str) -> int:
+        """Encrypt ``data`` with the room's current key, sign it, publish it; return the epoch used.
 
-        Published on ``unibus.room.<room_id>.<topic>`` with ``Unibus-Epoch``;
-        ``sender=True`` also adds ``Unibus-Sender: <my handle>`` (a claim, see
-        :data:`SENDER_HEADER`). Returns once nats-server has processed the
-        publish; a publish it refused (permissions violation) raises :class:`BusError`.
+        Published on ``unibus.room.<room_id>.<topic>`` with ``Unibus-Epoch``,
+        ``Unibus-Sender``, ``Unibus-Time``, ``Unibus-Msg-Id`` and ``Unibus-Sig``
+        (docs/formats.md, "Message signatures"). A room that needs a rekey is
+        rekeyed first when this member may, else :class:`RekeyRequired`.
+        Returns once nats-server has processed the publish; a publish it
+        refused (permissions violation) raises :class:`BusError`.
         """
+        if self._failure is not None:
+            raise BusError(self._failure)
         if isinstance(data, str):
             data = data.encode("utf-8")
         subject = message_subject(room_id, topic)
         epoch, key = await self.current_key(room_id)
         payload = encrypt_message(key, subject, epoch, data)
-        headers = {EPOCH_HEADER: format_epoch_header(epoch)}
-        if sender:
-            headers[SENDER_HEADER] = self.client.identity.handle
-        nc = self.nc
+        headers = message_headers(self.client.identity, subject, epoch, payload, int(time.time() * 1000))
+        nc = await self.connected()
         started = time.monotonic()
         try:
+            generation = self.reconnects
             await nc.publish(subject, payload, headers=headers)
             # nats-server answers a forbidden PUB with -ERR before the PONG that
             # follows it, so a refusal has reached error_cb when the barrier returns.
-            await _barrier(nc, self.connect_timeout)
+            try:
+                await _barrier(nc, self.connect_timeout)
+            except (TimeoutError, NatsError, OSError):
+                if self.reconnects == generation and not nc.is_reconnecting:
+                    raise
+                # The connection dropped meanwhile: nats-py forgets pending PINGs on a
+                # reconnect. The publish went out once (or was lost with the old
+                # socket; never sent twice): wait for the bus, then for the server.
+                await self.connected()
+                await _barrier(nc, self.connect_timeout)
         except (TimeoutError, NatsError, OSError) as exc:
+            if self._failure is not None:
+                raise BusError(self._failure) from None
             raise BusError(f"cannot publish on {subject}: {exc or type(exc).__name__}") from None
         # nats-py lower-cases -ERR texts; topics may have capitals
         denied = [t for (at, t) in self._publish_denied if at >= started and f'"{subject.lower()}"' in t.lower()]
@@ -831,42 +1300,87 @@ class Bus:
                            f"(not a member of room {room_id}?): {denied[-1]}")
         return epoch
 
-    def listen(self, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0) -> RoomListener:
-        """Messages of the room, decrypted: ``async for msg in bus.listen(room_id)``.
+    def listen(self, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0,
+               max_age: float = DEFAULT_MAX_AGE) -> RoomListener:
+        """Messages of the room, verified and decrypted: ``async for msg in bus.listen(room_id)``.
 
         Subscribes on ``unibus.room.<room_id>.>`` at the first iteration, or
         explicitly with ``await listener.start()`` / ``async with bus.listen(r) as msgs``
-        (so that a send that follows is not missed).
+        (so that a send that follows is not missed). ``max_age``: seconds a
+        message's ``Unibus-Time`` may be away from this clock.
         """
         validate_room_id(room_id)
-        return RoomListener(self, room_id, include_errors=include_errors, grant_wait=grant_wait)
+        if not max_age > 0:
+            raise ValueError("max_age must be a positive number of seconds")
+        return RoomListener(self, room_id, include_errors=include_errors, grant_wait=grant_wait, max_age=max_age)
 
-    async def decode(self, room_id: str, msg: Any) -> Message:
-        """Turn a raw nats-py message into a :class:`Message` (decrypting it)."""
+    async def decode(self, room_id: str, msg: Any, guard: ReplayGuard | None = None) -> Message:
+        """Verify and decrypt a raw nats-py message of ``room_id`` into a :class:`Message`.
+
+        The checks, in order (docs/client.md, "What the client verifies"):
+        the subject and the five headers; the time within the window and the
+        msg id not seen before (with a ``guard``); the key of the message's
+        epoch, through its verified key package; the sender in the room's
+        roster at that package's log head and still in the room; the
+        signature with the sender's signing key from the verified log; the
+        AEAD. The msg id is remembered only for an accepted message.
+        """
         subject = msg.subject
         headers = msg.headers or {}
-        sender = headers.get(SENDER_HEADER)
+        claimed = headers.get(SENDER_HEADER) if isinstance(headers.get(SENDER_HEADER), str) else None
+        r, topic, epoch = room_id, "", None
+
+        def reject(reason: str, text: str) -> Message:
+            return Message(r, topic, epoch, None, subject, claimed, text, reason=reason)
+
         try:
             r, topic = parse_message_subject(subject)
         except ValueError as exc:
-            return Message(room_id, "", None, None, subject, sender, str(exc))
+            return reject("malformed", str(exc))
+        if r != room_id:
+            return reject("malformed", f"a message of room {r} arrived on the subscription of room {room_id}")
         try:
-            epoch = parse_epoch_header(headers.get(EPOCH_HEADER))
+            env = parse_envelope(headers)
         except MessageError as exc:
-            return Message(r, topic, None, None, subject, sender, str(exc))
+            return reject("malformed", str(exc))
+        epoch = env.epoch
+        now_ms = int(time.time() * 1000)
+        if guard is not None:
+            if not guard.fresh(env.time_ms, now_ms):
+                return reject("stale", f"its Unibus-Time is {abs(now_ms - env.time_ms) / 1000:.0f} s away from this "
+                                       f"clock, beyond the {guard.window_ms / 1000:g} s window (an old message "
+                                       "replayed, or a clock that is off)")
+            if env.msg_id in guard:
+                return reject("replay", f"msg id {env.msg_id} was already received (a replayed message)")
         try:
-            _, key = await self.client.room_key(r, epoch)
+            key, package_seq = await self.client.message_key(r, env.epoch)
         except KeyUnavailable:
-            return Message(r, topic, epoch, None, subject, sender,
-                           f"no key for epoch {epoch} of room {r}: it was not sealed to you "
-                           "(you were not a member of the room at that epoch)")
-        except (ApiError, SealError, ServerUnreachable) as exc:
-            return Message(r, topic, epoch, None, subject, sender, f"cannot get the key of epoch {epoch}: {exc}")
+            return reject("no-key", f"no key for epoch {env.epoch} of room {r}: it was not sealed to you "
+                                    "(you were not a member of the room at that epoch)")
+        except LogVerificationError:
+            raise  # the log itself: nothing more from this server can be trusted (the listener stops)
+        except VerificationError as exc:
+            return reject("key", str(exc))
+        except (ApiError, SealError, ServerUnreachable, ReplicaError) as exc:
+            return reject("no-key", f"cannot get the key of epoch {env.epoch}: {exc}")
+        state = self.client.verified
         try:
-            plaintext = decrypt_message(key, subject, epoch, msg.data)
+            member = state.check_sender(r, env.sender, package_seq)
+        except LogError:
+            return reject("sender", f"{env.sender} was not in room {r} when epoch {env.epoch} was sealed")
+        lroom = state.rooms.get(r)
+        if lroom is None or env.sender not in lroom.members:
+            return reject("sender", f"{env.sender} is no longer in room {r} in the verified log")
+        if not verify_ed25519(member.sign_pub, env.signed_bytes(subject, bytes(msg.data)), env.sig):
+            return reject("signature", f"the signature does not verify with {env.sender}'s signing key (a forged "
+                                       "sender, or a message changed on the way)")
+        try:
+            plaintext = decrypt_message(key, subject, env.epoch, msg.data)
         except MessageError as exc:
-            return Message(r, topic, epoch, None, subject, sender, str(exc))
-        return Message(r, topic, epoch, plaintext, subject, sender)
+            return reject("decrypt", str(exc))
+        if guard is not None:
+            guard.add(env.msg_id, env.time_ms, now_ms)
+        return Message(r, topic, env.epoch, plaintext, subject, env.sender, time_ms=env.time_ms, msg_id=env.msg_id)
 
 
 _END = object()
@@ -889,10 +1403,18 @@ async def _barrier(nc: Any, timeout: float) -> None:
 
 
 class RoomListener:
-    """Async iterator of a room's :class:`Message` s (see :meth:`Bus.listen`)."""
+    """Async iterator of a room's :class:`Message` s (see :meth:`Bus.listen`).
 
-    def __init__(self, bus: Bus, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0) -> None:
+    ``rejected`` counts the messages refused so far, by reason; ``guard``
+    holds the msg ids accepted within the time window (bounded memory).
+    """
+
+    def __init__(self, bus: Bus, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0,
+                 max_age: float = DEFAULT_MAX_AGE) -> None:
         self.bus = bus
+        #: rejected messages so far, by reason (:data:`REJECT_REASONS`)
+        self.rejected: Counter[str] = Counter()
+        self.guard = ReplayGuard(int(max_age * 1000))
         self.room_id = room_id
         self.grant_wait = grant_wait
         self._refusal: str | None = None
@@ -908,11 +1430,11 @@ class RoomListener:
 
         A subscription the bus refuses (permissions violation) is tried again
         for up to ``grant_wait`` seconds, since a membership change takes up to
-        a second to reach nats-server (SPEC §7); then :class:`BusError`.
+        a second to reach nats-server (docs/bus-auth.md); then :class:`BusError`.
         """
         if self._sub is not None or self._done:
             return self
-        nc = self.bus.nc
+        nc = await self.bus.connected()
 
         async def cb(msg: Any) -> None:
             self._queue.put_nowait(msg)
@@ -980,10 +1502,17 @@ class RoomListener:
             if isinstance(item, BusError):
                 self._done = True
                 self.bus._listeners.discard(self)
+                # a refused subscription would be made again at every reconnect
+                sub, self._sub = self._sub, None
+                if sub is not None:
+                    with contextlib.suppress(NatsError, OSError, asyncio.TimeoutError):
+                        await sub.unsubscribe()
                 raise item
-            message = await self.bus.decode(self.room_id, item)
+            message = await self.bus.decode(self.room_id, item, self.guard)
             if message.error is not None:
-                log.warning("room %s: message on %s not decrypted: %s", self.room_id, message.subject, message.error)
+                self.rejected[message.reason or "malformed"] += 1
+                log.warning("room %s: message on %s rejected (%s): %s", self.room_id, message.subject,
+                            message.reason, message.error)
                 if not self.include_errors:
                     continue
             return message

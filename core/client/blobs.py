@@ -1,7 +1,7 @@
 """Room blobs, client side: the ``unibus-blob-v1`` encryption format and streaming helpers.
 
 The server stores blobs without ever seeing a plaintext: a file is encrypted
-with the room key before upload and decrypted after download (SPEC §6b).
+with the room key before upload and decrypted after download (docs/blobstore.md).
 
 The format (byte by byte in docs/blobstore.md)::
 
@@ -903,13 +903,15 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     between is refused (``OSError``) and nothing is stored: the server checks
     the digest. ``tmp_dir`` is accepted and unused (earlier releases wrote
     the ciphertext there). ``progress(bytes_done, total)`` follows the upload
-    of the ciphertext. Raises :class:`unibus.client.KeyUnavailable` (the room
-    has no key for you: rekey it), :class:`unibus.client.ApiError`, ``OSError``.
+    of the ciphertext. The key is the room's current one in the verified log
+    (``UnibusClient.current_key``: a room that needs a rekey is rekeyed first
+    when you may). Raises :class:`unibus.client.RekeyRequired`,
+    :class:`unibus.client.VerificationError`, :class:`unibus.client.ApiError`, ``OSError``.
     """
     del tmp_dir
     validate_room_id(room_id)
     src = Path(path)
-    epoch, key = await client.room_key(room_id)
+    epoch, key = await client.current_key(room_id)
     file_id = secrets.token_bytes(FILE_ID_SIZE)
     before = await asyncio.to_thread(_stat_key, src)
     ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id)
@@ -941,7 +943,8 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
     Returns the plaintext size. Raises :class:`BlobFormatError` (not a blob of
     this room, tampered with, truncated), :class:`BlobIntegrityError`,
     :class:`unibus.client.KeyUnavailable` (the key of the blob's epoch was not
-    sealed to you), :class:`unibus.client.ApiError`.
+    sealed to you), :class:`unibus.client.VerificationError` (its key package
+    does not verify), :class:`unibus.client.ApiError`.
     """
     out_path = Path(out_path)
     dec = BlobDecryptor(room_id)

@@ -1,4 +1,4 @@
-"""``unibus``: the member's command-line client (SPEC §6b).
+"""``unibus``: the member's command-line client (docs/client.md).
 
 Exit codes: 0 done; 1 the server refused or failed, or could not be reached
 (one line on stderr: its problem detail, or the URL it could not reach);
@@ -22,7 +22,16 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from .. import __version__ as _version
-from .api import ApiError, BusError, Message, ServerUnreachable, UnibusClient
+from .api import (
+    DEFAULT_MAX_AGE,
+    ApiError,
+    BusError,
+    Message,
+    NotARoomMember,
+    RekeyRequired,
+    ServerUnreachable,
+    UnibusClient,
+)
 from .keys import (
     DEFAULT_ENC_SUITE,
     ENC_SUITES,
@@ -39,6 +48,7 @@ from .keys import (
     validate_handle,
     validate_sign_pub,
 )
+from .replica import FINGERPRINT_RE, ReplicaError, VerificationError, replica_root_for
 from .sealing import SealError, message_subject, room_subject, validate_room_id
 
 PROG = "unibus"
@@ -182,7 +192,9 @@ def _leaf(sub: Any, name: str, help: str, *, json_flag: bool = True) -> argparse
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -> argparse.ArgumentParser:
+    """The command line: the core commands, then the plugins' ``client_commands``
+    (entry-point group ``unibus.client``, and ``plugins`` given by a test)."""
     parser = _Parser(prog=PROG, description="unibus: the member's client of an end-to-end-encrypted message bus.",
                      epilog="Exit codes: 0 done; 1 the server refused or failed; 2 bad usage or identity file. "
                             "Guide: docs/client.md")
@@ -255,7 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("room", metavar="ROOM")
     p.add_argument("topic", metavar="TOPIC")
     p.add_argument("text", metavar="TEXT")
-    p.add_argument("--no-sender", action="store_true", help="do not add the Unibus-Sender header")
     p.set_defaults(func=cmd_send)
 
     blob = sub.add_parser("blob", help="put or get a room blob (encrypted with the room key on your side)")
@@ -271,11 +282,85 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", metavar="OUT")
     p.set_defaults(func=cmd_blob_get)
 
-    p = _leaf(sub, "listen", "print the room's messages as they arrive, decrypted")
+    p = _leaf(sub, "listen", "print the room's messages as they arrive, verified and decrypted, with their sender")
     p.add_argument("room", metavar="ROOM")
-    p.add_argument("--count", type=int, metavar="N", help="exit after N decrypted messages")
+    p.add_argument("--count", type=int, metavar="N", help="exit after N accepted messages")
+    p.add_argument("--max-age", type=float, metavar="SECONDS", default=DEFAULT_MAX_AGE,
+                   help=f"reject a message whose Unibus-Time is further than this from your clock "
+                        f"(default {DEFAULT_MAX_AGE:g})")
+    p.add_argument("--show-rejected", action="store_true",
+                   help="print each rejected message's reason on stderr (never its content)")
     p.set_defaults(func=cmd_listen)
+
+    p = _leaf(sub, "trust", "pin the server's trust root (the fingerprint of entry 0 of its membership log) before "
+                            "first contact, or accept a recovery bootstrap's fingerprint", json_flag=True)
+    p.add_argument("fingerprint", metavar="FINGERPRINT", help="64 hex characters, as `membershipd member add` "
+                                                              "printed it")
+    p.add_argument("--reset", action="store_true",
+                   help="forget this server's verified replica (head, pins, accepted epochs) and pin FINGERPRINT "
+                        "as its new trust root (a redeployed server)")
+    p.set_defaults(func=cmd_trust)
+
+    logp = sub.add_parser("log", help="the server's membership log as this client verified it")
+    lsub = logp.add_subparsers(dest="log_command", metavar="ACTION", parser_class=_Parser)
+    lsub.required = True
+    p = _leaf(lsub, "show", "sync and print the trust root, the verified head, the members and rooms the log derives")
+    p.set_defaults(func=cmd_log_show)
+    p = _leaf(lsub, "verify", "verify the server's whole membership log again from seq 0 (exit 0 valid, 1 invalid)")
+    p.set_defaults(func=cmd_log_verify)
+    _add_plugin_commands(parser, sub, plugins, entry_points)
     return parser
+
+
+def _add_plugin_commands(parser: argparse.ArgumentParser, sub: Any, plugins: Sequence[object],
+                         entry_points: bool) -> None:
+    """Each plugin's commands (docs/plugins.md, "Client commands"); a plugin whose command
+    name is taken is broken: left out and listed by ``unibus --help``."""
+    from .plugins import client_plugin_commands
+
+    commands, broken = client_plugin_commands(plugins, entry_points=entry_points)
+    taken: dict[str, str] = {name: "the core" for name in sub.choices}
+    groups: dict[str, Any] = {}
+    by_plugin: dict[str, list[Any]] = {}
+    for plugin, command in commands:
+        by_plugin.setdefault(plugin, []).append(command)
+    for plugin, mine in by_plugin.items():
+        names = [" ".join(c.words) for c in mine]
+        clash = next((n for n in names if n in taken or n.split()[0] in taken and taken[n.split()[0]] != plugin),
+                     None)
+        if clash is not None:
+            owner = taken.get(clash) or taken[clash.split()[0]]
+            broken[plugin] = f"plugin {plugin}, hook client_commands: command {clash!r} is already {owner}'s"
+            continue
+        for command in mine:
+            words = command.words
+            if len(words) == 1:
+                p = _leaf(sub, words[0], command.help)
+            else:
+                if words[0] not in groups:
+                    group = sub.add_parser(words[0], help=f"{plugin} plugin commands")
+                    groups[words[0]] = group.add_subparsers(dest=f"{words[0]}_command", metavar="ACTION",
+                                                            parser_class=_Parser)
+                    groups[words[0]].required = True
+                p = _leaf(groups[words[0]], words[1], command.help)
+            if command.arguments is not None:
+                command.arguments(p)
+            p.set_defaults(func=_plugin_runner(command))
+            taken[" ".join(words)] = plugin
+            taken[words[0]] = plugin
+    if broken:
+        parser.epilog = (parser.epilog or "") + "\n\nbroken client plugins (their commands are absent): " + \
+            "; ".join(sorted(broken.values()))
+
+
+def _plugin_runner(command: Any) -> Callable[..., Any]:
+    async def run(ctx: Context, client: UnibusClient) -> int:
+        result = command.run(ctx, client)
+        if asyncio.iscoroutine(result) or isinstance(result, asyncio.Future):
+            result = await result
+        return int(result or 0)
+
+    return run
 
 
 # --------------------------------------------------------------------------- context
@@ -317,7 +402,8 @@ class Context:
             raise UsageError(str(exc)) from None
         ssl_context = self.ssl_context()
         try:
-            return UnibusClient(self.server, identity, ssl=ssl_context)
+            return UnibusClient(self.server, identity, ssl=ssl_context,
+                                replica_root=replica_root_for(self.identity_path), notice=_note)
         except ValueError as exc:
             raise UsageError(f"--server: {exc}") from None
 
@@ -553,8 +639,7 @@ async def cmd_send(ctx: Context, c: UnibusClient) -> int:
     except ValueError as exc:
         raise UsageError(f"TOPIC: {exc}") from None
     async with c.bus(key_ttl=0) as bus:
-        epoch = await bus.send(room_id, ctx.args.topic, ctx.args.text.encode("utf-8"),
-                               sender=not ctx.args.no_sender)
+        epoch = await bus.send(room_id, ctx.args.topic, ctx.args.text.encode("utf-8"))
     if ctx.json:
         _json_out({"room_id": room_id, "topic": ctx.args.topic, "subject": subject, "epoch": epoch})
     return EXIT_OK
@@ -562,11 +647,7 @@ async def cmd_send(ctx: Context, c: UnibusClient) -> int:
 
 def _message_json(m: Message) -> dict[str, Any]:
     doc: dict[str, Any] = {"room_id": m.room_id, "topic": m.topic, "epoch": m.epoch, "subject": m.subject,
-                           "sender_claimed": m.sender}
-    if m.error is not None:
-        doc["text"] = None
-        doc["error"] = m.error
-        return doc
+                           "sender": m.sender, "time_ms": m.time_ms, "msg_id": m.msg_id}
     assert m.plaintext is not None
     try:
         doc["text"] = m.plaintext.decode("utf-8")
@@ -577,8 +658,7 @@ def _message_json(m: Message) -> dict[str, Any]:
 
 
 def _message_line(m: Message) -> str:
-    who = f"{_escape(m.sender)} (claimed): " if m.sender else ""
-    return f"[{_escape(m.topic)}] {who}{_escape(m.text or '')}"
+    return f"[{_escape(m.topic)}] {_escape(m.sender or '?')}: {_escape(m.text or '')}"
 
 
 async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
@@ -586,21 +666,114 @@ async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
     count = ctx.args.count
     if count is not None and count < 1:
         raise UsageError("--count must be at least 1")
+    max_age = ctx.args.max_age
+    if not 0 < max_age <= 86400:
+        raise UsageError("--max-age must be more than 0 and at most 86400 seconds")
     got = 0
-    async with c.bus() as bus, bus.listen(room_id) as messages:
+    await c.sync()  # the log first: a first-use pin or a rollback is said now, not at the first message
+    async with c.bus() as bus, bus.listen(room_id, max_age=max_age) as messages:
+        bus.on_reconnect = _note
         _note(f"listening on {room_subject(room_id)}.> (Ctrl-C to stop)")
         async for m in messages:
             if m.error is not None:
-                if ctx.json:
-                    _json_out(_message_json(m))
-                else:
-                    print(f"{PROG}: warning: [{_escape(m.topic)}] epoch {m.epoch}: {_one_line(m.error)}",
-                          file=sys.stderr, flush=True)
+                # Never the content of a rejected message, on any stream.
+                if ctx.args.show_rejected:
+                    who = f" claimed sender {_escape(m.sender)}" if m.sender else ""
+                    print(f"{PROG}: rejected [{_escape(m.topic)}] epoch {m.epoch}{who} ({m.reason}): "
+                          f"{_one_line(m.error)}", file=sys.stderr, flush=True)
                 continue
             _json_out(_message_json(m)) if ctx.json else _out(_message_line(m))
             got += 1
             if count is not None and got >= count:
                 break
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- trust and the log
+
+
+def _fingerprint_arg(value: str) -> str:
+    fp = value.strip().lower()
+    if not FINGERPRINT_RE.match(fp):
+        raise UsageError("FINGERPRINT: expected 64 hexadecimal characters (the trust root fingerprint "
+                         "`membershipd member add` printed)")
+    return fp
+
+
+async def cmd_trust(ctx: Context, c: UnibusClient) -> int:
+    fp = _fingerprint_arg(ctx.args.fingerprint)
+    done = await c.replica.trust(fp, reset=ctx.args.reset)
+    where = c.replica.directory
+    text = {
+        "pinned": f"pinned {fp} as the trust root of {c.base_url}: its membership log must start with that entry",
+        "already": f"{fp} is already trusted for {c.base_url}",
+        "accepted": f"accepted {fp} as a recovery bootstrap of {c.base_url} (an offline `membershipd member add` "
+                    "after the trust root; the next sync verifies it)",
+        "reset": f"forgot the verified replica of {c.base_url} and pinned {fp} as its trust root",
+    }[done]
+    if ctx.json:
+        _json_out({"server": c.base_url, "fingerprint": fp, "result": done, "replica": str(where)})
+    else:
+        _out(text)
+    return EXIT_OK
+
+
+def _key_fp(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _log_doc(c: UnibusClient) -> dict[str, Any]:
+    from ..wire import sign_pub_from_nkey
+
+    state = c.verified
+    seq, digest = state.head
+    members = []
+    for handle in sorted(state.members):
+        m = state.members[handle]
+        fps = {"sign": _key_fp(m.sign_pub), "enc": _key_fp(m.enc_pub),
+               "bus": _key_fp(sign_pub_from_nkey(m.bus_pub)) if m.bus_pub else None}
+        members.append({**m.as_json(), "fingerprints": fps})
+    rooms = [state.rooms[r].as_json() for r in sorted(state.rooms)]
+    return {"server": c.base_url, "replica": str(c.replica.directory) if c.replica.directory else None,
+            "trust_root": c.replica.trust_root, "accepted_bootstraps": sorted(c.replica.accepted),
+            "head": {"seq": seq, "hash": digest}, "members": members, "rooms": rooms}
+
+
+async def cmd_log_show(ctx: Context, c: UnibusClient) -> int:
+    await c.sync()
+    doc = _log_doc(c)
+    if ctx.json:
+        _json_out(doc)
+        return EXIT_OK
+    head = doc["head"]
+    _print_fields({"server": doc["server"], "trust root": doc["trust_root"] or "(none yet)",
+                   "verified head": f"seq {head['seq']} {head['hash']}" if head["seq"] >= 0 else "(empty log)"},
+                  ("server", "trust root", "verified head"))
+    for fp in doc["accepted_bootstraps"]:
+        _out(f"accepted bootstrap: {fp}")
+    _out(f"members: ({len(doc['members'])})")
+    _table([["  " + m["handle"], m["role"], m["enc_suite"], f"sign {m['fingerprints']['sign'][:16]}",
+             f"enc {m['fingerprints']['enc'][:16]}",
+             f"bus {m['fingerprints']['bus'][:16]}" if m["fingerprints"]["bus"] else "bus (none)"]
+            for m in doc["members"]])
+    _out(f"rooms: ({len(doc['rooms'])})")
+    _table([["  " + r["room_id"], _escape(r["name"]), f"owner={r['owner'] or '(none)'}", f"epoch={r['epoch']}",
+             "rekey-required" if r["rekey_required"] else "keyed", "members=" + ",".join(r["members"])]
+            for r in doc["rooms"]])
+    return EXIT_OK
+
+
+async def cmd_log_verify(ctx: Context, c: UnibusClient) -> int:
+    state = await c.verify_log()
+    seq, digest = state.head
+    if ctx.json:
+        _json_out({"server": c.base_url, "valid": True, "entries": seq + 1, "head": {"seq": seq, "hash": digest},
+                   "trust_root": c.replica.trust_root})
+    else:
+        _out(f"the membership log of {c.base_url} is valid: {seq + 1} entries, head seq {seq} {digest}, "
+             f"trust root {c.replica.trust_root}")
     return EXIT_OK
 
 
@@ -672,9 +845,10 @@ async def cmd_blob_get(ctx: Context, c: UnibusClient) -> int:
     return EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -> int:
+    """``unibus ARGV``; ``plugins`` adds client plugins that are not installed (tests)."""
     _setup_logging()
-    parser = build_parser()
+    parser = build_parser(plugins)
     args = parser.parse_args(argv)
     ctx = Context(args)
     try:
@@ -690,7 +864,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ApiError as exc:
         _err(str(exc))
         return EXIT_FAILED
-    except (BusError, SealError) as exc:
+    except (BusError, SealError, VerificationError, RekeyRequired, NotARoomMember, ReplicaError) as exc:
         _err(str(exc))
         return EXIT_FAILED
     except ValueError as exc:  # BlobFormatError/BlobIntegrityError: a blob that does not decrypt

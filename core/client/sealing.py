@@ -1,4 +1,4 @@
-"""Sealed room keys and room messages (SPEC §6), client side.
+"""Sealed room keys and room messages (docs/formats.md), client side.
 
 * A room key is 32 random bytes. It is sealed to each member with HPKE
   (RFC 9180) base mode, single shot, suite = (member's ``enc_suite`` KEM,
@@ -62,7 +62,7 @@ ROOM_KEY_INFO_PREFIX = b"unibus/room-key/v1|"
 EPOCH_HEADER = "Unibus-Epoch"
 SUBJECT_PREFIX = "unibus.room."
 
-#: Server-made room ids (SPEC §5). They cannot contain "|" or ".", so the HPKE
+#: Server-made room ids (docs/http-api.md). They cannot contain "|" or ".", so the HPKE
 #: info string and the message subject are unambiguous.
 ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
 _TOPIC_TOKEN = r"(?:(?![.*>])[!-~])+"  # printable ASCII, no space, no '.', no wildcards

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import inspect
 import base64
 import functools
@@ -75,7 +76,7 @@ class Member:
         }
 
     def room_entry(self) -> dict[str, Any]:
-        """How a room lists its members (SPEC §5)."""
+        """How a room lists its members (docs/http-api.md, "Room")."""
         return {"handle": self.handle, "enc_pub": b64(self.enc_pub), "enc_suite": self.enc_suite}
 
     @property
@@ -138,7 +139,13 @@ class Membership:
 
 @dataclass(frozen=True)
 class Change:
-    """What a committed write changed; listeners (bus authorization, blob store) react to it."""
+    """What a committed write changed; listeners (bus authorization, blob store) react to it.
+
+    The core turns each one into a :class:`unibus.events.ChangeEvent` for the
+    ``store_changed`` hook (docs/plugins.md, "Change events"). ``seq``,
+    ``actor``, ``before`` and ``after`` are the event's; they take no part in
+    equality, so two reports of the same change compare equal.
+    """
 
     kind: str  # member_added, member_updated, member_bus_key, member_deleted, room_created,
     #            room_deleted, room_member_added, room_member_removed, keys_posted, reloaded
@@ -150,10 +157,40 @@ class Change:
     #: after an offline ``membershipd member add``).
     origin: str = "local"
     keys: tuple[str, ...] = ()
+    #: The membership log's seq of the entry written with the change (None: not logged).
+    seq: int | None = field(default=None, compare=False)
+    #: The handle whose signed request made the change (None: not a signed request).
+    actor: str | None = field(default=None, compare=False)
+    #: The record before and after (:func:`member_state`, :func:`room_state`); None where there is none.
+    before: dict[str, Any] | None = field(default=None, compare=False)
+    after: dict[str, Any] | None = field(default=None, compare=False)
 
     @property
     def affects_bus(self) -> bool:
         return self.kind not in ("keys_posted", "member_updated")
+
+
+def actor_of(logged: LogRecord | None) -> str | None:
+    """The author of a logged write: the keyid its signature verified with."""
+    return logged.keyid if logged is not None else None
+
+
+def member_state(member: Member | None) -> dict[str, Any] | None:
+    """A member as change events carry it: its public record (``GET /v1/members/{handle}``)."""
+    return member.as_json() if member is not None else None
+
+
+def room_state(room_id: str, name: str, owner: str | None, epoch: int, rekey_required: bool,
+               members: Any) -> dict[str, Any]:
+    """A room as change events carry it: the room's fields and its members' handles, sorted."""
+    return {"room_id": room_id, "name": name, "owner": owner or None, "epoch": int(epoch),
+            "rekey_required": bool(rekey_required), "members": sorted(members)}
+
+
+def room_state_of(room: Room | None) -> dict[str, Any] | None:
+    if room is None:
+        return None
+    return room_state(room.room_id, room.name, room.owner, room.epoch, room.rekey_required, room.handles)
 
 
 class StoreError(Exception):
@@ -274,17 +311,31 @@ class Store(abc.ABC):
     def __init__(self) -> None:
         self._listeners: list[Listener] = []
 
-    def add_listener(self, listener: Listener) -> None:
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
         """Call ``listener(change)`` after every committed change (and after ``reload``).
 
-        A listener may return an awaitable (bus authorization returns its
+        Returns a function that removes the listener again (calling it twice is
+        harmless). A listener may return an awaitable (bus authorization returns its
         kicks): the write that caused the change waits for it, up to
         ``CHANGE_APPLY_TIMEOUT``, before it returns. So when a client gets the
         2xx of a membership change, the bus already enforces it. An awaitable
         that raises :class:`ChangeNotEnforced` makes the write raise it too
         (after every listener ran): the change stays committed.
+
+        This is the core's own interface (docs/store.md, "Listeners"); a
+        plugin implements the ``store_changed`` hook instead.
         """
         self._listeners.append(listener)
+
+        def remove() -> None:
+            self.remove_listener(listener)
+
+        return remove
+
+    def remove_listener(self, listener: Listener) -> None:
+        """Stop calling ``listener``; a listener not (or no longer) added is ignored."""
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
 
     async def _changed(self, change: Change) -> None:
         waits = []
@@ -430,3 +481,19 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def membership(self) -> Membership: ...
+
+    # -- replay protection's high-water mark -----------------------------------------
+    @abc.abstractmethod
+    async def nonce_high_water(self) -> int:
+        """The durable high-water mark of signed requests: no request was ever
+        accepted whose ``created`` is above it (0 when none was recorded).
+
+        The nonce bucket lives in memory (docs/operations.md, "Durability"): when
+        it is lost, the bucket that replaces it refuses every request created at
+        or before this mark, so none accepted before the loss can be replayed.
+        """
+
+    @abc.abstractmethod
+    async def raise_nonce_high_water(self, value: int) -> int:
+        """Make the mark at least ``value``, durably, before returning; never lower it.
+        Returns the stored mark (``>= value``)."""

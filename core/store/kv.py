@@ -21,6 +21,8 @@ key                              value (JSON)
 ``meta.loghead``                 ``{seq, hash, max_created}`` — the log's head, and the largest
                                  ``created`` of a request in it
 ``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
+``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
+                                 ``created`` (docs/operations.md, "Durability")
 ===============================  ==========================================================
 
 A logged change (``logged=``) adds to its batch the entry ``log.<seq>``, its
@@ -79,8 +81,12 @@ from .base import (
     Room,
     Store,
     StoreUnavailable,
+    actor_of,
     check_appendable,
     entry_text,
+    member_state,
+    room_state,
+    room_state_of,
     snapshot_member,
     snapshot_room,
 )
@@ -218,6 +224,7 @@ def _nonce_key(keyid: str, nonce: str) -> str:
 
 
 ADMINS_KEY = "meta.admins"
+HIGH_WATER_KEY = "meta.nonce_high_water"
 SCHEMA_KEY = "meta.schema"
 LOG_HEAD_KEY = "meta.loghead"
 #: Log entries read at once by ``log_entries``.
@@ -526,6 +533,25 @@ class KvStore(Store):
         # The stored text is the entry's canonical JSON: its hash is the entry's hash.
         return hashlib.sha256(raw).hexdigest() if raw is not None else None
 
+    # -- replay protection's high-water mark ------------------------------------------
+
+    async def nonce_high_water(self) -> int:
+        value, _rev = await self._read(HIGH_WATER_KEY)
+        return int(value["created"]) if value is not None else 0
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        async def attempt() -> int:
+            stored, rev = await self._read(HIGH_WATER_KEY)
+            current = int(stored["created"]) if stored is not None else 0
+            if current >= value:
+                return current
+            # Conditional on the revision read: of two nodes raising it at once,
+            # the loser re-reads and keeps the larger mark.
+            await self._commit([_Write(HIGH_WATER_KEY, {"created": value}, rev)])
+            return value
+
+        return await self._retrying(attempt)
+
     # -- the bucket --------------------------------------------------------------
 
     def bucket_config(self) -> KeyValueConfig:
@@ -736,7 +762,7 @@ class KvStore(Store):
         if member.bus_pub is not None and member.bus_pub == sign_nkey:
             raise Conflict("bus_pub is the nkey of the member's own sign_pub; the bus key must be a separate key")
 
-        async def attempt() -> Member:
+        async def attempt() -> tuple[Member, int | None]:
             pos = await self._log_position(logged)
             (m, mrev), (s, srev), (sb, sbrev), (admins, arev) = await asyncio.gather(
                 self._read(_mkey(member.handle)), self._read(_skey(member.sign_pub)), self._read(_bkey(sign_nkey)),
@@ -759,17 +785,18 @@ class KvStore(Store):
                 current = set((admins or {}).get("admins", []))
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current | {member.handle})}, arev))
             await self._commit(writes + self._log_writes(pos, logged, {}))
-            return member
+            return member, _seq(pos)
 
-        result = await self._retrying(attempt)
-        await self._changed(Change("member_added", handle=member.handle))
+        result, seq = await self._retrying(attempt)
+        await self._changed(Change("member_added", handle=member.handle, seq=seq, actor=actor_of(logged),
+                                   after=member_state(result)))
         return result
 
     async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
-        async def attempt() -> tuple[Member, bool]:
+        async def attempt() -> tuple[Member, Member | None, int | None]:
             pos = await self._log_position(logged)
             m, mrev = await self._read(_mkey(handle))
             if m is None:
@@ -778,7 +805,7 @@ class KvStore(Store):
             if old == bus_pub:
                 if pos is not None:
                     await self._commit(self._log_writes(pos, logged, {}))
-                return _member(m), False
+                return _member(m), None, _seq(pos)
             why, brev = await self._bus_pub_taken(bus_pub, handle)
             if why:
                 raise Conflict(why)
@@ -790,18 +817,19 @@ class KvStore(Store):
                 if entry is not None and entry.get("handle") == handle and entry.get("key") == "bus":
                     writes.append(_Write(_bkey(old), None, orev))  # the old key is free again
             await self._commit(writes + self._log_writes(pos, logged, {}))
-            return _member(new), True
+            return _member(new), _member(m), _seq(pos)
 
-        result, changed = await self._retrying(attempt)
-        if changed:
-            await self._changed(Change("member_bus_key", handle=handle))
+        result, before, seq = await self._retrying(attempt)
+        if before is not None:
+            await self._changed(Change("member_bus_key", handle=handle, seq=seq, actor=actor_of(logged),
+                                       before=member_state(before), after=member_state(result)))
         return result
 
     async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
-        async def attempt() -> Member:
+        async def attempt() -> tuple[Member, Member, int | None]:
             pos = await self._log_position(logged)
             (m, mrev), (admins, arev) = await asyncio.gather(self._read(_mkey(handle)), self._read(ADMINS_KEY))
             if m is None:
@@ -812,22 +840,23 @@ class KvStore(Store):
             if m["role"] == role:
                 if pos is not None:
                     await self._commit(self._log_writes(pos, logged, {}))
-                return _member(m)
+                return _member(m), _member(m), _seq(pos)
             new = {**m, "role": role}
             after = current | {handle} if role == "admin" else current - {handle}
             await self._commit([_Write(_mkey(handle), new, mrev), _Write(ADMINS_KEY, {"admins": sorted(after)}, arev)]
                                + self._log_writes(pos, logged, {}))
-            return _member(new)
+            return _member(new), _member(m), _seq(pos)
 
-        result = await self._retrying(attempt)
-        await self._changed(Change("member_updated", handle=handle))
+        result, before, seq = await self._retrying(attempt)
+        await self._changed(Change("member_updated", handle=handle, seq=seq, actor=actor_of(logged),
+                                   before=member_state(before), after=member_state(result)))
         return result
 
     async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
-        async def attempt() -> tuple[list[str], list[tuple[str, int, int]]]:
+        async def attempt() -> tuple[list[str], list[tuple[str, int, int]], Member, int | None]:
             pos = await self._log_position(logged)
             (m, mrev), rooms = await asyncio.gather(self._read(_mkey(handle)), self._scan("room"))
             if m is None:
@@ -870,11 +899,12 @@ class KvStore(Store):
                     strip.append((room["room_id"], rng[0], rng[1]))
                 writes.append(_Write(_rkey(room["room_id"]), new, rrev))
             await self._commit(writes + self._log_writes(pos, logged, {}))
-            return sorted(left), strip
+            return sorted(left), strip, _member(m), _seq(pos)
 
-        left, strip = await self._retrying(attempt)
+        left, strip, before, seq = await self._retrying(attempt)
         await self._strip_sealed(handle, strip)
-        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(left)))
+        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(left), seq=seq,
+                                   actor=actor_of(logged), before=member_state(before)))
         return left
 
     async def _strip_sealed(self, handle: str, ranges: list[tuple[str, int, int]]) -> None:
@@ -920,7 +950,7 @@ class KvStore(Store):
         if not _valid(owner):
             raise NotFound(f"no member {owner!r}")
 
-        async def attempt() -> Room:
+        async def attempt() -> tuple[Room, int | None]:
             pos = await self._log_position(logged)
             m, mrev = await self._read(_mkey(owner))
             if m is None:
@@ -931,10 +961,11 @@ class KvStore(Store):
             # The touch of the owner's record makes a concurrent delete_member of the owner lose (or this).
             await self._commit([_Write(_rkey(room_id), record, 0), _Write(_mkey(owner), m, mrev)]
                                + self._log_writes(pos, logged, {"room_id": room_id}))
-            return self._room(record, {owner: _member(m)})
+            return self._room(record, {owner: _member(m)}), _seq(pos)
 
-        room = await self._retrying(attempt)
-        await self._changed(Change("room_created", handle=owner, room_id=room.room_id))
+        room, seq = await self._retrying(attempt)
+        await self._changed(Change("room_created", handle=owner, room_id=room.room_id, seq=seq,
+                                   actor=actor_of(logged), after=room_state_of(room)))
         return room
 
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
@@ -960,12 +991,13 @@ class KvStore(Store):
         return room, rev
 
     async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
-        async def attempt() -> None:
+        async def attempt() -> tuple[dict[str, Any], int | None]:
             pos = await self._log_position(logged)
-            _room, rev = await self._room_or_404(room_id)
+            room, rev = await self._room_or_404(room_id)
             await self._commit([_Write(_rkey(room_id), None, rev)] + self._log_writes(pos, logged, {}))
+            return _room_state(room), _seq(pos)
 
-        await self._retrying(attempt)
+        before, seq = await self._retrying(attempt)
         # The sealed keys are unreachable once the room record is gone (room ids are
         # never reused); purging them is hygiene, and a crash here only leaves garbage.
         try:
@@ -973,10 +1005,10 @@ class KvStore(Store):
                            "purge sealed keys")
         except Exception as e:  # noqa: BLE001 - hygiene only: the keys are unreachable already
             log.warning("could not purge the sealed keys of deleted room %s: %s", room_id, e)
-        await self._changed(Change("room_deleted", room_id=room_id))
+        await self._changed(Change("room_deleted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before))
 
     async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
-        async def attempt() -> tuple[Room, bool]:
+        async def attempt() -> tuple[Room, dict[str, Any] | None, int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
             m, mrev = await self._read(_mkey(handle)) if _valid(handle) else (None, 0)
@@ -985,30 +1017,32 @@ class KvStore(Store):
             if handle in room["members"]:
                 if pos is not None:
                     await self._commit(self._log_writes(pos, logged, {}))
-                return self._room(room, await self._members_of(room["members"])), False
+                return self._room(room, await self._members_of(room["members"])), None, _seq(pos)
             new = {**room, "members": sorted(set(room["members"]) | {handle}), "rekey_required": True}
             # The touch of the member's record: a concurrent delete_member of it cannot miss this room.
             await self._commit([_Write(_rkey(room_id), new, rrev), _Write(_mkey(handle), m, mrev)]
                                + self._log_writes(pos, logged, {}))
-            return self._room(new, await self._members_of(new["members"])), True
+            return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, changed = await self._retrying(attempt)
-        if changed:
-            await self._changed(Change("room_member_added", handle=handle, room_id=room_id))
+        room, before, seq = await self._retrying(attempt)
+        if before is not None:
+            await self._changed(Change("room_member_added", handle=handle, room_id=room_id, seq=seq,
+                                       actor=actor_of(logged), before=before, after=room_state_of(room)))
         return room
 
     async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
-        async def attempt() -> Room:
+        async def attempt() -> tuple[Room, dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
             if handle not in room["members"]:
                 raise NotFound(f"{handle!r} is not a member of room {room_id!r}")
             new = {**room, "members": [h for h in room["members"] if h != handle], "rekey_required": True}
             await self._commit([_Write(_rkey(room_id), new, rrev)] + self._log_writes(pos, logged, {}))
-            return self._room(new, await self._members_of(new["members"]))
+            return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room = await self._retrying(attempt)
-        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id))
+        room, before, seq = await self._retrying(attempt)
+        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id, seq=seq,
+                                   actor=actor_of(logged), before=before, after=room_state_of(room)))
         return room
 
     async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
@@ -1017,7 +1051,7 @@ class KvStore(Store):
         if not _valid(room_id):
             raise NotFound(f"no room {room_id!r}")
 
-        async def attempt() -> Room:
+        async def attempt() -> tuple[Room, dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             (room, rrev), (_old, krev) = await asyncio.gather(self._room_or_404(room_id),
                                                              self._read(_kkey(room_id, epoch)))
@@ -1039,10 +1073,11 @@ class KvStore(Store):
             # One batch, both conditional: of two writers for the same epoch exactly one commits.
             await self._commit([_Write(_kkey(room_id, epoch), entry, krev), _Write(_rkey(room_id), new, rrev)]
                                + self._log_writes(pos, logged, {"epoch": epoch}))
-            return self._room(new, await self._members_of(new["members"]))
+            return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room = await self._retrying(attempt)
-        await self._changed(Change("keys_posted", room_id=room_id))
+        room, before, seq = await self._retrying(attempt)
+        await self._changed(Change("keys_posted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before,
+                                   after=room_state_of(room)))
         return room
 
     async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
@@ -1283,6 +1318,16 @@ class KvStore(Store):
                     await self._changed(change)
                 except Exception:  # pragma: no cover - _changed logs listener errors itself
                     log.exception("KV watch: reporting a change failed")
+
+
+def _seq(pos: _LogPosition | None) -> int | None:
+    """The log seq a logged write took (None: nothing was logged)."""
+    return pos.seq if pos is not None else None
+
+
+def _room_state(d: dict[str, Any]) -> dict[str, Any]:
+    """A room record of the bucket as change events carry it (:func:`unibus.store.base.room_state`)."""
+    return room_state(d["room_id"], d["name"], d.get("owner", ""), d["epoch"], d["rekey_required"], d["members"])
 
 
 async def _sealed_epochs(src: Store, room: Room, handles: list[str]) -> dict[int, dict[str, Any]]:

@@ -42,8 +42,12 @@ from .base import (
     NotFound,
     Room,
     Store,
+    actor_of,
     check_appendable,
     entry_text,
+    member_state,
+    room_state,
+    room_state_of,
     snapshot_member,
     snapshot_room,
 )
@@ -101,25 +105,27 @@ class SqliteStore(Store):
         return await self._run(q)
 
     async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
-        def q(s: Session) -> Member:
+        def q(s: Session) -> tuple[Member, int | None]:
             pos = log_begin(s, logged)
             added = add_member_sync(s, member)
             log_end(s, pos, logged, {})
-            return added
+            return added, _seq(pos)
 
-        result = await self._run(q)
-        await self._changed(Change("member_added", handle=member.handle))
+        result, seq = await self._run(q)
+        await self._changed(Change("member_added", handle=member.handle, seq=seq, actor=actor_of(logged),
+                                   after=member_state(result)))
         return result
 
     async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
-        def q(s: Session) -> tuple[Member, bool]:
+        def q(s: Session) -> tuple[Member, Member | None, int | None]:
             pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
             if row is None:
                 raise NotFound(f"no member {handle!r}")
             if row.bus_pub == bus_pub:
                 log_end(s, pos, logged, {})
-                return _member(row), False
+                return _member(row), None, _seq(pos)
+            before = _member(row)
             _check_bus_pub_free(s, bus_pub, handle)
             row.bus_pub = bus_pub
             try:
@@ -127,31 +133,34 @@ class SqliteStore(Store):
             except IntegrityError:
                 raise Conflict("another member already has this bus_pub") from None
             log_end(s, pos, logged, {})
-            return _member(row), True
+            return _member(row), before, _seq(pos)
 
-        result, changed = await self._run(q)
-        if changed:
-            await self._changed(Change("member_bus_key", handle=handle))
+        result, before, seq = await self._run(q)
+        if before is not None:
+            await self._changed(Change("member_bus_key", handle=handle, seq=seq, actor=actor_of(logged),
+                                       before=member_state(before), after=member_state(result)))
         return result
 
     async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
-        def q(s: Session) -> Member:
+        def q(s: Session) -> tuple[Member, Member, int | None]:
             pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
             if row is None:
                 raise NotFound(f"no member {handle!r}")
             if row.role == "admin" and role != "admin" and _admin_count(s) <= 1:
                 raise Conflict(f"{handle!r} is the last admin; make another member admin first")
+            before = _member(row)
             row.role = role
             log_end(s, pos, logged, {})
-            return _member(row)
+            return _member(row), before, _seq(pos)
 
-        result = await self._run(q)
-        await self._changed(Change("member_updated", handle=handle))
+        result, before, seq = await self._run(q)
+        await self._changed(Change("member_updated", handle=handle, seq=seq, actor=actor_of(logged),
+                                   before=member_state(before), after=member_state(result)))
         return result
 
     async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
-        def q(s: Session) -> list[str]:
+        def q(s: Session) -> tuple[list[str], Member, int | None]:
             pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
             if row is None:
@@ -166,12 +175,14 @@ class SqliteStore(Store):
             # Ownership dies with the member: a later member reusing the handle
             # must not inherit it. Admins manage ownerless rooms.
             s.execute(update(m.Room).where(m.Room.owner == handle).values(owner=""))
+            before = _member(row)
             s.delete(row)
             log_end(s, pos, logged, {})
-            return sorted(rooms)
+            return sorted(rooms), before, _seq(pos)
 
-        rooms = await self._run(q)
-        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(rooms)))
+        rooms, before, seq = await self._run(q)
+        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(rooms), seq=seq,
+                                   actor=actor_of(logged), before=member_state(before)))
         return rooms
 
     # -- rooms -----------------------------------------------------------------
@@ -198,7 +209,7 @@ class SqliteStore(Store):
         return row
 
     async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
-        def q(s: Session) -> Room:
+        def q(s: Session) -> tuple[Room, int | None]:
             pos = log_begin(s, logged)
             if s.get(m.Member, owner) is None:
                 raise NotFound(f"no member {owner!r}")
@@ -208,10 +219,11 @@ class SqliteStore(Store):
             s.add(m.RoomMember(room_id=row.room_id, handle=owner, added_at=now))
             s.flush()
             log_end(s, pos, logged, {"room_id": row.room_id})
-            return self._room(s, row)
+            return self._room(s, row), _seq(pos)
 
-        room = await self._run(q)
-        await self._changed(Change("room_created", handle=owner, room_id=room.room_id))
+        room, seq = await self._run(q)
+        await self._changed(Change("room_created", handle=owner, room_id=room.room_id, seq=seq,
+                                   actor=actor_of(logged), after=room_state_of(room)))
         return room
 
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
@@ -231,53 +243,59 @@ class SqliteStore(Store):
         return await self._run(q)
 
     async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
-        def q(s: Session) -> None:
+        def q(s: Session) -> tuple[dict[str, Any], int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
+            before = _room_state(s, row)
             s.execute(delete(m.SealedKey).where(m.SealedKey.room_id == room_id))
             s.execute(delete(m.RoomEpoch).where(m.RoomEpoch.room_id == room_id))
             s.execute(delete(m.RoomMember).where(m.RoomMember.room_id == room_id))
             s.delete(row)
             log_end(s, pos, logged, {})
+            return before, _seq(pos)
 
-        await self._run(q)
-        await self._changed(Change("room_deleted", room_id=room_id))
+        before, seq = await self._run(q)
+        await self._changed(Change("room_deleted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before))
 
     async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
-        def q(s: Session) -> tuple[Room, bool]:
+        def q(s: Session) -> tuple[Room, dict[str, Any] | None, int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             if s.get(m.Member, handle) is None:
                 raise NotFound(f"no member {handle!r}")
             if s.get(m.RoomMember, (room_id, handle)) is not None:
                 log_end(s, pos, logged, {})
-                return self._room(s, row), False
+                return self._room(s, row), None, _seq(pos)
+            before = _room_state(s, row)
             s.add(m.RoomMember(room_id=room_id, handle=handle, added_at=_now()))
             row.rekey_required = True
             s.flush()
             log_end(s, pos, logged, {})
-            return self._room(s, row), True
+            return self._room(s, row), before, _seq(pos)
 
-        room, changed = await self._run(q)
-        if changed:
-            await self._changed(Change("room_member_added", handle=handle, room_id=room_id))
+        room, before, seq = await self._run(q)
+        if before is not None:
+            await self._changed(Change("room_member_added", handle=handle, room_id=room_id, seq=seq,
+                                       actor=actor_of(logged), before=before, after=room_state_of(room)))
         return room
 
     async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
-        def q(s: Session) -> Room:
+        def q(s: Session) -> tuple[Room, dict[str, Any], int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             link = s.get(m.RoomMember, (room_id, handle))
             if link is None:
                 raise NotFound(f"{handle!r} is not a member of room {room_id!r}")
+            before = _room_state(s, row)
             s.delete(link)
             row.rekey_required = True
             s.flush()
             log_end(s, pos, logged, {})
-            return self._room(s, row)
+            return self._room(s, row), before, _seq(pos)
 
-        room = await self._run(q)
-        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id))
+        room, before, seq = await self._run(q)
+        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id, seq=seq,
+                                   actor=actor_of(logged), before=before, after=room_state_of(room)))
         return room
 
     async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
@@ -285,7 +303,7 @@ class SqliteStore(Store):
                        log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
         sigs = sigs or {}
 
-        def q(s: Session) -> Room:
+        def q(s: Session) -> tuple[Room, dict[str, Any], int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
             if epoch != row.epoch + 1:
@@ -293,6 +311,7 @@ class SqliteStore(Store):
                                current_epoch=row.epoch)
             members = self._room_members(s, room_id)
             current = {mb.handle for mb in members}
+            before = room_state(row.room_id, row.name, row.owner, row.epoch, bool(row.rekey_required), current)
             missing, extra = sorted(current - sealed.keys()), sorted(sealed.keys() - current)
             if missing or extra:
                 raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
@@ -308,10 +327,12 @@ class SqliteStore(Store):
                 s.execute(insert(m.RoomEpoch.__table__).values(room_id=room_id, epoch=epoch, sealer=sealer,
                                                                log_seq=log_head["seq"], log_hash=log_head["hash"]))
             log_end(s, pos, logged, {"epoch": epoch})
-            return Room(row.room_id, row.name, row.owner, epoch, False, _aware(row.created_at), members)
+            return (Room(row.room_id, row.name, row.owner, epoch, False, _aware(row.created_at), members), before,
+                    _seq(pos))
 
-        room = await self._run(q)
-        await self._changed(Change("keys_posted", room_id=room_id))
+        room, before, seq = await self._run(q)
+        await self._changed(Change("keys_posted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before,
+                                   after=room_state_of(room)))
         return room
 
     async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
@@ -345,6 +366,30 @@ class SqliteStore(Store):
 
     async def log_hash_at(self, seq: int) -> str | None:
         return await self._run(lambda s: s.scalar(select(m.LogEntry.hash).where(m.LogEntry.seq == seq)))
+
+    # -- replay protection's high-water mark ------------------------------------------
+
+    async def nonce_high_water(self) -> int:
+        def q(s: Session) -> int:
+            row = s.get(m.Meta, HIGH_WATER_KEY)
+            return int(row.value) if row is not None else 0
+
+        return await self._run(q)
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        def q(s: Session) -> int:
+            row = s.get(m.Meta, HIGH_WATER_KEY)
+            current = int(row.value) if row is not None else 0
+            if current >= value:
+                return current
+            if row is None:
+                s.add(m.Meta(key=HIGH_WATER_KEY, value=str(value)))
+            else:
+                row.value = str(value)
+            return value
+
+        # One transaction, committed (WAL, synchronous=FULL: fsynced) before this returns.
+        return await self._run(q)
 
     async def log_export(self) -> tuple[list[str], list[tuple[str, str, int]], int]:
         """The whole log for ``migrate-to-kv``: entry texts in order, the (keyid, nonce, seq)
@@ -421,6 +466,8 @@ def add_member_sync(s: Session, member: Member) -> Member:
 
 #: unibus_meta key of the largest ``created`` of a request in the log.
 MAX_CREATED_KEY = "log.max_created"
+#: unibus_meta key of the signed requests' high-water mark (docs/operations.md, "Durability").
+HIGH_WATER_KEY = "nonces.high_water"
 
 
 @dataclass(frozen=True)
@@ -471,6 +518,17 @@ def ensure_root_sync(s: Session) -> tuple[int, str]:
     s.add(m.LogEntry(seq=0, hash=digest, entry=body))
     s.flush()
     return 0, digest
+
+
+def _seq(pos: LogPosition | None) -> int | None:
+    """The log seq a logged write took (None: nothing was logged)."""
+    return pos.seq if pos is not None else None
+
+
+def _room_state(s: Session, row: m.Room) -> dict[str, Any]:
+    """A room row as change events carry it (:func:`unibus.store.base.room_state`), read inside the write."""
+    handles = s.scalars(select(m.RoomMember.handle).where(m.RoomMember.room_id == row.room_id))
+    return room_state(row.room_id, row.name, row.owner, row.epoch, bool(row.rekey_required), handles)
 
 
 def log_begin(s: Session, logged: LogRecord | None) -> LogPosition | None:

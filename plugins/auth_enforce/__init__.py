@@ -30,11 +30,13 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from unibus import hookimpl
+from unibus import StashKey, hookimpl
+from unibus.pluginstate import state_dir_of
 from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_service_nkey, load_nkey_seed
 from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
@@ -66,11 +68,10 @@ def issuer_for(settings: Settings) -> Issuer:
     shared = settings.cluster_key(ISSUER_LABEL)
     if shared is not None:
         return Issuer.from_raw(shared)
-    path = settings.data_dir / ISSUER_FILE
+    path = state_dir_of(settings.data_dir, PLUGIN_NAME) / ISSUER_FILE.name
     if not path.exists():
         import nkeys
 
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "wb") as f:
@@ -132,9 +133,11 @@ class Runtime:
     enforcer: Enforcer | None = None
     metrics: BusAuthMetrics | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    unsubscribe: Callable[[], None] | None = None
 
 
-RUNTIME_KEY = "auth_enforce"
+#: The plugin's :class:`Runtime` in its stash (docs/plugins.md, "State").
+RUNTIME = StashKey[Runtime]("runtime")
 
 
 @hookimpl
@@ -240,7 +243,7 @@ async def _apply_local(rt: Runtime, change: Change) -> None:
 
 @hookimpl
 async def startup(app) -> None:
-    from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE
+    from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
     if not enforcing(settings):
@@ -272,23 +275,25 @@ async def startup(app) -> None:
         app[METRICS].plugin(PLUGIN_NAME), pending=lambda: len(enforcer.pending),
         connections=lambda: sum(len(c) for c in enforcer.connections.values()))
     rt.responder.metrics = rt.enforcer.metrics = rt.metrics
-    app[EXTRA][RUNTIME_KEY] = rt
+    stash(app)[RUNTIME] = rt
 
     def on_change(change: Change) -> Any:
         if change.kind in ("keys_posted", "member_updated"):
             return None
         return apply_change(rt, change)
 
-    store.add_listener(on_change)
+    rt.unsubscribe = store.add_listener(on_change)
 
 
 @hookimpl
 async def shutdown(app) -> None:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    rt = app[EXTRA].get(RUNTIME_KEY)
+    rt = stash(app, PLUGIN_NAME).pop(RUNTIME)
     if rt is None:
         return
+    if rt.unsubscribe is not None:
+        rt.unsubscribe()
     if rt.enforcer is not None:
         await rt.enforcer.stop()
     await rt.responder.stop()
@@ -296,14 +301,14 @@ async def shutdown(app) -> None:
 
 @hookimpl
 def healthz_fields(app) -> dict[str, Any]:
-    from unibus.app import EXTRA, SETTINGS
+    from unibus.app import SETTINGS, stash
 
     settings = app[SETTINGS]
-    rt = app[EXTRA].get(RUNTIME_KEY)
+    rt = stash(app, PLUGIN_NAME).get(RUNTIME)
     if not enforcing(settings) or rt is None:
-        return {PLUGIN_NAME: {"enforced": False}}
+        return {"enforced": False}
     enforcer = rt.enforcer
-    return {PLUGIN_NAME: {
+    return {
         "enforced": True,
         "mode": "callout",
         "members": len(rt.policy.bus_of),
@@ -313,7 +318,7 @@ def healthz_fields(app) -> dict[str, Any]:
         "kicks_pending": sorted(enforcer.pending) if enforcer else [],
         "last_change_ms": (round(enforcer.last_duration * 1000, 1)
                            if enforcer and enforcer.last_duration is not None else None),
-    }}
+    }
 
 
 __all__ = ["MEMBERS_ACCOUNT", "SERVICE_ACCOUNT", "SYSTEM_ACCOUNT", "accounts", "authorization", "member_permissions"]

@@ -1,4 +1,4 @@
-"""blobstore: streamed, content-addressed room blobs (SPEC §5, §8; issue 7).
+"""blobstore: streamed, content-addressed room blobs (docs/blobstore.md).
 
 Routes (added by :func:`startup`, documented in ``/openapi.json``)::
 
@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from unibus import hookimpl
+from unibus import StashKey, hookimpl
 from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
 from unibus.settings import Option, parse_positive_int
 
@@ -44,8 +44,8 @@ from .backend import WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
 
 PLUGIN_NAME = "blobstore"
 DEFAULT_MAX_BYTES = 104857600
-#: ``app[unibus.app.EXTRA][EXTRA_KEY]`` holds the running :class:`BlobService`.
-EXTRA_KEY = "blobstore"
+#: The running :class:`BlobService`, in the plugin's stash (docs/plugins.md, "State").
+SERVICE: StashKey[BlobService] = StashKey("service")
 BLOBS_DIR = "blobs"
 
 log = logging.getLogger("unibus.plugins.blobstore")
@@ -55,6 +55,8 @@ class BlobService:
     """The plugin's runtime: the backend and the limit."""
 
     def __init__(self, backend: BlobBackend, max_bytes: int) -> None:
+        #: removes :meth:`on_change` from the store's listeners (set at start-up)
+        self.unsubscribe: Callable[[], None] = lambda: None
         self.backend = backend
         self.max_bytes = max_bytes
 
@@ -95,7 +97,7 @@ def cli_options() -> list[Option]:
 
 @hookimpl
 async def startup(app: web.Application) -> None:
-    from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE
+    from unibus.app import BUS, METRICS, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
     store = app[STORE]
@@ -114,41 +116,42 @@ async def startup(app: web.Application) -> None:
     await retry_until(lambda: backend.start(room_exists if sweep else None),
                       CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
     service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)))
-    app[EXTRA][EXTRA_KEY] = service
+    stash(app)[SERVICE] = service
     # Read at every scrape from the backend's in-memory counters (docs/operations.md, "Metrics").
     metrics = app[METRICS].plugin(PLUGIN_NAME)
     metrics.gauge("unibus_blobs", "blobs stored (on a cluster: by every node)", function=lambda: backend.blobs)
     metrics.gauge("unibus_blob_bytes", "bytes of the blobs stored (ciphertext)", function=lambda: backend.bytes)
-    store.add_listener(service.on_change)
+    service.unsubscribe = store.add_listener(service.on_change)
     register_routes(app)
 
 
 @hookimpl
 async def shutdown(app: web.Application) -> None:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    service = app[EXTRA].get(EXTRA_KEY)
+    service = stash(app, PLUGIN_NAME).pop(SERVICE)
     if service is not None:
+        service.unsubscribe()
         await service.backend.close()
 
 
 @hookimpl
 def healthz_fields(app: web.Application) -> dict[str, Any]:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    service = app[EXTRA].get(EXTRA_KEY)
+    service = stash(app, PLUGIN_NAME).get(SERVICE)
     if service is None:
-        return {PLUGIN_NAME: {"backend": None, "blobs": 0, "bytes": 0}}
-    return {PLUGIN_NAME: service.backend.stats()}
+        return {"backend": None, "blobs": 0, "bytes": 0}
+    return service.backend.stats()
 
 
 # --------------------------------------------------------------------------- HTTP
 
 
 def _service(request: web.Request) -> BlobService:
-    from unibus.app import EXTRA
+    from unibus.app import stash
 
-    return request.app[EXTRA][EXTRA_KEY]
+    return stash(request.app, PLUGIN_NAME)[SERVICE]
 
 
 def _problem(status: int, detail: str, kind: str | None = None, **kw: Any) -> Exception:
@@ -171,10 +174,10 @@ def _unavailable_as_503(handler: Callable[[web.Request], Awaitable[web.StreamRes
 async def _room_for_member(request: web.Request) -> Any:
     """The room of the path; 404 if absent, 403 unless the caller is one of its members."""
     from unibus.api.rooms import load_room
-    from unibus.auth import current_member
+    from unibus.auth import require_member
 
     room = await load_room(request)
-    me = current_member(request)
+    me = require_member(request)
     if me.handle not in room.handles:
         raise _problem(403, "only the room's members may use its blobs", kind="forbidden")
     return room, me
@@ -315,11 +318,11 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
 
 async def delete_blob(request: web.Request) -> web.Response:
     from unibus.api.rooms import is_owner, load_room
-    from unibus.auth import current_member
+    from unibus.auth import require_member
 
     service = _service(request)
     room = await load_room(request)
-    me = current_member(request)
+    me = require_member(request)
     if not (me.is_admin or me.handle in room.handles):
         raise _problem(403, "only the uploader, the room's owner and admins may delete a blob", kind="forbidden")
     blob_id = _blob_id(request)
@@ -362,7 +365,7 @@ def register_routes(app: web.Application) -> None:
                          401: "missing or invalid signature, or a body whose Content-Digest is not signed",
                          408: "a part of the body did not arrive within the body deadline; nothing stored",
                          413: "larger than --blob-max-bytes; nothing stored", **common},
-              tags=["blobs"])
+              tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     blob_bytes = Response("the blob's bytes", {"type": "string", "format": "binary"}, "application/octet-stream",
                           headers={"Content-Digest": header("sha-256=:<base64>: of the bytes",
                                                             {"type": "string", "pattern": "^sha-256=:[A-Za-z0-9+/]{43}=:$"}),
@@ -371,12 +374,12 @@ def register_routes(app: web.Application) -> None:
               summary="Download a blob (streamed, with Content-Digest and Content-Length; room members)",
               responses={200: blob_bytes, 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
                          **common},
-              path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"])
+              path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     add_route(app, "DELETE", path + "/{blob_id}", _unavailable_as_503(delete_blob),
               summary="Delete a blob (the uploader, the room's owner, admins)",
               responses={204: "deleted", 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
                          **common},
-              path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"])
+              path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
 
 
 def _streaming(handler: Callable[..., Any]) -> Callable[..., Any]:

@@ -1,6 +1,6 @@
 """nats_monitor: nats-server's monitoring endpoint on loopback, and its log volume.
 
-Two environment toggles (SPEC §3) decide both, through one pure function,
+Two environment toggles (docs/nats-monitor.md) decide both, through one pure function,
 :func:`nats_log_opts`:
 
 ==========================  =======  =====  =====  =======
@@ -88,11 +88,10 @@ def cli_options() -> list[Option]:
 
 
 @hookimpl
-def posture(settings: Settings) -> dict[str, Any]:
-    # The monitor is no posture fact; reading the toggles here refuses a bad
-    # spelling at start-up and in `membershipd posture`, before anything runs.
+def validate_settings(settings: Settings) -> None:
+    # Reading the toggles refuses a bad spelling at start-up and in
+    # `membershipd posture`, before anything runs. The monitor is no posture fact.
     current_log_opts()
-    return {}
 
 
 @hookimpl(trylast=True)
@@ -117,4 +116,4 @@ def healthz_fields(app) -> dict[str, Any]:
         enabled = current_log_opts().monitor
     except ConfigError:
         enabled = False
-    return {PLUGIN_NAME: {"enabled": enabled, "url": monitor_url(app[SETTINGS]) if enabled else None}}
+    return {"enabled": enabled, "url": monitor_url(app[SETTINGS]) if enabled else None}

@@ -144,10 +144,16 @@ def check(settings: Settings) -> tuple[Path, Path, Path] | None:
 
 
 @hookimpl
+def validate_settings(settings: Settings) -> None:
+    check(settings)  # reads and checks the files (refusing bad ones) even on a single node
+
+
+@hookimpl
 def posture(settings: Settings) -> dict[str, Any]:
-    verified = check(settings) is not None  # validates (and refuses bad files) even on a single node
+    # No I/O: validate_settings refused every bad file before posture is asked.
     if not settings.clustered:
         return {}  # no routes: nothing to report (a false here would drag a single node's tls down)
+    verified = configured(settings) is not None
     return {"tls": verified, "listeners": {"routes": "mtls" if verified else "plaintext"}}
 
 

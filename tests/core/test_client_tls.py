@@ -28,7 +28,8 @@ async def test_embedded_listener_with_tls(tmp_path, membershipd_factory, mutual)
     if mutual:
         client = make_test_cert(pki, "member", ca, server_auth=False)
         ctx.load_cert_chain(str(client[0]), str(client[1]))
-    nc = await nats.connect(f"tls://127.0.0.1:{proc.nats_port}", tls=ctx, tls_hostname="localhost", nkeys_seed=seed)
+    nc = await nats.connect(f"tls://127.0.0.1:{proc.nats_port}", tls=ctx, tls_hostname="localhost", nkeys_seed=seed,
+                            tls_handshake_first=True)
     assert nc.is_connected
     await nc.close()
     # plain text is refused on a TLS listener
@@ -39,4 +40,5 @@ async def test_embedded_listener_with_tls(tmp_path, membershipd_factory, mutual)
         bare = ssl.create_default_context(cafile=str(ca[0]))
         with pytest.raises(Exception):
             await nats.connect(f"tls://127.0.0.1:{proc.nats_port}", tls=bare, tls_hostname="localhost",
-                               nkeys_seed=seed, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
+                               nkeys_seed=seed, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2,
+                               tls_handshake_first=True)

@@ -213,7 +213,7 @@ class RouteAdder:
 
             return web.json_response({"pong": True})
 
-        add_route(app, "GET", "/ping", ping, summary="ping", responses={200: "pong"}, signed=False)
+        add_route(app, "GET", "/ping", ping, summary="ping", responses={200: "pong"}, signed=False, namespaced=False)
 
     @hookimpl
     def healthz_fields(self, app):

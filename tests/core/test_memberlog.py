@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from unibus.client.keys import generate_identity
+from unibus.client.replica import Replica, VerificationError
 from unibus.memberlog import (
+    MAX_AUTH_SKEW,
     LoggedRequest,
     LogError,
     LogState,
@@ -206,13 +208,59 @@ def test_a_replayed_nonce_and_a_held_back_request_are_rejected(world, people):
     old = NOW - 3 * 60
     log.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=old, at=old + 1)
     with pytest.raises(LogError, match="older than an earlier entry"):
-        replay(log.entries)
+        replay(log.entries, skew=60)
 
 
 def test_created_must_be_within_the_skew_of_the_server_time(world, people):
     world.request(people["bob"], "DELETE", "/v1/rooms/r1/members/carol", created=NOW, at=NOW + 3600)
     with pytest.raises(LogError, match="created is too old|expired"):
         replay(world.entries)
+
+
+def _late_entry(world, people, age):
+    """``world`` plus a request signed ``age`` s before the newest ``created`` (and appended 1 s later)."""
+    log = copy.deepcopy(world)
+    log.request(people["bob"], "DELETE", "/v1/rooms/r1/members/carol", created=NOW - age, at=NOW - age + 1)
+    return log
+
+
+def test_the_time_bound_is_the_constant_cap_of_auth_skew(world, people):
+    """A client checks ``created`` against MAX_AUTH_SKEW by default: what a server with
+    --auth-skew 600 could accept verifies, and nothing beyond it does (docs/formats.md)."""
+    assert LogState().skew == MAX_AUTH_SKEW == 600
+    replay(_late_entry(world, people, 2 * MAX_AUTH_SKEW - 5).entries)
+    late = _late_entry(world, people, 2 * MAX_AUTH_SKEW + 5)
+    with pytest.raises(LogError, match="older than an earlier entry") as e:
+        replay(late.entries)
+    assert e.value.seq == len(late.entries) - 1
+
+
+class _Server:
+    """What Replica.sync reads of a server: a log and a head with any ``auth_skew``."""
+
+    def __init__(self, entries, auth_skew):
+        self.entries, self.auth_skew = entries, auth_skew
+
+    async def log_head(self):
+        return {"seq": len(self.entries) - 1, "hash": entry_hash(self.entries[-1]), "auth_skew": self.auth_skew}
+
+    async def log(self, after=None, limit=None):
+        start = 0 if after is None else after + 1
+        return {"entries": copy.deepcopy(self.entries[start:start + (limit or 500)])}
+
+
+@pytest.mark.parametrize("reported", [10**9, 600, 1, "60", None])
+async def test_the_replica_never_takes_the_skew_the_server_reports(world, people, reported):
+    """A compromised server reports a huge auth_skew to get a late entry accepted; a server
+    whose skew was lowered reports a small one. Neither changes the client's bound."""
+    late = _late_entry(world, people, 2 * MAX_AUTH_SKEW + 5)
+    with pytest.raises(VerificationError, match="older than an earlier entry") as e:
+        await Replica("http://127.0.0.1:1").sync(_Server(late.entries, reported))
+    assert e.value.seq == len(late.entries) - 1
+    ok = _late_entry(world, people, 15 * 60)  # valid under a skew of 600 s, then lowered
+    replica = Replica("http://127.0.0.1:1")
+    await replica.sync(_Server(ok.entries, reported))
+    assert replica.state.head == ok.head
 
 
 def test_trust_root_and_later_bootstraps(world, people):
@@ -285,3 +333,83 @@ def test_any_single_byte_change_is_caught(people, data):
         return  # the change did not change the value (e.g. whitespace)
     with pytest.raises(LogError):
         replay([log.entries[0], tampered, log.entries[2]])
+
+
+def test_a_trusted_replay_rebuilds_the_same_state_without_the_signature_checks(world, people):
+    """A client's own replica (docs/client.md): hashes given, signatures and created not checked again."""
+    import hashlib
+
+    verified = LogState(skew=60)
+    lines = []
+    for e in world.entries:
+        digest, raw = verified.apply_canonical(copy.deepcopy(e))
+        assert hashlib.sha256(raw).hexdigest() == digest == entry_hash(e)
+        lines.append(raw)
+    trusted = LogState(skew=1)  # a later, smaller --auth-skew must not break the replay of old entries
+    for raw in lines:
+        trusted.apply(json.loads(raw), trusted_hash=hashlib.sha256(raw).hexdigest())
+    assert trusted.head == verified.head and trusted.nonces == verified.nonces
+    assert {h: m.as_json() for h, m in trusted.members.items()} == {h: m.as_json() for h, m in verified.members.items()}
+    assert {r: x.as_json() for r, x in trusted.rooms.items()} == {r: x.as_json() for r, x in verified.rooms.items()}
+    assert trusted.rooms["r1"].epochs == verified.rooms["r1"].epochs
+    # the chain and the rules still hold in a trusted replay
+    chained = LogState()
+    chained.apply(json.loads(lines[0]), trusted_hash="0" * 64)  # a wrong hash for entry 0...
+    with pytest.raises(LogError, match="prev is not the hash"):
+        chained.apply(json.loads(lines[1]), trusted_hash=hashlib.sha256(lines[1]).hexdigest())  # ...breaks the chain
+    bad = copy.deepcopy(world)
+    bad.add_member(people["bob"], people["dave"])
+    state = LogState()
+    for raw in lines:
+        state.apply(json.loads(raw), trusted_hash=hashlib.sha256(raw).hexdigest())
+    with pytest.raises(LogError, match="without being an admin"):
+        state.apply(bad.entries[-1], trusted_hash=entry_hash(bad.entries[-1]))
+
+
+def test_deferred_checks_name_the_first_bad_entry(world, people):
+    """defer_checks/run_deferred: the Ed25519 work in bulk, the verdict of a sequential replay."""
+    big = copy.deepcopy(world)
+    for i in range(40):  # enough entries for the parallel path
+        big.request(people["bob"], "PUT", "/v1/rooms/r1/members/alice" if i % 2 == 0 else "/v1/rooms/r1/members/bob")
+    state = LogState()
+    state.defer_checks()
+    for e in big.entries:
+        state.apply(copy.deepcopy(e))
+    assert state.run_deferred() is None
+    assert state.head == replay(big.entries).head
+    entries = copy.deepcopy(big.entries)
+    _flip_signature(entries[20])
+    _flip_signature(entries[30])
+    for i in range(21, len(entries)):  # re-chained: only the signatures are wrong
+        entries[i]["prev"] = entry_hash(entries[i - 1])
+    state = LogState()
+    state.defer_checks()
+    for e in entries:
+        state.apply(copy.deepcopy(e))
+    assert state.run_deferred() == (20, "the signature does not verify with bob's signing key")
+    with pytest.raises(LogError) as e:
+        replay(entries)
+    assert e.value.seq == 20
+    # a signing key that is not a valid point, in a deferred replay
+    bad_key = bytes(32)  # the identity... encoded: not a valid public key
+    doc = {**member_doc(people["dave"]), "sign_pub": base64.b64encode(bad_key).decode()}
+    log = Log(people["alice"])
+    log.append_raw(lambda seq, prev: bootstrap_entry(seq, prev, NOW, doc))
+    state = LogState(accepted_bootstraps=[entry_hash(log.entries[1])])
+    state.defer_checks()
+    for e in log.entries:
+        state.apply(copy.deepcopy(e))
+    found = state.run_deferred(workers=1)
+    assert found is not None and found[0] == 1 and "not a valid Ed25519 public key" in found[1]
+    with pytest.raises(LogError, match="sign_pub"):
+        replay(log.entries, accepted_bootstraps=[entry_hash(log.entries[1])])
+
+
+def test_a_body_that_is_not_a_string_is_refused(world):
+    entries = copy.deepcopy(world.entries)
+    entries[3]["request"]["body"] = 0.0  # falsy: must not pass for an empty body
+    for i in range(4, len(entries)):
+        entries[i]["prev"] = entry_hash(entries[i - 1])
+    with pytest.raises(LogError, match="body must be a base64 string") as e:
+        replay(entries)
+    assert e.value.seq == 3

@@ -157,25 +157,30 @@ async def test_user_password_and_token_from_the_url(tmp_path):
             assert (await c.request("acks.a", b"", b"1"))[0] == 0
 
 
-async def test_tls_upgrade_with_the_embedded_servers_pinned_certificate(tmp_path):
+async def test_tls_first_with_the_embedded_servers_pinned_certificate(tmp_path):
     ca = make_test_ca(tmp_path, "ca")
     cert, key = make_test_cert(tmp_path, "server", ca)
+    ctx = embedded_tls_context(cert, key, None)
 
-    def hook(config):
+    def tls_first(config):  # as the embedded listener is configured
+        config["tls"] = {"cert_file": str(cert), "key_file": str(key), "handshake_first": True}
+
+    def classic(config):
         config["tls"] = {"cert_file": str(cert), "key_file": str(key)}
 
-    with server(tmp_path, hook=hook) as srv:
+    with server(tmp_path, "first", hook=tls_first) as srv:
         url = srv.url.replace("nats://", "tls://")
-        ctx = embedded_tls_context(cert, key, None)
-        await make_stream(url, tls=ctx)
-        async with client(url, tls=ctx) as c:
+        await make_stream(url, tls=ctx, tls_handshake_first=True)
+        async with client(url, tls=ctx) as c:  # tls:// starts with the handshake
             assert (await c.request("acks.a", b"", b"1"))[0] == 0
-        # Plain nats:// to a TLS server still upgrades (the server's INFO requires it) ...
-        async with client(srv.url, tls=ctx) as c:
-            assert (await c.request("acks.b", b"", b"1"))[0] == 0
-        # ... and a certificate nobody trusts is refused.
+        # a certificate nobody trusts is refused
         with pytest.raises(PubAckUnavailable, match="(?i)certificate"):
             await PubAckClient(url, tls=ssl.create_default_context()).connect()
+    with server(tmp_path, "classic", hook=classic) as srv:
+        await make_stream(srv.url, tls=ctx)
+        # plain nats:// to a server that requires TLS upgrades after its INFO
+        async with client(srv.url, tls=ctx) as c:
+            assert (await c.request("acks.b", b"", b"1"))[0] == 0
 
 
 async def test_fails_closed_while_nats_is_down_and_reconnects(nats_server, caplog):
@@ -274,7 +279,7 @@ async def test_nonce_store_claims_over_the_lean_connection(nats_server):
         assert await store.claim("bob", nonce) is True  # per handle
         assert (store.claims, store.replays) == (2, 1)
         info = await bus.js.stream_info(f"KV_{NONCE_BUCKET}")
-        assert info.state.messages == 2
+        assert info.state.messages == 3  # the two nonces and the bucket's _epoch
         await store.close()
         assert not await store.available()
         with pytest.raises(NonceStoreUnavailable, match="not connected"):

@@ -499,6 +499,35 @@ async def test_listeners_get_changes_and_writes_wait_for_them(store: Store) -> N
 # -- KV only: two nodes, the watch, failures, the bucket, the copy ----------------------------------
 
 
+# -- replay protection's high-water mark ------------------------------------------
+
+
+async def test_nonce_high_water_only_rises(store: Store) -> None:
+    assert await store.nonce_high_water() == 0  # a new store: no request was ever accepted
+    assert await store.raise_nonce_high_water(1_800_000_000) == 1_800_000_000
+    assert await store.raise_nonce_high_water(1_700_000_000) == 1_800_000_000  # never lowered
+    assert await store.nonce_high_water() == 1_800_000_000
+    marks = await asyncio.gather(*(store.raise_nonce_high_water(1_800_000_000 + i) for i in range(10)))
+    assert max(marks) == 1_800_000_009 and all(m >= 1_800_000_000 + i for i, m in enumerate(marks))
+    assert await store.nonce_high_water() == 1_800_000_009
+    # not one of the membership changes: nothing for a listener, nothing in the log
+    assert await store.log_head() == (-1, "")
+
+
+async def test_sqlite_nonce_high_water_is_on_disk(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    first = await sqlite_store(db)
+    try:
+        await first.raise_nonce_high_water(1_800_000_123)
+    finally:
+        await first.close()
+    again = SqliteStore(db)
+    try:
+        assert await again.nonce_high_water() == 1_800_000_123
+    finally:
+        await again.close()
+
+
 @pytest.fixture
 async def two_kv(nats_server: NatsServer) -> AsyncIterator[tuple[KvStore, KvStore]]:
     nc1, a = await kv_store(nats_server.url)
@@ -553,6 +582,15 @@ async def test_kv_two_instances_see_each_other_and_the_watch_fires(two_kv: tuple
     await a.delete_member(non_admin)
     assert await b.get_member(non_admin) is None
     assert await b.membership() == await a.membership()
+
+
+async def test_kv_nonce_high_water_raised_through_two_nodes_keeps_the_largest(
+        two_kv: tuple[KvStore, KvStore]) -> None:
+    a, b = two_kv
+    results = await asyncio.gather(*(s.raise_nonce_high_water(1_800_000_000 + i)
+                                     for i in range(20) for s in (a, b)))
+    assert max(results) == 1_800_000_019
+    assert await a.nonce_high_water() == await b.nonce_high_water() == 1_800_000_019
 
 
 async def test_kv_own_writes_are_not_reported_again(two_kv: tuple[KvStore, KvStore]) -> None:
@@ -1080,3 +1118,32 @@ async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: N
     finally:
         await store.close()
         await nc.close()
+
+
+async def test_changes_carry_seq_actor_before_and_after(logged_world) -> None:
+    """What the store_changed hook is built from (docs/plugins.md, "Change events"), on every backend."""
+    store, p = logged_world
+    alice, bob = p["alice"], p["bob"]
+    seen: list[Change] = []
+    store.add_listener(seen.append)
+    room = await store.create_room("ops", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "ops"}))
+    rid = room.room_id
+    await store.add_room_member(rid, "carol", logged=signed(alice, "PUT", f"/v1/rooms/{rid}/members/carol"))
+    await store.set_role("carol", "admin", logged=signed(alice, "PATCH", "/v1/members/carol", {"role": "admin"}))
+    await store.remove_room_member(rid, "carol", logged=signed(bob, "DELETE", f"/v1/rooms/{rid}/members/carol"))
+    await store.delete_room(rid, logged=signed(bob, "DELETE", f"/v1/rooms/{rid}"))
+    created, joined, promoted, left, deleted = seen
+    head = (await store.log_head())[0]
+    assert [c.seq for c in seen] == list(range(head - 4, head + 1))
+    assert [c.actor for c in seen] == ["bob", "alice", "alice", "bob", "bob"]
+    assert created.before is None and created.after == {
+        "room_id": rid, "name": "ops", "owner": "bob", "epoch": 0, "rekey_required": True, "members": ["bob"]}
+    assert joined.before == created.after and joined.after["members"] == ["bob", "carol"]
+    assert promoted.before["role"] == "member" and promoted.after["role"] == "admin"
+    assert promoted.after["handle"] == "carol" and "created_at" in promoted.after
+    assert left.before["members"] == ["bob", "carol"] and left.after["members"] == ["bob"]
+    assert deleted.before == left.after and deleted.after is None
+    # an unlogged write (an import, migrate-to-kv) has neither seq nor actor
+    seen.clear()
+    await store.add_member(member("dave"))
+    assert (seen[0].seq, seen[0].actor, seen[0].after["handle"]) == (None, None, "dave")

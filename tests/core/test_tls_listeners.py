@@ -297,7 +297,7 @@ def test_https_daemon_serves(world):
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     assert http_json("GET", p.base_url + "/healthz", context=ctx)[0] == 200
     conf = json.loads((p.data_dir / "nats.conf").read_text())
-    assert conf["tls"]["handshake_first"] == "auto"
+    assert conf["tls"]["handshake_first"] is True
 
 
 def test_server_context_refuses_old_tls(world):
@@ -370,6 +370,28 @@ async def test_member_uses_a_tls_bus_verified_with_ca(world):
     # the CLI: --ca covers the bus too
     sent = await asyncio.to_thread(world.unibus, "--ca", str(world.pki.ca[0]), "send", room, "chat", "hi")
     assert sent.returncode == 0, sent.stderr
+
+
+async def _first_bytes(port: int, wait: float = 1.5) -> bytes:
+    """What the server sends first to a client that sends nothing (b"" if nothing within ``wait``)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        return await asyncio.wait_for(reader.read(64), wait)
+    except TimeoutError:
+        return b""
+    finally:
+        writer.close()
+
+
+async def test_a_classic_client_gets_no_plaintext_info(world):
+    """handshake_first: true. A classic client waits for INFO before its TLS
+    handshake: it is never sent one in clear, however long it waits."""
+    import nats
+
+    assert await _first_bytes(world.proc.nats_port) == b""
+    with pytest.raises((nats.errors.Error, OSError, TimeoutError)):
+        await nats.connect(f"tls://127.0.0.1:{world.proc.nats_port}", tls=tls_context(world.pki.ca[0]),
+                           connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0)
 
 
 async def test_member_presents_a_client_certificate_when_the_bus_verifies_clients(mtls_world):

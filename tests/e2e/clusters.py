@@ -4,15 +4,19 @@
 ``membershipd migrate-to-kv`` into the formed cluster); ``admin=None`` leaves
 every node empty, for a cluster that receives a whole state from
 ``migrate-to-kv`` (a restored backup). Each test starts one cluster and stops it.
+
+``pause``/``resume`` freeze a whole node (the fault test, test_cluster_faults.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from pathlib import Path
 
+from unibus.client import ApiError, UnibusClient
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_test_ca, make_test_cert
 
 SECRET = "route-secret-do-not-leak-7c1f"
@@ -67,6 +71,53 @@ class Cluster:
             while Path(f"/proc/{nats_pid}").exists() and time.monotonic() < deadline:
                 time.sleep(0.02)
 
+    def pids(self, i: int) -> list[int]:
+        """membershipd's pid and its nats-server's (when it has one) of node ``i``."""
+        node = self.nodes[i]
+        nats_pid = node.nats_pid()
+        return [node.pid] + ([nats_pid] if nats_pid else [])
+
+    def pause(self, i: int) -> list[int]:
+        """SIGSTOP the whole node (membershipd and nats-server); returns the pids to resume."""
+        pids = self.pids(i)
+        for pid in reversed(pids):
+            os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    @staticmethod
+    def resume(pids: list[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         for n in self.nodes:
+            if n.proc is not None:
+                for pid in self.pids(self.nodes.index(n)):
+                    try:  # a node left paused by a failed test stops too
+                        os.kill(pid, signal.SIGCONT)
+                    except ProcessLookupError:
+                        pass
             n.stop()
+
+
+async def signed_ok(node: MembershipdProcess, identity) -> bool:
+    async with UnibusClient(node.base_url, identity, timeout=5) as client:
+        try:
+            await client.me()
+            return True
+        except ApiError as e:
+            if e.status in (401, 503):  # 401: this node has not seen the member yet (its KV watch)
+                return False
+            raise
+
+
+async def eventually(check, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if await check():
+            return True
+        await asyncio.sleep(0.2)
+    return False

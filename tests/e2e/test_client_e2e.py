@@ -239,9 +239,9 @@ def test_rooms_rekey_send_listen_and_removal(world):
     assert {m["handle"]: m["enc_suite"] for m in shown["members"]}["bob"] == "MLKEM768_X25519"
     assert shown["rekey_required"] is True
 
-    # sending before any key exists: exit 1, says to rekey
+    # sending before any key exists: bob may not rekey, so exit 1 naming who can
     err = bob.cli("send", room_id, "chat", "too early")
-    assert err.returncode == 1 and "rooms rekey" in err.stderr
+    assert err.returncode == 1 and "rooms rekey" in err.stderr and "alice" in err.stderr, err.stderr
 
     assert json.loads(ok(alice.cli("rooms", "rekey", room_id, "--json"))) == {"room_id": room_id, "epoch": 1}
     room = json.loads(ok(bob.cli("rooms", "show", room_id, "--json")))
@@ -268,21 +268,23 @@ def test_rooms_rekey_send_listen_and_removal(world):
     finally:
         listener.kill()
     assert rc == 0
-    assert [(m["topic"], m["text"], m["epoch"], m["sender_claimed"]) for m in msgs] == [
+    assert [(m["topic"], m["text"], m["epoch"], m["sender"]) for m in msgs] == [
         ("chat", "hello carol", 1, "bob"), ("alerts.disk", "line1\nline2 ✓", 1, "bob")]
     assert msgs[0]["subject"] == f"unibus.room.{room_id}.chat"
 
-    # text output: one line per message, control characters escaped, the sender labelled as claimed
+    # text output: one line per message with its verified sender, control characters escaped
     listener = Listener(carol, room_id, "--count", "2", as_json=False)
     try:
         listener.wait_ready()
         ok(alice.cli("send", room_id, "chat", "multi\nline"))
-        ok(alice.cli("send", room_id, "chat", "anonymous", "--no-sender"))
+        ok(bob.cli("send", room_id, "chat", "second"))
         out, _ = listener.proc.communicate(timeout=20)
     finally:
         listener.kill()
     assert listener.proc.returncode == 0
-    assert out.splitlines() == ["[chat] alice (claimed): multi\\nline", "[chat] anonymous"]
+    assert out.splitlines() == ["[chat] alice: multi\\nline", "[chat] bob: second"]
+    # --no-sender is gone: every message is signed by its sender
+    assert alice.cli("send", room_id, "chat", "x", "--no-sender").returncode == 2
 
     # alice removes carol: rekey_required, then a rekey to epoch 2
     ok(alice.cli("rooms", "remove", room_id, "carol"))
@@ -444,7 +446,8 @@ def test_bus_access_follows_room_membership(world):
             for r in (room2, room3):
                 await a.add_room_member(r, "carol")
                 await a.rekey(r)
-            async with c.bus(key_ttl=0) as cbus:
+            # a long key_ttl: carol keeps sending with the key she holds, without asking the server
+            async with c.bus(key_ttl=3600) as cbus:
                 assert await cbus.send(room2, "chat", "in") == 1
                 # removed (no rekey yet): carol still holds epoch 1's key, but the bus
                 # refuses her publish once the change reaches nats-server (within 1 s)

@@ -5,7 +5,6 @@ Marked slow: run in CI, skip locally with -m "not slow".
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -14,12 +13,11 @@ from pathlib import Path
 
 import nats
 import pytest
+from clusters import FORM_TIMEOUT, SECRET, Cluster, eventually, signed_ok
 
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.testing import MembershipdProcess, member_connections, run_membershipd
-
-from clusters import FORM_TIMEOUT, SECRET, Cluster
 
 pytestmark = pytest.mark.slow
 
@@ -39,26 +37,6 @@ def cluster(tmp_path):
         yield c
     finally:
         c.stop()
-
-
-async def signed_ok(node: MembershipdProcess, identity) -> bool:
-    async with UnibusClient(node.base_url, identity, timeout=5) as client:
-        try:
-            await client.me()
-            return True
-        except ApiError as e:
-            if e.status in (401, 503):  # 401: this node has not seen the member yet (its KV watch)
-                return False
-            raise
-
-
-async def eventually(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if await check():
-            return True
-        await asyncio.sleep(0.2)
-    return False
 
 
 async def test_cluster_forms_fails_over_and_fails_closed(cluster):

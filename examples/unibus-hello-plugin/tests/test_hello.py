@@ -24,7 +24,7 @@ def test_healthz_fields_through_a_plugin_manager(unibus_plugin_manager) -> None:
     pm = unibus_plugin_manager(unibus_hello_plugin)
     app = web.Application()
     app[SETTINGS] = Settings(options={"hello_greeting": "hello from a plugin"})
-    assert pm.hook.healthz_fields(app=app) == [{"hello": {"greeting": "hello from a plugin"}}]
+    assert pm.hook.healthz_fields(app=app) == [{"greeting": "hello from a plugin"}]
 
 
 def test_the_flag_is_declared(unibus_plugin_manager) -> None:

@@ -45,5 +45,5 @@ def healthz_fields(app) -> dict[str, Any]:
     # every plugin, and they need no HTTP stack.
     from unibus.app import SETTINGS
 
-    greeting = app[SETTINGS].option("hello_greeting", DEFAULT_GREETING)
-    return {PLUGIN_NAME: {"greeting": greeting}}
+    # Only this plugin's own fields: the core places them under "hello".
+    return {"greeting": app[SETTINGS].option("hello_greeting", DEFAULT_GREETING)}

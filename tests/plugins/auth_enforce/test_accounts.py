@@ -22,8 +22,9 @@ import aiohttp
 import nats
 import pytest
 from nats.errors import NoServersError
+from nats.js.api import KeyValueConfig, StorageType
 
-from unibus.auth import NONCE_BUCKET, NonceStore
+from unibus.auth import NONCE_BUCKET
 from unibus.bus import Bus
 from unibus.client import UnibusClient
 from unibus.client.keys import Identity, generate_identity
@@ -261,13 +262,11 @@ async def test_a_011_single_node_keeps_its_nonce_history(tmp_path, membershipd_f
     try:
         bus = Bus(old.url, seed)
         await bus.connect()
-        store = NonceStore(bus, skew=60, replicas=1)
-        try:
-            await store.ensure()
-            await store.start()
-            assert await store.claim("alice", nonce)
+        try:  # 0.11's nonce bucket: file storage, TTL 2 x skew; a claim creates the key
+            kv = await bus.js.create_key_value(config=KeyValueConfig(
+                bucket=NONCE_BUCKET, history=1, ttl=120.0, replicas=1, storage=StorageType.FILE))
+            await kv.create(f"alice.{nonce}", b"1")
         finally:
-            await store.close()
             await bus.close()
     finally:
         old.stop()
@@ -279,6 +278,10 @@ async def test_a_011_single_node_keeps_its_nonce_history(tmp_path, membershipd_f
     async with Conn(daemon.nats_url, seed_of(data_dir / "service.nkey")) as svc:
         kv = await svc.nc.jetstream(timeout=5).key_value(NONCE_BUCKET)
         assert (await kv.get(f"alice.{nonce}")).value == b"1"
+        # moved to memory storage (docs/operations.md, "Durability"), its nonces carried over
+        info = await svc.nc.jetstream(timeout=5).stream_info(f"KV_{NONCE_BUCKET}")
+        assert info.config.storage == StorageType.MEMORY
+    assert "nonce bucket moved from file to memory storage" in daemon.log_text()
     # the history is in force: a request signed with that nonce is a replay
     headers = sign_request("GET", "/v1/me", None, keyid="alice", private_key=alice.sign_key, nonce=nonce)
     async with aiohttp.ClientSession() as s, s.get(daemon.base_url + "/v1/me", headers=headers) as r:

@@ -17,10 +17,10 @@ import nats
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
-from unibus.app import EXTRA, OPENAPI_DOC, STORE, problem_middleware
+from unibus.app import OPENAPI_DOC, STASHES, STORE, problem_middleware, stash
 from unibus.auth import MEMBER_KEY
 from unibus.openapi import OpenAPI
-from unibus.plugins.blobstore import BlobService, register_routes
+from unibus.plugins.blobstore import SERVICE, BlobService, register_routes
 from unibus.plugins.blobstore.fs import FsBackend
 from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
 from unibus.signing import Verified
@@ -79,7 +79,8 @@ async def http(request, tmp_path):
     app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
     service = BlobService(backend, 5 * 1024 * 1024)
-    app[EXTRA] = {"blobstore": service}
+    app[STASHES] = {}
+    stash(app, "blobstore")[SERVICE] = service
     store.add_listener(service.on_change)
     register_routes(app)
     client = TestClient(TestServer(app))

@@ -133,17 +133,16 @@ def test_current_log_opts_reads_the_environment(monkeypatch: pytest.MonkeyPatch,
 
 
 @pytest.mark.parametrize("var", [ENV_DEBUG, ENV_MONITOR])
-def test_posture_hook_refuses_a_bad_toggle(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
-    """The posture hook runs at start-up and in `membershipd posture`: a bad value stops both."""
+def test_validate_settings_refuses_a_bad_toggle(monkeypatch: pytest.MonkeyPatch, var: str) -> None:
+    """validate_settings runs at start-up and in `membershipd posture`: a bad value stops both."""
     monkeypatch.delenv(ENV_DEBUG, raising=False)
     monkeypatch.delenv(ENV_MONITOR, raising=False)
     monkeypatch.setenv(var, "enable")
     with pytest.raises(ConfigError) as info:
-        nats_monitor.posture(Settings())
+        nats_monitor.validate_settings(Settings())
     assert info.value.exit_code == 2 and var in str(info.value)
 
 
-def test_posture_hook_reports_no_fact(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(ENV_MONITOR, "1")
-    monkeypatch.delenv(ENV_DEBUG, raising=False)
-    assert nats_monitor.posture(Settings()) == {}
+def test_no_posture_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor is no posture fact: the plugin reports none (and posture does no I/O)."""
+    assert not hasattr(nats_monitor, "posture")

@@ -1,0 +1,532 @@
+"""The client's verified replica of a server's membership log, and its sync.
+
+A client trusts nothing the server says about members, keys and rosters until
+the membership log (docs/formats.md, "The membership log") backs it. This
+module keeps, per identity and server, the log entries this client verified,
+the verified head, the pinned trust root, the recovery bootstraps the user
+accepted and, per room, the highest epoch whose key it accepted; it brings
+them up to date from ``GET /v1/log/head`` and ``GET /v1/log``, entry by entry
+through :class:`unibus.memberlog.LogState`. docs/client.md ("The verified
+replica") describes the files and the rules.
+
+Files, in ``<identity path>.log/<server id>/`` (directories 0700, files 0600,
+refused when another user owns them):
+
+* ``log.jsonl``: one entry per line, as its RFC 8785 canonical JSON, so the
+  SHA-256 of a line is the entry's hash. Only the first ``head.seq + 1``
+  lines count (a crash between the append and the state write leaves extra
+  lines, cut at the next write).
+* ``state.json``: ``{"version": 1, "server", "trust_root", "accepted_bootstraps",
+  "head": {"seq", "hash"}, "epochs": {room_id: n}}``, replaced atomically.
+* ``lock``: ``flock``-ed by the process that reads or writes the other two.
+
+The local files are trusted (only their owner can write them): loading
+replays them without checking signatures again. ``unibus log verify``
+checks everything again from the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yarl
+
+from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState
+
+__all__ = [
+    "FINGERPRINT_RE",
+    "LOCK_TIMEOUT",
+    "LogVerificationError",
+    "Replica",
+    "ReplicaError",
+    "SyncResult",
+    "VerificationError",
+    "replica_root_for",
+    "server_id",
+]
+
+log = logging.getLogger("unibus.client")
+
+REPLICA_VERSION = 1
+#: Entries asked for per ``GET /v1/log`` (the server's maximum).
+PAGE_LIMIT = 1000
+#: Seconds a process waits for another one's lock on the replica.
+LOCK_TIMEOUT = 30.0
+FINGERPRINT_RE = re.compile(r"\A[0-9a-f]{64}\Z")
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
+_NAME_MAX = 200
+
+
+class VerificationError(Exception):
+    """The membership log fails a check, or the server's answers contradict the verified log.
+
+    ``seq`` names the entry where the log went wrong, when there is one. The
+    CLI exits 1 with this message.
+    """
+
+    def __init__(self, message: str, seq: int | None = None) -> None:
+        self.seq = seq
+        super().__init__(message)
+
+
+
+class LogVerificationError(VerificationError):
+    """The server's membership log itself fails: a rollback, a fork, an entry that fails a check.
+
+    Unlike a single answer that does not verify, nothing more can be
+    trusted from this server until it is resolved: a listener stops on it.
+    """
+
+    @classmethod
+    def from_log(cls, exc: LogError, server: str) -> LogVerificationError:
+        return cls(f"the membership log of {server} does not verify: {exc}", exc.seq)
+
+
+class _Redo(Exception):
+    """A page's deferred checks failed: verify it again entry by entry."""
+
+
+class ReplicaError(Exception):
+    """The local replica cannot be used (permissions, another user's files, a lock held too long)."""
+
+
+def _escape(text: str) -> str:
+    return "".join(ch if ch in _SAFE else "".join(f"%{b:02x}" for b in ch.encode("utf-8")) for ch in text)
+
+
+def server_id(url: str) -> str:
+    """A readable, filesystem-safe name for a server URL, different for different servers.
+
+    ``scheme_host_port[_path]``; every character outside ``[A-Za-z0-9.-]`` is
+    written ``%xx`` (so ``_`` only separates), the host in lower case and the
+    port explicit: ``https://Unibus.example/`` and ``https://unibus.example:443``
+    are one server. A name over 200 characters keeps its start and ends in a
+    hash of the whole.
+    """
+    u = yarl.URL(str(url))
+    if u.scheme not in ("http", "https") or not u.host:
+        raise ValueError(f"server URL {url!r} must be an http:// or https:// URL with a host")
+    parts = [u.scheme, u.host.lower(), str(u.port)]
+    path = u.raw_path.rstrip("/")
+    if path:
+        parts.append(path)
+    name = "_".join(_escape(p) for p in parts)
+    if len(name) > _NAME_MAX:
+        name = name[:_NAME_MAX - 65] + "~" + hashlib.sha256(name.encode()).hexdigest()
+    return name
+
+
+def replica_root_for(identity_path: str | os.PathLike[str]) -> Path:
+    """``<identity path>.log``: where the replicas of that identity live, one directory per server."""
+    p = Path(os.path.expanduser(os.fspath(identity_path)))
+    return p.with_name(p.name + ".log")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What a sync did: ``fetched`` new entries, ``pinned`` the trust root now (first use)."""
+
+    head: tuple[int, str]
+    fetched: int
+    pinned: str | None = None
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _check_private_dir(path: Path) -> None:
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise ReplicaError(f"{path} is not a directory (a link or a file is there); move it away")
+    if st.st_uid != os.getuid():
+        raise ReplicaError(f"{path} belongs to another user (uid {st.st_uid}); refusing to use it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+
+
+def _make_private_dir(path: Path) -> None:
+    """``path`` (a server's replica) and its parent (the replica root) as private directories."""
+    os.makedirs(path.parent.parent, mode=0o700, exist_ok=True)
+    for d in (path.parent, path):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass
+        _check_private_dir(d)
+
+
+def _open_private(path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReplicaError(f"{path} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise ReplicaError(f"{path} belongs to another user (uid {st.st_uid}); refusing to use it")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _read_file(path: Path) -> bytes | None:
+    try:
+        fd = _open_private(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+# --------------------------------------------------------------------------- the replica
+
+
+class Replica:
+    """One server's verified log for one identity: in ``directory``, or in memory when None.
+
+    ``trust_root`` pins a fingerprint for an in-memory replica (a directory
+    keeps its own pin, set by ``unibus trust``). ``notice`` receives the
+    one-line messages a user should see (the trust-on-first-use pin, a
+    damaged replica being rebuilt); default: logged at WARNING.
+    """
+
+    def __init__(self, server: str, directory: str | os.PathLike[str] | None = None, *,
+                 trust_root: str | None = None, notice: Callable[[str], None] | None = None) -> None:
+        self.server = server
+        self.directory = None if directory is None else Path(directory)
+        self.notice = notice or (lambda text: log.warning("%s", text))
+        self.trust_root: str | None = _fingerprint(trust_root) if trust_root else None
+        self.accepted: set[str] = set()
+        self.pinned_head: tuple[int, str] = (-1, "")  # the head this client verified last (persisted)
+        self.epochs: dict[str, int] = {}
+        self.state = self._fresh_state()
+        self._disk_lines = 0  # lines of log.jsonl that hold state's entries
+        self._disk_bytes = 0
+        self._stamp: bytes | None = None  # state.json as last read or written
+        self._stale = True  # reload from the files before use
+        self._alock = asyncio.Lock()
+
+    # -- the lock ------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def locked(self) -> AsyncIterator[None]:
+        """Hold the replica (this task, and ``flock`` against other processes), up to date with its files."""
+        async with self._alock:
+            if self.directory is None:
+                yield
+                return
+            _make_private_dir(self.directory)
+            fd = _open_private(self.directory / "lock", os.O_RDWR | os.O_CREAT)
+            try:
+                deadline = time.monotonic() + LOCK_TIMEOUT
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except OSError as exc:
+                        if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() > deadline:
+                            raise ReplicaError(f"another unibus process has held the lock of {self.directory} "
+                                               f"for more than {LOCK_TIMEOUT:.0f} s") from None
+                        await asyncio.sleep(0.05)
+                self._refresh()
+                yield
+            finally:
+                os.close(fd)  # releases the flock
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def _fresh_state(self) -> LogState:
+        # The time checks use the constant cap of every server's --auth-skew,
+        # never the auth_skew a server reports (docs/client.md, "The verified replica").
+        return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=MAX_AUTH_SKEW)
+
+    def _refresh(self) -> None:
+        """Catch up with the files (another process may have synced); load them the first time."""
+        assert self.directory is not None
+        raw = _read_file(self.directory / "state.json")
+        if raw is None or (raw == self._stamp and not self._stale):
+            if raw is None and self._stale:
+                self._reset_memory()
+            self._stale = False
+            return
+        try:
+            doc = json.loads(raw)
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            version = doc.get("version")
+            if version != REPLICA_VERSION:
+                raise ReplicaError(f"{self.directory}/state.json has version {version!r}; this unibus reads "
+                                   f"version {REPLICA_VERSION} (a newer unibus wrote it?)")
+            root = doc.get("trust_root")
+            root = _fingerprint(root) if root is not None else None
+            accepted = {_fingerprint(f) for f in doc.get("accepted_bootstraps", [])}
+            head = doc.get("head") or {}
+            seq, digest = head.get("seq"), head.get("hash")
+            if type(seq) is not int or not -1 <= seq <= MAX_SAFE_INT or not isinstance(digest, str) \
+                    or (seq >= 0 and not FINGERPRINT_RE.match(digest)) or (seq < 0 and digest):
+                raise ValueError("bad head")
+            epochs = doc.get("epochs") or {}
+            if not isinstance(epochs, dict) or not all(isinstance(k, str) and type(v) is int
+                                                       for k, v in epochs.items()):
+                raise ValueError("bad epochs")
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
+                               "pin the trust root again with `unibus trust`") from None
+        same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root)
+        self.trust_root, self.accepted = root, accepted
+        self.pinned_head = (seq, digest)
+        for room, n in epochs.items():  # never lower an accepted epoch, whoever wrote last
+            self.epochs[room] = max(n, self.epochs.get(room, 0))
+        self._stamp = raw
+        if same_log:
+            self.state.accepted_bootstraps = set(accepted)
+        else:
+            self._load_entries()
+        self._stale = False
+
+    def _reset_memory(self) -> None:
+        self.state = self._fresh_state()
+        self._disk_lines = self._disk_bytes = 0
+
+    def _load_entries(self) -> None:
+        """Replay ``log.jsonl`` up to the pinned head, trusted; a damaged file is rebuilt from the server."""
+        assert self.directory is not None
+        self._reset_memory()
+        want = self.pinned_head[0] + 1
+        if want == 0:
+            return
+        data = _read_file(self.directory / "log.jsonl") or b""
+        state, offset, count = self.state, 0, 0
+        try:
+            while count < want:
+                end = data.find(b"\n", offset)
+                if end < 0:
+                    raise ValueError(f"{count} entries for a head at seq {want - 1}")
+                line = data[offset:end]
+                state.apply(json.loads(line), trusted_hash=hashlib.sha256(line).hexdigest())
+                offset, count = end + 1, count + 1
+            if state.head != self.pinned_head:
+                raise ValueError("the last entry is not the verified head")
+        except (ValueError, LogError) as exc:
+            self.notice(f"the local replica in {self.directory} is damaged ({exc}); fetching the log again from "
+                        f"{self.server} and verifying it (the pinned trust root and the verified head still hold)")
+            self._reset_memory()
+            return
+        self._disk_lines, self._disk_bytes = count, offset
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def _save(self, new_lines: Iterable[bytes] = (), *, rewrite: bool = False) -> None:
+        """Append ``new_lines`` (canonical entries following the saved ones), then write state.json."""
+        if self.directory is None:
+            return
+        _make_private_dir(self.directory)
+        lines = list(new_lines)
+        if lines or rewrite:
+            fd = _open_private(self.directory / "log.jsonl", os.O_WRONLY | os.O_CREAT)
+            try:
+                base = 0 if rewrite else self._disk_bytes
+                os.ftruncate(fd, base)
+                os.lseek(fd, base, os.SEEK_SET)
+                blob = b"".join(line + b"\n" for line in lines)
+                view = memoryview(blob)
+                while view:
+                    view = view[os.write(fd, view):]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self._disk_lines = (0 if rewrite else self._disk_lines) + len(lines)
+            self._disk_bytes = base + len(blob)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        if self.directory is None:
+            return
+        seq, digest = self.pinned_head
+        doc = {"version": REPLICA_VERSION, "server": self.server, "trust_root": self.trust_root,
+               "accepted_bootstraps": sorted(self.accepted), "head": {"seq": seq, "hash": digest},
+               "epochs": dict(sorted(self.epochs.items()))}
+        raw = (json.dumps(doc, indent=1) + "\n").encode()
+        _write_atomic(self.directory / "state.json", raw)
+        self._stamp = raw
+
+    # -- pins ------------------------------------------------------------------------------
+
+    async def trust(self, fingerprint: str, *, reset: bool = False) -> str:
+        """``unibus trust``: pin ``fingerprint`` before first contact, accept it as a recovery
+        bootstrap later, or (``reset``) start over with it as the trust root. Returns what was done:
+        ``"pinned"``, ``"already"``, ``"accepted"`` or ``"reset"``."""
+        fp = _fingerprint(fingerprint)
+        async with self.locked():
+            if reset:
+                self.trust_root, self.accepted, self.pinned_head, self.epochs = fp, set(), (-1, ""), {}
+                self._reset_memory()
+                self._save(rewrite=True)
+                return "reset"
+            if self.trust_root == fp:
+                return "already"
+            if self.pinned_head[0] < 0:  # nothing verified yet: (re)pin
+                self.trust_root = fp
+                self.state.trust_root = fp
+                self._write_state()
+                return "pinned"
+            if fp in self.accepted:
+                return "already"
+            self.accepted.add(fp)
+            self.state.accepted_bootstraps.add(fp)
+            self._write_state()
+            return "accepted"
+
+    async def accept_epoch(self, room_id: str, epoch: int) -> None:
+        """Remember that a key of ``epoch`` was accepted for the room (never lowered)."""
+        if epoch <= self.epochs.get(room_id, 0):
+            return
+        async with self.locked():
+            if epoch > self.epochs.get(room_id, 0):
+                self.epochs[room_id] = epoch
+                self._write_state()
+
+    async def accepted_epoch(self, room_id: str) -> int:
+        """The highest epoch whose key was accepted for the room, by any process (0: none)."""
+        async with self.locked():
+            return self.epochs.get(room_id, 0)
+
+    # -- sync ------------------------------------------------------------------------------
+
+    async def sync(self, client: Any, *, from_scratch: bool = False) -> SyncResult:
+        """Bring the replica to the server's head, verifying every new entry.
+
+        ``client`` has ``log_head()`` and ``log(after=, limit=)`` (a
+        :class:`unibus.client.UnibusClient`). ``from_scratch`` verifies the
+        whole log again into a new state (``unibus log verify``) and, if it
+        holds, replaces the replica with it. Raises :class:`VerificationError`
+        naming the seq (rollback, fork, an entry that fails a check).
+        """
+        async with self.locked():
+            return await self._sync(client, from_scratch)
+
+    async def _sync(self, client: Any, from_scratch: bool, defer: bool = True) -> SyncResult:
+        head = await client.log_head()
+        if not isinstance(head, dict):
+            raise LogVerificationError(f"{self.server} answered GET /v1/log/head with something else than an object")
+        seq, digest = head.get("seq"), head.get("hash")
+        if type(seq) is not int or not -1 <= seq <= MAX_SAFE_INT or not isinstance(digest, str) \
+                or (seq >= 0 and not FINGERPRINT_RE.match(digest)):
+            raise LogVerificationError(f"{self.server} served a malformed log head")
+        pinned_seq, pinned_hash = self.pinned_head
+        if seq < pinned_seq:
+            raise LogVerificationError(
+                f"rollback: {self.server} serves a membership log that ends at seq {seq}, but this client has "
+                f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped", pinned_seq)
+        if seq == pinned_seq and digest != pinned_hash:
+            raise LogVerificationError(
+                f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "
+                f"({digest} instead of {pinned_hash})", seq)
+        state = self._fresh_state() if from_scratch else self.state
+        had_root = self.trust_root
+        lines: list[bytes] = []
+        try:
+            while state.head[0] < seq:
+                after = state.head[0]
+                page = await client.log(after=None if after < 0 else after, limit=PAGE_LIMIT)
+                entries = page.get("entries") if isinstance(page, dict) else None
+                if not isinstance(entries, list) or not entries:
+                    raise LogVerificationError(f"{self.server} says its membership log reaches seq {seq}, but serves "
+                                            f"no entry after seq {after}", after + 1)
+                if defer:  # the Ed25519 work of a page on every core, then the page's verdict
+                    state.defer_checks()
+                for entry in entries:
+                    _digest, raw = state.apply_canonical(entry)
+                    lines.append(raw)
+                if defer and state.run_deferred() is not None:
+                    raise _Redo
+        except (LogError, _Redo) as exc:
+            self._discard(from_scratch)
+            if defer:
+                # Something failed: check again entry by entry, which names the first bad one.
+                if self.directory is not None and not from_scratch:
+                    self._refresh()
+                return await self._sync(client, from_scratch, defer=False)
+            assert isinstance(exc, LogError)
+            raise LogVerificationError.from_log(exc, self.server) from None
+        except BaseException:
+            self._discard(from_scratch)
+            raise
+        if state.hash_at(seq) != (digest or None):
+            self._discard(from_scratch)
+            raise LogVerificationError(f"fork: the entry {self.server} serves at seq {seq} is not the one its log head "
+                                    "names", seq)
+        if pinned_seq >= 0 and state.hash_at(pinned_seq) != pinned_hash:
+            self._discard(from_scratch)
+            raise LogVerificationError(f"fork: {self.server} serves another entry at seq {pinned_seq} than the one "
+                                    "this client verified", pinned_seq)
+        pinned = None
+        if self.trust_root is None and state.root is not None:
+            self.trust_root = pinned = state.root
+        state.trust_root = self.trust_root
+        self.state = state
+        self.pinned_head = state.head
+        if from_scratch:
+            self._save(lines, rewrite=True)
+        else:
+            self._save(lines)
+        if pinned is not None and had_root is None:
+            self.notice(f"trusting the membership log of {self.server} on first use: its trust root fingerprint is "
+                        f"{pinned}; check it with your operator (`unibus trust FINGERPRINT` pins it in advance)")
+        return SyncResult(self.pinned_head, len(lines), pinned)
+
+    def _discard(self, from_scratch: bool) -> None:
+        """Forget what a failed sync applied: a failing entry may leave the state half-changed.
+
+        The pinned head stays, so the next sync still refuses a rollback or a
+        fork; a replica in files reloads them, one in memory starts again from seq 0.
+        """
+        if from_scratch:
+            return  # the failed state was a new one; self.state is untouched
+        if self.directory is not None:
+            self._stale = True
+        else:
+            self._reset_memory()
+
+
+def _fingerprint(value: Any) -> str:
+    if not isinstance(value, str) or not FINGERPRINT_RE.match(value.lower()):
+        raise ValueError("a fingerprint is 64 hexadecimal characters (the SHA-256 of entry 0 of the log)")
+    return value.lower()

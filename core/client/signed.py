@@ -1,0 +1,175 @@
+"""The client's two context-labelled signatures: key packages and room messages.
+
+A member's signing key signs RFC 9421 signature bases (``unibus.signing``) and,
+here, exactly two other kinds of bytes, each beginning with its own context
+label that ends in a newline (``unibus.memberlog.KEY_PACKAGE_LABEL`` and
+``MESSAGE_LABEL``), so that no signature made here can pass for an RFC 9421
+one or for the other kind. :func:`sign_labelled` is the only place in the
+client that signs anything else than a request; it refuses bytes without one
+of the two labels. Formats and rules: docs/formats.md ("Key packages",
+"Message signatures"); what a listener checks: docs/client.md.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import heapq
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.bindings
+
+from ..memberlog import KEY_PACKAGE_LABEL, MESSAGE_LABEL, key_package_input, message_input
+from .keys import Identity
+from .sealing import EPOCH_HEADER, MessageError, format_epoch_header, parse_epoch_header
+
+__all__ = [
+    "MSG_ID_HEADER",
+    "SENDER_HEADER",
+    "SIG_HEADER",
+    "TIME_HEADER",
+    "Envelope",
+    "ReplayGuard",
+    "message_headers",
+    "new_msg_id",
+    "parse_envelope",
+    "sign_key_packages",
+    "sign_labelled",
+]
+
+SENDER_HEADER = "Unibus-Sender"
+TIME_HEADER = "Unibus-Time"
+MSG_ID_HEADER = "Unibus-Msg-Id"
+SIG_HEADER = "Unibus-Sig"
+
+_LABELS = (KEY_PACKAGE_LABEL, MESSAGE_LABEL)
+_MSG_ID_RE = re.compile(r"\A[A-Za-z0-9_-]{21}[AQgw]\Z")  # 16 bytes, base64url, no padding, canonical
+_TIME_RE = re.compile(r"\A(?:0|[1-9][0-9]{0,15})\Z")
+_SIG_RE = re.compile(r"\A[A-Za-z0-9+/]{85}[AQgw]==\Z")  # 64 bytes, standard base64, canonical
+_HANDLE_RE = re.compile(r"\A[a-z][a-z0-9_-]{0,31}\Z")
+
+
+def sign_labelled(identity: Identity, data: bytes) -> bytes:
+    """The Ed25519 signature of ``data`` by ``identity``'s signing key; ``data`` must
+    begin with a key-package or message label (nothing else is signed here)."""
+    if not isinstance(data, bytes) or not data.startswith(_LABELS):
+        raise ValueError("the signing key signs only RFC 9421 bases and context-labelled bytes")
+    # libsodium signs these short messages faster than OpenSSL here (docs/benchmarks.md);
+    # Ed25519 is deterministic, so the signature is the same either way.
+    return nacl.bindings.crypto_sign(data, _expanded(identity.sign_seed))[:64]
+
+
+@functools.lru_cache(maxsize=16)
+def _expanded(seed: bytes) -> bytes:
+    """libsodium's 64-byte secret key (seed || public key) of a signing seed."""
+    return nacl.bindings.crypto_sign_seed_keypair(seed)[1]
+
+
+def sign_key_packages(identity: Identity, room_id: str, epoch: int, sealed: Mapping[str, bytes],
+                      log_seq: int, log_hash: str) -> dict[str, str]:
+    """``{handle: base64 signature}``: the keys POST's ``sigs``, each over that member's key package."""
+    return {handle: base64.b64encode(sign_labelled(identity, key_package_input(room_id, epoch, handle, raw,
+                                                                                log_seq, log_hash))).decode("ascii")
+            for handle, raw in sealed.items()}
+
+
+def new_msg_id() -> str:
+    """16 random bytes, base64url without padding (22 characters)."""
+    return base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode("ascii")
+
+
+def message_headers(identity: Identity, subject: str, epoch: int, payload: bytes, time_ms: int,
+                    msg_id: str | None = None) -> dict[str, str]:
+    """The five headers of a signed room message (docs/formats.md, "Message signatures")."""
+    msg_id = msg_id or new_msg_id()
+    sig = sign_labelled(identity, message_input(subject, epoch, identity.handle, time_ms, msg_id, payload))
+    return {EPOCH_HEADER: format_epoch_header(epoch), SENDER_HEADER: identity.handle, TIME_HEADER: str(time_ms),
+            MSG_ID_HEADER: msg_id, SIG_HEADER: base64.b64encode(sig).decode("ascii")}
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The signed headers of a received message, well-formed but not verified yet."""
+
+    epoch: int
+    sender: str
+    time_ms: int
+    msg_id: str
+    sig: bytes
+
+    def signed_bytes(self, subject: str, payload: bytes) -> bytes:
+        return message_input(subject, self.epoch, self.sender, self.time_ms, self.msg_id, payload)
+
+
+def _header(headers: Mapping[str, Any], name: str) -> str | None:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+    return value if isinstance(value, str) else None
+
+
+def parse_envelope(headers: Mapping[str, Any] | None) -> Envelope:
+    """Parse the five headers, each in its one canonical spelling; :class:`MessageError` names the bad one."""
+    headers = headers or {}
+    epoch = parse_epoch_header(headers.get(EPOCH_HEADER))
+    sender = _header(headers, SENDER_HEADER)
+    if sender is None or not _HANDLE_RE.match(sender):
+        raise MessageError(f"missing or invalid {SENDER_HEADER} header: every message is signed by its sender")
+    time_text = _header(headers, TIME_HEADER)
+    if time_text is None or not _TIME_RE.match(time_text):
+        raise MessageError(f"missing or invalid {TIME_HEADER} header: expected unix milliseconds")
+    msg_id = _header(headers, MSG_ID_HEADER)
+    if msg_id is None or not _MSG_ID_RE.match(msg_id):
+        raise MessageError(f"missing or invalid {MSG_ID_HEADER} header: expected 16 bytes in base64url")
+    sig_text = _header(headers, SIG_HEADER)
+    if sig_text is None or not _SIG_RE.match(sig_text):
+        raise MessageError(f"missing or invalid {SIG_HEADER} header: expected a 64-byte signature in base64")
+    try:
+        sig = base64.b64decode(sig_text, validate=True)
+    except (binascii.Error, ValueError):  # pragma: no cover - the pattern admits only valid base64
+        raise MessageError(f"invalid {SIG_HEADER} header") from None
+    return Envelope(epoch, sender, int(time_text), msg_id, sig)
+
+
+class ReplayGuard:
+    """The msg ids accepted in this run, each kept only while its time is inside the window.
+
+    A message whose time is more than ``window_ms`` away from the clock is
+    refused anyway, so an id can be forgotten once its own time has left the
+    window: memory stays bounded by the messages of about two windows.
+    """
+
+    def __init__(self, window_ms: int) -> None:
+        self.window_ms = int(window_ms)
+        self._ids: set[str] = set()
+        self._heap: list[tuple[int, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, msg_id: object) -> bool:
+        return msg_id in self._ids
+
+    def fresh(self, time_ms: int, now_ms: int) -> bool:
+        """True when ``time_ms`` is within the window of ``now_ms``."""
+        return abs(now_ms - time_ms) <= self.window_ms
+
+    def add(self, msg_id: str, time_ms: int, now_ms: int) -> None:
+        self._forget(now_ms)
+        self._ids.add(msg_id)
+        heapq.heappush(self._heap, (time_ms, msg_id))
+
+    def _forget(self, now_ms: int) -> None:
+        horizon = now_ms - self.window_ms
+        heap = self._heap
+        while heap and heap[0][0] < horizon:
+            _, old = heapq.heappop(heap)
+            self._ids.discard(old)

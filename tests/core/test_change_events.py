@@ -1,0 +1,152 @@
+"""The store_changed and reloaded hooks against a real in-process daemon (docs/plugins.md, "Change events")."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+
+from unibus import hookimpl
+from unibus.client import UnibusClient
+from unibus.client.keys import generate_identity
+from unibus.daemon import Daemon
+from unibus.events import ChangeEvent, event_from_entry
+from unibus.pluginmanager import PluginManager
+from unibus.settings import HostPort, Settings
+from unibus.testing import bootstrap_member, free_port, nats_server_pids
+
+
+class Recorder:
+    """Records every event; its async hook proves coroutines are awaited before the 2xx."""
+
+    def __init__(self) -> None:
+        self.events: list[ChangeEvent] = []
+        self.reloads = 0
+
+    @hookimpl
+    async def store_changed(self, app, event):
+        await asyncio.sleep(0)
+        self.events.append(event)
+
+    @hookimpl
+    def reloaded(self, app):
+        self.reloads += 1
+
+
+class Broken:
+    @hookimpl
+    def store_changed(self, event):
+        raise RuntimeError("the audit disk is full")
+
+    @hookimpl
+    def reloaded(self):
+        raise RuntimeError("nope")
+
+
+@pytest.fixture
+async def running(tmp_path, alice):
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t", bus_auth="off")
+    pm = PluginManager(load_entry_points=False)
+    recorder = Recorder()
+    pm.register(Broken(), "broken")  # registered first: a failing plugin never stops the others
+    pm.register(recorder, "recorder")
+    daemon = Daemon(settings, pm)
+    try:
+        await daemon.start()
+        client = UnibusClient(f"http://{settings.http_addr}", alice)
+        yield daemon, recorder, client, data_dir
+        await client.close()
+    finally:
+        await daemon.stop()
+    assert not nats_server_pids(tmp_path)
+
+
+async def test_every_local_change_is_one_event_with_seq_actor_before_after(running):
+    daemon, recorder, alice, _ = running
+    bob = generate_identity("bob")
+    await alice.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bob.enc_suite, bus_pub=bob.bus_pub)
+    # delivered before the 2xx: no waiting
+    [added] = recorder.events
+    assert (added.kind, added.actor, added.origin, added.handle, added.before) == (
+        "member_added", "alice", "local", "bob", None)
+    assert added.after["handle"] == "bob" and added.after["role"] == "member"
+    head = await alice.log_head()
+    assert added.seq == head["seq"]
+
+    await alice.set_role("bob", "admin")
+    changed = recorder.events[-1]
+    assert (changed.kind, changed.before["role"], changed.after["role"]) == ("member_updated", "member", "admin")
+
+    room = await alice.create_room("ops")
+    created = recorder.events[-1]
+    assert (created.kind, created.room_id, created.before) == ("room_created", room["room_id"], None)
+    assert created.after["members"] == ["alice"] and created.after["owner"] == "alice"
+
+    await alice.add_room_member(room["room_id"], "bob")
+    joined = recorder.events[-1]
+    assert joined.kind == "room_member_added" and joined.handle == "bob"
+    assert joined.before["members"] == ["alice"] and joined.after["members"] == ["alice", "bob"]
+
+    await alice.remove_member("bob")
+    gone = recorder.events[-1]
+    assert (gone.kind, gone.handle, gone.after, gone.before["handle"]) == ("member_deleted", "bob", None, "bob")
+
+    seqs = [e.seq for e in recorder.events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    assert all(e.actor == "alice" and e.origin == "local" for e in recorder.events)
+    # the broken plugin failed on every change: counted for unibus_plugin_hook_errors_total
+    assert daemon.plugins.hook_errors[("broken", "store_changed")] == len(recorder.events)
+
+
+async def test_offline_member_add_is_an_offline_event_then_reloaded(running):
+    daemon, recorder, alice, data_dir = running
+    carol = generate_identity("carol")
+    bootstrap_member(data_dir, carol)
+    assert recorder.events == [] and recorder.reloads == 0
+    await daemon._reload()  # what SIGHUP runs
+    [event] = recorder.events
+    assert (event.kind, event.origin, event.actor, event.handle) == ("member_added", "offline", None, "carol")
+    assert event.after["sign_pub"] == carol.sign_pub_b64
+    assert recorder.reloads == 1
+    await daemon._reload()  # nothing new: no event is delivered twice
+    assert len(recorder.events) == 1 and recorder.reloads == 2
+
+
+async def test_a_change_reported_twice_is_delivered_once(running):
+    daemon, recorder, alice, _ = running
+    await alice.create_room("x")
+    assert len(recorder.events) == 1
+    # the same seq seen again through the log (a cluster watch that missed nothing new)
+    assert await daemon.events.catch_up("remote") == 0
+    assert len(recorder.events) == 1
+
+
+async def test_unsubscribed_listener_hears_nothing(running):
+    daemon, recorder, alice, _ = running
+    heard = []
+    remove = daemon.store.add_listener(heard.append)
+    await alice.create_room("a")
+    remove()
+    remove()  # harmless twice
+    await alice.create_room("b")
+    assert [c.kind for c in heard] == ["room_created"]
+
+
+def test_event_from_a_remote_log_entry_names_the_actor():
+    entry = {"seq": 9, "prev": "x", "at": 1, "kind": "request",
+             "request": {"method": "DELETE", "path": "/v1/rooms/abc/members/bob", "query": "",
+                         "content_digest": None, "body": None, "signature": "sig=:AA==:",
+                         "signature_input": 'sig=("@method");created=1;nonce="n";keyid="carol";alg="ed25519"'},
+             "result": {}}
+    event = event_from_entry(entry, "remote")
+    assert event == ChangeEvent(seq=9, kind="room_member_removed", actor="carol", origin="remote",
+                                handle="bob", room_id="abc")
+    assert json.loads(json.dumps(event.as_json()))["actor"] == "carol"
+    assert event_from_entry({"seq": 0, "kind": "snapshot"}, "remote") is None
+    # an actor forged into another parameter is not taken
+    entry["request"]["signature_input"] = 'sig=("@method");nonce="keyid=\\"mallory\\"";keyid="carol"'
+    assert event_from_entry(entry, "remote").actor == "carol"

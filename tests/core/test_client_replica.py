@@ -1,0 +1,229 @@
+"""The verified replica on disk, `unibus trust` and `unibus log show|verify`, against a real daemon.
+
+One daemon for the module (alice admin, bob member); the recovery-bootstrap
+test starts its own, since a later bootstrap changes what every client must trust.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unibus.client import UnibusClient
+from unibus.client.keys import generate_identity, save_identity
+from unibus.client.replica import server_id
+from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
+
+
+def unibus(server: str, identity: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    proc = subprocess.run([sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity",
+                           str(identity), *args], capture_output=True, text=True, env=env, timeout=60,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
+def error_line(proc: subprocess.CompletedProcess[str], code: int = 1) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = tmp_path_factory.mktemp("replica")
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    bootstrap_member(base / "daemon", alice, "admin")
+    daemon = MembershipdProcess(base / "daemon").start()
+    daemon.people = {"alice": alice, "bob": bob}
+
+    async def setup() -> None:
+        async with UnibusClient(daemon.base_url, alice) as a:
+            r = bob.public_record()
+            await a.add_member("bob", r["sign_pub"], r["enc_pub"], r["enc_suite"], bus_pub=r["bus_pub"])
+            rid = (await a.create_room("ops"))["room_id"]
+            await a.add_room_member(rid, "bob")
+            await a.rekey(rid)
+            daemon.room = rid
+            daemon.root = (await a.log())["entries"][0]
+
+    try:
+        asyncio.run(setup())
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+@pytest.fixture
+def alice_file(server, tmp_path) -> Path:
+    path = tmp_path / "ids" / "alice.json"
+    save_identity(server.people["alice"], path)
+    return path
+
+
+def root_fp(server) -> str:
+    from unibus.memberlog import entry_hash
+
+    return entry_hash(server.root)
+
+
+def test_first_contact_pins_the_root_and_says_so_once(server, alice_file):
+    first = unibus(server.base_url, alice_file, "log", "show")
+    assert first.returncode == 0, first.stderr
+    fp = root_fp(server)
+    assert f"on first use: its trust root fingerprint is {fp}" in first.stderr
+    assert f"trust root:    {fp}" in first.stdout or fp in first.stdout
+    second = unibus(server.base_url, alice_file, "log", "show", "--json")
+    assert second.returncode == 0 and "first use" not in second.stderr
+    doc = json.loads(second.stdout)
+    assert doc["trust_root"] == fp
+    # the files: <identity>.log/<server id>/, directories 0700, files 0600
+    top = alice_file.with_name("alice.json.log")
+    where = top / server_id(server.base_url)
+    assert Path(doc["replica"]) == where
+    assert stat.S_IMODE(top.stat().st_mode) == stat.S_IMODE(where.stat().st_mode) == 0o700
+    assert {p.name for p in where.iterdir()} == {"log.jsonl", "state.json", "lock"}
+    for p in where.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+    state = json.loads((where / "state.json").read_text())
+    lines = (where / "log.jsonl").read_bytes().splitlines()
+    assert state["trust_root"] == fp and state["head"]["seq"] == len(lines) - 1
+    assert state["epochs"] == {}  # no key accepted by this identity's CLI yet
+
+
+def test_log_show_derives_what_the_server_says(server, alice_file):
+    doc = json.loads(unibus(server.base_url, alice_file, "log", "show", "--json").stdout)
+
+    async def served() -> tuple[list, list, dict]:
+        async with UnibusClient(server.base_url, server.people["alice"]) as a:
+            return await a.list_members(), await a.list_rooms(), await a.log_head()
+
+    members, rooms, head = asyncio.run(served())
+    assert doc["head"] == {"seq": head["seq"], "hash": head["hash"]}
+    assert {m["handle"]: (m["role"], m["sign_pub"], m["enc_pub"], m["enc_suite"], m["bus_pub"]) for m in doc["members"]} \
+        == {m["handle"]: (m["role"], m["sign_pub"], m["enc_pub"], m["enc_suite"], m["bus_pub"]) for m in members}
+    assert {r["room_id"]: (r["owner"], r["epoch"], r["rekey_required"], r["members"]) for r in doc["rooms"]} == \
+        {r["room_id"]: (r["owner"], r["epoch"], r["rekey_required"], sorted(m["handle"] for m in r["members"]))
+         for r in rooms}
+    fps = doc["members"][0]["fingerprints"]
+    assert len(fps["sign"]) == len(fps["enc"]) == len(fps["bus"]) == 64
+    text = unibus(server.base_url, alice_file, "log", "show").stdout
+    assert "verified head:" in text and f"seq {head['seq']}" in text and server.room in text
+    assert "members: (2)" in text and "owner=alice" in text and "epoch=1" in text
+
+
+def test_trust_pins_before_first_contact(server, tmp_path):
+    path = tmp_path / "bob.json"
+    save_identity(server.people["bob"], path)
+    wrong = "ab" * 32
+    assert unibus(server.base_url, path, "trust", wrong).stdout.startswith(f"pinned {wrong}")
+    line = error_line(unibus(server.base_url, path, "log", "show"))
+    assert "entry 0" in line and f"not the trusted {wrong}" in line
+    # a redeployed server (or a typo): --reset starts over with the right fingerprint
+    fp = root_fp(server)
+    assert "pinned" in unibus(server.base_url, path, "trust", fp.upper(), "--reset").stdout
+    ok = unibus(server.base_url, path, "log", "show")
+    assert ok.returncode == 0 and "first use" not in ok.stderr
+    assert "already trusted" in unibus(server.base_url, path, "trust", fp).stdout
+    for bad in ("abc", "g" * 64, fp + "0"):
+        line = error_line(unibus(server.base_url, path, "trust", bad), 2)
+        assert "FINGERPRINT" in line
+
+
+def test_log_verify_and_a_damaged_replica(server, alice_file):
+    assert unibus(server.base_url, alice_file, "log", "show").returncode == 0
+    where = alice_file.with_name("alice.json.log") / server_id(server.base_url)
+    log = where / "log.jsonl"
+    data = log.read_bytes()
+    log.write_bytes(data[: len(data) // 2])  # a disk problem
+    again = unibus(server.base_url, alice_file, "log", "show", "--json")
+    assert again.returncode == 0 and "is damaged" in again.stderr
+    assert log.read_bytes() == data  # rebuilt from the server and verified
+    # extra lines after the head (a crash between the two writes) are ignored and cut
+    log.write_bytes(data + b'{"not": "an entry"}\n')
+    assert unibus(server.base_url, alice_file, "log", "show").returncode == 0
+    verified = unibus(server.base_url, alice_file, "log", "verify")
+    assert verified.returncode == 0, verified.stderr
+    n = len(data.splitlines())
+    assert f"is valid: {n} entries, head seq {n - 1}" in verified.stdout
+    assert log.read_bytes() == data
+    doc = json.loads(unibus(server.base_url, alice_file, "log", "verify", "--json").stdout)
+    assert doc["valid"] is True and doc["entries"] == n
+
+
+def test_concurrent_processes_share_the_replica(server, alice_file):
+    async def grow() -> None:
+        async with UnibusClient(server.base_url, server.people["alice"]) as a:
+            for i in range(5):
+                await a.create_room(f"more{i}")
+
+    assert unibus(server.base_url, alice_file, "log", "show").returncode == 0
+    asyncio.run(grow())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    procs = [subprocess.Popen([sys.executable, "-m", "unibus.client.cli", "--server", server.base_url, "--identity",
+                               str(alice_file), "log", "show", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0, 0], outs
+    heads = {json.dumps(json.loads(out)["head"]) for out, _ in outs}
+    assert len(heads) == 1
+    where = alice_file.with_name("alice.json.log") / server_id(server.base_url)
+    lines = (where / "log.jsonl").read_bytes().splitlines()
+    assert json.loads((where / "state.json").read_text())["head"]["seq"] == len(lines) - 1
+    assert "is valid" in unibus(server.base_url, alice_file, "log", "verify").stdout
+
+
+def test_the_replica_directory_is_private(server, alice_file, tmp_path):
+    top = alice_file.with_name("alice.json.log")
+    top.mkdir(mode=0o755)
+    os.chmod(top, 0o755)
+    assert unibus(server.base_url, alice_file, "log", "show").returncode == 0
+    assert stat.S_IMODE(top.stat().st_mode) == 0o700  # tightened
+    # a link planted where the server's directory goes is refused, never followed
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    path2 = tmp_path / "ids2" / "alice.json"
+    save_identity(server.people["alice"], path2)
+    top2 = path2.with_name("alice.json.log")
+    top2.mkdir(mode=0o700)
+    (top2 / server_id(server.base_url)).symlink_to(other, target_is_directory=True)
+    line = error_line(unibus(server.base_url, path2, "log", "show"))
+    assert "not a directory" in line and not any(other.iterdir())
+
+
+def test_a_recovery_bootstrap_needs_explicit_trust(tmp_path, membershipd_factory):
+    alice, eve = generate_identity("alice"), generate_identity("eve")
+    data_dir = tmp_path / "daemon"
+    bootstrap_member(data_dir, alice, "admin")
+    daemon = membershipd_factory(data_dir=data_dir)
+    path = tmp_path / "alice.json"
+    save_identity(alice, path)
+    assert unibus(daemon.base_url, path, "log", "show").returncode == 0
+    # the operator recovers access offline: a second bootstrap entry
+    added = run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", "eve", "--role", "admin",
+                            "--sign-pub", eve.sign_pub_b64, "--enc-pub", eve.enc_pub_b64, "--bus-pub", eve.bus_pub)
+    assert added.returncode == 0, added.stderr
+    fp = re.search(r"fingerprint ([0-9a-f]{64})", added.stdout).group(1)
+    daemon.send_signal(1)
+    line = error_line(unibus(daemon.base_url, path, "log", "show"))
+    assert "entry 1" in line and f"unibus trust {fp}" in line
+    assert "accepted" in unibus(daemon.base_url, path, "trust", fp).stdout
+    doc = json.loads(unibus(daemon.base_url, path, "log", "show", "--json").stdout)
+    assert {m["handle"]: m["role"] for m in doc["members"]} == {"alice": "admin", "eve": "admin"}
+    assert doc["accepted_bootstraps"] == [fp]
+    # a new client pinning only the root refuses it too, until it trusts it
+    path2 = tmp_path / "alice2.json"
+    save_identity(alice, path2)
+    unibus(daemon.base_url, path2, "trust", doc["trust_root"])
+    assert "entry 1" in error_line(unibus(daemon.base_url, path2, "log", "verify"))

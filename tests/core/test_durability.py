@@ -1,0 +1,353 @@
+"""Durable acknowledged writes and the nonce epoch rule (docs/operations.md, "Durability").
+
+Real daemons, real nats-servers, real SQLite. The attacker here holds a
+request a member signed and the server accepted, and replays it after the
+nonce bucket (memory storage) was lost: by a nats-server restart, a daemon
+restart, a purge or a deletion of the bucket, or a reset that the claim
+connection never saw. Each time the replay must be refused, and a freshly
+signed request served again within seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import nats
+import pytest
+from nats.js.api import KeyValueConfig, StorageType
+
+from unibus.auth import (DEFAULT_NONCE_MAX_BYTES, EPOCH_KEY, HIGH_WATER_STEP, NONCE_BUCKET, NONCE_MAX_BYTES_ENV,
+                         NONCE_PREFIX, NONCE_STREAM, MemoryHighWater, NonceStore, NonceStoreUnavailable,
+                         ReplayFloorError, nonce_max_bytes_from_env)
+from unibus.bus import Bus
+from unibus.client.keys import generate_identity
+from unibus.errors import ConfigError
+from unibus.natsconf import JETSTREAM_SYNC, base_config, check_config, finalize_config, render_config, write_config
+from unibus.settings import HostPort, Settings
+from unibus.signing import make_nonce, sign_request
+from unibus.store.sqlite import HIGH_WATER_KEY
+from unibus.supervisor import find_nats_server
+from unibus.testing import MembershipdProcess, bootstrap_member, free_port, run_membershipd
+
+WAIT = 20.0  # upper bound of every "eventually"; never a timing assertion
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def signed(identity: Any, *, created: int | None = None) -> dict[str, str]:
+    """Headers of a signed ``GET /v1/me`` (kept, to be replayed byte for byte)."""
+    return sign_request("GET", "/v1/me", None, keyid=identity.handle, private_key=identity.sign_key, created=created)
+
+
+async def send(daemon: MembershipdProcess, headers: dict[str, str]) -> tuple[int, Any, Any]:
+    async with aiohttp.ClientSession() as s, s.get(daemon.base_url + "/v1/me", headers=headers) as r:
+        text = await r.text()
+        return r.status, (json.loads(text) if text else None), r.headers
+
+
+async def fresh_until_served(daemon: MembershipdProcess, identity: Any) -> list[dict[str, Any]]:
+    """Freshly signed requests until one is served; returns the refusals met on the way (each a 503)."""
+    refusals = []
+    deadline = time.monotonic() + WAIT
+    while True:
+        status, body, headers = await send(daemon, signed(identity))
+        if status == 200:
+            return refusals
+        assert status == 503 and body["type"].endswith("/nonce-store-unavailable"), (status, body)
+        assert headers.get("Retry-After"), body
+        refusals.append(body)
+        assert time.monotonic() < deadline, f"no fresh request served in {WAIT} s: {body}"
+        await asyncio.sleep(0.25)
+
+
+def assert_refused_as_unverifiable(result: tuple[int, Any, Any]) -> None:
+    """A replay after a loss: 503 (sign again), never served."""
+    status, body, headers = result
+    assert status == 503, (status, body)
+    assert body["type"].endswith("/nonce-store-unavailable"), body
+    assert int(headers["Retry-After"]) >= 1
+
+
+@contextlib.asynccontextmanager
+async def service_js(daemon: MembershipdProcess):
+    nc = await nats.connect(daemon.nats_url, nkeys_seed=str(daemon.data_dir / "service.nkey"), allow_reconnect=False,
+                            connect_timeout=3)
+    try:
+        yield nc.jetstream(timeout=5)
+    finally:
+        await nc.close()
+
+
+async def jetstream_config(daemon: MembershipdProcess) -> dict[str, Any]:
+    """/varz ``jetstream.config`` of the daemon's nats-server, asked as membershipd's system user."""
+    seed = (daemon.data_dir / "system.nkey").read_text().strip()
+    nc = await nats.connect(daemon.nats_url, nkeys_seed_str=seed, allow_reconnect=False, connect_timeout=3)
+    try:
+        reply = await nc.request("$SYS.REQ.SERVER.PING.VARZ", b"", timeout=5)
+        return json.loads(reply.data)["data"]["jetstream"]["config"]
+    finally:
+        await nc.close()
+
+
+def stored_high_water(data_dir: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"file:{data_dir / 'membershipd.db'}?mode=ro", uri=True)) as db:
+        row = db.execute("SELECT value FROM unibus_meta WHERE key = ?", (HIGH_WATER_KEY,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+async def wait_for_log(daemon: MembershipdProcess, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + WAIT
+    while daemon.log_text().count(text) < count:
+        assert time.monotonic() < deadline, f"{text!r} never logged:\n{daemon.log_text()[-3000:]}"
+        await asyncio.sleep(0.05)
+
+
+def start_daemon(tmp_path: Path, name: str, *args: str, env: dict[str, str] | None = None):
+    alice = generate_identity("alice")
+    data_dir = tmp_path / name
+    bootstrap_member(data_dir, alice, "admin")
+    daemon = MembershipdProcess(data_dir, args, env).start()
+    return daemon, alice
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One fresh daemon for the checks that change nothing of its buckets."""
+    daemon, alice = start_daemon(tmp_path_factory.mktemp("durable"), "daemon")
+    daemon.identity = alice
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+
+
+# -- JetStream fsyncs before it acknowledges -------------------------------------------------------
+
+
+async def test_the_embedded_nats_server_fsyncs_every_acknowledged_write(shared):
+    conf = json.loads((shared.data_dir / "nats.conf").read_text())
+    assert conf["jetstream"]["sync_interval"] == JETSTREAM_SYNC == "always"
+    js = await jetstream_config(shared)
+    assert js["sync_always"] is True
+
+
+def test_no_plugin_can_make_acknowledged_writes_lazy_again(tmp_path, caplog):
+    settings = Settings(data_dir=tmp_path, nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    for spelling in ({"sync_interval": "2m"}, {"SYNC": "10s"}, {"Sync_Interval": "always", "sync": "1s"}, {}):
+        config = base_config(settings)
+        js = config["jetstream"]
+        js.pop("sync_interval")
+        js.update(spelling)  # what a plugin's configure_nats might write
+        finalize_config(config, settings)
+        assert {k: v for k, v in config["jetstream"].items() if k.lower() in ("sync", "sync_interval")} == \
+            {"sync_interval": "always"}, spelling
+    assert "replaced by sync_interval='always'" in caplog.text
+    path = tmp_path / "nats.conf"
+    write_config(render_config(config), path)
+    check_config(find_nats_server(), path)  # nats-server -t accepts it
+
+
+# -- the nonce bucket ---------------------------------------------------------------------------------
+
+
+async def test_the_nonce_bucket_is_memory_with_a_bound_and_an_epoch(shared):
+    async with service_js(shared) as js:
+        info = await js.stream_info(NONCE_STREAM)
+        assert info.config.storage == StorageType.MEMORY
+        assert info.config.max_bytes == DEFAULT_NONCE_MAX_BYTES
+        assert info.config.max_age == 120.0  # 2 x --auth-skew
+        assert info.config.num_replicas == 1
+        epoch = await js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY, direct=False)
+    assert epoch.headers["Nats-TTL"] == "never"  # outlives the bucket's max age
+    record = json.loads(epoch.data)
+    assert record["floor"] == 0  # a new deployment: no request was ever accepted, nothing to refuse
+    assert record["node"] and len(record["id"]) == 32
+
+
+def test_nonce_max_bytes_from_the_environment():
+    assert nonce_max_bytes_from_env({}) == DEFAULT_NONCE_MAX_BYTES
+    assert nonce_max_bytes_from_env({NONCE_MAX_BYTES_ENV: " "}) == DEFAULT_NONCE_MAX_BYTES
+    assert nonce_max_bytes_from_env({NONCE_MAX_BYTES_ENV: "8388608"}) == 8388608
+    for bad in ("0", "1023", "-1", "1e9", "64MiB", "9" * 30, "x" * 100):
+        with pytest.raises(ConfigError) as e:
+            nonce_max_bytes_from_env({NONCE_MAX_BYTES_ENV: bad})
+        assert str(e.value).startswith(f"{NONCE_MAX_BYTES_ENV}: ") and len(str(e.value)) < 160
+
+
+def test_a_bad_nonce_max_bytes_is_refused_with_one_line(tmp_path):
+    proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), env={NONCE_MAX_BYTES_ENV: "lots"}, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"membershipd: error: {NONCE_MAX_BYTES_ENV}: ") and "number of bytes" in last
+    assert "Traceback" not in proc.stderr
+
+
+# -- the epoch rule, single node ------------------------------------------------------------------------
+
+
+def created_of(headers: dict[str, str]) -> int:
+    return int(headers["Signature-Input"].split("created=")[1].split(";")[0])
+
+
+async def lose_nonces(daemon: MembershipdProcess, how: str) -> MembershipdProcess:
+    """Lose the nonce bucket ``how``; returns the daemon serving afterwards (a new one for ``restart``)."""
+    if how == "kill -9 nats-server":  # the supervisor restarts it; the memory bucket went with it
+        old_pid = daemon.nats_pid()
+        os.kill(old_pid, signal.SIGKILL)
+        deadline = time.monotonic() + WAIT
+        while daemon.nats_pid() in (None, old_pid):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        daemon.wait_healthy(timeout=WAIT)
+        return daemon
+    if how == "restart":
+        assert daemon.stop() == 0
+        return daemon.again().start()
+    # Under a running nats-server, the claim connection up: emptied (as when every node
+    # of a cluster crashed: the stream stays, with nothing in it), or deleted.
+    epochs = daemon.log_text().count("nonce bucket: new epoch")
+    async with service_js(daemon) as js:
+        if how == "purge":
+            await js.purge_stream(NONCE_STREAM)
+        else:
+            await js.delete_stream(NONCE_STREAM)
+    await wait_for_log(daemon, "nonce bucket: new epoch", epochs + 1)
+    return daemon
+
+
+async def test_a_request_accepted_before_a_nonce_loss_is_refused_after_it(tmp_path):
+    daemon, alice = start_daemon(tmp_path, "node", env={NONCE_MAX_BYTES_ENV: str(8 * 1024 * 1024)})
+    served = [daemon]
+    try:
+        for how in ("kill -9 nats-server", "purge", "delete", "restart"):
+            # accepted from a client whose clock runs 3 s ahead: the mark covers its created
+            accepted = signed(alice, created=int(time.time()) + 3)
+            assert (await send(daemon, accepted))[0] == 200, how
+            assert stored_high_water(daemon.data_dir) >= created_of(accepted), how  # in SQLite before the claim
+            unsent = signed(alice)  # signed before the loss, sent after it
+            async with service_js(daemon) as js:
+                before = json.loads((await js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY)).data)
+            daemon = await lose_nonces(daemon, how)
+            served.append(daemon)
+            # its nonce went with the bucket: without the floor these would be served
+            assert_refused_as_unverifiable(await send(daemon, accepted))
+            assert_refused_as_unverifiable(await send(daemon, unsent))
+            refusals = await fresh_until_served(daemon, alice)
+            # seconds (the mark's step), not --auth-skew: a bound on retries, not a timing
+            assert len(refusals) <= 4 * (HIGH_WATER_STEP + 5), how
+            assert_refused_as_unverifiable(await send(daemon, accepted))  # and it stays refused
+            async with service_js(daemon) as js:
+                info = await js.stream_info(NONCE_STREAM)
+                after = json.loads((await js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY)).data)
+            assert info.config.storage == StorageType.MEMORY and info.config.max_bytes == 8 * 1024 * 1024, how
+            assert after["id"] != before["id"] and after["floor"] >= created_of(accepted), how
+        assert "Traceback" not in daemon.log_text()
+    finally:
+        for d in served:
+            d.stop()
+
+
+# -- NonceStore alone, against a bare nats-server ---------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def nonce_stores(url: str, n: int, *, skew: int = 60, watch: bool = False, **kwargs: Any):
+    """``n`` NonceStores (as many nodes) sharing one high-water mark, each with its own connections."""
+    mark = MemoryHighWater()
+    buses, stores = [], []
+    try:
+        for i in range(n):
+            bus = Bus(url, name=f"node{i}")
+            buses.append(bus)
+            await bus.connect()
+            store = NonceStore(bus, skew=skew, replicas=1, high_water=mark, timeout=2.0, **kwargs)
+            stores.append(store)
+            await store.ensure()
+            if watch:
+                await store.start()
+            else:
+                await store.acks.connect()  # claims without the periodic epoch check
+        yield stores, mark
+    finally:
+        for store in stores:
+            await store.close()
+        for bus in buses:
+            await bus.close()
+
+
+async def test_a_claim_that_lands_in_a_new_bucket_is_refused(nats_server):
+    """The reset no connection saw: the claim's sequence goes backwards, the epoch is checked."""
+    async with nonce_stores(nats_server.url, 2) as ((a, b), mark):
+        now = time.time()
+        seen = []
+        for _ in range(5):
+            nonce = make_nonce()
+            await a.admit(int(now), now)
+            assert await a.claim("alice", nonce)
+            seen.append(nonce)
+        assert mark.value >= int(now)
+        await b.bus.js.delete_stream(NONCE_STREAM)
+        await b.ensure()  # node b re-creates the bucket: new epoch, floor = the shared mark
+        assert b.floor == mark.value
+        # node a still believes in the old bucket: the replay passes its floor, lands in the new bucket...
+        await a.admit(int(now), now)
+        with pytest.raises(NonceStoreUnavailable, match="reset"):
+            await a.claim("alice", seen[0])
+        # ... and is refused; from now on a knows the new floor
+        with pytest.raises(ReplayFloorError) as e:
+            await a.admit(int(now), time.time())
+        assert e.value.floor == b.floor and a.floor == b.floor and a.resets == 1
+
+
+async def test_the_epoch_outlives_the_bucket_ttl(nats_server):
+    async with nonce_stores(nats_server.url, 1, skew=1, watch=True) as ((store,), _mark):
+        epoch = store._epoch_raw
+        now = time.time()
+        await store.admit(int(now), now)
+        nonce = make_nonce()
+        assert await store.claim("alice", nonce)
+        js = store.bus.js
+        deadline = time.monotonic() + WAIT
+        while (await js.stream_info(NONCE_STREAM)).state.messages > 1:  # the nonce expires (2 s max age)
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.1)
+        msg = await js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY, direct=False)
+        assert bytes(msg.data) == epoch
+        await asyncio.sleep(1.5)  # a check of the epoch ran: no loss seen
+        assert store.resets == 0 and store._epoch_raw == epoch and store.floor is not None
+
+
+@pytest.mark.parametrize("exclusive", [True, False])
+async def test_a_file_bucket_moves_to_memory_with_its_nonces(nats_server, exclusive):
+    bus = Bus(nats_server.url)
+    await bus.connect()
+    try:
+        kv = await bus.js.create_key_value(config=KeyValueConfig(
+            bucket=NONCE_BUCKET, history=1, ttl=120.0, replicas=1, storage=StorageType.FILE))
+        old = [make_nonce() for _ in range(300)]
+        for nonce in old:
+            await kv.create(f"alice.{nonce}", b"1")
+    finally:
+        await bus.close()
+    t0 = int(time.time())
+    async with nonce_stores(nats_server.url, 1, exclusive=exclusive) as ((store,), mark):
+        info = await store.bus.js.stream_info(NONCE_STREAM)
+        assert info.config.storage == StorageType.MEMORY
+        assert info.state.messages == len(old) + 1  # every nonce, and the _epoch
+        assert mark.value >= t0 + 60  # raised before the old bucket went: a crash there loses nothing
+        for nonce in old[:20]:
+            assert await store.claim("alice", nonce) is False  # still replays
+        if exclusive:
+            assert store.floor == 0  # an exact copy: nothing to refuse
+        else:
+            assert store.floor >= t0 + 60  # another node may have claimed after the copy: refuse until then

@@ -1,0 +1,239 @@
+"""validate_settings, --plugin, /healthz namespacing and the start/stop order of plugins
+(docs/plugins.md, "Order", "Errors and exit codes", "Hook checks and broken plugins")."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import textwrap
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+from unibus import ConfigError, hookimpl
+from unibus.app import plugin_healthz
+from unibus.daemon import Daemon
+from unibus.errors import RuntimeFailure
+from unibus.pluginmanager import PluginManager
+from unibus.settings import HostPort, Settings
+from unibus.testing import free_port, http_json, nats_server_pids, run_membershipd
+
+MODULES = {
+    # a plugin with a flag whose combination it refuses in validate_settings
+    "strict_plugin": '''
+        from unibus import ConfigError, Option, hookimpl
+
+        PLUGIN_NAME = "strict"
+
+        @hookimpl
+        def cli_options():
+            return [Option("--strict-level", help="1-3", default="1")]
+
+        @hookimpl
+        def validate_settings(settings):
+            if settings.option("strict_level") not in ("1", "2", "3"):
+                raise ConfigError("--strict-level: must be 1, 2 or 3")
+    ''',
+    # a mistyped argument name: broken, but --help and `plugins` still work
+    "typo_plugin": '''
+        from unibus import hookimpl
+
+        @hookimpl
+        def healthz_fields(application):
+            return {}
+    ''',
+    # a misspelt hook name
+    "misspelt_plugin": '''
+        from unibus import hookimpl
+
+        @hookimpl
+        def start_up(app):
+            pass
+    ''',
+    # ConfigError from an async startup: exit 2, naming the plugin
+    "async_config_plugin": '''
+        import asyncio
+        from unibus import ConfigError, hookimpl
+
+        @hookimpl
+        async def startup(app):
+            await asyncio.sleep(0)
+            raise ConfigError("--something: the service this plugin needs is not configured")
+    ''',
+    # a plugin that writes into /healthz, trying to overwrite the core's and another plugin's keys
+    "greedy_plugin": '''
+        from unibus import hookimpl
+
+        @hookimpl
+        def healthz_fields(app):
+            return {"status": "hacked", "nats_monitor": {"enabled": True}, "mine": 1}
+    ''',
+}
+
+
+@pytest.fixture(scope="module")
+def pythonpath(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("plugin-modules")
+    for name, source in MODULES.items():
+        (d / f"{name}.py").write_text(textwrap.dedent(source))
+    return {"PYTHONPATH": str(d)}
+
+
+def one_error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("usage:")]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_validate_settings_refusal_is_one_line_exit_2(pythonpath, tmp_path):
+    for command in ("posture", "serve"):
+        proc = run_membershipd(command, "--plugin", "strict_plugin", "--strict-level", "9", "--bus-auth", "off",
+                               "--data-dir", str(tmp_path / command), env=pythonpath)
+        assert proc.returncode == 2, proc.stderr
+        assert one_error_line(proc) == (
+            "membershipd: error: plugin strict, hook validate_settings: --strict-level: must be 1, 2 or 3")
+    ok = run_membershipd("posture", "--plugin", "strict_plugin", "--strict-level", "2", "--bus-auth", "off",
+                         env=pythonpath)
+    assert ok.returncode == 1, ok.stderr  # runs; "open" posture with --bus-auth off
+
+
+def test_plugin_flag_loads_a_module_without_installing_it(pythonpath):
+    proc = run_membershipd("plugins", "--json", "--plugin", "strict_plugin", env=pythonpath)
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    [strict] = [p for p in json.loads(proc.stdout) if p["name"] == "strict"]
+    assert strict == {"name": "strict", "distribution": "--plugin strict_plugin", "version": None,
+                      "hooks": ["cli_options", "validate_settings"]}
+
+
+def test_an_unimportable_plugin_module_is_one_line(pythonpath):
+    proc = run_membershipd("posture", "--plugin", "no_such_module_here", env=pythonpath)
+    assert proc.returncode == 2
+    assert one_error_line(proc).startswith("membershipd: error: --plugin no_such_module_here: cannot import it")
+
+
+@pytest.mark.parametrize(("module", "name", "hook", "problem"), [
+    ("typo_plugin", "typo_plugin", "healthz_fields", "argument(s) application not in the hook's arguments (app)"),
+    ("misspelt_plugin", "misspelt_plugin", "start_up", "no such hook; did you mean startup?"),
+])
+def test_a_mistyped_plugin_is_one_line_and_help_and_plugins_still_work(pythonpath, tmp_path, module, name, hook,
+                                                                       problem):
+    serve = run_membershipd("serve", "--plugin", module, "--data-dir", str(tmp_path), env=pythonpath)
+    assert serve.returncode == 2
+    line = one_error_line(serve)
+    assert f"plugin {name}, hook {hook}: {problem}" in line
+    helped = run_membershipd("serve", "--help", "--plugin", module, env=pythonpath)
+    assert helped.returncode == 0 and f"{name}: plugin {name}, hook {hook}" in helped.stdout
+    listed = run_membershipd("plugins", "--plugin", module, env=pythonpath)
+    assert listed.returncode == 0 and f"{name}  (--plugin {module} -)  BROKEN" in listed.stdout
+
+
+def test_a_config_error_in_an_async_startup_exits_2_naming_the_plugin(pythonpath, tmp_path):
+    proc = run_membershipd("serve", "--plugin", "async_config_plugin", "--bus-auth", "off",
+                           "--data-dir", str(tmp_path / "d"), "--http-addr", f"127.0.0.1:{free_port()}",
+                           "--nats-addr", f"127.0.0.1:{free_port()}", "--nats-monitor-port", str(free_port()),
+                           env=pythonpath)
+    assert proc.returncode == 2, proc.stderr
+    assert ("plugin async_config_plugin, hook startup: --something: the service this plugin needs is not "
+            "configured") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not nats_server_pids(tmp_path)
+
+
+def test_healthz_fields_are_placed_under_the_plugin_name(unibus_app, pythonpath, monkeypatch):
+    monkeypatch.syspath_prepend(pythonpath["PYTHONPATH"])
+    import greedy_plugin
+
+    from unibus.plugins import nats_monitor
+
+    served = unibus_app(plugins=[nats_monitor, greedy_plugin])
+    status, body = http_json("GET", served.base_url + "/healthz")
+    assert status == 200 and body["status"] == "ok"
+    assert body["greedy_plugin"] == {"status": "hacked", "nats_monitor": {"enabled": True}, "mine": 1}
+    assert body["nats_monitor"] == {"enabled": False, "url": None}
+
+
+def test_plugin_healthz_unwraps_the_old_form_only():
+    assert plugin_healthz("hello", {"hello": {"greeting": "hi"}}) == {"greeting": "hi"}
+    assert plugin_healthz("hello", {"hello": "world"}) == {"hello": "world"}
+    assert plugin_healthz("hello", {}) is None and plugin_healthz("hello", None) is None
+
+
+# -- start-up and shutdown order, in process ------------------------------------------------
+
+
+def tracked(name: str, log: list[str], *, fail: BaseException | None = None, is_async: bool = False) -> object:
+    """A plugin that logs its startup and shutdown (and may fail its startup)."""
+
+    def begin() -> None:
+        log.append(f"start {name}")
+        if fail is not None:
+            raise fail
+
+    if is_async:
+        async def startup(app):
+            await asyncio.sleep(0)
+            begin()
+    else:
+        def startup(app):
+            begin()
+
+    def shutdown(app):
+        log.append(f"stop {name}")
+
+    return types.SimpleNamespace(PLUGIN_NAME=name, startup=hookimpl(startup), shutdown=hookimpl(shutdown))
+
+
+class StopOnly:
+    def __init__(self, log):
+        self.log = log
+
+    @hookimpl
+    def shutdown(self):
+        self.log.append("stop only")
+
+
+def _settings(tmp_path: Path) -> Settings:
+    return Settings(data_dir=tmp_path / "d", http_addr=HostPort("127.0.0.1", free_port()),
+                    nats_addr=HostPort("127.0.0.1", free_port()), server_name="t", bus_auth="off")
+
+
+async def test_startup_in_call_order_and_shutdown_in_reverse(tmp_path):
+    log: list[str] = []
+    pm = PluginManager(load_entry_points=False)
+    pm.register(StopOnly(log), "stop_only")
+    for name in ("a", "b", "c"):
+        pm.register(tracked(name, log, is_async=name == "b"), name)
+    assert pm.call_order("startup") == ["c", "b", "a"]  # the plugin registered last first (docs/plugins.md)
+    daemon = Daemon(_settings(tmp_path), pm)
+    try:
+        await daemon.start()
+        assert log == ["start c", "start b", "start a"]
+    finally:
+        await daemon.stop()
+        await daemon.stop()  # a second stop calls no hook twice
+    assert log == ["start c", "start b", "start a", "stop a", "stop b", "stop c", "stop only"]
+    assert not nats_server_pids(tmp_path)
+
+
+@pytest.mark.parametrize(("error", "expected"), [
+    (ValueError("kaboom"), RuntimeFailure), (ConfigError("--x: no"), ConfigError)])
+async def test_a_failing_startup_shuts_down_what_started(tmp_path, error, expected):
+    log: list[str] = []
+    pm = PluginManager(load_entry_points=False)
+    pm.register(tracked("late", log, is_async=True), "late")  # never started: no coroutine made
+    pm.register(tracked("bad", log, fail=error, is_async=True), "bad")
+    pm.register(tracked("first", log), "first")
+    daemon = Daemon(_settings(tmp_path), pm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # "coroutine ... was never awaited"
+        with pytest.raises(expected, match="plugin bad"):
+            await daemon.start()
+        await daemon.stop()
+        gc.collect()
+    assert log == ["start first", "start bad", "stop first"]
+    assert not nats_server_pids(tmp_path)

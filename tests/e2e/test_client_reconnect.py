@@ -1,0 +1,313 @@
+"""The SDK's Bus across kicks: membershipd kicks every connection of a member whose rights change.
+
+One real membershipd (``--bus-auth enforce``: the auth callout, real
+nats-server, real SQLite) for the module, real nats-py clients through
+:class:`unibus.client.Bus`. A kicked Bus reconnects with its key, its
+listeners' subscriptions are made again, and nothing published after it was
+re-authorized is lost or delivered twice; a room the member lost ends that
+listener only; a member the bus keeps refusing (deleted, another key) stops
+with a BusError that says why, after a bounded number of attempts
+(docs/client.md, "Reconnects").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from unibus.client import ApiError, BusError, NotARoomMember, UnibusClient
+from unibus.client.api import AUTH_FAILURES_LIMIT
+from unibus.client.keys import generate_identity, save_identity, with_bus_key
+from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
+
+WAIT = 20.0  # upper bound for "eventually" (never a timing assertion: latency lives in bench/)
+
+
+class World:
+    def __init__(self, daemon: MembershipdProcess, people: dict[str, Any]) -> None:
+        self.daemon = daemon
+        self.people = people
+
+    def sdk(self, handle: str) -> UnibusClient:
+        return UnibusClient(self.daemon.base_url, self.people[handle], notice=lambda _text: None)
+
+    async def add(self, handle: str) -> None:
+        person = self.people[handle] = generate_identity(handle)
+        r = person.public_record()
+        async with self.sdk("alice") as a:
+            await a.add_member(handle, r["sign_pub"], r["enc_pub"], r["enc_suite"], bus_pub=r["bus_pub"])
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    people = {"alice": generate_identity("alice"), "bob": generate_identity("bob")}
+    data_dir = tmp_path_factory.mktemp("reconnect") / "daemon"
+    bootstrap_member(data_dir, people["alice"], "admin")
+    daemon = MembershipdProcess(data_dir, ["--bus-auth", "enforce"]).start()
+    w = World(daemon, people)
+
+    async def members() -> None:
+        async with w.sdk("alice") as a:
+            r = people["bob"].public_record()
+            await a.add_member("bob", r["sign_pub"], r["enc_pub"], r["enc_suite"], bus_pub=r["bus_pub"])
+
+    try:
+        asyncio.run(members())
+        yield w
+    finally:
+        daemon.stop()
+
+
+async def new_room(world: World, *handles: str) -> str:
+    async with world.sdk("alice") as a:
+        rid = (await a.create_room("r"))["room_id"]
+        for h in handles:
+            await a.add_room_member(rid, h)
+        await a.rekey(rid)
+    return rid
+
+
+async def next_message(messages: Any, timeout: float = WAIT) -> Any:
+    return await asyncio.wait_for(messages.__anext__(), timeout)
+
+
+async def test_a_listener_keeps_receiving_after_a_grant_kicks_it(world):
+    """Added to room B, bob is kicked; his listener on room A comes back by itself, and every
+    message published after his Bus was re-authorized arrives exactly once, in order."""
+    room_a = await new_room(world, "bob")
+    room_b = await new_room(world)
+    async with world.sdk("bob") as b, b.bus() as bob_bus, bob_bus.listen(room_a) as messages, \
+            world.sdk("alice") as a, a.bus() as alice_bus:
+        await alice_bus.send(room_a, "t", b"before")
+        assert (await next_message(messages)).text == "before"
+        before = await member_connections(world.daemon, "bob")
+        assert len(before) == 1
+
+        # alice keeps publishing while bob is added to room B (kicked before the 200) and comes back
+        sent: list[tuple[str, float]] = []
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            i = 0
+            while not stop.is_set() and i < 2000:
+                started = time.monotonic()
+                await alice_bus.send(room_a, "t", f"m{i}".encode())
+                sent.append((f"m{i}", started))
+                i += 1
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(publisher())
+        try:
+            await asyncio.sleep(0.1)
+            await a.add_room_member(room_b, "bob")
+            # the 200 is here: nats-server no longer holds bob's old connection
+            assert not before & await member_connections(world.daemon, "bob")
+            await bob_bus.wait_reconnected(1, timeout=WAIT)
+            reauthorized = time.monotonic()
+            deadline = reauthorized + WAIT
+            while sum(1 for _, t in sent if t >= reauthorized) < 20:
+                assert not task.done() and time.monotonic() < deadline
+                await asyncio.sleep(0.02)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, WAIT)
+        await alice_bus.send(room_a, "t", b"end")
+
+        got: list[str] = []
+        while True:
+            m = await next_message(messages)
+            assert m.ok, (m.reason, m.error)  # a duplicate would be a rejected "replay"
+            if m.text == "end":
+                break
+            got.append(m.text)
+        assert len(got) == len(set(got))  # nothing twice
+        order = [name for name, _ in sent]
+        assert got == sorted(got, key=order.index)  # in order
+        after = [name for name, t in sent if t >= reauthorized]
+        assert len(after) >= 20 and set(after) <= set(got)  # nothing published after re-authorization lost
+        assert messages.rejected == Counter()
+        assert bob_bus.reconnects == 1
+
+        # the same Bus has the new room now
+        async with bob_bus.listen(room_b) as in_b:
+            await alice_bus.send(room_b, "t", b"in b")
+            assert (await next_message(in_b)).text == "in b"
+
+
+async def test_a_room_lost_ends_its_listener_and_the_others_go_on(world):
+    room_a = await new_room(world, "bob")
+    room_b = await new_room(world, "bob")
+    async with world.sdk("bob") as b, b.bus() as bob_bus, bob_bus.listen(room_a) as in_a, \
+            bob_bus.listen(room_b) as in_b, world.sdk("alice") as a, a.bus() as alice_bus:
+        await alice_bus.send(room_b, "t", b"b1")
+        assert (await next_message(in_b)).text == "b1"
+        await a.remove_room_member(room_b, "bob")
+        with pytest.raises(BusError, match=f"access to room {room_b} was revoked"):
+            await next_message(in_b)
+        # room A goes on: a message published once the bus is back arrives (a revocation's
+        # background sweep may kick bob once more, so publish until one gets through)
+        await bob_bus.wait_reconnected(1, timeout=WAIT)
+        deadline = time.monotonic() + WAIT
+        for i in range(1000):
+            await alice_bus.send(room_a, "t", f"a{i}".encode())
+            try:
+                m = await next_message(in_a, 0.5)
+                break
+            except TimeoutError:
+                assert time.monotonic() < deadline, "room A's listener got nothing after the removal from room B"
+        assert m.ok and m.text.startswith("a") and m.sender == "alice"
+        assert in_a.rejected == Counter()
+        # and bob can no longer publish in room B
+        with pytest.raises((ApiError, NotARoomMember, BusError)):
+            await bob_bus.send(room_b, "t", b"no")
+
+
+async def test_a_deleted_members_bus_stops_after_repeated_authorization_violations(world):
+    await world.add("dave")
+    room = await new_room(world, "dave")
+    async with world.sdk("dave") as d, d.bus() as bus, bus.listen(room) as messages, world.sdk("alice") as a:
+        raw = bus.nc
+        await a.remove_member("dave")
+        with pytest.raises(BusError) as stopped:
+            await next_message(messages, WAIT)
+        text = str(stopped.value)
+        assert f"refused dave {AUTH_FAILURES_LIMIT} times in a row (authorization violation)" in text
+        assert "deleted" in text
+        assert raw.is_closed  # no endless reconnect loop
+        with pytest.raises(BusError, match="authorization violation"):
+            await bus.send(room, "t", b"x")
+        with pytest.raises(BusError, match="authorization violation"):
+            await bus.listen(room).start()
+        assert bus.reconnects == 0
+    assert await member_connections(world.daemon, "dave") == set()
+
+
+async def test_a_bus_key_rotated_by_the_same_client_is_used_to_reconnect(world):
+    await world.add("erin")
+    room = await new_room(world, "erin")
+    old = world.people["erin"]
+    async with world.sdk("erin") as e, e.bus() as bus, bus.listen(room) as messages, \
+            world.sdk("alice") as a, a.bus() as alice_bus:
+        new = await e.rotate_bus_key()
+        assert new.bus_pub != old.bus_pub and e.identity is new
+        assert new.sign_pub == old.sign_pub and new.enc_pub == old.enc_pub
+        assert (await e.me())["bus_pub"] == new.bus_pub
+        await bus.wait_reconnected(1, timeout=WAIT)
+        await alice_bus.send(room, "t", b"after the rotation")
+        m = await next_message(messages)
+        assert m.ok and m.text == "after the rotation"
+        assert len(await member_connections(world.daemon, "erin")) == 1
+        # the same through set_bus_key with the client's own (new) identity
+        e.identity = newer = with_bus_key(new)
+        assert (await e.set_bus_key())["bus_pub"] == newer.bus_pub
+        await bus.wait_reconnected(2, timeout=WAIT)
+        await alice_bus.send(room, "t", b"after the second rotation")
+        m = await next_message(messages)
+        assert m.ok and m.text == "after the second rotation"
+        assert messages.rejected == Counter()
+
+
+async def test_a_bus_key_rotated_elsewhere_stops_the_bus_naming_what_to_do(world):
+    await world.add("fay")
+    room = await new_room(world, "fay")
+    async with world.sdk("fay") as f, f.bus() as bus, bus.listen(room) as messages:
+        other = with_bus_key(world.people["fay"])  # a key this SDK does not hold
+        await f.set_bus_key(other.bus_pub)
+        with pytest.raises(BusError) as stopped:
+            await next_message(messages, WAIT)
+        text = str(stopped.value)
+        assert "authorization violation" in text and other.bus_pub in text
+        assert "unibus keygen --upgrade --server" in text
+
+
+async def test_a_send_during_a_reconnect_waits_for_the_bus(world):
+    """bob sends while his kicked connection is coming back: the send waits for the bus
+    and the message arrives once (a send in the very instant of the kick, before nats-py
+    saw the connection close, is at most once: docs/client.md, "Reconnects")."""
+    room_a = await new_room(world, "bob")
+    room_b = await new_room(world)
+    async with world.sdk("bob") as b, b.bus() as bob_bus, world.sdk("alice") as a, a.bus() as alice_bus, \
+            alice_bus.listen(room_a) as messages:
+        await bob_bus.send(room_a, "t", b"warm")  # the key is cached: the next sends need no HTTP first
+        assert (await next_message(messages)).text == "warm"
+        for i, change in enumerate((a.add_room_member, a.remove_room_member, a.add_room_member)):
+            before = bob_bus.reconnects
+            await change(room_b, "bob")  # bob's connection is closed before the 2xx
+            deadline = time.monotonic() + WAIT
+            while not (bob_bus.nc.is_reconnecting or bob_bus.reconnects > before):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.001)
+            assert await bob_bus.send(room_a, "t", f"after change {i}".encode()) == 1
+            m = await next_message(messages)
+            assert m.ok and m.text == f"after change {i}" and m.sender == "bob"
+        assert messages.rejected == Counter()
+
+
+async def _listen_cli(world: World, tmp_path: Any, handle: str, *args: str) -> asyncio.subprocess.Process:
+    """`unibus listen ARGS` as ``handle``, started; returns once it says it is listening."""
+    path = tmp_path / f"{handle}.json"
+    if not path.exists():
+        save_identity(world.people[handle], path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "unibus.client.cli", "--server", world.daemon.base_url, "--identity", str(path),
+        "listen", *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env=env)
+    assert proc.stderr is not None
+    while True:
+        line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+        assert line, "unibus listen ended before it listened"
+        if "listening on" in line:
+            return proc
+
+
+async def test_unibus_listen_goes_on_across_a_kick_and_stops_when_deleted(world, tmp_path):
+    await world.add("gus")
+    room_a = await new_room(world, "gus")
+    room_b = await new_room(world)
+    proc = await _listen_cli(world, tmp_path, "gus", room_a, "--count", "2", "--json")
+    try:
+        async with world.sdk("alice") as a, a.bus() as alice_bus:
+            await alice_bus.send(room_a, "t", b"one")
+            assert proc.stdout is not None
+            first = json.loads(await asyncio.wait_for(proc.stdout.readline(), WAIT))
+            assert (first["text"], first["sender"]) == ("one", "alice")
+            old = await member_connections(world.daemon, "gus")
+            await a.add_room_member(room_b, "gus")  # kicks gus's `listen`
+            assert not old & await member_connections(world.daemon, "gus")
+            assert proc.stderr is not None
+            while True:  # it says when it is back, subscription made again
+                line = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+                assert line, "unibus listen ended"
+                if "listening again" in line:
+                    break
+            await alice_bus.send(room_a, "t", b"two")
+            out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+        assert proc.returncode == 0, err.decode()
+        assert json.loads(out)["text"] == "two"
+        assert "Traceback" not in err.decode()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    proc = await _listen_cli(world, tmp_path, "gus", room_a)
+    try:
+        async with world.sdk("alice") as a:
+            await a.remove_member("gus")
+        _out, err = await asyncio.wait_for(proc.communicate(), WAIT)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1
+    errors = [line for line in err.decode().splitlines() if line.startswith("unibus: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err.decode(), err.decode()
+    assert "refused gus 3 times in a row (authorization violation)" in errors[0] and "deleted" in errors[0]
