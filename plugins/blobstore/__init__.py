@@ -225,11 +225,11 @@ async def put_blob(request: web.Request) -> web.Response:
             parts.append(data)
             buffered += len(data)
             if buffered >= WRITE_CHUNK:
-                await upload.write(b"".join(parts) if len(parts) > 1 else parts[0])
+                await upload.write(tuple(parts))  # the pieces, not joined: written with writev
                 parts.clear()
                 buffered = 0
         if parts:
-            await upload.write(b"".join(parts))
+            await upload.write(tuple(parts))
         digest = await upload.finish()
         if not hmac.compare_digest(digest, expected):
             raise _problem(400, "the body does not match its signed Content-Digest; nothing was stored",
