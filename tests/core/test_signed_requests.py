@@ -313,11 +313,6 @@ async def test_server_accepts_an_independent_rfc9421_signature(shared_server):
             assert (await r.json())["name"] == "interop"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a signature names no deployment (no @authority, no deployment tag), and GET /v1/log hands every "
-    "member the signed requests verbatim: a member of one deployment replays an admin's fresh request on "
-    "another deployment where the admin has the same identity. Fix: sign a deployment id (e.g. the "
-    "trust root, hash of log entry 0, as the signature's tag) and refuse any other (docs/http-api.md)"))
 async def test_a_logged_request_cannot_be_replayed_on_another_deployment(tmp_path, membershipd_factory):
     """Adversary: an ordinary member of deployment A (eve), reading A's membership log.
 
