@@ -117,7 +117,9 @@ REJECT_REASONS = ("malformed", "stale", "replay", "no-key", "key", "sender", "si
 #: rekey or a membership change between its GET and its POST).
 REKEY_RETRIES = 3
 #: How many times a request refused with a retryable 503 is signed again and resent.
-RETRIES_503 = 2
+#: How often a 503 refused before it was served is tried again (docs/client.md):
+#: replay protection made again after a crash refuses for about 2 s.
+RETRIES_503 = 4
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
 #: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
@@ -310,6 +312,16 @@ def _retryable_503(method: str, problem: Mapping[str, Any], retry_after: float |
     return method == "GET" and retry_after is not None
 
 
+def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_after: float | None,
+                    attempt: int) -> float | None:
+    """The one retry policy of every client request (JSON calls and blob
+    transfers alike): seconds to wait before signing ``attempt + 1`` afresh,
+    or None when the answer is final."""
+    if status != 503 or attempt >= RETRIES_503 or not _retryable_503(method, problem, retry_after):
+        return None
+    return min(max(retry_after or 0.5, 0.1), 2.0)
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -434,9 +446,9 @@ class UnibusClient:
             if 200 <= status < 300:
                 break
             problem = _problem_from(status, reason, raw)
-            if status == 503 and attempt < RETRIES_503 and _retryable_503(method, problem, retry_after):
+            delay = retry_503_delay(method, status, problem, retry_after, attempt)
+            if delay is not None:
                 attempt += 1
-                delay = min(max(retry_after or 0.5, 0.1), 2.0)
                 log.info("%s %s: 503 (%s); retrying in %.1f s", method, path, problem.get("detail"), delay)
                 await asyncio.sleep(delay)
                 continue  # signed afresh: a new nonce and `created`

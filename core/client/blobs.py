@@ -38,6 +38,7 @@ import base64
 import contextlib
 import functools
 import hashlib
+import itertools
 import io
 import os
 import secrets
@@ -590,10 +591,6 @@ def _transfer_timeout(client: Any) -> Any:
     return aiohttp.ClientTimeout(total=None, sock_connect=client.timeout, sock_read=max(60.0, client.timeout))
 
 
-def _is_retryable_503(problem: dict[str, Any]) -> bool:
-    return str(problem.get("type") or "").endswith("/nonce-store-unavailable")
-
-
 async def _file_body(path: Path, size: int, progress: Progress | None) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(open, path, "rb")
     done = 0
@@ -640,10 +637,10 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
     """PUT ``size`` bytes whose SHA-256 is ``sha256``, from ``body()`` (called again for a retry)."""
     import aiohttp
 
-    from .api import ApiError, ServerUnreachable, _connect_reason, _problem_from
+    from .api import ApiError, ServerUnreachable, _connect_reason, _parse_retry_after, _problem_from, retry_503_delay
 
     url = client.url_for(_blobs_path(room_id))
-    for attempt in range(3):
+    for attempt in itertools.count():
         headers = sign_streamed_request("PUT", url.raw_path_qs, sha256, keyid=client.identity.handle,
                                         private_key=client.identity.sign_key)
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size),
@@ -654,6 +651,7 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
                                           expect100=size > EXPECT_CONTINUE_OVER) as resp:
                 raw = await resp.read()
                 status, reason = resp.status, resp.reason
+                retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -667,10 +665,10 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
                                         "detail": f"the server stored {doc.get('blob_id')}, not {sha256.hex()}"})
             return sha256.hex()
         problem = _problem_from(status, reason, raw)
-        if status == 503 and attempt < 2 and _is_retryable_503(problem):
-            await asyncio.sleep(0.5)
-            continue
-        raise ApiError(status, problem)
+        delay = retry_503_delay("PUT", status, problem, retry_after, attempt)
+        if delay is None:
+            raise ApiError(status, problem)
+        await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -744,10 +742,10 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
     import aiohttp
 
     from ..signing import sign_request
-    from .api import ApiError, ServerUnreachable, _connect_reason, _problem_from
+    from .api import ApiError, ServerUnreachable, _connect_reason, _parse_retry_after, _problem_from, retry_503_delay
 
     url = client.url_for(_blobs_path(room_id, blob_id))
-    for attempt in range(3):
+    for attempt in itertools.count():
         headers = sign_request("GET", url.raw_path_qs, None, keyid=client.identity.handle,
                                private_key=client.identity.sign_key)
         headers["Accept"] = "application/octet-stream, application/problem+json"
@@ -758,11 +756,12 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
                                           allow_redirects=False) as resp:
                 if resp.status != 200:
                     problem = _problem_from(resp.status, resp.reason, await resp.read())
-                    if resp.status == 503 and attempt < 2 and (_is_retryable_503(problem)
-                                                               or resp.headers.get("Retry-After")):
-                        await asyncio.sleep(0.5)
-                        continue
-                    raise ApiError(resp.status, problem)
+                    delay = retry_503_delay("GET", resp.status, problem,
+                                            _parse_retry_after(resp.headers.get("Retry-After")), attempt)
+                    if delay is None:
+                        raise ApiError(resp.status, problem)
+                    await asyncio.sleep(delay)
+                    continue
                 want = "sha-256=:" + base64.b64encode(bytes.fromhex(blob_id)).decode() + ":"
                 got = resp.headers.get("Content-Digest")
                 if got is not None and got.replace(" ", "") != want:
