@@ -311,8 +311,13 @@ class NonceStore:
         # Replicas are only ever raised (R1 -> R3 in place keeps every key):
         # a node restarted with a stale --kv-replicas must not lower them.
         replicas = max(cfg.num_replicas or 1, self.replicas)
-        if cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas or cfg.max_bytes != self.max_bytes:
+        # nats-server refuses a duplicate window longer than the max age (a lower
+        # --auth-skew than the bucket was made with); nats-py's create caps it alike.
+        window = min(float(cfg.duplicate_window or self.ttl), float(self.ttl))
+        if (cfg.max_age != float(self.ttl) or cfg.num_replicas != replicas or cfg.max_bytes != self.max_bytes
+                or cfg.duplicate_window != window):
             cfg.max_age, cfg.num_replicas, cfg.max_bytes = float(self.ttl), replicas, self.max_bytes
+            cfg.duplicate_window = window
             await self.bus.js.update_stream(cfg)
             log.info("nonce bucket updated: ttl %ss, replicas %d, max %d bytes", self.ttl, replicas, self.max_bytes)
 
@@ -694,11 +699,22 @@ def unauthorized(detail: str, reason: str = "other") -> Problem:
     return problem
 
 
+#: The 401 detail of a request signed for another deployment (its ``tag``).
+OTHER_DEPLOYMENT = ("signed for another deployment: the signature's tag is not this server's trust root "
+                    "(the fingerprint of entry 0 of its membership log)")
+
+
 class Authenticator:
     def __init__(self, directory: MemberDirectory, nonces: NonceStore, skew: int) -> None:
         self.directory = directory
         self.nonces = nonces
         self.skew = skew
+        self._root: str | None = None  # entry 0's hash, once there is one (it never changes while serving)
+
+    async def trust_root(self) -> str | None:
+        if self._root is None:
+            self._root = await self.directory.store.log_hash_at(0)
+        return self._root
 
     async def verify(self, method: str, raw_path: str, headers: Any,
                      body: bytes | None, now: float | None = None) -> tuple[Member, Verified]:
@@ -723,9 +739,14 @@ class Authenticator:
             raise unauthorized(BAD_SIGNATURE, "bad_signature")
         member, verify_key = found
         try:
-            return member, pending.verify(verify_key)
+            verified = pending.verify(verify_key)
         except SignatureError:
             raise unauthorized(BAD_SIGNATURE, "bad_signature") from None
+        # A request a client bound to its deployment (docs/http-api.md, "Signed requests"):
+        # lifted from one server's log, it is refused by every other.
+        if pending.tag is not None and pending.tag != await self.trust_root():
+            raise unauthorized(OTHER_DEPLOYMENT, "other")
+        return member, verified
 
     async def authenticate(self, request: web.Request, body: bytes | None) -> Member:
         """Steps 1-3 of the module docstring. ``body`` is ``None`` while the

@@ -705,6 +705,8 @@ class LogState:
                                     skew=float(MAX_SAFE_INT) if trusted else self.skew)
         except SignatureError as e:
             raise LogError(seq, f"signature: {e.reason}") from None
+        if pending.tag is not None and pending.tag != self.root:
+            raise LogError(seq, "signed for another deployment (its tag is not this log's entry 0)")
         author = self.members.get(pending.keyid)
         if author is None:
             raise LogError(seq, f"the author {pending.keyid!r} is not a member at this point")

@@ -170,6 +170,9 @@ class PendingSignature:
     content_sha256: bytes | None
     signature_base: bytes
     signature: bytes
+    #: The ``tag`` parameter: the deployment the request was signed for (the
+    #: fingerprint of its log's entry 0), or None (docs/http-api.md, "Signed requests").
+    tag: str | None = None
 
     def verify(self, public_key: VerifyKeyLike | Any | None) -> Verified:
         """Verify with ``public_key`` (cryptography ``Ed25519PublicKey``, raw
@@ -270,6 +273,7 @@ def sign_request(
     nonce: str | None = None,
     label: str = DEFAULT_LABEL,
     content_sha256: bytes | None = None,
+    tag: str | None = None,
 ) -> dict[str, str]:
     """Sign a request; return the headers to add to it.
 
@@ -279,8 +283,9 @@ def sign_request(
     ``body`` is not ``None`` (even ``b""``), ``Content-Digest`` is returned and
     covered. A streamed body is signed by its SHA-256 instead: pass
     ``body=None`` and ``content_sha256``. ``created`` defaults to now,
-    ``nonce`` to 32 random URL-safe chars. Raises ``ValueError`` for arguments
-    that cannot be signed.
+    ``nonce`` to 32 random URL-safe chars. ``tag`` binds the request to one
+    deployment (the fingerprint of its log's entry 0): a server with another
+    one refuses it. Raises ``ValueError`` for arguments that cannot be signed.
     """
     from http_message_signatures import HTTPMessageSignaturesException, PreparedSignature
 
@@ -310,6 +315,8 @@ def sign_request(
     if not isinstance(keyid, str) or not keyid:
         raise ValueError("keyid must be a non-empty string")
     params: list[tuple[str, Any]] = [("created", int(created)), ("nonce", nonce), ("keyid", keyid), ("alg", ALG)]
+    if tag is not None:
+        params.append(("tag", tag))
     values = {"@method": method, "@path": path, "@query": "?" + query, "content-digest": headers.get("Content-Digest")}
     try:
         sig_params = _signature_params(components, params)
@@ -373,7 +380,7 @@ def check_request(
     if m is not None:
         s = _FAST_SIGNATURE.fullmatch(raw_sig)
         if s is not None and s.group(1) == m.group(1):
-            label, sig_params_text, digest_covered, created_text, nonce, keyid = m.groups()
+            label, sig_params_text, digest_covered, created_text, nonce, keyid, tag = m.groups()
             created = int(created_text)
             _check_window(created, now, skew)
             digest: bytes | None = None
@@ -389,7 +396,7 @@ def check_request(
                 raise SignatureError(str(e)) from None
             # The regex admits exactly the canonical base64 of 64 bytes.
             signature = binascii.a2b_base64(s.group(2))
-            return PendingSignature(keyid, nonce, created, label, digest, base, signature)
+            return PendingSignature(keyid, nonce, created, label, digest, base, signature, tag)
 
     return _check_general(method, path, query, headers, body, raw_input, raw_sig, now, skew)
 
@@ -409,7 +416,8 @@ def _check_general(
     (``raw_input``/``raw_sig``, as :func:`_get_header` combines them): the one
     strict path, parsing through http_sfv."""
     label, member, signature = _one_signature(raw_input, raw_sig)
-    keyid, created, nonce = _check_params(dict(member.params), now, skew)
+    params = dict(member.params)
+    keyid, created, nonce = _check_params(params, now, skew)
     names = _covered_names(member, _has_body(headers, body))
     digest, raw_digest = _check_digest(headers, body) if "content-digest" in names else (None, None)
     lines: list[tuple[str, str]] = []
@@ -427,7 +435,7 @@ def _check_general(
         base = _signature_base(lines, str(member))
     except _BaseError as e:
         raise SignatureError(str(e)) from None
-    return PendingSignature(keyid, nonce, created, label, digest, base, signature)
+    return PendingSignature(keyid, nonce, created, label, digest, base, signature, params.get("tag"))
 
 
 def _one_signature(raw_input: str, raw_sig: str) -> tuple[str, Any, bytes]:
@@ -718,7 +726,7 @@ def _signature_params(components, params) -> str:
 _CANONICAL_INPUT = re.compile(
     r'([a-z*][a-z0-9_.*-]{0,63})='
     r'(\("@method" "@path" "@query"( "content-digest")?\)'
-    r';created=(0|[1-9][0-9]{0,14});nonce="([A-Za-z0-9_-]{16,64})";keyid="([A-Za-z0-9_.-]{1,128})";alg="ed25519")'
+    r';created=(0|[1-9][0-9]{0,14});nonce="([A-Za-z0-9_-]{16,64})";keyid="([A-Za-z0-9_.-]{1,128})";alg="ed25519"(?:;tag="([0-9a-f]{64})")?)'
 )
 _FAST_SIGNATURE = re.compile(r"([a-z*][a-z0-9_.*-]{0,63})=:([A-Za-z0-9+/]{85}[AQgw]==):")
 _FAST_DIGEST = re.compile(r"sha-256=:([A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=):")

@@ -117,7 +117,9 @@ REJECT_REASONS = ("malformed", "stale", "replay", "no-key", "key", "sender", "si
 #: rekey or a membership change between its GET and its POST).
 REKEY_RETRIES = 3
 #: How many times a request refused with a retryable 503 is signed again and resent.
-RETRIES_503 = 2
+#: How often a 503 refused before it was served is tried again (docs/client.md):
+#: replay protection made again after a crash refuses for about 2 s.
+RETRIES_503 = 4
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
 #: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
@@ -310,6 +312,16 @@ def _retryable_503(method: str, problem: Mapping[str, Any], retry_after: float |
     return method == "GET" and retry_after is not None
 
 
+def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_after: float | None,
+                    attempt: int) -> float | None:
+    """The one retry policy of every client request (JSON calls and blob
+    transfers alike): seconds to wait before signing ``attempt + 1`` afresh,
+    or None when the answer is final."""
+    if status != 503 or attempt >= RETRIES_503 or not _retryable_503(method, problem, retry_after):
+        return None
+    return min(max(retry_after or 0.5, 0.1), 2.0)
+
+
 def _dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
@@ -383,6 +395,7 @@ class UnibusClient:
         self._buses: weakref.WeakSet[Bus] = weakref.WeakSet()
         directory = None if replica_root is None else Path(replica_root).expanduser() / server_id(self.base_url)
         self.replica = Replica(self.base_url, directory, trust_root=trust_root, notice=notice)
+        self._deployment: str | None = None
 
     # -- lifecycle
     async def __aenter__(self) -> Self:
@@ -426,15 +439,16 @@ class UnibusClient:
         body = None
         if json_body is not None or has_body:
             body = _dumps(json_body) if json_body is not None else b""
+        tag = None if method in ("GET", "HEAD") else await self.deployment_tag()
         attempt = 0
         while True:
-            status, reason, raw, retry_after = await self._send_once(method, url, body)
+            status, reason, raw, retry_after = await self._send_once(method, url, body, tag)
             if 200 <= status < 300:
                 break
             problem = _problem_from(status, reason, raw)
-            if status == 503 and attempt < RETRIES_503 and _retryable_503(method, problem, retry_after):
+            delay = retry_503_delay(method, status, problem, retry_after, attempt)
+            if delay is not None:
                 attempt += 1
-                delay = min(max(retry_after or 0.5, 0.1), 2.0)
                 log.info("%s %s: 503 (%s); retrying in %.1f s", method, path, problem.get("detail"), delay)
                 await asyncio.sleep(delay)
                 continue  # signed afresh: a new nonce and `created`
@@ -446,9 +460,36 @@ class UnibusClient:
         except ValueError:
             raise ApiError(status, {"title": "Bad response", "detail": "the server answered with a body that is not JSON"}) from None
 
-    async def _send_once(self, method: str, url: yarl.URL, body: bytes | None) -> tuple[int, str | None, bytes, float | None]:
+    async def deployment_tag(self) -> str | None:
+        """The ``tag`` every changing request is signed with: the fingerprint of
+        entry 0 of this server's membership log (the pinned trust root, else
+        entry 0 as the server serves it, fetched once). A request lifted from
+        this server's log is then refused by any other deployment
+        (docs/client.md, "Requests bound to a deployment")."""
+        if self.replica.trust_root is not None:
+            return self.replica.trust_root
+        if self._deployment is None:
+            try:
+                entries = (await self.log(limit=1)).get("entries") or []
+            except ApiError as e:
+                if e.status != 404:
+                    raise
+                entries = []  # a server without a log (before 0.12): nothing to bind to
+            if entries and isinstance(entries[0], dict):
+                from ..memberlog import entry_hash
+
+                try:
+                    self._deployment = entry_hash(entries[0])
+                except (TypeError, ValueError):
+                    pass  # not an entry: sign untagged; verifying the log will say what is wrong
+            if self._deployment is None:
+                self._deployment = ""  # asked once: untagged from now on
+        return self._deployment or None
+
+    async def _send_once(self, method: str, url: yarl.URL, body: bytes | None,
+                         tag: str | None = None) -> tuple[int, str | None, bytes, float | None]:
         headers = sign_request(method, url.raw_path_qs, body, keyid=self.identity.handle,
-                               private_key=self.identity.sign_key)
+                               private_key=self.identity.sign_key, tag=tag)
         headers["Accept"] = "application/json, application/problem+json"
         if body is not None:
             headers["Content-Type"] = _JSON_TYPE

@@ -36,13 +36,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
+import itertools
+import io
 import os
 import secrets
 import struct
 import tempfile
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -93,6 +96,12 @@ KEY_INFO_PREFIX = b"unibus/blob-key/v1|"
 _EPOCH_MAX = 2**63 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
+#: records sealed per block on the encryption path (1 MiB of plaintext at 64 KiB records):
+#: large enough that the hand-offs between threads cost nothing, small enough
+#: that the records stay in the CPU's cache between the cipher and the hash
+BLOCK_RECORDS = 16
+#: bytes a download writes between two starts of the kernel's writeback (see _FileSink)
+WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Uploads larger than this send ``Expect: 100-continue``: membershipd answers
 #: a refused upload (401, 403, 404, 413) before one byte of it is sent
 #: (docs/http-api.md, "Slow and large bodies").
@@ -232,6 +241,73 @@ class BlobEncryptor:
         self._buf.clear()
         return self._record(last, True)
 
+    def seal(self, plaintext: Any, final: bool) -> bytearray:
+        """Seal a whole block of records at once (the fast path; not to be mixed with ``update``).
+
+        ``plaintext`` (any buffer) is cut into records of ``chunk_size``: a block
+        that is not ``final`` must be a whole number of them; the ``final`` one
+        may end with a short record (or be empty: one empty final record). The
+        records are written with ``encrypt_into`` into one new buffer, with no
+        copy of the plaintext and none between records; the buffer is the
+        caller's to keep.
+        """
+        if self._done or self._buf:
+            raise ValueError("seal() after finish() or update()")
+        view = memoryview(plaintext).cast("B")
+        c, n = self.chunk_size, len(view)
+        records = max(1, -(-n // c)) if final else n // c
+        if not final and n % c:
+            raise ValueError("a block that is not final must hold whole records")
+        out = bytearray(n + TAG_SIZE * records)
+        dst = memoryview(out)
+        into = getattr(self._aead, "encrypt_into", None)
+        for k in range(records):
+            last = final and k == records - 1
+            pt = view[k * c:(k + 1) * c]
+            o = k * (c + TAG_SIZE)
+            aad = self._aad + (b"\x01" if last else b"\x00")
+            if into is not None:
+                into(_nonce(self._i), pt, aad, dst[o:o + len(pt) + TAG_SIZE])
+            else:  # cryptography without encrypt_into
+                dst[o:o + len(pt) + TAG_SIZE] = self._aead.encrypt(_nonce(self._i), bytes(pt), aad)
+            self._i += 1
+        if final:
+            self._done = True
+        return out
+
+
+def _readinto_full(f: IO[bytes], view: memoryview) -> int:
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _sealed_blocks(enc: BlobEncryptor, src: IO[bytes]) -> Iterator[bytes | bytearray]:
+    """The blob, block by block: the header, then blocks of about 1 MiB of plaintext
+    (:data:`BLOCK_RECORDS` records of the default size).
+
+    The plaintext is read ahead one block (a full block is final only when
+    nothing follows it) into two buffers that take turns; every block yielded
+    is a new buffer, never reused, so a consumer may hold on to it.
+    """
+    size = enc.chunk_size * max(1, BLOCK_RECORDS * CHUNK_SIZE // enc.chunk_size)  # about 1 MiB
+    yield enc.header
+    cur, nxt = bytearray(size), bytearray(size)
+    n = _readinto_full(src, memoryview(cur))
+    while True:
+        if n < size:
+            yield enc.seal(memoryview(cur)[:n], True)
+            return
+        m = _readinto_full(src, memoryview(nxt))
+        yield enc.seal(cur, m == 0)
+        if m == 0:
+            return
+        cur, nxt, n = nxt, cur, m
+
 
 class BlobDecryptor:
     """Incremental decryption of a blob of room ``room_id``.
@@ -279,11 +355,33 @@ class BlobDecryptor:
         self._i += 1
         return out
 
-    def feed(self, data: bytes) -> bytes:
+    def _open_into(self, record: memoryview, final: bool, out: memoryview) -> None:
+        """Like :meth:`_open`, into ``out`` (``len(record) - 16`` bytes), with no copy of the record."""
+        assert self._aead is not None
+        aad = self._aad + (b"\x01" if final else b"\x00")
+        try:
+            into = getattr(self._aead, "decrypt_into", None)
+            if into is not None:
+                into(_nonce(self._i), record, aad, out)
+            else:  # cryptography without decrypt_into
+                out[:] = self._aead.decrypt(_nonce(self._i), bytes(record), aad)
+        except InvalidTag:
+            raise BlobFormatError(
+                f"blob record {self._i} does not authenticate: wrong room or key, "
+                "truncated, reordered, or tampered with") from None
+        self._i += 1
+
+    def feed(self, data: bytes) -> bytes | bytearray:
+        return self.feed_parts((data,))
+
+    def feed_parts(self, parts: Sequence[Any]) -> bytes | bytearray:
+        """:meth:`feed` of several pieces at once: the plaintext of every record they complete,
+        decrypted straight into one new buffer (no copy per record, no join)."""
         if self._done:
             raise BlobFormatError("data after the end of the blob")
-        self.ciphertext_bytes += len(data)
-        self._buf += data
+        for data in parts:
+            self.ciphertext_bytes += len(data)
+            self._buf += data
         if self.header is None:
             if len(self._buf) < HEADER_SIZE:
                 return b""
@@ -299,15 +397,17 @@ class BlobDecryptor:
         if len(self._buf) <= rec:
             return b""
         n = (len(self._buf) - 1) // rec  # keep the possibly-final record back
-        view = memoryview(self._buf)
-        out = []
+        c = self.header.chunk_size
+        out = bytearray(n * c)
+        view, dst = memoryview(self._buf), memoryview(out)
         try:
             for k in range(n):
-                out.append(self._open(bytes(view[k * rec:(k + 1) * rec]), False))
+                self._open_into(view[k * rec:(k + 1) * rec], False, dst[k * c:(k + 1) * c])
         finally:
             view.release()
+            dst.release()
         del self._buf[: n * rec]
-        return b"".join(out)
+        return out
 
     def finish(self) -> bytes:
         if self._done:
@@ -349,22 +449,60 @@ def encrypt_stream(room_key: bytes, room_id: str, epoch: int, src: IO[bytes], ds
     enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id)
     h = hashlib.sha256()
     size = 0
+    if not hasattr(src, "readinto"):
+        src = io.BufferedReader(_ReadOnly(src))  # type: ignore[arg-type]
+    for block in _sealed_blocks(enc, src):
+        h.update(block)
+        dst.write(block)
+        size += len(block)
+    return BlobCiphertext(size, h.digest())
 
-    def out(b: bytes) -> None:
-        nonlocal size
-        if b:
+
+class _ReadOnly(io.RawIOBase):
+    """A ``read``-only object seen as a raw stream (for :func:`encrypt_stream`)."""
+
+    def __init__(self, src: Any) -> None:
+        self._src = src
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self._src.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+
+def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],
+                  dst: str | os.PathLike[str] | None, *, chunk_size: int = CHUNK_SIZE,
+                  file_id: bytes | None = None) -> BlobCiphertext:
+    """Encrypt the file ``src`` (into ``dst``, if given) and hash the ciphertext.
+
+    The sealing runs in this thread, the hashing (and writing) of the previous
+    block in a second one: both release the GIL, so they overlap.
+    """
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id)
+    h = hashlib.sha256()
+    size = 0
+    with open(src, "rb", buffering=0) as s, ThreadPoolExecutor(1) as pool, \
+            (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d:
+        def out(b: bytes | bytearray) -> None:
             h.update(b)
-            dst.write(b)
-            size += len(b)
+            if d is not None:
+                _write_all(d.fileno(), [b])
 
-    out(enc.header)
-    block = max(chunk_size, (IO_BLOCK // chunk_size) * chunk_size)
-    while True:
-        data = _read_full(src, block)
-        if not data:
-            break
-        out(enc.update(data))
-    out(enc.finish())
+        pending: Future[None] | None = None
+        try:
+            for block in _sealed_blocks(enc, s):
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(out, block)
+                size += len(block)
+        finally:
+            if pending is not None:
+                pending.result()
     return BlobCiphertext(size, h.digest())
 
 
@@ -372,29 +510,21 @@ def encrypt_file(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLi
                  dst: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> BlobCiphertext:
     """:func:`encrypt_stream` from one path to another, with hashing and writing in a
     second thread so that they overlap with the encryption (same bytes out)."""
-    from concurrent.futures import Future, ThreadPoolExecutor
+    return _encrypt_path(room_key, room_id, epoch, src, dst, chunk_size=chunk_size)
 
-    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size)
-    h = hashlib.sha256()
-    size = 0
-    block = max(chunk_size, (IO_BLOCK // chunk_size) * chunk_size)
-    with open(src, "rb") as s, open(dst, "wb") as d, ThreadPoolExecutor(1) as pool:
-        def out(b: bytes) -> None:
-            h.update(b)
-            d.write(b)
 
-        pending: Future[None] | None = pool.submit(out, enc.header)
-        size += len(enc.header)
-        while True:
-            data = _read_full(s, block)
-            ct = enc.update(data) if data else enc.finish()
-            pending.result()
-            pending = pool.submit(out, ct)
-            size += len(ct)
-            if not data:
-                break
-        pending.result()
-    return BlobCiphertext(size, h.digest())
+def _write_all(fd: int, parts: list[Any]) -> None:
+    """``writev`` every part to ``fd``, short writes included (no join, no copy in Python)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        n = os.writev(fd, views[:1024])
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
 
 
 def decrypt_stream(room_key: bytes, room_id: str, epoch: int | None, src: IO[bytes], dst: IO[bytes]) -> int:
@@ -461,10 +591,6 @@ def _transfer_timeout(client: Any) -> Any:
     return aiohttp.ClientTimeout(total=None, sock_connect=client.timeout, sock_read=max(60.0, client.timeout))
 
 
-def _is_retryable_503(problem: dict[str, Any]) -> bool:
-    return str(problem.get("type") or "").endswith("/nonce-store-unavailable")
-
-
 async def _file_body(path: Path, size: int, progress: Progress | None) -> AsyncIterator[bytes]:
     f = await asyncio.to_thread(open, path, "rb")
     done = 0
@@ -499,26 +625,33 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
     Raises :class:`unibus.client.ApiError` (413 too large, 403 not a member...)
     or :class:`unibus.client.ServerUnreachable`.
     """
-    import aiohttp
-
-    from .api import ApiError, ServerUnreachable, _connect_reason, _problem_from
-
     path = Path(path)
     size = (await asyncio.to_thread(path.stat)).st_size
     if sha256 is None:
         sha256 = await asyncio.to_thread(_sha256_file, path)
+    return await _upload(client, room_id, sha256, size, lambda: _file_body(path, size, progress))
+
+
+async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
+                  body: Callable[[], AsyncIterator[Any]]) -> str:
+    """PUT ``size`` bytes whose SHA-256 is ``sha256``, from ``body()`` (called again for a retry)."""
+    import aiohttp
+
+    from .api import ApiError, ServerUnreachable, _connect_reason, _parse_retry_after, _problem_from, retry_503_delay
+
     url = client.url_for(_blobs_path(room_id))
-    for attempt in range(3):
+    for attempt in itertools.count():
         headers = sign_streamed_request("PUT", url.raw_path_qs, sha256, keyid=client.identity.handle,
                                         private_key=client.identity.sign_key)
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size),
                         "Accept": "application/json, application/problem+json"})
         try:
-            async with client._http().put(url, data=_file_body(path, size, progress), headers=headers,
+            async with client._http().put(url, data=body(), headers=headers,
                                           timeout=_transfer_timeout(client), allow_redirects=False,
                                           expect100=size > EXPECT_CONTINUE_OVER) as resp:
                 raw = await resp.read()
                 status, reason = resp.status, resp.reason
+                retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -532,10 +665,10 @@ async def put_raw_blob(client: Any, room_id: str, path: str | os.PathLike[str], 
                                         "detail": f"the server stored {doc.get('blob_id')}, not {sha256.hex()}"})
             return sha256.hex()
         problem = _problem_from(status, reason, raw)
-        if status == 503 and attempt < 2 and _is_retryable_503(problem):
-            await asyncio.sleep(0.5)
-            continue
-        raise ApiError(status, problem)
+        delay = retry_503_delay("PUT", status, problem, retry_after, attempt)
+        if delay is None:
+            raise ApiError(status, problem)
+        await asyncio.sleep(delay)
     raise AssertionError("unreachable")
 
 
@@ -543,11 +676,11 @@ class _Lane:
     """A serial worker: ``fn(block)`` runs in a thread, one block at a time, in order,
     while the event loop goes on receiving (two lanes use two threads)."""
 
-    def __init__(self, fn: Callable[[bytes], Any]) -> None:
+    def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.pending: asyncio.Future[Any] | None = None
 
-    async def submit(self, data: bytes) -> None:
+    async def submit(self, data: Any) -> None:
         await self.drain()
         self.pending = asyncio.get_running_loop().run_in_executor(None, self.fn, data)
 
@@ -559,8 +692,9 @@ class _Lane:
 
 async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _Lane, writer: _Lane,
                    first: Callable[[bytes], Awaitable[None]] | None) -> int:
-    """Pass a response body on in blocks of up to 1 MiB: every block to ``hasher``,
-    the first to ``first`` (if given) and the others to ``writer``; return its size."""
+    """Pass a response body on in blocks of about 1 MiB, each a tuple of the pieces
+    received (never joined: no copy): every block to ``hasher``, the first to
+    ``first`` (if given, as one ``bytes``) and the others to ``writer``; return its size."""
     done = 0
     pending: list[bytes] = []
     buffered = 0
@@ -569,15 +703,15 @@ async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _La
 
     async def flush() -> None:
         nonlocal buffered, first
-        data = b"".join(pending) if len(pending) > 1 else pending[0]
+        parts = tuple(pending)
         pending.clear()
         buffered = 0
-        await hasher.submit(data)
+        await hasher.submit(parts)
         if first is not None:
-            await first(data)
+            await first(b"".join(parts))
             first = None
         else:
-            await writer.submit(data)
+            await writer.submit(parts)
 
     async for data in resp.content.iter_any():
         done += len(data)
@@ -595,36 +729,39 @@ async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _La
 
 
 async def _download(client: Any, room_id: str, blob_id: str, progress: Progress | None,
-                    sink: Callable[[bytes], Any], first: Callable[[bytes], Awaitable[None]] | None = None) -> int:
+                    sink: Callable[[Sequence[bytes]], Any],
+                    first: Callable[[bytes], Awaitable[None]] | None = None) -> int:
     """GET a blob and verify its SHA-256; return its size.
 
-    Its bytes go, in blocks of up to 1 MiB and in order, to ``sink`` (called in
-    a worker thread), except the first block, which goes to ``await first(block)``
+    Its bytes go, in blocks of about 1 MiB (a sequence of the pieces received)
+    and in order, to ``sink`` (called in a worker thread), except the first
+    block, which goes joined to ``await first(block)``
     when ``first`` is given. Hashing runs in another worker thread, so
     receiving, hashing and the sink overlap.
     """
     import aiohttp
 
     from ..signing import sign_request
-    from .api import ApiError, ServerUnreachable, _connect_reason, _problem_from
+    from .api import ApiError, ServerUnreachable, _connect_reason, _parse_retry_after, _problem_from, retry_503_delay
 
     url = client.url_for(_blobs_path(room_id, blob_id))
-    for attempt in range(3):
+    for attempt in itertools.count():
         headers = sign_request("GET", url.raw_path_qs, None, keyid=client.identity.handle,
                                private_key=client.identity.sign_key)
         headers["Accept"] = "application/octet-stream, application/problem+json"
         h = hashlib.sha256()
-        hasher, writer = _Lane(h.update), _Lane(sink)
+        hasher, writer = _Lane(functools.partial(_hash_parts, h)), _Lane(sink)
         try:
             async with client._http().get(url, headers=headers, timeout=_transfer_timeout(client),
                                           allow_redirects=False) as resp:
                 if resp.status != 200:
                     problem = _problem_from(resp.status, resp.reason, await resp.read())
-                    if resp.status == 503 and attempt < 2 and (_is_retryable_503(problem)
-                                                               or resp.headers.get("Retry-After")):
-                        await asyncio.sleep(0.5)
-                        continue
-                    raise ApiError(resp.status, problem)
+                    delay = retry_503_delay("GET", resp.status, problem,
+                                            _parse_retry_after(resp.headers.get("Retry-After")), attempt)
+                    if delay is None:
+                        raise ApiError(resp.status, problem)
+                    await asyncio.sleep(delay)
+                    continue
                 want = "sha-256=:" + base64.b64encode(bytes.fromhex(blob_id)).decode() + ":"
                 got = resp.headers.get("Content-Digest")
                 if got is not None and got.replace(" ", "") != want:
@@ -648,6 +785,29 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
     raise AssertionError("unreachable")
 
 
+class _FileSink:
+    """Writes the pieces it is given to ``fd`` (``writev``), and every :data:`WRITEBACK_EVERY`
+    bytes starts the kernel's writeback of what it wrote, so that the fsync at
+    the end waits only for the tail (as membershipd does with an upload)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.written = self.flushed = 0
+
+    def __call__(self, parts: Sequence[Any]) -> None:
+        _write_all(self.fd, parts)
+        self.written += sum(len(p) for p in parts)
+        if self.written - self.flushed >= WRITEBACK_EVERY:
+            with contextlib.suppress(OSError, AttributeError):  # advice only (and Linux only)
+                os.posix_fadvise(self.fd, self.flushed, self.written - self.flushed, os.POSIX_FADV_DONTNEED)
+            self.flushed = self.written
+
+
+def _hash_parts(h: Any, parts: Sequence[bytes]) -> None:
+    for p in parts:
+        h.update(p)
+
+
 def _temp_beside(out_path: Path) -> tuple[int, Path]:
     fd, name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".unibus-part", dir=out_path.parent)
     return fd, Path(name)
@@ -662,9 +822,9 @@ async def get_raw_blob(client: Any, room_id: str, blob_id: str, out_path: str | 
     """
     out_path = Path(out_path)
     fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
-    f = os.fdopen(fd, "wb")
+    f = os.fdopen(fd, "wb", buffering=0)
     try:
-        size = await _download(client, room_id, blob_id, progress, f.write)
+        size = await _download(client, room_id, blob_id, progress, _FileSink(fd))
         await asyncio.to_thread(_close_durably, f)
         await asyncio.to_thread(os.replace, tmp, out_path)
         return size
@@ -680,30 +840,96 @@ def _close_durably(f: IO[bytes]) -> None:
     f.close()
 
 
+async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, file_id: bytes, size: int,
+                       progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
+    """The blob of ``path`` sealed again with the ``file_id`` of the digest pass: the same bytes,
+    block by block, each sealed in a worker thread while the previous one is sent."""
+    loop = asyncio.get_running_loop()
+    enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id)
+    f = await asyncio.to_thread(open, path, "rb", buffering=0)
+    blocks = _sealed_blocks(enc, f)
+    pending: asyncio.Future[Any] | None = None
+    done = 0
+    try:
+        if progress:
+            progress(0, size)
+        pending = loop.run_in_executor(None, next, blocks, None)
+        while True:
+            block, pending = await pending, None
+            if block is None:
+                break
+            done += len(block)
+            if done > size:
+                break
+            pending = loop.run_in_executor(None, next, blocks, None)
+            yield block
+            if progress:
+                progress(done, size)
+        if done != size:
+            raise _SourceChanged(f"{path} changed while it was being uploaded; nothing was stored")
+    finally:
+        def close(fut: asyncio.Future[Any] | None = None) -> None:
+            if fut is not None and not fut.cancelled():
+                fut.exception()  # retrieved: the upload's own error is already on its way
+            with contextlib.suppress(ValueError):
+                blocks.close()
+            f.close()
+
+        if pending is not None and not pending.done():
+            pending.add_done_callback(close)  # never close the file under the worker reading it
+        else:
+            close(pending)
+
+
+class _SourceChanged(OSError):
+    pass
+
+
+def _stat_key(path: Path) -> tuple[int, int, int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev
+
+
 async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], progress: Progress | None = None, *,
                    tmp_dir: str | os.PathLike[str] | None = None) -> str:
     """Encrypt the file at ``path`` with the room's current key and upload it; return the blob id.
 
-    The ciphertext is written to a temporary file (in ``tmp_dir``, default the
-    system's) and hashed on the way, then streamed to the server with a signed
-    ``Content-Digest``; the temporary file is removed afterwards.
-    ``progress(bytes_done, total)`` follows the upload of the ciphertext.
-    The key is the room's current one in the verified log
-    (``UnibusClient.current_key``: a room that needs a rekey is rekeyed
-    first when you may). Raises :class:`unibus.client.RekeyRequired`,
+    Two passes over the file, no temporary file (docs/blobstore.md, "The
+    client SDK"): the first seals it and hashes the ciphertext (the signed
+    ``Content-Digest`` and the blob id need that hash before the body is
+    sent); the second seals it again with the same file key and nonces, which
+    gives the same bytes, and streams them up. A file that changes in
+    between is refused (``OSError``) and nothing is stored: the server checks
+    the digest. ``tmp_dir`` is accepted and unused (earlier releases wrote
+    the ciphertext there). ``progress(bytes_done, total)`` follows the upload
+    of the ciphertext. The key is the room's current one in the verified log
+    (``UnibusClient.current_key``: a room that needs a rekey is rekeyed first
+    when you may). Raises :class:`unibus.client.RekeyRequired`,
     :class:`unibus.client.VerificationError`, :class:`unibus.client.ApiError`, ``OSError``.
     """
+    del tmp_dir
     validate_room_id(room_id)
     src = Path(path)
     epoch, key = await client.current_key(room_id)
-    fd, name = tempfile.mkstemp(prefix=".unibus-blob-", suffix=".enc", dir=tmp_dir)
-    tmp = Path(name)
+    file_id = secrets.token_bytes(FILE_ID_SIZE)
+    before = await asyncio.to_thread(_stat_key, src)
+    ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id)
+
+    def changed() -> bool:
+        try:
+            return _stat_key(src) != before
+        except OSError:
+            return True
+
     try:
-        os.close(fd)
-        ct = await asyncio.to_thread(encrypt_file, key, room_id, epoch, src, tmp)
-        return await put_raw_blob(client, room_id, tmp, sha256=ct.sha256, progress=progress)
-    finally:
-        tmp.unlink(missing_ok=True)
+        return await _upload(client, room_id, ct.sha256, ct.size,
+                             lambda: _sealed_body(key, room_id, epoch, src, file_id, ct.size, progress))
+    except Exception:
+        # A changed file ends the body early (another size) or is refused by
+        # the server (400 digest-mismatch): either way nothing was stored.
+        if await asyncio.to_thread(changed):
+            raise OSError(f"{src} changed while it was being uploaded; nothing was stored") from None
+        raise
 
 
 async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.PathLike[str],
@@ -722,27 +948,28 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
     out_path = Path(out_path)
     dec = BlobDecryptor(room_id)
     fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
-    f = os.fdopen(fd, "wb")
+    f = os.fdopen(fd, "wb", buffering=0)
     written = 0
+    sink = _FileSink(fd)
 
-    def consume(data: bytes) -> None:
+    def consume(parts: Sequence[bytes]) -> None:
         nonlocal written
-        pt = dec.feed(data)
+        pt = dec.feed_parts(parts)
         if pt:
-            f.write(pt)
+            sink([pt])
             written += len(pt)
 
     async def first(data: bytes) -> None:
-        consume(data)  # the header, and what follows it, held back until the key is set
+        consume([data])  # the header, and what follows it, held back until the key is set
         if dec.needs_key:
             _epoch, key = await client.room_key(room_id, dec.header.epoch)
             dec.set_key(key)
-            consume(b"")
+            consume([])
 
     try:
         await _download(client, room_id, blob_id, progress, consume, first)
         last = dec.finish()
-        f.write(last)
+        _write_all(fd, [last])
         written += len(last)
         await asyncio.to_thread(_close_durably, f)
         await asyncio.to_thread(os.replace, tmp, out_path)

@@ -208,6 +208,9 @@ class Responder:
         }
         cid = info.get("id")
         if isinstance(cid, int):
+            # Older grants of this member are forgotten first: one nats-server never
+            # registered (answered too late, client gone) is reported by no event.
+            self.in_flight_of(grant.handle)
             self.in_flight.setdefault(grant.handle, []).append((server_id, cid, now))
         self._count("authorized")
         return jwt.encode(response, self.issuer.signing_key).encode("ascii")

@@ -49,6 +49,11 @@ Conn = tuple[str, int]  # (server id, client id)
 class KickUnconfirmed(Exception):
     """Some kicks were not confirmed within the deadline; they are retried in the background."""
 
+    def __init__(self, message: str, in_flight: list[tuple[str, int, float]] | None = None) -> None:
+        super().__init__(message)
+        #: the in-flight grants the nodes that did answer reported
+        self.in_flight = in_flight or []
+
 
 class Enforcer:
     """Connection tracking and kicks, over membershipd's system-account connection."""
@@ -207,9 +212,10 @@ class Enforcer:
         want = await self.expected_servers()
         replies = await self._gather(self.svc, APPLY_SUBJECT, {"handles": handles, "rooms": rooms, "from": self.node},
                                      want, KICK_DEADLINE / 2)
+        in_flight = [(s, c, t) for r in replies for s, c, t in r.get("in_flight", [])]
         if len(replies) < want:
-            raise KickUnconfirmed(f"{len(replies)} of {want} nodes confirmed the change")
-        return [(s, c, t) for r in replies for s, c, t in r.get("in_flight", [])]
+            raise KickUnconfirmed(f"{len(replies)} of {want} nodes confirmed the change", in_flight)
+        return in_flight
 
     async def _on_apply(self, msg: Any) -> None:
         try:
@@ -257,8 +263,14 @@ class Enforcer:
     async def _enforce(self, revoked: set[str], granted: set[str], rooms: list[str]) -> None:
         handles = sorted(revoked | granted)
         in_flight: list[tuple[str, int, float]] = []
+        unapplied: KickUnconfirmed | None = None
         if self.clustered:
-            in_flight = await self._apply_everywhere(handles, rooms)
+            try:
+                in_flight = await self._apply_everywhere(handles, rooms)
+            except KickUnconfirmed as e:
+                # A node that did not confirm may still authorize with the old rights, so the
+                # change stays pending; the connections known now are kicked all the same.
+                unapplied, in_flight = e, e.in_flight
         else:
             in_flight = [e for h in handles for e in self.responder.in_flight_of(h)]
         targets: dict[Conn, float | None] = {}
@@ -272,6 +284,8 @@ class Enforcer:
                 for conn in conns:
                     targets.setdefault((server_id, conn["cid"]), None)
         results = await asyncio.gather(*(self.kick(s, c, in_flight_since=t) for (s, c), t in targets.items()))
+        if unapplied is not None:
+            raise unapplied
         if not all(results):
             raise KickUnconfirmed(f"{results.count(False)} of {len(results)} kicks unconfirmed")
 

@@ -225,11 +225,11 @@ async def put_blob(request: web.Request) -> web.Response:
             parts.append(data)
             buffered += len(data)
             if buffered >= WRITE_CHUNK:
-                await upload.write(b"".join(parts) if len(parts) > 1 else parts[0])
+                await upload.write(tuple(parts))  # the pieces, not joined: written with writev
                 parts.clear()
                 buffered = 0
         if parts:
-            await upload.write(b"".join(parts))
+            await upload.write(tuple(parts))
         digest = await upload.finish()
         if not hmac.compare_digest(digest, expected):
             raise _problem(400, "the body does not match its signed Content-Digest; nothing was stored",
@@ -237,9 +237,15 @@ async def put_blob(request: web.Request) -> web.Response:
         info, created = await upload.commit(me.handle)
     finally:
         await upload.abort()  # no-op once committed
-    if await request.app[STORE].get_room(room.room_id) is None:  # deleted while we were receiving
+    now = await request.app[STORE].get_room(room.room_id)
+    if now is None:  # deleted while we were receiving
         await service.backend.delete(room.room_id, info.blob_id)
         raise _problem(404, f"room {room.room_id!r} was deleted during the upload", kind="not-found")
+    if me.handle not in now.handles:  # removed from the room (or deleted) while we were receiving
+        if created:  # a blob that was there already is someone else's upload: kept
+            await service.backend.delete(room.room_id, info.blob_id)
+        raise _problem(403, "only the room's members may use its blobs, and you left it during the upload; "
+                            "nothing was stored", kind="forbidden")
     if created:
         log.info("blob %s stored in room %s by %s (%d bytes)", info.blob_id, room.room_id, me.handle, info.size)
     response = json_response({"blob_id": info.blob_id, "size": info.size}, status=201)

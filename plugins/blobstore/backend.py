@@ -27,7 +27,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
@@ -36,8 +36,12 @@ BLOB_ID_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
 #: Staging directory name inside ``<data-dir>/blobs`` (not a valid room id).
 TMP_DIR = ".tmp"
-#: Bytes handed to the writer thread at a time.
-WRITE_CHUNK = 256 * 1024
+#: Bytes handed to the writer thread at a time (as the pieces received, never joined).
+WRITE_CHUNK = 1024 * 1024
+#: Bytes written to a staging file between two starts of its writeback (see StagedFile).
+WRITEBACK_EVERY = 8 * 1024 * 1024
+#: Pieces per writev(2) call (the kernel's limit is 1024).
+IOV_MAX = 1024
 #: Bytes read from a stored blob at a time when it is streamed (not sendfile).
 READ_CHUNK = 256 * 1024
 
@@ -120,8 +124,8 @@ class Upload(abc.ABC):
     size: int = 0
 
     @abc.abstractmethod
-    async def write(self, data: bytes) -> None:
-        """Append ``data`` (hashed and written off the event loop)."""
+    async def write(self, data: bytes | Sequence[bytes]) -> None:
+        """Append ``data``, one buffer or a sequence of pieces (hashed and written off the event loop)."""
 
     @abc.abstractmethod
     async def finish(self) -> bytes:
@@ -151,7 +155,7 @@ class StagedUpload(Upload):
     def size(self) -> int:  # type: ignore[override]
         return self.staged.size
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | Sequence[bytes]) -> None:
         await self.staged.write(data)
 
     async def finish(self) -> bytes:
@@ -260,25 +264,44 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self._pending: asyncio.Future[None] | None = None
         self.size = 0
+        self._written = self._flushed = 0
         self.digest: bytes | None = None
 
-    def _write_sync(self, data: bytes) -> None:
-        self._hash.update(data)
-        view = memoryview(data)
+    def _write_sync(self, parts: Sequence[bytes]) -> None:
         fd = self._fd
         assert fd is not None
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
+        views = []
+        for p in parts:
+            self._hash.update(p)
+            views.append(memoryview(p).cast("B"))
+        while views:  # writev: the pieces as they came off the socket, no join
+            n = os.writev(fd, views[:IOV_MAX])
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views.pop(0))
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+            while views and not len(views[0]):
+                views.pop(0)
+        self._written += sum(len(p) for p in parts)
+        if self._written - self._flushed >= WRITEBACK_EVERY:
+            # Start the writeback of what is written so far, now, in the background,
+            # so that the fdatasync at the end has only the tail left to wait for.
+            with contextlib.suppress(OSError, AttributeError):
+                os.posix_fadvise(fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
+            self._flushed = self._written
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: bytes | Sequence[bytes]) -> None:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             await pending
-        if not data:
+        parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else [p for p in data if len(p)]
+        size = sum(len(p) for p in parts)
+        if not size:
             return
-        self.size += len(data)
-        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write_sync, data)
+        self.size += size
+        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write_sync, parts)
 
     def _finish_sync(self) -> bytes:
         assert self._fd is not None

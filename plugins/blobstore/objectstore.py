@@ -16,8 +16,9 @@ Such orphaned chunks are purged at start-up once they are older than
 making right now). Deleting writes a tombstone metadata message (rolling up
 the old one) and purges the chunks.
 
-Reads stream chunk by chunk (one ``STREAM.MSG.GET`` with ``next_by_subj`` per
-chunk, answered by the stream leader), so memory stays flat. Every node keeps
+Reads stream chunk by chunk: direct gets (``next_by_subj``), up to
+:data:`READ_AHEAD` in flight, a miss asked again of the stream leader with
+``STREAM.MSG.GET`` (docs/blobstore.md, "Cluster mode"), so memory stays flat. Every node keeps
 its counters for ``/healthz`` from an ordered consumer on the metadata
 subjects, so they include what other nodes stored, without a round trip per
 ``/healthz``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -64,6 +66,8 @@ log = logging.getLogger("unibus.plugins.blobstore")
 BUCKET = "unibus_blobs"
 #: Size of the object store's chunks (well under nats-server's 1 MiB max_payload).
 CHUNK_SIZE = 256 * 1024
+#: ``STREAM.MSG.GET`` requests a read keeps in flight (at most this many chunks in memory).
+READ_AHEAD = 8
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
@@ -119,24 +123,60 @@ class ObjReader(BlobReader):
         js = self.backend.js
         subject = f"$O.{self.backend.bucket}.C.{self.nuid}"
         remaining = self.info.size
-        seq = 1
+        cursor = 1  # the next chunk is the first message on ``subject`` at or after this sequence
+        inflight: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
         h = hashlib.sha256()
-        while remaining > 0:
-            try:
-                msg = await js.get_msg(self.backend.stream, seq=seq, subject=subject, next=True)
-            except NotFoundError:
-                raise BlobError(f"blob {self.info.blob_id}: chunks missing (deleted while being read?)") from None
-            except _UNAVAILABLE as e:
-                raise _unavailable(e) from None
-            data = msg.data or b""
-            if len(data) > remaining:
-                raise BlobError(f"blob {self.info.blob_id}: more data than its size")
-            remaining -= len(data)
-            h.update(data)
-            seq = (msg.seq or seq) + 1
-            yield data
-        if h.hexdigest() != self.info.blob_id:
-            raise BlobError(f"blob {self.info.blob_id}: stored chunks do not match its digest")
+
+        def ask(seq: int) -> None:
+            # A direct get: the message as it is stored (no JSON, no base64), answered by
+            # any replica that is current; a miss is asked of the stream leader again.
+            fut = asyncio.ensure_future(js.get_msg(self.backend.stream, seq=seq, subject=subject, next=True,
+                                                   direct=True))
+            fut.add_done_callback(_consume_exception)
+            inflight.append((seq, fut))
+
+        try:
+            while remaining > 0:
+                # Up to READ_AHEAD requests in flight, for the sequences that follow
+                # the cursor: a put stores an object's chunks one after the other,
+                # so each usually answers with exactly the chunk after the previous.
+                wanted = min(READ_AHEAD, -(-remaining // CHUNK_SIZE))
+                nxt = inflight[-1][0] + 1 if inflight else cursor
+                while len(inflight) < wanted:
+                    ask(nxt)
+                    nxt += 1
+                asked, fut = inflight.popleft()
+                try:
+                    try:
+                        msg = await fut
+                    except APIError:  # a replica behind the leader (or refusing)? The leader decides.
+                        msg = await js.get_msg(self.backend.stream, seq=asked, subject=subject, next=True)
+                except NotFoundError:
+                    raise BlobError(f"blob {self.info.blob_id}: chunks missing (deleted while being read?)") from None
+                except _UNAVAILABLE as e:
+                    raise _unavailable(e) from None
+                data = msg.data or b""
+                if len(data) > remaining:
+                    raise BlobError(f"blob {self.info.blob_id}: more data than its size")
+                remaining -= len(data)
+                h.update(data)
+                cursor = (msg.seq or asked) + 1
+                # A request for a sequence before the new cursor could only answer with
+                # this chunk again (another object's message was in between): drop it.
+                while inflight and inflight[0][0] < cursor:
+                    inflight.popleft()[1].cancel()
+                yield data
+            if h.hexdigest() != self.info.blob_id:
+                raise BlobError(f"blob {self.info.blob_id}: stored chunks do not match its digest")
+        finally:
+            for _seq, fut in inflight:
+                fut.cancel()
+
+
+def _consume_exception(fut: asyncio.Future[Any]) -> None:
+    """A read-ahead request nobody waits for any more may fail: that is not an error."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class ObjectStoreBackend(BlobBackend):

@@ -688,3 +688,28 @@ def test_a_database_of_a_newer_revision_is_refused(source, tmp_path):
     one_line(restore_into(write_members(area / "archive", newer), area / "restored"), 2,
              "revision '0099', which this membershipd does not know")
     assert_nothing_written(area)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "restore checks the log's chain and head but not that the store's rows are the state the log "
+    "establishes: an archive whose database gained an admin without a log entry (its manifest rehashed: "
+    "the digest is no MAC) is restored, and that admin is served. Fix: replay the log with "
+    "unibus.memberlog.LogState at restore and compare members, roles, rooms and rosters with the rows"))
+def test_an_archive_whose_rows_disagree_with_its_log_is_refused(source, tmp_path):
+    """Adversary: someone who can write where the backups are kept (not the secrets: an archive holds
+    none), who adds eve as admin to the archived database and rehashes the manifest."""
+    eve = generate_identity("eve")
+    work = tmp_path / "work.db"
+    work.write_bytes(next(d for i, d in source.members if i.name == "membershipd.db"))
+    with contextlib.closing(sqlite3.connect(work)) as conn:
+        row = conn.execute("SELECT * FROM members WHERE handle = 'bob'").fetchone()
+        columns = [c[1] for c in conn.execute("PRAGMA table_info(members)")]
+        forged = dict(zip(columns, row, strict=True))
+        forged.update(handle="eve", role="admin", sign_pub=eve.sign_pub, enc_pub=eve.enc_pub, bus_pub=eve.bus_pub)
+        conn.execute(f"INSERT INTO members ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     [forged[c] for c in columns])
+        conn.commit()
+    members = [(i, work.read_bytes() if i.name == "membershipd.db" else d) for i, d in source.members]
+    archive = write_members(tmp_path / "tampered.tar", relisted(members))
+    proc = restore_into(archive, tmp_path / "restored")
+    one_line(proc, 2, "membership log")

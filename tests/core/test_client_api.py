@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from unibus.client.api import RETRIES_503
 from unibus.client import ApiError, ServerUnreachable, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.signing import SignatureError, split_path_query, verify_request
@@ -213,7 +214,7 @@ async def test_503_fail_closed_is_retried_with_a_fresh_signature(fake, people):
         fake.unavailable = 2
         assert (await c.create_room("r"))["name"] == "r"  # POST: refused before served, so resent
         assert len(fake.rooms) == 1
-        fake.unavailable = 3
+        fake.unavailable = RETRIES_503 + 1  # one try and every retry refused
         with pytest.raises(ApiError) as e:
             await c.me()
         assert e.value.status == 503 and fake.unavailable == 0

@@ -269,3 +269,46 @@ async def test_hooks_reached_through_app_see_no_secret(tmp_path):
     body = await healthz_body(app)
     assert SettingsSpy.seen == [None]
     assert body["status"] == "degraded"
+
+
+async def test_nothing_membershipd_writes_is_open_to_other_local_users(tmp_path, membershipd_factory):
+    """Adversary: another local user. Under a umask of 022, with a data directory the operator made 0755
+    (systemd's StateDirectory= default), after a workload and a backup: every file membershipd wrote is
+    0600-like, every directory below the data dir is closed to others, and no secret is in any argv."""
+    import stat
+
+    from unibus.client import UnibusClient
+    from unibus.client.keys import generate_identity
+    from unibus.testing import bootstrap_member, run_membershipd
+
+    alice = generate_identity("alice")
+    data = tmp_path / "state"
+    data.mkdir(mode=0o755)
+    os.chmod(data, 0o755)
+    bootstrap_member(data, alice, "admin")
+    old = os.umask(0o022)
+    try:
+        proc = membershipd_factory("--metrics-addr", f"127.0.0.1:{free_port()}", data_dir=data)
+        async with UnibusClient(proc.base_url, alice) as admin:
+            room = (await admin.create_room("modes"))["room_id"]
+            await admin.rekey(room)
+        out = tmp_path / "backups" / "b.tar.gz"
+        out.parent.mkdir()
+        done = run_membershipd("backup", "--data-dir", str(data), "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        secrets = [(data / n).read_text().strip() for n in ("service.nkey", "system.nkey")]
+        secrets.append((data / "plugins" / "auth_enforce" / "issuer.nkey").read_text().strip())
+        argv = b"".join(Path(f"/proc/{pid}/cmdline").read_bytes() for pid in (proc.pid, proc.nats_pid()))
+    finally:
+        os.umask(old)
+    assert not any(s.encode() in argv for s in secrets)
+    opened = []
+    for path in [out, *data.rglob("*")]:
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        if path.is_symlink():
+            opened.append((str(path), "symlink"))
+        elif path.is_file() and mode & 0o077:
+            opened.append((str(path.relative_to(tmp_path)), oct(mode)))
+        elif path.is_dir() and mode & 0o022:
+            opened.append((str(path.relative_to(tmp_path)), oct(mode)))
+    assert opened == []

@@ -242,3 +242,31 @@ async def test_log_routes_page_validate_and_need_a_member(server):
         assert (await e.log_head())["seq"] == head["seq"] + 1  # any member may read
         await a.remove_member("eve2")
         await expect(401, e.log())  # a removed member reads no more
+
+
+async def test_lowering_auth_skew_does_not_break_the_log(tmp_path, membershipd_factory):
+    """Adversary: an ordinary member (bob) who signs a logged request with ``created`` 50 s in the past
+    (accepted: within the default 60 s skew). The operator later lowers ``--auth-skew`` to 20 s (the docs'
+    advice is to keep clocks in sync); the log must still verify for every client (a LogState fed the
+    served auth_skew, as this module's replay() helper does, refuses it: the client must not do that)."""
+    import time
+
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    bootstrap_member(tmp_path / "d", alice, "admin")
+    first = membershipd_factory(data_dir=tmp_path / "d")
+    async with UnibusClient(first.base_url, alice) as admin:
+        await admin.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+    body = json.dumps({"name": "backdated"}).encode()
+    headers = sign_request("POST", "/v1/rooms", body, keyid="bob", private_key=bob.sign_key,
+                           created=int(time.time()) - 50)
+    headers["Content-Type"] = "application/json"
+    async with aiohttp.ClientSession() as s, s.post(first.base_url + "/v1/rooms", data=body, headers=headers) as r:
+        assert r.status == 201, await r.text()
+    first.stop()
+    second = membershipd_factory("--auth-skew", "20", data_dir=tmp_path / "d")
+    # The client's verified replica checks times against the cap of every server's --auth-skew, never
+    # the auth_skew a server reports (docs/client.md, "The verified replica"): the entry still verifies.
+    async with UnibusClient(second.base_url, bob, replica_root=tmp_path / "replica") as client:
+        assert (await client.log_head())["auth_skew"] == 20
+        state = await client.verify_log()
+        assert any(r.name == "backdated" for r in state.rooms.values())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
 import os
 import re
+import secrets
 import signal
 import time
 
@@ -309,3 +311,63 @@ async def test_server_accepts_an_independent_rfc9421_signature(shared_server):
         async with s.post(shared_server.base_url + "/v1/rooms", data=body, headers=headers) as r:
             assert r.status == 201, await r.text()
             assert (await r.json())["name"] == "interop"
+
+
+async def test_a_logged_request_cannot_be_replayed_on_another_deployment(tmp_path, membershipd_factory):
+    """Adversary: an ordinary member of deployment A (eve), reading A's membership log.
+
+    alice is admin of A and of B with one identity file (the SDK's identity is
+    not bound to a server: ``--server`` picks one). alice adds eve to A; eve
+    lifts alice's signed ``POST /v1/members`` from ``GET /v1/log`` and sends it
+    to B within the skew window: B must refuse it.
+    """
+    from unibus.client import UnibusClient
+
+    alice, eve = generate_identity("alice"), generate_identity("eve")
+    deployments = []
+    for name in ("a", "b"):
+        bootstrap_member(tmp_path / name, alice, "admin")
+        deployments.append(membershipd_factory(data_dir=tmp_path / name))
+    a, b = deployments
+    admin_a = UnibusClient(a.base_url, alice)
+    eve_a = UnibusClient(a.base_url, eve)
+    try:
+        await admin_a.add_member("eve", eve.sign_pub_b64, eve.enc_pub_b64, bus_pub=eve.bus_pub)
+        entries = (await eve_a.log())["entries"]  # eve is an ordinary member of A: she may read the log
+    finally:
+        await admin_a.close()
+        await eve_a.close()
+    lifted = next(e["request"] for e in entries if e.get("kind") == "request"
+                  and e["request"]["method"] == "POST" and e["request"]["path"] == "/v1/members")
+    body = base64.b64decode(lifted["body"])
+    headers = {"Signature-Input": lifted["signature_input"], "Signature": lifted["signature"],
+               "Content-Digest": lifted["content_digest"], "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(b.base_url + lifted["path"], data=body, headers=headers) as r:
+            status = r.status
+    assert status == 401, f"B accepted alice's request lifted from A's log ({status}): eve is now a member of B"
+
+
+async def test_a_node_restarts_with_a_lower_auth_skew(tmp_path, membershipd_factory, nats_server):
+    """The nonce bucket made under the default skew (TTL 120 s, duplicate window 120 s) is brought down to
+    a shorter TTL when membershipd restarts with a lower ``--auth-skew`` while the bucket lives on (an
+    external nats-server here; on a cluster, the other nodes'): nats-server refuses a duplicate window
+    longer than the max age, and membershipd must not fail to start over it (docs/http-api.md, "Nonces
+    and replay protection"). A request accepted before the restart stays refused after it."""
+    alice = generate_identity("alice")
+    bootstrap_member(tmp_path / "d", alice, "admin")
+    first = membershipd_factory("--nats-url", nats_server.url, data_dir=tmp_path / "d")
+    created, kept = int(time.time()), "k" * 32
+    assert (await send(first.base_url, "GET", "/v1/me", alice, created=created, nonce=kept))[0] == 200
+    first.stop()
+    second = membershipd_factory("--nats-url", nats_server.url, "--auth-skew", "20", data_dir=tmp_path / "d")
+    status, problem, _ = await send(second.base_url, "GET", "/v1/me", alice, created=created, nonce=kept)
+    assert status in (401, 503), problem  # replayed, or below the bucket's floor: refused either way
+    deadline, status = time.monotonic() + 15, 0
+    while status != 200 and time.monotonic() < deadline:
+        nonce = secrets.token_urlsafe(24)
+        status = (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0]
+        if status != 200:
+            await asyncio.sleep(0.5)
+    assert status == 200
+    assert (await send(second.base_url, "GET", "/v1/me", alice, nonce=nonce))[0] == 401  # still a replay

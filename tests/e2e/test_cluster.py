@@ -5,6 +5,8 @@ Marked slow: run in CI, skip locally with -m "not slow".
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -276,3 +278,67 @@ async def _metric_is(port: int, name: str, want: float) -> bool:
 
 async def _routes(node: MembershipdProcess, want: int) -> bool:
     return node.healthz()[1]["nats"]["cluster"]["routes"] == want
+
+
+async def test_a_hung_membershipd_does_not_keep_a_removed_member_in_the_room_elsewhere(cluster):
+    """Adversary: a member removed from a room while one node's membershipd hangs (SIGSTOP; its
+    nats-server and routes stay up). The removal is answered 503 (docs/bus-auth.md: it stays committed and
+    is retried); meanwhile the member's connection on a healthy node must not keep receiving the room."""
+    alice = cluster.admin
+    for node in cluster.nodes:
+        assert await eventually(lambda n=node: signed_ok(n, alice), 30)
+    hung, serving = await hang_candidate(cluster)
+    bob = generate_identity("bob")
+    async with UnibusClient(serving.base_url, alice) as a:
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        room = (await a.create_room("ops"))["room_id"]
+        await a.add_room_member(room, "bob")
+
+    live: list = []
+
+    async def bob_in_the_room() -> bool:
+        """bob and alice connected to the healthy node, with the room: right after the 2xx a callout may
+        still be answered by a node whose KV watch has not delivered the change (grants send no apply)."""
+        conns = []
+        try:
+            for who in (bob, alice):
+                conns.append(await nats.connect(serving.nats_url, nkeys_seed_str=who.bus_nkey_seed(),
+                                                allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3))
+        except Exception:
+            await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+            return False
+        conn, sender = conns
+        sub = await conn.subscribe(f"unibus.room.{room}.>")
+        await conn.flush()
+        await conn.flush()
+        await sender.publish(f"unibus.room.{room}.before", b"hello")
+        await sender.flush()
+        with contextlib.suppress(nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+            if (await sub.next_msg(timeout=1)).data == b"hello":
+                live.extend([conn, sub, sender])
+                return True
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        return False
+
+    assert await eventually(bob_in_the_room, 15)
+    nc, sub, sender = live
+    os.kill(hung.pid, signal.SIGSTOP)
+    try:
+        async with UnibusClient(serving.base_url, alice, timeout=20) as a:
+            with pytest.raises(ApiError) as e:
+                await a.remove_room_member(room, "bob")
+            assert e.value.status == 503, e.value
+        await asyncio.sleep(2)  # the background retry had a turn too
+        received = None
+        if not nc.is_closed and nc.is_connected:
+            await sender.publish(f"unibus.room.{room}.after", b"for members only")
+            await sender.flush()
+            with contextlib.suppress(nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+                received = (await sub.next_msg(timeout=1)).data
+        assert received is None, "bob still receives the room he was removed from, on a healthy node"
+    finally:
+        os.kill(hung.pid, signal.SIGCONT)
+        await sender.close()
+        if not nc.is_closed:
+            await nc.close()
+    assert await eventually(lambda: _no_pending(serving), 30)

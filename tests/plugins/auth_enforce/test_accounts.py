@@ -320,3 +320,36 @@ def test_a_011_cluster_node_refuses_to_start(tmp_path):
     assert len(errors) == 1 and "docs/operations.md" in errors[0] and "Upgrading from 0.11" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert streams_dir.is_dir() and not (data_dir / "jetstream" / "jetstream" / "UNIBUS").exists()
+
+
+# nats-server imports these system services into every account, MEMBERS included: answered, they would
+# name every member's connection (handle, address) or the caller's own rights.
+ACCOUNT_SERVICES = ("$SYS.REQ.ACCOUNT.PING.CONNZ", "$SYS.REQ.ACCOUNT.PING.STATZ", "$SYS.REQ.USER.INFO",
+                    "$SYS.REQ.ACCOUNT.MEMBERS.CONNZ", "$SYS.REQ.SERVER.PING")
+
+
+async def test_a_member_reaches_no_system_service_and_subscribes_nowhere_else(world):
+    """Adversary: an ordinary member (bob, in "ops"), asking the account's imported system services and
+    subscribing beyond its rooms and inbox: wildcards, another member's inbox, another room, $SYS."""
+    async with world.member("bob") as bob, world.member("carol") as carol:
+        for subject in ACCOUNT_SERVICES:
+            with pytest.raises((nats.errors.NoRespondersError, nats.errors.TimeoutError)):
+                await bob.nc.request(subject, b"{}", timeout=1)
+            assert await bob.violation(subject), subject
+        for subject in (">", "*.>", "$SYS.>", "_INBOX_carol.>", "_INBOX.>", f"unibus.room.{world.other}.>",
+                        "unibus.room.*.>", "unibus.>"):
+            await bob.nc.subscribe(subject)
+            await bob.nc.flush(timeout=2)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and not any(
+                    "permissions violation" in e and "subscription" in e and subject.lower() in e for e in bob.errors):
+                await asyncio.sleep(0.02)
+            assert any("permissions violation" in e and "subscription" in e and subject.lower() in e
+                       for e in bob.errors), (subject, bob.errors[-3:])
+        # carol's inbox stays hers: bob may not publish into it either
+        inbox = await carol.nc.subscribe("_INBOX_carol.x")
+        await carol.nc.flush()
+        await bob.nc.publish("_INBOX_carol.x", b"spoofed reply")
+        assert await bob.violation("_INBOX_carol.x")
+        with pytest.raises(nats.errors.TimeoutError):
+            await inbox.next_msg(timeout=0.5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -24,7 +25,7 @@ from nats.errors import NoServersError
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.plugins.auth_enforce import jwt
-from unibus.plugins.auth_enforce.callout import Issuer, Responder, holds_key
+from unibus.plugins.auth_enforce.callout import IN_FLIGHT_TTL, Issuer, Responder, holds_key
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
 
@@ -258,3 +259,96 @@ async def test_a_storm_of_500_members_is_authorized(tmp_path):
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         daemon.stop()
+
+
+def test_grants_that_never_become_connections_do_not_pile_up():
+    """A grant nats-server never registers is reported by no CONNECT event.
+
+    That happens when the answer comes after nats-server's authorization
+    timeout (a login flood delays answers past it: docs/bus-auth.md, "Login
+    floods") and the member's client retries. Nothing but a change to the
+    member forgot such a grant, so each one stayed in membershipd's memory.
+    A grant is only worth keeping for IN_FLIGHT_TTL (docs/bus-auth.md, "How a
+    change takes effect"). (A client that hangs up right after CONNECT is
+    still registered and reported: measured against nats-server.)
+    """
+    bob = generate_identity("bob")
+    policy = Policy()
+    policy.load([("bob", bob.bus_pub)], {"r1": frozenset({"bob"})})
+    now = [1000.0]
+    r = Responder(policy, ISSUER, clock=lambda: now[0])
+    seed = bob.bus_nkey_seed()
+    for _ in range(200):
+        assert r.answer(request(seed, exp=now[0] + 2)) is not None
+        now[0] += 0.1  # 200 logins over 20 s, none of them ever reported
+    assert r.stats["authorized"] == 200
+    # only the grants of the last IN_FLIGHT_TTL seconds are still worth a kick
+    assert len(r.in_flight.get("bob", ())) <= IN_FLIGHT_TTL / 0.1 + 1, len(r.in_flight["bob"])
+
+
+@pytest.mark.parametrize("change", ["room removal", "member deletion", "bus key rotation"])
+async def test_logins_racing_a_removal_never_keep_the_room(world, change):
+    """Adversary: a member losing a room (removed from it, deleted, or logging in with a bus key that
+    was just replaced: a stolen key the member rotates away), logging in again and again meanwhile.
+
+    Each login races the change: the callout may answer with the old rights
+    just before the index changes, and nats-server registers the connection
+    just after. Once the removal's 204 is here, no connection of the member,
+    old or new, may still receive the room (docs/bus-auth.md, "How a change
+    takes effect": grants in flight are kicked too).
+    """
+    daemon, alice = world
+    handle = "fay" + str(["room removal", "member deletion", "bus key rotation"].index(change))
+    fay = generate_identity(handle)
+    async with UnibusClient(daemon.base_url, alice) as admin, UnibusClient(daemon.base_url, fay) as self_:
+        await admin.add_member(handle, fay.sign_pub_b64, fay.enc_pub_b64, bus_pub=fay.bus_pub)
+        room = (await admin.create_room("race"))["room_id"]
+        await admin.add_room_member(room, handle)
+        subject = f"unibus.room.{room}.>"
+        opened: list = []
+        stop = asyncio.Event()
+
+        async def login_loop() -> None:
+            for _ in range(200):  # bounded; stops once the removal is answered
+                if stop.is_set():
+                    return
+                try:
+                    nc = await nats.connect(daemon.nats_url, nkeys_seed_str=fay.bus_nkey_seed(),
+                                            allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3)
+                except (nats.errors.Error, NoServersError, OSError, TimeoutError):
+                    continue
+                sub = await nc.subscribe(subject)
+                opened.append((nc, sub))
+                with contextlib.suppress(Exception):
+                    await nc.flush(timeout=2)
+
+        loops = [asyncio.create_task(login_loop()) for _ in range(4)]
+        try:
+            await asyncio.sleep(0.3)  # logins are flowing
+            if change == "room removal":
+                await admin.remove_room_member(room, handle)
+            elif change == "member deletion":
+                await admin.remove_member(handle)
+            else:
+                await self_.set_bus_key(generate_identity("new").bus_pub)
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*loops), 30)
+            assert opened, "no login went through before the removal"
+            probe = await nats.connect(daemon.nats_url, nkeys_seed_str=alice.bus_nkey_seed(), allow_reconnect=False,
+                                       connect_timeout=3)
+            try:
+                await probe.publish(f"unibus.room.{room}.after", b"secret")
+                await probe.flush(timeout=2)
+            finally:
+                await probe.close()
+            leaked = []
+            for nc, sub in opened:
+                with contextlib.suppress(nats.errors.TimeoutError, nats.errors.ConnectionClosedError):
+                    if not nc.is_closed:
+                        leaked.append((await sub.next_msg(timeout=0.3)).data)
+            assert leaked == [], f"{len(leaked)} of {len(opened)} connections still received the room after the 204"
+        finally:
+            stop.set()
+            for t in loops:
+                t.cancel()
+            await asyncio.gather(*(nc.close() for nc, _ in opened if not nc.is_closed), return_exceptions=True)

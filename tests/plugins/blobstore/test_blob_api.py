@@ -328,3 +328,32 @@ async def test_healthz_and_openapi(world):
     put = paths["/v1/rooms/{room_id}/blobs"]["put"]
     assert {"201", "400", "401", "403", "404", "413"} <= set(put["responses"])
     assert "application/octet-stream" in put["requestBody"]["content"]
+
+
+async def test_an_upload_does_not_outlive_the_uploaders_room_membership(world):
+    """Adversary: a member about to be removed from a room, who starts a (slow) upload before the removal
+    and finishes it after."""
+    rid = await world.room()
+    first = os.urandom(100 * 1024)
+    rest = os.urandom(100 * 1024)
+    removed = asyncio.Event()
+    sent_first = asyncio.Event()
+
+    async def body():
+        yield first
+        sent_first.set()
+        await asyncio.wait_for(removed.wait(), 10)
+        yield rest
+
+    async def remove_meanwhile():
+        await asyncio.wait_for(sent_first.wait(), 10)
+        await asyncio.sleep(0.2)  # the first part is at the server
+        await world.clients["bob"].remove_room_member(rid, "carol")
+        removed.set()
+
+    (status, doc, _), _ = await asyncio.wait_for(asyncio.gather(
+        raw_request(world.server.base_url, "PUT", f"/v1/rooms/{rid}/blobs", world.people["carol"], body=body(),
+                    digest_of=first + rest, headers={"Content-Length": str(len(first + rest))}),
+        remove_meanwhile()), 30)
+    assert status == 403, (status, doc)
+    assert world.stored(rid) == []

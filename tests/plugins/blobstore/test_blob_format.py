@@ -17,13 +17,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from unibus.client.blobs import (
+    BLOCK_RECORDS,
     CHUNK_SIZE,
     HEADER_SIZE,
     BlobDecryptor,
     BlobEncryptor,
     BlobFormatError,
     ciphertext_size,
+    _encrypt_path,
     decrypt_stream,
+    encrypt_file,
     encrypt_stream,
     parse_header,
     sign_streamed_request,
@@ -262,3 +265,48 @@ def test_sign_streamed_request_verifies_with_and_without_the_body():
 
     with pytest.raises(SignatureError, match="Content-Digest does not match"):
         verify_request("PUT", path, query, headers, body + b"x", resolve_key=lambda k: me.sign_key.public_key())
+
+
+BLOCK = C * BLOCK_RECORDS
+
+
+@pytest.mark.parametrize("size", [0, 1, C, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 5])
+def test_sealed_blocks_are_the_incremental_encryptors_bytes(size, tmp_path):
+    """The fast path (whole blocks of records with encrypt_into, used by encrypt_stream,
+    encrypt_file and put_blob's two passes) writes exactly what BlobEncryptor.update/finish
+    write, at every block boundary: no new format, old readers read it."""
+    data = os.urandom(size)
+    file_id = bytes(range(16))
+    e = BlobEncryptor(KEY, ROOM, 3, file_id=file_id)
+    slow = e.header + e.update(data) + e.finish()
+    assert enc(data, epoch=3, file_id=file_id) == slow
+    src, dst = tmp_path / "p", tmp_path / "c"
+    src.write_bytes(data)
+    hashed = _encrypt_path(KEY, ROOM, 3, src, None, file_id=file_id)  # put_blob's first pass: no file
+    assert (hashed.size, hashed.sha256) == (len(slow), hashlib.sha256(slow).digest())
+    ct = encrypt_file(KEY, ROOM, 3, src, dst)  # a fresh file_id: other bytes, same size, decrypts
+    assert ct.size == len(slow) == dst.stat().st_size and dec(dst.read_bytes(), epoch=3) == data
+    assert dec(slow, epoch=3) == data
+
+
+def test_seal_refuses_a_partial_block_that_is_not_final_and_mixing():
+    e = BlobEncryptor(KEY, ROOM, 1)
+    with pytest.raises(ValueError):
+        e.seal(b"x" * (C + 1), False)
+    e.seal(b"x" * C, False)
+    e.seal(b"", True)
+    with pytest.raises(ValueError):
+        e.seal(b"", True)  # after the final block
+    e2 = BlobEncryptor(KEY, ROOM, 1)
+    e2.update(b"x" * 10)
+    with pytest.raises(ValueError):
+        e2.seal(b"", True)  # update() holds bytes back: the two paths do not mix
+
+
+def test_feed_parts_in_any_grouping():
+    data = os.urandom(3 * C + 11)
+    blob = enc(data)
+    pieces = [blob[i:i + 5000] for i in range(0, len(blob), 5000)]
+    d = BlobDecryptor(ROOM, KEY)
+    out = b"".join(bytes(d.feed_parts(pieces[i:i + 7])) for i in range(0, len(pieces), 7)) + d.finish()
+    assert out == data

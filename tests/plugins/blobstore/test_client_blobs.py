@@ -119,3 +119,76 @@ async def test_unkeyed_room_delete_and_errors(world, tmp_path):
     assert not (tmp_path / "out").exists()
     with pytest.raises(ValueError):
         await get_blob(c["carol"], rid, "NOTHEX", tmp_path / "out")
+
+
+async def test_put_blob_writes_no_ciphertext_to_disk(world, tmp_path):
+    """put_blob seals the file twice (once to hash, once to send) instead of keeping the
+    ciphertext in a temporary file: the tmp_dir of earlier releases stays empty."""
+    rid = await world.room()
+    src = tmp_path / "p"
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    src.write_bytes(data)
+    spare = tmp_path / "spare"
+    spare.mkdir()
+    blob_id = await put_blob(world.clients["carol"], rid, src, tmp_dir=spare)
+    assert list(spare.iterdir()) == []
+    out = tmp_path / "out"
+    assert await get_blob(world.clients["bob"], rid, blob_id, out) == len(data) and out.read_bytes() == data
+
+
+@pytest.mark.parametrize("change", ["same-size", "longer", "shorter"])
+async def test_a_file_changed_between_the_two_passes_stores_nothing(world, tmp_path, change):
+    """The second pass must give the bytes the first one hashed. A file changed in between
+    is refused with a clear OSError, and the server keeps nothing of it."""
+    import asyncio
+
+    rid = await world.room()
+    src = tmp_path / "p"
+    data = os.urandom(2 * 1024 * 1024)
+    src.write_bytes(data)
+    before = world.blobstore_health()
+
+    def progress(done: int, total: int) -> None:
+        if done == 0:  # the second pass starts: the digest is already signed
+            new = {"same-size": os.urandom(len(data)), "longer": data + b"more",
+                   "shorter": data[:-70000]}[change]
+            src.write_bytes(new)
+
+    with pytest.raises(OSError, match="changed while it was being uploaded"):
+        await put_blob(world.clients["carol"], rid, src, progress=progress)
+    for _ in range(100):  # a body cut short is dropped by the server once it notices
+        if not world.staging():
+            break
+        await asyncio.sleep(0.05)
+    assert world.staging() == [] and world.stored(rid) == []
+    assert world.blobstore_health() == before
+
+
+async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_path):
+    """Cancelling put_blob in the middle of its second pass (a block being sealed in a
+    worker thread) stores nothing; the server drops the partial upload; a new put works."""
+    import asyncio
+
+    rid = await world.room()
+    src = tmp_path / "p"
+    data = os.urandom(2 * 1024 * 1024 + 77)
+    src.write_bytes(data)
+    started = asyncio.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done > 0:
+            started.set()
+
+    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src, progress=progress))
+    await asyncio.wait_for(started.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(100):
+        if not world.staging():
+            break
+        await asyncio.sleep(0.05)
+    assert world.staging() == [] and world.stored(rid) == []
+    blob_id = await put_blob(world.clients["carol"], rid, src)
+    out = tmp_path / "out"
+    assert await get_blob(world.clients["bob"], rid, blob_id, out) == len(data) and out.read_bytes() == data
