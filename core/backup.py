@@ -657,6 +657,40 @@ def check_log_chain(db: Path) -> tuple[int, str]:
     return seq, prev
 
 
+def check_rows_match_log(db: Path) -> None:
+    """The store's members and rosters are the state its membership log establishes.
+
+    The log is replayed with every check a client makes (signatures included:
+    whoever can write archives cannot sign as a member); a row the log does not
+    account for, such as an admin added to the archived database behind the
+    log's back (the manifest's digest is no MAC), is refused with ArchiveError."""
+    from .memberlog import LogError, LogState
+
+    state = LogState()
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        try:
+            for (text,) in conn.execute("SELECT entry FROM log_entries ORDER BY seq"):
+                state.apply(json.loads(text))
+        except (LogError, ValueError) as e:
+            raise ArchiveError(f"--in: the membership log in the archive does not verify ({e})") from None
+        members = {h: (role, bytes(sp), bytes(ep), suite, bus) for h, role, sp, ep, suite, bus in conn.execute(
+            "SELECT handle, role, sign_pub, enc_pub, enc_suite, bus_pub FROM members")}
+        rosters: dict[str, set[str]] = {r: set() for (r,) in conn.execute("SELECT room_id FROM rooms")}
+        for room_id, handle in conn.execute("SELECT room_id, handle FROM room_members"):
+            rosters.setdefault(room_id, set()).add(handle)
+    derived = {h: (m.role, bytes(m.sign_pub), bytes(m.enc_pub), m.enc_suite, m.bus_pub)
+               for h, m in state.members.items()}
+    for handle in sorted(set(members) | set(derived)):
+        if members.get(handle) != derived.get(handle):
+            raise ArchiveError(f"--in: member {handle!r} in the archive's store is not what its membership log "
+                               "establishes; nothing was restored")
+    for room_id in sorted(set(rosters) | set(state.rooms)):
+        room = state.rooms.get(room_id)
+        if room is None or rosters.get(room_id) != set(room.members):
+            raise ArchiveError(f"--in: room {room_id!r} in the archive's store is not what its membership log "
+                               "establishes; nothing was restored")
+
+
 def _prepare_single_db(db: Path) -> None:
     from .store.db import alembic_config, migrate, stored_revision
 
@@ -753,6 +787,7 @@ def restore(archive: Path, data_dir: Path) -> RestoreResult:
             _build_db_from_kv(tmp / KV_FILE, db)
             shutil.rmtree(tmp / KV_FILE.split("/")[0])
         head = check_log_chain(db)
+        check_rows_match_log(db)
         facts = sqlite_facts(db)
         want = verified.manifest.get("log_head")
         # A store older than the log gets its entry 0 from the migration: the manifest had no head then.

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
-from .settings import LISTENER_TLS_FLAGS, Settings, is_loopback_host
+from .settings import LISTENER_TLS_FLAGS, Settings, is_loopback_host, plaintext_nats_link
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pluginmanager import PluginManager
@@ -114,7 +114,8 @@ def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Setting
     final = {name: listeners.get(name) or "none" for name in LISTENERS}
     listeners_ok = all(state in SECURE_STATES for state in final.values()) and (
         not settings.clustered or final["routes"] == "mtls")
-    tls = listeners_ok and merged.get("tls", True) is True
+    # membershipd's own link to an external NATS counts too: nats:// to another host is not TLS.
+    tls = listeners_ok and merged.get("tls", True) is True and not plaintext_nats_link(settings)
     posture: dict[str, Any] = {
         "bus_auth": merged.get("bus_auth", INSECURE["bus_auth"]),
         "acl": merged.get("acl", INSECURE["acl"]),

@@ -249,13 +249,26 @@ def exposed_plaintext_listeners(settings: Settings) -> list[tuple[str, str, Host
     return out
 
 
+def plaintext_nats_link(settings: Settings) -> bool:
+    """True for a ``--nats-url nats://`` to a host that is not loopback: membershipd's
+    own link to NATS (its logins, nonce claims and the bus) would cross the network in clear."""
+    if not settings.nats_url:
+        return False
+    parts = urlsplit(settings.nats_url)
+    return parts.scheme == "nats" and not is_loopback_host(parts.hostname or "")
+
+
 def insecure_plaintext_warnings(settings: Settings) -> list[str]:
     """The warnings of ``--insecure-plaintext``: one per exposed listener without TLS."""
     if not settings.insecure_plaintext:
         return []
-    return [f"--insecure-plaintext: the {name} listener {flag} {addr} is exposed without TLS; anyone on the "
-            f"network can read and alter its traffic (development only; {LISTENER_TLS_FLAGS[name]} fix it)"
-            for name, flag, addr in exposed_plaintext_listeners(settings)]
+    warnings = [f"--insecure-plaintext: the {name} listener {flag} {addr} is exposed without TLS; anyone on the "
+                f"network can read and alter its traffic (development only; {LISTENER_TLS_FLAGS[name]} fix it)"
+                for name, flag, addr in exposed_plaintext_listeners(settings)]
+    if plaintext_nats_link(settings):
+        warnings.append("--insecure-plaintext: --nats-url is nats:// to another host; anyone on the network can "
+                        "answer membershipd's nonce claims and read the bus (development only; tls:// fixes it)")
+    return warnings
 
 
 # -- converters: each raises ValueError with what is allowed -----------------
@@ -585,6 +598,9 @@ def validate(settings: Settings) -> None:
                       f"{LISTENER_TLS_FLAGS[name].replace('/', ' and ')}" for name, flag, addr in exposed)
             + " (deploy/generate-certs.sh makes them), bind to 127.0.0.1, or add --insecure-plaintext (development only)"
         )
+    if plaintext_nats_link(s) and not s.insecure_plaintext:
+        raise ConfigError(f"--nats-url {s.nats_url} crosses the network without TLS: use tls://HOST:PORT, "
+                          "a loopback address, or add --insecure-plaintext (development only)")
 
 
 def read_secret_file(flag: str, path: Path) -> str:

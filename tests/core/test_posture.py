@@ -185,12 +185,6 @@ def test_enforce_needs_a_plugin_that_reports_bus_auth(unibus_plugin_manager):
     require_reporters(Settings(), unibus_plugin_manager(Reports(bus_auth="off")), [("x", {"bus_auth": "off"})])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "a plaintext --nats-url to a non-loopback host is neither refused nor reported: posture says tls: true, "
-    "while a network attacker on that link can answer membershipd's nonce claims (replay protection off) and "
-    "read the bus. migrate-to-kv and backup already refuse it. Fix: count it with the exposed plaintext "
-    "listeners (exit 2 naming --nats-url and tls://, or --insecure-plaintext: warning, tls false); the SPEC "
-    "(listeners only) is silent on outbound links"))
 def test_a_plaintext_nats_url_to_another_host_is_not_called_tls(tmp_path):
     """Adversary: a network attacker between membershipd and an external NATS (``--nats-url nats://...``)."""
     from unibus.cli import load_settings
@@ -200,9 +194,9 @@ def test_a_plaintext_nats_url_to_another_host_is_not_called_tls(tmp_path):
         return startup_posture(settings, plugins)
 
     assert posture("--nats-url", "nats://127.0.0.1:4222")["tls"] is True  # loopback: nothing to protect
-    try:
-        doc = posture("--nats-url", "nats://192.0.2.1:4222")
-    except ConfigError as e:  # refused, naming the flag and the fix: also right
-        assert "--nats-url" in str(e) and "tls://" in str(e)
-    else:
-        assert doc["tls"] is False
+    with pytest.raises(ConfigError) as e:  # refused, naming the flag and the fix
+        posture("--nats-url", "nats://192.0.2.1:4222")
+    assert "--nats-url" in str(e.value) and "tls://" in str(e.value) and e.value.exit_code == 2
+    doc = posture("--nats-url", "nats://192.0.2.1:4222", "--insecure-plaintext")
+    assert doc["tls"] is False
+    assert posture("--nats-url", "tls://192.0.2.1:4222")["tls"] is True

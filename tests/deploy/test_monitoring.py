@@ -6,7 +6,7 @@ here from a daemon that served signed requests and ran the built-in plugins;
 cluster-only metrics from the collector with a cluster node's prober), plus
 Prometheus's own ``up``. Then promtool, where installed (.ci/run installs it
 from Debian's prometheus package): ``check rules``, ``check config`` and the
-alerts' unit tests in tests/core/monitoring/unibus-alerts.test.yml.
+alerts' unit tests in tests/deploy/monitoring/unibus-alerts.test.yml.
 """
 
 from __future__ import annotations
