@@ -1,4 +1,4 @@
-"""Verification benchmark (issue 12): what verifying before trusting costs the client.
+"""Verification benchmark: what verifying before trusting costs the client.
 
 Run with ``.venv/bin/python bench/bench_verify.py [--runs 5] [--messages 20000] [--no-write]``.
 Not a test: it prints markdown and writes it into docs/benchmarks.md between
@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-HEADING = "## Verification: rekeys, the log, signed messages (issue 12)"
+HEADING = "## Verification: rekeys, the log, signed messages"
 SUITES = ("X25519", "MLKEM768_X25519")
 ROOM_SIZE = 1000
 AIMS = {"X25519": 0.5, "MLKEM768_X25519": 0.8}

@@ -34,7 +34,7 @@ def problem(status: int, detail: str, **extra: Any) -> web.Response:
 
 
 class FakeServer:
-    """Just enough of SPEC §5 to drive the SDK; signatures really verified."""
+    """Just enough of docs/http-api.md to drive the SDK; signatures really verified."""
 
     def __init__(self) -> None:
         self.members: dict[str, dict[str, Any]] = {}

@@ -1,4 +1,4 @@
-"""unibus.client.sealing: sealed room keys and room messages (SPEC §6)."""
+"""unibus.client.sealing: sealed room keys and room messages (docs/formats.md)."""
 
 from __future__ import annotations
 

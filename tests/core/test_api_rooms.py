@@ -1,4 +1,4 @@
-"""Rooms, room membership and sealed keys against a real daemon (server rules of SPEC §5)."""
+"""Rooms, room membership and sealed keys against a real daemon (the server rules of docs/http-api.md)."""
 
 from __future__ import annotations
 

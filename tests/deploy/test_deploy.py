@@ -1,4 +1,4 @@
-"""deploy/: systemd units, drop-in, install.sh and the cluster R3 gate (SPEC §8, §9).
+"""deploy/: systemd units, drop-in, install.sh and the cluster R3 gate (docs/operations.md, deploy/cluster/README.md).
 
 Everything here runs against real parts: the unit files are parsed (and checked
 with ``systemd-analyze verify`` where it exists), install.sh runs for real in

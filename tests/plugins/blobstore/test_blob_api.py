@@ -1,4 +1,4 @@
-"""The blob routes against a real daemon (SPEC §5 blobs rows; issue 7).
+"""The blob routes against a real daemon (docs/blobstore.md).
 
 One daemon per module with ``--blob-max-bytes`` a little over 3 MiB; alice is
 an admin, bob owns the rooms the tests make, carol is a member, dave is not.

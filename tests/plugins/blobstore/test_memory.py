@@ -1,4 +1,4 @@
-"""Memory stays flat: a 1 GiB blob up and down grows membershipd's RSS by less than 64 MiB (issue 7).
+"""Memory stays flat: a 1 GiB blob up and down grows membershipd's RSS by less than 64 MiB.
 
 The daemon's peak resident set (VmHWM in /proc/<pid>/status, reset through
 /proc/<pid>/clear_refs after a warm-up) is compared with its resident set

@@ -1,6 +1,6 @@
 """The nats_monitor decoupling table: ``nats_log_opts(debug_env, monitor_env)``.
 
-SPEC §3 / issue 2 item 7: MONITOR opens the loopback monitor while the log stays
+docs/nats-monitor.md: MONITOR opens the loopback monitor while the log stays
 quiet; DEBUG turns on debug+trace and implies the monitor whatever MONITOR says.
 Spellings: true ``1 true yes on``, false ``0 false no off`` and empty/unset,
 case-insensitive; anything else is refused with exit code 2 naming the variable.
