@@ -5,7 +5,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXAMPLE_VENV ?= .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
-PYTEST_ARGS ?=
+# Two workers, a test file each at a time (module fixtures stay together): most
+# tests wait on daemons and clusters, so two keep both cores busy (README.md).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 DATA_DIR ?= ./local_files
 
 .PHONY: install run test test-fast test-example wheel-check bench bench-clean lint clean
