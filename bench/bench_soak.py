@@ -122,9 +122,11 @@ def render(ns: argparse.Namespace, rows: list[tuple], seconds: float, load: tupl
     lines += [
         "",
         f"After the warm-up, membershipd's RSS grew {growth:+.1f} MiB to the end (peak {peak_after:+.1f} MiB), "
-        f"nats-server's {nats_growth:+.1f} MiB (its nonce bucket holds 2 × `--auth-skew` of nonces, then "
-        f"expires them); membershipd's descriptors went from {base[2]} to {last[2]}: {verdict} the "
-        f"{AIM_MIB} MiB aim.",
+        f"nats-server's {nats_growth:+.1f} MiB; membershipd's descriptors went from {base[2]} to {last[2]}: "
+        f"membershipd is {verdict} the {AIM_MIB} MiB aim. nats-server's RSS follows the nonce bucket, which is in "
+        "memory and holds every nonce of the last 2 × `--auth-skew` (here 120 s, about 120,000 nonces at this "
+        "rate), bounded by `UNIBUS_NONCE_MAX_BYTES` (256 MiB); Go keeps the high-water mark of its heap, so it "
+        "does not fall back within a run.",
         "",
         "Reproduce:",
         "",
