@@ -76,3 +76,13 @@ def test_every_tutorial_block_is_in_the_audit_example(block: str) -> None:
     sources = "\n".join(p.read_text() for p in (AUDIT / "unibus_audit_plugin" / "__init__.py",
                                                   AUDIT / "tests" / "test_audit.py", AUDIT / "pyproject.toml"))
     assert block.rstrip("\n") in sources, "docs/plugins.md shows code that examples/unibus-audit-plugin does not have"
+
+
+def test_the_tutorial_shows_every_line_of_the_audit_module() -> None:
+    """A reader of the tutorial alone can write the whole plugin (docs/plugins.md, "Tutorial")."""
+    shown = {line.rstrip() for block in _tutorial_blocks() for line in block.splitlines()}
+    module = (AUDIT / "unibus_audit_plugin" / "__init__.py").read_text()
+    code = module.split('"""', 2)[2]  # after the module docstring
+    missing = [line for line in code.splitlines()
+               if line.strip() and not line.lstrip().startswith("# ---") and line.rstrip() not in shown]
+    assert not missing, f"docs/plugins.md's tutorial does not show these lines of the example: {missing}"
