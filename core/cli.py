@@ -39,10 +39,6 @@ def _disable_pre_parser() -> argparse.ArgumentParser:
     return pre
 
 
-def _core_flags() -> set[str]:
-    return reserved_flags()
-
-
 def _broken_epilog(plugins: PluginManager) -> str | None:
     """The broken plugins, for --help: listed with their error instead of crashing."""
     if not plugins.broken:
@@ -123,7 +119,7 @@ def settings_for(command: str, argv: Sequence[str], plugins: PluginManager, env=
     """``serve`` flags + env → Settings for the plugins of ``plugins`` (also what
     ``unibus.testing`` uses): options, parsing, validation, then ``validate_settings``."""
     env = os.environ if env is None else env
-    plugin_options = plugins.options(reserved=_core_flags())
+    plugin_options = plugins.options(reserved=reserved_flags())
     _refuse_unavailable_flags(argv, plugins, {opt.flag for _, opt in plugin_options})
     ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
     plugins.require_healthy()
@@ -201,7 +197,7 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     _add_data_dir(parser, help="accepted like every command's; plugins do not depend on it")
     ns = parser.parse_args(argv)
     plugins = make_plugins(ns.disable_plugin, modules=ns.plugin)
-    plugins.options(reserved=_core_flags())  # a plugin whose cli_options fails is listed as broken
+    plugins.options(reserved=reserved_flags())  # a plugin whose cli_options fails is listed as broken
     infos = plugins.list_plugins()
     if ns.json:
         print(json.dumps([i.as_json() for i in infos], indent=2))
@@ -583,7 +579,7 @@ def _top_help() -> str:
     lines += ["", "serve is the default command; run 'membershipd serve --help' for its flags.", "  --version  print the version and exit"]
     try:
         plugins = make_plugins([])
-        plugins.options(reserved=_core_flags())
+        plugins.options(reserved=reserved_flags())
         broken = _broken_epilog(plugins)
     except UnibusError as e:  # e.g. a bad UNIBUS_LOAD_PLUGINS: say so, help still prints
         broken = f"plugins: {e}"

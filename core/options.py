@@ -14,6 +14,7 @@ and TLS"); the table in README.md is regenerated with ``make readme``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import re
 import socket
@@ -26,27 +27,10 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .settings import (
-    BUS_AUTH_CHOICES,
-    CLUSTER_PASS_ENV,
-    DEFAULT_AUTH_SKEW,
-    DEFAULT_CLUSTER_ADDR,
-    DEFAULT_HTTP_ADDR,
-    DEFAULT_NATS_ADDR,
-    KV_REPLICA_CHOICES,
-    MAX_AUTH_SKEW,
-    SERVER_NAME_RE,
-    UNIT_METRICS_ADDR,
-    Option,
-    Secret,
-    Settings,
-    hkdf,
-    parse_host_port,
-    parse_positive_int,
-    parse_route,
-    read_secret_file,
-    validate,
-)
+from .settings import (BUS_AUTH_CHOICES, CLUSTER_PASS_ENV, DEFAULT_AUTH_SKEW, DEFAULT_CLUSTER_ADDR, DEFAULT_HTTP_ADDR,
+                       DEFAULT_NATS_ADDR, KV_REPLICA_CHOICES, MAX_AUTH_SKEW, SERVER_NAME_RE, UNIT_METRICS_ADDR, Option,
+                       Secret, Settings, hkdf, parse_host_port, parse_positive_int, parse_route, read_secret_file,
+                       validate)
 from .tls import TLSFileError, check_pair, load_certificates
 
 #: Stands in for ``--data-dir`` (every command that has one).
@@ -72,8 +56,9 @@ class Flag:
     the flag nor ``env`` is given (a callable is asked then); it is converted
     like a given value. ``convert`` turns the raw string into the value or
     raises ``ValueError`` saying what is allowed (exit 2, ``<flag>: <message>``).
-    An empty value counts as absent unless ``keep_empty``: then it is
-    converted (and refused) like any other. ``env_secret`` names a variable
+    An empty value (given, or in ``env``) counts as absent, unless
+    ``keep_empty``: then a given empty value is converted (and refused) like
+    any other. ``env_secret`` names a variable
     that carries the secret itself, instead of the file the flag names.
     """
 
@@ -110,8 +95,8 @@ class Flag:
         raw = getattr(ns, self.name, None)
         if self.action == "store_true":
             return bool(raw)
-        if not self.keep_empty:
-            raw = raw or (env.get(self.env) if self.env else None) or (
+        if raw is None or (raw == "" and not self.keep_empty):
+            raw = (env.get(self.env) if self.env else None) or (
                 self.default() if callable(self.default) else self.default)
         if raw is None or self.convert is None:
             return raw
@@ -180,13 +165,10 @@ def _cluster_name(raw: str) -> str:
 
 
 def _kv_replicas(raw: str) -> int:
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n not in KV_REPLICA_CHOICES:
-        raise ValueError(f"{raw!r} is not allowed; use 1, 3 or 5")
-    return n
+    with contextlib.suppress(ValueError):
+        if int(raw) in KV_REPLICA_CHOICES:
+            return int(raw)
+    raise ValueError(f"{raw!r} is not allowed; use 1, 3 or 5")
 
 
 def _routes(raw: str) -> tuple[str, ...]:
