@@ -67,6 +67,7 @@ class Option:
 
     @property
     def name(self) -> str:
+        """``dest``, else the flag without ``--`` and with dashes as underscores."""
         return self.dest or self.flag.lstrip("-").replace("-", "_")
 
 
