@@ -10,7 +10,7 @@ EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
 PYTEST_ARGS ?= -n 2 --dist loadfile
 DATA_DIR ?= ./local_files
 
-.PHONY: install run test test-fast test-example wheel-check bench bench-clean lint clean
+.PHONY: install run test test-fast test-example wheel-check bench bench-clean lint readme clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,10 @@ bench-clean:
 lint: install
 	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff check core plugins tests bench migrations examples
+
+# README.md's flag table of membershipd serve, from the option table (core/options.py).
+readme: install
+	$(PY) -m unibus.options --write-readme README.md
 
 clean:
 	rm -rf $(VENV) $(EXAMPLE_VENV) build dist *.egg-info .pytest_cache

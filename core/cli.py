@@ -19,7 +19,9 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, UnibusError
 from .pluginmanager import LOAD_PLUGINS_ENV, PluginManager, load_plugins_from_env
-from .settings import Settings, add_core_arguments, add_plugin_arguments, build_settings
+from .options import (CLUSTER_PASS_ENV, DATA_DIR, add_core_arguments, add_plugin_arguments,
+                      add_plugin_selection_arguments, build_settings, data_dir_from, reserved_flags)
+from .settings import Settings
 
 log = logging.getLogger("unibus.cli")
 
@@ -33,20 +35,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _disable_pre_parser() -> argparse.ArgumentParser:
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--disable-plugin", action="append", default=[])
-    pre.add_argument("--plugin", action="append", default=[])
+    add_plugin_selection_arguments(pre)
     return pre
-
-
-PLUGIN_FLAG_HELP = "load the plugin module MODULE (importable from PYTHONPATH) without installing it (repeatable)"
-
-
-def _core_flags() -> set[str]:
-    parser = argparse.ArgumentParser(add_help=True)
-    add_core_arguments(parser)
-    parser.add_argument("--disable-plugin")
-    parser.add_argument("--plugin")
-    return set(parser._option_string_actions)
 
 
 def _broken_epilog(plugins: PluginManager) -> str | None:
@@ -63,8 +53,7 @@ def _serve_parser(command: str, plugin_options, plugins: PluginManager | None = 
                      epilog=_broken_epilog(plugins) if plugins is not None else None,
                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_core_arguments(parser)
-    parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
-    parser.add_argument("--plugin", metavar="MODULE", action="append", default=[], help=PLUGIN_FLAG_HELP)
+    add_plugin_selection_arguments(parser)
     add_plugin_arguments(parser, plugin_options)
     return parser
 
@@ -130,7 +119,7 @@ def settings_for(command: str, argv: Sequence[str], plugins: PluginManager, env=
     """``serve`` flags + env → Settings for the plugins of ``plugins`` (also what
     ``unibus.testing`` uses): options, parsing, validation, then ``validate_settings``."""
     env = os.environ if env is None else env
-    plugin_options = plugins.options(reserved=_core_flags())
+    plugin_options = plugins.options(reserved=reserved_flags())
     _refuse_unavailable_flags(argv, plugins, {opt.flag for _, opt in plugin_options})
     ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
     plugins.require_healthy()
@@ -147,7 +136,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
     _configure_logging()
     settings, plugins = load_settings("serve", argv)
     # Read once into Settings; no child process may inherit it.
-    os.environ.pop("UNIBUS_CLUSTER_PASS", None)
+    os.environ.pop(CLUSTER_PASS_ENV, None)
     return serve(settings, plugins)
 
 
@@ -167,14 +156,20 @@ def cmd_posture(argv: Sequence[str]) -> int:
     return 0 if posture["summary"] == CLUSTER_REQUIRED else 1
 
 
+def _add_data_dir(parser: argparse.ArgumentParser,
+                  help: str = f"state directory [{DATA_DIR.env}] (default {DATA_DIR.default})") -> None:
+    """``--data-dir`` of an operator command: the same variable and default as serve's."""
+    parser.add_argument(DATA_DIR.flag, metavar=DATA_DIR.metavar, help=help)
+
+
 def _data_dir_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"{PROG} {command}", description=_DESCRIPTIONS[command])
-    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_data_dir(parser)
     return parser
 
 
 def resolve_data_dir(ns: argparse.Namespace) -> Path:
-    return Path(ns.data_dir or os.environ.get("UNIBUS_DATA_DIR") or "./local_files").expanduser()
+    return data_dir_from(ns, os.environ)
 
 
 def cmd_migrate(argv: Sequence[str]) -> int:
@@ -198,12 +193,11 @@ def cmd_migrate(argv: Sequence[str]) -> int:
 def cmd_plugins(argv: Sequence[str]) -> int:
     parser = _Parser(prog=f"{PROG} plugins", description=_DESCRIPTIONS["plugins"])
     parser.add_argument("--json", action="store_true", help="print JSON for machines")
-    parser.add_argument("--disable-plugin", metavar="NAME", action="append", default=[], help="block a plugin (repeatable)")
-    parser.add_argument("--plugin", metavar="MODULE", action="append", default=[], help=PLUGIN_FLAG_HELP)
-    parser.add_argument("--data-dir", metavar="DIR", help="accepted like every command's; plugins do not depend on it")
+    add_plugin_selection_arguments(parser)
+    _add_data_dir(parser, help="accepted like every command's; plugins do not depend on it")
     ns = parser.parse_args(argv)
     plugins = make_plugins(ns.disable_plugin, modules=ns.plugin)
-    plugins.options(reserved=_core_flags())  # a plugin whose cli_options fails is listed as broken
+    plugins.options(reserved=reserved_flags())  # a plugin whose cli_options fails is listed as broken
     infos = plugins.list_plugins()
     if ns.json:
         print(json.dumps([i.as_json() for i in infos], indent=2))
@@ -221,19 +215,11 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_member(argv: Sequence[str]) -> int:
-    from .wire import (HandleError, KeyFormatError, nkey_from_sign_pub, validate_bus_pub, validate_enc_pub,
-                       validate_enc_suite, validate_handle, validate_sign_pub)
-    from .daemon import prepare_data_dir
-    from .store.base import ROLES, Conflict
-    from .store.db import make_engine, migrate
-    from .store.sqlite import append_bootstrap_sync, new_member
-    from sqlalchemy.orm import Session
-
+def _member_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=f"{PROG} member", description=_DESCRIPTIONS["member"])
     sub = parser.add_subparsers(dest="action", required=True, metavar="add")
     add = sub.add_parser("add", help="add a member (the first admin, typically)")
-    add.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_data_dir(add)
     add.add_argument("--handle", required=True, help="^[a-z][a-z0-9_-]{0,31}$")
     add.add_argument("--role", required=True, help="admin or member")
     add.add_argument("--sign-pub", required=True, metavar="B64", help="raw Ed25519 public key, standard base64")
@@ -241,32 +227,48 @@ def cmd_member(argv: Sequence[str]) -> int:
     add.add_argument("--enc-suite", default="X25519", metavar="S", help="X25519 (default) or MLKEM768_X25519")
     add.add_argument("--bus-pub", required=True, metavar="U...",
                      help="the member's bus key, a NATS user nkey (unibus keygen prints it); never the signing key")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def _checked(flag: str, validate: Any, *args: Any) -> Any:
+    """``validate(*args)``; a malformed handle or key is a ConfigError naming ``flag``."""
+    from .wire import HandleError, KeyFormatError
+
     try:
-        handle = validate_handle(ns.handle)
-    except HandleError as e:
-        raise ConfigError(f"--handle: {e}") from None
+        return validate(*args)
+    except (HandleError, KeyFormatError) as e:
+        raise ConfigError(f"{flag}: {e}") from None
+
+
+def _member_keys(ns: argparse.Namespace) -> tuple[str, str, str, str, str]:
+    """``(handle, enc_suite, sign_pub, enc_pub, bus_pub)`` of ``member add``, each checked in flag order."""
+    from .store.base import ROLES
+    from .wire import (nkey_from_sign_pub, validate_bus_pub, validate_enc_pub, validate_enc_suite, validate_handle,
+                       validate_sign_pub)
+
+    handle = _checked("--handle", validate_handle, ns.handle)
     if ns.role not in ROLES:
         raise ConfigError(f"--role: {ns.role!r} is not allowed; use admin or member")
-    try:
-        suite = validate_enc_suite(ns.enc_suite)
-    except KeyFormatError as e:
-        raise ConfigError(f"--enc-suite: {e}") from None
-    try:
-        sign_pub = validate_sign_pub(ns.sign_pub)
-    except KeyFormatError as e:
-        raise ConfigError(f"--sign-pub: {e}") from None
-    try:
-        enc_pub = validate_enc_pub(ns.enc_pub, suite)
-    except KeyFormatError as e:
-        raise ConfigError(f"--enc-pub: {e}") from None
-    try:
-        bus_pub = validate_bus_pub(ns.bus_pub)
-    except KeyFormatError as e:
-        raise ConfigError(f"--bus-pub: {e}") from None
+    suite = _checked("--enc-suite", validate_enc_suite, ns.enc_suite)
+    sign_pub = _checked("--sign-pub", validate_sign_pub, ns.sign_pub)
+    enc_pub = _checked("--enc-pub", validate_enc_pub, ns.enc_pub, suite)
+    bus_pub = _checked("--bus-pub", validate_bus_pub, ns.bus_pub)
     if bus_pub == nkey_from_sign_pub(sign_pub):
         raise ConfigError("--bus-pub: is the nkey of --sign-pub; the bus key must be a separate key "
                           "(unibus keygen prints both)")
+    return handle, suite, sign_pub, enc_pub, bus_pub
+
+
+def cmd_member(argv: Sequence[str]) -> int:
+    from sqlalchemy.orm import Session
+
+    from .daemon import prepare_data_dir
+    from .store.base import Conflict
+    from .store.db import make_engine, migrate
+    from .store.sqlite import append_bootstrap_sync, new_member
+
+    ns = _member_parser().parse_args(argv)
+    handle, suite, sign_pub, enc_pub, bus_pub = _member_keys(ns)
     data_dir = resolve_data_dir(ns)
     prepare_data_dir(data_dir)
     db = data_dir / "membershipd.db"
@@ -380,59 +382,64 @@ def _warn(message: str) -> None:
     print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
-def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
-    import asyncio
-    import ssl
-
-    from .settings import redact_url
-
+def _migrate_to_kv_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=f"{PROG} migrate-to-kv", description=_DESCRIPTIONS["migrate-to-kv"])
-    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_data_dir(parser)
     _add_nats_target_arguments(parser, required=True, what="the target NATS (a node's loopback URL)")
     parser.add_argument("--kv-replicas", type=int, choices=(1, 3, 5), default=1, metavar="N",
                         help="replicas if the bucket or the blob store must be created (an existing one keeps its "
                              "own; default 1)")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+async def _copy_to_kv(url: str, seed: Any, tls: Any, data_dir: Path, replicas: int) -> dict[str, int]:
+    """Copy the SQLite store of ``data_dir``, then its blobs, into the cluster behind ``url``; the counts."""
+    from .bus import Bus
+    from .plugins.blobstore.archive import copy_to_object_store
+    from .store.db import migrate
+    from .store.kv import KvStore, copy_store
+    from .store.sqlite import SqliteStore
+
+    db = data_dir / "membershipd.db"
+    migrate(db)
+    bus = Bus(url, seed, name="membershipd-migrate-to-kv", tls=tls)
+    await bus.connect(timeout=10, jetstream_timeout=30)
+    src = SqliteStore(db)
+    try:
+        dst = KvStore(bus.js, replicas=replicas)
+        await dst.ensure()
+        counts = await copy_store(src, dst)
+
+        async def room_exists(room_id: str) -> bool:
+            return await dst.get_room(room_id) is not None
+
+        # The blobs last: the object store keeps only blobs of rooms the bucket has.
+        counts["blobs"] = await copy_to_object_store(bus.js, data_dir / "blobs", replicas=replicas,
+                                                     room_exists=room_exists, warn=_warn)
+        return counts
+    finally:
+        await src.close()
+        await bus.close()
+
+
+def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
+    import asyncio
+    import ssl
+
+    from .errors import RuntimeFailure
+    from .plugins.blobstore.backend import BlobError
+    from .settings import redact_url
+    from .store.base import StoreError
+
+    ns = _migrate_to_kv_parser().parse_args(argv)
     target = _check_nats_target(ns)
     data_dir = resolve_data_dir(ns)
     db = data_dir / "membershipd.db"
     if not db.exists():
         raise ConfigError(f"--data-dir: {db} does not exist; nothing to copy (run membershipd member add first)")
     url, seed, tls = _open_nats_target(ns, target, data_dir)
-
-    async def run() -> dict[str, int]:
-        from .bus import Bus
-        from .plugins.blobstore.archive import copy_to_object_store
-        from .store.db import migrate
-        from .store.kv import KvStore, copy_store
-        from .store.sqlite import SqliteStore
-
-        migrate(db)
-        bus = Bus(url, seed, name="membershipd-migrate-to-kv", tls=tls)
-        await bus.connect(timeout=10, jetstream_timeout=30)
-        src = SqliteStore(db)
-        try:
-            dst = KvStore(bus.js, replicas=ns.kv_replicas)
-            await dst.ensure()
-            counts = await copy_store(src, dst)
-
-            async def room_exists(room_id: str) -> bool:
-                return await dst.get_room(room_id) is not None
-
-            # The blobs last: the object store keeps only blobs of rooms the bucket has.
-            counts["blobs"] = await copy_to_object_store(bus.js, data_dir / "blobs", replicas=ns.kv_replicas,
-                                                         room_exists=room_exists, warn=_warn)
-            return counts
-        finally:
-            await src.close()
-            await bus.close()
-
-    from .errors import RuntimeFailure
-    from .plugins.blobstore.backend import BlobError
-    from .store.base import StoreError
-
     try:
-        counts = asyncio.run(run())
+        counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
     print(f"copied {counts['log_entries']} membership log entr{'y' if counts['log_entries'] == 1 else 'ies'}, "
@@ -450,22 +457,19 @@ def _cluster_node_data_dir(data_dir: Path) -> bool:
         return False
 
 
-def cmd_backup(argv: Sequence[str]) -> int:
-    import asyncio
-    import ssl
-
-    from .backup import backup_cluster, backup_single
-    from .errors import RuntimeFailure
-    from .settings import redact_url
-
+def _backup_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=f"{PROG} backup", description=_DESCRIPTIONS["backup"])
     parser.add_argument("--out", required=True, metavar="FILE",
                         help="the archive to write (a new file; gzip-compressed when it ends in .gz or .tgz)")
-    parser.add_argument("--data-dir", metavar="DIR", help="state directory [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_data_dir(parser)
     _add_nats_target_arguments(parser, required=False,
                                what="back up a cluster through this node's NATS (its loopback URL) instead of the "
                                     "single node in --data-dir")
-    ns = parser.parse_args(argv)
+    return parser
+
+
+def _backup_out(ns: argparse.Namespace) -> Path:
+    """``--out``: a new file in a writable directory (backup never overwrites)."""
     out = Path(ns.out).expanduser()
     if out.exists() or out.is_symlink():
         raise ConfigError(f"--out: {out} exists; backup never overwrites a file: give a new name")
@@ -473,44 +477,69 @@ def cmd_backup(argv: Sequence[str]) -> int:
         raise ConfigError(f"--out: {out.parent} is not a directory; create it first")
     if not os.access(out.parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--out: cannot write in {out.parent}; choose a writable directory")
+    return out
+
+
+def _backup_node(ns: argparse.Namespace, data_dir: Path, out: Path) -> Any:
+    """The backup of the single node in ``data_dir`` (no ``--nats-url``)."""
+    from .backup import backup_single
+    from .errors import RuntimeFailure
+
+    for flag in ("ca", "cert", "key", "nkey_seed_file"):
+        if getattr(ns, flag):
+            raise ConfigError(f"--{flag.replace('_', '-')} goes with --nats-url (a cluster backup); drop it to "
+                              "back up the single node in --data-dir")
+    if not (data_dir / "membershipd.db").is_file():
+        raise ConfigError(f"--data-dir: {data_dir / 'membershipd.db'} does not exist; nothing to back up")
+    if _cluster_node_data_dir(data_dir):
+        raise ConfigError(f"--data-dir: {data_dir} belongs to a cluster node, whose state is in JetStream; "
+                          "back up the cluster with --nats-url (the node's loopback NATS URL)")
+    try:
+        return backup_single(data_dir, out, _warn)
+    except OSError as e:
+        raise RuntimeFailure(f"backup of {data_dir} failed: {type(e).__name__}: {e} (a file vanished while it "
+                             "was read? was membershipd started meanwhile? run backup again)") from None
+
+
+def _backup_through_nats(ns: argparse.Namespace, data_dir: Path, out: Path) -> Any:
+    """The backup of a cluster, through the node's NATS at ``--nats-url``."""
+    import asyncio
+    import ssl
+
+    from .backup import backup_cluster
+    from .errors import RuntimeFailure
+    from .plugins.blobstore.backend import BlobError
+    from .settings import redact_url
+    from .store.base import StoreError
+
+    target = _check_nats_target(ns)
+    url, seed, tls = _open_nats_target(ns, target, data_dir)
+
+    async def run() -> Any:
+        from .bus import Bus
+
+        bus = Bus(url, seed, name="membershipd-backup", tls=tls)
+        await bus.connect(timeout=10, jetstream_timeout=30)
+        try:
+            info = getattr(bus.nc, "_server_info", None) or {}
+            return await backup_cluster(bus.js, str(info.get("server_name") or target.netloc), out, _warn)
+        finally:
+            await bus.close()
+
+    try:
+        return asyncio.run(run())
+    except (StoreError, BlobError, ssl.SSLError, OSError) as e:
+        raise RuntimeFailure(f"backup through {redact_url(url)} failed: {type(e).__name__}: {e}") from None
+
+
+def cmd_backup(argv: Sequence[str]) -> int:
+    ns = _backup_parser().parse_args(argv)
+    out = _backup_out(ns)
     data_dir = resolve_data_dir(ns)
     if ns.nats_url is None:
-        for flag in ("ca", "cert", "key", "nkey_seed_file"):
-            if getattr(ns, flag):
-                raise ConfigError(f"--{flag.replace('_', '-')} goes with --nats-url (a cluster backup); drop it to "
-                                  "back up the single node in --data-dir")
-        if not (data_dir / "membershipd.db").is_file():
-            raise ConfigError(f"--data-dir: {data_dir / 'membershipd.db'} does not exist; nothing to back up")
-        if _cluster_node_data_dir(data_dir):
-            raise ConfigError(f"--data-dir: {data_dir} belongs to a cluster node, whose state is in JetStream; "
-                              "back up the cluster with --nats-url (the node's loopback NATS URL)")
-        try:
-            result = backup_single(data_dir, out, _warn)
-        except OSError as e:
-            raise RuntimeFailure(f"backup of {data_dir} failed: {type(e).__name__}: {e} (a file vanished while it "
-                                 "was read? was membershipd started meanwhile? run backup again)") from None
+        result = _backup_node(ns, data_dir, out)
     else:
-        target = _check_nats_target(ns)
-        url, seed, tls = _open_nats_target(ns, target, data_dir)
-
-        async def run() -> Any:
-            from .bus import Bus
-
-            bus = Bus(url, seed, name="membershipd-backup", tls=tls)
-            await bus.connect(timeout=10, jetstream_timeout=30)
-            try:
-                info = getattr(bus.nc, "_server_info", None) or {}
-                return await backup_cluster(bus.js, str(info.get("server_name") or target.netloc), out, _warn)
-            finally:
-                await bus.close()
-
-        from .plugins.blobstore.backend import BlobError
-        from .store.base import StoreError
-
-        try:
-            result = asyncio.run(run())
-        except (StoreError, BlobError, ssl.SSLError, OSError) as e:
-            raise RuntimeFailure(f"backup through {redact_url(url)} failed: {type(e).__name__}: {e}") from None
+        result = _backup_through_nats(ns, data_dir, out)
     print(result.summary())
     return 0
 
@@ -520,8 +549,8 @@ def cmd_restore(argv: Sequence[str]) -> int:
 
     parser = _Parser(prog=f"{PROG} restore", description=_DESCRIPTIONS["restore"])
     parser.add_argument("--in", dest="archive", required=True, metavar="FILE", help="the archive membershipd backup wrote")
-    parser.add_argument("--data-dir", metavar="DIR",
-                        help="the directory to restore into: empty or new [UNIBUS_DATA_DIR] (default ./local_files)")
+    _add_data_dir(parser, help=f"the directory to restore into: empty or new [{DATA_DIR.env}] (default "
+                               f"{DATA_DIR.default})")
     ns = parser.parse_args(argv)
     archive = Path(ns.archive).expanduser()
     if not archive.is_file():
@@ -550,7 +579,7 @@ def _top_help() -> str:
     lines += ["", "serve is the default command; run 'membershipd serve --help' for its flags.", "  --version  print the version and exit"]
     try:
         plugins = make_plugins([])
-        plugins.options(reserved=_core_flags())
+        plugins.options(reserved=reserved_flags())
         broken = _broken_epilog(plugins)
     except UnibusError as e:  # e.g. a bad UNIBUS_LOAD_PLUGINS: say so, help still prints
         broken = f"plugins: {e}"

@@ -1,34 +1,32 @@
-"""Settings: flags and environment in, one validated frozen object out.
+"""Settings: one validated frozen object, with the converters and rules behind it.
 
-Every value membershipd runs with passes through :func:`build_settings`, which
-raises :class:`ConfigError` naming the flag and what is allowed. Plugins add
-their own flags through the ``cli_options`` hook as :class:`Option` objects;
-their validated values live in ``Settings.options``.
+Every value membershipd runs with passes through
+:func:`unibus.options.build_settings` (the option table: flags, environment,
+defaults, help), which raises :class:`ConfigError` naming the flag and what is
+allowed. Plugins add their own flags through the ``cli_options`` hook as
+:class:`Option` objects; their validated values live in ``Settings.options``.
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import os
 import re
-import socket
-import stat
 import types
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .tls import TLSFileError, check_pair, load_certificates
+from .tls import TLSFileError, check_owner_only
 
 # The largest --auth-skew (600 s): a signed request can be replayed for twice
 # this long if its nonce is lost, and clients check the membership log's times
 # against this very constant, whatever the skew was when an entry was written
 # (docs/formats.md). One constant, shared with the client.
-from .wire import MAX_AUTH_SKEW
+from .wire import MAX_AUTH_SKEW  # noqa: F401  (the cap of --auth-skew in unibus.options)
 
 DEFAULT_HTTP_ADDR = "127.0.0.1:8470"
 DEFAULT_NATS_ADDR = "127.0.0.1:4250"
@@ -38,8 +36,10 @@ UNIT_METRICS_ADDR = "127.0.0.1:9470"
 DEFAULT_AUTH_SKEW = 60
 KV_REPLICA_CHOICES = (1, 3, 5)
 BUS_AUTH_CHOICES = ("off", "enforce")
+#: The route password itself, an alternative to ``--cluster-pass-file``; never passed on to a child.
+CLUSTER_PASS_ENV = "UNIBUS_CLUSTER_PASS"
 
-_SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
 
@@ -51,7 +51,9 @@ class Option:
     value is read back with (``settings.option("nats_monitor_port")``);
     ``convert`` turns the raw string into the value or raises ``ValueError``
     whose message says what is allowed; ``env`` names an environment variable
-    used when the flag is absent.
+    used when the flag is absent. ``doc`` is the text of the option's row in
+    README.md's flag table (default: ``help`` without its ``(default …)``);
+    options that follow each other with the same ``doc`` share one row.
     """
 
     flag: str
@@ -61,9 +63,11 @@ class Option:
     dest: str | None = None
     env: str | None = None
     metavar: str | None = None
+    doc: str | None = None
 
     @property
     def name(self) -> str:
+        """``dest``, else the flag without ``--`` and with dashes as underscores."""
         return self.dest or self.flag.lstrip("-").replace("-", "_")
 
 
@@ -111,7 +115,7 @@ class HostPort:
 
 @dataclass(frozen=True)
 class Settings:
-    """Everything membershipd runs with, validated. Build it with :func:`build_settings`."""
+    """Everything membershipd runs with, validated. Build it with :func:`unibus.options.build_settings`."""
 
     data_dir: Path = Path("./local_files")
     http_addr: HostPort = HostPort("127.0.0.1", 8470)
@@ -200,7 +204,7 @@ class Settings:
         """
         if self.cluster_secret is None:
             return None
-        return _hkdf(self.cluster_secret.reveal().encode("ascii"), b"unibus/plugin-key/v1", label.encode())
+        return hkdf(self.cluster_secret.reveal().encode("ascii"), b"unibus/plugin-key/v1", label.encode())
 
     @property
     def db_path(self) -> Path:
@@ -357,210 +361,7 @@ def parse_route(value: str) -> str:
     return f"nats://{parts.netloc}"
 
 
-# -- the parser ---------------------------------------------------------------
-
-
-def add_core_arguments(parser: argparse.ArgumentParser) -> None:
-    """The core flags of ``serve`` (docs/operations.md, "Flags and environment"). Defaults are applied in build_settings."""
-    a = parser.add_argument
-    a("--data-dir", metavar="DIR", help="all writable state [UNIBUS_DATA_DIR] (default ./local_files)")
-    a("--http-addr", metavar="HOST:PORT", help=f"control-plane HTTP (default {DEFAULT_HTTP_ADDR})")
-    a("--nats-addr", metavar="HOST:PORT", help=f"embedded NATS client listener (default {DEFAULT_NATS_ADDR})")
-    a("--nats-url", metavar="URL", help="use an external NATS; no embedded server")
-    a("--bus-auth", metavar="off|enforce", help="data-plane authorization (default enforce)")
-    a("--tls-cert", metavar="PATH", help="client TLS certificate of the NATS listener")
-    a("--tls-key", metavar="PATH", help="client TLS key of the NATS listener")
-    a("--tls-ca", metavar="PATH", help="CA that verifies NATS client certificates")
-    a("--http-tls-cert", metavar="PATH", help="serve the control plane over HTTPS with this certificate (PEM)")
-    a("--http-tls-key", metavar="PATH", help="the HTTPS private key (PEM, mode 0600)")
-    a("--metrics-addr", metavar="HOST:PORT",
-      help=f"serve Prometheus metrics on GET /metrics there (default: off; the systemd units use {UNIT_METRICS_ADDR})")
-    a("--metrics-tls-cert", metavar="PATH", help="serve the metrics over HTTPS with this certificate (PEM)")
-    a("--metrics-tls-key", metavar="PATH", help="the metrics listener's HTTPS private key (PEM, mode 0600)")
-    a("--metrics-tls-ca", metavar="PATH", help="scrapers must present a client certificate signed by this CA")
-    a("--insecure-plaintext", action="store_true", default=None,
-      help="allow an exposed listener without TLS (development only; warned at start-up and on /healthz)")
-    a("--server-name", metavar="NAME", help="NATS server_name (default: host name)")
-    a("--kv-replicas", metavar="N", help="replicas of every KV bucket: 1, 3 or 5 (default 1)")
-    a("--cluster-name", metavar="NAME", help="join a cluster (with --routes)")
-    a("--cluster-addr", metavar="HOST:PORT", help=f"route listener (default {DEFAULT_CLUSTER_ADDR})")
-    a("--routes", metavar="URL[,URL...]", help="cluster peers as bare nats://host:port")
-    a("--cluster-pass-file", metavar="PATH", help="route password file, mode 0600 [UNIBUS_CLUSTER_PASS]")
-    a("--auth-skew", metavar="SECONDS",
-      help=f"allowed clock skew of signed requests, 1-{MAX_AUTH_SKEW} (default {DEFAULT_AUTH_SKEW})")
-    a("--nats-server-bin", metavar="PATH", help="the nats-server binary (default: beside python, then PATH)")
-
-
-def add_plugin_arguments(parser: argparse.ArgumentParser, options: Sequence[tuple[str, Option]]) -> None:
-    from .errors import RuntimeFailure
-
-    for plugin, opt in options:
-        if opt.flag in parser._option_string_actions:
-            raise RuntimeFailure(f"plugin {plugin}: flag {opt.flag} clashes with a core flag")
-        parser.add_argument(
-            opt.flag,
-            dest=f"plugin__{opt.name}",
-            metavar=opt.metavar,
-            help=f"{opt.help} [{plugin} plugin]" + (f" [{opt.env}]" if opt.env else ""),
-        )
-
-
-def _convert(flag: str, raw: str, convert: Callable[[str], Any]) -> Any:
-    try:
-        return convert(raw)
-    except (ValueError, TypeError) as e:
-        raise ConfigError(f"{flag}: {e}") from None
-
-
-def _path_or_none(raw: str | None) -> Path | None:
-    return Path(raw).expanduser() if raw else None
-
-
-def build_settings(
-    ns: argparse.Namespace,
-    env: Mapping[str, str],
-    plugin_options: Sequence[tuple[str, Option]] = (),
-    disabled_plugins: Sequence[str] = (),
-) -> Settings:
-    """Validate parsed flags and the environment into :class:`Settings`.
-
-    Raises :class:`ConfigError` whose message starts with the flag at fault.
-    ``env`` is read, never modified.
-    """
-
-    def get(name: str) -> Any:
-        return getattr(ns, name, None)
-
-    data_dir = Path(get("data_dir") or env.get("UNIBUS_DATA_DIR") or "./local_files").expanduser()
-    http_addr = _convert("--http-addr", get("http_addr") or DEFAULT_HTTP_ADDR, parse_host_port)
-    nats_addr = _convert("--nats-addr", get("nats_addr") or DEFAULT_NATS_ADDR, parse_host_port)
-
-    nats_url = get("nats_url")
-    if nats_url is not None:
-        parts = urlsplit(nats_url)
-        if parts.scheme not in ("nats", "tls") or not parts.hostname:
-            raise ConfigError(f"--nats-url: {nats_url!r} must be nats://HOST:PORT or tls://HOST:PORT")
-
-    bus_auth = get("bus_auth") or "enforce"
-    if bus_auth not in BUS_AUTH_CHOICES:
-        raise ConfigError(f"--bus-auth: {bus_auth!r} is not allowed; use off or enforce")
-
-    tls = {k: _path_or_none(get(k)) for k in ("tls_cert", "tls_key", "tls_ca")}
-    if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
-        raise ConfigError("--tls-cert and --tls-key go together; give both or neither")
-    if tls["tls_ca"] and not tls["tls_cert"]:
-        raise ConfigError("--tls-ca verifies client certificates and needs --tls-cert and --tls-key")
-    http_tls = {k: _path_or_none(get(k)) for k in ("http_tls_cert", "http_tls_key")}
-    if bool(http_tls["http_tls_cert"]) != bool(http_tls["http_tls_key"]):
-        raise ConfigError("--http-tls-cert and --http-tls-key go together; give both or neither")
-    metrics_addr = (_convert("--metrics-addr", get("metrics_addr"), parse_host_port)
-                    if get("metrics_addr") is not None else None)
-    metrics_tls = {k: _path_or_none(get(k)) for k in ("metrics_tls_cert", "metrics_tls_key", "metrics_tls_ca")}
-    if metrics_addr is None:
-        given = [k for k, p in metrics_tls.items() if p is not None]
-        if given:
-            raise ConfigError(f"--{given[0].replace('_', '-')} configures the metrics listener: it needs --metrics-addr")
-    if bool(metrics_tls["metrics_tls_cert"]) != bool(metrics_tls["metrics_tls_key"]):
-        raise ConfigError("--metrics-tls-cert and --metrics-tls-key go together; give both or neither")
-    if metrics_tls["metrics_tls_ca"] and not metrics_tls["metrics_tls_cert"]:
-        raise ConfigError("--metrics-tls-ca verifies scrapers' certificates and needs --metrics-tls-cert and "
-                          "--metrics-tls-key")
-    for k, p in (*tls.items(), *http_tls.items(), *metrics_tls.items()):
-        if p is not None and not p.is_file():
-            hint = "" if k.endswith("_ca") else " (deploy/generate-certs.sh makes a certificate and its key)"
-            raise ConfigError(f"--{k.replace('_', '-')}: {p} is not a readable file{hint}")
-    for cert_flag, cert, key_flag, key in (("--tls-cert", tls["tls_cert"], "--tls-key", tls["tls_key"]),
-                                           ("--http-tls-cert", http_tls["http_tls_cert"],
-                                            "--http-tls-key", http_tls["http_tls_key"]),
-                                           ("--metrics-tls-cert", metrics_tls["metrics_tls_cert"],
-                                            "--metrics-tls-key", metrics_tls["metrics_tls_key"])):
-        if cert is not None and key is not None:
-            try:
-                check_pair(cert_flag, cert, key_flag, key)
-            except TLSFileError as e:
-                raise ConfigError(str(e)) from None
-    for ca_flag, ca in (("--tls-ca", tls["tls_ca"]), ("--metrics-tls-ca", metrics_tls["metrics_tls_ca"])):
-        if ca is not None:
-            try:
-                load_certificates(ca)
-            except TLSFileError as e:
-                raise ConfigError(f"{ca_flag}: {e}") from None
-
-    server_name = get("server_name") or socket.gethostname() or "unibus"
-    if not _SERVER_NAME_RE.match(server_name):
-        raise ConfigError(
-            f"--server-name: {server_name!r} is not allowed; use 1-64 of letters, digits, '_', '.', '-'"
-        )
-
-    kv_raw = get("kv_replicas") or "1"
-    try:
-        kv_replicas = int(kv_raw)
-    except ValueError:
-        kv_replicas = 0
-    if kv_replicas not in KV_REPLICA_CHOICES:
-        raise ConfigError(f"--kv-replicas: {kv_raw!r} is not allowed; use 1, 3 or 5")
-
-    cluster_name = get("cluster_name")
-    if cluster_name is not None and not _SERVER_NAME_RE.match(cluster_name):
-        raise ConfigError(f"--cluster-name: {cluster_name!r} is not allowed; use letters, digits, '_', '.', '-'")
-    cluster_addr = _convert("--cluster-addr", get("cluster_addr") or DEFAULT_CLUSTER_ADDR, parse_host_port)
-    routes: tuple[str, ...] = ()
-    if get("routes"):
-        routes = tuple(
-            _convert("--routes", r, parse_route) for r in get("routes").split(",") if r.strip()
-        )
-
-    cluster_pass_file = _path_or_none(get("cluster_pass_file"))
-    cluster_pass: Secret | None = None
-    if cluster_pass_file is not None:
-        cluster_pass = Secret(read_secret_file("--cluster-pass-file", cluster_pass_file))
-    elif env.get("UNIBUS_CLUSTER_PASS"):
-        cluster_pass = Secret(env["UNIBUS_CLUSTER_PASS"])
-
-    auth_skew = _convert("--auth-skew", get("auth_skew") or str(DEFAULT_AUTH_SKEW), parse_positive_int)
-    if auth_skew > MAX_AUTH_SKEW:
-        raise ConfigError(f"--auth-skew: {auth_skew} is too large; use 1 to {MAX_AUTH_SKEW} seconds (run NTP instead)")
-    nats_server_bin = _path_or_none(get("nats_server_bin"))
-
-    options: dict[str, Any] = {}
-    for _plugin, opt in plugin_options:
-        raw = getattr(ns, f"plugin__{opt.name}", None)
-        source = opt.flag
-        if raw is None and opt.env and env.get(opt.env) is not None:
-            raw, source = env[opt.env], opt.env
-        options[opt.name] = opt.default if raw is None else _convert(source, raw, opt.convert)
-
-    settings = Settings(
-        data_dir=data_dir,
-        http_addr=http_addr,
-        nats_addr=nats_addr,
-        nats_url=nats_url,
-        bus_auth=bus_auth,
-        server_name=server_name,
-        kv_replicas=kv_replicas,
-        cluster_name=cluster_name,
-        cluster_addr=cluster_addr,
-        routes=routes,
-        cluster_pass_file=cluster_pass_file,
-        cluster_pass=cluster_pass,
-        cluster_secret=(Secret(_hkdf(cluster_pass.reveal().encode(), (cluster_name or "").encode(),
-                                     b"unibus/cluster-secret/v1").hex())
-                        if cluster_pass is not None and cluster_name else None),
-        auth_skew=auth_skew,
-        nats_server_bin=nats_server_bin,
-        disabled_plugins=tuple(disabled_plugins),
-        options=types.MappingProxyType(options),
-        insecure_plaintext=bool(get("insecure_plaintext")),
-        metrics_addr=metrics_addr,
-        **tls,
-        **http_tls,
-        **metrics_tls,
-    )
-    validate(settings)
-    return settings
-
-
-def _hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+def hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -606,23 +407,27 @@ def validate(settings: Settings) -> None:
 def read_secret_file(flag: str, path: Path) -> str:
     """Read a one-line secret from a file that only its owner may read."""
     try:
-        st = path.stat()
-    except OSError as e:
-        raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ConfigError(f"{flag}: {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise ConfigError(f"{flag}: {path} is readable by group or others; run chmod 600 {path}")
-    try:
+        check_owner_only(path)
         value = path.read_text().strip()
     except OSError as e:
         raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
+    except TLSFileError as e:
+        raise ConfigError(f"{flag}: {e}") from None
     if not value or "\n" in value:
         raise ConfigError(f"{flag}: {path} must hold the password on one line")
     return value
 
 
+def __getattr__(name: str) -> Any:
+    """``add_core_arguments``, ``add_plugin_arguments`` and ``build_settings`` live in :mod:`unibus.options`."""
+    if name in ("add_core_arguments", "add_plugin_arguments", "build_settings"):
+        from . import options
+
+        return getattr(options, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def child_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment a child process inherits: without any unibus secret."""
     src = os.environ if env is None else env
-    return {k: v for k, v in src.items() if k != "UNIBUS_CLUSTER_PASS"}
+    return {k: v for k, v in src.items() if k != CLUSTER_PASS_ENV}

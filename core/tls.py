@@ -53,18 +53,27 @@ def load_certificates(path: Path) -> list[Any]:
     return certs
 
 
+def check_owner_only(path: Path) -> None:
+    """Refuse anything but a regular file only its owner may read (a key, a password file).
+
+    Raises :class:`TLSFileError` naming the problem; an ``OSError`` of
+    ``stat`` propagates, for the caller's own wording.
+    """
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise TLSFileError(f"{path} is not a regular file")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise TLSFileError(f"{path} is readable by group or others; run chmod 600 {path}")
+
+
 def check_private_key_file(path: Path) -> Any:
     """Refuse a key file others may read; return the loaded private key."""
     from cryptography.hazmat.primitives import serialization
 
     try:
-        st = path.stat()
+        check_owner_only(path)
     except OSError as e:
         raise TLSFileError(f"{path} is not readable ({e.strerror})") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise TLSFileError(f"{path} is not a regular file")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TLSFileError(f"{path} is readable by group or others; run chmod 600 {path}")
     try:
         return serialization.load_pem_private_key(_read(path), password=None)
     except (ValueError, TypeError) as e:

@@ -83,6 +83,7 @@ def cli_options() -> list[Option]:
             default=DEFAULT_PORT,
             convert=parse_port,
             metavar="PORT",
+            doc="loopback NATS monitor port",
         )
     ]
 

@@ -43,14 +43,20 @@ def _existing_file(value: str) -> Path:
     return path.resolve()
 
 
+#: The three flags' row in README.md's flag table.
+_README_DOC = ("mutual route TLS on a dedicated route CA, all three together (route_tls plugin); "
+               "`deploy/cluster/generate-cluster-certs.sh` makes them")
+
+
 @hookimpl
 def cli_options() -> list[Option]:
     return [
         Option("--route-tls-cert", help="route certificate (PEM) signed by the route CA", convert=_existing_file,
-               metavar="PATH"),
-        Option("--route-tls-key", help="route private key (PEM, mode 0600)", convert=_existing_file, metavar="PATH"),
+               metavar="PATH", doc=_README_DOC),
+        Option("--route-tls-key", help="route private key (PEM, mode 0600)", convert=_existing_file, metavar="PATH",
+               doc=_README_DOC),
         Option("--route-tls-ca", help="the dedicated route CA (PEM); never the client CA", convert=_existing_file,
-               metavar="PATH"),
+               metavar="PATH", doc=_README_DOC),
     ]
 
 
