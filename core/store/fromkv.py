@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from ..wire import HANDLE_RE
 from . import models as m
-from .kv import LOG_HEAD_KEY, SCHEMA_KEY, SCHEMA_VERSION
+from .kv_layout import LOG_HEAD_KEY, SCHEMA_KEY, SCHEMA_VERSION
 from .sqlite import MAX_CREATED_KEY
 
 
