@@ -36,7 +36,6 @@ from typing import Any
 from ..memberlog import snapshot_entry
 from ..wire import nkey_from_sign_pub
 from .base import (
-    Change,
     Conflict,
     KeyPackage,
     LogRecord,
@@ -46,11 +45,9 @@ from .base import (
     NotFound,
     Room,
     StoreUnavailable,
-    actor_of,
     check_appendable,
+    check_new_epoch,
     entry_text,
-    member_state,
-    room_state_of,
     snapshot_member,
     snapshot_room,
 )
@@ -102,6 +99,33 @@ class _LogPosition:
 def _seq(pos: _LogPosition | None) -> int | None:
     """The log seq a logged write took (None: nothing was logged)."""
     return pos.seq if pos is not None else None
+
+
+def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
+                 ) -> tuple[list[_Write], list[str], list[tuple[str, int, int]]]:
+    """What deleting ``handle`` writes to the room records of ``rooms`` (``_scan("room")``): the writes,
+    the rooms it was a member of, and the ``(room_id, first, last)`` epochs sealed to it."""
+    writes: list[_Write] = []
+    left: list[str] = []
+    strip: list[tuple[str, int, int]] = []
+    for room, rrev in rooms.values():
+        was_member = handle in room["members"]
+        rng = room.get("sealed", {}).get(handle)
+        if not (was_member or rng or room.get("owner") == handle):
+            continue
+        new = dict(room)
+        new["members"] = [h for h in room["members"] if h != handle]
+        new["sealed"] = {h: r for h, r in room.get("sealed", {}).items() if h != handle}
+        if was_member:
+            new["rekey_required"] = True
+            left.append(room["room_id"])
+        if room.get("owner") == handle:
+            # Ownership dies with the member: a later member reusing the handle must not inherit it.
+            new["owner"] = ""
+        if rng:
+            strip.append((room["room_id"], rng[0], rng[1]))
+        writes.append(_Write(_rkey(room["room_id"]), new, rrev))
+    return writes, left, strip
 
 
 class KvStore(KvWatch, KvMigrate):
@@ -277,7 +301,7 @@ class KvStore(KvWatch, KvMigrate):
             return "this bus_pub is the nkey of a member's sign_pub; a signing key never logs in to the bus", rev
         return None, rev
 
-    async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
+    async def _add_member(self, member: Member, logged: LogRecord | None) -> tuple[Member, int | None]:
         if not _valid(member.handle):
             raise ValueError(f"handle {member.handle!r} cannot be a KV key")
         sign_nkey = nkey_from_sign_pub(member.sign_pub)
@@ -309,12 +333,10 @@ class KvStore(KvWatch, KvMigrate):
             await self._commit(writes + self._log_writes(pos, logged, {}))
             return member, _seq(pos)
 
-        result, seq = await self._retrying(attempt)
-        await self._changed(Change("member_added", handle=member.handle, seq=seq, actor=actor_of(logged),
-                                   after=member_state(result)))
-        return result
+        return await self._retrying(attempt)
 
-    async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
+    async def _set_bus_key(self, handle: str, bus_pub: str,
+                           logged: LogRecord | None) -> tuple[Member, Member | None, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
@@ -341,13 +363,9 @@ class KvStore(KvWatch, KvMigrate):
             await self._commit(writes + self._log_writes(pos, logged, {}))
             return _member(new), _member(m), _seq(pos)
 
-        result, before, seq = await self._retrying(attempt)
-        if before is not None:
-            await self._changed(Change("member_bus_key", handle=handle, seq=seq, actor=actor_of(logged),
-                                       before=member_state(before), after=member_state(result)))
-        return result
+        return await self._retrying(attempt)
 
-    async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
+    async def _set_role(self, handle: str, role: str, logged: LogRecord | None) -> tuple[Member, Member, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
@@ -369,12 +387,9 @@ class KvStore(KvWatch, KvMigrate):
                                + self._log_writes(pos, logged, {}))
             return _member(new), _member(m), _seq(pos)
 
-        result, before, seq = await self._retrying(attempt)
-        await self._changed(Change("member_updated", handle=handle, seq=seq, actor=actor_of(logged),
-                                   before=member_state(before), after=member_state(result)))
-        return result
+        return await self._retrying(attempt)
 
-    async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
+    async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
@@ -401,33 +416,13 @@ class KvStore(KvWatch, KvMigrate):
                 raise Conflict(f"{handle!r} is the last admin and cannot be deleted")
             if handle in current:
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current - {handle})}, arev))
-            left: list[str] = []
-            strip: list[tuple[str, int, int]] = []  # (room_id, first, last) epochs sealed to the member
-            for room, rrev in rooms.values():
-                was_member = handle in room["members"]
-                rng = room.get("sealed", {}).get(handle)
-                if not (was_member or rng or room.get("owner") == handle):
-                    continue
-                new = dict(room)
-                new["members"] = [h for h in room["members"] if h != handle]
-                new["sealed"] = {h: r for h, r in room.get("sealed", {}).items() if h != handle}
-                if was_member:
-                    new["rekey_required"] = True
-                    left.append(room["room_id"])
-                if room.get("owner") == handle:
-                    # Ownership dies with the member: a later member reusing the handle must not inherit it.
-                    new["owner"] = ""
-                if rng:
-                    strip.append((room["room_id"], rng[0], rng[1]))
-                writes.append(_Write(_rkey(room["room_id"]), new, rrev))
-            await self._commit(writes + self._log_writes(pos, logged, {}))
+            room_writes, left, strip = _leave_rooms(handle, rooms)
+            await self._commit(writes + room_writes + self._log_writes(pos, logged, {}))
             return sorted(left), strip, _member(m), _seq(pos)
 
         left, strip, before, seq = await self._retrying(attempt)
         await self._strip_sealed(handle, strip)
-        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(left), seq=seq,
-                                   actor=actor_of(logged), before=member_state(before)))
-        return left
+        return left, before, seq
 
     async def _strip_sealed(self, handle: str, ranges: list[tuple[str, int, int]]) -> None:
         """Remove a deleted member's sealed keys from the epochs' entries (hygiene, best effort).
@@ -468,7 +463,7 @@ class KvStore(KvWatch, KvMigrate):
         reads = await asyncio.gather(*(self._read(_mkey(h)) for h in handles))
         return {h: _member(v) for h, (v, _rev) in zip(handles, reads) if v is not None}
 
-    async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
+    async def _create_room(self, name: str, owner: str, logged: LogRecord | None) -> tuple[Room, int | None]:
         if not _valid(owner):
             raise NotFound(f"no member {owner!r}")
 
@@ -485,10 +480,7 @@ class KvStore(KvWatch, KvMigrate):
                                + self._log_writes(pos, logged, {"room_id": room_id}))
             return self._room(record, {owner: _member(m)}), _seq(pos)
 
-        room, seq = await self._retrying(attempt)
-        await self._changed(Change("room_created", handle=owner, room_id=room.room_id, seq=seq,
-                                   actor=actor_of(logged), after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
         rooms, members = await asyncio.gather(self._scan("room"), self._scan("member"))
@@ -512,7 +504,7 @@ class KvStore(KvWatch, KvMigrate):
             raise NotFound(f"no room {room_id!r}")
         return room, rev
 
-    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
+    async def _delete_room(self, room_id: str, logged: LogRecord | None) -> tuple[dict[str, Any], int | None]:
         async def attempt() -> tuple[dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             room, rev = await self._room_or_404(room_id)
@@ -527,9 +519,10 @@ class KvStore(KvWatch, KvMigrate):
                            "purge sealed keys")
         except Exception as e:  # noqa: BLE001 - hygiene only: the keys are unreachable already
             log.warning("could not purge the sealed keys of deleted room %s: %s", room_id, e)
-        await self._changed(Change("room_deleted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before))
+        return before, seq
 
-    async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
+    async def _add_room_member(self, room_id: str, handle: str,
+                               logged: LogRecord | None) -> tuple[Room, dict[str, Any] | None, int | None]:
         async def attempt() -> tuple[Room, dict[str, Any] | None, int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
@@ -546,13 +539,10 @@ class KvStore(KvWatch, KvMigrate):
                                + self._log_writes(pos, logged, {}))
             return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, before, seq = await self._retrying(attempt)
-        if before is not None:
-            await self._changed(Change("room_member_added", handle=handle, room_id=room_id, seq=seq,
-                                       actor=actor_of(logged), before=before, after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
-    async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
+    async def _remove_room_member(self, room_id: str, handle: str,
+                                  logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
         async def attempt() -> tuple[Room, dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
@@ -562,14 +552,11 @@ class KvStore(KvWatch, KvMigrate):
             await self._commit([_Write(_rkey(room_id), new, rrev)] + self._log_writes(pos, logged, {}))
             return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, before, seq = await self._retrying(attempt)
-        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id, seq=seq,
-                                   actor=actor_of(logged), before=before, after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
-    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
-                       sigs: dict[str, bytes] | None = None, sealer: str | None = None,
-                       log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
+    async def _put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], sigs: dict[str, bytes] | None,
+                        sealer: str | None, log_head: dict[str, Any] | None,
+                        logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
         if not _valid(room_id):
             raise NotFound(f"no room {room_id!r}")
 
@@ -577,13 +564,7 @@ class KvStore(KvWatch, KvMigrate):
             pos = await self._log_position(logged)
             (room, rrev), (_old, krev) = await asyncio.gather(self._room_or_404(room_id),
                                                              self._read(_kkey(room_id, epoch)))
-            if epoch != room["epoch"] + 1:
-                raise Conflict(f"epoch must be {room['epoch'] + 1} (the room is at epoch {room['epoch']})",
-                               current_epoch=room["epoch"])
-            current = set(room["members"])
-            missing, extra = sorted(current - sealed.keys()), sorted(sealed.keys() - current)
-            if missing or extra:
-                raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
+            check_new_epoch(room["epoch"], epoch, set(room["members"]), sealed)
             # krev: 0 in a consistent store (no entry beyond the room's epoch); read
             # anyway, so that garbage left by an interrupted import cannot wedge the room.
             ranges = dict(room.get("sealed", {}))
@@ -597,10 +578,7 @@ class KvStore(KvWatch, KvMigrate):
                                + self._log_writes(pos, logged, {"epoch": epoch}))
             return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, before, seq = await self._retrying(attempt)
-        await self._changed(Change("keys_posted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before,
-                                   after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
     async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
         if not _valid(room_id, handle):

@@ -27,6 +27,9 @@ from .kv_txn import KvBucket, _CasLost, _Write
 if TYPE_CHECKING:
     from .kv import KvStore
 
+#: Log entries and nonces read, then written in one batch, at once by ``import_log``.
+IMPORT_CHUNK = 256
+
 
 @dataclass(frozen=True)
 class KvSnapshot:
@@ -195,10 +198,20 @@ class KvMigrate(KvBucket):
                 return 0
             raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {head['seq']}) that "
                            f"does not contain the one being copied (entry {last}, {last_hash}); nothing copied")
+        written = await self._import_log_entries(texts)
+        await self._import_log_nonces(nonces)
+        try:
+            await self._commit([_Write(LOG_HEAD_KEY, {"seq": last, "hash": last_hash, "max_created": max_created},
+                                       hrev)])
+        except _CasLost:
+            raise Conflict(f"KV bucket {self.bucket}: its membership log head changed during the copy") from None
+        return written
+
+    async def _import_log_entries(self, texts: list[str]) -> int:
+        """Write ``log.<seq>`` of each text where absent; :class:`Conflict` where one differs."""
         written = 0
-        chunk = 256
-        for i in range(0, len(texts), chunk):
-            part = [(_lkey(q), texts[q].encode("utf-8")) for q in range(i, min(i + chunk, len(texts)))]
+        for i in range(0, len(texts), IMPORT_CHUNK):
+            part = [(_lkey(q), texts[q].encode("utf-8")) for q in range(i, min(i + IMPORT_CHUNK, len(texts)))]
             got = await asyncio.gather(*(self._read_raw(k) for k, _raw in part))
             writes = []
             for (key, raw), (old, rev) in zip(part, got):
@@ -211,20 +224,18 @@ class KvMigrate(KvBucket):
             if writes:
                 await self._commit(writes)
                 written += len(writes)
+        return written
+
+    async def _import_log_nonces(self, nonces: list[tuple[str, str, int]]) -> None:
+        """Write ``lognonce.<keyid>.<nonce>`` of each (keyid, nonce, seq) where absent."""
         valid = [(k, n, q) for k, n, q in nonces if _valid(k, n)]
-        for i in range(0, len(valid), chunk):
-            part = valid[i:i + chunk]
+        for i in range(0, len(valid), IMPORT_CHUNK):
+            part = valid[i:i + IMPORT_CHUNK]
             got = await asyncio.gather(*(self._read(_nonce_key(k, n)) for k, n, _q in part))
             writes = [_Write(_nonce_key(k, n), {"seq": q}, rev) for (k, n, q), (old, rev) in zip(part, got)
                       if old is None]
             if writes:
                 await self._commit(writes)
-        try:
-            await self._commit([_Write(LOG_HEAD_KEY, {"seq": last, "hash": last_hash, "max_created": max_created},
-                                       hrev)])
-        except _CasLost:
-            raise Conflict(f"KV bucket {self.bucket}: its membership log head changed during the copy") from None
-        return written
 
 
 async def _sealed_epochs(src: Store, room: Room, handles: list[str]) -> dict[int, dict[str, Any]]:
