@@ -267,6 +267,16 @@ def check_appendable(record: LogRecord, max_created: int, nonce_in_log: bool) ->
                           "already in the membership log; sign the request again")
 
 
+def check_new_epoch(current: int, epoch: int, members: set[str], sealed: dict[str, bytes]) -> None:
+    """The rules of a rekey (docs/store.md, "The contract"): ``epoch`` is the room's
+    ``current`` epoch + 1, and ``sealed`` names exactly its ``members``. :class:`Conflict` otherwise."""
+    if epoch != current + 1:
+        raise Conflict(f"epoch must be {current + 1} (the room is at epoch {current})", current_epoch=current)
+    missing, extra = sorted(members - sealed.keys()), sorted(sealed.keys() - members)
+    if missing or extra:
+        raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
+
+
 def snapshot_member(m: Member) -> dict[str, Any]:
     return member_json(m.handle, m.role, m.sign_pub, m.enc_pub, m.enc_suite, m.bus_pub)
 
@@ -388,13 +398,21 @@ class Store(abc.ABC):
         return None
 
     # -- members -------------------------------------------------------------
+    # Each change is committed by the backend (``_add_member``...: the effect and
+    # its log entry in one transaction or atomic batch), which returns what it
+    # changed; the method here reports it, so every backend reports the same
+    # Change for the same write (docs/store.md, "The contract").
+
+    async def _report(self, kind: str, logged: LogRecord | None, seq: int | None, **fields: Any) -> None:
+        """Tell the listeners of a committed change, written at ``seq`` of the log for ``logged``."""
+        await self._changed(Change(kind, seq=seq, actor=actor_of(logged), **fields))
+
     @abc.abstractmethod
     async def list_members(self) -> list[Member]: ...
 
     @abc.abstractmethod
     async def get_member(self, handle: str) -> Member | None: ...
 
-    @abc.abstractmethod
     async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
         """Add a member; :class:`Conflict` if the handle or a key is taken.
 
@@ -404,8 +422,14 @@ class Store(abc.ABC):
         ``sign_pub`` is some member's ``bus_pub``: a signing key never becomes
         a bus identity (docs/bus-auth.md).
         """
+        added, seq = await self._add_member(member, logged)
+        await self._report("member_added", logged, seq, handle=member.handle, after=member_state(added))
+        return added
 
     @abc.abstractmethod
+    async def _add_member(self, member: Member, logged: LogRecord | None) -> tuple[Member, int | None]:
+        """Commit :meth:`add_member`: ``(member, log seq)``; the seq is None when nothing was logged."""
+
     async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
         """Set or rotate a member's bus key (a ``U…`` nkey); report ``member_bus_key``.
 
@@ -413,19 +437,50 @@ class Store(abc.ABC):
         taken as for :meth:`add_member`. Setting the key the member already has
         changes nothing and reports nothing (a ``logged`` record is still appended).
         """
+        after, before, seq = await self._set_bus_key(handle, bus_pub, logged)
+        if before is not None:
+            await self._report("member_bus_key", logged, seq, handle=handle, before=member_state(before),
+                               after=member_state(after))
+        return after
 
     @abc.abstractmethod
+    async def _set_bus_key(self, handle: str, bus_pub: str,
+                           logged: LogRecord | None) -> tuple[Member, Member | None, int | None]:
+        """Commit :meth:`set_bus_key`: ``(member after, member before or None when unchanged, log seq)``."""
+
     async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
         """Change a role; :class:`NotFound`, or :class:`Conflict` when it would demote the last admin."""
+        after, before, seq = await self._set_role(handle, role, logged)
+        await self._report("member_updated", logged, seq, handle=handle, before=member_state(before),
+                           after=member_state(after))
+        return after
 
     @abc.abstractmethod
+    async def _set_role(self, handle: str, role: str, logged: LogRecord | None) -> tuple[Member, Member, int | None]:
+        """Commit :meth:`set_role`: ``(member after, member before, log seq)``."""
+
     async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
         """Delete a member and its room memberships; returns the rooms it left (now rekey_required)."""
+        left, before, seq = await self._delete_member(handle, logged)
+        await self._report("member_deleted", logged, seq, handle=handle, rooms=tuple(left),
+                           before=member_state(before))
+        return left
+
+    @abc.abstractmethod
+    async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
+        """Commit :meth:`delete_member`: ``(rooms left, sorted; the member before; log seq)``."""
 
     # -- rooms ---------------------------------------------------------------
-    @abc.abstractmethod
     async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
         """Create a room owned by ``owner``; a ``logged`` entry's result is ``{"room_id": ...}``."""
+        room, seq = await self._create_room(name, owner, logged)
+        await self._report("room_created", logged, seq, handle=owner, room_id=room.room_id,
+                           after=room_state_of(room))
+        return room
+
+    @abc.abstractmethod
+    async def _create_room(self, name: str, owner: str, logged: LogRecord | None) -> tuple[Room, int | None]:
+        """Commit :meth:`create_room`: ``(room, log seq)``."""
 
     @abc.abstractmethod
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
@@ -434,18 +489,39 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_room(self, room_id: str) -> Room | None: ...
 
-    @abc.abstractmethod
-    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None: ...
+    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
+        before, seq = await self._delete_room(room_id, logged)
+        await self._report("room_deleted", logged, seq, room_id=room_id, before=before)
 
     @abc.abstractmethod
+    async def _delete_room(self, room_id: str, logged: LogRecord | None) -> tuple[dict[str, Any], int | None]:
+        """Commit :meth:`delete_room`: ``(room_state before, log seq)``."""
+
     async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         """Add (idempotent); a new member makes the room ``rekey_required``."""
+        room, before, seq = await self._add_room_member(room_id, handle, logged)
+        if before is not None:
+            await self._report("room_member_added", logged, seq, handle=handle, room_id=room_id, before=before,
+                               after=room_state_of(room))
+        return room
 
     @abc.abstractmethod
+    async def _add_room_member(self, room_id: str, handle: str,
+                               logged: LogRecord | None) -> tuple[Room, dict[str, Any] | None, int | None]:
+        """Commit :meth:`add_room_member`: ``(room after, room_state before or None when unchanged, log seq)``."""
+
     async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
         """Remove; the room becomes ``rekey_required``. :class:`NotFound` if not a member."""
+        room, before, seq = await self._remove_room_member(room_id, handle, logged)
+        await self._report("room_member_removed", logged, seq, handle=handle, room_id=room_id, before=before,
+                           after=room_state_of(room))
+        return room
 
     @abc.abstractmethod
+    async def _remove_room_member(self, room_id: str, handle: str,
+                                  logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
+        """Commit :meth:`remove_room_member`: ``(room after, room_state before, log seq)``."""
+
     async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
                        sigs: dict[str, bytes] | None = None, sealer: str | None = None,
                        log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
@@ -456,6 +532,15 @@ class Store(abc.ABC):
         concurrent calls for the same epoch exactly one wins. A ``logged`` entry's
         result is ``{"epoch": epoch}``.
         """
+        room, before, seq = await self._put_keys(room_id, epoch, sealed, sigs, sealer, log_head, logged)
+        await self._report("keys_posted", logged, seq, room_id=room_id, before=before, after=room_state_of(room))
+        return room
+
+    @abc.abstractmethod
+    async def _put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], sigs: dict[str, bytes] | None,
+                        sealer: str | None, log_head: dict[str, Any] | None,
+                        logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
+        """Commit :meth:`put_keys` (after :func:`check_new_epoch`): ``(room after, room_state before, log seq)``."""
 
     async def get_sealed_key(self, room_id: str, handle: str, epoch: int | None = None) -> tuple[int, bytes] | None:
         """The key sealed to ``handle`` at ``epoch`` (latest such epoch when None)."""

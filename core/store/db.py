@@ -59,14 +59,21 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
-def stored_revision(db_path: Path) -> str | None:
-    """The revision recorded in the database, read with plain sqlite3 (no alembic)."""
+def _read_only_value(db_path: Path, sql: str) -> object | None:
+    """The first column of the first row ``sql`` selects, read with plain sqlite3 (no alembic),
+    the database opened read-only; None for no row, no such table or no database."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
-            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            row = conn.execute(sql).fetchone()
     except sqlite3.Error:
         return None
     return row[0] if row else None
+
+
+def stored_revision(db_path: Path) -> str | None:
+    """The revision recorded in the database, read with plain sqlite3 (no alembic)."""
+    value = _read_only_value(db_path, "SELECT version_num FROM alembic_version")
+    return value if value is None else str(value)
 
 
 def migrate(db_path: Path) -> tuple[str | None, str | None]:
@@ -108,9 +115,5 @@ def migrate(db_path: Path) -> tuple[str | None, str | None]:
 
 def trust_root(db_path: Path) -> str | None:
     """``hash(entry 0)`` of the membership log (docs/formats.md); None for an empty log or no log table."""
-    try:
-        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
-            row = conn.execute("SELECT hash FROM log_entries WHERE seq = 0").fetchone()
-    except sqlite3.Error:
-        return None
-    return str(row[0]) if row else None
+    value = _read_only_value(db_path, "SELECT hash FROM log_entries WHERE seq = 0")
+    return value if value is None else str(value)

@@ -18,6 +18,7 @@ import binascii
 import hashlib
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from ..wire import HANDLE_RE
 from . import models as m
-from .kv import LOG_HEAD_KEY, SCHEMA_KEY, SCHEMA_VERSION
+from .kv_layout import LOG_HEAD_KEY, SCHEMA_KEY, SCHEMA_VERSION
 from .sqlite import MAX_CREATED_KEY
 
 
@@ -98,6 +99,15 @@ def _int(key: str, what: str, value: Any) -> int:
 def rows_from_kv(entries: dict[str, bytes]) -> KvRows:
     """The SQLite rows of a KV snapshot (``key -> stored bytes``). :class:`KvFormatError` on bad input."""
     rows = KvRows()
+    _check_schema(entries)
+    handles = _member_rows(entries, rows)
+    rooms = _room_rows(entries, rows, handles)
+    _key_package_rows(entries, rows, rooms, handles)
+    _log_rows(entries, rows)
+    return rows
+
+
+def _check_schema(entries: dict[str, bytes]) -> None:
     schema = entries.get(SCHEMA_KEY)
     if schema is not None:
         version = _json(SCHEMA_KEY, schema).get("version")
@@ -105,14 +115,24 @@ def rows_from_kv(entries: dict[str, bytes]) -> KvRows:
             raise KvFormatError(f"{SCHEMA_KEY}: schema {version!r}; this membershipd knows {SCHEMA_VERSION}: "
                                 "restore with a newer unibus")
 
-    handles: set[str] = set()
-    for key in sorted(k for k in entries if k.startswith("member.")):
+
+def _records(entries: dict[str, bytes], prefix: str, id_re: re.Pattern[str], field: str,
+             what: str) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    """``(key, id, record)`` of every ``<prefix>.<id>`` key in key order; each record must name its own id."""
+    for key in sorted(k for k in entries if k.startswith(prefix + ".")):
         doc = _json(key, entries[key])
-        handle = key[len("member."):]
-        if not HANDLE_RE.match(handle):
-            raise KvFormatError(f"{key}: {handle!r} is not a handle")
-        if doc.get("handle") != handle:
-            raise KvFormatError(f"{key}: its handle is {doc.get('handle')!r}")
+        ident = key[len(prefix) + 1:]
+        if not id_re.match(ident):
+            raise KvFormatError(f"{key}: {ident!r} is not a {what}")
+        if doc.get(field) != ident:
+            raise KvFormatError(f"{key}: its {field} is {doc.get(field)!r}")
+        yield key, ident, doc
+
+
+def _member_rows(entries: dict[str, bytes], rows: KvRows) -> set[str]:
+    """Add the ``members`` rows; returns their handles."""
+    handles: set[str] = set()
+    for key, handle, doc in _records(entries, "member", HANDLE_RE, "handle", "handle"):
         bus_pub = doc.get("bus_pub")
         if bus_pub is not None:
             _str(key, "bus_pub", bus_pub)
@@ -122,15 +142,13 @@ def rows_from_kv(entries: dict[str, bytes]) -> KvRows:
                              "enc_suite": _str(key, "enc_suite", doc.get("enc_suite")),
                              "created_at": _ts(key, doc.get("created_at")), "bus_pub": bus_pub})
         handles.add(handle)
+    return handles
 
+
+def _room_rows(entries: dict[str, bytes], rows: KvRows, handles: set[str]) -> dict[str, dict[str, Any]]:
+    """Add the ``rooms`` and ``room_members`` rows; returns ``{room_id: {epoch, sealed}}``."""
     rooms: dict[str, dict[str, Any]] = {}
-    for key in sorted(k for k in entries if k.startswith("room.")):
-        doc = _json(key, entries[key])
-        room_id = key[len("room."):]
-        if not ROOM_ID_RE.match(room_id):
-            raise KvFormatError(f"{key}: {room_id!r} is not a room id")
-        if doc.get("room_id") != room_id:
-            raise KvFormatError(f"{key}: its room_id is {doc.get('room_id')!r}")
+    for key, room_id, doc in _records(entries, "room", ROOM_ID_RE, "room_id", "room id"):
         owner = _str(key, "owner", doc.get("owner", ""), empty=True)
         members = doc.get("members")
         sealed = doc.get("sealed", {})
@@ -150,7 +168,12 @@ def rows_from_kv(entries: dict[str, bytes]) -> KvRows:
         # KV keeps no time of joining: the room's creation stands in for it.
         rows.room_members += [{"room_id": room_id, "handle": h, "added_at": created}
                               for h in sorted(set(members)) if h in handles]
+    return rooms
 
+
+def _key_package_rows(entries: dict[str, bytes], rows: KvRows, rooms: dict[str, dict[str, Any]],
+                      handles: set[str]) -> None:
+    """Add the ``sealed_keys`` and ``room_epochs`` rows the KV store would serve."""
     for key in sorted(k for k in entries if k.startswith("keys.")):
         parts = key.split(".")
         if len(parts) != 3 or not parts[2].isdigit():
@@ -179,39 +202,42 @@ def rows_from_kv(entries: dict[str, bytes]) -> KvRows:
                                      "log_seq": _int(key, "log_head.seq", head.get("seq")),
                                      "log_hash": _str(key, "log_head.hash", head.get("hash"))})
 
+
+def _log_rows(entries: dict[str, bytes], rows: KvRows) -> None:
+    """Add the ``log_entries`` and ``log_nonces`` rows and the log's largest ``created``, its chain checked."""
     head_raw = entries.get(LOG_HEAD_KEY)
-    if head_raw is not None:
-        head = _json(LOG_HEAD_KEY, head_raw)
-        last = _int(LOG_HEAD_KEY, "seq", head.get("seq"))
-        prev = ""
-        for seq in range(last + 1):
-            key = f"log.{seq}"
-            raw = entries.get(key)
-            if raw is None:
-                raise KvFormatError(f"{key}: missing, though the log's head is entry {last}")
-            digest = hashlib.sha256(raw).hexdigest()
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise KvFormatError(f"{key}: not UTF-8") from None
-            entry = _json(key, raw)
-            if entry.get("seq") != seq or entry.get("prev") != prev:
-                raise KvFormatError(f"{key}: does not follow entry {seq - 1} (seq or prev differ)")
-            rows.log_entries.append({"seq": seq, "hash": digest, "entry": text})
-            prev = digest
-        if head.get("hash") != prev:
-            raise KvFormatError(f"{LOG_HEAD_KEY}: its hash is not the hash of entry {last}")
-        rows.log_head = (last, prev)
-        rows.meta.append({"key": MAX_CREATED_KEY, "value": str(_int(LOG_HEAD_KEY, "max_created",
-                                                                    head.get("max_created", 0)))})
-        for key in sorted(k for k in entries if k.startswith("lognonce.")):
-            parts = key.split(".")
-            if len(parts) != 3:
-                raise KvFormatError(f"{key}: not lognonce.<keyid>.<nonce>")
-            seq = _int(key, "seq", _json(key, entries[key]).get("seq"))
-            if seq <= last:
-                rows.log_nonces.append({"keyid": parts[1], "nonce": parts[2], "seq": seq})
-    return rows
+    if head_raw is None:
+        return
+    head = _json(LOG_HEAD_KEY, head_raw)
+    last = _int(LOG_HEAD_KEY, "seq", head.get("seq"))
+    prev = ""
+    for seq in range(last + 1):
+        key = f"log.{seq}"
+        raw = entries.get(key)
+        if raw is None:
+            raise KvFormatError(f"{key}: missing, though the log's head is entry {last}")
+        digest = hashlib.sha256(raw).hexdigest()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise KvFormatError(f"{key}: not UTF-8") from None
+        entry = _json(key, raw)
+        if entry.get("seq") != seq or entry.get("prev") != prev:
+            raise KvFormatError(f"{key}: does not follow entry {seq - 1} (seq or prev differ)")
+        rows.log_entries.append({"seq": seq, "hash": digest, "entry": text})
+        prev = digest
+    if head.get("hash") != prev:
+        raise KvFormatError(f"{LOG_HEAD_KEY}: its hash is not the hash of entry {last}")
+    rows.log_head = (last, prev)
+    rows.meta.append({"key": MAX_CREATED_KEY, "value": str(_int(LOG_HEAD_KEY, "max_created",
+                                                                head.get("max_created", 0)))})
+    for key in sorted(k for k in entries if k.startswith("lognonce.")):
+        parts = key.split(".")
+        if len(parts) != 3:
+            raise KvFormatError(f"{key}: not lognonce.<keyid>.<nonce>")
+        seq = _int(key, "seq", _json(key, entries[key]).get("seq"))
+        if seq <= last:
+            rows.log_nonces.append({"keyid": parts[1], "nonce": parts[2], "seq": seq})
 
 
 def insert_rows(s: Session, rows: KvRows) -> None:

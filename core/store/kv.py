@@ -1,43 +1,19 @@
 """The JetStream KV store: cluster-mode state in one KV bucket, written with atomic batches.
 
-Layout (bucket ``unibus_state``, one JetStream stream ``KV_unibus_state``):
+:class:`KvStore` is the domain store: members, rooms, sealed keys and the
+membership log, each operation a read, a check and one conditional atomic
+batch. It is built from one module per concern:
 
-===============================  ==========================================================
-key                              value (JSON)
-===============================  ==========================================================
-``member.<handle>``              ``{handle, role, sign_pub, enc_pub, enc_suite, created_at, bus_pub}``
-``sign.<hex sign_pub>``          ``{handle}`` — the uniqueness index of signing keys
-``bus.<nkey>``                   ``{handle, key: "bus"|"sign"}`` — every NATS identity a member's
-                                 keys map to: its bus key, and its signing key as an nkey
-                                 (reserved, so it can never become anyone's bus key)
-``meta.admins``                  ``{admins: [handles]}`` — the last-admin guard
-``meta.schema``                  ``{version: 1}``
-``room.<room_id>``               ``{room_id, name, owner, epoch, rekey_required, created_at,
-                                 members: [handles], sealed: {handle: [first, last]}}``
-``keys.<room_id>.<epoch>``       ``{room_id, epoch, sealed: {handle: base64}, sigs: {handle: base64},
-                                 sealer, log_head: {seq, hash}}`` (no sigs/sealer/log_head
-                                 before 0.12)
-``log.<seq>``                    an entry of the membership log: its RFC 8785 canonical JSON text
-``meta.loghead``                 ``{seq, hash, max_created}`` — the log's head, and the largest
-                                 ``created`` of a request in it
-``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
-``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
-                                 ``created`` (docs/operations.md, "Durability")
-===============================  ==========================================================
+- :mod:`unibus.store.kv_layout`: the keys of the bucket and their JSON records;
+- :mod:`unibus.store.kv_txn`: reads, conditional writes, atomic batches, retries;
+- :mod:`unibus.store.kv_watch`: other nodes' writes, reported as ``reloaded``;
+- :mod:`unibus.store.kv_migrate`: ``migrate-to-kv`` (:func:`copy_store`) and backup snapshots.
 
 A logged change (``logged=``) adds to its batch the entry ``log.<seq>``, its
 ``lognonce.`` key (created only if absent) and ``meta.loghead``, conditional
 on the head revision it read: every logged change through every node is
-serialised by that head, and the log cannot fork (docs/store.md).
-
-Every write is conditional on the revision it read (``Nats-Expected-Last-Subject-Sequence``;
-0 for "never written", the tombstone's revision for a deleted key). A change that
-touches several keys is one JetStream *atomic batch* (nats-server >= 2.12, stream
-option ``allow_atomic``): the server checks every condition at commit, under its
-lock, and stores all of the batch or none of it — on R1 and on R3 alike. So there
-is no intermediate state for a crash to leave behind and no interleaving of two
-writers through two nodes: the loser's batch is rejected whole, re-reads and
-retries (bounded), and ends as a :class:`Conflict` if the rule it checks now fails.
+serialised by that head, and the log cannot fork (docs/store.md, "The
+membership log in KV").
 
 Where a reference must stay valid (a room's member, a room's owner at creation), the
 batch also rewrites the referenced member record unchanged with its revision as
@@ -48,29 +24,18 @@ write lose. ``docs/store.md`` lists each operation's batch and its crash behavio
 from __future__ import annotations
 
 import asyncio
-import base64
-import collections
 import contextlib
 import hashlib
-import json
 import logging
-import random
-import re
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
-import nats.errors
-from nats.js import JetStreamContext
-from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
-from nats.js.errors import APIError
-from nats.js.errors import NotFoundError as JsNotFoundError
-
+from ..memberlog import snapshot_entry
+from ..wire import nkey_from_sign_pub
 from .base import (
-    Change,
     Conflict,
     KeyPackage,
     LogRecord,
@@ -79,60 +44,45 @@ from .base import (
     Membership,
     NotFound,
     Room,
-    Store,
     StoreUnavailable,
-    actor_of,
     check_appendable,
+    check_new_epoch,
     entry_text,
-    member_state,
-    room_state,
-    room_state_of,
     snapshot_member,
     snapshot_room,
 )
-from ..wire import KeyFormatError, nkey_from_sign_pub, sign_pub_from_nkey
-from ..memberlog import snapshot_entry
+from .kv_layout import (
+    ADMINS_KEY,
+    HIGH_WATER_KEY,
+    LOG_HEAD_KEY,
+    SCHEMA_KEY,
+    SCHEMA_VERSION,
+    STATE_BUCKET,
+    _b64d,
+    _bkey,
+    _keys_record,
+    _kkey,
+    _lkey,
+    _member,
+    _member_json,
+    _mkey,
+    _nonce_key,
+    _rkey,
+    _room_state,
+    _sign_key_of_nkey,
+    _skey,
+    _ts,
+    _valid,
+)
+from .kv_migrate import KvMigrate, KvSnapshot, copy_store
+from .kv_txn import _CasLost, _none, _Write
+from .kv_watch import KvWatch
 from .sqlite import new_room_id
 
 log = logging.getLogger("unibus.store.kv")
 
-T = TypeVar("T")
-
-STATE_BUCKET = "unibus_state"
-SCHEMA_VERSION = 1
-#: JetStream's limit on the messages of one atomic batch.
-MAX_BATCH = 1000
-#: A write that keeps losing its compare-and-set this many times ends in Conflict.
-MAX_ATTEMPTS = 12
-#: Remote changes seen by the watch within this window become one ``reloaded``.
-WATCH_DEBOUNCE = 0.05
-
-WRONG_LAST_SEQUENCE = (10071, 10164)
-STREAM_NAME_IN_USE = 10058
-NO_MESSAGE_FOUND = 10037
-KV_OP = "KV-Operation"
-EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-_PART = re.compile(r"^[-_=a-zA-Z0-9]+$")  # one token of a key: no dots, nothing KV refuses
-
-
-async def _none() -> tuple[None, int]:
-    return None, 0
-
-
-class _CasLost(Exception):
-    """A conditional write lost to a concurrent one: re-read and retry."""
-
-
-class _NoAtomicBatches(Exception):
-    """The server stored the first message of a batch by itself: it does not do atomic batches."""
-
-
-@dataclass(frozen=True)
-class _Write:
-    key: str
-    value: dict[str, Any] | None  # None: delete (a KV tombstone)
-    last: int  # the revision read: the write applies only if the key is still at it
-    raw: bytes | None = None  # stored as given, instead of ``value`` as JSON (log entries)
+#: Log entries read at once by ``log_entries``.
+LOG_READ_CHUNK = 64
 
 
 @dataclass(frozen=True)
@@ -146,125 +96,39 @@ class _LogPosition:
     nonce_rev: int
 
 
-def _b64d(s: str) -> bytes:
-    return base64.b64decode(s.encode("ascii"), validate=True)
+def _seq(pos: _LogPosition | None) -> int | None:
+    """The log seq a logged write took (None: nothing was logged)."""
+    return pos.seq if pos is not None else None
 
 
-def _b64e(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
+def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
+                 ) -> tuple[list[_Write], list[str], list[tuple[str, int, int]]]:
+    """What deleting ``handle`` writes to the room records of ``rooms`` (``_scan("room")``): the writes,
+    the rooms it was a member of, and the ``(room_id, first, last)`` epochs sealed to it."""
+    writes: list[_Write] = []
+    left: list[str] = []
+    strip: list[tuple[str, int, int]] = []
+    for room, rrev in rooms.values():
+        was_member = handle in room["members"]
+        rng = room.get("sealed", {}).get(handle)
+        if not (was_member or rng or room.get("owner") == handle):
+            continue
+        new = dict(room)
+        new["members"] = [h for h in room["members"] if h != handle]
+        new["sealed"] = {h: r for h, r in room.get("sealed", {}).items() if h != handle}
+        if was_member:
+            new["rekey_required"] = True
+            left.append(room["room_id"])
+        if room.get("owner") == handle:
+            # Ownership dies with the member: a later member reusing the handle must not inherit it.
+            new["owner"] = ""
+        if rng:
+            strip.append((room["room_id"], rng[0], rng[1]))
+        writes.append(_Write(_rkey(room["room_id"]), new, rrev))
+    return writes, left, strip
 
 
-def _ts(s: str) -> datetime:
-    ts = datetime.fromisoformat(s)
-    return ts if ts.tzinfo else ts.replace(tzinfo=UTC)
-
-
-def _member_json(m: Member) -> dict[str, Any]:
-    created = m.created_at if m.created_at.tzinfo else m.created_at.replace(tzinfo=UTC)
-    return {"handle": m.handle, "role": m.role, "sign_pub": _b64e(m.sign_pub), "enc_pub": _b64e(m.enc_pub),
-            "enc_suite": m.enc_suite, "created_at": created.isoformat(), "bus_pub": m.bus_pub}
-
-
-def _member(d: dict[str, Any]) -> Member:
-    return Member(d["handle"], d["role"], _b64d(d["sign_pub"]), _b64d(d["enc_pub"]), d["enc_suite"],
-                  _ts(d["created_at"]), d.get("bus_pub"))
-
-
-def _keys_record(room_id: str, epoch: int, sealed: dict[str, bytes], sigs: dict[str, bytes] | None,
-                 sealer: str | None, log_head: dict[str, Any] | None) -> dict[str, Any]:
-    """The ``keys.<room>.<epoch>`` record; the key package fields only when there are some (0.12)."""
-    record: dict[str, Any] = {"room_id": room_id, "epoch": epoch,
-                              "sealed": {h: _b64e(v) for h, v in sorted(sealed.items())}}
-    if sigs:
-        record["sigs"] = {h: _b64e(v) for h, v in sorted(sigs.items())}
-    if sealer is not None and log_head is not None:
-        record["sealer"] = sealer
-        record["log_head"] = {"seq": int(log_head["seq"]), "hash": str(log_head["hash"])}
-    return record
-
-
-def _valid(*parts: str) -> bool:
-    return all(isinstance(p, str) and _PART.match(p) for p in parts)
-
-
-def _mkey(handle: str) -> str:
-    return f"member.{handle}"
-
-
-def _skey(sign_pub: bytes) -> str:
-    return f"sign.{sign_pub.hex()}"
-
-
-def _bkey(nkey: str) -> str:
-    return f"bus.{nkey}"
-
-
-def _sign_key_of_nkey(nkey: str) -> str | None:
-    """``sign.<hex>`` of the raw key inside a user nkey (None if it is not one)."""
-    try:
-        return _skey(sign_pub_from_nkey(nkey))
-    except KeyFormatError:
-        return None
-
-
-def _rkey(room_id: str) -> str:
-    return f"room.{room_id}"
-
-
-def _kkey(room_id: str, epoch: int) -> str:
-    return f"keys.{room_id}.{epoch}"
-
-
-def _lkey(seq: int) -> str:
-    return f"log.{seq}"
-
-
-def _nonce_key(keyid: str, nonce: str) -> str:
-    return f"lognonce.{keyid}.{nonce}"
-
-
-ADMINS_KEY = "meta.admins"
-HIGH_WATER_KEY = "meta.nonce_high_water"
-SCHEMA_KEY = "meta.schema"
-LOG_HEAD_KEY = "meta.loghead"
-#: Log entries read at once by ``log_entries``.
-LOG_READ_CHUNK = 64
-
-
-@dataclass(frozen=True)
-class KvSnapshot:
-    """The live keys of the state bucket as of stream sequence ``seq`` (:meth:`KvStore.snapshot`).
-
-    ``entries`` maps each key to its stored bytes and revision. ``exact``: no
-    write at all happened while it was read.
-    """
-
-    seq: int
-    entries: dict[str, tuple[bytes, int]]
-    exact: bool
-    attempts: int = 1
-
-
-def _snapshot_complete(entries: dict[str, tuple[bytes, int]]) -> bool:
-    """What a purge during a read could have taken is there: every log entry up to the
-    head, and every sealed epoch that a live room's ranges cover."""
-    try:
-        head = json.loads(entries[LOG_HEAD_KEY][0]) if LOG_HEAD_KEY in entries else None
-        if head is not None and any(_lkey(q) not in entries for q in range(int(head["seq"]) + 1)):
-            return False
-        for key, (raw, _rev) in entries.items():
-            if not key.startswith("room."):
-                continue
-            room = json.loads(raw)
-            epochs = {e for first, last in room.get("sealed", {}).values() for e in range(int(first), int(last) + 1)}
-            if any(_kkey(room["room_id"], e) not in entries for e in epochs):
-                return False
-    except (ValueError, KeyError, TypeError):
-        return False  # unreadable: let the exact read decide
-    return True
-
-
-class KvStore(Store):
+class KvStore(KvWatch, KvMigrate):
     """Members, rooms, room members and sealed keys in a JetStream KV bucket.
 
     ``js`` is a nats-py JetStream context (``Bus.js``). Every call is bounded by
@@ -273,183 +137,6 @@ class KvStore(Store):
     """
 
     cluster_wide = True
-
-    def __init__(self, js: JetStreamContext, *, replicas: int = 1, timeout: float = 2.0,
-                 bucket: str = STATE_BUCKET) -> None:
-        super().__init__()
-        self.js = js
-        self.replicas = replicas
-        self.timeout = timeout
-        self.bucket = bucket
-        self.stream = f"KV_{bucket}"
-        self._prefix = f"$KV.{bucket}."
-        # The watch: revisions this instance wrote (not "remote"), and its tasks.
-        self._own: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._seen: list[tuple[int, str]] = []  # (stream seq, key); seq -1: maybe missed something
-        self._kick = asyncio.Event()
-        self._closing = asyncio.Event()
-        self._watch_task: asyncio.Task[None] | None = None
-        #: Set while the watch subscription is live (tests and the daemon wait on it).
-        self.watch_ready = asyncio.Event()
-        #: (Re)subscriptions after the first, and the watched revisions by origin.
-        self.watch_restarts = 0
-        self.watch_stats = {"own": 0, "remote": 0, "reported": 0}
-
-    # -- plumbing --------------------------------------------------------------
-
-    @property
-    def _nc(self) -> Any:
-        return getattr(self.js, "_nc", None)
-
-    def _check_connected(self) -> None:
-        nc = self._nc
-        if nc is None or not nc.is_connected:
-            raise StoreUnavailable("not connected to NATS")
-
-    async def _io(self, aw: Awaitable[T], what: str) -> T:
-        """Await one JetStream call within ``timeout``; map failures to StoreUnavailable."""
-        try:
-            return await asyncio.wait_for(aw, self.timeout)
-        except nats.errors.MaxPayloadError:
-            raise Conflict(f"{what}: the record is larger than NATS allows in one message") from None
-        except APIError as e:
-            if e.err_code in WRONG_LAST_SEQUENCE:
-                raise _CasLost() from None
-            raise StoreUnavailable(f"{what}: JetStream refused: {e.description or e}") from None
-        except (TimeoutError, nats.errors.Error, OSError) as e:
-            raise StoreUnavailable(f"{what}: {type(e).__name__} {e}".rstrip()) from None
-
-    async def _read(self, key: str) -> tuple[dict[str, Any] | None, int]:
-        """``(value, revision)``: revision is 0 for a key never written, the tombstone's for a deleted one."""
-        raw, rev = await self._read_raw(key)
-        return (json.loads(raw) if raw is not None else None), rev
-
-    async def _read_raw(self, key: str) -> tuple[bytes | None, int]:
-        """``(stored bytes, revision)`` of ``key``, as :meth:`_read`."""
-        self._check_connected()
-
-        async def get() -> Any:
-            try:
-                return await self.js.get_msg(self.stream, subject=self._prefix + key, direct=False)
-            except JsNotFoundError as e:
-                if e.err_code == NO_MESSAGE_FOUND:
-                    return None
-                raise
-
-        msg = await self._io(get(), f"read {key}")
-        if msg is None:
-            return None, 0
-        hdrs = msg.headers or {}
-        if hdrs.get(KV_OP) in ("DEL", "PURGE"):
-            return None, msg.seq
-        return bytes(msg.data), msg.seq
-
-    async def _commit(self, writes: list[_Write]) -> None:
-        """Write all of ``writes`` or none: one conditional publish, or one atomic batch."""
-        if len(writes) > MAX_BATCH:
-            raise Conflict(f"this change touches {len(writes)} keys; one atomic KV batch holds at most {MAX_BATCH}")
-        self._check_connected()
-        nc = self._nc
-
-        def encode(w: _Write) -> tuple[str, bytes, dict[str, str]]:
-            hdrs = {EXPECTED_LAST_SUBJECT_SEQ: str(w.last)}
-            if w.raw is not None:
-                return self._prefix + w.key, w.raw, hdrs
-            if w.value is None:
-                hdrs[KV_OP] = "DEL"
-                return self._prefix + w.key, b"", hdrs
-            return self._prefix + w.key, json.dumps(w.value, separators=(",", ":"), sort_keys=True).encode(), hdrs
-
-        async def publish() -> dict[str, Any]:
-            msgs = [encode(w) for w in writes]
-            if len(msgs) == 1:
-                subject, data, hdrs = msgs[0]
-                reply = await nc.request(subject, data, timeout=self.timeout, headers=hdrs)
-                return json.loads(reply.data) if reply.data else {}
-            batch = uuid.uuid4().hex
-            last = len(msgs)
-            for i, (subject, data, hdrs) in enumerate(msgs, 1):
-                hdrs = {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
-                if i == last:
-                    hdrs["Nats-Batch-Commit"] = "1"
-                    reply = await nc.request(subject, data, timeout=self.timeout, headers=hdrs)
-                    return json.loads(reply.data) if reply.data else {}
-                if i == 1:  # the server answers the first message: batching enabled or not
-                    reply = await nc.request(subject, data, timeout=self.timeout, headers=hdrs)
-                    if reply.data:
-                        first = json.loads(reply.data)
-                        if "error" in first:
-                            return first
-                        # A pub ack: the server stored the message on its own. Never go on.
-                        raise _NoAtomicBatches()
-                else:
-                    await nc.publish(subject, data, headers=hdrs)
-            raise AssertionError("unreachable")
-
-        try:
-            ack = await self._io(publish(), "write")
-        except _NoAtomicBatches:
-            raise StoreUnavailable("this nats-server does not do atomic batch publishing (needs >= 2.12 "
-                                   "and allow_atomic on the bucket's stream)") from None
-        err = ack.get("error")
-        if err:
-            if err.get("err_code") in WRONG_LAST_SEQUENCE:
-                raise _CasLost()
-            raise StoreUnavailable(f"JetStream refused the write: {err.get('description', err)}")
-        seq, count = int(ack.get("seq", 0)), int(ack.get("count", 1))
-        for s in range(seq - count + 1, seq + 1):
-            self._own[s] = None
-        while len(self._own) > 8192:
-            self._own.popitem(last=False)
-
-    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """Run ``attempt`` (read, check, conditional write) until its write is not outraced."""
-        for n in range(MAX_ATTEMPTS):
-            try:
-                return await attempt()
-            except _CasLost:
-                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** n)))
-        raise Conflict("concurrent updates kept changing this record; try again")
-
-    async def _scan(self, prefix: str) -> dict[str, tuple[dict[str, Any], int]]:
-        """Every live key under ``prefix`` (``"member"``, ``"room"``...): ``{key: (value, revision)}``.
-
-        An ordered consumer delivering the last message of each subject. The
-        end of the snapshot is the message whose ``num_pending`` is 0 — not
-        nats-py's KV watch "initial values done" marker, which can come before
-        messages already in flight.
-        """
-        self._check_connected()
-
-        async def scan() -> dict[str, tuple[dict[str, Any], int]]:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-
-            async def on_msg(msg: Any) -> None:
-                queue.put_nowait(msg)
-
-            sub = await self.js.subscribe(f"{self._prefix}{prefix}.>", stream=self.stream, cb=on_msg,
-                                          ordered_consumer=True, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-                                          inactive_threshold=2.0)
-            try:
-                info = await sub.consumer_info()
-                out: dict[str, tuple[dict[str, Any], int]] = {}
-                if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
-                    return out  # nothing under the prefix when the consumer was made
-                while True:
-                    msg = await queue.get()
-                    meta = msg.metadata
-                    key = msg.subject[len(self._prefix):]
-                    if (msg.headers or {}).get(KV_OP) in ("DEL", "PURGE"):
-                        out.pop(key, None)
-                    else:
-                        out[key] = (json.loads(msg.data), meta.sequence.stream)
-                    if meta.num_pending == 0:
-                        return out
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-
-        return await self._io(scan(), f"list {prefix}")
 
     # -- the membership log ----------------------------------------------------------
 
@@ -554,44 +241,10 @@ class KvStore(Store):
 
     # -- the bucket --------------------------------------------------------------
 
-    def bucket_config(self) -> KeyValueConfig:
-        return KeyValueConfig(bucket=self.bucket, history=1, replicas=self.replicas, storage=StorageType.FILE,
-                              description="unibus: members, rooms, room members and sealed room keys")
-
     async def ensure(self) -> None:
-        """Create the bucket if absent; raise its replicas in place and enable atomic batches if it exists.
-
-        Replicas are only ever raised here (R1 → R3 keeps every message); a
-        bucket with more replicas than asked is left alone, with a warning.
-        """
-        self._check_connected()
-
-        async def create() -> None:
-            try:
-                await self.js.create_key_value(config=self.bucket_config())
-            except APIError as e:
-                # An existing bucket whose config differs (allow_atomic, replicas) is not an error.
-                if e.err_code != STREAM_NAME_IN_USE:
-                    raise
-
-        await self._io(create(), "create bucket")
-        info = await self._io(self.js.stream_info(self.stream), "bucket info")
-        cfg = info.config
-        changed = []
-        if (cfg.num_replicas or 1) < self.replicas:
-            changed.append(f"replicas {cfg.num_replicas or 1} -> {self.replicas}")
-            cfg.num_replicas = self.replicas
-        elif (cfg.num_replicas or 1) > self.replicas:
-            log.warning("KV bucket %s has %d replicas, more than the %d asked for: left as it is",
-                        self.bucket, cfg.num_replicas, self.replicas)
-        if not cfg.allow_atomic:
-            changed.append("atomic batches on")
-            cfg.allow_atomic = True
-        if changed:
-            info = await self._io(self.js.update_stream(cfg), "update bucket")
-            if not info.config.allow_atomic:
-                raise StoreUnavailable("this nats-server does not support atomic batch publishing (needs >= 2.12)")
-            log.info("KV bucket %s updated: %s", self.bucket, ", ".join(changed))
+        """Create or update the bucket (:meth:`KvBucket._ensure_bucket`), check its schema,
+        and write the log's entry 0 if the bucket has members but no log."""
+        await self._ensure_bucket()
         _schema, rev = await self._read(SCHEMA_KEY)
         if _schema is None:
             with contextlib.suppress(_CasLost):
@@ -600,113 +253,6 @@ class KvStore(Store):
             raise StoreUnavailable(f"KV bucket {self.bucket} holds schema {_schema['version']}; "
                                    f"this membershipd knows {SCHEMA_VERSION}: upgrade it")
         await self._write_root()
-
-    async def available(self) -> bool:
-        """The state bucket's stream answers within ``timeout`` (it has a leader)."""
-        try:
-            self._check_connected()
-            await asyncio.wait_for(self.js.stream_info(self.stream), min(self.timeout, 1.0))
-            return True
-        except Exception:
-            return False
-
-    async def status(self) -> dict[str, Any]:
-        """The bucket's stream: replicas, messages, atomic batches, leader."""
-        info = await self._io(self.js.stream_info(self.stream), "bucket info")
-        return {"bucket": self.bucket, "replicas": info.config.num_replicas or 1,
-                "allow_atomic": bool(info.config.allow_atomic), "messages": info.state.messages,
-                "last_seq": info.state.last_seq,
-                "leader": info.cluster.leader if info.cluster is not None else None}
-
-    # -- backup (membershipd backup) ---------------------------------------------------
-
-    async def _scan_raw(self, timeout: float) -> tuple[dict[str, tuple[bytes, int]], int]:
-        """The last message of every key: ``({key: (stored bytes, revision)} of live keys,
-        the largest stream sequence delivered, tombstones included)``."""
-        self._check_connected()
-
-        async def scan() -> tuple[dict[str, tuple[bytes, int]], int]:
-            queue: asyncio.Queue[Any] = asyncio.Queue()
-
-            async def on_msg(msg: Any) -> None:
-                queue.put_nowait(msg)
-
-            sub = await self.js.subscribe(f"{self._prefix}>", stream=self.stream, cb=on_msg, ordered_consumer=True,
-                                          deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=5.0)
-            try:
-                info = await sub.consumer_info()
-                out: dict[str, tuple[bytes, int]] = {}
-                newest = 0
-                if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
-                    return out, newest
-                while True:
-                    msg = await queue.get()
-                    meta = msg.metadata
-                    key = msg.subject[len(self._prefix):]
-                    newest = max(newest, meta.sequence.stream)
-                    if (msg.headers or {}).get(KV_OP) in ("DEL", "PURGE"):
-                        out.pop(key, None)
-                    else:
-                        out[key] = (bytes(msg.data), meta.sequence.stream)
-                    if meta.num_pending == 0:
-                        return out, newest
-            finally:
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
-
-        try:
-            return await asyncio.wait_for(scan(), timeout)
-        except (TimeoutError, nats.errors.Error, APIError, OSError) as e:
-            raise StoreUnavailable(f"reading KV bucket {self.bucket}: {type(e).__name__} {e}".rstrip()) from None
-
-    async def _last_seq(self) -> int:
-        info = await self._io(self.js.stream_info(self.stream), "bucket info")
-        return int(info.state.last_seq or 0)
-
-    async def snapshot(self, *, budget: float = 60.0, exact_for: float = 10.0) -> KvSnapshot:
-        """Every live key of the bucket with its stored bytes, as of one stream sequence
-        (``membershipd backup``; docs/operations.md, "Backups").
-
-        The bucket keeps one message per key (``history=1``), so an older value
-        is gone once a key is rewritten: a point-in-time read has to be a read
-        that no write overtook. Each attempt reads the stream's last sequence
-        ``L``, then the last message of every key, then ``L`` again. When no
-        message read is newer than ``L`` and ``L`` has not moved, the read is
-        exactly the state at ``L`` (``exact``). Writes go on meanwhile, so it
-        retries; after ``exact_for`` seconds it also accepts a read whose
-        messages are all at or before ``L`` (every key then has its value at
-        ``L``: a key written later shows its newer message and fails the
-        attempt), provided what a purge could have taken (the sealed keys of a
-        room deleted during the read) is all there. :class:`StoreUnavailable`
-        when no attempt succeeds within ``budget`` seconds.
-        """
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        pause = 0.01
-        attempts = 0
-        while True:
-            attempts += 1
-            before = await self._last_seq()
-            entries, newest = await self._scan_raw(timeout=max(self.timeout, 30.0))
-            after = await self._last_seq()
-            if newest <= before:
-                if after == before:
-                    return KvSnapshot(before, entries, True, attempts)
-                if loop.time() - start > exact_for and _snapshot_complete(entries):
-                    return KvSnapshot(before, entries, False, attempts)
-            if loop.time() - start > budget:
-                raise StoreUnavailable(f"KV bucket {self.bucket} kept changing for {budget:.0f} s ({attempts} "
-                                       "reads); try again when fewer writes are under way")
-            await asyncio.sleep(random.uniform(0, pause))
-            pause = min(pause * 2, 0.5)
-
-    async def close(self) -> None:
-        self._closing.set()
-        task, self._watch_task = self._watch_task, None
-        if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
 
     # -- bus authorization's reads (with revisions) ----------------------------------
 
@@ -755,7 +301,7 @@ class KvStore(Store):
             return "this bus_pub is the nkey of a member's sign_pub; a signing key never logs in to the bus", rev
         return None, rev
 
-    async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
+    async def _add_member(self, member: Member, logged: LogRecord | None) -> tuple[Member, int | None]:
         if not _valid(member.handle):
             raise ValueError(f"handle {member.handle!r} cannot be a KV key")
         sign_nkey = nkey_from_sign_pub(member.sign_pub)
@@ -787,12 +333,10 @@ class KvStore(Store):
             await self._commit(writes + self._log_writes(pos, logged, {}))
             return member, _seq(pos)
 
-        result, seq = await self._retrying(attempt)
-        await self._changed(Change("member_added", handle=member.handle, seq=seq, actor=actor_of(logged),
-                                   after=member_state(result)))
-        return result
+        return await self._retrying(attempt)
 
-    async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
+    async def _set_bus_key(self, handle: str, bus_pub: str,
+                           logged: LogRecord | None) -> tuple[Member, Member | None, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
@@ -819,13 +363,9 @@ class KvStore(Store):
             await self._commit(writes + self._log_writes(pos, logged, {}))
             return _member(new), _member(m), _seq(pos)
 
-        result, before, seq = await self._retrying(attempt)
-        if before is not None:
-            await self._changed(Change("member_bus_key", handle=handle, seq=seq, actor=actor_of(logged),
-                                       before=member_state(before), after=member_state(result)))
-        return result
+        return await self._retrying(attempt)
 
-    async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
+    async def _set_role(self, handle: str, role: str, logged: LogRecord | None) -> tuple[Member, Member, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
@@ -847,12 +387,9 @@ class KvStore(Store):
                                + self._log_writes(pos, logged, {}))
             return _member(new), _member(m), _seq(pos)
 
-        result, before, seq = await self._retrying(attempt)
-        await self._changed(Change("member_updated", handle=handle, seq=seq, actor=actor_of(logged),
-                                   before=member_state(before), after=member_state(result)))
-        return result
+        return await self._retrying(attempt)
 
-    async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
+    async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
@@ -879,33 +416,13 @@ class KvStore(Store):
                 raise Conflict(f"{handle!r} is the last admin and cannot be deleted")
             if handle in current:
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current - {handle})}, arev))
-            left: list[str] = []
-            strip: list[tuple[str, int, int]] = []  # (room_id, first, last) epochs sealed to the member
-            for room, rrev in rooms.values():
-                was_member = handle in room["members"]
-                rng = room.get("sealed", {}).get(handle)
-                if not (was_member or rng or room.get("owner") == handle):
-                    continue
-                new = dict(room)
-                new["members"] = [h for h in room["members"] if h != handle]
-                new["sealed"] = {h: r for h, r in room.get("sealed", {}).items() if h != handle}
-                if was_member:
-                    new["rekey_required"] = True
-                    left.append(room["room_id"])
-                if room.get("owner") == handle:
-                    # Ownership dies with the member: a later member reusing the handle must not inherit it.
-                    new["owner"] = ""
-                if rng:
-                    strip.append((room["room_id"], rng[0], rng[1]))
-                writes.append(_Write(_rkey(room["room_id"]), new, rrev))
-            await self._commit(writes + self._log_writes(pos, logged, {}))
+            room_writes, left, strip = _leave_rooms(handle, rooms)
+            await self._commit(writes + room_writes + self._log_writes(pos, logged, {}))
             return sorted(left), strip, _member(m), _seq(pos)
 
         left, strip, before, seq = await self._retrying(attempt)
         await self._strip_sealed(handle, strip)
-        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(left), seq=seq,
-                                   actor=actor_of(logged), before=member_state(before)))
-        return left
+        return left, before, seq
 
     async def _strip_sealed(self, handle: str, ranges: list[tuple[str, int, int]]) -> None:
         """Remove a deleted member's sealed keys from the epochs' entries (hygiene, best effort).
@@ -946,7 +463,7 @@ class KvStore(Store):
         reads = await asyncio.gather(*(self._read(_mkey(h)) for h in handles))
         return {h: _member(v) for h, (v, _rev) in zip(handles, reads) if v is not None}
 
-    async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
+    async def _create_room(self, name: str, owner: str, logged: LogRecord | None) -> tuple[Room, int | None]:
         if not _valid(owner):
             raise NotFound(f"no member {owner!r}")
 
@@ -963,10 +480,7 @@ class KvStore(Store):
                                + self._log_writes(pos, logged, {"room_id": room_id}))
             return self._room(record, {owner: _member(m)}), _seq(pos)
 
-        room, seq = await self._retrying(attempt)
-        await self._changed(Change("room_created", handle=owner, room_id=room.room_id, seq=seq,
-                                   actor=actor_of(logged), after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
         rooms, members = await asyncio.gather(self._scan("room"), self._scan("member"))
@@ -990,7 +504,7 @@ class KvStore(Store):
             raise NotFound(f"no room {room_id!r}")
         return room, rev
 
-    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
+    async def _delete_room(self, room_id: str, logged: LogRecord | None) -> tuple[dict[str, Any], int | None]:
         async def attempt() -> tuple[dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             room, rev = await self._room_or_404(room_id)
@@ -1005,9 +519,10 @@ class KvStore(Store):
                            "purge sealed keys")
         except Exception as e:  # noqa: BLE001 - hygiene only: the keys are unreachable already
             log.warning("could not purge the sealed keys of deleted room %s: %s", room_id, e)
-        await self._changed(Change("room_deleted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before))
+        return before, seq
 
-    async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
+    async def _add_room_member(self, room_id: str, handle: str,
+                               logged: LogRecord | None) -> tuple[Room, dict[str, Any] | None, int | None]:
         async def attempt() -> tuple[Room, dict[str, Any] | None, int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
@@ -1024,13 +539,10 @@ class KvStore(Store):
                                + self._log_writes(pos, logged, {}))
             return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, before, seq = await self._retrying(attempt)
-        if before is not None:
-            await self._changed(Change("room_member_added", handle=handle, room_id=room_id, seq=seq,
-                                       actor=actor_of(logged), before=before, after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
-    async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
+    async def _remove_room_member(self, room_id: str, handle: str,
+                                  logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
         async def attempt() -> tuple[Room, dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
@@ -1040,14 +552,11 @@ class KvStore(Store):
             await self._commit([_Write(_rkey(room_id), new, rrev)] + self._log_writes(pos, logged, {}))
             return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, before, seq = await self._retrying(attempt)
-        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id, seq=seq,
-                                   actor=actor_of(logged), before=before, after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
-    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
-                       sigs: dict[str, bytes] | None = None, sealer: str | None = None,
-                       log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
+    async def _put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], sigs: dict[str, bytes] | None,
+                        sealer: str | None, log_head: dict[str, Any] | None,
+                        logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
         if not _valid(room_id):
             raise NotFound(f"no room {room_id!r}")
 
@@ -1055,13 +564,7 @@ class KvStore(Store):
             pos = await self._log_position(logged)
             (room, rrev), (_old, krev) = await asyncio.gather(self._room_or_404(room_id),
                                                              self._read(_kkey(room_id, epoch)))
-            if epoch != room["epoch"] + 1:
-                raise Conflict(f"epoch must be {room['epoch'] + 1} (the room is at epoch {room['epoch']})",
-                               current_epoch=room["epoch"])
-            current = set(room["members"])
-            missing, extra = sorted(current - sealed.keys()), sorted(sealed.keys() - current)
-            if missing or extra:
-                raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
+            check_new_epoch(room["epoch"], epoch, set(room["members"]), sealed)
             # krev: 0 in a consistent store (no entry beyond the room's epoch); read
             # anyway, so that garbage left by an interrupted import cannot wedge the room.
             ranges = dict(room.get("sealed", {}))
@@ -1075,10 +578,7 @@ class KvStore(Store):
                                + self._log_writes(pos, logged, {"epoch": epoch}))
             return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
 
-        room, before, seq = await self._retrying(attempt)
-        await self._changed(Change("keys_posted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before,
-                                   after=room_state_of(room)))
-        return room
+        return await self._retrying(attempt)
 
     async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
         if not _valid(room_id, handle):
@@ -1108,276 +608,6 @@ class KvStore(Store):
         known = {m.handle for m in ms}
         return Membership(ms, {v["room_id"]: frozenset(h for h in v["members"] if h in known)
                                for v, _rev in rooms.values()})
-
-    # -- import (membershipd migrate-to-kv) -------------------------------------
-
-    async def import_member(self, member: Member) -> bool:
-        """Add ``member`` unless its handle was ever written here (present, or deleted since)."""
-        if not _valid(member.handle):
-            raise ValueError(f"handle {member.handle!r} cannot be a KV key")
-        existing, rev = await self._read(_mkey(member.handle))
-        if existing is not None or rev:
-            return False  # copied before (and maybe deleted here since: do not resurrect it)
-        try:
-            await self.add_member(member)
-        except Conflict:
-            if await self.get_member(member.handle) is not None:
-                return False  # a concurrent copy won
-            raise
-        return True
-
-    async def import_room(self, room: Room, epochs: dict[int, dict[str, Any]]) -> bool:
-        """Copy a room with its id, epoch, members and every sealed epoch; False if it is already here.
-
-        ``epochs``: ``{epoch: {"sealed": {handle: bytes}, "sigs": {handle: bytes},
-        "sealer": str | None, "log_head": {seq, hash} | None}}`` (the key packages).
-
-        The sealed keys go first, each entry created only if absent; the room
-        record last, as the commit point: until it exists nothing reads the
-        entries, and a re-run after a crash finishes the copy.
-        """
-        if not _valid(room.room_id):
-            raise ValueError(f"room id {room.room_id!r} cannot be a KV key")
-        existing, rrev = await self._read(_rkey(room.room_id))
-        if existing is not None:
-            return False
-        if rrev:
-            # A tombstone: the room was deleted here after an earlier copy. Do not resurrect it.
-            return False
-        for e, package in sorted(epochs.items()):
-            key = _kkey(room.room_id, e)
-            entry = _keys_record(room.room_id, e, package["sealed"], package.get("sigs"), package.get("sealer"),
-                                 package.get("log_head"))
-
-            async def put(key: str = key, entry: dict[str, Any] = entry) -> None:
-                old, krev = await self._read(key)
-                if old != entry:
-                    await self._commit([_Write(key, entry, krev)])
-
-            await self._retrying(put)
-        ranges: dict[str, list[int]] = {}
-        for e, package in sorted(epochs.items()):
-            for h in package["sealed"]:
-                ranges.setdefault(h, [e, e])[1] = e
-        members = await self._members_of(m.handle for m in room.members)
-        owner = room.owner if room.owner and await self.get_member(room.owner) is not None else ""
-        created = room.created_at if room.created_at.tzinfo else room.created_at.replace(tzinfo=UTC)
-        record = {"room_id": room.room_id, "name": room.name, "owner": owner, "epoch": room.epoch,
-                  "rekey_required": room.rekey_required, "created_at": created.isoformat(),
-                  "members": sorted(members), "sealed": ranges}
-        try:
-            await self._commit([_Write(_rkey(room.room_id), record, 0)])
-        except _CasLost:
-            return False  # a concurrent import won
-        await self._changed(Change("room_created", handle=owner or None, room_id=room.room_id))
-        return True
-
-    async def import_log(self, texts: list[str], nonces: list[tuple[str, str, int]], max_created: int) -> int:
-        """Copy a membership log (entry texts from seq 0 on, the (keyid, nonce, seq) of
-        its requests, its largest ``created``); returns the entries written.
-
-        Entries and nonces first, each written only if absent; the head last, as
-        the commit point, so a re-run after a crash finishes the copy. A bucket
-        whose log already holds the last entry is left alone (a second run, or
-        a cluster that has moved on since); one with a log of its own that
-        does not contain this one is a :class:`Conflict`.
-        """
-        if not texts:
-            return 0
-        last = len(texts) - 1
-        last_hash = hashlib.sha256(texts[-1].encode("utf-8")).hexdigest()
-        head, hrev = await self._read(LOG_HEAD_KEY)
-        if head is not None:
-            if int(head["seq"]) >= last and await self.log_hash_at(last) == last_hash:
-                return 0
-            raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {head['seq']}) that "
-                           f"does not contain the one being copied (entry {last}, {last_hash}); nothing copied")
-        written = 0
-        chunk = 256
-        for i in range(0, len(texts), chunk):
-            part = [(_lkey(q), texts[q].encode("utf-8")) for q in range(i, min(i + chunk, len(texts)))]
-            got = await asyncio.gather(*(self._read_raw(k) for k, _raw in part))
-            writes = []
-            for (key, raw), (old, rev) in zip(part, got):
-                if old == raw:
-                    continue
-                if old is not None:
-                    raise Conflict(f"KV bucket {self.bucket}: {key} differs from the log being copied; nothing "
-                                   "more copied")
-                writes.append(_Write(key, None, rev, raw=raw))
-            if writes:
-                await self._commit(writes)
-                written += len(writes)
-        valid = [(k, n, q) for k, n, q in nonces if _valid(k, n)]
-        for i in range(0, len(valid), chunk):
-            part = valid[i:i + chunk]
-            got = await asyncio.gather(*(self._read(_nonce_key(k, n)) for k, n, _q in part))
-            writes = [_Write(_nonce_key(k, n), {"seq": q}, rev) for (k, n, q), (old, rev) in zip(part, got)
-                      if old is None]
-            if writes:
-                await self._commit(writes)
-        try:
-            await self._commit([_Write(LOG_HEAD_KEY, {"seq": last, "hash": last_hash, "max_created": max_created},
-                                       hrev)])
-        except _CasLost:
-            raise Conflict(f"KV bucket {self.bucket}: its membership log head changed during the copy") from None
-        return written
-
-    # -- the watch ------------------------------------------------------------------
-
-    def start_watch(self) -> asyncio.Task[None]:
-        """Run :meth:`watch` as a task of this store; :meth:`close` stops it."""
-        if self._watch_task is None or self._watch_task.done():
-            self._watch_task = asyncio.get_running_loop().create_task(self.watch(), name="unibus-kv-watch")
-        return self._watch_task
-
-    async def watch(self, poll: float = 0.25) -> None:
-        """Watch the bucket and report other nodes' changes as ``Change("reloaded")`` until :meth:`close`.
-
-        Writes of this instance are recognised by their revision and not
-        reported again (their own Change was already delivered). Each time the
-        subscription is (re)made — at start, after a NATS reconnect — one
-        ``reloaded`` is reported too, since changes may have been missed.
-        """
-        notifier = asyncio.get_running_loop().create_task(self._notify_loop())
-        sub = None
-        try:
-            while not self._closing.is_set():
-                try:
-                    self._check_connected()
-                    sub = await self._subscribe_watch()
-                except Exception as e:  # noqa: BLE001 - retried until close()
-                    log.debug("KV watch not (yet) subscribed: %s", e)
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), 0.5)
-                    continue
-                reconnects = self._nc.stats.get("reconnects", 0)
-                self._seen.append((-1, ""))  # "maybe missed something": report once
-                self._kick.set()
-                self.watch_ready.set()
-                while not self._closing.is_set():
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), poll)
-                    nc = self._nc
-                    if nc.is_closed:
-                        break
-                    if nc.stats.get("reconnects", 0) != reconnects and nc.is_connected:
-                        log.info("KV watch: NATS reconnected; watching %s again", self.bucket)
-                        break
-                self.watch_ready.clear()
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sub.unsubscribe(), 1.0)
-                sub = None
-                if self._nc.is_closed:
-                    await self._closing.wait()
-                    break
-                self.watch_restarts += 1
-        finally:
-            self.watch_ready.clear()
-            if sub is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sub.unsubscribe(), 1.0)
-            notifier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await notifier
-
-    async def _subscribe_watch(self) -> Any:
-        async def on_msg(msg: Any) -> None:
-            self._seen.append((msg.metadata.sequence.stream, msg.subject[len(self._prefix):]))
-            self._kick.set()
-
-        return await asyncio.wait_for(
-            self.js.subscribe(f"{self._prefix}>", stream=self.stream, cb=on_msg, ordered_consumer=True,
-                              deliver_policy=DeliverPolicy.NEW, headers_only=True, idle_heartbeat=1.0,
-                              inactive_threshold=30.0),
-            self.timeout)
-
-    async def _notify_loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            await asyncio.sleep(WATCH_DEBOUNCE)
-            self._kick.clear()
-            seen, self._seen = self._seen, []
-            keys: set[str] = set()
-            missed = False
-            for seq, key in seen:
-                if seq in self._own:
-                    del self._own[seq]
-                    self.watch_stats["own"] += 1
-                elif seq < 0:
-                    missed = True
-                else:
-                    keys.add(key)
-                    self.watch_stats["remote"] += 1
-            if missed or keys:
-                self.watch_stats["reported"] += 1
-                # Listeners that can, apply the keys one by one; a (re)subscription
-                # may have missed some, so it reports no keys: re-read everything.
-                change = Change("reloaded", origin="remote", keys=() if missed else tuple(sorted(keys)))
-                try:
-                    await self._changed(change)
-                except Exception:  # pragma: no cover - _changed logs listener errors itself
-                    log.exception("KV watch: reporting a change failed")
-
-
-def _seq(pos: _LogPosition | None) -> int | None:
-    """The log seq a logged write took (None: nothing was logged)."""
-    return pos.seq if pos is not None else None
-
-
-def _room_state(d: dict[str, Any]) -> dict[str, Any]:
-    """A room record of the bucket as change events carry it (:func:`unibus.store.base.room_state`)."""
-    return room_state(d["room_id"], d["name"], d.get("owner", ""), d["epoch"], d["rekey_required"], d["members"])
-
-
-async def _sealed_epochs(src: Store, room: Room, handles: list[str]) -> dict[int, dict[str, Any]]:
-    """Every sealed epoch of a room in ``src`` with its key packages (see :meth:`KvStore.import_room`)."""
-    from .sqlite import SqliteStore
-
-    if isinstance(src, SqliteStore):
-        return await src.epoch_packages(room.room_id)
-    out: dict[int, dict[str, Any]] = {}
-    for e in range(1, room.epoch + 1):
-        got = await asyncio.gather(*(src.get_key_package(room.room_id, h, e) for h in handles))
-        for h, g in zip(handles, got):
-            if g is not None:
-                package = out.setdefault(e, {"sealed": {}, "sigs": {}, "sealer": g.sealer, "log_head": g.log_head})
-                package["sealed"][h] = g.sealed
-                if g.sig is not None:
-                    package["sigs"][h] = g.sig
-    return out
-
-
-async def copy_store(src: Store, dst: KvStore) -> dict[str, int]:
-    """Copy the membership log, members, rooms, room members and every sealed epoch
-    (with its key packages) from ``src`` (SQLite) into ``dst``.
-
-    Idempotent: what is already in ``dst`` (the log up to its last entry, a
-    member by handle, a room by id) is left untouched, and so is what was
-    copied and deleted there since; a second run writes nothing. A run cut
-    short is finished by the next one. Returns what was copied:
-    ``{"log_entries": n, "members": n, "rooms": n, "sealed_epochs": n}``.
-    """
-    from .sqlite import SqliteStore
-
-    counts = {"log_entries": 0, "members": 0, "rooms": 0, "sealed_epochs": 0}
-    if isinstance(src, SqliteStore):
-        # The log first: once its head is in the bucket, no node writes a snapshot of its own there.
-        texts, nonces, max_created = await src.log_export()
-        counts["log_entries"] = await dst.import_log(texts, nonces, max_created)
-    members = await src.list_members()
-    for member in members:
-        if await dst.import_member(member):
-            counts["members"] += 1
-    handles = [m.handle for m in members]
-    for room in await src.list_rooms():
-        if await dst.get_room(room.room_id) is not None:
-            continue
-        epochs = await _sealed_epochs(src, room, handles)
-        if await dst.import_room(room, epochs):
-            counts["rooms"] += 1
-            counts["sealed_epochs"] += len(epochs)
-    return counts
 
 
 __all__ = ["STATE_BUCKET", "KvSnapshot", "KvStore", "copy_store"]

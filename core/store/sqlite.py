@@ -33,7 +33,6 @@ from ..memberlog import bootstrap_entry, snapshot_entry
 from ..wire import KeyFormatError, nkey_from_sign_pub, sign_pub_from_nkey
 from . import models as m
 from .base import (
-    Change,
     Conflict,
     KeyPackage,
     LogRecord,
@@ -42,12 +41,10 @@ from .base import (
     NotFound,
     Room,
     Store,
-    actor_of,
     check_appendable,
+    check_new_epoch,
     entry_text,
-    member_state,
     room_state,
-    room_state_of,
     snapshot_member,
     snapshot_room,
 )
@@ -104,19 +101,17 @@ class SqliteStore(Store):
 
         return await self._run(q)
 
-    async def add_member(self, member: Member, *, logged: LogRecord | None = None) -> Member:
+    async def _add_member(self, member: Member, logged: LogRecord | None) -> tuple[Member, int | None]:
         def q(s: Session) -> tuple[Member, int | None]:
             pos = log_begin(s, logged)
             added = add_member_sync(s, member)
             log_end(s, pos, logged, {})
             return added, _seq(pos)
 
-        result, seq = await self._run(q)
-        await self._changed(Change("member_added", handle=member.handle, seq=seq, actor=actor_of(logged),
-                                   after=member_state(result)))
-        return result
+        return await self._run(q)
 
-    async def set_bus_key(self, handle: str, bus_pub: str, *, logged: LogRecord | None = None) -> Member:
+    async def _set_bus_key(self, handle: str, bus_pub: str,
+                           logged: LogRecord | None) -> tuple[Member, Member | None, int | None]:
         def q(s: Session) -> tuple[Member, Member | None, int | None]:
             pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
@@ -135,13 +130,9 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {})
             return _member(row), before, _seq(pos)
 
-        result, before, seq = await self._run(q)
-        if before is not None:
-            await self._changed(Change("member_bus_key", handle=handle, seq=seq, actor=actor_of(logged),
-                                       before=member_state(before), after=member_state(result)))
-        return result
+        return await self._run(q)
 
-    async def set_role(self, handle: str, role: str, *, logged: LogRecord | None = None) -> Member:
+    async def _set_role(self, handle: str, role: str, logged: LogRecord | None) -> tuple[Member, Member, int | None]:
         def q(s: Session) -> tuple[Member, Member, int | None]:
             pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
@@ -154,12 +145,9 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {})
             return _member(row), before, _seq(pos)
 
-        result, before, seq = await self._run(q)
-        await self._changed(Change("member_updated", handle=handle, seq=seq, actor=actor_of(logged),
-                                   before=member_state(before), after=member_state(result)))
-        return result
+        return await self._run(q)
 
-    async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
+    async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
         def q(s: Session) -> tuple[list[str], Member, int | None]:
             pos = log_begin(s, logged)
             row = s.get(m.Member, handle)
@@ -180,10 +168,7 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {})
             return sorted(rooms), before, _seq(pos)
 
-        rooms, before, seq = await self._run(q)
-        await self._changed(Change("member_deleted", handle=handle, rooms=tuple(rooms), seq=seq,
-                                   actor=actor_of(logged), before=member_state(before)))
-        return rooms
+        return await self._run(q)
 
     # -- rooms -----------------------------------------------------------------
 
@@ -208,7 +193,7 @@ class SqliteStore(Store):
             raise NotFound(f"no room {room_id!r}")
         return row
 
-    async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:
+    async def _create_room(self, name: str, owner: str, logged: LogRecord | None) -> tuple[Room, int | None]:
         def q(s: Session) -> tuple[Room, int | None]:
             pos = log_begin(s, logged)
             if s.get(m.Member, owner) is None:
@@ -221,10 +206,7 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {"room_id": row.room_id})
             return self._room(s, row), _seq(pos)
 
-        room, seq = await self._run(q)
-        await self._changed(Change("room_created", handle=owner, room_id=room.room_id, seq=seq,
-                                   actor=actor_of(logged), after=room_state_of(room)))
-        return room
+        return await self._run(q)
 
     async def list_rooms(self, handle: str | None = None) -> list[Room]:
         def q(s: Session) -> list[Room]:
@@ -242,7 +224,7 @@ class SqliteStore(Store):
 
         return await self._run(q)
 
-    async def delete_room(self, room_id: str, *, logged: LogRecord | None = None) -> None:
+    async def _delete_room(self, room_id: str, logged: LogRecord | None) -> tuple[dict[str, Any], int | None]:
         def q(s: Session) -> tuple[dict[str, Any], int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
@@ -254,10 +236,10 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {})
             return before, _seq(pos)
 
-        before, seq = await self._run(q)
-        await self._changed(Change("room_deleted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before))
+        return await self._run(q)
 
-    async def add_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
+    async def _add_room_member(self, room_id: str, handle: str,
+                               logged: LogRecord | None) -> tuple[Room, dict[str, Any] | None, int | None]:
         def q(s: Session) -> tuple[Room, dict[str, Any] | None, int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
@@ -273,13 +255,10 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {})
             return self._room(s, row), before, _seq(pos)
 
-        room, before, seq = await self._run(q)
-        if before is not None:
-            await self._changed(Change("room_member_added", handle=handle, room_id=room_id, seq=seq,
-                                       actor=actor_of(logged), before=before, after=room_state_of(room)))
-        return room
+        return await self._run(q)
 
-    async def remove_room_member(self, room_id: str, handle: str, *, logged: LogRecord | None = None) -> Room:
+    async def _remove_room_member(self, room_id: str, handle: str,
+                                  logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
         def q(s: Session) -> tuple[Room, dict[str, Any], int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
@@ -293,28 +272,20 @@ class SqliteStore(Store):
             log_end(s, pos, logged, {})
             return self._room(s, row), before, _seq(pos)
 
-        room, before, seq = await self._run(q)
-        await self._changed(Change("room_member_removed", handle=handle, room_id=room_id, seq=seq,
-                                   actor=actor_of(logged), before=before, after=room_state_of(room)))
-        return room
+        return await self._run(q)
 
-    async def put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], *,
-                       sigs: dict[str, bytes] | None = None, sealer: str | None = None,
-                       log_head: dict[str, Any] | None = None, logged: LogRecord | None = None) -> Room:
+    async def _put_keys(self, room_id: str, epoch: int, sealed: dict[str, bytes], sigs: dict[str, bytes] | None,
+                        sealer: str | None, log_head: dict[str, Any] | None,
+                        logged: LogRecord | None) -> tuple[Room, dict[str, Any], int | None]:
         sigs = sigs or {}
 
         def q(s: Session) -> tuple[Room, dict[str, Any], int | None]:
             pos = log_begin(s, logged)
             row = self._get_room_row(s, room_id)
-            if epoch != row.epoch + 1:
-                raise Conflict(f"epoch must be {row.epoch + 1} (the room is at epoch {row.epoch})",
-                               current_epoch=row.epoch)
             members = self._room_members(s, room_id)
             current = {mb.handle for mb in members}
+            check_new_epoch(row.epoch, epoch, current, sealed)
             before = room_state(row.room_id, row.name, row.owner, row.epoch, bool(row.rekey_required), current)
-            missing, extra = sorted(current - sealed.keys()), sorted(sealed.keys() - current)
-            if missing or extra:
-                raise Conflict("sealed must name exactly the current members", missing=missing, extra=extra)
             # Conditional on the epoch we read: of two racing writers, one wins.
             done = s.execute(update(m.Room).where(m.Room.room_id == room_id, m.Room.epoch == row.epoch)
                              .values(epoch=epoch, rekey_required=False))
@@ -330,10 +301,7 @@ class SqliteStore(Store):
             return (Room(row.room_id, row.name, row.owner, epoch, False, _aware(row.created_at), members), before,
                     _seq(pos))
 
-        room, before, seq = await self._run(q)
-        await self._changed(Change("keys_posted", room_id=room_id, seq=seq, actor=actor_of(logged), before=before,
-                                   after=room_state_of(room)))
-        return room
+        return await self._run(q)
 
     async def get_key_package(self, room_id: str, handle: str, epoch: int | None = None) -> KeyPackage | None:
         def q(s: Session) -> KeyPackage | None:

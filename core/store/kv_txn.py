@@ -1,0 +1,321 @@
+"""Transactions on the KV bucket: conditional reads and writes, atomic batches, bounded retries.
+
+Every write is conditional on the revision it read (``Nats-Expected-Last-Subject-Sequence``;
+0 for "never written", the tombstone's revision for a deleted key). A change that
+touches several keys is one JetStream *atomic batch* (nats-server >= 2.12, stream
+option ``allow_atomic``): the server checks every condition at commit, under its
+lock, and stores all of the batch or none of it — on R1 and on R3 alike. So there
+is no intermediate state for a crash to leave behind and no interleaving of two
+writers through two nodes: the loser's batch is rejected whole, re-reads and
+retries (bounded), and ends as a :class:`Conflict` if the rule it checks now fails
+(docs/store.md, "Each operation").
+
+:class:`KvBucket` is that machinery, with the bucket's creation and health; the
+domain store (:class:`unibus.store.kv.KvStore`) builds every operation on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import random
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import nats.errors
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
+from nats.js.errors import APIError
+from nats.js.errors import NotFoundError as JsNotFoundError
+
+from .base import Conflict, Store, StoreUnavailable
+from .kv_layout import STATE_BUCKET
+
+log = logging.getLogger("unibus.store.kv")
+
+T = TypeVar("T")
+
+#: JetStream's limit on the messages of one atomic batch.
+MAX_BATCH = 1000
+#: A write that keeps losing its compare-and-set this many times ends in Conflict.
+MAX_ATTEMPTS = 12
+#: Own revisions remembered for the watch (it tells them from other nodes' writes).
+OWN_REVISIONS = 8192
+
+WRONG_LAST_SEQUENCE = (10071, 10164)
+STREAM_NAME_IN_USE = 10058
+NO_MESSAGE_FOUND = 10037
+KV_OP = "KV-Operation"
+EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
+
+
+async def _none() -> tuple[None, int]:
+    return None, 0
+
+
+class _CasLost(Exception):
+    """A conditional write lost to a concurrent one: re-read and retry."""
+
+
+class _NoAtomicBatches(Exception):
+    """The server stored the first message of a batch by itself: it does not do atomic batches."""
+
+
+@dataclass(frozen=True)
+class _Write:
+    key: str
+    value: dict[str, Any] | None  # None: delete (a KV tombstone)
+    last: int  # the revision read: the write applies only if the key is still at it
+    raw: bytes | None = None  # stored as given, instead of ``value`` as JSON (log entries)
+
+
+def _reply(reply: Any) -> dict[str, Any]:
+    return json.loads(reply.data) if reply.data else {}
+
+
+class KvBucket(Store):
+    """The state bucket's reads, conditional writes and scans, for the KV store built on it.
+
+    ``js`` is a nats-py JetStream context (``Bus.js``). Every call is bounded by
+    ``timeout`` seconds; when JetStream cannot answer (no connection, no stream
+    leader, no quorum) it raises :class:`StoreUnavailable` — the HTTP layer's 503.
+    """
+
+    def __init__(self, js: JetStreamContext, *, replicas: int = 1, timeout: float = 2.0,
+                 bucket: str = STATE_BUCKET) -> None:
+        super().__init__()
+        self.js = js
+        self.replicas = replicas
+        self.timeout = timeout
+        self.bucket = bucket
+        self.stream = f"KV_{bucket}"
+        self._prefix = f"$KV.{bucket}."
+        # The revisions this instance wrote: the watch does not report them as "remote".
+        self._own: collections.OrderedDict[int, None] = collections.OrderedDict()
+
+    @property
+    def _nc(self) -> Any:
+        return getattr(self.js, "_nc", None)
+
+    def _check_connected(self) -> None:
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise StoreUnavailable("not connected to NATS")
+
+    async def _io(self, aw: Awaitable[T], what: str) -> T:
+        """Await one JetStream call within ``timeout``; map failures to StoreUnavailable."""
+        try:
+            return await asyncio.wait_for(aw, self.timeout)
+        except nats.errors.MaxPayloadError:
+            raise Conflict(f"{what}: the record is larger than NATS allows in one message") from None
+        except APIError as e:
+            if e.err_code in WRONG_LAST_SEQUENCE:
+                raise _CasLost() from None
+            raise StoreUnavailable(f"{what}: JetStream refused: {e.description or e}") from None
+        except (TimeoutError, nats.errors.Error, OSError) as e:
+            raise StoreUnavailable(f"{what}: {type(e).__name__} {e}".rstrip()) from None
+
+    # -- reads -----------------------------------------------------------------------
+
+    async def _read(self, key: str) -> tuple[dict[str, Any] | None, int]:
+        """``(value, revision)``: revision is 0 for a key never written, the tombstone's for a deleted one."""
+        raw, rev = await self._read_raw(key)
+        return (json.loads(raw) if raw is not None else None), rev
+
+    async def _read_raw(self, key: str) -> tuple[bytes | None, int]:
+        """``(stored bytes, revision)`` of ``key``, as :meth:`_read`."""
+        self._check_connected()
+
+        async def get() -> Any:
+            try:
+                return await self.js.get_msg(self.stream, subject=self._prefix + key, direct=False)
+            except JsNotFoundError as e:
+                if e.err_code == NO_MESSAGE_FOUND:
+                    return None
+                raise
+
+        msg = await self._io(get(), f"read {key}")
+        if msg is None:
+            return None, 0
+        hdrs = msg.headers or {}
+        if hdrs.get(KV_OP) in ("DEL", "PURGE"):
+            return None, msg.seq
+        return bytes(msg.data), msg.seq
+
+    async def _scan(self, prefix: str) -> dict[str, tuple[dict[str, Any], int]]:
+        """Every live key under ``prefix`` (``"member"``, ``"room"``...): ``{key: (value, revision)}``."""
+        self._check_connected()
+        found, _newest = await self._io(self._last_messages(f"{prefix}.>", 2.0), f"list {prefix}")
+        return {key: (json.loads(raw), rev) for key, (raw, rev) in found.items()}
+
+    async def _last_messages(self, keys: str, inactive: float) -> tuple[dict[str, tuple[bytes, int]], int]:
+        """The last message of every key matching ``keys`` (a subject filter below the bucket's
+        prefix): ``({key: (stored bytes, revision)} of live keys, the largest stream sequence
+        delivered, tombstones included)``.
+
+        An ordered consumer delivering the last message of each subject. The
+        end of the snapshot is the message whose ``num_pending`` is 0 — not
+        nats-py's KV watch "initial values done" marker, which can come before
+        messages already in flight.
+        """
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def on_msg(msg: Any) -> None:
+            queue.put_nowait(msg)
+
+        sub = await self.js.subscribe(self._prefix + keys, stream=self.stream, cb=on_msg, ordered_consumer=True,
+                                      deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=inactive)
+        try:
+            info = await sub.consumer_info()
+            out: dict[str, tuple[bytes, int]] = {}
+            newest = 0
+            if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
+                return out, newest  # nothing matched when the consumer was made
+            while True:
+                msg = await queue.get()
+                meta = msg.metadata
+                key = msg.subject[len(self._prefix):]
+                newest = max(newest, meta.sequence.stream)
+                if (msg.headers or {}).get(KV_OP) in ("DEL", "PURGE"):
+                    out.pop(key, None)
+                else:
+                    out[key] = (bytes(msg.data), meta.sequence.stream)
+                if meta.num_pending == 0:
+                    return out, newest
+        finally:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+
+    # -- writes ----------------------------------------------------------------------
+
+    def _encode(self, w: _Write) -> tuple[str, bytes, dict[str, str]]:
+        hdrs = {EXPECTED_LAST_SUBJECT_SEQ: str(w.last)}
+        if w.raw is not None:
+            return self._prefix + w.key, w.raw, hdrs
+        if w.value is None:
+            hdrs[KV_OP] = "DEL"
+            return self._prefix + w.key, b"", hdrs
+        return self._prefix + w.key, json.dumps(w.value, separators=(",", ":"), sort_keys=True).encode(), hdrs
+
+    async def _publish(self, writes: list[_Write]) -> dict[str, Any]:
+        """Send ``writes`` as one conditional publish or one atomic batch; the server's answer."""
+        nc = self._nc
+        msgs = [self._encode(w) for w in writes]
+        if len(msgs) == 1:
+            subject, data, hdrs = msgs[0]
+            return _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))
+        batch = uuid.uuid4().hex
+        last = len(msgs)
+        for i, (subject, data, hdrs) in enumerate(msgs, 1):
+            hdrs = {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
+            if i == last:
+                hdrs["Nats-Batch-Commit"] = "1"
+                return _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))
+            if i == 1:  # the server answers the first message: batching enabled or not
+                reply = await nc.request(subject, data, timeout=self.timeout, headers=hdrs)
+                if reply.data:
+                    first = json.loads(reply.data)
+                    if "error" in first:
+                        return first
+                    # A pub ack: the server stored the message on its own. Never go on.
+                    raise _NoAtomicBatches()
+            else:
+                await nc.publish(subject, data, headers=hdrs)
+        raise AssertionError("unreachable")
+
+    async def _commit(self, writes: list[_Write]) -> None:
+        """Write all of ``writes`` or none: one conditional publish, or one atomic batch."""
+        if len(writes) > MAX_BATCH:
+            raise Conflict(f"this change touches {len(writes)} keys; one atomic KV batch holds at most {MAX_BATCH}")
+        self._check_connected()
+        try:
+            ack = await self._io(self._publish(writes), "write")
+        except _NoAtomicBatches:
+            raise StoreUnavailable("this nats-server does not do atomic batch publishing (needs >= 2.12 "
+                                   "and allow_atomic on the bucket's stream)") from None
+        err = ack.get("error")
+        if err:
+            if err.get("err_code") in WRONG_LAST_SEQUENCE:
+                raise _CasLost()
+            raise StoreUnavailable(f"JetStream refused the write: {err.get('description', err)}")
+        seq, count = int(ack.get("seq", 0)), int(ack.get("count", 1))
+        for s in range(seq - count + 1, seq + 1):
+            self._own[s] = None
+        while len(self._own) > OWN_REVISIONS:
+            self._own.popitem(last=False)
+
+    async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run ``attempt`` (read, check, conditional write) until its write is not outraced."""
+        for n in range(MAX_ATTEMPTS):
+            try:
+                return await attempt()
+            except _CasLost:
+                await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** n)))
+        raise Conflict("concurrent updates kept changing this record; try again")
+
+    # -- the bucket ------------------------------------------------------------------
+
+    def bucket_config(self) -> KeyValueConfig:
+        return KeyValueConfig(bucket=self.bucket, history=1, replicas=self.replicas, storage=StorageType.FILE,
+                              description="unibus: members, rooms, room members and sealed room keys")
+
+    async def _ensure_bucket(self) -> None:
+        """Create the bucket if absent; raise its replicas in place and enable atomic batches if it exists.
+
+        Replicas are only ever raised here (R1 → R3 keeps every message); a
+        bucket with more replicas than asked is left alone, with a warning.
+        """
+        self._check_connected()
+
+        async def create() -> None:
+            try:
+                await self.js.create_key_value(config=self.bucket_config())
+            except APIError as e:
+                # An existing bucket whose config differs (allow_atomic, replicas) is not an error.
+                if e.err_code != STREAM_NAME_IN_USE:
+                    raise
+
+        await self._io(create(), "create bucket")
+        info = await self._io(self.js.stream_info(self.stream), "bucket info")
+        cfg = info.config
+        changed = []
+        if (cfg.num_replicas or 1) < self.replicas:
+            changed.append(f"replicas {cfg.num_replicas or 1} -> {self.replicas}")
+            cfg.num_replicas = self.replicas
+        elif (cfg.num_replicas or 1) > self.replicas:
+            log.warning("KV bucket %s has %d replicas, more than the %d asked for: left as it is",
+                        self.bucket, cfg.num_replicas, self.replicas)
+        if not cfg.allow_atomic:
+            changed.append("atomic batches on")
+            cfg.allow_atomic = True
+        if changed:
+            info = await self._io(self.js.update_stream(cfg), "update bucket")
+            if not info.config.allow_atomic:
+                raise StoreUnavailable("this nats-server does not support atomic batch publishing (needs >= 2.12)")
+            log.info("KV bucket %s updated: %s", self.bucket, ", ".join(changed))
+
+    async def available(self) -> bool:
+        """The state bucket's stream answers within ``timeout`` (it has a leader)."""
+        try:
+            self._check_connected()
+            await asyncio.wait_for(self.js.stream_info(self.stream), min(self.timeout, 1.0))
+            return True
+        except Exception:
+            return False
+
+    async def status(self) -> dict[str, Any]:
+        """The bucket's stream: replicas, messages, atomic batches, leader."""
+        info = await self._io(self.js.stream_info(self.stream), "bucket info")
+        return {"bucket": self.bucket, "replicas": info.config.num_replicas or 1,
+                "allow_atomic": bool(info.config.allow_atomic), "messages": info.state.messages,
+                "last_seq": info.state.last_seq,
+                "leader": info.cluster.leader if info.cluster is not None else None}
+
+    async def _last_seq(self) -> int:
+        info = await self._io(self.js.stream_info(self.stream), "bucket info")
+        return int(info.state.last_seq or 0)
