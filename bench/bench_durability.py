@@ -399,15 +399,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:2] == ["--role", "daemon"]:  # membershipd's own flags follow
         return role_daemon(args[2], args[3:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs per configuration (default 3)")
+    parser = benchlib.arg_parser(__doc__, "durability", 3, "runs per configuration")
     parser.add_argument("--requests", type=int, default=6000, help="timed signed requests per run (default 6000)")
     parser.add_argument("--warmup", type=int, default=600, help="untimed requests first in each run (default 600)")
     parser.add_argument("--writes", type=int, default=150, help="membership writes per run (default 150)")
     parser.add_argument("--no-cluster", action="store_true", help="single node only")
-    parser.add_argument("--out", type=Path, default=benchlib.DOCS,
-                        help="markdown file whose durability section is rewritten (default docs/benchmarks.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     ns = parser.parse_args(args)
     if ns.runs < 1 or ns.requests < 100 or ns.warmup < 32 or ns.writes < 10:
         parser.error("need --runs ≥ 1, --requests ≥ 100, --warmup ≥ 32, --writes ≥ 10")

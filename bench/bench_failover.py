@@ -744,8 +744,7 @@ async def run(ns: argparse.Namespace, tmp: Path) -> Results:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="kills per cluster (default 5)")
+    parser = benchlib.arg_parser(__doc__, "failover", 5, "kills per cluster")
     parser.add_argument("--timeout", type=float, default=1.0,
                         help="client timeout of each attempt in seconds (default 1.0)")
     parser.add_argument("--hold", type=float, default=15.0,
@@ -759,13 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="skip the kills of membershipd alone (nats-server left to its PDEATHSIG SIGTERM)")
     parser.add_argument("--only", choices=("bare", "membershipd"), help="measure one cluster only (implies --no-write)")
     parser.add_argument("--note", default="", help="one sentence added to the description in the markdown")
-    parser.add_argument("--out", type=Path, default=benchlib.DOCS)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the survivor's log after each kill")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
-    ns = parser.parse_args(raw_argv)
-    if ns.runs < 1:
-        parser.error("--runs must be at least 1")
+    ns = benchlib.parse(parser, raw_argv)
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-failover-"))
     try:

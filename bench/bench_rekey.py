@@ -628,16 +628,10 @@ def environment_line(runs: int, load_before: float, load_after: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="rounds (default 7)")
-    parser.add_argument("--out", type=Path, default=benchlib.DOCS,
-                        help="markdown file whose rekey section is rewritten (default docs/benchmarks.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
+    parser = benchlib.arg_parser(__doc__, "rekey", 7, "rounds")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument("--keep-profile", type=Path, help="copy py-spy's raw (collapsed) stacks to this file")
-    ns = parser.parse_args(argv)
-    if ns.runs < 1:
-        parser.error("--runs must be at least 1")
+    ns = benchlib.parse(parser, argv)
 
 
     load_before = os.getloadavg()[0]

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
 from benchlib import PYTHON, child_pids, daemon_env, kill_nats_if_alive, proc_cpu_seconds, stop_process
-import argparse
 import asyncio
 import http.client
 import json
@@ -369,14 +368,8 @@ def environment_line(runs: int, binary: Path, load_before: float, load_after: fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (default 5)")
-    parser.add_argument("--out", type=Path, default=benchlib.DOCS,
-                        help="markdown file whose start-up section is rewritten (default docs/benchmarks.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
-    ns = parser.parse_args(argv)
-    if ns.runs < 1:
-        parser.error("--runs must be at least 1")
+    parser = benchlib.arg_parser(__doc__, "start-up", 5, "runs per measurement")
+    ns = benchlib.parse(parser, argv)
     if not Path(MEMBERSHIPD).is_file():
         parser.error(f"{MEMBERSHIPD} not found; run this with the project venv's python")
 

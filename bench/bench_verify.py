@@ -478,11 +478,8 @@ def environment_line(ns: argparse.Namespace, load_before: float, load_after: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="rounds (default 5)")
+    parser = benchlib.arg_parser(__doc__, "verify", 5, "rounds")
     parser.add_argument("--messages", type=int, default=20000, help="messages per run (default 20000)")
-    parser.add_argument("--out", type=Path, default=benchlib.DOCS)
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--role", choices=("send", "listen"), help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--room", help=argparse.SUPPRESS)

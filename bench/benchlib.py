@@ -9,6 +9,7 @@ level, so a script can run its roles under an earlier release's venv.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import math
 import os
@@ -272,6 +273,27 @@ def parse_frames(stack: str) -> list[tuple[str, str, int]]:
 
 
 # -- the report ------------------------------------------------------------------------------
+
+
+def arg_parser(doc: str, section: str, runs: int, runs_help: str = "runs") -> argparse.ArgumentParser:
+    """The options every script has: ``--runs`` (at least 1: see :func:`parse`), ``--out`` and ``--no-write``.
+
+    ``doc`` is the script's docstring (its first paragraph is the description).
+    """
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=runs, help=f"{runs_help} (default {runs})")
+    parser.add_argument("--out", type=Path, default=DOCS,
+                        help=f"markdown file whose {section} section is rewritten (default docs/benchmarks.md)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, refusing ``--runs`` below 1 (exit 2, one line)."""
+    ns = parser.parse_args(argv)
+    if ns.runs < 1:
+        parser.error("--runs must be at least 1")
+    return ns
 
 
 def publish(body: str, name: str, heading: str, out: Path = DOCS, write: bool = True,
