@@ -58,13 +58,26 @@ def test_a_pidfd_never_signals_a_reused_pid(tmp_path):
     assert not nats_server_pids(tmp_path)
 
 
+INNER_PLUGIN = '''
+from unibus import hookimpl
+
+PLUGIN_NAME = "probe"
+
+
+@hookimpl
+def healthz_fields(app):
+    return {"loaded": True}
+'''
+
 INNER_CLUSTER_TEST = '''
 import json, os
 from pathlib import Path
 
 
-def test_a_plugin_authors_cluster(cluster):
+def test_a_plugin_authors_cluster(cluster_factory):
+    cluster = cluster_factory(plugins=["probe_plugin"])  # not installed: loaded with --plugin on every node
     n1, n2, n3 = cluster.nodes
+    assert all(node.healthz()[1]["probe"] == {"loaded": True} for node in cluster.nodes)
     bob = cluster.member("bob")  # added through node 1
     cluster.wait_member(2, bob)  # and served by node 3, from the replicated store
     status, me = cluster.client(2, bob).get("/v1/me")
@@ -94,8 +107,10 @@ def _processes_mentioning(text: str) -> list[int]:
 
 @pytest.mark.slow
 def test_the_cluster_fixture_forms_replicates_restarts_and_leaves_nothing(tmp_path):
-    """The ``cluster`` fixture as a plugin author gets it: from the pytest11 entry point, in a fresh pytest."""
+    """The cluster fixtures as a plugin author gets them: from the pytest11 entry point, in a fresh pytest,
+    with a plugin that is not installed."""
     (tmp_path / "test_inner.py").write_text(INNER_CLUSTER_TEST)
+    (tmp_path / "probe_plugin.py").write_text(INNER_PLUGIN)
     pids_file, basetemp = tmp_path / "pids.json", tmp_path / "inner-tmp"
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
                            str(basetemp), str(tmp_path / "test_inner.py")], cwd=tmp_path, capture_output=True,
