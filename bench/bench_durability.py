@@ -308,6 +308,14 @@ def mmm(xs: Sequence[float], fmt: str = "{:,.0f}") -> str:
     return benchlib.cells(xs, fmt)
 
 
+def throughput_row(mode: str, runs: Sequence[bench_signed.RunResult], writes: Sequence[float]) -> str:
+    """req/s min | median | max, CPU µs per request of membershipd and nats-server, write p50 and p99 in ms."""
+    return (f"| {mode} | {mmm([r.rps for r in runs])} "
+            f"| {statistics.median([r.cpu_us['server'] for r in runs]):.0f} "
+            f"| {statistics.median([r.cpu_us['nats-server'] for r in runs]):.0f} "
+            f"| {pct(writes, 0.5) * 1e3:.2f} | {pct(writes, 0.99) * 1e3:.2f} |")
+
+
 def cpu_ratios(after: Sequence[bench_signed.RunResult], before: Sequence[bench_signed.RunResult]) -> str:
     """CPU per request after / before, median over runs, per process: the steadier figure on a loaded machine."""
     parts = []
@@ -333,12 +341,7 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
              f"SQLite transaction with `synchronous=FULL` in both), {ns.writes} one at a time per run."), "",
             "| | req/s min | median | max | CPU µs/req membershipd | nats-server | write p50 ms | write p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for mode in MODES:
-        m = results[mode]
-        out.append(f"| {mode} | {mmm([r.rps for r in m.throughput])} "
-                   f"| {statistics.median([r.cpu_us['server'] for r in m.throughput]):.0f} "
-                   f"| {statistics.median([r.cpu_us['nats-server'] for r in m.throughput]):.0f} "
-                   f"| {pct(m.writes, 0.5) * 1e3:.2f} | {pct(m.writes, 0.99) * 1e3:.2f} |")
+    out += [throughput_row(mode, results[mode].throughput, results[mode].writes) for mode in MODES]
     ratios = [x.rps / y.rps for x, y in zip(a.throughput, b.throughput)]
     out += ["", (f"Signed throughput after / before, run by run: {mmm(ratios, '{:.0%}').replace(' | ', ' / ')} "
                  f"(min / median / max; the aim: a drop of at most 5%, i.e. ≥ 95%). CPU per request after / before "
@@ -363,12 +366,7 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
                  "its log, then a follower fsyncs its own before the write is acknowledged."), "",
                 "| | req/s min | median | max | CPU µs/req membershipd | nats-server | write p50 ms | write p99 ms |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for mode in MODES:
-            m = results[mode]
-            out.append(f"| {mode} | {mmm([r.rps for r in m.c_throughput])} "
-                       f"| {statistics.median([r.cpu_us['server'] for r in m.c_throughput]):.0f} "
-                       f"| {statistics.median([r.cpu_us['nats-server'] for r in m.c_throughput]):.0f} "
-                       f"| {pct(m.c_writes, 0.5) * 1e3:.2f} | {pct(m.c_writes, 0.99) * 1e3:.2f} |")
+        out += [throughput_row(mode, results[mode].c_throughput, results[mode].c_writes) for mode in MODES]
         cr = [x.rps / y.rps for x, y in zip(a.c_throughput, b.c_throughput)]
         out += ["", (f"Signed throughput after / before (cluster, run by run): {mmm(cr, '{:.0%}').replace(' | ', ' / ')}. "
                         f"CPU per request after / before (medians): {cpu_ratios(a.c_throughput, b.c_throughput)}.")]

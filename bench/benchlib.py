@@ -17,6 +17,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -117,6 +118,14 @@ def child_pids(pid: int) -> list[int]:
 
 
 # -- processes -------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (``unibus.testing.free_port`` for code that
+    runs under an earlier release's venv, which has no ``unibus.testing``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def alive(pid: int | None) -> bool:

@@ -21,6 +21,15 @@ fixtures are available in any test suite that has unibus installed:
     (``--http-tls-cert``) needs ``ca=`` (the CA file its health checks trust);
     its ``base_url`` is then ``https://...`` and ``ssl_context()`` verifies it.
 
+``cluster_factory`` / ``cluster``
+    Three ``membershipd serve`` nodes formed into one cluster on loopback
+    (:class:`Cluster`: route TLS, a route password file, KV replicas 3), the
+    admin bootstrapped and migrated into it; ``kill(i)``, ``restart(i)``
+    (tracked), ``pause(i)``/``resume()``, signed clients per node. Every
+    process of every node is stopped at teardown.
+``unibus_app``
+    membershipd in this process with only the plugins given (:class:`UnibusApp`).
+
 ``make_test_pki(directory)`` makes a client-facing CA with a server
 certificate for 127.0.0.1, ::1 and localhost and a client certificate
 (:class:`PKI`; ``pki.serve_args()`` are the matching ``serve`` flags), and
