@@ -94,17 +94,16 @@ Every process started here is stopped in a ``finally``; everything listens on
 from __future__ import annotations
 
 import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib
+from benchlib import med, ms, pct, proc_cpu_seconds, proc_status_mb
 import argparse
 import asyncio
 import base64
 import contextlib
 import json
-import math
 import os
 import pickle
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +120,7 @@ import nats
 import nkeys
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
+from unibus import testing
 from unibus.client import UnibusClient
 from unibus.client.keys import Identity, generate_identity
 from unibus.plugins.auth_enforce.enforcer import SECOND_SWEEP_AFTER
@@ -128,10 +128,9 @@ from unibus.store import models as m
 from unibus.store.db import make_engine, migrate
 from unibus.store.sqlite import add_member_sync, new_member, new_room_id
 from unibus.supervisor import find_nats_server
-from unibus.testing import MembershipdProcess, free_port, make_test_ca, make_test_cert, run_membershipd
+from unibus.testing import MembershipdProcess
 from unibus.wire import nkey_from_public_key
 
-REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Bus authorization"
 TP_SECTION = "busauth-throughput"  # nested in the busauth section; --only throughput rewrites it alone
 ROOM_SIZE = 10  # members per filler room
@@ -150,41 +149,11 @@ def now() -> float:
     return time.perf_counter()
 
 
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def pct(xs: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between the closest ranks."""
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    k = (len(s) - 1) * q / 100
-    lo, hi = math.floor(k), math.ceil(k)
-    return s[lo] + (s[hi] - s[lo]) * (k - lo)
-
-
-def ms(x: float, digits: int = 0) -> str:
-    return "–" if math.isnan(x) else f"{x * 1000:.{digits}f}"
-
-
 def cell(xs: Sequence[float], digits: int = 0) -> str:
     """median (min…max) in ms."""
     if not xs:
         return "–"
     return f"{ms(med(xs), digits)} ({ms(min(xs), digits)}…{ms(max(xs), digits)})"
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def proc_status_mb(pid: int, key: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 # -- a world: members written straight into a fresh store ------------------------
@@ -1004,38 +973,18 @@ def run_before(ref: str, n: int, tmp: Path) -> BeforeResult:
 # -- a three-node cluster -------------------------------------------------------------------
 
 
-class Cluster:
-    """Three membershipd nodes with route TLS and the KV store (as tests/e2e/test_cluster.py), the
-    world written into node 1's SQLite store and moved into the KV store by ``migrate-to-kv``."""
+class Cluster(testing.Cluster):
+    """Three membershipd nodes with route TLS and the KV store (``unibus.testing.Cluster``), the world
+    written into node 1's SQLite store (``root/n1``) and moved into the KV store by ``migrate-to-kv``."""
 
     def __init__(self, root: Path, world: World) -> None:
-        self.root, self.world = root, world
-        ca = make_test_ca(root / "pki", "route-ca")
-        pass_file = root / "cluster.pass"
-        pass_file.write_text(os.urandom(16).hex() + "\n")
-        pass_file.chmod(0o600)
-        route_ports = [free_port() for _ in range(3)]
-        self.nodes: list[MembershipdProcess] = []
-        for i in range(3):
-            name = f"n{i + 1}"
-            cert = make_test_cert(root / "pki", name, ca)
-            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
-            data = world.data_dir if i == 0 else root / name
-            args = ["--server-name", name, "--cluster-name", "unibus-bench", "--cluster-addr",
-                    f"127.0.0.1:{route_ports[i]}", "--routes", routes, "--cluster-pass-file", str(pass_file),
-                    "--kv-replicas", "3", "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]),
-                    "--route-tls-ca", str(ca[0]), "--bus-auth", "enforce"]
-            self.nodes.append(MembershipdProcess(data, args))
+        assert world.data_dir == root / "n1", world.data_dir
+        super().__init__(root, args=["--bus-auth", "enforce"], name="unibus-bench", metrics=False)
+        self.world = world
 
-    def form(self) -> None:
-        for n in self.nodes:
-            n.start(wait=False)
-        for n in self.nodes:
-            n.wait_healthy(HEALTHY_TIMEOUT)
-        n1 = self.nodes[0]
-        proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url)
-        if proc.returncode != 0:
-            raise RuntimeError(f"migrate-to-kv failed: {proc.stderr.strip()[-2000:]}")
+    def form(self) -> None:  # type: ignore[override]
+        self.start(timeout=HEALTHY_TIMEOUT)
+        self.migrate()
         asyncio.run(self._serving())
 
     async def _serving(self, timeout: float = 120.0) -> None:
@@ -1053,12 +1002,6 @@ class Cluster:
                     if now() > deadline:
                         raise TimeoutError(f"{node.base_url} did not serve the members within {timeout:.0f} s")
                     await asyncio.sleep(0.2)
-
-    def stop(self) -> None:
-        for n in self.nodes:
-            with contextlib.suppress(Exception):
-                n.stop()
-
 
 @dataclass
 class ClusterResult:
@@ -1600,10 +1543,6 @@ def render_throughput(tp: dict[tuple[str, bool], TpSamples], ns: argparse.Namesp
 
 
 
-def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "busauth", HEADING, body)
-
-
 def command_line(ns: argparse.Namespace) -> str:
     """The options of this run, as a reader would type them."""
     if ns.only == "throughput":
@@ -1617,20 +1556,18 @@ def command_line(ns: argparse.Namespace) -> str:
 
 def environment_line(ns: argparse.Namespace, binary: Path, load_before: float, load_after: float,
                      seconds: float) -> str:
-    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout.strip()
     nats_py = getattr(nats, "__version__", None)
     if nats_py is None:
         from importlib.metadata import version as dist_version
 
         nats_py = dist_version("nats-py")
-    return (f"Measured {datetime.now():%Y-%m-%d} by `{command_line(ns)}` in {seconds / 60:.1f} min: "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, {version}, nats-py {nats_py}; 1-minute "
-            f"load average {load_before:.1f} before and {load_after:.1f} after (other work shares the two cores).")
+    measured = benchlib.measured_by(command_line(ns)).replace("`: ", f"` in {seconds / 60:.1f} min: ", 1)
+    return (f"{measured}, {benchlib.nats_server_version(binary)}, nats-py {nats_py}; "
+            f"{benchlib.load_average(load_before, load_after)} (other work shares the two cores).")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="runs of each change per size (default 7)")
+    parser = benchlib.arg_parser(__doc__, "bus authorization", 7, "runs of each change per size")
     parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1000, 10000, 100000],
                         help="membership sizes, comma-separated (default 1000,10000,100000)")
     parser.add_argument("--connects", type=int, default=200,
@@ -1648,9 +1585,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", choices=("throughput",),
                         help="run only this part (throughput: publish throughput, enforce on vs off) and rewrite "
                         "only its subsection of the markdown file")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
-                        help="markdown file whose bus authorization section is rewritten")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--save", type=Path, help="also keep the measurements in this file (pickle)")
     parser.add_argument("--render", type=Path, metavar="SAVED",
                         help="measure nothing: render the measurements a --save kept (same markers, same file)")
@@ -1658,12 +1592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.render is not None:
         with open(ns.render, "rb") as f:
             sizes, before, cluster, tp, saved, env_line, tp_line = pickle.load(f)  # noqa: S301 - our own file
-        body = render(sizes, before, cluster, tp, saved, env_line, tp_line)
-        print(body)
-        if not ns.no_write:
-            write_section(ns.out, body)
-            print(f"wrote the bus authorization section of {ns.out}", file=sys.stderr)
-        return 0
+        return publish(render(sizes, before, cluster, tp, saved, env_line, tp_line), ns)
     if ns.runs < 1 or ns.tp_runs < 1 or ns.msgs < 1 or ns.connects < 1 or ns.storm < 1 or ns.storm_runs < 1:
         parser.error("--runs, --connects, --storm, --storm-runs, --tp-runs and --msgs must be at least 1")
     if not ns.sizes or min(ns.sizes) < 10:
@@ -1713,12 +1642,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(ns.save, "wb") as f:
             pickle.dump((sizes, before, cluster, tp, ns, env_line, tp_line), f)
         os.chmod(ns.save, 0o600)
-    body = render(sizes, before, cluster, tp, ns, env_line, tp_line)
-    print(body)
-    if not ns.no_write:
-        write_section(ns.out, body)
-        print(f"wrote the bus authorization section of {ns.out}", file=sys.stderr)
-    return 0
+    return publish(render(sizes, before, cluster, tp, ns, env_line, tp_line), ns)
+
+
+def publish(body: str, ns: argparse.Namespace) -> int:
+    return benchlib.publish(body, "busauth", HEADING, ns.out, not ns.no_write, "bus authorization")
 
 
 if __name__ == "__main__":

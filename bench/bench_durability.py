@@ -27,7 +27,7 @@ Measured:
    time (SQLite with ``synchronous=FULL`` either way; the nonce claim differs);
 3. single node: after a restart, how long until a freshly signed request is
    served (the nonce floor; before, the file bucket survived the restart);
-4. three nodes (R3, route TLS, built like tests/e2e/clusters.py), unless
+4. three nodes (R3, route TLS: ``unibus.testing.Cluster``), unless
    ``--no-cluster``: membership-write latency and signed throughput through
    one node; and, when strace can attach, the syscall order of one member
    change on every node (the Raft log's fsync against membershipd's ``201``).
@@ -38,29 +38,25 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import PYTHON, REPO
 import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import bench_signed
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "e2e")]  # the cluster and strace helpers of the tests
-PYTHON = sys.executable
+sys.path.insert(0, str(REPO / "tests"))  # the strace helpers of the tests (tests/straced.py)
 SCRIPT = str(Path(__file__).resolve())
 HEADING = "## Durability"
 MODES = ("before", "after")
@@ -90,7 +86,7 @@ def wrapped(node: Any, mode: str) -> None:
     """Make a MembershipdProcess run through the wrapper role (argv: python -m unibus.cli serve ...)."""
     assert node.argv[1:3] == ["-m", "unibus.cli"], node.argv
     node.argv = [PYTHON, SCRIPT, "--role", "daemon", mode, *node.argv[3:]]
-    node.env = bench_signed.daemon_env()
+    node.env = benchlib.daemon_env()
 
 
 # =============================================================================
@@ -148,13 +144,11 @@ async def first_fresh_200(base_url: str, identity: Any, limit: float = 120.0) ->
     """Seconds until a freshly signed GET /v1/me is served, and how many were refused (503) before."""
     import aiohttp
 
-    from unibus.signing import sign_request
-
     t0 = time.perf_counter()
     refused = 0
     async with aiohttp.ClientSession() as s:
         while time.perf_counter() - t0 < limit:
-            headers = sign_request("GET", "/v1/me", None, keyid=identity.handle, private_key=identity.sign_key)
+            headers = benchlib.signed_headers(identity)
             async with s.get(base_url + "/v1/me", headers=headers) as r:
                 await r.read()
                 if r.status == 200:
@@ -166,7 +160,7 @@ async def first_fresh_200(base_url: str, identity: Any, limit: float = 120.0) ->
 
 def throughput(node: Any, identity: Any, ns: argparse.Namespace, scratch: Path, label: str) -> bench_signed.RunResult:
     target = bench_signed.Target(label, label, node.base_url, {"server": node.pid, "nats-server": node.nats_pid()})
-    return bench_signed.run_load(target, bench_signed.sign_batch(identity, ns.requests + ns.warmup), ns.warmup, scratch)
+    return bench_signed.run_load(target, benchlib.sign_batch(identity, ns.requests + ns.warmup), ns.warmup, scratch)
 
 
 def strace_one_change(cluster: Any, admin: Any, scratch: Path) -> list[str]:
@@ -254,10 +248,8 @@ def single_node(ns: argparse.Namespace, tmp: Path, results: dict[str, Mode]) -> 
 
 def cluster(ns: argparse.Namespace, tmp: Path, results: dict[str, Mode]) -> None:
     from bench_failover import wait_streams_ready
-    from clusters import Cluster
-
     from unibus.client.keys import generate_identity
-    from unibus.testing import bootstrap_member, run_membershipd
+    from unibus.testing import Cluster, bootstrap_member
 
     clusters: dict[str, Any] = {}
     alice, bob = generate_identity("alice"), generate_identity("bob")
@@ -269,12 +261,9 @@ def cluster(ns: argparse.Namespace, tmp: Path, results: dict[str, Mode]) -> None
             for node in c.nodes:
                 wrapped(node, mode)
             clusters[mode] = c
-            c.start(0, 1, 2)
-            n1 = c.nodes[0]
-            proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url)
-            if proc.returncode != 0:
-                raise RuntimeError(f"migrate-to-kv failed: {proc.stderr}")
-            results[mode].config["cluster"] = asyncio.run(configuration(n1))
+            c.start()
+            c.migrate()
+            results[mode].config["cluster"] = asyncio.run(configuration(c.nodes[0]))
             print(f"cluster, {mode}: {results[mode].config['cluster']}", file=sys.stderr)
         for c in clusters.values():
             seed = {"nkeys_seed": str(c.nodes[0].data_dir / "service.nkey")}
@@ -316,7 +305,15 @@ def pct(xs: Sequence[float], q: float) -> float:
 
 
 def mmm(xs: Sequence[float], fmt: str = "{:,.0f}") -> str:
-    return " | ".join(fmt.format(v) for v in (min(xs), statistics.median(xs), max(xs)))
+    return benchlib.cells(xs, fmt)
+
+
+def throughput_row(mode: str, runs: Sequence[bench_signed.RunResult], writes: Sequence[float]) -> str:
+    """req/s min | median | max, CPU µs per request of membershipd and nats-server, write p50 and p99 in ms."""
+    return (f"| {mode} | {mmm([r.rps for r in runs])} "
+            f"| {statistics.median([r.cpu_us['server'] for r in runs]):.0f} "
+            f"| {statistics.median([r.cpu_us['nats-server'] for r in runs]):.0f} "
+            f"| {pct(writes, 0.5) * 1e3:.2f} | {pct(writes, 0.99) * 1e3:.2f} |")
 
 
 def cpu_ratios(after: Sequence[bench_signed.RunResult], before: Sequence[bench_signed.RunResult]) -> str:
@@ -344,12 +341,7 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
              f"SQLite transaction with `synchronous=FULL` in both), {ns.writes} one at a time per run."), "",
             "| | req/s min | median | max | CPU µs/req membershipd | nats-server | write p50 ms | write p99 ms |",
             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for mode in MODES:
-        m = results[mode]
-        out.append(f"| {mode} | {mmm([r.rps for r in m.throughput])} "
-                   f"| {statistics.median([r.cpu_us['server'] for r in m.throughput]):.0f} "
-                   f"| {statistics.median([r.cpu_us['nats-server'] for r in m.throughput]):.0f} "
-                   f"| {pct(m.writes, 0.5) * 1e3:.2f} | {pct(m.writes, 0.99) * 1e3:.2f} |")
+    out += [throughput_row(mode, results[mode].throughput, results[mode].writes) for mode in MODES]
     ratios = [x.rps / y.rps for x, y in zip(a.throughput, b.throughput)]
     out += ["", (f"Signed throughput after / before, run by run: {mmm(ratios, '{:.0%}').replace(' | ', ' / ')} "
                  f"(min / median / max; the aim: a drop of at most 5%, i.e. ≥ 95%). CPU per request after / before "
@@ -374,12 +366,7 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
                  "its log, then a follower fsyncs its own before the write is acknowledged."), "",
                 "| | req/s min | median | max | CPU µs/req membershipd | nats-server | write p50 ms | write p99 ms |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for mode in MODES:
-            m = results[mode]
-            out.append(f"| {mode} | {mmm([r.rps for r in m.c_throughput])} "
-                       f"| {statistics.median([r.cpu_us['server'] for r in m.c_throughput]):.0f} "
-                       f"| {statistics.median([r.cpu_us['nats-server'] for r in m.c_throughput]):.0f} "
-                       f"| {pct(m.c_writes, 0.5) * 1e3:.2f} | {pct(m.c_writes, 0.99) * 1e3:.2f} |")
+        out += [throughput_row(mode, results[mode].c_throughput, results[mode].c_writes) for mode in MODES]
         cr = [x.rps / y.rps for x, y in zip(a.c_throughput, b.c_throughput)]
         out += ["", (f"Signed throughput after / before (cluster, run by run): {mmm(cr, '{:.0%}').replace(' | ', ' / ')}. "
                         f"CPU per request after / before (medians): {cpu_ratios(a.c_throughput, b.c_throughput)}.")]
@@ -399,14 +386,9 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
 def environment_line(ns: argparse.Namespace, load_before: float, load_after: float) -> str:
     from importlib.metadata import version
 
-    from unibus.supervisor import find_nats_server
-
-    nats_version = subprocess.run([str(find_nats_server()), "--version"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
-    return (f"Measured {datetime.now():%Y-%m-%d} by `bench/bench_durability.py --runs {ns.runs} --requests "
-            f"{ns.requests} --writes {ns.writes}`: {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-            f"nats-py {version('nats-py')}, {nats_version}; 1-minute load average {load_before:.1f} before and "
-            f"{load_after:.1f} after (everything shares the two cores, other work on the machine included; the "
+    cmd = f"bench/bench_durability.py --runs {ns.runs} --requests {ns.requests} --writes {ns.writes}"
+    return (f"{benchlib.measured_by(cmd)}, nats-py {version('nats-py')}, {benchlib.nats_server_version()}; "
+            f"{benchlib.load_average(load_before, load_after)} (everything shares the two cores, other work on the machine included; the "
             "disk is a virtio disk whose fsync returns in well under a millisecond, so a disk that really flushes "
             "costs more per fsync).")
 
@@ -415,15 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:2] == ["--role", "daemon"]:  # membershipd's own flags follow
         return role_daemon(args[2], args[3:])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs per configuration (default 3)")
+    parser = benchlib.arg_parser(__doc__, "durability", 3, "runs per configuration")
     parser.add_argument("--requests", type=int, default=6000, help="timed signed requests per run (default 6000)")
     parser.add_argument("--warmup", type=int, default=600, help="untimed requests first in each run (default 600)")
     parser.add_argument("--writes", type=int, default=150, help="membership writes per run (default 150)")
     parser.add_argument("--no-cluster", action="store_true", help="single node only")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
-                        help="markdown file whose durability section is rewritten (default docs/benchmarks.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     ns = parser.parse_args(args)
     if ns.runs < 1 or ns.requests < 100 or ns.warmup < 32 or ns.writes < 10:
         parser.error("need --runs ≥ 1, --requests ≥ 100, --warmup ≥ 32, --writes ≥ 10")
@@ -439,11 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     body = render(ns, results, environment_line(ns, load_before, os.getloadavg()[0]))
-    print(body)
-    if not ns.no_write:
-        benchdoc.write_section(ns.out, "durability", HEADING, body)
-        print(f"wrote the durability section of {ns.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(body, "durability", HEADING, ns.out, not ns.no_write)
 
 
 if __name__ == "__main__":

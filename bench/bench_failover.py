@@ -38,17 +38,16 @@ requests). Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import kill_nats_if_alive, ms, sigkill, wait_gone
 import argparse
 import asyncio
 import contextlib
 import json
 import math
 import os
-import platform
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -58,7 +57,6 @@ import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -70,19 +68,9 @@ from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.errors import APIError, NoStreamResponseError
 from unibus.client.keys import Identity, generate_identity
-from unibus.signing import sign_request
 from unibus.supervisor import find_nats_server
-from unibus.testing import (
-    MembershipdProcess,
-    bootstrap_member,
-    free_port,
-    make_test_ca,
-    make_test_cert,
-    nats_server_pids,
-    run_membershipd,
-)
+from unibus.testing import Cluster, free_port, nats_server_pids
 
-REPO = Path(__file__).resolve().parents[1]
 TITLE = "## Cluster failover"
 NONCE_STREAM = "KV_unibus_nonces"
 NONCE_SUBJECT = "$KV.unibus_nonces"
@@ -94,21 +82,14 @@ FAILOVER_LIMIT = 60.0
 #: Pause after a failed attempt (both probes alike): keeps two cores from being
 #: saturated by fast failures, and is the resolution of the measurement.
 RETRY_PAUSE = 0.01
-SECRET_FILE_TEXT = "bench-route-secret\n"
 
 
 # -- small helpers -----------------------------------------------------------------
 
 
-def ms(x: float) -> str:
-    return "–" if math.isnan(x) else f"{x * 1000:.0f}"
-
-
 def cells(samples: Sequence[float]) -> str:
-    samples = [x for x in samples if not math.isnan(x)]
-    if not samples:
-        return "– | – | –"
-    return f"{ms(min(samples))} | {ms(statistics.median(samples))} | {ms(max(samples))}"
+    """min | median | max in ms."""
+    return benchlib.cells(samples, scale=1000)
 
 
 def monitor_json(port: int, path: str, timeout: float = 2.0) -> dict[str, Any] | None:
@@ -127,40 +108,6 @@ def meta_leader(monitor_ports: Sequence[int]) -> str | None:
         if leader:
             return leader
     return None
-
-
-def sigkill(pid: int | None) -> None:
-    if pid:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int | None) -> bool:
-    """The process exists and is not a zombie."""
-    if not pid:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def wait_gone(pid: int | None, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-def kill_nats_if_alive(pid: int | None, marker: str) -> None:
-    """SIGKILL ``pid`` if it is still a live nats-server whose argv names ``marker`` (no pid-reuse accidents)."""
-    if not alive(pid):
-        return
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return
-    if "nats-server" in cmdline and marker in cmdline:
-        sigkill(pid)
 
 
 async def quiet(_e: Exception) -> None:
@@ -324,8 +271,7 @@ async def signed_get_probe(base_url: str, identity: Identity, t0: float, probe: 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
         while True:
             sent = time.perf_counter()
-            headers = sign_request("GET", url.raw_path_qs, None, keyid=identity.handle,
-                                   private_key=identity.sign_key)
+            headers = benchlib.signed_headers(identity, path=url.raw_path_qs)
             try:
                 async with session.get(url, headers=headers, allow_redirects=False) as resp:
                     body = await resp.read()
@@ -483,32 +429,11 @@ async def bare_round(cluster: BareCluster, timeout: float, hold: float) -> BareR
 # -- the membershipd cluster ---------------------------------------------------------------
 
 
-class DaemonCluster:
-    """Three membershipd nodes as in tests/e2e/test_cluster.py."""
+class DaemonCluster(Cluster):
+    """Three membershipd nodes (``unibus.testing.Cluster``, as in tests/e2e/test_cluster.py), no metrics listener."""
 
     def __init__(self, root: Path, admin: Identity, extra_args: Sequence[str]) -> None:
-        self.root = root
-        self.admin = admin
-        pki = root / "pki"
-        ca = make_test_ca(pki, "route-ca")
-        pass_file = root / "cluster.pass"
-        pass_file.write_text(SECRET_FILE_TEXT)
-        pass_file.chmod(0o600)
-        route_ports = [free_port() for _ in range(3)]
-        self.nodes: list[MembershipdProcess] = []
-        for i in range(3):
-            name = f"n{i + 1}"
-            cert = make_test_cert(pki, name, ca)
-            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(route_ports) if j != i)
-            data = root / name
-            if i == 0:
-                bootstrap_member(data, admin, "admin")
-            args = ["--server-name", name, "--cluster-name", "unibus-bench",
-                    "--cluster-addr", f"127.0.0.1:{route_ports[i]}", "--routes", routes,
-                    "--cluster-pass-file", str(pass_file), "--kv-replicas", "3",
-                    "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]), "--route-tls-ca", str(ca[0]),
-                    *extra_args]
-            self.nodes.append(MembershipdProcess(data, args))
+        super().__init__(root, admin, args=extra_args, name="unibus-bench", metrics=False)
 
     @property
     def names(self) -> list[str]:
@@ -517,48 +442,9 @@ class DaemonCluster:
     def service(self, i: int) -> dict[str, Any]:
         return {"nkeys_seed": str(self.nodes[i].data_dir / "service.nkey")}
 
-    def restart(self, i: int) -> None:
-        self.nodes[i] = self.nodes[i].again()
-        self.nodes[i].start(wait=False)
-
-    def stop(self) -> None:
-        for n in self.nodes:
-            with contextlib.suppress(Exception):
-                n.stop()
-
-    async def form(self) -> None:
-        for n in self.nodes:
-            n.start(wait=False)
-        for n in self.nodes:
-            await asyncio.to_thread(n.wait_healthy, FORM_TIMEOUT)
-        n1 = self.nodes[0]
-        proc = await asyncio.to_thread(run_membershipd, "migrate-to-kv", "--data-dir", str(n1.data_dir),
-                                       "--nats-url", n1.nats_url)
-        if proc.returncode != 0:
-            raise RuntimeError(f"migrate-to-kv failed: {proc.stderr.strip()}")
-        for i in range(3):
-            await self.wait_serving(i)
-
-    async def wait_serving(self, i: int, timeout: float = 60.0) -> None:
-        """Until a signed GET /v1/me through node ``i`` answers 200."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            if await self._one_signed_ok(i):
-                return
-            if time.perf_counter() > deadline:
-                raise TimeoutError(f"node n{i + 1} does not serve signed requests within {timeout:.0f} s")
-            await asyncio.sleep(0.2)
-
-    async def _one_signed_ok(self, i: int) -> bool:
-        url = yarl.URL(self.nodes[i].base_url + "/v1/me", encoded=True)
-        headers = sign_request("GET", url.raw_path_qs, None, keyid=self.admin.handle, private_key=self.admin.sign_key)
-        try:
-            async with (aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s,
-                        s.get(url, headers=headers) as resp):
-                await resp.read()
-                return resp.status == 200
-        except (TimeoutError, aiohttp.ClientError):
-            return False
+    async def form(self) -> None:  # type: ignore[override]
+        """Start every node, ``migrate-to-kv`` node 1's store, until every node serves the admin."""
+        await asyncio.to_thread(Cluster.form, self)
 
     async def meta_leader(self) -> str | None:
         """The JetStream meta leader, asked through the system account (the nodes run no monitor)."""
@@ -659,7 +545,7 @@ async def daemon_round(cluster: DaemonCluster, timeout: float, hold: float, raw_
         sigkill(node.pid)
     else:
         sigkill(node.pid)
-    tasks = [asyncio.create_task(signed_get_probe(surv.base_url, cluster.admin, t0, http, timeout, hold))]
+    tasks = [asyncio.create_task(signed_get_probe(surv.base_url, cluster.identity, t0, http, timeout, hold))]
     if raw_nc is not None:
         tasks.append(asyncio.create_task(raw_publish_probe(raw_nc, t0, raw, timeout, stop, f"{NONCE_SUBJECT}.bench")))
     try:
@@ -686,7 +572,7 @@ async def daemon_round(cluster: DaemonCluster, timeout: float, hold: float, raw_
 
     cluster.restart(victim)
     await asyncio.to_thread(cluster.nodes[victim].wait_healthy, FORM_TIMEOUT)
-    await cluster.wait_serving(victim)
+    await asyncio.to_thread(cluster.wait_member, victim, cluster.identity, 60.0)
     await cluster.leaders()
     if http.success_at is None:
         raise RuntimeError(f"membershipd: no signed request succeeded within {FAILOVER_LIMIT} s ({http.summary()})")
@@ -794,16 +680,10 @@ def _failures(p: Probe) -> str:
     return ", ".join(f"{k} ×{v} ({p.time_in[k]:.1f} s)" for k, v in sorted(fails.items(), key=lambda kv: -kv[1]))
 
 
-def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "failover", TITLE, body)
-
-
 def environment_line(runs: int, binary: Path, load_before: float, load_after: float, argv: Sequence[str]) -> str:
-    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout.strip()
     cmd = " ".join(["bench/bench_failover.py", *argv])
-    return (f"Measured {datetime.now():%Y-%m-%d} by `{cmd}`: {os.cpu_count()} CPUs, Python "
-            f"{platform.python_version()}, {version}; 1-minute load average {load_before:.1f} before and "
-            f"{load_after:.1f} after. nats-server's Raft followers start an election 4–9 s (random) after the last "
+    return (f"{benchlib.measured_by(cmd)}, {benchlib.nats_server_version(binary)}; "
+            f"{benchlib.load_average(load_before, load_after)}. nats-server's Raft followers start an election 4–9 s (random) after the last "
             f"heartbeat they heard (one a second), so single kills spread over seconds whatever the client does; "
             f"compare medians, and the per-kill gaps after the election.")
 
@@ -864,8 +744,7 @@ async def run(ns: argparse.Namespace, tmp: Path) -> Results:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="kills per cluster (default 5)")
+    parser = benchlib.arg_parser(__doc__, "failover", 5, "kills per cluster")
     parser.add_argument("--timeout", type=float, default=1.0,
                         help="client timeout of each attempt in seconds (default 1.0)")
     parser.add_argument("--hold", type=float, default=15.0,
@@ -879,13 +758,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="skip the kills of membershipd alone (nats-server left to its PDEATHSIG SIGTERM)")
     parser.add_argument("--only", choices=("bare", "membershipd"), help="measure one cluster only (implies --no-write)")
     parser.add_argument("--note", default="", help="one sentence added to the description in the markdown")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the survivor's log after each kill")
     raw_argv = list(sys.argv[1:] if argv is None else argv)
-    ns = parser.parse_args(raw_argv)
-    if ns.runs < 1:
-        parser.error("--runs must be at least 1")
+    ns = benchlib.parse(parser, raw_argv)
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-failover-"))
     try:
@@ -906,11 +781,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = render(ns.runs, ns.timeout, ns.hold, res,
                   environment_line(ns.runs, find_nats_server(), load_before, os.getloadavg()[0], shown_argv),
                   [a for name in ns.disable_plugin for a in ("--disable-plugin", name)], ns.note)
-    print(body)
-    if not ns.no_write:
-        write_section(ns.out, body)
-        print(f"wrote the failover section of {ns.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(body, "failover", TITLE, ns.out, not ns.no_write)
 
 
 if __name__ == "__main__":

@@ -18,22 +18,19 @@ Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
 import argparse
 import http.client
 import os
-import platform
 import signal
 import statistics
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 from unibus.testing import MembershipdProcess, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 BUDGET_MS = 50.0
 
 
@@ -112,9 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()[0]
     verdict = "within" if worst_healthz <= BUDGET_MS else "**over**"
     body = (
-        f"Measured {date.today().isoformat()} by `bench/bench_healthz.py --requests {args.requests}`: "
-        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; 1-minute load average "
-        f"{load_before:.1f} before and {load_after:.1f} after.\n\n"
+        f"{benchlib.measured_by(f'bench/bench_healthz.py --requests {args.requests}')}; "
+        f"{benchlib.load_average(load_before, load_after)}.\n\n"
         "Sequential GETs over one kept-alive connection to a real `membershipd serve` (embedded nats-server, "
         "`--metrics-addr`), in milliseconds. /healthz reads what the background prober last saw (every 1 s, "
         "each probe within 1 s) and makes no NATS round trip itself, so freezing nats-server changes its "
@@ -125,10 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         f"The slowest /healthz of all phases took {worst_healthz:.1f} ms: {verdict} the {BUDGET_MS:.0f} ms "
         "budget.\n"
     )
-    print(body)
-    if not args.no_write:
-        benchdoc.write_section(REPO / "docs" / "benchmarks.md", "healthz", "## /healthz under a frozen NATS", body)
-    return 0
+    return benchlib.publish(body, "healthz", "## /healthz under a frozen NATS", write=not args.no_write)
 
 
 if __name__ == "__main__":

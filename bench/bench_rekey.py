@@ -49,17 +49,16 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import IDLE_LEAVES, med, parse_frames, proc_cpu_seconds, pyspy_binary
 import argparse
 import asyncio
 import collections
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -70,8 +69,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 HEADING = "## Rekey"
 SUITES = ("X25519", "MLKEM768_X25519")
 SIZES = (10, 100, 500, 1000)  # 500: an extra point to tell linear growth from noise
@@ -82,21 +79,6 @@ AIM_SECONDS = 1.0
 
 
 # -- helpers -------------------------------------------------------------------------
-
-
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def ms_cells(xs: Sequence[float]) -> str:
-    v = [x * 1000 for x in xs]
-    return f"{min(v):.1f} | {statistics.median(v):.1f} | {max(v):.1f}"
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU time of a live process (all its threads), clock-tick resolution."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def handle_of(suite: str, i: int) -> str:
@@ -291,18 +273,7 @@ async def measure(base_url: str, world: World, server_pid: int, runs: int, resul
 
 # -- where the server's time goes: py-spy ------------------------------------------------
 
-_FRAME = re.compile(r"^(.*) \((.*):(\d+)\)$")
-_IDLE_LEAVES = {("_worker", "concurrent/futures/thread.py"), ("ThreadedChildWatcher._do_waitpid", "asyncio/unix_events.py"),
-                ("Condition.wait", "threading.py"), ("Event.wait", "threading.py"), ("select", "selectors.py"),
-                ("EpollSelector.select", "selectors.py")}
-
-
-def _frames(stack: str) -> list[tuple[str, str, int]]:
-    out = []
-    for raw in stack.split(";"):
-        m = _FRAME.match(raw)
-        out.append((m.group(1), m.group(2), int(m.group(3))) if m else (raw, "", 0))
-    return out
+_IDLE_LEAVES = IDLE_LEAVES | {("select", "selectors.py"), ("EpollSelector.select", "selectors.py")}
 
 
 def _has(frames: list[tuple[str, str, int]], pred: Callable[[str, str], bool]) -> bool:
@@ -407,7 +378,7 @@ def summarize(path: Path, posts: int, post_wall: list[float], cpu_seconds: float
         if stack.startswith("thread ("):  # --threads: the first frame names the thread
             head, _, stack = stack.partition(";")
             thread = head.partition("): ")[2]
-        frames = _frames(stack)
+        frames = parse_frames(stack)
         if not frames or (frames[-1][0], frames[-1][1]) in _IDLE_LEAVES:
             continue
         n = int(count)
@@ -415,11 +386,6 @@ def summarize(path: Path, posts: int, post_wall: list[float], cpu_seconds: float
         centres[classify(thread, frames, pk)] += n
         top[re.sub(r":\d+\)$", ")", stack.split(";")[-1])] += n
     return Profile(total, posts, post_wall, cpu_seconds, dict(centres), [(n, f) for f, n in top.most_common(12)])
-
-
-def pyspy_binary() -> str | None:
-    local = Path(PYTHON).parent / "py-spy"
-    return str(local) if local.is_file() else shutil.which("py-spy")
 
 
 async def profile_workload(base_url: str, world: World, server_pid: int,
@@ -653,40 +619,20 @@ def render(ns: argparse.Namespace, res: Results, prof: Profile | None, env_line:
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "rekey", HEADING, body)
-
-
 def environment_line(runs: int, load_before: float, load_after: float) -> str:
     import cryptography
-    from unibus.supervisor import find_nats_server
 
-    nats_version = subprocess.run([str(find_nats_server()), "--version"], capture_output=True, text=True, check=False).stdout.strip()
-    return (f"Measured {datetime.now():%Y-%m-%d} by `bench/bench_rekey.py --runs {runs}`: {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, cryptography {cryptography.__version__}, {nats_version}; "
-            f"membershipd with the SQLite store and bus auth enforce, client and server on loopback; 1-minute "
-            f"load average {load_before:.1f} before and {load_after:.1f} after.")
-
-
-def daemon_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    env["UNIBUS_LOG_LEVEL"] = "WARNING"
-    return env
+    return (f"{benchlib.measured_by(f'bench/bench_rekey.py --runs {runs}')}, cryptography {cryptography.__version__}, "
+            f"{benchlib.nats_server_version()}; membershipd with the SQLite store and bus auth enforce, client and "
+            f"server on loopback; {benchlib.load_average(load_before, load_after)}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=7, help="rounds (default 7)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
-                        help="markdown file whose rekey section is rewritten (default docs/benchmarks.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
+    parser = benchlib.arg_parser(__doc__, "rekey", 7, "rounds")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy profile")
     parser.add_argument("--keep-profile", type=Path, help="copy py-spy's raw (collapsed) stacks to this file")
-    ns = parser.parse_args(argv)
-    if ns.runs < 1:
-        parser.error("--runs must be at least 1")
+    ns = benchlib.parse(parser, argv)
 
-    from unibus.testing import MembershipdProcess
 
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-rekey-"))
@@ -698,9 +644,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         world = build_world(tmp / "data")
         print(f"set-up: {2 * max(SIZES)} members, {len(world.rooms)} rooms in {time.perf_counter() - t:.1f} s",
               file=sys.stderr)
-        daemon = MembershipdProcess(tmp / "data")
-        daemon.env = daemon_env()
-        daemon.start(timeout=60)
+        daemon = benchlib.start_membershipd(tmp / "data")
         asyncio.run(measure(daemon.base_url, world, daemon.pid, ns.runs, results))
         spy = None if ns.no_profile else pyspy_binary()
         if spy:
@@ -718,11 +662,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     load_after = os.getloadavg()[0]
     body = render(ns, results, prof, environment_line(ns.runs, load_before, load_after), (load_before + load_after) / 2)
-    print(body)
-    if not ns.no_write:
-        write_section(ns.out, body)
-        print(f"wrote the rekey section of {ns.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(body, "rekey", HEADING, ns.out, not ns.no_write)
 
 
 if __name__ == "__main__":

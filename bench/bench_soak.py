@@ -32,11 +32,10 @@ import aiohttp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-import benchdoc  # noqa: E402
+import benchlib  # noqa: E402
 
 from unibus.client import UnibusClient  # noqa: E402
 from unibus.client.keys import generate_identity  # noqa: E402
-from unibus.signing import sign_request  # noqa: E402
 from unibus.testing import MembershipdProcess, bootstrap_member  # noqa: E402
 
 WARMUP_SLICES = 2
@@ -47,12 +46,7 @@ def proc_sample(pid: int | None) -> tuple[float, int]:
     """(RSS in MiB, open file descriptors) of ``pid``, from /proc."""
     if pid is None:
         return float("nan"), -1
-    rss_kib = 0
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss_kib = int(line.split()[1])
-    return rss_kib / 1024, len(os.listdir(f"/proc/{pid}/fd"))
+    return benchlib.proc_status_mb(pid), len(os.listdir(f"/proc/{pid}/fd"))
 
 
 async def reads(base_url: str, identity, n: int, concurrency: int) -> int:
@@ -63,7 +57,7 @@ async def reads(base_url: str, identity, n: int, concurrency: int) -> int:
     async def worker(session: aiohttp.ClientSession) -> None:
         nonlocal bad
         for _ in todo:
-            headers = sign_request("GET", "/v1/me", None, keyid=identity.handle, private_key=identity.sign_key)
+            headers = benchlib.signed_headers(identity)
             async with session.get(base_url + "/v1/me", headers=headers) as r:
                 await r.read()
                 bad += r.status != 200
@@ -105,9 +99,9 @@ def render(ns: argparse.Namespace, rows: list[tuple], seconds: float, load: tupl
     peak_after = max(r[1] for r in rows[WARMUP_SLICES:]) - base[1]
     verdict = "within" if max(growth, peak_after) < AIM_MIB else "over"
     lines = [
-        f"Measured {time.strftime('%Y-%m-%d')} by `bench/bench_soak.py --requests {ns.requests} --every {ns.every} "
-        f"--writes {ns.writes} --concurrency {ns.concurrency}`: {os.cpu_count()} CPUs, Python "
-        f"{sys.version.split()[0]}; 1-minute load average {load[0]:.1f} before and {load[1]:.1f} after; "
+        benchlib.measured_by(f"bench/bench_soak.py --requests {ns.requests} --every {ns.every} --writes {ns.writes} "
+                             f"--concurrency {ns.concurrency}")
+        + f"; {benchlib.load_average(*load)}; "
         f"{ns.requests:,} signed requests and {ns.writes * (len(rows) - 1):,} membership writes in {seconds:.0f} s.",
         "",
         f"One membershipd (SQLite, embedded nats-server). Signed `GET /v1/me`, {ns.concurrency} in flight, each a "
@@ -159,10 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             node.stop()
     body = render(ns, rows, seconds, (load_before, os.getloadavg()[0]))
-    print(body)
-    if not ns.no_write:
-        benchdoc.write_section(REPO / "docs" / "benchmarks.md", "soak", "## Soak", body)
-    return 0
+    return benchlib.publish(body, "soak", "## Soak", write=not ns.no_write)
 
 
 if __name__ == "__main__":

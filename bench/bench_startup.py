@@ -24,18 +24,15 @@ Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
-import argparse
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import PYTHON, child_pids, daemon_env, kill_nats_if_alive, proc_cpu_seconds, stop_process
 import asyncio
-import contextlib
 import http.client
 import json
 import os
-import platform
 import re
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -50,8 +47,6 @@ import nats
 from unibus.supervisor import find_nats_server
 from unibus.testing import free_port
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 MEMBERSHIPD = str(Path(sys.executable).parent / "membershipd")
 POLL_INTERVAL = 0.005
 HEALTHZ_TIMEOUT = 30.0
@@ -71,17 +66,10 @@ class Series:
         return statistics.median(self.samples)
 
     def cells(self) -> str:
-        ms = [s * 1000 for s in self.samples]
-        return f"{min(ms):.0f} | {statistics.median(ms):.0f} | {max(ms):.0f}"
+        return benchlib.cells(self.samples, scale=1000)
 
     def cpu_cell(self) -> str:
         return f"{statistics.median(self.cpu) * 1000:.0f}" if self.cpu else "–"
-
-
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU time a live process has used so far (clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def healthz_status(port: int) -> int | None:
@@ -94,35 +82,6 @@ def healthz_status(port: int) -> int | None:
         return None
     finally:
         conn.close()
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    """SIGTERM, then SIGKILL if it does not stop in time."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def child_pids(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
-
-
-def kill_if_ours(pid: int, marker: str) -> None:
-    """SIGKILL ``pid`` only if it is still a nats-server started for ``marker`` (no pid reuse accidents)."""
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-    except OSError:
-        return
-    if "nats-server" in cmdline and marker in cmdline:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 # -- (a) membershipd serve to the first /healthz 200 --------------------------
@@ -142,8 +101,7 @@ def run_daemon_once(data_dir: Path, log_path: Path) -> DaemonRun:
     argv = [MEMBERSHIPD, "serve", "--data-dir", str(data_dir),
             "--http-addr", f"127.0.0.1:{http_port}", "--nats-addr", f"127.0.0.1:{nats_port}",
             "--nats-monitor-port", str(monitor_port)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    env["UNIBUS_LOG_LEVEL"] = "INFO"
+    env = daemon_env("INFO")
     with open(log_path, "wb") as log:
         wall0 = time.time()
         t0 = time.perf_counter()
@@ -164,9 +122,9 @@ def run_daemon_once(data_dir: Path, log_path: Path) -> DaemonRun:
             nats_children = child_pids(proc.pid)
         finally:
             nats_children = nats_children or child_pids(proc.pid)
-            stop_process(proc)
+            stop_process(proc, 15.0)
             for pid in nats_children:  # membershipd stops its nats-server; this is a safety net
-                kill_if_ours(pid, str(data_dir))
+                kill_nats_if_alive(pid, str(data_dir))
     phases = []
     for line in log_path.read_text(errors="replace").splitlines():
         m = _LOG_TS.match(line)
@@ -322,7 +280,7 @@ def run_nats_once(binary: Path, store: Path) -> tuple[float, float]:
         asyncio.run(_kv_ready(f"nats://127.0.0.1:{port}", HEALTHZ_TIMEOUT))
         return time.perf_counter() - t0, proc_cpu_seconds(proc.pid)
     finally:
-        stop_process(proc)
+        stop_process(proc, 15.0)
 
 
 # -- report ----------------------------------------------------------------------
@@ -399,15 +357,10 @@ def render(runs: int, rows: dict[str, Series], cold: list[DaemonRun], warm: list
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "startup", "## Start-up", body)
-
-
 def environment_line(runs: int, binary: Path, load_before: float, load_after: float) -> str:
-    nats_version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    line = (f"Measured {datetime.now():%Y-%m-%d} by `bench/bench_startup.py --runs {runs}`: {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}, {nats_version}; 1-minute load average {load_before:.1f} before "
-            f"and {load_after:.1f} after (other work on the machine shows up as noise in min/max).")
+    line = (f"{benchlib.measured_by(f'bench/bench_startup.py --runs {runs}')}, {benchlib.nats_server_version(binary)}; "
+            f"{benchlib.load_average(load_before, load_after)} (other work on the machine shows up as noise in "
+            "min/max).")
     if os.environ.get("PYTHONDONTWRITEBYTECODE"):
         line += (" PYTHONDONTWRITEBYTECODE was set, so unibus's own modules (an editable install) were "
                  "compiled from source on every start.")
@@ -415,14 +368,8 @@ def environment_line(runs: int, binary: Path, load_before: float, load_after: fl
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="runs per measurement (default 5)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md",
-                        help="markdown file whose start-up section is rewritten (default docs/benchmarks.md)")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
-    ns = parser.parse_args(argv)
-    if ns.runs < 1:
-        parser.error("--runs must be at least 1")
+    parser = benchlib.arg_parser(__doc__, "start-up", 5, "runs per measurement")
+    ns = benchlib.parse(parser, argv)
     if not Path(MEMBERSHIPD).is_file():
         parser.error(f"{MEMBERSHIPD} not found; run this with the project venv's python")
 
@@ -483,11 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     env_line = environment_line(ns.runs, binary, load_before, os.getloadavg()[0])
     body = render(ns.runs, rows, cold, warm, breakdown, offenders, env_line)
-    print(body)
-    if not ns.no_write:
-        write_section(ns.out, body)
-        print(f"wrote the start-up section of {ns.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(body, "startup", "## Start-up", ns.out, not ns.no_write, "start-up")
 
 
 if __name__ == "__main__":

@@ -41,25 +41,22 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import daemon_env, med, start_membershipd
 from benchlog import entry_count
 import argparse
 import asyncio
 import json
 import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
 HEADING = "## Verification: rekeys, the log, signed messages"
 SUITES = ("X25519", "MLKEM768_X25519")
 ROOM_SIZE = 1000
@@ -69,27 +66,8 @@ MSG_AIM, MSG_RATIO_AIM = 5000, 0.40
 PAYLOAD = 256
 
 
-def med(xs: Sequence[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
 def cells(xs: Sequence[float], scale: float = 1000.0, fmt: str = ".0f") -> str:
-    v = [x * scale for x in xs]
-    return f"{min(v):{fmt}} / **{statistics.median(v):{fmt}}** / {max(v):{fmt}}"
-
-
-def daemon_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    env["UNIBUS_LOG_LEVEL"] = "WARNING"
-    return env
-
-
-def start_daemon(data_dir: Path, admin: Any, *args: str) -> Any:
-    from unibus.testing import MembershipdProcess
-
-    d = MembershipdProcess(data_dir, args)
-    d.env = daemon_env()
-    return d.start(timeout=60)
+    return benchlib.cells(xs, "{:" + fmt + "}", scale, sep=" / ", bold=True)
 
 
 # -- set-up, offline (bench/benchlog.py) ------------------------------------------------
@@ -494,18 +472,14 @@ def environment_line(ns: argparse.Namespace, load_before: float, load_after: flo
     import cryptography
     import nacl
 
-    return (f"Measured {datetime.now():%Y-%m-%d} by `bench/bench_verify.py --runs {ns.runs} --messages {ns.messages}`: "
-            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, cryptography {cryptography.__version__}, "
-            f"PyNaCl {nacl.__version__}; membershipd with the SQLite store, client and server on loopback; 1-minute "
-            f"load average {load_before:.1f} before and {load_after:.1f} after.")
+    return (f"{benchlib.measured_by(f'bench/bench_verify.py --runs {ns.runs} --messages {ns.messages}')}, "
+            f"cryptography {cryptography.__version__}, PyNaCl {nacl.__version__}; membershipd with the SQLite store, "
+            f"client and server on loopback; {benchlib.load_average(load_before, load_after)}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", type=int, default=5, help="rounds (default 5)")
+    parser = benchlib.arg_parser(__doc__, "verify", 5, "rounds")
     parser.add_argument("--messages", type=int, default=20000, help="messages per run (default 20000)")
-    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--role", choices=("send", "listen"), help=argparse.SUPPRESS)
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--room", help=argparse.SUPPRESS)
@@ -535,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             bootstrap_member(tmp / suite, admin, "admin")
             rid = big_room(tmp / suite, admin, suite)
             print(f"{suite}: a {ROOM_SIZE}-member room written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-            d = start_daemon(tmp / suite, admin)
+            d = start_membershipd(tmp / suite)
             daemons.append(d)
             rk[suite] = {"empty": [], "unverified": [], "warm": []}
             rk[suite]["entries"] = [float(entry_count(tmp / suite))]
@@ -559,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         bootstrap_member(tmp / "log", admin, "admin")
         big_log(tmp / "log", admin)
         print(f"a {entry_count(tmp / 'log')}-entry log written in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        d = start_daemon(tmp / "log", admin)
+        d = start_membershipd(tmp / "log")
         daemons.append(d)
         log_entries = asyncio.run(measure_log(d.base_url, admin, ns.runs, lg))
     finally:
@@ -569,11 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     units = unit_costs()
     body = render(ns, rk, phases, log_entries, lg, msgs, units,
                   environment_line(ns, load_before, os.getloadavg()[0]))
-    print(body)
-    if not ns.no_write:
-        benchdoc.write_section(ns.out, "verify", HEADING, body)
-        print(f"wrote the verify section of {ns.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(body, "verify", HEADING, ns.out, not ns.no_write)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,15 @@ fixtures are available in any test suite that has unibus installed:
     (``--http-tls-cert``) needs ``ca=`` (the CA file its health checks trust);
     its ``base_url`` is then ``https://...`` and ``ssl_context()`` verifies it.
 
+``cluster_factory`` / ``cluster``
+    Three ``membershipd serve`` nodes formed into one cluster on loopback
+    (:class:`Cluster`: route TLS, a route password file, KV replicas 3), the
+    admin bootstrapped and migrated into it; ``kill(i)``, ``restart(i)``
+    (tracked), ``pause(i)``/``resume()``, signed clients per node. Every
+    process of every node is stopped at teardown.
+``unibus_app``
+    membershipd in this process with only the plugins given (:class:`UnibusApp`).
+
 ``make_test_pki(directory)`` makes a client-facing CA with a server
 certificate for 127.0.0.1, ::1 and localhost and a client certificate
 (:class:`PKI`; ``pki.serve_args()`` are the matching ``serve`` flags), and
@@ -36,6 +45,7 @@ import contextlib
 import copy
 import json
 import os
+import select
 import signal
 import socket
 import ssl
@@ -390,6 +400,13 @@ class MembershipdProcess:
         return self.proc.returncode
 
 
+    def stop_family(self) -> None:
+        """:meth:`stop` every process of this node: the first and each :meth:`again` of it."""
+        for p in self.family:
+            with contextlib.suppress(Exception):
+                p.stop()
+
+
 def signal_pidfd(fd: int, sig: int) -> bool:
     """Send ``sig`` to the process a pidfd names; False when it has already exited."""
     try:
@@ -536,14 +553,11 @@ class UnibusApp:
         if not any(a.split("=", 1)[0] == "--bus-auth" for a in args):
             argv += ["--bus-auth", "off"]
         self.settings = settings_for("serve", argv, self.plugins, {} if env is None else env)
+        self.base_url = f"http://127.0.0.1:{self.settings.http_addr.port}"
         self.daemon: Any = None
         self._loop: _LoopThread | None = None
         self.admin = SignedClient(self.base_url, None)
         self.anonymous = SignedClient(self.base_url, None)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.settings.http_addr.port}"
 
     @property
     def app(self) -> Any:
@@ -596,7 +610,222 @@ class UnibusApp:
             loop.close()
 
 
+# -- a cluster of membershipd nodes -----------------------------------------------
+
+CLUSTER_FORM_TIMEOUT = 120.0
+
+
+class Cluster:
+    """Three membershipd nodes that form one cluster on loopback (docs/plugins.md, "Testing").
+
+    The nodes run as the operations guide builds one (docs/operations.md,
+    "Flags and environment" and "Posture and the cluster gate"): a cluster
+    name, routes to the other nodes, a route password in a 0600 file, mutual
+    route TLS from a throwaway route CA, KV buckets of 3 replicas, and each
+    its metrics listener (``metrics_ports``). ``args`` are extra ``serve``
+    flags for every node (your plugin's own, ``--disable-plugin``...);
+    ``plugins`` are module names loaded with ``--plugin`` (importable from
+    this test's ``sys.path``, nothing to install).
+
+    ``admin`` (an ``unibus.client.keys.Identity``) is bootstrapped offline on
+    node 1; :meth:`migrate` then moves node 1's store into the formed
+    cluster (``membershipd migrate-to-kv``, docs/operations.md, "Bootstrapping
+    the first admin"). Without ``admin`` every node starts empty.
+
+    Restarts are tracked: :meth:`restart` starts ``nodes[i].again()``, which
+    joins the node's ``family``, and :meth:`stop` stops every process of every
+    family. Signals to a nats-server, or to a paused node, go through pidfds:
+    never to a pid another process reused.
+    """
+
+    def __init__(self, directory: Path, admin: Any = None, *, args: Sequence[str] = (),
+                 plugins: Sequence[str] = (), env: dict[str, str] | None = None, size: int = 3,
+                 name: str = "unibus-test", secret: str | None = None, metrics: bool = True,
+                 data_dirs: Sequence[Path | None] = ()) -> None:
+        import secrets
+
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.directory = directory
+        self.identity = admin
+        self.secret = secret or secrets.token_urlsafe(24)
+        self.pass_file = directory / "cluster.pass"
+        fd = os.open(self.pass_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(self.secret + "\n")
+        pki = directory / "pki"
+        self.ca = make_test_ca(pki, "route-ca")
+        self.route_ports = [free_port() for _ in range(size)]
+        self.metrics_ports = [free_port() for _ in range(size)] if metrics else []
+        env = dict(env or {})
+        if plugins:  # the nodes import --plugin modules from the same sys.path as this test
+            env["PYTHONPATH"] = os.pathsep.join([p for p in sys.path if p] + [env.get("PYTHONPATH", "")])
+        given = list(data_dirs) + [None] * size
+        self.nodes: list[MembershipdProcess] = []
+        self._paused: list[int] = []
+        for i in range(size):
+            node = f"n{i + 1}"
+            cert = make_test_cert(pki, node, self.ca)
+            routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
+            data = given[i] or directory / node
+            if i == 0 and admin is not None:
+                bootstrap_member(data, admin, "admin")
+            node_args = ["--server-name", node, "--cluster-name", name,
+                         "--cluster-addr", f"127.0.0.1:{self.route_ports[i]}", "--routes", routes,
+                         "--cluster-pass-file", str(self.pass_file), "--kv-replicas", str(size),
+                         "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]),
+                         "--route-tls-ca", str(self.ca[0])]
+            if metrics:
+                node_args += ["--metrics-addr", f"127.0.0.1:{self.metrics_ports[i]}"]
+            node_args += [a for m in plugins for a in ("--plugin", m)] + list(args)
+            self.nodes.append(MembershipdProcess(data, node_args, env))
+
+    # -- life cycle
+
+    def start(self, *indexes: int, timeout: float = CLUSTER_FORM_TIMEOUT) -> Cluster:
+        """Start the nodes given (all by default) together and wait until each answers ``/healthz`` 200."""
+        chosen = indexes or tuple(range(len(self.nodes)))
+        for i in chosen:
+            self.nodes[i].start(wait=False)
+        for i in chosen:
+            self.nodes[i].wait_healthy(timeout=timeout)
+        return self
+
+    def migrate(self) -> subprocess.CompletedProcess[str]:
+        """``membershipd migrate-to-kv`` of node 1's store into the running cluster; raises if it fails."""
+        n1 = self.nodes[0]
+        proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url,
+                               timeout=CLUSTER_FORM_TIMEOUT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"migrate-to-kv failed: {proc.stderr.strip()[-2000:]}")
+        return proc
+
+    def form(self, timeout: float = CLUSTER_FORM_TIMEOUT) -> Cluster:
+        """Start every node, move node 1's store into the cluster and wait until every node serves the admin."""
+        self.start(timeout=timeout)
+        if self.identity is not None:
+            self.migrate()
+            for i in range(len(self.nodes)):
+                self.wait_member(i, self.identity, timeout)
+        return self
+
+    def restart(self, i: int, wait: bool = False, timeout: float = CLUSTER_FORM_TIMEOUT) -> MembershipdProcess:
+        """Start node ``i`` again (after :meth:`kill` or its ``stop()``); tracked, so teardown stops it."""
+        self.nodes[i] = self.nodes[i].again().start(wait=wait, timeout=timeout)
+        return self.nodes[i]
+
+    def kill(self, i: int, timeout: float = 10.0) -> None:
+        """A crash of node ``i``: its nats-server first (SIGKILL, no graceful hand-over), then membershipd."""
+        node = self.nodes[i]
+        fd = node.nats_handle()
+        try:
+            if fd is not None:
+                signal_pidfd(fd, signal.SIGKILL)
+            node.send_signal(signal.SIGKILL)
+            node.wait(timeout)
+            if fd is not None:  # a pidfd turns readable once its process exited
+                select.select([fd], [], [], timeout)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def pids(self, i: int) -> list[int]:
+        """membershipd's pid and its nats-server's (when it has one) of node ``i``."""
+        node = self.nodes[i]
+        nats_pid = node.nats_pid()
+        return [node.pid] + ([nats_pid] if nats_pid else [])
+
+    def pause(self, i: int) -> list[int]:
+        """SIGSTOP the whole node (nats-server, then membershipd); returns the pidfds :meth:`resume` takes."""
+        node = self.nodes[i]
+        if node.proc is None or node.proc.poll() is not None:
+            raise RuntimeError(f"node n{i + 1} is not running")
+        fds = [os.pidfd_open(node.pid)]  # our child, not reaped: the pid is still its own
+        nats = node.nats_handle()
+        if nats is not None:
+            fds.append(nats)
+        for fd in reversed(fds):
+            signal_pidfd(fd, signal.SIGSTOP)
+        self._paused += fds
+        return fds
+
+    def resume(self, fds: Sequence[int]) -> None:
+        """SIGCONT what :meth:`pause` stopped (through its pidfds, which it closes)."""
+        for fd in fds:
+            if fd in self._paused:
+                self._paused.remove(fd)
+                signal_pidfd(fd, signal.SIGCONT)
+                os.close(fd)
+
+    def stop(self) -> None:
+        """Stop every process of every node, restarts included (a paused node is resumed first)."""
+        self.resume(list(self._paused))
+        for node in self.nodes:
+            node.stop_family()
+
+    # -- clients
+
+    @property
+    def admin(self) -> SignedClient:
+        """A :class:`SignedClient` of the admin, on node 1."""
+        return self.client(0)
+
+    def client(self, i: int, identity: Any = None) -> SignedClient:
+        """A :class:`SignedClient` on node ``i``, signing as ``identity`` (the admin by default)."""
+        return SignedClient(self.nodes[i].base_url, self.identity if identity is None else identity)
+
+    def member(self, handle: str, role: str = "member", node: int = 0) -> Any:
+        """Add a member through node ``node`` (as the admin); returns its ``Identity``."""
+        from .client.keys import generate_identity
+
+        identity = generate_identity(handle)
+        status, body = self.client(node).post("/v1/members", {
+            "handle": handle, "role": role, "sign_pub": identity.sign_pub_b64, "enc_pub": identity.enc_pub_b64,
+            "enc_suite": identity.enc_suite, "bus_pub": identity.bus_pub})
+        if status != 201:
+            raise RuntimeError(f"adding member {handle!r} failed: {status} {body}")
+        return identity
+
+    def wait_member(self, i: int, identity: Any, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Until node ``i`` answers a signed ``GET /v1/me`` of ``identity`` with 200 (its KV watch has the member)."""
+        client = self.client(i, identity)
+        deadline = time.monotonic() + timeout
+        last: Any = None
+        while time.monotonic() < deadline:
+            try:
+                last = client.get("/v1/me", timeout=5.0)
+                if last[0] == 200:
+                    return
+            except OSError as e:  # the node is (re)starting
+                last = e
+            time.sleep(0.1)
+        raise TimeoutError(f"node n{i + 1} did not serve {identity.handle!r} within {timeout}s (last: {last})")
+
+
 # -- fixtures -------------------------------------------------------------------
+
+
+class _Made:
+    """What a factory fixture made: ``add(thing)`` it, and at the end of ``with`` each is stopped
+    (``stop(thing)``), whatever the test did; ``directory()`` is a fresh one under ``tmp_path``."""
+
+    def __init__(self, tmp_path: Path, prefix: str, stop: Callable[[Any], Any]) -> None:
+        self.tmp_path, self.prefix, self.stop = tmp_path, prefix, stop
+        self.things: list[Any] = []
+
+    def directory(self) -> Path:
+        return self.tmp_path / f"{self.prefix}-{len(self.things)}"
+
+    def add(self, thing: Any) -> Any:
+        self.things.append(thing)
+        return thing
+
+    def __enter__(self) -> _Made:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for thing in self.things:
+            with contextlib.suppress(Exception):
+                self.stop(thing)
 
 
 @pytest.fixture
@@ -618,23 +847,15 @@ def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
 @pytest.fixture
 def membershipd_factory(tmp_path: Path) -> Iterator[Callable[..., MembershipdProcess]]:
     """Factory: ``membershipd_factory(*args, env=None, wait=True)`` → a started daemon."""
-    started: list[MembershipdProcess] = []
-    counter = iter(range(1000))
+    made = _Made(tmp_path, "membershipd", MembershipdProcess.stop_family)
 
     def make(*args: str, env: dict[str, str] | None = None, wait: bool = True,
              data_dir: Path | None = None, **kwargs: Any) -> MembershipdProcess:
         """``kwargs`` go to :class:`MembershipdProcess` (``ca``, ``http_host``, ``nats_host``)."""
-        d = data_dir or tmp_path / f"membershipd-{next(counter)}"
-        proc = MembershipdProcess(d, args, env, **kwargs)
-        started.append(proc)
-        return proc.start(wait=wait)
+        return made.add(MembershipdProcess(data_dir or made.directory(), args, env, **kwargs)).start(wait=wait)
 
-    try:
+    with made:
         yield make
-    finally:
-        for first in started:
-            for p in first.family:  # the node's restarts (again()) included
-                p.stop()
 
 
 @pytest.fixture
@@ -644,25 +865,47 @@ def unibus_app(tmp_path: Path) -> Iterator[Callable[..., UnibusApp]]:
     Only the plugins given are loaded (no entry points); each is checked as at
     registration. Every app it started is stopped at teardown.
     """
-    started: list[UnibusApp] = []
-    counter = iter(range(1000))
+    made = _Made(tmp_path, "unibus-app", UnibusApp.stop)
 
     def make(plugins: Sequence[Any] = (), args: Sequence[str] = (), env: dict[str, str] | None = None) -> UnibusApp:
-        app = UnibusApp(tmp_path / f"unibus-app-{next(counter)}", plugins, args, env)
-        started.append(app)
-        return app.start()
+        return made.add(UnibusApp(made.directory(), plugins, args, env)).start()
 
-    try:
+    with made:
         yield make
-    finally:
-        for app in started:
-            app.stop()
 
 
 @pytest.fixture
 def membershipd(membershipd_factory: Callable[..., MembershipdProcess]) -> MembershipdProcess:
     """A running membershipd with default settings (embedded NATS, free ports)."""
     return membershipd_factory()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
+    """Factory: ``cluster_factory(args=(), plugins=(), env=None, admin=None)`` → a formed :class:`Cluster`.
+
+    Three nodes started together, node 1's store (the admin ``admin``, made
+    here unless given) moved into the cluster, every node serving the admin.
+    Every process of every cluster it made is stopped at teardown.
+    """
+    from .client.keys import generate_identity
+
+    made = _Made(tmp_path, "cluster", Cluster.stop)
+
+    def make(args: Sequence[str] = (), plugins: Sequence[str] = (), env: dict[str, str] | None = None,
+             admin: Any = None, **kwargs: Any) -> Cluster:
+        """``kwargs`` go to :class:`Cluster` (``size``, ``name``, ``secret``, ``metrics``)."""
+        return made.add(Cluster(made.directory(), admin or generate_identity("admin"), args=args, plugins=plugins,
+                                env=env, **kwargs)).form()
+
+    with made:
+        yield make
+
+
+@pytest.fixture
+def cluster(cluster_factory: Callable[..., Cluster]) -> Cluster:
+    """Three formed membershipd nodes with default settings (``cluster_factory()``)."""
+    return cluster_factory()
 
 
 # -- a throwaway PKI for TLS tests ------------------------------------------------

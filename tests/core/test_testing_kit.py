@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import select
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
-from unibus.testing import MembershipdProcess, nats_server_pids, signal_pidfd
+import pytest
+
+from unibus.testing import Cluster, MembershipdProcess, nats_server_pids, signal_pidfd
 
 
 def test_restarts_are_tracked_and_all_stopped(tmp_path):
@@ -49,3 +56,86 @@ def test_a_pidfd_never_signals_a_reused_pid(tmp_path):
         daemon.stop()
     assert daemon.nats_handle() is None and daemon.nats_pid() is None  # nothing to signal once it exited
     assert not nats_server_pids(tmp_path)
+
+
+INNER_PLUGIN = '''
+from unibus import hookimpl
+
+PLUGIN_NAME = "probe"
+
+
+@hookimpl
+def healthz_fields(app):
+    return {"loaded": True}
+'''
+
+INNER_CLUSTER_TEST = '''
+import json, os
+from pathlib import Path
+
+
+def test_a_plugin_authors_cluster(cluster_factory):
+    cluster = cluster_factory(plugins=["probe_plugin"])  # not installed: loaded with --plugin on every node
+    n1, n2, n3 = cluster.nodes
+    assert all(node.healthz()[1]["probe"] == {"loaded": True} for node in cluster.nodes)
+    bob = cluster.member("bob")  # added through node 1
+    cluster.wait_member(2, bob)  # and served by node 3, from the replicated store
+    status, me = cluster.client(2, bob).get("/v1/me")
+    assert (status, me["handle"]) == (200, "bob")
+    pids = [p for i in range(3) for p in cluster.pids(i)]
+    cluster.kill(1)  # a crash of node 2 ...
+    again = cluster.restart(1, wait=True)  # ... and the same node again, tracked
+    assert again is cluster.nodes[1] and again.restarts == 1 and n2.family == [n2, again]
+    cluster.wait_member(1, bob)
+    pids += cluster.pids(1)
+    Path(os.environ["CLUSTER_PIDS"]).write_text(json.dumps(pids))
+'''
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    """Live processes whose argv or environment mentions ``text`` (a test's temporary directory)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if text.encode() in (p / "cmdline").read_bytes():
+                    found.append(int(p.name))
+            except OSError:
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_the_cluster_fixture_forms_replicates_restarts_and_leaves_nothing(tmp_path):
+    """The cluster fixtures as a plugin author gets them: from the pytest11 entry point, in a fresh pytest,
+    with a plugin that is not installed."""
+    (tmp_path / "test_inner.py").write_text(INNER_CLUSTER_TEST)
+    (tmp_path / "probe_plugin.py").write_text(INNER_PLUGIN)
+    pids_file, basetemp = tmp_path / "pids.json", tmp_path / "inner-tmp"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--basetemp",
+                           str(basetemp), str(tmp_path / "test_inner.py")], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600, env={**os.environ, "CLUSTER_PIDS": str(pids_file)})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout
+    pids = json.loads(pids_file.read_text())
+    assert len(pids) == 3 * 2 + 2  # membershipd and nats-server of each node, and node 2's again
+    assert not _processes_mentioning(str(basetemp)), "the cluster fixture left processes behind"
+    assert not nats_server_pids(basetemp)
+    for pid in pids:  # gone, or reused by something that is not ours
+        with contextlib.suppress(OSError):
+            assert str(basetemp).encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+def test_cluster_nodes_get_the_cluster_flags_and_a_private_route_password(tmp_path):
+    c = Cluster(tmp_path / "c", args=["--disable-plugin", "blobstore"], plugins=["my_plugin"], metrics=False)
+    assert [n.args[n.args.index("--server-name") + 1] for n in c.nodes] == ["n1", "n2", "n3"]
+    for i, node in enumerate(c.nodes):
+        routes = node.args[node.args.index("--routes") + 1].split(",")
+        assert sorted(routes) == sorted(f"nats://127.0.0.1:{p}" for j, p in enumerate(c.route_ports) if j != i)
+        assert node.args[-4:] == ["--plugin", "my_plugin", "--disable-plugin", "blobstore"]
+        assert "--metrics-addr" not in node.args and "--route-tls-ca" in node.args
+        assert node.env["PYTHONPATH"].split(os.pathsep)[:3] == [p for p in sys.path if p][:3]  # for --plugin
+        assert c.secret not in " ".join(node.argv)  # the password is in a file, never in argv
+    assert c.pass_file.stat().st_mode & 0o777 == 0o600
+    assert c.pass_file.read_text() == c.secret + "\n"
+    c.stop()  # nothing was started: nothing to stop, no error

@@ -19,22 +19,18 @@ from clusters import FORM_TIMEOUT, SECRET, Cluster, eventually, signed_ok
 
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.testing import MembershipdProcess, member_connections, run_membershipd
+from unibus.testing import MembershipdProcess, member_connections
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    admin = generate_identity("alice")
-    c = Cluster(tmp_path, admin)
-    c.admin = admin
+    c = Cluster(tmp_path, generate_identity("alice"))
     try:
-        c.start(0, 1, 2)
-        n1 = c.nodes[0]
+        c.start()
         for _ in range(2):  # the second run changes nothing
-            proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url)
-            assert proc.returncode == 0, proc.stderr
+            proc = c.migrate()
         assert "nothing to do" in proc.stdout
         yield c
     finally:
@@ -42,7 +38,7 @@ def cluster(tmp_path):
 
 
 async def test_cluster_forms_fails_over_and_fails_closed(cluster):
-    alice = cluster.admin
+    alice = cluster.identity
     # formed: every node enforce+acl+tls, routed to both peers, R3 nonce bucket
     for node in cluster.nodes:
         status, body = node.healthz()
@@ -299,7 +295,7 @@ async def test_a_hung_membershipd_does_not_keep_a_removed_member_in_the_room_els
     """Adversary: a member removed from a room while one node's membershipd hangs (SIGSTOP; its
     nats-server and routes stay up). The removal is answered 503 (docs/bus-auth.md: it stays committed and
     is retried); meanwhile the member's connection on a healthy node must not keep receiving the room."""
-    alice = cluster.admin
+    alice = cluster.identity
     for node in cluster.nodes:
         assert await eventually(lambda n=node: signed_ok(n, alice), 30)
     hung, serving = await hang_candidate(cluster)

@@ -42,7 +42,7 @@ from unibus.client import ApiError, ServerUnreachable, UnibusClient
 from unibus.client.keys import Identity, generate_identity
 from unibus.memberlog import LogState
 from unibus.signing import sign_request
-from unibus.testing import MembershipdProcess, run_membershipd
+from unibus.testing import MembershipdProcess
 
 pytestmark = pytest.mark.slow
 
@@ -56,14 +56,10 @@ FAULT_WEIGHTS = (0.3, 0.5, 0.2)  # a pause is the cheapest to recover from: more
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    admin = generate_identity("alice")
-    c = Cluster(tmp_path_factory.mktemp("faults"), admin)
-    c.admin = admin
+    c = Cluster(tmp_path_factory.mktemp("faults"), generate_identity("alice"))
     try:
-        c.start(0, 1, 2)
-        n1 = c.nodes[0]
-        proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url)
-        assert proc.returncode == 0, proc.stderr
+        c.start()
+        c.migrate()
         yield c
     finally:
         c.stop()
@@ -153,7 +149,7 @@ async def test_an_acknowledged_change_is_fsynced_on_a_quorum_before_its_201(clus
         # The configuration is checked all the same (tests/core/test_durability.py checks /varz).
         pytest.skip(f"strace cannot run here: {reason}")
     await converge(cluster)
-    alice = cluster.admin
+    alice = cluster.identity
     await everyone_knows(cluster, alice)
     serving = cluster.nodes[0]
     handle = "durable" + os.urandom(4).hex()
@@ -288,7 +284,7 @@ async def test_membership_survives_faults_of_one_node_at_a_time(cluster):
     print(f"\nfault test: seed {SEED} (UNIBUS_FAULT_SEED={SEED} repeats it), {ROUNDS} rounds")
     rng = random.Random(SEED)
     await converge(cluster)
-    alice = cluster.admin
+    alice = cluster.identity
     await everyone_knows(cluster, alice)
     admins = [generate_identity(f"admin{i}") for i in range(3)]
     async with UnibusClient(cluster.nodes[0].base_url, alice, timeout=15) as a:
@@ -375,7 +371,7 @@ def signed_headers(identity: Identity) -> dict[str, str]:
 
 async def test_a_crash_of_every_node_loses_nothing_acknowledged_and_replays_nothing(cluster):
     await converge(cluster)
-    alice = cluster.admin
+    alice = cluster.identity
     await everyone_knows(cluster, alice)
     async with UnibusClient(cluster.nodes[1].base_url, alice, timeout=15) as a:
         last = generate_identity("beforecrash")
