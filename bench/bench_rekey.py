@@ -283,22 +283,23 @@ def _has(frames: list[tuple[str, str, int]], pred: Callable[[str, str], bool]) -
 #: put_keys's statements, found in its source by these snippets (in source order), and their centre names.
 PUT_KEYS_MARKS = [
     ("self._get_room_row(", "put_keys: SELECT the room row"),
-    ("current = set(", "put_keys: SELECT the current member handles"),
+    ("self._room_members(", "put_keys: SELECT the room's members"),
+    ("check_new_epoch(", "put_keys: the epoch and roster checks"),
     ("done = s.execute(update(", "put_keys: UPDATE rooms (epoch, conditional)"),
-    ("s.add_all(", "put_keys: `s.add_all` of N ORM `SealedKey` objects (unit-of-work bookkeeping)"),
-    ("s.flush()", "put_keys: `s.flush()` (INSERT executemany + ORM state per row)"),
-    ("s.refresh(row)", "put_keys: `s.refresh(row)`"),
-    ("return self._room(", "put_keys: `self._room` (room re-read: members as ORM objects → `Member`)"),
+    ("s.execute(insert(m.SealedKey", "put_keys: INSERT the sealed keys (executemany)"),
+    ("s.execute(insert(m.RoomEpoch", "put_keys: INSERT the epoch's sealer and log head"),
+    ("log_end(", "put_keys: the log entry"),
+    ("return (Room(", "put_keys: the Room returned"),
 ]
 
 
 def put_keys_statements() -> list[tuple[int, str]]:
-    """(first line, centre name) of the statements of ``SqliteStore.put_keys``, sorted."""
+    """(first line, centre name) of the statements of ``SqliteStore._put_keys``, sorted."""
     import inspect
 
     from unibus.store import sqlite
 
-    src, start = inspect.getsourcelines(sqlite.SqliteStore.put_keys)
+    src, start = inspect.getsourcelines(sqlite.SqliteStore._put_keys)
     out = []
     for needle, name in PUT_KEYS_MARKS:
         for i, line in enumerate(src):
@@ -317,7 +318,7 @@ def classify(thread: str, frames: list[tuple[str, str, int]], pk_lines: list[tup
     funcs = [f for f, _, _ in frames]
     if thread.startswith("unibus-sqlite"):
         for f, p, ln in frames:
-            if f.startswith("SqliteStore.put_keys") and p.endswith("sqlite.py"):
+            if f.startswith("SqliteStore._put_keys") and p.endswith("sqlite.py"):
                 name = "put_keys: (other lines)"
                 for at, centre in pk_lines:
                     if ln >= at:
