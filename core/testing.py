@@ -599,6 +599,53 @@ class UnibusApp:
         """What SIGHUP does: re-read the store, deliver offline changes, call ``reloaded``."""
         self.run(self.daemon._reload())
 
+    def metric(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        """The current value of one sample of the daemon's registry, as ``GET /metrics`` would show it.
+
+        ``name`` is the sample's full name (``unibus_audit_events_total``), ``labels``
+        its labels; None when there is no such sample (yet).
+        """
+        from .app import METRICS
+
+        return self.app[METRICS].registry.get_sample_value(name, labels or {})
+
+    def client_command(self, client: SignedClient, *argv: str, plugins: Sequence[Any] = (),
+                       timeout: float = DEFAULT_TIMEOUT) -> tuple[int, str]:
+        """Run ``unibus ARGV`` as ``client``'s member against this daemon: ``(exit code, stdout)``.
+
+        The member's identity is written to a 0600 file in the data dir, and
+        ``--server`` and ``--identity`` are added after the command, so
+        ``argv`` is what a user types after ``unibus`` (``"audit", "tail",
+        "--limit", "5"``). ``plugins`` are client plugin modules that are not
+        installed (their ``client_commands``). The client runs in a thread of
+        its own, so sync and async tests can call this.
+        """
+        import io
+
+        from .client.cli import main
+        from .client.keys import save_identity
+
+        if client.identity is None:
+            raise ValueError("client_command needs a signed client (admin or member(...)), not anonymous")
+        path = save_identity(client.identity, self.data_dir / "test-identities" / f"{client.handle}.json",
+                             force=True)
+        out = io.StringIO()
+        result: Future[int] = Future()
+
+        def run() -> None:
+            try:
+                with contextlib.redirect_stdout(out):
+                    code = main([*argv, "--server", self.base_url, "--identity", str(path)], plugins=plugins)
+            except SystemExit as e:  # argparse refuses a bad argument with exit 2
+                code = e.code if isinstance(e.code, int) else 2
+            except BaseException as e:  # noqa: BLE001 - handed to the test
+                result.set_exception(e)
+                return
+            result.set_result(code)
+
+        threading.Thread(target=run, name="unibus-client-command", daemon=True).start()
+        return result.result(timeout), out.getvalue()
+
     def stop(self) -> None:
         if self._loop is None:
             return

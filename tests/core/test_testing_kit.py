@@ -139,3 +139,39 @@ def test_cluster_nodes_get_the_cluster_flags_and_a_private_route_password(tmp_pa
     assert c.pass_file.stat().st_mode & 0o777 == 0o600
     assert c.pass_file.read_text() == c.secret + "\n"
     c.stop()  # nothing was started: nothing to stop, no error
+
+
+class WhoAmI:
+    """A client plugin for the test below: ``unibus my-role`` prints the caller's handle and role."""
+
+    from unibus import hookimpl
+
+    @hookimpl
+    def client_commands(self):
+        from unibus.client.plugins import ClientCommand
+
+        async def run(ctx, client):
+            me = await client.request("GET", "/v1/me")
+            print(json.dumps(me) if ctx.json else f"{me['handle']} {me['role']}")
+            return 0
+
+        return [ClientCommand("my-role", "print this identity's handle and role", run)]
+
+
+def test_unibus_app_runs_a_client_command_and_reads_a_metric(unibus_app):
+    app = unibus_app()
+    assert app.metric("unibus_store_writes_total", {"kind": "member_added"}) == 0
+    bob = app.member("bob")
+    assert app.metric("unibus_store_writes_total", {"kind": "member_added"}) == 1
+    assert app.metric("unibus_no_such_metric") is None
+
+    assert app.client_command(bob, "my-role", plugins=[WhoAmI()]) == (0, "bob member\n")
+    code, out = app.client_command(app.admin, "my-role", "--json", plugins=[WhoAmI()])
+    assert code == 0 and json.loads(out)["role"] == "admin"
+    # a core command, and argparse's refusal as an exit code rather than an exception
+    assert app.client_command(bob, "rooms", "list")[0] == 0
+    assert app.client_command(bob, "my-role", "--no-such-flag", plugins=[WhoAmI()])[0] == 2
+    with pytest.raises(ValueError, match="signed client"):
+        app.client_command(app.anonymous, "my-role")
+    identity = app.data_dir / "test-identities" / "bob.json"
+    assert identity.stat().st_mode & 0o777 == 0o600

@@ -15,9 +15,7 @@ import sys
 
 import pytest
 import unibus_audit_plugin
-from unibus.app import METRICS
-from unibus.client.cli import main as unibus_main
-from unibus.client.keys import generate_identity, save_identity
+from unibus.client.keys import generate_identity
 from unibus.testing import bootstrap_member
 
 
@@ -48,9 +46,8 @@ def test_every_membership_change_is_recorded_with_its_actor(audited):
     assert records[3]["before"]["handle"] == "bob" and records[3]["after"] is None
     assert events(audited, after=2, limit=1) == [records[2]]
     assert audited.anonymous.get("/healthz")[1]["audit"] == {"events": 4}
-    text = audited.run(audited.app[METRICS].render())[0].decode()
-    assert 'unibus_audit_events_total{kind="member_added"} 1.0' in text
-    assert 'unibus_audit_events_total{kind="member_deleted"} 1.0' in text
+    assert audited.metric("unibus_audit_events_total", {"kind": "member_added"}) == 1
+    assert audited.metric("unibus_audit_events_total", {"kind": "member_deleted"}) == 1
 
 
 def test_only_admins_read_the_audit_log(audited):
@@ -81,20 +78,21 @@ def test_an_offline_member_add_is_recorded_at_sighup(audited):
         "member_added", None, "offline", "erin")
 
 
-def test_unibus_audit_tail(audited, tmp_path, capsys):
+def test_unibus_audit_tail(audited, capsys):
     for name in ("f1", "f2", "f3"):
         audited.member(name)
-    ident = save_identity(audited.admin.identity, tmp_path / "admin.json")
-    argv = ["--server", audited.base_url, "--identity", str(ident), "audit", "tail"]
-    assert unibus_main([*argv, "--limit", "2"], plugins=[unibus_audit_plugin]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and "member_added\tf2\tby admin (local)" in lines[0] and "f3" in lines[1]
-    assert unibus_main([*argv, "--json"], plugins=[unibus_audit_plugin]) == 0
-    assert [json.loads(x)["handle"] for x in capsys.readouterr().out.splitlines()] == ["f1", "f2", "f3"]
-    with pytest.raises(SystemExit) as e:
-        unibus_main([*argv, "--limit", "0"], plugins=[unibus_audit_plugin])
-    assert e.value.code == 2
+    code, out = audited.client_command(audited.admin, "audit", "tail", "--limit", "2", plugins=[unibus_audit_plugin])
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 2
+    assert "member_added\tf2\tby admin (local)" in lines[0] and "f3" in lines[1]
+    code, out = audited.client_command(audited.admin, "audit", "tail", "--json", plugins=[unibus_audit_plugin])
+    assert code == 0 and [json.loads(x)["handle"] for x in out.splitlines()] == ["f1", "f2", "f3"]
+    code, _ = audited.client_command(audited.admin, "audit", "tail", "--limit", "0", plugins=[unibus_audit_plugin])
+    assert code == 2
     assert "--limit: must be a whole number from 1 to 1000" in capsys.readouterr().err
+    carol = audited.member("carol")
+    code, out = audited.client_command(carol, "audit", "tail", plugins=[unibus_audit_plugin])
+    assert code == 1 and out == ""  # refused by the server: not an admin
 
 
 def test_installed_it_is_found_by_membershipd_and_the_client() -> None:
