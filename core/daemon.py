@@ -184,7 +184,7 @@ class Daemon:
         self.events = ChangeEvents(self.app, self.store, self.plugins)
         await retry_until(self.events.start, js_wait, "cannot read the head of the membership log")
         self.app[EVENTS] = self.events
-        await self._serve(http_tls, metrics_tls)
+        await self._listen(http_tls, metrics_tls)
         log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
                  s.nats_client_url, s.server_name)
         sd_notify("READY=1")
@@ -266,7 +266,7 @@ class Daemon:
         self.app[HEALTH] = self.health
         self.metrics.health = self.health
 
-    async def _serve(self, http_tls: ssl.SSLContext | None, metrics_tls: ssl.SSLContext | None) -> None:
+    async def _listen(self, http_tls: ssl.SSLContext | None, metrics_tls: ssl.SSLContext | None) -> None:
         """Listen: the HTTP API, then the metrics endpoint if asked for."""
         s = self.settings
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
