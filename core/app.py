@@ -87,6 +87,13 @@ SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_dec
 
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
 
+
+
+def _record(properties: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a JSON object with exactly ``properties``, every one required."""
+    return {"type": "object", "required": list(properties), "additionalProperties": False, "properties": properties}
+
+
 _LISTENER_STATE = {"type": "string", "enum": [*LISTENER_STATES, "none"]}
 #: The body of ``GET /healthz`` (docs/http-api.md, "GET /healthz"); each plugin
 #: adds its own key (any JSON value) beside the core's.
@@ -97,36 +104,25 @@ HEALTHZ_SCHEMA: dict[str, Any] = {
         "status": {"type": "string", "enum": ["ok", "degraded"]},
         "version": {"type": "string"},
         "node": {"type": "string"},
-        "posture": {
-            "type": "object", "required": ["bus_auth", "acl", "tls", "summary", "listeners"],
-            "additionalProperties": False,
-            "properties": {
-                "bus_auth": {"type": "string", "enum": ["enforce", "off"]},
-                "acl": {"type": "boolean"},
-                "tls": {"type": "boolean"},
-                "summary": {"type": "string"},
-                "listeners": {"type": "object", "required": list(LISTENERS), "additionalProperties": False,
-                              "properties": {name: _LISTENER_STATE for name in LISTENERS}},
-            },
-        },
-        "nats": {
-            "type": "object",
-            "required": ["mode", "url", "connected", "jetstream", "restarts", "kv_replicas", "cluster"],
-            "additionalProperties": False,
-            "properties": {
-                "mode": {"type": "string", "enum": ["embedded", "external"]},
-                "url": {"type": "string"},
-                "connected": {"type": "boolean"},
-                "jetstream": {"type": "boolean"},
-                "restarts": {"type": "integer", "minimum": 0},
-                "kv_replicas": {"type": "integer", "minimum": 1},
-                "cluster": {"oneOf": [
-                    {"type": "null"},
-                    {"type": "object", "required": ["name", "routes"], "additionalProperties": False,
-                     "properties": {"name": {"type": "string"}, "routes": {"type": "integer", "minimum": 0}}},
-                ]},
-            },
-        },
+        "posture": _record({
+            "bus_auth": {"type": "string", "enum": ["enforce", "off"]},
+            "acl": {"type": "boolean"},
+            "tls": {"type": "boolean"},
+            "summary": {"type": "string"},
+            "listeners": _record({name: _LISTENER_STATE for name in LISTENERS}),
+        }),
+        "nats": _record({
+            "mode": {"type": "string", "enum": ["embedded", "external"]},
+            "url": {"type": "string"},
+            "connected": {"type": "boolean"},
+            "jetstream": {"type": "boolean"},
+            "restarts": {"type": "integer", "minimum": 0},
+            "kv_replicas": {"type": "integer", "minimum": 1},
+            "cluster": {"oneOf": [
+                {"type": "null"},
+                _record({"name": {"type": "string"}, "routes": {"type": "integer", "minimum": 0}}),
+            ]},
+        }),
         "warnings": {"type": "array", "items": {"type": "string"}},
     },
     "additionalProperties": {"description": "a plugin's healthz_fields, under the plugin's name"},

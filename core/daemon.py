@@ -151,60 +151,16 @@ class Daemon:
         body_timeout = body_timeout_from_env(os.environ)
         self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
         nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
-        cluster_gate(startup_posture(s, self.plugins), s.clustered)
-        for warning in insecure_plaintext_warnings(s):
-            log.warning("%s", warning)
-        http_tls = _https_context(s)
-        metrics_tls = _metrics_tls_context(s)
-        binary = find_nats_server(s.nats_server_bin) if s.embedded else None
-        prepare_data_dir(s.data_dir)
-        check_port_free("--http-addr", s.http_addr)
-        if s.embedded:
-            check_port_free("--nats-addr", s.nats_addr)
-        if s.metrics_addr is not None:
-            check_port_free("--metrics-addr", s.metrics_addr)
+        http_tls, metrics_tls, binary = self._preflight()
         await asyncio.to_thread(migrate, s.db_path)
         seed, _public = ensure_service_nkey(s.data_dir)
-        if s.embedded:
-            # membershipd's second identity, for bus authorization to place in
-            # the system account (docs/bus-auth.md); the core uses it only if it did.
-            system_seed, _ = ensure_service_nkey(s.data_dir, SYSTEM_NKEY_FILE)
-            assert binary is not None
-            config = self.write_nats_config()
-            self._system_seed = system_seed if config.get("system_account") else None
-            moved = adopt_global_jetstream(s, config)
-            if moved:
-                log.warning("upgrade from 0.11: %s", moved)
-            self.supervisor = NatsSupervisor(
-                binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
-                env=nats_server_environment(), forward_levels=forward_levels(config),
-            )
-            await self.supervisor.start()
-            self.metrics.supervisor = self.supervisor
-
+        if binary is not None:  # embedded
+            await self._start_nats(binary)
         tls = embedded_tls_context(s.tls_cert, s.tls_key, s.tls_ca) if s.embedded and s.tls_cert else None
-        self.bus = Bus(s.nats_client_url, seed, tls=tls)
-        self.metrics.bus = self.bus
         # A forming cluster has no JetStream until a quorum of nodes is up.
         js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
-        await self.bus.connect(jetstream_timeout=js_wait)
-        if s.clustered:
-            # Cluster state lives in JetStream KV (replicated); each node watches it.
-            kv = KvStore(self.bus.js, replicas=s.kv_replicas)
-            await retry_until(kv.ensure, js_wait, "cannot create the KV state bucket")
-            kv.start_watch()
-            self.store = kv
-        else:
-            self.store = SqliteStore(s.db_path)
-        # The high-water mark of signed requests lives in the store (durable); the
-        # nonces in memory (docs/operations.md, "Durability").
-        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
-                            max_bytes=nonce_max_bytes, exclusive=s.embedded and not s.clustered,
-                            node=s.server_name)
-        await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
-        await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
-        self.nonces = nonces
-        self.metrics.nonces = nonces
+        await self._open_store(seed, tls, js_wait)
+        nonces = await self._open_nonces(nonce_max_bytes, js_wait)
         counts = StateCounts(self.store)
         await counts.refresh()
         self.store.add_listener(counts.on_change)
@@ -219,15 +175,7 @@ class Daemon:
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
             self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[EXTRA]["nonces"] = nonces
-        # /healthz reads what this prober keeps; it makes no round trip itself (docs/http-api.md)
-        self.health = HealthProber(self.bus, nonces=nonces, store=self.store, supervisor=self.supervisor,
-                                   route_peers=self.system_bus.route_peers if self.system_bus is not None else None,
-                                   clustered=s.clustered)
-        self.bus.state_listeners.append(self.health.wake)
-        await self.health.probe_once()
-        self.health.start()
-        self.app[HEALTH] = self.health
-        self.metrics.health = self.health
+        await self._start_health(nonces)
         app = self.app
         self.metrics.posture = lambda: current_posture(app)
         for register in (members_api.register, rooms_api.register, bus_api.register, log_api.register):
@@ -236,7 +184,91 @@ class Daemon:
         self.events = ChangeEvents(self.app, self.store, self.plugins)
         await retry_until(self.events.start, js_wait, "cannot read the head of the membership log")
         self.app[EVENTS] = self.events
+        await self._listen(http_tls, metrics_tls)
+        log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
+                 s.nats_client_url, s.server_name)
+        sd_notify("READY=1")
 
+    def _preflight(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, Path | None]:
+        """What can fail before anything starts: the posture, the TLS files, nats-server, the data
+        directory, the ports. Returns the HTTPS and metrics TLS contexts and the nats-server to run."""
+        s = self.settings
+        cluster_gate(startup_posture(s, self.plugins), s.clustered)
+        for warning in insecure_plaintext_warnings(s):
+            log.warning("%s", warning)
+        http_tls = _https_context(s)
+        metrics_tls = _metrics_tls_context(s)
+        binary = find_nats_server(s.nats_server_bin) if s.embedded else None
+        prepare_data_dir(s.data_dir)
+        check_port_free("--http-addr", s.http_addr)
+        if s.embedded:
+            check_port_free("--nats-addr", s.nats_addr)
+        if s.metrics_addr is not None:
+            check_port_free("--metrics-addr", s.metrics_addr)
+        return http_tls, metrics_tls, binary
+
+    async def _start_nats(self, binary: Path) -> None:
+        """The embedded nats-server: its config written, then supervised."""
+        s = self.settings
+        # membershipd's second identity, for bus authorization to place in
+        # the system account (docs/bus-auth.md); the core uses it only if it did.
+        system_seed, _ = ensure_service_nkey(s.data_dir, SYSTEM_NKEY_FILE)
+        config = self.write_nats_config()
+        self._system_seed = system_seed if config.get("system_account") else None
+        moved = adopt_global_jetstream(s, config)
+        if moved:
+            log.warning("upgrade from 0.11: %s", moved)
+        self.supervisor = NatsSupervisor(
+            binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
+            env=nats_server_environment(), forward_levels=forward_levels(config),
+        )
+        await self.supervisor.start()
+        self.metrics.supervisor = self.supervisor
+
+    async def _open_store(self, seed: str, tls: ssl.SSLContext | None, js_wait: float) -> None:
+        """The service's NATS connection, then the state store: JetStream KV in a cluster, else SQLite."""
+        s = self.settings
+        self.bus = Bus(s.nats_client_url, seed, tls=tls)
+        self.metrics.bus = self.bus
+        await self.bus.connect(jetstream_timeout=js_wait)
+        if s.clustered:
+            # Cluster state lives in JetStream KV (replicated); each node watches it.
+            kv = KvStore(self.bus.js, replicas=s.kv_replicas)
+            await retry_until(kv.ensure, js_wait, "cannot create the KV state bucket")
+            kv.start_watch()
+            self.store = kv
+        else:
+            self.store = SqliteStore(s.db_path)
+
+    async def _open_nonces(self, max_bytes: int, js_wait: float) -> NonceStore:
+        """The nonce claims of signed requests."""
+        s = self.settings
+        # The high-water mark of signed requests lives in the store (durable); the
+        # nonces in memory (docs/operations.md, "Durability").
+        nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
+                            max_bytes=max_bytes, exclusive=s.embedded and not s.clustered,
+                            node=s.server_name)
+        await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
+        await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
+        self.nonces = nonces
+        self.metrics.nonces = nonces
+        return nonces
+
+    async def _start_health(self, nonces: NonceStore) -> None:
+        # /healthz reads what this prober keeps; it makes no round trip itself (docs/http-api.md)
+        s = self.settings
+        self.health = HealthProber(self.bus, nonces=nonces, store=self.store, supervisor=self.supervisor,
+                                   route_peers=self.system_bus.route_peers if self.system_bus is not None else None,
+                                   clustered=s.clustered)
+        self.bus.state_listeners.append(self.health.wake)
+        await self.health.probe_once()
+        self.health.start()
+        self.app[HEALTH] = self.health
+        self.metrics.health = self.health
+
+    async def _listen(self, http_tls: ssl.SSLContext | None, metrics_tls: ssl.SSLContext | None) -> None:
+        """Listen: the HTTP API, then the metrics endpoint if asked for."""
+        s = self.settings
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
                                     **SERVER_OPTIONS)
         await self.runner.setup()
@@ -252,9 +284,6 @@ class Daemon:
             except OSError as e:
                 raise RuntimeFailure(f"--metrics-addr {s.metrics_addr}: cannot listen ({e.strerror})") from None
             log.info("metrics on %s://%s/metrics", s.metrics_scheme, s.metrics_addr)
-        log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
-                 s.nats_client_url, s.server_name)
-        sd_notify("READY=1")
 
     async def start_plugins(self) -> None:
         """Every ``startup``, in the call order (docs/plugins.md, "Order"), one at a time.

@@ -211,38 +211,34 @@ class ChangeEvents:
     async def deliver(self, event: ChangeEvent) -> None:
         """Call every plugin's ``store_changed``; errors and slow hooks are logged, never raised."""
         self.delivered += 1
+        args = {"app": self.app, "event": event}
         for name, impl in self._hooks:
-            args = {"app": self.app, "event": event}
-            try:
-                with running_plugin(name):
-                    result = impl.function(**{a: args[a] for a in impl.argnames})
-                    if inspect.isawaitable(result):
-                        await asyncio.wait_for(result, HOOK_TIMEOUT)
-            except TimeoutError:
-                self.plugins.hook_failed(name, "store_changed")
-                log.error("plugin %s: store_changed took longer than %.0f s on seq %s; given up",
-                          name, HOOK_TIMEOUT, event.seq)
-            except Exception as e:
-                self.plugins.hook_failed(name, "store_changed")
-                log.error("plugin %s: store_changed failed on %s (seq %s): %s: %s",
-                          name, event.kind, event.seq, type(e).__name__, e)
+            await _call_while_serving(self.plugins, name, impl, "store_changed", args, HOOK_TIMEOUT,
+                                      at=f" on seq {event.seq}", on=f" on {event.kind} (seq {event.seq})")
 
 
 async def call_runtime_hook(plugins: PluginManager, hook: str, timeout: float = HOOK_TIMEOUT, **kwargs: Any) -> None:
     """Call a hook while serving (``reloaded``): each plugin in turn, coroutines awaited
     up to ``timeout``; an error is logged naming the plugin, never raised."""
     for name, impl in plugins._impls(hook):
-        try:
-            with running_plugin(name):
-                result = impl.function(**{a: kwargs[a] for a in impl.argnames})
-                if inspect.isawaitable(result):
-                    await asyncio.wait_for(result, timeout)
-        except TimeoutError:
-            plugins.hook_failed(name, hook)
-            log.error("plugin %s: %s took longer than %.0f s; given up", name, hook, timeout)
-        except Exception as e:
-            plugins.hook_failed(name, hook)
-            log.error("plugin %s: %s failed: %s: %s", name, hook, type(e).__name__, e)
+        await _call_while_serving(plugins, name, impl, hook, kwargs, timeout)
+
+
+async def _call_while_serving(plugins: PluginManager, name: str, impl: Any, hook: str, kwargs: dict[str, Any],
+                              timeout: float, *, at: str = "", on: str = "") -> None:
+    """One plugin's ``hook``, a coroutine awaited up to ``timeout``; a failure is counted and
+    logged naming the plugin (``at``/``on`` say which event, in the log line), never raised."""
+    try:
+        with running_plugin(name):
+            result = impl.function(**{a: kwargs[a] for a in impl.argnames})
+            if inspect.isawaitable(result):
+                await asyncio.wait_for(result, timeout)
+    except TimeoutError:
+        plugins.hook_failed(name, hook)
+        log.error("plugin %s: %s took longer than %.0f s%s; given up", name, hook, timeout, at)
+    except Exception as e:
+        plugins.hook_failed(name, hook)
+        log.error("plugin %s: %s failed%s: %s: %s", name, hook, on, type(e).__name__, e)
 
 
 __all__ = ["call_runtime_hook", "KINDS", "ORIGINS", "ChangeEvent", "ChangeEvents", "event_from_change", "event_from_entry"]

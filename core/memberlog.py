@@ -663,6 +663,22 @@ class LogState:
 
     def _apply_request(self, seq: int, entry: dict[str, Any]) -> None:
         req, result = entry["request"], entry["result"]
+        op, args = self._request_operation(seq, req, result)
+        body = self._request_body(seq, req, op)
+        author, pending = self._request_author(seq, req, op, body, entry["at"])
+        if (author.handle, pending.nonce) in self.nonces:
+            raise LogError(seq, f"nonce {pending.nonce} of {author.handle} appears twice (a replayed request)")
+        if not self._trusted and pending.created < self.max_created - 2 * self.skew:
+            raise LogError(seq, f"created {pending.created} is more than {2 * self.skew} s older than an "
+                                "earlier entry's (a request held back and appended late)")
+        doc = self._body_json(seq, op, body) if op in _BODY_FIELDS else None
+        getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
+        self.nonces.add((author.handle, pending.nonce))
+        self.max_created = max(self.max_created, pending.created)
+
+    @staticmethod
+    def _request_operation(seq: int, req: Any, result: Any) -> tuple[str, Any]:
+        """The logged operation a request entry names, and its path arguments; its fields well-formed."""
         if not isinstance(req, dict) or set(req) != _REQUEST_FIELDS:
             raise LogError(seq, f"request has exactly the fields {', '.join(sorted(_REQUEST_FIELDS))}")
         for name in ("method", "path", "query", "signature_input", "signature"):
@@ -678,21 +694,27 @@ class LogState:
             raise LogError(seq, "a logged request has no query")
         if not isinstance(result, dict) or set(result) != _RESULT_FIELDS[op]:
             raise LogError(seq, f"{op}: result must have exactly the fields {sorted(_RESULT_FIELDS[op])}")
+        return op, args
 
-        body: bytes | None = None
-        if req["body"] is not None:
-            if op in BODYLESS:
-                raise LogError(seq, f"{op}: the body is not kept in the log")
-            if not isinstance(req["body"], str):
-                raise LogError(seq, "request.body must be a base64 string or null")
-            try:
-                body = b64decode_strict(req["body"], "request.body") if req["body"] else b""
-            except KeyFormatError as e:
-                raise LogError(seq, str(e)) from None
-        elif op in _BODY_FIELDS:
-            raise LogError(seq, f"{op}: the request body is missing")
+    @staticmethod
+    def _request_body(seq: int, req: dict[str, Any], op: str) -> bytes | None:
+        """The request's body as logged: kept for the operations that need it, else absent."""
+        if req["body"] is None:
+            if op in _BODY_FIELDS:
+                raise LogError(seq, f"{op}: the request body is missing")
+            return None
+        if op in BODYLESS:
+            raise LogError(seq, f"{op}: the body is not kept in the log")
+        if not isinstance(req["body"], str):
+            raise LogError(seq, "request.body must be a base64 string or null")
+        try:
+            return b64decode_strict(req["body"], "request.body") if req["body"] else b""
+        except KeyFormatError as e:
+            raise LogError(seq, str(e)) from None
 
-        # The author's signature, with the key the log established for them.
+    def _request_author(self, seq: int, req: dict[str, Any], op: str, body: bytes | None,
+                        at: Any) -> tuple[Member, Any]:
+        """The author's signature, with the key the log established for them: the author and the checked request."""
         headers = _Headers({"signature-input": req["signature_input"], "signature": req["signature"]})
         if req["content_digest"] is not None:
             headers["content-digest"] = req["content_digest"]
@@ -701,7 +723,7 @@ class LogState:
             headers["content-length"] = "1"
         trusted = self._trusted
         try:
-            pending = check_request(req["method"], req["path"], "", headers, body, now=float(entry["at"]),
+            pending = check_request(req["method"], req["path"], "", headers, body, now=float(at),
                                     skew=float(MAX_SAFE_INT) if trusted else self.skew)
         except SignatureError as e:
             raise LogError(seq, f"signature: {e.reason}") from None
@@ -720,15 +742,7 @@ class LogState:
                 pending.verify(author.sign_pub)
             except SignatureError:
                 raise LogError(seq, f"the signature does not verify with {author.handle}'s signing key") from None
-        if (author.handle, pending.nonce) in self.nonces:
-            raise LogError(seq, f"nonce {pending.nonce} of {author.handle} appears twice (a replayed request)")
-        if not trusted and pending.created < self.max_created - 2 * self.skew:
-            raise LogError(seq, f"created {pending.created} is more than {2 * self.skew} s older than an "
-                                "earlier entry's (a request held back and appended late)")
-        doc = self._body_json(seq, op, body) if op in _BODY_FIELDS else None
-        getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
-        self.nonces.add((author.handle, pending.nonce))
-        self.max_created = max(self.max_created, pending.created)
+        return author, pending
 
     def _body_json(self, seq: int, op: str, body: bytes | None) -> dict[str, Any]:
         try:

@@ -166,21 +166,29 @@ class PluginManager:
                                              key=lambda ep: ep.name)} if load_entry_points else {})
         self._installed = set(eps)
         if load_entry_points:
-            unknown = [b for b in self.blocked if b not in eps]
-            if unknown:
-                raise ConfigError(
-                    f"--disable-plugin: no plugin named {', '.join(unknown)}; installed: {', '.join(sorted(eps)) or 'none'}"
-                )
-            if self.only is not None:
-                unknown = [n for n in self.only if n not in eps]
-                if unknown:
-                    raise ConfigError(
-                        f"{LOAD_PLUGINS_ENV}: no plugin named {', '.join(unknown)}; "
-                        f"installed: {', '.join(sorted(eps)) or 'none'}"
-                    )
-                self.not_loaded = tuple(sorted(n for n in eps if n not in self.only and n not in self.blocked))
+            self._check_selection(eps)
         for name in self.blocked:
             self._pm.set_blocked(name)
+        self._load_entry_points(eps)
+        for plugin in plugins:
+            self.register(plugin)
+        for module in dict.fromkeys(modules):
+            self._load_module(module)
+
+    def _check_selection(self, eps: dict[str, importlib.metadata.EntryPoint]) -> None:
+        """Every plugin ``blocked`` or ``only`` names is installed; sets :attr:`not_loaded`."""
+        installed = ", ".join(sorted(eps)) or "none"
+        unknown = [b for b in self.blocked if b not in eps]
+        if unknown:
+            raise ConfigError(f"--disable-plugin: no plugin named {', '.join(unknown)}; installed: {installed}")
+        if self.only is not None:
+            unknown = [n for n in self.only if n not in eps]
+            if unknown:
+                raise ConfigError(f"{LOAD_PLUGINS_ENV}: no plugin named {', '.join(unknown)}; installed: {installed}")
+            self.not_loaded = tuple(sorted(n for n in eps if n not in self.only and n not in self.blocked))
+
+    def _load_entry_points(self, eps: dict[str, importlib.metadata.EntryPoint]) -> None:
+        """Import and register each entry point neither blocked nor left out; a failing one is broken."""
         for name, ep in eps.items():
             if name in self.blocked:
                 self._blocked_eps[name] = ep
@@ -198,10 +206,6 @@ class PluginManager:
                 self.register(plugin, name)
             except PluginError as e:
                 self._mark_broken(name, str(e))
-        for plugin in plugins:
-            self.register(plugin)
-        for module in dict.fromkeys(modules):
-            self._load_module(module)
 
     def _load_module(self, module_name: str) -> None:
         """``--plugin MODULE``: import a module from ``sys.path`` and register it like an entry point.
@@ -357,20 +361,27 @@ class PluginManager:
         """
         results = []
         for name, impl in self._impls(hook_name):
-            try:
-                with running_plugin(name):
-                    res = impl.function(**{a: kwargs[a] for a in impl.argnames})
-            except ConfigError as e:
-                self.hook_failed(name, hook_name)
-                raise _named(e, name, hook_name) from e
-            except RuntimeFailure:
-                self.hook_failed(name, hook_name)
-                raise
-            except Exception as e:
-                self.hook_failed(name, hook_name)
-                raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
+            with self._hook_failures(name, hook_name), running_plugin(name):
+                res = impl.function(**{a: kwargs[a] for a in impl.argnames})
             results.append((name, res))
         return results
+
+    @contextlib.contextmanager
+    def _hook_failures(self, name: str, hook_name: str) -> Iterator[None]:
+        """A failing hook call is counted and raised again naming the plugin and the hook:
+        a :class:`ConfigError` keeps its exit code 2 (docs/plugins.md, "Errors and exit
+        codes"); any other exception becomes a :class:`RuntimeFailure`."""
+        try:
+            yield
+        except ConfigError as e:
+            self.hook_failed(name, hook_name)
+            raise _named(e, name, hook_name) from e
+        except RuntimeFailure:
+            self.hook_failed(name, hook_name)
+            raise
+        except Exception as e:
+            self.hook_failed(name, hook_name)
+            raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
 
     def call_each_safe(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Like :meth:`call_each`, but a failing plugin is logged and skipped.
@@ -400,20 +411,10 @@ class PluginManager:
         un-awaited coroutine behind. A :class:`ConfigError` (exit 2) names the
         plugin and the hook; any other exception becomes a :class:`RuntimeFailure`.
         """
-        with running_plugin(name):
-            try:
-                res = impl.function(**{a: kwargs[a] for a in impl.argnames})
-                if inspect.isawaitable(res):
-                    res = await res
-            except ConfigError as e:  # exit 2, also from a coroutine (docs/plugins.md, "Errors and exit codes")
-                self.hook_failed(name, hook_name)
-                raise _named(e, name, hook_name) from e
-            except RuntimeFailure:
-                self.hook_failed(name, hook_name)
-                raise
-            except Exception as e:
-                self.hook_failed(name, hook_name)
-                raise RuntimeFailure(f"plugin {name}: {hook_name} failed: {type(e).__name__}: {e}") from e
+        with running_plugin(name), self._hook_failures(name, hook_name):  # also from a coroutine
+            res = impl.function(**{a: kwargs[a] for a in impl.argnames})
+            if inspect.isawaitable(res):
+                res = await res
         return res
 
     def call_order(self, hook_name: str) -> list[str]:

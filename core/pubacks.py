@@ -339,6 +339,8 @@ class _Protocol(asyncio.Protocol):
         self.client._connection_lost(self, reason)
 
     def data_received(self, data: bytes) -> None:
+        # The replies (MSG, HMSG) are parsed here, inline: this is the hot path of every
+        # signed request (see the module's docstring); the rare other lines go to _control_line.
         buf = self._buf + data if self._buf else data
         pos = 0
         size = len(buf)
@@ -369,37 +371,40 @@ class _Protocol(asyncio.Protocol):
                     break
                 client._reply(args[0], _status(buf[start:start + hlen]), buf[start + hlen:stop])
                 pos = stop + 2
-            elif op == b"PING":
-                if self.transport is not None:
-                    self.transport.write(b"PONG\r\n")
-                pos = end + 2
-            elif op == b"PONG":
-                if not self.pong.done():
-                    self.pong.set_result(None)
-                pos = end + 2
-            elif op == b"INFO":
-                try:
-                    info = json.loads(buf[pos + 5:end])
-                except ValueError:
-                    return self._protocol_error("INFO is not JSON")
-                if not self.info.done():
-                    self.info.set_result(info)
-                else:
-                    client.server_info.update(info)  # e.g. lame duck mode, new cluster URLs
-                pos = end + 2
-            elif op.startswith(b"+OK"):
-                pos = end + 2
-            elif op == b"-ERR":
-                message = buf[pos + 5:end].decode(errors="replace").strip().strip("'")
-                log.warning("NATS server error on the nonce-claim connection: %s", message)
-                self._error = message
-                if not self.pong.done():
-                    self.pong.set_exception(PubAckUnavailable(f"NATS refused the connection: {message}"))
-                pos = end + 2
             else:
-                return self._protocol_error(f"unexpected {bytes(op)!r}")
+                error = self._control_line(op, buf, pos, end)
+                if error is not None:
+                    return self._protocol_error(error)
+                pos = end + 2
         self._buf = buf[pos:] if pos < size else b""
         client._maybe_flush()
+
+    def _control_line(self, op: bytes, buf: bytes, pos: int, end: int) -> str | None:
+        """A line other than a reply (``buf[pos:end]``, ``op`` its first 4 bytes); a protocol error's text."""
+        if op == b"PING":
+            if self.transport is not None:
+                self.transport.write(b"PONG\r\n")
+        elif op == b"PONG":
+            if not self.pong.done():
+                self.pong.set_result(None)
+        elif op == b"INFO":
+            try:
+                info = json.loads(buf[pos + 5:end])
+            except ValueError:
+                return "INFO is not JSON"
+            if not self.info.done():
+                self.info.set_result(info)
+            else:
+                self.client.server_info.update(info)  # e.g. lame duck mode, new cluster URLs
+        elif op == b"-ERR":
+            message = buf[pos + 5:end].decode(errors="replace").strip().strip("'")
+            log.warning("NATS server error on the nonce-claim connection: %s", message)
+            self._error = message
+            if not self.pong.done():
+                self.pong.set_exception(PubAckUnavailable(f"NATS refused the connection: {message}"))
+        elif not op.startswith(b"+OK"):
+            return f"unexpected {bytes(op)!r}"
+        return None
 
     def _protocol_error(self, what: str) -> None:
         self._error = f"protocol error: {what}"

@@ -42,15 +42,20 @@ ENC_PUB_PROPERTY = {
                    "MLKEM768_X25519",
 }
 ENC_SUITE_PROPERTY = {"type": "string", "enum": ["X25519", "MLKEM768_X25519"]}
+ROLE_PROPERTY = {"type": "string", "enum": list(ROLES)}
+#: What a new member's body and a member record both start with.
+_MEMBER_KEYS = {
+    "handle": {"type": "string", "pattern": HANDLE_PATTERN},
+    "role": ROLE_PROPERTY,
+    "sign_pub": SIGN_PUB_PROPERTY,
+    "enc_pub": ENC_PUB_PROPERTY,
+}
 MEMBER_SCHEMA = {
     "type": "object",
     "required": ["handle", "role", "sign_pub", "enc_pub", "bus_pub"],
     "additionalProperties": False,
     "properties": {
-        "handle": {"type": "string", "pattern": HANDLE_PATTERN},
-        "role": {"type": "string", "enum": list(ROLES)},
-        "sign_pub": SIGN_PUB_PROPERTY,
-        "enc_pub": ENC_PUB_PROPERTY,
+        **_MEMBER_KEYS,
         "enc_suite": {**ENC_SUITE_PROPERTY, "default": "X25519"},
         "bus_pub": BUS_PUB_PROPERTY,
     },
@@ -61,10 +66,7 @@ MEMBER_RECORD = {
     "required": ["handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub", "created_at"],
     "additionalProperties": False,
     "properties": {
-        "handle": {"type": "string", "pattern": HANDLE_PATTERN},
-        "role": {"type": "string", "enum": list(ROLES)},
-        "sign_pub": SIGN_PUB_PROPERTY,
-        "enc_pub": ENC_PUB_PROPERTY,
+        **_MEMBER_KEYS,
         "enc_suite": ENC_SUITE_PROPERTY,
         "bus_pub": {"type": ["string", "null"], "pattern": BUS_PUB_PATTERN,
                     "description": "null for a member upgraded from 0.11 that has no bus key yet"},
@@ -74,7 +76,7 @@ MEMBER_RECORD = {
 BUS_KEY_SCHEMA = {"type": "object", "required": ["bus_pub"], "additionalProperties": False,
                   "properties": {"bus_pub": BUS_PUB_PROPERTY}}
 PATCH_SCHEMA = {"type": "object", "required": ["role"], "additionalProperties": False,
-                "properties": {"role": {"type": "string", "enum": list(ROLES)}}}
+                "properties": {"role": ROLE_PROPERTY}}
 
 
 def parse_handle(value: str, field: str = "handle") -> str:

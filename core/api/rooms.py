@@ -167,6 +167,33 @@ async def delete_room_member(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def base64_value(value: Any, field: str) -> bytes:
+    """The bytes of a base64 string (422 naming ``field`` otherwise)."""
+    if not isinstance(value, str):
+        raise invalid(field, "must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise invalid(field, "is not valid base64") from None
+
+
+def parse_sealed(value: Any, suites: dict[str, str]) -> dict[str, bytes]:
+    """``sealed``: a non-empty object of handle -> base64 of a sealed key, of the size the
+    member's ``enc_suite`` (``suites``) seals to (422 otherwise)."""
+    if not isinstance(value, dict) or not value:
+        raise invalid("sealed", "must be a non-empty object of handle -> base64")
+    sealed: dict[str, bytes] = {}
+    for handle, item in value.items():
+        if HANDLE_RE.match(handle) is None:
+            raise invalid("sealed", "every key must be a handle (^[a-z][a-z0-9_-]{0,31}$)")
+        raw = base64_value(item, f"sealed.{handle}")
+        want = SEALED_SIZES.get(suites.get(handle, ""))
+        if want is not None and len(raw) != want:
+            raise invalid(f"sealed.{handle}", f"must be {want} bytes for {suites[handle]}, got {len(raw)}")
+        sealed[handle] = raw
+    return sealed
+
+
 def parse_sigs(value: Any, handles: set[str]) -> dict[str, bytes]:
     """``sigs``: exactly the handles of ``sealed``, each the base64 of a 64-byte signature (422 otherwise)."""
     if not isinstance(value, dict):
@@ -177,12 +204,7 @@ def parse_sigs(value: Any, handles: set[str]) -> dict[str, bytes]:
                       missing=missing[:100], extra=[h[:64] for h in extra[:100]])
     sigs: dict[str, bytes] = {}
     for handle, sig in value.items():
-        if not isinstance(sig, str):
-            raise invalid(f"sigs.{handle}", "must be a base64 string")
-        try:
-            raw = base64.b64decode(sig, validate=True)
-        except (binascii.Error, ValueError):
-            raise invalid(f"sigs.{handle}", "is not valid base64") from None
+        raw = base64_value(sig, f"sigs.{handle}")
         if len(raw) != SIG_SIZE:
             raise invalid(f"sigs.{handle}", f"must be {SIG_SIZE} bytes (an Ed25519 signature), got {len(raw)}")
         sigs[handle] = raw
@@ -206,24 +228,8 @@ async def post_keys(request: web.Request) -> web.Response:
     me = require_member(request)
     require_owner_or_admin(room, me)
     body = await json_object(request, required={"epoch", "sealed", "sigs", "log_head"})
-    epoch, sealed_in = int_value(body["epoch"], "epoch", EPOCH_MIN, EPOCH_MAX), body["sealed"]
-    if not isinstance(sealed_in, dict) or not sealed_in:
-        raise invalid("sealed", "must be a non-empty object of handle -> base64")
-    suites = {mb.handle: mb.enc_suite for mb in room.members}
-    sealed: dict[str, bytes] = {}
-    for handle, value in sealed_in.items():
-        if HANDLE_RE.match(handle) is None:
-            raise invalid("sealed", "every key must be a handle (^[a-z][a-z0-9_-]{0,31}$)")
-        if not isinstance(value, str):
-            raise invalid(f"sealed.{handle}", "must be a base64 string")
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise invalid(f"sealed.{handle}", "is not valid base64") from None
-        want = SEALED_SIZES.get(suites.get(handle, ""))
-        if want is not None and len(raw) != want:
-            raise invalid(f"sealed.{handle}", f"must be {want} bytes for {suites[handle]}, got {len(raw)}")
-        sealed[handle] = raw
+    epoch = int_value(body["epoch"], "epoch", EPOCH_MIN, EPOCH_MAX)
+    sealed = parse_sealed(body["sealed"], {mb.handle: mb.enc_suite for mb in room.members})
     sigs = parse_sigs(body["sigs"], set(sealed))
     log_head = parse_log_head(body["log_head"])
     # The head the sealer verified must be in this server's log: the log only

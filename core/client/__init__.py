@@ -26,24 +26,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module, __name__), name)
 
 
-__all__ = [
-    "ApiError",
-    "Bus",
-    "BusError",
-    "Identity",
-    "IdentityError",
-    "KeyUnavailable",
-    "LogVerificationError",
-    "Message",
-    "NotARoomMember",
-    "RekeyRequired",
-    "ReplicaError",
-    "ServerUnreachable",
-    "UnibusClient",
-    "UnsignedKey",
-    "VerificationError",
-    "generate_identity",
-    "load_identity",
-    "save_identity",
-    "tls_context",
-]
+# One list: what the lazy __getattr__ serves is what ``import *`` exports.
+__all__ = sorted(_EXPORTS)

@@ -63,6 +63,8 @@ from typing import Any, Self
 
 import aiohttp
 import yarl
+import nats
+from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
 from ..memberlog import LogError, LogState, verify_ed25519
@@ -84,7 +86,7 @@ from .sealing import (
     seal_room_key,
     validate_room_id,
 )
-from .signed import SENDER_HEADER, ReplayGuard, message_headers, parse_envelope, sign_key_packages
+from .signed import SENDER_HEADER, Envelope, ReplayGuard, message_headers, parse_envelope, sign_key_packages
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -998,6 +1000,8 @@ class Bus:
         self._failure: str | None = None  # why the bus stopped by itself
         self._stopping: asyncio.Task[None] | None = None
         self._reconnected = asyncio.Event()
+        self._connect_errors: list[Exception] = []  # what error_cb heard while connect() tries
+        self._tls_refused = asyncio.Event()  # a TLS failure that no retry can mend
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -1109,17 +1113,39 @@ class Bus:
         return f"{base}: {client.base_url} still has this bus key for {handle}; try again later"
 
     async def connect(self) -> None:
-        import nats
-        from nats import errors as nats_errors
+        seed = self._bus_seed()
+        info = await self._fetch_bus_info()
+        servers = info["servers"]
+        self._connect_errors = []
+        self._tls_refused = asyncio.Event()
+        deadline = time.monotonic() + self.grant_wait
+        while True:
+            try:
+                self._nc = await connect_bounded(nats.connect(**self._connect_options(info, seed)),
+                                                 self.connect_timeout + CONNECT_SLACK, self._tls_refused)
+            except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
+                # a member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md)
+                if _authorization_violation(exc) and time.monotonic() < deadline:
+                    await asyncio.sleep(0.2)
+                    continue
+                raise self._connect_failure(exc, servers) from None
+            self._bus_pub = self.client.identity.bus_pub
+            self.client._buses.add(self)
+            return
 
-        identity = self.client.identity
+    def _bus_seed(self) -> str:
+        """The seed of the member's bus key, which logs in to nats-server."""
         try:
             # The bus key, never the signing key: nats-py signs whatever nonce
             # the server sends, so the key that logs in is a signing oracle for
             # whoever runs (or impersonates) that server (docs/bus-auth.md#bus-keys).
-            seed = identity.bus_nkey_seed()
+            return self.client.identity.bus_nkey_seed()
         except NoBusKey as exc:
             raise BusError(str(exc)) from None
+
+    async def _fetch_bus_info(self) -> dict[str, Any]:
+        """``GET /v1/bus``, checked against the identity (kept in :attr:`info`)."""
+        identity = self.client.identity
         try:
             info = await self.client.bus_info()
         except ApiError as exc:
@@ -1135,132 +1161,125 @@ class Bus:
                            f"({identity.bus_pub}); upload yours with `unibus keygen --upgrade --server "
                            f"{self.client.base_url}`")
         self.info = info
-        inbox = info.get("inbox_prefix") or f"_INBOX_{self.client.identity.handle}"
+        return info
 
-        async def error_cb(exc: Exception) -> None:
-            text = str(exc)
-            low = text.lower()
-            if "permissions violation" in low and "subscription" in low:
-                for listener in list(self._listeners):
-                    if f'"{listener.subject}"' in text or listener.subject in text:
-                        listener._denied(text.strip())
-                return
-            if self._nc is None:
-                log.debug("bus: %s (while connecting)", text)  # connect() retries or raises
-                connect_errors.append(exc)
-                if permanent_tls_error(exc):
-                    tls_refused.set()  # retrying cannot help: stop now
-                return
-            if "permissions violation" in low and "publish" in low:
-                self._publish_denied.append((time.monotonic(), text.strip()))
-                del self._publish_denied[:-100]
-                return
-            if "authorization violation" in low or isinstance(exc, nats_errors.AuthorizationError):
-                # A reconnect refused by the auth callout: a key being rotated by
-                # this client is expected to be; otherwise the member was deleted
-                # or its key changed, and retrying forever cannot help.
-                if self._rotating:
-                    log.info("bus: reconnect refused while the bus key is being rotated; retrying")
-                    return
-                self._auth_failures += 1
-                log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
-                if self._auth_failures >= AUTH_FAILURES_LIMIT:
-                    self._give_up(self._nc)
-                return
-            if self._failure is not None or self._nc.is_closed:
-                return  # stopped already: what the closing socket says adds nothing
-            if self._nc.is_reconnecting:
-                log.info("bus: reconnect attempt failed: %s", text)
-                return
-            if isinstance(exc, (nats_errors.UnexpectedEOF, ConnectionError)):
-                log.info("bus: connection lost (%s); reconnecting", text)  # a kick looks like this
-                return
-            log.warning("bus: %s", text)
-
-        async def closed_cb() -> None:
-            reason = self._closed_reason
-            if reason is None:
-                last = getattr(self._nc, "last_error", None)
-                reason = (f"the bus connection was lost and could not be made again"
-                          f"{f' ({last})' if last else ''}")
-                self._failure = reason
-            for listener in list(self._listeners):
-                listener._fail(reason)
-
-        async def disconnected_cb() -> None:
-            if self._nc is not None and self._nc.is_reconnecting:
-                log.info("bus: disconnected; reconnecting")
-
-        async def reconnected_cb() -> None:
-            # nats-py made every subscription again and flushed before calling
-            # this: the server has processed them (refusals came first, to error_cb).
-            self._auth_failures = 0
-            self.reconnects += 1
-            event, self._reconnected = self._reconnected, asyncio.Event()
-            event.set()
-            log.info("bus: reconnected (%d so far); subscriptions made again", self.reconnects)
-            if self.on_reconnect is not None:
-                self.on_reconnect(f"the bus connection was closed (your rights changed?) and is back; "
-                                  f"listening again ({self.reconnects} reconnect{'s' if self.reconnects > 1 else ''})")
-
-        def next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
-            # The least-tried server; the first attempt after a disconnect almost
-            # at once (jittered), later ones after RECONNECT_WAIT (jittered).
-            chosen = min(servers, key=lambda srv: srv.reconnects)
-            if chosen.reconnects == 0:
-                return chosen, random.uniform(0, RECONNECT_JITTER)
-            return chosen, RECONNECT_WAIT * (1 + random.random())
-
-        connect_errors: list[Exception] = []
-        tls_refused = asyncio.Event()
-        extra: dict[str, Any] = {"tls": self.tls} if self.tls is not None else {}
+    def _connect_options(self, info: dict[str, Any], seed: str) -> dict[str, Any]:
+        """The keyword arguments of ``nats.connect``: this member's key and inbox, reconnects, callbacks."""
+        handle = self.client.identity.handle
+        servers = info["servers"]
+        options: dict[str, Any] = {"tls": self.tls} if self.tls is not None else {}
         if all(str(s).strip().lower().startswith("tls://") for s in servers):
             # Start with the TLS handshake: nats-py would otherwise read the INFO
             # in clear, and a man in the middle who removed tls_required from it
             # would get our nkey's answer to the nonce in clear (docs/client.md, "TLS").
-            extra["tls_handshake_first"] = True
-        deadline = time.monotonic() + self.grant_wait
-        while True:
-            try:
-                self._nc = await connect_bounded(nats.connect(
-                    servers=servers,
-                    **extra,
-                    nkeys_seed_str=seed,
-                    inbox_prefix=inbox,
-                    name=f"unibus-client/{self.client.identity.handle}",
-                    connect_timeout=self.connect_timeout,
-                    max_reconnect_attempts=MAX_RECONNECTS,
-                    reconnect_time_wait=RECONNECT_WAIT,
-                    reconnect_to_server_handler=next_server,
-                    allow_reconnect=True,
-                    error_cb=error_cb,
-                    closed_cb=closed_cb,
-                    disconnected_cb=disconnected_cb,
-                    reconnected_cb=reconnected_cb,
-                ), self.connect_timeout + CONNECT_SLACK, tls_refused)
-                self._bus_pub = identity.bus_pub
-                self.client._buses.add(self)
-                return
-            except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
-                reason = str(exc) or type(exc).__name__
-                where = ", ".join(map(str, servers))
-                if "authorization violation" in reason.lower() or isinstance(exc, nats_errors.AuthorizationError):
-                    # a member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md)
-                    if time.monotonic() < deadline:
-                        await asyncio.sleep(0.2)
-                        continue
-                    raise BusError(f"the bus at {where} refused the connection of "
-                                   f"{self.client.identity.handle} (authorization violation)") from None
-                cause = next((e for e in reversed(connect_errors) if isinstance(e, _ssl.SSLError)), None)
-                if isinstance(exc, _ssl.SSLError) or cause is not None:
-                    ssl_exc = cause if cause is not None else exc
-                    why = getattr(ssl_exc, "verify_message", None) or getattr(ssl_exc, "reason", None) or ssl_exc
-                    raise BusError(f"cannot connect to the bus at {where}: TLS failed ({why}); the bus certificate "
-                                   "must verify against --ca PATH [UNIBUS_CA], and a bus that verifies clients "
-                                   "needs --cert/--key") from None
-                if isinstance(exc, TimeoutError):
-                    reason = f"no connection within {self.connect_timeout + CONNECT_SLACK:.0f} s"
-                raise BusError(f"cannot connect to the bus at {where}: {reason}") from None
+            options["tls_handshake_first"] = True
+        return {
+            "servers": servers,
+            **options,
+            "nkeys_seed_str": seed,
+            "inbox_prefix": info.get("inbox_prefix") or f"_INBOX_{handle}",
+            "name": f"unibus-client/{handle}",
+            "connect_timeout": self.connect_timeout,
+            "max_reconnect_attempts": MAX_RECONNECTS,
+            "reconnect_time_wait": RECONNECT_WAIT,
+            "reconnect_to_server_handler": _next_server,
+            "allow_reconnect": True,
+            "error_cb": self._on_error,
+            "closed_cb": self._on_closed,
+            "disconnected_cb": self._on_disconnected,
+            "reconnected_cb": self._on_reconnected,
+        }
+
+    def _connect_failure(self, exc: BaseException, servers: list[Any]) -> BusError:
+        """The :class:`BusError` that says why the first connection failed."""
+        reason = str(exc) or type(exc).__name__
+        where = ", ".join(map(str, servers))
+        if _authorization_violation(exc):
+            return BusError(f"the bus at {where} refused the connection of "
+                            f"{self.client.identity.handle} (authorization violation)")
+        cause = next((e for e in reversed(self._connect_errors) if isinstance(e, _ssl.SSLError)), None)
+        if isinstance(exc, _ssl.SSLError) or cause is not None:
+            ssl_exc = cause if cause is not None else exc
+            why = getattr(ssl_exc, "verify_message", None) or getattr(ssl_exc, "reason", None) or ssl_exc
+            return BusError(f"cannot connect to the bus at {where}: TLS failed ({why}); the bus certificate "
+                            "must verify against --ca PATH [UNIBUS_CA], and a bus that verifies clients "
+                            "needs --cert/--key")
+        if isinstance(exc, TimeoutError):
+            reason = f"no connection within {self.connect_timeout + CONNECT_SLACK:.0f} s"
+        return BusError(f"cannot connect to the bus at {where}: {reason}")
+
+    async def _on_error(self, exc: Exception) -> None:
+        """nats-py's ``error_cb``: refusals of a subscription or a publish, failed (re)connects."""
+        text = str(exc)
+        low = text.lower()
+        if "permissions violation" in low and "subscription" in low:
+            for listener in list(self._listeners):
+                if f'"{listener.subject}"' in text or listener.subject in text:
+                    listener._denied(text.strip())
+            return
+        if self._nc is None:
+            log.debug("bus: %s (while connecting)", text)  # connect() retries or raises
+            self._connect_errors.append(exc)
+            if permanent_tls_error(exc):
+                self._tls_refused.set()  # retrying cannot help: stop now
+            return
+        if "permissions violation" in low and "publish" in low:
+            self._publish_denied.append((time.monotonic(), text.strip()))
+            del self._publish_denied[:-100]
+            return
+        if _authorization_violation(exc):
+            self._reconnect_refused()
+            return
+        self._log_connection_error(exc, text)
+
+    def _reconnect_refused(self) -> None:
+        """A reconnect refused by the auth callout: a key being rotated by
+        this client is expected to be; otherwise the member was deleted
+        or its key changed, and retrying forever cannot help."""
+        if self._rotating:
+            log.info("bus: reconnect refused while the bus key is being rotated; retrying")
+            return
+        self._auth_failures += 1
+        log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
+        if self._auth_failures >= AUTH_FAILURES_LIMIT:
+            self._give_up(self._nc)
+
+    def _log_connection_error(self, exc: Exception, text: str) -> None:
+        if self._failure is not None or self._nc.is_closed:
+            return  # stopped already: what the closing socket says adds nothing
+        if self._nc.is_reconnecting:
+            log.info("bus: reconnect attempt failed: %s", text)
+            return
+        if isinstance(exc, (nats_errors.UnexpectedEOF, ConnectionError)):
+            log.info("bus: connection lost (%s); reconnecting", text)  # a kick looks like this
+            return
+        log.warning("bus: %s", text)
+
+    async def _on_closed(self) -> None:
+        reason = self._closed_reason
+        if reason is None:
+            last = getattr(self._nc, "last_error", None)
+            reason = (f"the bus connection was lost and could not be made again"
+                      f"{f' ({last})' if last else ''}")
+            self._failure = reason
+        for listener in list(self._listeners):
+            listener._fail(reason)
+
+    async def _on_disconnected(self) -> None:
+        if self._nc is not None and self._nc.is_reconnecting:
+            log.info("bus: disconnected; reconnecting")
+
+    async def _on_reconnected(self) -> None:
+        # nats-py made every subscription again and flushed before calling
+        # this: the server has processed them (refusals came first, to error_cb).
+        self._auth_failures = 0
+        self.reconnects += 1
+        event, self._reconnected = self._reconnected, asyncio.Event()
+        event.set()
+        log.info("bus: reconnected (%d so far); subscriptions made again", self.reconnects)
+        if self.on_reconnect is not None:
+            self.on_reconnect(f"the bus connection was closed (your rights changed?) and is back; "
+                              f"listening again ({self.reconnects} reconnect{'s' if self.reconnects > 1 else ''})")
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
@@ -1386,47 +1405,92 @@ class Bus:
             return reject("malformed", str(exc))
         epoch = env.epoch
         now_ms = int(time.time() * 1000)
-        if guard is not None:
-            if not guard.fresh(env.time_ms, now_ms):
-                return reject("stale", f"its Unibus-Time is {abs(now_ms - env.time_ms) / 1000:.0f} s away from this "
-                                       f"clock, beyond the {guard.window_ms / 1000:g} s window (an old message "
-                                       "replayed, or a clock that is off)")
-            if env.msg_id in guard:
-                return reject("replay", f"msg id {env.msg_id} was already received (a replayed message)")
         try:
-            key, package_seq = await self.client.message_key(r, env.epoch)
-        except KeyUnavailable:
-            return reject("no-key", f"no key for epoch {env.epoch} of room {r}: it was not sealed to you "
-                                    "(you were not a member of the room at that epoch)")
-        except LogVerificationError:
-            raise  # the log itself: nothing more from this server can be trusted (the listener stops)
-        except VerificationError as exc:
-            return reject("key", str(exc))
-        except (ApiError, SealError, ServerUnreachable, ReplicaError) as exc:
-            return reject("no-key", f"cannot get the key of epoch {env.epoch}: {exc}")
-        state = self.client.verified
-        try:
-            member = state.check_sender(r, env.sender, package_seq)
-        except LogError:
-            return reject("sender", f"{env.sender} was not in room {r} when epoch {env.epoch} was sealed")
-        lroom = state.rooms.get(r)
-        if lroom is None or env.sender not in lroom.members:
-            return reject("sender", f"{env.sender} is no longer in room {r} in the verified log")
-        if not verify_ed25519(member.sign_pub, env.signed_bytes(subject, bytes(msg.data)), env.sig):
-            return reject("signature", f"the signature does not verify with {env.sender}'s signing key (a forged "
-                                       "sender, or a message changed on the way)")
-        try:
-            plaintext = decrypt_message(key, subject, env.epoch, msg.data)
-        except MessageError as exc:
-            return reject("decrypt", str(exc))
+            if guard is not None:
+                _check_fresh(guard, env, now_ms)
+            key, package_seq = await self._message_key(r, env)
+            self._check_sender(r, env, package_seq, subject, bytes(msg.data))
+            plaintext = _decrypt(key, subject, env.epoch, msg.data)
+        except _Rejected as exc:
+            return reject(exc.reason, exc.text)
         if guard is not None:
             guard.add(env.msg_id, env.time_ms, now_ms)
         return Message(r, topic, env.epoch, plaintext, subject, env.sender, time_ms=env.time_ms, msg_id=env.msg_id)
+
+    async def _message_key(self, room_id: str, env: Envelope) -> tuple[bytes, int]:
+        """The key of the message's epoch and the log seq of its verified package, or :class:`_Rejected`."""
+        try:
+            return await self.client.message_key(room_id, env.epoch)
+        except KeyUnavailable:
+            raise _Rejected("no-key", f"no key for epoch {env.epoch} of room {room_id}: it was not sealed to you "
+                                      "(you were not a member of the room at that epoch)") from None
+        except LogVerificationError:
+            raise  # the log itself: nothing more from this server can be trusted (the listener stops)
+        except VerificationError as exc:
+            raise _Rejected("key", str(exc)) from None
+        except (ApiError, SealError, ServerUnreachable, ReplicaError) as exc:
+            raise _Rejected("no-key", f"cannot get the key of epoch {env.epoch}: {exc}") from None
+
+    def _check_sender(self, room_id: str, env: Envelope, package_seq: int, subject: str, data: bytes) -> None:
+        """The sender was in the room when the epoch was sealed, still is, and signed the message."""
+        state = self.client.verified
+        try:
+            member = state.check_sender(room_id, env.sender, package_seq)
+        except LogError:
+            raise _Rejected("sender", f"{env.sender} was not in room {room_id} when epoch {env.epoch} was "
+                                      "sealed") from None
+        lroom = state.rooms.get(room_id)
+        if lroom is None or env.sender not in lroom.members:
+            raise _Rejected("sender", f"{env.sender} is no longer in room {room_id} in the verified log")
+        if not verify_ed25519(member.sign_pub, env.signed_bytes(subject, data), env.sig):
+            raise _Rejected("signature", f"the signature does not verify with {env.sender}'s signing key (a forged "
+                                         "sender, or a message changed on the way)")
+
+
+class _Rejected(Exception):
+    """A message :meth:`Bus.decode` does not accept: ``reason`` (one of REJECT_REASONS) and ``text``."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+        self.text = text
+
+
+def _check_fresh(guard: ReplayGuard, env: Envelope, now_ms: int) -> None:
+    """The message's time is within the guard's window and its msg id was not seen before."""
+    if not guard.fresh(env.time_ms, now_ms):
+        raise _Rejected("stale", f"its Unibus-Time is {abs(now_ms - env.time_ms) / 1000:.0f} s away from this "
+                                 f"clock, beyond the {guard.window_ms / 1000:g} s window (an old message "
+                                 "replayed, or a clock that is off)")
+    if env.msg_id in guard:
+        raise _Rejected("replay", f"msg id {env.msg_id} was already received (a replayed message)")
+
+
+def _decrypt(key: bytes, subject: str, epoch: int, data: bytes) -> bytes:
+    try:
+        return decrypt_message(key, subject, epoch, data)
+    except MessageError as exc:
+        raise _Rejected("decrypt", str(exc)) from None
 
 
 _END = object()
 
 
+
+
+def _authorization_violation(exc: BaseException) -> bool:
+    """nats-server refused this member's login (or the auth callout did)."""
+    return "authorization violation" in str(exc).lower() or isinstance(exc, nats_errors.AuthorizationError)
+
+
+def _next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+    """nats-py's ``reconnect_to_server_handler``: the least-tried server; the first
+    attempt after a disconnect almost at once (jittered), later ones after
+    RECONNECT_WAIT (jittered)."""
+    chosen = min(servers, key=lambda srv: srv.reconnects)
+    if chosen.reconnects == 0:
+        return chosen, random.uniform(0, RECONNECT_JITTER)
+    return chosen, RECONNECT_WAIT * (1 + random.random())
 
 
 async def _barrier(nc: Any, timeout: float) -> None:

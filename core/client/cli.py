@@ -184,12 +184,27 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     parser.add_argument("--key", metavar="PATH", default=d, help="its private key (PEM, mode 0600) [UNIBUS_KEY]")
 
 
-def _leaf(sub: Any, name: str, help: str, *, json_flag: bool = True) -> argparse.ArgumentParser:
+def _leaf(sub: Any, name: str, help: str, func: Callable[..., Any] | None = None, *positionals: str,
+          json_flag: bool = True) -> argparse.ArgumentParser:
+    """A command ``name`` under ``sub``: the global options, ``--json``, then each of
+    ``positionals`` (metavar: its name in capitals); it runs ``func``."""
     p = sub.add_parser(name, help=help, description=help)
     _global_options(p, suppress=True)
     if json_flag:
         p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    for positional in positionals:
+        p.add_argument(positional, metavar=positional.upper())
+    if func is not None:
+        p.set_defaults(func=func)
     return p
+
+
+def _group(sub: Any, name: str, help: str) -> Any:
+    """A command ``name`` whose ACTION (required) is one of the commands added to what this returns."""
+    group = sub.add_parser(name, help=help)
+    actions = group.add_subparsers(dest=f"{name}_command", metavar="ACTION", parser_class=_Parser)
+    actions.required = True
+    return actions
 
 
 def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -> argparse.ArgumentParser:
@@ -202,8 +217,30 @@ def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -
     _global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    _add_keygen(sub)
+    _leaf(sub, "whoami", "show your member record as the server knows it", cmd_whoami)
+    _add_members(_group(sub, "members", "list, add (admin), remove (admin) members"))
+    _add_rooms(_group(sub, "rooms", "create, list, show rooms; add/remove room members; rekey"))
+    _leaf(sub, "send", "encrypt TEXT with the room's current key and publish it on the room's TOPIC", cmd_send,
+          "room", "topic", "text")
+    bsub = _group(sub, "blob", "put or get a room blob (encrypted with the room key on your side)")
+    _leaf(bsub, "put", "encrypt FILE with the room's current key, upload it, print its blob id", cmd_blob_put,
+          "room", "file")
+    _leaf(bsub, "get", "download a blob, check it, decrypt it into OUT", cmd_blob_get, "room", "blob_id", "out")
+    _add_listen(sub)
+    _add_trust(sub)
+    lsub = _group(sub, "log", "the server's membership log as this client verified it")
+    _leaf(lsub, "show", "sync and print the trust root, the verified head, the members and rooms the log derives",
+          cmd_log_show)
+    _leaf(lsub, "verify", "verify the server's whole membership log again from seq 0 (exit 0 valid, 1 invalid)",
+          cmd_log_verify)
+    _add_plugin_commands(parser, sub, plugins, entry_points)
+    return parser
 
-    p = _leaf(sub, "keygen", "create an identity file (keys) and print the operator's `membershipd member add` line")
+
+def _add_keygen(sub: Any) -> None:
+    p = _leaf(sub, "keygen", "create an identity file (keys) and print the operator's `membershipd member add` line",
+              cmd_keygen)
     p.add_argument("--handle", help="your handle: ^[a-z][a-z0-9_-]{0,31}$ (required unless --upgrade)")
     p.add_argument("--enc-suite", choices=ENC_SUITES,
                    help=f"HPKE suite of the encryption key (default {DEFAULT_ENC_SUITE})")
@@ -212,104 +249,53 @@ def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -
     p.add_argument("--upgrade", action="store_true",
                    help="add a bus key to a 0.11 (version 1) identity file in place, keeping a .v1.bak copy; "
                         "with --server (or UNIBUS_SERVER) also upload it")
-    p.set_defaults(func=cmd_keygen)
 
-    p = _leaf(sub, "whoami", "show your member record as the server knows it")
-    p.set_defaults(func=cmd_whoami)
 
-    members = sub.add_parser("members", help="list, add (admin), remove (admin) members")
-    msub = members.add_subparsers(dest="members_command", metavar="ACTION", parser_class=_Parser)
-    msub.required = True
-    p = _leaf(msub, "list", "list members")
-    p.set_defaults(func=cmd_members_list)
-    p = _leaf(msub, "show", "show one member")
-    p.add_argument("handle", metavar="HANDLE")
-    p.set_defaults(func=cmd_members_show)
-    p = _leaf(msub, "add", "add a member (admin)")
+def _add_members(msub: Any) -> None:
+    _leaf(msub, "list", "list members", cmd_members_list)
+    _leaf(msub, "show", "show one member", cmd_members_show, "handle")
+    p = _leaf(msub, "add", "add a member (admin)", cmd_members_add)
     p.add_argument("--handle", required=True)
     p.add_argument("--sign-pub", required=True, metavar="B64", help="Ed25519 public key, base64")
     p.add_argument("--enc-pub", required=True, metavar="B64", help="HPKE public key, base64")
     p.add_argument("--enc-suite", default=DEFAULT_ENC_SUITE, choices=ENC_SUITES)
     p.add_argument("--bus-pub", required=True, metavar="U...", help="bus key, a NATS user nkey (keygen prints it)")
     p.add_argument("--role", default="member", choices=ROLES)
-    p.set_defaults(func=cmd_members_add)
-    p = _leaf(msub, "remove", "delete a member (admin): removed from every room, bus access revoked")
-    p.add_argument("handle", metavar="HANDLE")
-    p.set_defaults(func=cmd_members_remove)
+    _leaf(msub, "remove", "delete a member (admin): removed from every room, bus access revoked",
+          cmd_members_remove, "handle")
 
-    rooms = sub.add_parser("rooms", help="create, list, show rooms; add/remove room members; rekey")
-    rsub = rooms.add_subparsers(dest="rooms_command", metavar="ACTION", parser_class=_Parser)
-    rsub.required = True
-    p = _leaf(rsub, "create", "create a room (you own it); prints its id")
-    p.add_argument("name", metavar="NAME")
-    p.set_defaults(func=cmd_rooms_create)
-    p = _leaf(rsub, "list", "rooms you are in (admins: all)")
-    p.set_defaults(func=cmd_rooms_list)
-    p = _leaf(rsub, "show", "a room with its members")
-    p.add_argument("room", metavar="ROOM")
-    p.set_defaults(func=cmd_rooms_show)
-    p = _leaf(rsub, "add", "add a member to a room (owner/admin); the room then needs a rekey")
-    p.add_argument("room", metavar="ROOM")
-    p.add_argument("handle", metavar="HANDLE")
-    p.set_defaults(func=cmd_rooms_add)
-    p = _leaf(rsub, "remove", "remove a member from a room; the room then needs a rekey")
-    p.add_argument("room", metavar="ROOM")
-    p.add_argument("handle", metavar="HANDLE")
-    p.set_defaults(func=cmd_rooms_remove)
-    p = _leaf(rsub, "rekey", "draw a new room key, seal it to every member, upload it")
-    p.add_argument("room", metavar="ROOM")
-    p.set_defaults(func=cmd_rooms_rekey)
-    p = _leaf(rsub, "delete", "delete a room (owner/admin)")
-    p.add_argument("room", metavar="ROOM")
-    p.set_defaults(func=cmd_rooms_delete)
 
-    p = _leaf(sub, "send", "encrypt TEXT with the room's current key and publish it on the room's TOPIC")
-    p.add_argument("room", metavar="ROOM")
-    p.add_argument("topic", metavar="TOPIC")
-    p.add_argument("text", metavar="TEXT")
-    p.set_defaults(func=cmd_send)
+def _add_rooms(rsub: Any) -> None:
+    _leaf(rsub, "create", "create a room (you own it); prints its id", cmd_rooms_create, "name")
+    _leaf(rsub, "list", "rooms you are in (admins: all)", cmd_rooms_list)
+    _leaf(rsub, "show", "a room with its members", cmd_rooms_show, "room")
+    _leaf(rsub, "add", "add a member to a room (owner/admin); the room then needs a rekey", cmd_rooms_add,
+          "room", "handle")
+    _leaf(rsub, "remove", "remove a member from a room; the room then needs a rekey", cmd_rooms_remove,
+          "room", "handle")
+    _leaf(rsub, "rekey", "draw a new room key, seal it to every member, upload it", cmd_rooms_rekey, "room")
+    _leaf(rsub, "delete", "delete a room (owner/admin)", cmd_rooms_delete, "room")
 
-    blob = sub.add_parser("blob", help="put or get a room blob (encrypted with the room key on your side)")
-    bsub = blob.add_subparsers(dest="blob_command", metavar="ACTION", parser_class=_Parser)
-    bsub.required = True
-    p = _leaf(bsub, "put", "encrypt FILE with the room's current key, upload it, print its blob id")
-    p.add_argument("room", metavar="ROOM")
-    p.add_argument("file", metavar="FILE")
-    p.set_defaults(func=cmd_blob_put)
-    p = _leaf(bsub, "get", "download a blob, check it, decrypt it into OUT")
-    p.add_argument("room", metavar="ROOM")
-    p.add_argument("blob_id", metavar="BLOB_ID")
-    p.add_argument("out", metavar="OUT")
-    p.set_defaults(func=cmd_blob_get)
 
-    p = _leaf(sub, "listen", "print the room's messages as they arrive, verified and decrypted, with their sender")
-    p.add_argument("room", metavar="ROOM")
+def _add_listen(sub: Any) -> None:
+    p = _leaf(sub, "listen", "print the room's messages as they arrive, verified and decrypted, with their sender",
+              cmd_listen, "room")
     p.add_argument("--count", type=int, metavar="N", help="exit after N accepted messages")
     p.add_argument("--max-age", type=float, metavar="SECONDS", default=DEFAULT_MAX_AGE,
                    help=f"reject a message whose Unibus-Time is further than this from your clock "
                         f"(default {DEFAULT_MAX_AGE:g})")
     p.add_argument("--show-rejected", action="store_true",
                    help="print each rejected message's reason on stderr (never its content)")
-    p.set_defaults(func=cmd_listen)
 
+
+def _add_trust(sub: Any) -> None:
     p = _leaf(sub, "trust", "pin the server's trust root (the fingerprint of entry 0 of its membership log) before "
-                            "first contact, or accept a recovery bootstrap's fingerprint", json_flag=True)
+                            "first contact, or accept a recovery bootstrap's fingerprint", cmd_trust, json_flag=True)
     p.add_argument("fingerprint", metavar="FINGERPRINT", help="64 hex characters, as `membershipd member add` "
                                                               "printed it")
     p.add_argument("--reset", action="store_true",
                    help="forget this server's verified replica (head, pins, accepted epochs) and pin FINGERPRINT "
                         "as its new trust root (a redeployed server)")
-    p.set_defaults(func=cmd_trust)
-
-    logp = sub.add_parser("log", help="the server's membership log as this client verified it")
-    lsub = logp.add_subparsers(dest="log_command", metavar="ACTION", parser_class=_Parser)
-    lsub.required = True
-    p = _leaf(lsub, "show", "sync and print the trust root, the verified head, the members and rooms the log derives")
-    p.set_defaults(func=cmd_log_show)
-    p = _leaf(lsub, "verify", "verify the server's whole membership log again from seq 0 (exit 0 valid, 1 invalid)")
-    p.set_defaults(func=cmd_log_verify)
-    _add_plugin_commands(parser, sub, plugins, entry_points)
-    return parser
 
 
 def _add_plugin_commands(parser: argparse.ArgumentParser, sub: Any, plugins: Sequence[object],
@@ -338,10 +324,7 @@ def _add_plugin_commands(parser: argparse.ArgumentParser, sub: Any, plugins: Seq
                 p = _leaf(sub, words[0], command.help)
             else:
                 if words[0] not in groups:
-                    group = sub.add_parser(words[0], help=f"{plugin} plugin commands")
-                    groups[words[0]] = group.add_subparsers(dest=f"{words[0]}_command", metavar="ACTION",
-                                                            parser_class=_Parser)
-                    groups[words[0]].required = True
+                    groups[words[0]] = _group(sub, words[0], f"{plugin} plugin commands")
                 p = _leaf(groups[words[0]], words[1], command.help)
             if command.arguments is not None:
                 command.arguments(p)
@@ -533,49 +516,48 @@ async def cmd_members_show(ctx: Context, c: UnibusClient) -> int:
     return EXIT_OK
 
 
+def _report(ctx: Context, doc: Any, line: str, note: str | None = None) -> int:
+    """What a command did: ``doc`` with --json; else ``line`` on stdout and ``note`` (what to do next) on stderr."""
+    if ctx.json:
+        _json_out(doc)
+    else:
+        _out(line)
+        if note is not None:
+            _note(note)
+    return EXIT_OK
+
+
+def _key_arg(flag: str, validate: Callable[..., Any], *value: str) -> None:
+    """``validate(*value)``; a malformed key is a usage error naming ``flag``."""
+    try:
+        validate(*value)
+    except KeyFormatError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
 async def cmd_members_add(ctx: Context, c: UnibusClient) -> int:
     a = ctx.args
     handle = _handle_arg(a.handle, "--handle")
-    try:
-        validate_sign_pub(a.sign_pub)
-    except KeyFormatError as exc:
-        raise UsageError(f"--sign-pub: {exc}") from None
-    try:
-        validate_enc_pub(a.enc_pub, a.enc_suite)
-    except KeyFormatError as exc:
-        raise UsageError(f"--enc-pub: {exc}") from None
-    try:
-        validate_bus_pub(a.bus_pub)
-    except KeyFormatError as exc:
-        raise UsageError(f"--bus-pub: {exc}") from None
+    _key_arg("--sign-pub", validate_sign_pub, a.sign_pub)
+    _key_arg("--enc-pub", validate_enc_pub, a.enc_pub, a.enc_suite)
+    _key_arg("--bus-pub", validate_bus_pub, a.bus_pub)
     m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role, bus_pub=a.bus_pub)
-    if ctx.json:
-        _json_out(m)
-    else:
-        _out(f"added {m.get('handle', handle)} ({m.get('role', a.role)}, {m.get('enc_suite', a.enc_suite)})")
-    return EXIT_OK
+    return _report(ctx, m, f"added {m.get('handle', handle)} ({m.get('role', a.role)}, "
+                           f"{m.get('enc_suite', a.enc_suite)})")
 
 
 async def cmd_members_remove(ctx: Context, c: UnibusClient) -> int:
     handle = _handle_arg(ctx.args.handle)
     await c.remove_member(handle)
-    if ctx.json:
-        _json_out({"handle": handle, "removed": True})
-    else:
-        _out(f"removed {handle}")
-        _note(f"every room {handle} was in now needs a rekey (`unibus rooms list` shows rekey-required)")
-    return EXIT_OK
+    return _report(ctx, {"handle": handle, "removed": True}, f"removed {handle}",
+                   f"every room {handle} was in now needs a rekey (`unibus rooms list` shows rekey-required)")
 
 
 async def cmd_rooms_create(ctx: Context, c: UnibusClient) -> int:
     room = await c.create_room(ctx.args.name)
-    if ctx.json:
-        _json_out(room)
-    else:
-        _out(str(room.get("room_id")))
-        _note(f"created room {room.get('name')!r} ({room.get('room_id')}); add members with "
-              f"`unibus rooms add {room.get('room_id')} HANDLE`, then `unibus rooms rekey {room.get('room_id')}`")
-    return EXIT_OK
+    return _report(ctx, room, str(room.get("room_id")),
+                   f"created room {room.get('name')!r} ({room.get('room_id')}); add members with "
+                   f"`unibus rooms add {room.get('room_id')} HANDLE`, then `unibus rooms rekey {room.get('room_id')}`")
 
 
 async def cmd_rooms_list(ctx: Context, c: UnibusClient) -> int:
@@ -596,40 +578,28 @@ async def cmd_rooms_show(ctx: Context, c: UnibusClient) -> int:
 async def cmd_rooms_add(ctx: Context, c: UnibusClient) -> int:
     room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
     room = await c.add_room_member(room_id, handle)
-    if ctx.json:
-        _json_out(room)
-    else:
-        _out(f"added {handle} to room {room_id}")
-        _note(f"{handle} cannot read until the room is rekeyed: `unibus rooms rekey {room_id}`")
-    return EXIT_OK
+    return _report(ctx, room, f"added {handle} to room {room_id}",
+                   f"{handle} cannot read until the room is rekeyed: `unibus rooms rekey {room_id}`")
 
 
 async def cmd_rooms_remove(ctx: Context, c: UnibusClient) -> int:
     room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
     room = await c.remove_room_member(room_id, handle)
-    if ctx.json:
-        _json_out(room if isinstance(room, dict) else {"room_id": room_id, "handle": handle, "removed": True})
-    else:
-        _out(f"removed {handle} from room {room_id}")
-        _note(f"rekey now so that {handle} cannot read what follows: `unibus rooms rekey {room_id}`")
-    return EXIT_OK
+    return _report(ctx, room if isinstance(room, dict) else {"room_id": room_id, "handle": handle, "removed": True},
+                   f"removed {handle} from room {room_id}",
+                   f"rekey now so that {handle} cannot read what follows: `unibus rooms rekey {room_id}`")
 
 
 async def cmd_rooms_rekey(ctx: Context, c: UnibusClient) -> int:
     room_id = _room_arg(ctx.args.room)
     epoch = await c.rekey(room_id)
-    if ctx.json:
-        _json_out({"room_id": room_id, "epoch": epoch})
-    else:
-        _out(f"room {room_id} is now at epoch {epoch}")
-    return EXIT_OK
+    return _report(ctx, {"room_id": room_id, "epoch": epoch}, f"room {room_id} is now at epoch {epoch}")
 
 
 async def cmd_rooms_delete(ctx: Context, c: UnibusClient) -> int:
     room_id = _room_arg(ctx.args.room)
     await c.delete_room(room_id)
-    _json_out({"room_id": room_id, "deleted": True}) if ctx.json else _out(f"deleted room {room_id}")
-    return EXIT_OK
+    return _report(ctx, {"room_id": room_id, "deleted": True}, f"deleted room {room_id}")
 
 
 async def cmd_send(ctx: Context, c: UnibusClient) -> int:

@@ -19,6 +19,7 @@ has no network or server dependency.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -26,6 +27,7 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import nkeys
@@ -33,8 +35,8 @@ from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
 # Validation and encodings shared with the server live in unibus.wire; they
-# are re-exported here for the SDK's users.
-from ..wire import (
+# are re-exported here for the SDK's users (__all__ below).
+from ..wire import (  # noqa: F401
     DEFAULT_ENC_SUITE,
     ENC_KEY_SIZES,
     ENC_PUB_SIZES,
@@ -62,40 +64,20 @@ from ..wire import (
     validate_sign_pub,
 )
 
+from .. import wire as _wire
+
+#: unibus.wire's names but the server's skew bound and two helpers of its own,
+#: then the identity file's.
 __all__ = [
-    "ENC_SUITES",
-    "DEFAULT_ENC_SUITE",
-    "SIGN_PUB_SIZE",
-    "SIGN_SEED_SIZE",
-    "ENC_PUB_SIZES",
-    "ENC_KEY_SIZES",
-    "MLKEM768_PUB_SIZE",
-    "X25519_PUB_SIZE",
-    "HANDLE_PATTERN",
-    "HANDLE_RE",
+    *(name for name in _wire.__all__ if name not in {"MAX_AUTH_SKEW", "b64_pattern", "public_key_from_nkey"}),
     "IDENTITY_VERSION",
     "IDENTITY_VERSIONS",
-    "KeyFormatError",
-    "HandleError",
     "IdentityError",
     "Identity",
-    "b64encode",
-    "b64decode_strict",
-    "validate_handle",
-    "validate_sign_pub",
-    "validate_enc_pub",
-    "validate_enc_suite",
-    "validate_bus_pub",
-    "check_sign_pub",
-    "check_enc_pub",
-    "enc_public_key",
-    "nkey_from_public_key",
-    "nkey_from_sign_pub",
-    "sign_pub_from_nkey",
+    "NoBusKey",
     "generate_identity",
     "with_bus_key",
     "upgrade_identity_file",
-    "NoBusKey",
     "identity_from_json",
     "identity_to_json",
     "save_identity",
@@ -368,7 +350,17 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], force: bool 
         raise FileExistsError(f"{target} already exists; refusing to overwrite it without --force")
 
     data = (json.dumps(identity_to_json(identity), indent=2) + "\n").encode("utf-8")
-    fd, tmp = _open_private_temp(parent, target.name)
+    _write_private_file(target, data, replace=force,
+                        exists=lambda: FileExistsError(f"{target} already exists; refusing to overwrite it "
+                                                       "without --force"))
+    return target
+
+
+def _write_private_file(target: Path, data: bytes, *, replace: bool, exists: Callable[[], Exception]) -> None:
+    """Write ``data`` to a 0600 temporary file beside ``target``, fsynced, then rename it onto ``target``
+    (``replace``) or hard-link it there, which never clobbers a file created meanwhile (``exists()``
+    is raised then); the directory is fsynced last."""
+    fd, tmp = _open_private_temp(target.parent, target.name)
     try:
         try:
             os.fchmod(fd, 0o600)  # umask can only remove bits; make sure the owner can read it
@@ -379,26 +371,21 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], force: bool 
             os.fsync(fd)
         finally:
             os.close(fd)
-        if force:
+        if replace:
             os.replace(tmp, target)
         else:
             try:
                 os.link(tmp, target)
             except FileExistsError:
-                raise FileExistsError(f"{target} already exists; refusing to overwrite it without --force") from None
+                raise exists() from None
             except OSError:  # filesystem without hard links
                 if os.path.lexists(target):
-                    raise FileExistsError(
-                        f"{target} already exists; refusing to overwrite it without --force"
-                    ) from None
+                    raise exists() from None
                 os.replace(tmp, target)
     finally:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    _fsync_dir(parent)
-    return target
+    _fsync_dir(target.parent)
 
 
 def _open_private_temp(directory: Path, name: str) -> tuple[int, str]:
@@ -431,51 +418,7 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     Refuses a file that group or others can access (``chmod 600 PATH``).
     """
     p = os.path.expanduser(os.fspath(path))
-    try:
-        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise IdentityError(
-            f"identity file {p} not found; create one with `unibus keygen --handle HANDLE` "
-            "or point --identity / UNIBUS_IDENTITY at it",
-            p,
-        ) from None
-    except IsADirectoryError:
-        raise IdentityError(f"identity file {p} is a directory", p) from None
-    except OSError as exc:
-        raise IdentityError(f"cannot read identity file {p}: {exc.strerror or exc}", p) from None
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise IdentityError(f"identity file {p} is a directory", p)
-        if not stat.S_ISREG(st.st_mode):
-            raise IdentityError(f"identity file {p} is not a regular file", p)
-        if st.st_mode & 0o077:
-            raise IdentityError(
-                f"identity file {p} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
-                f"it holds private keys: run `chmod 600 {p}`",
-                p,
-            )
-        if st.st_size > _IDENTITY_MAX_BYTES:
-            raise IdentityError(f"identity file {p} is too large ({st.st_size} bytes) to be an identity file", p)
-        chunks = []
-        total = 0
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > _IDENTITY_MAX_BYTES:
-                raise IdentityError(f"identity file {p} is too large to be an identity file", p)
-            chunks.append(chunk)
-    except OSError as exc:
-        raise IdentityError(f"cannot read identity file {p}: {exc.strerror or exc}", p) from None
-    finally:
-        os.close(fd)
-    raw = b"".join(chunks)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise IdentityError(f"identity file {p} is not UTF-8 text (not an identity file?)", p) from None
+    text = _read_identity_text(p)
     if not text.strip():
         raise IdentityError(f"identity file {p} is empty", p)
     try:
@@ -489,6 +432,62 @@ def load_identity(path: str | os.PathLike[str]) -> Identity:
     except IdentityError as exc:
         exc.path = p
         raise
+
+
+def _read_identity_text(p: str) -> str:
+    """The text of the identity file ``p``: a regular file of the owner's alone, small, UTF-8."""
+    try:
+        fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise IdentityError(
+            f"identity file {p} not found; create one with `unibus keygen --handle HANDLE` "
+            "or point --identity / UNIBUS_IDENTITY at it",
+            p,
+        ) from None
+    except IsADirectoryError:
+        raise IdentityError(f"identity file {p} is a directory", p) from None
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity file {p}: {exc.strerror or exc}", p) from None
+    try:
+        _check_identity_stat(p, os.fstat(fd))
+        raw = _read_bounded(p, fd)
+    except OSError as exc:
+        raise IdentityError(f"cannot read identity file {p}: {exc.strerror or exc}", p) from None
+    finally:
+        os.close(fd)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IdentityError(f"identity file {p} is not UTF-8 text (not an identity file?)", p) from None
+
+
+def _check_identity_stat(p: str, st: os.stat_result) -> None:
+    if stat.S_ISDIR(st.st_mode):
+        raise IdentityError(f"identity file {p} is a directory", p)
+    if not stat.S_ISREG(st.st_mode):
+        raise IdentityError(f"identity file {p} is not a regular file", p)
+    if st.st_mode & 0o077:
+        raise IdentityError(
+            f"identity file {p} is accessible by group/others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"it holds private keys: run `chmod 600 {p}`",
+            p,
+        )
+    if st.st_size > _IDENTITY_MAX_BYTES:
+        raise IdentityError(f"identity file {p} is too large ({st.st_size} bytes) to be an identity file", p)
+
+
+def _read_bounded(p: str, fd: int) -> bytes:
+    """What ``fd`` holds, refused beyond the size of an identity file (it may grow while read)."""
+    chunks = []
+    total = 0
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            return b"".join(chunks)
+        total += len(chunk)
+        if total > _IDENTITY_MAX_BYTES:
+            raise IdentityError(f"identity file {p} is too large to be an identity file", p)
+        chunks.append(chunk)
 
 
 def upgrade_identity_file(path: str | os.PathLike[str]) -> tuple[Identity, Path | None]:
@@ -526,29 +525,6 @@ def _write_backup(backup: Path, data: bytes) -> None:
         raise IdentityError(
             f"{backup} exists and differs from the identity file; move it away before upgrading", backup
         )
-    fd, tmp = _open_private_temp(backup.parent, backup.name)
-    try:
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, backup)
-        except FileExistsError:
-            raise IdentityError(f"{backup} appeared while upgrading; move it away and try again", backup) from None
-        except OSError:  # filesystem without hard links
-            if os.path.lexists(backup):
-                raise IdentityError(f"{backup} appeared while upgrading; move it away and try again",
-                                    backup) from None
-            os.replace(tmp, backup)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    _fsync_dir(backup.parent)
+    _write_private_file(backup, data, replace=False,
+                        exists=lambda: IdentityError(f"{backup} appeared while upgrading; move it away and try "
+                                                     "again", backup))

@@ -443,6 +443,33 @@ class Replica:
             return await self._sync(client, from_scratch)
 
     async def _sync(self, client: Any, from_scratch: bool, defer: bool = True) -> SyncResult:
+        seq, digest = await self._server_head(client)
+        pinned_head = self.pinned_head
+        state = self._fresh_state() if from_scratch else self.state
+        had_root = self.trust_root
+        try:
+            lines = await self._apply_pages(client, state, seq, defer)
+        except (LogError, _Redo) as exc:
+            self._discard(from_scratch)
+            if defer:
+                # Something failed: check again entry by entry, which names the first bad one.
+                if self.directory is not None and not from_scratch:
+                    self._refresh()
+                return await self._sync(client, from_scratch, defer=False)
+            assert isinstance(exc, LogError)
+            raise LogVerificationError.from_log(exc, self.server) from None
+        except BaseException:
+            self._discard(from_scratch)
+            raise
+        try:
+            self._check_same_log(state, seq, digest, pinned_head)
+        except LogVerificationError:
+            self._discard(from_scratch)
+            raise
+        return self._adopt(state, lines, from_scratch, had_root)
+
+    async def _server_head(self, client: Any) -> tuple[int, str]:
+        """The server's log head ``(seq, hash)``; a rollback or a fork of the pinned head is refused."""
         head = await client.log_head()
         if not isinstance(head, dict):
             raise LogVerificationError(f"{self.server} answered GET /v1/log/head with something else than an object")
@@ -459,44 +486,41 @@ class Replica:
             raise LogVerificationError(
                 f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "
                 f"({digest} instead of {pinned_hash})", seq)
-        state = self._fresh_state() if from_scratch else self.state
-        had_root = self.trust_root
+        return seq, digest
+
+    async def _apply_pages(self, client: Any, state: LogState, seq: int, defer: bool) -> list[bytes]:
+        """Fetch and apply the entries after ``state``'s head up to ``seq``; return their canonical lines.
+
+        With ``defer`` the signatures of a page are checked together (:class:`_Redo` if one fails)."""
         lines: list[bytes] = []
-        try:
-            while state.head[0] < seq:
-                after = state.head[0]
-                page = await client.log(after=None if after < 0 else after, limit=PAGE_LIMIT)
-                entries = page.get("entries") if isinstance(page, dict) else None
-                if not isinstance(entries, list) or not entries:
-                    raise LogVerificationError(f"{self.server} says its membership log reaches seq {seq}, but serves "
-                                            f"no entry after seq {after}", after + 1)
-                if defer:  # the Ed25519 work of a page on every core, then the page's verdict
-                    state.defer_checks()
-                for entry in entries:
-                    _digest, raw = state.apply_canonical(entry)
-                    lines.append(raw)
-                if defer and state.run_deferred() is not None:
-                    raise _Redo
-        except (LogError, _Redo) as exc:
-            self._discard(from_scratch)
-            if defer:
-                # Something failed: check again entry by entry, which names the first bad one.
-                if self.directory is not None and not from_scratch:
-                    self._refresh()
-                return await self._sync(client, from_scratch, defer=False)
-            assert isinstance(exc, LogError)
-            raise LogVerificationError.from_log(exc, self.server) from None
-        except BaseException:
-            self._discard(from_scratch)
-            raise
+        while state.head[0] < seq:
+            after = state.head[0]
+            page = await client.log(after=None if after < 0 else after, limit=PAGE_LIMIT)
+            entries = page.get("entries") if isinstance(page, dict) else None
+            if not isinstance(entries, list) or not entries:
+                raise LogVerificationError(f"{self.server} says its membership log reaches seq {seq}, but serves "
+                                           f"no entry after seq {after}", after + 1)
+            if defer:  # the Ed25519 work of a page on every core, then the page's verdict
+                state.defer_checks()
+            for entry in entries:
+                _digest, raw = state.apply_canonical(entry)
+                lines.append(raw)
+            if defer and state.run_deferred() is not None:
+                raise _Redo
+        return lines
+
+    def _check_same_log(self, state: LogState, seq: int, digest: str, pinned_head: tuple[int, str]) -> None:
+        """The applied log ends in the entry the head names and holds the pinned head's entry."""
         if state.hash_at(seq) != (digest or None):
-            self._discard(from_scratch)
             raise LogVerificationError(f"fork: the entry {self.server} serves at seq {seq} is not the one its log head "
-                                    "names", seq)
+                                       "names", seq)
+        pinned_seq, pinned_hash = pinned_head
         if pinned_seq >= 0 and state.hash_at(pinned_seq) != pinned_hash:
-            self._discard(from_scratch)
             raise LogVerificationError(f"fork: {self.server} serves another entry at seq {pinned_seq} than the one "
-                                    "this client verified", pinned_seq)
+                                       "this client verified", pinned_seq)
+
+    def _adopt(self, state: LogState, lines: list[bytes], from_scratch: bool, had_root: str | None) -> SyncResult:
+        """Make the verified ``state`` the replica's (pinning its trust root on first use) and save ``lines``."""
         pinned = None
         if self.trust_root is None and state.root is not None:
             self.trust_root = pinned = state.root

@@ -116,22 +116,22 @@ def _header(headers: Mapping[str, Any], name: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _header_matching(headers: Mapping[str, Any], name: str, pattern: re.Pattern[str], expected: str) -> str:
+    """Header ``name``, which must match ``pattern``; else :class:`MessageError` saying what was ``expected``."""
+    value = _header(headers, name)
+    if value is None or not pattern.match(value):
+        raise MessageError(f"missing or invalid {name} header: {expected}")
+    return value
+
+
 def parse_envelope(headers: Mapping[str, Any] | None) -> Envelope:
     """Parse the five headers, each in its one canonical spelling; :class:`MessageError` names the bad one."""
     headers = headers or {}
     epoch = parse_epoch_header(headers.get(EPOCH_HEADER))
-    sender = _header(headers, SENDER_HEADER)
-    if sender is None or not _HANDLE_RE.match(sender):
-        raise MessageError(f"missing or invalid {SENDER_HEADER} header: every message is signed by its sender")
-    time_text = _header(headers, TIME_HEADER)
-    if time_text is None or not _TIME_RE.match(time_text):
-        raise MessageError(f"missing or invalid {TIME_HEADER} header: expected unix milliseconds")
-    msg_id = _header(headers, MSG_ID_HEADER)
-    if msg_id is None or not _MSG_ID_RE.match(msg_id):
-        raise MessageError(f"missing or invalid {MSG_ID_HEADER} header: expected 16 bytes in base64url")
-    sig_text = _header(headers, SIG_HEADER)
-    if sig_text is None or not _SIG_RE.match(sig_text):
-        raise MessageError(f"missing or invalid {SIG_HEADER} header: expected a 64-byte signature in base64")
+    sender = _header_matching(headers, SENDER_HEADER, _HANDLE_RE, "every message is signed by its sender")
+    time_text = _header_matching(headers, TIME_HEADER, _TIME_RE, "expected unix milliseconds")
+    msg_id = _header_matching(headers, MSG_ID_HEADER, _MSG_ID_RE, "expected 16 bytes in base64url")
+    sig_text = _header_matching(headers, SIG_HEADER, _SIG_RE, "expected a 64-byte signature in base64")
     try:
         sig = base64.b64decode(sig_text, validate=True)
     except (binascii.Error, ValueError):  # pragma: no cover - the pattern admits only valid base64
