@@ -542,6 +542,45 @@ def test_generate_certs_refuses_the_route_ca_directory(tmp_path: Path) -> None:
     assert not (client / "route-ca.crt").exists()
 
 
+def _generate_route(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(DEPLOY / "cluster" / "generate-cluster-certs.sh"), *args],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["OUT", "n1=10.0.0.1", "route-ca=10.0.0.2"], "the CA's own file name"),  # would overwrite route-ca.key
+    (["OUT", "n1=10.0.0.1", "n2=,"], "has no address"),
+    (["OUT", "n1=10.0.0.1", ".."], "bad node name"),
+    (["OUT", "n1=10.0.0.1", "bad/name=1.2.3.4"], "bad node name"),
+])
+def test_generate_cluster_certs_checks_every_node_before_writing(tmp_path: Path, args: list[str],
+                                                                 needle: str) -> None:
+    r = _generate_route(*[str(tmp_path / "out") if a == "OUT" else a for a in args])
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_cluster_certs_keeps_its_ca_and_signs_each_node(tmp_path: Path) -> None:
+    out = tmp_path / "route-pki"
+    assert _generate_route(str(out), "n1=127.0.0.1,n1.example").returncode == 0
+    ca_key = (out / "route-ca.key").read_bytes()
+    r = _generate_route(str(out), "n2=10.0.0.2")  # a node added later: same CA
+    assert r.returncode == 0, r.stderr
+    assert (out / "route-ca.key").read_bytes() == ca_key
+    assert stat_mode(out) == 0o700
+    assert stat_mode(out / "route-ca.key") == 0o600
+    assert stat_mode(out / "n2.key") == 0o600
+    for node in ("n1", "n2"):
+        v = subprocess.run(["openssl", "verify", "-CAfile", str(out / "route-ca.crt"), str(out / f"{node}.crt")],
+                           capture_output=True, text=True, timeout=30)
+        assert v.returncode == 0, v.stderr
+    text = subprocess.run(["openssl", "x509", "-in", str(out / "n1.crt"), "-noout", "-ext", "subjectAltName"],
+                          capture_output=True, text=True, timeout=30).stdout
+    assert "IP Address:127.0.0.1" in text and "DNS:n1.example" in text
+    bad_days = _generate_route(str(tmp_path / "x"), "n1=127.0.0.1", env={**os.environ, "UNIBUS_CERT_DAYS": "soon"})
+    assert bad_days.returncode == 2 and "UNIBUS_CERT_DAYS" in bad_days.stderr
+
+
 def _unit_argv(unit: Path, home: Path) -> list[str]:
     argv = one(parse_unit(unit.read_text()), "Service", "ExecStart").split()
     return [a.replace("%h", str(home)) for a in argv]
