@@ -1438,13 +1438,13 @@ def findings(sizes: list[SizeResult], before: BeforeResult | None, cluster: Clus
            "apart: `unibus.client.api`), so the tail costs another attempt; a first connect refused this way "
            "fails to the caller. What would shorten the queue is less CPU per callout in membershipd, or several membershipd answering "
            "(the queue group takes any number of responders)."))
+    same = next((r for r in sizes if before is not None and r.world.members == before.members), big)
+    memory = (f"- **Memory.** nats-server's RSS at {same.world.members:,} members is {same.nats_rss_mb:.0f} MB "
+              f"with the callout (nats.conf {same.nats_conf_bytes / 1e3:.1f} kB, the same at every size: "
+              + " / ".join(f"{r.nats_rss_mb:.0f}" for r in sizes) + f" MB at {labels})")
     if before is not None and before.error is None and before.daemon_error is not None:
-        same = next((r for r in sizes if r.world.members == before.members), big)
         out.append(
-            f"- **Memory.** nats-server's RSS at {same.world.members:,} members is {same.nats_rss_mb:.0f} MB with "
-            f"the callout (nats.conf {same.nats_conf_bytes / 1e3:.1f} kB, the same at every size: "
-            + " / ".join(f"{r.nats_rss_mb:.0f}" for r in sizes)
-            + f" MB at {labels}). {before.version} cannot run {before.members:,} members at all: its daemon "
+            memory + f". {before.version} cannot run {before.members:,} members at all: its daemon "
             f"generated a {before.nats_conf_bytes / 1e6:.1f} MB nats.conf listing every member with its "
             f"permissions, and then gave up (`{before.daemon_error}`, {before.start:.0f} s after its start): its "
             f"supervisor waits 15 s for nats-server. A bare nats-server (the same release's binary) given that "
@@ -1453,12 +1453,8 @@ def findings(sizes: list[SizeResult], before: BeforeResult | None, cluster: Clus
             f"holds the callout's index: {same.daemon_rss_mb:.0f} MB at {same.world.members:,} members "
             f"({small.daemon_rss_mb:.0f} MB at {small.world.members:,}); this code started in {same.start:.1f} s.")
     elif before is not None and before.error is None:
-        same = next((r for r in sizes if r.world.members == before.members), big)
         out.append(
-            f"- **Memory.** nats-server's RSS at {same.world.members:,} members is {same.nats_rss_mb:.0f} MB with "
-            f"the callout (nats.conf {same.nats_conf_bytes / 1e3:.1f} kB, the same at every size: "
-            + " / ".join(f"{r.nats_rss_mb:.0f}" for r in sizes)
-            + f" MB at {labels}) against {before.nats_rss_mb:.0f} MB for {before.version} with the same "
+            memory + f" against {before.nats_rss_mb:.0f} MB for {before.version} with the same "
             f"{before.members:,} members listed in its nats.conf ({before.nats_conf_bytes / 1e6:.1f} MB), measured "
             f"in this run: ×{before.nats_rss_mb / same.nats_rss_mb:.0f}. {before.version} took "
             f"{before.start:.0f} s to start with them, this code {same.start:.1f} s. membershipd's own RSS holds "

@@ -257,11 +257,18 @@ async def raw_publish_probe(nc: Any, t0: float, probe: Probe, timeout: float, st
             outcome = f"JetStream error {e.err_code}"
         except Exception as e:  # noqa: BLE001 - every other failure is one more failed attempt
             outcome = type(e).__name__
-        now = time.perf_counter()
-        probe.record(sent - t0, now - sent, outcome)
-        if probe.finished(now - t0, hold):
+        if await _recorded(probe, t0, sent, outcome, hold):
             return
-        await asyncio.sleep(RETRY_PAUSE)
+
+
+async def _recorded(probe: Probe, t0: float, sent: float, outcome: str, hold: float) -> bool:
+    """Record one attempt; True when the probe is finished, else after the pause before the next one."""
+    now = time.perf_counter()
+    probe.record(sent - t0, now - sent, outcome)
+    if probe.finished(now - t0, hold):
+        return True
+    await asyncio.sleep(RETRY_PAUSE)
+    return False
 
 
 async def signed_get_probe(base_url: str, identity: Identity, t0: float, probe: Probe, timeout: float,
@@ -286,11 +293,8 @@ async def signed_get_probe(base_url: str, identity: Identity, t0: float, probe: 
                 outcome = f"client timeout ({timeout:g} s)"
             except aiohttp.ClientError as e:
                 outcome = type(e).__name__
-            now = time.perf_counter()
-            probe.record(sent - t0, now - sent, outcome)
-            if probe.finished(now - t0, hold):
+            if await _recorded(probe, t0, sent, outcome, hold):
                 return
-            await asyncio.sleep(RETRY_PAUSE)
 
 
 # -- the bare cluster -------------------------------------------------------------------
