@@ -190,8 +190,9 @@ def _leaf(sub: Any, name: str, help: str, func: Callable[..., Any] | None = None
     ``positionals`` (metavar: its name in capitals); it runs ``func``."""
     p = sub.add_parser(name, help=help, description=help)
     _global_options(p, suppress=True)
-    if json_flag:
-        p.add_argument("--json", action="store_true", help="print JSON (one object per line)")
+    if json_flag:  # not given here: the value before the command stands
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                       help="print JSON (one object per line)")
     for positional in positionals:
         p.add_argument(positional, metavar=positional.upper())
     if func is not None:
@@ -215,6 +216,7 @@ def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -
                             "Guide: docs/client.md")
     parser.add_argument("--version", action="version", version=f"{PROG} {_version}")
     _global_options(parser, suppress=False)
+    parser.add_argument("--json", action="store_true", help="print JSON (one object per line), as after a command")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     _add_keygen(sub)

@@ -248,3 +248,13 @@ def test_membershipd_member_add_refuses_a_missing_bad_or_signing_bus_key(tmp_pat
         one_error_line(proc, 2, needle)
     assert not (tmp_path / "d").exists()  # refused before anything is written
     assert member_add(ident.bus_pub).returncode == 0
+
+
+def test_json_goes_before_or_after_the_command(unibus_app):
+    app = unibus_app()
+    bob = app.member("bob")
+    for argv in (["--json", "whoami"], ["whoami", "--json"]):
+        code, out = app.client_command(bob, *argv)
+        assert code == 0 and json.loads(out)["handle"] == "bob", argv
+    code, out = app.client_command(bob, "whoami")
+    assert code == 0 and out.startswith("handle:")

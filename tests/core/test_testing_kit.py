@@ -175,3 +175,4 @@ def test_unibus_app_runs_a_client_command_and_reads_a_metric(unibus_app):
         app.client_command(app.anonymous, "my-role")
     identity = app.data_dir / "test-identities" / "bob.json"
     assert identity.stat().st_mode & 0o777 == 0o600
+
