@@ -146,7 +146,10 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     A response that leaves while part of the request body has not arrived
     closes the connection (``Connection: close``; see UNREAD_BODY_DRAIN).
     """
-    response = await _problem_or_response(request, handler)
+    try:
+        response = await handler(request)
+    except Exception as e:  # noqa: BLE001 - each kind is answered by _problem_for (the rest: 500)
+        response = _problem_for(request, e)
     if not response.prepared and body_unread(request):
         response.force_close()
     return response
@@ -159,9 +162,10 @@ def _rejected(request: web.Request, reason: str) -> None:
         metrics.signature_rejected(reason)
 
 
-async def _problem_or_response(request: web.Request, handler: Handler) -> web.StreamResponse:
+def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The problem+json answer to ``exc``, raised by a handler (or re-raised: a redirect)."""
     try:
-        return await handler(request)
+        raise exc
     except Problem as p:
         if p.status == 401:
             _rejected(request, getattr(p, "reason", "other"))
@@ -184,20 +188,26 @@ async def _problem_or_response(request: web.Request, handler: Handler) -> web.St
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
-        if e.status == 404:
-            detail = f"no route for {request.method} {request.path}"
-        elif e.status == 405:
-            allowed = headers.get("Allow", "")
-            detail = f"{request.method} is not allowed on {request.path}" + (f"; allowed: {allowed}" if allowed else "")
-        else:
-            detail = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
-        return problem_response(e.status, detail, headers=headers)
+        return _http_exception_problem(request, e)
     except json.JSONDecodeError as e:
         return problem_response(400, f"malformed JSON body: {e.msg} at position {e.pos}", kind="malformed-json")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return problem_response(500, "internal error; see the membershipd log")
+    finally:
+        del exc  # no reference cycle through this frame
+
+
+def _http_exception_problem(request: web.Request, e: web.HTTPException) -> web.Response:
+    headers = {k: v for k, v in e.headers.items() if k.lower() in ("allow", "retry-after", "www-authenticate")}
+    if e.status == 404:
+        detail = f"no route for {request.method} {request.path}"
+    elif e.status == 405:
+        allowed = headers.get("Allow", "")
+        detail = f"{request.method} is not allowed on {request.path}" + (f"; allowed: {allowed}" if allowed else "")
+    else:
+        detail = e.text if e.text and not e.text.startswith(f"{e.status}:") else e.reason
+    return problem_response(e.status, detail, headers=headers)
 
 
 @web.middleware
