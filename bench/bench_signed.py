@@ -372,16 +372,18 @@ SPECIFIC = [
      lambda f, p: p.startswith("nats/")),
     ("member lookup (`MemberDirectory.get`)", lambda f, p: f.startswith("MemberDirectory")),
     ("handler and JSON body (`json_response`, `as_json`, `json.dumps`)",
-     lambda f, p: f in ("get_me", "plain", "verify", "json_response", "Member.as_json", "iso", "b64")
+     lambda f, p: f in ("get_me", "me_body", "plain", "verify", "json_response", "Member.as_json", "iso", "b64")
      or p.startswith("json/")),
 ]
 AIOHTTP = "aiohttp: HTTP parsing, routing, middleware chain, response writing, socket I/O"
-GLUE = "unibus middlewares' own lines (`problem_middleware`, `auth_middleware`, `authenticate`)"
+GLUE = ("unibus middlewares' own lines (`served_middleware`: problems and metrics, `auth_middleware`, `authenticate`, "
+        "`path_params_middleware`)")
 LOOP = "asyncio event loop (scheduling, epoll, callbacks)"
 THREADS = "other threads (SQLite store)"
 TLS = "TLS: asyncio's `sslproto`, the `ssl` module and the socket writes under them"
 OTHER = "other"
-_GLUE_FUNCS = ("problem_middleware", "auth_middleware", "Authenticator.", "current_member")
+_GLUE_FUNCS = ("problem_middleware", "served_middleware", "metrics_middleware", "auth_middleware", "Authenticator.",
+               "NonceStore.admit", "current_member", "path_params_middleware", "Metrics.", "route_label")
 CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, TLS, LOOP, THREADS, OTHER]
 
 
