@@ -98,6 +98,21 @@ KEYS = ("signed", "before", "verify", "plain", "https", "verify-https")
 PROFILED = ("signed", "before", "verify", "plain", "https", "verify-https")
 #: The aim: signed GET /v1/me serves at least this share of baseline B's requests per second.
 AIM = 0.85
+#: What the signed path stopped doing in 0.12 (the profile above says what is left).
+HOT_PATH = (
+    "What 0.12 took off the signed path, found with this profile (none of it is a check; the checks, their order and "
+    "their answers are those of docs/http-api.md, held by tests/core/test_signing.py, test_signed_requests.py and "
+    "test_request_bodies.py): GET /v1/me encoded its JSON body on every request, now once per member record "
+    "(`unibus.api.members.me_body`, the record object the member cache keeps until the member changes); the "
+    "membership-log view of the request (the raw path split again, three header reads, a dataclass) was made for "
+    "every request, now only when a logged route's handler asks for it or a body was read "
+    "(`unibus.auth.logged_request`); a cached member was looked up through a coroutine and its PyNaCl key "
+    "converted per request, now it is a dict hit carrying the raw 32-byte key; the nonce store's admission (epoch, "
+    "floor, high-water mark) was a coroutine per request, now a plain test unless one of them needs a look "
+    "(`NonceStore.admitted`); the metrics and problem+json middlewares and a coroutine between them are one "
+    "middleware (`unibus.app.served_middleware`). Parsing stays one strict path through http_sfv plus the measured "
+    "fast path for exactly what `sign_request` writes (`unibus.signing.check_request`)."
+)
 #: The order of even runs (odd runs go backwards): the pairs that are compared run by run
 #: (before/after, each signed server and the baseline B of its transport, B over both
 #: transports) are loaded one right after the other.
@@ -816,6 +831,7 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                     out.append(f"| {centre} | {old_us:.0f} | {new_us:.0f} | {new_us - old_us:+.0f} |")
             out.append(f"| **total (server CPU µs per request in the profiled run)** | {pbefore.cpu_us:.0f} "
                        f"| {ps.cpu_us:.0f} | {ps.cpu_us - pbefore.cpu_us:+.0f} |")
+            out += ["", HOT_PATH]
         if https:
             assert phs is not None and phb is not None
             tls_s, tls_b = phs.us(TLS), phb.us(TLS)
