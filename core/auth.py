@@ -94,7 +94,8 @@ MEMBER_KEY = "unibus.member"
 #: log records it (a :class:`unibus.memberlog.LoggedRequest`: method, raw path and
 #: query, the signature headers as the verifier read them, and the body bytes once
 #: read; docs/formats.md, "The membership log"). Handlers of logged routes pass it
-#: to the store with :func:`unibus.api.common.log_record`.
+#: to the store with :func:`unibus.api.common.log_record`. Read it with
+#: :func:`logged_request`: for a request without a body it is made on first use.
 LOGGED_REQUEST_KEY = "unibus.logged_request"
 #: ``request[AUTH_TIME_KEY]``: the server time (unix seconds, float) at which the
 #: signature was checked; a log entry's ``at`` is this time, so its ``created``
@@ -124,20 +125,29 @@ BAD_SIGNATURE = "signature verification failed (unknown keyid or bad signature)"
 #: known one costs. Its private half is derived from a public label: it stands
 #: for no member, and a signature by it is still refused.
 DUMMY_VERIFY_KEY = nacl.signing.SigningKey(hashlib.sha256(b"unibus: the key of no member").digest()).verify_key
+_DUMMY_RAW = bytes(DUMMY_VERIFY_KEY)
 
 
 def body_timeout_from_env(env: Mapping[str, str]) -> float:
     """``UNIBUS_BODY_TIMEOUT`` (seconds), or the default; ConfigError (exit 2) naming it otherwise."""
-    raw = env.get(BODY_TIMEOUT_ENV)
+    return _number_from_env(env, BODY_TIMEOUT_ENV, DEFAULT_BODY_TIMEOUT, BODY_TIMEOUT_RANGE, float,
+                            "a number of seconds from {lo:g} to {hi:g}")
+
+
+def _number_from_env(env: Mapping[str, str], name: str, default: Any, bounds: tuple[Any, Any],
+                     parse: Callable[[str], Any], allowed: str) -> Any:
+    """``env[name]`` parsed by ``parse`` within ``bounds``, or ``default`` when unset or blank;
+    ConfigError (exit 2) naming the variable, and saying ``allowed``, otherwise."""
+    raw = env.get(name)
     if raw is None or raw.strip() == "":
-        return DEFAULT_BODY_TIMEOUT
-    lo, hi = BODY_TIMEOUT_RANGE
+        return default
+    lo, hi = bounds
     try:
-        value = float(raw)
+        value = parse(raw.strip())
     except ValueError:
         value = math.nan
     if not lo <= value <= hi:
-        raise ConfigError(f"{BODY_TIMEOUT_ENV}: {raw[:40]!r} is not allowed; use a number of seconds from {lo:g} to {hi:g}")
+        raise ConfigError(f"{name}: {raw[:40]!r} is not allowed; use {allowed.format(lo=lo, hi=hi)}")
     return value
 
 
@@ -180,17 +190,8 @@ class MemoryHighWater:
 
 def nonce_max_bytes_from_env(env: Mapping[str, str]) -> int:
     """``UNIBUS_NONCE_MAX_BYTES``, or the default; ConfigError (exit 2) naming it otherwise."""
-    raw = env.get(NONCE_MAX_BYTES_ENV)
-    if raw is None or raw.strip() == "":
-        return DEFAULT_NONCE_MAX_BYTES
-    lo, hi = NONCE_MAX_BYTES_RANGE
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = -1
-    if not lo <= value <= hi:
-        raise ConfigError(f"{NONCE_MAX_BYTES_ENV}: {raw[:40]!r} is not allowed; use a number of bytes from {lo} to {hi}")
-    return value
+    return _number_from_env(env, NONCE_MAX_BYTES_ENV, DEFAULT_NONCE_MAX_BYTES, NONCE_MAX_BYTES_RANGE, int,
+                            "a number of bytes from {lo} to {hi}")
 
 
 class _BucketMissing(Exception):
@@ -534,6 +535,14 @@ class NonceStore:
 
     # -- requests ----------------------------------------------------------------------
 
+    def admitted(self, created: int) -> bool:
+        """True when :meth:`admit` would pass at once, with nothing to read or write:
+        the epoch is known and current, ``created`` is above its floor and under
+        the high-water mark. Otherwise call :meth:`admit`."""
+        floor = self.floor
+        return (floor is not None and floor < created <= self.high_water
+                and self._reconnects == self.acks.reconnects)
+
     async def admit(self, created: int, now: float) -> None:
         """Before a claim: the epoch is known, ``created`` is above its floor, and the
         high-water mark covers ``created`` (raised durably first if it did not).
@@ -656,7 +665,8 @@ class MemberDirectory:
 
     def __init__(self, store: Store) -> None:
         self.store = store
-        self._members: dict[str, tuple[Member, nacl.signing.VerifyKey]] = {}
+        # handle -> (member, its raw 32-byte Ed25519 key, checked when cached)
+        self._members: dict[str, tuple[Member, bytes]] = {}
         self._version = 0  # bumped by every change: a read that spans one is not cached
         store.add_listener(self._on_change)
 
@@ -674,7 +684,12 @@ class MemberDirectory:
             return
         self._version += 1
 
-    async def get(self, handle: str) -> tuple[Member, nacl.signing.VerifyKey] | None:
+    def cached(self, handle: str) -> tuple[Member, bytes] | None:
+        """The member and its raw verify key if cached now (no I/O); else None: ask :meth:`get`."""
+        return self._members.get(handle)
+
+    async def get(self, handle: str) -> tuple[Member, bytes] | None:
+        """The member and its raw 32-byte verify key, or None for an unknown handle."""
         found = self._members.get(handle)
         if found is not None:
             return found
@@ -682,7 +697,7 @@ class MemberDirectory:
         mb = await self.store.get_member(handle)
         if mb is None:
             return None
-        found = (mb, nacl.signing.VerifyKey(mb.sign_pub))
+        found = (mb, bytes(nacl.signing.VerifyKey(mb.sign_pub)))  # VerifyKey: a key of the wrong size fails here
         if self._version == version:  # nothing changed while it was read: the entry is current
             self._members[handle] = found
         return found
@@ -730,12 +745,11 @@ class Authenticator:
                                     skew=self.skew)
         except SignatureError as e:
             raise unauthorized(e.reason, e.kind) from None
-        found = await self.directory.get(pending.keyid)
+        # A cached member costs no coroutine (the hot path: docs/benchmarks.md, "Signed requests").
+        found = self.directory.cached(pending.keyid) or await self.directory.get(pending.keyid)
         if found is None:
-            try:
-                pending.verify(DUMMY_VERIFY_KEY)
-            except SignatureError:
-                pass
+            with contextlib.suppress(SignatureError):
+                pending.verify(_DUMMY_RAW)
             raise unauthorized(BAD_SIGNATURE, "bad_signature")
         member, verify_key = found
         try:
@@ -744,7 +758,7 @@ class Authenticator:
             raise unauthorized(BAD_SIGNATURE, "bad_signature") from None
         # A request a client bound to its deployment (docs/http-api.md, "Signed requests"):
         # lifted from one server's log, it is refused by every other.
-        if pending.tag is not None and pending.tag != await self.trust_root():
+        if pending.tag is not None and pending.tag != (self._root or await self.trust_root()):
             raise unauthorized(OTHER_DEPLOYMENT, "other")
         return member, verified
 
@@ -754,9 +768,11 @@ class Authenticator:
         with what it reads), ``b""`` for a request without a body."""
         now = time.time()
         member, verified = await self.verify(request.method, request.raw_path, request.headers, body, now)
+        nonces = self.nonces
         try:
-            await self.nonces.admit(verified.created, now)
-            fresh = await self.nonces.claim(member.handle, verified.nonce)
+            if not nonces.admitted(verified.created):  # else the epoch, floor and mark need a look (or a write)
+                await nonces.admit(verified.created, now)
+            fresh = await nonces.claim(member.handle, verified.nonce)
         except ReplayFloorError as e:
             raise Problem(503, f"replay protection restarted (the nonce store was lost and made again): a request "
                           f"created at or before {e.floor} cannot be checked for replay; sign it again in "
@@ -881,35 +897,43 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         await authenticator.authenticate(request, None if has_body else b"")
         request[BODY_TIMEOUT_KEY] = body_timeout
         if not has_body or request.match_info.http_exception is not None:
-            _keep_logged_request(request, None)
-            return await handler(request)  # no body, or an unknown route (404/405): the body is never read
+            # No body, or an unknown route (404/405): the body is never read, and the
+            # logged request is made only if a handler asks (logged_request).
+            return await handler(request)
         encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
         if encoding != "identity":
             raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
                           kind="unsupported-content-encoding")
         if getattr(request.match_info.handler, STREAMING_ATTR, False):
-            _keep_logged_request(request, None)  # never logged: the body is not kept here
+            request[LOGGED_REQUEST_KEY] = _logged(request, None)  # never logged: the body is not kept here
             return await handler(request)  # it reads the body itself (body_chunks)
         body = await read_body(request, timeout=body_timeout, limit=max_body)
         expected = request["unibus.signature"].content_sha256
         if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
             raise unauthorized("Content-Digest does not match the body", "digest")
-        _keep_logged_request(request, body)
+        request[LOGGED_REQUEST_KEY] = _logged(request, body)
         return await handler(request)
 
     return middleware
 
 
-def _keep_logged_request(request: web.Request, body: bytes | None) -> None:
-    """``request[LOGGED_REQUEST_KEY]``: what the verifier checked, as the membership log records it."""
+def logged_request(request: web.Request) -> LoggedRequest:
+    """What the verifier checked, as the membership log records it: ``request[LOGGED_REQUEST_KEY]``,
+    made here for a request without a body (the auth middleware makes it only when it read one)."""
+    found = request.get(LOGGED_REQUEST_KEY)
+    if found is None:
+        found = request[LOGGED_REQUEST_KEY] = _logged(request, None)
+    return found
+
+
+def _logged(request: web.Request, body: bytes | None) -> LoggedRequest:
     path, query = split_path_query(request.raw_path)
     headers = request.headers
     # The digest is part of the record only when the signature covered it.
     digest = header_value(headers, "content-digest") if request["unibus.signature"].content_sha256 is not None else None
-    request[LOGGED_REQUEST_KEY] = LoggedRequest(
-        method=request.method, path=path, query=query, content_digest=digest,
-        signature_input=header_value(headers, "signature-input") or "",
-        signature=header_value(headers, "signature") or "", body=body)
+    return LoggedRequest(method=request.method, path=path, query=query, content_digest=digest,
+                         signature_input=header_value(headers, "signature-input") or "",
+                         signature=header_value(headers, "signature") or "", body=body)
 
 
 # --------------------------------------------------------------------------- who is asking (docs/plugins.md, "Who is asking")

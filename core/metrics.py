@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import logging
 import re
-import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -378,6 +377,10 @@ class Metrics:
         return encoder(self.registry), content_type
 
 
+#: The ``status`` of a request whose client went away before the answer (nginx's code for it).
+CLIENT_GONE = 499
+
+
 def route_label(request: web.BaseRequest) -> str:
     """The route template of a request, or :data:`UNMATCHED_ROUTE`."""
     match_info = getattr(request, "match_info", None)
@@ -385,32 +388,6 @@ def route_label(request: web.BaseRequest) -> str:
         return UNMATCHED_ROUTE
     resource = match_info.route.resource
     return resource.canonical if resource is not None else UNMATCHED_ROUTE
-
-
-def metrics_middleware(metrics: Metrics) -> Any:
-    """Counts every request by route template, method and status, with its duration.
-
-    Outermost: it sees the status the client gets, problems included.
-    """
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        started = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as e:  # a redirect, or an error problem_middleware let through
-            status = e.status
-            raise
-        except asyncio.CancelledError:
-            status = 499  # the client went away (nginx's code for it)
-            raise
-        finally:
-            metrics.observe_request(route_label(request), request.method, status, time.perf_counter() - started)
-
-    return middleware
 
 
 # -- the --metrics-addr listener -----------------------------------------------------------

@@ -290,28 +290,8 @@ def sign_request(
     from http_message_signatures import HTTPMessageSignaturesException, PreparedSignature
 
     method = method.upper()  # aiohttp's client upper-cases the method it sends
-    if not isinstance(private_key, Ed25519PrivateKey):
-        raise ValueError("private_key must be a cryptography Ed25519PrivateKey")
-    if not path_and_query.startswith("/"):
-        raise ValueError("path_and_query must start with '/'")
-    path, query = split_path_query(path_and_query)
-    if created is None:
-        created = int(time.time())
-    if nonce is None:
-        nonce = make_nonce()
-    elif not NONCE_RE.fullmatch(nonce):
-        raise ValueError("nonce must be 16-64 characters of [A-Za-z0-9_-]")
-
-    headers: dict[str, str] = {}
-    components = list(REQUIRED_COMPONENTS)
-    if content_sha256 is not None:
-        if body is not None or len(content_sha256) != 32:
-            raise ValueError("content_sha256 is the 32-byte SHA-256 of a streamed body (and body is None)")
-        headers["Content-Digest"] = "sha-256=:" + base64.b64encode(content_sha256).decode("ascii") + ":"
-        components.append("content-digest")
-    elif body is not None:
-        headers["Content-Digest"] = content_digest(bytes(body))
-        components.append("content-digest")
+    path, query, created, nonce = _signing_target(path_and_query, private_key, created, nonce)
+    headers, components = _digest_header(body, content_sha256)
     if not isinstance(keyid, str) or not keyid:
         raise ValueError("keyid must be a non-empty string")
     params: list[tuple[str, Any]] = [("created", int(created)), ("nonce", nonce), ("keyid", keyid), ("alg", ALG)]
@@ -334,6 +314,39 @@ def sign_request(
     except HTTPMessageSignaturesException as e:
         raise ValueError(f"cannot sign this request: {e}") from e
     return headers
+
+
+def _signing_target(path_and_query: str, private_key: Any, created: int | None,
+                    nonce: str | None) -> tuple[str, str, int, str]:
+    """:func:`sign_request`'s checks of the key and the target; ``(path, query, created, nonce)``
+    with the defaults filled in."""
+    if not isinstance(private_key, Ed25519PrivateKey):
+        raise ValueError("private_key must be a cryptography Ed25519PrivateKey")
+    if not path_and_query.startswith("/"):
+        raise ValueError("path_and_query must start with '/'")
+    path, query = split_path_query(path_and_query)
+    if created is None:
+        created = int(time.time())
+    if nonce is None:
+        nonce = make_nonce()
+    elif not NONCE_RE.fullmatch(nonce):
+        raise ValueError("nonce must be 16-64 characters of [A-Za-z0-9_-]")
+    return path, query, created, nonce
+
+
+def _digest_header(body: bytes | None, content_sha256: bytes | None) -> tuple[dict[str, str], list[str]]:
+    """The ``Content-Digest`` header to send (none without a body) and the components to cover."""
+    headers: dict[str, str] = {}
+    components = list(REQUIRED_COMPONENTS)
+    if content_sha256 is not None:
+        if body is not None or len(content_sha256) != 32:
+            raise ValueError("content_sha256 is the 32-byte SHA-256 of a streamed body (and body is None)")
+        headers["Content-Digest"] = "sha-256=:" + base64.b64encode(content_sha256).decode("ascii") + ":"
+        components.append("content-digest")
+    elif body is not None:
+        headers["Content-Digest"] = content_digest(bytes(body))
+        components.append("content-digest")
+    return headers, components
 
 
 # --------------------------------------------------------------------------
@@ -544,17 +557,9 @@ def _check_digest(headers: Any, body: bytes | None) -> tuple[bytes, str]:
     return digest, raw_digest
 
 
-def verify_request(
-    method: str,
-    path: str,
-    query: str,
-    headers: Mapping[str, str],
-    body: bytes | None,
-    *,
-    resolve_key: Callable[[str], VerifyKeyLike | None],
-    now: float | None = None,
-    skew: float = DEFAULT_SKEW,
-) -> Verified:
+def verify_request(method: str, path: str, query: str, headers: Mapping[str, str], body: bytes | None, *,
+                   resolve_key: Callable[[str], VerifyKeyLike | None], now: float | None = None,
+                   skew: float = DEFAULT_SKEW) -> Verified:
     """Verify the one RFC 9421 signature of a request; raise :class:`SignatureError`.
 
     Arguments as for :func:`check_request`; ``resolve_key(keyid)`` returns a
@@ -615,8 +620,10 @@ def _has_body(headers: Any, body: bytes | None) -> bool:
 
 
 def _raw_public_key(key: Any) -> bytes:
-    # A PyNaCl VerifyKey (what membershipd's member directory holds) is tested
-    # first: isinstance against cryptography's abstract key class is slower.
+    # Raw bytes (what membershipd's member directory holds) are tested first, then a
+    # PyNaCl VerifyKey: isinstance against cryptography's abstract key class is slower.
+    if type(key) is bytes and len(key) == 32:
+        return key
     if isinstance(key, nacl.signing.VerifyKey):
         raw = bytes(key)
     elif isinstance(key, (bytes, bytearray, memoryview)):

@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ..app import SETTINGS
-from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, require_admin  # noqa: F401  (re-exported for the handlers)
+from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
 from ..inputs import invalid, parse_json
 from ..memberlog import BODYLESS, logged_operation
 from ..problems import Problem
@@ -72,7 +72,7 @@ def log_record(request: web.Request) -> LogRecord:
     and it must have no query string (400 ``non-canonical-request``); its body,
     if the log keeps it, is at most :data:`MAX_LOGGED_BODY` bytes (413).
     """
-    logged = request[LOGGED_REQUEST_KEY]
+    logged = logged_request(request)
     found = logged_operation(logged.method, logged.path)
     if found is None or logged.query != "":
         raise Problem(400, "a membership-changing request is recorded in the membership log as signed, so it must "

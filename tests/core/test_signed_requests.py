@@ -210,10 +210,17 @@ async def test_members_routes(server, alice):
     status, body, _ = await send(server.base_url, "GET", "/v1/members/bob", bob)
     assert status == 200 and body["sign_pub"] == bob.sign_pub_b64
     assert (await send(server.base_url, "GET", "/v1/members/zed", bob))[0] == 404
+    # GET /v1/me's body is encoded once per member record: a changed member gets the new one at once
+    for _ in range(2):
+        status, me, headers = await send(server.base_url, "GET", "/v1/me", bob)
+        assert status == 200 and me == body and me["role"] == "member"
+        assert headers["Content-Type"] == "application/json; charset=utf-8"
     status, body, _ = await send(server.base_url, "PATCH", "/v1/members/bob", alice, {"role": "admin"})
     assert status == 200 and body["role"] == "admin"
+    assert (await send(server.base_url, "GET", "/v1/me", bob))[1] == body
     status, body, _ = await send(server.base_url, "PATCH", "/v1/members/alice", bob, {"role": "member"})
     assert status == 200 and body["role"] == "member"
+    assert (await send(server.base_url, "GET", "/v1/me", alice))[1] == body
     status, body, _ = await send(server.base_url, "PATCH", "/v1/members/bob", bob, {"role": "member"})
     assert status == 409 and "last admin" in body["detail"]
     assert (await send(server.base_url, "DELETE", "/v1/members/alice", bob))[0] == 204
