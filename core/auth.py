@@ -89,18 +89,30 @@ WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence fa
 STREAM_NAME_IN_USE = 10058
 STREAM_NOT_FOUND = 10059
 NO_MESSAGE_FOUND = 10037
-MEMBER_KEY = "unibus.member"
+
+
+def _request_key(name: str, kind: type) -> Any:
+    """A typed request key (``aiohttp.web.RequestKey``, aiohttp 3.13+), else the plain name."""
+    key_type = getattr(web, "RequestKey", None)
+    return name if key_type is None else key_type(name, kind)
+
+
+#: ``request[MEMBER_KEY]``: the member whose signature the request carries (read it
+#: with :func:`current_member`).
+MEMBER_KEY = _request_key("unibus.member", Member)
+#: ``request[SIGNATURE_KEY]``: what the verifier checked (:class:`unibus.signing.Verified`).
+SIGNATURE_KEY = _request_key("unibus.signature", Verified)
 #: ``request[LOGGED_REQUEST_KEY]``: the authenticated request as the membership
 #: log records it (a :class:`unibus.memberlog.LoggedRequest`: method, raw path and
 #: query, the signature headers as the verifier read them, and the body bytes once
 #: read; docs/formats.md, "The membership log"). Handlers of logged routes pass it
 #: to the store with :func:`unibus.api.common.log_record`. Read it with
 #: :func:`logged_request`: for a request without a body it is made on first use.
-LOGGED_REQUEST_KEY = "unibus.logged_request"
+LOGGED_REQUEST_KEY = _request_key("unibus.logged_request", LoggedRequest)
 #: ``request[AUTH_TIME_KEY]``: the server time (unix seconds, float) at which the
 #: signature was checked; a log entry's ``at`` is this time, so its ``created``
 #: is within the skew of ``at`` however long the body took to arrive.
-AUTH_TIME_KEY = "unibus.auth_time"
+AUTH_TIME_KEY = _request_key("unibus.auth_time", float)
 #: The handler attribute that marks a streamed upload (the body is not read here).
 STREAMING_ATTR = "unibus_streaming"
 #: The header block of a claim: write only if this key has never been written.
@@ -115,8 +127,8 @@ DEFAULT_BODY_TIMEOUT = 30.0
 BODY_TIMEOUT_ENV = "UNIBUS_BODY_TIMEOUT"
 BODY_TIMEOUT_RANGE = (0.1, 3600.0)
 #: ``request[BODY_TIMEOUT_KEY]``: the body deadline of this request, for streaming handlers.
-BODY_TIMEOUT_KEY = "unibus.body_timeout"
-_CONTINUE_SENT = "unibus.continue_sent"
+BODY_TIMEOUT_KEY = _request_key("unibus.body_timeout", float)
+_CONTINUE_SENT = _request_key("unibus.continue_sent", bool)
 #: The ``detail`` of the 401 for an unknown keyid *and* for a signature that
 #: does not verify: one answer, so an anonymous caller cannot tell which
 #: handles exist (docs/http-api.md, "What each 401 means").
@@ -764,7 +776,7 @@ class Authenticator:
 
     async def authenticate(self, request: web.Request, body: bytes | None) -> Member:
         """Steps 1-3 of the module docstring. ``body`` is ``None`` while the
-        body is unread (the caller then compares ``request["unibus.signature"].content_sha256``
+        body is unread (the caller then compares ``request[SIGNATURE_KEY].content_sha256``
         with what it reads), ``b""`` for a request without a body."""
         now = time.time()
         member, verified = await self.verify(request.method, request.raw_path, request.headers, body, now)
@@ -785,7 +797,7 @@ class Authenticator:
         if not fresh:
             raise unauthorized("replayed nonce: this (keyid, nonce) was already used", "replay")
         request[MEMBER_KEY] = member
-        request["unibus.signature"] = verified
+        request[SIGNATURE_KEY] = verified
         request[AUTH_TIME_KEY] = now
         return member
 
@@ -850,7 +862,7 @@ async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
     """The body of a streamed upload, chunk by chunk, for a handler marked
     :data:`STREAMING_ATTR`: each chunk must come within the body timeout of the
     previous one (408), a body whose HTTP framing is broken is 400. The caller
-    hashes what it gets and compares with ``request["unibus.signature"].content_sha256``."""
+    hashes what it gets and compares with ``request[SIGNATURE_KEY].content_sha256``."""
     timeout = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
     await send_continue(request)
     content = request.content
@@ -908,7 +920,7 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
             request[LOGGED_REQUEST_KEY] = _logged(request, None)  # never logged: the body is not kept here
             return await handler(request)  # it reads the body itself (body_chunks)
         body = await read_body(request, timeout=body_timeout, limit=max_body)
-        expected = request["unibus.signature"].content_sha256
+        expected = request[SIGNATURE_KEY].content_sha256
         if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
             raise unauthorized("Content-Digest does not match the body", "digest")
         request[LOGGED_REQUEST_KEY] = _logged(request, body)
@@ -930,7 +942,7 @@ def _logged(request: web.Request, body: bytes | None) -> LoggedRequest:
     path, query = split_path_query(request.raw_path)
     headers = request.headers
     # The digest is part of the record only when the signature covered it.
-    digest = header_value(headers, "content-digest") if request["unibus.signature"].content_sha256 is not None else None
+    digest = header_value(headers, "content-digest") if request[SIGNATURE_KEY].content_sha256 is not None else None
     return LoggedRequest(method=request.method, path=path, query=query, content_digest=digest,
                          signature_input=header_value(headers, "signature-input") or "",
                          signature=header_value(headers, "signature") or "", body=body)

@@ -134,7 +134,7 @@ def rejection_kind(reason: str) -> str:
     return "malformed"
 
 
-# Frozen: plugins share it as request["unibus.signature"].
+# Frozen: plugins share it as request[unibus.auth.SIGNATURE_KEY].
 @dataclass(frozen=True, slots=True)
 class Verified:
     """What a valid signature established.

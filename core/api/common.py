@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ..app import SETTINGS
-from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
+from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, SIGNATURE_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
 from ..inputs import invalid, parse_json
 from ..memberlog import BODYLESS, logged_operation
 from ..problems import Problem
@@ -81,7 +81,7 @@ def log_record(request: web.Request) -> LogRecord:
     if logged.body is not None and found[0] not in BODYLESS and len(logged.body) > MAX_LOGGED_BODY:
         raise Problem(413, f"the body of this request is kept in the membership log: at most {MAX_LOGGED_BODY} "
                            "bytes", kind="request-entity-too-large", max_bytes=MAX_LOGGED_BODY)
-    verified = request["unibus.signature"]
+    verified = request[SIGNATURE_KEY]
     return LogRecord(logged, verified.keyid, verified.nonce, verified.created, int(request[AUTH_TIME_KEY]),
                      int(request.app[SETTINGS].auth_skew))
 

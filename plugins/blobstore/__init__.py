@@ -199,11 +199,11 @@ def content_digest_value(blob_id: str) -> str:
 async def put_blob(request: web.Request) -> web.Response:
     from unibus.api.common import json_response
     from unibus.app import STORE
-    from unibus.auth import body_chunks, unauthorized
+    from unibus.auth import SIGNATURE_KEY, body_chunks, unauthorized
 
     service = _service(request)
     room, me = await _room_for_member(request)
-    verified = request.get("unibus.signature")
+    verified = request.get(SIGNATURE_KEY)
     expected = getattr(verified, "content_sha256", None)
     if expected is None:
         raise unauthorized("a blob upload needs a signed Content-Digest (sha-256) that names the body", "digest")

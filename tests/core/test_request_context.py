@@ -10,6 +10,8 @@ from unibus.app import OPENAPI_DOC, add_route
 from unibus.auth import current_member, require_admin, require_member
 from unibus.openapi import OpenAPI
 
+CTX_PATHS = web.AppKey("ctx_paths", list)
+
 
 class ContextPlugin:
     PLUGIN_NAME = "ctx"
@@ -30,7 +32,7 @@ class ContextPlugin:
         async def outside(request):
             return web.json_response({"handle": require_member(request).handle})
 
-        app["ctx_paths"] = [
+        app[CTX_PATHS] = [
             add_route(app, "GET", "/whoami", whoami, summary="who", responses={200: "me"}),
             add_route(app, "GET", "/admin", admin_only, summary="admin", responses={200: "admin"}),
             add_route(app, "GET", "/ctx-open", open_page, summary="open", responses={200: "x"}, signed=False,
@@ -52,7 +54,7 @@ def served(tmp_path_factory):
 
 
 def test_plugin_routes_live_under_v1_plugins_name(served):
-    assert served.app["ctx_paths"] == ["/v1/plugins/ctx/whoami", "/v1/plugins/ctx/admin", "/ctx-open",
+    assert served.app[CTX_PATHS] == ["/v1/plugins/ctx/whoami", "/v1/plugins/ctx/admin", "/ctx-open",
                                        "/ctx-signed"]
     paths = served.app[OPENAPI_DOC].document()["paths"]
     assert "/v1/plugins/ctx/whoami" in paths and "/whoami" not in paths
