@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from unibus.app import OPENAPI_DOC, STASHES, STORE, problem_middleware, stash
-from unibus.auth import MEMBER_KEY
+from unibus.auth import MEMBER_KEY, SIGNATURE_KEY
 from unibus.openapi import OpenAPI
 from unibus.plugins.blobstore import SERVICE, BlobService, register_routes
 from unibus.plugins.blobstore.fs import FsBackend
@@ -60,7 +60,7 @@ async def fake_auth(request, handler):
     handle = request.headers.get("X-Test-Member", "bob")
     request[MEMBER_KEY] = member(handle, "admin" if handle == "alice" else "member")
     sha = request.headers.get("X-Test-Sha256")
-    request["unibus.signature"] = Verified(handle, "n" * 16, 0, "sig1", bytes.fromhex(sha) if sha else None)
+    request[SIGNATURE_KEY] = Verified(handle, "n" * 16, 0, "sig1", bytes.fromhex(sha) if sha else None)
     return await handler(request)
 
 
