@@ -65,7 +65,23 @@ Every process started here is stopped in a ``finally``; everything listens on
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchdoc  # noqa: E402, F401  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402
+from benchlib import (  # noqa: E402
+    IDLE_LEAVES,
+    PYTHON,
+    REPO,
+    daemon_env,
+    min_med_max,
+    nats_server_version,
+    parse_frames,
+    proc_cpu_seconds,
+    proc_cpu_split,
+    pyspy_binary,
+    sign_batch,
+    stop_process,
+    wait_ready_line,
+)
 import argparse
 import asyncio
 import collections
@@ -73,7 +89,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -87,8 +102,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-PYTHON = sys.executable
 SCRIPT = str(Path(__file__).resolve())
 HEADING = "## Signed requests"
 BEFORE_REF = "v0.11.0"  # the release the signed path is compared with (bench/baseline.py)
@@ -266,42 +279,6 @@ def role_loadgen(url: str, requests_path: Path, warmup: int, concurrency: int, c
 # =============================================================================
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """user + system CPU time a live process has used so far (clock-tick resolution)."""
-    return sum(proc_cpu_split(pid))
-
-
-def proc_cpu_split(pid: int) -> tuple[float, float]:
-    """(user, system) CPU time a live process has used so far (clock-tick resolution)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    """``sig`` (SIGTERM), then SIGKILL if it does not stop in time."""
-    if proc.poll() is None:
-        proc.send_signal(sig)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-
-def wait_ready_line(proc: subprocess.Popen, timeout: float = START_TIMEOUT) -> None:
-    """Wait for a baseline server's ``ready`` line on stdout."""
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if line.strip() == b"ready":
-            return
-        if not line and proc.poll() is not None:
-            raise RuntimeError(f"baseline server exited with {proc.returncode}")
-    raise TimeoutError("baseline server did not become ready")
-
-
 @dataclass
 class Target:
     key: str  # one of KEYS
@@ -333,15 +310,6 @@ class Series:
     def cpu(self, proc: str) -> float | None:
         vals = [r.cpu_us[proc] for r in self.runs if proc in r.cpu_us]
         return statistics.median(vals) if vals else None
-
-
-def sign_batch(identity: Any, count: int) -> list[dict[str, str]]:
-    """``count`` signatures of GET /v1/me, each with its own nonce, ``created`` = now."""
-    from unibus.signing import sign_request
-
-    created = int(time.time())
-    return [sign_request("GET", PATH, None, keyid=identity.handle, private_key=identity.sign_key, created=created)
-            for _ in range(count)]
 
 
 def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch: Path) -> RunResult:
@@ -376,12 +344,6 @@ def run_load(target: Target, headers: list[dict[str, str]], warmup: int, scratch
 
 # -- where the time goes: py-spy (or cProfile) ----------------------------------------
 
-_FRAME = re.compile(r"^(.*) \((.*):(\d+)\)$")
-#: Leaf frames of threads that are blocked, not working (py-spy's idle detection misses them here).
-_IDLE_LEAVES = {("_worker", "concurrent/futures/thread.py"), ("ThreadedChildWatcher._do_waitpid", "asyncio/unix_events.py"),
-                ("Condition.wait", "threading.py"), ("Event.wait", "threading.py")}
-
-#: Cost centres, tried in this order; the first that matches any frame of a stack owns the sample.
 SPECIFIC = [
     ("Ed25519 verify (libsodium `crypto_sign_open`)", lambda f, p: f.startswith("crypto_sign_open")),
     ("signature headers parsed and checked (`check_request`)",
@@ -407,14 +369,6 @@ OTHER = "other"
 _GLUE_FUNCS = ("problem_middleware", "served_middleware", "metrics_middleware", "auth_middleware", "Authenticator.",
                "NonceStore.admit", "current_member", "path_params_middleware", "Metrics.", "route_label")
 CENTRES = [name for name, _ in SPECIFIC] + [GLUE, AIOHTTP, TLS, LOOP, THREADS, OTHER]
-
-
-def _parse_frames(stack: str) -> list[tuple[str, str]]:
-    frames = []
-    for raw in stack.split(";"):
-        m = _FRAME.match(raw)
-        frames.append((m.group(1), m.group(2)) if m else (raw, ""))
-    return frames
 
 
 def _centre(frames: list[tuple[str, str]]) -> str:
@@ -463,8 +417,8 @@ def summarize_raw(path: Path, cpu_us: float) -> Profile:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = _parse_frames(stack)
-        if frames and frames[-1] in _IDLE_LEAVES:
+        frames = [(f, p) for f, p, _ in parse_frames(stack)]
+        if frames and frames[-1] in IDLE_LEAVES:
             continue
         n = int(count)
         total += n
@@ -474,11 +428,6 @@ def summarize_raw(path: Path, cpu_us: float) -> Profile:
         by_centre[(centre, stack.split(";")[-1])] += n
     return Profile("py-spy", total, cpu_us, dict(centres), [(n, f) for f, n in leaves.most_common(12)],
                    dict(by_centre))
-
-
-def pyspy_binary() -> str | None:
-    local = Path(PYTHON).parent / "py-spy"
-    return str(local) if local.is_file() else shutil.which("py-spy")
 
 
 def profile_target(target: Target, headers: list[dict[str, str]], warmup: int, scratch: Path,
@@ -525,13 +474,6 @@ def summarize_pstats(path: Path, cpu_us: float) -> Profile:
     return Profile("cProfile on the CPU clock, self time grouped by function (not by stack, so the centres are "
                    "rougher than py-spy's)", total, cpu_us, dict(centres),
                    [(n, f) for f, n in lines.most_common(12)])
-
-
-def daemon_env() -> dict[str, str]:
-    """The environment membershipd runs with here: no UNIBUS_* from outside, quiet logs."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    env["UNIBUS_LOG_LEVEL"] = "WARNING"
-    return env
 
 
 def profile_cprofile(target: Target, stats: Path, headers: list[dict[str, str]], warmup: int,
@@ -644,11 +586,6 @@ def measure_claims(scratch: Path, storage: str, n: int) -> list[ClaimPhase]:
 # -- report ---------------------------------------------------------------------------------------
 
 
-def _mm(values: list[float], fmt: str = "{:.0f}", scale: float = 1.0) -> tuple[str, str, str]:
-    return (fmt.format(min(values) * scale), fmt.format(statistics.median(values) * scale),
-            fmt.format(max(values) * scale))
-
-
 #: The baseline B of each target's transport: its ratio column divides by it.
 SAME_TRANSPORT_B = {"signed": "verify", "before": "verify", "verify": "verify", "plain": "verify",
                     "https": "verify-https", "verify-https": "verify-https"}
@@ -744,8 +681,8 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
         if key not in series:
             continue
         ser = series[key]
-        lo, med, hi = _mm(ser.values("rps"))
-        rlo, rmed, rhi = _mm(run_ratios(ser, series[SAME_TRANSPORT_B[key]]), "{:.0%}")
+        lo, med, hi = min_med_max(ser.values("rps"))
+        rlo, rmed, rhi = min_med_max(run_ratios(ser, series[SAME_TRANSPORT_B[key]]), "{:.0%}")
         nats_cpu = ser.cpu("nats-server")
         out.append(f"| {labels[key]} | {lo} | {med} | {hi} | {rmed} ({rlo}–{rhi}) | {ser.med('p50') * 1e3:.1f} "
                    f"| {ser.med('p99') * 1e3:.1f} | {ser.cpu('server'):.0f} | {ser.cpu('server kernel'):.0f} "
@@ -781,7 +718,7 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
              ("signed server CPU per request, HTTP / HTTPS (membershipd alone)", cpu_ratios(hs, s)),
              ("baseline B server CPU per request, HTTP / HTTPS", cpu_ratios(hb, b))]
     for label, vals in rows:
-        out.append(f"| {label} | " + " | ".join(_mm(vals, "{:.0%}")) + " |")
+        out.append(f"| {label} | " + " | ".join(min_med_max(vals, "{:.0%}")) + " |")
     out += ["", verdict(series, before)]
 
     if profiles:
@@ -883,10 +820,6 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
     return "\n".join(out) + "\n"
 
 
-def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "signed", HEADING, body)
-
-
 def command_line(ns: argparse.Namespace) -> str:
     """The options this run was given, as a reader would type them."""
     cmd = f"bench/bench_signed.py --runs {ns.runs} --requests {ns.requests}"
@@ -903,8 +836,7 @@ def environment_line(ns: argparse.Namespace, load_before: float, load_after: flo
 
     from unibus.supervisor import find_nats_server
 
-    nats_version = subprocess.run([str(find_nats_server()), "--version"], capture_output=True, text=True,
-                                  check=True).stdout.strip()
+    nats_version = nats_server_version(find_nats_server())
     here = {"aiohttp": version("aiohttp"), "pynacl": version("pynacl"), "nats-py": version("nats-py")}
     then = ""
     if before is not None:
@@ -987,7 +919,7 @@ def start_baseline_server(mode: str, body_file: Path, scratch: Path, tls: tuple[
         argv += ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])]
     p = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
     try:
-        wait_ready_line(p)
+        wait_ready_line(p, START_TIMEOUT)
     except BaseException:
         stop_process(p)
         raise
@@ -1071,7 +1003,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
         labels["signed"] = "signed GET /v1/me (membershipd, this code)"
         plain_daemon = daemon("signed", labels["signed"])
         # The body the baselines return: exactly what /v1/me answers.
-        req = urllib.request.Request(plain_daemon.base_url + PATH, headers=sign_batch(alice, 1)[0])
+        req = urllib.request.Request(plain_daemon.base_url + PATH, headers=sign_batch(alice, 1, PATH)[0])
         with urllib.request.urlopen(req, timeout=5) as resp:
             body_file = tmp / "me.json"
             body_file.write_bytes(resp.read())
@@ -1093,7 +1025,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
         for i in range(ns.runs):
             order = keys if i % 2 == 0 else keys[::-1]
             for key in order:
-                r = run_load(targets[key], sign_batch(alice, total), ns.warmup, tmp)
+                r = run_load(targets[key], sign_batch(alice, total, PATH), ns.warmup, tmp)
                 series[key].runs.append(r)
                 print(f"run {i + 1}/{ns.runs} {key}: {r.rps:.0f} req/s, p50 {r.p50 * 1e3:.2f} ms, "
                       f"p99 {r.p99 * 1e3:.2f} ms; CPU µs/req "
@@ -1101,7 +1033,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
 
         if spy is not None:
             for key in (k for k in PROFILED if k in targets):
-                prof, r = profile_target(targets[key], sign_batch(alice, total), ns.warmup, tmp, spy)
+                prof, r = profile_target(targets[key], sign_batch(alice, total, PATH), ns.warmup, tmp, spy)
                 profiles[key] = prof
                 print(f"profiled {key}: {prof.samples} samples, {r.rps:.0f} req/s under py-spy", file=sys.stderr)
         elif not ns.no_profile:
@@ -1115,11 +1047,11 @@ def orchestrate(ns: argparse.Namespace) -> int:
             try:
                 daemon2.start()
                 t2 = Target("signed", labels["signed"], daemon2.base_url, {"server": daemon2.pid})
-                profiles["signed"], _ = profile_cprofile(t2, stats, sign_batch(alice, total), ns.warmup, tmp)
+                profiles["signed"], _ = profile_cprofile(t2, stats, sign_batch(alice, total, PATH), ns.warmup, tmp)
             finally:
                 daemon2.stop()
             for key in ("verify", "plain"):
-                profiles[key], _ = profile_cprofile(targets[key], tmp / f"{key}.pstats", sign_batch(alice, total),
+                profiles[key], _ = profile_cprofile(targets[key], tmp / f"{key}.pstats", sign_batch(alice, total, PATH),
                                                     ns.warmup, tmp)
 
         for storage in ("file", "memory"):
@@ -1141,11 +1073,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
         profiler = "profile by cProfile" if profiles else "no profile"
     body = render(ns, labels, series, profiles, claims,
                   environment_line(ns, load_before, os.getloadavg()[0], profiler, before), before)
-    print(body)
-    if not ns.no_write:
-        write_section(ns.out, body)
-        print(f"wrote the signed-requests section of {ns.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(body, "signed", HEADING, ns.out, not ns.no_write, "signed-requests")
 
 
 if __name__ == "__main__":
