@@ -361,7 +361,6 @@ async def test_objectstore_put_is_what_nats_py_reads(nats_server, tmp_path, monk
 async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nats_server, tmp_path, monkeypatch):
     """The put hashes the staged file again: bytes that no longer hash to the blob id are refused,
     their chunks purged, no object visible."""
-    from unibus.plugins.blobstore import objectstore
     from unibus.plugins.blobstore.backend import BlobError
 
     nc = await nats.connect(nats_server.url)
