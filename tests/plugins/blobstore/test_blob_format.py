@@ -17,7 +17,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from unibus.client.blobs import (
-    BLOCK_RECORDS,
+    DIGEST_BLOCK,
+    UPLOAD_BLOCK,
     CHUNK_SIZE,
     HEADER_SIZE,
     BlobDecryptor,
@@ -25,6 +26,7 @@ from unibus.client.blobs import (
     BlobFormatError,
     ciphertext_size,
     _encrypt_path,
+    _sealed_blocks,
     decrypt_stream,
     encrypt_file,
     encrypt_stream,
@@ -267,10 +269,11 @@ def test_sign_streamed_request_verifies_with_and_without_the_body():
         verify_request("PUT", path, query, headers, body + b"x", resolve_key=lambda k: me.sign_key.public_key())
 
 
-BLOCK = C * BLOCK_RECORDS
+BLOCK = DIGEST_BLOCK
 
 
-@pytest.mark.parametrize("size", [0, 1, C, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 5])
+@pytest.mark.parametrize("size", [0, 1, C, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 5,
+                                  UPLOAD_BLOCK + C + 7])
 def test_sealed_blocks_are_the_incremental_encryptors_bytes(size, tmp_path):
     """The fast path (whole blocks of records with encrypt_into, used by encrypt_stream,
     encrypt_file and put_blob's two passes) writes exactly what BlobEncryptor.update/finish
@@ -284,6 +287,9 @@ def test_sealed_blocks_are_the_incremental_encryptors_bytes(size, tmp_path):
     src.write_bytes(data)
     hashed = _encrypt_path(KEY, ROOM, 3, src, None, file_id=file_id)  # put_blob's first pass: no file
     assert (hashed.size, hashed.sha256) == (len(slow), hashlib.sha256(slow).digest())
+    with open(src, "rb") as f:  # put_blob's upload pass: larger blocks, the same bytes
+        sent = b"".join(bytes(b) for b in _sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id), f, UPLOAD_BLOCK))
+    assert sent == slow
     ct = encrypt_file(KEY, ROOM, 3, src, dst)  # a fresh file_id: other bytes, same size, decrypts
     assert ct.size == len(slow) == dst.stat().st_size and dec(dst.read_bytes(), epoch=3) == data
     assert dec(slow, epoch=3) == data
