@@ -37,7 +37,9 @@ ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
 #: Staging directory name inside ``<data-dir>/blobs`` (not a valid room id).
 TMP_DIR = ".tmp"
 #: Bytes handed to the writer thread at a time (as the pieces received, never joined).
-WRITE_CHUNK = 1024 * 1024
+WRITE_CHUNK = 4 * 1024 * 1024
+#: Bytes an upload's connection asks of the socket per ``recv`` while the body streams in.
+RECV_SIZE = 1024 * 1024
 #: Bytes written to a staging file between two starts of its writeback (see StagedFile).
 WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Pieces per writev(2) call (the kernel's limit is 1024).
