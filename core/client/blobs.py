@@ -890,7 +890,8 @@ class _FileSink:
         self.written += sum(len(p) for p in parts)
         if self.written - self.flushed >= WRITEBACK_EVERY:
             with contextlib.suppress(OSError, AttributeError):  # advice only (and Linux only)
-                os.posix_fadvise(self.fd, self.flushed, self.written - self.flushed, os.POSIX_FADV_DONTNEED)
+                # from 0: the pages written back since the last call are dropped too, and recycled
+                os.posix_fadvise(self.fd, 0, self.written, os.POSIX_FADV_DONTNEED)
             self.flushed = self.written
 
 
