@@ -101,7 +101,7 @@ IO_BLOCK = 1024 * 1024
 #: large enough that the hand-offs between threads cost little, small enough
 #: that the records stay in the CPU's cache between the cipher and the hash
 DIGEST_BLOCK = 1024 * 1024
-#: plaintext bytes sealed per block for the upload (a new buffer each, handed to aiohttp)
+#: plaintext bytes sealed per block for the upload (views of pooled buffers, handed to aiohttp)
 UPLOAD_BLOCK = 4 * 1024 * 1024
 #: bytes of a download handed to the hashing and the decrypting threads at a time, and
 #: the size of the response's read buffer: a few hand-offs and writes per 16 MiB,
@@ -269,6 +269,7 @@ class BlobEncryptor:
         if not final and n % c:
             raise ValueError("a block that is not final must hold whole records")
         size = n + TAG_SIZE * records
+        given = out is not None
         if out is None:
             out = bytearray(size)
         elif len(out) < size:
@@ -287,7 +288,7 @@ class BlobEncryptor:
             self._i += 1
         if final:
             self._done = True
-        return out if len(out) == size else dst
+        return dst if given else out
 
 
 def _readinto_full(f: IO[bytes], view: memoryview) -> int:
@@ -300,6 +301,46 @@ def _readinto_full(f: IO[bytes], view: memoryview) -> int:
     return got
 
 
+def _unexported(buf: bytearray) -> bool:
+    """True if no view of ``buf`` is alive: a bytearray with one cannot change its size.
+    (``buf`` was made with room for one more byte, so this never reallocates it.)"""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
+
+
+class _BufferPool:
+    """Output buffers for sealed blocks, each reused once nothing holds a view of it any more.
+
+    A new buffer's pages are first touched by the cipher writing into it;
+    on this machine that made sealing into a new 4 MiB buffer per block cost
+    2.4 times as much as sealing into a reused one (py-spy,
+    docs/benchmarks.md, "Blobs"). :meth:`BlobEncryptor.seal` hands out a
+    view made before the block leaves the sealing thread, and the consumer
+    (aiohttp, the transport, the hashing thread) keeps its own views while it
+    uses the block, so a buffer is never written while still being read; if
+    every buffer is in use, a new one is made (at most ``keep`` are kept).
+    """
+
+    def __init__(self, size: int, keep: int = 4) -> None:
+        self.size, self.keep = size, keep
+        self.bufs: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        for buf in self.bufs:
+            if _unexported(buf):
+                return buf
+        buf = bytearray(self.size)
+        buf.append(0)  # room for _unexported's one byte, then back to the size
+        del buf[-1]
+        if len(self.bufs) < self.keep:
+            self.bufs.append(buf)
+        return buf
+
+
 def _sealed_blocks(enc: BlobEncryptor, src: IO[bytes], block: int = IO_BLOCK,
                    reuse: bool = False) -> Iterator[bytes | bytearray | memoryview]:
     """The blob, block by block: the header, then blocks of about ``block`` bytes of
@@ -308,19 +349,17 @@ def _sealed_blocks(enc: BlobEncryptor, src: IO[bytes], block: int = IO_BLOCK,
     The plaintext is read ahead one block (a full block is final only when
     nothing follows it) into two buffers that take turns. Every block yielded
     is a new buffer, never reused, so a consumer may hold on to it; with
-    ``reuse``, the records are written into two buffers that take turns too:
-    a block stays valid only until the next but one is asked for (the
-    digest pass hashes one block while the next is sealed, and allocates
-    nothing per block).
+    ``reuse``, each block is a view of a buffer of a :class:`_BufferPool`,
+    written again only once no view of it is left: a consumer must keep a
+    view (not a copy of its address) for as long as it reads the block.
     """
     size = enc.chunk_size * max(1, block // enc.chunk_size)
     yield enc.header
     cur, nxt = bytearray(size), bytearray(size)
-    outs = [bytearray(size + TAG_SIZE * (size // enc.chunk_size)) for _ in range(2)] if reuse else [None, None]
-    turn = 0
+    pool = _BufferPool(size + TAG_SIZE * (size // enc.chunk_size)) if reuse else None
     n = _readinto_full(src, memoryview(cur))
     while True:
-        out, turn = outs[turn], 1 - turn
+        out = pool.get() if pool is not None else None
         if n < size:
             yield enc.seal(memoryview(cur)[:n], True, out)
             return
@@ -939,7 +978,7 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
     loop = asyncio.get_running_loop()
     enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id)
     f = await asyncio.to_thread(open, path, "rb", buffering=0)
-    blocks = _sealed_blocks(enc, f, UPLOAD_BLOCK)
+    blocks = _sealed_blocks(enc, f, UPLOAD_BLOCK, reuse=True)
     pending: asyncio.Future[Any] | None = None
     done = 0
     try:
@@ -954,7 +993,8 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
             if done > size:
                 break
             pending = loop.run_in_executor(None, next, blocks, None)
-            yield memoryview(block)  # aiohttp slices what it sends: a view is not copied
+            yield memoryview(block)  # a view: aiohttp slices it without a copy, and it keeps the buffer
+            # from being reused (_BufferPool) until aiohttp and the transport let go of it
             if progress:
                 progress(done, size)
         if done != size:

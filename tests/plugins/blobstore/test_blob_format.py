@@ -289,11 +289,30 @@ def test_sealed_blocks_are_the_incremental_encryptors_bytes(size, tmp_path):
     hashed = _encrypt_path(KEY, ROOM, 3, src, None, file_id=file_id)  # put_blob's first pass: no file
     assert (hashed.size, hashed.sha256) == (len(slow), hashlib.sha256(slow).digest())
     with open(src, "rb") as f:  # put_blob's upload pass: larger blocks, the same bytes
-        sent = b"".join(bytes(b) for b in _sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id), f, UPLOAD_BLOCK))
+        sent = b"".join(bytes(b) for b in _sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id), f, UPLOAD_BLOCK,
+                                                         reuse=True))  # each block let go at once: buffers reused
     assert sent == slow
+    with open(src, "rb") as f:  # every block held (views alive): no buffer may be written again
+        held = list(_sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id), f, BLOCK, reuse=True))
+    assert b"".join(bytes(b) for b in held) == slow
     ct = encrypt_file(KEY, ROOM, 3, src, dst)  # a fresh file_id: other bytes, same size, decrypts
     assert ct.size == len(slow) == dst.stat().st_size and dec(dst.read_bytes(), epoch=3) == data
     assert dec(slow, epoch=3) == data
+
+
+def test_buffer_pool_reuses_only_buffers_nobody_views():
+    from unibus.client.blobs import _BufferPool
+
+    pool = _BufferPool(1000, keep=2)
+    a = pool.get()
+    view = memoryview(a)
+    b = pool.get()
+    assert b is not a  # a is still viewed
+    view.release()
+    assert pool.get() is a and len(a) == 1000  # the check leaves the size alone
+    with memoryview(a), memoryview(b):
+        c = pool.get()
+        assert all(c is not x for x in (a, b, *pool.bufs))  # a third, not kept (keep=2)
 
 
 def test_seal_refuses_a_partial_block_that_is_not_final_and_mixing():
