@@ -333,8 +333,7 @@ class _BufferPool:
         for buf in self.bufs:
             if _unexported(buf):
                 return buf
-        buf = bytearray(self.size)
-        buf.append(0)  # room for _unexported's one byte, then back to the size
+        buf = bytearray(self.size + 1)  # room for _unexported's one byte: it never reallocates
         del buf[-1]
         if len(self.bufs) < self.keep:
             self.bufs.append(buf)
@@ -978,7 +977,9 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
     loop = asyncio.get_running_loop()
     enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id)
     f = await asyncio.to_thread(open, path, "rb", buffering=0)
-    blocks = _sealed_blocks(enc, f, UPLOAD_BLOCK, reuse=True)
+    c = enc.chunk_size
+    block = min(UPLOAD_BLOCK, max(c, -(-size // c) * c))  # a small file: buffers of its size only
+    blocks = _sealed_blocks(enc, f, block, reuse=True)
     pending: asyncio.Future[Any] | None = None
     done = 0
     try:
