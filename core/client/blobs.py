@@ -96,10 +96,19 @@ KEY_INFO_PREFIX = b"unibus/blob-key/v1|"
 _EPOCH_MAX = 2**63 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
-#: records sealed per block on the encryption path (1 MiB of plaintext at 64 KiB records):
-#: large enough that the hand-offs between threads cost nothing, small enough
+#: plaintext bytes sealed per block by the digest pass of :func:`put_blob` (into two
+#: buffers that take turns, hashed in a second thread while the next is sealed):
+#: large enough that the hand-offs between threads cost little, small enough
 #: that the records stay in the CPU's cache between the cipher and the hash
-BLOCK_RECORDS = 16
+DIGEST_BLOCK = 1024 * 1024
+#: plaintext bytes sealed per block for the upload (views of pooled buffers, handed to aiohttp)
+UPLOAD_BLOCK = 4 * 1024 * 1024
+#: bytes of a download handed to the hashing and the decrypting threads at a time, and
+#: the size of the response's read buffer: a few hand-offs and writes per 16 MiB,
+#: and the connection goes on receiving while a block is processed (docs/benchmarks.md)
+DOWNLOAD_BLOCK = 4 * 1024 * 1024
+#: bytes a download asks of the socket per ``recv`` (see _large_reads)
+RECV_SIZE = 1024 * 1024
 #: bytes a download writes between two starts of the kernel's writeback (see _FileSink)
 WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Uploads larger than this send ``Expect: 100-continue``: membershipd answers
@@ -241,7 +250,7 @@ class BlobEncryptor:
         self._buf.clear()
         return self._record(last, True)
 
-    def seal(self, plaintext: Any, final: bool) -> bytearray:
+    def seal(self, plaintext: Any, final: bool, out: bytearray | None = None) -> bytearray | memoryview:
         """Seal a whole block of records at once (the fast path; not to be mixed with ``update``).
 
         ``plaintext`` (any buffer) is cut into records of ``chunk_size``: a block
@@ -249,7 +258,8 @@ class BlobEncryptor:
         may end with a short record (or be empty: one empty final record). The
         records are written with ``encrypt_into`` into one new buffer, with no
         copy of the plaintext and none between records; the buffer is the
-        caller's to keep.
+        caller's to keep. With ``out`` (a buffer at least as large as the
+        records), they are written there instead and a view of them is returned.
         """
         if self._done or self._buf:
             raise ValueError("seal() after finish() or update()")
@@ -258,8 +268,13 @@ class BlobEncryptor:
         records = max(1, -(-n // c)) if final else n // c
         if not final and n % c:
             raise ValueError("a block that is not final must hold whole records")
-        out = bytearray(n + TAG_SIZE * records)
-        dst = memoryview(out)
+        size = n + TAG_SIZE * records
+        given = out is not None
+        if out is None:
+            out = bytearray(size)
+        elif len(out) < size:
+            raise ValueError("the output buffer is too small")
+        dst = memoryview(out)[:size]
         into = getattr(self._aead, "encrypt_into", None)
         for k in range(records):
             last = final and k == records - 1
@@ -273,7 +288,7 @@ class BlobEncryptor:
             self._i += 1
         if final:
             self._done = True
-        return out
+        return dst if given else out
 
 
 def _readinto_full(f: IO[bytes], view: memoryview) -> int:
@@ -286,24 +301,69 @@ def _readinto_full(f: IO[bytes], view: memoryview) -> int:
     return got
 
 
-def _sealed_blocks(enc: BlobEncryptor, src: IO[bytes]) -> Iterator[bytes | bytearray]:
-    """The blob, block by block: the header, then blocks of about 1 MiB of plaintext
-    (:data:`BLOCK_RECORDS` records of the default size).
+def _unexported(buf: bytearray) -> bool:
+    """True if no view of ``buf`` is alive: a bytearray with one cannot change its size.
+    (``buf`` was made with room for one more byte, so this never reallocates it.)"""
+    try:
+        buf.append(0)
+    except BufferError:
+        return False
+    del buf[-1]
+    return True
+
+
+class _BufferPool:
+    """Output buffers for sealed blocks, each reused once nothing holds a view of it any more.
+
+    A new buffer's pages are first touched by the cipher writing into it;
+    on this machine that made sealing into a new 4 MiB buffer per block cost
+    2.4 times as much as sealing into a reused one (py-spy,
+    docs/benchmarks.md, "Blobs"). :meth:`BlobEncryptor.seal` hands out a
+    view made before the block leaves the sealing thread, and the consumer
+    (aiohttp, the transport, the hashing thread) keeps its own views while it
+    uses the block, so a buffer is never written while still being read; if
+    every buffer is in use, a new one is made (at most ``keep`` are kept).
+    """
+
+    def __init__(self, size: int, keep: int = 4) -> None:
+        self.size, self.keep = size, keep
+        self.bufs: list[bytearray] = []
+
+    def get(self) -> bytearray:
+        for buf in self.bufs:
+            if _unexported(buf):
+                return buf
+        buf = bytearray(self.size + 1)  # room for _unexported's one byte: it never reallocates
+        del buf[-1]
+        if len(self.bufs) < self.keep:
+            self.bufs.append(buf)
+        return buf
+
+
+def _sealed_blocks(enc: BlobEncryptor, src: IO[bytes], block: int = IO_BLOCK,
+                   reuse: bool = False) -> Iterator[bytes | bytearray | memoryview]:
+    """The blob, block by block: the header, then blocks of about ``block`` bytes of
+    plaintext (a whole number of records).
 
     The plaintext is read ahead one block (a full block is final only when
-    nothing follows it) into two buffers that take turns; every block yielded
-    is a new buffer, never reused, so a consumer may hold on to it.
+    nothing follows it) into two buffers that take turns. Every block yielded
+    is a new buffer, never reused, so a consumer may hold on to it; with
+    ``reuse``, each block is a view of a buffer of a :class:`_BufferPool`,
+    written again only once no view of it is left: a consumer must keep a
+    view (not a copy of its address) for as long as it reads the block.
     """
-    size = enc.chunk_size * max(1, BLOCK_RECORDS * CHUNK_SIZE // enc.chunk_size)  # about 1 MiB
+    size = enc.chunk_size * max(1, block // enc.chunk_size)
     yield enc.header
     cur, nxt = bytearray(size), bytearray(size)
+    pool = _BufferPool(size + TAG_SIZE * (size // enc.chunk_size)) if reuse else None
     n = _readinto_full(src, memoryview(cur))
     while True:
+        out = pool.get() if pool is not None else None
         if n < size:
-            yield enc.seal(memoryview(cur)[:n], True)
+            yield enc.seal(memoryview(cur)[:n], True, out)
             return
         m = _readinto_full(src, memoryview(nxt))
-        yield enc.seal(cur, m == 0)
+        yield enc.seal(cur, m == 0, out)
         if m == 0:
             return
         cur, nxt, n = nxt, cur, m
@@ -331,6 +391,7 @@ class BlobDecryptor:
         self._buf = bytearray()
         self._i = 0
         self._done = False
+        self._out = bytearray()
         self.ciphertext_bytes = 0
 
     @property
@@ -375,39 +436,79 @@ class BlobDecryptor:
         return self.feed_parts((data,))
 
     def feed_parts(self, parts: Sequence[Any]) -> bytes | bytearray:
-        """:meth:`feed` of several pieces at once: the plaintext of every record they complete,
-        decrypted straight into one new buffer (no copy per record, no join)."""
+        """:meth:`feed` of several pieces at once: the plaintext of every record they
+        complete, in one new buffer."""
+        return bytearray(self.feed_view(parts))
+
+    def feed_view(self, parts: Sequence[Any]) -> memoryview:
+        """Like :meth:`feed_parts`, into the decryptor's own output buffer: the view
+        returned is valid until the next call (the fast path of :func:`get_blob`).
+
+        Records that lie whole inside one piece are decrypted straight out of
+        it (``decrypt_into``, no copy); only a record cut between two pieces,
+        and the record held back because it may be the final one, are copied
+        into a carry buffer. The output buffer is reused from one call to the
+        next, so a download allocates it once.
+        """
         if self._done:
             raise BlobFormatError("data after the end of the blob")
         for data in parts:
             self.ciphertext_bytes += len(data)
-            self._buf += data
-        if self.header is None:
-            if len(self._buf) < HEADER_SIZE:
-                return b""
-            self.header = parse_header(self._buf)
-            if self.expected_epoch is not None and self.header.epoch != self.expected_epoch:
-                raise BlobFormatError(f"blob is of epoch {self.header.epoch}, expected {self.expected_epoch}")
-            del self._buf[:HEADER_SIZE]
-            if self._room_key is not None:
-                self.set_key(self._room_key)
-        if self._aead is None:
-            return b""
-        rec = self.header.chunk_size + TAG_SIZE
-        if len(self._buf) <= rec:
-            return b""
-        n = (len(self._buf) - 1) // rec  # keep the possibly-final record back
+        if self._aead is None:  # the header is not read or the key not set yet: keep everything
+            for data in parts:
+                self._buf += data
+            parts = ()
+            if self.header is None:
+                if len(self._buf) < HEADER_SIZE:
+                    return memoryview(b"")
+                self.header = parse_header(self._buf)
+                if self.expected_epoch is not None and self.header.epoch != self.expected_epoch:
+                    raise BlobFormatError(f"blob is of epoch {self.header.epoch}, expected {self.expected_epoch}")
+                del self._buf[:HEADER_SIZE]
+                if self._room_key is not None:
+                    self.set_key(self._room_key)
+            if self._aead is None:
+                return memoryview(b"")
+        assert self.header is not None
         c = self.header.chunk_size
-        out = bytearray(n * c)
-        view, dst = memoryview(self._buf), memoryview(out)
-        try:
-            for k in range(n):
-                self._open_into(view[k * rec:(k + 1) * rec], False, dst[k * c:(k + 1) * c])
-        finally:
-            view.release()
-            dst.release()
-        del self._buf[: n * rec]
-        return out
+        rec = c + TAG_SIZE
+        carry = self._buf
+        total = len(carry) + sum(len(p) for p in parts)
+        n = (total - 1) // rec if total else 0  # keep the possibly-final record back
+        if n == 0:
+            for data in parts:
+                carry += data
+            return memoryview(b"")
+        if len(self._out) < n * c:
+            self._out = bytearray(n * c)
+        dst = memoryview(self._out)[:n * c]
+        k = 0
+        off = 0
+        with memoryview(carry) as cv:  # records already waiting (after the header or a key change)
+            while k < n and len(carry) - off >= rec:
+                self._open_into(cv[off:off + rec], False, dst[k * c:(k + 1) * c])
+                off += rec
+                k += 1
+        del carry[:off]
+        for data in parts:
+            pv = memoryview(data).cast("B")
+            i = 0
+            if carry and k < n:  # a record cut between two pieces: complete it
+                i = min(rec - len(carry), len(pv))
+                carry += pv[:i]
+                if len(carry) == rec:
+                    with memoryview(carry) as cv:
+                        self._open_into(cv, False, dst[k * c:(k + 1) * c])
+                    k += 1
+                    carry.clear()
+            while k < n and len(pv) - i >= rec:
+                self._open_into(pv[i:i + rec], False, dst[k * c:(k + 1) * c])
+                i += rec
+                k += 1
+            if i < len(pv):
+                carry += pv[i:]
+        assert k == n
+        return dst
 
     def finish(self) -> bytes:
         if self._done:
@@ -495,7 +596,7 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
 
         pending: Future[None] | None = None
         try:
-            for block in _sealed_blocks(enc, s):
+            for block in _sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True):
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(out, block)
@@ -692,9 +793,12 @@ class _Lane:
 
 async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _Lane, writer: _Lane,
                    first: Callable[[bytes], Awaitable[None]] | None) -> int:
-    """Pass a response body on in blocks of about 1 MiB, each a tuple of the pieces
-    received (never joined: no copy): every block to ``hasher``, the first to
-    ``first`` (if given, as one ``bytes``) and the others to ``writer``; return its size."""
+    """Pass a response body on in blocks of about :data:`DOWNLOAD_BLOCK`, each a tuple of
+    the pieces received (never joined: no copy): every block to ``hasher``, the first to
+    ``first`` (if given, as one ``bytes``) and the others to ``writer``; return its size.
+
+    ``readchunk`` hands over each piece as the connection received it
+    (``readany`` joins the pieces waiting, a copy)."""
     done = 0
     pending: list[bytes] = []
     buffered = 0
@@ -713,11 +817,17 @@ async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _La
         else:
             await writer.submit(parts)
 
-    async for data in resp.content.iter_any():
+    read = resp.content.readchunk
+    while True:
+        data, _end_of_http_chunk = await read()
+        if not data:
+            if _end_of_http_chunk:
+                continue
+            break
         done += len(data)
         pending.append(data)
         buffered += len(data)
-        if buffered >= IO_BLOCK:
+        if buffered >= DOWNLOAD_BLOCK:
             await flush()
         if progress:
             progress(done, total)
@@ -726,6 +836,24 @@ async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _La
     await hasher.drain()
     await writer.drain()
     return done
+
+
+@contextlib.contextmanager
+def _large_reads(resp: Any) -> Iterator[None]:
+    """Let the connection's transport read up to :data:`RECV_SIZE` bytes per ``recv`` while the
+    body streams in (asyncio's default is 256 KiB), then put its default back (the
+    connection returns to the pool for small requests)."""
+    conn = getattr(resp, "connection", None)
+    transport = getattr(conn, "transport", None)
+    if transport is None or not isinstance(getattr(transport, "max_size", None), int):
+        yield
+        return
+    transport.max_size = RECV_SIZE
+    try:
+        yield
+    finally:
+        with contextlib.suppress(AttributeError):
+            del transport.max_size  # the class's default again
 
 
 async def _download(client: Any, room_id: str, blob_id: str, progress: Progress | None,
@@ -753,7 +881,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
         hasher, writer = _Lane(functools.partial(_hash_parts, h)), _Lane(sink)
         try:
             async with client._http().get(url, headers=headers, timeout=_transfer_timeout(client),
-                                          allow_redirects=False) as resp:
+                                          allow_redirects=False, read_bufsize=DOWNLOAD_BLOCK) as resp:
                 if resp.status != 200:
                     problem = _problem_from(resp.status, resp.reason, await resp.read())
                     delay = retry_503_delay("GET", resp.status, problem,
@@ -767,7 +895,8 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
                 if got is not None and got.replace(" ", "") != want:
                     raise BlobIntegrityError(f"the server's Content-Digest for blob {blob_id} names other bytes")
                 total = resp.content_length if resp.content_length is not None else -1
-                done = await _receive(resp, total, progress, hasher, writer, first)
+                with _large_reads(resp):
+                    done = await _receive(resp, total, progress, hasher, writer, first)
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -799,7 +928,8 @@ class _FileSink:
         self.written += sum(len(p) for p in parts)
         if self.written - self.flushed >= WRITEBACK_EVERY:
             with contextlib.suppress(OSError, AttributeError):  # advice only (and Linux only)
-                os.posix_fadvise(self.fd, self.flushed, self.written - self.flushed, os.POSIX_FADV_DONTNEED)
+                # from 0: the pages written back since the last call are dropped too, and recycled
+                os.posix_fadvise(self.fd, 0, self.written, os.POSIX_FADV_DONTNEED)
             self.flushed = self.written
 
 
@@ -847,7 +977,9 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
     loop = asyncio.get_running_loop()
     enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id)
     f = await asyncio.to_thread(open, path, "rb", buffering=0)
-    blocks = _sealed_blocks(enc, f)
+    c = enc.chunk_size
+    block = min(UPLOAD_BLOCK, max(c, -(-size // c) * c))  # a small file: buffers of its size only
+    blocks = _sealed_blocks(enc, f, block, reuse=True)
     pending: asyncio.Future[Any] | None = None
     done = 0
     try:
@@ -862,7 +994,8 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
             if done > size:
                 break
             pending = loop.run_in_executor(None, next, blocks, None)
-            yield block
+            yield memoryview(block)  # a view: aiohttp slices it without a copy, and it keeps the buffer
+            # from being reused (_BufferPool) until aiohttp and the transport let go of it
             if progress:
                 progress(done, size)
         if done != size:
@@ -954,7 +1087,7 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
 
     def consume(parts: Sequence[bytes]) -> None:
         nonlocal written
-        pt = dec.feed_parts(parts)
+        pt = dec.feed_view(parts)  # valid until the next call: written at once
         if pt:
             sink([pt])
             written += len(pt)

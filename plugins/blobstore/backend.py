@@ -37,7 +37,9 @@ ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
 #: Staging directory name inside ``<data-dir>/blobs`` (not a valid room id).
 TMP_DIR = ".tmp"
 #: Bytes handed to the writer thread at a time (as the pieces received, never joined).
-WRITE_CHUNK = 1024 * 1024
+WRITE_CHUNK = 4 * 1024 * 1024
+#: Bytes an upload's connection asks of the socket per ``recv`` while the body streams in.
+RECV_SIZE = 1024 * 1024
 #: Bytes written to a staging file between two starts of its writeback (see StagedFile).
 WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Pieces per writev(2) call (the kernel's limit is 1024).
@@ -145,10 +147,14 @@ class Upload(abc.ABC):
 class StagedUpload(Upload):
     """An upload staged in a temporary file of the backend's ``tmp`` dir; backends add ``commit``."""
 
+    #: Drop the staged pages from the page cache once written back (see StagedFile);
+    #: a backend that reads the staged file again at once keeps them.
+    DROP_WRITTEN: ClassVar[bool] = True
+
     def __init__(self, backend: Any, room_id: str) -> None:
         self.backend = backend
         self.room_id = room_id
-        self.staged = StagedFile(backend.tmp)
+        self.staged = StagedFile(backend.tmp, drop_written=self.DROP_WRITTEN)
         self._done = False
 
     @property
@@ -256,7 +262,8 @@ class StagedFile:
 
     DATA = "data"
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, *, drop_written: bool = True) -> None:
+        self.drop_written = drop_written
         self.dir = tmp / f"up-{secrets.token_hex(12)}"
         self.dir.mkdir(mode=0o700)
         self.path = self.dir / self.DATA
@@ -287,9 +294,14 @@ class StagedFile:
         self._written += sum(len(p) for p in parts)
         if self._written - self._flushed >= WRITEBACK_EVERY:
             # Start the writeback of what is written so far, now, in the background,
-            # so that the fdatasync at the end has only the tail left to wait for.
+            # so that the fdatasync at the end has only the tail left to wait for. With
+            # ``drop_written`` the range starts at 0: the pages written back since the
+            # last call are dropped too, and the kernel reuses them for the next writes
+            # instead of fresh ones (a 256 MiB raw PUT here: membershipd's CPU halved,
+            # docs/benchmarks.md, "Blobs"); a download right after then reads from disk.
+            start = 0 if self.drop_written else self._flushed
             with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
             self._flushed = self._written
 
     async def write(self, data: bytes | Sequence[bytes]) -> None:

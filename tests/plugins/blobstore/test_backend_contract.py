@@ -330,3 +330,58 @@ async def test_objectstore_counts_what_other_nodes_store(nats_server, tmp_path):
         await two.close()
     finally:
         await nc.close()
+
+
+async def test_objectstore_put_is_what_nats_py_reads(nats_server, tmp_path, monkeypatch):
+    """The pipelined put writes the object store's own messages: nats-py's ObjectStore reads the
+    object back (size, chunks, digest, bytes), across several read blocks and a short last chunk."""
+    from unibus.plugins.blobstore import objectstore
+
+    monkeypatch.setattr(objectstore, "PUT_READ", 3 * objectstore.CHUNK_SIZE)  # several blocks, small file
+    monkeypatch.setattr(objectstore, "PUT_WINDOW", 2)  # the window is full most of the time
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(10 * objectstore.CHUNK_SIZE + 12_345)
+        info, created = await put(b, data)
+        assert created
+        obs = await js.object_store("unibus_blobs")
+        got = await obs.get(f"{ROOM}/{info.blob_id}")
+        assert got.data == data
+        assert got.info.size == len(data) and got.info.chunks == 11
+        assert json.loads(got.info.description)["uploader"] == "alice"
+        assert await read_all(b, ROOM, info.blob_id) == data
+        await b.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nats_server, tmp_path, monkeypatch):
+    """The put hashes the staged file again: bytes that no longer hash to the blob id are refused,
+    their chunks purged, no object visible."""
+    from unibus.plugins.blobstore.backend import BlobError
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(600_000)
+        up = await b.begin(ROOM)
+        await up.write(data)
+        await up.finish()
+        with open(up.staged.path, "r+b") as f:  # a bit flips on the node's disk after the fsync
+            f.seek(300_000)
+            f.write(bytes([data[300_000] ^ 1]))
+        with pytest.raises(BlobError, match="stored something else"):
+            await up.commit("alice")
+        blob_id = hashlib.sha256(data).hexdigest()
+        assert await b.info(ROOM, blob_id) is None
+        assert b.stats()["blobs"] == 0
+        info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
+        assert not info.state.subjects  # the chunks were purged
+        await b.close()
+    finally:
+        await nc.close()

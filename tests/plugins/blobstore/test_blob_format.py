@@ -17,14 +17,17 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from unibus.client.blobs import (
-    BLOCK_RECORDS,
+    DIGEST_BLOCK,
+    UPLOAD_BLOCK,
     CHUNK_SIZE,
     HEADER_SIZE,
+    TAG_SIZE,
     BlobDecryptor,
     BlobEncryptor,
     BlobFormatError,
     ciphertext_size,
     _encrypt_path,
+    _sealed_blocks,
     decrypt_stream,
     encrypt_file,
     encrypt_stream,
@@ -267,10 +270,11 @@ def test_sign_streamed_request_verifies_with_and_without_the_body():
         verify_request("PUT", path, query, headers, body + b"x", resolve_key=lambda k: me.sign_key.public_key())
 
 
-BLOCK = C * BLOCK_RECORDS
+BLOCK = DIGEST_BLOCK
 
 
-@pytest.mark.parametrize("size", [0, 1, C, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 5])
+@pytest.mark.parametrize("size", [0, 1, C, BLOCK - 1, BLOCK, BLOCK + 1, 2 * BLOCK, 3 * BLOCK - 5,
+                                  UPLOAD_BLOCK + C + 7])
 def test_sealed_blocks_are_the_incremental_encryptors_bytes(size, tmp_path):
     """The fast path (whole blocks of records with encrypt_into, used by encrypt_stream,
     encrypt_file and put_blob's two passes) writes exactly what BlobEncryptor.update/finish
@@ -284,9 +288,31 @@ def test_sealed_blocks_are_the_incremental_encryptors_bytes(size, tmp_path):
     src.write_bytes(data)
     hashed = _encrypt_path(KEY, ROOM, 3, src, None, file_id=file_id)  # put_blob's first pass: no file
     assert (hashed.size, hashed.sha256) == (len(slow), hashlib.sha256(slow).digest())
+    with open(src, "rb") as f:  # put_blob's upload pass: larger blocks, the same bytes
+        sent = b"".join(bytes(b) for b in _sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id), f, UPLOAD_BLOCK,
+                                                         reuse=True))  # each block let go at once: buffers reused
+    assert sent == slow
+    with open(src, "rb") as f:  # every block held (views alive): no buffer may be written again
+        held = list(_sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id), f, BLOCK, reuse=True))
+    assert b"".join(bytes(b) for b in held) == slow
     ct = encrypt_file(KEY, ROOM, 3, src, dst)  # a fresh file_id: other bytes, same size, decrypts
     assert ct.size == len(slow) == dst.stat().st_size and dec(dst.read_bytes(), epoch=3) == data
     assert dec(slow, epoch=3) == data
+
+
+def test_buffer_pool_reuses_only_buffers_nobody_views():
+    from unibus.client.blobs import _BufferPool
+
+    pool = _BufferPool(1000, keep=2)
+    a = pool.get()
+    view = memoryview(a)
+    b = pool.get()
+    assert b is not a  # a is still viewed
+    view.release()
+    assert pool.get() is a and len(a) == 1000  # the check leaves the size alone
+    with memoryview(a), memoryview(b):
+        c = pool.get()
+        assert all(c is not x for x in (a, b, *pool.bufs))  # a third, not kept (keep=2)
 
 
 def test_seal_refuses_a_partial_block_that_is_not_final_and_mixing():
@@ -310,3 +336,61 @@ def test_feed_parts_in_any_grouping():
     d = BlobDecryptor(ROOM, KEY)
     out = b"".join(bytes(d.feed_parts(pieces[i:i + 7])) for i in range(0, len(pieces), 7)) + d.finish()
     assert out == data
+
+
+def _feed_pieces(blob: bytes, cuts: list[int], key: bytes | None = KEY) -> bytes:
+    """get_blob's fast path: the blob in the given pieces through feed_view, then finish."""
+    from unibus.client.blobs import BlobDecryptor
+
+    d = BlobDecryptor(ROOM, key)
+    out = bytearray()
+    last = 0
+    for cut in [*cuts, len(blob)]:
+        out += d.feed_view([blob[last:cut]])  # the view is valid until the next call: copied at once
+        last = cut
+    return bytes(out + d.finish())
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_feed_view_any_cut_of_the_pieces_gives_the_plaintext(seed):
+    """Records whole inside a piece are decrypted from it, records cut between pieces are
+    carried over: every way of cutting the body gives the same plaintext."""
+    import random
+
+    rnd = random.Random(seed)
+    data = os.urandom(rnd.choice([0, 1, C - 1, C, 3 * C + 17, 9 * C]))
+    blob = enc(data)
+    cuts = sorted(rnd.sample(range(1, len(blob)), min(len(blob) - 1, rnd.randint(0, 12)))) if len(blob) > 1 else []
+    assert _feed_pieces(blob, cuts) == data
+    assert _feed_pieces(blob, list(range(1, len(blob), C + TAG_SIZE))) == data  # cut on record bounds
+
+
+def test_feed_view_with_the_key_set_after_the_header_and_several_parts_at_once():
+    from unibus.client.blobs import BlobDecryptor
+
+    data = os.urandom(5 * C + 3)
+    blob = enc(data)
+    d = BlobDecryptor(ROOM)
+    assert len(d.feed_view([blob[:HEADER_SIZE + 2 * C]])) == 0 and d.needs_key  # held until the key
+    d.set_key(KEY)
+    first = bytes(d.feed_view([]))
+    rest = bytes(d.feed_view([blob[HEADER_SIZE + 2 * C:HEADER_SIZE + 4 * C + 5], blob[HEADER_SIZE + 4 * C + 5:]]))
+    assert first + rest + d.finish() == data
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_feed_view_refuses_a_tampered_record_inside_a_piece(where):
+    data = os.urandom(6 * C + 100)
+    blob = bytearray(enc(data))
+    pos = {"first": HEADER_SIZE + 10, "middle": HEADER_SIZE + 3 * (C + TAG_SIZE) + 5, "last": len(blob) - 3}[where]
+    blob[pos] ^= 0x40
+    with pytest.raises(BlobFormatError):
+        _feed_pieces(bytes(blob), [HEADER_SIZE, len(blob) // 2])
+
+
+@pytest.mark.parametrize("cut", [1, TAG_SIZE, C + TAG_SIZE, 2 * (C + TAG_SIZE), 2 * (C + TAG_SIZE) + 1])
+def test_feed_view_refuses_a_truncated_body(cut):
+    """A body cut short (on a record boundary, or inside a record) never authenticates as complete."""
+    blob = enc(os.urandom(3 * C + 50))
+    with pytest.raises(BlobFormatError):
+        _feed_pieces(blob[:len(blob) - cut], [HEADER_SIZE + 7, len(blob) // 3])

@@ -164,11 +164,14 @@ async def test_a_file_changed_between_the_two_passes_stores_nothing(world, tmp_p
     assert world.blobstore_health() == before
 
 
-async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_path):
+async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_path, monkeypatch):
     """Cancelling put_blob in the middle of its second pass (a block being sealed in a
     worker thread) stores nothing; the server drops the partial upload; a new put works."""
     import asyncio
 
+    from unibus.client import blobs
+
+    monkeypatch.setattr(blobs, "UPLOAD_BLOCK", 256 * 1024)  # the upload pass in several blocks
     rid = await world.room()
     src = tmp_path / "p"
     data = os.urandom(2 * 1024 * 1024 + 77)

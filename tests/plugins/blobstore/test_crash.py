@@ -12,7 +12,7 @@ from pathlib import Path
 
 from unibus.client import UnibusClient
 from unibus.client.blobs import get_raw_blob, put_raw_blob
-from unibus.plugins.blobstore.backend import WRITEBACK_EVERY
+from unibus.plugins.blobstore.backend import WRITE_CHUNK, WRITEBACK_EVERY
 from unibus.testing import MembershipdProcess, http_json
 
 from .conftest import raw_request, start_world
@@ -53,10 +53,11 @@ async def test_kill_9_during_an_upload_leaves_no_partial_blob(tmp_path):
             done.write_bytes(os.urandom(123_456))
             committed = await put_raw_blob(bob, rid, done)
 
-            # 10 MiB before the stall: past the first early writeback (WRITEBACK_EVERY, 8 MiB),
-            # which must not make any of it visible either.
-            assert WRITEBACK_EVERY < 9 * 1024 * 1024
-            first = os.urandom(10 * 1024 * 1024)
+            # 13 MiB before the stall, three hand-offs to the writer (WRITE_CHUNK, 4 MiB) on disk:
+            # past the first early writeback (WRITEBACK_EVERY, 8 MiB), which must not make any
+            # of it visible either.
+            assert WRITEBACK_EVERY < 9 * 1024 * 1024 <= 3 * WRITE_CHUNK
+            first = os.urandom(3 * WRITE_CHUNK + 1024 * 1024)
             whole = first + os.urandom(6 * 1024 * 1024)
             stall = asyncio.Event()
 

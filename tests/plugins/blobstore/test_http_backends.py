@@ -167,7 +167,7 @@ async def test_a_blob_whose_chunks_vanished_is_cut_short(http):
 
 
 @pytest.mark.parametrize("http", ["objectstore"], indirect=True)
-async def test_reads_ahead_across_interleaved_chunks(http):
+async def test_reads_ahead_across_interleaved_chunks(http, monkeypatch):
     """A read keeps several chunk requests in flight, betting that an object's
     chunks follow each other in the stream. Two uploads committed at once
     interleave their chunks: every read must still give back exactly its bytes."""
@@ -176,6 +176,9 @@ async def test_reads_ahead_across_interleaved_chunks(http):
     from unibus.plugins.blobstore import objectstore
 
     client, backend, _ = http
+    # one chunk read and in flight at a time: the puts take turns chunk by chunk
+    monkeypatch.setattr(objectstore, "PUT_READ", objectstore.CHUNK_SIZE)
+    monkeypatch.setattr(objectstore, "PUT_WINDOW", 1)
     datas = [os.urandom(objectstore.CHUNK_SIZE * 9 + 1234) for _ in range(3)]
 
     async def store(data: bytes) -> str:
