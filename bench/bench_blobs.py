@@ -44,7 +44,8 @@ Every process started here is stopped in a ``finally``.
 
 from __future__ import annotations
 
-import benchdoc  # noqa: E402  (bench/ is on sys.path when run as a script)
+import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
+from benchlib import cpu_model, reset_hwm, status_kib  # noqa: E402
 import argparse
 import asyncio
 import hashlib
@@ -82,18 +83,6 @@ DRIVER_TIMEOUT = 1800.0
 # --------------------------------------------------------------------------- the machine
 
 
-def cpu_model() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    for key in ("model name", "Model", "Hardware", "cpu model"):
-        for line in info.splitlines():
-            if line.split(":")[0].strip() == key:
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
 def sha_extensions() -> bool:
     """The ``sha_ni`` flag (x86) or ``sha2`` feature (arm) in /proc/cpuinfo."""
     try:
@@ -105,19 +94,6 @@ def sha_extensions() -> bool:
         if key.strip() in ("flags", "Features") and {"sha_ni", "sha2"} & set(value.split()):
             return True
     return False
-
-
-def status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise KeyError(field)
-
-
-def reset_hwm(pid: int) -> int:
-    """Reset VmHWM to the current RSS; return that RSS (KiB)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-    return status_kib(pid, "VmRSS")
 
 
 # --------------------------------------------------------------------------- floors
@@ -234,11 +210,7 @@ class _PySpy:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
         for p in self.procs:
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+            benchlib.stop_process(p, 30, signal.SIGINT)
 
 
 class _Daemon:
@@ -246,13 +218,8 @@ class _Daemon:
     use ``unibus.testing``: an earlier release's venv lacks pytest)."""
 
     def __init__(self, data_dir: Path, args: Sequence[str]) -> None:
-        import socket
-
-        def free_port() -> int:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                return s.getsockname()[1]
-
+        free_port = benchlib.free_port
+        self.data_dir = data_dir
         self.http_port = free_port()
         self.log = open(data_dir.parent / "daemon.log", "ab")  # noqa: SIM115 - closed by stop()
         self.proc = subprocess.Popen(
@@ -280,23 +247,10 @@ class _Daemon:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        children = []
-        try:
-            children = [int(c) for c in Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()]
-        except OSError:
-            pass
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        children = benchlib.child_pids(self.pid)
+        benchlib.stop_process(self.proc, 30)
         for c in children:  # its nats-server, if it outlived it
-            try:
-                os.kill(c, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            benchlib.kill_nats_if_alive(c, str(self.data_dir))
         self.log.close()
 
 
@@ -585,10 +539,6 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    benchdoc.write_section(path, "blobs", "## Blobs", body)
-
-
 # --------------------------------------------------------------------------- profile
 
 
@@ -668,11 +618,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench_blobs.py: {flag} must be a positive integer, not {value}", file=sys.stderr)
             return 2
     if args.render is not None:
-        body = render(json.loads(args.render.read_text()))
-        print(body)
-        if not args.no_write:
-            write_section(args.out, body)
-        return 0
+        return benchlib.publish(render(json.loads(args.render.read_text())), "blobs", "## Blobs", args.out,
+                                not args.no_write, "bench:blobs")
     big = args.big_mib * MIB
     command = f".venv/bin/python bench/bench_blobs.py --runs {args.runs} --big-mib {args.big_mib}"
     if args.before != BEFORE_REF:
@@ -745,12 +692,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         fd = os.open(args.save, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
-    body = render(data)
-    print(body)
-    if not args.no_write:
-        write_section(args.out, body)
-        print(f"wrote the bench:blobs section of {args.out}", file=sys.stderr)
-    return 0
+    return benchlib.publish(render(data), "blobs", "## Blobs", args.out, not args.no_write, "bench:blobs")
 
 
 if __name__ == "__main__":
