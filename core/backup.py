@@ -96,11 +96,12 @@ class ArchiveFile:
 
     @classmethod
     def of_file(cls, path: str, source: Path) -> ArchiveFile:
-        digest, size = _file_sha256(source)
+        digest, size = file_sha256(source)
         return cls(path, source, digest, size)
 
 
-def _file_sha256(path: Path) -> tuple[str, int]:
+def file_sha256(path: Path) -> tuple[str, int]:
+    """``(hex SHA-256, size)`` of a file, read in chunks (the blobstore plugin's archives use it too)."""
     h = hashlib.sha256()
     size = 0
     with open(path, "rb") as f:
@@ -137,7 +138,8 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that a rename or a new file in it survives a crash."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -185,7 +187,7 @@ def write_archive(out: Path, manifest: dict[str, Any], files: list[ArchiveFile])
             if out.exists():
                 raise RuntimeFailure(f"--out: {out} appeared while the backup ran; nothing was overwritten") from None
             os.rename(tmp, out)
-        _fsync_dir(out.parent)
+        fsync_dir(out.parent)
         return out.stat().st_size
     finally:
         tmp.unlink(missing_ok=True)
@@ -741,7 +743,7 @@ def _fsync_tree(root: Path) -> None:
         for name in names:
             with open(os.path.join(dirpath, name), "rb") as f:
                 os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 @dataclass
@@ -808,7 +810,7 @@ def restore(archive: Path, data_dir: Path) -> RestoreResult:
         except OSError as e:
             raise RuntimeFailure(f"--data-dir: cannot move the restored state into {data_dir} ({e.strerror}); "
                                  "nothing was restored") from None
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -950,14 +950,20 @@ async def get_raw_blob(client: Any, room_id: str, blob_id: str, out_path: str | 
     Written to a temporary file beside ``out_path`` and renamed into place
     only once its SHA-256 matched ``blob_id``.
     """
-    out_path = Path(out_path)
+    async with _replacing(Path(out_path)) as fd:
+        return await _download(client, room_id, blob_id, progress, _FileSink(fd))
+
+
+@contextlib.asynccontextmanager
+async def _replacing(out_path: Path) -> AsyncIterator[int]:
+    """The descriptor of a 0600 temporary file beside ``out_path``: fsynced and renamed over
+    ``out_path`` when the block ends normally, removed when it raises."""
     fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
     f = os.fdopen(fd, "wb", buffering=0)
     try:
-        size = await _download(client, room_id, blob_id, progress, _FileSink(fd))
+        yield fd
         await asyncio.to_thread(_close_durably, f)
         await asyncio.to_thread(os.replace, tmp, out_path)
-        return size
     except BaseException:
         f.close()
         tmp.unlink(missing_ok=True)
@@ -1078,10 +1084,13 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
     sealed to you), :class:`unibus.client.VerificationError` (its key package
     does not verify), :class:`unibus.client.ApiError`.
     """
-    out_path = Path(out_path)
+    async with _replacing(Path(out_path)) as fd:
+        return await _decrypt_into(client, room_id, blob_id, progress, fd)
+
+
+async def _decrypt_into(client: Any, room_id: str, blob_id: str, progress: Progress | None, fd: int) -> int:
+    """:func:`get_blob`'s download: verified, decrypted and written to ``fd``; the plaintext size."""
     dec = BlobDecryptor(room_id)
-    fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
-    f = os.fdopen(fd, "wb", buffering=0)
     written = 0
     sink = _FileSink(fd)
 
@@ -1099,18 +1108,10 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
             dec.set_key(key)
             consume([])
 
-    try:
-        await _download(client, room_id, blob_id, progress, consume, first)
-        last = dec.finish()
-        _write_all(fd, [last])
-        written += len(last)
-        await asyncio.to_thread(_close_durably, f)
-        await asyncio.to_thread(os.replace, tmp, out_path)
-        return written
-    except BaseException:
-        f.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    await _download(client, room_id, blob_id, progress, consume, first)
+    last = dec.finish()
+    _write_all(fd, [last])
+    return written + len(last)
 
 
 async def delete_blob(client: Any, room_id: str, blob_id: str) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -33,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from unibus.backup import file_sha256
 
 from .backend import TMP_DIR, BlobError, BlobInfo, check_blob_id, check_room_id, make_private_dir
 from .fs import DATA, META, _read_meta
@@ -62,17 +63,6 @@ class StagedBlob:
 def meta_document(info: BlobInfo) -> bytes:
     """``meta.json`` of a blob, as the archive carries it."""
     return json.dumps(info.meta_json(), sort_keys=True, separators=(",", ":")).encode()
-
-
-def file_sha256(path: Path) -> tuple[str, int]:
-    """``(hex SHA-256, size)`` of a file, read in chunks."""
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _private_file(path: Path) -> int:

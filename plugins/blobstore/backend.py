@@ -219,14 +219,6 @@ class BlobBackend(abc.ABC):
 # --------------------------------------------------------------------------- staging
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def make_private_dir(path: Path) -> bool:
     """mkdir 0700 (parents too); True if it was created."""
     try:

@@ -39,6 +39,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from unibus.backup import fsync_dir
+
 from .backend import (
     READ_CHUNK,
     TMP_DIR,
@@ -52,7 +54,6 @@ from .backend import (
     check_blob_id,
     check_room_id,
     clean_staging,
-    fsync_dir,
     make_private_dir,
 )
 
