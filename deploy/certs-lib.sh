@@ -4,6 +4,7 @@
 # Each script sets PROG (its name, for messages) and calls, in this order:
 #   certs_args "$@"          usage/--help, openssl present, at least OUT_DIR and one NODE=ADDR
 #   certs_check_specs RESERVED "$@"   every NODE=ADDR checked before anything is written
+#   certs_out_dir OUT OTHER_CA WHAT   OUT (0700), refused if it holds the other CA's certificate or key
 #   certs_make_ca KEY CRT CN  a P-256 CA (kept if it exists), key 0600
 #   certs_sign KEY CRT CSR_DIR NODE SAN CA_CRT CA_KEY   one node certificate
 # UNIBUS_CERT_DAYS (default 825) is each node certificate's lifetime; a CA lives twice as long.
@@ -37,6 +38,17 @@ certs_check_specs() {
     done
     [ "$addrs" != "$spec" ] && [ -n "${addrs//,/}" ] || certs_die "'$spec' has no address (use NODE=ADDR[,ADDR...])"
   done
+}
+
+# certs_out_dir OUT OTHER_CA WHAT: make OUT (0700) unless it holds OTHER_CA.crt or OTHER_CA.key (the CA
+# of the other generator: the two must not share a directory); WHAT names it in the refusal.
+certs_out_dir() {
+  local out=$1 other=$2 what=$3
+  if [ -f "$out/$other.crt" ] || [ -f "$out/$other.key" ]; then
+    certs_die "$out holds $what ($other.crt); keep the two CAs in separate directories"
+  fi
+  mkdir -p "$out"
+  chmod 700 "$out"
 }
 
 # certs_san ADDR[,ADDR...]: the subjectAltName value, IP: for addresses, DNS: for names.

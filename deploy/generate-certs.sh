@@ -33,12 +33,7 @@ certs_args "$@"
 out=$1
 shift
 certs_check_specs "client-ca.crt client-ca.key client-ca.srl" "$@"
-if [ -f "$out/route-ca.crt" ] || [ -f "$out/route-ca.key" ]; then
-  certs_die "$out holds the route CA (route-ca.crt); keep the client CA in another directory"
-fi
-
-mkdir -p "$out"
-chmod 700 "$out"
+certs_out_dir "$out" route-ca "the route CA"
 CA_CREATED=
 certs_make_ca "$out/client-ca.key" "$out/client-ca.crt" "unibus client-facing CA"
 [ -z "$CA_CREATED" ] || echo "client CA: $out/client-ca.crt"

@@ -28,11 +28,7 @@ certs_args "$@"
 out=$1
 shift
 certs_check_specs "route-ca route-ca.srl" "$@"
-if [ -f "$out/client-ca.crt" ] || [ -f "$out/client-ca.key" ]; then
-  certs_die "$out holds the client-facing CA (client-ca.crt, deploy/generate-certs.sh); keep the route CA in another directory"
-fi
-mkdir -p "$out"
-chmod 700 "$out"
+certs_out_dir "$out" client-ca "the client-facing CA of deploy/generate-certs.sh"
 CA_CREATED=
 certs_make_ca "$out/route-ca.key" "$out/route-ca.crt" "unibus route CA"
 [ -z "$CA_CREATED" ] || echo "route CA: $out/route-ca.crt"
