@@ -25,3 +25,33 @@ def daemon_with_admin(tmp_path, membershipd_factory, alice) -> Callable[..., Mem
         return membershipd_factory(*args, env=env, data_dir=data_dir)
 
     return start
+
+
+#: The files that take longest (``make test PYTEST_ARGS="-n 2 --dist loadfile --durations=60"``),
+#: longest first. ``--dist loadfile`` hands files to the two workers in collection order, so
+#: collected last (tests/e2e sorts late) they ran alone at the end while the other worker idled:
+#: starting them first lets the short files fill the gaps (10:45 -> see README.md, "Tests").
+LONGEST_FIRST = (
+    "e2e/test_cluster_faults.py",
+    "e2e/test_client_e2e.py",
+    "e2e/test_cluster.py",
+    "e2e/test_backup_cluster.py",
+    "core/test_durability.py",
+    "core/test_api_fuzz.py",
+    "core/test_testing_kit.py",
+    "deploy/test_deploy.py",
+    "plugins/blobstore/test_memory.py",
+)
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Collect the longest files first (a stable sort: every xdist worker gets the same order)."""
+    here = session.config.rootpath / "tests"
+
+    def rank(item: pytest.Item) -> int:
+        try:
+            return LONGEST_FIRST.index(item.path.relative_to(here).as_posix())
+        except ValueError:
+            return len(LONGEST_FIRST)
+
+    items.sort(key=rank)

@@ -127,12 +127,16 @@ class Source:
         self.data_dir = root / "source"
         bootstrap_member(self.data_dir, self.alice, "admin")
         self.daemon = MembershipdProcess(self.data_dir).start()
-        self.blob = os.urandom(150_000)
-        asyncio.run(self._fill())
-        self.archive = root / "source.tar"
-        proc = cli("backup", "--out", str(self.archive), "--data-dir", str(self.data_dir))
-        assert proc.returncode == 0, proc.stderr
-        self.members = members_of(self.archive)
+        try:  # a failure after the start must not leave the daemon running: the fixture's finally never runs
+            self.blob = os.urandom(150_000)
+            asyncio.run(self._fill())
+            self.archive = root / "source.tar"
+            proc = cli("backup", "--out", str(self.archive), "--data-dir", str(self.data_dir))
+            assert proc.returncode == 0, proc.stderr
+            self.members = members_of(self.archive)
+        except BaseException:
+            self.daemon.stop()
+            raise
 
     async def _fill(self) -> None:
         async with UnibusClient(self.daemon.base_url, self.alice) as a:
