@@ -458,16 +458,7 @@ class BlobDecryptor:
             for data in parts:
                 self._buf += data
             parts = ()
-            if self.header is None:
-                if len(self._buf) < HEADER_SIZE:
-                    return memoryview(b"")
-                self.header = parse_header(self._buf)
-                if self.expected_epoch is not None and self.header.epoch != self.expected_epoch:
-                    raise BlobFormatError(f"blob is of epoch {self.header.epoch}, expected {self.expected_epoch}")
-                del self._buf[:HEADER_SIZE]
-                if self._room_key is not None:
-                    self.set_key(self._room_key)
-            if self._aead is None:
+            if not self._take_header():
                 return memoryview(b"")
         assert self.header is not None
         c = self.header.chunk_size
@@ -482,6 +473,30 @@ class BlobDecryptor:
         if len(self._out) < n * c:
             self._out = bytearray(n * c)
         dst = memoryview(self._out)[:n * c]
+        self._open_records(parts, n, dst)
+        return dst
+
+    def _take_header(self) -> bool:
+        """Parse the header once it is all in the carry buffer and set the key if it is known;
+        True when records can be opened."""
+        if self.header is None:
+            if len(self._buf) < HEADER_SIZE:
+                return False
+            self.header = parse_header(self._buf)
+            if self.expected_epoch is not None and self.header.epoch != self.expected_epoch:
+                raise BlobFormatError(f"blob is of epoch {self.header.epoch}, expected {self.expected_epoch}")
+            del self._buf[:HEADER_SIZE]
+            if self._room_key is not None:
+                self.set_key(self._room_key)
+        return self._aead is not None
+
+    def _open_records(self, parts: Sequence[Any], n: int, dst: memoryview) -> None:
+        """Open the next ``n`` (not final) records into ``dst``: those waiting in the carry buffer
+        first, then straight out of ``parts``; what is left of the pieces is carried over."""
+        assert self.header is not None
+        c = self.header.chunk_size
+        rec = c + TAG_SIZE
+        carry = self._buf
         k = 0
         off = 0
         with memoryview(carry) as cv:  # records already waiting (after the header or a key change)
@@ -508,7 +523,6 @@ class BlobDecryptor:
             if i < len(pv):
                 carry += pv[i:]
         assert k == n
-        return dst
 
     def finish(self) -> bytes:
         if self._done:
