@@ -91,6 +91,7 @@ def cli_options() -> list[Option]:
             default=DEFAULT_MAX_BYTES,
             convert=parse_positive_int,
             metavar="N",
+            doc="largest blob accepted",
         )
     ]
 
