@@ -400,7 +400,10 @@ class ObjectStoreBackend(BlobBackend):
         :data:`PUT_WINDOW` chunks awaiting their acknowledgement at once
         (:meth:`_publish_chunks`). The metadata is published only when every
         chunk was acknowledged and the bytes hash to the blob id, else the
-        chunks are purged and nothing becomes visible.
+        chunks are purged and nothing becomes visible. If the metadata's
+        own acknowledgement is lost, it may be stored all the same: its chunks
+        are then kept, so the blob is either whole or absent (start-up purges
+        chunks that no stored object names).
         """
         name = self._name(info.room_id, info.blob_id)
         try:
@@ -413,6 +416,7 @@ class ObjectStoreBackend(BlobBackend):
         chunk_subject = f"$O.{self.bucket}.C.{nuid}"
         acks: collections.deque[asyncio.Future[Any]] = collections.deque()
         f = await asyncio.to_thread(open, path, "rb", buffering=0)
+        meta_sent = False
         try:
             try:
                 size, chunks, digest = await self._publish_chunks(f, chunk_subject, acks)
@@ -424,13 +428,17 @@ class ObjectStoreBackend(BlobBackend):
                                      description=json.dumps({"uploader": info.uploader, "created": info.created}),
                                      options=api.ObjectMetaOptions(max_chunk_size=CHUNK_SIZE))
                 meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+                meta_sent = True
                 await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(),
                                       headers={api.Header.ROLLUP: "sub"})
             except BaseException:
                 for ack in acks:
                     ack.cancel()
-                with contextlib.suppress(Exception):  # best effort: start-up purges orphaned chunks anyway
-                    await self.js.purge_stream(self.stream, subject=chunk_subject)
+                # Once the metadata was sent it may be stored even though its acknowledgement was lost:
+                # its chunks then stay (start-up purges them only if no stored object names them).
+                if not meta_sent:
+                    with contextlib.suppress(Exception):  # best effort: start-up purges orphaned chunks anyway
+                        await self.js.purge_stream(self.stream, subject=chunk_subject)
                 raise
         except _UNAVAILABLE as e:
             raise _unavailable(e) from None

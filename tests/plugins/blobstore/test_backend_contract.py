@@ -385,3 +385,37 @@ async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nat
         await b.close()
     finally:
         await nc.close()
+
+
+async def test_objectstore_a_lost_metadata_ack_leaves_the_blob_whole_not_broken(nats_server, tmp_path):
+    """The metadata is stored but its acknowledgement never arrives: the put fails, and after a
+    restart the blob reads back whole (its chunks were kept), or a retry finds it."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    real = js.publish
+
+    async def publish(subject, payload=b"", **kw):
+        ack = await real(subject, payload, **kw)
+        if ".M." in subject:  # stored, then the acknowledgement is "lost"
+            raise nats.errors.TimeoutError()
+        return ack
+
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(600_000)
+        js.publish = publish
+        with pytest.raises(Exception):  # noqa: B017 - the backend's unavailable error, whatever its class
+            await put(b, data)
+        js.publish = real
+        await b.close()
+        again = ObjectStoreBackend(js, tmp_path / "blobs")  # a restart
+        await again.start()
+        blob_id = hashlib.sha256(data).hexdigest()
+        assert await read_all(again, ROOM, blob_id) == data
+        _info, created = await put(again, data)
+        assert created is False and await read_all(again, ROOM, blob_id) == data
+        await again.close()
+    finally:
+        js.publish = real
+        await nc.close()
