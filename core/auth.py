@@ -91,28 +91,22 @@ STREAM_NOT_FOUND = 10059
 NO_MESSAGE_FOUND = 10037
 
 
-def _request_key(name: str, kind: type) -> Any:
-    """A typed request key (``aiohttp.web.RequestKey``, aiohttp 3.13+), else the plain name."""
-    key_type = getattr(web, "RequestKey", None)
-    return name if key_type is None else key_type(name, kind)
-
-
 #: ``request[MEMBER_KEY]``: the member whose signature the request carries (read it
 #: with :func:`current_member`).
-MEMBER_KEY = _request_key("unibus.member", Member)
+MEMBER_KEY = web.RequestKey("unibus.member", Member)
 #: ``request[SIGNATURE_KEY]``: what the verifier checked (:class:`unibus.signing.Verified`).
-SIGNATURE_KEY = _request_key("unibus.signature", Verified)
+SIGNATURE_KEY = web.RequestKey("unibus.signature", Verified)
 #: ``request[LOGGED_REQUEST_KEY]``: the authenticated request as the membership
 #: log records it (a :class:`unibus.memberlog.LoggedRequest`: method, raw path and
 #: query, the signature headers as the verifier read them, and the body bytes once
 #: read; docs/formats.md, "The membership log"). Handlers of logged routes pass it
 #: to the store with :func:`unibus.api.common.log_record`. Read it with
 #: :func:`logged_request`: for a request without a body it is made on first use.
-LOGGED_REQUEST_KEY = _request_key("unibus.logged_request", LoggedRequest)
+LOGGED_REQUEST_KEY = web.RequestKey("unibus.logged_request", LoggedRequest)
 #: ``request[AUTH_TIME_KEY]``: the server time (unix seconds, float) at which the
 #: signature was checked; a log entry's ``at`` is this time, so its ``created``
 #: is within the skew of ``at`` however long the body took to arrive.
-AUTH_TIME_KEY = _request_key("unibus.auth_time", float)
+AUTH_TIME_KEY = web.RequestKey("unibus.auth_time", float)
 #: The handler attribute that marks a streamed upload (the body is not read here).
 STREAMING_ATTR = "unibus_streaming"
 #: The header block of a claim: write only if this key has never been written.
@@ -127,8 +121,8 @@ DEFAULT_BODY_TIMEOUT = 30.0
 BODY_TIMEOUT_ENV = "UNIBUS_BODY_TIMEOUT"
 BODY_TIMEOUT_RANGE = (0.1, 3600.0)
 #: ``request[BODY_TIMEOUT_KEY]``: the body deadline of this request, for streaming handlers.
-BODY_TIMEOUT_KEY = _request_key("unibus.body_timeout", float)
-_CONTINUE_SENT = _request_key("unibus.continue_sent", bool)
+BODY_TIMEOUT_KEY = web.RequestKey("unibus.body_timeout", float)
+_CONTINUE_SENT = web.RequestKey("unibus.continue_sent", bool)
 #: The ``detail`` of the 401 for an unknown keyid *and* for a signature that
 #: does not verify: one answer, so an anonymous caller cannot tell which
 #: handles exist (docs/http-api.md, "What each 401 means").

@@ -618,7 +618,9 @@ class UnibusApp:
         ``argv`` is what a user types after ``unibus`` (``"audit", "tail",
         "--limit", "5"``). ``plugins`` are client plugin modules that are not
         installed (their ``client_commands``). The client runs in a thread of
-        its own, so sync and async tests can call this.
+        its own, so sync and async tests can call this; its output is captured
+        by redirecting ``sys.stdout``, so whatever else prints on stdout
+        meanwhile is captured too (the daemon logs on stderr).
         """
         import io
 
@@ -637,7 +639,7 @@ class UnibusApp:
                 with contextlib.redirect_stdout(out):
                     code = main([*argv, "--server", self.base_url, "--identity", str(path)], plugins=plugins)
             except SystemExit as e:  # argparse refuses a bad argument with exit 2
-                code = e.code if isinstance(e.code, int) else 2
+                code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
             except BaseException as e:  # noqa: BLE001 - handed to the test
                 result.set_exception(e)
                 return
