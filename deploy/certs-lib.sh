@@ -23,9 +23,12 @@ certs_args() {
 }
 
 # certs_check_specs "RESERVED NAMES" NODE=ADDR...: a node name is letters, digits, _ . -, not . or ..,
-# and none of the reserved names (the CA's own files); every spec has at least one address.
+# and none of the reserved names (the CA's own files), compared without case (a case-insensitive file
+# system would write ROUTE-CA.key over route-ca.key); every spec has at least one address, and each
+# address is a host name or an IP address (letters, digits, . - and : only: nothing that openssl's
+# config syntax would cut or expand, such as # or $).
 certs_check_specs() {
-  local reserved=$1 spec node addrs r
+  local reserved=$1 spec node addrs r a list
   shift
   for spec in "$@"; do
     node=${spec%%=*}
@@ -34,9 +37,15 @@ certs_check_specs() {
       ""|*[!A-Za-z0-9_.-]*|.|..) certs_die "bad node name in '$spec' (use NODE=ADDR[,ADDR...])" ;;
     esac
     for r in $reserved; do
-      [ "$node" != "$r" ] || certs_die "node name '$node' is the CA's own file name; choose another"
+      [ "${node,,}" != "${r,,}" ] || certs_die "node name '$node' is the CA's own file name; choose another"
     done
     [ "$addrs" != "$spec" ] && [ -n "${addrs//,/}" ] || certs_die "'$spec' has no address (use NODE=ADDR[,ADDR...])"
+    IFS=, read -r -a list <<<"$addrs"
+    for a in "${list[@]}"; do
+      case "$a" in
+        *[!A-Za-z0-9.:-]*|-*|.*) certs_die "bad address '$a' in '$spec' (a host name or an IP address)" ;;
+      esac
+    done
   done
 }
 
@@ -77,15 +86,21 @@ certs_make_ca() {
 # certs_sign KEY CRT NODE SAN CA_CRT CA_KEY: a P-256 key (0600) and a certificate for serverAuth and
 # clientAuth (nats-server verifies peers both ways) with the SAN given, signed by the CA.
 certs_sign() {
-  local key=$1 crt=$2 node=$3 san=$4 ca_crt=$5 ca_key=$6 ext csr
+  local key=$1 crt=$2 node=$3 san=$4 ca_crt=$5 ca_key=$6 ext csr err
   ext=$(mktemp)
   csr=$(mktemp)
-  openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
-    -keyout "$key" -out "$csr" -subj "/CN=$node" 2>/dev/null
+  err=$(mktemp)
   printf 'basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=%s\n' "$san" >"$ext"
-  openssl x509 -req -in "$csr" -CA "$ca_crt" -CAkey "$ca_key" \
-    -CAcreateserial -out "$crt" -days "$CERT_DAYS" -extfile "$ext" 2>/dev/null
-  rm -f "$ext" "$csr"
+  if ! { openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:P-256 \
+           -keyout "$key" -out "$csr" -subj "/CN=$node" 2>"$err" &&
+         openssl x509 -req -in "$csr" -CA "$ca_crt" -CAkey "$ca_key" \
+           -CAcreateserial -out "$crt" -days "$CERT_DAYS" -extfile "$ext" 2>"$err"; }; then
+    echo "$PROG: openssl could not make the certificate of node $node ($san):" >&2
+    cat "$err" >&2
+    rm -f "$ext" "$csr" "$err" "$key" "$crt"
+    exit 1
+  fi
+  rm -f "$ext" "$csr" "$err"
   chmod 600 "$key"
   chmod 644 "$crt"
 }

@@ -38,3 +38,4 @@ for spec in "$@"; do
   certs_sign "$out/$node.key" "$out/$node.crt" "$node" "$san" "$out/route-ca.crt" "$out/route-ca.key"
   echo "node $node: $out/$node.crt ($san)"
 done
+chmod 644 "$out/route-ca.crt"

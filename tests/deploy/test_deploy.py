@@ -549,6 +549,9 @@ def _generate_route(*args: str, env: dict[str, str] | None = None) -> subprocess
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["OUT", "n1=10.0.0.1", "route-ca=10.0.0.2"], "the CA's own file name"),  # would overwrite route-ca.key
+    (["OUT", "n1=10.0.0.1", "ROUTE-CA=10.0.0.2"], "the CA's own file name"),  # the same on a case-blind disk
+    (["OUT", "n1=10.0.0.1,host#x,10.0.0.2"], "bad address 'host#x'"),  # openssl's config would cut it at #
+    (["OUT", "n1=a$ENV::HOME"], "bad address"),
     (["OUT", "n1=10.0.0.1", "n2=,"], "has no address"),
     (["OUT", "n1=10.0.0.1", ".."], "bad node name"),
     (["OUT", "n1=10.0.0.1", "bad/name=1.2.3.4"], "bad node name"),
@@ -579,6 +582,14 @@ def test_generate_cluster_certs_keeps_its_ca_and_signs_each_node(tmp_path: Path)
     assert "IP Address:127.0.0.1" in text and "DNS:n1.example" in text
     bad_days = _generate_route(str(tmp_path / "x"), "n1=127.0.0.1", env={**os.environ, "UNIBUS_CERT_DAYS": "soon"})
     assert bad_days.returncode == 2 and "UNIBUS_CERT_DAYS" in bad_days.stderr
+    assert stat_mode(out / "route-ca.crt") == 0o644  # public, like the client CA's
+
+
+def test_a_certificate_openssl_refuses_is_reported_and_leaves_no_key(tmp_path: Path) -> None:
+    out = tmp_path / "route-pki"
+    r = _generate_route(str(out), "n1=10.0.0.1", "n2=999.1.1.1")  # passes the syntax check, not openssl's
+    assert r.returncode == 1 and "could not make the certificate of node n2" in r.stderr
+    assert (out / "n1.crt").exists() and not (out / "n2.key").exists() and not (out / "n2.crt").exists()
 
 
 def _unit_argv(unit: Path, home: Path) -> list[str]:
