@@ -699,6 +699,7 @@ class Cluster:
         self.secret = secret or secrets.token_urlsafe(24)
         self.pass_file = directory / "cluster.pass"
         fd = os.open(self.pass_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file left in a reused directory keeps its mode otherwise
         with os.fdopen(fd, "w") as f:
             f.write(self.secret + "\n")
         pki = directory / "pki"
@@ -1048,6 +1049,7 @@ def _write_pair(directory: Path, name: str, cert: Any, key: Any, serialization: 
     crt, pem = directory / f"{name}.crt", directory / f"{name}.key"
     crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     fd = os.open(pem, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption()))
