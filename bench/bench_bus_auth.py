@@ -1003,6 +1003,7 @@ class Cluster(testing.Cluster):
                         raise TimeoutError(f"{node.base_url} did not serve the members within {timeout:.0f} s")
                     await asyncio.sleep(0.2)
 
+
 @dataclass
 class ClusterResult:
     world: World
@@ -1104,8 +1105,6 @@ def run_throughput(tmp: Path, runs: int, n: int, size: int) -> dict[tuple[str, b
         for d in daemons.values():
             d.stop()
     return results
-
-
 
 
 # -- report ------------------------------------------------------------------------
@@ -1535,8 +1534,6 @@ def render_throughput(tp: dict[tuple[str, bool], TpSamples], ns: argparse.Namesp
             f"({1000 / os.sysconf('SC_CLK_TCK'):.0f} ms), which "
             "limits its resolution at these message counts.")]
     return "\n".join(out) + "\n"
-
-
 
 
 def command_line(ns: argparse.Namespace) -> str:

@@ -634,7 +634,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--keep-profile", type=Path, help="copy py-spy's raw (collapsed) stacks to this file")
     ns = benchlib.parse(parser, argv)
 
-
     load_before = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="unibus-bench-rekey-"))
     daemon = None

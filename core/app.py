@@ -89,7 +89,6 @@ SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_dec
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
 
 
-
 def _record(properties: dict[str, Any]) -> dict[str, Any]:
     """The schema of a JSON object with exactly ``properties``, every one required."""
     return {"type": "object", "required": list(properties), "additionalProperties": False, "properties": properties}

@@ -399,7 +399,6 @@ class MembershipdProcess:
                 self._log.close()
         return self.proc.returncode
 
-
     def stop_family(self) -> None:
         """:meth:`stop` every process of this node: the first and each :meth:`again` of it."""
         for p in self.family:

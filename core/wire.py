@@ -97,7 +97,6 @@ class HandleError(ValueError):
     """A member handle does not match ``^[a-z][a-z0-9_-]{0,31}$``."""
 
 
-
 # --------------------------------------------------------------------------- base64
 
 

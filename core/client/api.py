@@ -1476,8 +1476,6 @@ def _decrypt(key: bytes, subject: str, epoch: int, data: bytes) -> bytes:
 _END = object()
 
 
-
-
 def _authorization_violation(exc: BaseException) -> bool:
     """nats-server refused this member's login (or the auth callout did)."""
     return "authorization violation" in str(exc).lower() or isinstance(exc, nats_errors.AuthorizationError)

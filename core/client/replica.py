@@ -83,7 +83,6 @@ class VerificationError(Exception):
         super().__init__(message)
 
 
-
 class LogVerificationError(VerificationError):
     """The server's membership log itself fails: a rollback, a fork, an entry that fails a check.
 

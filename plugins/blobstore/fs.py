@@ -112,6 +112,7 @@ class FsUpload(StagedUpload):
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
 
+
 class FsReader(BlobReader):
     def __init__(self, info: BlobInfo, path: Path, file: Any) -> None:
         self.info = info

@@ -118,6 +118,7 @@ class ObjUpload(StagedUpload):
             self._done = True
             await self.staged.discard()
 
+
 class ObjReader(BlobReader):
     def __init__(self, backend: ObjectStoreBackend, info: BlobInfo, nuid: str) -> None:
         self.backend = backend

@@ -231,7 +231,6 @@ def test_b64_pattern_is_what_b64decode_strict_accepts(size):
             assert _documented(pattern, value) == accepted, (size, value)
 
 
-
 async def test_the_example_of_docs_plugins_documents_its_route(tmp_path):
     """The example of docs/plugins.md, "Documenting responses", run as written."""
     guide = (Path(__file__).resolve().parents[2] / "docs" / "plugins.md").read_text()

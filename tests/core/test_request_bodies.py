@@ -469,7 +469,6 @@ def test_a_bad_body_timeout_is_refused_with_one_line(tmp_path, value):
     assert "Traceback" not in proc.stderr
 
 
-
 async def test_only_routes_declared_open_go_unsigned(tmp_path):
     """Outside /v1/ too, a route is signed unless it was registered with
     signed=False: one added under another prefix, or straight on the router,

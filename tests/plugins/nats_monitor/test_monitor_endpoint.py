@@ -250,6 +250,8 @@ CASE_ATTACKS = {
     "Monitor_Port": {"Monitor_Port": 9999},
     "HTTPS": {"HTTPS": "0.0.0.0:9443"},
 }
+
+
 @pytest.mark.parametrize("attack", list(CASE_ATTACKS), ids=str)
 @pytest.mark.parametrize("toggle", ["monitor", "off"])
 @pytest.mark.parametrize("kind", [Attacker, FirstAttacker], ids=lambda k: k.__name__)
