@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import one_error_line
 from unibus.client.keys import (load_identity, nkey_from_sign_pub, validate_bus_pub, validate_enc_pub,
                                 validate_sign_pub)
 from unibus.testing import free_port, run_membershipd
@@ -24,16 +25,6 @@ def unibus(*args: str, env: dict[str, str] | None = None, home: Path | None = No
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "unibus.client.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 def parse_member_add(line: str) -> dict[str, str]:

@@ -25,6 +25,7 @@ import nats
 import pytest
 from nats.js.api import KeyValueConfig, StorageType
 
+from helpers import service_js
 from unibus.auth import (DEFAULT_NONCE_MAX_BYTES, EPOCH_KEY, HIGH_WATER_STEP, NONCE_BUCKET, NONCE_MAX_BYTES_ENV,
                          NONCE_PREFIX, NONCE_STREAM, MemoryHighWater, NonceStore, NonceStoreUnavailable,
                          ReplayFloorError, nonce_max_bytes_from_env)
@@ -76,16 +77,6 @@ def assert_refused_as_unverifiable(result: tuple[int, Any, Any]) -> None:
     assert status == 503, (status, body)
     assert body["type"].endswith("/nonce-store-unavailable"), body
     assert int(headers["Retry-After"]) >= 1
-
-
-@contextlib.asynccontextmanager
-async def service_js(daemon: MembershipdProcess):
-    nc = await nats.connect(daemon.nats_url, nkeys_seed=str(daemon.data_dir / "service.nkey"), allow_reconnect=False,
-                            connect_timeout=3)
-    try:
-        yield nc.jetstream(timeout=5)
-    finally:
-        await nc.close()
 
 
 async def jetstream_config(daemon: MembershipdProcess) -> dict[str, Any]:

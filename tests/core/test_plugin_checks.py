@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import one_error_line
 from unibus import hookimpl
 from unibus.errors import ConfigError
 from unibus.pluginmanager import PluginError, PluginManager, load_plugins_from_env
@@ -262,15 +263,6 @@ def with_site(site: Path, load: str | None = None) -> dict[str, str]:
     if load is not None:
         env["UNIBUS_LOAD_PLUGINS"] = load
     return env
-
-
-def one_error_line(proc, code, *needles):
-    assert proc.returncode == code, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr + proc.stdout
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
 
 
 def test_plugins_lists_and_marks_broken_plugins(site):

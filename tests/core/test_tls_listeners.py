@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from helpers import one_error_line
 from unibus.client import BusError, UnibusClient, save_identity, tls_context
 from unibus.client.keys import generate_identity
 from unibus.testing import (
@@ -36,16 +37,6 @@ from unibus.testing import (
     nats_server_pids,
     run_membershipd,
 )
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert proc.returncode == code, (proc.stdout, proc.stderr)
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1, proc.stderr
-    for needle in needles:
-        assert needle in errors[0], errors[0]
-    return errors[0]
 
 
 # -- refusals: nothing starts --------------------------------------------------------------

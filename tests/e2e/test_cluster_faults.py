@@ -22,7 +22,6 @@ changes acknowledged, lost, the longest time no client got an answer).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import random
 import signal
@@ -38,6 +37,7 @@ import pytest
 from clusters import FORM_TIMEOUT, Cluster, eventually, signed_ok
 from straced import SENDS, WRITES, Tracer, can_trace, first, synced_after
 
+from helpers import service_js
 from unibus.client import ApiError, ServerUnreachable, UnibusClient
 from unibus.client.keys import Identity, generate_identity
 from unibus.memberlog import LogState
@@ -66,17 +66,6 @@ def cluster(tmp_path_factory):
 
 
 # -- helpers --------------------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def service_js(node: MembershipdProcess):
-    """JetStream as a node's own service user (its nkey is a user of that node only)."""
-    nc = await nats.connect(node.nats_url, nkeys_seed=str(node.data_dir / "service.nkey"), allow_reconnect=False,
-                            connect_timeout=3)
-    try:
-        yield nc.jetstream(timeout=5)
-    finally:
-        await nc.close()
 
 
 async def streams_current(cluster: Cluster) -> bool:

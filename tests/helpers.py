@@ -1,0 +1,33 @@
+"""Helpers several test files share (fixtures live in tests/conftest.py and unibus.testing)."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    """The command exited ``code`` with exactly one ``error:`` line on stderr, holding every needle,
+    and no traceback anywhere (docs/operations.md, "Exit codes"); returns that line."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr + proc.stdout
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1, proc.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@contextlib.asynccontextmanager
+async def service_js(daemon: Any) -> AsyncIterator[Any]:
+    """JetStream as a daemon's own service user (its nkey is a user of that node only)."""
+    nc = await nats.connect(daemon.nats_url, nkeys_seed=str(daemon.data_dir / "service.nkey"), allow_reconnect=False,
+                            connect_timeout=3)
+    try:
+        yield nc.jetstream(timeout=5)
+    finally:
+        await nc.close()
