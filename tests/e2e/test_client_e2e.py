@@ -450,9 +450,12 @@ def test_bus_access_follows_room_membership(world):
             async with c.bus(key_ttl=3600) as cbus:
                 assert await cbus.send(room2, "chat", "in") == 1
                 # removed (no rekey yet): carol still holds epoch 1's key, but the bus
-                # refuses her publish once the change reaches nats-server (within 1 s)
+                # refuses her publish: the 2xx comes after her connection was kicked, so
+                # her next connection has the new rights. A send racing the kick can go
+                # out on the old socket and be lost with it (its flush then waits out
+                # connect_timeout, 5 s), so the bound leaves room for one such send.
                 await a.remove_room_member(room2, "carol")
-                deadline = time.monotonic() + 3
+                deadline = time.monotonic() + 20
                 with pytest.raises(BusError, match="refused.*publish"):
                     while time.monotonic() < deadline:
                         await cbus.send(room2, "chat", "still here?")

@@ -62,7 +62,7 @@ class Conn:
     async def violation(self, what: str) -> bool:
         """Wait (bounded) for a permissions violation mentioning ``what``."""
         await self.nc.flush(timeout=2)
-        deadline = time.monotonic() + 3
+        deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             if any("permissions violation" in e.lower() and what.lower() in e.lower() for e in self.errors):
                 return True
