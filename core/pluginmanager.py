@@ -49,6 +49,7 @@ BUILTIN_PLUGIN_FLAGS: Mapping[str, str] = {
     "--route-tls-key": "route_tls",
     "--route-tls-ca": "route_tls",
     "--blob-max-bytes": "blobstore",
+    "--blob-max-uploads": "blobstore",
 }
 
 #: The name of the plugin whose hook implementation is running (None: the core).

@@ -307,9 +307,10 @@ def _parse_retry_after(value: str | None) -> float | None:
 
 def _retryable_503(method: str, problem: Mapping[str, Any], retry_after: float | None) -> bool:
     """A 503 worth one more try: the server said the request was refused before it
-    was served (replay protection unavailable, fail closed), or a GET with Retry-After."""
+    was served (replay protection unavailable, fail closed; a node with as many blob
+    uploads in progress as it takes), or a GET with Retry-After."""
     kind = str(problem.get("type") or "")
-    if kind.endswith("/nonce-store-unavailable"):
+    if kind.endswith(("/nonce-store-unavailable", "/too-many-uploads")):
         return True
     return method == "GET" and retry_after is not None
 

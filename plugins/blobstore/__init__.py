@@ -18,7 +18,9 @@ nothing stored on a mismatch). ``Content-Length`` above ``--blob-max-bytes``
 is refused with 413 before anything is read, and a body (chunked or not) that
 runs over the limit is refused with 413 as soon as it does. A body that stalls
 for longer than the body timeout (``UNIBUS_BODY_TIMEOUT``) is 408; every
-refusal before the end closes the connection (docs/http-api.md).
+refusal before the end closes the connection (docs/http-api.md). At most
+``--blob-max-uploads`` uploads run at once on a node, a quarter of them per
+member (:mod:`.limits`): the others are refused before their body is read.
 
 Storage: :mod:`.fs` (``<data-dir>/blobs``) on a single node; :mod:`.objectstore`
 (the JetStream object store ``unibus_blobs``, ``--kv-replicas`` replicas) in
@@ -41,6 +43,7 @@ from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
 from unibus.settings import Option, parse_positive_int
 
 from .backend import RECV_SIZE, WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
+from .limits import DEFAULT_MAX_UPLOADS, UploadSlots
 
 PLUGIN_NAME = "blobstore"
 DEFAULT_MAX_BYTES = 104857600
@@ -52,13 +55,14 @@ log = logging.getLogger("unibus.plugins.blobstore")
 
 
 class BlobService:
-    """The plugin's runtime: the backend and the limit."""
+    """The plugin's runtime: the backend and the limits."""
 
-    def __init__(self, backend: BlobBackend, max_bytes: int) -> None:
+    def __init__(self, backend: BlobBackend, max_bytes: int, max_uploads: int = DEFAULT_MAX_UPLOADS) -> None:
         #: removes :meth:`on_change` from the store's listeners (set at start-up)
         self.unsubscribe: Callable[[], None] = lambda: None
         self.backend = backend
         self.max_bytes = max_bytes
+        self.uploads = UploadSlots(max_uploads)
 
     def on_change(self, change: Any) -> Awaitable[int] | None:
         """Store listener: a deleted room takes its blobs with it (the DELETE waits for it)."""
@@ -92,7 +96,16 @@ def cli_options() -> list[Option]:
             convert=parse_positive_int,
             metavar="N",
             doc="largest blob accepted",
-        )
+        ),
+        Option(
+            "--blob-max-uploads",
+            help=f"uploads in progress at once on this node, a quarter of them per member; the others are "
+                 f"refused before their body is read (default {DEFAULT_MAX_UPLOADS})",
+            default=DEFAULT_MAX_UPLOADS,
+            convert=parse_positive_int,
+            metavar="N",
+            doc="uploads in progress at once, a quarter of them per member",
+        ),
     ]
 
 
@@ -116,12 +129,21 @@ async def startup(app: web.Application) -> None:
     # other buckets': retry like the core does for its own buckets.
     await retry_until(lambda: backend.start(room_exists if sweep else None),
                       CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
-    service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)))
+    service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)),
+                          int(settings.option("blob_max_uploads", DEFAULT_MAX_UPLOADS)))
     stash(app)[SERVICE] = service
     # Read at every scrape from the backend's in-memory counters (docs/operations.md, "Metrics").
     metrics = app[METRICS].plugin(PLUGIN_NAME)
     metrics.gauge("unibus_blobs", "blobs stored (on a cluster: by every node)", function=lambda: backend.blobs)
     metrics.gauge("unibus_blob_bytes", "bytes of the blobs stored (ciphertext)", function=lambda: backend.bytes)
+    uploads = service.uploads
+    metrics.gauge("uploads_in_progress", "uploads being received by this node",
+                  function=lambda: uploads.active)
+    refused = metrics.counter("uploads_refused", "uploads refused because the node (reason=node) "
+                              "or the member (reason=member) had as many in progress as allowed", ["reason"])
+    for reason in ("node", "member"):
+        refused.labels(reason)  # both series from the start
+    uploads.on_refused = lambda reason: refused.labels(reason).inc()
     service.unsubscribe = store.add_listener(service.on_change)
     register_routes(app)
 
@@ -198,9 +220,7 @@ def content_digest_value(blob_id: str) -> str:
 
 
 async def put_blob(request: web.Request) -> web.Response:
-    from unibus.api.common import json_response
-    from unibus.app import STORE
-    from unibus.auth import SIGNATURE_KEY, body_chunks, unauthorized
+    from unibus.auth import SIGNATURE_KEY, unauthorized
 
     service = _service(request)
     room, me = await _room_for_member(request)
@@ -213,6 +233,17 @@ async def put_blob(request: web.Request) -> web.Response:
     if length is not None and length > limit:
         raise _problem(413, f"the blob is {length} bytes; this server accepts at most {limit} (--blob-max-bytes)",
                        kind="too-large", max_bytes=limit)
+    with service.uploads.hold(me.handle):  # 503/429 before a byte of the body is read
+        return await _receive(request, service, room, me, expected, limit)
+
+
+async def _receive(request: web.Request, service: BlobService, room: Any, me: Any, expected: bytes,
+                   limit: int) -> web.Response:
+    """Stream the body into the backend, check it against the signed digest, commit: 201."""
+    from unibus.api.common import json_response
+    from unibus.app import STORE
+    from unibus.auth import body_chunks
+
     upload = await service.backend.begin(room.room_id)
     try:
         _large_reads(request)
@@ -391,7 +422,11 @@ def register_routes(app: web.Application) -> None:
                               "framing is broken; nothing stored",
                          401: "missing or invalid signature, or a body whose Content-Digest is not signed",
                          408: "a part of the body did not arrive within the body deadline; nothing stored",
-                         413: "larger than --blob-max-bytes; nothing stored", **common},
+                         413: "larger than --blob-max-bytes; nothing stored",
+                         429: "the member already has its share of --blob-max-uploads in progress (too-many-uploads)",
+                         **common,
+                         503: common[503] + "; or --blob-max-uploads uploads in progress on this node "
+                                            "(too-many-uploads)"},
               tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     blob_bytes = Response("the blob's bytes", {"type": "string", "format": "binary"}, "application/octet-stream",
                           headers={"Content-Digest": header("sha-256=:<base64>: of the bytes",

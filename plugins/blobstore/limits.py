@@ -1,0 +1,72 @@
+"""Uploads in progress on one node: a budget, so that memory stays bounded (docs/blobstore.md, "Limits").
+
+An upload holds up to about 9 MiB of membershipd's memory while it streams in
+(pieces of up to 1 MiB off the socket, gathered into 4 MiB hand-offs to the
+writer thread, one being written while the next fills). Without a bound, a
+member could open a hundred slow uploads and pin 900 MiB; the body deadline
+ends each stalled one, but only after it. So a node runs at most
+``--blob-max-uploads`` uploads at once (default 16: about 144 MiB at worst),
+and one member at most a quarter of them (at least 1), so that one member
+cannot take every slot from the others.
+
+A refused upload is answered before its body is read, like a 413: 503
+``too-many-uploads`` with ``Retry-After`` when the node is full (the client
+tries again), 429 ``too-many-uploads`` when the member already holds its share
+(the client does not: that member's own uploads must finish first).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+DEFAULT_MAX_UPLOADS = 16
+#: Seconds a client is asked to wait when the node is full.
+RETRY_AFTER = 1
+
+
+def per_member(limit: int) -> int:
+    """The uploads one member may have in progress at once: a quarter of the node's, at least 1."""
+    return max(1, limit // 4)
+
+
+class UploadSlots:
+    """Uploads in progress on this node, by member."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_UPLOADS) -> None:
+        self.limit = limit
+        self.per_member = per_member(limit)
+        self.by_member: Counter[str] = Counter()
+        #: called with ``"node"`` or ``"member"`` for every refused upload (the plugin counts them in a metric)
+        self.on_refused: Callable[[str], None] = lambda reason: None
+
+    @property
+    def active(self) -> int:
+        return sum(self.by_member.values())
+
+    @contextlib.contextmanager
+    def hold(self, handle: str) -> Iterator[None]:
+        """One slot for ``handle``'s upload while the block runs; a 503 or 429 problem if there is none."""
+        from unibus.problems import Problem
+
+        if self.active >= self.limit:
+            self.on_refused("node")
+            raise Problem(503, f"{self.limit} uploads are in progress on this node, the most it takes at once "
+                               "(--blob-max-uploads); try again after Retry-After", kind="too-many-uploads",
+                          headers={"Retry-After": str(RETRY_AFTER)}, max_uploads=self.limit)
+        if self.by_member[handle] >= self.per_member:
+            self.on_refused("member")
+            raise Problem(429, f"{handle} has {self.by_member[handle]} uploads in progress, the most one member "
+                               f"may have at once on this node (a quarter of --blob-max-uploads {self.limit}); "
+                               "let one finish first", kind="too-many-uploads", max_uploads=self.per_member)
+        self.by_member[handle] += 1
+        try:
+            yield
+        finally:
+            self.by_member[handle] -= 1
+            if self.by_member[handle] <= 0:
+                del self.by_member[handle]
+
+
+__all__ = ["DEFAULT_MAX_UPLOADS", "RETRY_AFTER", "UploadSlots", "per_member"]
