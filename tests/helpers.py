@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 from collections.abc import AsyncIterator
 from typing import Any
 
 import nats
+import pytest
+
+#: Set by .ci/run, which installs every tool a test needs (promtool, systemd-analyze,
+#: strace): there a missing tool fails its tests instead of skipping them.
+REQUIRE_TOOLS = os.environ.get("UNIBUS_TEST_REQUIRE_TOOLS") == "1"
+
+
+def require_tool(missing: str | None) -> None:
+    """Skip the calling test when ``missing`` says why a tool it needs cannot run here;
+    under ``UNIBUS_TEST_REQUIRE_TOOLS=1`` (.ci/run) fail it instead."""
+    if not missing:
+        return
+    if REQUIRE_TOOLS:
+        pytest.fail(f"{missing}; UNIBUS_TEST_REQUIRE_TOOLS=1 says it must run here (.ci/run installs it)")
+    pytest.skip(missing)
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:

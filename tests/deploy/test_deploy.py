@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import require_tool
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -245,11 +246,13 @@ def _verify(units: Path, env: dict[str, str], name: str) -> tuple[int, list[str]
     return r.returncode, ours
 
 
-needs_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None,
-    reason="systemd-analyze not installed (apt-get install -y --no-install-recommends systemd); "
-           "the units are still parsed by the tests above",
-)
+needs_analyze = pytest.mark.usefixtures("analyze_installed")
+
+
+@pytest.fixture
+def analyze_installed() -> None:
+    require_tool(None if shutil.which("systemd-analyze") else "systemd-analyze not installed (apt-get install -y "
+                 "--no-install-recommends systemd); the units are still parsed by the tests above")
 
 
 @needs_analyze

@@ -27,6 +27,7 @@ from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.health import HealthProber
 from unibus.metrics import Metrics
+from helpers import require_tool
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,11 +159,13 @@ def test_the_example_config_scrapes_the_units_address():
 
 
 PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(
-    PROMTOOL is None,
-    reason="promtool not installed (.ci/run installs it from Debian's prometheus package); "
-           "the rules are still parsed and checked against a real scrape above",
-)
+needs_promtool = pytest.mark.usefixtures("promtool_installed")
+
+
+@pytest.fixture
+def promtool_installed() -> None:
+    require_tool(None if PROMTOOL else "promtool not installed (.ci/run installs it from Debian's prometheus "
+                 "package); the rules are still parsed and checked against a real scrape above")
 
 
 @needs_promtool

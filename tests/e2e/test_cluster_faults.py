@@ -37,7 +37,7 @@ import pytest
 from clusters import FORM_TIMEOUT, Cluster, eventually, signed_ok
 from straced import SENDS, WRITES, Tracer, can_trace, first, synced_after
 
-from helpers import service_js
+from helpers import require_tool, service_js
 from unibus.client import ApiError, ServerUnreachable, UnibusClient
 from unibus.client.keys import Identity, generate_identity
 from unibus.memberlog import LogState
@@ -134,9 +134,8 @@ async def raw_me(node: MembershipdProcess, headers: dict[str, str]) -> int:
 
 async def test_an_acknowledged_change_is_fsynced_on_a_quorum_before_its_201(cluster, tmp_path):
     reason = can_trace()
-    if reason:
-        # The configuration is checked all the same (tests/core/test_durability.py checks /varz).
-        pytest.skip(f"strace cannot run here: {reason}")
+    # Without strace the configuration is checked all the same (tests/core/test_durability.py checks /varz).
+    require_tool(f"strace cannot run here: {reason}" if reason else None)
     await converge(cluster)
     alice = cluster.identity
     await everyone_knows(cluster, alice)

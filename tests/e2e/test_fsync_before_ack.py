@@ -15,6 +15,7 @@ import os
 import re
 
 import pytest
+from helpers import require_tool
 from straced import RENAMES, SENDS, SYNCS, WRITES, Tracer, can_trace, first, synced_after
 
 from unibus.client import UnibusClient
@@ -26,8 +27,7 @@ from unibus.testing import MembershipdProcess, bootstrap_member
 @pytest.fixture(scope="module")
 def traceable():
     reason = can_trace()
-    if reason:
-        pytest.skip(f"strace cannot run here: {reason}")
+    require_tool(f"strace cannot run here: {reason}" if reason else None)
 
 
 async def test_a_member_change_and_a_blob_are_fsynced_before_their_201(tmp_path, traceable):
