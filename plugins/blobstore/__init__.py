@@ -34,6 +34,7 @@ import base64
 import functools
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -43,7 +44,7 @@ from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
 from unibus.settings import Option, parse_positive_int
 
 from .backend import RECV_SIZE, WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
-from .limits import DEFAULT_MAX_UPLOADS, UploadSlots
+from .limits import DEFAULT_MAX_UPLOADS, UploadSlots, check_rate
 
 PLUGIN_NAME = "blobstore"
 DEFAULT_MAX_BYTES = 104857600
@@ -242,8 +243,10 @@ async def _receive(request: web.Request, service: BlobService, room: Any, me: An
     """Stream the body into the backend, check it against the signed digest, commit: 201."""
     from unibus.api.common import json_response
     from unibus.app import STORE
-    from unibus.auth import body_chunks
+    from unibus.auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, body_chunks
 
+    grace = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
+    started = time.monotonic()
     upload = await service.backend.begin(room.room_id)
     try:
         _large_reads(request)
@@ -255,6 +258,7 @@ async def _receive(request: web.Request, service: BlobService, room: Any, me: An
             if total > limit:
                 raise _problem(413, f"the blob is larger than {limit} bytes, the most this server accepts "
                                "(--blob-max-bytes)", kind="too-large", max_bytes=limit)
+            check_rate(total, time.monotonic() - started, grace)  # 408 for a trickle that would keep the slot
             parts.append(data)
             buffered += len(data)
             if buffered >= WRITE_CHUNK:

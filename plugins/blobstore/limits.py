@@ -9,10 +9,17 @@ ends each stalled one, but only after it. So a node runs at most
 and one member at most a quarter of them (at least 1), so that one member
 cannot take every slot from the others.
 
-A refused upload is answered before its body is read, like a 413: 503
+A refused upload is answered before its body is read, like a 413: 429
+``too-many-uploads`` when the member already holds its share (the client does
+not retry: that member's own uploads must finish first), else 503
 ``too-many-uploads`` with ``Retry-After`` when the node is full (the client
-tries again), 429 ``too-many-uploads`` when the member already holds its share
-(the client does not: that member's own uploads must finish first).
+tries again).
+
+A slot must also be used: the body deadline ends an upload that stops, but
+not one that trickles (a byte now and then, each within the deadline), so an
+upload that has run for longer than one body deadline must have averaged
+:data:`MIN_RATE` since (:func:`check_rate`, 408). A slot is thus held for at
+most about two body deadlines unless its upload really moves data.
 """
 
 from __future__ import annotations
@@ -22,6 +29,9 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 
 DEFAULT_MAX_UPLOADS = 16
+#: Bytes per second an upload must average after its first body deadline (32 KiB/s,
+#: a 100 MiB blob in under an hour).
+MIN_RATE = 32 * 1024
 #: Seconds a client is asked to wait when the node is full.
 RETRY_AFTER = 1
 
@@ -50,16 +60,16 @@ class UploadSlots:
         """One slot for ``handle``'s upload while the block runs; a 503 or 429 problem if there is none."""
         from unibus.problems import Problem
 
+        if self.by_member[handle] >= self.per_member:  # first: retrying cannot help this one
+            self.on_refused("member")
+            raise Problem(429, f"{handle} has {self.by_member[handle]} uploads in progress, the most one member "
+                               f"may have at once on this node (a quarter of --blob-max-uploads {self.limit}); "
+                               "let one finish first", kind="too-many-uploads", max_uploads=self.per_member)
         if self.active >= self.limit:
             self.on_refused("node")
             raise Problem(503, f"{self.limit} uploads are in progress on this node, the most it takes at once "
                                "(--blob-max-uploads); try again after Retry-After", kind="too-many-uploads",
                           headers={"Retry-After": str(RETRY_AFTER)}, max_uploads=self.limit)
-        if self.by_member[handle] >= self.per_member:
-            self.on_refused("member")
-            raise Problem(429, f"{handle} has {self.by_member[handle]} uploads in progress, the most one member "
-                               f"may have at once on this node (a quarter of --blob-max-uploads {self.limit}); "
-                               "let one finish first", kind="too-many-uploads", max_uploads=self.per_member)
         self.by_member[handle] += 1
         try:
             yield
@@ -69,4 +79,14 @@ class UploadSlots:
                 del self.by_member[handle]
 
 
-__all__ = ["DEFAULT_MAX_UPLOADS", "RETRY_AFTER", "UploadSlots", "per_member"]
+def check_rate(received: int, elapsed: float, grace: float) -> None:
+    """408 if an upload ``elapsed`` seconds old, past its ``grace`` (the body deadline), has
+    received fewer than :data:`MIN_RATE` bytes per second of the time since."""
+    if elapsed > grace and received < MIN_RATE * (elapsed - grace):
+        from unibus.problems import Problem
+
+        raise Problem(408, f"the request body arrived at {received / elapsed:.0f} bytes/s; an upload must average "
+                           f"at least {MIN_RATE} bytes/s after its first {grace:g} s", kind="request-timeout")
+
+
+__all__ = ["DEFAULT_MAX_UPLOADS", "MIN_RATE", "RETRY_AFTER", "UploadSlots", "check_rate", "per_member"]
