@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
+import nats
 from unibus import testing
 from unibus.client import ApiError, UnibusClient
 from unibus.testing import CLUSTER_FORM_TIMEOUT as FORM_TIMEOUT  # noqa: F401 - the tests import it from here
@@ -45,3 +47,19 @@ async def eventually(check, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.2)
     return False
+
+
+async def connect_member(url: str, identity, timeout: float = 15, **options: Any):
+    """A member's bus connection that is expected to be granted. On a loaded machine
+    a callout can go unanswered within nats-server's auth timeout, which the client
+    sees as "Authorization Violation" like a refusal: try again until ``timeout``.
+    (Tests that expect a refusal connect directly.)"""
+    options = {"allow_reconnect": False, "connect_timeout": 3, **options}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await nats.connect(url, nkeys_seed_str=identity.bus_nkey_seed(), **options)
+        except (nats.errors.Error, OSError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
