@@ -192,6 +192,22 @@ def affected(change: Change, policy: Policy) -> tuple[list[str], list[str]]:
     return [], []
 
 
+def implied_revocations(change: Change) -> set[str]:
+    """Who lost rights by the change's own account, whatever the index said before it.
+
+    The index follows other nodes' writes through the KV watch, which can lag:
+    bob re-added to a room through node 1 and removed through node 2 a moment
+    later would show node 2 no difference (not in the room before, not after),
+    and bob's connection would keep the room (found by a cluster test on a
+    loaded machine). So a removal, a deletion or a new bus key always kicks.
+    """
+    if change.kind in ("room_member_removed", "member_deleted", "member_bus_key") and change.handle:
+        return {change.handle}
+    if change.kind == "room_deleted":
+        return set((change.before or {}).get("members") or ())
+    return set()
+
+
 def remote_keys(keys: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Members and rooms among the store keys another node wrote (docs/store.md)."""
     handles = [k.split(".", 1)[1] for k in keys if k.startswith("member.")]
@@ -233,6 +249,8 @@ async def _apply_local(rt: Runtime, change: Change) -> None:
         if change.kind == "room_deleted" and change.room_id:
             rooms = [change.room_id]
         revoked, granted = await reread(rt.store, rt.policy, handles, rooms)
+        revoked |= implied_revocations(change)
+        granted -= revoked
     if rt.enforcer is None:
         return
     try:

@@ -68,6 +68,7 @@ class Enforcer:
         self.node = node
         self.apply_local = apply_local
         self._peers = peers
+        self._last_peers: int | None = None  # what ROUTEZ said last
         #: handle -> live connections, from the CONNECT/DISCONNECT events of every server
         self.connections: dict[str, set[Conn]] = {}
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
@@ -121,27 +122,46 @@ class Enforcer:
     async def _reconcile(self) -> None:
         """Rebuild :attr:`connections` from every server's CONNZ (start-up)."""
         found: dict[str, set[Conn]] = {}
-        for server_id, conns in (await self._connz({"acc": "MEMBERS"})).items():
+        for server_id, conns in (await self._connz({"acc": "MEMBERS"}))[0].items():
             for conn in conns:
                 found.setdefault(conn["user"], set()).add((server_id, conn["cid"]))
         self.connections = found
 
     async def expected_servers(self) -> int:
+        """This node's server and every server it has a route to. When its nats-server
+        does not say (ROUTEZ unanswered, e.g. on a loaded machine), the last count it
+        gave stands; before any, :class:`KickUnconfirmed`. Never "alone": counting only
+        itself would confirm a revocation that no other node applied."""
         if not self.clustered or self._peers is None:
             return 1
         peers = await self._peers()
-        return 1 + (peers or 0)
+        if peers is None:
+            peers = self._last_peers
+            if peers is None:
+                raise KickUnconfirmed("this node's nats-server did not say which servers it has routes to")
+        self._last_peers = peers
+        return 1 + peers
 
     async def _gather(self, nc: Any, subject: str, payload: dict[str, Any], want: int,
-                      timeout: float) -> list[dict[str, Any]]:
-        """Publish a request that several responders answer; collect up to ``want`` replies."""
+                      timeout: float, who: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+        """Publish a request that several responders answer; collect replies until ``want``
+        distinct responders (``who(reply)``) answered: a responder that answers twice
+        counts once, and a reply that names no responder does not count."""
         inbox = nc.new_inbox()
         replies: list[dict[str, Any]] = []
+        seen: set[Any] = set()
         done = asyncio.Event()
 
         async def cb(msg: Any) -> None:
-            with contextlib.suppress(ValueError):
-                replies.append(json.loads(msg.data))
+            try:
+                reply = json.loads(msg.data)
+                responder = who(reply)
+            except (ValueError, AttributeError, TypeError):
+                return
+            if not responder or responder in seen:
+                return
+            seen.add(responder)
+            replies.append(reply)
             if len(replies) >= want:
                 done.set()
 
@@ -155,26 +175,29 @@ class Enforcer:
                 await sub.unsubscribe()
         return replies
 
-    async def _connz(self, options: dict[str, Any], timeout: float = 0.5) -> dict[str, list[dict[str, Any]]]:
-        """``{server_id: [{"cid", "user"}...]}`` from every server's CONNZ of the MEMBERS account."""
+    async def _connz(self, options: dict[str, Any],
+                     timeout: float = 0.5) -> tuple[dict[str, list[dict[str, Any]]], bool]:
+        """``({server_id: [{"cid", "user"}...]}, complete)`` from every server's CONNZ of the
+        MEMBERS account; ``complete`` is False when fewer servers answered than expected
+        (a revocation must not take a silent server for one without connections)."""
         want = await self.expected_servers()
         out: dict[str, list[dict[str, Any]]] = {}
         offset = 0
+        complete = True
         while True:
             opts = {**options, "auth": True, "limit": 1024, "offset": offset}
-            replies = await self._gather(self.sys, "$SYS.REQ.SERVER.PING.CONNZ", opts, want, timeout)
+            replies = await self._gather(self.sys, "$SYS.REQ.SERVER.PING.CONNZ", opts, want, timeout, _server_of)
+            if offset == 0:
+                complete = len(replies) >= want
             more = False
             for reply in replies:
-                data, server = reply.get("data") or {}, reply.get("server") or {}
-                server_id = server.get("id") or data.get("server_id")
-                if not server_id:
-                    continue
+                data, server_id = reply.get("data") or {}, _server_of(reply)
                 conns = [{"cid": c["cid"], "user": c.get("authorized_user") or c.get("name") or ""}
                          for c in data.get("connections") or [] if "cid" in c]
                 out.setdefault(server_id, []).extend(conns)
                 more |= len(data.get("connections") or []) == 1024
             if not more:
-                return out
+                return out, complete
             offset += 1024
 
     # -- kicks --------------------------------------------------------------------------
@@ -211,7 +234,7 @@ class Enforcer:
         """Cluster: every node re-reads these records, then reports its in-flight grants to them."""
         want = await self.expected_servers()
         replies = await self._gather(self.svc, APPLY_SUBJECT, {"handles": handles, "rooms": rooms, "from": self.node},
-                                     want, KICK_DEADLINE / 2)
+                                     want, KICK_DEADLINE / 2, lambda r: r.get("node"))
         in_flight = [(s, c, t) for r in replies for s, c, t in r.get("in_flight", [])]
         if len(replies) < want:
             raise KickUnconfirmed(f"{len(replies)} of {want} nodes confirmed the change", in_flight)
@@ -280,7 +303,13 @@ class Enforcer:
         for server_id, cid, at in in_flight:
             targets.setdefault((server_id, cid), at)
         for h in revoked:
-            for server_id, conns in (await self._connz({"acc": "MEMBERS", "user": h})).items():
+            try:
+                found, complete = await self._connz({"acc": "MEMBERS", "user": h})
+            except KickUnconfirmed as e:  # the servers cannot be counted
+                found, complete, unapplied = {}, True, unapplied or e
+            if not complete:
+                unapplied = unapplied or KickUnconfirmed(f"not every server listed the connections of {h}")
+            for server_id, conns in found.items():
                 for conn in conns:
                     targets.setdefault((server_id, conn["cid"]), None)
         results = await asyncio.gather(*(self.kick(s, c, in_flight_since=t) for (s, c), t in targets.items()))
@@ -288,6 +317,8 @@ class Enforcer:
             raise unapplied
         if not all(results):
             raise KickUnconfirmed(f"{results.count(False)} of {len(results)} kicks unconfirmed")
+        log.debug("bus enforcement of a change to %s confirmed: %d kick(s)%s", ", ".join(handles), len(results),
+                  " after every node applied it" if self.clustered else "")
 
     async def _sweep(self, handles: set[str]) -> None:
         self.stats["sweeps"] += 1
@@ -322,6 +353,11 @@ class Enforcer:
                 for h, r in pending.items():
                     self.pending[h] = self.pending.get(h, False) or r
                 log.warning("bus enforcement of %s still not confirmed: %s", ", ".join(sorted(pending)), e)
+
+
+def _server_of(reply: dict[str, Any]) -> str | None:
+    """The id of the server that sent a ``$SYS`` reply (``server.id``, or ``data.server_id``)."""
+    return (reply.get("server") or {}).get("id") or (reply.get("data") or {}).get("server_id")
 
 
 __all__ = ["APPLY_SUBJECT", "AUTH_TIMEOUT", "KICK_DEADLINE", "Enforcer", "KickUnconfirmed"]

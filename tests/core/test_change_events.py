@@ -116,6 +116,23 @@ async def test_offline_member_add_is_an_offline_event_then_reloaded(running):
     assert len(recorder.events) == 1 and recorder.reloads == 2
 
 
+async def test_a_local_change_after_undelivered_entries_delivers_them_first(running):
+    """An offline member add the daemon has not heard of (no SIGHUP yet), then a local change:
+    the plugin gets the offline entry first, then the local change, each once, in log order
+    (on a cluster the same holds for another node's entry the watch has not reported yet)."""
+    daemon, recorder, alice, data_dir = running
+    bootstrap_member(data_dir, generate_identity("carol"))
+    room = await alice.create_room("after carol")
+    assert [(e.kind, e.origin, e.handle) for e in recorder.events] == [
+        ("member_added", "offline", "carol"), ("room_created", "local", "alice")]
+    assert recorder.events[1].room_id == room["room_id"]
+    assert recorder.events[0].seq + 1 == recorder.events[1].seq
+    await daemon._reload()  # SIGHUP: nothing is delivered twice
+    assert len(recorder.events) == 2 and recorder.reloads == 1
+    await alice.create_room("next")
+    assert [e.seq for e in recorder.events] == list(range(recorder.events[0].seq, recorder.events[0].seq + 3))
+
+
 async def test_a_change_reported_twice_is_delivered_once(running):
     daemon, recorder, alice, _ = running
     await alice.create_room("x")
