@@ -138,10 +138,10 @@ class ChangeEvents:
 
     Local changes are delivered from the writing request, after the commit
     and before its response; remote and offline ones from the task that
-    learnt of them (the cluster watch, SIGHUP). Each seq is delivered once,
-    and in the log's order: a local change whose seq follows entries not
-    delivered yet (another node's, not yet reported by the watch) delivers
-    those first.
+    learnt of them (the cluster watch, SIGHUP). Each seq is delivered once.
+    A local change never waits for other entries (no lock on a request's
+    path): an entry this node learns of after a later local change is
+    delivered when it does, so delivery order can differ from ``seq`` order.
     """
 
     def __init__(self, app: web.Application, store: Store, plugins: PluginManager) -> None:
@@ -150,8 +150,6 @@ class ChangeEvents:
         self.plugins = plugins
         #: every seq up to this one was delivered, or is not a change (a snapshot entry)
         self.last_seq = -1
-        #: the origin of entries found before a local change: other nodes' on a cluster-wide store
-        self._gap_origin = "remote" if getattr(store, "cluster_wide", False) else "offline"
         self._delivered: deque[int] = deque(maxlen=_REMEMBERED)
         self._delivered_set: set[int] = set()
         self._catch_up = asyncio.Lock()
@@ -180,8 +178,6 @@ class ChangeEvents:
         event = event_from_change(change)
         if event is None or not self._first(event.seq):
             return None
-        if event.seq is not None and event.seq > self.last_seq + 1:
-            return self._deliver_after_gap(event)
         self._advance()
         return self.deliver(event)
 
@@ -201,20 +197,9 @@ class ChangeEvents:
         while self.last_seq + 1 in self._delivered_set:
             self.last_seq += 1
 
-    async def _deliver_after_gap(self, event: ChangeEvent) -> None:
-        """A local change after entries not delivered yet: those first, then it. Entries
-        that cannot be read now are delivered by the next catch-up (the watch's, SIGHUP's)."""
-        try:
-            await self.catch_up(self._gap_origin, before=event.seq)
-        except Exception as e:  # noqa: BLE001 - the change itself is still delivered
-            log.warning("store_changed: entries before seq %s not delivered yet: %s: %s", event.seq,
-                        type(e).__name__, e)
-        self._advance()
-        await self.deliver(event)
-
-    async def catch_up(self, origin: str, before: int | None = None) -> int:
-        """Deliver, in order, the log entries this node has not delivered yet (up to
-        ``before``, excluded, when given), as ``origin`` events; return how many."""
+    async def catch_up(self, origin: str) -> int:
+        """Deliver the log entries this node has not delivered yet, as ``origin`` events, from
+        the first seq not delivered: an entry a later local change jumped over is not lost."""
         count = 0
         async with self._catch_up:
             while True:
@@ -222,8 +207,6 @@ class ChangeEvents:
                 for text in texts:
                     entry = json.loads(text)
                     seq = int(entry.get("seq", self.last_seq + 1))
-                    if before is not None and seq >= before:
-                        return count
                     event = event_from_entry(entry, origin)
                     if event is not None and self._first(event.seq):
                         await self.deliver(event)

@@ -208,6 +208,19 @@ def implied_revocations(change: Change) -> set[str]:
     return set()
 
 
+def apply_committed(policy: Policy, change: Change) -> None:
+    """Put a local change into the index from its own record, when the store cannot be re-read."""
+    after = change.after or {}
+    if change.kind in ("room_created", "room_member_added", "room_member_removed") and change.room_id and after:
+        policy.set_room(change.room_id, frozenset(after.get("members") or ()))
+    elif change.kind == "room_deleted" and change.room_id:
+        policy.set_room(change.room_id, None)
+    elif change.kind == "member_deleted" and change.handle:
+        policy.set_member(change.handle, False, None)
+    elif change.kind in ("member_added", "member_bus_key") and change.handle and after:
+        policy.set_member(change.handle, True, after.get("bus_pub"))
+
+
 def remote_keys(keys: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Members and rooms among the store keys another node wrote (docs/store.md)."""
     handles = [k.split(".", 1)[1] for k in keys if k.startswith("member.")]
@@ -248,7 +261,13 @@ async def _apply_local(rt: Runtime, change: Change) -> None:
         handles, rooms = affected(change, rt.policy)
         if change.kind == "room_deleted" and change.room_id:
             rooms = [change.room_id]
-        revoked, granted = await reread(rt.store, rt.policy, handles, rooms)
+        try:
+            revoked, granted = await reread(rt.store, rt.policy, handles, rooms)
+        except Exception as e:  # noqa: BLE001 - committed all the same: never answer 2xx unenforced
+            log.error("bus authorization: could not re-read what %s changed (%s: %s); the index takes the "
+                      "change as committed", change.kind, type(e).__name__, e)
+            apply_committed(rt.policy, change)
+            revoked, granted = set(), set()
         revoked |= implied_revocations(change)
         granted -= revoked
     if rt.enforcer is None:
@@ -257,6 +276,11 @@ async def _apply_local(rt: Runtime, change: Change) -> None:
         await rt.enforcer.enforce(revoked, granted, rooms)
     except KickUnconfirmed as e:
         raise ChangeNotEnforced(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - fail closed: 503, and retried until confirmed
+        rt.enforcer.mark_pending(revoked, granted)
+        log.error("bus enforcement of %s failed (%s: %s); retrying until it is confirmed", change.kind,
+                  type(e).__name__, e)
+        raise ChangeNotEnforced(f"{type(e).__name__}: {e}") from None
 
 
 @hookimpl

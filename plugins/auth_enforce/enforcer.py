@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 import nats.errors
@@ -270,11 +270,7 @@ class Enforcer:
         try:
             await asyncio.wait_for(self._enforce(revoked, granted, list(rooms)), KICK_DEADLINE)
         except (TimeoutError, KickUnconfirmed, nats.errors.Error, OSError) as e:
-            for h in revoked | granted:
-                self.pending[h] = self.pending.get(h, False) or h in revoked
-            self.stats["unconfirmed"] += 1
-            if self.metrics is not None:
-                self.metrics.unconfirmed.inc()
+            self.mark_pending(revoked, granted)
             log.error("bus enforcement of a change to %s not confirmed within %.0f s (%s); retrying until it is",
                       ", ".join(sorted(revoked | granted)), KICK_DEADLINE, e or type(e).__name__)
             raise KickUnconfirmed(str(e)) from None
@@ -282,6 +278,14 @@ class Enforcer:
             self.last_duration = time.monotonic() - started
         if revoked:
             self._later(SECOND_SWEEP_AFTER, self._sweep(revoked))
+
+    def mark_pending(self, revoked: set[str], granted: set[str]) -> None:
+        """Enforcement not confirmed: the retry loop takes it up every second (and /healthz shows it)."""
+        for h in revoked | granted:
+            self.pending[h] = self.pending.get(h, False) or h in revoked
+        self.stats["unconfirmed"] += 1
+        if self.metrics is not None:
+            self.metrics.unconfirmed.inc()
 
     async def _enforce(self, revoked: set[str], granted: set[str], rooms: list[str]) -> None:
         handles = sorted(revoked | granted)
@@ -329,9 +333,13 @@ class Enforcer:
                 self.pending[h] = True
             log.warning("second sweep of %s not confirmed (%s); retrying", ", ".join(sorted(handles)), e)
 
-    def _later(self, delay: float, coro: Awaitable[None]) -> None:
+    def _later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
         async def run() -> None:
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                coro.close()  # stopped first: never started, and not left un-awaited
+                raise
             await coro
 
         task = asyncio.get_running_loop().create_task(run())

@@ -116,21 +116,25 @@ async def test_offline_member_add_is_an_offline_event_then_reloaded(running):
     assert len(recorder.events) == 1 and recorder.reloads == 2
 
 
-async def test_a_local_change_after_undelivered_entries_delivers_them_first(running):
+async def test_an_entry_a_local_change_jumped_over_is_delivered_later_not_lost(running):
     """An offline member add the daemon has not heard of (no SIGHUP yet), then a local change:
-    the plugin gets the offline entry first, then the local change, each once, in log order
-    (on a cluster the same holds for another node's entry the watch has not reported yet)."""
+    the local change is delivered at once (a request never waits for other entries), and the
+    offline entry at the next SIGHUP, each once (on a cluster: another node's entry the watch
+    reports after a later local change). Before, the local change's seq moved a high-water
+    mark past the offline entry, which was then never delivered."""
     daemon, recorder, alice, data_dir = running
     bootstrap_member(data_dir, generate_identity("carol"))
     room = await alice.create_room("after carol")
+    [created] = recorder.events
+    assert (created.kind, created.origin, created.room_id) == ("room_created", "local", room["room_id"])
+    await daemon._reload()  # SIGHUP
     assert [(e.kind, e.origin, e.handle) for e in recorder.events] == [
-        ("member_added", "offline", "carol"), ("room_created", "local", "alice")]
-    assert recorder.events[1].room_id == room["room_id"]
-    assert recorder.events[0].seq + 1 == recorder.events[1].seq
-    await daemon._reload()  # SIGHUP: nothing is delivered twice
-    assert len(recorder.events) == 2 and recorder.reloads == 1
+        ("room_created", "local", "alice"), ("member_added", "offline", "carol")]
+    assert recorder.events[1].seq + 1 == created.seq
+    await daemon._reload()  # nothing is delivered twice
     await alice.create_room("next")
-    assert [e.seq for e in recorder.events] == list(range(recorder.events[0].seq, recorder.events[0].seq + 3))
+    seqs = [e.seq for e in recorder.events]
+    assert sorted(seqs) == list(range(min(seqs), min(seqs) + 3)) and recorder.reloads == 2
 
 
 async def test_a_change_reported_twice_is_delivered_once(running):

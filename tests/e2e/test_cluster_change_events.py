@@ -1,6 +1,7 @@
 """``store_changed`` on a real cluster (docs/plugins.md, "Change events"): a change made
 through one node reaches the plugins of every node once, with the same seq and actor,
-``local`` where it was made and ``remote`` elsewhere."""
+``local`` where it was made and ``remote`` elsewhere. (This test found another node's
+change lost for good on a node where a later local change came first.)"""
 
 from __future__ import annotations
 
@@ -55,6 +56,6 @@ def test_a_change_reaches_every_nodes_plugins_once_local_there_remote_elsewhere(
     # the membership log's seq, the same on every node, and in the order the changes were made
     assert len({a["seq"] for a in adds}) == 1 and len({r["seq"] for r in rooms}) == 1
     assert isinstance(adds[0]["seq"], int) and rooms[0]["seq"] > adds[0]["seq"]
-    for e in seen:  # each node delivers its events in log order
+    for e in seen:  # every seq once on every node (the order may differ: docs/plugins.md)
         seqs = [x["seq"] for x in e if x["seq"] is not None]
-        assert seqs == sorted(seqs), e
+        assert len(seqs) == len(set(seqs)), e

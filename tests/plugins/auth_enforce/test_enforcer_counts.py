@@ -83,3 +83,72 @@ def test_a_removal_revokes_whatever_a_lagging_index_said():
     for granting in (Change("room_member_added", handle="bob", room_id="r1"), Change("member_added", handle="bob"),
                      Change("room_created", handle="bob", room_id="r1"), Change("room_deleted", room_id="r1")):
         assert implied_revocations(granting) == set()
+
+
+async def test_a_store_read_failing_after_the_commit_still_cuts_the_member_off(tmp_path, alice):
+    """Red team: the re-read after a removal's commit fails (a KV read timing out on a loaded
+    machine). Before, the removal answered 2xx with no kick, nothing pending and a stale
+    index, and bob kept the room. Now the index takes the change from its own record and
+    the removal kicks bob all the same; his next connection does not get the room."""
+    import asyncio
+
+    from unibus.client import UnibusClient
+    from unibus.daemon import Daemon
+    from unibus.pluginmanager import PluginManager
+    from unibus.settings import HostPort, Settings
+    from unibus.store.base import StoreUnavailable
+    from unibus.testing import free_port
+
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    daemon = Daemon(settings, PluginManager())
+    await daemon.start()
+    bob = generate_identity("bob")
+    a = UnibusClient(f"http://{settings.http_addr}", alice)
+    url = f"nats://{settings.nats_addr}"
+    conns = []
+    try:
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        room = (await a.create_room("ops"))["room_id"]
+        await a.add_room_member(room, "bob")
+        nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False, connect_timeout=3)
+        conns.append(nc)
+        await nc.subscribe(f"unibus.room.{room}.>")
+        await nc.flush()
+
+        real, failed = daemon.store.room_handles, []
+
+        async def fails_once(room_id):
+            if not failed:
+                failed.append(room_id)
+                raise StoreUnavailable("the KV read timed out")
+            return await real(room_id)
+
+        daemon.store.room_handles = fails_once
+        await a.remove_room_member(room, "bob")
+        assert failed == [room]
+        for _ in range(100):  # the kick came before the 2xx; the client sees its socket close
+            if nc.is_closed or not nc.is_connected:
+                break
+            await asyncio.sleep(0.02)
+        assert nc.is_closed or not nc.is_connected
+        errors = []
+
+        async def on_error(e):
+            errors.append(str(e).lower())
+
+        again = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                                   connect_timeout=3, error_cb=on_error)
+        conns.append(again)
+        await again.subscribe(f"unibus.room.{room}.>")
+        await again.flush()
+        await again.flush()
+        assert any("permissions violation" in e and "subscription" in e for e in errors), errors
+    finally:
+        for c in conns:
+            if not c.is_closed:
+                await c.close()
+        await a.close()
+        await daemon.stop()
