@@ -139,7 +139,8 @@ class Enforcer:
             peers = self._last_peers
             if peers is None:
                 raise KickUnconfirmed("this node's nats-server did not say which servers it has routes to")
-        self._last_peers = peers
+        if peers:  # a count of 0 (routes not formed yet) is never what a silent ROUTEZ falls back on
+            self._last_peers = peers
         return 1 + peers
 
     async def _gather(self, nc: Any, subject: str, payload: dict[str, Any], want: int,

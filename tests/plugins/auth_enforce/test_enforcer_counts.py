@@ -34,6 +34,13 @@ async def test_the_last_count_stands_while_routez_is_unanswered():
     assert [await e.expected_servers() for _ in range(4)] == [3, 3, 3, 2]
 
 
+async def test_a_count_of_no_peers_is_not_what_a_silent_routez_falls_back_on():
+    e = enforcer(answers=[0, None])
+    assert await e.expected_servers() == 1  # routes not formed yet: what ROUTEZ says now
+    with pytest.raises(KickUnconfirmed):
+        await e.expected_servers()
+
+
 async def test_a_single_node_counts_itself():
     assert await enforcer(answers=[], clustered=False).expected_servers() == 1
 
