@@ -277,7 +277,7 @@ async def _apply_local(rt: Runtime, change: Change) -> None:
     except KickUnconfirmed as e:
         raise ChangeNotEnforced(str(e)) from None
     except Exception as e:  # noqa: BLE001 - fail closed: 503, and retried until confirmed
-        rt.enforcer.mark_pending(revoked, granted)
+        rt.enforcer.mark_pending(revoked, granted, rooms)
         log.error("bus enforcement of %s failed (%s: %s); retrying until it is confirmed", change.kind,
                   type(e).__name__, e)
         raise ChangeNotEnforced(f"{type(e).__name__}: {e}") from None

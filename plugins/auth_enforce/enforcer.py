@@ -72,6 +72,8 @@ class Enforcer:
         #: handle -> live connections, from the CONNECT/DISCONNECT events of every server
         self.connections: dict[str, set[Conn]] = {}
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
+        #: the rooms of the changes still pending: every node re-reads them again at each retry
+        self.pending_rooms: set[str] = set()
         self.stats = {"changes": 0, "kicks": 0, "unconfirmed": 0, "sweeps": 0}
         self.last_duration: float | None = None
         #: the plugin's :class:`~.metrics.BusAuthMetrics` (set by its startup), or None
@@ -271,19 +273,21 @@ class Enforcer:
         try:
             await asyncio.wait_for(self._enforce(revoked, granted, list(rooms)), KICK_DEADLINE)
         except (TimeoutError, KickUnconfirmed, nats.errors.Error, OSError) as e:
-            self.mark_pending(revoked, granted)
+            self.mark_pending(revoked, granted, rooms)
             log.error("bus enforcement of a change to %s not confirmed within %.0f s (%s); retrying until it is",
                       ", ".join(sorted(revoked | granted)), KICK_DEADLINE, e or type(e).__name__)
             raise KickUnconfirmed(str(e)) from None
         finally:
             self.last_duration = time.monotonic() - started
         if revoked:
-            self._later(SECOND_SWEEP_AFTER, self._sweep(revoked))
+            self._later(SECOND_SWEEP_AFTER, self._sweep(revoked, list(rooms)))
 
-    def mark_pending(self, revoked: set[str], granted: set[str]) -> None:
-        """Enforcement not confirmed: the retry loop takes it up every second (and /healthz shows it)."""
+    def mark_pending(self, revoked: set[str], granted: set[str], rooms: Iterable[str] = ()) -> None:
+        """Enforcement not confirmed: the retry loop takes it up every second (and /healthz shows it),
+        asking every node to re-read the members and the rooms again."""
         for h in revoked | granted:
             self.pending[h] = self.pending.get(h, False) or h in revoked
+        self.pending_rooms.update(rooms)
         self.stats["unconfirmed"] += 1
         if self.metrics is not None:
             self.metrics.unconfirmed.inc()
@@ -325,13 +329,14 @@ class Enforcer:
         log.debug("bus enforcement of a change to %s confirmed: %d kick(s)%s", ", ".join(handles), len(results),
                   " after every node applied it" if self.clustered else "")
 
-    async def _sweep(self, handles: set[str]) -> None:
+    async def _sweep(self, handles: set[str], rooms: list[str]) -> None:
         self.stats["sweeps"] += 1
         try:
-            await asyncio.wait_for(self._enforce(handles, set(), []), KICK_DEADLINE)
+            await asyncio.wait_for(self._enforce(handles, set(), rooms), KICK_DEADLINE)
         except Exception as e:  # noqa: BLE001 - retried by the pending loop
             for h in handles:
                 self.pending[h] = True
+            self.pending_rooms.update(rooms)
             log.warning("second sweep of %s not confirmed (%s); retrying", ", ".join(sorted(handles)), e)
 
     def _later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
@@ -353,14 +358,16 @@ class Enforcer:
             if not self.pending:
                 continue
             pending, self.pending = dict(self.pending), {}
+            rooms, self.pending_rooms = sorted(self.pending_rooms), set()
             revoked = {h for h, r in pending.items() if r}
             granted = set(pending) - revoked
             try:
-                await asyncio.wait_for(self._enforce(revoked, granted, []), KICK_DEADLINE)
+                await asyncio.wait_for(self._enforce(revoked, granted, rooms), KICK_DEADLINE)
                 log.info("bus enforcement of %s confirmed", ", ".join(sorted(pending)))
             except Exception as e:  # noqa: BLE001 - keep retrying until confirmed
                 for h, r in pending.items():
                     self.pending[h] = self.pending.get(h, False) or r
+                self.pending_rooms.update(rooms)
                 log.warning("bus enforcement of %s still not confirmed: %s", ", ".join(sorted(pending)), e)
 
 

@@ -159,3 +159,13 @@ async def test_a_store_read_failing_after_the_commit_still_cuts_the_member_off(t
                 await c.close()
         await a.close()
         await daemon.stop()
+
+
+def test_a_pending_change_keeps_its_rooms_for_the_retries():
+    """Retries and the second sweep ask every node to re-read the rooms too, not only the
+    members: a node that missed the first apply must not confirm with a stale room (red team)."""
+    e = enforcer(answers=[])
+    e.mark_pending({"bob"}, {"carol"}, ["r1"])
+    e.mark_pending(set(), {"bob"}, ["r2"])
+    assert e.pending == {"bob": True, "carol": False} and e.pending_rooms == {"r1", "r2"}
+    assert e.stats["unconfirmed"] == 2
