@@ -61,31 +61,29 @@ def hasty_daemon(tmp_path_factory):
     yield from limited(tmp_path_factory, 2)  # a trickle is found out after 2 s
 
 
-async def make_world(daemon):
+@contextlib.asynccontextmanager
+async def opened(daemon):
+    """A :class:`World` of one of this module's daemons, its clients closed at the end."""
     server, people, metrics = daemon
     w = World(server, people, {h: UnibusClient(server.base_url, i) for h, i in people.items()})
     w.metrics = metrics  # type: ignore[attr-defined]
-    return w
+    try:
+        yield w
+    finally:
+        for c in w.clients.values():
+            await c.close()
 
 
 @pytest.fixture
 async def world(limited_daemon):
-    w = await make_world(limited_daemon)
-    try:
+    async with opened(limited_daemon) as w:
         yield w
-    finally:
-        for c in w.clients.values():
-            await c.close()
 
 
 @pytest.fixture
 async def hasty(hasty_daemon):
-    w = await make_world(hasty_daemon)
-    try:
+    async with opened(hasty_daemon) as w:
         yield w
-    finally:
-        for c in w.clients.values():
-            await c.close()
 
 
 def sample(url: str, name: str, **labels: str) -> float:
