@@ -75,6 +75,11 @@ def tls_first(url: str) -> bool:
     return url.strip().lower().startswith("tls://")
 
 
+def server_id_of(nc: Client | None) -> str | None:
+    """The id of the nats-server a nats-py connection is on, from the INFO it sent (None before any)."""
+    return (getattr(nc, "_server_info", None) or {}).get("server_id") or None
+
+
 class Bus:
     """A reconnecting nats-py client plus its JetStream context.
 
@@ -176,17 +181,22 @@ class Bus:
         except Exception:
             return False
 
-    async def route_peers(self, timeout: float = 1.0) -> int | None:
-        """How many other servers this node's nats-server has routes to.
+    @property
+    def server_id(self) -> str | None:
+        """The id of the nats-server this connection is on (from its INFO), or None before any."""
+        return server_id_of(self.nc)
+
+    async def route_ids(self, timeout: float = 1.0) -> frozenset[str] | None:
+        """The ids of the other servers this node's nats-server has routes to.
 
         Asks the server itself (``$SYS.REQ.SERVER.<id>.ROUTEZ``): this must be
         a connection of a system-account user. Route pooling opens several
-        connections per peer, so peers are counted by their server id. None
-        when the server does not answer.
+        connections per peer, so they are told apart by server id. None when
+        the server does not answer.
         """
         if not self.connected or self.nc is None:
             return None
-        server_id = (getattr(self.nc, "_server_info", None) or {}).get("server_id")
+        server_id = self.server_id
         if not server_id:
             return None
         try:
@@ -194,7 +204,12 @@ class Bus:
             routes = json.loads(msg.data).get("data", {}).get("routes") or []
         except Exception:
             return None
-        return len({r.get("remote_id") or r.get("remote_name") for r in routes})
+        return frozenset(i for i in (r.get("remote_id") or r.get("remote_name") for r in routes) if i)
+
+    async def route_peers(self, timeout: float = 1.0) -> int | None:
+        """How many other servers this node's nats-server has routes to (:meth:`route_ids`)."""
+        ids = await self.route_ids(timeout)
+        return None if ids is None else len(ids)
 
     def pub_ack_client(self, *, name: str, timeout: float = 2.0) -> PubAckClient:
         """A lean second connection, with this bus's URL and credentials, for

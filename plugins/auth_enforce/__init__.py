@@ -310,7 +310,7 @@ async def startup(app) -> None:
         await reread(store, policy, handles, rooms)
 
     rt.enforcer = Enforcer(system_bus.nc, app[BUS].nc, rt.responder, clustered=settings.clustered,
-                           node=settings.server_name, apply_local=apply_local, peers=system_bus.route_peers)
+                           node=settings.server_name, apply_local=apply_local, routes=system_bus.route_ids)
     await rt.enforcer.start()
     enforcer = rt.enforcer
     rt.metrics = BusAuthMetrics.register(

@@ -14,7 +14,9 @@ server (kept in :attr:`Enforcer.connections`); the responders' grants still
 in flight (answered, not yet reported); and, for a revocation, a CONNZ asked
 of every server. On a cluster a revocation first asks every node to re-read
 the changed records (``unibus.authz.apply``), so that no node can authorize a
-reconnect with the old rights, and to report its in-flight grants.
+reconnect with the old rights, and to report its in-flight grants and the
+servers its nats-server has routes to: every server any node names must answer
+(:mod:`.mesh`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from typing import Any
 
 import nats.errors
 
+from unibus.bus import server_id_of
+
 from .callout import AUTH_TIMEOUT, IN_FLIGHT_TTL, Responder, parse_event
+from .mesh import Mesh, MeshUnknown, Routes
 
 log = logging.getLogger("unibus.plugins.auth_enforce")
 
@@ -42,6 +47,9 @@ RETRY_EVERY = 1.0
 #: authorized just before the change and reported just after the first sweep.
 SECOND_SWEEP_AFTER = IN_FLIGHT_TTL + 0.2
 NO_SUCH_CLIENT = "no such client"
+#: How long a node's answer to an apply request waits for its nats-server's ROUTEZ; past
+#: that it answers without its routes, and the asking node falls back on the last set it knew.
+ROUTES_TIMEOUT = 0.25
 
 Conn = tuple[str, int]  # (server id, client id)
 
@@ -49,10 +57,13 @@ Conn = tuple[str, int]  # (server id, client id)
 class KickUnconfirmed(Exception):
     """Some kicks were not confirmed within the deadline; they are retried in the background."""
 
-    def __init__(self, message: str, in_flight: list[tuple[str, int, float]] | None = None) -> None:
+    def __init__(self, message: str, in_flight: list[tuple[str, int, float]] | None = None,
+                 servers: frozenset[str] = frozenset()) -> None:
         super().__init__(message)
         #: the in-flight grants the nodes that did answer reported
         self.in_flight = in_flight or []
+        #: the servers known to exist all the same, whose connections are still listed and kicked
+        self.servers = servers
 
 
 class Enforcer:
@@ -60,15 +71,15 @@ class Enforcer:
 
     def __init__(self, system_nc: Any, service_nc: Any, responder: Responder, *, clustered: bool,
                  node: str, apply_local: Callable[[list[str], list[str]], Awaitable[None]] | None = None,
-                 peers: Callable[[], Awaitable[int | None]] | None = None) -> None:
+                 routes: Callable[[], Awaitable[frozenset[str] | None]] | None = None) -> None:
         self.sys = system_nc
         self.svc = service_nc
         self.responder = responder
         self.clustered = clustered
         self.node = node
         self.apply_local = apply_local
-        self._peers = peers
-        self._last_peers: int | None = None  # what ROUTEZ said last
+        self._routes = routes  # the ids of the servers this node's nats-server has routes to
+        self.mesh = Mesh()
         #: handle -> live connections, from the CONNECT/DISCONNECT events of every server
         self.connections: dict[str, set[Conn]] = {}
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
@@ -123,37 +134,29 @@ class Enforcer:
 
     async def _reconcile(self) -> None:
         """Rebuild :attr:`connections` from every server's CONNZ (start-up)."""
+        own = self.server_id
+        routes = await self._routes() if self.clustered and self._routes is not None else None
+        servers = frozenset({own, *(routes or self.mesh.last or ())}) if own else frozenset()
         found: dict[str, set[Conn]] = {}
-        for server_id, conns in (await self._connz({"acc": "MEMBERS"}))[0].items():
+        for server_id, conns in (await self._connz({"acc": "MEMBERS"}, servers))[0].items():
             for conn in conns:
                 found.setdefault(conn["user"], set()).add((server_id, conn["cid"]))
         self.connections = found
 
-    async def expected_servers(self) -> int:
-        """This node's server and every server it has a route to. When its nats-server
-        does not say (ROUTEZ unanswered, e.g. on a loaded machine), the last count it
-        gave stands; before any, :class:`KickUnconfirmed`. Never "alone": counting only
-        itself would confirm a revocation that no other node applied."""
-        if not self.clustered or self._peers is None:
-            return 1
-        peers = await self._peers()
-        if peers is None:
-            peers = self._last_peers
-            if peers is None:
-                raise KickUnconfirmed("this node's nats-server did not say which servers it has routes to")
-        if peers:  # a count of 0 (routes not formed yet) is never what a silent ROUTEZ falls back on
-            self._last_peers = peers
-        return 1 + peers
+    @property
+    def server_id(self) -> str | None:
+        """The id of this node's nats-server (where the system connection is)."""
+        return server_id_of(self.sys)
 
-    async def _gather(self, nc: Any, subject: str, payload: dict[str, Any], want: int,
-                      timeout: float, who: Callable[[dict[str, Any]], Any]) -> list[dict[str, Any]]:
-        """Publish a request that several responders answer; collect replies until ``want``
-        distinct responders (``who(reply)``) answered: a responder that answers twice
-        counts once, and a reply that names no responder does not count."""
+    async def _gather(self, nc: Any, subject: str, payload: dict[str, Any], timeout: float,
+                      who: Callable[[dict[str, Any]], Any],
+                      done: Callable[[dict[Any, dict[str, Any]]], bool]) -> dict[Any, dict[str, Any]]:
+        """Publish a request that several responders answer; ``{responder: reply}`` once
+        ``done(replies)`` or after ``timeout``. A responder (``who(reply)``) that answers
+        twice counts once, and a reply that names no responder does not count."""
         inbox = nc.new_inbox()
-        replies: list[dict[str, Any]] = []
-        seen: set[Any] = set()
-        done = asyncio.Event()
+        replies: dict[Any, dict[str, Any]] = {}
+        finished = asyncio.Event()
 
         async def cb(msg: Any) -> None:
             try:
@@ -161,40 +164,40 @@ class Enforcer:
                 responder = who(reply)
             except (ValueError, AttributeError, TypeError):
                 return
-            if not responder or responder in seen:
+            if not responder or responder in replies:
                 return
-            seen.add(responder)
-            replies.append(reply)
-            if len(replies) >= want:
-                done.set()
+            replies[responder] = reply
+            if done(replies):
+                finished.set()
 
         sub = await nc.subscribe(inbox, cb=cb)
         try:
             await nc.publish(subject, json.dumps(payload).encode(), reply=inbox)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), timeout)
+                await asyncio.wait_for(finished.wait(), timeout)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        return replies
+        return dict(replies)
 
-    async def _connz(self, options: dict[str, Any],
+    async def _connz(self, options: dict[str, Any], servers: frozenset[str],
                      timeout: float = 0.5) -> tuple[dict[str, list[dict[str, Any]]], bool]:
         """``({server_id: [{"cid", "user"}...]}, complete)`` from every server's CONNZ of the
-        MEMBERS account; ``complete`` is False when fewer servers answered than expected
-        (a revocation must not take a silent server for one without connections)."""
-        want = await self.expected_servers()
+        MEMBERS account; ``complete`` is False when one of ``servers`` did not answer (a
+        revocation must not take a silent server for one without connections), or when
+        ``servers`` is empty (none could be told)."""
         out: dict[str, list[dict[str, Any]]] = {}
         offset = 0
-        complete = True
+        complete = bool(servers)
         while True:
             opts = {**options, "auth": True, "limit": 1024, "offset": offset}
-            replies = await self._gather(self.sys, "$SYS.REQ.SERVER.PING.CONNZ", opts, want, timeout, _server_of)
+            replies = await self._gather(self.sys, "$SYS.REQ.SERVER.PING.CONNZ", opts, timeout, _server_of,
+                                         lambda got: bool(servers) and servers <= got.keys())
             if offset == 0:
-                complete = len(replies) >= want
+                complete = complete and servers <= replies.keys()
             more = False
-            for reply in replies:
-                data, server_id = reply.get("data") or {}, _server_of(reply)
+            for server_id, reply in replies.items():
+                data = reply.get("data") or {}
                 conns = [{"cid": c["cid"], "user": c.get("authorized_user") or c.get("name") or ""}
                          for c in data.get("connections") or [] if "cid" in c]
                 out.setdefault(server_id, []).extend(conns)
@@ -233,15 +236,34 @@ class Enforcer:
                 return True  # gone (or never became a connection)
             await asyncio.sleep(0.05)
 
-    async def _apply_everywhere(self, handles: list[str], rooms: list[str]) -> list[tuple[str, int, float]]:
-        """Cluster: every node re-reads these records, then reports its in-flight grants to them."""
-        want = await self.expected_servers()
+    async def _apply_everywhere(self, handles: list[str],
+                                rooms: list[str]) -> tuple[list[tuple[str, int, float]], frozenset[str]]:
+        """Cluster: every node re-reads these records, then reports its in-flight grants to them
+        and the servers its nats-server has routes to; ``(in-flight grants, every server)``.
+        Every server that any node names must have answered (:mod:`.mesh`), else
+        :class:`KickUnconfirmed`, which carries the servers known all the same."""
+        own = self.server_id
+        if not own:
+            raise KickUnconfirmed("this node does not know its own nats-server's id (not connected)")
+
+        def routes_of(replies: dict[Any, dict[str, Any]]) -> Routes:
+            return {server: _route_set(reply) for server, reply in replies.items()}
+
         replies = await self._gather(self.svc, APPLY_SUBJECT, {"handles": handles, "rooms": rooms, "from": self.node},
-                                     want, KICK_DEADLINE / 2, lambda r: r.get("node"))
-        in_flight = [(s, c, t) for r in replies for s, c, t in r.get("in_flight", [])]
-        if len(replies) < want:
-            raise KickUnconfirmed(f"{len(replies)} of {want} nodes confirmed the change", in_flight)
-        return in_flight
+                                     KICK_DEADLINE / 2, lambda r: r.get("server"),
+                                     lambda got: self.mesh.complete(own, routes_of(got)))
+        in_flight = [(s, c, t) for r in replies.values() for s, c, t in r.get("in_flight", [])]
+        routes = routes_of(replies)
+        try:
+            servers = self.mesh.expected(own, routes)
+        except MeshUnknown as e:
+            known = frozenset({own, *routes}).union(*(r for r in routes.values() if r))
+            raise KickUnconfirmed(str(e), in_flight, known) from None
+        missing = servers - replies.keys()
+        if missing:
+            raise KickUnconfirmed(f"{len(servers) - len(missing)} of {len(servers)} nodes confirmed the change "
+                                  f"(no answer from {', '.join(sorted(missing))})", in_flight, servers)
+        return in_flight, servers
 
     async def _on_apply(self, msg: Any) -> None:
         try:
@@ -249,15 +271,30 @@ class Enforcer:
             handles, rooms = list(request.get("handles", [])), list(request.get("rooms", []))
         except (ValueError, AttributeError):
             return
-        if self.apply_local is not None and request.get("from") != self.node:
-            try:
+
+        async def apply() -> None:
+            if self.apply_local is not None and request.get("from") != self.node:
                 await self.apply_local(handles, rooms)
-            except Exception as e:  # noqa: BLE001 - not confirming makes the change retry: fail closed
-                log.warning("could not re-read a changed member or room: %s", e)
-                return
+
+        async def routes() -> frozenset[str] | None:
+            if self._routes is None:
+                return None
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self._routes(), ROUTES_TIMEOUT)
+            return None
+
+        applied, remote = await asyncio.gather(apply(), routes(), return_exceptions=True)
+        if isinstance(applied, BaseException):
+            # not confirming makes the change retry: fail closed
+            log.warning("could not re-read a changed member or room: %s", applied)
+            return
         in_flight = [list(e) for h in handles for e in self.responder.in_flight_of(h)]
         if msg.reply:
-            await msg.respond(json.dumps({"node": self.node, "in_flight": in_flight}).encode())
+            await msg.respond(json.dumps({
+                "node": self.node, "server": self.server_id, "in_flight": in_flight,
+                # None: ROUTEZ unanswered; the asking node then falls back on the last set it knew
+                "routes": sorted(remote) if isinstance(remote, frozenset) else None,
+            }).encode())
 
     async def enforce(self, revoked: Iterable[str], granted: Iterable[str], rooms: Iterable[str] = ()) -> None:
         """Kick what must be kicked for a committed change; raise :class:`KickUnconfirmed` after the deadline.
@@ -298,13 +335,15 @@ class Enforcer:
         unapplied: KickUnconfirmed | None = None
         if self.clustered:
             try:
-                in_flight = await self._apply_everywhere(handles, rooms)
+                in_flight, servers = await self._apply_everywhere(handles, rooms)
             except KickUnconfirmed as e:
                 # A node that did not confirm may still authorize with the old rights, so the
                 # change stays pending; the connections known now are kicked all the same.
-                unapplied, in_flight = e, e.in_flight
+                unapplied, in_flight, servers = e, e.in_flight, e.servers
         else:
             in_flight = [e for h in handles for e in self.responder.in_flight_of(h)]
+            own = self.server_id
+            servers = frozenset({own} if own else ())
         targets: dict[Conn, float | None] = {}
         for h in handles:
             for conn in self.connections.get(h, ()):
@@ -312,10 +351,7 @@ class Enforcer:
         for server_id, cid, at in in_flight:
             targets.setdefault((server_id, cid), at)
         for h in revoked:
-            try:
-                found, complete = await self._connz({"acc": "MEMBERS", "user": h})
-            except KickUnconfirmed as e:  # the servers cannot be counted
-                found, complete, unapplied = {}, True, unapplied or e
+            found, complete = await self._connz({"acc": "MEMBERS", "user": h}, servers)
             if not complete:
                 unapplied = unapplied or KickUnconfirmed(f"not every server listed the connections of {h}")
             for server_id, conns in found.items():
@@ -369,6 +405,14 @@ class Enforcer:
                     self.pending[h] = self.pending.get(h, False) or r
                 self.pending_rooms.update(rooms)
                 log.warning("bus enforcement of %s still not confirmed: %s", ", ".join(sorted(pending)), e)
+
+
+def _route_set(reply: dict[str, Any]) -> frozenset[str] | None:
+    """The server ids a node's apply reply says its nats-server has routes to (None: it could not say)."""
+    routes = reply.get("routes")
+    if not isinstance(routes, list) or not all(isinstance(r, str) for r in routes):
+        return None
+    return frozenset(routes)
 
 
 def _server_of(reply: dict[str, Any]) -> str | None:

@@ -1,48 +1,81 @@
-"""How many servers must confirm a change (plugins/auth_enforce/enforcer.py): never fewer than there are.
+"""Which servers must confirm a change (plugins/auth_enforce/enforcer.py, mesh.py): never fewer than there are.
 
-A clustered node counts its peers from its nats-server's ROUTEZ. On a loaded
-machine that request can go unanswered; counting only itself then would let a
-revocation be confirmed by this node alone while a hung peer still holds the
-member's connection with the old rights (found by a flaky cluster test). And a
-server that does not answer CONNZ is not a server without connections.
+A clustered node expects a set of server ids: its own, every node that answers,
+and every server their nats-servers have routes to. A partial mesh (the route
+A-B down, both keeping C) must not confirm a revocation on A because C answers:
+B, named by C's routes, never heard it. On a loaded machine a ROUTEZ can go
+unanswered; expecting only this node then would let a revocation be confirmed
+by this node alone while a hung peer still holds the member's connection with
+the old rights (found by a flaky cluster test). And a server that does not
+answer CONNZ is not a server without connections.
 """
 
 from __future__ import annotations
 
+import json
+import os
+
 import nats
 import pytest
 from unibus.client.keys import generate_identity
-from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
+from unibus.plugins.auth_enforce.enforcer import APPLY_SUBJECT, Enforcer, KickUnconfirmed
+from unibus.plugins.auth_enforce.callout import Issuer, Responder
+from unibus.plugins.auth_enforce.mesh import Mesh, MeshUnknown
+from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import MembershipdProcess, bootstrap_member
 
 
-def enforcer(sys_nc=None, *, answers: list, clustered: bool = True) -> Enforcer:
-    async def peers():
-        return answers.pop(0)
+def enforcer(sys_nc=None, *, routes=None, clustered: bool = True, responder=None) -> Enforcer:
+    async def own_routes():
+        return routes.pop(0) if isinstance(routes, list) else routes
 
-    return Enforcer(sys_nc, sys_nc, None, clustered=clustered, node="n1", peers=peers)
-
-
-async def test_a_node_that_cannot_count_its_peers_confirms_nothing():
-    e = enforcer(answers=[None])
-    with pytest.raises(KickUnconfirmed, match="did not say which servers it has routes to"):
-        await e.expected_servers()
+    return Enforcer(sys_nc, sys_nc, responder, clustered=clustered, node="n1", routes=own_routes)
 
 
-async def test_the_last_count_stands_while_routez_is_unanswered():
-    e = enforcer(answers=[2, None, None, 1])
-    assert [await e.expected_servers() for _ in range(4)] == [3, 3, 3, 2]
+# -- the expected set (plugins/auth_enforce/mesh.py), from what the responders said --------
+
+def test_a_partial_mesh_expects_the_server_a_responder_names():
+    """A lost its route to B, C kept both: A hears from A and C, and C names B."""
+    assert Mesh().expected("A", {"A": frozenset({"C"}), "C": frozenset({"A", "B"})}) == {"A", "B", "C"}
+    assert not Mesh().complete("A", {"A": frozenset({"C"}), "C": frozenset({"A", "B"})})
 
 
-async def test_a_count_of_no_peers_is_not_what_a_silent_routez_falls_back_on():
-    e = enforcer(answers=[0, None])
-    assert await e.expected_servers() == 1  # routes not formed yet: what ROUTEZ says now
-    with pytest.raises(KickUnconfirmed):
-        await e.expected_servers()
+def test_a_full_mesh_expects_every_server_and_is_complete_once_all_answered():
+    full = {"A": frozenset({"B", "C"}), "B": frozenset({"A", "C"}), "C": frozenset({"A", "B"})}
+    mesh = Mesh()
+    assert mesh.complete("A", full) and mesh.expected("A", full) == {"A", "B", "C"}
+    assert not mesh.complete("A", {k: full[k] for k in ("A", "C")})
 
 
-async def test_a_single_node_counts_itself():
-    assert await enforcer(answers=[], clustered=False).expected_servers() == 1
+def test_a_silent_routez_falls_back_on_the_last_set():
+    mesh = Mesh()
+    full = {"A": frozenset({"B", "C"}), "B": frozenset({"A", "C"}), "C": frozenset({"A", "B"})}
+    assert mesh.expected("A", full) == {"A", "B", "C"}
+    # A's own ROUTEZ unanswered, only C answered: B is still expected
+    assert mesh.expected("A", {"A": None, "C": frozenset({"A"})}) == {"A", "B", "C"}
+    assert not mesh.complete("A", {"A": None, "C": frozenset({"A"})})
+    # A never answered at all (its membershipd hung): the same
+    assert mesh.expected("A", {"C": frozenset({"A", "B"})}) == {"A", "B", "C"}
+    # a new full answer replaces the set: a server gone from every route set is no longer expected
+    assert mesh.expected("A", {"A": frozenset({"C"}), "C": frozenset({"A"})}) == {"A", "C"}
+    assert mesh.expected("A", {"A": None}) == {"A", "C"}
+
+
+def test_before_any_set_a_silent_routez_confirms_nothing():
+    with pytest.raises(MeshUnknown):
+        Mesh().expected("A", {"A": None, "C": frozenset({"A"})})
+    assert not Mesh().complete("A", {"A": None, "C": frozenset({"A"})})
+
+
+def test_a_node_is_never_alone_once_it_knew_its_peers():
+    mesh = Mesh()
+    assert mesh.expected("A", {"A": frozenset()}) == {"A"}  # routes not formed yet: what ROUTEZ says now
+    assert mesh.last is None  # and not kept
+    with pytest.raises(MeshUnknown):
+        mesh.expected("A", {"A": None})
+    assert mesh.expected("A", {"A": frozenset({"B"}), "B": frozenset({"A"})}) == {"A", "B"}
+    # cut off from every route: the servers it lost did not get the change
+    assert mesh.expected("A", {"A": frozenset()}) == {"A", "B"}
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +89,76 @@ def daemon(tmp_path_factory):
         d.stop()
 
 
+async def _system_connection(daemon):
+    return await nats.connect(daemon.nats_url, nkeys_seed=str(daemon.data_dir / "system.nkey"),
+                              allow_reconnect=False, connect_timeout=5)
+
+
 async def test_connz_is_incomplete_when_a_server_is_silent(daemon):
-    """One real nats-server answers; the node believes it has a peer: the listing is
+    """One real nats-server answers; the node expects a peer too: the listing is
     incomplete (a revocation then answers 503 and is retried), not empty and done."""
-    nc = await nats.connect(daemon.nats_url, nkeys_seed=str(daemon.data_dir / "system.nkey"), allow_reconnect=False,
-                            connect_timeout=5)
+    nc = await _system_connection(daemon)
     try:
-        alone = enforcer(nc, answers=[0])
-        found, complete = await alone._connz({"acc": "MEMBERS"})
-        assert complete and list(found) == [(await _server_id(nc))]
-        believes_two = enforcer(nc, answers=[1])
-        found, complete = await believes_two._connz({"acc": "MEMBERS"}, timeout=0.3)
-        assert not complete and list(found) == [(await _server_id(nc))]
+        own = await _server_id(nc)
+        found, complete = await enforcer(nc)._connz({"acc": "MEMBERS"}, frozenset({own}))
+        assert complete and list(found) == [own]
+        found, complete = await enforcer(nc)._connz({"acc": "MEMBERS"}, frozenset({own, "NPEER"}), timeout=0.3)
+        assert not complete and list(found) == [own]
+        found, complete = await enforcer(nc)._connz({"acc": "MEMBERS"}, frozenset(), timeout=0.3)
+        assert not complete  # no server could be told: nothing is confirmed
     finally:
+        await nc.close()
+
+
+async def _peer(nc, server_id: str, routes: list[str]) -> list:
+    """A stand-in for another node of the cluster, on the real nats-server: its membershipd
+    answers apply requests with its server id and its routes, its nats-server answers CONNZ
+    (no connections). Injected replies: a real cut of one route needs iptables."""
+    async def on_apply(msg):
+        await msg.respond(json.dumps({"node": server_id.lower(), "server": server_id, "routes": routes,
+                                      "in_flight": []}).encode())
+
+    async def on_connz(msg):
+        await msg.respond(json.dumps({"server": {"id": server_id},
+                                      "data": {"server_id": server_id, "connections": []}}).encode())
+
+    subs = [await nc.subscribe(APPLY_SUBJECT, cb=on_apply), await nc.subscribe("$SYS.REQ.SERVER.PING.CONNZ",
+                                                                            cb=on_connz)]
+    await nc.flush()
+    return subs
+
+
+@pytest.mark.parametrize("mesh", ["full", "partial"])
+async def test_a_partial_mesh_does_not_confirm_a_revocation(daemon, mesh):
+    """Nodes A (the real server here), B and C. Full mesh: every node answers, the revocation
+    is confirmed. Partial mesh, the route A-B down, both keep C: A's routes name C alone,
+    B never hears A's requests, C names B. Counting A's routes (1 + 1 = 2 servers, and
+    A and C answer) confirmed it although B never kicked bob; now it is not confirmed:
+    503, pending and retried until B answers (docs/bus-auth.md)."""
+    nc = await _system_connection(daemon)
+    e = None
+    try:
+        a = await _server_id(nc)
+        if mesh == "full":
+            subs = await _peer(nc, "NB", [a, "NC"]) + await _peer(nc, "NC", [a, "NB"])
+            routes = frozenset({"NB", "NC"})
+        else:
+            subs = await _peer(nc, "NC", [a, "NB"])
+            routes = frozenset({"NC"})
+        e = enforcer(nc, routes=routes, responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
+        await e.start()
+        if mesh == "full":
+            await e.enforce({"bob"}, set(), ["r1"])
+            assert e.pending == {} and e.mesh.last == {a, "NB", "NC"}
+        else:
+            with pytest.raises(KickUnconfirmed, match="2 of 3 nodes confirmed the change .no answer from NB"):
+                await e.enforce({"bob"}, set(), ["r1"])
+            assert e.pending == {"bob": True} and e.pending_rooms == {"r1"}
+        for sub in subs:
+            await sub.unsubscribe()
+    finally:
+        if e is not None:
+            await e.stop()
         await nc.close()
 
 
@@ -164,7 +254,7 @@ async def test_a_store_read_failing_after_the_commit_still_cuts_the_member_off(t
 def test_a_pending_change_keeps_its_rooms_for_the_retries():
     """Retries and the second sweep ask every node to re-read the rooms too, not only the
     members: a node that missed the first apply must not confirm with a stale room (red team)."""
-    e = enforcer(answers=[])
+    e = enforcer()
     e.mark_pending({"bob"}, {"carol"}, ["r1"])
     e.mark_pending(set(), {"bob"}, ["r2"])
     assert e.pending == {"bob": True, "carol": False} and e.pending_rooms == {"r1", "r2"}
