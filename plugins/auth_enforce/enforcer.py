@@ -387,6 +387,8 @@ class Enforcer:
         task = asyncio.get_running_loop().create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # cancelled before it ever ran (stopped at once): run() never saw it, so close it here
+        task.add_done_callback(lambda _task: coro.close())
 
     async def _retry_loop(self) -> None:
         while True:
