@@ -147,14 +147,10 @@ class Upload(abc.ABC):
 class StagedUpload(Upload):
     """An upload staged in a temporary file of the backend's ``tmp`` dir; backends add ``commit``."""
 
-    #: Drop the staged pages from the page cache once written back (see StagedFile);
-    #: a backend that reads the staged file again at once keeps them.
-    DROP_WRITTEN: ClassVar[bool] = True
-
     def __init__(self, backend: Any, room_id: str) -> None:
         self.backend = backend
         self.room_id = room_id
-        self.staged = StagedFile(backend.tmp, drop_written=self.DROP_WRITTEN)
+        self.staged = StagedFile(backend.tmp)
         self._done = False
 
     @property
@@ -254,8 +250,7 @@ class StagedFile:
 
     DATA = "data"
 
-    def __init__(self, tmp: Path, *, drop_written: bool = True) -> None:
-        self.drop_written = drop_written
+    def __init__(self, tmp: Path) -> None:
         self.dir = tmp / f"up-{secrets.token_hex(12)}"
         self.dir.mkdir(mode=0o700)
         self.path = self.dir / self.DATA
@@ -285,15 +280,16 @@ class StagedFile:
                 views.pop(0)
         self._written += sum(len(p) for p in parts)
         if self._written - self._flushed >= WRITEBACK_EVERY:
-            # Start the writeback of what is written so far, now, in the background,
-            # so that the fdatasync at the end has only the tail left to wait for. With
-            # ``drop_written`` the range starts at 0: the pages written back since the
-            # last call are dropped too, and the kernel reuses them for the next writes
-            # instead of fresh ones (a 256 MiB raw PUT here: membershipd's CPU halved,
-            # docs/benchmarks.md, "Blobs"); a download right after then reads from disk.
-            start = 0 if self.drop_written else self._flushed
+            # Start the writeback of what was written since the last call, now, in the
+            # background, so that the fdatasync at the end has only the tail left to wait
+            # for. DONTNEED on pages still dirty starts their writeback and leaves them in
+            # the page cache: a download right after the upload (a room's other members
+            # fetching a new blob) is served from memory. Dropping them from offset 0
+            # instead (0.12 before its release) saved membershipd CPU only on a VM that
+            # hands freed pages back to its host, and made that download read the disk
+            # (docs/benchmarks.md, "Blobs: what was tried and not kept").
             with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(fd, start, self._written - start, os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
             self._flushed = self._written
 
     async def write(self, data: bytes | Sequence[bytes]) -> None:

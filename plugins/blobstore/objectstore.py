@@ -98,7 +98,6 @@ def _digest_of(obj: api.ObjectInfo) -> bytes | None:
 
 class ObjUpload(StagedUpload):
     backend: ObjectStoreBackend
-    DROP_WRITTEN = False  # the put reads the staged file again at once: from the page cache
 
     async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
         digest = await self.finish()
