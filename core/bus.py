@@ -201,7 +201,10 @@ class Bus:
             return None
         try:
             msg = await self.nc.request(f"$SYS.REQ.SERVER.{server_id}.ROUTEZ", b"", timeout=timeout)
-            routes = json.loads(msg.data).get("data", {}).get("routes") or []
+            reply = json.loads(msg.data)
+            if reply.get("error") or not isinstance(reply.get("data"), dict):
+                return None  # an error is "could not say", never "no routes"
+            routes = reply["data"].get("routes") or []
         except Exception:
             return None
         return frozenset(i for i in (r.get("remote_id") or r.get("remote_name") for r in routes) if i)

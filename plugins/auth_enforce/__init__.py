@@ -42,7 +42,7 @@ from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
 
 from .callout import AUTH_TIMEOUT, Issuer, Responder
-from .enforcer import Enforcer, KickUnconfirmed
+from .enforcer import KICK_DEADLINE, Enforcer, KickUnconfirmed
 from .metrics import BusAuthMetrics
 from .policy import Policy, diff, member_permissions
 
@@ -236,11 +236,17 @@ async def apply_change(rt: Runtime, change: Change) -> None:
     node's changes are that node's to count.
     """
     if change.kind == "reloaded" and change.keys:
-        # Another node's writes: that node kicks; here only the index follows.
-        await reread(rt.store, rt.policy, *remote_keys(change.keys))
+        # Another node's writes: that node kicks on every server it reaches; here the index
+        # follows, and what it revoked here is kicked on this node's server (a node cut off
+        # when the change was made was not reached: Enforcer.kick_here).
+        revoked, _granted = await reread(rt.store, rt.policy, *remote_keys(change.keys))
+        await kick_here(rt, revoked)
         return
     if change.kind == "reloaded" and change.origin == "remote":
+        before = rt.policy.snapshot()
         await load_policy(rt.store, rt.policy)
+        revoked, _granted = diff(before, rt.policy.snapshot())
+        await kick_here(rt, revoked)
         return
     started = time.monotonic()
     try:
@@ -249,6 +255,19 @@ async def apply_change(rt: Runtime, change: Change) -> None:
         if rt.metrics is not None:
             rt.metrics.changes.inc()
             rt.metrics.change_duration.observe(time.monotonic() - started)
+
+
+async def kick_here(rt: Runtime, revoked: set[str]) -> None:
+    """Kick on this node's nats-server what another node's change revoked in this node's index;
+    unconfirmed, the change is pending (retried everywhere until confirmed, and in /healthz)."""
+    if not revoked or rt.enforcer is None:
+        return
+    try:
+        await asyncio.wait_for(rt.enforcer.kick_here(revoked), KICK_DEADLINE)
+    except Exception as e:  # noqa: BLE001 - fail closed: the retry loop takes it up
+        rt.enforcer.mark_pending(set(revoked), set())
+        log.warning("another node's change revoked %s here, and the kicks on this node were not confirmed "
+                    "(%s: %s); retrying", ", ".join(sorted(revoked)), type(e).__name__, e)
 
 
 async def _apply_local(rt: Runtime, change: Change) -> None:

@@ -223,11 +223,12 @@ class Responder:
         return jwt.encode(response, self.issuer.signing_key).encode("ascii")
 
 
-def parse_event(data: bytes) -> tuple[str, str, int, str] | None:
-    """``(type, server_id, cid, user)`` of a ``$SYS.ACCOUNT.MEMBERS.CONNECT/DISCONNECT`` event."""
+def parse_event(data: bytes) -> tuple[str, str, int, str, str] | None:
+    """``(type, server_id, cid, user, server_name)`` of a ``$SYS.ACCOUNT.MEMBERS.CONNECT/DISCONNECT`` event."""
     try:
         event = json.loads(data)
         server, client = event["server"], event["client"]
-        return str(event.get("type", "")), str(server["id"]), int(client["id"]), str(client.get("user", ""))
+        return (str(event.get("type", "")), str(server["id"]), int(client["id"]), str(client.get("user", "")),
+                str(server.get("name") or ""))
     except (ValueError, KeyError, TypeError):
         return None

@@ -82,6 +82,9 @@ class Enforcer:
         self.mesh = Mesh()
         #: handle -> live connections, from the CONNECT/DISCONNECT events of every server
         self.connections: dict[str, set[Conn]] = {}
+        #: server name -> the id it has now: a nats-server takes a new id at every start, and
+        #: the connections listed under its old one went with the old process (:meth:`saw_server`)
+        self.server_ids: dict[str, str] = {}
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
         #: the rooms of the changes still pending: every node re-reads them again at each retry
         self.pending_rooms: set[str] = set()
@@ -121,7 +124,8 @@ class Enforcer:
         parsed = parse_event(msg.data)
         if parsed is None:
             return
-        kind, server_id, cid, handle = parsed
+        kind, server_id, cid, handle, server_name = parsed
+        self.saw_server(server_id, server_name)
         if msg.subject == CONNECT_EVENTS:
             self.connections.setdefault(handle, set()).add((server_id, cid))
             self.responder.reported(handle, server_id, cid)
@@ -131,6 +135,30 @@ class Enforcer:
                 conns.discard((server_id, cid))
                 if not conns:
                     del self.connections[handle]
+
+    def saw_server(self, server_id: str | None, name: str | None) -> None:
+        """A server named ``name`` has id ``server_id`` now. If it had another id before, that
+        nats-server process has ended (a restart, possibly without one DISCONNECT event): its
+        connections are forgotten, as a kick sent to its old id would have no responder and
+        keep every revocation of those members unconfirmed. A server that is only unreachable
+        keeps its id, and its connections stay listed (and kicked, or the change is 503)."""
+        if not server_id or not name:
+            return
+        old = self.server_ids.get(name)
+        if old == server_id:
+            return
+        self.server_ids[name] = server_id
+        if old is None:
+            return
+        log.info("nats-server %s restarted (server id %s, was %s): forgetting its old connections",
+                 name, server_id, old)
+        for handle in list(self.connections):
+            kept = {c for c in self.connections[handle] if c[0] != old}
+            if kept:
+                self.connections[handle] = kept
+            else:
+                del self.connections[handle]
+        self.mesh.replace(old, server_id)
 
     async def _reconcile(self) -> None:
         """Rebuild :attr:`connections` from every server's CONNZ (start-up)."""
@@ -197,6 +225,7 @@ class Enforcer:
                 complete = complete and servers <= replies.keys()
             more = False
             for server_id, reply in replies.items():
+                self.saw_server(server_id, (reply.get("server") or {}).get("name"))
                 data = reply.get("data") or {}
                 conns = [{"cid": c["cid"], "user": c.get("authorized_user") or c.get("name") or ""}
                          for c in data.get("connections") or [] if "cid" in c]
@@ -253,6 +282,8 @@ class Enforcer:
                                      KICK_DEADLINE / 2, lambda r: r.get("server"),
                                      lambda got: self.mesh.complete(own, routes_of(got)))
         in_flight = [(s, c, t) for r in replies.values() for s, c, t in r.get("in_flight", [])]
+        for server, reply in replies.items():
+            self.saw_server(server, reply.get("node") if isinstance(reply.get("node"), str) else None)
         routes = routes_of(replies)
         try:
             servers = self.mesh.expected(own, routes)
@@ -319,6 +350,44 @@ class Enforcer:
         if revoked:
             self._later(SECOND_SWEEP_AFTER, self._sweep(revoked, list(rooms)))
 
+    async def kick_here(self, revoked: Iterable[str]) -> None:
+        """Kick the connections of ``revoked`` on this node's own nats-server; :class:`KickUnconfirmed`
+        when that cannot be confirmed.
+
+        For another node's change, learned through the KV watch. The node that made it
+        kicked on every server it could reach, and a node cut off from it at the time
+        (a partition: the others no longer counted it) may hold connections it never
+        reached, authorized by this node's callout with the old rights. So every node
+        kicks, on its own server, what such a change revoked in its own index, when the
+        change reaches it. A node that had applied the change already finds nothing revoked.
+        """
+        handles = set(revoked)
+        if not handles:
+            return
+        own = self.server_id
+        if not own:
+            raise KickUnconfirmed("this node does not know its own nats-server's id (not connected)")
+        self.saw_server(own, self.node)
+        targets: dict[Conn, float | None] = {}
+        for h in sorted(handles):
+            for conn in self.connections.get(h, ()):
+                if conn[0] == own:
+                    targets.setdefault(conn, None)
+            for server_id, cid, at in self.responder.in_flight_of(h):
+                if server_id == own:
+                    targets.setdefault((server_id, cid), at)
+            found, complete = await self._connz({"acc": "MEMBERS", "user": h}, frozenset({own}))
+            if not complete:
+                raise KickUnconfirmed(f"this node's nats-server did not list the connections of {h}")
+            for conn in found.get(own, ()):
+                targets.setdefault((own, conn["cid"]), None)
+        results = await asyncio.gather(*(self.kick(s, c, in_flight_since=t) for (s, c), t in targets.items()))
+        if not all(results):
+            raise KickUnconfirmed(f"{results.count(False)} of {len(results)} kicks on this node unconfirmed")
+        if targets:
+            log.info("another node's change revoked %s here: %d connection(s) kicked on this node",
+                     ", ".join(sorted(handles)), len(targets))
+
     def mark_pending(self, revoked: set[str], granted: set[str], rooms: Iterable[str] = ()) -> None:
         """Enforcement not confirmed: the retry loop takes it up every second (and /healthz shows it),
         asking every node to re-read the members and the rooms again."""
@@ -330,6 +399,7 @@ class Enforcer:
             self.metrics.unconfirmed.inc()
 
     async def _enforce(self, revoked: set[str], granted: set[str], rooms: list[str]) -> None:
+        self.saw_server(self.server_id, self.node)  # this node's own nats-server may have restarted
         handles = sorted(revoked | granted)
         in_flight: list[tuple[str, int, float]] = []
         unapplied: KickUnconfirmed | None = None

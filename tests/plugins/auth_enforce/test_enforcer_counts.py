@@ -259,3 +259,60 @@ def test_a_pending_change_keeps_its_rooms_for_the_retries():
     e.mark_pending(set(), {"bob"}, ["r2"])
     assert e.pending == {"bob": True, "carol": False} and e.pending_rooms == {"r1", "r2"}
     assert e.stats["unconfirmed"] == 2
+
+
+async def test_another_nodes_revocation_is_kicked_here_when_it_reaches_this_node(tmp_path, alice):
+    """Red team: a node cut off from the others when a revocation was made (a partition:
+    the others no longer counted it) holds connections nobody kicked, authorized by its
+    callout with the old rights. When the change reaches it through the KV watch (a
+    ``reloaded`` change with the store keys, origin ``remote``), the plugin kicks on this
+    node's own server what the change revoked in this node's index. Here the store is
+    changed with the plugin deaf to it (as if another node wrote it), then the remote
+    change is handed to the plugin as the watch would."""
+    import asyncio
+
+    from unibus.app import stash
+    from unibus.client import UnibusClient
+    from unibus.daemon import Daemon
+    from unibus.pluginmanager import PluginManager
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, apply_change
+    from unibus.settings import HostPort, Settings
+    from unibus.store.base import Change
+    from unibus.testing import free_port
+
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    daemon = Daemon(settings, PluginManager())
+    await daemon.start()
+    bob = generate_identity("bob")
+    a = UnibusClient(f"http://{settings.http_addr}", alice)
+    nc = None
+    try:
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        room = (await a.create_room("ops"))["room_id"]
+        await a.add_room_member(room, "bob")
+        nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=bob.bus_nkey_seed(),
+                                allow_reconnect=False, connect_timeout=3)
+        await nc.subscribe(f"unibus.room.{room}.>")
+        await nc.flush()
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        assert rt.unsubscribe is not None
+        rt.unsubscribe()  # deaf: the removal below is "another node's" write
+        await a.remove_room_member(room, "bob")
+        await asyncio.sleep(0.3)
+        assert nc.is_connected, "nothing kicked yet: this node has not seen the change"
+        assert room in rt.policy.snapshot()["bob"][1], "this node's index still gives bob the room"
+        await apply_change(rt, Change(kind="reloaded", origin="remote", keys=(f"room.{room}",)))
+        for _ in range(100):
+            if nc.is_closed or not nc.is_connected:
+                break
+            await asyncio.sleep(0.02)
+        assert nc.is_closed or not nc.is_connected, "the remote revocation was not kicked on this node"
+        assert not rt.enforcer.pending
+    finally:
+        if nc is not None and not nc.is_closed:
+            await nc.close()
+        await a.close()
+        await daemon.stop()
