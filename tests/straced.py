@@ -20,13 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STRACE = shutil.which("strace")
-SYNCS = ("fsync", "fdatasync", "sync_file_range")
+#: The calls that make written data durable. Not ``sync_file_range``: membershipd calls it
+#: (``SYNC_FILE_RANGE_WRITE``) only to start a blob's writeback early, which waits for nothing.
+SYNCS = ("fsync", "fdatasync")
 WRITES = ("write", "pwrite64", "writev", "pwritev", "pwritev2")
 SENDS = ("sendto", "sendmsg", "write", "writev")
 RENAMES = ("rename", "renameat", "renameat2")
 #: The calls traced: the fsync family, writes and socket sends (with -yy every fd
 #: shows its path or socket), and renames.
-TRACE_SET = ",".join(sorted({*SYNCS, *WRITES, *SENDS, *RENAMES}))
+TRACE_SET = ",".join(sorted({*SYNCS, "sync_file_range", *WRITES, *SENDS, *RENAMES}))
 OPTIONS = ["-f", "-ttt", "-T", "-yy", "-s", "16384", "-e", f"trace={TRACE_SET}"]
 
 _LINE = re.compile(r"^(?P<pid>\d+)\s+(?P<ts>\d+\.\d+)\s+(?P<rest>.*)$")

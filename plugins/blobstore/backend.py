@@ -22,6 +22,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import os
 import re
@@ -48,6 +49,36 @@ IOV_MAX = 1024
 READ_CHUNK = 256 * 1024
 
 RoomExists = Callable[[str], Awaitable[bool]]
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), which the os module does not offer; None elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+#: ``SYNC_FILE_RANGE_WRITE``: start writing back the dirty pages of the range, do not wait.
+SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int, length: int) -> None:
+    """Start writing back ``length`` bytes of ``fd`` from ``offset``, and return at once.
+
+    ``sync_file_range(SYNC_FILE_RANGE_WRITE)``: the pages stay in the page cache.
+    (``posix_fadvise(DONTNEED)`` also starts the writeback of dirty pages, but
+    drops the pages already written back, which a slow upload's are.) Advice
+    only: nothing on a system without it, and an error changes nothing, as the
+    fdatasync before the commit is what makes the blob durable.
+    """
+    if _SYNC_FILE_RANGE is not None and length > 0:
+        _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
 class BlobError(Exception):
@@ -282,14 +313,12 @@ class StagedFile:
         if self._written - self._flushed >= WRITEBACK_EVERY:
             # Start the writeback of what was written since the last call, now, in the
             # background, so that the fdatasync at the end has only the tail left to wait
-            # for. DONTNEED on pages still dirty starts their writeback and leaves them in
-            # the page cache: a download right after the upload (a room's other members
-            # fetching a new blob) is served from memory. Dropping them from offset 0
-            # instead (0.12 before its release) saved membershipd CPU only on a VM that
-            # hands freed pages back to its host, and made that download read the disk
-            # (docs/benchmarks.md, "Blobs: what was tried and not kept").
-            with contextlib.suppress(OSError, AttributeError):
-                os.posix_fadvise(fd, self._flushed, self._written - self._flushed, os.POSIX_FADV_DONTNEED)
+            # for. The pages stay in the page cache: a download right after the upload (a
+            # room's other members fetching a new blob) is served from memory. Dropping
+            # them instead (0.12 before its release) saved membershipd CPU only on a VM
+            # that hands freed pages back to its host, and made that download read the
+            # disk (docs/benchmarks.md, "Blobs: what was tried and not kept").
+            start_writeback(fd, self._flushed, self._written - self._flushed)
             self._flushed = self._written
 
     async def write(self, data: bytes | Sequence[bytes]) -> None:
