@@ -85,6 +85,7 @@ class Enforcer:
         #: server name -> the id it has now: a nats-server takes a new id at every start, and
         #: the connections listed under its old one went with the old process (:meth:`saw_server`)
         self.server_ids: dict[str, str] = {}
+        self._retired: set[str] = set()  # ids their names left behind
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
         #: the rooms of the changes still pending: every node re-reads them again at each retry
         self.pending_rooms: set[str] = set()
@@ -125,7 +126,8 @@ class Enforcer:
         if parsed is None:
             return
         kind, server_id, cid, handle, server_name = parsed
-        self.saw_server(server_id, server_name)
+        if not self.saw_server(server_id, server_name):
+            return  # from a nats-server process that has ended since
         if msg.subject == CONNECT_EVENTS:
             self.connections.setdefault(handle, set()).add((server_id, cid))
             self.responder.reported(handle, server_id, cid)
@@ -136,20 +138,28 @@ class Enforcer:
                 if not conns:
                     del self.connections[handle]
 
-    def saw_server(self, server_id: str | None, name: str | None) -> None:
-        """A server named ``name`` has id ``server_id`` now. If it had another id before, that
-        nats-server process has ended (a restart, possibly without one DISCONNECT event): its
-        connections are forgotten, as a kick sent to its old id would have no responder and
-        keep every revocation of those members unconfirmed. A server that is only unreachable
-        keeps its id, and its connections stay listed (and kicked, or the change is 503)."""
+    def saw_server(self, server_id: str | None, name: str | None) -> bool:
+        """A server named ``name`` has id ``server_id`` now; False when that id is one the
+        name has already left behind (a late message from an ended process: ignored).
+
+        If the name had another id before, that nats-server process has ended (a
+        restart, possibly without one DISCONNECT event): its connections are
+        forgotten, as a kick sent to its old id would have no responder and keep
+        every revocation of those members unconfirmed. A server that is only
+        unreachable keeps its id, and its connections stay listed (and kicked, or
+        the change is 503). A revocation finds live connections by CONNZ as well,
+        so forgetting never lets one keep its rights."""
         if not server_id or not name:
-            return
+            return True
+        if server_id in self._retired:
+            return False
         old = self.server_ids.get(name)
         if old == server_id:
-            return
+            return True
         self.server_ids[name] = server_id
         if old is None:
-            return
+            return True
+        self._retired.add(old)
         log.info("nats-server %s restarted (server id %s, was %s): forgetting its old connections",
                  name, server_id, old)
         for handle in list(self.connections):
@@ -159,6 +169,7 @@ class Enforcer:
             else:
                 del self.connections[handle]
         self.mesh.replace(old, server_id)
+        return True
 
     async def _reconcile(self) -> None:
         """Rebuild :attr:`connections` from every server's CONNZ (start-up)."""

@@ -316,3 +316,27 @@ async def test_another_nodes_revocation_is_kicked_here_when_it_reaches_this_node
             await nc.close()
         await a.close()
         await daemon.stop()
+
+
+async def test_a_restarted_server_s_old_connections_are_forgotten_and_its_late_events_ignored():
+    """A server's name with a new id drops the connections of the old id (a restarted
+    nats-server: their kicks would have no responder). An event of the old process that
+    arrives after that (routed late) neither brings them back nor drops the new ones."""
+    from types import SimpleNamespace
+
+    from unibus.plugins.auth_enforce.enforcer import CONNECT_EVENTS
+
+    def event(server_id: str, cid: int, user: str, name: str = "n2"):
+        data = {"type": "io.nats.server.advisory.v1.client_connect",
+                "server": {"id": server_id, "name": name}, "client": {"id": cid, "user": user}}
+        return SimpleNamespace(subject=CONNECT_EVENTS, data=json.dumps(data).encode())
+
+    e = enforcer(None, responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
+    await e._on_event(event("OLD", 1, "bob"))
+    await e._on_event(event("X", 9, "carol", name="n3"))
+    assert e.connections == {"bob": {("OLD", 1)}, "carol": {("X", 9)}}
+    await e._on_event(event("NEW", 7, "bob"))  # n2 restarted
+    assert e.connections == {"bob": {("NEW", 7)}, "carol": {("X", 9)}}
+    await e._on_event(event("OLD", 2, "dave"))  # late, from the ended process
+    assert e.connections == {"bob": {("NEW", 7)}, "carol": {("X", 9)}}
+    assert e.server_ids == {"n2": "NEW", "n3": "X"}
