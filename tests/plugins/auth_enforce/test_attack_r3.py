@@ -1,0 +1,160 @@
+"""Red team (r3): Enforcer.kick_here and Enforcer.saw_server (commit d160b60).
+
+Real nats-servers, real nats-py, the proxies of test_attack_r2 (every route that
+involves node C can be cut while A-B stay routed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+
+import pytest
+from unibus.bus import Bus
+from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
+from unibus.plugins.auth_enforce.policy import Policy
+from unibus.testing import free_port
+
+from .test_attack_r2 import PASSWORD, Relistening, _async, _bob, _conf, _enforcer, _spawn, _stop
+from .test_partial_mesh import _until
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="fail-open: a node that applied a remote revocation "
+                   "through the apply request (no kick of its own) and was cut off before the originator kicked "
+                   "there finds nothing revoked when the KV watch delivers the change: kick_here kicks nothing")
+async def test_a_node_cut_off_right_after_it_applied_a_revocation_never_kicks_it(tmp_path):
+    """bob holds a connection on C that A never heard of (made while C was briefly cut off,
+    with rights that were valid then). A revokes bob's room r1. A's apply request reaches C:
+    C re-reads (its index drops r1: _on_apply -> apply_local -> reread, which kicks nothing,
+    the originator does). Right then C is cut off, before A's CONNZ/KICK reach C's server.
+    A's change is first unconfirmed, then confirmed by {A, B} (C in nobody's routes: the
+    mesh shrinks, as r2 documented). The mesh heals; the change reaches C by its KV watch;
+    the plugin re-reads: C's index already has it, so nothing is "revoked" and kick_here
+    kicks nothing. bob keeps publishing/subscribing on r1 with his old JWT.
+
+    Wanted: bob's connection on C is cut. Fix: the node that applies a remote change through
+    an apply request kicks what that re-read revoked on its own server (kick_here) as well,
+    or remembers it until kicked; strict xfail until then."""
+    ports = {n: free_port() for n in "ABC"}
+    rports = {n: free_port() for n in "ABC"}
+    px = {n: Relistening(rports[n]) for n in "ABC"}
+    for p in px.values():
+        await p.start()
+    procs: list[subprocess.Popen] = []
+    buses: dict[str, Bus] = {}
+    enforcers: dict[str, Enforcer] = {}
+    bob = None
+    # C's index: bob (bus key K) in room r1
+    c_policy = Policy()
+    c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
+    c_revoked_on_apply: list[set[str]] = []
+
+    async def cut_c() -> None:
+        for p in px.values():
+            await p.cut()
+
+    async def heal_c() -> None:
+        for p in px.values():
+            await p.heal()
+
+    try:
+        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],))))
+        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],))))
+        for n in "AB":
+            buses[n] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"r3-{n}")
+            await buses[n].connect(timeout=20, check_jetstream=False)
+        procs.append(_spawn(tmp_path, "C", _conf("C", ports["C"], rports["C"], px["C"].port,
+                                                 (px["A"].port, px["B"].port))))
+        buses["C"] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports['C']}", name="r3-C")
+        await buses["C"].connect(timeout=20, check_jetstream=False)
+        ids = {n: buses[n].server_id for n in "ABC"}
+
+        async def routes_are(want):
+            got = {n: await buses[n].route_ids() for n in "ABC"}
+            return all(got[n] == {ids[m] for m in want[n]} for n in "ABC")
+
+        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "no full mesh")
+        for n in "ABC":
+            enforcers[n] = _enforcer(buses[n], n)
+
+        armed = asyncio.Event()
+
+        async def c_apply_local(handles: list[str], rooms: list[str]) -> None:
+            # what the plugin's apply_local does: re-read (no kick), here from C's own store view
+            revoked = set()
+            for r in rooms:
+                revoked |= c_policy.set_room(r, frozenset())[0]
+            c_revoked_on_apply.append(revoked)
+            if armed.is_set():
+                await cut_c()  # the partition starts right after C applied the change
+
+        enforcers["C"].apply_local = c_apply_local
+        for n in "ABC":
+            await enforcers[n].start()
+        await enforcers["A"].enforce(set(), set(), [])  # nothing to do; mesh not learned yet
+        # learn the full set once (a revocation of nobody connected)
+        await enforcers["A"].enforce({"nobody"}, set(), [])
+        assert enforcers["A"].mesh.last == set(ids.values())
+        c_revoked_on_apply.clear()
+        c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
+
+        # 1. a brief cut: bob connects to C meanwhile (valid rights then); A misses his CONNECT event
+        await cut_c()
+        await _until(lambda: routes_are({"A": "B", "B": "A", "C": ""}), "C not isolated")
+        bob = await _bob(ports["C"])
+        await bob.flush(timeout=2)
+        first_cid = bob._client_id
+        await heal_c()
+        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "mesh did not heal (1)")
+        assert "bob" not in enforcers["A"].connections
+        # the routes are back: wait for C's interest in the apply subject to reach A again
+        await _until(lambda: _reaches_c(enforcers["A"], c_revoked_on_apply), "apply does not reach C")
+        c_revoked_on_apply.clear()
+        c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
+
+        # 2. A revokes bob's r1; C applies it, and is cut off at that moment
+        armed.set()
+        with contextlib.suppress(KickUnconfirmed):
+            await enforcers["A"].enforce({"bob"}, set(), ["r1"])
+        assert c_revoked_on_apply == [{"bob"}], "C applied the revocation"
+        await _until(lambda: routes_are({"A": "B", "B": "A", "C": ""}), "C not isolated (2)")
+        # A's retry loop confirms with {A, B}
+        await _until(_async(lambda: enforcers["A"].pending == {}), "A never confirmed")
+        await asyncio.sleep(3.0)  # past A's second sweep too
+        assert bob._client_id == first_cid and bob.is_connected
+
+        # 3. heal; the change reaches C through its KV watch: apply_change re-reads, then kick_here
+        armed.clear()
+        await heal_c()
+        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "mesh did not heal (2)")
+        revoked_by_watch = c_policy.set_room("r1", frozenset())[0]  # reread(): the index has it already
+        assert revoked_by_watch == set()
+        await enforcers["C"].kick_here(revoked_by_watch)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while loop.time() < deadline and bob._client_id == first_cid and bob.is_connected:
+            await asyncio.sleep(0.1)
+        assert bob._client_id != first_cid or not bob.is_connected, \
+            "A's revocation is confirmed and bob's connection on C (old rights) survived the heal"
+    finally:
+        if bob is not None:
+            await bob.close()
+        for e in enforcers.values():
+            await e.stop()
+        for b in buses.values():
+            await b.close()
+        for p in px.values():
+            await p.cut()
+        _stop(procs)
+
+
+async def _reaches_c_impl(a: Enforcer, seen: list) -> bool:
+    before = len(seen)
+    with contextlib.suppress(KickUnconfirmed):
+        await a.enforce({"nobody"}, set(), [])
+    return len(seen) > before
+
+
+def _reaches_c(a, seen):
+    return _reaches_c_impl(a, seen)
