@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import cpu_model, daemon_env, med
+from probe_blob_get import drop
 
 BUF = 4 << 20
 
@@ -51,14 +52,6 @@ def cached_mib(path: Path) -> str:
     out = subprocess.run([tool, "--bytes", "--noheadings", "--output", "RES", str(path)],
                          capture_output=True, text=True, timeout=30, check=False).stdout.split()
     return f"{int(out[0]) >> 20}" if out and out[0].isdigit() else "?"
-
-
-def drop(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
 
 
 def discarding_get(port: int, target: str, identity: Any) -> int:

@@ -42,7 +42,7 @@ from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
 
 from .callout import AUTH_TIMEOUT, Issuer, Responder
-from .enforcer import KICK_DEADLINE, Enforcer, KickUnconfirmed
+from .enforcer import Enforcer, KickUnconfirmed
 from .metrics import BusAuthMetrics
 from .policy import Policy, diff, member_permissions
 
@@ -258,16 +258,9 @@ async def apply_change(rt: Runtime, change: Change) -> None:
 
 
 async def kick_here(rt: Runtime, revoked: set[str]) -> None:
-    """Kick on this node's nats-server what another node's change revoked in this node's index;
-    unconfirmed, the change is pending (retried everywhere until confirmed, and in /healthz)."""
-    if not revoked or rt.enforcer is None:
-        return
-    try:
-        await asyncio.wait_for(rt.enforcer.kick_here(revoked), KICK_DEADLINE)
-    except Exception as e:  # noqa: BLE001 - fail closed: the retry loop takes it up
-        rt.enforcer.mark_pending(set(revoked), set())
-        log.warning("another node's change revoked %s here, and the kicks on this node were not confirmed "
-                    "(%s: %s); retrying", ", ".join(sorted(revoked)), type(e).__name__, e)
+    """Kick on this node's nats-server what another node's change revoked in this node's index."""
+    if revoked and rt.enforcer is not None:
+        await rt.enforcer.kick_here_or_retry(revoked)
 
 
 async def _apply_local(rt: Runtime, change: Change) -> None:
@@ -325,8 +318,9 @@ async def startup(app) -> None:
     if system_bus is None:  # pragma: no cover - the core connects it whenever the config has SYS
         raise RuntimeError("no system-account connection: kicks are impossible")
 
-    async def apply_local(handles: list[str], rooms: list[str]) -> None:
-        await reread(store, policy, handles, rooms)
+    async def apply_local(handles: list[str], rooms: list[str]) -> set[str]:
+        revoked, _granted = await reread(store, policy, handles, rooms)
+        return revoked  # kicked on this node's server as well (Enforcer._on_apply)
 
     rt.enforcer = Enforcer(system_bus.nc, app[BUS].nc, rt.responder, clustered=settings.clustered,
                            node=settings.server_name, apply_local=apply_local, routes=system_bus.route_ids)
