@@ -7,7 +7,7 @@ is a JSON document in the object's ``description``. The stream is
 An upload is received exactly as in the filesystem backend: into a staging
 file under ``<data-dir>/blobs/.tmp`` on this node, hashed and fsynced, and
 only after its digest checked out is it copied into the object store
-(the messages of nats-py's ``ObjectStore.put``: chunks of 256 KiB, up to
+(the messages of nats-py's ``ObjectStore.put``: chunks of :data:`CHUNK_SIZE`, up to
 :data:`PUT_WINDOW` of them awaiting the stream leader's acknowledgement at
 once, then the metadata message). An object becomes visible when its
 metadata message is stored, which happens after all of its chunks: a crash
@@ -67,13 +67,18 @@ from .backend import (
 log = logging.getLogger("unibus.plugins.blobstore")
 
 BUCKET = "unibus_blobs"
-#: Size of the object store's chunks (well under nats-server's 1 MiB max_payload).
-CHUNK_SIZE = 256 * 1024
-#: Chunks a put keeps published and awaiting their acknowledgement (at most this many in memory).
-PUT_WINDOW = 16
+#: Size of the chunks a put writes: half of nats-server's default ``max_payload`` (1 MiB); a
+#: server whose ``max_payload`` is smaller gets chunks that fit it (:meth:`ObjectStoreBackend.chunk_size`).
+#: Against 256 KiB chunks, a 256 MiB blob reads about a fifth faster in process, with half the
+#: messages (docs/benchmarks.md, "Blobs"). Readers take chunks of any size.
+CHUNK_SIZE = 512 * 1024
+#: Room left in a message for what is not the chunk, when a server's ``max_payload`` bounds the chunks.
+_PAYLOAD_HEADROOM = 4096
+#: Chunks a put keeps published and awaiting their acknowledgement (at most this many in memory: 4 MiB).
+PUT_WINDOW = 8
 #: Bytes of the staged file a put reads (and hashes) at a time, in a worker thread.
 PUT_READ = 4 * 1024 * 1024
-#: ``STREAM.MSG.GET`` requests a read keeps in flight (at most this many chunks in memory).
+#: ``STREAM.MSG.GET`` requests a read keeps in flight (at most this many chunks in memory: 4 MiB).
 READ_AHEAD = 8
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
@@ -205,6 +210,14 @@ class ObjectStoreBackend(BlobBackend):
         self._objects: dict[str, tuple[int, str]] = {}  # name -> (size, nuid)
         self._synced = asyncio.Event()
         self._sub: Any = None
+
+    def chunk_size(self) -> int:
+        """The chunk size of a put: :data:`CHUNK_SIZE`, or less when the server's ``max_payload``
+        (from its INFO) leaves less room."""
+        max_payload = getattr(getattr(self.js, "_nc", None), "max_payload", None)
+        if isinstance(max_payload, int) and max_payload > 0:
+            return max(1024, min(CHUNK_SIZE, max_payload - _PAYLOAD_HEADROOM))
+        return CHUNK_SIZE
 
     # -- counters (from the metadata subjects, this node's writes and everyone else's)
     def _apply(self, name: str, size: int | None, nuid: str | None) -> None:
@@ -419,14 +432,15 @@ class ObjectStoreBackend(BlobBackend):
         meta_sent = False
         try:
             try:
-                size, chunks, digest = await self._publish_chunks(f, chunk_subject, acks)
+                chunk = self.chunk_size()
+                size, chunks, digest = await self._publish_chunks(f, chunk_subject, acks, chunk)
                 if size != info.size or digest.hex() != info.blob_id:
                     raise BlobError(f"blob {info.blob_id}: the object store stored something else")
                 obj = api.ObjectInfo(name=name, bucket=self.bucket, nuid=nuid, size=size, chunks=chunks,
                                      mtime=datetime.now(UTC).isoformat(),
                                      digest="SHA-256=" + base64.urlsafe_b64encode(digest).decode(),
                                      description=json.dumps({"uploader": info.uploader, "created": info.created}),
-                                     options=api.ObjectMetaOptions(max_chunk_size=CHUNK_SIZE))
+                                     options=api.ObjectMetaOptions(max_chunk_size=chunk))
                 meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
                 meta_sent = True
                 await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(),
@@ -451,14 +465,15 @@ class ObjectStoreBackend(BlobBackend):
                 await self.js.purge_stream(self.stream, subject=f"$O.{self.bucket}.C.{old.nuid}")
         self._apply(name, info.size, nuid)
 
-    async def _publish_chunks(self, f: Any, subject: str,
-                              acks: collections.deque[asyncio.Future[Any]]) -> tuple[int, int, bytes]:
-        """Publish the file ``f`` as chunks on ``subject``; return its size, chunk count and SHA-256.
+    async def _publish_chunks(self, f: Any, subject: str, acks: collections.deque[asyncio.Future[Any]],
+                              chunk: int = CHUNK_SIZE) -> tuple[int, int, bytes]:
+        """Publish the file ``f`` as chunks of ``chunk`` bytes on ``subject``; return its size,
+        chunk count and SHA-256.
 
         nats-py's ``ObjectStore.put`` publishes one chunk and waits for its ack
-        before the next, a round trip per 256 KiB: 163 MB/s here for 256 MiB
-        in process, against 210 MB/s with up to :data:`PUT_WINDOW` in flight
-        (docs/benchmarks.md, "Blobs"). One coroutine publishes, so the chunks
+        before the next: with 256 KiB chunks, 163 MB/s here for 256 MiB in
+        process, against 210 MB/s with up to 16 in flight (docs/benchmarks.md,
+        "Blobs"). One coroutine publishes, so the chunks
         are stored in order. The file is read and hashed :data:`PUT_READ`
         bytes at a time in a worker thread while the previous block is
         published. ``acks`` holds the acknowledgements still awaited (the
@@ -479,10 +494,10 @@ class ObjectStoreBackend(BlobBackend):
             following = loop.run_in_executor(None, read)  # read ahead while publishing
             try:
                 view = memoryview(block)
-                for off in range(0, len(block), CHUNK_SIZE):
+                for off in range(0, len(block), chunk):
                     while len(acks) >= PUT_WINDOW:
                         await asyncio.wait_for(acks.popleft(), timeout)
-                    acks.append(await self.js.publish_async(subject, view[off:off + CHUNK_SIZE]))
+                    acks.append(await self.js.publish_async(subject, view[off:off + chunk]))
                     chunks += 1
                 size += len(block)
             finally:

@@ -358,6 +358,67 @@ async def test_objectstore_put_is_what_nats_py_reads(nats_server, tmp_path, monk
         await nc.close()
 
 
+@pytest.mark.parametrize("written_with", [64 * 1024, 256 * 1024, 1000 * 1024])
+async def test_objectstore_reads_objects_of_any_chunk_size(nats_server, tmp_path, monkeypatch, written_with):
+    """Objects written with another chunk size read back whole: smaller chunks (0.12.0's
+    earlier 256 KiB ones, or a server with a small max_payload) keep the read-ahead busier
+    than it guessed, larger ones (another writer) make it ask past the object's last chunk."""
+    from unibus.plugins.blobstore import objectstore
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        monkeypatch.setattr(objectstore, "CHUNK_SIZE", written_with)
+        data = os.urandom(5 * written_with + 777)
+        info, _ = await put(b, data)
+        other, _ = await put(b, os.urandom(3 * written_with))  # chunks of another object follow in the stream
+        monkeypatch.undo()
+        got = await (await js.object_store("unibus_blobs")).get(f"{ROOM}/{info.blob_id}")
+        assert got.info.chunks == 6
+        assert await read_all(b, ROOM, info.blob_id) == data
+        assert len(await read_all(b, ROOM, other.blob_id)) == 3 * written_with
+        await b.close()
+    finally:
+        await nc.close()
+
+
+@pytest.fixture
+def small_payload_server(tmp_path):
+    """A nats-server whose max_payload (64 KiB) is smaller than the object store's chunks."""
+    from unibus.testing import NatsServer
+
+    server = NatsServer(tmp_path / "nats-small", config_hook=lambda config: config.update(max_payload=64 * 1024))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_objectstore_chunks_fit_a_smaller_max_payload(small_payload_server, tmp_path):
+    """A put on a server whose max_payload is under the chunk size writes chunks that fit it,
+    instead of failing every upload over 64 KiB."""
+    from unibus.plugins.blobstore import objectstore
+
+    nc = await nats.connect(small_payload_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        chunk = b.chunk_size()
+        assert nc.max_payload == 64 * 1024 and chunk == 64 * 1024 - 4096 < objectstore.CHUNK_SIZE
+        data = os.urandom(4 * chunk + 5)
+        info, created = await put(b, data)
+        assert created
+        got = await (await js.object_store("unibus_blobs")).get(f"{ROOM}/{info.blob_id}")
+        assert got.data == data and got.info.chunks == 5
+        assert await read_all(b, ROOM, info.blob_id) == data
+        await b.close()
+    finally:
+        await nc.close()
+
+
 async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nats_server, tmp_path, monkeypatch):
     """The put hashes the staged file again: bytes that no longer hash to the blob id are refused,
     their chunks purged, no object visible."""
