@@ -175,6 +175,8 @@ class Enforcer:
         """Rebuild :attr:`connections` from every server's CONNZ (start-up)."""
         own = self.server_id
         routes = await self._routes() if self.clustered and self._routes is not None else None
+        if own:
+            self.mesh.learn(own, routes)
         servers = frozenset({own, *(routes or self.mesh.last or ())}) if own else frozenset()
         found: dict[str, set[Conn]] = {}
         for server_id, conns in (await self._connz({"acc": "MEMBERS"}, servers))[0].items():
@@ -488,9 +490,19 @@ class Enforcer:
         # cancelled before it ever ran (stopped at once): run() never saw it, so close it here
         task.add_done_callback(lambda _task: coro.close())
 
+    async def _learn_mesh(self) -> None:
+        """One try at a first set of servers from this node's own routes (:meth:`Mesh.learn`)."""
+        own = self.server_id
+        if own and self._routes is not None:
+            self.mesh.learn(own, await self._routes())
+
     async def _retry_loop(self) -> None:
         while True:
             await asyncio.sleep(RETRY_EVERY)
+            if self.clustered and self.mesh.last is None:
+                # routes not formed at start: a node cut off later must not count itself alone
+                with contextlib.suppress(Exception):
+                    await self._learn_mesh()
             if not self.pending:
                 continue
             pending, self.pending = dict(self.pending), {}

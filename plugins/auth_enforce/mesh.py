@@ -31,8 +31,8 @@ class Mesh:
     unknown and nothing is confirmed. Never "alone": a set of this server only
     is never kept as the last one, and once a set is known, a node that finds
     itself without routes expects that set (the servers it was cut off from
-    did not get the change); only before any (routes not formed yet) does it
-    expect itself.
+    did not get the change). A node learns a first set from its own routes as
+    soon as they form (:meth:`learn`); only before that does it expect itself.
     """
 
     def __init__(self) -> None:
@@ -69,6 +69,15 @@ class Mesh:
         if keep:
             self.last = ids
         return ids
+
+    def learn(self, own: str, routes: frozenset[str] | None) -> bool:
+        """Before any change was confirmed, take this server and the servers it has routes
+        to (its own ROUTEZ, once the routes have formed) as the last set; True once a set is
+        known. A node cut off from every other right after it started then expects the
+        servers it knew, not itself alone; the first full answer replaces the set."""
+        if self.last is None and routes:
+            self.last = frozenset({own, *routes})
+        return self.last is not None
 
     def replace(self, old: str, new: str) -> None:
         """A server restarted and took a new id: the last set names it by that one."""

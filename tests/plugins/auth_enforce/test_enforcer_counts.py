@@ -94,6 +94,17 @@ async def _system_connection(daemon):
                               allow_reconnect=False, connect_timeout=5)
 
 
+def test_a_node_learns_its_peers_from_its_own_routes_before_any_change():
+    mesh = Mesh()
+    assert not mesh.learn("A", frozenset()) and not mesh.learn("A", None)  # no routes yet: nothing known
+    assert mesh.expected("A", {"A": frozenset()}) == {"A"}
+    assert mesh.learn("A", frozenset({"B", "C"})) and mesh.last == {"A", "B", "C"}
+    # cut off from both before its first change: it expects them
+    assert mesh.expected("A", {"A": frozenset()}) == {"A", "B", "C"}
+    # a set known already is not replaced by what this server alone says
+    assert mesh.learn("A", frozenset({"B"})) and mesh.last == {"A", "B", "C"}
+
+
 async def test_connz_is_incomplete_when_a_server_is_silent(daemon):
     """One real nats-server answers; the node expects a peer too: the listing is
     incomplete (a revocation then answers 503 and is retried), not empty and done."""

@@ -90,65 +90,132 @@ async def _until(check, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
-async def test_a_revocation_is_not_confirmed_across_a_partial_mesh(tmp_path):
+class Cluster:
+    """The three nats-servers, a system-account Bus on each, and their ids."""
+
     names = ("A", "B", "C")
-    ports = {n: free_port() for n in names}
-    route_ports = {n: free_port() for n in names}
-    proxies = {n: Proxy(route_ports[n]) for n in ("A", "B")}
-    for p in proxies.values():
-        await p.start()
-    configs = {
-        "A": _config("A", ports["A"], route_ports["A"], proxies["A"].port, [route_ports["C"]]),
-        "B": _config("B", ports["B"], route_ports["B"], proxies["B"].port, [route_ports["C"]]),
-        "C": _config("C", ports["C"], route_ports["C"], route_ports["C"], [route_ports["A"], route_ports["B"]]),
-    }
-    procs: list[subprocess.Popen] = []
-    buses: dict[str, Bus] = {}
-    enforcers: dict[str, Enforcer] = {}
-    try:
+
+    def __init__(self, tmp_path, *, first: tuple[str, ...] = names) -> None:
+        self.tmp_path = tmp_path
+        self.first = first
+        self.ports = {n: free_port() for n in self.names}
+        self.route_ports = {n: free_port() for n in self.names}
+        self.proxies = {n: Proxy(self.route_ports[n]) for n in ("A", "B")}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.buses: dict[str, Bus] = {}
+        self.enforcers: dict[str, Enforcer] = {}
+        self.ids: dict[str, str] = {}
+
+    async def __aenter__(self) -> Cluster:
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__(None, None, None)
+            raise
+        return self
+
+    async def _start(self) -> None:
+        for p in self.proxies.values():
+            await p.start()
+        await self.start(*self.first)
+
+    async def start(self, *names: str) -> None:
+        """Start these servers (not started yet) and connect a Bus to each."""
+        ports, route_ports, proxies = self.ports, self.route_ports, self.proxies
+        configs = {
+            "A": _config("A", ports["A"], route_ports["A"], proxies["A"].port, [route_ports["C"]]),
+            "B": _config("B", ports["B"], route_ports["B"], proxies["B"].port, [route_ports["C"]]),
+            "C": _config("C", ports["C"], route_ports["C"], route_ports["C"], [route_ports["A"], route_ports["B"]]),
+        }
         for n in names:
-            conf = tmp_path / f"{n}.conf"
+            conf = self.tmp_path / f"{n}.conf"
             conf.write_text(configs[n])
-            procs.append(subprocess.Popen([str(find_nats_server()), "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                          stderr=(tmp_path / f"{n}.log").open("wb")))
+            self.procs[n] = subprocess.Popen([str(find_nats_server()), "-c", str(conf)], stdout=subprocess.DEVNULL,
+                                             stderr=(self.tmp_path / f"{n}.log").open("wb"))
         for n in names:
             bus = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"mesh-{n}")
             await bus.connect(timeout=WAIT, check_jetstream=False)
-            buses[n] = bus
-        ids = {n: buses[n].server_id for n in names}
+            self.buses[n] = bus
+            self.ids[n] = bus.server_id
 
-        async def routes_are(want: dict[str, set[str]]) -> bool:
-            got = {n: await buses[n].route_ids() for n in names}
-            return all(got[n] == {ids[m] for m in want[n]} for n in names)
+    async def routes_are(self, want: dict[str, set[str]]) -> bool:
+        got = {n: await self.buses[n].route_ids() for n in want}
+        return all(got[n] == {self.ids[m] for m in want[n]} for n in want)
 
-        await _until(lambda: routes_are({"A": {"B", "C"}, "B": {"A", "C"}, "C": {"A", "B"}}), "no full mesh")
-        for n in names:
-            e = Enforcer(buses[n].nc, buses[n].nc, Responder(Policy(), Issuer.from_raw(os.urandom(32))),
-                         clustered=True, node=n, routes=buses[n].route_ids)
-            await e.start()
-            enforcers[n] = e
+    async def enforcer(self, n: str) -> Enforcer:
+        e = Enforcer(self.buses[n].nc, self.buses[n].nc, Responder(Policy(), Issuer.from_raw(os.urandom(32))),
+                     clustered=True, node=n, routes=self.buses[n].route_ids)
+        await e.start()
+        self.enforcers[n] = e
+        return e
 
-        await enforcers["A"].enforce({"bob"}, set(), ["r1"])  # full mesh: confirmed
-        assert enforcers["A"].pending == {}
+    def kill(self, n: str) -> None:
+        self.procs[n].kill()
+        self.procs[n].wait(10)
 
-        for p in proxies.values():
-            await p.cut()
-        await _until(lambda: routes_are({"A": {"C"}, "B": {"C"}, "C": {"A", "B"}}), "no partial mesh")
-        with pytest.raises(KickUnconfirmed, match="2 of 3 nodes confirmed the change"):
-            await enforcers["A"].enforce({"bob"}, set(), ["r1"])
-        assert enforcers["A"].pending == {"bob": True}
-    finally:
-        for e in enforcers.values():
+    async def __aexit__(self, *exc) -> None:
+        for e in self.enforcers.values():
             await e.stop()
-        for bus in buses.values():
+        for bus in self.buses.values():
             await bus.close()
-        for p in proxies.values():
+        for p in self.proxies.values():
             await p.cut()
-        for proc in procs:
+        for proc in self.procs.values():
             proc.terminate()
-        for proc in procs:
+        for proc in self.procs.values():
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+FULL = {"A": {"B", "C"}, "B": {"A", "C"}, "C": {"A", "B"}}
+
+
+async def test_a_revocation_is_not_confirmed_across_a_partial_mesh(tmp_path):
+    async with Cluster(tmp_path) as c:
+        await _until(lambda: c.routes_are(FULL), "no full mesh")
+        for n in c.names:
+            await c.enforcer(n)
+
+        await c.enforcers["A"].enforce({"bob"}, set(), ["r1"])  # full mesh: confirmed
+        assert c.enforcers["A"].pending == {}
+
+        for p in c.proxies.values():
+            await p.cut()
+        await _until(lambda: c.routes_are({"A": {"C"}, "B": {"C"}, "C": {"A", "B"}}), "no partial mesh")
+        with pytest.raises(KickUnconfirmed, match="2 of 3 nodes confirmed the change"):
+            await c.enforcers["A"].enforce({"bob"}, set(), ["r1"])
+        assert c.enforcers["A"].pending == {"bob": True}
+
+
+async def test_a_node_cut_off_before_its_first_change_does_not_confirm_alone(tmp_path):
+    """A node that has confirmed no change yet learns its peers from its own routes, so
+    when it is cut off from every other node before its first change it expects them
+    (503, pending), instead of confirming a revocation that only its own server saw."""
+    async with Cluster(tmp_path) as c:
+        await _until(lambda: c.routes_are(FULL), "no full mesh")
+        a = await c.enforcer("A")
+        assert a.mesh.last == set(c.ids.values())  # learned at start, before any change
+
+        c.kill("B")
+        c.kill("C")
+        await _until(lambda: c.routes_are({"A": set()}), "A still has routes")
+        with pytest.raises(KickUnconfirmed, match="1 of 3 nodes confirmed the change"):
+            await a.enforce({"bob"}, set(), ["r1"])
+        assert a.pending == {"bob": True}
+
+
+async def test_a_node_whose_routes_form_after_it_started_learns_its_peers(tmp_path):
+    """A's enforcer started while B and C were down: it learns the set once the routes form."""
+    async with Cluster(tmp_path, first=("A",)) as c:
+        a = await c.enforcer("A")
+        assert a.mesh.last is None  # no routes: nothing to learn yet
+        await c.start("B", "C")
+        await _until(lambda: c.routes_are(FULL), "no full mesh")
+        await _until(lambda: _true(a.mesh.last == set(c.ids.values())), "A did not learn its peers")
+
+
+async def _true(value: bool) -> bool:
+    return value
