@@ -40,7 +40,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nats.errors import ConnectionClosedError, NoRespondersError
+from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
@@ -84,6 +84,14 @@ READ_AHEAD = 8
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
 _UNAVAILABLE = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError)
+
+
+def chunk_for(max_payload: int | None) -> int:
+    """The chunk size for a server whose ``max_payload`` is this (None or 0: not known):
+    :data:`CHUNK_SIZE`, or what fits under a smaller ``max_payload``, at least one byte."""
+    if not isinstance(max_payload, int) or max_payload <= 0:
+        return CHUNK_SIZE
+    return max(1, min(CHUNK_SIZE, max(max_payload // 2, max_payload - _PAYLOAD_HEADROOM)))
 
 
 def _unavailable(e: BaseException) -> BlobUnavailable:
@@ -214,10 +222,7 @@ class ObjectStoreBackend(BlobBackend):
     def chunk_size(self) -> int:
         """The chunk size of a put: :data:`CHUNK_SIZE`, or less when the server's ``max_payload``
         (from its INFO) leaves less room."""
-        max_payload = getattr(getattr(self.js, "_nc", None), "max_payload", None)
-        if isinstance(max_payload, int) and max_payload > 0:
-            return max(1024, min(CHUNK_SIZE, max_payload - _PAYLOAD_HEADROOM))
-        return CHUNK_SIZE
+        return chunk_for(getattr(getattr(self.js, "_nc", None), "max_payload", None))
 
     # -- counters (from the metadata subjects, this node's writes and everyone else's)
     def _apply(self, name: str, size: int | None, nuid: str | None) -> None:
@@ -456,6 +461,9 @@ class ObjectStoreBackend(BlobBackend):
                 raise
         except _UNAVAILABLE as e:
             raise _unavailable(e) from None
+        except MaxPayloadError:  # the connection moved to a server with a smaller max_payload: fits next time
+            raise BlobUnavailable(f"blob {info.blob_id}: the NATS server's max_payload changed during the put; "
+                                  "try again") from None
         except APIError as e:
             raise BlobError(f"JetStream refused blob {info.blob_id}: {e.description or e}") from None
         finally:

@@ -419,6 +419,35 @@ async def test_objectstore_chunks_fit_a_smaller_max_payload(small_payload_server
         await nc.close()
 
 
+def test_objectstore_chunks_always_fit_the_max_payload():
+    from unibus.plugins.blobstore.objectstore import CHUNK_SIZE, chunk_for
+
+    assert chunk_for(None) == chunk_for(0) == CHUNK_SIZE
+    assert chunk_for(1024 * 1024) == CHUNK_SIZE  # nats-server's default
+    for max_payload in (1, 2, 100, 4096, 4097, 8192, 64 * 1024, CHUNK_SIZE, CHUNK_SIZE + 4096, 8 * 1024 * 1024):
+        chunk = chunk_for(max_payload)
+        assert 1 <= chunk <= min(max_payload, CHUNK_SIZE), max_payload
+
+
+async def test_objectstore_a_chunk_over_the_max_payload_is_503_not_500(small_payload_server, tmp_path, monkeypatch):
+    """Chunks are sized from the server the connection is on; if the connection moved to one
+    with a smaller max_payload mid-put, the put fails as unavailable (503, retried), and stores nothing."""
+    from unibus.plugins.blobstore.backend import BlobUnavailable
+
+    nc = await nats.connect(small_payload_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        monkeypatch.setattr(ObjectStoreBackend, "chunk_size", lambda self: 128 * 1024)  # sized for another server
+        with pytest.raises(BlobUnavailable, match="max_payload"):
+            await put(b, os.urandom(200_000))
+        assert await b.list_room(ROOM) == []
+        await b.close()
+    finally:
+        await nc.close()
+
+
 async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nats_server, tmp_path, monkeypatch):
     """The put hashes the staged file again: bytes that no longer hash to the blob id are refused,
     their chunks purged, no object visible."""
