@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import contextlib
 import functools
 import hashlib
@@ -788,21 +789,48 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
 
 
 class _Lane:
-    """A serial worker: ``fn(block)`` runs in a thread, one block at a time, in order,
-    while the event loop goes on receiving (two lanes use two threads)."""
+    """A serial worker: ``fn(block)`` runs in a thread of the lane's own, one block at a
+    time, in order, while the event loop goes on receiving (two lanes use two threads).
+
+    Its own thread, not the loop's shared pool: there, consecutive blocks of one lane
+    went to whichever pool thread was idle, and a 256 MiB ``get_blob`` ran about a
+    tenth slower (docs/benchmarks.md, "Blobs")."""
 
     def __init__(self, fn: Callable[[Any], Any]) -> None:
         self.fn = fn
         self.pending: asyncio.Future[Any] | None = None
+        self._thread = _OwnThread()
 
     async def submit(self, data: Any) -> None:
         await self.drain()
-        self.pending = asyncio.get_running_loop().run_in_executor(None, self.fn, data)
+        self.pending = asyncio.get_running_loop().run_in_executor(self._thread.executor, self.fn, data)
 
     async def drain(self) -> None:
         pending, self.pending = self.pending, None
         if pending is not None:
             await pending
+
+    def close(self) -> None:
+        """Let the thread end once its block (if any) is done; call after :meth:`drain`."""
+        self._thread.close()
+
+
+class _OwnThread:
+    """One worker thread, started when first used and ended by :meth:`close`."""
+
+    def __init__(self) -> None:
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+
+    @property
+    def executor(self) -> concurrent.futures.ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unibus-blob")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
 
 async def _receive(resp: Any, total: int, progress: Progress | None, hasher: _Lane, writer: _Lane,
@@ -917,9 +945,13 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
             raise ServerUnreachable(client.base_url, f"download of blob {blob_id} failed: "
                                     f"{str(e) or type(e).__name__}") from None
         finally:
-            for lane in (hasher, writer):  # never leave a worker writing after we return
-                with contextlib.suppress(Exception):  # the first error is already on its way
-                    await lane.drain()
+            try:
+                for lane in (hasher, writer):  # never leave a worker writing after we return
+                    with contextlib.suppress(Exception):  # the first error is already on its way
+                        await lane.drain()
+            finally:
+                hasher.close()
+                writer.close()
         if total >= 0 and done != total:
             raise BlobIntegrityError(f"blob {blob_id}: got {done} of {total} bytes")
         if h.hexdigest() != blob_id:

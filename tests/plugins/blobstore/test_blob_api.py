@@ -51,6 +51,39 @@ async def test_round_trip_sizes(world, tmp_path, size):
     assert world.staging() == []
 
 
+async def test_downloads_leave_no_worker_threads_behind(world, tmp_path):
+    """Each download hashes and writes in two threads of its own: they end with it, whether
+    it succeeded or failed half-way (here: its progress callback raised)."""
+    import asyncio
+    import threading
+
+    def lanes() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name.startswith("unibus-blob")]
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_some(done: int, _total: int) -> None:
+        if done >= 1024 * 1024:
+            raise Stop
+
+    rid = await world.room()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    blob_id = await put_raw_blob(world.clients["carol"], rid, src)
+    for _ in range(3):
+        await get_raw_blob(world.clients["bob"], rid, blob_id, tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == src.read_bytes()
+    with pytest.raises(Stop):
+        await get_raw_blob(world.clients["bob"], rid, blob_id, tmp_path / "other", progress=stop_after_some)
+    assert not (tmp_path / "other").exists()
+    for _ in range(100):  # a thread ends once it has seen its executor shut down
+        if not lanes():
+            break
+        await asyncio.sleep(0.05)
+    assert lanes() == []
+
+
 async def test_get_headers_and_ranges_ignored(world):
     rid = await world.room()
     data = os.urandom(100_000)
