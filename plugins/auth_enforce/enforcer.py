@@ -177,7 +177,7 @@ class Enforcer:
         routes = await self._routes() if self.clustered and self._routes is not None else None
         if own:
             self.mesh.learn(own, routes)
-        servers = frozenset({own, *(routes or self.mesh.last or ())}) if own else frozenset()
+        servers = frozenset({own, *(routes or self.mesh.last or self.mesh.seed or ())}) if own else frozenset()
         found: dict[str, set[Conn]] = {}
         for server_id, conns in (await self._connz({"acc": "MEMBERS"}, servers))[0].items():
             for conn in conns:
@@ -499,7 +499,7 @@ class Enforcer:
     async def _retry_loop(self) -> None:
         while True:
             await asyncio.sleep(RETRY_EVERY)
-            if self.clustered and self.mesh.last is None:
+            if self.clustered and self.mesh.last is None and self.mesh.seed is None:
                 # routes not formed at start: a node cut off later must not count itself alone
                 with contextlib.suppress(Exception):
                     await self._learn_mesh()

@@ -31,12 +31,20 @@ class Mesh:
     unknown and nothing is confirmed. Never "alone": a set of this server only
     is never kept as the last one, and once a set is known, a node that finds
     itself without routes expects that set (the servers it was cut off from
-    did not get the change). A node learns a first set from its own routes as
-    soon as they form (:meth:`learn`); only before that does it expect itself.
+    did not get the change).
+
+    Before any full answer, a node still knows the peers its own routes named
+    once they formed (:attr:`seed`, :meth:`learn`), and a node without routes
+    expects them: it never confirms alone once it had a peer. The seed stands
+    in for nothing else. It may be partial (a peer whose route formed later is
+    not in it), so a route set that goes unanswered before any full answer
+    still confirms nothing (found by a red-team test).
     """
 
     def __init__(self) -> None:
         self.last: frozenset[str] | None = None
+        #: this server and the peers its own routes named before any full answer
+        self.seed: frozenset[str] | None = None
 
     def _union(self, own: str, routes: Routes) -> tuple[frozenset[str], bool]:
         """``(own, every responder and every id their routes name; whether every route set is known)``."""
@@ -57,7 +65,8 @@ class Mesh:
         if self.last is not None:
             return ids | self.last, False
         if known:
-            return ids, False  # this server alone: routes not formed yet, and no set known before
+            # this server alone: its peers from before, if its routes ever formed
+            return ids | (self.seed or frozenset()), False
         return None, False
 
     def expected(self, own: str, routes: Routes) -> frozenset[str]:
@@ -71,18 +80,19 @@ class Mesh:
         return ids
 
     def learn(self, own: str, routes: frozenset[str] | None) -> bool:
-        """Before any change was confirmed, take this server and the servers it has routes
-        to (its own ROUTEZ, once the routes have formed) as the last set; True once a set is
-        known. A node cut off from every other right after it started then expects the
-        servers it knew, not itself alone; the first full answer replaces the set."""
-        if self.last is None and routes:
-            self.last = frozenset({own, *routes})
-        return self.last is not None
+        """Add this server and the servers it has routes to (its own ROUTEZ) to :attr:`seed`;
+        True once this node knows a peer (a seed or a full answer). A node cut off from
+        every other before its first full answer then expects them, not itself alone."""
+        if routes:
+            self.seed = (self.seed or frozenset()) | {own, *routes}
+        return self.seed is not None or self.last is not None
 
     def replace(self, old: str, new: str) -> None:
         """A server restarted and took a new id: the last set names it by that one."""
         if self.last is not None and old in self.last:
             self.last = (self.last - {old}) | {new}
+        if self.seed is not None and old in self.seed:
+            self.seed = (self.seed - {old}) | {new}
 
     def complete(self, own: str, routes: Routes) -> bool:
         """Whether every expected server has answered (nothing is kept: for a gather to stop early)."""

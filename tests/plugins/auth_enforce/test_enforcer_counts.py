@@ -98,11 +98,24 @@ def test_a_node_learns_its_peers_from_its_own_routes_before_any_change():
     mesh = Mesh()
     assert not mesh.learn("A", frozenset()) and not mesh.learn("A", None)  # no routes yet: nothing known
     assert mesh.expected("A", {"A": frozenset()}) == {"A"}
-    assert mesh.learn("A", frozenset({"B", "C"})) and mesh.last == {"A", "B", "C"}
-    # cut off from both before its first change: it expects them
+    assert mesh.learn("A", frozenset({"C"})) and mesh.seed == {"A", "C"} and mesh.last is None
+    # cut off before its first change: it expects the peer it knew
+    assert mesh.expected("A", {"A": frozenset()}) == {"A", "C"}
+    assert mesh.learn("A", frozenset({"B"})) and mesh.seed == {"A", "B", "C"}  # it only grows
     assert mesh.expected("A", {"A": frozenset()}) == {"A", "B", "C"}
-    # a set known already is not replaced by what this server alone says
-    assert mesh.learn("A", frozenset({"B"})) and mesh.last == {"A", "B", "C"}
+
+
+def test_a_learned_seed_never_stands_in_for_an_unanswered_route_set():
+    """The seed may miss a peer whose route formed later (red team r4): before any full
+    answer, a responder that cannot say its routes still confirms nothing."""
+    mesh = Mesh()
+    mesh.learn("A", frozenset({"C"}))  # B's route formed after A learned
+    with pytest.raises(MeshUnknown):
+        mesh.expected("A", {"A": frozenset({"B", "C"}), "C": None})
+    assert not mesh.complete("A", {"A": frozenset({"C"}), "C": None})
+    # a full answer is the set from then on, and the seed no longer matters
+    full = {"A": frozenset({"B", "C"}), "B": frozenset({"A", "C"}), "C": frozenset({"A", "B"})}
+    assert mesh.expected("A", full) == {"A", "B", "C"} and mesh.last == {"A", "B", "C"}
 
 
 async def test_connz_is_incomplete_when_a_server_is_silent(daemon):
