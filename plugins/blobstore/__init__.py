@@ -361,12 +361,25 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
             response: web.StreamResponse = _SendfileResponse(reader.file, reader.info.size, headers)
             await response.prepare(request)
             return response
+        from unibus.auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT
+
+        # A client that reads nothing for a body deadline is cut off: its read holds chunks
+        # (docs/blobstore.md, "Cluster mode"), as an upload that sends nothing holds a slot.
+        deadline = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = reader.info.size
         await response.prepare(request)
         try:
             async for chunk in reader.chunks():
-                await response.write(chunk)
+                try:
+                    async with asyncio.timeout(deadline):
+                        await response.write(chunk)
+                except TimeoutError:
+                    log.info("blob %s of room %s: the client read nothing for %g s; connection dropped",
+                             blob_id, room.room_id, deadline)
+                    if request.transport is not None:
+                        request.transport.abort()  # close() would wait to send what is buffered
+                    return response
         except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
             log.error("blob %s of room %s: streaming failed: %s", blob_id, room.room_id, e)
             if request.transport is not None:

@@ -80,6 +80,11 @@ PUT_WINDOW = 8
 PUT_READ = 4 * 1024 * 1024
 #: ``STREAM.MSG.GET`` requests a read keeps in flight (at most this many chunks in memory: 4 MiB).
 READ_AHEAD = 8
+#: Read-ahead requests all the reads of a node may have in flight together, beyond the one each
+#: read always may (16 MiB of 512 KiB chunks): a client that stops reading keeps its read's
+#: answers in memory, and without a node-wide bound every stalled download held 4 MiB (found by
+#: a red-team test). Four downloads read ahead fully at once; more share the rest.
+READ_AHEAD_BUDGET = 32
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
@@ -145,16 +150,32 @@ class ObjReader(BlobReader):
         subject = f"$O.{self.backend.bucket}.C.{self.nuid}"
         remaining = self.info.size
         cursor = 1  # the next chunk is the first message on ``subject`` at or after this sequence
-        inflight: collections.deque[tuple[int, asyncio.Future[Any]]] = collections.deque()
+        # (sequence, request, whether it holds one of the node's READ_AHEAD_BUDGET tokens)
+        inflight: collections.deque[tuple[int, asyncio.Future[Any], bool]] = collections.deque()
         h = hashlib.sha256()
+        backend = self.backend
 
-        def ask(seq: int) -> None:
+        def ask(seq: int) -> bool:
+            """Ask for the chunk at or after ``seq``; False when the node's read-ahead budget is spent
+            (the first request in flight is this read's own and needs no token)."""
+            token = bool(inflight)
+            if token:
+                if backend.read_tokens <= 0:
+                    return False
+                backend.read_tokens -= 1
             # A direct get: the message as it is stored (no JSON, no base64), answered by
             # any replica that is current; a miss is asked of the stream leader again.
-            fut = asyncio.ensure_future(js.get_msg(self.backend.stream, seq=seq, subject=subject, next=True,
+            fut = asyncio.ensure_future(js.get_msg(backend.stream, seq=seq, subject=subject, next=True,
                                                    direct=True))
             fut.add_done_callback(_consume_exception)
-            inflight.append((seq, fut))
+            inflight.append((seq, fut, token))
+            return True
+
+        def take() -> tuple[int, asyncio.Future[Any]]:
+            seq, fut, token = inflight.popleft()
+            if token:
+                backend.read_tokens += 1
+            return seq, fut
 
         try:
             while remaining > 0:
@@ -163,10 +184,9 @@ class ObjReader(BlobReader):
                 # so each usually answers with exactly the chunk after the previous.
                 wanted = min(READ_AHEAD, -(-remaining // CHUNK_SIZE))
                 nxt = inflight[-1][0] + 1 if inflight else cursor
-                while len(inflight) < wanted:
-                    ask(nxt)
+                while len(inflight) < wanted and ask(nxt):
                     nxt += 1
-                asked, fut = inflight.popleft()
+                asked, fut = take()
                 try:
                     try:
                         msg = await fut
@@ -185,13 +205,13 @@ class ObjReader(BlobReader):
                 # A request for a sequence before the new cursor could only answer with
                 # this chunk again (another object's message was in between): drop it.
                 while inflight and inflight[0][0] < cursor:
-                    inflight.popleft()[1].cancel()
+                    take()[1].cancel()
                 yield data
             if h.hexdigest() != self.info.blob_id:
                 raise BlobError(f"blob {self.info.blob_id}: stored chunks do not match its digest")
         finally:
-            for _seq, fut in inflight:
-                fut.cancel()
+            while inflight:
+                take()[1].cancel()
 
 
 def _consume_exception(fut: asyncio.Future[Any]) -> None:
@@ -218,6 +238,8 @@ class ObjectStoreBackend(BlobBackend):
         self._objects: dict[str, tuple[int, str]] = {}  # name -> (size, nuid)
         self._synced = asyncio.Event()
         self._sub: Any = None
+        #: read-ahead requests the reads may still add (READ_AHEAD_BUDGET)
+        self.read_tokens = READ_AHEAD_BUDGET
 
     def chunk_size(self) -> int:
         """The chunk size of a put: :data:`CHUNK_SIZE`, or less when the server's ``max_payload``

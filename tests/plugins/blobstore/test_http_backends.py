@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from unibus.app import OPENAPI_DOC, STASHES, STORE, problem_middleware, stash
-from unibus.auth import MEMBER_KEY, SIGNATURE_KEY
+from unibus.auth import BODY_TIMEOUT_KEY, MEMBER_KEY, SIGNATURE_KEY
 from unibus.openapi import OpenAPI
 from unibus.plugins.blobstore import SERVICE, BlobService, register_routes
 from unibus.plugins.blobstore.fs import FsBackend
@@ -61,6 +61,8 @@ async def fake_auth(request, handler):
     request[MEMBER_KEY] = member(handle, "admin" if handle == "alice" else "member")
     sha = request.headers.get("X-Test-Sha256")
     request[SIGNATURE_KEY] = Verified(handle, "n" * 16, 0, "sig1", bytes.fromhex(sha) if sha else None)
+    if "X-Test-Body-Timeout" in request.headers:
+        request[BODY_TIMEOUT_KEY] = float(request.headers["X-Test-Body-Timeout"])
     return await handler(request)
 
 
@@ -203,3 +205,34 @@ async def test_reads_ahead_across_interleaved_chunks(http, monkeypatch):
         assert r.status == 200
         got = await r.read()
         assert len(got) == len(data) and got == data
+
+
+@pytest.mark.parametrize("http", ["objectstore"], indirect=True)  # the fs backend's sendfile holds no chunks
+async def test_a_download_whose_client_reads_nothing_is_cut_off(http):
+    """An object-store download holds chunks while its client does not read: a client that
+    reads nothing for a body deadline is disconnected, and what waited to be sent is dropped."""
+    import asyncio
+    import socket
+
+    client, backend, _ = http
+    data = os.urandom(16 * 1024 * 1024 + 7)  # more than loopback's socket buffers take in
+    up = await backend.begin("r1")
+    await up.write(data)
+    blob_id = (await up.finish()).hex()
+    await up.commit("bob")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)  # the window shuts soon
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", client.port))
+        await loop.sock_sendall(sock, (f"GET /v1/rooms/r1/blobs/{blob_id} HTTP/1.1\r\nHost: x\r\n"
+                                       "X-Test-Member: carol\r\nX-Test-Body-Timeout: 0.5\r\n\r\n").encode())
+        await asyncio.sleep(2.0)  # read nothing for four deadlines
+        got = 0
+        async with asyncio.timeout(10):
+            while chunk := await loop.sock_recv(sock, 1 << 20):
+                got += len(chunk)
+        assert got < len(data), "the server waited for the stalled client and sent everything"
+    finally:
+        sock.close()
