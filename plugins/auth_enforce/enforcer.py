@@ -499,8 +499,9 @@ class Enforcer:
     async def _retry_loop(self) -> None:
         while True:
             await asyncio.sleep(RETRY_EVERY)
-            if self.clustered and self.mesh.last is None and self.mesh.seed is None:
-                # routes not formed at start: a node cut off later must not count itself alone
+            if self.clustered:
+                # the peers this node's routes name now: one cut off later must not count itself
+                # alone, and a peer that joined since the last full answer is expected too
                 with contextlib.suppress(Exception):
                     await self._learn_mesh()
             if not self.pending:

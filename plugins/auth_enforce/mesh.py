@@ -80,11 +80,17 @@ class Mesh:
         return ids
 
     def learn(self, own: str, routes: frozenset[str] | None) -> bool:
-        """Add this server and the servers it has routes to (its own ROUTEZ) to :attr:`seed`;
-        True once this node knows a peer (a seed or a full answer). A node cut off from
-        every other before its first full answer then expects them, not itself alone."""
+        """Add this server and the servers it has routes to (its own ROUTEZ, asked every
+        second) to what this node knows: to :attr:`seed`, and to the last set if there is
+        one; True once it knows a peer. A node cut off from every other before its first
+        full answer then expects them, not itself alone; and a peer whose route formed
+        after the last full answer is expected as well when a route set goes unanswered
+        (found by a red-team test). Only a full answer drops a server from the set."""
         if routes:
-            self.seed = (self.seed or frozenset()) | {own, *routes}
+            added = frozenset({own, *routes})
+            self.seed = (self.seed or frozenset()) | added
+            if self.last is not None:
+                self.last |= added
         return self.seed is not None or self.last is not None
 
     def replace(self, old: str, new: str) -> None:

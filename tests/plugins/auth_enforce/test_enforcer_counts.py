@@ -118,6 +118,20 @@ def test_a_learned_seed_never_stands_in_for_an_unanswered_route_set():
     assert mesh.expected("A", full) == {"A", "B", "C"} and mesh.last == {"A", "B", "C"}
 
 
+def test_a_peer_that_joined_after_the_last_full_answer_is_expected_once_this_node_routes_to_it():
+    """Red team r4: the last full answer was {A, C} (B was down); B joined since. A's own
+    ROUTEZ (every second) adds B, so a route set unanswered later still expects B."""
+    mesh = Mesh()
+    assert mesh.expected("A", {"A": frozenset({"C"}), "C": frozenset({"A"})}) == {"A", "C"}
+    mesh.learn("A", frozenset({"B", "C"}))
+    assert mesh.last == {"A", "B", "C"}
+    assert mesh.expected("A", {"A": frozenset({"C"}), "C": None}) == {"A", "B", "C"}
+    # only a full answer drops a server
+    mesh.learn("A", frozenset({"C"}))
+    assert mesh.last == {"A", "B", "C"}
+    assert mesh.expected("A", {"A": frozenset({"C"}), "C": frozenset({"A"})}) == {"A", "C"}
+
+
 async def test_connz_is_incomplete_when_a_server_is_silent(daemon):
     """One real nats-server answers; the node expects a peer too: the listing is
     incomplete (a revocation then answers 503 and is retried), not empty and done."""
