@@ -80,6 +80,21 @@ def server_id_of(nc: Client | None) -> str | None:
     return (getattr(nc, "_server_info", None) or {}).get("server_id") or None
 
 
+async def routes_of_server(nc: Client, server_id: str, timeout: float = 1.0) -> frozenset[str] | None:
+    """The ids of the servers that server ``server_id`` has routes to, from its ROUTEZ
+    (``$SYS.REQ.SERVER.<id>.ROUTEZ``, over a system-account connection ``nc``); None when
+    it does not answer in time or answers with an error ("could not say", never "no routes")."""
+    try:
+        msg = await nc.request(f"$SYS.REQ.SERVER.{server_id}.ROUTEZ", b"", timeout=timeout)
+        reply = json.loads(msg.data)
+        if reply.get("error") or not isinstance(reply.get("data"), dict):
+            return None
+        routes = reply["data"].get("routes") or []
+        return frozenset(i for i in (r.get("remote_id") or r.get("remote_name") for r in routes) if i)
+    except Exception:
+        return None
+
+
 class Bus:
     """A reconnecting nats-py client plus its JetStream context.
 
@@ -199,15 +214,7 @@ class Bus:
         server_id = self.server_id
         if not server_id:
             return None
-        try:
-            msg = await self.nc.request(f"$SYS.REQ.SERVER.{server_id}.ROUTEZ", b"", timeout=timeout)
-            reply = json.loads(msg.data)
-            if reply.get("error") or not isinstance(reply.get("data"), dict):
-                return None  # an error is "could not say", never "no routes"
-            routes = reply["data"].get("routes") or []
-        except Exception:
-            return None
-        return frozenset(i for i in (r.get("remote_id") or r.get("remote_name") for r in routes) if i)
+        return await routes_of_server(self.nc, server_id, timeout)
 
     async def route_peers(self, timeout: float = 1.0) -> int | None:
         """How many other servers this node's nats-server has routes to (:meth:`route_ids`)."""

@@ -811,8 +811,10 @@ class _Lane:
             await pending
 
     def close(self) -> None:
-        """Let the thread end once its block (if any) is done; call after :meth:`drain`."""
-        self._thread.close()
+        """End the thread, waiting for the block it may still be on: after a cancellation,
+        :meth:`drain`'s await is gone but the thread is not, and the caller is about to close
+        the file it writes to (found by a red-team test). Blocks for at most one block's work."""
+        self._thread.close(wait=True)
 
 
 class _OwnThread:
@@ -827,9 +829,9 @@ class _OwnThread:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unibus-blob")
         return self._executor
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
         if self._executor is not None:
-            self._executor.shutdown(wait=False)
+            self._executor.shutdown(wait=wait)
             self._executor = None
 
 

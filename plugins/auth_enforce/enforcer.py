@@ -31,7 +31,7 @@ from typing import Any
 
 import nats.errors
 
-from unibus.bus import server_id_of
+from unibus.bus import routes_of_server, server_id_of
 
 from .callout import AUTH_TIMEOUT, IN_FLIGHT_TTL, Responder, parse_event
 from .mesh import Mesh, MeshUnknown, Routes
@@ -48,7 +48,7 @@ RETRY_EVERY = 1.0
 SECOND_SWEEP_AFTER = IN_FLIGHT_TTL + 0.2
 NO_SUCH_CLIENT = "no such client"
 #: How long a node's answer to an apply request waits for its nats-server's ROUTEZ; past
-#: that it answers without its routes, and the asking node falls back on the last set it knew.
+#: that it answers without its routes, and the asking node asks that nats-server itself.
 ROUTES_TIMEOUT = 0.25
 
 Conn = tuple[str, int]  # (server id, client id)
@@ -297,7 +297,12 @@ class Enforcer:
         in_flight = [(s, c, t) for r in replies.values() for s, c, t in r.get("in_flight", [])]
         for server, reply in replies.items():
             self.saw_server(server, reply.get("node") if isinstance(reply.get("node"), str) else None)
-        routes = routes_of(replies)
+        routes = dict(routes_of(replies))
+        # A node that answered without its routes (its own ROUTEZ was slow): ask its server here.
+        unsaid = [s for s, r in routes.items() if r is None]
+        if unsaid:
+            said = await asyncio.gather(*(routes_of_server(self.sys, s, ROUTES_TIMEOUT * 2) for s in unsaid))
+            routes.update(zip(unsaid, said, strict=True))
         try:
             servers = self.mesh.expected(own, routes)
         except MeshUnknown as e:
@@ -337,7 +342,7 @@ class Enforcer:
         if msg.reply:
             await msg.respond(json.dumps({
                 "node": self.node, "server": self.server_id, "in_flight": in_flight,
-                # None: ROUTEZ unanswered; the asking node then falls back on the last set it knew
+                # None: ROUTEZ unanswered; the asking node then asks this node's nats-server itself
                 "routes": sorted(remote) if isinstance(remote, frozenset) else None,
             }).encode())
         if isinstance(applied, (set, frozenset)) and applied:

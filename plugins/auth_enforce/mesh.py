@@ -26,19 +26,17 @@ class MeshUnknown(Exception):
 class Mesh:
     """The expected set, and the last one every server fully answered for.
 
-    The routes of a server that did not say (its ROUTEZ unanswered, e.g. on a
-    loaded machine) are taken from the last set known; before any, the set is
-    unknown and nothing is confirmed. Never "alone": a set of this server only
-    is never kept as the last one, and once a set is known, a node that finds
-    itself without routes expects that set (the servers it was cut off from
-    did not get the change).
+    When a server does not say which servers it has routes to (its ROUTEZ
+    unanswered, e.g. on a loaded machine: the asking node asks that server's
+    ROUTEZ itself first), the set is unknown and nothing is confirmed. Never
+    "alone": a set of this server only is never kept as the last one, and once
+    a set is known, a node that finds itself without routes expects that set
+    (the servers it was cut off from did not get the change).
 
     Before any full answer, a node still knows the peers its own routes named
     once they formed (:attr:`seed`, :meth:`learn`), and a node without routes
-    expects them: it never confirms alone once it had a peer. The seed stands
-    in for nothing else. It may be partial (a peer whose route formed later is
-    not in it), so a route set that goes unanswered before any full answer
-    still confirms nothing (found by a red-team test).
+    expects them: it never confirms alone once it had a peer. Neither the seed
+    nor the last set stands in for a route set no one could say.
     """
 
     def __init__(self) -> None:
@@ -62,12 +60,13 @@ class Mesh:
         ids, known = self._union(own, routes)
         if known and len(ids) > 1:
             return ids, True
-        if self.last is not None:
-            return ids | self.last, False
-        if known:
-            # this server alone: its peers from before, if its routes ever formed
-            return ids | (self.seed or frozenset()), False
-        return None, False
+        if not known:
+            # A server that did not say its routes may route to a server no one else names
+            # (one that joined since the last full answer): nothing stands in for what it
+            # did not say (found by two red-team tests).
+            return None, False
+        # this server alone: the servers it knew it was cut off from did not get the change
+        return ids | (self.last or frozenset()) | (self.seed or frozenset()), False
 
     def expected(self, own: str, routes: Routes) -> frozenset[str]:
         """The servers that must answer, from what the responders said (``routes``, keyed by the
@@ -83,9 +82,9 @@ class Mesh:
         """Add this server and the servers it has routes to (its own ROUTEZ, asked every
         second) to what this node knows: to :attr:`seed`, and to the last set if there is
         one; True once it knows a peer. A node cut off from every other before its first
-        full answer then expects them, not itself alone; and a peer whose route formed
-        after the last full answer is expected as well when a route set goes unanswered
-        (found by a red-team test). Only a full answer drops a server from the set."""
+        full answer then expects them, not itself alone, and a node cut off after a full
+        answer expects the peers that joined since as well (found by a red-team test).
+        Only a full answer drops a server from the set."""
         if routes:
             added = frozenset({own, *routes})
             self.seed = (self.seed or frozenset()) | added

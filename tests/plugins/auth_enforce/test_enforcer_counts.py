@@ -47,18 +47,22 @@ def test_a_full_mesh_expects_every_server_and_is_complete_once_all_answered():
     assert not mesh.complete("A", {k: full[k] for k in ("A", "C")})
 
 
-def test_a_silent_routez_falls_back_on_the_last_set():
+def test_a_silent_routez_confirms_nothing_even_with_a_last_set():
+    """No stand-in for routes a server did not say: it may route to a server that joined
+    since the last full answer (red teams r4 and r5)."""
     mesh = Mesh()
     full = {"A": frozenset({"B", "C"}), "B": frozenset({"A", "C"}), "C": frozenset({"A", "B"})}
     assert mesh.expected("A", full) == {"A", "B", "C"}
-    # A's own ROUTEZ unanswered, only C answered: B is still expected
-    assert mesh.expected("A", {"A": None, "C": frozenset({"A"})}) == {"A", "B", "C"}
-    assert not mesh.complete("A", {"A": None, "C": frozenset({"A"})})
-    # A never answered at all (its membershipd hung): the same
-    assert mesh.expected("A", {"C": frozenset({"A", "B"})}) == {"A", "B", "C"}
+    for said in ({"A": None, "C": frozenset({"A"})},  # A's own ROUTEZ unanswered
+                 {"C": frozenset({"A", "B"})},  # A never answered at all (its membershipd hung)
+                 {"A": frozenset({"C"}), "C": None}):  # C's unanswered, as in a partial mesh
+        with pytest.raises(MeshUnknown):
+            mesh.expected("A", said)
+        assert not mesh.complete("A", said)
     # a new full answer replaces the set: a server gone from every route set is no longer expected
     assert mesh.expected("A", {"A": frozenset({"C"}), "C": frozenset({"A"})}) == {"A", "C"}
-    assert mesh.expected("A", {"A": None}) == {"A", "C"}
+    # cut off from every route: the last set
+    assert mesh.expected("A", {"A": frozenset()}) == {"A", "C"}
 
 
 def test_before_any_set_a_silent_routez_confirms_nothing():
@@ -120,12 +124,12 @@ def test_a_learned_seed_never_stands_in_for_an_unanswered_route_set():
 
 def test_a_peer_that_joined_after_the_last_full_answer_is_expected_once_this_node_routes_to_it():
     """Red team r4: the last full answer was {A, C} (B was down); B joined since. A's own
-    ROUTEZ (every second) adds B, so a route set unanswered later still expects B."""
+    ROUTEZ (every second) adds B, so cut off later, A still expects B."""
     mesh = Mesh()
     assert mesh.expected("A", {"A": frozenset({"C"}), "C": frozenset({"A"})}) == {"A", "C"}
     mesh.learn("A", frozenset({"B", "C"}))
     assert mesh.last == {"A", "B", "C"}
-    assert mesh.expected("A", {"A": frozenset({"C"}), "C": None}) == {"A", "B", "C"}
+    assert mesh.expected("A", {"A": frozenset()}) == {"A", "B", "C"}  # cut off: B is expected too
     # only a full answer drops a server
     mesh.learn("A", frozenset({"C"}))
     assert mesh.last == {"A", "B", "C"}
