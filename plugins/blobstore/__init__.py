@@ -363,14 +363,36 @@ def _unsent(transport: Any) -> int:
     return waiting
 
 
+def _drop(transport: Any) -> None:
+    """Close the connection at once, discarding what waits to be sent: ``abort()`` drops the
+    transport's buffer, and a zero linger makes the kernel reset the connection instead of
+    sending its queue on to a client that reads too slowly (a few MiB on loopback)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            import socket
+
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
 async def _write_while_read(request: web.Request, response: web.StreamResponse, chunk: bytes,
-                            deadline: float) -> bool:
-    """``response.write(chunk)``; False, with the write cancelled, once the client has read
-    nothing for ``deadline`` seconds (what waits to be sent did not shrink), however long
-    the write takes while the client reads on, slowly (found by a red-team test: a deadline
-    per write cut off a client reading steadily, slower than a chunk per deadline)."""
+                            deadline: float, started: float, handed: int) -> str | None:
+    """``response.write(chunk)``; None once written, else why the client is dropped (the
+    write cancelled): it took nothing for two ``deadline`` in a row (what waits to be sent
+    did not shrink), or, past its first deadline, it has taken fewer than
+    :data:`~.limits.MIN_RATE` bytes per second since, the rule uploads follow. A client
+    reading on at that rate is never cut off, however long a write takes (found by a
+    red-team test: a deadline per write cut off a client reading steadily but slowly).
+    ``started`` is when the download began (loop time); ``handed`` the bytes handed over before."""
+    from .limits import MIN_RATE
+
+    loop = asyncio.get_running_loop()
     transport = request.transport
     waiting = _unsent(transport) + len(chunk)  # what waits once the chunk is handed over
+    still = 0  # deadlines in a row over which the client took nothing
     write = asyncio.ensure_future(response.write(chunk))
     while True:
         try:
@@ -380,13 +402,25 @@ async def _write_while_read(request: web.Request, response: web.StreamResponse, 
             raise
         if done:
             write.result()
-            return True
+            return None
         now = _unsent(transport)
-        if now >= waiting:
+        elapsed = loop.time() - started
+        taken = handed + len(chunk) - now
+        why = None
+        # Two deadlines, not one: a client's kernel takes data only when its receive window
+        # reopens, in steps of up to a whole receive buffer, so one deadline with nothing
+        # taken can still be a client reading on (found by a red-team test).
+        still = still + 1 if now >= waiting else 0
+        if still >= 2:
+            why = f"the client read nothing for {2 * deadline:g} s"
+        elif elapsed > deadline and taken < MIN_RATE * (elapsed - deadline):
+            why = (f"the client read {taken / elapsed:.0f} bytes/s; a download must average at least "
+                   f"{MIN_RATE} bytes/s after its first {deadline:g} s")
+        if why is not None:
             write.cancel()
             with contextlib.suppress(BaseException):
                 await write
-            return False
+            return why
         waiting = now
 
 
@@ -415,14 +449,16 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = reader.info.size
         await response.prepare(request)
+        started = asyncio.get_running_loop().time()
+        handed = 0
         try:
             async for chunk in reader.chunks():
-                if not await _write_while_read(request, response, chunk, deadline):
-                    log.info("blob %s of room %s: the client read nothing for %g s; connection dropped",
-                             blob_id, room.room_id, deadline)
-                    if request.transport is not None:
-                        request.transport.abort()  # close() would wait to send what is buffered
+                why = await _write_while_read(request, response, chunk, deadline, started, handed)
+                if why is not None:
+                    log.info("blob %s of room %s: %s; connection dropped", blob_id, room.room_id, why)
+                    _drop(request.transport)
                     return response
+                handed += len(chunk)
         except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
             log.error("blob %s of room %s: streaming failed: %s", blob_id, room.room_id, e)
             if request.transport is not None:

@@ -8,6 +8,7 @@ for the store and for the auth layer (which the daemon tests cover).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from datetime import UTC, datetime
@@ -231,8 +232,53 @@ async def test_a_download_whose_client_reads_nothing_is_cut_off(http):
         await asyncio.sleep(2.0)  # read nothing for four deadlines
         got = 0
         async with asyncio.timeout(10):
-            while chunk := await loop.sock_recv(sock, 1 << 20):
-                got += len(chunk)
+            with contextlib.suppress(ConnectionResetError):  # dropped: reset, what waited discarded
+                while chunk := await loop.sock_recv(sock, 1 << 20):
+                    got += len(chunk)
         assert got < len(data), "the server waited for the stalled client and sent everything"
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("http", ["objectstore"], indirect=True)
+async def test_a_download_whose_client_only_trickles_is_cut_off(http):
+    """A client that takes a little within every deadline (holding its read's chunks and
+    read-ahead for as long as it likes) must, past its first deadline, average what an
+    upload must (limits.MIN_RATE, 32 KiB/s), or it is disconnected."""
+    import asyncio
+    import socket
+    import time
+
+    client, backend, _ = http
+    data = os.urandom(16 * 1024 * 1024 + 7)
+    up = await backend.begin("r1")
+    await up.write(data)
+    blob_id = (await up.finish()).hex()
+    await up.commit("bob")
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+    sock.setblocking(False)
+    got = 0
+    closed = False
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", client.port))
+        await loop.sock_sendall(sock, (f"GET /v1/rooms/r1/blobs/{blob_id} HTTP/1.1\r\nHost: x\r\n"
+                                       "X-Test-Member: carol\r\nX-Test-Body-Timeout: 0.5\r\n\r\n").encode())
+        await asyncio.sleep(0.3)  # the response's first part fills the socket buffers
+        start = time.monotonic()
+        while time.monotonic() - start < 15:  # a trickle: 1 KiB every 0.1 s, far under 32 KiB/s
+            async with asyncio.timeout(5):
+                try:
+                    chunk = await loop.sock_recv(sock, 1024)
+                except ConnectionResetError:
+                    chunk = b""
+            if not chunk:
+                closed = True
+                break
+            got += len(chunk)
+            await asyncio.sleep(0.1)
+    finally:
+        sock.close()
+    assert closed, f"a client trickling {got} bytes over 15 s kept its download"
+    assert got < len(data)
