@@ -45,7 +45,7 @@ Every process started here is stopped in a ``finally``.
 from __future__ import annotations
 
 import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
-from benchlib import cpu_model, reset_hwm, status_kib  # noqa: E402
+from benchlib import cpu_model, reset_hwm, sha_extensions, status_kib  # noqa: E402
 import argparse
 import asyncio
 import hashlib
@@ -78,22 +78,6 @@ PATH_NAMES = {
     "raw_get": "raw GET: `get_raw_blob`",
 }
 DRIVER_TIMEOUT = 1800.0
-
-
-# --------------------------------------------------------------------------- the machine
-
-
-def sha_extensions() -> bool:
-    """The ``sha_ni`` flag (x86) or ``sha2`` feature (arm) in /proc/cpuinfo."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in info.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() in ("flags", "Features") and {"sha_ni", "sha2"} & set(value.split()):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------- floors

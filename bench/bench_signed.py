@@ -72,6 +72,7 @@ from benchlib import (  # noqa: E402
     PYTHON,
     REPO,
     daemon_env,
+    machine,
     min_med_max,
     nats_server_version,
     parse_frames,
@@ -845,7 +846,7 @@ def environment_line(ns: argparse.Namespace, load_before: float, load_after: flo
                 + ("the same aiohttp, PyNaCl, nats-py and nats-server" if same else
                    f"aiohttp {before.versions.get('aiohttp')}, PyNaCl {before.versions.get('pynacl')}, "
                    f"nats-py {before.versions.get('nats-py')}, {before.nats_server}"))
-    return (f"Measured {datetime.now():%Y-%m-%d} by `{command_line(ns)}`: {os.cpu_count()} CPUs, Python "
+    return (f"Measured {datetime.now():%Y-%m-%d} by `{command_line(ns)}`: {machine()}, Python "
             f"{platform.python_version()} (default asyncio loop), aiohttp {here['aiohttp']}, PyNaCl {here['pynacl']}, "
             f"nats-py {here['nats-py']}, {nats_version}{then}; "
             f"{profiler}; 1-minute load average {load_before:.1f} before and {load_after:.1f} after (the server, its "

@@ -238,6 +238,30 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def sha_extensions() -> bool:
+    """The ``sha_ni`` flag (x86) or ``sha2`` feature (arm) in /proc/cpuinfo."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features") and {"sha_ni", "sha2"} & set(value.split()):
+            return True
+    return False
+
+
+def machine() -> str:
+    """The CPU model and whether it has SHA extensions, as every environment line names them.
+
+    SHA-256 runs several times faster with the extensions, so a hashing path's figures
+    say little without it (docs/benchmarks.md).
+    """
+    flag = "sha_ni" if platform.machine() in ("x86_64", "i686") else "sha2"
+    return (f"**{cpu_model()}**, SHA extensions **{'yes' if sha_extensions() else 'no'}** "
+            f"(`{flag}` in /proc/cpuinfo), {os.cpu_count()} CPUs")
+
+
 def nats_server_version(binary: Path | str | None = None) -> str:
     """``nats-server --version`` of ``binary`` (the one membershipd runs by default)."""
     if binary is None:
@@ -249,9 +273,8 @@ def nats_server_version(binary: Path | str | None = None) -> str:
 
 
 def measured_by(command: str) -> str:
-    """The start of every environment line: date, command, CPUs and Python."""
-    return (f"Measured {datetime.now():%Y-%m-%d} by `{command}`: {os.cpu_count()} CPUs, "
-            f"Python {platform.python_version()}")
+    """The start of every environment line: date, command, the machine and Python."""
+    return f"Measured {datetime.now():%Y-%m-%d} by `{command}`: {machine()}, Python {platform.python_version()}"
 
 
 def load_average(before: float, after: float) -> str:
