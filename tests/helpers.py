@@ -47,3 +47,18 @@ async def service_js(daemon: Any) -> AsyncIterator[Any]:
         yield nc.jetstream(timeout=5)
     finally:
         await nc.close()
+
+
+async def whole_log(client: Any) -> list[dict[str, Any]]:
+    """Every entry of the membership log ``client`` can read, page after page.
+
+    ``GET /v1/log`` answers at most 1,000 entries a page (docs/http-api.md), and a test
+    whose writers run for as long as something else takes can pass that bound.
+    """
+    entries: list[dict[str, Any]] = []
+    for _page in range(10_000):  # bounded: ten million entries
+        page = await client.log(after=entries[-1]["seq"] if entries else None, limit=1000)
+        if not page["entries"]:
+            return entries
+        entries += page["entries"]
+    raise AssertionError("the log did not end within 10,000 pages")

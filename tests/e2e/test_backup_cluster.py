@@ -25,6 +25,7 @@ from unibus.store.kv import KvStore
 from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
 
 from clusters import Cluster
+from helpers import whole_log
 from storecheck import assert_rows_match_log, read_store, replay, stored_blobs
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ async def single_node_backup(tmp_path, alice, bob) -> dict:
                 (tmp_path / "blob").write_bytes(data)
                 out["blobs"][(room, await put_raw_blob(a, room, tmp_path / "blob"))] = data
             out["packages"] = {e: await a.my_key(room, e) for e in (1, 2)}
-            out["entries"] = (await a.log(limit=1000))["entries"]
+            out["entries"] = await whole_log(a)
         out["archive"] = tmp_path / "single.tar"
         proc = await asyncio.to_thread(run_membershipd, "backup", "--out", str(out["archive"]), "--data-dir",
                                        str(source))
@@ -106,7 +107,7 @@ async def test_backups_cross_the_cluster_boundary_both_ways(tmp_path, membership
         await eventually_signed(n2, alice)
         async with UnibusClient(n2.base_url, alice) as a:
             assert sorted(m["handle"] for m in await a.list_members()) == ["alice", "bob"]
-            assert (await a.log(limit=1000))["entries"] == single["entries"]
+            assert await whole_log(a) == single["entries"]
             for e in (1, 2):
                 assert await a.my_key(room, e) == single["packages"][e]
         await eventually_signed(n3, bob)
@@ -180,7 +181,7 @@ async def test_backups_cross_the_cluster_boundary_both_ways(tmp_path, membership
     daemon = membershipd_factory(data_dir=restored_dir)
     async with UnibusClient(daemon.base_url, alice) as a:
         assert sorted(m["handle"] for m in await a.list_members()) == ["alice", "bob"]
-        assert (await a.log(limit=1000))["entries"] == [json.loads(text) for _s, _h, text in got["log"]]
+        assert await whole_log(a) == [json.loads(text) for _s, _h, text in got["log"]]  # past one page
         assert await a.my_key(room, epoch) == package
         for e in (1, 2):
             assert await a.my_key(room, e) == single["packages"][e]

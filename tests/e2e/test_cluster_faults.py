@@ -37,7 +37,7 @@ import pytest
 from clusters import FORM_TIMEOUT, Cluster, eventually, signed_ok
 from straced import SENDS, WRITES, Tracer, can_trace, first, synced_after
 
-from helpers import require_tool, service_js
+from helpers import require_tool, service_js, whole_log
 from unibus.client import ApiError, ServerUnreachable, UnibusClient
 from unibus.client.keys import Identity, generate_identity
 from unibus.memberlog import LogState
@@ -99,13 +99,8 @@ async def everyone_knows(cluster: Cluster, identity: Identity) -> None:
 
 
 async def full_log(node: MembershipdProcess, identity: Identity) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
     async with UnibusClient(node.base_url, identity, timeout=15) as client:
-        while True:
-            page = await client.log(after=entries[-1]["seq"] if entries else None, limit=1000)
-            if not page["entries"]:
-                return entries
-            entries += page["entries"]
+        return await whole_log(client)
 
 
 async def handles_on(node: MembershipdProcess, identity: Identity) -> set[str]:
