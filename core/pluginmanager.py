@@ -50,6 +50,7 @@ BUILTIN_PLUGIN_FLAGS: Mapping[str, str] = {
     "--route-tls-ca": "route_tls",
     "--blob-max-bytes": "blobstore",
     "--blob-max-uploads": "blobstore",
+    "--blob-max-downloads": "blobstore",
 }
 
 #: The name of the plugin whose hook implementation is running (None: the core).

@@ -21,6 +21,8 @@ for longer than the body timeout (``UNIBUS_BODY_TIMEOUT``) is 408; every
 refusal before the end closes the connection (docs/http-api.md). At most
 ``--blob-max-uploads`` uploads run at once on a node, a quarter of them per
 member (:mod:`.limits`): the others are refused before their body is read.
+Downloads take slots the same way (``--blob-max-downloads``), and a download
+whose client does not keep up is dropped (:mod:`.pacing`).
 
 Storage: :mod:`.fs` (``<data-dir>/blobs``) on a single node; :mod:`.objectstore`
 (the JetStream object store ``unibus_blobs``, ``--kv-replicas`` replicas) in
@@ -31,11 +33,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import hmac
 import logging
-import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -46,7 +46,8 @@ from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
 from unibus.settings import Option, parse_positive_int
 
 from .backend import RECV_SIZE, WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
-from .limits import DEFAULT_MAX_UPLOADS, UploadSlots, check_rate
+from . import pacing
+from .limits import DEFAULT_MAX_DOWNLOADS, DEFAULT_MAX_UPLOADS, Slots, check_rate
 
 PLUGIN_NAME = "blobstore"
 DEFAULT_MAX_BYTES = 104857600
@@ -60,12 +61,14 @@ log = logging.getLogger("unibus.plugins.blobstore")
 class BlobService:
     """The plugin's runtime: the backend and the limits."""
 
-    def __init__(self, backend: BlobBackend, max_bytes: int, max_uploads: int = DEFAULT_MAX_UPLOADS) -> None:
+    def __init__(self, backend: BlobBackend, max_bytes: int, max_uploads: int = DEFAULT_MAX_UPLOADS,
+                 max_downloads: int = DEFAULT_MAX_DOWNLOADS) -> None:
         #: removes :meth:`on_change` from the store's listeners (set at start-up)
         self.unsubscribe: Callable[[], None] = lambda: None
         self.backend = backend
         self.max_bytes = max_bytes
-        self.uploads = UploadSlots(max_uploads)
+        self.uploads = Slots(max_uploads, "uploads")
+        self.downloads = Slots(max_downloads, "downloads")
 
     def on_change(self, change: Any) -> Awaitable[int] | None:
         """Store listener: a deleted room takes its blobs with it (the DELETE waits for it)."""
@@ -109,6 +112,15 @@ def cli_options() -> list[Option]:
             metavar="N",
             doc="uploads in progress at once, a quarter of them per member",
         ),
+        Option(
+            "--blob-max-downloads",
+            help=f"downloads in progress at once on this node, a quarter of them per member; the others are "
+                 f"refused before the blob is opened (default {DEFAULT_MAX_DOWNLOADS})",
+            default=DEFAULT_MAX_DOWNLOADS,
+            convert=parse_positive_int,
+            metavar="N",
+            doc="downloads in progress at once, a quarter of them per member",
+        ),
     ]
 
 
@@ -133,20 +145,21 @@ async def startup(app: web.Application) -> None:
     await retry_until(lambda: backend.start(room_exists if sweep else None),
                       CLUSTER_FORM_TIMEOUT if settings.clustered else 10.0, "blobstore: cannot open the blob store")
     service = BlobService(backend, int(settings.option("blob_max_bytes", DEFAULT_MAX_BYTES)),
-                          int(settings.option("blob_max_uploads", DEFAULT_MAX_UPLOADS)))
+                          int(settings.option("blob_max_uploads", DEFAULT_MAX_UPLOADS)),
+                          int(settings.option("blob_max_downloads", DEFAULT_MAX_DOWNLOADS)))
     stash(app)[SERVICE] = service
     # Read at every scrape from the backend's in-memory counters (docs/operations.md, "Metrics").
     metrics = app[METRICS].plugin(PLUGIN_NAME)
     metrics.gauge("unibus_blobs", "blobs stored (on a cluster: by every node)", function=lambda: backend.blobs)
     metrics.gauge("unibus_blob_bytes", "bytes of the blobs stored (ciphertext)", function=lambda: backend.bytes)
-    uploads = service.uploads
-    metrics.gauge("uploads_in_progress", "uploads being received by this node",
-                  function=lambda: uploads.active)
-    refused = metrics.counter("uploads_refused", "uploads refused because the node (reason=node) "
-                              "or the member (reason=member) had as many in progress as allowed", ["reason"])
-    for reason in ("node", "member"):
-        refused.labels(reason)  # both series from the start
-    uploads.on_refused = lambda reason: refused.labels(reason).inc()
+    for kind, slots in (("uploads", service.uploads), ("downloads", service.downloads)):
+        metrics.gauge(f"{kind}_in_progress", f"{kind} in progress on this node",
+                      function=lambda slots=slots: slots.active)
+        refused = metrics.counter(f"{kind}_refused", f"{kind} refused because the node (reason=node) or the "
+                                  "member (reason=member) had as many in progress as allowed", ["reason"])
+        for reason in ("node", "member"):
+            refused.labels(reason)  # both series from the start
+        slots.on_refused = lambda reason, refused=refused: refused.labels(reason).inc()
     service.unsubscribe = store.add_listener(service.on_change)
     register_routes(app)
 
@@ -316,118 +329,48 @@ put_blob.unibus_streaming = True  # type: ignore[attr-defined]
 
 
 class _SendfileResponse(web.StreamResponse):
-    """A whole file with sendfile(2): no Range or conditional handling, so
-    the Content-Digest always describes exactly the bytes sent."""
+    """A whole file with sendfile(2): no Range or conditional handling, so the
+    Content-Digest always describes exactly the bytes sent. Its client must keep up
+    what :mod:`.pacing` asks (it is dropped otherwise): ``dropped`` then says why."""
 
-    def __init__(self, file: Any, size: int, headers: dict[str, str]) -> None:
+    def __init__(self, file: Any, size: int, headers: dict[str, str], deadline: float) -> None:
         super().__init__(status=200, headers=headers)
         self._file = file
         self._size = size
+        self._deadline = deadline
         self.content_length = size
+        self.dropped: str | None = None
 
     async def prepare(self, request: web.BaseRequest) -> Any:
         if self.prepared:  # aiohttp calls prepare() again after the handler returned
             return await super().prepare(request)
         writer = await super().prepare(request)
-        if self._size == 0 or request.method == "HEAD":
+        if self._size == 0:
             return writer
-        transport = request.transport
-        if transport is None:
-            raise ConnectionResetError("connection lost")
-        loop = asyncio.get_running_loop()
         try:
-            await loop.sendfile(transport, self._file, 0, self._size)
-        except NotImplementedError:
-            self._file.seek(0)
-            while chunk := await asyncio.to_thread(self._file.read, WRITE_CHUNK):
-                await writer.write(chunk)
-            await writer.drain()
+            self.dropped = await pacing.sendfile_while_read(request, self._file, self._size, self._deadline)
+        except OSError as e:  # the client went away (reset, broken pipe): nothing more to send
+            self.dropped = f"the connection ended ({e.strerror or e})"
+        if self.dropped is not None:
+            pacing.drop(request.transport)
+            return writer
         await super().write_eof()
         return writer
 
 
-def _unsent(transport: Any) -> int:
-    """Bytes written to the connection that its client has not taken yet: the transport's
-    buffer plus the socket's send queue (``SIOCOUTQ``; the kernel frees room in its queue
-    in large steps, so its transport buffer alone can stay put while the client reads)."""
-    if transport is None:
-        return 0
-    waiting = transport.get_write_buffer_size()
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            import fcntl
-            import termios
-
-            waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    return waiting
-
-
-def _drop(transport: Any) -> None:
-    """Close the connection at once, discarding what waits to be sent: ``abort()`` drops the
-    transport's buffer, and a zero linger makes the kernel reset the connection instead of
-    sending its queue on to a client that reads too slowly (a few MiB on loopback)."""
-    if transport is None:
-        return
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):
-            import socket
-
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    transport.abort()
-
-
-async def _write_while_read(request: web.Request, response: web.StreamResponse, chunk: bytes,
-                            deadline: float, started: float, handed: int) -> str | None:
-    """``response.write(chunk)``; None once written, else why the client is dropped (the
-    write cancelled): it took nothing for two ``deadline`` in a row (what waits to be sent
-    did not shrink), or, past its first deadline, it has taken fewer than
-    :data:`~.limits.MIN_RATE` bytes per second since, the rule uploads follow. A client
-    reading on at that rate is never cut off, however long a write takes (found by a
-    red-team test: a deadline per write cut off a client reading steadily but slowly).
-    ``started`` is when the download began (loop time); ``handed`` the bytes handed over before."""
-    from .limits import MIN_RATE
-
-    loop = asyncio.get_running_loop()
-    transport = request.transport
-    waiting = _unsent(transport) + len(chunk)  # what waits once the chunk is handed over
-    still = 0  # deadlines in a row over which the client took nothing
-    write = asyncio.ensure_future(response.write(chunk))
-    while True:
-        try:
-            done, _ = await asyncio.wait({write}, timeout=deadline)
-        except asyncio.CancelledError:
-            write.cancel()
-            raise
-        if done:
-            write.result()
-            return None
-        now = _unsent(transport)
-        elapsed = loop.time() - started
-        taken = handed + len(chunk) - now
-        why = None
-        # Two deadlines, not one: a client's kernel takes data only when its receive window
-        # reopens, in steps of up to a whole receive buffer, so one deadline with nothing
-        # taken can still be a client reading on (found by a red-team test).
-        still = still + 1 if now >= waiting else 0
-        if still >= 2:
-            why = f"the client read nothing for {2 * deadline:g} s"
-        elif elapsed > deadline and taken < MIN_RATE * (elapsed - deadline):
-            why = (f"the client read {taken / elapsed:.0f} bytes/s; a download must average at least "
-                   f"{MIN_RATE} bytes/s after its first {deadline:g} s")
-        if why is not None:
-            write.cancel()
-            with contextlib.suppress(BaseException):
-                await write
-            return why
-        waiting = now
-
-
 async def get_blob(request: web.Request) -> web.StreamResponse:
     service = _service(request)
-    room, _me = await _room_for_member(request)
+    room, me = await _room_for_member(request)
     blob_id = _blob_id(request)
+    with service.downloads.hold(me.handle):  # 503/429 before the blob is opened
+        return await _send(request, service, room, blob_id)
+
+
+async def _send(request: web.Request, service: BlobService, room: Any, blob_id: str) -> web.StreamResponse:
+    """The blob as the body of a 200, held to :mod:`.pacing` (a client that does not keep up
+    is dropped: its download holds a descriptor or chunks, as an upload holds a slot)."""
+    from unibus.auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT
+
     reader = await service.backend.open(room.room_id, blob_id)
     if reader is None:
         raise _problem(404, f"no blob {blob_id} in room {room.room_id}", kind="not-found")
@@ -436,16 +379,14 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         "Content-Digest": content_digest_value(blob_id),
         "Cache-Control": "no-store",
     }
+    deadline = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
     try:
-        if reader.file is not None:
-            response: web.StreamResponse = _SendfileResponse(reader.file, reader.info.size, headers)
-            await response.prepare(request)
-            return response
-        from unibus.auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT
-
-        # A client that reads nothing for a body deadline is cut off: its read holds chunks
-        # (docs/blobstore.md, "Limits"), as an upload that sends nothing holds a slot.
-        deadline = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
+        if reader.file is not None and pacing.acked(request.transport) is not None:
+            sendfile = _SendfileResponse(reader.file, reader.info.size, headers, deadline)
+            await sendfile.prepare(request)
+            if sendfile.dropped is not None:
+                log.info("blob %s of room %s: %s; connection dropped", blob_id, room.room_id, sendfile.dropped)
+            return sendfile
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = reader.info.size
         await response.prepare(request)
@@ -453,10 +394,10 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
         handed = 0
         try:
             async for chunk in reader.chunks():
-                why = await _write_while_read(request, response, chunk, deadline, started, handed)
+                why = await pacing.write_while_read(request, response, chunk, deadline, started, handed)
                 if why is not None:
                     log.info("blob %s of room %s: %s; connection dropped", blob_id, room.room_id, why)
-                    _drop(request.transport)
+                    pacing.drop(request.transport)
                     return response
                 handed += len(chunk)
         except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
@@ -531,7 +472,11 @@ def register_routes(app: web.Application) -> None:
     add_route(app, "GET", path + "/{blob_id}", _unavailable_as_503(get_blob),
               summary="Download a blob (streamed, with Content-Digest and Content-Length; room members)",
               responses={200: blob_bytes, 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
-                         **common},
+                         429: "the member already has its share of --blob-max-downloads in progress "
+                              "(too-many-downloads)",
+                         **common,
+                         503: common[503] + "; or --blob-max-downloads downloads in progress on this node "
+                                            "(too-many-downloads)"},
               path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     add_route(app, "DELETE", path + "/{blob_id}", _unavailable_as_503(delete_blob),
               summary="Delete a blob (the uploader, the room's owner, admins)",

@@ -1,24 +1,26 @@
-"""--blob-max-bytes and --blob-max-uploads: validation, defaults, and a blocked plugin's flags (no daemon started)."""
+"""--blob-max-bytes, --blob-max-uploads and --blob-max-downloads: validation, defaults, and a blocked plugin's flags (no daemon started)."""
 
 from __future__ import annotations
 
 import pytest
 from unibus.plugins import blobstore
-from unibus.plugins.blobstore.limits import DEFAULT_MAX_UPLOADS
+from unibus.plugins.blobstore.limits import DEFAULT_MAX_DOWNLOADS, DEFAULT_MAX_UPLOADS
 from unibus.settings import Option
 from unibus.testing import run_membershipd
 
-FLAGS = ["--blob-max-bytes", "--blob-max-uploads"]
+FLAGS = ["--blob-max-bytes", "--blob-max-uploads", "--blob-max-downloads"]
 
 
 def test_option_declarations():
-    size, uploads = blobstore.cli_options()
-    assert isinstance(size, Option) and isinstance(uploads, Option)
+    size, uploads, downloads = blobstore.cli_options()
+    assert isinstance(size, Option) and isinstance(uploads, Option) and isinstance(downloads, Option)
     assert size.flag == "--blob-max-bytes" and size.name == "blob_max_bytes"
     assert size.default == 104857600 == blobstore.DEFAULT_MAX_BYTES
     assert uploads.flag == "--blob-max-uploads" and uploads.name == "blob_max_uploads"
     assert uploads.default == 16 == DEFAULT_MAX_UPLOADS
-    assert size.convert("1") == 1 and uploads.convert("1") == 1
+    assert downloads.flag == "--blob-max-downloads" and downloads.name == "blob_max_downloads"
+    assert downloads.default == 64 == DEFAULT_MAX_DOWNLOADS
+    assert size.convert("1") == 1 and uploads.convert("1") == 1 and downloads.convert("1") == 1
 
 
 @pytest.mark.parametrize("flag", FLAGS)
@@ -43,3 +45,4 @@ def test_help_documents_the_flags():
     assert proc.returncode == 0
     assert "--blob-max-bytes N" in proc.stdout and "104857600" in proc.stdout
     assert "--blob-max-uploads N" in proc.stdout and "(default 16)" in proc.stdout
+    assert "--blob-max-downloads N" in proc.stdout and "(default 64)" in proc.stdout

@@ -1,0 +1,160 @@
+"""What a download's client must keep up, and how a client that does not is dropped
+(docs/blobstore.md, "Limits").
+
+A download is held to what an upload is held to (:mod:`.limits`): past its first
+body deadline its client must have taken :data:`~.limits.MIN_RATE` bytes per
+second on average, and a client that takes nothing for two deadlines in a row
+is disconnected. Two, as a client's kernel takes data in steps of up to a
+receive buffer, so one deadline with nothing taken can still be a client
+reading on (found by a red-team test). A dropped connection is reset, so what
+waited to be sent to it is discarded too.
+
+What "taken" means depends on how the body goes out:
+
+- chunks written to the transport (the object store, or a file without TCP
+  statistics): what was handed over minus what still waits to be sent, in the
+  transport's buffer and the socket's send queue (:func:`unsent`);
+- ``sendfile(2)`` (the fs backend): the file refills the send queue as the
+  client reads, so what waits never shrinks; the bytes the client's kernel
+  acknowledged are read from the socket instead (:func:`acked`, Linux
+  ``TCP_INFO``). Before, such a download had no deadline at all, and each
+  stalled one kept a descriptor on the blob's file and a send queue for as
+  long as its client liked (found by a red-team test).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import socket
+import struct
+import termios
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .limits import MIN_RATE
+
+#: Offset of ``tcpi_bytes_acked`` (a u64) in Linux's ``struct tcp_info``
+#: (include/uapi/linux/tcp.h, since Linux 4.1): 8 bytes of u8 fields, 24 u32
+#: fields, then ``tcpi_pacing_rate`` and ``tcpi_max_pacing_rate``. The struct
+#: only grows at its end, so the offset holds on every later kernel; a test
+#: checks it against a real socket (tests/plugins/blobstore/test_download_pacing.py).
+_BYTES_ACKED = 120
+
+
+def unsent(transport: Any) -> int:
+    """Bytes written to the connection that its client has not taken yet: the transport's
+    buffer plus the socket's send queue (``SIOCOUTQ``; the kernel frees room in its queue
+    in large steps, so its transport buffer alone can stay put while the client reads)."""
+    if transport is None:
+        return 0
+    waiting = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            waiting += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return waiting
+
+
+def acked(transport: Any) -> int | None:
+    """Bytes of this TCP connection its client's kernel has acknowledged so far, or None
+    where the socket cannot say (not TCP, not Linux, closed)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return None
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    except (OSError, AttributeError, ValueError):
+        return None
+    if len(info) < _BYTES_ACKED + 8:
+        return None
+    return int(struct.unpack_from("=Q", info, _BYTES_ACKED)[0])
+
+
+def drop(transport: Any) -> None:
+    """Close the connection at once, discarding what waits to be sent: ``abort()`` drops the
+    transport's buffer, and a zero linger makes the kernel reset the connection instead of
+    sending its queue on to a client that reads too slowly (a few MiB on loopback)."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
+
+
+def _verdict(taken: int, elapsed: float, deadline: float, still: int) -> str | None:
+    """Why a client that took ``taken`` bytes in ``elapsed`` seconds, nothing over the last
+    ``still`` deadlines, is dropped; None while it keeps up."""
+    if still >= 2:
+        return f"the client read nothing for {2 * deadline:g} s"
+    if elapsed > deadline and taken < MIN_RATE * (elapsed - deadline):
+        return (f"the client read {taken / elapsed:.0f} bytes/s; a download must average at least "
+                f"{MIN_RATE} bytes/s after its first {deadline:g} s")
+    return None
+
+
+async def _watch(send: Awaitable[Any], deadline: float, taken: Callable[[], int], started: float,
+                 last: int) -> str | None:
+    """Await ``send``; None once it is done, else why its client is dropped (``send``
+    cancelled): checked every ``deadline`` against ``taken()``, the bytes the client has
+    taken since the download began at loop time ``started`` (``last`` of them before
+    ``send`` began). A client that keeps up the
+    rate is never cut off, however long one send takes (found by a red-team test: a
+    deadline per write cut off a client reading steadily but slowly)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(send)
+    still = 0  # deadlines in a row over which the client took nothing
+    while True:
+        try:
+            done, _ = await asyncio.wait({task}, timeout=deadline)
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        if done:
+            task.result()
+            return None
+        now = taken()
+        still = still + 1 if now <= last else 0
+        why = _verdict(now, loop.time() - started, deadline, still)
+        if why is not None:
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return why
+        last = now
+
+
+async def write_while_read(request: Any, response: Any, chunk: bytes, deadline: float, started: float,
+                           handed: int) -> str | None:
+    """``response.write(chunk)``; None once written, else why the client is dropped (the write
+    cancelled). ``started`` is when the download began (loop time); ``handed`` the bytes
+    handed over before this chunk. What the client took is what was handed over, this chunk
+    included, minus what still waits to be sent (:func:`unsent`)."""
+    transport = request.transport
+    before = handed - unsent(transport)
+    return await _watch(response.write(chunk), deadline, lambda: handed + len(chunk) - unsent(transport), started,
+                        before)
+
+
+async def sendfile_while_read(request: Any, file: Any, size: int, deadline: float) -> str | None:
+    """The whole ``file`` (``size`` bytes) to the client with ``loop.sendfile`` (asyncio falls
+    back to reads and writes where ``sendfile(2)`` does not apply, as under TLS); None once
+    sent, else why the client is dropped. What the client took is read from the socket
+    (:func:`acked`): the caller checks that it can be (else :func:`write_while_read` per chunk)."""
+    loop = asyncio.get_running_loop()
+    transport = request.transport
+    base = acked(transport)
+    if base is None:
+        raise ValueError("the connection does not report the bytes its client acknowledged")
+
+    def taken() -> int:
+        now = acked(transport)
+        return 0 if now is None else now - base  # None: the connection is gone, and so is the send
+
+    return await _watch(loop.sendfile(transport, file, 0, size), deadline, taken, loop.time(), 0)
+
+
+__all__ = ["acked", "drop", "sendfile_while_read", "unsent", "write_while_read"]
