@@ -143,12 +143,13 @@ async def sendfile_while_read(request: Any, file: Any, size: int, deadline: floa
     """The whole ``file`` (``size`` bytes) to the client with ``loop.sendfile`` (asyncio falls
     back to reads and writes where ``sendfile(2)`` does not apply, as under TLS); None once
     sent, else why the client is dropped. What the client took is read from the socket
-    (:func:`acked`): the caller checks that it can be (else :func:`write_while_read` per chunk)."""
+    (:func:`acked`): the caller checks that it can be (else :func:`write_while_read` per
+    chunk); a connection that stopped reporting it since has ended."""
     loop = asyncio.get_running_loop()
     transport = request.transport
     base = acked(transport)
     if base is None:
-        raise ValueError("the connection does not report the bytes its client acknowledged")
+        return "the connection ended"
 
     def taken() -> int:
         now = acked(transport)
