@@ -18,14 +18,9 @@ import time
 
 import nats
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from unibus.app import OPENAPI_DOC, STASHES, STORE, problem_middleware, stash
-from unibus.openapi import OpenAPI
-from unibus.plugins.blobstore import SERVICE, BlobService, register_routes
 from unibus.plugins.blobstore.objectstore import READ_AHEAD_BUDGET, ObjectStoreBackend
 
-from .test_http_backends import FakeStore, fake_auth
+from .test_http_backends import serve_blob_routes
 
 MIB = 1024 * 1024
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
@@ -36,17 +31,7 @@ async def _serve(nats_server, tmp_path):
     nc = await nats.connect(nats_server.url)
     backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
     await backend.start()
-    store = FakeStore()
-    app = web.Application(middlewares=[problem_middleware, fake_auth])
-    app[STORE] = store
-    app[OPENAPI_DOC] = OpenAPI()
-    service = BlobService(backend, 64 * MIB)
-    app[STASHES] = {}
-    stash(app, "blobstore")[SERVICE] = service
-    store.add_listener(service.on_change)
-    register_routes(app)
-    server = TestServer(app)
-    await server.start_server()
+    server, _service = await serve_blob_routes(backend, 64 * MIB)
     return server, backend, nc
 
 

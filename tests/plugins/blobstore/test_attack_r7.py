@@ -18,18 +18,30 @@ import socket
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from aiohttp.test_utils import TestServer
-from unibus.app import OPENAPI_DOC, STASHES, STORE, problem_middleware, stash
-from unibus.openapi import OpenAPI
-from unibus.plugins.blobstore import SERVICE, BlobService, register_routes
 from unibus.plugins.blobstore.fs import FsBackend
 
 from .test_attack_r6 import _request, _serve, _store
-from .test_http_backends import FakeStore, fake_auth
+from .test_http_backends import serve_blob_routes
 
 MIB = 1024 * 1024
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
+
+
+async def _stalled_get(port: int, request: bytes) -> socket.socket:
+    """A connection that sent ``request`` and will read nothing (a small receive buffer,
+    so the window shuts soon)."""
+    loop = asyncio.get_running_loop()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    s.setblocking(False)
+    try:
+        await loop.sock_connect(s, ("127.0.0.1", port))
+        await loop.sock_sendall(s, request)
+    except BaseException:
+        s.close()
+        raise
+    return s
 
 
 def _held(server: TestServer) -> tuple[int, int]:
@@ -69,17 +81,11 @@ async def test_one_members_stalled_downloads_hold_a_bounded_amount(nats_server, 
     deadline = 10.0
     clients = 48
     server, backend, nc = await _serve(nats_server, tmp_path)
-    loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
     try:
         blob_id = await _store(backend, 16 * MIB)
         for _ in range(clients):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            s.setblocking(False)
-            socks.append(s)
-            await loop.sock_connect(s, ("127.0.0.1", server.port))
-            await loop.sock_sendall(s, _request(blob_id, deadline))
+            socks.append(await _stalled_get(server.port, _request(blob_id, deadline)))
         await asyncio.sleep(3)
         user, kernel = _held(server)
         answered = 0  # how many got a 200 (none was refused)
@@ -103,17 +109,7 @@ async def test_one_members_stalled_downloads_hold_a_bounded_amount(nats_server, 
 async def _serve_fs(tmp_path: Path):
     backend = FsBackend(tmp_path / "blobs")
     await backend.start()
-    store = FakeStore()
-    app = web.Application(middlewares=[problem_middleware, fake_auth])
-    app[STORE] = store
-    app[OPENAPI_DOC] = OpenAPI()
-    service = BlobService(backend, 64 * MIB)
-    app[STASHES] = {}
-    stash(app, "blobstore")[SERVICE] = service
-    store.add_listener(service.on_change)
-    register_routes(app)
-    server = TestServer(app)
-    await server.start_server()
+    server, _service = await serve_blob_routes(backend, 64 * MIB)
     return server, backend
 
 
@@ -152,12 +148,7 @@ async def test_a_stalled_fs_download_is_dropped(tmp_path):
         await up.commit("bob")
         before = _open_fds_under(root)
         for _ in range(clients):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-            s.setblocking(False)
-            socks.append(s)
-            await loop.sock_connect(s, ("127.0.0.1", server.port))
-            await loop.sock_sendall(s, _request(blob_id, deadline))
+            socks.append(await _stalled_get(server.port, _request(blob_id, deadline)))
         await asyncio.sleep(6 * deadline)  # read nothing for six deadlines
         held = _open_fds_under(root) - before
         # then drain one client: a download that was dropped ends short (or is reset); one

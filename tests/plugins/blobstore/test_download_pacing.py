@@ -9,22 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import socket
 import time
 
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestServer
-from unibus.app import OPENAPI_DOC, STASHES, STORE, problem_middleware, stash
-from unibus.openapi import OpenAPI
-from unibus.plugins.blobstore import SERVICE, BlobService, register_routes
 from unibus.plugins.blobstore.fs import FsBackend
 from unibus.plugins.blobstore.pacing import acked
 
-from .test_http_backends import FakeStore, fake_auth, member
+from .test_http_backends import serve_blob_routes
 
 MIB = 1024 * 1024
 pytestmark = pytest.mark.filterwarnings("ignore::aiohttp.web.NotAppKeyWarning")
@@ -61,20 +55,8 @@ def test_acked_reads_the_bytes_a_client_took_from_a_real_socket():
 async def _serve(tmp_path, max_downloads: int):
     backend = FsBackend(tmp_path / "blobs")
     await backend.start()
-    store = FakeStore()
-    room = store.rooms["r1"]
-    store.rooms["r1"] = dataclasses.replace(room, members=room.members + tuple(
-        member(h) for h in ("dave", "erin", "frank", "gina")))
-    app = web.Application(middlewares=[problem_middleware, fake_auth])
-    app[STORE] = store
-    app[OPENAPI_DOC] = OpenAPI()
-    service = BlobService(backend, 64 * MIB, max_downloads=max_downloads)
-    app[STASHES] = {}
-    stash(app, "blobstore")[SERVICE] = service
-    store.add_listener(service.on_change)
-    register_routes(app)
-    server = TestServer(app)
-    await server.start_server()
+    server, service = await serve_blob_routes(backend, 64 * MIB, ("dave", "erin", "frank", "gina"),
+                                              max_downloads=max_downloads)
     return server, backend, service
 
 

@@ -9,6 +9,7 @@ for the store and for the auth layer (which the daemon tests cover).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 from datetime import UTC, datetime
@@ -67,6 +68,33 @@ async def fake_auth(request, handler):
     return await handler(request)
 
 
+def blob_app(backend, max_bytes: int, members: tuple[str, ...] = (), **limits) -> tuple[web.Application, BlobService]:
+    """The plugin's routes over ``backend``, with the stand-in store (room ``r1``: bob,
+    carol and ``members``) and auth; ``limits`` go to :class:`BlobService`."""
+    store = FakeStore()
+    if members:
+        room = store.rooms["r1"]
+        store.rooms["r1"] = dataclasses.replace(room, members=room.members + tuple(member(h) for h in members))
+    app = web.Application(middlewares=[problem_middleware, fake_auth])
+    app[STORE] = store
+    app[OPENAPI_DOC] = OpenAPI()
+    service = BlobService(backend, max_bytes, **limits)
+    app[STASHES] = {}
+    stash(app, "blobstore")[SERVICE] = service
+    store.add_listener(service.on_change)
+    register_routes(app)
+    return app, service
+
+
+async def serve_blob_routes(backend, max_bytes: int, members: tuple[str, ...] = (),
+                            **limits) -> tuple[TestServer, BlobService]:
+    """:func:`blob_app` on a real aiohttp server (a free loopback port), started."""
+    app, service = blob_app(backend, max_bytes, members, **limits)
+    server = TestServer(app)
+    await server.start_server()
+    return server, service
+
+
 @pytest.fixture(params=["fs", "objectstore"])
 async def http(request, tmp_path):
     nc = None
@@ -77,15 +105,8 @@ async def http(request, tmp_path):
         nc = await nats.connect(server.url)
         backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
     await backend.start()
-    store = FakeStore()
-    app = web.Application(middlewares=[problem_middleware, fake_auth])
-    app[STORE] = store
-    app[OPENAPI_DOC] = OpenAPI()
-    service = BlobService(backend, 5 * 1024 * 1024)
-    app[STASHES] = {}
-    stash(app, "blobstore")[SERVICE] = service
-    store.add_listener(service.on_change)
-    register_routes(app)
+    app, _service = blob_app(backend, 5 * 1024 * 1024)
+    store = app[STORE]
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
