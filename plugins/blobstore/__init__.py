@@ -351,6 +351,9 @@ class _SendfileResponse(web.StreamResponse):
             self.dropped = await pacing.sendfile_while_read(request, self._file, self._size, self._deadline)
         except OSError as e:  # the client went away (reset, broken pipe): nothing more to send
             self.dropped = f"the connection ended ({e.strerror or e})"
+        except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
+            log.error("sendfile failed: %s", e)
+            self.dropped = f"sendfile failed ({e})"
         if self.dropped is not None:
             pacing.drop(request.transport)
             return writer
@@ -381,18 +384,22 @@ async def _send(request: web.Request, service: BlobService, room: Any, blob_id: 
     }
     deadline = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
     try:
-        if reader.file is not None and pacing.acked(request.transport) is not None:
+        if reader.file is not None and pacing.can_sendfile(request.transport):
             sendfile = _SendfileResponse(reader.file, reader.info.size, headers, deadline)
-            await sendfile.prepare(request)
+            try:
+                await sendfile.prepare(request)
+            except OSError as e:  # the client went away before the headers went out
+                log.info("blob %s of room %s: the connection ended (%s)", blob_id, room.room_id, e)
+                return sendfile
             if sendfile.dropped is not None:
                 log.info("blob %s of room %s: %s; connection dropped", blob_id, room.room_id, sendfile.dropped)
             return sendfile
         response = web.StreamResponse(status=200, headers=headers)
         response.content_length = reader.info.size
-        await response.prepare(request)
         started = asyncio.get_running_loop().time()
         handed = 0
         try:
+            await response.prepare(request)
             async for chunk in reader.chunks():
                 why = await pacing.write_while_read(request, response, chunk, deadline, started, handed)
                 if why is not None:
@@ -400,6 +407,15 @@ async def _send(request: web.Request, service: BlobService, room: Any, blob_id: 
                     pacing.drop(request.transport)
                     return response
                 handed += len(chunk)
+            why = await pacing.drain_while_read(request, deadline, started, handed)
+            if why is not None:
+                log.info("blob %s of room %s: %s; connection dropped", blob_id, room.room_id, why)
+                pacing.drop(request.transport)
+                return response
+        except OSError as e:  # the client went away (reset, broken pipe)
+            log.info("blob %s of room %s: the connection ended (%s)", blob_id, room.room_id, e)
+            pacing.drop(request.transport)
+            return response
         except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
             log.error("blob %s of room %s: streaming failed: %s", blob_id, room.room_id, e)
             if request.transport is not None:

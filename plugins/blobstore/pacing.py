@@ -20,6 +20,13 @@ What "taken" means depends on how the body goes out:
   ``TCP_INFO``). Before, such a download had no deadline at all, and each
   stalled one kept a descriptor on the blob's file and a send queue for as
   long as its client liked (found by a red-team test).
+
+A download ends when its client has taken every byte, not when the last one
+is handed to the kernel (:func:`drained`): a blob that fits in the socket's
+buffers is handed over at once, and its download slot and the rules above
+would otherwise end before the client read anything (found by a red-team
+test: one member's unread downloads of small blobs held send queues with no
+slot and no deadline).
 """
 
 from __future__ import annotations
@@ -70,6 +77,16 @@ def acked(transport: Any) -> int | None:
     if len(info) < _BYTES_ACKED + 8:
         return None
     return int(struct.unpack_from("=Q", info, _BYTES_ACKED)[0])
+
+
+async def drained(transport: Any) -> None:
+    """Return once nothing written to the connection waits to be sent (:func:`unsent` is 0)
+    or the connection is closing. A client reading at speed takes the last bytes within
+    milliseconds, so the polls start at 1 ms (and back off to 50 ms)."""
+    delay = 0.001
+    while transport is not None and not transport.is_closing() and unsent(transport) > 0:
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
 
 
 def drop(transport: Any) -> None:
@@ -139,12 +156,24 @@ async def write_while_read(request: Any, response: Any, chunk: bytes, deadline: 
                         before)
 
 
+async def drain_while_read(request: Any, deadline: float, started: float, handed: int) -> str | None:
+    """Wait until the client has taken all ``handed`` bytes (:func:`drained`); None then, else
+    why it is dropped, by the same rules as :func:`write_while_read`."""
+    transport = request.transport
+
+    def taken() -> int:
+        return handed - unsent(transport)
+
+    return await _watch(drained(transport), deadline, taken, started, taken())
+
+
 async def sendfile_while_read(request: Any, file: Any, size: int, deadline: float) -> str | None:
-    """The whole ``file`` (``size`` bytes) to the client with ``loop.sendfile`` (asyncio falls
-    back to reads and writes where ``sendfile(2)`` does not apply, as under TLS); None once
-    sent, else why the client is dropped. What the client took is read from the socket
-    (:func:`acked`): the caller checks that it can be (else :func:`write_while_read` per
-    chunk); a connection that stopped reporting it since has ended."""
+    """The whole ``file`` (``size`` bytes) to the client with ``sendfile(2)``, until the client
+    has taken it all (:func:`drained`); None then, else why the client is dropped. What the
+    client took is read from the socket (:func:`acked`): the caller checks that it can be and
+    that the connection is plain TCP (else :func:`write_while_read` per chunk: asyncio's
+    fallback for TLS fails on a reset with an error of its own); a connection that stopped
+    reporting it since has ended."""
     loop = asyncio.get_running_loop()
     transport = request.transport
     base = acked(transport)
@@ -155,7 +184,19 @@ async def sendfile_while_read(request: Any, file: Any, size: int, deadline: floa
         now = acked(transport)
         return 0 if now is None else now - base  # None: the connection is gone, and so is the send
 
-    return await _watch(loop.sendfile(transport, file, 0, size), deadline, taken, loop.time(), 0)
+    async def send() -> None:
+        await loop.sendfile(transport, file, 0, size, fallback=False)
+        await drained(transport)
+
+    return await _watch(send(), deadline, taken, loop.time(), 0)
 
 
-__all__ = ["acked", "drop", "sendfile_while_read", "unsent", "write_while_read"]
+def can_sendfile(transport: Any) -> bool:
+    """Whether :func:`sendfile_while_read` can serve this connection: plain TCP (no TLS) that
+    reports what its client acknowledged."""
+    return (transport is not None and not transport.is_closing()
+            and transport.get_extra_info("sslcontext") is None and acked(transport) is not None)
+
+
+__all__ = ["acked", "can_sendfile", "drain_while_read", "drained", "drop", "sendfile_while_read", "unsent",
+           "write_while_read"]
