@@ -45,6 +45,7 @@ import contextlib
 import copy
 import json
 import os
+import random
 import select
 import signal
 import socket
@@ -71,8 +72,40 @@ from .supervisor import NatsSupervisor, find_nats_server
 DEFAULT_TIMEOUT = 30.0
 
 
+#: Where :func:`free_port` looks first: below the kernel's ephemeral range (Linux
+#: ``net.ipv4.ip_local_port_range``, 32768 to 60999 by default), which is where the
+#: kernel picks the local port of every outgoing connection.
+_PORTS_BELOW_EPHEMERAL = (20000, 32767)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    """A TCP port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range.
+
+    A port the kernel hands out for ``bind(("127.0.0.1", 0))`` comes from the same range as
+    the local port of every outgoing connection, so between this call and the bind of the
+    process it is for, any connection on the machine could take it (a nats-server whose
+    route port was taken that way kept a test cluster from forming). A random port below
+    that range can only be taken by another explicit bind; it is tried until one binds
+    (bounded), and the kernel's choice is the fallback.
+    """
+    low, high = _PORTS_BELOW_EPHEMERAL
+    high = min(high, _ephemeral_start() - 1)
+    rng = random.SystemRandom()
+    for _ in range(50 if high > low else 0):
+        port = rng.randint(low, high)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

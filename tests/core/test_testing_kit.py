@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import contextlib
 import json
 import os
@@ -176,3 +177,16 @@ def test_unibus_app_runs_a_client_command_and_reads_a_metric(unibus_app):
     identity = app.data_dir / "test-identities" / "bob.json"
     assert identity.stat().st_mode & 0o777 == 0o600
 
+
+
+def test_free_port_is_below_the_ephemeral_range_and_free():
+    """An outgoing connection can never take a port free_port hands out between the pick and
+    the bind: it lies below the kernel's ephemeral range (where the kernel picks local ports)."""
+    from unibus.testing import _ephemeral_start, free_port
+
+    ports = {free_port() for _ in range(20)}
+    assert all(1024 < p < _ephemeral_start() for p in ports), ports
+    for port in ports:  # free when handed out (nothing here binds them)
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 from helpers import require_tool
+from unibus.testing import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -694,12 +695,6 @@ def test_runbook_sections() -> None:
 
 
 # -- check-r3-current.sh ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_check(*args: str, port: int | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
