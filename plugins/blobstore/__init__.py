@@ -365,7 +365,7 @@ async def get_blob(request: web.Request) -> web.StreamResponse:
     service = _service(request)
     room, me = await _room_for_member(request)
     blob_id = _blob_id(request)
-    with service.downloads.hold(me.handle):  # 503/429 before the blob is opened
+    with service.downloads.hold(me.handle), pacing.reset_if_closed(request.transport):  # 503/429 first
         return await _send(request, service, room, blob_id)
 
 
