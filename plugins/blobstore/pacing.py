@@ -144,17 +144,18 @@ async def _watch(send: Awaitable[Any], deadline: float, taken: Callable[[], int]
     """Await ``send``; None once it is done, else why its client is dropped (``send``
     cancelled): checked every ``deadline`` against ``taken()``, the bytes the client has
     taken since the download began at loop time ``started`` (``last`` of them before
-    ``send`` began). A client that keeps up the
-    rate is never cut off, however long one send takes (found by a red-team test: a
-    deadline per write cut off a client reading steadily but slowly)."""
+    ``send`` began). A client that keeps up the rate is never cut off, however long one
+    send takes (found by a red-team test: a deadline per write cut off a client reading
+    steadily but slowly)."""
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(send)
     still = 0  # deadlines in a row over which the client took nothing
     while True:
         try:
             done, _ = await asyncio.wait({task}, timeout=deadline)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the handler is cancelled (shutdown): so is the send
             task.cancel()
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # its error, if any, is taken
             raise
         if done:
             task.result()
