@@ -29,7 +29,7 @@ from aiohttp import web
 from unibus.plugins.blobstore.fs import FsBackend
 
 from .test_attack_r6 import _store
-from .test_attack_r8 import _DaemonLikeServer, _errors, _server_tls
+from .test_attack_r8 import _backend, _DaemonLikeServer, _errors, _server_tls
 from .test_http_backends import blob_app
 
 MIB = 1024 * 1024
@@ -103,19 +103,7 @@ def _body(data: bytes) -> tuple[bytes, dict[str, str], bytes]:
     ("fs-https", "close", 16 * MIB), ("objectstore", "close", 16 * MIB),
 ])
 async def test_an_honest_client_gets_every_byte(tmp_path, request, caplog, kind, mode, size):
-    server_ctx = client_ctx = None
-    nc = None
-    if kind.endswith("-https"):
-        server_ctx, client_ctx = _server_tls(tmp_path)
-    if kind.startswith("objectstore"):
-        import nats
-        from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
-
-        nc = await nats.connect(request.getfixturevalue("nats_server").url)
-        backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
-    else:
-        backend = FsBackend(tmp_path / "blobs")
-    await backend.start()
+    backend, nc, server_ctx, client_ctx = await _backend(kind, request, tmp_path)
     app, service = blob_app(backend, 64 * MIB)
     server = await _Server(app, server_ctx, keepalive_timeout=0.5 if mode == "keepalive-timeout" else None).start()
     try:

@@ -179,6 +179,26 @@ def _server_tls(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     return server_context(*pki.server), ssl.create_default_context(cafile=str(pki.ca[0]))
 
 
+async def _backend(kind: str, request, tmp_path: Path):
+    """``(backend, nc, server_ctx, client_ctx)`` for a test ``kind``: ``fs`` or ``objectstore``
+    (on the ``nats_server`` fixture), ``-https`` for TLS with the test PKI; the backend started.
+    The caller closes the backend and ``nc`` (None for fs)."""
+    server_ctx = client_ctx = None
+    nc = None
+    if kind.endswith("-https"):
+        server_ctx, client_ctx = _server_tls(tmp_path)
+    if kind.startswith("objectstore"):
+        import nats
+        from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
+
+        nc = await nats.connect(request.getfixturevalue("nats_server").url)
+        backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
+    else:
+        backend = FsBackend(tmp_path / "blobs")
+    await backend.start()
+    return backend, nc, server_ctx, client_ctx
+
+
 async def test_an_https_download_whose_client_resets_logs_no_traceback(tmp_path, caplog):
     """docs/blobstore.md, "Limits": over TLS the fs download still goes through
     ``_SendfileResponse`` (the TLS transport reports its TCP socket, so ``acked`` is not

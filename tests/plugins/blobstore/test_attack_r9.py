@@ -20,10 +20,9 @@ import socket
 import ssl
 
 import pytest
-from unibus.plugins.blobstore.fs import FsBackend
 
 from .test_attack_r6 import _request, _store
-from .test_attack_r8 import _DaemonLikeServer, _server_tls
+from .test_attack_r8 import _backend, _DaemonLikeServer
 from .test_http_backends import blob_app
 
 MIB = 1024 * 1024
@@ -73,20 +72,7 @@ async def test_a_half_closed_unread_download_keeps_its_slot_until_taken(tmp_path
     no slot is held."""
     deadline = 0.5
     clients = 6
-    nc = None
-    server_ctx: ssl.SSLContext | None = None
-    client_ctx: ssl.SSLContext | None = None
-    if kind == "objectstore":
-        import nats
-        from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
-
-        nc = await nats.connect(request.getfixturevalue("nats_server").url)
-        backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
-    else:
-        backend = FsBackend(tmp_path / "blobs")
-        if kind == "fs-https":
-            server_ctx, client_ctx = _server_tls(tmp_path)
-    await backend.start()
+    backend, nc, server_ctx, client_ctx = await _backend(kind, request, tmp_path)
     app, service = blob_app(backend, 64 * MIB, ("dave", "erin"), max_downloads=4)
     server = await _DaemonLikeServer(app, server_ctx).start()
     loop = asyncio.get_running_loop()
@@ -152,20 +138,7 @@ async def test_a_client_that_half_closes_after_its_request_gets_the_whole_blob(t
     cut too: test_attack_r10.) Pre-existing (the same on 358533c, which logged the HTTPS case as an ERROR), not
     a regression of 5a6f534. Here a 16 MiB blob; the client half-closes as soon as its
     request is sent and reads everything it can."""
-    nc = None
-    server_ctx: ssl.SSLContext | None = None
-    client_ctx: ssl.SSLContext | None = None
-    if kind == "objectstore":
-        import nats
-        from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
-
-        nc = await nats.connect(request.getfixturevalue("nats_server").url)
-        backend = ObjectStoreBackend(nc.jetstream(timeout=5), tmp_path / "blobs")
-    else:
-        backend = FsBackend(tmp_path / "blobs")
-        if kind == "fs-https":
-            server_ctx, client_ctx = _server_tls(tmp_path)
-    await backend.start()
+    backend, nc, server_ctx, client_ctx = await _backend(kind, request, tmp_path)
     app, _service = blob_app(backend, 64 * MIB)
     server = await _DaemonLikeServer(app, server_ctx).start()
     size = 16 * MIB
