@@ -91,24 +91,48 @@ def free_port() -> int:
     A port the kernel hands out for ``bind(("127.0.0.1", 0))`` comes from the same range as
     the local port of every outgoing connection, so between this call and the bind of the
     process it is for, any connection on the machine could take it (a nats-server whose
-    route port was taken that way kept a test cluster from forming). A random port below
-    that range can only be taken by another explicit bind; it is tried until one binds
-    (bounded), and the kernel's choice is the fallback.
+    route port was taken that way). A random port below that range can only be taken by
+    another explicit bind; it is tried until one binds (bounded), and the kernel's choice is
+    the fallback. A port is never handed out twice in one process.
     """
     low, high = _PORTS_BELOW_EPHEMERAL
     high = min(high, _ephemeral_start() - 1)
     rng = random.SystemRandom()
-    for _ in range(50 if high > low else 0):
-        port = rng.randint(low, high)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
+    with _HANDED_OUT_LOCK:
+        for _ in range(50 if high > low else 0):
+            port = rng.randint(low, high)
+            if port in _HANDED_OUT or not _bindable(port):
                 continue
-            return port
+            return _hand_out(port)
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            if port not in _HANDED_OUT:
+                return _hand_out(port)
+    raise OSError("no free loopback port found")
+
+
+#: Ports :func:`free_port` handed out in this process, never handed out twice: nothing
+#: holds a port between the pick and its bind, so two picks for one cluster (its nodes'
+#: route ports) could be the same port, and a CI run saw exactly that (two nodes given
+#: route port 26271, one of them unable to listen).
+_HANDED_OUT: set[int] = set()
+_HANDED_OUT_LOCK = threading.Lock()
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _hand_out(port: int) -> int:
+    _HANDED_OUT.add(port)
+    return port
 
 
 def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,

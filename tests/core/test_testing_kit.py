@@ -190,3 +190,12 @@ def test_free_port_is_below_the_ephemeral_range_and_free():
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             s.bind(("127.0.0.1", port))
+
+
+def test_free_port_never_hands_out_a_port_twice():
+    """Nothing holds a port between the pick and its bind, so a cluster's picks (its nodes'
+    route ports) must differ by construction: a CI run once gave two nodes the same one."""
+    from unibus.testing import free_port
+
+    ports = [free_port() for _ in range(500)]
+    assert len(set(ports)) == len(ports)
