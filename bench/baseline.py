@@ -12,7 +12,9 @@ bench script can start that version's ``membershipd`` with
 * ``venv/``: a virtualenv made with this interpreter, holding
   ``pip install -e src`` (pip's own cache and configured index, as
   ``make install`` uses them);
-* ``ready.json``: the commit it was built from. A later ``prepare`` of the same
+* ``ready.json``: the commit it was built from (a release tag missing from
+  the checkout names the last commit whose ``pyproject.toml`` has that
+  version: see :func:`resolve`). A later ``prepare`` of the same
   ref reuses everything while ``ref`` still names that commit, and rebuilds
   when it moved.
 
@@ -79,13 +81,55 @@ def _dirname(ref: str) -> str:
     return ref.replace("/", "_")
 
 
-def resolve(ref: str) -> str:
-    """The commit ``ref`` names in this repository."""
+_RELEASE_TAG = re.compile(r"^v(\d+\.\d+\.\d+)$")
+
+
+def resolve(ref: str, repo: Path = REPO, *, log: Callable[[str], None] | None = None) -> str:
+    """The commit ``ref`` names in the repository ``repo``.
+
+    A release tag (``v0.11.0``) that this checkout lacks (a copy made
+    without its tags, or a clone of a mirror that never had them) names the
+    last commit of HEAD's history whose ``pyproject.toml`` says that version:
+    the commit just before the one that changed it. So ``make bench`` measures
+    against the same release on a clean checkout as on one with tags.
+    """
     _dirname(ref)
     try:
-        return _git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}", what=f"git rev-parse {ref}")
+        return _run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"],
+                    f"git rev-parse {ref}").strip()
     except BaselineError:
-        raise BadRef(f"{ref}: no such tag, branch or commit in {REPO} (git fetch --tags?)") from None
+        release = _RELEASE_TAG.match(ref)
+        found = _release_commit(release.group(1), repo) if release else None
+        if release is None or found is None:
+            raise BadRef(f"{ref}: no such tag, branch or commit in {repo} (git fetch --tags?)") from None
+        if log is not None:
+            log(f"baseline {ref}: no such tag here; using {found[:12]}, the last commit whose pyproject.toml "
+                f"says {release.group(1)}")
+        return found
+
+
+def _release_commit(version: str, repo: Path) -> str | None:
+    """The newest commit of HEAD's history whose pyproject.toml has ``version = "<version>"``, or None."""
+    line = f'version = "{version}"'
+
+    def has_it(commit: str) -> bool:
+        try:
+            text = _run(["git", "-C", str(repo), "show", f"{commit}:pyproject.toml"], f"git show {commit}")
+        except BaselineError:
+            return False
+        return any(x.strip() == line for x in text.splitlines())
+
+    # the commits that added or removed the line, newest first; the newest is where it last changed
+    changed = _run(["git", "-C", str(repo), "log", "--format=%H", "-S", line, "HEAD", "--", "pyproject.toml"],
+                   f"git log -S '{line}'").split()
+    if not changed:
+        return None
+    newest = changed[0]
+    if has_it(newest):  # added there and never removed since: HEAD is still that version
+        return _run(["git", "-C", str(repo), "rev-parse", "HEAD"], "git rev-parse HEAD").strip()
+    parent = _run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet", f"{newest}^"],
+                  f"git rev-parse {newest}^").strip()
+    return parent if has_it(parent) else None
 
 
 @contextlib.contextmanager
@@ -113,9 +157,9 @@ def _remove_worktree(src: Path) -> None:
 
 def prepare(ref: str, *, log: Callable[[str], None] | None = None) -> Path:
     """The python of a virtualenv running unibus at ``ref``; built under ``bench/.baselines/<ref>/`` or reused."""
-    commit = resolve(ref)
-    root = BASELINES / _dirname(ref)
     say = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    commit = resolve(ref, log=say)
+    root = BASELINES / _dirname(ref)
     with _locked(root):
         stamp = root / "ready.json"
         python = _venv_python(root)
@@ -133,6 +177,9 @@ def prepare(ref: str, *, log: Callable[[str], None] | None = None) -> Path:
              timeout=PIP_TIMEOUT)
         version = _run([str(python), "-c", "import unibus; print(unibus.__version__)"],
                        f"import unibus from the {ref} venv").strip()
+        release = _RELEASE_TAG.match(ref)
+        if release and version != release.group(1):
+            raise BaselineError(f"{ref} at {commit[:12]} is unibus {version}, not {release.group(1)}")
         stamp.write_text(json.dumps({"ref": ref, "commit": commit, "version": version}) + "\n")
         say(f"baseline {ref}: unibus {version} ready ({python})")
         return python
