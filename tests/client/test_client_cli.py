@@ -249,3 +249,23 @@ def test_json_goes_before_or_after_the_command(unibus_app):
         assert code == 0 and json.loads(out)["handle"] == "bob", argv
     code, out = app.client_command(bob, "whoami")
     assert code == 0 and out.startswith("handle:")
+
+
+def test_the_client_starts_without_the_daemons_plugin_machinery():
+    """`unibus` and the SDK import none of membershipd's plugin manager, option table or
+    store; the names plugin authors take from ``unibus`` are still there when asked for."""
+    code = ("import sys, unibus.client.cli\n"
+            "print(sorted(m for m in sys.modules if m.startswith('unibus')))\n"
+            "from unibus import ConfigError, Option, Stash, StashKey, hookimpl\n"
+            "import unibus.settings, unibus.errors, unibus.pluginstate\n"
+            "assert (Option, ConfigError, Stash, StashKey) == (unibus.settings.Option, unibus.errors.ConfigError,"
+            " unibus.pluginstate.Stash, unibus.pluginstate.StashKey)\n"
+            "assert hookimpl.project_name == 'unibus' and 'Option' in dir(unibus)\n"
+            "try:\n    unibus.no_such_name\nexcept AttributeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    loaded, missing = proc.stdout.splitlines()
+    assert "unibus.client.cli" in loaded
+    for daemon_side in ("unibus.pluginmanager", "unibus.settings", "unibus.options", "unibus.store", "unibus.app"):
+        assert f"'{daemon_side}'" not in loaded, daemon_side
+    assert missing == "module 'unibus' has no attribute 'no_such_name'"
