@@ -13,7 +13,15 @@ order, each to its own file, fsynced:
   reading with ``readinto`` into four reused 4 MiB buffers, SHA-256 and
   ``write`` in another thread.
 - ``client, after upload``: ``get_raw_blob`` right after the blob was deleted
-  and uploaded again, as ``bench_blobs.py`` orders its transfers.
+  and uploaded again, as ``bench_blobs.py`` orders its transfers;
+- ``protocol, …``: no HTTP client library at all: an
+  :class:`asyncio.BufferedProtocol` on the event loop receives straight into
+  four reused 4 MiB buffers (``recv_into``, no ``bytes`` made per piece), and
+  hands each to two threads as the client's lanes do (the writer is the
+  client's own, ``_FileSink``). ``hash+write`` does
+  both, as ``get_raw_blob``; ``receive only``, ``hash only`` and ``write
+  only`` leave the others out, which splits a download into its parts
+  (the page cache is warm for all of them).
 
 And the disk itself: a plain sequential read of a dropped 256 MiB file.
 
@@ -94,6 +102,122 @@ def thread_get(port: int, target: str, identity: Any, out: Path) -> str:
     return h.hexdigest()
 
 
+class _Receiver(asyncio.BufferedProtocol):
+    """An HTTP/1.1 response received into reused buffers: ``blocks`` yields ``(buffer, n)``, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.free = [bytearray(BUF) for _ in range(4)]
+        self.blocks: asyncio.Queue[tuple[bytearray, int] | None] = asyncio.Queue()
+        self.head = bytearray()
+        self.length = -1
+        self.got = 0
+        self.cur: bytearray | None = None
+        self.pos = 0
+        self.transport: Any = None
+        self._scratch = bytearray(64 << 10)
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> Any:
+        if self.length < 0:
+            return self._scratch
+        if self.cur is None:
+            self.cur, self.pos = self.free.pop(), 0
+        return memoryview(self.cur)[self.pos:]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.length < 0:
+            self.head += self._scratch[:nbytes]
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            lines = bytes(self.head[:end]).split(b"\r\n")
+            if lines[0].split()[1] != b"200":
+                raise RuntimeError(f"the probe's GET got {lines[0]!r}")
+            self.length = next(int(v) for k, _, v in (x.partition(b":") for x in lines[1:])
+                               if k.strip().lower() == b"content-length")
+            rest = bytes(self.head[end + 4:])
+            if rest:
+                self.cur, self.pos = self.free.pop(), len(rest)
+                self.cur[:len(rest)] = rest
+                self.got = len(rest)
+                self._maybe_full()
+            return
+        self.pos += nbytes
+        self.got += nbytes
+        self._maybe_full()
+
+    def _maybe_full(self) -> None:
+        assert self.cur is not None
+        if self.pos == len(self.cur) or self.got >= self.length:
+            self.blocks.put_nowait((self.cur, self.pos))
+            self.cur = None
+            if not self.free:
+                self.transport.pause_reading()
+
+    def give_back(self, buf: bytearray) -> None:
+        self.free.append(buf)
+        if len(self.free) == 1 and self.got < self.length:
+            self.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.blocks.put_nowait(None)
+
+
+async def protocol_get(port: int, target: str, identity: Any, out: Path, *, hash_it: bool,
+                       write_it: bool) -> str:
+    """GET ``target`` through :class:`_Receiver`; hash and write each block in a thread of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from unibus.client.blobs import _FileSink
+    from unibus.signing import sign_request
+
+    loop = asyncio.get_running_loop()
+    headers = sign_request("GET", target, None, keyid=identity.handle, private_key=identity.sign_key)
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n" + "".join(
+        f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
+    h = hashlib.sha256()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    hasher, writer = ThreadPoolExecutor(1), ThreadPoolExecutor(1)
+
+    write = _FileSink(fd)  # the client's own writer: writev, and its writeback advice every 8 MiB
+
+    transport, proto = await loop.create_connection(lambda: _Receiver(loop), "127.0.0.1", port)
+    try:
+        transport.write(request.encode())
+        held: list[tuple[bytearray, list[asyncio.Future[Any]]]] = []
+        got = 0
+        while (item := await asyncio.wait_for(proto.blocks.get(), 60)) is not None:
+            buf, n = item
+            view = memoryview(buf)[:n]
+            jobs = []
+            if hash_it:
+                jobs.append(loop.run_in_executor(hasher, h.update, view))
+            if write_it:
+                jobs.append(loop.run_in_executor(writer, write, [view]))
+            held.append((buf, jobs))
+            if len(held) > 1:  # one block in the threads while the next is received
+                old, old_jobs = held.pop(0)
+                await asyncio.gather(*old_jobs)
+                proto.give_back(old)
+            got += n
+            if got >= proto.length:
+                break
+        for _, jobs in held:
+            await asyncio.gather(*jobs)
+        if got != proto.length:
+            raise RuntimeError(f"the probe's GET ended after {got} of {proto.length} bytes")
+    finally:
+        transport.close()
+        hasher.shutdown()
+        writer.shutdown()
+        if write_it:
+            os.fsync(fd)
+        os.close(fd)
+    return h.hexdigest()
+
+
 def disk_read_mb_s(scratch: Path, size: int = 256 << 20) -> float:
     path = scratch / "disk-probe"
     with open(path, "wb") as f:
@@ -131,7 +255,9 @@ async def run(args: argparse.Namespace) -> None:
             stored = scratch / "data" / "blobs" / room / blob_id / "data"
             port = int(daemon.base_url.rsplit(":", 1)[1])
             target = f"/v1/rooms/{room}/blobs/{blob_id}"
-            kinds = ["client, cached", "client, from disk", "threads, cached", "client, after upload"]
+            kinds = ["client, cached", "client, from disk", "threads, cached", "client, after upload",
+                     "protocol, hash+write", "protocol, receive only", "protocol, hash only",
+                     "protocol, write only"]
             results: dict[str, list[float]] = {k: [] for k in kinds}
             disk: list[float] = []
             for rnd in range(args.runs):
@@ -148,6 +274,12 @@ async def run(args: argparse.Namespace) -> None:
                     started = time.perf_counter()
                     if kind.startswith("client"):
                         await get_raw_blob(client, room, blob_id, out)
+                    elif kind.startswith("protocol"):
+                        part = kind.split(", ")[1]
+                        hash_it, write_it = part in ("hash+write", "hash only"), part in ("hash+write", "write only")
+                        digest = await protocol_get(port, target, alice, out, hash_it=hash_it, write_it=write_it)
+                        if hash_it and digest != blob_id:
+                            raise RuntimeError("the protocol download hashed to another id")
                     elif await asyncio.to_thread(thread_get, port, target, alice, out) != blob_id:
                         raise RuntimeError("the threaded download hashed to another id")
                     results[kind].append(size / (time.perf_counter() - started) / 1e6)
@@ -158,8 +290,8 @@ async def run(args: argparse.Namespace) -> None:
     print(f"{cpu_model()}, {os.cpu_count()} CPUs, {args.mib} MiB, {args.runs} rounds, "
           f"1-minute load average {os.getloadavg()[0]:.1f} at the end")
     for kind, xs in results.items():
-        print(f"{kind:20} median {med(xs):6.0f} MB/s  ({min(xs):.0f}-{max(xs):.0f})")
-    print(f"{'disk, sequential':20} median {med(disk):6.0f} MB/s  ({min(disk):.0f}-{max(disk):.0f})")
+        print(f"{kind:24} median {med(xs):6.0f} MB/s  ({min(xs):.0f}-{max(xs):.0f})")
+    print(f"{'disk, sequential':24} median {med(disk):6.0f} MB/s  ({min(disk):.0f}-{max(disk):.0f})")
 
 
 def main() -> None:
