@@ -391,6 +391,7 @@ class LogState:
         self.max_created = 0
         self._members_at: dict[str, _Spans] = {}  # handle -> Member snapshot (or None) over seqs
         self._rosters_at: dict[tuple[str, str], _Spans] = {}  # (room, handle) -> bool over seqs
+        self._room_handles: dict[str, set[str]] = {}  # room -> every handle ever in it
         self._owners_at: dict[str, _Spans] = {}  # room -> owner handle ("" none) over seqs
         self._trusted = False  # replaying this client's own verified replica (see apply)
         #: checks put off by :meth:`defer_checks` (seq, kind, key, data, reason)
@@ -420,6 +421,16 @@ class LogState:
     def in_room_at(self, room_id: str, handle: str, seq: int) -> bool:
         spans = self._rosters_at.get((room_id, handle))
         return bool(spans is not None and spans.at(seq))
+
+    def roster_at(self, room_id: str, seq: int) -> dict[str, int]:
+        """The room's members at ``seq``, each with the seq that made that member (``Member.since``):
+        a handle deleted and added again is another member."""
+        out = {}
+        for handle in self._room_handles.get(room_id, ()):
+            if self.in_room_at(room_id, handle, seq):
+                member = self.member_at(handle, seq)
+                out[handle] = member.since if member is not None else -1
+        return out
 
     def may_rekey_at(self, room_id: str, handle: str, seq: int) -> bool:
         """Owner (while a room member) or admin, at ``seq``."""
@@ -626,6 +637,7 @@ class LogState:
 
     def _set_in_room(self, seq: int, room_id: str, handle: str, inside: bool) -> None:
         self._rosters_at.setdefault((room_id, handle), _Spans()).set(seq, inside)
+        self._room_handles.setdefault(room_id, set()).add(handle)
 
     def _apply_bootstrap(self, seq: int, doc: Any) -> None:
         self._add_member(seq, self._member_from_json(seq, doc, "bootstrap member"))
@@ -894,6 +906,7 @@ class LogState:
                                        f"{seq} in the log, but the package names {sealer}")
         if not self.may_rekey_at(room_id, sealer, seq):
             raise LogError(seq, f"room {room_id}: {sealer} could not rekey it at seq {seq}")
+        self.check_roster_kept(room_id, epoch, seq)
         if not (self.in_room_at(room_id, me, seq) and me in record.roster):
             raise LogError(seq, f"room {room_id} epoch {epoch}: {me} was not in the room's roster")
         author = self.member_at(sealer, record.seq)
@@ -903,10 +916,38 @@ class LogState:
             raise LogError(None, f"room {room_id} epoch {epoch}: the key package signature of {sealer} "
                                  "does not verify")
 
+    def check_roster_kept(self, room_id: str, epoch: int, head_seq: int) -> EpochRecord:
+        """The log's rekey of ``room_id`` to ``epoch``, sealed for the roster of ``head_seq``: raise
+        :class:`LogError` unless that rekey exists and the room's roster is the same at both.
+
+        The sealer seals to the roster at its log head, and the log takes the
+        rekey later. A change in between (a member removed, or deleted and added
+        again with other keys) means the keys may come from a rekey the server
+        refused, or held back past the change: the copy sealed to the member who
+        left opens the same key. The same handles must be the same members.
+        """
+        room = self.rooms.get(room_id)
+        record = room.epochs.get(epoch) if room is not None else None
+        if record is None:
+            raise LogError(None, f"room {room_id}: the verified log has no rekey to epoch {epoch}")
+        at_head, at_rekey = self.roster_at(room_id, head_seq), self.roster_at(room_id, record.seq)
+        if at_head != at_rekey:
+            changed = sorted({h for h, _ in set(at_head.items()) ^ set(at_rekey.items())})
+            raise LogError(record.seq, f"room {room_id} epoch {epoch}: its members changed between the sealer's log "
+                                       f"head (seq {head_seq}) and the rekey (seq {record.seq}): "
+                                       f"{', '.join(changed)}; the room must be rekeyed again")
+        return record
+
     def check_sender(self, room_id: str, sender: str, log_seq: int) -> Member:
-        """The member who may have sent to the room under a key package whose log head is ``log_seq``."""
+        """The member who may have sent to the room under a key package whose log head is ``log_seq``:
+        in the room then, and still the same member now (a handle deleted and added again is
+        another member, whose old signing key speaks for nobody)."""
         member = self.member_at(sender, log_seq)
         if member is None or not self.in_room_at(room_id, sender, log_seq):
             raise LogError(None, f"{sender} was not in room {room_id} at seq {log_seq}")
+        now = self.members.get(sender)
+        if now is not None and now.since != member.since:
+            raise LogError(now.since, f"{sender} was deleted and added again (seq {now.since}) after seq {log_seq}: "
+                                      "the member who held that epoch's key is gone")
         return member
 

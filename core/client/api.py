@@ -865,7 +865,11 @@ class UnibusClient:
         the log's keys, each member's key package signed at the verified head
         (docs/formats.md, "Key packages"). A 409 (another rekey won, or the
         membership changed) starts again, at most :data:`REKEY_RETRIES` more
-        times; then the 409 is raised.
+        times; then the 409 is raised. After the upload the log must hold
+        this rekey, by this member, for the roster it was sealed to (a member
+        deleted and added again while it was on its way, or a server that
+        answered 201 and logged nothing): otherwise it starts again too, and
+        then raises :class:`VerificationError`. Its key is used only then.
         """
         attempt = 0
         while True:
@@ -888,6 +892,20 @@ class UnibusClient:
                     log.info("rekey of room %s at epoch %d got 409 (%s); retrying", room_id, epoch, exc.detail)
                     continue
                 raise
+            state = await self.sync()
+            try:
+                record = state.check_roster_kept(room_id, epoch, head_seq)
+                if record.sealer != self.identity.handle:
+                    raise LogError(record.seq, f"room {room_id} epoch {epoch}: the log has it sealed by "
+                                               f"{record.sealer}, not by this rekey")
+            except LogError as exc:
+                if attempt < REKEY_RETRIES:
+                    attempt += 1
+                    log.info("rekey of room %s at epoch %d is not the one logged (%s); retrying", room_id, epoch,
+                             exc.reason)
+                    continue
+                raise VerificationError(f"the rekey of room {room_id} that {self.base_url} accepted is not in "
+                                        f"its membership log as sealed: {exc.reason}", exc.seq) from None
             if self.identity.handle in sealed:
                 self._keys[(room_id, epoch)] = key
                 self._packages[(room_id, epoch)] = head_seq
@@ -1433,13 +1451,14 @@ class Bus:
             raise _Rejected("no-key", f"cannot get the key of epoch {env.epoch}: {exc}") from None
 
     def _check_sender(self, room_id: str, env: Envelope, package_seq: int, subject: str, data: bytes) -> None:
-        """The sender was in the room when the epoch was sealed, still is, and signed the message."""
+        """The sender was in the room when the epoch was sealed, is still the same member and in
+        the room, and signed the message."""
         state = self.client.verified
         try:
             member = state.check_sender(room_id, env.sender, package_seq)
-        except LogError:
-            raise _Rejected("sender", f"{env.sender} was not in room {room_id} when epoch {env.epoch} was "
-                                      "sealed") from None
+        except LogError as exc:
+            raise _Rejected("sender", f"{env.sender} may not send under epoch {env.epoch} of room {room_id}: "
+                                      f"{exc.reason}") from None
         lroom = state.rooms.get(room_id)
         if lroom is None or env.sender not in lroom.members:
             raise _Rejected("sender", f"{env.sender} is no longer in room {room_id} in the verified log")

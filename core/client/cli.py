@@ -75,11 +75,13 @@ def _one_line(text: Any) -> str:
 
 
 def _err(message: str) -> None:
-    print(f"{PROG}: error: {_one_line(message)}", file=sys.stderr, flush=True)
+    # escaped: the message may carry a server's problem detail, and a compromised
+    # server must not drive the terminal (escape sequences that erase the line)
+    print(f"{PROG}: error: {_escape(_one_line(message))}", file=sys.stderr, flush=True)
 
 
 def _note(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: {_escape(message)}", file=sys.stderr, flush=True)
 
 
 def _out(line: str = "") -> None:
@@ -91,8 +93,16 @@ def _json_out(obj: Any) -> None:
     _out(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
 
 
+#: Characters that reorder or break the line around them (bidi controls, line and
+#: paragraph separators): a name holding them could make a line read as another.
+_REORDERING = frozenset("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
+                        "\u2066\u2067\u2068\u2069")
+
+
 def _escape(text: str) -> str:
-    """One printable line: control characters (newlines included) are escaped."""
+    """One printable line: control characters (newlines included), bidi controls and line
+    separators are escaped. Everything the CLI prints that a server or another member
+    chose goes through it: a compromised server must not drive the terminal."""
     out = []
     for ch in text:
         if ch == "\\":
@@ -105,6 +115,8 @@ def _escape(text: str) -> str:
             out.append("\\t")
         elif ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0:
             out.append(f"\\x{ord(ch):02x}")
+        elif ch in _REORDERING:
+            out.append(f"\\u{ord(ch):04x}")
         else:
             out.append(ch)
     return "".join(out)
@@ -117,12 +129,13 @@ def _print_fields(record: dict[str, Any], keys: Sequence[str]) -> None:
         v = record[k]
         if isinstance(v, bool):
             v = "yes" if v else "no"
-        _out(f"{k + ':':<{width}} {v}")
+        _out(f"{k + ':':<{width}} {_escape(str(v))}")
 
 
 def _table(rows: list[list[str]]) -> None:
     if not rows:
         return
+    rows = [[_escape(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         _out("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -731,7 +744,7 @@ async def cmd_log_show(ctx: Context, c: UnibusClient) -> int:
              f"bus {m['fingerprints']['bus'][:16]}" if m["fingerprints"]["bus"] else "bus (none)"]
             for m in doc["members"]])
     _out(f"rooms: ({len(doc['rooms'])})")
-    _table([["  " + r["room_id"], _escape(r["name"]), f"owner={r['owner'] or '(none)'}", f"epoch={r['epoch']}",
+    _table([["  " + r["room_id"], r["name"], f"owner={r['owner'] or '(none)'}", f"epoch={r['epoch']}",
              "rekey-required" if r["rekey_required"] else "keyed", "members=" + ",".join(r["members"])]
             for r in doc["rooms"]])
     return EXIT_OK

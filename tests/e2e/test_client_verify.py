@@ -576,7 +576,9 @@ async def test_rekey_seals_to_the_log_and_keys_are_verified_once(world, mitm):
         posted = json.loads(body)
         assert set(posted["sealed"]) == set(posted["sigs"]) == {"alice", "bob", "carol"}
         assert len(base64.b64decode(posted["sealed"]["bob"])) == 1120 + 48  # X-Wing enc + the sealed key
-        assert posted["log_head"]["seq"] == a.verified.head[0]
+        # sealed at the verified head; the rekey then synced to its own keys entry, the next one
+        assert posted["log_head"] == {"seq": a.verified.head[0] - 1, "hash": a.verified.hash_at(a.verified.head[0] - 1)}
+        assert a.verified.rooms[rid].epochs[1].seq == a.verified.head[0]
         for h, sealed in posted["sealed"].items():  # each package signed by alice at the verified head
             data = key_package_input(rid, 1, h, base64.b64decode(sealed), posted["log_head"]["seq"],
                                      posted["log_head"]["hash"])
