@@ -917,25 +917,28 @@ class LogState:
                                  "does not verify")
 
     def check_roster_kept(self, room_id: str, epoch: int, head_seq: int) -> EpochRecord:
-        """The log's rekey of ``room_id`` to ``epoch``, sealed for the roster of ``head_seq``: raise
-        :class:`LogError` unless that rekey exists and the room's roster is the same at both.
+        """The log's rekey of ``room_id`` to ``epoch``, sealed at ``head_seq``: raise :class:`LogError`
+        unless that rekey exists and every member of the room at ``head_seq`` is still in it at
+        the rekey, as the same member.
 
-        The sealer seals to the roster at its log head, and the log takes the
-        rekey later. A change in between (a member removed, or deleted and added
+        A sealer seals to the roster at its log head, and the log takes the
+        rekey later. A member gone in between (removed, or deleted and added
         again with other keys) means the keys may come from a rekey the server
-        refused, or held back past the change: the copy sealed to the member who
-        left opens the same key. The same handles must be the same members.
+        refused, or held back past the change: the copy sealed to that member
+        opens the same key. Members added in between are not a risk (an honest
+        server accepts the keys only for its current members, so a sealer
+        meets this only with a stale head).
         """
         room = self.rooms.get(room_id)
         record = room.epochs.get(epoch) if room is not None else None
         if record is None:
             raise LogError(None, f"room {room_id}: the verified log has no rekey to epoch {epoch}")
-        at_head, at_rekey = self.roster_at(room_id, head_seq), self.roster_at(room_id, record.seq)
-        if at_head != at_rekey:
-            changed = sorted({h for h, _ in set(at_head.items()) ^ set(at_rekey.items())})
-            raise LogError(record.seq, f"room {room_id} epoch {epoch}: its members changed between the sealer's log "
-                                       f"head (seq {head_seq}) and the rekey (seq {record.seq}): "
-                                       f"{', '.join(changed)}; the room must be rekeyed again")
+        at_rekey = self.roster_at(room_id, record.seq)
+        gone = sorted(h for h, since in self.roster_at(room_id, head_seq).items() if at_rekey.get(h) != since)
+        if gone:
+            raise LogError(record.seq, f"room {room_id} epoch {epoch}: sealed at seq {head_seq} to members who are "
+                                       f"gone by the rekey (seq {record.seq}): {', '.join(gone)} (removed, or deleted "
+                                       "and added again); the room must be rekeyed again")
         return record
 
     def check_sender(self, room_id: str, sender: str, log_seq: int) -> Member:

@@ -308,6 +308,57 @@ def test_key_packages(world, people):
             state.check_key_package(room, epoch, me, s, g, sealer, h)
 
 
+def test_a_package_is_refused_when_someone_it_was_sealed_to_is_gone_by_the_rekey(people):
+    """Between the sealer's head and the logged rekey: a member removed, or deleted and added
+    again (another member under the same handle), refuses the package; one added does not."""
+    alice, bob, carol, dave = people["alice"], people["bob"], people["carol"], people["dave"]
+    dave2 = generate_identity("dave")
+
+    def package(state, me, head_seq):
+        head = {"seq": head_seq, "hash": state.hash_at(head_seq)}
+        sig = bob.sign_key.sign(key_package_input("r1", 1, me, b"s" * 80, head_seq, head["hash"]))
+        state.check_key_package("r1", 1, me, b"s" * 80, sig, "bob", head)
+
+    def room_with(*handles):
+        log = Log(alice)
+        for who in (bob, carol, dave):
+            log.add_member(alice, who)
+        log.create_room(bob, "r1")
+        for h in handles:
+            log.request(bob, "PUT", f"/v1/rooms/r1/members/{h}")
+        return log
+
+    log = room_with("carol")  # the head bob seals at: bob, carol
+    head_seq = log.head[0]
+    log.request(bob, "PUT", "/v1/rooms/r1/members/dave")  # added in between: no risk
+    log.rekey(bob, "r1", 1)
+    package(replay(log.entries), "carol", head_seq)
+
+    log = room_with("carol", "dave")
+    head_seq = log.head[0]
+    log.request(bob, "DELETE", "/v1/rooms/r1/members/dave")  # dave left: his copy opens the same key
+    log.rekey(bob, "r1", 1)
+    with pytest.raises(LogError, match=r"sealed at seq \d+ to members who are gone by the rekey .*: dave \(removed"):
+        package(replay(log.entries), "carol", head_seq)
+
+    log = room_with("carol", "dave")
+    head_seq = log.head[0]
+    log.request(alice, "DELETE", "/v1/members/dave")
+    log.add_member(alice, dave2)  # the same handle, other keys: another member
+    log.request(bob, "PUT", "/v1/rooms/r1/members/dave")
+    log.rekey(bob, "r1", 1)
+    state = replay(log.entries)
+    assert state.rooms["r1"].epochs[1].roster == {"bob", "carol", "dave"}  # the same names
+    with pytest.raises(LogError, match="gone by the rekey .*: dave"):
+        package(state, "carol", head_seq)
+    # and the old dave's signing key speaks for nobody under a package of that head
+    with pytest.raises(LogError, match="dave was deleted and added again"):
+        state.check_sender("r1", "dave", head_seq)
+    assert state.check_sender("r1", "carol", head_seq).handle == "carol"
+    with pytest.raises(LogError, match="no rekey to epoch 2"):
+        state.check_roster_kept("r1", 2, head_seq)
+
+
 def test_every_entry_hash_is_over_the_canonical_json(world):
     e = world.entries[1]
     reordered = dict(reversed(list(e.items())))
