@@ -321,6 +321,9 @@ class EpochRecord:
     seq: int
     sealer: str
     roster: frozenset[str]
+    #: The logged keys POST's signed ``Content-Digest`` (its body is not kept in
+    #: the log): the sealer's client checks that the rekey logged is the one it sent.
+    digest: str | None = None
 
 
 @dataclass(slots=True)
@@ -684,7 +687,10 @@ class LogState:
             raise LogError(seq, f"created {pending.created} is more than {2 * self.skew} s older than an "
                                 "earlier entry's (a request held back and appended late)")
         doc = self._body_json(seq, op, body) if op in _BODY_FIELDS else None
-        getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
+        if op == "room.keys":
+            self._op_room_keys(seq, author, args, doc, result, digest=req["content_digest"])
+        else:
+            getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
         self.nonces.add((author.handle, pending.nonce))
         self.max_created = max(self.max_created, pending.created)
 
@@ -873,7 +879,8 @@ class LogState:
         room.rekey_required = True
         self._set_in_room(seq, room.room_id, handle, False)
 
-    def _op_room_keys(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, result: Any) -> None:
+    def _op_room_keys(self, seq: int, author: Member, args: tuple[str, ...], _doc: Any, result: Any,
+                      digest: str | None = None) -> None:
         room = self._room(seq, args[0])
         self._require(seq, self._may_manage(room, author), f"{author.handle} rekeyed room {room.room_id} "
                                                            "without being its owner or an admin")
@@ -882,7 +889,7 @@ class LogState:
                       f"room {room.room_id}: epoch {epoch!r} does not follow {room.epoch}")
         room.epoch = epoch
         room.rekey_required = False
-        room.epochs[epoch] = EpochRecord(seq, author.handle, frozenset(room.members))
+        room.epochs[epoch] = EpochRecord(seq, author.handle, frozenset(room.members), digest)
 
     # -- checks the client makes with the verified state -----------------------------
 

@@ -46,6 +46,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
+import hmac
 import contextlib
 import json
 import logging
@@ -69,7 +71,7 @@ from nats.errors import Error as NatsError
 
 from ..memberlog import LogError, LogState, verify_ed25519
 from ..memberlog import Room as LogRoom
-from ..signing import sign_request
+from ..signing import SignatureError, parse_content_digest, sign_request
 from ..tls import connect_bounded, permanent_tls_error
 from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey, with_bus_key
 from .replica import LogVerificationError, Replica, ReplicaError, VerificationError, server_id
@@ -323,6 +325,16 @@ def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_
     if status != 503 or attempt >= RETRIES_503 or not _retryable_503(method, problem, retry_after):
         return None
     return min(max(retry_after or 0.5, 0.1), 2.0)
+
+
+def _names_digest(content_digest: str | None, sha256: bytes) -> bool:
+    """True when the ``Content-Digest`` value names exactly this SHA-256."""
+    if content_digest is None:
+        return False
+    try:
+        return hmac.compare_digest(parse_content_digest(content_digest), sha256)
+    except SignatureError:
+        return False
 
 
 def _dumps(obj: Any) -> bytes:
@@ -851,7 +863,10 @@ class UnibusClient:
                 epoch = await self.rekey(room_id)
                 self.replica.notice(f"room {room_id} needed a rekey (its membership changed since epoch {before}); "
                                     f"rekeyed it to epoch {epoch} first")
-                return epoch, self._keys[(room_id, epoch)]
+                key = self._keys.get((room_id, epoch))
+                if key is None:  # this member left the room while the rekey was on its way: sealed to others
+                    raise NotARoomMember(room_id, me)
+                return epoch, key
             raise RekeyRequired(room_id, state.rekeyers(room_id))
         return await self.room_key(room_id, lroom.epoch)
 
@@ -883,9 +898,11 @@ class UnibusClient:
                 member = state.members[handle]
                 sealed[handle] = seal_room_key(key, member.enc_pub, member.enc_suite, room_id, epoch)
             sigs = sign_key_packages(self.identity, room_id, epoch, sealed, head_seq, head_hash)
+            body = {"epoch": epoch, "sealed": {h: _b64(v) for h, v in sealed.items()}, "sigs": sigs,
+                    "log_head": {"seq": head_seq, "hash": head_hash}}
+            sent = hashlib.sha256(_dumps(body)).digest()  # what post_keys signs and sends
             try:
-                await self.post_keys(room_id, epoch, {h: _b64(v) for h, v in sealed.items()}, sigs,
-                                     {"seq": head_seq, "hash": head_hash})
+                await self.post_keys(room_id, epoch, body["sealed"], sigs, body["log_head"])
             except ApiError as exc:
                 if exc.status == 409 and attempt < REKEY_RETRIES:
                     attempt += 1
@@ -895,9 +912,9 @@ class UnibusClient:
             state = await self.sync()
             try:
                 record = state.check_roster_kept(room_id, epoch, head_seq)
-                if record.sealer != self.identity.handle:
-                    raise LogError(record.seq, f"room {room_id} epoch {epoch}: the log has it sealed by "
-                                               f"{record.sealer}, not by this rekey")
+                if record.sealer != self.identity.handle or not _names_digest(record.digest, sent):
+                    raise LogError(record.seq, f"room {room_id} epoch {epoch}: the log has another rekey to it "
+                                               f"(by {record.sealer}), not the one this client sent")
             except LogError as exc:
                 if attempt < REKEY_RETRIES:
                     attempt += 1

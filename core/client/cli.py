@@ -536,7 +536,7 @@ def _report(ctx: Context, doc: Any, line: str, note: str | None = None) -> int:
     if ctx.json:
         _json_out(doc)
     else:
-        _out(line)
+        _out(_escape(line))  # it holds what the server answered (a room id, a handle)
         if note is not None:
             _note(note)
     return EXIT_OK
@@ -665,7 +665,7 @@ async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
                 if ctx.args.show_rejected:
                     who = f" claimed sender {_escape(m.sender)}" if m.sender else ""
                     print(f"{PROG}: rejected [{_escape(m.topic)}] epoch {m.epoch}{who} ({m.reason}): "
-                          f"{_one_line(m.error)}", file=sys.stderr, flush=True)
+                          f"{_escape(_one_line(m.error))}", file=sys.stderr, flush=True)
                 continue
             _json_out(_message_json(m)) if ctx.json else _out(_message_line(m))
             got += 1

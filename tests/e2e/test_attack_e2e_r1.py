@@ -15,177 +15,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import re
 import time
-import urllib.parse
-from collections.abc import Callable
 from typing import Any
 
-import aiohttp
 import pytest
-import yarl
 from aiohttp import web
+from attackkit import add, keyid, new_room, publish_raw, running_proxy, serve_log, whole_log, worlds
 
-from unibus.client import LogVerificationError, UnibusClient, VerificationError
+from unibus.client import LogVerificationError, VerificationError
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import encrypt_message, open_room_key
 from unibus.client.signed import message_headers
 from unibus.memberlog import entry_hash
-from unibus.testing import MembershipdProcess, bootstrap_member, free_port
 
-Answer = Callable[[web.Request, bytes], Any]  # (status, doc), None, or a coroutine giving either
-Rule = Callable[[str, str, str, Any], Any]
-
-
-# --------------------------------------------------------------------------- the compromised server
-
-
-class Proxy:
-    """A reverse proxy in front of the daemon. ``answer(request, body)`` may answer ``(status, doc)``
-    itself; otherwise the request is forwarded and each ``rule(method, path, query, doc)`` may
-    rewrite a JSON answer."""
-
-    def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.answer: Answer | None = None
-        self.rules: list[Rule] = []
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> Proxy:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), auto_decompress=False)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-        await self.session.close()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        answer = self.answer(request, body) if self.answer else None
-        if asyncio.iscoroutine(answer):
-            answer = await answer
-        if answer is not None:
-            ctype = "application/json" if 200 <= answer[0] < 300 else "application/problem+json"
-            return web.Response(status=answer[0], text=json.dumps(answer[1]), content_type=ctype)
-        keep = ("signature", "signature-input", "content-digest", "content-type")
-        headers = {k: v for k, v in request.headers.items() if k.lower() in keep}
-        url = yarl.URL(self.upstream + request.raw_path, encoded=True)
-        async with self.session.request(request.method, url, data=body or None, headers=headers) as resp:
-            raw, status = await resp.read(), resp.status
-            ctype = resp.headers.get("Content-Type", "application/octet-stream").split(";")[0]
-        path, _, query = request.raw_path.partition("?")
-        if raw and "json" in ctype and 200 <= status < 300:
-            doc = json.loads(raw)
-            for rule in self.rules:
-                new = rule(request.method, path, query, doc)
-                if new is not None:
-                    doc = new
-                    raw = json.dumps(doc).encode()
-        return web.Response(status=status, body=raw, content_type=ctype)
-
-
-def keyid(request: web.Request) -> str | None:
-    found = re.search(r'keyid="([^"]+)"', request.headers.get("Signature-Input", ""))
-    return found.group(1) if found else None
-
-
-def serve_log(entries: list[dict[str, Any]]) -> Answer:
-    """Answer ``GET /v1/log/head`` and ``GET /v1/log`` with ``entries`` (a log the server made up)."""
-    head = {"seq": entries[-1]["seq"], "hash": entry_hash(entries[-1])}
-
-    def answer(request: web.Request, _body: bytes) -> tuple[int, Any] | None:
-        if request.method != "GET":
-            return None
-        if request.path == "/v1/log/head":
-            return 200, {**head, "auth_skew": 60}
-        if request.path == "/v1/log":
-            q = urllib.parse.parse_qs(request.query_string)
-            after = int(q.get("after", ["-1"])[0])
-            limit = int(q.get("limit", ["500"])[0])
-            return 200, {"entries": [e for e in entries if e["seq"] > after][:limit], "head": head}
-        return None
-
-    return answer
-
-
-@pytest.fixture
-async def proxy(world):
-    p = await Proxy(world.daemon.base_url).start()
-    try:
-        yield p
-    finally:
-        await p.stop()
-
-
-# --------------------------------------------------------------------------- the world
-
-
-class World:
-    def __init__(self, daemon: MembershipdProcess, people: dict[str, Any]) -> None:
-        self.daemon = daemon
-        self.people = people
-
-    def sdk(self, handle: str, server: str | None = None, identity: Any = None) -> UnibusClient:
-        return UnibusClient(server or self.daemon.base_url, identity or self.people[handle],
-                            notice=lambda _text: None, timeout=15)
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    people = {"alice": generate_identity("alice"), "bob": generate_identity("bob"),
-              "carol": generate_identity("carol"), "mallory": generate_identity("mallory")}
-    data_dir = tmp_path_factory.mktemp("attack-r1") / "daemon"
-    bootstrap_member(data_dir, people["alice"], "admin")
-    daemon = MembershipdProcess(data_dir).start()
-    w = World(daemon, people)
-
-    async def members() -> None:
-        async with w.sdk("alice") as a:
-            for h in ("bob", "carol", "mallory"):
-                await add(a, people[h])
-
-    try:
-        asyncio.run(members())
-        yield w
-    finally:
-        daemon.stop()
+    yield from worlds(tmp_path_factory)
 
 
-async def add(admin: UnibusClient, ident: Any) -> None:
-    r = ident.public_record()
-    await admin.add_member(ident.handle, r["sign_pub"], r["enc_pub"], r["enc_suite"], bus_pub=r["bus_pub"])
-
-
-async def new_room(world: World, *handles: str, rekey: bool = True) -> str:
-    async with world.sdk("alice") as a:
-        rid = (await a.create_room("r"))["room_id"]
-        for h in handles:
-            await a.add_room_member(rid, h)
-        if rekey:
-            await a.rekey(rid)
-    return rid
-
-
-async def whole_log(client: UnibusClient) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    head = (await client.log_head())["seq"]
-    while len(entries) <= head:
-        page = await client.log(after=entries[-1]["seq"] if entries else None, limit=1000)
-        entries.extend(page["entries"])
-    return entries[:head + 1]
-
-
-async def publish_raw(bus: Any, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-    await bus.nc.publish(subject, payload, headers=headers)
-    await bus.nc.flush()
-    await bus.nc.flush()
-
+@pytest.fixture
+async def proxy(world):
+    async with running_proxy(world) as p:
+        yield p
 
 # --------------------------------------------------------------------------- holes
 
