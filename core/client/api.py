@@ -46,9 +46,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
-import contextlib
 import json
 import logging
 import os
@@ -881,10 +881,12 @@ class UnibusClient:
         (docs/formats.md, "Key packages"). A 409 (another rekey won, or the
         membership changed) starts again, at most :data:`REKEY_RETRIES` more
         times; then the 409 is raised. After the upload the log must hold
-        this rekey, by this member, for the roster it was sealed to (a member
-        deleted and added again while it was on its way, or a server that
-        answered 201 and logged nothing): otherwise it starts again too, and
-        then raises :class:`VerificationError`. Its key is used only then.
+        this very rekey (its signed ``Content-Digest``), by this member, with
+        everyone it was sealed to still in the room as the same member;
+        otherwise (a member deleted and added again while it was on its way,
+        a server that answered 201 and logged nothing, or logged an earlier
+        try) it starts again too, and then raises :class:`VerificationError`.
+        Its key is used only then.
         """
         attempt = 0
         while True:
