@@ -23,10 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
-import yarl
 from aiohttp import web
+from attackkit import Proxy
 
 from unibus.client import (
     ApiError,
@@ -42,7 +41,7 @@ from unibus.client.keys import generate_identity, save_identity
 from unibus.client.sealing import encrypt_message, seal_room_key
 from unibus.client.signed import message_headers
 from unibus.memberlog import entry_hash, key_package_input
-from unibus.testing import MembershipdProcess, bootstrap_member, free_port
+from unibus.testing import MembershipdProcess, bootstrap_member
 
 Rule = Callable[[str, str, str, Any], Any]
 
@@ -50,8 +49,9 @@ Rule = Callable[[str, str, str, Any], Any]
 # --------------------------------------------------------------------------- the man in the middle
 
 
-class Mitm:
-    """A reverse proxy in front of the daemon: forwards each request as is, lets rules rewrite JSON answers.
+class Mitm(Proxy):
+    """A reverse proxy in front of the daemon (:class:`attackkit.Proxy`): forwards each request as
+    is, lets rules rewrite JSON answers.
 
     A rule is ``rule(method, path, query, doc) -> new doc or None`` (None:
     unchanged). ``intercept(method, path)`` may answer ``(status, doc)``
@@ -60,47 +60,16 @@ class Mitm:
     """
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = upstream.rstrip("/")
-        self.rules: list[Rule] = []
+        super().__init__(upstream)
         self.intercept: Callable[[str, str], tuple[int, Any] | None] | None = None
         self.seen: list[tuple[str, str, bytes]] = []
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.answer = self._intercepted
 
-    async def start(self) -> Mitm:
-        self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), auto_decompress=False)
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        self.runner = web.AppRunner(app)
-        await self.runner.setup()
-        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-        return self
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
-        await self.session.close()
-
-    async def handle(self, request: web.Request) -> web.Response:
-        body = await request.read()
-        answer = self.intercept(request.method, request.path) if self.intercept else None
-        if answer is not None:
-            return web.Response(status=answer[0], text=json.dumps(answer[1]), content_type="application/problem+json")
-        self.seen.append((request.method, request.raw_path, body))
-        keep = ("signature", "signature-input", "content-digest", "content-type")
-        headers = {k: v for k, v in request.headers.items() if k.lower() in keep}
-        url = yarl.URL(self.upstream + request.raw_path, encoded=True)
-        async with self.session.request(request.method, url, data=body or None, headers=headers) as resp:
-            raw, status = await resp.read(), resp.status
-            ctype = resp.headers.get("Content-Type", "application/octet-stream").split(";")[0]
-        path, _, query = request.raw_path.partition("?")
-        if raw and "json" in ctype and 200 <= status < 300:
-            doc = json.loads(raw)
-            for rule in self.rules:
-                new = rule(request.method, path, query, doc)
-                if new is not None:
-                    doc = new
-                    raw = json.dumps(doc).encode()
-        return web.Response(status=status, body=raw, content_type=ctype)
+    def _intercepted(self, request: web.Request, body: bytes) -> tuple[int, Any] | None:
+        found = self.intercept(request.method, request.path) if self.intercept else None
+        if found is None:
+            self.seen.append((request.method, request.raw_path, body))
+        return found
 
     def posted_keys(self) -> list[tuple[str, str, bytes]]:
         return [r for r in self.seen if r[0] == "POST" and r[1].endswith("/keys")]
