@@ -117,6 +117,14 @@ DEFAULT_MAX_AGE = 300.0
 #: Why a listener rejects a message (the keys of :attr:`RoomListener.rejected`).
 REJECT_REASONS = ("malformed", "stale", "replay", "no-key", "key", "sender", "signature", "decrypt")
 
+#: After a log sync that did not find the epoch a message named, no other such
+#: sync of the room for this many seconds (see :meth:`UnibusClient.message_key`).
+UNKNOWN_EPOCH_SYNC_INTERVAL = 1.0
+
+#: A listener's buffer of messages received but not yet taken (see :class:`RoomListener`).
+LISTENER_MAX_BYTES = 64 * 1024 * 1024
+LISTENER_MAX_MESSAGES = 100_000
+
 #: How many times :meth:`UnibusClient.rekey` retries after a 409 (a concurrent
 #: rekey or a membership change between its GET and its POST).
 REKEY_RETRIES = 3
@@ -327,6 +335,32 @@ def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_
     return min(max(retry_after or 0.5, 0.1), 2.0)
 
 
+#: The largest answer the client reads (JSON and problem details): a compromised
+#: server, or a man in the middle of ``http://``, must not fill the client's memory.
+#: The largest real ones are far below (a page of the log, 1,000 entries: a few MiB;
+#: ``GET /v1/members`` with 10,000 MLKEM768_X25519 members: about 20 MiB).
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
+
+
+class AnswerTooLarge(Exception):
+    """An answer beyond :data:`MAX_ANSWER_BYTES` (or the cap given): nothing more of it was read."""
+
+
+async def _read_capped(resp: Any, cap: int = MAX_ANSWER_BYTES) -> bytes:
+    """The body of an aiohttp response, read up to ``cap`` bytes; :class:`AnswerTooLarge` beyond it."""
+    if resp.content_length is not None and resp.content_length > cap:
+        raise AnswerTooLarge(f"the server's answer is {resp.content_length} bytes, over the client's limit of "
+                             f"{cap} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async for piece in resp.content.iter_any():
+        size += len(piece)
+        if size > cap:
+            raise AnswerTooLarge(f"the server's answer goes on past the client's limit of {cap} bytes")
+        parts.append(piece)
+    return b"".join(parts)
+
+
 def _names_digest(content_digest: str | None, sha256: bytes) -> bool:
     """True when the ``Content-Digest`` value names exactly this SHA-256."""
     if content_digest is None:
@@ -406,6 +440,7 @@ class UnibusClient:
         #: (room_id, epoch) whose key the server answered 404 for: permanent (the
         #: sealed set of an epoch never changes), so not asked again.
         self._missing: set[tuple[str, int]] = set()
+        self._unknown_epoch_missed: dict[str, float] = {}  # room -> when a sync last missed an epoch
         #: open buses, told when this client rotates its bus key (:meth:`rotate_bus_key`)
         self._buses: weakref.WeakSet[Bus] = weakref.WeakSet()
         directory = None if replica_root is None else Path(replica_root).expanduser() / server_id(self.base_url)
@@ -511,8 +546,10 @@ class UnibusClient:
         try:
             async with self._http().request(method, url, data=body, headers=headers,
                                             allow_redirects=False) as resp:
-                raw = await resp.read()
+                raw = await _read_capped(resp)
                 return resp.status, resp.reason, raw, _parse_retry_after(resp.headers.get("Retry-After"))
+        except AnswerTooLarge as exc:
+            raise ServerUnreachable(self.base_url, f"{method} {url.path}: {exc}") from None
         except aiohttp.ClientConnectorError as exc:
             raise ServerUnreachable(self.base_url, _connect_reason(exc)) from None
         except TimeoutError:
@@ -828,15 +865,23 @@ class UnibusClient:
         """``(key, log seq of its key package)`` for reading a message of ``epoch``, verified.
 
         An epoch the verified log has no rekey to (after a sync) raises
-        :class:`KeyUnavailable` without asking the server for it.
+        :class:`KeyUnavailable` without asking the server for it. After a sync
+        that did not find the epoch it was made for, the next such sync of the
+        room waits :data:`UNKNOWN_EPOCH_SYNC_INTERVAL` seconds: a message naming
+        an epoch costs its sender nothing to make, and each would otherwise
+        cost every listener a round trip to the server.
         """
         key, seq = self._keys.get((room_id, epoch)), self._packages.get((room_id, epoch))
         if key is not None and seq is not None:
             return key, seq
         lroom = self.verified.rooms.get(room_id)
         if lroom is None or epoch not in lroom.epochs:
-            await self.sync()
-            lroom = self.verified.rooms.get(room_id)
+            missed = self._unknown_epoch_missed.get(room_id)
+            if missed is None or time.monotonic() - missed >= UNKNOWN_EPOCH_SYNC_INTERVAL:
+                await self.sync()
+                lroom = self.verified.rooms.get(room_id)
+                if lroom is None or epoch not in lroom.epochs:
+                    self._unknown_epoch_missed[room_id] = time.monotonic()
         if lroom is None or epoch not in lroom.epochs:
             raise KeyUnavailable(room_id, epoch, 404, {
                 "title": "Not Found", "detail": f"the verified membership log has no rekey of room {room_id} to "
@@ -1549,6 +1594,10 @@ class RoomListener:
 
     ``rejected`` counts the messages refused so far, by reason; ``guard``
     holds the msg ids accepted within the time window (bounded memory).
+    Messages received but not yet taken wait in a buffer of at most
+    :data:`LISTENER_MAX_BYTES` of payload and :data:`LISTENER_MAX_MESSAGES`
+    messages: beyond it they are dropped and counted in ``dropped`` (a
+    member flooding the room cannot fill a slow listener's memory).
     """
 
     def __init__(self, bus: Bus, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0,
@@ -1564,6 +1613,9 @@ class RoomListener:
         self.subject = room_subject(room_id) + ".>"
         self.include_errors = include_errors
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queued_bytes = 0
+        #: messages dropped because the buffer was full (the listener did not keep up)
+        self.dropped = 0
         self._sub: Any = None
         self._done = False
 
@@ -1579,6 +1631,15 @@ class RoomListener:
         nc = await self.bus.connected()
 
         async def cb(msg: Any) -> None:
+            size = len(msg.data) + len(msg.subject)
+            if (self._queued_bytes + size > LISTENER_MAX_BYTES
+                    or self._queue.qsize() >= LISTENER_MAX_MESSAGES):
+                if self.dropped % 1000 == 0:
+                    log.warning("room %s: the listener is not keeping up; messages dropped so far: %d",
+                                self.room_id, self.dropped + 1)
+                self.dropped += 1
+                return
+            self._queued_bytes += size
             self._queue.put_nowait(msg)
 
         deadline = time.monotonic() + self.grant_wait
@@ -1650,6 +1711,7 @@ class RoomListener:
                     with contextlib.suppress(NatsError, OSError, asyncio.TimeoutError):
                         await sub.unsubscribe()
                 raise item
+            self._queued_bytes -= len(item.data) + len(item.subject)
             message = await self.bus.decode(self.room_id, item, self.guard)
             if message.error is not None:
                 self.rejected[message.reason or "malformed"] += 1

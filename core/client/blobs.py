@@ -110,6 +110,8 @@ UPLOAD_BLOCK = 4 * 1024 * 1024
 DOWNLOAD_BLOCK = 4 * 1024 * 1024
 #: bytes a download asks of the socket per ``recv`` (see _large_reads)
 RECV_SIZE = 1024 * 1024
+#: The most of an upload's answer, or of a refused download's problem details, the client reads.
+PROBLEM_MAX_BYTES = 1024 * 1024
 #: bytes a download writes between two starts of the kernel's writeback (see _FileSink)
 WRITEBACK_EVERY = 8 * 1024 * 1024
 #: Uploads larger than this send ``Expect: 100-continue``: membershipd answers
@@ -753,7 +755,8 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
     """PUT ``size`` bytes whose SHA-256 is ``sha256``, from ``body()`` (called again for a retry)."""
     import aiohttp
 
-    from .api import ApiError, ServerUnreachable, _connect_reason, _parse_retry_after, _problem_from, retry_503_delay
+    from .api import (AnswerTooLarge, ApiError, ServerUnreachable, _connect_reason, _parse_retry_after,
+                      _problem_from, _read_capped, retry_503_delay)
 
     url = client.url_for(_blobs_path(room_id))
     for attempt in itertools.count():
@@ -765,9 +768,11 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
             async with client._http().put(url, data=body(), headers=headers,
                                           timeout=_transfer_timeout(client), allow_redirects=False,
                                           expect100=size > EXPECT_CONTINUE_OVER) as resp:
-                raw = await resp.read()
+                raw = await _read_capped(resp, PROBLEM_MAX_BYTES)
                 status, reason = resp.status, resp.reason
                 retry_after = _parse_retry_after(resp.headers.get("Retry-After"))
+        except AnswerTooLarge as e:
+            raise ServerUnreachable(client.base_url, f"upload of blob {sha256.hex()}: {e}") from None
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
@@ -914,7 +919,8 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
     import aiohttp
 
     from ..signing import sign_request
-    from .api import ApiError, ServerUnreachable, _connect_reason, _parse_retry_after, _problem_from, retry_503_delay
+    from .api import (AnswerTooLarge, ApiError, ServerUnreachable, _connect_reason, _parse_retry_after,
+                      _problem_from, _read_capped, retry_503_delay)
 
     url = client.url_for(_blobs_path(room_id, blob_id))
     for attempt in itertools.count():
@@ -927,7 +933,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
             async with client._http().get(url, headers=headers, timeout=_transfer_timeout(client),
                                           allow_redirects=False, read_bufsize=DOWNLOAD_BLOCK) as resp:
                 if resp.status != 200:
-                    problem = _problem_from(resp.status, resp.reason, await resp.read())
+                    problem = _problem_from(resp.status, resp.reason, await _read_capped(resp, PROBLEM_MAX_BYTES))
                     delay = retry_503_delay("GET", resp.status, problem,
                                             _parse_retry_after(resp.headers.get("Retry-After")), attempt)
                     if delay is None:
@@ -941,6 +947,8 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
                 total = resp.content_length if resp.content_length is not None else -1
                 with _large_reads(resp):
                     done = await _receive(resp, total, progress, hasher, writer, first)
+        except AnswerTooLarge as e:
+            raise ServerUnreachable(client.base_url, f"download of blob {blob_id}: {e}") from None
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:

@@ -472,6 +472,10 @@ def _check_identity_stat(p: str, st: os.stat_result) -> None:
             f"it holds private keys: run `chmod 600 {p}`",
             p,
         )
+    if hasattr(os, "geteuid") and st.st_uid != os.geteuid():
+        # Its owner holds the keys: whoever planted it would act through us (root reads any file).
+        raise IdentityError(f"identity file {p} belongs to another user (uid {st.st_uid}); use your own "
+                            "identity file", p)
     if st.st_size > _IDENTITY_MAX_BYTES:
         raise IdentityError(f"identity file {p} is too large ({st.st_size} bytes) to be an identity file", p)
 
