@@ -30,7 +30,7 @@ from .pluginstate import Stash, plugin_name, state_dir_of
 from .posture import LISTENER_STATES, LISTENERS, merge_posture
 from .problems import Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
-from .store.base import ChangeNotEnforced, Conflict, LogRejected, NotFound, Store, StoreUnavailable
+from .store.base import ChangeNotEnforced, Conflict, Forbidden, LogRejected, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
 
 log = logging.getLogger("unibus.http")
@@ -203,6 +203,8 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
         return problem_response(404, str(e), kind="not-found")
     except Conflict as e:
         return problem_response(409, str(e), kind="conflict", **e.extra)
+    except Forbidden as e:  # rights changed between the request's check and its write
+        return problem_response(403, str(e), kind="forbidden")
     except LogRejected as e:  # the request's signature cannot join the membership log
         _rejected(request, "replay" if "nonce" in str(e) else "log_order")
         return problem_response(401, str(e), kind="invalid-signature",

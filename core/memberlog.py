@@ -235,6 +235,27 @@ def logged_operation(method: str, path: str) -> tuple[str, tuple[str, ...]] | No
     return None
 
 
+def check_logged_request(method: str, path: str, content_digest: str | None, signature_input: str, signature: str,
+                         body: bytes | None, op: str, *, now: float, skew: float) -> Any:
+    """The signature checks a client makes when it replays a logged request (everything but
+    the key: the caller verifies the returned pending check with the author's key).
+
+    Only what the log keeps is there: ``@method``, ``@path``, an empty
+    ``@query``, ``Content-Digest``, and the body unless the operation's is
+    not kept (its digest is then checked for presence and form only). The
+    server runs this on a request before it appends it, so a signature that
+    covers anything else (another header) is refused there, not in every
+    client forever after. Raises :class:`unibus.signing.SignatureError`.
+    """
+    headers = _Headers({"signature-input": signature_input, "signature": signature})
+    if content_digest is not None:
+        headers["content-digest"] = content_digest
+    if op in BODYLESS:
+        headers["content-length"] = "1"
+        body = None
+    return check_request(method, path, "", headers, body, now=now, skew=skew)
+
+
 def request_entry(seq: int, prev: str, at: int, request: LoggedRequest, result: Mapping[str, Any]) -> dict[str, Any]:
     found = logged_operation(request.method, request.path)
     keep_body = found is None or found[0] not in BODYLESS
@@ -733,16 +754,11 @@ class LogState:
     def _request_author(self, seq: int, req: dict[str, Any], op: str, body: bytes | None,
                         at: Any) -> tuple[Member, Any]:
         """The author's signature, with the key the log established for them: the author and the checked request."""
-        headers = _Headers({"signature-input": req["signature_input"], "signature": req["signature"]})
-        if req["content_digest"] is not None:
-            headers["content-digest"] = req["content_digest"]
-        if op in BODYLESS:
-            # The body is not here; its signed digest is checked for presence and form only.
-            headers["content-length"] = "1"
         trusted = self._trusted
         try:
-            pending = check_request(req["method"], req["path"], "", headers, body, now=float(at),
-                                    skew=float(MAX_SAFE_INT) if trusted else self.skew)
+            pending = check_logged_request(req["method"], req["path"], req["content_digest"], req["signature_input"],
+                                           req["signature"], body, op, now=float(at),
+                                           skew=float(MAX_SAFE_INT) if trusted else self.skew)
         except SignatureError as e:
             raise LogError(seq, f"signature: {e.reason}") from None
         if pending.tag is not None and pending.tag != self.root:

@@ -10,8 +10,9 @@ from aiohttp import web
 from ..app import SETTINGS
 from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, SIGNATURE_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
 from ..inputs import invalid, parse_json
-from ..memberlog import BODYLESS, logged_operation
+from ..memberlog import BODYLESS, MAX_AUTH_SKEW, check_logged_request, logged_operation
 from ..problems import Problem
+from ..signing import SignatureError
 from ..store.base import LogRecord
 
 #: Largest body of a logged request whose body the log keeps (every logged body
@@ -20,7 +21,8 @@ from ..store.base import LogRecord
 #: member cannot make it grow by megabytes of JSON whitespace.
 MAX_LOGGED_BODY = 16 * 1024
 #: OpenAPI responses every logged route has, besides its own.
-LOGGED_RESPONSES = {400: "malformed JSON, or a path that is not the canonical spelling or has a query string "
+LOGGED_RESPONSES = {400: "malformed JSON, or a path that is not the canonical spelling, a query string, or a "
+                         "signature covering more than @method, @path, @query and content-digest "
                          "(non-canonical-request: the membership log records requests as signed)",
                     401: "missing or invalid signature, or a nonce or created the membership log refuses",
                     409: "the membership log or the record moved during this change (a concurrent writer); try again",
@@ -81,6 +83,17 @@ def log_record(request: web.Request) -> LogRecord:
     if logged.body is not None and found[0] not in BODYLESS and len(logged.body) > MAX_LOGGED_BODY:
         raise Problem(413, f"the body of this request is kept in the membership log: at most {MAX_LOGGED_BODY} "
                            "bytes", kind="request-entity-too-large", max_bytes=MAX_LOGGED_BODY)
+    # What every client will check when it replays the entry, checked on the entry as it will be
+    # logged: a signature covering anything the log does not keep (another header) would be
+    # accepted here and refused by every client, for good.
+    try:
+        check_logged_request(logged.method, logged.path, logged.content_digest, logged.signature_input,
+                             logged.signature, logged.body, found[0], now=float(request[AUTH_TIME_KEY]),
+                             skew=float(MAX_AUTH_SKEW))
+    except SignatureError as e:
+        raise Problem(400, "a membership-changing request is recorded in the membership log as signed, and every "
+                           "client checks its signature from what the log keeps: @method, @path, @query and "
+                           f"content-digest; sign only those ({e.reason})", kind="non-canonical-request") from None
     verified = request[SIGNATURE_KEY]
     return LogRecord(logged, verified.keyid, verified.nonce, verified.created, int(request[AUTH_TIME_KEY]),
                      int(request.app[SETTINGS].auth_skew))

@@ -212,6 +212,7 @@ def register(app: web.Application) -> None:
               summary="Set or rotate the caller's bus key; its bus connections under the old key are closed "
                       "before the answer", request_schema=BUS_KEY_SCHEMA,
               responses={200: ("the caller's member record", member), **LOGGED_RESPONSES,
+                         403: "the caller was deleted while the request was on its way",
                          409: "another member has this key, or it is the nkey of a member's sign_pub; or a "
                               "concurrent change (try again)",
                          422: "invalid bus_pub (not a valid user nkey), or the nkey of the caller's own sign_pub"},

@@ -264,7 +264,9 @@ def register(app: web.Application) -> None:
     room = "/v1/rooms/{room_id}"
     add_route(app, "POST", "/v1/rooms", create_room, summary="Create a room; the caller owns it",
               request_schema=ROOM_SCHEMA,
-              responses={201: ("the room", room_ref), **LOGGED_RESPONSES, 422: "invalid field"}, tags=["rooms"])
+              responses={201: ("the room", room_ref), **LOGGED_RESPONSES,
+                         403: "the caller was deleted while the request was on its way", 422: "invalid field"},
+              tags=["rooms"])
     add_route(app, "GET", "/v1/rooms", list_rooms, summary="Rooms the caller is in (admins: all)",
               responses={200: ("{rooms: [...]}", rooms)}, tags=["rooms"])
     add_route(app, "GET", room, get_room, summary="A room with its members' enc_pub/enc_suite",

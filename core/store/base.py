@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..memberlog import LoggedRequest, entry_hash, member_json, request_entry
+from ..memberlog import LoggedRequest, entry_hash, logged_operation, member_json, request_entry
 
 log = logging.getLogger("unibus.store")
 
@@ -216,6 +216,11 @@ class ChangeNotEnforced(StoreError):
     (bus authorization's kicks): the request gets 503, and the listener keeps retrying."""
 
 
+class Forbidden(StoreError):
+    """The author of a logged request may not make it any more: its rights changed between the
+    check of its request and its write (a concurrent demotion, removal or deletion): 403."""
+
+
 class LogRejected(StoreError):
     """A signed request that cannot join the membership log (its nonce is in the log
     already, or its ``created`` is too old for the log's order): the request gets 401."""
@@ -265,6 +270,49 @@ def check_appendable(record: LogRecord, max_created: int, nonce_in_log: bool) ->
     if record.created < max_created - 2 * record.skew:
         raise LogRejected(f"the signature's created is more than {2 * record.skew} s older than a request "
                           "already in the membership log; sign the request again")
+
+
+#: Logged operations only an admin may make, and those of a room's owner (a room member) or an admin.
+_ADMIN_OPS = frozenset({"member.add", "member.role", "member.delete"})
+_MANAGER_OPS = frozenset({"room.delete", "room.member_add", "room.keys"})
+
+
+def authority_room(record: LogRecord) -> str | None:
+    """The room whose owner and roster :func:`check_authority` needs for ``record``, if any."""
+    found = logged_operation(record.request.method, record.request.path)
+    if found is None:
+        return None
+    op, args = found
+    return args[0] if op in _MANAGER_OPS or op == "room.member_remove" else None
+
+
+def check_authority(record: LogRecord, author_role: str | None, room_owner: str | None,
+                    author_in_room: bool) -> None:
+    """The author's rights, as a client checks them at this point of the log (``LogState``'s
+    ``_op_*`` rules), from the store's rows read in the write's own transaction.
+
+    The handler checked them when the request came in, but another write may
+    have committed since (the author demoted, removed from the room, or
+    deleted): appending the request then would put an entry in the log that
+    every client refuses, for good. ``room_owner`` is None when the room does
+    not exist (the write itself answers 404). :class:`Forbidden` otherwise.
+    """
+    found = logged_operation(record.request.method, record.request.path)
+    if found is None:
+        return
+    op, args = found
+    if author_role is None:
+        raise Forbidden(f"{record.keyid!r} is no longer a member")
+    admin = author_role == "admin"
+    if op in _ADMIN_OPS and not admin:
+        raise Forbidden(f"{record.keyid!r} is not an admin (any more)")
+    if room_owner is None or admin:
+        return
+    manager = room_owner == record.keyid and author_in_room
+    if op in _MANAGER_OPS and not manager:
+        raise Forbidden(f"{record.keyid!r} is not the owner of room {args[0]!r} and in it (any more)")
+    if op == "room.member_remove" and args[1] != record.keyid and not manager:
+        raise Forbidden(f"{record.keyid!r} may not remove other members of room {args[0]!r} (any more)")
 
 
 def check_new_epoch(current: int, epoch: int, members: set[str], sealed: dict[str, bytes]) -> None:

@@ -45,7 +45,9 @@ from .base import (
     NotFound,
     Room,
     StoreUnavailable,
+    authority_room,
     check_appendable,
+    check_authority,
     check_new_epoch,
     entry_text,
     snapshot_member,
@@ -155,6 +157,14 @@ class KvStore(KvWatch, KvMigrate):
             head = {"seq": -1, "hash": "", "max_created": 0}
         max_created = int(head.get("max_created", 0))
         check_appendable(logged, max_created, seen is not None)
+        # Read after the head: a write committed since makes this one's head CAS fail (retried).
+        room_id = authority_room(logged)
+        (author, _arev), (room, _rrev) = await asyncio.gather(
+            self._read(_mkey(logged.keyid)),
+            self._read(_rkey(room_id)) if room_id is not None and _valid(room_id) else _none())
+        check_authority(logged, author.get("role") if author is not None else None,
+                        room.get("owner", "") if room is not None else None,
+                        room is not None and logged.keyid in room.get("members", ()))
         return _LogPosition(int(head["seq"]) + 1, str(head["hash"]), hrev, max_created, nrev)
 
     @staticmethod

@@ -41,7 +41,9 @@ from .base import (
     NotFound,
     Room,
     Store,
+    authority_room,
     check_appendable,
+    check_authority,
     check_new_epoch,
     entry_text,
     room_state,
@@ -512,6 +514,12 @@ def log_begin(s: Session, logged: LogRecord | None) -> LogPosition | None:
     max_created = int(s.scalar(select(m.Meta.value).where(m.Meta.key == MAX_CREATED_KEY)) or 0)
     seen = s.get(m.LogNonce, (logged.keyid, logged.nonce)) is not None
     check_appendable(logged, max_created, seen)
+    author = s.get(m.Member, logged.keyid)
+    room_id = authority_room(logged)
+    room = s.get(m.Room, room_id) if room_id is not None else None
+    inside = room is not None and s.get(m.RoomMember, (room_id, logged.keyid)) is not None
+    check_authority(logged, author.role if author is not None else None, room.owner if room is not None else None,
+                    inside)
     return LogPosition(seq + 1, prev, max_created)
 
 

@@ -29,6 +29,7 @@ from unibus.signing import make_nonce, sign_request
 from unibus.store.base import (
     Change,
     Conflict,
+    Forbidden,
     KeyPackage,
     LogRecord,
     LogRejected,
@@ -860,6 +861,46 @@ async def logged_world(store: Store) -> tuple[Store, dict[str, Identity]]:
     await add_logged(store, people["alice"], people["bob"])
     await add_logged(store, people["alice"], people["carol"])
     return store, people
+
+
+async def test_a_logged_write_whose_author_lost_its_rights_is_refused_in_the_write(logged_world) -> None:
+    """The handler checks the author's rights when the request comes in; another write may commit
+    before this one's (the author demoted, out of the room, deleted). The store checks them again in
+    the write itself, as a client will at that point of the log: Forbidden, nothing logged. Else the
+    entry would be one every client refuses, for good (red team log-r1)."""
+    store, p = logged_world
+    alice, bob, carol = p["alice"], p["bob"], p["carol"]
+    rid = (await store.create_room("ops", "bob", logged=signed(bob, "POST", "/v1/rooms", {"name": "ops"}))).room_id
+    await store.add_room_member(rid, "carol", logged=signed(bob, "PUT", f"/v1/rooms/{rid}/members/carol"))
+    head = await store.log_head()
+    dave = identity("dave")
+    refused = [
+        ("not an admin", store.add_member(as_member(dave), logged=signed(bob, "POST", "/v1/members", member_body(dave)))),
+        ("not an admin", store.set_role("carol", "admin",
+                                        logged=signed(carol, "PATCH", "/v1/members/carol", {"role": "admin"}))),
+        ("not an admin", store.delete_member("bob", logged=signed(carol, "DELETE", "/v1/members/bob"))),
+        ("not the owner", store.add_room_member(rid, "alice",
+                                                logged=signed(carol, "PUT", f"/v1/rooms/{rid}/members/alice"))),
+        ("may not remove other members", store.remove_room_member(
+            rid, "bob", logged=signed(carol, "DELETE", f"/v1/rooms/{rid}/members/bob"))),
+        ("not the owner", store.put_keys(rid, 1, {"bob": b"b", "carol": b"c"}, sealer="carol",
+                                         log_head={"seq": head[0], "hash": head[1]},
+                                         logged=signed(carol, "POST", f"/v1/rooms/{rid}/keys", {"epoch": 1}))),
+        ("not the owner", store.delete_room(rid, logged=signed(carol, "DELETE", f"/v1/rooms/{rid}"))),
+    ]
+    for why, write in refused:
+        with pytest.raises(Forbidden, match=why):
+            await write
+    # the owner who left the room manages it no more; a member who left keeps nothing
+    await store.remove_room_member(rid, "bob", logged=signed(bob, "DELETE", f"/v1/rooms/{rid}/members/bob"))
+    with pytest.raises(Forbidden, match="not the owner"):
+        await store.add_room_member(rid, "bob", logged=signed(bob, "PUT", f"/v1/rooms/{rid}/members/bob"))
+    # a deleted author's request, authenticated before its deletion, is refused too
+    await store.delete_member("carol", logged=signed(alice, "DELETE", "/v1/members/carol"))
+    with pytest.raises(Forbidden, match="no longer a member"):
+        await store.create_room("x", "carol", logged=signed(carol, "POST", "/v1/rooms", {"name": "x"}))
+    assert (await store.log_head())[0] == head[0] + 2  # only bob's leaving and carol's deletion
+    await assert_replays_to_store(store)  # and every client still verifies the log
 
 
 async def test_every_logged_write_appends_one_entry_that_replays_to_the_state(logged_world) -> None:
