@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from ..app import SETTINGS
-from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, SIGNATURE_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
+from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, MEMBER_KEY, SIGNATURE_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
 from ..inputs import invalid, parse_json
 from ..memberlog import BODYLESS, MAX_AUTH_SKEW, check_logged_request, logged_operation
 from ..problems import Problem
@@ -96,7 +96,7 @@ def log_record(request: web.Request) -> LogRecord:
                            f"content-digest; sign only those ({e.reason})", kind="non-canonical-request") from None
     verified = request[SIGNATURE_KEY]
     return LogRecord(logged, verified.keyid, verified.nonce, verified.created, int(request[AUTH_TIME_KEY]),
-                     int(request.app[SETTINGS].auth_skew))
+                     int(request.app[SETTINGS].auth_skew), sign_pub=bytes(request[MEMBER_KEY].sign_pub))
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

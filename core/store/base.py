@@ -244,6 +244,9 @@ class LogRecord:
     created: int
     at: int
     skew: int
+    #: The signing key that verified the request: the author's at the write must still be it.
+    #: None only where no signature was checked against a member (tests of the store alone).
+    sign_pub: bytes | None = None
 
     def entry(self, seq: int, prev: str, result: dict[str, Any]) -> tuple[str, str]:
         """``(hash, text)`` of this request's entry at ``seq`` after ``prev``."""
@@ -287,15 +290,18 @@ def authority_room(record: LogRecord) -> str | None:
 
 
 def check_authority(record: LogRecord, author_role: str | None, room_owner: str | None,
-                    author_in_room: bool) -> None:
+                    author_in_room: bool, author_sign_pub: bytes | None = None) -> None:
     """The author's rights, as a client checks them at this point of the log (``LogState``'s
     ``_op_*`` rules), from the store's rows read in the write's own transaction.
 
     The handler checked them when the request came in, but another write may
     have committed since (the author demoted, removed from the room, or
     deleted): appending the request then would put an entry in the log that
-    every client refuses, for good. ``room_owner`` is None when the room does
-    not exist (the write itself answers 404). :class:`Forbidden` otherwise.
+    every client refuses, for good. The author must also still be the member
+    whose key verified the request (``record.sign_pub``): a handle deleted and
+    added again with new keys is another member, and a client checks the
+    entry's signature with the new key. ``room_owner`` is None when the room
+    does not exist (the write itself answers 404). :class:`Forbidden` otherwise.
     """
     found = logged_operation(record.request.method, record.request.path)
     if found is None:
@@ -303,6 +309,9 @@ def check_authority(record: LogRecord, author_role: str | None, room_owner: str 
     op, args = found
     if author_role is None:
         raise Forbidden(f"{record.keyid!r} is no longer a member")
+    if record.sign_pub is not None and author_sign_pub != record.sign_pub:
+        raise Forbidden(f"{record.keyid!r} was deleted and added again with other keys since this request was "
+                        "signed; sign it again")
     admin = author_role == "admin"
     if op in _ADMIN_OPS and not admin:
         raise Forbidden(f"{record.keyid!r} is not an admin (any more)")

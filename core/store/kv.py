@@ -164,7 +164,8 @@ class KvStore(KvWatch, KvMigrate):
             self._read(_rkey(room_id)) if room_id is not None and _valid(room_id) else _none())
         check_authority(logged, author.get("role") if author is not None else None,
                         room.get("owner", "") if room is not None else None,
-                        room is not None and logged.keyid in room.get("members", ()))
+                        room is not None and logged.keyid in room.get("members", ()),
+                        _member(author).sign_pub if author is not None else None)
         return _LogPosition(int(head["seq"]) + 1, str(head["hash"]), hrev, max_created, nrev)
 
     @staticmethod

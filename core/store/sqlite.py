@@ -519,7 +519,7 @@ def log_begin(s: Session, logged: LogRecord | None) -> LogPosition | None:
     room = s.get(m.Room, room_id) if room_id is not None else None
     inside = room is not None and s.get(m.RoomMember, (room_id, logged.keyid)) is not None
     check_authority(logged, author.role if author is not None else None, room.owner if room is not None else None,
-                    inside)
+                    inside, bytes(author.sign_pub) if author is not None else None)
     return LogPosition(seq + 1, prev, max_created)
 
 
