@@ -11,20 +11,26 @@ real SQLite) with alice (admin), bob, carol and mallory.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
+import secrets
+import sqlite3
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import yarl
 from aiohttp import web
 
-from unibus.client import UnibusClient
+from unibus.client import LogVerificationError, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.memberlog import entry_hash
+from unibus.signing import _signature_base, content_digest, sign_request
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port
 
 Answer = Callable[[web.Request, bytes], Any]  # (status, doc), None, or a coroutine giving either
@@ -126,14 +132,19 @@ class World:
         self.daemon = daemon
         self.people = people
 
-    def sdk(self, handle: str, server: str | None = None, identity: Any = None) -> UnibusClient:
-        return UnibusClient(server or self.daemon.base_url, identity or self.people[handle],
+    def sdk(self, handle: str, server: str | None = None, identity: Any = None,
+            replica: Path | None = None) -> UnibusClient:
+        return UnibusClient(server or self.daemon.base_url, identity or self.people[handle], replica_root=replica,
                             notice=lambda _text: None, timeout=15)
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.daemon.data_dir / "membershipd.db")
 
 
 def worlds(tmp_path_factory: Any) -> Iterator[World]:
-    """One daemon and four members for a test module (the ``world`` fixture); stopped on the way out."""
-    people = {"alice": generate_identity("alice"), "bob": generate_identity("bob"),
+    """One daemon and four members for a test module (the ``world`` fixture); stopped on the way out.
+    bob's keys are MLKEM768_X25519, the others' X25519."""
+    people = {"alice": generate_identity("alice"), "bob": generate_identity("bob", "MLKEM768_X25519"),
               "carol": generate_identity("carol"), "mallory": generate_identity("mallory")}
     data_dir = tmp_path_factory.mktemp("attack") / "daemon"
     bootstrap_member(data_dir, people["alice"], "admin")
@@ -152,9 +163,10 @@ def worlds(tmp_path_factory: Any) -> Iterator[World]:
         daemon.stop()
 
 
-async def add(admin: UnibusClient, ident: Any) -> None:
+async def add(admin: UnibusClient, ident: Any, role: str = "member") -> None:
     r = ident.public_record()
-    await admin.add_member(ident.handle, r["sign_pub"], r["enc_pub"], r["enc_suite"], bus_pub=r["bus_pub"])
+    await admin.add_member(ident.handle, r["sign_pub"], r["enc_pub"], r["enc_suite"], role=role,
+                           bus_pub=r["bus_pub"])
 
 
 async def new_room(world: World, *handles: str, rekey: bool = True) -> str:
@@ -167,18 +179,66 @@ async def new_room(world: World, *handles: str, rekey: bool = True) -> str:
     return rid
 
 
-async def whole_log(client: UnibusClient) -> list[dict[str, Any]]:
-    entries: list[dict[str, Any]] = []
-    head = (await client.log_head())["seq"]
-    while len(entries) <= head:
-        page = await client.log(after=entries[-1]["seq"] if entries else None, limit=1000)
-        entries.extend(page["entries"])
-    return entries[:head + 1]
-
-
 async def publish_raw(bus: Any, subject: str, payload: bytes, headers: dict[str, str]) -> None:
+    """Publish, and return once nats-server has processed it (so what another connection
+    publishes next arrives after it): two flushes, as ``unibus.client.api._barrier`` explains."""
     await bus.nc.publish(subject, payload, headers=headers)
     await bus.nc.flush()
     await bus.nc.flush()
 
 
+# --------------------------------------------------------------------------- a log of its own
+
+
+TIMEOUT = aiohttp.ClientTimeout(total=15)
+
+
+def fresh_daemon(tmp_path: Path, *args: str) -> MembershipdProcess:
+    """A daemon of its own, with alice (admin) bootstrapped and bob and carol made (not added), as
+    ``proc.people``: a test that may break the log gets a log of its own (the ``daemon`` fixture)."""
+    people = {h: generate_identity(h) for h in ("alice", "bob", "carol")}
+    bootstrap_member(tmp_path / "daemon", people["alice"], "admin")
+    proc = MembershipdProcess(tmp_path / "daemon", args=list(args)).start()
+    proc.people = people  # type: ignore[attr-defined]
+    return proc
+
+
+async def send(base: str, ident: Any, method: str, path: str, body: Any = None, *,
+               cover: dict[str, str] | None = None, created: int | None = None) -> tuple[int, str]:
+    """A real signed request. ``cover``: extra request headers the signature also covers
+    (RFC 9421 allows covering any header field; the server's verifier accepts it)."""
+    data = None if body is None else json.dumps(body).encode()
+    if cover is None:
+        headers = sign_request(method, path, data, keyid=ident.handle, private_key=ident.sign_key, created=created)
+    else:
+        created = created or int(time.time())
+        nonce = secrets.token_urlsafe(24)
+        components = ["@method", "@path", "@query"]
+        values = {"@method": method, "@path": path, "@query": "?"}
+        headers = {}
+        if data is not None:
+            headers["Content-Digest"] = values["content-digest"] = content_digest(data)
+            components.append("content-digest")
+        for name, value in cover.items():
+            components.append(name)
+            values[name] = headers[name] = value
+        params = ("(" + " ".join(f'"{c}"' for c in components) + f');created={created};nonce="{nonce}"'
+                  f';keyid="{ident.handle}";alg="ed25519"')
+        signature = ident.sign_key.sign(_signature_base([(c, values[c]) for c in components], params))
+        headers["Signature-Input"] = "sig1=" + params
+        headers["Signature"] = "sig1=:" + base64.b64encode(signature).decode() + ":"
+    if data is not None:
+        headers["Content-Type"] = "application/json"
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.request(method, yarl.URL(base + path, encoded=True), data=data, headers=headers) as r:
+            return r.status, await r.text()
+
+
+async def verification_error(base: str, ident: Any) -> str | None:
+    """What a fresh client's full verification of the log says (None: it verifies)."""
+    async with UnibusClient(base, ident, notice=lambda _t: None) as c:
+        try:
+            await c.verify_log()
+        except LogVerificationError as e:
+            return str(e)
+    return None

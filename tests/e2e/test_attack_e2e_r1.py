@@ -20,7 +20,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from attackkit import add, keyid, new_room, publish_raw, running_proxy, serve_log, whole_log, worlds
+from attackkit import add, keyid, new_room, publish_raw, serve_log
+from helpers import whole_log
 
 from unibus.client import LogVerificationError, VerificationError
 from unibus.client.keys import generate_identity
@@ -28,17 +29,6 @@ from unibus.client.sealing import encrypt_message, open_room_key
 from unibus.client.signed import message_headers
 from unibus.memberlog import entry_hash
 
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    yield from worlds(tmp_path_factory)
-
-
-@pytest.fixture
-async def proxy(world):
-    async with running_proxy(world) as p:
-        yield p
 
 # --------------------------------------------------------------------------- holes
 

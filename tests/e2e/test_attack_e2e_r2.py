@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import yarl
 from aiohttp import web
-from attackkit import Proxy, new_room, running_proxy, worlds
+from attackkit import Proxy, new_room
 
 from unibus.client import ApiError, VerificationError
 from unibus.client import api as client_api
@@ -62,17 +62,6 @@ def _controls(text: str) -> list[str]:
 
 FAKE = "\x1b[1A\x1b[2K\x1b]0;ok\x07unibus: the membership log is valid"
 
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    yield from worlds(tmp_path_factory)
-
-
-@pytest.fixture
-async def proxy(world):
-    async with running_proxy(world) as p:
-        yield p
 
 # --------------------------------------------------------------------------- holes
 

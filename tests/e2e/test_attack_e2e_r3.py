@@ -13,12 +13,13 @@ import asyncio
 import base64
 import contextlib
 import os
+import stat
 import time
 from typing import Any
 
 import pytest
 from aiohttp import web
-from attackkit import new_room, publish_raw, running_proxy, worlds
+from attackkit import new_room, publish_raw
 
 from unibus.client import ApiError, BusError, UnibusClient
 from unibus.client.api import ServerUnreachable
@@ -26,17 +27,6 @@ from unibus.client.blobs import put_blob, get_blob
 from unibus.client.keys import generate_identity
 from unibus.client.signed import new_msg_id
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    yield from worlds(tmp_path_factory)
-
-
-@pytest.fixture
-async def proxy(world):
-    async with running_proxy(world) as p:
-        yield p
 
 
 class Relay:
@@ -217,19 +207,26 @@ async def test_a_flood_is_not_buffered_without_bound(world):
         assert grown < 160 << 20, f"RSS grew by {grown >> 20} MiB; {queued} messages queued"
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a file of another uid")
 def test_an_identity_file_of_another_user_is_refused(tmp_path):
     """A process with DAC override (root: a service, `sudo -E unibus` with another user's HOME) is given
-    an identity file that another local user planted, mode 0600: load_identity only checks the mode,
-    not the owner (the replica refuses another user's files; the docstring of _read_identity_text says
-    "of the owner's alone"), so it signs as the planter's member, whose keys the planter holds."""
-    from unibus.client.keys import IdentityError, load_identity, save_identity
+    an identity file that another local user planted, mode 0600: load_identity checked only the mode,
+    not the owner (the replica refuses another user's files), so it signed as the planter's member,
+    whose keys the planter holds. As root the file really is another uid's; otherwise (only root can
+    make one) the same check is given the file's own stat with another owner."""
+    from unibus.client.keys import IdentityError, _check_identity_stat, load_identity, save_identity
 
     path = tmp_path / "identity.json"
     save_identity(generate_identity("eve"), path)
-    os.chown(path, 54321, 54321)
-    with pytest.raises(IdentityError):
-        load_identity(path)
+    assert load_identity(path).handle == "eve"  # one's own file is fine
+    if os.geteuid() == 0:
+        os.chown(path, 54321, 54321)
+        with pytest.raises(IdentityError, match="belongs to another user"):
+            load_identity(path)
+    else:
+        fields = list(os.stat(path))
+        fields[stat.ST_UID] = os.geteuid() + 1
+        with pytest.raises(IdentityError, match="belongs to another user"):
+            _check_identity_stat(str(path), os.stat_result(fields))
 
 
 # --------------------------------------------------------------------------- attacks that held

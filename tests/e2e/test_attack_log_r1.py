@@ -11,86 +11,12 @@ One daemon per hole: a log broken once stays broken. Real nats-server, real SQLi
 from __future__ import annotations
 
 import asyncio
-import base64
-import json
-import secrets
 import time
-from typing import Any
 
-import aiohttp
-import pytest
-import yarl
+from attackkit import add, fresh_daemon, send, verification_error
 
-from unibus.client import LogVerificationError, UnibusClient
+from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.signing import _signature_base, content_digest, sign_request
-from unibus.testing import MembershipdProcess, bootstrap_member
-
-TIMEOUT = aiohttp.ClientTimeout(total=15)
-
-
-def _daemon(tmp_path, *args: str):
-    people = {h: generate_identity(h) for h in ("alice", "bob", "carol")}
-    bootstrap_member(tmp_path / "daemon", people["alice"], "admin")
-    proc = MembershipdProcess(tmp_path / "daemon", args=list(args)).start()
-    proc.people = people
-    return proc
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    proc = _daemon(tmp_path)
-    try:
-        yield proc
-    finally:
-        proc.stop()
-
-
-async def add(admin: UnibusClient, ident: Any, role: str = "member") -> None:
-    await admin.add_member(ident.handle, ident.sign_pub_b64, ident.enc_pub_b64, ident.enc_suite, role=role,
-                           bus_pub=ident.bus_pub)
-
-
-async def send(base: str, ident: Any, method: str, path: str, body: Any = None, *,
-               cover: dict[str, str] | None = None, created: int | None = None) -> tuple[int, str]:
-    """A real signed request. ``cover``: extra request headers the signature also covers
-    (RFC 9421 allows covering any header field; the server's verifier accepts it)."""
-    data = None if body is None else json.dumps(body).encode()
-    if cover is None:
-        headers = sign_request(method, path, data, keyid=ident.handle, private_key=ident.sign_key, created=created)
-    else:
-        created = created or int(time.time())
-        nonce = secrets.token_urlsafe(24)
-        components = ["@method", "@path", "@query"]
-        values = {"@method": method, "@path": path, "@query": "?"}
-        headers = {}
-        if data is not None:
-            headers["Content-Digest"] = values["content-digest"] = content_digest(data)
-            components.append("content-digest")
-        for name, value in cover.items():
-            components.append(name)
-            values[name] = headers[name] = value
-        params = ("(" + " ".join(f'"{c}"' for c in components) + f');created={created};nonce="{nonce}"'
-                  f';keyid="{ident.handle}";alg="ed25519"')
-        signature = ident.sign_key.sign(_signature_base([(c, values[c]) for c in components], params))
-        headers["Signature-Input"] = "sig1=" + params
-        headers["Signature"] = "sig1=:" + base64.b64encode(signature).decode() + ":"
-    if data is not None:
-        headers["Content-Type"] = "application/json"
-    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
-        async with s.request(method, yarl.URL(base + path, encoded=True), data=data, headers=headers) as r:
-            return r.status, await r.text()
-
-
-async def verification_error(base: str, ident: Any) -> str | None:
-    """What a fresh client's full verification of the log says (None: it verifies)."""
-    async with UnibusClient(base, ident, notice=lambda _t: None) as c:
-        try:
-            await c.verify_log()
-        except LogVerificationError as e:
-            return str(e)
-    return None
-
 
 # --------------------------------------------------------------------------- holes
 
@@ -144,7 +70,7 @@ async def test_an_admin_demoting_itself_while_adding_a_member_cannot_break_the_l
 async def test_created_at_both_edges_of_the_largest_skew_verifies(tmp_path):
     """--auth-skew at its cap (600): a request created ~590 s ahead, then one ~590 s behind
     (1180 s apart, under 2 x 600) are both accepted, and the log still verifies."""
-    proc = _daemon(tmp_path, "--auth-skew", "600")
+    proc = fresh_daemon(tmp_path, "--auth-skew", "600")
     try:
         people, base = proc.people, proc.base_url
         async with UnibusClient(base, people["alice"]) as a:

@@ -20,25 +20,15 @@ import asyncio
 import json
 from typing import Any
 
-import pytest
 import yarl
+from attackkit import add, verification_error
 
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.signing import sign_request
 
-from test_attack_log_r1 import _daemon, add, verification_error
 
 STEP = 5.0  # bound of every socket read
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    proc = _daemon(tmp_path)
-    try:
-        yield proc
-    finally:
-        proc.stop()
 
 
 class SlowBody:

@@ -15,7 +15,6 @@ import base64
 import copy
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from attackkit import Proxy
+from attackkit import Proxy, World, new_room, publish_raw
 
 from unibus.client import (
     ApiError,
@@ -33,7 +32,6 @@ from unibus.client import (
     KeyUnavailable,
     LogVerificationError,
     RekeyRequired,
-    UnibusClient,
     VerificationError,
 )
 from unibus.client.blobs import put_blob
@@ -41,7 +39,6 @@ from unibus.client.keys import generate_identity, save_identity
 from unibus.client.sealing import encrypt_message, seal_room_key
 from unibus.client.signed import message_headers
 from unibus.memberlog import entry_hash, key_package_input
-from unibus.testing import MembershipdProcess, bootstrap_member
 
 Rule = Callable[[str, str, str, Any], Any]
 
@@ -85,51 +82,6 @@ async def mitm(world):
 
 
 # --------------------------------------------------------------------------- the world
-
-
-class World:
-    def __init__(self, daemon: MembershipdProcess, people: dict[str, Any]) -> None:
-        self.daemon = daemon
-        self.people = people
-
-    def sdk(self, handle: str, server: str | None = None, replica: Path | None = None) -> UnibusClient:
-        return UnibusClient(server or self.daemon.base_url, self.people[handle], replica_root=replica,
-                            notice=lambda _text: None)
-
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.daemon.data_dir / "membershipd.db")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    people = {"alice": generate_identity("alice"), "bob": generate_identity("bob", "MLKEM768_X25519"),
-              "carol": generate_identity("carol"), "mallory": generate_identity("mallory")}
-    data_dir = tmp_path_factory.mktemp("verify") / "daemon"
-    bootstrap_member(data_dir, people["alice"], "admin")
-    daemon = MembershipdProcess(data_dir).start()
-    w = World(daemon, people)
-
-    async def members() -> None:
-        async with w.sdk("alice") as a:
-            for h in ("bob", "carol", "mallory"):
-                r = people[h].public_record()
-                await a.add_member(h, r["sign_pub"], r["enc_pub"], r["enc_suite"], bus_pub=r["bus_pub"])
-
-    try:
-        asyncio.run(members())
-        yield w
-    finally:
-        daemon.stop()
-
-
-async def new_room(world: World, *handles: str, rekey: bool = True) -> str:
-    async with world.sdk("alice") as a:
-        rid = (await a.create_room("r"))["room_id"]
-        for h in handles:
-            await a.add_room_member(rid, h)
-        if rekey:
-            await a.rekey(rid)
-    return rid
 
 
 def identity_file(tmp_path: Path, world: World, handle: str) -> Path:
@@ -293,12 +245,12 @@ async def test_a_rolled_back_key_is_refused_and_remembered(world, tmp_path, mitm
     async with world.sdk("alice") as a:
         assert await a.rekey(rid) == 2
     replica = tmp_path / "bob.log"
-    async with world.sdk("bob", mitm.url, replica) as b:
+    async with world.sdk("bob", mitm.url, replica=replica) as b:
         assert (await b.room_key(rid))[0] == 2
         old = await b.my_key(rid, 1)  # bob's genuine, signed package of epoch 1
     mitm.rules.append(lambda m, p, q, doc: old if p == f"/v1/rooms/{rid}/keys/me" else None)
     # another process, the same replica: the accepted epoch 2 was persisted
-    async with world.sdk("bob", mitm.url, replica) as b:
+    async with world.sdk("bob", mitm.url, replica=replica) as b:
         with pytest.raises(VerificationError, match="rollback.*epoch 1.*already accepted epoch 2"):
             await b.room_key(rid)
         assert b.cached_key(rid, 1) is None
@@ -391,14 +343,6 @@ async def test_a_forked_log_is_refused(world, tmp_path, mitm):
 
 
 # --------------------------------------------------------------------------- messages
-
-
-async def publish_raw(bus: Any, subject: str, payload: bytes, headers: dict[str, str]) -> None:
-    """Publish, and return once nats-server has processed it (so what another connection
-    publishes next arrives after it): two flushes, as ``unibus.client.api._barrier`` explains."""
-    await bus.nc.publish(subject, payload, headers=headers)
-    await bus.nc.flush()
-    await bus.nc.flush()
 
 
 async def test_a_forged_sender_is_rejected_and_never_shown(world):
