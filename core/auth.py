@@ -50,11 +50,12 @@ from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import APIError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
+from .aio import cancel_and_wait, within
 from .bus import Bus
 from .errors import ConfigError
+from .memberlog import LoggedRequest
 from .problems import Problem
 from .pubacks import PubAckUnavailable
-from .memberlog import LoggedRequest
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
 from .store.base import Change, Member, Store
 
@@ -342,7 +343,7 @@ class NonceStore:
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
         try:
-            nonces = await asyncio.wait_for(self._read_nonces(info), MOVE_TIMEOUT)
+            nonces = await within(self._read_nonces(info), MOVE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - the floor covers what is not copied
             log.warning("nonce bucket: could not read the nonces of the %s bucket (%s: %s); requests from the "
                         "last %d s will be refused instead", old, type(e).__name__, e, self.skew)
@@ -503,7 +504,7 @@ class NonceStore:
             if loop.time() < self._retry_at:
                 return
             try:
-                await asyncio.wait_for(self._rebuild(), RECOVERY_TIMEOUT)
+                await within(self._rebuild(), RECOVERY_TIMEOUT)
             except Exception as e:  # noqa: BLE001 - retried; requests meanwhile fail closed
                 self._retry_at = loop.time() + RECOVERY_BACKOFF
                 log.warning("nonce bucket: cannot establish its epoch yet (%s: %s)", type(e).__name__, e)
@@ -524,7 +525,7 @@ class NonceStore:
                 if self.floor is None or self._reconnects != self.acks.reconnects:
                     await self._recover()
                     continue
-                raw = await asyncio.wait_for(self._read_epoch(), self.timeout)
+                raw = await within(self._read_epoch(), self.timeout)
             except _BucketMissing:
                 self._lost(f"{NONCE_STREAM} is gone")
                 continue
@@ -577,7 +578,7 @@ class NonceStore:
 
     async def _raise(self, value: int) -> int:
         try:
-            stored = await asyncio.wait_for(self.high_water_store.raise_nonce_high_water(value), self.timeout)
+            stored = await within(self.high_water_store.raise_nonce_high_water(value), self.timeout)
             self.high_water = max(self.high_water, stored)
             return stored
         finally:
@@ -592,9 +593,7 @@ class NonceStore:
 
     async def close(self) -> None:
         if self._watch_task is not None:
-            self._watch_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._watch_task
+            await cancel_and_wait(self._watch_task)
         await self.acks.close()
 
     async def available(self, timeout: float = 1.0) -> bool:
@@ -602,7 +601,7 @@ class NonceStore:
         if self.bus.js is None or not self.bus.connected or not self.acks.connected or self.floor is None:
             return False
         try:
-            await asyncio.wait_for(self.bus.js.stream_info(NONCE_STREAM), timeout)
+            await within(self.bus.js.stream_info(NONCE_STREAM), timeout)
             return True
         except Exception:
             return False
@@ -647,7 +646,7 @@ class NonceStore:
         """A claim's sequence went backwards: unless ``_epoch`` is still the one adopted, the
         claim landed in a new bucket whose floor this node does not know: refuse (503)."""
         try:
-            raw = await asyncio.wait_for(self._read_epoch(), self.timeout)
+            raw = await within(self._read_epoch(), self.timeout)
         except Exception as e:  # noqa: BLE001
             self._lost(f"a claim's sequence went backwards and its epoch cannot be read ({type(e).__name__})")
             raise NonceStoreUnavailable("the nonce bucket may have been reset; sign the request again") from None

@@ -14,6 +14,7 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from .aio import within
 from .errors import RuntimeFailure
 from .pubacks import PubAckClient
 from .settings import Secret
@@ -191,7 +192,7 @@ class Bus:
         if not self.connected or self.js is None:
             return False
         try:
-            await asyncio.wait_for(self.js.account_info(), timeout)
+            await within(self.js.account_info(), timeout)
             return True
         except Exception:
             return False
@@ -229,4 +230,4 @@ class Bus:
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.nc.close(), 3.0)
+                await within(self.nc.close(), 3.0)

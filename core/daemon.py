@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import faulthandler
 import inspect
 import logging
 import os
@@ -24,13 +25,21 @@ from typing import Any
 
 from aiohttp import web
 
+from .aio import Overran, cancel_and_wait, describe, run_bounded
 from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EVENTS, EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
-from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
-                   nonce_max_bytes_from_env)
+from .auth import (
+    NONCE_BUCKET,
+    Authenticator,
+    MemberDirectory,
+    NonceStore,
+    auth_middleware,
+    body_timeout_from_env,
+    nonce_max_bytes_from_env,
+)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
@@ -46,16 +55,30 @@ from .store.base import Store
 from .store.db import migrate
 from .store.kv import KvStore
 from .store.sqlite import SqliteStore
-from .tls import server_context
 from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server, nats_server_environment
+from .tls import server_context
 
 log = logging.getLogger("unibus.daemon")
 
-#: SIGTERM to exit stays within 10 s: HTTP ≤ 2 s, every plugin's shutdown
-#: together ≤ 5 s, nats-server ≤ 2.5 s (then SIGKILL).
+#: SIGTERM to exit stays within STOP_BUDGET (docs/operations.md, "Signals"):
+#: HTTP ≤ 2 s, every plugin's shutdown together ≤ 5 s, the store and the NATS
+#: connections in what is left before nats-server's 2.5 s (then SIGKILL), and
+#: at least CLOSE_MIN. Each step is a hard bound (``unibus.aio.run_bounded``):
+#: a step that ignores its cancellation is left behind, named in the log, and
+#: nats-server is stopped all the same.
+STOP_BUDGET = 10.0
 HTTP_STOP_TIMEOUT = 2.0
 SHUTDOWN_HOOKS_BUDGET = 5.0
 NATS_STOP_TIMEOUT = 2.5
+CLOSE_MIN = 0.5
+#: How long the event loop's own clean-up may wait for tasks still running after the
+#: stop (asyncio.run would wait for ever for one that ignores its cancellation).
+LOOP_CLOSE_TIMEOUT = 1.0
+#: The last resort, counted from SIGTERM: if the process still runs then (code that
+#: blocks the event loop, a thread that never returns), every thread's stack goes to
+#: stderr and the process exits 1 (``faulthandler``), before the unit's
+#: TimeoutStopSec=15 kills the whole cgroup without a word.
+STOP_WATCHDOG = 12.0
 
 
 __all__ = ["Daemon", "compute_posture", "nats_config", "serve"]
@@ -335,7 +358,10 @@ class Daemon:
             await call_runtime_hook(self.plugins, "reloaded", app=self.app)
 
     async def _shutdown_plugins(self) -> None:
-        """``shutdown`` in :meth:`shutdown_order`, all of them within SHUTDOWN_HOOKS_BUDGET; each once."""
+        """``shutdown`` in :meth:`shutdown_order`, all of them within SHUTDOWN_HOOKS_BUDGET; each once.
+
+        A hook still running when its share is up is cancelled and given up, even one
+        that ignores its cancellation (it is then left running, and named)."""
         impls = dict(self.plugins._impls("shutdown"))
         order, self._started = self.shutdown_order(), None
         loop = asyncio.get_running_loop()
@@ -346,10 +372,14 @@ class Daemon:
                 with running_plugin(name):
                     res = impls[name].function(**{a: self.app for a in impls[name].argnames})
                     if inspect.isawaitable(res):
-                        await asyncio.wait_for(res, remaining)
-            except TimeoutError:
+                        await run_bounded(res, remaining)
+            except Overran as e:
                 self.plugins.hook_failed(name, "shutdown")
-                log.error("plugin %s: shutdown did not finish in time; cancelled", name)
+                if e.task.done():
+                    log.error("plugin %s: shutdown did not finish in time; cancelled", name)
+                else:
+                    log.error("plugin %s: shutdown did not finish in time and ignores its cancellation; "
+                              "left behind: %s", name, describe(e.task))
             except Exception as e:
                 self.plugins.hook_failed(name, "shutdown")
                 log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
@@ -358,18 +388,44 @@ class Daemon:
         await self._stop.wait()
 
     async def stop(self) -> None:
-        """HTTP and the metrics listener first (together: one share of the stop budget),
-        then plugins' shutdown hooks, then NATS."""
+        """Stop within STOP_BUDGET, each step bounded: HTTP and the metrics listener
+        (together), then the plugins' shutdown hooks, then the daemon's own tasks, the
+        store and the NATS connections, then nats-server, which is stopped whatever
+        happened before."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            await self._step("the HTTP listeners", self._stop_listeners(), HTTP_STOP_TIMEOUT + 0.5)
+            if self.events is not None:
+                self.events.stop()
+            if self.app is not None:
+                await self._step("the plugins' shutdown hooks", self._shutdown_plugins(), SHUTDOWN_HOOKS_BUDGET + 0.5)
+            left = STOP_BUDGET - NATS_STOP_TIMEOUT - (loop.time() - started)
+            await self._step("the store and the NATS connections", self._close(), max(CLOSE_MIN, left))
+        finally:
+            if self.supervisor is not None:
+                await self.supervisor.stop(timeout=NATS_STOP_TIMEOUT)
+        took = loop.time() - started
+        (log.warning if took > STOP_BUDGET else log.info)("stopped in %.1f s", took)
+
+    async def _step(self, what: str, aw: Any, timeout: float) -> None:
+        try:
+            await run_bounded(aw, timeout)
+        except Overran as e:
+            log.error("stop: %s took longer than %.1f s; %s", what, timeout,
+                      "cancelled" if e.task.done() else f"left behind: {describe(e.task)}")
+
+    async def _stop_listeners(self) -> None:
         listeners = []
         if self.metrics_server is not None:
             listeners.append(self.metrics_server.stop())
         if self.runner is not None:
             listeners.append(self.runner.cleanup())
         await asyncio.gather(*listeners, return_exceptions=True)
-        if self.events is not None:
-            self.events.stop()
-        if self.app is not None:
-            await self._shutdown_plugins()
+
+    async def _close(self) -> None:
+        """The daemon's own tasks, the health prober, the store, the nonce store and both
+        NATS connections, in that order (each uses the ones after it)."""
         for task in list(self._tasks):
             task.cancel()
         if self.health is not None:
@@ -383,15 +439,21 @@ class Daemon:
             await self.system_bus.close()
         if self.bus is not None:
             await self.bus.close()
-        if self.supervisor is not None:
-            await self.supervisor.stop(timeout=NATS_STOP_TIMEOUT)
 
 
-async def _serve(settings: Settings, plugins: PluginManager) -> None:
+async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatchdog | None = None) -> None:
+    """Serve until a stop signal; ``watchdog`` (:func:`serve`'s, never a test's in-process
+    run) is armed by the signal, or by a start-up that failed."""
     daemon = Daemon(settings, plugins)
     loop = asyncio.get_running_loop()
+    watchdog = watchdog or StopWatchdog(enabled=False)
+
+    def on_stop_signal() -> None:
+        watchdog.arm()
+        daemon.request_stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, daemon.request_stop)
+        loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
     try:
         start = asyncio.create_task(daemon.start())
@@ -400,19 +462,85 @@ async def _serve(settings: Settings, plugins: PluginManager) -> None:
         if start in done:
             start.result()  # raise start-up errors
             await stop
-        else:
-            start.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await start
+        elif not await cancel_and_wait(start, HTTP_STOP_TIMEOUT):
+            log.error("stop: the start-up ignores its cancellation, left behind: %s", describe(start))
         log.info("stopping")
     finally:
+        watchdog.arm()  # a start-up that failed stops too
         stop.cancel()
         await daemon.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
 
+class StopWatchdog:
+    """The last resort: from the stop signal on, at most STOP_WATCHDOG until the process
+    is gone; then ``faulthandler`` writes every thread's stack to stderr and exits 1.
+
+    Process-wide, so only ``membershipd serve`` arms one (``enabled``).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.armed = False
+
+    def arm(self) -> None:
+        if self.enabled and not self.armed:  # once: arming again would restart the count
+            self.armed = True
+            faulthandler.dump_traceback_later(STOP_WATCHDOG, exit=True)
+
+    def disarm(self) -> None:
+        if self.armed:
+            self.armed = False
+            faulthandler.cancel_dump_traceback_later()
+
+
 def serve(settings: Settings, plugins: PluginManager) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the exit code (errors raise)."""
-    asyncio.run(_serve(settings, plugins))
+    """Run the daemon until SIGTERM/SIGINT; returns the exit code (errors raise).
+
+    Not ``asyncio.run``: its clean-up waits for ever for a task that ignores its
+    cancellation, and for a thread that never returns. Here the loop's clean-up is
+    bounded (LOOP_CLOSE_TIMEOUT, what is left is named in the log), and a stop that
+    runs past STOP_WATCHDOG after the signal ends in ``faulthandler``'s stack dump and
+    exit 1. The watchdog stays armed after a clean-up that left an executor thread
+    running, as the interpreter's exit waits for it.
+    """
+    watchdog = StopWatchdog()
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    clean = False
+    try:
+        loop.run_until_complete(_serve(settings, plugins, watchdog))
+    finally:
+        try:
+            clean = _close_loop(loop)
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+            if clean:
+                watchdog.disarm()
     return 0
+
+
+def _close_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """What ``asyncio.run`` does after its coroutine, each wait bounded by LOOP_CLOSE_TIMEOUT.
+    False when the default executor still has a thread running."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.wait(tasks, timeout=LOOP_CLOSE_TIMEOUT))
+        for task in tasks:
+            if not task.done():
+                log.error("at exit: a task ignores its cancellation, left behind: %s", describe(task))
+            elif not task.cancelled() and task.exception() is not None:
+                log.error("at exit: task %r failed: %s: %s", task.get_name(), type(task.exception()).__name__,
+                          task.exception())
+    clean = True
+    for what, aw in (("async generators", loop.shutdown_asyncgens()),
+                     ("the default executor", loop.shutdown_default_executor())):
+        done, _ = loop.run_until_complete(asyncio.wait({loop.create_task(aw)}, timeout=LOOP_CLOSE_TIMEOUT))
+        if not done:
+            clean = False
+            log.error("at exit: %s did not finish within %.0f s", what, LOOP_CLOSE_TIMEOUT)
+    return clean

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .aio import Overran, run_bounded
 from .memberlog import logged_operation
 from .pluginmanager import PluginManager, running_plugin
 
@@ -271,10 +272,11 @@ async def _call_while_serving(plugins: PluginManager, name: str, impl: Any, hook
         with running_plugin(name):
             result = impl.function(**{a: kwargs[a] for a in impl.argnames})
             if inspect.isawaitable(result):
-                await asyncio.wait_for(result, timeout)
-    except TimeoutError:
+                await run_bounded(result, timeout)
+    except Overran as e:
         plugins.hook_failed(name, hook)
-        log.error("plugin %s: %s took longer than %.0f s%s; given up", name, hook, timeout, at)
+        still = "" if e.task.done() else " (it ignores its cancellation and runs on)"
+        log.error("plugin %s: %s took longer than %.0f s%s; given up%s", name, hook, timeout, at, still)
     except Exception as e:
         plugins.hook_failed(name, hook)
         log.error("plugin %s: %s failed%s: %s: %s", name, hook, on, type(e).__name__, e)

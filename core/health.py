@@ -27,6 +27,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .aio import cancel_and_wait, within
+
 log = logging.getLogger("unibus.health")
 
 PROBE_INTERVAL = 1.0
@@ -93,7 +95,7 @@ class HealthProber:
 
     async def _bounded(self, aw: Awaitable[Any]) -> Any:
         try:
-            return await asyncio.wait_for(aw, self.timeout)
+            return await within(aw, self.timeout)
         except Exception:  # noqa: BLE001 - any failure of a probe is "not available"
             return None
 
@@ -144,11 +146,9 @@ class HealthProber:
             except Exception as e:  # noqa: BLE001 - keep probing; stale results count as failures
                 log.warning("health probe failed: %s: %s", type(e).__name__, e)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.interval)
+                await within(self._wake.wait(), self.interval)
 
     async def stop(self) -> None:
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)

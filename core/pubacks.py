@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import itertools
 import json
 import logging
@@ -44,6 +43,7 @@ import ssl
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from .aio import cancel_and_wait
 from .settings import Secret
 
 log = logging.getLogger("unibus.pubacks")
@@ -120,9 +120,7 @@ class PubAckClient:
                      self.reconnects)
         self._closed = True
         if self._reconnect_task is not None:
-            self._reconnect_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._reconnect_task
+            await cancel_and_wait(self._reconnect_task)
         proto, self._proto = self._proto, None
         if proto is not None and proto.transport is not None:
             proto.transport.close()

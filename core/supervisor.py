@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 
+from .aio import cancel_and_wait, within
 from .errors import ConfigError, RuntimeFailure
 from .settings import child_environment
 
@@ -184,7 +185,7 @@ class NatsSupervisor:
         host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(self.host, self.host)
         for _ in range(50):
             try:
-                _, w = await asyncio.wait_for(asyncio.open_connection(host, self.port), 1.0)
+                _, w = await within(asyncio.open_connection(host, self.port), 1.0)
                 w.close()
                 with contextlib.suppress(Exception):
                     await w.wait_closed()
@@ -222,7 +223,7 @@ class NatsSupervisor:
             rc = await self._proc.wait()
             if self._reader:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self._reader, 1.0)
+                    await within(self._reader, 1.0)
             if self._stopping:
                 return
             ran_for = time.monotonic() - (self.started_at or time.monotonic())
@@ -248,9 +249,7 @@ class NatsSupervisor:
         """Stop nats-server: SIGTERM, then SIGKILL after ``timeout``; no restart."""
         self._stopping = True
         if self._watcher:
-            self._watcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watcher
+            await cancel_and_wait(self._watcher)
         await self._reap(timeout)
 
     async def _reap(self, timeout: float = 5.0) -> None:
@@ -261,11 +260,11 @@ class NatsSupervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             try:
-                await asyncio.wait_for(proc.wait(), timeout)
+                await within(proc.wait(), timeout)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
         if self._reader:
             with contextlib.suppress(Exception, asyncio.CancelledError):
-                await asyncio.wait_for(self._reader, 1.0)
+                await within(self._reader, 1.0)

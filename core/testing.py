@@ -64,6 +64,7 @@ from typing import Any
 
 import pytest
 
+from .aio import within
 from .natsconf import base_config, finalize_config, write_config
 from .pluginmanager import PluginManager
 from .settings import HostPort, Settings
@@ -501,7 +502,7 @@ async def member_connections(daemon: MembershipdProcess, handle: str, *, servers
         await nc.subscribe(inbox, cb=on_reply)
         await nc.publish("$SYS.REQ.SERVER.PING.CONNZ",
                          json.dumps({"acc": "MEMBERS", "auth": True, "user": handle}).encode(), reply=inbox)
-        await asyncio.wait_for(done.wait(), 5)
+        await within(done.wait(), 5)
         return found
     finally:
         await nc.close()

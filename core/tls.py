@@ -20,12 +20,13 @@ The contexts:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import ssl
 import stat
 from pathlib import Path
 from typing import Any
+
+from .aio import cancel_and_wait
 
 
 class TLSFileError(ValueError):
@@ -182,6 +183,4 @@ async def connect_bounded(connect: Any, timeout: float, give_up: asyncio.Event) 
     finally:
         stop.cancel()
         if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await cancel_and_wait(task)

@@ -69,6 +69,7 @@ import nats
 from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
+from ..aio import cancel_and_wait, within
 from ..memberlog import LogError, LogState, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, parse_content_digest, sign_request
@@ -1132,7 +1133,7 @@ class Bus:
                 raise TimeoutError(f"the bus did not reconnect within {timeout:g} s")
             event = self._reconnected
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(event.wait(), min(left, 0.5))
+                await within(event.wait(), min(left, 0.5))
         return self.reconnects
 
     def _rotation(self, *, begin: bool, identity: Identity | None = None) -> None:
@@ -1177,7 +1178,7 @@ class Bus:
         base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) and "
                 "stopped")
         try:
-            info = await asyncio.wait_for(client.bus_info(), 5)
+            info = await within(client.bus_info(), 5)
         except ApiError as exc:
             if exc.status == 401:
                 return (f"{base}: {client.base_url} no longer accepts {handle}'s signed requests either "
@@ -1370,9 +1371,7 @@ class Bus:
         self._closed_reason = self._failure or "the bus was closed"
         stopping = self._stopping
         if stopping is not None and not stopping.done():
-            stopping.cancel()  # asking the control plane why; closed here anyway
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await stopping
+            await cancel_and_wait(stopping)  # asking the control plane why; closed here anyway
         for listener in list(self._listeners):
             listener._fail(None)
         if nc is not None and not nc.is_closed:

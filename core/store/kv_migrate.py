@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import nats.errors
 from nats.js.errors import APIError
 
+from ..aio import within
 from .base import Change, Conflict, Member, Room, Store, StoreUnavailable
 from .kv_layout import LOG_HEAD_KEY, _keys_record, _kkey, _lkey, _mkey, _nonce_key, _rkey, _valid
 from .kv_txn import KvBucket, _CasLost, _Write
@@ -74,7 +75,7 @@ class KvMigrate(KvBucket):
         the largest stream sequence delivered, tombstones included)``."""
         self._check_connected()
         try:
-            return await asyncio.wait_for(self._last_messages(">", 5.0), timeout)
+            return await within(self._last_messages(">", 5.0), timeout)
         except (TimeoutError, nats.errors.Error, APIError, OSError) as e:
             raise StoreUnavailable(f"reading KV bucket {self.bucket}: {type(e).__name__} {e}".rstrip()) from None
 

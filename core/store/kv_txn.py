@@ -33,6 +33,7 @@ from nats.js.api import DeliverPolicy, KeyValueConfig, StorageType
 from nats.js.errors import APIError
 from nats.js.errors import NotFoundError as JsNotFoundError
 
+from ..aio import within
 from .base import Conflict, Store, StoreUnavailable
 from .kv_layout import STATE_BUCKET
 
@@ -110,7 +111,7 @@ class KvBucket(Store):
     async def _io(self, aw: Awaitable[T], what: str) -> T:
         """Await one JetStream call within ``timeout``; map failures to StoreUnavailable."""
         try:
-            return await asyncio.wait_for(aw, self.timeout)
+            return await within(aw, self.timeout)
         except nats.errors.MaxPayloadError:
             raise Conflict(f"{what}: the record is larger than NATS allows in one message") from None
         except APIError as e:
@@ -303,7 +304,7 @@ class KvBucket(Store):
         """The state bucket's stream answers within ``timeout`` (it has a leader)."""
         try:
             self._check_connected()
-            await asyncio.wait_for(self.js.stream_info(self.stream), min(self.timeout, 1.0))
+            await within(self.js.stream_info(self.stream), min(self.timeout, 1.0))
             return True
         except Exception:
             return False

@@ -14,6 +14,7 @@ from typing import Any
 
 from nats.js.api import DeliverPolicy
 
+from ..aio import cancel_and_wait, within
 from .base import Change
 from .kv_txn import KvBucket
 
@@ -42,9 +43,7 @@ class KvWatch(KvBucket):
         self._closing.set()
         task, self._watch_task = self._watch_task, None
         if task is not None and task is not asyncio.current_task():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            await cancel_and_wait(task)
 
     def start_watch(self) -> asyncio.Task[None]:
         """Run :meth:`watch` as a task of this store; :meth:`close` stops it."""
@@ -70,7 +69,7 @@ class KvWatch(KvBucket):
                 except Exception as e:  # noqa: BLE001 - retried until close()
                     log.debug("KV watch not (yet) subscribed: %s", e)
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), 0.5)
+                        await within(self._closing.wait(), 0.5)
                     continue
                 reconnects = self._nc.stats.get("reconnects", 0)
                 self._seen.append((-1, ""))  # "maybe missed something": report once
@@ -78,7 +77,7 @@ class KvWatch(KvBucket):
                 self.watch_ready.set()
                 while not self._closing.is_set():
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._closing.wait(), poll)
+                        await within(self._closing.wait(), poll)
                     nc = self._nc
                     if nc.is_closed:
                         break
@@ -87,7 +86,7 @@ class KvWatch(KvBucket):
                         break
                 self.watch_ready.clear()
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sub.unsubscribe(), 1.0)
+                    await within(sub.unsubscribe(), 1.0)
                 sub = None
                 if self._nc.is_closed:
                     await self._closing.wait()
@@ -97,17 +96,15 @@ class KvWatch(KvBucket):
             self.watch_ready.clear()
             if sub is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(sub.unsubscribe(), 1.0)
-            notifier.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await notifier
+                    await within(sub.unsubscribe(), 1.0)
+            await cancel_and_wait(notifier)
 
     async def _subscribe_watch(self) -> Any:
         async def on_msg(msg: Any) -> None:
             self._seen.append((msg.metadata.sequence.stream, msg.subject[len(self._prefix):]))
             self._kick.set()
 
-        return await asyncio.wait_for(
+        return await within(
             self.js.subscribe(f"{self._prefix}>", stream=self.stream, cb=on_msg, ordered_consumer=True,
                               deliver_policy=DeliverPolicy.NEW, headers_only=True, idle_heartbeat=1.0,
                               inactive_threshold=30.0),

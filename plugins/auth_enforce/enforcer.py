@@ -31,6 +31,7 @@ from typing import Any
 
 import nats.errors
 
+from unibus.aio import within
 from unibus.bus import routes_of_server, server_id_of
 
 from .callout import AUTH_TIMEOUT, IN_FLIGHT_TTL, Responder, parse_event
@@ -222,7 +223,7 @@ class Enforcer:
         try:
             await nc.publish(subject, json.dumps(payload).encode(), reply=inbox)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(finished.wait(), timeout)
+                await within(finished.wait(), timeout)
         finally:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
@@ -354,7 +355,7 @@ class Enforcer:
             if self._routes is None:
                 return None
             with contextlib.suppress(TimeoutError):
-                return await asyncio.wait_for(self._routes(), ROUTES_TIMEOUT)
+                return await within(self._routes(), ROUTES_TIMEOUT)
             return None
 
         applied, remote = await asyncio.gather(apply(), routes(), return_exceptions=True)
@@ -388,7 +389,7 @@ class Enforcer:
         started = time.monotonic()
         self.stats["changes"] += 1
         try:
-            await asyncio.wait_for(self._enforce(revoked, granted, list(rooms)), KICK_DEADLINE)
+            await within(self._enforce(revoked, granted, list(rooms)), KICK_DEADLINE)
         except (TimeoutError, KickUnconfirmed, nats.errors.Error, OSError) as e:
             self.mark_pending(revoked, granted, rooms)
             log.error("bus enforcement of a change to %s not confirmed within %.0f s (%s); retrying until it is",
@@ -441,7 +442,7 @@ class Enforcer:
         """:meth:`kick_here` within the deadline; unconfirmed, the change is pending (the
         retry loop enforces it on every node until confirmed, and /healthz shows it)."""
         try:
-            await asyncio.wait_for(self.kick_here(revoked), KICK_DEADLINE)
+            await within(self.kick_here(revoked), KICK_DEADLINE)
         except Exception as e:  # noqa: BLE001 - fail closed: the retry loop takes it up
             self.mark_pending(set(revoked), set())
             log.warning("kicks of %s on this node not confirmed (%s: %s); retrying", ", ".join(sorted(revoked)),
@@ -497,7 +498,7 @@ class Enforcer:
     async def _sweep(self, handles: set[str], rooms: list[str]) -> None:
         self.stats["sweeps"] += 1
         try:
-            await asyncio.wait_for(self._enforce(handles, set(), rooms), KICK_DEADLINE)
+            await within(self._enforce(handles, set(), rooms), KICK_DEADLINE)
         except Exception as e:  # noqa: BLE001 - retried by the pending loop
             for h in handles:
                 self.pending[h] = True
@@ -540,7 +541,7 @@ class Enforcer:
             revoked = {h for h, r in pending.items() if r}
             granted = set(pending) - revoked
             try:
-                await asyncio.wait_for(self._enforce(revoked, granted, rooms), KICK_DEADLINE)
+                await within(self._enforce(revoked, granted, rooms), KICK_DEADLINE)
                 log.info("bus enforcement of %s confirmed", ", ".join(sorted(pending)))
             except Exception as e:  # noqa: BLE001 - keep retrying until confirmed
                 for h, r in pending.items():

@@ -46,6 +46,7 @@ from nats.js import api
 from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
+from unibus.aio import within
 
 from .backend import (
     READ_CHUNK,
@@ -304,7 +305,7 @@ class ObjectStoreBackend(BlobBackend):
                 self._synced.set()
             self._sub = await self.js.subscribe(all_meta, cb=self._on_meta, ordered_consumer=True,
                                                 deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT)
-            await asyncio.wait_for(self._synced.wait(), 30)
+            await within(self._synced.wait(), 30)
         except _UNAVAILABLE as e:
             raise _unavailable(e) from None
         if room_exists is not None:
@@ -381,7 +382,7 @@ class ObjectStoreBackend(BlobBackend):
                     await sub.unsubscribe()
 
         try:
-            return await asyncio.wait_for(scan(), timeout)
+            return await within(scan(), timeout)
         except (*_UNAVAILABLE, APIError) as e:
             raise _unavailable(e) from None
 
@@ -526,14 +527,14 @@ class ObjectStoreBackend(BlobBackend):
                 view = memoryview(block)
                 for off in range(0, len(block), chunk):
                     while len(acks) >= PUT_WINDOW:
-                        await asyncio.wait_for(acks.popleft(), timeout)
+                        await within(acks.popleft(), timeout)
                     acks.append(await self.js.publish_async(subject, view[off:off + chunk]))
                     chunks += 1
                 size += len(block)
             finally:
                 block = await following  # never leave the worker reading a file about to be closed
         while acks:
-            await asyncio.wait_for(acks.popleft(), timeout)
+            await within(acks.popleft(), timeout)
         return size, chunks, h.digest()
 
     # -- the contract

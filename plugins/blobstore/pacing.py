@@ -40,6 +40,8 @@ import termios
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+from unibus.aio import cancel_and_wait
+
 from .limits import MIN_RATE
 
 #: Offset of ``tcpi_bytes_acked`` (a u64) in Linux's ``struct tcp_info``
@@ -164,9 +166,7 @@ async def _watch(send: Awaitable[Any], deadline: float, taken: Callable[[], int]
         still = still + 1 if now <= last else 0
         why = _verdict(now, loop.time() - started, deadline, still)
         if why is not None:
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+            await cancel_and_wait(task)
             return why
         last = now
 

@@ -237,6 +237,11 @@ class Worker:
             await asyncio.sleep(0.25)  # busy, not saturated: the restarts share the machine's two cores
 
 
+def tail(node: MembershipdProcess, lines: int = 60) -> str:
+    """The last ``lines`` of the daemon's own log (nats-server's lines left out)."""
+    return "\n".join([line for line in node.log_text().splitlines() if "unibus.nats:" not in line][-lines:])
+
+
 async def fault(cluster: Cluster, rng: random.Random, n: int, kind: str) -> str:
     node = cluster.nodes[n]
     t0 = time.monotonic()
@@ -251,7 +256,8 @@ async def fault(cluster: Cluster, rng: random.Random, n: int, kind: str) -> str:
         finally:
             cluster.resume(pids)
     else:  # a clean restart (SIGTERM)
-        assert await asyncio.to_thread(node.stop) == 0
+        rc = await asyncio.to_thread(node.stop)
+        assert rc == 0, f"n{n + 1} did not stop within 15 s of SIGTERM (exit {rc}); its log ends:\n{tail(node)}"
         cluster.restart(n)
     t1 = time.monotonic()
     await asyncio.to_thread(cluster.nodes[n].wait_healthy, FORM_TIMEOUT)

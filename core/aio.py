@@ -1,0 +1,108 @@
+"""Waiting with a bound, and cancelling a task, without losing a cancellation.
+
+On Python 3.11, ``asyncio.wait_for`` runs what it waits for in a task of its
+own. When that task finishes in the same turn of the event loop as the caller
+is cancelled, ``wait_for`` returns the result and the cancellation is gone
+(CPython gh-86296, fixed in 3.12 by building ``wait_for`` on
+``asyncio.timeout``). A loop that lost its cancellation runs on, and whoever
+awaits it waits for ever: that is how ``membershipd`` once took longer than
+its stop budget, when a health probe's answer arrived as the stop cancelled
+the prober. ``tests/core/test_aio.py`` reproduces the race.
+
+The same goes for ``with suppress(CancelledError): await task`` after
+``task.cancel()``: if the caller is cancelled while it waits, the caller's own
+cancellation is suppressed too.
+
+So the daemon and its plugins use these two instead (a test keeps
+``asyncio.wait_for`` out of ``core/`` and ``plugins/``):
+
+- :func:`within` waits for an awaitable for at most ``timeout`` seconds, in
+  the caller's own task (``asyncio.timeout``), where a cancellation cannot be
+  lost; it raises ``TimeoutError`` as ``wait_for`` does.
+- :func:`cancel_and_wait` cancels a task and waits until it has finished, for
+  at most ``timeout`` seconds (``asyncio.wait``, which never raises what the
+  task raised and never swallows the caller's cancellation).
+- :func:`run_bounded` is the hard bound, for code that is not ours (a plugin's
+  hook) or must not hold up a stop: the awaitable runs in a task of its own,
+  and after ``timeout`` the caller goes on even if that task ignores its
+  cancellation (:class:`Overran` says whether it still runs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["Overran", "cancel_and_wait", "describe", "run_bounded", "within"]
+
+
+async def within(aw: Awaitable[T], timeout: float | None) -> T:
+    """``await aw``, for at most ``timeout`` seconds (``None``: no bound); ``TimeoutError`` after that.
+
+    A coroutine runs in the caller's task; a future or task is cancelled on the timeout, as
+    with ``asyncio.wait_for``.
+    """
+    async with asyncio.timeout(timeout):
+        return await aw
+
+
+async def cancel_and_wait(task: asyncio.Future[object], timeout: float | None = None) -> bool:
+    """Cancel ``task`` and wait until it has finished, at most ``timeout`` seconds.
+
+    True once it has finished (cancelled, or ending with a result or an exception,
+    which is retrieved, not raised); False when it is still running after ``timeout``
+    (it ignores its cancellation). A cancellation of the caller propagates.
+    """
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if done and not task.cancelled():
+        task.exception()  # retrieved: no "exception was never retrieved" at exit
+    return bool(done)
+
+
+class Overran(TimeoutError):
+    """:func:`run_bounded`: the awaitable did not finish within its time. ``task`` is it;
+    ``task.done()`` is False when it ignored its cancellation and still runs."""
+
+    def __init__(self, task: asyncio.Future[Any], timeout: float) -> None:
+        super().__init__(f"did not finish within {timeout:g} s")
+        self.task = task
+
+
+async def run_bounded(aw: Awaitable[T], timeout: float, grace: float = 0.25) -> T:
+    """``await aw`` in a task of its own, for at most ``timeout`` seconds, whatever it does.
+
+    After ``timeout`` it is cancelled and given ``grace`` seconds to finish; then
+    :class:`Overran` is raised either way, and a task that ignores its cancellation is
+    left running (``Overran.task``, for the caller to name in its log). A
+    cancellation of the caller cancels the task too, and propagates.
+    """
+    task = asyncio.ensure_future(aw)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        await cancel_and_wait(task, grace)
+        raise Overran(task, timeout)
+    return task.result()
+
+
+def describe(task: asyncio.Future[object], depth: int = 12) -> str:
+    """One line for a log: the task's name and its chain of awaits, outermost first
+    (``file:line in function``, at most ``depth`` of them)."""
+    if not isinstance(task, asyncio.Task):
+        return repr(task)
+    where: list[str] = []
+    coro: Any = task.get_coro()
+    while coro is not None and len(where) < depth:
+        frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None)
+        if frame is None:
+            break
+        where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    return f"task {task.get_name()!r} at " + (" > ".join(where) or "(no frame)")

@@ -1,0 +1,132 @@
+"""unibus.aio: bounded waits that never lose a cancellation, and the hard bound for code
+that ignores its own (docs/operations.md, "Signals")."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from unibus.aio import Overran, cancel_and_wait, describe, run_bounded, within
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+async def _prober(wait, woken: asyncio.Event) -> None:
+    """The shape of the daemon's health prober: probe, then wait for a wake-up or the interval."""
+    while True:
+        await asyncio.sleep(0)  # a probe
+        try:
+            await wait(woken.wait(), 10)
+        except TimeoutError:
+            pass
+        woken.clear()
+
+
+async def _lost_cancellations(wait) -> int:
+    """How many of a few timings of "woken just as the stop cancels it" leave the prober running."""
+    lost = 0
+    for spins in range(4):
+        woken = asyncio.Event()
+        task = asyncio.create_task(_prober(wait, woken))
+        await asyncio.sleep(0.01)
+        woken.set()  # a NATS disconnect wakes the prober...
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        if not await cancel_and_wait(task, 0.5):  # ...in the turn the stop cancels it
+            lost += 1
+            task.cancel()  # a second cancellation ends it (the test cleans up after itself)
+            await asyncio.wait({task}, timeout=1)
+    return lost
+
+
+async def test_within_never_loses_a_cancellation_where_wait_for_did():
+    if sys.version_info < (3, 12):  # the harness does see the race it guards against
+        assert await _lost_cancellations(asyncio.wait_for) > 0
+    assert await _lost_cancellations(within) == 0
+
+
+async def test_within_times_out_and_cancels_what_it_waited_for():
+    forever = asyncio.get_running_loop().create_future()
+    with pytest.raises(TimeoutError):
+        await within(forever, 0.05)
+    assert forever.cancelled()
+    assert await within(asyncio.sleep(0, "done"), None) == "done"
+
+
+async def _stubborn(started: asyncio.Event, release: asyncio.Event) -> str:
+    """Ignores cancellation until released."""
+    started.set()
+    while not release.is_set():
+        try:
+            await release.wait()
+        except asyncio.CancelledError:
+            continue
+    return "released"
+
+
+async def test_cancel_and_wait_is_bounded_and_keeps_the_callers_own_cancellation():
+    started, release = asyncio.Event(), asyncio.Event()
+    stubborn = asyncio.create_task(_stubborn(started, release))
+    await started.wait()
+    assert await cancel_and_wait(stubborn, 0.05) is False  # still running: it ignores its cancellation
+
+    waiter = asyncio.create_task(cancel_and_wait(stubborn))  # no bound
+    await asyncio.sleep(0.01)
+    waiter.cancel()  # the caller's own cancellation is not swallowed
+    done, _ = await asyncio.wait({waiter}, timeout=2)
+    assert waiter in done and waiter.cancelled()
+    release.set()
+    assert await cancel_and_wait(stubborn, 2) and stubborn.result() == "released"
+
+    async def fails() -> None:
+        raise ValueError("boom")
+
+    failing = asyncio.create_task(fails())
+    await asyncio.sleep(0)
+    assert await cancel_and_wait(failing, 1)  # its exception is retrieved, not raised
+
+
+async def test_run_bounded_goes_on_without_what_ignores_its_cancellation():
+    started, release = asyncio.Event(), asyncio.Event()
+    with pytest.raises(Overran) as caught:
+        async with asyncio.timeout(5):  # a bound for the test; run_bounded returns long before it
+            await run_bounded(_stubborn(started, release), 0.05, grace=0.05)
+    left = caught.value.task
+    assert not left.done()
+    assert re.search(r"test_aio\.py:\d+ in _stubborn > .*in wait", describe(left)), describe(left)
+    release.set()
+    assert await cancel_and_wait(left, 2)
+
+    assert await run_bounded(asyncio.sleep(0, "quick"), 1) == "quick"
+    with pytest.raises(Overran) as cancelled:  # one that honours its cancellation is done once it is raised
+        await run_bounded(asyncio.sleep(10), 0.05)
+    assert cancelled.value.task.cancelled()
+
+
+async def test_run_bounded_passes_the_callers_cancellation_on():
+    inner = asyncio.Event()
+
+    async def body() -> None:
+        inner.set()
+        await asyncio.sleep(10)
+
+    caller = asyncio.create_task(run_bounded(body(), 10))
+    await inner.wait()
+    caller.cancel()
+    done, _ = await asyncio.wait({caller}, timeout=2)
+    assert caller in done and caller.cancelled()
+    assert all(t.done() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
+
+def test_the_daemon_and_its_plugins_use_them():
+    """``asyncio.wait_for`` loses a cancellation on Python 3.11 (above), and so does
+    ``suppress(CancelledError)`` around ``await task``: neither belongs in the daemon."""
+    pattern = re.compile(r"asyncio\.wait_for\(|suppress\((?:asyncio\.)?CancelledError|suppress\(BaseException")
+    found = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}"
+             for top in ("core", "plugins") for path in sorted((ROOT / top).rglob("*.py")) if path.name != "aio.py"
+             for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []

@@ -1,0 +1,125 @@
+"""SIGTERM stops membershipd within its budget whatever a plugin does (docs/operations.md,
+"Signals"): each step of the stop is a hard bound, nats-server is stopped all the same,
+and a stop that still hangs ends in the watchdog's stack dump and exit 1."""
+
+from __future__ import annotations
+
+import re
+import signal
+import textwrap
+from pathlib import Path
+
+import pytest
+
+MODULES = {
+    # a shutdown hook that ignores its cancellation: given up after the plugins' 5 s
+    "stubborn_plugin": '''
+        import asyncio
+        from unibus import hookimpl
+
+        PLUGIN_NAME = "stubborn"
+
+        @hookimpl
+        async def shutdown(app):
+            while True:
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    pass
+    ''',
+    # a task of its own that ignores its cancellation, never stopped: left at the loop's clean-up
+    "stray_plugin": '''
+        import asyncio
+        from unibus import hookimpl
+
+        PLUGIN_NAME = "stray"
+        TASKS = set()
+
+        async def linger():
+            while True:
+                try:
+                    await asyncio.sleep(60)
+                except asyncio.CancelledError:
+                    pass
+
+        @hookimpl
+        async def startup(app):
+            TASKS.add(asyncio.get_running_loop().create_task(linger(), name="stray-linger"))
+    ''',
+    # a shutdown hook that blocks the event loop: only the watchdog ends that
+    "blocking_plugin": '''
+        import time
+        from unibus import hookimpl
+
+        PLUGIN_NAME = "blocking"
+
+        @hookimpl
+        def shutdown(app):
+            time.sleep(60)
+    ''',
+}
+
+
+@pytest.fixture(scope="module")
+def pythonpath(tmp_path_factory) -> dict[str, str]:
+    d = tmp_path_factory.mktemp("stop-plugins")
+    for name, source in MODULES.items():
+        (d / f"{name}.py").write_text(textwrap.dedent(source))
+    return {"PYTHONPATH": str(d)}
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.02)
+    return _gone(pid)
+
+
+def test_a_shutdown_hook_that_ignores_its_cancellation_is_left_behind(membershipd_factory, pythonpath):
+    proc = membershipd_factory("--plugin", "stubborn_plugin", env=pythonpath)
+    nats = proc.nats_pid()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=12) == 0  # the budget is 10 s (a bound, not a benchmark)
+    assert _wait_gone(nats)
+    log = proc.log_text()
+    assert re.search(r"plugin stubborn: shutdown did not finish in time and ignores its cancellation; "
+                     r"left behind: task .* in shutdown", log), log[-3000:]
+    assert "at exit: a task ignores its cancellation, left behind" in log
+    assert re.search(r"stopped in \d+\.\d s", log)
+    assert "Traceback" not in log
+
+
+def test_a_task_that_ignores_its_cancellation_does_not_hold_up_the_exit(membershipd_factory, pythonpath):
+    proc = membershipd_factory("--plugin", "stray_plugin", env=pythonpath)
+    nats = proc.nats_pid()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=12) == 0
+    assert _wait_gone(nats)
+    log = proc.log_text()
+    assert re.search(r"at exit: a task ignores its cancellation, left behind: task 'stray-linger' at "
+                     r".*stray_plugin\.py:\d+ in linger", log), log[-3000:]
+
+
+@pytest.mark.slow
+def test_a_stop_that_blocks_the_event_loop_ends_in_the_watchdog(membershipd_factory, pythonpath):
+    proc = membershipd_factory("--plugin", "blocking_plugin", env=pythonpath)
+    nats = proc.nats_pid()
+    proc.send_signal(signal.SIGTERM)
+    # 12 s after the signal (STOP_WATCHDOG), before the unit's TimeoutStopSec=15
+    assert proc.wait(timeout=20) == 1
+    log = proc.log_text()
+    assert "Timeout (0:00:12)!" in log, log[-3000:]  # faulthandler's dump: every thread's stack
+    assert re.search(r'File ".*blocking_plugin\.py", line \d+ in shutdown', log), log[-3000:]
+    assert _wait_gone(nats)  # PR_SET_PDEATHSIG: the child gets SIGTERM when membershipd is gone
