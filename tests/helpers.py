@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import AsyncIterator
+import textwrap
+import time
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -62,3 +65,25 @@ async def whole_log(client: Any) -> list[dict[str, Any]]:
             return entries
         entries += page["entries"]
     raise AssertionError("the log did not end within 10,000 pages")
+
+
+def plugin_modules(directory: Path, modules: Mapping[str, str]) -> dict[str, str]:
+    """Write each ``name: source`` (dedented) as ``directory/name.py``; returns the environment
+    a ``membershipd --plugin name`` needs to import them."""
+    for name, source in modules.items():
+        (directory / f"{name}.py").write_text(textwrap.dedent(source))
+    return {"PYTHONPATH": str(directory)}
+
+
+def wait_gone(pid: int, timeout: float = 10.0) -> None:
+    """Until process ``pid`` has exited (a zombie counts: its parent has not reaped it yet)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            return
+        time.sleep(0.005)
+    raise TimeoutError(f"pid {pid} still running")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import wait_gone
 
 from unibus import hookimpl
 from unibus.app import OPENAPI_DOC
@@ -97,19 +97,6 @@ def test_nats_server_environment_rule():
     assert nats_server_environment({"GOMAXPROCS": "8", "PATH": "/bin"}, cpus=2) == {"GOMAXPROCS": "8", "PATH": "/bin"}
 
 
-def _wait_gone(pid: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            return
-        if stat.rsplit(")", 1)[1].split()[0] == "Z":
-            return  # exited, not yet reaped by its parent
-        time.sleep(0.005)
-    raise TimeoutError(f"pid {pid} still running")
-
-
 def test_nats_crash_degrades_then_recovers(membershipd):
     pid = membershipd.nats_pid()
     assert pid
@@ -121,7 +108,7 @@ def test_nats_crash_degrades_then_recovers(membershipd):
     membershipd.send_signal(signal.SIGSTOP)
     try:
         os.kill(pid, signal.SIGKILL)
-        _wait_gone(pid)
+        wait_gone(pid)
         conf.write_text("this is { not a nats config")
     finally:
         membershipd.send_signal(signal.SIGCONT)
@@ -156,7 +143,7 @@ def test_kill_9_leaves_no_nats_server(membershipd):
     nats = membershipd.nats_pid()
     membershipd.send_signal(signal.SIGKILL)
     membershipd.wait(10)
-    _wait_gone(nats)
+    wait_gone(nats)
 
 
 def test_sd_notify_ready(tmp_path, membershipd_factory):

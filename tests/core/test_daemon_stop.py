@@ -6,10 +6,9 @@ from __future__ import annotations
 
 import re
 import signal
-import textwrap
-from pathlib import Path
 
 import pytest
+from helpers import plugin_modules, wait_gone
 
 MODULES = {
     # a shutdown hook that ignores its cancellation: given up after the plugins' 5 s
@@ -62,29 +61,7 @@ MODULES = {
 
 @pytest.fixture(scope="module")
 def pythonpath(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("stop-plugins")
-    for name, source in MODULES.items():
-        (d / f"{name}.py").write_text(textwrap.dedent(source))
-    return {"PYTHONPATH": str(d)}
-
-
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
-def _wait_gone(pid: int, timeout: float = 10.0) -> bool:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if _gone(pid):
-            return True
-        time.sleep(0.02)
-    return _gone(pid)
+    return plugin_modules(tmp_path_factory.mktemp("stop-plugins"), MODULES)
 
 
 def test_a_shutdown_hook_that_ignores_its_cancellation_is_left_behind(membershipd_factory, pythonpath):
@@ -92,7 +69,7 @@ def test_a_shutdown_hook_that_ignores_its_cancellation_is_left_behind(membership
     nats = proc.nats_pid()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=12) == 0  # the budget is 10 s (a bound, not a benchmark)
-    assert _wait_gone(nats)
+    wait_gone(nats)
     log = proc.log_text()
     assert re.search(r"plugin stubborn: shutdown did not finish in time and ignores its cancellation; "
                      r"left behind: task .* in shutdown", log), log[-3000:]
@@ -106,7 +83,7 @@ def test_a_task_that_ignores_its_cancellation_does_not_hold_up_the_exit(membersh
     nats = proc.nats_pid()
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=12) == 0
-    assert _wait_gone(nats)
+    wait_gone(nats)
     log = proc.log_text()
     assert re.search(r"at exit: a task ignores its cancellation, left behind: task 'stray-linger' at "
                      r".*stray_plugin\.py:\d+ in linger", log), log[-3000:]
@@ -122,4 +99,4 @@ def test_a_stop_that_blocks_the_event_loop_ends_in_the_watchdog(membershipd_fact
     log = proc.log_text()
     assert "Timeout (0:00:12)!" in log, log[-3000:]  # faulthandler's dump: every thread's stack
     assert re.search(r'File ".*blocking_plugin\.py", line \d+ in shutdown', log), log[-3000:]
-    assert _wait_gone(nats)  # PR_SET_PDEATHSIG: the child gets SIGTERM when membershipd is gone
+    wait_gone(nats)  # PR_SET_PDEATHSIG: the child gets SIGTERM when membershipd is gone

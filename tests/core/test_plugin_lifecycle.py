@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import textwrap
 import types
 import warnings
 from pathlib import Path
 
 import pytest
+from helpers import plugin_modules
 
 from unibus import ConfigError, hookimpl
 from unibus.app import plugin_healthz
@@ -75,10 +75,7 @@ MODULES = {
 
 @pytest.fixture(scope="module")
 def pythonpath(tmp_path_factory) -> dict[str, str]:
-    d = tmp_path_factory.mktemp("plugin-modules")
-    for name, source in MODULES.items():
-        (d / f"{name}.py").write_text(textwrap.dedent(source))
-    return {"PYTHONPATH": str(d)}
+    return plugin_modules(tmp_path_factory.mktemp("plugin-modules"), MODULES)
 
 
 def one_error_line(proc) -> str:
