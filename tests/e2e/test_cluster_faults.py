@@ -257,8 +257,9 @@ async def fault(cluster: Cluster, rng: random.Random, n: int, kind: str) -> str:
             cluster.resume(pids)
     else:  # a clean restart (SIGTERM)
         rc = await asyncio.to_thread(node.stop)
-        assert rc == 0, f"n{n + 1} did not stop within 15 s of SIGTERM (exit {rc}); its log ends:\n{tail(node)}"
-        cluster.restart(n)
+        log = tail(node) if rc != 0 else ""
+        cluster.restart(n)  # first: the module's next test gets a whole cluster either way
+        assert rc == 0, f"n{n + 1} did not stop within 15 s of SIGTERM (exit {rc}); its log ends:\n{log}"
     t1 = time.monotonic()
     await asyncio.to_thread(cluster.nodes[n].wait_healthy, FORM_TIMEOUT)
     return f"fault {t1 - t0:.1f} s, healthy after {time.monotonic() - t1:.1f} s"
