@@ -20,6 +20,7 @@ import signal
 import socket
 import ssl
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -442,10 +443,13 @@ class Daemon:
 
 
 async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatchdog | None = None) -> None:
-    """Serve until a stop signal; ``watchdog`` (:func:`serve`'s, never a test's in-process
-    run) is armed by the signal, or by a start-up that failed."""
+    """Serve until a stop signal. ``watchdog`` is :func:`serve`'s, for the process of its
+    own (never a test's in-process run): the signal arms it, or a start-up that failed,
+    and once the stop is done a further stop signal is ignored rather than ending the
+    exit early (the watchdog bounds that)."""
     daemon = Daemon(settings, plugins)
     loop = asyncio.get_running_loop()
+    own_process = watchdog is not None
     watchdog = watchdog or StopWatchdog(enabled=False)
 
     def on_stop_signal() -> None:
@@ -471,6 +475,8 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
         await daemon.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+            if own_process:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 class StopWatchdog:
@@ -502,8 +508,8 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     cancellation, and for a thread that never returns. Here the loop's clean-up is
     bounded (LOOP_CLOSE_TIMEOUT, what is left is named in the log), and a stop that
     runs past STOP_WATCHDOG after the signal ends in ``faulthandler``'s stack dump and
-    exit 1. The watchdog stays armed after a clean-up that left an executor thread
-    running, as the interpreter's exit waits for it.
+    exit 1. The watchdog stays armed while a thread other than this one runs (an
+    executor's, a plugin's): the interpreter's exit waits for it.
     """
     watchdog = StopWatchdog()
     loop = asyncio.new_event_loop()
@@ -517,7 +523,11 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
         finally:
             asyncio.set_event_loop(None)
             loop.close()
-            if clean:
+            left = [t.name for t in threading.enumerate()
+                    if t is not threading.current_thread() and not t.daemon and t.is_alive()]
+            if left:
+                log.warning("at exit: waiting for thread(s) %s", ", ".join(left))
+            elif clean:
                 watchdog.disarm()
     return 0
 

@@ -28,12 +28,13 @@ directory into ``.tmp`` (atomic disappearance, then fsync), then remove it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
 import os
 import secrets
-import shutil
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -72,6 +73,32 @@ def _write_file_durably(path: Path, payload: bytes) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
+
+
+def remove_tree(path: Path, stop: threading.Event) -> bool:
+    """``shutil.rmtree(path)``, errors ignored, that gives up between two directories once
+    ``stop`` is set; True when all of it is gone.
+
+    A room of many blobs takes long to remove, in a thread no stop can interrupt, and the
+    interpreter's exit waits for that thread. What a stop leaves is in the staging directory,
+    already out of every room, and the next start removes it (``clean_staging``).
+    """
+    for top, dirs, files in os.walk(path, topdown=False):
+        if stop.is_set():
+            return False
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(top, name))
+        for name in dirs:  # a link to a directory is listed here, and never followed
+            entry = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                if os.path.islink(entry):
+                    os.unlink(entry)
+                else:
+                    os.rmdir(entry)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    return not os.path.lexists(path)
 
 
 def _read_meta(blob_dir: Path) -> BlobInfo | None:
@@ -142,6 +169,8 @@ class FsBackend(BlobBackend):
         self.tmp = self.root / TMP_DIR
         self.lock = asyncio.Lock()
         self._rooms: dict[str, list[int]] = {}  # room_id -> [blobs, bytes]
+        #: set by :meth:`close`: a deletion still running stops between two blobs
+        self._closing = threading.Event()
 
     # -- counters
     def _count(self, room_id: str, n: int, size: int) -> None:
@@ -245,7 +274,7 @@ class FsBackend(BlobBackend):
                 return False
             if info is not None:
                 self._count(room_id, -1, -info.size)
-        await asyncio.to_thread(shutil.rmtree, trash, True)
+        await asyncio.to_thread(remove_tree, trash, self._closing)
         return True
 
     async def delete_room(self, room_id: str) -> int:
@@ -255,8 +284,11 @@ class FsBackend(BlobBackend):
             n, size = self._rooms.get(room_id, (0, 0))
             self._count(room_id, -n, -size)
         if trash is not None:
-            await asyncio.to_thread(shutil.rmtree, trash, True)
+            await asyncio.to_thread(remove_tree, trash, self._closing)
         return n
+
+    async def close(self) -> None:
+        self._closing.set()
 
     # -- reads
     async def info(self, room_id: str, blob_id: str) -> BlobInfo | None:

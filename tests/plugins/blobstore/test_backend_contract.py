@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import json
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from pathlib import Path
 import nats
 import pytest
 from unibus.plugins.blobstore.backend import TMP_DIR, BlobBackend, BlobInfo
-from unibus.plugins.blobstore.fs import FsBackend
+from unibus.plugins.blobstore.fs import FsBackend, remove_tree
 from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
 
 ROOM, OTHER = "room1", "room2"
@@ -252,6 +253,45 @@ async def test_fs_half_made_blob_directories_are_not_visible(tmp_path):
     _info, created = await put(b2, data)
     assert created and await read_all(b2, ROOM, bid) == data
     assert await b2.info(ROOM, good.blob_id) == good
+
+
+async def test_fs_a_deletion_under_way_stops_with_the_backend(tmp_path):
+    """A room's removal runs in a thread that no stop can cancel, and the interpreter's exit
+    waits for it: once the backend is closed it stops between two blobs. What it leaves is
+    out of the room already, and the next start removes it (docs/blobstore.md, "Deleting")."""
+    root = tmp_path / "blobs"
+    b = FsBackend(root)
+    await b.start()
+    for i in range(5):
+        await put(b, f"blob {i}".encode())
+    kept, _ = await put(b, b"elsewhere", room=OTHER)
+    await b.close()  # the stop came first
+    assert await b.delete_room(ROOM) == 5
+    assert await b.list_room(ROOM) == [] and not (root / ROOM).exists()
+    [trash] = (root / TMP_DIR).iterdir()  # the room, moved out of sight and not yet removed
+    assert len(list(trash.iterdir())) == 5
+    b2 = FsBackend(root)
+    await b2.start()
+    assert list((root / TMP_DIR).iterdir()) == []
+    assert b2.stats() == {"backend": "fs", "blobs": 1, "bytes": len(b"elsewhere")}
+    assert await b2.info(OTHER, kept.blob_id) == kept
+
+
+def test_fs_remove_tree_never_follows_a_link(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious").write_text("keep")
+    tree = tmp_path / "tree"
+    (tree / "a" / "b").mkdir(parents=True)
+    (tree / "a" / "b" / "data").write_text("x")
+    (tree / "a" / "link").symlink_to(outside)
+    (tree / "file-link").symlink_to(outside / "precious")
+    assert remove_tree(tree, threading.Event())
+    assert not tree.exists() and (outside / "precious").read_text() == "keep"
+    (tree / "a").mkdir(parents=True)
+    stopped = threading.Event()
+    stopped.set()
+    assert not remove_tree(tree, stopped) and (tree / "a").is_dir()
 
 
 async def test_fs_layout_and_modes(tmp_path):
