@@ -21,11 +21,15 @@ So the daemon and its plugins use these two instead (a test keeps
   lost; it raises ``TimeoutError`` as ``wait_for`` does.
 - :func:`cancel_and_wait` cancels a task and waits until it has finished, for
   at most ``timeout`` seconds (``asyncio.wait``, which never raises what the
-  task raised and never swallows the caller's cancellation).
+  task raised and never swallows the caller's cancellation). It cancels again
+  every half second: libraries the daemon uses (nats-py) still call
+  ``wait_for`` themselves, and a cancellation lost there is not lost for good.
 - :func:`run_bounded` is the hard bound, for code that is not ours (a plugin's
   hook) or must not hold up a stop: the awaitable runs in a task of its own,
   and after ``timeout`` the caller goes on even if that task ignores its
-  cancellation (:class:`Overran` says whether it still runs).
+  cancellation (:class:`Overran` says whether it still runs). One that ends
+  with a ``CancelledError`` of its own is a ``RuntimeError`` for the caller:
+  only the caller's own cancellation propagates.
 """
 
 from __future__ import annotations
@@ -49,18 +53,32 @@ async def within(aw: Awaitable[T], timeout: float | None) -> T:
         return await aw
 
 
+#: :func:`cancel_and_wait` cancels again this often: a cancellation lost in code that is
+#: not ours (nats-py's own ``wait_for``) is not lost for good. Long enough for the
+#: clean-up a task does when it is cancelled (the daemon's are bounded at 1 s or less).
+RECANCEL_EVERY = 0.5
+
+
 async def cancel_and_wait(task: asyncio.Future[object], timeout: float | None = None) -> bool:
-    """Cancel ``task`` and wait until it has finished, at most ``timeout`` seconds.
+    """Cancel ``task`` and wait until it has finished, at most ``timeout`` seconds,
+    cancelling it again every RECANCEL_EVERY seconds meanwhile.
 
     True once it has finished (cancelled, or ending with a result or an exception,
     which is retrieved, not raised); False when it is still running after ``timeout``
     (it ignores its cancellation). A cancellation of the caller propagates.
     """
-    task.cancel()
-    done, _ = await asyncio.wait({task}, timeout=timeout)
-    if done and not task.cancelled():
-        task.exception()  # retrieved: no "exception was never retrieved" at exit
-    return bool(done)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    while True:
+        task.cancel()
+        wait = RECANCEL_EVERY if deadline is None else max(0.0, min(RECANCEL_EVERY, deadline - loop.time()))
+        done, _ = await asyncio.wait({task}, timeout=wait)
+        if done:
+            if not task.cancelled():
+                task.exception()  # retrieved: no "exception was never retrieved" at exit
+            return True
+        if deadline is not None and loop.time() >= deadline:
+            return False
 
 
 class Overran(TimeoutError):
@@ -89,6 +107,8 @@ async def run_bounded(aw: Awaitable[T], timeout: float, grace: float = 0.25) -> 
     if not done:
         await cancel_and_wait(task, grace)
         raise Overran(task, timeout)
+    if task.cancelled():  # it let a CancelledError of its own out: for the caller, a failure
+        raise RuntimeError("it ended with CancelledError, uncaught")
     return task.result()
 
 

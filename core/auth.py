@@ -285,6 +285,7 @@ class NonceStore:
         self._lock = asyncio.Lock()
         self._retry_at = 0.0
         self._watch_task: asyncio.Task[None] | None = None
+        self._closing = False
         # Claims go over their own lean connection (see unibus.pubacks); the
         # bucket's management stays on the bus's nats-py client.
         self.acks = bus.pub_ack_client(name=f"{bus.name}-nonces", timeout=timeout)
@@ -519,8 +520,10 @@ class NonceStore:
 
     async def _watch(self) -> None:
         """Every EPOCH_CHECK_INTERVAL: re-establish an unknown epoch, and notice one that changed."""
-        while True:
+        while not self._closing:  # a flag as well: a cancellation can be lost in nats-py (unibus.aio)
             await asyncio.sleep(EPOCH_CHECK_INTERVAL)
+            if self._closing:
+                return
             try:
                 if self.floor is None or self._reconnects != self.acks.reconnects:
                     await self._recover()
@@ -586,12 +589,14 @@ class NonceStore:
 
     async def start(self) -> None:
         """Open the claim connection (it reconnects by itself from then on) and watch the epoch."""
+        self._closing = False
         if not self.acks.connected:
             await self.acks.connect()
         if self._watch_task is None or self._watch_task.done():
             self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="unibus-nonce-epoch")
 
     async def close(self) -> None:
+        self._closing = True
         if self._watch_task is not None:
             await cancel_and_wait(self._watch_task)
         await self.acks.close()

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .aio import Overran, run_bounded
+from .aio import within
 from .memberlog import logged_operation
 from .pluginmanager import PluginManager, running_plugin
 
@@ -272,11 +272,12 @@ async def _call_while_serving(plugins: PluginManager, name: str, impl: Any, hook
         with running_plugin(name):
             result = impl.function(**{a: kwargs[a] for a in impl.argnames})
             if inspect.isawaitable(result):
-                await run_bounded(result, timeout)
-    except Overran as e:
+                # in this task (not run_bounded): a hook that ignores its cancellation holds the
+                # next event back rather than be overtaken by it (each seq once, in order)
+                await within(result, timeout)
+    except TimeoutError:
         plugins.hook_failed(name, hook)
-        still = "" if e.task.done() else " (it ignores its cancellation and runs on)"
-        log.error("plugin %s: %s took longer than %.0f s%s; given up%s", name, hook, timeout, at, still)
+        log.error("plugin %s: %s took longer than %.0f s%s; given up", name, hook, timeout, at)
     except Exception as e:
         plugins.hook_failed(name, hook)
         log.error("plugin %s: %s failed%s: %s: %s", name, hook, on, type(e).__name__, e)

@@ -75,6 +75,7 @@ class HealthProber:
         self.probed_at: float | None = None
         self.probes = 0
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
     # -- reading (no I/O) ---------------------------------------------------------------
@@ -133,11 +134,12 @@ class HealthProber:
         self._wake.set()
 
     def start(self) -> None:
+        self._stopping = False
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="unibus-health-prober")
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping:  # a flag as well: a cancellation can be lost in nats-py (unibus.aio)
             # cleared before probing: a wake that arrives during a probe (a reconnect right
             # after the disconnect that woke it) makes another probe, it is never lost
             self._wake.clear()
@@ -149,6 +151,8 @@ class HealthProber:
                 await within(self._wake.wait(), self.interval)
 
     async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
         task, self._task = self._task, None
         if task is not None:
             await cancel_and_wait(task)

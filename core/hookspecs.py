@@ -142,9 +142,10 @@ def shutdown(app: web.Application) -> Any:
     May be a coroutine function.
     The whole stop must fit in 10 seconds, so all shutdown hooks together get
     5 seconds; a hook still running then is cancelled and an error is logged
-    naming the plugin. One that ignores its cancellation is left behind (the
-    log names where it waits) and the daemon stops all the same. A hook that
-    blocks the event loop cannot be cancelled at all: 12 s after the signal
+    naming the plugin; the hooks after it are still called, with at least
+    0.1 s each. One that ignores its cancellation is left behind (the log
+    names where it waits) and the daemon stops all the same. A hook that
+    blocks the event loop cannot be cancelled at all: 13 s after the signal
     the daemon dumps every thread's stack and exits 1.
     """
 

@@ -83,6 +83,10 @@ def remove_tree(path: Path, stop: threading.Event) -> bool:
     interpreter's exit waits for that thread. What a stop leaves is in the staging directory,
     already out of every room, and the next start removes it (``clean_staging``).
     """
+    if os.path.islink(path):  # os.walk would list the link's target: remove the link alone, as rmtree refuses it
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return not os.path.lexists(path)
     for top, dirs, files in os.walk(path, topdown=False):
         if stop.is_set():
             return False

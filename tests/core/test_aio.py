@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from unibus.aio import Overran, cancel_and_wait, describe, run_bounded, within
+from unibus.aio import RECANCEL_EVERY, Overran, cancel_and_wait, describe, run_bounded, within
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,8 @@ async def _lost_cancellations(wait) -> int:
         woken.set()  # a NATS disconnect wakes the prober...
         for _ in range(spins):
             await asyncio.sleep(0)
-        if not await cancel_and_wait(task, 0.5):  # ...in the turn the stop cancels it
+        task.cancel()  # ...in the turn the stop cancels it
+        if not (await asyncio.wait({task}, timeout=0.5))[0]:
             lost += 1
             task.cancel()  # a second cancellation ends it (the test cleans up after itself)
             await asyncio.wait({task}, timeout=1)
@@ -47,6 +48,21 @@ async def test_within_never_loses_a_cancellation_where_wait_for_did():
     if sys.version_info < (3, 12):  # the harness does see the race it guards against
         assert await _lost_cancellations(asyncio.wait_for) > 0
     assert await _lost_cancellations(within) == 0
+
+
+async def test_cancel_and_wait_cancels_again_what_lost_its_cancellation():
+    """Libraries still use 3.11's wait_for (nats-py does): a cancellation lost there is
+    repeated every RECANCEL_EVERY until the task ends."""
+    ended = 0
+    for spins in range(4):
+        woken = asyncio.Event()
+        task = asyncio.create_task(_prober(asyncio.wait_for, woken))
+        await asyncio.sleep(0.01)
+        woken.set()
+        for _ in range(spins):
+            await asyncio.sleep(0)
+        ended += await cancel_and_wait(task, 3 * RECANCEL_EVERY)
+    assert ended == 4
 
 
 async def test_within_times_out_and_cancels_what_it_waited_for():
@@ -105,6 +121,15 @@ async def test_run_bounded_goes_on_without_what_ignores_its_cancellation():
     with pytest.raises(Overran) as cancelled:  # one that honours its cancellation is done once it is raised
         await run_bounded(asyncio.sleep(10), 0.05)
     assert cancelled.value.task.cancelled()
+
+    async def lets_its_own_out() -> None:  # t.cancel(); await t: not the caller's cancellation
+        t = asyncio.create_task(asyncio.sleep(10))
+        await asyncio.sleep(0)
+        t.cancel()
+        await t
+
+    with pytest.raises(RuntimeError, match="ended with CancelledError"):
+        await run_bounded(lets_its_own_out(), 1)
 
 
 async def test_run_bounded_passes_the_callers_cancellation_on():

@@ -288,6 +288,10 @@ def test_fs_remove_tree_never_follows_a_link(tmp_path):
     (tree / "file-link").symlink_to(outside / "precious")
     assert remove_tree(tree, threading.Event())
     assert not tree.exists() and (outside / "precious").read_text() == "keep"
+    link = tmp_path / "del-link"  # a room directory that was a link, moved into .tmp
+    link.symlink_to(outside)
+    assert remove_tree(link, threading.Event())
+    assert not link.is_symlink() and (outside / "precious").read_text() == "keep"
     (tree / "a").mkdir(parents=True)
     stopped = threading.Event()
     stopped.set()
