@@ -14,6 +14,7 @@ fixed since.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
@@ -64,6 +66,25 @@ def _sigterm(proc: MembershipdProcess, timeout: float = 20.0) -> tuple[int | Non
     except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: reported as None
         rc = None
     return rc, time.monotonic() - started, nats
+
+
+@contextlib.contextmanager
+def _held() -> Iterator[list[socket.socket]]:
+    """A list for the sockets a test holds open; all of them closed at the end, whatever happens."""
+    socks: list[socket.socket] = []
+    try:
+        yield socks
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _stopped_in_budget(proc: MembershipdProcess, settle: float) -> None:
+    """After ``settle`` s, SIGTERM: exit 0 within the budget, and nats-server gone."""
+    time.sleep(settle)
+    rc, took, nats = _sigterm(proc)
+    assert rc == 0 and took <= STOP_BUDGET + SLACK, (rc, took, proc.log_text()[-2000:])
+    wait_gone(nats)
 
 
 def _signed_headers(method: str, target: str, body: bytes | None, ident) -> dict[str, str]:
@@ -171,20 +192,13 @@ def test_idle_and_slowloris_connections_do_not_hold_up_the_stop(tmp_path, member
     """Anyone on 127.0.0.1: 400 HTTP connections, half idle, half with an unfinished
     request head (slowloris). The stop closes them all; exit 0 at once."""
     proc, _ = _world(tmp_path, membershipd_factory)
-    socks = []
-    try:
+    with _held() as socks:
         for i in range(400):
             s = socket.create_connection(("127.0.0.1", proc.http_port), timeout=5)
             if i % 2:
                 s.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")
             socks.append(s)
-        time.sleep(0.3)
-        rc, took, nats = _sigterm(proc)
-    finally:
-        for s in socks:
-            s.close()
-    assert rc == 0 and took <= STOP_BUDGET + SLACK, (rc, took)
-    wait_gone(nats)
+        _stopped_in_budget(proc, 0.3)
     assert nats_server_pids(proc.data_dir) == set()
 
 
@@ -194,8 +208,7 @@ def test_slow_signed_bodies_at_sigterm_are_cut_and_leave_nothing(tmp_path, membe
     them created a room (seen after a restart)."""
     proc, people = _world(tmp_path, membershipd_factory)
     bob = people["bob"]
-    socks = []
-    try:
+    with _held() as socks:
         for i in range(10):
             body = json.dumps({"name": f"slow-{i}"}).encode()
             h = _signed_headers("POST", "/v1/rooms", body, bob)
@@ -203,13 +216,7 @@ def test_slow_signed_bodies_at_sigterm_are_cut_and_leave_nothing(tmp_path, membe
             s = socket.create_connection(("127.0.0.1", proc.http_port), timeout=5)
             s.sendall(_raw_head("POST", "/v1/rooms", h) + body[:5])
             socks.append(s)
-        time.sleep(0.3)
-        rc, took, nats = _sigterm(proc)
-    finally:
-        for s in socks:
-            s.close()
-    assert rc == 0 and took <= STOP_BUDGET + SLACK, (rc, took)
-    wait_gone(nats)
+        _stopped_in_budget(proc, 0.3)
     again = proc.again().start()
     assert _room_ids(again, bob) == []
 
@@ -224,8 +231,7 @@ def test_unread_downloads_and_stalled_uploads_at_sigterm(tmp_path, membershipd_f
     rid = asyncio.run(_make_room(proc, bob))
     doc = asyncio.run(_upload_one(proc, bob, rid, os.urandom(16 * 1024 * 1024)))
     target = f"/v1/rooms/{rid}/blobs/{doc['blob_id']}"
-    socks = []
-    try:
+    with _held() as socks:
         for _ in range(8):
             s = socket.socket()
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -242,13 +248,7 @@ def test_unread_downloads_and_stalled_uploads_at_sigterm(tmp_path, membershipd_f
             s = socket.create_connection(("127.0.0.1", proc.http_port), timeout=5)
             s.sendall(_raw_head("PUT", put, h) + data[:3 * 1024 * 1024])
             socks.append(s)
-        time.sleep(1.0)
-        rc, took, nats = _sigterm(proc)
-    finally:
-        for s in socks:
-            s.close()
-    assert rc == 0 and took <= STOP_BUDGET + SLACK, (rc, took, proc.log_text()[-2000:])
-    wait_gone(nats)
+        _stopped_in_budget(proc, 1.0)
     again = proc.again().start()
     status, health = again.healthz()
     assert status == 200 and health["blobstore"]["blobs"] == 1, health
