@@ -32,15 +32,8 @@ from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EVENTS, EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
-from .auth import (
-    NONCE_BUCKET,
-    Authenticator,
-    MemberDirectory,
-    NonceStore,
-    auth_middleware,
-    body_timeout_from_env,
-    nonce_max_bytes_from_env,
-)
+from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
+                   nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
 from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
@@ -56,8 +49,8 @@ from .store.base import Store
 from .store.db import migrate
 from .store.kv import KvStore
 from .store.sqlite import SqliteStore
-from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server, nats_server_environment
 from .tls import server_context
+from .supervisor import ALL_LEVELS, QUIET_LEVELS, NatsSupervisor, find_nats_server, nats_server_environment
 
 log = logging.getLogger("unibus.daemon")
 
