@@ -28,7 +28,8 @@ So the daemon and its plugins use these two instead (a test keeps
   hook) or must not hold up a stop: the awaitable runs in a task of its own,
   and after ``timeout`` the caller goes on even if that task ignores its
   cancellation (:class:`Overran` says whether it still runs). One that ends
-  with a ``CancelledError`` of its own is a ``RuntimeError`` for the caller:
+  with a ``CancelledError`` of its own, or raises ``KeyboardInterrupt``,
+  ``SystemExit`` or ``GeneratorExit``, is a ``RuntimeError`` for the caller:
   only the caller's own cancellation propagates.
 """
 
@@ -40,7 +41,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Overran", "cancel_and_wait", "describe", "run_bounded", "within"]
+__all__ = ["ESCAPING", "Overran", "cancel_and_wait", "describe", "run_bounded", "within"]
 
 
 async def within(aw: Awaitable[T], timeout: float | None) -> T:
@@ -90,6 +91,19 @@ class Overran(TimeoutError):
         self.task = task
 
 
+#: What code that is not ours may raise that a task does not keep to itself: asyncio
+#: re-raises KeyboardInterrupt and SystemExit out of the event loop, so a plugin's
+#: ``sys.exit()`` would end the whole process mid-stop.
+ESCAPING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+
+
+async def _contained(aw: Awaitable[T]) -> T:
+    try:
+        return await aw
+    except ESCAPING as e:
+        raise RuntimeError(f"it raised {type(e).__name__}" + (f": {e}" if str(e) else "")) from e
+
+
 async def run_bounded(aw: Awaitable[T], timeout: float, grace: float = 0.25) -> T:
     """``await aw`` in a task of its own, for at most ``timeout`` seconds, whatever it does.
 
@@ -98,7 +112,7 @@ async def run_bounded(aw: Awaitable[T], timeout: float, grace: float = 0.25) -> 
     left running (``Overran.task``, for the caller to name in its log). A
     cancellation of the caller cancels the task too, and propagates.
     """
-    task = asyncio.ensure_future(aw)
+    task = asyncio.ensure_future(_contained(aw))
     try:
         done, _ = await asyncio.wait({task}, timeout=timeout)
     except asyncio.CancelledError:

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .aio import Overran, cancel_and_wait, describe, run_bounded
+from .aio import ESCAPING, Overran, cancel_and_wait, describe, run_bounded
 from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
@@ -382,7 +382,7 @@ class Daemon:
                 else:
                     log.error("plugin %s: shutdown did not finish in time and ignores its cancellation; "
                               "left behind: %s", name, describe(e.task))
-            except Exception as e:
+            except (Exception, *ESCAPING) as e:  # a sync hook's sys.exit() too: the next hooks still run
                 self.plugins.hook_failed(name, "shutdown")
                 log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
 
@@ -510,11 +510,6 @@ class StopWatchdog:
             self.armed = True
             faulthandler.dump_traceback_later(STOP_WATCHDOG, exit=True)
 
-    def disarm(self) -> None:
-        if self.armed:
-            self.armed = False
-            faulthandler.cancel_dump_traceback_later()
-
 
 def serve(settings: Settings, plugins: PluginManager) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code (errors raise).
@@ -523,18 +518,17 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     cancellation, and for a thread that never returns. Here the loop's clean-up is
     bounded (LOOP_CLOSE_TIMEOUT, what is left is named in the log), and a stop that
     runs past STOP_WATCHDOG after the signal ends in ``faulthandler``'s stack dump and
-    exit 1. The watchdog stays armed while a thread other than this one runs (an
-    executor's, a plugin's): the interpreter's exit waits for it.
+    exit 1. The watchdog stays armed until the process is gone: the interpreter's exit
+    still waits for threads, ``atexit`` handlers and multiprocessing children.
     """
     watchdog = StopWatchdog()
     loop = asyncio.new_event_loop()
     asyncio.set_event_loop(loop)
-    clean = False
     try:
         loop.run_until_complete(_serve(settings, plugins, watchdog))
     finally:
         try:
-            clean = _close_loop(loop)
+            _close_loop(loop)
         finally:
             asyncio.set_event_loop(None)
             loop.close()
@@ -542,14 +536,11 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
                     if t is not threading.current_thread() and not t.daemon and t.is_alive()]
             if left:
                 log.warning("at exit: waiting for thread(s) %s", ", ".join(left))
-            elif clean:
-                watchdog.disarm()
     return 0
 
 
-def _close_loop(loop: asyncio.AbstractEventLoop) -> bool:
-    """What ``asyncio.run`` does after its coroutine, each wait bounded by LOOP_CLOSE_TIMEOUT.
-    False when the default executor still has a thread running."""
+def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """What ``asyncio.run`` does after its coroutine, each wait bounded by LOOP_CLOSE_TIMEOUT."""
     tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in tasks:
         task.cancel()
@@ -561,11 +552,8 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> bool:
             elif not task.cancelled() and task.exception() is not None:
                 log.error("at exit: task %r failed: %s: %s", task.get_name(), type(task.exception()).__name__,
                           task.exception())
-    clean = True
     for what, aw in (("async generators", loop.shutdown_asyncgens()),
                      ("the default executor", loop.shutdown_default_executor())):
         done, _ = loop.run_until_complete(asyncio.wait({loop.create_task(aw)}, timeout=LOOP_CLOSE_TIMEOUT))
         if not done:
-            clean = False
             log.error("at exit: %s did not finish within %.0f s", what, LOOP_CLOSE_TIMEOUT)
-    return clean

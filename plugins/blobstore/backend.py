@@ -28,6 +28,7 @@ import os
 import re
 import secrets
 import shutil
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -258,14 +259,49 @@ def make_private_dir(path: Path) -> bool:
         return make_private_dir(path)
 
 
-def clean_staging(tmp: Path) -> int:
-    """Remove everything under the staging directory (a crash's leftovers); return how many entries."""
+def remove_tree(path: Path, stop: threading.Event) -> bool:
+    """``shutil.rmtree(path)``, errors ignored, that gives up between two directories once
+    ``stop`` is set; True when all of it is gone.
+
+    A room of many blobs takes long to remove, in a thread no stop can interrupt, and the
+    interpreter's exit waits for that thread. What a stop leaves is in the staging directory,
+    already out of every room, and the next start removes it (:func:`clean_staging`).
+    """
+    if os.path.islink(path):  # os.walk would list the link's target: remove the link alone, as rmtree refuses it
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        return not os.path.lexists(path)
+    for top, dirs, files in os.walk(path, topdown=False):
+        if stop.is_set():
+            return False
+        for name in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(top, name))
+        for name in dirs:  # a link to a directory is listed here, and never followed
+            entry = os.path.join(top, name)
+            with contextlib.suppress(OSError):
+                if os.path.islink(entry):
+                    os.unlink(entry)
+                else:
+                    os.rmdir(entry)
+    with contextlib.suppress(OSError):
+        os.rmdir(path)
+    return not os.path.lexists(path)
+
+
+def clean_staging(tmp: Path, stop: threading.Event | None = None) -> int:
+    """Remove everything under the staging directory (the leftovers of a crash, or of a
+    deletion a stop cut short); return how many entries. Gives up between two directories
+    once ``stop`` is set (a stop during the start-up): what is left waits for the next start."""
     make_private_dir(tmp)
+    stop = stop or threading.Event()
     n = 0
     for entry in list(tmp.iterdir()):
+        if stop.is_set():
+            break
         n += 1
         if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
+            remove_tree(entry, stop)
         else:
             entry.unlink(missing_ok=True)
     return n

@@ -28,7 +28,6 @@ directory into ``.tmp`` (atomic disappearance, then fsync), then remove it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -55,6 +54,7 @@ from .backend import (
     check_blob_id,
     check_room_id,
     clean_staging,
+    remove_tree,
     make_private_dir,
 )
 
@@ -73,36 +73,6 @@ def _write_file_durably(path: Path, payload: bytes) -> None:
         os.fdatasync(fd)
     finally:
         os.close(fd)
-
-
-def remove_tree(path: Path, stop: threading.Event) -> bool:
-    """``shutil.rmtree(path)``, errors ignored, that gives up between two directories once
-    ``stop`` is set; True when all of it is gone.
-
-    A room of many blobs takes long to remove, in a thread no stop can interrupt, and the
-    interpreter's exit waits for that thread. What a stop leaves is in the staging directory,
-    already out of every room, and the next start removes it (``clean_staging``).
-    """
-    if os.path.islink(path):  # os.walk would list the link's target: remove the link alone, as rmtree refuses it
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-        return not os.path.lexists(path)
-    for top, dirs, files in os.walk(path, topdown=False):
-        if stop.is_set():
-            return False
-        for name in files:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(top, name))
-        for name in dirs:  # a link to a directory is listed here, and never followed
-            entry = os.path.join(top, name)
-            with contextlib.suppress(OSError):
-                if os.path.islink(entry):
-                    os.unlink(entry)
-                else:
-                    os.rmdir(entry)
-    with contextlib.suppress(OSError):
-        os.rmdir(path)
-    return not os.path.lexists(path)
 
 
 def _read_meta(blob_dir: Path) -> BlobInfo | None:
@@ -188,18 +158,22 @@ class FsBackend(BlobBackend):
 
     # -- start-up
     async def start(self, room_exists: RoomExists | None = None) -> None:
-        rooms = await asyncio.to_thread(self._scan)
-        if room_exists is not None:
-            for room_id in sorted(rooms):
-                if not await room_exists(room_id):
-                    n = await self.delete_room(room_id)
-                    log.info("blobstore: removed %d blob(s) of deleted room %s", n, room_id)
+        try:
+            rooms = await asyncio.to_thread(self._scan)
+            if room_exists is not None:
+                for room_id in sorted(rooms):
+                    if not await room_exists(room_id):
+                        n = await self.delete_room(room_id)
+                        log.info("blobstore: removed %d blob(s) of deleted room %s", n, room_id)
+        except asyncio.CancelledError:  # a stop during the start-up: the threads give up as at close
+            self._closing.set()
+            raise
 
     def _scan(self) -> set[str]:
         fresh = make_private_dir(self.root)
         if fresh:
             fsync_dir(self.root.parent)
-        leftovers = clean_staging(self.tmp)
+        leftovers = clean_staging(self.tmp, self._closing)
         if leftovers:
             log.info("blobstore: removed %d unfinished upload(s)/deletion(s) left in %s", leftovers, self.tmp)
         self.blobs = self.bytes = 0

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import nats
 import pytest
-from unibus.plugins.blobstore.backend import TMP_DIR, BlobBackend, BlobInfo
-from unibus.plugins.blobstore.fs import FsBackend, remove_tree
+from unibus.plugins.blobstore.backend import TMP_DIR, BlobBackend, BlobInfo, clean_staging, remove_tree
+from unibus.plugins.blobstore.fs import FsBackend
 from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
 
 ROOM, OTHER = "room1", "room2"
@@ -275,6 +275,17 @@ async def test_fs_a_deletion_under_way_stops_with_the_backend(tmp_path):
     assert list((root / TMP_DIR).iterdir()) == []
     assert b2.stats() == {"backend": "fs", "blobs": 1, "bytes": len(b"elsewhere")}
     assert await b2.info(OTHER, kept.blob_id) == kept
+
+
+def test_clean_staging_gives_up_once_stopped(tmp_path):
+    """A stop during the start-up: the sweep of .tmp gives up, and the next start finishes it."""
+    tmp = tmp_path / TMP_DIR
+    for i in range(3):
+        (tmp / f"del-{i}" / "blob").mkdir(parents=True)
+    stop = threading.Event()
+    stop.set()
+    assert clean_staging(tmp, stop) == 0 and len(list(tmp.iterdir())) == 3
+    assert clean_staging(tmp) == 3 and list(tmp.iterdir()) == []
 
 
 def test_fs_remove_tree_never_follows_a_link(tmp_path):
