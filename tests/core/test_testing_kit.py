@@ -199,3 +199,18 @@ def test_free_port_never_hands_out_a_port_twice():
 
     ports = [free_port() for _ in range(500)]
     assert len(set(ports)) == len(ports)
+
+
+def test_xdist_workers_pick_ports_from_disjoint_slices(monkeypatch):
+    from unibus.testing import _worker_slice
+
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert _worker_slice(20000, 32767) == (20000, 32767)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    slices = []
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        slices.append(_worker_slice(20000, 32767))
+    (a0, a1), (b0, b1) = slices
+    assert a0 == 20000 and a1 < b0 and b1 <= 32767 and b1 - b0 == a1 - a0
