@@ -97,10 +97,14 @@ class Enforcer:
         self._subs: list[Any] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._retry: asyncio.Task[None] | None = None
+        #: set by :meth:`stop`: the retry loop ends on it too, since a cancellation can be
+        #: lost inside nats-py's own ``wait_for`` on Python 3.11 (unibus.aio)
+        self._stopped = False
 
     # -- life -------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._stopped = False
         self._subs.append(await self.sys.subscribe(CONNECT_EVENTS, cb=self._on_event))
         self._subs.append(await self.sys.subscribe(DISCONNECT_EVENTS, cb=self._on_event))
         if self.clustered:
@@ -111,6 +115,7 @@ class Enforcer:
         self._retry = asyncio.get_running_loop().create_task(self._retry_loop(), name="unibus-authz-retry")
 
     async def stop(self) -> None:
+        self._stopped = True
         if self._retry is not None:
             self._retry.cancel()
         for task in list(self._tasks):
@@ -527,8 +532,10 @@ class Enforcer:
             self.mesh.learn(own, await self._routes())
 
     async def _retry_loop(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(RETRY_EVERY)
+            if self._stopped:
+                return
             if self.clustered:
                 # the peers this node's routes name now: one cut off later must not count itself
                 # alone, and a peer that joined since the last full answer is expected too
