@@ -59,7 +59,9 @@ def member(handle: str, role: str = "member", suite: str = "X25519", bus: bool =
 
 
 async def connect(url: str) -> nats.NATS:
-    return await nats.connect(servers=[url], connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=-1,
+    # bounded, as in tests/plugins/auth_enforce/test_attack_r2.py's _bob: a reconnect loop that
+    # lost its cancellation must still end
+    return await nats.connect(servers=[url], connect_timeout=2, allow_reconnect=True, max_reconnect_attempts=600,
                               reconnect_time_wait=0.1)
 
 

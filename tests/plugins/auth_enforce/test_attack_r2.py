@@ -81,8 +81,12 @@ def _enforcer(bus: Bus, node: str, clustered: bool = True) -> Enforcer:
 
 
 async def _bob(port: int):
+    # A bounded number of reconnects (300 x 0.1 s is far more than a restart here): nats-py's
+    # reconnect loop never looks at is_closed, so with -1 a cancellation lost in its own
+    # wait_for (Python 3.11; unibus.aio) kept it running, and the test's event loop teardown
+    # waited for it for ever (seen twice under load).
     return await nats.connect(f"nats://bob:bob@127.0.0.1:{port}", connect_timeout=3, reconnect_time_wait=0.1,
-                              max_reconnect_attempts=-1)
+                              max_reconnect_attempts=300)
 
 
 async def test_an_isolated_node_kicks_what_the_majority_revoked_once_the_change_reaches_it(tmp_path):
