@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import subprocess
 import textwrap
 import time
@@ -87,3 +88,30 @@ def wait_gone(pid: int, timeout: float = 10.0) -> None:
             return
         time.sleep(0.005)
     raise TimeoutError(f"pid {pid} still running")
+
+
+def sigterm(proc: Any, timeout: float) -> tuple[int | None, float, int | None]:
+    """SIGTERM to a ``MembershipdProcess``: ``(exit code, or None if it still runs after
+    ``timeout``; seconds it took; the pid its nats-server had)``."""
+    nats_pid = proc.nats_pid()
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc: int | None = proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        rc = None
+    return rc, time.monotonic() - started, nats_pid
+
+
+def room_ids(proc: Any, ident: Any, timeout: float = 20.0) -> list[str]:
+    """The ids of ``GET /v1/rooms`` as ``ident``. Right after a restart signed requests get
+    503 until the nonce floor has passed (docs/operations.md, "Durability"): retried, bounded."""
+    from unibus.testing import SignedClient
+
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = SignedClient(proc.base_url, ident).get("/v1/rooms")
+        if status == 200:
+            return [r["room_id"] for r in body["rooms"]]
+        assert status == 503 and time.monotonic() < deadline, (status, body)
+        time.sleep(0.25)

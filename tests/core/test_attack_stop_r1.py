@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-from helpers import wait_gone
+from helpers import room_ids, sigterm, wait_gone
 
 from unibus.client import UnibusClient
 from unibus.client.blobs import sign_streamed_request
@@ -57,15 +57,7 @@ def _world(tmp_path: Path, membershipd_factory, *args: str, members: tuple[str, 
 
 
 def _sigterm(proc: MembershipdProcess, timeout: float = 20.0) -> tuple[int | None, float, int | None]:
-    """SIGTERM; ``(exit code or None if still running after timeout, seconds, nats pid)``."""
-    nats = proc.nats_pid()
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc: int | None = proc.wait(timeout)
-    except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired: reported as None
-        rc = None
-    return rc, time.monotonic() - started, nats
+    return sigterm(proc, timeout)
 
 
 @contextlib.contextmanager
@@ -97,21 +89,6 @@ def _signed_headers(method: str, target: str, body: bytes | None, ident) -> dict
 def _raw_head(method: str, target: str, headers: dict[str, str]) -> bytes:
     return (f"{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
             + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
-
-
-def _room_ids(proc: MembershipdProcess, ident, timeout: float = 20.0) -> list[str]:
-    """The ids of ``GET /v1/rooms`` as ``ident``; right after a restart signed requests are
-    refused (503) until the nonce floor has passed (docs/operations.md, "Durability"):
-    retried, bounded."""
-    from unibus.testing import SignedClient
-
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = SignedClient(proc.base_url, ident).get("/v1/rooms")
-        if status == 200:
-            return [r["room_id"] for r in body["rooms"]]
-        assert status == 503 and time.monotonic() < deadline, (status, body)
-        time.sleep(0.25)
 
 
 async def _make_room(proc: MembershipdProcess, owner, members=()) -> str:
@@ -217,7 +194,7 @@ def test_slow_signed_bodies_at_sigterm_are_cut_and_leave_nothing(tmp_path, membe
             socks.append(s)
         _stopped_in_budget(proc, 0.3)
     again = proc.again().start()
-    assert _room_ids(again, bob) == []
+    assert room_ids(again, bob) == []
 
 
 def test_unread_downloads_and_stalled_uploads_at_sigterm(tmp_path, membershipd_factory):
@@ -271,10 +248,10 @@ def test_an_acknowledged_write_survives_the_stop_and_cannot_be_replayed(tmp_path
     again = proc.again().start()
     replay, _ = http_json("POST", again.base_url + "/v1/rooms", body, h)
     assert replay in (401, 409, 503), replay
-    assert _room_ids(again, bob) == [doc["room_id"]]
+    assert room_ids(again, bob) == [doc["room_id"]]
     replay, _ = http_json("POST", again.base_url + "/v1/rooms", body, h)  # and once the floor has passed
     assert replay in (401, 409, 503), replay
-    assert _room_ids(again, bob) == [doc["room_id"]]
+    assert room_ids(again, bob) == [doc["room_id"]]
 
 
 def test_sigterm_during_start_up_stops_nats_server_and_exits_0(tmp_path, membershipd_factory):

@@ -21,14 +21,13 @@ import re
 import secrets
 import shutil
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-from helpers import plugin_modules, wait_gone
+from helpers import room_ids, sigterm, plugin_modules, wait_gone
 
 from unibus.client import UnibusClient
 from unibus.client.blobs import sign_streamed_request
@@ -126,15 +125,7 @@ def _plugin_args(*names: str) -> list[str]:
 
 
 def _sigterm(proc: MembershipdProcess, timeout: float = 15.0) -> tuple[int | None, float, int | None]:
-    """SIGTERM; ``(exit code or None if still running after timeout, seconds, nats pid)``."""
-    nats = proc.nats_pid()
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    try:
-        rc: int | None = proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        rc = None
-    return rc, time.monotonic() - started, nats
+    return sigterm(proc, timeout)
 
 
 def _kill(proc: MembershipdProcess) -> None:
@@ -175,18 +166,6 @@ async def _room_with_blobs(proc: MembershipdProcess, ident, n: int) -> str:
             async with s.put(proc.base_url + target, data=data, headers=h) as r:
                 assert r.status == 201, (r.status, await r.text())
     return rid
-
-
-def _room_ids(proc: MembershipdProcess, ident, timeout: float = 20.0) -> list[str]:
-    """``GET /v1/rooms``; right after a restart signed requests get 503 until the nonce floor
-    has passed (docs/operations.md, "Durability"): retried, bounded."""
-    deadline = time.monotonic() + timeout
-    while True:
-        status, body = SignedClient(proc.base_url, ident).get("/v1/rooms")
-        if status == 200:
-            return [r["room_id"] for r in body["rooms"]]
-        assert status == 503 and time.monotonic() < deadline, (status, body)
-        time.sleep(0.25)
 
 
 # --------------------------------------------------------------------------- holes found, fixed since
@@ -388,6 +367,6 @@ def test_a_room_deletion_in_flight_gives_up_and_the_next_start_cleans_it(tmp_pat
     again = proc.again().start()
     status, health = again.healthz()
     assert status == 200 and health["blobstore"]["blobs"] == 0, health
-    assert rid not in _room_ids(again, alice)
+    assert rid not in room_ids(again, alice)
     assert not room_dir.exists()
     assert list(tmp.iterdir()) == [], list(tmp.iterdir())

@@ -115,6 +115,21 @@ def serve_log(entries: list[dict[str, Any]]) -> Answer:
 
 
 @contextlib.asynccontextmanager
+async def serving(handler: Any) -> AsyncIterator[str]:
+    """An aiohttp server on a free loopback port answering every path with ``handler``; yields its URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
 async def running_proxy(world: World) -> AsyncIterator[Proxy]:
     """A :class:`Proxy` in front of ``world``'s daemon, stopped on the way out (the ``proxy`` fixture)."""
     p = await Proxy(world.daemon.base_url).start()

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from attackkit import new_room, publish_raw
+from attackkit import new_room, publish_raw, serving
 
 from unibus.client import ApiError, BusError, UnibusClient
 from unibus.client.api import ServerUnreachable
@@ -146,19 +146,10 @@ async def test_a_huge_http_answer_is_cut_short():
             await resp.write(b'{"seq": 0, "hash": "x"}')
         return resp
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", huge)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        async with UnibusClient(f"http://127.0.0.1:{port}", generate_identity("zed"), timeout=15) as c:
-            with pytest.raises((ApiError, ServerUnreachable)):
-                await c.log_head()
-        assert sent < body_mib << 20
-    finally:
-        await runner.cleanup()
+    async with serving(huge) as url, UnibusClient(url, generate_identity("zed"), timeout=15) as c:
+        with pytest.raises((ApiError, ServerUnreachable)):
+            await c.log_head()
+    assert sent < body_mib << 20
 
 
 async def test_messages_of_epochs_the_log_never_had_do_not_each_cost_a_sync(world, proxy):
@@ -241,26 +232,17 @@ async def test_a_signed_request_is_not_resent_to_a_redirect(world, proxy):
         hits.append(request.headers.get("Signature", ""))
         return web.json_response({})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", other)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    async with serving(other) as other_url:
+        async def redirect(request: web.Request, _body: bytes) -> Any:
+            if request.method == "POST" and request.path == "/v1/rooms":
+                raise web.HTTPTemporaryRedirect(f"{other_url}/v1/rooms")
+            return None
 
-    async def redirect(request: web.Request, _body: bytes) -> Any:
-        if request.method == "POST" and request.path == "/v1/rooms":
-            raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{port}/v1/rooms")
-        return None
-
-    proxy.answer = redirect
-    try:
+        proxy.answer = redirect
         async with world.sdk("alice", proxy.url) as a:
             with pytest.raises(ApiError) as e:
                 await a.create_room("x")
-        assert e.value.status == 307 and hits == []
-    finally:
-        await runner.cleanup()
+    assert e.value.status == 307 and hits == []
 
 
 async def test_a_message_moved_to_another_room_or_topic_is_refused(world):
