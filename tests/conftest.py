@@ -27,18 +27,22 @@ def daemon_with_admin(tmp_path, membershipd_factory, alice) -> Callable[..., Mem
     return start
 
 
-#: The files that take longest (``make test PYTEST_ARGS="-n 2 --dist loadfile --durations=60"``),
-#: longest first. ``--dist loadfile`` hands files to the two workers in collection order, so
-#: collected last (tests/e2e sorts late) they ran alone at the end while the other worker idled:
-#: starting them first lets the short files fill the gaps (pytest 9:44 -> 8:22 here; README.md).
+#: The files that take longest (``make test PYTEST_ARGS="-n 3 --dist loadfile --durations=60"``),
+#: longest first. ``--dist loadfile`` hands files to the workers in collection order, so
+#: collected last (tests/e2e sorts late) they ran alone at the end while the other workers
+#: idled: starting them first lets the short files fill the gaps (README.md).
 LONGEST_FIRST = (
     "e2e/test_cluster_faults.py",
     "e2e/test_client_e2e.py",
     "e2e/test_cluster.py",
-    "e2e/test_backup_cluster.py",
+    "core/test_attack_stop_r2.py",
+    "client/test_client_cli.py",
     "core/test_durability.py",
-    "core/test_api_fuzz.py",
     "core/test_testing_kit.py",
+    "core/test_attack_stop_r1.py",
+    "core/test_daemon_stop.py",
+    "e2e/test_backup_cluster.py",
+    "core/test_api_fuzz.py",
     "deploy/test_deploy.py",
     "plugins/blobstore/test_memory.py",
 )
