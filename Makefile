@@ -6,8 +6,8 @@ STAMP := $(VENV)/.installed-stamp
 EXAMPLE_VENV ?= .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
 # Three workers, a test file each at a time (module fixtures stay together): most
-# tests wait on daemons and clusters, so on 2 cores three workers run the suite
-# in 7:15 instead of 9:05 with two, and still leave the CPU a third idle (README.md).
+# tests wait on daemons and clusters, so on 2 cores three workers run pytest in
+# 6:20 to 7:15 instead of 9:05 with two, and still leave a third of the CPU idle (README.md).
 PYTEST_ARGS ?= -n 3 --dist loadfile
 DATA_DIR ?= ./local_files
 
