@@ -28,7 +28,10 @@ PASSWORD = "attack-r2"
 
 
 def _conf(name: str, port: int, route_port: int | None = None, advertise: int | None = None,
-          routes: tuple[int, ...] = ()) -> str:
+          routes: tuple[int, ...] = (), ping: str = "1s") -> str:
+    """A node's configuration. A stopped peer (SIGSTOP) is found stale after ``ping``
+    times 2; the partition tests, whose proxies close the connections they cut, pass
+    ``ISOLATION_PING`` instead."""
     cluster = ""
     if route_port is not None:
         urls = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
@@ -38,7 +41,7 @@ def _conf(name: str, port: int, route_port: int | None = None, advertise: int | 
     return f"""
 server_name: {name}
 listen: "127.0.0.1:{port}"
-ping_interval: "1s"
+ping_interval: "{ping}"
 ping_max: 2
 accounts {{
   SYS {{ users: [{{user: sys, password: "{PASSWORD}"}}] }}
@@ -47,6 +50,13 @@ accounts {{
 system_account: SYS
 {cluster}
 """
+
+
+#: For the tests that cut routes with the proxies (the cut closes the connections, so no
+#: ping is needed to see it). With 1 s pings, a loaded machine that kept the test's client
+#: from answering two pings had its connection dropped as stale: it reconnected, and the
+#: CONNECT event told A of a connection the scenario says A never heard of.
+ISOLATION_PING = "60s"
 
 
 class Relistening(Proxy):
@@ -109,15 +119,16 @@ async def test_an_isolated_node_kicks_what_the_majority_revoked_once_the_change_
     enforcers: dict[str, Enforcer] = {}
     bob = None
     try:
-        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],))))
-        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],))))
+        ping = ISOLATION_PING
+        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],), ping)))
+        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],), ping)))
         for n in "AB":
             buses[n] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"r2-{n}")
             await buses[n].connect(timeout=20, check_jetstream=False)
         await _until(lambda: _has_routes(buses["A"], 1), "no A-B route")
         # C's explicit routes are the proxies of A and B; it advertises its own proxy
         procs.append(_spawn(tmp_path, "C", _conf("C", ports["C"], rports["C"], px["C"].port,
-                                                 (px["A"].port, px["B"].port))))
+                                                 (px["A"].port, px["B"].port), ping)))
         buses["C"] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports['C']}", name="r2-C")
         await buses["C"].connect(timeout=20, check_jetstream=False)
         ids = {n: buses[n].server_id for n in "ABC"}

@@ -15,7 +15,7 @@ from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import free_port
 
-from .test_attack_r2 import PASSWORD, Relistening, _async, _bob, _conf, _enforcer, _spawn, _stop
+from .test_attack_r2 import ISOLATION_PING, PASSWORD, Relistening, _async, _bob, _conf, _enforcer, _spawn, _stop
 from .test_partial_mesh import _until
 
 
@@ -50,13 +50,14 @@ async def test_a_node_cut_off_right_after_it_applied_a_revocation_kicks_it_itsel
             await p.heal()
 
     try:
-        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],))))
-        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],))))
+        ping = ISOLATION_PING
+        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],), ping)))
+        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],), ping)))
         for n in "AB":
             buses[n] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"r3-{n}")
             await buses[n].connect(timeout=20, check_jetstream=False)
         procs.append(_spawn(tmp_path, "C", _conf("C", ports["C"], rports["C"], px["C"].port,
-                                                 (px["A"].port, px["B"].port))))
+                                                 (px["A"].port, px["B"].port), ping)))
         buses["C"] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports['C']}", name="r3-C")
         await buses["C"].connect(timeout=20, check_jetstream=False)
         ids = {n: buses[n].server_id for n in "ABC"}

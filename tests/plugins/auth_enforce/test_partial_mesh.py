@@ -36,14 +36,23 @@ class Proxy:
         self.port = free_port()
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        #: how many times it was cut: a connection accepted before a cut, whose upstream
+        #: connection was still being opened then, must not start forwarding after it (under
+        #: load that race left a route through a cut proxy, and the node was never isolated)
+        self.cuts = 0
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        cuts = self.cuts
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
+            writer.close()
+            return
+        if self.cuts != cuts:
+            up_writer.close()
             writer.close()
             return
         self.writers |= {writer, up_writer}
@@ -58,6 +67,7 @@ class Proxy:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     async def cut(self) -> None:
+        self.cuts += 1
         if self.server is not None:
             self.server.close()
         for w in list(self.writers):
@@ -185,7 +195,10 @@ async def test_a_revocation_is_not_confirmed_across_a_partial_mesh(tmp_path):
         for p in c.proxies.values():
             await p.cut()
         await _until(lambda: c.routes_are({"A": {"C"}, "B": {"C"}, "C": {"A", "B"}}), "no partial mesh")
-        with pytest.raises(KickUnconfirmed, match="2 of 3 nodes confirmed the change"):
+        # "2 of 3" (B did not answer), or, when C's answer (with its routes to A and B) comes
+        # after the gather's window on a loaded machine, "1 of 2" (C did not): either way
+        # the revocation is not confirmed, and it stays pending
+        with pytest.raises(KickUnconfirmed, match="(2 of 3|1 of 2) nodes confirmed the change"):
             await c.enforcers["A"].enforce({"bob"}, set(), ["r1"])
         assert c.enforcers["A"].pending == {"bob": True}
 
