@@ -99,6 +99,81 @@ async def _bob(port: int):
                               max_reconnect_attempts=300)
 
 
+class Isolatable:
+    """Nodes A, B, C, with a system-account Bus and an Enforcer on each. A-B is a direct
+    route; every route that involves C goes through a proxy (C dials A and B through px[A]
+    and px[B]; A and B dial C, if they do, through px[C], which C advertises), so
+    :meth:`isolate` cuts C off while A-B stay routed, and :meth:`heal` undoes it."""
+
+    FULL = {"A": "BC", "B": "AC", "C": "AB"}
+    C_ALONE = {"A": "B", "B": "A", "C": ""}
+
+    def __init__(self, tmp_path) -> None:
+        self.tmp_path = tmp_path
+        self.ports = {n: free_port() for n in "ABC"}
+        self.rports = {n: free_port() for n in "ABC"}
+        self.px = {n: Relistening(self.rports[n]) for n in "ABC"}
+        self.procs: list[subprocess.Popen] = []
+        self.buses: dict[str, Bus] = {}
+        self.enforcers: dict[str, Enforcer] = {}
+        self.ids: dict[str, str] = {}
+
+    async def __aenter__(self) -> Isolatable:
+        try:
+            await self._start()
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def _start(self) -> None:
+        ports, rports, px, ping = self.ports, self.rports, self.px, ISOLATION_PING
+        for p in px.values():
+            await p.start()
+        self.procs.append(_spawn(self.tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],), ping)))
+        self.procs.append(_spawn(self.tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],), ping)))
+        for n in "AB":
+            self.buses[n] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"r2-{n}")
+            await self.buses[n].connect(timeout=20, check_jetstream=False)
+        await _until(lambda: _has_routes(self.buses["A"], 1), "no A-B route")
+        self.procs.append(_spawn(self.tmp_path, "C", _conf("C", ports["C"], rports["C"], px["C"].port,
+                                                           (px["A"].port, px["B"].port), ping)))
+        self.buses["C"] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports['C']}", name="r2-C")
+        await self.buses["C"].connect(timeout=20, check_jetstream=False)
+        self.ids = {n: self.buses[n].server_id for n in "ABC"}
+        await _until(lambda: self.routes_are(self.FULL), "no full mesh")
+        for n in "ABC":
+            self.enforcers[n] = _enforcer(self.buses[n], n)
+            await self.enforcers[n].start()
+
+    async def routes_are(self, want: dict[str, str]) -> bool:
+        got = {n: await self.buses[n].route_ids() for n in "ABC"}
+        return all(got[n] == {self.ids[m] for m in want[n]} for n in "ABC")
+
+    async def cut(self) -> None:
+        """Cut every route that involves C, without waiting for the servers to see it."""
+        for p in self.px.values():
+            await p.cut()
+
+    async def isolate(self, what: str = "C not isolated") -> None:
+        await self.cut()
+        await _until(lambda: self.routes_are(self.C_ALONE), what)
+
+    async def heal(self, what: str = "mesh did not heal") -> None:
+        for p in self.px.values():
+            await p.heal()
+        await _until(lambda: self.routes_are(self.FULL), what)
+
+    async def __aexit__(self, *exc: object) -> None:
+        for e in self.enforcers.values():
+            await e.stop()
+        for b in self.buses.values():
+            await b.close()
+        for p in self.px.values():
+            await p.cut()
+        _stop(self.procs)
+
+
 async def test_an_isolated_node_kicks_what_the_majority_revoked_once_the_change_reaches_it(tmp_path):
     """C is cut off from A and B (its nats-server keeps serving clients); A and B keep their
     route. A revocation of bob through A is confirmed by A and B: C is in no answering
@@ -107,87 +182,80 @@ async def test_an_isolated_node_kicks_what_the_majority_revoked_once_the_change_
     heal kicked nothing. Now, when the change reaches C (its KV watch: the plugin calls
     ``Enforcer.kick_here`` with what the change revoked in C's index), C kicks bob's
     connections on its own server."""
-    ports = {n: free_port() for n in "ABC"}
-    rports = {n: free_port() for n in "ABC"}
-    # every route involving C goes through these: C dials A, B through px[A], px[B];
-    # A, B dial C (if they do) through px[C]; A-B is direct (started first, advertised direct)
-    px = {n: Relistening(rports[n]) for n in "ABC"}
-    for p in px.values():
-        await p.start()
-    procs: list[subprocess.Popen] = []
-    buses: dict[str, Bus] = {}
-    enforcers: dict[str, Enforcer] = {}
     bob = None
-    try:
-        ping = ISOLATION_PING
-        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],), ping)))
-        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],), ping)))
-        for n in "AB":
-            buses[n] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"r2-{n}")
-            await buses[n].connect(timeout=20, check_jetstream=False)
-        await _until(lambda: _has_routes(buses["A"], 1), "no A-B route")
-        # C's explicit routes are the proxies of A and B; it advertises its own proxy
-        procs.append(_spawn(tmp_path, "C", _conf("C", ports["C"], rports["C"], px["C"].port,
-                                                 (px["A"].port, px["B"].port), ping)))
-        buses["C"] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports['C']}", name="r2-C")
-        await buses["C"].connect(timeout=20, check_jetstream=False)
-        ids = {n: buses[n].server_id for n in "ABC"}
-
-        async def routes_are(want):
-            got = {n: await buses[n].route_ids() for n in "ABC"}
-            return all(got[n] == {ids[m] for m in want[n]} for n in "ABC")
-
-        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "no full mesh")
-        for n in "ABC":
-            enforcers[n] = _enforcer(buses[n], n)
-            await enforcers[n].start()
-        await enforcers["A"].enforce({"bob"}, set(), ["r1"])
-        assert enforcers["A"].mesh.last == set(ids.values())
-
-        for p in px.values():
-            await p.cut()
-        await _until(lambda: routes_are({"A": "B", "B": "A", "C": ""}), "C not isolated")
-
-        # C never made a change since it started, so it has no "last" set: cut off, it confirms
-        # a change ALONE (docs: "only before any ... does it expect itself"); on a real node a
-        # change through C would need a JetStream quorum first, so this is narrow
-        assert enforcers["C"].mesh.last is None
-        with contextlib.suppress(KickUnconfirmed):  # documented: docs/bus-auth.md
-            await enforcers["C"].enforce({"carol"}, set(), ["r1"])
-
-        # bob connects to C while it is cut off (C's callout, in the real daemon, still has the old index)
-        bob = await _bob(ports["C"])
-        await asyncio.sleep(0.3)
-        assert ("bob" not in enforcers["A"].connections), "A cannot have seen the CONNECT event"
-
-        # the revocation through A: confirmed by A and B, although C never applied it
-        confirmed = True
+    async with Isolatable(tmp_path) as c:
+        enforcers = c.enforcers
         try:
             await enforcers["A"].enforce({"bob"}, set(), ["r1"])
-        except KickUnconfirmed:
-            confirmed = False
+            assert enforcers["A"].mesh.last == set(c.ids.values())
+            await c.isolate()
 
-        # the partition outlasts A's second sweep (SECOND_SWEEP_AFTER, 2.7 s), the last guard
-        await asyncio.sleep(SECOND_SWEEP_AFTER + 1.0)
-        assert confirmed, "the majority side confirms (C is in no answering node's routes)"
-        for p in px.values():
-            await p.heal()
-        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "mesh did not heal")
-        first_cid = bob._client_id
-        # the change reaches C through its KV watch: what it revoked in C's index is kicked there
-        await enforcers["C"].kick_here({"bob"})
-        await _until(_async(lambda: bob._client_id != first_cid or not bob.is_connected),
-                     "bob's connection on C survived the change reaching C")
-    finally:
-        if bob is not None:
-            await bob.close()
-        for e in enforcers.values():
-            await e.stop()
-        for b in buses.values():
-            await b.close()
-        for p in px.values():
-            await p.cut()
-        _stop(procs)
+            # C never made a change since it started, so it has no "last" set: cut off, it confirms
+            # a change ALONE (docs: "only before any ... does it expect itself"); on a real node a
+            # change through C would need a JetStream quorum first, so this is narrow
+            assert enforcers["C"].mesh.last is None
+            with contextlib.suppress(KickUnconfirmed):  # documented: docs/bus-auth.md
+                await enforcers["C"].enforce({"carol"}, set(), ["r1"])
+
+            # bob connects to C while it is cut off (C's callout, in the real daemon, still has the old index)
+            bob = await _bob(c.ports["C"])
+            await asyncio.sleep(0.3)
+            assert ("bob" not in enforcers["A"].connections), "A cannot have seen the CONNECT event"
+
+            # the revocation through A: confirmed by A and B, although C never applied it
+            confirmed = True
+            try:
+                await enforcers["A"].enforce({"bob"}, set(), ["r1"])
+            except KickUnconfirmed:
+                confirmed = False
+
+            # the partition outlasts A's second sweep (SECOND_SWEEP_AFTER, 2.7 s), the last guard
+            await asyncio.sleep(SECOND_SWEEP_AFTER + 1.0)
+            assert confirmed, "the majority side confirms (C is in no answering node's routes)"
+            await c.heal()
+            first_cid = bob._client_id
+            # the change reaches C through its KV watch: what it revoked in C's index is kicked there
+            await enforcers["C"].kick_here({"bob"})
+            await _until(_async(lambda: bob._client_id != first_cid or not bob.is_connected),
+                         "bob's connection on C survived the change reaching C")
+        finally:
+            if bob is not None:
+                await bob.close()
+
+
+async def test_a_known_connection_on_an_isolated_node_keeps_the_revocation_pending_until_the_heal(tmp_path):
+    """The counterpart (docs/bus-auth.md, "Partitions and restarts"): bob connected to C
+    while the mesh was whole, so A knows his connection from its CONNECT event. C is cut
+    off, and A revokes bob. The set of servers shrinks to {A, B} as above, but A knows a
+    connection on C that it cannot kick (its KICK has no responder): A does not confirm
+    the change, which stays pending and is retried every second, while bob keeps his
+    connection on C. When the partition heals, A's retry kicks it and confirms."""
+    bob = None
+    async with Isolatable(tmp_path) as c:
+        a = c.enforcers["A"]
+        try:
+            await a.enforce({"nobody"}, set(), [])  # A learns the whole set
+            bob = await _bob(c.ports["C"])
+            await _until(_async(lambda: any(s == c.ids["C"] for s, _cid in a.connections.get("bob", ()))),
+                         "A never saw bob's CONNECT event on C")
+            first_cid = bob._client_id
+            await c.isolate()
+
+            with pytest.raises(KickUnconfirmed, match="kicks unconfirmed"):
+                await a.enforce({"bob"}, set(), ["r1"])
+            assert a.pending == {"bob": True}
+            # retried meanwhile, and still not confirmed: bob's connection on C is untouched
+            await asyncio.sleep(SECOND_SWEEP_AFTER + 1.0)
+            assert a.pending == {"bob": True}
+            assert bob.is_connected and bob._client_id == first_cid
+
+            await c.heal()
+            await _until(_async(lambda: a.pending == {}), "A's retry did not confirm after the heal")
+            await _until(_async(lambda: bob._client_id != first_cid or not bob.is_connected),
+                         "bob's connection on C survived the confirmed revocation")
+        finally:
+            if bob is not None:
+                await bob.close()
 
 
 async def _has_routes(bus: Bus, n: int) -> bool:

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 
-from unibus.bus import Bus
 from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
 from unibus.plugins.auth_enforce.policy import Policy
-from unibus.testing import free_port
 
-from .test_attack_r2 import ISOLATION_PING, PASSWORD, Relistening, _async, _bob, _conf, _enforcer, _spawn, _stop
+from .test_attack_r2 import Isolatable, _async, _bob
 from .test_partial_mesh import _until
 
 
@@ -27,49 +24,13 @@ async def test_a_node_cut_off_right_after_it_applied_a_revocation_kicks_it_itsel
     red team found: C kicked nothing, and when the change reached it through the watch its
     index revoked nothing more, so bob kept r1. Now C kicks, on its own server, what the
     apply request's re-read revoked (Enforcer._on_apply), cut off or not."""
-    ports = {n: free_port() for n in "ABC"}
-    rports = {n: free_port() for n in "ABC"}
-    px = {n: Relistening(rports[n]) for n in "ABC"}
-    for p in px.values():
-        await p.start()
-    procs: list[subprocess.Popen] = []
-    buses: dict[str, Bus] = {}
-    enforcers: dict[str, Enforcer] = {}
     bob = None
     # C's index: bob (bus key K) in room r1
     c_policy = Policy()
     c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
     c_revoked_on_apply: list[set[str]] = []
-
-    async def cut_c() -> None:
-        for p in px.values():
-            await p.cut()
-
-    async def heal_c() -> None:
-        for p in px.values():
-            await p.heal()
-
-    try:
-        ping = ISOLATION_PING
-        procs.append(_spawn(tmp_path, "A", _conf("A", ports["A"], rports["A"], None, (rports["B"],), ping)))
-        procs.append(_spawn(tmp_path, "B", _conf("B", ports["B"], rports["B"], None, (rports["A"],), ping)))
-        for n in "AB":
-            buses[n] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports[n]}", name=f"r3-{n}")
-            await buses[n].connect(timeout=20, check_jetstream=False)
-        procs.append(_spawn(tmp_path, "C", _conf("C", ports["C"], rports["C"], px["C"].port,
-                                                 (px["A"].port, px["B"].port), ping)))
-        buses["C"] = Bus(f"nats://sys:{PASSWORD}@127.0.0.1:{ports['C']}", name="r3-C")
-        await buses["C"].connect(timeout=20, check_jetstream=False)
-        ids = {n: buses[n].server_id for n in "ABC"}
-
-        async def routes_are(want):
-            got = {n: await buses[n].route_ids() for n in "ABC"}
-            return all(got[n] == {ids[m] for m in want[n]} for n in "ABC")
-
-        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "no full mesh")
-        for n in "ABC":
-            enforcers[n] = _enforcer(buses[n], n)
-
+    async with Isolatable(tmp_path) as c:
+        enforcers = c.enforcers
         armed = asyncio.Event()
 
         async def c_apply_local(handles: list[str], rooms: list[str]) -> set[str]:
@@ -80,53 +41,43 @@ async def test_a_node_cut_off_right_after_it_applied_a_revocation_kicks_it_itsel
                 revoked |= c_policy.set_room(r, frozenset())[0]
             c_revoked_on_apply.append(revoked)
             if armed.is_set():
-                await cut_c()  # the partition starts right after C applied the change
+                await c.cut()  # the partition starts right after C applied the change
             return revoked
 
-        enforcers["C"].apply_local = c_apply_local
-        for n in "ABC":
-            await enforcers[n].start()
-        await enforcers["A"].enforce(set(), set(), [])  # nothing to do; mesh not learned yet
-        # learn the full set once (a revocation of nobody connected)
-        await enforcers["A"].enforce({"nobody"}, set(), [])
-        assert enforcers["A"].mesh.last == set(ids.values())
-        c_revoked_on_apply.clear()
-        c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
+        enforcers["C"].apply_local = c_apply_local  # read at each apply request
+        try:
+            await enforcers["A"].enforce(set(), set(), [])  # nothing to do; mesh not learned yet
+            # learn the full set once (a revocation of nobody connected)
+            await enforcers["A"].enforce({"nobody"}, set(), [])
+            assert enforcers["A"].mesh.last == set(c.ids.values())
+            c_revoked_on_apply.clear()
+            c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
 
-        # 1. a brief cut: bob connects to C meanwhile (valid rights then); A misses his CONNECT event
-        await cut_c()
-        await _until(lambda: routes_are({"A": "B", "B": "A", "C": ""}), "C not isolated")
-        bob = await _bob(ports["C"])
-        await bob.flush(timeout=2)
-        first_cid = bob._client_id
-        await heal_c()
-        await _until(lambda: routes_are({"A": "BC", "B": "AC", "C": "AB"}), "mesh did not heal (1)")
-        assert "bob" not in enforcers["A"].connections
-        # the routes are back: wait for C's interest in the apply subject to reach A again
-        await _until(lambda: _reaches_c(enforcers["A"], c_revoked_on_apply), "apply does not reach C")
-        c_revoked_on_apply.clear()
-        c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
+            # 1. a brief cut: bob connects to C meanwhile (valid rights then); A misses his CONNECT event
+            await c.isolate()
+            bob = await _bob(c.ports["C"])
+            await bob.flush(timeout=2)
+            first_cid = bob._client_id
+            await c.heal("mesh did not heal (1)")
+            assert "bob" not in enforcers["A"].connections
+            # the routes are back: wait for C's interest in the apply subject to reach A again
+            await _until(lambda: _reaches_c(enforcers["A"], c_revoked_on_apply), "apply does not reach C")
+            c_revoked_on_apply.clear()
+            c_policy.load([("bob", "K")], {"r1": frozenset({"bob"})})
 
-        # 2. A revokes bob's r1; C applies it, and is cut off at that moment
-        armed.set()
-        with contextlib.suppress(KickUnconfirmed):
-            await enforcers["A"].enforce({"bob"}, set(), ["r1"])
-        assert c_revoked_on_apply == [{"bob"}], "C applied the revocation"
-        await _until(lambda: routes_are({"A": "B", "B": "A", "C": ""}), "C not isolated (2)")
-        # C kicks bob's connection on its own server, although cut off from A
-        await _until(_async(lambda: bob._client_id != first_cid or not bob.is_connected),
-                     "bob's connection on C (old rights) survived a revocation C had applied")
-        await _until(_async(lambda: enforcers["A"].pending == {}), "A never confirmed")
-    finally:
-        if bob is not None:
-            await bob.close()
-        for e in enforcers.values():
-            await e.stop()
-        for b in buses.values():
-            await b.close()
-        for p in px.values():
-            await p.cut()
-        _stop(procs)
+            # 2. A revokes bob's r1; C applies it, and is cut off at that moment
+            armed.set()
+            with contextlib.suppress(KickUnconfirmed):
+                await enforcers["A"].enforce({"bob"}, set(), ["r1"])
+            assert c_revoked_on_apply == [{"bob"}], "C applied the revocation"
+            await _until(lambda: c.routes_are(c.C_ALONE), "C not isolated (2)")
+            # C kicks bob's connection on its own server, although cut off from A
+            await _until(_async(lambda: bob._client_id != first_cid or not bob.is_connected),
+                         "bob's connection on C (old rights) survived a revocation C had applied")
+            await _until(_async(lambda: enforcers["A"].pending == {}), "A never confirmed")
+        finally:
+            if bob is not None:
+                await bob.close()
 
 
 async def _reaches_c_impl(a: Enforcer, seen: list) -> bool:
