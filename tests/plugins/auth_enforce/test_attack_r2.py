@@ -63,7 +63,7 @@ class Relistening(Proxy):
     """The test_partial_mesh proxy, which can listen again on the same port (heal)."""
 
     async def heal(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        await self.start()
 
 
 def _spawn(tmp_path, name: str, conf: str) -> subprocess.Popen:

@@ -36,16 +36,22 @@ class Proxy:
         self.port = free_port()
         self.server: asyncio.AbstractServer | None = None
         self.writers: set[asyncio.StreamWriter] = set()
-        #: how many times it was cut: a connection accepted before a cut, whose upstream
-        #: connection was still being opened then, must not start forwarding after it (under
-        #: load that race left a route through a cut proxy, and the node was never isolated)
+        #: how many times it was cut, and whether it is cut now: a connection accepted before
+        #: a cut must not start forwarding after it, whether its handler had not started yet or
+        #: was still opening its upstream connection (under load that race left a route through
+        #: a cut proxy, and the node was never isolated)
         self.cuts = 0
+        self.is_cut = False
 
     async def start(self) -> None:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.is_cut = False
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         cuts = self.cuts
+        if self.is_cut:
+            writer.close()
+            return
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
         except OSError:
@@ -68,6 +74,7 @@ class Proxy:
 
     async def cut(self) -> None:
         self.cuts += 1
+        self.is_cut = True
         if self.server is not None:
             self.server.close()
         for w in list(self.writers):
