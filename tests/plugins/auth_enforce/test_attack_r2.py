@@ -29,9 +29,10 @@ PASSWORD = "attack-r2"
 
 def _conf(name: str, port: int, route_port: int | None = None, advertise: int | None = None,
           routes: tuple[int, ...] = (), ping: str = "1s") -> str:
-    """A node's configuration. A stopped peer (SIGSTOP) is found stale after ``ping``
-    times 2; the partition tests, whose proxies close the connections they cut, pass
-    ``ISOLATION_PING`` instead."""
+    """A node's configuration. Its server pings every connection each ``ping`` and drops
+    one after two pings go unanswered (1 s: a route that stops answering is seen as down
+    within seconds). The partition tests, whose proxies close the connections they cut,
+    pass ``ISOLATION_PING`` instead."""
     cluster = ""
     if route_port is not None:
         urls = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in routes)
