@@ -202,12 +202,20 @@ async def test_a_revocation_is_not_confirmed_across_a_partial_mesh(tmp_path):
         for p in c.proxies.values():
             await p.cut()
         await _until(lambda: c.routes_are({"A": {"C"}, "B": {"C"}, "C": {"A", "B"}}), "no partial mesh")
-        # "2 of 3" (B did not answer), or, when C's answer (with its routes to A and B) comes
-        # after the gather's window on a loaded machine, "1 of 2" (C did not): either way
-        # the revocation is not confirmed, and it stays pending
-        with pytest.raises(KickUnconfirmed, match="(2 of 3|1 of 2) nodes confirmed the change"):
-            await c.enforcers["A"].enforce({"bob"}, set(), ["r1"])
-        assert c.enforcers["A"].pending == {"bob": True}
+        # No try may be confirmed, and one must say "2 of 3 ... no answer from B": B is expected
+        # because C's answer names its route to B. On a loaded machine C's answer can come after
+        # the gather's window; A then expects only itself and C ("1 of 2, no answer from C"),
+        # which proves nothing about B, so that try is made again.
+        said = []
+        for _ in range(5):
+            with pytest.raises(KickUnconfirmed) as refused:
+                await c.enforcers["A"].enforce({"bob"}, set(), ["r1"])
+            said.append(str(refused.value))
+            if said[-1] == f"2 of 3 nodes confirmed the change (no answer from {c.ids['B']})":
+                break
+        else:
+            pytest.fail(f"B was never expected: {said}")
+        assert c.enforcers["A"].pending.get("bob") is True
 
 
 async def test_a_node_cut_off_before_its_first_change_does_not_confirm_alone(tmp_path):
