@@ -24,6 +24,7 @@ import hashlib
 import hmac
 import json
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ __all__ = [
     "LogState",
     "LoggedRequest",
     "bootstrap_entry",
+    "root_salt",
     "canonical",
     "entry_hash",
     "key_package_input",
@@ -108,6 +110,7 @@ _ENTRY_FIELDS = {
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "content_digest", "signature_input", "signature", "body"})
 _MEMBER_FIELDS = frozenset({"handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub"})
 _ROOM_FIELDS = frozenset({"room_id", "name", "owner", "epoch", "rekey_required", "members"})
+_SALT = re.compile(r"[0-9a-f]{32}")  # entry 0's (root_salt)
 _SIGNATURE, _POINT = 1, 2  # kinds of deferred checks
 #: JSON numbers that stay exact in every JSON reader (RFC 8785 needs them to).
 MAX_SAFE_INT = 2**53 - 1
@@ -269,14 +272,31 @@ def member_json(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_sui
             "enc_pub": base64.b64encode(enc_pub).decode("ascii"), "enc_suite": enc_suite, "bus_pub": bus_pub}
 
 
+def root_salt() -> str:
+    """The ``salt`` of entry 0: 128 random bits, so that no two deployments share a trust root.
+
+    Entry 0's hash is the deployment's trust root, and a client binds every signed request
+    to it (the signature's ``tag``). Without a salt, two deployments bootstrapped with the
+    same first admin in the same second wrote the same entry 0: a request logged by one
+    was accepted by the other (found by tests/core/test_signed_requests.py, in a run where
+    both bootstraps fell in one second). So is a 0.11 database upgraded twice.
+    """
+    return secrets.token_hex(16)
+
+
 def bootstrap_entry(seq: int, prev: str, at: int, member: Mapping[str, Any]) -> dict[str, Any]:
-    """An offline ``membershipd member add``: unsigned, trusted only by pinning (docs/formats.md)."""
-    return {"seq": seq, "prev": prev, "at": int(at), "kind": "bootstrap", "member": dict(member)}
+    """An offline ``membershipd member add``: unsigned, trusted only by pinning (docs/formats.md).
+    As entry 0 it carries a :func:`root_salt`."""
+    entry = {"seq": seq, "prev": prev, "at": int(at), "kind": "bootstrap", "member": dict(member)}
+    if seq == 0:
+        entry["salt"] = root_salt()
+    return entry
 
 
 def snapshot_entry(at: int, members: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Entry 0 of a database upgraded from a version without a log: the whole state then."""
-    return {"seq": 0, "prev": "", "at": int(at), "kind": "snapshot",
+    """Entry 0 of a database upgraded from a version without a log: the whole state then, and a
+    :func:`root_salt`."""
+    return {"seq": 0, "prev": "", "at": int(at), "kind": "snapshot", "salt": root_salt(),
             "state": {"members": sorted((dict(m) for m in members), key=lambda m: m["handle"]),
                       "rooms": sorted((dict(r) for r in rooms), key=lambda r: r["room_id"])}}
 
@@ -504,8 +524,13 @@ class LogState:
         fields = _ENTRY_FIELDS.get(kind) if isinstance(kind, str) else None
         if fields is None:
             raise LogError(seq, f"unknown kind {kind!r}")
+        if seq == 0:
+            fields = fields | {"salt"}  # what makes the trust root unique (root_salt)
         if set(entry) != fields:
-            raise LogError(seq, f"a {kind} entry has exactly the fields {', '.join(sorted(fields))}")
+            raise LogError(seq, f"a {kind} entry {'0 ' if seq == 0 else ''}has exactly the fields "
+                                f"{', '.join(sorted(fields))}")
+        if seq == 0 and not (isinstance(entry["salt"], str) and _SALT.fullmatch(entry["salt"])):
+            raise LogError(seq, "the salt of entry 0 must be 32 lowercase hex digits")
         prev = self.hashes[-1] if self.hashes else ""
         if not isinstance(entry["prev"], str) or not hmac.compare_digest(entry["prev"], prev):
             raise LogError(seq, "prev is not the hash of the entry before it (the log was altered, reordered "

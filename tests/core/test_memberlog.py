@@ -131,6 +131,26 @@ def test_removal_and_deletion_follow_the_server_rules(world, people):
     assert not state.in_room_at("r1", "bob", state.head[0])
 
 
+def test_entry_0_is_salted_so_no_two_deployments_share_a_trust_root(people):
+    """Entry 0's hash is a deployment's trust root, which every signed request names
+    (its tag). The same first admin bootstrapped on two deployments in the same second
+    once wrote the same entry 0, so a request logged by one was accepted by the other.
+    Every entry 0 now carries 128 random bits (``salt``), and a log without them is refused."""
+    doc = member_doc(people["alice"], "admin")
+    boots = [bootstrap_entry(0, "", NOW, doc) for _ in range(2)]
+    snaps = [snapshot_entry(NOW, [doc], []) for _ in range(2)]
+    for a, b in (boots, snaps):
+        assert a["salt"] != b["salt"] and entry_hash(a) != entry_hash(b)
+        assert {k: v for k, v in a.items() if k != "salt"} == {k: v for k, v in b.items() if k != "salt"}
+    assert "salt" not in bootstrap_entry(3, "x" * 64, NOW, doc)  # a later bootstrap (a recovery) needs none
+    for entry, why in ((dict(boots[0]), "exactly the fields"), ({**boots[0], "salt": "00" * 8}, "salt"),
+                       ({**boots[0], "salt": "AB" * 16}, "salt"), ({**snaps[0], "salt": 7}, "salt")):
+        entry.pop("salt") if why == "exactly the fields" else None
+        with pytest.raises(LogError, match=why) as e:
+            replay([entry])
+        assert e.value.seq == 0
+
+
 def _flip_signature(e):
     label, _, rest = e["request"]["signature"].partition("=:")
     raw = bytearray(base64.b64decode(rest[:-1]))

@@ -331,11 +331,12 @@ async def test_a_logged_request_cannot_be_replayed_on_another_deployment(tmp_pat
     from unibus.client import UnibusClient
 
     alice, eve = generate_identity("alice"), generate_identity("eve")
-    deployments = []
+    # Both bootstrapped first, so usually within one second: the same first admin, at the same
+    # ``at``. Without entry 0's salt that gave both the same trust root, and B took the request
+    # (a CI run found it, in a run where the first daemon started within that second).
     for name in ("a", "b"):
         bootstrap_member(tmp_path / name, alice, "admin")
-        deployments.append(membershipd_factory(data_dir=tmp_path / name))
-    a, b = deployments
+    a, b = (membershipd_factory(data_dir=tmp_path / name) for name in ("a", "b"))
     admin_a = UnibusClient(a.base_url, alice)
     eve_a = UnibusClient(a.base_url, eve)
     try:
