@@ -5,10 +5,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXAMPLE_VENV ?= .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
-# Three workers, a test file each at a time (module fixtures stay together): most
-# tests wait on daemons and clusters, so on 2 cores three workers run pytest in
-# 6:20 to 7:15 instead of 9:05 with two, and still leave a third of the CPU idle (README.md).
-PYTEST_ARGS ?= -n 3 --dist loadfile
+# Three workers, a test file each at a time (module fixtures stay together), the
+# longest files first (LONGEST_FIRST in tests/conftest.py; --no-loadscope-reorder keeps
+# that order, which pytest-xdist 3.8 would replace with the files' test counts). Most
+# tests wait on daemons and clusters: on 2 cores three workers took pytest from 9:05
+# to 6:14-7:06 here, leaving about a third of the CPU idle (README.md).
+PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder
 DATA_DIR ?= ./local_files
 
 .PHONY: install run test test-fast test-example wheel-check bench bench-clean lint readme clean

@@ -28,9 +28,10 @@ def daemon_with_admin(tmp_path, membershipd_factory, alice) -> Callable[..., Mem
 
 
 #: The files that take longest (``make test PYTEST_ARGS="-n 3 --dist loadfile --durations=60"``),
-#: longest first. ``--dist loadfile`` hands files to the workers in collection order, so
-#: collected last (tests/e2e sorts late) they ran alone at the end while the other workers
-#: idled: starting them first lets the short files fill the gaps (README.md).
+#: longest first. With ``--no-loadscope-reorder`` (the Makefile), ``--dist loadfile`` hands
+#: files to the workers in collection order; without it, pytest-xdist 3.8 hands out the files
+#: with the most tests first, and a long file with few tests (the fault test's) could start
+#: late and run alone at the end while the other workers idled (README.md).
 LONGEST_FIRST = (
     "e2e/test_cluster_faults.py",
     "e2e/test_client_e2e.py",
