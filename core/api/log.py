@@ -25,6 +25,8 @@ LOG_ENTRY_SCHEMA = {
         "prev": {"type": "string", "pattern": "^(?:[0-9a-f]{64})?$"},
         "at": {"type": "integer", "minimum": -MAX_SAFE_INT, "maximum": MAX_SAFE_INT},
         "kind": {"type": "string", "enum": ["request", "bootstrap", "snapshot"]},
+        # entry 0 only: what makes the deployment's trust root unique (docs/formats.md)
+        "salt": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
     },
 }
 LOG_SCHEMA = {
