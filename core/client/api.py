@@ -527,12 +527,14 @@ class UnibusClient:
                     raise
                 entries = []  # a server without a log (before 0.12): nothing to bind to
             if entries and isinstance(entries[0], dict):
-                from ..memberlog import entry_hash
+                from ..memberlog import LogError, LogState
 
                 try:
-                    self._deployment = entry_hash(entries[0])
-                except (TypeError, ValueError):
-                    pass  # not an entry: sign untagged; verifying the log will say what is wrong
+                    # checked as a verified sync checks it (its salt included: docs/formats.md),
+                    # not hashed blindly: the tag is what binds the request to this deployment
+                    self._deployment = LogState().apply(entries[0])
+                except LogError as e:
+                    raise LogVerificationError.from_log(e, self.base_url) from None
             if self._deployment is None:
                 self._deployment = ""  # asked once: untagged from now on
         return self._deployment or None
