@@ -41,7 +41,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ESCAPING", "Overran", "cancel_and_wait", "describe", "run_bounded", "within"]
+__all__ = ["ESCAPING", "ForeignCancel", "Overran", "cancel_and_wait", "describe", "own_cancel_only", "run_bounded",
+           "within"]
 
 
 async def within(aw: Awaitable[T], timeout: float | None) -> T:
@@ -52,6 +53,31 @@ async def within(aw: Awaitable[T], timeout: float | None) -> T:
     """
     async with asyncio.timeout(timeout):
         return await aw
+
+
+class ForeignCancel(RuntimeError):
+    """A ``CancelledError`` that did not cancel the caller's task (:func:`own_cancel_only`)."""
+
+
+async def own_cancel_only(aw: Awaitable[T]) -> T:
+    """``await aw``, where only a cancellation of the caller's own task raises ``CancelledError``.
+
+    A ``CancelledError`` also comes out of awaiting a future that another task cancelled.
+    nats-py 2.16 does that on a close during a reconnect: its reconnect task waits for the
+    old connection's close waiter (``StreamWriter.wait_closed``), ``close()`` cancels that
+    task, and cancelling a task cancels the future it waits on, the waiter both share. The
+    caller's ``await nc.close()`` then raised a bare ``CancelledError`` that no one had
+    asked for (a red-team test's teardown, in CI), which ``except Exception`` lets through
+    and which looks like a cancellation of the caller. Such a one is a :class:`ForeignCancel`
+    here; a real one (``current_task().cancelling()``) propagates.
+    """
+    try:
+        return await aw
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is None or task.cancelling():
+            raise
+        raise ForeignCancel("a future it awaited was cancelled by another task") from None
 
 
 #: :func:`cancel_and_wait` cancels again this often: a cancellation lost in code that is

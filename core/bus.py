@@ -14,7 +14,7 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from .aio import within
+from .aio import own_cancel_only, within
 from .errors import RuntimeFailure
 from .pubacks import PubAckClient
 from .settings import Secret
@@ -230,4 +230,4 @@ class Bus:
     async def close(self) -> None:
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
-                await within(self.nc.close(), 3.0)
+                await within(own_cancel_only(self.nc.close()), 3.0)  # ForeignCancel: closed during a reconnect

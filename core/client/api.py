@@ -69,7 +69,7 @@ import nats
 from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
-from ..aio import cancel_and_wait, within
+from ..aio import cancel_and_wait, own_cancel_only, within
 from ..memberlog import LogError, LogState, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, parse_content_digest, sign_request
@@ -527,8 +527,6 @@ class UnibusClient:
                     raise
                 entries = []  # a server without a log (before 0.12): nothing to bind to
             if entries and isinstance(entries[0], dict):
-                from ..memberlog import LogError, LogState
-
                 try:
                     # checked as a verified sync checks it (its salt included: docs/formats.md),
                     # not hashed blindly: the tag is what binds the request to this deployment
@@ -1169,8 +1167,8 @@ class Bus:
             why = reason or await self._refusal_reason()
             self._failure = self._closed_reason = why
             log.warning("bus: %s", why)
-            with contextlib.suppress(Exception):
-                await nc.close()  # closed_cb ends every listener with the reason
+            with contextlib.suppress(Exception):  # ForeignCancel too: closed during a reconnect (unibus.aio)
+                await own_cancel_only(nc.close())  # closed_cb ends every listener with the reason
 
         self._stopping = asyncio.get_running_loop().create_task(stop(), name="unibus-bus-stop")
 
@@ -1378,11 +1376,11 @@ class Bus:
             listener._fail(None)
         if nc is not None and not nc.is_closed:
             try:
-                await nc.drain()
+                await own_cancel_only(nc.drain())  # ForeignCancel: closed during a reconnect (unibus.aio)
             except Exception as exc:  # noqa: BLE001 - best effort on the way out
                 log.debug("bus: drain failed (%s); closing", exc)
                 with contextlib.suppress(Exception):
-                    await nc.close()
+                    await own_cancel_only(nc.close())
 
     async def current_key(self, room_id: str) -> tuple[int, bytes]:
         """``(epoch, key)`` to send with: the room's current epoch in the verified log (see ``key_ttl``)."""

@@ -4,13 +4,23 @@ that ignores its own (docs/operations.md, "Signals")."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from unibus.aio import RECANCEL_EVERY, Overran, cancel_and_wait, describe, run_bounded, within
+from unibus.aio import (
+    RECANCEL_EVERY,
+    ForeignCancel,
+    Overran,
+    cancel_and_wait,
+    describe,
+    own_cancel_only,
+    run_bounded,
+    within,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -155,3 +165,58 @@ def test_the_daemon_and_its_plugins_use_them():
              for top in ("core", "plugins") for path in sorted((ROOT / top).rglob("*.py")) if path.name != "aio.py"
              for n, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
     assert found == []
+
+
+@contextlib.asynccontextmanager
+async def _stuck_close():
+    """A real loopback connection whose close cannot finish yet: the peer reads nothing, so
+    the data queued before ``close()`` holds the transport open and ``wait_closed`` waits."""
+    release = asyncio.Event()
+
+    async def peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await release.wait()
+        writer.close()
+
+    server = await asyncio.start_server(peer, "127.0.0.1", 0)
+    _reader, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+    try:
+        writer.transport.set_write_buffer_limits(high=1 << 30)
+        writer.write(b"x" * (64 << 20))  # far more than both sockets' buffers hold
+        writer.close()
+        yield writer
+    finally:
+        writer.transport.abort()
+        release.set()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_future_cancelled_by_another_task_is_a_foreign_cancel_not_the_callers():
+    """nats-py's close during a reconnect, with real sockets: task A (its reconnect task) waits
+    for a connection's close; task B (the caller's close) waits for the same close; A is
+    cancelled, which cancels the close waiter they share, and B got a bare CancelledError
+    although no one cancelled B (a CI run: a red-team test's ``await bob.close()``)."""
+    async with _stuck_close() as writer:
+        a = asyncio.create_task(writer.wait_closed())
+        await asyncio.sleep(0.05)
+        b_bare = asyncio.create_task(writer.wait_closed())
+        b = asyncio.create_task(own_cancel_only(writer.wait_closed()))
+        await asyncio.sleep(0.05)
+        assert not (a.done() or b.done() or b_bare.done()), "the close finished: the mechanism was not exercised"
+        a.cancel()
+        await asyncio.wait({a, b, b_bare}, timeout=5)
+        assert b_bare.cancelled(), "without own_cancel_only the caller ends as if cancelled"
+        assert isinstance(b.exception(), ForeignCancel)
+        assert b.cancelling() == 0 and b_bare.cancelling() == 0  # no one cancelled either
+
+
+async def test_own_cancel_only_still_propagates_a_cancellation_of_the_caller():
+    async with _stuck_close() as writer:
+        task = asyncio.create_task(own_cancel_only(writer.wait_closed()))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        await asyncio.wait({task}, timeout=5)
+        assert task.cancelled()
+    async with _stuck_close() as writer:  # and within()'s timeout is still a TimeoutError through it
+        with pytest.raises(TimeoutError):
+            await within(own_cancel_only(writer.wait_closed()), 0.05)

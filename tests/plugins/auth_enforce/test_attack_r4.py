@@ -18,7 +18,7 @@ from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import free_port
 
-from .test_attack_r2 import PASSWORD, Relistening, _async, _bob, _conf, _enforcer, _spawn, _stop
+from .test_attack_r2 import PASSWORD, Relistening, _async, _bob, _close, _conf, _enforcer, _spawn, _stop
 from .test_partial_mesh import _until
 
 
@@ -160,7 +160,7 @@ async def test_a_set_learned_before_every_route_formed_confirms_a_revocation_wit
                                f"while B ({ids['B']}) holds bob's connection")
     finally:
         if bob is not None:
-            await bob.close()
+            await _close(bob)
         for e in enforcers.values():
             await e.stop()
         for b in buses.values():
