@@ -56,13 +56,13 @@ __all__ = [
     "LogState",
     "LoggedRequest",
     "bootstrap_entry",
-    "root_salt",
     "canonical",
     "entry_hash",
     "key_package_input",
     "logged_operation",
     "message_input",
     "request_entry",
+    "root_salt",
     "snapshot_entry",
 ]
 
@@ -273,13 +273,16 @@ def member_json(handle: str, role: str, sign_pub: bytes, enc_pub: bytes, enc_sui
 
 
 def root_salt() -> str:
-    """The ``salt`` of entry 0: 128 random bits, so that no two deployments share a trust root.
+    """The ``salt`` of entry 0: 128 random bits, so that no two deployments share a trust root
+    by accident.
 
     Entry 0's hash is the deployment's trust root, and a client binds every signed request
     to it (the signature's ``tag``). Without a salt, two deployments bootstrapped with the
-    same first admin in the same second wrote the same entry 0: a request logged by one
+    same first admin in the same second wrote the same entry 0, and a request logged by one
     was accepted by the other (found by tests/core/test_signed_requests.py, in a run where
-    both bootstraps fell in one second). So is a 0.11 database upgraded twice.
+    both bootstraps fell in one second); so did a 0.11 database upgraded twice in one
+    second. A copy made on purpose is another matter: entry 0 is public (docs/client.md,
+    "Requests bound to a deployment").
     """
     return secrets.token_hex(16)
 
