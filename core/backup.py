@@ -43,6 +43,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, RuntimeFailure
+from .privatefiles import make_missing_dirs
 
 FORMAT = "unibus-backup"
 FORMAT_VERSION = 1
@@ -776,7 +777,7 @@ def restore(archive: Path, data_dir: Path) -> RestoreResult:
     verified = verify_archive(archive)
     parent = data_dir.parent
     try:
-        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_missing_dirs(parent)  # each 0700, whatever the umask
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{data_dir.name}.restore-"))  # 0700
     except OSError as e:
         raise ConfigError(f"--data-dir: cannot create a directory in {parent} ({e.strerror})") from None

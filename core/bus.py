@@ -17,7 +17,7 @@ from nats.js import JetStreamContext
 from .aio import own_cancel_only, within
 from .errors import RuntimeFailure
 from .pubacks import PubAckClient
-from .settings import Secret
+from .settings import Secret, redact_url
 from .tls import connect_bounded, permanent_tls_error
 
 log = logging.getLogger("unibus.bus")
@@ -106,6 +106,8 @@ class Bus:
     def __init__(self, url: str, seed: Secret | None = None, *, name: str = "membershipd",
                  tls: ssl.SSLContext | None = None) -> None:
         self.url = url
+        #: the URL as logs and errors show it: without a ``user:pass@``
+        self.shown_url = redact_url(url)
         self._seed = seed
         self.name = name
         self.tls = tls
@@ -133,11 +135,11 @@ class Bus:
                     tls_refused.set()  # the same certificates will fail again: stop retrying
 
         async def _disc() -> None:
-            log.warning("disconnected from NATS at %s", self.url)
+            log.warning("disconnected from NATS at %s", self.shown_url)
             self._state_changed()
 
         async def _reconn() -> None:
-            log.info("reconnected to NATS at %s", self.url)
+            log.info("reconnected to NATS at %s", self.shown_url)
             self._state_changed()
 
         kwargs: dict = {}
@@ -167,7 +169,7 @@ class Bus:
         except Exception as e:
             if isinstance(e, TimeoutError) and tls_errors:
                 e = tls_errors[-1]  # what kept it from connecting, rather than the timeout
-            raise RuntimeFailure(f"cannot connect to NATS at {self.url}: {type(e).__name__}: {e}") from None
+            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(e).__name__}: {e}") from None
         self.js = self.nc.jetstream(timeout=2.0)
         if check_jetstream:
             await self.wait_jetstream(jetstream_timeout)
@@ -179,7 +181,7 @@ class Bus:
         while not await self.jetstream_ok(timeout=2.0):
             if loop.time() > deadline:
                 raise RuntimeFailure(
-                    f"NATS at {self.url} answers but JetStream does not after {timeout:.0f} s "
+                    f"NATS at {self.shown_url} answers but JetStream does not after {timeout:.0f} s "
                     "(is it enabled? in a cluster: are enough nodes up for a quorum?)")
             await asyncio.sleep(0.25)
 

@@ -42,6 +42,7 @@ from .metrics import Metrics, MetricsServer, StateCounts
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager, running_plugin
 from .posture import cluster_gate, compute_posture, startup_posture
+from .privatefiles import check_own_file, make_private_dirs
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
 from .settings import HostPort, Settings, insecure_plaintext_warnings
@@ -91,9 +92,18 @@ def forward_levels(config: dict[str, Any]) -> frozenset[str]:
     return ALL_LEVELS if config.get("debug") or config.get("trace") else QUIET_LEVELS
 
 
+#: Files of the data directory that membershipd reads back: each must be this user's (0600 is made).
+OWN_FILES = ("membershipd.db", "membershipd.db-wal", "membershipd.db-shm")
+
+
 def prepare_data_dir(data_dir: Path) -> None:
+    """Make ``data_dir`` private and check it (docs/operations.md, "The data directory"): missing
+    directories are made 0700, one at a time; a directory of another user, or one that group or others
+    may write to, is refused (exit 2), as is a database of another user; then a write is tried."""
+    make_private_dirs(data_dir, "--data-dir")
+    for name in OWN_FILES:
+        check_own_file(data_dir / name, "--data-dir")
     try:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".write-test-"):
             pass
     except OSError as e:
@@ -206,7 +216,7 @@ class Daemon:
         self.app[EVENTS] = self.events
         await self._listen(http_tls, metrics_tls)
         log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
-                 s.nats_client_url, s.server_name)
+                 s.nats_public_url, s.server_name)
         sd_notify("READY=1")
 
     def _preflight(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, Path | None]:

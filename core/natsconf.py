@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, RuntimeFailure
+from .privatefiles import write_private_file
 from .settings import Settings
 
 log = logging.getLogger("unibus.natsconf")
@@ -169,18 +170,7 @@ def render_config(config: dict[str, Any]) -> str:
 def write_config(config: dict[str, Any] | str, path: Path) -> None:
     """Write the config (a dict, or its rendered text) atomically, mode 0600 from the first byte."""
     text = config if isinstance(config, str) else render_config(config)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_private_file(path, text.encode())
 
 
 def check_config(binary: Path, path: Path, timeout: float = 10.0) -> None:

@@ -9,12 +9,12 @@ use. docs/plugins.md, "State: stash and state directory".
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 from typing import Any, Generic, TypeVar, overload
 
 from .pluginmanager import current_plugin
+from .privatefiles import check_private_dir, make_missing_dirs
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -97,16 +97,16 @@ def plugin_name(name: str | None) -> str:
 
 
 def state_dir_of(data_dir: Path, name: str | None = None) -> Path:
-    """``<data_dir>/plugins/<name>/``, made (and kept) mode 0700, as is ``<data_dir>/plugins``."""
+    """``<data_dir>/plugins/<name>/``, made (and kept) mode 0700, as is ``<data_dir>/plugins``;
+    a directory of another user, or one that group or others may write to, is refused (exit 2)."""
     name = plugin_name(name)
     base = Path(data_dir) / PLUGINS_DIR
     path = base / name
     for d in (base, path):
-        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_missing_dirs(d)
         if d.is_symlink():
             raise RuntimeError(f"{d} is a symbolic link; a plugin's state directory must be a real directory")
-        if d.stat().st_mode & 0o077:
-            os.chmod(d, 0o700)
+        check_private_dir(d, "--data-dir")  # this user's, and no one else's to write to
     return path
 
 

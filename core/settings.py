@@ -400,7 +400,7 @@ def validate(settings: Settings) -> None:
             + " (deploy/generate-certs.sh makes them), bind to 127.0.0.1, or add --insecure-plaintext (development only)"
         )
     if plaintext_nats_link(s) and not s.insecure_plaintext:
-        raise ConfigError(f"--nats-url {s.nats_url} crosses the network without TLS: use tls://HOST:PORT, "
+        raise ConfigError(f"--nats-url {redact_url(s.nats_url)} crosses the network without TLS: use tls://HOST:PORT, "
                           "a loopback address, or add --insecure-plaintext (development only)")
 
 

@@ -34,6 +34,8 @@ import nkeys
 from cryptography.hazmat.primitives import hpke
 from cryptography.hazmat.primitives.asymmetric import ed25519, mlkem, x25519
 
+from ..privatefiles import make_missing_dirs
+
 # Validation and encodings shared with the server live in unibus.wire; they
 # are re-exported here for the SDK's users (__all__ below).
 from ..wire import (  # noqa: F401
@@ -343,7 +345,7 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], force: bool 
     target = Path(os.path.expanduser(os.fspath(path)))
     parent = target.parent
     if not parent.exists():
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        make_missing_dirs(parent)  # each 0700: os.makedirs gives the ones above the umask's mode
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
     if not force and os.path.lexists(target):

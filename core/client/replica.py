@@ -46,6 +46,7 @@ from typing import Any
 import yarl
 
 from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState
+from ..privatefiles import make_missing_dirs
 
 __all__ = [
     "FINGERPRINT_RE",
@@ -159,7 +160,7 @@ def _check_private_dir(path: Path) -> None:
 
 def _make_private_dir(path: Path) -> None:
     """``path`` (a server's replica) and its parent (the replica root) as private directories."""
-    os.makedirs(path.parent.parent, mode=0o700, exist_ok=True)
+    make_missing_dirs(path.parent.parent)  # each 0700, whatever the umask
     for d in (path.parent, path):
         try:
             os.mkdir(d, 0o700)

@@ -37,6 +37,7 @@ from typing import Any
 
 from unibus import StashKey, hookimpl
 from unibus.pluginstate import state_dir_of
+from unibus.privatefiles import read_private_file, write_private_file
 from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_service_nkey, load_nkey_seed
 from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
@@ -69,21 +70,11 @@ def issuer_for(settings: Settings) -> Issuer:
     if shared is not None:
         return Issuer.from_raw(shared)
     path = state_dir_of(settings.data_dir, PLUGIN_NAME) / ISSUER_FILE.name
-    if not path.exists():
+    if not os.path.lexists(path):
         import nkeys
 
-        tmp = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    if path.stat().st_mode & 0o077:
-        from unibus.errors import RuntimeFailure
-
-        raise RuntimeFailure(f"{path} is readable by group or others; run chmod 600 {path}")
-    return Issuer.from_seed(path.read_text().strip())
+        write_private_file(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_ACCOUNT) + b"\n")
+    return Issuer.from_seed(read_private_file(path).decode().strip())
 
 
 def accounts(service_nkey: str, system_nkey: str) -> dict[str, Any]:

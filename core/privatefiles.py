@@ -1,0 +1,164 @@
+"""Private directories and files: what membershipd keeps from the other users of its host.
+
+The data directory holds the nkey seeds, the route password (in ``nats.conf``)
+and the store. Another local user must not be able to read it, nor to plant
+something in it that membershipd then trusts or writes a secret into
+(docs/operations.md, "The data directory").
+
+- :func:`make_private_dirs` creates every missing directory of a path with
+  mode 0700 (``mkdir -p`` gives the parents the umask's mode: 0777 under
+  umask 000), then checks the last one with :func:`check_private_dir`.
+- :func:`check_private_dir` refuses a directory of another user, or one that
+  group or others may write to, and makes one they may only read 0700.
+- :func:`check_own_file` refuses a file of another user and makes a looser
+  mode 0600.
+- :func:`read_private_file` reads a secret only from a regular file of this
+  user that no one else may read (exit 1 otherwise, saying what to change).
+- :func:`write_private_file` writes through a temporary file with a random
+  name, created exclusively and never through a symbolic link, mode 0600
+  from the first byte, fsynced, and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from pathlib import Path
+
+from .errors import ConfigError, RuntimeFailure
+
+__all__ = ["check_own_file", "check_private_dir", "make_missing_dirs", "make_private_dirs", "read_private_file", "write_private_file"]
+
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def make_missing_dirs(path: Path) -> None:
+    """Create ``path`` and every missing directory above it, one at a time, each mode 0700
+    (``os.makedirs`` gives the ones above the umask's mode). Existing ones are left as they are."""
+    path = Path(path)
+    missing: list[Path] = []
+    d = path
+    while not os.path.lexists(d) and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # made meanwhile
+            os.mkdir(d, 0o700)
+
+
+def make_private_dirs(path: Path, flag: str) -> None:
+    """:func:`make_missing_dirs`, then :func:`check_private_dir`. ``flag`` names the option in the
+    error (exit 2)."""
+    try:
+        make_missing_dirs(path)
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot create {path} ({e.strerror}); choose a writable directory") from None
+    check_private_dir(path, flag)
+
+
+def check_private_dir(path: Path, flag: str) -> None:
+    """Refuse (exit 2) a ``path`` that is not a directory of this user or that group or others
+    may write to; make it 0700 when they may only read it or enter it.
+
+    A symbolic link is followed: an operator may link the data directory elsewhere, and
+    what is checked is the directory it names."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except NotADirectoryError:
+        raise ConfigError(f"{flag}: {path} is not a directory; choose a directory") from None
+    except OSError as e:
+        raise ConfigError(f"{flag}: cannot open {path} ({e.strerror}); choose a directory of your own") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"{flag}: {path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
+                              "use a directory of your own")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o022:
+            raise ConfigError(f"{flag}: group or others may write to {path} (mode {mode:04o}), so they may have put "
+                              f"files in it; check its files, then run chmod 700 {path}")
+        if mode & 0o077:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def check_own_file(path: Path, flag: str) -> None:
+    """Refuse (exit 2) a ``path`` that another user owns or that is not a regular file;
+    make a looser mode 0600. Nothing there is fine: it is made later, 0600."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        if os.path.islink(path):
+            raise ConfigError(f"{flag}: {path} is a symbolic link; move it away") from None
+        raise ConfigError(f"{flag}: cannot open {path} ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{flag}: {path} is not a regular file; move it away")
+        if st.st_uid != os.geteuid():
+            raise ConfigError(f"{flag}: {path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
+                              "move it away")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
+def read_private_file(path: Path) -> bytes:
+    """The bytes of a secret at ``path``: a regular file (not a link) of this user that group and
+    others may not read; :class:`RuntimeFailure` (exit 1) otherwise, naming the fix."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as e:
+        if os.path.islink(path):
+            raise RuntimeFailure(f"{path} is a symbolic link; a secret must be a file of its own") from None
+        raise RuntimeFailure(f"cannot read {path}: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RuntimeFailure(f"{path} is not a regular file; a secret must be a file of its own")
+        if st.st_uid != os.geteuid():
+            raise RuntimeFailure(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
+                                 "move it away")
+        if stat.S_IMODE(st.st_mode) & 0o077:
+            raise RuntimeFailure(f"{path} is readable by group or others; run chmod 600 {path}")
+        try:
+            return f.read()
+        except OSError as e:
+            raise RuntimeFailure(f"cannot read {path}: {e.strerror}") from None
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, mode 0600 from the first byte.
+
+    The temporary file beside it has a random name and is created exclusively,
+    never through a link, so nothing another user put there in advance receives
+    the bytes; a crash leaves the old file or the new one, never a part."""
+    path = Path(path)
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            fd = os.open(tmp, _TEMP_FLAGS, 0o600)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"could not create a temporary file beside {path}")
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # the umask can only take bits away; this is exact
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

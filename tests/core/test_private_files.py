@@ -1,0 +1,192 @@
+"""Adversary: another local user of the host (docs/operations.md, "The data directory").
+
+membershipd keeps its nkey seeds, the route password and the store in the data
+directory. These tests try to make it adopt a directory or a file that another
+user made or may write to, to plant a link where it writes a secret, and to
+make it leave parents open under a umask of 000."""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from unibus.bus import Bus
+from unibus.errors import ConfigError, RuntimeFailure
+from unibus.natsconf import write_config
+from unibus.privatefiles import check_private_dir, make_private_dirs, read_private_file, write_private_file
+from unibus.servicekey import ensure_service_nkey
+from unibus.testing import run_membershipd
+
+OTHER_UID = 65534  # nobody
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI runs as root)")
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def one_line_refusal(done) -> str:
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    return lines[0]
+
+
+def test_a_data_dir_others_may_write_to_is_refused_and_left_as_it_was(tmp_path):
+    data = tmp_path / "shared"
+    data.mkdir()
+    os.chmod(data, 0o777)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(data)))
+    assert "--data-dir" in line and f"chmod 700 {data}" in line
+    assert list(data.iterdir()) == []  # nothing written into it
+    assert mode(data) == 0o777
+
+
+def test_a_data_dir_others_may_read_is_closed(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir()
+    os.chmod(data, 0o755)
+    done = run_membershipd("migrate", "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    assert mode(data) == 0o700
+    assert mode(data / "membershipd.db") == 0o600
+
+
+def test_under_umask_000_every_directory_made_for_the_data_dir_is_0700(tmp_path):
+    data = tmp_path / "srv" / "unibus" / "data"
+    old = os.umask(0)
+    try:
+        done = run_membershipd("migrate", "--data-dir", str(data))
+    finally:
+        os.umask(old)
+    assert done.returncode == 0, done.stderr
+    assert [mode(d) for d in (tmp_path / "srv", tmp_path / "srv" / "unibus", data)] == [0o700] * 3
+    assert mode(data / "membershipd.db") == 0o600
+
+
+def test_a_looser_database_of_ours_is_made_0600(tmp_path):
+    data = tmp_path / "d"
+    assert run_membershipd("migrate", "--data-dir", str(data)).returncode == 0
+    os.chmod(data / "membershipd.db", 0o644)
+    done = run_membershipd("migrate", "--data-dir", str(data))
+    assert done.returncode == 0, done.stderr
+    assert mode(data / "membershipd.db") == 0o600
+
+
+@needs_root
+def test_a_data_dir_of_another_user_is_refused(tmp_path):
+    data = tmp_path / "theirs"
+    data.mkdir(mode=0o700)
+    os.chown(data, OTHER_UID, OTHER_UID)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(data)))
+    assert f"belongs to uid {OTHER_UID}" in line
+    assert list(data.iterdir()) == []
+
+
+@needs_root
+def test_a_database_another_user_planted_is_refused(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir(mode=0o700)
+    planted = data / "membershipd.db"
+    planted.write_bytes(b"")
+    os.chown(planted, OTHER_UID, OTHER_UID)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(data)))
+    assert "membershipd.db" in line and f"belongs to uid {OTHER_UID}" in line
+    assert planted.read_bytes() == b""
+
+
+def test_a_link_in_place_of_the_database_is_refused(tmp_path):
+    data = tmp_path / "d"
+    data.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere.db"
+    elsewhere.write_bytes(b"")
+    (data / "membershipd.db").symlink_to(elsewhere)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(data)))
+    assert "symbolic link" in line
+    assert elsewhere.read_bytes() == b""
+
+
+def test_a_link_planted_at_the_old_temporary_names_receives_no_secret(tmp_path):
+    """0.12 before this change wrote seeds through ``.service.nkey.tmp`` and the config through
+    ``.nats.conf.tmp.<pid>``, fixed names opened without O_EXCL: a link planted there got the secret."""
+    data = tmp_path / "d"
+    make_private_dirs(data, "--data-dir")
+    trap = tmp_path / "trap"
+    trap.write_bytes(b"")
+    for name in (".service.nkey.tmp", f".nats.conf.tmp.{os.getpid()}", ".service.nkey.tmp.0"):
+        (data / name).symlink_to(trap)
+    seed, public = ensure_service_nkey(data)
+    write_config({"authorization": {"password": "route-secret"}}, data / "nats.conf")
+    assert trap.read_bytes() == b""
+    assert public.startswith("U") and mode(data / "service.nkey") == 0o600
+    assert mode(data / "nats.conf") == 0o600 and "route-secret" in (data / "nats.conf").read_text()
+    # only what it wrote, and the links it did not use: no temporary file left behind
+    assert sorted(p.name for p in data.iterdir() if not p.is_symlink()) == ["nats.conf", "service.nkey"]
+
+
+def test_a_secret_is_written_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "s"
+    write_private_file(target, b"old\n")
+    os.chmod(target, 0o644)  # a rewrite is 0600 again, from the first byte
+    write_private_file(target, b"new\n")
+    assert target.read_bytes() == b"new\n" and mode(target) == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
+
+
+def test_a_seed_behind_a_link_or_open_to_others_is_refused(tmp_path):
+    data = tmp_path / "d"
+    make_private_dirs(data, "--data-dir")
+    ensure_service_nkey(data)
+    real = data / "service.nkey"
+    linked = data / "linked.nkey"
+    linked.symlink_to(real)
+    with pytest.raises(RuntimeFailure, match="symbolic link"):
+        read_private_file(linked)
+    os.chmod(real, 0o640)
+    with pytest.raises(RuntimeFailure, match=f"run chmod 600 {real}"):
+        ensure_service_nkey(data)
+
+
+@needs_root
+def test_a_seed_of_another_user_is_refused(tmp_path):
+    data = tmp_path / "d"
+    make_private_dirs(data, "--data-dir")
+    ensure_service_nkey(data)
+    os.chown(data / "service.nkey", OTHER_UID, OTHER_UID)
+    with pytest.raises(RuntimeFailure, match=f"belongs to uid {OTHER_UID}"):
+        ensure_service_nkey(data)
+
+
+def test_a_plugin_state_dir_others_may_write_to_is_refused(tmp_path):
+    from unibus.pluginstate import state_dir_of
+
+    data = tmp_path / "d"
+    state = state_dir_of(data, "someplugin")
+    assert mode(state) == mode(state.parent) == 0o700
+    os.chmod(state, 0o777)
+    with pytest.raises(ConfigError, match="chmod 700"):
+        state_dir_of(data, "someplugin")
+
+
+def test_a_file_in_place_of_the_data_dir_is_refused(tmp_path):
+    (tmp_path / "f").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        check_private_dir(tmp_path / "f", "--data-dir")
+
+
+async def test_a_nats_url_password_is_in_no_error_and_no_log(tmp_path, caplog):
+    """--nats-url may carry user:pass@ (an external nats-server): logs and errors show it without them."""
+    bus = Bus("nats://alice:S3cretPW@127.0.0.1:1")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(RuntimeFailure) as failed:
+        await bus.connect(timeout=1)
+    assert "S3cretPW" not in str(failed.value) and "nats://127.0.0.1:1" in str(failed.value)
+    assert "S3cretPW" not in caplog.text
+    done = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--nats-url", "nats://alice:S3cretPW@10.9.9.9:4222")
+    line = one_line_refusal(done)
+    assert "S3cretPW" not in done.stderr and "nats://10.9.9.9:4222" in line
