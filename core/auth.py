@@ -910,8 +910,10 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
             # No body, or an unknown route (404/405): the body is never read, and the
             # logged request is made only if a handler asks (logged_request).
             return await handler(request)
-        encoding = request.headers.get(hdrs.CONTENT_ENCODING, "identity").strip().lower()
-        if encoding != "identity":
+        # Every field line and every coding in it: a second line "gzip" after "identity" is a coding too.
+        codings = {c.strip().lower() for line in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+                   for c in line.split(",")}
+        if codings - {"identity"}:
             raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
                           kind="unsupported-content-encoding")
         if getattr(request.match_info.handler, STREAMING_ATTR, False):

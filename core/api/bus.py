@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from ..app import SETTINGS, STORE, add_route
@@ -31,10 +33,22 @@ def nats_servers(request: web.Request) -> list[str]:
         return [settings.nats_public_url]
     host = settings.nats_addr.host
     if host in ("0.0.0.0", "::", ""):
-        host = (request.url.host or "127.0.0.1")
+        host = _checked_url(request).host or "127.0.0.1"
     host = f"[{host}]" if ":" in host else host
     scheme = "tls" if settings.tls_cert else "nats"
     return [f"{scheme}://{host}:{settings.nats_addr.port}"]
+
+
+def _checked_url(request: web.Request) -> Any:
+    """``request.url``, which yarl builds from the client's ``Host`` header: 400 ``bad-host``
+    when that is not ``HOST[:PORT]`` (yarl raises on ``x:abc``, ``xn--``, ``h:1:2``...)."""
+    try:
+        url = request.url
+        url.host, url.origin()  # each decodes the header in its own way
+        return url
+    except (ValueError, UnicodeError):
+        raise Problem(400, "the Host header is not HOST[:PORT]; send the name or address you reached this "
+                           "server at", kind="bad-host") from None
 
 
 def inbox_prefix(handle: str) -> str:
@@ -43,7 +57,7 @@ def inbox_prefix(handle: str) -> str:
 
 def upgrade_command(request: web.Request) -> str:
     """The command that gives the caller a bus key, with this server's URL in it."""
-    return f"unibus keygen --upgrade --server {request.url.origin()}"
+    return f"unibus keygen --upgrade --server {_checked_url(request).origin()}"
 
 
 async def get_bus(request: web.Request) -> web.Response:
@@ -66,5 +80,6 @@ def register(app: web.Application) -> None:
     add_route(app, "GET", "/v1/bus", get_bus,
               summary="NATS servers, the caller's bus key (user_nkey), inbox prefix and room subjects",
               responses={200: ("bus parameters", BUS_SCHEMA),
+                         400: "the Host header is not HOST[:PORT] (bad-host)",
                          409: "the caller has no bus key yet (no-bus-key): run unibus keygen --upgrade --server URL"},
               tags=["bus"])

@@ -296,9 +296,15 @@ def test_signed_chunked_body_over_the_limit_is_413(server):
         x.close()
 
 
-def test_content_encoding_is_415_before_the_body(server):
+@pytest.mark.parametrize("codings", [
+    {"Content-Encoding": "gzip"},
+    {"Content-Encoding": "identity, gzip"},
+    # two field lines (the names differ only in case): the second one was not looked at
+    {"Content-Encoding": "identity", "content-encoding": "gzip"},
+], ids=["gzip", "a list", "a second line"])
+def test_content_encoding_is_415_before_the_body(server, codings):
     h = signed_big_post(server.people["bob"])
-    h["Content-Encoding"] = "gzip"
+    h.update(codings)
     status, _, doc = refused_before_the_body(server, h)
     assert status == 415 and "Content-Encoding" in doc["detail"]
 

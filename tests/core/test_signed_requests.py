@@ -115,6 +115,49 @@ async def test_bad_signatures_are_401_saying_which(shared_server, case, kwargs, 
     assert {"type", "title", "status", "detail"} <= set(body)
 
 
+async def test_signature_headers_too_long_to_parse_cheaply_are_401_unparsed(shared_server):
+    """Adversary: a network attacker with no key. http_sfv's Dictionary parser takes time that grows with
+    the square of the value, and aiohttp joins up to 128 field lines of 8 KiB each, about 1 MB: before
+    the cap, one such request held the event loop for seconds. Each header is refused unparsed."""
+    from multidict import CIMultiDict
+
+    from unibus.signing import MAX_SF_FIELD
+
+    line = ", ".join(f"s{i}=(\"@method\")" for i in range(500))[:8000]
+    alice = shared_server.identity
+    for name, detail in (("Signature-Input", "malformed Signature-Input header: longer than"),
+                         ("Signature", "malformed Signature header: longer than"),
+                         ("Content-Digest", "malformed Content-Digest header")):
+        raw = b'{"handle": "x"}'
+        headers = CIMultiDict(sign_request("POST", "/v1/rooms", raw, keyid=alice.handle,
+                                           private_key=alice.sign_key))
+        headers.popall(name)
+        for _ in range(100):
+            headers.add(name, line)
+        async with aiohttp.ClientSession() as s:
+            async with s.post(shared_server.base_url + "/v1/rooms", data=raw, headers=headers) as r:
+                body = await r.json(content_type=None)
+        assert r.status == 401, body
+        assert body["detail"].startswith(detail), body
+        if name != "Content-Digest":
+            assert body["detail"].endswith(f"longer than {MAX_SF_FIELD} characters"), body
+    status, _, _ = await send(shared_server.base_url, "GET", "/v1/me", alice)
+    assert status == 200
+
+
+async def test_a_host_header_that_is_no_host_is_400_not_500(daemon_with_admin, alice):
+    """Adversary: a member. On a node whose NATS listener is a wildcard, GET /v1/bus names the NATS
+    server by the Host header; yarl raised on these (a 500 with a traceback in the log)."""
+    from unibus.testing import free_port
+
+    server = daemon_with_admin("--nats-addr", f"0.0.0.0:{free_port()}", "--insecure-plaintext")
+    for host in ("x:abc", "x:99999999", "xn--", "h:1:2"):
+        status, body, _ = await send(server.base_url, "GET", "/v1/bus", alice, headers={"Host": host})
+        assert status == 400 and body["type"].endswith("/bad-host"), (host, body)
+    status, body, _ = await send(server.base_url, "GET", "/v1/bus", alice, headers={"Host": "bus.example:8470"})
+    assert status == 200 and body["servers"][0].startswith("nats://bus.example:"), body
+
+
 async def test_tampered_body_is_401(server, alice):
     bob = generate_identity("bob")
     body = {"handle": "bob", "role": "member", "sign_pub": bob.sign_pub_b64, "enc_pub": bob.enc_pub_b64,
