@@ -71,12 +71,47 @@ async def test_a_read_that_spans_a_change_is_not_cached(tmp_path):
         await store.close()
 
 
-async def test_unknown_handles_cost_no_memory(tmp_path):
+async def test_unknown_handles_are_remembered_within_a_bound(tmp_path):
+    """Adversary: a network attacker probing handles. A handle found to be no member's is not read
+    from the store again (a probe asked twice took longer for a non-member: a timing oracle, and a
+    store read per request for whoever sends them), and at most MAX_UNKNOWN of them are kept."""
+    from unibus.auth import MAX_UNKNOWN
+
+    store = await sqlite_store(tmp_path)
+    closed = False
+    try:
+        directory = MemberDirectory(store)
+        assert [await directory.get(f"nobody{i}") for i in range(MAX_UNKNOWN + 100)] == [None] * (MAX_UNKNOWN + 100)
+        assert len(directory) == 0 and len(directory._unknown) == MAX_UNKNOWN
+        assert "nobody0" not in directory._unknown and f"nobody{MAX_UNKNOWN + 99}" in directory._unknown
+        await store.close()
+        closed = True
+        # the store is gone: an answer now comes from memory alone
+        assert await directory.get(f"nobody{MAX_UNKNOWN + 99}") is None
+        try:
+            await directory.get("nobody0")  # forgotten: read again, and the closed store fails
+        except Exception:
+            pass
+        else:
+            raise AssertionError("a handle beyond the bound was answered without a store read")
+    finally:
+        if not closed:
+            await store.close()
+
+
+async def test_an_unknown_handle_becomes_a_member_when_one_is_added_or_on_a_reload(tmp_path):
     store = await sqlite_store(tmp_path)
     try:
         directory = MemberDirectory(store)
-        assert [await directory.get(f"nobody{i}") for i in range(100)] == [None] * 100
-        assert len(directory) == 0
+        assert await directory.get("dave") is None and await directory.get("erin") is None
+        await store.add_member(member("dave"))  # through the daemon's store: its change drops "dave" at once
+        assert (await directory.get("dave"))[0].handle == "dave"
+        offline = SqliteStore(tmp_path / "state.db")  # `membershipd member add`: known after a SIGHUP
+        await offline.add_member(member("erin"))
+        await offline.close()
+        assert await directory.get("erin") is None
+        await store.reload()
+        assert (await directory.get("erin"))[0].handle == "erin"
     finally:
         await store.close()
 
