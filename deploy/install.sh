@@ -144,7 +144,11 @@ else
     (
         umask 077
         run mkdir -p "$TLS_DIR"
+        run chmod 700 "$TLS_DIR"
         run bash "$SCRIPT_DIR/generate-certs.sh" "$PKI_DIR" "$node=$addrs"
+        # cp onto an existing file keeps that file's mode (and follows a link there): a stale
+        # 0644 server.key would receive the new private key. New files get the umask's 0600.
+        run rm -f "$TLS_DIR/server.key" "$TLS_DIR/server.crt" "$TLS_DIR/client-ca.crt"
         run cp "$PKI_DIR/$node/server.key" "$TLS_DIR/server.key"
         run cp "$PKI_DIR/$node/server.crt" "$TLS_DIR/server.crt"
         run cp "$PKI_DIR/$node/client-ca.crt" "$TLS_DIR/client-ca.crt"

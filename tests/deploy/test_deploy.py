@@ -645,6 +645,10 @@ def test_install_dry_run_makes_certificates_when_missing(tmp_path: Path) -> None
     node, addrs = gen[0].rsplit(" ", 1)[1].split("=", 1)
     assert {"127.0.0.1", "::1", "localhost"} <= set(addrs.replace("\\", "").split(","))
     assert f"would run: cp {pki / node / 'server.key'} {tls / 'server.key'}" in lines
+    # a stale server.key (say 0644) is removed first: cp onto it would keep its mode (red team)
+    removed = f"would run: rm -f {tls / 'server.key'} {tls / 'server.crt'} {tls / 'client-ca.crt'}"
+    assert lines.index(f"would run: chmod 700 {tls}") < lines.index(removed) < lines.index(
+        f"would run: cp {pki / node / 'server.key'} {tls / 'server.key'}")
     assert f"would run: cp {pki / node / 'server.crt'} {tls / 'server.crt'}" in lines
     assert any(ln.startswith("note: ") and "--ca" in ln and "client-ca.crt" in ln for ln in lines)
     assert _tree(home) == []
