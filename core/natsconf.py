@@ -3,7 +3,7 @@
 The configuration is a plain dict until :func:`write_config` serialises it as
 JSON (a format nats-server reads natively) into ``<data-dir>/nats.conf`` with
 mode 0600. Plugins mutate the dict in their ``configure_nats`` hook; they never
-format config text. Two rules are enforced here, after every plugin ran:
+format config text. These rules are enforced here, after every plugin ran:
 
 * the monitoring endpoint, if any, listens on 127.0.0.1 only (it has no
   authentication);
@@ -11,6 +11,13 @@ format config text. Two rules are enforced here, after every plugin ran:
   (``sync_interval: always``, :data:`JETSTREAM_SYNC`), whatever a plugin wrote:
   an acknowledged write survives a power cut of every node
   (docs/operations.md, "Durability");
+* the facts the posture reports about nats-server's listeners still hold
+  (:func:`check_posture_facts`): the client listener where the flags put it,
+  with the TLS the core wrote; a clustered node's routes on mutual TLS; no
+  other listener. The posture is computed from the flags, so a plugin that
+  undid any of that would make ``/healthz`` and the cluster gate vouch for a
+  server that is not there: refused (exit 2) rather than repaired, because
+  the plugin that wrote it is broken or hostile;
 * secrets the plugins never saw (the route password) are injected last.
 """
 
@@ -37,7 +44,10 @@ MONITOR_HOST = "127.0.0.1"
 #: it is written at start and stays for the life of the process.
 #: docs/operations.md, "Durability".
 JETSTREAM_SYNC = "always"
-#: nats-server's TLS-first mode on the client listener, with fallback for classic clients.
+#: nats-server's TLS-first mode on the client listener, without fallback: every client must
+#: start with the TLS handshake, and a classic client that waits for a plaintext INFO fails to
+#: connect (nats-server logs so at start). ``auto`` or a duration would add a fallback that
+#: sends INFO in clear (opts.go parseTLS sets a fallback delay only for those).
 HANDSHAKE_FIRST = True
 # nats-server keys that open the monitoring endpoint.
 _MONITOR_KEYS = ("http", "http_port", "monitor_port", "https", "https_port")
@@ -140,11 +150,174 @@ def enforce_sync_always(config: dict[str, Any]) -> None:
     js["sync_interval"] = JETSTREAM_SYNC
 
 
+# -- the posture's facts, checked against the config actually written ----------------
+#
+# Key spellings, from nats-server's own parser (github.com/nats-io/nats-server, server/opts.go
+# on main at 2.15.0-dev; the venv runs v2.15.1): every level lowercases its keys before
+# matching them (processConfigFileLine, parseCluster, parseTLS: ``switch strings.ToLower(k)``).
+# Checked with ``nats-server -t`` of v2.15.1: ``prof_port``, ``PROF_PORT``, ``ws``,
+# ``WebSocket``, ``mqtt``, ``leaf``, ``LeafNodes``, ``gateway``, ``listen``, ``net``, ``NET``,
+# ``allow_non_tls``, ``cluster.net``, ``cluster.listen`` and ``cluster.Listen`` are accepted;
+# ``profport``, ``profile``, ``leafnode``, ``gateways`` and ``include`` are refused as unknown
+# fields, so they open nothing. Two spellings of one key (``host`` and ``HOST``) are both kept:
+# nats-server applies them in the order it ranges over its Go map, which is unspecified (in 12
+# runs of v2.15.1 the one written last won), so a second spelling is refused, never guessed.
+
+#: Top-level keys that move the client listener: ``listen`` (HOST:PORT), ``host``/``net``, ``port``.
+_CLIENT_ADDR_KEYS = ("listen", "host", "net", "port")
+#: The same in the ``cluster`` block (parseCluster): the route listener.
+_ROUTE_ADDR_KEYS = ("listen", "host", "net", "port")
+#: Top-level keys that open a listener (or a link) no posture fact covers: WebSocket and MQTT
+#: client listeners (``websocket: {no_tls: true}`` is plaintext), leaf node and gateway
+#: listeners and links, and the Go profiler (pprof over plain HTTP, on the client ``host``).
+_EXTRA_LISTENER_KEYS = ("websocket", "ws", "mqtt", "leaf", "leafnodes", "gateway", "prof_port")
+#: Keys a plugin may add to a ``tls`` block the core relies on: none of them weakens it.
+#: ``timeout`` (handshake), ``pinned_certs`` and ``connection_rate_limit`` only restrict,
+#: ``min_version`` cannot go below 1.2 (parseTLSVersion refuses it), ``ocsp_peer`` adds a check.
+#: Anything else (``insecure``, ``cipher_suites``, ``allow_insecure_cipher_suites``, ``certs``,
+#: ``cert_store``, ``verify_and_map``, the ``first``/``immediate`` aliases of
+#: ``handshake_first``...) is refused: fail closed on what this list does not know.
+_TLS_ADDITIONS = frozenset({"timeout", "pinned_certs", "connection_rate_limit", "min_version", "ocsp_peer"})
+#: What route_tls writes in ``cluster.tls`` (plugins/route_tls): the route CA, and verification on.
+_ROUTE_TLS_KEYS = frozenset({"cert_file", "key_file", "ca_file", "verify"})
+#: The route_tls flags' option names and the ``cluster.tls`` key each must fill.
+_ROUTE_TLS_OPTIONS = {"cert_file": "route_tls_cert", "key_file": "route_tls_key", "ca_file": "route_tls_ca"}
+
+
+def _refusal(key: str, problem: str) -> ConfigError:
+    return ConfigError(
+        f"nats.conf: {key} {problem}, so the posture (and the cluster gate) would not describe the server; the "
+        "likely cause is a plugin's configure_nats hook: fix that plugin or block it with --disable-plugin NAME "
+        "(membershipd plugins lists them)")
+
+
+def _same(a: Any, b: Any) -> bool:
+    return type(a) is type(b) and a == b
+
+
+def _spellings(block: dict[str, Any], names: tuple[str, ...] | frozenset[str]) -> list[str]:
+    """The keys of ``block`` nats-server reads as one of ``names`` (it lowercases keys)."""
+    return [k for k in block if isinstance(k, str) and k.lower() in names]
+
+
+def _one_block(block: dict[str, Any], name: str, where: str) -> dict[str, Any] | None:
+    """``block[name]``, refusing a second spelling of it or a value that is not a block; None if absent."""
+    keys = _spellings(block, (name,))
+    if not keys:
+        return None
+    if keys != [name]:
+        raise _refusal(where, f"is spelled {', '.join(sorted(map(repr, keys)))} (nats-server reads keys "
+                       "case-insensitively; which one wins is unspecified)")
+    value = block[name]
+    if not isinstance(value, dict):
+        raise _refusal(where, f"is a {type(value).__name__}, not a block")
+    return value
+
+
+def _check_address(block: dict[str, Any], keys: tuple[str, ...], expected: dict[str, Any], where: str) -> None:
+    """``block`` sets its listener with exactly the core's ``host`` and ``port``, nothing else."""
+    for key in _spellings(block, keys):
+        if key not in expected:
+            raise _refusal(f"{where}{key}", f"moves the listener the core put at {expected['host']}:{expected['port']}")
+    for key, value in expected.items():
+        if key not in block:
+            raise _refusal(f"{where}{key}", "was removed (the core wrote it from the flags)")
+        if not _same(block[key], value):
+            raise _refusal(f"{where}{key}", f"is {block[key]!r}, not {value!r} as the flags say")
+
+
+def _check_tls(tls: dict[str, Any], core: dict[str, Any], allowed: frozenset[str], where: str) -> None:
+    """Every key the core wrote is still there with its value; additions only from ``allowed``."""
+    for key in tls:
+        if key not in core and key not in allowed:
+            raise _refusal(f"{where}.{key}", "is not a setting a plugin may add to a TLS block membershipd relies on")
+    for key, value in core.items():
+        if key not in tls:
+            raise _refusal(f"{where}.{key}", "was removed")
+        if not _same(tls[key], value):
+            raise _refusal(f"{where}.{key}", f"is {tls[key]!r}, not {value!r}")
+
+
+def check_posture_facts(config: dict[str, Any], settings: Settings) -> None:
+    """Refuse (exit 2) a config whose listeners differ from what the posture says of them.
+
+    The posture's ``nats`` and ``routes`` listeners, and with them ``tls``, are
+    computed from the flags (unibus.posture), not from the config; this holds
+    the config to the flags after every plugin's ``configure_nats`` ran:
+
+    * the client listener is where ``base_config`` put it (``host``, ``port``;
+      no ``listen`` or ``net``), and the client ``tls`` block ``--tls-cert``
+      wrote keeps its certificate, key, ``handshake_first: true`` and, with
+      ``--tls-ca``, ``ca_file`` and ``verify: true``. ``allow_non_tls: true``
+      is refused too: ``handshake_first: true`` overrides it today (server.go),
+      but its only use is to let clients in without TLS. A ``tls`` block the
+      flags did not ask for only adds TLS to a listener the posture calls
+      ``loopback`` or ``plaintext``, and may stay;
+    * a clustered node's ``cluster`` listens where ``--cluster-addr`` says,
+      and ``cluster.tls`` has a certificate, a key, a ``ca_file`` (without
+      one, nats-server checks route peers against the system's roots: a
+      certificate from any CA the host trusts would join) and ``verify: true``
+      (nats-server verifies route peers whatever it says, opts.go
+      getTLSConfig, but the block must say what the posture reports), the
+      route_tls flags' files when they are given (a plugin cannot swap the
+      route CA for the client CA route_tls refuses), and nothing that weakens
+      it (``insecure: true`` skips the check of the routes this node dials:
+      route.go warns "will not be verified"). An unclustered node has no
+      ``cluster`` at all;
+    * no other listener: see :data:`_EXTRA_LISTENER_KEYS` (the monitor is
+      pinned to loopback by :func:`enforce_loopback_monitor` instead).
+    """
+    core = base_config(settings)
+    for key in _spellings(config, _EXTRA_LISTENER_KEYS):
+        raise _refusal(key, "opens a listener that no posture fact covers")
+    for key in _spellings(config, ("allow_non_tls",)):
+        if config[key] is not False:
+            raise _refusal(key, "lets clients of the NATS listener in without TLS")
+    _check_address(config, _CLIENT_ADDR_KEYS, {"host": core["host"], "port": core["port"]}, "")
+    tls = _one_block(config, "tls", "tls")
+    if "tls" in core:
+        if tls is None:
+            raise _refusal("tls", "was removed: the NATS listener would take clients in clear (--tls-cert asks for TLS)")
+        additions = _TLS_ADDITIONS if "verify" in core["tls"] else _TLS_ADDITIONS | {"ca_file", "verify"}
+        _check_tls(tls, core["tls"], additions, "tls")
+    cluster = _one_block(config, "cluster", "cluster")
+    if "cluster" not in core:
+        if cluster is not None:
+            raise _refusal("cluster", "opens a route listener on a node without --cluster-name")
+        return
+    if cluster is None:
+        raise _refusal("cluster", "was removed (--cluster-name asks for it)")
+    route_addr = {"host": core["cluster"]["host"], "port": core["cluster"]["port"]}
+    _check_address(cluster, _ROUTE_ADDR_KEYS, route_addr, "cluster.")
+    route_tls = _one_block(cluster, "tls", "cluster.tls")
+    if route_tls is None:
+        raise _refusal("cluster.tls", "is missing: the routes would run in clear, not on mutual TLS")
+    if route_tls.get("verify") is not True:
+        state = f"is {route_tls['verify']!r}" if "verify" in route_tls else "is missing"
+        raise _refusal("cluster.tls.verify", f"{state}, not true: the routes must verify their peers")
+    for key, option in _ROUTE_TLS_OPTIONS.items():
+        value = route_tls.get(key)
+        if not (isinstance(value, str) and value):
+            raise _refusal(f"cluster.tls.{key}", "is missing: mutual route TLS needs a certificate, its key and "
+                           "the route CA")
+        flag = settings.option(option)
+        if flag is not None and value != str(flag):
+            raise _refusal(f"cluster.tls.{key}", f"is {value!r}, not {str(flag)!r} as --{option.replace('_', '-')} says")
+    for key in route_tls:
+        if key not in _ROUTE_TLS_KEYS and key not in _TLS_ADDITIONS:
+            raise _refusal(f"cluster.tls.{key}", "is not a setting a plugin may add to the route TLS block")
+
+
 def finalize_config(config: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """Apply the core's invariants to a freshly built, plugin-mutated config, in place."""
+    """Apply the core's invariants to a freshly built, plugin-mutated config, in place.
+
+    Raises :class:`ConfigError` when the config no longer matches the posture
+    (:func:`check_posture_facts`).
+    """
     final = config
     enforce_loopback_monitor(final)
     enforce_sync_always(final)
+    check_posture_facts(final, settings)
     if settings.cluster_name and settings.cluster_pass is not None:
         cluster = final.setdefault("cluster", {})
         cluster["authorization"] = {"user": "route", "password": settings.cluster_pass.reveal()}
