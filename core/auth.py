@@ -58,6 +58,7 @@ from .memberlog import LoggedRequest
 from .problems import Problem
 from .pubacks import PubAckUnavailable
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
+from .wire import HANDLE_RE
 from .store.base import Change, Member, Store
 
 log = logging.getLogger("unibus.auth")
@@ -777,7 +778,10 @@ class Authenticator:
         except SignatureError as e:
             raise unauthorized(e.reason, e.kind) from None
         # A cached member costs no coroutine (the hot path: docs/benchmarks.md, "Signed requests").
-        found = self.directory.cached(pending.keyid) or await self.directory.get(pending.keyid)
+        # A keyid that cannot be a handle is no one's, without a look at the store or the
+        # directory's memory of unknown handles (an 8,000-character keyid took 8 KB of it).
+        found = self.directory.cached(pending.keyid) or (
+            await self.directory.get(pending.keyid) if HANDLE_RE.match(pending.keyid) else None)
         if found is None:
             with contextlib.suppress(SignatureError):
                 pending.verify(_DUMMY_RAW)

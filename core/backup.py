@@ -43,7 +43,7 @@ from typing import Any
 
 from . import __version__
 from .errors import ConfigError, RuntimeFailure
-from .privatefiles import make_missing_dirs
+from .privatefiles import check_ancestors, make_missing_dirs
 
 FORMAT = "unibus-backup"
 FORMAT_VERSION = 1
@@ -778,6 +778,7 @@ def restore(archive: Path, data_dir: Path) -> RestoreResult:
     parent = data_dir.parent
     try:
         make_missing_dirs(parent)  # each 0700, whatever the umask
+        check_ancestors(data_dir, "--data-dir")  # no one else may rename what is restored here
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{data_dir.name}.restore-"))  # 0700
     except OSError as e:
         raise ConfigError(f"--data-dir: cannot create a directory in {parent} ({e.strerror})") from None

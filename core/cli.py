@@ -422,6 +422,20 @@ async def _copy_to_kv(url: str, seed: Any, tls: Any, data_dir: Path, replicas: i
         await bus.close()
 
 
+def check_existing_data_dir(data_dir: Path) -> None:
+    """What ``prepare_data_dir`` checks, for a command that only reads the data directory
+    (``backup``, ``migrate-to-kv``): nothing is created, another user's directory or database is
+    refused (exit 2). docs/operations.md, "The data directory"."""
+    from .daemon import OWN_FILES
+    from .privatefiles import check_own_file, check_private_dir
+
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data-dir: {data_dir} is not a directory; give the data directory of the node")
+    check_private_dir(data_dir, "--data-dir")
+    for name in OWN_FILES:
+        check_own_file(data_dir / name, "--data-dir")
+
+
 def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     import asyncio
     import ssl
@@ -437,6 +451,7 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     db = data_dir / "membershipd.db"
     if not db.exists():
         raise ConfigError(f"--data-dir: {db} does not exist; nothing to copy (run membershipd member add first)")
+    check_existing_data_dir(data_dir)
     url, seed, tls = _open_nats_target(ns, target, data_dir)
     try:
         counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
@@ -491,6 +506,7 @@ def _backup_node(ns: argparse.Namespace, data_dir: Path, out: Path) -> Any:
                               "back up the single node in --data-dir")
     if not (data_dir / "membershipd.db").is_file():
         raise ConfigError(f"--data-dir: {data_dir / 'membershipd.db'} does not exist; nothing to back up")
+    check_existing_data_dir(data_dir)
     if _cluster_node_data_dir(data_dir):
         raise ConfigError(f"--data-dir: {data_dir} belongs to a cluster node, whose state is in JetStream; "
                           "back up the cluster with --nats-url (the node's loopback NATS URL)")

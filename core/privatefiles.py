@@ -9,7 +9,8 @@ something in it that membershipd then trusts or writes a secret into
   mode 0700 (``mkdir -p`` gives the parents the umask's mode: 0777 under
   umask 000), then checks the last one with :func:`check_private_dir`.
 - :func:`check_private_dir` refuses a directory of another user, or one that
-  group or others may write to, and makes one they may only read 0700.
+  group or others may write to, or one below a directory they could rename
+  it in (:func:`check_ancestors`), and makes one they may only read 0700.
 - :func:`check_own_file` refuses a file of another user and makes a looser
   mode 0600.
 - :func:`read_private_file` reads a secret only from a regular file of this
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from .errors import ConfigError, RuntimeFailure
 
-__all__ = ["check_own_file", "check_private_dir", "make_missing_dirs", "make_private_dirs", "read_private_file", "write_private_file"]
+__all__ = ["check_ancestors", "check_own_file", "check_private_dir", "make_missing_dirs", "make_private_dirs", "read_private_file", "write_private_file"]
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -57,12 +58,46 @@ def make_private_dirs(path: Path, flag: str) -> None:
     check_private_dir(path, flag)
 
 
+def check_ancestors(path: Path, flag: str) -> None:
+    """Refuse (exit 2) a ``path`` with a directory above it that someone else could rename it in:
+    one that is not root's or this user's, or that group or others may write to without the
+    sticky bit (as ssh's StrictModes). Both the directories above ``path`` as given (where a
+    link to it lives) and above the directory it resolves to are checked.
+
+    Without this, another user who may write to a parent swapped the data directory for one of
+    theirs between the check of the directory and the files opened in it (red team: 4 of 25
+    tries of a rename race won)."""
+    me = os.geteuid()
+    given = Path(os.path.abspath(path))
+    chains = {Path(os.path.realpath(given.parent)), Path(os.path.realpath(given)).parent}
+    seen: set[Path] = set()
+    for start in chains:
+        for d in (start, *start.parents):
+            if d in seen:
+                continue
+            seen.add(d)
+            try:
+                st = os.stat(d)
+            except OSError as e:
+                raise ConfigError(f"{flag}: cannot look at {d} above {path} ({e.strerror})") from None
+            mode = stat.S_IMODE(st.st_mode)
+            if st.st_uid not in (0, me):
+                raise ConfigError(f"{flag}: {d} above {path} belongs to uid {st.st_uid}, who could swap {path} for a "
+                                  "directory of theirs; use a directory under your own or root's")
+            if mode & 0o022 and not mode & stat.S_ISVTX:
+                raise ConfigError(f"{flag}: group or others may write to {d} above {path} (mode {mode:04o}), so they "
+                                  f"could swap {path} for a directory of theirs; run chmod go-w {d}, or use "
+                                  "another directory")
+
+
 def check_private_dir(path: Path, flag: str) -> None:
     """Refuse (exit 2) a ``path`` that is not a directory of this user or that group or others
-    may write to; make it 0700 when they may only read it or enter it.
+    may write to, or that has such a directory above it (:func:`check_ancestors`); make it 0700
+    when they may only read it or enter it.
 
     A symbolic link is followed: an operator may link the data directory elsewhere, and
-    what is checked is the directory it names."""
+    what is checked is the directory it names (and the directories above the link)."""
+    check_ancestors(path, flag)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except NotADirectoryError:

@@ -130,3 +130,29 @@ async def test_a_deleted_member_is_refused_by_every_concurrent_lookup(tmp_path):
         assert await directory.get("alice") is not None
     finally:
         await store.close()
+
+
+async def test_a_keyid_that_cannot_be_a_handle_is_refused_without_a_lookup(tmp_path):
+    """Adversary: a network attacker. An 8,000-character keyid took 8 KB of the directory's memory of
+    unknown handles, and 4,096 of them flushed it (red team). It is refused before the directory."""
+    from unibus.auth import BAD_SIGNATURE, Authenticator
+    from unibus.client.keys import generate_identity
+    from unibus.problems import Problem
+    from unibus.signing import sign_request
+
+    store = await sqlite_store(tmp_path)
+    try:
+        directory = MemberDirectory(store)
+        auth = Authenticator(directory, nonces=None, skew=60)  # the nonce claim comes after: not reached
+        mallory = generate_identity("mallory")
+        for keyid in ("K" * 3000, "Alice", "a b", "nobody"):  # (a longer one is refused as too long)
+            headers = sign_request("GET", "/v1/me", b"", keyid=keyid, private_key=mallory.sign_key)
+            try:
+                await auth.verify("GET", "/v1/me", headers, b"")
+            except Problem as e:
+                assert e.status == 401 and e.detail == BAD_SIGNATURE
+            else:
+                raise AssertionError(f"{keyid[:20]!r} was accepted")
+        assert list(directory._unknown) == ["nobody"]  # only a keyid that could be a handle is remembered
+    finally:
+        await store.close()

@@ -69,6 +69,58 @@ def test_under_umask_000_every_directory_made_for_the_data_dir_is_0700(tmp_path)
     assert mode(data / "membershipd.db") == 0o600
 
 
+@pytest.mark.parametrize("parent_mode, refused", [(0o777, True), (0o775, True), (0o1777, False), (0o755, False)])
+def test_a_data_dir_below_a_directory_others_may_write_to_is_refused(tmp_path, parent_mode, refused):
+    """Another user who may write to a directory above the data dir renames it away between the check
+    and the opens that follow, and puts one of theirs there (red team: won 4 of 25 races). A sticky
+    directory (as /tmp) lets no one rename what is not theirs."""
+    parent = tmp_path / "shared"
+    parent.mkdir()
+    os.chmod(parent, parent_mode)
+    data = parent / "data"
+    done = run_membershipd("migrate", "--data-dir", str(data))
+    if refused:
+        line = one_line_refusal(done)
+        assert f"chmod go-w {parent}" in line and f"above {data}" in line
+    else:
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_link_to_the_data_dir_is_checked_where_the_link_lives(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # whoever may write here may point the link elsewhere
+    (shared / "data").symlink_to(real)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(shared / "data")))
+    assert f"chmod go-w {shared}" in line
+    assert list(real.iterdir()) == []
+
+
+@needs_root
+def test_a_data_dir_below_a_directory_of_another_user_is_refused(tmp_path):
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o755)
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(theirs / "data")))
+    assert f"belongs to uid {OTHER_UID}" in line
+
+
+def test_backup_and_migrate_to_kv_check_the_data_dir_too(tmp_path):
+    """They read the data directory only, and create nothing in it: a directory others may write to
+    (or another user's database) is refused before anything is read or copied (red team: migrate-to-kv
+    copied another user's database, their admin included, into the cluster's KV)."""
+    data = tmp_path / "d"
+    assert run_membershipd("migrate", "--data-dir", str(data)).returncode == 0
+    os.chmod(data, 0o777)
+    line = one_line_refusal(run_membershipd("backup", "--data-dir", str(data), "--out", str(tmp_path / "b.tar.gz")))
+    assert f"chmod 700 {data}" in line and not (tmp_path / "b.tar.gz").exists()
+    line = one_line_refusal(run_membershipd("migrate-to-kv", "--data-dir", str(data), "--nats-url",
+                                            "nats://127.0.0.1:1"))
+    assert f"chmod 700 {data}" in line
+
+
 def test_a_looser_database_of_ours_is_made_0600(tmp_path):
     data = tmp_path / "d"
     assert run_membershipd("migrate", "--data-dir", str(data)).returncode == 0
