@@ -21,6 +21,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from . import __version__
 from .auth import MAX_BODY, body_unread
 from .bus import Bus
+from .connlimits import DEFAULT_IDLE_TIMEOUT
 from .health import HealthProber, HealthState
 from .inputs import check_path_params
 from .metrics import CLIENT_GONE, Metrics, route_label
@@ -83,8 +84,18 @@ class _ServerLogger(logging.LoggerAdapter):
 #: Keyword arguments of the ``web.AppRunner`` that serves the app. Request
 #: bodies are taken as sent: no ``Content-Encoding`` is decoded (a signed
 #: request with one is 415). See docs/http-api.md, "Slow and large bodies".
+#: The daemon adds ``keepalive_timeout`` (UNIBUS_HTTP_IDLE_TIMEOUT; aiohttp's
+#: own default is 3630 s) and serves through unibus.connlimits.LimitedSite,
+#: which bounds the connections: :func:`server_options`.
 SERVER_OPTIONS: dict[str, Any] = {"lingering_time": UNREAD_BODY_DRAIN, "auto_decompress": False,
                                   "logger": _ServerLogger(logging.getLogger("aiohttp.server"), {})}
+
+
+def server_options(idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> dict[str, Any]:
+    """SERVER_OPTIONS with ``keepalive_timeout``: a connection waits at most ``idle_timeout``
+    for its next request head, after it is made and after each response (unibus.connlimits)."""
+    return {**SERVER_OPTIONS, "keepalive_timeout": idle_timeout}
+
 
 CORE_HEALTHZ_KEYS = frozenset({"status", "version", "node", "posture", "nats", "warnings"})
 

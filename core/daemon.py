@@ -31,10 +31,12 @@ from .api import bus as bus_api
 from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
-from .app import EVENTS, EXTRA, HEALTH, SERVER_OPTIONS, current_posture, make_app
+from .app import EVENTS, EXTRA, HEALTH, current_posture, make_app, server_options
 from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
                    nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
+from .connlimits import (DEFAULT_IDLE_TIMEOUT, AcceptErrorLog, ConnectionLimiter, LimitedSite, descriptor_limit,
+                         idle_timeout_from_env, nofile_limit)
 from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
 from .health import HealthProber
@@ -163,6 +165,9 @@ class Daemon:
         self._system_seed = None
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
+        #: UNIBUS_HTTP_IDLE_TIMEOUT (read by start): how long an HTTP connection may wait for a request head
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        self.accept_errors: AcceptErrorLog | None = None
         self.metrics = Metrics(node=settings.server_name)
         self.metrics.plugins = plugins
         self.metrics_server: MetricsServer | None = None
@@ -179,6 +184,7 @@ class Daemon:
     async def start(self) -> None:
         s = self.settings
         body_timeout = body_timeout_from_env(os.environ)
+        self.idle_timeout = idle_timeout_from_env(os.environ)
         self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
         nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
         http_tls, metrics_tls, binary = self._preflight()
@@ -297,18 +303,29 @@ class Daemon:
         self.metrics.health = self.health
 
     async def _listen(self, http_tls: ssl.SSLContext | None, metrics_tls: ssl.SSLContext | None) -> None:
-        """Listen: the HTTP API, then the metrics endpoint if asked for."""
+        """Listen: the HTTP API, then the metrics endpoint if asked for. Each listener bounds its
+        connections, and a failed accept() is logged once per interval (unibus.connlimits)."""
         s = self.settings
+        self.accept_errors = AcceptErrorLog().install(asyncio.get_running_loop())
+        self.metrics.accept_errors = self.accept_errors
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False, shutdown_timeout=HTTP_STOP_TIMEOUT,
-                                    **SERVER_OPTIONS)
+                                    **server_options(self.idle_timeout))
         await self.runner.setup()
-        site = web.TCPSite(self.runner, s.http_addr.host, s.http_addr.port, reuse_address=True, ssl_context=http_tls)
+        nofile = descriptor_limit()
+        limiter = ConnectionLimiter("http", nofile_limit, where=f"--http-addr {s.http_addr}")
+        self.metrics.connections["http"] = limiter
+        site = LimitedSite(self.runner, s.http_addr.host, s.http_addr.port, limiter=limiter, ssl_context=http_tls,
+                           handshake_timeout=self.idle_timeout)
         try:
             await site.start()
         except OSError as e:
             raise RuntimeFailure(f"--http-addr {s.http_addr}: cannot listen ({e.strerror})") from None
+        log.info("HTTP connections: at most %d open (descriptor limit %s); a request head must arrive within %g s "
+                 "(UNIBUS_HTTP_IDLE_TIMEOUT)", limiter.limit, nofile if nofile is not None else "unlimited",
+                 self.idle_timeout)
         if s.metrics_addr is not None:
-            self.metrics_server = MetricsServer(self.metrics, s.metrics_addr.host, s.metrics_addr.port, metrics_tls)
+            self.metrics_server = MetricsServer(self.metrics, s.metrics_addr.host, s.metrics_addr.port, metrics_tls,
+                                                idle_timeout=self.idle_timeout)
             try:
                 await self.metrics_server.start()
             except OSError as e:
@@ -440,7 +457,11 @@ class Daemon:
             listeners.append(self.metrics_server.stop())
         if self.runner is not None:
             listeners.append(self.runner.cleanup())
-        await asyncio.gather(*listeners, return_exceptions=True)
+        try:
+            await asyncio.gather(*listeners, return_exceptions=True)
+        finally:
+            if self.accept_errors is not None:
+                self.accept_errors.uninstall()
 
     async def _close(self) -> None:
         """The daemon's own tasks, the health prober, the nonce store, the store and both

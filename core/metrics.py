@@ -267,6 +267,7 @@ class _DaemonCollector:
             yield GaugeMetricFamily(f"{NAMESPACE}_rooms", "rooms", value=len(counts.rooms))
             yield GaugeMetricFamily(f"{NAMESPACE}_log_entries", "entries of the membership log",
                                     value=counts.log_entries)
+        yield from _connection_families(m)
         nonces = m.nonces
         claims = CounterMetricFamily(f"{NAMESPACE}_nonce_claims", "nonce claims of signed requests by result: "
                                      "claimed, replay (401), unavailable (503: fail closed)", labels=["result"])
@@ -284,6 +285,29 @@ class _DaemonCollector:
             for (plugin, hook), n in sorted(seen.items()):
                 errors.add_metric([plugin, hook], n)
             yield errors
+
+
+def _connection_families(m: Metrics) -> Iterator[Metric]:
+    """The HTTP listeners' connections (unibus.connlimits), by listener: open, the limit, those
+    closed early to make room or at once; and the failed accept()s of any listener."""
+    families = (
+        (GaugeMetricFamily, "http_connections", "open connections of the HTTP listener", len),
+        (GaugeMetricFamily, "http_connections_limit", "most connections the HTTP listener keeps open at once",
+         lambda c: c.limit),
+        (CounterMetricFamily, "http_connections_evicted", "idle connections (no request in progress) closed to "
+         "make room for a new one, the listener being at its limit", lambda c: c.evicted),
+        (CounterMetricFamily, "http_connections_refused", "new connections closed at once, the listener being at "
+         "its limit with every connection serving a request", lambda c: c.refused),
+    )
+    listeners = sorted(m.connections.items())
+    for kind, name, doc, read in families:
+        family = kind(f"{NAMESPACE}_{name}", doc, labels=["listener"])
+        for listener, limiter in listeners:
+            family.add_metric([listener], read(limiter))
+        yield family
+    yield CounterMetricFamily(f"{NAMESPACE}_accept_errors", "accept() failures of any listener for lack of "
+                              "descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)",
+                              value=getattr(m.accept_errors, "count", 0))
 
 
 class Metrics:
@@ -304,6 +328,10 @@ class Metrics:
         self.counts: StateCounts | None = None
         self.health: Any = None
         self.posture: Callable[[], dict[str, Any]] | None = None
+        #: each HTTP listener's :class:`unibus.connlimits.ConnectionLimiter`, by listener (``http``, ``metrics``)
+        self.connections: dict[str, Any] = {}
+        #: the daemon's :class:`unibus.connlimits.AcceptErrorLog` (its ``count``)
+        self.accept_errors: Any = None
         self._plugins: dict[str, PluginMetrics] = {}
         if process:
             ProcessCollector(registry=self.registry)
@@ -423,21 +451,31 @@ def metrics_app(metrics: Metrics) -> web.Application:
 
 
 class MetricsServer:
-    """Runs :func:`metrics_app` on an address, with TLS when given a context."""
+    """Runs :func:`metrics_app` on an address, with TLS when given a context; at most
+    METRICS_MAX_CONNECTIONS connections, each waiting at most ``idle_timeout`` for a
+    request head (unibus.connlimits)."""
 
-    def __init__(self, metrics: Metrics, host: str, port: int, ssl_context: Any = None) -> None:
+    def __init__(self, metrics: Metrics, host: str, port: int, ssl_context: Any = None, *,
+                 idle_timeout: float | None = None) -> None:
+        from .connlimits import DEFAULT_IDLE_TIMEOUT, METRICS_MAX_CONNECTIONS, ConnectionLimiter
+
         self.metrics = metrics
         self.host, self.port = host, port
         self.ssl_context = ssl_context
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        self.limiter = ConnectionLimiter("metrics", METRICS_MAX_CONNECTIONS, where=f"--metrics-addr {host}:{port}")
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:
-        from .app import SERVER_OPTIONS
+        from .app import server_options
+        from .connlimits import LimitedSite
 
         self.runner = web.AppRunner(metrics_app(self.metrics), access_log=None, handle_signals=False,
-                                    shutdown_timeout=1.0, **SERVER_OPTIONS)
+                                    shutdown_timeout=1.0, **server_options(self.idle_timeout))
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.host, self.port, reuse_address=True, ssl_context=self.ssl_context)
+        self.metrics.connections["metrics"] = self.limiter
+        site = LimitedSite(self.runner, self.host, self.port, limiter=self.limiter, ssl_context=self.ssl_context,
+                           handshake_timeout=self.idle_timeout)
         await site.start()
 
     async def stop(self) -> None:

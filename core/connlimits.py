@@ -1,0 +1,421 @@
+"""Bounds on the connections of membershipd's HTTP listeners: the control plane and the
+metrics endpoint (docs/http-api.md, "Slow and large bodies"; docs/operations.md,
+"Listeners and TLS").
+
+A red-team finding: any client could take the control plane down without sending a
+request. aiohttp keeps an idle connection for 3630 s by default, nothing bounded the
+number of connections but the process's descriptor limit (RLIMIT_NOFILE), and once that
+was reached Python 3.11's accept loop logged a traceback for every failed ``accept()``
+(505 MB of log in 110 s). Now:
+
+* **Idle and head deadline** (:data:`DEFAULT_IDLE_TIMEOUT`, ``UNIBUS_HTTP_IDLE_TIMEOUT``):
+  aiohttp's ``keepalive_timeout``. aiohttp 3.14 arms that timer when a connection is made
+  and again when a response is done, and does not re-arm it for bytes that arrive, so it
+  closes a connection whose request head is not complete in time (nothing sent, or a head
+  trickled a byte at a time) as well as one idle between two requests. It never cuts a
+  request being served: a body has the body deadline, a blob transfer its pacing.
+* **TLS handshake deadline**: the same time (asyncio's default is 60 s).
+* **Connections per listener** (:func:`max_connections`, from RLIMIT_NOFILE as it is at each
+  new connection; the metrics listener: :data:`METRICS_MAX_CONNECTIONS`). At the limit
+  a new connection first pushes out the oldest *idle* one (waiting for a request head, in
+  its TLS handshake, or closing), which the idle deadline would have closed later anyway;
+  only when every connection is serving a request is the new one closed at once. So HTTP
+  connections alone never use up the descriptors, and clients that hold connections
+  without sending requests cannot keep members out.
+* **accept() out of descriptors** (:class:`AcceptErrorLog`): one WARNING per
+  :data:`ACCEPT_ERROR_LOG_INTERVAL`, no traceback; every failure is counted.
+
+The listener is :class:`LimitedSite` (aiohttp's ``TCPSite``, plus :class:`_Gate`, the
+protocol of each accepted socket, which admits it and, for HTTPS, does the handshake with
+``loop.start_tls`` so that a socket is counted from ``accept()`` to its close, handshake
+included), and every request is still served by aiohttp's own ``RequestHandler``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import resource
+import ssl
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+
+from .auth import _number_from_env
+
+log = logging.getLogger("unibus.http")
+
+#: Seconds an HTTP connection may wait for its next request head: after it is accepted (after
+#: its TLS handshake, which has as long), and after each response. aiohttp's own default is
+#: 3630 s. 30 s: the default body deadline (UNIBUS_BODY_TIMEOUT), so that a client has as long
+#: for a request's head as for its body; twice the 15 s for which aiohttp's client (the
+#: unibus client's) keeps an idle connection, so that such a client closes an idle connection
+#: before the server does and never sends a request on one the server is closing; and short
+#: enough that a connection left idle (at most :func:`max_connections` of them, and those are
+#: pushed out first at the limit) holds its descriptor briefly.
+DEFAULT_IDLE_TIMEOUT = 30.0
+IDLE_TIMEOUT_ENV = "UNIBUS_HTTP_IDLE_TIMEOUT"
+IDLE_TIMEOUT_RANGE = (0.1, 3600.0)
+
+#: Descriptors kept for everything but the control plane's connections: membershipd's NATS
+#: connections, the store, the log, nats-server's pipes, the metrics listener
+#: (:data:`METRICS_MAX_CONNECTIONS`), and the sockets accepted in one go (up to the listen
+#: backlog, 128) before those over the limit are closed.
+FD_RESERVE = 256
+#: Descriptors one connection may hold: its socket, and a blob's file while it uploads or downloads.
+FDS_PER_CONNECTION = 2
+#: The control plane's connection limit is never below this (a very low RLIMIT_NOFILE) nor above
+#: :data:`MOST_CONNECTIONS` (an unlimited one).
+FEWEST_CONNECTIONS = 16
+MOST_CONNECTIONS = 65536
+#: The metrics listener's limit: a scraper or two, and an operator's curl.
+METRICS_MAX_CONNECTIONS = 16
+#: The listen backlog (aiohttp's TCPSite default).
+BACKLOG = 128
+
+#: The message of asyncio's exception-handler call when ``accept()`` fails for lack of a
+#: descriptor or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM); it stops accepting on that
+#: listener for a second, then tries again.
+ACCEPT_ERROR_MESSAGE = "socket.accept() out of system resource"
+#: At most one log line per this many seconds about failed accepts.
+ACCEPT_ERROR_LOG_INTERVAL = 10.0
+#: At most one log line per this many seconds about a listener at its connection limit.
+LIMIT_LOG_INTERVAL = 10.0
+
+
+def idle_timeout_from_env(env: Mapping[str, str]) -> float:
+    """``UNIBUS_HTTP_IDLE_TIMEOUT`` (seconds), or the default; ConfigError (exit 2) naming it otherwise."""
+    return _number_from_env(env, IDLE_TIMEOUT_ENV, DEFAULT_IDLE_TIMEOUT, IDLE_TIMEOUT_RANGE, float,
+                            "a number of seconds from {lo:g} to {hi:g}")
+
+
+def descriptor_limit() -> int | None:
+    """This process's soft RLIMIT_NOFILE; None when unlimited."""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
+def max_connections(nofile: int | None) -> int:
+    """The control plane's connection limit for a descriptor limit of ``nofile`` (None: unlimited):
+    what is left after :data:`FD_RESERVE`, :data:`FDS_PER_CONNECTION` per connection, within
+    :data:`FEWEST_CONNECTIONS` and :data:`MOST_CONNECTIONS`. 384 for the usual 1024."""
+    if nofile is None:
+        return MOST_CONNECTIONS
+    return max(FEWEST_CONNECTIONS, min(MOST_CONNECTIONS, (nofile - FD_RESERVE) // FDS_PER_CONNECTION))
+
+
+def nofile_limit() -> int:
+    """:func:`max_connections` of the descriptor limit as it is now: a limit changed while
+    membershipd runs (``prlimit --pid``) moves the control plane's connection limit with it."""
+    return max_connections(descriptor_limit())
+
+
+class _Every:
+    """Log lines about one kind of event, at most one per ``interval`` seconds: the first event
+    is reported at once, the next ones are added up and reported when the interval is over
+    (``report(since)``: what happened in the ``since`` seconds before; None for the first)."""
+
+    def __init__(self, interval: float, report: Callable[[float | None], None]) -> None:
+        self.interval = interval
+        self._report = report
+        self._at: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def hit(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        if self._at is None or now - self._at >= self.interval:
+            self.cancel()  # a timer the loop has not run yet would report nothing new
+            self._fire(now)
+        elif self._timer is None:
+            self._timer = loop.call_at(self._at + self.interval, lambda: self._fire(loop.time()))
+
+    def _fire(self, now: float) -> None:
+        self._timer = None
+        since = None if self._at is None else now - self._at
+        self._at = now
+        self._report(since)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+class ConnectionLimiter:
+    """The open connections of one listener, at most ``limit`` of them (see the module docstring):
+    a number, or a function asked at each new connection (:func:`nofile_limit`).
+
+    ``evicted`` counts the idle connections closed to make room, ``refused`` the new ones
+    closed at once because none was idle; both are exported as metrics
+    (``unibus_http_connections_evicted_total``, ``unibus_http_connections_refused_total``).
+    """
+
+    def __init__(self, name: str, limit: int | Callable[[], int], *, where: str = "") -> None:
+        self.name = name
+        self._limit = limit
+        self.where = where or name
+        self.evicted = 0
+        self.refused = 0
+        # insertion-ordered: the oldest connection first, and pushed out first
+        self._open: dict[_Gate, None] = {}
+        self._reported = (0, 0)
+        self._log = _Every(LIMIT_LOG_INTERVAL, self._log_limit)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    @property
+    def limit(self) -> int:
+        return self._limit() if callable(self._limit) else self._limit
+
+    def admit(self, conn: _Gate) -> bool:
+        """Count ``conn`` in; at the limit, push the oldest idle connection out first. False
+        (and counted) when every connection is busy: the caller closes ``conn``."""
+        if len(self._open) >= self.limit:
+            victim = next((c for c in self._open if c.idle()), None)
+            if victim is None:
+                self.refused += 1
+                self._log.hit(asyncio.get_running_loop())
+                return False
+            del self._open[victim]
+            self.evicted += 1
+            victim.evict()
+            self._log.hit(asyncio.get_running_loop())
+        self._open[conn] = None
+        return True
+
+    def release(self, conn: _Gate) -> None:
+        """``conn`` is closed (or closing, its socket released): it no longer counts. Idempotent."""
+        self._open.pop(conn, None)
+
+    def abort_handshakes(self) -> None:
+        """Close the connections aiohttp does not know of yet: those in their TLS handshake."""
+        for conn in [c for c in self._open if c.handshaking]:
+            self.release(conn)
+            conn.evict()
+
+    def _log_limit(self, since: float | None) -> None:
+        """The WARNING of a listener at its limit: at most one per LIMIT_LOG_INTERVAL (:class:`_Every`)."""
+        evicted, refused = self.evicted - self._reported[0], self.refused - self._reported[1]
+        self._reported = (self.evicted, self.refused)
+        log.warning("%s: at its limit of %d open connections: %d idle connection(s) closed early to make room, "
+                    "%d new one(s) closed at once as every connection was busy%s", self.where, self.limit, evicted,
+                    refused, "" if since is None else f" (in the last {since:.0f} s)")
+
+
+class _Gate(asyncio.Protocol):
+    """The protocol of one accepted socket: counted by the listener's :class:`ConnectionLimiter`
+    from ``accept()`` to its close, TLS handshake (``loop.start_tls``, within the site's
+    handshake deadline) included; every event is handed to aiohttp's ``RequestHandler``."""
+
+    __slots__ = ("_site", "_raw", "_app", "_handler", "_early", "_handshake", "_fresh")
+
+    def __init__(self, site: LimitedSite) -> None:
+        self._site = site
+        self._raw: Any = None  # the socket's transport
+        self._app: Any = None  # what aiohttp reads and writes: the same, or the TLS transport over it
+        self._handler: Any = None  # aiohttp's RequestHandler, once the connection is served
+        self._early: list[bytes] = []  # decrypted bytes that came with the end of the handshake
+        self._handshake: asyncio.Task[None] | None = None
+        self._fresh = True  # no byte of a request yet
+
+    @property
+    def handshaking(self) -> bool:
+        return self._handler is None
+
+    def idle(self) -> bool:
+        """True when closing this connection loses no request: in its TLS handshake, closing,
+        not a byte of a request received yet (accepted in the same burst: aiohttp's handler
+        has not started), or waiting for a request head. The last is the test aiohttp's own
+        keep-alive timer makes before it closes a connection (its ``_waiter``, the future its
+        loop awaits for the next request, is pending); anything else is busy."""
+        handler = self._handler
+        if handler is None or self._fresh or self._app.is_closing():
+            return True
+        waiter = getattr(handler, "_waiter", None)
+        return waiter is not None and not waiter.done()
+
+    def evict(self) -> None:
+        """Close the socket now, nothing flushed (no TLS close_notify to wait for)."""
+        if self._handshake is not None:
+            self._handshake.cancel()
+        if self._raw is not None:
+            self._raw.abort()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._raw = transport
+        site = self._site
+        if not site.limiter.admit(self):
+            transport.abort()
+            return
+        if site.ssl_context is None:
+            self._serve(transport)
+            return
+        transport.pause_reading()  # the handshake's bytes are SSLProtocol's, not ours: start_tls resumes
+        self._handshake = asyncio.get_running_loop().create_task(self._tls(transport))
+
+    async def _tls(self, raw: Any) -> None:
+        site = self._site
+        try:
+            app = None
+            if not raw.is_closing():  # evicted, or the client left, before the handshake began
+                app = await asyncio.get_running_loop().start_tls(
+                    raw, self, site.ssl_context, server_side=True, ssl_handshake_timeout=site.handshake_timeout)
+        except asyncio.CancelledError:  # evicted, or the listener stops
+            self._drop()
+            raise
+        except Exception:  # noqa: BLE001 - a failed or timed-out handshake, a client gone: asyncio closed it
+            app = None
+        finally:
+            self._handshake = None
+        if app is None or app.is_closing():
+            self._drop()
+            return
+        self._serve(app)
+
+    def _drop(self) -> None:
+        self._site.limiter.release(self)
+        self._early = []
+        if self._raw is not None:
+            self._raw.abort()
+
+    def _serve(self, transport: Any) -> None:
+        """Hand the connection to a new aiohttp RequestHandler (with the bytes that came before it)."""
+        assert self._site.runner.server is not None
+        self._app = transport
+        handler = self._site.runner.server()
+        self._handler = handler
+        handler.connection_made(transport)
+        early, self._early = self._early, []
+        for data in early:
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if self._handler is not None:
+            self._fresh = False
+            self._handler.data_received(data)
+        else:  # TLS: after the handshake, before start_tls returned
+            self._early.append(data)
+
+    def eof_received(self) -> bool | None:
+        return self._handler.eof_received() if self._handler is not None else None
+
+    def pause_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._handler is not None:
+            self._handler.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._site.limiter.release(self)
+        handler, self._handler = self._handler, None
+        if handler is not None:
+            handler.connection_lost(exc)
+
+
+class LimitedSite(web.BaseSite):
+    """aiohttp's ``TCPSite`` with the bounds of this module: at most ``limiter.limit``
+    connections, and a TLS handshake (when ``ssl_context`` is given) within ``handshake_timeout``."""
+
+    __slots__ = ("_host", "_port", "_reuse_address", "limiter", "handshake_timeout")
+
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limiter: ConnectionLimiter,
+                 handshake_timeout: float, ssl_context: ssl.SSLContext | None = None,
+                 reuse_address: bool = True) -> None:
+        super().__init__(runner, ssl_context=ssl_context, backlog=BACKLOG)
+        self._host, self._port = host, port
+        self._reuse_address = reuse_address
+        self.limiter = limiter
+        self.handshake_timeout = handshake_timeout
+
+    @property
+    def name(self) -> str:
+        return f"{'https' if self._ssl_context else 'http'}://{self._host}:{self._port}"
+
+    @property
+    def runner(self) -> web.BaseRunner:
+        return self._runner
+
+    @property
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return self._ssl_context
+
+    async def start(self) -> None:
+        await super().start()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _Gate(self), self._host, self._port, backlog=self._backlog,
+                                                reuse_address=self._reuse_address)
+
+    async def stop(self) -> None:
+        await super().stop()
+        self.limiter.abort_handshakes()
+
+
+class AcceptErrorLog:
+    """The event loop's exception handler while membershipd listens: asyncio's
+    "socket.accept() out of system resource" (EMFILE: out of descriptors; ENFILE, ENOBUFS,
+    ENOMEM), which Python 3.11 reports with a traceback for every failed ``accept()``, many
+    times a second, becomes one WARNING per :data:`ACCEPT_ERROR_LOG_INTERVAL` without a
+    traceback, saying how many failed since the last; ``count`` has them all
+    (``unibus_accept_errors_total``). Any other report goes to the handler installed before
+    (asyncio's default when none)."""
+
+    def __init__(self, interval: float = ACCEPT_ERROR_LOG_INTERVAL) -> None:
+        self.count = 0
+        self._reported = 0
+        self._last: tuple[str, OSError] | None = None
+        self._log = _Every(interval, self._log_failures)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._previous: Any = None
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> AcceptErrorLog:
+        self._loop = loop
+        self._previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
+        return self
+
+    def uninstall(self) -> None:
+        """Put back the handler found at :meth:`install` (unless another replaced this one since)."""
+        loop, self._loop = self._loop, None
+        self._log.cancel()
+        if loop is not None and loop.get_exception_handler() is self:
+            loop.set_exception_handler(self._previous)
+
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if context.get("message") != ACCEPT_ERROR_MESSAGE or not isinstance(exc, OSError):
+            if self._previous is not None:
+                self._previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+            return
+        self.count += 1
+        where = "a listener"
+        sock = context.get("socket")
+        if sock is not None:
+            try:
+                host, port = sock.getsockname()[:2]
+                where = f"the listener on {host}:{port}"
+            except (OSError, ValueError, TypeError):
+                pass
+        self._last = (where, exc)
+        self._log.hit(loop)
+
+    def _log_failures(self, since: float | None) -> None:
+        assert self._last is not None
+        where, exc = self._last
+        failed, self._reported = self.count - self._reported, self.count
+        code = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        how_many = "" if since is None else f": {failed} failed accept()s in the last {since:.0f} s"
+        log.warning("%s cannot accept connections: %s (%s)%s; new connections wait, asyncio tries again every "
+                    "second. Raise the descriptor limit (LimitNOFILE) or find what holds descriptors",
+                    where, exc.strerror or exc, code, how_many)
+
+
+__all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "DEFAULT_IDLE_TIMEOUT", "FD_RESERVE", "IDLE_TIMEOUT_ENV",
+           "METRICS_MAX_CONNECTIONS", "AcceptErrorLog", "ConnectionLimiter", "LimitedSite", "descriptor_limit",
+           "idle_timeout_from_env", "max_connections", "nofile_limit"]

@@ -1,0 +1,511 @@
+"""The HTTP listener bounds its connections (unibus.connlimits; docs/http-api.md, "Slow and
+large bodies"; docs/operations.md, "Listeners and TLS").
+
+A red-team finding: idle connections, half of them with a partial request head, kept by
+aiohttp for its default 3630 s and bounded only by the descriptor limit, stopped the daemon
+from answering anyone, and every failed accept() then logged a traceback (505 MB in 110 s).
+
+Real daemons on loopback, raw sockets as the clients, over HTTP and HTTPS: a connection that
+sends nothing, half a head or a head a byte at a time, or nothing after a response, is
+closed by the idle deadline (UNIBUS_HTTP_IDLE_TIMEOUT), but a request in progress (a slow
+body, a blob upload or download) is not; at the connection limit (from RLIMIT_NOFILE, set
+low for the daemon's process) an idle connection makes room for a new one, and when every
+connection is busy a new one is closed at once; a daemon out of descriptors logs one line
+per interval about it, not a traceback per accept().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import resource
+import signal
+import socket
+import ssl
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from unibus.client.blobs import sign_streamed_request
+from unibus.client.keys import Identity, generate_identity
+from unibus.connlimits import (ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_MESSAGE, DEFAULT_IDLE_TIMEOUT,
+                               IDLE_TIMEOUT_ENV, AcceptErrorLog, max_connections)
+from unibus.signing import sign_request
+from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_test_pki, run_membershipd
+
+#: The idle deadline of the "short" daemons (UNIBUS_HTTP_IDLE_TIMEOUT), and their body deadline:
+#: longer, so that a request can outlast the idle deadline while it keeps within the body's.
+IDLE = 2.0
+BODY = 8.0
+#: The "capped" daemons run with this RLIMIT_NOFILE, so their connection limit is small
+#: (max_connections(300) = 22); their idle deadline is long, so that no connection of a
+#: test times out while it runs, and so is their body deadline (a busy connection stays busy).
+NOFILE = 300
+CAP = max_connections(NOFILE)
+CAPPED_IDLE = 120.0
+CAPPED_BODY = 60.0
+#: A bound for waits that must end: ten idle deadlines.
+WITHIN = 10 * IDLE
+SOCKET_TIMEOUT = 20.0
+
+
+def test_the_limit_follows_the_descriptor_limit():
+    assert max_connections(1024) == 384  # the usual soft limit (systemd's default)
+    assert max_connections(NOFILE) == CAP == 22
+    assert max_connections(65536) == 32640
+    assert max_connections(100) == 16  # never below 16
+    assert max_connections(None) == 65536  # unlimited
+    assert DEFAULT_IDLE_TIMEOUT == 30.0
+
+
+# --------------------------------------------------------------------------- daemons and raw clients
+
+
+def with_nofile(nofile: int) -> list[str]:
+    """The command that runs ``python -m unibus.cli ARGS`` with RLIMIT_NOFILE's soft limit at ``nofile``."""
+    code = ("import os, resource, sys; hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]; "
+            f"resource.setrlimit(resource.RLIMIT_NOFILE, ({nofile}, hard)); "
+            "os.execv(sys.executable, [sys.executable, '-m', 'unibus.cli', *sys.argv[1:]])")
+    return [sys.executable, "-c", code]
+
+
+@dataclass
+class Node:
+    proc: MembershipdProcess
+    alice: Identity
+    ctx: ssl.SSLContext | None
+    metrics_port: int | None = None
+
+    @property
+    def port(self) -> int:
+        return self.proc.http_port
+
+    def connect(self, *, handshake: bool = True) -> socket.socket:
+        """A connection to the HTTP listener; with HTTPS, TLS unless ``handshake`` is False
+        (then the socket sends nothing at all: not even a ClientHello)."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=SOCKET_TIMEOUT)
+        if self.ctx is not None and handshake:
+            s = self.ctx.wrap_socket(s, server_hostname="127.0.0.1")
+        return s
+
+    def metric(self, name: str, **labels: str) -> float:
+        assert self.metrics_port is not None
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                    return sample.value
+        raise KeyError(name)
+
+    def get_me(self) -> int:
+        """The status of a signed GET /v1/me on a connection of its own."""
+        h = sign_request("GET", "/v1/me", None, keyid="alice", private_key=self.alice.sign_key)
+        req = urllib.request.Request(self.proc.base_url + "/v1/me", headers=h)
+        with urllib.request.urlopen(req, timeout=SOCKET_TIMEOUT, context=self.ctx) as r:
+            assert json.loads(r.read())["handle"] == "alice"
+            return r.status
+
+
+def start_node(root, *, idle: float, body: float, https: bool, nofile: int | None = None,
+               metrics: bool = False) -> Node:
+    alice = generate_identity("alice")
+    data = root / "daemon"
+    bootstrap_member(data, alice, "admin")
+    args: list[str] = []
+    ca = None
+    if https:
+        pki = make_test_pki(root / "pki")
+        args += pki.serve_args(nats=False)
+        ca = pki.ca[0]
+    metrics_port = free_port() if metrics else None
+    if metrics_port is not None:
+        args += ["--metrics-addr", f"127.0.0.1:{metrics_port}"]
+    proc = MembershipdProcess(data, args, env={IDLE_TIMEOUT_ENV: str(idle), "UNIBUS_BODY_TIMEOUT": str(body)},
+                              command=with_nofile(nofile) if nofile is not None else None, ca=ca)
+    proc.start()
+    return Node(proc, alice, proc.ssl_context(), metrics_port)
+
+
+def stop_node(node: Node) -> None:
+    node.proc.stop()
+    log = node.proc.log_text()
+    assert "Traceback" not in log and "unhandled error" not in log and ACCEPT_ERROR_MESSAGE not in log, log[-4000:]
+
+
+@pytest.fixture(scope="module", params=["http", "https"])
+def short(request, tmp_path_factory) -> Iterator[Node]:
+    """A daemon with a short idle deadline (IDLE) and a longer body deadline (BODY)."""
+    node = start_node(tmp_path_factory.mktemp(f"short-{request.param}"), idle=IDLE, body=BODY,
+                      https=request.param == "https")
+    try:
+        yield node
+    finally:
+        stop_node(node)
+
+
+@pytest.fixture(scope="module", params=["http", "https"])
+def capped(request, tmp_path_factory) -> Iterator[Node]:
+    """A daemon whose connection limit is CAP (RLIMIT_NOFILE NOFILE), with a metrics listener."""
+    node = start_node(tmp_path_factory.mktemp(f"capped-{request.param}"), idle=CAPPED_IDLE, body=CAPPED_BODY,
+                      https=request.param == "https", nofile=NOFILE, metrics=True)
+    try:
+        log = node.proc.log_text()
+        assert f"HTTP connections: at most {CAP} open (descriptor limit {NOFILE})" in log, log[-2000:]
+        yield node
+    finally:
+        stop_node(node)
+
+
+def read_until_closed(sock: socket.socket, within: float) -> bytes | None:
+    """What the server sent until it closed the connection (EOF or reset); None if it is
+    still open after ``within`` seconds."""
+    got = b""
+    deadline = time.monotonic() + within
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+        return None
+    except TimeoutError:
+        return None
+    except (ConnectionError, ssl.SSLError):
+        return got
+    finally:
+        sock.settimeout(SOCKET_TIMEOUT)
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Whether the server has not closed the connection (nothing is waiting to be read)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) != b""
+    except (BlockingIOError, ssl.SSLWantReadError):
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.settimeout(SOCKET_TIMEOUT)
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One response with a Content-Length (a ``100 Continue`` counts as one)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a response: {buf!r}"
+        buf += chunk
+    head, rest = buf.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    length = next((int(v) for k, _, v in (x.partition(":") for x in lines[1:]) if k.lower() == "content-length"), 0)
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "closed inside a response body"
+        rest += chunk
+    assert len(rest) == length, "more than one response"
+    return int(lines[0].split(" ")[1]), rest
+
+
+def request_head(method: str, target: str, headers: dict[str, str], port: int) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: 127.0.0.1:{port}", *(f"{k}: {v}" for k, v in headers.items())]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def closing(*socks: socket.socket) -> None:
+    for s in socks:
+        s.close()
+
+
+def wait_no_connections(node: Node) -> None:
+    """Until the daemon counts no open connection on its HTTP listener (those a test closed are gone)."""
+    deadline = time.monotonic() + WITHIN
+    while node.metric("unibus_http_connections", listener="http") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert node.metric("unibus_http_connections", listener="http") == 0
+
+
+# --------------------------------------------------------------------------- the idle deadline
+
+
+def test_a_connection_that_sends_nothing_is_closed(short):
+    socks = [short.connect()]
+    if short.ctx is not None:
+        socks.append(short.connect(handshake=False))  # not even a ClientHello: the handshake deadline
+    try:
+        for s in socks:
+            assert read_until_closed(s, WITHIN) == b""
+    finally:
+        closing(*socks)
+
+
+def test_half_a_request_head_is_closed(short):
+    s = short.connect()
+    try:
+        s.sendall(b"GET /v1/me HTTP/1.1\r\nHost: x\r\n")
+        assert read_until_closed(s, WITHIN) == b""
+    finally:
+        s.close()
+
+
+def test_a_head_sent_a_byte_at_a_time_is_closed_before_it_completes(short):
+    """Bytes that keep coming do not push the deadline back: the head must be complete in time."""
+    s = short.connect()
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        got = None
+        for _ in range(int(WITHIN / 0.2)):
+            try:
+                s.sendall(b"a")
+            except OSError:
+                got = b""
+                break
+            got = read_until_closed(s, 0.2)
+            if got is not None:
+                break
+        assert got == b"", "the trickled head was neither refused nor cut off"
+    finally:
+        s.close()
+
+
+def test_a_kept_alive_connection_is_closed_when_idle_after_its_response(short):
+    s = short.connect()
+    try:
+        for _ in range(2):  # kept alive between two requests sent at once
+            s.sendall(request_head("GET", "/healthz", {}, short.port))
+            status, body = read_response(s)
+            assert status == 200 and json.loads(body)["status"] == "ok"
+        assert read_until_closed(s, WITHIN) == b""
+    finally:
+        s.close()
+
+
+def test_requests_in_progress_outlast_the_idle_deadline(short):
+    """The idle deadline is only for the time between requests: a JSON body, a blob upload
+    and a blob download that take longer than it (within the body deadline and the blob
+    pacing rules) are served."""
+    alice = short.alice
+    # a room, its body sent in pieces over twice the idle deadline
+    body = json.dumps({"name": "slow"}).encode()
+    h = sign_request("POST", "/v1/rooms", body, keyid="alice", private_key=alice.sign_key)
+    h.update({"Content-Type": "application/json", "Content-Length": str(len(body))})
+    s = short.connect()
+    try:
+        s.sendall(request_head("POST", "/v1/rooms", h, short.port))
+        pieces = [body[i:i + 4] for i in range(0, len(body), 4)]
+        for piece in pieces:
+            time.sleep(2 * IDLE / len(pieces))
+            s.sendall(piece)
+        status, raw = read_response(s)
+        assert status == 201, raw
+        room = json.loads(raw)["room_id"]
+    finally:
+        s.close()
+    # a blob upload of 256 KiB, eight parts over twice the idle deadline
+    blob = os.urandom(256 * 1024)
+    blob_id = hashlib.sha256(blob).hexdigest()
+    target = f"/v1/rooms/{room}/blobs"
+    h = sign_streamed_request("PUT", target, hashlib.sha256(blob).digest(), keyid="alice", private_key=alice.sign_key)
+    h.update({"Content-Type": "application/octet-stream", "Content-Length": str(len(blob))})
+    s = short.connect()
+    try:
+        s.sendall(request_head("PUT", target, h, short.port))
+        for i in range(8):
+            time.sleep(2 * IDLE / 8)
+            s.sendall(blob[i * 32 * 1024:(i + 1) * 32 * 1024])
+        status, raw = read_response(s)
+        assert status == 201 and json.loads(raw)["blob_id"] == blob_id, raw
+    finally:
+        s.close()
+    # its download, by a client that reads nothing for twice the idle deadline (a small
+    # receive buffer: what the server sends waits on its side), then everything
+    target = f"/v1/rooms/{room}/blobs/{blob_id}"
+    h = sign_request("GET", target, None, keyid="alice", private_key=alice.sign_key)
+    raw_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    raw_sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    raw_sock.settimeout(SOCKET_TIMEOUT)
+    raw_sock.connect(("127.0.0.1", short.port))
+    s = short.ctx.wrap_socket(raw_sock, server_hostname="127.0.0.1") if short.ctx is not None else raw_sock
+    try:
+        s.sendall(request_head("GET", target, {**h, "Connection": "close"}, short.port))
+        time.sleep(2 * IDLE)
+        got = read_until_closed(s, SOCKET_TIMEOUT)
+        assert got is not None and got.startswith(b"HTTP/1.1 200 "), (got or b"")[:200]
+        assert got.split(b"\r\n\r\n", 1)[1] == blob
+    finally:
+        s.close()
+
+
+def test_a_bad_idle_timeout_is_refused_with_one_line(tmp_path):
+    for value in ("soon", "3601"):
+        proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), env={IDLE_TIMEOUT_ENV: value}, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert lines[-1].startswith(f"membershipd: error: {IDLE_TIMEOUT_ENV}: ") and "from 0.1 to 3600" in lines[-1]
+        assert "Traceback" not in proc.stderr
+
+
+# --------------------------------------------------------------------------- the connection limit
+
+
+def test_at_the_limit_the_oldest_idle_connections_make_room(capped):
+    """CAP + 5 connections that send nothing or half a head (with HTTPS, half of them no
+    ClientHello: in their handshake): the five oldest are closed to make room, and so is
+    one more for each request after them, which are served at once."""
+    wait_no_connections(capped)
+    evicted = capped.metric("unibus_http_connections_evicted_total", listener="http")
+    assert capped.metric("unibus_http_connections_limit", listener="http") == CAP
+    socks = []
+    try:
+        for i in range(CAP + 5):
+            s = capped.connect(handshake=i % 2 == 0)
+            if i % 2 == 0:
+                s.sendall(b"GET /v1/me HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+        assert capped.get_me() == 200
+        assert capped.proc.healthz(timeout=SOCKET_TIMEOUT)[0] == 200
+        for s in socks[:5]:
+            assert read_until_closed(s, WITHIN) == b""
+        assert all(still_open(s) for s in socks[-(CAP - 2):]), "a newer idle connection was closed"
+        assert capped.metric("unibus_http_connections_evicted_total", listener="http") >= evicted + 5
+        assert capped.metric("unibus_http_connections", listener="http") <= CAP
+    finally:
+        closing(*socks)
+
+
+def test_a_burst_past_the_limit_accepted_at_once_still_lets_members_in(capped):
+    """CAP + 5 connections queued while the daemon is stopped (SIGSTOP), then all accepted in
+    one go when it goes on: none has started being served yet, and those are idle too."""
+    wait_no_connections(capped)
+    evicted = capped.metric("unibus_http_connections_evicted_total", listener="http")
+    socks = []
+    capped.proc.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(CAP + 5):  # the kernel queues them (the listen backlog is 128)
+            s = capped.connect(handshake=False)
+            if capped.ctx is None:
+                s.sendall(b"GET /v1/me HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+    finally:
+        capped.proc.send_signal(signal.SIGCONT)
+    try:
+        assert capped.get_me() == 200
+        for s in socks[:5]:
+            assert read_until_closed(s, WITHIN) == b""
+        assert all(still_open(s) for s in socks[-(CAP - 2):]), "a newer idle connection was closed"
+        assert capped.metric("unibus_http_connections_evicted_total", listener="http") >= evicted + 5
+    finally:
+        closing(*socks)
+
+
+def test_at_the_limit_with_every_connection_busy_a_new_one_is_closed_at_once(capped):
+    """CAP requests in progress (signed bodies that were accepted and never come): a new
+    connection gets no answer and is closed; once they are gone, members get through."""
+    wait_no_connections(capped)
+    refused = capped.metric("unibus_http_connections_refused_total", listener="http")
+    busy = []
+    try:
+        for _ in range(CAP):
+            h = sign_streamed_request("POST", "/v1/rooms", hashlib.sha256(b"{}").digest(), keyid="alice",
+                                      private_key=capped.alice.sign_key)
+            h.update({"Content-Type": "application/json", "Content-Length": "2", "Expect": "100-continue"})
+            s = capped.connect()
+            busy.append(s)
+            s.sendall(request_head("POST", "/v1/rooms", h, capped.port))
+            assert read_response(s)[0] == 100  # the signature is accepted: the body is awaited
+        extra = socket.create_connection(("127.0.0.1", capped.port), timeout=SOCKET_TIMEOUT)
+        try:
+            try:
+                if capped.ctx is not None:
+                    extra = capped.ctx.wrap_socket(extra, server_hostname="127.0.0.1")
+                extra.sendall(request_head("GET", "/healthz", {}, capped.port))
+            except OSError:
+                pass  # closed already
+            else:
+                assert read_until_closed(extra, WITHIN) == b""
+        finally:
+            extra.close()
+        assert capped.metric("unibus_http_connections_refused_total", listener="http") >= refused + 1
+    finally:
+        closing(*busy)
+    wait_no_connections(capped)
+    assert capped.get_me() == 200
+
+
+# --------------------------------------------------------------------------- out of descriptors
+
+
+async def test_accept_failures_are_added_up_and_reported_once_the_interval_is_over(caplog):
+    """AcceptErrorLog on a real event loop, with asyncio's own report of a failed accept()
+    (what Python 3.11's selector loop passes, many times a second when out of descriptors)."""
+    loop = asyncio.get_running_loop()
+    seen = []
+    loop.set_exception_handler(lambda _loop, context: seen.append(context["message"]))
+    handler = AcceptErrorLog(interval=0.5).install(loop)
+    try:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+            for _ in range(300):
+                loop.call_exception_handler({"message": ACCEPT_ERROR_MESSAGE,
+                                             "exception": OSError(errno.EMFILE, os.strerror(errno.EMFILE)),
+                                             "socket": listener})
+            loop.call_exception_handler({"message": "something else"})
+            lines = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+            assert len(lines) == 1 and lines[0].levelname == "WARNING" and lines[0].exc_info is None
+            assert f"the listener on 127.0.0.1:{port} " in lines[0].getMessage()
+            assert "EMFILE" in lines[0].getMessage()
+            deadline = time.monotonic() + WITHIN
+            while len(lines) < 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+                lines = [r for r in caplog.records if "cannot accept connections" in r.getMessage()]
+        assert len(lines) == 2 and ": 299 failed accept()s in the last " in lines[1].getMessage()
+        assert handler.count == 300 and seen == ["something else"]  # anything else: the handler before
+    finally:
+        handler.uninstall()
+        assert loop.get_exception_handler() is not handler
+        loop.set_exception_handler(None)
+
+
+def test_out_of_descriptors_accept_failures_are_one_line_per_interval(tmp_path):
+    """The daemon's descriptor limit lowered under it to a few more than it uses, so that even
+    the smallest connection limit (16) is more than it has descriptors for: the connections
+    the kernel queues cannot be accepted. asyncio retries every second, and each failure used
+    to log a traceback; now one WARNING per interval says so, the rest are counted, and the
+    daemon serves again once descriptors are free."""
+    node = start_node(tmp_path, idle=DEFAULT_IDLE_TIMEOUT, body=BODY, https=False, metrics=True)
+    pid = node.proc.pid
+    try:
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        used = len(os.listdir(f"/proc/{pid}/fd"))
+        started = time.monotonic()
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (used + 4, hard))
+        socks = []
+        try:
+            for _ in range(40):  # four are accepted, the rest wait in the listen backlog
+                socks.append(socket.create_connection(("127.0.0.1", node.port), timeout=SOCKET_TIMEOUT))
+            deadline = time.monotonic() + WITHIN
+            while "cannot accept connections" not in node.proc.log_text() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(3)  # three more retries, each failing many times
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            closing(*socks)
+        node.proc.wait_healthy()
+        assert node.get_me() == 200
+        elapsed = time.monotonic() - started
+        lines = [line for line in node.proc.log_text().splitlines() if "cannot accept connections" in line]
+        assert 1 <= len(lines) <= 2 + elapsed / ACCEPT_ERROR_LOG_INTERVAL, lines
+        assert "WARNING" in lines[0] and f"127.0.0.1:{node.port}" in lines[0] and "EMFILE" in lines[0], lines[0]
+        assert node.metric("unibus_accept_errors_total") > len(lines)  # the rest are counted
+    finally:
+        stop_node(node)
