@@ -257,6 +257,9 @@ class Daemon:
         self.supervisor = NatsSupervisor(
             binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
             env=nats_server_environment(), forward_levels=forward_levels(config),
+            # the files the plugins checked at start-up (route TLS certificates and CA) may have
+            # changed since: nats-server reads them as they are when it restarts
+            before_restart=lambda: self.plugins.call_each("validate_settings", settings=s.for_plugins()),
         )
         await self.supervisor.start()
         self.metrics.supervisor = self.supervisor

@@ -22,11 +22,12 @@ import sys
 import sysconfig
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 from .aio import cancel_and_wait, within
-from .errors import ConfigError, RuntimeFailure
+from .errors import ConfigError, RuntimeFailure, UnibusError
 from .settings import child_environment
 
 log = logging.getLogger("unibus.supervisor")
@@ -110,8 +111,13 @@ class NatsSupervisor:
         ready_timeout: float = 15.0,
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
+        before_restart: Callable[[], Any] | None = None,
     ) -> None:
         self.binary = binary
+        #: called before each restart (not the first start): the daemon writes nats.conf again, so
+        #: every plugin checks its files again; when it raises, nats-server stays down (logged) and
+        #: the next try comes after the backoff
+        self.before_restart = before_restart
         self.conf_path = conf_path
         self.host, self.port = host, port
         self.env = dict(env) if env is not None else None
@@ -232,6 +238,16 @@ class NatsSupervisor:
             delay = min(delay * 2, self.backoff_max)
             if self._stopping:
                 return
+            while self.before_restart is not None:
+                try:
+                    self.before_restart()
+                    break
+                except UnibusError as e:
+                    log.error("nats-server not restarted: %s (the next try is in %.1f s)", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.backoff_max)
+                if self._stopping:
+                    return
             self.restarts += 1
             try:
                 await self._spawn_and_wait()
