@@ -42,6 +42,7 @@ LONGEST_FIRST = (
     "core/test_testing_kit.py",
     "core/test_attack_stop_r1.py",
     "core/test_daemon_stop.py",
+    "core/test_connection_limits.py",
     "e2e/test_backup_cluster.py",
     "core/test_api_fuzz.py",
     "deploy/test_deploy.py",

@@ -11,6 +11,7 @@ real nats-server shape, against a real single nats-server, and against a real
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import re
@@ -924,6 +925,19 @@ class Nats:
         raise AssertionError(f"{self.name}: monitor did not open\n{self.log.read_text()}")
 
 
+async def _until_it_answers(call, deadline: float):
+    """``await call()`` every 0.5 s until it succeeds, at most until ``deadline``: a fresh cluster may
+    not have elected its meta leader yet, nor a new stream its leader (a put right after the bucket's
+    creation got "no responders": found by a CI run)."""
+    while True:
+        try:
+            return await call()
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
 async def _make_kv(url: str, buckets: dict[str, int]) -> None:
     import nats
     from nats.js.api import KeyValueConfig
@@ -933,16 +947,10 @@ async def _make_kv(url: str, buckets: dict[str, int]) -> None:
     try:
         js = nc.jetstream()
         for bucket, replicas in buckets.items():
-            while True:  # a fresh cluster may not have elected its meta leader yet
-                try:
-                    kv = await js.create_key_value(KeyValueConfig(bucket=bucket, history=1, replicas=replicas))
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
+            config = KeyValueConfig(bucket=bucket, history=1, replicas=replicas)
+            kv = await _until_it_answers(functools.partial(js.create_key_value, config), deadline)
             for i in range(5):
-                await kv.put(f"k{i}", b"v")
+                await _until_it_answers(functools.partial(kv.put, f"k{i}", b"v"), deadline)
     finally:
         await nc.close()
 
