@@ -954,10 +954,13 @@ def prepare_before(ref: str) -> Before:
 
 
 def bootstrap_before(before: Before, data_dir: Path, identity: Any) -> None:
-    """That release's own ``membershipd member add`` (0.11 has no ``--bus-pub``: it is not given)."""
-    proc = subprocess.run([str(before.python), "-m", "unibus.cli", "member", "add", "--data-dir", str(data_dir),
-                           "--handle", identity.handle, "--role", "admin", "--sign-pub", identity.sign_pub_b64,
-                           "--enc-pub", identity.enc_pub_b64, "--enc-suite", identity.enc_suite],
+    """That release's own ``membershipd member add`` (0.11 has no ``--bus-pub``: it is given only to a later
+    one, which requires it)."""
+    args = ["member", "add", "--data-dir", str(data_dir), "--handle", identity.handle, "--role", "admin",
+            "--sign-pub", identity.sign_pub_b64, "--enc-pub", identity.enc_pub_b64, "--enc-suite", identity.enc_suite]
+    if not before.version.startswith("0.11."):
+        args += ["--bus-pub", identity.bus_pub]
+    proc = subprocess.run([str(before.python), "-m", "unibus.cli", *args],
                           capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=daemon_env())
     if proc.returncode != 0:
         raise RuntimeError(f"{before.version} membershipd member add failed: {proc.stderr.strip()[-2000:]}")
