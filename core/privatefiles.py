@@ -29,7 +29,8 @@ from pathlib import Path
 
 from .errors import ConfigError, RuntimeFailure
 
-__all__ = ["check_ancestors", "check_own_file", "check_private_dir", "make_missing_dirs", "make_private_dirs", "read_private_file", "write_private_file"]
+__all__ = ["check_ancestors", "check_own_file", "check_private_dir", "make_missing_dirs", "make_private_dirs",
+           "read_private_file", "write_private_file"]
 
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 

@@ -714,7 +714,7 @@ MAX_SF_FIELD = 4096
 def _parse_dictionary(raw: str) -> http_sfv.Dictionary:
     """Parse a Dictionary field value; raise :class:`_SFError` when it is not
     one (its message says so when the only fault is a repeated key), or when it is
-    longer than :data:`MAX_SF_FIELD` characters (parsed in no time)."""
+    longer than :data:`MAX_SF_FIELD` characters (refused before any parsing)."""
     if len(raw) > MAX_SF_FIELD:
         raise _SFError(f": longer than {MAX_SF_FIELD} characters")
     d = _StrictDictionary()

@@ -114,9 +114,9 @@ class NatsSupervisor:
         before_restart: Callable[[], Any] | None = None,
     ) -> None:
         self.binary = binary
-        #: called before each restart (not the first start): the daemon writes nats.conf again, so
-        #: every plugin checks its files again; when it raises, nats-server stays down (logged) and
-        #: the next try comes after the backoff
+        #: called before each restart (not the first start): the daemon runs every plugin's
+        #: validate_settings again (route_tls checks its files); when it raises, nats-server stays
+        #: down (logged) and the next try comes after the backoff
         self.before_restart = before_restart
         self.conf_path = conf_path
         self.host, self.port = host, port
@@ -242,8 +242,9 @@ class NatsSupervisor:
                 try:
                     self.before_restart()
                     break
-                except UnibusError as e:
-                    log.error("nats-server not restarted: %s (the next try is in %.1f s)", e, delay)
+                except Exception as e:  # a UnibusError names the plugin; anything else must not end the watch
+                    shown = e if isinstance(e, UnibusError) else f"{type(e).__name__}: {e}"
+                    log.error("nats-server not restarted: %s (the next try is in %.1f s)", shown, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.backoff_max)
                 if self._stopping:
