@@ -41,6 +41,8 @@ PLUGINS = web.AppKey("plugins", PluginManager)
 BUS = web.AppKey("bus", Bus)
 SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external NATS)
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
+#: Who registered each route: (METHOD, path template) -> "the core" or the plugin's name (add_route).
+ROUTE_OWNERS = web.AppKey("route_owners", dict)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
 #: The running :class:`unibus.events.ChangeEvents` (set once ``startup`` hooks ran).
@@ -276,6 +278,50 @@ async def defer_continue(request: web.Request) -> web.StreamResponse | None:
 PLUGIN_ROUTE_PREFIX = "/v1/plugins/"
 
 
+#: A path segment that may match more than itself: a placeholder, whole (``{handle}``) or in part.
+_WILD = "{}"
+#: A placeholder with its own regex (``{tail:.*}``) may match across segments.
+_REST = "{...}"
+
+
+def _shape(path: str) -> tuple[str, ...]:
+    return tuple(_REST if "{" in seg and ":" in seg else _WILD if "{" in seg else seg for seg in path.split("/"))
+
+
+def _overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    """Could one request path match both shapes? (A placeholder matches any one segment.)"""
+    for x, y in zip(a, b):
+        if _REST in (x, y):
+            return True
+        if x != y and _WILD not in (x, y):
+            return False
+    return len(a) == len(b)
+
+
+def _claim_route(app: web.Application, method: str, path: str, owner: str) -> None:
+    """Refuse a route that another registration already serves (docs/plugins.md, "Routes").
+
+    The same method and template twice is refused whoever asks: aiohttp serves the first
+    handler, while the OpenAPI document, which decides whether a route outside ``/v1/`` is
+    signed, kept the last (red team: a plugin's open route opened another plugin's signed
+    one). A route that could match a request for another owner's route (a plugin's plain
+    ``/v1/members/admin`` beside the core's ``/v1/members/{handle}``, which aiohttp would
+    hand to the plugin) is refused too, whatever the methods."""
+    owners = app.get(ROUTE_OWNERS)
+    if owners is None:  # an app not made by make_app (a test's, a plugin's own)
+        owners = app[ROUTE_OWNERS] = {}
+    shape = _shape(path)
+    for (other_method, other_path), other_owner in owners.items():
+        other = _shape(other_path)
+        if other_method == method and other == shape:
+            raise ValueError(f"{method} {path}: {other_owner} already registered {other_method} {other_path}")
+        if other_owner != owner and _overlap(shape, other):
+            raise ValueError(f"{method} {path}: a request for it could reach {other_owner}'s {other_method} "
+                             f"{other_path}, or the other way round; use another path (a plugin's own routes "
+                             "live under /v1/plugins/<name>/)")
+    owners[(method, path)] = owner
+
+
 def plugin_path(plugin: str, path: str) -> str:
     """``path`` of plugin ``plugin`` under ``/v1/plugins/<plugin>/``; a path already there is kept."""
     base = f"{PLUGIN_ROUTE_PREFIX}{plugin}"
@@ -344,6 +390,7 @@ def add_route(
     if not signed and (path == "/v1" or path.startswith("/v1/")):
         raise ValueError(f"{method} {path}: every route under /v1/ is signed; drop signed=False "
                          "or serve it outside /v1/ with namespaced=False")
+    _claim_route(app, method.upper(), path, "the core" if plugin is None else f"plugin {plugin}")
     app.router.add_route(method, path, handler, expect_handler=defer_continue if signed else open_continue)
     app[OPENAPI_DOC].add_operation(
         method, path, summary=summary, responses=responses, signed=signed,
@@ -433,6 +480,13 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
         if name in body or name in CORE_HEALTHZ_KEYS:  # never overwrites the core's keys
             log.warning("plugin %s: its name is a /healthz key of the core; its fields are left out", name)
             continue
+        try:  # what json_response would fail on, later, for every caller (a set, bytes, NaN): red team
+            json.dumps(placed, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            app[PLUGINS].hook_failed(name, "healthz_fields")
+            log.error("plugin %s: healthz_fields returned what JSON cannot hold (%s); its fields are left out",
+                      name, e)
+            continue
         body[name] = placed
     return body
 
@@ -476,6 +530,7 @@ def make_app(
     if store is not None:
         app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
+    app[ROUTE_OWNERS] = {}
     app[EXTRA] = {"started": time.time()}
     app[STASHES] = {}
     health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)

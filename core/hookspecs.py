@@ -109,7 +109,9 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
     doing, so keep what you report current in the background). ``app`` is
     the running aiohttp application, whose state (settings, NATS connection,
     store, metrics) is reachable through the ``unibus.app`` keys. An
-    exception is logged and counted, and the plugin's fields are left out.
+    exception is logged and counted, and the plugin's fields are left out; so
+    are fields that JSON cannot hold (a set, bytes, NaN). It is called as a
+    plain function: a coroutine function's result is never awaited.
     """
 
 

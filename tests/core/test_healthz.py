@@ -22,6 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from unibus import hookimpl
 from unibus.client.keys import generate_identity
+from unibus.app import PLUGINS
 from unibus.auth import NonceStore
 from unibus.bus import Bus
 from unibus.health import STALE_AFTER, HealthProber, HealthState
@@ -235,3 +236,30 @@ async def test_without_a_prober_healthz_is_degraded(tmp_path, nats_server, conne
         assert not state.ok and state.connected is connected and state.jetstream is False
     finally:
         await bus.close()
+
+
+class _Fields:
+    def __init__(self, name, fields):
+        self.PLUGIN_NAME = name
+        self.fields = fields
+
+    @hookimpl
+    def healthz_fields(self, app):
+        return self.fields
+
+
+def test_fields_json_cannot_hold_are_left_out_not_a_500(tmp_path):
+    """Adversary: anyone, through one plugin's mistake. A set in a plugin's healthz_fields made every
+    /healthz a 500 (json_response failed after the hook returned): red team."""
+    from unibus.testing import UnibusApp
+
+    served = UnibusApp(tmp_path / "d", [_Fields("careless", {"since": {1, 2}}), _Fields("nan", {"x": float("nan")}),
+                                        _Fields("fine", {"ok": True})]).start()
+    try:
+        status, body = served.anonymous.get("/healthz")
+        assert status in (200, 503) and body["fine"] == {"ok": True}, body
+        assert "careless" not in body and "nan" not in body
+        hook_errors = served.app[PLUGINS].hook_errors
+        assert hook_errors[("careless", "healthz_fields")] >= 1 and hook_errors[("nan", "healthz_fields")] >= 1
+    finally:
+        served.stop()

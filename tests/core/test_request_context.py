@@ -102,3 +102,65 @@ def test_signed_false_under_v1_is_refused():
         add_route(app, "GET", "/v1/open", h, summary="x", responses={200: "x"}, signed=False)
     # outside a plugin's hook, paths are taken as given
     assert add_route(app, "GET", "/v1/core", h, summary="x", responses={200: "x"}) == "/v1/core"
+
+
+class _Routes:
+    """A plugin that adds ``routes`` [(method, path, signed)] outside its namespace in its startup."""
+
+    def __init__(self, name, routes):
+        self.PLUGIN_NAME = name
+        self.routes = routes
+
+    @hookimpl
+    def startup(self, app):
+        async def handler(request):
+            return web.json_response({"plugin": self.PLUGIN_NAME, "member": None if current_member(request) is None
+                                      else current_member(request).handle})
+
+        for method, path, signed in self.routes:
+            add_route(app, method, path, handler, summary=path, responses={200: "x"}, signed=signed,
+                      namespaced=False)
+
+
+@pytest.mark.parametrize("first, second, refused", [
+    # another plugin's open registration of the same route opened the first one's signed route
+    # (aiohttp served the first handler; the OpenAPI document, which decides, kept the last): red team
+    (("GET", "/shared", True), ("GET", "/shared", False), "already registered GET /shared"),
+    (("GET", "/shared/{item}", True), ("GET", "/shared/{thing}", False), "already registered GET /shared/{"),
+    # a plain path that another owner's template would match: aiohttp hands it to the plain route
+    (("GET", "/docs/{page}", True), ("POST", "/docs/index", True), "could reach plugin "),
+], ids=["same route", "same template", "a path inside another's template"])
+def test_a_plugin_cannot_register_a_route_another_plugin_serves(tmp_path, first, second, refused):
+    """Whichever of the two starts first (pluggy calls the later registered first), the second
+    registration is refused and the daemon does not start."""
+    from unibus.testing import UnibusApp
+
+    app = UnibusApp(tmp_path / "d", [_Routes("alpha", [first]), _Routes("beta", [second])])
+    with pytest.raises(Exception, match="startup failed: ValueError") as e:
+        app.start()
+    app.stop()
+    assert refused in str(e.value) and "plugin alpha" in str(e.value) and "plugin beta" in str(e.value)
+
+
+def test_a_plugin_cannot_take_over_a_core_route(tmp_path):
+    """The red team's plugin added GET /v1/members/admin beside the core's /v1/members/{handle}: aiohttp
+    served the plugin's for that path, and the OpenAPI document lost the core's description."""
+    from unibus.testing import UnibusApp
+
+    app = UnibusApp(tmp_path / "d", [_Routes("beta", [("GET", "/v1/members/admin", True)])])
+    with pytest.raises(Exception, match="could reach the core's GET /v1/members/{handle}"):
+        app.start()
+    app.stop()
+
+
+def test_routes_of_different_owners_that_no_request_can_confuse_are_fine(tmp_path):
+    from unibus.testing import UnibusApp
+
+    app = UnibusApp(tmp_path / "d", [_Routes("alpha", [("GET", "/a/{x}", True)]),
+                                     _Routes("beta", [("GET", "/a/{x}/more", True), ("GET", "/b", False)])]).start()
+    try:
+        assert app.anonymous.get("/b") == (200, {"plugin": "beta", "member": None})
+        assert app.admin.get("/a/1") == (200, {"plugin": "alpha", "member": "admin"})
+        assert app.anonymous.get("/a/1")[0] == 401
+    finally:
+        app.stop()
