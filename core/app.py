@@ -323,8 +323,10 @@ def _claim_route(app: web.Application, method: str, path: str, owner: str) -> No
 
 
 def plugin_path(plugin: str, path: str) -> str:
-    """``path`` of plugin ``plugin`` under ``/v1/plugins/<plugin>/``; a path already there is kept."""
-    base = f"{PLUGIN_ROUTE_PREFIX}{plugin}"
+    """``path`` of plugin ``plugin`` under ``/v1/plugins/<plugin>/``; a path already there is kept.
+    A plugin name that is not one path segment of letters, digits, ``_ . -`` is a ValueError
+    (red team: ``{victim}`` made a template that caught every other plugin's unknown paths)."""
+    base = f"{PLUGIN_ROUTE_PREFIX}{plugin_name(plugin)}"
     if path == base or path.startswith(base + "/"):
         return path
     return base + (path if path.startswith("/") else "/" + path)

@@ -119,16 +119,21 @@ class PluginMetrics:
         if name.startswith(f"{NAMESPACE}_"):
             raise ValueError(f"plugin {self.plugin}: names starting with {NAMESPACE}_ are the core's; "
                              f"give {name[len(NAMESPACE) + 1:]!r}, exposed as {self.prefix}…")
-        return self.prefix + name
+        full = self.prefix + name
+        owner = PLUGIN_OWNED_NAMES.get(full) or PLUGIN_OWNED_NAMES.get(full + "_total")
+        if owner is not None and owner != self.plugin:  # plugin "bus" asking for "auth_changes_total"
+            raise ValueError(f"plugin {self.plugin}: metric {full} belongs to the {owner} plugin")
+        return full
 
     def counter(self, name: str, documentation: str, labelnames: Sequence[str] = ()) -> Counter:
-        return self._metrics._make(Counter, _counter_name(self.full_name(name)), documentation, labelnames)
+        return self._metrics._make(Counter, _counter_name(self.full_name(name)), documentation, labelnames,
+                                   owner=self.plugin)
 
     def gauge(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
               function: Callable[[], float] | None = None) -> Gauge:
         """A gauge; ``function`` (no labels only) is called at every scrape for its value:
         read in-memory state there, never do I/O."""
-        gauge = self._metrics._make(Gauge, self.full_name(name), documentation, labelnames)
+        gauge = self._metrics._make(Gauge, self.full_name(name), documentation, labelnames, owner=self.plugin)
         if function is not None:
             if labelnames:
                 raise ValueError(f"plugin {self.plugin}: a gauge with labels cannot have a function")
@@ -137,7 +142,8 @@ class PluginMetrics:
 
     def histogram(self, name: str, documentation: str, labelnames: Sequence[str] = (), *,
                   buckets: Sequence[float] = Histogram.DEFAULT_BUCKETS) -> Histogram:
-        return self._metrics._make(Histogram, self.full_name(name), documentation, labelnames, buckets=buckets)
+        return self._metrics._make(Histogram, self.full_name(name), documentation, labelnames, buckets=buckets,
+                                   owner=self.plugin)
 
 
 class StateCounts:
@@ -320,6 +326,8 @@ class Metrics:
 
     def __init__(self, *, node: str = "", process: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        #: id(metric) -> the plugin that made it (one not here is the core's)
+        self._owners: dict[int, str] = {}
         self.node = node
         self.bus: Any = None
         self.supervisor: Any = None
@@ -385,15 +393,27 @@ class Metrics:
             found = self._plugins[name] = PluginMetrics(self, name)
         return found
 
-    def _make(self, kind: type, name: str, documentation: str, labelnames: Sequence[str], **kw: Any) -> Any:
+    def _make(self, kind: type, name: str, documentation: str, labelnames: Sequence[str], *,
+              owner: str | None = None, **kw: Any) -> Any:
+        """The metric ``name``, made for ``owner`` (a plugin; None: the core) or given back to it.
+        A metric another owner made is refused: a plugin named ``http`` asking for
+        ``requests_total`` got the core's ``unibus_http_requests_total`` and could write to it
+        (red team), and plugins ``a-b`` and ``a_b`` share one prefix."""
         existing = self.registry._names_to_collectors.get(name)  # noqa: SLF001 - the registry's own index
         if existing is None and kind is Counter:
             existing = self.registry._names_to_collectors.get(name + "_total")  # noqa: SLF001
         if existing is not None:
+            made_by = self._owners.get(id(existing))
+            if made_by != owner:
+                raise ValueError(f"metric {name} belongs to " + (f"plugin {made_by}" if made_by else "the core")
+                                 + (f", not to plugin {owner}" if owner else ""))
             if isinstance(existing, kind) and tuple(existing._labelnames) == tuple(labelnames):  # noqa: SLF001
                 return existing
             raise ValueError(f"metric {name} exists already, as another kind or with other labels")
-        return kind(name, documentation, list(labelnames), registry=self.registry, **kw)
+        made = kind(name, documentation, list(labelnames), registry=self.registry, **kw)
+        if owner is not None:
+            self._owners[id(made)] = owner  # the registry keeps it as long as this object lives
+        return made
 
     # -- exposition ------------------------------------------------------------------------
 

@@ -443,3 +443,20 @@ async def test_bus_auth_metrics_have_one_shape_enforced_or_not(tmp_path):
                  "unibus_bus_auth_kicks_total 0.0", "unibus_bus_auth_kicks_pending 0.0",
                  'unibus_bus_auth_callouts_total{result="authorized"} 0.0'):
         assert line in text, line
+
+
+def test_a_plugin_cannot_make_or_reach_another_owners_metric():
+    """Plugin ``http`` asking for ``requests_total`` got the core's own unibus_http_requests_total and
+    could write to it; plugin ``bus`` could take auth_enforce's unibus_bus_auth_changes_total; plugins
+    ``a-b`` and ``a_b`` shared one prefix (red team)."""
+    from unibus.metrics import Metrics
+
+    m = Metrics(process=False)
+    with pytest.raises(ValueError, match="belongs to the core"):
+        m.plugin("http").counter("requests_total", "x", ["route", "method", "status"])
+    with pytest.raises(ValueError, match="belongs to the auth_enforce plugin"):
+        m.plugin("bus").counter("auth_changes_total", "x")
+    mine = m.plugin("a-b").counter("events_total", "x")
+    assert m.plugin("a-b").counter("events_total", "x") is mine  # its own, asked again
+    with pytest.raises(ValueError, match="belongs to plugin a-b, not to plugin a_b"):
+        m.plugin("a_b").counter("events_total", "x")

@@ -164,3 +164,14 @@ def test_routes_of_different_owners_that_no_request_can_confuse_are_fine(tmp_pat
         assert app.anonymous.get("/a/1")[0] == 401
     finally:
         app.stop()
+
+
+def test_a_plugin_whose_name_is_not_a_path_segment_gets_no_route(tmp_path):
+    """A plugin named ``{victim}`` registered /v1/plugins/{victim}/secret, a template that caught other
+    plugins' unknown paths (red team); ``alpha/x`` would have landed in alpha's namespace."""
+    from unibus.app import plugin_path
+
+    for name in ("{victim}", "alpha/x", "..", "a b"):
+        with pytest.raises(ValueError, match="cannot name a directory"):
+            plugin_path(name, "/secret")
+    assert plugin_path("alpha.v2", "/secret") == "/v1/plugins/alpha.v2/secret"
