@@ -926,6 +926,13 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
         if not request.path.startswith("/v1/") and _open_route(request):
+            request[BODY_TIMEOUT_KEY] = body_timeout
+            if (request.body_exists and request.match_info.http_exception is None
+                    and not getattr(request.match_info.handler, STREAMING_ATTR, False)):
+                # An open route that takes a body (a plugin's) reads it under the same deadline and
+                # limit as a signed one: without, an anonymous client trickling a body held its
+                # connection busy for good, beyond the idle deadline's reach (red team).
+                await read_body(request, timeout=body_timeout, limit=max_body)
             return await handler(request)
         has_body = request.body_exists
         # Steps 1-3, from the headers: not one byte of the body is read before them.

@@ -175,3 +175,41 @@ def test_a_plugin_whose_name_is_not_a_path_segment_gets_no_route(tmp_path):
         with pytest.raises(ValueError, match="cannot name a directory"):
             plugin_path(name, "/secret")
     assert plugin_path("alpha.v2", "/secret") == "/v1/plugins/alpha.v2/secret"
+
+
+def test_an_open_route_that_takes_a_body_reads_it_under_the_body_deadline(tmp_path, monkeypatch):
+    """Adversary: an anonymous client on a plugin's open route that reads a body. Trickling the body
+    kept the connection busy for good: no body deadline, and the idle deadline does not apply while a
+    request is served (red team). Now 408 at the body deadline, as on a signed route."""
+    import socket
+
+    from unibus.testing import UnibusApp
+
+    class Echo:
+        PLUGIN_NAME = "echo"
+
+        @hookimpl
+        def startup(self, app):
+            async def echo(request):
+                return web.json_response({"bytes": len(await request.read())})
+
+            add_route(app, "POST", "/echo", echo, summary="echo", responses={200: "x"}, signed=False,
+                      namespaced=False)
+
+    monkeypatch.setenv("UNIBUS_BODY_TIMEOUT", "1.5")
+    served = UnibusApp(tmp_path / "d", [Echo()]).start()
+    try:
+        assert served.anonymous.post("/echo", {"a": 1})[0] == 200
+        port = served.settings.http_addr.port
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as s:
+            s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{\"a\"")
+            answer = b""  # the socket's 20 s timeout bounds the wait: no 408 by then fails the test
+            while b"\r\n\r\n" not in answer:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    finally:
+        served.stop()
