@@ -41,7 +41,7 @@ PLUGINS = web.AppKey("plugins", PluginManager)
 BUS = web.AppKey("bus", Bus)
 SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external NATS)
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
-#: Who registered each route: (METHOD, path template) -> "the core" or the plugin's name (add_route).
+#: Who registered each route: (METHOD, path template) -> "the core" or "plugin <name>" (add_route).
 ROUTE_OWNERS = web.AppKey("route_owners", dict)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
