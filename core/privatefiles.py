@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import ConfigError, RuntimeFailure
@@ -120,24 +121,32 @@ def check_private_dir(path: Path, flag: str) -> None:
         os.close(fd)
 
 
-def check_own_file(path: Path, flag: str) -> None:
-    """Refuse (exit 2) a ``path`` that another user owns or that is not a regular file;
-    make a looser mode 0600. Nothing there is fine: it is made later, 0600."""
+def _open_own(path: Path, fail: Callable[[str], Exception]) -> tuple[int, os.stat_result]:
+    """``path`` opened for reading without following a link, with its ``fstat``: a regular file of
+    this user, else ``fail(why)`` is raised (``FileNotFoundError`` passes through)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
-        return
+        raise
     except OSError as e:
-        if os.path.islink(path):
-            raise ConfigError(f"{flag}: {path} is a symbolic link; move it away") from None
-        raise ConfigError(f"{flag}: cannot open {path} ({e.strerror})") from None
+        raise fail("is a symbolic link" if os.path.islink(path) else f"cannot be opened ({e.strerror})") from None
+    st = os.fstat(fd)
+    why = ("is not a regular file" if not stat.S_ISREG(st.st_mode) else
+           f"belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()})" if st.st_uid != os.geteuid() else None)
+    if why is not None:
+        os.close(fd)
+        raise fail(why)
+    return fd, st
+
+
+def check_own_file(path: Path, flag: str) -> None:
+    """Refuse (exit 2) a ``path`` that another user owns, that is a link or that is not a regular
+    file; make a looser mode 0600. Nothing there is fine: it is made later, 0600."""
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(f"{flag}: {path} is not a regular file; move it away")
-        if st.st_uid != os.geteuid():
-            raise ConfigError(f"{flag}: {path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
-                              "move it away")
+        fd, st = _open_own(path, lambda why: ConfigError(f"{flag}: {path} {why}; move it away"))
+    except FileNotFoundError:
+        return
+    try:
         if stat.S_IMODE(st.st_mode) & 0o077:
             os.fchmod(fd, 0o600)
     finally:
@@ -148,18 +157,10 @@ def read_private_file(path: Path) -> bytes:
     """The bytes of a secret at ``path``: a regular file (not a link) of this user that group and
     others may not read; :class:`RuntimeFailure` (exit 1) otherwise, naming the fix."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as e:
-        if os.path.islink(path):
-            raise RuntimeFailure(f"{path} is a symbolic link; a secret must be a file of its own") from None
-        raise RuntimeFailure(f"cannot read {path}: {e.strerror}") from None
+        fd, st = _open_own(path, lambda why: RuntimeFailure(f"{path} {why}; a secret must be a file of your own"))
+    except FileNotFoundError:
+        raise RuntimeFailure(f"cannot read {path}: it does not exist") from None
     with os.fdopen(fd, "rb") as f:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise RuntimeFailure(f"{path} is not a regular file; a secret must be a file of its own")
-        if st.st_uid != os.geteuid():
-            raise RuntimeFailure(f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}); "
-                                 "move it away")
         if stat.S_IMODE(st.st_mode) & 0o077:
             raise RuntimeFailure(f"{path} is readable by group or others; run chmod 600 {path}")
         try:
