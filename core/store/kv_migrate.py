@@ -46,6 +46,18 @@ class KvSnapshot:
     attempts: int = 1
 
 
+def _ends_a_logged_batch(entries: dict[str, tuple[bytes, int]], newest: int) -> bool:
+    """The read's last message is the log head's: it ended on a whole logged batch.
+
+    Every logged write is one atomic batch whose last message is the head, and
+    JetStream gives a batch consecutive sequences; but a consumer is not
+    isolated from a batch being applied (message gets are), so a read can end
+    inside one. Ending on the head proves it did not.
+    """
+    head = entries.get(LOG_HEAD_KEY)
+    return head is not None and head[1] == newest
+
+
 def _snapshot_complete(entries: dict[str, tuple[bytes, int]]) -> bool:
     """What a purge during a read could have taken is there: every log entry up to the
     head, and every sealed epoch that a live room's ranges cover."""
@@ -84,17 +96,23 @@ class KvMigrate(KvBucket):
         (``membershipd backup``; docs/operations.md, "Backups").
 
         The bucket keeps one message per key (``history=1``), so an older value
-        is gone once a key is rewritten: a point-in-time read has to be a read
-        that no write overtook. Each attempt reads the stream's last sequence
-        ``L``, then the last message of every key, then ``L`` again. When no
-        message read is newer than ``L`` and ``L`` has not moved, the read is
-        exactly the state at ``L`` (``exact``). Writes go on meanwhile, so it
-        retries; after ``exact_for`` seconds it also accepts a read whose
-        messages are all at or before ``L`` (every key then has its value at
-        ``L``: a key written later shows its newer message and fails the
-        attempt), provided what a purge could have taken (the sealed keys of a
-        room deleted during the read) is all there. :class:`StoreUnavailable`
-        when no attempt succeeds within ``budget`` seconds.
+        is gone once a key is rewritten. Each attempt reads the stream's last
+        sequence ``L``, then the last message of every key, then ``L`` again.
+        When no message read is newer than ``L`` and ``L`` has not moved, the
+        read is exactly the state at ``L`` (``exact``).
+
+        Under writes, the read itself is still a state: the consumer delivers
+        every message stored while it runs, and ends when nothing is pending,
+        so each key has its value as of the last message delivered, ``N``. It
+        is accepted, as the state at ``N`` (not ``exact``), when ``N`` is the
+        log head's message (:func:`_ends_a_logged_batch`: not inside a batch)
+        and what a purge could have taken (the sealed keys of a room deleted
+        during the read) is all there. Waiting for a read that no write
+        overtook starved for the whole budget under a tight loop of writes on
+        every node of a cluster. After ``exact_for`` seconds a read whose
+        messages are all at or before ``L`` is accepted too, on the same purge
+        check. :class:`StoreUnavailable` when no attempt succeeds within
+        ``budget`` seconds.
         """
         loop = asyncio.get_running_loop()
         start = loop.time()
@@ -105,11 +123,12 @@ class KvMigrate(KvBucket):
             before = await self._last_seq()
             entries, newest = await self._scan_raw(timeout=max(self.timeout, 30.0))
             after = await self._last_seq()
-            if newest <= before:
-                if after == before:
-                    return KvSnapshot(before, entries, True, attempts)
-                if loop.time() - start > exact_for and _snapshot_complete(entries):
-                    return KvSnapshot(before, entries, False, attempts)
+            if newest <= before and after == before:
+                return KvSnapshot(before, entries, True, attempts)
+            if _ends_a_logged_batch(entries, newest) and _snapshot_complete(entries):
+                return KvSnapshot(newest, entries, False, attempts)
+            if newest <= before and loop.time() - start > exact_for and _snapshot_complete(entries):
+                return KvSnapshot(before, entries, False, attempts)
             if loop.time() - start > budget:
                 raise StoreUnavailable(f"KV bucket {self.bucket} kept changing for {budget:.0f} s ({attempts} "
                                        "reads); try again when fewer writes are under way")

@@ -633,6 +633,86 @@ async def test_kv_snapshot_is_one_instant_under_concurrent_writes(nats_server):
         await nc.close()
 
 
+async def test_kv_snapshot_under_a_tight_loop_of_logged_writes_is_a_state_of_the_log(nats_server):
+    """Writers in another thread append to the log as fast as they can (rooms created, rosters
+    changed, rooms deleted, each a logged batch). The read that waited for a moment without writes
+    starved for its whole budget (a cluster backup in CI timed out so): every snapshot here is taken,
+    and is one state: the rows are what its log establishes, at the head's message."""
+    import threading
+
+    from test_store_contract import add_logged, as_member, identity, signed
+
+    from unibus.memberlog import LogState
+
+    alice, bob = identity("alice"), identity("bob")
+    stop = threading.Event()
+    counts = [0, 0, 0]
+
+    async def write() -> None:
+        wnc = await nats.connect(nats_server.url)
+        try:
+            wkv = KvStore(wnc.jetstream(timeout=5.0), timeout=5.0)
+
+            async def writer(n: int) -> None:
+                while not stop.is_set():
+                    name = f"w{n}-{counts[n]}"
+                    rid = (await wkv.create_room(name, "alice", logged=signed(alice, "POST", "/v1/rooms",
+                                                                              {"name": name}))).room_id
+                    await wkv.add_room_member(rid, "bob", logged=signed(alice, "PUT", f"/v1/rooms/{rid}/members/bob"))
+                    if counts[n] % 2:
+                        await wkv.delete_room(rid, logged=signed(alice, "DELETE", f"/v1/rooms/{rid}"))
+                    counts[n] += 1
+
+            await asyncio.gather(*(writer(n) for n in range(3)))
+        finally:
+            await wnc.close()
+
+    nc = await nats.connect(nats_server.url)
+    try:
+        kv = KvStore(nc.jetstream(timeout=5.0), timeout=5.0)
+        await kv.ensure()
+        await kv.add_member(as_member(alice, "admin"))
+        await add_logged(kv, alice, bob)
+        failed: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(write())
+            except BaseException as e:  # noqa: BLE001 - reported by the test below
+                failed.append(e)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        snaps = []
+        try:
+            for _ in range(3000):  # until the writers are under way (30 s at most)
+                if sum(counts) >= 30 or failed:
+                    break
+                await asyncio.sleep(0.01)
+            while len(snaps) < 6 and not failed:
+                snaps.append(await kv.snapshot(budget=30.0))
+        finally:
+            stop.set()
+            await asyncio.to_thread(thread.join, 30)
+        assert not failed and not thread.is_alive() and sum(counts) > 30
+        for snap in snaps:
+            entries = {k: raw for k, (raw, _rev) in snap.entries.items()}
+            rows = rows_from_kv(entries)
+            state = LogState(skew=60)
+            for row in rows.log_entries:
+                assert state.apply(json.loads(row["entry"])) == row["hash"]
+            assert {m["handle"]: m["role"] for m in rows.members} == {h: m.role for h, m in state.members.items()}
+            assert {r["room_id"]: r["name"] for r in rows.rooms} == {rid: r.name for rid, r in state.rooms.items()}
+            assert {(m["room_id"], m["handle"]) for m in rows.room_members} == {
+                (rid, h) for rid, r in state.rooms.items() for h in r.members}
+            if not snap.exact:  # a read under writes is the state at the head's own message
+                assert snap.seq == snap.entries["meta.loghead"][1]
+        print(f"{len(snaps)} snapshots, {sum(s.exact for s in snaps)} exact, "
+              f"{sum(s.attempts for s in snaps)} reads, {sum(counts)} writers' rounds")
+    finally:
+        await nc.close()
+
+
 def assert_snapshot_consistent(entries: dict[str, bytes]) -> bool:
     for key, raw in entries.items():
         if not key.startswith("room."):

@@ -134,19 +134,22 @@ async def test_backups_cross_the_cluster_boundary_both_ways(tmp_path, membership
         stop = asyncio.Event()
         made: list[str] = []
 
-        async def writer() -> None:
-            async with UnibusClient(n3.base_url, alice) as w:
-                await eventually_signed(n3, alice)
+        async def writer(node: MembershipdProcess) -> None:
+            async with UnibusClient(node.base_url, alice) as w:
+                await eventually_signed(node, alice)
                 while not stop.is_set():
                     made.append((await w.create_room(f"busy {len(made)}"))["room_id"])
 
-        task = asyncio.create_task(writer())
+        # A writer on every node, each in a tight loop: a read that waits for a moment without
+        # writes starved for the whole budget under one (CI, 2 cores); backup must not need one.
+        tasks = [asyncio.create_task(writer(node)) for node in (n1, n2, n3)]
         try:
             async def under_way() -> None:
-                while len(made) < 3:
-                    if task.done():
-                        task.result()  # raises what stopped the writer
-                        raise AssertionError("the writer stopped before it was under way")
+                while len(made) < 9:
+                    for task in tasks:
+                        if task.done():
+                            task.result()  # raises what stopped the writer
+                            raise AssertionError("a writer stopped before they were under way")
                     await asyncio.sleep(0.05)
 
             await asyncio.wait_for(under_way(), 120)
@@ -154,9 +157,11 @@ async def test_backups_cross_the_cluster_boundary_both_ways(tmp_path, membership
             archive = tmp_path / "cluster.tar.gz"
             backup = await asyncio.to_thread(run_membershipd, "backup", "--out", str(archive), "--data-dir",
                                              str(n1.data_dir), "--nats-url", n1.nats_url)
+            during = len(made) - len(before)
         finally:
             stop.set()
-            await task
+            await asyncio.gather(*tasks)
+        assert during > 0, "no write went on while backup ran"
         assert backup.returncode == 0, backup.stderr
         log = await kv_log(n1)
     finally:
