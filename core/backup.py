@@ -35,7 +35,7 @@ import sqlite3
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -233,6 +233,28 @@ class StoreFacts:
     members: int
     log_entries: int
     trust_root: str | None
+    #: ``(seq, hash)`` of each bootstrap entry after entry 0: an offline ``member add`` (a recovery).
+    recoveries: tuple[tuple[int, str], ...] = ()
+
+
+def recovery_bootstraps(rows: Any) -> tuple[tuple[int, str], ...]:
+    """``(seq, hash)`` of every bootstrap entry after entry 0 among ``rows`` of ``(seq, hash, text)``.
+
+    No member signed such an entry (``membershipd member add`` on a store that
+    already had a log, to recover when every admin lost its keys), so a
+    client accepts it only once trusted explicitly, and so does ``restore``.
+    """
+    found = []
+    for seq, digest, text in rows:
+        if seq == 0 or '"bootstrap"' not in text:
+            continue
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            continue  # the chain and replay checks refuse it
+        if isinstance(doc, dict) and doc.get("kind") == "bootstrap":
+            found.append((int(seq), str(digest)))
+    return tuple(found)
 
 
 def sqlite_facts(db: Path) -> StoreFacts:
@@ -252,9 +274,21 @@ def sqlite_facts(db: Path) -> StoreFacts:
         head = one("SELECT seq, hash FROM log_entries ORDER BY seq DESC LIMIT 1")
         count = one("SELECT count(*) FROM log_entries")
         root = one("SELECT hash FROM log_entries WHERE seq = 0")
+        try:
+            recoveries = recovery_bootstraps(conn.execute(
+                "SELECT seq, hash, entry FROM log_entries WHERE seq > 0 AND entry LIKE '%\"bootstrap\"%' ORDER BY seq"))
+        except sqlite3.OperationalError:
+            recoveries = ()
     return StoreFacts(revision[0] if revision else None,
                       {"seq": int(head[0]), "hash": str(head[1])} if head else None, rooms,
-                      int(members[0]) if members else 0, int(count[0]) if count else 0, root[0] if root else None)
+                      int(members[0]) if members else 0, int(count[0]) if count else 0, root[0] if root else None,
+                      recoveries)
+
+
+def _warn_recoveries(facts: StoreFacts, warn: Warn) -> None:
+    for seq, digest in facts.recoveries:
+        warn(f"the membership log has a recovery bootstrap at seq {seq} (fingerprint {digest}): restoring this "
+             f"archive will need --accept-bootstrap {digest}")
 
 
 @dataclass
@@ -325,6 +359,7 @@ def backup_single(data_dir: Path, out: Path, warn: Warn) -> BackupResult:
         snap = staging / DB_NAME
         snapshot_sqlite(data_dir / DB_NAME, snap)
         facts = sqlite_facts(snap)
+        _warn_recoveries(facts, warn)
         blobs = [b for b in blobs if b.info.room_id in facts.rooms]
         files = [ArchiveFile.of_file(DB_NAME, snap), *_blob_files(blobs)]
         manifest = build_manifest("single", socket.gethostname(), files, db_revision=facts.revision,
@@ -408,7 +443,9 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
         blobs = [b for b in blobs if b.info.room_id in rooms]
         seq, digest = rows.log_head
         facts = StoreFacts(None, {"seq": seq, "hash": digest} if seq >= 0 else None, rooms, len(rows.members),
-                           len(rows.log_entries), rows.log_entries[0]["hash"] if rows.log_entries else None)
+                           len(rows.log_entries), rows.log_entries[0]["hash"] if rows.log_entries else None,
+                           recovery_bootstraps((e["seq"], e["hash"], e["entry"]) for e in rows.log_entries))
+        _warn_recoveries(facts, warn)
         files = [ArchiveFile.of_bytes(KV_FILE, kv_lines(snap.entries)), *_blob_files(blobs)]
         manifest = build_manifest("cluster", node, files, kv={"bucket": STATE_BUCKET, "stream_seq": snap.seq,
                                                              "exact": snap.exact},
@@ -660,16 +697,25 @@ def check_log_chain(db: Path) -> tuple[int, str]:
     return seq, prev
 
 
-def check_rows_match_log(db: Path) -> None:
+def check_rows_match_log(db: Path, accepted_bootstraps: Iterable[str] = ()) -> None:
     """The store's members and rosters are the state its membership log establishes.
 
     The log is replayed with every check a client makes (signatures included:
     whoever can write archives cannot sign as a member); a row the log does not
     account for, such as an admin added to the archived database behind the
-    log's back (the manifest's digest is no MAC), is refused with ArchiveError."""
+    log's back (the manifest's digest is no MAC), is refused with ArchiveError.
+    A bootstrap after entry 0 (an offline ``member add``: a recovery) is signed
+    by no one, so, as for a client, it must be one the operator accepted
+    (``--accept-bootstrap``): else it is refused, naming its fingerprint."""
     from .memberlog import LogError, LogState
 
-    state = LogState()
+    accepted = set(accepted_bootstraps)
+    for seq, digest in sqlite_facts(db).recoveries:
+        if digest not in accepted:
+            raise ArchiveError(f"--in: the archive's membership log has a recovery bootstrap at seq {seq}, which no "
+                               f"member signed (an offline membershipd member add); if your operator made it, add "
+                               f"--accept-bootstrap {digest}; nothing was restored")
+    state = LogState(accepted_bootstraps=accepted)
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
         try:
             for (text,) in conn.execute("SELECT entry FROM log_entries ORDER BY seq"):
@@ -763,8 +809,11 @@ class RestoreResult:
                 + f", {self.blobs} blob(s)")
 
 
-def restore(archive: Path, data_dir: Path) -> RestoreResult:
+def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = ()) -> RestoreResult:
     """Restore ``archive`` into ``data_dir`` (empty or new; docs/operations.md, "Backups").
+
+    ``accepted_bootstraps``: fingerprints of recovery bootstraps in the log the
+    operator vouches for (``--accept-bootstrap``; :func:`check_rows_match_log`).
 
     The whole archive is checked first (:func:`verify_archive`), writing
     nothing. Then everything is built in a temporary directory beside
@@ -791,7 +840,7 @@ def restore(archive: Path, data_dir: Path) -> RestoreResult:
             _build_db_from_kv(tmp / KV_FILE, db)
             shutil.rmtree(tmp / KV_FILE.split("/")[0])
         head = check_log_chain(db)
-        check_rows_match_log(db)
+        check_rows_match_log(db, accepted_bootstraps)
         facts = sqlite_facts(db)
         want = verified.manifest.get("log_head")
         # A store older than the log gets its entry 0 from the migration: the manifest had no head then.

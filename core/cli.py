@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -567,12 +568,19 @@ def cmd_restore(argv: Sequence[str]) -> int:
     parser.add_argument("--in", dest="archive", required=True, metavar="FILE", help="the archive membershipd backup wrote")
     _add_data_dir(parser, help=f"the directory to restore into: empty or new [{DATA_DIR.env}] (default "
                                f"{DATA_DIR.default})")
+    parser.add_argument("--accept-bootstrap", action="append", default=[], metavar="FINGERPRINT",
+                        help="a recovery bootstrap in the archive's log that your operator made (an offline "
+                             "membershipd member add after the first entry; restore names it); repeatable")
     ns = parser.parse_args(argv)
+    for fingerprint in ns.accept_bootstrap:
+        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+            raise ConfigError(f"--accept-bootstrap: {fingerprint!r} is not a fingerprint (64 lowercase hex digits, "
+                              "as restore or membershipd member add printed it)")
     archive = Path(ns.archive).expanduser()
     if not archive.is_file():
         raise ConfigError(f"--in: {archive} is not a readable file")
     data_dir = Path(os.path.abspath(resolve_data_dir(ns)))
-    result = restore(archive, data_dir)
+    result = restore(archive, data_dir, ns.accept_bootstrap)
     print(result.summary())
     root = result.facts.trust_root
     if root and root == result.manifest.get("trust_root"):

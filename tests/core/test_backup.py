@@ -774,6 +774,44 @@ def test_a_database_of_a_newer_revision_is_refused(source, tmp_path):
     assert_nothing_written(area)
 
 
+def test_a_recovery_bootstrap_is_restored_once_the_operator_accepts_it(tmp_path):
+    """A recovery (``membershipd member add`` on a store that has a log: every admin lost its keys)
+    writes a bootstrap entry that no member signed. Clients take it only once trusted; restore
+    refused it for good, so no backup of a deployment that ever recovered could be restored. backup
+    now names it, and restore takes it with --accept-bootstrap. Without the flag, or with another
+    fingerprint, it is still refused: whoever can write archives could append such an entry."""
+    alice, carol = generate_identity("alice"), generate_identity("carol")
+    data_dir = tmp_path / "recovered"
+    bootstrap_member(data_dir, alice, "admin")
+    bootstrap_member(data_dir, carol, "admin")  # alice lost her keys: the operator adds carol offline
+    area = tmp_path / "area"
+    area.mkdir()
+    archive = area / "archive"
+    proc = cli("backup", "--out", str(archive), "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    fingerprint = manifest_of(members_of(archive))["log_head"]["hash"]
+    assert proc.stderr.count("warning:") == 1 and f"--accept-bootstrap {fingerprint}" in proc.stderr
+
+    target = area / "restored"
+    one_line(restore_into(archive, target), 2, f"recovery bootstrap at seq 1, which no member signed (an offline "
+                                               f"membershipd member add); if your operator made it, add "
+                                               f"--accept-bootstrap {fingerprint}")
+    assert_nothing_written(area)
+    other = hashlib.sha256(b"another recovery").hexdigest()
+    one_line(cli("restore", "--in", str(archive), "--data-dir", str(target), "--accept-bootstrap", other), 2,
+             f"--accept-bootstrap {fingerprint}")
+    one_line(cli("restore", "--in", str(archive), "--data-dir", str(target), "--accept-bootstrap", "3f1c…e9"), 2,
+             "--accept-bootstrap: '3f1c…e9' is not a fingerprint")
+    assert_nothing_written(area)
+
+    proc = cli("restore", "--in", str(archive), "--data-dir", str(target), "--accept-bootstrap", other,
+               "--accept-bootstrap", fingerprint)
+    assert proc.returncode == 0, proc.stderr
+    got = read_store(target / "membershipd.db")
+    assert {h: m[0] for h, m in got["members"].items()} == {"alice": "admin", "carol": "admin"}
+    assert [text for _s, _h, text in got["log"]] == [text for _s, _h, text in read_store(data_dir / "membershipd.db")["log"]]
+
+
 def test_an_archive_whose_rows_disagree_with_its_log_is_refused(source, tmp_path):
     """Adversary: someone who can write where the backups are kept (not the secrets: an archive holds
     none), who adds eve as admin to the archived database and rehashes the manifest."""
