@@ -724,20 +724,33 @@ def check_rows_match_log(db: Path, accepted_bootstraps: Iterable[str] = ()) -> N
             raise ArchiveError(f"--in: the membership log in the archive does not verify ({e})") from None
         members = {h: (role, bytes(sp), bytes(ep), suite, bus) for h, role, sp, ep, suite, bus in conn.execute(
             "SELECT handle, role, sign_pub, enc_pub, enc_suite, bus_pub FROM members")}
-        rosters: dict[str, set[str]] = {r: set() for (r,) in conn.execute("SELECT room_id FROM rooms")}
+        rooms = {r: (name, owner or "", int(epoch), bool(rekey)) for r, name, owner, epoch, rekey in conn.execute(
+            "SELECT room_id, name, owner, epoch, rekey_required FROM rooms")}
+        rosters: dict[str, set[str]] = {r: set() for r in rooms}
         for room_id, handle in conn.execute("SELECT room_id, handle FROM room_members"):
             rosters.setdefault(room_id, set()).add(handle)
+        nonces = {(k, n) for k, n in conn.execute("SELECT keyid, nonce FROM log_nonces")}
+        row = conn.execute("SELECT value FROM unibus_meta WHERE key = 'log.max_created'").fetchone()
+        max_created = int(row[0]) if row else 0
     derived = {h: (m.role, bytes(m.sign_pub), bytes(m.enc_pub), m.enc_suite, m.bus_pub)
                for h, m in state.members.items()}
     for handle in sorted(set(members) | set(derived)):
         if members.get(handle) != derived.get(handle):
             raise ArchiveError(f"--in: member {handle!r} in the archive's store is not what its membership log "
                                "establishes; nothing was restored")
-    for room_id in sorted(set(rosters) | set(state.rooms)):
+    # Owner and epoch decide who may manage a room and which rekey comes next: rows that
+    # disagree would let the restored server accept requests every client refuses.
+    for room_id in sorted(set(rooms) | set(state.rooms)):
         room = state.rooms.get(room_id)
-        if room is None or rosters.get(room_id) != set(room.members):
+        if (room is None or rosters.get(room_id) != set(room.members)
+                or rooms.get(room_id) != (room.name, room.owner, room.epoch, room.rekey_required)):
             raise ArchiveError(f"--in: room {room_id!r} in the archive's store is not what its membership log "
                                "establishes; nothing was restored")
+    # What replay protection keeps of the log: a nonce missing from the rows could be used again,
+    # and a smaller largest `created` would admit requests older than the log allows.
+    if nonces != state.nonces or max_created != state.max_created:
+        raise ArchiveError("--in: the archive's log nonces or largest `created` are not what its membership log "
+                           "establishes; nothing was restored")
 
 
 def _prepare_single_db(db: Path) -> None:
