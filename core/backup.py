@@ -21,6 +21,7 @@ the process that makes or restores the backup, so the core calls it directly.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gzip
 import hashlib
@@ -360,6 +361,7 @@ def backup_single(data_dir: Path, out: Path, warn: Warn) -> BackupResult:
         snapshot_sqlite(data_dir / DB_NAME, snap)
         facts = sqlite_facts(snap)
         _warn_recoveries(facts, warn)
+        _check_restorable(snap, facts)
         blobs = [b for b in blobs if b.info.room_id in facts.rooms]
         files = [ArchiveFile.of_file(DB_NAME, snap), *_blob_files(blobs)]
         manifest = build_manifest("single", socket.gethostname(), files, db_revision=facts.revision,
@@ -370,6 +372,20 @@ def backup_single(data_dir: Path, out: Path, warn: Warn) -> BackupResult:
         shutil.rmtree(staging, ignore_errors=True)
         if blob_staging is not None:
             shutil.rmtree(blob_staging, ignore_errors=True)
+
+
+def _check_restorable(db: Path, facts: StoreFacts) -> None:
+    """Run restore's checks of the log on ``db`` before the archive is written: an archive
+    restore would refuse is a failed backup (exit 1), not one found out when it is needed."""
+    if facts.log_head is None:
+        return  # a store from before the log: its migration at restore writes entry 0
+    try:
+        check_log_chain(db)
+        check_rows_match_log(db, [digest for _seq, digest in facts.recoveries])
+    except ArchiveError as e:
+        why = str(e).removeprefix("--in: ").replace("the archive's ", "the ").replace("in the archive", "")
+        why = why.removesuffix("; nothing was restored")
+        raise RuntimeFailure(f"the state cannot be backed up, as restore would refuse it: {why}") from None
 
 
 def _counts(facts: StoreFacts, blobs: list[Any]) -> dict[str, int]:
@@ -423,6 +439,7 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
     from .store.base import StoreUnavailable
     from .store.fromkv import KvFormatError, rows_from_kv
     from .store.kv import STATE_BUCKET, KvStore
+    from .store.kv_layout import IMPORTING_FIELD, LOG_HEAD_KEY
 
     staging = _staging_dir(out)
     try:
@@ -435,6 +452,9 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
         blobs = await stage_object_store_blobs(js, staging / BLOBS_DIR, warn)
         snap = await kv.snapshot()
         raw = {k: v for k, (v, _rev) in snap.entries.items()}
+        if IMPORTING_FIELD in json.loads(raw.get(LOG_HEAD_KEY, b"{}")):
+            raise RuntimeFailure(f"membershipd migrate-to-kv is copying into {STATE_BUCKET}, or was cut short: its "
+                                 "state is partial; run migrate-to-kv again to its end, then back up")
         try:
             rows = rows_from_kv(raw)
         except KvFormatError as e:
@@ -446,7 +466,20 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
                            len(rows.log_entries), rows.log_entries[0]["hash"] if rows.log_entries else None,
                            recovery_bootstraps((e["seq"], e["hash"], e["entry"]) for e in rows.log_entries))
         _warn_recoveries(facts, warn)
-        files = [ArchiveFile.of_bytes(KV_FILE, kv_lines(snap.entries)), *_blob_files(blobs)]
+        kv_text = kv_lines(snap.entries)
+
+        def check() -> None:  # what restore builds, checked as restore checks it
+            (staging / KV_FILE).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (staging / KV_FILE).write_bytes(kv_text)
+            try:
+                _build_db_from_kv(staging / KV_FILE, staging / DB_NAME)
+            except ArchiveError as e:
+                raise RuntimeFailure(f"the state in {STATE_BUCKET} cannot be backed up, as restore would refuse "
+                                     f"it: {str(e).removeprefix('--in: ')}") from None
+            _check_restorable(staging / DB_NAME, facts)
+
+        await asyncio.to_thread(check)
+        files = [ArchiveFile.of_bytes(KV_FILE, kv_text), *_blob_files(blobs)]
         manifest = build_manifest("cluster", node, files, kv={"bucket": STATE_BUCKET, "stream_seq": snap.seq,
                                                              "exact": snap.exact},
                                   log_head=facts.log_head, trust_root=facts.trust_root, counts=_counts(facts, blobs))

@@ -56,6 +56,7 @@ from .base import (
 from .kv_layout import (
     ADMINS_KEY,
     HIGH_WATER_KEY,
+    IMPORTING_FIELD,
     LOG_HEAD_KEY,
     SCHEMA_KEY,
     SCHEMA_VERSION,
@@ -155,6 +156,9 @@ class KvStore(KvWatch, KvMigrate):
             if await self._write_root():
                 raise _CasLost()  # the log has its entry 0 now: read the head again
             head = {"seq": -1, "hash": "", "max_created": 0}
+        if IMPORTING_FIELD in head:
+            raise StoreUnavailable(f"membershipd migrate-to-kv is copying into KV bucket {self.bucket}, or was cut "
+                                   "short: changes wait until it has finished (run it again if it stopped)")
         max_created = int(head.get("max_created", 0))
         check_appendable(logged, max_created, seen is not None)
         # Read after the head: a write committed since makes this one's head CAS fail (retried).

@@ -45,6 +45,9 @@ ADMINS_KEY = "meta.admins"
 HIGH_WATER_KEY = "meta.nonce_high_water"
 SCHEMA_KEY = "meta.schema"
 LOG_HEAD_KEY = "meta.loghead"
+#: A field of the log head while ``migrate-to-kv`` copies into the bucket: every node's logged
+#: writes wait (503) until the copy ends (docs/store.md, "`membershipd migrate-to-kv`").
+IMPORTING_FIELD = "importing"
 _PART = re.compile(r"^[-_=a-zA-Z0-9]+$")  # one token of a key: no dots, nothing KV refuses
 
 

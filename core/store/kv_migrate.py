@@ -13,6 +13,8 @@ import asyncio
 import hashlib
 import json
 import random
+import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any
@@ -22,7 +24,7 @@ from nats.js.errors import APIError
 
 from ..aio import within
 from .base import Change, Conflict, Member, Room, Store, StoreUnavailable
-from .kv_layout import LOG_HEAD_KEY, _keys_record, _kkey, _lkey, _mkey, _nonce_key, _rkey, _valid
+from .kv_layout import IMPORTING_FIELD, LOG_HEAD_KEY, _keys_record, _kkey, _lkey, _mkey, _nonce_key, _rkey, _valid
 from .kv_txn import KvBucket, _CasLost, _Write
 
 if TYPE_CHECKING:
@@ -137,6 +139,45 @@ class KvMigrate(KvBucket):
 
     # -- in: the imports of migrate-to-kv ----------------------------------------------
 
+    _import_mark: dict[str, Any] | None = None
+
+    async def begin_import(self) -> None:
+        """Hold every node's logged writes until :meth:`end_import`: the log head carries
+        :data:`IMPORTING_FIELD`, and a logged write that sees it is a 503.
+
+        A copy cut short left a partial state that nodes served and wrote on;
+        the run that finished it then copied rooms as the database had them,
+        not as the cluster had changed them since (a member deleted and added
+        again came back into a room the log says they left: red team). The
+        mark goes on the head with a compare-and-set, so a logged write under
+        way (conditional on the head it read) fails and reads the mark when
+        it tries again. A bucket without a head gets the mark with the head
+        :meth:`import_log` writes.
+        """
+        mark = {"token": secrets.token_hex(8), "since": int(time.time())}
+        self._import_mark = mark
+
+        async def attempt() -> None:
+            head, rev = await self._read(LOG_HEAD_KEY)
+            if head is not None:
+                await self._commit([_Write(LOG_HEAD_KEY, {**head, IMPORTING_FIELD: mark}, rev)])
+
+        await self._retrying(attempt)
+
+    async def end_import(self) -> None:
+        """Take this run's mark off the head (another run's, which replaced it, stays)."""
+        mark, self._import_mark = self._import_mark, None
+        if mark is None:
+            return
+
+        async def attempt() -> None:
+            head, rev = await self._read(LOG_HEAD_KEY)
+            if head is not None and head.get(IMPORTING_FIELD) == mark:
+                await self._commit([_Write(LOG_HEAD_KEY, {k: v for k, v in head.items() if k != IMPORTING_FIELD},
+                                           rev)])
+
+        await self._retrying(attempt)
+
     async def import_member(self, member: Member) -> bool:
         """Add ``member`` unless its handle was ever written here (present, or deleted since)."""
         if not _valid(member.handle):
@@ -220,9 +261,11 @@ class KvMigrate(KvBucket):
                            f"does not contain the one being copied (entry {last}, {last_hash}); nothing copied")
         written = await self._import_log_entries(texts)
         await self._import_log_nonces(nonces)
+        head = {"seq": last, "hash": last_hash, "max_created": max_created}
+        if self._import_mark is not None:
+            head[IMPORTING_FIELD] = self._import_mark
         try:
-            await self._commit([_Write(LOG_HEAD_KEY, {"seq": last, "hash": last_hash, "max_created": max_created},
-                                       hrev)])
+            await self._commit([_Write(LOG_HEAD_KEY, head, hrev)])
         except _CasLost:
             raise Conflict(f"KV bucket {self.bucket}: its membership log head changed during the copy") from None
         return written
@@ -289,6 +332,9 @@ async def copy_store(src: Store, dst: KvStore) -> dict[str, int]:
     from .sqlite import SqliteStore
 
     counts = {"log_entries": 0, "members": 0, "rooms": 0, "sealed_epochs": 0}
+    # No node writes until the copy is whole (KvMigrate.begin_import); a run cut short leaves
+    # the mark, and the next run finishes the copy and takes it off.
+    await dst.begin_import()
     if isinstance(src, SqliteStore):
         # The log first: once its head is in the bucket, no node writes a snapshot of its own there.
         texts, nonces, max_created = await src.log_export()
@@ -305,4 +351,5 @@ async def copy_store(src: Store, dst: KvStore) -> dict[str, int]:
         if await dst.import_room(room, epochs):
             counts["rooms"] += 1
             counts["sealed_epochs"] += len(epochs)
+    await dst.end_import()
     return counts

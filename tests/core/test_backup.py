@@ -866,3 +866,21 @@ def test_an_archive_whose_rooms_or_nonces_disagree_with_its_log_is_refused(sourc
     area.mkdir()
     one_line(restore_into(archive, area / "restored"), 2, needle)
     assert not (area / "restored").exists() and not list(area.iterdir())
+
+
+def test_backup_refuses_a_state_that_restore_would_refuse(tmp_path):
+    """Red team: a state whose rows contradict its log (there, from a migrate-to-kv cut short) was
+    backed up with exit 0, and restore refused the archive: the operator learnt it when they needed
+    the backup. backup now runs restore's checks first: exit 1 naming the member, no archive."""
+    alice, carol = generate_identity("alice"), generate_identity("carol")
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    bootstrap_member(data_dir, carol, "member")
+    with contextlib.closing(sqlite3.connect(data_dir / "membershipd.db")) as conn:
+        conn.execute("UPDATE members SET role = 'admin' WHERE handle = 'carol'")  # behind the log's back
+        conn.commit()
+    out = tmp_path / "out.tar"
+    one_line(cli("backup", "--out", str(out), "--data-dir", str(data_dir)), 1,
+             "the state cannot be backed up, as restore would refuse it: member 'carol' in the store is not what "
+             "its membership log establishes")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d"]

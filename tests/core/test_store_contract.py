@@ -36,6 +36,7 @@ from unibus.store.base import (
     LogRejected,
     Member,
     NotFound,
+    Room,
     Store,
     StoreUnavailable,
 )
@@ -774,7 +775,8 @@ async def test_copy_store_sqlite_to_kv_is_complete_and_idempotent(tmp_path: Path
 
         last_seq = (await dst.status())["last_seq"]
         assert await copy_store(src, dst) == {"log_entries": 0, "members": 0, "rooms": 0, "sealed_epochs": 0}
-        assert (await dst.status())["last_seq"] == last_seq  # the second run wrote nothing
+        # The second run wrote nothing (there is no log here, so no head to mark while it ran).
+        assert (await dst.status())["last_seq"] == last_seq
 
         # The copy obeys the rules: the last-admin guard knows both admins; rekeys continue.
         await dst.delete_member("dave")
@@ -782,6 +784,64 @@ async def test_copy_store_sqlite_to_kv_is_complete_and_idempotent(tmp_path: Path
             await dst.set_role("alice", "member")
         room = await dst.put_keys(r1.room_id, 3, {"alice": b"a3", "bob": b"b3"})
         assert room.epoch == 3 and not room.rekey_required
+    finally:
+        await src.close()
+        await dst.close()
+        await nc.close()
+
+
+class Killed(Exception):
+    """The migrate-to-kv process killed at this point."""
+
+
+async def test_a_copy_cut_short_holds_every_logged_write_until_a_run_finishes_it(tmp_path: Path,
+                                                                                nats_server: NatsServer) -> None:
+    """Red team: migrate-to-kv killed among the rooms left a partial state that the nodes served and
+    wrote on. alice deleted bob and added him again; the run that finished the copy then put bob back
+    into a room the log says he had left (clients: "ghost member bob"; restore refused every later
+    backup). The copy now marks the log head until it ends: a logged write is a 503 meanwhile, the
+    bucket is not backed up, and the run that finishes the copy lifts the mark."""
+    from unibus.backup import backup_cluster
+    from unibus.errors import RuntimeFailure
+
+    alice, bob = identity("alice"), identity("bob")
+    src = await sqlite_store(tmp_path / "src.db")
+    nc, dst = await kv_store(nats_server.url)
+    try:
+        await src.add_member(as_member(alice, "admin"))
+        await add_logged(src, alice, bob)
+        rooms = []
+        for i in range(3):
+            rid = (await src.create_room(f"r{i}", "alice", logged=signed(alice, "POST", "/v1/rooms",
+                                                                         {"name": f"r{i}"}))).room_id
+            await src.add_room_member(rid, "bob", logged=signed(alice, "PUT", f"/v1/rooms/{rid}/members/bob"))
+            rooms.append(rid)
+
+        class CutShort(KvStore):
+            async def import_room(self, room: Room, epochs: dict[int, dict[str, Any]]) -> bool:
+                if await self.list_rooms():
+                    raise Killed  # one room copied, the rest not
+                return await super().import_room(room, epochs)
+
+        with pytest.raises(Killed):
+            await copy_store(src, CutShort(nc.jetstream(timeout=2.0)))
+        assert len(await dst.list_rooms()) == 1 and len(await dst.list_members()) == 2
+
+        with pytest.raises(StoreUnavailable, match="migrate-to-kv is copying into KV bucket unibus_state, or was "
+                                                   "cut short"):
+            await dst.delete_member("bob", logged=signed(alice, "DELETE", "/v1/members/bob"))
+        with pytest.raises(RuntimeFailure, match="migrate-to-kv is copying into unibus_state, or was cut short"):
+            await backup_cluster(nc.jetstream(timeout=5.0), "n1", tmp_path / "partial.tar", lambda _m: None)
+        assert not (tmp_path / "partial.tar").exists()
+
+        assert (await copy_store(src, dst))["rooms"] == 2
+        assert "importing" not in json.loads((await dst.snapshot()).entries["meta.loghead"][0])
+        await dst.delete_member("bob", logged=signed(alice, "DELETE", "/v1/members/bob"))
+        await add_logged(dst, alice, bob)  # bob again, with new keys: in no room, as the log says
+        state = await assert_replays_to_store(dst)
+        assert all(room.members == {"alice"} for room in state.rooms.values()) and len(state.rooms) == 3
+        result = await backup_cluster(nc.jetstream(timeout=5.0), "n1", tmp_path / "whole.tar", lambda _m: None)
+        assert result.manifest["counts"]["rooms"] == 3
     finally:
         await src.close()
         await dst.close()
