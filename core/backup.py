@@ -786,7 +786,9 @@ def check_rows_match_log(db: Path, accepted_bootstraps: Iterable[str] = ()) -> N
                            "establishes; nothing was restored")
 
 
-def _prepare_single_db(db: Path) -> None:
+def _prepare_single_db(db: Path) -> bool:
+    """Check and migrate a single node's archived database; True when it had no membership log
+    (its migration wrote entry 0: a new trust root)."""
     from .store.db import alembic_config, migrate, stored_revision
 
     try:
@@ -806,7 +808,9 @@ def _prepare_single_db(db: Path) -> None:
         except CommandError:
             raise ArchiveError(f"--in: {DB_NAME} is at revision {revision!r}, which this membershipd does not "
                                "know: restore it with a newer unibus") from None
+    new_root = sqlite_facts(db).log_head is None
     migrate(db)
+    return new_root
 
 
 def _build_db_from_kv(kv_file: Path, db: Path) -> None:
@@ -845,6 +849,8 @@ class RestoreResult:
     manifest: dict[str, Any]
     facts: StoreFacts
     blobs: int
+    #: The archive's store had no membership log: the migration at restore wrote its entry 0.
+    new_root: bool = False
 
     def summary(self) -> str:
         m, f = self.manifest, self.facts
@@ -880,8 +886,9 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
     try:
         _extract(archive, verified, tmp)
         db = tmp / DB_NAME
+        new_root = False
         if verified.kind == "single":
-            _prepare_single_db(db)
+            new_root = _prepare_single_db(db)
         else:
             _build_db_from_kv(tmp / KV_FILE, db)
             shutil.rmtree(tmp / KV_FILE.split("/")[0])
@@ -911,4 +918,4 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return RestoreResult(data_dir, verified.manifest, facts, blobs)
+    return RestoreResult(data_dir, verified.manifest, facts, blobs, new_root)

@@ -583,10 +583,13 @@ def cmd_restore(argv: Sequence[str]) -> int:
     result = restore(archive, data_dir, ns.accept_bootstrap)
     print(result.summary())
     root = result.facts.trust_root
-    if root and root == result.manifest.get("trust_root"):
-        print(f"trust root fingerprint: {root} (unchanged: members keep their pin)")
-    elif root:  # a store from before the membership log: the migration wrote its entry 0
+    if root and result.new_root:  # a store from before the membership log: the migration wrote its entry 0
         print(f"trust root fingerprint: {root} (new: members pin it with `unibus trust {root}`)")
+    elif root:
+        # Nothing in an archive proves whose deployment it is (its manifest is no signature), so
+        # this is not "unchanged": the operator compares it with what members pinned.
+        print(f"trust root fingerprint: {root} (the archive's: members keep their pin if it is the one they "
+              "pinned; compare it, since an archive of another deployment restores as well)")
     print(f"start membershipd with --data-dir {data_dir}; it makes a new service.nkey, system.nkey and nats.conf"
           + ("; to make a cluster of it, run membershipd migrate-to-kv from this directory"
              if result.manifest["kind"] == "cluster" else ""))

@@ -141,7 +141,7 @@ class KvMigrate(KvBucket):
 
     _import_mark: dict[str, Any] | None = None
 
-    async def begin_import(self) -> None:
+    async def begin_import(self, texts: list[str]) -> None:
         """Hold every node's logged writes until :meth:`end_import`: the log head carries
         :data:`IMPORTING_FIELD`, and a logged write that sees it is a 503.
 
@@ -153,16 +153,43 @@ class KvMigrate(KvBucket):
         way (conditional on the head it read) fails and reads the mark when
         it tries again. A bucket without a head gets the mark with the head
         :meth:`import_log` writes.
+
+        ``texts`` is the log being copied; the mark names its last entry. A
+        :class:`Conflict`, before anything is written, when the bucket's log
+        does not contain it, or when a copy of another log was cut short here:
+        only a run of that same copy may finish it and lift the mark (a run
+        from another data directory, even an empty one, lifted it on a partial
+        state: red team on the fix).
         """
-        mark = {"token": secrets.token_hex(8), "since": int(time.time())}
-        self._import_mark = mark
+        source = ({"seq": len(texts) - 1, "hash": hashlib.sha256(texts[-1].encode("utf-8")).hexdigest()}
+                  if texts else None)
+        mark = {"token": secrets.token_hex(8), "since": int(time.time()), "source": source}
 
         async def attempt() -> None:
             head, rev = await self._read(LOG_HEAD_KEY)
-            if head is not None:
-                await self._commit([_Write(LOG_HEAD_KEY, {**head, IMPORTING_FIELD: mark}, rev)])
+            if head is None:
+                return
+            held = head.get(IMPORTING_FIELD)
+            if isinstance(held, dict) and held.get("source") != source:
+                was = held.get("source") or {}
+                raise Conflict(f"KV bucket {self.bucket}: a migrate-to-kv of another membership log (entry "
+                               f"{was.get('seq')}, {was.get('hash')}) was cut short here; run that copy again, from "
+                               "its data directory, to its end first; nothing copied")
+            await self._check_contains(head, source)
+            await self._commit([_Write(LOG_HEAD_KEY, {**head, IMPORTING_FIELD: mark}, rev)])
 
         await self._retrying(attempt)
+        self._import_mark = mark
+
+    async def _check_contains(self, head: dict[str, Any], source: dict[str, Any] | None) -> None:
+        """:class:`Conflict` unless the bucket's log (at ``head``) holds the log ending at ``source``."""
+        if source is None:
+            raise Conflict(f"KV bucket {self.bucket} has a membership log and the database being copied has none; "
+                           "nothing copied")
+        if not (int(head["seq"]) >= source["seq"] and await self.log_hash_at(source["seq"]) == source["hash"]):
+            raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {head['seq']}) that "
+                           f"does not contain the one being copied (entry {source['seq']}, {source['hash']}); "
+                           "nothing copied")
 
     async def end_import(self) -> None:
         """Take this run's mark off the head (another run's, which replaced it, stays)."""
@@ -255,10 +282,8 @@ class KvMigrate(KvBucket):
         last_hash = hashlib.sha256(texts[-1].encode("utf-8")).hexdigest()
         head, hrev = await self._read(LOG_HEAD_KEY)
         if head is not None:
-            if int(head["seq"]) >= last and await self.log_hash_at(last) == last_hash:
-                return 0
-            raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {head['seq']}) that "
-                           f"does not contain the one being copied (entry {last}, {last_hash}); nothing copied")
+            await self._check_contains(head, {"seq": last, "hash": last_hash})
+            return 0
         written = await self._import_log_entries(texts)
         await self._import_log_nonces(nonces)
         head = {"seq": last, "hash": last_hash, "max_created": max_created}
@@ -332,12 +357,14 @@ async def copy_store(src: Store, dst: KvStore) -> dict[str, int]:
     from .sqlite import SqliteStore
 
     counts = {"log_entries": 0, "members": 0, "rooms": 0, "sealed_epochs": 0}
-    # No node writes until the copy is whole (KvMigrate.begin_import); a run cut short leaves
-    # the mark, and the next run finishes the copy and takes it off.
-    await dst.begin_import()
+    texts: list[str] = []
     if isinstance(src, SqliteStore):
-        # The log first: once its head is in the bucket, no node writes a snapshot of its own there.
         texts, nonces, max_created = await src.log_export()
+    # No node writes until the copy is whole (KvMigrate.begin_import): a run that fails leaves
+    # the mark, and only a run of the same copy finishes it and takes the mark off.
+    await dst.begin_import(texts)
+    if texts:
+        # The log first: once its head is in the bucket, no node writes a snapshot of its own there.
         counts["log_entries"] = await dst.import_log(texts, nonces, max_created)
     members = await src.list_members()
     for member in members:

@@ -817,6 +817,9 @@ def test_a_recovery_bootstrap_is_restored_once_the_operator_accepts_it(tmp_path)
     proc = cli("restore", "--in", str(archive), "--data-dir", str(target), "--accept-bootstrap", other,
                "--accept-bootstrap", fingerprint)
     assert proc.returncode == 0, proc.stderr
+    # Nothing in an archive proves whose deployment it is: restore says so rather than "unchanged"
+    # (red team: an archive made by someone else with their own admin was announced as unchanged).
+    assert "(the archive's: members keep their pin if it is the one they pinned; compare it" in proc.stdout
     got = read_store(target / "membershipd.db")
     assert {h: m[0] for h, m in got["members"].items()} == {"alice": "admin", "carol": "admin"}
     assert [text for _s, _h, text in got["log"]] == [text for _s, _h, text in read_store(data_dir / "membershipd.db")["log"]]

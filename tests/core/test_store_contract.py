@@ -827,6 +827,22 @@ async def test_a_copy_cut_short_holds_every_logged_write_until_a_run_finishes_it
             await copy_store(src, CutShort(nc.jetstream(timeout=2.0)))
         assert len(await dst.list_rooms()) == 1 and len(await dst.list_members()) == 2
 
+        # Only a run of the same copy may finish it (red team on the fix: a run from an empty data
+        # directory lifted the mark on the partial state, and one from another deployment's failed
+        # with "nothing copied" but left the mark for good).
+        empty = await sqlite_store(tmp_path / "empty.db")
+        other = await sqlite_store(tmp_path / "other.db")
+        try:
+            await other.add_member(as_member(identity("zoe"), "admin"))
+            await add_logged(other, identity("zoe"), identity("yann"))
+            for wrong in (empty, other):
+                with pytest.raises(Conflict, match="a migrate-to-kv of another membership log .* was cut short here"):
+                    await copy_store(wrong, dst)
+        finally:
+            await empty.close()
+            await other.close()
+        assert "importing" in json.loads((await dst.snapshot()).entries["meta.loghead"][0])
+
         with pytest.raises(StoreUnavailable, match="migrate-to-kv is copying into KV bucket unibus_state, or was "
                                                    "cut short"):
             await dst.delete_member("bob", logged=signed(alice, "DELETE", "/v1/members/bob"))
@@ -842,6 +858,19 @@ async def test_a_copy_cut_short_holds_every_logged_write_until_a_run_finishes_it
         assert all(room.members == {"alice"} for room in state.rooms.values()) and len(state.rooms) == 3
         result = await backup_cluster(nc.jetstream(timeout=5.0), "n1", tmp_path / "whole.tar", lambda _m: None)
         assert result.manifest["counts"]["rooms"] == 3
+
+        # A run from another deployment's data directory fails before it writes anything: no mark.
+        other = await sqlite_store(tmp_path / "other2.db")
+        try:
+            await other.add_member(as_member(identity("zoe"), "admin"))
+            await add_logged(other, identity("zoe"), identity("yann"))
+            last_seq = (await dst.status())["last_seq"]
+            with pytest.raises(Conflict, match="has a membership log of its own .* nothing copied"):
+                await copy_store(other, dst)
+            assert (await dst.status())["last_seq"] == last_seq
+        finally:
+            await other.close()
+        await dst.delete_member("bob", logged=signed(alice, "DELETE", "/v1/members/bob"))
     finally:
         await src.close()
         await dst.close()
