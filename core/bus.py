@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -96,6 +97,11 @@ async def routes_of_server(nc: Client, server_id: str, timeout: float = 1.0) -> 
         return None
 
 
+
+def _refused_login(e: Exception) -> bool:
+    """The server refused this login (nats-py 2.16 reports it as a bare ``Error`` during connect)."""
+    return isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower()
+
 class Bus:
     """A reconnecting nats-py client plus its JetStream context.
 
@@ -113,6 +119,7 @@ class Bus:
         self.tls = tls
         self.nc: Client | None = None
         self.js: JetStreamContext | None = None
+        self._closing = False  # close() under way: its disconnect is no warning
         #: called (no arguments, synchronously) on every disconnect and reconnect: the health prober wakes up
         self.state_listeners: list[Callable[[], None]] = []
 
@@ -124,18 +131,25 @@ class Bus:
                 log.exception("bus state listener failed")
 
     async def connect(self, timeout: float = 10.0, jetstream_timeout: float = 10.0, check_jetstream: bool = True) -> None:
-        tls_errors: list[Exception] = []
-        tls_refused = asyncio.Event()
+        self._closing = False
+        connect_errors: list[Exception] = []
+        give_up = asyncio.Event()
 
         async def _err(e: Exception) -> None:
             log.debug("nats client: %s", e)
-            if isinstance(e, ssl.SSLError) and self.nc is None:
-                tls_errors.append(e)
-                if permanent_tls_error(e):
-                    tls_refused.set()  # the same certificates will fail again: stop retrying
+            if self.nc is not None:
+                return
+            connect_errors.append(e)  # what keeps it from connecting, to say instead of a timeout
+            if isinstance(e, ssl.SSLError) and permanent_tls_error(e):
+                give_up.set()  # the same certificates will fail again: stop retrying
+            elif _refused_login(e):
+                give_up.set()  # so will the same nkey (it was only a bare timeout after 10 s)
 
         async def _disc() -> None:
-            log.warning("disconnected from NATS at %s", self.shown_url)
+            if self._closing:
+                log.debug("closed the connection to NATS at %s", self.shown_url)
+            else:
+                log.warning("disconnected from NATS at %s", self.shown_url)
             self._state_changed()
 
         async def _reconn() -> None:
@@ -164,12 +178,13 @@ class Bus:
                     **kwargs,
                 ),
                 timeout,
-                tls_refused,
+                give_up,
             )
         except Exception as e:
-            if isinstance(e, TimeoutError) and tls_errors:
-                e = tls_errors[-1]  # what kept it from connecting, rather than the timeout
-            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(e).__name__}: {e}") from None
+            if isinstance(e, TimeoutError) and connect_errors:
+                e = connect_errors[-1]  # what kept it from connecting, rather than the timeout
+            hint = " (the server does not know this nkey: is it this node's service.nkey?)" if _refused_login(e) else ""
+            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(e).__name__}: {e}{hint}") from None
         self.js = self.nc.jetstream(timeout=2.0)
         if check_jetstream:
             await self.wait_jetstream(jetstream_timeout)
@@ -230,6 +245,7 @@ class Bus:
         return PubAckClient(self.url, seed=self._seed, tls=self.tls, name=name, timeout=timeout)
 
     async def close(self) -> None:
+        self._closing = True
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
                 await within(own_cancel_only(self.nc.close()), 3.0)  # ForeignCancel: closed during a reconnect

@@ -37,6 +37,8 @@ async def test_copies_everything_once(daemon_with_admin, alice):
     assert "copied 6 membership log entries, 2 member(s), 1 room(s), 2 sealed epoch(s)" in first.stdout
     second = await asyncio.to_thread(run_membershipd, *args)
     assert second.returncode == 0 and "nothing to do" in second.stdout
+    for run in (first, second):  # nothing to warn about (tests/e2e/test_backup_cluster.py: its own close)
+        assert "warning" not in run.stderr.lower(), run.stderr
     async with UnibusClient(server.base_url, bob) as b:
         served = await b.log()
         packages = [await b.my_key(room, epoch) for epoch in (1, 2)]
@@ -96,3 +98,22 @@ def test_ca_requires_verified_tls(tmp_path, daemon_with_admin):
     ok = run_membershipd("backup", "--out", str(out), "--data-dir", str(server.data_dir), "--nats-url", url,
                          "--ca", str(ca[0]))
     assert ok.returncode == 0 and "cluster backup" in ok.stdout, ok.stderr
+
+
+def test_an_nkey_the_node_does_not_know_is_said_at_once(tmp_path, daemon_with_admin):
+    """Red team: with a seed the node does not know, migrate-to-kv and backup waited 10 s and said
+    `cannot connect to NATS at …: TimeoutError:`, the server's authorization violation lost. The
+    violation is permanent for that seed: they stop retrying and name it."""
+    from unibus.servicekey import ensure_service_nkey
+
+    server = daemon_with_admin()
+    stranger = tmp_path / "stranger"
+    stranger.mkdir(mode=0o700)
+    ensure_service_nkey(stranger)  # a valid user seed, of no account on that node
+    seed = str(stranger / "service.nkey")
+    for args in (["migrate-to-kv"], ["backup", "--out", str(tmp_path / "b.tar")]):
+        proc = run_membershipd(*args, "--data-dir", str(server.data_dir), "--nats-url", server.nats_url,
+                               "--nkey-seed-file", seed)
+        one_line(proc, 1, "'Authorization Violation' (the server does not know this nkey: is it this node's "
+                          "service.nkey?)")
+    assert not (tmp_path / "b.tar").exists()
