@@ -180,11 +180,16 @@ class Bus:
                 timeout,
                 give_up,
             )
-        except Exception as e:
-            if isinstance(e, TimeoutError) and connect_errors:
-                e = connect_errors[-1]  # what kept it from connecting, rather than the timeout
-            hint = " (the server does not know this nkey: is it this node's service.nkey?)" if _refused_login(e) else ""
-            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(e).__name__}: {e}{hint}") from None
+        except Exception as exc:
+            cause = exc
+            refused = [x for x in connect_errors if _refused_login(x)]
+            if refused:
+                cause = refused[-1]  # the cause, rather than the reset or the timeout that followed it
+            elif isinstance(exc, TimeoutError) and connect_errors:
+                cause = connect_errors[-1]  # what kept it from connecting, rather than the timeout
+            hint = " (the server does not know this nkey: is it this node's service.nkey?)" if refused else ""
+            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(cause).__name__}: {cause}"
+                                 f"{hint}") from None
         self.js = self.nc.jetstream(timeout=2.0)
         if check_jetstream:
             await self.wait_jetstream(jetstream_timeout)
