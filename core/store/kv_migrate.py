@@ -48,6 +48,14 @@ class KvSnapshot:
     attempts: int = 1
 
 
+def _is_bootstrap(text: str) -> bool:
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(doc, dict) and doc.get("kind") == "bootstrap"
+
+
 def _ends_a_logged_batch(entries: dict[str, tuple[bytes, int]], newest: int) -> bool:
     """The read's last message is the log head's: it ended on a whole logged batch.
 
@@ -175,21 +183,40 @@ class KvMigrate(KvBucket):
                 raise Conflict(f"KV bucket {self.bucket}: a migrate-to-kv of another membership log (entry "
                                f"{was.get('seq')}, {was.get('hash')}) was cut short here; run that copy again, from "
                                "its data directory, to its end first; nothing copied")
-            await self._check_contains(head, source)
+            await self._entries_to_append(head, texts)
             await self._commit([_Write(LOG_HEAD_KEY, {**head, IMPORTING_FIELD: mark}, rev)])
 
         await self._retrying(attempt)
         self._import_mark = mark
 
-    async def _check_contains(self, head: dict[str, Any], source: dict[str, Any] | None) -> None:
-        """:class:`Conflict` unless the bucket's log (at ``head``) holds the log ending at ``source``."""
-        if source is None:
+    async def _entries_to_append(self, head: dict[str, Any], texts: list[str]) -> int:
+        """How many of the last entries of ``texts`` the bucket's log (at ``head``) lacks: 0 when
+        it holds them all. :class:`Conflict` unless the one log contains the other, and unless
+        what the bucket lacks is recovery bootstraps only.
+
+        Appending is for a recovery on a cluster: a backup restored into a scratch
+        directory, ``membershipd member add`` there (a bootstrap entry after the
+        cluster's head), and this copy back (docs/operations.md). Anything else
+        after the bucket's head would be an entry whose change the copy does
+        not make: rooms and members are copied only where KV has none.
+        """
+        if not texts:
             raise Conflict(f"KV bucket {self.bucket} has a membership log and the database being copied has none; "
                            "nothing copied")
-        if not (int(head["seq"]) >= source["seq"] and await self.log_hash_at(source["seq"]) == source["hash"]):
-            raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {head['seq']}) that "
-                           f"does not contain the one being copied (entry {source['seq']}, {source['hash']}); "
-                           "nothing copied")
+        last = len(texts) - 1
+        at = int(head["seq"])
+        if at >= last:
+            if await self.log_hash_at(last) == hashlib.sha256(texts[last].encode("utf-8")).hexdigest():
+                return 0
+        elif hashlib.sha256(texts[at].encode("utf-8")).hexdigest() == head.get("hash"):
+            if all(_is_bootstrap(text) for text in texts[at + 1:]):
+                return last - at
+            raise Conflict(f"KV bucket {self.bucket}: its membership log ends at entry {at}, and the database being "
+                           "copied goes on with entries that are not recovery bootstraps (only those, from "
+                           "membershipd member add, are appended); nothing copied")
+        raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {at}) that neither contains "
+                       f"the one being copied (entry {last}) nor is the start of it; nothing copied (if the cluster "
+                       "logged changes since the backup this database was restored from, take a new backup)")
 
     async def end_import(self) -> None:
         """Take this run's mark off the head (another run's, which replaced it, stays)."""
@@ -273,19 +300,25 @@ class KvMigrate(KvBucket):
         Entries and nonces first, each written only if absent; the head last, as
         the commit point, so a re-run after a crash finishes the copy. A bucket
         whose log already holds the last entry is left alone (a second run, or
-        a cluster that has moved on since); one with a log of its own that
-        does not contain this one is a :class:`Conflict`.
+        a cluster that has moved on since); one whose log is the start of this
+        one gets the rest appended if the rest is recovery bootstraps
+        (:meth:`_entries_to_append`); any other log of its own is a
+        :class:`Conflict`.
         """
         if not texts:
             return 0
         last = len(texts) - 1
         last_hash = hashlib.sha256(texts[-1].encode("utf-8")).hexdigest()
         head, hrev = await self._read(LOG_HEAD_KEY)
+        start = 0
         if head is not None:
-            await self._check_contains(head, {"seq": last, "hash": last_hash})
-            return 0
-        written = await self._import_log_entries(texts)
-        await self._import_log_nonces(nonces)
+            missing = await self._entries_to_append(head, texts)
+            if not missing:
+                return 0
+            start = last + 1 - missing
+            max_created = max(max_created, int(head.get("max_created", 0)))
+        written = await self._import_log_entries(texts, start)
+        await self._import_log_nonces([n for n in nonces if n[2] >= start])
         head = {"seq": last, "hash": last_hash, "max_created": max_created}
         if self._import_mark is not None:
             head[IMPORTING_FIELD] = self._import_mark
@@ -295,10 +328,10 @@ class KvMigrate(KvBucket):
             raise Conflict(f"KV bucket {self.bucket}: its membership log head changed during the copy") from None
         return written
 
-    async def _import_log_entries(self, texts: list[str]) -> int:
-        """Write ``log.<seq>`` of each text where absent; :class:`Conflict` where one differs."""
+    async def _import_log_entries(self, texts: list[str], start: int = 0) -> int:
+        """Write ``log.<seq>`` of each text from ``start`` on where absent; :class:`Conflict` where one differs."""
         written = 0
-        for i in range(0, len(texts), IMPORT_CHUNK):
+        for i in range(start, len(texts), IMPORT_CHUNK):
             part = [(_lkey(q), texts[q].encode("utf-8")) for q in range(i, min(i + IMPORT_CHUNK, len(texts)))]
             got = await asyncio.gather(*(self._read_raw(k) for k, _raw in part))
             writes = []

@@ -877,6 +877,70 @@ async def test_a_copy_cut_short_holds_every_logged_write_until_a_run_finishes_it
         await nc.close()
 
 
+async def test_a_recovery_on_a_cluster_appends_its_bootstrap(tmp_path: Path, nats_server: NatsServer) -> None:
+    """The recovery the cluster runbook gives when every admin lost its keys: back the cluster up,
+    restore that into a scratch directory, `membershipd member add` there (a bootstrap after the
+    cluster's head), and migrate-to-kv it back. The copy refused it (the cluster's log is the start
+    of the scratch's, not the whole), so the documented recovery could not be done. Now what the
+    bucket lacks is appended when it is recovery bootstraps only; anything else, or a cluster that
+    logged more since the backup, is a Conflict before anything is written."""
+    from unibus.backup import backup_cluster, restore
+    from unibus.testing import bootstrap_member
+
+    alice, bob, carol, dave = identity("alice"), identity("bob"), identity("carol"), identity("dave")
+    src = await sqlite_store(tmp_path / "src.db")
+    nc, dst = await kv_store(nats_server.url)
+    scratches: list[SqliteStore] = []
+
+    async def scratch(name: str, admin: Identity, accepted: tuple[str, ...] = ()) -> SqliteStore:
+        await backup_cluster(nc.jetstream(timeout=5.0), "n1", tmp_path / f"{name}.tar", lambda _m: None)
+        await asyncio.to_thread(restore, tmp_path / f"{name}.tar", tmp_path / name, accepted)
+        await asyncio.to_thread(bootstrap_member, tmp_path / name, admin, "admin")
+        store = SqliteStore(tmp_path / name / "membershipd.db")
+        scratches.append(store)
+        return store
+
+    try:
+        await src.add_member(as_member(alice, "admin"))
+        await add_logged(src, alice, bob)
+        await copy_store(src, dst)
+        await dst.create_room("after", "alice", logged=signed(alice, "POST", "/v1/rooms", {"name": "after"}))
+
+        recovered = await scratch("s1", carol)  # alice lost her keys
+        head = await dst.log_head()
+        assert await copy_store(recovered, dst) == {"log_entries": 1, "members": 1, "rooms": 0, "sealed_epochs": 0}
+        assert (await dst.log_head())[0] == head[0] + 1
+        assert (await dst.get_member("carol")).role == "admin"
+        await dst.create_room("by carol", "carol", logged=signed(carol, "POST", "/v1/rooms", {"name": "by carol"}))
+        texts = await dst.log_entries(limit=1000)
+        bootstrap = hashlib.sha256(texts[head[0] + 1].encode()).hexdigest()
+        state = LogState(skew=SKEW, accepted_bootstraps=[bootstrap])
+        for text in texts:
+            state.apply(json.loads(text))
+        assert state.members["carol"].role == "admin" and {r.name for r in state.rooms.values()} == {"after",
+                                                                                                       "by carol"}
+        assert {m.handle for m in await dst.list_members()} == set(state.members)
+
+        # The cluster logged more since the backup: the scratch's log is no longer a continuation of it.
+        late = await scratch("s2", dave, (bootstrap,))  # restore takes carol's recovery when named
+        await dst.create_room("later", "carol", logged=signed(carol, "POST", "/v1/rooms", {"name": "later"}))
+        last_seq = (await dst.status())["last_seq"]
+        with pytest.raises(Conflict, match="neither contains the one being copied .* take a new backup"):
+            await copy_store(late, dst)
+        # More than bootstraps after the cluster's head: entries whose changes the copy would not make.
+        busy = await scratch("s3", dave, (bootstrap,))
+        await busy.create_room("offline", "carol", logged=signed(carol, "POST", "/v1/rooms", {"name": "offline"}))
+        with pytest.raises(Conflict, match="not recovery bootstraps"):
+            await copy_store(busy, dst)
+        assert (await dst.status())["last_seq"] == last_seq  # neither wrote anything, not even a mark
+        assert await dst.get_member("dave") is None
+    finally:
+        for store in (src, *scratches):
+            await store.close()
+        await dst.close()
+        await nc.close()
+
+
 # -- the membership log (both backends) ------------------------------------------------------------
 #
 # Logged writes carry requests signed with real keys, as the server passes them:
