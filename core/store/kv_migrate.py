@@ -48,12 +48,15 @@ class KvSnapshot:
     attempts: int = 1
 
 
-def _is_bootstrap(text: str) -> bool:
+def _bootstrap_handle(text: str) -> str | None:
+    """The member handle a bootstrap entry adds; None for any other entry."""
     try:
         doc = json.loads(text)
-    except ValueError:
-        return False
-    return isinstance(doc, dict) and doc.get("kind") == "bootstrap"
+        if isinstance(doc, dict) and doc.get("kind") == "bootstrap":
+            return str(doc["member"]["handle"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    return None
 
 
 def _ends_a_logged_batch(entries: dict[str, tuple[bytes, int]], newest: int) -> bool:
@@ -209,11 +212,18 @@ class KvMigrate(KvBucket):
             if await self.log_hash_at(last) == hashlib.sha256(texts[last].encode("utf-8")).hexdigest():
                 return 0
         elif hashlib.sha256(texts[at].encode("utf-8")).hexdigest() == head.get("hash"):
-            if all(_is_bootstrap(text) for text in texts[at + 1:]):
-                return last - at
-            raise Conflict(f"KV bucket {self.bucket}: its membership log ends at entry {at}, and the database being "
-                           "copied goes on with entries that are not recovery bootstraps (only those, from "
-                           "membershipd member add, are appended); nothing copied")
+            added = [_bootstrap_handle(text) for text in texts[at + 1:]]
+            if None in added:
+                raise Conflict(f"KV bucket {self.bucket}: its membership log ends at entry {at}, and the database "
+                               "being copied goes on with entries that are not recovery bootstraps (only those, from "
+                               "membershipd member add, are appended); nothing copied")
+            for handle in added:
+                _value, rev = await self._read(_mkey(str(handle)))
+                if rev:  # import_member would skip it: the log would name a member KV does not have
+                    raise Conflict(f"KV bucket {self.bucket}: handle {handle!r} of the recovery bootstrap was a "
+                                   "member of this cluster before; add the admin under another handle; nothing "
+                                   "copied")
+            return last - at
         raise Conflict(f"KV bucket {self.bucket} has a membership log of its own (head {at}) that neither contains "
                        f"the one being copied (entry {last}) nor is the start of it; nothing copied (if the cluster "
                        "logged changes since the backup this database was restored from, take a new backup)")

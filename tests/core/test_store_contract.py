@@ -934,6 +934,13 @@ async def test_a_recovery_on_a_cluster_appends_its_bootstrap(tmp_path: Path, nat
             await copy_store(busy, dst)
         assert (await dst.status())["last_seq"] == last_seq  # neither wrote anything, not even a mark
         assert await dst.get_member("dave") is None
+        # A handle the cluster had before (deleted since): the copy would skip the member its entry adds.
+        await dst.delete_member("bob", logged=signed(carol, "DELETE", "/v1/members/bob"))
+        again = await scratch("s4", identity("bob"), (bootstrap,))
+        last_seq = (await dst.status())["last_seq"]
+        with pytest.raises(Conflict, match="handle 'bob' of the recovery bootstrap was a member of this cluster"):
+            await copy_store(again, dst)
+        assert (await dst.status())["last_seq"] == last_seq and await dst.get_member("bob") is None
     finally:
         for store in (src, *scratches):
             await store.close()
