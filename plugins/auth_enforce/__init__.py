@@ -230,7 +230,18 @@ async def apply_change(rt: Runtime, change: Change) -> None:
         # Another node's writes: that node kicks on every server it reaches; here the index
         # follows, and what it revoked here is kicked on this node's server (a node cut off
         # when the change was made was not reached: Enforcer.kick_here).
-        revoked, _granted = await reread(rt.store, rt.policy, *remote_keys(change.keys))
+        handles, rooms = remote_keys(change.keys)
+        try:
+            revoked, _granted = await reread(rt.store, rt.policy, handles, rooms)
+        except Exception as e:  # noqa: BLE001 - fail closed, then re-read everything until it works
+            # The change is another node's: this node cannot know what it was. Its index kept the
+            # old rights, for good: a member deleted on another node while this node's store
+            # reads failed (a fault elsewhere in the cluster) still logged in to the bus here.
+            revoked = withdraw(rt.policy, handles, rooms)
+            log.error("bus authorization: could not re-read what another node changed (%s: %s); %s lose the "
+                      "bus on this node until the members and rooms are read again", type(e).__name__, e,
+                      ", ".join(sorted(revoked)) or "nobody")
+            reload_until_read(rt)
         await kick_here(rt, revoked)
         return
     if change.kind == "reloaded" and change.origin == "remote":
@@ -246,6 +257,46 @@ async def apply_change(rt: Runtime, change: Change) -> None:
         if rt.metrics is not None:
             rt.metrics.changes.inc()
             rt.metrics.change_duration.observe(time.monotonic() - started)
+
+
+def withdraw(policy: Policy, handles: list[str], rooms: list[str]) -> set[str]:
+    """Take ``handles`` and ``rooms`` out of the index (fail closed); the handles it revoked."""
+    revoked: set[str] = set()
+    for handle in handles:
+        revoked |= policy.set_member(handle, False, None)[0]
+    for room_id in rooms:
+        revoked |= policy.set_room(room_id, None)[0]
+    return revoked
+
+
+#: Pauses between full re-reads after a failed one: the first, and the longest.
+RELOAD_PAUSES = (0.5, 5.0)
+
+
+def reload_until_read(rt: Runtime) -> None:
+    """Re-read every member and room until it works (one task at a time), then kick what that revoked."""
+    if any(not t.done() for t in rt.tasks):
+        return
+
+    async def run() -> None:
+        pause = RELOAD_PAUSES[0]
+        while True:
+            await asyncio.sleep(pause)
+            before = rt.policy.snapshot()
+            try:
+                await load_policy(rt.store, rt.policy)
+            except Exception as e:  # noqa: BLE001 - the store is still away: try again
+                log.warning("bus authorization: re-reading the members and rooms failed (%s: %s); retrying",
+                            type(e).__name__, e)
+                pause = min(pause * 2, RELOAD_PAUSES[1])
+                continue
+            log.info("bus authorization: members and rooms read again after a failed re-read")
+            await kick_here(rt, diff(before, rt.policy.snapshot())[0])
+            return
+
+    task = asyncio.get_running_loop().create_task(run())
+    rt.tasks.add(task)
+    task.add_done_callback(rt.tasks.discard)
 
 
 async def kick_here(rt: Runtime, revoked: set[str]) -> None:
@@ -340,6 +391,9 @@ async def shutdown(app) -> None:
         return
     if rt.unsubscribe is not None:
         rt.unsubscribe()
+    for task in list(rt.tasks):
+        task.cancel()
+    await asyncio.gather(*rt.tasks, return_exceptions=True)
     if rt.enforcer is not None:
         await rt.enforcer.stop()
     await rt.responder.stop()

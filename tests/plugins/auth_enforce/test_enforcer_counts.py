@@ -382,3 +382,84 @@ async def test_a_restarted_server_s_old_connections_are_forgotten_and_its_late_e
     await e._on_event(event("OLD", 2, "dave"))  # late, from the ended process
     assert e.connections == {"bob": {("NEW", 7)}, "carol": {("X", 9)}}
     assert e.server_ids == {"n2": "NEW", "n3": "X"}
+
+
+async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads_again(tmp_path, alice):
+    """A cluster fault test on a loaded machine (CI): a member deleted through another node still
+    logged in to the bus on one node, while its HTTP said 401. The node learnt the deletion through
+    its KV watch while its store reads failed (a fault elsewhere), so its index kept bob's rights for
+    good. Now such a change takes what it names out of the index (bob kicked, his login refused),
+    and everything is read again until that works. Here the store fails the one re-read, as a real
+    store does while JetStream has no leader."""
+    import asyncio
+
+    from unibus.app import stash
+    from unibus.client import UnibusClient
+    from unibus.daemon import Daemon
+    from unibus.pluginmanager import PluginManager
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, apply_change
+    from unibus.settings import HostPort, Settings
+    from unibus.store.base import Change, StoreUnavailable
+    from unibus.testing import free_port
+
+    class FailsOnce:
+        """The daemon's own store, whose next ``bus_member`` read fails (no JetStream leader)."""
+
+        def __init__(self, store):
+            self._store, self.failed = store, 0
+
+        async def bus_member(self, handle):
+            if not self.failed:
+                self.failed += 1
+                raise StoreUnavailable("no JetStream leader")
+            return await self._store.bus_member(handle)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    daemon = Daemon(settings, PluginManager())
+    await daemon.start()
+    bob, carol = generate_identity("bob"), generate_identity("carol")
+    a = UnibusClient(f"http://{settings.http_addr}", alice)
+    conns = []
+
+    async def bus_login(who) -> bool:
+        try:
+            nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=who.bus_nkey_seed(),
+                                    allow_reconnect=False, connect_timeout=3)
+        except Exception:  # noqa: BLE001 - refused
+            return False
+        conns.append(nc)
+        return True
+
+    try:
+        for who in (bob, carol):
+            await a.add_member(who.handle, who.sign_pub_b64, who.enc_pub_b64, bus_pub=who.bus_pub)
+        room = (await a.create_room("ops"))["room_id"]
+        await a.add_room_member(room, "carol")
+        assert await bus_login(bob) and await bus_login(carol)
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        rt.unsubscribe()  # deaf: the deletion below is "another node's" write
+        await a.remove_member("bob")
+        assert rt.policy.grant(bob.bus_pub) is not None, "this node has not seen the deletion"
+        store = rt.store = FailsOnce(rt.store)
+        await apply_change(rt, Change(kind="reloaded", origin="remote", keys=("member.bob",)))
+        assert store.failed == 1
+        assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
+        for _ in range(200):  # the full re-read (after 0.5 s)
+            if not rt.tasks:
+                break
+            await asyncio.sleep(0.05)
+        assert not rt.tasks
+        assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
+        assert room in rt.policy.snapshot()["carol"][1] and await bus_login(carol)  # the others keep theirs
+    finally:
+        for nc in conns:
+            if not nc.is_closed:
+                await nc.close()
+        await a.close()
+        await daemon.stop()
