@@ -750,6 +750,7 @@ def check_rows_match_log(db: Path, accepted_bootstraps: Iterable[str] = ()) -> N
                                f"--accept-bootstrap {digest}; nothing was restored")
     state = LogState(accepted_bootstraps=accepted)
     with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        conn.execute("BEGIN")  # one snapshot for every read below, even if a daemon writes meanwhile
         try:
             for (text,) in conn.execute("SELECT entry FROM log_entries ORDER BY seq"):
                 state.apply(json.loads(text))

@@ -393,6 +393,25 @@ def _migrate_to_kv_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_source(db: Path) -> None:
+    """The database to copy holds what its membership log establishes (restore's checks; its
+    recovery bootstraps are the operator's own). A row edited or added behind the log's back
+    was copied into the cluster, where every client then refused the log (red team: a recovery
+    whose member row was edited gave another key pair the recovered admin's handle)."""
+    from .backup import ArchiveError, check_log_chain, check_rows_match_log, sqlite_facts
+
+    facts = sqlite_facts(db)
+    if facts.log_head is None:
+        return
+    try:
+        check_log_chain(db)
+        check_rows_match_log(db, [digest for _seq, digest in facts.recoveries])
+    except ArchiveError as e:
+        why = str(e).removeprefix("--in: ").replace("the archive's ", "the ").replace("in the archive", "")
+        raise ConfigError(f"--data-dir: {db} cannot be copied: {why.removesuffix('; nothing was restored')}; "
+                          "nothing copied") from None
+
+
 async def _copy_to_kv(url: str, seed: Any, tls: Any, data_dir: Path, replicas: int) -> dict[str, int]:
     """Copy the SQLite store of ``data_dir``, then its blobs, into the cluster behind ``url``; the counts."""
     from .bus import Bus
@@ -403,6 +422,7 @@ async def _copy_to_kv(url: str, seed: Any, tls: Any, data_dir: Path, replicas: i
 
     db = data_dir / "membershipd.db"
     migrate(db)
+    _check_source(db)  # before any connection: nothing else runs on this loop yet
     bus = Bus(url, seed, name="membershipd-migrate-to-kv", tls=tls)
     await bus.connect(timeout=10, jetstream_timeout=30)
     src = SqliteStore(db)

@@ -390,9 +390,10 @@ class Replica:
     # -- pins ------------------------------------------------------------------------------
 
     async def trust(self, fingerprint: str, *, reset: bool = False) -> str:
-        """``unibus trust``: pin ``fingerprint`` before first contact, accept it as a recovery
-        bootstrap later, or (``reset``) start over with it as the trust root. Returns what was done:
-        ``"pinned"``, ``"already"``, ``"accepted"`` or ``"reset"``."""
+        """``unibus trust``: pin ``fingerprint`` as the trust root when none is pinned, accept it as a
+        recovery bootstrap when one is (verified yet or not), or (``reset``) start over with it as
+        the trust root. Returns what was done: ``"pinned"``, ``"already"``, ``"accepted"`` or
+        ``"reset"``."""
         fp = _fingerprint(fingerprint)
         async with self.locked():
             if reset:
@@ -402,11 +403,15 @@ class Replica:
                 return "reset"
             if self.trust_root == fp:
                 return "already"
-            if self.pinned_head[0] < 0:  # nothing verified yet: (re)pin
+            if self.trust_root is None:  # nothing pinned yet: the trust root
                 self.trust_root = fp
                 self.state.trust_root = fp
                 self._write_state()
                 return "pinned"
+            # A root is pinned, verified or not: another fingerprint is a recovery bootstrap. It
+            # replaced the root while nothing was verified, so a new member of a deployment that
+            # had recovered (`trust ROOT`, then `trust RECOVERY`) could never verify its log (red
+            # team). Re-pinning a root is `--reset`.
             if fp in self.accepted:
                 return "already"
             self.accepted.add(fp)

@@ -227,3 +227,13 @@ def test_a_recovery_bootstrap_needs_explicit_trust(tmp_path, membershipd_factory
     save_identity(alice, path2)
     unibus(daemon.base_url, path2, "trust", doc["trust_root"])
     assert "entry 1" in error_line(unibus(daemon.base_url, path2, "log", "verify"))
+    # ... and, with nothing verified yet, `trust` of the recovery accepts it rather than re-pinning
+    # the root with it (red team: a new member of a recovered deployment could never verify its log)
+    assert "accepted" in unibus(daemon.base_url, path2, "trust", fp).stdout
+    assert unibus(daemon.base_url, path2, "log", "verify").returncode == 0
+    # the same before any contact at all: root first, then the recovery
+    path3 = tmp_path / "alice3.json"
+    save_identity(alice, path3)
+    assert "pinned" in unibus(daemon.base_url, path3, "trust", doc["trust_root"]).stdout
+    assert "accepted" in unibus(daemon.base_url, path3, "trust", fp).stdout
+    assert unibus(daemon.base_url, path3, "log", "verify").returncode == 0

@@ -117,3 +117,27 @@ def test_an_nkey_the_node_does_not_know_is_said_at_once(tmp_path, daemon_with_ad
         one_line(proc, 1, "'Authorization Violation' (the server does not know this nkey: is it this node's "
                           "service.nkey?)")
     assert not (tmp_path / "b.tar").exists()
+
+
+def test_a_database_that_disagrees_with_its_log_is_not_copied(tmp_path):
+    """Red team (the recovery on a cluster): a scratch database whose member row was edited after
+    `member add` (another key pair under the recovered admin's handle), or had a row added behind
+    the log's back, was copied into the cluster, where every client then refused the log and every
+    backup failed. migrate-to-kv now runs restore's checks on its source first: exit 2, nothing
+    copied, before it connects."""
+    import sqlite3
+
+    from unibus.testing import bootstrap_member
+
+    alice, carol, mallory = generate_identity("alice"), generate_identity("carol"), generate_identity("mallory")
+    data_dir = tmp_path / "scratch"
+    bootstrap_member(data_dir, alice, "admin")
+    bootstrap_member(data_dir, carol, "admin")  # a recovery bootstrap: the operator's own, so accepted
+    with sqlite3.connect(data_dir / "membershipd.db") as conn:
+        conn.execute("UPDATE members SET sign_pub = ? WHERE handle = 'carol'", (mallory.sign_pub,))
+    from unibus.servicekey import ensure_service_nkey
+
+    ensure_service_nkey(data_dir)
+    proc = run_membershipd("migrate-to-kv", "--data-dir", str(data_dir), "--nats-url", "nats://127.0.0.1:1")
+    one_line(proc, 2, "cannot be copied: member 'carol' in the store is not what its membership log establishes; "
+                      "nothing copied")
