@@ -238,9 +238,9 @@ async def apply_change(rt: Runtime, change: Change) -> None:
             # old rights, for good: a member deleted on another node while this node's store
             # reads failed (a fault elsewhere in the cluster) still logged in to the bus here.
             revoked = withdraw(rt.policy, handles, rooms)
-            log.error("bus authorization: could not re-read what another node changed (%s: %s); %s lose the "
-                      "bus on this node until the members and rooms are read again", type(e).__name__, e,
-                      ", ".join(sorted(revoked)) or "nobody")
+            log.error("bus authorization: could not re-read what another node changed (%s: %s); taken out of "
+                      "this node's index until every member and room is read again: %s", type(e).__name__, e,
+                      ", ".join([*handles, *(f"room {r}" for r in rooms)]))
             reload_until_read(rt)
         await kick_here(rt, revoked)
         return
