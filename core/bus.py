@@ -97,10 +97,10 @@ async def routes_of_server(nc: Client, server_id: str, timeout: float = 1.0) -> 
         return None
 
 
-
 def _refused_login(e: Exception) -> bool:
     """The server refused this login (nats-py 2.16 reports it as a bare ``Error`` during connect)."""
     return isinstance(e, nats.errors.AuthorizationError) or "authorization violation" in str(e).lower()
+
 
 class Bus:
     """A reconnecting nats-py client plus its JetStream context.

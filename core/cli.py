@@ -592,6 +592,7 @@ def cmd_restore(argv: Sequence[str]) -> int:
                         help="a recovery bootstrap in the archive's log that your operator made (an offline "
                              "membershipd member add after the first entry; restore names it); repeatable")
     ns = parser.parse_args(argv)
+    ns.accept_bootstrap = [fp.strip().lower() for fp in ns.accept_bootstrap]
     for fingerprint in ns.accept_bootstrap:
         if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
             raise ConfigError(f"--accept-bootstrap: {fingerprint!r} is not a fingerprint (64 lowercase hex digits, "

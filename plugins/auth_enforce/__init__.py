@@ -125,6 +125,8 @@ class Runtime:
     metrics: BusAuthMetrics | None = None
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     unsubscribe: Callable[[], None] | None = None
+    #: a full re-read is (still) wanted (:func:`reload_until_read`)
+    reread_again: bool = False
 
 
 #: The plugin's :class:`Runtime` in its stash (docs/plugins.md, "State").
@@ -246,7 +248,13 @@ async def apply_change(rt: Runtime, change: Change) -> None:
         return
     if change.kind == "reloaded" and change.origin == "remote":
         before = rt.policy.snapshot()
-        await load_policy(rt.store, rt.policy)
+        try:
+            await load_policy(rt.store, rt.policy)
+        except Exception as e:  # noqa: BLE001 - the watch may have missed changes: read until it works
+            log.error("bus authorization: could not re-read the members and rooms after the KV watch missed "
+                      "changes (%s: %s); retrying", type(e).__name__, e)
+            reload_until_read(rt)
+            return
         revoked, _granted = diff(before, rt.policy.snapshot())
         await kick_here(rt, revoked)
         return
@@ -274,25 +282,32 @@ RELOAD_PAUSES = (0.5, 5.0)
 
 
 def reload_until_read(rt: Runtime) -> None:
-    """Re-read every member and room until it works (one task at a time), then kick what that revoked."""
+    """Re-read every member and room until it works (one task at a time), then kick what that revoked.
+
+    Asked again while a re-read runs, it reads once more after that one: the running read may
+    have begun before the change that asked, and would give back what it took away.
+    """
+    rt.reread_again = True
     if any(not t.done() for t in rt.tasks):
         return
 
     async def run() -> None:
         pause = RELOAD_PAUSES[0]
-        while True:
+        while rt.reread_again:
             await asyncio.sleep(pause)
+            rt.reread_again = False
             before = rt.policy.snapshot()
             try:
                 await load_policy(rt.store, rt.policy)
             except Exception as e:  # noqa: BLE001 - the store is still away: try again
                 log.warning("bus authorization: re-reading the members and rooms failed (%s: %s); retrying",
                             type(e).__name__, e)
+                rt.reread_again = True
                 pause = min(pause * 2, RELOAD_PAUSES[1])
                 continue
             log.info("bus authorization: members and rooms read again after a failed re-read")
             await kick_here(rt, diff(before, rt.policy.snapshot())[0])
-            return
+            pause = RELOAD_PAUSES[0]
 
     task = asyncio.get_running_loop().create_task(run())
     rt.tasks.add(task)

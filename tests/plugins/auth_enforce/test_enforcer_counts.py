@@ -403,19 +403,23 @@ async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads
     from unibus.testing import free_port
 
     class FailsOnce:
-        """The daemon's own store, whose next ``bus_member`` read fails (no JetStream leader)."""
+        """The daemon's own store, whose next read through ``method`` fails (no JetStream leader)."""
 
-        def __init__(self, store):
-            self._store, self.failed = store, 0
-
-        async def bus_member(self, handle):
-            if not self.failed:
-                self.failed += 1
-                raise StoreUnavailable("no JetStream leader")
-            return await self._store.bus_member(handle)
+        def __init__(self, store, method):
+            self._store, self._method, self.failed = store, method, 0
 
         def __getattr__(self, name):
-            return getattr(self._store, name)
+            real = getattr(self._store, name)
+            if name != self._method:
+                return real
+
+            async def read(*args, **kwargs):
+                if not self.failed:
+                    self.failed += 1
+                    raise StoreUnavailable("no JetStream leader")
+                return await real(*args, **kwargs)
+
+            return read
 
     data_dir = tmp_path / "d"
     bootstrap_member(data_dir, alice, "admin")
@@ -446,7 +450,8 @@ async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads
         rt.unsubscribe()  # deaf: the deletion below is "another node's" write
         await a.remove_member("bob")
         assert rt.policy.grant(bob.bus_pub) is not None, "this node has not seen the deletion"
-        store = rt.store = FailsOnce(rt.store)
+        real = rt.store
+        store = rt.store = FailsOnce(real, "bus_member")
         await apply_change(rt, Change(kind="reloaded", origin="remote", keys=("member.bob",)))
         assert store.failed == 1
         assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
@@ -457,6 +462,17 @@ async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads
         assert not rt.tasks
         assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
         assert room in rt.policy.snapshot()["carol"][1] and await bus_login(carol)  # the others keep theirs
+
+        # The watch missed changes (no keys: everything is re-read) and that read fails too.
+        await a.remove_room_member(room, "carol")
+        store = rt.store = FailsOnce(real, "list_members")
+        await apply_change(rt, Change(kind="reloaded", origin="remote"))
+        assert store.failed == 1
+        for _ in range(200):
+            if not rt.tasks:
+                break
+            await asyncio.sleep(0.05)
+        assert not rt.tasks and room not in rt.policy.snapshot()["carol"][1]
     finally:
         for nc in conns:
             if not nc.is_closed:
