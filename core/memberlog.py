@@ -613,7 +613,9 @@ class LogState:
         if seq == 0:
             if self.trust_root is not None and not hmac.compare_digest(self.trust_root, digest):
                 raise LogError(0, f"entry 0 has fingerprint {digest}, not the trusted {self.trust_root} "
-                                  "(a different deployment, or a server that rewrote its history)")
+                                  "(a different deployment, or a server that rewrote its history; if that pin was "
+                                  "a mistake, get the right fingerprint from your operator and run "
+                                  "`unibus trust FINGERPRINT --reset`)")
             return
         if digest not in self.accepted_bootstraps:
             raise LogError(seq, f"an offline bootstrap (recovery) after the trust root, fingerprint {digest}; "

@@ -127,6 +127,8 @@ class Runtime:
     unsubscribe: Callable[[], None] | None = None
     #: a full re-read is (still) wanted (:func:`reload_until_read`)
     reread_again: bool = False
+    #: shutdown has begun: no new re-read is started
+    stopping: bool = False
 
 
 #: The plugin's :class:`Runtime` in its stash (docs/plugins.md, "State").
@@ -152,9 +154,23 @@ def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
 
 
 async def load_policy(store: Store, policy: Policy) -> None:
-    members = await store.list_members()
-    membership = await store.membership()
+    """Read every member and room into the index.
+
+    A member or room updated one by one while the lists were read (a deletion on this node, or
+    another node's through the KV watch) is read again after the load: the lists may predate
+    the update, and the load would otherwise give a deleted member its rights back, for good
+    (red team: more likely since failed re-reads are retried by a full one).
+    """
+    tracker = policy.track()
+    try:
+        members = await store.list_members()
+        membership = await store.membership()
+    finally:
+        policy.untrack(tracker)
     policy.load(((m.handle, m.bus_pub) for m in members), dict(membership.rooms))
+    handles, rooms = tracker
+    if handles or rooms:
+        await reread(store, policy, sorted(handles), sorted(rooms))
 
 
 async def reread(store: Store, policy: Policy, handles: list[str], rooms: list[str]) -> tuple[set[str], set[str]]:
@@ -287,13 +303,15 @@ def reload_until_read(rt: Runtime) -> None:
     Asked again while a re-read runs, it reads once more after that one: the running read may
     have begun before the change that asked, and would give back what it took away.
     """
+    if rt.stopping:
+        return  # a read failing because the store closes at shutdown: nothing to retry for
     rt.reread_again = True
     if any(not t.done() for t in rt.tasks):
         return
 
     async def run() -> None:
         pause = RELOAD_PAUSES[0]
-        while rt.reread_again:
+        while rt.reread_again and not rt.stopping:
             await asyncio.sleep(pause)
             rt.reread_again = False
             before = rt.policy.snapshot()
@@ -404,6 +422,7 @@ async def shutdown(app) -> None:
     rt = stash(app, PLUGIN_NAME).pop(RUNTIME)
     if rt is None:
         return
+    rt.stopping = True
     if rt.unsubscribe is not None:
         rt.unsubscribe()
     for task in list(rt.tasks):

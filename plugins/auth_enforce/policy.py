@@ -49,13 +49,28 @@ class Policy:
         self.room_members: dict[str, frozenset[str]] = {}  # room id -> handles
         self._member_rev: dict[str, int] = {}
         self._room_rev: dict[str, int] = {}
+        #: sets of the handles and room ids updated one by one since each was opened (:meth:`track`)
+        self._trackers: list[tuple[set[str], set[str]]] = []
 
     # -- whole loads ------------------------------------------------------------
 
+    def track(self) -> tuple[set[str], set[str]]:
+        """Start noting every member and room updated one by one: ``(handles, room ids)``, filled
+        until :meth:`untrack`. A whole load read before such an update is older than it for those
+        keys, so the loader reads them again after the load (``load_policy``)."""
+        tracker: tuple[set[str], set[str]] = (set(), set())
+        self._trackers.append(tracker)
+        return tracker
+
+    def untrack(self, tracker: tuple[set[str], set[str]]) -> None:
+        self._trackers = [t for t in self._trackers if t is not tracker]
+
     def load(self, members: Iterable[tuple[str, str | None]], rooms: dict[str, frozenset[str]]) -> None:
-        """Replace everything: ``members`` as ``(handle, bus_pub)``, ``rooms`` as ``{room_id: handles}``."""
+        """Replace everything: ``members`` as ``(handle, bus_pub)``, ``rooms`` as ``{room_id: handles}``.
+
+        The revisions applied one by one are kept: an update read before this load and applied
+        after it must still lose to a newer one."""
         self.handle_of, self.bus_of, self.members, self.rooms_of, self.room_members = {}, {}, set(), {}, {}
-        self._member_rev, self._room_rev = {}, {}
         for handle, bus_pub in members:
             self._put_member(handle, bus_pub)
         for room_id, handles in rooms.items():
@@ -74,6 +89,8 @@ class Policy:
         Returns ``(revoked, granted)`` handles; nothing when ``revision`` is
         older than the one already applied (a slow re-read lost a race).
         """
+        for handles, _rooms in self._trackers:
+            handles.add(handle)
         if revision and revision < self._member_rev.get(handle, 0):
             return set(), set()
         if revision:
@@ -89,6 +106,8 @@ class Policy:
     def set_room(self, room_id: str, handles: frozenset[str] | None,
                  revision: int = 0) -> tuple[set[str], set[str]]:
         """Apply a room as read from the store (``None``: gone). Returns ``(revoked, granted)``."""
+        for _handles, rooms in self._trackers:
+            rooms.add(room_id)
         if revision and revision < self._room_rev.get(room_id, 0):
             return set(), set()
         if revision:

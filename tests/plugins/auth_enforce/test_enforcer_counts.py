@@ -479,3 +479,63 @@ async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads
                 await nc.close()
         await a.close()
         await daemon.stop()
+
+
+async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, alice):
+    """Red team: a full read of the members (SIGHUP, a missed watch, a retried failed re-read)
+    whose lists were read before a deletion, and applied after it, gave the deleted member its
+    bus rights back, for good. What is updated one by one during a full read is read again after
+    it. And a re-read is not started once shutdown has begun (one kept retrying after stop)."""
+    import asyncio
+
+    from unibus.app import stash
+    from unibus.client import UnibusClient
+    from unibus.daemon import Daemon
+    from unibus.pluginmanager import PluginManager
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, load_policy, reload_until_read
+    from unibus.settings import HostPort, Settings
+    from unibus.testing import free_port
+
+    class SlowLists:
+        """The daemon's own store, whose member list is read at once and handed over late."""
+
+        def __init__(self, store):
+            self._store, self.read, self.release = store, asyncio.Event(), asyncio.Event()
+
+        async def list_members(self):
+            members = await self._store.list_members()
+            self.read.set()
+            await self.release.wait()
+            return members
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    daemon = Daemon(settings, PluginManager())
+    await daemon.start()
+    bob = generate_identity("bob")
+    a = UnibusClient(f"http://{settings.http_addr}", alice)
+    try:
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        slow = SlowLists(rt.store)
+        load = asyncio.create_task(load_policy(slow, rt.policy))
+        await asyncio.wait_for(slow.read.wait(), 10)  # the list, bob in it, is read
+        await a.remove_member("bob")  # this node's deletion, applied one by one
+        assert rt.policy.grant(bob.bus_pub) is None
+        slow.release.set()
+        await asyncio.wait_for(load, 10)  # the older list is loaded, then bob is read again
+        assert rt.policy.grant(bob.bus_pub) is None
+        with pytest.raises(Exception):  # noqa: B017, PT011 - refused: an authorization violation
+            nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=bob.bus_nkey_seed(),
+                                    allow_reconnect=False, connect_timeout=3)
+            await nc.close()
+    finally:
+        await a.close()
+        await daemon.stop()
+    reload_until_read(rt)  # a read that failed as the store closed: nothing is started any more
+    assert rt.stopping and not rt.tasks
