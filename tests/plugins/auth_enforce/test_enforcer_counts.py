@@ -12,8 +12,12 @@ answer CONNZ is not a server without connections.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import nats
 import pytest
@@ -30,6 +34,43 @@ def enforcer(sys_nc=None, *, routes=None, clustered: bool = True, responder=None
         return routes.pop(0) if isinstance(routes, list) else routes
 
     return Enforcer(sys_nc, sys_nc, responder, clustered=clustered, node="n1", routes=own_routes)
+
+
+@contextlib.asynccontextmanager
+async def local_daemon(tmp_path, alice) -> AsyncIterator[tuple[Any, str, Any]]:
+    """A daemon in this process (bus enforcement on, alice its admin): ``(daemon, its NATS URL,
+    alice's client)``, so a test can reach into its store and the plugin's runtime."""
+    from unibus.client import UnibusClient
+    from unibus.daemon import Daemon
+    from unibus.pluginmanager import PluginManager
+    from unibus.settings import HostPort, Settings
+    from unibus.testing import free_port
+
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    daemon = Daemon(settings, PluginManager())
+    await daemon.start()
+    a = UnibusClient(f"http://{settings.http_addr}", alice)
+    try:
+        yield daemon, f"nats://{settings.nats_addr}", a
+    finally:
+        await a.close()
+        await daemon.stop()
+
+
+async def until(done: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Whether ``done()`` holds within ``seconds`` (polled every 20 ms)."""
+    for _ in range(int(seconds / 0.02)):
+        if done():
+            return True
+        await asyncio.sleep(0.02)
+    return done()
+
+
+def cut(nc) -> bool:
+    return nc.is_closed or not nc.is_connected
 
 
 # -- the expected set (plugins/auth_enforce/mesh.py), from what the responders said --------
@@ -229,68 +270,49 @@ async def test_a_store_read_failing_after_the_commit_still_cuts_the_member_off(t
     machine). Before, the removal answered 2xx with no kick, nothing pending and a stale
     index, and bob kept the room. Now the index takes the change from its own record and
     the removal kicks bob all the same; his next connection does not get the room."""
-    import asyncio
-
-    from unibus.client import UnibusClient
-    from unibus.daemon import Daemon
-    from unibus.pluginmanager import PluginManager
-    from unibus.settings import HostPort, Settings
     from unibus.store.base import StoreUnavailable
-    from unibus.testing import free_port
 
-    data_dir = tmp_path / "d"
-    bootstrap_member(data_dir, alice, "admin")
-    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
-                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
-    daemon = Daemon(settings, PluginManager())
-    await daemon.start()
     bob = generate_identity("bob")
-    a = UnibusClient(f"http://{settings.http_addr}", alice)
-    url = f"nats://{settings.nats_addr}"
     conns = []
-    try:
-        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
-        room = (await a.create_room("ops"))["room_id"]
-        await a.add_room_member(room, "bob")
-        nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False, connect_timeout=3)
-        conns.append(nc)
-        await nc.subscribe(f"unibus.room.{room}.>")
-        await nc.flush()
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        try:
+            await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+            room = (await a.create_room("ops"))["room_id"]
+            await a.add_room_member(room, "bob")
+            nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                                    connect_timeout=3)
+            conns.append(nc)
+            await nc.subscribe(f"unibus.room.{room}.>")
+            await nc.flush()
 
-        real, failed = daemon.store.room_handles, []
+            real, failed = daemon.store.room_handles, []
 
-        async def fails_once(room_id):
-            if not failed:
-                failed.append(room_id)
-                raise StoreUnavailable("the KV read timed out")
-            return await real(room_id)
+            async def fails_once(room_id):
+                if not failed:
+                    failed.append(room_id)
+                    raise StoreUnavailable("the KV read timed out")
+                return await real(room_id)
 
-        daemon.store.room_handles = fails_once
-        await a.remove_room_member(room, "bob")
-        assert failed == [room]
-        for _ in range(100):  # the kick came before the 2xx; the client sees its socket close
-            if nc.is_closed or not nc.is_connected:
-                break
-            await asyncio.sleep(0.02)
-        assert nc.is_closed or not nc.is_connected
-        errors = []
+            daemon.store.room_handles = fails_once
+            await a.remove_room_member(room, "bob")
+            assert failed == [room]
+            assert await until(lambda: cut(nc), 2)  # the kick came before the 2xx: the client sees its socket close
+            errors = []
 
-        async def on_error(e):
-            errors.append(str(e).lower())
+            async def on_error(e):
+                errors.append(str(e).lower())
 
-        again = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
-                                   connect_timeout=3, error_cb=on_error)
-        conns.append(again)
-        await again.subscribe(f"unibus.room.{room}.>")
-        await again.flush()
-        await again.flush()
-        assert any("permissions violation" in e and "subscription" in e for e in errors), errors
-    finally:
-        for c in conns:
-            if not c.is_closed:
-                await c.close()
-        await a.close()
-        await daemon.stop()
+            again = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                                       connect_timeout=3, error_cb=on_error)
+            conns.append(again)
+            await again.subscribe(f"unibus.room.{room}.>")
+            await again.flush()
+            await again.flush()
+            assert any("permissions violation" in e and "subscription" in e for e in errors), errors
+        finally:
+            for c in conns:
+                if not c.is_closed:
+                    await c.close()
 
 
 def test_a_pending_change_keeps_its_rooms_for_the_retries():
@@ -311,53 +333,34 @@ async def test_another_nodes_revocation_is_kicked_here_when_it_reaches_this_node
     node's own server what the change revoked in this node's index. Here the store is
     changed with the plugin deaf to it (as if another node wrote it), then the remote
     change is handed to the plugin as the watch would."""
-    import asyncio
-
     from unibus.app import stash
-    from unibus.client import UnibusClient
-    from unibus.daemon import Daemon
-    from unibus.pluginmanager import PluginManager
     from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, apply_change
-    from unibus.settings import HostPort, Settings
     from unibus.store.base import Change
-    from unibus.testing import free_port
 
-    data_dir = tmp_path / "d"
-    bootstrap_member(data_dir, alice, "admin")
-    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
-                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
-    daemon = Daemon(settings, PluginManager())
-    await daemon.start()
     bob = generate_identity("bob")
-    a = UnibusClient(f"http://{settings.http_addr}", alice)
     nc = None
-    try:
-        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
-        room = (await a.create_room("ops"))["room_id"]
-        await a.add_room_member(room, "bob")
-        nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=bob.bus_nkey_seed(),
-                                allow_reconnect=False, connect_timeout=3)
-        await nc.subscribe(f"unibus.room.{room}.>")
-        await nc.flush()
-        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
-        assert rt.unsubscribe is not None
-        rt.unsubscribe()  # deaf: the removal below is "another node's" write
-        await a.remove_room_member(room, "bob")
-        await asyncio.sleep(0.3)
-        assert nc.is_connected, "nothing kicked yet: this node has not seen the change"
-        assert room in rt.policy.snapshot()["bob"][1], "this node's index still gives bob the room"
-        await apply_change(rt, Change(kind="reloaded", origin="remote", keys=(f"room.{room}",)))
-        for _ in range(100):
-            if nc.is_closed or not nc.is_connected:
-                break
-            await asyncio.sleep(0.02)
-        assert nc.is_closed or not nc.is_connected, "the remote revocation was not kicked on this node"
-        assert not rt.enforcer.pending
-    finally:
-        if nc is not None and not nc.is_closed:
-            await nc.close()
-        await a.close()
-        await daemon.stop()
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        try:
+            await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+            room = (await a.create_room("ops"))["room_id"]
+            await a.add_room_member(room, "bob")
+            nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                                    connect_timeout=3)
+            await nc.subscribe(f"unibus.room.{room}.>")
+            await nc.flush()
+            rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+            assert rt.unsubscribe is not None
+            rt.unsubscribe()  # deaf: the removal below is "another node's" write
+            await a.remove_room_member(room, "bob")
+            await asyncio.sleep(0.3)
+            assert nc.is_connected, "nothing kicked yet: this node has not seen the change"
+            assert room in rt.policy.snapshot()["bob"][1], "this node's index still gives bob the room"
+            await apply_change(rt, Change(kind="reloaded", origin="remote", keys=(f"room.{room}",)))
+            assert await until(lambda: cut(nc), 2), "the remote revocation was not kicked on this node"
+            assert not rt.enforcer.pending
+        finally:
+            if nc is not None and not nc.is_closed:
+                await nc.close()
 
 
 async def test_a_restarted_server_s_old_connections_are_forgotten_and_its_late_events_ignored():
@@ -391,16 +394,9 @@ async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads
     good. Now such a change takes what it names out of the index (bob kicked, his login refused),
     and everything is read again until that works. Here the store fails the one re-read, as a real
     store does while JetStream has no leader."""
-    import asyncio
-
     from unibus.app import stash
-    from unibus.client import UnibusClient
-    from unibus.daemon import Daemon
-    from unibus.pluginmanager import PluginManager
     from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, apply_change
-    from unibus.settings import HostPort, Settings
     from unibus.store.base import Change, StoreUnavailable
-    from unibus.testing import free_port
 
     class FailsOnce:
         """The daemon's own store, whose next read through ``method`` fails (no JetStream leader)."""
@@ -421,64 +417,48 @@ async def test_a_remote_change_this_node_cannot_read_fails_closed_until_it_reads
 
             return read
 
-    data_dir = tmp_path / "d"
-    bootstrap_member(data_dir, alice, "admin")
-    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
-                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
-    daemon = Daemon(settings, PluginManager())
-    await daemon.start()
     bob, carol = generate_identity("bob"), generate_identity("carol")
-    a = UnibusClient(f"http://{settings.http_addr}", alice)
     conns = []
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
 
-    async def bus_login(who) -> bool:
+        async def bus_login(who) -> bool:
+            try:
+                nc = await nats.connect(url, nkeys_seed_str=who.bus_nkey_seed(), allow_reconnect=False,
+                                        connect_timeout=3)
+            except Exception:  # noqa: BLE001 - refused
+                return False
+            conns.append(nc)
+            return True
+
         try:
-            nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=who.bus_nkey_seed(),
-                                    allow_reconnect=False, connect_timeout=3)
-        except Exception:  # noqa: BLE001 - refused
-            return False
-        conns.append(nc)
-        return True
+            for who in (bob, carol):
+                await a.add_member(who.handle, who.sign_pub_b64, who.enc_pub_b64, bus_pub=who.bus_pub)
+            room = (await a.create_room("ops"))["room_id"]
+            await a.add_room_member(room, "carol")
+            assert await bus_login(bob) and await bus_login(carol)
+            rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+            rt.unsubscribe()  # deaf: the deletion below is "another node's" write
+            await a.remove_member("bob")
+            assert rt.policy.grant(bob.bus_pub) is not None, "this node has not seen the deletion"
+            real = rt.store
+            store = rt.store = FailsOnce(real, "bus_member")
+            await apply_change(rt, Change(kind="reloaded", origin="remote", keys=("member.bob",)))
+            assert store.failed == 1
+            assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
+            assert await until(lambda: not rt.tasks)  # the full re-read (after 0.5 s)
+            assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
+            assert room in rt.policy.snapshot()["carol"][1] and await bus_login(carol)  # the others keep theirs
 
-    try:
-        for who in (bob, carol):
-            await a.add_member(who.handle, who.sign_pub_b64, who.enc_pub_b64, bus_pub=who.bus_pub)
-        room = (await a.create_room("ops"))["room_id"]
-        await a.add_room_member(room, "carol")
-        assert await bus_login(bob) and await bus_login(carol)
-        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
-        rt.unsubscribe()  # deaf: the deletion below is "another node's" write
-        await a.remove_member("bob")
-        assert rt.policy.grant(bob.bus_pub) is not None, "this node has not seen the deletion"
-        real = rt.store
-        store = rt.store = FailsOnce(real, "bus_member")
-        await apply_change(rt, Change(kind="reloaded", origin="remote", keys=("member.bob",)))
-        assert store.failed == 1
-        assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
-        for _ in range(200):  # the full re-read (after 0.5 s)
-            if not rt.tasks:
-                break
-            await asyncio.sleep(0.05)
-        assert not rt.tasks
-        assert rt.policy.grant(bob.bus_pub) is None and not await bus_login(bob)
-        assert room in rt.policy.snapshot()["carol"][1] and await bus_login(carol)  # the others keep theirs
-
-        # The watch missed changes (no keys: everything is re-read) and that read fails too.
-        await a.remove_room_member(room, "carol")
-        store = rt.store = FailsOnce(real, "list_members")
-        await apply_change(rt, Change(kind="reloaded", origin="remote"))
-        assert store.failed == 1
-        for _ in range(200):
-            if not rt.tasks:
-                break
-            await asyncio.sleep(0.05)
-        assert not rt.tasks and room not in rt.policy.snapshot()["carol"][1]
-    finally:
-        for nc in conns:
-            if not nc.is_closed:
-                await nc.close()
-        await a.close()
-        await daemon.stop()
+            # The watch missed changes (no keys: everything is re-read) and that read fails too.
+            await a.remove_room_member(room, "carol")
+            store = rt.store = FailsOnce(real, "list_members")
+            await apply_change(rt, Change(kind="reloaded", origin="remote"))
+            assert store.failed == 1
+            assert await until(lambda: not rt.tasks) and room not in rt.policy.snapshot()["carol"][1]
+        finally:
+            for nc in conns:
+                if not nc.is_closed:
+                    await nc.close()
 
 
 async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, alice):
@@ -486,15 +466,8 @@ async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, 
     whose lists were read before a deletion, and applied after it, gave the deleted member its
     bus rights back, for good. What is updated one by one during a full read is read again after
     it. And a re-read is not started once shutdown has begun (one kept retrying after stop)."""
-    import asyncio
-
     from unibus.app import stash
-    from unibus.client import UnibusClient
-    from unibus.daemon import Daemon
-    from unibus.pluginmanager import PluginManager
     from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, load_policy, reload_until_read
-    from unibus.settings import HostPort, Settings
-    from unibus.testing import free_port
 
     class SlowLists:
         """The daemon's own store, whose member list is read at once and handed over late."""
@@ -511,15 +484,8 @@ async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, 
         def __getattr__(self, name):
             return getattr(self._store, name)
 
-    data_dir = tmp_path / "d"
-    bootstrap_member(data_dir, alice, "admin")
-    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
-                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
-    daemon = Daemon(settings, PluginManager())
-    await daemon.start()
     bob = generate_identity("bob")
-    a = UnibusClient(f"http://{settings.http_addr}", alice)
-    try:
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
         await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
         rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
         slow = SlowLists(rt.store)
@@ -531,11 +497,8 @@ async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, 
         await asyncio.wait_for(load, 10)  # the older list is loaded, then bob is read again
         assert rt.policy.grant(bob.bus_pub) is None
         with pytest.raises(Exception):  # noqa: B017, PT011 - refused: an authorization violation
-            nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=bob.bus_nkey_seed(),
-                                    allow_reconnect=False, connect_timeout=3)
+            nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
+                                    connect_timeout=3)
             await nc.close()
-    finally:
-        await a.close()
-        await daemon.stop()
     reload_until_read(rt)  # a read that failed as the store closed: nothing is started any more
     assert rt.stopping and not rt.tasks
