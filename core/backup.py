@@ -374,18 +374,28 @@ def backup_single(data_dir: Path, out: Path, warn: Warn) -> BackupResult:
             shutil.rmtree(blob_staging, ignore_errors=True)
 
 
-def _check_restorable(db: Path, facts: StoreFacts) -> None:
-    """Run restore's checks of the log on ``db`` before the archive is written: an archive
-    restore would refuse is a failed backup (exit 1), not one found out when it is needed."""
+def log_disagreement(db: Path, facts: StoreFacts | None = None) -> str | None:
+    """What restore would refuse in ``db`` (its log's chain, its rows against the log's replay,
+    its own recovery bootstraps accepted), said of a store rather than an archive; None if nothing.
+    For ``backup`` and ``migrate-to-kv``, which must not pass on what restore refuses."""
+    facts = facts if facts is not None else sqlite_facts(db)
     if facts.log_head is None:
-        return  # a store from before the log: its migration at restore writes entry 0
+        return None  # a store from before the log: its migration writes entry 0
     try:
         check_log_chain(db)
         check_rows_match_log(db, [digest for _seq, digest in facts.recoveries])
     except ArchiveError as e:
         why = str(e).removeprefix("--in: ").replace("the archive's ", "the ").replace("in the archive", "")
-        why = why.removesuffix("; nothing was restored")
-        raise RuntimeFailure(f"the state cannot be backed up, as restore would refuse it: {why}") from None
+        return why.removesuffix("; nothing was restored")
+    return None
+
+
+def _check_restorable(db: Path, facts: StoreFacts) -> None:
+    """Run restore's checks of the log on ``db`` before the archive is written: an archive
+    restore would refuse is a failed backup (exit 1), not one found out when it is needed."""
+    why = log_disagreement(db, facts)
+    if why is not None:
+        raise RuntimeFailure(f"the state cannot be backed up, as restore would refuse it: {why}")
 
 
 def _counts(facts: StoreFacts, blobs: list[Any]) -> dict[str, int]:

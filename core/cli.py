@@ -398,18 +398,11 @@ def _check_source(db: Path) -> None:
     recovery bootstraps are the operator's own). A row edited or added behind the log's back
     was copied into the cluster, where every client then refused the log (red team: a recovery
     whose member row was edited gave another key pair the recovered admin's handle)."""
-    from .backup import ArchiveError, check_log_chain, check_rows_match_log, sqlite_facts
+    from .backup import log_disagreement
 
-    facts = sqlite_facts(db)
-    if facts.log_head is None:
-        return
-    try:
-        check_log_chain(db)
-        check_rows_match_log(db, [digest for _seq, digest in facts.recoveries])
-    except ArchiveError as e:
-        why = str(e).removeprefix("--in: ").replace("the archive's ", "the ").replace("in the archive", "")
-        raise ConfigError(f"--data-dir: {db} cannot be copied: {why.removesuffix('; nothing was restored')}; "
-                          "nothing copied") from None
+    why = log_disagreement(db)
+    if why is not None:
+        raise ConfigError(f"--data-dir: {db} cannot be copied: {why}; nothing copied")
 
 
 async def _copy_to_kv(url: str, seed: Any, tls: Any, data_dir: Path, replicas: int) -> dict[str, int]:
