@@ -90,14 +90,20 @@ class Listener:
 
     def __init__(self, member: Member, room_id: str, *extra: str, as_json: bool = True) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+        self.as_json = as_json
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "unibus.client.cli", "--server", member.server, "--identity", str(member.path),
              "listen", room_id, *(["--json"] if as_json else []), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
         self.stderr: list[str] = []
+        self.stdout: list[str] = []
         self._ready = threading.Event()
-        self._t = threading.Thread(target=self._read_stderr, daemon=True)
-        self._t.start()
+        # One reader per pipe, for the process's whole life: `communicate()` would
+        # read stderr beside this thread and split its lines between them.
+        self._readers = [threading.Thread(target=self._read_stderr, daemon=True),
+                         threading.Thread(target=self._read_stdout, daemon=True)]
+        for t in self._readers:
+            t.start()
 
     def _read_stderr(self) -> None:
         assert self.proc.stderr is not None
@@ -105,6 +111,11 @@ class Listener:
             self.stderr.append(line)
             if "listening on" in line:
                 self._ready.set()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.stdout.append(line)
 
     def wait_ready(self, timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -114,14 +125,25 @@ class Listener:
                 raise AssertionError(f"listener not ready (rc={self.proc.poll()}): {''.join(self.stderr)}")
 
     def finish(self, timeout: float = 20) -> tuple[int, list[dict[str, Any]]]:
+        """Wait for the exit; the exit status and, with ``--json``, the messages it printed."""
         try:
-            out, _ = self.proc.communicate(timeout=timeout)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
-            out, _ = self.proc.communicate()
-            raise AssertionError(f"listener did not finish: {out!r} {''.join(self.stderr)}") from None
-        self._t.join(5)
-        return self.proc.returncode, [json.loads(line) for line in out.splitlines() if line.strip()]
+            self.kill()
+            self._join()
+            raise AssertionError(f"listener did not finish: {self.out!r} {''.join(self.stderr)}") from None
+        self._join()
+        msgs = [json.loads(line) for line in self.stdout if line.strip()] if self.as_json else []
+        return self.proc.returncode, msgs
+
+    def _join(self) -> None:
+        for t in self._readers:
+            t.join(5)
+            assert not t.is_alive(), "a pipe of the listener stayed open"
+
+    @property
+    def out(self) -> str:
+        return "".join(self.stdout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -278,11 +300,11 @@ def test_rooms_rekey_send_listen_and_removal(world):
         listener.wait_ready()
         ok(alice.cli("send", room_id, "chat", "multi\nline"))
         ok(bob.cli("send", room_id, "chat", "second"))
-        out, _ = listener.proc.communicate(timeout=20)
+        rc, _ = listener.finish(timeout=20)
     finally:
         listener.kill()
-    assert listener.proc.returncode == 0
-    assert out.splitlines() == ["[chat] alice: multi\\nline", "[chat] bob: second"]
+    assert rc == 0
+    assert listener.out.splitlines() == ["[chat] alice: multi\\nline", "[chat] bob: second"]
     # --no-sender is gone: every message is signed by its sender
     assert alice.cli("send", room_id, "chat", "x", "--no-sender").returncode == 2
 
