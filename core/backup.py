@@ -872,11 +872,16 @@ class RestoreResult:
                 + f", {self.blobs} blob(s)")
 
 
-def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = ()) -> RestoreResult:
+def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = (),
+            expected_root: str | None = None) -> RestoreResult:
     """Restore ``archive`` into ``data_dir`` (empty or new; docs/operations.md, "Backups").
 
     ``accepted_bootstraps``: fingerprints of recovery bootstraps in the log the
     operator vouches for (``--accept-bootstrap``; :func:`check_rows_match_log`).
+    ``expected_root``: the trust root fingerprint the deployment's members pinned
+    (``--expect-root``); an archive whose log starts with another, or whose store
+    had no log yet (its root would be new), is refused. Nothing in an archive
+    proves whose deployment it is, so this is the operator's one way to say it.
 
     The whole archive is checked first (:func:`verify_archive`), writing
     nothing. Then everything is built in a temporary directory beside
@@ -906,6 +911,10 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
         head = check_log_chain(db)
         check_rows_match_log(db, accepted_bootstraps)
         facts = sqlite_facts(db)
+        if expected_root is not None and (new_root or facts.trust_root != expected_root):
+            found = "none: its store predates the membership log" if new_root else facts.trust_root
+            raise ArchiveError(f"--expect-root: the archive's trust root is {found}, not {expected_root}: it is "
+                               "not a backup of the deployment your members pinned; nothing was restored")
         want = verified.manifest.get("log_head")
         # A store older than the log gets its entry 0 from the migration: the manifest had no head then.
         if want is not None and (want["seq"], want["hash"]) != head:

@@ -574,6 +574,14 @@ def cmd_backup(argv: Sequence[str]) -> int:
     return 0
 
 
+def _fingerprint_flag(flag: str, value: str) -> str:
+    fingerprint = value.strip().lower()  # as printed, or copied in capitals
+    if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
+        raise ConfigError(f"{flag}: {value!r} is not a fingerprint (64 hex digits, as restore or membershipd "
+                          "member add printed it)")
+    return fingerprint
+
+
 def cmd_restore(argv: Sequence[str]) -> int:
     from .backup import restore
 
@@ -584,21 +592,24 @@ def cmd_restore(argv: Sequence[str]) -> int:
     parser.add_argument("--accept-bootstrap", action="append", default=[], metavar="FINGERPRINT",
                         help="a recovery bootstrap in the archive's log that your operator made (an offline "
                              "membershipd member add after the first entry; restore names it); repeatable")
+    parser.add_argument("--expect-root", metavar="FINGERPRINT",
+                        help="the trust root fingerprint your members pinned: an archive whose membership log "
+                             "starts with another is refused (nothing in an archive proves whose it is)")
     ns = parser.parse_args(argv)
-    ns.accept_bootstrap = [fp.strip().lower() for fp in ns.accept_bootstrap]
-    for fingerprint in ns.accept_bootstrap:
-        if not re.fullmatch(r"[0-9a-f]{64}", fingerprint):
-            raise ConfigError(f"--accept-bootstrap: {fingerprint!r} is not a fingerprint (64 lowercase hex digits, "
-                              "as restore or membershipd member add printed it)")
+    ns.accept_bootstrap = [_fingerprint_flag("--accept-bootstrap", fp) for fp in ns.accept_bootstrap]
+    if ns.expect_root is not None:
+        ns.expect_root = _fingerprint_flag("--expect-root", ns.expect_root)
     archive = Path(ns.archive).expanduser()
     if not archive.is_file():
         raise ConfigError(f"--in: {archive} is not a readable file")
     data_dir = Path(os.path.abspath(resolve_data_dir(ns)))
-    result = restore(archive, data_dir, ns.accept_bootstrap)
+    result = restore(archive, data_dir, ns.accept_bootstrap, ns.expect_root)
     print(result.summary())
     root = result.facts.trust_root
     if root and result.new_root:  # a store from before the membership log: the migration wrote its entry 0
         print(f"trust root fingerprint: {root} (new: members pin it with `unibus trust {root}`)")
+    elif root and ns.expect_root:
+        print(f"trust root fingerprint: {root} (as --expect-root: members keep their pin)")
     elif root:
         # Nothing in an archive proves whose deployment it is (its manifest is no signature), so
         # this is not "unchanged": the operator compares it with what members pinned.

@@ -825,6 +825,63 @@ def test_a_recovery_bootstrap_is_restored_once_the_operator_accepts_it(tmp_path)
     assert [text for _s, _h, text in got["log"]] == [text for _s, _h, text in read_store(data_dir / "membershipd.db")["log"]]
 
 
+def test_restore_expect_root_refuses_an_archive_of_another_deployment(tmp_path):
+    """Adversary: someone who can write where the backups are kept and puts there a backup of a
+    deployment of their own (their admin, their log: every check of the archive against itself
+    passes). --expect-root FINGERPRINT, the root the members pinned, refuses it, writing nothing."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    bootstrap_member(ours, generate_identity("alice"), "admin")
+    bootstrap_member(theirs, generate_identity("mallory"), "admin")
+    root = read_store(ours / "membershipd.db")["log"][0][1]
+    their_root = read_store(theirs / "membershipd.db")["log"][0][1]
+    area = tmp_path / "area"
+    area.mkdir()
+    archive = area / "archive"
+    proc = cli("backup", "--out", str(archive), "--data-dir", str(theirs))
+    assert proc.returncode == 0, proc.stderr
+    target = area / "restored"
+    one_line(cli("restore", "--in", str(archive), "--data-dir", str(target), "--expect-root", root), 2,
+             f"--expect-root: the archive's trust root is {their_root}, not {root}: it is not a backup of the "
+             "deployment your members pinned; nothing was restored")
+    one_line(cli("restore", "--in", str(archive), "--data-dir", str(target), "--expect-root", "91f9…"), 2,
+             "--expect-root: '91f9…' is not a fingerprint")
+    assert_nothing_written(area)
+
+    archive.unlink()
+    proc = cli("backup", "--out", str(archive), "--data-dir", str(ours))
+    assert proc.returncode == 0, proc.stderr
+    proc = cli("restore", "--in", str(archive), "--data-dir", str(target), "--expect-root", root.upper())
+    assert proc.returncode == 0, proc.stderr
+    assert f"trust root fingerprint: {root} (as --expect-root: members keep their pin)" in proc.stdout
+    assert list(read_store(target / "membershipd.db")["members"]) == ["alice"]
+
+
+def test_restore_expect_root_refuses_an_archive_from_before_the_log(tmp_path):
+    """A store older than the membership log gets a new entry 0 at restore: no root a member
+    pinned can be that one, so --expect-root refuses it rather than start a new trust root."""
+    from alembic import command
+
+    from unibus.store.db import alembic_config, make_engine
+
+    data = tmp_path / "old"
+    data.mkdir()
+    engine = make_engine(data / "membershipd.db")
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0002")
+    engine.dispose()
+    area = tmp_path / "area"
+    area.mkdir()
+    proc = cli("backup", "--out", str(area / "archive"), "--data-dir", str(data))
+    assert proc.returncode == 0, proc.stderr
+    root = hashlib.sha256(b"what the members pinned").hexdigest()
+    one_line(cli("restore", "--in", str(area / "archive"), "--data-dir", str(area / "restored"), "--expect-root", root),
+             2, "--expect-root: the archive's trust root is none: its store predates the membership log, not "
+                f"{root}")
+    assert_nothing_written(area)
+
+
 def test_an_archive_whose_rows_disagree_with_its_log_is_refused(source, tmp_path):
     """Adversary: someone who can write where the backups are kept (not the secrets: an archive holds
     none), who adds eve as admin to the archived database and rehashes the manifest."""
