@@ -19,7 +19,7 @@ from .aio import own_cancel_only, within
 from .errors import RuntimeFailure
 from .pubacks import PubAckClient
 from .settings import Secret, redact_url
-from .tls import connect_bounded, permanent_tls_error
+from .tls import TLSFileError, check_pair, connect_bounded, load_certificates, permanent_tls_error
 
 log = logging.getLogger("unibus.bus")
 
@@ -55,12 +55,53 @@ def embedded_tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.S
     every client for a certificate: membershipd presents the same one, which
     then needs the clientAuth usage too.
     """
-    ctx = ssl.create_default_context(cadata=cert.read_text())
-    ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
-    ctx.check_hostname = False
-    if client_ca is not None:
-        ctx.load_cert_chain(str(cert), str(key))
-    return ctx
+    return EmbeddedTLS(cert, key, client_ca).context
+
+
+class EmbeddedTLS:
+    """:func:`embedded_tls_context`, kept up to date with what a restarted nats-server presents.
+
+    nats-server reads ``--tls-cert`` and ``--tls-key`` each time it starts. A
+    certificate renewed on disk while it runs is therefore what it presents
+    after the supervisor restarts it (a crash, a kill), and a context that
+    pinned only the first would lock membershipd out of its own bus until
+    membershipd itself restarted. :meth:`before_restart` checks the files and
+    adds the renewed certificate to the pins of the same context, which every
+    connection of membershipd to its nats-server shares.
+    """
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
+        self.cert, self.key, self.client_ca = cert, key, client_ca
+        self.pinned = cert.read_text()
+        self.context = ssl.create_default_context(cadata=self.pinned)
+        self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+        self.context.check_hostname = False
+        if client_ca is not None:
+            self.context.load_cert_chain(str(cert), str(key))
+
+    def before_restart(self) -> bool:
+        """Check the files nats-server is about to read; pin its certificate if it is a new one.
+
+        Returns whether it was. Raises :class:`unibus.tls.TLSFileError` naming the
+        flag (expired, not valid yet, a key that is not the certificate's, a key
+        others may read, a CA file without a certificate): the supervisor then
+        leaves nats-server down and tries again, rather than serve what
+        membershipd, or its members, would refuse.
+        """
+        check_pair("--tls-cert", self.cert, "--tls-key", self.key)
+        if self.client_ca is not None:
+            try:
+                load_certificates(self.client_ca)
+            except (TLSFileError, OSError) as e:
+                raise TLSFileError(f"--tls-ca: {e}") from None
+        pem = self.cert.read_text()
+        if pem == self.pinned:
+            return False
+        self.context.load_verify_locations(cadata=pem)  # the old pin stays: it was ours as well
+        if self.client_ca is not None:
+            self.context.load_cert_chain(str(self.cert), str(self.key))  # present the renewed one
+        self.pinned = pem
+        return True
 
 
 def tls_first(url: str) -> bool:

@@ -34,7 +34,8 @@ from .api import rooms as rooms_api
 from .app import EVENTS, EXTRA, HEALTH, current_posture, make_app, server_options
 from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
                    nonce_max_bytes_from_env)
-from .bus import CLUSTER_FORM_TIMEOUT, Bus, embedded_tls_context, retry_until
+from .bus import CLUSTER_FORM_TIMEOUT, Bus, EmbeddedTLS, retry_until
+from .certexpiry import CertificateExpiry
 from .connlimits import (DEFAULT_IDLE_TIMEOUT, AcceptErrorLog, ConnectionLimiter, LimitedSite, descriptor_limit,
                          idle_timeout_from_env, nofile_limit)
 from .errors import ConfigError, RuntimeFailure
@@ -161,6 +162,8 @@ class Daemon:
         self.store: Store | None = None
         self.bus: Bus | None = None
         self.system_bus: Bus | None = None
+        #: membershipd's TLS to its embedded nats-server (--tls-cert), if any
+        self.nats_tls: EmbeddedTLS | None = None
         self.nonces: NonceStore | None = None
         self._system_seed = None
         self.app: web.Application | None = None
@@ -169,6 +172,7 @@ class Daemon:
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
         self.accept_errors: AcceptErrorLog | None = None
         self.metrics = Metrics(node=settings.server_name)
+        self.certificates = self.metrics.certificates = CertificateExpiry()
         self.metrics.plugins = plugins
         self.metrics_server: MetricsServer | None = None
         self.health: HealthProber | None = None
@@ -190,9 +194,10 @@ class Daemon:
         http_tls, metrics_tls, binary = self._preflight()
         await asyncio.to_thread(migrate, s.db_path)
         seed, _public = ensure_service_nkey(s.data_dir)
+        self.nats_tls = EmbeddedTLS(s.tls_cert, s.tls_key, s.tls_ca) if s.embedded and s.tls_cert else None
         if binary is not None:  # embedded
             await self._start_nats(binary)
-        tls = embedded_tls_context(s.tls_cert, s.tls_key, s.tls_ca) if s.embedded and s.tls_cert else None
+        tls = self.nats_tls.context if self.nats_tls is not None else None
         # A forming cluster has no JetStream until a quorum of nodes is up.
         js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
         await self._open_store(seed, tls, js_wait)
@@ -234,6 +239,10 @@ class Daemon:
             log.warning("%s", warning)
         http_tls = _https_context(s)
         metrics_tls = _metrics_tls_context(s)
+        for listener, kind, path in (("http", "cert", s.http_tls_cert), ("metrics", "cert", s.metrics_tls_cert),
+                                     ("metrics", "ca", s.metrics_tls_ca)):
+            if path is not None:
+                self.certificates.loaded(listener, kind, path)
         binary = find_nats_server(s.nats_server_bin) if s.embedded else None
         prepare_data_dir(s.data_dir)
         check_port_free("--http-addr", s.http_addr)
@@ -254,13 +263,20 @@ class Daemon:
         moved = adopt_global_jetstream(s, config)
         if moved:
             log.warning("upgrade from 0.11: %s", moved)
+
+        def before_restart() -> None:
+            # the files checked at start-up (--tls-cert, the plugins' route TLS certificates and CA)
+            # may have changed since: nats-server reads them as they are when it restarts
+            self.plugins.call_each("validate_settings", settings=s.for_plugins())
+            if self.nats_tls is not None and self.nats_tls.before_restart():
+                log.info("--tls-cert %s changed since it was loaded: the restarted nats-server presents the new "
+                         "certificate, and membershipd's own connections to it trust it", s.tls_cert)
+            self.certificates.loaded_by_nats(config)
+
         self.supervisor = NatsSupervisor(
             binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
-            env=nats_server_environment(), forward_levels=forward_levels(config),
-            # the files the plugins checked at start-up (route TLS certificates and CA) may have
-            # changed since: nats-server reads them as they are when it restarts
-            before_restart=lambda: self.plugins.call_each("validate_settings", settings=s.for_plugins()),
-        )
+            env=nats_server_environment(), forward_levels=forward_levels(config), before_restart=before_restart)
+        self.certificates.loaded_by_nats(config)
         await self.supervisor.start()
         self.metrics.supervisor = self.supervisor
 

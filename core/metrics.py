@@ -274,6 +274,14 @@ class _DaemonCollector:
             yield GaugeMetricFamily(f"{NAMESPACE}_log_entries", "entries of the membership log",
                                     value=counts.log_entries)
         yield from _connection_families(m)
+        if m.certificates is not None:
+            expiry = GaugeMetricFamily(f"{NAMESPACE}_tls_certificate_expiry_timestamp_seconds", "when the "
+                                       "earliest certificate of a TLS file in use expires (Unix time), by listener "
+                                       "(http, metrics, nats, route, ...) and kind (cert, ca)",
+                                       labels=["listener", "kind"])
+            for (listener, kind), when in m.certificates.items():
+                expiry.add_metric([listener, kind], when)
+            yield expiry
         nonces = m.nonces
         claims = CounterMetricFamily(f"{NAMESPACE}_nonce_claims", "nonce claims of signed requests by result: "
                                      "claimed, replay (401), unavailable (503: fail closed)", labels=["result"])
@@ -340,6 +348,8 @@ class Metrics:
         self.connections: dict[str, Any] = {}
         #: the daemon's :class:`unibus.connlimits.AcceptErrorLog` (its ``count``)
         self.accept_errors: Any = None
+        #: the expiry of the certificates in use (:class:`unibus.certexpiry.CertificateExpiry`)
+        self.certificates: Any = None
         self._plugins: dict[str, PluginMetrics] = {}
         if process:
             ProcessCollector(registry=self.registry)

@@ -98,7 +98,17 @@ def exported(tmp_path_factory) -> set[str]:
     finally:
         daemon.stop()
     names = {s.name for family in text_string_to_metric_families(text) for s in family.samples}
-    return names | exported_by_a_cluster_node()
+    return names | exported_by_a_cluster_node() | exported_with_tls()
+
+
+def exported_with_tls() -> set[str]:
+    """What a node with TLS files exports beyond one without (tests/core/test_cert_expiry.py scrapes it)."""
+    from unibus.certexpiry import CertificateExpiry
+
+    metrics = Metrics(process=False)
+    metrics.certificates = CertificateExpiry()
+    metrics.certificates.expiry[("http", "cert")] = 1.0
+    return {s.name for family in metrics.registry.collect() for s in family.samples}
 
 
 def rules() -> list[dict]:
@@ -121,7 +131,8 @@ def test_the_rules_are_complete():
     # what docs/operations.md promises to alert on
     for alert in ("UnibusNodeDown", "UnibusNodeDegraded", "UnibusSignatureRejectionSpike", "UnibusNonceClaimFailures",
                   "UnibusBusChangeNotEnforced", "UnibusBusChangesUnconfirmed", "UnibusNatsServerRestarted",
-                  "UnibusHTTP5xx", "UnibusClusterRoutesLost", "UnibusClusterIsolated"):
+                  "UnibusHTTP5xx", "UnibusClusterRoutesLost", "UnibusClusterIsolated", "UnibusCertificateExpiresSoon",
+                  "UnibusCertificateExpired"):
         assert alert in names, alert
 
 

@@ -73,6 +73,11 @@ def test_config_has_verified_route_tls(pki, tmp_path):
     path = tmp_path / "nats.conf"
     write_config(config, path)
     check_config(find_nats_server(), path)
+    # the core's certificate expiry gauge finds the route files where this plugin put them
+    from unibus.certexpiry import nats_tls_files
+
+    assert sorted(nats_tls_files(config)) == [("route", "ca", pki["route_ca"][0].resolve()),
+                                              ("route", "cert", pki["node"][0].resolve())]
 
 
 @pytest.mark.parametrize("case", ["ca-is-client-ca", "client-cert-from-route-ca", "https-cert-from-route-ca",
