@@ -922,7 +922,13 @@ def _open_route(request: web.Request) -> bool:
 
 
 def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAULT_BODY_TIMEOUT,
-                    max_body: int = MAX_BODY) -> Callable[..., Awaitable[web.StreamResponse]]:
+                    max_body: int = MAX_BODY, member_requests: Any = None) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Authenticate every request of a signed route, then read and check its body (docs/http-api.md).
+
+    ``member_requests`` (:class:`unibus.connlimits.MemberRequests`) counts each member's
+    requests in progress, from authentication to the handler's end, and refuses one past
+    the member's share of the listener (429) before its body is read.
+    """
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
         if not request.path.startswith("/v1/") and _open_route(request):
@@ -938,25 +944,32 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         # Steps 1-3, from the headers: not one byte of the body is read before them.
         await authenticator.authenticate(request, None if has_body else b"")
         request[BODY_TIMEOUT_KEY] = body_timeout
-        if not has_body or request.match_info.http_exception is not None:
-            # No body, or an unknown route (404/405): the body is never read, and the
-            # logged request is made only if a handler asks (logged_request).
+        handle = request[MEMBER_KEY].handle
+        if member_requests is not None:
+            member_requests.enter(handle)  # 429 when this member holds its share of the listener
+        try:
+            if not has_body or request.match_info.http_exception is not None:
+                # No body, or an unknown route (404/405): the body is never read, and the
+                # logged request is made only if a handler asks (logged_request).
+                return await handler(request)
+            # Every field line and every coding in it: a second line "gzip" after "identity" is a coding too.
+            codings = {c.strip().lower() for line in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+                       for c in line.split(",")}
+            if codings - {"identity"}:
+                raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
+                              kind="unsupported-content-encoding")
+            if getattr(request.match_info.handler, STREAMING_ATTR, False):
+                request[LOGGED_REQUEST_KEY] = _logged(request, None)  # never logged: the body is not kept here
+                return await handler(request)  # it reads the body itself (body_chunks)
+            body = await read_body(request, timeout=body_timeout, limit=max_body)
+            expected = request[SIGNATURE_KEY].content_sha256
+            if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
+                raise unauthorized("Content-Digest does not match the body", "digest")
+            request[LOGGED_REQUEST_KEY] = _logged(request, body)
             return await handler(request)
-        # Every field line and every coding in it: a second line "gzip" after "identity" is a coding too.
-        codings = {c.strip().lower() for line in request.headers.getall(hdrs.CONTENT_ENCODING, ())
-                   for c in line.split(",")}
-        if codings - {"identity"}:
-            raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
-                          kind="unsupported-content-encoding")
-        if getattr(request.match_info.handler, STREAMING_ATTR, False):
-            request[LOGGED_REQUEST_KEY] = _logged(request, None)  # never logged: the body is not kept here
-            return await handler(request)  # it reads the body itself (body_chunks)
-        body = await read_body(request, timeout=body_timeout, limit=max_body)
-        expected = request[SIGNATURE_KEY].content_sha256
-        if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
-            raise unauthorized("Content-Digest does not match the body", "digest")
-        request[LOGGED_REQUEST_KEY] = _logged(request, body)
-        return await handler(request)
+        finally:
+            if member_requests is not None:
+                member_requests.leave(handle)
 
     return middleware
 

@@ -24,6 +24,11 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
   without sending requests cannot keep members out.
 * **accept() out of descriptors** (:class:`AcceptErrorLog`): one WARNING per
   :data:`ACCEPT_ERROR_LOG_INTERVAL`, no traceback; every failure is counted.
+* **A member's share** (:class:`MemberRequests`): a connection serving a request is
+  never pushed out, so one member's signed requests in progress (slow bodies within
+  their deadline) could fill the listener for everyone. A member may have at most an
+  eighth of the limit of them at once (at least :data:`MIN_MEMBER_REQUESTS`); beyond,
+  429 ``too-many-requests``, answered before the body is read.
 
 The listener is :class:`LimitedSite` (aiohttp's ``TCPSite``, plus :class:`_Gate`, the
 protocol of each accepted socket, which admits it and, for HTTPS, does the handshake with
@@ -416,6 +421,53 @@ class AcceptErrorLog:
                     where, exc.strerror or exc, code, how_many)
 
 
+#: The part of the control plane's connection limit one member's signed requests in progress may
+#: hold at once (an eighth: eight members acting together fill it, one cannot), and the least.
+MEMBER_SHARE = 8
+MIN_MEMBER_REQUESTS = 16
+
+
+class MemberRequests:
+    """Signed requests in progress on the control plane, by member (see the module docstring).
+
+    The auth middleware calls :meth:`enter` once a request is authenticated, before its body
+    is read, and :meth:`leave` when its handler is done (a streamed response: sent). ``limit``
+    is the listener's connection limit, asked only when a member is past
+    :data:`MIN_MEMBER_REQUESTS` (it follows RLIMIT_NOFILE); ``refused`` counts the 429s
+    (``unibus_http_member_requests_refused_total``).
+    """
+
+    def __init__(self, limit: Callable[[], int] | None = None) -> None:
+        self.limit = limit
+        self.by_member: dict[str, int] = {}
+        self.refused = 0
+
+    def per_member(self) -> int:
+        limit = self.limit() if self.limit is not None else 0
+        return max(MIN_MEMBER_REQUESTS, limit // MEMBER_SHARE)
+
+    def enter(self, handle: str) -> None:
+        """Count one request of ``handle`` in, or raise a 429 problem when it holds its share."""
+        held = self.by_member.get(handle, 0)
+        if held >= MIN_MEMBER_REQUESTS and held >= (most := self.per_member()):
+            from .problems import Problem
+
+            self.refused += 1
+            raise Problem(429, f"{handle} has {held} requests in progress on this node, the most one member may "
+                               f"have at once (an eighth of its connection limit, at least {MIN_MEMBER_REQUESTS}); "
+                               "let one finish first", kind="too-many-requests", max_requests=most,
+                          headers={"Retry-After": "1"})
+        self.by_member[handle] = held + 1
+
+    def leave(self, handle: str) -> None:
+        held = self.by_member.get(handle, 0) - 1
+        if held > 0:
+            self.by_member[handle] = held
+        else:
+            self.by_member.pop(handle, None)
+
+
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "DEFAULT_IDLE_TIMEOUT", "FD_RESERVE", "IDLE_TIMEOUT_ENV",
-           "METRICS_MAX_CONNECTIONS", "AcceptErrorLog", "ConnectionLimiter", "LimitedSite", "descriptor_limit",
+           "MEMBER_SHARE", "METRICS_MAX_CONNECTIONS", "MIN_MEMBER_REQUESTS", "AcceptErrorLog", "ConnectionLimiter",
+           "LimitedSite", "MemberRequests", "descriptor_limit",
            "idle_timeout_from_env", "max_connections", "nofile_limit"]

@@ -36,8 +36,8 @@ from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, aut
                    nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, EmbeddedTLS, retry_until
 from .certexpiry import CertificateExpiry
-from .connlimits import (DEFAULT_IDLE_TIMEOUT, AcceptErrorLog, ConnectionLimiter, LimitedSite, descriptor_limit,
-                         idle_timeout_from_env, nofile_limit)
+from .connlimits import (DEFAULT_IDLE_TIMEOUT, AcceptErrorLog, ConnectionLimiter, LimitedSite, MemberRequests,
+                         descriptor_limit, idle_timeout_from_env, nofile_limit)
 from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
 from .health import HealthProber
@@ -173,6 +173,8 @@ class Daemon:
         self.accept_errors: AcceptErrorLog | None = None
         self.metrics = Metrics(node=settings.server_name)
         self.certificates = self.metrics.certificates = CertificateExpiry()
+        #: each member's signed requests in progress: at most a share of the listener (unibus.connlimits)
+        self.member_requests = self.metrics.member_requests = MemberRequests()
         self.metrics.plugins = plugins
         self.metrics_server: MetricsServer | None = None
         self.health: HealthProber | None = None
@@ -209,7 +211,8 @@ class Daemon:
         self.metrics.counts = counts
         authenticator = Authenticator(MemberDirectory(self.store), nonces, s.auth_skew)
         self.app = make_app(s, self.plugins, self.bus, self.supervisor, self.store,
-                            middlewares=[auth_middleware(authenticator, body_timeout=body_timeout)],
+                            middlewares=[auth_middleware(authenticator, body_timeout=body_timeout,
+                                                         member_requests=self.member_requests)],
                             metrics=self.metrics)
         if self._system_seed is not None:
             self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
@@ -333,6 +336,7 @@ class Daemon:
         nofile = descriptor_limit()
         limiter = ConnectionLimiter("http", nofile_limit, where=f"--http-addr {s.http_addr}")
         self.metrics.connections["http"] = limiter
+        self.member_requests.limit = lambda: limiter.limit
         site = LimitedSite(self.runner, s.http_addr.host, s.http_addr.port, limiter=limiter, ssl_context=http_tls,
                            handshake_timeout=self.idle_timeout)
         try:

@@ -319,6 +319,9 @@ def _connection_families(m: Metrics) -> Iterator[Metric]:
         for listener, limiter in listeners:
             family.add_metric([listener], read(limiter))
         yield family
+    yield CounterMetricFamily(f"{NAMESPACE}_http_member_requests_refused", "signed requests refused with 429, "
+                              "their member having its share of the control plane's connections busy already",
+                              value=getattr(m.member_requests, "refused", 0))
     yield CounterMetricFamily(f"{NAMESPACE}_accept_errors", "accept() failures of any listener for lack of "
                               "descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)",
                               value=getattr(m.accept_errors, "count", 0))
@@ -348,6 +351,8 @@ class Metrics:
         self.connections: dict[str, Any] = {}
         #: the daemon's :class:`unibus.connlimits.AcceptErrorLog` (its ``count``)
         self.accept_errors: Any = None
+        #: each member's signed requests in progress (:class:`unibus.connlimits.MemberRequests`)
+        self.member_requests: Any = None
         #: the expiry of the certificates in use (:class:`unibus.certexpiry.CertificateExpiry`)
         self.certificates: Any = None
         self._plugins: dict[str, PluginMetrics] = {}

@@ -27,6 +27,7 @@ import socket
 import ssl
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -37,7 +38,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from unibus.client.blobs import sign_streamed_request
 from unibus.client.keys import Identity, generate_identity
 from unibus.connlimits import (ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_MESSAGE, DEFAULT_IDLE_TIMEOUT,
-                               IDLE_TIMEOUT_ENV, AcceptErrorLog, max_connections)
+                               IDLE_TIMEOUT_ENV, MIN_MEMBER_REQUESTS, AcceptErrorLog, MemberRequests,
+                               max_connections)
 from unibus.signing import sign_request
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_test_pki, run_membershipd
 
@@ -81,6 +83,7 @@ def with_nofile(nofile: int) -> list[str]:
 class Node:
     proc: MembershipdProcess
     alice: Identity
+    bob: Identity
     ctx: ssl.SSLContext | None
     metrics_port: int | None = None
 
@@ -106,20 +109,38 @@ class Node:
                     return sample.value
         raise KeyError(name)
 
-    def get_me(self) -> int:
+    def get_me(self, who: str = "alice") -> int:
         """The status of a signed GET /v1/me on a connection of its own."""
-        h = sign_request("GET", "/v1/me", None, keyid="alice", private_key=self.alice.sign_key)
+        h = sign_request("GET", "/v1/me", None, keyid=who, private_key=getattr(self, who).sign_key)
         req = urllib.request.Request(self.proc.base_url + "/v1/me", headers=h)
-        with urllib.request.urlopen(req, timeout=SOCKET_TIMEOUT, context=self.ctx) as r:
-            assert json.loads(r.read())["handle"] == "alice"
-            return r.status
+        try:
+            with urllib.request.urlopen(req, timeout=SOCKET_TIMEOUT, context=self.ctx) as r:
+                assert json.loads(r.read())["handle"] == who
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    def busy(self, who: str = "alice") -> socket.socket:
+        """A signed request of ``who`` in progress: accepted (100 Continue), its body never sent."""
+        h = sign_streamed_request("POST", "/v1/rooms", hashlib.sha256(b"{}").digest(), keyid=who,
+                                  private_key=getattr(self, who).sign_key)
+        h.update({"Content-Type": "application/json", "Content-Length": "2", "Expect": "100-continue"})
+        s = self.connect()
+        try:
+            s.sendall(request_head("POST", "/v1/rooms", h, self.port))
+            assert read_response(s)[0] == 100  # the signature is accepted: the body is awaited
+        except BaseException:
+            s.close()
+            raise
+        return s
 
 
 def start_node(root, *, idle: float, body: float, https: bool, nofile: int | None = None,
                metrics: bool = False) -> Node:
-    alice = generate_identity("alice")
+    alice, bob = generate_identity("alice"), generate_identity("bob")
     data = root / "daemon"
     bootstrap_member(data, alice, "admin")
+    bootstrap_member(data, bob, "member")
     args: list[str] = []
     ca = None
     if https:
@@ -132,7 +153,7 @@ def start_node(root, *, idle: float, body: float, https: bool, nofile: int | Non
     proc = MembershipdProcess(data, args, env={IDLE_TIMEOUT_ENV: str(idle), "UNIBUS_BODY_TIMEOUT": str(body)},
                               command=with_nofile(nofile) if nofile is not None else None, ca=ca)
     proc.start()
-    return Node(proc, alice, proc.ssl_context(), metrics_port)
+    return Node(proc, alice, bob, proc.ssl_context(), metrics_port)
 
 
 def stop_node(node: Node) -> None:
@@ -415,14 +436,8 @@ def test_at_the_limit_with_every_connection_busy_a_new_one_is_closed_at_once(cap
     refused = capped.metric("unibus_http_connections_refused_total", listener="http")
     busy = []
     try:
-        for _ in range(CAP):
-            h = sign_streamed_request("POST", "/v1/rooms", hashlib.sha256(b"{}").digest(), keyid="alice",
-                                      private_key=capped.alice.sign_key)
-            h.update({"Content-Type": "application/json", "Content-Length": "2", "Expect": "100-continue"})
-            s = capped.connect()
-            busy.append(s)
-            s.sendall(request_head("POST", "/v1/rooms", h, capped.port))
-            assert read_response(s)[0] == 100  # the signature is accepted: the body is awaited
+        for i in range(CAP):  # two members: one alone may not fill the listener (the next test)
+            busy.append(capped.busy("alice" if i % 2 else "bob"))
         extra = socket.create_connection(("127.0.0.1", capped.port), timeout=SOCKET_TIMEOUT)
         try:
             try:
@@ -440,6 +455,48 @@ def test_at_the_limit_with_every_connection_busy_a_new_one_is_closed_at_once(cap
         closing(*busy)
     wait_no_connections(capped)
     assert capped.get_me() == 200
+
+
+def test_one_member_may_hold_only_its_share_of_the_listener_busy(capped):
+    """A member's requests in progress are never pushed out, so one member alone could fill the
+    listener. Past its share (an eighth of the limit, at least MIN_MEMBER_REQUESTS) its next
+    request is 429 before its body is read; the others get through; once its requests end,
+    so does it."""
+    wait_no_connections(capped)
+    refused = capped.metric("unibus_http_member_requests_refused_total")
+    busy = []
+    try:
+        for _ in range(MIN_MEMBER_REQUESTS):
+            busy.append(capped.busy("alice"))
+        h = sign_streamed_request("POST", "/v1/rooms", hashlib.sha256(b"{}").digest(), keyid="alice",
+                                  private_key=capped.alice.sign_key)
+        h.update({"Content-Type": "application/json", "Content-Length": "2", "Expect": "100-continue"})
+        with capped.connect() as s:
+            s.sendall(request_head("POST", "/v1/rooms", h, capped.port))
+            status, body = read_response(s)  # no 100 Continue: the body is never asked for
+        problem = json.loads(body)
+        assert status == 429 and problem["type"].endswith("/too-many-requests"), (status, body)
+        assert problem["max_requests"] == MIN_MEMBER_REQUESTS and "alice has 16 requests in progress" in problem["detail"]
+        assert capped.get_me("alice") == 429  # a request without a body counts as well
+        assert capped.get_me("bob") == 200
+        assert capped.metric("unibus_http_member_requests_refused_total") == refused + 2
+    finally:
+        closing(*busy)
+    wait_no_connections(capped)
+    assert capped.get_me("alice") == 200
+
+
+def test_a_members_share_follows_the_listeners_limit():
+    limit = [22]
+    requests = MemberRequests(lambda: limit[0])
+    assert requests.per_member() == MIN_MEMBER_REQUESTS  # an eighth of 22 is less than the least
+    limit[0] = max_connections(65536)
+    assert requests.per_member() == max_connections(65536) // 8
+    for _ in range(17):
+        requests.enter("alice")  # past the least: the limit is asked, and it is higher now
+    for _ in range(17):
+        requests.leave("alice")
+    assert requests.by_member == {}
 
 
 # --------------------------------------------------------------------------- out of descriptors

@@ -55,7 +55,7 @@ def test_a_plugin_route_with_descriptions_only_still_works_and_gets_the_core_sta
     doc.add_operation("GET", "/v1/hello/{thing}", summary="hi", responses={200: "hi", 404: "no such thing"},
                       signed=True)
     op = doc.document()["paths"]["/v1/hello/{thing}"]["get"]
-    assert set(op["responses"]) == {"200", "400", "401", "404", "408", "413", "415", "417", "422", "503"}
+    assert set(op["responses"]) == {"200", "400", "401", "404", "408", "413", "415", "417", "422", "429", "503"}
     assert op["responses"]["200"] == {"description": "hi"}  # no body documented: none promised
     assert op["responses"]["404"] == {"description": "no such thing", "content": PROBLEM}
     assert op["responses"]["401"]["headers"]["WWW-Authenticate"]["required"] is True
@@ -137,7 +137,7 @@ def test_the_daemon_document_is_valid_and_describes_every_answer(tmp_path):
             codes = {int(c) for c in op["responses"]}
             assert 417 in codes, where
             if "security" in op:
-                assert {400, 401, 408, 413, 415, 503} <= codes, where
+                assert {400, 401, 408, 413, 415, 429, 503} <= codes, where
                 assert op["responses"]["401"]["headers"]["WWW-Authenticate"]["required"], where
                 assert op["responses"]["503"]["headers"]["Retry-After"]["required"], where
             if "{" in path:
