@@ -805,6 +805,7 @@ def _prepare_single_db(db: Path) -> bool:
     try:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True)) as conn:
             check = conn.execute("PRAGMA integrity_check").fetchone()[0]
+            _check_schema_objects(conn)  # before the migration writes to it, which would fire a trigger
     except sqlite3.Error as e:
         raise ArchiveError(f"--in: {DB_NAME} is not a usable SQLite database ({e})") from None
     if check != "ok":
@@ -893,26 +894,39 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
     check_restore_target(data_dir)
     verified = verify_archive(archive)
     parent = data_dir.parent
+    made: list[Path] = []
     try:
-        make_missing_dirs(parent)  # each 0700, whatever the umask
+        made = make_missing_dirs(parent)  # each 0700, whatever the umask
         check_ancestors(data_dir, "--data-dir")  # no one else may rename what is restored here
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{data_dir.name}.restore-"))  # 0700
     except OSError as e:
+        _remove_made(made)
         raise ConfigError(f"--data-dir: cannot create a directory in {parent} ({e.strerror})") from None
+    except BaseException:
+        _remove_made(made)
+        raise
     try:
         _extract(archive, verified, tmp)
         db = tmp / DB_NAME
         new_root = False
         if verified.kind == "single":
             new_root = _prepare_single_db(db)
+            _rebuild_in_fresh_schema(db)
         else:
             _build_db_from_kv(tmp / KV_FILE, db)
             shutil.rmtree(tmp / KV_FILE.split("/")[0])
-        head = check_log_chain(db)
-        check_rows_match_log(db, accepted_bootstraps)
-        facts = sqlite_facts(db)
+        try:
+            head = check_log_chain(db)
+            check_rows_match_log(db, accepted_bootstraps)
+            facts = sqlite_facts(db)
+        except ArchiveError:
+            raise
+        except (sqlite3.Error, TypeError, AttributeError, KeyError, ValueError) as e:
+            raise ArchiveError(f"--in: {DB_NAME} cannot be read as a unibus store ({type(e).__name__}: {e}); "
+                               "nothing was restored") from None
         if expected_root is not None and (new_root or facts.trust_root != expected_root):
-            found = "none: its store predates the membership log" if new_root else facts.trust_root
+            found = ("none: its store predates the membership log" if new_root
+                     else facts.trust_root or "none: its membership log is empty")
             raise ArchiveError(f"--expect-root: the archive's trust root is {found}, not {expected_root}: it is "
                                "not a backup of the deployment your members pinned; nothing was restored")
         want = verified.manifest.get("log_head")
@@ -937,5 +951,69 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
         fsync_dir(parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made(made)
         raise
     return RestoreResult(data_dir, verified.manifest, facts, blobs, new_root)
+
+
+def _remove_made(made: list[Path]) -> None:
+    """A refused restore leaves nothing: the directories it made above ``--data-dir`` go too."""
+    for d in reversed(made):
+        with contextlib.suppress(OSError):  # not empty (someone put something there): left
+            os.rmdir(d)
+
+
+#: Schema objects a unibus database never has: a trigger or a view in an archive was put there by
+#: whoever wrote it, and a trigger would act on every later write of the restored node.
+FOREIGN_SCHEMA_TYPES = ("trigger", "view")
+
+
+def _check_schema_objects(conn: sqlite3.Connection, schema: str = "main") -> None:
+    row = conn.execute(f"SELECT type, name FROM {schema}.sqlite_master WHERE type IN "
+                       f"({', '.join('?' * len(FOREIGN_SCHEMA_TYPES))}) ORDER BY type, name",
+                       FOREIGN_SCHEMA_TYPES).fetchone()
+    if row is not None:
+        raise ArchiveError(f"--in: {DB_NAME} holds a {row[0]} {row[1]!r}, which no unibus makes; nothing was "
+                           "restored")
+
+
+def _rebuild_in_fresh_schema(db: Path) -> None:
+    """Copy the archived database's rows into a database this membershipd made, and put that in
+    its place: the restored node runs with unibus's own schema (its tables, constraints,
+    defaults and indexes), never one an archive brought along (red team: a trigger planted in
+    an archive made every later member an admin). A table unibus does not make, or rows its
+    constraints refuse, refuse the archive."""
+    from .store.db import migrate
+
+    fresh = db.with_name(db.name + ".fresh")
+    migrate(fresh)
+
+    def q(name: str) -> str:
+        return '"' + name.replace('"', '""') + '"'
+
+    try:
+        with contextlib.closing(sqlite3.connect(fresh)) as conn:
+            conn.execute("ATTACH DATABASE ? AS archived", (f"file:{db}?mode=ro",))
+            _check_schema_objects(conn, "archived")
+            listed = "SELECT name FROM {}.sqlite_master WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_'"
+            ours = [r[0] for r in conn.execute(listed.format("main"))]
+            theirs = {r[0] for r in conn.execute(listed.format("archived"))}
+            if theirs - set(ours):
+                raise ArchiveError(f"--in: {DB_NAME} holds a table {sorted(theirs - set(ours))[0]!r}, which no "
+                                   "unibus makes; nothing was restored")
+            with conn:
+                for table in ours:
+                    columns = ", ".join(q(r[1]) for r in conn.execute(f"PRAGMA main.table_info({q(table)})"))
+                    conn.execute(f"DELETE FROM main.{q(table)}")
+                    conn.execute(f"INSERT INTO main.{q(table)} ({columns}) SELECT {columns} FROM archived.{q(table)}")
+            conn.execute("DETACH DATABASE archived")
+            conn.execute("PRAGMA journal_mode=DELETE")  # one file, as the archive's was (membershipd sets WAL)
+    except sqlite3.Error as e:
+        fresh.unlink(missing_ok=True)
+        raise ArchiveError(f"--in: {DB_NAME} does not fit unibus's schema ({e}); nothing was restored") from None
+    except BaseException:
+        fresh.unlink(missing_ok=True)
+        raise
+    for stale in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)  # the archived file's, read above: never to be applied to the new one
+    os.replace(fresh, db)

@@ -9,6 +9,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import nats
 import nats.errors
@@ -61,18 +62,25 @@ def embedded_tls_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.S
 class EmbeddedTLS:
     """:func:`embedded_tls_context`, kept up to date with what a restarted nats-server presents.
 
+    The pin is the certificate itself: the first of the ``--tls-cert`` file, the one
+    whose key is ``--tls-key``, and nothing else of the file. A chain in that file
+    (a public CA's fullchain.pem) is not trusted, or any certificate its CA issued to
+    anyone would be (red team).
+
     nats-server reads ``--tls-cert`` and ``--tls-key`` each time it starts. A
-    certificate renewed on disk while it runs is therefore what it presents
-    after the supervisor restarts it (a crash, a kill), and a context that
-    pinned only the first would lock membershipd out of its own bus until
-    membershipd itself restarted. :meth:`before_restart` checks the files and
-    adds the renewed certificate to the pins of the same context, which every
-    connection of membershipd to its nats-server shares.
+    certificate renewed on disk while it runs is therefore what it presents after
+    the supervisor restarts it (a crash, a kill), and a context that pinned only the
+    first would lock membershipd out of its own bus until membershipd itself
+    restarted. :meth:`before_restart` checks the files and adds the renewed
+    certificate, read once, to the pins of the same context, which every connection
+    of membershipd to its nats-server shares. The earlier pins stay until
+    membershipd restarts (docs/operations.md, "Certificates": restart it after a
+    key compromise).
     """
 
     def __init__(self, cert: Path, key: Path, client_ca: Path | None) -> None:
         self.cert, self.key, self.client_ca = cert, key, client_ca
-        self.pinned = cert.read_text()
+        self.pinned = _der(load_certificates(cert)[0])  # the start-up checks (check_pair) ran already
         self.context = ssl.create_default_context(cadata=self.pinned)
         self.context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
         self.context.check_hostname = False
@@ -84,24 +92,29 @@ class EmbeddedTLS:
 
         Returns whether it was. Raises :class:`unibus.tls.TLSFileError` naming the
         flag (expired, not valid yet, a key that is not the certificate's, a key
-        others may read, a CA file without a certificate): the supervisor then
-        leaves nats-server down and tries again, rather than serve what
-        membershipd, or its members, would refuse.
+        others may read, a CA file without a certificate, not a regular file): the
+        supervisor then leaves nats-server down and tries again, rather than serve
+        what membershipd, or its members, would refuse.
         """
-        check_pair("--tls-cert", self.cert, "--tls-key", self.key)
+        leaf = _der(check_pair("--tls-cert", self.cert, "--tls-key", self.key))
         if self.client_ca is not None:
             try:
                 load_certificates(self.client_ca)
-            except (TLSFileError, OSError) as e:
+            except TLSFileError as e:
                 raise TLSFileError(f"--tls-ca: {e}") from None
-        pem = self.cert.read_text()
-        if pem == self.pinned:
+        if leaf == self.pinned:
             return False
-        self.context.load_verify_locations(cadata=pem)  # the old pin stays: it was ours as well
+        self.context.load_verify_locations(cadata=leaf)  # the certificate checked, and only it
         if self.client_ca is not None:
             self.context.load_cert_chain(str(self.cert), str(self.key))  # present the renewed one
-        self.pinned = pem
+        self.pinned = leaf
         return True
+
+
+def _der(cert: Any) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return cert.public_bytes(Encoding.DER)
 
 
 def tls_first(url: str) -> bool:

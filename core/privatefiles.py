@@ -36,18 +36,22 @@ __all__ = ["check_ancestors", "check_own_file", "check_private_dir", "make_missi
 _TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
-def make_missing_dirs(path: Path) -> None:
+def make_missing_dirs(path: Path) -> list[Path]:
     """Create ``path`` and every missing directory above it, one at a time, each mode 0700
-    (``os.makedirs`` gives the ones above the umask's mode). Existing ones are left as they are."""
+    (``os.makedirs`` gives the ones above the umask's mode). Existing ones are left as they are.
+    Returns the directories made here, the topmost first (a caller that fails removes them)."""
     path = Path(path)
     missing: list[Path] = []
     d = path
     while not os.path.lexists(d) and d != d.parent:
         missing.append(d)
         d = d.parent
+    made = []
     for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):  # made meanwhile
+        with contextlib.suppress(FileExistsError):  # made meanwhile: not ours to remove
             os.mkdir(d, 0o700)
+            made.append(d)
+    return made
 
 
 def make_private_dirs(path: Path, flag: str) -> None:

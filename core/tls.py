@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import ssl
 import stat
 from pathlib import Path
@@ -33,11 +34,35 @@ class TLSFileError(ValueError):
     """A certificate, key or CA file that cannot be used; the message names it."""
 
 
-def _read(path: Path) -> bytes:
+#: The most a certificate, key or CA file may hold (a CA bundle of a few hundred certificates fits).
+MAX_TLS_FILE = 4 * 1024 * 1024
+
+
+def read_tls_file(path: Path) -> bytes:
+    """The bytes of a regular file, read at once: a FIFO or a device (which could block the
+    reader for good, on the event loop when nats-server restarts) or a huge file is refused."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         raise TLSFileError(f"{path} is not readable ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TLSFileError(f"{path} is not a regular file")
+        if st.st_size > MAX_TLS_FILE:
+            raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not a certificate or key file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_TLS_FILE + 1)
+    except OSError as e:
+        raise TLSFileError(f"{path} is not readable ({e.strerror})") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_TLS_FILE:
+        raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not a certificate or key file")
+    return data
+
+
+_read = read_tls_file
 
 
 def load_certificates(path: Path) -> list[Any]:
@@ -87,10 +112,12 @@ def _public_der(key: Any) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-def check_pair(cert_flag: str, cert: Path, key_flag: str, key: Path) -> None:
+def check_pair(cert_flag: str, cert: Path, key_flag: str, key: Path) -> Any:
     """Both files usable, the certificate valid now, and the key the certificate's.
 
-    Raises :class:`TLSFileError` whose message starts with the flag at fault.
+    Returns the certificate checked (the file's first, read once), for a caller
+    that pins exactly that one. Raises :class:`TLSFileError` whose message
+    starts with the flag at fault.
     """
     try:
         leaf = load_certificates(cert)[0]
@@ -108,6 +135,7 @@ def check_pair(cert_flag: str, cert: Path, key_flag: str, key: Path) -> None:
         raise TLSFileError(f"{key_flag}: {e}") from None
     if _public_der(private.public_key()) != _public_der(leaf.public_key()):
         raise TLSFileError(f"{key_flag}: {key} does not match {cert_flag} {cert}")
+    return leaf
 
 
 def server_context(cert: Path, key: Path) -> ssl.SSLContext:

@@ -31,6 +31,7 @@ from typing import Any
 from unibus import hookimpl
 from unibus.errors import ConfigError
 from unibus.settings import Option, Settings
+from unibus.tls import read_tls_file
 
 PLUGIN_NAME = "route_tls"
 FLAGS = ("--route-tls-cert", "--route-tls-key", "--route-tls-ca")
@@ -74,7 +75,9 @@ def _load_certs(path: Path, flag: str):
     from cryptography import x509
 
     try:
-        certs = x509.load_pem_x509_certificates(path.read_bytes())
+        # a regular file, read at once: a FIFO there would block the event loop when
+        # nats-server restarts (these checks run again then)
+        certs = x509.load_pem_x509_certificates(read_tls_file(path))
     except (ValueError, OSError) as e:
         raise ConfigError(f"{flag}: {path} is not a PEM certificate ({e})") from None
     if not certs:
@@ -130,7 +133,7 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
     if key_path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise ConfigError(f"--route-tls-key: {key_path} is readable by group or others; run chmod 600 {key_path}")
     try:
-        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        key = serialization.load_pem_private_key(read_tls_file(key_path), password=None)
     except (ValueError, TypeError, OSError) as e:
         raise ConfigError(f"--route-tls-key: {key_path} is not an unencrypted PEM private key ({e})") from None
     pub = serialization.PublicFormat.SubjectPublicKeyInfo

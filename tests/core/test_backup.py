@@ -928,6 +928,63 @@ def test_an_archive_whose_rooms_or_nonces_disagree_with_its_log_is_refused(sourc
     assert not (area / "restored").exists() and not list(area.iterdir())
 
 
+def tampered_schema(source, tmp_path: Path, *sql: str) -> Path:
+    """The source's archive with ``sql`` run on its database, manifest rehashed."""
+    work = tmp_path / "work.db"
+    work.write_bytes(next(d for i, d in source.members if i.name == "membershipd.db"))
+    with contextlib.closing(sqlite3.connect(work)) as conn:
+        for statement in sql:
+            conn.execute(statement)
+        conn.commit()
+    members = [(i, work.read_bytes() if i.name == "membershipd.db" else d) for i, d in source.members]
+    return write_members(tmp_path / "tampered.tar", relisted(members))
+
+
+@pytest.mark.parametrize("sql, needle", [
+    (["CREATE TRIGGER promote AFTER INSERT ON members BEGIN "
+      "UPDATE members SET role = 'admin' WHERE handle = NEW.handle; END"], "holds a trigger 'promote'"),
+    (["CREATE VIEW admins AS SELECT handle FROM members WHERE role = 'admin'"], "holds a view 'admins'"),
+    (["CREATE TABLE stash (x)"], "holds a table 'stash'"),
+    (["DROP TABLE log_entries"], "does not fit unibus's schema (no such table: archived.log_entries)"),
+    (["ALTER TABLE log_nonces RENAME TO nonces_old"], "holds a table 'nonces_old'"),
+])
+def test_an_archive_may_bring_rows_but_never_schema(source, tmp_path, sql, needle):
+    """Red team: with --expect-root matching, an archive whose database held a trigger (every
+    member added later became an admin) restored, trigger and all: a single node's restore took
+    the archived database's schema as it was. Now that schema is looked at before anything is
+    written to it (the migration would fire a trigger), and the rows go into a database this
+    membershipd made: one line, exit 2, nothing written, never a traceback."""
+    archive = tampered_schema(source, tmp_path, *sql)
+    area = tmp_path / "area"
+    area.mkdir()
+    target = area / "new1" / "new2" / "restored"  # the directories restore makes above it go too
+    one_line(restore_into(archive, target), 2, needle)
+    assert not list(area.iterdir()), list(area.rglob("*"))
+
+
+def test_a_restored_database_has_this_membershipd_s_schema(source, tmp_path):
+    """What an archive's schema says beyond its rows (a default, a looser constraint, an index
+    dropped) does not reach the restored node: the schema is the one a fresh migration makes."""
+    from unibus.store.db import migrate
+
+    archive = tampered_schema(source, tmp_path, "DROP INDEX IF EXISTS ix_room_members_handle",
+                              "ALTER TABLE members ADD COLUMN note TEXT DEFAULT 'x'")
+    proc = restore_into(archive, tmp_path / "restored")
+    assert proc.returncode == 0, proc.stderr
+    migrate(tmp_path / "fresh.db")
+
+    def schema(db: Path) -> list[tuple[str, str, str]]:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            return sorted(conn.execute("SELECT type, name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"))
+
+    assert schema(tmp_path / "restored" / "membershipd.db") == schema(tmp_path / "fresh.db")
+    original = tmp_path / "original.db"
+    original.write_bytes(next(d for i, d in source.members if i.name == "membershipd.db"))
+    restored, archived = read_store(tmp_path / "restored" / "membershipd.db"), read_store(original)
+    assert restored["members"] and restored["log"] and restored["members"] == archived["members"]
+    assert restored["log"] == archived["log"] and restored["rooms"] == archived["rooms"]
+
+
 def test_backup_refuses_a_state_that_restore_would_refuse(tmp_path):
     """Red team: a state whose rows contradict its log (there, from a migrate-to-kv cut short) was
     backed up with exit 0, and restore refused the archive: the operator learnt it when they needed

@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from unibus.bus import EmbeddedTLS
 from unibus.certexpiry import CertificateExpiry, earliest_expiry, nats_tls_files
-from unibus.tls import TLSFileError
+from unibus.tls import TLSFileError, check_pair
 from unibus.testing import MembershipdProcess, free_port, make_test_ca, make_test_cert
 
 EXPIRY = "unibus_tls_certificate_expiry_timestamp_seconds"
@@ -95,15 +95,43 @@ def test_loading_records_warns_near_the_end_and_forgets_what_it_cannot_read(tmp_
     assert dict(expiry.items()) == {("metrics", "cert"): not_after(later[0])}
 
 
+def handshake(client: ssl.SSLContext, cert: tuple[Path, Path]) -> bool:
+    """Whether ``client`` completes a TLS handshake with a server presenting ``cert`` (in memory)."""
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(str(cert[0]), str(cert[1]))
+    c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    c = client.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    srv = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    done = {"c": False, "s": False}
+    for _ in range(10):
+        for name, side, out, peer_in in (("c", c, c_out, s_in), ("s", srv, s_out, c_in)):
+            if not done[name]:
+                try:
+                    side.do_handshake()
+                    done[name] = True
+                except ssl.SSLWantReadError:
+                    pass
+                except ssl.SSLError:
+                    return False
+            peer_in.write(out.read())
+        if all(done.values()):
+            return True
+    return False
+
+
 def test_a_renewed_nats_certificate_is_checked_then_pinned_beside_the_first(tmp_path):
     """What the supervisor runs before it restarts nats-server: a pair that does not match, or an
     expired certificate, leaves the pins as they were and says which flag; a good renewal is
     trusted as well as the first (connections made before it keep working)."""
     ca = make_test_ca(tmp_path, "ca")
     first = make_test_cert(tmp_path, "nats", ca)
+    kept = make_test_cert(tmp_path, "nats-first", ca)
+    shutil.copyfile(first[0], kept[0])
+    shutil.copyfile(first[1], kept[1])
     tls = EmbeddedTLS(first[0], first[1], ca[0])
     assert tls.before_restart() is False  # unchanged
     other = make_test_cert(tmp_path, "other", ca)
+    assert not handshake(tls.context, other)
     shutil.copyfile(other[0], first[0])  # the certificate renewed, its key not yet
     with pytest.raises(TLSFileError, match=r"^--tls-key: .* does not match --tls-cert"):
         tls.before_restart()
@@ -112,12 +140,40 @@ def test_a_renewed_nats_certificate_is_checked_then_pinned_beside_the_first(tmp_
     shutil.copyfile(old[1], first[1])
     with pytest.raises(TLSFileError, match=r"^--tls-cert: .* expired on"):
         tls.before_restart()
-    assert tls.pinned != first[0].read_text()
+    assert not handshake(tls.context, other)
     shutil.copyfile(other[0], first[0])
     shutil.copyfile(other[1], first[1])
-    assert tls.before_restart() is True and tls.pinned == other[0].read_text()
-    assert tls.context.cert_store_stats()["x509"] == 2  # the first pin stays
+    assert tls.before_restart() is True
+    assert handshake(tls.context, other) and handshake(tls.context, kept)  # the first pin stays
     assert tls.before_restart() is False
+
+
+def test_only_the_certificate_itself_is_pinned_not_the_rest_of_its_file(tmp_path):
+    """Red team: the whole --tls-cert file was pinned. Someone who may write that file (not the
+    0600 key) appended a CA of theirs; at the next nats-server restart membershipd trusted it, and
+    an impostor on the NATS port got membershipd's logins and its nonce claims. A fullchain file
+    (the leaf and its issuing CA) made every certificate of that CA trusted, from start-up on."""
+    ca = make_test_ca(tmp_path, "ca")
+    nats = make_test_cert(tmp_path, "nats", ca)
+    theirs = make_test_ca(tmp_path, "theirs")
+    impostor = make_test_cert(tmp_path, "impostor", theirs)
+    sibling = make_test_cert(tmp_path, "sibling", ca)  # another certificate of the same CA
+
+    fullchain = tmp_path / "fullchain.crt"
+    fullchain.write_bytes(nats[0].read_bytes() + ca[0].read_bytes())
+    tls = EmbeddedTLS(fullchain, nats[1], None)
+    assert handshake(tls.context, nats) and not handshake(tls.context, sibling)
+
+    tls = EmbeddedTLS(nats[0], nats[1], None)
+    with nats[0].open("ab") as f:
+        f.write(theirs[0].read_bytes())  # appended: check_pair still sees the same first certificate
+    assert tls.before_restart() is False
+    assert not handshake(tls.context, impostor) and handshake(tls.context, nats)
+
+    fifo = tmp_path / "fifo.crt"
+    os.mkfifo(fifo)
+    with pytest.raises(TLSFileError, match=r"^--tls-cert: .*fifo.crt is not a regular file"):
+        check_pair("--tls-cert", fifo, "--tls-key", nats[1])  # at once: a FIFO would block the reader
 
 
 def test_the_gauge_shows_the_files_in_use_and_a_renewal_once_nats_server_loaded_it(tmp_path):
