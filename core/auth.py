@@ -951,22 +951,27 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
             if not has_body or request.match_info.http_exception is not None:
                 # No body, or an unknown route (404/405): the body is never read, and the
                 # logged request is made only if a handler asks (logged_request).
-                return await handler(request)
-            # Every field line and every coding in it: a second line "gzip" after "identity" is a coding too.
-            codings = {c.strip().lower() for line in request.headers.getall(hdrs.CONTENT_ENCODING, ())
-                       for c in line.split(",")}
-            if codings - {"identity"}:
-                raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
-                              kind="unsupported-content-encoding")
-            if getattr(request.match_info.handler, STREAMING_ATTR, False):
-                request[LOGGED_REQUEST_KEY] = _logged(request, None)  # never logged: the body is not kept here
-                return await handler(request)  # it reads the body itself (body_chunks)
-            body = await read_body(request, timeout=body_timeout, limit=max_body)
-            expected = request[SIGNATURE_KEY].content_sha256
-            if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
-                raise unauthorized("Content-Digest does not match the body", "digest")
-            request[LOGGED_REQUEST_KEY] = _logged(request, body)
-            return await handler(request)
+                response = await handler(request)
+            else:
+                # Every field line and every coding in it: a second line "gzip" after "identity" is a coding too.
+                codings = {c.strip().lower() for line in request.headers.getall(hdrs.CONTENT_ENCODING, ())
+                           for c in line.split(",")}
+                if codings - {"identity"}:
+                    raise Problem(415, "request bodies must not have a Content-Encoding; send them as they are",
+                                  kind="unsupported-content-encoding")
+                if getattr(request.match_info.handler, STREAMING_ATTR, False):
+                    request[LOGGED_REQUEST_KEY] = _logged(request, None)  # never logged: the body is not kept here
+                    response = await handler(request)  # it reads the body itself (body_chunks)
+                else:
+                    body = await read_body(request, timeout=body_timeout, limit=max_body)
+                    expected = request[SIGNATURE_KEY].content_sha256
+                    if expected is None or not hmac.compare_digest(expected, hashlib.sha256(body).digest()):
+                        raise unauthorized("Content-Digest does not match the body", "digest")
+                    request[LOGGED_REQUEST_KEY] = _logged(request, body)
+                    response = await handler(request)
+            if member_requests is not None:
+                await member_requests.send(request, response, body_timeout)  # still counted while it goes out
+            return response
         finally:
             if member_requests is not None:
                 member_requests.leave(handle)

@@ -798,30 +798,40 @@ def check_rows_match_log(db: Path, accepted_bootstraps: Iterable[str] = ()) -> N
 
 
 def _prepare_single_db(db: Path) -> bool:
-    """Check and migrate a single node's archived database; True when it had no membership log
-    (its migration wrote entry 0: a new trust root)."""
-    from .store.db import alembic_config, migrate, stored_revision
+    """Check a single node's archived database and put in its place one this membershipd made,
+    at the current revision, holding its rows (:func:`_rebuild_in_fresh_schema`). True when it
+    had no membership log (the migration wrote entry 0: a new trust root). Nothing of the
+    archive's SQL ever runs: not a trigger, not a view, not its schema."""
+    from .store.db import alembic_config, stored_revision
 
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=rw", uri=True)) as conn:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
             check = conn.execute("PRAGMA integrity_check").fetchone()[0]
-            _check_schema_objects(conn)  # before the migration writes to it, which would fire a trigger
+            _check_schema_objects(conn)
     except sqlite3.Error as e:
         raise ArchiveError(f"--in: {DB_NAME} is not a usable SQLite database ({e})") from None
     if check != "ok":
         raise ArchiveError(f"--in: {DB_NAME} fails SQLite's integrity_check: {check}")
     revision = stored_revision(db)
-    if revision is not None:
-        from alembic.script import ScriptDirectory
-        from alembic.util import CommandError
+    if revision is None:
+        raise ArchiveError(f"--in: {DB_NAME} has no schema revision (alembic_version): it is not a membershipd "
+                           "database; nothing was restored")
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
 
-        try:
-            ScriptDirectory.from_config(alembic_config()).get_revision(revision)
-        except CommandError:
-            raise ArchiveError(f"--in: {DB_NAME} is at revision {revision!r}, which this membershipd does not "
-                               "know: restore it with a newer unibus") from None
-    new_root = sqlite_facts(db).log_head is None
-    migrate(db)
+    try:
+        script = ScriptDirectory.from_config(alembic_config()).get_revision(revision)
+    except CommandError:
+        script = None
+    if script is None or script.revision != revision:  # "head", "heads", "0004@head" name no one revision
+        raise ArchiveError(f"--in: {DB_NAME} is at revision {revision!r}, which this membershipd does not know: "
+                           "restore it with a newer unibus")
+    try:
+        new_root = sqlite_facts(db).log_head is None
+    except (sqlite3.Error, TypeError, AttributeError, KeyError, ValueError) as e:
+        raise ArchiveError(f"--in: {DB_NAME} cannot be read as a unibus store ({type(e).__name__}: {e}); "
+                           "nothing was restored") from None
+    _rebuild_in_fresh_schema(db, revision)
     return new_root
 
 
@@ -911,7 +921,6 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
         new_root = False
         if verified.kind == "single":
             new_root = _prepare_single_db(db)
-            _rebuild_in_fresh_schema(db)
         else:
             _build_db_from_kv(tmp / KV_FILE, db)
             shutil.rmtree(tmp / KV_FILE.split("/")[0])
@@ -963,41 +972,58 @@ def _remove_made(made: list[Path]) -> None:
             os.rmdir(d)
 
 
-#: Schema objects a unibus database never has: a trigger or a view in an archive was put there by
-#: whoever wrote it, and a trigger would act on every later write of the restored node.
-FOREIGN_SCHEMA_TYPES = ("trigger", "view")
+#: The only kinds of schema object a unibus database has. Anything else in an archive (a trigger,
+#: which would act on every later write of the restored node, a view) was put there by whoever
+#: wrote it. Compared without regard to case: SQLite loads a row typed "Trigger" as a trigger.
+SCHEMA_TYPES = ("table", "index")
 
 
 def _check_schema_objects(conn: sqlite3.Connection, schema: str = "main") -> None:
-    row = conn.execute(f"SELECT type, name FROM {schema}.sqlite_master WHERE type IN "
-                       f"({', '.join('?' * len(FOREIGN_SCHEMA_TYPES))}) ORDER BY type, name",
-                       FOREIGN_SCHEMA_TYPES).fetchone()
+    row = conn.execute(f"SELECT type, name FROM {schema}.sqlite_master WHERE lower(type) NOT IN "
+                       f"({', '.join('?' * len(SCHEMA_TYPES))}) ORDER BY type, name", SCHEMA_TYPES).fetchone()
     if row is not None:
-        raise ArchiveError(f"--in: {DB_NAME} holds a {row[0]} {row[1]!r}, which no unibus makes; nothing was "
-                           "restored")
+        raise ArchiveError(f"--in: {DB_NAME} holds a {str(row[0]).lower()} {row[1]!r}, which no unibus makes; "
+                           "nothing was restored")
 
 
-def _rebuild_in_fresh_schema(db: Path) -> None:
-    """Copy the archived database's rows into a database this membershipd made, and put that in
-    its place: the restored node runs with unibus's own schema (its tables, constraints,
-    defaults and indexes), never one an archive brought along (red team: a trigger planted in
-    an archive made every later member an admin). A table unibus does not make, or rows its
-    constraints refuse, refuse the archive."""
-    from .store.db import migrate
+def _rebuild_in_fresh_schema(db: Path, revision: str) -> None:
+    """Put in ``db``'s place a database this membershipd made, holding ``db``'s rows.
+
+    A fresh database is migrated to the archive's own ``revision``, the archived rows are
+    copied into it (every table but ``alembic_version``), its foreign keys checked, and only
+    then is it migrated to the current revision: by unibus's migrations, on unibus's schema,
+    so nothing the archive's writer put in its schema runs or reaches the restored node (red
+    team: a planted trigger made every member added after the restore an admin). A table
+    unibus does not make, a missing one, or rows its constraints refuse, refuse the archive.
+    """
+    from alembic import command
+
+    from .errors import RuntimeFailure
+    from .store.db import alembic_config, make_engine, migrate
 
     fresh = db.with_name(db.name + ".fresh")
-    migrate(fresh)
 
     def q(name: str) -> str:
         return '"' + name.replace('"', '""') + '"'
 
     try:
+        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        engine = make_engine(fresh)
+        try:
+            cfg = alembic_config()
+            with engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+        finally:
+            engine.dispose()
         with contextlib.closing(sqlite3.connect(fresh)) as conn:
             conn.execute("ATTACH DATABASE ? AS archived", (f"file:{db}?mode=ro",))
             _check_schema_objects(conn, "archived")
-            listed = "SELECT name FROM {}.sqlite_master WHERE type = 'table' AND substr(name, 1, 7) != 'sqlite_'"
-            ours = [r[0] for r in conn.execute(listed.format("main"))]
-            theirs = {r[0] for r in conn.execute(listed.format("archived"))}
+            listed = ("SELECT name FROM {}.sqlite_master WHERE lower(type) = 'table' "
+                      "AND substr(name, 1, 7) != 'sqlite_'")
+            ours = [r[0] for r in conn.execute(listed.format("main")) if r[0] != "alembic_version"]
+            theirs = {r[0] for r in conn.execute(listed.format("archived"))} - {"alembic_version"}
             if theirs - set(ours):
                 raise ArchiveError(f"--in: {DB_NAME} holds a table {sorted(theirs - set(ours))[0]!r}, which no "
                                    "unibus makes; nothing was restored")
@@ -1006,14 +1032,30 @@ def _rebuild_in_fresh_schema(db: Path) -> None:
                     columns = ", ".join(q(r[1]) for r in conn.execute(f"PRAGMA main.table_info({q(table)})"))
                     conn.execute(f"DELETE FROM main.{q(table)}")
                     conn.execute(f"INSERT INTO main.{q(table)} ({columns}) SELECT {columns} FROM archived.{q(table)}")
+                orphan = conn.execute("PRAGMA main.foreign_key_check").fetchone()
+                if orphan is not None:
+                    raise ArchiveError(f"--in: {DB_NAME} has a row of {orphan[0]!r} whose {orphan[2]!r} does not "
+                                       "exist (unibus keeps its foreign keys); nothing was restored")
             conn.execute("DETACH DATABASE archived")
+        try:
+            migrate(fresh)
+        except RuntimeFailure as e:
+            cause = e.__cause__
+            raise ArchiveError(f"--in: {DB_NAME} could not be migrated from revision {revision} to the current one "
+                               f"({type(cause).__name__}: {cause}); nothing was restored") from None
+        with contextlib.closing(sqlite3.connect(fresh)) as conn:
             conn.execute("PRAGMA journal_mode=DELETE")  # one file, as the archive's was (membershipd sets WAL)
     except sqlite3.Error as e:
-        fresh.unlink(missing_ok=True)
+        _remove_db(fresh)
         raise ArchiveError(f"--in: {DB_NAME} does not fit unibus's schema ({e}); nothing was restored") from None
     except BaseException:
-        fresh.unlink(missing_ok=True)
+        _remove_db(fresh)
         raise
-    for stale in (db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        stale.unlink(missing_ok=True)  # the archived file's, read above: never to be applied to the new one
+    _remove_db(db)  # the archived file and anything SQLite kept beside it: never applied to the new one
     os.replace(fresh, db)
+
+
+def _remove_db(db: Path) -> None:
+    for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                 db.with_name(db.name + "-journal")):
+        path.unlink(missing_ok=True)

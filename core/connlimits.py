@@ -48,7 +48,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .auth import _number_from_env
+from .auth import _number_from_env, body_unread
 
 log = logging.getLogger("unibus.http")
 
@@ -422,9 +422,16 @@ class AcceptErrorLog:
 
 
 #: The part of the control plane's connection limit one member's signed requests in progress may
-#: hold at once (an eighth: eight members acting together fill it, one cannot), and the least.
+#: hold at once (an eighth: eight members acting together fill it, one cannot), and the least:
+#: at the smallest limit (16) one member holds a quarter.
 MEMBER_SHARE = 8
-MIN_MEMBER_REQUESTS = 16
+MIN_MEMBER_REQUESTS = 4
+#: A response that, with what the connection has not sent yet, fits in this is handed to the
+#: transport at once (asyncio's transport takes 64 KiB before ``drain()`` waits); a larger one
+#: may have to wait for its client to read, and gets a deadline.
+SEND_AT_ONCE = 48 * 1024
+#: Bytes per second a client must take of a large response past the body deadline (as an upload).
+SEND_MIN_RATE = 32 * 1024
 
 
 class MemberRequests:
@@ -441,6 +448,8 @@ class MemberRequests:
         self.limit = limit
         self.by_member: dict[str, int] = {}
         self.refused = 0
+        #: responses whose client took too little of them in time: the connection was dropped
+        self.stalled = 0
 
     def per_member(self) -> int:
         limit = self.limit() if self.limit is not None else 0
@@ -458,6 +467,40 @@ class MemberRequests:
                                "let one finish first", kind="too-many-requests", max_requests=most,
                           headers={"Retry-After": "1"})
         self.by_member[handle] = held + 1
+
+    async def send(self, request: web.Request, response: web.StreamResponse, deadline: float) -> None:
+        """Send ``response`` while its request still counts for its member.
+
+        aiohttp writes a handler's response after the middlewares return, and a client that
+        does not read keeps that write waiting for good: the connection is then neither idle
+        (so never pushed out) nor counted (red team: one member held every connection with
+        GETs of a large response it never read). So the response goes out here, and one that
+        cannot be handed over at once must be taken by its client within ``deadline`` plus a
+        second per :data:`SEND_MIN_RATE` bytes, or the connection is dropped. A response its
+        handler streamed already (a blob download, with its own pacing) is left alone.
+        """
+        if response.prepared:
+            return
+        if body_unread(request):
+            response.force_close()  # as the outer middleware would: the rest of the body is never read
+        transport = request.transport
+        body = getattr(response, "body", None)
+        size = len(body) if isinstance(body, (bytes, bytearray)) else None
+        try:
+            if (size is not None and transport is not None
+                    and size + transport.get_write_buffer_size() <= SEND_AT_ONCE):
+                await response.prepare(request)  # aiohttp's own calls are then no-ops
+                await response.write_eof()
+                return
+            async with asyncio.timeout(deadline + (size or 0) / SEND_MIN_RATE):
+                await response.prepare(request)
+                await response.write_eof()
+        except TimeoutError:
+            self.stalled += 1
+            if transport is not None:
+                transport.abort()  # aiohttp then finds the client gone, as for any disconnect
+        except ConnectionError:
+            pass  # the client left: aiohttp finds it gone too
 
     def leave(self, handle: str) -> None:
         held = self.by_member.get(handle, 0) - 1

@@ -322,6 +322,9 @@ def _connection_families(m: Metrics) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{NAMESPACE}_http_member_requests_refused", "signed requests refused with 429, "
                               "their member having its share of the control plane's connections busy already",
                               value=getattr(m.member_requests, "refused", 0))
+    yield CounterMetricFamily(f"{NAMESPACE}_http_responses_dropped", "connections dropped because their client "
+                              "took too little of a signed request's response in time",
+                              value=getattr(m.member_requests, "stalled", 0))
     yield CounterMetricFamily(f"{NAMESPACE}_accept_errors", "accept() failures of any listener for lack of "
                               "descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)",
                               value=getattr(m.accept_errors, "count", 0))

@@ -947,6 +947,14 @@ def tampered_schema(source, tmp_path: Path, *sql: str) -> Path:
     (["CREATE TABLE stash (x)"], "holds a table 'stash'"),
     (["DROP TABLE log_entries"], "does not fit unibus's schema (no such table: archived.log_entries)"),
     (["ALTER TABLE log_nonces RENAME TO nonces_old"], "holds a table 'nonces_old'"),
+    # the second red team: a type spelt in capitals (SQLite loads it as a trigger all the same),
+    # a revision that names no one revision, a row whose parent is gone
+    (["CREATE TRIGGER promote AFTER INSERT ON members BEGIN "
+      "UPDATE members SET role = 'admin' WHERE handle = NEW.handle; END", "PRAGMA writable_schema = ON",
+      "UPDATE sqlite_master SET type = 'Trigger' WHERE name = 'promote'"], "holds a trigger 'promote'"),
+    (["UPDATE alembic_version SET version_num = 'head'"], "at revision 'head', which this membershipd does not know"),
+    (["INSERT INTO sealed_keys (room_id, epoch, handle, sealed, sig) SELECT 'gone', 1, handle, x'00', NULL "
+      "FROM members LIMIT 1"], "has a row of 'sealed_keys' whose 'rooms' does not exist"),
 ])
 def test_an_archive_may_bring_rows_but_never_schema(source, tmp_path, sql, needle):
     """Red team: with --expect-root matching, an archive whose database held a trigger (every

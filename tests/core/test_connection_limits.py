@@ -79,13 +79,21 @@ def with_nofile(nofile: int) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+#: Members besides alice (admin): bob and these, so that requests in progress can fill a capped
+#: listener without one member going past its share (MIN_MEMBER_REQUESTS at CAP).
+MEMBERS = ("bob", "carol", "dave", "erin", "frank", "grace")
+
+
 @dataclass
 class Node:
     proc: MembershipdProcess
-    alice: Identity
-    bob: Identity
+    people: dict[str, Identity]
     ctx: ssl.SSLContext | None
     metrics_port: int | None = None
+
+    @property
+    def alice(self) -> Identity:
+        return self.people["alice"]
 
     @property
     def port(self) -> int:
@@ -111,7 +119,7 @@ class Node:
 
     def get_me(self, who: str = "alice") -> int:
         """The status of a signed GET /v1/me on a connection of its own."""
-        h = sign_request("GET", "/v1/me", None, keyid=who, private_key=getattr(self, who).sign_key)
+        h = sign_request("GET", "/v1/me", None, keyid=who, private_key=self.people[who].sign_key)
         req = urllib.request.Request(self.proc.base_url + "/v1/me", headers=h)
         try:
             with urllib.request.urlopen(req, timeout=SOCKET_TIMEOUT, context=self.ctx) as r:
@@ -123,7 +131,7 @@ class Node:
     def busy(self, who: str = "alice") -> socket.socket:
         """A signed request of ``who`` in progress: accepted (100 Continue), its body never sent."""
         h = sign_streamed_request("POST", "/v1/rooms", hashlib.sha256(b"{}").digest(), keyid=who,
-                                  private_key=getattr(self, who).sign_key)
+                                  private_key=self.people[who].sign_key)
         h.update({"Content-Type": "application/json", "Content-Length": "2", "Expect": "100-continue"})
         s = self.connect()
         try:
@@ -137,10 +145,10 @@ class Node:
 
 def start_node(root, *, idle: float, body: float, https: bool, nofile: int | None = None,
                metrics: bool = False) -> Node:
-    alice, bob = generate_identity("alice"), generate_identity("bob")
+    people = {handle: generate_identity(handle) for handle in ("alice", *MEMBERS)}
     data = root / "daemon"
-    bootstrap_member(data, alice, "admin")
-    bootstrap_member(data, bob, "member")
+    for handle, identity in people.items():
+        bootstrap_member(data, identity, "admin" if handle == "alice" else "member")
     args: list[str] = []
     ca = None
     if https:
@@ -153,7 +161,7 @@ def start_node(root, *, idle: float, body: float, https: bool, nofile: int | Non
     proc = MembershipdProcess(data, args, env={IDLE_TIMEOUT_ENV: str(idle), "UNIBUS_BODY_TIMEOUT": str(body)},
                               command=with_nofile(nofile) if nofile is not None else None, ca=ca)
     proc.start()
-    return Node(proc, alice, bob, proc.ssl_context(), metrics_port)
+    return Node(proc, people, proc.ssl_context(), metrics_port)
 
 
 def stop_node(node: Node) -> None:
@@ -436,8 +444,8 @@ def test_at_the_limit_with_every_connection_busy_a_new_one_is_closed_at_once(cap
     refused = capped.metric("unibus_http_connections_refused_total", listener="http")
     busy = []
     try:
-        for i in range(CAP):  # two members: one alone may not fill the listener (the next test)
-            busy.append(capped.busy("alice" if i % 2 else "bob"))
+        for i in range(CAP):  # several members: one alone may not fill the listener (the next test)
+            busy.append(capped.busy(("alice", *MEMBERS)[i % (1 + len(MEMBERS))]))
         extra = socket.create_connection(("127.0.0.1", capped.port), timeout=SOCKET_TIMEOUT)
         try:
             try:
@@ -476,7 +484,8 @@ def test_one_member_may_hold_only_its_share_of_the_listener_busy(capped):
             status, body = read_response(s)  # no 100 Continue: the body is never asked for
         problem = json.loads(body)
         assert status == 429 and problem["type"].endswith("/too-many-requests"), (status, body)
-        assert problem["max_requests"] == MIN_MEMBER_REQUESTS and "alice has 16 requests in progress" in problem["detail"]
+        assert problem["max_requests"] == MIN_MEMBER_REQUESTS
+        assert f"alice has {MIN_MEMBER_REQUESTS} requests in progress" in problem["detail"]
         assert capped.get_me("alice") == 429  # a request without a body counts as well
         assert capped.get_me("bob") == 200
         assert capped.metric("unibus_http_member_requests_refused_total") == refused + 2
@@ -489,7 +498,9 @@ def test_one_member_may_hold_only_its_share_of_the_listener_busy(capped):
 def test_a_members_share_follows_the_listeners_limit():
     limit = [22]
     requests = MemberRequests(lambda: limit[0])
-    assert requests.per_member() == MIN_MEMBER_REQUESTS  # an eighth of 22 is less than the least
+    assert requests.per_member() == MIN_MEMBER_REQUESTS == 4  # an eighth of 22 is less than the least
+    assert MemberRequests(lambda: max_connections(100)).per_member() * 4 == max_connections(100)  # a quarter at 16
+    assert MemberRequests(lambda: max_connections(1024)).per_member() == 48
     limit[0] = max_connections(65536)
     assert requests.per_member() == max_connections(65536) // 8
     for _ in range(17):
@@ -497,6 +508,56 @@ def test_a_members_share_follows_the_listeners_limit():
     for _ in range(17):
         requests.leave("alice")
     assert requests.by_member == {}
+
+
+def unread_get(node: Node, target: str, who: str) -> socket.socket:
+    """A signed GET whose response its client never reads, over a connection with a small receive
+    buffer and an Internet-like segment size (on loopback the kernel would take a few hundred KB)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
+    s.settimeout(SOCKET_TIMEOUT)
+    s.connect(("127.0.0.1", node.port))
+    h = sign_request("GET", target, None, keyid=who, private_key=node.people[who].sign_key)
+    s.sendall(request_head("GET", target, h, node.port))
+    return s
+
+
+def test_a_response_its_client_does_not_read_counts_until_sent_and_has_a_deadline(tmp_path):
+    """Red team: aiohttp writes a response after the middlewares return, so a member's GET of a
+    large response it never read was no longer counted, never idle, and never ended: one member
+    held every connection that way. Now the response goes out while the request counts, and a
+    client that takes too little of it in time (the body deadline, plus a second per 32 KiB) is
+    dropped."""
+    import asyncio
+
+    from unibus.client import UnibusClient
+
+    node = start_node(tmp_path, idle=2.0, body=3.0, https=False, nofile=NOFILE, metrics=True)
+    held: list[socket.socket] = []
+    try:
+        async def grow() -> None:
+            async with UnibusClient(node.proc.base_url, node.alice) as admin:
+                for i in range(200):  # MLKEM768 keys: /v1/members is then about 370 KB
+                    m = generate_identity(f"m{i:03d}", "MLKEM768_X25519")
+                    await admin.add_member(m.handle, m.sign_pub_b64, m.enc_pub_b64, "MLKEM768_X25519",
+                                           bus_pub=m.bus_pub)
+                assert len(json.dumps(await admin.list_members())) > 300_000
+
+        asyncio.run(grow())
+        for _ in range(MIN_MEMBER_REQUESTS):
+            held.append(unread_get(node, "/v1/members", "bob"))
+        time.sleep(0.5)
+        assert node.get_me("bob") == 429  # his share is busy sending what he does not read
+        assert node.get_me("alice") == 200
+        deadline = time.monotonic() + 60
+        while node.get_me("bob") != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert node.get_me("bob") == 200
+        assert node.metric("unibus_http_responses_dropped_total") == MIN_MEMBER_REQUESTS
+    finally:
+        closing(*held)
+        stop_node(node)
 
 
 # --------------------------------------------------------------------------- out of descriptors
