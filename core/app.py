@@ -19,9 +19,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
-from .auth import MAX_BODY, body_unread
+from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY
 from .bus import Bus
-from .connlimits import DEFAULT_IDLE_TIMEOUT
+from .connlimits import DEFAULT_IDLE_TIMEOUT, send_within
 from .health import HealthProber, HealthState
 from .inputs import check_path_params
 from .metrics import CLIENT_GONE, Metrics, route_label
@@ -153,14 +153,14 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Every error leaves as RFC 9457 problem+json; never a traceback to the client.
 
     A response that leaves while part of the request body has not arrived
-    closes the connection (``Connection: close``; see UNREAD_BODY_DRAIN).
+    closes the connection (``Connection: close``; see UNREAD_BODY_DRAIN). The response
+    is sent here, with a deadline if it cannot go at once (:func:`unibus.connlimits.send_within`).
     """
     try:
         response = await handler(request)
     except Exception as e:  # noqa: BLE001 - each kind is answered by _problem_for (the rest: 500)
         response = _problem_for(request, e)
-    if not response.prepared and body_unread(request):
-        response.force_close()
+    await send_within(request, response, request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT))  # as served_middleware
     return response
 
 
@@ -181,9 +181,12 @@ def served_middleware(metrics: Metrics) -> Any:
                 response = await handler(request)
             except Exception as e:  # noqa: BLE001 - as problem_middleware
                 response = _problem_for(request, e)  # re-raises a redirect
-            if not response.prepared and body_unread(request):
-                response.force_close()
             status = response.status
+            # Sent here, with a deadline if it cannot go at once (unibus.connlimits.send_within):
+            # problems, open routes and 404s too, not only what the auth middleware sent already.
+            if not response.prepared and await send_within(
+                    request, response, request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)):
+                metrics.responses_dropped += 1
             return response
         except web.HTTPException as e:  # a redirect
             status = e.status

@@ -931,8 +931,8 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
     """
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
+        request[BODY_TIMEOUT_KEY] = body_timeout  # for the handler, and for sending the response (a 401 too)
         if not request.path.startswith("/v1/") and _open_route(request):
-            request[BODY_TIMEOUT_KEY] = body_timeout
             if (request.body_exists and request.match_info.http_exception is None
                     and not getattr(request.match_info.handler, STREAMING_ATTR, False)):
                 # An open route that takes a body (a plugin's) reads it under the same deadline and
@@ -943,7 +943,6 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         has_body = request.body_exists
         # Steps 1-3, from the headers: not one byte of the body is read before them.
         await authenticator.authenticate(request, None if has_body else b"")
-        request[BODY_TIMEOUT_KEY] = body_timeout
         handle = request[MEMBER_KEY].handle
         if member_requests is not None:
             member_requests.enter(handle)  # 429 when this member holds its share of the listener

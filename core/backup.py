@@ -808,11 +808,18 @@ def _prepare_single_db(db: Path) -> bool:
         with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
             check = conn.execute("PRAGMA integrity_check").fetchone()[0]
             _check_schema_objects(conn)
+            try:
+                revisions = conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0]
+            except sqlite3.OperationalError:
+                revisions = 0
     except sqlite3.Error as e:
         raise ArchiveError(f"--in: {DB_NAME} is not a usable SQLite database ({e})") from None
     if check != "ok":
         raise ArchiveError(f"--in: {DB_NAME} fails SQLite's integrity_check: {check}")
-    revision = stored_revision(db)
+    revision = stored_revision(db) if revisions == 1 else None
+    if revisions > 1:
+        raise ArchiveError(f"--in: {DB_NAME} names {revisions} schema revisions (alembic_version), not one; "
+                           "nothing was restored")
     if revision is None:
         raise ArchiveError(f"--in: {DB_NAME} has no schema revision (alembic_version): it is not a membershipd "
                            "database; nothing was restored")

@@ -434,6 +434,44 @@ SEND_AT_ONCE = 48 * 1024
 SEND_MIN_RATE = 32 * 1024
 
 
+async def send_within(request: web.Request, response: web.StreamResponse, deadline: float) -> bool:
+    """Send ``response`` now; True if its client took too little of it in time and the
+    connection was dropped.
+
+    aiohttp writes a response after the middlewares return, with no deadline: a client
+    that does not read (a large response, or many small ones pipelined on one connection)
+    kept that write, and so the connection, busy for good, never idle and never pushed
+    out (red team: anonymous pipelined 404s held every connection). So every response goes
+    out here: one that fits, with what the connection has not sent yet, in
+    :data:`SEND_AT_ONCE` is handed to the transport as aiohttp would (no timer); any other
+    must be taken within ``deadline`` plus a second per :data:`SEND_MIN_RATE` bytes, or the
+    connection is dropped. aiohttp's own calls are then no-ops. A response its handler
+    prepared already (a streamed blob download, with its own pacing) is left alone.
+    """
+    if response.prepared:
+        return False
+    if body_unread(request):
+        response.force_close()  # the rest of the body is never read: no next request on this connection
+    transport = request.transport
+    body = getattr(response, "body", None)
+    size = len(body) if isinstance(body, (bytes, bytearray)) else None
+    try:
+        if size is not None and transport is not None and size + transport.get_write_buffer_size() <= SEND_AT_ONCE:
+            await response.prepare(request)
+            await response.write_eof()
+            return False
+        async with asyncio.timeout(deadline + (size or 0) / SEND_MIN_RATE):
+            await response.prepare(request)
+            await response.write_eof()
+    except TimeoutError:
+        if transport is not None:
+            transport.abort()  # aiohttp then finds the client gone, as for any disconnect
+        return True
+    except ConnectionError:
+        pass  # the client left: aiohttp finds it gone too
+    return False
+
+
 class MemberRequests:
     """Signed requests in progress on the control plane, by member (see the module docstring).
 
@@ -469,38 +507,11 @@ class MemberRequests:
         self.by_member[handle] = held + 1
 
     async def send(self, request: web.Request, response: web.StreamResponse, deadline: float) -> None:
-        """Send ``response`` while its request still counts for its member.
-
-        aiohttp writes a handler's response after the middlewares return, and a client that
-        does not read keeps that write waiting for good: the connection is then neither idle
-        (so never pushed out) nor counted (red team: one member held every connection with
-        GETs of a large response it never read). So the response goes out here, and one that
-        cannot be handed over at once must be taken by its client within ``deadline`` plus a
-        second per :data:`SEND_MIN_RATE` bytes, or the connection is dropped. A response its
-        handler streamed already (a blob download, with its own pacing) is left alone.
-        """
-        if response.prepared:
-            return
-        if body_unread(request):
-            response.force_close()  # as the outer middleware would: the rest of the body is never read
-        transport = request.transport
-        body = getattr(response, "body", None)
-        size = len(body) if isinstance(body, (bytes, bytearray)) else None
-        try:
-            if (size is not None and transport is not None
-                    and size + transport.get_write_buffer_size() <= SEND_AT_ONCE):
-                await response.prepare(request)  # aiohttp's own calls are then no-ops
-                await response.write_eof()
-                return
-            async with asyncio.timeout(deadline + (size or 0) / SEND_MIN_RATE):
-                await response.prepare(request)
-                await response.write_eof()
-        except TimeoutError:
+        """:func:`send_within`, while the request still counts for its member: aiohttp writes a
+        handler's response after the middlewares return, and a response its client did not read
+        was then neither counted nor idle (red team: one member held every connection so)."""
+        if await send_within(request, response, deadline):
             self.stalled += 1
-            if transport is not None:
-                transport.abort()  # aiohttp then finds the client gone, as for any disconnect
-        except ConnectionError:
-            pass  # the client left: aiohttp finds it gone too
 
     def leave(self, handle: str) -> None:
         held = self.by_member.get(handle, 0) - 1
@@ -512,5 +523,5 @@ class MemberRequests:
 
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "DEFAULT_IDLE_TIMEOUT", "FD_RESERVE", "IDLE_TIMEOUT_ENV",
            "MEMBER_SHARE", "METRICS_MAX_CONNECTIONS", "MIN_MEMBER_REQUESTS", "AcceptErrorLog", "ConnectionLimiter",
-           "LimitedSite", "MemberRequests", "descriptor_limit",
+           "LimitedSite", "MemberRequests", "descriptor_limit", "send_within",
            "idle_timeout_from_env", "max_connections", "nofile_limit"]

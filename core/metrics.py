@@ -323,8 +323,8 @@ def _connection_families(m: Metrics) -> Iterator[Metric]:
                               "their member having its share of the control plane's connections busy already",
                               value=getattr(m.member_requests, "refused", 0))
     yield CounterMetricFamily(f"{NAMESPACE}_http_responses_dropped", "connections dropped because their client "
-                              "took too little of a signed request's response in time",
-                              value=getattr(m.member_requests, "stalled", 0))
+                              "took too little of a response in time (the body deadline, plus a second per 32 KiB)",
+                              value=m.responses_dropped + getattr(m.member_requests, "stalled", 0))
     yield CounterMetricFamily(f"{NAMESPACE}_accept_errors", "accept() failures of any listener for lack of "
                               "descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM)",
                               value=getattr(m.accept_errors, "count", 0))
@@ -356,6 +356,8 @@ class Metrics:
         self.accept_errors: Any = None
         #: each member's signed requests in progress (:class:`unibus.connlimits.MemberRequests`)
         self.member_requests: Any = None
+        #: responses dropped by the outermost middleware, their client taking too little in time
+        self.responses_dropped = 0
         #: the expiry of the certificates in use (:class:`unibus.certexpiry.CertificateExpiry`)
         self.certificates: Any = None
         self._plugins: dict[str, PluginMetrics] = {}

@@ -953,6 +953,7 @@ def tampered_schema(source, tmp_path: Path, *sql: str) -> Path:
       "UPDATE members SET role = 'admin' WHERE handle = NEW.handle; END", "PRAGMA writable_schema = ON",
       "UPDATE sqlite_master SET type = 'Trigger' WHERE name = 'promote'"], "holds a trigger 'promote'"),
     (["UPDATE alembic_version SET version_num = 'head'"], "at revision 'head', which this membershipd does not know"),
+    (["INSERT INTO alembic_version VALUES ('0002')"], "names 2 schema revisions (alembic_version), not one"),
     (["INSERT INTO sealed_keys (room_id, epoch, handle, sealed, sig) SELECT 'gone', 1, handle, x'00', NULL "
       "FROM members LIMIT 1"], "has a row of 'sealed_keys' whose 'rooms' does not exist"),
 ])

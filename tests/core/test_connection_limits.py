@@ -17,6 +17,7 @@ per interval about it, not a traceback per accept().
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -26,6 +27,7 @@ import signal
 import socket
 import ssl
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -555,6 +557,51 @@ def test_a_response_its_client_does_not_read_counts_until_sent_and_has_a_deadlin
             time.sleep(0.5)
         assert node.get_me("bob") == 200
         assert node.metric("unibus_http_responses_dropped_total") == MIN_MEMBER_REQUESTS
+    finally:
+        closing(*held)
+        stop_node(node)
+
+
+def pipelined_unread(node: Node, heads: bytes) -> socket.socket:
+    """A connection that sends ``heads`` (many requests, pipelined) and never reads an answer."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
+    s.settimeout(SOCKET_TIMEOUT)
+    s.connect(("127.0.0.1", node.port))
+
+    def push() -> None:
+        with contextlib.suppress(OSError):  # the server stops reading once its answers back up, then drops it
+            s.sendall(heads)
+
+    threading.Thread(target=push, daemon=True).start()
+    return s
+
+
+def test_pipelined_requests_whose_answers_are_never_read_are_dropped(tmp_path):
+    """Red team: aiohttp writes every response after the middlewares, with no deadline, so a
+    client that pipelines requests and reads nothing keeps each connection busy for good once
+    its answers back up: 22 such connections of small anonymous 404s (or of a member's signed
+    requests that end in a problem) held the whole listener, and no one got in. Every response
+    now goes out under the same rule: taken within the body deadline (plus a second per 32 KiB)
+    or the connection is dropped."""
+    node = start_node(tmp_path, idle=2.0, body=3.0, https=False, nofile=NOFILE, metrics=True)
+    held: list[socket.socket] = []
+    try:
+        anonymous = request_head("GET", "/nope", {}, node.port) * 20000  # 5 MB of answers: more than the kernel holds
+        signed = b"".join(request_head("GET", "/v1/members/ghost", sign_request(
+            "GET", "/v1/members/ghost", None, keyid="bob", private_key=node.people["bob"].sign_key), node.port)
+            for _ in range(4000))  # each a 404 problem raised by the handler
+        for i in range(CAP):
+            held.append(pipelined_unread(node, signed if i % 2 else anonymous))
+        time.sleep(1.0)  # their answers back up: every connection busy writing
+        assert node.metric("unibus_http_connections", listener="http") == CAP
+        deadline = time.monotonic() + 40
+        while (node.metric("unibus_http_responses_dropped_total") < CAP - 2  # a client may still be sending
+               and time.monotonic() < deadline):
+            time.sleep(0.5)
+        assert node.metric("unibus_http_responses_dropped_total") >= CAP - 2
+        assert node.get_me("alice") == 200
     finally:
         closing(*held)
         stop_node(node)
