@@ -27,8 +27,15 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
 * **A member's share** (:class:`MemberRequests`): a connection serving a request is
   never pushed out, so one member's signed requests in progress (slow bodies within
   their deadline) could fill the listener for everyone. A member may have at most an
-  eighth of the limit of them at once (at least :data:`MIN_MEMBER_REQUESTS`); beyond,
-  429 ``too-many-requests``, answered before the body is read.
+  eighth of the limit of them at once (at least :data:`MIN_MEMBER_REQUESTS`), each until
+  its response is handed to the kernel; beyond, 429 ``too-many-requests``, answered
+  before the body is read.
+* **Sending** (:func:`send_within`): aiohttp writes a response after the middlewares,
+  with no deadline, so a client that reads none of its answers (a large one, or many
+  small ones to pipelined requests) kept a connection busy for good. Every response goes
+  out in a middleware instead; one that cannot be handed over at once must be taken
+  within the body deadline plus a second per :data:`SEND_MIN_RATE` bytes, or the
+  connection is dropped.
 
 The listener is :class:`LimitedSite` (aiohttp's ``TCPSite``, plus :class:`_Gate`, the
 protocol of each accepted socket, which admits it and, for HTTPS, does the handshake with
