@@ -926,8 +926,9 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
     """Authenticate every request of a signed route, then read and check its body (docs/http-api.md).
 
     ``member_requests`` (:class:`unibus.connlimits.MemberRequests`) counts each member's
-    requests in progress, from authentication to the handler's end, and refuses one past
-    the member's share of the listener (429) before its body is read.
+    requests in progress, from authentication until the response was sent (here, under the
+    send deadline), and refuses one past the member's share of the listener (429) before
+    its body is read.
     """
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:

@@ -483,7 +483,8 @@ class MemberRequests:
     """Signed requests in progress on the control plane, by member (see the module docstring).
 
     The auth middleware calls :meth:`enter` once a request is authenticated, before its body
-    is read, and :meth:`leave` when its handler is done (a streamed response: sent). ``limit``
+    is read, and :meth:`leave` once its response was sent (:meth:`send`; a response its
+    handler streamed: when the handler returns, the stream being sent by then). ``limit``
     is the listener's connection limit, asked only when a member is past
     :data:`MIN_MEMBER_REQUESTS` (it follows RLIMIT_NOFILE); ``refused`` counts the 429s
     (``unibus_http_member_requests_refused_total``).
