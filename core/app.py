@@ -71,14 +71,19 @@ UNREAD_BODY_DRAIN = 1.0
 
 class _ServerLogger(logging.LoggerAdapter):
     """aiohttp's ``aiohttp.server`` logger, except that a request aiohttp's
-    parser refuses (400: a line too long, broken framing, a bad header) is
-    one INFO line, not an ERROR with a traceback: any client can send those."""
+    parser refuses (400: a line too long, broken framing, a bad header), and a
+    connection that ends while aiohttp handles a request (a client gone, or
+    dropped for not reading), are one INFO line each, not an ERROR with a
+    traceback: any client can cause those."""
 
     def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, HttpProcessingError):
             what = " ".join(str(exc.message).split())[:200]
             self.info("refused a malformed request (%d): %s", exc.code, what)
+            return
+        if isinstance(exc, ConnectionError):  # a client gone, or dropped for not reading (unibus.connlimits)
+            self.info("a client's connection ended while its request was handled (%s)", type(exc).__name__)
             return
         super().exception(msg, *args, exc_info=exc_info, **kwargs)
 

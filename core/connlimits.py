@@ -170,6 +170,8 @@ class ConnectionLimiter:
         self.where = where or name
         self.evicted = 0
         self.refused = 0
+        #: connections dropped for taking nothing of what waited to be sent for a whole stall timeout
+        self.stalled = 0
         # insertion-ordered: the oldest connection first, and pushed out first
         self._open: dict[_Gate, None] = {}
         self._reported = (0, 0)
@@ -222,7 +224,7 @@ class _Gate(asyncio.Protocol):
     from ``accept()`` to its close, TLS handshake (``loop.start_tls``, within the site's
     handshake deadline) included; every event is handed to aiohttp's ``RequestHandler``."""
 
-    __slots__ = ("_site", "_raw", "_app", "_handler", "_early", "_handshake", "_fresh")
+    __slots__ = ("_site", "_raw", "_app", "_handler", "_early", "_handshake", "_fresh", "_stall", "_unsent")
 
     def __init__(self, site: LimitedSite) -> None:
         self._site = site
@@ -232,6 +234,8 @@ class _Gate(asyncio.Protocol):
         self._early: list[bytes] = []  # decrypted bytes that came with the end of the handshake
         self._handshake: asyncio.Task[None] | None = None
         self._fresh = True  # no byte of a request yet
+        self._stall: asyncio.TimerHandle | None = None  # armed while writing is paused (see pause_writing)
+        self._unsent = 0  # what the transport held to send when the stall timer was last armed
 
     @property
     def handshaking(self) -> bool:
@@ -297,6 +301,11 @@ class _Gate(asyncio.Protocol):
         """Hand the connection to a new aiohttp RequestHandler (with the bytes that came before it)."""
         assert self._site.runner.server is not None
         self._app = transport
+        if transport is not self._raw:
+            # asyncio's TLS transport takes 512 KiB before it pauses its writer, a plain one 64 KiB:
+            # the same for both, so that a client that does not read holds no more of membershipd's
+            # memory over TLS, and is paused (and judged by the stall rule) as soon
+            transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         handler = self._site.runner.server()
         self._handler = handler
         handler.connection_made(transport)
@@ -315,14 +324,46 @@ class _Gate(asyncio.Protocol):
         return self._handler.eof_received() if self._handler is not None else None
 
     def pause_writing(self) -> None:
+        """The client does not take what is written to it fast enough. Whatever wrote it (a
+        response of a middleware, or one aiohttp writes itself: a 417, a 400 of its parser,
+        a ``100 Continue``), the connection is then busy and never pushed out, so it must
+        make progress: a whole ``stall_timeout`` in which not a byte of what waits to be sent
+        was taken drops it (red team: pipelined requests whose answers were never read)."""
         if self._handler is not None:
             self._handler.pause_writing()
+        self._arm_stall()
 
     def resume_writing(self) -> None:
+        self._disarm_stall()
         if self._handler is not None:
             self._handler.resume_writing()
 
+    def _arm_stall(self) -> None:
+        timeout = self._site.stall_timeout
+        if timeout is None or self._app is None:
+            return
+        self._disarm_stall()
+        self._unsent = self._app.get_write_buffer_size()
+        self._stall = asyncio.get_running_loop().call_later(timeout, self._stalled)
+
+    def _disarm_stall(self) -> None:
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _stalled(self) -> None:
+        self._stall = None
+        if self._app is None or self._app.is_closing():
+            return
+        if self._app.get_write_buffer_size() < self._unsent:  # the client took some: slow, not stalled
+            self._arm_stall()
+            return
+        self._site.limiter.stalled += 1
+        if self._raw is not None:
+            self._raw.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_stall()
         self._site.limiter.release(self)
         handler, self._handler = self._handler, None
         if handler is not None:
@@ -333,16 +374,18 @@ class LimitedSite(web.BaseSite):
     """aiohttp's ``TCPSite`` with the bounds of this module: at most ``limiter.limit``
     connections, and a TLS handshake (when ``ssl_context`` is given) within ``handshake_timeout``."""
 
-    __slots__ = ("_host", "_port", "_reuse_address", "limiter", "handshake_timeout")
+    __slots__ = ("_host", "_port", "_reuse_address", "limiter", "handshake_timeout", "stall_timeout")
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *, limiter: ConnectionLimiter,
                  handshake_timeout: float, ssl_context: ssl.SSLContext | None = None,
-                 reuse_address: bool = True) -> None:
+                 reuse_address: bool = True, stall_timeout: float | None = None) -> None:
         super().__init__(runner, ssl_context=ssl_context, backlog=BACKLOG)
         self._host, self._port = host, port
         self._reuse_address = reuse_address
         self.limiter = limiter
         self.handshake_timeout = handshake_timeout
+        #: seconds a connection whose writes are paused may go without its client taking a byte
+        self.stall_timeout = stall_timeout
 
     @property
     def name(self) -> str:
@@ -428,6 +471,8 @@ class AcceptErrorLog:
                     where, exc.strerror or exc, code, how_many)
 
 
+#: The write buffer of a TLS connection's transport pauses its writer past this, as a plain one does.
+TLS_WRITE_HIGH_WATER = 64 * 1024
 #: The part of the control plane's connection limit one member's signed requests in progress may
 #: hold at once (an eighth: eight members acting together fill it, one cannot), and the least:
 #: at the smallest limit (16) one member holds a quarter.

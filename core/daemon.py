@@ -32,8 +32,8 @@ from .api import log as log_api
 from .api import members as members_api
 from .api import rooms as rooms_api
 from .app import EVENTS, EXTRA, HEALTH, current_posture, make_app, server_options
-from .auth import (NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware, body_timeout_from_env,
-                   nonce_max_bytes_from_env)
+from .auth import (DEFAULT_BODY_TIMEOUT, NONCE_BUCKET, Authenticator, MemberDirectory, NonceStore, auth_middleware,
+                   body_timeout_from_env, nonce_max_bytes_from_env)
 from .bus import CLUSTER_FORM_TIMEOUT, Bus, EmbeddedTLS, retry_until
 from .certexpiry import CertificateExpiry
 from .connlimits import (DEFAULT_IDLE_TIMEOUT, AcceptErrorLog, ConnectionLimiter, LimitedSite, MemberRequests,
@@ -170,6 +170,7 @@ class Daemon:
         self.runner: web.AppRunner | None = None
         #: UNIBUS_HTTP_IDLE_TIMEOUT (read by start): how long an HTTP connection may wait for a request head
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        self.body_timeout = DEFAULT_BODY_TIMEOUT
         self.accept_errors: AcceptErrorLog | None = None
         self.metrics = Metrics(node=settings.server_name)
         self.certificates = self.metrics.certificates = CertificateExpiry()
@@ -189,7 +190,7 @@ class Daemon:
 
     async def start(self) -> None:
         s = self.settings
-        body_timeout = body_timeout_from_env(os.environ)
+        body_timeout = self.body_timeout = body_timeout_from_env(os.environ)
         self.idle_timeout = idle_timeout_from_env(os.environ)
         self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
         nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
@@ -338,7 +339,7 @@ class Daemon:
         self.metrics.connections["http"] = limiter
         self.member_requests.limit = lambda: limiter.limit
         site = LimitedSite(self.runner, s.http_addr.host, s.http_addr.port, limiter=limiter, ssl_context=http_tls,
-                           handshake_timeout=self.idle_timeout)
+                           handshake_timeout=self.idle_timeout, stall_timeout=self.body_timeout)
         try:
             await site.start()
         except OSError as e:
@@ -348,7 +349,7 @@ class Daemon:
                  self.idle_timeout)
         if s.metrics_addr is not None:
             self.metrics_server = MetricsServer(self.metrics, s.metrics_addr.host, s.metrics_addr.port, metrics_tls,
-                                                idle_timeout=self.idle_timeout)
+                                                idle_timeout=self.idle_timeout, stall_timeout=self.body_timeout)
             try:
                 await self.metrics_server.start()
             except OSError as e:

@@ -312,6 +312,8 @@ def _connection_families(m: Metrics) -> Iterator[Metric]:
          "make room for a new one, the listener being at its limit", lambda c: c.evicted),
         (CounterMetricFamily, "http_connections_refused", "new connections closed at once, the listener being at "
          "its limit with every connection serving a request", lambda c: c.refused),
+        (CounterMetricFamily, "http_connections_stalled", "connections dropped because their client took nothing "
+         "of what waited to be sent to it for a whole body deadline", lambda c: getattr(c, "stalled", 0)),
     )
     listeners = sorted(m.connections.items())
     for kind, name, doc, read in families:
@@ -496,13 +498,16 @@ class MetricsServer:
     request head (unibus.connlimits)."""
 
     def __init__(self, metrics: Metrics, host: str, port: int, ssl_context: Any = None, *,
-                 idle_timeout: float | None = None) -> None:
+                 idle_timeout: float | None = None, stall_timeout: float | None = None) -> None:
+        from .auth import DEFAULT_BODY_TIMEOUT
         from .connlimits import DEFAULT_IDLE_TIMEOUT, METRICS_MAX_CONNECTIONS, ConnectionLimiter
 
         self.metrics = metrics
         self.host, self.port = host, port
         self.ssl_context = ssl_context
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT if idle_timeout is None else idle_timeout
+        #: a scraper that takes nothing of its answer for this long is dropped (the body deadline)
+        self.stall_timeout = DEFAULT_BODY_TIMEOUT if stall_timeout is None else stall_timeout
         self.limiter = ConnectionLimiter("metrics", METRICS_MAX_CONNECTIONS, where=f"--metrics-addr {host}:{port}")
         self.runner: web.AppRunner | None = None
 
@@ -515,7 +520,7 @@ class MetricsServer:
         await self.runner.setup()
         self.metrics.connections["metrics"] = self.limiter
         site = LimitedSite(self.runner, self.host, self.port, limiter=self.limiter, ssl_context=self.ssl_context,
-                           handshake_timeout=self.idle_timeout)
+                           handshake_timeout=self.idle_timeout, stall_timeout=self.stall_timeout)
         await site.start()
 
     async def stop(self) -> None:
