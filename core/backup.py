@@ -1003,10 +1003,8 @@ def _rebuild_in_fresh_schema(db: Path, revision: str) -> None:
     team: a planted trigger made every member added after the restore an admin). A table
     unibus does not make, a missing one, or rows its constraints refuse, refuse the archive.
     """
-    from alembic import command
-
     from .errors import RuntimeFailure
-    from .store.db import alembic_config, make_engine, migrate
+    from .store.db import migrate
 
     fresh = db.with_name(db.name + ".fresh")
 
@@ -1014,16 +1012,7 @@ def _rebuild_in_fresh_schema(db: Path, revision: str) -> None:
         return '"' + name.replace('"', '""') + '"'
 
     try:
-        fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(fd)
-        engine = make_engine(fresh)
-        try:
-            cfg = alembic_config()
-            with engine.begin() as conn:
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, revision)
-        finally:
-            engine.dispose()
+        migrate(fresh, revision)  # unibus's own schema at the archive's revision (0600)
         with contextlib.closing(sqlite3.connect(fresh)) as conn:
             conn.execute("ATTACH DATABASE ? AS archived", (f"file:{db}?mode=ro",))
             _check_schema_objects(conn, "archived")

@@ -76,8 +76,9 @@ def stored_revision(db_path: Path) -> str | None:
     return value if value is None else str(value)
 
 
-def migrate(db_path: Path) -> tuple[str | None, str | None]:
-    """Bring the database at ``db_path`` to the newest revision.
+def migrate(db_path: Path, revision: str = "head") -> tuple[str | None, str | None]:
+    """Bring the database at ``db_path`` to the newest revision (or to ``revision``: restore
+    builds a database at an archive's own revision before it copies the archive's rows in).
 
     Returns ``(revision before, revision after)``. The database file is created
     with mode 0600. Each revision runs in a transaction: a crash mid-migration
@@ -86,7 +87,7 @@ def migrate(db_path: Path) -> tuple[str | None, str | None]:
     if not db_path.exists():
         fd = os.open(db_path, os.O_WRONLY | os.O_CREAT, 0o600)
         os.close(fd)
-    else:
+    elif revision == "head":
         # Fast path for every start after the first: no alembic import at all.
         current = stored_revision(db_path)
         if current == HEAD_REVISION:
@@ -99,7 +100,7 @@ def migrate(db_path: Path) -> tuple[str | None, str | None]:
         cfg = alembic_config()
         with engine.begin() as conn:
             cfg.attributes["connection"] = conn
-            command.upgrade(cfg, "head")
+            command.upgrade(cfg, revision)
         after = current_revision(engine)
     except Exception as e:
         raise RuntimeFailure(f"migrating {db_path} failed: {type(e).__name__}: {e}") from e

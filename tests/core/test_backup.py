@@ -742,18 +742,11 @@ def assert_snapshot_consistent(entries: dict[str, bytes]) -> bool:
 def test_an_archive_from_before_the_log_is_migrated_on_restore(tmp_path):
     """A store at revision 0002 (0.11, offline: backup needs no daemon) restores at the current
     revision, with entry 0 written by the migration, whose fingerprint restore prints as new."""
-    from alembic import command
-
-    from unibus.store.db import alembic_config, make_engine
+    from unibus.store.db import migrate
 
     data = tmp_path / "old"
     data.mkdir()
-    engine = make_engine(data / "membershipd.db")
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
-    engine.dispose()
+    migrate(data / "membershipd.db", "0002")  # 0.11's revision
     alice = generate_identity("alice")
     with contextlib.closing(sqlite3.connect(data / "membershipd.db")) as conn, conn:
         conn.execute("insert into members (handle, role, sign_pub, enc_pub, enc_suite, created_at) values "
@@ -859,18 +852,11 @@ def test_restore_expect_root_refuses_an_archive_of_another_deployment(tmp_path):
 def test_restore_expect_root_refuses_an_archive_from_before_the_log(tmp_path):
     """A store older than the membership log gets a new entry 0 at restore: no root a member
     pinned can be that one, so --expect-root refuses it rather than start a new trust root."""
-    from alembic import command
-
-    from unibus.store.db import alembic_config, make_engine
+    from unibus.store.db import migrate
 
     data = tmp_path / "old"
     data.mkdir()
-    engine = make_engine(data / "membershipd.db")
-    cfg = alembic_config()
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "0002")
-    engine.dispose()
+    migrate(data / "membershipd.db", "0002")  # 0.11's revision
     area = tmp_path / "area"
     area.mkdir()
     proc = cli("backup", "--out", str(area / "archive"), "--data-dir", str(data))

@@ -512,16 +512,20 @@ def test_a_members_share_follows_the_listeners_limit():
     assert requests.by_member == {}
 
 
-def unread_get(node: Node, target: str, who: str) -> socket.socket:
-    """A signed GET whose response its client never reads, over a connection with a small receive
-    buffer and an Internet-like segment size (on loopback the kernel would take a few hundred KB)."""
+def slow_reader(node: Node) -> socket.socket:
+    """A connection with a small receive buffer and an Internet-like segment size, so that what
+    it does not read backs up on the server (on loopback the kernel would take a few hundred KB)."""
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
     s.settimeout(SOCKET_TIMEOUT)
     s.connect(("127.0.0.1", node.port))
-    if node.ctx is not None:
-        s = node.ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    return node.ctx.wrap_socket(s, server_hostname="127.0.0.1") if node.ctx is not None else s
+
+
+def unread_get(node: Node, target: str, who: str) -> socket.socket:
+    """A signed GET whose response its client never reads (:func:`slow_reader`)."""
+    s = slow_reader(node)
     h = sign_request("GET", target, None, keyid=who, private_key=node.people[who].sign_key)
     s.sendall(request_head("GET", target, h, node.port))
     return s
@@ -573,13 +577,7 @@ def test_a_response_its_client_does_not_read_counts_until_sent_and_has_a_deadlin
 
 def pipelined_unread(node: Node, heads: bytes) -> socket.socket:
     """A connection that sends ``heads`` (many requests, pipelined) and never reads an answer."""
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 1400)
-    s.settimeout(SOCKET_TIMEOUT)
-    s.connect(("127.0.0.1", node.port))
-    if node.ctx is not None:
-        s = node.ctx.wrap_socket(s, server_hostname="127.0.0.1")
+    s = slow_reader(node)
 
     def push() -> None:
         with contextlib.suppress(OSError):  # the server stops reading once its answers back up, then drops it

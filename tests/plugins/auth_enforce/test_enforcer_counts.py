@@ -60,6 +60,24 @@ async def local_daemon(tmp_path, alice) -> AsyncIterator[tuple[Any, str, Any]]:
         await daemon.stop()
 
 
+async def bus_login(url: str, member: Any, **options: Any) -> Any:
+    """``member``'s NATS connection with its bus key, no reconnect (a kick or a refusal is final)."""
+    return await nats.connect(url, nkeys_seed_str=member.bus_nkey_seed(), allow_reconnect=False, connect_timeout=3,
+                              **options)
+
+
+async def listening_in_a_room(a: Any, url: str, bob: Any) -> tuple[str, Any]:
+    """bob added by alice's client ``a``, put in a new room, and subscribed to it on the bus:
+    ``(room_id, his connection)``; the subscription is live when this returns."""
+    await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+    room = (await a.create_room("ops"))["room_id"]
+    await a.add_room_member(room, "bob")
+    nc = await bus_login(url, bob)
+    await nc.subscribe(f"unibus.room.{room}.>")
+    await nc.flush()
+    return room, nc
+
+
 async def until(done: Callable[[], bool], seconds: float = 10.0) -> bool:
     """Whether ``done()`` holds within ``seconds`` (polled every 20 ms)."""
     for _ in range(int(seconds / 0.02)):
@@ -276,14 +294,8 @@ async def test_a_store_read_failing_after_the_commit_still_cuts_the_member_off(t
     conns = []
     async with local_daemon(tmp_path, alice) as (daemon, url, a):
         try:
-            await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
-            room = (await a.create_room("ops"))["room_id"]
-            await a.add_room_member(room, "bob")
-            nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
-                                    connect_timeout=3)
+            room, nc = await listening_in_a_room(a, url, bob)
             conns.append(nc)
-            await nc.subscribe(f"unibus.room.{room}.>")
-            await nc.flush()
 
             real, failed = daemon.store.room_handles, []
 
@@ -302,8 +314,7 @@ async def test_a_store_read_failing_after_the_commit_still_cuts_the_member_off(t
             async def on_error(e):
                 errors.append(str(e).lower())
 
-            again = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
-                                       connect_timeout=3, error_cb=on_error)
+            again = await bus_login(url, bob, error_cb=on_error)
             conns.append(again)
             await again.subscribe(f"unibus.room.{room}.>")
             await again.flush()
@@ -341,13 +352,7 @@ async def test_another_nodes_revocation_is_kicked_here_when_it_reaches_this_node
     nc = None
     async with local_daemon(tmp_path, alice) as (daemon, url, a):
         try:
-            await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
-            room = (await a.create_room("ops"))["room_id"]
-            await a.add_room_member(room, "bob")
-            nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
-                                    connect_timeout=3)
-            await nc.subscribe(f"unibus.room.{room}.>")
-            await nc.flush()
+            room, nc = await listening_in_a_room(a, url, bob)
             rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
             assert rt.unsubscribe is not None
             rt.unsubscribe()  # deaf: the removal below is "another node's" write
@@ -497,8 +502,7 @@ async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, 
         await asyncio.wait_for(load, 10)  # the older list is loaded, then bob is read again
         assert rt.policy.grant(bob.bus_pub) is None
         with pytest.raises(Exception):  # noqa: B017, PT011 - refused: an authorization violation
-            nc = await nats.connect(url, nkeys_seed_str=bob.bus_nkey_seed(), allow_reconnect=False,
-                                    connect_timeout=3)
+            nc = await bus_login(url, bob)
             await nc.close()
     reload_until_read(rt)  # a read that failed as the store closed: nothing is started any more
     assert rt.stopping and not rt.tasks
