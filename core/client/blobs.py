@@ -1,17 +1,23 @@
-"""Room blobs, client side: the ``unibus-blob-v1`` encryption format and streaming helpers.
+"""Room blobs, client side: the ``unibus-blob`` encryption formats and streaming helpers.
 
 The server stores blobs without ever seeing a plaintext: a file is encrypted
 with the room key before upload and decrypted after download (docs/blobstore.md).
 
-The format (byte by byte in docs/blobstore.md)::
+The format (byte by byte in docs/blobstore.md); ``vN`` is the version, 1 or 2,
+and the only difference between the two is the AEAD::
 
-    header   = "unibus-blob-v1" (14) || epoch u64be (8) || file_id (16 random) || chunk_size u32be (4)   # 42 bytes
+    header   = "unibus-blob-vN" (14) || epoch u64be (8) || file_id (16 random) || chunk_size u32be (4)   # 42 bytes
     key      = HKDF-SHA256(ikm=room_key, salt=file_id,
-                           info="unibus/blob-key/v1|" || room_id || "|" || str(epoch), L=32)
-    record_i = ChaCha20-Poly1305(key, nonce_i, chunk_i, aad_i)                # len(chunk_i) + 16
+                           info="unibus/blob-key/vN|" || room_id || "|" || str(epoch), L=32)
+    record_i = AEAD(key, nonce_i, chunk_i, aad_i)                             # len(chunk_i) + 16
+               # v1: ChaCha20-Poly1305; v2: AES-256-GCM
     nonce_i  = 0x00000000 || u64be(i)                                         # i = 0, 1, 2 ...
     aad_i    = header || room_id || final_i                                   # final_i: 0x01 on the last record, else 0x00
     blob     = header || record_0 || record_1 || ... || record_last
+
+Readers take both versions. Writers write v2 unless the CPU is known to lack AES
+instructions (:data:`WRITE_VERSION`): AES-256-GCM is four times as fast as
+ChaCha20-Poly1305 with them, and several times slower without.
 
 Every chunk is ``chunk_size`` (65536) plaintext bytes except the last, which
 holds 0 to ``chunk_size`` bytes (an empty file is one empty final record). So:
@@ -53,19 +59,22 @@ from typing import IO, Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .sealing import validate_room_id
 
 __all__ = [
     "CHUNK_SIZE",
+    "FORMATS",
     "HEADER_SIZE",
     "MAGIC",
     "TAG_SIZE",
+    "WRITE_VERSION",
     "BlobCiphertext",
     "BlobDecryptor",
     "BlobEncryptor",
+    "BlobFormat",
     "BlobFormatError",
     "BlobHeader",
     "BlobIntegrityError",
@@ -84,7 +93,6 @@ __all__ = [
     "sign_streamed_request",
 ]
 
-MAGIC = b"unibus-blob-v1"
 _HEADER = struct.Struct(">14sQ16sI")
 HEADER_SIZE = _HEADER.size  # 42
 FILE_ID_SIZE = 16
@@ -93,7 +101,6 @@ CHUNK_SIZE = 64 * 1024
 #: chunk sizes a reader accepts (the header names it, and the AAD binds it)
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
-KEY_INFO_PREFIX = b"unibus/blob-key/v1|"
 _EPOCH_MAX = 2**63 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
@@ -122,8 +129,60 @@ EXPECT_CONTINUE_OVER = 64 * 1024
 Progress = Callable[[int, int], Any]
 
 
+@dataclass(frozen=True)
+class BlobFormat:
+    """One version of the blob format: its magic, its AEAD and its HKDF ``info`` prefix."""
+
+    version: int
+    magic: bytes
+    aead: type[ChaCha20Poly1305] | type[AESGCM]
+    key_info_prefix: bytes
+
+
+#: every version a reader takes, by number (docs/blobstore.md, "Versions")
+FORMATS: dict[int, BlobFormat] = {
+    1: BlobFormat(1, b"unibus-blob-v1", ChaCha20Poly1305, b"unibus/blob-key/v1|"),
+    2: BlobFormat(2, b"unibus-blob-v2", AESGCM, b"unibus/blob-key/v2|"),
+}
+_BY_MAGIC = {f.magic: f for f in FORMATS.values()}
+
+
+def _aes_in_hardware(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """False only when ``cpuinfo`` says the CPU has no AES instructions (x86 ``flags``,
+    Arm ``Features``: ``aes``); True where it cannot be read (macOS: every CPU it runs on has them).
+
+    Without them OpenSSL's AES-GCM runs in constant-time software, several times
+    slower than ChaCha20-Poly1305 (a Raspberry Pi 4, for one); with them, four
+    times faster (docs/benchmarks.md, "Blobs").
+    """
+    try:
+        with open(cpuinfo, "rb") as f:
+            text = f.read(4 * 1024 * 1024)
+    except OSError:
+        return True
+    for line in text.splitlines():
+        name, sep, value = line.partition(b":")
+        if sep and name.strip() in (b"flags", b"Features"):
+            return b"aes" in value.split()
+    return True
+
+
+#: the version this client writes: 2 (AES-256-GCM), or 1 (ChaCha20-Poly1305) on a
+#: CPU without AES instructions. Readers take both, whoever wrote the blob.
+WRITE_VERSION = 2 if _aes_in_hardware() else 1
+#: the magic of the blobs this client writes
+MAGIC = FORMATS[WRITE_VERSION].magic
+
+
+def _format(version: int) -> BlobFormat:
+    try:
+        return FORMATS[version]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown blob format version {version!r}: expected one of {sorted(FORMATS)}") from None
+
+
 class BlobFormatError(ValueError):
-    """A blob is not a valid ``unibus-blob-v1`` ciphertext for this room and key
+    """A blob is not a valid ``unibus-blob`` ciphertext for this room and key
     (tampered with, truncated, reordered, another room or epoch, wrong key)."""
 
 
@@ -137,6 +196,8 @@ class BlobHeader:
     file_id: bytes
     chunk_size: int
     raw: bytes
+    #: the format version its magic names (:data:`FORMATS`)
+    version: int = 1
 
 
 @dataclass(frozen=True)
@@ -166,10 +227,11 @@ def _check_epoch(epoch: Any) -> int:
     return epoch
 
 
-def blob_key(room_key: bytes, room_id: str, epoch: int, file_id: bytes) -> bytes:
-    """The per-file key: HKDF-SHA256(room_key, salt=file_id, info=unibus/blob-key/v1|<room_id>|<epoch>)."""
+def blob_key(room_key: bytes, room_id: str, epoch: int, file_id: bytes, *, version: int = WRITE_VERSION) -> bytes:
+    """The per-file key: HKDF-SHA256(room_key, salt=file_id, info=unibus/blob-key/v<version>|<room_id>|<epoch>)."""
     validate_room_id(room_id)
-    info = KEY_INFO_PREFIX + room_id.encode("ascii") + b"|" + str(_check_epoch(epoch)).encode("ascii")
+    prefix = _format(version).key_info_prefix
+    info = prefix + room_id.encode("ascii") + b"|" + str(_check_epoch(epoch)).encode("ascii")
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=bytes(file_id), info=info).derive(_check_key(room_key))
 
 
@@ -177,24 +239,30 @@ def _nonce(i: int) -> bytes:
     return b"\x00\x00\x00\x00" + i.to_bytes(8, "big")
 
 
-def make_header(epoch: int, file_id: bytes, chunk_size: int = CHUNK_SIZE) -> bytes:
+def make_header(epoch: int, file_id: bytes, chunk_size: int = CHUNK_SIZE, *, version: int = WRITE_VERSION) -> bytes:
+    magic = _format(version).magic
     if len(file_id) != FILE_ID_SIZE:
         raise ValueError("file_id is 16 bytes")
     if not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk_size must be {MIN_CHUNK_SIZE}..{MAX_CHUNK_SIZE}")
-    return _HEADER.pack(MAGIC, _check_epoch(epoch), bytes(file_id), chunk_size)
+    return _HEADER.pack(magic, _check_epoch(epoch), bytes(file_id), chunk_size)
 
 
 def parse_header(data: bytes) -> BlobHeader:
-    """Parse the first :data:`HEADER_SIZE` bytes of a blob; :class:`BlobFormatError` if they are not a v1 header."""
+    """Parse the first :data:`HEADER_SIZE` bytes of a blob of any version in :data:`FORMATS`;
+    :class:`BlobFormatError` if they are not such a header."""
     if len(data) < HEADER_SIZE:
         raise BlobFormatError(f"not a unibus blob: {len(data)} bytes is shorter than the {HEADER_SIZE}-byte header")
     magic, epoch, file_id, chunk_size = _HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise BlobFormatError("not a unibus-blob-v1 ciphertext (bad magic)")
+    fmt = _BY_MAGIC.get(magic)
+    if fmt is None:
+        if magic.startswith(b"unibus-blob-v") and magic[13:].isdigit():
+            raise BlobFormatError(f"a {magic.decode('ascii')} blob: a format this client does not read; "
+                                  "a newer unibus does")
+        raise BlobFormatError("not a unibus blob (bad magic)")
     if epoch > _EPOCH_MAX or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
-        raise BlobFormatError("malformed unibus-blob-v1 header")
-    return BlobHeader(epoch, file_id, chunk_size, bytes(data[:HEADER_SIZE]))
+        raise BlobFormatError(f"malformed {magic.decode('ascii')} header")
+    return BlobHeader(epoch, file_id, chunk_size, bytes(data[:HEADER_SIZE]), fmt.version)
 
 
 def ciphertext_size(plaintext_size: int, chunk_size: int = CHUNK_SIZE) -> int:
@@ -211,12 +279,13 @@ class BlobEncryptor:
     """
 
     def __init__(self, room_key: bytes, room_id: str, epoch: int, *, chunk_size: int = CHUNK_SIZE,
-                 file_id: bytes | None = None) -> None:
+                 file_id: bytes | None = None, version: int = WRITE_VERSION) -> None:
         self.room_id = validate_room_id(room_id)
         self.file_id = secrets.token_bytes(FILE_ID_SIZE) if file_id is None else bytes(file_id)
-        self.header = make_header(epoch, self.file_id, chunk_size)
+        self.version = version
+        self.header = make_header(epoch, self.file_id, chunk_size, version=version)
         self.chunk_size = chunk_size
-        self._aead = ChaCha20Poly1305(blob_key(room_key, room_id, epoch, self.file_id))
+        self._aead = _format(version).aead(blob_key(room_key, room_id, epoch, self.file_id, version=version))
         self._aad = self.header + self.room_id.encode("ascii")
         self._buf = bytearray()
         self._i = 0
@@ -389,7 +458,7 @@ class BlobDecryptor:
         self._room_key = None if room_key is None else _check_key(room_key)
         self.expected_epoch = epoch
         self.header: BlobHeader | None = None
-        self._aead: ChaCha20Poly1305 | None = None
+        self._aead: ChaCha20Poly1305 | AESGCM | None = None
         self._aad = b""
         self._buf = bytearray()
         self._i = 0
@@ -405,7 +474,9 @@ class BlobDecryptor:
         if self.header is None:
             raise ValueError("the header has not been read yet")
         self._room_key = _check_key(room_key)
-        self._aead = ChaCha20Poly1305(blob_key(self._room_key, self.room_id, self.header.epoch, self.header.file_id))
+        h = self.header
+        self._aead = _format(h.version).aead(blob_key(self._room_key, self.room_id, h.epoch, h.file_id,
+                                                      version=h.version))
         self._aad = self.header.raw + self.room_id.encode("ascii")
 
     def _open(self, record: bytes, final: bool) -> bytes:
@@ -558,13 +629,14 @@ def _read_full(src: IO[bytes], n: int) -> bytes:
 
 
 def encrypt_stream(room_key: bytes, room_id: str, epoch: int, src: IO[bytes], dst: IO[bytes], *,
-                   chunk_size: int = CHUNK_SIZE, file_id: bytes | None = None) -> BlobCiphertext:
+                   chunk_size: int = CHUNK_SIZE, file_id: bytes | None = None,
+                   version: int = WRITE_VERSION) -> BlobCiphertext:
     """Encrypt everything readable from ``src`` into ``dst`` (binary file objects).
 
     Returns the ciphertext's size and SHA-256 (its future blob id), computed
     on the way so that no second pass is needed.
     """
-    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id)
+    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id, version=version)
     h = hashlib.sha256()
     size = 0
     if not hasattr(src, "readinto"):
@@ -593,7 +665,7 @@ class _ReadOnly(io.RawIOBase):
 
 def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],
                   dst: str | os.PathLike[str] | None, *, chunk_size: int = CHUNK_SIZE,
-                  file_id: bytes | None = None) -> BlobCiphertext:
+                  file_id: bytes | None = None, version: int = WRITE_VERSION) -> BlobCiphertext:
     """Encrypt the file ``src`` (into ``dst``, if given) and hash the ciphertext.
 
     The sealing runs in this thread, the hashing (and writing) of the previous
@@ -601,7 +673,7 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
-    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id)
+    enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id, version=version)
     h = hashlib.sha256()
     size = 0
     with open(src, "rb", buffering=0) as s, ThreadPoolExecutor(1) as pool, \
@@ -625,10 +697,11 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
 
 
 def encrypt_file(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],
-                 dst: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -> BlobCiphertext:
+                 dst: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE,
+                 version: int = WRITE_VERSION) -> BlobCiphertext:
     """:func:`encrypt_stream` from one path to another, with hashing and writing in a
     second thread so that they overlap with the encryption (same bytes out)."""
-    return _encrypt_path(room_key, room_id, epoch, src, dst, chunk_size=chunk_size)
+    return _encrypt_path(room_key, room_id, epoch, src, dst, chunk_size=chunk_size, version=version)
 
 
 def _write_all(fd: int, parts: list[Any]) -> None:
@@ -1032,12 +1105,12 @@ def _close_durably(f: IO[bytes]) -> None:
     f.close()
 
 
-async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, file_id: bytes, size: int,
-                       progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
-    """The blob of ``path`` sealed again with the ``file_id`` of the digest pass: the same bytes,
-    block by block, each sealed in a worker thread while the previous one is sent."""
+async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, file_id: bytes, version: int,
+                       size: int, progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
+    """The blob of ``path`` sealed again with the ``file_id`` and version of the digest pass: the
+    same bytes, block by block, each sealed in a worker thread while the previous one is sent."""
     loop = asyncio.get_running_loop()
-    enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id)
+    enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id, version=version)
     f = await asyncio.to_thread(open, path, "rb", buffering=0)
     c = enc.chunk_size
     block = min(UPLOAD_BLOCK, max(c, -(-size // c) * c))  # a small file: buffers of its size only
@@ -1107,8 +1180,9 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     src = Path(path)
     epoch, key = await client.current_key(room_id)
     file_id = secrets.token_bytes(FILE_ID_SIZE)
+    version = WRITE_VERSION
     before = await asyncio.to_thread(_stat_key, src)
-    ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id)
+    ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id, version=version)
 
     def changed() -> bool:
         try:
@@ -1118,7 +1192,7 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
 
     try:
         return await _upload(client, room_id, ct.sha256, ct.size,
-                             lambda: _sealed_body(key, room_id, epoch, src, file_id, ct.size, progress))
+                             lambda: _sealed_body(key, room_id, epoch, src, file_id, version, ct.size, progress))
     except Exception:
         # A changed file ends the body early (another size) or is refused by
         # the server (400 digest-mismatch): either way nothing was stored.

@@ -49,6 +49,37 @@ async def test_put_get_round_trip(world, tmp_path, size):
     assert not list(tmp_path.glob(".unibus-blob-*"))
 
 
+async def test_blobs_of_either_version_download_whoever_wrote_them(world, tmp_path):
+    """A v1 blob (ChaCha20-Poly1305: what 0.11 and earlier 0.12 clients wrote, byte for byte,
+    see test_blob_format.py::test_vector) still downloads and decrypts next to a v2 one, through
+    the real server; the client picks the cipher from the blob's header, never from the server."""
+    import io
+
+    from unibus.client.blobs import WRITE_VERSION, encrypt_stream
+
+    c = world.clients
+    rid = await world.room()
+    epoch, key = await c["carol"].current_key(rid)
+    data = os.urandom(3 * CHUNK_SIZE + 11)
+    ids = {}
+    for version in (1, 2):
+        blob = io.BytesIO()
+        ct = encrypt_stream(key, rid, epoch, io.BytesIO(data), blob, version=version)
+        raw = tmp_path / f"v{version}.blob"
+        raw.write_bytes(blob.getvalue())
+        ids[version] = await put_raw_blob(c["carol"], rid, raw, sha256=ct.sha256)
+        assert ids[version] == ct.blob_id
+        assert (world.blobs_dir / rid / ct.blob_id / "data").read_bytes()[:14] == b"unibus-blob-v%d" % version
+    src = tmp_path / "plain"
+    src.write_bytes(data)
+    written = await put_blob(c["carol"], rid, src)
+    assert parse_header((world.blobs_dir / rid / written / "data").read_bytes()[:64]).version == WRITE_VERSION
+    for blob_id in (*ids.values(), written):
+        out = tmp_path / "out"
+        assert await get_blob(c["bob"], rid, blob_id, out) == len(data)
+        assert out.read_bytes() == data
+
+
 async def test_epochs_rekey_and_late_joiners(world, tmp_path):
     c = world.clients
     rid = await world.room()  # bob, carol; epoch 1
