@@ -663,13 +663,26 @@ class _ReadOnly(io.RawIOBase):
         return len(data)
 
 
+def _record_tags(block: Any, chunk_size: int) -> bytes:
+    """The tags of the records of a sealed block (whole records; the last may be short)."""
+    view = memoryview(block).cast("B")
+    rec = chunk_size + TAG_SIZE
+    ends = list(range(rec, len(view) + 1, rec))
+    if len(view) % rec:
+        ends.append(len(view))
+    return b"".join(view[e - TAG_SIZE:e] for e in ends)
+
+
 def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],
                   dst: str | os.PathLike[str] | None, *, chunk_size: int = CHUNK_SIZE,
-                  file_id: bytes | None = None, version: int = WRITE_VERSION) -> BlobCiphertext:
+                  file_id: bytes | None = None, version: int = WRITE_VERSION,
+                  tags: bytearray | None = None) -> BlobCiphertext:
     """Encrypt the file ``src`` (into ``dst``, if given) and hash the ciphertext.
 
     The sealing runs in this thread, the hashing (and writing) of the previous
-    block in a second one: both release the GIL, so they overlap.
+    block in a second one: both release the GIL, so they overlap. With
+    ``tags``, every record's tag is appended to it (16 bytes per 64 KiB: what
+    :class:`_SameRecords` checks the upload pass against).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -685,7 +698,9 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
 
         pending: Future[None] | None = None
         try:
-            for block in _sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True):
+            for k, block in enumerate(_sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True)):
+                if tags is not None and k:  # block 0 is the header
+                    tags += _record_tags(block, enc.chunk_size)
                 if pending is not None:
                     pending.result()
                 pending = pool.submit(out, block)
@@ -1105,16 +1120,53 @@ def _close_durably(f: IO[bytes]) -> None:
     f.close()
 
 
+class _SourceChanged(OSError):
+    pass
+
+
+class _SameRecords:
+    """The upload pass of :func:`put_blob` may send only the records its digest pass sealed.
+
+    Both passes seal with one key and one nonce per record, and the server
+    sees the second (once per attempt: a 503 before the answer makes the
+    client send it again). Were the file to change in between, the same key
+    and nonce would seal other plaintext: two ciphertexts that XOR to the
+    XOR of the plaintexts, and, for GCM, enough to forge tags under that key.
+    Equal tags mean equal records (the same key, nonce and AAD), so every
+    block's tags are compared with the digest pass's before it is handed
+    over, in the worker thread that sealed it, and a block with another
+    record is never sent: the upload stops (:attr:`changed`) instead.
+    """
+
+    def __init__(self, tags: bytes, chunk_size: int) -> None:
+        self.tags = tags
+        self.chunk_size = chunk_size
+        self.changed = False
+
+    def blocks(self, blocks: Iterator[Any]) -> Iterator[Any]:
+        yield next(blocks)  # the header: the same file_id, epoch and version by construction
+        done = 0
+        for block in blocks:
+            got = _record_tags(block, self.chunk_size)
+            if self.tags[done:done + len(got)] != got:
+                self.changed = True
+                raise _SourceChanged("the file changed since it was sealed the first time; nothing was stored")
+            done += len(got)
+            yield block
+
+
 async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, file_id: bytes, version: int,
-                       size: int, progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
+                       size: int, same: _SameRecords, progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
     """The blob of ``path`` sealed again with the ``file_id`` and version of the digest pass: the
-    same bytes, block by block, each sealed in a worker thread while the previous one is sent."""
+    same bytes, block by block, each sealed in a worker thread while the previous one is sent, and
+    each checked to hold the records of the digest pass before it goes (:class:`_SameRecords`)."""
     loop = asyncio.get_running_loop()
     enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id, version=version)
     f = await asyncio.to_thread(open, path, "rb", buffering=0)
     c = enc.chunk_size
     block = min(UPLOAD_BLOCK, max(c, -(-size // c) * c))  # a small file: buffers of its size only
-    blocks = _sealed_blocks(enc, f, block, reuse=True)
+    sealed = _sealed_blocks(enc, f, block, reuse=True)
+    blocks = same.blocks(sealed)
     pending: asyncio.Future[Any] | None = None
     done = 0
     try:
@@ -1141,16 +1193,14 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, fi
                 fut.exception()  # retrieved: the upload's own error is already on its way
             with contextlib.suppress(ValueError):
                 blocks.close()
+            with contextlib.suppress(ValueError):
+                sealed.close()
             f.close()
 
         if pending is not None and not pending.done():
             pending.add_done_callback(close)  # never close the file under the worker reading it
         else:
             close(pending)
-
-
-class _SourceChanged(OSError):
-    pass
 
 
 def _stat_key(path: Path) -> tuple[int, int, int, int]:
@@ -1181,8 +1231,11 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     epoch, key = await client.current_key(room_id)
     file_id = secrets.token_bytes(FILE_ID_SIZE)
     version = WRITE_VERSION
+    tags = bytearray()
     before = await asyncio.to_thread(_stat_key, src)
-    ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id, version=version)
+    ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id, version=version,
+                                 tags=tags)
+    same = _SameRecords(bytes(tags), CHUNK_SIZE)
 
     def changed() -> bool:
         try:
@@ -1192,11 +1245,12 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
 
     try:
         return await _upload(client, room_id, ct.sha256, ct.size,
-                             lambda: _sealed_body(key, room_id, epoch, src, file_id, version, ct.size, progress))
+                             lambda: _sealed_body(key, room_id, epoch, src, file_id, version, ct.size, same,
+                                                  progress))
     except Exception:
-        # A changed file ends the body early (another size) or is refused by
-        # the server (400 digest-mismatch): either way nothing was stored.
-        if await asyncio.to_thread(changed):
+        # A changed file stops the body before its first other record
+        # (_SameRecords), or ends it early (another size): nothing was stored.
+        if same.changed or await asyncio.to_thread(changed):
             raise OSError(f"{src} changed while it was being uploaded; nothing was stored") from None
         raise
 

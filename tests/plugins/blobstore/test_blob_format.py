@@ -463,3 +463,35 @@ def test_feed_view_refuses_a_truncated_body(cut, version):
     with pytest.raises(BlobFormatError):
         _feed_pieces(blob[:len(blob) - cut], [HEADER_SIZE + 7, len(blob) // 3])
 
+
+@pytest.mark.parametrize("size", [0, 1, C, C + 1, DIGEST_BLOCK + 3 * C + 5])
+def test_the_digest_pass_keeps_every_records_tag_and_the_upload_pass_is_held_to_them(size, tmp_path, version):
+    """put_blob's first pass records each record's tag; its upload pass yields a block only
+    while its records' tags are those, and stops at the first block that differs."""
+    from unibus.client.blobs import _SameRecords, _SourceChanged
+
+    data = os.urandom(size)
+    src = tmp_path / "p"
+    src.write_bytes(data)
+    file_id = bytes(range(16))
+    tags = bytearray()
+    ct = _encrypt_path(KEY, ROOM, 3, src, None, file_id=file_id, version=version, tags=tags)
+    blob = enc(data, epoch=3, file_id=file_id, version=version)
+    assert ct.sha256 == hashlib.sha256(blob).digest()
+    assert bytes(tags) == b"".join(r[-TAG_SIZE:] for r in _records(blob) or [blob[HEADER_SIZE:]])
+
+    def upload(path):
+        with open(path, "rb") as f:
+            sealed = _sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id, version=version), f, 2 * C)
+            return [bytes(b) for b in same.blocks(sealed)]
+
+    same = _SameRecords(bytes(tags), C)
+    assert b"".join(upload(src)) == blob and not same.changed
+    if size > 2 * C:  # the second block of the upload pass changes: the first one alone goes
+        src.write_bytes(data[:2 * C] + b"x" + data[2 * C + 1:])
+        sent = []
+        with pytest.raises(_SourceChanged), open(src, "rb") as f:
+            for b in same.blocks(_sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id, version=version),
+                                                f, 2 * C)):
+                sent.append(bytes(b))
+        assert same.changed and b"".join(sent) == blob[:HEADER_SIZE + 2 * REC]
