@@ -16,8 +16,9 @@ and max:
   file (what a durable copy costs: the blob store fsyncs before its 201, the
   client fsyncs what it downloaded), the plain ``copyfile``, SHA-256 on one
   core (``hashlib`` over a 64 MiB buffer in memory: the server hashes every
-  uploaded byte, the client every downloaded one) and ChaCha20-Poly1305 on one
-  core (64 KiB records, the blob format's);
+  uploaded byte, the client every downloaded one), and the two AEADs of the
+  blob format on one core (64 KiB records): ChaCha20-Poly1305 (``unibus-blob-v1``)
+  and AES-256-GCM (``-v2``, what clients write on a CPU with AES instructions);
 * **the four transfers**, each against a real ``membershipd serve`` on
   loopback (fs backend) started for the round: ``put`` = ``put_blob`` (what
   ``unibus blob put`` runs: encrypt, hash, upload, the server hashing,
@@ -123,11 +124,12 @@ def sha256_memory(size: int, buf: bytes) -> float:
     return time.perf_counter() - t
 
 
-def chacha_memory(size: int, buf: bytes) -> float:
-    """Seconds to seal ``size`` bytes with ChaCha20-Poly1305 on one core, in 64 KiB records."""
-    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+def aead_memory(size: int, buf: bytes, name: str = "chacha") -> float:
+    """Seconds to seal ``size`` bytes on one core in 64 KiB records, with ChaCha20-Poly1305
+    (``chacha``, the blob format's v1) or AES-256-GCM (``aesgcm``, its v2)."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
-    aead = ChaCha20Poly1305(os.urandom(32))
+    aead = {"chacha": ChaCha20Poly1305, "aesgcm": AESGCM}[name](os.urandom(32))
     rec = 64 * 1024
     out = bytearray(rec + 16)
     view = memoryview(buf)
@@ -157,14 +159,15 @@ def timed_sync(fn: Callable[[], object]) -> float:
 
 def floors(src: Path, size: int, scratch: Path, reps: int, buf: bytes) -> dict[str, list[float]]:
     out = scratch / "floor-copy"
-    rows: dict[str, list[float]] = {"copy+fsync": [], "copy": [], "sha256": [], "chacha": []}
+    rows: dict[str, list[float]] = {"copy+fsync": [], "copy": [], "sha256": [], "chacha": [], "aesgcm": []}
     for _ in range(reps):
         rows["copy+fsync"].append(timed_sync(lambda: copy_fsync(src, out)))
         out.unlink()
         rows["copy"].append(timed_sync(lambda: shutil.copyfile(src, out)))
         out.unlink()
         rows["sha256"].append(sha256_memory(size, buf))
-        rows["chacha"].append(chacha_memory(size, buf))
+        rows["chacha"].append(aead_memory(size, buf, "chacha"))
+        rows["aesgcm"].append(aead_memory(size, buf, "aesgcm"))
     return rows
 
 
@@ -428,6 +431,13 @@ def cell(size: int, secs: Sequence[float]) -> str:
     return f"**{rate(size, secs):,.0f}** ({rate(size, secs, 'worst'):,.0f}–{rate(size, secs, 'best'):,.0f})"
 
 
+def _blob_format_written() -> str:
+    """The blob format this tree's client writes on this machine (v2 where the CPU has AES instructions)."""
+    from unibus.client.blobs import FORMATS, WRITE_VERSION
+
+    return FORMATS[WRITE_VERSION].magic.decode("ascii")
+
+
 def render(data: dict[str, Any]) -> str:
     big = data["big"]
     ext = data["sha_ext"]
@@ -435,7 +445,10 @@ def render(data: dict[str, Any]) -> str:
     loads = data["loads"]
     env = (f"Measured {data['date']} by `{data['command']}`: **{data['cpu']}**, SHA extensions "
            f"**{'yes' if ext else 'no'}** (`{'sha_ni' if platform.machine() in ('x86_64', 'i686') else 'sha2'}` in "
-           f"/proc/cpuinfo), {data['cpus']} CPUs, Python {data['python']}, {data['kernel']}, files in "
+           f"/proc/cpuinfo), {data['cpus']} CPUs"
+           + (f", this tree's client writes `{data['writes']}` here (0.11.0's: `unibus-blob-v1`)"
+              if data.get("writes") else "")
+           + f", Python {data['python']}, {data['kernel']}, files in "
            f"{data['fs']}; client and daemon on loopback on the same machine, so they share the CPUs; 1-minute load "
            f"average {min(loads):.1f} to {max(loads):.1f} during the run (other work was running: the ratios are "
            "measured in the same rounds, the absolute figures are not comparable across runs).")
@@ -459,7 +472,10 @@ def render(data: dict[str, Any]) -> str:
                   f"| `shutil.copyfile` + fsync | {cell(size, fl['copy+fsync'])} |",
                   f"| `shutil.copyfile` | {cell(size, fl['copy'])} |",
                   f"| SHA-256, one core (`hashlib`, 64 MiB buffers) | {cell(size, fl['sha256'])} |",
-                  f"| ChaCha20-Poly1305, one core (64 KiB records) | {cell(size, fl['chacha'])} |", ""]
+                  f"| ChaCha20-Poly1305, one core (64 KiB records; blob format v1) | {cell(size, fl['chacha'])} |"]
+        if fl.get("aesgcm"):  # measurements kept before 0.12's v2 have no such row
+            lines.append(f"| AES-256-GCM, one core (64 KiB records; v2) | {cell(size, fl['aesgcm'])} |")
+        lines.append("")
         cf, sh = rate(size, fl["copy+fsync"]), rate(size, fl["sha256"])
         head = "| path | this tree MB/s | vs copy+fsync | vs SHA-256 |"
         rule = "|---|---:|---:|---:|"
@@ -545,6 +561,8 @@ def classify(frames: list[str]) -> str | None:
             return "SHA-256"
         if "chacha" in low or "poly1305" in low:
             return "ChaCha20-Poly1305"
+        if "gcm" in low or "ghash" in low or low.startswith("aesni"):
+            return "AES-256-GCM"
     for n in reversed(names):
         if n in _SYSCALLS:
             return _SYSCALLS[n]
@@ -633,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         buf = os.urandom(_BUF)
         data: dict[str, Any] = {
             "date": date.today().isoformat(), "command": command, "cpu": cpu_model(), "sha_ext": sha_extensions(),
+            "writes": _blob_format_written(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "kernel": f"{platform.system()} {platform.release()}",
             "fs": "a temp dir" if args.scratch is None else str(args.scratch),
