@@ -945,8 +945,9 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         # Steps 1-3, from the headers: not one byte of the body is read before them.
         await authenticator.authenticate(request, None if has_body else b"")
         handle = request[MEMBER_KEY].handle
+        transport = request.transport  # the connection: never pushed out while it serves this request
         if member_requests is not None:
-            member_requests.enter(handle)  # 429 when this member holds its share of the listener
+            member_requests.enter(handle, transport)  # 429 when this member holds its share of the listener
         try:
             if not has_body or request.match_info.http_exception is not None:
                 # No body, or an unknown route (404/405): the body is never read, and the
@@ -974,7 +975,7 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
             return response
         finally:
             if member_requests is not None:
-                member_requests.leave(handle)
+                member_requests.leave(handle, transport)
 
     return middleware
 

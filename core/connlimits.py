@@ -17,11 +17,15 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
 * **TLS handshake deadline**: the same time (asyncio's default is 60 s).
 * **Connections per listener** (:func:`max_connections`, from RLIMIT_NOFILE as it is at each
   new connection; the metrics listener: :data:`METRICS_MAX_CONNECTIONS`). At the limit
-  a new connection first pushes out the oldest *idle* one (waiting for a request head, in
-  its TLS handshake, or closing), which the idle deadline would have closed later anyway;
-  only when every connection is serving a request is the new one closed at once. So HTTP
-  connections alone never use up the descriptors, and clients that hold connections
-  without sending requests cannot keep members out.
+  a new connection pushes out the oldest one that is not serving a member's signed
+  request: idle (waiting for a request head, in its TLS handshake, or closing), which the
+  idle deadline would have closed later anyway, or busy with requests nobody signed (red
+  team: anonymous clients pipelining requests and reading their answers just fast enough
+  to pass the stall rule held every connection for good). Only when every connection
+  serves a member's request is the new one closed at once. So HTTP connections alone
+  never use up the descriptors, and clients that have signed nothing cannot keep members
+  out; the oldest goes first, so a newcomer has a while to sign its request however fast
+  others connect.
 * **accept() out of descriptors** (:class:`AcceptErrorLog`): one WARNING per
   :data:`ACCEPT_ERROR_LOG_INTERVAL`, no traceback; every failure is counted.
 * **A member's share** (:class:`MemberRequests`): a connection serving a request is
@@ -35,7 +39,13 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
   small ones to pipelined requests) kept a connection busy for good. Every response goes
   out in a middleware instead; one that cannot be handed over at once must be taken
   within the body deadline plus a second per :data:`SEND_MIN_RATE` bytes, or the
-  connection is dropped.
+  connection is dropped. Over TLS "taken" counts what waits in the socket's transport
+  under the TLS layer too (:meth:`_Gate.unsent`): a large answer goes there in one piece.
+* **Stalls** (:meth:`_Gate.pause_writing`): a connection whose writes are paused and whose
+  client takes nothing of them for a whole body deadline is dropped, whatever wrote them.
+* **TLS shutdown**: a closing TLS connection waits at most :data:`TLS_SHUTDOWN_TIMEOUT`
+  for its client's close_notify (asyncio's default is 30 s, during which its unsent
+  answers stay in memory).
 
 The listener is :class:`LimitedSite` (aiohttp's ``TCPSite``, plus :class:`_Gate`, the
 protocol of each accepted socket, which admits it and, for HTTPS, does the handshake with
@@ -50,6 +60,7 @@ import errno
 import logging
 import resource
 import ssl
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -172,6 +183,10 @@ class ConnectionLimiter:
         self.refused = 0
         #: connections dropped for taking nothing of what waited to be sent for a whole stall timeout
         self.stalled = 0
+        #: ``serving(transport)``: True while the connection of that (aiohttp) transport serves a
+        #: member's signed request (:meth:`MemberRequests.serving`); such a connection is never
+        #: pushed out. None: no connection is protected so (the metrics listener).
+        self.serving: Callable[[Any], bool] | None = None
         # insertion-ordered: the oldest connection first, and pushed out first
         self._open: dict[_Gate, None] = {}
         self._reported = (0, 0)
@@ -184,11 +199,16 @@ class ConnectionLimiter:
     def limit(self) -> int:
         return self._limit() if callable(self._limit) else self._limit
 
+    def _protected(self, conn: _Gate) -> bool:
+        serving = self.serving
+        return serving is not None and not conn.idle() and serving(conn.app_transport)
+
     def admit(self, conn: _Gate) -> bool:
-        """Count ``conn`` in; at the limit, push the oldest idle connection out first. False
-        (and counted) when every connection is busy: the caller closes ``conn``."""
+        """Count ``conn`` in; at the limit, push out the oldest connection that does not serve a
+        member's signed request first. False (and counted) when every connection does: the
+        caller closes ``conn``."""
         if len(self._open) >= self.limit:
-            victim = next((c for c in self._open if c.idle()), None)
+            victim = next((c for c in self._open if not self._protected(c)), None)
             if victim is None:
                 self.refused += 1
                 self._log.hit(asyncio.get_running_loop())
@@ -214,9 +234,10 @@ class ConnectionLimiter:
         """The WARNING of a listener at its limit: at most one per LIMIT_LOG_INTERVAL (:class:`_Every`)."""
         evicted, refused = self.evicted - self._reported[0], self.refused - self._reported[1]
         self._reported = (self.evicted, self.refused)
-        log.warning("%s: at its limit of %d open connections: %d idle connection(s) closed early to make room, "
-                    "%d new one(s) closed at once as every connection was busy%s", self.where, self.limit, evicted,
-                    refused, "" if since is None else f" (in the last {since:.0f} s)")
+        log.warning("%s: at its limit of %d open connections: %d connection(s) idle or serving no member's "
+                    "request closed early to make room, %d new one(s) closed at once as every connection served a "
+                    "member%s", self.where, self.limit, evicted, refused,
+                    "" if since is None else f" (in the last {since:.0f} s)")
 
 
 class _Gate(asyncio.Protocol):
@@ -240,6 +261,33 @@ class _Gate(asyncio.Protocol):
     @property
     def handshaking(self) -> bool:
         return self._handler is None
+
+    @property
+    def tls(self) -> bool:
+        return self._app is not None and self._app is not self._raw
+
+    @property
+    def app_transport(self) -> Any:
+        """The transport aiohttp reads and writes (``request.transport``): the socket's, or TLS over it."""
+        return self._app
+
+    def unsent(self) -> int:
+        """Bytes written to this connection that the kernel has not taken yet: the TLS transport's
+        and, under it, the socket transport's. asyncio's TLS layer hands the socket's transport
+        all it has encrypted whenever that one is not paused, so a large answer written in one
+        piece waits there, with the TLS transport empty and never paused (red team)."""
+        app, raw = self._app, self._raw
+        n = app.get_write_buffer_size() if app is not None else 0
+        if raw is not None and raw is not app:
+            n += raw.get_write_buffer_size()
+        return n
+
+    async def drained(self, most: int) -> None:
+        """Return once at most ``most`` bytes are unsent, or the connection is closing. Polled
+        every :data:`DRAIN_POLL` s: the socket's transport under TLS reports its flow control
+        to asyncio's TLS layer, not to us. For the caller's deadline to bound."""
+        while self.unsent() > most and self._raw is not None and not self._raw.is_closing():
+            await asyncio.sleep(DRAIN_POLL)
 
     def idle(self) -> bool:
         """True when closing this connection loses no request: in its TLS handshake, closing,
@@ -278,7 +326,8 @@ class _Gate(asyncio.Protocol):
             app = None
             if not raw.is_closing():  # evicted, or the client left, before the handshake began
                 app = await asyncio.get_running_loop().start_tls(
-                    raw, self, site.ssl_context, server_side=True, ssl_handshake_timeout=site.handshake_timeout)
+                    raw, self, site.ssl_context, server_side=True, ssl_handshake_timeout=site.handshake_timeout,
+                    ssl_shutdown_timeout=min(site.handshake_timeout, TLS_SHUTDOWN_TIMEOUT))
         except asyncio.CancelledError:  # evicted, or the listener stops
             self._drop()
             raise
@@ -308,6 +357,7 @@ class _Gate(asyncio.Protocol):
             transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         handler = self._site.runner.server()
         self._handler = handler
+        _GATES[transport] = self
         handler.connection_made(transport)
         early, self._early = self._early, []
         for data in early:
@@ -343,7 +393,7 @@ class _Gate(asyncio.Protocol):
         if timeout is None or self._app is None:
             return
         self._disarm_stall()
-        self._unsent = self._app.get_write_buffer_size()
+        self._unsent = self.unsent()
         self._stall = asyncio.get_running_loop().call_later(timeout, self._stalled)
 
     def _disarm_stall(self) -> None:
@@ -355,7 +405,7 @@ class _Gate(asyncio.Protocol):
         self._stall = None
         if self._app is None or self._app.is_closing():
             return
-        if self._app.get_write_buffer_size() < self._unsent:  # the client took some: slow, not stalled
+        if self.unsent() < self._unsent:  # the client took some: slow, not stalled
             self._arm_stall()
             return
         self._site.limiter.stalled += 1
@@ -473,6 +523,15 @@ class AcceptErrorLog:
 
 #: The write buffer of a TLS connection's transport pauses its writer past this, as a plain one does.
 TLS_WRITE_HIGH_WATER = 64 * 1024
+#: Seconds a closing TLS connection waits for its client's close_notify (and for what it had
+#: left to send) before it is aborted, at most: asyncio's default is 30 s whatever the idle
+#: deadline, during which the connection and its unsent answers stay (red team). Answers of
+#: more than :data:`SEND_AT_ONCE` were taken before their response was done (send_within).
+TLS_SHUTDOWN_TIMEOUT = 5.0
+#: Seconds between two looks at what a TLS connection has left to send (:meth:`_Gate.drained`).
+DRAIN_POLL = 0.05
+#: The gate of each connection aiohttp serves, by its transport (``request.transport``).
+_GATES: weakref.WeakKeyDictionary[Any, _Gate] = weakref.WeakKeyDictionary()
 #: The part of the control plane's connection limit one member's signed requests in progress may
 #: hold at once (an eighth: eight members acting together fill it, one cannot), and the least:
 #: at the smallest limit (16) one member holds a quarter.
@@ -497,24 +556,32 @@ async def send_within(request: web.Request, response: web.StreamResponse, deadli
     out here: one that fits, with what the connection has not sent yet, in
     :data:`SEND_AT_ONCE` is handed to the transport as aiohttp would (no timer); any other
     must be taken within ``deadline`` plus a second per :data:`SEND_MIN_RATE` bytes, or the
-    connection is dropped. aiohttp's own calls are then no-ops. A response its handler
-    prepared already (a streamed blob download, with its own pacing) is left alone.
+    connection is dropped. Over TLS, "taken" means until at most :data:`SEND_AT_ONCE` is
+    left under the TLS layer too (:meth:`_Gate.unsent`): aiohttp's drain looks at the TLS
+    transport only, which had handed a whole large answer to the socket's transport and
+    was empty (red team: one member's unread answers were neither counted nor bounded).
+    aiohttp's own calls are then no-ops. A response its handler prepared already (a
+    streamed blob download, with its own pacing) is left alone.
     """
     if response.prepared:
         return False
     if body_unread(request):
         response.force_close()  # the rest of the body is never read: no next request on this connection
     transport = request.transport
+    gate = _GATES.get(transport) if transport is not None else None
     body = getattr(response, "body", None)
     size = len(body) if isinstance(body, (bytes, bytearray)) else None
     try:
-        if size is not None and transport is not None and size + transport.get_write_buffer_size() <= SEND_AT_ONCE:
+        unsent = gate.unsent() if gate is not None else (transport.get_write_buffer_size() if transport else 0)
+        if size is not None and transport is not None and size + unsent <= SEND_AT_ONCE:
             await response.prepare(request)
             await response.write_eof()
             return False
         async with asyncio.timeout(deadline + (size or 0) / SEND_MIN_RATE):
             await response.prepare(request)
             await response.write_eof()
+            if gate is not None and gate.tls:  # out of the socket's transport under the TLS layer too
+                await gate.drained(SEND_AT_ONCE)
     except TimeoutError:
         if transport is not None:
             transport.abort()  # aiohttp then finds the client gone, as for any disconnect
@@ -538,6 +605,8 @@ class MemberRequests:
     def __init__(self, limit: Callable[[], int] | None = None) -> None:
         self.limit = limit
         self.by_member: dict[str, int] = {}
+        #: requests in progress by connection (its aiohttp transport): :meth:`serving`
+        self.by_connection: dict[Any, int] = {}
         self.refused = 0
         #: responses whose client took too little of them in time: the connection was dropped
         self.stalled = 0
@@ -546,8 +615,14 @@ class MemberRequests:
         limit = self.limit() if self.limit is not None else 0
         return max(MIN_MEMBER_REQUESTS, limit // MEMBER_SHARE)
 
-    def enter(self, handle: str) -> None:
-        """Count one request of ``handle`` in, or raise a 429 problem when it holds its share."""
+    def serving(self, transport: Any) -> bool:
+        """True while the connection of ``transport`` serves a signed request: the listener never
+        pushes such a connection out to make room (:class:`ConnectionLimiter`)."""
+        return transport in self.by_connection
+
+    def enter(self, handle: str, transport: Any = None) -> None:
+        """Count one request of ``handle`` (on the connection of ``transport``) in, or raise a 429
+        problem when it holds its share."""
         held = self.by_member.get(handle, 0)
         if held >= MIN_MEMBER_REQUESTS and held >= (most := self.per_member()):
             from .problems import Problem
@@ -558,6 +633,8 @@ class MemberRequests:
                                "let one finish first", kind="too-many-requests", max_requests=most,
                           headers={"Retry-After": "1"})
         self.by_member[handle] = held + 1
+        if transport is not None:
+            self.by_connection[transport] = self.by_connection.get(transport, 0) + 1
 
     async def send(self, request: web.Request, response: web.StreamResponse, deadline: float) -> None:
         """:func:`send_within`, while the request still counts for its member: aiohttp writes a
@@ -566,12 +643,18 @@ class MemberRequests:
         if await send_within(request, response, deadline):
             self.stalled += 1
 
-    def leave(self, handle: str) -> None:
+    def leave(self, handle: str, transport: Any = None) -> None:
         held = self.by_member.get(handle, 0) - 1
         if held > 0:
             self.by_member[handle] = held
         else:
             self.by_member.pop(handle, None)
+        if transport is not None:
+            n = self.by_connection.get(transport, 0) - 1
+            if n > 0:
+                self.by_connection[transport] = n
+            else:
+                self.by_connection.pop(transport, None)
 
 
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "DEFAULT_IDLE_TIMEOUT", "FD_RESERVE", "IDLE_TIMEOUT_ENV",

@@ -338,6 +338,7 @@ class Daemon:
         limiter = ConnectionLimiter("http", nofile_limit, where=f"--http-addr {s.http_addr}")
         self.metrics.connections["http"] = limiter
         self.member_requests.limit = lambda: limiter.limit
+        limiter.serving = self.member_requests.serving
         site = LimitedSite(self.runner, s.http_addr.host, s.http_addr.port, limiter=limiter, ssl_context=http_tls,
                            handshake_timeout=self.idle_timeout, stall_timeout=self.body_timeout)
         try:

@@ -537,18 +537,20 @@ def dropped(node: Node) -> float:
             + node.metric("unibus_http_connections_stalled_total", listener="http"))
 
 
-def test_a_response_its_client_does_not_read_counts_until_sent_and_has_a_deadline(tmp_path):
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_a_response_its_client_does_not_read_counts_until_sent_and_has_a_deadline(tmp_path, scheme):
     """Red team: aiohttp writes a response after the middlewares return, so a member's GET of a
     large response it never read was no longer counted, never idle, and never ended: one member
     held every connection that way. Now the response goes out while the request counts, and a
     client that takes too little of it in time (the body deadline, plus a second per 32 KiB) is
-    dropped."""
+    dropped. Over HTTPS, a later red team: asyncio's TLS layer hands the whole encrypted answer
+    to the socket's transport, so the TLS transport was empty at once and the count ended (300
+    unread answers of one member, 430 MB held); what waits under the TLS layer counts too now."""
     import asyncio
 
     from unibus.client import UnibusClient
 
-    # plain HTTP: over HTTPS the count ends once the answer is in the TLS transport (docs/http-api.md)
-    node = start_node(tmp_path, idle=2.0, body=3.0, https=False, nofile=NOFILE, metrics=True)
+    node = start_node(tmp_path, idle=2.0, body=3.0, https=scheme == "https", nofile=NOFILE, metrics=True)
     held: list[socket.socket] = []
     try:
         async def grow() -> None:
@@ -639,6 +641,82 @@ def test_answers_aiohttp_writes_itself_are_dropped_when_never_read(tmp_path, sch
     finally:
         closing(*held)
         stop_node(node)
+
+
+def pipelined_slowly_read(node: Node, heads: bytes, stop: threading.Event, rate: int = 64_000) -> socket.socket:
+    """A connection that sends ``heads`` (pipelined; few enough that the kernel takes them at once)
+    and then reads the answers at about ``rate`` bytes per second, steadily (the red team's 64 KB/s,
+    above the send deadline's least rate): never stalled, and busy for as long as its answers
+    last. One thread does both: a TLS socket is not to be used from two threads at once."""
+    s = slow_reader(node)
+
+    def read() -> None:
+        piece = rate // 10
+        with contextlib.suppress(OSError, ValueError):
+            s.sendall(heads)
+            while not stop.is_set():
+                got = 0
+                while got < piece:  # over TLS a recv returns one record's bytes at most
+                    n = len(s.recv(piece - got))
+                    if not n:
+                        return
+                    got += n
+                time.sleep(0.1)
+
+    threading.Thread(target=read, daemon=True).start()
+    return s
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_busy_connections_nobody_signed_make_room_for_members(tmp_path, scheme):
+    """Red team: anonymous clients pipelining 404s and reading the answers just fast enough
+    (64 KB/s each, or 8 KB/s with the default deadlines) were neither idle nor stalled, so they
+    held every connection for as long as they liked, and no member got in. At the limit a new
+    connection now pushes out the oldest one that serves no member's signed request, busy or
+    not. (Over HTTPS, the same steady readers were also dropped as stalled: what they took
+    drained the socket's transport under the TLS layer, which the stall rule did not count.)"""
+    node = start_node(tmp_path, idle=2.0, body=3.0, https=scheme == "https", nofile=NOFILE, metrics=True)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+    try:
+        heads = request_head("GET", "/nope", {}, node.port) * 2500  # 110 KB; 1 MB of answers: 15 s of reading
+        for _ in range(CAP):
+            held.append(pipelined_slowly_read(node, heads, stop))
+        time.sleep(5.0)  # past the stall timeout (the body deadline, 3 s): slow, not stalled
+        assert node.metric("unibus_http_connections", listener="http") == CAP
+        assert node.metric("unibus_http_connections_stalled_total", listener="http") == 0
+        evicted = node.metric("unibus_http_connections_evicted_total", listener="http")
+        for _ in range(3):
+            assert node.get_me("alice") == 200
+            assert node.get_me("bob") == 200
+        assert node.metric("unibus_http_connections_evicted_total", listener="http") >= evicted + 1
+        assert node.metric("unibus_http_connections_refused_total", listener="http") == 0
+    finally:
+        stop.set()
+        closing(*held)
+        stop_node(node)
+
+
+def test_a_closing_tls_connection_waits_for_its_clients_close_notify_only_briefly(tmp_path):
+    """Red team: asyncio waits 30 s for a client's close_notify when a TLS connection closes, whatever
+    the deadlines, and the connection, with what it had left to send, stayed counted that long (a
+    parser's 400, then nothing read). It waits TLS_SHUTDOWN_TIMEOUT now."""
+    from unibus.connlimits import TLS_SHUTDOWN_TIMEOUT
+
+    capped = start_node(tmp_path, idle=CAPPED_IDLE, body=CAPPED_BODY, https=True, nofile=NOFILE, metrics=True)
+    s = slow_reader(capped)
+    try:
+        s.sendall(b"\x01" * 6000 + b" / HTTP/1.1\r\n\r\n")  # a 400 that echoes the line, never read
+        started = time.monotonic()
+        deadline = started + TLS_SHUTDOWN_TIMEOUT + 10
+        while capped.metric("unibus_http_connections", listener="http") > 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert capped.metric("unibus_http_connections", listener="http") == 0
+        assert time.monotonic() - started < 20  # asyncio's own 30 s are not waited for
+        assert read_until_closed(s, 5) is not None  # the daemon closed it
+    finally:
+        s.close()
+        stop_node(capped)
 
 
 # --------------------------------------------------------------------------- out of descriptors
