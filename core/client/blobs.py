@@ -43,12 +43,14 @@ import asyncio
 import base64
 import concurrent.futures
 import contextlib
+import errno
 import functools
 import hashlib
 import itertools
 import io
 import os
 import secrets
+import stat
 import struct
 import tempfile
 import urllib.parse
@@ -102,6 +104,9 @@ CHUNK_SIZE = 64 * 1024
 MIN_CHUNK_SIZE = 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
 _EPOCH_MAX = 2**63 - 1
+#: the epochs a room key can have (docs/http-api.md: from 1, JSON-safe integers); a blob naming
+#: another one is refused before its key is asked for
+_ROOM_EPOCH_MAX = 2**53 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
 #: plaintext bytes sealed per block by the digest pass of :func:`put_blob` (into two
@@ -147,24 +152,31 @@ FORMATS: dict[int, BlobFormat] = {
 _BY_MAGIC = {f.magic: f for f in FORMATS.values()}
 
 
-def _aes_in_hardware(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """False only when ``cpuinfo`` says the CPU has no AES instructions (x86 ``flags``,
-    Arm ``Features``: ``aes``); True where it cannot be read (macOS: every CPU it runs on has them).
+#: CPUs whose every model OpenSSL runs AES-GCM on in hardware, where no ``cpuinfo`` says otherwise
+#: (macOS has no /proc/cpuinfo: every Mac CPU has AES instructions)
+_AES_MACHINES = frozenset({"x86_64", "amd64", "arm64", "aarch64", "ppc64le", "s390x"})
+
+
+def _aes_in_hardware(cpuinfo: str = "/proc/cpuinfo", machine: str | None = None) -> bool:
+    """Whether this CPU has AES instructions: the ``aes`` flag of x86 (``flags``) or Arm
+    (``Features``) in ``cpuinfo``; where no such line is found, whether ``machine``
+    (``platform.machine()``) is one of :data:`_AES_MACHINES` (RISC-V, 32-bit Arm and
+    others write v1).
 
     Without them OpenSSL's AES-GCM runs in constant-time software, several times
     slower than ChaCha20-Poly1305 (a Raspberry Pi 4, for one); with them, four
     times faster (docs/benchmarks.md, "Blobs").
     """
-    try:
+    import platform
+
+    with contextlib.suppress(OSError):
         with open(cpuinfo, "rb") as f:
             text = f.read(4 * 1024 * 1024)
-    except OSError:
-        return True
-    for line in text.splitlines():
-        name, sep, value = line.partition(b":")
-        if sep and name.strip() in (b"flags", b"Features"):
-            return b"aes" in value.split()
-    return True
+        for line in text.splitlines():
+            name, sep, value = line.partition(b":")
+            if sep and name.strip() in (b"flags", b"Features"):
+                return b"aes" in value.split()
+    return (machine if machine is not None else platform.machine()).lower() in _AES_MACHINES
 
 
 #: the version this client writes: 2 (AES-256-GCM), or 1 (ChaCha20-Poly1305) on a
@@ -673,7 +685,7 @@ def _record_tags(block: Any, chunk_size: int) -> bytes:
     return b"".join(view[e - TAG_SIZE:e] for e in ends)
 
 
-def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],
+def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str] | IO[bytes],
                   dst: str | os.PathLike[str] | None, *, chunk_size: int = CHUNK_SIZE,
                   file_id: bytes | None = None, version: int = WRITE_VERSION,
                   tags: bytearray | None = None) -> BlobCiphertext:
@@ -689,7 +701,8 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id, version=version)
     h = hashlib.sha256()
     size = 0
-    with open(src, "rb", buffering=0) as s, ThreadPoolExecutor(1) as pool, \
+    given = hasattr(src, "readinto")  # a file put_blob opened (_open_source): the caller closes it
+    with (contextlib.nullcontext(src) if given else open(src, "rb", buffering=0)) as s, ThreadPoolExecutor(1) as pool, \
             (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d:
         def out(b: bytes | bytearray) -> None:
             h.update(b)
@@ -1124,6 +1137,26 @@ class _SourceChanged(OSError):
     pass
 
 
+def _open_source(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
+    """Open the file ``put_blob`` uploads, for one of its passes: a regular file only (a FIFO
+    would block the open, a device such as /dev/zero never ends: red team), opened without
+    blocking; with ``same_as``, it must be the file the first pass read (device and inode),
+    else :class:`_SourceChanged`. Returns it, unbuffered, and its (device, inode)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file: put_blob uploads files", str(path))
+        ident = (st.st_dev, st.st_ino)
+        if same_as is not None and ident != same_as:
+            raise _SourceChanged(f"{path} changed while it was being uploaded; nothing was stored")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb", buffering=0), ident
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class _SameRecords:
     """The upload pass of :func:`put_blob` may send only the records its digest pass sealed.
 
@@ -1155,14 +1188,15 @@ class _SameRecords:
             yield block
 
 
-async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, file_id: bytes, version: int,
-                       size: int, same: _SameRecords, progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
+async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, ident: tuple[int, int],
+                       file_id: bytes, version: int, size: int, same: _SameRecords,
+                       progress: Progress | None) -> AsyncIterator[bytes | bytearray]:
     """The blob of ``path`` sealed again with the ``file_id`` and version of the digest pass: the
     same bytes, block by block, each sealed in a worker thread while the previous one is sent, and
     each checked to hold the records of the digest pass before it goes (:class:`_SameRecords`)."""
     loop = asyncio.get_running_loop()
     enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id, version=version)
-    f = await asyncio.to_thread(open, path, "rb", buffering=0)
+    f, _ident = await asyncio.to_thread(_open_source, path, ident)
     c = enc.chunk_size
     block = min(UPLOAD_BLOCK, max(c, -(-size // c) * c))  # a small file: buffers of its size only
     sealed = _sealed_blocks(enc, f, block, reuse=True)
@@ -1233,8 +1267,12 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     version = WRITE_VERSION
     tags = bytearray()
     before = await asyncio.to_thread(_stat_key, src)
-    ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, src, None, file_id=file_id, version=version,
-                                 tags=tags)
+    f, ident = await asyncio.to_thread(_open_source, src)
+    try:
+        ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, f, None, file_id=file_id, version=version,
+                                     tags=tags)
+    finally:
+        f.close()
     same = _SameRecords(bytes(tags), CHUNK_SIZE)
 
     def changed() -> bool:
@@ -1245,11 +1283,12 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
 
     try:
         return await _upload(client, room_id, ct.sha256, ct.size,
-                             lambda: _sealed_body(key, room_id, epoch, src, file_id, version, ct.size, same,
-                                                  progress))
+                             lambda: _sealed_body(key, room_id, epoch, src, ident, file_id, version, ct.size,
+                                                  same, progress))
     except Exception:
         # A changed file stops the body before its first other record
-        # (_SameRecords), or ends it early (another size): nothing was stored.
+        # (_SameRecords), or ends it early (another size), or is another file
+        # (_open_source): nothing was stored.
         if same.changed or await asyncio.to_thread(changed):
             raise OSError(f"{src} changed while it was being uploaded; nothing was stored") from None
         raise
@@ -1287,6 +1326,9 @@ async def _decrypt_into(client: Any, room_id: str, blob_id: str, progress: Progr
 
     async def first(data: bytes) -> None:
         consume([data])  # the header, and what follows it, held back until the key is set
+        if dec.header is not None and not 1 <= dec.header.epoch <= _ROOM_EPOCH_MAX:
+            raise BlobFormatError(f"blob {blob_id} names epoch {dec.header.epoch}, which no room key has "
+                                  f"(epochs are 1 to {_ROOM_EPOCH_MAX}): not a blob of this room")
         if dec.needs_key:
             _epoch, key = await client.room_key(room_id, dec.header.epoch)
             dec.set_key(key)

@@ -92,21 +92,26 @@ def test_writers_use_version_2_where_the_cpu_has_aes_instructions():
     assert parse_header(enc(b"x")).version == WRITE_VERSION
 
 
-@pytest.mark.parametrize("cpuinfo, has_aes", [
-    ("processor\t: 0\nflags\t\t: fpu sse2 aes avx2 sha_ni\n\nprocessor\t: 1\n", True),
-    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 aesx\n", False),  # a flag that only contains "aes"
-    ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n", True),  # Arm with crypto
-    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n", False),  # a Raspberry Pi 4
-    ("processor\t: 0\nmodel name\t: something else\n", True),  # nothing said: AES assumed
-    (None, True),  # no /proc/cpuinfo (macOS)
+@pytest.mark.parametrize("cpuinfo, machine, has_aes", [
+    ("processor\t: 0\nflags\t\t: fpu sse2 aes avx2 sha_ni\n\nprocessor\t: 1\n", "x86_64", True),
+    ("processor\t: 0\nflags\t\t: fpu sse2 avx2 aesx\n", "x86_64", False),  # a flag that only contains "aes"
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32\n", "aarch64", True),  # Arm crypto
+    ("processor\t: 0\nFeatures\t: fp asimd evtstrm crc32 cpuid\n", "aarch64", False),  # a Raspberry Pi 4
+    ("processor\t: 0\nmodel name\t: something else\n", "x86_64", True),  # no flags: every x86-64 server has AES
+    ("processor\t: 0\nisa\t\t: rv64imafdc_zicsr\n", "riscv64", False),  # RISC-V: software AES, so v1
+    (b"\x00\xff" * 1000, "armv7l", False),  # binary junk, 32-bit Arm
+    (None, "arm64", True),  # no /proc/cpuinfo: macOS on Apple silicon
+    (None, "x86_64", True),  # macOS on Intel
 ])
-def test_the_write_version_follows_the_cpus_aes_instructions(tmp_path, cpuinfo, has_aes):
+def test_the_write_version_follows_the_cpus_aes_instructions(tmp_path, cpuinfo, machine, has_aes):
     from unibus.client.blobs import _aes_in_hardware
 
     path = tmp_path / "cpuinfo"
-    if cpuinfo is not None:
+    if isinstance(cpuinfo, bytes):
+        path.write_bytes(cpuinfo)
+    elif cpuinfo is not None:
         path.write_text(cpuinfo)
-    assert _aes_in_hardware(str(path)) is has_aes
+    assert _aes_in_hardware(str(path), machine) is has_aes
 
 
 def test_two_encryptions_differ_and_both_decrypt():

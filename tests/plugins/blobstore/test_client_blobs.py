@@ -195,6 +195,73 @@ async def test_a_file_changed_between_the_two_passes_stores_nothing(world, tmp_p
     assert world.blobstore_health() == before
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+async def test_put_blob_uploads_regular_files_only(world, tmp_path, kind):
+    """Red team: a FIFO blocked put_blob's open for good, and /dev/zero sealed for ever; the
+    worker thread then kept the process from exiting even once put_blob was cancelled."""
+    import asyncio
+    from pathlib import Path
+
+    rid = await world.room()
+    if kind == "fifo":
+        src = tmp_path / "fifo"
+        os.mkfifo(src)
+    else:
+        src = Path("/dev/zero")
+    with pytest.raises(OSError, match="not a regular file"):
+        await asyncio.wait_for(put_blob(world.clients["carol"], rid, src), 20)
+    assert world.stored(rid) == []
+
+
+@pytest.mark.parametrize("by", ["fifo", "same-bytes"])
+async def test_a_file_replaced_between_the_two_passes_is_not_read(world, tmp_path, monkeypatch, by):
+    """The upload pass reads the file the digest pass read (its device and inode), or nothing:
+    a FIFO put in its place would block the open, and another file is another file."""
+    import asyncio
+
+    from unibus.client import blobs
+
+    rid = await world.room()
+    src = tmp_path / "p"
+    data = os.urandom(3 * CHUNK_SIZE)
+    src.write_bytes(data)
+    real = blobs._encrypt_path
+
+    def digest_pass(*args, **kwargs):
+        ct = real(*args, **kwargs)
+        src.unlink()
+        if by == "fifo":
+            os.mkfifo(src)
+        else:
+            src.write_bytes(data)
+        return ct
+
+    monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
+    with pytest.raises(OSError, match="changed while it was being uploaded"):
+        await asyncio.wait_for(put_blob(world.clients["carol"], rid, src), 20)
+    assert world.stored(rid) == []
+
+
+@pytest.mark.parametrize("epoch", [0, 2**53, 2**63 - 1])
+async def test_a_blob_naming_an_epoch_no_key_has_is_refused_before_its_key_is_asked(world, tmp_path, epoch):
+    """Red team: a member (or a compromised server) stored a blob whose header names epoch 0 or
+    2^63-1, and get_blob asked the server for that epoch's key: a 422 ApiError, not a blob error."""
+    import io
+
+    from unibus.client.blobs import encrypt_stream
+
+    rid = await world.room()
+    raw = tmp_path / "crafted"
+    out = io.BytesIO()
+    ct = encrypt_stream(bytes(32), rid, epoch, io.BytesIO(b"hello"), out)
+    raw.write_bytes(out.getvalue())
+    blob_id = await put_raw_blob(world.clients["carol"], rid, raw, sha256=ct.sha256)
+    target = tmp_path / "out"
+    with pytest.raises(BlobFormatError, match=f"names epoch {epoch}, which no room key has"):
+        await get_blob(world.clients["bob"], rid, blob_id, target)
+    assert not target.exists()
+
+
 async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_path, monkeypatch):
     """Cancelling put_blob in the middle of its second pass (a block being sealed in a
     worker thread) stores nothing; the server drops the partial upload; a new put works."""
