@@ -58,7 +58,10 @@ def unsent(transport: Any) -> int:
     in large steps, so its transport buffer alone can stay put while the client reads)."""
     if transport is None:
         return 0
-    waiting = transport.get_write_buffer_size()
+    try:
+        waiting = transport.get_write_buffer_size()
+    except AttributeError:  # asyncio's TLS transport, closed twice, has let go of its protocol (red team)
+        return 0
     sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError, ValueError, AttributeError):

@@ -697,6 +697,105 @@ def test_busy_connections_nobody_signed_make_room_for_members(tmp_path, scheme):
         stop_node(node)
 
 
+def test_a_member_pipelining_signed_requests_is_not_pushed_out_between_two(tmp_path):
+    """Red team: between two pipelined signed requests (the next one parsed and its signature
+    being checked) the connection served nobody's request, so a flood pushed it out: 0 of 200
+    answered. It stays a member's connection until its next request is authenticated or
+    refused."""
+    node = start_node(tmp_path, idle=2.0, body=3.0, https=False, nofile=NOFILE, metrics=True)
+    stop = threading.Event()
+    held: list[socket.socket] = []
+    try:
+        count = 1500
+        heads = b"".join(request_head("GET", "/v1/me", sign_request(
+            "GET", "/v1/me", None, keyid="bob", private_key=node.people["bob"].sign_key), node.port)
+            for _ in range(count))
+        member = socket.create_connection(("127.0.0.1", node.port), timeout=SOCKET_TIMEOUT)  # the oldest
+        held.append(member)
+        statuses: list[int] = []
+
+        def read_all() -> None:  # pipelined answers: several may come in one recv
+            buf = b""
+            with contextlib.suppress(OSError):
+                while len(statuses) < count:
+                    while b"\r\n\r\n" not in buf:
+                        chunk = member.recv(65536)
+                        if not chunk:
+                            return
+                        buf += chunk
+                    head, rest = buf.split(b"\r\n\r\n", 1)
+                    lines = head.decode("latin-1").split("\r\n")
+                    length = next(int(v) for k, _, v in (x.partition(":") for x in lines[1:])
+                                  if k.lower() == "content-length")
+                    while len(rest) < length:
+                        chunk = member.recv(65536)
+                        if not chunk:
+                            return
+                        rest += chunk
+                    statuses.append(int(lines[0].split(" ")[1]))
+                    buf = rest[length:]
+
+        reader = threading.Thread(target=read_all, daemon=True)
+        reader.start()
+        def send_all() -> None:
+            with contextlib.suppress(OSError):
+                member.sendall(heads)
+
+        threading.Thread(target=send_all, daemon=True).start()
+        anonymous = request_head("GET", "/nope", {}, node.port) * 2500
+        for _ in range(CAP - 1):
+            held.append(pipelined_slowly_read(node, anonymous, stop))
+        for _ in range(150):  # a flood of busy newcomers: each pushes out the oldest it may
+            held.append(pipelined_slowly_read(node, anonymous, stop))
+            time.sleep(0.005)
+        reader.join(60)
+        assert statuses == [200] * count
+        assert node.metric("unibus_http_connections_evicted_total", listener="http") >= 100
+    finally:
+        stop.set()
+        closing(*held)
+        stop_node(node)
+
+
+def test_an_https_blob_download_whose_client_leaves_at_once_logs_no_error(tmp_path):
+    """Red team: asyncio's TLS transport, closed twice, lets go of its protocol, and the blob
+    stream's pacing asked it for its buffer size: an ERROR "streaming failed" for a download
+    its client had read whole."""
+    from unibus.client.blobs import sign_streamed_request
+
+    node = start_node(tmp_path, idle=30.0, body=30.0, https=True, nofile=NOFILE, metrics=True)
+    try:
+        def signed(method: str, target: str, body: bytes | None = None, **extra: str) -> dict[str, str]:
+            h = sign_request(method, target, body, keyid="alice", private_key=node.alice.sign_key)
+            h.update(extra)
+            return h
+
+        body = json.dumps({"name": "r"}).encode()
+        with node.connect() as s:
+            s.sendall(request_head("POST", "/v1/rooms", signed("POST", "/v1/rooms", body, **{
+                "Content-Type": "application/json", "Content-Length": str(len(body))}), node.port) + body)
+            room = json.loads(read_response(s)[1])["room_id"]
+        blob = os.urandom(2 * 1024 * 1024)
+        target = f"/v1/rooms/{room}/blobs"
+        h = sign_streamed_request("PUT", target, hashlib.sha256(blob).digest(), keyid="alice",
+                                  private_key=node.alice.sign_key)
+        h.update({"Content-Type": "application/octet-stream", "Content-Length": str(len(blob))})
+        with node.connect() as s:
+            s.sendall(request_head("PUT", target, h, node.port) + blob)
+            assert read_response(s)[0] == 201
+        target = f"/v1/rooms/{room}/blobs/{hashlib.sha256(blob).hexdigest()}"
+        for slow in (False, True, False, True):
+            s = slow_reader(node) if slow else node.connect()
+            with s:
+                s.sendall(request_head("GET", target, signed("GET", target), node.port))
+                assert read_response(s) == (200, blob)
+        time.sleep(1.0)
+    finally:
+        stop_node(node)
+    log = node.proc.log_text()
+    assert " ERROR " not in log, [line for line in log.splitlines() if " ERROR " in line]
+
+
 def test_a_closing_tls_connection_waits_for_its_clients_close_notify_only_briefly(tmp_path):
     """Red team: asyncio waits 30 s for a client's close_notify when a TLS connection closes, whatever
     the deadlines, and the connection, with what it had left to send, stayed counted that long (a
