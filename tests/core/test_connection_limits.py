@@ -672,8 +672,8 @@ def test_busy_connections_nobody_signed_make_room_for_members(tmp_path, scheme):
     """Red team: anonymous clients pipelining 404s and reading the answers just fast enough
     (64 KB/s each, or 8 KB/s with the default deadlines) were neither idle nor stalled, so they
     held every connection for as long as they liked, and no member got in. At the limit a new
-    connection now pushes out the oldest one that serves no member's signed request, busy or
-    not. (Over HTTPS, the same steady readers were also dropped as stalled: what they took
+    connection now pushes out, when no idle one has nothing left to send, the one serving no
+    member's signed request that served the most unsigned requests. (Over HTTPS, the same steady readers were also dropped as stalled: what they took
     drained the socket's transport under the TLS layer, which the stall rule did not count.)"""
     node = start_node(tmp_path, idle=2.0, body=3.0, https=scheme == "https", nofile=NOFILE, metrics=True)
     stop = threading.Event()
