@@ -933,10 +933,7 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
     @web.middleware
     async def middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[Any]]) -> web.StreamResponse:
         request[BODY_TIMEOUT_KEY] = body_timeout  # for the handler, and for sending the response (a 401 too)
-        transport = request.transport  # the connection: never pushed out while it serves a member
         if not request.path.startswith("/v1/") and _open_route(request):
-            if member_requests is not None:
-                member_requests.forget(transport)  # not signed: no more a member's connection
             if (request.body_exists and request.match_info.http_exception is None
                     and not getattr(request.match_info.handler, STREAMING_ATTR, False)):
                 # An open route that takes a body (a plugin's) reads it under the same deadline and
@@ -946,13 +943,9 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
             return await handler(request)
         has_body = request.body_exists
         # Steps 1-3, from the headers: not one byte of the body is read before them.
-        try:
-            await authenticator.authenticate(request, None if has_body else b"")
-        except BaseException:
-            if member_requests is not None:
-                member_requests.forget(transport)
-            raise
+        await authenticator.authenticate(request, None if has_body else b"")
         handle = request[MEMBER_KEY].handle
+        transport = request.transport  # the connection: never pushed out while it serves this request
         if member_requests is not None:
             member_requests.enter(handle, transport)  # 429 when this member holds its share of the listener
         try:

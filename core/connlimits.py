@@ -17,15 +17,15 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
 * **TLS handshake deadline**: the same time (asyncio's default is 60 s).
 * **Connections per listener** (:func:`max_connections`, from RLIMIT_NOFILE as it is at each
   new connection; the metrics listener: :data:`METRICS_MAX_CONNECTIONS`). At the limit
-  a new connection pushes out the oldest *idle* one with nothing left to send (waiting
-  for a request head, in its TLS handshake, or closing), which the idle deadline would
-  have closed later anyway; else, of those not serving a member's signed request, the one
-  that served the most requests nobody signed (red team: anonymous clients pipelining
-  requests and reading their answers just fast enough to pass the stall rule held every
-  connection for good). A connection serving a signed request, or between two pipelined
-  signed ones (:class:`MemberRequests`), is never pushed out; only when every connection
-  is so is the new one closed at once. So HTTP connections alone never use up the
-  descriptors, and clients that have signed nothing cannot keep members out.
+  a new connection pushes out the oldest one that is not serving a member's signed
+  request: idle (waiting for a request head, in its TLS handshake, or closing), which the
+  idle deadline would have closed later anyway, or busy with requests nobody signed (red
+  team: anonymous clients pipelining requests and reading their answers just fast enough
+  to pass the stall rule held every connection for good). Only when every connection
+  serves a member's request is the new one closed at once. So HTTP connections alone
+  never use up the descriptors, and clients that have signed nothing cannot keep members
+  out; the oldest goes first, so a newcomer has a while to sign its request however fast
+  others connect.
 * **accept() out of descriptors** (:class:`AcceptErrorLog`): one WARNING per
   :data:`ACCEPT_ERROR_LOG_INTERVAL`, no traceback; every failure is counted.
 * **A member's share** (:class:`MemberRequests`): a connection serving a request is
@@ -60,7 +60,6 @@ import errno
 import logging
 import resource
 import ssl
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -187,10 +186,6 @@ class ConnectionLimiter:
         #: member's signed request (:meth:`MemberRequests.serving`); such a connection is never
         #: pushed out. None: no connection is protected so (the metrics listener).
         self.serving: Callable[[Any], bool] | None = None
-        #: ``unsigned(transport)``: requests nobody signed the connection served
-        #: (:meth:`MemberRequests.unsigned`); among busy connections, the one with the most is
-        #: pushed out first. None: the oldest first.
-        self.unsigned: Callable[[Any], int] | None = None
         # insertion-ordered: the oldest connection first, and pushed out first
         self._open: dict[_Gate, None] = {}
         self._reported = (0, 0)
@@ -208,14 +203,11 @@ class ConnectionLimiter:
         return serving is not None and not conn.idle() and serving(conn.app_transport)
 
     def admit(self, conn: _Gate) -> bool:
-        """Count ``conn`` in; at the limit, push out the oldest idle connection with nothing left
-        to send first, else the oldest one that does not serve a member's signed request (an
-        answer still going out to a slow reader is cut only then: red team). False (and
-        counted) when every connection serves one: the caller closes ``conn``."""
+        """Count ``conn`` in; at the limit, push out the oldest connection that does not serve a
+        member's signed request first. False (and counted) when every connection does: the
+        caller closes ``conn``."""
         if len(self._open) >= self.limit:
-            victim = next((c for c in self._open if c.idle() and not c.unsent()), None)
-            if victim is None:
-                victim = self._busiest_unsigned()
+            victim = next((c for c in self._open if not self._protected(c)), None)
             if victim is None:
                 self.refused += 1
                 self._log.hit(asyncio.get_running_loop())
@@ -226,22 +218,6 @@ class ConnectionLimiter:
             self._log.hit(asyncio.get_running_loop())
         self._open[conn] = None
         return True
-
-    def _busiest_unsigned(self) -> _Gate | None:
-        """The connection not serving a member that served the most requests nobody signed,
-        the oldest of those: a client pipelining unsigned requests goes before a newcomer whose
-        first request is still being authenticated (red team: the oldest first pushed out a
-        member's new connection under a flood of pipelining ones)."""
-        unsigned = self.unsigned
-        best: _Gate | None = None
-        most = -1
-        for conn in self._open:
-            if self._protected(conn):
-                continue
-            n = unsigned(conn.app_transport) if unsigned is not None and conn.app_transport is not None else 0
-            if n > most:
-                best, most = conn, n
-        return best
 
     def release(self, conn: _Gate) -> None:
         """``conn`` is closed (or closing, its socket released): it no longer counts. Idempotent."""
@@ -368,6 +344,7 @@ class _Gate(asyncio.Protocol):
 
     def _drop(self) -> None:
         self._site.limiter.release(self)
+        _GATES.pop(self._app, None)
         self._early = []
         if self._raw is not None:
             self._raw.abort()
@@ -441,6 +418,7 @@ class _Gate(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_stall()
         self._site.limiter.release(self)
+        _GATES.pop(self._app, None)
         handler, self._handler = self._handler, None
         if handler is not None:
             handler.connection_lost(exc)
@@ -553,12 +531,16 @@ TLS_WRITE_HIGH_WATER = 64 * 1024
 #: left to send) before it is aborted, at most: asyncio's default is 30 s whatever the idle
 #: deadline, during which the connection and its unsent answers stay (red team). Answers of
 #: more than :data:`SEND_AT_ONCE` were taken before their response was done (send_within), so
-#: what is left takes a client of 10 KB/s 5 s. Not tied to the idle deadline, which may be 0.1 s.
+#: what is left takes a client of 10 KB/s 5 s. Not tied to the idle deadline, which may be 0.1 s
+#: (a red team: at 0.5 s, answers to a 16 KB/s reader were cut).
 TLS_SHUTDOWN_TIMEOUT = 5.0
 #: Seconds between two looks at what a TLS connection has left to send (:meth:`_Gate.drained`).
 DRAIN_POLL = 0.05
-#: The gate of each connection aiohttp serves, by its transport (``request.transport``).
-_GATES: weakref.WeakKeyDictionary[Any, _Gate] = weakref.WeakKeyDictionary()
+#: The gate of each connection aiohttp serves, by its transport (``request.transport``), from
+#: :meth:`_Gate._serve` to its close. A plain dict, emptied by the gate itself: a weak one never
+#: let go (the gate, its value, holds the transport, its key; red team: 1.4 KB per connection
+#: ever accepted).
+_GATES: dict[Any, _Gate] = {}
 #: The part of the control plane's connection limit one member's signed requests in progress may
 #: hold at once (an eighth: eight members acting together fill it, one cannot), and the least:
 #: at the smallest limit (16) one member holds a quarter.
@@ -634,11 +616,6 @@ class MemberRequests:
         self.by_member: dict[str, int] = {}
         #: requests in progress by connection (its aiohttp transport): :meth:`serving`
         self.by_connection: dict[Any, int] = {}
-        #: connections whose last request was signed, until their next one is authenticated or
-        #: refused: a client pipelining signed requests is not pushed out between two of them
-        self._between: weakref.WeakSet[Any] = weakref.WeakSet()
-        #: requests nobody signed (or whose signature was refused), by connection
-        self._unsigned: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
         self.refused = 0
         #: responses whose client took too little of them in time: the connection was dropped
         self.stalled = 0
@@ -648,27 +625,13 @@ class MemberRequests:
         return max(MIN_MEMBER_REQUESTS, limit // MEMBER_SHARE)
 
     def serving(self, transport: Any) -> bool:
-        """True while the connection of ``transport`` serves a signed request, or the request after
-        one until it is authenticated: the listener never pushes such a busy connection out to
-        make room (:class:`ConnectionLimiter`; an idle one is not serving anything)."""
-        return transport in self.by_connection or transport in self._between
-
-    def forget(self, transport: Any) -> None:
-        """The request on ``transport`` after a signed one is not signed (or its signature was
-        refused): the connection no longer serves a member."""
-        if transport is not None:  # None: the connection is gone already
-            self._between.discard(transport)
-            self._unsigned[transport] = self._unsigned.get(transport, 0) + 1
-
-    def unsigned(self, transport: Any) -> int:
-        """How many requests nobody signed the connection of ``transport`` served (:meth:`forget`)."""
-        return self._unsigned.get(transport, 0)
+        """True while the connection of ``transport`` serves a signed request: the listener never
+        pushes such a connection out to make room (:class:`ConnectionLimiter`)."""
+        return transport in self.by_connection
 
     def enter(self, handle: str, transport: Any = None) -> None:
         """Count one request of ``handle`` (on the connection of ``transport``) in, or raise a 429
         problem when it holds its share."""
-        if transport is not None:
-            self._between.discard(transport)  # counted now, or refused
         held = self.by_member.get(handle, 0)
         if held >= MIN_MEMBER_REQUESTS and held >= (most := self.per_member()):
             from .problems import Problem
@@ -701,7 +664,6 @@ class MemberRequests:
                 self.by_connection[transport] = n
             else:
                 self.by_connection.pop(transport, None)
-                self._between.add(transport)
 
 
 __all__ = ["ACCEPT_ERROR_LOG_INTERVAL", "DEFAULT_IDLE_TIMEOUT", "FD_RESERVE", "IDLE_TIMEOUT_ENV",

@@ -339,7 +339,6 @@ class Daemon:
         self.metrics.connections["http"] = limiter
         self.member_requests.limit = lambda: limiter.limit
         limiter.serving = self.member_requests.serving
-        limiter.unsigned = self.member_requests.unsigned
         site = LimitedSite(self.runner, s.http_addr.host, s.http_addr.port, limiter=limiter, ssl_context=http_tls,
                            handshake_timeout=self.idle_timeout, stall_timeout=self.body_timeout)
         try:
