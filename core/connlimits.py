@@ -24,8 +24,10 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
   to pass the stall rule held every connection for good). Only when every connection
   serves a member's request is the new one closed at once. So HTTP connections alone
   never use up the descriptors, and clients that have signed nothing cannot keep members
-  out; the oldest goes first, so a newcomer has a while to sign its request however fast
-  others connect.
+  out. The oldest goes first, so a newcomer has a while (the limit over the rate of new
+  connections) to get its first request signed; a flood faster than that, a client
+  pipelining signed requests (between two of them), and the last answer of a connection
+  whose request has left the member's count are not covered (docs/http-api.md).
 * **accept() out of descriptors** (:class:`AcceptErrorLog`): one WARNING per
   :data:`ACCEPT_ERROR_LOG_INTERVAL`, no traceback; every failure is counted.
 * **A member's share** (:class:`MemberRequests`): a connection serving a request is
