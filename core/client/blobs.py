@@ -169,10 +169,13 @@ def _aes_in_hardware(cpuinfo: str = "/proc/cpuinfo", machine: str | None = None)
     """
     import platform
 
-    with contextlib.suppress(OSError):
-        with open(cpuinfo, "rb") as f:
-            text = f.read(4 * 1024 * 1024)
-        for line in text.splitlines():
+    with contextlib.suppress(OSError), open(cpuinfo, "rb") as f:
+        # The first CPU's block names the flags: read no further (the kernel formats the
+        # file for every CPU as it is read, so a whole read grows with the CPU count).
+        for _ in range(256):
+            line = f.readline(64 * 1024)
+            if not line:
+                break
             name, sep, value = line.partition(b":")
             if sep and name.strip() in (b"flags", b"Features"):
                 return b"aes" in value.split()
