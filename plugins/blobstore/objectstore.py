@@ -68,24 +68,29 @@ from .backend import (
 log = logging.getLogger("unibus.plugins.blobstore")
 
 BUCKET = "unibus_blobs"
-#: Size of the chunks a put writes: half of nats-server's default ``max_payload`` (1 MiB); a
-#: server whose ``max_payload`` is smaller gets chunks that fit it (:meth:`ObjectStoreBackend.chunk_size`).
-#: Against 256 KiB chunks, a 256 MiB blob reads about a fifth faster in process, with half the
-#: messages (docs/benchmarks.md, "Blobs"). Readers take chunks of any size.
-CHUNK_SIZE = 512 * 1024
 #: Room left in a message for what is not the chunk, when a server's ``max_payload`` bounds the chunks.
 _PAYLOAD_HEADROOM = 4096
+#: Size of the chunks a put writes: the largest that nats-server's default ``max_payload`` (1 MiB)
+#: takes with :data:`_PAYLOAD_HEADROOM` to spare; a server whose ``max_payload`` is smaller gets
+#: chunks that fit it (:meth:`ObjectStoreBackend.chunk_size`). Per byte, nats-server copies a
+#: message four times and checksums it once to answer a direct get, whatever its size, but every
+#: message costs both sides a round of parsing and scheduling: against 512 KiB chunks, a 256 MiB
+#: blob reads about a fifth faster in process (docs/benchmarks.md, "Blobs"). Readers take chunks
+#: of any size.
+CHUNK_SIZE = 1024 * 1024 - _PAYLOAD_HEADROOM
 #: Chunks a put keeps published and awaiting their acknowledgement (at most this many in memory: 4 MiB).
-PUT_WINDOW = 8
+PUT_WINDOW = 4
 #: Bytes of the staged file a put reads (and hashes) at a time, in a worker thread.
 PUT_READ = 4 * 1024 * 1024
-#: ``STREAM.MSG.GET`` requests a read keeps in flight (at most this many chunks in memory: 4 MiB).
-READ_AHEAD = 8
-#: Read-ahead requests all the reads of a node may have in flight together, beyond the one each
-#: read always may (16 MiB of 512 KiB chunks): a client that stops reading keeps its read's
-#: answers in memory, and without a node-wide bound every stalled download held 4 MiB (found by
-#: a red-team test). Four downloads read ahead fully at once; more share the rest.
-READ_AHEAD_BUDGET = 32
+#: Direct gets a read keeps in flight (at most this many chunks in memory: 4 MiB). Four read a
+#: 256 MiB blob faster than eight here (docs/benchmarks.md, "Blobs").
+READ_AHEAD = 4
+#: Read-ahead requests all the reads of a node may have in flight together (16 MiB of chunks):
+#: a client that stops reading keeps its read's answers in memory, and without a node-wide
+#: bound every stalled download held 4 MiB (found by a red-team test). Four downloads read
+#: ahead fully at once; more share the rest. The one request a read makes when it has none in
+#: flight needs no token, and is awaited at once, so a stalled read holds only tokens' answers.
+READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
@@ -145,8 +150,6 @@ class ObjReader(BlobReader):
 
     async def chunks(self, size: int = READ_CHUNK) -> AsyncIterator[bytes]:
         # ``size`` is advisory: the object store's own chunk size decides.
-        import hashlib
-
         js = self.backend.js
         subject = f"$O.{self.backend.bucket}.C.{self.nuid}"
         remaining = self.info.size
@@ -155,6 +158,7 @@ class ObjReader(BlobReader):
         inflight: collections.deque[tuple[int, asyncio.Future[Any], bool]] = collections.deque()
         h = hashlib.sha256()
         backend = self.backend
+        chunk = CHUNK_SIZE  # the object's chunk size, as its chunks show it (older objects have smaller ones)
 
         def ask(seq: int) -> bool:
             """Ask for the chunk at or after ``seq``; False when the node's read-ahead budget is spent
@@ -183,7 +187,7 @@ class ObjReader(BlobReader):
                 # Up to READ_AHEAD requests in flight, for the sequences that follow
                 # the cursor: a put stores an object's chunks one after the other,
                 # so each usually answers with exactly the chunk after the previous.
-                wanted = min(READ_AHEAD, -(-remaining // CHUNK_SIZE))
+                wanted = min(READ_AHEAD, -(-remaining // chunk))
                 nxt = inflight[-1][0] + 1 if inflight else cursor
                 while len(inflight) < wanted and ask(nxt):
                     nxt += 1
@@ -202,12 +206,18 @@ class ObjReader(BlobReader):
                     raise BlobError(f"blob {self.info.blob_id}: more data than its size")
                 remaining -= len(data)
                 h.update(data)
+                if data and remaining:  # the last chunk may be short
+                    chunk = len(data)
                 cursor = (msg.seq or asked) + 1
                 # A request for a sequence before the new cursor could only answer with
                 # this chunk again (another object's message was in between): drop it.
                 while inflight and inflight[0][0] < cursor:
                     take()[1].cancel()
-                yield data
+                # Hand the chunk over without keeping it: a read suspended here (its client stopped
+                # reading) holds no chunk of its own, only its read-ahead's answers (the budget).
+                out = [data]
+                del data, msg, fut
+                yield out.pop()
             if h.hexdigest() != self.info.blob_id:
                 raise BlobError(f"blob {self.info.blob_id}: stored chunks do not match its digest")
         finally:

@@ -21,6 +21,7 @@ import pytest
 from unibus.client import ApiError, UnibusClient
 from unibus.client.blobs import get_raw_blob, put_raw_blob
 from unibus.client.keys import generate_identity
+from unibus.plugins.blobstore.objectstore import CHUNK_SIZE
 from unibus.store.kv import KvStore
 from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
 
@@ -131,6 +132,19 @@ async def test_backups_cross_the_cluster_boundary_both_ways(tmp_path, membership
             await put_raw_blob(a, doomed, tmp_path / "blob")
             await a.delete_room(doomed)
             package = await a.my_key(room, epoch)
+        # Blobs of several full-size chunks (the largest the default max_payload takes), put
+        # through every node and read through the next: whichever node leads the object store's
+        # stream, the chunks replicate, and the backup below takes them.
+        for i, node in enumerate(cluster.nodes):
+            data = os.urandom(2 * CHUNK_SIZE + 12_345)
+            (tmp_path / "blob").write_bytes(data)
+            await eventually_signed(node, alice)
+            async with UnibusClient(node.base_url, alice) as a:
+                blob_id = await put_raw_blob(a, room, tmp_path / "blob")
+            blobs[(room, blob_id)] = data
+            async with UnibusClient(cluster.nodes[(i + 1) % 3].base_url, alice) as a:
+                await get_raw_blob(a, room, blob_id, tmp_path / "out")
+            assert (tmp_path / "out").read_bytes() == data
         stop = asyncio.Event()
         made: list[str] = []
 
