@@ -516,9 +516,9 @@ def render(data: dict[str, Any]) -> str:
         if before and "backends" in before:
             head += f" {before['version']} MB/s | speed-up |"
             rule += "---:|---:|"
-        lines += [f"Both backends alone, {big // MIB} MiB, in the driver's process: store = stage 4 MiB at a time, "
-                  "hash, fsync, commit (the object store then copies the staged file into JetStream, chunks "
-                  "of 1 MiB less 4 KiB, up to 4 awaiting their acknowledgement); read = every chunk of the stored blob, in order (the fs backend's "
+        lines += [f"Both backends alone, {big // MIB} MiB, in the driver's process: store = hand over 4 MiB at a "
+                  "time, hash, commit (the fs backend stages the file and fsyncs it; the object store "
+                  "publishes chunks of 1 MiB less 4 KiB as they come, up to 4 awaiting their acknowledgement); read = every chunk of the stored blob, in order (the fs backend's "
                   "HTTP GET uses sendfile instead; this row is its fallback). The object store runs on a "
                   "nats-server of its own (JetStream, R1).", "", head, rule]
         for b in ("fs", "objectstore"):

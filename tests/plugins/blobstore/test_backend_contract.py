@@ -503,9 +503,27 @@ async def test_objectstore_a_chunk_over_the_max_payload_is_503_not_500(small_pay
         await nc.close()
 
 
-async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nats_server, tmp_path, monkeypatch):
-    """The put hashes the staged file again: bytes that no longer hash to the blob id are refused,
-    their chunks purged, no object visible."""
+async def chunk_subjects(js) -> dict:
+    info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
+    return info.state.subjects or {}
+
+
+async def first_chunks_stored(js) -> str:
+    """The chunk subject of the one upload under way, once its first chunks are stored (a write
+    returns once they are published, before their acknowledgement)."""
+    for _ in range(250):  # bounded: 5 s
+        subjects = await chunk_subjects(js)
+        if subjects:
+            assert len(subjects) == 1, subjects
+            return next(iter(subjects))
+        await asyncio.sleep(0.02)
+    raise AssertionError("no chunk was stored")
+
+
+async def test_objectstore_a_file_changed_while_it_is_copied_stores_nothing(nats_server, tmp_path):
+    """A restore or ``migrate-to-kv`` copies a blob's file into the object store and hashes it on
+    the way: bytes that no longer hash to the blob id are refused, their chunks purged, no object
+    visible."""
     from unibus.plugins.blobstore.backend import BlobError
 
     nc = await nats.connect(nats_server.url)
@@ -513,20 +531,113 @@ async def test_objectstore_staged_file_changed_before_the_put_stores_nothing(nat
     try:
         b = ObjectStoreBackend(js, tmp_path / "blobs")
         await b.start()
-        data = os.urandom(600_000)
+        data = bytearray(os.urandom(2_600_000))
+        blob_id = hashlib.sha256(data).hexdigest()
+        data[2_000_000] ^= 1  # a bit flipped on the disk since the backup's checksum
+        (tmp_path / "data").write_bytes(data)
+        info = BlobInfo(ROOM, blob_id, len(data), "alice", 1.0)
+        with pytest.raises(BlobError, match="changed while it was copied"):
+            await b._put(info, tmp_path / "data")
+        assert await b.info(ROOM, blob_id) is None
+        assert b.stats()["blobs"] == 0
+        assert not await chunk_subjects(js)  # the chunks were purged
+        await b.close()
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("when", ["after-writes", "after-finish"])
+async def test_objectstore_an_aborted_upload_leaves_no_chunks(nats_server, tmp_path, when):
+    """An upload streams its chunks into the stream as they arrive (nothing staged on disk). One
+    that is given up (its client went away, its digest did not match, 413) leaves neither an
+    object nor chunks, and nothing in the staging directory."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
         up = await b.begin(ROOM)
-        await up.write(data)
+        data = os.urandom(3 * b.chunk_size() + 5)
+        await up.write([data[:1000], data[1000:2 * b.chunk_size()]])  # pieces across a chunk's boundary
+        await up.write(data[2 * b.chunk_size():])
+        await first_chunks_stored(js)  # streamed, not staged
+        assert not any((tmp_path / "blobs").rglob("data"))
+        if when == "after-finish":
+            assert await up.finish() == hashlib.sha256(data).digest()
+        await up.abort()
+        await up.abort()  # idempotent
+        assert not await chunk_subjects(js)
+        assert await b.info(ROOM, hashlib.sha256(data).hexdigest()) is None
+        assert b.stats()["blobs"] == 0
+        await b.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_the_same_blob_uploaded_again_keeps_the_first_and_no_second_copy(nats_server, tmp_path):
+    """The second upload of a blob already stored streamed its chunks too: they are purged at its
+    commit, which answers with the first upload's metadata."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(2 * b.chunk_size() + 1)
+        first, created = await put(b, data, uploader="alice")
+        assert created
+        again, created = await put(b, data, uploader="bob")
+        assert not created and again == first
+        subjects = await chunk_subjects(js)
+        assert list(subjects) == [f"$O.unibus_blobs.C.{b._objects[f'{ROOM}/{first.blob_id}'][1]}"]
+        assert subjects[next(iter(subjects))] == 3
+        assert await read_all(b, ROOM, first.blob_id) == data
+        await b.close()
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("when", ["before-the-metadata", "with-the-metadata"])
+async def test_objectstore_an_upload_whose_chunks_were_purged_under_it_stores_nothing(nats_server, tmp_path, when):
+    """An upload's chunks are orphans until its metadata is stored, and a node that starts purges
+    orphans whose newest chunk is older than ORPHAN_AGE. A member whose body came fast and then
+    paused (the upload rate is an average) could have its first chunks purged under it: the
+    commit finds them gone, before its metadata is published or just after (a purge that
+    listed the live objects first), and fails with 503's error; no broken object stays."""
+    from unibus.plugins.blobstore.backend import BlobUnavailable
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        up = await b.begin(ROOM)
+        data = os.urandom(3 * b.chunk_size() + 5)
+        await up.write(data[:2 * b.chunk_size()])
+        subject = await first_chunks_stored(js)
+        if when == "before-the-metadata":
+            await js.purge_stream(b.stream, subject=subject)  # what the start-up purge does
+        else:
+            real = js.publish
+
+            async def publish(subj, payload=b"", **kw):
+                if ".M." in subj:  # the purge lands between the check and the metadata
+                    await js.purge_stream(b.stream, subject=subject)
+                return await real(subj, payload, **kw)
+
+            js.publish = publish
+        await up.write(data[2 * b.chunk_size():])
         await up.finish()
-        with open(up.staged.path, "r+b") as f:  # a bit flips on the node's disk after the fsync
-            f.seek(300_000)
-            f.write(bytes([data[300_000] ^ 1]))
-        with pytest.raises(BlobError, match="stored something else"):
+        with pytest.raises(BlobUnavailable, match="purged during the upload"):
             await up.commit("alice")
         blob_id = hashlib.sha256(data).hexdigest()
         assert await b.info(ROOM, blob_id) is None
+        assert await b.open(ROOM, blob_id) is None
+        assert not await chunk_subjects(js)
+        for _ in range(100):  # the counters follow the metadata subjects
+            if b.stats()["blobs"] == 0:
+                break
+            await asyncio.sleep(0.02)
         assert b.stats()["blobs"] == 0
-        info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
-        assert not info.state.subjects  # the chunks were purged
         await b.close()
     finally:
         await nc.close()

@@ -157,8 +157,57 @@ async def test_refusals_store_nothing(http):
     assert r.status == 403
     r = await client.put("/v1/rooms/r1/blobs", data=data)  # no digest covered
     assert r.status == 401
+    # Bodies of several chunks, refused once some of them were stored (the object store streams
+    # an upload into its stream as it arrives): at the end (digest) and in the middle (size).
+    big = os.urandom(2 * 1024 * 1024 + 3)
+    r = await put(client, big, sha=hashlib.sha256(b"other").hexdigest())
+    assert r.status == 400
+
+    async def over_the_limit():  # no Content-Length: the limit is found on the way
+        for _ in range(6):
+            yield os.urandom(1024 * 1024)
+
+    r = await put(client, over_the_limit(), sha=hashlib.sha256(b"other").hexdigest())
+    assert r.status == 413
     assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
     assert list((backend.root / ".tmp").iterdir()) == []
+    assert await stored_chunks(backend) == {}
+
+
+async def stored_chunks(backend) -> dict:
+    """The object store's chunk subjects and their message counts (nothing for the fs backend)."""
+    if backend.name != "objectstore":
+        return {}
+    info = await backend.js.stream_info(backend.stream, subjects_filter=f"$O.{backend.bucket}.C.>")
+    return info.state.subjects or {}
+
+
+async def test_an_upload_whose_client_goes_away_leaves_nothing(http):
+    """A client that sends part of a blob and closes its connection: what was received (streamed
+    into the object store's stream, or staged on disk) is thrown away."""
+    import asyncio
+
+    client, backend, _ = http
+    data = os.urandom(5 * 1024 * 1024)  # the most this app takes
+    head = (f"PUT /v1/rooms/r1/blobs HTTP/1.1\r\nHost: x\r\nX-Test-Member: bob\r\n"
+            f"X-Test-Sha256: {hashlib.sha256(data).hexdigest()}\r\nContent-Length: {len(data)}\r\n\r\n")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(head.encode() + data[:4 * 1024 * 1024 + 17])  # past the handler's first hand-off
+    await writer.drain()
+    for _ in range(200):  # until the first chunks are in (object store) or staged (fs)
+        if await stored_chunks(backend) or any((backend.root / ".tmp").iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    else:
+        raise AssertionError("the upload never started")
+    writer.close()
+    for _ in range(250):  # bounded: 5 s
+        if not await stored_chunks(backend) and not any((backend.root / ".tmp").iterdir()):
+            break
+        await asyncio.sleep(0.02)
+    assert await stored_chunks(backend) == {}
+    assert list((backend.root / ".tmp").iterdir()) == []
+    assert backend.stats()["blobs"] == 0
 
 
 async def test_chunked_upload_and_room_deletion(http):
@@ -201,7 +250,6 @@ async def test_reads_ahead_across_interleaved_chunks(http, monkeypatch):
 
     client, backend, _ = http
     # one chunk read and in flight at a time: the puts take turns chunk by chunk
-    monkeypatch.setattr(objectstore, "PUT_READ", objectstore.CHUNK_SIZE)
     monkeypatch.setattr(objectstore, "PUT_WINDOW", 1)
     datas = [os.urandom(objectstore.CHUNK_SIZE * 9 + 1234) for _ in range(3)]
 
