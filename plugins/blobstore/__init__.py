@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import functools
 import hmac
 import logging
@@ -45,7 +46,7 @@ from unibus import StashKey, hookimpl
 from unibus.bus import CLUSTER_FORM_TIMEOUT, retry_until
 from unibus.settings import Option, parse_positive_int
 
-from .backend import RECV_SIZE, WRITE_CHUNK, BlobBackend, BlobUnavailable, check_blob_id
+from .backend import RECV_SIZE, WRITE_CHUNK, BlobBackend, BlobError, BlobUnavailable, check_blob_id
 from . import pacing
 from .limits import DEFAULT_MAX_DOWNLOADS, DEFAULT_MAX_UPLOADS, Slots, check_rate
 
@@ -417,7 +418,15 @@ async def _send(request: web.Request, service: BlobService, room: Any, blob_id: 
             pacing.drop(request.transport)
             return response
         except Exception as e:  # noqa: BLE001 - headers are gone: cut the connection short
-            log.error("blob %s of room %s: streaming failed: %s", blob_id, room.room_id, e)
+            gone = False
+            if isinstance(e, BlobError):
+                with contextlib.suppress(Exception):
+                    gone = await service.backend.info(room.room_id, blob_id) is None
+            if gone:  # deleted while it was being sent: the uploader's right, not a fault
+                log.info("blob %s of room %s: deleted while it was being sent; connection closed", blob_id,
+                         room.room_id)
+            else:
+                log.error("blob %s of room %s: streaming failed: %s", blob_id, room.room_id, e)
             if request.transport is not None:
                 request.transport.close()
             return response

@@ -40,10 +40,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError
+from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
-from nats.js.errors import APIError, NotFoundError, ObjectNotFoundError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ObjectNotFoundError,
+    ServiceUnavailableError,
+    TooManyStalledMsgsError,
+)
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
 from unibus.aio import within
@@ -88,12 +95,17 @@ READ_AHEAD = 4
 #: a client that stops reading keeps its read's answers in memory, and without a node-wide
 #: bound every stalled download held 4 MiB (found by a red-team test). Four downloads read
 #: ahead fully at once; more share the rest. The one request a read makes when it has none in
-#: flight needs no token, and is awaited at once, so a stalled read holds only tokens' answers.
+#: flight needs no token, and is awaited at once, so a stalled read holds only tokens' answers
+#: (and its HTTP response the chunk it is writing: docs/blobstore.md, "Limits").
 READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
-_UNAVAILABLE = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError)
+#: JetStream wrong last sequence: another node stored the metadata first.
+WRONG_LAST_SEQUENCE = 10071
+#: What a NATS connection that is reconnecting, or a stream whose leader changes, raises: try again.
+_UNAVAILABLE = (NatsTimeoutError, asyncio.TimeoutError, NoRespondersError, ConnectionClosedError,
+                OutboundBufferLimitError, NoStreamResponseError, TooManyStalledMsgsError, ServiceUnavailableError)
 
 
 def chunk_for(max_payload: int | None) -> int:
@@ -136,15 +148,33 @@ class _Chunks:
         self._acks: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._carry = bytearray()  # less than a chunk, waiting for the bytes that follow
         self._timeout = getattr(backend.js, "_timeout", 5.0)
+        self._discarded = False
+        self._adding: asyncio.Future[None] | None = None  # an ``add`` under way
 
     async def _publish(self, payload: bytes | bytearray | memoryview) -> None:
         while len(self._acks) >= PUT_WINDOW:
             await within(self._acks.popleft(), self._timeout)
+        if self._discarded:
+            raise BlobError("this upload was given up")
+        nc = getattr(self.backend.js, "_nc", None)
+        if nc is not None and not nc.is_connected:
+            # nats-py's publish_async takes one of its pending-ack slots before it publishes,
+            # and never gives it back if the publish fails (a reconnecting connection refuses
+            # more than 2 MiB): refused here, the slots are never lost (found by a red team).
+            raise BlobUnavailable("the NATS connection is reconnecting; try again")
         # nats-py copies the payload into the PUB command before it returns: the caller may reuse it.
-        self._acks.append(await self.backend.js.publish_async(self.subject, payload))
+        self._acks.append(await self.backend.js.publish_async(self.subject, payload, wait_stall=self._timeout))
         self.count += 1
 
     async def add(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+        self._adding = asyncio.get_running_loop().create_future()
+        try:
+            await self._add(parts)
+        finally:
+            self._adding.set_result(None)
+            self._adding = None
+
+    async def _add(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
         chunk = self.chunk
         for part in parts:
             view = memoryview(part).cast("B")
@@ -176,7 +206,12 @@ class _Chunks:
         still unacknowledged are waited for first: nats-server stores a stream's messages and
         answers its API requests from different queues, so a purge sent right after a chunk may be
         done before that chunk is stored, and leave it behind (found by a test)."""
+        self._discarded = True
         self._carry = bytearray()
+        adding = self._adding
+        if adding is not None:  # an ``add`` of another task: it stops at its next chunk
+            with contextlib.suppress(Exception):
+                await within(asyncio.shield(adding), self._timeout)
         acks, self._acks = list(self._acks), collections.deque()
         if acks:
             with contextlib.suppress(Exception):  # failed or never answered: purged all the same
@@ -196,8 +231,12 @@ def _nats_errors(what: str) -> Iterator[None]:
         raise _unavailable(e) from None
     except MaxPayloadError:  # the connection moved to a server with a smaller max_payload: fits next time
         raise BlobUnavailable(f"{what}: the NATS server's max_payload changed during the put; try again") from None
-    except APIError as e:
-        raise BlobError(f"JetStream refused {what}: {e.description or e}") from None
+    except APIError as e:  # the stream refused it (full, for one): the server's problem, not the request's
+        raise BlobUnavailable(f"JetStream refused {what}: {e.description or e}") from None
+
+
+class _LostRace(Exception):
+    """The metadata of the same name was stored by someone else between our read and our write."""
 
 
 def _hash_parts(h: Any, parts: Sequence[bytes | bytearray | memoryview]) -> None:
@@ -256,18 +295,21 @@ class ObjUpload(Upload):
         digest = await self.finish()
         info = BlobInfo(self.room_id, digest.hex(), self._chunks.size, uploader, time.time())
         name = f"{info.room_id}/{info.blob_id}"
-        lock = self.backend.name_lock(name)
         try:
-            async with lock:
+            async with self.backend.name_lock(name):
                 existing = await self.backend.info(info.room_id, info.blob_id)
-                if existing is not None:
-                    return existing, False  # the chunks of this upload go in the ``finally``
-                await self.backend._publish_meta(info, self._chunks)
-                self._done = True
-                return info, True
+                if existing is None:
+                    try:
+                        await self.backend._publish_meta(info, self._chunks)
+                        self._done = True
+                        return info, True
+                    except _LostRace:  # another node stored the same blob at the same moment
+                        existing = await self.backend.info(info.room_id, info.blob_id)
+                        if existing is None:  # ...and it is gone again
+                            raise BlobUnavailable(f"blob {info.blob_id} was stored and deleted during this "
+                                                  "upload; try again") from None
+                return existing, False  # the chunks of this upload go in the ``finally``
         finally:
-            if not lock.locked():
-                self.backend._locks.pop(name, None)
             await self.abort()
 
     async def abort(self) -> None:
@@ -383,7 +425,7 @@ class ObjectStoreBackend(BlobBackend):
         self.replicas = replicas
         self.root = Path(staging_root)
         self.tmp = self.root / TMP_DIR
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, list[Any]] = {}  # name -> [lock, holders and waiters]
         self.obs: ObjectStore | None = None
         self._objects: dict[str, tuple[int, str]] = {}  # name -> (size, nuid)
         self._synced = asyncio.Event()
@@ -542,12 +584,22 @@ class ObjectStoreBackend(BlobBackend):
                 await sub.unsubscribe()
 
     # -- helpers
-    def name_lock(self, name: str) -> asyncio.Lock:
-        """One lock per object name on this node: the same blob uploaded twice at once is put once."""
-        lock = self._locks.get(name)
-        if lock is None:
-            lock = self._locks[name] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def name_lock(self, name: str) -> AsyncIterator[None]:
+        """One lock per object name on this node: the same blob uploaded twice at once is put once.
+        The lock is forgotten when nobody holds or waits for it (an ``asyncio.Lock`` reads unlocked
+        while its next waiter has not run yet: forgotten then, a third comer got a lock of its own)."""
+        entry = self._locks.get(name)
+        if entry is None:
+            entry = self._locks[name] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                self._locks.pop(name, None)
 
     def _store(self) -> ObjectStore:
         if self.obs is None:
@@ -609,6 +661,8 @@ class ObjectStoreBackend(BlobBackend):
             if chunks.size != info.size or h.hexdigest() != info.blob_id:
                 raise BlobError(f"blob {info.blob_id}: the file changed while it was copied")
             await self._publish_meta(info, chunks)
+        except _LostRace:  # stored by someone else meanwhile: there it is
+            await chunks.discard()
         except BaseException:
             await chunks.discard()
             raise
@@ -624,20 +678,36 @@ class ObjectStoreBackend(BlobBackend):
         (start-up purges chunks that no stored object names). The chunks of an object stored
         before under the same name, no longer referenced, are purged."""
         name = self._name(info.room_id, info.blob_id)
+        meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
         with _nats_errors(f"blob {info.blob_id}"):
-            try:
-                old = await self._store().get_info(name)
-            except (ObjectNotFoundError, NotFoundError):
-                old = None
+            old, last = await self._last_meta(meta_subject)
             obj = api.ObjectInfo(name=name, bucket=self.bucket, nuid=chunks.nuid, size=chunks.size,
                                  chunks=chunks.count, mtime=datetime.now(UTC).isoformat(),
                                  digest="SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(info.blob_id)).decode(),
                                  description=json.dumps({"uploader": info.uploader, "created": info.created}),
                                  options=api.ObjectMetaOptions(max_chunk_size=chunks.chunk))
-            meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
             await self._check_chunks(info, chunks)
             count, chunks.count = chunks.count, 0  # from here on they are the object's: never purged by a discard
-            await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(), headers={api.Header.ROLLUP: "sub"})
+            try:
+                # Stored only if nobody stored this name's metadata since we read it: two nodes
+                # committing the same blob at once would otherwise both store it, the second
+                # rolling up the first, and the first's chunks left to nobody (found by a red team).
+                await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(),
+                                      headers={api.Header.ROLLUP: "sub",
+                                               api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
+            except APIError as e:
+                if e.err_code != WRONG_LAST_SEQUENCE:
+                    raise
+                chunks.count = count  # not the object's: the caller's discard purges them
+                raise _LostRace() from None
+            except _UNAVAILABLE:
+                # The metadata may be stored even though its acknowledgement was lost: its chunks are
+                # then the object's. Purged only if the metadata as stored now names other chunks.
+                with contextlib.suppress(Exception):
+                    now, _ = await self._last_meta(meta_subject)
+                    if now is None or now.nuid != chunks.nuid:
+                        chunks.count = count
+                raise
             try:
                 chunks.count = count
                 await self._check_chunks(info, chunks)
@@ -652,6 +722,18 @@ class ObjectStoreBackend(BlobBackend):
             with contextlib.suppress(Exception):  # the old object's chunks, no longer referenced
                 await self.js.purge_stream(self.stream, subject=f"$O.{self.bucket}.C.{old.nuid}")
         self._apply(name, info.size, chunks.nuid)
+
+    async def _last_meta(self, meta_subject: str) -> tuple[api.ObjectInfo | None, int]:
+        """The metadata stored last on ``meta_subject`` (a tombstone included), and its stream
+        sequence; ``(None, 0)`` if there is none."""
+        try:
+            msg = await self.js.get_last_msg(self.stream, meta_subject)
+        except NotFoundError:
+            return None, 0
+        try:
+            return api.ObjectInfo.from_response(json.loads(msg.data or b"{}")), msg.seq or 0
+        except Exception:  # noqa: BLE001 - a foreign or broken metadata message: replaced, in order
+            return None, msg.seq or 0
 
     async def _check_chunks(self, info: BlobInfo, chunks: _Chunks) -> None:
         """BlobUnavailable unless every chunk of ``chunks`` is still stored. An upload's chunks are

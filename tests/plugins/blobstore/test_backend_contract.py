@@ -17,7 +17,15 @@ from pathlib import Path
 
 import nats
 import pytest
-from unibus.plugins.blobstore.backend import TMP_DIR, BlobBackend, BlobInfo, clean_staging, remove_tree
+from unibus.plugins.blobstore.backend import (
+    TMP_DIR,
+    BlobBackend,
+    BlobError,
+    BlobInfo,
+    BlobUnavailable,
+    clean_staging,
+    remove_tree,
+)
 from unibus.plugins.blobstore.fs import FsBackend
 from unibus.plugins.blobstore.objectstore import ObjectStoreBackend
 
@@ -641,6 +649,106 @@ async def test_objectstore_an_upload_whose_chunks_were_purged_under_it_stores_no
         await b.close()
     finally:
         await nc.close()
+
+
+async def test_objectstore_the_same_blob_committed_by_two_nodes_at_once_is_stored_once(nats_server, tmp_path):
+    """Two nodes (two backends on one bucket) commit the same blob at the same moment: their name
+    locks are their own, so both find it absent. Only one metadata message is stored (it is
+    published expecting the subject's last sequence it read); the other upload answers with the
+    stored blob and purges its chunks. Before, both stored theirs, the second rolling up the
+    first, whose chunks no object named any more (a red team leaked 18 copies in 20 rounds)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        one = ObjectStoreBackend(js, tmp_path / "one")
+        two = ObjectStoreBackend(js, tmp_path / "two")
+        await one.start()
+        await two.start()
+        for _ in range(5):
+            data = os.urandom(2 * one.chunk_size() + 99)
+            ups = [await b.begin(ROOM) for b in (one, two)]
+            for up in ups:
+                await up.write(data)
+                await up.finish()
+            results = await asyncio.gather(ups[0].commit("alice"), ups[1].commit("bob"))
+            assert sorted(created for _info, created in results) == [False, True]
+            assert results[0][0] == results[1][0]  # the loser answers with the winner's metadata
+            assert len(await chunk_subjects(js)) == 1
+            assert await read_all(one, ROOM, results[0][0].blob_id) == data
+            assert await one.delete(ROOM, results[0][0].blob_id)
+            assert not await chunk_subjects(js)
+        await one.close()
+        await two.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_metadata_lost_on_its_way_purges_the_chunks(nats_server, tmp_path):
+    """The metadata's publish times out and the metadata was not stored: the upload fails, and its
+    chunks, which no object names, are purged at once (a stored one keeps them: the next test)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    real = js.publish
+
+    async def publish(subject, payload=b"", **kw):
+        if ".M." in subject:  # lost before nats-server stored it
+            raise nats.errors.TimeoutError()
+        return await real(subject, payload, **kw)
+
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(2 * b.chunk_size() + 5)
+        js.publish = publish
+        with pytest.raises(BlobUnavailable):
+            await put(b, data)
+        js.publish = real
+        assert not await chunk_subjects(js)
+        assert await b.info(ROOM, hashlib.sha256(data).hexdigest()) is None
+        await b.close()
+    finally:
+        js.publish = real
+        await nc.close()
+
+
+async def test_objectstore_an_abort_during_a_write_leaves_no_chunks(nats_server, tmp_path, monkeypatch):
+    """``abort`` from another task while ``write`` still publishes (the contract allows it "at any
+    point"): the write stops at its next chunk, and what it published is purged."""
+    from unibus.plugins.blobstore import objectstore
+
+    monkeypatch.setattr(objectstore, "PUT_WINDOW", 1)  # one chunk at a time: the write takes a while
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        up = await b.begin(ROOM)
+        writing = asyncio.ensure_future(up.write(os.urandom(12 * b.chunk_size())))
+        await first_chunks_stored(js)
+        await up.abort()
+        with pytest.raises(BlobError, match="given up"):
+            await asyncio.wait_for(writing, 30)
+        assert not await chunk_subjects(js)
+        await b.close()
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("error", ["OutboundBufferLimitError", "NoStreamResponseError", "TooManyStalledMsgsError",
+                                   "ServiceUnavailableError", "APIError"])
+def test_objectstore_jetstream_trouble_during_a_put_is_unavailable_not_a_crash(error):
+    """What nats-py raises while its connection reconnects (it refuses more than 2 MiB of pending
+    data, and a chunk is 1 MiB), while a stream's leader changes, or when the stream refuses a
+    message: the backend's BlobUnavailable, a 503 that the client retries. Before, these were
+    500s with a traceback (found by a red team against a real reconnect and leader stepdowns)."""
+    import nats.errors
+    import nats.js.errors
+    from unibus.plugins.blobstore.objectstore import _nats_errors
+
+    cls = getattr(nats.errors, error, None) or getattr(nats.js.errors, error)
+    with pytest.raises(BlobUnavailable):
+        with _nats_errors("an upload"):
+            raise cls()
 
 
 async def test_objectstore_a_lost_metadata_ack_leaves_the_blob_whole_not_broken(nats_server, tmp_path):
