@@ -100,10 +100,6 @@ READ_AHEAD = 4
 READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
-#: How often a running node looks for orphaned chunks: an upload given up while JetStream was in
-#: trouble (a leader changing) may have failed to purge its own (a red team left 1 to 5 per 24
-#: uploads under stepdowns every 0.4 s), and a node may run for months between start-ups.
-ORPHAN_SWEEP = 600.0
 STREAM_NAME_IN_USE = 10058
 #: JetStream wrong last sequence: another node stored the metadata first.
 WRONG_LAST_SEQUENCE = 10071
@@ -434,7 +430,6 @@ class ObjectStoreBackend(BlobBackend):
         self._objects: dict[str, tuple[int, str]] = {}  # name -> (size, nuid)
         self._synced = asyncio.Event()
         self._sub: Any = None
-        self._sweeper: asyncio.Future[None] | None = None
         #: read-ahead requests the reads may still add (READ_AHEAD_BUDGET)
         self.read_tokens = READ_AHEAD_BUDGET
 
@@ -511,24 +506,16 @@ class ObjectStoreBackend(BlobBackend):
                     n = await self.delete_room(room_id)
                     log.info("blobstore: removed %d blob(s) of deleted room %s", n, room_id)
         await self._purge_orphaned_chunks()
-        self._sweeper = asyncio.ensure_future(self._sweep())
         log.info("blobstore: object store %s: %d blob(s), %d bytes", self.bucket, self.blobs, self.bytes)
 
-    async def _purge_orphaned_chunks(self, confirm: set[str] | None = None) -> set[str]:
-        """Purge the chunk subjects that no live object names and whose newest chunk is older than
-        :data:`ORPHAN_AGE`. At start-up (``confirm`` None) at once: the metadata was read to its
-        end just before. While running, only those found so in the sweep before too (``confirm``):
-        this node learns of other nodes' metadata through its consumer, a moment late, and an
-        upload may have committed just now chunks it published long ago. Returns the orphans found
-        and not purged, for the next sweep to confirm."""
+    async def _purge_orphaned_chunks(self) -> None:
         try:
             info = await self.js.stream_info(self.stream, subjects_filter=f"$O.{self.bucket}.C.>")
         except Exception as e:  # noqa: BLE001 - housekeeping only
             log.warning("blobstore: cannot list object chunks: %s", e)
-            return set()
+            return
         live = {nuid for _size, nuid in self._objects.values()}
         now = datetime.now(UTC)
-        suspects: set[str] = set()
         for subject in (info.state.subjects or {}):
             nuid = subject.rsplit(".", 1)[-1]
             if nuid in live:
@@ -537,24 +524,10 @@ class ObjectStoreBackend(BlobBackend):
                 last = await self.js.get_msg(self.stream, subject=subject)
                 if last.time is not None and (now - last.time).total_seconds() < ORPHAN_AGE:
                     continue
-                if confirm is not None and subject not in confirm:
-                    suspects.add(subject)
-                    continue
                 await self.js.purge_stream(self.stream, subject=subject)
                 log.info("blobstore: purged orphaned chunks %s", subject)
             except Exception as e:  # noqa: BLE001
                 log.warning("blobstore: cannot purge orphaned chunks %s: %s", subject, e)
-        return suspects
-
-    async def _sweep(self) -> None:
-        """Every :data:`ORPHAN_SWEEP` seconds, :meth:`_purge_orphaned_chunks` (confirmed)."""
-        suspects: set[str] = set()
-        while True:
-            await asyncio.sleep(ORPHAN_SWEEP)
-            try:
-                suspects = await self._purge_orphaned_chunks(confirm=suspects)
-            except Exception as e:  # noqa: BLE001 - housekeeping only; the next sweep tries again
-                log.warning("blobstore: the sweep for orphaned chunks failed: %s", e)
 
     # -- read-only access (membershipd backup): no bucket made, no housekeeping
     async def open_existing(self) -> bool:
@@ -605,11 +578,6 @@ class ObjectStoreBackend(BlobBackend):
             raise _unavailable(e) from None
 
     async def close(self) -> None:
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sweeper
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):  # the connection may be gone
