@@ -48,6 +48,7 @@ from nats.js.errors import (
     NoStreamResponseError,
     NotFoundError,
     ObjectNotFoundError,
+    BadObjectMetaError,
     ServiceUnavailableError,
     TooManyStalledMsgsError,
 )
@@ -515,7 +516,17 @@ class ObjectStoreBackend(BlobBackend):
             log.warning("blobstore: cannot list object chunks: %s", e)
             return
         live = {nuid for _size, nuid in self._objects.values()}
-        now = datetime.now(UTC)
+        # Ages in the stream's own time (its leader stamps every message), not this node's clock:
+        # a node whose clock ran ahead took every upload under way for orphans (a red team, with
+        # 700 s). "Now" is the stream's newest message, so an idle stream ages nothing.
+        try:
+            newest = await self.js.get_msg(self.stream, seq=info.state.last_seq)
+        except Exception as e:  # noqa: BLE001 - housekeeping only
+            log.warning("blobstore: cannot read the object store's newest message: %s", e)
+            return
+        now = newest.time
+        if now is None:
+            return
         for subject in (info.state.subjects or {}):
             nuid = subject.rsplit(".", 1)[-1]
             if nuid in live:
@@ -616,11 +627,23 @@ class ObjectStoreBackend(BlobBackend):
             obj = await self._store().get_info(name)
         except (ObjectNotFoundError, NotFoundError):
             return None
+        except BadObjectMetaError:  # not JSON: a foreign message; a new upload of the blob replaces it
+            log.warning("blobstore: object %s: its metadata is not an object's; ignored", name)
+            return None
         except _UNAVAILABLE as e:
             raise _unavailable(e) from None
+        found = self._info_from(obj, room_id, blob_id, log_as=log.warning)
+        return None if found is None else (found, obj.nuid)
+
+    def _info_from(self, obj: api.ObjectInfo, room_id: str, blob_id: str,
+                   log_as: Any = None) -> BlobInfo | None:
+        """The blob that the metadata ``obj`` describes, or None if it is not a unibus blob's
+        (its digest not its name's blob id, or no uploader and creation time)."""
+        name = f"{room_id}/{blob_id}"
         digest = _digest_of(obj)
         if digest is None or digest.hex() != blob_id:
-            log.error("blobstore: object %s: digest does not match its name; ignored", name)
+            if log_as is not None:
+                log_as("blobstore: object %s: digest does not match its name; ignored", name)
             return None
         try:
             meta = json.loads(obj.description or "{}")
@@ -629,9 +652,10 @@ class ObjectStoreBackend(BlobBackend):
         uploader = meta.get("uploader") if isinstance(meta, dict) else None
         created = meta.get("created") if isinstance(meta, dict) else None
         if not isinstance(uploader, str) or not isinstance(created, (int, float)):
-            log.error("blobstore: object %s: unreadable metadata; ignored", name)
+            if log_as is not None:
+                log_as("blobstore: object %s: unreadable metadata; ignored", name)
             return None
-        return BlobInfo(room_id, blob_id, int(obj.size or 0), uploader, float(created)), obj.nuid
+        return BlobInfo(room_id, blob_id, int(obj.size or 0), uploader, float(created))
 
     async def _put(self, info: BlobInfo, path: Path) -> None:
         """Copy a blob's file into the object store (a restore, or ``migrate-to-kv``): its chunks,
@@ -681,12 +705,20 @@ class ObjectStoreBackend(BlobBackend):
         meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
         with _nats_errors(f"blob {info.blob_id}"):
             old, last = await self._last_meta(meta_subject)
+            if old is not None and not old.deleted and self._info_from(old, info.room_id, info.blob_id) is not None:
+                # Stored by another node since this commit looked (its ``info`` and this read are two
+                # requests): that upload won. Replacing it would purge its chunks under its downloads
+                # and change its uploader (found by a red team).
+                raise _LostRace()
             obj = api.ObjectInfo(name=name, bucket=self.bucket, nuid=chunks.nuid, size=chunks.size,
                                  chunks=chunks.count, mtime=datetime.now(UTC).isoformat(),
                                  digest="SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(info.blob_id)).decode(),
                                  description=json.dumps({"uploader": info.uploader, "created": info.created}),
                                  options=api.ObjectMetaOptions(max_chunk_size=chunks.chunk))
             await self._check_chunks(info, chunks)
+            nc = getattr(self.js, "_nc", None)
+            if nc is not None and not nc.is_connected:  # never buffered for a later reconnect
+                raise BlobUnavailable("the NATS connection is reconnecting; try again")
             count, chunks.count = chunks.count, 0  # from here on they are the object's: never purged by a discard
             try:
                 # Stored only if nobody stored this name's metadata since we read it: two nodes
@@ -700,14 +732,11 @@ class ObjectStoreBackend(BlobBackend):
                     raise
                 chunks.count = count  # not the object's: the caller's discard purges them
                 raise _LostRace() from None
-            except _UNAVAILABLE:
-                # The metadata may be stored even though its acknowledgement was lost: its chunks are
-                # then the object's. Purged only if the metadata as stored now names other chunks.
-                with contextlib.suppress(Exception):
-                    now, _ = await self._last_meta(meta_subject)
-                    if now is None or now.nuid != chunks.nuid:
-                        chunks.count = count
-                raise
+            # Any other failure (a lost acknowledgement, a reconnect) leaves the chunks: the metadata
+            # may still be stored, later even (nats-py sends what it buffered once it reconnects, and
+            # nats-server may answer a read sent after it first). Purging them on such an ambiguous
+            # outcome broke a stored object (found by a red team). Start-up purges them if no object
+            # names them.
             try:
                 chunks.count = count
                 await self._check_chunks(info, chunks)
@@ -770,7 +799,7 @@ class ObjectStoreBackend(BlobBackend):
         name = self._name(room_id, blob_id)
         try:
             await self._store().delete(name)
-        except (ObjectNotFoundError, NotFoundError):
+        except (ObjectNotFoundError, NotFoundError, BadObjectMetaError):  # no object (a foreign message: ignored)
             return False
         except _UNAVAILABLE as e:
             raise _unavailable(e) from None
