@@ -148,6 +148,7 @@ class _Chunks:
         self.size = self.count = 0
         self._acks: collections.deque[asyncio.Future[Any]] = collections.deque()
         self._carry = bytearray()  # less than a chunk, waiting for the bytes that follow
+        self._held: bytes | bytearray | memoryview | None = None  # the newest full chunk, kept back (_hold)
         self._timeout = getattr(backend.js, "_timeout", 5.0)
         self._discarded = False
         self._adding: asyncio.Future[None] | None = None  # an ``add`` under way
@@ -186,16 +187,28 @@ class _Chunks:
                 view = view[take:]
                 if len(self._carry) < chunk:
                     continue
-                await self._publish(self._carry)
+                await self._hold(self._carry)
                 self._carry = bytearray()
             while len(view) >= chunk:  # whole chunks straight out of the part, no copy of ours
-                await self._publish(view[:chunk])
+                await self._hold(view[:chunk])
                 view = view[chunk:]
             if view:
                 self._carry += view
 
+    async def _hold(self, payload: bytes | bytearray | memoryview) -> None:
+        """Keep the newest full chunk back, and publish the one kept before. So the last chunks are
+        published by :meth:`close`, right before the metadata: an upload's newest chunk is never
+        old when it commits, however long its body paused, and a node that starts then does not
+        take its chunks for orphans (their age is their newest chunk's)."""
+        held, self._held = self._held, payload
+        if held is not None:
+            await self._publish(held)
+
     async def close(self) -> None:
-        """Publish the short last chunk and wait until every chunk was acknowledged."""
+        """Publish the chunks kept back and wait until every chunk was acknowledged."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            await self._publish(held)
         if self._carry:
             await self._publish(self._carry)
             self._carry = bytearray()
@@ -209,6 +222,7 @@ class _Chunks:
         done before that chunk is stored, and leave it behind (found by a test)."""
         self._discarded = True
         self._carry = bytearray()
+        self._held = None
         adding = self._adding
         if adding is not None:  # an ``add`` of another task: it stops at its next chunk
             with contextlib.suppress(Exception):

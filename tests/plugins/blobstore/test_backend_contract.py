@@ -721,6 +721,35 @@ async def test_objectstore_metadata_lost_on_its_way_leaves_the_chunks_to_the_sta
         await nc.close()
 
 
+async def test_objectstore_an_upload_publishes_its_last_full_chunk_only_at_finish(nats_server, tmp_path):
+    """The newest full chunk is kept back until the next bytes or ``finish``: the last chunks go out
+    right before the metadata, so an upload's newest chunk is fresh when it commits, however long
+    its body paused, and a node starting then does not take its chunks for orphans."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        up = await b.begin(ROOM)
+        data = os.urandom(3 * b.chunk_size() + 10)
+        await up.write(data[:3 * b.chunk_size()])  # three full chunks: two go out
+        subject = await first_chunks_stored(js)
+        for _ in range(100):
+            if (await chunk_subjects(js)).get(subject) == 2:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+        assert (await chunk_subjects(js))[subject] == 2
+        await up.write(data[3 * b.chunk_size():])
+        await up.finish()
+        assert (await chunk_subjects(js))[subject] == 4  # the kept one and the short last one
+        _info, created = await up.commit("alice")
+        assert created and await read_all(b, ROOM, hashlib.sha256(data).hexdigest()) == data
+        await b.close()
+    finally:
+        await nc.close()
+
+
 async def test_objectstore_a_blob_another_node_stored_meanwhile_is_not_replaced(nats_server, tmp_path):
     """Node B looked for the blob (absent) just before node A stored it, and commits after: the
     metadata it reads next is A's, live, so B's upload lost the race. It answers with A's blob and
