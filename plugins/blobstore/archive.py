@@ -195,7 +195,7 @@ async def copy_to_object_store(js: Any, root: Path, *, replicas: int,
     for blob_dir, info in blobs:
         if info.room_id not in rooms:
             rooms[info.room_id] = await room_exists(info.room_id)
-        if not rooms[info.room_id] or await backend.info(info.room_id, info.blob_id) is not None:
+        if not rooms[info.room_id] or await backend.whole_info(info.room_id, info.blob_id) is not None:
             continue
         digest, size = await asyncio.to_thread(file_sha256, blob_dir / DATA)
         if digest != info.blob_id or size != info.size:

@@ -123,6 +123,8 @@ def _unavailable(e: BaseException) -> BlobUnavailable:
 
 def _digest_of(obj: api.ObjectInfo) -> bytes | None:
     d = obj.digest or ""
+    if not isinstance(d, str):  # foreign metadata
+        return None
     for prefix in ("SHA-256=", "sha-256="):
         if d.startswith(prefix):
             try:
@@ -312,7 +314,7 @@ class ObjUpload(Upload):
         name = f"{info.room_id}/{info.blob_id}"
         try:
             async with self.backend.name_lock(name):
-                existing = await self.backend.info(info.room_id, info.blob_id)
+                existing = await self.backend.whole_info(info.room_id, info.blob_id)
                 if existing is None:
                     try:
                         await self.backend._publish_meta(info, self._chunks)
@@ -467,7 +469,11 @@ class ObjectStoreBackend(BlobBackend):
     async def _on_meta(self, msg: Any) -> None:
         try:
             obj = api.ObjectInfo.from_response(json.loads(msg.data))
-            if obj.deleted:
+            if not isinstance(obj.name, str) or msg.subject != self._meta_subject(obj.name):
+                # Someone with rights on the stream naming another object: it would drop a live
+                # object from this node's view, and start-up would purge its chunks (a red team).
+                log.warning("blobstore: object metadata on %s names another object; ignored", msg.subject)
+            elif obj.deleted:
                 self._apply(obj.name, None, None)
             else:
                 self._apply(obj.name, int(obj.size or 0), obj.nuid)
@@ -533,8 +539,10 @@ class ObjectStoreBackend(BlobBackend):
         # Ages in the stream's own time (its leader stamps every message), not this node's clock:
         # a node whose clock ran ahead took every upload under way for orphans (a red team, with
         # 700 s). "Now" is the stream's newest message, so an idle stream ages nothing.
-        try:
-            newest = await self.js.get_msg(self.stream, seq=info.state.last_seq)
+        try:  # the newest message that still exists (the last sequence may have been purged)
+            newest = await self.js.get_msg(self.stream, subject=f"$O.{self.bucket}.>")
+        except NotFoundError:  # an empty stream
+            return
         except Exception as e:  # noqa: BLE001 - housekeeping only
             log.warning("blobstore: cannot read the object store's newest message: %s", e)
             return
@@ -631,6 +639,10 @@ class ObjectStoreBackend(BlobBackend):
             raise BlobUnavailable("the object store backend is not started")
         return self.obs
 
+    def _meta_subject(self, name: str) -> str:
+        """The metadata subject of the object ``name``, as nats-py's object store names it."""
+        return f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+
     @staticmethod
     def _name(room_id: str, blob_id: str) -> str:
         return f"{check_room_id(room_id)}/{check_blob_id(blob_id)}"
@@ -661,15 +673,16 @@ class ObjectStoreBackend(BlobBackend):
             return None
         try:
             meta = json.loads(obj.description or "{}")
-        except ValueError:
-            meta = None
+            size = int(obj.size or 0)
+        except (TypeError, ValueError):  # foreign metadata: a description that is no JSON string, ...
+            meta = size = None
         uploader = meta.get("uploader") if isinstance(meta, dict) else None
         created = meta.get("created") if isinstance(meta, dict) else None
-        if not isinstance(uploader, str) or not isinstance(created, (int, float)):
+        if size is None or not isinstance(uploader, str) or not isinstance(created, (int, float)):
             if log_as is not None:
                 log_as("blobstore: object %s: unreadable metadata; ignored", name)
             return None
-        return BlobInfo(room_id, blob_id, int(obj.size or 0), uploader, float(created))
+        return BlobInfo(room_id, blob_id, size, uploader, float(created))
 
     async def _put(self, info: BlobInfo, path: Path) -> None:
         """Copy a blob's file into the object store (a restore, or ``migrate-to-kv``): its chunks,
@@ -716,10 +729,11 @@ class ObjectStoreBackend(BlobBackend):
         (start-up purges chunks that no stored object names). The chunks of an object stored
         before under the same name, no longer referenced, are purged."""
         name = self._name(info.room_id, info.blob_id)
-        meta_subject = f"$O.{self.bucket}.M.{base64.urlsafe_b64encode(name.encode()).decode()}"
+        meta_subject = self._meta_subject(name)
         with _nats_errors(f"blob {info.blob_id}"):
             old, last = await self._last_meta(meta_subject)
-            if old is not None and not old.deleted and self._info_from(old, info.room_id, info.blob_id) is not None:
+            if (old is not None and not old.deleted and self._info_from(old, info.room_id, info.blob_id) is not None
+                    and await self._whole(old)):
                 # Stored by another node since this commit looked (its ``info`` and this read are two
                 # requests): that upload won. Replacing it would purge its chunks under its downloads
                 # and change its uploader (found by a red team).
@@ -802,6 +816,25 @@ class ObjectStoreBackend(BlobBackend):
     async def info(self, room_id: str, blob_id: str) -> BlobInfo | None:
         found = await self._get_object(room_id, blob_id)
         return None if found is None else found[0]
+
+    async def whole_info(self, room_id: str, blob_id: str) -> BlobInfo | None:
+        """:meth:`info`, or None if the object's chunks are not all stored: an upload of the blob
+        then replaces it instead of answering with a broken object for ever (a red team)."""
+        name = self._name(room_id, blob_id)
+        with _nats_errors(f"blob {blob_id}"):
+            obj, _seq = await self._last_meta(self._meta_subject(name))
+            if obj is None or obj.deleted or self._info_from(obj, room_id, blob_id) is None:
+                return None
+            if not await self._whole(obj):
+                log.warning("blobstore: object %s: chunks missing; an upload of it replaces it", name)
+                return None
+        return self._info_from(obj, room_id, blob_id)
+
+    async def _whole(self, obj: api.ObjectInfo) -> bool:
+        """Every chunk that the metadata ``obj`` counts is stored."""
+        subject = f"$O.{self.bucket}.C.{obj.nuid}"
+        found = await self.js.stream_info(self.stream, subjects_filter=subject)
+        return (found.state.subjects or {}).get(subject, 0) == (obj.chunks or 0)
 
     async def open(self, room_id: str, blob_id: str) -> BlobReader | None:
         found = await self._get_object(room_id, blob_id)

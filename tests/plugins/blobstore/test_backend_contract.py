@@ -766,21 +766,21 @@ async def test_objectstore_a_blob_another_node_stored_meanwhile_is_not_replaced(
         up = await b.begin(ROOM)
         await up.write(data)
         await up.finish()
-        real_info = b.info
+        real_look = b.whole_info
         looked = []
 
-        async def info_before_a_stored(room_id, blob_id):  # B's look, then A's upload lands
+        async def look_before_a_stored(room_id, blob_id):  # B's look, then A's upload lands
             looked.append(blob_id)
             await put(a, data, uploader="alice")
-            b.info = real_info
+            b.whole_info = real_look
             return None
 
-        b.info = info_before_a_stored
+        b.whole_info = look_before_a_stored
         stored, created = await up.commit("bob")
         assert looked and not created
         assert stored.uploader == "alice"
         assert len(await chunk_subjects(js)) == 1
-        assert (await real_info(ROOM, stored.blob_id)).uploader == "alice"
+        assert (await b.info(ROOM, stored.blob_id)).uploader == "alice"
         assert await read_all(a, ROOM, stored.blob_id) == data
         await a.close()
         await b.close()
@@ -808,6 +808,115 @@ async def test_objectstore_a_name_whose_metadata_is_not_json_is_no_blob_and_can_
         _info, created = await put(b, data)
         assert created and await read_all(b, ROOM, blob_id) == data
         await b.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_an_object_missing_chunks_is_replaced_by_an_upload_of_it(nats_server, tmp_path):
+    """An object whose metadata is stored but whose chunks are not all there (a purge by an older
+    version, a damaged stream): an upload of the same blob stores it whole again, instead of
+    answering "already stored" with the broken object for ever (a red team)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(2 * b.chunk_size() + 3)
+        info, _ = await put(b, data)
+        broken = b._objects[f"{ROOM}/{info.blob_id}"][1]
+        await js.purge_stream(b.stream, subject=f"$O.unibus_blobs.C.{broken}")
+        again, created = await put(b, data, uploader="bob")
+        assert created and again.uploader == "bob"
+        assert await read_all(b, ROOM, info.blob_id) == data
+        assert len(await chunk_subjects(js)) == 1
+        await b.close()
+    finally:
+        await nc.close()
+
+
+@pytest.mark.parametrize("field", [{"description": 7}, {"size": "big"}, {"digest": 5}, {"options": "x"}])
+async def test_objectstore_metadata_of_the_wrong_types_is_no_blob(nats_server, tmp_path, field):
+    """Foreign metadata that is JSON but whose fields have the wrong types: the blob is absent (no
+    500 on GET, DELETE or PUT), and an upload of it stores it again."""
+    import base64
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(4000)
+        blob_id = hashlib.sha256(data).hexdigest()
+        name = f"{ROOM}/{blob_id}"
+        meta = {"name": name, "bucket": "unibus_blobs", "nuid": "x", "size": 4000, "chunks": 1,
+                "digest": "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(blob_id)).decode(),
+                "description": json.dumps({"uploader": "eve", "created": 1.0})} | field
+        await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(name.encode()).decode()}",
+                         json.dumps(meta).encode())
+        assert await b.info(ROOM, blob_id) is None
+        assert await b.open(ROOM, blob_id) is None
+        assert await b.delete(ROOM, blob_id) in (True, False)
+        _info, created = await put(b, data)
+        assert created and await read_all(b, ROOM, blob_id) == data
+        await b.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_metadata_naming_another_object_is_ignored(nats_server, tmp_path, monkeypatch):
+    """A metadata message on one name's subject whose JSON names another, live object as deleted
+    (someone with rights on the stream): ignored, so start-up does not take that object's chunks
+    for orphans (a red team broke a live object this way)."""
+    import base64
+
+    from unibus.plugins.blobstore import objectstore
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        data = os.urandom(3000)
+        info, _ = await put(b, data)
+        victim = f"{ROOM}/{info.blob_id}"
+        await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(b'r1/other').decode()}",
+                         json.dumps({"name": victim, "bucket": "unibus_blobs", "nuid": "", "deleted": True}).encode())
+        await b.close()
+        monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
+        again = ObjectStoreBackend(js, tmp_path / "blobs")
+        await again.start()
+        assert again.stats()["blobs"] == 1
+        assert await read_all(again, ROOM, info.blob_id) == data
+        await again.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_start_up_purges_orphans_when_the_newest_message_was_purged(nats_server, tmp_path,
+                                                                                    monkeypatch):
+    """"Now" for the orphans' age is the newest message that still exists: the stream's last
+    sequence is often gone (an aborted upload purges its chunks, the newest messages), and start-up
+    then purged nothing (a red team)."""
+    from unibus.plugins.blobstore import objectstore
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
+        await put(b, os.urandom(2000))
+        up = await b.begin(ROOM)
+        await up.write(os.urandom(3 * b.chunk_size()))
+        await up.finish()
+        await up.abort()  # purges its chunks: the stream's last sequence is gone
+        await b.close()
+        monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
+        again = ObjectStoreBackend(js, tmp_path / "blobs")
+        await again.start()
+        assert "$O.unibus_blobs.C.crashednuid" not in await chunk_subjects(js)
+        assert again.stats()["blobs"] == 1
+        await again.close()
     finally:
         await nc.close()
 
