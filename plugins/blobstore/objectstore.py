@@ -291,6 +291,10 @@ class ObjUpload(Upload):
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else [p for p in data if len(p)]
         if not parts:
             return
+        # Both the hashing thread and the chunk kept back (_Chunks._hold) read the parts after this
+        # returns: a caller's mutable buffer is copied once (the HTTP handler's parts are bytes).
+        parts = [p if isinstance(p, bytes) or (isinstance(p, memoryview) and p.readonly) else bytes(p)
+                 for p in parts]
         if self._hashing is not None:
             hashing, self._hashing = self._hashing, None
             await hashing

@@ -750,6 +750,31 @@ async def test_objectstore_an_upload_publishes_its_last_full_chunk_only_at_finis
         await nc.close()
 
 
+async def test_objectstore_a_caller_reusing_its_buffer_after_write_changes_nothing(nats_server, tmp_path):
+    """The chunk kept back and the hashing thread read a write's parts after it returned: a caller
+    that writes one bytearray again and again gets exactly what it wrote stored."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        buf = bytearray(b.chunk_size() + 100)
+        written = []
+        up = await b.begin(ROOM)
+        for i in range(4):
+            buf[:] = os.urandom(len(buf))
+            written.append(bytes(buf))
+            await up.write([buf, memoryview(buf)[:50]])
+            written.append(bytes(buf[:50]))
+        data = b"".join(written)
+        assert await up.finish() == hashlib.sha256(data).digest()
+        info, created = await up.commit("alice")
+        assert created and await read_all(b, ROOM, info.blob_id) == data
+        await b.close()
+    finally:
+        await nc.close()
+
+
 async def test_objectstore_a_blob_another_node_stored_meanwhile_is_not_replaced(nats_server, tmp_path):
     """Node B looked for the blob (absent) just before node A stored it, and commits after: the
     metadata it reads next is A's, live, so B's upload lost the race. It answers with A's blob and
