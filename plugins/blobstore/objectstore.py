@@ -34,6 +34,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
@@ -102,6 +103,8 @@ READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
+#: What a nuid is made of (a chunk subject's last token: no wildcard, no dot).
+_NUID = re.compile(r"[A-Za-z0-9]{1,64}")
 #: JetStream wrong last sequence: another node stored the metadata first.
 WRONG_LAST_SEQUENCE = 10071
 #: What a NATS connection that is reconnecting, or a stream whose leader changes, raises: try again.
@@ -202,6 +205,8 @@ class _Chunks:
         published by :meth:`close`, right before the metadata: an upload's newest chunk is never
         old when it commits, however long its body paused, and a node that starts then does not
         take its chunks for orphans (their age is their newest chunk's)."""
+        if isinstance(payload, memoryview) and memoryview(payload.obj).nbytes > 2 * len(payload):
+            payload = bytes(payload)  # kept past the write: not the whole part it is a slice of
         held, self._held = self._held, payload
         if held is not None:
             await self._publish(held)
@@ -293,7 +298,7 @@ class ObjUpload(Upload):
             return
         # Both the hashing thread and the chunk kept back (_Chunks._hold) read the parts after this
         # returns: a caller's mutable buffer is copied once (the HTTP handler's parts are bytes).
-        parts = [p if isinstance(p, bytes) or (isinstance(p, memoryview) and p.readonly) else bytes(p)
+        parts = [p if isinstance(p, bytes) or (isinstance(p, memoryview) and isinstance(p.obj, bytes)) else bytes(p)
                  for p in parts]
         if self._hashing is not None:
             hashing, self._hashing = self._hashing, None
@@ -682,7 +687,14 @@ class ObjectStoreBackend(BlobBackend):
             meta = size = None
         uploader = meta.get("uploader") if isinstance(meta, dict) else None
         created = meta.get("created") if isinstance(meta, dict) else None
-        if size is None or not isinstance(uploader, str) or not isinstance(created, (int, float)):
+        nuid, chunks = obj.nuid, obj.chunks
+        if (not isinstance(nuid, str) or not _NUID.fullmatch(nuid) or not isinstance(chunks, int) or chunks < 0
+                or size is None or (size == 0) != (chunks == 0)):
+            # Foreign metadata: its chunk subject could match other objects' (a wildcard), or none.
+            if log_as is not None:
+                log_as("blobstore: object %s: metadata names no chunks of its own; ignored", name)
+            return None
+        if not isinstance(uploader, str) or not isinstance(created, (int, float)):
             if log_as is not None:
                 log_as("blobstore: object %s: unreadable metadata; ignored", name)
             return None

@@ -761,11 +761,20 @@ async def test_objectstore_a_caller_reusing_its_buffer_after_write_changes_nothi
         buf = bytearray(b.chunk_size() + 100)
         written = []
         up = await b.begin(ROOM)
-        for i in range(4):
+        for _ in range(4):
             buf[:] = os.urandom(len(buf))
             written.append(bytes(buf))
-            await up.write([buf, memoryview(buf)[:50]])
+            await up.write([buf, memoryview(buf)[:50], memoryview(buf).toreadonly()])  # read-only, not immutable
             written.append(bytes(buf[:50]))
+            written.append(bytes(buf))
+        ro = bytearray(os.urandom(2 * b.chunk_size()))  # whole chunks out of a read-only view: one kept back
+        await up.write(b"x" * (b.chunk_size() - len(b"".join(written)) % b.chunk_size()))  # carry emptied
+        written.append(b"x" * (b.chunk_size() - len(b"".join(written)) % b.chunk_size()))
+        await up.write(memoryview(ro).toreadonly())
+        written.append(bytes(ro))
+        ro[:] = bytes(len(ro))
+        await up.write(b"tail")
+        written.append(b"tail")
         data = b"".join(written)
         assert await up.finish() == hashlib.sha256(data).digest()
         info, created = await up.commit("alice")
@@ -859,7 +868,8 @@ async def test_objectstore_an_object_missing_chunks_is_replaced_by_an_upload_of_
         await nc.close()
 
 
-@pytest.mark.parametrize("field", [{"description": 7}, {"size": "big"}, {"digest": 5}, {"options": "x"}])
+@pytest.mark.parametrize("field", [{"description": 7}, {"size": "big"}, {"digest": 5}, {"options": "x"},
+                                   {"chunks": 0}, {"chunks": None}, {"nuid": ">"}, {"nuid": ""}, {"nuid": "a b"}])
 async def test_objectstore_metadata_of_the_wrong_types_is_no_blob(nats_server, tmp_path, field):
     """Foreign metadata that is JSON but whose fields have the wrong types: the blob is absent (no
     500 on GET, DELETE or PUT), and an upload of it stores it again."""
