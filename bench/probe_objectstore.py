@@ -88,12 +88,12 @@ async def probe(args: argparse.Namespace, scratch: Path) -> str:
             raise RuntimeError("nats-server did not start")
         backend = ObjectStoreBackend(nc.jetstream(timeout=30), scratch / "blobs")
         await backend.start()
-        view = memoryview(data)
+        parts = [data[i:i + 4 * MIB] for i in range(0, size, 4 * MIB)]  # what the HTTP handler hands over
 
         async def store() -> None:
             up = await backend.begin("r1")
-            for i in range(0, size, 4 * MIB):
-                await up.write(view[i:i + 4 * MIB])
+            for part in parts:
+                await up.write(part)
             if await up.finish() != sha:
                 raise RuntimeError("wrong digest")
             await up.commit("probe")

@@ -103,6 +103,10 @@ READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
 STREAM_NAME_IN_USE = 10058
+#: A chunk kept back (_Chunks._hold) that is a slice of a part larger than this is copied, so that
+#: it does not keep the whole part alive (a red team held 64 MiB for one chunk). The HTTP handler's
+#: and a restore's 4 MiB hand-offs stay uncopied.
+_HOLD_SLICE_OF = 8 * 1024 * 1024
 #: What a nuid is made of (a chunk subject's last token: no wildcard, no dot).
 _NUID = re.compile(r"[A-Za-z0-9]{1,64}")
 #: JetStream wrong last sequence: another node stored the metadata first.
@@ -205,8 +209,8 @@ class _Chunks:
         published by :meth:`close`, right before the metadata: an upload's newest chunk is never
         old when it commits, however long its body paused, and a node that starts then does not
         take its chunks for orphans (their age is their newest chunk's)."""
-        if isinstance(payload, memoryview) and memoryview(payload.obj).nbytes > 2 * len(payload):
-            payload = bytes(payload)  # kept past the write: not the whole part it is a slice of
+        if isinstance(payload, memoryview) and memoryview(payload.obj).nbytes > _HOLD_SLICE_OF:
+            payload = bytes(payload)  # kept past the write: not the whole (large) part it is a slice of
         held, self._held = self._held, payload
         if held is not None:
             await self._publish(held)

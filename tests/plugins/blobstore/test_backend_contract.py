@@ -784,6 +784,27 @@ async def test_objectstore_a_caller_reusing_its_buffer_after_write_changes_nothi
         await nc.close()
 
 
+async def test_objectstore_the_chunk_kept_back_does_not_keep_a_large_part_alive(nats_server, tmp_path):
+    """The chunk kept back out of a large part (a Python caller's 16 MiB buffer) is a copy, not a
+    view that keeps the whole part in memory until the next write (a red team: 64 MiB for one
+    chunk); out of the HTTP handler's 4 MiB hand-offs it stays a view (no copy)."""
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        up = await b.begin(ROOM)
+        await up.write(os.urandom(4 * 1024 * 1024))
+        assert isinstance(up._chunks._held, memoryview) and len(up._chunks._held) == b.chunk_size()
+        await up.write(os.urandom(16 * 1024 * 1024))
+        held = up._chunks._held
+        assert isinstance(held, bytes) and len(held) == b.chunk_size()
+        await up.abort()
+        await b.close()
+    finally:
+        await nc.close()
+
+
 async def test_objectstore_a_blob_another_node_stored_meanwhile_is_not_replaced(nats_server, tmp_path):
     """Node B looked for the blob (absent) just before node A stored it, and commits after: the
     metadata it reads next is A's, live, so B's upload lost the race. It answers with A's blob and
