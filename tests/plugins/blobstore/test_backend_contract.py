@@ -72,6 +72,16 @@ async def env(request, tmp_path):
         await b.close()
 
 
+@pytest.fixture
+async def js(nats_server):
+    """A JetStream context on the test's nats-server, its connection closed at the end."""
+    nc = await nats.connect(nats_server.url)
+    try:
+        yield nc.jetstream(timeout=5)
+    finally:
+        await nc.close()
+
+
 async def put(backend: BlobBackend, data: bytes, room: str = ROOM, uploader: str = "alice", piece: int = 100_000):
     up = await backend.begin(room)
     for i in range(0, len(data), piece):
@@ -333,92 +343,77 @@ async def test_fs_layout_and_modes(tmp_path):
         assert p.stat().st_mode & 0o777 == 0o600, p
 
 
-async def test_objectstore_orphaned_chunks_are_purged_at_start(nats_server, tmp_path, monkeypatch):
+async def test_objectstore_orphaned_chunks_are_purged_at_start(js, tmp_path, monkeypatch):
     from unibus.plugins.blobstore import objectstore
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        kept, _ = await put(b, os.urandom(300_000))
-        # a crash mid-put: chunks published, no metadata message
-        await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
-        await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
-        await b.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    kept, _ = await put(b, os.urandom(300_000))
+    # a crash mid-put: chunks published, no metadata message
+    await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
+    await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
+    await b.close()
 
-        young = ObjectStoreBackend(js, tmp_path / "blobs")
-        await young.start()  # too young to be sure: left alone (another node may be uploading)
-        info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
-        assert "$O.unibus_blobs.C.crashednuid" in (info.state.subjects or {})
-        await young.close()
+    young = ObjectStoreBackend(js, tmp_path / "blobs")
+    await young.start()  # too young to be sure: left alone (another node may be uploading)
+    info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
+    assert "$O.unibus_blobs.C.crashednuid" in (info.state.subjects or {})
+    await young.close()
 
-        monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
-        b2 = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b2.start()
-        info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
-        subjects = set(info.state.subjects or {})
-        assert "$O.unibus_blobs.C.crashednuid" not in subjects
-        assert len(subjects) == 1  # the kept blob's chunks
-        assert b2.stats()["blobs"] == 1
-        assert await read_all(b2, ROOM, kept.blob_id) is not None
-        await b2.close()
-    finally:
-        await nc.close()
+    monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
+    b2 = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b2.start()
+    info = await js.stream_info("OBJ_unibus_blobs", subjects_filter="$O.unibus_blobs.C.>")
+    subjects = set(info.state.subjects or {})
+    assert "$O.unibus_blobs.C.crashednuid" not in subjects
+    assert len(subjects) == 1  # the kept blob's chunks
+    assert b2.stats()["blobs"] == 1
+    assert await read_all(b2, ROOM, kept.blob_id) is not None
+    await b2.close()
 
 
-async def test_objectstore_counts_what_other_nodes_store(nats_server, tmp_path):
+async def test_objectstore_counts_what_other_nodes_store(js, tmp_path):
     """Two backends on one bucket (two nodes): each one's /healthz counters include the other's writes."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        one = ObjectStoreBackend(js, tmp_path / "one")
-        two = ObjectStoreBackend(js, tmp_path / "two")
-        await one.start()
-        await two.start()
-        info, _ = await put(one, os.urandom(70_000))
-        for _ in range(200):
-            if two.stats()["blobs"] == 1:
-                break
-            await asyncio.sleep(0.02)
-        assert two.stats() == {"backend": "objectstore", "blobs": 1, "bytes": 70_000}
-        assert await read_all(two, ROOM, info.blob_id) is not None
-        assert await two.delete(ROOM, info.blob_id)
-        for _ in range(200):
-            if one.stats()["blobs"] == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert one.stats()["blobs"] == 0
-        await one.close()
-        await two.close()
-    finally:
-        await nc.close()
+    one = ObjectStoreBackend(js, tmp_path / "one")
+    two = ObjectStoreBackend(js, tmp_path / "two")
+    await one.start()
+    await two.start()
+    info, _ = await put(one, os.urandom(70_000))
+    for _ in range(200):
+        if two.stats()["blobs"] == 1:
+            break
+        await asyncio.sleep(0.02)
+    assert two.stats() == {"backend": "objectstore", "blobs": 1, "bytes": 70_000}
+    assert await read_all(two, ROOM, info.blob_id) is not None
+    assert await two.delete(ROOM, info.blob_id)
+    for _ in range(200):
+        if one.stats()["blobs"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert one.stats()["blobs"] == 0
+    await one.close()
+    await two.close()
 
 
-async def test_objectstore_put_is_what_nats_py_reads(nats_server, tmp_path, monkeypatch):
+async def test_objectstore_put_is_what_nats_py_reads(js, tmp_path, monkeypatch):
     """The pipelined put writes the object store's own messages: nats-py's ObjectStore reads the
     object back (size, chunks, digest, bytes), across several read blocks and a short last chunk."""
     from unibus.plugins.blobstore import objectstore
 
     monkeypatch.setattr(objectstore, "PUT_READ", 3 * objectstore.CHUNK_SIZE)  # several blocks, small file
     monkeypatch.setattr(objectstore, "PUT_WINDOW", 2)  # the window is full most of the time
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        data = os.urandom(10 * objectstore.CHUNK_SIZE + 12_345)
-        info, created = await put(b, data)
-        assert created
-        obs = await js.object_store("unibus_blobs")
-        got = await obs.get(f"{ROOM}/{info.blob_id}")
-        assert got.data == data
-        assert got.info.size == len(data) and got.info.chunks == 11
-        assert json.loads(got.info.description)["uploader"] == "alice"
-        assert await read_all(b, ROOM, info.blob_id) == data
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    data = os.urandom(10 * objectstore.CHUNK_SIZE + 12_345)
+    info, created = await put(b, data)
+    assert created
+    obs = await js.object_store("unibus_blobs")
+    got = await obs.get(f"{ROOM}/{info.blob_id}")
+    assert got.data == data
+    assert got.info.size == len(data) and got.info.chunks == 11
+    assert json.loads(got.info.description)["uploader"] == "alice"
+    assert await read_all(b, ROOM, info.blob_id) == data
+    await b.close()
 
 
 @pytest.mark.parametrize("written_with", [64 * 1024, 256 * 1024, 1000 * 1024])
@@ -528,84 +523,69 @@ async def first_chunks_stored(js) -> str:
     raise AssertionError("no chunk was stored")
 
 
-async def test_objectstore_a_file_changed_while_it_is_copied_stores_nothing(nats_server, tmp_path):
+async def test_objectstore_a_file_changed_while_it_is_copied_stores_nothing(js, tmp_path):
     """A restore or ``migrate-to-kv`` copies a blob's file into the object store and hashes it on
     the way: bytes that no longer hash to the blob id are refused, their chunks purged, no object
     visible."""
     from unibus.plugins.blobstore.backend import BlobError
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        data = bytearray(os.urandom(2_600_000))
-        blob_id = hashlib.sha256(data).hexdigest()
-        data[2_000_000] ^= 1  # a bit flipped on the disk since the backup's checksum
-        (tmp_path / "data").write_bytes(data)
-        info = BlobInfo(ROOM, blob_id, len(data), "alice", 1.0)
-        with pytest.raises(BlobError, match="changed while it was copied"):
-            await b._put(info, tmp_path / "data")
-        assert await b.info(ROOM, blob_id) is None
-        assert b.stats()["blobs"] == 0
-        assert not await chunk_subjects(js)  # the chunks were purged
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    data = bytearray(os.urandom(2_600_000))
+    blob_id = hashlib.sha256(data).hexdigest()
+    data[2_000_000] ^= 1  # a bit flipped on the disk since the backup's checksum
+    (tmp_path / "data").write_bytes(data)
+    info = BlobInfo(ROOM, blob_id, len(data), "alice", 1.0)
+    with pytest.raises(BlobError, match="changed while it was copied"):
+        await b._put(info, tmp_path / "data")
+    assert await b.info(ROOM, blob_id) is None
+    assert b.stats()["blobs"] == 0
+    assert not await chunk_subjects(js)  # the chunks were purged
+    await b.close()
 
 
 @pytest.mark.parametrize("when", ["after-writes", "after-finish"])
-async def test_objectstore_an_aborted_upload_leaves_no_chunks(nats_server, tmp_path, when):
+async def test_objectstore_an_aborted_upload_leaves_no_chunks(js, tmp_path, when):
     """An upload streams its chunks into the stream as they arrive (nothing staged on disk). One
     that is given up (its client went away, its digest did not match, 413) leaves neither an
     object nor chunks, and nothing in the staging directory."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        up = await b.begin(ROOM)
-        data = os.urandom(3 * b.chunk_size() + 5)
-        await up.write([data[:1000], data[1000:2 * b.chunk_size()]])  # pieces across a chunk's boundary
-        await up.write(data[2 * b.chunk_size():])
-        await first_chunks_stored(js)  # streamed, not staged
-        assert not any((tmp_path / "blobs").rglob("data"))
-        if when == "after-finish":
-            assert await up.finish() == hashlib.sha256(data).digest()
-        await up.abort()
-        await up.abort()  # idempotent
-        assert not await chunk_subjects(js)
-        assert await b.info(ROOM, hashlib.sha256(data).hexdigest()) is None
-        assert b.stats()["blobs"] == 0
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    up = await b.begin(ROOM)
+    data = os.urandom(3 * b.chunk_size() + 5)
+    await up.write([data[:1000], data[1000:2 * b.chunk_size()]])  # pieces across a chunk's boundary
+    await up.write(data[2 * b.chunk_size():])
+    await first_chunks_stored(js)  # streamed, not staged
+    assert not any((tmp_path / "blobs").rglob("data"))
+    if when == "after-finish":
+        assert await up.finish() == hashlib.sha256(data).digest()
+    await up.abort()
+    await up.abort()  # idempotent
+    assert not await chunk_subjects(js)
+    assert await b.info(ROOM, hashlib.sha256(data).hexdigest()) is None
+    assert b.stats()["blobs"] == 0
+    await b.close()
 
 
-async def test_objectstore_the_same_blob_uploaded_again_keeps_the_first_and_no_second_copy(nats_server, tmp_path):
+async def test_objectstore_the_same_blob_uploaded_again_keeps_the_first_and_no_second_copy(js, tmp_path):
     """The second upload of a blob already stored streamed its chunks too: they are purged at its
     commit, which answers with the first upload's metadata."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        data = os.urandom(2 * b.chunk_size() + 1)
-        first, created = await put(b, data, uploader="alice")
-        assert created
-        again, created = await put(b, data, uploader="bob")
-        assert not created and again == first
-        subjects = await chunk_subjects(js)
-        assert list(subjects) == [f"$O.unibus_blobs.C.{b._objects[f'{ROOM}/{first.blob_id}'][1]}"]
-        assert subjects[next(iter(subjects))] == 3
-        assert await read_all(b, ROOM, first.blob_id) == data
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    data = os.urandom(2 * b.chunk_size() + 1)
+    first, created = await put(b, data, uploader="alice")
+    assert created
+    again, created = await put(b, data, uploader="bob")
+    assert not created and again == first
+    subjects = await chunk_subjects(js)
+    assert list(subjects) == [f"$O.unibus_blobs.C.{b._objects[f'{ROOM}/{first.blob_id}'][1]}"]
+    assert subjects[next(iter(subjects))] == 3
+    assert await read_all(b, ROOM, first.blob_id) == data
+    await b.close()
 
 
 @pytest.mark.parametrize("when", ["before-the-metadata", "with-the-metadata"])
-async def test_objectstore_an_upload_whose_chunks_were_purged_under_it_stores_nothing(nats_server, tmp_path, when):
+async def test_objectstore_an_upload_whose_chunks_were_purged_under_it_stores_nothing(js, tmp_path, when):
     """An upload's chunks are orphans until its metadata is stored, and a node that starts purges
     orphans whose newest chunk is older than ORPHAN_AGE. A member whose body came fast and then
     paused (the upload rate is an average) could have its first chunks purged under it: the
@@ -613,74 +593,64 @@ async def test_objectstore_an_upload_whose_chunks_were_purged_under_it_stores_no
     listed the live objects first), and fails with 503's error; no broken object stays."""
     from unibus.plugins.blobstore.backend import BlobUnavailable
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        up = await b.begin(ROOM)
-        data = os.urandom(3 * b.chunk_size() + 5)
-        await up.write(data[:2 * b.chunk_size()])
-        subject = await first_chunks_stored(js)
-        if when == "before-the-metadata":
-            await js.purge_stream(b.stream, subject=subject)  # what the start-up purge does
-        else:
-            real = js.publish
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    up = await b.begin(ROOM)
+    data = os.urandom(3 * b.chunk_size() + 5)
+    await up.write(data[:2 * b.chunk_size()])
+    subject = await first_chunks_stored(js)
+    if when == "before-the-metadata":
+        await js.purge_stream(b.stream, subject=subject)  # what the start-up purge does
+    else:
+        real = js.publish
 
-            async def publish(subj, payload=b"", **kw):
-                if ".M." in subj:  # the purge lands between the check and the metadata
-                    await js.purge_stream(b.stream, subject=subject)
-                return await real(subj, payload, **kw)
+        async def publish(subj, payload=b"", **kw):
+            if ".M." in subj:  # the purge lands between the check and the metadata
+                await js.purge_stream(b.stream, subject=subject)
+            return await real(subj, payload, **kw)
 
-            js.publish = publish
-        await up.write(data[2 * b.chunk_size():])
-        await up.finish()
-        with pytest.raises(BlobUnavailable, match="purged during the upload"):
-            await up.commit("alice")
-        blob_id = hashlib.sha256(data).hexdigest()
-        assert await b.info(ROOM, blob_id) is None
-        assert await b.open(ROOM, blob_id) is None
-        assert not await chunk_subjects(js)
-        for _ in range(100):  # the counters follow the metadata subjects
-            if b.stats()["blobs"] == 0:
-                break
-            await asyncio.sleep(0.02)
-        assert b.stats()["blobs"] == 0
-        await b.close()
-    finally:
-        await nc.close()
+        js.publish = publish
+    await up.write(data[2 * b.chunk_size():])
+    await up.finish()
+    with pytest.raises(BlobUnavailable, match="purged during the upload"):
+        await up.commit("alice")
+    blob_id = hashlib.sha256(data).hexdigest()
+    assert await b.info(ROOM, blob_id) is None
+    assert await b.open(ROOM, blob_id) is None
+    assert not await chunk_subjects(js)
+    for _ in range(100):  # the counters follow the metadata subjects
+        if b.stats()["blobs"] == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert b.stats()["blobs"] == 0
+    await b.close()
 
 
-async def test_objectstore_the_same_blob_committed_by_two_nodes_at_once_is_stored_once(nats_server, tmp_path):
+async def test_objectstore_the_same_blob_committed_by_two_nodes_at_once_is_stored_once(js, tmp_path):
     """Two nodes (two backends on one bucket) commit the same blob at the same moment: their name
     locks are their own, so both find it absent. Only one metadata message is stored (it is
     published expecting the subject's last sequence it read); the other upload answers with the
     stored blob and purges its chunks. Before, both stored theirs, the second rolling up the
     first, whose chunks no object named any more (a red team leaked 18 copies in 20 rounds)."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        one = ObjectStoreBackend(js, tmp_path / "one")
-        two = ObjectStoreBackend(js, tmp_path / "two")
-        await one.start()
-        await two.start()
-        for _ in range(5):
-            data = os.urandom(2 * one.chunk_size() + 99)
-            ups = [await b.begin(ROOM) for b in (one, two)]
-            for up in ups:
-                await up.write(data)
-                await up.finish()
-            results = await asyncio.gather(ups[0].commit("alice"), ups[1].commit("bob"))
-            assert sorted(created for _info, created in results) == [False, True]
-            assert results[0][0] == results[1][0]  # the loser answers with the winner's metadata
-            assert len(await chunk_subjects(js)) == 1
-            assert await read_all(one, ROOM, results[0][0].blob_id) == data
-            assert await one.delete(ROOM, results[0][0].blob_id)
-            assert not await chunk_subjects(js)
-        await one.close()
-        await two.close()
-    finally:
-        await nc.close()
+    one = ObjectStoreBackend(js, tmp_path / "one")
+    two = ObjectStoreBackend(js, tmp_path / "two")
+    await one.start()
+    await two.start()
+    for _ in range(5):
+        data = os.urandom(2 * one.chunk_size() + 99)
+        ups = [await b.begin(ROOM) for b in (one, two)]
+        for up in ups:
+            await up.write(data)
+            await up.finish()
+        results = await asyncio.gather(ups[0].commit("alice"), ups[1].commit("bob"))
+        assert sorted(created for _info, created in results) == [False, True]
+        assert results[0][0] == results[1][0]  # the loser answers with the winner's metadata
+        assert len(await chunk_subjects(js)) == 1
+        assert await read_all(one, ROOM, results[0][0].blob_id) == data
+        assert await one.delete(ROOM, results[0][0].blob_id)
+        assert not await chunk_subjects(js)
+    await one.close()
+    await two.close()
 
 
 async def test_objectstore_metadata_lost_on_its_way_leaves_the_chunks_to_the_start_up_purge(nats_server, tmp_path,
@@ -721,150 +691,125 @@ async def test_objectstore_metadata_lost_on_its_way_leaves_the_chunks_to_the_sta
         await nc.close()
 
 
-async def test_objectstore_an_upload_publishes_its_last_full_chunk_only_at_finish(nats_server, tmp_path):
+async def test_objectstore_an_upload_publishes_its_last_full_chunk_only_at_finish(js, tmp_path):
     """The newest full chunk is kept back until the next bytes or ``finish``: the last chunks go out
     right before the metadata, so an upload's newest chunk is fresh when it commits, however long
     its body paused, and a node starting then does not take its chunks for orphans."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        up = await b.begin(ROOM)
-        data = os.urandom(3 * b.chunk_size() + 10)
-        await up.write(data[:3 * b.chunk_size()])  # three full chunks: two go out
-        subject = await first_chunks_stored(js)
-        for _ in range(100):
-            if (await chunk_subjects(js)).get(subject) == 2:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.2)
-        assert (await chunk_subjects(js))[subject] == 2
-        await up.write(data[3 * b.chunk_size():])
-        await up.finish()
-        assert (await chunk_subjects(js))[subject] == 4  # the kept one and the short last one
-        _info, created = await up.commit("alice")
-        assert created and await read_all(b, ROOM, hashlib.sha256(data).hexdigest()) == data
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    up = await b.begin(ROOM)
+    data = os.urandom(3 * b.chunk_size() + 10)
+    await up.write(data[:3 * b.chunk_size()])  # three full chunks: two go out
+    subject = await first_chunks_stored(js)
+    for _ in range(100):
+        if (await chunk_subjects(js)).get(subject) == 2:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.2)
+    assert (await chunk_subjects(js))[subject] == 2
+    await up.write(data[3 * b.chunk_size():])
+    await up.finish()
+    assert (await chunk_subjects(js))[subject] == 4  # the kept one and the short last one
+    _info, created = await up.commit("alice")
+    assert created and await read_all(b, ROOM, hashlib.sha256(data).hexdigest()) == data
+    await b.close()
 
 
-async def test_objectstore_a_caller_reusing_its_buffer_after_write_changes_nothing(nats_server, tmp_path):
+async def test_objectstore_a_caller_reusing_its_buffer_after_write_changes_nothing(js, tmp_path):
     """The chunk kept back and the hashing thread read a write's parts after it returned: a caller
     that writes one bytearray again and again gets exactly what it wrote stored."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        buf = bytearray(b.chunk_size() + 100)
-        written = []
-        up = await b.begin(ROOM)
-        for _ in range(4):
-            buf[:] = os.urandom(len(buf))
-            written.append(bytes(buf))
-            await up.write([buf, memoryview(buf)[:50], memoryview(buf).toreadonly()])  # read-only, not immutable
-            written.append(bytes(buf[:50]))
-            written.append(bytes(buf))
-        ro = bytearray(os.urandom(2 * b.chunk_size()))  # whole chunks out of a read-only view: one kept back
-        await up.write(b"x" * (b.chunk_size() - len(b"".join(written)) % b.chunk_size()))  # carry emptied
-        written.append(b"x" * (b.chunk_size() - len(b"".join(written)) % b.chunk_size()))
-        await up.write(memoryview(ro).toreadonly())
-        written.append(bytes(ro))
-        ro[:] = bytes(len(ro))
-        await up.write(b"tail")
-        written.append(b"tail")
-        data = b"".join(written)
-        assert await up.finish() == hashlib.sha256(data).digest()
-        info, created = await up.commit("alice")
-        assert created and await read_all(b, ROOM, info.blob_id) == data
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    buf = bytearray(b.chunk_size() + 100)
+    written = []
+    up = await b.begin(ROOM)
+    for _ in range(4):
+        buf[:] = os.urandom(len(buf))
+        written.append(bytes(buf))
+        await up.write([buf, memoryview(buf)[:50], memoryview(buf).toreadonly()])  # read-only, not immutable
+        written.append(bytes(buf[:50]))
+        written.append(bytes(buf))
+    ro = bytearray(os.urandom(2 * b.chunk_size()))  # whole chunks out of a read-only view: one kept back
+    await up.write(b"x" * (b.chunk_size() - len(b"".join(written)) % b.chunk_size()))  # carry emptied
+    written.append(b"x" * (b.chunk_size() - len(b"".join(written)) % b.chunk_size()))
+    await up.write(memoryview(ro).toreadonly())
+    written.append(bytes(ro))
+    ro[:] = bytes(len(ro))
+    await up.write(b"tail")
+    written.append(b"tail")
+    data = b"".join(written)
+    assert await up.finish() == hashlib.sha256(data).digest()
+    info, created = await up.commit("alice")
+    assert created and await read_all(b, ROOM, info.blob_id) == data
+    await b.close()
 
 
-async def test_objectstore_the_chunk_kept_back_does_not_keep_a_large_part_alive(nats_server, tmp_path):
+async def test_objectstore_the_chunk_kept_back_does_not_keep_a_large_part_alive(js, tmp_path):
     """The chunk kept back out of a large part (a Python caller's 16 MiB buffer) is a copy, not a
     view that keeps the whole part in memory until the next write (a red team: 64 MiB for one
     chunk); out of the HTTP handler's 4 MiB hand-offs it stays a view (no copy)."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        up = await b.begin(ROOM)
-        await up.write(os.urandom(4 * 1024 * 1024))
-        assert isinstance(up._chunks._held, memoryview) and len(up._chunks._held) == b.chunk_size()
-        await up.write(os.urandom(16 * 1024 * 1024))
-        held = up._chunks._held
-        assert isinstance(held, bytes) and len(held) == b.chunk_size()
-        await up.abort()
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    up = await b.begin(ROOM)
+    await up.write(os.urandom(4 * 1024 * 1024))
+    assert isinstance(up._chunks._held, memoryview) and len(up._chunks._held) == b.chunk_size()
+    await up.write(os.urandom(16 * 1024 * 1024))
+    held = up._chunks._held
+    assert isinstance(held, bytes) and len(held) == b.chunk_size()
+    await up.abort()
+    await b.close()
 
 
-async def test_objectstore_a_blob_another_node_stored_meanwhile_is_not_replaced(nats_server, tmp_path):
+async def test_objectstore_a_blob_another_node_stored_meanwhile_is_not_replaced(js, tmp_path):
     """Node B looked for the blob (absent) just before node A stored it, and commits after: the
     metadata it reads next is A's, live, so B's upload lost the race. It answers with A's blob and
     purges its own chunks; A's chunks and uploader stay (a red team saw B replace A's object and
     purge its chunks under a download, 7 rounds of 40)."""
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        a = ObjectStoreBackend(js, tmp_path / "a")
-        b = ObjectStoreBackend(js, tmp_path / "b")
-        await a.start()
-        await b.start()
-        data = os.urandom(2 * a.chunk_size() + 7)
-        up = await b.begin(ROOM)
-        await up.write(data)
-        await up.finish()
-        real_look = b.whole_info
-        looked = []
+    a = ObjectStoreBackend(js, tmp_path / "a")
+    b = ObjectStoreBackend(js, tmp_path / "b")
+    await a.start()
+    await b.start()
+    data = os.urandom(2 * a.chunk_size() + 7)
+    up = await b.begin(ROOM)
+    await up.write(data)
+    await up.finish()
+    real_look = b._look
+    looked = []
 
-        async def look_before_a_stored(room_id, blob_id):  # B's look, then A's upload lands
-            looked.append(blob_id)
-            await put(a, data, uploader="alice")
-            b.whole_info = real_look
-            return None
+    async def look_before_a_stored(room_id, blob_id):  # B's look, then A's upload lands
+        seen = await real_look(room_id, blob_id)
+        looked.append(seen)
+        await put(a, data, uploader="alice")
+        return seen
 
-        b.whole_info = look_before_a_stored
-        stored, created = await up.commit("bob")
-        assert looked and not created
-        assert stored.uploader == "alice"
-        assert len(await chunk_subjects(js)) == 1
-        assert (await b.info(ROOM, stored.blob_id)).uploader == "alice"
-        assert await read_all(a, ROOM, stored.blob_id) == data
-        await a.close()
-        await b.close()
-    finally:
-        await nc.close()
+    b._look = look_before_a_stored
+    stored, created = await up.commit("bob")
+    assert looked and looked[0][0] is None and not created  # B found it absent, then lost the race
+    assert stored.uploader == "alice"
+    assert len(await chunk_subjects(js)) == 1
+    assert (await b.info(ROOM, stored.blob_id)).uploader == "alice"
+    assert await read_all(a, ROOM, stored.blob_id) == data
+    await a.close()
+    await b.close()
 
 
-async def test_objectstore_a_name_whose_metadata_is_not_json_is_no_blob_and_can_be_stored_again(nats_server, tmp_path):
+async def test_objectstore_a_name_whose_metadata_is_not_json_is_no_blob_and_can_be_stored_again(js, tmp_path):
     """A message on a blob's metadata subject that is not JSON (someone with rights on the stream):
     the blob is absent (no 500 on GET, DELETE or PUT), and an upload of it stores it again."""
     import base64
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        data = os.urandom(5000)
-        blob_id = hashlib.sha256(data).hexdigest()
-        name = f"{ROOM}/{blob_id}".encode()
-        await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(name).decode()}", b"not json {")
-        assert await b.info(ROOM, blob_id) is None
-        assert await b.open(ROOM, blob_id) is None
-        assert await b.delete(ROOM, blob_id) is False
-        _info, created = await put(b, data)
-        assert created and await read_all(b, ROOM, blob_id) == data
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    data = os.urandom(5000)
+    blob_id = hashlib.sha256(data).hexdigest()
+    name = f"{ROOM}/{blob_id}".encode()
+    await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(name).decode()}", b"not json {")
+    assert await b.info(ROOM, blob_id) is None
+    assert await b.open(ROOM, blob_id) is None
+    assert await b.delete(ROOM, blob_id) is False
+    _info, created = await put(b, data)
+    assert created and await read_all(b, ROOM, blob_id) == data
+    await b.close()
 
 
 async def test_objectstore_an_object_missing_chunks_is_replaced_by_an_upload_of_it(nats_server, tmp_path):
@@ -891,35 +836,30 @@ async def test_objectstore_an_object_missing_chunks_is_replaced_by_an_upload_of_
 
 @pytest.mark.parametrize("field", [{"description": 7}, {"size": "big"}, {"digest": 5}, {"options": "x"},
                                    {"chunks": 0}, {"chunks": None}, {"nuid": ">"}, {"nuid": ""}, {"nuid": "a b"}])
-async def test_objectstore_metadata_of_the_wrong_types_is_no_blob(nats_server, tmp_path, field):
+async def test_objectstore_metadata_of_the_wrong_types_is_no_blob(js, tmp_path, field):
     """Foreign metadata that is JSON but whose fields have the wrong types: the blob is absent (no
     500 on GET, DELETE or PUT), and an upload of it stores it again."""
     import base64
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        data = os.urandom(4000)
-        blob_id = hashlib.sha256(data).hexdigest()
-        name = f"{ROOM}/{blob_id}"
-        meta = {"name": name, "bucket": "unibus_blobs", "nuid": "x", "size": 4000, "chunks": 1,
-                "digest": "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(blob_id)).decode(),
-                "description": json.dumps({"uploader": "eve", "created": 1.0})} | field
-        await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(name.encode()).decode()}",
-                         json.dumps(meta).encode())
-        assert await b.info(ROOM, blob_id) is None
-        assert await b.open(ROOM, blob_id) is None
-        assert await b.delete(ROOM, blob_id) in (True, False)
-        _info, created = await put(b, data)
-        assert created and await read_all(b, ROOM, blob_id) == data
-        await b.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    data = os.urandom(4000)
+    blob_id = hashlib.sha256(data).hexdigest()
+    name = f"{ROOM}/{blob_id}"
+    meta = {"name": name, "bucket": "unibus_blobs", "nuid": "x", "size": 4000, "chunks": 1,
+            "digest": "SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(blob_id)).decode(),
+            "description": json.dumps({"uploader": "eve", "created": 1.0})} | field
+    await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(name.encode()).decode()}",
+                     json.dumps(meta).encode())
+    assert await b.info(ROOM, blob_id) is None
+    assert await b.open(ROOM, blob_id) is None
+    assert await b.delete(ROOM, blob_id) in (True, False)
+    _info, created = await put(b, data)
+    assert created and await read_all(b, ROOM, blob_id) == data
+    await b.close()
 
 
-async def test_objectstore_metadata_naming_another_object_is_ignored(nats_server, tmp_path, monkeypatch):
+async def test_objectstore_metadata_naming_another_object_is_ignored(js, tmp_path, monkeypatch):
     """A metadata message on one name's subject whose JSON names another, live object as deleted
     (someone with rights on the stream): ignored, so start-up does not take that object's chunks
     for orphans (a red team broke a live object this way)."""
@@ -927,57 +867,47 @@ async def test_objectstore_metadata_naming_another_object_is_ignored(nats_server
 
     from unibus.plugins.blobstore import objectstore
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        data = os.urandom(3000)
-        info, _ = await put(b, data)
-        victim = f"{ROOM}/{info.blob_id}"
-        await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(b'r1/other').decode()}",
-                         json.dumps({"name": victim, "bucket": "unibus_blobs", "nuid": "", "deleted": True}).encode())
-        await b.close()
-        monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
-        again = ObjectStoreBackend(js, tmp_path / "blobs")
-        await again.start()
-        assert again.stats()["blobs"] == 1
-        assert await read_all(again, ROOM, info.blob_id) == data
-        await again.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    data = os.urandom(3000)
+    info, _ = await put(b, data)
+    victim = f"{ROOM}/{info.blob_id}"
+    await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(b'r1/other').decode()}",
+                     json.dumps({"name": victim, "bucket": "unibus_blobs", "nuid": "", "deleted": True}).encode())
+    await b.close()
+    monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
+    again = ObjectStoreBackend(js, tmp_path / "blobs")
+    await again.start()
+    assert again.stats()["blobs"] == 1
+    assert await read_all(again, ROOM, info.blob_id) == data
+    await again.close()
 
 
-async def test_objectstore_start_up_purges_orphans_when_the_newest_message_was_purged(nats_server, tmp_path,
+async def test_objectstore_start_up_purges_orphans_when_the_newest_message_was_purged(js, tmp_path,
                                                                                     monkeypatch):
     """"Now" for the orphans' age is the newest message that still exists: the stream's last
     sequence is often gone (an aborted upload purges its chunks, the newest messages), and start-up
     then purged nothing (a red team)."""
     from unibus.plugins.blobstore import objectstore
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        b = ObjectStoreBackend(js, tmp_path / "blobs")
-        await b.start()
-        await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
-        await put(b, os.urandom(2000))
-        up = await b.begin(ROOM)
-        await up.write(os.urandom(3 * b.chunk_size()))
-        await up.finish()
-        await up.abort()  # purges its chunks: the stream's last sequence is gone
-        await b.close()
-        monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
-        again = ObjectStoreBackend(js, tmp_path / "blobs")
-        await again.start()
-        assert "$O.unibus_blobs.C.crashednuid" not in await chunk_subjects(js)
-        assert again.stats()["blobs"] == 1
-        await again.close()
-    finally:
-        await nc.close()
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    await js.publish("$O.unibus_blobs.C.crashednuid", os.urandom(1000))
+    await put(b, os.urandom(2000))
+    up = await b.begin(ROOM)
+    await up.write(os.urandom(3 * b.chunk_size()))
+    await up.finish()
+    await up.abort()  # purges its chunks: the stream's last sequence is gone
+    await b.close()
+    monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.0)
+    again = ObjectStoreBackend(js, tmp_path / "blobs")
+    await again.start()
+    assert "$O.unibus_blobs.C.crashednuid" not in await chunk_subjects(js)
+    assert again.stats()["blobs"] == 1
+    await again.close()
 
 
-async def test_objectstore_start_up_ages_orphans_by_the_stream_s_clock(nats_server, tmp_path, monkeypatch):
+async def test_objectstore_start_up_ages_orphans_by_the_stream_s_clock(js, tmp_path, monkeypatch):
     """A node whose clock runs 700 s ahead starts while an upload streams in on another node: the
     upload's young chunks are not taken for orphans (ages are the stream's own time)."""
     from datetime import UTC, datetime, timedelta
@@ -989,26 +919,21 @@ async def test_objectstore_start_up_ages_orphans_by_the_stream_s_clock(nats_serv
         def now(cls, tz=None):
             return datetime.now(tz or UTC) + timedelta(seconds=700)
 
-    nc = await nats.connect(nats_server.url)
-    js = nc.jetstream(timeout=5)
-    try:
-        other = ObjectStoreBackend(js, tmp_path / "other")
-        await other.start()
-        up = await other.begin(ROOM)
-        data = os.urandom(2 * other.chunk_size() + 1)
-        await up.write(data)
-        await first_chunks_stored(js)
-        monkeypatch.setattr(objectstore, "datetime", Ahead)
-        skewed = ObjectStoreBackend(js, tmp_path / "skewed")
-        await skewed.start()
-        monkeypatch.undo()
-        await up.finish()
-        _info, created = await up.commit("alice")
-        assert created and await read_all(skewed, ROOM, hashlib.sha256(data).hexdigest()) == data
-        await skewed.close()
-        await other.close()
-    finally:
-        await nc.close()
+    other = ObjectStoreBackend(js, tmp_path / "other")
+    await other.start()
+    up = await other.begin(ROOM)
+    data = os.urandom(2 * other.chunk_size() + 1)
+    await up.write(data)
+    await first_chunks_stored(js)
+    monkeypatch.setattr(objectstore, "datetime", Ahead)
+    skewed = ObjectStoreBackend(js, tmp_path / "skewed")
+    await skewed.start()
+    monkeypatch.undo()
+    await up.finish()
+    _info, created = await up.commit("alice")
+    assert created and await read_all(skewed, ROOM, hashlib.sha256(data).hexdigest()) == data
+    await skewed.close()
+    await other.close()
 
 
 async def test_objectstore_an_abort_during_a_write_leaves_no_chunks(nats_server, tmp_path, monkeypatch):
