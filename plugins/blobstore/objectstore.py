@@ -327,10 +327,10 @@ class ObjUpload(Upload):
         name = f"{info.room_id}/{info.blob_id}"
         try:
             async with self.backend.name_lock(name):
-                existing = await self.backend.whole_info(info.room_id, info.blob_id)
+                existing, old, last = await self.backend._look(info.room_id, info.blob_id)
                 if existing is None:
                     try:
-                        await self.backend._publish_meta(info, self._chunks)
+                        await self.backend._publish_meta(info, self._chunks, old, last)
                         self._done = True
                         return info, True
                     except _LostRace:  # another node stored the same blob at the same moment
@@ -731,7 +731,10 @@ class ObjectStoreBackend(BlobBackend):
                 await chunks.close()
             if chunks.size != info.size or h.hexdigest() != info.blob_id:
                 raise BlobError(f"blob {info.blob_id}: the file changed while it was copied")
-            await self._publish_meta(info, chunks)
+            existing, old, last = await self._look(info.room_id, info.blob_id)
+            if existing is not None:
+                raise _LostRace()  # stored meanwhile
+            await self._publish_meta(info, chunks, old, last)
         except _LostRace:  # stored by someone else meanwhile: there it is
             await chunks.discard()
         except BaseException:
@@ -740,24 +743,19 @@ class ObjectStoreBackend(BlobBackend):
         finally:
             await asyncio.to_thread(f.close)
 
-    async def _publish_meta(self, info: BlobInfo, chunks: _Chunks) -> None:
+    async def _publish_meta(self, info: BlobInfo, chunks: _Chunks, old: api.ObjectInfo | None, last: int) -> None:
         """Make the object whose chunks were all acknowledged visible: its ``ObjectInfo`` on its
         metadata subject with ``Nats-Rollup: sub``, as nats-py's ``ObjectStore.put`` writes it,
         so its ``ObjectStore.get`` and the ``nats`` CLI read the object. If the metadata's own
         acknowledgement is lost, it may be stored all the same: its chunks are then kept (the
         caller's discard purges nothing once this started), so the blob is either whole or absent
-        (start-up purges chunks that no stored object names). The chunks of an object stored
-        before under the same name, no longer referenced, are purged."""
+        (start-up purges chunks that no stored object names). ``old`` and ``last`` are what
+        :meth:`_look` read, the caller's decision to store: the metadata is stored only if nothing
+        was stored under the name since, else :class:`_LostRace`. The chunks of ``old``, which the
+        new metadata replaces, are purged."""
         name = self._name(info.room_id, info.blob_id)
         meta_subject = self._meta_subject(name)
         with _nats_errors(f"blob {info.blob_id}"):
-            old, last = await self._last_meta(meta_subject)
-            if (old is not None and not old.deleted and self._info_from(old, info.room_id, info.blob_id) is not None
-                    and await self._whole(old)):
-                # Stored by another node since this commit looked (its ``info`` and this read are two
-                # requests): that upload won. Replacing it would purge its chunks under its downloads
-                # and change its uploader (found by a red team).
-                raise _LostRace()
             obj = api.ObjectInfo(name=name, bucket=self.bucket, nuid=chunks.nuid, size=chunks.size,
                                  chunks=chunks.count, mtime=datetime.now(UTC).isoformat(),
                                  digest="SHA-256=" + base64.urlsafe_b64encode(bytes.fromhex(info.blob_id)).decode(),
@@ -769,9 +767,10 @@ class ObjectStoreBackend(BlobBackend):
                 raise BlobUnavailable("the NATS connection is reconnecting; try again")
             count, chunks.count = chunks.count, 0  # from here on they are the object's: never purged by a discard
             try:
-                # Stored only if nobody stored this name's metadata since we read it: two nodes
+                # Stored only if nobody stored this name's metadata since _look read it: two nodes
                 # committing the same blob at once would otherwise both store it, the second
-                # rolling up the first, and the first's chunks left to nobody (found by a red team).
+                # rolling up the first (purging its chunks under its downloads, or leaving them to
+                # nobody: found by red teams).
                 await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(),
                                       headers={api.Header.ROLLUP: "sub",
                                                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
@@ -840,15 +839,19 @@ class ObjectStoreBackend(BlobBackend):
     async def whole_info(self, room_id: str, blob_id: str) -> BlobInfo | None:
         """:meth:`info`, or None if the object's chunks are not all stored: an upload of the blob
         then replaces it instead of answering with a broken object for ever (a red team)."""
+        return (await self._look(room_id, blob_id))[0]
+
+    async def _look(self, room_id: str, blob_id: str) -> tuple[BlobInfo | None, api.ObjectInfo | None, int]:
+        """One read of the name's metadata, for a commit: the blob if it is stored whole (else
+        None), the metadata as read, and its stream sequence, which :meth:`_publish_meta` expects."""
         name = self._name(room_id, blob_id)
         with _nats_errors(f"blob {blob_id}"):
-            obj, _seq = await self._last_meta(self._meta_subject(name))
-            if obj is None or obj.deleted or self._info_from(obj, room_id, blob_id) is None:
-                return None
-            if not await self._whole(obj):
+            obj, seq = await self._last_meta(self._meta_subject(name))
+            found = None if obj is None or obj.deleted else self._info_from(obj, room_id, blob_id)
+            if found is not None and not await self._whole(obj):
                 log.warning("blobstore: object %s: chunks missing; an upload of it replaces it", name)
-                return None
-        return self._info_from(obj, room_id, blob_id)
+                found = None
+        return found, obj, seq
 
     async def _whole(self, obj: api.ObjectInfo) -> bool:
         """Every chunk that the metadata ``obj`` counts is stored."""
