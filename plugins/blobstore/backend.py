@@ -310,9 +310,11 @@ def clean_staging(tmp: Path, stop: threading.Event | None = None) -> int:
 class StagedFile:
     """A temporary directory ``<tmp>/up-<random>/`` holding the upload as ``data``.
 
-    Chunks are hashed and written in a worker thread, at most one in flight,
-    while the event loop receives the next one: memory stays at a few chunks
-    whatever the blob size.
+    Each chunk is hashed in one worker thread and written in another, at the
+    same time, while the event loop receives the next one; at most one chunk
+    is in flight, so memory stays at a few chunks whatever the blob size.
+    Hashing and writing one after the other in a single thread made an
+    upload wait for their sum (docs/benchmarks.md, "Blobs").
     """
 
     DATA = "data"
@@ -323,18 +325,19 @@ class StagedFile:
         self.path = self.dir / self.DATA
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._hash = hashlib.sha256()
-        self._pending: asyncio.Future[None] | None = None
+        self._pending: list[asyncio.Future[None]] = []
         self.size = 0
         self._written = self._flushed = 0
         self.digest: bytes | None = None
 
+    def _hash_sync(self, parts: Sequence[bytes]) -> None:
+        for p in parts:
+            self._hash.update(p)
+
     def _write_sync(self, parts: Sequence[bytes]) -> None:
         fd = self._fd
         assert fd is not None
-        views = []
-        for p in parts:
-            self._hash.update(p)
-            views.append(memoryview(p).cast("B"))
+        views = [memoryview(p).cast("B") for p in parts]
         while views:  # writev: the pieces as they came off the socket, no join
             n = os.writev(fd, views[:IOV_MAX])
             while n:
@@ -357,16 +360,31 @@ class StagedFile:
             start_writeback(fd, self._flushed, self._written - self._flushed)
             self._flushed = self._written
 
+    async def _settle(self) -> None:
+        """Wait for the chunk in flight: both its hash and its write, even when one fails.
+
+        A caller cancelled here leaves them in ``_pending`` (the threads cannot
+        be stopped), so that :meth:`discard` still waits for them before it
+        closes the file under a write.
+        """
+        if not self._pending:
+            return
+        results = await asyncio.shield(asyncio.gather(*self._pending, return_exceptions=True))
+        self._pending = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
     async def write(self, data: bytes | Sequence[bytes]) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+        await self._settle()
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else [p for p in data if len(p)]
         size = sum(len(p) for p in parts)
         if not size:
             return
         self.size += size
-        self._pending = asyncio.get_running_loop().run_in_executor(None, self._write_sync, parts)
+        loop = asyncio.get_running_loop()
+        self._pending = [loop.run_in_executor(None, self._hash_sync, parts),
+                         loop.run_in_executor(None, self._write_sync, parts)]
 
     def _finish_sync(self) -> bytes:
         assert self._fd is not None
@@ -382,10 +400,8 @@ class StagedFile:
         return self.digest
 
     async def discard(self) -> None:
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            with contextlib.suppress(Exception):  # we are throwing it away anyway
-                await pending
+        with contextlib.suppress(Exception):  # we are throwing it away anyway
+            await self._settle()
         await asyncio.to_thread(self._discard_sync)
 
     def _discard_sync(self) -> None:
