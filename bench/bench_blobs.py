@@ -503,6 +503,14 @@ def render(data: dict[str, Any]) -> str:
     lines += [(f"Verdict for {big // MIB} MiB: {' and '.join(verdicts)} of "
                f"{'copy+fsync' if ext else 'one-core SHA-256'} (aim {aim_share:.0%}): "
                + ("**met**." if met else "**not met**.")), ""]
+    sha = rate(big, data["floors"][bs]["sha256"])
+    put = rate(big, after["seconds"][bs]["put"])
+    lines += [(f"put's ceiling under the HTTP contract, from this run's floors: half the one-core SHA-256 floor, "
+               f"{sha / 2:,.0f} MB/s, {sha / 2 / floor:.0%} of "
+               f"{'copy+fsync' if ext else 'one-core SHA-256'}. The signed `Content-Digest` needs the whole "
+               "ciphertext hashed before the first byte of it is sent, and membershipd hashes every byte it "
+               "receives before it answers, so the two hashes cannot overlap (docs/blobstore.md, \"The data "
+               f"path\"). put reached {put / (sha / 2):.0%} of that ceiling."), ""]
 
     def mem(res: dict[str, Any]) -> str:
         d = (res["daemon_hwm_kib"] - res["daemon_rss_before_kib"]) / 1024
