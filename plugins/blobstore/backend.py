@@ -325,7 +325,8 @@ class StagedFile:
         self.path = self.dir / self.DATA
         self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         self._hash = hashlib.sha256()
-        self._pending: list[asyncio.Future[None]] = []
+        self._pending: list[asyncio.Future[Any]] = []
+        self._error: BaseException | None = None
         self.size = 0
         self._written = self._flushed = 0
         self.digest: bytes | None = None
@@ -360,20 +361,27 @@ class StagedFile:
             start_writeback(fd, self._flushed, self._written - self._flushed)
             self._flushed = self._written
 
-    async def _settle(self) -> None:
-        """Wait for the chunk in flight: both its hash and its write, even when one fails.
+    async def _settle(self) -> list[Any]:
+        """Wait for what runs in the worker threads (a chunk's hash and write, or the final
+        flush), even when one fails; their results.
 
         A caller cancelled here leaves them in ``_pending`` (the threads cannot
         be stopped), so that :meth:`discard` still waits for them before it
-        closes the file under a write.
+        closes the file under them. The first error is kept: every later
+        :meth:`write` and :meth:`finish` raises it again, so a file that
+        missed a chunk can never be finished.
         """
+        if self._error is not None:
+            raise self._error
         if not self._pending:
-            return
+            return []
         results = await asyncio.shield(asyncio.gather(*self._pending, return_exceptions=True))
         self._pending = []
         for result in results:
             if isinstance(result, BaseException):
+                self._error = result
                 raise result
+        return results
 
     async def write(self, data: bytes | Sequence[bytes]) -> None:
         await self._settle()
@@ -389,20 +397,43 @@ class StagedFile:
     def _finish_sync(self) -> bytes:
         assert self._fd is not None
         os.fdatasync(self._fd)  # data and size; the directory fsyncs follow
-        os.close(self._fd)
-        self._fd = None
+        fd, self._fd = self._fd, None
+        os.close(fd)
         return self._hash.digest()
 
     async def finish(self) -> bytes:
         if self.digest is None:
-            await self.write(b"")  # wait for the last chunk
-            self.digest = await asyncio.to_thread(self._finish_sync)
+            await self._settle()  # the last chunk
+            # In _pending too: a caller cancelled during the flush leaves discard to wait for it.
+            self._pending = [asyncio.get_running_loop().run_in_executor(None, self._finish_sync)]
+            (self.digest,) = await self._settle()
         return self.digest
 
     async def discard(self) -> None:
-        with contextlib.suppress(Exception):  # we are throwing it away anyway
-            await self._settle()
+        self._error = None  # thrown away anyway: only wait for the threads
+        try:
+            with contextlib.suppress(Exception):
+                await self._settle()
+        except asyncio.CancelledError:
+            self._discard_when_done()
+            raise
         await asyncio.to_thread(self._discard_sync)
+
+    def _discard_when_done(self) -> None:
+        """Cancelled again while the threads run: close and remove once they are done."""
+        if not self._pending:
+            return
+        loop = asyncio.get_running_loop()
+
+        def later(_: asyncio.Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the executor is shut down: the process is exiting
+                loop.run_in_executor(None, self._discard_quietly)
+
+        asyncio.gather(*self._pending, return_exceptions=True).add_done_callback(later)
+
+    def _discard_quietly(self) -> None:
+        with contextlib.suppress(OSError):
+            self._discard_sync()
 
     def _discard_sync(self) -> None:
         if self._fd is not None:

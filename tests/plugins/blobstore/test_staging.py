@@ -70,3 +70,81 @@ async def test_a_write_cancelled_while_a_chunk_is_in_flight_leaves_it_for_discar
         release.set()
     await asyncio.wait_for(discard, 30)
     assert not staged.dir.exists()
+
+
+def _hold(monkeypatch, staged, name):
+    """Make ``staged.<name>`` (a method the worker threads run) wait for the returned event."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(staged, name)
+
+    def held(*args):
+        entered.set()
+        assert release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(staged, name, held)
+    return entered, release
+
+
+async def test_a_finish_cancelled_during_its_flush_leaves_the_file_to_it(tmp_path, monkeypatch):
+    """Red team: the flush closes the file, and a discard that did not wait for it closed the same
+    descriptor again, by then sometimes another file's (rmtree's own directory descriptor)."""
+    staged = StagedFile(tmp_path)
+    await staged.write(b"x" * 1000)
+    entered, release = _hold(monkeypatch, staged, "_finish_sync")
+    finish = asyncio.create_task(staged.finish())
+    assert await asyncio.to_thread(entered.wait, 30)
+    finish.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await finish
+    discard = asyncio.create_task(staged.discard())
+    await asyncio.sleep(0.2)
+    try:
+        assert not discard.done()  # waiting for the flush, which closes the file itself
+    finally:
+        release.set()
+    await asyncio.wait_for(discard, 30)  # no EBADF from a second close
+    assert staged._fd is None
+    assert not staged.dir.exists()
+
+
+async def test_a_discard_cancelled_while_a_chunk_is_in_flight_still_closes_and_removes_it(tmp_path, monkeypatch):
+    staged = StagedFile(tmp_path)
+    entered, release = _hold(monkeypatch, staged, "_write_sync")
+    await staged.write(b"x" * 1000)
+    assert await asyncio.to_thread(entered.wait, 30)
+    fd = staged._fd
+    discard = asyncio.create_task(staged.discard())
+    await asyncio.sleep(0.05)
+    discard.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await discard
+    os.fstat(fd)  # not closed under the write
+    release.set()
+    for _ in range(300):  # closed and removed once the write is done
+        if not staged.dir.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert not staged.dir.exists()
+    assert staged._fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+async def test_after_a_failed_write_every_later_call_fails_too(tmp_path):
+    """Red team: a caller that went on after an error could finish a file that missed a chunk."""
+    staged = StagedFile(tmp_path)
+    good = staged._fd
+    staged._fd = os.open(os.devnull, os.O_RDONLY)  # the next chunk's write fails
+    await staged.write(b"x" * 1000)
+    with pytest.raises(OSError):
+        await staged.write(b"y")
+    os.close(staged._fd)
+    staged._fd = good
+    with pytest.raises(OSError):
+        await staged.write(b"z")
+    with pytest.raises(OSError):
+        await staged.finish()
+    assert staged.digest is None
+    await staged.discard()
+    assert not staged.dir.exists()
