@@ -191,8 +191,9 @@ def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None =
     ``tls`` (certificate, key): serve HTTPS with the context membershipd's
     ``--http-tls-cert``/``--http-tls-key`` get (``unibus.tls.server_context``).
     ``claim`` adds to B the request's nonce claimed as membershipd claims it
-    (:class:`unibus.auth.NonceStore` over ``nats_url``: one JetStream write,
-    acknowledged before the answer), and nothing else of membershipd.
+    (:class:`unibus.auth.NonceStore` over ``nats_url``: the epoch, floor and
+    high-water checks, then one JetStream write, acknowledged before the
+    answer), and nothing else of membershipd.
     """
     if stats_path is not None:
         install_profile_toggle(stats_path)
@@ -217,8 +218,12 @@ def role_server(mode: str, port: int, body_path: Path, stats_path: Path | None =
 
     async def claim(request: web.Request) -> web.Response:
         nacl.bindings.crypto_sign_open(signed, pub)
-        # the request's own nonce (sign_request writes `;nonce="..."`): a fresh key per request
-        nonce = request.headers["Signature-Input"].split('nonce="', 1)[1].split('"', 1)[0]
+        # the request's own nonce and created (sign_request writes `;created=...;nonce="..."`)
+        params = request.headers["Signature-Input"]
+        nonce = params.split('nonce="', 1)[1].split('"', 1)[0]
+        created = int(params.split(";created=", 1)[1].split(";", 1)[0])
+        if not store.admitted(created):  # the epoch, floor and high-water checks membershipd makes first
+            await store.admit(created, time.time())
         if not await store.claim(HANDLE, nonce):
             raise web.HTTPUnauthorized()
         return web.json_response(body, dumps=dumps)
@@ -606,14 +611,17 @@ async def _claims(url: str, monitor: int, server_pid: int, storage: str, n: int)
 
 
 def start_bare_nats(scratch: Path, name: str) -> tuple[subprocess.Popen, int, int]:
-    """A bare ``nats-server -js`` on 127.0.0.1 with its own store dir; (process, client port, monitor port)."""
-    from unibus.supervisor import find_nats_server
+    """A bare ``nats-server -js`` on 127.0.0.1 with its own store dir, in the environment membershipd
+    gives its own (``GOMAXPROCS`` one under the CPUs: ``unibus.supervisor.nats_server_environment``);
+    (process, client port, monitor port)."""
+    from unibus.supervisor import find_nats_server, nats_server_environment
     from unibus.testing import free_port
 
     port, monitor = free_port(), free_port()
     argv = [str(find_nats_server()), "-js", "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor),
             "-sd", str(scratch / f"nats-{name}")]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            env=nats_server_environment())
     try:
         deadline = time.monotonic() + START_TIMEOUT
         while True:  # ready once its monitor answers /varz
@@ -685,12 +693,12 @@ def verdict(series: dict[str, Series], before: Before | None) -> str:
     c = series.get("claim")
     if c is not None:
         cb, sc = run_ratios(c, b), run_ratios(s, c)
-        reach = (f"under the {AIM:.0%} aim: on this machine, the verify and the claim that docs/http-api.md "
-                 "requires, made as membershipd makes it, leave no room for the aim, whatever else a server "
-                 "does or leaves out" if med(cb) < AIM
-                 else f"at or over the {AIM:.0%} aim")
+        reach = (f"in the median under the {AIM:.0%} aim before any of membershipd's own work is counted"
+                 if med(cb) < AIM else f"in the median at or over the {AIM:.0%} aim")
         parts.append(
-            f"Baseline C, the verify and the nonce claim with nothing else around them, served {med(cb):.0%} of "
+            "Baseline C, the verify and the nonce claim with nothing else around them (membershipd's claim "
+            "client and checks, a nats-server in the environment membershipd gives its own, on the same two "
+            f"cores as the load generator), served {med(cb):.0%} of "
             f"baseline B's requests per second ({min(cb):.0%}–{max(cb):.0%}), {reach}; its claim cost its "
             f"nats-server {c.cpu('nats-server') or 0:.0f} µs and the server {(c.cpu('server') or 0) - (b.cpu('server') or 0):+.0f} µs of CPU "
             f"per request over baseline B. membershipd served {med(sc):.0%} of baseline C ({min(sc):.0%}–"
@@ -834,7 +842,8 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                        [p.cpu_us if p else 0.0 for p in cols]))
         if ps is not None and pb is not None:
             sc, bc = s.cpu("server") or 0.0, b.cpu("server") or 0.0
-            diffs = sorted(((ps.us(c) - pb.us(c), c) for c in CENTRES), reverse=True)
+            # The verify is the same call in both: its difference is the profile's noise.
+            diffs = sorted(((ps.us(c) - pb.us(c), c) for c in CENTRES if c != SPECIFIC[0][0]), reverse=True)
             top = [f"{c} {d:+.0f} µs" for d, c in diffs if d >= 5][:4]
             out += ["", (f"Reading: in the timed runs a signed request cost membershipd {sc:.0f} µs of CPU (median) "
                     f"against {bc:.0f} µs for baseline B. One event loop serves each process, so throughput follows "
@@ -844,7 +853,10 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
                     + (f" (baseline C, which does nothing but the verify and the claim, cost {cc:.0f} µs). "
                        if (cc := series["claim"].cpu("server") if "claim" in series else None) is not None else ". ")
                     + "In the profile the difference to baseline B is mostly: "
-                    + "; ".join(top) + ".")]
+                    + "; ".join(top) + (f". The verify, the same call in both, is left out of that list: it took "
+                                        f"{ps.us(SPECIFIC[0][0]):.0f} and {pb.us(SPECIFIC[0][0]):.0f} µs in these "
+                                        "two profiled runs, which shows how far one cost centre moves between "
+                                        "runs of the same code."))]
         pbefore = profiles.get("before")
         if ps is not None and pbefore is not None and before is not None:
             out += ["", (f"Before and after, the same profile of the signed path: membershipd {before.version} "

@@ -46,8 +46,9 @@ def nats_server_environment(env: Mapping[str, str] | None = None, cpus: int | No
 
     membershipd's event loop needs a CPU of its own under load; Go's scheduler
     otherwise runs on every CPU and spins on them looking for work. On the
-    2-CPU benchmark machine signed requests went from 67–69% to 74–75% of the
-    verify baseline's throughput with it (15-run medians, docs/benchmarks.md).
+    2-CPU benchmark machine of 0.11 (an AMD EPYC) signed requests went from
+    67–69% to 74–75% of the verify baseline's throughput with it (15-run
+    medians, docs/benchmarks.md).
     On larger hosts it changes little. Set ``GOMAXPROCS`` in the unit's
     environment to choose another value.
     """
