@@ -327,6 +327,8 @@ class StagedFile:
         self._hash = hashlib.sha256()
         self._pending: list[asyncio.Future[Any]] = []
         self._error: BaseException | None = None
+        self._flush: asyncio.Future[bytes] | None = None
+        self._cleanup: asyncio.Future[None] | None = None
         self.size = 0
         self._written = self._flushed = 0
         self.digest: bytes | None = None
@@ -372,7 +374,7 @@ class StagedFile:
         missed a chunk can never be finished.
         """
         if self._error is not None:
-            raise self._error
+            raise self._error.with_traceback(None)  # not a traceback that grows with every call
         if not self._pending:
             return []
         results = await asyncio.shield(asyncio.gather(*self._pending, return_exceptions=True))
@@ -383,7 +385,12 @@ class StagedFile:
                 raise result
         return results
 
+    def _check_open(self) -> None:
+        if self._cleanup is not None:
+            raise RuntimeError("this upload's staging file was discarded")
+
     async def write(self, data: bytes | Sequence[bytes]) -> None:
+        self._check_open()
         await self._settle()
         parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else [p for p in data if len(p)]
         size = sum(len(p) for p in parts)
@@ -403,37 +410,32 @@ class StagedFile:
 
     async def finish(self) -> bytes:
         if self.digest is None:
-            await self._settle()  # the last chunk
-            # In _pending too: a caller cancelled during the flush leaves discard to wait for it.
-            self._pending = [asyncio.get_running_loop().run_in_executor(None, self._finish_sync)]
-            (self.digest,) = await self._settle()
+            self._check_open()
+            if self._flush is None:
+                await self._settle()  # the last chunk
+                # In _pending too: a caller cancelled during the flush leaves discard to wait for
+                # it, and a finish called again waits for the same flush.
+                self._flush = asyncio.get_running_loop().run_in_executor(None, self._finish_sync)
+                self._pending = [self._flush]
+            await self._settle()
+            self.digest = self._flush.result()
         return self.digest
 
     async def discard(self) -> None:
+        """Close and remove the staging file, once the threads are done with it.
+
+        The cleanup runs in a task of its own, once: a caller cancelled here
+        does not stop it, and a second call waits for the same one.
+        """
+        if self._cleanup is None:
+            self._cleanup = asyncio.ensure_future(self._discard())
+        await asyncio.shield(self._cleanup)
+
+    async def _discard(self) -> None:
         self._error = None  # thrown away anyway: only wait for the threads
-        try:
-            with contextlib.suppress(Exception):
-                await self._settle()
-        except asyncio.CancelledError:
-            self._discard_when_done()
-            raise
+        with contextlib.suppress(Exception):
+            await self._settle()
         await asyncio.to_thread(self._discard_sync)
-
-    def _discard_when_done(self) -> None:
-        """Cancelled again while the threads run: close and remove once they are done."""
-        if not self._pending:
-            return
-        loop = asyncio.get_running_loop()
-
-        def later(_: asyncio.Future[Any]) -> None:
-            with contextlib.suppress(RuntimeError):  # the executor is shut down: the process is exiting
-                loop.run_in_executor(None, self._discard_quietly)
-
-        asyncio.gather(*self._pending, return_exceptions=True).add_done_callback(later)
-
-    def _discard_quietly(self) -> None:
-        with contextlib.suppress(OSError):
-            self._discard_sync()
 
     def _discard_sync(self) -> None:
         if self._fd is not None:

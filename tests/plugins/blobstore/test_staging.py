@@ -148,3 +148,47 @@ async def test_after_a_failed_write_every_later_call_fails_too(tmp_path):
     assert staged.digest is None
     await staged.discard()
     assert not staged.dir.exists()
+
+
+async def test_a_second_discard_waits_for_the_first_instead_of_closing_again(tmp_path, monkeypatch):
+    """Red team: a discard after a cancelled one raced the first one's late close (EBADF, or another
+    file's descriptor closed)."""
+    staged = StagedFile(tmp_path)
+    entered, release = _hold(monkeypatch, staged, "_write_sync")
+    await staged.write(b"x" * 1000)
+    assert await asyncio.to_thread(entered.wait, 30)
+    first = asyncio.create_task(staged.discard())
+    await asyncio.sleep(0.05)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    second = asyncio.create_task(staged.discard())
+    third = asyncio.create_task(staged.discard())
+    await asyncio.sleep(0.05)
+    assert not second.done() and not third.done()
+    release.set()
+    await asyncio.wait_for(asyncio.gather(second, third), 30)  # no EBADF
+    assert staged._fd is None
+    assert not staged.dir.exists()
+    with pytest.raises(RuntimeError, match="discarded"):
+        await staged.write(b"y")
+    with pytest.raises(RuntimeError, match="discarded"):
+        await staged.finish()
+
+
+async def test_a_finish_called_again_after_a_cancelled_flush_gets_the_digest(tmp_path, monkeypatch):
+    staged = StagedFile(tmp_path)
+    await staged.write(b"x" * 1000)
+    entered, release = _hold(monkeypatch, staged, "_finish_sync")
+    first = asyncio.create_task(staged.finish())
+    assert await asyncio.to_thread(entered.wait, 30)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    again = asyncio.create_task(staged.finish())
+    await asyncio.sleep(0.05)
+    assert not again.done()  # the same flush, not a second one
+    release.set()
+    assert await asyncio.wait_for(again, 30) == hashlib.sha256(b"x" * 1000).digest()
+    await staged.discard()
+    assert not staged.dir.exists()
