@@ -725,10 +725,12 @@ def render(ns: argparse.Namespace, labels: dict[str, str], series: dict[str, Ser
              "verify-https": "baseline B over HTTPS"}
     out = [environment, "",
            ("How to read it: baseline A is what aiohttp alone costs, baseline B adds the one Ed25519 verify that "
-            "no signed request can avoid; baseline C adds to B the nonce claim that docs/http-api.md requires of "
-            "every signed request (one JetStream write to the `unibus_nonces` bucket, acknowledged before the "
-            "answer, made by membershipd's own `unibus.auth.NonceStore` against a bare `nats-server -js` of its "
-            "own, whose CPU is counted as the signed rows' is) and nothing else; the signed row adds everything "
+            "no signed request can avoid; baseline C adds to B the nonce checks and claim that docs/http-api.md "
+            "requires of every signed request (the epoch, floor and high-water checks, then one JetStream write "
+            "to the `unibus_nonces` bucket, acknowledged before the answer, made by membershipd's own "
+            "`unibus.auth.NonceStore` against a bare `nats-server -js` of its own, started in the environment "
+            "membershipd gives its own and whose CPU is counted as the signed rows' is) and nothing else; the "
+            "signed row adds everything "
             "else membershipd does (signature parsing and checks, the member lookup, its middlewares). "
             "Throughput is noisy on a shared 2-core machine; the CPU µs per request columns (from /proc, per "
             "process) are the steadier measure of what a request costs, and the profile below splits the "
