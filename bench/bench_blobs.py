@@ -15,8 +15,9 @@ and max:
 * **the floors, in every round**: ``shutil.copyfile`` + ``fsync`` of the same
   file (what a durable copy costs: the blob store fsyncs before its 201, the
   client fsyncs what it downloaded), the plain ``copyfile``, SHA-256 on one
-  core (``hashlib`` over a 64 MiB buffer in memory: the server hashes every
-  uploaded byte, the client every downloaded one), and the two AEADs of the
+  core (``hashlib`` over 1 MiB pieces of one buffer, in the CPU's cache, as
+  the code hashes: the server hashes every uploaded byte, the client every
+  downloaded one), and the two AEADs of the
   blob format on one core (64 KiB records): ChaCha20-Poly1305 (``unibus-blob-v1``)
   and AES-256-GCM (``-v2``, what clients write on a CPU with AES instructions);
 * **the four transfers**, each against a real ``membershipd serve`` on
