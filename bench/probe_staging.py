@@ -21,8 +21,8 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 MIB = 1024 * 1024
 PART = 1 * MIB  # what the handler receives per read, about; four of them per hand-over
@@ -35,19 +35,12 @@ def one_lane() -> type:
     class OneLane(StagedFile):
         """Hash, then write, in one worker thread: the sum of the two per chunk."""
 
-        async def write(self, data: bytes | Sequence[bytes]) -> None:
-            await self._settle()
-            parts = [data] if isinstance(data, (bytes, bytearray, memoryview)) else [p for p in data if len(p)]
-            size = sum(len(p) for p in parts)
-            if not size:
-                return
-            self.size += size
-
-            def both(parts: list[bytes]) -> None:
+        def _start(self, parts: list[Any]) -> list[asyncio.Future[Any]]:
+            def both(parts: list[Any]) -> None:
                 self._hash_sync(parts)
                 self._write_sync(parts)
 
-            self._pending = [asyncio.get_running_loop().run_in_executor(None, both, parts)]
+            return [asyncio.get_running_loop().run_in_executor(None, both, parts)]
 
     return OneLane
 

@@ -397,9 +397,12 @@ class StagedFile:
         if not size:
             return
         self.size += size
+        self._pending = self._start(parts)
+
+    def _start(self, parts: list[Any]) -> list[asyncio.Future[Any]]:
+        """A chunk's hash and write, each in a worker thread of its own, at once."""
         loop = asyncio.get_running_loop()
-        self._pending = [loop.run_in_executor(None, self._hash_sync, parts),
-                         loop.run_in_executor(None, self._write_sync, parts)]
+        return [loop.run_in_executor(None, self._hash_sync, parts), loop.run_in_executor(None, self._write_sync, parts)]
 
     def _finish_sync(self) -> bytes:
         assert self._fd is not None

@@ -11,6 +11,27 @@ import pytest
 from unibus.plugins.blobstore.backend import StagedFile
 
 
+async def _cancel(task):
+    """Cancel ``task`` and see it end cancelled."""
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def _hold(monkeypatch, staged, name):
+    """Make ``staged.<name>`` (a method the worker threads run) wait for the returned event."""
+    entered, release = threading.Event(), threading.Event()
+    real = getattr(staged, name)
+
+    def held(*args):
+        entered.set()
+        assert release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(staged, name, held)
+    return entered, release
+
+
 async def test_the_digest_and_the_file_hold_every_part_in_order(tmp_path):
     staged = StagedFile(tmp_path)
     parts = [os.urandom(n) for n in (1, 4 << 20, 0, 65536, 3, 9 << 20)]
@@ -44,22 +65,12 @@ async def test_a_write_cancelled_while_a_chunk_is_in_flight_leaves_it_for_discar
     """The threads cannot be stopped: a cancelled upload must not close the file under its last write
     (the descriptor's number could be another file's by then)."""
     staged = StagedFile(tmp_path)
-    entered, release = threading.Event(), threading.Event()
-    real = staged._write_sync
-
-    def held(parts):
-        entered.set()
-        assert release.wait(30)
-        real(parts)
-
-    monkeypatch.setattr(staged, "_write_sync", held)
+    entered, release = _hold(monkeypatch, staged, "_write_sync")
     await staged.write(b"x" * 1000)
     assert await asyncio.to_thread(entered.wait, 30)
     second = asyncio.create_task(staged.write(b"y"))
     await asyncio.sleep(0.05)
-    second.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await second
+    await _cancel(second)
     fd = staged._fd
     discard = asyncio.create_task(staged.discard())
     await asyncio.sleep(0.2)
@@ -72,20 +83,6 @@ async def test_a_write_cancelled_while_a_chunk_is_in_flight_leaves_it_for_discar
     assert not staged.dir.exists()
 
 
-def _hold(monkeypatch, staged, name):
-    """Make ``staged.<name>`` (a method the worker threads run) wait for the returned event."""
-    entered, release = threading.Event(), threading.Event()
-    real = getattr(staged, name)
-
-    def held(*args):
-        entered.set()
-        assert release.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(staged, name, held)
-    return entered, release
-
-
 async def test_a_finish_cancelled_during_its_flush_leaves_the_file_to_it(tmp_path, monkeypatch):
     """Red team: the flush closes the file, and a discard that did not wait for it closed the same
     descriptor again, by then sometimes another file's (rmtree's own directory descriptor)."""
@@ -94,9 +91,7 @@ async def test_a_finish_cancelled_during_its_flush_leaves_the_file_to_it(tmp_pat
     entered, release = _hold(monkeypatch, staged, "_finish_sync")
     finish = asyncio.create_task(staged.finish())
     assert await asyncio.to_thread(entered.wait, 30)
-    finish.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await finish
+    await _cancel(finish)
     discard = asyncio.create_task(staged.discard())
     await asyncio.sleep(0.2)
     try:
@@ -116,9 +111,7 @@ async def test_a_discard_cancelled_while_a_chunk_is_in_flight_still_closes_and_r
     fd = staged._fd
     discard = asyncio.create_task(staged.discard())
     await asyncio.sleep(0.05)
-    discard.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await discard
+    await _cancel(discard)
     os.fstat(fd)  # not closed under the write
     release.set()
     for _ in range(300):  # closed and removed once the write is done
@@ -159,9 +152,7 @@ async def test_a_second_discard_waits_for_the_first_instead_of_closing_again(tmp
     assert await asyncio.to_thread(entered.wait, 30)
     first = asyncio.create_task(staged.discard())
     await asyncio.sleep(0.05)
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
+    await _cancel(first)
     second = asyncio.create_task(staged.discard())
     third = asyncio.create_task(staged.discard())
     await asyncio.sleep(0.05)
@@ -182,9 +173,7 @@ async def test_a_finish_called_again_after_a_cancelled_flush_gets_the_digest(tmp
     entered, release = _hold(monkeypatch, staged, "_finish_sync")
     first = asyncio.create_task(staged.finish())
     assert await asyncio.to_thread(entered.wait, 30)
-    first.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await first
+    await _cancel(first)
     again = asyncio.create_task(staged.finish())
     await asyncio.sleep(0.05)
     assert not again.done()  # the same flush, not a second one
