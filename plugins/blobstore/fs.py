@@ -28,6 +28,7 @@ directory into ``.tmp`` (atomic disappearance, then fsync), then remove it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import logging
@@ -96,22 +97,60 @@ def _read_meta(blob_dir: Path) -> BlobInfo | None:
 class FsUpload(StagedUpload):
     backend: FsBackend
 
+    def __init__(self, backend: FsBackend, room_id: str) -> None:
+        super().__init__(backend, room_id)
+        self._installing: asyncio.Future[tuple[BlobInfo, bool]] | None = None
+
     async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
+        """Write the metadata and rename the staged directory into place.
+
+        Once the digest is known, the rest runs to its end in a task of its
+        own: its threads cannot be stopped, and a cancelled caller (a client
+        gone at that moment, a stop) that went on to :meth:`abort` would
+        otherwise remove the staged files under the rename, or leave a
+        stored blob out of the counters. :meth:`abort` waits for it.
+        """
         digest = await self.finish()
-        info = BlobInfo(self.room_id, digest.hex(), self.staged.size, uploader, time.time())
-        await asyncio.to_thread(self._prepare_meta, info)
-        async with self.backend.lock:
-            created, stored = await asyncio.to_thread(self.backend._install, self.staged.dir, info)
-            if created:
-                self.backend._count(info.room_id, 1, info.size)
+        if self._installing is None:
+            info = BlobInfo(self.room_id, digest.hex(), self.staged.size, uploader, time.time())
+            self._installing = asyncio.ensure_future(self._install(info))
+        return await asyncio.shield(self._installing)
+
+    async def _install(self, info: BlobInfo) -> tuple[BlobInfo, bool]:
+        try:
+            await asyncio.to_thread(self._prepare_meta, info)
+            async with self.backend.lock:
+                created, stored = await asyncio.to_thread(self.backend._install, self.staged.dir, info)
+                if created:
+                    self.backend._count(info.room_id, 1, info.size)
+        except Exception:
+            await self.staged.discard()  # what a failed rename left (abort waits for the same cleanup)
+            raise
         self._done = True
         if not created:
             await self.staged.discard()
         return stored, created
 
+    async def abort(self) -> None:
+        if self._installing is not None:
+            with contextlib.suppress(Exception):  # its error is the commit's to raise
+                await asyncio.shield(self._installing)
+        await super().abort()
+
     def _prepare_meta(self, info: BlobInfo) -> None:
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
+
+
+def _discard_unclaimed(opening: asyncio.Future[FsUpload]) -> None:
+    """Close and remove the staging file of an upload whose caller was cancelled while it was made."""
+    if opening.cancelled() or opening.exception() is not None:
+        return
+    staged = opening.result().staged
+    try:
+        asyncio.get_running_loop().run_in_executor(None, staged._discard_sync)
+    except RuntimeError:  # the loop's executor is shut down: the next start empties the staging directory
+        log.debug("blobstore: %s left for the next start", staged.dir)
 
 
 class FsReader(BlobReader):
@@ -212,7 +251,14 @@ class FsBackend(BlobBackend):
     # -- writes
     async def begin(self, room_id: str) -> Upload:
         check_room_id(room_id)
-        return await asyncio.to_thread(FsUpload, self, room_id)
+        opening = asyncio.get_running_loop().run_in_executor(None, FsUpload, self, room_id)
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread that makes the staging file cannot be stopped: what it makes
+            # for a caller that is gone is thrown away once it is made.
+            opening.add_done_callback(_discard_unclaimed)
+            raise
 
     def _install(self, staged_dir: Path, info: BlobInfo) -> tuple[bool, BlobInfo]:
         """Rename the staged blob directory into place (under the lock, in a thread)."""

@@ -181,3 +181,100 @@ async def test_a_finish_called_again_after_a_cancelled_flush_gets_the_digest(tmp
     assert await asyncio.wait_for(again, 30) == hashlib.sha256(b"x" * 1000).digest()
     await staged.discard()
     assert not staged.dir.exists()
+
+
+# --------------------------------------------------------------------------- the filesystem backend's upload
+
+
+async def _fs_backend(tmp_path):
+    from unibus.plugins.blobstore.fs import FsBackend
+
+    backend = FsBackend(tmp_path / "blobs")
+    await backend.start()
+    return backend
+
+
+async def test_an_upload_cancelled_while_its_staging_file_is_made_leaves_nothing(tmp_path, monkeypatch):
+    """Red team: begin() makes the staging file in a worker thread, and a caller cancelled meanwhile
+    (a client gone, a stop) left its descriptor open and its directory behind until the next start."""
+    from unibus.plugins.blobstore import fs
+
+    backend = await _fs_backend(tmp_path)
+    entered, release, made = threading.Event(), threading.Event(), []
+
+    class HeldUpload(fs.FsUpload):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+            entered.set()
+            assert release.wait(30)
+
+    monkeypatch.setattr(fs, "FsUpload", HeldUpload)
+    begin = asyncio.create_task(backend.begin("room1"))
+    assert await asyncio.to_thread(entered.wait, 30)
+    await _cancel(begin)
+    fd = made[0].staged._fd
+    os.fstat(fd)  # made, and still open: nobody holds it
+    release.set()
+    for _ in range(300):  # bounded: closed and removed once the thread is done
+        if not backend.staging_entries():
+            break
+        await asyncio.sleep(0.01)
+    assert backend.staging_entries() == []
+    assert made[0].staged._fd is None
+    with pytest.raises(OSError):
+        os.fstat(fd)
+
+
+async def test_a_commit_cancelled_during_its_rename_is_finished_before_abort_cleans_up(tmp_path, monkeypatch):
+    """Red team: a commit cancelled while its rename ran in a thread let abort() remove the staged
+    files under it (an empty blob directory), or left a stored blob out of the counters."""
+    backend = await _fs_backend(tmp_path)
+    upload = await backend.begin("room1")
+    body = os.urandom(100_000)
+    await upload.write(body)
+    entered, release = threading.Event(), threading.Event()
+    real = backend._install
+
+    def held(*args):
+        entered.set()
+        assert release.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(backend, "_install", held)
+    commit = asyncio.create_task(upload.commit("alice"))
+    assert await asyncio.to_thread(entered.wait, 30)
+    await _cancel(commit)
+    abort = asyncio.create_task(upload.abort())  # what the HTTP handler's finally does
+    await asyncio.sleep(0.1)
+    try:
+        assert not abort.done()  # waiting for the rename
+    finally:
+        release.set()
+    await asyncio.wait_for(abort, 30)
+    blob_id = hashlib.sha256(body).hexdigest()
+    info = await backend.info("room1", blob_id)
+    assert info is not None and info.size == len(body)
+    reader = await backend.open("room1", blob_id)
+    async with reader:
+        assert b"".join([c async for c in reader.chunks()]) == body
+    assert backend.stats() == {"backend": "fs", "blobs": 1, "bytes": len(body)}
+    assert backend.staging_entries() == []
+
+
+async def test_a_commit_whose_rename_fails_removes_its_staging_directory(tmp_path, monkeypatch):
+    from unibus.plugins.blobstore.backend import BlobError
+
+    backend = await _fs_backend(tmp_path)
+    upload = await backend.begin("room1")
+    await upload.write(b"x" * 1000)
+
+    def broken(*args):
+        raise BlobError("cannot store blob: no space left on device")
+
+    monkeypatch.setattr(backend, "_install", broken)
+    with pytest.raises(BlobError, match="no space"):
+        await upload.commit("alice")
+    await upload.abort()
+    assert backend.staging_entries() == []
+    assert backend.stats()["blobs"] == 0
