@@ -105,15 +105,17 @@ class FsUpload(StagedUpload):
         """Write the metadata and rename the staged directory into place.
 
         Once the digest is known, the rest runs to its end in a task of its
-        own: its threads cannot be stopped, and a cancelled caller (a client
-        gone at that moment, a stop) that went on to :meth:`abort` would
-        otherwise remove the staged files under the rename, or leave a
-        stored blob out of the counters. :meth:`abort` waits for it.
+        own: its threads cannot be stopped, and a cancelled caller
+        (membershipd stopping) that went on to :meth:`abort` would otherwise
+        remove the staged files under the rename, or leave a stored blob out
+        of the counters. :meth:`abort` waits for it.
         """
         digest = await self.finish()
         if self._installing is None:
             info = BlobInfo(self.room_id, digest.hex(), self.staged.size, uploader, time.time())
             self._installing = asyncio.ensure_future(self._install(info))
+            # Retrieved even when every caller that awaited it was cancelled (asyncio then logged it).
+            self._installing.add_done_callback(_retrieve)
         return await asyncio.shield(self._installing)
 
     async def _install(self, info: BlobInfo) -> tuple[BlobInfo, bool]:
@@ -121,8 +123,9 @@ class FsUpload(StagedUpload):
             await asyncio.to_thread(self._prepare_meta, info)
             async with self.backend.lock:
                 created, stored = await asyncio.to_thread(self.backend._install, self.staged.dir, info)
-                if created:
+                if created:  # visible from here on: counted even if the room directory's fsync fails
                     self.backend._count(info.room_id, 1, info.size)
+                    await asyncio.to_thread(self.backend._make_durable, info)
         except Exception:
             await self.staged.discard()  # what a failed rename left (abort waits for the same cleanup)
             raise
@@ -140,6 +143,11 @@ class FsUpload(StagedUpload):
     def _prepare_meta(self, info: BlobInfo) -> None:
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _discard_unclaimed(opening: asyncio.Future[FsUpload]) -> None:
@@ -261,7 +269,8 @@ class FsBackend(BlobBackend):
             raise
 
     def _install(self, staged_dir: Path, info: BlobInfo) -> tuple[bool, BlobInfo]:
-        """Rename the staged blob directory into place (under the lock, in a thread)."""
+        """Rename the staged blob directory into place (under the lock, in a thread); the caller
+        counts a new blob, then makes it durable (:meth:`_make_durable`)."""
         room_dir = self._room_dir(info.room_id)
         if make_private_dir(room_dir):
             fsync_dir(self.root)
@@ -277,8 +286,15 @@ class FsBackend(BlobBackend):
             # A damaged blob directory (never made by this code): replace it.
             self._move_to_trash(target)
             os.rename(staged_dir, target)
-        fsync_dir(room_dir)
         return True, info
+
+    def _make_durable(self, info: BlobInfo) -> None:
+        """fsync the room directory after a rename into it (in a thread): only then is the blob durable."""
+        try:
+            fsync_dir(self._room_dir(info.room_id))
+        except OSError as e:
+            raise BlobError(f"blob {info.blob_id} is stored, but its room directory could not be synced to disk: "
+                            f"{e.strerror}") from None
 
     def _move_to_trash(self, path: Path) -> Path | None:
         trash = self.tmp / f"del-{secrets.token_hex(8)}"

@@ -196,7 +196,7 @@ async def _fs_backend(tmp_path):
 
 async def test_an_upload_cancelled_while_its_staging_file_is_made_leaves_nothing(tmp_path, monkeypatch):
     """Red team: begin() makes the staging file in a worker thread, and a caller cancelled meanwhile
-    (a client gone, a stop) left its descriptor open and its directory behind until the next start."""
+    (membershipd stopping) left its descriptor open and its directory behind until the next start."""
     from unibus.plugins.blobstore import fs
 
     backend = await _fs_backend(tmp_path)
@@ -278,3 +278,70 @@ async def test_a_commit_whose_rename_fails_removes_its_staging_directory(tmp_pat
     await upload.abort()
     assert backend.staging_entries() == []
     assert backend.stats()["blobs"] == 0
+
+
+async def test_a_failed_install_whose_every_waiter_was_cancelled_logs_no_lost_exception(tmp_path, monkeypatch):
+    """Red team: a commit cancelled, then its abort cancelled too, and the rename failing: nobody
+    retrieved the install's error, and asyncio logged "Task exception was never retrieved"."""
+    from unibus.plugins.blobstore.backend import BlobError
+    import gc
+
+    backend = await _fs_backend(tmp_path)
+    upload = await backend.begin("room1")
+    await upload.write(b"x" * 1000)
+    entered, release = threading.Event(), threading.Event()
+
+    def held_then_broken(*args):
+        entered.set()
+        assert release.wait(30)
+        raise BlobError("cannot store blob: input/output error")
+
+    monkeypatch.setattr(backend, "_install", held_then_broken)
+    lost = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: lost.append(context))
+    commit = asyncio.create_task(upload.commit("alice"))
+    assert await asyncio.to_thread(entered.wait, 30)
+    await _cancel(commit)
+    abort = asyncio.create_task(upload.abort())
+    await asyncio.sleep(0.05)
+    await _cancel(abort)
+    installing = upload._installing
+    release.set()
+    await asyncio.wait([installing], timeout=30)
+    assert installing.done() and not installing.cancelled()  # failed (reading its error here would retrieve it)
+    del commit, abort, installing, upload
+    gc.collect()  # the task's exception is reported when it is collected
+    await asyncio.sleep(0)
+    assert lost == []
+    assert backend.staging_entries() == []
+
+
+async def test_a_blob_whose_room_directory_cannot_be_synced_is_counted_and_the_commit_fails(tmp_path, monkeypatch):
+    """Red team: the rename had made the blob visible, and the fsync's OSError left it out of the counts
+    (a raw OSError, where the backend raises BlobError)."""
+    from unibus.plugins.blobstore import fs
+    from unibus.plugins.blobstore.backend import BlobError
+
+    backend = await _fs_backend(tmp_path)
+    upload = await backend.begin("room1")
+    await upload.write(b"x" * 1234)
+    real = fs.fsync_dir
+
+    def failing(path):
+        if path.name == "room1":
+            raise OSError(5, "Input/output error")
+        return real(path)
+
+    monkeypatch.setattr(fs, "fsync_dir", failing)
+    with pytest.raises(BlobError, match="is stored, but its room directory could not be synced"):
+        await upload.commit("alice")
+    await upload.abort()
+    assert backend.stats() == {"backend": "fs", "blobs": 1, "bytes": 1234}
+    assert [i.size for i in await backend.list_room("room1")] == [1234]
+    assert backend.staging_entries() == []
+    monkeypatch.setattr(fs, "fsync_dir", real)
+    again = await backend.begin("room1")  # the client's retry: the idempotent case
+    await again.write(b"x" * 1234)
+    info, created = await again.commit("alice")
+    assert (info.size, created) == (1234, False)
+    assert backend.stats()["blobs"] == 1
