@@ -323,7 +323,12 @@ class StagedFile:
         self.dir = tmp / f"up-{secrets.token_hex(12)}"
         self.dir.mkdir(mode=0o700)
         self.path = self.dir / self.DATA
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError:  # out of descriptors, say: the directory goes too, not at the next start
+            with contextlib.suppress(OSError):
+                os.rmdir(self.dir)  # empty; and rmtree would need a descriptor of its own
+            raise
         self._hash = hashlib.sha256()
         self._pending: list[asyncio.Future[Any]] = []
         self._error: BaseException | None = None

@@ -345,3 +345,17 @@ async def test_a_blob_whose_room_directory_cannot_be_synced_is_counted_and_the_c
     info, created = await again.commit("alice")
     assert (info.size, created) == (1234, False)
     assert backend.stats()["blobs"] == 1
+
+
+def test_a_staging_file_that_cannot_be_opened_leaves_no_directory(tmp_path, monkeypatch):
+    """Red team: out of descriptors (EMFILE), the staging directory stayed until the next start."""
+    import errno
+
+    def no_descriptors(*args, **kwargs):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(os, "open", no_descriptors)
+    with pytest.raises(OSError, match="Too many open files"):
+        StagedFile(tmp_path)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
