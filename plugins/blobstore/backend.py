@@ -82,6 +82,14 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
+def retrieve_exception(fut: asyncio.Future[Any]) -> None:
+    """Done-callback of a future that nobody may await any more: its exception, if any, counts as
+    retrieved, where asyncio would log it as lost. Its failure is logged where it happens, or does
+    not matter (a read-ahead nobody reads)."""
+    if not fut.cancelled():
+        fut.exception()
+
+
 class BlobError(Exception):
     """A backend failure that is not the client's fault (I/O, JetStream)."""
 
@@ -444,6 +452,11 @@ class StagedFile:
         with contextlib.suppress(Exception):
             await self._settle()
         await asyncio.to_thread(self._discard_sync)
+
+    def discard_unused(self) -> None:
+        """Close and remove the staging file at once, in a worker thread: only for one that no
+        write, finish or discard ever used (its threads are the ones :meth:`discard` waits for)."""
+        self._discard_sync()
 
     def _discard_sync(self) -> None:
         if self._fd is not None:

@@ -28,7 +28,6 @@ directory into ``.tmp`` (atomic disappearance, then fsync), then remove it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import logging
@@ -57,6 +56,7 @@ from .backend import (
     clean_staging,
     remove_tree,
     make_private_dir,
+    retrieve_exception,
 )
 
 log = logging.getLogger("unibus.plugins.blobstore")
@@ -99,34 +99,35 @@ class FsUpload(StagedUpload):
 
     def __init__(self, backend: FsBackend, room_id: str) -> None:
         super().__init__(backend, room_id)
-        self._installing: asyncio.Future[tuple[BlobInfo, bool]] | None = None
+        self._committing: asyncio.Future[tuple[BlobInfo, bool]] | None = None
 
     async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
-        """Write the metadata and rename the staged directory into place.
+        """Write the metadata, rename the staged directory into place and sync it: one worker thread.
 
-        Once the digest is known, the rest runs to its end in a task of its
-        own: its threads cannot be stopped, and a cancelled caller
-        (membershipd stopping) that went on to :meth:`abort` would otherwise
-        remove the staged files under the rename, or leave a stored blob out
-        of the counters. :meth:`abort` waits for it.
+        Once the digest is known, nothing stops those steps half-way: they run
+        in one thread call, which a cancellation cannot interrupt, and in a
+        task of their own, which a cancelled caller (membershipd stopping)
+        does not take down with it. :meth:`abort` waits for that task, so the
+        staged files are never removed under the rename.
         """
         digest = await self.finish()
-        if self._installing is None:
+        if self._committing is None:
             info = BlobInfo(self.room_id, digest.hex(), self.staged.size, uploader, time.time())
-            self._installing = asyncio.ensure_future(self._install(info))
+            self._committing = asyncio.ensure_future(self._run_commit(info))
             # Retrieved even when every caller that awaited it was cancelled (asyncio then logged it).
-            self._installing.add_done_callback(_retrieve)
-        return await asyncio.shield(self._installing)
+            self._committing.add_done_callback(retrieve_exception)
+        return await asyncio.shield(self._committing)
 
-    async def _install(self, info: BlobInfo) -> tuple[BlobInfo, bool]:
+    async def _run_commit(self, info: BlobInfo) -> tuple[BlobInfo, bool]:
         try:
-            await asyncio.to_thread(self._prepare_meta, info)
             async with self.backend.lock:
-                created, stored = await asyncio.to_thread(self.backend._install, self.staged.dir, info)
-                if created:  # visible from here on: counted even if the room directory's fsync fails
+                created, stored, not_durable = await asyncio.to_thread(self._commit_sync, info)
+                if created:  # visible from here on: counted even if the room directory's fsync failed
                     self.backend._count(info.room_id, 1, info.size)
-                    await asyncio.to_thread(self.backend._make_durable, info)
-        except Exception:
+            if not_durable is not None:
+                raise not_durable
+        except Exception as e:
+            log.warning("blobstore: blob %s of room %s: %s", info.blob_id, info.room_id, e)
             await self.staged.discard()  # what a failed rename left (abort waits for the same cleanup)
             raise
         self._done = True
@@ -134,20 +135,35 @@ class FsUpload(StagedUpload):
             await self.staged.discard()
         return stored, created
 
-    async def abort(self) -> None:
-        if self._installing is not None:
-            with contextlib.suppress(Exception):  # its error is the commit's to raise
-                await asyncio.shield(self._installing)
-        await super().abort()
-
-    def _prepare_meta(self, info: BlobInfo) -> None:
+    def _commit_sync(self, info: BlobInfo) -> tuple[bool, BlobInfo, BlobError | None]:
+        """Steps 2 to 4 of docs/blobstore.md ("Crash safety"), in the worker thread, whatever happens to the
+        task that waits for them; the room directory's fsync failure is returned, not raised: the blob is
+        visible by then and must be counted."""
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
+        created, stored = self.backend._install(self.staged.dir, info)
+        if not created:
+            return created, stored, None
+        try:
+            fsync_dir(self.backend._room_dir(info.room_id))
+        except OSError as e:
+            return created, stored, BlobError(f"the blob is stored, but its room directory could not be synced "
+                                              f"to disk: {e.strerror}")
+        return created, stored, None
 
-
-def _retrieve(task: asyncio.Future[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
+    async def abort(self) -> None:
+        if self._committing is not None:
+            try:
+                await asyncio.shield(self._committing)
+            except asyncio.CancelledError:
+                if not self._committing.cancelled():
+                    raise  # this caller was cancelled: the commit goes on, and so does its cleanup
+                # The loop is closing (it cancels every task): the commit's thread may still be
+                # renaming, so nothing is removed under it; the next start empties the staging directory.
+                return
+            except Exception:  # noqa: BLE001 - the commit's error is the commit's to raise
+                pass
+        await super().abort()
 
 
 def _discard_unclaimed(opening: asyncio.Future[FsUpload]) -> None:
@@ -156,7 +172,7 @@ def _discard_unclaimed(opening: asyncio.Future[FsUpload]) -> None:
         return
     staged = opening.result().staged
     try:
-        asyncio.get_running_loop().run_in_executor(None, staged._discard_sync)
+        asyncio.get_running_loop().run_in_executor(None, staged.discard_unused).add_done_callback(retrieve_exception)
     except RuntimeError:  # the loop's executor is shut down: the next start empties the staging directory
         log.debug("blobstore: %s left for the next start", staged.dir)
 
@@ -270,7 +286,7 @@ class FsBackend(BlobBackend):
 
     def _install(self, staged_dir: Path, info: BlobInfo) -> tuple[bool, BlobInfo]:
         """Rename the staged blob directory into place (under the lock, in a thread); the caller
-        counts a new blob, then makes it durable (:meth:`_make_durable`)."""
+        syncs the room directory and counts a new blob."""
         room_dir = self._room_dir(info.room_id)
         if make_private_dir(room_dir):
             fsync_dir(self.root)
@@ -287,14 +303,6 @@ class FsBackend(BlobBackend):
             self._move_to_trash(target)
             os.rename(staged_dir, target)
         return True, info
-
-    def _make_durable(self, info: BlobInfo) -> None:
-        """fsync the room directory after a rename into it (in a thread): only then is the blob durable."""
-        try:
-            fsync_dir(self._room_dir(info.room_id))
-        except OSError as e:
-            raise BlobError(f"blob {info.blob_id} is stored, but its room directory could not be synced to disk: "
-                            f"{e.strerror}") from None
 
     def _move_to_trash(self, path: Path) -> Path | None:
         trash = self.tmp / f"del-{secrets.token_hex(8)}"

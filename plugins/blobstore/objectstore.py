@@ -71,6 +71,7 @@ from .backend import (
     check_room_id,
     clean_staging,
     make_private_dir,
+    retrieve_exception,
 )
 
 log = logging.getLogger("unibus.plugins.blobstore")
@@ -383,7 +384,7 @@ class ObjReader(BlobReader):
             # any replica that is current; a miss is asked of the stream leader again.
             fut = asyncio.ensure_future(js.get_msg(backend.stream, seq=seq, subject=subject, next=True,
                                                    direct=True))
-            fut.add_done_callback(_consume_exception)
+            fut.add_done_callback(retrieve_exception)  # a read-ahead nobody waits for may fail
             inflight.append((seq, fut, token))
             return True
 
@@ -434,12 +435,6 @@ class ObjReader(BlobReader):
         finally:
             while inflight:
                 take()[1].cancel()
-
-
-def _consume_exception(fut: asyncio.Future[Any]) -> None:
-    """A read-ahead request nobody waits for any more may fail: that is not an error."""
-    if not fut.cancelled():
-        fut.exception()
 
 
 class ObjectStoreBackend(BlobBackend):
