@@ -102,12 +102,12 @@ class FsUpload(StagedUpload):
         self._committing: asyncio.Future[tuple[BlobInfo, bool]] | None = None
 
     async def commit(self, uploader: str) -> tuple[BlobInfo, bool]:
-        """Write the metadata, rename the staged directory into place and sync it: one worker thread.
+        """Write the metadata, then rename the staged directory into place and sync its room directory.
 
-        Once the digest is known, nothing stops those steps half-way: they run
-        in one thread call, which a cancellation cannot interrupt, and in a
-        task of their own, which a cancelled caller (membershipd stopping)
-        does not take down with it. :meth:`abort` waits for that task, so the
+        Once the digest is known, these run in a task of their own, which a
+        cancelled caller (membershipd stopping) does not take down with it,
+        and the rename and the sync in one worker-thread call, which no
+        cancellation cuts in two. :meth:`abort` waits for that task, so the
         staged files are never removed under the rename.
         """
         digest = await self.finish()
@@ -120,8 +120,9 @@ class FsUpload(StagedUpload):
 
     async def _run_commit(self, info: BlobInfo) -> tuple[BlobInfo, bool]:
         try:
+            await asyncio.to_thread(self._prepare_meta, info)  # outside the lock: other commits need not wait
             async with self.backend.lock:
-                created, stored, not_durable = await asyncio.to_thread(self._commit_sync, info)
+                created, stored, not_durable = await asyncio.to_thread(self._install_sync, info)
                 if created:  # visible from here on: counted even if the room directory's fsync failed
                     self.backend._count(info.room_id, 1, info.size)
             if not_durable is not None:
@@ -135,12 +136,16 @@ class FsUpload(StagedUpload):
             await self.staged.discard()
         return stored, created
 
-    def _commit_sync(self, info: BlobInfo) -> tuple[bool, BlobInfo, BlobError | None]:
-        """Steps 2 to 4 of docs/blobstore.md ("Crash safety"), in the worker thread, whatever happens to the
-        task that waits for them; the room directory's fsync failure is returned, not raised: the blob is
-        visible by then and must be counted."""
+    def _prepare_meta(self, info: BlobInfo) -> None:
+        """Step 2 of docs/blobstore.md ("Crash safety"); if the task is cancelled after it, the staged
+        directory stays complete and unseen, for the next start to empty."""
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
+
+    def _install_sync(self, info: BlobInfo) -> tuple[bool, BlobInfo, BlobError | None]:
+        """Steps 3 and 4, in one worker-thread call, so that nothing comes between the rename and
+        the room directory's fsync, whatever happens to the task that waits for them. The fsync's
+        failure is returned, not raised: the blob is visible by then and must be counted."""
         created, stored = self.backend._install(self.staged.dir, info)
         if not created:
             return created, stored, None
