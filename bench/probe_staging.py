@@ -40,7 +40,7 @@ def one_lane() -> type:
                 self._hash_sync(parts)
                 self._write_sync(parts)
 
-            return [asyncio.get_running_loop().run_in_executor(None, both, parts)]
+            return [self._submit(both, parts)]
 
     return OneLane
 

@@ -342,6 +342,11 @@ class StagedFile:
         self._error: BaseException | None = None
         self._flush: asyncio.Future[bytes] | None = None
         self._cleanup: asyncio.Future[None] | None = None
+        # Worker-thread jobs not yet returned, and whether the last of them must close and remove the
+        # file: the cleanup task was cancelled while it waited for them (the event loop closing).
+        self._jobs = 0
+        self._jobs_lock = threading.Lock()
+        self._orphaned = False
         self.size = 0
         self._written = self._flushed = 0
         self.digest: bytes | None = None
@@ -414,8 +419,28 @@ class StagedFile:
 
     def _start(self, parts: list[Any]) -> list[asyncio.Future[Any]]:
         """A chunk's hash and write, each in a worker thread of its own, at once."""
-        loop = asyncio.get_running_loop()
-        return [loop.run_in_executor(None, self._hash_sync, parts), loop.run_in_executor(None, self._write_sync, parts)]
+        return [self._submit(self._hash_sync, parts), self._submit(self._write_sync, parts)]
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Run ``fn(*args)`` in a worker thread, counted as one of the file's jobs (see :meth:`_job`)."""
+        with self._jobs_lock:
+            self._jobs += 1
+        try:
+            return asyncio.get_running_loop().run_in_executor(None, self._job, fn, args)
+        except BaseException:
+            with self._jobs_lock:
+                self._jobs -= 1
+            raise
+
+    def _job(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        try:
+            return fn(*args)
+        finally:
+            with self._jobs_lock:
+                self._jobs -= 1
+                last = self._orphaned and not self._jobs
+            if last:  # no task is left to do it: the last thread closes and removes the file
+                self._discard_sync()
 
     def _finish_sync(self) -> bytes:
         assert self._fd is not None
@@ -431,7 +456,7 @@ class StagedFile:
                 await self._settle()  # the last chunk
                 # In _pending too: a caller cancelled during the flush leaves discard to wait for
                 # it, and a finish called again waits for the same flush.
-                self._flush = asyncio.get_running_loop().run_in_executor(None, self._finish_sync)
+                self._flush = self._submit(self._finish_sync)
                 self._pending = [self._flush]
             await self._settle()
             self.digest = self._flush.result()
@@ -441,7 +466,9 @@ class StagedFile:
         """Close and remove the staging file, once the threads are done with it.
 
         The cleanup runs in a task of its own, once: a caller cancelled here
-        does not stop it, and a second call waits for the same one.
+        does not stop it, and a second call waits for the same one. If the
+        task itself is cancelled (the event loop closing), the last worker
+        thread to return does it.
         """
         if self._cleanup is None:
             self._cleanup = asyncio.ensure_future(self._discard())
@@ -449,8 +476,17 @@ class StagedFile:
 
     async def _discard(self) -> None:
         self._error = None  # thrown away anyway: only wait for the threads
-        with contextlib.suppress(Exception):
-            await self._settle()
+        try:
+            with contextlib.suppress(Exception):
+                await self._settle()
+        except asyncio.CancelledError:
+            # Only the loop's close cancels this task (discard shields it): the threads still
+            # running will close and remove the file when the last of them returns.
+            with self._jobs_lock:
+                self._orphaned = running = self._jobs > 0
+            if not running:
+                self._discard_sync()
+            raise
         await asyncio.to_thread(self._discard_sync)
 
     def discard_unused(self) -> None:

@@ -124,6 +124,30 @@ async def test_a_discard_cancelled_while_a_chunk_is_in_flight_still_closes_and_r
         os.fstat(fd)
 
 
+async def test_a_cleanup_cancelled_by_the_loop_s_close_leaves_the_file_to_the_last_thread(tmp_path, monkeypatch):
+    """Red team: the loop's close cancels the cleanup task itself while it waits for a chunk's write;
+    the descriptor then stayed open until the process exited."""
+    staged = StagedFile(tmp_path)
+    entered, release = _hold(monkeypatch, staged, "_write_sync")
+    await staged.write(b"x" * 1000)
+    assert await asyncio.to_thread(entered.wait, 30)
+    fd = staged._fd
+    discard = asyncio.create_task(staged.discard())
+    await asyncio.sleep(0.05)
+    staged._cleanup.cancel()  # what the loop's close does to every task left
+    with pytest.raises(asyncio.CancelledError):
+        await discard
+    os.fstat(fd)  # not closed under the write
+    assert staged.dir.exists()
+    release.set()
+    for _ in range(300):  # bounded: the write's thread closes and removes the file when it returns
+        if staged._fd is None and not staged.dir.exists():
+            break
+        await asyncio.sleep(0.01)
+    assert staged._fd is None
+    assert not staged.dir.exists()
+
+
 async def test_after_a_failed_write_every_later_call_fails_too(tmp_path):
     """Red team: a caller that went on after an error could finish a file that missed a chunk."""
     staged = StagedFile(tmp_path)
