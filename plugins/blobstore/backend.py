@@ -341,12 +341,12 @@ class StagedFile:
         self._pending: list[asyncio.Future[Any]] = []
         self._error: BaseException | None = None
         self._flush: asyncio.Future[bytes] | None = None
-        self._cleanup: asyncio.Future[None] | None = None
-        # Worker-thread jobs not yet returned, and whether the last of them must close and remove the
-        # file: the cleanup task was cancelled while it waited for them (the event loop closing).
+        self._cleanup: asyncio.Future[Any] | None = None
+        # Worker-thread jobs not yet returned, and whether the file was discarded: then the last
+        # job to return closes and removes it, in its own thread (see discard).
         self._jobs = 0
         self._jobs_lock = threading.Lock()
-        self._orphaned = False
+        self._discarded = False
         self.size = 0
         self._written = self._flushed = 0
         self.digest: bytes | None = None
@@ -404,7 +404,7 @@ class StagedFile:
         return results
 
     def _check_open(self) -> None:
-        if self._cleanup is not None:
+        if self._discarded:
             raise RuntimeError("this upload's staging file was discarded")
 
     async def write(self, data: bytes | Sequence[bytes]) -> None:
@@ -424,6 +424,8 @@ class StagedFile:
     def _submit(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run ``fn(*args)`` in a worker thread, counted as one of the file's jobs (see :meth:`_job`)."""
         with self._jobs_lock:
+            if self._discarded:
+                raise RuntimeError("this upload's staging file was discarded")
             self._jobs += 1
         try:
             return asyncio.get_running_loop().run_in_executor(None, self._job, fn, args)
@@ -438,8 +440,8 @@ class StagedFile:
         finally:
             with self._jobs_lock:
                 self._jobs -= 1
-                last = self._orphaned and not self._jobs
-            if last:  # no task is left to do it: the last thread closes and removes the file
+                last = self._discarded and not self._jobs
+            if last:  # discarded while it ran: the last job closes and removes the file
                 self._discard_sync()
 
     def _finish_sync(self) -> bytes:
@@ -463,31 +465,26 @@ class StagedFile:
         return self.digest
 
     async def discard(self) -> None:
-        """Close and remove the staging file, once the threads are done with it.
+        """Close and remove the staging file, once the threads are done with it; wait for that.
 
-        The cleanup runs in a task of its own, once: a caller cancelled here
-        does not stop it, and a second call waits for the same one. If the
-        task itself is cancelled (the event loop closing), the last worker
-        thread to return does it.
+        Nothing here can be cut short by a cancellation, the event loop's
+        close included (it cancels every task): the file is marked discarded
+        before the first await. If jobs still run in worker threads, the last
+        of them to return closes and removes the file, in its own thread; if
+        none runs, one more job does it. A second call waits for the same.
         """
         if self._cleanup is None:
-            self._cleanup = asyncio.ensure_future(self._discard())
-        await asyncio.shield(self._cleanup)
-
-    async def _discard(self) -> None:
-        self._error = None  # thrown away anyway: only wait for the threads
-        try:
-            with contextlib.suppress(Exception):
-                await self._settle()
-        except asyncio.CancelledError:
-            # Only the loop's close cancels this task (discard shields it): the threads still
-            # running will close and remove the file when the last of them returns.
             with self._jobs_lock:
-                self._orphaned = running = self._jobs > 0
+                self._discarded = True
+                running = self._jobs > 0
+            waits = list(self._pending) if running else []
             if not running:
-                self._discard_sync()
-            raise
-        await asyncio.to_thread(self._discard_sync)
+                try:
+                    waits.append(asyncio.get_running_loop().run_in_executor(None, self._discard_sync))
+                except RuntimeError:  # the executor is shut down (the loop closing): nothing runs, do it here
+                    self._discard_sync()
+            self._cleanup = asyncio.gather(*waits, return_exceptions=True)  # a future, not a task
+        await asyncio.shield(self._cleanup)
 
     def discard_unused(self) -> None:
         """Close and remove the staging file at once, in a worker thread: only for one that no

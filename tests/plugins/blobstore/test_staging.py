@@ -124,26 +124,70 @@ async def test_a_discard_cancelled_while_a_chunk_is_in_flight_still_closes_and_r
         os.fstat(fd)
 
 
-async def test_a_cleanup_cancelled_by_the_loop_s_close_leaves_the_file_to_the_last_thread(tmp_path, monkeypatch):
-    """Red team: the loop's close cancels the cleanup task itself while it waits for a chunk's write;
-    the descriptor then stayed open until the process exited."""
+def _cancel_every_task():
+    """What the event loop's close does (unibus.daemon, asyncio.run): cancel every task but this one."""
+    me = asyncio.current_task()
+    for task in asyncio.all_tasks():
+        if task is not me:
+            task.cancel()
+
+
+async def _closed_and_removed(staged):
+    for _ in range(300):  # bounded: the worker thread that does it may still be running
+        if staged._fd is None and not staged.dir.exists():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+async def test_a_discard_under_a_write_survives_the_loop_s_close_and_the_last_thread_closes_the_file(
+        tmp_path, monkeypatch):
+    """Red team: the loop's close cancelled the cleanup task while it waited for a chunk's write (or
+    before it ever ran); the descriptor then stayed open until the process exited."""
     staged = StagedFile(tmp_path)
     entered, release = _hold(monkeypatch, staged, "_write_sync")
     await staged.write(b"x" * 1000)
     assert await asyncio.to_thread(entered.wait, 30)
     fd = staged._fd
     discard = asyncio.create_task(staged.discard())
-    await asyncio.sleep(0.05)
-    staged._cleanup.cancel()  # what the loop's close does to every task left
+    await asyncio.sleep(0)  # it has started, and no more
+    _cancel_every_task()
     with pytest.raises(asyncio.CancelledError):
         await discard
     os.fstat(fd)  # not closed under the write
     assert staged.dir.exists()
     release.set()
-    for _ in range(300):  # bounded: the write's thread closes and removes the file when it returns
-        if staged._fd is None and not staged.dir.exists():
-            break
-        await asyncio.sleep(0.01)
+    assert await _closed_and_removed(staged)  # by the write's own thread, when it returned
+
+
+async def test_a_discard_queued_behind_a_busy_executor_survives_the_loop_s_close(tmp_path):
+    """Red team: with every worker thread busy, the close was still queued when the loop's close
+    cancelled the task waiting for it, and was never run."""
+    staged = StagedFile(tmp_path)
+    await staged.write(b"x" * 1000)
+    await staged.finish()
+    loop, release = asyncio.get_running_loop(), threading.Event()
+    blockers = []
+    for _ in range(64):  # more than the default executor's threads
+        blockers.append(loop.run_in_executor(None, release.wait, 30))
+    await asyncio.sleep(0.05)
+    discard = asyncio.create_task(staged.discard())
+    await asyncio.sleep(0.05)
+    assert staged.dir.exists()  # queued
+    _cancel_every_task()
+    with pytest.raises(asyncio.CancelledError):
+        await discard
+    release.set()
+    await asyncio.gather(*blockers, return_exceptions=True)
+    assert await _closed_and_removed(staged)
+
+
+async def test_a_discard_after_the_executor_is_shut_down_closes_the_file_at_once(tmp_path):
+    staged = StagedFile(tmp_path)
+    await staged.write(b"x" * 1000)
+    await staged.finish()
+    await asyncio.get_running_loop().shutdown_default_executor()  # as the loop's close does
+    await staged.discard()
     assert staged._fd is None
     assert not staged.dir.exists()
 
