@@ -315,6 +315,10 @@ def clean_staging(tmp: Path, stop: threading.Event | None = None) -> int:
     return n
 
 
+#: A staging file's worker job: queued, started, or taken back by a submit that failed (StagedFile._submit).
+_QUEUED, _STARTED, _WITHDRAWN = object(), object(), object()
+
+
 class StagedFile:
     """A temporary directory ``<tmp>/up-<random>/`` holding the upload as ``data``.
 
@@ -427,14 +431,23 @@ class StagedFile:
             if self._discarded:
                 raise RuntimeError("this upload's staging file was discarded")
             self._jobs += 1
+        state = [_QUEUED]
         try:
-            return asyncio.get_running_loop().run_in_executor(None, self._job, fn, args)
+            return asyncio.get_running_loop().run_in_executor(None, self._job, state, fn, args)
         except BaseException:
+            # The executor may have queued the job before it failed to start a thread for it
+            # (out of threads): taken back here unless it started, so that it never runs uncounted.
             with self._jobs_lock:
-                self._jobs -= 1
+                if state[0] is _QUEUED:
+                    state[0] = _WITHDRAWN
+                    self._jobs -= 1
             raise
 
-    def _job(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    def _job(self, state: list[object], fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        with self._jobs_lock:
+            if state[0] is _WITHDRAWN:
+                return None
+            state[0] = _STARTED
         try:
             return fn(*args)
         finally:
@@ -461,6 +474,7 @@ class StagedFile:
                 self._flush = self._submit(self._finish_sync)
                 self._pending = [self._flush]
             await self._settle()
+            self._check_open()  # discarded meanwhile (by another task): the file is gone
             self.digest = self._flush.result()
         return self.digest
 
@@ -477,7 +491,7 @@ class StagedFile:
             with self._jobs_lock:
                 self._discarded = True
                 running = self._jobs > 0
-            waits = list(self._pending) if running else []
+            waits = list(self._pending)  # gathered even when done: a failed job's error is retrieved
             if not running:
                 try:
                     waits.append(asyncio.get_running_loop().run_in_executor(None, self._discard_sync))

@@ -192,6 +192,33 @@ async def test_a_discard_after_the_executor_is_shut_down_closes_the_file_at_once
     assert not staged.dir.exists()
 
 
+async def test_a_discard_retrieves_the_error_of_a_failed_write_nobody_waited_for(tmp_path):
+    """Red team: a chunk's write failed while its caller waited for the next chunk, the caller was
+    cancelled, and the discard, with no job running, left the failed future unretrieved."""
+    import errno
+    import gc
+
+    staged = StagedFile(tmp_path)
+
+    def no_space(parts):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    staged._write_sync = no_space  # not monkeypatch: it would keep the file object alive past the test's gc
+    lost = []
+    asyncio.get_running_loop().set_exception_handler(lambda loop, context: lost.append(context))
+    await staged.write(b"x" * 1000)  # handed over; the write fails in its thread
+    for _ in range(300):
+        if not staged._jobs:
+            break
+        await asyncio.sleep(0.01)
+    await staged.discard()
+    assert not staged.dir.exists()
+    del staged
+    gc.collect()  # a future's lost exception is reported when it is collected
+    await asyncio.sleep(0)
+    assert lost == []
+
+
 async def test_after_a_failed_write_every_later_call_fails_too(tmp_path):
     """Red team: a caller that went on after an error could finish a file that missed a chunk."""
     staged = StagedFile(tmp_path)
