@@ -10,6 +10,7 @@ membership: bus authorization is answered by the auth callout, docs/bus-auth.md)
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import errno
 import faulthandler
@@ -580,12 +581,17 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     """
     watchdog = StopWatchdog()
     loop = asyncio.new_event_loop()
+    # The loop's default executor, made here so that _close_loop can shut it down in a thread of
+    # its own: asyncio's shutdown_default_executor is a task, and one that overran the bound was
+    # left pending at the loop's close ("Task was destroyed but it is pending!").
+    executor = concurrent.futures.ThreadPoolExecutor(thread_name_prefix="asyncio")
+    loop.set_default_executor(executor)
     asyncio.set_event_loop(loop)
     try:
         loop.run_until_complete(_serve(settings, plugins, watchdog))
     finally:
         try:
-            _close_loop(loop)
+            _close_loop(loop, executor)
         finally:
             asyncio.set_event_loop(None)
             loop.close()
@@ -596,8 +602,9 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     return 0
 
 
-def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
-    """What ``asyncio.run`` does after its coroutine, each wait bounded by LOOP_CLOSE_TIMEOUT."""
+def _close_loop(loop: asyncio.AbstractEventLoop, executor: concurrent.futures.ThreadPoolExecutor) -> None:
+    """What ``asyncio.run`` does after its coroutine, each wait bounded by LOOP_CLOSE_TIMEOUT.
+    ``executor`` is the loop's default executor."""
     tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
     for task in tasks:
         task.cancel()
@@ -609,8 +616,13 @@ def _close_loop(loop: asyncio.AbstractEventLoop) -> None:
             elif not task.cancelled() and task.exception() is not None:
                 log.error("at exit: task %r failed: %s: %s", task.get_name(), type(task.exception()).__name__,
                           task.exception())
-    for what, aw in (("async generators", loop.shutdown_asyncgens()),
-                     ("the default executor", loop.shutdown_default_executor())):
-        done, _ = loop.run_until_complete(asyncio.wait({loop.create_task(aw)}, timeout=LOOP_CLOSE_TIMEOUT))
-        if not done:
-            log.error("at exit: %s did not finish within %.0f s", what, LOOP_CLOSE_TIMEOUT)
+    done, _ = loop.run_until_complete(asyncio.wait({loop.create_task(loop.shutdown_asyncgens())},
+                                                   timeout=LOOP_CLOSE_TIMEOUT))
+    if not done:
+        log.error("at exit: async generators did not finish within %.0f s", LOOP_CLOSE_TIMEOUT)
+    # New jobs are refused from here on; those running go on (the interpreter's exit waits for them).
+    shutdown = threading.Thread(target=executor.shutdown, name="executor-shutdown", daemon=True)
+    shutdown.start()
+    shutdown.join(LOOP_CLOSE_TIMEOUT)
+    if shutdown.is_alive():
+        log.error("at exit: the default executor did not finish within %.0f s", LOOP_CLOSE_TIMEOUT)

@@ -78,6 +78,19 @@ MODULES = {
         async def startup(app):
             TASKS.add(asyncio.get_running_loop().create_task(linger(), name="stray-linger"))
     ''',
+    # a worker-thread job still running when the loop closes: the executor's shutdown overruns its bound
+    "busy_executor_plugin": '''
+        import asyncio
+        import time
+        from unibus import hookimpl
+
+        PLUGIN_NAME = "busyexecutor"
+        JOBS = []
+
+        @hookimpl
+        async def shutdown(app):
+            JOBS.append(asyncio.get_running_loop().run_in_executor(None, time.sleep, 2.5))
+    ''',
     # a shutdown hook that blocks the event loop: only the watchdog ends that
     "blocking_plugin": '''
         import time
@@ -134,6 +147,19 @@ def test_a_task_that_ignores_its_cancellation_does_not_hold_up_the_exit(membersh
     log = proc.log_text()
     assert re.search(r"at exit: a task ignores its cancellation, left behind: task 'stray-linger' at "
                      r".*stray_plugin\.py:\d+ in linger", log), log[-3000:]
+
+
+def test_a_worker_thread_past_the_loop_s_close_is_named_and_leaves_no_pending_task(membershipd_factory, pythonpath):
+    """The default executor's shutdown ran as a task: overrunning its 1 s bound, it was left pending at
+    the loop's close, and asyncio logged "Task was destroyed but it is pending!" (a red team)."""
+    proc = membershipd_factory("--plugin", "busy_executor_plugin", env=pythonpath)
+    nats = proc.nats_pid()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=12) == 0  # the interpreter's exit waits for the job (2.5 s)
+    wait_gone(nats)
+    log = proc.log_text()
+    assert "at exit: the default executor did not finish within 1 s" in log, log[-3000:]
+    assert "Task was destroyed" not in log, log[-3000:]
 
 
 @pytest.mark.slow
