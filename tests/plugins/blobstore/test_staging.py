@@ -18,18 +18,29 @@ async def _cancel(task):
         await task
 
 
-def _hold(monkeypatch, staged, name):
-    """Make ``staged.<name>`` (a method the worker threads run) wait for the returned event."""
+def _hold(monkeypatch, obj, name):
+    """Make ``obj.<name>`` (a method the worker threads run) wait for the returned event."""
     entered, release = threading.Event(), threading.Event()
-    real = getattr(staged, name)
+    real = getattr(obj, name)
 
     def held(*args):
         entered.set()
         assert release.wait(30)
         return real(*args)
 
-    monkeypatch.setattr(staged, name, held)
+    monkeypatch.setattr(obj, name, held)
     return entered, release
+
+
+async def _finish_cancelled_in_its_flush(monkeypatch, staged):
+    """A finish of one written chunk, cancelled while its flush is held in the worker thread; the
+    event that lets the flush go on."""
+    await staged.write(b"x" * 1000)
+    entered, release = _hold(monkeypatch, staged, "_finish_sync")
+    finish = asyncio.create_task(staged.finish())
+    assert await asyncio.to_thread(entered.wait, 30)
+    await _cancel(finish)
+    return release
 
 
 async def test_the_digest_and_the_file_hold_every_part_in_order(tmp_path):
@@ -87,11 +98,7 @@ async def test_a_finish_cancelled_during_its_flush_leaves_the_file_to_it(tmp_pat
     """Red team: the flush closes the file, and a discard that did not wait for it closed the same
     descriptor again, by then sometimes another file's (rmtree's own directory descriptor)."""
     staged = StagedFile(tmp_path)
-    await staged.write(b"x" * 1000)
-    entered, release = _hold(monkeypatch, staged, "_finish_sync")
-    finish = asyncio.create_task(staged.finish())
-    assert await asyncio.to_thread(entered.wait, 30)
-    await _cancel(finish)
+    release = await _finish_cancelled_in_its_flush(monkeypatch, staged)
     discard = asyncio.create_task(staged.discard())
     await asyncio.sleep(0.2)
     try:
@@ -264,11 +271,7 @@ async def test_a_second_discard_waits_for_the_first_instead_of_closing_again(tmp
 
 async def test_a_finish_called_again_after_a_cancelled_flush_gets_the_digest(tmp_path, monkeypatch):
     staged = StagedFile(tmp_path)
-    await staged.write(b"x" * 1000)
-    entered, release = _hold(monkeypatch, staged, "_finish_sync")
-    first = asyncio.create_task(staged.finish())
-    assert await asyncio.to_thread(entered.wait, 30)
-    await _cancel(first)
+    release = await _finish_cancelled_in_its_flush(monkeypatch, staged)
     again = asyncio.create_task(staged.finish())
     await asyncio.sleep(0.05)
     assert not again.done()  # the same flush, not a second one
@@ -325,15 +328,7 @@ async def test_a_commit_cancelled_during_its_rename_is_finished_before_abort_cle
     upload = await backend.begin("room1")
     body = os.urandom(100_000)
     await upload.write(body)
-    entered, release = threading.Event(), threading.Event()
-    real = backend._install
-
-    def held(*args):
-        entered.set()
-        assert release.wait(30)
-        return real(*args)
-
-    monkeypatch.setattr(backend, "_install", held)
+    entered, release = _hold(monkeypatch, backend, "_install")
     commit = asyncio.create_task(upload.commit("alice"))
     assert await asyncio.to_thread(entered.wait, 30)
     await _cancel(commit)
@@ -465,20 +460,14 @@ async def test_a_commit_whose_own_task_is_cancelled_still_renames_and_syncs_and_
     upload = await backend.begin("room1")
     body = os.urandom(50_000)
     await upload.write(body)
-    entered, release = threading.Event(), threading.Event()
+    entered, release = _hold(monkeypatch, backend, "_install")
     synced = []
-    real_install, real_fsync = backend._install, fs.fsync_dir
-
-    def held(*args):
-        entered.set()
-        assert release.wait(30)
-        return real_install(*args)
+    real_fsync = fs.fsync_dir
 
     def fsync_dir(path):
         synced.append(path.name)
         return real_fsync(path)
 
-    monkeypatch.setattr(backend, "_install", held)
     monkeypatch.setattr(fs, "fsync_dir", fsync_dir)
     commit = asyncio.create_task(upload.commit("alice"))
     assert await asyncio.to_thread(entered.wait, 30)
