@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -109,11 +110,15 @@ _EPOCH_MAX = 2**63 - 1
 _ROOM_EPOCH_MAX = 2**53 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
-#: plaintext bytes sealed per block by the digest pass of :func:`put_blob` (into two
-#: buffers that take turns, hashed in a second thread while the next is sealed):
-#: large enough that the hand-offs between threads cost little, small enough
-#: that the records stay in the CPU's cache between the cipher and the hash
-DIGEST_BLOCK = 1024 * 1024
+#: plaintext bytes sealed per block by the digest pass of :func:`put_blob`, hashed in a
+#: second thread while the next ones are sealed: small enough that the records stay
+#: in the CPU's cache between the cipher and the hash, and with up to
+#: ``DIGEST_AHEAD`` sealed blocks queued for the hash, so that neither thread waits
+#: for the other's every block. 256 KiB with two queued took the first pass from
+#: 0.91 to 0.72 ms per MB here, 1 MiB with two 0.85 (bench/probe_digest_pass.py;
+#: docs/benchmarks.md, "Blobs")
+DIGEST_BLOCK = 256 * 1024
+DIGEST_AHEAD = 2
 #: plaintext bytes sealed per block for the upload (views of pooled buffers, handed to aiohttp)
 UPLOAD_BLOCK = 4 * 1024 * 1024
 #: bytes of a download handed to the hashing and the decrypting threads at a time, and
@@ -694,9 +699,12 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
                   tags: bytearray | None = None) -> BlobCiphertext:
     """Encrypt the file ``src`` (into ``dst``, if given) and hash the ciphertext.
 
-    The sealing runs in this thread, the hashing (and writing) of the previous
-    block in a second one: both release the GIL, so they overlap. With
-    ``tags``, every record's tag is appended to it (16 bytes per 64 KiB: what
+    The sealing runs in this thread, the hashing (and writing) of the blocks
+    already sealed in a second one, in order, up to ``DIGEST_AHEAD`` of them
+    queued: both release the GIL, so they overlap. Each block is a view of a
+    pooled buffer (:class:`_BufferPool`), which the queued job keeps alive, so
+    no buffer is sealed into again before it was hashed. With ``tags``, every
+    record's tag is appended to it (16 bytes per 64 KiB: what
     :class:`_SameRecords` checks the upload pass against).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
@@ -712,18 +720,21 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
             if d is not None:
                 _write_all(d.fileno(), [b])
 
-        pending: Future[None] | None = None
+        pending: collections.deque[Future[None]] = collections.deque()
         try:
             for k, block in enumerate(_sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True)):
                 if tags is not None and k:  # block 0 is the header
                     tags += _record_tags(block, enc.chunk_size)
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(out, block)
+                while len(pending) >= DIGEST_AHEAD:
+                    pending.popleft().result()
                 size += len(block)
+                pending.append(pool.submit(out, block))
+                del block  # the queued job's reference alone keeps its buffer from being sealed into
+            while pending:
+                pending.popleft().result()
         finally:
-            if pending is not None:
-                pending.result()
+            # After an error too: ``dst`` is closed only once no queued job can write to it.
+            concurrent.futures.wait(pending)
     return BlobCiphertext(size, h.digest())
 
 

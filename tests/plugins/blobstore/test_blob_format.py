@@ -9,10 +9,12 @@ of a streamed body.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import os
 import struct
+import types
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -467,6 +469,56 @@ def test_feed_view_refuses_a_truncated_body(cut, version):
     blob = enc(os.urandom(3 * C + 50), version=version)
     with pytest.raises(BlobFormatError):
         _feed_pieces(blob[:len(blob) - cut], [HEADER_SIZE + 7, len(blob) // 3])
+
+
+def test_the_digest_pass_hashes_every_block_as_sealed_while_the_hash_lags(tmp_path, monkeypatch, version):
+    """The digest pass queues up to DIGEST_AHEAD sealed blocks, views of pooled buffers, for
+    the hashing thread: with a hash slower than the sealing, no buffer is sealed into again
+    before its block was hashed (the digest and every tag are still the blob's)."""
+    import threading
+
+    from unibus.client import blobs
+
+    class SlowHash:
+        def __init__(self):
+            self.h, self.calls = hashlib.sha256(), 0
+
+        def update(self, data):
+            assert threading.current_thread() is not threading.main_thread()  # the hashing thread
+            threading.Event().wait(0.003)  # the sealer runs ahead meanwhile
+            self.calls += 1
+            self.h.update(data)
+
+        def digest(self):
+            return self.h.digest()
+
+    made = []
+    monkeypatch.setattr(blobs, "hashlib", types.SimpleNamespace(sha256=lambda: made.append(SlowHash()) or made[-1]))
+    data = os.urandom(6 * DIGEST_BLOCK + C + 3)
+    src = tmp_path / "p"
+    src.write_bytes(data)
+    file_id = bytes(range(16))
+    tags = bytearray()
+    ct = _encrypt_path(KEY, ROOM, 3, src, None, file_id=file_id, version=version, tags=tags)
+    monkeypatch.undo()
+    blob = enc(data, epoch=3, file_id=file_id, version=version)
+    assert made[0].calls == 1 + 7  # the header, then every block, each hashed once
+    assert (ct.size, ct.sha256) == (len(blob), hashlib.sha256(blob).digest())
+    assert bytes(tags) == b"".join(r[-TAG_SIZE:] for r in _records(blob))
+
+
+def test_a_failed_write_of_the_digest_pass_raises_and_waits_for_the_queued_blocks(tmp_path, version):
+    """encrypt_file into a device that takes nothing (/dev/full: ENOSPC): the first failed
+    write is raised, and the output is closed only after the blocks still queued ran."""
+    if not os.path.exists("/dev/full"):
+        pytest.skip("needs /dev/full (Linux)")
+    src = tmp_path / "p"
+    src.write_bytes(os.urandom(4 * DIGEST_BLOCK))
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError) as err:
+        encrypt_file(KEY, ROOM, 3, src, "/dev/full", version=version)
+    assert err.value.errno == errno.ENOSPC
+    assert set(os.listdir("/proc/self/fd")) <= before  # the source and /dev/full closed
 
 
 @pytest.mark.parametrize("size", [0, 1, C, C + 1, DIGEST_BLOCK + 3 * C + 5])
