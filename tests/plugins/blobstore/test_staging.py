@@ -489,3 +489,50 @@ async def test_a_commit_whose_own_task_is_cancelled_still_renames_and_syncs_and_
     reader = await again.open("room1", blob_id)
     async with reader:
         assert b"".join([c async for c in reader.chunks()]) == body
+
+
+async def test_a_job_whose_thread_fails_to_start_is_withdrawn_and_never_runs(tmp_path, monkeypatch):
+    """Red team: ``ThreadPoolExecutor.submit`` queues a job, then starts a thread for it; at the
+    process's thread limit that start raises, and ``run_in_executor`` with it, but the job stays
+    queued and runs once a busy thread is free. Counted out by the caller and run anyway, it made
+    the job count negative, and the write ran on a file already closed. It is withdrawn: it never
+    runs, the count stays right, and the last job that did run still closes the file."""
+    import concurrent.futures
+
+    if not hasattr(concurrent.futures.ThreadPoolExecutor, "_adjust_thread_count"):
+        pytest.skip("this Python's ThreadPoolExecutor starts its threads another way")
+
+    class ThreadLimit(concurrent.futures.ThreadPoolExecutor):
+        """Its second thread start fails, as ``Thread.start`` does at the limit."""
+
+        starts = 0
+
+        def _adjust_thread_count(self):
+            self.starts += 1
+            if self.starts == 2:
+                raise RuntimeError("can't start new thread")
+            super()._adjust_thread_count()
+
+    executor = ThreadLimit(max_workers=4)
+    asyncio.get_running_loop().set_default_executor(executor)
+    staged = StagedFile(tmp_path)
+    entered, release = _hold(monkeypatch, staged, "_hash_sync")  # the one thread stays busy
+    ran = []
+    write = staged._write_sync
+    staged._write_sync = lambda parts: (ran.append(parts), write(parts))
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        await staged.write(b"x" * 1000)  # the hash's job started; the write's is queued, its thread not
+    assert await asyncio.to_thread(entered.wait, 30)
+    await staged.discard()  # the hash still runs: the file is left to it
+    assert staged.dir.exists()
+    release.set()
+    assert await _closed_and_removed(staged)  # by the hash's thread, the last job that ran
+    stopping = threading.Thread(target=executor.shutdown)  # waits for the queued write job: withdrawn
+    stopping.start()
+    for _ in range(300):  # bounded
+        if not stopping.is_alive():
+            break
+        await asyncio.sleep(0.01)
+    assert not stopping.is_alive()
+    assert ran == []
+    assert staged._jobs == 0
