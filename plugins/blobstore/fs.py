@@ -304,9 +304,12 @@ class FsBackend(BlobBackend):
             existing = _read_meta(target)
             if existing is not None:
                 return False, existing
-            # A damaged blob directory (never made by this code): replace it.
-            self._move_to_trash(target)
+            # A damaged blob directory (never made by this code): replace it, and remove it
+            # now, not at the next start (one blob's files at most: short, even under the lock).
+            trash = self._move_to_trash(target)
             os.rename(staged_dir, target)
+            if trash is not None:
+                remove_tree(trash, self._closing)
         return True, info
 
     def _move_to_trash(self, path: Path) -> Path | None:

@@ -267,10 +267,11 @@ async def test_fs_half_made_blob_directories_are_not_visible(tmp_path):
     assert b2.stats()["blobs"] == 1
     assert await b2.info(ROOM, bid) is None and await b2.open(ROOM, bid) is None
     assert await b2.info(ROOM, meta_only) is None
-    # uploading the real bytes replaces the damaged directory
+    # uploading the real bytes replaces the damaged directory, and removes it at once
     _info, created = await put(b2, data)
     assert created and await read_all(b2, ROOM, bid) == data
     assert await b2.info(ROOM, good.blob_id) == good
+    assert list((root / ".tmp").iterdir()) == []
 
 
 async def test_fs_a_deletion_under_way_stops_with_the_backend(tmp_path):
