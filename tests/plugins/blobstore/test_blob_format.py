@@ -545,7 +545,7 @@ def test_the_digest_pass_keeps_every_records_tag_and_the_upload_pass_is_held_to_
     same = _SameRecords(bytes(tags), C)
     assert b"".join(upload(src)) == blob and not same.changed
     if size > 2 * C:  # the second block of the upload pass changes: the first one alone goes
-        src.write_bytes(data[:2 * C] + b"x" + data[2 * C + 1:])
+        src.write_bytes(data[:2 * C] + bytes([data[2 * C] ^ 1]) + data[2 * C + 1:])  # not b"x": 1 in 256 is "x"
         sent = []
         with pytest.raises(_SourceChanged), open(src, "rb") as f:
             for b in same.blocks(_sealed_blocks(BlobEncryptor(KEY, ROOM, 3, file_id=file_id, version=version),
