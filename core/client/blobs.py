@@ -111,12 +111,11 @@ _ROOM_EPOCH_MAX = 2**53 - 1
 #: bytes read from disk / handed to a worker thread at a time
 IO_BLOCK = 1024 * 1024
 #: plaintext bytes sealed per block by the digest pass of :func:`put_blob`, hashed in a
-#: second thread while the next ones are sealed: small enough that the records stay
-#: in the CPU's cache between the cipher and the hash, and with up to
-#: ``DIGEST_AHEAD`` sealed blocks queued for the hash, so that neither thread waits
-#: for the other's every block. 256 KiB with two queued took the first pass from
-#: 0.91 to 0.72 ms per MB here, 1 MiB with two 0.85 (bench/probe_digest_pass.py;
-#: docs/benchmarks.md, "Blobs")
+#: second thread while the next ones are sealed, with up to ``DIGEST_AHEAD`` sealed
+#: blocks queued for the hash, so that neither thread waits for the other's every
+#: block. The fastest of the sizes and depths measured: 256 KiB with two queued took
+#: the first pass from 0.91 to 0.72 ms per MB here, 1 MiB with two 0.85, 128 KiB with
+#: two 0.76 (bench/probe_digest_pass.py; docs/benchmarks.md, "Blobs")
 DIGEST_BLOCK = 256 * 1024
 DIGEST_AHEAD = 2
 #: plaintext bytes sealed per block for the upload (views of pooled buffers, handed to aiohttp)
@@ -703,7 +702,9 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     already sealed in a second one, in order, up to ``DIGEST_AHEAD`` of them
     queued: both release the GIL, so they overlap. Each block is a view of a
     pooled buffer (:class:`_BufferPool`), which the queued job keeps alive, so
-    no buffer is sealed into again before it was hashed. With ``tags``, every
+    no buffer is sealed into again before it was hashed. The first failed job
+    is raised; the blocks queued after it are neither hashed nor written, and
+    ``dst`` and ``src`` are closed only once no job runs. With ``tags``, every
     record's tag is appended to it (16 bytes per 64 KiB: what
     :class:`_SameRecords` checks the upload pass against).
     """
@@ -712,29 +713,38 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id, version=version)
     h = hashlib.sha256()
     size = 0
+    failed = False  # a job failed: the blocks queued after it are neither hashed nor written
     given = hasattr(src, "readinto")  # a file put_blob opened (_open_source): the caller closes it
-    with (contextlib.nullcontext(src) if given else open(src, "rb", buffering=0)) as s, ThreadPoolExecutor(1) as pool, \
-            (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d:
+    # The pool is entered last, so left first: its shutdown waits for every queued job before
+    # ``dst`` and ``src`` are closed, whatever ends the pass (an error, an interrupt).
+    with (contextlib.nullcontext(src) if given else open(src, "rb", buffering=0)) as s, \
+            (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d, \
+            ThreadPoolExecutor(1) as pool:
         def out(b: bytes | bytearray) -> None:
-            h.update(b)
-            if d is not None:
-                _write_all(d.fileno(), [b])
+            nonlocal failed
+            if failed:
+                return
+            try:
+                h.update(b)
+                if d is not None:
+                    _write_all(d.fileno(), [b])
+            except BaseException:
+                failed = True
+                raise
 
         pending: collections.deque[Future[None]] = collections.deque()
-        try:
-            for k, block in enumerate(_sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True)):
-                if tags is not None and k:  # block 0 is the header
-                    tags += _record_tags(block, enc.chunk_size)
-                while len(pending) >= DIGEST_AHEAD:
-                    pending.popleft().result()
-                size += len(block)
-                pending.append(pool.submit(out, block))
-                del block  # the queued job's reference alone keeps its buffer from being sealed into
-            while pending:
+        k = 0  # not enumerate(): its reused tuple would keep the last block's view, and buffer, alive
+        for block in _sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True):
+            if tags is not None and k:  # block 0 is the header
+                tags += _record_tags(block, enc.chunk_size)
+            k += 1
+            while len(pending) >= DIGEST_AHEAD:
                 pending.popleft().result()
-        finally:
-            # After an error too: ``dst`` is closed only once no queued job can write to it.
-            concurrent.futures.wait(pending)
+            size += len(block)
+            pending.append(pool.submit(out, block))
+            del block  # the queued job's reference alone keeps its buffer from being sealed into
+        while pending:
+            pending.popleft().result()
     return BlobCiphertext(size, h.digest())
 
 
@@ -1222,7 +1232,9 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, id
             progress(0, size)
         pending = loop.run_in_executor(None, next, blocks, None)
         while True:
-            block, pending = await pending, None
+            # shielded: a cancelled caller leaves the job running, and ``pending`` not done
+            # until it returns, so the close below waits for it
+            block, pending = await asyncio.shield(pending), None
             if block is None:
                 break
             done += len(block)
@@ -1249,6 +1261,25 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, id
             pending.add_done_callback(close)  # never close the file under the worker reading it
         else:
             close(pending)
+
+
+async def _then_close(f: IO[bytes], job: Callable[[], Any]) -> Any:
+    """``job()`` in a worker thread; ``f`` is closed once that thread is done, even when the
+    caller is cancelled first: the thread cannot be stopped, and a file closed under it would
+    free its descriptor for the next open, which the thread would then read."""
+    fut = asyncio.get_running_loop().run_in_executor(None, job)
+    try:
+        return await asyncio.shield(fut)  # cancelled, the caller leaves ``fut`` running, not done
+    finally:
+        if fut.done():
+            f.close()
+        else:
+            def close(done: asyncio.Future[Any]) -> None:
+                if not done.cancelled():
+                    done.exception()  # retrieved: the caller that wanted it is gone
+                f.close()
+
+            fut.add_done_callback(close)
 
 
 def _stat_key(path: Path) -> tuple[int, int, int, int]:
@@ -1282,11 +1313,8 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     tags = bytearray()
     before = await asyncio.to_thread(_stat_key, src)
     f, ident = await asyncio.to_thread(_open_source, src)
-    try:
-        ct = await asyncio.to_thread(_encrypt_path, key, room_id, epoch, f, None, file_id=file_id, version=version,
-                                     tags=tags)
-    finally:
-        f.close()
+    ct = await _then_close(f, functools.partial(_encrypt_path, key, room_id, epoch, f, None, file_id=file_id,
+                                                version=version, tags=tags))
     same = _SameRecords(bytes(tags), CHUNK_SIZE)
 
     def changed() -> bool:

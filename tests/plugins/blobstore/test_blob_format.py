@@ -507,18 +507,106 @@ def test_the_digest_pass_hashes_every_block_as_sealed_while_the_hash_lags(tmp_pa
     assert bytes(tags) == b"".join(r[-TAG_SIZE:] for r in _records(blob))
 
 
-def test_a_failed_write_of_the_digest_pass_raises_and_waits_for_the_queued_blocks(tmp_path, version):
-    """encrypt_file into a device that takes nothing (/dev/full: ENOSPC): the first failed
-    write is raised, and the output is closed only after the blocks still queued ran."""
-    if not os.path.exists("/dev/full"):
-        pytest.skip("needs /dev/full (Linux)")
-    src = tmp_path / "p"
+def _slow_third_hash(monkeypatch):
+    """The digest pass's hash, its third update (the second block of records) slowed down, so
+    that the blocks after it queue up behind it."""
+    import threading
+
+    from unibus.client import blobs
+
+    class Hash:
+        def __init__(self):
+            self.h, self.n = hashlib.sha256(), 0
+
+        def update(self, data):
+            self.n += 1
+            if self.n == 3:
+                threading.Event().wait(0.2)
+            self.h.update(data)
+
+        def digest(self):
+            return self.h.digest()
+
+    monkeypatch.setattr(blobs, "hashlib", types.SimpleNamespace(sha256=Hash))
+
+
+def test_a_failed_write_of_the_digest_pass_is_raised_and_no_later_block_is_written(tmp_path, monkeypatch,
+                                                                                  version):
+    """encrypt_file's first failed write (an I/O error on the first block of records) is raised;
+    the blocks already queued behind it are not written after it, so the output never holds
+    the header and a later block spliced together."""
+    from unibus.client import blobs
+
+    calls = []
+    real_write = blobs._write_all
+
+    def write(fd, parts):
+        calls.append(sum(len(p) for p in parts))
+        if len(calls) == 2:
+            raise OSError(errno.EIO, "Input/output error")
+        real_write(fd, parts)
+
+    monkeypatch.setattr(blobs, "_write_all", write)
+    _slow_third_hash(monkeypatch)
+    src, dst = tmp_path / "p", tmp_path / "c"
     src.write_bytes(os.urandom(4 * DIGEST_BLOCK))
     before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(OSError) as err:
-        encrypt_file(KEY, ROOM, 3, src, "/dev/full", version=version)
-    assert err.value.errno == errno.ENOSPC
-    assert set(os.listdir("/proc/self/fd")) <= before  # the source and /dev/full closed
+        encrypt_file(KEY, ROOM, 3, src, dst, version=version)
+    assert err.value.errno == errno.EIO
+    assert len(calls) == 2 and dst.stat().st_size == HEADER_SIZE  # the header, and nothing after it
+    assert set(os.listdir("/proc/self/fd")) <= before  # the source and the output closed
+
+
+def test_a_failed_read_of_the_digest_pass_lets_the_queued_blocks_finish_before_the_output_closes(
+        tmp_path, monkeypatch, version):
+    """A read error raised while blocks are still queued for the hashing (and writing) thread:
+    the output is closed only after they ran, so none writes to a closed descriptor, or to
+    whatever file was opened next under its number."""
+    import time
+
+    from unibus.client import blobs
+
+    writes, raised = [], []
+    real_write = blobs._write_all
+
+    def write(fd, parts):
+        try:
+            os.fstat(fd)
+            still_open = True
+        except OSError:
+            still_open = False
+        writes.append((still_open, time.monotonic()))
+        if still_open:
+            real_write(fd, parts)
+
+    class FailingRead(io.RawIOBase):
+        """The source: its fourth block's read fails (the first three are sealed and queued)."""
+
+        def __init__(self, f):
+            self.f, self.reads = f, 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, b):
+            self.reads += 1
+            if self.reads == 4:
+                raise OSError(errno.EIO, "Input/output error")
+            return self.f.readinto(b)
+
+    monkeypatch.setattr(blobs, "_write_all", write)
+    _slow_third_hash(monkeypatch)
+    src, dst = tmp_path / "p", tmp_path / "c"
+    src.write_bytes(os.urandom(6 * DIGEST_BLOCK))
+    with open(src, "rb", buffering=0) as f, pytest.raises(OSError) as err:
+        try:
+            _encrypt_path(KEY, ROOM, 3, FailingRead(f), dst, version=version)
+        finally:
+            raised.append(time.monotonic())
+    assert err.value.errno == errno.EIO
+    assert len(writes) >= 3  # the header and the blocks queued when the read failed
+    assert all(ok and at < raised[0] for ok, at in writes), writes
 
 
 @pytest.mark.parametrize("size", [0, 1, C, C + 1, DIGEST_BLOCK + 3 * C + 5])

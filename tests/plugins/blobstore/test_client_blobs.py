@@ -293,3 +293,61 @@ async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_
     blob_id = await put_blob(world.clients["carol"], rid, src)
     out = tmp_path / "out"
     assert await get_blob(world.clients["bob"], rid, blob_id, out) == len(data) and out.read_bytes() == data
+
+
+@pytest.mark.parametrize("which", ["digest", "upload"])
+async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_after_that_thread(
+        world, tmp_path, monkeypatch, which):
+    """Red team: put_blob cancelled while a worker thread reads the file (its digest pass, or a
+    block of its upload pass) closed the file under that thread, which would then read whatever
+    the next open got under the same descriptor. The file is closed once the thread is done."""
+    import asyncio
+    import threading
+
+    from unibus.client import blobs
+
+    monkeypatch.setattr(blobs, "UPLOAD_BLOCK", 256 * 1024)  # the upload pass in several blocks
+    rid = await world.room()
+    src = tmp_path / "p"
+    src.write_bytes(os.urandom(2 * 1024 * 1024 + 77))
+    opened, seen = [], []
+    entered, release = threading.Event(), threading.Event()
+    real_open, real_digest, real_blocks = blobs._open_source, blobs._encrypt_path, blobs._SameRecords.blocks
+
+    def open_source(*args):
+        f, ident = real_open(*args)
+        opened.append(f)
+        return f, ident
+
+    def held():  # in the worker thread: wait, then see whether the file is still open
+        entered.set()
+        assert release.wait(30)
+        seen.append(opened[-1].closed)
+
+    def digest_pass(*args, **kwargs):
+        held()
+        return real_digest(*args, **kwargs)
+
+    def blocks(self, sealed):
+        for k, block in enumerate(real_blocks(self, sealed)):
+            if k == 3:
+                held()
+            yield block
+
+    monkeypatch.setattr(blobs, "_open_source", open_source)
+    if which == "digest":
+        monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
+    else:
+        monkeypatch.setattr(blobs._SameRecords, "blocks", blocks)
+    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
+    assert await asyncio.to_thread(entered.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert not opened[-1].closed  # left to the thread
+    release.set()
+    for _ in range(300):  # bounded: closed by the thread's done-callback, on the event loop
+        if opened[-1].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert seen == [False] and opened[-1].closed
