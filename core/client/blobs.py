@@ -54,6 +54,7 @@ import secrets
 import stat
 import struct
 import tempfile
+import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -695,7 +696,7 @@ def _record_tags(block: Any, chunk_size: int) -> bytes:
 def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str] | IO[bytes],
                   dst: str | os.PathLike[str] | None, *, chunk_size: int = CHUNK_SIZE,
                   file_id: bytes | None = None, version: int = WRITE_VERSION,
-                  tags: bytearray | None = None) -> BlobCiphertext:
+                  tags: bytearray | None = None, stop: threading.Event | None = None) -> BlobCiphertext:
     """Encrypt the file ``src`` (into ``dst``, if given) and hash the ciphertext.
 
     The sealing runs in this thread, the hashing (and writing) of the blocks
@@ -706,7 +707,9 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     is raised; the blocks queued after it are neither hashed nor written, and
     ``dst`` and ``src`` are closed only once no job runs. With ``tags``, every
     record's tag is appended to it (16 bytes per 64 KiB: what
-    :class:`_SameRecords` checks the upload pass against).
+    :class:`_SameRecords` checks the upload pass against). With ``stop``, the
+    pass checks it before each block and ends with :class:`_Stopped` once it is
+    set (its caller is gone: :func:`_then_close`).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -735,6 +738,8 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
         pending: collections.deque[Future[None]] = collections.deque()
         k = 0  # not enumerate(): its reused tuple would keep the last block's view, and buffer, alive
         for block in _sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True):
+            if stop is not None and stop.is_set():
+                raise _Stopped("the digest pass was stopped: its caller is gone")
             if tags is not None and k:  # block 0 is the header
                 tags += _record_tags(block, enc.chunk_size)
             k += 1
@@ -1161,6 +1166,10 @@ class _SourceChanged(OSError):
     pass
 
 
+class _Stopped(Exception):
+    """How the digest pass of a ``put_blob`` cancelled meanwhile ends (no caller sees it)."""
+
+
 def _open_source(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
     """Open the file ``put_blob`` uploads, for one of its passes: a regular file only (a FIFO
     would block the open, a device such as /dev/zero never ends: red team), opened without
@@ -1220,7 +1229,7 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, id
     each checked to hold the records of the digest pass before it goes (:class:`_SameRecords`)."""
     loop = asyncio.get_running_loop()
     enc = BlobEncryptor(room_key, room_id, epoch, file_id=file_id, version=version)
-    f, _ident = await asyncio.to_thread(_open_source, path, ident)
+    f, _ident = await _open_in_thread(path, ident)
     c = enc.chunk_size
     block = min(UPLOAD_BLOCK, max(c, -(-size // c) * c))  # a small file: buffers of its size only
     sealed = _sealed_blocks(enc, f, block, reuse=True)
@@ -1263,23 +1272,45 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, id
             close(pending)
 
 
-async def _then_close(f: IO[bytes], job: Callable[[], Any]) -> Any:
+async def _then_close(f: IO[bytes], job: Callable[[], Any], stop: threading.Event) -> Any:
     """``job()`` in a worker thread; ``f`` is closed once that thread is done, even when the
-    caller is cancelled first: the thread cannot be stopped, and a file closed under it would
-    free its descriptor for the next open, which the thread would then read."""
-    fut = asyncio.get_running_loop().run_in_executor(None, job)
+    caller is cancelled first: a file closed under the thread would free its descriptor for
+    the next open, which the thread would then read. A cancelled caller sets ``stop``, which
+    the job checks between two blocks, so that the thread ends soon, not at the file's end."""
+    try:
+        fut = asyncio.get_running_loop().run_in_executor(None, job)
+    except BaseException:
+        f.close()
+        raise
     try:
         return await asyncio.shield(fut)  # cancelled, the caller leaves ``fut`` running, not done
     finally:
         if fut.done():
             f.close()
         else:
+            stop.set()
+
             def close(done: asyncio.Future[Any]) -> None:
                 if not done.cancelled():
                     done.exception()  # retrieved: the caller that wanted it is gone
                 f.close()
 
             fut.add_done_callback(close)
+
+
+async def _open_in_thread(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
+    """:func:`_open_source` in a worker thread; a file it opens for a caller cancelled meanwhile
+    is closed once it is open, not left to the garbage collector."""
+    fut = asyncio.get_running_loop().run_in_executor(None, _open_source, path, same_as)
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        def close(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                done.result()[0].close()
+
+        fut.add_done_callback(close)
+        raise
 
 
 def _stat_key(path: Path) -> tuple[int, int, int, int]:
@@ -1312,9 +1343,10 @@ async def put_blob(client: Any, room_id: str, path: str | os.PathLike[str], prog
     version = WRITE_VERSION
     tags = bytearray()
     before = await asyncio.to_thread(_stat_key, src)
-    f, ident = await asyncio.to_thread(_open_source, src)
+    f, ident = await _open_in_thread(src)
+    stop = threading.Event()
     ct = await _then_close(f, functools.partial(_encrypt_path, key, room_id, epoch, f, None, file_id=file_id,
-                                                version=version, tags=tags))
+                                                version=version, tags=tags, stop=stop), stop)
     same = _SameRecords(bytes(tags), CHUNK_SIZE)
 
     def changed() -> bool:

@@ -562,7 +562,9 @@ def test_a_failed_read_of_the_digest_pass_lets_the_queued_blocks_finish_before_t
         tmp_path, monkeypatch, version):
     """A read error raised while blocks are still queued for the hashing (and writing) thread:
     the output is closed only after they ran, so none writes to a closed descriptor, or to
-    whatever file was opened next under its number."""
+    whatever file was opened next under its number. (The code before the thread pool became
+    the innermost context held this too, by waiting in a ``finally``; this test holds the
+    property, whichever way the code keeps it.)"""
     import time
 
     from unibus.client import blobs

@@ -340,14 +340,105 @@ async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_afte
     else:
         monkeypatch.setattr(blobs._SameRecords, "blocks", blocks)
     task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
-    assert await asyncio.to_thread(entered.wait, 30)
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    assert not opened[-1].closed  # left to the thread
-    release.set()
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not opened[-1].closed  # left to the thread
+    finally:
+        release.set()  # a failed check must not leave the thread waiting out its 30 s
     for _ in range(300):  # bounded: closed by the thread's done-callback, on the event loop
         if opened[-1].closed:
             break
         await asyncio.sleep(0.01)
     assert seen == [False] and opened[-1].closed
+
+
+async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, tmp_path, monkeypatch):
+    """Red team: a put_blob cancelled during its digest pass left the pass running to the end of
+    the file, holding a worker thread of the loop's executor (seconds for a few GiB). The pass
+    now stops before its next block, and the file is closed once it has."""
+    import asyncio
+    import threading
+
+    from unibus.client import blobs
+
+    rid = await world.room()
+    src = tmp_path / "big"
+    with open(src, "wb") as f:
+        f.truncate(1024 * 1024 * 1024)  # 1 GiB, sparse: 4,096 blocks of the digest pass
+    reads, ended, third = [], [], threading.Event()
+    real_read, real_digest, real_open = blobs._readinto_full, blobs._encrypt_path, blobs._open_source
+    opened = []
+
+    def read(f, view):
+        reads.append(len(view))
+        if len(reads) == 3:
+            third.set()
+        return real_read(f, view)
+
+    def digest_pass(*args, **kwargs):
+        try:
+            return real_digest(*args, **kwargs)
+        except BaseException as e:
+            ended.append(e)
+            raise
+
+    def open_source(*args):
+        f, ident = real_open(*args)
+        opened.append(f)
+        return f, ident
+
+    monkeypatch.setattr(blobs, "_readinto_full", read)
+    monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
+    monkeypatch.setattr(blobs, "_open_source", open_source)
+    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
+    assert await asyncio.to_thread(third.wait, 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(500):  # bounded
+        if ended and opened[-1].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert [type(e).__name__ for e in ended] == ["_Stopped"] and opened[-1].closed
+    assert len(reads) < 64  # stopped within a few blocks, not after the 4,096 of the file
+    assert world.stored(rid) == []
+
+
+async def test_a_put_cancelled_while_its_file_is_opened_closes_it_once_open(world, tmp_path, monkeypatch):
+    """Red team: put_blob cancelled while a worker thread opened its file left the file to the
+    garbage collector (a ResourceWarning, a descriptor held until then)."""
+    import asyncio
+    import threading
+
+    from unibus.client import blobs
+
+    rid = await world.room()
+    src = tmp_path / "p"
+    src.write_bytes(os.urandom(1000))
+    opened, entered, release = [], threading.Event(), threading.Event()
+    real_open = blobs._open_source
+
+    def open_source(*args):
+        entered.set()
+        assert release.wait(30)
+        f, ident = real_open(*args)
+        opened.append(f)
+        return f, ident
+
+    monkeypatch.setattr(blobs, "_open_source", open_source)
+    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        release.set()
+    for _ in range(300):  # bounded: closed by the open's done-callback
+        if opened and opened[0].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert len(opened) == 1 and opened[0].closed
