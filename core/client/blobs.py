@@ -708,8 +708,9 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     ``dst`` and ``src`` are closed only once no job runs. With ``tags``, every
     record's tag is appended to it (16 bytes per 64 KiB: what
     :class:`_SameRecords` checks the upload pass against). With ``stop``, the
-    pass checks it before each block and ends with :class:`_Stopped` once it is
-    set (its caller is gone: :func:`_then_close`).
+    pass checks it before it hands each sealed block on (one block is read
+    ahead) and ends with :class:`_Stopped` once it is set (its caller is gone:
+    :func:`_then_close`).
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -1276,7 +1277,8 @@ async def _then_close(f: IO[bytes], job: Callable[[], Any], stop: threading.Even
     """``job()`` in a worker thread; ``f`` is closed once that thread is done, even when the
     caller is cancelled first: a file closed under the thread would free its descriptor for
     the next open, which the thread would then read. A cancelled caller sets ``stop``, which
-    the job checks between two blocks, so that the thread ends soon, not at the file's end."""
+    the job checks before it hashes each block, so that the thread ends within a block or
+    two, not at the file's end."""
     try:
         fut = asyncio.get_running_loop().run_in_executor(None, job)
     except BaseException:
@@ -1304,7 +1306,7 @@ async def _open_in_thread(path: Path, same_as: tuple[int, int] | None = None) ->
     fut = asyncio.get_running_loop().run_in_executor(None, _open_source, path, same_as)
     try:
         return await asyncio.shield(fut)
-    except asyncio.CancelledError:
+    except BaseException:  # cancelled, or anything else thrown in while the thread opens
         def close(done: asyncio.Future[Any]) -> None:
             if not done.cancelled() and done.exception() is None:
                 done.result()[0].close()
