@@ -6,8 +6,8 @@ thread and hashes the sealed blocks in a second (``_encrypt_path``), with up
 to ``DIGEST_AHEAD`` blocks of ``DIGEST_BLOCK`` bytes queued for the hash. The
 probe runs that pass over one file in the page cache for each setting, the
 settings alternating (forwards in even runs, backwards in odd ones), and
-prints the wall time and this process's CPU time per MB (medians, worst–best)
-next to the two floors of the same runs: SHA-256 of the file read in 1 MiB
+prints the wall time per MB (median, best–worst) and this process's CPU time
+per MB (median) next to the two floors of the same runs: SHA-256 of the file read in 1 MiB
 pieces in one thread (the pass cannot be faster than its hash) and the
 setting of the tree before (1 MiB blocks, one queued).
 
@@ -66,13 +66,14 @@ async def puts(runs: int, mib: int, tmp: Path) -> None:
             f.write(os.urandom(MIB))
     alice = generate_identity("alice")
     bench_blobs._bootstrap(tmp / "daemon", alice)
-    daemon = bench_blobs._Daemon(tmp / "daemon", ["--blob-max-bytes", str(2 * mib * MIB + MIB)])
     kinds = {f"put_blob, {blobs.DIGEST_BLOCK // 1024} KiB, {blobs.DIGEST_AHEAD} queued (this tree)":
              (blobs.DIGEST_BLOCK, blobs.DIGEST_AHEAD), "put_blob, 1024 KiB, 1 queued (before)": (MIB, 1)}
     tree = (blobs.DIGEST_BLOCK, blobs.DIGEST_AHEAD)
     results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
     mb = mib * MIB / 1e6
+    daemon = None
     try:
+        daemon = bench_blobs._Daemon(tmp / "daemon", ["--blob-max-bytes", str(2 * mib * MIB + MIB)])
         async with UnibusClient(daemon.base_url, alice, timeout=60) as c:
             rid = (await c.create_room("probe"))["room_id"]
             await c.rekey(rid)
@@ -89,7 +90,8 @@ async def puts(runs: int, mib: int, tmp: Path) -> None:
                 print(f"run {r + 1}/{runs} done", file=sys.stderr)
     finally:
         blobs.DIGEST_BLOCK, blobs.DIGEST_AHEAD = tree
-        daemon.stop()
+        if daemon is not None:
+            daemon.stop()
     print(f"{mib} MiB put_blob, {runs} of each, alternating; 1-minute load average {os.getloadavg()[0]:.1f} at the end")
     for name, res in results.items():
         walls = [x[0] for x in res]

@@ -710,7 +710,7 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     :class:`_SameRecords` checks the upload pass against). With ``stop``, the
     pass checks it before it hands each sealed block on (one block is read
     ahead) and ends with :class:`_Stopped` once it is set (its caller is gone:
-    :func:`_then_close`).
+    :func:`_then_close`); the blocks already queued, two at most, still run.
     """
     from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -1277,8 +1277,8 @@ async def _then_close(f: IO[bytes], job: Callable[[], Any], stop: threading.Even
     """``job()`` in a worker thread; ``f`` is closed once that thread is done, even when the
     caller is cancelled first: a file closed under the thread would free its descriptor for
     the next open, which the thread would then read. A cancelled caller sets ``stop``, which
-    the job checks before it hashes each block, so that the thread ends within a block or
-    two, not at the file's end."""
+    the job checks before it queues each block for the hash, so that the thread ends
+    within a few blocks (one read ahead, two queued at most), not at the file's end."""
     try:
         fut = asyncio.get_running_loop().run_in_executor(None, job)
     except BaseException:

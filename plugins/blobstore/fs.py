@@ -122,9 +122,11 @@ class FsUpload(StagedUpload):
         try:
             await asyncio.to_thread(self._prepare_meta, info)  # outside the lock: other commits need not wait
             async with self.backend.lock:
-                created, stored, not_durable = await asyncio.to_thread(self._install_sync, info)
+                created, stored, not_durable, trash = await asyncio.to_thread(self._install_sync, info)
                 if created:  # visible from here on: counted even if the room directory's fsync failed
                     self.backend._count(info.room_id, 1, info.size)
+            if trash is not None:  # the damaged directory this blob replaced, removed outside the lock
+                await asyncio.to_thread(remove_tree, trash, self.backend._closing)
             if not_durable is not None:
                 raise not_durable
         except Exception as e:
@@ -142,19 +144,21 @@ class FsUpload(StagedUpload):
         _write_file_durably(self.staged.dir / META, json.dumps(info.meta_json()).encode())
         fsync_dir(self.staged.dir)
 
-    def _install_sync(self, info: BlobInfo) -> tuple[bool, BlobInfo, BlobError | None]:
+    def _install_sync(self, info: BlobInfo) -> tuple[bool, BlobInfo, BlobError | None, Path | None]:
         """Steps 3 and 4, in one worker-thread call, so that nothing comes between the rename and
         the room directory's fsync, whatever happens to the task that waits for them. The fsync's
-        failure is returned, not raised: the blob is visible by then and must be counted."""
-        created, stored = self.backend._install(self.staged.dir, info)
+        failure is returned, not raised: the blob is visible by then and must be counted. Last,
+        the damaged directory the blob replaced, if any, moved to the staging directory: the
+        caller removes it once the lock is released."""
+        created, stored, trash = self.backend._install(self.staged.dir, info)
         if not created:
-            return created, stored, None
+            return created, stored, None, trash
         try:
             fsync_dir(self.backend._room_dir(info.room_id))
         except OSError as e:
             return created, stored, BlobError(f"the blob is stored, but its room directory could not be synced "
-                                              f"to disk: {e.strerror}")
-        return created, stored, None
+                                              f"to disk: {e.strerror}"), trash
+        return created, stored, None, trash
 
     async def abort(self) -> None:
         if self._committing is not None:
@@ -289,9 +293,10 @@ class FsBackend(BlobBackend):
             opening.add_done_callback(_discard_unclaimed)
             raise
 
-    def _install(self, staged_dir: Path, info: BlobInfo) -> tuple[bool, BlobInfo]:
+    def _install(self, staged_dir: Path, info: BlobInfo) -> tuple[bool, BlobInfo, Path | None]:
         """Rename the staged blob directory into place (under the lock, in a thread); the caller
-        syncs the room directory and counts a new blob."""
+        syncs the room directory, counts a new blob, and removes the damaged directory it
+        replaced (the third item, in the staging directory) once the lock is released."""
         room_dir = self._room_dir(info.room_id)
         if make_private_dir(room_dir):
             fsync_dir(self.root)
@@ -303,14 +308,13 @@ class FsBackend(BlobBackend):
                 raise BlobError(f"cannot store blob {info.blob_id}: {e.strerror}") from None
             existing = _read_meta(target)
             if existing is not None:
-                return False, existing
-            # A damaged blob directory (never made by this code): replace it, and remove it
-            # now, not at the next start (one blob's files at most: short, even under the lock).
+                return False, existing, None
+            # A damaged blob directory (never made by this code): replaced, and moved to the
+            # staging directory; its caller removes it once the commit's lock is released.
             trash = self._move_to_trash(target)
             os.rename(staged_dir, target)
-            if trash is not None:
-                remove_tree(trash, self._closing)
-        return True, info
+            return True, info, trash
+        return True, info, None
 
     def _move_to_trash(self, path: Path) -> Path | None:
         trash = self.tmp / f"del-{secrets.token_hex(8)}"

@@ -520,12 +520,14 @@ async def test_a_job_whose_thread_fails_to_start_is_withdrawn_and_never_runs(tmp
     ran = []
     write = staged._write_sync
     staged._write_sync = lambda parts: (ran.append(parts), write(parts))
-    with pytest.raises(RuntimeError, match="can't start new thread"):
-        await staged.write(b"x" * 1000)  # the hash's job started; the write's is queued, its thread not
-    assert await asyncio.to_thread(entered.wait, 30)
-    await staged.discard()  # the hash still runs: the file is left to it
-    assert staged.dir.exists()
-    release.set()
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await staged.write(b"x" * 1000)  # the hash's job started; the write's is queued, its thread not
+        assert await asyncio.to_thread(entered.wait, 30)
+        await staged.discard()  # the hash still runs: the file is left to it
+        assert staged.dir.exists()
+    finally:
+        release.set()  # a failed check must not leave the thread waiting out its 30 s
     assert await _closed_and_removed(staged)  # by the hash's thread, the last job that ran
     stopping = threading.Thread(target=executor.shutdown)  # waits for the queued write job: withdrawn
     stopping.start()
