@@ -1171,6 +1171,10 @@ class _Stopped(Exception):
     """How the digest pass of a ``put_blob`` cancelled meanwhile ends (no caller sees it)."""
 
 
+class _Gone(Exception):
+    """How an open for a ``put_blob`` that is gone ends, its file closed (no caller sees it)."""
+
+
 def _open_source(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
     """Open the file ``put_blob`` uploads, for one of its passes: a regular file only (a FIFO
     would block the open, a device such as /dev/zero never ends: red team), opened without
@@ -1301,18 +1305,39 @@ async def _then_close(f: IO[bytes], job: Callable[[], Any], stop: threading.Even
 
 
 async def _open_in_thread(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
-    """:func:`_open_source` in a worker thread; a file it opens for a caller cancelled meanwhile
-    is closed once it is open, not left to the garbage collector."""
-    fut = asyncio.get_running_loop().run_in_executor(None, _open_source, path, same_as)
-    try:
-        return await asyncio.shield(fut)
-    except BaseException:  # cancelled, or anything else thrown in while the thread opens
-        def close(done: asyncio.Future[Any]) -> None:
-            if not done.cancelled() and done.exception() is None:
-                done.result()[0].close()
+    """:func:`_open_source` in a worker thread. A file opened for a caller that is gone (cancelled,
+    or the executor failed to start a thread for a job it had queued all the same) is closed
+    once it is open, by the thread itself, not left to the garbage collector."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"gone": False, "file": None}
 
-        fut.add_done_callback(close)
+    def job() -> tuple[IO[bytes], tuple[int, int]]:
+        f, ident = _open_source(path, same_as)
+        with lock:
+            if state["gone"]:
+                f.close()
+                raise _Gone(str(path))
+            state["file"] = f
+        return f, ident
+
+    fut: asyncio.Future[tuple[IO[bytes], tuple[int, int]]] | None = None
+    try:
+        fut = asyncio.get_running_loop().run_in_executor(None, job)
+        return await asyncio.shield(fut)
+    except BaseException:
+        with lock:  # from here the thread closes what it opens; what it opened already is closed here
+            state["gone"] = True
+            f = state["file"]
+        if f is not None:
+            f.close()
+        if fut is not None:
+            fut.add_done_callback(_retrieved)  # its _Gone, or the open's own error: nobody waits for it
         raise
+
+
+def _retrieved(done: asyncio.Future[Any]) -> None:
+    if not done.cancelled():
+        done.exception()
 
 
 def _stat_key(path: Path) -> tuple[int, int, int, int]:

@@ -446,3 +446,56 @@ async def test_a_put_cancelled_while_its_file_is_opened_closes_it_once_open(worl
             break
         await asyncio.sleep(0.01)
     assert len(opened) == 1 and opened[0].closed
+
+
+async def test_an_open_queued_by_an_executor_that_failed_to_start_its_thread_is_closed(tmp_path, monkeypatch):
+    """Red team: at the process's thread limit, ``ThreadPoolExecutor.submit`` queues the job,
+    then fails to start a thread for it, and ``run_in_executor`` raises; the job still runs once
+    a busy thread is free. An open queued so is for a put that is gone: its thread closes the
+    file, instead of leaving it to the garbage collector."""
+    import asyncio
+    import concurrent.futures
+    import threading
+
+    from unibus.client import blobs
+
+    if not hasattr(concurrent.futures.ThreadPoolExecutor, "_adjust_thread_count"):
+        pytest.skip("this Python's ThreadPoolExecutor starts its threads another way")
+
+    class ThreadLimit(concurrent.futures.ThreadPoolExecutor):
+        """Its second thread start fails, as ``Thread.start`` does at the limit."""
+
+        starts = 0
+
+        def _adjust_thread_count(self):
+            self.starts += 1
+            if self.starts == 2:
+                raise RuntimeError("can't start new thread")
+            super()._adjust_thread_count()
+
+    loop = asyncio.get_running_loop()
+    executor = ThreadLimit(max_workers=4)
+    loop.set_default_executor(executor)
+    src = tmp_path / "p"
+    src.write_bytes(b"x" * 1000)
+    opened, real_open = [], blobs._open_source
+
+    def open_source(*args):
+        f, ident = real_open(*args)
+        opened.append(f)
+        return f, ident
+
+    monkeypatch.setattr(blobs, "_open_source", open_source)
+    release = threading.Event()
+    busy = loop.run_in_executor(None, release.wait, 30)  # the one thread, busy
+    try:
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            await blobs._open_in_thread(src)  # queued all the same
+    finally:
+        release.set()
+    await busy
+    for _ in range(300):  # bounded: the freed thread runs the queued open
+        if opened and opened[0].closed:
+            break
+        await asyncio.sleep(0.01)
+    assert len(opened) == 1 and opened[0].closed
