@@ -136,3 +136,29 @@ async def agen(pieces):
     for p in pieces:
         await asyncio.sleep(0)
         yield p
+
+
+class _SecondThreadStartFails(concurrent.futures.ThreadPoolExecutor):
+    """An executor whose second thread start fails, as ``Thread.start`` does at the process's
+    thread limit: ``submit`` has queued the job by then, so it runs once a busy thread is free."""
+
+    starts = 0
+
+    def _adjust_thread_count(self) -> None:
+        self.starts += 1
+        if self.starts == 2:
+            raise RuntimeError("can't start new thread")
+        super()._adjust_thread_count()
+
+
+@pytest.fixture
+async def second_thread_start_fails() -> concurrent.futures.ThreadPoolExecutor:
+    """The test's event loop gets :class:`_SecondThreadStartFails` as its default executor
+    (shut down with the loop). CPython's ``ThreadPoolExecutor`` starts its threads in
+    ``_adjust_thread_count``; a Python that does not would make the tests using this fail here,
+    not pass without testing anything."""
+    assert hasattr(concurrent.futures.ThreadPoolExecutor, "_adjust_thread_count"), \
+        "ThreadPoolExecutor no longer starts its threads in _adjust_thread_count: update this fixture"
+    executor = _SecondThreadStartFails(max_workers=4)
+    asyncio.get_running_loop().set_default_executor(executor)
+    return executor

@@ -295,6 +295,36 @@ async def test_a_cancelled_put_stores_nothing_and_the_next_one_works(world, tmp_
     assert await get_blob(world.clients["bob"], rid, blob_id, out) == len(data) and out.read_bytes() == data
 
 
+def _record_opens(monkeypatch, before=None):
+    """Every file ``put_blob`` opens (``blobs._open_source``), in the order opened: the returned
+    list. ``before()``, if given, runs first, in the opening worker thread."""
+    from unibus.client import blobs
+
+    opened, real_open = [], blobs._open_source
+
+    def open_source(*args):
+        if before is not None:
+            before()
+        f, ident = real_open(*args)
+        opened.append(f)
+        return f, ident
+
+    monkeypatch.setattr(blobs, "_open_source", open_source)
+    return opened
+
+
+async def _closed_soon(opened, also=lambda: True):
+    """True once the last file opened is closed (and ``also()`` holds): a bounded wait, since a
+    worker thread or its done-callback closes it."""
+    import asyncio
+
+    for _ in range(500):
+        if opened and opened[-1].closed and also():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 @pytest.mark.parametrize("which", ["digest", "upload"])
 async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_after_that_thread(
         world, tmp_path, monkeypatch, which):
@@ -310,14 +340,10 @@ async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_afte
     rid = await world.room()
     src = tmp_path / "p"
     src.write_bytes(os.urandom(2 * 1024 * 1024 + 77))
-    opened, seen = [], []
+    seen = []
     entered, release = threading.Event(), threading.Event()
-    real_open, real_digest, real_blocks = blobs._open_source, blobs._encrypt_path, blobs._SameRecords.blocks
-
-    def open_source(*args):
-        f, ident = real_open(*args)
-        opened.append(f)
-        return f, ident
+    real_digest, real_blocks = blobs._encrypt_path, blobs._SameRecords.blocks
+    opened = _record_opens(monkeypatch)
 
     def held():  # in the worker thread: wait, then see whether the file is still open
         entered.set()
@@ -334,7 +360,6 @@ async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_afte
                 held()
             yield block
 
-    monkeypatch.setattr(blobs, "_open_source", open_source)
     if which == "digest":
         monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
     else:
@@ -348,11 +373,8 @@ async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_afte
         assert not opened[-1].closed  # left to the thread
     finally:
         release.set()  # a failed check must not leave the thread waiting out its 30 s
-    for _ in range(300):  # bounded: closed by the thread's done-callback, on the event loop
-        if opened[-1].closed:
-            break
-        await asyncio.sleep(0.01)
-    assert seen == [False] and opened[-1].closed
+    assert await _closed_soon(opened)  # by the thread's done-callback, on the event loop
+    assert seen == [False]
 
 
 async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, tmp_path, monkeypatch):
@@ -369,8 +391,8 @@ async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, 
     with open(src, "wb") as f:
         f.truncate(1024 * 1024 * 1024)  # 1 GiB, sparse: 4,096 blocks of the digest pass
     reads, ended, third, cancelled = [], [], threading.Event(), threading.Event()
-    real_read, real_digest, real_open = blobs._readinto_full, blobs._encrypt_path, blobs._open_source
-    opened = []
+    real_read, real_digest = blobs._readinto_full, blobs._encrypt_path
+    opened = _record_opens(monkeypatch)
 
     def read(f, view):
         reads.append(len(view))
@@ -386,14 +408,8 @@ async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, 
             ended.append(e)
             raise
 
-    def open_source(*args):
-        f, ident = real_open(*args)
-        opened.append(f)
-        return f, ident
-
     monkeypatch.setattr(blobs, "_readinto_full", read)
     monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
-    monkeypatch.setattr(blobs, "_open_source", open_source)
     task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
     try:
         assert await asyncio.to_thread(third.wait, 30)
@@ -402,11 +418,8 @@ async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, 
             await task
     finally:
         cancelled.set()
-    for _ in range(500):  # bounded
-        if ended and opened[-1].closed:
-            break
-        await asyncio.sleep(0.01)
-    assert [type(e).__name__ for e in ended] == ["_Stopped"] and opened[-1].closed
+    assert await _closed_soon(opened, also=lambda: bool(ended))
+    assert [type(e).__name__ for e in ended] == ["_Stopped"]
     assert len(reads) <= 4  # the held read, and the one read ahead: not the 4,096 blocks of the file
     assert world.stored(rid) == []
 
@@ -417,22 +430,16 @@ async def test_a_put_cancelled_while_its_file_is_opened_closes_it_once_open(worl
     import asyncio
     import threading
 
-    from unibus.client import blobs
-
     rid = await world.room()
     src = tmp_path / "p"
     src.write_bytes(os.urandom(1000))
-    opened, entered, release = [], threading.Event(), threading.Event()
-    real_open = blobs._open_source
+    entered, release = threading.Event(), threading.Event()
 
-    def open_source(*args):
+    def held():
         entered.set()
         assert release.wait(30)
-        f, ident = real_open(*args)
-        opened.append(f)
-        return f, ident
 
-    monkeypatch.setattr(blobs, "_open_source", open_source)
+    opened = _record_opens(monkeypatch, before=held)
     task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
     try:
         assert await asyncio.to_thread(entered.wait, 30)
@@ -441,61 +448,31 @@ async def test_a_put_cancelled_while_its_file_is_opened_closes_it_once_open(worl
             await task
     finally:
         release.set()
-    for _ in range(300):  # bounded: closed by the open's done-callback
-        if opened and opened[0].closed:
-            break
-        await asyncio.sleep(0.01)
-    assert len(opened) == 1 and opened[0].closed
+    assert await _closed_soon(opened)  # by the thread that opened it
+    assert len(opened) == 1
 
 
-async def test_an_open_queued_by_an_executor_that_failed_to_start_its_thread_is_closed(tmp_path, monkeypatch):
+async def test_an_open_queued_by_an_executor_that_failed_to_start_its_thread_is_closed(
+        tmp_path, monkeypatch, second_thread_start_fails):
     """Red team: at the process's thread limit, ``ThreadPoolExecutor.submit`` queues the job,
     then fails to start a thread for it, and ``run_in_executor`` raises; the job still runs once
     a busy thread is free. An open queued so is for a put that is gone: its thread closes the
     file, instead of leaving it to the garbage collector."""
     import asyncio
-    import concurrent.futures
     import threading
 
     from unibus.client import blobs
 
-    if not hasattr(concurrent.futures.ThreadPoolExecutor, "_adjust_thread_count"):
-        pytest.skip("this Python's ThreadPoolExecutor starts its threads another way")
-
-    class ThreadLimit(concurrent.futures.ThreadPoolExecutor):
-        """Its second thread start fails, as ``Thread.start`` does at the limit."""
-
-        starts = 0
-
-        def _adjust_thread_count(self):
-            self.starts += 1
-            if self.starts == 2:
-                raise RuntimeError("can't start new thread")
-            super()._adjust_thread_count()
-
-    loop = asyncio.get_running_loop()
-    executor = ThreadLimit(max_workers=4)
-    loop.set_default_executor(executor)
     src = tmp_path / "p"
     src.write_bytes(b"x" * 1000)
-    opened, real_open = [], blobs._open_source
-
-    def open_source(*args):
-        f, ident = real_open(*args)
-        opened.append(f)
-        return f, ident
-
-    monkeypatch.setattr(blobs, "_open_source", open_source)
+    opened = _record_opens(monkeypatch)
     release = threading.Event()
-    busy = loop.run_in_executor(None, release.wait, 30)  # the one thread, busy
+    busy = asyncio.get_running_loop().run_in_executor(None, release.wait, 30)  # the one thread, busy
     try:
         with pytest.raises(RuntimeError, match="can't start new thread"):
             await blobs._open_in_thread(src)  # queued all the same
     finally:
         release.set()
     await busy
-    for _ in range(300):  # bounded: the freed thread runs the queued open
-        if opened and opened[0].closed:
-            break
-        await asyncio.sleep(0.01)
-    assert len(opened) == 1 and opened[0].closed
+    assert await _closed_soon(opened)  # the freed thread ran the queued open, and closed its file
+    assert len(opened) == 1

@@ -110,13 +110,18 @@ async def test_a_finish_cancelled_during_its_flush_leaves_the_file_to_it(tmp_pat
     assert not staged.dir.exists()
 
 
-async def test_a_discard_cancelled_while_a_chunk_is_in_flight_still_closes_and_removes_it(tmp_path, monkeypatch):
-    staged = StagedFile(tmp_path)
+async def _discard_under_a_held_write(monkeypatch, staged):
+    """A discard task started while a written chunk's write is held in its worker thread; the
+    file's descriptor, the task, and the event that lets the write go on."""
     entered, release = _hold(monkeypatch, staged, "_write_sync")
     await staged.write(b"x" * 1000)
     assert await asyncio.to_thread(entered.wait, 30)
-    fd = staged._fd
-    discard = asyncio.create_task(staged.discard())
+    return staged._fd, asyncio.create_task(staged.discard()), release
+
+
+async def test_a_discard_cancelled_while_a_chunk_is_in_flight_still_closes_and_removes_it(tmp_path, monkeypatch):
+    staged = StagedFile(tmp_path)
+    fd, discard, release = await _discard_under_a_held_write(monkeypatch, staged)
     await asyncio.sleep(0.05)
     await _cancel(discard)
     os.fstat(fd)  # not closed under the write
@@ -152,11 +157,7 @@ async def test_a_discard_under_a_write_survives_the_loop_s_close_and_the_last_th
     """Red team: the loop's close cancelled the cleanup task while it waited for a chunk's write (or
     before it ever ran); the descriptor then stayed open until the process exited."""
     staged = StagedFile(tmp_path)
-    entered, release = _hold(monkeypatch, staged, "_write_sync")
-    await staged.write(b"x" * 1000)
-    assert await asyncio.to_thread(entered.wait, 30)
-    fd = staged._fd
-    discard = asyncio.create_task(staged.discard())
+    fd, discard, release = await _discard_under_a_held_write(monkeypatch, staged)
     await asyncio.sleep(0)  # it has started, and no more
     _cancel_every_task()
     with pytest.raises(asyncio.CancelledError):
@@ -491,30 +492,13 @@ async def test_a_commit_whose_own_task_is_cancelled_still_renames_and_syncs_and_
         assert b"".join([c async for c in reader.chunks()]) == body
 
 
-async def test_a_job_whose_thread_fails_to_start_is_withdrawn_and_never_runs(tmp_path, monkeypatch):
+async def test_a_job_whose_thread_fails_to_start_is_withdrawn_and_never_runs(tmp_path, monkeypatch,
+                                                                             second_thread_start_fails):
     """Red team: ``ThreadPoolExecutor.submit`` queues a job, then starts a thread for it; at the
     process's thread limit that start raises, and ``run_in_executor`` with it, but the job stays
     queued and runs once a busy thread is free. Counted out by the caller and run anyway, it made
     the job count negative, and the write ran on a file already closed. It is withdrawn: it never
     runs, the count stays right, and the last job that did run still closes the file."""
-    import concurrent.futures
-
-    if not hasattr(concurrent.futures.ThreadPoolExecutor, "_adjust_thread_count"):
-        pytest.skip("this Python's ThreadPoolExecutor starts its threads another way")
-
-    class ThreadLimit(concurrent.futures.ThreadPoolExecutor):
-        """Its second thread start fails, as ``Thread.start`` does at the limit."""
-
-        starts = 0
-
-        def _adjust_thread_count(self):
-            self.starts += 1
-            if self.starts == 2:
-                raise RuntimeError("can't start new thread")
-            super()._adjust_thread_count()
-
-    executor = ThreadLimit(max_workers=4)
-    asyncio.get_running_loop().set_default_executor(executor)
     staged = StagedFile(tmp_path)
     entered, release = _hold(monkeypatch, staged, "_hash_sync")  # the one thread stays busy
     ran = []
@@ -529,7 +513,7 @@ async def test_a_job_whose_thread_fails_to_start_is_withdrawn_and_never_runs(tmp
     finally:
         release.set()  # a failed check must not leave the thread waiting out its 30 s
     assert await _closed_and_removed(staged)  # by the hash's thread, the last job that ran
-    stopping = threading.Thread(target=executor.shutdown)  # waits for the queued write job: withdrawn
+    stopping = threading.Thread(target=second_thread_start_fails.shutdown)  # waits for the queued write job
     stopping.start()
     for _ in range(300):  # bounded
         if not stopping.is_alive():
