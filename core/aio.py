@@ -101,11 +101,18 @@ async def cancel_and_wait(task: asyncio.Future[object], timeout: float | None = 
         wait = RECANCEL_EVERY if deadline is None else max(0.0, min(RECANCEL_EVERY, deadline - loop.time()))
         done, _ = await asyncio.wait({task}, timeout=wait)
         if done:
-            if not task.cancelled():
-                task.exception()  # retrieved: no "exception was never retrieved" at exit
+            retrieve_exception(task)  # no "exception was never retrieved" at exit
             return True
         if deadline is not None and loop.time() >= deadline:
             return False
+
+
+def retrieve_exception(fut: asyncio.Future[Any]) -> None:
+    """Done-callback of a future that nobody may await any more: its exception, if any, counts as
+    retrieved, where asyncio would log it as lost. Its failure is logged where it happens, or does
+    not matter (a read-ahead nobody reads, a job whose caller is gone)."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 class Overran(TimeoutError):

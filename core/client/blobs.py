@@ -66,6 +66,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from ..aio import retrieve_exception
 from .sealing import validate_room_id
 
 __all__ = [
@@ -1263,8 +1264,8 @@ async def _sealed_body(room_key: bytes, room_id: str, epoch: int, path: Path, id
             raise _SourceChanged(f"{path} changed while it was being uploaded; nothing was stored")
     finally:
         def close(fut: asyncio.Future[Any] | None = None) -> None:
-            if fut is not None and not fut.cancelled():
-                fut.exception()  # retrieved: the upload's own error is already on its way
+            if fut is not None:
+                retrieve_exception(fut)  # the upload's own error is already on its way
             with contextlib.suppress(ValueError):
                 blocks.close()
             with contextlib.suppress(ValueError):
@@ -1297,8 +1298,7 @@ async def _then_close(f: IO[bytes], job: Callable[[], Any], stop: threading.Even
             stop.set()
 
             def close(done: asyncio.Future[Any]) -> None:
-                if not done.cancelled():
-                    done.exception()  # retrieved: the caller that wanted it is gone
+                retrieve_exception(done)  # the caller that wanted it is gone
                 f.close()
 
             fut.add_done_callback(close)
@@ -1331,13 +1331,8 @@ async def _open_in_thread(path: Path, same_as: tuple[int, int] | None = None) ->
         if f is not None:
             f.close()
         if fut is not None:
-            fut.add_done_callback(_retrieved)  # its _Gone, or the open's own error: nobody waits for it
+            fut.add_done_callback(retrieve_exception)  # its _Gone, or the open's own error: nobody waits for it
         raise
-
-
-def _retrieved(done: asyncio.Future[Any]) -> None:
-    if not done.cancelled():
-        done.exception()
 
 
 def _stat_key(path: Path) -> tuple[int, int, int, int]:

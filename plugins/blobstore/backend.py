@@ -82,14 +82,6 @@ def start_writeback(fd: int, offset: int, length: int) -> None:
         _SYNC_FILE_RANGE(fd, offset, length, SYNC_FILE_RANGE_WRITE)
 
 
-def retrieve_exception(fut: asyncio.Future[Any]) -> None:
-    """Done-callback of a future that nobody may await any more: its exception, if any, counts as
-    retrieved, where asyncio would log it as lost. Its failure is logged where it happens, or does
-    not matter (a read-ahead nobody reads)."""
-    if not fut.cancelled():
-        fut.exception()
-
-
 class BlobError(Exception):
     """A backend failure that is not the client's fault (I/O, JetStream)."""
 

@@ -39,6 +39,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from unibus.aio import retrieve_exception
 from unibus.backup import fsync_dir
 
 from .backend import (
@@ -56,7 +57,6 @@ from .backend import (
     clean_staging,
     remove_tree,
     make_private_dir,
-    retrieve_exception,
 )
 
 log = logging.getLogger("unibus.plugins.blobstore")

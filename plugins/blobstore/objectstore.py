@@ -55,7 +55,7 @@ from nats.js.errors import (
 )
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
-from unibus.aio import within
+from unibus.aio import retrieve_exception, within
 
 from .backend import (
     READ_CHUNK,
@@ -71,7 +71,6 @@ from .backend import (
     check_room_id,
     clean_staging,
     make_private_dir,
-    retrieve_exception,
 )
 
 log = logging.getLogger("unibus.plugins.blobstore")
