@@ -434,6 +434,7 @@ class UnibusClient:
         self.ssl = ssl
         self._session = session
         self._own_session = session is None
+        self._closed = False
         self._keys: dict[tuple[str, int], bytes] = {}
         #: log seq of the key package of each (room_id, epoch) in ``_keys``: the
         #: roster a message sender of that epoch is checked against.
@@ -450,23 +451,32 @@ class UnibusClient:
 
     # -- lifecycle
     async def __aenter__(self) -> Self:
+        self._check_usable()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
+        """Close the HTTP session this client made (not one passed in). The client is then done
+        with: using it again raises ``RuntimeError``, as a closed ``aiohttp.ClientSession`` does.
+        A second call does nothing."""
+        self._closed = True
         if self._session is not None and self._own_session and not self._session.closed:
             await self._session.close()
-        if self._own_session:
-            self._session = None
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this UnibusClient is closed; make a new one")
+        if self._session is not None and self._session.closed:
+            raise RuntimeError("the aiohttp session passed to this UnibusClient is closed")
 
     def _http(self) -> aiohttp.ClientSession:
-        if self._session is None or self._session.closed:
+        self._check_usable()
+        if self._session is None:  # made on first use, so that a client can be made outside a loop
             connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout),
                                                   connector=connector)
-            self._own_session = True
         return self._session
 
     # -- the one request path

@@ -14,6 +14,7 @@ import json
 import secrets
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from unibus.client.api import RETRIES_503
@@ -193,6 +194,37 @@ async def test_unknown_identity_is_401(fake, people):
         with pytest.raises(ApiError) as e:
             await c.me()
     assert e.value.status == 401 and str(e.value).startswith("401 Unauthorized: ")
+
+
+async def test_a_closed_client_says_so_and_opens_no_session_nobody_closes(fake, people):
+    """A client used after close() made a new session of its own that nothing closed (aiohttp's
+    "Unclosed client session" at exit); a closed one now raises, as a closed ClientSession does."""
+    import gc
+    import warnings
+
+    fake.add(people["alice"])
+    client = UnibusClient(fake.base_url, people["alice"])
+    async with client:
+        assert (await client.me())["handle"] == "alice"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="this UnibusClient is closed; make a new one"):
+            await client.me()
+        with pytest.raises(RuntimeError, match="closed"):
+            async with client:
+                pass
+        await client.close()  # a second close does nothing
+        del client
+        gc.collect()
+    assert [str(w.message) for w in caught if "nclosed" in str(w.message)] == []
+
+    async with aiohttp.ClientSession() as session:  # a session passed in stays its owner's
+        async with UnibusClient(fake.base_url, people["alice"], session=session) as c:
+            assert (await c.me())["handle"] == "alice"
+        assert not session.closed
+        c = UnibusClient(fake.base_url, people["alice"], session=session)
+    with pytest.raises(RuntimeError, match="the aiohttp session passed to this UnibusClient is closed"):
+        await c.me()
 
 
 async def test_unreachable_server():
