@@ -39,7 +39,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from unibus import StashKey, hookimpl
@@ -49,6 +49,9 @@ from unibus.settings import Option, parse_positive_int
 from .backend import RECV_SIZE, WRITE_CHUNK, BlobBackend, BlobError, BlobUnavailable, check_blob_id
 from . import pacing
 from .limits import DEFAULT_MAX_DOWNLOADS, DEFAULT_MAX_UPLOADS, Slots, check_rate
+
+if TYPE_CHECKING:
+    from unibus.problems import Problem
 
 PLUGIN_NAME = "blobstore"
 DEFAULT_MAX_BYTES = 104857600
@@ -258,7 +261,6 @@ async def _receive(request: web.Request, service: BlobService, room: Any, me: An
                    limit: int) -> web.Response:
     """Stream the body into the backend, check it against the signed digest, commit: 201."""
     from unibus.api.common import json_response
-    from unibus.app import STORE
     from unibus.auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, body_chunks
 
     grace = request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT)
@@ -287,24 +289,40 @@ async def _receive(request: web.Request, service: BlobService, room: Any, me: An
         if not hmac.compare_digest(digest, expected):
             raise _problem(400, "the body does not match its signed Content-Digest; nothing was stored",
                            kind="digest-mismatch")
+        # Checked before the commit, and again after it: a removal or a deletion during the upload
+        # then never makes the blob visible, even for a moment, and only one that lands during the
+        # commit itself relies on the check after it, which a stop skips (docs/blobstore.md).
+        if (gone := await _gone_during_upload(request, room.room_id, me.handle)) is not None:
+            raise gone
         info, created = await upload.commit(me.handle)
     finally:
         _default_reads(request)
         await upload.abort()  # no-op once committed
-    now = await request.app[STORE].get_room(room.room_id)
-    if now is None:  # deleted while we were receiving
-        await service.backend.delete(room.room_id, info.blob_id)
-        raise _problem(404, f"room {room.room_id!r} was deleted during the upload", kind="not-found")
-    if me.handle not in now.handles:  # removed from the room (or deleted) while we were receiving
-        if created:  # a blob that was there already is someone else's upload: kept
+    if (gone := await _gone_during_upload(request, room.room_id, me.handle)) is not None:
+        # A blob that was there already is someone else's upload: kept, unless the room is gone.
+        if created or gone.status == 404:
             await service.backend.delete(room.room_id, info.blob_id)
-        raise _problem(403, "only the room's members may use its blobs, and you left it during the upload; "
-                            "nothing was stored", kind="forbidden")
+        raise gone
     if created:
         log.info("blob %s stored in room %s by %s (%d bytes)", info.blob_id, room.room_id, me.handle, info.size)
     response = json_response({"blob_id": info.blob_id, "size": info.size}, status=201)
     response.headers["Location"] = f"/v1/rooms/{room.room_id}/blobs/{info.blob_id}"
     return response
+
+
+async def _gone_during_upload(request: web.Request, room_id: str, handle: str) -> Problem | None:
+    """The answer for an upload whose room was deleted (404), or whose uploader left it or was
+    deleted (403), since the upload's checks; None while both still hold."""
+    from unibus.app import STORE
+
+    now = await request.app[STORE].get_room(room_id)
+    if now is None:
+        return _problem(404, f"room {room_id!r} was deleted during the upload; nothing was stored",
+                        kind="not-found")
+    if handle not in now.handles:
+        return _problem(403, "only the room's members may use its blobs, and you left it during the upload; "
+                             "nothing was stored", kind="forbidden")
+    return None
 
 
 def _large_reads(request: web.Request) -> None:

@@ -224,6 +224,89 @@ async def test_chunked_upload_and_room_deletion(http):
     assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
 
 
+def _record_commits(monkeypatch, backend, before=None):
+    """Wrap ``backend``'s uploads so that each commit appends its uploader to the returned list
+    (after awaiting ``before()``, if given) before it makes the blob visible."""
+    commits = []
+    real_begin = backend.begin
+
+    async def begin(room_id):
+        upload = await real_begin(room_id)
+        real_commit = upload.commit
+
+        async def commit(handle):
+            commits.append(handle)
+            if before is not None:
+                await before()
+            return await real_commit(handle)
+
+        upload.commit = commit
+        return upload
+
+    monkeypatch.setattr(backend, "begin", begin)
+    return commits
+
+
+def _without(store, handle):
+    room = store.rooms["r1"]
+    store.rooms["r1"] = dataclasses.replace(room, members=tuple(m for m in room.members if m.handle != handle))
+
+
+@pytest.mark.parametrize("gone", ["left", "deleted"])
+async def test_an_upload_whose_uploader_left_or_whose_room_went_is_never_committed(http, monkeypatch, gone):
+    """Adversary: a member removed from a room (or a room deleted) while their upload streams in.
+    The check before the commit refuses it, so the blob is never visible, not even for the moment
+    until the check after the commit deletes it (a moment a stop of membershipd could make lasting)."""
+    import asyncio
+
+    client, backend, store = http
+    commits = _record_commits(monkeypatch, backend)
+    first, rest = os.urandom(300_000), os.urandom(300_000)
+    sent_first, changed = asyncio.Event(), asyncio.Event()
+
+    async def body():
+        yield first
+        sent_first.set()
+        await asyncio.wait_for(changed.wait(), 10)
+        yield rest
+
+    async def change_meanwhile():
+        await asyncio.wait_for(sent_first.wait(), 10)
+        await asyncio.sleep(0.1)  # the first part is at the server
+        if gone == "left":
+            _without(store, "carol")
+        else:
+            await store.delete_room("r1")
+        changed.set()
+
+    r, _ = await asyncio.wait_for(asyncio.gather(put(client, body(), who="carol",
+                                                     sha=hashlib.sha256(first + rest).hexdigest()),
+                                                 change_meanwhile()), 30)
+    assert r.status == (403 if gone == "left" else 404), await r.text()
+    assert "nothing was stored" in (await r.json())["detail"]
+    assert commits == []
+    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+    assert list((backend.root / ".tmp").iterdir()) == []
+    assert await stored_chunks(backend) == {}
+
+
+async def test_an_uploader_removed_during_the_commit_itself_is_still_refused_and_the_blob_deleted(
+        http, monkeypatch):
+    """The check after the commit stays: a removal that lands between the first check and the
+    commit's end is answered 403, and the blob the commit made visible is deleted again."""
+    client, backend, store = http
+
+    async def remove_carol():
+        _without(store, "carol")
+
+    commits = _record_commits(monkeypatch, backend, before=remove_carol)
+    data = os.urandom(200_000)
+    r = await put(client, data, who="carol")
+    assert r.status == 403, await r.text()
+    assert commits == ["carol"]
+    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+
+
 @pytest.mark.parametrize("http", ["objectstore"], indirect=True)
 async def test_a_blob_whose_chunks_vanished_is_cut_short(http):
     """If the chunks disappear under a reader, the response is cut short (its
