@@ -459,8 +459,8 @@ class UnibusClient:
 
     async def close(self) -> None:
         """Close the HTTP session this client made (not one passed in). The client is then done
-        with: using it again raises ``RuntimeError``, as a closed ``aiohttp.ClientSession`` does.
-        A second call does nothing."""
+        with: a call that needs the server raises ``RuntimeError``, as a closed
+        ``aiohttp.ClientSession`` does. A second call does nothing."""
         self._closed = True
         if self._session is not None and self._own_session and not self._session.closed:
             await self._session.close()
@@ -469,7 +469,8 @@ class UnibusClient:
         if self._closed:
             raise RuntimeError("this UnibusClient is closed; make a new one")
         if self._session is not None and self._session.closed:
-            raise RuntimeError("the aiohttp session passed to this UnibusClient is closed")
+            whose = "made by" if self._own_session else "passed to"
+            raise RuntimeError(f"the aiohttp session {whose} this UnibusClient is closed")
 
     def _http(self) -> aiohttp.ClientSession:
         self._check_usable()
@@ -1199,6 +1200,8 @@ class Bus:
             return f"{base}: {client.base_url} answered {exc}"
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
             return f"{base}: the control plane could not say why ({exc or type(exc).__name__})"
+        except RuntimeError as exc:  # the client was closed under its bus (docs/client.md)
+            return f"{base}: the control plane was not asked why ({exc})"
         known = info.get("user_nkey") if isinstance(info, dict) else None
         if isinstance(known, str) and known != self._bus_pub:
             return (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus logs in "

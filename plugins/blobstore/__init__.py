@@ -197,7 +197,7 @@ def _service(request: web.Request) -> BlobService:
     return stash(request.app, PLUGIN_NAME)[SERVICE]
 
 
-def _problem(status: int, detail: str, kind: str | None = None, **kw: Any) -> Exception:
+def _problem(status: int, detail: str, kind: str | None = None, **kw: Any) -> Problem:
     from unibus.problems import Problem
 
     return Problem(status, detail, kind=kind, **kw)
@@ -312,14 +312,15 @@ async def _receive(request: web.Request, service: BlobService, room: Any, me: An
 
 async def _gone_during_upload(request: web.Request, room_id: str, handle: str) -> Problem | None:
     """The answer for an upload whose room was deleted (404), or whose uploader left it or was
-    deleted (403), since the upload's checks; None while both still hold."""
+    deleted (403), since the upload's checks; None while both still hold. One read of the room's
+    record (``room_handles``), not of every member's, as ``get_room`` makes in a cluster."""
     from unibus.app import STORE
 
-    now = await request.app[STORE].get_room(room_id)
-    if now is None:
+    handles, _revision = await request.app[STORE].room_handles(room_id)
+    if handles is None:
         return _problem(404, f"room {room_id!r} was deleted during the upload; nothing was stored",
                         kind="not-found")
-    if handle not in now.handles:
+    if handle not in handles:
         return _problem(403, "only the room's members may use its blobs, and you left it during the upload; "
                              "nothing was stored", kind="forbidden")
     return None

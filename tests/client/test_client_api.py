@@ -206,6 +206,8 @@ async def test_a_closed_client_says_so_and_opens_no_session_nobody_closes(fake, 
     client = UnibusClient(fake.base_url, people["alice"])
     async with client:
         assert (await client.me())["handle"] == "alice"
+    session = client._session
+    gc.collect()  # what earlier tests left is not this test's
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with pytest.raises(RuntimeError, match="this UnibusClient is closed; make a new one"):
@@ -214,9 +216,11 @@ async def test_a_closed_client_says_so_and_opens_no_session_nobody_closes(fake, 
             async with client:
                 pass
         await client.close()  # a second close does nothing
-        del client
+        assert client._session is session and session.closed  # no session of its own made again
+        del client, session
         gc.collect()
-    assert [str(w.message) for w in caught if "nclosed" in str(w.message)] == []
+    assert [str(w.message) for w in caught if "Unclosed client session" in str(w.message)
+            or "Unclosed connector" in str(w.message)] == []
 
     async with aiohttp.ClientSession() as session:  # a session passed in stays its owner's
         async with UnibusClient(fake.base_url, people["alice"], session=session) as c:
@@ -225,6 +229,17 @@ async def test_a_closed_client_says_so_and_opens_no_session_nobody_closes(fake, 
         c = UnibusClient(fake.base_url, people["alice"], session=session)
     with pytest.raises(RuntimeError, match="the aiohttp session passed to this UnibusClient is closed"):
         await c.me()
+
+
+async def test_a_bus_whose_client_was_closed_still_says_why_it_stops(people):
+    """Review: a bus refused by nats-server asks the control plane why before it stops; with its
+    client closed, the RuntimeError ended that stop before it recorded a reason or closed the bus."""
+    from unibus.client.api import Bus
+
+    client = UnibusClient(f"http://127.0.0.1:{free_port()}", people["alice"])
+    await client.close()
+    reason = await Bus(client)._refusal_reason()
+    assert "the bus refused alice" in reason and "this UnibusClient is closed" in reason
 
 
 async def test_unreachable_server():

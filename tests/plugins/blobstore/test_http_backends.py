@@ -45,6 +45,10 @@ class FakeStore:
     async def get_room(self, room_id):
         return self.rooms.get(room_id)
 
+    async def room_handles(self, room_id):
+        room = self.rooms.get(room_id)
+        return (room.handles if room is not None else None), 0
+
     def add_listener(self, cb):
         self.listeners.append(cb)
 
@@ -224,15 +228,16 @@ async def test_chunked_upload_and_room_deletion(http):
     assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
 
 
-def _record_commits(monkeypatch, backend, before=None):
+def _record_commits(monkeypatch, backend, before=None, finished=None):
     """Wrap ``backend``'s uploads so that each commit appends its uploader to the returned list
-    (after awaiting ``before()``, if given) before it makes the blob visible."""
+    (after awaiting ``before()``, if given) before it makes the blob visible; ``finished()`` is
+    called once an upload's body is in and hashed."""
     commits = []
     real_begin = backend.begin
 
     async def begin(room_id):
         upload = await real_begin(room_id)
-        real_commit = upload.commit
+        real_commit, real_finish = upload.commit, upload.finish
 
         async def commit(handle):
             commits.append(handle)
@@ -240,7 +245,13 @@ def _record_commits(monkeypatch, backend, before=None):
                 await before()
             return await real_commit(handle)
 
-        upload.commit = commit
+        async def finish():
+            digest = await real_finish()
+            if finished is not None:
+                finished()
+            return digest
+
+        upload.commit, upload.finish = commit, finish
         return upload
 
     monkeypatch.setattr(backend, "begin", begin)
@@ -282,9 +293,9 @@ async def test_an_upload_whose_uploader_left_or_whose_room_went_is_never_committ
     r, _ = await asyncio.wait_for(asyncio.gather(put(client, body(), who="carol",
                                                      sha=hashlib.sha256(first + rest).hexdigest()),
                                                  change_meanwhile()), 30)
+    assert commits == []
     assert r.status == (403 if gone == "left" else 404), await r.text()
     assert "nothing was stored" in (await r.json())["detail"]
-    assert commits == []
     assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
     assert list((backend.root / ".tmp").iterdir()) == []
     assert await stored_chunks(backend) == {}
@@ -302,9 +313,75 @@ async def test_an_uploader_removed_during_the_commit_itself_is_still_refused_and
     commits = _record_commits(monkeypatch, backend, before=remove_carol)
     data = os.urandom(200_000)
     r = await put(client, data, who="carol")
-    assert r.status == 403, await r.text()
     assert commits == ["carol"]
+    assert r.status == 403, await r.text()
     assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+    assert list((backend.root / ".tmp").iterdir()) == []
+    assert await stored_chunks(backend) == {}
+
+
+async def test_a_room_deleted_during_the_commit_itself_is_404_and_the_blob_goes_with_it(http, monkeypatch):
+    client, backend, store = http
+
+    async def delete_the_room():
+        await store.delete_room("r1")
+
+    commits = _record_commits(monkeypatch, backend, before=delete_the_room)
+    r = await put(client, os.urandom(300_000), who="carol")
+    assert commits == ["carol"]
+    assert r.status == 404, await r.text()
+    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+    assert list((backend.root / ".tmp").iterdir()) == []
+    assert await stored_chunks(backend) == {}
+
+
+async def test_a_member_removed_while_re_uploading_someone_else_s_blob_does_not_delete_it(http, monkeypatch):
+    """Adversary: carol, about to be removed, uploads the bytes of bob's blob again; the check after
+    the commit refuses her, and must not take bob's blob with her upload."""
+    client, backend, store = http
+    data = os.urandom(400_000)
+    r = await put(client, data, who="bob")
+    assert r.status == 201, await r.text()
+
+    async def remove_carol():
+        _without(store, "carol")
+
+    commits = _record_commits(monkeypatch, backend, before=remove_carol)
+    r = await put(client, data, who="carol")
+    assert commits == ["carol"]
+    assert r.status == 403, await r.text()
+    blob_id = hashlib.sha256(data).hexdigest()
+    assert [i.blob_id for i in await backend.list_room("r1")] == [blob_id]
+    r = await client.get(f"/v1/rooms/r1/blobs/{blob_id}", headers={"X-Test-Member": "bob"})
+    assert r.status == 200 and await r.read() == data
+    assert list((backend.root / ".tmp").iterdir()) == []
+
+
+async def test_a_store_that_cannot_answer_the_check_before_the_commit_is_503_and_nothing_is_left(
+        http, monkeypatch):
+    """The check before the commit reads the store; a store that cannot answer (a cluster's KV
+    without a quorum) is 503 with Retry-After, never a 500, and the upload is thrown away."""
+    from unibus.store.base import StoreUnavailable
+
+    client, backend, store = http
+    body_in = []
+    commits = _record_commits(monkeypatch, backend, finished=lambda: body_in.append(True))
+    real = store.room_handles
+
+    async def room_handles(room_id):
+        if body_in:
+            raise StoreUnavailable("the membership store cannot answer now")
+        return await real(room_id)
+
+    monkeypatch.setattr(store, "room_handles", room_handles)
+    r = await put(client, os.urandom(1_500_000), who="carol")
+    assert body_in == [True] and commits == []
+    assert r.status == 503, await r.text()
+    assert r.headers["Content-Type"].startswith("application/problem+json")
+    assert r.headers["Retry-After"] == "1"
+    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+    assert list((backend.root / ".tmp").iterdir()) == []
+    assert await stored_chunks(backend) == {}
 
 
 @pytest.mark.parametrize("http", ["objectstore"], indirect=True)
