@@ -212,7 +212,7 @@ class _Daemon:
     """``membershipd serve`` of this interpreter's unibus on free loopback ports (the driver cannot
     use ``unibus.testing``: an earlier release's venv lacks pytest)."""
 
-    def __init__(self, data_dir: Path, args: Sequence[str]) -> None:
+    def __init__(self, data_dir: Path, args: Sequence[str], env: dict[str, str] | None = None) -> None:
         free_port = benchlib.free_port
         self.data_dir = data_dir
         self.http_port = free_port()
@@ -221,7 +221,7 @@ class _Daemon:
             [sys.executable, "-m", "unibus.cli", "serve", "--data-dir", str(data_dir),
              "--http-addr", f"127.0.0.1:{self.http_port}", "--nats-addr", f"127.0.0.1:{free_port()}",
              "--nats-monitor-port", str(free_port()), *args],
-            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
         self.pid = self.proc.pid
         self.base_url = f"http://127.0.0.1:{self.http_port}"
         import urllib.request

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from . import allocator
 from .aio import ESCAPING, Overran, cancel_and_wait, describe, run_bounded
 from .api import bus as bus_api
 from .api import log as log_api
@@ -579,6 +580,7 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     exit 1. The watchdog stays armed until the process is gone: the interpreter's exit
     still waits for threads, ``atexit`` handlers and multiprocessing children.
     """
+    log.info("%s", allocator.tune())  # before the first request's buffers (unibus.allocator)
     watchdog = StopWatchdog()
     loop = asyncio.new_event_loop()
     # The loop's default executor, made here so that _close_loop can shut it down in a thread of
