@@ -2,7 +2,7 @@
 
 Not part of ``make bench`` (it writes no section; it prints). ``membershipd
 serve`` keeps the receive buffers of an upload on glibc's heap
-(``unibus.allocator``: ``mallopt`` with a fixed mmap threshold of 2 MiB and
+(``unibus.allocator``: ``mallopt`` with a fixed mmap threshold of 4 MiB and
 a trim threshold of 32 MiB), unless the environment sets the allocator
 itself. The probe uploads one file, as a raw PUT and with ``put_blob``, to a
 membershipd of this tree started afresh for each setting in every round,
