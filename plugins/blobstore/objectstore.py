@@ -12,9 +12,11 @@ only once the handler found the digest to match. An object becomes visible
 when its metadata message is stored, which happens after all of its chunks:
 an upload refused or given up has its chunks purged, and a crash mid-put
 leaves chunks that no metadata references, never a partial object.
-Such orphaned chunks are purged at start-up once the newest of them is older than
-:data:`ORPHAN_AGE` (younger ones may belong to an upload another node is
-making right now). Deleting writes a tombstone metadata message (rolling up
+Such orphaned chunks are purged at start-up, and every :data:`SWEEP_EVERY`
+while the node runs, once the newest of them is older than :data:`ORPHAN_AGE`
+(younger ones may belong to an upload another node is making right now); a
+running node's sweep reads the metadata afresh before it purges, as its own
+view of it may lag. Deleting writes a tombstone metadata message (rolling up
 the old one) and purges the chunks.
 
 Reads stream chunk by chunk: direct gets (``next_by_subj``), up to
@@ -55,7 +57,7 @@ from nats.js.errors import (
 )
 from nats.js.object_store import ObjectStore
 from nats.nuid import NUID
-from unibus.aio import retrieve_exception, within
+from unibus.aio import cancel_and_wait, retrieve_exception, within
 
 from .backend import (
     READ_CHUNK,
@@ -102,6 +104,8 @@ READ_AHEAD = 4
 READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
+#: How often a running node looks for orphaned chunks, besides once at its start.
+SWEEP_EVERY = 600.0
 STREAM_NAME_IN_USE = 10058
 #: A chunk kept back (_Chunks._hold) that is a slice of a part larger than this is copied, so that
 #: it does not keep the whole part alive (a red team held 64 MiB for one chunk). The HTTP handler's
@@ -227,8 +231,8 @@ class _Chunks:
             await within(self._acks.popleft(), self._timeout)
 
     async def discard(self) -> None:
-        """Purge what was published (best effort: start-up purges orphaned chunks). The chunks
-        still unacknowledged are waited for first: nats-server stores a stream's messages and
+        """Purge what was published (best effort: what is left is purged later, as orphaned chunks).
+        The chunks still unacknowledged are waited for first: nats-server stores a stream's messages and
         answers its API requests from different queues, so a purge sent right after a chunk may be
         done before that chunk is stored, and leave it behind (found by a test)."""
         self._discarded = True
@@ -454,6 +458,7 @@ class ObjectStoreBackend(BlobBackend):
         self._objects: dict[str, tuple[int, str]] = {}  # name -> (size, nuid)
         self._synced = asyncio.Event()
         self._sub: Any = None
+        self._sweeper: asyncio.Task[None] | None = None
         #: read-ahead requests the reads may still add (READ_AHEAD_BUDGET)
         self.read_tokens = READ_AHEAD_BUDGET
 
@@ -534,14 +539,36 @@ class ObjectStoreBackend(BlobBackend):
                     n = await self.delete_room(room_id)
                     log.info("blobstore: removed %d blob(s) of deleted room %s", n, room_id)
         await self._purge_orphaned_chunks()
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="blobstore-orphaned-chunks")
         log.info("blobstore: object store %s: %d blob(s), %d bytes", self.bucket, self.blobs, self.bytes)
 
-    async def _purge_orphaned_chunks(self) -> None:
+    async def _sweep(self) -> None:
+        """Every :data:`SWEEP_EVERY`, purge the orphaned chunks that aged while this node runs:
+        those of uploads whose purge failed (JetStream in trouble) or whose metadata's fate was
+        unknown. Without it they stayed until a node started."""
+        while True:
+            await asyncio.sleep(SWEEP_EVERY)
+            try:
+                await self._purge_orphaned_chunks(fresh=True)
+            except Exception as e:  # noqa: BLE001 - housekeeping only: the next sweep tries again
+                log.warning("blobstore: the sweep for orphaned chunks failed: %s", e)
+
+    async def _purge_orphaned_chunks(self, *, fresh: bool = False) -> int:
+        """Purge the chunks that no metadata names and whose newest message is older than
+        :data:`ORPHAN_AGE`; how many subjects were purged.
+
+        This node's view of the metadata (``_objects``) picks the candidates.
+        At start-up it was just read to its end. A running node's view can lag
+        behind, or stop, with its consumer, so with ``fresh`` the metadata is
+        read again from the stream after the candidates were aged, just before
+        they are purged, and every chunk that any metadata message names is
+        kept (docs/blobstore.md, "Cluster mode").
+        """
         try:
             info = await self.js.stream_info(self.stream, subjects_filter=f"$O.{self.bucket}.C.>")
         except Exception as e:  # noqa: BLE001 - housekeeping only
             log.warning("blobstore: cannot list object chunks: %s", e)
-            return
+            return 0
         live = {nuid for _size, nuid in self._objects.values()}
         # Ages in the stream's own time (its leader stamps every message), not this node's clock:
         # a node whose clock ran ahead took every upload under way for orphans (a red team, with
@@ -549,25 +576,48 @@ class ObjectStoreBackend(BlobBackend):
         try:  # the newest message that still exists (the last sequence may have been purged)
             newest = await self.js.get_msg(self.stream, subject=f"$O.{self.bucket}.>")
         except NotFoundError:  # an empty stream
-            return
+            return 0
         except Exception as e:  # noqa: BLE001 - housekeeping only
             log.warning("blobstore: cannot read the object store's newest message: %s", e)
-            return
+            return 0
         now = newest.time
         if now is None:
-            return
+            return 0
+        aged = []
         for subject in (info.state.subjects or {}):
-            nuid = subject.rsplit(".", 1)[-1]
-            if nuid in live:
+            if subject.rsplit(".", 1)[-1] in live:
                 continue
             try:
                 last = await self.js.get_msg(self.stream, subject=subject)
-                if last.time is not None and (now - last.time).total_seconds() < ORPHAN_AGE:
-                    continue
-                await self.js.purge_stream(self.stream, subject=subject)
-                log.info("blobstore: purged orphaned chunks %s", subject)
             except Exception as e:  # noqa: BLE001
                 log.warning("blobstore: cannot purge orphaned chunks %s: %s", subject, e)
+                continue
+            if last.time is None or (now - last.time).total_seconds() >= ORPHAN_AGE:
+                aged.append(subject)
+        if aged and fresh:
+            try:
+                named = await self._named_nuids()
+            except Exception as e:  # noqa: BLE001 - housekeeping only: nothing is purged unseen
+                log.warning("blobstore: cannot read the object metadata afresh; no orphaned chunks purged: %s", e)
+                return 0
+            aged = [subject for subject in aged if subject.rsplit(".", 1)[-1] not in named]
+        purged = 0
+        for subject in aged:
+            try:
+                await self.js.purge_stream(self.stream, subject=subject)
+            except Exception as e:  # noqa: BLE001
+                log.warning("blobstore: cannot purge orphaned chunks %s: %s", subject, e)
+                continue
+            log.info("blobstore: purged orphaned chunks %s", subject)
+            purged += 1
+        return purged
+
+    async def _named_nuids(self, timeout: float = 30.0) -> set[str]:
+        """The nuid of every object that the last metadata message of any name gives, read afresh
+        from the stream. Any: a message on one name's subject that names another object (someone
+        with rights on the stream) keeps its chunks too, as nothing here may purge a live object's."""
+        return {obj.nuid for obj in await self._last_metadata(timeout)
+                if isinstance(obj.nuid, str) and obj.nuid and not obj.deleted}
 
     # -- read-only access (membershipd backup): no bucket made, no housekeeping
     async def open_existing(self) -> bool:
@@ -582,32 +632,39 @@ class ObjectStoreBackend(BlobBackend):
 
     async def object_names(self, timeout: float = 30.0) -> list[str]:
         """The names of the live objects: the last metadata message of each, read to the end."""
+        names: set[str] = set()
+        for obj in await self._last_metadata(timeout):
+            if obj.deleted:
+                names.discard(obj.name)
+            else:
+                names.add(obj.name)
+        return sorted(n for n in names if isinstance(n, str) and n.count("/") == 1)
+
+    async def _last_metadata(self, timeout: float) -> list[api.ObjectInfo]:
+        """The last metadata message of every name, read from the stream to its end (not this
+        node's view), in the stream's order; unreadable ones are logged and left out."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
 
         async def on_msg(msg: Any) -> None:
             queue.put_nowait(msg)
 
-        async def scan() -> list[str]:
+        async def scan() -> list[api.ObjectInfo]:
             sub = await self.js.subscribe(f"$O.{self.bucket}.M.>", stream=self.stream, cb=on_msg,
                                           ordered_consumer=True, deliver_policy=api.DeliverPolicy.LAST_PER_SUBJECT,
                                           inactive_threshold=5.0)
             try:
                 info = await sub.consumer_info()
-                names: set[str] = set()
+                found: list[api.ObjectInfo] = []
                 if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                     return []
                 while True:
                     msg = await queue.get()
                     try:
-                        obj = api.ObjectInfo.from_response(json.loads(msg.data))
-                        if obj.deleted:
-                            names.discard(obj.name)
-                        else:
-                            names.add(obj.name)
+                        found.append(api.ObjectInfo.from_response(json.loads(msg.data)))
                     except Exception as e:  # noqa: BLE001 - a foreign or broken metadata message
                         log.warning("blobstore: unreadable object metadata on %s: %s", msg.subject, e)
                     if msg.metadata.num_pending == 0:
-                        return sorted(n for n in names if n.count("/") == 1)
+                        return found
             finally:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -618,6 +675,9 @@ class ObjectStoreBackend(BlobBackend):
             raise _unavailable(e) from None
 
     async def close(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            await cancel_and_wait(sweeper)
         sub, self._sub = self._sub, None
         if sub is not None:
             with contextlib.suppress(Exception):  # the connection may be gone
@@ -743,7 +803,7 @@ class ObjectStoreBackend(BlobBackend):
         so its ``ObjectStore.get`` and the ``nats`` CLI read the object. If the metadata's own
         acknowledgement is lost, it may be stored all the same: its chunks are then kept (the
         caller's discard purges nothing once this started), so the blob is either whole or absent
-        (start-up purges chunks that no stored object names). ``old`` and ``last`` are what
+        (orphaned chunks, which no stored object names, are purged later). ``old`` and ``last`` are what
         :meth:`_look` read, the caller's decision to store: the metadata is stored only if nothing
         was stored under the name since, else :class:`_LostRace`. The chunks of ``old``, which the
         new metadata replaces, are purged."""
@@ -807,8 +867,8 @@ class ObjectStoreBackend(BlobBackend):
 
     async def _check_chunks(self, info: BlobInfo, chunks: _Chunks) -> None:
         """BlobUnavailable unless every chunk of ``chunks`` is still stored. An upload's chunks are
-        orphans until its metadata is stored, and a node that starts purges orphans whose newest
-        chunk is older than :data:`ORPHAN_AGE`. Uploads publish as the body arrives, and a body may
+        orphans until its metadata is stored, and nodes purge orphans whose newest chunk is older
+        than :data:`ORPHAN_AGE`, when they start and every :data:`SWEEP_EVERY`. Uploads publish as the body arrives, and a body may
         pause for long stretches if it came fast enough before (the upload rate is an average):
         without this check, such an upload's first chunks could be purged under it and its object
         stored without them. It is made before the metadata is published and again after, which

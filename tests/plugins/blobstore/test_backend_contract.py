@@ -373,6 +373,108 @@ async def test_objectstore_orphaned_chunks_are_purged_at_start(js, tmp_path, mon
     await b2.close()
 
 
+async def _until(predicate, seconds: float = 10.0):
+    """Poll ``predicate()`` (a coroutine function) until it is true, at most ``seconds``."""
+    for _ in range(int(seconds / 0.05)):
+        if await predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def _sweeping(js, tmp_path, monkeypatch, name: str):
+    """A backend whose orphan sweep runs every 0.1 s and takes chunks 0.5 s old for orphans."""
+    from unibus.plugins.blobstore import objectstore
+
+    monkeypatch.setattr(objectstore, "SWEEP_EVERY", 0.1)
+    monkeypatch.setattr(objectstore, "ORPHAN_AGE", 0.5)
+    b = ObjectStoreBackend(js, tmp_path / name)
+    await b.start()
+    return b
+
+
+async def test_objectstore_a_running_node_purges_chunks_that_became_orphans_while_it_ran(js, tmp_path,
+                                                                                          monkeypatch):
+    """Chunks whose purge failed, or whose upload's metadata never came, were purged only when a
+    node started: a cluster that ran for months kept them all. A running node sweeps them too."""
+    b = await _sweeping(js, tmp_path, monkeypatch, "blobs")
+    try:
+        kept, _ = await put(b, os.urandom(300_000))
+        await js.publish("$O.unibus_blobs.C.lostnuid", os.urandom(1000))  # a failed purge's leftovers
+        await asyncio.sleep(0.2)
+        assert "$O.unibus_blobs.C.lostnuid" in await chunk_subjects(js)  # too young (stream time)
+        await asyncio.sleep(0.5)
+        await put(b, os.urandom(2000))  # the stream's clock moves on: the leftovers are old now
+
+        async def swept():
+            return "$O.unibus_blobs.C.lostnuid" not in await chunk_subjects(js)
+
+        assert await _until(swept)
+        assert len(await chunk_subjects(js)) == 2  # both blobs' chunks
+        assert await read_all(b, ROOM, kept.blob_id) is not None
+        assert b.stats()["blobs"] == 2
+    finally:
+        await b.close()
+    assert b._sweeper is None
+
+
+async def test_objectstore_the_sweep_keeps_the_chunks_of_an_object_its_own_view_missed(js, tmp_path, monkeypatch):
+    """A running node's view of the metadata comes from its consumer, which can lag or stop. The
+    sweep reads the metadata afresh before it purges: an object stored by another node that this
+    node's view does not hold keeps its chunks (the reason an earlier sweep was taken out)."""
+    b = await _sweeping(js, tmp_path, monkeypatch, "lagging")
+    try:
+        info, _ = await put(b, os.urandom(300_000))
+        name = f"{ROOM}/{info.blob_id}"
+        await b._sub.unsubscribe()  # this node's view stops here
+        b._objects.pop(name)  # and never saw the object
+        await js.publish("$O.unibus_blobs.C.lostnuid", os.urandom(1000))
+        await asyncio.sleep(0.6)
+        await js.publish("$O.unibus_blobs.C.youngnuid", os.urandom(1000))  # the stream's clock moves on
+
+        async def swept():
+            return "$O.unibus_blobs.C.lostnuid" not in await chunk_subjects(js)
+
+        assert await _until(swept)  # the sweep ran, and took the real orphan
+        await asyncio.sleep(0.3)  # and ran again
+        subjects = await chunk_subjects(js)
+        assert len(subjects) == 2 and "$O.unibus_blobs.C.youngnuid" in subjects  # the object's, and the young
+    finally:
+        await b.close()
+    fresh = ObjectStoreBackend(js, tmp_path / "fresh")
+    await fresh.start()
+    try:
+        assert await read_all(fresh, ROOM, info.blob_id) is not None
+    finally:
+        await fresh.close()
+
+
+async def test_objectstore_the_sweep_purges_nothing_when_it_cannot_read_the_metadata_afresh(js, tmp_path,
+                                                                                              monkeypatch):
+    from unibus.plugins.blobstore.backend import BlobUnavailable
+
+    b = await _sweeping(js, tmp_path, monkeypatch, "blind")
+    calls = []
+
+    async def unreadable(timeout=30.0):
+        calls.append(timeout)
+        raise BlobUnavailable("the object store is unavailable: timeout")
+
+    monkeypatch.setattr(b, "_named_nuids", unreadable)
+    try:
+        await js.publish("$O.unibus_blobs.C.lostnuid", os.urandom(1000))
+        await asyncio.sleep(0.6)
+        await put(b, os.urandom(2000))
+
+        async def tried():
+            return len(calls) >= 2
+
+        assert await _until(tried)
+        assert "$O.unibus_blobs.C.lostnuid" in await chunk_subjects(js)
+    finally:
+        await b.close()
+
+
 async def test_objectstore_counts_what_other_nodes_store(js, tmp_path):
     """Two backends on one bucket (two nodes): each one's /healthz counters include the other's writes."""
     one = ObjectStoreBackend(js, tmp_path / "one")
