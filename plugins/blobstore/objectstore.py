@@ -36,6 +36,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import random
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -104,8 +105,13 @@ READ_AHEAD = 4
 READ_AHEAD_BUDGET = 16
 #: Orphaned chunks (no metadata references them) younger than this are left alone.
 ORPHAN_AGE = 600.0
-#: How often a running node looks for orphaned chunks, besides once at its start.
+#: How often a running node looks for orphaned chunks, besides once at its start (give or take
+#: a fifth, so that nodes started together do not sweep in step).
 SWEEP_EVERY = 600.0
+#: An upload that paused this long since it last published a chunk is refused (503, try again)
+#: before it publishes another, or its metadata: its chunks could be taken for orphans by then.
+#: Two minutes under ORPHAN_AGE, for stream leaders' clocks that differ (ages are in their time).
+MAX_CHUNK_GAP = ORPHAN_AGE - 120.0
 STREAM_NAME_IN_USE = 10058
 #: A chunk kept back (_Chunks._hold) that is a slice of a part larger than this is copied, so that
 #: it does not keep the whole part alive (a red team held 64 MiB for one chunk). The HTTP handler's
@@ -165,12 +171,25 @@ class _Chunks:
         self._timeout = getattr(backend.js, "_timeout", 5.0)
         self._discarded = False
         self._adding: asyncio.Future[None] | None = None  # an ``add`` under way
+        self._published_at: float | None = None  # time.monotonic() when the newest chunk was sent
+
+    def check_fresh(self) -> None:
+        """BlobUnavailable once the newest chunk published is :data:`MAX_CHUNK_GAP` old: the chunks
+        may have been taken for orphans (nodes purge chunks that no metadata names once their
+        newest is :data:`ORPHAN_AGE` old), and nothing may be published after them, neither a
+        chunk nor the metadata, which would then name chunks that are gone. Checked before every
+        publish, so an upload's chunks never look old to a purge while it runs (a red team broke
+        a blob answered 201 when its commit fell between a sweep's read and its purge)."""
+        if self._published_at is not None and time.monotonic() - self._published_at >= MAX_CHUNK_GAP:
+            raise BlobUnavailable(f"this upload paused for more than {MAX_CHUNK_GAP:.0f} s between two stored "
+                                  "chunks, and they may be purged as orphans; try again")
 
     async def _publish(self, payload: bytes | bytearray | memoryview) -> None:
         while len(self._acks) >= PUT_WINDOW:
             await within(self._acks.popleft(), self._timeout)
         if self._discarded:
             raise BlobError("this upload was given up")
+        self.check_fresh()
         nc = getattr(self.backend.js, "_nc", None)
         if nc is not None and not nc.is_connected:
             # nats-py's publish_async takes one of its pending-ack slots before it publishes,
@@ -178,6 +197,7 @@ class _Chunks:
             # more than 2 MiB): refused here, the slots are never lost (found by a red team).
             raise BlobUnavailable("the NATS connection is reconnecting; try again")
         # nats-py copies the payload into the PUB command before it returns: the caller may reuse it.
+        self._published_at = time.monotonic()  # before the send: the message is stored no sooner
         self._acks.append(await self.backend.js.publish_async(self.subject, payload, wait_stall=self._timeout))
         self.count += 1
 
@@ -547,7 +567,7 @@ class ObjectStoreBackend(BlobBackend):
         those of uploads whose purge failed (JetStream in trouble) or whose metadata's fate was
         unknown. Without it they stayed until a node started."""
         while True:
-            await asyncio.sleep(SWEEP_EVERY)
+            await asyncio.sleep(SWEEP_EVERY * random.uniform(0.8, 1.2))  # noqa: S311 - not a secret
             try:
                 await self._purge_orphaned_chunks(fresh=True)
             except Exception as e:  # noqa: BLE001 - housekeeping only: the next sweep tries again
@@ -634,11 +654,13 @@ class ObjectStoreBackend(BlobBackend):
         """The names of the live objects: the last metadata message of each, read to the end."""
         names: set[str] = set()
         for obj in await self._last_metadata(timeout):
+            if not isinstance(obj.name, str):  # a foreign message (someone with rights on the stream)
+                continue
             if obj.deleted:
                 names.discard(obj.name)
             else:
                 names.add(obj.name)
-        return sorted(n for n in names if isinstance(n, str) and n.count("/") == 1)
+        return sorted(n for n in names if n.count("/") == 1)
 
     async def _last_metadata(self, timeout: float) -> list[api.ObjectInfo]:
         """The last metadata message of every name, read from the stream to its end (not this
@@ -819,6 +841,7 @@ class ObjectStoreBackend(BlobBackend):
             nc = getattr(self.js, "_nc", None)
             if nc is not None and not nc.is_connected:  # never buffered for a later reconnect
                 raise BlobUnavailable("the NATS connection is reconnecting; try again")
+            chunks.check_fresh()  # a commit that waited (a lock, a slow store) must not name purged chunks
             count, chunks.count = chunks.count, 0  # from here on they are the object's: never purged by a discard
             try:
                 # Stored only if nobody stored this name's metadata since _look read it: two nodes
@@ -836,8 +859,8 @@ class ObjectStoreBackend(BlobBackend):
             # Any other failure (a lost acknowledgement, a reconnect) leaves the chunks: the metadata
             # may still be stored, later even (nats-py sends what it buffered once it reconnects, and
             # nats-server may answer a read sent after it first). Purging them on such an ambiguous
-            # outcome broke a stored object (found by a red team). Start-up purges them if no object
-            # names them.
+            # outcome broke a stored object (found by a red team). They are purged as orphans later
+            # if no object names them.
             try:
                 chunks.count = count
                 await self._check_chunks(info, chunks)
@@ -877,7 +900,7 @@ class ObjectStoreBackend(BlobBackend):
         stored = (found.state.subjects or {}).get(chunks.subject, 0)
         if stored != chunks.count:
             raise BlobUnavailable(f"blob {info.blob_id}: {chunks.count - stored} of its {chunks.count} chunks were "
-                                  "purged during the upload (a node started and took them for orphans); try again")
+                                  "purged during the upload (a node took them for orphans); try again")
 
     # -- the contract
     async def begin(self, room_id: str) -> Upload:

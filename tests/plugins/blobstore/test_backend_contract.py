@@ -475,6 +475,60 @@ async def test_objectstore_the_sweep_purges_nothing_when_it_cannot_read_the_meta
         await b.close()
 
 
+@pytest.mark.parametrize("paused", ["between two chunks", "before the commit"])
+async def test_objectstore_an_upload_that_paused_until_its_chunks_may_be_orphans_is_503_and_leaves_none(
+        js, tmp_path, monkeypatch, paused):
+    """Red team: a sweep aged an upload's chunks (its body had paused), read the metadata afresh,
+    and the upload committed right after that read: 201, then the sweep purged its chunks. An
+    upload now refuses to publish anything once its newest chunk is MAX_CHUNK_GAP old, under the
+    age at which nodes take chunks for orphans, so its chunks never look old while it runs."""
+    from unibus.plugins.blobstore import objectstore
+    from unibus.plugins.blobstore.backend import BlobUnavailable
+
+    monkeypatch.setattr(objectstore, "MAX_CHUNK_GAP", 0.3)
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    try:
+        data = os.urandom(3 * b.chunk_size() + 10)
+        up = await b.begin(ROOM)
+        await up.write(data[:2 * b.chunk_size() + 5])  # one chunk published, one kept back
+        await first_chunks_stored(js)
+        with pytest.raises(BlobUnavailable, match="paused for more than 0 s between two stored chunks"):
+            if paused == "between two chunks":
+                await asyncio.sleep(0.4)
+                await up.write(data[2 * b.chunk_size() + 5:])
+                await up.finish()
+            else:
+                await up.write(data[2 * b.chunk_size() + 5:])
+                await up.finish()  # every chunk published
+                await asyncio.sleep(0.4)  # the commit waited (a lock, a slow store)
+            await up.commit("alice")
+        await up.abort()
+        assert await chunk_subjects(js) == {}
+        assert await b.list_room(ROOM) == [] and b.stats()["blobs"] == 0
+        again, created = await put(b, data)  # the client's retry, without a pause
+        assert created and await read_all(b, ROOM, again.blob_id) == data
+    finally:
+        await b.close()
+
+
+async def test_objectstore_names_of_metadata_whose_name_is_not_a_string_are_skipped(js, tmp_path):
+    """The backup lists the objects by name (object_names): a metadata message whose JSON names
+    a list or a number (someone with rights on the stream) is skipped, not a TypeError."""
+    import base64
+
+    b = ObjectStoreBackend(js, tmp_path / "blobs")
+    await b.start()
+    try:
+        info, _ = await put(b, os.urandom(3000))
+        for i, name in enumerate((["x"], {"a": 1}, 5)):
+            await js.publish(f"$O.unibus_blobs.M.{base64.urlsafe_b64encode(f'r1/odd{i}'.encode()).decode()}",
+                             json.dumps({"name": name, "bucket": "unibus_blobs", "nuid": "n"}).encode())
+        assert await b.object_names() == [f"{ROOM}/{info.blob_id}"]
+    finally:
+        await b.close()
+
+
 async def test_objectstore_counts_what_other_nodes_store(js, tmp_path):
     """Two backends on one bucket (two nodes): each one's /healthz counters include the other's writes."""
     one = ObjectStoreBackend(js, tmp_path / "one")
