@@ -134,6 +134,13 @@ def chunk_for(max_payload: int | None) -> int:
     return max(1, min(CHUNK_SIZE, max(max_payload // 2, max_payload - _PAYLOAD_HEADROOM)))
 
 
+def _since_boot() -> float:
+    """Seconds on a clock that never goes back and, unlike ``time.monotonic``, counts a suspended
+    host's sleep too (``CLOCK_BOOTTIME``, Linux), which the stream's ages include."""
+    boottime = getattr(time, "CLOCK_BOOTTIME", None)
+    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+
+
 def _unavailable(e: BaseException) -> BlobUnavailable:
     return BlobUnavailable(f"the JetStream object store is unavailable: {type(e).__name__}: {e}")
 
@@ -171,7 +178,7 @@ class _Chunks:
         self._timeout = getattr(backend.js, "_timeout", 5.0)
         self._discarded = False
         self._adding: asyncio.Future[None] | None = None  # an ``add`` under way
-        self._published_at: float | None = None  # time.monotonic() when the newest chunk was sent
+        self._published_at: float | None = None  # _since_boot() when the newest chunk was sent
 
     def check_fresh(self) -> None:
         """BlobUnavailable once the newest chunk published is :data:`MAX_CHUNK_GAP` old: the chunks
@@ -180,9 +187,9 @@ class _Chunks:
         chunk nor the metadata, which would then name chunks that are gone. Checked before every
         publish, so an upload's chunks never look old to a purge while it runs (a red team broke
         a blob answered 201 when its commit fell between a sweep's read and its purge)."""
-        if self._published_at is not None and time.monotonic() - self._published_at >= MAX_CHUNK_GAP:
-            raise BlobUnavailable(f"this upload paused for more than {MAX_CHUNK_GAP:.0f} s between two stored "
-                                  "chunks, and they may be purged as orphans; try again")
+        if self._published_at is not None and _since_boot() - self._published_at >= MAX_CHUNK_GAP:
+            raise BlobUnavailable(f"no chunk of this upload was stored for {MAX_CHUNK_GAP:g} s or more, so its "
+                                  "chunks may be taken for orphans; try again")
 
     async def _publish(self, payload: bytes | bytearray | memoryview) -> None:
         while len(self._acks) >= PUT_WINDOW:
@@ -197,7 +204,7 @@ class _Chunks:
             # more than 2 MiB): refused here, the slots are never lost (found by a red team).
             raise BlobUnavailable("the NATS connection is reconnecting; try again")
         # nats-py copies the payload into the PUB command before it returns: the caller may reuse it.
-        self._published_at = time.monotonic()  # before the send: the message is stored no sooner
+        self._published_at = _since_boot()  # before the send: the message is stored no sooner
         self._acks.append(await self.backend.js.publish_async(self.subject, payload, wait_stall=self._timeout))
         self.count += 1
 
@@ -863,6 +870,9 @@ class ObjectStoreBackend(BlobBackend):
             # if no object names them.
             try:
                 chunks.count = count
+                # Acknowledged, so stored by now: if the send was held up (a stalled connection)
+                # until the chunks could look like orphans, a purge may still come after the count.
+                chunks.check_fresh()
                 await self._check_chunks(info, chunks)
             except BlobError:
                 with contextlib.suppress(Exception):  # a broken object must not stay visible
