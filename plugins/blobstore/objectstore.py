@@ -901,11 +901,12 @@ class ObjectStoreBackend(BlobBackend):
     async def _check_chunks(self, info: BlobInfo, chunks: _Chunks) -> None:
         """BlobUnavailable unless every chunk of ``chunks`` is still stored. An upload's chunks are
         orphans until its metadata is stored, and nodes purge orphans whose newest chunk is older
-        than :data:`ORPHAN_AGE`, when they start and every :data:`SWEEP_EVERY`. Uploads publish as the body arrives, and a body may
-        pause for long stretches if it came fast enough before (the upload rate is an average):
-        without this check, such an upload's first chunks could be purged under it and its object
-        stored without them. It is made before the metadata is published and again after, which
-        covers a purge that listed the live objects before the metadata was stored."""
+        than :data:`ORPHAN_AGE`, when they start and every :data:`SWEEP_EVERY`. Uploads publish as
+        the body arrives, and a body may pause for long stretches if it came fast enough before
+        (the upload rate is an average). :meth:`_Chunks.check_fresh` refuses an upload before its
+        chunks can look that old; this count is the second line: made before the metadata is
+        published and again after, it covers a purge that listed the live objects before the
+        metadata was stored."""
         found = await self.js.stream_info(self.stream, subjects_filter=chunks.subject)
         stored = (found.state.subjects or {}).get(chunks.subject, 0)
         if stored != chunks.count:
