@@ -134,11 +134,13 @@ def chunk_for(max_payload: int | None) -> int:
     return max(1, min(CHUNK_SIZE, max(max_payload // 2, max_payload - _PAYLOAD_HEADROOM)))
 
 
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)  # Linux
+
+
 def _since_boot() -> float:
     """Seconds on a clock that never goes back and, unlike ``time.monotonic``, counts a suspended
-    host's sleep too (``CLOCK_BOOTTIME``, Linux), which the stream's ages include."""
-    boottime = getattr(time, "CLOCK_BOOTTIME", None)
-    return time.clock_gettime(boottime) if boottime is not None else time.monotonic()
+    host's sleep too (``CLOCK_BOOTTIME``), which the stream's ages include."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
 
 
 def _unavailable(e: BaseException) -> BlobUnavailable:

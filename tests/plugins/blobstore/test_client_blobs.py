@@ -325,13 +325,29 @@ async def _closed_soon(opened, also=lambda: True):
     return False
 
 
+async def _cancel_put_when(world, rid, src, entered, release, check=lambda: None):
+    """Carol's ``put_blob`` of ``src``, cancelled once ``entered`` is set (a worker thread held
+    there) and seen to end cancelled; ``check()`` runs then. ``release`` lets the thread go on
+    whatever fails, so that a failed check never leaves it waiting out its 30 s."""
+    import asyncio
+
+    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
+    try:
+        assert await asyncio.to_thread(entered.wait, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        check()
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize("which", ["digest", "upload"])
 async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_after_that_thread(
         world, tmp_path, monkeypatch, which):
     """Red team: put_blob cancelled while a worker thread reads the file (its digest pass, or a
     block of its upload pass) closed the file under that thread, which would then read whatever
     the next open got under the same descriptor. The file is closed once the thread is done."""
-    import asyncio
     import threading
 
     from unibus.client import blobs
@@ -364,15 +380,10 @@ async def test_a_put_cancelled_while_a_thread_reads_its_file_closes_it_only_afte
         monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
     else:
         monkeypatch.setattr(blobs._SameRecords, "blocks", blocks)
-    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
-    try:
-        assert await asyncio.to_thread(entered.wait, 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert not opened[-1].closed  # left to the thread
-    finally:
-        release.set()  # a failed check must not leave the thread waiting out its 30 s
+    def left_to_the_thread():
+        assert not opened[-1].closed
+
+    await _cancel_put_when(world, rid, src, entered, release, check=left_to_the_thread)
     assert await _closed_soon(opened)  # by the thread's done-callback, on the event loop
     assert seen == [False]
 
@@ -381,7 +392,6 @@ async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, 
     """Red team: a put_blob cancelled during its digest pass left the pass running to the end of
     the file, holding a worker thread of the loop's executor (seconds for a few GiB). The pass
     now stops before its next block, and the file is closed once it has."""
-    import asyncio
     import threading
 
     from unibus.client import blobs
@@ -410,14 +420,7 @@ async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, 
 
     monkeypatch.setattr(blobs, "_readinto_full", read)
     monkeypatch.setattr(blobs, "_encrypt_path", digest_pass)
-    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
-    try:
-        assert await asyncio.to_thread(third.wait, 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    finally:
-        cancelled.set()
+    await _cancel_put_when(world, rid, src, third, cancelled)
     assert await _closed_soon(opened, also=lambda: bool(ended))
     assert [type(e).__name__ for e in ended] == ["_Stopped"]
     assert len(reads) <= 4  # the held read, and the one read ahead: not the 4,096 blocks of the file
@@ -427,7 +430,6 @@ async def test_a_cancelled_put_stops_its_digest_pass_within_a_few_blocks(world, 
 async def test_a_put_cancelled_while_its_file_is_opened_closes_it_once_open(world, tmp_path, monkeypatch):
     """Red team: put_blob cancelled while a worker thread opened its file left the file to the
     garbage collector (a ResourceWarning, a descriptor held until then)."""
-    import asyncio
     import threading
 
     rid = await world.room()
@@ -440,14 +442,7 @@ async def test_a_put_cancelled_while_its_file_is_opened_closes_it_once_open(worl
         assert release.wait(30)
 
     opened = _record_opens(monkeypatch, before=held)
-    task = asyncio.create_task(put_blob(world.clients["carol"], rid, src))
-    try:
-        assert await asyncio.to_thread(entered.wait, 30)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    finally:
-        release.set()
+    await _cancel_put_when(world, rid, src, entered, release)
     assert await _closed_soon(opened)  # by the thread that opened it
     assert len(opened) == 1
 

@@ -173,9 +173,13 @@ async def test_refusals_store_nothing(http):
 
     r = await put(client, over_the_limit(), sha=hashlib.sha256(b"other").hexdigest())
     assert r.status == 413
-    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
-    assert list((backend.root / ".tmp").iterdir()) == []
-    assert await stored_chunks(backend) == {}
+    assert await _nothing_stored(backend)
+
+
+async def _nothing_stored(backend) -> bool:
+    """No blob in room r1, nothing staged on disk, no chunk in the object store."""
+    return (backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
+            and list((backend.root / ".tmp").iterdir()) == [] and await stored_chunks(backend) == {})
 
 
 async def stored_chunks(backend) -> dict:
@@ -296,9 +300,7 @@ async def test_an_upload_whose_uploader_left_or_whose_room_went_is_never_committ
     assert commits == []
     assert r.status == (403 if gone == "left" else 404), await r.text()
     assert "nothing was stored" in (await r.json())["detail"]
-    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
-    assert list((backend.root / ".tmp").iterdir()) == []
-    assert await stored_chunks(backend) == {}
+    assert await _nothing_stored(backend)
 
 
 async def test_an_uploader_removed_during_the_commit_itself_is_still_refused_and_the_blob_deleted(
@@ -315,9 +317,7 @@ async def test_an_uploader_removed_during_the_commit_itself_is_still_refused_and
     r = await put(client, data, who="carol")
     assert commits == ["carol"]
     assert r.status == 403, await r.text()
-    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
-    assert list((backend.root / ".tmp").iterdir()) == []
-    assert await stored_chunks(backend) == {}
+    assert await _nothing_stored(backend)
 
 
 async def test_a_room_deleted_during_the_commit_itself_is_404_and_the_blob_goes_with_it(http, monkeypatch):
@@ -330,9 +330,7 @@ async def test_a_room_deleted_during_the_commit_itself_is_404_and_the_blob_goes_
     r = await put(client, os.urandom(300_000), who="carol")
     assert commits == ["carol"]
     assert r.status == 404, await r.text()
-    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
-    assert list((backend.root / ".tmp").iterdir()) == []
-    assert await stored_chunks(backend) == {}
+    assert await _nothing_stored(backend)
 
 
 async def test_a_member_removed_while_re_uploading_someone_else_s_blob_does_not_delete_it(http, monkeypatch):
@@ -379,9 +377,7 @@ async def test_a_store_that_cannot_answer_the_check_before_the_commit_is_503_and
     assert r.status == 503, await r.text()
     assert r.headers["Content-Type"].startswith("application/problem+json")
     assert r.headers["Retry-After"] == "1"
-    assert backend.stats()["blobs"] == 0 and await backend.list_room("r1") == []
-    assert list((backend.root / ".tmp").iterdir()) == []
-    assert await stored_chunks(backend) == {}
+    assert await _nothing_stored(backend)
 
 
 @pytest.mark.parametrize("http", ["objectstore"], indirect=True)
