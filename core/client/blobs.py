@@ -712,47 +712,110 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     pass checks it before it hands each sealed block on (one block is read
     ahead) and ends with :class:`_Stopped` once it is set (its caller is gone:
     :func:`_then_close`); the blocks already queued, two at most, still run.
+
+    When this thread's own error (a failed read of ``src``) ends the pass while
+    a queued job had failed too, that job's error is added to it as a note, so
+    neither is lost. An interrupt (or any exception a signal handler raises)
+    that arrives while the pass waits for its queued jobs does not cut that wait
+    short: it is raised once they returned (:class:`_Jobs`).
     """
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future
 
     enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id, version=version)
     h = hashlib.sha256()
     size = 0
     failed = False  # a job failed: the blocks queued after it are neither hashed nor written
     given = hasattr(src, "readinto")  # a file put_blob opened (_open_source): the caller closes it
-    # The pool is entered last, so left first: its shutdown waits for every queued job before
-    # ``dst`` and ``src`` are closed, whatever ends the pass (an error, an interrupt).
-    with (contextlib.nullcontext(src) if given else open(src, "rb", buffering=0)) as s, \
-            (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d, \
-            ThreadPoolExecutor(1) as pool:
-        def out(b: bytes | bytearray) -> None:
-            nonlocal failed
-            if failed:
-                return
-            try:
-                h.update(b)
-                if d is not None:
-                    _write_all(d.fileno(), [b])
-            except BaseException:
-                failed = True
-                raise
+    pending: collections.deque[Future[None]] = collections.deque()
+    try:
+        # The jobs are entered last, so left first: leaving them waits for every queued one before
+        # ``dst`` and ``src`` are closed, whatever ends the pass (an error, an interrupt).
+        with (contextlib.nullcontext(src) if given else open(src, "rb", buffering=0)) as s, \
+                (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d, \
+                _Jobs() as jobs:
+            def out(b: bytes | bytearray) -> None:
+                nonlocal failed
+                if failed:
+                    return
+                try:
+                    h.update(b)
+                    if d is not None:
+                        _write_all(d.fileno(), [b])
+                except BaseException:
+                    failed = True
+                    raise
 
-        pending: collections.deque[Future[None]] = collections.deque()
-        k = 0  # not enumerate(): its reused tuple would keep the last block's view, and buffer, alive
-        for block in _sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True):
-            if stop is not None and stop.is_set():
-                raise _Stopped("the digest pass was stopped: its caller is gone")
-            if tags is not None and k:  # block 0 is the header
-                tags += _record_tags(block, enc.chunk_size)
-            k += 1
-            while len(pending) >= DIGEST_AHEAD:
-                pending.popleft().result()
-            size += len(block)
-            pending.append(pool.submit(out, block))
-            del block  # the queued job's reference alone keeps its buffer from being sealed into
-        while pending:
-            pending.popleft().result()
+            k = 0  # not enumerate(): its reused tuple would keep the last block's view, and buffer, alive
+            for block in _sealed_blocks(enc, s, DIGEST_BLOCK, reuse=True):
+                if stop is not None and stop.is_set():
+                    raise _Stopped("the digest pass was stopped: its caller is gone")
+                if tags is not None and k:  # block 0 is the header
+                    tags += _record_tags(block, enc.chunk_size)
+                k += 1
+                while len(pending) >= DIGEST_AHEAD:
+                    pending[0].result()  # then popped: a job whose wait was cut short is still noted
+                    pending.popleft()
+                size += len(block)
+                pending.append(jobs.submit(out, block))
+                del block  # the queued job's reference alone keeps its buffer from being sealed into
+            while pending:
+                pending[0].result()
+                pending.popleft()
+    except BaseException as e:
+        _note_failed_job(e, pending)
+        raise
     return BlobCiphertext(size, h.digest())
+
+
+class _Jobs:
+    """One worker thread that runs the jobs given to it in order. Leaving it (``with``) waits
+    until every job has returned, then ends the thread.
+
+    An exception raised in this thread during that wait (a second Ctrl-C, or what another
+    signal's handler raises) is held until the jobs have returned: cut short, the wait would
+    let the caller close a file under a job still writing to it, or to whatever file was
+    opened next under its number. It is then raised, unless an exception is leaving the
+    block already (the first Ctrl-C, say). The wait lasts as long as the queued jobs, a few
+    blocks of hashing and writing.
+
+    It waits on the jobs' futures, not on the thread: on Python 3.11, a ``Thread.join``
+    that a signal handler's exception cuts short marks the thread as ended while it still
+    runs, so a second join returns at once (a test of a second interrupt found this)."""
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unibus-digest")
+        self._given: collections.deque[concurrent.futures.Future[None]] = collections.deque()
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> concurrent.futures.Future[None]:
+        while self._given and self._given[0].done():  # only the jobs that may still run are kept
+            self._given.popleft()
+        job = self._pool.submit(fn, arg)
+        self._given.append(job)
+        return job
+
+    def __enter__(self) -> _Jobs:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
+        held: BaseException | None = None
+        for step in (lambda: concurrent.futures.wait(self._given), lambda: self._pool.shutdown(wait=True)):
+            while True:
+                try:
+                    step()
+                    break
+                except BaseException as e:  # noqa: BLE001 - held, and raised once the jobs returned
+                    held = held or e
+        if held is not None and kind is None:
+            raise held
+
+
+def _note_failed_job(e: BaseException, jobs: Sequence[concurrent.futures.Future[None]]) -> None:
+    """Add to ``e`` a note with the error of the first of ``jobs`` that failed with another one
+    (the pass raises its own error, a failed read, and would otherwise lose the job's)."""
+    for job in jobs:
+        if job.done() and not job.cancelled() and (lost := job.exception()) is not None and lost is not e:
+            e.add_note(f"hashing or writing the ciphertext had failed too: {lost or type(lost).__name__}")
+            return
 
 
 def encrypt_file(room_key: bytes, room_id: str, epoch: int, src: str | os.PathLike[str],

@@ -80,6 +80,14 @@ def _err(message: str) -> None:
     print(f"{PROG}: error: {_escape(_one_line(message))}", file=sys.stderr, flush=True)
 
 
+def _local_file_error(exc: OSError) -> str:
+    """``path: reason`` for a local file that could not be read or written, with the notes of a
+    second failure behind it (a blob's source that failed to read while its temporary copy
+    could not be written either: unibus.client.blobs)."""
+    also = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
+    return f"{exc.filename or ''}: {exc.strerror or exc}{also}".lstrip(": ")
+
+
 def _note(message: str) -> None:
     print(f"{PROG}: {_escape(message)}", file=sys.stderr, flush=True)
 
@@ -856,7 +864,7 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -
         _err(str(exc))
         return EXIT_FAILED
     except OSError as exc:  # a local file that cannot be read or written
-        _err(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+        _err(_local_file_error(exc))
         return EXIT_FAILED
     except (HandleError, KeyFormatError) as exc:
         # arguments are validated up front (UsageError); these come from server data

@@ -610,6 +610,111 @@ def test_a_failed_read_of_the_digest_pass_lets_the_queued_blocks_finish_before_t
     assert all(ok and at < raised[0] for ok, at in writes), writes
 
 
+class _ReadFails(io.RawIOBase):
+    """A source whose every read fails (EIO)."""
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_a_failed_read_of_the_digest_pass_keeps_the_error_of_a_failed_write_in_a_note(version):
+    """The header's write fails (/dev/full: ENOSPC) and, before that job's error was collected,
+    the source's first read fails too: the read's error is raised, and the write's is not lost:
+    it is in a note, and the CLI's one line carries it."""
+    from unibus.client.cli import _local_file_error
+
+    with pytest.raises(OSError) as err:
+        _encrypt_path(KEY, ROOM, 3, _ReadFails(), "/dev/full", version=version)
+    assert err.value.errno == errno.EIO
+    assert err.value.__notes__ == ["hashing or writing the ciphertext had failed too: "
+                                   "[Errno 28] No space left on device"]
+    assert _local_file_error(err.value) == ("Input/output error (hashing or writing the ciphertext "
+                                            "had failed too: [Errno 28] No space left on device)")
+
+
+def test_a_failed_write_raised_by_the_digest_pass_gets_no_note(tmp_path, version):
+    """The job's own error, raised by the pass (a source that reads fine), is not noted twice."""
+    src = tmp_path / "p"
+    src.write_bytes(os.urandom(3 * DIGEST_BLOCK))
+    with pytest.raises(OSError) as err:
+        encrypt_file(KEY, ROOM, 3, src, "/dev/full", version=version)
+    assert err.value.errno == errno.ENOSPC
+    assert not getattr(err.value, "__notes__", None)
+
+
+class _Signalled(Exception):
+    """What the test's SIGUSR1 handler raises in the main thread, as SIGINT's raises KeyboardInterrupt."""
+
+
+def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_path, monkeypatch, version):
+    """Two interrupts (here SIGUSR1, whose handler raises as Ctrl-C's does): the first while the
+    pass waits for a queued job, the second while its pool waits for that job to return. The
+    output is still closed only after the job wrote: no write lands on a closed descriptor, or on
+    whatever file was opened next under its number. The second interrupt is held, not lost
+    behind the first (the first is raised)."""
+    import signal
+    import threading
+    import time
+
+    from unibus.client import blobs
+
+    assert threading.current_thread() is threading.main_thread()  # signal handlers run here
+    writes, in_write, go_on = [], threading.Event(), threading.Event()
+    real_write = blobs._write_all
+
+    def write(fd, parts):
+        if writes:  # the header went through; the first block of records waits for go_on
+            in_write.set()
+            assert go_on.wait(10)
+        try:
+            os.fstat(fd)
+            still_open = True
+        except OSError:
+            still_open = False
+        writes.append((still_open, time.monotonic()))
+        if still_open:
+            real_write(fd, parts)
+
+    signals = []
+
+    def handler(signum, frame):
+        signals.append(time.monotonic())
+        raise _Signalled(len(signals))
+
+    def interrupt_twice():
+        main = threading.main_thread().ident
+        assert in_write.wait(10)
+        time.sleep(0.3)  # the pass now waits for the blocked job
+        signal.pthread_kill(main, signal.SIGUSR1)
+        time.sleep(0.3)  # the first interrupt left the loop: its pool waits for the job
+        signal.pthread_kill(main, signal.SIGUSR1)
+        time.sleep(0.3)
+        go_on.set()
+
+    monkeypatch.setattr(blobs, "_write_all", write)
+    src, dst = tmp_path / "p", tmp_path / "c"
+    src.write_bytes(os.urandom(6 * DIGEST_BLOCK))
+    before = set(os.listdir("/proc/self/fd"))
+    old = signal.signal(signal.SIGUSR1, handler)
+    helper = threading.Thread(target=interrupt_twice, daemon=True)
+    try:
+        helper.start()
+        with pytest.raises(_Signalled) as err:
+            encrypt_file(KEY, ROOM, 3, src, dst, version=version)
+        returned = time.monotonic()
+    finally:
+        go_on.set()
+        helper.join(10)
+        signal.signal(signal.SIGUSR1, old)
+    assert err.value.args == (1,) and len(signals) == 2  # the first is raised; the second was held
+    assert len(writes) >= 2 and all(ok for ok, _ in writes), writes
+    assert writes[-1][1] > signals[1] and returned > writes[-1][1]  # the last write after both signals
+    assert set(os.listdir("/proc/self/fd")) <= before  # the source and the output closed
+
+
 @pytest.mark.parametrize("size", [0, 1, C, C + 1, DIGEST_BLOCK + 3 * C + 5])
 def test_the_digest_pass_keeps_every_records_tag_and_the_upload_pass_is_held_to_them(size, tmp_path, version):
     """put_blob's first pass records each record's tag; its upload pass yields a block only
