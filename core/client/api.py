@@ -1096,7 +1096,10 @@ class Bus:
         self._stopping: asyncio.Task[None] | None = None
         self._reconnected = asyncio.Event()
         self._connect_errors: list[Exception] = []  # what error_cb heard while connect() tries
-        self._tls_refused = asyncio.Event()  # a TLS failure that no retry can mend
+        #: set by error_cb while connect() tries: a TLS failure that no retry can mend, or a login
+        #: still refused once grant_wait is over
+        self._stop_trying = asyncio.Event()
+        self._grant_deadline = 0.0
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -1183,11 +1186,13 @@ class Bus:
 
         self._stopping = asyncio.get_running_loop().create_task(stop(), name="unibus-bus-stop")
 
-    async def _refusal_reason(self) -> str:
-        """Why nats-server keeps refusing this member, asked of the control plane (bounded)."""
+    async def _refusal_reason(self, base: str | None = None) -> str:
+        """Why nats-server keeps refusing this member, asked of the control plane (bounded): ``base``,
+        then the answer (by default ``base`` says that a connection's reconnects were refused)."""
         client, handle = self.client, self.client.identity.handle
-        base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) and "
-                "stopped")
+        if base is None:
+            base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) "
+                    "and stopped")
         try:
             info = await within(client.bus_info(), 5)
         except ApiError as exc:
@@ -1199,32 +1204,44 @@ class Bus:
                         f"`unibus keygen --upgrade --server {client.base_url}`")
             return f"{base}: {client.base_url} answered {exc}"
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
-            return f"{base}: the control plane could not say why ({exc or type(exc).__name__})"
+            return (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); membershipd "
+                    "answers every login for nats-server, which refuses it when no answer comes in time: "
+                    "is membershipd down or overloaded?")
         except RuntimeError as exc:  # the client was closed under its bus (docs/client.md)
             return f"{base}: the control plane was not asked why ({exc})"
         known = info.get("user_nkey") if isinstance(info, dict) else None
-        if isinstance(known, str) and known != self._bus_pub:
+        mine = self._bus_pub or client.identity.bus_pub  # before its first connection: the identity's
+        if isinstance(known, str) and known != mine:
             return (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus logs in "
-                    f"with ({self._bus_pub}): it was rotated elsewhere; use the identity file that holds the new "
+                    f"with ({mine}): it was rotated elsewhere; use the identity file that holds the new "
                     f"key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
-        return f"{base}: {client.base_url} still has this bus key for {handle}; try again later"
+        return (f"{base}: {client.base_url} still has this bus key for {handle}; try again later (nats-server "
+                "also refuses a login that membershipd did not answer in time)")
 
     async def connect(self) -> None:
         seed = self._bus_seed()
         info = await self._fetch_bus_info()
         servers = info["servers"]
         self._connect_errors = []
-        self._tls_refused = asyncio.Event()
-        deadline = time.monotonic() + self.grant_wait
+        self._stop_trying = asyncio.Event()
+        # A member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md): nats-py
+        # retries a refused login by itself, until _on_error stops it once this deadline is past.
+        self._grant_deadline = deadline = time.monotonic() + self.grant_wait
         while True:
             try:
                 self._nc = await connect_bounded(nats.connect(**self._connect_options(info, seed)),
-                                                 self.connect_timeout + CONNECT_SLACK, self._tls_refused)
+                                                 self.connect_timeout + CONNECT_SLACK, self._stop_trying)
             except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
-                # a member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md)
-                if _authorization_violation(exc) and time.monotonic() < deadline:
+                heard = self._connect_errors  # a refusal is followed by the server's reset: not the last
+                refused = (_authorization_violation(exc) or any(map(_authorization_violation, heard))) \
+                    and not any(map(permanent_tls_error, heard))
+                if refused and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                     continue
+                if refused:  # still refused: the control plane may say why
+                    raise BusError(await self._refusal_reason(
+                        f"the bus at {', '.join(map(str, servers))} refused the connection of "
+                        f"{self.client.identity.handle} (authorization violation)")) from None
                 raise self._connect_failure(exc, servers) from None
             self._bus_pub = self.client.identity.bus_pub
             self.client._buses.add(self)
@@ -1288,12 +1305,9 @@ class Bus:
         }
 
     def _connect_failure(self, exc: BaseException, servers: list[Any]) -> BusError:
-        """The :class:`BusError` that says why the first connection failed."""
+        """The :class:`BusError` that says why the first connection failed (a refusal: :meth:`connect`)."""
         reason = str(exc) or type(exc).__name__
         where = ", ".join(map(str, servers))
-        if _authorization_violation(exc):
-            return BusError(f"the bus at {where} refused the connection of "
-                            f"{self.client.identity.handle} (authorization violation)")
         cause = next((e for e in reversed(self._connect_errors) if isinstance(e, _ssl.SSLError)), None)
         if isinstance(exc, _ssl.SSLError) or cause is not None:
             ssl_exc = cause if cause is not None else exc
@@ -1318,7 +1332,9 @@ class Bus:
             log.debug("bus: %s (while connecting)", text)  # connect() retries or raises
             self._connect_errors.append(exc)
             if permanent_tls_error(exc):
-                self._tls_refused.set()  # retrying cannot help: stop now
+                self._stop_trying.set()  # retrying cannot help: stop now
+            elif _authorization_violation(exc) and time.monotonic() >= self._grant_deadline:
+                self._stop_trying.set()  # connect() asks the control plane why
             return
         if "permissions violation" in low and "publish" in low:
             self._publish_denied.append((time.monotonic(), text.strip()))

@@ -227,6 +227,91 @@ async def test_a_bus_key_rotated_elsewhere_stops_the_bus_naming_what_to_do(world
         assert "unibus keygen --upgrade --server" in text
 
 
+@pytest.mark.parametrize("between", ["deleted", "rotated", "hung"])
+async def test_a_first_connection_still_refused_asks_the_control_plane_why(world, between):
+    """The first connection of a Bus is refused for longer than ``grant_wait``, because something
+    changed between its ``GET /v1/bus`` and its login: the member was deleted, its bus key was
+    rotated elsewhere, or membershipd hangs (nats-server then refuses the login once its
+    callout's answer is late). The BusError says which, as a bus stopped after refused
+    reconnects does, and the hung case is bounded (the control plane's answer is awaited 5 s)."""
+    import signal
+
+    handle = f"ivy-{between}"
+    await world.add(handle)
+    stopped_daemon = False
+    async with world.sdk(handle) as me, world.sdk("alice") as a:
+        real_bus_info = me.bus_info
+        calls = 0
+
+        async def bus_info():  # the Bus's GET /v1/bus, then the change, before its login
+            nonlocal calls, stopped_daemon
+            calls += 1
+            info = await real_bus_info()
+            if calls == 1 and between == "deleted":
+                await a.remove_member(handle)
+            elif calls == 1 and between == "rotated":
+                async with world.sdk(handle) as elsewhere:
+                    await elsewhere.rotate_bus_key()
+            elif calls == 1:
+                os.kill(world.daemon.pid, signal.SIGSTOP)  # its nats-server keeps running
+                stopped_daemon = True
+            return info
+
+        me.bus_info = bus_info
+        started = time.monotonic()
+        try:
+            with pytest.raises(BusError) as refused:
+                async with me.bus(grant_wait=0.5):
+                    pass
+        finally:
+            if stopped_daemon:
+                os.kill(world.daemon.pid, signal.SIGCONT)
+        took = time.monotonic() - started
+    text = str(refused.value)
+    assert text.startswith("the bus at ") and f"refused the connection of {handle} (authorization violation): " in text
+    assert calls == 2  # the Bus asked why
+    if between == "deleted":
+        assert f"no longer accepts {handle}'s signed requests either (the member was deleted?)" in text
+    elif between == "rotated":
+        assert f"has another bus key for {handle}" in text and world.people[handle].bus_pub in text
+    else:
+        assert "the control plane could not say why" in text and "is membershipd down or overloaded?" in text
+        assert took < WAIT  # bounded: no retry loop behind the refusal
+    assert await member_connections(world.daemon, handle) == set()
+
+
+async def test_a_first_connection_refused_within_grant_wait_is_tried_again(world):
+    """membershipd hangs between the Bus's ``GET /v1/bus`` and its login, for less than
+    ``grant_wait``: nats-server refuses the login (the callout's answer is late), the Bus tries
+    again, and connects once membershipd answers."""
+    import signal
+
+    await world.add("jay")
+    room = await new_room(world, "jay")
+    loop = asyncio.get_running_loop()
+    resumed = loop.create_future()
+    async with world.sdk("jay") as me:
+        real_bus_info = me.bus_info
+
+        async def bus_info():
+            info = await real_bus_info()
+            os.kill(world.daemon.pid, signal.SIGSTOP)
+            loop.call_later(2.5, lambda: (os.kill(world.daemon.pid, signal.SIGCONT), resumed.set_result(None)))
+            return info
+
+        me.bus_info = bus_info
+        try:
+            async with me.bus(grant_wait=WAIT) as bus:
+                assert resumed.done()  # the login waited for membershipd
+                assert any("authorization violation" in str(e).lower() for e in bus._connect_errors)
+                async with bus.listen(room) as messages:
+                    await bus.send(room, "t", b"connected")
+                    assert (await next_message(messages)).text == "connected"
+        finally:
+            if not resumed.done():
+                os.kill(world.daemon.pid, signal.SIGCONT)
+
+
 async def test_a_send_during_a_reconnect_waits_for_the_bus(world):
     """bob sends while his kicked connection is coming back: the send waits for the bus
     and the message arrives once (a send in the very instant of the kick, before nats-py
