@@ -58,7 +58,7 @@ import weakref
 import time
 import urllib.parse
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -1096,10 +1096,7 @@ class Bus:
         self._stopping: asyncio.Task[None] | None = None
         self._reconnected = asyncio.Event()
         self._connect_errors: list[Exception] = []  # what error_cb heard while connect() tries
-        #: set by error_cb while connect() tries: a TLS failure that no retry can mend, or a login
-        #: still refused once grant_wait is over
-        self._stop_trying = asyncio.Event()
-        self._grant_deadline = 0.0
+        self._tls_refused = asyncio.Event()  # a TLS failure that no retry can mend
 
     async def __aenter__(self) -> Self:
         await self.connect()
@@ -1223,18 +1220,17 @@ class Bus:
         info = await self._fetch_bus_info()
         servers = info["servers"]
         self._connect_errors = []
-        self._stop_trying = asyncio.Event()
-        # A member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md): nats-py
-        # retries a refused login by itself, until _on_error stops it once this deadline is past.
-        self._grant_deadline = deadline = time.monotonic() + self.grant_wait
+        self._tls_refused = asyncio.Event()
+        # A member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md). nats-py
+        # tries a refused login again by itself, within the bound of each connect below.
+        deadline = time.monotonic() + self.grant_wait
         while True:
+            start = len(self._connect_errors)
             try:
                 self._nc = await connect_bounded(nats.connect(**self._connect_options(info, seed)),
-                                                 self.connect_timeout + CONNECT_SLACK, self._stop_trying)
+                                                 self.connect_timeout + CONNECT_SLACK, self._tls_refused)
             except (TimeoutError, nats_errors.NoServersError, nats_errors.Error, OSError) as exc:
-                heard = self._connect_errors  # a refusal is followed by the server's reset: not the last
-                refused = (_authorization_violation(exc) or any(map(_authorization_violation, heard))) \
-                    and not any(map(permanent_tls_error, heard))
+                refused = _still_refused(self._connect_errors[start:], exc)
                 if refused and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                     continue
@@ -1332,9 +1328,7 @@ class Bus:
             log.debug("bus: %s (while connecting)", text)  # connect() retries or raises
             self._connect_errors.append(exc)
             if permanent_tls_error(exc):
-                self._stop_trying.set()  # retrying cannot help: stop now
-            elif _authorization_violation(exc) and time.monotonic() >= self._grant_deadline:
-                self._stop_trying.set()  # connect() asks the control plane why
+                self._tls_refused.set()  # retrying cannot help: stop now
             return
         if "permissions violation" in low and "publish" in low:
             self._publish_denied.append((time.monotonic(), text.strip()))
@@ -1591,6 +1585,24 @@ _END = object()
 def _authorization_violation(exc: BaseException) -> bool:
     """nats-server refused this member's login (or the auth callout did)."""
     return "authorization violation" in str(exc).lower() or isinstance(exc, nats_errors.AuthorizationError)
+
+
+#: What follows a refused login on its connection: the server closing it.
+_CLOSED_AFTER = (ConnectionResetError, BrokenPipeError, nats_errors.UnexpectedEOF)
+
+
+def _still_refused(heard: Sequence[BaseException], raised: BaseException) -> bool:
+    """Whether a connect that ended with ``raised`` failed because its login was refused: the
+    last thing its tries heard (``heard``, in order, then ``raised``, unless that only says the
+    bound or the tries ran out) was a refusal. A reset or end of the connection after it is the
+    server closing it; anything else (a server down or hung, a TLS failure) is another failure."""
+    tail = [*heard] if isinstance(raised, (TimeoutError, nats_errors.NoServersError)) else [*heard, raised]
+    for e in reversed(tail):
+        if _authorization_violation(e):
+            return True
+        if not isinstance(e, _CLOSED_AFTER):
+            return False
+    return False
 
 
 def _next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:

@@ -273,3 +273,33 @@ async def test_503_fail_closed_is_retried_with_a_fresh_signature(fake, people):
         assert fake.unavailable == 0 and len(fake.rooms) == 1
         fake.unavailable = 1
         assert (await c.me())["handle"] == "alice"  # a GET with Retry-After is
+
+
+@pytest.mark.parametrize(("heard", "raised", "refused"), [
+    # a refusal, then the server closing the connection: the bound ended the tries
+    (["refused", ConnectionResetError(104, "reset")], TimeoutError(), True),
+    (["refused", "eof"], TimeoutError(), True),
+    # a refusal heard once, then the server went down or hung: not a refusal (the advice would be wrong)
+    (["refused", ConnectionRefusedError(111, "refused")], TimeoutError(), False),
+    (["refused", TimeoutError()], TimeoutError(), False),
+    # a TLS failure after a refusal: the TLS failure is what to report
+    (["refused", "tls"], TimeoutError(), False),
+    # nats-py raised the refusal itself
+    ([], "refused", True),
+    ([], TimeoutError(), False),
+])
+def test_a_connect_counts_as_refused_only_if_the_last_thing_it_heard_was_a_refusal(heard, raised, refused):
+    """Bus.connect asks the control plane why a login was refused only when the refusal is
+    what ended its tries (unibus.client.api._still_refused)."""
+    import ssl
+
+    import nats.errors
+    from unibus.client.api import _still_refused
+
+    real = {"refused": nats.errors.Error("nats: 'Authorization Violation'"), "eof": nats.errors.UnexpectedEOF(),
+            "tls": ssl.SSLCertVerificationError(1, "certificate verify failed")}
+
+    def make(e):
+        return real[e] if isinstance(e, str) else e
+
+    assert _still_refused([make(e) for e in heard], make(raised)) is refused
