@@ -143,17 +143,26 @@ def cmd_serve(argv: Sequence[str]) -> int:
 
 def cmd_posture(argv: Sequence[str]) -> int:
     from .posture import CLUSTER_REQUIRED, cluster_gate, startup_posture
-    from .settings import insecure_plaintext_warnings
+    from .settings import insecure_plaintext_warnings, require_route_password
 
     settings, plugins = load_settings("posture", argv)
     posture = startup_posture(settings, plugins)
-    print(json.dumps(posture, indent=2))
-    for warning in insecure_plaintext_warnings(settings):
-        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     try:
         cluster_gate(posture, settings.clustered)
     except ConfigError as e:
-        print(f"{PROG}: {e}", file=sys.stderr)  # what serve would refuse with; the exit code says 1
+        refused: ConfigError | None = e  # what serve would refuse with; the exit code says 1
+    else:
+        refused = None
+        require_route_password(settings)  # the gate passes: serve would refuse this next (exit 2)
+    print(json.dumps(posture, indent=2))
+    for warning in insecure_plaintext_warnings(settings):
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    if refused is not None:
+        print(f"{PROG}: {refused}", file=sys.stderr)
+        try:
+            require_route_password(settings)
+        except ConfigError as e:
+            print(f"{PROG}: {e}", file=sys.stderr)  # and, once the gate passes, this
     return 0 if posture["summary"] == CLUSTER_REQUIRED else 1
 
 
@@ -333,11 +342,11 @@ def _check_nats_target(ns: argparse.Namespace) -> _NatsTarget:
     verified against ``--ca``; no credentials in the URL; ``--cert``/``--key`` together and with ``--ca``."""
     from urllib.parse import urlsplit
 
-    from .settings import redact_url
+    from .settings import shown_url
 
     parts = urlsplit(ns.nats_url)
     if parts.scheme not in ("nats", "tls") or not parts.hostname:
-        raise ConfigError(f"--nats-url: {redact_url(ns.nats_url)!r} must be nats://HOST:PORT or tls://HOST:PORT")
+        raise ConfigError(f"--nats-url: {shown_url(ns.nats_url)} must be nats://HOST:PORT or tls://HOST:PORT")
     if "@" in parts.netloc:
         raise ConfigError("--nats-url must not carry credentials; authentication is by --nkey-seed-file")
     ca = Path(ns.ca).expanduser() if ns.ca else None

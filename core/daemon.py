@@ -50,7 +50,7 @@ from .posture import cluster_gate, compute_posture, startup_posture
 from .privatefiles import check_own_file, make_private_dirs
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
-from .settings import HostPort, Settings, insecure_plaintext_warnings
+from .settings import HostPort, Settings, insecure_plaintext_warnings, require_route_password
 from .store.base import Store
 from .store.db import migrate
 from .store.kv import KvStore
@@ -241,6 +241,7 @@ class Daemon:
         directory, the ports. Returns the HTTPS and metrics TLS contexts and the nats-server to run."""
         s = self.settings
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
+        require_route_password(s)
         for warning in insecure_plaintext_warnings(s):
             log.warning("%s", warning)
         http_tls = _https_context(s)

@@ -30,7 +30,7 @@ from .errors import ConfigError
 from .settings import (BUS_AUTH_CHOICES, CLUSTER_PASS_ENV, DEFAULT_AUTH_SKEW, DEFAULT_CLUSTER_ADDR, DEFAULT_HTTP_ADDR,
                        DEFAULT_NATS_ADDR, KV_REPLICA_CHOICES, MAX_AUTH_SKEW, SERVER_NAME_RE, UNIT_METRICS_ADDR, Option,
                        Secret, Settings, hkdf, parse_host_port, parse_positive_int, parse_route, read_secret_file,
-                       validate)
+                       shown_url, validate)
 from .tls import TLSFileError, check_pair, load_certificates
 
 #: Stands in for ``--data-dir`` (every command that has one).
@@ -142,7 +142,7 @@ def _path(raw: str) -> Path:
 def _nats_url(raw: str) -> str:
     parts = urlsplit(raw)
     if parts.scheme not in ("nats", "tls") or not parts.hostname:
-        raise ValueError(f"{raw!r} must be nats://HOST:PORT or tls://HOST:PORT")
+        raise ValueError(f"{shown_url(raw)} must be nats://HOST:PORT or tls://HOST:PORT")
     return raw
 
 

@@ -340,16 +340,23 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
 
 
+def shown_url(url: str) -> str:
+    """``url`` quoted for an error message, without ``user:pass@``; not shown at all if an ``@``
+    is left (a URL too malformed to redact, such as ``user:pass@host:4222`` without a scheme)."""
+    redacted = redact_url(url)
+    return "the value (not shown: it may carry credentials)" if "@" in redacted else repr(redacted)
+
+
 def parse_route(value: str) -> str:
     url = value.strip()
     parts = urlsplit(url)
-    if parts.scheme not in ("nats", "nats-route"):
-        raise ValueError(f"{url!r} must be nats://HOST:PORT")
-    if "@" in parts.netloc:
+    if "@" in url:  # first, whatever the scheme: no message below may echo a password
         raise ValueError(
             "a route URL must not carry credentials (user:pass@); give the password with "
             "--cluster-pass-file or UNIBUS_CLUSTER_PASS"
         )
+    if parts.scheme not in ("nats", "nats-route"):
+        raise ValueError(f"{shown_url(url)} must be nats://HOST:PORT")
     try:
         port = parts.port
     except ValueError:
@@ -368,6 +375,14 @@ def hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
 
 
+def require_route_password(settings: Settings) -> None:
+    """A cluster node needs a route password (ConfigError otherwise). Checked after the cluster
+    gate, by ``serve`` and ``posture``: a configuration the gate refuses is reported as that
+    (``posture`` exits 1 for it), whether or not it has a password yet."""
+    if settings.cluster_name and settings.cluster_pass is None:
+        raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
+
+
 def validate(settings: Settings) -> None:
     """Cross-flag rules (docs/operations.md, "Flags and environment", "Listeners and TLS"); raises :class:`ConfigError`."""
     s = settings
@@ -379,8 +394,6 @@ def validate(settings: Settings) -> None:
         raise ConfigError("--routes needs --cluster-name")
     if s.cluster_pass_file and not s.cluster_name:
         raise ConfigError("--cluster-pass-file needs --cluster-name")
-    if s.cluster_name and s.cluster_pass is None:
-        raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
     if s.kv_replicas > 1 and not s.cluster_name:
         raise ConfigError(f"--kv-replicas {s.kv_replicas} needs a cluster (--cluster-name); use 1 on a single node")
     if s.http_addr == s.nats_addr:

@@ -113,6 +113,14 @@ def test_posture_command(tmp_path):
     }
     bad = run_membershipd("posture", "--routes", "nats://u:p@127.0.0.1:1", "--cluster-name", "c")
     assert_one_line_error(bad, 2, "--routes")
+    # cluster flags that the gate would refuse: 1, with the posture, whether or not a route password is given yet
+    gated = run_membershipd("posture", "--cluster-name", "c", "--routes", "nats://127.0.0.1:6251")
+    assert gated.returncode == 1 and json.loads(gated.stdout)["summary"] == "enforce+acl"
+    assert gated.stderr.splitlines() == [
+        "membershipd: refusing to join a cluster with posture 'enforce+acl'; a cluster needs enforce+acl+tls: "
+        "tls is false: the routes listener is plaintext (mutual route TLS: --route-tls-cert/--route-tls-key/"
+        "--route-tls-ca, route_tls plugin)",
+        "membershipd: --cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS"]
 
 
 def test_port_in_use_is_a_runtime_error(tmp_path):

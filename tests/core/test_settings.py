@@ -67,7 +67,6 @@ def test_env_data_dir_and_flag_precedence(tmp_path):
         (["--routes", "nats://127.0.0.2:6250"], "--routes"),
         (["--tls-cert", "/nonexistent/cert.pem", "--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
         (["--tls-key", "/nonexistent/key.pem"], "--tls-cert"),
-        (["--cluster-name", "c"], "--cluster-name"),
         (["--cluster-pass-file", "/nonexistent/pass", "--cluster-name", "c"], "--cluster-pass-file"),
     ],
 )
@@ -79,10 +78,39 @@ def test_bad_values_name_their_flag(argv, flag):
     assert "\n" not in str(e.value)
 
 
-def test_route_password_never_in_the_error():
+def test_a_cluster_node_needs_a_route_password():
+    """Checked after the cluster gate (serve and posture call it), not with the other flags:
+    ``posture`` reports cluster flags that the gate refuses as such (exit 1), password or not."""
+    from unibus.settings import require_route_password
+
+    settings = settings_from(["--cluster-name", "c"])
     with pytest.raises(ConfigError) as e:
-        settings_from(["--cluster-name", "c", "--routes", "nats://route:hunter2secret@127.0.0.2:6250"])
-    assert "hunter2secret" not in str(e.value)
+        require_route_password(settings)
+    assert e.value.exit_code == 2 and str(e.value).startswith("--cluster-name needs a route password")
+    require_route_password(settings_from([]))  # a single node needs none
+
+
+@pytest.mark.parametrize("argv", [
+    ["--cluster-name", "c", "--routes", "nats://route:hunter2secret@127.0.0.2:6250"],
+    # a scheme that is refused, or none at all: the credentials are still never echoed
+    ["--cluster-name", "c", "--routes", "tls://route:hunter2secret@127.0.0.2:6250"],
+    ["--cluster-name", "c", "--routes", "route:hunter2secret@127.0.0.2:6250"],
+    ["--nats-url", "http://user:hunter2secret@127.0.0.1:4222"],
+    ["--nats-url", "user:hunter2secret@127.0.0.1:4222"],
+])
+def test_a_password_in_a_url_is_never_in_the_error(argv):
+    with pytest.raises(ConfigError) as e:
+        settings_from(argv)
+    assert "hunter2secret" not in str(e.value) and argv[-2] in str(e.value)
+
+
+@pytest.mark.parametrize("url", ["http://user:hunter2secret@127.0.0.1:4222", "user:hunter2secret@127.0.0.1:4222"])
+def test_an_operator_commands_nats_url_password_is_never_in_the_error(tmp_path, url):
+    from unibus.testing import run_membershipd
+
+    proc = run_membershipd("migrate-to-kv", "--data-dir", str(tmp_path), "--nats-url", url)
+    assert proc.returncode == 2 and "--nats-url" in proc.stderr
+    assert "hunter2secret" not in proc.stderr + proc.stdout
 
 
 def test_cluster_pass_file_must_be_private(tmp_path):

@@ -163,6 +163,13 @@ def test_generate_cluster_certs_script(tmp_path):
                          "--routes", "nats://127.0.0.2:6250", "--route-tls-cert", str(out / "n1.crt"),
                          "--route-tls-key", str(out / "n1.key"), "--route-tls-ca", str(out / "route-ca.crt"))
     assert ok.returncode == 0, ok.stderr
+    # the same node without its route password: the gate passes, and the configuration is refused
+    no_password = run_membershipd("posture", "--cluster-name", "c", "--routes", "nats://127.0.0.2:6250",
+                                  "--route-tls-cert", str(out / "n1.crt"), "--route-tls-key", str(out / "n1.key"),
+                                  "--route-tls-ca", str(out / "route-ca.crt"))
+    assert no_password.returncode == 2 and no_password.stdout == ""
+    assert no_password.stderr.strip().splitlines() == [
+        "membershipd: error: --cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS"]
     bad = subprocess.run(["bash", str(script), str(out)], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
 
