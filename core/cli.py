@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import ConfigError, UnibusError
+from .errors import ConfigError, RuntimeFailure, UnibusError
 from .pluginmanager import LOAD_PLUGINS_ENV, PluginManager, load_plugins_from_env
 from .options import (CLUSTER_PASS_ENV, DATA_DIR, add_core_arguments, add_plugin_arguments,
                       add_plugin_selection_arguments, build_settings, data_dir_from, reserved_flags)
@@ -145,7 +145,10 @@ def cmd_posture(argv: Sequence[str]) -> int:
     from .posture import CLUSTER_REQUIRED, cluster_gate, startup_posture
     from .settings import insecure_plaintext_warnings, require_route_password
 
-    settings, plugins = load_settings("posture", argv)
+    try:
+        settings, plugins = load_settings("posture", argv)
+    except RuntimeFailure as e:  # a plugin's cli_options raised: exit 1 would read "not enforce+acl+tls"
+        raise ConfigError(str(e)) from None
     posture = startup_posture(settings, plugins)
     try:
         cluster_gate(posture, settings.clustered)
@@ -463,7 +466,6 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     import asyncio
     import ssl
 
-    from .errors import RuntimeFailure
     from .plugins.blobstore.backend import BlobError
     from .settings import redact_url
     from .store.base import StoreError
@@ -521,7 +523,6 @@ def _backup_out(ns: argparse.Namespace) -> Path:
 def _backup_node(ns: argparse.Namespace, data_dir: Path, out: Path) -> Any:
     """The backup of the single node in ``data_dir`` (no ``--nats-url``)."""
     from .backup import backup_single
-    from .errors import RuntimeFailure
 
     for flag in ("ca", "cert", "key", "nkey_seed_file"):
         if getattr(ns, flag):
@@ -546,7 +547,6 @@ def _backup_through_nats(ns: argparse.Namespace, data_dir: Path, out: Path) -> A
     import ssl
 
     from .backup import backup_cluster
-    from .errors import RuntimeFailure
     from .plugins.blobstore.backend import BlobError
     from .settings import redact_url
     from .store.base import StoreError

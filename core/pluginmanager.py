@@ -10,7 +10,7 @@ only arguments that hook declares, and not be a hook wrapper. A plugin that
 fails a check, fails to import or whose ``cli_options`` fails is *broken*: it
 is not registered, ``membershipd plugins`` and ``--help`` list it with its
 error, and ``serve``/``posture`` refuse to start (exit 2, one line naming the
-plugin and the hook).
+plugin and the hook; ``serve`` exits 1 when ``cli_options`` raised).
 """
 
 from __future__ import annotations
@@ -156,6 +156,7 @@ class PluginManager:
         self._blocked_eps: dict[str, importlib.metadata.EntryPoint] = {}
         #: plugins that could not be used, ``{name: PluginInfo with error}``
         self.broken: dict[str, PluginInfo] = {}
+        self._hook_raised: set[str] = set()  # broken because a hook raised (exit 1), not by a check (exit 2)
         #: hook calls that raised, ``{(plugin, hook): count}`` (unibus_plugin_hook_errors_total)
         self.hook_errors: dict[tuple[str, str], int] = {}
         #: installed plugins that ``only`` left out
@@ -236,9 +237,11 @@ class PluginManager:
 
     # -- registration and its checks --------------------------------------------
 
-    def _mark_broken(self, name: str, error: str) -> None:
+    def _mark_broken(self, name: str, error: str, *, raised: bool = False) -> None:
         dist, version = self._dist.get(name, (None, None))
         self.broken[name] = PluginInfo(name, dist, version, (), error)
+        if raised:
+            self._hook_raised.add(name)
         log.debug("%s", error)
 
     def check_plugin(self, plugin: ModuleType | object, name: str) -> None:
@@ -318,15 +321,16 @@ class PluginManager:
         return "is not loaded"
 
     def require_healthy(self) -> None:
-        """Refuse (exit 2) to run with a broken plugin: one line naming it and its problem."""
+        """Refuse to run with a broken plugin: one line naming the first and its problem. Exit 1
+        when its hook raised (a failing hook at start-up, as for ``startup``), 2 when it failed a
+        check or its import (a refused configuration)."""
         if not self.broken:
             return
         first = next(iter(self.broken.values()))
         more = len(self.broken) - 1
-        raise ConfigError(
-            f"{first.error}; fix or reinstall it, or block it with --disable-plugin {first.name}"
-            + (f" ({more} more broken: see membershipd plugins)" if more else "")
-        )
+        message = (f"{first.error}; fix or reinstall it, or block it with --disable-plugin {first.name}"
+                   + (f" ({more} more broken: see membershipd plugins)" if more else ""))
+        raise (RuntimeFailure if first.name in self._hook_raised else ConfigError)(message)
 
     def list_plugins(self) -> list[PluginInfo]:
         """Loaded plugins, then broken ones (with ``error`` set)."""
@@ -457,9 +461,12 @@ class PluginManager:
                         break
             except Exception as e:
                 problem = f"failed: {type(e).__name__}: {_one_line(e)}"
+                raised = True
+            else:
+                raised = False
             if problem is not None:
                 self._pm.unregister(name=name)
-                self._mark_broken(name, f"plugin {name}, hook cli_options: {problem}")
+                self._mark_broken(name, f"plugin {name}, hook cli_options: {problem}", raised=raised)
                 continue
             for opt in opts:
                 seen[opt.flag] = name

@@ -44,6 +44,14 @@ MODULES = {
         def healthz_fields(application):
             return {}
     ''',
+    # a cli_options that raises: a failing hook at start-up
+    "failing_options_plugin": '''
+        from unibus import hookimpl
+
+        @hookimpl
+        def cli_options():
+            raise RuntimeError("options table missing")
+    ''',
     # a misspelt hook name
     "misspelt_plugin": '''
         from unibus import hookimpl
@@ -127,6 +135,24 @@ def test_a_mistyped_plugin_is_one_line_and_help_and_plugins_still_work(pythonpat
     assert helped.returncode == 0 and f"{name}: plugin {name}, hook {hook}" in helped.stdout
     listed = run_membershipd("plugins", "--plugin", module, env=pythonpath)
     assert listed.returncode == 0 and f"{name}  (--plugin {module} -)  BROKEN" in listed.stdout
+
+
+def test_a_failing_cli_options_stops_serve_with_exit_1_naming_the_plugin(pythonpath, tmp_path):
+    """A hook that raises at start-up stops the daemon with exit 1 (a hook that fails a check is a
+    refused configuration, 2); ``posture``, whose 1 says "not enforce+acl+tls", refuses it with 2.
+    --help and ``plugins`` still work and show it."""
+    expected = ("membershipd: error: plugin failing_options_plugin, hook cli_options: failed: RuntimeError: "
+                "options table missing; fix or reinstall it, or block it with --disable-plugin failing_options_plugin")
+    serve = run_membershipd("serve", "--plugin", "failing_options_plugin", "--data-dir", str(tmp_path / "d"),
+                            env=pythonpath)
+    assert serve.returncode == 1 and one_error_line(serve) == expected
+    assert not (tmp_path / "d").exists()
+    posture = run_membershipd("posture", "--plugin", "failing_options_plugin", env=pythonpath)
+    assert posture.returncode == 2 and one_error_line(posture) == expected and posture.stdout == ""
+    helped = run_membershipd("serve", "--help", "--plugin", "failing_options_plugin", env=pythonpath)
+    assert helped.returncode == 0 and "hook cli_options: failed: RuntimeError" in helped.stdout
+    listed = run_membershipd("plugins", "--plugin", "failing_options_plugin", env=pythonpath)
+    assert listed.returncode == 0 and "BROKEN" in listed.stdout
 
 
 def test_a_config_error_in_an_async_startup_exits_2_naming_the_plugin(pythonpath, tmp_path):
