@@ -55,6 +55,7 @@ __all__ = [
     "LogError",
     "LogState",
     "LoggedRequest",
+    "UnacceptedBootstrap",
     "bootstrap_entry",
     "canonical",
     "entry_hash",
@@ -134,6 +135,14 @@ class LogError(Exception):
         self.seq = seq
         self.reason = reason
         super().__init__(f"membership log entry {seq}: {reason}" if seq is not None else f"membership log: {reason}")
+
+
+class UnacceptedBootstrap(LogError):
+    """An offline bootstrap after entry 0 that the reader has not accepted (``unibus trust FP``)."""
+
+    def __init__(self, seq: int, fingerprint: str, reason: str) -> None:
+        self.fingerprint = fingerprint
+        super().__init__(seq, reason)
 
 
 # --------------------------------------------------------------------------- hashing
@@ -618,8 +627,9 @@ class LogState:
                                   "`unibus trust FINGERPRINT --reset`)")
             return
         if digest not in self.accepted_bootstraps:
-            raise LogError(seq, f"an offline bootstrap (recovery) after the trust root, fingerprint {digest}; "
-                                f"accept it only if your operator did this: unibus trust {digest}")
+            raise UnacceptedBootstrap(seq, digest, f"an offline bootstrap (recovery) after the trust root, "
+                                                   f"fingerprint {digest}; accept it only if your operator did "
+                                                   f"this: unibus trust {digest}")
 
     # -- bootstrap and snapshot -------------------------------------------------------
 

@@ -45,7 +45,7 @@ from typing import Any
 
 import yarl
 
-from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState
+from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState, UnacceptedBootstrap
 from ..privatefiles import make_missing_dirs
 
 __all__ = [
@@ -455,6 +455,7 @@ class Replica:
         try:
             lines = await self._apply_pages(client, state, seq, defer)
         except (LogError, _Redo) as exc:
+            root = state.root
             self._discard(from_scratch)
             if defer:
                 # Something failed: check again entry by entry, which names the first bad one.
@@ -462,6 +463,11 @@ class Replica:
                     self._refresh()
                 return await self._sync(client, from_scratch, defer=False)
             assert isinstance(exc, LogError)
+            if isinstance(exc, UnacceptedBootstrap) and self.trust_root is None and root is not None:
+                # First contact with a log whose entry 0 verified, and which holds a later offline
+                # bootstrap: entry 0 is pinned as on any first use, so that `unibus trust <that
+                # bootstrap>`, as the error says, accepts it (it would pin it as the root otherwise).
+                self._pin_on_first_use(root)
             raise LogVerificationError.from_log(exc, self.server) from None
         except BaseException:
             self._discard(from_scratch)
@@ -523,6 +529,13 @@ class Replica:
         if pinned_seq >= 0 and state.hash_at(pinned_seq) != pinned_hash:
             raise LogVerificationError(f"fork: {self.server} serves another entry at seq {pinned_seq} than the one "
                                        "this client verified", pinned_seq)
+
+    def _pin_on_first_use(self, root: str) -> None:
+        """Pin ``root`` as the trust root, nothing verified yet (a first sync that stopped after entry 0)."""
+        self.trust_root = self.state.trust_root = root
+        self._write_state()
+        self.notice(f"trusting the membership log of {self.server} on first use: its trust root fingerprint is "
+                    f"{root}; check it with your operator (`unibus trust FINGERPRINT` pins it in advance)")
 
     def _adopt(self, state: LogState, lines: list[bytes], from_scratch: bool, had_root: str | None) -> SyncResult:
         """Make the verified ``state`` the replica's (pinning its trust root on first use) and save ``lines``."""

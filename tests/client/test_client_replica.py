@@ -237,3 +237,15 @@ def test_a_recovery_bootstrap_needs_explicit_trust(tmp_path, membershipd_factory
     assert "pinned" in unibus(daemon.base_url, path3, "trust", doc["trust_root"]).stdout
     assert "accepted" in unibus(daemon.base_url, path3, "trust", fp).stdout
     assert unibus(daemon.base_url, path3, "log", "verify").returncode == 0
+    # a first contact that meets the recovery: entry 0 is pinned on first use, as always, so the
+    # error's advice works (before, `trust` of the recovery pinned it as the root, and the next sync
+    # refused entry 0)
+    path4 = tmp_path / "alice4.json"
+    save_identity(alice, path4)
+    first = unibus(daemon.base_url, path4, "log", "show")
+    assert first.returncode == 1 and f"unibus trust {fp}" in error_line(first)
+    assert f"its trust root fingerprint is {doc['trust_root']}" in first.stderr  # said, as on any first use
+    assert "accepted" in unibus(daemon.base_url, path4, "trust", fp).stdout
+    shown = unibus(daemon.base_url, path4, "log", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["trust_root"] == doc["trust_root"]
