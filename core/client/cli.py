@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
@@ -667,19 +668,36 @@ async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
     async with c.bus() as bus, bus.listen(room_id, max_age=max_age) as messages:
         bus.on_reconnect = _note
         _note(f"listening on {room_subject(room_id)}.> (Ctrl-C to stop)")
-        async for m in messages:
-            if m.error is not None:
-                # Never the content of a rejected message, on any stream.
-                if ctx.args.show_rejected:
-                    who = f" claimed sender {_escape(m.sender)}" if m.sender else ""
-                    print(f"{PROG}: rejected [{_escape(m.topic)}] epoch {m.epoch}{who} ({m.reason}): "
-                          f"{_escape(_one_line(m.error))}", file=sys.stderr, flush=True)
-                continue
-            _json_out(_message_json(m)) if ctx.json else _out(_message_line(m))
-            got += 1
-            if count is not None and got >= count:
-                break
+        try:
+            async for m in messages:
+                if m.error is not None:
+                    # Never the content of a rejected message, on any stream.
+                    if ctx.args.show_rejected:
+                        who = f" claimed sender {_escape(m.sender)}" if m.sender else ""
+                        print(f"{PROG}: rejected [{_escape(m.topic)}] epoch {m.epoch}{who} ({m.reason}): "
+                              f"{_escape(_one_line(m.error))}", file=sys.stderr, flush=True)
+                    continue
+                _json_out(_message_json(m)) if ctx.json else _out(_message_line(m))
+                got += 1
+                if count is not None and got >= count:
+                    break
+        finally:  # on Ctrl-C too
+            if summary := _not_shown(messages.rejected, messages.dropped, ctx.args.show_rejected):
+                _note(summary)
     return EXIT_OK
+
+
+def _not_shown(rejected: Counter[str], dropped: int, explained: bool) -> str | None:
+    """The line ``listen`` ends with when it left messages out: the rejected ones by reason, and
+    those dropped while the listener was full (None when there were none)."""
+    parts = []
+    if total := sum(rejected.values()):
+        reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(rejected.items()))
+        parts.append(f"{total} message{'s' if total != 1 else ''} rejected ({reasons})"
+                     + ("" if explained else "; --show-rejected says why, one line each"))
+    if dropped:
+        parts.append(f"{dropped} dropped while this listener was behind")
+    return "not shown: " + "; ".join(parts) if parts else None
 
 
 # --------------------------------------------------------------------------- trust and the log

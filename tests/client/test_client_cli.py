@@ -269,3 +269,17 @@ def test_the_client_starts_without_the_daemons_plugin_machinery():
     for daemon_side in ("unibus.pluginmanager", "unibus.settings", "unibus.options", "unibus.store", "unibus.app"):
         assert f"'{daemon_side}'" not in loaded, daemon_side
     assert missing == "module 'unibus' has no attribute 'no_such_name'"
+
+
+def test_listen_ends_by_saying_what_it_did_not_show():
+    """``unibus listen`` counts the messages it left out (rejected, by reason; dropped) and says so
+    when it ends, on Ctrl-C too; nothing when it left none out."""
+    from collections import Counter
+
+    from unibus.client.cli import _not_shown
+
+    assert _not_shown(Counter(), 0, False) is None
+    assert _not_shown(Counter({"signature": 2, "replay": 1}), 0, False) == (
+        "not shown: 3 messages rejected (1 replay, 2 signature); --show-rejected says why, one line each")
+    assert _not_shown(Counter({"stale": 1}), 5, True) == (
+        "not shown: 1 message rejected (1 stale); 5 dropped while this listener was behind")

@@ -425,6 +425,7 @@ async def test_replayed_and_old_messages_are_rejected(world, tmp_path):
     assert len(rejected) == 2, err
     assert "(replay)" in rejected[0] and "(stale)" in rejected[1]
     assert "once only" not in err and "old news" not in err and "old news" not in out
+    assert err.splitlines()[-1] == "unibus: not shown: 2 messages rejected (1 replay, 1 stale)"  # counted
 
 
 # --------------------------------------------------------------------------- removed members
