@@ -767,44 +767,63 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     return BlobCiphertext(size, h.digest())
 
 
+def _nothing() -> None:
+    return None
+
+
 class _Jobs:
     """One worker thread that runs the jobs given to it in order. Leaving it (``with``) waits
-    until every job has returned, then ends the thread.
+    until every job given has returned, then lets the thread end.
 
-    An exception raised in this thread during that wait (a second Ctrl-C, or what another
+    The wait is for a last, empty job: with one thread taking jobs in order, once it ran,
+    every job queued before it has returned, including one whose ``submit`` an interrupt
+    cut short after it was queued. The thread starts on entering, before any job is given:
+    an interrupt while a first ``submit`` started it left a running thread that nothing
+    waited for (a review found it). It waits on that job's future, not on the thread: on
+    Python 3.11, a ``Thread.join`` that a signal handler's exception cuts short marks the
+    thread as ended while it still runs, so a second join returns at once.
+
+    One exception raised in this thread during that wait (a second Ctrl-C, or what another
     signal's handler raises) is held until the jobs have returned: cut short, the wait would
     let the caller close a file under a job still writing to it, or to whatever file was
     opened next under its number. It is then raised, unless an exception is leaving the
-    block already (the first Ctrl-C, say). The wait lasts as long as the queued jobs, a few
-    blocks of hashing and writing.
+    block already (the first Ctrl-C, say). A second one (a third Ctrl-C) ends the wait, so
+    there is always a way out (a job stuck on a dead disk, a lock that an interrupt left
+    held). The wait lasts as long as the queued jobs, a few blocks of hashing and writing.
+    An interrupt handled in the few bytecodes around the wait, not in it, can still cut it
+    short: only blocking the signal in every thread would close that window."""
 
-    It waits on the jobs' futures, not on the thread: on Python 3.11, a ``Thread.join``
-    that a signal handler's exception cuts short marks the thread as ended while it still
-    runs, so a second join returns at once (a test of a second interrupt found this)."""
+    #: exceptions held while waiting; the next one ends the wait
+    HELD = 1
 
     def __init__(self) -> None:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unibus-digest")
-        self._given: collections.deque[concurrent.futures.Future[None]] = collections.deque()
 
     def submit(self, fn: Callable[[Any], None], arg: Any) -> concurrent.futures.Future[None]:
-        while self._given and self._given[0].done():  # only the jobs that may still run are kept
-            self._given.popleft()
-        job = self._pool.submit(fn, arg)
-        self._given.append(job)
-        return job
+        return self._pool.submit(fn, arg)
 
     def __enter__(self) -> _Jobs:
+        self._pool.submit(_nothing).result()  # the thread runs before any job is given
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
         held: BaseException | None = None
-        for step in (lambda: concurrent.futures.wait(self._given), lambda: self._pool.shutdown(wait=True)):
-            while True:
-                try:
-                    step()
-                    break
-                except BaseException as e:  # noqa: BLE001 - held, and raised once the jobs returned
-                    held = held or e
+        last: concurrent.futures.Future[None] | None = None
+        interrupted = 0
+        while True:
+            try:
+                if last is None:
+                    last = self._pool.submit(_nothing)
+                last.result()
+                break
+            except BaseException as e:  # noqa: BLE001 - held, and raised once the jobs returned
+                interrupted += 1
+                if interrupted > self.HELD:
+                    self._pool.shutdown(wait=False)
+                    raise
+                if held is None:
+                    held = e
+        self._pool.shutdown(wait=False)  # every job returned: the thread only has to end
         if held is not None and kind is None:
             raise held
 

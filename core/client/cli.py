@@ -82,9 +82,8 @@ def _err(message: str) -> None:
 
 
 def _local_file_error(exc: OSError) -> str:
-    """``path: reason`` for a local file that could not be read or written, with the notes of a
-    second failure behind it (a blob's source that failed to read while its temporary copy
-    could not be written either: unibus.client.blobs)."""
+    """``path: reason`` for a local file that could not be read or written, with the exception's
+    notes behind it (a second failure: ``unibus.client.blobs.encrypt_file`` adds one)."""
     also = "".join(f" ({note})" for note in getattr(exc, "__notes__", ()))
     return f"{exc.filename or ''}: {exc.strerror or exc}{also}".lstrip(": ")
 

@@ -649,12 +649,15 @@ class _Signalled(Exception):
     """What the test's SIGUSR1 handler raises in the main thread, as SIGINT's raises KeyboardInterrupt."""
 
 
-def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_path, monkeypatch, version):
-    """Two interrupts (here SIGUSR1, whose handler raises as Ctrl-C's does): the first while the
-    pass waits for a queued job, the second while its pool waits for that job to return. The
-    output is still closed only after the job wrote: no write lands on a closed descriptor, or on
-    whatever file was opened next under its number. The second interrupt is held, not lost
-    behind the first (the first is raised)."""
+@pytest.mark.parametrize("interrupts", [2, 3])
+def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_path, monkeypatch, version,
+                                                                           interrupts):
+    """Interrupts (here SIGUSR1, whose handler raises as Ctrl-C's does): the first while the pass
+    waits for a queued job, the next ones while leaving it waits for that job to return. With
+    two, the output is still closed only after the job wrote: no write lands on a closed
+    descriptor, or on whatever file was opened next under its number; the second interrupt is
+    held, not lost behind the first (the first is raised). A third ends the wait: there is
+    always a way out, for a job stuck on a dead disk."""
     import signal
     import threading
     import time
@@ -663,6 +666,7 @@ def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_
 
     assert threading.current_thread() is threading.main_thread()  # signal handlers run here
     writes, in_write, go_on = [], threading.Event(), threading.Event()
+    gave_up = threading.Event()  # the wait ended before the job: its descriptor may be anyone's now
     real_write = blobs._write_all
 
     def write(fd, parts):
@@ -675,7 +679,7 @@ def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_
         except OSError:
             still_open = False
         writes.append((still_open, time.monotonic()))
-        if still_open:
+        if still_open and not gave_up.is_set():
             real_write(fd, parts)
 
     signals = []
@@ -684,34 +688,41 @@ def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_
         signals.append(time.monotonic())
         raise _Signalled(len(signals))
 
-    def interrupt_twice():
+    def interrupt():
         main = threading.main_thread().ident
         assert in_write.wait(10)
-        time.sleep(0.3)  # the pass now waits for the blocked job
-        signal.pthread_kill(main, signal.SIGUSR1)
-        time.sleep(0.3)  # the first interrupt left the loop: its pool waits for the job
-        signal.pthread_kill(main, signal.SIGUSR1)
+        for _ in range(interrupts):
+            time.sleep(0.3)  # the pass waits for the blocked job; then, leaving, for it to return
+            signal.pthread_kill(main, signal.SIGUSR1)
         time.sleep(0.3)
+        released.append(time.monotonic())
         go_on.set()
 
+    released = []
     monkeypatch.setattr(blobs, "_write_all", write)
     src, dst = tmp_path / "p", tmp_path / "c"
     src.write_bytes(os.urandom(6 * DIGEST_BLOCK))
     before = set(os.listdir("/proc/self/fd"))
     old = signal.signal(signal.SIGUSR1, handler)
-    helper = threading.Thread(target=interrupt_twice, daemon=True)
+    helper = threading.Thread(target=interrupt, daemon=True)
     try:
         helper.start()
         with pytest.raises(_Signalled) as err:
             encrypt_file(KEY, ROOM, 3, src, dst, version=version)
         returned = time.monotonic()
+        if interrupts == 3:
+            gave_up.set()
     finally:
         go_on.set()
         helper.join(10)
         signal.signal(signal.SIGUSR1, old)
-    assert err.value.args == (1,) and len(signals) == 2  # the first is raised; the second was held
-    assert len(writes) >= 2 and all(ok for ok, _ in writes), writes
-    assert writes[-1][1] > signals[1] and returned > writes[-1][1]  # the last write after both signals
+    assert len(signals) == interrupts
+    if interrupts == 2:
+        assert err.value.args == (1,)  # the first is raised; the second was held
+        assert len(writes) >= 2 and all(ok for ok, _ in writes), writes
+        assert writes[-1][1] > signals[1] and returned > writes[-1][1]  # the last write after both signals
+    else:
+        assert err.value.args == (3,) and returned < released[0]  # the wait ended before the job did
     assert set(os.listdir("/proc/self/fd")) <= before  # the source and the output closed
 
 
