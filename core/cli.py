@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .errors import ConfigError, RuntimeFailure, UnibusError
@@ -31,7 +31,14 @@ COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "backup", "restore", 
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that exits 2 with a usage line and one 'error:' line (its default)."""
+    """argparse that exits 2 with a usage line and one 'error:' line (its default), in which a
+    word holding an ``@`` is shown without its ``user:pass@`` (``unrecognized arguments:`` quotes
+    stray values, a route URL given after a space instead of a comma among them)."""
+
+    def error(self, message: str) -> NoReturn:
+        from .settings import redact_text
+
+        super().error(redact_text(message))
 
 
 def _disable_pre_parser() -> argparse.ArgumentParser:
@@ -347,14 +354,18 @@ def _check_nats_target(ns: argparse.Namespace) -> _NatsTarget:
 
     from .settings import shown_url
 
-    parts = urlsplit(ns.nats_url)
-    if parts.scheme not in ("nats", "tls") or not parts.hostname:
-        raise ConfigError(f"--nats-url: {shown_url(ns.nats_url)} must be nats://HOST:PORT or tls://HOST:PORT")
-    if "@" in parts.netloc:
+    if "@" in ns.nats_url:  # first: no message below may quote a password
         raise ConfigError("--nats-url must not carry credentials; authentication is by --nkey-seed-file")
+    try:
+        parts = urlsplit(ns.nats_url)
+        hostname = parts.hostname
+    except ValueError:  # urlsplit's "Invalid IPv6 URL"
+        hostname = None
+    if hostname is None or parts.scheme not in ("nats", "tls"):
+        raise ConfigError(f"--nats-url: {shown_url(ns.nats_url)} must be nats://HOST:PORT or tls://HOST:PORT")
     ca = Path(ns.ca).expanduser() if ns.ca else None
-    if ca is None and not _is_loopback(parts.hostname):
-        raise ConfigError(f"--nats-url: {parts.hostname} is not a loopback address; give --ca PATH to require "
+    if ca is None and not _is_loopback(hostname):
+        raise ConfigError(f"--nats-url: {hostname} is not a loopback address; give --ca PATH to require "
                           "TLS verified against that CA")
     if ca is not None and not ca.is_file():
         raise ConfigError(f"--ca: {ca} is not a readable file")

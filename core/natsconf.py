@@ -314,6 +314,8 @@ def finalize_config(config: dict[str, Any], settings: Settings) -> dict[str, Any
     Raises :class:`ConfigError` when the config no longer matches the posture
     (:func:`check_posture_facts`).
     """
+    if settings.cluster_name and settings.cluster_pass is None:  # serve refused it already: a backstop
+        raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
     final = config
     enforce_loopback_monitor(final)
     enforce_sync_always(final)

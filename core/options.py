@@ -172,6 +172,9 @@ def _kv_replicas(raw: str) -> int:
 
 
 def _routes(raw: str) -> tuple[str, ...]:
+    if "@" in raw:  # before the split: a password with a comma would otherwise be quoted in part
+        raise ValueError("a route URL must not carry credentials (user:pass@); give the password with "
+                         "--cluster-pass-file or UNIBUS_CLUSTER_PASS")
     return tuple(parse_route(r) for r in raw.split(",") if r.strip())
 
 

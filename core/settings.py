@@ -333,18 +333,23 @@ def parse_bool_env(value: str | None) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """``scheme://user:pass@host:port`` → ``scheme://host:port``."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
+    """``url`` without a ``user:pass@``: everything between ``scheme://`` (or the start) and
+    the last ``@`` goes, wherever ``urlsplit`` would have put that ``@`` (a password with a
+    ``/``, ``?`` or ``#`` moves it out of the netloc). For showing a URL, never for using one."""
+    if "@" not in url:
         return url
-    return parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]).geturl()
+    scheme, sep, rest = url.partition("://")
+    return f"{scheme}{sep}{rest.rsplit('@', 1)[1]}" if sep else url.rsplit("@", 1)[1]
+
+
+def redact_text(text: str) -> str:
+    """``text`` (an argparse error, say) with every word that holds an ``@`` redacted as a URL."""
+    return re.sub(r"\S*@\S*", lambda m: redact_url(m.group()), text)
 
 
 def shown_url(url: str) -> str:
-    """``url`` quoted for an error message, without ``user:pass@``; not shown at all if an ``@``
-    is left (a URL too malformed to redact, such as ``user:pass@host:4222`` without a scheme)."""
-    redacted = redact_url(url)
-    return "the value (not shown: it may carry credentials)" if "@" in redacted else repr(redacted)
+    """``url`` quoted for an error message, without ``user:pass@`` (:func:`redact_url`)."""
+    return repr(redact_url(url))
 
 
 def parse_route(value: str) -> str:

@@ -273,3 +273,10 @@ def test_serve_refuses_a_plugin_that_removes_route_tls(tmp_path, pki):
     one_error_line(proc, 2, "nats.conf: cluster.tls is missing", "configure_nats", "--disable-plugin")
     assert not (data / "nats.conf").exists()
     assert "correct-horse" not in proc.stderr
+
+
+def test_a_cluster_config_is_never_built_without_its_route_password(tmp_path):
+    """serve refuses a cluster node without a route password after the cluster gate; the config
+    itself refuses it too, so no caller of nats_config gets routes without authorization."""
+    with pytest.raises(ConfigError, match="--cluster-name needs a route password"):
+        build(tmp_path, ["--cluster-name", "c", "--routes", f"nats://127.0.0.1:{free_port()}"])
