@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import collections
 import concurrent.futures
 import contextlib
 import errno
@@ -50,6 +49,7 @@ import hashlib
 import itertools
 import io
 import os
+import queue
 import secrets
 import stat
 import struct
@@ -719,20 +719,18 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
     that arrives while the pass waits for its queued jobs does not cut that wait
     short: it is raised once they returned (:class:`_Jobs`).
     """
-    from concurrent.futures import Future
-
     enc = BlobEncryptor(room_key, room_id, epoch, chunk_size=chunk_size, file_id=file_id, version=version)
     h = hashlib.sha256()
     size = 0
     failed = False  # a job failed: the blocks queued after it are neither hashed nor written
     given = hasattr(src, "readinto")  # a file put_blob opened (_open_source): the caller closes it
-    pending: collections.deque[Future[None]] = collections.deque()
+    jobs = _Jobs()
     try:
         # The jobs are entered last, so left first: leaving them waits for every queued one before
         # ``dst`` and ``src`` are closed, whatever ends the pass (an error, an interrupt).
         with (contextlib.nullcontext(src) if given else open(src, "rb", buffering=0)) as s, \
                 (open(dst, "wb", buffering=0) if dst is not None else contextlib.nullcontext()) as d, \
-                _Jobs() as jobs:
+                jobs:
             def out(b: bytes | bytearray) -> None:
                 nonlocal failed
                 if failed:
@@ -752,87 +750,120 @@ def _encrypt_path(room_key: bytes, room_id: str, epoch: int, src: str | os.PathL
                 if tags is not None and k:  # block 0 is the header
                     tags += _record_tags(block, enc.chunk_size)
                 k += 1
-                while len(pending) >= DIGEST_AHEAD:
-                    pending[0].result()  # then popped: a job whose wait was cut short is still noted
-                    pending.popleft()
+                while jobs.in_flight >= DIGEST_AHEAD:
+                    jobs.wait_one()
                 size += len(block)
-                pending.append(jobs.submit(out, block))
+                jobs.submit(out, block)
                 del block  # the queued job's reference alone keeps its buffer from being sealed into
-            while pending:
-                pending[0].result()
-                pending.popleft()
+            while jobs.in_flight:
+                jobs.wait_one()
     except BaseException as e:
-        _note_failed_job(e, pending)
+        _note_failed_job(e, jobs.errors)
         raise
     return BlobCiphertext(size, h.digest())
 
 
-def _nothing() -> None:
-    return None
+_LAST = object()  # the empty job that :class:`_Jobs` waits for last
 
 
 class _Jobs:
-    """One worker thread that runs the jobs given to it in order. Leaving it (``with``) waits
+    """One worker thread that runs the jobs given to it in order; leaving it (``with``) waits
     until every job given has returned, then lets the thread end.
 
-    The wait is for a last, empty job: with one thread taking jobs in order, once it ran,
-    every job queued before it has returned, including one whose ``submit`` an interrupt
-    cut short after it was queued. The thread starts on entering, before any job is given:
-    an interrupt while a first ``submit`` started it left a running thread that nothing
-    waited for (a review found it). It waits on that job's future, not on the thread: on
-    Python 3.11, a ``Thread.join`` that a signal handler's exception cuts short marks the
-    thread as ended while it still runs, so a second join returns at once.
+    The wait is for a last, empty job: with one thread taking the jobs in order, once that
+    one ran, every job queued before it has returned, including one that an interrupt left
+    uncounted. Jobs and their outcomes go through two ``queue.SimpleQueue``, which have no
+    lock written in Python: an interrupt in the middle of a ``ThreadPoolExecutor`` or a
+    ``Future`` could leave one of their locks held, and the next wait hung for good (a
+    review's timed signals did, once in about 300 runs). The thread is a daemon, so one that
+    is left behind (below) never holds up the interpreter's exit.
 
     One exception raised in this thread during that wait (a second Ctrl-C, or what another
     signal's handler raises) is held until the jobs have returned: cut short, the wait would
     let the caller close a file under a job still writing to it, or to whatever file was
     opened next under its number. It is then raised, unless an exception is leaving the
     block already (the first Ctrl-C, say). A second one (a third Ctrl-C) ends the wait, so
-    there is always a way out (a job stuck on a dead disk, a lock that an interrupt left
-    held). The wait lasts as long as the queued jobs, a few blocks of hashing and writing.
-    An interrupt handled in the few bytecodes around the wait, not in it, can still cut it
-    short: only blocking the signal in every thread would close that window."""
+    there is always a way out (a job stuck on a dead disk). The wait lasts as long as the
+    queued jobs, a few blocks of hashing and writing. An interrupt handled in the few
+    bytecodes around the wait, not in it, can still cut it short: only blocking the signal
+    in every thread would close that window."""
 
     #: exceptions held while waiting; the next one ends the wait
     HELD = 1
 
     def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="unibus-digest")
+        self._todo: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.in_flight = 0  # jobs given whose outcome was not taken yet
+        self.errors: list[BaseException] = []  # the jobs' errors, in order
 
-    def submit(self, fn: Callable[[Any], None], arg: Any) -> concurrent.futures.Future[None]:
-        return self._pool.submit(fn, arg)
+    def _run(self) -> None:
+        get, put = self._todo.get, self._done.put
+        while True:
+            job = get()
+            if job is None:
+                return
+            if job is _LAST:
+                put(_LAST)
+                continue
+            fn, arg = job
+            del job  # no reference to the block is kept while the next one is awaited
+            try:
+                fn(arg)
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+                put(e)
+            else:
+                put(None)
+            finally:
+                del arg, fn
+
+    def submit(self, fn: Callable[[Any], None], arg: Any) -> None:
+        self.in_flight += 1
+        self._todo.put((fn, arg))
+
+    def wait_one(self) -> None:
+        """Take the oldest job's outcome; raise its error."""
+        outcome = self._done.get()
+        self.in_flight -= 1
+        if outcome is not None:
+            self.errors.append(outcome)
+            raise outcome
 
     def __enter__(self) -> _Jobs:
-        self._pool.submit(_nothing).result()  # the thread runs before any job is given
+        threading.Thread(target=self._run, name="unibus-digest", daemon=True).start()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
         held: BaseException | None = None
-        last: concurrent.futures.Future[None] | None = None
         interrupted = 0
+        asked = False
         while True:
             try:
-                if last is None:
-                    last = self._pool.submit(_nothing)
-                last.result()
+                if not asked:
+                    self._todo.put(_LAST)
+                    asked = True
+                while (outcome := self._done.get()) is not _LAST:
+                    if outcome is not None:
+                        self.errors.append(outcome)
                 break
             except BaseException as e:  # noqa: BLE001 - held, and raised once the jobs returned
                 interrupted += 1
                 if interrupted > self.HELD:
-                    self._pool.shutdown(wait=False)
+                    self._todo.put(None)
                     raise
                 if held is None:
                     held = e
-        self._pool.shutdown(wait=False)  # every job returned: the thread only has to end
+        self.in_flight = 0
+        self._todo.put(None)  # every job returned: the thread ends
         if held is not None and kind is None:
             raise held
 
 
-def _note_failed_job(e: BaseException, jobs: Sequence[concurrent.futures.Future[None]]) -> None:
-    """Add to ``e`` a note with the error of the first of ``jobs`` that failed with another one
-    (the pass raises its own error, a failed read, and would otherwise lose the job's)."""
-    for job in jobs:
-        if job.done() and not job.cancelled() and (lost := job.exception()) is not None and lost is not e:
+def _note_failed_job(e: BaseException, errors: Sequence[BaseException]) -> None:
+    """Add to ``e`` a note with the first of the jobs' ``errors`` that is not ``e`` itself (the
+    pass raises its own error, a failed read, and would otherwise lose the job's)."""
+    for lost in errors:
+        if lost is not e:
             e.add_note(f"hashing or writing the ciphertext had failed too: {lost or type(lost).__name__}")
             return
 
