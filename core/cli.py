@@ -35,9 +35,16 @@ class _Parser(argparse.ArgumentParser):
     word holding an ``@`` is shown without its ``user:pass@`` (``unrecognized arguments:`` quotes
     stray values, a route URL given after a space instead of a comma among them)."""
 
-    def error(self, message: str) -> NoReturn:
-        from .settings import redact_text
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        self._given = list(sys.argv[1:] if args is None else args)  # for error(): the values as given
+        return super().parse_known_args(args, namespace)
 
+    def error(self, message: str) -> NoReturn:
+        from .settings import redact_text, redact_url
+
+        # each value with an @ as a whole first: a password with a space is two words of the message
+        for value in sorted((a for a in getattr(self, "_given", ()) if "@" in a), key=len, reverse=True):
+            message = message.replace(value, redact_url(value))
         super().error(redact_text(message))
 
 
@@ -683,7 +690,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = argv.pop(0)
     elif argv and not argv[0].startswith("-"):
         print(f"usage: {PROG} [{'|'.join(COMMANDS)}] [FLAGS]", file=sys.stderr)
-        print(f"{PROG}: error: unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        from .settings import shown_url
+
+        print(f"{PROG}: error: unknown command {shown_url(argv[0])}; use one of {', '.join(COMMANDS)}",
+              file=sys.stderr)
         return 2
     try:
         return HANDLERS[command](argv)

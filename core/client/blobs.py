@@ -776,7 +776,8 @@ class _Jobs:
     lock written in Python: an interrupt in the middle of a ``ThreadPoolExecutor`` or a
     ``Future`` could leave one of their locks held, and the next wait hung for good (a
     review's timed signals did, once in about 300 runs). The thread is a daemon, so one that
-    is left behind (below) never holds up the interpreter's exit.
+    is left behind (below) never holds up the interpreter's exit; one whose ``start`` an
+    interrupt cut short is told to end.
 
     One exception raised in this thread during that wait (a second Ctrl-C, or what another
     signal's handler raises) is held until the jobs have returned: cut short, the wait would
@@ -786,7 +787,10 @@ class _Jobs:
     there is always a way out (a job stuck on a dead disk). The wait lasts as long as the
     queued jobs, a few blocks of hashing and writing. An interrupt handled in the few
     bytecodes around the wait, not in it, can still cut it short: only blocking the signal
-    in every thread would close that window."""
+    in every thread would close that window. One handled right after a ``get`` took an
+    outcome loses it: a job's error may then be missing from the note (the interrupt is
+    raised), and a last job taken that way is asked for again (a review found that one
+    interrupt there hung the wait)."""
 
     #: exceptions held while waiting; the next one ends the wait
     HELD = 1
@@ -830,18 +834,21 @@ class _Jobs:
             raise outcome
 
     def __enter__(self) -> _Jobs:
-        threading.Thread(target=self._run, name="unibus-digest", daemon=True).start()
+        try:
+            threading.Thread(target=self._run, name="unibus-digest", daemon=True).start()
+        except BaseException:
+            self._todo.put(None)  # an interrupt during start(): the thread may run; it ends at once
+            raise
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *_: Any) -> None:
         held: BaseException | None = None
         interrupted = 0
-        asked = False
         while True:
             try:
-                if not asked:
-                    self._todo.put(_LAST)
-                    asked = True
+                # A last job on every try: an interrupt right after the get below took the one
+                # before, and the next get would wait for ever. The first one seen is enough.
+                self._todo.put(_LAST)
                 while (outcome := self._done.get()) is not _LAST:
                     if outcome is not None:
                         self.errors.append(outcome)

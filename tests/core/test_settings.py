@@ -124,14 +124,23 @@ def test_redact_url_drops_everything_up_to_the_last_at(url, shown):
     assert redact_text(f"unrecognized arguments: {url} 'x'") == f"unrecognized arguments: {shown} 'x'"
 
 
-def test_a_stray_route_url_is_not_echoed_by_argparse():
-    """A second route given after a space, not a comma: argparse quotes it as an unrecognized argument."""
+@pytest.mark.parametrize("stray", ["nats://u:hunter2secret@127.0.0.3:6250", "nats://u:hunter2 secret@127.0.0.3:6250"])
+def test_a_stray_route_url_is_not_echoed_by_argparse(stray):
+    """A second route given after a space, not a comma: argparse quotes it as an unrecognized
+    argument (a password with a space is two words of that message)."""
     from unibus.testing import run_membershipd
 
-    proc = run_membershipd("posture", "--cluster-name", "c", "--routes", "nats://127.0.0.2:6250",
-                           "nats://u:hunter2secret@127.0.0.3:6250")
+    proc = run_membershipd("posture", "--cluster-name", "c", "--routes", "nats://127.0.0.2:6250", stray)
     assert proc.returncode == 2 and "unrecognized arguments: nats://127.0.0.3:6250" in proc.stderr
-    assert "hunter2secret" not in proc.stderr + proc.stdout
+    assert "hunter2" not in proc.stderr + proc.stdout and "secret" not in proc.stderr + proc.stdout
+
+
+def test_an_unknown_command_that_is_a_url_is_not_echoed_with_its_password():
+    from unibus.testing import run_membershipd
+
+    proc = run_membershipd("nats://u:hunter2secret@127.0.0.3:4222")
+    assert proc.returncode == 2 and "unknown command 'nats://127.0.0.3:4222'" in proc.stderr
+    assert "hunter2secret" not in proc.stderr
 
 
 @pytest.mark.parametrize("url", ["http://user:hunter2secret@127.0.0.1:4222", "user:hunter2secret@127.0.0.1:4222",

@@ -726,6 +726,65 @@ def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_
     assert set(os.listdir("/proc/self/fd")) <= before  # the source and the output closed
 
 
+_LAST_TAKEN = """
+import faulthandler, os, queue, signal, sys, threading, time
+from unibus.client import blobs
+
+faulthandler.dump_traceback_later(20, exit=True)  # a hang fails the test, with the stacks
+
+
+class Interrupt(Exception):
+    pass
+
+
+def handler(*_):
+    raise Interrupt()
+
+
+signal.signal(signal.SIGUSR1, handler)
+
+
+class Outcomes(queue.SimpleQueue):
+    def put(self, item, *args):
+        if item is blobs._LAST:  # the signal lands on the worker: the main thread handles it
+            time.sleep(0.05)     # once its get() has returned, with the last job taken
+            signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+        super().put(item, *args)
+
+
+init = blobs._Jobs.__init__
+
+
+def with_outcomes(self):
+    init(self)
+    self._done = Outcomes()
+
+
+blobs._Jobs.__init__ = with_outcomes
+src, dst = sys.argv[1], sys.argv[2]
+with open(src, "wb") as f:
+    f.write(os.urandom(5 * blobs.DIGEST_BLOCK))
+try:
+    blobs.encrypt_file(bytes(32), "room1", 3, src, dst)
+    print("returned")
+except Interrupt:
+    print("interrupted")
+"""
+
+
+def test_an_interrupt_right_after_the_last_job_was_taken_does_not_hang_the_wait(tmp_path):
+    """An interrupt handled just after the wait took its last, empty job: the wait asks for
+    another one instead of waiting for ever (a review's finding: one signal hung it)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "last.py"
+    script.write_text(_LAST_TAKEN)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "p"), str(tmp_path / "c")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "interrupted", proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("size", [0, 1, C, C + 1, DIGEST_BLOCK + 3 * C + 5])
 def test_the_digest_pass_keeps_every_records_tag_and_the_upload_pass_is_held_to_them(size, tmp_path, version):
     """put_blob's first pass records each record's tag; its upload pass yields a block only
