@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__ as _version
