@@ -140,10 +140,6 @@ class LogError(Exception):
 class UnacceptedBootstrap(LogError):
     """An offline bootstrap after entry 0 that the reader has not accepted (``unibus trust FP``)."""
 
-    def __init__(self, seq: int, fingerprint: str, reason: str) -> None:
-        self.fingerprint = fingerprint
-        super().__init__(seq, reason)
-
 
 # --------------------------------------------------------------------------- hashing
 
@@ -627,9 +623,8 @@ class LogState:
                                   "`unibus trust FINGERPRINT --reset`)")
             return
         if digest not in self.accepted_bootstraps:
-            raise UnacceptedBootstrap(seq, digest, f"an offline bootstrap (recovery) after the trust root, "
-                                                   f"fingerprint {digest}; accept it only if your operator did "
-                                                   f"this: unibus trust {digest}")
+            raise UnacceptedBootstrap(seq, f"an offline bootstrap (recovery) after the trust root, fingerprint "
+                                           f"{digest}; accept it only if your operator did this: unibus trust {digest}")
 
     # -- bootstrap and snapshot -------------------------------------------------------
 

@@ -32,7 +32,7 @@ from typing import Any
 
 from .errors import ConfigError, RuntimeFailure
 from .privatefiles import write_private_file
-from .settings import Settings
+from .settings import Settings, require_route_password
 
 log = logging.getLogger("unibus.natsconf")
 
@@ -314,8 +314,7 @@ def finalize_config(config: dict[str, Any], settings: Settings) -> dict[str, Any
     Raises :class:`ConfigError` when the config no longer matches the posture
     (:func:`check_posture_facts`).
     """
-    if settings.cluster_name and settings.cluster_pass is None:  # serve refused it already: a backstop
-        raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
+    require_route_password(settings)  # serve refused it already, after the cluster gate: a backstop
     final = config
     enforce_loopback_monitor(final)
     enforce_sync_always(final)

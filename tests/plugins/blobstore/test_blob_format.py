@@ -557,6 +557,15 @@ def test_a_failed_write_of_the_digest_pass_is_raised_and_no_later_block_is_writt
     assert set(os.listdir("/proc/self/fd")) <= before  # the source and the output closed
 
 
+def _is_open(fd: int) -> bool:
+    """Whether ``fd`` is still an open descriptor (a write hook's check that its file was not closed under it)."""
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
 def test_a_failed_read_of_the_digest_pass_lets_the_queued_blocks_finish_before_the_output_closes(
         tmp_path, monkeypatch, version):
     """A read error raised while blocks are still queued for the hashing (and writing) thread:
@@ -572,11 +581,7 @@ def test_a_failed_read_of_the_digest_pass_lets_the_queued_blocks_finish_before_t
     real_write = blobs._write_all
 
     def write(fd, parts):
-        try:
-            os.fstat(fd)
-            still_open = True
-        except OSError:
-            still_open = False
+        still_open = _is_open(fd)
         writes.append((still_open, time.monotonic()))
         if still_open:
             real_write(fd, parts)
@@ -673,11 +678,7 @@ def test_a_second_interrupt_does_not_cut_the_wait_for_the_queued_jobs_short(tmp_
         if writes:  # the header went through; the first block of records waits for go_on
             in_write.set()
             assert go_on.wait(10)
-        try:
-            os.fstat(fd)
-            still_open = True
-        except OSError:
-            still_open = False
+        still_open = _is_open(fd)
         writes.append((still_open, time.monotonic()))
         if still_open and not gave_up.is_set():
             real_write(fd, parts)
