@@ -29,7 +29,7 @@ from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager, current_plugin
 from .pluginstate import Stash, plugin_name, state_dir_of
 from .posture import LISTENER_STATES, LISTENERS, merge_posture
-from .problems import Problem, from_problem, problem_response
+from .problems import INTERNAL_ERROR_DETAIL, Problem, from_problem, parser_refusal, problem_response
 from .settings import Settings, insecure_plaintext_warnings
 from .store.base import ChangeNotEnforced, Conflict, Forbidden, LogRejected, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
@@ -79,8 +79,7 @@ class _ServerLogger(logging.LoggerAdapter):
     def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
         if isinstance(exc, HttpProcessingError):
-            what = " ".join(str(exc.message).split())[:200]
-            self.info("refused a malformed request (%d): %s", exc.code, what)
+            self.info("refused a malformed request (%d): %s", exc.code, parser_refusal(exc))
             return
         if isinstance(exc, ConnectionError):  # a client gone, or dropped for not reading (unibus.connlimits)
             self.info("a client's connection ended while its request was handled (%s)", type(exc).__name__)
@@ -245,7 +244,7 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
         return problem_response(400, f"malformed JSON body: {e.msg} at position {e.pos}", kind="malformed-json")
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
-        return problem_response(500, "internal error; see the membershipd log")
+        return problem_response(500, INTERNAL_ERROR_DETAIL)
     finally:
         del exc  # no reference cycle through this frame
 

@@ -55,7 +55,7 @@ from .aio import cancel_and_wait, within
 from .bus import Bus
 from .errors import ConfigError
 from .memberlog import LoggedRequest
-from .problems import Problem
+from .problems import Problem, parser_reason
 from .pubacks import PubAckUnavailable
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
 from .wire import HANDLE_RE
@@ -835,8 +835,8 @@ def _timeout_problem(timeout: float, what: str) -> Problem:
 def _unreadable_body(e: Exception) -> Problem:
     if isinstance(e, ConnectionError):
         return Problem(400, "the connection closed before the request body was complete", kind="incomplete-body")
-    return Problem(400, f"the request body is malformed: {getattr(e, 'message', None) or type(e).__name__}",
-                   kind="malformed-body")
+    reason = parser_reason(e)
+    return Problem(400, "the request body is malformed" + (f": {reason}" if reason else ""), kind="malformed-body")
 
 
 def too_large(limit: int, length: int | None = None) -> Problem:

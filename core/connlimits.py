@@ -66,8 +66,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from .auth import _number_from_env, body_unread
+from .problems import ProblemRequestHandler
 
 log = logging.getLogger("unibus.http")
 
@@ -361,6 +363,9 @@ class _Gate(asyncio.Protocol):
             # memory over TLS, and is paused (and judged by the stall rule) as soon
             transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
         handler = self._site.runner.server()
+        if type(handler) is RequestHandler:
+            # the same handler, whose own error responses are problem documents (unibus.problems)
+            handler.__class__ = ProblemRequestHandler
         self._handler = handler
         _GATES[transport] = self
         handler.connection_made(transport)

@@ -87,12 +87,14 @@ RETRY_AFTER = header("seconds to wait before trying again (with a new nonce)", {
 def core_responses(*, signed: bool, path_params: bool) -> dict[int, Response]:
     """What the core itself may answer on a route, whatever its handler does
     (docs/http-api.md, "Order of the checks" and "Slow and large bodies")."""
-    out = {417: Response("an Expect header other than 100-continue")}
+    out = {400: Response("the request line or a header cannot be parsed (malformed-request)"),
+           417: Response("an Expect header other than 100-continue")}
     if not signed:
         return out
     out.update({
-        400: Response("the request body's HTTP framing is broken, or the connection closed before it was complete "
-                      "(malformed-body, incomplete-body)"),
+        400: Response("the request line or a header cannot be parsed (malformed-request); the request body's HTTP "
+                      "framing is broken, or the connection closed before it was complete (malformed-body, "
+                      "incomplete-body)"),
         401: Response("missing, invalid, expired or replayed signature, or unknown keyid; or a body that does not "
                       "match its signed Content-Digest", headers={"WWW-Authenticate": WWW_AUTHENTICATE}),
         408: Response("the request body did not arrive within the body deadline (UNIBUS_BODY_TIMEOUT)"),

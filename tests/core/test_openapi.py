@@ -66,11 +66,12 @@ def test_a_plugin_route_with_descriptions_only_still_works_and_gets_the_core_sta
                                             "pattern": "^[!-~]{1,256}$"}}]
 
 
-def test_open_route_gets_only_417_and_no_422_without_path_parameters():
+def test_open_route_gets_only_400_and_417_and_no_422_without_path_parameters():
     doc = OpenAPI()
     doc.add_operation("GET", "/ping", summary="ping", responses={200: ("pong", {"type": "object"})}, signed=False)
     op = doc.document()["paths"]["/ping"]["get"]
-    assert set(op["responses"]) == {"200", "417"}
+    assert set(op["responses"]) == {"200", "400", "417"}
+    assert "malformed-request" in op["responses"]["400"]["description"]
     assert op["responses"]["200"]["content"] == {"application/json": {"schema": {"type": "object"}}}
     assert "security" not in op
 

@@ -47,6 +47,8 @@ def server(tmp_path_factory):
         proc.stop()
     log = proc.log_text()
     assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
+    assert "refused a malformed request (400): the request is malformed: Invalid character in Content-Length" in log
+    assert "a" * 64 not in log  # the long lines of test_odd_heads_are_never_a_server_error: never quoted
 
 
 # --------------------------------------------------------------------------- a raw HTTP/1.1 client
@@ -368,17 +370,33 @@ def test_chunked_json_body_is_read_and_checked_after_the_signature(server):
             x.close()
 
 
-def test_broken_chunked_framing_is_400(server):
+@pytest.mark.parametrize("framing", [b"zz\r\nhello\r\n", b"5;\x01\r\nhello\r\n0\r\n\r\n"], ids=["size", "extension"])
+def test_broken_chunked_framing_is_400(server, framing):
+    """With the head, it is the parser's refusal; after ``100 Continue`` (the
+    handler reads the body), the body's: a problem either way, which names
+    what was wrong without quoting it."""
     bob = server.people["bob"]
-    h = sign_streamed_request("POST", "/v1/rooms", ZEROS_SHA256, keyid="bob", private_key=bob.sign_key)
-    h["Transfer-Encoding"] = "chunked"
-    x = Exchange(server.http_port)
-    try:
-        x.send(head("POST", "/v1/rooms", h, server.http_port) + b"zz\r\nhello\r\n")
-        status, _, _ = x.response()
-        assert status == 400
-    finally:
-        x.close()
+    for expect, kind in ((False, "malformed-request"), (True, "malformed-body")):
+        h = sign_streamed_request("POST", "/v1/rooms", ZEROS_SHA256, keyid="bob", private_key=bob.sign_key)
+        h["Transfer-Encoding"] = "chunked"
+        if expect:
+            h["Expect"] = "100-continue"
+        x = Exchange(server.http_port)
+        try:
+            if expect:
+                x.send(head("POST", "/v1/rooms", h, server.http_port))
+                assert x.response()[0] == 100
+                x.send(framing)
+            else:
+                x.send(head("POST", "/v1/rooms", h, server.http_port) + framing)
+            status, _, raw = x.response()
+            doc = problem(raw)
+            assert status == 400 and doc["type"].endswith("/" + kind), doc
+            assert doc["detail"].startswith(("the request is malformed: Invalid character in chunk",
+                                             "the request body is malformed: Invalid character in chunk")), doc
+            assert "hello" not in doc["detail"] and "\\x01" not in doc["detail"]
+        finally:
+            x.close()
 
 
 def test_client_gone_in_the_middle_of_a_body_is_no_server_error(server):
@@ -413,11 +431,21 @@ def test_client_gone_in_the_middle_of_a_body_is_no_server_error(server):
     b"GET /v1/me HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n\r\n",
 ], ids=lambda b: re.sub(rb"[^A-Za-z0-9]+", b"-", b[:60]).decode())
 def test_odd_heads_are_never_a_server_error(server, raw_head):
+    """Every answer is a problem document, aiohttp's own 400s for a head its
+    parser refuses included, and none quotes the bytes that were refused."""
     x = Exchange(server.http_port)
     try:
         x.send(raw_head)
-        status, _, _ = x.response()
+        status, headers, body = x.response()
         assert 400 <= status < 500
+        assert headers["content-type"].startswith("application/problem+json"), (status, headers, body)
+        problem = json.loads(body)
+        assert problem["status"] == status and problem["type"].startswith("https://unibus.dev/problems/")
+        request_line, *fields = raw_head.split(b"\r\n\r\n")[0].split(b"\r\n")
+        values = [request_line.split(b" ")[1].removeprefix(b"/v1/")] + [f.partition(b":")[2] for f in fields[1:]]
+        for value in values:
+            for sent in re.findall(rb"[A-Za-z0-9]{6,}", value):
+                assert sent.decode() not in problem["detail"], problem
     finally:
         x.close()
 
