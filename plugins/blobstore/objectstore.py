@@ -44,7 +44,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from nats.errors import ConnectionClosedError, MaxPayloadError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import (ConnectionClosedError, ConnectionDrainingError, MaxPayloadError, NoRespondersError,
+                         OutboundBufferLimitError)
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import (
@@ -160,6 +161,34 @@ def _digest_of(obj: api.ObjectInfo) -> bytes | None:
     return None
 
 
+#: What nats-py's ``Client.publish`` raises before it sends anything: it checks these
+#: first, before its first ``await``.
+_REFUSED_BEFORE_SENDING = (ConnectionClosedError, ConnectionDrainingError, OutboundBufferLimitError, MaxPayloadError)
+
+
+def _give_back_slot(js: Any, refusal: BaseException) -> None:
+    """Give back the pending-ack slot that nats-py 2.16's ``publish_async`` took for a publish
+    that ``Client.publish`` then refused. nats-py keeps such a slot, and its future, for good:
+    after 4,000 of them (a connection that dropped between :meth:`_Chunks._publish`'s check and
+    the send, a server with a smaller ``max_payload``), every upload of the node would wait for
+    a slot and fail. ``publish_async`` registers the publish's future right before it calls
+    ``Client.publish``, whose refusals come before its first ``await``: nothing else ran in
+    between, so that future is the newest one registered. Cancelling it runs nats-py's own
+    callback, which gives the slot back. A refusal raised elsewhere (the subscription to the
+    replies, made by the first ``publish_async``, before any slot is taken) gives nothing back:
+    the newest future would then be another publish's."""
+    frames = []
+    tb = refusal.__traceback__
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    futures = getattr(js, "_publish_async_futures", None)
+    if futures and frames[-2:] == ["publish_async", "publish"]:  # raised by Client.publish itself
+        newest = next(reversed(futures.values()))
+        if not newest.done():
+            newest.cancel()
+
+
 class _Chunks:
     """An object's chunks being published on ``$O.<bucket>.C.<nuid>``, whatever sizes its bytes
     come in: each message is :meth:`ObjectStoreBackend.chunk_size` bytes but the last, and up
@@ -201,13 +230,18 @@ class _Chunks:
         self.check_fresh()
         nc = getattr(self.backend.js, "_nc", None)
         if nc is not None and not nc.is_connected:
-            # nats-py's publish_async takes one of its pending-ack slots before it publishes,
-            # and never gives it back if the publish fails (a reconnecting connection refuses
-            # more than 2 MiB): refused here, the slots are never lost (found by a red team).
+            # refused here rather than by nats-py (a reconnecting connection takes at most
+            # 2 MiB before it refuses a publish): nothing to give back (_give_back_slot)
             raise BlobUnavailable("the NATS connection is reconnecting; try again")
         # nats-py copies the payload into the PUB command before it returns: the caller may reuse it.
         self._published_at = _since_boot()  # before the send: the message is stored no sooner
-        self._acks.append(await self.backend.js.publish_async(self.subject, payload, wait_stall=self._timeout))
+        js = self.backend.js
+        try:
+            ack = await js.publish_async(self.subject, payload, wait_stall=self._timeout)
+        except _REFUSED_BEFORE_SENDING as e:
+            _give_back_slot(js, e)
+            raise
+        self._acks.append(ack)
         self.count += 1
 
     async def add(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
