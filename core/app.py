@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 
 from . import __version__
 from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY
@@ -29,7 +28,8 @@ from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager, current_plugin
 from .pluginstate import Stash, plugin_name, state_dir_of
 from .posture import LISTENER_STATES, LISTENERS, merge_posture
-from .problems import INTERNAL_ERROR_DETAIL, Problem, from_problem, parser_refusal, problem_response
+from .httperrors import parser_refused, parser_refusal
+from .problems import INTERNAL_ERROR_DETAIL, Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
 from .store.base import ChangeNotEnforced, Conflict, Forbidden, LogRejected, NotFound, Store, StoreUnavailable
 from .supervisor import NatsSupervisor
@@ -74,12 +74,24 @@ class _ServerLogger(logging.LoggerAdapter):
     parser refuses (400: a line too long, broken framing, a bad header), and a
     connection that ends while aiohttp handles a request (a client gone, or
     dropped for not reading), are one INFO line each, not an ERROR with a
-    traceback: any client can cause those."""
+    traceback: any client can cause those. A refusal is told in the words of
+    its answer (unibus.httperrors), never with the refused bytes, also at
+    DEBUG, where aiohttp logs a bad method on a connection's first request."""
+
+    def debug(self, msg: Any, *args: Any, exc_info: Any = None, **kwargs: Any) -> None:
+        # aiohttp logs a bad method on a connection's first request (a port scan, TLS sent to a
+        # plain port) at DEBUG, with a traceback that quotes the request line
+        refusal = parser_refused(exc_info) if isinstance(exc_info, BaseException) else None
+        if refusal is not None:
+            super().debug("refused a malformed request (%d): %s", refusal.code, parser_refusal(refusal))
+            return
+        super().debug(msg, *args, exc_info=exc_info, **kwargs)
 
     def exception(self, msg: Any, *args: Any, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(exc, HttpProcessingError):
-            self.info("refused a malformed request (%d): %s", exc.code, parser_refusal(exc))
+        refusal = parser_refused(exc)
+        if refusal is not None:  # also when aiohttp drains what is left of a body its parser refused
+            self.info("refused a malformed request (%d): %s", refusal.code, parser_refusal(refusal))
             return
         if isinstance(exc, ConnectionError):  # a client gone, or dropped for not reading (unibus.connlimits)
             self.info("a client's connection ended while its request was handled (%s)", type(exc).__name__)

@@ -55,7 +55,8 @@ from .aio import cancel_and_wait, within
 from .bus import Bus
 from .errors import ConfigError
 from .memberlog import LoggedRequest
-from .problems import Problem, parser_reason
+from .httperrors import parser_reason, parser_refused
+from .problems import Problem
 from .pubacks import PubAckUnavailable
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
 from .wire import HANDLE_RE
@@ -835,7 +836,8 @@ def _timeout_problem(timeout: float, what: str) -> Problem:
 def _unreadable_body(e: Exception) -> Problem:
     if isinstance(e, ConnectionError):
         return Problem(400, "the connection closed before the request body was complete", kind="incomplete-body")
-    reason = parser_reason(e)
+    refusal = parser_refused(e)
+    reason = parser_reason(refusal) if refusal is not None else None
     return Problem(400, "the request body is malformed" + (f": {reason}" if reason else ""), kind="malformed-body")
 
 
@@ -877,7 +879,7 @@ async def read_body(request: web.Request, *, timeout: float, limit: int = MAX_BO
         raise _timeout_problem(timeout, "the request body") from None
     except web.HTTPRequestEntityTooLarge:
         raise too_large(limit) from None
-    except (HttpProcessingError, ConnectionError) as e:
+    except (HttpProcessingError, web.RequestPayloadError, ConnectionError) as e:
         raise _unreadable_body(e) from None
 
 
@@ -895,7 +897,7 @@ async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
                 chunk = await content.readany()
         except TimeoutError:
             raise _timeout_problem(timeout, "the next part of the request body") from None
-        except (HttpProcessingError, ConnectionError) as e:
+        except (HttpProcessingError, web.RequestPayloadError, ConnectionError) as e:
             raise _unreadable_body(e) from None
         if not chunk:
             return

@@ -52,7 +52,8 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
 The listener is :class:`LimitedSite` (aiohttp's ``TCPSite``, plus :class:`_Gate`, the
 protocol of each accepted socket, which admits it and, for HTTPS, does the handshake with
 ``loop.start_tls`` so that a socket is counted from ``accept()`` to its close, handshake
-included), and every request is still served by aiohttp's own ``RequestHandler``.
+included), and every request is still served by aiohttp's ``RequestHandler``: the subclass
+:class:`unibus.httperrors.ProblemRequestHandler`, whose own error answers are problem documents.
 """
 
 from __future__ import annotations
@@ -66,10 +67,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from .auth import _number_from_env, body_unread
-from .problems import ProblemRequestHandler
+from .httperrors import for_server
 
 log = logging.getLogger("unibus.http")
 
@@ -362,10 +362,7 @@ class _Gate(asyncio.Protocol):
             # the same for both, so that a client that does not read holds no more of membershipd's
             # memory over TLS, and is paused (and judged by the stall rule) as soon
             transport.set_write_buffer_limits(high=TLS_WRITE_HIGH_WATER)
-        handler = self._site.runner.server()
-        if type(handler) is RequestHandler:
-            # the same handler, whose own error responses are problem documents (unibus.problems)
-            handler.__class__ = ProblemRequestHandler
+        handler = for_server(self._site.runner.server)  # aiohttp's, with its own errors as problems
         self._handler = handler
         _GATES[transport] = self
         handler.connection_made(transport)

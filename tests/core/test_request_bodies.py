@@ -47,7 +47,6 @@ def server(tmp_path_factory):
         proc.stop()
     log = proc.log_text()
     assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
-    assert "refused a malformed request (400): the request is malformed: Invalid character in Content-Length" in log
     assert "a" * 64 not in log  # the long lines of test_odd_heads_are_never_a_server_error: never quoted
 
 
@@ -441,6 +440,8 @@ def test_odd_heads_are_never_a_server_error(server, raw_head):
         assert headers["content-type"].startswith("application/problem+json"), (status, headers, body)
         problem = json.loads(body)
         assert problem["status"] == status and problem["type"].startswith("https://unibus.dev/problems/")
+        if problem["type"].endswith("/malformed-request"):  # logged before it was answered, in its words
+            assert f"refused a malformed request (400): {problem['detail']}" in server.log_text()
         request_line, *fields = raw_head.split(b"\r\n\r\n")[0].split(b"\r\n")
         values = [request_line.split(b" ")[1].removeprefix(b"/v1/")] + [f.partition(b":")[2] for f in fields[1:]]
         for value in values:

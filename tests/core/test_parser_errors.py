@@ -1,0 +1,172 @@
+"""What aiohttp answers by itself (unibus.httperrors), with both of its HTTP
+parsers: llhttp (its C extension, what a wheel ships) and its pure-Python one
+(``AIOHTTP_NO_EXTENSIONS=1``, PyPy, a platform without a wheel).
+
+Every refusal is a problem document whose ``detail`` never quotes what was
+sent, in the answer or the log, and a body whose framing breaks gets its 400
+at once, whether its request is being served or still queued behind another.
+A red team found the pure-Python parser's messages made of the refused bytes
+alone (a request target, a chunk-size line), and a queued request's broken
+body answered 408 at its deadline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import socket
+
+import pytest
+
+from unibus.client import UnibusClient
+from unibus.client.blobs import sign_streamed_request
+from unibus.client.keys import generate_identity
+from unibus.httperrors import PARSER_REASONS, parser_reason, parser_refusal
+from unibus.signing import sign_request
+from unibus.testing import MembershipdProcess, bootstrap_member
+
+from test_request_bodies import Exchange, head
+
+#: What no answer and no log line may ever hold: they are in the refused bytes.
+SECRETS = ("secretToken42", "hunter2", "SECRETVALUE42")
+BODY = b'{"name": "x"}'
+
+
+@pytest.fixture(scope="module", params=["c", "python"])
+def server(request, tmp_path_factory):
+    """One daemon per parser; the pure-Python one logs at DEBUG, where aiohttp
+    logs a connection's first bad method with a traceback of its own."""
+    data_dir = tmp_path_factory.mktemp(f"parser-{request.param}") / "daemon"
+    bob = generate_identity("bob")
+    bootstrap_member(data_dir, bob, "member")
+    env = {"UNIBUS_BODY_TIMEOUT": "10"}  # a regression answers 408 after it, not after 30 s
+    if request.param == "python":
+        env.update({"AIOHTTP_NO_EXTENSIONS": "1", "UNIBUS_LOG_LEVEL": "DEBUG"})
+    proc = MembershipdProcess(data_dir, env=env).start()
+    proc.bob, proc.parser = bob, request.param
+    try:
+        yield proc
+    finally:
+        proc.stop()
+    log = proc.log_text()
+    assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
+    for secret in SECRETS:
+        assert secret not in log, secret
+
+
+def answer(server, *sends: bytes) -> list[tuple[int, dict[str, str], dict]]:
+    """The answers to what is sent (each send waits for one answer first, but the first)."""
+    x = Exchange(server.http_port)
+    out = []
+    try:
+        for i, data in enumerate(sends):
+            if i:
+                out.append(x.response())
+            x.send(data)
+        out.append(x.response())
+    finally:
+        x.close()
+    return [(status, headers, json.loads(body) if body else {}) for status, headers, body in out]
+
+
+def signed_chunked_head(server, **extra: str) -> bytes:
+    h = sign_streamed_request("POST", "/v1/rooms", hashlib.sha256(BODY).digest(), keyid="bob",
+                              private_key=server.bob.sign_key)
+    h.update({"Content-Type": "application/json", "Transfer-Encoding": "chunked", **extra})
+    return head("POST", "/v1/rooms", h, server.http_port)
+
+
+REFUSED = [
+    b"GET secretToken42 HTTP/1.1\r\nHost: x\r\n\r\n",  # neither origin- nor absolute-form
+    b"GET /v1/me HTTP/1.1\r\nHost: x\r\nX: SECRETVALUE42\x01\r\n\r\n",
+    b"GET /v1/me HTTP/1.1\r\nHost: x\r\nX: HTTPS traffic on an HTTP port\x01\r\n\r\n",
+    b"GET /v1/me HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    b"GET /v1/me HTTP/1.1\r\nHost: x\r\nSECRETVALUE42 : y\r\n\r\n",
+    b"SECRETVALUE42( /v1/me HTTP/1.1\r\nHost: x\r\n\r\n",  # a bad method, on the connection's first request
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03SECRETVALUE42\r\n\r\n",  # TLS to the plain port
+]
+
+
+@pytest.mark.parametrize("raw", REFUSED, ids=lambda b: re.sub(rb"[^A-Za-z0-9]+", b"-", b[:40]).decode())
+def test_a_refused_head_is_a_problem_that_quotes_nothing(server, raw):
+    [(status, headers, doc)] = answer(server, raw)
+    assert status == 400 and headers["content-type"].startswith("application/problem+json"), (status, doc)
+    assert doc["type"] == "https://unibus.dev/problems/malformed-request" and doc["status"] == 400
+    assert not any(secret in doc["detail"] for secret in SECRETS), doc
+    assert "TLS" not in doc["detail"] or raw.startswith(b"\x16\x03"), doc  # the message was compared, not searched
+    first_bad_method = raw.startswith((b"SECRET", b"\x16"))  # aiohttp logs it at DEBUG, where only one daemon logs
+    if server.parser == "python" or not first_bad_method:
+        assert f"refused a malformed request (400): {doc['detail']}" in server.log_text()
+
+
+@pytest.mark.parametrize("chunks", [
+    b"my password is hunter2\r\n" + BODY + b"\r\n0\r\n\r\n",  # a chunk-size line that is text
+    b"%x\r\n%s\r\n0\r\n" % (len(BODY), BODY) + b"X-hunter2: y\r\n" * 200 + b"\r\n",  # trailers
+    b"1" + b"0" * 9000 + b"\r\n",  # a chunk-size line over 8190 bytes
+], ids=["size-line", "trailers", "long-size-line"])
+@pytest.mark.parametrize("when", ["with-the-head", "after-100-continue"])
+def test_a_broken_body_is_400_at_once_and_quotes_nothing(server, chunks, when):
+    """Never a 408 at the body's deadline, never a 500 (the pure-Python parser's
+    ``RequestPayloadError`` was one)."""
+    if when == "with-the-head":
+        answers = answer(server, signed_chunked_head(server) + chunks)
+    else:
+        answers = answer(server, signed_chunked_head(server, Expect="100-continue"), chunks)
+        assert answers.pop(0)[0] == 100
+    status, headers, doc = answers[-1]
+    assert status in (400, 201), (status, doc)  # 201: a parser that accepts these trailers
+    if status == 400:
+        assert doc["type"].rsplit("/", 1)[1] in ("malformed-request", "malformed-body"), doc
+        assert not any(secret in doc["detail"] for secret in SECRETS), doc
+
+
+async def test_a_broken_body_of_a_queued_request_is_400_at_once(server):
+    """A request whose head was parsed while another was served (pipelined),
+    then its body's framing broke: aiohttp queued the refusal behind it and
+    left its body open (it was not the request being served), so it answered
+    408 at the body's deadline. Request 1 is a download of 16 MiB that this
+    client reads only once the bad chunk was sent."""
+    async with UnibusClient(server.base_url, server.bob) as bob:
+        room = (await bob.create_room("queued"))["room_id"]
+    blob = os.urandom(16 << 20)
+    target = f"/v1/rooms/{room}/blobs"
+    h = sign_streamed_request("PUT", target, hashlib.sha256(blob).digest(), keyid="bob", private_key=server.bob.sign_key)
+    h.update({"Content-Type": "application/octet-stream", "Content-Length": str(len(blob))})
+    [(status, _, doc)] = answer(server, head("PUT", target, h, server.http_port) + blob)
+    assert status == 201, doc
+    download = f"{target}/{doc['blob_id']}"
+    h = sign_request("GET", download, None, keyid="bob", private_key=server.bob.sign_key)
+    x = Exchange(server.http_port)
+    try:
+        x.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        x.send(head("GET", download, h, server.http_port) + signed_chunked_head(server))
+        while b"\r\n\r\n" not in x.buf:  # request 1 is being served: request 2 waits in the queue
+            assert x._fill()
+        x.send(b"zz\r\n" + BODY + b"\r\n")
+        status, _, got = x.response()
+        assert status == 200 and got == blob
+        status, _, raw = x.response()
+    finally:
+        x.close()
+    doc = json.loads(raw)
+    assert status == 400 and doc["type"].endswith(("/malformed-body", "/malformed-request")), doc
+
+
+@pytest.mark.parametrize("message, reason", [
+    ("Invalid character in Content-Length:\n\n  b'-1'\n  ^", "Invalid character in Content-Length"),
+    ("Bad status line:\n  Invalid HTTP version:\n\n  b'GET / HTTP/9'\n      ^", "Invalid HTTP version"),
+    ("Missing 'Host' header in request.", "Missing 'Host' header in request"),
+    ("Duplicate 'HoSt' header found.", "Duplicate 'host' header found"),
+    ("Duplicate 'X-Secret' header found.", None),  # not a header that may appear once: not aiohttp's
+    ("secretToken42", None),
+    ("Invalid header token:\n\n  b'secretToken42'", "Invalid header token"),
+    ("my password is hunter2:\n\n  b'x'", None),
+], ids=[str(i) for i in range(8)])
+def test_the_reasons_shown_are_fixed_texts(message, reason):
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    assert parser_reason(BadHttpMessage(message)) == reason
+    refusal = parser_refusal(BadHttpMessage(message))
+    assert refusal == (f"the request is malformed: {reason}" if reason else "the request is malformed")
+    assert all("\n" not in r and not r.endswith(".") for r in PARSER_REASONS)
