@@ -192,16 +192,20 @@ async def copy_to_object_store(js: Any, root: Path, *, replicas: int,
     backend.obs = await backend._ensure_bucket()
     copied = 0
     rooms: dict[str, bool] = {}
-    for blob_dir, info in blobs:
-        if info.room_id not in rooms:
-            rooms[info.room_id] = await room_exists(info.room_id)
-        if not rooms[info.room_id] or await backend.whole_info(info.room_id, info.blob_id) is not None:
-            continue
-        digest, size = await asyncio.to_thread(file_sha256, blob_dir / DATA)
-        if digest != info.blob_id or size != info.size:
-            warn(f"blob {info.blob_id} of room {info.room_id}: its bytes do not match its id and size; not copied")
-            continue
-        await backend._put(info, blob_dir / DATA)
-        copied += 1
+    try:
+        for blob_dir, info in blobs:
+            if info.room_id not in rooms:
+                rooms[info.room_id] = await room_exists(info.room_id)
+            if not rooms[info.room_id] or await backend.whole_info(info.room_id, info.blob_id) is not None:
+                continue
+            digest, size = await asyncio.to_thread(file_sha256, blob_dir / DATA)
+            if digest != info.blob_id or size != info.size:
+                warn(f"blob {info.blob_id} of room {info.room_id}: its bytes do not match its id and size; "
+                     "not copied")
+                continue
+            await backend._put(info, blob_dir / DATA)
+            copied += 1
+    finally:
+        await backend.close()  # its subscription to the chunks' acknowledgements
     return copied
 

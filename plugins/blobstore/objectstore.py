@@ -181,18 +181,26 @@ class _ChunkAcks:
         self._sub: Any = None
         self._waiting: dict[str, asyncio.Future[None]] = {}
         self._sent = 0
+        self._closed = False
 
     async def publish(self, subject: str, payload: bytes | bytearray | memoryview) -> asyncio.Future[None]:
         """Publish, and return the future of the stream's acknowledgement: ``None``, or the error
         the stream answered (``APIError``, ``NoStreamResponseError``). A caller that stops waiting
         for it cancels it."""
         nc = self._connection()
-        if self._prefix is None:
+        if self._prefix is None and not self._closed:
             async with self._subscribing:
-                if self._prefix is None:
+                if self._prefix is None and not self._closed:
                     prefix = nc.new_inbox() + "."
-                    self._sub = await nc.subscribe(prefix + "*", cb=self._on_ack)
-                    self._prefix = prefix
+                    sub = await nc.subscribe(prefix + "*", cb=self._on_ack)
+                    if self._closed:  # while it subscribed
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                    else:
+                        self._sub, self._prefix = sub, prefix
+        prefix = self._prefix
+        if self._closed or prefix is None:
+            raise ConnectionClosedError()  # the backend was closed: a 503, as for a closed connection
         self._sent += 1
         token = str(self._sent)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -200,7 +208,7 @@ class _ChunkAcks:
         future.add_done_callback(lambda _, token=token: self._waiting.pop(token, None))
         try:
             # nats-py copies the payload into the PUB command before it returns: the caller may reuse it
-            await nc.publish(subject, payload, reply=self._prefix + token)
+            await nc.publish(subject, payload, reply=prefix + token)
         except BaseException:
             self._waiting.pop(token, None)
             future.cancel()
@@ -223,7 +231,8 @@ class _ChunkAcks:
         if not error:
             future.set_result(None)
         elif isinstance(error, dict) and error.get("code") == 503:
-            future.set_exception(ServiceUnavailableError(description=error.get("description")))
+            future.set_exception(ServiceUnavailableError(code=503, description=error.get("description"),
+                                                         err_code=error.get("err_code")))
         else:
             error = error if isinstance(error, dict) else {}
             future.set_exception(APIError(code=error.get("code"), description=str(error.get("description") or ""),
@@ -235,8 +244,13 @@ class _ChunkAcks:
         return sum(not future.done() for future in self._waiting.values())
 
     async def close(self) -> None:
-        """Stop listening; whoever still waits for an acknowledgement times out as for a lost one."""
+        """Stop listening: whoever still waits for an acknowledgement gets ``ConnectionClosedError``
+        (a 503), as does a later publish."""
+        self._closed = True
         sub, self._sub, self._prefix = self._sub, None, None
+        for future in list(self._waiting.values()):
+            if not future.done():
+                future.set_exception(ConnectionClosedError())
         if sub is not None:
             with contextlib.suppress(Exception):  # the connection may be gone
                 await sub.unsubscribe()
@@ -949,11 +963,13 @@ class ObjectStoreBackend(BlobBackend):
                 await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(),
                                       headers={api.Header.ROLLUP: "sub",
                                                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
-            except APIError as e:
-                if e.err_code != WRONG_LAST_SEQUENCE:
-                    raise
-                chunks.count = count  # not the object's: the caller's discard purges them
-                raise _LostRace() from None
+            except (APIError, NoRespondersError, NoStreamResponseError) as e:
+                # the stream answered that it did not store it (a lost race, a full stream), or no
+                # stream listens: the chunks are not the object's, the caller's discard purges them
+                chunks.count = count
+                if isinstance(e, APIError) and e.err_code == WRONG_LAST_SEQUENCE:
+                    raise _LostRace() from None
+                raise
             # Any other failure (a lost acknowledgement, a reconnect) leaves the chunks: the metadata
             # may still be stored, later even (nats-py sends what it buffered once it reconnects, and
             # nats-server may answer a read sent after it first). Purging them on such an ambiguous

@@ -708,6 +708,60 @@ async def test_objectstore_a_full_stream_is_503_naming_it_and_keeps_nothing(nats
         await nc.close()
 
 
+async def test_objectstore_metadata_the_stream_refuses_leaves_no_chunks(nats_server, tmp_path):
+    """The chunks fit, their metadata does not (the stream is full by its message count): the
+    stream answered that it stored nothing, so the chunks are purged at once, not left to the
+    sweep while the stream stays full (a review found them kept)."""
+    from unibus.plugins.blobstore.backend import BlobUnavailable
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=5)
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        config = (await js.stream_info(b.stream)).config
+        config.max_msgs = 3
+        await js.update_stream(config)
+        up = await b.begin(ROOM)
+        with pytest.raises(BlobUnavailable, match="maximum messages exceeded"):
+            await up.write(os.urandom(3 * b.chunk_size()))
+            await up.commit("alice")
+        await up.abort()
+        assert not await chunk_subjects(js) and await b.list_room(ROOM) == []
+        await b.close()
+    finally:
+        await nc.close()
+
+
+async def test_objectstore_closing_the_backend_fails_its_uploads_at_once(nats_server, tmp_path):
+    """A backend closed under running uploads: each fails as unavailable (503) without waiting
+    for acknowledgements no one listens to, and no publish subscribes again."""
+    from unibus.plugins.blobstore.backend import BlobUnavailable
+
+    nc = await nats.connect(nats_server.url)
+    js = nc.jetstream(timeout=30)  # a wait for an acknowledgement would show as a hang
+    try:
+        b = ObjectStoreBackend(js, tmp_path / "blobs")
+        await b.start()
+        ups = [await b.begin(ROOM) for _ in range(3)]
+        for up in ups:
+            await up.write(os.urandom(2 * b.chunk_size()))
+        before = {sub.subject for sub in nc._subs.values()}
+        acks = b.acks._prefix + "*"
+        assert acks in before
+        await b.close()
+        for up in ups:
+            with pytest.raises(BlobUnavailable):
+                async with asyncio.timeout(10):
+                    await up.write(os.urandom(b.chunk_size()))
+                    await up.finish()
+            await up.abort()
+        after = {sub.subject for sub in nc._subs.values()}
+        assert b.acks.pending == 0 and after < before and acks not in after
+    finally:
+        await nc.close()
+
+
 async def test_objectstore_a_connection_closed_during_a_put_waits_for_nothing(nats_server, tmp_path):
     """The connection closes while an upload's chunks are published: the upload is unavailable
     (503), and no acknowledgement is awaited any more."""
