@@ -305,9 +305,9 @@ class _Chunks:
         self.count += 1
         # nats-py's flusher task writes the chunk to the socket when it next runs: now, so that
         # nats-server stores it while this upload hashes and cuts the next. Without this turn
-        # (publish_async had one, in its wait for a slot) a put into the object store ran at 95%
-        # of publish_async's speed, with it at 104 to 107% (bench/probe_chunk_acks.py: in process,
-        # 128 MiB, the median of 10 alternating rounds, four runs).
+        # (publish_async had one, in its wait for a slot) a put into the object store ran at 90 to
+        # 94% of publish_async's speed, with it at 104 to 107% (bench/probe_chunk_acks.py: in
+        # process, 128 MiB, the median of 10 alternating rounds; docs/benchmarks.md).
         await asyncio.sleep(0)
 
     async def add(self, parts: Sequence[bytes | bytearray | memoryview]) -> None:
