@@ -18,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY
+from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY, send_continue
 from .bus import Bus
 from .connlimits import DEFAULT_IDLE_TIMEOUT, send_within
 from .health import HealthProber, HealthState
@@ -28,7 +28,7 @@ from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager, current_plugin
 from .pluginstate import Stash, plugin_name, state_dir_of
 from .posture import LISTENER_STATES, LISTENERS, merge_posture
-from .httperrors import parser_refused, parser_refusal
+from .httperrors import parser_refusal, parser_refused, unreadable_body
 from .problems import INTERNAL_ERROR_DETAIL, Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
 from .store.base import ChangeNotEnforced, Conflict, Forbidden, LogRejected, NotFound, Store, StoreUnavailable
@@ -254,7 +254,11 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
         return _http_exception_problem(request, e)
     except json.JSONDecodeError as e:
         return problem_response(400, f"malformed JSON body: {e.msg} at position {e.pos}", kind="malformed-json")
-    except Exception:
+    except Exception as e:
+        if parser_refused(e) is not None:  # a handler (a plugin's) read a body itself, whose framing broke
+            problem = unreadable_body(e)
+            log.info("refused a malformed request body in %s %s: %s", request.method, request.path, problem.detail)
+            return from_problem(problem)
         log.exception("unhandled error in %s %s", request.method, request.path)
         return problem_response(500, INTERNAL_ERROR_DETAIL)
     finally:
@@ -356,9 +360,8 @@ async def open_continue(request: web.Request) -> web.StreamResponse | None:
     that an unknown expectation is a problem+json 417 like everywhere else."""
     if request.headers.get("Expect", "").lower() != "100-continue":
         return _expectation_failed()
-    if request.version >= (1, 1):
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0
+    # as aiohttp's, but marked sent: reading the body (unibus.auth.read_body) sent a second one
+    await send_continue(request, without_body=True)
     return None
 
 

@@ -55,7 +55,7 @@ from .aio import cancel_and_wait, within
 from .bus import Bus
 from .errors import ConfigError
 from .memberlog import LoggedRequest
-from .httperrors import parser_reason, parser_refused
+from .httperrors import unreadable_body
 from .problems import Problem
 from .pubacks import PubAckUnavailable
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
@@ -833,22 +833,15 @@ def _timeout_problem(timeout: float, what: str) -> Problem:
     return Problem(408, f"{what} did not arrive within {timeout:g} s", kind="request-timeout")
 
 
-def _unreadable_body(e: Exception) -> Problem:
-    if isinstance(e, ConnectionError):
-        return Problem(400, "the connection closed before the request body was complete", kind="incomplete-body")
-    refusal = parser_refused(e)
-    reason = parser_reason(refusal) if refusal is not None else None
-    return Problem(400, "the request body is malformed" + (f": {reason}" if reason else ""), kind="malformed-body")
-
-
 def too_large(limit: int, length: int | None = None) -> Problem:
     said = f"the request body is {length} bytes" if length is not None else "the request body is too large"
     return Problem(413, f"{said}; this server reads at most {limit} bytes", kind="request-entity-too-large",
                    max_bytes=limit)
 
 
-async def send_continue(request: web.BaseRequest) -> None:
-    """Send ``100 Continue`` if the client asked for it (``Expect: 100-continue``), once.
+async def send_continue(request: web.BaseRequest, *, without_body: bool = False) -> None:
+    """Send ``100 Continue`` if the client asked for it (``Expect: 100-continue``), once,
+    and only for a request with a body unless ``without_body`` (what aiohttp does).
 
     Signed routes defer aiohttp's automatic ``100 Continue`` (unibus.app's
     ``defer_continue``) until the signature was accepted, so that a client
@@ -856,7 +849,8 @@ async def send_continue(request: web.BaseRequest) -> None:
     """
     if request.get(_CONTINUE_SENT) or request.version < (1, 1):
         return
-    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue" or request.content.is_eof():
+    if request.headers.get(hdrs.EXPECT, "").lower() != "100-continue" or (
+            request.content.is_eof() and not without_body):
         return
     request[_CONTINUE_SENT] = True
     await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -880,7 +874,7 @@ async def read_body(request: web.Request, *, timeout: float, limit: int = MAX_BO
     except web.HTTPRequestEntityTooLarge:
         raise too_large(limit) from None
     except (HttpProcessingError, web.RequestPayloadError, ConnectionError) as e:
-        raise _unreadable_body(e) from None
+        raise unreadable_body(e) from None
 
 
 async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
@@ -898,7 +892,7 @@ async def body_chunks(request: web.Request) -> AsyncIterator[bytes]:
         except TimeoutError:
             raise _timeout_problem(timeout, "the next part of the request body") from None
         except (HttpProcessingError, web.RequestPayloadError, ConnectionError) as e:
-            raise _unreadable_body(e) from None
+            raise unreadable_body(e) from None
         if not chunk:
             return
         yield chunk

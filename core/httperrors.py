@@ -20,12 +20,12 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import (BadHttpMethod, BadStatusLine, HttpProcessingError, InvalidHeader,
-                                     InvalidURLError, LineTooLong)
+                                     InvalidURLError, LineTooLong, TransferEncodingError)
 from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
-from .problems import INTERNAL_ERROR_DETAIL, problem_response
+from .problems import INTERNAL_ERROR_DETAIL, Problem, problem_response
 
 #: The reasons of aiohttp's parsers that a ``detail`` may show: llhttp's (its C
 #: parser's, the text before the quote of the refused bytes) and its pure-Python
@@ -55,7 +55,8 @@ PARSER_REASONS = frozenset({
     "Unexpected whitespace after header value",
     # aiohttp's own (both parsers)
     "Bad line ending, expected CRLF", "Missing 'Host' header in request", "Request has invalid `Transfer-Encoding`",
-    "Too many headers received", "Too many trailers received",
+    "Too many headers received", "Too many trailers received", "Bad chunk-size line ending, expected CRLF",
+    "Bad trailer line ending, expected CRLF", "Chunk size mismatch: expected CRLF after chunk data",
 })
 #: aiohttp's ``Duplicate '<name>' header found.``, for a header that may appear once.
 _DUPLICATE = re.compile(r"Duplicate '([A-Za-z-]{1,32})' header found")
@@ -83,8 +84,13 @@ def parser_refused(exc: BaseException | None) -> HttpProcessingError | None:
 
 def parser_reason(exc: BaseException) -> str | None:
     """The reason aiohttp's HTTP parser gave for refusing what was sent, when
-    it is one of :data:`PARSER_REASONS`; None otherwise."""
+    it is one of :data:`PARSER_REASONS`; None otherwise. The pure-Python
+    parser's ``TransferEncodingError`` and ``InvalidURLError`` are the refused
+    line itself (a chunk size, a request target): only the C parser's form
+    of them, which quotes the bytes after its reason, names one."""
     message = str(getattr(exc, "message", "") or "").removeprefix("Bad status line:\n  ")
+    if isinstance(exc, (TransferEncodingError, InvalidURLError)) and _C_PARSER_SEPARATOR not in message:
+        return None
     reason = message.split(_C_PARSER_SEPARATOR, 1)[0].removesuffix(".")
     if reason in PARSER_REASONS:
         return reason
@@ -100,7 +106,7 @@ def parser_refusal(exc: BaseException) -> str:
     if isinstance(exc, LineTooLong):
         limit = exc.args[1] if len(exc.args) > 1 and isinstance(exc.args[1], int) else None
         return "a request line or header field is longer than this server reads" + (f" ({limit} bytes)" if limit else "")
-    if getattr(exc, "message", None) == _TLS_ON_PLAIN:
+    if isinstance(exc, BadHttpMethod) and exc.message == _TLS_ON_PLAIN:
         return "TLS was sent to a plain-HTTP port: use http://, or the port that serves TLS"
     reason = parser_reason(exc)
     if reason is not None:
@@ -111,6 +117,31 @@ def parser_refusal(exc: BaseException) -> str:
     return "the request is malformed"
 
 
+def unreadable_body(exc: BaseException) -> Problem:
+    """The 400 for a request body that could not be read: the client closed
+    the connection before its end (``ConnectionError``), or the parser refused
+    its framing (docs/http-api.md, "Errors")."""
+    if isinstance(exc, ConnectionError):
+        return Problem(400, "the connection closed before the request body was complete", kind="incomplete-body")
+    refusal = parser_refused(exc)
+    reason = parser_reason(refusal) if refusal is not None else None
+    return Problem(400, "the request body is malformed" + (f": {reason}" if reason else ""), kind="malformed-body")
+
+
+class _Queue(deque):  # type: ignore[type-arg]
+    """aiohttp's queue of parsed requests, which tells its handler of each one appended: by
+    ``data_received``, and by ``finish_response`` for the requests it parses behind an upgrade
+    that was declined (or a ``CONNECT``), which never pass through ``data_received``."""
+
+    def __init__(self, appended: Any) -> None:
+        super().__init__()
+        self.appended = appended
+
+    def append(self, item: Any) -> None:
+        super().append(item)
+        self.appended(item)
+
+
 class ProblemRequestHandler(RequestHandler):
     """aiohttp's ``RequestHandler`` (one per connection), except that
 
@@ -119,7 +150,8 @@ class ProblemRequestHandler(RequestHandler):
     - a refusal of its parser in the middle of a request's body goes to that
       body's reader (a ``400``, ``malformed-body``), where aiohttp queues it as
       the next request's and leaves the body open, so that its handler waited
-      for the rest until the body's deadline (``408``).
+      for the rest until the body's deadline (``408``): the request being
+      served, or one queued behind it.
 
     Made like aiohttp's ``web.Server`` makes its ``RequestHandler``
     (:func:`for_server`)."""
@@ -131,20 +163,17 @@ class ProblemRequestHandler(RequestHandler):
         #: The body of the newest request the parser handed over: every byte it
         #: parsed since went to that body until the body ended.
         self._open_body: StreamReader | None = None
+        self._messages = _Queue(self._queued)
 
-    def data_received(self, data: bytes) -> None:
-        messages: deque[tuple[Any, Any]] = self._messages
-        queued = len(messages)
-        super().data_received(data)  # only appends to the queue; its reader pops from the left, later
-        for index in range(queued, len(messages)):
-            message, payload = messages[index]
-            refusal = getattr(message, "exc", None)  # an error aiohttp queued in place of a request
-            if not isinstance(refusal, HttpProcessingError):
-                self._open_body = payload
-                continue
-            body, self._open_body = self._open_body, None
-            if body is not None and not body.is_eof() and body.exception() is None:
-                body.set_exception(refusal)
+    def _queued(self, item: tuple[Any, Any]) -> None:
+        message, payload = item
+        refusal = getattr(message, "exc", None)  # an error aiohttp queued in place of a request
+        if not isinstance(refusal, HttpProcessingError):
+            self._open_body = payload
+            return
+        body, self._open_body = self._open_body, None
+        if body is not None and not body.is_eof() and body.exception() is None:
+            body.set_exception(refusal)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._open_body = None
@@ -153,7 +182,7 @@ class ProblemRequestHandler(RequestHandler):
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
         super().handle_error(request, status, exc, message)  # logs it, and refuses once a response began
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError) and status == 400:
             response = problem_response(status, parser_refusal(exc), kind="malformed-request")
         else:  # a 500, or a 504 for a handler's TimeoutError (the middlewares answer both first)
             response = problem_response(status, INTERNAL_ERROR_DETAIL)

@@ -26,11 +26,37 @@ from unibus.httperrors import PARSER_REASONS, parser_reason, parser_refusal
 from unibus.signing import sign_request
 from unibus.testing import MembershipdProcess, bootstrap_member
 
+from helpers import plugin_modules
 from test_request_bodies import Exchange, head
 
 #: What no answer and no log line may ever hold: they are in the refused bytes.
 SECRETS = ("secretToken42", "hunter2", "SECRETVALUE42")
 BODY = b'{"name": "x"}'
+
+
+#: A plugin whose handler reads its (unsigned) route's body itself.
+READS_BODY_PLUGIN = """
+    from aiohttp import web
+    from unibus import hookimpl
+    from unibus.app import add_route
+
+    PLUGIN_NAME = "reads_body"
+
+    async def size(request):
+        return web.json_response({"bytes": len(await request.read())})
+
+    async def size_read_by_the_core(request):
+        return web.json_response({"bytes": len(await request.read())})
+
+    size.unibus_streaming = True  # it reads its body itself
+
+    @hookimpl
+    async def startup(app):
+        add_route(app, "POST", "/reads-body", size, summary="the body's size", responses={200: "its size"},
+                  signed=False, namespaced=False)
+        add_route(app, "POST", "/core-reads-body", size_read_by_the_core, summary="the body's size",
+                  responses={200: "its size"}, signed=False, namespaced=False)
+"""
 
 
 @pytest.fixture(scope="module", params=["c", "python"])
@@ -40,10 +66,11 @@ def server(request, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp(f"parser-{request.param}") / "daemon"
     bob = generate_identity("bob")
     bootstrap_member(data_dir, bob, "member")
-    env = {"UNIBUS_BODY_TIMEOUT": "10"}  # a regression answers 408 after it, not after 30 s
+    env = {"UNIBUS_BODY_TIMEOUT": "10",  # a regression answers 408 after it, not after 30 s
+           **plugin_modules(tmp_path_factory.mktemp("plugins"), {"reads_body_plugin": READS_BODY_PLUGIN})}
     if request.param == "python":
         env.update({"AIOHTTP_NO_EXTENSIONS": "1", "UNIBUS_LOG_LEVEL": "DEBUG"})
-    proc = MembershipdProcess(data_dir, env=env).start()
+    proc = MembershipdProcess(data_dir, ["--plugin", "reads_body_plugin"], env=env).start()
     proc.bob, proc.parser = bob, request.param
     try:
         yield proc
@@ -151,6 +178,58 @@ async def test_a_broken_body_of_a_queued_request_is_400_at_once(server):
         x.close()
     doc = json.loads(raw)
     assert status == 400 and doc["type"].endswith(("/malformed-body", "/malformed-request")), doc
+
+
+@pytest.mark.parametrize("first", [
+    "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    "CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n",
+], ids=["declined-upgrade", "connect"])
+def test_a_broken_body_behind_an_upgrade_is_400_at_once(server, first):
+    """aiohttp parses what follows a request that asks for an upgrade once it
+    has answered it, outside ``data_received``: a review found the broken body
+    of a request queued there answered 408 at the body's deadline."""
+    x = Exchange(server.http_port)
+    try:
+        x.send(first.encode() + signed_chunked_head(server))
+        if server.parser == "python" and first.startswith("CONNECT"):
+            assert x.closed_by_server()  # that parser's CONNECT: one answer (404), then the connection ends
+            return
+        x.response()  # the upgrade declined (200), the CONNECT refused
+        x.send(b"zz\r\n" + BODY + b"\r\n")
+        status, _, raw = x.response()
+    finally:
+        x.close()
+    doc = json.loads(raw)
+    assert status == 400 and doc["type"].endswith(("/malformed-body", "/malformed-request")), doc
+
+
+def test_a_handler_that_reads_a_broken_body_itself_answers_400(server):
+    """A plugin's handler that reads its body itself gets the parser's refusal:
+    a 400 problem and one log line, never a 500 whose traceback quotes the bytes."""
+    h = {"Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked", "Expect": "100-continue"}
+    answers = answer(server, head("POST", "/reads-body", h, server.http_port),
+                     b"my password is hunter2\r\nabc\r\n0\r\n\r\n")
+    [(status, _, _), (status2, _, doc)] = answers
+    assert status == 100, answers
+    assert status2 == 400 and doc["type"].endswith("/malformed-body"), answers
+    assert not any(secret in doc["detail"] for secret in SECRETS), doc
+
+
+def test_an_open_route_with_a_body_sends_one_100_continue(server):
+    """The core reads an open route's body under its deadline; its ``100
+    Continue`` came once from the route's expect handler and once more from
+    that read."""
+    h = {"Content-Type": "application/octet-stream", "Content-Length": "3", "Expect": "100-continue"}
+    x = Exchange(server.http_port)
+    try:
+        x.send(head("POST", "/core-reads-body", h, server.http_port))
+        assert x.response()[0] == 100
+        x.send(b"abc")
+        status, _, raw = x.response()
+        assert status == 200 and json.loads(raw) == {"bytes": 3}, raw
+        assert x.buf == b""
+    finally:
+        x.close()
 
 
 @pytest.mark.parametrize("message, reason", [
