@@ -249,3 +249,35 @@ def test_the_reasons_shown_are_fixed_texts(message, reason):
     refusal = parser_refusal(BadHttpMessage(message))
     assert refusal == (f"the request is malformed: {reason}" if reason else "the request is malformed")
     assert all("\n" not in r and not r.endswith(".") for r in PARSER_REASONS)
+
+
+async def test_for_server_makes_the_handler_that_server_would():
+    """``for_server`` uses ``web.Server``'s private ``_loop`` and ``_kwargs``:
+    every attribute of its handler is what ``server()`` gives aiohttp's own,
+    with the daemon's options, but the class and what it adds."""
+    from collections import deque
+
+    from aiohttp import web
+    from aiohttp.web_protocol import RequestHandler
+
+    from unibus.app import server_options
+    from unibus.httperrors import ProblemRequestHandler, for_server
+
+    runner = web.AppRunner(web.Application(), access_log=None, handle_signals=False, **server_options(7.0))
+    await runner.setup()
+    try:
+        theirs, ours = runner.server(), for_server(runner.server)
+        assert type(theirs) is RequestHandler and type(ours) is ProblemRequestHandler
+        names = {name for cls in RequestHandler.__mro__ for name in getattr(cls, "__slots__", ())}
+        assert len(names) > 30
+        for name in sorted(names - {"_cache", "_messages"}):
+            a, b = getattr(theirs, name, None), getattr(ours, name, None)
+            if a is None or isinstance(a, (bool, int, float, str)) or name in (
+                    "logger", "_manager", "_request_handler", "_request_factory", "_loop", "access_log_class"):
+                assert a is b or a == b, name
+            else:
+                assert type(a) is type(b), name
+        assert isinstance(ours._messages, deque) and not ours._messages and ours._open_body is None
+        assert ours._keepalive_timeout == 7.0 and ours.logger is server_options()["logger"]
+    finally:
+        await runner.cleanup()
