@@ -175,9 +175,20 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
     except Exception as e:  # noqa: BLE001 - each kind is answered by _problem_for (the rest: 500)
+        if _answer_begun(request):
+            raise
         response = _problem_for(request, e)
     await send_within(request, response, request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT))  # as served_middleware
     return response
+
+
+def _answer_begun(request: web.Request) -> bool:
+    """Whether the handler's own response has begun to go out (a streamed one): no problem can
+    follow it, whose bytes would be read as that response's body. Raised on, the error reaches
+    aiohttp, which logs it (unibus.app._ServerLogger) and closes the connection, as its
+    ``handle_error`` does when "the response is sent already"."""
+    writer = request.writer
+    return writer is not None and writer.output_size > 0
 
 
 def served_middleware(metrics: Metrics) -> Any:
@@ -196,6 +207,8 @@ def served_middleware(metrics: Metrics) -> Any:
             try:
                 response = await handler(request)
             except Exception as e:  # noqa: BLE001 - as problem_middleware
+                if _answer_begun(request):
+                    raise
                 response = _problem_for(request, e)  # re-raises a redirect
             status = response.status
             # Sent here, with a deadline if it cannot go at once (unibus.connlimits.send_within):
@@ -255,10 +268,11 @@ def _problem_for(request: web.Request, exc: Exception) -> web.StreamResponse:
     except json.JSONDecodeError as e:
         return problem_response(400, f"malformed JSON body: {e.msg} at position {e.pos}", kind="malformed-json")
     except Exception as e:
-        if parser_refused(e) is not None:  # a handler (a plugin's) read a body itself, whose framing broke
-            problem = unreadable_body(e)
-            log.info("refused a malformed request body in %s %s: %s", request.method, request.path, problem.detail)
-            return from_problem(problem)
+        refusal = parser_refused(e)
+        if refusal is not None and refusal is parser_refused(request.content.exception()):
+            # a handler (a plugin's) read this request's body itself, whose framing broke: logged
+            # once, when aiohttp throws away the rest of the body (unibus.app._ServerLogger)
+            return from_problem(unreadable_body(e))
         log.exception("unhandled error in %s %s", request.method, request.path)
         return problem_response(500, INTERNAL_ERROR_DETAIL)
     finally:

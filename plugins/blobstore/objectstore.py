@@ -216,7 +216,8 @@ class _ChunkAcks:
         return future
 
     async def _on_ack(self, msg: Any) -> None:
-        assert self._prefix is not None
+        if self._prefix is None:
+            return  # queued before close() unsubscribed: its waiter was told
         future = self._waiting.pop(msg.subject[len(self._prefix):], None)
         if future is None or future.done():
             return  # an answer after its waiter gave up
@@ -392,6 +393,25 @@ def _nats_errors(what: str) -> Iterator[None]:
         raise BlobUnavailable(f"{what}: the NATS server's max_payload changed during the put; try again") from None
     except APIError as e:  # the stream refused it (full, for one): the server's problem, not the request's
         raise BlobUnavailable(f"JetStream refused {what}: {e.description or e}") from None
+
+
+#: JetStream's "store failed" (503): a stream limit checked before the message is proposed, or
+#: a write that failed on one replica only (a full disk), after which the others may hold it.
+STORE_FAILED = 10077
+
+
+def _refused_before_storing(e: BaseException) -> bool:
+    """Whether the stream's answer to a publish says for certain that nothing was stored: no
+    stream listens, a lost race (the expected last sequence), or a stream limit, which each
+    replica applies alike. Any other error (a 503 of a write that failed on the leader of an R3
+    stream whose followers stored it, a leader change) leaves it open (a review)."""
+    if isinstance(e, NoStreamResponseError):
+        return True
+    if not isinstance(e, APIError):
+        return False
+    return e.err_code == WRONG_LAST_SEQUENCE or (
+        e.err_code == STORE_FAILED and (e.description or "").startswith("maximum ") and
+        (e.description or "").endswith(" exceeded"))
 
 
 class _LostRace(Exception):
@@ -963,12 +983,11 @@ class ObjectStoreBackend(BlobBackend):
                 await self.js.publish(meta_subject, json.dumps(obj.as_dict()).encode(),
                                       headers={api.Header.ROLLUP: "sub",
                                                api.Header.EXPECTED_LAST_SUBJECT_SEQUENCE: str(last)})
-            except (APIError, NoRespondersError, NoStreamResponseError) as e:
-                # the stream answered that it did not store it (a lost race, a full stream), or no
-                # stream listens: the chunks are not the object's, the caller's discard purges them
-                chunks.count = count
-                if isinstance(e, APIError) and e.err_code == WRONG_LAST_SEQUENCE:
-                    raise _LostRace() from None
+            except (APIError, NoStreamResponseError) as e:
+                if _refused_before_storing(e):  # the chunks are not the object's: the caller's discard purges them
+                    chunks.count = count
+                    if isinstance(e, APIError) and e.err_code == WRONG_LAST_SEQUENCE:
+                        raise _LostRace() from None
                 raise
             # Any other failure (a lost acknowledgement, a reconnect) leaves the chunks: the metadata
             # may still be stored, later even (nats-py sends what it buffered once it reconnects, and

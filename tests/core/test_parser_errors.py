@@ -48,7 +48,15 @@ READS_BODY_PLUGIN = """
     async def size_read_by_the_core(request):
         return web.json_response({"bytes": len(await request.read())})
 
+    async def streams_then_reads(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial-")
+        await request.read()  # a broken body: its refusal comes after the response began
+        return response
+
     size.unibus_streaming = True  # it reads its body itself
+    streams_then_reads.unibus_streaming = True
 
     @hookimpl
     async def startup(app):
@@ -56,6 +64,8 @@ READS_BODY_PLUGIN = """
                   signed=False, namespaced=False)
         add_route(app, "POST", "/core-reads-body", size_read_by_the_core, summary="the body's size",
                   responses={200: "its size"}, signed=False, namespaced=False)
+        add_route(app, "POST", "/streams-then-reads", streams_then_reads, summary="a streamed answer",
+                  responses={200: "some bytes"}, signed=False, namespaced=False)
 """
 
 
@@ -213,6 +223,60 @@ def test_a_handler_that_reads_a_broken_body_itself_answers_400(server):
     assert status == 100, answers
     assert status2 == 400 and doc["type"].endswith("/malformed-body"), answers
     assert not any(secret in doc["detail"] for secret in SECRETS), doc
+
+
+def test_an_error_after_a_streamed_answer_began_closes_the_connection(server):
+    """No problem document can follow a response that began: it went out as
+    that response's body (a review). The connection is closed instead."""
+    h = {"Content-Type": "application/octet-stream", "Transfer-Encoding": "chunked", "Expect": "100-continue"}
+    x = Exchange(server.http_port)
+    try:
+        x.send(head("POST", "/streams-then-reads", h, server.http_port))
+        assert x.response()[0] == 100
+        while b"partial-" not in x.buf:
+            assert x._fill()
+        x.send(b"zz\r\nabc\r\n")
+        assert x.closed_by_server()
+        assert x.buf.startswith(b"HTTP/1.1 200") and x.buf.count(b"HTTP/1.1") == 1, x.buf
+    finally:
+        x.close()
+
+
+async def test_a_parser_error_that_is_not_the_request_body_is_no_400(tmp_path):
+    """A handler whose own HTTP client met a broken upstream raises the same
+    exception class as a refused body: only a refusal of this request's body
+    is the client's fault (400); anything else is a 500."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp.http_exceptions import TransferEncodingError
+    from aiohttp.test_utils import TestServer
+
+    from unibus.app import add_route, make_app
+    from unibus.bus import Bus
+    from unibus.pluginmanager import PluginManager
+    from unibus.settings import Settings
+    from unibus.store.db import migrate
+    from unibus.store.sqlite import SqliteStore
+
+    async def upstream_broke(request):
+        raise TransferEncodingError("Not enough data to satisfy transfer length header.")
+
+    await asyncio.to_thread(migrate, tmp_path / "state.db")
+    store = SqliteStore(tmp_path / "state.db")
+    app = make_app(Settings(data_dir=tmp_path), PluginManager(load_entry_points=False), Bus("nats://127.0.0.1:1"),
+                   None, store)
+    add_route(app, "GET", "/upstream", upstream_broke, summary="x", responses={200: "x"}, signed=False,
+              namespaced=False)
+    test_server = TestServer(app, host="127.0.0.1", port=0)
+    await test_server.start_server()
+    try:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{test_server.port}/upstream") as r:
+                assert r.status == 500 and (await r.json())["type"].endswith("/internal-server-error")
+    finally:
+        await test_server.close()
+        await store.close()
 
 
 def test_an_open_route_with_a_body_sends_one_100_continue(server):

@@ -733,6 +733,26 @@ async def test_objectstore_metadata_the_stream_refuses_leaves_no_chunks(nats_ser
         await nc.close()
 
 
+def test_objectstore_purges_a_commit_s_chunks_only_when_nothing_was_stored():
+    """A 503 "store failed" for a write that failed on the leader of an R3 stream may leave the
+    metadata on its followers: purging its chunks then would break a stored blob (a review).
+    Only answers that say for certain that nothing was stored let the commit purge."""
+    from nats.errors import TimeoutError as NatsTimeoutError
+    from nats.js.errors import APIError, NoStreamResponseError, ServiceUnavailableError
+
+    from unibus.plugins.blobstore.objectstore import _refused_before_storing
+
+    assert _refused_before_storing(NoStreamResponseError())
+    assert _refused_before_storing(APIError(code=400, err_code=10071, description="wrong last sequence: 5"))
+    for limit in ("maximum messages exceeded", "maximum bytes exceeded", "maximum messages per subject exceeded"):
+        assert _refused_before_storing(ServiceUnavailableError(code=503, err_code=10077, description=limit))
+    assert not _refused_before_storing(ServiceUnavailableError(code=503, err_code=10077,
+                                                               description="write failed: no space left on device"))
+    assert not _refused_before_storing(ServiceUnavailableError(code=503, description="raft: not leader"))
+    assert not _refused_before_storing(APIError(code=500, description="maximum messages exceeded"))
+    assert not _refused_before_storing(NatsTimeoutError())
+
+
 async def test_objectstore_closing_the_backend_fails_its_uploads_at_once(nats_server, tmp_path):
     """A backend closed under running uploads: each fails as unavailable (503) without waiting
     for acknowledgements no one listens to, and no publish subscribes again."""
