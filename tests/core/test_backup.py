@@ -30,7 +30,7 @@ from unibus.cli import main
 from unibus.client import UnibusClient
 from unibus.client.blobs import get_raw_blob, put_raw_blob
 from unibus.client.keys import generate_identity
-from unibus.store.base import Conflict
+from unibus.store.base import Conflict, NotFound
 from unibus.store.fromkv import rows_from_kv
 from unibus.store.kv import KvStore
 from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
@@ -609,9 +609,14 @@ async def test_kv_snapshot_is_one_instant_under_concurrent_writes(nats_server):
             n = 0
             while not stop.is_set():
                 for room_id in rooms:
-                    await kv.add_room_member(room_id, "bob")
-                    await kv.remove_room_member(room_id, "bob")
-                    n += 2
+                    for change in (kv.add_room_member, kv.remove_room_member):
+                        try:
+                            await change(room_id, "bob")
+                            n += 1
+                        except Conflict:
+                            pass  # the rekeyers won 12 times in a row (on two busy cores): the documented "try again"
+                        except NotFound:
+                            pass  # the add before this remove was the one outraced
             return n
 
         writers = [asyncio.create_task(rekeyer(r)) for r in rooms] + [asyncio.create_task(roster())]
