@@ -375,7 +375,9 @@ def test_broken_chunked_framing_is_400(server, framing):
     handler reads the body), the body's: a problem either way, which names
     what was wrong without quoting it."""
     bob = server.people["bob"]
-    for expect, kind in ((False, "malformed-request"), (True, "malformed-body")):
+    # with the head: one read, so the parser's refusal of the request; were the bytes ever
+    # split over two reads, the body's refusal, as after 100 Continue
+    for expect, kinds in ((False, ("malformed-request", "malformed-body")), (True, ("malformed-body",))):
         h = sign_streamed_request("POST", "/v1/rooms", ZEROS_SHA256, keyid="bob", private_key=bob.sign_key)
         h["Transfer-Encoding"] = "chunked"
         if expect:
@@ -390,7 +392,7 @@ def test_broken_chunked_framing_is_400(server, framing):
                 x.send(head("POST", "/v1/rooms", h, server.http_port) + framing)
             status, _, raw = x.response()
             doc = problem(raw)
-            assert status == 400 and doc["type"].endswith("/" + kind), doc
+            assert status == 400 and doc["type"].rsplit("/", 1)[1] in kinds, doc
             assert doc["detail"].startswith(("the request is malformed: Invalid character in chunk",
                                              "the request body is malformed: Invalid character in chunk")), doc
             assert "hello" not in doc["detail"] and "\\x01" not in doc["detail"]
