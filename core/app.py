@@ -175,20 +175,24 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
     except Exception as e:  # noqa: BLE001 - each kind is answered by _problem_for (the rest: 500)
-        if _answer_begun(request):
-            raise
+        _raise_if_answer_begun(request, e)
         response = _problem_for(request, e)
     await send_within(request, response, request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT))  # as served_middleware
     return response
 
 
-def _answer_begun(request: web.Request) -> bool:
-    """Whether the handler's own response has begun to go out (a streamed one): no problem can
-    follow it, whose bytes would be read as that response's body. Raised on, the error reaches
+def _raise_if_answer_begun(request: web.Request, exc: Exception) -> None:
+    """Once the handler's own response has begun to go out (a streamed one), no answer can
+    follow it: its bytes would be read as that response's body. Then ``exc`` is raised on to
     aiohttp, which logs it (unibus.app._ServerLogger) and closes the connection, as its
-    ``handle_error`` does when "the response is sent already"."""
+    ``handle_error`` does when "the response is sent already"; an HTTP exception (a redirect,
+    a 404), which aiohttp would write as a response, as the ``RuntimeError`` it then is."""
     writer = request.writer
-    return writer is not None and writer.output_size > 0
+    if writer is None or writer.output_size == 0:
+        return
+    if isinstance(exc, web.HTTPException):
+        raise RuntimeError(f"{type(exc).__name__} raised after the response began to go out") from exc
+    raise exc
 
 
 def served_middleware(metrics: Metrics) -> Any:
@@ -207,8 +211,7 @@ def served_middleware(metrics: Metrics) -> Any:
             try:
                 response = await handler(request)
             except Exception as e:  # noqa: BLE001 - as problem_middleware
-                if _answer_begun(request):
-                    raise
+                _raise_if_answer_begun(request, e)
                 response = _problem_for(request, e)  # re-raises a redirect
             status = response.status
             # Sent here, with a deadline if it cannot go at once (unibus.connlimits.send_within):

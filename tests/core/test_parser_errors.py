@@ -11,6 +11,7 @@ body answered 408 at its deadline."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -242,14 +243,12 @@ def test_an_error_after_a_streamed_answer_began_closes_the_connection(server):
         x.close()
 
 
-async def test_a_parser_error_that_is_not_the_request_body_is_no_400(tmp_path):
-    """A handler whose own HTTP client met a broken upstream raises the same
-    exception class as a refused body: only a refusal of this request's body
-    is the client's fault (400); anything else is a 500."""
+@contextlib.asynccontextmanager
+async def core_app_serving(tmp_path, path, handler):
+    """The core's app (its middlewares, a real SQLite store) with one open route, on a real
+    aiohttp server; yields its port."""
     import asyncio
 
-    import aiohttp
-    from aiohttp.http_exceptions import TransferEncodingError
     from aiohttp.test_utils import TestServer
 
     from unibus.app import add_route, make_app
@@ -259,24 +258,59 @@ async def test_a_parser_error_that_is_not_the_request_body_is_no_400(tmp_path):
     from unibus.store.db import migrate
     from unibus.store.sqlite import SqliteStore
 
-    async def upstream_broke(request):
-        raise TransferEncodingError("Not enough data to satisfy transfer length header.")
-
     await asyncio.to_thread(migrate, tmp_path / "state.db")
     store = SqliteStore(tmp_path / "state.db")
     app = make_app(Settings(data_dir=tmp_path), PluginManager(load_entry_points=False), Bus("nats://127.0.0.1:1"),
                    None, store)
-    add_route(app, "GET", "/upstream", upstream_broke, summary="x", responses={200: "x"}, signed=False,
-              namespaced=False)
+    add_route(app, "GET", path, handler, summary="x", responses={200: "x"}, signed=False, namespaced=False)
     test_server = TestServer(app, host="127.0.0.1", port=0)
     await test_server.start_server()
     try:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{test_server.port}/upstream") as r:
-                assert r.status == 500 and (await r.json())["type"].endswith("/internal-server-error")
+        yield test_server.port
     finally:
         await test_server.close()
         await store.close()
+
+
+async def test_a_parser_error_that_is_not_the_request_body_is_no_400(tmp_path):
+    """A handler whose own HTTP client met a broken upstream raises the same
+    exception class as a refused body: only a refusal of this request's body
+    is the client's fault (400); anything else is a 500."""
+    import aiohttp
+    from aiohttp.http_exceptions import TransferEncodingError
+
+    async def upstream_broke(request):
+        raise TransferEncodingError("Not enough data to satisfy transfer length header.")
+
+    async with core_app_serving(tmp_path, "/upstream", upstream_broke) as port:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/upstream") as r:
+                assert r.status == 500 and (await r.json())["type"].endswith("/internal-server-error")
+
+
+async def test_an_http_exception_after_a_streamed_answer_began_closes_the_connection(tmp_path):
+    """aiohttp writes an HTTP exception (a 404, a redirect) as a response of its
+    own: raised after a streamed answer began, it went out inside that
+    answer's body. The connection is closed instead."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def streams_then_404(request):
+        response = web.StreamResponse()
+        await response.prepare(request)
+        await response.write(b"partial-")
+        raise web.HTTPNotFound()
+
+    async with core_app_serving(tmp_path, "/streams", streams_then_404) as port:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            writer.write(b"GET /streams HTTP/1.1\r\nHost: x\r\n\r\n")
+            received = await asyncio.wait_for(reader.read(), 10)  # until the server closes
+        finally:
+            writer.close()
+    assert received.startswith(b"HTTP/1.1 200") and b"partial-" in received
+    assert received.count(b"HTTP/1.1") == 1 and b"problem" not in received, received
 
 
 def test_an_open_route_with_a_body_sends_one_100_continue(server):
