@@ -60,6 +60,7 @@ __all__ = [
     "canonical",
     "entry_hash",
     "key_package_input",
+    "legacy_keys_json",
     "logged_operation",
     "message_input",
     "request_entry",
@@ -111,6 +112,10 @@ _ENTRY_FIELDS = {
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "content_digest", "signature_input", "signature", "body"})
 _MEMBER_FIELDS = frozenset({"handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub"})
 _ROOM_FIELDS = frozenset({"room_id", "name", "owner", "epoch", "rekey_required", "members"})
+#: A snapshot room's optional field: the keys sealed before the log, each by its SHA-256 (legacy_keys_json).
+LEGACY_KEYS = "legacy_keys"
+_SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
+_EPOCH_TEXT = re.compile(r"\A[1-9][0-9]{0,15}\Z")
 _SALT = re.compile(r"[0-9a-f]{32}")  # entry 0's (root_salt)
 _SIGNATURE, _POINT = 1, 2  # kinds of deferred checks
 #: JSON numbers that stay exact in every JSON reader (RFC 8785 needs them to).
@@ -301,6 +306,20 @@ def bootstrap_entry(seq: int, prev: str, at: int, member: Mapping[str, Any]) -> 
     return entry
 
 
+def legacy_keys_json(sealed: Iterable[tuple[int, str, bytes]]) -> dict[str, dict[str, str]]:
+    """A snapshot room's ``legacy_keys``: ``{str(epoch): {handle: hex(sha256(sealed bytes))}}`` of the
+    ``(epoch, handle, sealed)`` room keys sealed before the log existed (docs/formats.md).
+
+    Those keys carry no sealer's signature. Entry 0, which every member pins,
+    records what each was, so that a client can still open it to read what was
+    stored under it (a blob of 0.11), and a server cannot hand over another
+    (:meth:`LogState.check_legacy_key`)."""
+    out: dict[str, dict[str, str]] = {}
+    for epoch, handle, value in sealed:
+        out.setdefault(str(int(epoch)), {})[handle] = hashlib.sha256(bytes(value)).hexdigest()
+    return out
+
+
 def snapshot_entry(at: int, members: Iterable[Mapping[str, Any]], rooms: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Entry 0 of a database upgraded from a version without a log: the whole state then, and a
     :func:`root_salt`."""
@@ -451,6 +470,8 @@ class LogState:
         self._by_sign_pub: dict[bytes, str] = {}  # current members' keys, for the uniqueness rules
         self._by_bus_pub: dict[str, str] = {}
         self._indexed: dict[str, tuple[bytes, str | None]] = {}
+        #: (room, epoch, handle) -> SHA-256 hex of a key sealed before the log (entry 0's legacy_keys)
+        self._legacy: dict[tuple[str, int, str], str] = {}
 
     # -- reading ---------------------------------------------------------------
 
@@ -709,8 +730,9 @@ class LogState:
         for doc in state["members"]:
             self._add_member(seq, self._member_from_json(seq, doc, "snapshot member"))
         for doc in state["rooms"]:
-            if not isinstance(doc, dict) or set(doc) != _ROOM_FIELDS:
-                raise LogError(seq, f"a snapshot room has exactly the fields {', '.join(sorted(_ROOM_FIELDS))}")
+            if not isinstance(doc, dict) or set(doc) - {LEGACY_KEYS} != _ROOM_FIELDS:
+                raise LogError(seq, f"a snapshot room has exactly the fields {', '.join(sorted(_ROOM_FIELDS))}"
+                                    f" (and {LEGACY_KEYS}, optional)")
             room_id, name, owner, epoch = doc["room_id"], doc["name"], doc["owner"], doc["epoch"]
             if not isinstance(room_id, str) or not ROOM_ID_RE.match(room_id) or room_id in self.rooms:
                 raise LogError(seq, f"snapshot room id {room_id!r} is malformed or repeated")
@@ -723,12 +745,32 @@ class LogState:
                 raise LogError(seq, f"snapshot room {room_id}: members must be distinct known members")
             if owner and owner not in self.members:
                 raise LogError(seq, f"snapshot room {room_id}: unknown owner {owner!r}")
-            # Keys sealed before the log existed carry no signature: none of
-            # them is usable for verified reading (docs/formats.md).
+            # Keys sealed before the log existed carry no signature: only their
+            # digests here make them usable, for reading (docs/formats.md).
+            legacy = self._legacy_keys_from_json(seq, room_id, epoch, doc.get(LEGACY_KEYS, {}))
             self.rooms[room_id] = Room(room_id, name, owner, epoch, doc["rekey_required"], members, seq)
+            self._legacy.update(legacy)
             self._owners_at.setdefault(room_id, _Spans()).set(seq, owner)
             for h in members:
                 self._set_in_room(seq, room_id, h, True)
+
+    def _legacy_keys_from_json(self, seq: int, room_id: str, epoch: int,
+                               doc: Any) -> dict[tuple[str, int, str], str]:
+        """A snapshot room's ``legacy_keys``, checked: epochs 1 to the room's, known members, SHA-256 hex."""
+        if not isinstance(doc, dict):
+            raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} is an object")
+        out: dict[tuple[str, int, str], str] = {}
+        for text, sealed in doc.items():
+            if not isinstance(text, str) or not _EPOCH_TEXT.match(text) or int(text) > epoch \
+                    or not isinstance(sealed, dict) or not sealed:
+                raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} names epochs 1 to {epoch}, "
+                                    "each with the digests of its keys")
+            for handle, digest in sealed.items():
+                if handle not in self.members or not isinstance(digest, str) or not _SHA256_HEX.match(digest):
+                    raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} of epoch {text}: a known "
+                                        "member and a SHA-256 (hex) each")
+                out[(room_id, int(text), handle)] = digest
+        return out
 
     # -- requests ------------------------------------------------------------------
 
@@ -973,6 +1015,24 @@ class LogState:
         if len(sig) != 64 or not verify_ed25519(author.sign_pub, message, sig):
             raise LogError(None, f"room {room_id} epoch {epoch}: the key package signature of {sealer} "
                                  "does not verify")
+
+    def check_legacy_key(self, room_id: str, epoch: int, me: str, sealed: bytes) -> None:
+        """Raise :class:`LogError` unless ``sealed`` is the very key that entry 0 records as sealed to
+        ``me`` for ``epoch`` of ``room_id`` before the log existed (docs/formats.md, "Key packages").
+
+        Such a key has no sealer's signature; entry 0 (pinned by every member)
+        vouches for it instead. Only for reading what was stored under it: the
+        room must be the one of entry 0 (never deleted and made again under its
+        id), and the caller never encrypts anything new with it."""
+        room = self.rooms.get(room_id)
+        if room is None or room.since != 0:
+            raise LogError(None, f"room {room_id} is not a room of entry 0, so no key sealed before the log "
+                                 "is known for it")
+        digest = self._legacy.get((room_id, epoch, me))
+        if digest is None:
+            raise LogError(0, f"room {room_id} epoch {epoch}: entry 0 records no key sealed to {me} before the log")
+        if not hmac.compare_digest(hashlib.sha256(bytes(sealed)).hexdigest(), digest):
+            raise LogError(0, f"room {room_id} epoch {epoch}: the key sealed to {me} is not the one entry 0 records")
 
     def check_roster_kept(self, room_id: str, epoch: int, head_seq: int) -> EpochRecord:
         """The log's rekey of ``room_id`` to ``epoch``, sealed at ``head_seq``: raise :class:`LogError`

@@ -224,13 +224,19 @@ class BusError(Exception):
 
 
 class UnsignedKey(VerificationError):
-    """The server offers a room key sealed before 0.12: no key package signature, so not usable."""
+    """The server offers a room key sealed before 0.12: no key package signature. Usable only to
+    read what was stored under it, and only when entry 0 of the log records it (``reason`` says
+    why not, when that was tried)."""
 
-    def __init__(self, room_id: str, epoch: int) -> None:
+    def __init__(self, room_id: str, epoch: int, reason: str | None = None) -> None:
         self.room_id, self.epoch = room_id, epoch
-        super().__init__(f"the key of epoch {epoch} of room {room_id} was sealed before unibus 0.12 and carries no "
-                         f"signature, so it cannot be verified; its owner or an admin must rekey the room "
-                         f"(`unibus rooms rekey {room_id}`)")
+        if reason is None:
+            super().__init__(f"the key of epoch {epoch} of room {room_id} was sealed before unibus 0.12 and carries "
+                             f"no signature, so nothing new is encrypted with it; its owner or an admin must rekey "
+                             f"the room (`unibus rooms rekey {room_id}`)")
+        else:
+            super().__init__(f"the key of epoch {epoch} of room {room_id} was sealed before unibus 0.12 and carries "
+                             f"no signature, and it cannot be verified: {reason}")
 
 
 class RekeyRequired(Exception):
@@ -436,6 +442,7 @@ class UnibusClient:
         self._own_session = session is None
         self._closed = False
         self._keys: dict[tuple[str, int], bytes] = {}
+        self._legacy_keys: dict[tuple[str, int], bytes] = {}  # sealed before 0.12: for reading only
         #: log seq of the key package of each (room_id, epoch) in ``_keys``: the
         #: roster a message sender of that epoch is checked against.
         self._packages: dict[tuple[str, int], int] = {}
@@ -799,7 +806,7 @@ class UnibusClient:
                                 + "; ".join(diffs))
 
     # -- room keys
-    async def room_key(self, room_id: str, epoch: int | None = None) -> tuple[int, bytes]:
+    async def room_key(self, room_id: str, epoch: int | None = None, *, legacy: bool = False) -> tuple[int, bytes]:
         """``(epoch, key)``: the room key of ``epoch``, or the latest one sealed to me, verified.
 
         The key package must pass every check of docs/client.md ("What the
@@ -807,13 +814,20 @@ class UnibusClient:
         for that epoch, over a log head in the verified log at which the
         sealer could rekey and I was in the room. With ``epoch=None`` an epoch
         lower than one already accepted for the room is refused (a rollback).
-        Keys are cached per ``(room_id, epoch)``. Raises :class:`KeyUnavailable`
-        (404), :class:`UnsignedKey` (sealed before 0.12), :class:`VerificationError`,
+        ``legacy=True`` (with an ``epoch``, to read what is stored under it,
+        never to encrypt) also takes a key sealed before 0.12, when it is the
+        one entry 0 of the verified log records (docs/client.md, "Keys sealed
+        before 0.12"). Keys are cached per ``(room_id, epoch)``. Raises
+        :class:`KeyUnavailable` (404), :class:`UnsignedKey` (sealed before
+        0.12), :class:`VerificationError`,
         :class:`~unibus.client.sealing.SealError`, :class:`ApiError`.
         """
         validate_room_id(room_id)
+        legacy = legacy and epoch is not None
         if epoch is not None:
             cached = self._keys.get((room_id, epoch))
+            if cached is None and legacy:
+                cached = self._legacy_keys.get((room_id, epoch))
             if cached is not None:
                 return epoch, cached
             if (room_id, epoch) in self._missing:
@@ -838,12 +852,14 @@ class UnibusClient:
         cached = self._keys.get((room_id, got))
         if cached is not None:
             return got, cached
-        return got, await self._accept_key_package(room_id, got, doc)
+        return got, await self._accept_key_package(room_id, got, doc, legacy)
 
-    async def _accept_key_package(self, room_id: str, epoch: int, doc: Mapping[str, Any]) -> bytes:
+    async def _accept_key_package(self, room_id: str, epoch: int, doc: Mapping[str, Any], legacy: bool) -> bytes:
         sealed_b64, sig_b64, sealer, head = doc.get("sealed"), doc.get("sig"), doc.get("sealer"), doc.get("log_head")
         if sig_b64 is None:
-            raise UnsignedKey(room_id, epoch)
+            if not legacy:
+                raise UnsignedKey(room_id, epoch)
+            return await self._accept_legacy_key(room_id, epoch, sealed_b64)
         try:
             if not isinstance(sealed_b64, str) or not isinstance(sig_b64, str):
                 raise ValueError
@@ -867,6 +883,28 @@ class UnibusClient:
         self._keys[(room_id, epoch)] = key
         self._packages[(room_id, epoch)] = head["seq"]
         await self.replica.accept_epoch(room_id, epoch)
+        return key
+
+    async def _accept_legacy_key(self, room_id: str, epoch: int, sealed_b64: Any) -> bytes:
+        """A key sealed before 0.12, for reading only: it must be the one entry 0 records
+        (:meth:`unibus.memberlog.LogState.check_legacy_key`). Kept apart from the verified
+        key packages, so that nothing is ever encrypted with it."""
+        try:
+            if not isinstance(sealed_b64, str):
+                raise ValueError
+            sealed = base64.b64decode(sealed_b64, validate=True)
+        except (binascii.Error, ValueError):
+            raise VerificationError(f"the key package of epoch {epoch} of room {room_id} is malformed "
+                                    "(sealed must be base64)") from None
+        state = self.verified
+        if room_id not in state.rooms:
+            state = await self.sync()
+        try:
+            state.check_legacy_key(room_id, epoch, self.identity.handle, sealed)
+        except LogError as exc:
+            raise UnsignedKey(room_id, epoch, exc.reason) from None
+        key = open_room_key(sealed, self.identity, room_id, epoch)
+        self._legacy_keys[(room_id, epoch)] = key
         return key
 
     def cached_key(self, room_id: str, epoch: int) -> bytes | None:

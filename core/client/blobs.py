@@ -1546,7 +1546,7 @@ async def _decrypt_into(client: Any, room_id: str, blob_id: str, progress: Progr
             raise BlobFormatError(f"blob {blob_id} names epoch {dec.header.epoch}, which no room key has "
                                   f"(epochs are 1 to {_ROOM_EPOCH_MAX}): not a blob of this room")
         if dec.needs_key:
-            _epoch, key = await client.room_key(room_id, dec.header.epoch)
+            _epoch, key = await client.room_key(room_id, dec.header.epoch, legacy=True)  # a blob of 0.11 too
             dec.set_key(key)
             consume([])
 

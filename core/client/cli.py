@@ -497,8 +497,9 @@ def cmd_keygen_upgrade(ctx: Context) -> int:
 
 
 async def _upload_bus_key(ctx: Context, identity: Any) -> bool:
+    ssl_context = ctx.ssl_context()  # --ca/--cert/--key, as every other command: a private CA's HTTPS server
     try:
-        client = UnibusClient(ctx.server, identity)
+        client = UnibusClient(ctx.server, identity, ssl=ssl_context)
     except ValueError as exc:
         raise UsageError(f"--server: {exc}") from None
     async with client:

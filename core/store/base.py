@@ -22,12 +22,13 @@ import inspect
 import base64
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..memberlog import LoggedRequest, entry_hash, logged_operation, member_json, request_entry
+from ..memberlog import (LEGACY_KEYS, LoggedRequest, entry_hash, legacy_keys_json, logged_operation, member_json,
+                         request_entry)
 
 log = logging.getLogger("unibus.store")
 
@@ -339,10 +340,17 @@ def snapshot_member(m: Member) -> dict[str, Any]:
 
 
 def snapshot_room(room_id: str, name: str, owner: str, epoch: int, rekey_required: bool,
-                  members: set[str] | frozenset[str], known: set[str] | frozenset[str]) -> dict[str, Any]:
-    """A room as a snapshot entry has it: only known members; an owner that is no member is ``""``."""
-    return {"room_id": room_id, "name": name, "owner": owner if owner in known else "", "epoch": int(epoch),
+                  members: set[str] | frozenset[str], known: set[str] | frozenset[str],
+                  unsigned: Iterable[tuple[int, str, bytes]] = ()) -> dict[str, Any]:
+    """A room as a snapshot entry has it: only known members; an owner that is no member is ``""``;
+    ``legacy_keys``, when the room has keys sealed before the log (``unsigned``: ``(epoch, handle,
+    sealed)``), those of known members at epochs 1 to the room's (docs/formats.md)."""
+    room = {"room_id": room_id, "name": name, "owner": owner if owner in known else "", "epoch": int(epoch),
             "rekey_required": bool(rekey_required), "members": sorted(h for h in members if h in known)}
+    legacy = legacy_keys_json((e, h, v) for e, h, v in unsigned if h in known and 1 <= e <= epoch)
+    if legacy:
+        room[LEGACY_KEYS] = legacy
+    return room
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,19 @@ def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
     return writes, left, strip
 
 
+def _unsigned(room: dict[str, Any], keys: dict[str, tuple[dict[str, Any], int]]) -> list[tuple[int, str, bytes]]:
+    """``(epoch, handle, sealed)`` of the room's keys sealed before the log (no signature) that its
+    record still lets each member read (its ``sealed`` range), for entry 0's ``legacy_keys``."""
+    out = []
+    for handle, (first, last) in sorted(room.get("sealed", {}).items()):
+        for epoch in range(int(first), int(last) + 1):
+            record = keys.get(_kkey(room["room_id"], epoch), ({}, 0))[0]
+            value = record.get("sealed", {}).get(handle)
+            if value is not None and handle not in record.get("sigs", {}):
+                out.append((epoch, handle, _b64d(value)))
+    return out
+
+
 class KvStore(KvWatch, KvMigrate):
     """Members, rooms, room members and sealed keys in a JetStream KV bucket.
 
@@ -189,14 +202,14 @@ class KvStore(KvWatch, KvMigrate):
         head, hrev = await self._read(LOG_HEAD_KEY)
         if head is not None:
             return True
-        members, rooms = await asyncio.gather(self._scan("member"), self._scan("room"))
+        members, rooms, keys = await asyncio.gather(self._scan("member"), self._scan("room"), self._scan("keys"))
         if not members:
             return False
         ms = sorted((_member(v) for v, _rev in members.values()), key=lambda m: m.handle)
         known = frozenset(m.handle for m in ms)
         entry = snapshot_entry(int(time.time()), [snapshot_member(m) for m in ms],
                                [snapshot_room(v["room_id"], v["name"], v.get("owner", ""), v["epoch"],
-                                              v["rekey_required"], set(v["members"]), known)
+                                              v["rekey_required"], set(v["members"]), known, _unsigned(v, keys))
                                 for v, _rev in rooms.values()])
         digest, text = entry_text(entry)
         try:

@@ -470,8 +470,11 @@ def snapshot_sync(s: Session) -> dict[str, Any] | None:
     rosters: dict[str, set[str]] = {}
     for room_id, handle in s.execute(select(m.RoomMember.room_id, m.RoomMember.handle)):
         rosters.setdefault(room_id, set()).add(handle)
+    unsigned: dict[str, list[tuple[int, str, bytes]]] = {}  # keys sealed before the log
+    for k in s.scalars(select(m.SealedKey).where(m.SealedKey.sig.is_(None))):
+        unsigned.setdefault(k.room_id, []).append((k.epoch, k.handle, k.sealed))
     rooms = [snapshot_room(r.room_id, r.name, r.owner, r.epoch, bool(r.rekey_required), rosters.get(r.room_id, set()),
-                           known) for r in s.scalars(select(m.Room))]
+                           known, unsigned.get(r.room_id, ())) for r in s.scalars(select(m.Room))]
     return snapshot_entry(int(_now().timestamp()), [snapshot_member(mb) for mb in members], rooms)
 
 

@@ -9,7 +9,9 @@
 - A database that already has members (an upgrade from 0.11) gets entry 0 of
   kind ``snapshot``: its whole state at this moment (docs/formats.md, "The
   membership log"). A room whose owner is no longer a member is ownerless from
-  here on (owner ``""``), as the snapshot says.
+  here on (owner ``""``), as the snapshot says. Each room's ``legacy_keys`` record
+  the SHA-256 of every key sealed to a member so far: they carry no signature,
+  and entry 0 is what lets a client still open them to read what 0.11 stored.
 
 Self-contained (plain SQL and the log's format functions), so that later
 changes to the store code cannot change what this revision does.
@@ -26,7 +28,7 @@ import time
 import sqlalchemy as sa
 from alembic import op
 
-from unibus.memberlog import canonical, entry_hash, member_json, snapshot_entry
+from unibus.memberlog import LEGACY_KEYS, canonical, entry_hash, legacy_keys_json, member_json, snapshot_entry
 
 revision = "0004"
 down_revision = "0003"
@@ -74,10 +76,19 @@ def write_snapshot(conn: sa.Connection) -> None:
     for room_id, handle in conn.execute(sa.text("SELECT room_id, handle FROM room_members ORDER BY handle")):
         if handle in known:
             rosters.setdefault(room_id, []).append(handle)
-    rooms = [{"room_id": rid, "name": name, "owner": owner if owner in known else "", "epoch": int(epoch),
-              "rekey_required": bool(rekey), "members": rosters.get(rid, [])}
-             for rid, name, owner, epoch, rekey in conn.execute(sa.text(
-                 "SELECT room_id, name, owner, epoch, rekey_required FROM rooms ORDER BY room_id"))]
+    sealed: dict[str, list[tuple[int, str, bytes]]] = {}
+    for room_id, epoch, handle, value in conn.execute(sa.text(
+            "SELECT room_id, epoch, handle, sealed FROM sealed_keys WHERE sig IS NULL ORDER BY room_id, epoch, handle")):
+        sealed.setdefault(room_id, []).append((int(epoch), handle, bytes(value)))
+    rooms = []
+    for rid, name, owner, epoch, rekey in conn.execute(sa.text(
+            "SELECT room_id, name, owner, epoch, rekey_required FROM rooms ORDER BY room_id")):
+        room = {"room_id": rid, "name": name, "owner": owner if owner in known else "", "epoch": int(epoch),
+                "rekey_required": bool(rekey), "members": rosters.get(rid, [])}
+        legacy = legacy_keys_json((e, h, v) for e, h, v in sealed.get(rid, ()) if h in known and 1 <= e <= int(epoch))
+        if legacy:
+            room[LEGACY_KEYS] = legacy
+        rooms.append(room)
     entry = snapshot_entry(int(time.time()), members, rooms)
     conn.execute(sa.text("INSERT INTO log_entries (seq, hash, entry) VALUES (0, :hash, :entry)"),
                  {"hash": entry_hash(entry), "entry": canonical(entry).decode("utf-8")})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 import time
 
@@ -26,6 +27,7 @@ from unibus.memberlog import (
     bootstrap_entry,
     entry_hash,
     key_package_input,
+    legacy_keys_json,
     member_json,
     request_entry,
     snapshot_entry,
@@ -306,6 +308,53 @@ def test_a_snapshot_is_entry_zero_only_and_carries_state(people):
     state = replay([snap])
     assert state.rooms["r1"].epoch == 3 and state.members["bob"].bus_pub is None
     assert state.rooms["r1"].epochs == {}  # pre-log keys carry no signature: not usable verified
+
+
+def legacy_snapshot(people, legacy, epoch=3):
+    alice, bob = people["alice"], people["bob"]
+    return snapshot_entry(NOW, [member_doc(alice, "admin"), member_doc(bob)],
+                          [{"room_id": "r1", "name": "ops", "owner": "bob", "epoch": epoch, "rekey_required": False,
+                            "members": ["alice", "bob"], "legacy_keys": legacy}])
+
+
+def test_a_key_sealed_before_the_log_is_usable_only_as_entry_0_records_it(people):
+    """A 0.11 key has no sealer's signature: entry 0 (pinned) records its SHA-256, and only that
+    very key opens, for that member, room and epoch; another from the server is refused."""
+    sealed = {("alice", 1): b"a1" * 40, ("bob", 1): b"b1" * 40, ("bob", 3): b"b3" * 40}
+    snap = legacy_snapshot(people, legacy_keys_json((e, h, v) for (h, e), v in sealed.items()))
+    assert snap["state"]["rooms"][0]["legacy_keys"] == {
+        "1": {"alice": hashlib.sha256(b"a1" * 40).hexdigest(), "bob": hashlib.sha256(b"b1" * 40).hexdigest()},
+        "3": {"bob": hashlib.sha256(b"b3" * 40).hexdigest()}}
+    state = replay([snap], trust_root=entry_hash(snap))
+    for (handle, epoch), value in sealed.items():
+        state.check_legacy_key("r1", epoch, handle, value)
+    assert state.rooms["r1"].epochs == {}  # still no verified key package: nothing is encrypted with them
+    bad = [
+        ("r1", 1, "bob", b"a1" * 40, "not the one entry 0 records"),  # alice's sealed value, offered to bob
+        ("r1", 3, "bob", b"x" * 80, "not the one entry 0 records"),  # a key the server chose
+        ("r1", 2, "bob", b"b1" * 40, "records no key sealed to bob"),  # an epoch with none recorded
+        ("r1", 3, "alice", b"b3" * 40, "records no key sealed to alice"),
+        ("r2", 1, "bob", b"b1" * 40, "not a room of entry 0"),
+    ]
+    for room, epoch, me, value, why in bad:
+        with pytest.raises(LogError, match=why):
+            state.check_legacy_key(room, epoch, me, value)
+
+
+@pytest.mark.parametrize("legacy, why", [
+    ([], "is an object"),
+    ({"4": {"bob": "0" * 64}}, "epochs 1 to 3"),  # above the room's epoch
+    ({"0": {"bob": "0" * 64}}, "epochs 1 to 3"),
+    ({"01": {"bob": "0" * 64}}, "epochs 1 to 3"),  # not the canonical text of an epoch
+    ({"1": {}}, "epochs 1 to 3"),
+    ({"1": {"mallory": "0" * 64}}, "a known member"),
+    ({"1": {"bob": "0" * 63}}, "SHA-256"),
+    ({"1": {"bob": "A" * 64}}, "SHA-256"),
+])
+def test_malformed_legacy_keys_are_refused(people, legacy, why):
+    with pytest.raises(LogError, match=why) as e:
+        replay([legacy_snapshot(people, legacy)])
+    assert e.value.seq == 0
 
 
 def test_key_packages(world, people):

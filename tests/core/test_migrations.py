@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import sqlite3
@@ -164,6 +165,11 @@ def test_a_011_database_gets_a_snapshot_that_replays_to_its_state(tmp_path):
                "members": ["alice", "bob"]},
         "r1": {"room_id": "r1", "name": "orphans", "owner": "", "epoch": 0, "rekey_required": True,
                "members": ["bob", "carol"]}}
+    # the key 0.11 sealed carries no signature: entry 0 records it, so that bob can still open it to read
+    # what was stored under it (and no other key the server might offer instead)
+    assert [r.get("legacy_keys") for r in entry["state"]["rooms"]] == [
+        {"3": {"bob": hashlib.sha256(b"\x01\x02").hexdigest()}}, None]
+    state.check_legacy_key("r0", 3, "bob", b"\x01\x02")
 
     async def check_store() -> None:
         store = SqliteStore(db)

@@ -25,7 +25,7 @@ import nats
 import pytest
 from nats.js.api import KeyValueConfig
 from unibus.client.keys import Identity, generate_identity
-from unibus.memberlog import LoggedRequest, LogState
+from unibus.memberlog import LoggedRequest, LogError, LogState
 from unibus.signing import make_nonce, sign_request
 from unibus.store.base import (
     Change,
@@ -1305,6 +1305,36 @@ async def test_kv_a_batch_is_rejected_whole_when_its_log_entry_cannot_be_written
         await nc.close()
 
 
+async def test_entry_0_of_a_store_filled_before_the_log_records_its_unsigned_keys(store: Store) -> None:
+    """Keys sealed before the log (a 0.11 store, or a restored 0.11 archive) have no signature:
+    the snapshot that becomes entry 0 records each by its SHA-256, on every backend (docs/formats.md)."""
+    alice, bob, carol = identity("alice"), identity("bob"), identity("carol")
+    for i, role in ((alice, "admin"), (bob, "member"), (carol, "member")):
+        await store.add_member(as_member(i, role))
+    room = await store.create_room("ops", "alice")
+    rid = room.room_id
+    await store.add_room_member(rid, "bob")
+    await store.put_keys(rid, 1, {"alice": b"a1" * 40, "bob": b"b1" * 40})
+    await store.add_room_member(rid, "carol")
+    await store.put_keys(rid, 2, {"alice": b"a2" * 40, "bob": b"b2" * 40, "carol": b"c2" * 40})
+    await store.remove_room_member(rid, "bob")  # a former member keeps what was sealed to him
+    await add_logged(store, alice, identity("dave"))  # the first logged write: entry 0 first
+    [entry] = [json.loads(t) for t in await store.log_entries(-1, 1)]
+    assert entry["kind"] == "snapshot"
+    [doc] = entry["state"]["rooms"]
+    assert doc["legacy_keys"] == {"1": {"alice": sha256(b"a1" * 40), "bob": sha256(b"b1" * 40)},
+                                  "2": {"alice": sha256(b"a2" * 40), "bob": sha256(b"b2" * 40),
+                                        "carol": sha256(b"c2" * 40)}}
+    state = await assert_replays_to_store(store)
+    state.check_legacy_key(rid, 1, "bob", b"b1" * 40)
+    with pytest.raises(LogError, match="not the one entry 0 records"):
+        state.check_legacy_key(rid, 2, "carol", b"a2" * 40)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: NatsServer) -> None:
     """A 0.11 cluster: members and rooms in the bucket, no meta.loghead."""
     nc, store = await kv_store(nats_server.url)
@@ -1314,6 +1344,7 @@ async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: N
         await store.add_member(as_member(bob))
         room = await store.create_room("ops", "bob")
         await store.add_room_member(room.room_id, "alice")
+        await store.put_keys(room.room_id, 1, {"alice": b"a1" * 40, "bob": b"b1" * 40})  # 0.11's: no signature
         await store.delete_member("bob")  # an ownerless room
         assert await store.log_head() == (-1, "")
         nc2, other = await kv_store(nats_server.url)  # another node starting: ensure() writes entry 0 once
@@ -1325,6 +1356,10 @@ async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: N
         assert (await store.log_head())[0] == 0
         state = await assert_replays_to_store(store)
         assert state.rooms[room.room_id].owner == "" and state.rooms[room.room_id].members == {"alice"}
+        # entry 0 records the key sealed to alice (bob is gone): the one she may still open to read
+        state.check_legacy_key(room.room_id, 1, "alice", b"a1" * 40)
+        with pytest.raises(LogError, match="records no key sealed to bob"):
+            state.check_legacy_key(room.room_id, 1, "bob", b"b1" * 40)
     finally:
         await store.close()
         await nc.close()
