@@ -126,6 +126,7 @@ class NatsSupervisor:
         self.ready_timeout = ready_timeout
         self.backoff_initial, self.backoff_max = backoff_initial, backoff_max
         self.restarts = 0
+        #: when the running nats-server became ready; None from its exit until a start succeeds
         self.started_at: float | None = None
         self._proc: asyncio.subprocess.Process | None = None
         self._ready = asyncio.Event()
@@ -231,7 +232,10 @@ class NatsSupervisor:
             await self._drain_log()
             if self._stopping:
                 return
-            ran_for = time.monotonic() - (self.started_at or time.monotonic())
+            # Only a start that succeeded counts: after a failed restart the old start time
+            # would reset the delay at every try (0.2 s for ever, three log lines each).
+            ran_for = 0.0 if self.started_at is None else time.monotonic() - self.started_at
+            self.started_at = None
             if ran_for > 30:
                 delay = self.backoff_initial
             log.error("nats-server exited with %s; restarting in %.1f s", rc, delay)

@@ -78,3 +78,35 @@ def test_the_daemon_checks_its_plugins_again_before_nats_server_restarts(tmp_pat
     marker.unlink()
     body = proc.wait_healthy(want=200, timeout=30)
     assert body["nats"]["restarts"] == 1 and proc.nats_pid() not in (None, pid)
+
+
+def test_failed_restarts_back_off_after_a_long_run(nats_server, caplog):
+    """A nats-server that ran for a while, then cannot start again (its port taken): the delay
+    doubles from try to try. It stayed at 0.2 s, since the start time of the long run counted
+    for every failed try (found by an operations audit: 87 tries, 3 ERROR lines each)."""
+    import re
+    import socket
+
+    caplog.set_level(logging.ERROR, logger="unibus.supervisor")
+    nats_server.wait_running()
+    nats_server.supervisor.started_at -= 60  # as if it had run for a minute
+    taker = socket.socket()
+    try:
+        nats_server.kill()
+        deadline = time.monotonic() + 30
+        while nats_server.pid is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        taker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taker.bind(("127.0.0.1", nats_server.port))
+        taker.listen()
+        delays: list[float] = []
+        while len(delays) < 4 and time.monotonic() < deadline:
+            delays = [float(d) for d in re.findall(r"nats-server exited with \S+; restarting in ([0-9.]+) s",
+                                                    caplog.text)]
+            time.sleep(0.05)
+    finally:
+        taker.close()
+    first = nats_server.supervisor.backoff_initial
+    assert delays[:4] == [first, 2 * first, 4 * first, 8 * first], caplog.text
+    assert "nats-server failed to start" in caplog.text
+    nats_server.wait_running()  # the port is free again: it comes back
