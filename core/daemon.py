@@ -14,6 +14,7 @@ import concurrent.futures
 import contextlib
 import errno
 import faulthandler
+import fcntl
 import inspect
 import logging
 import os
@@ -115,6 +116,42 @@ def prepare_data_dir(data_dir: Path) -> None:
         raise ConfigError(f"--data-dir: {data_dir} is not writable ({e.strerror}); choose a writable directory") from None
 
 
+#: The file ``serve`` holds an exclusive ``flock`` on while it runs, with its pid in it.
+LOCK_FILE = "membershipd.lock"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Take the data directory for this ``serve``: an exclusive ``flock`` on :data:`LOCK_FILE`,
+    held until the process ends (the kernel lets go of it even after a SIGKILL), and this
+    pid written in it. Returns the descriptor, to keep open.
+
+    A second ``serve`` on the same directory rewrote ``nats.conf`` under the first, emptied
+    its uploads in progress (``blobs/.tmp``), and each kept a nonce bucket of its own; the
+    first's nats-server then restarted from the other's config (found by an operations
+    audit). Now the second stops first [1], naming the first's pid. The file is not
+    removed at the end: a removal would race the next start's lock."""
+    path = data_dir / LOCK_FILE
+    check_own_file(path, "--data-dir")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        raise ConfigError(f"--data-dir: cannot open {path} ({e.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise RuntimeFailure(f"--data-dir {data_dir}: another membershipd serves it{who}; stop it first, or give "
+                             "this one a data directory of its own") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+    return fd
+
+
 def check_port_free(flag: str, addr: HostPort) -> None:
     """Fail fast, naming the flag, when a listener's port is taken."""
     family = socket.AF_INET6 if ":" in addr.host else socket.AF_INET
@@ -168,6 +205,7 @@ class Daemon:
         self.nats_tls: EmbeddedTLS | None = None
         self.nonces: NonceStore | None = None
         self._system_seed = None
+        self._lock_fd: int | None = None  # the data directory's lock (lock_data_dir), held until exit
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         #: UNIBUS_HTTP_IDLE_TIMEOUT (read by start): how long an HTTP connection may wait for a request head
@@ -252,6 +290,8 @@ class Daemon:
                 self.certificates.loaded(listener, kind, path)
         binary = find_nats_server(s.nats_server_bin) if s.embedded else None
         prepare_data_dir(s.data_dir)
+        if self._lock_fd is None:
+            self._lock_fd = lock_data_dir(s.data_dir)
         check_port_free("--http-addr", s.http_addr)
         if s.embedded:
             check_port_free("--nats-addr", s.nats_addr)
@@ -465,8 +505,13 @@ class Daemon:
             left = STOP_BUDGET - NATS_STOP_TIMEOUT - (loop.time() - started)
             await self._step("the store and the NATS connections", self._close(), max(CLOSE_MIN, left))
         finally:
-            if self.supervisor is not None:
-                await self.supervisor.stop(timeout=NATS_STOP_TIMEOUT)
+            try:
+                if self.supervisor is not None:
+                    await self.supervisor.stop(timeout=NATS_STOP_TIMEOUT)
+            finally:
+                if self._lock_fd is not None:  # nothing of this daemon runs in the data directory any more
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
         took = loop.time() - started
         (log.warning if took > STOP_BUDGET else log.info)("stopped in %.1f s", took)
 

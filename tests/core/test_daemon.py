@@ -146,6 +146,38 @@ def test_kill_9_leaves_no_nats_server(membershipd):
     wait_gone(nats)
 
 
+def test_a_second_serve_on_the_same_data_dir_stops_before_touching_it(membershipd):
+    """Adversary: an operator's mistake (a second unit, a foreground run). The second ``serve``,
+    on other ports, rewrote nats.conf under the first and emptied its uploads in progress; the
+    first's nats-server then restarted from the other's config. It stops first now [1], naming
+    the pid that serves the directory; the lock dies with its holder, even by SIGKILL."""
+    from unibus.testing import run_membershipd
+
+    d = membershipd.data_dir
+    conf = (d / "nats.conf").read_bytes()
+    upload = d / "blobs" / ".tmp" / "in-progress"
+    upload.parent.mkdir(parents=True, exist_ok=True)
+    upload.write_bytes(b"half an upload")
+    argv = ["serve", "--data-dir", str(d), "--http-addr", f"127.0.0.1:{free_port()}",
+            "--nats-addr", f"127.0.0.1:{free_port()}", "--nats-monitor-port", str(free_port())]
+    second = run_membershipd(*argv)
+    assert second.returncode == 1, second.stderr
+    errors = [line for line in second.stderr.splitlines() if "another membershipd serves it" in line]
+    assert len(errors) == 1 and f"(pid {membershipd.pid})" in errors[0], second.stderr
+    assert (d / "nats.conf").read_bytes() == conf and upload.read_bytes() == b"half an upload"
+    assert (d / "membershipd.lock").stat().st_mode & 0o077 == 0
+    status, body = http_json("GET", membershipd.base_url + "/healthz")
+    assert status == 200 and body["status"] == "ok"
+
+    nats = membershipd.nats_pid()
+    membershipd.send_signal(signal.SIGKILL)
+    membershipd.wait(10)
+    wait_gone(nats)
+    again = membershipd.again().start()  # the kernel let go of the lock
+    status, body = http_json("GET", again.base_url + "/healthz")
+    assert status == 200 and body["status"] == "ok"
+
+
 def test_sd_notify_ready(tmp_path, membershipd_factory):
     sock_path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
