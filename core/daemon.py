@@ -565,12 +565,16 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
     own_process = watchdog is not None
     watchdog = watchdog or StopWatchdog(enabled=False)
 
-    def on_stop_signal() -> None:
+    def on_stop_signal(_signum: int, _frame: Any) -> None:
+        # A plain handler, not the loop's: the interpreter runs it between two bytecodes of
+        # the main thread (a sleep is cut short for it), so the watchdog is armed even while
+        # the loop is blocked; a loop's handler ran only once the loop turned again, and a
+        # plugin's handler blocking the loop held the stop for as long as it blocked (found
+        # by a plugin author's walkthrough). The stop itself waits for the loop.
         watchdog.arm()
-        daemon.request_stop()
+        loop.call_soon_threadsafe(daemon.request_stop)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop_signal)
+    previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
     try:
         start = asyncio.create_task(daemon.start())
@@ -594,6 +598,8 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
                 loop.remove_signal_handler(sig)
                 if own_process:
                     signal.signal(sig, signal.SIG_IGN)
+                elif sig in previous:
+                    signal.signal(sig, previous[sig])
         finally:
             if own_process:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)

@@ -4,6 +4,7 @@ and a stop that still hangs ends in the watchdog's stack dump and exit 1."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 
@@ -91,6 +92,28 @@ MODULES = {
         async def shutdown(app):
             JOBS.append(asyncio.get_running_loop().run_in_executor(None, time.sleep, 2.5))
     ''',
+    # a route whose handler blocks the event loop (says so in a file first): the stop signal lands
+    # while it blocks, so no handler of the loop's runs before the watchdog fires
+    "blocking_route_plugin": '''
+        import os
+        import time
+        from pathlib import Path
+        from aiohttp import web
+        from unibus import hookimpl
+        from unibus.app import add_route
+
+        PLUGIN_NAME = "blockingroute"
+
+        async def blocks(request):
+            Path(os.environ["BLOCKING_MARKER"]).write_text("blocking")
+            time.sleep(60)
+            return web.json_response({})
+
+        @hookimpl
+        async def startup(app):
+            add_route(app, "GET", "/blocks", blocks, summary="blocks the loop", responses={200: "never"},
+                      signed=False, namespaced=False)
+    ''',
     # a shutdown hook that blocks the event loop: only the watchdog ends that
     "blocking_plugin": '''
         import time
@@ -173,3 +196,37 @@ def test_a_stop_that_blocks_the_event_loop_ends_in_the_watchdog(membershipd_fact
     assert "Timeout (0:00:13)!" in log, log[-3000:]  # faulthandler's dump: every thread's stack
     assert re.search(r'File ".*blocking_plugin\.py", line \d+ in shutdown', log), log[-3000:]
     wait_gone(nats)  # PR_SET_PDEATHSIG: the child gets SIGTERM when membershipd is gone
+
+
+@pytest.mark.slow
+def test_a_stop_signal_while_a_handler_blocks_the_event_loop_ends_in_the_watchdog(tmp_path, membershipd_factory,
+                                                                                pythonpath):
+    """The watchdog was armed by a handler of the loop's, which runs only when the loop turns: a
+    signal that came while a plugin's handler blocked the loop left the process running (found by a
+    plugin author's walkthrough: still there 30 s later). Now the signal arms it at once."""
+    import threading
+    import time
+    import urllib.request
+
+    marker = tmp_path / "blocking"
+    proc = membershipd_factory("--plugin", "blocking_route_plugin", env={**pythonpath,
+                                                                         "BLOCKING_MARKER": str(marker)})
+    nats = proc.nats_pid()
+
+    def request() -> None:
+        with contextlib.suppress(OSError):  # the answer never comes: the process exits under it
+            urllib.request.urlopen(proc.base_url + "/blocks", timeout=30)
+
+    caller = threading.Thread(target=request, daemon=True)
+    caller.start()
+    deadline = time.monotonic() + 15
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), proc.log_text()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 1
+    log = proc.log_text()
+    assert "Timeout (0:00:13)!" in log, log[-3000:]
+    assert re.search(r'File ".*blocking_route_plugin\.py", line \d+ in blocks', log), log[-3000:]
+    wait_gone(nats)
+    caller.join(timeout=35)
