@@ -21,6 +21,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 hookspec = pluggy.HookspecMarker("unibus")
 
+#: The hooks whose implementation may be a coroutine function (the core awaits them); every
+#: other hook must be a plain function: an ``async def`` there would return a coroutine that
+#: nobody awaits, so its body (a ``validate_settings`` refusal, say) would never run.
+ASYNC_HOOKS = frozenset({"startup", "shutdown", "store_changed", "reloaded"})
+
 
 @hookspec
 def cli_options() -> list[Option]:
@@ -111,7 +116,7 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
     store, metrics) is reachable through the ``unibus.app`` keys. An
     exception is logged and counted, and the plugin's fields are left out; so
     are fields that JSON cannot hold (a set, bytes, NaN). It is called as a
-    plain function: a coroutine function's result is never awaited.
+    plain function: an ``async def`` is refused when the plugin registers.
     """
 
 

@@ -271,7 +271,13 @@ class PluginManager:
                 close = difflib.get_close_matches(hook_name, HOOK_NAMES, n=1)
                 hint = f"; did you mean {close[0]}?" if close else f"; the hooks are {', '.join(HOOK_NAMES)}"
                 raise PluginError(name, f"no such hook{hint}", hook_name)
-            args = _required_args(getattr(plugin, attr))
+            impl = getattr(plugin, attr)
+            if hook_name not in hookspecs.ASYNC_HOOKS and (inspect.iscoroutinefunction(impl)
+                                                           or inspect.isasyncgenfunction(impl)):
+                raise PluginError(name, "must be a plain function, not async def: its result would never be "
+                                        f"awaited, so its body would never run (only {', '.join(sorted(hookspecs.ASYNC_HOOKS))} "
+                                        "may be coroutine functions)", hook_name)
+            args = _required_args(impl)
             extra = [a for a in args if a not in spec.argnames]
             if extra:
                 raise PluginError(
@@ -447,8 +453,13 @@ class PluginManager:
         broken and unregistered, so ``--help`` still works and shows it.
         """
         seen: dict[str, str] = {flag: "the core" for flag in reserved}
-        out = []
-        for name, impl in self._impls("cli_options"):
+        kept: dict[str, list[Option]] = {}
+        impls = self._impls("cli_options")
+        # In the order the plugins registered, not the call order (the newest first): of two
+        # plugins with one flag, the one that came later is broken. A --plugin module registers
+        # after the installed plugins; in the call order it took a built-in's flag, and the
+        # built-in was the one disabled (found by a plugin author's walkthrough).
+        for name, impl in reversed(impls):
             try:
                 opts = list(impl.function() or ())
                 problem = None
@@ -470,8 +481,8 @@ class PluginManager:
                 continue
             for opt in opts:
                 seen[opt.flag] = name
-                out.append((name, opt))
-        return out
+            kept[name] = opts
+        return [(name, opt) for name, _impl in impls if name in kept for opt in kept[name]]
 
     def blocked_flags(self) -> dict[str, str]:
         """Flags owned by blocked plugins, ``{flag: plugin}``, to refuse them by name.

@@ -16,7 +16,7 @@ import pytest
 
 from helpers import one_error_line
 from unibus import hookimpl
-from unibus.errors import ConfigError
+from unibus.errors import ConfigError, RuntimeFailure
 from unibus.pluginmanager import PluginError, PluginManager, load_plugins_from_env
 from unibus.settings import Option
 from unibus.testing import nats_server_pids, run_membershipd
@@ -79,6 +79,46 @@ def test_hook_wrappers_are_refused(marker):
             return (yield)
 
     refused(P("wrap"), "plugin wrap", "hook posture", "wrappers are not supported")
+
+
+@pytest.mark.parametrize("hook", ["validate_settings", "configure_nats", "posture", "healthz_fields", "cli_options"])
+def test_an_async_def_on_a_hook_called_plainly_is_refused(hook):
+    """Adversary: a plugin author's slip, and a bypass. An ``async def validate_settings`` returned a
+    coroutine that nobody awaited: its refusal of a bad setting never ran, and the daemon served
+    (a RuntimeWarning was all that showed). Only startup, shutdown, store_changed and reloaded are awaited."""
+    args = {"validate_settings": "settings", "configure_nats": "settings, config", "posture": "settings",
+            "healthz_fields": "app", "cli_options": ""}[hook]
+    namespace: dict = {}
+    exec(f"async def {hook}(self{', ' if args else ''}{args}):\n    raise RuntimeError('never awaited')", namespace)
+    P = type("P", (Named,), {hook: hookimpl(namespace[hook])})
+    refused(P("slip"), "plugin slip", f"hook {hook}", "not async def", "startup")
+
+    async def gen(self, settings):
+        yield {}
+
+    G = type("G", (Named,), {"posture": hookimpl(gen)})
+    refused(G("gen"), "plugin gen", "hook posture", "not async def")
+
+
+def test_the_awaited_hooks_may_be_coroutine_functions():
+    class P(Named):
+        @hookimpl
+        async def startup(self, app):
+            pass
+
+        @hookimpl
+        async def shutdown(self, app):
+            pass
+
+        @hookimpl
+        async def store_changed(self, app, event):
+            pass
+
+        @hookimpl
+        async def reloaded(self, app):
+            pass
+
+    assert manager(P("fine")).has("fine")
 
 
 def test_specname_is_checked_too():
@@ -168,11 +208,30 @@ def test_a_broken_cli_options_marks_the_plugin_broken():
     listed = {i.name: i for i in pm.list_plugins()}
     assert listed["boom"].error and listed["fine"].error is None
     assert "error" in listed["boom"].as_json() and "error" not in listed["fine"].as_json()
-    with pytest.raises(ConfigError) as e:
+    assert list(pm.broken) == ["boom", "clash", "strings"]  # in the order they registered
+    with pytest.raises(RuntimeFailure) as e:  # the first one's cli_options raised: exit 1
         pm.require_healthy()
-    first = next(iter(pm.broken))
-    assert f"plugin {first}" in str(e.value) and f"--disable-plugin {first}" in str(e.value)
+    assert "plugin boom" in str(e.value) and "--disable-plugin boom" in str(e.value)
     assert "2 more" in str(e.value)
+
+
+def test_of_two_plugins_with_one_flag_the_later_one_is_broken():
+    """A --plugin module registers after the installed plugins, and was called first: it took a
+    built-in's flag, and the built-in was marked broken (a plugin author's walkthrough)."""
+    class Builtin(Named):
+        @hookimpl
+        def cli_options(self):
+            return [Option("--blob-max-bytes", help="the built-in's")]
+
+    class Later(Named):
+        @hookimpl
+        def cli_options(self):
+            return [Option("--blob-max-bytes", help="mine"), Option("--later-own", help="mine too")]
+
+    pm = manager(Builtin("blobstore"), Later("later"))
+    assert [(name, o.flag) for name, o in pm.options()] == [("blobstore", "--blob-max-bytes")]
+    assert list(pm.broken) == ["later"] and pm.names() == ["blobstore"]
+    assert "flag --blob-max-bytes is already defined by blobstore" in pm.broken["later"].error
 
 
 @pytest.mark.parametrize("raw, expected", [(None, None), ("", ()), (" a, b,,a ", ("a", "b"))])
