@@ -28,6 +28,7 @@ from typing import Any
 
 from .aio import cancel_and_wait, within
 from .errors import ConfigError, RuntimeFailure, UnibusError
+from .logthrottle import LogThrottle, left_out_note, nats_line_kind
 from .settings import child_environment
 
 log = logging.getLogger("unibus.supervisor")
@@ -134,6 +135,7 @@ class NatsSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._recent: deque[str] = deque(maxlen=20)
+        self._log_throttle = LogThrottle()
 
     # -- state ---------------------------------------------------------------
 
@@ -222,7 +224,10 @@ class NatsSupervisor:
             if READY_MARKER in line:
                 self._ready.set()
             if level is None or level in self.forward_levels:
-                nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s", line)
+                # bounded per kind: a flood of refused logins wrote two lines each (unibus.logthrottle)
+                left_out = self._log_throttle.admit(nats_line_kind(line))
+                if left_out is not None:
+                    nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s%s", line, left_out_note(left_out))
 
     async def _watch(self) -> None:
         delay = self.backoff_initial

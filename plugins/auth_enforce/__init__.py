@@ -42,7 +42,7 @@ from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_servic
 from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
 
-from .callout import AUTH_TIMEOUT, Issuer, Responder
+from .callout import AUTH_TIMEOUT, MEMBER_MAX_SUBSCRIPTIONS, Issuer, Responder
 from .enforcer import Enforcer, KickUnconfirmed
 from .metrics import BusAuthMetrics
 from .policy import Policy, diff, member_permissions
@@ -78,15 +78,19 @@ def issuer_for(settings: Settings) -> Issuer:
 
 
 def accounts(service_nkey: str, system_nkey: str) -> dict[str, Any]:
-    """The ``accounts`` block: ``UNIBUS`` (service user, JetStream), ``MEMBERS`` (empty), ``SYS``.
+    """The ``accounts`` block: ``UNIBUS`` (service user, JetStream), ``MEMBERS`` (no user, and a bound
+    on each connection's subscriptions), ``SYS``.
 
     Only ``UNIBUS`` names JetStream: with accounts configured, nats-server
     enables it for those accounts alone, so a member has no JetStream API at
-    all (checked by tests/plugins/auth_enforce/test_accounts.py).
+    all (checked by tests/plugins/auth_enforce/test_accounts.py). The bound on
+    subscriptions is the account's: nats-server does not apply the limits of a
+    user JWT that an auth callout answered with, only its permissions
+    (docs/bus-auth.md, "Limits per member").
     """
     return {
         SERVICE_ACCOUNT: {"jetstream": "enabled", "users": [{"nkey": service_nkey}]},
-        MEMBERS_ACCOUNT: {},
+        MEMBERS_ACCOUNT: {"limits": {"max_subscriptions": MEMBER_MAX_SUBSCRIPTIONS}},
         SYSTEM_ACCOUNT: {"users": [{"nkey": system_nkey}]},
     }
 

@@ -36,6 +36,7 @@ import nacl.exceptions
 import nacl.signing
 import nkeys
 
+from unibus.logthrottle import LogThrottle, left_out_note
 from unibus.wire import KeyFormatError, public_key_from_nkey
 
 from . import jwt
@@ -52,6 +53,15 @@ MEMBERS_ACCOUNT = "MEMBERS"
 AUTH_TIMEOUT = 1.5
 #: How long a grant stays "in flight" if nats-server never reports the connection.
 IN_FLIGHT_TTL = AUTH_TIMEOUT + 1.0
+#: The most connections one member may hold at once, on all servers together (docs/bus-auth.md,
+#: "Limits per member"): one member held 20,000 and nats-server ran out of file descriptors
+#: for everyone else (a red team). A member's clients need a handful each.
+MEMBER_MAX_CONNECTIONS = 256
+#: The most subscriptions one member's connection may hold: one connection made a million in
+#: 6 s and nats-server grew by 1.4 GiB (a red team). A listener takes one per room it follows,
+#: plus its inbox. The ``MEMBERS`` account's limit enforces it (nats-server ignores the limits
+#: of a user JWT that answers a callout, measured with 2.15.1); the JWT says it too.
+MEMBER_MAX_SUBSCRIPTIONS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +129,10 @@ class Responder:
         self.metrics: Any = None
         #: handle -> [(server_id, cid, answered_at)] granted but maybe not reported yet by nats-server
         self.in_flight: dict[str, list[tuple[str, int, float]]] = {}
+        #: handle -> its live connections as nats-server reported them (the enforcer's), or None
+        self.live: Callable[[str], int] | None = None
+        self.max_connections = MEMBER_MAX_CONNECTIONS
+        self._log_throttle = LogThrottle()  # a login flood must not fill the log (unibus.logthrottle)
 
     async def start(self, nc: Any) -> None:
         self.sub = await nc.subscribe(REQUEST_SUBJECT, queue=QUEUE, cb=self._on_request)
@@ -194,12 +208,18 @@ class Responder:
             return self._refuse(server_id, user_nkey, now, "unknown bus key")
         if not holds_key(nkey, nonce, sig):
             return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
+        if self.live is not None:
+            held = self.live(grant.handle) + len(self.in_flight_of(grant.handle))
+            if held >= self.max_connections:
+                return self._refuse(server_id, user_nkey, now, f"{grant.handle} holds {held} connections, the most "
+                                                               f"a member may ({self.max_connections})",
+                                    kind=f"bound {grant.handle}")
         publish: dict[str, Any] = {"allow": list(grant.publish)} if grant.publish else {"deny": [">"]}
         user = {
             "iss": self.issuer.public, "sub": user_nkey, "aud": MEMBERS_ACCOUNT, "name": grant.handle,
             "iat": int(now),
             "nats": {"pub": publish, "sub": {"allow": list(grant.subscribe)},
-                     "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2},
+                     "subs": MEMBER_MAX_SUBSCRIPTIONS, "data": -1, "payload": -1, "type": "user", "version": 2},
         }
         response = {
             "iss": self.issuer.public, "sub": user_nkey, "aud": server_id, "iat": int(now),
@@ -215,9 +235,11 @@ class Responder:
         self._count("authorized")
         return jwt.encode(response, self.issuer.signing_key).encode("ascii")
 
-    def _refuse(self, server_id: str, user_nkey: str, now: float, why: str) -> bytes:
+    def _refuse(self, server_id: str, user_nkey: str, now: float, why: str, kind: str | None = None) -> bytes:
         self._count("refused")
-        log.info("auth callout: refused a connection: %s", why)
+        left_out = self._log_throttle.admit(kind or why)
+        if left_out is not None:
+            log.info("auth callout: refused a connection: %s%s", why, left_out_note(left_out))
         response = {"iss": self.issuer.public, "sub": user_nkey, "aud": server_id, "iat": int(now),
                     "nats": {"error": why, "type": "authorization_response", "version": 2}}
         return jwt.encode(response, self.issuer.signing_key).encode("ascii")

@@ -121,7 +121,7 @@ def test_permissions_and_config_shape():
         "subscribe": ["unibus.room.r1.>", "unibus.room.r2.>", "_INBOX_bob.>"]}
     # the configuration lists no member at all: the callout answers for MEMBERS
     block = accounts("USERVICE", "USYSTEM")
-    assert block == {"UNIBUS": {"jetstream": "enabled", "users": [{"nkey": "USERVICE"}]}, "MEMBERS": {},
+    assert block == {"UNIBUS": {"jetstream": "enabled", "users": [{"nkey": "USERVICE"}]}, "MEMBERS": {"limits": {"max_subscriptions": 1024}},
                      "SYS": {"users": [{"nkey": "USYSTEM"}]}}
     auth = authorization("USERVICE", "AISSUER")
     assert auth["auth_callout"] == {"issuer": "AISSUER", "account": "UNIBUS", "auth_users": ["USERVICE"],

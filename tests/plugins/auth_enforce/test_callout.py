@@ -25,7 +25,8 @@ from nats.errors import NoServersError
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.plugins.auth_enforce import jwt
-from unibus.plugins.auth_enforce.callout import IN_FLIGHT_TTL, Issuer, Responder, holds_key
+from unibus.plugins.auth_enforce.callout import (IN_FLIGHT_TTL, MEMBER_MAX_CONNECTIONS, MEMBER_MAX_SUBSCRIPTIONS,
+                                                  Issuer, Responder, holds_key)
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
 
@@ -259,6 +260,102 @@ async def test_a_storm_of_500_members_is_authorized(tmp_path):
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
         daemon.stop()
+
+
+def test_a_member_at_its_connection_bound_is_refused(responder):
+    """Connections reported by nats-server and grants still in flight both count."""
+    r, bob = responder
+    live = {"bob": 0}
+    r.live = lambda handle: live.get(handle, 0)
+    r.max_connections = 3
+    seed = bob.bus_nkey_seed()
+    for _ in range(3):  # three grants in flight: the third fills the bound
+        assert "jwt" in jwt.decode(r.answer(request(seed)), nkeys.PREFIX_BYTE_ACCOUNT)["nats"]
+    refused = jwt.decode(r.answer(request(seed)), nkeys.PREFIX_BYTE_ACCOUNT)["nats"]
+    assert "jwt" not in refused and "bob holds 3 connections, the most a member may (3)" in refused["error"]
+    r.in_flight.clear()
+    live["bob"] = 2  # reported by nats-server now, one of them closed
+    assert "jwt" in jwt.decode(r.answer(request(seed)), nkeys.PREFIX_BYTE_ACCOUNT)["nats"]
+
+
+def test_a_member_s_connection_holds_a_bounded_number_of_subscriptions(responder):
+    r, bob = responder
+    user = jwt.decode(jwt.decode(r.answer(request(bob.bus_nkey_seed())), nkeys.PREFIX_BYTE_ACCOUNT)["nats"]["jwt"],
+                      nkeys.PREFIX_BYTE_ACCOUNT)
+    assert user["nats"]["subs"] == MEMBER_MAX_SUBSCRIPTIONS > 0
+
+
+async def test_one_member_cannot_take_every_connection_or_the_server_s_memory(world):
+    """Adversary: an ordinary member, in no room at all. It held 20,000 connections (nats-server ran
+    out of file descriptors, and every other login timed out), and one connection made a million
+    subscriptions (nats-server grew by 1.4 GiB): both are bounded per member now."""
+    daemon, alice = world
+    errors: list[Exception] = []
+
+    async def on_error(e: Exception) -> None:
+        errors.append(e)
+
+    async def connect(**kw):
+        return await nats.connect(daemon.nats_url, nkeys_seed_str=alice.bus_nkey_seed(), allow_reconnect=False,
+                                  max_reconnect_attempts=0, connect_timeout=10, **kw)
+
+    subscriber = await connect(error_cb=on_error)
+    conns: list = []
+    try:
+        for i in range(MEMBER_MAX_SUBSCRIPTIONS):  # an inbox of its own: allowed
+            await subscriber.subscribe(f"_INBOX_alice.s{i}")
+        await subscriber.flush(timeout=10)
+        assert not errors and subscriber.is_connected
+        await subscriber.subscribe("_INBOX_alice.one-too-many")
+        with contextlib.suppress(Exception):
+            await subscriber.flush(timeout=5)
+        deadline = time.monotonic() + 10
+        while subscriber.is_connected and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        # nats-server refuses it (-ERR), and nats-py then closes the connection
+        said = [str(e).lower() for e in [*errors, subscriber.last_error] if e is not None]
+        assert any("maximum subscriptions exceeded" in e for e in said), said
+
+        held = len(await member_connections(daemon, "alice"))  # the subscriber, if nats-py kept it
+        results = await asyncio.gather(*(connect() for _ in range(MEMBER_MAX_CONNECTIONS - held)),
+                                       return_exceptions=True)
+        conns = [c for c in results if not isinstance(c, BaseException)]
+        assert len(conns) == MEMBER_MAX_CONNECTIONS - held, [r for r in results if isinstance(r, BaseException)][:3]
+        with pytest.raises((nats.errors.Error, NoServersError)):
+            await connect()
+        assert "alice holds 256 connections, the most a member may (256)" in daemon.log_text()
+        await conns.pop().close()
+        deadline = time.monotonic() + 10
+        while True:  # its DISCONNECT event frees the place
+            try:
+                conns.append(await connect())
+                break
+            except (nats.errors.Error, NoServersError):
+                assert time.monotonic() < deadline, "a closed connection never freed its place"
+                await asyncio.sleep(0.2)
+    finally:
+        await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
+        await subscriber.close()
+
+
+async def test_a_flood_of_refused_logins_writes_a_bounded_log(world):
+    """Adversary: anyone who reaches the NATS port, with no credentials. Each refused login wrote
+    three lines (membershipd's refusal, nats-server's [ERR] and [WRN]): about 450 bytes a try, 2.2 GB
+    an hour from four threads (a red team). Now each kind is logged 5 times per 10 s."""
+    daemon, _alice = world
+    before = len(daemon.log_text())
+    tries = 60
+    for _ in range(tries):
+        stranger = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER).decode()
+        with pytest.raises((nats.errors.Error, NoServersError)):
+            await nats.connect(daemon.nats_url, nkeys_seed_str=stranger, allow_reconnect=False,
+                               max_reconnect_attempts=0, connect_timeout=5)
+    await asyncio.sleep(0.5)  # nats-server's last lines reach membershipd's log
+    lines = daemon.log_text()[before:].splitlines()
+    refusals = [line for line in lines if "refused a connection: unknown bus key" in line]
+    nats_errors = [line for line in lines if "unibus.nats" in line and "authentication error" in line.lower()]
+    assert 1 <= len(refusals) <= 5 and len(nats_errors) <= 5, "\n".join(lines[-20:])
+    assert len(lines) < tries, "\n".join(lines[-20:])
 
 
 def test_grants_that_never_become_connections_do_not_pile_up():

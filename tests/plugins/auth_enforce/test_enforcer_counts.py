@@ -506,3 +506,40 @@ async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, 
             await nc.close()
     reload_until_read(rt)  # a read that failed as the store closed: nothing is started any more
     assert rt.stopping and not rt.tasks
+
+
+async def test_repeated_revocations_of_a_member_make_one_second_sweep_after_the_last(monkeypatch):
+    """Red team: any member may add another to a room of its own and remove it again, in a loop.
+    Each revocation scheduled its own second sweep, and each sweep kicked the member's connections,
+    current ones too: 86 kicks, hundreds of sweeps, a 503. Now a member revoked again before its
+    sweep ran is swept once, no sooner than SECOND_SWEEP_AFTER after the last revocation (the
+    grants answered around it are what the sweep is for); another member keeps its own time."""
+    import time
+
+    from unibus.plugins.auth_enforce import enforcer as module
+
+    monkeypatch.setattr(module, "SECOND_SWEEP_AFTER", 0.3)
+    e = enforcer(clustered=False, responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
+    swept: list[tuple[float, set[str], list[str]]] = []
+
+    async def sweep(handles, rooms):
+        swept.append((time.monotonic(), set(handles), list(rooms)))
+
+    e._sweep = sweep
+    try:
+        last = 0.0
+        for i in range(20):
+            e._schedule_sweep({"carol"}, [f"r{i % 2}"])
+            last = time.monotonic()
+            if i == 5:
+                e._schedule_sweep({"dave"}, [])
+            await asyncio.sleep(0.05)
+        assert await until(lambda: len(swept) == 2, 5), swept
+        await asyncio.sleep(0.5)
+        assert len(swept) == 2, swept  # one each
+        (t_dave, dave, _), (t_carol, carol, rooms) = swept
+        assert dave == {"dave"} and carol == {"carol"} and rooms == ["r0", "r1"]
+        assert t_carol >= last + 0.3
+        assert e._sweeper is not None and e._sweeper.done() and not e._sweep_due
+    finally:
+        await e.stop()
