@@ -135,6 +135,8 @@ class NatsSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._recent: deque[str] = deque(maxlen=20)
+        #: "host:port " of the readiness probe's connections (_port_open), the last few
+        self._probes: deque[str] = deque(maxlen=8)
         self._log_throttle = LogThrottle()
 
     # -- state ---------------------------------------------------------------
@@ -196,6 +198,9 @@ class NatsSupervisor:
         for _ in range(50):
             try:
                 _, w = await within(asyncio.open_connection(host, self.port), 1.0)
+                local = w.get_extra_info("sockname")
+                if local:  # a TLS listener logs this probe as a failed handshake: not forwarded (_read_log)
+                    self._probes.append(f"[{local[0]}]:{local[1]} " if ":" in local[0] else f"{local[0]}:{local[1]} ")
                 w.close()
                 with contextlib.suppress(Exception):
                     await w.wait_closed()
@@ -223,6 +228,9 @@ class NatsSupervisor:
             level = nats_line_level(line)
             if READY_MARKER in line:
                 self._ready.set()
+            if "TLS handshake error" in line and any(probe in line for probe in self._probes):
+                nats_log.debug("%s (the readiness probe's connection)", line)
+                continue
             if level is None or level in self.forward_levels:
                 # bounded per kind: a flood of refused logins wrote two lines each (unibus.logthrottle)
                 left_out = self._log_throttle.admit(nats_line_kind(line))

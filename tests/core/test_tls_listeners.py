@@ -278,6 +278,9 @@ def test_https_daemon_serves(world):
     assert body["posture"]["listeners"] == {"http": "tls", "nats": "tls", "routes": "none", "metrics": "none"}
     assert body["nats"]["url"].startswith("tls://") and "warnings" not in body
     assert "serving on https://" in p.log_text()
+    # the readiness probe of nats-server's TLS port was logged as an [ERR] failed handshake at every start,
+    # which tripped alerts on ERR lines (an operations audit)
+    assert "TLS handshake error" not in p.log_text().split("serving on https://")[0]
     # a client that does not trust the CA is refused, and so is plain HTTP on the HTTPS port
     with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED"):
         http_json("GET", p.base_url + "/healthz", context=ssl.create_default_context(cafile=str(world.other.ca[0])))
