@@ -393,6 +393,10 @@ def log_disagreement(db: Path, facts: StoreFacts | None = None) -> str | None:
 def _check_restorable(db: Path, facts: StoreFacts) -> None:
     """Run restore's checks of the log on ``db`` before the archive is written: an archive
     restore would refuse is a failed backup (exit 1), not one found out when it is needed."""
+    from .store.db import known_revision, newer_database
+
+    if facts.revision is not None and not known_revision(facts.revision):
+        raise newer_database(Path(DB_NAME), facts.revision)  # restore would refuse it: say so now
     why = log_disagreement(db, facts)
     if why is not None:
         raise RuntimeFailure(f"the state cannot be backed up, as restore would refuse it: {why}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine, create_engine, event
 
-from ..errors import RuntimeFailure
+from ..errors import ConfigError, RuntimeFailure
 from ..migrations import HEAD_REVISION
 
 if TYPE_CHECKING:  # alembic is imported only when a migration must run
@@ -76,6 +76,26 @@ def stored_revision(db_path: Path) -> str | None:
     return value if value is None else str(value)
 
 
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of this unibus's schema revisions (exactly: not ``head`` or a range)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        script = ScriptDirectory.from_config(alembic_config()).get_revision(revision)
+    except CommandError:
+        return False
+    return script is not None and script.revision == revision
+
+
+def newer_database(db_path: Path, revision: str) -> ConfigError:
+    """The refusal of a database at a revision this unibus does not know: a newer unibus made it."""
+    from .. import __version__
+
+    return ConfigError(f"{db_path} is at schema revision {revision!r}, which unibus {__version__} does not know: "
+                       "a newer unibus made it; run that version, or restore a backup this version made")
+
+
 def migrate(db_path: Path, revision: str = "head") -> tuple[str | None, str | None]:
     """Bring the database at ``db_path`` to the newest revision (or to ``revision``: restore
     builds a database at an archive's own revision before it copies the archive's rows in).
@@ -92,6 +112,9 @@ def migrate(db_path: Path, revision: str = "head") -> tuple[str | None, str | No
         current = stored_revision(db_path)
         if current == HEAD_REVISION:
             return current, current
+        if current is not None and not known_revision(current):
+            # exit 2, not alembic's "Can't locate revision" as a failure that systemd restarts 10 times
+            raise newer_database(db_path, current)
     from alembic import command
 
     engine = make_engine(db_path)

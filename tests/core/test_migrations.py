@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from unibus.client.keys import generate_identity
+from unibus.errors import ConfigError
 from unibus.memberlog import LogError, LogState, entry_hash
 from unibus.migrations import HEAD_REVISION
 from unibus.store.base import Conflict
@@ -226,3 +227,27 @@ def test_member_add_writes_a_bootstrap_entry_and_prints_its_fingerprint(tmp_path
     for _seq, _digest, entry in rows:
         trusted.apply(entry)
     assert set(trusted.members) == {"alice", "bob"} and trusted.members["alice"].role == "admin"
+
+
+def test_a_database_of_a_newer_unibus_is_refused_with_exit_2_and_left_as_it_is(tmp_path):
+    """A rollback to this version, or a data directory copied from a newer node: alembic's "Can't
+    locate revision" was an exit 1, which the unit restarts 10 times, and `backup` archived it
+    although `restore` refuses such an archive (an operations audit)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    db = data_dir / "membershipd.db"
+    migrate(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("update alembic_version set version_num = '0099'")
+        conn.commit()
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the file itself holds it: compared below
+    before = db.read_bytes()
+    for argv in (["migrate", "--data-dir", str(data_dir)],
+                 ["backup", "--data-dir", str(data_dir), "--out", str(tmp_path / "a.tar")]):
+        proc = run_membershipd(*argv)
+        assert proc.returncode == 2, (argv, proc.stderr)
+        errors = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and "'0099'" in errors[0] and "a newer unibus made it" in errors[0], proc.stderr
+    assert db.read_bytes() == before and not (tmp_path / "a.tar").exists()
+    with pytest.raises(ConfigError, match="newer unibus"):
+        migrate(db)
