@@ -23,6 +23,7 @@ from .bus import Bus
 from .connlimits import DEFAULT_IDLE_TIMEOUT, send_within
 from .health import HealthProber, HealthState
 from .inputs import check_path_params
+from .logthrottle import LogThrottle
 from .metrics import CLIENT_GONE, Metrics, route_label
 from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager, current_plugin
@@ -43,6 +44,9 @@ SUPERVISOR = web.AppKey("supervisor", object)  # NatsSupervisor | None (external
 OPENAPI_DOC = web.AppKey("openapi", OpenAPI)
 #: Who registered each route: (METHOD, path template) -> "the core" or "plugin <name>" (add_route).
 ROUTE_OWNERS = web.AppKey("route_owners", dict)
+#: The warnings of /healthz about a plugin's fields: once an hour each, not on every call (monitoring asks
+#: every few seconds; a plugin author's walkthrough).
+HEALTHZ_WARNINGS = web.AppKey("healthz_warnings", LogThrottle)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
 #: The running :class:`unibus.events.ChangeEvents` (set once ``startup`` hooks ran).
@@ -173,11 +177,29 @@ async def problem_middleware(request: web.Request, handler: Handler) -> web.Stre
     is sent here, with a deadline if it cannot go at once (:func:`unibus.connlimits.send_within`).
     """
     try:
-        response = await handler(request)
+        response = _checked(request, await handler(request))
     except Exception as e:  # noqa: BLE001 - each kind is answered by _problem_for (the rest: 500)
         _raise_if_answer_begun(request, e)
         response = _problem_for(request, e)
     await send_within(request, response, request.get(BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT))  # as served_middleware
+    return response
+
+
+def _route_owner(request: web.Request) -> str:
+    """Who registered the route that matched ``request`` ("the core", "plugin <name>"), for a log line."""
+    info = request.match_info.route.resource
+    template = info.canonical if info is not None else request.path
+    owner = request.app.get(ROUTE_OWNERS, {}).get((request.method, template))
+    return f"{request.method} {template} ({owner or 'the core'})"
+
+
+def _checked(request: web.Request, response: Any) -> web.StreamResponse:
+    """``response`` if a handler returned one; else a ``TypeError`` naming the route and its owner
+    (a 500): aiohttp failed later with an ``AttributeError`` deep in its own code, which named
+    neither (a plugin author's walkthrough)."""
+    if not isinstance(response, web.StreamResponse):
+        raise TypeError(f"the handler of {_route_owner(request)} returned {type(response).__name__}, "
+                        "not an aiohttp web.StreamResponse")
     return response
 
 
@@ -190,6 +212,8 @@ def _raise_if_answer_begun(request: web.Request, exc: Exception) -> None:
     writer = request.writer
     if writer is None or writer.output_size == 0:
         return
+    log.error("%s raised %s after its response began to go out; the connection is closed",
+              _route_owner(request), type(exc).__name__)
     if isinstance(exc, web.HTTPException):
         raise RuntimeError(f"{type(exc).__name__} raised after the response began to go out") from exc
     raise exc
@@ -209,7 +233,7 @@ def served_middleware(metrics: Metrics) -> Any:
         status = 500
         try:
             try:
-                response = await handler(request)
+                response = _checked(request, await handler(request))
             except Exception as e:  # noqa: BLE001 - as problem_middleware
                 _raise_if_answer_begun(request, e)
                 response = _problem_for(request, e)  # re-raises a redirect
@@ -518,15 +542,19 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
         placed = plugin_healthz(name, fields)
         if placed is None:
             continue
+        warned = app.get(HEALTHZ_WARNINGS) or LogThrottle(burst=1, window=3600.0)
         if name in body or name in CORE_HEALTHZ_KEYS:  # never overwrites the core's keys
-            log.warning("plugin %s: its name is a /healthz key of the core; its fields are left out", name)
+            if warned.admit(f"{name} core key") is not None:
+                log.warning("plugin %s: its name is a /healthz key of the core; its fields are left out "
+                            "(said once an hour)", name)
             continue
         try:  # what json_response would fail on, later, for every caller (a set, bytes, NaN): red team
             json.dumps(placed, allow_nan=False)
         except (TypeError, ValueError) as e:
-            app[PLUGINS].hook_failed(name, "healthz_fields")
-            log.error("plugin %s: healthz_fields returned what JSON cannot hold (%s); its fields are left out",
-                      name, e)
+            app[PLUGINS].hook_failed(name, "healthz_fields")  # counted at every call
+            if warned.admit(f"{name} not json") is not None:
+                log.error("plugin %s: healthz_fields returned what JSON cannot hold (%s); its fields are left out "
+                          "(said once an hour)", name, e)
             continue
         body[name] = placed
     return body
@@ -572,6 +600,7 @@ def make_app(
         app[STORE] = store
     app[OPENAPI_DOC] = OpenAPI()
     app[ROUTE_OWNERS] = {}
+    app[HEALTHZ_WARNINGS] = LogThrottle(burst=1, window=3600.0)
     app[EXTRA] = {"started": time.time()}
     app[STASHES] = {}
     health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)

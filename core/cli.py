@@ -35,6 +35,12 @@ class _Parser(argparse.ArgumentParser):
     word holding an ``@`` is shown without its ``user:pass@`` (``unrecognized arguments:`` quotes
     stray values, a route URL given after a space instead of a comma among them)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations: a plugin's flag (--data, say) would take over what an operator's
+        # abbreviated core flag (--data for --data-dir) meant (a plugin author's walkthrough).
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
         self._given = list(sys.argv[1:] if args is None else args)  # for error(): the values as given
         return super().parse_known_args(args, namespace)
@@ -49,7 +55,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _disable_pre_parser() -> argparse.ArgumentParser:
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     add_plugin_selection_arguments(pre)
     return pre
 

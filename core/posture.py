@@ -19,11 +19,14 @@ Fail closed: a flag that asks for a fact no loaded plugin reports is refused
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError
 from .settings import LISTENER_TLS_FLAGS, Settings, is_loopback_host, plaintext_nats_link
+
+log = logging.getLogger("unibus.posture")
 
 if TYPE_CHECKING:  # pragma: no cover
     from .pluginmanager import PluginManager
@@ -84,9 +87,13 @@ def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Setting
     A fact or listener reported several times keeps the weakest value, so one
     plugin can never make another's missing enforcement look enforced. An
     unknown listener state counts as ``plaintext``; unknown keys are ignored.
+    A listener of another name than the four is not shown, but one that is
+    not secure makes ``tls`` false (fail closed: a plugin's own plaintext
+    listener was dropped, and ``tls`` held; a plugin author's walkthrough).
     """
     merged: dict[str, Any] = {}
     listeners: dict[str, str | None] = {}
+    other_insecure = False
     for report in [{"listeners": core_listeners(settings)}, *reports]:
         if not isinstance(report, Mapping):
             continue
@@ -103,7 +110,10 @@ def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Setting
         reported = report.get("listeners")
         if isinstance(reported, Mapping):
             for name, state in reported.items():
-                if name not in LISTENERS or state == "none":
+                if state == "none":
+                    continue
+                if name not in LISTENERS:
+                    other_insecure = other_insecure or state not in SECURE_STATES
                     continue
                 if name == "routes" and not settings.clustered:
                     continue  # an unclustered node has no routes, whatever is claimed
@@ -115,7 +125,7 @@ def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Setting
     listeners_ok = all(state in SECURE_STATES for state in final.values()) and (
         not settings.clustered or final["routes"] == "mtls")
     # membershipd's own link to an external NATS counts too: nats:// to another host is not TLS.
-    tls = listeners_ok and merged.get("tls", True) is True and not plaintext_nats_link(settings)
+    tls = listeners_ok and not other_insecure and merged.get("tls", True) is True and not plaintext_nats_link(settings)
     posture: dict[str, Any] = {
         "bus_auth": merged.get("bus_auth", INSECURE["bus_auth"]),
         "acl": merged.get("acl", INSECURE["acl"]),
@@ -158,9 +168,29 @@ def require_reporters(settings: Settings, plugins: PluginManager, reports: Itera
         )
 
 
+def warn_unknown_keys(reports: Iterable[tuple[str, Any]]) -> list[str]:
+    """The warnings for what a plugin's posture report holds that counts for nothing, or not as it
+    may expect: keys that are no fact, listener names that are not shown. Logged at start-up."""
+    out = []
+    for name, report in reports:
+        if not isinstance(report, Mapping):
+            continue
+        for key in sorted(set(report) - {*FACTS, "listeners"}, key=str):
+            out.append(f"plugin {name}: posture key {key!r} is not a posture fact ({', '.join(FACTS)}, "
+                       "listeners); ignored")
+        reported = report.get("listeners")
+        for listener in sorted(set(reported) - set(LISTENERS), key=str) if isinstance(reported, Mapping) else ():
+            out.append(f"plugin {name}: listener {listener!r} is not shown in the posture (only "
+                       f"{', '.join(LISTENERS)} are); a state other than loopback, tls, mtls or none makes tls false")
+    for line in out:
+        log.warning("%s", line)
+    return out
+
+
 def startup_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
     """The posture ``serve`` and ``membershipd posture`` start from, after the fail-closed checks."""
     reports = posture_reports(settings, plugins)
+    warn_unknown_keys(reports)
     require_reporters(settings, plugins, reports)
     return merge_posture((r for _, r in reports), settings)
 

@@ -23,18 +23,28 @@ class Problem(Exception):
 
     def __init__(self, status: int, detail: str, *, kind: str | None = None, title: str | None = None,
                  headers: dict[str, str] | None = None, **extra: Any) -> None:
+        if not (isinstance(status, int) and 400 <= status <= 599):
+            # a plugin's Problem(200, ...) answered 200 with a problem body (a plugin author's walkthrough)
+            raise ValueError(f"a Problem's status is an HTTP error status (400-599), not {status!r}")
         super().__init__(detail)
         self.status = status
         self.detail = detail
-        self.title = title or HTTPStatus(status).phrase
+        self.title = title or _phrase(status)
         self.kind = kind or self.title.lower().replace(" ", "-")
         self.headers = headers or {}
         self.extra = extra
 
 
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:  # an error status without a name (e.g. 599)
+        return "Client Error" if status < 500 else "Server Error"
+
+
 def problem_response(status: int, detail: str, *, kind: str | None = None, title: str | None = None,
                      headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
-    title = title or HTTPStatus(status).phrase
+    title = title or _phrase(status)
     body = {
         "type": PROBLEM_TYPE_BASE + (kind or title.lower().replace(" ", "-")),
         "title": title,

@@ -176,7 +176,7 @@ def _migrated_db() -> Path:
     return _migrated_template
 
 
-def bootstrap_member(data_dir: Path, identity: Any, role: str = "member") -> None:
+def bootstrap_member(data_dir: Path | str, identity: Any, role: str = "member") -> None:
     """``membershipd member add`` an identity (``unibus.client.keys.Identity``) into a data dir, offline.
 
     It runs the command in this process (``unibus.cli.main``), on a database
@@ -191,6 +191,7 @@ def bootstrap_member(data_dir: Path, identity: Any, role: str = "member") -> Non
 
     if identity.bus_pub is None:
         raise ValueError(f"{identity.handle}: the identity has no bus key (membershipd member add needs --bus-pub)")
+    data_dir = Path(data_dir)  # a str too
     db = data_dir / "membershipd.db"
     if not db.exists():
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -144,3 +144,10 @@ def test_nats_server_that_exits_at_once(tmp_path):
     proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--nats-server-bin", str(fake),
                            "--http-addr", f"127.0.0.1:{free_port()}", "--nats-addr", f"127.0.0.1:{free_port()}")
     assert_one_line_error(proc, 1, "nats-server failed to start", "simulated failure")
+
+
+def test_flags_are_never_abbreviated():
+    """argparse took --bus-a for --bus-auth: a plugin's own flag (--data) would then take over what an
+    operator's abbreviation (--data for --data-dir) meant, once that plugin is installed."""
+    proc = run_membershipd("posture", "--bus-a", "off")
+    assert proc.returncode == 2 and "unrecognized arguments: --bus-a off" in proc.stderr, proc.stderr

@@ -133,3 +133,11 @@ def test_path_params_accepted_and_described():
         except Problem:
             checked = False
         assert documented == checked, value
+
+
+@pytest.mark.parametrize("status", [200, 204, 302, 399, 600, "404", None])
+def test_a_problem_is_an_error_status(status):
+    """A plugin's Problem(200, ...) answered 200 with a problem document (a plugin author's walkthrough)."""
+    with pytest.raises(ValueError, match="400-599"):
+        Problem(status, "nope")
+    assert Problem(418, "a teapot").kind == "i'm-a-teapot" and Problem(599, "x", kind="odd").kind == "odd"

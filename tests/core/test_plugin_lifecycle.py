@@ -180,6 +180,71 @@ def test_healthz_fields_are_placed_under_the_plugin_name(unibus_app, pythonpath,
     assert body["nats_monitor"] == {"enabled": False, "url": None}
 
 
+class BadRoutes:
+    """Routes with a plugin author's slips: a handler that returns no response, and one that
+    fails after its streamed response began."""
+
+    PLUGIN_NAME = "badroutes"
+
+    @hookimpl
+    def startup(self, app):
+        from aiohttp import web
+
+        from unibus.app import add_route
+
+        async def none(request):
+            return None
+
+        async def stream(request):
+            response = web.StreamResponse()
+            await response.prepare(request)
+            await response.write(b"part of it")
+            raise RuntimeError("midway")
+
+        for path, handler in (("/none", none), ("/stream", stream)):
+            add_route(app, "GET", path, handler, summary="a slip", responses={200: "never"}, signed=False,
+                      namespaced=False)
+
+
+def test_a_plugin_handler_s_slips_are_logged_naming_the_route_and_the_plugin(unibus_app, caplog):
+    """Both were logged without the route or the plugin: the first as aiohttp's AttributeError deep in
+    its own code, the second as aiohttp's "Error handling request" (a plugin author's walkthrough)."""
+    import logging
+
+    caplog.set_level(logging.ERROR)
+    served = unibus_app(plugins=[BadRoutes()])
+    status, body = http_json("GET", served.base_url + "/none")
+    assert status == 500 and body["detail"] == "internal error; see the membershipd log"
+    assert "the handler of GET /none (plugin badroutes) returned NoneType, not an aiohttp web.StreamResponse" \
+        in caplog.text
+    with pytest.raises(Exception):  # the connection is closed under a response that began
+        http_json("GET", served.base_url + "/stream")
+    assert "GET /stream (plugin badroutes) raised RuntimeError after its response began to go out" in caplog.text
+
+
+class HealthzSlips:
+    def __init__(self, name, fields):
+        self.PLUGIN_NAME, self.fields = name, fields
+
+    @hookimpl
+    def healthz_fields(self, app):
+        return self.fields
+
+
+def test_healthz_warns_of_a_plugin_s_fields_once_not_at_every_call(unibus_app, caplog):
+    """Monitoring asks every few seconds: a plugin named like a core key, or whose fields JSON cannot
+    hold, wrote a warning at every call (a plugin author's walkthrough)."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="unibus.app")
+    served = unibus_app(plugins=[HealthzSlips("status", {"x": 1}), HealthzSlips("sets", {"x": {1, 2}})])
+    for _ in range(3):
+        status, body = http_json("GET", served.base_url + "/healthz")
+        assert status == 200 and body["status"] == "ok" and "sets" not in body
+    assert caplog.text.count("plugin status: its name is a /healthz key of the core") == 1
+    assert caplog.text.count("plugin sets: healthz_fields returned what JSON cannot hold") == 1
+
+
 def test_plugin_healthz_unwraps_the_old_form_only():
     assert plugin_healthz("hello", {"hello": {"greeting": "hi"}}) == {"greeting": "hi"}
     assert plugin_healthz("hello", {"hello": "world"}) == {"hello": "world"}

@@ -168,6 +168,22 @@ def test_a_plugin_can_weaken_a_listener_but_never_strengthen_it(unibus_plugin_ma
     assert posture["tls"] is False
 
 
+def test_a_plugin_s_own_listener_outside_the_table_still_counts_for_tls(unibus_plugin_manager, caplog):
+    """A plugin that opens a plaintext listener of its own and reports it under its own name: the
+    report was dropped without a word and tls held (a plugin author's walkthrough). Fail closed."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="unibus.posture")
+    own = Reports(listeners={"badhealth": "plaintext"}, bogus=1)
+    pm = unibus_plugin_manager(own, Reports(bus_auth="enforce", acl=True))
+    posture = startup_posture(Settings(), pm)
+    assert posture["tls"] is False and "badhealth" not in posture["listeners"]
+    assert "posture key 'bogus' is not a posture fact" in caplog.text
+    assert "listener 'badhealth' is not shown in the posture" in caplog.text
+    fine = Reports(listeners={"badhealth": "loopback"})
+    assert compute_posture(Settings(), unibus_plugin_manager(fine))["tls"] is True
+
+
 def test_unclustered_routes_claims_are_ignored(unibus_plugin_manager):
     posture = compute_posture(Settings(), unibus_plugin_manager(Reports(listeners={"routes": "plaintext"})))
     assert posture["listeners"]["routes"] == "none" and posture["tls"] is True

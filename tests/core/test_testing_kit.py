@@ -214,3 +214,15 @@ def test_xdist_workers_pick_ports_from_disjoint_slices(monkeypatch):
         slices.append(_worker_slice(20000, 32767))
     (a0, a1), (b0, b1) = slices
     assert a0 == 20000 and a1 < b0 and b1 <= 32767 and b1 - b0 == a1 - a0
+
+
+def test_bootstrap_member_takes_a_str_path_too(tmp_path):
+    """The example's tests passed a str, and got a TypeError (a plugin author's walkthrough)."""
+    import sqlite3
+
+    from unibus.client.keys import generate_identity
+    from unibus.testing import bootstrap_member
+
+    bootstrap_member(str(tmp_path / "d"), generate_identity("alice"), "admin")
+    with sqlite3.connect(tmp_path / "d" / "membershipd.db") as conn:
+        assert conn.execute("select handle, role from members").fetchall() == [("alice", "admin")]
