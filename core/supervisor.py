@@ -28,7 +28,7 @@ from typing import Any
 
 from .aio import cancel_and_wait, within
 from .errors import ConfigError, RuntimeFailure, UnibusError
-from .logthrottle import LogThrottle, left_out_note, nats_line_kind
+from .logthrottle import LogThrottle, cut, left_out_note, nats_line_kind
 from .settings import child_environment
 
 log = logging.getLogger("unibus.supervisor")
@@ -232,10 +232,14 @@ class NatsSupervisor:
                 nats_log.debug("%s (the readiness probe's connection)", line)
                 continue
             if level is None or level in self.forward_levels:
-                # bounded per kind: a flood of refused logins wrote two lines each (unibus.logthrottle)
-                left_out = self._log_throttle.admit(nats_line_kind(line))
+                # Bounded per kind, in the quiet levels: a flood of refused logins wrote two lines each
+                # (unibus.logthrottle). Not what an operator asked for (debug, trace), nor a line without
+                # a level (a Go panic's stack).
+                throttled = level is not None and self.forward_levels == QUIET_LEVELS
+                left_out = self._log_throttle.admit(nats_line_kind(line)) if throttled else 0
                 if left_out is not None:
-                    nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s%s", line, left_out_note(left_out))
+                    nats_log.log(_PYLEVEL.get(level or "", logging.INFO), "%s%s", cut(line) if throttled else line,
+                                 left_out_note(left_out))
 
     async def _watch(self) -> None:
         delay = self.backoff_initial

@@ -131,6 +131,10 @@ class Responder:
         self.in_flight: dict[str, list[tuple[str, int, float]]] = {}
         #: handle -> its live connections as nats-server reported them (the enforcer's), or None
         self.live: Callable[[str], int] | None = None
+        #: told of the asking server's id and name first (the enforcer's ``saw_server``): a restarted
+        #: nats-server's old connections are forgotten before they are counted (a red team: a member
+        #: at its bound was locked out after a restart, every reconnect refused)
+        self.saw_server: Callable[[str | None, str | None], Any] | None = None
         self.max_connections = MEMBER_MAX_CONNECTIONS
         self._log_throttle = LogThrottle()  # a login flood must not fill the log (unibus.logthrottle)
 
@@ -209,6 +213,8 @@ class Responder:
         if not holds_key(nkey, nonce, sig):
             return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
         if self.live is not None:
+            if self.saw_server is not None:
+                self.saw_server(server_id, server.get("name") if isinstance(server.get("name"), str) else None)
             held = self.live(grant.handle) + len(self.in_flight_of(grant.handle))
             if held >= self.max_connections:
                 return self._refuse(server_id, user_nkey, now, f"{grant.handle} holds {held} connections, the most "

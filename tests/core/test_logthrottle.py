@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from unibus.logthrottle import MAX_KINDS, LogThrottle, left_out_note, nats_line_kind
+from unibus.logthrottle import MAX_KINDS, MAX_LINE, LogThrottle, cut, left_out_note, nats_line_kind
 
 
 def test_a_kind_is_logged_burst_times_per_window_and_the_next_window_says_how_many_were_left_out():
@@ -32,3 +32,13 @@ def test_nats_lines_of_one_refused_login_and_the_next_are_one_kind():
            'Nkey "UAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"')
     assert nats_line_kind(one) == nats_line_kind(two)
     assert nats_line_kind("[1] 2026/12/05 23:27:16.5 [ERR] JetStream out of resources") != nats_line_kind(one)
+
+
+def test_what_a_client_chose_never_makes_a_kind_of_its_own():
+    """A red team sent a fresh user name with each try: a kind per try, and 3.7 KB of log each."""
+    lines = [f'[1] 2026/12/05 23:27:16.5 [ERR] 127.0.0.1:{40000 + i} - cid:{i} - authentication error - User "{u}"'
+             for i, u in enumerate(["mallory", "x" * 3500, "a'b", "U" + "A" * 57])]
+    lines.append("[1] 2026/12/05 23:27:16.5 [ERR] 127.0.0.1:1 - cid:2 - authentication error - User 'quoted'")
+    assert len({nats_line_kind(line) for line in lines[:4]}) == 1
+    long = lines[1]
+    assert len(cut(long)) < MAX_LINE + 40 and cut(long).endswith("more characters)") and cut(lines[0]) == lines[0]
