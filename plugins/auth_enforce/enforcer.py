@@ -83,8 +83,9 @@ class Enforcer:
         self.mesh = Mesh()
         #: handle -> live connections, from the CONNECT/DISCONNECT events of every server
         self.connections: dict[str, set[Conn]] = {}
-        responder.live = lambda handle: len(self.connections.get(handle, ()))  # its per-member bound
-        responder.saw_server = self.saw_server
+        if responder is not None:  # its per-member bound counts these
+            responder.live = lambda handle: len(self.connections.get(handle, ()))
+            responder.saw_server = self.saw_server
         #: server name -> the id it has now: a nats-server takes a new id at every start, and
         #: the connections listed under its old one went with the old process (:meth:`saw_server`)
         self.server_ids: dict[str, str] = {}

@@ -148,7 +148,7 @@ def test_the_config_has_three_accounts_and_nothing_open(world):
     assert conf["accounts"]["UNIBUS"]["jetstream"] == "enabled"
     assert "jetstream" not in conf["accounts"]["MEMBERS"] and "jetstream" not in conf["accounts"]["SYS"]
     # no member is listed: every member connection goes through the auth callout
-    assert conf["accounts"]["MEMBERS"] == {}
+    assert conf["accounts"]["MEMBERS"] == {"limits": {"max_subscriptions": 1024}}  # and no "users"
     assert all(p.bus_pub not in path.read_text() for p in world.people.values())
     service = ensure_service_nkey(world.daemon.data_dir)[1]
     callout = conf["authorization"]["auth_callout"]
