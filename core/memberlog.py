@@ -60,6 +60,7 @@ __all__ = [
     "canonical",
     "entry_hash",
     "key_package_input",
+    "legacy_keys_digest",
     "legacy_keys_json",
     "logged_operation",
     "message_input",
@@ -115,7 +116,9 @@ _ROOM_FIELDS = frozenset({"room_id", "name", "owner", "epoch", "rekey_required",
 #: A snapshot room's optional field: the keys sealed before the log, each by its SHA-256 (legacy_keys_json).
 LEGACY_KEYS = "legacy_keys"
 _SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
-_EPOCH_TEXT = re.compile(r"\A[1-9][0-9]{0,15}\Z")
+#: The most epochs of one member and room a snapshot may record: a client fetches every one to check
+#: their digest, and a bound keeps a hostile entry 0 (trusted on first use) from asking for billions.
+LEGACY_MAX_EPOCHS = 10_000
 _SALT = re.compile(r"[0-9a-f]{32}")  # entry 0's (root_salt)
 _SIGNATURE, _POINT = 1, 2  # kinds of deferred checks
 #: JSON numbers that stay exact in every JSON reader (RFC 8785 needs them to).
@@ -306,17 +309,41 @@ def bootstrap_entry(seq: int, prev: str, at: int, member: Mapping[str, Any]) -> 
     return entry
 
 
-def legacy_keys_json(sealed: Iterable[tuple[int, str, bytes]]) -> dict[str, dict[str, str]]:
-    """A snapshot room's ``legacy_keys``: ``{str(epoch): {handle: hex(sha256(sealed bytes))}}`` of the
-    ``(epoch, handle, sealed)`` room keys sealed before the log existed (docs/formats.md).
+def legacy_keys_digest(sealed: Iterable[bytes]) -> str:
+    """The digest a snapshot records of one member's keys of one room sealed before the log:
+    SHA-256 over the SHA-256 of each sealed value, in epoch order (docs/formats.md)."""
+    return hashlib.sha256(b"".join(hashlib.sha256(bytes(v)).digest() for v in sealed)).hexdigest()
+
+
+def _ranges(epochs: Iterable[int]) -> list[list[int]]:
+    """``[[first, last], ...]`` of sorted distinct epochs, each run of consecutive ones as one range."""
+    out: list[list[int]] = []
+    for e in sorted(set(epochs)):
+        if out and out[-1][1] == e - 1:
+            out[-1][1] = e
+        else:
+            out.append([e, e])
+    return out
+
+
+def legacy_keys_json(sealed: Iterable[tuple[int, str, bytes]]) -> dict[str, dict[str, Any]]:
+    """A snapshot room's ``legacy_keys``: ``{handle: {"epochs": [[first, last], ...], "sha256": hex}}``
+    of the ``(epoch, handle, sealed)`` room keys sealed before the log existed (docs/formats.md).
 
     Those keys carry no sealer's signature. Entry 0, which every member pins,
-    records what each was, so that a client can still open it to read what was
-    stored under it (a blob of 0.11), and a server cannot hand over another
-    (:meth:`LogState.check_legacy_key`)."""
-    out: dict[str, dict[str, str]] = {}
+    records them, so that a client can still open one to read what was stored
+    under it (a blob of 0.11), and a server cannot hand over another
+    (:meth:`LogState.check_legacy_keys`). One digest per member and room, over
+    all its epochs: a digest per key made entry 0 grow with every rekey 0.11
+    ever made, past what one KV value holds on a cluster (a red team: 16,000
+    keys, and entry 0 could not be written)."""
+    by_handle: dict[str, dict[int, bytes]] = {}
     for epoch, handle, value in sealed:
-        out.setdefault(str(int(epoch)), {})[handle] = hashlib.sha256(bytes(value)).hexdigest()
+        by_handle.setdefault(handle, {})[int(epoch)] = bytes(value)
+    out = {}
+    for h, keys in sorted(by_handle.items()):
+        kept = sorted(keys)[-LEGACY_MAX_EPOCHS:]  # the newest, past a bound no 0.11 room reached
+        out[h] = {"epochs": _ranges(kept), "sha256": legacy_keys_digest(keys[e] for e in kept)}
     return out
 
 
@@ -470,8 +497,8 @@ class LogState:
         self._by_sign_pub: dict[bytes, str] = {}  # current members' keys, for the uniqueness rules
         self._by_bus_pub: dict[str, str] = {}
         self._indexed: dict[str, tuple[bytes, str | None]] = {}
-        #: (room, epoch, handle) -> SHA-256 hex of a key sealed before the log (entry 0's legacy_keys)
-        self._legacy: dict[tuple[str, int, str], str] = {}
+        #: (room, handle) -> (epochs, digest) of its keys sealed before the log (entry 0's legacy_keys)
+        self._legacy: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
 
     # -- reading ---------------------------------------------------------------
 
@@ -755,21 +782,32 @@ class LogState:
                 self._set_in_room(seq, room_id, h, True)
 
     def _legacy_keys_from_json(self, seq: int, room_id: str, epoch: int,
-                               doc: Any) -> dict[tuple[str, int, str], str]:
-        """A snapshot room's ``legacy_keys``, checked: epochs 1 to the room's, known members, SHA-256 hex."""
+                               doc: Any) -> dict[tuple[str, str], tuple[tuple[int, ...], str]]:
+        """A snapshot room's ``legacy_keys``, checked: known members, each with ascending disjoint
+        ranges of epochs 1 to the room's (runs merged, as :func:`legacy_keys_json` writes them) and a
+        SHA-256 (hex)."""
         if not isinstance(doc, dict):
             raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} is an object")
-        out: dict[tuple[str, int, str], str] = {}
-        for text, sealed in doc.items():
-            if not isinstance(text, str) or not _EPOCH_TEXT.match(text) or int(text) > epoch \
-                    or not isinstance(sealed, dict) or not sealed:
-                raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} names epochs 1 to {epoch}, "
-                                    "each with the digests of its keys")
-            for handle, digest in sealed.items():
-                if handle not in self.members or not isinstance(digest, str) or not _SHA256_HEX.match(digest):
-                    raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} of epoch {text}: a known "
-                                        "member and a SHA-256 (hex) each")
-                out[(room_id, int(text), handle)] = digest
+        out: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+        for handle, record in doc.items():
+            if handle not in self.members or not isinstance(record, dict) or set(record) != {"epochs", "sha256"} \
+                    or not isinstance(record["sha256"], str) or not _SHA256_HEX.match(record["sha256"]):
+                raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS}: a known member each, with exactly "
+                                    "epochs and a SHA-256 (hex)")
+            ranges = record["epochs"]
+            ok = isinstance(ranges, list) and bool(ranges)
+            lowest = 1  # each range starts past the one before and a gap: runs are merged
+            for r in ranges if ok else ():
+                if not (isinstance(r, list) and len(r) == 2 and all(type(x) is int for x in r)
+                        and lowest <= r[0] <= r[1] <= epoch):
+                    ok = False
+                    break
+                lowest = r[1] + 2
+            if not ok or sum(b - a + 1 for a, b in ranges) > LEGACY_MAX_EPOCHS:
+                raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} of {handle}: epochs are ascending, "
+                                    f"disjoint, separate ranges [first, last] within 1 to {epoch}, "
+                                    f"{LEGACY_MAX_EPOCHS} epochs at most")
+            out[(room_id, handle)] = (tuple(e for a, b in ranges for e in range(a, b + 1)), record["sha256"])
         return out
 
     # -- requests ------------------------------------------------------------------
@@ -1016,23 +1054,36 @@ class LogState:
             raise LogError(None, f"room {room_id} epoch {epoch}: the key package signature of {sealer} "
                                  "does not verify")
 
-    def check_legacy_key(self, room_id: str, epoch: int, me: str, sealed: bytes) -> None:
-        """Raise :class:`LogError` unless ``sealed`` is the very key that entry 0 records as sealed to
-        ``me`` for ``epoch`` of ``room_id`` before the log existed (docs/formats.md, "Key packages").
+    def legacy_epochs(self, room_id: str, me: str) -> tuple[int, ...]:
+        """The epochs of ``room_id`` whose keys entry 0 records as sealed to ``me`` before the log
+        (empty: none, or not a room and member of entry 0 any more; :meth:`check_legacy_keys`)."""
+        room, member = self.rooms.get(room_id), self.members.get(me)
+        if room is None or room.since != 0 or member is None or member.since != 0:
+            return ()
+        found = self._legacy.get((room_id, me))
+        return found[0] if found is not None else ()
 
-        Such a key has no sealer's signature; entry 0 (pinned by every member)
-        vouches for it instead. Only for reading what was stored under it: the
-        room must be the one of entry 0 (never deleted and made again under its
-        id), and the caller never encrypts anything new with it."""
-        room = self.rooms.get(room_id)
-        if room is None or room.since != 0:
-            raise LogError(None, f"room {room_id} is not a room of entry 0, so no key sealed before the log "
-                                 "is known for it")
-        digest = self._legacy.get((room_id, epoch, me))
-        if digest is None:
-            raise LogError(0, f"room {room_id} epoch {epoch}: entry 0 records no key sealed to {me} before the log")
-        if not hmac.compare_digest(hashlib.sha256(bytes(sealed)).hexdigest(), digest):
-            raise LogError(0, f"room {room_id} epoch {epoch}: the key sealed to {me} is not the one entry 0 records")
+    def check_legacy_keys(self, room_id: str, me: str, sealed: Mapping[int, bytes]) -> None:
+        """Raise :class:`LogError` unless ``sealed`` (epoch -> sealed bytes) are the very keys entry 0
+        records as sealed to ``me`` in ``room_id`` before the log existed: all of its epochs, and
+        their digest (docs/formats.md, "Keys sealed before 0.12").
+
+        Such keys have no sealer's signature; entry 0 (pinned by every member)
+        vouches for them instead. Only for reading what was stored under them:
+        the room must be one of entry 0 (never deleted and made again under its
+        id), ``me`` the same member as in entry 0 (never deleted and added
+        again), and the caller never encrypts anything new with them."""
+        epochs = self.legacy_epochs(room_id, me)
+        if not epochs:
+            raise LogError(0, f"room {room_id}: entry 0 records no key sealed to {me} before the log (or the "
+                              "room or the member is not the one of entry 0 any more)")
+        if set(sealed) != set(epochs):
+            raise LogError(0, f"room {room_id}: entry 0 records keys sealed to {me} for epochs "
+                              f"{', '.join(map(str, epochs))}, not {', '.join(map(str, sorted(sealed)))}")
+        digest = self._legacy[(room_id, me)][1]
+        if not hmac.compare_digest(legacy_keys_digest(sealed[e] for e in epochs), digest):
+            raise LogError(0, f"room {room_id}: the keys sealed to {me} before the log are not the ones entry 0 "
+                              "records")
 
     def check_roster_kept(self, room_id: str, epoch: int, head_seq: int) -> EpochRecord:
         """The log's rekey of ``room_id`` to ``epoch``, sealed at ``head_seq``: raise :class:`LogError`

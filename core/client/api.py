@@ -239,6 +239,16 @@ class UnsignedKey(VerificationError):
                              f"no signature, and it cannot be verified: {reason}")
 
 
+def _legacy_sealed_bytes(room_id: str, epoch: int, value: Any) -> bytes:
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise VerificationError(f"the key package of epoch {epoch} of room {room_id} is malformed "
+                                "(sealed must be base64)") from None
+
+
 class RekeyRequired(Exception):
     """The room's membership changed since its last rekey, and this member may not rekey it.
 
@@ -443,6 +453,7 @@ class UnibusClient:
         self._closed = False
         self._keys: dict[tuple[str, int], bytes] = {}
         self._legacy_keys: dict[tuple[str, int], bytes] = {}  # sealed before 0.12: for reading only
+        self._legacy_sealed: dict[tuple[str, int], bytes] = {}  # the same, still sealed, checked against entry 0
         #: log seq of the key package of each (room_id, epoch) in ``_keys``: the
         #: roster a message sender of that epoch is checked against.
         self._packages: dict[tuple[str, int], int] = {}
@@ -886,24 +897,41 @@ class UnibusClient:
         return key
 
     async def _accept_legacy_key(self, room_id: str, epoch: int, sealed_b64: Any) -> bytes:
-        """A key sealed before 0.12, for reading only: it must be the one entry 0 records
-        (:meth:`unibus.memberlog.LogState.check_legacy_key`). Kept apart from the verified
-        key packages, so that nothing is ever encrypted with it."""
-        try:
-            if not isinstance(sealed_b64, str):
-                raise ValueError
-            sealed = base64.b64decode(sealed_b64, validate=True)
-        except (binascii.Error, ValueError):
-            raise VerificationError(f"the key package of epoch {epoch} of room {room_id} is malformed "
-                                    "(sealed must be base64)") from None
+        """A key sealed before 0.12, for reading only: it must be one that entry 0 records
+        (:meth:`unibus.memberlog.LogState.check_legacy_keys`). Entry 0 holds one digest over
+        all of a member's such keys of a room, so the first one asked for fetches the others
+        of that room too, once; they are kept, verified, for the next. Kept apart from the
+        verified key packages, so that nothing is ever encrypted with them."""
+        me = self.identity.handle
         state = self.verified
         if room_id not in state.rooms:
             state = await self.sync()
-        try:
-            state.check_legacy_key(room_id, epoch, self.identity.handle, sealed)
-        except LogError as exc:
-            raise UnsignedKey(room_id, epoch, exc.reason) from None
-        key = open_room_key(sealed, self.identity, room_id, epoch)
+        epochs = state.legacy_epochs(room_id, me)
+        if epoch not in epochs:
+            raise UnsignedKey(room_id, epoch, f"entry 0 records no key sealed to {me} for epoch {epoch} of this "
+                                              "room before the log")
+        if (room_id, epoch) not in self._legacy_sealed:
+            sealed = {epoch: _legacy_sealed_bytes(room_id, epoch, sealed_b64)}
+            for other in epochs:
+                if other not in sealed:
+                    try:
+                        doc = await self.my_key(room_id, other)
+                    except KeyUnavailable:
+                        raise UnsignedKey(room_id, epoch, f"{self.base_url} has no key of epoch {other} sealed to "
+                                                          f"{me}, which entry 0 records, so they cannot be "
+                                                          "checked") from None
+                    if not isinstance(doc, dict) or doc.get("epoch") != other or doc.get("sig") is not None:
+                        raise UnsignedKey(room_id, epoch, f"{self.base_url} answered the key of epoch {other} "
+                                                          "as another epoch's, or as a signed one")
+                    sealed[other] = _legacy_sealed_bytes(room_id, other, doc.get("sealed"))
+            try:
+                state.check_legacy_keys(room_id, me, sealed)
+            except LogError as exc:
+                raise UnsignedKey(room_id, epoch, exc.reason) from None
+            self._legacy_sealed.update({(room_id, e): v for e, v in sealed.items()})
+        elif self._legacy_sealed[(room_id, epoch)] != _legacy_sealed_bytes(room_id, epoch, sealed_b64):
+            raise UnsignedKey(room_id, epoch, "the server now serves another key than the one entry 0 records")
+        key = open_room_key(self._legacy_sealed[(room_id, epoch)], self.identity, room_id, epoch)
         self._legacy_keys[(room_id, epoch)] = key
         return key
 
@@ -952,11 +980,13 @@ class UnibusClient:
         state, me = self.verified, self.identity.handle
         if me not in lroom.members:
             raise NotARoomMember(room_id, me)
-        if lroom.rekey_required or lroom.epoch == 0:
+        # An epoch no logged rekey made (0, or one 0.11 keyed) has no signed key package to encrypt with.
+        if lroom.rekey_required or lroom.epoch not in lroom.epochs:
             if rekey and state.may_rekey_at(room_id, me, state.head[0]):
-                before = lroom.epoch
+                before, why = lroom.epoch, ("its membership changed since epoch {}" if lroom.rekey_required or
+                                             lroom.epoch == 0 else "the key of its epoch {} was sealed before 0.12")
                 epoch = await self.rekey(room_id)
-                self.replica.notice(f"room {room_id} needed a rekey (its membership changed since epoch {before}); "
+                self.replica.notice(f"room {room_id} needed a rekey ({why.format(before)}); "
                                     f"rekeyed it to epoch {epoch} first")
                 key = self._keys.get((room_id, epoch))
                 if key is None:  # this member left the room while the rekey was on its way: sealed to others

@@ -317,44 +317,71 @@ def legacy_snapshot(people, legacy, epoch=3):
                             "members": ["alice", "bob"], "legacy_keys": legacy}])
 
 
-def test_a_key_sealed_before_the_log_is_usable_only_as_entry_0_records_it(people):
-    """A 0.11 key has no sealer's signature: entry 0 (pinned) records its SHA-256, and only that
-    very key opens, for that member, room and epoch; another from the server is refused."""
-    sealed = {("alice", 1): b"a1" * 40, ("bob", 1): b"b1" * 40, ("bob", 3): b"b3" * 40}
+def test_keys_sealed_before_the_log_are_usable_only_as_entry_0_records_them(people):
+    """A 0.11 key has no sealer's signature: entry 0 (pinned) records one digest per member and room
+    over all its epochs' keys; only those very keys pass, all of them together."""
+    sealed = {("alice", 1): b"a1" * 40, ("bob", 1): b"b1" * 40, ("bob", 2): b"b2" * 40, ("bob", 3): b"b3" * 40}
     snap = legacy_snapshot(people, legacy_keys_json((e, h, v) for (h, e), v in sealed.items()))
+    digest = hashlib.sha256(b"".join(hashlib.sha256(v).digest() for v in (b"b1" * 40, b"b2" * 40, b"b3" * 40)))
     assert snap["state"]["rooms"][0]["legacy_keys"] == {
-        "1": {"alice": hashlib.sha256(b"a1" * 40).hexdigest(), "bob": hashlib.sha256(b"b1" * 40).hexdigest()},
-        "3": {"bob": hashlib.sha256(b"b3" * 40).hexdigest()}}
+        "alice": {"epochs": [[1, 1]], "sha256": hashlib.sha256(hashlib.sha256(b"a1" * 40).digest()).hexdigest()},
+        "bob": {"epochs": [[1, 3]], "sha256": digest.hexdigest()}}
     state = replay([snap], trust_root=entry_hash(snap))
-    for (handle, epoch), value in sealed.items():
-        state.check_legacy_key("r1", epoch, handle, value)
+    assert state.legacy_epochs("r1", "bob") == (1, 2, 3) and state.legacy_epochs("r1", "alice") == (1,)
+    state.check_legacy_keys("r1", "bob", {1: b"b1" * 40, 2: b"b2" * 40, 3: b"b3" * 40})
+    state.check_legacy_keys("r1", "alice", {1: b"a1" * 40})
     assert state.rooms["r1"].epochs == {}  # still no verified key package: nothing is encrypted with them
     bad = [
-        ("r1", 1, "bob", b"a1" * 40, "not the one entry 0 records"),  # alice's sealed value, offered to bob
-        ("r1", 3, "bob", b"x" * 80, "not the one entry 0 records"),  # a key the server chose
-        ("r1", 2, "bob", b"b1" * 40, "records no key sealed to bob"),  # an epoch with none recorded
-        ("r1", 3, "alice", b"b3" * 40, "records no key sealed to alice"),
-        ("r2", 1, "bob", b"b1" * 40, "not a room of entry 0"),
+        ("r1", "bob", {1: b"a1" * 40, 2: b"b2" * 40, 3: b"b3" * 40}, "not the ones entry 0 records"),  # alice's
+        ("r1", "bob", {1: b"b1" * 40, 2: b"b2" * 40, 3: b"x" * 80}, "not the ones entry 0 records"),  # chosen
+        ("r1", "bob", {1: b"b1" * 40, 2: b"b2" * 40}, "for epochs 1, 2, 3, not 1, 2"),
+        ("r2", "bob", {1: b"b1" * 40}, "records no key sealed to bob"),
     ]
-    for room, epoch, me, value, why in bad:
+    for room, me, keys, why in bad:
         with pytest.raises(LogError, match=why):
-            state.check_legacy_key(room, epoch, me, value)
+            state.check_legacy_keys(room, me, keys)
+
+
+def test_legacy_keys_of_a_member_deleted_and_added_again_are_not_its_own(people):
+    """The same handle added again is another member: entry 0's keys are not for it (a red team)."""
+    alice, bob = people["alice"], people["bob"]
+    log = Log.__new__(Log)
+    log.entries = []
+    log.append_raw(lambda seq, prev: snapshot_entry(NOW, [member_doc(alice, "admin"), member_doc(bob)], [
+        {"room_id": "r1", "name": "ops", "owner": "alice", "epoch": 1, "rekey_required": False,
+         "members": ["alice", "bob"], "legacy_keys": legacy_keys_json([(1, "bob", b"b" * 80)])}]))
+    replay(log.entries).check_legacy_keys("r1", "bob", {1: b"b" * 80})
+    log.request(alice, "DELETE", "/v1/members/bob")
+    log.add_member(alice, bob)
+    state = replay(log.entries)
+    assert state.members["bob"].since != 0 and state.legacy_epochs("r1", "bob") == ()
+    with pytest.raises(LogError, match="records no key sealed to bob"):
+        state.check_legacy_keys("r1", "bob", {1: b"b" * 80})
 
 
 @pytest.mark.parametrize("legacy, why", [
     ([], "is an object"),
-    ({"4": {"bob": "0" * 64}}, "epochs 1 to 3"),  # above the room's epoch
-    ({"0": {"bob": "0" * 64}}, "epochs 1 to 3"),
-    ({"01": {"bob": "0" * 64}}, "epochs 1 to 3"),  # not the canonical text of an epoch
-    ({"1": {}}, "epochs 1 to 3"),
-    ({"1": {"mallory": "0" * 64}}, "a known member"),
-    ({"1": {"bob": "0" * 63}}, "SHA-256"),
-    ({"1": {"bob": "A" * 64}}, "SHA-256"),
+    ({"bob": {"epochs": [[1, 4]], "sha256": "0" * 64}}, "within 1 to 3"),  # above the room's epoch
+    ({"bob": {"epochs": [[0, 1]], "sha256": "0" * 64}}, "within 1 to 3"),
+    ({"bob": {"epochs": [[2, 1]], "sha256": "0" * 64}}, "within 1 to 3"),
+    ({"bob": {"epochs": [[1, 1], [2, 3]], "sha256": "0" * 64}}, "separate ranges"),  # not merged
+    ({"bob": {"epochs": [[2, 3], [1, 1]], "sha256": "0" * 64}}, "ascending"),
+    ({"bob": {"epochs": [], "sha256": "0" * 64}}, "ascending"),
+    ({"bob": {"epochs": [[1, True]], "sha256": "0" * 64}}, "ascending"),
+    ({"bob": {"epochs": [[1, 1]], "sha256": "0" * 63}}, "SHA-256"),
+    ({"bob": {"epochs": [[1, 1]], "sha256": "A" * 64}}, "SHA-256"),
+    ({"bob": {"epochs": [[1, 1]], "sha256": "0" * 64, "more": 1}}, "exactly"),
+    ({"mallory": {"epochs": [[1, 1]], "sha256": "0" * 64}}, "a known member"),
 ])
 def test_malformed_legacy_keys_are_refused(people, legacy, why):
     with pytest.raises(LogError, match=why) as e:
         replay([legacy_snapshot(people, legacy)])
     assert e.value.seq == 0
+
+
+def test_a_hostile_entry_0_cannot_make_a_client_fetch_billions_of_keys(people):
+    with pytest.raises(LogError, match="10000 epochs at most"):
+        replay([legacy_snapshot(people, {"bob": {"epochs": [[1, 2**40]], "sha256": "0" * 64}}, epoch=2**41)])
 
 
 def test_key_packages(world, people):

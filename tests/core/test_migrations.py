@@ -169,8 +169,9 @@ def test_a_011_database_gets_a_snapshot_that_replays_to_its_state(tmp_path):
     # the key 0.11 sealed carries no signature: entry 0 records it, so that bob can still open it to read
     # what was stored under it (and no other key the server might offer instead)
     assert [r.get("legacy_keys") for r in entry["state"]["rooms"]] == [
-        {"3": {"bob": hashlib.sha256(b"\x01\x02").hexdigest()}}, None]
-    state.check_legacy_key("r0", 3, "bob", b"\x01\x02")
+        {"bob": {"epochs": [[3, 3]], "sha256": hashlib.sha256(hashlib.sha256(b"\x01\x02").digest()).hexdigest()}},
+        None]
+    state.check_legacy_keys("r0", "bob", {3: b"\x01\x02"})
 
     async def check_store() -> None:
         store = SqliteStore(db)

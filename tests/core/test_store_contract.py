@@ -1322,17 +1322,18 @@ async def test_entry_0_of_a_store_filled_before_the_log_records_its_unsigned_key
     [entry] = [json.loads(t) for t in await store.log_entries(-1, 1)]
     assert entry["kind"] == "snapshot"
     [doc] = entry["state"]["rooms"]
-    assert doc["legacy_keys"] == {"1": {"alice": sha256(b"a1" * 40), "bob": sha256(b"b1" * 40)},
-                                  "2": {"alice": sha256(b"a2" * 40), "bob": sha256(b"b2" * 40),
-                                        "carol": sha256(b"c2" * 40)}}
+    assert doc["legacy_keys"] == {"alice": {"epochs": [[1, 2]], "sha256": digest(b"a1" * 40, b"a2" * 40)},
+                                  "bob": {"epochs": [[1, 2]], "sha256": digest(b"b1" * 40, b"b2" * 40)},
+                                  "carol": {"epochs": [[2, 2]], "sha256": digest(b"c2" * 40)}}
     state = await assert_replays_to_store(store)
-    state.check_legacy_key(rid, 1, "bob", b"b1" * 40)
-    with pytest.raises(LogError, match="not the one entry 0 records"):
-        state.check_legacy_key(rid, 2, "carol", b"a2" * 40)
+    state.check_legacy_keys(rid, "bob", {1: b"b1" * 40, 2: b"b2" * 40})
+    with pytest.raises(LogError, match="not the ones entry 0 records"):
+        state.check_legacy_keys(rid, "carol", {2: b"a2" * 40})
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def digest(*sealed: bytes) -> str:
+    """entry 0's digest of one member's keys of a room, in epoch order (docs/formats.md)."""
+    return hashlib.sha256(b"".join(hashlib.sha256(v).digest() for v in sealed)).hexdigest()
 
 
 async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: NatsServer) -> None:
@@ -1357,9 +1358,9 @@ async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: N
         state = await assert_replays_to_store(store)
         assert state.rooms[room.room_id].owner == "" and state.rooms[room.room_id].members == {"alice"}
         # entry 0 records the key sealed to alice (bob is gone): the one she may still open to read
-        state.check_legacy_key(room.room_id, 1, "alice", b"a1" * 40)
+        state.check_legacy_keys(room.room_id, "alice", {1: b"a1" * 40})
         with pytest.raises(LogError, match="records no key sealed to bob"):
-            state.check_legacy_key(room.room_id, 1, "bob", b"b1" * 40)
+            state.check_legacy_keys(room.room_id, "bob", {1: b"b1" * 40})
     finally:
         await store.close()
         await nc.close()

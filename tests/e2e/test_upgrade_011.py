@@ -135,16 +135,16 @@ async def test_a_011_deployment_upgrades_members_regain_the_bus_with_a_bus_key(t
 
 
 async def test_blobs_0_11_stored_stay_readable_over_https_and_no_other_key_opens(tmp_path, membershipd_factory):
-    """A 0.11 room keyed at epoch 1 (keys sealed without a signature) and a blob stored under it.
+    """A 0.11 room keyed at epochs 1 and 2 (keys sealed without a signature) and a blob under epoch 1.
 
     After the upgrade, over HTTPS with a private CA as the units serve it: ``keygen --upgrade``
     takes ``--ca`` (it ignored it, and failed against every such server), and the blob 0.11
-    stored still downloads and decrypts, since entry 0 records each sealed key (docs/formats.md).
-    A compromised server that swaps in another key sealed to the same member, with a blob
-    under that key, is refused: the key is not the one entry 0 records. Nothing new is
-    encrypted with such a key: sending still asks for a rekey.
+    stored still downloads and decrypts, since entry 0 records a digest of each member's keys
+    (docs/formats.md). A compromised server that swaps in another key sealed to the same member,
+    with a blob under that key, is refused. Nothing new is encrypted with such a key: a member
+    who may not rekey is told who may, and the owner's first send rekeys the room.
     """
-    from unibus.client import UnsignedKey, tls_context
+    from unibus.client import RekeyRequired, UnsignedKey, tls_context
     from unibus.client.blobs import encrypt_file, get_blob, put_raw_blob
     from unibus.client.sealing import new_room_key, seal_room_key
     from unibus.testing import make_test_ca, make_test_cert
@@ -155,11 +155,12 @@ async def test_blobs_0_11_stored_stay_readable_over_https_and_no_other_key_opens
     data_dir = tmp_path / "node"
     db = data_dir / "membershipd.db"
     build_011_database(db, [alice], [bob], room)
-    key = new_room_key()
-    with sqlite3.connect(db) as conn:  # 0.11 keyed the room once
-        conn.execute("update rooms set epoch = 1, rekey_required = 0 where room_id = ?", (room,))
-        conn.executemany("insert into sealed_keys (room_id, epoch, handle, sealed) values (?, 1, ?, ?)",
-                         [(room, i.handle, seal_room_key(key, i.enc_pub, i.enc_suite, room, 1)) for i in (alice, bob)])
+    keys = {1: new_room_key(), 2: new_room_key()}
+    with sqlite3.connect(db) as conn:  # 0.11 keyed the room twice
+        conn.execute("update rooms set epoch = 2, rekey_required = 0 where room_id = ?", (room,))
+        conn.executemany("insert into sealed_keys (room_id, epoch, handle, sealed) values (?, ?, ?, ?)",
+                         [(room, e, i.handle, seal_room_key(k, i.enc_pub, i.enc_suite, room, e))
+                          for e, k in keys.items() for i in (alice, bob)])
     pki = tmp_path / "pki"
     ca = make_test_ca(pki, "ca")
     cert = make_test_cert(pki, "https", ca)
@@ -174,7 +175,7 @@ async def test_blobs_0_11_stored_stay_readable_over_https_and_no_other_key_opens
 
     plain = tmp_path / "report.bin"
     plain.write_bytes(os.urandom(300_000))
-    stored = encrypt_file(key, room, 1, plain, tmp_path / "report.blob", version=1)  # as 0.11 wrote it
+    stored = encrypt_file(keys[1], room, 1, plain, tmp_path / "report.blob", version=1)  # as 0.11 wrote it
     ssl = tls_context(ca[0])
     async with UnibusClient(url, load_identity(files["alice"]), ssl=ssl) as a:
         blob_id = await put_raw_blob(a, room, tmp_path / "report.blob")
@@ -185,18 +186,26 @@ async def test_blobs_0_11_stored_stay_readable_over_https_and_no_other_key_opens
     assert got.returncode == 0, got.stderr
     assert (tmp_path / "out.bin").read_bytes() == plain.read_bytes()
     async with UnibusClient(url, load_identity(files["bob"]), ssl=ssl) as b:
+        with pytest.raises(RekeyRequired) as e:  # nothing new under a 0.11 key: the room needs a rekey
+            await b.current_key(room)
+        assert e.value.rekeyers == ["alice"]
         with pytest.raises(UnsignedKey, match="nothing new is encrypted with it"):
-            await b.current_key(room, rekey=False)  # bob may not rekey; the room needs one before a send
+            await b.room_key(room, 2)  # not for reading: no legacy=True
 
-    # the server turns: another key, sealed to bob as validly, and a blob under it
+    # the server turns: another key for epoch 1, sealed to bob as validly, and a blob under it
     forged = new_room_key()
     with sqlite3.connect(db) as conn:
-        conn.execute("update sealed_keys set sealed = ? where room_id = ? and handle = 'bob'",
+        conn.execute("update sealed_keys set sealed = ? where room_id = ? and epoch = 1 and handle = 'bob'",
                      (seal_room_key(forged, bob.enc_pub, bob.enc_suite, room, 1), room))
     encrypt_file(forged, room, 1, plain, tmp_path / "forged.blob", version=1)
     async with UnibusClient(url, load_identity(files["alice"]), ssl=ssl) as a:
         forged_id = await put_raw_blob(a, room, tmp_path / "forged.blob")
     async with UnibusClient(url, load_identity(files["bob"]), ssl=ssl) as b:
-        with pytest.raises(UnsignedKey, match="not the one entry 0 records"):
+        with pytest.raises(UnsignedKey, match="not the ones entry 0 records"):
             await get_blob(b, room, forged_id, tmp_path / "forged.out")
     assert not (tmp_path / "forged.out").exists()
+
+    # the owner's first send rekeys the room: a signed key package from then on
+    async with UnibusClient(url, load_identity(files["alice"]), ssl=ssl) as a:
+        epoch, _key = await a.current_key(room)
+        assert epoch == 3 and 3 in a.verified.rooms[room].epochs
