@@ -144,6 +144,9 @@ def lock_data_dir(data_dir: Path) -> int:
         who = f" (pid {holder})" if holder.isdigit() else ""
         raise RuntimeFailure(f"--data-dir {data_dir}: another membershipd serves it{who}; stop it first, or give "
                              "this one a data directory of its own") from None
+    except OSError as e:  # ENOLCK (NFS without lockd), EOPNOTSUPP (some FUSE file systems)
+        os.close(fd)
+        raise ConfigError(f"--data-dir: cannot lock {path} ({e.strerror}); use a local file system") from None
     except BaseException:
         os.close(fd)
         raise
@@ -206,6 +209,9 @@ class Daemon:
         self.nonces: NonceStore | None = None
         self._system_seed = None
         self._lock_fd: int | None = None  # the data directory's lock (lock_data_dir), held until exit
+        #: keep the lock until the process exits (serve's own process): threads still at work in the
+        #: data directory after the stop (a migration, a blob write) end with it (a review)
+        self.keep_lock = False
         self.app: web.Application | None = None
         self.runner: web.AppRunner | None = None
         #: UNIBUS_HTTP_IDLE_TIMEOUT (read by start): how long an HTTP connection may wait for a request head
@@ -322,7 +328,8 @@ class Daemon:
 
         self.supervisor = NatsSupervisor(
             binary, s.nats_conf_path, s.nats_addr.host, s.nats_addr.port,
-            env=nats_server_environment(), forward_levels=forward_levels(config), before_restart=before_restart)
+            env=nats_server_environment(), forward_levels=forward_levels(config), before_restart=before_restart,
+            pass_fds=(self._lock_fd,) if self._lock_fd is not None else ())
         self.certificates.loaded_by_nats(config)
         await self.supervisor.start()
         self.metrics.supervisor = self.supervisor
@@ -509,7 +516,7 @@ class Daemon:
                 if self.supervisor is not None:
                     await self.supervisor.stop(timeout=NATS_STOP_TIMEOUT)
             finally:
-                if self._lock_fd is not None:  # nothing of this daemon runs in the data directory any more
+                if self._lock_fd is not None and not self.keep_lock:  # an in-process run (tests)
                     os.close(self._lock_fd)
                     self._lock_fd = None
         took = loop.time() - started
@@ -563,6 +570,7 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
     daemon = Daemon(settings, plugins)
     loop = asyncio.get_running_loop()
     own_process = watchdog is not None
+    daemon.keep_lock = own_process
     watchdog = watchdog or StopWatchdog(enabled=False)
 
     def on_stop_signal(_signum: int, _frame: Any) -> None:
@@ -572,7 +580,8 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
         # plugin's handler blocking the loop held the stop for as long as it blocked (found
         # by a plugin author's walkthrough). The stop itself waits for the loop.
         watchdog.arm()
-        loop.call_soon_threadsafe(daemon.request_stop)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(daemon.request_stop)
 
     previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
@@ -589,20 +598,22 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
     finally:
         watchdog.arm()  # a start-up that failed stops too
         stop.cancel()
-        await daemon.stop()
-        stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        if own_process:  # blocked while the handlers change: none lands on the default action
-            signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         try:
-            for sig in stop_signals:
-                loop.remove_signal_handler(sig)
+            await daemon.stop()
+        finally:  # even if the stop itself was cut short: no handler of this run outlives it
+            stop_signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+            if own_process:  # blocked while the handlers change: none lands on the default action
+                signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+            try:
+                for sig in stop_signals:
+                    loop.remove_signal_handler(sig)
+                    if own_process:
+                        signal.signal(sig, signal.SIG_IGN)
+                    elif sig in previous:
+                        signal.signal(sig, previous[sig])
+            finally:
                 if own_process:
-                    signal.signal(sig, signal.SIG_IGN)
-                elif sig in previous:
-                    signal.signal(sig, previous[sig])
-        finally:
-            if own_process:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
+                    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
 
 
 class StopWatchdog:

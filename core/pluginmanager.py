@@ -163,6 +163,7 @@ class PluginManager:
         self.not_loaded: tuple[str, ...] = ()
         self._installed: set[str] = set()
         self._validated: Any = None  # the Settings validate_settings last passed
+        self._order: dict[str, int] = {}  # plugin name -> when it registered (tryfirst/trylast aside)
         # Registered sorted by name, so the call order (docs/plugins.md, "Order") does not
         # depend on the order the installed distributions happen to be listed in.
         eps = ({ep.name: ep for ep in sorted(importlib.metadata.entry_points(group=group),
@@ -272,8 +273,9 @@ class PluginManager:
                 hint = f"; did you mean {close[0]}?" if close else f"; the hooks are {', '.join(HOOK_NAMES)}"
                 raise PluginError(name, f"no such hook{hint}", hook_name)
             impl = getattr(plugin, attr)
-            if hook_name not in hookspecs.ASYNC_HOOKS and (inspect.iscoroutinefunction(impl)
-                                                           or inspect.isasyncgenfunction(impl)):
+            plain = inspect.unwrap(impl)  # an async def behind functools.wraps is one too
+            if inspect.isasyncgenfunction(plain) or (hook_name not in hookspecs.ASYNC_HOOKS
+                                                     and inspect.iscoroutinefunction(plain)):
                 raise PluginError(name, "must be a plain function, not async def: its result would never be "
                                         f"awaited, so its body would never run (only {', '.join(sorted(hookspecs.ASYNC_HOOKS))} "
                                         "may be coroutine functions)", hook_name)
@@ -289,6 +291,7 @@ class PluginManager:
         name = name or getattr(plugin, "PLUGIN_NAME", None) or getattr(plugin, "__name__", None) or repr(plugin)
         name = name.rsplit(".", 1)[-1] if isinstance(plugin, ModuleType) and name == plugin.__name__ else name
         self.check_plugin(plugin, name)
+        self._order.setdefault(name, len(self._order))
         try:
             self._pm.register(plugin, name=name)
         except pluggy.PluginValidationError as e:
@@ -374,7 +377,7 @@ class PluginManager:
         results = []
         for name, impl in self._impls(hook_name):
             with self._hook_failures(name, hook_name), running_plugin(name):
-                res = impl.function(**{a: kwargs[a] for a in impl.argnames})
+                res = _not_awaitable(impl.function(**{a: kwargs[a] for a in impl.argnames}), hook_name)
             results.append((name, res))
         return results
 
@@ -405,7 +408,8 @@ class PluginManager:
         for name, impl in self._impls(hook_name):
             try:
                 with running_plugin(name):
-                    results.append((name, impl.function(**{a: kwargs[a] for a in impl.argnames})))
+                    results.append((name, _not_awaitable(impl.function(**{a: kwargs[a] for a in impl.argnames}),
+                                                         hook_name)))
             except Exception:
                 self.hook_failed(name, hook_name)
                 log.exception("plugin %s: %s failed", name, hook_name)
@@ -455,11 +459,11 @@ class PluginManager:
         seen: dict[str, str] = {flag: "the core" for flag in reserved}
         kept: dict[str, list[Option]] = {}
         impls = self._impls("cli_options")
-        # In the order the plugins registered, not the call order (the newest first): of two
-        # plugins with one flag, the one that came later is broken. A --plugin module registers
-        # after the installed plugins; in the call order it took a built-in's flag, and the
-        # built-in was the one disabled (found by a plugin author's walkthrough).
-        for name, impl in reversed(impls):
+        # In the order the plugins registered, not the call order (the newest first, and
+        # tryfirst/trylast): of two plugins with one flag, the one that came later is broken. A
+        # --plugin module registers after the installed plugins; in the call order it took a
+        # built-in's flag, and the built-in was the one disabled (a plugin author's walkthrough).
+        for name, impl in sorted(impls, key=lambda found: self._order.get(found[0], len(self._order))):
             try:
                 opts = list(impl.function() or ())
                 problem = None
@@ -509,6 +513,18 @@ class PluginManager:
         flags = {flag: plugin for flag, plugin in BUILTIN_PLUGIN_FLAGS.items() if not self.has(plugin)}
         flags.update(self.blocked_flags())
         return flags
+
+
+def _not_awaitable(result: Any, hook_name: str) -> Any:
+    """``result`` of a hook the core calls plainly; an awaitable (what a function that is no
+    ``async def`` may still return) is closed and refused: nobody would ever await it."""
+    if inspect.isawaitable(result):
+        close = getattr(result, "close", None)
+        if callable(close):
+            close()
+        raise ConfigError(f"returned an awaitable, which is never awaited: {hook_name} must be a plain function "
+                          f"(only {', '.join(sorted(hookspecs.ASYNC_HOOKS))} may be coroutine functions)")
+    return result
 
 
 def _named(e: ConfigError, plugin: str, hook: str) -> ConfigError:

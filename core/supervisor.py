@@ -114,8 +114,12 @@ class NatsSupervisor:
         backoff_initial: float = 0.2,
         backoff_max: float = 5.0,
         before_restart: Callable[[], Any] | None = None,
+        pass_fds: tuple[int, ...] = (),
     ) -> None:
         self.binary = binary
+        #: descriptors nats-server inherits: the data directory's lock (unibus.daemon.lock_data_dir),
+        #: held until nats-server too is gone
+        self.pass_fds = pass_fds
         #: called before each restart (not the first start): the daemon runs every plugin's
         #: validate_settings again (route_tls checks its files); when it raises, nats-server stays
         #: down (logged) and the next try comes after the backoff
@@ -135,7 +139,7 @@ class NatsSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._recent: deque[str] = deque(maxlen=20)
-        #: "host:port " of the readiness probe's connections (_port_open), the last few
+        #: "] host:port - " of the readiness probe's connections (_port_open), the last few
         self._probes: deque[str] = deque(maxlen=8)
         self._log_throttle = LogThrottle()
 
@@ -165,6 +169,7 @@ class NatsSupervisor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 env=self.env,
+                pass_fds=self.pass_fds,
                 # Its own session: a Ctrl-C on membershipd's terminal is for
                 # membershipd, which then stops nats-server in order.
                 start_new_session=True,
@@ -200,7 +205,8 @@ class NatsSupervisor:
                 _, w = await within(asyncio.open_connection(host, self.port), 1.0)
                 local = w.get_extra_info("sockname")
                 if local:  # a TLS listener logs this probe as a failed handshake: not forwarded (_read_log)
-                    self._probes.append(f"[{local[0]}]:{local[1]} " if ":" in local[0] else f"{local[0]}:{local[1]} ")
+                    addr = f"[{local[0]}]:{local[1]}" if ":" in local[0] else f"{local[0]}:{local[1]}"
+                    self._probes.append(f"] {addr} - ")  # as nats-server writes it: "[ERR] 127.0.0.1:5 - cid:"
                 w.close()
                 with contextlib.suppress(Exception):
                     await w.wait_closed()

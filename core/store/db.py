@@ -70,6 +70,15 @@ def _read_only_value(db_path: Path, sql: str) -> object | None:
     return row[0] if row else None
 
 
+def _read_only_rows(db_path: Path, sql: str) -> list[tuple[object, ...]]:
+    """Every row ``sql`` selects, read as :func:`_read_only_value` reads one; [] when there is nothing to read."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=10)) as conn:
+            return list(conn.execute(sql).fetchall())
+    except sqlite3.Error:
+        return []
+
+
 def stored_revision(db_path: Path) -> str | None:
     """The revision recorded in the database, read with plain sqlite3 (no alembic)."""
     value = _read_only_value(db_path, "SELECT version_num FROM alembic_version")
@@ -79,11 +88,12 @@ def stored_revision(db_path: Path) -> str | None:
 def known_revision(revision: str) -> bool:
     """Whether ``revision`` is one of this unibus's schema revisions (exactly: not ``head`` or a range)."""
     from alembic.script import ScriptDirectory
-    from alembic.util import CommandError
 
+    if not isinstance(revision, str) or not revision.strip():
+        return False
     try:
         script = ScriptDirectory.from_config(alembic_config()).get_revision(revision)
-    except CommandError:
+    except Exception:  # noqa: BLE001 - whatever alembic makes of a damaged row (CommandError...): not ours
         return False
     return script is not None and script.revision == revision
 
@@ -109,9 +119,13 @@ def migrate(db_path: Path, revision: str = "head") -> tuple[str | None, str | No
         os.close(fd)
     elif revision == "head":
         # Fast path for every start after the first: no alembic import at all.
-        current = stored_revision(db_path)
-        if current == HEAD_REVISION:
+        rows = _read_only_rows(db_path, "SELECT version_num FROM alembic_version")
+        current = None if not rows or rows[0][0] is None else str(rows[0][0])
+        if len(rows) == 1 and current == HEAD_REVISION:
             return current, current
+        if len(rows) > 1:
+            raise ConfigError(f"{db_path} names {len(rows)} schema revisions (alembic_version), not one: "
+                              "not a database a unibus made; restore a backup")
         if current is not None and not known_revision(current):
             # exit 2, not alembic's "Can't locate revision" as a failure that systemd restarts 10 times
             raise newer_database(db_path, current)

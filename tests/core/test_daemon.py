@@ -169,6 +169,9 @@ def test_a_second_serve_on_the_same_data_dir_stops_before_touching_it(membership
     status, body = http_json("GET", membershipd.base_url + "/healthz")
     assert status == 200 and body["status"] == "ok"
 
+    # nats-server holds the lock too: a hung one keeps a second serve out after membershipd is gone
+    held = {os.readlink(f) for f in Path(f"/proc/{membershipd.nats_pid()}/fd").iterdir()}
+    assert str(d / "membershipd.lock") in held
     nats = membershipd.nats_pid()
     membershipd.send_signal(signal.SIGKILL)
     membershipd.wait(10)
@@ -330,3 +333,19 @@ async def test_nothing_membershipd_writes_is_open_to_other_local_users(tmp_path,
         elif path.is_dir() and mode & 0o022:
             opened.append((str(path.relative_to(tmp_path)), oct(mode)))
     assert opened == []
+
+
+def test_a_data_directory_that_cannot_be_locked_is_one_line(tmp_path, monkeypatch):
+    """ENOLCK (NFS without lockd) was a traceback (a review)."""
+    import errno
+    import fcntl
+
+    from unibus.daemon import lock_data_dir
+    from unibus.errors import ConfigError
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(ConfigError, match="cannot lock .*membershipd.lock .*use a local file system"):
+        lock_data_dir(tmp_path)

@@ -252,3 +252,20 @@ def test_a_database_of_a_newer_unibus_is_refused_with_exit_2_and_left_as_it_is(t
     assert db.read_bytes() == before and not (tmp_path / "a.tar").exists()
     with pytest.raises(ConfigError, match="newer unibus"):
         migrate(db)
+
+
+@pytest.mark.parametrize("rows", [[""], ["0004", "0099"], ["0099", "0004"]], ids=["blank", "two-known-first",
+                                                                                 "two-unknown-first"])
+def test_a_damaged_revision_table_is_refused_with_exit_2(tmp_path, rows):
+    """The review of the check: a blank revision was a traceback from alembic, and of two rows only
+    the first was read (0004 then 0099 passed)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    db = data_dir / "membershipd.db"
+    migrate(db)
+    with sqlite3.connect(db) as conn:
+        conn.execute("delete from alembic_version")
+        conn.executemany("insert into alembic_version values (?)", [(r,) for r in rows])
+    proc = run_membershipd("migrate", "--data-dir", str(data_dir))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr

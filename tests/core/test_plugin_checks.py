@@ -100,6 +100,67 @@ def test_an_async_def_on_a_hook_called_plainly_is_refused(hook):
     refused(G("gen"), "plugin gen", "hook posture", "not async def")
 
 
+def test_an_async_hook_in_disguise_is_refused_too():
+    """The review of the check: an async def behind functools.wraps, a plain function that returns a
+    coroutine (refused when it is called), and an async generator on any hook."""
+    import functools
+
+    def logged(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return inner
+
+    class Wrapped(Named):
+        @hookimpl
+        @logged
+        async def validate_settings(self, settings):
+            raise ConfigError("never checked")
+
+    refused(Wrapped("wrapped"), "plugin wrapped", "hook validate_settings", "not async def")
+
+    class AsyncGen(Named):
+        @hookimpl
+        async def startup(self, app):
+            yield
+
+    refused(AsyncGen("agen"), "plugin agen", "hook startup", "not async def")
+
+    async def later():
+        raise ConfigError("never checked")
+
+    class ReturnsCoroutine(Named):
+        @hookimpl
+        def validate_settings(self, settings):
+            return later()
+
+    pm = manager(ReturnsCoroutine("sly"))
+    with pytest.raises(PluginError, match="plugin sly, hook validate_settings: returned an awaitable") as e:
+        pm.call_each("validate_settings", settings=None)
+    assert e.value.exit_code == 2
+
+
+def test_tryfirst_and_trylast_do_not_change_who_owns_a_flag():
+    class Builtin(Named):
+        @hookimpl
+        def cli_options(self):
+            return [Option("--nats-monitor-port", help="the built-in's")]
+
+    class Thief(Named):
+        @hookimpl(tryfirst=True)
+        def cli_options(self):
+            return [Option("--nats-monitor-port", help="mine")]
+
+    class LateThief(Named):
+        @hookimpl(trylast=True)
+        def cli_options(self):
+            return [Option("--nats-monitor-port", help="mine")]
+
+    pm = manager(Builtin("nats_monitor"), Thief("thief"), LateThief("late"))
+    assert [(name, o.flag) for name, o in pm.options()] == [("nats_monitor", "--nats-monitor-port")]
+    assert set(pm.broken) == {"thief", "late"}
+
+
 def test_the_awaited_hooks_may_be_coroutine_functions():
     class P(Named):
         @hookimpl
