@@ -497,8 +497,8 @@ class LogState:
         self._by_sign_pub: dict[bytes, str] = {}  # current members' keys, for the uniqueness rules
         self._by_bus_pub: dict[str, str] = {}
         self._indexed: dict[str, tuple[bytes, str | None]] = {}
-        #: (room, handle) -> (epochs, digest) of its keys sealed before the log (entry 0's legacy_keys)
-        self._legacy: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+        #: (room, handle) -> (epoch ranges, digest) of its keys sealed before the log (entry 0's legacy_keys)
+        self._legacy: dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], str]] = {}
 
     # -- reading ---------------------------------------------------------------
 
@@ -782,7 +782,7 @@ class LogState:
                 self._set_in_room(seq, room_id, h, True)
 
     def _legacy_keys_from_json(self, seq: int, room_id: str, epoch: int,
-                               doc: Any) -> dict[tuple[str, str], tuple[tuple[int, ...], str]]:
+                               doc: Any) -> dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], str]]:
         """A snapshot room's ``legacy_keys``, checked: known members, each with ascending disjoint
         ranges of epochs 1 to the room's (runs merged, as :func:`legacy_keys_json` writes them) and a
         SHA-256 (hex)."""
@@ -807,7 +807,9 @@ class LogState:
                 raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} of {handle}: epochs are ascending, "
                                     f"disjoint, separate ranges [first, last] within 1 to {epoch}, "
                                     f"{LEGACY_MAX_EPOCHS} epochs at most")
-            out[(room_id, handle)] = (tuple(e for a, b in ranges for e in range(a, b + 1)), record["sha256"])
+            # kept as ranges: expanded only for the client's own member (legacy_epochs), so that a hostile
+            # entry 0 met on first use cannot make every record 10,000 ints (a red team: 187 MiB from 58 KB)
+            out[(room_id, handle)] = (tuple((a, b) for a, b in ranges), record["sha256"])
         return out
 
     # -- requests ------------------------------------------------------------------
@@ -1061,7 +1063,14 @@ class LogState:
         if room is None or room.since != 0 or member is None or member.since != 0:
             return ()
         found = self._legacy.get((room_id, me))
-        return found[0] if found is not None else ()
+        return tuple(e for a, b in found[0] for e in range(a, b + 1)) if found is not None else ()
+
+    def legacy_covers(self, room_id: str, me: str, epoch: int) -> bool:
+        """Whether :meth:`legacy_epochs` holds ``epoch``, without listing them (a cached key's check)."""
+        room, member = self.rooms.get(room_id), self.members.get(me)
+        found = self._legacy.get((room_id, me))
+        return (room is not None and room.since == 0 and member is not None and member.since == 0
+                and found is not None and any(a <= epoch <= b for a, b in found[0]))
 
     def check_legacy_keys(self, room_id: str, me: str, sealed: Mapping[int, bytes]) -> None:
         """Raise :class:`LogError` unless ``sealed`` (epoch -> sealed bytes) are the very keys entry 0

@@ -239,6 +239,10 @@ class UnsignedKey(VerificationError):
                              f"no signature, and it cannot be verified: {reason}")
 
 
+#: Keys fetched at once when a member's keys of a room sealed before 0.12 are checked together.
+LEGACY_FETCHES = 8
+
+
 def _legacy_sealed_bytes(room_id: str, epoch: int, value: Any) -> bytes:
     try:
         if not isinstance(value, str):
@@ -837,8 +841,12 @@ class UnibusClient:
         legacy = legacy and epoch is not None
         if epoch is not None:
             cached = self._keys.get((room_id, epoch))
-            if cached is None and legacy:
-                cached = self._legacy_keys.get((room_id, epoch))
+            if cached is None and legacy and (room_id, epoch) in self._legacy_keys:
+                # still a room and member of entry 0 (not deleted and made again since it was cached)
+                if self.verified.legacy_covers(room_id, self.identity.handle, epoch):
+                    cached = self._legacy_keys[(room_id, epoch)]
+                else:
+                    del self._legacy_keys[(room_id, epoch)]
             if cached is not None:
                 return epoch, cached
             if (room_id, epoch) in self._missing:
@@ -912,18 +920,29 @@ class UnibusClient:
                                               "room before the log")
         if (room_id, epoch) not in self._legacy_sealed:
             sealed = {epoch: _legacy_sealed_bytes(room_id, epoch, sealed_b64)}
-            for other in epochs:
-                if other not in sealed:
+            gate = asyncio.Semaphore(LEGACY_FETCHES)
+
+            async def fetch(other: int) -> None:
+                async with gate:
                     try:
                         doc = await self.my_key(room_id, other)
                     except KeyUnavailable:
                         raise UnsignedKey(room_id, epoch, f"{self.base_url} has no key of epoch {other} sealed to "
                                                           f"{me}, which entry 0 records, so they cannot be "
                                                           "checked") from None
-                    if not isinstance(doc, dict) or doc.get("epoch") != other or doc.get("sig") is not None:
-                        raise UnsignedKey(room_id, epoch, f"{self.base_url} answered the key of epoch {other} "
-                                                          "as another epoch's, or as a signed one")
-                    sealed[other] = _legacy_sealed_bytes(room_id, other, doc.get("sealed"))
+                if not isinstance(doc, dict) or type(doc.get("epoch")) is not int or doc.get("epoch") != other \
+                        or doc.get("sig") is not None:
+                    raise UnsignedKey(room_id, epoch, f"{self.base_url} answered the key of epoch {other} "
+                                                      "as another epoch's, or as a signed one")
+                sealed[other] = _legacy_sealed_bytes(room_id, other, doc.get("sealed"))
+
+            try:
+                async with asyncio.TaskGroup() as fetches:  # the first failure cancels the others
+                    for other in epochs:
+                        if other != epoch:
+                            fetches.create_task(fetch(other))
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
             try:
                 state.check_legacy_keys(room_id, me, sealed)
             except LogError as exc:

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ..errors import RuntimeFailure
 from ..memberlog import snapshot_entry
 from ..wire import nkey_from_sign_pub
 from .base import (
@@ -212,6 +213,15 @@ class KvStore(KvWatch, KvMigrate):
                                               v["rekey_required"], set(v["members"]), known, _unsigned(v, keys))
                                 for v, _rev in rooms.values()])
         digest, text = entry_text(entry)
+        limit = getattr(self._nc, "max_payload", None)
+        if isinstance(limit, int) and len(text.encode("utf-8")) > limit - 1024:
+            # Entry 0 is one KV value: a snapshot past max_payload (a 0.11 state with very many rooms,
+            # members and keys of 0.11) could never be written, and every logged write failed on it.
+            raise RuntimeFailure(f"entry 0 of the membership log (the snapshot of this bucket's state) is "
+                                 f"{len(text.encode('utf-8'))} bytes, more than NATS carries in one message "
+                                 f"(max_payload {limit}): keep this state on a single node, or raise max_payload "
+                                 "on every nats-server of the cluster (docs/operations.md, \"Upgrading from "
+                                 "0.11\")")
         try:
             # Conditional on no head and no entry 0: of two nodes starting at once, one writes it.
             await self._commit([_Write(_lkey(0), None, 0, raw=text.encode("utf-8")),

@@ -569,3 +569,14 @@ def test_legacy_keys_do_not_grow_with_the_epochs():
     doc = legacy_keys_json(sealed)
     assert all(record["epochs"] == [[1, 200]] for record in doc.values())
     assert len(json.dumps(doc)) < 20 * 150  # per member, not per key: 4,000 keys in under 3 KB
+
+
+def test_a_hostile_entry_0_s_ranges_are_kept_as_ranges(people):
+    """A red team: every [[1, 10000]] of a hostile entry 0 (met on first use) became 10,000 ints, for
+    every member and room: 187 MiB from 58 KB. Ranges are kept; only a member's own are listed."""
+    snap = legacy_snapshot(people, {"bob": {"epochs": [[1, 5000], [5002, 10001]], "sha256": "0" * 64},
+                                    "alice": {"epochs": [[3, 3]], "sha256": "1" * 64}}, epoch=10001)
+    state = replay([snap])
+    assert state._legacy[("r1", "bob")][0] == ((1, 5000), (5002, 10001))
+    assert state.legacy_covers("r1", "bob", 10001) and not state.legacy_covers("r1", "bob", 5001)
+    assert len(state.legacy_epochs("r1", "bob")) == 10000 and state.legacy_epochs("r1", "alice") == (3,)

@@ -1336,6 +1336,33 @@ def digest(*sealed: bytes) -> str:
     return hashlib.sha256(b"".join(hashlib.sha256(v).digest() for v in sealed)).hexdigest()
 
 
+async def test_kv_entry_0_past_max_payload_is_named_not_a_conflict_for_ever(tmp_path) -> None:
+    """Entry 0 of a 0.11 cluster's bucket is one KV value. Past max_payload it could never be written, and
+    every logged write failed on it with "the record is larger than NATS allows" (a red team)."""
+    from unibus.errors import RuntimeFailure
+    from unibus.testing import NatsServer
+
+    server = NatsServer(tmp_path / "nats", config_hook=lambda config: config.update(max_payload=32768))
+    nc, store = await kv_store(server.url)
+    try:
+        people = [identity(f"m{i}") for i in range(40)]
+        for i, p in enumerate(people):
+            await store.add_member(as_member(p, "admin" if i == 0 else "member"))
+        for r in range(8):
+            room = await store.create_room(f"r{r}", "m0")
+            for p in people[1:]:
+                await store.add_room_member(room.room_id, p.handle)
+            await store.put_keys(room.room_id, 1, {p.handle: os.urandom(80) for p in people})  # 0.11's
+        with pytest.raises(RuntimeFailure, match=r"entry 0 of the membership log .* is \d+ bytes, more than NATS "
+                                                 r"carries in one message \(max_payload 32768\)"):
+            await store.ensure()
+        assert await store.log_head() == (-1, "")
+    finally:
+        await store.close()
+        await nc.close()
+        server.stop()
+
+
 async def test_kv_ensure_snapshots_a_bucket_with_state_but_no_log(nats_server: NatsServer) -> None:
     """A 0.11 cluster: members and rooms in the bucket, no meta.loghead."""
     nc, store = await kv_store(nats_server.url)
