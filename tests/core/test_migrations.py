@@ -230,14 +230,20 @@ def test_member_add_writes_a_bootstrap_entry_and_prints_its_fingerprint(tmp_path
     assert set(trusted.members) == {"alice", "bob"} and trusted.members["alice"].role == "admin"
 
 
-def test_a_database_of_a_newer_unibus_is_refused_with_exit_2_and_left_as_it_is(tmp_path):
-    """A rollback to this version, or a data directory copied from a newer node: alembic's "Can't
-    locate revision" was an exit 1, which the unit restarts 10 times, and `backup` archived it
-    although `restore` refuses such an archive (an operations audit)."""
+def migrated_data_dir(tmp_path):
+    """A data directory (0700) whose database is at the newest revision: ``(data_dir, db)``."""
     data_dir = tmp_path / "data"
     data_dir.mkdir(mode=0o700)
     db = data_dir / "membershipd.db"
     migrate(db)
+    return data_dir, db
+
+
+def test_a_database_of_a_newer_unibus_is_refused_with_exit_2_and_left_as_it_is(tmp_path):
+    """A rollback to this version, or a data directory copied from a newer node: alembic's "Can't
+    locate revision" was an exit 1, which the unit restarts 10 times, and `backup` archived it
+    although `restore` refuses such an archive (an operations audit)."""
+    data_dir, db = migrated_data_dir(tmp_path)
     with sqlite3.connect(db) as conn:
         conn.execute("update alembic_version set version_num = '0099'")
         conn.commit()
@@ -259,10 +265,7 @@ def test_a_database_of_a_newer_unibus_is_refused_with_exit_2_and_left_as_it_is(t
 def test_a_damaged_revision_table_is_refused_with_exit_2(tmp_path, rows):
     """The review of the check: a blank revision was a traceback from alembic, and of two rows only
     the first was read (0004 then 0099 passed)."""
-    data_dir = tmp_path / "data"
-    data_dir.mkdir(mode=0o700)
-    db = data_dir / "membershipd.db"
-    migrate(db)
+    data_dir, db = migrated_data_dir(tmp_path)
     with sqlite3.connect(db) as conn:
         conn.execute("delete from alembic_version")
         conn.executemany("insert into alembic_version values (?)", [(r,) for r in rows])
