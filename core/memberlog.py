@@ -113,7 +113,7 @@ _ENTRY_FIELDS = {
 _REQUEST_FIELDS = frozenset({"method", "path", "query", "content_digest", "signature_input", "signature", "body"})
 _MEMBER_FIELDS = frozenset({"handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub"})
 _ROOM_FIELDS = frozenset({"room_id", "name", "owner", "epoch", "rekey_required", "members"})
-#: A snapshot room's optional field: the keys sealed before the log, each by its SHA-256 (legacy_keys_json).
+#: A snapshot room's optional field: the keys sealed before the log, per member its epochs and one digest.
 LEGACY_KEYS = "legacy_keys"
 _SHA256_HEX = re.compile(r"\A[0-9a-f]{64}\Z")
 #: The most epochs of one member and room a snapshot may record: a client fetches every one to check
@@ -788,7 +788,7 @@ class LogState:
         SHA-256 (hex)."""
         if not isinstance(doc, dict):
             raise LogError(seq, f"snapshot room {room_id}: {LEGACY_KEYS} is an object")
-        out: dict[tuple[str, str], tuple[tuple[int, ...], str]] = {}
+        out: dict[tuple[str, str], tuple[tuple[tuple[int, int], ...], str]] = {}
         for handle, record in doc.items():
             if handle not in self.members or not isinstance(record, dict) or set(record) != {"epochs", "sha256"} \
                     or not isinstance(record["sha256"], str) or not _SHA256_HEX.match(record["sha256"]):
@@ -1087,8 +1087,10 @@ class LogState:
             raise LogError(0, f"room {room_id}: entry 0 records no key sealed to {me} before the log (or the "
                               "room or the member is not the one of entry 0 any more)")
         if set(sealed) != set(epochs):
-            raise LogError(0, f"room {room_id}: entry 0 records keys sealed to {me} for epochs "
-                              f"{', '.join(map(str, epochs))}, not {', '.join(map(str, sorted(sealed)))}")
+            missing, extra = sorted(set(epochs) - set(sealed)), sorted(set(sealed) - set(epochs))
+            raise LogError(0, f"room {room_id}: entry 0 records keys sealed to {me} for {len(epochs)} epochs; "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"not recorded {extra[:5]}{'...' if len(extra) > 5 else ''}")
         digest = self._legacy[(room_id, me)][1]
         if not hmac.compare_digest(legacy_keys_digest(sealed[e] for e in epochs), digest):
             raise LogError(0, f"room {room_id}: the keys sealed to {me} before the log are not the ones entry 0 "

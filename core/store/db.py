@@ -102,6 +102,9 @@ def newer_database(db_path: Path, revision: str) -> ConfigError:
     """The refusal of a database at a revision this unibus does not know: a newer unibus made it."""
     from .. import __version__
 
+    if not revision.strip():
+        return ConfigError(f"{db_path} has an empty schema revision (alembic_version): it is damaged; restore a "
+                           "backup")
     return ConfigError(f"{db_path} is at schema revision {revision!r}, which unibus {__version__} does not know: "
                        "a newer unibus made it; run that version, or restore a backup this version made")
 
