@@ -113,7 +113,7 @@ def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Setting
                 if state == "none":
                     continue
                 if name not in LISTENERS:
-                    other_insecure = other_insecure or state not in SECURE_STATES
+                    other_insecure = other_insecure or not (isinstance(state, str) and state in SECURE_STATES)
                     continue
                 if name == "routes" and not settings.clustered:
                     continue  # an unclustered node has no routes, whatever is claimed

@@ -180,6 +180,8 @@ def test_a_plugin_s_own_listener_outside_the_table_still_counts_for_tls(unibus_p
     assert posture["tls"] is False and "badhealth" not in posture["listeners"]
     assert "posture key 'bogus' is not a posture fact" in caplog.text
     assert "listener 'badhealth' is not shown in the posture" in caplog.text
+    odd = Reports(listeners={"badhealth": {"state": "tls"}})  # not a state at all: plaintext, and no TypeError
+    assert compute_posture(Settings(), unibus_plugin_manager(odd))["tls"] is False
     fine = Reports(listeners={"badhealth": "loopback"})
     assert compute_posture(Settings(), unibus_plugin_manager(fine))["tls"] is True
 
