@@ -51,7 +51,10 @@ class _Parser(argparse.ArgumentParser):
         # each value with an @ as a whole first: a password with a space is two words of the message
         for value in sorted((a for a in getattr(self, "_given", ()) if "@" in a), key=len, reverse=True):
             message = message.replace(value, redact_url(value))
-        super().error(redact_text(message))
+        # One usage line, not argparse's whole synopsis (16 lines for serve, an operations audit):
+        # the error line after it says what to change, and --help lists every flag.
+        self.exit(2, f"usage: {self.prog} [options] ({self.prog} --help lists them)\n"
+                     f"{self.prog}: error: {redact_text(message)}\n")
 
 
 def _disable_pre_parser() -> argparse.ArgumentParser:

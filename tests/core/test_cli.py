@@ -151,3 +151,12 @@ def test_flags_are_never_abbreviated():
     operator's abbreviation (--data for --data-dir) meant, once that plugin is installed."""
     proc = run_membershipd("posture", "--bus-a", "off")
     assert proc.returncode == 2 and "unrecognized arguments: --bus-a off" in proc.stderr, proc.stderr
+
+
+def test_an_argument_error_is_one_usage_line_and_one_error_line():
+    """argparse printed serve's whole synopsis first, 16 lines (an operations audit); the contract
+    allows a usage line before the one that says what to change."""
+    proc = run_membershipd("serve", "--no-such-flag")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["usage: membershipd serve [options] (membershipd serve --help lists them)",
+                                        "membershipd serve: error: unrecognized arguments: --no-such-flag"]
