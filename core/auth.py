@@ -470,7 +470,7 @@ class NonceStore:
                             "accepted before (its nonces were lost); signed requests created at or before %d are "
                             "refused with 503 (%s)", floor, _for_how_long(floor))
             elif error is None:
-                log.info("nonce bucket: first epoch (no signed request was ever accepted here)")
+                log.info("nonce bucket: first epoch (no high-water mark of signed requests is stored here yet)")
         self._adopt(raw, mark, reconnects)
 
     def _adopt(self, raw: bytes, mark: int, reconnects: int) -> None:
