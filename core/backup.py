@@ -391,10 +391,15 @@ def log_disagreement(db: Path, facts: StoreFacts | None = None) -> str | None:
 
 
 def _check_restorable(db: Path, facts: StoreFacts) -> None:
-    """Run restore's checks of the log on ``db`` before the archive is written: an archive
-    restore would refuse is a failed backup (exit 1), not one found out when it is needed."""
-    from .store.db import known_revision, newer_database
+    """Run restore's checks of the schema and the log on ``db`` before the archive is written: an
+    archive restore would refuse is a failed backup (exit 2 for the schema, 1 for the log), not one
+    found out when it is needed."""
+    from .store.db import known_revision, newer_database, revision_rows
 
+    rows = revision_rows(db)
+    if len(rows) > 1:
+        raise ConfigError(f"{DB_NAME} names {len(rows)} schema revisions (alembic_version), not one: not a "
+                          "database a unibus made; restore a backup")
     if facts.revision is not None and not known_revision(facts.revision):
         raise newer_database(Path(DB_NAME), facts.revision)  # restore would refuse it: say so now
     why = log_disagreement(db, facts)

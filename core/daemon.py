@@ -575,10 +575,10 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
 
     def on_stop_signal(_signum: int, _frame: Any) -> None:
         # A plain handler, not the loop's: the interpreter runs it between two bytecodes of
-        # the main thread (a sleep is cut short for it), so the watchdog is armed even while
-        # the loop is blocked; a loop's handler ran only once the loop turned again, and a
-        # plugin's handler blocking the loop held the stop for as long as it blocked (found
-        # by a plugin author's walkthrough). The stop itself waits for the loop.
+        # the main thread, also during a blocking call (which then goes on), so the watchdog
+        # is armed even while the loop is blocked; a loop's handler ran only once the loop
+        # turned again, and a plugin's handler blocking the loop held the stop for as long
+        # as it blocked (a plugin author's walkthrough). The stop itself waits for the loop.
         watchdog.arm()
         if not loop.is_closed():
             loop.call_soon_threadsafe(daemon.request_stop)

@@ -831,8 +831,8 @@ class UnibusClient:
         lower than one already accepted for the room is refused (a rollback).
         ``legacy=True`` (with an ``epoch``, to read what is stored under it,
         never to encrypt) also takes a key sealed before 0.12, when it is the
-        one entry 0 of the verified log records (docs/client.md, "Keys sealed
-        before 0.12"). Keys are cached per ``(room_id, epoch)``. Raises
+        one entry 0 of the verified log records (docs/formats.md §7.3, "Keys
+        sealed before 0.12"). Keys are cached per ``(room_id, epoch)``. Raises
         :class:`KeyUnavailable` (404), :class:`UnsignedKey` (sealed before
         0.12), :class:`VerificationError`,
         :class:`~unibus.client.sealing.SealError`, :class:`ApiError`.

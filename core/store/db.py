@@ -79,6 +79,11 @@ def _read_only_rows(db_path: Path, sql: str) -> list[tuple[object, ...]]:
         return []
 
 
+def revision_rows(db_path: Path) -> list[tuple[object, ...]]:
+    """The rows of ``alembic_version`` (one, in a database a unibus made)."""
+    return _read_only_rows(db_path, "SELECT version_num FROM alembic_version")
+
+
 def stored_revision(db_path: Path) -> str | None:
     """The revision recorded in the database, read with plain sqlite3 (no alembic)."""
     value = _read_only_value(db_path, "SELECT version_num FROM alembic_version")
@@ -122,7 +127,7 @@ def migrate(db_path: Path, revision: str = "head") -> tuple[str | None, str | No
         os.close(fd)
     elif revision == "head":
         # Fast path for every start after the first: no alembic import at all.
-        rows = _read_only_rows(db_path, "SELECT version_num FROM alembic_version")
+        rows = revision_rows(db_path)
         current = None if not rows or rows[0][0] is None else str(rows[0][0])
         if len(rows) == 1 and current == HEAD_REVISION:
             return current, current

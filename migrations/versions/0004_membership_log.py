@@ -9,9 +9,10 @@
 - A database that already has members (an upgrade from 0.11) gets entry 0 of
   kind ``snapshot``: its whole state at this moment (docs/formats.md, "The
   membership log"). A room whose owner is no longer a member is ownerless from
-  here on (owner ``""``), as the snapshot says. Each room's ``legacy_keys`` record
-  the SHA-256 of every key sealed to a member so far: they carry no signature,
-  and entry 0 is what lets a client still open them to read what 0.11 stored.
+  here on (owner ``""``), as the snapshot says. Each room's ``legacy_keys`` record,
+  per current member, the epochs of the keys sealed to it so far (the newest
+  10,000) and one digest over them: they carry no signature, and entry 0 is
+  what lets a client still open them to read what 0.11 stored.
 
 Self-contained (plain SQL and the log's format functions), so that later
 changes to the store code cannot change what this revision does.

@@ -269,6 +269,9 @@ def test_a_damaged_revision_table_is_refused_with_exit_2(tmp_path, rows):
     with sqlite3.connect(db) as conn:
         conn.execute("delete from alembic_version")
         conn.executemany("insert into alembic_version values (?)", [(r,) for r in rows])
-    proc = run_membershipd("migrate", "--data-dir", str(data_dir))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+    for argv in (["migrate", "--data-dir", str(data_dir)],  # and backup: restore would refuse its archive
+                 ["backup", "--data-dir", str(data_dir), "--out", str(tmp_path / "a.tar")]):
+        proc = run_membershipd(*argv)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (argv, proc.stderr)
+        assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
+    assert not (tmp_path / "a.tar").exists()
