@@ -271,7 +271,8 @@ DATA_DIR = Flag("--data-dir", "all writable state [{env}] (default {default})", 
 #: The core flags of ``serve``, in ``--help`` and README order; reading them runs in this order too.
 CORE_ROWS: tuple[Row, ...] = (
     _row(DATA_DIR, doc="all writable state: `membershipd.db`, `jetstream/`, `blobs/`, `nats.conf` (0600), "
-                       "`service.nkey` and `system.nkey` (0600)"),
+                       "`service.nkey` and `system.nkey` (0600), `membershipd.lock` (held by the running "
+                       "`serve`)"),
     _row(Flag("--http-addr", "control-plane HTTP (default {default})", "HOST:PORT", DEFAULT_HTTP_ADDR,
               parse_host_port), doc="control-plane HTTP"),
     _row(Flag("--nats-addr", "embedded NATS client listener (default {default})", "HOST:PORT", DEFAULT_NATS_ADDR,
