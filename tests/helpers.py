@@ -8,7 +8,7 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,19 @@ import pytest
 #: Set by .ci/run, which installs every tool a test needs (promtool, systemd-analyze,
 #: strace): there a missing tool fails its tests instead of skipping them.
 REQUIRE_TOOLS = os.environ.get("UNIBUS_TEST_REQUIRE_TOOLS") == "1"
+
+
+@contextlib.contextmanager
+def serving_cleanly(proc: Any) -> Iterator[Any]:
+    """Start a ``MembershipdProcess``, yield it, stop it; then its log must hold no traceback and no
+    unhandled error, whatever the tests sent it. Yields the started process."""
+    proc.start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
+    log = proc.log_text()
+    assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
 
 
 def require_tool(missing: str | None) -> None:

@@ -349,3 +349,19 @@ def test_a_data_directory_that_cannot_be_locked_is_one_line(tmp_path, monkeypatc
     monkeypatch.setattr(fcntl, "flock", no_locks)
     with pytest.raises(ConfigError, match="cannot lock .*membershipd.lock .*use a local file system"):
         lock_data_dir(tmp_path)
+
+
+def test_the_lock_file_is_never_one_another_user_planted(tmp_path):
+    """Adversary: another local user, or a leftover link. A symbolic link where the lock file goes is
+    refused (exit 2), and the file it names is neither opened for writing nor truncated."""
+    from unibus.daemon import lock_data_dir
+    from unibus.errors import ConfigError
+
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    target = tmp_path / "precious"
+    target.write_text("keep me")
+    (data / "membershipd.lock").symlink_to(target)
+    with pytest.raises(ConfigError, match="membershipd.lock"):
+        lock_data_dir(data)
+    assert target.read_text() == "keep me"

@@ -17,6 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yarl
+from helpers import serving_cleanly
 
 from unibus.client.keys import generate_identity
 from unibus.inputs import MAX_SAFE_INT
@@ -80,14 +81,9 @@ def world(tmp_path_factory):
     bootstrap_member(data_dir, people["alice"], "admin")
     for h in ("bob", "carol"):
         bootstrap_member(data_dir, people[h], "member")
-    proc = MembershipdProcess(data_dir).start()
-    proc.people = people
-    try:
+    with serving_cleanly(MembershipdProcess(data_dir)) as proc:
+        proc.people = people
         yield proc
-    finally:
-        proc.stop()
-    log = proc.log_text()
-    assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
 
 
 class Prober:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from helpers import serving_cleanly
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from unibus.auth import BAD_SIGNATURE, BODY_TIMEOUT_ENV, DUMMY_VERIFY_KEY, MAX_BODY
@@ -39,15 +40,10 @@ def server(tmp_path_factory):
     people = {"alice": generate_identity("alice"), "bob": generate_identity("bob")}
     bootstrap_member(data_dir, people["alice"], "admin")
     bootstrap_member(data_dir, people["bob"], "member")
-    proc = MembershipdProcess(data_dir, env={BODY_TIMEOUT_ENV: str(BODY_TIMEOUT)}).start()
-    proc.people = people
-    try:
+    with serving_cleanly(MembershipdProcess(data_dir, env={BODY_TIMEOUT_ENV: str(BODY_TIMEOUT)})) as proc:
+        proc.people = people
         yield proc
-    finally:
-        proc.stop()
-    log = proc.log_text()
-    assert "Traceback" not in log and "unhandled error" not in log, log[-4000:]
-    assert "a" * 64 not in log  # the long lines of test_odd_heads_are_never_a_server_error: never quoted
+    assert "a" * 64 not in proc.log_text()  # the long lines of test_odd_heads_are_never_a_server_error: never quoted
 
 
 # --------------------------------------------------------------------------- a raw HTTP/1.1 client
