@@ -20,6 +20,7 @@ from aiohttp import web
 from . import __version__
 from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY, send_continue
 from .bus import Bus
+from .changelimit import ChangeLimit
 from .connlimits import DEFAULT_IDLE_TIMEOUT, send_within
 from .health import HealthProber, HealthState
 from .inputs import check_path_params
@@ -47,6 +48,8 @@ ROUTE_OWNERS = web.AppKey("route_owners", dict)
 #: The warnings of /healthz about a plugin's fields: once an hour each, not on every call (monitoring asks
 #: every few seconds; a plugin author's walkthrough).
 HEALTHZ_WARNINGS = web.AppKey("healthz_warnings", LogThrottle)
+#: how often one member may change another's rooms (unibus.changelimit)
+CHANGE_LIMIT = web.AppKey("change_limit", ChangeLimit)
 STORE = web.AppKey("store", Store)
 EXTRA = web.AppKey("extra", dict)
 #: The running :class:`unibus.events.ChangeEvents` (set once ``startup`` hooks ran).
@@ -601,6 +604,7 @@ def make_app(
     app[OPENAPI_DOC] = OpenAPI()
     app[ROUTE_OWNERS] = {}
     app[HEALTHZ_WARNINGS] = LogThrottle(burst=1, window=3600.0)
+    app[CHANGE_LIMIT] = metrics.change_limit = ChangeLimit()
     app[EXTRA] = {"started": time.time()}
     app[STASHES] = {}
     health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)

@@ -324,6 +324,9 @@ def _connection_families(m: Metrics) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{NAMESPACE}_http_member_requests_refused", "signed requests refused with 429, "
                               "their member having its share of the control plane's connections busy already",
                               value=getattr(m.member_requests, "refused", 0))
+    yield CounterMetricFamily(f"{NAMESPACE}_http_member_changes_refused", "adds of another member to a room "
+                              "refused with 429, their author having added that member too often",
+                              value=getattr(m.change_limit, "refused", 0))
     yield CounterMetricFamily(f"{NAMESPACE}_http_responses_dropped", "connections dropped because their client "
                               "took too little of a response in time (the body deadline, plus a second per 32 KiB)",
                               value=m.responses_dropped + getattr(m.member_requests, "stalled", 0))
@@ -358,6 +361,8 @@ class Metrics:
         self.accept_errors: Any = None
         #: each member's signed requests in progress (:class:`unibus.connlimits.MemberRequests`)
         self.member_requests: Any = None
+        #: how often one member may change another's rooms (:class:`unibus.changelimit.ChangeLimit`)
+        self.change_limit: Any = None
         #: responses dropped by the outermost middleware, their client taking too little in time
         self.responses_dropped = 0
         #: the expiry of the certificates in use (:class:`unibus.certexpiry.CertificateExpiry`)

@@ -9,11 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from ..app import STORE, add_route, add_schema
+from ..app import CHANGE_LIMIT, STORE, add_route, add_schema
 from ..auth import require_member
 from ..inputs import EPOCH_MAX, EPOCH_MIN, MAX_SAFE_INT, ROOM_ID_PATTERN, int_value, query_int
 from ..problems import Problem
-from ..store.base import Member, Room
+from ..store.base import Member, NotFound, Room
 from ..wire import HANDLE_PATTERN, HANDLE_RE
 from .common import LOGGED_RESPONSES, invalid, json_object, json_response, log_record
 from .members import ENC_PUB_PROPERTY, ENC_SUITE_PROPERTY, parse_handle
@@ -152,7 +152,16 @@ async def put_room_member(request: web.Request) -> web.Response:
     room = await load_room(request)
     require_owner_or_admin(room, require_member(request))
     handle = parse_handle(request.match_info["handle"])
-    room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
+    me = require_member(request)
+    limit = request.app[CHANGE_LIMIT] if not me.is_admin and handle != me.handle else None
+    if limit is not None:  # every add counts: whether it changes anything is known only as it is written
+        limit.take(me.handle, handle)  # 429 past the author's budget for this member (unibus.changelimit)
+    try:
+        room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
+    except NotFound:
+        if limit is not None:  # no such member, or the room is gone: nothing changed
+            limit.give_back(me.handle, handle)
+        raise
     return json_response(room.as_json())
 
 

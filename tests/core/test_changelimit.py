@@ -1,0 +1,268 @@
+"""How often one member may add another to its rooms (unibus.changelimit; docs/bus-auth.md).
+
+Red team: each change of a member's rooms kicks all its NATS connections, and any member may
+add another to a room of its own and remove it again in a loop; the victim lost 54 to 93% of
+what its other rooms carried. The arithmetic runs against a clock the test moves; the rules of
+the routes against a real daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import pytest
+
+from unibus.app import CHANGE_LIMIT, STORE
+from unibus.changelimit import CHANGE_BURST, CHANGE_INTERVAL, ChangeLimit
+from unibus.problems import Problem
+from unibus.signing import sign_request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def refusal(limit: ChangeLimit, author: str, target: str) -> Problem:
+    with pytest.raises(Problem) as e:
+        limit.take(author, target)
+    return e.value
+
+
+def test_a_burst_then_one_add_per_interval():
+    clock = Clock()
+    limit = ChangeLimit(burst=5, interval=2.0, clock=clock)
+    for _ in range(5):
+        limit.take("alice", "bob")
+    p = refusal(limit, "alice", "bob")
+    assert p.status == 429 and p.kind == "too-many-requests" and p.extra["target"] == "bob"
+    assert p.headers == {"Retry-After": "2"}
+    assert "alice added bob to its rooms 5 times in a row" in p.detail and "try again in 2 s" in p.detail
+    clock.now += 1.9
+    refusal(limit, "alice", "bob")
+    clock.now += 0.1
+    limit.take("alice", "bob")  # one more per interval
+    refusal(limit, "alice", "bob")
+    assert limit.refused == 3
+    clock.now += 5 * 2.0 + 2.0  # the whole budget back after burst x interval, never more
+    for _ in range(5):
+        limit.take("alice", "bob")
+    refusal(limit, "alice", "bob")
+
+
+def test_each_pair_has_its_own_budget():
+    limit = ChangeLimit(burst=2, interval=60.0, clock=Clock())
+    for _ in range(2):
+        limit.take("alice", "bob")
+    refusal(limit, "alice", "bob")
+    limit.take("alice", "carol")  # another target
+    limit.take("dave", "bob")  # another author
+    assert len(limit) == 3
+
+
+def test_a_charge_given_back_is_as_if_never_taken():
+    clock = Clock()
+    limit = ChangeLimit(burst=2, interval=10.0, clock=clock)
+    limit.take("alice", "ghost")
+    limit.give_back("alice", "ghost")
+    assert len(limit) == 0  # a handle that names nobody leaves nothing
+    limit.take("alice", "bob")
+    limit.take("alice", "bob")
+    limit.give_back("alice", "bob")
+    limit.take("alice", "bob")
+    refusal(limit, "alice", "bob")
+    limit.give_back("alice", "nobody")  # never charged: nothing to give back
+    assert len(limit) == 1
+
+
+def test_pairs_whose_budget_is_whole_again_are_forgotten():
+    clock = Clock()
+    limit = ChangeLimit(burst=3, interval=1.0, clock=clock)
+    for i in range(1000):
+        limit.take("alice", f"m{i}")
+    assert len(limit) == 1000
+    clock.now += 3.0  # a burst's worth of time: every pair is whole again
+    limit.take("alice", "last")
+    assert len(limit) == 1
+
+
+def test_a_limit_needs_a_budget():
+    with pytest.raises(ValueError, match="burst of at least 1"):
+        ChangeLimit(burst=0)
+    with pytest.raises(ValueError, match="interval over 0"):
+        ChangeLimit(interval=0)
+
+
+@pytest.fixture
+def rooms(unibus_app):
+    """A real daemon: bob and dave own a room each; carol and erin are ordinary members."""
+    app = unibus_app()
+    people = {h: app.member(h) for h in ("bob", "carol", "dave", "erin")}
+    rids = {}
+    for owner in ("bob", "dave"):
+        status, room = people[owner].post("/v1/rooms", {"name": f"{owner}'s"})
+        assert status == 201, room
+        rids[owner] = room["room_id"]
+    return app, people, rids
+
+
+def log_seq(app) -> int:
+    status, head = app.admin.get("/v1/log/head")
+    assert status == 200, head
+    return head["seq"]
+
+
+def members_of(client, rid) -> set[str]:
+    status, room = client.get(f"/v1/rooms/{rid}")
+    assert status == 200, room
+    return {m["handle"] for m in room["members"]}
+
+
+def test_a_member_may_add_another_to_its_rooms_only_so_often(rooms):
+    """bob adds carol to his room and removes her, in a loop: the first CHANGE_BURST adds are
+    made, the next is 429 with Retry-After, before anything is written; every other pair of
+    author and target, and an admin, are not held back."""
+    app, p, rids = rooms
+    bob, dave = p["bob"], p["dave"]
+    path = f"/v1/rooms/{rids['bob']}/members/carol"
+    refused = app.metric("unibus_http_member_changes_refused_total")
+    for i in range(CHANGE_BURST):
+        status, body = bob.put(path)
+        assert status == 200, (i, status, body)
+        status, body = bob.delete(path)
+        assert status == 204, (i, status, body)
+    seq = log_seq(app)
+    status, problem = bob.put(path)
+    assert status == 429, problem
+    assert problem["type"].endswith("/too-many-requests") and problem["target"] == "carol"
+    assert f"bob added carol to its rooms {CHANGE_BURST} times in a row" in problem["detail"]
+    assert log_seq(app) == seq  # nothing written
+    assert "carol" not in members_of(bob, rids["bob"])
+    assert app.metric("unibus_http_member_changes_refused_total") == refused + 1
+
+    assert bob.put(f"/v1/rooms/{rids['bob']}/members/erin")[0] == 200  # another target
+    assert dave.put(f"/v1/rooms/{rids['dave']}/members/carol")[0] == 200  # another author
+    for _ in range(CHANGE_BURST + 2):  # an admin is not limited
+        assert app.admin.put(path)[0] == 200
+        assert app.admin.delete(path)[0] == 204
+
+
+def test_a_revocation_is_never_held_back(rooms):
+    """Only adds count: an owner whose budget for a member is spent can still take it out of
+    its room, or delete the room, and the member can leave."""
+    app, p, rids = rooms
+    bob, carol, erin = p["bob"], p["carol"], p["erin"]
+    path = f"/v1/rooms/{rids['bob']}/members/carol"
+    for _ in range(CHANGE_BURST):
+        assert bob.put(path)[0] == 200  # an add of a member already in the room counts too
+    assert bob.put(path)[0] == 429
+    assert bob.delete(path)[0] == 204  # removed all the same
+    assert app.admin.put(path)[0] == 200  # an admin puts her back
+    assert carol.delete(path)[0] == 204  # she leaves
+    assert app.admin.put(path)[0] == 200
+    assert bob.put(f"/v1/rooms/{rids['bob']}/members/erin")[0] == 200
+    assert bob.delete(f"/v1/rooms/{rids['bob']}")[0] == 204  # and the room goes, with carol in it
+    assert app.admin.get(f"/v1/rooms/{rids['bob']}")[0] == 404
+    assert erin.get("/v1/me")[0] == 200
+
+
+def test_an_add_of_nobody_leaves_nothing_behind(rooms):
+    app, p, rids = rooms
+    bob = p["bob"]
+    limit = app.app[CHANGE_LIMIT]
+    before = len(limit)
+    for i in range(CHANGE_BURST + 5):
+        status, problem = bob.put(f"/v1/rooms/{rids['bob']}/members/ghost{i}")
+        assert status == 404, problem
+    assert len(limit) == before
+    for _ in range(CHANGE_BURST + 5):  # and an add of somebody to no room gives its charge back too
+        assert bob.put("/v1/rooms/nosuchroom/members/carol")[0] == 404
+    assert bob.put(f"/v1/rooms/{rids['bob']}/members/carol")[0] == 200
+
+
+def test_concurrent_adds_and_removals_get_no_change_past_the_budget(rooms):
+    """Red team: the first version decided from the room as read before the write whether a
+    request changed anything. With PUTs and DELETEs of one member in flight at once, an add
+    read as "already there" re-added a member a concurrent removal had just taken out, for
+    free: 25 changes in 15 s against the 5 allowed. Now every add is charged, and a removal
+    needs an add before it."""
+    app, p, rids = rooms
+    bob = p["bob"]
+    path = f"/v1/rooms/{rids['bob']}/members/carol"
+    store = app.app[STORE]
+    changes: list[str] = []
+
+    def listener(change):
+        if change.handle == "carol" and change.kind in ("room_member_added", "room_member_removed"):
+            changes.append(change.kind)
+
+    remove = app.run(_add_listener(store, listener))
+    limit = app.app[CHANGE_LIMIT]
+    charged = []
+    take = limit.take
+
+    def counted(author, target):  # the real check, its successes counted
+        take(author, target)
+        charged.append((author, target))
+
+    limit.take = counted
+    seconds = 4.0
+
+    async def hammer():
+        statuses: list[int] = []
+        async with aiohttp.ClientSession() as s:
+            async def one(method: str) -> None:
+                h = sign_request(method, path, None, keyid="bob", private_key=bob.identity.sign_key)
+                async with s.request(method, app.base_url + path, headers=h) as r:
+                    await r.read()
+                    statuses.append(r.status)
+
+            async def worker(method: str) -> None:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    await one(method)
+
+            for _ in range(CHANGE_BURST):  # the burst, spent one add at a time
+                await one("PUT")
+                await one("DELETE")
+            await asyncio.gather(*(worker(m) for m in ("PUT", "DELETE") * 12))
+        return statuses
+
+    started = time.monotonic()
+    try:
+        statuses = asyncio.run(asyncio.wait_for(hammer(), 60))
+    finally:
+        app.run(_call(remove))
+        del limit.take
+    adds = changes.count("room_member_added")
+    budget = CHANGE_BURST + (time.monotonic() - started) / CHANGE_INTERVAL
+    assert 429 in statuses and 0 < adds <= len(charged) <= budget, (adds, len(charged), budget)
+    assert set(charged) == {("bob", "carol")}
+    assert changes.count("room_member_removed") <= adds  # no removal without an add before it
+
+
+async def _add_listener(store, listener):
+    return store.add_listener(listener)
+
+
+async def _call(fn):
+    fn()
+
+
+def test_a_refused_add_may_be_made_after_retry_after(rooms):
+    app, p, rids = rooms
+    bob = p["bob"]
+    path = f"/v1/rooms/{rids['bob']}/members/carol"
+    for _ in range(CHANGE_BURST):
+        assert bob.put(path)[0] == 200
+    status, body = bob.put(path)
+    assert status == 429, body
+    wait = float(body["detail"].rsplit("try again in ", 1)[1].split()[0])
+    assert 1 <= wait <= CHANGE_INTERVAL + 1
+    time.sleep(wait)
+    assert bob.put(path)[0] == 200
