@@ -12,17 +12,18 @@ So a member that is not an admin may add one other member to its rooms only so o
 :data:`CHANGE_BURST` adds at once, then one every :data:`CHANGE_INTERVAL` seconds (the
 generic cell rate algorithm: per pair of author and target, the time at which its budget
 is whole again). Past that, the add is refused with 429 ``too-many-requests`` and a
-``Retry-After``, before anything is written.
+``Retry-After``, before the store or the log is changed.
 
 Only adds count. A room's owner can take a member out of its room, or delete the room,
 only after someone put the member in, so its removals are bounded by the adds too, and a
 revocation is never held back: an owner can always cut a member off. Every add by the
-author counts, including one of a member already in the room. Whether it is in the
-room is known only when the store writes, and an add judged from the room as read
-before that let concurrent removals and adds through for free (the red team of this
-module). An add that finds no such member or room gives its charge back, so handles that
-name nobody leave nothing here. Admins are not limited (the operator's scripts set up
-whole fleets), and a member's own rooms are its own to change.
+author counts, including one of a member already in the room: whether it is in is known
+only as the store writes, and judging it from the room as read before that let concurrent
+adds and removals through uncounted (``test_concurrent_adds_and_removals_get_no_change_past_the_budget``
+in tests/core/test_changelimit.py). An add that the store refuses before writing anything
+(no such member or room, a concurrent writer, the author's rights gone) gives its charge
+back, so handles that name nobody leave nothing here. Admins are not limited (the
+operator's scripts set up whole fleets).
 
 The times are kept in memory, per node: a cluster of three nodes gives an author three
 budgets, and a restart gives a new one.
@@ -45,8 +46,8 @@ CHANGE_INTERVAL = 3.0
 class ChangeLimit:
     """Each (author, target) pair's budget of adds (see the module docstring).
 
-    :meth:`take` charges one add or raises the 429 problem; :meth:`give_back` returns a
-    charge for an add that changed nothing because its member or room does not exist.
+    :meth:`take` charges one add or raises the 429 problem; :meth:`give_back` returns the
+    charge of an add that the store refused before writing anything.
     ``refused`` counts the 429s (``unibus_http_member_changes_refused_total``).
     """
 
@@ -63,9 +64,10 @@ class ChangeLimit:
         self._next_prune = clock() + burst * interval
         self.refused = 0
 
-    def take(self, author: str, target: str) -> None:
+    def take(self, author: str, target: str) -> float:
         """Charge one add of ``target`` by ``author``, or raise :class:`~unibus.problems.Problem`
-        429 (charging nothing) when the pair's budget is spent."""
+        429 (charging nothing) when the pair's budget is spent; the charge's token for
+        :meth:`give_back`."""
         now = self.clock()
         self._prune(now)
         pair = (author, target)
@@ -74,18 +76,22 @@ class ChangeLimit:
         if over > 0:
             self.refused += 1
             wait = max(1, math.ceil(over))
-            raise Problem(429, f"{author} added {target} to its rooms {self.burst} times in a row, the most one "
-                               f"member may before it waits {self.interval:g} s between two: each add makes all "
-                               f"of {target}'s clients log in to the bus again; try again in {wait} s",
+            raise Problem(429, f"{author} may add {target} to its rooms {self.burst} times in a row, then once "
+                               f"every {self.interval:g} s: each add makes all of {target}'s clients log in to the "
+                               f"bus again; try again in {wait} s",
                           kind="too-many-requests", target=target, headers={"Retry-After": str(wait)})
         self._whole_at[pair] = whole_at
+        return whole_at
 
-    def give_back(self, author: str, target: str) -> None:
-        """Return the charge of one add of ``target`` by ``author`` that changed nothing."""
+    def give_back(self, author: str, target: str, token: float) -> None:
+        """Return the charge ``token`` (what :meth:`take` returned) of an add of ``target`` by
+        ``author`` that changed nothing, if it still counts: one whose time has run out counts
+        no more, and giving it back would give a free add."""
         pair = (author, target)
-        if pair in self._whole_at:
+        now = self.clock()
+        if pair in self._whole_at and token > now:
             whole_at = self._whole_at[pair] - self.interval
-            if whole_at > self.clock():
+            if whole_at > now:
                 self._whole_at[pair] = whole_at
             else:
                 del self._whole_at[pair]

@@ -100,10 +100,8 @@ def core_responses(*, signed: bool, path_params: bool) -> dict[int, Response]:
         408: Response("the request body did not arrive within the body deadline (UNIBUS_BODY_TIMEOUT)"),
         413: Response("a request body over 8 MiB"),
         415: Response("a request body with a Content-Encoding"),
-        429: Response("too-many-requests: the member already has its share of the control plane's connections "
-                      "serving requests (let one finish), or, adding another member to a room, it added that member "
-                      "too often (try again after Retry-After)",
-                      headers={"Retry-After": RETRY_AFTER}),
+        429: Response("the member already has its share of the control plane's connections serving requests "
+                      "(too-many-requests); let one finish", headers={"Retry-After": RETRY_AFTER}),
         503: Response("replay protection, the store or the bus is unavailable; try again after Retry-After",
                       headers={"Retry-After": RETRY_AFTER}),
     })

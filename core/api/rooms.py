@@ -11,9 +11,10 @@ from aiohttp import web
 
 from ..app import CHANGE_LIMIT, STORE, add_route, add_schema
 from ..auth import require_member
+from ..changelimit import CHANGE_BURST, CHANGE_INTERVAL
 from ..inputs import EPOCH_MAX, EPOCH_MIN, MAX_SAFE_INT, ROOM_ID_PATTERN, int_value, query_int
 from ..problems import Problem
-from ..store.base import Member, NotFound, Room
+from ..store.base import Conflict, Forbidden, LogRejected, Member, NotFound, Room
 from ..wire import HANDLE_PATTERN, HANDLE_RE
 from .common import LOGGED_RESPONSES, invalid, json_object, json_response, log_record
 from .members import ENC_PUB_PROPERTY, ENC_SUITE_PROPERTY, parse_handle
@@ -150,17 +151,18 @@ async def delete_room(request: web.Request) -> web.Response:
 async def put_room_member(request: web.Request) -> web.Response:
     logged = log_record(request)
     room = await load_room(request)
-    require_owner_or_admin(room, require_member(request))
-    handle = parse_handle(request.match_info["handle"])
     me = require_member(request)
-    limit = request.app[CHANGE_LIMIT] if not me.is_admin and handle != me.handle else None
-    if limit is not None:  # every add counts: whether it changes anything is known only as it is written
-        limit.take(me.handle, handle)  # 429 past the author's budget for this member (unibus.changelimit)
+    require_owner_or_admin(room, me)
+    handle = parse_handle(request.match_info["handle"])
+    limit = None if me.is_admin else request.app[CHANGE_LIMIT]
+    # Every add counts: whether it changes anything is known only as it is written. 429 past the
+    # author's budget for this member (unibus.changelimit).
+    token = limit.take(me.handle, handle) if limit is not None else 0.0
     try:
         room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
-    except NotFound:
-        if limit is not None:  # no such member, or the room is gone: nothing changed
-            limit.give_back(me.handle, handle)
+    except (NotFound, Conflict, Forbidden, LogRejected):
+        if limit is not None:  # refused before anything was written: nothing changed
+            limit.give_back(me.handle, handle, token)
         raise
     return json_response(room.as_json())
 
@@ -286,7 +288,12 @@ def register(app: web.Application) -> None:
     add_route(app, "PUT", room + "/members/{handle}", put_room_member,
               summary="Add a member to the room; the room becomes rekey_required (owner, admin)",
               responses={200: ("the room", room_ref), 403: "not owner or admin", 404: "no such room or member",
-                         **LOGGED_RESPONSES}, tags=["rooms"])
+                         **LOGGED_RESPONSES,
+                         429: "too-many-requests: the member already has its share of the control plane's "
+                              "connections serving requests (let one finish), or, not being an admin, it added "
+                              f"this member {CHANGE_BURST} times in a row and may add it once every "
+                              f"{CHANGE_INTERVAL:g} s after that (a target member; try again after Retry-After)"},
+              tags=["rooms"])
     add_route(app, "DELETE", room + "/members/{handle}", delete_room_member,
               summary="Remove a member (owner, admin, the member itself); rekey_required; bus access cut",
               responses={204: "removed", 403: "not allowed", 404: "no such room or not a member",

@@ -522,10 +522,11 @@ class Enforcer:
         One task does every sweep, and a member revoked again before its sweep ran is swept
         once, SECOND_SWEEP_AFTER after the last revocation: a sweep per change piled up when
         a member was added to and removed from a room in a loop (any member may do that to
-        any other in a room of its own), and each sweep kicked the member's connections,
-        current ones included (a red team: 86 kicks, hundreds of sweeps, 503s). Postponing
-        is safe: each revocation's own enforcement kicks every connection and every grant in
-        flight of the member at once; the sweep is for the grants answered around the last."""
+        any other in a room of its own, within unibus.changelimit's budget of adds), and
+        each sweep kicked the member's connections, current ones included (a red team: 86
+        kicks, hundreds of sweeps, 503s). Postponing is safe: each revocation's own
+        enforcement kicks every connection and every grant in flight of the member at once;
+        the sweep is for the grants answered around the last."""
         due, rooms = time.monotonic() + SECOND_SWEEP_AFTER, set(rooms)
         for h in handles:
             _was, before = self._sweep_due.get(h, (0.0, set()))
