@@ -14,6 +14,13 @@ generic cell rate algorithm: per pair of author and target, the time at which it
 is whole again). Past that, the add is refused with 429 ``too-many-requests`` and a
 ``Retry-After``, before the store or the log is changed.
 
+Only an add that costs its member something counts: one that bus authorization would
+kick the member's connections for (:attr:`ChangeLimit.costs`, which the plugin that
+kicks sets; without it, as with ``--bus-auth off``, nothing is counted). Adding a member
+that is not on the bus costs it nothing, and an owner that adds the same member to room
+after room (a set-up script, a test suite on one daemon: this suite's first version of
+the limit refused those) is not held back for it.
+
 Only adds count. A room's owner can take a member out of its room, or delete the room,
 only after someone put the member in, so its removals are bounded by the adds too, and a
 revocation is never held back: an owner can always cut a member off. Every add by the
@@ -46,6 +53,7 @@ CHANGE_INTERVAL = 3.0
 class ChangeLimit:
     """Each (author, target) pair's budget of adds (see the module docstring).
 
+    :meth:`counts` says whether an add of a member is counted (see :attr:`costs`);
     :meth:`take` charges one add or raises the 429 problem; :meth:`give_back` returns the
     charge of an add that the store refused before writing anything.
     ``refused`` counts the 429s (``unibus_http_member_changes_refused_total``).
@@ -63,6 +71,13 @@ class ChangeLimit:
         #: when pairs whose budget is whole again are next forgotten
         self._next_prune = clock() + burst * interval
         self.refused = 0
+        #: ``costs(handle)``: whether adding ``handle`` to a room would kick connections of its
+        #: (bus authorization sets it; None, as with ``--bus-auth off``: no add costs anything)
+        self.costs: Callable[[str], bool] | None = None
+
+    def counts(self, target: str) -> bool:
+        """Whether an add of ``target`` counts: only one that would kick its connections."""
+        return self.costs is not None and bool(self.costs(target))
 
     def take(self, author: str, target: str) -> float:
         """Charge one add of ``target`` by ``author``, or raise :class:`~unibus.problems.Problem`

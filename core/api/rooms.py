@@ -155,8 +155,10 @@ async def put_room_member(request: web.Request) -> web.Response:
     require_owner_or_admin(room, me)
     handle = parse_handle(request.match_info["handle"])
     limit = None if me.is_admin else request.app[CHANGE_LIMIT]
-    # Every add counts: whether it changes anything is known only as it is written. 429 past the
-    # author's budget for this member (unibus.changelimit).
+    if limit is not None and not limit.counts(handle):
+        limit = None  # the member is not on the bus: its add kicks nothing
+    # Every add that counts is charged: whether it changes anything is known only as it is
+    # written. 429 past the author's budget for this member (unibus.changelimit).
     token = limit.take(me.handle, handle) if limit is not None else 0.0
     try:
         room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
@@ -291,8 +293,9 @@ def register(app: web.Application) -> None:
                          **LOGGED_RESPONSES,
                          429: "too-many-requests: the member already has its share of the control plane's "
                               "connections serving requests (let one finish), or, not being an admin, it added "
-                              f"this member {CHANGE_BURST} times in a row and may add it once every "
-                              f"{CHANGE_INTERVAL:g} s after that (a target member; try again after Retry-After)"},
+                              f"this member, which is on the bus, {CHANGE_BURST} times in a row and may add it "
+                              f"once every {CHANGE_INTERVAL:g} s after that (a target member; try again after "
+                              "Retry-After)"},
               tags=["rooms"])
     add_route(app, "DELETE", room + "/members/{handle}", delete_room_member,
               summary="Remove a member (owner, admin, the member itself); rekey_required; bus access cut",

@@ -376,7 +376,7 @@ async def _apply_local(rt: Runtime, change: Change) -> None:
 
 @hookimpl
 async def startup(app) -> None:
-    from unibus.app import BUS, EXTRA, METRICS, SETTINGS, STORE, stash
+    from unibus.app import BUS, CHANGE_LIMIT, EXTRA, METRICS, SETTINGS, STORE, stash
 
     settings = app[SETTINGS]
     if not enforcing(settings):
@@ -410,6 +410,8 @@ async def startup(app) -> None:
         connections=lambda: sum(len(c) for c in enforcer.connections.values()))
     rt.responder.metrics = rt.enforcer.metrics = rt.metrics
     stash(app)[RUNTIME] = rt
+    # How often one member may add another to its rooms counts only adds that kick (unibus.changelimit).
+    app[CHANGE_LIMIT].costs = enforcer.on_the_bus
 
     def on_change(change: Change) -> Any:
         if change.kind in ("keys_posted", "member_updated"):
@@ -421,12 +423,13 @@ async def startup(app) -> None:
 
 @hookimpl
 async def shutdown(app) -> None:
-    from unibus.app import stash
+    from unibus.app import CHANGE_LIMIT, stash
 
     rt = stash(app, PLUGIN_NAME).pop(RUNTIME)
     if rt is None:
         return
     rt.stopping = True
+    app[CHANGE_LIMIT].costs = None
     if rt.unsubscribe is not None:
         rt.unsubscribe()
     for task in list(rt.tasks):

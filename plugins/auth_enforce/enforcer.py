@@ -40,6 +40,11 @@ from .mesh import Mesh, MeshUnknown
 log = logging.getLogger("unibus.plugins.auth_enforce")
 
 KICK_DEADLINE = 2.0
+#: How long a member that left the bus still counts as on it, for how often another may add it
+#: to its rooms (Enforcer.on_the_bus; unibus.changelimit's burst times its interval).
+ON_THE_BUS_WITHIN = 60.0
+#: Members that left the bus remembered before those gone for longer than that are dropped.
+LEFT_KEPT = 4096
 APPLY_SUBJECT = "unibus.authz.apply"
 CONNECT_EVENTS = "$SYS.ACCOUNT.MEMBERS.CONNECT"
 DISCONNECT_EVENTS = "$SYS.ACCOUNT.MEMBERS.DISCONNECT"
@@ -83,6 +88,8 @@ class Enforcer:
         self.mesh = Mesh()
         #: handle -> live connections, from the CONNECT/DISCONNECT events of every server
         self.connections: dict[str, set[Conn]] = {}
+        #: handle -> when its last connection went (monotonic): :meth:`on_the_bus`
+        self._left: dict[str, float] = {}
         if responder is not None:  # its per-member bound counts these
             responder.live = lambda handle: len(self.connections.get(handle, ()))
             responder.saw_server = self.saw_server
@@ -149,6 +156,7 @@ class Enforcer:
                 conns.discard((server_id, cid))
                 if not conns:
                     del self.connections[handle]
+                    self._left_bus(handle)
 
     def saw_server(self, server_id: str | None, name: str | None) -> bool:
         """A server named ``name`` has id ``server_id`` now; False when that id is one the
@@ -180,6 +188,7 @@ class Enforcer:
                 self.connections[handle] = kept
             else:
                 del self.connections[handle]
+                self._left_bus(handle)
         self.mesh.replace(old, server_id)
         return True
 
@@ -388,13 +397,35 @@ class Enforcer:
             # more in an index that already has it (found by a red-team test).
             self._later(0, self.kick_here_or_retry(set(applied)))
 
+    def kicked_by_grant(self, handle: str) -> bool:
+        """Whether a grant to ``handle`` would kick connections: it has some, or a login in flight."""
+        return bool(self.connections.get(handle) or self.responder.in_flight_of(handle))
+
+    def on_the_bus(self, handle: str) -> bool:
+        """Whether ``handle`` is on the bus, or was within :data:`ON_THE_BUS_WITHIN`: the control
+        plane counts only adds of such members against their author (unibus.changelimit).
+
+        Not just :meth:`kicked_by_grant`: between a kick and its reconnect a member has no
+        connection, and an add that landed then would not count, while the removal after it
+        kicks the connection that add's rights came back on."""
+        if self.kicked_by_grant(handle):
+            return True
+        left = self._left.get(handle)
+        return left is not None and time.monotonic() - left < ON_THE_BUS_WITHIN
+
+    def _left_bus(self, handle: str) -> None:
+        now = time.monotonic()
+        self._left[handle] = now
+        if len(self._left) > LEFT_KEPT:  # only members that have left for longer than the window go
+            self._left = {h: t for h, t in self._left.items() if now - t < ON_THE_BUS_WITHIN}
+
     async def enforce(self, revoked: Iterable[str], granted: Iterable[str], rooms: Iterable[str] = ()) -> None:
         """Kick what must be kicked for a committed change; raise :class:`KickUnconfirmed` after the deadline.
 
         A grant to a member with no known connection costs no NATS work at all.
         """
         revoked, granted = set(revoked), set(granted) - set(revoked)
-        granted = {h for h in granted if self.connections.get(h) or self.responder.in_flight_of(h)}
+        granted = {h for h in granted if self.kicked_by_grant(h)}
         if not revoked and not granted:
             return
         started = time.monotonic()
