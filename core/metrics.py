@@ -324,8 +324,8 @@ def _connection_families(m: Metrics) -> Iterator[Metric]:
     yield CounterMetricFamily(f"{NAMESPACE}_http_member_requests_refused", "signed requests refused with 429, "
                               "their member having its share of the control plane's connections busy already",
                               value=getattr(m.member_requests, "refused", 0))
-    yield CounterMetricFamily(f"{NAMESPACE}_http_member_changes_refused", "adds of another member to a room "
-                              "refused with 429, their author having added that member too often",
+    yield CounterMetricFamily(f"{NAMESPACE}_http_member_changes_refused", "changes of another member's rooms "
+                              "refused with 429, their author having changed that member's rooms too often",
                               value=getattr(m.change_limit, "refused", 0))
     yield CounterMetricFamily(f"{NAMESPACE}_http_responses_dropped", "connections dropped because their client "
                               "took too little of a response in time (the body deadline, plus a second per 32 KiB)",

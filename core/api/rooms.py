@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
@@ -124,7 +125,9 @@ async def create_room(request: web.Request) -> web.Response:
     name = body["name"]
     if not isinstance(name, str) or len(name) > NAME_MAX or NAME_RE.match(name) is None:
         raise invalid("name", f"must be 1-{NAME_MAX} printable characters")
-    room = await request.app[STORE].create_room(name, require_member(request).handle, logged=logged)
+    me = require_member(request)
+    request.app[CHANGE_LIMIT].check_rooms(me.handle)  # the owner is in its room: 409 past its bound
+    room = await request.app[STORE].create_room(name, me.handle, logged=logged)
     return json_response(room.as_json(), status=201)
 
 
@@ -140,11 +143,29 @@ async def get_room(request: web.Request) -> web.Response:
     return json_response(room.as_json())
 
 
+async def charged(request: web.Request, me: Member, targets: Iterable[str],
+                  change: Callable[[], Awaitable[Any]]) -> Any:
+    """Make ``change``, a change of ``targets``' rooms by ``me``, once it is charged to each of them
+    that is on the bus (429 past ``me``'s budget for one: unibus.changelimit); admins are not
+    limited. Every such change is charged, whatever it turns out to change: that is known
+    only as it is written. One the store refuses before writing anything gives its charges back."""
+    if me.is_admin:
+        return await change()
+    limit = request.app[CHANGE_LIMIT]
+    tokens = limit.take(me.handle, targets)
+    try:
+        return await change()
+    except (NotFound, Conflict, Forbidden, LogRejected):
+        limit.give_back(me.handle, tokens)  # refused before anything was written: nothing changed
+        raise
+
+
 async def delete_room(request: web.Request) -> web.Response:
     logged = log_record(request)
     room = await load_room(request)
-    require_owner_or_admin(room, require_member(request))
-    await request.app[STORE].delete_room(room.room_id, logged=logged)
+    me = require_member(request)
+    require_owner_or_admin(room, me)
+    await charged(request, me, room.handles, lambda: request.app[STORE].delete_room(room.room_id, logged=logged))
     return web.Response(status=204)
 
 
@@ -154,18 +175,10 @@ async def put_room_member(request: web.Request) -> web.Response:
     me = require_member(request)
     require_owner_or_admin(room, me)
     handle = parse_handle(request.match_info["handle"])
-    limit = None if me.is_admin else request.app[CHANGE_LIMIT]
-    if limit is not None and not limit.counts(handle):
-        limit = None  # the member is not on the bus: its add kicks nothing
-    # Every add that counts is charged: whether it changes anything is known only as it is
-    # written. 429 past the author's budget for this member (unibus.changelimit).
-    token = limit.take(me.handle, handle) if limit is not None else 0.0
-    try:
-        room = await request.app[STORE].add_room_member(room.room_id, handle, logged=logged)
-    except (NotFound, Conflict, Forbidden, LogRejected):
-        if limit is not None:  # refused before anything was written: nothing changed
-            limit.give_back(me.handle, handle, token)
-        raise
+    if handle not in room.handles:  # 409 past the member's bound on rooms, whoever adds it
+        request.app[CHANGE_LIMIT].check_rooms(handle)
+    room = await charged(request, me, [handle],
+                         lambda: request.app[STORE].add_room_member(room.room_id, handle, logged=logged))
     return json_response(room.as_json())
 
 
@@ -176,7 +189,9 @@ async def delete_room_member(request: web.Request) -> web.Response:
     handle = request.match_info["handle"]
     if handle != me.handle:
         require_owner_or_admin(room, me)
-    await request.app[STORE].remove_room_member(room.room_id, handle, logged=logged)
+    # a member leaving a room is not charged (take never charges the author itself)
+    await charged(request, me, [handle],
+                  lambda: request.app[STORE].remove_room_member(room.room_id, handle, logged=logged))
     return web.Response(status=204)
 
 
@@ -275,9 +290,16 @@ def register(app: web.Application) -> None:
              "properties": {"rooms": {"type": "array", "items": room_ref}}}
     key_package = add_schema(app, "KeyPackage", KEY_PACKAGE_RECORD)
     room = "/v1/rooms/{room_id}"
+    too_often = ("too-many-requests: the member already has its share of the control plane's connections serving "
+                 "requests (let one finish), or, not being an admin, it changed the rooms of a member on the bus "
+                 f"{CHANGE_BURST} times in a row and may change them once every {CHANGE_INTERVAL:g} s after that "
+                 "(a target member; try again after Retry-After)")
+    too_many_rooms = ("too-many-rooms: the member is in as many rooms as a member on the bus may be in (a "
+                      "target and a max_rooms member); or the membership log or the record moved during this "
+                      "change (a concurrent writer); try again")
     add_route(app, "POST", "/v1/rooms", create_room, summary="Create a room; the caller owns it",
               request_schema=ROOM_SCHEMA,
-              responses={201: ("the room", room_ref), **LOGGED_RESPONSES,
+              responses={201: ("the room", room_ref), **LOGGED_RESPONSES, 409: too_many_rooms,
                          403: "the caller was deleted while the request was on its way", 422: "invalid field"},
               tags=["rooms"])
     add_route(app, "GET", "/v1/rooms", list_rooms, summary="Rooms the caller is in (admins: all)",
@@ -285,22 +307,18 @@ def register(app: web.Application) -> None:
     add_route(app, "GET", room, get_room, summary="A room with its members' enc_pub/enc_suite",
               responses={200: ("the room", room_ref), 403: "not a member", 404: "no such room"}, tags=["rooms"])
     add_route(app, "DELETE", room, delete_room, summary="Delete a room (owner, admin)",
-              responses={204: "deleted", 403: "not owner or admin", 404: "no such room", **LOGGED_RESPONSES},
+              responses={204: "deleted", 403: "not owner or admin", 404: "no such room", **LOGGED_RESPONSES,
+                         429: too_often},
               tags=["rooms"])
     add_route(app, "PUT", room + "/members/{handle}", put_room_member,
               summary="Add a member to the room; the room becomes rekey_required (owner, admin)",
               responses={200: ("the room", room_ref), 403: "not owner or admin", 404: "no such room or member",
-                         **LOGGED_RESPONSES,
-                         429: "too-many-requests: the member already has its share of the control plane's "
-                              "connections serving requests (let one finish), or, not being an admin, it added "
-                              f"this member, which is on the bus, {CHANGE_BURST} times in a row and may add it "
-                              f"once every {CHANGE_INTERVAL:g} s after that (a target member; try again after "
-                              "Retry-After)"},
+                         **LOGGED_RESPONSES, 409: too_many_rooms, 429: too_often},
               tags=["rooms"])
     add_route(app, "DELETE", room + "/members/{handle}", delete_room_member,
               summary="Remove a member (owner, admin, the member itself); rekey_required; bus access cut",
               responses={204: "removed", 403: "not allowed", 404: "no such room or not a member",
-                         **LOGGED_RESPONSES}, tags=["rooms"])
+                         **LOGGED_RESPONSES, 429: too_often}, tags=["rooms"])
     add_route(app, "POST", room + "/keys", post_keys,
               summary="Upload the next epoch's room key sealed to exactly the current members (owner, admin)",
               request_schema=KEYS_SCHEMA,

@@ -42,7 +42,7 @@ from unibus.servicekey import SERVICE_NKEY_FILE, SYSTEM_NKEY_FILE, ensure_servic
 from unibus.settings import Settings
 from unibus.store.base import Change, ChangeNotEnforced, Store
 
-from .callout import AUTH_TIMEOUT, MEMBER_MAX_SUBSCRIPTIONS, Issuer, Responder
+from .callout import AUTH_TIMEOUT, MEMBER_MAX_ROOMS, MEMBER_MAX_SUBSCRIPTIONS, Issuer, Responder
 from .enforcer import Enforcer, KickUnconfirmed
 from .metrics import BusAuthMetrics
 from .policy import Policy, diff, member_permissions
@@ -410,8 +410,12 @@ async def startup(app) -> None:
         connections=lambda: sum(len(c) for c in enforcer.connections.values()))
     rt.responder.metrics = rt.enforcer.metrics = rt.metrics
     stash(app)[RUNTIME] = rt
-    # How often one member may add another to its rooms counts only adds that kick (unibus.changelimit).
-    app[CHANGE_LIMIT].costs = enforcer.on_the_bus
+    # How often one member may change another's rooms counts only changes that kick, and a member's
+    # login lists every room it is in: at most MEMBER_MAX_ROOMS (unibus.changelimit).
+    limit = app[CHANGE_LIMIT]
+    limit.costs = enforcer.on_the_bus
+    limit.rooms_in = lambda handle: len(policy.rooms_of.get(handle, ()))
+    limit.max_rooms = MEMBER_MAX_ROOMS
 
     def on_change(change: Change) -> Any:
         if change.kind in ("keys_posted", "member_updated"):
@@ -429,7 +433,8 @@ async def shutdown(app) -> None:
     if rt is None:
         return
     rt.stopping = True
-    app[CHANGE_LIMIT].costs = None
+    limit = app[CHANGE_LIMIT]
+    limit.costs = limit.rooms_in = limit.max_rooms = None
     if rt.unsubscribe is not None:
         rt.unsubscribe()
     for task in list(rt.tasks):

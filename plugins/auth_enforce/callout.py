@@ -62,6 +62,11 @@ MEMBER_MAX_CONNECTIONS = 256
 #: plus its inbox. The ``MEMBERS`` account's limit enforces it (nats-server ignores the limits
 #: of a user JWT that answers a callout, measured with 2.15.1); the JWT says it too.
 MEMBER_MAX_SUBSCRIPTIONS = 1024
+#: The most rooms a member may be in (docs/bus-auth.md, "Limits per member"): its user JWT
+#: lists each room's subject twice, about 120 bytes a room, and the callout's answer must fit
+#: in one NATS message (1 MiB): a red team added a member to 8,000 rooms and locked it off the
+#: bus for good. A connection could not follow more rooms than its subscriptions anyway.
+MEMBER_MAX_ROOMS = 1000
 
 
 @dataclass(frozen=True, slots=True)
