@@ -1,5 +1,6 @@
-"""How often one member may change another member's rooms, and how many rooms a member on
-the bus may be in (docs/bus-auth.md, "How often one member may change another's rooms").
+"""How often one member may change another member's rooms, and how many rooms a member may
+be in with bus authorization (docs/bus-auth.md, "How often one member may change another's
+rooms" and "Limits per member").
 
 With bus authorization, every change of a member's rooms kicks all of that member's NATS
 connections: a grant so that the member's clients log in again with the room, a
@@ -39,7 +40,11 @@ The plugin that kicks also says how many rooms a member is in and how many it ma
 (:attr:`ChangeLimit.rooms_in`, :attr:`ChangeLimit.max_rooms`): a member's bus login lists
 every room it is in, and a red team that added a member to 8,000 rooms locked it off the
 bus for good. An add (or a new room, for its owner) past that is 409 ``too-many-rooms``,
-whoever makes it.
+whoever makes it. And a member that is not an admin may put another in at most a tenth of
+that many of its own rooms (:data:`ROOM_SHARE`; the rooms whose ``owner`` it is, whether
+it is still in them or not): the next red team created rooms, added a victim and left
+them, free while the victim was off the bus, until the victim was in 990 rooms and nobody
+could add it to another.
 
 The times are kept in memory, per node: a cluster of three nodes gives an author three
 budgets, and a restart gives a new one.
@@ -57,6 +62,9 @@ from .problems import Problem
 CHANGE_BURST = 20
 #: Seconds after which one more change is allowed, once the burst is spent.
 CHANGE_INTERVAL = 3.0
+#: One author that is not an admin may put another member in at most ``max_rooms // ROOM_SHARE``
+#: rooms of its own.
+ROOM_SHARE = 10
 
 
 class ChangeLimit:
@@ -139,6 +147,16 @@ class ChangeLimit:
                                "lists every room it is in; it must leave one first", kind="too-many-rooms",
                           target=handle, max_rooms=self.max_rooms)
 
+    def check_share(self, author: str, target: str, owned: int) -> None:
+        """Refuse (409 ``too-many-rooms``) to put ``target`` in one more room of ``author``'s when
+        it is in ``owned`` of them already, a tenth of :attr:`max_rooms` or more."""
+        if self.max_rooms is None or author == target:
+            return
+        if owned >= (share := self.max_rooms // ROOM_SHARE):
+            raise Problem(409, f"{target} is in {owned} rooms of {author}'s, the most one member may put another "
+                               f"in ({share}, a tenth of the {self.max_rooms} rooms a member may be in)",
+                          kind="too-many-rooms", target=target, max_rooms=share)
+
     def _prune(self, now: float) -> None:
         """Forget the pairs whose budget is whole again, once per burst's worth of time (a pair
         is whole again at most that long after its last change), so that a check costs no more
@@ -151,4 +169,4 @@ class ChangeLimit:
         return len(self._whole_at)
 
 
-__all__ = ["CHANGE_BURST", "CHANGE_INTERVAL", "ChangeLimit"]
+__all__ = ["CHANGE_BURST", "CHANGE_INTERVAL", "ROOM_SHARE", "ChangeLimit"]

@@ -175,8 +175,12 @@ async def put_room_member(request: web.Request) -> web.Response:
     me = require_member(request)
     require_owner_or_admin(room, me)
     handle = parse_handle(request.match_info["handle"])
-    if handle not in room.handles:  # 409 past the member's bound on rooms, whoever adds it
-        request.app[CHANGE_LIMIT].check_rooms(handle)
+    if handle not in room.handles:  # 409 past the member's bound on rooms, whoever adds it, ...
+        limit = request.app[CHANGE_LIMIT]
+        limit.check_rooms(handle)
+        if not me.is_admin and limit.max_rooms is not None:  # ... or past its share of them for this owner
+            rooms = await request.app[STORE].list_rooms(handle)
+            limit.check_share(me.handle, handle, sum(1 for r in rooms if r.owner == me.handle))
     room = await charged(request, me, [handle],
                          lambda: request.app[STORE].add_room_member(room.room_id, handle, logged=logged))
     return json_response(room.as_json())
@@ -294,9 +298,9 @@ def register(app: web.Application) -> None:
                  "requests (let one finish), or, not being an admin, it changed the rooms of a member on the bus "
                  f"{CHANGE_BURST} times in a row and may change them once every {CHANGE_INTERVAL:g} s after that "
                  "(a target member; try again after Retry-After)")
-    too_many_rooms = ("too-many-rooms: the member is in as many rooms as a member on the bus may be in (a "
-                      "target and a max_rooms member); or the membership log or the record moved during this "
-                      "change (a concurrent writer); try again")
+    too_many_rooms = ("too-many-rooms: with bus authorization, the member is in as many rooms as a member may be "
+                      "in (a target and a max_rooms member); or the membership log or the record moved during "
+                      "this change (a concurrent writer); try again")
     add_route(app, "POST", "/v1/rooms", create_room, summary="Create a room; the caller owns it",
               request_schema=ROOM_SCHEMA,
               responses={201: ("the room", room_ref), **LOGGED_RESPONSES, 409: too_many_rooms,

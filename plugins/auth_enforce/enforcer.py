@@ -40,8 +40,8 @@ from .mesh import Mesh, MeshUnknown
 log = logging.getLogger("unibus.plugins.auth_enforce")
 
 KICK_DEADLINE = 2.0
-#: How long a member that left the bus still counts as on it, for how often another may add it
-#: to its rooms (Enforcer.on_the_bus; unibus.changelimit's burst times its interval).
+#: How long a member that left the bus still counts as on it, for how often another may change
+#: its rooms (Enforcer.on_the_bus; unibus.changelimit's burst times its interval).
 ON_THE_BUS_WITHIN = 60.0
 #: Members that left the bus remembered before those gone for longer than that are dropped.
 LEFT_KEPT = 4096
@@ -403,11 +403,11 @@ class Enforcer:
 
     def on_the_bus(self, handle: str) -> bool:
         """Whether ``handle`` is on the bus, or was within :data:`ON_THE_BUS_WITHIN`: the control
-        plane counts only adds of such members against their author (unibus.changelimit).
+        plane counts only changes of such members' rooms against their author (unibus.changelimit).
 
         Not just :meth:`kicked_by_grant`: between a kick and its reconnect a member has no
-        connection, and an add that landed then would not count, while the removal after it
-        kicks the connection that add's rights came back on."""
+        connection, and a change that landed then would not count, while the next one kicks
+        the connection that change's rights came back on."""
         if self.kicked_by_grant(handle):
             return True
         left = self._left.get(handle)
@@ -553,7 +553,7 @@ class Enforcer:
         One task does every sweep, and a member revoked again before its sweep ran is swept
         once, SECOND_SWEEP_AFTER after the last revocation: a sweep per change piled up when
         a member was added to and removed from a room in a loop (any member may do that to
-        any other in a room of its own, within unibus.changelimit's budget of adds), and
+        any other in a room of its own, within unibus.changelimit's budget of changes), and
         each sweep kicked the member's connections, current ones included (a red team: 86
         kicks, hundreds of sweeps, 503s). Postponing is safe: each revocation's own
         enforcement kicks every connection and every grant in flight of the member at once;

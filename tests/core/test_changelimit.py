@@ -142,6 +142,7 @@ def test_pairs_whose_budget_is_whole_again_are_forgotten():
 def test_the_bound_on_rooms():
     limit = ChangeLimit()
     limit.check_rooms("bob")  # no bound known: nothing refused
+    limit.check_share("alice", "bob", 10**6)
     limit.rooms_in, limit.max_rooms = {"bob": 2, "carol": 3}.get, 3
     limit.check_rooms("bob")
     with pytest.raises(Problem) as e:
@@ -149,6 +150,12 @@ def test_the_bound_on_rooms():
     assert e.value.status == 409 and e.value.kind == "too-many-rooms"
     assert e.value.extra == {"target": "carol", "max_rooms": 3}
     assert e.value.detail.startswith("carol is in 3 rooms, the most a member may be in")
+    limit.max_rooms = 30
+    limit.check_share("alice", "bob", 2)
+    limit.check_share("bob", "bob", 99)  # its own rooms: the bound alone
+    with pytest.raises(Problem) as e:
+        limit.check_share("alice", "bob", 3)
+    assert e.value.status == 409 and e.value.extra == {"target": "bob", "max_rooms": 3}
 
 
 def test_a_limit_needs_a_budget():
@@ -325,6 +332,31 @@ def test_with_bus_authorization_a_member_is_in_at_most_max_rooms(world):
     assert app.admin.put(f"/v1/rooms/{rooms[0]}/members/erin")[0] == 200  # already in: nothing added
     assert p["erin"].delete(f"/v1/rooms/{rooms[0]}/members/erin")[0] == 204  # she leaves one
     assert app.admin.put(f"/v1/rooms/{rooms[2]}/members/erin")[0] == 200
+
+
+def test_one_member_may_fill_only_a_tenth_of_another_members_rooms(world):
+    """Red team: bob created rooms, added erin, and left them, free while she was off the bus,
+    until she was in 990 rooms and nobody could add her to another. Now a member that is not an
+    admin may put another in a tenth of the bound of its own rooms, left or not."""
+    app, p = world.app, world.people
+    bob, dave = p["bob"], p["dave"]
+    limit = app.app[CHANGE_LIMIT]
+    limit.max_rooms = 30  # the bound the plugin set, made small for the test: bob's share is 3
+    rooms = []
+    for i in range(4):
+        status, room = bob.post("/v1/rooms", {"name": f"bait {i}"})
+        assert status == 201, room
+        rooms.append(room["room_id"])
+    for rid in rooms[:3]:
+        assert bob.put(f"/v1/rooms/{rid}/members/erin")[0] == 200
+    assert bob.delete(f"/v1/rooms/{rooms[0]}/members/bob")[0] == 204  # bob leaves: still his room
+    status, problem = bob.put(f"/v1/rooms/{rooms[3]}/members/erin")
+    assert status == 409 and problem["type"].endswith("/too-many-rooms"), problem
+    assert problem["detail"].startswith("erin is in 3 rooms of bob's, the most one member may put another in (3")
+    assert dave.put(f"/v1/rooms/{world.rids['dave']}/members/erin")[0] == 200  # another owner
+    assert app.admin.put(f"/v1/rooms/{rooms[3]}/members/erin")[0] == 200  # an admin, into bob's room
+    assert p["erin"].delete(f"/v1/rooms/{rooms[1]}/members/erin")[0] == 204  # she leaves one of bob's
+    assert bob.put(f"/v1/rooms/{rooms[1]}/members/erin")[0] == 409  # 3 of bob's still: rooms 0, 2 and 3
 
 
 def test_an_add_the_store_refuses_gives_its_charge_back(world):
