@@ -167,7 +167,7 @@ def test_a_limit_needs_a_budget():
 
 class World:
     """A real daemon with bus authorization: bob and dave own a room each; carol and erin are
-    ordinary members, carol logged in to the bus (so that an add of her kicks her connection)."""
+    ordinary members, carol logged in to the bus (so that a change of her rooms kicks her connection)."""
 
     def __init__(self, app, people, rids) -> None:
         self.app, self.people, self.rids = app, people, rids
