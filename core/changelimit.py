@@ -147,6 +147,14 @@ class ChangeLimit:
                                "lists every room it is in; it must leave one first", kind="too-many-rooms",
                           target=handle, max_rooms=self.max_rooms)
 
+    def share_reached(self, target: str) -> bool:
+        """Whether ``target`` is in enough rooms (a share's worth) that one author's share of
+        them may be full: only then must :meth:`check_share` count the author's rooms, a
+        read of every room of the target's (the KV store's is a scan of all rooms)."""
+        if self.rooms_in is None or self.max_rooms is None:
+            return False
+        return self.rooms_in(target) >= self.max_rooms // ROOM_SHARE
+
     def check_share(self, author: str, target: str, owned: int) -> None:
         """Refuse (409 ``too-many-rooms``) to put ``target`` in one more room of ``author``'s when
         it is in ``owned`` of them already, a tenth of :attr:`max_rooms` or more."""

@@ -178,7 +178,7 @@ async def put_room_member(request: web.Request) -> web.Response:
     if handle not in room.handles:  # 409 past the member's bound on rooms, whoever adds it, ...
         limit = request.app[CHANGE_LIMIT]
         limit.check_rooms(handle)
-        if not me.is_admin and limit.max_rooms is not None:  # ... or past its share of them for this owner
+        if not me.is_admin and limit.share_reached(handle):  # ... or past its share of them for this owner
             rooms = await request.app[STORE].list_rooms(handle)
             limit.check_share(me.handle, handle, sum(1 for r in rooms if r.owner == me.handle))
     room = await charged(request, me, [handle],

@@ -151,6 +151,7 @@ def test_the_bound_on_rooms():
     assert e.value.extra == {"target": "carol", "max_rooms": 3}
     assert e.value.detail.startswith("carol is in 3 rooms, the most a member may be in")
     limit.max_rooms = 30
+    assert not limit.share_reached("bob") and limit.share_reached("carol")  # in 2 and 3 rooms; a share is 3
     limit.check_share("alice", "bob", 2)
     limit.check_share("bob", "bob", 99)  # its own rooms: the bound alone
     with pytest.raises(Problem) as e:
