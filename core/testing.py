@@ -560,9 +560,10 @@ class SignedClient:
     without a signature, as an anonymous caller would.
     """
 
-    def __init__(self, base_url: str, identity: Any = None) -> None:
+    def __init__(self, base_url: str, identity: Any = None, *, context: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url
         self.identity = identity
+        self.context = context  # verifies an https:// base_url (``MembershipdProcess.ssl_context()``)
 
     @property
     def handle(self) -> str | None:
@@ -579,7 +580,7 @@ class SignedClient:
         if signed and self.identity is not None:
             h.update(sign_request(method, path, raw, keyid=self.identity.handle,
                                   private_key=self.identity.sign_key))
-        return http_json(method, self.base_url + path, raw, h, timeout=timeout)
+        return http_json(method, self.base_url + path, raw, h, timeout=timeout, context=self.context)
 
     def get(self, path: str, **kw: Any) -> tuple[int, Any]:
         return self.request("GET", path, **kw)
@@ -755,6 +756,12 @@ class Cluster:
     cluster (``membershipd migrate-to-kv``, docs/operations.md, "Bootstrapping
     the first admin"). Without ``admin`` every node starts empty.
 
+    ``tls_ca`` is the CA of the certificates the nodes' client listeners present
+    when ``args`` give them TLS (``make_test_pki(...).serve_args()``, HTTPS,
+    TLS on the NATS listener or both, as in production): the health checks,
+    :meth:`client` and :meth:`migrate` (``--ca``) verify them against it.
+    (``.ca`` is the route CA the cluster makes for itself.)
+
     Restarts are tracked: :meth:`restart` starts ``nodes[i].again()``, which
     joins the node's ``family``, and :meth:`stop` stops every process of every
     family. Signals to a nats-server, or to a paused node, go through pidfds:
@@ -764,9 +771,12 @@ class Cluster:
     def __init__(self, directory: Path, admin: Any = None, *, args: Sequence[str] = (),
                  plugins: Sequence[str] = (), env: dict[str, str] | None = None, size: int = 3,
                  name: str = "unibus-test", secret: str | None = None, metrics: bool = True,
-                 data_dirs: Sequence[Path | None] = ()) -> None:
+                 data_dirs: Sequence[Path | None] = (), tls_ca: Path | None = None) -> None:
         import secrets
 
+        if tls_ca is None and any(a.split("=", 1)[0] in ("--tls-cert", "--http-tls-cert") for a in args):
+            raise ValueError("a cluster whose client listeners use TLS (--tls-cert, --http-tls-cert) needs "
+                             "tls_ca=, the CA of their certificates, to verify them")
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.directory = directory
         self.identity = admin
@@ -801,7 +811,7 @@ class Cluster:
             if metrics:
                 node_args += ["--metrics-addr", f"127.0.0.1:{self.metrics_ports[i]}"]
             node_args += [a for m in plugins for a in ("--plugin", m)] + list(args)
-            self.nodes.append(MembershipdProcess(data, node_args, env))
+            self.nodes.append(MembershipdProcess(data, node_args, env, ca=tls_ca))
 
     # -- life cycle
 
@@ -817,7 +827,8 @@ class Cluster:
     def migrate(self) -> subprocess.CompletedProcess[str]:
         """``membershipd migrate-to-kv`` of node 1's store into the running cluster; raises if it fails."""
         n1 = self.nodes[0]
-        proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url,
+        tls = ["--ca", str(n1.ca)] if n1.ca is not None and n1.nats_url.startswith("tls://") else []
+        proc = run_membershipd("migrate-to-kv", "--data-dir", str(n1.data_dir), "--nats-url", n1.nats_url, *tls,
                                timeout=CLUSTER_FORM_TIMEOUT)
         if proc.returncode != 0:
             raise RuntimeError(f"migrate-to-kv failed: {proc.stderr.strip()[-2000:]}")
@@ -895,7 +906,8 @@ class Cluster:
 
     def client(self, i: int, identity: Any = None) -> SignedClient:
         """A :class:`SignedClient` on node ``i``, signing as ``identity`` (the admin by default)."""
-        return SignedClient(self.nodes[i].base_url, self.identity if identity is None else identity)
+        node = self.nodes[i]
+        return SignedClient(node.base_url, self.identity if identity is None else identity, context=node.ssl_context())
 
     def member(self, handle: str, role: str = "member", node: int = 0) -> Any:
         """Add a member through node ``node`` (as the admin); returns its ``Identity``."""
@@ -1018,7 +1030,7 @@ def cluster_factory(tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
 
     def make(args: Sequence[str] = (), plugins: Sequence[str] = (), env: dict[str, str] | None = None,
              admin: Any = None, **kwargs: Any) -> Cluster:
-        """``kwargs`` go to :class:`Cluster` (``size``, ``name``, ``secret``, ``metrics``)."""
+        """``kwargs`` go to :class:`Cluster` (``size``, ``name``, ``secret``, ``metrics``, ``tls_ca``)."""
         return made.add(Cluster(made.directory(), admin or generate_identity("admin"), args=args, plugins=plugins,
                                 env=env, **kwargs)).form()
 
