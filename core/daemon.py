@@ -52,7 +52,7 @@ from .privatefiles import check_own_file, make_private_dirs
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
 from .settings import HostPort, Settings, insecure_plaintext_warnings, require_route_password
-from .store.base import Store
+from .store.base import ChangeNotEnforced, Store
 from .store.db import migrate
 from .store.kv import KvStore
 from .store.sqlite import SqliteStore
@@ -229,6 +229,9 @@ class Daemon:
         #: the event loop's time of the stop signal: the stop budget counts from there
         self.stop_requested_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: the SIGHUP re-read under way (one at a time), and whether a SIGHUP came during it
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
         self._started_hooks = False
         #: plugins whose ``startup`` returned, in order; None until the startup hooks begin
         self._started: list[str] | None = None
@@ -442,19 +445,47 @@ class Daemon:
         self._stop.set()
 
     def on_sighup(self) -> None:
+        """Re-read the store, one re-read at a time (docs/operations.md, "Signals").
+
+        A SIGHUP during a re-read asks for one more after it, which reads whatever was
+        written before that signal; any number of them ask for just that one. A red team
+        sent hundreds a second, each starting a full read of its own: they queued on the
+        store's thread, signed requests waited behind them (503 and timeouts for tens of
+        seconds) and the memory grew by gigabytes."""
         if self._stop.is_set():
             log.info("SIGHUP: ignored, the daemon is stopping")
             return
+        if self._reloading is not None:
+            if not self._reload_again:
+                log.info("SIGHUP: a re-read is under way; the store is read once more after it")
+            self._reload_again = True
+            return
         log.info("SIGHUP: re-reading the store")
-        task = asyncio.get_running_loop().create_task(self._reload())
+        task = self._reloading = asyncio.get_running_loop().create_task(self._reload_while_asked())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _reload_while_asked(self) -> None:
+        try:
+            while True:
+                self._reload_again = False
+                await self._reload()
+                if not self._reload_again or self._stop.is_set():
+                    return
+                log.info("SIGHUP: re-reading the store again, for the SIGHUP that came during the last re-read")
+        finally:
+            self._reloading = None
 
     async def _reload(self) -> None:
         """Re-read the store (its listeners deliver the offline changes), then the ``reloaded`` hooks."""
         try:
             if self.store is not None:
                 await self.store.reload()
+        except ChangeNotEnforced:
+            # Read, and the index follows it; some kicks are not confirmed yet and are retried until
+            # they are (bus authorization logs which). The plugins are told of the re-read all the same.
+            log.warning("SIGHUP: the store was re-read, but not every connection it changed was confirmed "
+                        "kicked yet (retried)")
         except Exception as e:
             log.error("SIGHUP: reload failed: %s: %s", type(e).__name__, e)
             return

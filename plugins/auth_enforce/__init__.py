@@ -157,13 +157,17 @@ def configure_nats(settings: Settings, config: dict[str, Any]) -> None:
     config.pop("no_auth_user", None)
 
 
-async def load_policy(store: Store, policy: Policy) -> None:
-    """Read every member and room into the index.
+async def load_policy(store: Store, policy: Policy) -> tuple[set[str], set[str]]:
+    """Read every member and room into the index; ``(revoked, granted)`` by the load.
 
     A member or room updated one by one while the lists were read (a deletion on this node, or
     another node's through the KV watch) is read again after the load: the lists may predate
     the update, and the load would otherwise give a deleted member its rights back, for good
     (red team: more likely since failed re-reads are retried by a full one).
+
+    What the load changed is measured from the index as it was just before the load, after
+    the reads: an update applied one by one while they ran kicked what it changed itself, and
+    a red team saw it kicked again by the re-read of a SIGHUP started before it.
     """
     tracker = policy.track()
     try:
@@ -171,10 +175,12 @@ async def load_policy(store: Store, policy: Policy) -> None:
         membership = await store.membership()
     finally:
         policy.untrack(tracker)
+    before = policy.snapshot()
     policy.load(((m.handle, m.bus_pub) for m in members), dict(membership.rooms))
     handles, rooms = tracker
     if handles or rooms:
         await reread(store, policy, sorted(handles), sorted(rooms))
+    return diff(before, policy.snapshot())
 
 
 async def reread(store: Store, policy: Policy, handles: list[str], rooms: list[str]) -> tuple[set[str], set[str]]:
@@ -267,15 +273,13 @@ async def apply_change(rt: Runtime, change: Change) -> None:
         await kick_here(rt, revoked)
         return
     if change.kind == "reloaded" and change.origin == "remote":
-        before = rt.policy.snapshot()
         try:
-            await load_policy(rt.store, rt.policy)
+            revoked, _granted = await load_policy(rt.store, rt.policy)
         except Exception as e:  # noqa: BLE001 - the watch may have missed changes: read until it works
             log.error("bus authorization: could not re-read the members and rooms after the KV watch missed "
                       "changes (%s: %s); retrying", type(e).__name__, e)
             reload_until_read(rt)
             return
-        revoked, _granted = diff(before, rt.policy.snapshot())
         await kick_here(rt, revoked)
         return
     started = time.monotonic()
@@ -318,9 +322,8 @@ def reload_until_read(rt: Runtime) -> None:
         while rt.reread_again and not rt.stopping:
             await asyncio.sleep(pause)
             rt.reread_again = False
-            before = rt.policy.snapshot()
             try:
-                await load_policy(rt.store, rt.policy)
+                revoked, _granted = await load_policy(rt.store, rt.policy)
             except Exception as e:  # noqa: BLE001 - the store is still away: try again
                 log.warning("bus authorization: re-reading the members and rooms failed (%s: %s); retrying",
                             type(e).__name__, e)
@@ -328,7 +331,7 @@ def reload_until_read(rt: Runtime) -> None:
                 pause = min(pause * 2, RELOAD_PAUSES[1])
                 continue
             log.info("bus authorization: members and rooms read again after a failed re-read")
-            await kick_here(rt, diff(before, rt.policy.snapshot())[0])
+            await kick_here(rt, revoked)
             pause = RELOAD_PAUSES[0]
 
     task = asyncio.get_running_loop().create_task(run())
@@ -344,9 +347,7 @@ async def kick_here(rt: Runtime, revoked: set[str]) -> None:
 
 async def _apply_local(rt: Runtime, change: Change) -> None:
     if change.kind == "reloaded":
-        before = rt.policy.snapshot()
-        await load_policy(rt.store, rt.policy)
-        revoked, granted = diff(before, rt.policy.snapshot())
+        revoked, granted = await load_policy(rt.store, rt.policy)
         rooms: list[str] = []
     else:
         handles, rooms = affected(change, rt.policy)

@@ -174,3 +174,37 @@ def test_event_from_a_remote_log_entry_names_the_actor():
     # an actor forged into another parameter is not taken
     entry["request"]["signature_input"] = 'sig=("@method");nonce="keyid=\\"mallory\\"";keyid="carol"'
     assert event_from_entry(entry, "remote").actor == "carol"
+
+
+async def test_sighups_during_a_re_read_make_one_more_re_read_not_one_each(running):
+    """Red team: a burst of SIGHUPs (hundreds a second) started a full re-read each; they queued
+    on the store's thread, signed requests waited behind them for tens of seconds and the
+    memory grew by gigabytes. Now a re-read runs at a time, and the SIGHUPs during it ask for
+    one more, which reads whatever was written before them."""
+    daemon, recorder, alice, data_dir = running
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    def slow_listener(change):  # holds the first re-read until the test lets it go
+        async def wait():
+            entered.set()
+            await release.wait()
+        return wait() if change.kind == "reloaded" and not release.is_set() else None
+
+    remove = daemon.store.add_listener(slow_listener)
+    try:
+        daemon.on_sighup()
+        await asyncio.wait_for(entered.wait(), 10)  # the re-read is under way
+        for _ in range(100):
+            daemon.on_sighup()
+        bootstrap_member(data_dir, generate_identity("carol"))  # written after the first read, before the signals end
+        running_reload = daemon._reloading
+        release.set()
+        await asyncio.wait_for(running_reload, 30)
+    finally:
+        remove()
+    assert recorder.reloads == 2 and daemon._reloading is None  # the first, and one for the 100
+    assert [(e.kind, e.handle) for e in recorder.events] == [("member_added", "carol")]  # read, once
+    daemon.on_sighup()  # a later SIGHUP starts a re-read of its own
+    await asyncio.wait_for(daemon._reloading, 30)
+    assert recorder.reloads == 3 and len(recorder.events) == 1
+    assert (await alice.me())["handle"] == "alice"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import aiohttp
@@ -137,6 +138,19 @@ def test_sighup_keeps_serving(membershipd):
     body = membershipd.wait_healthy()
     assert body["status"] == "ok"
     assert "SIGHUP" in membershipd.log_text()
+
+
+def test_a_burst_of_sighups_is_read_as_a_few(membershipd):
+    """300 SIGHUPs 1 ms apart: one re-read at a time, the SIGHUPs during one asking for one more
+    (docs/operations.md, "Signals"; tests/core/test_change_events.py counts them), and the
+    daemon serves throughout and after."""
+    for _ in range(300):
+        membershipd.send_signal(signal.SIGHUP)
+        time.sleep(0.001)
+    assert membershipd.wait_healthy()["status"] == "ok"
+    log = membershipd.log_text()
+    assert 1 <= log.count("SIGHUP: re-reading the store") < 300
+    assert "Traceback" not in log
 
 
 def test_kill_9_leaves_no_nats_server(membershipd):

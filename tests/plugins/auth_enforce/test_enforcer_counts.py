@@ -508,6 +508,55 @@ async def test_a_full_read_older_than_a_deletion_gives_no_rights_back(tmp_path, 
     assert rt.stopping and not rt.tasks
 
 
+async def test_a_full_read_does_not_count_a_change_applied_while_it_read(tmp_path, alice):
+    """Red team (SIGHUP): a full read measured what it changed from the index as it was when the
+    read began, so a room change applied one by one meanwhile (and kicked by itself) was kicked
+    again by every SIGHUP's read under way. Now only what the load itself changed counts; an
+    offline change, which only the load sees, still does."""
+    from unibus.app import stash
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, load_policy
+    from unibus.store.sqlite import SqliteStore
+
+    class SlowLists:
+        def __init__(self, store):
+            self._store, self.read, self.release = store, asyncio.Event(), asyncio.Event()
+
+        async def membership(self):
+            rooms = await self._store.membership()
+            self.read.set()
+            await self.release.wait()
+            return rooms
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    bob, carol = generate_identity("bob"), generate_identity("carol")
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        for who in (bob, carol):
+            await a.add_member(who.handle, who.sign_pub_b64, who.enc_pub_b64, bus_pub=who.bus_pub)
+        room = (await a.create_room("r"))["room_id"]
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        slow = SlowLists(rt.store)
+        load = asyncio.create_task(load_policy(slow, rt.policy))
+        await asyncio.wait_for(slow.read.wait(), 10)  # the rooms are read: bob in none
+        await a.add_room_member(room, "bob")  # applied one by one (and kicked) while the read waits
+        assert room in rt.policy.snapshot()["bob"][1]
+        slow.release.set()
+        revoked, granted = await asyncio.wait_for(load, 10)
+        assert "bob" not in revoked and "bob" not in granted  # his change was his own to kick
+        assert room in rt.policy.snapshot()["bob"][1]  # and the older list did not take it away
+        # carol added to the room by another process on the same database (as an offline command
+        # writes it): this daemon hears nothing of it, and only the load sees it
+        other = SqliteStore(tmp_path / "d" / "membershipd.db")
+        try:
+            await other.add_room_member(room, "carol")
+        finally:
+            await other.close()
+        assert "carol" not in rt.policy.room_members.get(room, ())
+        revoked, granted = await load_policy(rt.store, rt.policy)
+        assert granted == {"carol"} and not revoked
+
+
 async def test_repeated_revocations_of_a_member_make_one_second_sweep_after_the_last(monkeypatch):
     """Red team: any member may add another to a room of its own and remove it again, in a loop.
     Each revocation scheduled its own second sweep, and each sweep kicked the member's connections,
