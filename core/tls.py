@@ -38,9 +38,11 @@ class TLSFileError(ValueError):
 MAX_TLS_FILE = 4 * 1024 * 1024
 
 
-def read_tls_file(path: Path) -> bytes:
+def read_tls_file(path: Path, *, private: bool = False) -> bytes:
     """The bytes of a regular file, read at once: a FIFO or a device (which could block the
-    reader for good, on the event loop when nats-server restarts) or a huge file is refused."""
+    reader for good, on the event loop when nats-server restarts) or a huge file is refused.
+    ``private`` (a key): the file read must also pass :func:`private_file_problem`, checked on
+    the very file read (a link is followed; its target is what counts)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -49,6 +51,9 @@ def read_tls_file(path: Path) -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise TLSFileError(f"{path} is not a regular file")
+        why = private_file_problem(path, st) if private else None
+        if why is not None:
+            raise TLSFileError(why)
         if st.st_size > MAX_TLS_FILE:
             raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not a certificate or key file")
         with os.fdopen(fd, "rb", closefd=False) as f:
@@ -79,29 +84,40 @@ def load_certificates(path: Path) -> list[Any]:
     return certs
 
 
+def private_file_problem(path: Path, st: os.stat_result) -> str | None:
+    """Why a key or password file with this ``stat`` is not private, or None: it must be a
+    regular file of this user (or of root, which could replace any file anyway) that only its
+    owner may read. A red team pointed a key at a 0600 file of another user, who could then
+    swap the key under a running node (and read it); the check was on the mode alone."""
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_uid not in (os.geteuid(), 0):
+        return (f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}) or root; "
+                f"use a copy this user owns (chmod 600)")
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        return f"{path} is readable by group or others; run chmod 600 {path}"
+    return None
+
+
 def check_owner_only(path: Path) -> None:
-    """Refuse anything but a regular file only its owner may read (a key, a password file).
+    """Refuse anything but a regular file of this user (or root) only its owner may read (a
+    password file; keys are checked as they are read, :func:`check_private_key_file`).
 
     Raises :class:`TLSFileError` naming the problem; an ``OSError`` of
     ``stat`` propagates, for the caller's own wording.
     """
-    st = path.stat()
-    if not stat.S_ISREG(st.st_mode):
-        raise TLSFileError(f"{path} is not a regular file")
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise TLSFileError(f"{path} is readable by group or others; run chmod 600 {path}")
+    why = private_file_problem(path, path.stat())
+    if why is not None:
+        raise TLSFileError(why)
 
 
 def check_private_key_file(path: Path) -> Any:
-    """Refuse a key file others may read; return the loaded private key."""
+    """Refuse a key file that is not private (:func:`private_file_problem`); return the loaded private key."""
     from cryptography.hazmat.primitives import serialization
 
+    data = read_tls_file(path, private=True)
     try:
-        check_owner_only(path)
-    except OSError as e:
-        raise TLSFileError(f"{path} is not readable ({e.strerror})") from None
-    try:
-        return serialization.load_pem_private_key(_read(path), password=None)
+        return serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
         raise TLSFileError(f"{path} is not an unencrypted PEM private key ({e})") from None
 

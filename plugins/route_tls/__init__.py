@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
-import stat
 from pathlib import Path
 from typing import Any
 
 from unibus import hookimpl
 from unibus.errors import ConfigError
 from unibus.settings import Option, Settings
-from unibus.tls import read_tls_file
+from unibus.tls import TLSFileError, read_tls_file
 
 PLUGIN_NAME = "route_tls"
 FLAGS = ("--route-tls-cert", "--route-tls-key", "--route-tls-ca")
@@ -130,10 +129,12 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
     if ExtendedKeyUsageOID.SERVER_AUTH not in eku or ExtendedKeyUsageOID.CLIENT_AUTH not in eku:
         raise ConfigError(f"--route-tls-cert: {cert_path} needs both serverAuth and clientAuth extended key usage")
 
-    if key_path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise ConfigError(f"--route-tls-key: {key_path} is readable by group or others; run chmod 600 {key_path}")
     try:
-        key = serialization.load_pem_private_key(read_tls_file(key_path), password=None)
+        data = read_tls_file(key_path, private=True)  # this user's (or root's), 0600, checked as it is read
+    except TLSFileError as e:
+        raise ConfigError(f"--route-tls-key: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError, OSError) as e:
         raise ConfigError(f"--route-tls-key: {key_path} is not an unencrypted PEM private key ({e})") from None
     pub = serialization.PublicFormat.SubjectPublicKeyInfo

@@ -178,6 +178,30 @@ def test_tls_file_refusals(tmp_path, files, case, needle):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI runs as root)")
+def test_a_key_of_another_user_is_refused_even_behind_a_link(tmp_path, files):
+    """Red team: ``--tls-key`` a link to a 0600 key of another user (nobody) passed the check on
+    the mode alone, and that user could swap the key under a running node. The file read must
+    be this user's or root's; a link to one's own key (certbot's layout) is fine."""
+    other_uid = 65534
+    theirs = tmp_path / "theirs.key"
+    theirs.write_bytes(files["key"].read_bytes())
+    theirs.chmod(0o600)
+    os.chown(theirs, other_uid, other_uid)
+    link = tmp_path / "server.key"
+    link.symlink_to(theirs)
+    for flags in (["--http-tls-cert", str(files["cert"]), "--http-tls-key", str(link)],
+                  ["--tls-cert", str(files["cert"]), "--tls-key", str(link)]):
+        refused(["--data-dir", str(tmp_path / "d"), *flags], f"belongs to uid {other_uid}")
+    mine = tmp_path / "mine.key"
+    mine.write_bytes(files["key"].read_bytes())
+    mine.chmod(0o600)
+    own_link = tmp_path / "live.key"
+    own_link.symlink_to(mine)
+    proc = run_membershipd("posture", "--http-tls-cert", str(files["cert"]), "--http-tls-key", str(own_link))
+    assert proc.returncode == 0, proc.stderr
+
+
 # -- real daemons ---------------------------------------------------------------------------
 
 
