@@ -1181,6 +1181,7 @@ class Bus:
         self._rotating = 0  # rotate_bus_key calls under way: violations are expected
         self._failure: str | None = None  # why the bus stopped by itself
         self._stopping: asyncio.Task[None] | None = None
+        self._asking: asyncio.Task[None] | None = None  # asking the control plane why reconnects are refused
         self._reconnected = asyncio.Event()
         self._connect_errors: list[Exception] = []  # what error_cb heard while connect() tries
         self._tls_refused = asyncio.Event()  # a TLS failure that no retry can mend
@@ -1273,6 +1274,13 @@ class Bus:
     async def _refusal_reason(self, base: str | None = None) -> str:
         """Why nats-server keeps refusing this member, asked of the control plane (bounded): ``base``,
         then the answer (by default ``base`` says that a connection's reconnects were refused)."""
+        return (await self._refusal(base))[1]
+
+    async def _refusal(self, base: str | None = None) -> tuple[bool, str]:
+        """``(hopeless, why)``: :meth:`_refusal_reason`, and whether trying again cannot help (the
+        member was deleted, its key changed, the control plane cannot be asked). It can when the
+        control plane still has this bus key: its logins were not answered in time, or went past
+        its budget of logins (docs/bus-auth.md, "Limits per member")."""
         client, handle = self.client, self.client.identity.handle
         if base is None:
             base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) "
@@ -1281,26 +1289,27 @@ class Bus:
             info = await within(client.bus_info(), 5)
         except ApiError as exc:
             if exc.status == 401:
-                return (f"{base}: {client.base_url} no longer accepts {handle}'s signed requests either "
-                        "(the member was deleted?); an admin must add it again")
+                return True, (f"{base}: {client.base_url} no longer accepts {handle}'s signed requests either "
+                              "(the member was deleted?); an admin must add it again")
             if exc.status == 409:
-                return (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
-                        f"`unibus keygen --upgrade --server {client.base_url}`")
-            return f"{base}: {client.base_url} answered {exc}"
+                return True, (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
+                              f"`unibus keygen --upgrade --server {client.base_url}`")
+            return True, f"{base}: {client.base_url} answered {exc}"
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
-            return (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); membershipd "
-                    "answers every login for nats-server, which refuses it when no answer comes in time: "
-                    "is membershipd down or overloaded?")
+            return True, (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
+                          "membershipd answers every login for nats-server, which refuses it when no answer "
+                          "comes in time: is membershipd down or overloaded?")
         except RuntimeError as exc:  # the client was closed under its bus (docs/client.md)
-            return f"{base}: the control plane was not asked why ({exc})"
+            return True, f"{base}: the control plane was not asked why ({exc})"
         known = info.get("user_nkey") if isinstance(info, dict) else None
         mine = self._bus_pub or client.identity.bus_pub  # before its first connection: the identity's
         if isinstance(known, str) and known != mine:
-            return (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus logs in "
-                    f"with ({mine}): it was rotated elsewhere; use the identity file that holds the new "
-                    f"key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
-        return (f"{base}: {client.base_url} still has this bus key for {handle}; try again later (nats-server "
-                "also refuses a login that membershipd did not answer in time)")
+            return True, (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus "
+                          f"logs in with ({mine}): it was rotated elsewhere; use the identity file that holds the "
+                          f"new key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
+        return False, (f"{base}: {client.base_url} still has this bus key for {handle}; try again later "
+                       "(nats-server also refuses a login that membershipd did not answer in time, and one past "
+                       "the member's budget of logins)")
 
     async def connect(self) -> None:
         seed = self._bus_seed()
@@ -1435,8 +1444,27 @@ class Bus:
             return
         self._auth_failures += 1
         log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
-        if self._auth_failures >= AUTH_FAILURES_LIMIT:
-            self._give_up(self._nc)
+        if self._auth_failures >= AUTH_FAILURES_LIMIT and self._asking is None and self._stopping is None:
+            self._asking = asyncio.get_running_loop().create_task(self._refused_repeatedly(self._nc),
+                                                                  name="unibus-bus-refused")
+
+    async def _refused_repeatedly(self, nc: Any) -> None:
+        """Stop the bus when the control plane says trying again cannot help; otherwise (it still has
+        this bus key: logins past the member's budget, or not answered in time) reconnecting goes on,
+        within nats-py's bound on reconnect attempts (:data:`MAX_RECONNECTS` on each server)."""
+        try:
+            hopeless, why = await self._refusal(
+                f"the bus refused {self.client.identity.handle} {self._auth_failures} times in a row "
+                "(authorization violation) and stopped")
+            if hopeless:
+                self._give_up(nc, why)
+            elif self._failure is None:
+                log.warning("bus: reconnects refused %d times in a row, but %s still has this bus key for %s "
+                            "(logins past its budget, or not answered in time); still reconnecting",
+                            self._auth_failures, self.client.base_url, self.client.identity.handle)
+                self._auth_failures = 0
+        finally:
+            self._asking = None
 
     def _log_connection_error(self, exc: Exception, text: str) -> None:
         if self._failure is not None or self._nc.is_closed:
@@ -1479,9 +1507,9 @@ class Bus:
         nc, self._nc = self._nc, None
         self.client._buses.discard(self)
         self._closed_reason = self._failure or "the bus was closed"
-        stopping = self._stopping
-        if stopping is not None and not stopping.done():
-            await cancel_and_wait(stopping)  # asking the control plane why; closed here anyway
+        for task in (self._asking, self._stopping):
+            if task is not None and not task.done():
+                await cancel_and_wait(task)  # asking the control plane why; closed here anyway
         for listener in list(self._listeners):
             listener._fail(None)
         if nc is not None and not nc.is_closed:

@@ -22,6 +22,7 @@ shrink meanwhile.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -40,6 +41,7 @@ from unibus.logthrottle import LogThrottle, left_out_note
 from unibus.wire import KeyFormatError, public_key_from_nkey
 
 from . import jwt
+from .loginlimit import LOGIN_MAX_DELAY, LoginLimit, Throttled
 from .policy import Policy
 
 log = logging.getLogger("unibus.plugins.auth_enforce")
@@ -67,6 +69,13 @@ MEMBER_MAX_SUBSCRIPTIONS = 1024
 #: in one NATS message (1 MiB): a red team added a member to 8,000 rooms and locked it off the
 #: bus for good. A connection could not follow more rooms than its subscriptions anyway.
 MEMBER_MAX_ROOMS = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """A login the member's budget pays for in ``delay`` seconds: its answer waits until then."""
+
+    delay: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +138,7 @@ class Responder:
         self.issuer = issuer
         self.clock = clock
         self.sub: Any = None
-        self.stats = {"authorized": 0, "refused": 0, "expired": 0, "malformed": 0}
+        self.stats = {"authorized": 0, "refused": 0, "throttled": 0, "expired": 0, "malformed": 0}
         #: the plugin's :class:`~.metrics.BusAuthMetrics` (set by its startup), or None
         self.metrics: Any = None
         #: handle -> [(server_id, cid, answered_at)] granted but maybe not reported yet by nats-server
@@ -141,6 +150,11 @@ class Responder:
         #: at its bound was locked out after a restart, every reconnect refused)
         self.saw_server: Callable[[str | None, str | None], Any] | None = None
         self.max_connections = MEMBER_MAX_CONNECTIONS
+        #: each member's budget of logins: what its grants may cost this event loop (.loginlimit)
+        self.login_limit = LoginLimit()
+        #: the answers held back by the budget of logins, until they are due (cancelled at stop)
+        self._held: set[asyncio.TimerHandle] = set()
+        self._holding: set[asyncio.Task[None]] = set()
         self._log_throttle = LogThrottle()  # a login flood must not fill the log (unibus.logthrottle)
 
     async def start(self, nc: Any) -> None:
@@ -153,6 +167,11 @@ class Responder:
                 await sub.unsubscribe()
             except Exception:  # noqa: BLE001 - the connection may be gone already
                 pass
+        for timer in self._held:
+            timer.cancel()  # nats-server refuses those logins when its wait for an answer ends
+        self._held.clear()
+        for task in list(self._holding):
+            task.cancel()
 
     def _count(self, result: str) -> None:
         self.stats[result] += 1
@@ -175,17 +194,38 @@ class Responder:
         if entries:
             self.in_flight[handle] = [e for e in entries if (e[0], e[1]) != (server_id, cid)]
 
-    async def _on_request(self, msg: Any) -> None:
+    async def _on_request(self, msg: Any, *, paid: bool = False) -> None:
         try:
-            answer = self.answer(msg.data)
+            answer = self.answer(msg.data, paid=paid)
         except Exception:  # noqa: BLE001 - one bad request must not stop the responder
             log.exception("auth callout: answering a request failed")
             return
-        if answer is not None and msg.reply:
+        if isinstance(answer, Later):
+            self._answer_later(msg, answer.delay)
+        elif answer is not None and msg.reply:
             await msg.respond(answer)
 
-    def answer(self, data: bytes) -> bytes | None:
-        """The response JWT for one request, or None when it cannot be answered (expired, malformed)."""
+    def _answer_later(self, msg: Any, delay: float) -> None:
+        """Answer ``msg`` in ``delay`` seconds, its login paid for: built then, from the rights the
+        member has then. Not awaited here: nats-py hands this subscription's messages over one at a
+        time, and every other login would wait."""
+        loop = asyncio.get_running_loop()
+
+        def due() -> None:
+            self._held.discard(timer)
+            if self.sub is None:
+                return  # stopped
+            task = loop.create_task(self._on_request(msg, paid=True), name="unibus-callout-held")
+            self._holding.add(task)
+            task.add_done_callback(self._holding.discard)
+
+        timer = loop.call_later(delay, due)
+        self._held.add(timer)
+
+    def answer(self, data: bytes, *, paid: bool = False) -> bytes | Later | None:
+        """The response JWT for one request, or None when it cannot be answered (expired, malformed),
+        or :class:`Later` when the member's budget of logins (:mod:`.loginlimit`) pays for it only in
+        a moment: it is charged, and its answer is to be built then with ``paid=True``."""
         now = self.clock()
         try:
             claims = jwt.decode(data, nkeys.PREFIX_BYTE_SERVER)
@@ -215,6 +255,12 @@ class Responder:
         grant = self.policy.grant(nkey)
         if grant is None:
             return self._refuse(server_id, user_nkey, now, "unknown bus key")
+        rooms = len(grant.publish)
+        if not paid:
+            try:
+                self.login_limit.check(grant.handle, rooms, within=LOGIN_MAX_DELAY)
+            except Throttled as t:
+                return self._throttled(grant.handle, t.wait)
         if not holds_key(nkey, nonce, sig):
             return self._refuse(server_id, user_nkey, now, "the nonce signature does not verify")
         if self.live is not None:
@@ -225,6 +271,14 @@ class Responder:
                 return self._refuse(server_id, user_nkey, now, f"{grant.handle} holds {held} connections, the most "
                                                                f"a member may ({self.max_connections})",
                                     kind=f"bound {grant.handle}")
+        # Charged last, once the login would be granted: a refused one costs the member nothing.
+        if not paid:
+            try:
+                delay = self.login_limit.take(grant.handle, rooms, within=LOGIN_MAX_DELAY)
+            except Throttled as t:  # not after check() above, in the same turn of the loop
+                return self._throttled(grant.handle, t.wait)
+            if delay > 0:
+                return Later(delay)
         publish: dict[str, Any] = {"allow": list(grant.publish)} if grant.publish else {"deny": [">"]}
         user = {
             "iss": self.issuer.public, "sub": user_nkey, "aud": MEMBERS_ACCOUNT, "name": grant.handle,
@@ -245,6 +299,21 @@ class Responder:
             self.in_flight.setdefault(grant.handle, []).append((server_id, cid, now))
         self._count("authorized")
         return jwt.encode(response, self.issuer.signing_key).encode("ascii")
+
+    def _throttled(self, handle: str, wait: float) -> None:
+        """A login past its member's budget (:mod:`.loginlimit`) is not answered at all: nats-server
+        refuses it when its wait for an answer ends, 1.5 s on. A refusal at once let a member in a
+        loop come back at once: a probe's 32 loops made 600 tries a second, each one an answer to
+        sign, and the member's flood became as costly as the one it replaced. Unanswered, each try
+        holds the member's connection for the whole wait, and costs membershipd the request's
+        check alone. Before the member's proof is checked: nobody else can charge its budget, and
+        an impostor naming a throttled member's key is refused either way."""
+        self._count("throttled")
+        left_out = self._log_throttle.admit(f"often {handle}")
+        if left_out is not None:
+            log.info("auth callout: did not answer a login of %s, which logs in more often than its rooms allow "
+                     "(docs/bus-auth.md, \"Limits per member\"; its budget pays in %.1f s): nats-server refuses it "
+                     "when its wait ends%s", handle, wait, left_out_note(left_out))
 
     def _refuse(self, server_id: str, user_nkey: str, now: float, why: str, kind: str | None = None) -> bytes:
         self._count("refused")

@@ -12,7 +12,8 @@ Names are those docs/operations.md ("Metrics") lists for bus authorization:
 * ``unibus_bus_auth_kicks_total``: connections kicked (confirmed by nats-server);
 * ``unibus_bus_auth_kicks_pending``: members whose new rights wait for a kick;
 * ``unibus_bus_auth_callouts_total{result}``: the auth callout's answers
-  (``authorized``, ``refused``, ``expired``, ``malformed``);
+  (``authorized``, ``refused``, ``throttled``: a member past its budget of logins
+  (:mod:`.loginlimit`), ``expired``, ``malformed``);
 * ``unibus_bus_auth_connections``: member connections nats-server reported.
 """
 
@@ -22,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-CALLOUT_RESULTS = ("authorized", "refused", "expired", "malformed")
+CALLOUT_RESULTS = ("authorized", "refused", "throttled", "expired", "malformed")
 #: Seconds: a change without connections to kick is ~1 ms; the kicks' deadline is 2 s.
 CHANGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0)
 

@@ -106,7 +106,7 @@ def test_requests_not_made_by_a_server_are_ignored(responder):
     assert r.answer(request(bob.bus_nkey_seed(), server=other)) is None  # signed by another key than iss
     assert r.answer(request(bob.bus_nkey_seed(), exp=time.time() - 1)) is None  # the server gave up already
     assert r.answer(b"not a jwt") is None
-    assert r.stats == {"authorized": 0, "refused": 0, "expired": 1, "malformed": 2}
+    assert r.stats == {"authorized": 0, "refused": 0, "throttled": 0, "expired": 1, "malformed": 2}
 
 
 def test_the_nonce_proof_accepts_both_base64_alphabets():

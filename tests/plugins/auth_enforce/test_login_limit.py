@@ -1,0 +1,271 @@
+"""Each member's budget of bus logins (docs/bus-auth.md, "Limits per member"; unibus.plugins.auth_enforce.loginlimit).
+
+The arithmetic against a clock the test moves; the responder with requests signed like
+nats-server signs them; then a real daemon, whose member in 1,000 rooms (the bound) logs in
+with nats-py until it is throttled, while another member still logs in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import nats
+import nkeys
+import pytest
+from nats.errors import NoServersError
+
+from unibus.client.keys import generate_identity
+from unibus.plugins.auth_enforce import jwt
+from unibus.plugins.auth_enforce.callout import MEMBER_MAX_ROOMS, Later, Responder
+from unibus.plugins.auth_enforce.loginlimit import (LOGIN_BURST, LOGIN_MAX_DELAY, LOGIN_RATE, SWEEP_AT, LoginLimit,
+                                                    Throttled, login_cost)
+from unibus.plugins.auth_enforce.policy import Policy
+from unibus.testing import MembershipdProcess, bootstrap_member
+
+from .test_callout import ISSUER, request
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_login_costs_one_unit_and_one_more_per_64_rooms():
+    assert login_cost(0) == 1.0
+    assert login_cost(64) == 2.0
+    assert login_cost(MEMBER_MAX_ROOMS) == pytest.approx(16.625)
+
+
+def test_a_burst_then_the_rate_and_a_refusal_costs_nothing():
+    clock = Clock()
+    limit = LoginLimit(clock=clock)
+    big = MEMBER_MAX_ROOMS
+    burst = int(LOGIN_BURST // login_cost(big))  # 30 logins of a member in 1,000 rooms at once
+    assert all(limit.take("mallory", big) == 0.0 for _ in range(burst))
+    with pytest.raises(Throttled) as refused:
+        limit.take("mallory", big)
+    wait = refused.value.wait
+    assert 0 < wait <= login_cost(big) / LOGIN_RATE
+    for _ in range(100):  # refused again and again: the wait does not grow, nothing is charged
+        with pytest.raises(Throttled) as again:
+            limit.take("mallory", big)
+        assert again.value.wait == pytest.approx(wait)
+    assert limit.take("bob", 1) == 0.0  # each member has its own budget
+    clock.now += wait
+    assert limit.take("mallory", big) == 0.0
+    with pytest.raises(Throttled):
+        limit.take("mallory", big)
+    # the steady rate, once the burst is spent: LOGIN_RATE units a second
+    granted = 0
+    for _ in range(100):  # 10 s in steps of 0.1 s, taking all that is allowed at each
+        clock.now += 0.1
+        while True:
+            try:
+                limit.take("mallory", big)
+            except Throttled:
+                break
+            granted += 1
+    assert abs(granted - 10.0 * LOGIN_RATE / login_cost(big)) <= 1
+    # whole again after burst / rate, and never more than whole
+    clock.now += 3600.0
+    assert limit.spent("mallory") == 0.0
+    taken = 0
+    for _ in range(2 * int(LOGIN_BURST)):
+        try:
+            limit.take("mallory", 0)
+        except Throttled:
+            break
+        taken += 1
+    assert taken == int(LOGIN_BURST)
+
+
+def test_a_login_paid_for_within_the_wait_allowed_is_charged_and_held_that_long():
+    clock = Clock()
+    limit = LoginLimit(clock=clock)
+    big = MEMBER_MAX_ROOMS
+    cost = login_cost(big) / LOGIN_RATE  # seconds of refill one login takes
+    for _ in range(int(LOGIN_BURST // login_cost(big))):
+        limit.take("mallory", big, within=LOGIN_MAX_DELAY)
+    delays = []
+    while True:
+        try:
+            delays.append(limit.take("mallory", big, within=LOGIN_MAX_DELAY))
+        except Throttled as t:
+            assert t.wait > LOGIN_MAX_DELAY
+            break
+    # each held a refill longer than the one before, none past the wait allowed
+    assert len(delays) >= int(LOGIN_MAX_DELAY / cost) and all(0 < d <= LOGIN_MAX_DELAY for d in delays)
+    assert all(b - a == pytest.approx(cost) for a, b in zip(delays, delays[1:]))
+    clock.now += delays[-1]  # once the last is due, the budget is at its limit: nothing more at once
+    with pytest.raises(Throttled):
+        limit.take("mallory", big)
+
+
+def test_the_members_kept_are_swept_once_their_budget_is_whole():
+    clock = Clock()
+    limit = LoginLimit(clock=clock)
+    for i in range(SWEEP_AT):
+        assert limit.take(f"m{i}", 0) == 0.0
+    clock.now += LOGIN_BURST / LOGIN_RATE
+    assert limit.take("newcomer", 0) == 0.0
+    assert len(limit._whole_at) == 1  # every whole budget forgotten, the newcomer's kept
+
+
+def test_a_limit_needs_room_for_one_login():
+    with pytest.raises(ValueError):
+        LoginLimit(burst=0.5)
+    with pytest.raises(ValueError):
+        LoginLimit(rate=0)
+
+
+def _rooms(n: int) -> dict[str, frozenset[str]]:
+    return {f"r{i:04d}": frozenset({"mallory"}) for i in range(n)} | {"shared": frozenset({"mallory", "bob"})}
+
+
+def _granted(answer: bytes) -> bool:
+    return "jwt" in jwt.decode(answer, nkeys.PREFIX_BYTE_ACCOUNT)["nats"]
+
+
+def test_the_responder_throttles_a_member_by_what_its_logins_cost():
+    mallory, bob = generate_identity("mallory"), generate_identity("bob")
+    policy = Policy()
+    policy.load([("mallory", mallory.bus_pub), ("bob", bob.bus_pub)], _rooms(MEMBER_MAX_ROOMS - 1))
+    clock = Clock()
+    r = Responder(policy, ISSUER)
+    r.login_limit = LoginLimit(clock=clock)
+    burst = int(LOGIN_BURST // login_cost(MEMBER_MAX_ROOMS))
+    for _ in range(burst):
+        assert _granted(r.answer(request(mallory.bus_nkey_seed())))
+    held = []
+    while isinstance(answer := r.answer(request(mallory.bus_nkey_seed())), Later):
+        held.append(answer.delay)  # paid for within the wait allowed: answered then
+    assert held and max(held) <= LOGIN_MAX_DELAY
+    assert answer is None  # past the budget: not answered (nats-server refuses it when its wait ends)
+    assert r.stats["throttled"] == 1 and r.stats["authorized"] == burst and r.stats["refused"] == 0
+    spent = r.login_limit.spent("mallory")
+    assert r.answer(request(mallory.bus_nkey_seed(), sig="AAAA")) is None  # an impostor: turned away too
+    assert r.login_limit.spent("mallory") == spent and r.stats["throttled"] == 2
+    # a held login, once due, is answered with what the member may do then, and not charged again
+    spent = r.login_limit.spent("mallory")
+    assert _granted(r.answer(request(mallory.bus_nkey_seed()), paid=True))
+    assert r.login_limit.spent("mallory") == spent and r.stats["authorized"] == burst + 1
+    assert _granted(r.answer(request(bob.bus_nkey_seed())))  # another member is not held back
+    # an impostor naming bob's key without its private half is refused before any charge
+    spent = r.login_limit.spent("bob")
+    for _ in range(600):
+        r.answer(request(bob.bus_nkey_seed(), sig="AAAA"))
+    assert r.login_limit.spent("bob") == spent and r.stats["refused"] == 600
+    assert _granted(r.answer(request(bob.bus_nkey_seed())))
+    clock.now += 10.0
+    assert _granted(r.answer(request(mallory.bus_nkey_seed())))
+
+
+def test_a_login_refused_for_the_bound_on_connections_is_not_charged():
+    mallory = generate_identity("mallory")
+    policy = Policy()
+    policy.load([("mallory", mallory.bus_pub)], _rooms(10))
+    r = Responder(policy, ISSUER)
+    r.live = lambda handle: r.max_connections  # at its bound
+    for _ in range(1000):
+        assert not _granted(r.answer(request(mallory.bus_nkey_seed())))
+    assert r.login_limit.spent("mallory") == 0.0 and r.stats["throttled"] == 0
+
+
+# -- against a real daemon -------------------------------------------------------------------
+
+
+async def _login(url: str, seed: str) -> bool:
+    try:
+        nc = await nats.connect(url, nkeys_seed_str=seed, allow_reconnect=False, max_reconnect_attempts=0,
+                                connect_timeout=3)
+    except (nats.errors.Error, NoServersError, OSError, TimeoutError):
+        return False
+    await nc.close()
+    return True
+
+
+async def test_a_member_in_1000_rooms_is_throttled_and_others_still_log_in(tmp_path):
+    from unibus.store.db import migrate
+    from unibus.store.sqlite import SqliteStore, new_member
+
+    data = tmp_path / "data"
+    alice, mallory, bob = generate_identity("alice"), generate_identity("mallory"), generate_identity("bob")
+    bootstrap_member(data, alice, "admin")
+    migrate(data / "membershipd.db")
+    store = SqliteStore(data / "membershipd.db")
+    try:  # any member may create rooms; made offline here for speed
+        for p in (mallory, bob):
+            await store.add_member(new_member(p.handle, "member", p.sign_pub, p.enc_pub, p.enc_suite, p.bus_pub))
+        for i in range(MEMBER_MAX_ROOMS):
+            await store.create_room(f"r{i}", "mallory")
+    finally:
+        await store.close()
+    daemon = MembershipdProcess(data).start()
+    try:
+        seed = mallory.bus_nkey_seed()
+        cost = login_cost(MEMBER_MAX_ROOMS)
+        start = time.monotonic()
+        results = await asyncio.gather(*(_login(daemon.nats_url, seed) for _ in range(80)))  # all at once
+        elapsed = time.monotonic() - start
+        granted = sum(results)
+        assert granted >= int(LOGIN_BURST // cost)  # her burst, whole
+        # and what the budget paid for meanwhile (held answers included), no more
+        assert granted <= (LOGIN_BURST + elapsed * LOGIN_RATE) / cost + 1
+        assert granted < 80  # the rest throttled
+        assert await _login(daemon.nats_url, bob.bus_nkey_seed())  # bob is not held back
+        status, body = daemon.healthz()
+        callouts = body["auth_enforce"]["callouts"]
+        # every login answered once: granted, or throttled (a held answer that reached nats-server after
+        # its 1.5 s wait, on a loaded machine, counts as authorized here and failed there)
+        assert callouts["throttled"] >= 1 and callouts["authorized"] >= granted + 1
+        assert callouts["throttled"] + callouts["authorized"] <= 81
+        await asyncio.sleep(2 * cost / LOGIN_RATE)
+        assert await _login(daemon.nats_url, seed)  # a moment later she is in again
+        assert "logs in more often than its rooms allow" in daemon.log_text()
+    finally:
+        daemon.stop()
+
+
+async def test_the_sdks_bus_keeps_reconnecting_while_its_logins_are_throttled(tmp_path):
+    """A throttled login is refused like any other (nats-server says "Authorization Violation"),
+    and the SDK's bus stopped for good after three refusals in a row: a member kicked while its
+    budget was spent would have lost its bus. It asks the control plane, which still has its
+    key, and goes on reconnecting until the budget pays. (A budget this small only here.)"""
+    from unibus.app import stash
+    from unibus.client import UnibusClient
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME
+
+    from .test_enforcer_counts import local_daemon
+
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        room = (await a.create_room("r"))["room_id"]
+        await a.add_room_member(room, "bob")
+        await a.rekey(room)
+        other = (await a.create_room("other"))["room_id"]
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        rt.responder.login_limit = LoginLimit(burst=1.5, rate=0.1)  # one login, then one every 10 s
+        async with UnibusClient(daemon_url(daemon), bob) as b, b.bus() as bus, bus.listen(room) as messages:
+            await a.add_room_member(other, "bob")  # kicks bob: his reconnects are turned away for about 4 s
+            assert await bus.wait_reconnected(1, timeout=15) == 1  # refused more than 3 times, still going
+            assert rt.responder.stats["throttled"] >= 3
+            async with a.bus() as alice_bus:
+                for i in range(50):  # the subscription is live again: a message gets through
+                    await alice_bus.send(room, "t", f"m{i}".encode())
+                    try:
+                        msg = await asyncio.wait_for(messages.__anext__(), 0.5)
+                        break
+                    except TimeoutError:
+                        continue
+                else:
+                    raise AssertionError("nothing reached bob after his reconnect")
+            assert msg.ok and msg.sender == "alice"
+
+
+def daemon_url(daemon) -> str:
+    return f"http://{daemon.settings.http_addr}"
