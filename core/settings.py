@@ -20,7 +20,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .tls import TLSFileError, check_owner_only
+from .tls import TLSFileError, read_tls_file
 
 # The largest --auth-skew (600 s): a signed request can be replayed for twice
 # this long if its nonce is lost, and clients check the membership log's times
@@ -423,12 +423,12 @@ def validate(settings: Settings) -> None:
 
 
 def read_secret_file(flag: str, path: Path) -> str:
-    """Read a one-line secret from a file that only its owner may read."""
+    """Read a one-line secret from a file of this user (or root) that only its owner may read,
+    checked on the very file read (a FIFO put in its place is refused, never waited on)."""
     try:
-        check_owner_only(path)
-        value = path.read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
+        value = read_tls_file(path, private=True).decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{flag}: {path} is not text") from None
     except TLSFileError as e:
         raise ConfigError(f"{flag}: {e}") from None
     if not value or "\n" in value:

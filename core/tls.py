@@ -99,18 +99,6 @@ def private_file_problem(path: Path, st: os.stat_result) -> str | None:
     return None
 
 
-def check_owner_only(path: Path) -> None:
-    """Refuse anything but a regular file of this user (or root) only its owner may read (a
-    password file; keys are checked as they are read, :func:`check_private_key_file`).
-
-    Raises :class:`TLSFileError` naming the problem; an ``OSError`` of
-    ``stat`` propagates, for the caller's own wording.
-    """
-    why = private_file_problem(path, path.stat())
-    if why is not None:
-        raise TLSFileError(why)
-
-
 def check_private_key_file(path: Path) -> Any:
     """Refuse a key file that is not private (:func:`private_file_problem`); return the loaded private key."""
     from cryptography.hazmat.primitives import serialization

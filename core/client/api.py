@@ -139,12 +139,14 @@ CONNECT_SLACK = 5.0
 #: a disconnect waits up to RECONNECT_JITTER s (a kick: come back at once, but
 #: not every kicked member in the same millisecond); each later one
 #: RECONNECT_WAIT s plus up to as much again. The bus stops after
-#: AUTH_FAILURES_LIMIT authorization violations in a row, or MAX_RECONNECTS
-#: failed attempts on each server.
+#: AUTH_FAILURES_LIMIT authorization violations in a row that the control plane
+#: says retrying cannot mend, or MAX_RECONNECTS failed attempts on each server.
 RECONNECT_JITTER = 0.05
 RECONNECT_WAIT = 0.25
 AUTH_FAILURES_LIMIT = 3
 MAX_RECONNECTS = 60
+#: Then it asks the control plane why, after up to this many seconds (jittered).
+REFUSED_ASK_JITTER = 1.0
 
 _JSON_TYPE = "application/json"
 
@@ -1278,9 +1280,11 @@ class Bus:
 
     async def _refusal(self, base: str | None = None) -> tuple[bool, str]:
         """``(hopeless, why)``: :meth:`_refusal_reason`, and whether trying again cannot help (the
-        member was deleted, its key changed, the control plane cannot be asked). It can when the
-        control plane still has this bus key: its logins were not answered in time, or went past
-        its budget of logins (docs/bus-auth.md, "Limits per member")."""
+        member was deleted, its key changed). It can when the control plane still has this bus
+        key (its logins were not answered in time, or went past its budget of logins:
+        docs/bus-auth.md, "Limits per member"), and when the control plane does not answer or
+        fails (5xx): a red team kicked a member's 48 buses in a row, all of them asked at once,
+        their signed requests timed out, and each bus stopped for good."""
         client, handle = self.client, self.client.identity.handle
         if base is None:
             base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) "
@@ -1294,11 +1298,11 @@ class Bus:
             if exc.status == 409:
                 return True, (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
                               f"`unibus keygen --upgrade --server {client.base_url}`")
-            return True, f"{base}: {client.base_url} answered {exc}"
+            return exc.status < 500, f"{base}: {client.base_url} answered {exc}"
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
-            return True, (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
-                          "membershipd answers every login for nats-server, which refuses it when no answer "
-                          "comes in time: is membershipd down or overloaded?")
+            return False, (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
+                           "membershipd answers every login for nats-server, which refuses it when no answer "
+                           "comes in time: is membershipd down or overloaded?")
         except RuntimeError as exc:  # the client was closed under its bus (docs/client.md)
             return True, f"{base}: the control plane was not asked why ({exc})"
         known = info.get("user_nkey") if isinstance(info, dict) else None
@@ -1445,23 +1449,25 @@ class Bus:
         self._auth_failures += 1
         log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
         if self._auth_failures >= AUTH_FAILURES_LIMIT and self._asking is None and self._stopping is None:
-            self._asking = asyncio.get_running_loop().create_task(self._refused_repeatedly(self._nc),
-                                                                  name="unibus-bus-refused")
+            self._asking = asyncio.get_running_loop().create_task(
+                self._refused_repeatedly(self._nc, self._auth_failures), name="unibus-bus-refused")
 
-    async def _refused_repeatedly(self, nc: Any) -> None:
+    async def _refused_repeatedly(self, nc: Any, refusals: int) -> None:
         """Stop the bus when the control plane says trying again cannot help; otherwise (it still has
         this bus key: logins past the member's budget, or not answered in time) reconnecting goes on,
         within nats-py's bound on reconnect attempts (:data:`MAX_RECONNECTS` on each server)."""
         try:
+            # The buses of a member kicked together are refused together: not all ask at once.
+            await asyncio.sleep(random.uniform(0, REFUSED_ASK_JITTER))
+            if self._auth_failures == 0:
+                return  # back meanwhile: nothing to ask
             hopeless, why = await self._refusal(
-                f"the bus refused {self.client.identity.handle} {self._auth_failures} times in a row "
+                f"the bus refused {self.client.identity.handle} {refusals} times in a row "
                 "(authorization violation) and stopped")
             if hopeless:
                 self._give_up(nc, why)
             elif self._failure is None:
-                log.warning("bus: reconnects refused %d times in a row, but %s still has this bus key for %s "
-                            "(logins past its budget, or not answered in time); still reconnecting",
-                            self._auth_failures, self.client.base_url, self.client.identity.handle)
+                log.warning("bus: %s; still reconnecting", why.replace(" and stopped", "", 1))
                 self._auth_failures = 0
         finally:
             self._asking = None

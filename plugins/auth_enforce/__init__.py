@@ -167,7 +167,11 @@ async def load_policy(store: Store, policy: Policy) -> tuple[set[str], set[str]]
 
     What the load changed is measured from the index as it was just before the load, after
     the reads: an update applied one by one while they ran kicked what it changed itself, and
-    a red team saw it kicked again by the re-read of a SIGHUP started before it.
+    a red team saw it kicked again by the re-read of a SIGHUP started before it. And those
+    updates are put back as the index has them in the same step as the load, before any
+    login is answered from it: until the re-read after it, the older lists held a member
+    just removed from a room in it, and the next red team's logins got the room (the second
+    sweep of the removal kicked them, 2.7 s later).
     """
     tracker = policy.track()
     try:
@@ -175,10 +179,16 @@ async def load_policy(store: Store, policy: Policy) -> tuple[set[str], set[str]]
         membership = await store.membership()
     finally:
         policy.untrack(tracker)
+    handles, rooms = tracker
+    kept_members = {h: (h in policy.members, policy.bus_of.get(h)) for h in handles}
+    kept_rooms = {r: policy.room_members.get(r) for r in rooms}  # None: the room is gone
     before = policy.snapshot()
     policy.load(((m.handle, m.bus_pub) for m in members), dict(membership.rooms))
-    handles, rooms = tracker
-    if handles or rooms:
+    for handle, (present, bus_pub) in kept_members.items():  # no await since the load: nothing reads it
+        policy.set_member(handle, present, bus_pub)
+    for room_id, room_handles in kept_rooms.items():
+        policy.set_room(room_id, room_handles)
+    if handles or rooms:  # and from the store, which may be newer still
         await reread(store, policy, sorted(handles), sorted(rooms))
     return diff(before, policy.snapshot())
 

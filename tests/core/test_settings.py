@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import argparse
 from pathlib import Path
 
@@ -168,6 +170,22 @@ def test_cluster_pass_file_must_be_private(tmp_path):
     assert "s3cret" not in repr(s) and "s3cret" not in repr(s.cluster_pass)
     assert s.for_plugins().cluster_pass is None
     assert s.clustered and s.routes == ("nats://127.0.0.2:6250",)
+
+
+def test_a_cluster_pass_file_of_another_user_or_a_fifo_is_refused_at_once(tmp_path):
+    """Checked on the very file read: a FIFO in its place is refused, not waited on (a red team:
+    the check and the read opened the path apart), and another user's file is refused."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        settings_from(["--cluster-name", "c", "--cluster-pass-file", str(fifo)])
+    if os.geteuid() == 0:  # giving a file away needs root (CI runs as root)
+        f = tmp_path / "theirs"
+        f.write_text("s3cret-route-pass\n")
+        f.chmod(0o600)
+        os.chown(f, 65534, 65534)
+        with pytest.raises(ConfigError, match="belongs to uid 65534"):
+            settings_from(["--cluster-name", "c", "--cluster-pass-file", str(f)])
 
 
 def test_cluster_pass_from_env_and_child_env_strips_it():

@@ -592,3 +592,57 @@ async def test_repeated_revocations_of_a_member_make_one_second_sweep_after_the_
         assert e._sweeper is not None and e._sweeper.done() and not e._sweep_due
     finally:
         await e.stop()
+
+
+async def test_a_full_read_never_holds_a_revoked_room_while_it_reads_again(tmp_path, alice):
+    """Red team (SIGHUP): between a full read's load of its older lists and its re-read of what
+    changed meanwhile, the index held a room just taken from bob, and his logins got it (kicked
+    only by the removal's second sweep, 2.7 s later). The changes applied one by one go back
+    into the index in the same step as the load."""
+    from unibus.app import stash
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME, load_policy
+
+    class Slow:
+        """The daemon's store: the rooms read at once and handed over late, then the re-read held."""
+
+        def __init__(self, store):
+            self._store = store
+            self.read, self.release = asyncio.Event(), asyncio.Event()
+            self.rereading, self.reread_release = asyncio.Event(), asyncio.Event()
+
+        async def membership(self):
+            rooms = await self._store.membership()
+            self.read.set()
+            await self.release.wait()
+            return rooms
+
+        async def room_handles(self, room_id):
+            self.rereading.set()
+            await self.reread_release.wait()
+            return await self._store.room_handles(room_id)
+
+        async def bus_member(self, handle):
+            self.rereading.set()
+            await self.reread_release.wait()
+            return await self._store.bus_member(handle)
+
+        def __getattr__(self, name):
+            return getattr(self._store, name)
+
+    bob = generate_identity("bob")
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        room = (await a.create_room("r"))["room_id"]
+        await a.add_room_member(room, "bob")
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        slow = Slow(rt.store)
+        load = asyncio.create_task(load_policy(slow, rt.policy))
+        await asyncio.wait_for(slow.read.wait(), 10)  # the rooms are read: bob in the room
+        await a.remove_room_member(room, "bob")  # applied one by one while the read waits
+        slow.release.set()
+        await asyncio.wait_for(slow.rereading.wait(), 10)  # loaded; the re-read is under way
+        assert room not in rt.policy.snapshot()["bob"][1]  # never given back, not even for a moment
+        assert rt.policy.grant(bob.bus_pub) is not None and not rt.policy.grant(bob.bus_pub).publish
+        slow.reread_release.set()
+        revoked, granted = await asyncio.wait_for(load, 10)
+        assert "bob" not in granted and room not in rt.policy.snapshot()["bob"][1]
