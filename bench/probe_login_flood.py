@@ -71,7 +71,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import PYTHON, daemon_env, med, pct, proc_cpu_seconds, stop_process, wait_ready_line  # noqa: E402
+from benchlib import daemon_env, med, pct, proc_cpu_seconds, stop_process, wait_ready_line  # noqa: E402
+import probelib  # noqa: E402
+from probelib import child_result, read_start_line, sleep_until, unibus_origin  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 PHASES = ("control", "attack")
@@ -95,21 +97,6 @@ MAX_LOGINS = 1_000_000
 
 
 # -- the children ---------------------------------------------------------------------
-
-
-async def read_start_line(timeout: float) -> float:
-    """The time (``time.time()``) the window starts at, as the orchestrator writes it on stdin."""
-    loop = asyncio.get_running_loop()
-    line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), timeout)
-    if not line.strip():
-        raise RuntimeError("no start time on stdin (the orchestrator went away)")
-    return float(line)
-
-
-async def sleep_until(when: float) -> None:
-    delay = when - time.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
 
 
 def summary(xs: list[float]) -> dict[str, Any]:
@@ -301,31 +288,11 @@ async def role_bob(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_role(role: str, config: Path) -> int:
-    cfg = json.loads(config.read_text())
-    roles = {"mallory": role_mallory, "alice": role_alice, "bob": role_bob}
-    bound = cfg["seconds"] + 2 * CHILD_SLACK
-    result = asyncio.run(asyncio.wait_for(roles[role](cfg), bound))
-    print(json.dumps(result), flush=True)
-    return 0
+    return probelib.run_role({"mallory": role_mallory, "alice": role_alice, "bob": role_bob}, role, config,
+                             lambda cfg: cfg["seconds"] + 2 * CHILD_SLACK)
 
 
 # -- the orchestrator -----------------------------------------------------------------
-
-
-def unibus_origin() -> str:
-    """Which unibus this interpreter imports, and its git commit when it lies in a checkout."""
-    import unibus
-
-    where = Path(unibus.__file__).resolve().parent
-    text = f"unibus {getattr(unibus, '__version__', '?')} from {unibus.__file__}"
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: never take the index lock of a shared checkout
-    try:
-        described = subprocess.run(["git", "-C", str(where), "describe", "--always", "--dirty", "--abbrev=12"],
-                                   capture_output=True, text=True, timeout=10, env=env, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return text + " (git commit not found)"
-    commit = described.stdout.strip()
-    return text + (f" (git {commit})" if described.returncode == 0 and commit else " (git commit not found)")
 
 
 async def set_up(base_url: str, admin: Any, people: dict[str, Any], rooms: int) -> dict[str, Any]:
@@ -357,33 +324,6 @@ async def set_up(base_url: str, admin: Any, people: dict[str, Any], rooms: int) 
     if held != rooms:
         raise RuntimeError(f"mallory is in {held} rooms, not {rooms}")
     return {"shared": shared, "members_s": t1 - t0, "rooms_s": t2 - t1, "mallory_rooms": held}
-
-
-def start_child(role: str, name: str, cfg: dict[str, Any], scratch: Path,
-                procs: list[subprocess.Popen]) -> subprocess.Popen:
-    config = scratch / f"{name}-{cfg['tag']}.json"
-    config.write_text(json.dumps(cfg))
-    err = open(scratch / f"{name}-{cfg['tag']}.stderr", "wb")
-    try:
-        proc = subprocess.Popen([PYTHON, SCRIPT, "--role", role, "--config", str(config)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err)
-    finally:
-        err.close()
-    procs.append(proc)
-    return proc
-
-
-def child_result(name: str, proc: subprocess.Popen, scratch: Path, tag: str, timeout: float) -> dict[str, Any]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_process(proc)
-        raise RuntimeError(f"{name} did not finish within {timeout:.0f} s") from None
-    lines = out.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = (scratch / f"{name}-{tag}.stderr").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{name} failed ({proc.returncode}):\n{err}")
-    return json.loads(lines[-1])
 
 
 def callout_stats(daemon: Any) -> dict[str, int]:
@@ -431,7 +371,7 @@ def run_phase(phase: str, run: int, ns: argparse.Namespace, daemon: Any, files: 
             for p in range(ns.procs):
                 roles[f"mallory{p}"] = ("mallory", {**common, "identity": str(files["mallory"]), "host": host,
                                                     "port": port, "loops": ns.loops})
-        children = {name: start_child(role, name, cfg, scratch, procs) for name, (role, cfg) in roles.items()}
+        children = {name: probelib.start_child(SCRIPT, role, name, cfg, scratch, procs) for name, (role, cfg) in roles.items()}
         for name, proc in children.items():
             try:
                 wait_ready_line(proc, SETUP_TIMEOUT, what=name)

@@ -54,7 +54,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from benchlib import PYTHON, daemon_env, stop_process, wait_ready_line  # noqa: E402
+from benchlib import daemon_env, stop_process, wait_ready_line  # noqa: E402
+import probelib  # noqa: E402
+from probelib import child_result, read_start_line, sleep_until, unibus_origin  # noqa: E402
 
 SCRIPT = str(Path(__file__).resolve())
 PHASES = ("control", "attack")
@@ -70,21 +72,6 @@ MAX_CHANGES = 200_000
 
 
 # -- the children ---------------------------------------------------------------------
-
-
-async def read_start_line(timeout: float) -> float:
-    """The time (``time.time()``) the window starts at, as the orchestrator writes it on stdin."""
-    loop = asyncio.get_running_loop()
-    line = await asyncio.wait_for(loop.run_in_executor(None, sys.stdin.readline), timeout)
-    if not line.strip():
-        raise RuntimeError("no start time on stdin (the orchestrator went away)")
-    return float(line)
-
-
-async def sleep_until(when: float) -> None:
-    delay = when - time.time()
-    if delay > 0:
-        await asyncio.sleep(delay)
 
 
 def client_for(cfg: dict[str, Any]) -> Any:
@@ -250,31 +237,11 @@ async def role_alice(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_role(role: str, config: Path) -> int:
-    cfg = json.loads(config.read_text())
-    roles = {"bob": role_bob, "carol": role_carol, "alice": role_alice}
-    bound = cfg["seconds"] + 2 * CHILD_SLACK
-    result = asyncio.run(asyncio.wait_for(roles[role](cfg), bound))
-    print(json.dumps(result), flush=True)
-    return 0
+    return probelib.run_role({"bob": role_bob, "carol": role_carol, "alice": role_alice}, role, config,
+                             lambda cfg: cfg["seconds"] + 2 * CHILD_SLACK)
 
 
 # -- the orchestrator -----------------------------------------------------------------
-
-
-def unibus_origin() -> str:
-    """Which unibus this interpreter imports, and its git commit when it lies in a checkout."""
-    import unibus
-
-    where = Path(unibus.__file__).resolve().parent
-    text = f"unibus {getattr(unibus, '__version__', '?')} from {unibus.__file__}"
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: never take the index lock of a shared checkout
-    try:
-        described = subprocess.run(["git", "-C", str(where), "describe", "--always", "--dirty", "--abbrev=12"],
-                                   capture_output=True, text=True, timeout=10, env=env, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.TimeoutExpired):
-        return text + " (git commit not found)"
-    commit = described.stdout.strip()
-    return text + (f" (git {commit})" if described.returncode == 0 and commit else " (git commit not found)")
 
 
 async def set_up(base_url: str, admin: Any, people: dict[str, Any]) -> dict[str, str]:
@@ -295,32 +262,6 @@ async def set_up(base_url: str, admin: Any, people: dict[str, Any]) -> dict[str,
     async with sdk(people["alice"]) as al:
         own = (await al.create_room("alice-own"))["room_id"]
     return {"work": work, "own": own}
-
-
-def start_child(role: str, cfg: dict[str, Any], scratch: Path, procs: list[subprocess.Popen]) -> subprocess.Popen:
-    config = scratch / f"{role}-{cfg['tag']}.json"
-    config.write_text(json.dumps(cfg))
-    err = open(scratch / f"{role}-{cfg['tag']}.stderr", "wb")
-    try:
-        proc = subprocess.Popen([PYTHON, SCRIPT, "--role", role, "--config", str(config)], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=err)
-    finally:
-        err.close()
-    procs.append(proc)
-    return proc
-
-
-def child_result(role: str, proc: subprocess.Popen, scratch: Path, tag: str, timeout: float) -> dict[str, Any]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        stop_process(proc)
-        raise RuntimeError(f"{role} did not finish within {timeout:.0f} s") from None
-    lines = out.decode(errors="replace").strip().splitlines()
-    if proc.returncode != 0 or not lines:
-        err = (scratch / f"{role}-{tag}.stderr").read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"{role} failed ({proc.returncode}):\n{err}")
-    return json.loads(lines[-1])
 
 
 def outages(numbers: list[int], sent: int) -> list[int]:
@@ -350,7 +291,7 @@ def run_phase(phase: str, run: int, ns: argparse.Namespace, base_url: str, ids: 
         if phase == "attack":
             roles["alice"] = {**common, "identity": str(files["alice"]), "room": ids["own"], "victim": "bob",
                               "pace": ns.pace}
-        children = {role: start_child(role, cfg, scratch, procs) for role, cfg in roles.items()}
+        children = {role: probelib.start_child(SCRIPT, role, role, cfg, scratch, procs) for role, cfg in roles.items()}
         for role, proc in children.items():
             try:
                 wait_ready_line(proc, SETUP_TIMEOUT, what=role)
