@@ -1180,6 +1180,8 @@ class Bus:
         self._publish_denied: list[tuple[float, str]] = []
         self._bus_pub: str | None = None  # the bus key this connection logs in with
         self._auth_failures = 0  # authorization violations in a row while reconnecting
+        self._ask_at = AUTH_FAILURES_LIMIT  # ... at which the control plane is asked why (doubled each time)
+        self._last_refusal: str | None = None  # what it said last, for the reason a bus that gives up states
         self._rotating = 0  # rotate_bus_key calls under way: violations are expected
         self._failure: str | None = None  # why the bus stopped by itself
         self._stopping: asyncio.Task[None] | None = None
@@ -1258,6 +1260,7 @@ class Bus:
         nc._public_nkey = identity.bus_pub
         self._bus_pub = identity.bus_pub
         self._auth_failures = 0
+        self._ask_at = AUTH_FAILURES_LIMIT
 
     def _give_up(self, nc: Any, reason: str | None = None) -> None:
         """Stop the bus for good (in a task of its own: nats-py's reconnect loop called us)."""
@@ -1282,9 +1285,10 @@ class Bus:
         """``(hopeless, why)``: :meth:`_refusal_reason`, and whether trying again cannot help (the
         member was deleted, its key changed). It can when the control plane still has this bus
         key (its logins were not answered in time, or went past its budget of logins:
-        docs/bus-auth.md, "Limits per member"), and when the control plane does not answer or
-        fails (5xx): a red team kicked a member's 48 buses in a row, all of them asked at once,
-        their signed requests timed out, and each bus stopped for good."""
+        docs/bus-auth.md, "Limits per member"), and when the control plane does not answer,
+        fails or turns the question away (a timeout, a 5xx, a 429): a red team kicked a member's
+        48 buses in a row, all of them asked at once, their signed requests timed out, and each
+        bus stopped for good."""
         client, handle = self.client, self.client.identity.handle
         if base is None:
             base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) "
@@ -1298,7 +1302,8 @@ class Bus:
             if exc.status == 409:
                 return True, (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
                               f"`unibus keygen --upgrade --server {client.base_url}`")
-            return exc.status < 500, f"{base}: {client.base_url} answered {exc}"
+            # Anything else (a 429 of a member's share of the control plane, a 5xx) is no answer.
+            return False, f"{base}: {client.base_url} answered {exc}"
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
             return False, (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
                            "membershipd answers every login for nats-server, which refuses it when no answer "
@@ -1448,27 +1453,32 @@ class Bus:
             return
         self._auth_failures += 1
         log.info("bus: reconnect refused (authorization violation, %d in a row)", self._auth_failures)
-        if self._auth_failures >= AUTH_FAILURES_LIMIT and self._asking is None and self._stopping is None:
+        if self._auth_failures >= self._ask_at and self._asking is None and self._stopping is None:
             self._asking = asyncio.get_running_loop().create_task(
                 self._refused_repeatedly(self._nc, self._auth_failures), name="unibus-bus-refused")
 
     async def _refused_repeatedly(self, nc: Any, refusals: int) -> None:
         """Stop the bus when the control plane says trying again cannot help; otherwise (it still has
-        this bus key: logins past the member's budget, or not answered in time) reconnecting goes on,
-        within nats-py's bound on reconnect attempts (:data:`MAX_RECONNECTS` on each server)."""
+        this bus key: logins past the member's budget, or not answered in time; or it gave no answer)
+        reconnecting goes on, within nats-py's bound on reconnect attempts (:data:`MAX_RECONNECTS` on
+        each server), and the next question waits for twice as many refusals."""
+        key = self._bus_pub
         try:
             # The buses of a member kicked together are refused together: not all ask at once.
             await asyncio.sleep(random.uniform(0, REFUSED_ASK_JITTER))
-            if self._auth_failures == 0:
-                return  # back meanwhile: nothing to ask
+            if self._auth_failures == 0 or self._rotating or self._bus_pub != key:
+                return  # back meanwhile, or this client is changing its key: nothing to ask
             hopeless, why = await self._refusal(
                 f"the bus refused {self.client.identity.handle} {refusals} times in a row "
                 "(authorization violation) and stopped")
+            if self._rotating or self._bus_pub != key:
+                return  # this client's own rotation, seen from the server half-way: not another key
             if hopeless:
                 self._give_up(nc, why)
-            elif self._failure is None:
-                log.warning("bus: %s; still reconnecting", why.replace(" and stopped", "", 1))
-                self._auth_failures = 0
+            elif self._failure is None and self._auth_failures:
+                self._last_refusal = why.replace(" and stopped", "", 1)
+                self._ask_at = self._auth_failures * 2
+                log.warning("bus: %s; still reconnecting", self._last_refusal)
         finally:
             self._asking = None
 
@@ -1489,6 +1499,8 @@ class Bus:
             last = getattr(self._nc, "last_error", None)
             reason = (f"the bus connection was lost and could not be made again"
                       f"{f' ({last})' if last else ''}")
+            if self._last_refusal is not None and self._auth_failures:
+                reason += f"; {self._last_refusal}"  # refused to the end: what the control plane said last
             self._failure = reason
         for listener in list(self._listeners):
             listener._fail(reason)
@@ -1501,6 +1513,8 @@ class Bus:
         # nats-py made every subscription again and flushed before calling
         # this: the server has processed them (refusals came first, to error_cb).
         self._auth_failures = 0
+        self._ask_at = AUTH_FAILURES_LIMIT
+        self._last_refusal = None
         self.reconnects += 1
         event, self._reconnected = self._reconnected, asyncio.Event()
         event.set()

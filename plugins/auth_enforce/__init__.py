@@ -182,6 +182,11 @@ async def load_policy(store: Store, policy: Policy) -> tuple[set[str], set[str]]
     handles, rooms = tracker
     kept_members = {h: (h in policy.members, policy.bus_of.get(h)) for h in handles}
     kept_rooms = {r: policy.room_members.get(r) for r in rooms}  # None: the room is gone
+    # A tracked member put back as absent leaves every room, and the re-read of the member alone
+    # puts none back: its rooms, as the lists and the index have them, are read again too (a
+    # review: a member withdrawn while the lists were read lost the rooms it was in, untracked).
+    rooms = set(rooms) | {r for r, hs in membership.rooms.items() if hs & handles} \
+        | {r for h in handles for r in policy.rooms_of.get(h, ())}
     before = policy.snapshot()
     policy.load(((m.handle, m.bus_pub) for m in members), dict(membership.rooms))
     for handle, (present, bus_pub) in kept_members.items():  # no await since the load: nothing reads it

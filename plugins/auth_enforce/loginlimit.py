@@ -22,8 +22,8 @@ docs/client.md). The units follow the measured cost of an answer
 (about 0.36 ms in all for one room, 5.9 ms for 1,000: 16 times, and 1,000 rooms cost 16.6
 units), so every member may use about the same share of the event loop: some 23 ms a second
 at the steady rate, whatever its rooms, and 0.2 s at once. With these numbers a member in
-one room may log in 512 times at once and then 64 times a second; a member in 1,000 rooms
-30 times at once and about 4 times a second.
+one room may log in about 500 times at once and then about 63 times a second; a member in
+1,000 rooms 30 times at once and about 4 times a second.
 
 Only logins that are granted are charged, after the member proved it holds its bus key
 (the nonce signature) and after the bound on its connections: nobody can spend another

@@ -646,3 +646,38 @@ async def test_a_full_read_never_holds_a_revoked_room_while_it_reads_again(tmp_p
         slow.reread_release.set()
         revoked, granted = await asyncio.wait_for(load, 10)
         assert "bob" not in granted and room not in rt.policy.snapshot()["bob"][1]
+
+
+async def test_a_member_withdrawn_during_a_full_read_gets_its_rooms_back_from_the_store():
+    """Review: a member taken out of the index while a full read read its lists (``withdraw``,
+    failing closed after another node's change could not be read) was put back absent after the
+    load, which took it out of every room, and its re-read put the member back with none: its
+    rooms are read again from the store too."""
+    from types import SimpleNamespace
+
+    from unibus.plugins.auth_enforce import load_policy, withdraw
+
+    rooms = {"r1": frozenset({"bob", "alice"}), "r2": frozenset({"bob"})}
+
+    class Store:
+        def __init__(self, policy):
+            self.policy = policy
+
+        async def list_members(self):
+            return [SimpleNamespace(handle="bob", bus_pub="UBOB"), SimpleNamespace(handle="alice", bus_pub="UALICE")]
+
+        async def membership(self):
+            withdraw(self.policy, ["bob"], [])  # while the lists are read
+            return SimpleNamespace(rooms=dict(rooms))
+
+        async def bus_member(self, handle):
+            return True, {"bob": "UBOB", "alice": "UALICE"}[handle], 7
+
+        async def room_handles(self, room_id):
+            return rooms[room_id], 3
+
+    policy = Policy()
+    policy.load([("bob", "UBOB"), ("alice", "UALICE")], rooms)
+    revoked, granted = await load_policy(Store(policy), policy)
+    assert policy.snapshot()["bob"] == ("UBOB", frozenset({"r1", "r2"}))  # as the store has it
+    assert "bob" not in revoked

@@ -230,7 +230,7 @@ async def test_a_member_in_1000_rooms_is_throttled_and_others_still_log_in(tmp_p
         daemon.stop()
 
 
-@pytest.mark.parametrize("control_plane", ["answers", "times out"])
+@pytest.mark.parametrize("control_plane", ["answers", "times out", "429"])
 async def test_the_sdks_bus_keeps_reconnecting_while_its_logins_are_throttled(tmp_path, control_plane):
     """A throttled login is refused like any other (nats-server says "Authorization Violation"),
     and the SDK's bus stopped for good after three refusals in a row: a member kicked while its
@@ -239,7 +239,7 @@ async def test_the_sdks_bus_keeps_reconnecting_while_its_logins_are_throttled(tm
     times out: a red team's 48 buses of one member, kicked together, asked together, timed out,
     and stopped for good. (A budget this small only here.)"""
     from unibus.app import stash
-    from unibus.client import UnibusClient
+    from unibus.client import ApiError, UnibusClient
     from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME
 
     from .test_enforcer_counts import local_daemon
@@ -255,10 +255,13 @@ async def test_the_sdks_bus_keeps_reconnecting_while_its_logins_are_throttled(tm
         rt.responder.login_limit = LoginLimit(burst=1.5, rate=0.05)  # one login, then one every 20 s
         async with UnibusClient(daemon_url(daemon), bob) as b, b.bus() as bus, bus.listen(room) as messages:
             asked = 0
-            if control_plane == "times out":
-                async def bus_info():  # as an overloaded control plane: no answer in time
+            if control_plane != "answers":
+                async def bus_info():  # as an overloaded control plane: no answer in time, or a share's 429
                     nonlocal asked
                     asked += 1
+                    if control_plane == "429":
+                        raise ApiError(429, {"type": "about:blank", "title": "Too Many Requests",
+                                             "detail": "bob has 4 requests in progress on this node"})
                     raise TimeoutError
 
                 b.bus_info = bus_info
