@@ -1471,8 +1471,8 @@ class Bus:
             hopeless, why = await self._refusal(
                 f"the bus refused {self.client.identity.handle} {refusals} times in a row "
                 "(authorization violation) and stopped")
-            if self._rotating or self._bus_pub != key:
-                return  # this client's own rotation, seen from the server half-way: not another key
+            if self._rotating or self._bus_pub != key or self._auth_failures == 0:
+                return  # this client's own rotation, seen from the server half-way, or back meanwhile
             if hopeless:
                 self._give_up(nc, why)
             elif self._failure is None and self._auth_failures:
