@@ -178,6 +178,23 @@ def test_tls_file_refusals(tmp_path, files, case, needle):
     assert not (tmp_path / "d").exists()
 
 
+def test_the_private_file_check_refuses_another_users_file_and_a_loose_mode():
+    """The check itself, on the ``stat`` of a file as another user would own it: runs as any user
+    (the test below makes such a file for real, which needs root)."""
+    from unibus.tls import private_file_problem
+
+    def st(uid: int, mode: int) -> os.stat_result:
+        return os.stat_result((mode, 0, 0, 1, uid, uid, 100, 0, 0, 0))
+
+    me, other = os.geteuid(), os.geteuid() + 1 if os.geteuid() != 65534 else 65533
+    key = Path("/k")
+    assert private_file_problem(key, st(me, 0o100600)) is None
+    assert private_file_problem(key, st(0, 0o100600)) is None  # root's own file
+    assert f"belongs to uid {other}" in private_file_problem(key, st(other, 0o100600))
+    assert "chmod 600" in private_file_problem(key, st(me, 0o100640))
+    assert "not a regular file" in private_file_problem(key, st(me, 0o010600))  # a FIFO
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root (CI runs as root)")
 def test_a_key_of_another_user_is_refused_even_behind_a_link(tmp_path, files):
     """Red team: ``--tls-key`` a link to a 0600 key of another user (nobody) passed the check on
