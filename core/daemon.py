@@ -232,6 +232,9 @@ class Daemon:
         #: the SIGHUP re-read under way (one at a time), and whether a SIGHUP came during it
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        #: False until start() is done; a SIGHUP before then is read once it is (on_sighup)
+        self._serving = False
+        self._reload_after_start = False
         self._started_hooks = False
         #: plugins whose ``startup`` returned, in order; None until the startup hooks begin
         self._started: list[str] | None = None
@@ -281,6 +284,9 @@ class Daemon:
         await self._listen(http_tls, metrics_tls)
         log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
                  s.nats_public_url, s.server_name)
+        self._serving = True
+        if self._reload_after_start:
+            self.on_sighup()
         sd_notify("READY=1")
 
     def _preflight(self) -> tuple[ssl.SSLContext | None, ssl.SSLContext | None, Path | None]:
@@ -448,12 +454,20 @@ class Daemon:
         """Re-read the store, one re-read at a time (docs/operations.md, "Signals").
 
         A SIGHUP during a re-read asks for one more after it, which reads whatever was
-        written before that signal; any number of them ask for just that one. A red team
+        written before that signal; any number of them ask for just that one. SIGHUPs during
+        the start-up ask for one re-read once it is done. A red team
         sent hundreds a second, each starting a full read of its own: they queued on the
         store's thread, signed requests waited behind them (503 and timeouts for tens of
         seconds) and the memory grew by gigabytes."""
         if self._stop.is_set():
             log.info("SIGHUP: ignored, the daemon is stopping")
+            return
+        if not self._serving:
+            # Read part-way through the start, the store's changes would reach no plugin: the
+            # change events and some plugins' listeners are set up after the store opens.
+            if not self._reload_after_start:
+                log.info("SIGHUP: start-up is under way; the store is re-read once it is done")
+            self._reload_after_start = True
             return
         if self._reloading is not None:
             if not self._reload_again:

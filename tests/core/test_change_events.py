@@ -208,3 +208,43 @@ async def test_sighups_during_a_re_read_make_one_more_re_read_not_one_each(runni
     await asyncio.wait_for(daemon._reloading, 30)
     assert recorder.reloads == 3 and len(recorder.events) == 1
     assert (await alice.me())["handle"] == "alice"
+
+
+
+async def test_a_sighup_during_the_start_up_is_read_once_the_start_is_done(tmp_path, alice, monkeypatch):
+    """A SIGHUP part-way through the start re-read the store at once: bus authorization had read
+    its index of members and rooms and set up its kicks, but not yet its listener, so a member
+    added offline before the signal stayed out of the index, and off the bus, until the next
+    SIGHUP. Now the SIGHUPs of the start ask for one re-read once the start is done."""
+    import nats
+
+    from unibus.plugins.auth_enforce import Enforcer
+
+    data_dir = tmp_path / "d"
+    bootstrap_member(data_dir, alice, "admin")
+    settings = Settings(data_dir=data_dir, http_addr=HostPort("127.0.0.1", free_port()),
+                        nats_addr=HostPort("127.0.0.1", free_port()), server_name="t")
+    daemon = Daemon(settings, PluginManager())
+    carol = generate_identity("carol")
+    enforcer_start = Enforcer.start
+
+    async def start_signalled(self):  # the index is read, its listener is not set up yet
+        bootstrap_member(data_dir, carol)
+        daemon.on_sighup()
+        daemon.on_sighup()
+        if daemon._reloading is not None:  # the code before: the re-read ran here, during the start
+            await asyncio.wait_for(asyncio.shield(daemon._reloading), 30)
+        await enforcer_start(self)
+
+    monkeypatch.setattr(Enforcer, "start", start_signalled)
+    try:
+        await daemon.start()
+        if daemon._reloading is not None:  # asked for by the two SIGHUPs, once
+            await asyncio.wait_for(daemon._reloading, 30)
+        nc = await nats.connect(f"nats://{settings.nats_addr}", nkeys_seed_str=carol.bus_nkey_seed(),
+                                allow_reconnect=False, connect_timeout=3)
+        assert nc.is_connected
+        await nc.close()
+    finally:
+        await daemon.stop()
+    assert not nats_server_pids(tmp_path)
