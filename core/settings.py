@@ -426,7 +426,7 @@ def read_secret_file(flag: str, path: Path) -> str:
     """Read a one-line secret from a file of this user (or root) that only its owner may read,
     checked on the very file read (a FIFO put in its place is refused, never waited on)."""
     try:
-        value = read_tls_file(path, private=True).decode("utf-8").strip()
+        value = read_tls_file(path, private=True, what="a password file").decode("utf-8").strip()
     except UnicodeDecodeError:
         raise ConfigError(f"{flag}: {path} is not text") from None
     except TLSFileError as e:

@@ -38,11 +38,12 @@ class TLSFileError(ValueError):
 MAX_TLS_FILE = 4 * 1024 * 1024
 
 
-def read_tls_file(path: Path, *, private: bool = False) -> bytes:
+def read_tls_file(path: Path, *, private: bool = False, what: str = "a certificate or key file") -> bytes:
     """The bytes of a regular file, read at once: a FIFO or a device (which could block the
     reader for good, on the event loop when nats-server restarts) or a huge file is refused.
     ``private`` (a key): the file read must also pass :func:`private_file_problem`, checked on
-    the very file read (a link is followed; its target is what counts)."""
+    the very file read (a link is followed; its target is what counts). ``what`` names the kind
+    of file in the error that refuses a huge one."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -55,7 +56,7 @@ def read_tls_file(path: Path, *, private: bool = False) -> bytes:
         if why is not None:
             raise TLSFileError(why)
         if st.st_size > MAX_TLS_FILE:
-            raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not a certificate or key file")
+            raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not {what}")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(MAX_TLS_FILE + 1)
     except OSError as e:
@@ -63,7 +64,7 @@ def read_tls_file(path: Path, *, private: bool = False) -> bytes:
     finally:
         os.close(fd)
     if len(data) > MAX_TLS_FILE:
-        raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not a certificate or key file")
+        raise TLSFileError(f"{path} is larger than {MAX_TLS_FILE} bytes: not {what}")
     return data
 
 

@@ -172,6 +172,15 @@ def test_cluster_pass_file_must_be_private(tmp_path):
     assert s.clustered and s.routes == ("nats://127.0.0.2:6250",)
 
 
+def test_a_huge_cluster_pass_file_is_refused_as_a_password_file(tmp_path):
+    f = tmp_path / "pass"
+    with f.open("wb") as out:
+        out.truncate(4 * 1024 * 1024 + 1)  # sparse: nothing written
+    f.chmod(0o600)
+    with pytest.raises(ConfigError, match=r"--cluster-pass-file: .* bytes: not a password file$"):
+        settings_from(["--cluster-name", "c", "--cluster-pass-file", str(f)])
+
+
 def test_a_cluster_pass_file_of_another_user_or_a_fifo_is_refused_at_once(tmp_path):
     """Checked on the very file read: a FIFO in its place is refused, not waited on (a red team:
     the check and the read opened the path apart), and another user's file is refused."""
