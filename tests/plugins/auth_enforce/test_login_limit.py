@@ -318,3 +318,53 @@ async def test_what_the_sdks_bus_takes_as_a_reason_to_stop():
             got, why = await bus._refusal("refused")
             assert (got, words in why) == (hopeless, True), (name, why)
 
+
+
+async def test_the_sdks_bus_does_not_take_its_own_rotation_for_one_made_elsewhere(monkeypatch):
+    """A review: the question asked after repeated refusals could be answered while this client
+    rotated its own bus key, and the server's new key, not yet the bus's, read as a rotation made
+    elsewhere: the bus stopped for good (4 of 4 tries with the rotation's answer 1.2 s late). The
+    answer is dropped when a rotation of this client began or ended meanwhile. Without a server:
+    the question is replaced, and the rotation happens while it is asked."""
+    import unibus.client.api as api
+    from unibus.client import UnibusClient
+
+    monkeypatch.setattr(api, "REFUSED_ASK_JITTER", 0.0)
+    bob, rotated = generate_identity("bob"), generate_identity("bob")
+
+    class Connection:  # what the bus's rotation and its stop touch of a nats-py client
+        def __init__(self) -> None:
+            self._nkeys_seed_str, self._public_nkey, self.closed = bob.bus_nkey_seed(), bob.bus_pub, False
+
+        async def close(self) -> None:
+            self.closed = True
+
+    async def refused_while(client: UnibusClient, during) -> tuple[api.Bus, Connection]:
+        bus, nc = api.Bus(client), Connection()
+        bus._nc, bus._bus_pub, bus._auth_failures = nc, bob.bus_pub, api.AUTH_FAILURES_LIMIT
+
+        async def bus_info():
+            during(bus)
+            return {"user_nkey": rotated.bus_pub}  # the server has the new key already
+
+        client.bus_info = bus_info
+        await asyncio.wait_for(bus._refused_repeatedly(nc, bus._auth_failures), 10)
+        if bus._stopping is not None:
+            await asyncio.wait_for(bus._stopping, 10)
+        return bus, nc
+
+    async with UnibusClient("http://127.0.0.1:9", bob) as client:
+        # rotated elsewhere (nothing under way here): the bus stops, and says why
+        bus, nc = await refused_while(client, lambda bus: None)
+        assert nc.closed and "rotated elsewhere" in bus._failure
+        # its own rotation, begun while the question was asked: going on
+        bus, nc = await refused_while(client, lambda bus: bus._rotation(begin=True))
+        assert not nc.closed and bus._stopping is None and bus._failure is None
+
+        def rotated_here(bus):  # begun and done while the question was asked
+            bus._rotation(begin=True)
+            bus._rotation(begin=False, identity=rotated)
+
+        bus, nc = await refused_while(client, rotated_here)
+        assert not nc.closed and bus._failure is None
+        assert nc._public_nkey == bus._bus_pub == rotated.bus_pub and bus._auth_failures == 0
