@@ -5,9 +5,13 @@ chunks are handed to :class:`unibus.plugins.blobstore.backend.StagedFile` 4 MiB
 at a time, as the HTTP handler does, and finished (fdatasync). ``lanes``
 is the class as it is: each chunk hashed in one worker thread and written in
 another, at the same time. ``one lane`` is the same class with both done in
-one worker thread, one after the other (what the backend did before). The two
-alternate, ``--runs`` times each; the probe prints MB/s (median, worst–best)
-and this process's CPU seconds per upload (median).
+one worker thread, one after the other (what the backend did before).
+``direct I/O`` is the class writing with ``O_DIRECT`` through one aligned
+buffer (one copy in this process, none into the page cache), the lead for
+membershipd's CPU on a put that issue 16's work left untried. The kinds
+alternate, ``--runs`` times each; the probe prints MB/s (median, worst–best),
+this process's CPU seconds per upload and the whole machine's CPU time per MB
+(``/proc/stat``: the kernel's writeback threads too), both medians.
 
     .venv/bin/python bench/probe_staging.py --runs 9 --mib 256
 """
@@ -45,17 +49,53 @@ def one_lane() -> type:
     return OneLane
 
 
-async def upload(cls: type, root: Path, size: int, parts: list[bytes]) -> tuple[float, float]:
+def direct_io() -> type:
+    import mmap
+
+    from unibus.plugins.blobstore.backend import StagedFile
+
+    class DirectIO(StagedFile):
+        """Each hand-over copied into one page-aligned buffer and written with ``O_DIRECT``."""
+
+        def __init__(self, tmp: Path) -> None:
+            super().__init__(tmp)
+            assert self._fd is not None
+            os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            self._buffer = mmap.mmap(-1, HAND_OVER * PART)  # page-aligned, as O_DIRECT needs
+
+        def _write_sync(self, parts: Any) -> None:
+            view, n = memoryview(self._buffer), 0
+            for p in parts:
+                view[n:n + len(p)] = p
+                n += len(p)
+            written = 0
+            while written < n:  # every hand-over is a whole number of pages here
+                written += os.write(self._fd, view[written:n])
+            self._written += n
+
+    return DirectIO
+
+
+def machine_cpu() -> float:
+    """Seconds of CPU the whole machine spent so far, every core, idle and I/O wait left out."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+async def upload(cls: type, root: Path, size: int, parts: list[bytes]) -> tuple[float, float, float]:
     staged = cls(root)
     try:
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0, m0 = time.perf_counter(), time.process_time(), machine_cpu()
         done = i = 0
         while done < size:
             await staged.write(tuple(parts[(i + k) % len(parts)] for k in range(HAND_OVER)))
             done += HAND_OVER * PART
             i += 1
         await staged.finish()
-        return size / (time.perf_counter() - t0) / 1e6, time.process_time() - c0
+        return (size / (time.perf_counter() - t0) / 1e6, time.process_time() - c0,
+                (machine_cpu() - m0) * 1e3 / (size / 1e6))
     finally:
         await staged.discard()
 
@@ -65,11 +105,11 @@ async def main(runs: int, mib: int, scratch: Path | None) -> None:
 
     size = -(-mib * MIB // (HAND_OVER * PART)) * HAND_OVER * PART
     parts = [os.urandom(PART) for _ in range(2 * HAND_OVER)]
-    kinds = {"lanes (this tree)": StagedFile, "one lane": one_lane()}
-    results: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    kinds = {"lanes (this tree)": StagedFile, "one lane": one_lane(), "direct I/O": direct_io()}
+    results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory(prefix="unibus-probe-staging-", dir=scratch) as tmp:
         for r in range(runs):
-            order = list(kinds) if r % 2 == 0 else list(kinds)[::-1]
+            order = list(kinds)[r % len(kinds):] + list(kinds)[:r % len(kinds)]
             for name in order:
                 results[name].append(await upload(kinds[name], Path(tmp), size, parts))
                 print(f"run {r + 1}/{runs} {name}: {results[name][-1][0]:,.0f} MB/s", file=sys.stderr)
@@ -78,7 +118,8 @@ async def main(runs: int, mib: int, scratch: Path | None) -> None:
     for name, res in results.items():
         rates = [x[0] for x in res]
         print(f"{name}: {statistics.median(rates):,.0f} MB/s ({min(rates):,.0f}–{max(rates):,.0f}), "
-              f"CPU {statistics.median(x[1] for x in res):.3f} s per upload")
+              f"CPU {statistics.median(x[1] for x in res):.3f} s per upload, the machine's "
+              f"{statistics.median(x[2] for x in res):.2f} ms per MB")
 
 
 if __name__ == "__main__":

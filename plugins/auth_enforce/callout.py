@@ -53,6 +53,10 @@ MEMBERS_ACCOUNT = "MEMBERS"
 #: connecting client waits for an answer. Below nats-py's first-PING window
 #: (2 s), past which a slow callout looks like a half-open success to it.
 AUTH_TIMEOUT = 1.5
+#: Seconds kept between a held answer's time and the earliest moment nats-server may stop
+#: waiting for it (:func:`waiting_window`): the loop's lag, the answer's build (up to 6 ms)
+#: and its way back.
+ANSWER_MARGIN = 0.25
 #: How long a grant stays "in flight" if nats-server never reports the connection.
 IN_FLIGHT_TTL = AUTH_TIMEOUT + 1.0
 #: The most connections one member may hold at once, on all servers together (docs/bus-auth.md,
@@ -69,6 +73,24 @@ MEMBER_MAX_SUBSCRIPTIONS = 1024
 #: in one NATS message (1 MiB): a red team added a member to 8,000 rooms and locked it off the
 #: bus for good. A connection could not follow more rooms than its subscriptions anyway.
 MEMBER_MAX_ROOMS = 1000
+
+
+def waiting_window(claims: dict[str, Any]) -> tuple[float, float] | None:
+    """``(earliest, latest)``: when nats-server stops waiting for the answer to a request, at
+    the earliest and at the latest, from its claims; None without an ``exp``.
+
+    nats-server waits :data:`AUTH_TIMEOUT` from sending the request, and writes that moment in
+    ``exp`` cut to whole seconds (``time.Now().Add(authTimeout).Unix()``), as it does the
+    request's ``iat``: the wait ends up to a second after ``exp``, and at least
+    :data:`AUTH_TIMEOUT` after ``iat``. Read as the end, ``exp`` made a red team's held logins
+    (charged, answered up to :data:`~.loginlimit.LOGIN_MAX_DELAY` on) count as expired and go
+    unanswered, about a quarter of them, while nats-server still waited."""
+    exp, iat = claims.get("exp"), claims.get("iat")
+    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+        return None
+    if isinstance(iat, (int, float)) and not isinstance(iat, bool):
+        return max(exp, iat + AUTH_TIMEOUT), min(exp, iat + AUTH_TIMEOUT) + 1.0
+    return exp, exp + 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,8 +263,8 @@ class Responder:
             self._count("malformed")
             log.warning("auth callout: ignored a malformed authorization request")
             return None
-        exp = claims.get("exp")
-        if isinstance(exp, (int, float)) and exp < now:
+        window = waiting_window(claims)
+        if window is not None and now >= window[1]:
             self._count("expired")  # the server has refused this client already
             return None
         opts = body.get("connect_opts") if isinstance(body.get("connect_opts"), dict) else {}
@@ -256,9 +278,11 @@ class Responder:
         if grant is None:
             return self._refuse(server_id, user_nkey, now, "unknown bus key")
         rooms = len(grant.publish)
+        # An answer held for the member's budget must still reach nats-server while it waits.
+        within = LOGIN_MAX_DELAY if window is None else max(0.0, min(LOGIN_MAX_DELAY, window[0] - now - ANSWER_MARGIN))
         if not paid:
             try:
-                self.login_limit.check(grant.handle, rooms, within=LOGIN_MAX_DELAY)
+                self.login_limit.check(grant.handle, rooms, within=within)
             except Throttled as t:
                 return self._throttled(grant.handle, t.wait)
         if not holds_key(nkey, nonce, sig):
@@ -274,7 +298,7 @@ class Responder:
         # Charged last, once the login would be granted: a refused one costs the member nothing.
         if not paid:
             try:
-                delay = self.login_limit.take(grant.handle, rooms, within=LOGIN_MAX_DELAY)
+                delay = self.login_limit.take(grant.handle, rooms, within=within)
             except Throttled as t:  # not after check() above, in the same turn of the loop
                 return self._throttled(grant.handle, t.wait)
             if delay > 0:

@@ -36,14 +36,16 @@ ISSUER = Issuer.from_raw(os.urandom(32))
 
 
 def request(member_seed: str | None, *, nonce: str = "n0nce-from-srv", sig: str | None = None,
-            exp: float | None = None, server: nacl.signing.SigningKey = SERVER, iss: str = SERVER_ID) -> bytes:
+            exp: float | None = None, iat: float | None = None, server: nacl.signing.SigningKey = SERVER,
+            iss: str = SERVER_ID) -> bytes:
     """An authorization request JWT as nats-server makes one for a connecting client."""
     opts: dict = {"name": "x", "lang": "python3", "protocol": 1}
     if member_seed is not None:
         kp = nkeys.from_seed(bytearray(member_seed.encode()))
         opts["nkey"] = kp.public_key.decode()
         opts["sig"] = sig if sig is not None else base64.b64encode(kp.sign(nonce.encode())).decode()
-    claims = {"iss": iss, "sub": ISSUER.public, "aud": "nats-authorization-request", "iat": int(time.time()),
+    claims = {"iss": iss, "sub": ISSUER.public, "aud": "nats-authorization-request",
+              "iat": int(iat if iat is not None else time.time()),
               "exp": int(exp if exp is not None else time.time() + 2),
               "nats": {"server_id": {"id": SERVER_ID, "name": "n1"}, "user_nkey": "UFRESHKEYFORTHISATTEMPT",
                        "client_info": {"id": 7, "nonce": nonce, "host": "127.0.0.1"}, "connect_opts": opts,

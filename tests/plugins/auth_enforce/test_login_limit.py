@@ -368,3 +368,50 @@ async def test_the_sdks_bus_does_not_take_its_own_rotation_for_one_made_elsewher
         bus, nc = await refused_while(client, rotated_here)
         assert not nc.closed and bus._failure is None
         assert nc._public_nkey == bus._bus_pub == rotated.bus_pub and bus._auth_failures == 0
+
+
+def test_nats_servers_wait_is_read_from_its_whole_second_exp_and_iat():
+    """nats-server waits 1.5 s from sending a request, and writes ``exp`` and ``iat`` in whole
+    seconds: its wait ends between ``max(exp, iat + 1.5)`` and ``min(exp, iat + 1.5) + 1``."""
+    from unibus.plugins.auth_enforce.callout import AUTH_TIMEOUT, waiting_window
+
+    for sent in (100.0, 100.2, 100.49, 100.5, 100.9, 100.999):
+        end = sent + AUTH_TIMEOUT
+        earliest, latest = waiting_window({"iat": int(sent), "exp": int(end)})
+        assert earliest <= end < latest and latest - earliest <= 0.5 + 1e-9, sent
+        assert end - earliest < 0.5 + 1e-9 and earliest - sent > 1.0 - 1e-9
+    assert waiting_window({"exp": 101}) == (101, 102)
+    assert waiting_window({"iat": 100}) is None and waiting_window({"exp": True}) is None
+
+
+def test_a_held_login_is_answered_while_nats_server_still_waits(monkeypatch):
+    """A red team: a held login was answered up to 0.75 s after its request came, and its
+    ``exp``, cut to whole seconds, was as little as 0.5 s away: about a quarter of held logins
+    (charged) were then taken as expired and never answered, and the client was refused after
+    1.5 s. Now the ``exp`` is read as nats-server writes it, and a login is held only as long
+    as nats-server surely waits; one that would have to wait longer is turned away, uncharged."""
+    mallory = generate_identity("mallory")
+    policy = Policy()
+    policy.load([("mallory", mallory.bus_pub)], _rooms(MEMBER_MAX_ROOMS - 1))
+    now = [1000.49]  # sent then: exp = int(1001.99) = 1001, 0.51 s on; the wait ends 0.99 s later
+    r = Responder(policy, ISSUER, clock=lambda: now[0])
+    clock = Clock()
+    r.login_limit = LoginLimit(clock=clock)
+    seed = mallory.bus_nkey_seed()
+    req = request(seed, iat=1000, exp=1001)
+    for _ in range(int(LOGIN_BURST // login_cost(MEMBER_MAX_ROOMS))):
+        assert _granted(r.answer(req))
+    while isinstance(held := r.answer(req), Later) and now[0] + held.delay <= 1001:
+        pass  # held a refill longer each time
+    assert isinstance(held, Later) and now[0] + held.delay > 1001  # answered past exp, while nats-server waits
+    now[0] += held.delay
+    clock.now += held.delay
+    answer = r.answer(req, paid=True)
+    assert answer is not None and _granted(answer)  # the code before: "expired", charged and unanswered
+    assert r.stats["expired"] == 0
+    now[0] = 1001.3  # a request handled late: 0.2 s to the wait's earliest end, less than an answer needs
+    spent = r.login_limit.spent("mallory")
+    assert r.answer(req) is None and r.stats["throttled"] == 1  # turned away, not held past the wait
+    assert r.login_limit.spent("mallory") == spent
+    now[0] = 1002.0  # the latest end of the wait: expired, and nothing is built
+    assert r.answer(req, paid=True) is None and r.stats["expired"] == 1
