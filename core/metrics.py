@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -514,6 +515,8 @@ class MetricsServer:
         #: a scraper that takes nothing of its answer for this long is dropped (the body deadline)
         self.stall_timeout = DEFAULT_BODY_TIMEOUT if stall_timeout is None else stall_timeout
         self.limiter = ConnectionLimiter("metrics", METRICS_MAX_CONNECTIONS, where=f"--metrics-addr {host}:{port}")
+        # a scraper that showed its certificate is never pushed out by connections that did not
+        self.limiter.verified = ssl_context is not None and ssl_context.verify_mode == ssl.CERT_REQUIRED
         self.runner: web.AppRunner | None = None
 
     async def start(self) -> None:

@@ -313,6 +313,49 @@ def test_a_metrics_listener_with_a_client_ca_refuses_a_scraper_without_a_certifi
         daemon.stop()
 
 
+
+async def test_a_scraper_with_a_certificate_is_not_pushed_out_by_connections_without_one(tmp_path):
+    """A red team: with a client CA, a flood of bare TCP connects (no certificate, no TLS) pushed
+    out the oldest connections, a scraper's too, mid-scrape or kept between two scrapes (32% of
+    scrapes failed). A connection past its handshake showed a certificate of the CA: kept."""
+    from unibus.connlimits import METRICS_MAX_CONNECTIONS
+    from unibus.metrics import MetricsServer
+    from unibus.tls import server_context
+
+    pki = make_test_pki(tmp_path / "pki")
+    ctx = server_context(pki.server[0], pki.server[1])
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cafile=str(pki.ca[0]))
+    port = free_port()
+    server = MetricsServer(Metrics(node="n"), "127.0.0.1", port, ctx)
+    await server.start()
+    flood: list[asyncio.StreamWriter] = []
+    try:
+        scraper = ssl.create_default_context(cafile=str(pki.ca[0]))
+        scraper.load_cert_chain(str(pki.client[0]), str(pki.client[1]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=scraper)
+
+        async def scrape() -> bytes:
+            writer.write(b"GET /metrics HTTP/1.1\r\nHost: n\r\n\r\n")
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+            body = await asyncio.wait_for(reader.readexactly(length), 10)
+            assert head.startswith(b"HTTP/1.1 200") and b"unibus_info{" in body
+            return body
+
+        await scrape()
+        for _ in range(3 * METRICS_MAX_CONNECTIONS):  # bare TCP: no handshake, no certificate
+            flood.append((await asyncio.open_connection("127.0.0.1", port))[1])
+            await asyncio.sleep(0.005)  # accepted, one at a time
+        assert server.limiter.evicted >= 2 * METRICS_MAX_CONNECTIONS  # the flood pushed out its own
+        await scrape()  # on the connection kept since the first scrape: the code before had closed it
+        assert len(server.limiter) <= METRICS_MAX_CONNECTIONS
+    finally:
+        for w in [*flood, writer]:
+            w.close()
+        await server.stop()
+
+
 # -- the registry: one per daemon, plugins in their own namespace ------------------------------------------
 
 
