@@ -145,6 +145,13 @@ RECONNECT_JITTER = 0.05
 RECONNECT_WAIT = 0.25
 AUTH_FAILURES_LIMIT = 3
 MAX_RECONNECTS = 60
+#: Seconds a first connection refused while the control plane still has the member's bus key
+#: is tried again: about what MAX_RECONNECTS refused reconnects take (115 s, measured).
+FIRST_CONNECT_PATIENCE = 120.0
+#: A bus the control plane says still has its key asks again after at most this many more
+#: refusals (each time twice as many, up to this): within the MAX_RECONNECTS that such an
+#: answer gives every server again.
+ASK_AGAIN_WITHIN = MAX_RECONNECTS // 2
 #: Then it asks the control plane why, after up to this many seconds (jittered).
 REFUSED_ASK_JITTER = 1.0
 
@@ -1183,6 +1190,7 @@ class Bus:
         self._ask_at = AUTH_FAILURES_LIMIT  # ... at which the control plane is asked why (doubled each time)
         self._last_refusal: str | None = None  # what it said last, for the reason a bus that gives up states
         self._rotating = 0  # rotate_bus_key calls under way: violations are expected
+        self._key_held = False  # the control plane's last answer to "why": it still has this bus key
         self._failure: str | None = None  # why the bus stopped by itself
         self._stopping: asyncio.Task[None] | None = None
         self._asking: asyncio.Task[None] | None = None  # asking the control plane why reconnects are refused
@@ -1285,10 +1293,11 @@ class Bus:
         """``(hopeless, why)``: :meth:`_refusal_reason`, and whether trying again cannot help (the
         member was deleted, its key changed). It can when the control plane still has this bus
         key (its logins were not answered in time, or went past its budget of logins:
-        docs/bus-auth.md, "Limits per member"), and when the control plane does not answer,
-        fails or turns the question away (a timeout, a 5xx, a 429): a red team kicked a member's
-        48 buses in a row, all of them asked at once, their signed requests timed out, and each
-        bus stopped for good."""
+        docs/bus-auth.md, "Limits per member"; :attr:`_key_held` says the control plane said so),
+        and when the control plane does not answer, fails or turns the question away (a timeout,
+        a 5xx, a 429): a red team kicked a member's 48 buses in a row, all of them asked at
+        once, their signed requests timed out, and each bus stopped for good."""
+        self._key_held = False
         client, handle = self.client, self.client.identity.handle
         if base is None:
             base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) "
@@ -1316,6 +1325,7 @@ class Bus:
             return True, (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus "
                           f"logs in with ({mine}): it was rotated elsewhere; use the identity file that holds the "
                           f"new key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
+        self._key_held = True
         return False, (f"{base}: {client.base_url} still has this bus key for {handle}; try again later "
                        "(nats-server also refuses a login that membershipd did not answer in time, and one past "
                        "the member's budget of logins)")
@@ -1329,6 +1339,7 @@ class Bus:
         # A member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md). nats-py
         # tries a refused login again by itself, within the bound of each connect below.
         deadline = time.monotonic() + self.grant_wait
+        patient_until: float | None = None
         while True:
             start = len(self._connect_errors)
             try:
@@ -1339,11 +1350,25 @@ class Bus:
                 if refused and time.monotonic() < deadline:
                     await asyncio.sleep(0.2)
                     continue
-                if refused:  # still refused: the control plane may say why
-                    raise BusError(await self._refusal_reason(
-                        f"the bus at {', '.join(map(str, servers))} refused the connection of "
-                        f"{self.client.identity.handle} (authorization violation)")) from None
-                raise self._connect_failure(exc, servers) from None
+                if not refused:
+                    raise self._connect_failure(exc, servers) from None
+                # Still refused: the control plane may say why. While it says it still has this
+                # bus key (the member's logins are past its budget, or were not answered in
+                # time), the connection is tried again for FIRST_CONNECT_PATIENCE, about what a
+                # reconnect's attempts take (a red team's `unibus listen` gave up after 11 s while
+                # its member was throttled).
+                hopeless, why = await self._refusal(
+                    f"the bus at {', '.join(map(str, servers))} refused the connection of "
+                    f"{self.client.identity.handle} (authorization violation)")
+                if hopeless or not self._key_held:
+                    raise BusError(why) from None
+                if patient_until is None:
+                    patient_until = time.monotonic() + FIRST_CONNECT_PATIENCE
+                    log.warning("bus: %s; trying again for up to %g s", why, FIRST_CONNECT_PATIENCE)
+                elif time.monotonic() >= patient_until:
+                    raise BusError(why) from None
+                await asyncio.sleep(RECONNECT_WAIT * (1 + random.random()))
+                continue
             self._bus_pub = self.client.identity.bus_pub
             self.client._buses.add(self)
             return
@@ -1460,8 +1485,10 @@ class Bus:
     async def _refused_repeatedly(self, nc: Any, refusals: int) -> None:
         """Stop the bus when the control plane says trying again cannot help; otherwise (it still has
         this bus key: logins past the member's budget, or not answered in time; or it gave no answer)
-        reconnecting goes on, within nats-py's bound on reconnect attempts (:data:`MAX_RECONNECTS` on
-        each server), and the next question waits for twice as many refusals."""
+        reconnecting goes on, and the next question waits for twice as many refusals (at most
+        :data:`ASK_AGAIN_WITHIN` more). Within nats-py's bound on reconnect attempts
+        (:data:`MAX_RECONNECTS` on each server), which an answer that the control plane still has
+        this bus key starts again."""
         key = self._bus_pub
         try:
             # The buses of a member kicked together are refused together: not all ask at once.
@@ -1477,7 +1504,15 @@ class Bus:
                 self._give_up(nc, why)
             elif self._failure is None and self._auth_failures:
                 self._last_refusal = why.replace(" and stopped", "", 1)
-                self._ask_at = self._auth_failures * 2
+                self._ask_at = self._auth_failures + min(self._auth_failures, ASK_AGAIN_WITHIN)
+                if self._key_held:
+                    # A member whose logins are throttled for long (its connections kicked again
+                    # and again) stays a member: its bus goes on as long as the control plane says
+                    # so, not only for nats-py's attempts (a red team's `unibus listen` stopped
+                    # after 115 s of them). A silent control plane gives no more.
+                    for server in getattr(nc, "_server_pool", ()):
+                        if hasattr(server, "reconnects"):
+                            server.reconnects = 0
                 log.warning("bus: %s; still reconnecting", self._last_refusal)
         finally:
             self._asking = None

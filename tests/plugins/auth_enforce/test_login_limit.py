@@ -415,3 +415,65 @@ def test_a_held_login_is_answered_while_nats_server_still_waits(monkeypatch):
     assert r.login_limit.spent("mallory") == spent
     now[0] = 1002.0  # the latest end of the wait: expired, and nothing is built
     assert r.answer(req, paid=True) is None and r.stats["expired"] == 1
+
+
+async def test_a_bus_the_control_plane_still_knows_gets_its_reconnect_attempts_again(monkeypatch):
+    """A red team: `unibus listen` stopped for good after nats-py's 60 attempts per server (115 s)
+    while its member's logins were throttled, its key valid all along. An answer that the control
+    plane still has the key gives every server its attempts again, and the next question comes
+    within half of them; no answer (a timeout) gives nothing. Without a server."""
+    import unibus.client.api as api
+    from unibus.client import UnibusClient
+
+    monkeypatch.setattr(api, "REFUSED_ASK_JITTER", 0.0)
+    bob = generate_identity("bob")
+
+    class Server:
+        def __init__(self) -> None:
+            self.reconnects = 45
+
+    class Connection:
+        def __init__(self) -> None:
+            self._server_pool = [Server(), Server()]
+
+    async with UnibusClient("http://127.0.0.1:9", bob) as client:
+        for answer, given_again in (({"user_nkey": bob.bus_pub}, True), (TimeoutError(), False)):
+            async def bus_info(answer=answer):
+                if isinstance(answer, BaseException):
+                    raise answer
+                return answer
+
+            client.bus_info = bus_info
+            bus, nc = api.Bus(client), Connection()
+            bus._nc, bus._bus_pub, bus._auth_failures = nc, bob.bus_pub, 96
+            await asyncio.wait_for(bus._refused_repeatedly(nc, 96), 10)
+            assert bus._stopping is None and bus._failure is None  # going on, either way
+            assert [s.reconnects for s in nc._server_pool] == ([0, 0] if given_again else [45, 45])
+            assert bus._ask_at == 96 + api.ASK_AGAIN_WITHIN < 96 + api.MAX_RECONNECTS
+
+
+async def test_a_first_connection_waits_for_its_members_budget_while_the_control_plane_has_its_key(tmp_path,
+                                                                                                   monkeypatch):
+    """A red team: a fresh `unibus listen` of a member whose logins were throttled gave up after
+    11 s ("… still has this bus key …; try again later"): a connection's own attempts end after
+    ``connect_timeout`` plus a slack. It is tried again while the control plane says it still has
+    the key. (The slack is made short here, and the budget small: one login every 8 s.)"""
+    import unibus.client.api as api
+    from unibus.app import stash
+    from unibus.client import UnibusClient
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME
+
+    from .test_enforcer_counts import local_daemon
+
+    monkeypatch.setattr(api, "CONNECT_SLACK", 0.5)  # a connection's attempts end after 2.5 s
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        rt.responder.login_limit = limit = LoginLimit(burst=1.5, rate=0.125)  # one login, then one every 8 s
+        limit.take("bob", 0)  # spent: bob's next login is paid for in 4 s, past every answer's wait
+        async with UnibusClient(daemon_url(daemon), bob) as b:
+            t0 = time.monotonic()
+            async with b.bus(connect_timeout=2.0, grant_wait=0.5) as bus:
+                assert (await bus.connected()).is_connected and time.monotonic() - t0 > 3.0  # refused, then let in
+            assert rt.responder.stats["throttled"] >= 1
