@@ -23,6 +23,7 @@ import socket
 import ssl
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -607,11 +608,13 @@ class Daemon:
             await self.bus.close()
 
 
-async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatchdog | None = None) -> None:
+async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatchdog | None = None,
+                 sighup_before: Callable[[], bool] | None = None) -> None:
     """Serve until a stop signal. ``watchdog`` is :func:`serve`'s, for the process of its
     own (never a test's in-process run): the signal arms it, or a start-up that failed,
     and once the stop is done a further stop signal is ignored rather than ending the
-    exit early (the watchdog bounds that)."""
+    exit early (the watchdog bounds that). ``sighup_before()``: whether a SIGHUP came before
+    the loop's handler was set (the CLI's); then the store is read once the start is done."""
     daemon = Daemon(settings, plugins)
     loop = asyncio.get_running_loop()
     own_process = watchdog is not None
@@ -630,6 +633,8 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
 
     previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     loop.add_signal_handler(signal.SIGHUP, daemon.on_sighup)
+    if sighup_before is not None and sighup_before():
+        daemon.on_sighup()  # the start is not done: read once it is
     try:
         start = asyncio.create_task(daemon.start())
         stop = asyncio.create_task(daemon.wait())
@@ -678,7 +683,7 @@ class StopWatchdog:
             faulthandler.dump_traceback_later(STOP_WATCHDOG, exit=True)
 
 
-def serve(settings: Settings, plugins: PluginManager) -> int:
+def serve(settings: Settings, plugins: PluginManager, *, sighup_before: Callable[[], bool] | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit code (errors raise).
 
     Not ``asyncio.run``: its clean-up waits for ever for a task that ignores its
@@ -698,7 +703,7 @@ def serve(settings: Settings, plugins: PluginManager) -> int:
     loop.set_default_executor(executor)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(settings, plugins, watchdog))
+        loop.run_until_complete(_serve(settings, plugins, watchdog, sighup_before))
     finally:
         try:
             _close_loop(loop, executor)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -235,6 +236,45 @@ async def test_failing_startup_hook_names_the_plugin_and_stops_nats(tmp_path):
     pm.register(FailingStartup(), "broken_plugin")
     with pytest.raises(RuntimeFailure, match="plugin broken_plugin: startup failed: ValueError: kaboom"):
         await _serve(_settings(tmp_path), pm)
+    assert not nats_server_pids(tmp_path)
+
+
+def test_a_sighup_before_the_daemons_handler_is_remembered_not_fatal():
+    """A review: a SIGHUP in the first few tenths of a second of ``membershipd serve``, before the
+    event loop's handler was set, ended the process (the default action, which systemd takes as a
+    clean stop). ``cmd_serve`` remembers it from its first line."""
+    from unibus.cli import EarlySighups
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        early = EarlySighups()
+        assert not early.seen
+        os.kill(os.getpid(), signal.SIGHUP)  # handled between two bytecodes of this thread
+        for _ in range(100):
+            if early.seen:
+                break
+            time.sleep(0.01)
+        assert early.seen
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
+class StopOnReload:
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    @hookimpl
+    def reloaded(self, app):
+        self.reloads += 1
+        os.kill(os.getpid(), signal.SIGINT)  # _serve's own handler (put back after it): stop
+
+
+async def test_a_sighup_before_the_daemons_handler_is_read_once_the_start_is_done(tmp_path):
+    recorder = StopOnReload()
+    pm = PluginManager(load_entry_points=False)
+    pm.register(recorder, "stop_on_reload")
+    await asyncio.wait_for(_serve(_settings(tmp_path), pm, sighup_before=lambda: True), 60)
+    assert recorder.reloads == 1
     assert not nats_server_pids(tmp_path)
 
 
