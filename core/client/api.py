@@ -61,7 +61,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import aiohttp
 import yarl
@@ -140,9 +140,13 @@ CONNECT_SLACK = 5.0
 #: not every kicked member in the same millisecond); each later one
 #: RECONNECT_WAIT s plus up to as much again. The bus stops after
 #: AUTH_FAILURES_LIMIT authorization violations in a row that the control plane
-#: says retrying cannot mend, or MAX_RECONNECTS failed attempts on each server.
+#: says retrying cannot mend, or MAX_RECONNECTS failed attempts on each server
+#: (given again, and spaced twice as far apart, each time the control plane says
+#: it still has the refused bus key).
 RECONNECT_JITTER = 0.05
 RECONNECT_WAIT = 0.25
+#: The longest wait between two reconnect attempts (see Bus._next_server), jitter aside.
+RECONNECT_WAIT_MAX = 8.0
 AUTH_FAILURES_LIMIT = 3
 MAX_RECONNECTS = 60
 #: Seconds a first connection refused while the control plane still has the member's bus key
@@ -1134,6 +1138,14 @@ class Message:
         return None if self.plaintext is None else self.plaintext.decode("utf-8", errors="replace")
 
 
+class Refusal(NamedTuple):
+    """What the control plane says of a bus that nats-server keeps refusing (:meth:`Bus._refusal`)."""
+
+    hopeless: bool  # trying again cannot help: the member was deleted, or its key is another
+    why: str
+    key_held: bool = False  # the control plane said it still has the bus key that was refused
+
+
 class Bus:
     """A NATS connection as this member, with end-to-end encryption (docs/client.md, docs/bus-auth.md).
 
@@ -1190,7 +1202,9 @@ class Bus:
         self._ask_at = AUTH_FAILURES_LIMIT  # ... at which the control plane is asked why (doubled each time)
         self._last_refusal: str | None = None  # what it said last, for the reason a bus that gives up states
         self._rotating = 0  # rotate_bus_key calls under way: violations are expected
-        self._key_held = False  # the control plane's last answer to "why": it still has this bus key
+        #: times the control plane said it still has this bus key while reconnects were refused:
+        #: each gives nats-py's attempts again, and the waits between them double (_next_server)
+        self._extended = 0
         self._failure: str | None = None  # why the bus stopped by itself
         self._stopping: asyncio.Task[None] | None = None
         self._asking: asyncio.Task[None] | None = None  # asking the control plane why reconnects are refused
@@ -1287,17 +1301,17 @@ class Bus:
     async def _refusal_reason(self, base: str | None = None) -> str:
         """Why nats-server keeps refusing this member, asked of the control plane (bounded): ``base``,
         then the answer (by default ``base`` says that a connection's reconnects were refused)."""
-        return (await self._refusal(base))[1]
+        return (await self._refusal(base)).why
 
-    async def _refusal(self, base: str | None = None) -> tuple[bool, str]:
-        """``(hopeless, why)``: :meth:`_refusal_reason`, and whether trying again cannot help (the
-        member was deleted, its key changed). It can when the control plane still has this bus
-        key (its logins were not answered in time, or went past its budget of logins:
-        docs/bus-auth.md, "Limits per member"; :attr:`_key_held` says the control plane said so),
-        and when the control plane does not answer, fails or turns the question away (a timeout,
-        a 5xx, a 429): a red team kicked a member's 48 buses in a row, all of them asked at
-        once, their signed requests timed out, and each bus stopped for good."""
-        self._key_held = False
+    async def _refusal(self, base: str | None = None, mine: str | None = None) -> Refusal:
+        """:meth:`_refusal_reason`, whether trying again cannot help (the member was deleted, its
+        key changed), and whether the control plane said it still has this bus key (``mine``;
+        by default the key of the live connection, or the identity's). Trying again can help
+        then (the logins were not answered in time, went past the member's budget of logins,
+        docs/bus-auth.md, "Limits per member", or past its bound on connections), and when the
+        control plane does not answer, fails or turns the question away (a timeout, a 5xx, a
+        429): a red team kicked a member's 48 buses in a row, all of them asked at once, their
+        signed requests timed out, and each bus stopped for good."""
         client, handle = self.client, self.client.identity.handle
         if base is None:
             base = (f"the bus refused {handle} {self._auth_failures} times in a row (authorization violation) "
@@ -1306,41 +1320,44 @@ class Bus:
             info = await within(client.bus_info(), 5)
         except ApiError as exc:
             if exc.status == 401:
-                return True, (f"{base}: {client.base_url} no longer accepts {handle}'s signed requests either "
-                              "(the member was deleted?); an admin must add it again")
+                return Refusal(True, f"{base}: {client.base_url} no longer accepts {handle}'s signed requests "
+                                     "either (the member was deleted?); an admin must add it again")
             if exc.status == 409:
-                return True, (f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
-                              f"`unibus keygen --upgrade --server {client.base_url}`")
+                return Refusal(True, f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
+                                     f"`unibus keygen --upgrade --server {client.base_url}`")
             # Anything else (a 429 of a member's share of the control plane, a 5xx) is no answer.
-            return False, f"{base}: {client.base_url} answered {exc}"
+            return Refusal(False, f"{base}: {client.base_url} answered {exc}")
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
-            return False, (f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
-                           "membershipd answers every login for nats-server, which refuses it when no answer "
-                           "comes in time: is membershipd down or overloaded?")
+            return Refusal(False, f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
+                                  "membershipd answers every login for nats-server, which refuses it when no answer "
+                                  "comes in time: is membershipd down or overloaded?")
         except RuntimeError as exc:  # the client was closed under its bus (docs/client.md)
-            return True, f"{base}: the control plane was not asked why ({exc})"
+            return Refusal(True, f"{base}: the control plane was not asked why ({exc})")
         known = info.get("user_nkey") if isinstance(info, dict) else None
-        mine = self._bus_pub or client.identity.bus_pub  # before its first connection: the identity's
+        if mine is None:
+            mine = self._bus_pub or client.identity.bus_pub  # before its first connection: the identity's
         if isinstance(known, str) and known != mine:
-            return True, (f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this bus "
-                          f"logs in with ({mine}): it was rotated elsewhere; use the identity file that holds the "
-                          f"new key, or upload this one's with `unibus keygen --upgrade --server {client.base_url}`")
-        self._key_held = True
-        return False, (f"{base}: {client.base_url} still has this bus key for {handle}; try again later "
-                       "(nats-server also refuses a login that membershipd did not answer in time, and one past "
-                       "the member's budget of logins)")
+            return Refusal(True, f"{base}: {client.base_url} has another bus key for {handle} ({known}) than this "
+                                 f"bus logs in with ({mine}): it was rotated elsewhere; use the identity file that "
+                                 f"holds the new key, or upload this one's with `unibus keygen --upgrade --server "
+                                 f"{client.base_url}`")
+        return Refusal(False, f"{base}: {client.base_url} still has this bus key for {handle}; try again later "
+                              "(nats-server also refuses a login that membershipd did not answer in time, one past "
+                              "the member's budget of logins, and one past its bound on connections)", key_held=True)
 
     async def connect(self) -> None:
-        seed = self._bus_seed()
+        seed, used = self._bus_seed(), self.client.identity.bus_pub
         info = await self._fetch_bus_info()
         servers = info["servers"]
         self._connect_errors = []
         self._tls_refused = asyncio.Event()
         # A member added a moment ago reaches nats-server within 1 s (docs/bus-auth.md). nats-py
         # tries a refused login again by itself, within the bound of each connect below.
-        deadline = time.monotonic() + self.grant_wait
-        patient_until: float | None = None
+        started = time.monotonic()
+        deadline, patient_until, warned = started + self.grant_wait, started + FIRST_CONNECT_PATIENCE, False
         while True:
+            if self.client.identity.bus_pub != used:  # rotated by this client meanwhile: the new key
+                seed, used = self._bus_seed(), self.client.identity.bus_pub
             start = len(self._connect_errors)
             try:
                 self._nc = await connect_bounded(nats.connect(**self._connect_options(info, seed)),
@@ -1354,22 +1371,23 @@ class Bus:
                     raise self._connect_failure(exc, servers) from None
                 # Still refused: the control plane may say why. While it says it still has this
                 # bus key (the member's logins are past its budget, or were not answered in
-                # time), the connection is tried again for FIRST_CONNECT_PATIENCE, about what a
-                # reconnect's attempts take (a red team's `unibus listen` gave up after 11 s while
-                # its member was throttled).
-                hopeless, why = await self._refusal(
+                # time), the connection is tried again until FIRST_CONNECT_PATIENCE after the
+                # start, about what a reconnect's attempts take (a red team's `unibus listen`
+                # gave up after 11 s while its member was throttled).
+                refusal = await self._refusal(
                     f"the bus at {', '.join(map(str, servers))} refused the connection of "
-                    f"{self.client.identity.handle} (authorization violation)")
-                if hopeless or not self._key_held:
-                    raise BusError(why) from None
-                if patient_until is None:
-                    patient_until = time.monotonic() + FIRST_CONNECT_PATIENCE
-                    log.warning("bus: %s; trying again for up to %g s", why, FIRST_CONNECT_PATIENCE)
-                elif time.monotonic() >= patient_until:
-                    raise BusError(why) from None
+                    f"{self.client.identity.handle} (authorization violation)", mine=used)
+                if refusal.hopeless and self.client.identity.bus_pub != used:
+                    continue  # this client's own rotation, seen from the server: try the new key
+                if refusal.hopeless or not refusal.key_held or time.monotonic() >= patient_until:
+                    raise BusError(refusal.why) from None
+                if not warned:
+                    warned = True
+                    log.warning("bus: %s; trying again until %g s after the start", refusal.why,
+                                FIRST_CONNECT_PATIENCE)
                 await asyncio.sleep(RECONNECT_WAIT * (1 + random.random()))
                 continue
-            self._bus_pub = self.client.identity.bus_pub
+            self._bus_pub = used
             self.client._buses.add(self)
             return
 
@@ -1422,7 +1440,7 @@ class Bus:
             "connect_timeout": self.connect_timeout,
             "max_reconnect_attempts": MAX_RECONNECTS,
             "reconnect_time_wait": RECONNECT_WAIT,
-            "reconnect_to_server_handler": _next_server,
+            "reconnect_to_server_handler": self._next_server,
             "allow_reconnect": True,
             "error_cb": self._on_error,
             "closed_cb": self._on_closed,
@@ -1488,14 +1506,14 @@ class Bus:
         reconnecting goes on, and the next question waits for twice as many refusals (at most
         :data:`ASK_AGAIN_WITHIN` more). Within nats-py's bound on reconnect attempts
         (:data:`MAX_RECONNECTS` on each server), which an answer that the control plane still has
-        this bus key starts again."""
+        this bus key starts again, with twice as long between two attempts (:meth:`_next_server`)."""
         key = self._bus_pub
         try:
             # The buses of a member kicked together are refused together: not all ask at once.
             await asyncio.sleep(random.uniform(0, REFUSED_ASK_JITTER))
             if self._auth_failures == 0 or self._rotating or self._bus_pub != key:
                 return  # back meanwhile, or this client is changing its key: nothing to ask
-            hopeless, why = await self._refusal(
+            hopeless, why, key_held = await self._refusal(
                 f"the bus refused {self.client.identity.handle} {refusals} times in a row "
                 "(authorization violation) and stopped")
             if self._rotating or self._bus_pub != key or self._auth_failures == 0:
@@ -1505,14 +1523,17 @@ class Bus:
             elif self._failure is None and self._auth_failures:
                 self._last_refusal = why.replace(" and stopped", "", 1)
                 self._ask_at = self._auth_failures + min(self._auth_failures, ASK_AGAIN_WITHIN)
-                if self._key_held:
+                if key_held:
                     # A member whose logins are throttled for long (its connections kicked again
                     # and again) stays a member: its bus goes on as long as the control plane says
                     # so, not only for nats-py's attempts (a red team's `unibus listen` stopped
-                    # after 115 s of them). A silent control plane gives no more.
+                    # after 115 s of them). A silent control plane gives no more. Each time, the
+                    # attempts come half as often (a review: a member at its bound on connections,
+                    # or a wrong address in /v1/bus, was refused 2.7 times a second for good).
+                    self._extended += 1
                     for server in getattr(nc, "_server_pool", ()):
                         if hasattr(server, "reconnects"):
-                            server.reconnects = 0
+                            server.reconnects = 1  # not 0: no burst of first attempts (_next_server)
                 log.warning("bus: %s; still reconnecting", self._last_refusal)
         finally:
             self._asking = None
@@ -1544,9 +1565,21 @@ class Bus:
         if self._nc is not None and self._nc.is_reconnecting:
             log.info("bus: disconnected; reconnecting")
 
+    def _next_server(self, servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
+        """nats-py's ``reconnect_to_server_handler``: the least-tried server; the first attempt
+        after a disconnect almost at once (jittered), later ones after RECONNECT_WAIT (jittered),
+        twice as long for each time the control plane said it still has this bus key while
+        the reconnects were refused (at most RECONNECT_WAIT_MAX)."""
+        chosen = min(servers, key=lambda srv: srv.reconnects)
+        if chosen.reconnects == 0:
+            return chosen, random.uniform(0, RECONNECT_JITTER)
+        wait = min(RECONNECT_WAIT * 2 ** self._extended, RECONNECT_WAIT_MAX)
+        return chosen, wait * (1 + random.random())
+
     async def _on_reconnected(self) -> None:
         # nats-py made every subscription again and flushed before calling
         # this: the server has processed them (refusals came first, to error_cb).
+        self._extended = 0
         self._auth_failures = 0
         self._ask_at = AUTH_FAILURES_LIMIT
         self._last_refusal = None
@@ -1773,16 +1806,6 @@ def _still_refused(heard: Sequence[BaseException], raised: BaseException) -> boo
         if not isinstance(e, _CLOSED_AFTER):
             return False
     return False
-
-
-def _next_server(servers: list[Any], _info: dict[str, Any]) -> tuple[Any, float]:
-    """nats-py's ``reconnect_to_server_handler``: the least-tried server; the first
-    attempt after a disconnect almost at once (jittered), later ones after
-    RECONNECT_WAIT (jittered)."""
-    chosen = min(servers, key=lambda srv: srv.reconnects)
-    if chosen.reconnects == 0:
-        return chosen, random.uniform(0, RECONNECT_JITTER)
-    return chosen, RECONNECT_WAIT * (1 + random.random())
 
 
 async def _barrier(nc: Any, timeout: float) -> None:

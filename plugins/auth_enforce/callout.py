@@ -27,6 +27,7 @@ import base64
 import binascii
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -85,12 +86,23 @@ def waiting_window(claims: dict[str, Any]) -> tuple[float, float] | None:
     :data:`AUTH_TIMEOUT` after ``iat``. Read as the end, ``exp`` made a red team's held logins
     (charged, answered up to :data:`~.loginlimit.LOGIN_MAX_DELAY` on) count as expired and go
     unanswered, about a quarter of them, while nats-server still waited."""
-    exp, iat = claims.get("exp"), claims.get("iat")
-    if not isinstance(exp, (int, float)) or isinstance(exp, bool):
+    exp, iat = _seconds(claims.get("exp")), _seconds(claims.get("iat"))
+    if exp is None:
         return None
-    if isinstance(iat, (int, float)) and not isinstance(iat, bool):
+    if iat is not None:
         return max(exp, iat + AUTH_TIMEOUT), min(exp, iat + AUTH_TIMEOUT) + 1.0
     return exp, exp + 1.0
+
+
+def _seconds(value: Any) -> float | None:
+    """A JWT time as a finite float, or None (absent, not a number, or too large to be a time)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past a float's range
+        return None
+    return seconds if math.isfinite(seconds) else None
 
 
 @dataclass(frozen=True, slots=True)

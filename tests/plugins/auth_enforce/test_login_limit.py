@@ -315,7 +315,7 @@ async def test_what_the_sdks_bus_takes_as_a_reason_to_stop():
                 return answer
 
             client.bus_info = bus_info
-            got, why = await bus._refusal("refused")
+            got, why, _held = await bus._refusal("refused")
             assert (got, words in why) == (hopeless, True), (name, why)
 
 
@@ -382,6 +382,11 @@ def test_nats_servers_wait_is_read_from_its_whole_second_exp_and_iat():
         assert end - earliest < 0.5 + 1e-9 and earliest - sent > 1.0 - 1e-9
     assert waiting_window({"exp": 101}) == (101, 102)
     assert waiting_window({"iat": 100}) is None and waiting_window({"exp": True}) is None
+    # values no nats-server writes: no window, never an exception (a review: an int past a float's
+    # range raised OverflowError in the responder)
+    for bad in (10**400, float("inf"), float("nan"), "101"):
+        assert waiting_window({"exp": bad, "iat": 100}) is None
+        assert waiting_window({"exp": 101, "iat": bad}) == (101, 102)
 
 
 def test_a_held_login_is_answered_while_nats_server_still_waits(monkeypatch):
@@ -421,7 +426,7 @@ async def test_a_bus_the_control_plane_still_knows_gets_its_reconnect_attempts_a
     """A red team: `unibus listen` stopped for good after nats-py's 60 attempts per server (115 s)
     while its member's logins were throttled, its key valid all along. An answer that the control
     plane still has the key gives every server its attempts again, and the next question comes
-    within half of them; no answer (a timeout) gives nothing. Without a server."""
+    within half of them, twice as far apart; no answer (a timeout) gives nothing. Without a server."""
     import unibus.client.api as api
     from unibus.client import UnibusClient
 
@@ -448,8 +453,15 @@ async def test_a_bus_the_control_plane_still_knows_gets_its_reconnect_attempts_a
             bus._nc, bus._bus_pub, bus._auth_failures = nc, bob.bus_pub, 96
             await asyncio.wait_for(bus._refused_repeatedly(nc, 96), 10)
             assert bus._stopping is None and bus._failure is None  # going on, either way
-            assert [s.reconnects for s in nc._server_pool] == ([0, 0] if given_again else [45, 45])
+            assert [s.reconnects for s in nc._server_pool] == ([1, 1] if given_again else [45, 45])
             assert bus._ask_at == 96 + api.ASK_AGAIN_WITHIN < 96 + api.MAX_RECONNECTS
+            # and the attempts are spaced twice as far apart each time it says so (a review: a member
+            # at its bound on connections was refused 2.7 times a second for good), at most 8 s
+            waits = [bus._next_server(nc._server_pool, {})[1] for _ in range(50)]
+            low = api.RECONNECT_WAIT * (2 if given_again else 1)
+            assert all(low <= w <= 2 * low for w in waits)
+            bus._extended = 10
+            assert max(bus._next_server(nc._server_pool, {})[1] for _ in range(50)) <= 2 * api.RECONNECT_WAIT_MAX
 
 
 async def test_a_first_connection_waits_for_its_members_budget_while_the_control_plane_has_its_key(tmp_path,
