@@ -562,9 +562,11 @@ class UnibusClient:
         entry 0 of this server's membership log (the pinned trust root, else
         entry 0 as the server serves it, fetched once). A request lifted from
         this server's log is then refused by any other deployment
-        (docs/client.md, "Requests bound to a deployment")."""
-        if self.replica.trust_root is not None:
-            return self.replica.trust_root
+        (docs/client.md, "Requests bound to a deployment"). A root pinned on disk counts
+        before this process read the replica's files."""
+        pinned = self.replica.pinned_root()
+        if pinned is not None:
+            return pinned
         if self._deployment is None:
             try:
                 entries = (await self.log(limit=1)).get("entries") or []
@@ -1017,12 +1019,24 @@ class UnibusClient:
             if rekey and state.may_rekey_at(room_id, me, state.head[0]):
                 before, why = lroom.epoch, ("its membership changed since epoch {}" if lroom.rekey_required or
                                              lroom.epoch == 0 else "the key of its epoch {} was sealed before 0.12")
-                epoch = await self.rekey(room_id)
+                for _ in range(REKEY_RETRIES + 1):
+                    epoch = await self.rekey(room_id)
+                    key = self._keys.get((room_id, epoch))
+                    # The rekey's own sync may have read past it: a removal logged right after the
+                    # rekey (a server holding it back until then, or a race) needs another one before
+                    # anything is sent (a red team: the removed member read the message).
+                    now = self.verified.rooms.get(room_id)
+                    if key is None or now is None or me not in now.members:  # left while it was on its way
+                        raise NotARoomMember(room_id, me)
+                    if not now.rekey_required and now.epoch == epoch:
+                        break
+                    if not self.verified.may_rekey_at(room_id, me, self.verified.head[0]):
+                        raise RekeyRequired(room_id, self.verified.rekeyers(room_id))
+                else:
+                    raise VerificationError(f"room {room_id}: its membership changed again after each of "
+                                            f"{REKEY_RETRIES + 1} rekeys; nothing was sent")
                 self.replica.notice(f"room {room_id} needed a rekey ({why.format(before)}); "
                                     f"rekeyed it to epoch {epoch} first")
-                key = self._keys.get((room_id, epoch))
-                if key is None:  # this member left the room while the rekey was on its way: sealed to others
-                    raise NotARoomMember(room_id, me)
                 return epoch, key
             raise RekeyRequired(room_id, state.rekeyers(room_id))
         return await self.room_key(room_id, lroom.epoch)
@@ -1573,7 +1587,7 @@ class Bus:
         chosen = min(servers, key=lambda srv: srv.reconnects)
         if chosen.reconnects == 0:
             return chosen, random.uniform(0, RECONNECT_JITTER)
-        wait = min(RECONNECT_WAIT * 2 ** self._extended, RECONNECT_WAIT_MAX)
+        wait = min(RECONNECT_WAIT * 2 ** min(self._extended, 16), RECONNECT_WAIT_MAX)  # never a float overflow
         return chosen, wait * (1 + random.random())
 
     async def _on_reconnected(self) -> None:

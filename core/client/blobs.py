@@ -1196,7 +1196,11 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
                 got = resp.headers.get("Content-Digest")
                 if got is not None and got.replace(" ", "") != want:
                     raise BlobIntegrityError(f"the server's Content-Digest for blob {blob_id} names other bytes")
-                total = resp.content_length if resp.content_length is not None else -1
+                # membershipd always says how long a blob is; a body without a length could go on
+                # for ever, and get_raw_blob writes it all before the hash can refuse it (a red team)
+                if resp.content_length is None:
+                    raise BlobIntegrityError(f"the server sent blob {blob_id} without a Content-Length")
+                total = resp.content_length
                 with _large_reads(resp):
                     done = await _receive(resp, total, progress, hasher, writer, first)
         except AnswerTooLarge as e:

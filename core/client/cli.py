@@ -499,7 +499,10 @@ def cmd_keygen_upgrade(ctx: Context) -> int:
 async def _upload_bus_key(ctx: Context, identity: Any) -> bool:
     ssl_context = ctx.ssl_context()  # --ca/--cert/--key, as every other command: a private CA's HTTPS server
     try:
-        client = UnibusClient(ctx.server, identity, ssl=ssl_context)
+        # The identity's replica: its request is tagged with the trust root pinned there, never with
+        # one the server chose (a red team: without a replica, a compromised server picked the tag).
+        client = UnibusClient(ctx.server, identity, ssl=ssl_context, replica_root=replica_root_for(ctx.identity_path),
+                              notice=_note)
     except ValueError as exc:
         raise UsageError(f"--server: {exc}") from None
     async with client:

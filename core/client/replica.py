@@ -270,6 +270,25 @@ class Replica:
             finally:
                 os.close(fd)  # releases the flock
 
+    def pinned_root(self) -> str | None:
+        """The trust root pinned for this server: in memory, else as ``state.json`` has it (read
+        without the lock, which a task holding it may be waiting on: the file is replaced whole).
+        A red team: the tag of a changing request was taken from the server whenever the
+        replica's files had not been read yet in this process, so a compromised server chose
+        another deployment's tag, or none, for a client that had pinned and verified its root."""
+        if self.trust_root is not None or self.directory is None:
+            return self.trust_root
+        raw = _read_file(self.directory / "state.json")
+        if raw is None:
+            return None
+        try:
+            doc = json.loads(raw)
+            root = doc.get("trust_root") if isinstance(doc, dict) else None
+            return _fingerprint(root) if root is not None else None
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
+                               "pin the trust root again with `unibus trust`") from None
+
     # -- loading ---------------------------------------------------------------------------
 
     def _fresh_state(self) -> LogState:
