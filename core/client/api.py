@@ -482,7 +482,6 @@ class UnibusClient:
         self._buses: weakref.WeakSet[Bus] = weakref.WeakSet()
         directory = None if replica_root is None else Path(replica_root).expanduser() / server_id(self.base_url)
         self.replica = Replica(self.base_url, directory, trust_root=trust_root, notice=notice)
-        self._deployment: str | None = None
 
     # -- lifecycle
     async def __aenter__(self) -> Self:
@@ -557,33 +556,25 @@ class UnibusClient:
         except ValueError:
             raise ApiError(status, {"title": "Bad response", "detail": "the server answered with a body that is not JSON"}) from None
 
-    async def deployment_tag(self) -> str | None:
-        """The ``tag`` every changing request is signed with: the fingerprint of
-        entry 0 of this server's membership log (the pinned trust root, else
-        entry 0 as the server serves it, fetched once). A request lifted from
-        this server's log is then refused by any other deployment
-        (docs/client.md, "Requests bound to a deployment"). A root pinned on disk counts
-        before this process read the replica's files."""
+    async def deployment_tag(self) -> str:
+        """The ``tag`` every changing request is signed with: the trust root pinned for this
+        server, read from the replica's files when this process has not read them yet; with
+        none pinned, a verified sync first, which pins entry 0 on first use and says so. A
+        request lifted from this server's log is then refused by any other deployment
+        (docs/client.md, "Requests bound to a deployment").
+
+        Two red teams: a fresh process took entry 0 from the server before reading its pinned
+        root, and a client with no root pinned (its first command, or the same server under
+        another spelling) took it from a bare look-up, or went untagged on a 404: either way
+        the server chose the tag, or none, and replayed the request on another deployment."""
         pinned = self.replica.pinned_root()
-        if pinned is not None:
-            return pinned
-        if self._deployment is None:
-            try:
-                entries = (await self.log(limit=1)).get("entries") or []
-            except ApiError as e:
-                if e.status != 404:
-                    raise
-                entries = []  # a server without a log (before 0.12): nothing to bind to
-            if entries and isinstance(entries[0], dict):
-                try:
-                    # checked as a verified sync checks it (its salt included: docs/formats.md),
-                    # not hashed blindly: the tag is what binds the request to this deployment
-                    self._deployment = LogState().apply(entries[0])
-                except LogError as e:
-                    raise LogVerificationError.from_log(e, self.base_url) from None
-            if self._deployment is None:
-                self._deployment = ""  # asked once: untagged from now on
-        return self._deployment or None
+        if pinned is None:
+            await self.sync()
+            pinned = self.replica.pinned_root()
+        if pinned is None:
+            raise VerificationError(f"{self.base_url} has no membership log to bind a changing request to (a server "
+                                    "before 0.12?); nothing was sent")
+        return pinned
 
     async def _send_once(self, method: str, url: yarl.URL, body: bytes | None,
                          tag: str | None = None) -> tuple[int, str | None, bytes, float | None]:

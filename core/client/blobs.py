@@ -929,15 +929,17 @@ def read_blob_header(path: str | os.PathLike[str]) -> BlobHeader:
 
 
 def sign_streamed_request(method: str, path_and_query: str, content_sha256: bytes, *, keyid: str,
-                          private_key: Any, created: int | None = None, nonce: str | None = None) -> dict[str, str]:
+                          private_key: Any, created: int | None = None, nonce: str | None = None,
+                          tag: str | None = None) -> dict[str, str]:
     """Like :func:`unibus.signing.sign_request`, for a body given by its SHA-256
     only (a streamed upload): returns ``Content-Digest``, ``Signature-Input``
-    and ``Signature`` covering ``@method @path @query content-digest``.
+    and ``Signature`` covering ``@method @path @query content-digest``, with
+    ``tag`` (the deployment's trust root) when given.
     """
     from .. import signing
 
     return signing.sign_request(method, path_and_query, None, keyid=keyid, private_key=private_key,
-                                created=created, nonce=nonce, content_sha256=content_sha256)
+                                created=created, nonce=nonce, content_sha256=content_sha256, tag=tag)
 
 
 # --------------------------------------------------------------------------- transfers
@@ -1011,9 +1013,12 @@ async def _upload(client: Any, room_id: str, sha256: bytes, size: int,
                       _problem_from, _read_capped, retry_503_delay)
 
     url = client.url_for(_blobs_path(room_id))
+    # Bound to the deployment as every changing request is (a review: uploads went untagged, and a
+    # compromised server that gave a new room the id of one on another deployment could replay them).
+    tag = await client.deployment_tag()
     for attempt in itertools.count():
         headers = sign_streamed_request("PUT", url.raw_path_qs, sha256, keyid=client.identity.handle,
-                                        private_key=client.identity.sign_key)
+                                        private_key=client.identity.sign_key, tag=tag)
         headers.update({"Content-Type": "application/octet-stream", "Content-Length": str(size),
                         "Accept": "application/json, application/problem+json"})
         try:
@@ -1159,7 +1164,7 @@ def _large_reads(resp: Any) -> Iterator[None]:
 
 async def _download(client: Any, room_id: str, blob_id: str, progress: Progress | None,
                     sink: Callable[[Sequence[bytes]], Any],
-                    first: Callable[[bytes], Awaitable[None]] | None = None) -> int:
+                    first: Callable[[bytes], Awaitable[None]] | None = None, max_size: int | None = None) -> int:
     """GET a blob and verify its SHA-256; return its size.
 
     Its bytes go, in blocks of about 1 MiB (a sequence of the pieces received)
@@ -1179,6 +1184,7 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
         headers = sign_request("GET", url.raw_path_qs, None, keyid=client.identity.handle,
                                private_key=client.identity.sign_key)
         headers["Accept"] = "application/octet-stream, application/problem+json"
+        headers["Accept-Encoding"] = "identity"  # the blob's own bytes, which its id and length are of
         h = hashlib.sha256()
         hasher, writer = _Lane(functools.partial(_hash_parts, h)), _Lane(sink)
         try:
@@ -1201,6 +1207,9 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
                 if resp.content_length is None:
                     raise BlobIntegrityError(f"the server sent blob {blob_id} without a Content-Length")
                 total = resp.content_length
+                if max_size is not None and total > max_size:
+                    raise BlobIntegrityError(f"the server says blob {blob_id} holds {total} bytes, more than "
+                                             f"max_size ({max_size})")
                 with _large_reads(resp):
                     done = await _receive(resp, total, progress, hasher, writer, first)
         except AnswerTooLarge as e:
@@ -1256,14 +1265,17 @@ def _temp_beside(out_path: Path) -> tuple[int, Path]:
 
 
 async def get_raw_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.PathLike[str], *,
-                       progress: Progress | None = None) -> int:
+                       progress: Progress | None = None, max_size: int | None = None) -> int:
     """Download a blob as it is stored (no decryption) to ``out_path``; return its size.
 
     Written to a temporary file beside ``out_path`` and renamed into place
-    only once its SHA-256 matched ``blob_id``.
+    only once its SHA-256 matched ``blob_id``. Nothing checks the bytes before
+    that, so a server may fill the disk up to the length it declares: give
+    ``max_size`` (the size you expect, or the server's ``--blob-max-bytes``) to
+    refuse a longer blob before a byte is written.
     """
     async with _replacing(Path(out_path)) as fd:
-        return await _download(client, room_id, blob_id, progress, _FileSink(fd))
+        return await _download(client, room_id, blob_id, progress, _FileSink(fd), max_size=max_size)
 
 
 @contextlib.asynccontextmanager

@@ -131,6 +131,11 @@ class FakeServer:
         return web.json_response(room) if room else problem(404, "no such room")
 
 
+#: A trust root pinned for the fake server, which has no membership log: changing requests are
+#: tagged with the pinned root, and a client with none pinned syncs first (docs/client.md).
+FAKE_ROOT = "ab" * 32
+
+
 @pytest.fixture
 async def fake():
     server = FakeServer()
@@ -152,7 +157,7 @@ def people():
 
 async def test_signed_requests_and_json_bodies(fake, people):
     fake.add(people["alice"], "admin")
-    async with UnibusClient(fake.base_url, people["alice"]) as c:
+    async with UnibusClient(fake.base_url, people["alice"], trust_root=FAKE_ROOT) as c:
         assert (await c.me())["handle"] == "alice"
         bob = people["bob"].public_record()
         added = await c.add_member(bob["handle"], bob["sign_pub"], bob["enc_pub"], bob["enc_suite"],
@@ -167,7 +172,7 @@ async def test_signed_requests_and_json_bodies(fake, people):
 
 async def test_query_and_path_encoding_match_the_signature(fake, people):
     fake.add(people["alice"])
-    async with UnibusClient(fake.base_url + "/", people["alice"]) as c:
+    async with UnibusClient(fake.base_url + "/", people["alice"], trust_root=FAKE_ROOT) as c:
         got = await c.request("GET", "/v1/echo", query={"q": "a b&c/é=?", "epoch": 3})
         assert got["query"] == {"q": "a b&c/é=?", "epoch": "3"}
         assert got["raw_path"] == "/v1/echo?q=a%20b%26c%2F%C3%A9%3D%3F&epoch=3"
@@ -180,7 +185,7 @@ async def test_query_and_path_encoding_match_the_signature(fake, people):
 
 async def test_api_error_shape(fake, people):
     fake.add(people["alice"])  # not an admin
-    async with UnibusClient(fake.base_url, people["alice"]) as c:
+    async with UnibusClient(fake.base_url, people["alice"], trust_root=FAKE_ROOT) as c:
         with pytest.raises(ApiError) as e:
             await c.add_member("dave", people["carol"].sign_pub_b64, people["carol"].enc_pub_b64,
                                bus_pub=people["carol"].bus_pub)
@@ -190,7 +195,7 @@ async def test_api_error_shape(fake, people):
 
 
 async def test_unknown_identity_is_401(fake, people):
-    async with UnibusClient(fake.base_url, people["carol"]) as c:
+    async with UnibusClient(fake.base_url, people["carol"], trust_root=FAKE_ROOT) as c:
         with pytest.raises(ApiError) as e:
             await c.me()
     assert e.value.status == 401 and str(e.value).startswith("401 Unauthorized: ")
@@ -203,7 +208,7 @@ async def test_a_closed_client_says_so_and_opens_no_session_nobody_closes(fake, 
     import warnings
 
     fake.add(people["alice"])
-    client = UnibusClient(fake.base_url, people["alice"])
+    client = UnibusClient(fake.base_url, people["alice"], trust_root=FAKE_ROOT)
     async with client:
         assert (await client.me())["handle"] == "alice"
     session = client._session
@@ -223,10 +228,10 @@ async def test_a_closed_client_says_so_and_opens_no_session_nobody_closes(fake, 
             or "Unclosed connector" in str(w.message)] == []
 
     async with aiohttp.ClientSession() as session:  # a session passed in stays its owner's
-        async with UnibusClient(fake.base_url, people["alice"], session=session) as c:
+        async with UnibusClient(fake.base_url, people["alice"], session=session, trust_root=FAKE_ROOT) as c:
             assert (await c.me())["handle"] == "alice"
         assert not session.closed
-        c = UnibusClient(fake.base_url, people["alice"], session=session)
+        c = UnibusClient(fake.base_url, people["alice"], session=session, trust_root=FAKE_ROOT)
     with pytest.raises(RuntimeError, match="the aiohttp session passed to this UnibusClient is closed"):
         await c.me()
 
@@ -257,7 +262,7 @@ def test_bad_base_url():
 
 async def test_503_fail_closed_is_retried_with_a_fresh_signature(fake, people):
     fake.add(people["alice"], "admin")
-    async with UnibusClient(fake.base_url, people["alice"]) as c:
+    async with UnibusClient(fake.base_url, people["alice"], trust_root=FAKE_ROOT) as c:
         fake.unavailable = 2
         assert (await c.create_room("r"))["name"] == "r"  # POST: refused before served, so resent
         assert len(fake.rooms) == 1

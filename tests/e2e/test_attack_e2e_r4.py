@@ -2,7 +2,7 @@
 
 Uses attackkit's module world (a real membershipd with a real nats-server and SQLite; alice
 admin, bob, carol, mallory) and its real aiohttp :class:`Proxy` (the compromised server). Each
-test asserts the safe behaviour; both were holes this round found, fixed.
+test asserts the safe behaviour; each was a hole this round or its review found, fixed.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import yarl
 from aiohttp import web
 from attackkit import new_room
 
-from unibus.client import UnibusClient
+from unibus.client import ApiError, UnibusClient, VerificationError
 from unibus.client.api import KeyUnavailable
 from unibus.client.keys import generate_identity
 
@@ -53,6 +53,53 @@ async def test_a_changing_request_is_tagged_with_the_pinned_root_whatever_the_se
         await fresh.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64,
                                bus_pub=newcomer.bus_pub)
     assert tags == [root]  # the code before: [None], untagged
+
+
+async def test_with_no_root_pinned_a_changing_request_is_tagged_only_after_a_verified_sync(world, proxy, tmp_path):
+    """A review: a client with nothing pinned for this server (its first command, or the same
+    server spelled another way, which is another replica directory) took the tag from a bare
+    look-up of entry 0, and sent untagged when the server answered 404: a request any other
+    deployment accepts. Now it syncs first (pinning on first use, and saying so); a server with
+    no log gets nothing."""
+    sent: list[str] = []
+
+    def no_log(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == "GET" and request.path.startswith("/v1/log"):
+            return 404, {"type": "about:blank", "title": "Not Found", "status": 404}
+        if request.method != "GET":
+            sent.append(request.path)
+        return None
+
+    proxy.answer = no_log
+    newcomer = generate_identity("r4nolog")
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "fresh.log") as fresh:
+        with pytest.raises((ApiError, VerificationError)):  # the sync failed: nothing is sent
+            await fresh.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64,
+                                   bus_pub=newcomer.bus_pub)
+    assert sent == []  # the code before: POST /v1/members, untagged
+
+    tags: list[str | None] = []
+    proxy.answer = lambda request, _body: tags.append(_tag(request)) if request.method != "GET" else None
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "other.log") as fresh:
+        await fresh.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64,
+                               bus_pub=newcomer.bus_pub)
+        assert tags == [fresh.replica.trust_root] and tags[0]  # synced, pinned, then tagged
+
+
+async def test_a_blob_upload_is_tagged_with_the_pinned_root(world, proxy, tmp_path):
+    """A review: blob uploads were signed without the tag, so a compromised server that gave a new
+    room the id of one on another deployment could replay them there."""
+    from unibus.client.blobs import put_raw_blob
+
+    rid = await new_room(world, "bob", rekey=False)
+    tags: list[str | None] = []
+    proxy.answer = lambda request, _body: tags.append(_tag(request)) if request.method == "PUT" else None
+    blob = tmp_path / "b"
+    blob.write_bytes(b"ciphertext, as far as the server knows")
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        await a.sync()
+        await put_raw_blob(a, rid, blob)
+        assert tags == [a.replica.trust_root] and tags[0]  # the code before: [None]
 
 
 async def test_a_removal_logged_right_after_a_rekey_is_rekeyed_for_before_anything_is_sent(world, proxy):
@@ -131,3 +178,16 @@ async def test_a_raw_blob_without_a_length_is_refused_before_it_is_written(tmp_p
             await get_raw_blob(c, "a" * 24, "0" * 64, out)
     assert not out.exists() and not list(tmp_path.iterdir())
     assert sent < 64 << 20
+
+    async def declares_a_tebibyte(request: web.Request) -> web.StreamResponse:  # the review's bypass
+        resp = web.StreamResponse(status=200, headers={"Content-Type": "application/octet-stream",
+                                                       "Content-Length": str(1 << 40)})
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await resp.write(b"\0" * (1 << 20))
+        return resp
+
+    async with serving(declares_a_tebibyte) as url, UnibusClient(url, generate_identity("zed"), timeout=15) as c:
+        with pytest.raises(BlobIntegrityError, match="more than max_size"):
+            await get_raw_blob(c, "a" * 24, "0" * 64, out, max_size=100 << 20)
+    assert not out.exists() and not list(tmp_path.iterdir())

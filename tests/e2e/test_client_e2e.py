@@ -52,7 +52,8 @@ def ok(proc: subprocess.CompletedProcess[str]) -> str:
 def refused(proc: subprocess.CompletedProcess[str], status: int) -> str:
     assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    # a member's first changing command syncs first, and says whose log it trusts on first use
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and " on first use: " not in line]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith(f"unibus: error: {status} "), lines[0]
     return lines[0]

@@ -17,7 +17,7 @@ from attackkit import serving
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.client.replica import LogVerificationError
-from unibus.memberlog import bootstrap_entry, member_json
+from unibus.memberlog import bootstrap_entry, entry_hash, member_json
 
 
 @pytest.mark.parametrize("salt", [None, "00" * 8, "AB" * 16])
@@ -33,8 +33,11 @@ async def test_a_client_signs_no_change_against_an_entry_0_it_would_refuse(tmp_p
 
     async def handler(request: web.Request) -> web.StreamResponse:
         asked.append((request.method, request.path))
+        head = {"seq": 0, "hash": entry_hash(entry0)}
+        if request.method == "GET" and request.path == "/v1/log/head":
+            return web.json_response({**head, "auth_skew": 60})
         if request.method == "GET" and request.path == "/v1/log":
-            return web.json_response({"entries": [entry0], "head": {"seq": 0, "hash": "0" * 64}})
+            return web.json_response({"entries": [entry0], "head": head})
         return web.json_response({"handle": "eve"}, status=201)
 
     async with serving(handler) as url, UnibusClient(url, alice, replica_root=tmp_path / "replicas") as client:
