@@ -18,7 +18,8 @@ was reached Python 3.11's accept loop logged a traceback for every failed ``acce
 * **Connections per listener** (:func:`max_connections`, from RLIMIT_NOFILE as it is at each
   new connection; the metrics listener: :data:`METRICS_MAX_CONNECTIONS`). At the limit
   a new connection pushes out the oldest one that is not serving a member's signed
-  request (on the metrics listener with a client CA: that has not shown a certificate): idle (waiting for a request head, in its TLS handshake, or closing), which the
+  request (on the metrics listener with a client CA: that has not shown a certificate):
+  idle (waiting for a request head, in its TLS handshake, or closing), which the
   idle deadline would have closed later anyway, or busy with requests nobody signed (red
   team: anonymous clients pipelining requests and reading their answers just fast enough
   to pass the stall rule held every connection for good). Only when every connection

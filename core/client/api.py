@@ -558,23 +558,28 @@ class UnibusClient:
 
     async def deployment_tag(self) -> str:
         """The ``tag`` every changing request is signed with: the trust root pinned for this
-        server, read from the replica's files when this process has not read them yet; with
-        none pinned, a verified sync first, which pins entry 0 on first use and says so. A
-        request lifted from this server's log is then refused by any other deployment
-        (docs/client.md, "Requests bound to a deployment").
+        server, read from the replica's files when this process has not read them yet. With
+        none pinned, entry 0 as the server serves it, checked as a sync checks it (its salt
+        included) and pinned on first use, with a first sync's notice; a server that serves no
+        entry 0 gets nothing. A request lifted from this server's log is then refused by any
+        other deployment (docs/client.md, "Requests bound to a deployment").
 
         Two red teams: a fresh process took entry 0 from the server before reading its pinned
         root, and a client with no root pinned (its first command, or the same server under
-        another spelling) took it from a bare look-up, or went untagged on a 404: either way
-        the server chose the tag, or none, and replayed the request on another deployment."""
+        another spelling) took it afresh for every process, or went untagged on a 404: the
+        server chose the tag, or none, and replayed the request on another deployment."""
         pinned = self.replica.pinned_root()
-        if pinned is None:
-            await self.sync()
-            pinned = self.replica.pinned_root()
-        if pinned is None:
-            raise VerificationError(f"{self.base_url} has no membership log to bind a changing request to (a server "
-                                    "before 0.12?); nothing was sent")
-        return pinned
+        if pinned is not None:
+            return pinned
+        entries = (await self.log(limit=1)).get("entries") or []  # a 404 is raised: nothing is sent
+        if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+            raise VerificationError(f"{self.base_url} serves no membership log to bind a changing request to; "
+                                    "nothing was sent")
+        try:
+            root = LogState().apply(entries[0])
+        except LogError as e:
+            raise LogVerificationError.from_log(e, self.base_url) from None
+        return await self.replica.pin_first_use(root)
 
     async def _send_once(self, method: str, url: yarl.URL, body: bytes | None,
                          tag: str | None = None) -> tuple[int, str | None, bytes, float | None]:

@@ -408,6 +408,17 @@ class Replica:
 
     # -- pins ------------------------------------------------------------------------------
 
+    async def pin_first_use(self, root: str) -> str:
+        """Pin ``root`` (entry 0's fingerprint, checked by the caller as a sync checks it) as the
+        trust root when none is pinned yet, with the notice of a first sync; return the root
+        pinned (another process's, when it pinned one first)."""
+        root = _fingerprint(root)
+        async with self.locked():
+            if self.trust_root is None:
+                self._pin_on_first_use(root)
+            assert self.trust_root is not None
+            return self.trust_root
+
     async def trust(self, fingerprint: str, *, reset: bool = False) -> str:
         """``unibus trust``: pin ``fingerprint`` as the trust root when none is pinned, accept it as a
         recovery bootstrap when one is (verified yet or not), or (``reset``) start over with it as

@@ -55,12 +55,12 @@ async def test_a_changing_request_is_tagged_with_the_pinned_root_whatever_the_se
     assert tags == [root]  # the code before: [None], untagged
 
 
-async def test_with_no_root_pinned_a_changing_request_is_tagged_only_after_a_verified_sync(world, proxy, tmp_path):
+async def test_with_no_root_pinned_a_changing_request_is_never_untagged_and_pins_its_root(world, proxy, tmp_path):
     """A review: a client with nothing pinned for this server (its first command, or the same
-    server spelled another way, which is another replica directory) took the tag from a bare
-    look-up of entry 0, and sent untagged when the server answered 404: a request any other
-    deployment accepts. Now it syncs first (pinning on first use, and saying so); a server with
-    no log gets nothing."""
+    server spelled another way, which is another replica directory) sent untagged when the
+    server answered its look-up of entry 0 with 404: a request any other deployment accepts,
+    and it took entry 0 afresh in every process. Now a server with no entry 0 gets nothing, and
+    the entry 0 a request is tagged with is pinned on first use (and said so)."""
     sent: list[str] = []
 
     def no_log(request: web.Request, _body: bytes) -> tuple[int, object] | None:
@@ -73,7 +73,7 @@ async def test_with_no_root_pinned_a_changing_request_is_tagged_only_after_a_ver
     proxy.answer = no_log
     newcomer = generate_identity("r4nolog")
     async with world.sdk("alice", proxy.url, replica=tmp_path / "fresh.log") as fresh:
-        with pytest.raises((ApiError, VerificationError)):  # the sync failed: nothing is sent
+        with pytest.raises((ApiError, VerificationError)):  # no entry 0: nothing is sent
             await fresh.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64,
                                    bus_pub=newcomer.bus_pub)
     assert sent == []  # the code before: POST /v1/members, untagged
@@ -83,7 +83,8 @@ async def test_with_no_root_pinned_a_changing_request_is_tagged_only_after_a_ver
     async with world.sdk("alice", proxy.url, replica=tmp_path / "other.log") as fresh:
         await fresh.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64,
                                bus_pub=newcomer.bus_pub)
-        assert tags == [fresh.replica.trust_root] and tags[0]  # synced, pinned, then tagged
+        assert tags == [fresh.replica.trust_root] and tags[0]  # pinned, then tagged
+    assert world.sdk("alice", proxy.url, replica=tmp_path / "other.log").replica.pinned_root() == tags[0]  # on disk
 
 
 async def test_a_blob_upload_is_tagged_with_the_pinned_root(world, proxy, tmp_path):
