@@ -571,7 +571,8 @@ class UnibusClient:
         pinned = self.replica.pinned_root()
         if pinned is not None:
             return pinned
-        entries = (await self.log(limit=1)).get("entries") or []  # a 404 is raised: nothing is sent
+        doc = await self.log(limit=1)  # a 404 is raised: nothing is sent
+        entries = doc.get("entries") if isinstance(doc, dict) else None
         if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
             raise VerificationError(f"{self.base_url} serves no membership log to bind a changing request to; "
                                     "nothing was sent")

@@ -725,6 +725,11 @@ async def cmd_trust(ctx: Context, c: UnibusClient) -> int:
                     "after the trust root; the next sync verifies it)",
         "reset": f"forgot the verified replica of {c.base_url} and pinned {fp} as its trust root",
     }[done]
+    if done == "accepted" and c.replica.pinned_head[0] < 1:
+        # Nothing past entry 0 verified yet: the root may be a first use's pin (a changing command's,
+        # which pins the entry 0 it tags with), and this fingerprint the one meant (a review).
+        text += (f"; the trust root pinned for it is {c.replica.trust_root}, which nothing verified beyond: "
+                 f"if {fp} is the root you meant, run `unibus trust --reset {fp}`")
     if ctx.json:
         _json_out({"server": c.base_url, "fingerprint": fp, "result": done, "replica": str(where)})
     else:

@@ -271,23 +271,28 @@ class Replica:
                 os.close(fd)  # releases the flock
 
     def pinned_root(self) -> str | None:
-        """The trust root pinned for this server: in memory, else as ``state.json`` has it (read
-        without the lock, which a task holding it may be waiting on: the file is replaced whole).
+        """The trust root pinned for this server: as ``state.json`` has it now (read without the
+        lock, which a task holding it may be waiting on: the file is replaced whole), else the one
+        in memory (an in-memory replica's, or a ``trust_root`` given and not written yet).
+
         A red team: the tag of a changing request was taken from the server whenever the
         replica's files had not been read yet in this process, so a compromised server chose
-        another deployment's tag, or none, for a client that had pinned and verified its root."""
-        if self.trust_root is not None or self.directory is None:
-            return self.trust_root
-        raw = _read_file(self.directory / "state.json")
-        if raw is None:
-            return None
-        try:
-            doc = json.loads(raw)
-            root = doc.get("trust_root") if isinstance(doc, dict) else None
-            return _fingerprint(root) if root is not None else None
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
-                               "pin the trust root again with `unibus trust`") from None
+        another deployment's tag, or none, for a client that had pinned and verified its root.
+        Read afresh each time: a review's long-running process kept tagging with the root that
+        `unibus trust --reset` had replaced on disk, and a ``trust_root`` argument overrode the
+        directory's own pin until the first sync."""
+        if self.directory is not None:
+            raw = _read_file(self.directory / "state.json")
+            if raw is not None:
+                try:
+                    doc = json.loads(raw)
+                    root = doc.get("trust_root") if isinstance(doc, dict) else None
+                    if root is not None:
+                        return _fingerprint(root)
+                except (ValueError, TypeError, AttributeError) as exc:
+                    raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away "
+                                       "and pin the trust root again with `unibus trust`") from None
+        return self.trust_root
 
     # -- loading ---------------------------------------------------------------------------
 

@@ -249,3 +249,19 @@ def test_a_recovery_bootstrap_needs_explicit_trust(tmp_path, membershipd_factory
     shown = unibus(daemon.base_url, path4, "log", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["trust_root"] == doc["trust_root"]
+
+
+async def test_the_pinned_root_is_read_from_disk_each_time(tmp_path):
+    """A review: a long-running process kept tagging its changing requests with the root it had
+    in memory after another process's `unibus trust --reset` replaced it on disk, and a
+    ``trust_root`` argument overrode the directory's own pin until the first sync."""
+    from unibus.client.replica import Replica
+
+    x, y = "aa" * 32, "bb" * 32
+    old = Replica("http://127.0.0.1:9", tmp_path / "r")
+    assert old.pinned_root() is None
+    assert await old.trust(y) == "pinned" and old.pinned_root() == y
+    assert await Replica("http://127.0.0.1:9", tmp_path / "r").trust(x, reset=True) == "reset"  # another process
+    assert old.pinned_root() == x  # the code before: y, until this process synced again
+    assert Replica("http://127.0.0.1:9", tmp_path / "r", trust_root=y).pinned_root() == x  # the directory's pin
+    assert Replica("http://127.0.0.1:9", None, trust_root=y).pinned_root() == y  # in memory: the argument

@@ -192,3 +192,24 @@ async def test_a_raw_blob_without_a_length_is_refused_before_it_is_written(tmp_p
         with pytest.raises(BlobIntegrityError, match="more than max_size"):
             await get_raw_blob(c, "a" * 24, "0" * 64, out, max_size=100 << 20)
     assert not out.exists() and not list(tmp_path.iterdir())
+
+
+async def test_a_look_up_of_entry_0_that_is_not_a_log_page_sends_nothing(tmp_path):
+    """A review: a server answering the first-use look-up of entry 0 with `null` (or a list, a
+    string, a number) made the client raise AttributeError, a traceback in the CLI. It is a
+    VerificationError now, and nothing is sent."""
+    from attackkit import serving
+
+    sent: list[str] = []
+
+    async def odd(request: web.Request) -> web.Response:
+        if request.method == "GET" and request.path == "/v1/log":
+            return web.json_response(None)
+        sent.append(f"{request.method} {request.path}")
+        return web.json_response({}, status=201)
+
+    newcomer = generate_identity("r4odd")
+    async with serving(odd) as url, UnibusClient(url, generate_identity("alice"), replica_root=tmp_path) as c:
+        with pytest.raises(VerificationError, match="serves no membership log"):
+            await c.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64, bus_pub=newcomer.bus_pub)
+    assert sent == []
