@@ -489,3 +489,44 @@ async def test_a_first_connection_waits_for_its_members_budget_while_the_control
             async with b.bus(connect_timeout=2.0, grant_wait=0.5) as bus:
                 assert (await bus.connected()).is_connected and time.monotonic() - t0 > 3.0  # refused, then let in
             assert rt.responder.stats["throttled"] >= 1
+
+
+async def test_a_first_connection_that_waits_logs_in_with_the_key_this_client_rotated_meanwhile(tmp_path,
+                                                                                                monkeypatch):
+    """A review: while a first connection waits for its member's budget, a key this client
+    rotates is the one its next attempt logs in with (the control plane then has the new key:
+    with the old one the connection would end as "rotated elsewhere", or be retried with the old
+    key until its patience ran out)."""
+    import unibus.client.api as api
+    from unibus.app import stash
+    from unibus.client import UnibusClient
+    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME
+
+    from .test_enforcer_counts import local_daemon
+
+    monkeypatch.setattr(api, "CONNECT_SLACK", 0.5)  # a connection's attempts end after 2.5 s
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    async with local_daemon(tmp_path, alice) as (daemon, url, a):
+        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
+        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
+        rt.responder.login_limit = limit = LoginLimit(burst=1.5, rate=0.125)  # one login, then one every 8 s
+        limit.take("bob", 0)  # spent: bob's next login is paid for in 4 s
+        async with UnibusClient(daemon_url(daemon), bob) as b:
+            bus = b.bus(connect_timeout=2.0, grant_wait=0.5)
+            connecting = asyncio.create_task(bus.connect())
+            try:
+                for _ in range(100):  # the first login with the old key was throttled
+                    if rt.responder.stats["throttled"] >= 1 or connecting.done():
+                        break
+                    await asyncio.sleep(0.05)
+                assert not connecting.done() and rt.responder.stats["throttled"] >= 1
+                new = await b.rotate_bus_key()
+                assert new.bus_pub != bob.bus_pub
+                await asyncio.wait_for(connecting, 30)
+                assert bus._bus_pub == new.bus_pub and bus._nc.is_connected
+                assert (await b.bus_info())["user_nkey"] == new.bus_pub
+            finally:
+                if not connecting.done():
+                    connecting.cancel()
+                await asyncio.gather(connecting, return_exceptions=True)
+                await bus.close()
