@@ -23,7 +23,7 @@ import socket
 import ssl
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,10 @@ class Daemon:
         #: False until start() is done; a SIGHUP before then is read once it is (on_sighup)
         self._serving = False
         self._reload_after_start = False
+        #: Lines logged once the start passed its checks (``serve``'s allocator line): a start
+        #: refused for its settings prints its one error line and nothing else.
+        self.notes: list[str] = []
+        self._began = False
         self._started_hooks = False
         #: plugins whose ``startup`` returned, in order; None until the startup hooks begin
         self._started: list[str] | None = None
@@ -248,6 +252,9 @@ class Daemon:
         self.plugins.validate_settings(s)  # a no-op when the CLI already did it for these settings
         nonce_max_bytes = nonce_max_bytes_from_env(os.environ)
         http_tls, metrics_tls, binary = self._preflight()
+        self._began = True
+        for note in self.notes:
+            log.info("%s", note)
         await asyncio.to_thread(migrate, s.db_path)
         seed, _public = ensure_service_nkey(s.data_dir)
         self.nats_tls = EmbeddedTLS(s.tls_cert, s.tls_key, s.tls_ca) if s.embedded and s.tls_cert else None
@@ -566,7 +573,8 @@ class Daemon:
                     os.close(self._lock_fd)
                     self._lock_fd = None
         took = loop.time() - started
-        (log.warning if took > STOP_BUDGET else log.info)("stopped in %.1f s", took)
+        if self._began:  # a start refused before it began has nothing to say besides its error
+            (log.warning if took > STOP_BUDGET else log.info)("stopped in %.1f s", took)
 
     async def _step(self, what: str, aw: Any, timeout: float) -> None:
         try:
@@ -609,13 +617,15 @@ class Daemon:
 
 
 async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatchdog | None = None,
-                 sighup_before: Callable[[], bool] | None = None) -> None:
+                 sighup_before: Callable[[], bool] | None = None, notes: Sequence[str] = ()) -> None:
     """Serve until a stop signal. ``watchdog`` is :func:`serve`'s, for the process of its
     own (never a test's in-process run): the signal arms it, or a start-up that failed,
     and once the stop is done a further stop signal is ignored rather than ending the
     exit early (the watchdog bounds that). ``sighup_before()``: whether a SIGHUP came before
-    the loop's handler was set (the CLI's); then the store is read once the start is done."""
+    the loop's handler was set (the CLI's); then the store is read once the start is done.
+    ``notes``: lines to log once the start passed its checks."""
     daemon = Daemon(settings, plugins)
+    daemon.notes = list(notes)
     loop = asyncio.get_running_loop()
     own_process = watchdog is not None
     daemon.keep_lock = own_process
@@ -693,7 +703,7 @@ def serve(settings: Settings, plugins: PluginManager, *, sighup_before: Callable
     exit 1. The watchdog stays armed until the process is gone: the interpreter's exit
     still waits for threads, ``atexit`` handlers and multiprocessing children.
     """
-    log.info("%s", allocator.tune())  # before the first request's buffers (unibus.allocator)
+    tuned = allocator.tune()  # before the first request's buffers (unibus.allocator); said once the checks pass
     watchdog = StopWatchdog()
     loop = asyncio.new_event_loop()
     # The loop's default executor, made here so that _close_loop can shut it down in a thread of
@@ -703,7 +713,7 @@ def serve(settings: Settings, plugins: PluginManager, *, sighup_before: Callable
     loop.set_default_executor(executor)
     asyncio.set_event_loop(loop)
     try:
-        loop.run_until_complete(_serve(settings, plugins, watchdog, sighup_before))
+        loop.run_until_complete(_serve(settings, plugins, watchdog, sighup_before, notes=(tuned,)))
     finally:
         try:
             _close_loop(loop, executor)

@@ -19,6 +19,11 @@ def assert_one_line_error(proc, code, *needles):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1, proc.stderr
+    if code == 2:  # and nothing else: no log line of a start that never began (a walk-through of the
+        # docs saw "allocator: …" and "stopped in 0.0 s" above a refusal); argparse's usage line is the
+        # one other. (A runtime failure, exit 1, comes after the start's log lines.)
+        usage = [line for line in proc.stderr.splitlines() if line.startswith("usage: ")]
+        assert proc.stderr.strip().splitlines() == usage + errors, proc.stderr
     for needle in needles:
         assert needle in errors[0], errors[0]
 

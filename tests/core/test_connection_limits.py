@@ -382,7 +382,8 @@ def test_a_bad_idle_timeout_is_refused_with_one_line(tmp_path):
         proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), env={IDLE_TIMEOUT_ENV: value}, timeout=60)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
-        assert lines[-1].startswith(f"membershipd: error: {IDLE_TIMEOUT_ENV}: ") and "from 0.1 to 3600" in lines[-1]
+        assert len(lines) == 1, proc.stderr  # the error, and no log line of a start that never began
+        assert lines[0].startswith(f"membershipd: error: {IDLE_TIMEOUT_ENV}: ") and "from 0.1 to 3600" in lines[0]
         assert "Traceback" not in proc.stderr
 
 
