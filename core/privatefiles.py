@@ -74,6 +74,13 @@ def check_ancestors(path: Path, flag: str) -> None:
     theirs between the check of the directory and the files opened in it (red team: 4 of 25
     tries of a rename race won)."""
     me = os.geteuid()
+    for link, st in links_followed(path):
+        # In a sticky directory (/tmp) a link's owner may replace it, and the mode above does not
+        # say so: another user's link to a directory of ours passed every check, then was pointed
+        # at a directory of theirs, and a restarted nats-server read their nats.conf (red team).
+        if st.st_uid not in (0, me):
+            raise ConfigError(f"{flag}: {link} on the way to {path} is a symbolic link of uid {st.st_uid}, who could "
+                              f"point it elsewhere; give the directory it names instead ({os.path.realpath(path)})")
     given = Path(os.path.abspath(path))
     chains = {Path(os.path.realpath(given.parent)), Path(os.path.realpath(given)).parent}
     seen: set[Path] = set()
@@ -94,6 +101,38 @@ def check_ancestors(path: Path, flag: str) -> None:
                 raise ConfigError(f"{flag}: group or others may write to {d} above {path} (mode {mode:04o}), so they "
                                   f"could swap {path} for a directory of theirs; run chmod go-w {d}, or use "
                                   "another directory")
+
+
+def links_followed(path: Path, limit: int = 40) -> list[tuple[Path, os.stat_result]]:
+    """Every symbolic link that resolving ``path`` follows, with its ``lstat``, component by
+    component as the kernel does (a link's own links included; ``..`` taken after the links
+    before it). What does not exist yet is taken as it stands."""
+    found: list[tuple[Path, os.stat_result]] = []
+    todo = list(Path(os.path.join(os.getcwd(), path)).parts[1:])
+    current = Path("/")
+    while todo:
+        name = todo.pop(0)
+        if name in ("", "."):
+            continue
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
+        try:
+            st = os.lstat(candidate)
+        except OSError:  # missing (made later) or not searchable: nothing more to follow
+            return found
+        if not stat.S_ISLNK(st.st_mode):
+            current = candidate
+            continue
+        found.append((candidate, st))
+        if len(found) > limit:
+            raise ConfigError(f"{path}: too many levels of symbolic links")
+        target = os.readlink(candidate)
+        if os.path.isabs(target):
+            current = Path("/")
+        todo[:0] = list(Path(target).parts[1:] if os.path.isabs(target) else Path(target).parts)
+    return found
 
 
 def check_private_dir(path: Path, flag: str) -> None:

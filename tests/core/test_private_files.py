@@ -246,3 +246,52 @@ async def test_a_nats_url_password_is_in_no_error_and_no_log(tmp_path, caplog):
     done = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), "--nats-url", "nats://alice:S3cretPW@10.9.9.9:4222")
     line = one_line_refusal(done)
     assert "S3cretPW" not in done.stderr and "nats://10.9.9.9:4222" in line
+
+
+@needs_root
+def test_a_link_of_another_user_on_the_way_to_the_data_dir_is_refused(tmp_path):
+    """A red team: in a sticky directory (/tmp) another user's link to a directory of ours passed
+    every check, since a link is followed; its owner then pointed it at a directory of theirs,
+    and the restarted nats-server read their nats.conf (their user logged in, the monitor on
+    every interface). A link on the way, or a link's own link, must be root's or ours."""
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    theirs = sticky / "data"
+    theirs.symlink_to(real)
+    os.lchown(theirs, OTHER_UID, OTHER_UID)
+    line = one_line_refusal(run_membershipd("migrate", "--data-dir", str(theirs)))
+    assert f"{theirs} on the way to {theirs} is a symbolic link of uid {OTHER_UID}" in line and str(real) in line
+    assert list(real.iterdir()) == []
+    # through a link of ours that names theirs
+    ours = tmp_path / "ours"
+    ours.symlink_to(theirs)
+    with pytest.raises(ConfigError, match=f"{theirs} on the way to {ours} is a symbolic link of uid {OTHER_UID}"):
+        check_private_dir(ours, "--data-dir")
+    # a component above, relative targets and "..", as the kernel takes them
+    (real / "sub").mkdir(mode=0o700)
+    above = tmp_path / "above"
+    above.symlink_to("tmp/../tmp/data")
+    with pytest.raises(ConfigError, match=f"{theirs} on the way"):
+        check_private_dir(above / "sub", "--data-dir")
+    # links of ours (or root's) are followed as before
+    os.lchown(theirs, 0, 0)
+    check_private_dir(ours, "--data-dir")
+    done = run_membershipd("migrate", "--data-dir", str(ours))
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_links_followed_are_found_as_the_kernel_follows_them(tmp_path):
+    from unibus.privatefiles import links_followed
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "l1").symlink_to("a")
+    (tmp_path / "a" / "l2").symlink_to(tmp_path / "l1" / "b")
+    found = [str(p) for p, _ in links_followed(tmp_path / "a" / "l2" / ".." / "b" / "missing" / "x")]
+    assert found == [str(tmp_path / "a" / "l2"), str(tmp_path / "l1")]
+    assert links_followed(tmp_path / "a" / "b") == []
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ConfigError, match="too many levels"):
+        links_followed(tmp_path / "loop")
