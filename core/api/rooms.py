@@ -278,10 +278,16 @@ async def get_my_key(request: web.Request) -> web.Response:
     room_id = request.match_info["room_id"]
     me = require_member(request)
     epoch = query_int(request.query, "epoch", EPOCH_MIN, EPOCH_MAX)
-    if await request.app[STORE].get_room(room_id) is None:
+    room = await request.app[STORE].get_room(room_id)
+    if room is None:
         raise Problem(404, f"no room {room_id!r}", kind="not-found")
     found = await request.app[STORE].get_key_package(room_id, me.handle, epoch)
     if found is None:
+        if me.handle not in room.handles and (
+                epoch is None or await request.app[STORE].get_key_package(room_id, me.handle, None) is None):
+            # Neither a member nor a former one (no key of any epoch): a caller without the right,
+            # as GET /v1/rooms/{room_id} answers it (an audit against docs/http-api.md).
+            raise Problem(403, "only the room's current and former members have keys in it", kind="forbidden")
         which = f"epoch {epoch}" if epoch is not None else "any epoch"
         raise Problem(404, f"no key of {which} was sealed to {me.handle!r} in room {room_id!r}", kind="not-found")
     # sig, sealer and log_head are null for keys sealed before 0.12 (docs/http-api.md).
@@ -336,6 +342,7 @@ def register(app: web.Application) -> None:
     add_route(app, "GET", room + "/keys/me", get_my_key,
               summary="The room key sealed to the caller (latest epoch, or ?epoch=N)",
               responses={200: ("{room_id, epoch, sealed, sig, sealer, log_head}", key_package),
+                         403: "the caller was never in the room (no key of any epoch)",
                          404: "no such room, or no key sealed to the caller",
                          422: "bad epoch, or a room_id that breaks its syntax"},
               query={"epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX}}, tags=["keys"])

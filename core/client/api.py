@@ -205,7 +205,8 @@ class KeyUnavailable(ApiError):
 
     Raised instead of a plain :class:`ApiError` for a 404 of
     ``GET /v1/rooms/{id}/keys/me``: the room was never keyed (epoch 0: run a
-    rekey), or the member was not in the room at that epoch.
+    rekey), or the member was not in the room at that epoch; and for its 403:
+    the member was never in the room.
     """
 
     def __init__(self, room_id: str, epoch: int | None, status: int, problem: Mapping[str, Any] | None) -> None:
@@ -745,14 +746,15 @@ class UnibusClient:
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
         """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{room_id, epoch, sealed, sig, sealer, log_head}``,
-        unverified (``sealed`` and ``sig`` still base64). A 404 raises :class:`KeyUnavailable`.
+        unverified (``sealed`` and ``sig`` still base64). A 404 raises :class:`KeyUnavailable`, and so
+        does a 403 (a caller that was never in the room).
         :meth:`room_key` is the verified way to get a key.
         """
         query = None if epoch is None else {"epoch": int(epoch)}
         try:
             return await self.request("GET", f"/v1/rooms/{_seg(room_id, 'room id')}/keys/me", query=query)
         except ApiError as exc:
-            if exc.status == 404:
+            if exc.status in (403, 404):
                 raise KeyUnavailable(room_id, epoch, exc.status, exc.problem) from None
             raise
 

@@ -10,6 +10,7 @@ import pytest
 
 from unibus.api.rooms import NAME_MAX, ROOM_SCHEMA
 from unibus.client import ApiError, UnibusClient
+from unibus.client.api import KeyUnavailable
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import new_room_key, open_room_key, seal_room_key
 
@@ -89,7 +90,12 @@ async def test_room_lifecycle(world):
         got = await c[h].my_key(rid)
         assert got["epoch"] == 1
         assert open_room_key(base64.b64decode(got["sealed"]), people[h], rid, 1) == key
-    await expect(404, c["dave"].my_key(rid))
+    with pytest.raises(KeyUnavailable) as e:  # never in the room: no right, as for the room itself (an audit)
+        await c["dave"].my_key(rid)
+    assert e.value.status == 403 and e.value.problem["type"].endswith("/forbidden"), e.value.problem
+    with pytest.raises(KeyUnavailable) as e:
+        await c["dave"].my_key(rid, epoch=1)
+    assert e.value.status == 403
 
     # removal: rekey_required; carol may still read epoch 1, never epoch 2
     await c["bob"].remove_room_member(rid, "carol")
