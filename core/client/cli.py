@@ -244,8 +244,7 @@ def build_parser(plugins: Sequence[object] = (), *, entry_points: bool = True) -
     _leaf(sub, "whoami", "show your member record as the server knows it", cmd_whoami)
     _add_members(_group(sub, "members", "list, add (admin), remove (admin) members"))
     _add_rooms(_group(sub, "rooms", "create, list, show rooms; add/remove room members; rekey"))
-    _leaf(sub, "send", "encrypt TEXT with the room's current key and publish it on the room's TOPIC", cmd_send,
-          "room", "topic", "text")
+    _add_send(sub)
     bsub = _group(sub, "blob", "put or get a room blob (encrypted with the room key on your side)")
     _leaf(bsub, "put", "encrypt FILE with the room's current key, upload it, print its blob id", cmd_blob_put,
           "room", "file")
@@ -298,6 +297,14 @@ def _add_rooms(rsub: Any) -> None:
           "room", "handle")
     _leaf(rsub, "rekey", "draw a new room key, seal it to every member, upload it", cmd_rooms_rekey, "room")
     _leaf(rsub, "delete", "delete a room (owner/admin)", cmd_rooms_delete, "room")
+
+
+def _add_send(sub: Any) -> None:
+    p = _leaf(sub, "send", "encrypt TEXT with the room's current key and publish it on the room's TOPIC", cmd_send,
+              "room", "topic")
+    p.add_argument("text", metavar="TEXT", help="the message; - reads it from standard input. A message on the "
+                                                "command line is visible to the host's other users (ps): on a "
+                                                "shared host, pipe it")
 
 
 def _add_listen(sub: Any) -> None:
@@ -635,11 +642,27 @@ async def cmd_send(ctx: Context, c: UnibusClient) -> int:
         subject = message_subject(room_id, ctx.args.topic)
     except ValueError as exc:
         raise UsageError(f"TOPIC: {exc}") from None
+    data = _stdin_message() if ctx.args.text == "-" else ctx.args.text.encode("utf-8", "surrogateescape")
     async with c.bus(key_ttl=0) as bus:
-        epoch = await bus.send(room_id, ctx.args.topic, ctx.args.text.encode("utf-8"))
+        epoch = await bus.send(room_id, ctx.args.topic, data)
     if ctx.json:
         _json_out({"room_id": room_id, "topic": ctx.args.topic, "subject": subject, "epoch": epoch})
     return EXIT_OK
+
+
+#: The most ``unibus send ROOM TOPIC -`` reads from standard input: NATS' own bound on a
+#: server's ``max_payload`` (a server's own, 1 MiB by default, refuses less at the publish).
+STDIN_MESSAGE_MAX = 64 << 20
+
+
+def _stdin_message() -> bytes:
+    """The message of ``unibus send ROOM TOPIC -``: standard input, as bytes (a red team read
+    TEXT given on the command line in another user's ``/proc/PID/cmdline``)."""
+    data = sys.stdin.buffer.read(STDIN_MESSAGE_MAX + 1)
+    if len(data) > STDIN_MESSAGE_MAX:
+        raise UsageError(f"TEXT: the message on standard input is larger than {STDIN_MESSAGE_MAX >> 20} MiB, "
+                         "more than any NATS server carries; send a blob instead (`unibus blob put`)")
+    return data
 
 
 def _message_json(m: Message) -> dict[str, Any]:

@@ -154,6 +154,21 @@ def test_bad_arguments_exit_2_before_any_request(identity_file, args, needle):
     one_error_line(proc, 2, needle)
 
 
+def test_a_message_on_standard_input_past_natss_bound_exits_2_before_any_request(identity_file):
+    """`unibus send ROOM TOPIC -` reads the message from standard input (on the command line,
+    another user reads it in /proc/PID/cmdline); more than NATS' bound is refused."""
+    from unibus.client.cli import STDIN_MESSAGE_MAX
+
+    port = free_port()  # nothing listens there: exit 2 proves nothing was sent
+    proc = subprocess.run([sys.executable, "-m", "unibus.client.cli", "--identity", str(identity_file), "--server",
+                           f"http://127.0.0.1:{port}", "send", "abcdefghijklmnopqrstuvwx", "chat", "-"],
+                          input=b"x" * (STDIN_MESSAGE_MAX + 1), capture_output=True, timeout=60, check=False,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")})
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "TEXT: the message on standard input is larger than 64 MiB" in lines[0], lines
+
+
 def test_missing_identity_exits_2_and_says_what_to_do(tmp_path):
     proc = unibus("whoami", home=tmp_path)
     one_error_line(proc, 2, str(tmp_path / ".config" / "unibus" / "identity.json"), "unibus keygen")

@@ -32,7 +32,7 @@ DAEMON_ARGS: tuple[str, ...] = ()
 
 
 def unibus(*args: str, server: str | None = None, identity: Path | None = None,
-           timeout: float = 60) -> subprocess.CompletedProcess[str]:
+           timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
     pre = []
     if server:
@@ -40,7 +40,8 @@ def unibus(*args: str, server: str | None = None, identity: Path | None = None,
     if identity:
         pre += ["--identity", str(identity)]
     return subprocess.run([sys.executable, "-m", "unibus.client.cli", *pre, *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+                          env=env, timeout=timeout, check=False,
+                          **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:
@@ -72,8 +73,8 @@ class Member:
         """``--handle H --role member --sign-pub … --enc-pub … --enc-suite S`` from keygen's line."""
         return shlex.split(self.operator_line)[3:]
 
-    def cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        return unibus(*args, server=self.server, identity=self.path, timeout=timeout)
+    def cli(self, *args: str, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+        return unibus(*args, server=self.server, identity=self.path, timeout=timeout, stdin=stdin)
 
     def client(self) -> UnibusClient:
         assert self.server
@@ -282,17 +283,21 @@ def test_rooms_rekey_send_listen_and_removal(world):
     assert e_b == e_c == 1 and key_b == key_c and len(key_b) == 32
 
     # carol listens, bob sends (CLI both)
-    listener = Listener(carol, room_id, "--count", "2")
+    # (- reads the message from standard input: on the command line another user reads it in
+    # /proc/PID/cmdline, a red team)
+    listener = Listener(carol, room_id, "--count", "3")
     try:
         listener.wait_ready()
         ok(bob.cli("send", room_id, "chat", "hello carol"))
         ok(bob.cli("send", room_id, "alerts.disk", "line1\nline2 ✓"))
+        ok(bob.cli("send", room_id, "chat", "-", stdin="the launch code ✓\n"))
         rc, msgs = listener.finish()
     finally:
         listener.kill()
     assert rc == 0
     assert [(m["topic"], m["text"], m["epoch"], m["sender"]) for m in msgs] == [
-        ("chat", "hello carol", 1, "bob"), ("alerts.disk", "line1\nline2 ✓", 1, "bob")]
+        ("chat", "hello carol", 1, "bob"), ("alerts.disk", "line1\nline2 ✓", 1, "bob"),
+        ("chat", "the launch code ✓\n", 1, "bob")]
     assert msgs[0]["subject"] == f"unibus.room.{room_id}.chat"
 
     # text output: one line per message with its verified sender, control characters escaped
