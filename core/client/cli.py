@@ -739,11 +739,12 @@ def _fingerprint_arg(value: str) -> str:
 
 async def cmd_trust(ctx: Context, c: UnibusClient) -> int:
     fp = _fingerprint_arg(ctx.args.fingerprint)
-    done = await c.replica.trust(fp, reset=ctx.args.reset)
+    done = await c.replica.trust(fp, reset=ctx.args.reset, client=c)
     where = c.replica.directory
     text = {
         "pinned": f"pinned {fp} as the trust root of {c.base_url}: its membership log must start with that entry",
         "already": f"{fp} is already trusted for {c.base_url}",
+        "confirmed": f"confirmed {fp} as the trust root of {c.base_url} (it was pinned on first use)",
         "accepted": f"accepted {fp} as a recovery bootstrap of {c.base_url} (an offline `membershipd member add` "
                     "after the trust root; the next sync verifies it)",
         "reset": f"forgot the verified replica of {c.base_url} and pinned {fp} as its trust root",

@@ -17,7 +17,9 @@ refused when another user owns them):
   lines count (a crash between the append and the state write leaves extra
   lines, cut at the next write).
 * ``state.json``: ``{"version": 1, "server", "trust_root", "accepted_bootstraps",
-  "head": {"seq", "hash"}, "epochs": {room_id: n}}``, replaced atomically.
+  "head": {"seq", "hash"}, "epochs": {room_id: n}}``, replaced atomically, with
+  ``"first_use": true`` while the trust root is one pinned on first use that
+  ``unibus trust`` has not confirmed.
 * ``lock``: ``flock``-ed by the process that reads or writes the other two.
 
 The local files are trusted (only their owner can write them): loading
@@ -45,7 +47,7 @@ from typing import Any
 
 import yarl
 
-from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState, UnacceptedBootstrap
+from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState, UnacceptedBootstrap, entry_hash
 from ..privatefiles import make_missing_dirs
 
 __all__ = [
@@ -98,6 +100,11 @@ class LogVerificationError(VerificationError):
 
 class _Redo(Exception):
     """A page's deferred checks failed: verify it again entry by entry."""
+
+
+class TrustRefused(VerificationError):
+    """``unibus trust`` of a fingerprint that is neither the root pinned on first use nor a
+    bootstrap in the server's log: it may be the operator's root, and the server another log."""
 
 
 class ReplicaError(Exception):
@@ -232,6 +239,7 @@ class Replica:
         self.notice = notice or (lambda text: log.warning("%s", text))
         self.trust_root: str | None = _fingerprint(trust_root) if trust_root else None
         self.accepted: set[str] = set()
+        self.first_use = False  # the root was pinned on first use, not named by `unibus trust` (persisted)
         self.pinned_head: tuple[int, str] = (-1, "")  # the head this client verified last (persisted)
         self.epochs: dict[str, int] = {}
         self.state = self._fresh_state()
@@ -320,6 +328,9 @@ class Replica:
                                    f"version {REPLICA_VERSION} (a newer unibus wrote it?)")
             root = doc.get("trust_root")
             root = _fingerprint(root) if root is not None else None
+            first_use = doc.get("first_use", False)
+            if type(first_use) is not bool:
+                raise ValueError("bad first_use")
             accepted = {_fingerprint(f) for f in doc.get("accepted_bootstraps", [])}
             head = doc.get("head") or {}
             seq, digest = head.get("seq"), head.get("hash")
@@ -334,7 +345,7 @@ class Replica:
             raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
                                "pin the trust root again with `unibus trust`") from None
         same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root)
-        self.trust_root, self.accepted = root, accepted
+        self.trust_root, self.accepted, self.first_use = root, accepted, first_use and root is not None
         self.pinned_head = (seq, digest)
         for room, n in epochs.items():  # never lower an accepted epoch, whoever wrote last
             self.epochs[room] = max(n, self.epochs.get(room, 0))
@@ -407,6 +418,8 @@ class Replica:
         doc = {"version": REPLICA_VERSION, "server": self.server, "trust_root": self.trust_root,
                "accepted_bootstraps": sorted(self.accepted), "head": {"seq": seq, "hash": digest},
                "epochs": dict(sorted(self.epochs.items()))}
+        if self.first_use:
+            doc["first_use"] = True
         raw = (json.dumps(doc, indent=1) + "\n").encode()
         _write_atomic(self.directory / "state.json", raw)
         self._stamp = raw
@@ -424,35 +437,78 @@ class Replica:
             assert self.trust_root is not None
             return self.trust_root
 
-    async def trust(self, fingerprint: str, *, reset: bool = False) -> str:
+    async def trust(self, fingerprint: str, *, reset: bool = False, client: Any = None) -> str:
         """``unibus trust``: pin ``fingerprint`` as the trust root when none is pinned, accept it as a
         recovery bootstrap when one is (verified yet or not), or (``reset``) start over with it as
-        the trust root. Returns what was done: ``"pinned"``, ``"already"``, ``"accepted"`` or
-        ``"reset"``."""
+        the trust root. Returns what was done: ``"pinned"``, ``"already"``, ``"confirmed"`` (the
+        root pinned on first use, named now), ``"accepted"`` or ``"reset"``.
+
+        A root pinned on first use came from the server: another fingerprint is accepted as a
+        recovery bootstrap only when the server's log holds a bootstrap entry with that hash after
+        entry 0, which ``client`` (a :class:`unibus.client.UnibusClient`) is asked for. Otherwise
+        :class:`TrustRefused` is raised: the fingerprint may be the root the operator gave, and the
+        server another log (a walk-through of the upgrade steps pinned the server's root first,
+        then took the operator's root for a bootstrap, exit 0)."""
         fp = _fingerprint(fingerprint)
         async with self.locked():
             if reset:
                 self.trust_root, self.accepted, self.pinned_head, self.epochs = fp, set(), (-1, ""), {}
+                self.first_use = False
                 self._reset_memory()
                 self._save(rewrite=True)
                 return "reset"
             if self.trust_root == fp:
-                return "already"
+                if not self.first_use:
+                    return "already"
+                self.first_use = False
+                self._write_state()
+                return "confirmed"
             if self.trust_root is None:  # nothing pinned yet: the trust root
                 self.trust_root = fp
                 self.state.trust_root = fp
+                self.first_use = False
                 self._write_state()
                 return "pinned"
+            if fp in self.accepted:
+                return "already"
+            if self.first_use and not await self._served_bootstrap(client, fp):
+                raise TrustRefused(
+                    f"the trust root of {self.server} was pinned on first use ({self.trust_root}) and {fp} is not "
+                    f"a recovery bootstrap in the log it serves: if {fp} is the trust root your operator gave you, "
+                    f"this server serves another log (`unibus trust --reset {fp}` starts over with yours, and the "
+                    f"next command checks the server against it); if it is a recovery bootstrap, confirm the root "
+                    f"first with `unibus trust {self.trust_root}`")
             # A root is pinned, verified or not: another fingerprint is a recovery bootstrap. It
             # replaced the root while nothing was verified, so a new member of a deployment that
             # had recovered (`trust ROOT`, then `trust RECOVERY`) could never verify its log (red
             # team). Re-pinning a root is `--reset`.
-            if fp in self.accepted:
-                return "already"
             self.accepted.add(fp)
             self.state.accepted_bootstraps.add(fp)
             self._write_state()
             return "accepted"
+
+    async def _served_bootstrap(self, client: Any, fp: str) -> bool:
+        """Whether the server's log holds a bootstrap entry whose hash is ``fp`` after entry 0
+        (unverified: an entry's hash covers its ``seq``, so no later entry has entry 0's hash)."""
+        if client is None:
+            return False
+        head = await client.log_head()
+        last = head.get("seq") if isinstance(head, dict) else None
+        if type(last) is not int or last < 1:
+            return False
+        after = 0
+        while after < last:
+            page = await client.log(after=after, limit=PAGE_LIMIT)
+            entries = page.get("entries") if isinstance(page, dict) else None
+            if not isinstance(entries, list) or not entries:
+                return False
+            for entry in entries:
+                if not isinstance(entry, dict) or type(entry.get("seq")) is not int or entry["seq"] <= after:
+                    return False  # not a log page: nothing found
+                after = entry["seq"]
+                if entry.get("kind") == "bootstrap" and _entry_fingerprint(entry) == fp:
+                    return True
+        return False
 
     async def accept_epoch(self, room_id: str, epoch: int) -> None:
         """Remember that a key of ``epoch`` was accepted for the room (never lowered)."""
@@ -568,6 +624,7 @@ class Replica:
     def _pin_on_first_use(self, root: str) -> None:
         """Pin ``root`` as the trust root, nothing verified yet (a first sync that stopped after entry 0)."""
         self.trust_root = self.state.trust_root = root
+        self.first_use = True
         self._write_state()
         self.notice(f"trusting the membership log of {self.server} on first use: its trust root fingerprint is "
                     f"{root}; check it with your operator (`unibus trust FINGERPRINT` pins it in advance)")
@@ -577,6 +634,7 @@ class Replica:
         pinned = None
         if self.trust_root is None and state.root is not None:
             self.trust_root = pinned = state.root
+            self.first_use = True
         state.trust_root = self.trust_root
         self.state = state
         self.pinned_head = state.head
@@ -601,6 +659,14 @@ class Replica:
             self._stale = True
         else:
             self._reset_memory()
+
+
+def _entry_fingerprint(entry: dict[str, Any]) -> str | None:
+    """``hash(entry)`` of an entry as a server served it, or None for one that is not JSON a log holds."""
+    try:
+        return entry_hash(entry)
+    except (TypeError, ValueError):
+        return None
 
 
 def _fingerprint(value: Any) -> str:

@@ -251,6 +251,73 @@ def test_a_recovery_bootstrap_needs_explicit_trust(tmp_path, membershipd_factory
     assert json.loads(shown.stdout)["trust_root"] == doc["trust_root"]
 
 
+def test_a_root_pinned_on_first_use_is_not_taken_for_the_operators_root(tmp_path, membershipd_factory):
+    """A walk-through of the upgrade steps: `keygen --upgrade --server` (a changing request) pinned
+    the server's entry 0 on first use, then `unibus trust <the operator's root>` took the operator's
+    root for a recovery bootstrap, exit 0: against a server serving another log, the member was
+    never protected by the pin. Now a fingerprint that is neither the root pinned on first use nor a
+    bootstrap the server's log holds is refused, the replica left as it was; naming the root
+    confirms it, and then a fingerprint is accepted in advance, as for a root pinned by hand."""
+    alice = generate_identity("alice")
+    data_dir = tmp_path / "daemon"
+    bootstrap_member(data_dir, alice, "admin")
+    daemon = membershipd_factory(data_dir=data_dir)
+    path = tmp_path / "alice.json"
+    save_identity(alice, path)
+    first = unibus(daemon.base_url, path, "log", "show", "--json")
+    assert first.returncode == 0 and "on first use" in first.stderr
+    root = json.loads(first.stdout)["trust_root"]
+    state = path.with_name("alice.json.log") / server_id(daemon.base_url) / "state.json"
+    assert json.loads(state.read_text())["first_use"] is True
+    before = state.read_bytes()
+    operators = "ab" * 32  # the root an operator gave, which this server's log does not start with
+    line = error_line(unibus(daemon.base_url, path, "trust", operators))
+    assert f"pinned on first use ({root})" in line and f"unibus trust --reset {operators}" in line, line
+    assert f"unibus trust {root}`" in line
+    assert state.read_bytes() == before  # nothing accepted
+    # naming the root confirms it ...
+    assert "confirmed" in unibus(daemon.base_url, path, "trust", root).stdout
+    assert "first_use" not in json.loads(state.read_text())
+    assert "already" in unibus(daemon.base_url, path, "trust", root).stdout
+    # ... and from then on another fingerprint is a recovery bootstrap, accepted in advance
+    assert "accepted" in unibus(daemon.base_url, path, "trust", operators).stdout
+    # --reset starts over with the operator's root, which this server's log then fails
+    assert "pinned" in unibus(daemon.base_url, path, "trust", "--reset", operators).stdout
+    assert "first_use" not in json.loads(state.read_text())
+    assert "entry 0" in error_line(unibus(daemon.base_url, path, "log", "show"))
+
+
+async def test_a_bootstrap_is_looked_for_only_after_entry_0_and_only_in_a_log():
+    """The server's answers are not trusted: entry 0's hash is never a bootstrap's, and a page
+    that is not a log (seqs that do not grow, no entries) ends the search."""
+    from unibus.client.replica import Replica
+    from unibus.memberlog import entry_hash
+
+    entry0 = {"seq": 0, "prev": None, "at": 1, "kind": "bootstrap",
+              "member": {"handle": "alice", "role": "admin", "sign_pub": "x", "enc_pub": "y",
+                         "enc_suite": "X25519", "bus_pub": None}}
+    later = {**entry0, "seq": 1, "prev": entry_hash(entry0)}
+
+    class Served:
+        def __init__(self, pages):
+            self.pages = list(pages)
+
+        async def log_head(self):
+            return {"seq": 5, "hash": "0" * 64}
+
+        async def log(self, after=None, limit=None):
+            return self.pages.pop(0) if self.pages else {"entries": []}
+
+    replica = Replica("http://server")
+    assert not await replica._served_bootstrap(Served([{"entries": [later]}]), entry_hash(entry0))
+    assert await replica._served_bootstrap(Served([{"entries": [later]}]), entry_hash(later))
+    assert not await replica._served_bootstrap(Served([{"entries": [entry0, later]}]), entry_hash(later))
+    assert not await replica._served_bootstrap(Served([{"entries": [later, later]}]), "0" * 64)
+    assert not await replica._served_bootstrap(Served([{"entries": ["x"]}, {"entries": [later]}]), entry_hash(later))
+    assert not await replica._served_bootstrap(Served([[]]), entry_hash(later))
+    assert not await replica._served_bootstrap(None, entry_hash(later))
+
+
 async def test_the_pinned_root_is_read_from_disk_each_time(tmp_path):
     """A review: a long-running process kept tagging its changing requests with the root it had
     in memory after another process's `unibus trust --reset` replaced it on disk, and a
