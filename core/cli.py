@@ -87,7 +87,7 @@ _DESCRIPTIONS = {
     "migrate": "Apply database migrations to <data-dir>/membershipd.db and exit.",
     "member": "Offline member bootstrap: 'member add' writes a member into the store (SIGHUP a running daemon).",
     "migrate-to-kv": "Copy the membership log, members, rooms and sealed keys from the SQLite store into the "
-                     "cluster's JetStream KV.",
+                     "cluster's JetStream KV, and the blobs into its object store.",
     "backup": "Write an online, consistent snapshot of the state (a single node's, or a cluster's with "
               "--nats-url) into one archive.",
     "restore": "Restore a backup archive into an empty data directory, checking all of it first.",

@@ -768,6 +768,13 @@ class UnibusClient:
         """The verified membership log as of the last sync (:meth:`sync`)."""
         return self.replica.state
 
+    async def trust(self, fingerprint: str, *, reset: bool = False) -> str:
+        """``unibus trust`` for this client's replica: pin ``fingerprint`` as the trust root,
+        confirm the root pinned on first use, or accept a recovery bootstrap (one the server's log
+        holds, while the root is a first use's); ``reset`` starts over with it as the root.
+        Returns what was done (:meth:`unibus.client.replica.Replica.trust`)."""
+        return await self.replica.trust(fingerprint, reset=reset, client=self)
+
     async def sync(self) -> LogState:
         """Bring the verified replica up to the server's log head, checking every new entry.
 

@@ -464,8 +464,9 @@ def cmd_keygen(ctx: Context) -> int:
         _json_out({**identity.public_record(), "identity_path": str(written), "operator_command": line})
     else:
         _out(line)
+    above = "the operator_command above" if ctx.json else "the line above"
     _note(f"wrote the identity of {handle} to {written} (mode 0600; it holds your private keys). "
-          "An operator runs the line above (or an admin: `unibus members add` with the same flags).")
+          f"An operator runs {above} (or an admin: `unibus members add` with the same flags).")
     return EXIT_OK
 
 
@@ -739,7 +740,7 @@ def _fingerprint_arg(value: str) -> str:
 
 async def cmd_trust(ctx: Context, c: UnibusClient) -> int:
     fp = _fingerprint_arg(ctx.args.fingerprint)
-    done = await c.replica.trust(fp, reset=ctx.args.reset, client=c)
+    done = await c.trust(fp, reset=ctx.args.reset)
     where = c.replica.directory
     text = {
         "pinned": f"pinned {fp} as the trust root of {c.base_url}: its membership log must start with that entry",

@@ -19,7 +19,7 @@ import pytest
 
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity, save_identity
-from unibus.client.replica import server_id
+from unibus.client.replica import VerificationError, server_id
 from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
 
 
@@ -285,6 +285,33 @@ def test_a_root_pinned_on_first_use_is_not_taken_for_the_operators_root(tmp_path
     assert "pinned" in unibus(daemon.base_url, path, "trust", "--reset", operators).stdout
     assert "first_use" not in json.loads(state.read_text())
     assert "entry 0" in error_line(unibus(daemon.base_url, path, "log", "show"))
+
+
+async def test_an_sdk_client_without_a_replica_directory_follows_a_recovery_it_trusts(tmp_path,
+                                                                                     membershipd_factory):
+    """A docs walk-through: the SDK's getting-started client (no replica_root) could not follow a
+    deployment's recovery: only `trust_root=` was documented. `client.trust(FP)` accepts it."""
+    from unibus.client.replica import LogVerificationError
+
+    alice, eve = generate_identity("alice"), generate_identity("eve")
+    data_dir = tmp_path / "daemon"
+    bootstrap_member(data_dir, alice, "admin")
+    daemon = membershipd_factory(data_dir=data_dir)
+    added = run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", "eve", "--role", "admin",
+                            "--sign-pub", eve.sign_pub_b64, "--enc-pub", eve.enc_pub_b64, "--bus-pub", eve.bus_pub)
+    assert added.returncode == 0, added.stderr
+    fp = re.search(r"fingerprint ([0-9a-f]{64})", added.stdout).group(1)
+    daemon.send_signal(1)
+    notes: list[str] = []
+    async with UnibusClient(daemon.base_url, alice, notice=notes.append) as c:
+        with pytest.raises(LogVerificationError, match=fp):
+            await c.sync()
+        assert any("on first use" in n for n in notes)  # entry 0 pinned, in memory
+        with pytest.raises(VerificationError, match="pinned on first use"):
+            await c.trust("ab" * 32)  # not a bootstrap of this log
+        assert await c.trust(fp) == "accepted"
+        state = await c.sync()
+        assert set(state.members) == {"alice", "eve"}
 
 
 async def test_a_bootstrap_is_looked_for_only_after_entry_0_and_only_in_a_log():
