@@ -105,6 +105,8 @@ _BODY_FIELDS: dict[str, tuple[frozenset[str], frozenset[str]]] = {  # required, 
     "member.bus_key": (frozenset({"bus_pub"}), frozenset()),
     "room.create": (frozenset({"name"}), frozenset()),
 }
+#: The logged operations whose requests carry a body: the others take none.
+TAKES_BODY = frozenset(_BODY_FIELDS) | BODYLESS
 _ENTRY_FIELDS = {
     "request": frozenset({"seq", "prev", "at", "kind", "request", "result"}),
     "bootstrap": frozenset({"seq", "prev", "at", "kind", "member"}),

@@ -10,7 +10,7 @@ from aiohttp import web
 from ..app import SETTINGS
 from ..auth import AUTH_TIME_KEY, LOGGED_REQUEST_KEY, MEMBER_KEY, SIGNATURE_KEY, logged_request, require_admin  # noqa: F401  (re-exported for the handlers)
 from ..inputs import invalid, parse_json
-from ..memberlog import BODYLESS, MAX_AUTH_SKEW, check_logged_request, logged_operation
+from ..memberlog import BODYLESS, MAX_AUTH_SKEW, TAKES_BODY, check_logged_request, logged_operation
 from ..problems import Problem
 from ..signing import SignatureError
 from ..store.base import LogRecord
@@ -71,8 +71,9 @@ def log_record(request: web.Request) -> LogRecord:
     membership log"). A request the log could not record so that every client
     parses it is refused before anything happens: its raw path must be the
     route's canonical spelling (no percent-encoded character that needs none)
-    and it must have no query string (400 ``non-canonical-request``); its body,
-    if the log keeps it, is at most :data:`MAX_LOGGED_BODY` bytes (413).
+    and it must have no query string, nor a body on a route that takes none (400
+    ``non-canonical-request``); its body, if the log keeps it, is at most
+    :data:`MAX_LOGGED_BODY` bytes (413).
     """
     logged = logged_request(request)
     found = logged_operation(logged.method, logged.path)
@@ -80,6 +81,11 @@ def log_record(request: web.Request) -> LogRecord:
         raise Problem(400, "a membership-changing request is recorded in the membership log as signed, so it must "
                            "use the canonical path (nothing percent-encoded that needs no encoding) and no query "
                            "string", kind="non-canonical-request")
+    if logged.body and found[0] not in TAKES_BODY:
+        # The log would keep it: a red team's member grew every client's log by 16 KiB an entry,
+        # 300 entries in 2 s, with junk bodies on room member changes it may make (a leave).
+        raise Problem(400, f"{logged.method} {logged.path} takes no body, and the membership log keeps what a "
+                           "membership-changing request carries: send none", kind="non-canonical-request")
     if logged.body is not None and found[0] not in BODYLESS and len(logged.body) > MAX_LOGGED_BODY:
         raise Problem(413, f"the body of this request is kept in the membership log: at most {MAX_LOGGED_BODY} "
                            "bytes", kind="request-entity-too-large", max_bytes=MAX_LOGGED_BODY)

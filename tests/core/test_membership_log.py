@@ -173,6 +173,12 @@ async def test_non_canonical_requests_are_refused_and_not_appended(server):
             ("POST", "/v1/room%73", {"name": "x"}, None),
             ("DELETE", f"/v1/rooms/{rid}", None, {"why": "1"}),  # a query string
             ("POST", "/v1/rooms", {"name": "x"}, {"a": "b"}),
+            # a body where the route takes none, which the log would keep (a red team grew every
+            # client's log 16 KiB an entry, 300 entries in 2 s, with a member's own leaves)
+            ("PUT", f"/v1/rooms/{rid}/members/alice", {"junk": "x" * 16000}, None),
+            ("DELETE", f"/v1/rooms/{rid}/members/alice", {}, None),
+            ("DELETE", f"/v1/rooms/{rid}", {"why": 1}, None),
+            ("DELETE", "/v1/members/nobody", {}, None),
         ]:
             problem = await expect(400, a.request(method, path, json_body=body, query=query))
             assert problem["type"].endswith("/non-canonical-request"), problem
