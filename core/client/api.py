@@ -165,6 +165,11 @@ _JSON_TYPE = "application/json"
 # --------------------------------------------------------------------------- errors
 
 
+def _bad_answer(method: str, path: str, wanted: str) -> ApiError:
+    return ApiError(502, {"title": "Bad response",
+                          "detail": f"the server answered {method} {path} with something else than {wanted}"})
+
+
 class ApiError(Exception):
     """The server answered with a non-2xx status.
 
@@ -604,18 +609,34 @@ class UnibusClient:
         except aiohttp.ClientError as exc:
             raise ServerUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
 
+    # -- answers of the documented shape (a red team's server answered null, [] or 204, and the
+    # CLI printed tracebacks)
+    async def _object(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
+        """``request`` whose answer must be a JSON object (an :class:`ApiError` otherwise)."""
+        doc = await self.request(method, path, **kw)
+        if not isinstance(doc, dict):
+            raise _bad_answer(method, path, "a JSON object")
+        return doc
+
+    async def _records(self, path: str, key: str) -> list[dict[str, Any]]:
+        """``GET path``: the objects listed under ``key`` (or the bare list)."""
+        doc = await self.request("GET", path)
+        records = doc.get(key) if isinstance(doc, dict) else doc
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise _bad_answer("GET", path, f'a list of objects (under "{key}")')
+        return records
+
     # -- members (docs/http-api.md)
     async def me(self) -> dict[str, Any]:
         """``GET /v1/me``: the caller's own member record."""
-        return await self.request("GET", "/v1/me")
+        return await self._object("GET", "/v1/me")
 
     async def list_members(self) -> list[dict[str, Any]]:
         """``GET /v1/members``: every member record (unwrapped from ``{"members": [...]}``)."""
-        doc = await self.request("GET", "/v1/members")
-        return doc["members"] if isinstance(doc, dict) and "members" in doc else doc
+        return await self._records("/v1/members", "members")
 
     async def get_member(self, handle: str) -> dict[str, Any]:
-        return await self.request("GET", "/v1/members/" + _seg(handle, "handle"))
+        return await self._object("GET", "/v1/members/" + _seg(handle, "handle"))
 
     async def add_member(self, handle: str, sign_pub: str, enc_pub: str, enc_suite: str = DEFAULT_ENC_SUITE,
                          role: str = "member", bus_pub: str | None = None) -> dict[str, Any]:
@@ -627,7 +648,7 @@ class UnibusClient:
         body = {"handle": handle, "role": role, "sign_pub": sign_pub, "enc_pub": enc_pub, "enc_suite": enc_suite}
         if bus_pub is not None:
             body["bus_pub"] = bus_pub
-        return await self.request("POST", "/v1/members", json_body=body)
+        return await self._object("POST", "/v1/members", json_body=body)
 
     async def set_bus_key(self, bus_pub: str | None = None) -> dict[str, Any]:
         """``PUT /v1/me/bus-key``: set or rotate my bus key; returns my member record.
@@ -652,7 +673,7 @@ class UnibusClient:
         for bus in buses:
             bus._rotation(begin=True)
         try:
-            record = await self.request("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
+            record = await self._object("PUT", "/v1/me/bus-key", json_body={"bus_pub": bus_pub})
         except BaseException:
             for bus in buses:
                 bus._rotation(begin=False)
@@ -678,28 +699,27 @@ class UnibusClient:
         return new
 
     async def set_role(self, handle: str, role: str) -> dict[str, Any]:
-        return await self.request("PATCH", "/v1/members/" + _seg(handle, "handle"), json_body={"role": role})
+        return await self._object("PATCH", "/v1/members/" + _seg(handle, "handle"), json_body={"role": role})
 
     async def remove_member(self, handle: str) -> None:
         await self.request("DELETE", "/v1/members/" + _seg(handle, "handle"))
 
     # -- rooms
     async def create_room(self, name: str) -> dict[str, Any]:
-        return await self.request("POST", "/v1/rooms", json_body={"name": name})
+        return await self._object("POST", "/v1/rooms", json_body={"name": name})
 
     async def list_rooms(self) -> list[dict[str, Any]]:
-        doc = await self.request("GET", "/v1/rooms")
-        return doc["rooms"] if isinstance(doc, dict) and "rooms" in doc else doc
+        return await self._records("/v1/rooms", "rooms")
 
     async def get_room(self, room_id: str) -> dict[str, Any]:
-        return await self.request("GET", "/v1/rooms/" + _seg(room_id, "room id"))
+        return await self._object("GET", "/v1/rooms/" + _seg(room_id, "room id"))
 
     async def delete_room(self, room_id: str) -> None:
         await self.request("DELETE", "/v1/rooms/" + _seg(room_id, "room id"))
 
     async def add_room_member(self, room_id: str, handle: str) -> dict[str, Any]:
         """``PUT /v1/rooms/{id}/members/{handle}``: the room becomes ``rekey_required``."""
-        return await self.request("PUT", f"/v1/rooms/{_seg(room_id, 'room id')}/members/{_seg(handle, 'handle')}")
+        return await self._object("PUT", f"/v1/rooms/{_seg(room_id, 'room id')}/members/{_seg(handle, 'handle')}")
 
     async def remove_room_member(self, room_id: str, handle: str) -> Any:
         """``DELETE /v1/rooms/{id}/members/{handle}``: the room becomes ``rekey_required``."""
@@ -714,7 +734,7 @@ class UnibusClient:
         ``{seq, hash}`` the signatures name. Sent as is: :meth:`rekey` is the
         verified way to make all of them.
         """
-        return await self.request("POST", f"/v1/rooms/{_seg(room_id, 'room id')}/keys",
+        return await self._object("POST", f"/v1/rooms/{_seg(room_id, 'room id')}/keys",
                                   json_body={"epoch": epoch, "sealed": dict(sealed), "sigs": dict(sigs),
                                              "log_head": {"seq": log_head["seq"], "hash": log_head["hash"]}})
 
@@ -738,11 +758,11 @@ class UnibusClient:
             query["after"] = int(after)
         if limit is not None:
             query["limit"] = int(limit)
-        return await self.request("GET", "/v1/log", query=query or None)
+        return await self.request("GET", "/v1/log", query=query or None)  # checked as a log page by its callers
 
     async def log_head(self) -> dict[str, Any]:
         """``GET /v1/log/head`` → ``{"seq", "hash", "auth_skew"}`` (seq -1, hash "" for an empty log), unverified."""
-        return await self.request("GET", "/v1/log/head")
+        return await self.request("GET", "/v1/log/head")  # checked by the replica
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
         """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{room_id, epoch, sealed, sig, sealer, log_head}``,
@@ -752,7 +772,7 @@ class UnibusClient:
         """
         query = None if epoch is None else {"epoch": int(epoch)}
         try:
-            return await self.request("GET", f"/v1/rooms/{_seg(room_id, 'room id')}/keys/me", query=query)
+            return await self._object("GET", f"/v1/rooms/{_seg(room_id, 'room id')}/keys/me", query=query)
         except ApiError as exc:
             if exc.status in (403, 404):
                 raise KeyUnavailable(room_id, epoch, exc.status, exc.problem) from None
@@ -760,7 +780,7 @@ class UnibusClient:
 
     async def bus_info(self) -> dict[str, Any]:
         """``GET /v1/bus`` → ``{servers, user_nkey, inbox_prefix, rooms}``."""
-        return await self.request("GET", "/v1/bus")
+        return await self._object("GET", "/v1/bus")
 
     # -- the verified log
     @property

@@ -914,6 +914,13 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -
     except ValueError as exc:  # BlobFormatError/BlobIntegrityError: a blob that does not decrypt
         _err(str(exc))
         return EXIT_FAILED
+    except BrokenPipeError:
+        # `unibus listen ROOM | head -n 3`: the reader went away, nothing is wrong.
+        # Python's documented recipe: point stdout at devnull so the flush at exit is silent.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
     except OSError as exc:  # a local file that cannot be read or written
         _err(_local_file_error(exc))
         return EXIT_FAILED
@@ -923,13 +930,13 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK if args.func is cmd_listen else 130
-    except BrokenPipeError:
-        # `unibus listen ROOM | head -n 3`: the reader went away, nothing is wrong.
-        # Python's documented recipe: point stdout at devnull so the flush at exit is silent.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-        return EXIT_OK
+    except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
+        # What no clause above expects is most likely a server's answer of another shape than the
+        # API documents, met deeper than the SDK's checks (a red team's server made tracebacks).
+        logging.getLogger("unibus.client").debug("unexpected error", exc_info=True)
+        _err(f"unexpected {type(exc).__name__}: {exc} (is the server's answer what the API documents? "
+             "UNIBUS_CLIENT_LOG=DEBUG shows where it happened)")
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":  # pragma: no cover

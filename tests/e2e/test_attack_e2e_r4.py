@@ -7,7 +7,9 @@ test asserts the safe behaviour; each was a hole this round or its review found,
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 
 import aiohttp
@@ -18,7 +20,7 @@ from attackkit import new_room
 
 from unibus.client import ApiError, UnibusClient, VerificationError
 from unibus.client.api import KeyUnavailable
-from unibus.client.keys import generate_identity
+from unibus.client.keys import generate_identity, save_identity
 
 
 def _tag(request: web.Request) -> str | None:
@@ -213,3 +215,38 @@ async def test_a_look_up_of_entry_0_that_is_not_a_log_page_sends_nothing(tmp_pat
         with pytest.raises(VerificationError, match="serves no membership log"):
             await c.add_member(newcomer.handle, newcomer.sign_pub_b64, newcomer.enc_pub_b64, bus_pub=newcomer.bus_pub)
     assert sent == []
+
+
+@pytest.mark.parametrize("answer", ["null", "[]", "204", '{"members": 5, "rooms": [1]}'])
+async def test_answers_of_another_shape_are_one_error_line_not_a_traceback(tmp_path, answer):
+    """A red team's server answered `null`, `[]` or 204 where the API documents an object or a
+    list of objects: whoami, members list/show, rooms list/show/create printed tracebacks. The
+    SDK checks the shape of what it returns; the CLI turns anything unforeseen into one line."""
+    import sys
+
+    from attackkit import serving
+
+    async def odd(request: web.Request) -> web.Response:
+        if answer == "204":
+            return web.Response(status=204)
+        return web.Response(body=answer.encode(), content_type="application/json")
+
+    path = tmp_path / "bob.json"
+    save_identity(generate_identity("bob"), path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    async with serving(odd) as url:
+        for cmd in (["trust", "ab" * 32], ["whoami"], ["members", "list"], ["members", "show", "alice"], ["rooms", "list"],
+                    ["rooms", "show", "abcdefghijklmnopqrstuvwx"], ["rooms", "create", "ops"]):
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "unibus.client.cli", "--server", url, "--identity", str(path), *cmd,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL,
+                env=env)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            text = err.decode()
+            if cmd[0] == "trust":  # a root pinned first: the changing request needs no log from it
+                assert proc.returncode == 0, text
+                continue
+            # (an empty list is a fine answer to a listing, and an odd object to whoami)
+            assert proc.returncode in (0, 1) and "Traceback" not in text, (cmd, proc.returncode, text)
+            if proc.returncode == 1:
+                assert len([line for line in text.splitlines() if "error:" in line]) == 1, (cmd, text)
