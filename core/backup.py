@@ -559,11 +559,15 @@ def _check_manifest(doc: Any) -> dict[str, tuple[str, int]]:
     if digest is None or doc.get("digest") != digest:
         raise ArchiveError(f"--in: {MANIFEST} was altered (its digest does not match its content)")
     version = doc.get("version")
-    if type(version) is not int or version > FORMAT_VERSION:
+    if type(version) is not int or not 1 <= version <= FORMAT_VERSION:
         raise ArchiveError(f"--in: archive format version {version!r}; this membershipd reads version "
                            f"{FORMAT_VERSION}: restore it with the unibus {doc.get('unibus_version')} that made it")
     if doc.get("kind") not in ("single", "cluster"):
         raise ArchiveError(f"--in: {MANIFEST}: kind must be single or cluster, not {doc.get('kind')!r}")
+    for name in ("node", "created", "unibus_version"):  # printed once restored (a red team: KeyError after it)
+        value = doc.get(name)
+        if not isinstance(value, str) or not value or len(value) > 256 or not value.isprintable():
+            raise ArchiveError(f"--in: {MANIFEST}: {name} must be a line of printable text")
     head = doc.get("log_head")
     if head is not None and not (isinstance(head, dict) and type(head.get("seq")) is int
                                  and isinstance(head.get("hash"), str)):

@@ -408,6 +408,20 @@ CORRUPTIONS = {
     "newer format": (
         lambda s, m: with_manifest(m, {**manifest_of(m), "version": 99}),
         "archive format version 99"),
+    "format version 0": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "version": -5}),
+        "archive format version -5"),
+    # printed once the restore is done: a red team's manifest without them (digest recomputed) was
+    # restored, then the summary raised KeyError, a traceback, and the directory was left full
+    "manifest without its node": (
+        lambda s, m: with_manifest(m, {k: v for k, v in manifest_of(m).items() if k != "node"}),
+        "node must be a line of printable text"),
+    "manifest whose version is an object": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "unibus_version": {"a": 1}}),
+        "unibus_version must be a line of printable text"),
+    "manifest whose time holds a control character": (
+        lambda s, m: with_manifest(m, {**manifest_of(m), "created": "2026\x1b[2J"}),
+        "created must be a line of printable text"),
     "blob that is not its id": (
         lambda s, m: relisted([(i, b"other bytes" if i.name.endswith("/data") else d) for i, d in m]),
         "its data is not the blob its id names"),
