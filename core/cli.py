@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import contextlib
 import os
 import re
 import sys
@@ -703,7 +704,26 @@ def _configure_logging() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _main(list(sys.argv[1:] if argv is None else argv))
+        sys.stdout.flush()  # here, not at the exit, where a failed write is a traceback of its own
+        return code
+    except UnibusError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `membershipd plugins | head`
+        sys.stderr.close()
+        return 0
+    except OSError as e:  # standard output that cannot be written (`> /dev/full`: a red team's traceback)
+        _drop_stdout()
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"{PROG} {__version__}")
         return 0
@@ -720,16 +740,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: error: unknown command {shown_url(argv[0])}; use one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    try:
-        return HANDLERS[command](argv)
-    except UnibusError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        return 130
-    except BrokenPipeError:  # `membershipd plugins | head`
-        sys.stderr.close()
-        return 0
+    return HANDLERS[command](argv)
+
+
+def _drop_stdout() -> None:
+    """Point standard output at /dev/null, so that the interpreter's flush at exit is silent."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover

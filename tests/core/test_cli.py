@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import sqlite3
 import stat
@@ -165,3 +166,17 @@ def test_an_argument_error_is_one_usage_line_and_one_error_line():
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == ["usage: membershipd serve [options] (membershipd serve --help lists them)",
                                         "membershipd serve: error: unrecognized arguments: --no-such-flag"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["plugins", "--json"], ["plugins"], ["--version"], ["--help"]])
+def test_standard_output_that_cannot_be_written_is_one_error_line(args):
+    """A red team: `membershipd plugins --json > /dev/full` ended in a traceback."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "unibus.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=60, check=False)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "membershipd: error: No space left on device"], proc.stderr
