@@ -396,6 +396,9 @@ def _check_nats_target(ns: argparse.Namespace) -> _NatsTarget:
         hostname = None
     if hostname is None or parts.scheme not in ("nats", "tls"):
         raise ConfigError(f"--nats-url: {shown_url(ns.nats_url)} must be nats://HOST:PORT or tls://HOST:PORT")
+    from .options import convert_value, nats_url
+
+    convert_value("--nats-url", ns.nats_url, nats_url)  # no path, query or fragment; a port in range
     ca = Path(ns.ca).expanduser() if ns.ca else None
     if ca is None and not _is_loopback(hostname):
         raise ConfigError(f"--nats-url: {hostname} is not a loopback address; give --ca PATH to require "

@@ -95,7 +95,9 @@ class Flag:
         raw = getattr(ns, self.name, None)
         if self.action == "store_true":
             return bool(raw)
-        if raw is None or (raw == "" and not self.keep_empty):
+        if raw == "" and not self.keep_empty:  # `--auth-skew=` took the default, silently (a red team)
+            raise ConfigError(f"{self.flag}: give a value (it is empty)")
+        if raw is None:
             raw = (env.get(self.env) if self.env else None) or (
                 self.default() if callable(self.default) else self.default)
         if raw is None or self.convert is None:
@@ -139,10 +141,20 @@ def _path(raw: str) -> Path:
     return Path(raw).expanduser()
 
 
-def _nats_url(raw: str) -> str:
+def nats_url(raw: str) -> str:
+    """A ``--nats-url``: ``nats://`` or ``tls://``, a host, a port in range, nothing else."""
     parts = urlsplit(raw)
     if parts.scheme not in ("nats", "tls") or not parts.hostname:
         raise ValueError(f"{shown_url(raw)} must be nats://HOST:PORT or tls://HOST:PORT")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "?" in raw or "#" in raw:
+        # nats-py ignores them, and a password put there was shown in errors (a red team)
+        raise ValueError(f"{shown_url(raw)} must be nats://HOST:PORT or tls://HOST:PORT, with no path, query or "
+                         "fragment")
+    after_host = parts.netloc.rsplit("@", 1)[-1].rsplit("]", 1)[-1]  # past an IPv6 literal's brackets
+    if ":" in after_host:
+        port = after_host.rpartition(":")[2]
+        if not re.fullmatch(r"[0-9]{1,5}", port) or not 1 <= int(port) <= 65535:
+            raise ValueError(f"{shown_url(raw)}: the port must be a number from 1 to 65535")
     return raw
 
 
@@ -277,7 +289,7 @@ CORE_ROWS: tuple[Row, ...] = (
               parse_host_port), doc="control-plane HTTP"),
     _row(Flag("--nats-addr", "embedded NATS client listener (default {default})", "HOST:PORT", DEFAULT_NATS_ADDR,
               parse_host_port), doc="embedded NATS client listener"),
-    _row(Flag("--nats-url", "use an external NATS; no embedded server", "URL", convert=_nats_url, keep_empty=True),
+    _row(Flag("--nats-url", "use an external NATS; no embedded server", "URL", convert=nats_url, keep_empty=True),
          doc="use an external NATS; no embedded server; cluster flags refused"),
     _row(Flag("--bus-auth", "data-plane authorization (default {default})", "off|enforce", "enforce", _bus_auth),
          doc="data-plane authorization (auth_enforce plugin)"),

@@ -280,7 +280,8 @@ def insecure_plaintext_warnings(settings: Settings) -> list[str]:
 
 def parse_host_port(value: str) -> HostPort:
     value = value.strip()
-    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})", value) or re.fullmatch(r"([^:\[\]]*):(\d{1,5})", value)
+    # ASCII digits only: \d took Arabic-Indic ones, and int() read them (a red team's port 20153)
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})", value) or re.fullmatch(r"([^:\[\]]*):([0-9]{1,5})", value)
     if not m:
         raise ValueError(f"{value!r} is not HOST:PORT (for example 127.0.0.1:8470)")
     host, port = m.group(1), int(m.group(2))
@@ -297,20 +298,18 @@ def parse_host_port(value: str) -> HostPort:
 
 
 def parse_port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a port number (1-65535)") from None
+    if not re.fullmatch(r"[0-9]{1,5}", value.strip()):
+        raise ValueError(f"{value!r} is not a port number (1-65535)")
+    port = int(value)
     if not 1 <= port <= 65535:
         raise ValueError(f"{port} is out of range 1-65535")
     return port
 
 
 def parse_positive_int(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a whole number") from None
+    if not re.fullmatch(r"[0-9]+", value.strip()):  # int() takes "٦٠", "+6" and "6_0" too
+        raise ValueError(f"{value!r} is not a whole number (ASCII digits)")
+    n = int(value)
     if n < 1:
         raise ValueError(f"{n} must be at least 1")
     return n
@@ -335,11 +334,13 @@ def parse_bool_env(value: str | None) -> bool:
 def redact_url(url: str) -> str:
     """``url`` without a ``user:pass@``: everything between ``scheme://`` (or the start) and
     the last ``@`` goes, wherever ``urlsplit`` would have put that ``@`` (a password with a
-    ``/``, ``?`` or ``#`` moves it out of the netloc). For showing a URL, never for using one."""
-    if "@" not in url:
-        return url
-    scheme, sep, rest = url.partition("://")
-    return f"{scheme}{sep}{rest.rsplit('@', 1)[1]}" if sep else url.rsplit("@", 1)[1]
+    ``/``, ``?`` or ``#`` moves it out of the netloc); then without its query and fragment,
+    where a password may sit too (``?password=``: a red team's). For showing a URL, never for
+    using one."""
+    if "@" in url:
+        scheme, sep, rest = url.partition("://")
+        url = f"{scheme}{sep}{rest.rsplit('@', 1)[1]}" if sep else url.rsplit("@", 1)[1]
+    return re.split(r"[?#]", url, maxsplit=1)[0]
 
 
 def redact_text(text: str) -> str:
@@ -365,11 +366,11 @@ def parse_route(value: str) -> str:
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"{url!r} has a bad port") from None
+        raise ValueError(f"{shown_url(url)} has a bad port") from None
     if not parts.hostname or not port:
-        raise ValueError(f"{url!r} must be nats://HOST:PORT")
+        raise ValueError(f"{shown_url(url)} must be nats://HOST:PORT")
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"{url!r} must be a bare nats://HOST:PORT")
+        raise ValueError(f"{shown_url(url)} must be a bare nats://HOST:PORT, with no path, query or fragment")
     return f"nats://{parts.netloc}"
 
 

@@ -461,7 +461,13 @@ class UnibusClient:
                  notice: Callable[[str], None] | None = None) -> None:
         if not isinstance(identity, Identity):
             raise TypeError("identity must be a unibus.client.keys.Identity (see load_identity)")
-        url = yarl.URL(str(base_url).rstrip("/"))
+        raw = str(base_url)
+        if "@" in raw or "?" in raw or "#" in raw:
+            # Not quoted: a password there was shown in every error, and in the replica's directory
+            # name (a red team). Requests are signed; no credentials go in the URL.
+            raise ValueError("the server URL must not carry credentials (user:pass@), a query or a fragment; "
+                             "give scheme://HOST[:PORT]")
+        url = yarl.URL(raw.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"server URL {base_url!r} must be an http:// or https:// URL with a host")
         self.base_url = str(url)

@@ -145,6 +145,9 @@ def identity_file(tmp_path):
         (["members", "add", "--handle", "bob", "--sign-pub", "A6EHv/POEL4dcN0Y50vAmWfk1jCbpQ1fHdyGZBJVMbg=",
           "--enc-pub", "NYBy1jZYgNGu6jKa35EhODhR7SGijjt16WXQ0s0WYlQ=", "--bus-pub", "UNOTANKEY"], "--bus-pub"),
         (["--server", "localhost:8470", "whoami"], "--server"),
+        # never quoted: a password in the URL was shown in errors and named the replica's directory
+        (["--server", "http://bob:Hunter2@127.0.0.1:8470", "whoami"], "must not carry credentials"),
+        (["--server", "https://127.0.0.1:8470/?password=Hunter2", "rooms", "list"], "must not carry credentials"),
         (["members", "remove", "Bob!"], "HANDLE"),
     ],
 )
@@ -152,6 +155,7 @@ def test_bad_arguments_exit_2_before_any_request(identity_file, args, needle):
     port = free_port()  # nothing listens there: exit 2 proves nothing was sent
     proc = unibus("--identity", str(identity_file), "--server", f"http://127.0.0.1:{port}", *args)
     one_error_line(proc, 2, needle)
+    assert "Hunter2" not in proc.stderr + proc.stdout
 
 
 def test_a_message_on_standard_input_past_natss_bound_exits_2_before_any_request(identity_file):

@@ -77,12 +77,22 @@ def test_migrate_creates_a_private_db_and_is_idempotent(tmp_path):
         (["--disable-plugin", "auth_enforce"], "--bus-auth off"),
         (["--disable-plugin", "nats_monitor", "--nats-monitor-port", "9999"], "nats_monitor"),
         (["--routes", "nats://u:p@127.0.0.1:6250", "--cluster-name", "c"], "--routes"),
+        # a red team's: a password in a query was quoted, digits that are not ASCII were read as a
+        # port, an empty value took the default, a port out of range failed only once started
+        (["--routes", "nats://127.0.0.1:6250/?password=Hunter2", "--cluster-name", "c"], "--routes"),
+        (["--nats-url", "nats://127.0.0.1:4222/?pass=Hunter2"], "no path, query or fragment"),
+        (["--nats-url", "nats://127.0.0.1:99999"], "the port must be a number from 1 to 65535"),
+        (["--http-addr", "127.0.0.1:2\u0660\u0661\u0665\u0663"], "--http-addr"),
+        (["--auth-skew="], "--auth-skew: give a value"),
+        (["--http-addr", ""], "--http-addr: give a value"),
     ],
 )
 def test_serve_refusals_exit_2(tmp_path, args, needle):
     proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), *args)
     assert_one_line_error(proc, 2, needle)
+    assert "Hunter2" not in proc.stderr
     assert not nats_server_pids(tmp_path)
+    assert not (tmp_path / "d" / "membershipd.db").exists()  # refused before anything was made
 
 
 def test_unknown_command():
