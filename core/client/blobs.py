@@ -1260,8 +1260,22 @@ def _hash_parts(h: Any, parts: Sequence[bytes]) -> None:
 
 
 def _temp_beside(out_path: Path) -> tuple[int, Path]:
+    _replaceable(out_path)
     fd, name = tempfile.mkstemp(prefix=f".{out_path.name}.", suffix=".unibus-part", dir=out_path.parent)
     return fd, Path(name)
+
+
+def _replaceable(out_path: Path) -> None:
+    """Refuse an ``out_path`` that is there and is not a regular file (or a link): the rename
+    would put the blob in place of a device or a pipe (`/dev/null`, as root, for every user)."""
+    try:
+        st = os.lstat(out_path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory: give a file path to write", str(out_path))
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        raise FileExistsError(errno.EEXIST, "is not a regular file: give a file path to write", str(out_path))
 
 
 async def get_raw_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.PathLike[str], *,

@@ -450,7 +450,9 @@ def cmd_keygen(ctx: Context) -> int:
     identity = generate_identity(handle, suite)
     try:
         written = save_identity(identity, path, force=a.force)
-    except FileExistsError:
+    except FileExistsError as exc:
+        if "not a regular file" in str(exc):
+            raise UsageError(f"{path} is not a regular file; give a file path with --out") from None
         raise UsageError(f"{path} already exists; refusing to overwrite it (use --force to replace it, "
                          "or --out PATH to write elsewhere; `unibus keygen --upgrade` adds a bus key to a "
                          "0.11 identity file)") from None
@@ -883,7 +885,11 @@ async def cmd_blob_get(ctx: Context, c: UnibusClient) -> int:
     blob_id = ctx.args.blob_id.lower()
     if len(blob_id) != 64 or any(ch not in "0123456789abcdef" for ch in blob_id):
         raise UsageError(f"{ctx.args.blob_id!r} is not a blob id (64 hex characters)")
-    size = await get_blob(c, room_id, blob_id, Path(ctx.args.out).expanduser(), progress=_Progress("download"))
+    out = Path(ctx.args.out).expanduser()
+    with contextlib.suppress(OSError):  # a red team's OUT was the identity file in use: its keys were gone
+        if os.path.samefile(out, ctx.identity_path):
+            raise UsageError(f"OUT: {out} is your identity file; give another path")
+    size = await get_blob(c, room_id, blob_id, out, progress=_Progress("download"))
     if ctx.json:
         _json_out({"room_id": room_id, "blob_id": blob_id, "out": str(ctx.args.out), "size": size})
     return EXIT_OK

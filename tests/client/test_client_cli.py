@@ -173,6 +173,30 @@ def test_a_message_on_standard_input_past_natss_bound_exits_2_before_any_request
     assert len(lines) == 1 and "TEXT: the message on standard input is larger than 64 MiB" in lines[0], lines
 
 
+def test_nothing_but_a_regular_file_is_replaced_by_keys_or_a_blob(identity_file, tmp_path):
+    """A red team: `keygen --force` put private keys in place of a device or a pipe (/dev/full
+    became a 0600 file), and `blob get ROOM ID OUT` with OUT the identity file in use replaced it:
+    the keys were gone."""
+    from unibus.client.blobs import _replaceable
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    proc = unibus("keygen", "--handle", "bob", "--out", str(fifo), "--force")
+    one_error_line(proc, 2, "is not a regular file")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    before = identity_file.read_bytes()
+    proc = unibus("--identity", str(identity_file), "--server", f"http://127.0.0.1:{free_port()}", "blob", "get",
+                  "abcdefghijklmnopqrstuvwx", "a" * 64, str(identity_file))
+    one_error_line(proc, 2, "is your identity file")
+    assert identity_file.read_bytes() == before
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        _replaceable(fifo)
+    with pytest.raises(IsADirectoryError):
+        _replaceable(tmp_path)
+    _replaceable(identity_file)  # a regular file is replaced, as documented
+    _replaceable(tmp_path / "new")
+
+
 def test_missing_identity_exits_2_and_says_what_to_do(tmp_path):
     proc = unibus("whoami", home=tmp_path)
     one_error_line(proc, 2, str(tmp_path / ".config" / "unibus" / "identity.json"), "unibus keygen")
