@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from typing import Any
 
 from aiohttp import web
@@ -9,6 +11,7 @@ from aiohttp import web
 from ..app import SETTINGS, STORE, add_route
 from ..auth import require_member
 from ..problems import Problem
+from ..settings import HOSTNAME_RE
 from .common import json_response
 from .members import BUS_PUB_PATTERN
 
@@ -45,10 +48,21 @@ def _checked_url(request: web.Request) -> Any:
     try:
         url = request.url
         url.host, url.origin()  # each decodes the header in its own way
+        if not _host_name_or_address(url.host or ""):
+            raise ValueError  # "a b", "*", "..", "999.1.1.1" were put into /v1/bus's servers (a red team)
         return url
     except (ValueError, UnicodeError):
         raise Problem(400, "the Host header is not HOST[:PORT]; send the name or address you reached this "
                            "server at", kind="bad-host") from None
+
+
+def _host_name_or_address(host: str) -> bool:
+    """An IP address, or a DNS name of letters, digits and hyphens (not all digits and dots)."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return bool(HOSTNAME_RE.match(host.removesuffix("."))) and not re.fullmatch(r"[0-9.]+", host)
 
 
 def inbox_prefix(handle: str) -> str:
