@@ -307,7 +307,7 @@ def parse_port(value: str) -> int:
 
 
 def parse_positive_int(value: str) -> int:
-    if not re.fullmatch(r"[0-9]+", value.strip()):  # int() takes "٦٠", "+6" and "6_0" too
+    if not re.fullmatch(r"-?[0-9]+", value.strip()):  # int() takes "٦٠", "+6" and "6_0" too
         raise ValueError(f"{value!r} is not a whole number (ASCII digits)")
     n = int(value)
     if n < 1:
