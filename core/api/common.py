@@ -89,6 +89,12 @@ def log_record(request: web.Request) -> LogRecord:
     if logged.body is not None and found[0] not in BODYLESS and len(logged.body) > MAX_LOGGED_BODY:
         raise Problem(413, f"the body of this request is kept in the membership log: at most {MAX_LOGGED_BODY} "
                            "bytes", kind="request-entity-too-large", max_bytes=MAX_LOGGED_BODY)
+    if logged.body and found[0] not in BODYLESS and _padded(logged.body):
+        # Kept byte for byte: a review's member padded its room creations with 16,000 spaces, 22 KB
+        # an entry where one takes 535 B (the junk bodies of bodyless routes, by another route).
+        raise Problem(400, f"the body of this request is kept in the membership log as sent: send its JSON with "
+                           f"at most {MAX_LOGGED_PADDING} bytes beyond its compact form (spaces, newlines, escapes)",
+                      kind="non-canonical-request")
     # What every client will check when it replays the entry, checked on the entry as it will be
     # logged: a signature covering anything the log does not keep (another header) would be
     # accepted here and refused by every client, for good.
@@ -103,6 +109,22 @@ def log_record(request: web.Request) -> LogRecord:
     verified = request[SIGNATURE_KEY]
     return LogRecord(logged, verified.keyid, verified.nonce, verified.created, int(request[AUTH_TIME_KEY]),
                      int(request.app[SETTINGS].auth_skew), sign_pub=bytes(request[MEMBER_KEY].sign_pub))
+
+
+#: What a kept body may carry beyond its compact JSON (``json.dumps`` with ASCII escapes and no
+#: spaces): room for an indented object of the few fields a logged body has, not for padding.
+MAX_LOGGED_PADDING = 256
+
+
+def _padded(body: bytes) -> bool:
+    """Whether ``body`` is JSON with more than :data:`MAX_LOGGED_PADDING` bytes beyond its compact
+    form. A body that is not JSON is left to the handler (400 ``malformed-json``)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return False
+    compact = json.dumps(doc, separators=(",", ":"), ensure_ascii=True)
+    return len(body) > len(compact) + MAX_LOGGED_PADDING
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
