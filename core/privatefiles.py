@@ -65,26 +65,26 @@ def make_private_dirs(path: Path, flag: str) -> None:
 
 
 def check_ancestors(path: Path, flag: str) -> None:
-    """Refuse (exit 2) a ``path`` with a directory above it that someone else could rename it in:
-    one that is not root's or this user's, or that group or others may write to without the
-    sticky bit (as ssh's StrictModes). Both the directories above ``path`` as given (where a
-    link to it lives) and above the directory it resolves to are checked.
+    """Refuse (exit 2) a ``path`` that someone else could swap for a directory of theirs.
+
+    Every directory above the directory ``path`` resolves to, and above every symbolic link
+    followed on the way there (:func:`links_followed`: a link's own links, ``..`` taken after the
+    links before it, as the kernel does), must be root's or this user's, and not writable by
+    group or others unless it has the sticky bit (as ssh's StrictModes). In a sticky directory
+    that others may write to, a link followed must be root's or this user's too: its owner may
+    replace it.
 
     Without this, another user who may write to a parent swapped the data directory for one of
     theirs between the check of the directory and the files opened in it (red team: 4 of 25
-    tries of a rename race won)."""
+    tries of a rename race won); another user's link in /tmp passed, then was pointed at their
+    directory, and a restarted nats-server read their nats.conf (a later red team); a link in a
+    directory others may write to, further up the path, and a ``..`` after a link, passed too (a
+    review)."""
     me = os.geteuid()
-    for link, st in links_followed(path):
-        # In a sticky directory (/tmp) a link's owner may replace it, and the mode above does not
-        # say so: another user's link to a directory of ours passed every check, then was pointed
-        # at a directory of theirs, and a restarted nats-server read their nats.conf (red team).
-        if st.st_uid not in (0, me):
-            raise ConfigError(f"{flag}: {link} on the way to {path} is a symbolic link of uid {st.st_uid}, who could "
-                              f"point it elsewhere; give the directory it names instead ({os.path.realpath(path)})")
-    given = Path(os.path.abspath(path))
-    chains = {Path(os.path.realpath(given.parent)), Path(os.path.realpath(given)).parent}
+    links = links_followed(path)
+    resolved = Path(os.path.realpath(os.path.join(os.getcwd(), path)))
     seen: set[Path] = set()
-    for start in chains:
+    for start in (resolved.parent, *(link.parent for link, _ in links)):
         for d in (start, *start.parents):
             if d in seen:
                 continue
@@ -101,6 +101,13 @@ def check_ancestors(path: Path, flag: str) -> None:
                 raise ConfigError(f"{flag}: group or others may write to {d} above {path} (mode {mode:04o}), so they "
                                   f"could swap {path} for a directory of theirs; run chmod go-w {d}, or use "
                                   "another directory")
+    for link, st in links:
+        if st.st_uid in (0, me):
+            continue
+        held_in = stat.S_IMODE(os.stat(link.parent).st_mode)  # root's or ours, sticky if others may write
+        if held_in & 0o022:
+            raise ConfigError(f"{flag}: {link} on the way to {path} is a symbolic link of uid {st.st_uid}, who could "
+                              f"point it elsewhere; give the directory it names instead ({resolved})")
 
 
 def links_followed(path: Path, limit: int = 40) -> list[tuple[Path, os.stat_result]]:

@@ -295,3 +295,38 @@ def test_the_links_followed_are_found_as_the_kernel_follows_them(tmp_path):
     (tmp_path / "loop").symlink_to("loop")
     with pytest.raises(ConfigError, match="too many levels"):
         links_followed(tmp_path / "loop")
+
+
+@needs_root
+def test_who_could_replace_a_link_decides_not_who_owns_it(tmp_path):
+    """A review of the check above: a link of ours in a directory others may write to, further up
+    the path, passed (they rename it and put theirs there), and so did a `..` after a link, taken
+    as text; another user's link in a directory only root may write to was refused, though its
+    owner cannot replace it."""
+    from unibus.privatefiles import check_ancestors
+
+    real = tmp_path / "real"
+    (real / "data").mkdir(parents=True, mode=0o700)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # no sticky bit
+    (shared / "lnk").symlink_to(real)
+    with pytest.raises(ConfigError, match=f"chmod go-w {shared}"):
+        check_ancestors(shared / "lnk" / "data", "--data-dir")
+    # `..` after a link is the kernel's: the parent of where the link leads, here a 0777 directory
+    wide = tmp_path / "w"
+    (wide / "t").mkdir(parents=True)
+    os.chmod(wide, 0o777)
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o700)
+    (safe / "l").symlink_to(wide / "t")
+    (wide / "data").mkdir(mode=0o700)
+    with pytest.raises(ConfigError, match=f"chmod go-w {wide}"):
+        check_ancestors(Path(str(safe / "l") + "/../data"), "--data-dir")
+    # another user's link in a directory of root's that only root may write to: kept
+    rooted = tmp_path / "rooted"
+    rooted.mkdir(mode=0o755)
+    theirs = rooted / "link"
+    theirs.symlink_to(real / "data")
+    os.lchown(theirs, OTHER_UID, OTHER_UID)
+    check_ancestors(theirs, "--data-dir")
