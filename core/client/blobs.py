@@ -1266,15 +1266,18 @@ def _temp_beside(out_path: Path) -> tuple[int, Path]:
 
 
 def _replaceable(out_path: Path) -> None:
-    """Refuse an ``out_path`` that is there and is not a regular file (or a link): the rename
-    would put the blob in place of a device or a pipe (`/dev/null`, as root, for every user)."""
+    """Refuse an ``out_path`` that is there and is not a regular file (nor a link to one): the
+    rename would put the blob in place of a device or a pipe (`/dev/null`, as root, for every
+    user)."""
     try:
         st = os.lstat(out_path)
-    except FileNotFoundError:
+        if stat.S_ISLNK(st.st_mode):  # what it leads to (`/dev/stdout` is a link: a review)
+            st = os.stat(out_path)
+    except FileNotFoundError:  # nothing there, or a dangling link (replaced)
         return
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory: give a file path to write", str(out_path))
-    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+    if not stat.S_ISREG(st.st_mode):
         raise FileExistsError(errno.EEXIST, "is not a regular file: give a file path to write", str(out_path))
 
 

@@ -348,9 +348,9 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], force: bool 
         make_missing_dirs(parent)  # each 0700: os.makedirs gives the ones above the umask's mode
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(target)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):  # --force put keys in place of /dev/full
+    with contextlib.suppress(FileNotFoundError):  # nothing there, or a dangling link
+        st = os.stat(target)  # through a link: `/dev/stdout` is one (a review)
+        if not stat.S_ISREG(st.st_mode):  # --force put keys in place of /dev/full
             raise FileExistsError(f"{target} is not a regular file; refusing to replace it with an identity file")
     if not force and os.path.lexists(target):
         raise FileExistsError(f"{target} already exists; refusing to overwrite it without --force")

@@ -191,6 +191,13 @@ def test_nothing_but_a_regular_file_is_replaced_by_keys_or_a_blob(identity_file,
     assert identity_file.read_bytes() == before
     with pytest.raises(FileExistsError, match="not a regular file"):
         _replaceable(fifo)
+    (tmp_path / "to-pipe").symlink_to(fifo)  # as /dev/stdout is a link (a review)
+    with pytest.raises(FileExistsError, match="not a regular file"):
+        _replaceable(tmp_path / "to-pipe")
+    one_error_line(unibus("keygen", "--handle", "bob", "--out", str(tmp_path / "to-pipe"), "--force"), 2,
+                   "is not a regular file")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    _replaceable(tmp_path / "dangling")
     with pytest.raises(IsADirectoryError):
         _replaceable(tmp_path)
     _replaceable(identity_file)  # a regular file is replaced, as documented
