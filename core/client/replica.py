@@ -67,6 +67,8 @@ log = logging.getLogger("unibus.client")
 REPLICA_VERSION = 1
 #: Entries asked for per ``GET /v1/log`` (the server's maximum).
 PAGE_LIMIT = 1000
+#: How long ``unibus trust`` searches a server's log for a bootstrap (a hostile one never ends).
+TRUST_SEARCH_WITHIN = 60.0
 #: Seconds a process waits for another one's lock on the replica.
 LOCK_TIMEOUT = 30.0
 FINGERPRINT_RE = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -450,54 +452,74 @@ class Replica:
         server another log (a walk-through of the upgrade steps pinned the server's root first,
         then took the operator's root for a bootstrap, exit 0)."""
         fp = _fingerprint(fingerprint)
-        async with self.locked():
-            if reset:
-                self.trust_root, self.accepted, self.pinned_head, self.epochs = fp, set(), (-1, ""), {}
-                self.first_use = False
-                self._reset_memory()
-                self._save(rewrite=True)
-                return "reset"
-            if self.trust_root == fp:
-                if not self.first_use:
-                    return "already"
-                self.first_use = False
-                self._write_state()
-                return "confirmed"
-            if self.trust_root is None:  # nothing pinned yet: the trust root
-                self.trust_root = fp
-                self.state.trust_root = fp
-                self.first_use = False
-                self._write_state()
-                return "pinned"
-            if fp in self.accepted:
-                return "already"
-            if self.first_use and not await self._served_bootstrap(client, fp):
-                raise TrustRefused(
-                    f"the trust root of {self.server} was pinned on first use ({self.trust_root}) and {fp} is not "
-                    f"a recovery bootstrap in the log it serves: if {fp} is the trust root your operator gave you, "
-                    f"this server serves another log (`unibus trust --reset {fp}` starts over with yours, and the "
-                    f"next command checks the server against it); if it is a recovery bootstrap, confirm the root "
-                    f"first with `unibus trust {self.trust_root}`")
-            # A root is pinned, verified or not: another fingerprint is a recovery bootstrap. It
-            # replaced the root while nothing was verified, so a new member of a deployment that
-            # had recovered (`trust ROOT`, then `trust RECOVERY`) could never verify its log (red
-            # team). Re-pinning a root is `--reset`.
-            self.accepted.add(fp)
-            self.state.accepted_bootstraps.add(fp)
-            self._write_state()
-            return "accepted"
+        found: bool | None = None
+        while True:  # at most twice: the search is made once, outside the lock (a review: a server's
+            # endless log held it, and every other command of the identity waited)
+            async with self.locked():
+                done = self._trust_now(fp, reset, found)
+                if done is not None:
+                    return done
+                after = max(0, self.pinned_head[0])  # what is verified holds no unaccepted bootstrap
+            found = await self._served_bootstrap(client, fp, after)
 
-    async def _served_bootstrap(self, client: Any, fp: str) -> bool:
-        """Whether the server's log holds a bootstrap entry whose hash is ``fp`` after entry 0
-        (unverified: an entry's hash covers its ``seq``, so no later entry has entry 0's hash)."""
+    def _trust_now(self, fp: str, reset: bool, found: bool | None) -> str | None:
+        """What :meth:`trust` does, under the lock; None when the server's log must be searched
+        first (``found``: whether that search found ``fp``, or None before it)."""
+        if reset:
+            self.trust_root, self.accepted, self.pinned_head, self.epochs = fp, set(), (-1, ""), {}
+            self.first_use = False
+            self._reset_memory()
+            self._save(rewrite=True)
+            return "reset"
+        if self.trust_root == fp:
+            if not self.first_use:
+                return "already"
+            self.first_use = False
+            self._write_state()
+            return "confirmed"
+        if self.trust_root is None:  # nothing pinned yet: the trust root
+            self.trust_root = fp
+            self.state.trust_root = fp
+            self.first_use = False
+            self._write_state()
+            return "pinned"
+        if fp in self.accepted:
+            return "already"
+        if self.first_use and not found:
+            if found is None:
+                return None
+            raise TrustRefused(
+                f"the trust root of {self.server} was pinned on first use ({self.trust_root}) and {fp} is not "
+                f"a recovery bootstrap in the log it serves: if {fp} is the trust root your operator gave you, "
+                f"this server serves another log (`unibus trust --reset {fp}` starts over with yours, and the "
+                f"next command checks the server against it); if it is a recovery bootstrap, confirm the root "
+                f"first with `unibus trust {self.trust_root}`")
+        # A root is pinned, verified or not: another fingerprint is a recovery bootstrap. It
+        # replaced the root while nothing was verified, so a new member of a deployment that
+        # had recovered (`trust ROOT`, then `trust RECOVERY`) could never verify its log (red
+        # team). Re-pinning a root is `--reset`.
+        self.accepted.add(fp)
+        self.state.accepted_bootstraps.add(fp)
+        self._write_state()
+        return "accepted"
+
+    async def _served_bootstrap(self, client: Any, fp: str, after: int = 0) -> bool:
+        """Whether the server's log holds a bootstrap entry whose hash is ``fp`` after seq
+        ``after`` (at least entry 0; unverified: an entry's hash covers its ``seq``, so no later
+        entry has entry 0's hash). A search longer than :data:`TRUST_SEARCH_WITHIN` raises
+        :class:`VerificationError`."""
         if client is None:
             return False
         head = await client.log_head()
         last = head.get("seq") if isinstance(head, dict) else None
         if type(last) is not int or last < 1:
             return False
-        after = 0
+        deadline = time.monotonic() + TRUST_SEARCH_WITHIN
+        after = max(0, after)
         while after < last:
+            if time.monotonic() > deadline:
+                raise VerificationError(f"{self.server}'s membership log could not be searched for {fp} within "
+                                        f"{TRUST_SEARCH_WITHIN:.0f} s; nothing was accepted")
             page = await client.log(after=after, limit=PAGE_LIMIT)
             entries = page.get("entries") if isinstance(page, dict) else None
             if not isinstance(entries, list) or not entries:

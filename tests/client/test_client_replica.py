@@ -314,9 +314,10 @@ async def test_an_sdk_client_without_a_replica_directory_follows_a_recovery_it_t
         assert set(state.members) == {"alice", "eve"}
 
 
-async def test_a_bootstrap_is_looked_for_only_after_entry_0_and_only_in_a_log():
+async def test_a_bootstrap_is_looked_for_only_after_entry_0_and_only_in_a_log(monkeypatch):
     """The server's answers are not trusted: entry 0's hash is never a bootstrap's, and a page
     that is not a log (seqs that do not grow, no entries) ends the search."""
+    import unibus.client.replica as replica_module
     from unibus.client.replica import Replica
     from unibus.memberlog import entry_hash
 
@@ -343,6 +344,23 @@ async def test_a_bootstrap_is_looked_for_only_after_entry_0_and_only_in_a_log():
     assert not await replica._served_bootstrap(Served([{"entries": ["x"]}, {"entries": [later]}]), entry_hash(later))
     assert not await replica._served_bootstrap(Served([[]]), entry_hash(later))
     assert not await replica._served_bootstrap(None, entry_hash(later))
+
+    # a log that never ends: the search is bounded, and made without the replica's lock (a review:
+    # a server's endless log held it, and the identity's other commands timed out on it)
+    class Endless(Served):
+        async def log_head(self):
+            return {"seq": 2 ** 53 - 1, "hash": "0" * 64}
+
+        async def log(self, after=None, limit=None):
+            async with replica.locked():  # free: trust() does not hold it while it searches
+                pass
+            return {"entries": [{**later, "seq": after + 1}]}
+
+    monkeypatch.setattr(replica_module, "TRUST_SEARCH_WITHIN", 0.3)
+    replica.trust_root, replica.first_use = "ef" * 32, True
+    with pytest.raises(VerificationError, match="could not be searched"):
+        await asyncio.wait_for(replica.trust("cd" * 32, client=Endless([])), 20)
+    assert replica.accepted == set()
 
 
 async def test_the_pinned_root_is_read_from_disk_each_time(tmp_path):
