@@ -40,7 +40,7 @@ BUS_AUTH_CHOICES = ("off", "enforce")
 CLUSTER_PASS_ENV = "UNIBUS_CLUSTER_PASS"
 
 SERVER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
 
 
 @dataclass(frozen=True)
@@ -292,7 +292,7 @@ def parse_host_port(value: str) -> HostPort:
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        if not HOSTNAME_RE.match(host):
+        if not _HOSTNAME_RE.match(host):
             raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
     return HostPort(host, port)
 

@@ -11,7 +11,6 @@ from aiohttp import web
 from ..app import SETTINGS, STORE, add_route
 from ..auth import require_member
 from ..problems import Problem
-from ..settings import HOSTNAME_RE
 from .common import json_response
 from .members import BUS_PUB_PATTERN
 
@@ -56,13 +55,19 @@ def _checked_url(request: web.Request) -> Any:
                            "server at", kind="bad-host") from None
 
 
+#: A name a member may reach this node by: DNS labels, with underscores too (Docker Compose's
+#: service names have them, and resolve; a review).
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*")
+
+
 def _host_name_or_address(host: str) -> bool:
-    """An IP address, or a DNS name of letters, digits and hyphens (not all digits and dots)."""
+    """An IP address, or a name of DNS labels (letters, digits, hyphens, underscores), not all
+    digits and dots."""
     try:
         ipaddress.ip_address(host)
         return True
     except ValueError:
-        return bool(HOSTNAME_RE.match(host.removesuffix("."))) and not re.fullmatch(r"[0-9.]+", host)
+        return bool(_HOST_NAME.fullmatch(host.removesuffix("."))) and not re.fullmatch(r"[0-9.]+", host)
 
 
 def inbox_prefix(handle: str) -> str:

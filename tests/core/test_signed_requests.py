@@ -152,11 +152,12 @@ async def test_a_host_header_that_is_no_host_is_400_not_500(daemon_with_admin, a
 
     server = daemon_with_admin("--nats-addr", f"0.0.0.0:{free_port()}", "--insecure-plaintext")
     # (and a red team's, which were put into "servers" as they came: "nats://a b:4250")
-    for host in ("x:abc", "x:99999999", "xn--", "h:1:2", "a b", "a/b", "*", "..", "%00", "999.1.1.1", "-x", "x_y"):
+    for host in ("x:abc", "x:99999999", "xn--", "h:1:2", "a b", "a/b", "*", "..", "%00", "999.1.1.1", "-x"):
         status, body, _ = await send(server.base_url, "GET", "/v1/bus", alice, headers={"Host": host})
         assert status == 400 and body["type"].endswith("/bad-host"), (host, body)
     for host, named in (("bus.example:8470", "bus.example"), ("bus.example.", "bus.example."),
-                        ("10.1.2.3", "10.1.2.3"), ("[::1]:8470", "[::1]"), ("BUS-1.example", "bus-1.example")):
+                        ("10.1.2.3", "10.1.2.3"), ("[::1]:8470", "[::1]"), ("BUS-1.example", "bus-1.example"),
+                        ("unibus_node1", "unibus_node1")):  # a Docker Compose service name
         status, body, _ = await send(server.base_url, "GET", "/v1/bus", alice, headers={"Host": host})
         assert status == 200 and body["servers"][0].startswith(f"nats://{named}:"), (host, body)
 
