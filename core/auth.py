@@ -38,6 +38,7 @@ import hmac
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -153,6 +154,9 @@ def _number_from_env(env: Mapping[str, str], name: str, default: Any, bounds: tu
         return default
     lo, hi = bounds
     try:
+        # ASCII digits, one optional fraction: int() and float() take "٦٠" and "1_0" too (a review)
+        if not re.fullmatch(r"[0-9]+(\.[0-9]+)?", raw.strip()):
+            raise ValueError
         value = parse(raw.strip())
     except ValueError:
         value = math.nan

@@ -14,7 +14,6 @@ and TLS"); the table in README.md is regenerated with ``make readme``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import re
 import socket
@@ -177,9 +176,8 @@ def _cluster_name(raw: str) -> str:
 
 
 def _kv_replicas(raw: str) -> int:
-    with contextlib.suppress(ValueError):
-        if int(raw) in KV_REPLICA_CHOICES:
-            return int(raw)
+    if raw.strip() in {str(n) for n in KV_REPLICA_CHOICES}:  # ASCII: int() takes "٣" too
+        return int(raw)
     raise ValueError(f"{raw!r} is not allowed; use 1, 3 or 5")
 
 

@@ -334,13 +334,13 @@ def parse_bool_env(value: str | None) -> bool:
 def redact_url(url: str) -> str:
     """``url`` without a ``user:pass@``: everything between ``scheme://`` (or the start) and
     the last ``@`` goes, wherever ``urlsplit`` would have put that ``@`` (a password with a
-    ``/``, ``?`` or ``#`` moves it out of the netloc); then without its query and fragment,
-    where a password may sit too (``?password=``: a red team's). For showing a URL, never for
-    using one."""
+    ``/``, ``?`` or ``#`` moves it out of the netloc); then without its query, fragment or
+    anything after a ``;`` or a space, where a password may sit too (``?password=``: a red
+    team's; ``;password=``: a review's). For showing a URL, never for using one."""
     if "@" in url:
         scheme, sep, rest = url.partition("://")
         url = f"{scheme}{sep}{rest.rsplit('@', 1)[1]}" if sep else url.rsplit("@", 1)[1]
-    return re.split(r"[?#]", url, maxsplit=1)[0]
+    return re.split(r"[?#;\s]", url, maxsplit=1)[0]
 
 
 def redact_text(text: str) -> str:

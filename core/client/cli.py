@@ -661,6 +661,8 @@ STDIN_MESSAGE_MAX = 64 << 20
 def _stdin_message() -> bytes:
     """The message of ``unibus send ROOM TOPIC -``: standard input, as bytes (a red team read
     TEXT given on the command line in another user's ``/proc/PID/cmdline``)."""
+    if sys.stdin is None:  # started with standard input closed (`<&-`)
+        raise UsageError("TEXT -: standard input is closed; pipe the message in")
     data = sys.stdin.buffer.read(STDIN_MESSAGE_MAX + 1)
     if len(data) > STDIN_MESSAGE_MAX:
         raise UsageError(f"TEXT: the message on standard input is larger than {STDIN_MESSAGE_MAX >> 20} MiB, "
@@ -940,8 +942,7 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -
         # What no clause above expects is most likely a server's answer of another shape than the
         # API documents, met deeper than the SDK's checks (a red team's server made tracebacks).
         logging.getLogger("unibus.client").debug("unexpected error", exc_info=True)
-        _err(f"unexpected {type(exc).__name__}: {exc} (is the server's answer what the API documents? "
-             "UNIBUS_CLIENT_LOG=DEBUG shows where it happened)")
+        _err(f"unexpected {type(exc).__name__}: {exc} (UNIBUS_CLIENT_LOG=DEBUG shows where it happened)")
         return EXIT_FAILED
 
 

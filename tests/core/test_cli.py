@@ -85,6 +85,8 @@ def test_migrate_creates_a_private_db_and_is_idempotent(tmp_path):
         (["--http-addr", "127.0.0.1:2\u0660\u0661\u0665\u0663"], "--http-addr"),
         (["--auth-skew="], "--auth-skew: give a value"),
         (["--http-addr", ""], "--http-addr: give a value"),
+        (["--kv-replicas", "\u0663"], "--kv-replicas"),  # a review's: the digits of other scripts
+        (["--nats-url", "nats://127.0.0.1:4222;password=Hunter2"], "--nats-url"),
     ],
 )
 def test_serve_refusals_exit_2(tmp_path, args, needle):

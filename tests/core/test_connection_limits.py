@@ -378,7 +378,7 @@ def test_requests_in_progress_outlast_the_idle_deadline(short):
 
 
 def test_a_bad_idle_timeout_is_refused_with_one_line(tmp_path):
-    for value in ("soon", "3601"):
+    for value in ("soon", "3601", "\u0666\u0660", "1_0", "+5"):  # ASCII digits only (a review)
         proc = run_membershipd("serve", "--data-dir", str(tmp_path / "d"), env={IDLE_TIMEOUT_ENV: value}, timeout=60)
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
