@@ -7,9 +7,9 @@ and exit 2 (configuration, usage) or 1 (runtime); never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import contextlib
 import os
 import re
 import sys
