@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+from dataclasses import dataclass, field
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,56 +68,63 @@ def make_private_dirs(path: Path, flag: str) -> None:
 def check_ancestors(path: Path, flag: str) -> None:
     """Refuse (exit 2) a ``path`` that someone else could swap for a directory of theirs.
 
-    Every directory above the directory ``path`` resolves to, and above every symbolic link
-    followed on the way there (:func:`links_followed`: a link's own links, ``..`` taken after the
-    links before it, as the kernel does), must be root's or this user's, and not writable by
-    group or others unless it has the sticky bit (as ssh's StrictModes). In a sticky directory
-    that others may write to, a link followed must be root's or this user's too: its owner may
-    replace it.
+    Every directory that resolving ``path`` passes through (:func:`resolution`: the directories
+    above it, those above every symbolic link followed, a link's own links, and a directory left
+    again by ``..``, as the kernel walks them) must be root's or this user's, and not writable
+    by group or others unless it has the sticky bit (as ssh's StrictModes). In a sticky
+    directory that others may write to, a link followed must be root's or this user's too: its
+    owner may replace it.
 
     Without this, another user who may write to a parent swapped the data directory for one of
     theirs between the check of the directory and the files opened in it (red team: 4 of 25
     tries of a rename race won); another user's link in /tmp passed, then was pointed at their
     directory, and a restarted nats-server read their nats.conf (a later red team); a link in a
-    directory others may write to, further up the path, and a ``..`` after a link, passed too (a
-    review)."""
+    directory others may write to further up the path, a ``..`` after a link, and a directory of
+    another user left by ``..`` passed too (two reviews)."""
     me = os.geteuid()
-    links = links_followed(path)
-    resolved = Path(os.path.realpath(os.path.join(os.getcwd(), path)))
-    seen: set[Path] = set()
-    for start in (resolved.parent, *(link.parent for link, _ in links)):
-        for d in (start, *start.parents):
-            if d in seen:
-                continue
-            seen.add(d)
-            try:
-                st = os.stat(d)
-            except OSError as e:
-                raise ConfigError(f"{flag}: cannot look at {d} above {path} ({e.strerror})") from None
-            mode = stat.S_IMODE(st.st_mode)
-            if st.st_uid not in (0, me):
-                raise ConfigError(f"{flag}: {d} above {path} belongs to uid {st.st_uid}, who could swap {path} for a "
-                                  "directory of theirs; use a directory under your own or root's")
-            if mode & 0o022 and not mode & stat.S_ISVTX:
-                raise ConfigError(f"{flag}: group or others may write to {d} above {path} (mode {mode:04o}), so they "
-                                  f"could swap {path} for a directory of theirs; run chmod go-w {d}, or use "
-                                  "another directory")
-    for link, st in links:
+    walk = resolution(path)
+    for d, st in walk.directories:
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (0, me):
+            raise ConfigError(f"{flag}: {d} above {path} belongs to uid {st.st_uid}, who could swap {path} "
+                              "for a directory of theirs; use a directory under your own or root's")
+        if mode & 0o022 and not mode & stat.S_ISVTX:
+            raise ConfigError(f"{flag}: group or others may write to {d} above {path} (mode {mode:04o}), so "
+                              f"they could swap {path} for a directory of theirs; run chmod go-w {d}, or use "
+                              "another directory")
+    modes = dict(walk.directories)
+    for link, st in walk.links:
         if st.st_uid in (0, me):
             continue
-        held_in = stat.S_IMODE(os.stat(link.parent).st_mode)  # root's or ours, sticky if others may write
-        if held_in & 0o022:
+        held_in = modes.get(link.parent) or os.stat(link.parent)
+        if stat.S_IMODE(held_in.st_mode) & 0o022:  # sticky (refused above otherwise)
             raise ConfigError(f"{flag}: {link} on the way to {path} is a symbolic link of uid {st.st_uid}, who could "
-                              f"point it elsewhere; give the directory it names instead ({resolved})")
+                              f"point it elsewhere; give the directory it names instead ({walk.resolved})")
 
 
-def links_followed(path: Path, limit: int = 40) -> list[tuple[Path, os.stat_result]]:
-    """Every symbolic link that resolving ``path`` follows, with its ``lstat``, component by
-    component as the kernel does (a link's own links included; ``..`` taken after the links
-    before it). What does not exist yet is taken as it stands."""
-    found: list[tuple[Path, os.stat_result]] = []
+@dataclass
+class Resolution:
+    """How the kernel resolves a path: the directories it passes through (with their ``lstat``),
+    the symbolic links it follows (with theirs), and where it ends."""
+
+    directories: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    links: list[tuple[Path, os.stat_result]] = field(default_factory=list)
+    resolved: Path = Path("/")
+
+
+def resolution(path: Path, limit: int = 40) -> Resolution:
+    """Resolve ``path`` component by component as the kernel does (a link's own links included;
+    ``..`` taken after the links before it), in one walk: each directory is looked at once, and
+    what is checked is what was walked. What does not exist yet is taken as it stands."""
+    walk = Resolution()
     todo = list(Path(os.path.join(os.getcwd(), path)).parts[1:])
     current = Path("/")
+
+    def enter(d: Path, st: os.stat_result) -> None:
+        if not any(seen == d for seen, _ in walk.directories):
+            walk.directories.append((d, st))
+
+    enter(current, os.lstat(current))
     while todo:
         name = todo.pop(0)
         if name in ("", "."):
@@ -128,18 +136,30 @@ def links_followed(path: Path, limit: int = 40) -> list[tuple[Path, os.stat_resu
         try:
             st = os.lstat(candidate)
         except OSError:  # missing (made later) or not searchable: nothing more to follow
-            return found
+            walk.resolved = Path(candidate, *todo)
+            return walk
         if not stat.S_ISLNK(st.st_mode):
             current = candidate
+            if todo:  # passed through (not the last component, which is the path itself)
+                enter(current, st)
             continue
-        found.append((candidate, st))
-        if len(found) > limit:
+        walk.links.append((candidate, st))
+        if len(walk.links) > limit:
             raise ConfigError(f"{path}: too many levels of symbolic links")
-        target = os.readlink(candidate)
+        try:
+            target = os.readlink(candidate)
+        except OSError:  # replaced while walked
+            raise ConfigError(f"{path}: {candidate} changed while it was checked; try again") from None
         if os.path.isabs(target):
             current = Path("/")
         todo[:0] = list(Path(target).parts[1:] if os.path.isabs(target) else Path(target).parts)
-    return found
+    walk.resolved = current
+    return walk
+
+
+def links_followed(path: Path, limit: int = 40) -> list[tuple[Path, os.stat_result]]:
+    """Every symbolic link that resolving ``path`` follows, with its ``lstat`` (:func:`resolution`)."""
+    return resolution(path, limit).links
 
 
 def check_private_dir(path: Path, flag: str) -> None:

@@ -35,7 +35,7 @@ def nats_servers(request: web.Request) -> list[str]:
         return [settings.nats_public_url]
     host = settings.nats_addr.host
     if host in ("0.0.0.0", "::", ""):
-        host = _checked_url(request).host or "127.0.0.1"
+        host = _checked_url(request).raw_host or "127.0.0.1"  # an IDN as the DNS has it: xn--…
     host = f"[{host}]" if ":" in host else host
     scheme = "tls" if settings.tls_cert else "nats"
     return [f"{scheme}://{host}:{settings.nats_addr.port}"]
@@ -47,7 +47,7 @@ def _checked_url(request: web.Request) -> Any:
     try:
         url = request.url
         url.host, url.origin()  # each decodes the header in its own way
-        if not _host_name_or_address(url.host or ""):
+        if not _host_name_or_address(url.raw_host or ""):  # raw: yarl decodes xn-- names (a review)
             raise ValueError  # "a b", "*", "..", "999.1.1.1" were put into /v1/bus's servers (a red team)
         return url
     except (ValueError, UnicodeError):

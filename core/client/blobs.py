@@ -1266,15 +1266,15 @@ def _temp_beside(out_path: Path) -> tuple[int, Path]:
 
 
 def _replaceable(out_path: Path) -> None:
-    """Refuse an ``out_path`` that is there and is not a regular file (nor a link to one): the
-    rename would put the blob in place of a device or a pipe (`/dev/null`, as root, for every
-    user)."""
+    """Refuse an ``out_path`` that is there and is not a regular file: the rename would put the
+    blob in place of a device, a pipe (`/dev/null`, as root, for every user) or a link."""
     try:
         st = os.lstat(out_path)
-        if stat.S_ISLNK(st.st_mode):  # what it leads to (`/dev/stdout` is a link: a review)
-            st = os.stat(out_path)
-    except FileNotFoundError:  # nothing there, or a dangling link (replaced)
+    except FileNotFoundError:
         return
+    if stat.S_ISLNK(st.st_mode):  # the rename would replace the link: `/dev/stdout`, as root (two reviews)
+        raise FileExistsError(errno.EEXIST, f"is a symbolic link: give the file it names "
+                                            f"({os.path.realpath(out_path)}), or another path", str(out_path))
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory: give a file path to write", str(out_path))
     if not stat.S_ISREG(st.st_mode):

@@ -348,9 +348,11 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], force: bool 
         make_missing_dirs(parent)  # each 0700: os.makedirs gives the ones above the umask's mode
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
-    with contextlib.suppress(FileNotFoundError):  # nothing there, or a dangling link
-        st = os.stat(target)  # through a link: `/dev/stdout` is one (a review)
-        if not stat.S_ISREG(st.st_mode):  # --force put keys in place of /dev/full
+    if os.path.islink(target):  # the rename would replace the link: `/dev/stdout`, as root (a review)
+        raise FileExistsError(f"{target} is a symbolic link; give the file it names "
+                              f"({os.path.realpath(target)}), or another path")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISREG(os.stat(target).st_mode):  # --force put keys in place of /dev/full
             raise FileExistsError(f"{target} is not a regular file; refusing to replace it with an identity file")
     if not force and os.path.lexists(target):
         raise FileExistsError(f"{target} already exists; refusing to overwrite it without --force")
@@ -510,7 +512,9 @@ def upgrade_identity_file(path: str | os.PathLike[str]) -> tuple[Identity, Path 
     already has a bus key is left alone: the backup path is then None.
     Raises :class:`IdentityError` (and OSError for a directory it cannot write).
     """
-    target = Path(os.path.expanduser(os.fspath(path)))
+    # Through a link, to the file it names (a dotfile manager's link stays a link): the file was
+    # just read as this user's identity, so writing beside it writes nowhere else.
+    target = Path(os.path.realpath(os.path.expanduser(os.fspath(path))))
     identity = load_identity(target)
     if identity.bus_key is not None:
         return identity, None

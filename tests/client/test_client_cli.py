@@ -191,13 +191,16 @@ def test_nothing_but_a_regular_file_is_replaced_by_keys_or_a_blob(identity_file,
     assert identity_file.read_bytes() == before
     with pytest.raises(FileExistsError, match="not a regular file"):
         _replaceable(fifo)
-    (tmp_path / "to-pipe").symlink_to(fifo)  # as /dev/stdout is a link (a review)
-    with pytest.raises(FileExistsError, match="not a regular file"):
-        _replaceable(tmp_path / "to-pipe")
-    one_error_line(unibus("keygen", "--handle", "bob", "--out", str(tmp_path / "to-pipe"), "--force"), 2,
-                   "is not a regular file")
+    # a link, whatever it names: the rename would replace it (/dev/stdout, as root: two reviews)
+    (tmp_path / "to-pipe").symlink_to(fifo)
+    (tmp_path / "to-file").symlink_to(identity_file)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
-    _replaceable(tmp_path / "dangling")
+    for link in ("to-pipe", "to-file", "dangling"):
+        with pytest.raises(FileExistsError, match="is a symbolic link"):
+            _replaceable(tmp_path / link)
+        one_error_line(unibus("keygen", "--handle", "bob", "--out", str(tmp_path / link), "--force"), 2,
+                       "is a symbolic link")
+        assert (tmp_path / link).is_symlink()
     with pytest.raises(IsADirectoryError):
         _replaceable(tmp_path)
     _replaceable(identity_file)  # a regular file is replaced, as documented
@@ -271,6 +274,24 @@ def test_keygen_upgrade_adds_a_bus_key_to_a_version_1_file(tmp_path):
     assert json.loads(again.stdout) == {"handle": "alice", "identity_path": str(path), "upgraded": False,
                                         "backup_path": None, "bus_pub": new.bus_pub, "uploaded": False}
     assert "nothing to upgrade" in again.stderr and path.read_bytes() == before
+
+
+def test_keygen_upgrade_through_a_link_upgrades_the_file_it_names(tmp_path):
+    """A dotfile manager's link to the identity file stays a link: the file it names is upgraded
+    (the rename replaced the link with a file before; keygen --force and blob get now refuse a
+    link, which the rename would replace)."""
+    real = tmp_path / "dotfiles" / "id.json"
+    real.parent.mkdir(mode=0o700)
+    assert unibus("keygen", "--handle", "alice", "--out", str(real)).returncode == 0
+    doc = json.loads(real.read_text())
+    real.write_text(json.dumps({k: v for k, v in doc.items() if k not in ("bus_seed", "bus_pub")} | {"version": 1}))
+    link = tmp_path / "id.json"
+    link.symlink_to(real)
+    old = load_identity(real)
+    proc = unibus("--identity", str(link), "keygen", "--upgrade")
+    assert proc.returncode == 0, proc.stderr
+    assert link.is_symlink() and load_identity(link).bus_pub == proc.stdout.strip()
+    assert load_identity(real.with_name("id.json.v1.bak")) == old
 
 
 def test_membershipd_member_add_refuses_a_missing_bad_or_signing_bus_key(tmp_path):

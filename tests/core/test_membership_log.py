@@ -192,13 +192,19 @@ async def test_non_canonical_requests_are_refused_and_not_appended(server):
             assert problem["type"].endswith("/non-canonical-request"), problem
         # nor padding in a body the log keeps (a review: 16,000 spaces in each room creation)
         for padded in (b'{"name": "x"' + b" " * 300 + b"}", b'{"name":\n' + b"\n" * 300 + b'"x"}',
-                       b'{"name": "' + b"\\u0061" * 60 + b'"}' + b"\t" * 260):
+                       b'{"name": "' + b"\\u0061" * 60 + b'"}' + b"\t" * 260,
+                       # a second review: 200 emoji, raw, earned 1,600 bytes of padding under the first rule
+                       json.dumps({"name": "\U0001F600" * 200}, ensure_ascii=False).encode() + b" " * 300):
             status, problem = await post_raw(server, "/v1/rooms", padded)
-            assert status == 400 and "at most 256 bytes beyond its compact form" in problem["detail"], problem
+            assert status == 400 and "at most 256 bytes of whitespace outside its strings" in problem["detail"], \
+                problem
         assert await a.log_head() == head
         pretty = json.dumps({"name": "pretty \u00e9"}, indent=4).encode()  # indented, escaped: fine
         status, room = await post_raw(server, "/v1/rooms", pretty)
         assert status == 201 and room["name"] == "pretty \u00e9", room
+        escaped = json.dumps({"name": "<b>" * 60}).replace("<", "\\u003c").replace(">", "\\u003e").encode()
+        status, room = await post_raw(server, "/v1/rooms", escaped)  # as Go's encoding/json writes it
+        assert status == 201 and room["name"] == "<b>" * 60, room
         head = await a.log_head()
         problem = await expect(413, a.create_room("x" * 20000))  # the log keeps bodies: bounded
         assert problem["max_bytes"] == 16 * 1024

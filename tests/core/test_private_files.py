@@ -330,3 +330,24 @@ def test_who_could_replace_a_link_decides_not_who_owns_it(tmp_path):
     theirs.symlink_to(real / "data")
     os.lchown(theirs, OTHER_UID, OTHER_UID)
     check_ancestors(theirs, "--data-dir")
+
+
+@needs_root
+def test_a_directory_left_by_dotdot_is_on_the_way_too(tmp_path):
+    """A second review: in `THEIRS/../data`, THEIRS (another user's, in a sticky directory) was
+    walked through and never checked; its owner then made it a link, and the same path led to a
+    directory of theirs."""
+    from unibus.privatefiles import check_ancestors, resolution
+
+    sticky = tmp_path / "tmp"
+    sticky.mkdir()
+    os.chmod(sticky, 0o1777)
+    (sticky / "data").mkdir(mode=0o700)
+    theirs = sticky / "evil"
+    theirs.mkdir()
+    os.chown(theirs, OTHER_UID, OTHER_UID)
+    with pytest.raises(ConfigError, match=f"{theirs} above .* belongs to uid {OTHER_UID}"):
+        check_ancestors(Path(str(theirs) + "/../data"), "--data-dir")
+    walk = resolution(Path(str(theirs) + "/../data"))
+    assert walk.resolved == sticky / "data" and theirs in [d for d, _ in walk.directories]
+    check_ancestors(sticky / "data", "--data-dir")  # the same directory, named without it

@@ -157,7 +157,8 @@ async def test_a_host_header_that_is_no_host_is_400_not_500(daemon_with_admin, a
         assert status == 400 and body["type"].endswith("/bad-host"), (host, body)
     for host, named in (("bus.example:8470", "bus.example"), ("bus.example.", "bus.example."),
                         ("10.1.2.3", "10.1.2.3"), ("[::1]:8470", "[::1]"), ("BUS-1.example", "bus-1.example"),
-                        ("unibus_node1", "unibus_node1")):  # a Docker Compose service name
+                        ("unibus_node1", "unibus_node1"),  # a Docker Compose service name
+                        ("xn--bcher-kva.example", "xn--bcher-kva.example")):  # an IDN, as DNS has it
         status, body, _ = await send(server.base_url, "GET", "/v1/bus", alice, headers={"Host": host})
         assert status == 200 and body["servers"][0].startswith(f"nats://{named}:"), (host, body)
 
