@@ -82,7 +82,10 @@ def check_ancestors(path: Path, flag: str) -> None:
     directory others may write to further up the path, a ``..`` after a link, and a directory of
     another user left by ``..`` passed too (two reviews)."""
     me = os.geteuid()
-    walk = resolution(path)
+    try:
+        walk = resolution(path)
+    except ConfigError as e:
+        raise ConfigError(f"{flag}: {e}") from None
     for d, st in walk.directories:
         mode = stat.S_IMODE(st.st_mode)
         if st.st_uid not in (0, me):
@@ -135,9 +138,13 @@ def resolution(path: Path, limit: int = 40) -> Resolution:
         candidate = current / name
         try:
             st = os.lstat(candidate)
-        except OSError:  # missing (made later) or not searchable: nothing more to follow
+        except (FileNotFoundError, NotADirectoryError):  # missing (made later): nothing more to follow
             walk.resolved = Path(candidate, *todo)
             return walk
+        except OSError as e:  # not searchable, or too long a name to look at: nothing is checked
+            # past it, so nothing is taken (a third review: a link in a path of more than 4,095
+            # characters, which the kernel resolves from a shorter name, was never looked at)
+            raise ConfigError(f"cannot look at {candidate} on the way to {path} ({e.strerror})") from None
         if not stat.S_ISLNK(st.st_mode):
             current = candidate
             if todo:  # passed through (not the last component, which is the path itself)
@@ -145,11 +152,11 @@ def resolution(path: Path, limit: int = 40) -> Resolution:
             continue
         walk.links.append((candidate, st))
         if len(walk.links) > limit:
-            raise ConfigError(f"{path}: too many levels of symbolic links")
+            raise ConfigError(f"{path}: too many levels of symbolic links")  # (check_ancestors adds the flag)
         try:
             target = os.readlink(candidate)
         except OSError:  # replaced while walked
-            raise ConfigError(f"{path}: {candidate} changed while it was checked; try again") from None
+            raise ConfigError(f"{candidate} on the way to {path} changed while it was checked; try again") from None
         if os.path.isabs(target):
             current = Path("/")
         todo[:0] = list(Path(target).parts[1:] if os.path.isabs(target) else Path(target).parts)

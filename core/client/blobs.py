@@ -1273,8 +1273,8 @@ def _replaceable(out_path: Path) -> None:
     except FileNotFoundError:
         return
     if stat.S_ISLNK(st.st_mode):  # the rename would replace the link: `/dev/stdout`, as root (two reviews)
-        raise FileExistsError(errno.EEXIST, f"is a symbolic link: give the file it names "
-                                            f"({os.path.realpath(out_path)}), or another path", str(out_path))
+        raise FileExistsError(errno.EEXIST, f"is a symbolic link (to {os.readlink(out_path)}): give the file it "
+                                            "names, or another path", str(out_path))
     if stat.S_ISDIR(st.st_mode):
         raise IsADirectoryError(errno.EISDIR, "is a directory: give a file path to write", str(out_path))
     if not stat.S_ISREG(st.st_mode):

@@ -451,7 +451,9 @@ def cmd_keygen(ctx: Context) -> int:
     try:
         written = save_identity(identity, path, force=a.force)
     except FileExistsError as exc:
-        if "not a regular file" in str(exc) or "symbolic link" in str(exc):
+        if "symbolic link" in str(exc):
+            raise UsageError(str(exc)) from None
+        if "not a regular file" in str(exc):
             raise UsageError(f"{exc}; give a file path with --out") from None
         raise UsageError(f"{path} already exists; refusing to overwrite it (use --force to replace it, "
                          "or --out PATH to write elsewhere; `unibus keygen --upgrade` adds a bus key to a "

@@ -349,8 +349,8 @@ def save_identity(identity: Identity, path: str | os.PathLike[str], force: bool 
     if target.is_dir():
         raise IsADirectoryError(f"{target} is a directory")
     if os.path.islink(target):  # the rename would replace the link: `/dev/stdout`, as root (a review)
-        raise FileExistsError(f"{target} is a symbolic link; give the file it names "
-                              f"({os.path.realpath(target)}), or another path")
+        raise FileExistsError(f"{target} is a symbolic link (to {os.readlink(target)}); give the file it names, "
+                              "or another path")
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISREG(os.stat(target).st_mode):  # --force put keys in place of /dev/full
             raise FileExistsError(f"{target} is not a regular file; refusing to replace it with an identity file")

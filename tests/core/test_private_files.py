@@ -351,3 +351,44 @@ def test_a_directory_left_by_dotdot_is_on_the_way_too(tmp_path):
     walk = resolution(Path(str(theirs) + "/../data"))
     assert walk.resolved == sticky / "data" and theirs in [d for d, _ in walk.directories]
     check_ancestors(sticky / "data", "--data-dir")  # the same directory, named without it
+
+
+def test_a_path_too_long_to_look_at_is_refused_not_skipped(tmp_path, monkeypatch):
+    """A third review: the walk took any error of lstat for "missing" and checked nothing past it;
+    past 4,095 characters lstat fails (ENAMETOOLONG) on the absolute name, while the kernel
+    resolves the shorter one given, so a link of another user there was never looked at."""
+    from unibus.privatefiles import check_ancestors
+
+    deep = tmp_path
+    monkeypatch.chdir(tmp_path)
+    for _ in range(17):  # 17 x 251 characters: past PATH_MAX once joined to the cwd
+        os.mkdir("d" * 250, 0o700)
+        os.chdir("d" * 250)
+        deep = deep / ("d" * 250)
+    os.mkdir("data", 0o700)
+    with pytest.raises(ConfigError, match="--data-dir: cannot look at .* on the way to data"):
+        check_ancestors(Path("data"), "--data-dir")
+
+
+def test_the_padding_of_a_kept_body_is_counted_only_in_json():
+    """A third review: the pattern of JSON strings, run on `\\"` repeated without an end, took
+    0.8 s of the event loop for 16 KiB (quadratic); it now runs only on a body that is JSON."""
+    import unibus.api.common as common
+
+    class Counting:
+        calls = 0
+
+        def sub(self, *args):
+            Counting.calls += 1
+            return common.re.compile(rb'"(?:[^"\\]|\\.)*"').sub(*args)
+
+    original = common._JSON_STRING
+    common._JSON_STRING = Counting()
+    try:
+        assert not common._padded(b'\\"' * 8190)  # not JSON: the handler refuses it
+        assert Counting.calls == 0
+        assert common._padded(b'{"name": "a\\"b"' + b" " * 257 + b"}")
+        assert not common._padded(b'{"name": "a\\"b' + b" " * 300 + b'"}')  # spaces inside the string
+        assert Counting.calls == 2
+    finally:
+        common._JSON_STRING = original
