@@ -8,6 +8,7 @@ with nats-py until it is throttled, while another member still logs in.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import nats
@@ -464,12 +465,11 @@ async def test_a_bus_the_control_plane_still_knows_gets_its_reconnect_attempts_a
             assert max(bus._next_server(nc._server_pool, {})[1] for _ in range(50)) <= 2 * api.RECONNECT_WAIT_MAX
 
 
-async def test_a_first_connection_waits_for_its_members_budget_while_the_control_plane_has_its_key(tmp_path,
-                                                                                                   monkeypatch):
-    """A red team: a fresh `unibus listen` of a member whose logins were throttled gave up after
-    11 s ("… still has this bus key …; try again later"): a connection's own attempts end after
-    ``connect_timeout`` plus a slack. It is tried again while the control plane says it still has
-    the key. (The slack is made short here, and the budget small: one login every 8 s.)"""
+@contextlib.asynccontextmanager
+async def throttled_bob(tmp_path, monkeypatch):
+    """A real daemon whose member bob has spent its budget of logins (one login, then one every
+    8 s: the next is paid for in 4 s, past every answer's wait), and bob's client; a connection's
+    own attempts end after 2.5 s. Yields ``(bus authorization's runtime, bob, bob's client)``."""
     import unibus.client.api as api
     from unibus.app import stash
     from unibus.client import UnibusClient
@@ -477,18 +477,28 @@ async def test_a_first_connection_waits_for_its_members_budget_while_the_control
 
     from .test_enforcer_counts import local_daemon
 
-    monkeypatch.setattr(api, "CONNECT_SLACK", 0.5)  # a connection's attempts end after 2.5 s
+    monkeypatch.setattr(api, "CONNECT_SLACK", 0.5)
     alice, bob = generate_identity("alice"), generate_identity("bob")
     async with local_daemon(tmp_path, alice) as (daemon, url, a):
         await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
         rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
-        rt.responder.login_limit = limit = LoginLimit(burst=1.5, rate=0.125)  # one login, then one every 8 s
-        limit.take("bob", 0)  # spent: bob's next login is paid for in 4 s, past every answer's wait
+        rt.responder.login_limit = limit = LoginLimit(burst=1.5, rate=0.125)
+        limit.take("bob", 0)
         async with UnibusClient(daemon_url(daemon), bob) as b:
-            t0 = time.monotonic()
-            async with b.bus(connect_timeout=2.0, grant_wait=0.5) as bus:
-                assert (await bus.connected()).is_connected and time.monotonic() - t0 > 3.0  # refused, then let in
-            assert rt.responder.stats["throttled"] >= 1
+            yield rt, bob, b
+
+
+async def test_a_first_connection_waits_for_its_members_budget_while_the_control_plane_has_its_key(tmp_path,
+                                                                                                   monkeypatch):
+    """A red team: a fresh `unibus listen` of a member whose logins were throttled gave up after
+    11 s ("… still has this bus key …; try again later"): a connection's own attempts end after
+    ``connect_timeout`` plus a slack. It is tried again while the control plane says it still has
+    the key. (The slack is made short here, and the budget small: one login every 8 s.)"""
+    async with throttled_bob(tmp_path, monkeypatch) as (rt, bob, b):
+        t0 = time.monotonic()
+        async with b.bus(connect_timeout=2.0, grant_wait=0.5) as bus:
+            assert (await bus.connected()).is_connected and time.monotonic() - t0 > 3.0  # refused, then let in
+        assert rt.responder.stats["throttled"] >= 1
 
 
 async def test_a_first_connection_that_waits_logs_in_with_the_key_this_client_rotated_meanwhile(tmp_path,
@@ -497,36 +507,22 @@ async def test_a_first_connection_that_waits_logs_in_with_the_key_this_client_ro
     rotates is the one its next attempt logs in with (the control plane then has the new key:
     with the old one the connection would end as "rotated elsewhere", or be retried with the old
     key until its patience ran out)."""
-    import unibus.client.api as api
-    from unibus.app import stash
-    from unibus.client import UnibusClient
-    from unibus.plugins.auth_enforce import PLUGIN_NAME, RUNTIME
-
-    from .test_enforcer_counts import local_daemon
-
-    monkeypatch.setattr(api, "CONNECT_SLACK", 0.5)  # a connection's attempts end after 2.5 s
-    alice, bob = generate_identity("alice"), generate_identity("bob")
-    async with local_daemon(tmp_path, alice) as (daemon, url, a):
-        await a.add_member("bob", bob.sign_pub_b64, bob.enc_pub_b64, bus_pub=bob.bus_pub)
-        rt = stash(daemon.app, PLUGIN_NAME)[RUNTIME]
-        rt.responder.login_limit = limit = LoginLimit(burst=1.5, rate=0.125)  # one login, then one every 8 s
-        limit.take("bob", 0)  # spent: bob's next login is paid for in 4 s
-        async with UnibusClient(daemon_url(daemon), bob) as b:
-            bus = b.bus(connect_timeout=2.0, grant_wait=0.5)
-            connecting = asyncio.create_task(bus.connect())
-            try:
-                for _ in range(100):  # the first login with the old key was throttled
-                    if rt.responder.stats["throttled"] >= 1 or connecting.done():
-                        break
-                    await asyncio.sleep(0.05)
-                assert not connecting.done() and rt.responder.stats["throttled"] >= 1
-                new = await b.rotate_bus_key()
-                assert new.bus_pub != bob.bus_pub
-                await asyncio.wait_for(connecting, 30)
-                assert bus._bus_pub == new.bus_pub and bus._nc.is_connected
-                assert (await b.bus_info())["user_nkey"] == new.bus_pub
-            finally:
-                if not connecting.done():
-                    connecting.cancel()
-                await asyncio.gather(connecting, return_exceptions=True)
-                await bus.close()
+    async with throttled_bob(tmp_path, monkeypatch) as (rt, bob, b):
+        bus = b.bus(connect_timeout=2.0, grant_wait=0.5)
+        connecting = asyncio.create_task(bus.connect())
+        try:
+            for _ in range(100):  # the first login with the old key was throttled
+                if rt.responder.stats["throttled"] >= 1 or connecting.done():
+                    break
+                await asyncio.sleep(0.05)
+            assert not connecting.done() and rt.responder.stats["throttled"] >= 1
+            new = await b.rotate_bus_key()
+            assert new.bus_pub != bob.bus_pub
+            await asyncio.wait_for(connecting, 30)
+            assert bus._bus_pub == new.bus_pub and bus._nc.is_connected
+            assert (await b.bus_info())["user_nkey"] == new.bus_pub
+        finally:
+            if not connecting.done():
+                connecting.cancel()
+            await asyncio.gather(connecting, return_exceptions=True)
+            await bus.close()
