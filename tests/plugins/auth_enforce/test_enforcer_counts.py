@@ -263,6 +263,43 @@ async def test_a_partial_mesh_does_not_confirm_a_revocation(daemon, mesh):
         await nc.close()
 
 
+@pytest.mark.parametrize("clustered", [True, False])
+async def test_a_grant_to_a_member_off_the_bus_is_read_by_every_node_before_the_answer(daemon, clustered):
+    """A test of two nodes' TLS cluster failed one run in two: bob, added to a room while he
+    had no connection, logged in right after the 2xx and was answered by a node that had not
+    read the grant yet from the KV watch, so his first subscription to the room was refused
+    for good. A grant to a member off the bus skipped the apply round (no kick to make). On a
+    cluster every node now re-reads it before the answer; a single node still does no NATS work."""
+    nc = await _system_connection(daemon)
+    e = None
+    applied: list[dict] = []
+    try:
+        a = await _server_id(nc)
+
+        async def recorded(msg):
+            applied.append(json.loads(msg.data))
+
+        subs = [await nc.subscribe(APPLY_SUBJECT, cb=recorded)]
+        subs += await _peer(nc, "NB", [a, "NC"]) + await _peer(nc, "NC", [a, "NB"])
+        e = enforcer(nc, routes=frozenset({"NB", "NC"}), clustered=clustered,
+                     responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
+        await e.start()
+        assert not e.kicked_by_grant("bob")  # off the bus
+        await e.enforce(set(), {"bob"}, ["r1"])
+        await nc.flush()
+        if clustered:
+            assert [r["handles"] for r in applied] == [["bob"]] and applied[0]["rooms"] == ["r1"]
+            assert e.pending == {} and e.mesh.last == {a, "NB", "NC"}
+        else:
+            assert applied == [] and e.stats["changes"] == 0
+        for sub in subs:
+            await sub.unsubscribe()
+    finally:
+        if e is not None:
+            await e.stop()
+        await nc.close()
+
+
 async def _server_id(nc) -> str:
     return nc._server_info["server_id"]
 
