@@ -229,6 +229,32 @@ async def _peer(nc, server_id: str, routes: list[str]) -> list:
     return subs
 
 
+@contextlib.asynccontextmanager
+async def meshed(daemon, peers: dict[str, list[str]], *, clustered: bool = True) -> AsyncIterator[tuple]:
+    """An enforcer on the daemon's real nats-server (node A) with stand-ins for the other nodes
+    (:func:`_peer`): ``peers`` maps each to its routes, ``"A"`` naming the real server. Yields
+    ``(the enforcer, the system connection, A's server id)``; stops and closes all of it."""
+    nc = await _system_connection(daemon)
+    e = None
+    subs: list = []
+    try:
+        a = await _server_id(nc)
+        for name, routes in peers.items():
+            subs += await _peer(nc, name, [a if r == "A" else r for r in routes])
+        own_routes = frozenset(name for name, routes in peers.items() if "A" in routes)
+        e = enforcer(nc, routes=own_routes, clustered=clustered,
+                     responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
+        await e.start()
+        yield e, nc, a
+    finally:
+        for sub in subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if e is not None:
+            await e.stop()
+        await nc.close()
+
+
 @pytest.mark.parametrize("mesh", ["full", "partial"])
 async def test_a_partial_mesh_does_not_confirm_a_revocation(daemon, mesh):
     """Nodes A (the real server here), B and C. Full mesh: every node answers, the revocation
@@ -236,18 +262,8 @@ async def test_a_partial_mesh_does_not_confirm_a_revocation(daemon, mesh):
     B never hears A's requests, C names B. Counting A's routes (1 + 1 = 2 servers, and
     A and C answer) confirmed it although B never kicked bob; now it is not confirmed:
     503, pending and retried until B answers (docs/bus-auth.md)."""
-    nc = await _system_connection(daemon)
-    e = None
-    try:
-        a = await _server_id(nc)
-        if mesh == "full":
-            subs = await _peer(nc, "NB", [a, "NC"]) + await _peer(nc, "NC", [a, "NB"])
-            routes = frozenset({"NB", "NC"})
-        else:
-            subs = await _peer(nc, "NC", [a, "NB"])
-            routes = frozenset({"NC"})
-        e = enforcer(nc, routes=routes, responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
-        await e.start()
+    peers = {"NB": ["A", "NC"], "NC": ["A", "NB"]} if mesh == "full" else {"NC": ["A", "NB"]}
+    async with meshed(daemon, peers) as (e, nc, a):
         if mesh == "full":
             await e.enforce({"bob"}, set(), ["r1"])
             assert e.pending == {} and e.mesh.last == {a, "NB", "NC"}
@@ -255,12 +271,6 @@ async def test_a_partial_mesh_does_not_confirm_a_revocation(daemon, mesh):
             with pytest.raises(KickUnconfirmed, match="2 of 3 nodes confirmed the change .no answer from NB"):
                 await e.enforce({"bob"}, set(), ["r1"])
             assert e.pending == {"bob": True} and e.pending_rooms == {"r1"}
-        for sub in subs:
-            await sub.unsubscribe()
-    finally:
-        if e is not None:
-            await e.stop()
-        await nc.close()
 
 
 @pytest.mark.parametrize("clustered", [True, False])
@@ -270,34 +280,22 @@ async def test_a_grant_to_a_member_off_the_bus_is_read_by_every_node_before_the_
     read the grant yet from the KV watch, so his first subscription to the room was refused
     for good. A grant to a member off the bus skipped the apply round (no kick to make). On a
     cluster every node now re-reads it before the answer; a single node still does no NATS work."""
-    nc = await _system_connection(daemon)
-    e = None
     applied: list[dict] = []
-    try:
-        a = await _server_id(nc)
-
+    async with meshed(daemon, {"NB": ["A", "NC"], "NC": ["A", "NB"]}, clustered=clustered) as (e, nc, a):
         async def recorded(msg):
             applied.append(json.loads(msg.data))
 
-        subs = [await nc.subscribe(APPLY_SUBJECT, cb=recorded)]
-        subs += await _peer(nc, "NB", [a, "NC"]) + await _peer(nc, "NC", [a, "NB"])
-        e = enforcer(nc, routes=frozenset({"NB", "NC"}), clustered=clustered,
-                     responder=Responder(Policy(), Issuer.from_raw(os.urandom(32))))
-        await e.start()
+        sub = await nc.subscribe(APPLY_SUBJECT, cb=recorded)
+        await nc.flush()
         assert not e.kicked_by_grant("bob")  # off the bus
         await e.enforce(set(), {"bob"}, ["r1"])
         await nc.flush()
+        await sub.unsubscribe()
         if clustered:
             assert [r["handles"] for r in applied] == [["bob"]] and applied[0]["rooms"] == ["r1"]
             assert e.pending == {} and e.mesh.last == {a, "NB", "NC"}
         else:
             assert applied == [] and e.stats["changes"] == 0
-        for sub in subs:
-            await sub.unsubscribe()
-    finally:
-        if e is not None:
-            await e.stop()
-        await nc.close()
 
 
 async def _server_id(nc) -> str:
