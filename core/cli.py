@@ -7,7 +7,7 @@ and exit 2 (configuration, usage) or 1 (runtime); never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
+import errno
 import json
 import logging
 import os
@@ -24,6 +24,7 @@ from .pluginmanager import LOAD_PLUGINS_ENV, PluginManager, load_plugins_from_en
 from .options import (CLUSTER_PASS_ENV, DATA_DIR, add_core_arguments, add_plugin_arguments,
                       add_plugin_selection_arguments, build_settings, data_dir_from, reserved_flags)
 from .settings import Settings
+from .stdout import FailedWritesRaise, drop_stdout
 
 log = logging.getLogger("unibus.cli")
 
@@ -31,7 +32,7 @@ PROG = "membershipd"
 COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "backup", "restore", "posture", "plugins")
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(FailedWritesRaise):
     """argparse that exits 2 with a usage line and one 'error:' line (its default), in which a
     word holding an ``@`` is shown without its ``user:pass@`` (``unrecognized arguments:`` quotes
     stray values, a route URL given after a space instead of a comma among them)."""
@@ -234,13 +235,13 @@ def cmd_migrate(argv: Sequence[str]) -> int:
     prepare_data_dir(data_dir)
     before, after = migrate(data_dir / "membershipd.db")
     if before == after:
-        print(f"{data_dir / 'membershipd.db'}: already at revision {after}")
+        lines = [f"{data_dir / 'membershipd.db'}: already at revision {after}"]
     else:
-        print(f"{data_dir / 'membershipd.db'}: migrated {before or 'empty'} -> {after}")
+        lines = [f"{data_dir / 'membershipd.db'}: migrated {before or 'empty'} -> {after}"]
     root = trust_root(data_dir / "membershipd.db")
     if root is not None:
-        print(f"trust root fingerprint: {root} (members pin it with `unibus trust {root}`)")
-    return 0
+        lines.append(f"trust root fingerprint: {root} (members pin it with `unibus trust {root}`)")
+    return _report(f"{data_dir / 'membershipd.db'} is at revision {after}", lines)
 
 
 def cmd_plugins(argv: Sequence[str]) -> int:
@@ -337,13 +338,13 @@ def cmd_member(argv: Sequence[str]) -> int:
         return 1
     finally:
         engine.dispose()
-    print(f"added {ns.role} {handle!r} to {db}; send SIGHUP to a running membershipd to pick it up")
+    lines = [f"added {ns.role} {handle!r} to {db}; send SIGHUP to a running membershipd to pick it up"]
     if seq == 0:
-        print(f"trust root fingerprint: {fingerprint} (members pin it with `unibus trust {fingerprint}`)")
+        lines.append(f"trust root fingerprint: {fingerprint} (members pin it with `unibus trust {fingerprint}`)")
     else:
-        print(f"recovery bootstrap at seq {seq}, fingerprint {fingerprint}: clients refuse it until each member "
-              f"runs `unibus trust {fingerprint}`")
-    return 0
+        lines.append(f"recovery bootstrap at seq {seq}, fingerprint {fingerprint}: clients refuse it until each "
+                     f"member runs `unibus trust {fingerprint}`")
+    return _report(f"{handle!r} was added", lines)
 
 
 def _is_loopback(host: str) -> bool:
@@ -529,11 +530,11 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
         counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
-    print(f"copied {counts['log_entries']} membership log entr{'y' if counts['log_entries'] == 1 else 'ies'}, "
-          f"{counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
-          f"epoch(s), {counts['blobs']} blob(s) to {redact_url(url)}"
-          + ("" if any(counts.values()) else " (already there: nothing to do)"))
-    return 0
+    return _report("the copy is done", [
+        f"copied {counts['log_entries']} membership log entr{'y' if counts['log_entries'] == 1 else 'ies'}, "
+        f"{counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
+        f"epoch(s), {counts['blobs']} blob(s) to {redact_url(url)}"
+        + ("" if any(counts.values()) else " (already there: nothing to do)")])
 
 
 def _cluster_node_data_dir(data_dir: Path) -> bool:
@@ -626,8 +627,7 @@ def cmd_backup(argv: Sequence[str]) -> int:
         result = _backup_node(ns, data_dir, out)
     else:
         result = _backup_through_nats(ns, data_dir, out)
-    print(result.summary())
-    return 0
+    return _report(f"the backup {out} is written", [result.summary()])
 
 
 def _fingerprint_flag(flag: str, value: str) -> str:
@@ -660,21 +660,21 @@ def cmd_restore(argv: Sequence[str]) -> int:
         raise ConfigError(f"--in: {archive} is not a readable file")
     data_dir = Path(os.path.abspath(resolve_data_dir(ns)))
     result = restore(archive, data_dir, ns.accept_bootstrap, ns.expect_root)
-    print(result.summary())
+    lines = [result.summary()]
     root = result.facts.trust_root
     if root and result.new_root:  # a store from before the membership log: the migration wrote its entry 0
-        print(f"trust root fingerprint: {root} (new: members pin it with `unibus trust {root}`)")
+        lines.append(f"trust root fingerprint: {root} (new: members pin it with `unibus trust {root}`)")
     elif root and ns.expect_root:
-        print(f"trust root fingerprint: {root} (as --expect-root: members keep their pin)")
+        lines.append(f"trust root fingerprint: {root} (as --expect-root: members keep their pin)")
     elif root:
         # Nothing in an archive proves whose deployment it is (its manifest is no signature), so
         # this is not "unchanged": the operator compares it with what members pinned.
-        print(f"trust root fingerprint: {root} (the archive's: members keep their pin if it is the one they "
-              "pinned; compare it, since an archive of another deployment restores as well)")
-    print(f"start membershipd with --data-dir {data_dir}; it makes a new service.nkey, system.nkey and nats.conf"
-          + ("; to make a cluster of it, run membershipd migrate-to-kv from this directory"
-             if result.manifest["kind"] == "cluster" else ""))
-    return 0
+        lines.append(f"trust root fingerprint: {root} (the archive's: members keep their pin if it is the one "
+                     "they pinned; compare it, since an archive of another deployment restores as well)")
+    lines.append(f"start membershipd with --data-dir {data_dir}; it makes a new service.nkey, system.nkey and "
+                 "nats.conf" + ("; to make a cluster of it, run membershipd migrate-to-kv from this directory"
+                                if result.manifest["kind"] == "cluster" else ""))
+    return _report(f"{data_dir} is restored", lines)
 
 
 HANDLERS = {"serve": cmd_serve, "migrate-to-kv": cmd_migrate_to_kv, "backup": cmd_backup, "restore": cmd_restore, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
@@ -706,6 +706,31 @@ def _configure_logging() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def _report(done: str, lines: Sequence[str]) -> int:
+    """Print what a command that has made its change says (a fingerprint, a summary), then 0.
+
+    The change is made by then, so standard output that cannot be written (a full disk, a
+    closed descriptor) must not lose what it says: the same lines go to stderr, after one that
+    names what was done and why it is there, and the exit is 1. A reader that went away (`| head`)
+    is not an error (main's BrokenPipeError)."""
+    text = "".join(f"{line}\n" for line in lines)
+    try:
+        if sys.stdout is None:  # started with descriptor 1 closed
+            raise OSError(errno.EBADF, "standard output is closed")
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return 0
+    except BrokenPipeError:
+        raise
+    except (OSError, ValueError) as e:  # ValueError: sys.stdout closed in this process
+        if sys.stdout is not None:
+            drop_stdout()
+        why = getattr(e, "strerror", None) or str(e)
+        sys.stderr.write(f"{PROG}: error: {done}, but standard output could not be written ({why}); "
+                         f"what it says follows here\n{text}")
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = _main(list(sys.argv[1:] if argv is None else argv))
@@ -720,7 +745,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except OSError as e:  # standard output that cannot be written (`> /dev/full`: a red team's traceback)
-        _drop_stdout()
+        drop_stdout()
         where = f" ({e.filename})" if e.filename else ""
         print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
@@ -744,13 +769,6 @@ def _main(argv: list[str]) -> int:
               file=sys.stderr)
         return 2
     return HANDLERS[command](argv)
-
-
-def _drop_stdout() -> None:
-    """Point standard output at /dev/null, so that the interpreter's flush at exit is silent."""
-    with contextlib.suppress(OSError, ValueError):
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -159,6 +159,14 @@ def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | N
                           env=full_env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
+def run_membershipd_to_full_disk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``membershipd ARGS`` with standard output on Linux's ``/dev/full``, where every write
+    fails with ENOSPC (a full disk); only stderr is captured."""
+    with open("/dev/full", "w") as full:
+        return subprocess.run([sys.executable, "-m", "unibus.cli", *args], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+
+
 _migrated_template: Path | None = None
 
 

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from .. import __version__ as _version
+from ..stdout import FailedWritesRaise, drop_stdout
 from .api import (
     DEFAULT_MAX_AGE,
     ApiError,
@@ -92,13 +94,41 @@ def _note(message: str) -> None:
     print(f"{PROG}: {_escape(message)}", file=sys.stderr, flush=True)
 
 
-def _out(line: str = "") -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+class _Stdout:
+    """What became of standard output: a write that failed (a full disk) diverts the rest of a
+    command's output to stderr, since the change the command made is done by then and what it
+    prints (a room id, a blob id, a fingerprint) must not be lost; the exit is then 1 (main)."""
+
+    failed: OSError | None = None
 
 
-def _json_out(obj: Any) -> None:
-    _out(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
+def _out(line: str = "", *, divert: bool = True) -> None:
+    """One line on standard output. ``divert=False`` (a message ``listen`` received) raises a
+    failed write instead: a message in clear never goes to stderr, which may be a journal."""
+    if _Stdout.failed is None:
+        try:
+            if sys.stdout is None:  # started with descriptor 1 closed
+                raise OSError(errno.EBADF, "standard output is closed")
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+            return
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            if not divert:
+                raise
+            _Stdout.failed = exc
+            drop_stdout()
+            _note(f"error: standard output could not be written ({exc.strerror or exc}); what this command "
+                  "prints follows here")
+    if not divert:
+        raise _Stdout.failed
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def _json_out(obj: Any, *, divert: bool = True) -> None:
+    _out(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), divert=divert)
 
 
 #: Characters that reorder or break the line around them (bidi controls, line and
@@ -183,7 +213,7 @@ def _room_line(room: dict[str, Any]) -> list[str]:
 # --------------------------------------------------------------------------- argument parsing
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(FailedWritesRaise):
     """argparse that exits 2 with a usage line and one ``error:`` line (never a traceback)."""
 
     def error(self, message: str) -> NoReturn:  # pragma: no cover - exercised via subprocess
@@ -710,7 +740,7 @@ async def cmd_listen(ctx: Context, c: UnibusClient) -> int:
                         print(f"{PROG}: rejected [{_escape(m.topic)}] epoch {m.epoch}{who} ({m.reason}): "
                               f"{_escape(_one_line(m.error))}", file=sys.stderr, flush=True)
                     continue
-                _json_out(_message_json(m)) if ctx.json else _out(_message_line(m))
+                _json_out(_message_json(m), divert=False) if ctx.json else _out(_message_line(m), divert=False)
                 got += 1
                 if count is not None and got >= count:
                     break
@@ -902,8 +932,22 @@ async def cmd_blob_get(ctx: Context, c: UnibusClient) -> int:
 def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -> int:
     """``unibus ARGV``; ``plugins`` adds client plugins that are not installed (tests)."""
     _setup_logging()
+    _Stdout.failed = None
     parser = build_parser(plugins)
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)  # --help and --version print here
+    except BrokenPipeError:
+        drop_stdout()
+        return EXIT_OK
+    except OSError as exc:  # standard output that cannot be written
+        drop_stdout()
+        _err(_local_file_error(exc))
+        return EXIT_FAILED
+    code = _main(args)
+    return EXIT_FAILED if code == EXIT_OK and _Stdout.failed is not None else code
+
+
+def _main(args: argparse.Namespace) -> int:
     ctx = Context(args)
     try:
         if args.func is cmd_keygen:
@@ -926,10 +970,7 @@ def main(argv: Sequence[str] | None = None, *, plugins: Sequence[object] = ()) -
         return EXIT_FAILED
     except BrokenPipeError:
         # `unibus listen ROOM | head -n 3`: the reader went away, nothing is wrong.
-        # Python's documented recipe: point stdout at devnull so the flush at exit is silent.
-        with contextlib.suppress(OSError, ValueError):
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
+        drop_stdout()
         return EXIT_OK
     except OSError as exc:  # a local file that cannot be read or written
         _err(_local_file_error(exc))

@@ -33,7 +33,7 @@ from unibus.client.keys import generate_identity
 from unibus.store.base import Conflict, NotFound
 from unibus.store.fromkv import rows_from_kv
 from unibus.store.kv import KvStore
-from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
+from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd, run_membershipd_to_full_disk
 
 from storecheck import assert_rows_match_log, read_store, replay, stored_blobs
 
@@ -492,6 +492,30 @@ def test_restore_only_into_an_empty_directory(source, tmp_path):
     proc = restore_into(source.archive, tmp_path / "empty")
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == ["blobs", "membershipd.db"]
+
+
+def test_a_backup_or_restore_whose_output_cannot_be_written_says_so_and_what_it_did(source, tmp_path):
+    """A red team: `restore > /dev/full` restored the directory, then exited 1 with "No space left
+    on device" alone (the docs said exit 1 restored nothing) and the trust root it printed was lost.
+    The change stands, and what it prints goes to stderr after a line that says so."""
+    archive = tmp_path / "again.tar"
+    proc = run_membershipd_to_full_disk("backup", "--out", str(archive), "--data-dir", str(source.data_dir))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (f"membershipd: error: the backup {archive} is written, but standard output could not be "
+                        "written (No space left on device); what it says follows here"), lines
+    assert len(lines) == 2 and str(archive) in lines[1], lines
+    assert sorted(i.name for i, _ in members_of(archive)) == sorted(i.name for i, _ in source.members)
+
+    target = tmp_path / "restored"
+    proc = run_membershipd_to_full_disk("restore", "--in", str(archive), "--data-dir", str(target))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == (f"membershipd: error: {target} is restored, but standard output could not be written "
+                        "(No space left on device); what it says follows here"), lines
+    assert [line for line in lines if line.startswith("trust root fingerprint: ")], lines
+    assert lines[-1].startswith(f"start membershipd with --data-dir {target}"), lines
+    assert sorted(p.name for p in target.iterdir()) == ["blobs", "membershipd.db"]
 
 
 def test_archive_and_restored_files_are_private_and_hold_no_secret(source, tmp_path):

@@ -9,7 +9,8 @@ import stat
 
 import pytest
 
-from unibus.testing import free_port, nats_server_pids, run_membershipd
+from unibus.client.keys import generate_identity
+from unibus.testing import free_port, nats_server_pids, run_membershipd, run_membershipd_to_full_disk
 
 BUILTINS = {"nats_monitor", "auth_enforce", "route_tls", "blobstore"}
 
@@ -179,15 +180,40 @@ def test_an_argument_error_is_one_usage_line_and_one_error_line():
                                         "membershipd serve: error: unrecognized arguments: --no-such-flag"]
 
 
-@pytest.mark.parametrize("args", [["plugins", "--json"], ["plugins"], ["--version"], ["--help"]])
+@pytest.mark.parametrize("args", [["plugins", "--json"], ["plugins"], ["--version"], ["--help"],
+                                  ["member", "--help"], ["restore", "--help"]])
 def test_standard_output_that_cannot_be_written_is_one_error_line(args):
-    """A red team: `membershipd plugins --json > /dev/full` ended in a traceback. (Linux's
-    /dev/full, where every write fails with ENOSPC: the tests run on Linux.)"""
-    import subprocess
-    import sys
-
-    with open("/dev/full", "w") as full:
-        proc = subprocess.run([sys.executable, "-m", "unibus.cli", *args], stdout=full, stderr=subprocess.PIPE,
-                              text=True, timeout=60, check=False)
+    """A red team: `membershipd plugins --json > /dev/full` ended in a traceback, and a command's
+    `--help` to it exited 0 (argparse drops a failed write). (Linux's /dev/full, where every write
+    fails with ENOSPC: the tests run on Linux.)"""
+    proc = run_membershipd_to_full_disk(*args)
     assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
         "membershipd: error: No space left on device"], proc.stderr
+
+
+def test_a_member_added_whose_output_cannot_be_written_is_said_on_stderr(tmp_path):
+    """A red team: `member add > /dev/full` added the member, then exited 1 with "No space left on
+    device" alone: the trust root's fingerprint, printed once, was lost. The member stays added and
+    what the command prints goes to stderr, after a line that says so; `migrate` does the same."""
+    alice = generate_identity("alice")
+    data_dir = tmp_path / "data"
+    add = ("member", "add", "--data-dir", str(data_dir), "--handle", "alice", "--role", "admin",
+           "--sign-pub", alice.sign_pub_b64, "--enc-pub", alice.enc_pub_b64, "--bus-pub", alice.bus_pub)
+    proc = run_membershipd_to_full_disk(*add)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines[0] == ("membershipd: error: 'alice' was added, but standard output could not be written "
+                        "(No space left on device); what it says follows here"), lines
+    assert lines[1].startswith("added admin 'alice' to ") and lines[2].startswith("trust root fingerprint: "), lines
+    fingerprint = lines[2].split()[3]
+    again = run_membershipd(*add)
+    assert again.returncode == 1 and "already exists" in again.stderr, again.stderr  # it was added
+    proc = run_membershipd_to_full_disk("migrate", "--data-dir", str(data_dir))
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.splitlines()
+    db = data_dir / "membershipd.db"
+    assert len(lines) == 3 and lines[0].startswith(f"membershipd: error: {db} is at revision "), lines
+    assert lines[0].endswith(", but standard output could not be written (No space left on device); what it "
+                             "says follows here"), lines
+    assert lines[1].startswith(f"{db}: already at revision "), lines
+    assert lines[2].startswith(f"trust root fingerprint: {fingerprint} "), lines

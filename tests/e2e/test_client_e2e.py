@@ -32,15 +32,16 @@ DAEMON_ARGS: tuple[str, ...] = ()
 
 
 def unibus(*args: str, server: str | None = None, identity: Path | None = None,
-           timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+           timeout: float = 60, stdin: str | None = None, stdout: Any = subprocess.PIPE,
+           ) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
     pre = []
     if server:
         pre += ["--server", server]
     if identity:
         pre += ["--identity", str(identity)]
-    return subprocess.run([sys.executable, "-m", "unibus.client.cli", *pre, *args], capture_output=True, text=True,
-                          env=env, timeout=timeout, check=False,
+    return subprocess.run([sys.executable, "-m", "unibus.client.cli", *pre, *args], stdout=stdout,
+                          stderr=subprocess.PIPE, text=True, env=env, timeout=timeout, check=False,
                           **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
 
 
@@ -73,8 +74,9 @@ class Member:
         """``--handle H --role member --sign-pub … --enc-pub … --enc-suite S`` from keygen's line."""
         return shlex.split(self.operator_line)[3:]
 
-    def cli(self, *args: str, timeout: float = 60, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        return unibus(*args, server=self.server, identity=self.path, timeout=timeout, stdin=stdin)
+    def cli(self, *args: str, timeout: float = 60, stdin: str | None = None,
+            stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess[str]:
+        return unibus(*args, server=self.server, identity=self.path, timeout=timeout, stdin=stdin, stdout=stdout)
 
     def client(self) -> UnibusClient:
         assert self.server
@@ -90,20 +92,22 @@ def keygen(tmp_path: Path, handle: str, suite: str = "X25519") -> Member:
 class Listener:
     """`unibus listen ROOM --json` in the background; ready once it says it is listening."""
 
-    def __init__(self, member: Member, room_id: str, *extra: str, as_json: bool = True) -> None:
+    def __init__(self, member: Member, room_id: str, *extra: str, as_json: bool = True,
+                 stdout: Any = subprocess.PIPE) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
         self.as_json = as_json
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "unibus.client.cli", "--server", member.server, "--identity", str(member.path),
              "listen", room_id, *(["--json"] if as_json else []), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
+            stdout=stdout, stderr=subprocess.PIPE, text=True, env=env, stdin=subprocess.DEVNULL)
         self.stderr: list[str] = []
         self.stdout: list[str] = []
         self._ready = threading.Event()
         # One reader per pipe, for the process's whole life: `communicate()` would
         # read stderr beside this thread and split its lines between them.
-        self._readers = [threading.Thread(target=self._read_stderr, daemon=True),
-                         threading.Thread(target=self._read_stdout, daemon=True)]
+        self._readers = [threading.Thread(target=self._read_stderr, daemon=True)]
+        if stdout is subprocess.PIPE:
+            self._readers.append(threading.Thread(target=self._read_stdout, daemon=True))
         for t in self._readers:
             t.start()
 
@@ -330,6 +334,43 @@ def test_rooms_rekey_send_listen_and_removal(world):
     e2, key2 = asyncio.run(keys(bob))
     assert e2 == 2 and key2 != key_b
     assert asyncio.run(keys(bob, 1)) == (1, key_b)
+
+
+def test_output_that_cannot_be_written_is_kept_but_a_message_is_never_diverted(world):
+    """A red team: `rooms create > /dev/full` made the room and lost its id (exit 1, "No space left
+    on device" alone). What a command prints after its change now goes to stderr, after a line
+    that says so (exit 1), except a message `listen` received: a message in clear never goes to
+    stderr, which may be a journal; listen stops, exit 1. (Linux's /dev/full: the tests run on Linux.)"""
+    alice, bob = world["alice"], world["bob"]
+    with open("/dev/full", "w") as full:
+        proc = alice.cli("rooms", "create", "lost-and-found", "--json", stdout=full)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if " on first use: " not in line]
+    assert said[0] == ("unibus: error: standard output could not be written (No space left on device); what "
+                       "this command prints follows here"), said
+    room_id = json.loads(said[1])["room_id"]
+    assert [r["room_id"] for r in json.loads(ok(alice.cli("rooms", "list", "--json")))["rooms"]] == [room_id]
+    ok(alice.cli("members", "add", *bob.key_flags))
+    ok(alice.cli("rooms", "add", room_id, "bob"))
+    ok(alice.cli("rooms", "rekey", room_id))
+
+    with open("/dev/full", "w") as full:
+        listener = Listener(bob, room_id, "--count", "1", stdout=full)
+        try:
+            listener.wait_ready()
+            ok(alice.cli("send", room_id, "chat", "-", stdin="not for the journal"))
+            rc, _ = listener.finish()
+        finally:
+            listener.kill()
+    assert rc == 1
+    err = "".join(listener.stderr)
+    assert "not for the journal" not in err and "No space left on device" in err and "Traceback" not in err, err
+
+    for args in (["--help"], ["--version"], ["rooms", "--help"]):
+        with open("/dev/full", "w") as full:
+            proc = unibus(*args, stdout=full)
+        assert proc.returncode == 1 and proc.stderr.splitlines() == ["unibus: error: No space left on device"], (
+            args, proc.stderr)
 
 
 async def test_sdk_bus_and_sealed_key_binding(world):
