@@ -70,9 +70,9 @@ from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
 from ..aio import cancel_and_wait, own_cancel_only, within
-from ..memberlog import LogError, LogState, verify_ed25519
+from ..memberlog import LogError, LogState, logged_operation, verify_ed25519
 from ..memberlog import Room as LogRoom
-from ..signing import SignatureError, parse_content_digest, sign_request
+from ..signing import SignatureError, make_nonce, parse_content_digest, sign_request
 from ..tls import connect_bounded, permanent_tls_error
 from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey, with_bus_key
 from .replica import LogVerificationError, Replica, ReplicaError, VerificationError, server_id
@@ -541,6 +541,13 @@ class UnibusClient:
         ``path`` must already be percent-encoded (use the methods below, which
         encode their arguments). ``json_body`` is serialized once; those exact
         bytes are signed and sent. Raises :class:`ApiError`, :class:`ServerUnreachable`.
+
+        A membership change (a route the membership log records) answered ``2xx``
+        is confirmed before it returns: the verified log must then hold this very
+        request (its signer and nonce), or :class:`VerificationError` is raised.
+        A red team's server answered a room member's removal ``200`` and dropped
+        it, and the remover's next rekey sealed the room key to that member, who
+        was still in the log. (A keys upload is checked by :meth:`rekey` itself.)
         """
         method = method.upper()
         url = self.url_for(path, query)
@@ -548,10 +555,14 @@ class UnibusClient:
         if json_body is not None or has_body:
             body = _dumps(json_body) if json_body is not None else b""
         tag = None if method in ("GET", "HEAD") else await self.deployment_tag()
+        change = logged_operation(method, url.raw_path) if tag is not None and not query else None
         attempt = 0
         while True:
-            status, reason, raw, retry_after = await self._send_once(method, url, body, tag)
+            nonce = make_nonce()
+            status, reason, raw, retry_after = await self._send_once(method, url, body, tag, nonce)
             if 200 <= status < 300:
+                if change is not None and change[0] != "room.keys":
+                    await self._confirm_logged(method, url.raw_path, status, nonce)
                 break
             problem = _problem_from(status, reason, raw)
             delay = retry_503_delay(method, status, problem, retry_after, attempt)
@@ -594,10 +605,25 @@ class UnibusClient:
             raise LogVerificationError.from_log(e, self.base_url) from None
         return await self.replica.pin_first_use(root)
 
-    async def _send_once(self, method: str, url: yarl.URL, body: bytes | None,
-                         tag: str | None = None) -> tuple[int, str | None, bytes, float | None]:
+    async def _confirm_logged(self, method: str, path: str, status: int, nonce: str) -> None:
+        """Sync, and require the verified log to hold this client's request signed with ``nonce``
+        (the server logs every membership change it answers ``2xx``, no-ops included)."""
+        try:
+            state = await self.sync()
+        except ApiError as exc:
+            raise VerificationError(
+                f"{self.base_url} answered {status} to {method} {path}, but its membership log could not be read "
+                f"to confirm the change ({exc}): do not rely on it") from None
+        if (self.identity.handle, nonce) not in state.nonces:
+            raise VerificationError(
+                f"{self.base_url} answered {status} to {method} {path}, but its membership log does not hold "
+                "that request: the change may not have been made (a server that drops changes it answers?); "
+                "check with `unibus log show`, and do not rely on it")
+
+    async def _send_once(self, method: str, url: yarl.URL, body: bytes | None, tag: str | None = None,
+                         nonce: str | None = None) -> tuple[int, str | None, bytes, float | None]:
         headers = sign_request(method, url.raw_path_qs, body, keyid=self.identity.handle,
-                               private_key=self.identity.sign_key, tag=tag)
+                               private_key=self.identity.sign_key, tag=tag, nonce=nonce)
         headers["Accept"] = "application/json, application/problem+json"
         if body is not None:
             headers["Content-Type"] = _JSON_TYPE

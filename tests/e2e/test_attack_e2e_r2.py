@@ -97,14 +97,16 @@ async def test_the_rekeys_own_key_is_the_one_logged(world, proxy):
 
 
 async def test_cli_report_lines_escape_server_text(world, proxy, tmp_path):
-    def server(request: web.Request, _body: bytes) -> Any:
-        if request.method == "POST" and request.path == "/v1/rooms":
-            return 201, {"room_id": FAKE, "name": "x", "owner": "alice", "epoch": 0, "rekey_required": True}
-        if request.method == "POST" and request.path == "/v1/members":
-            return 201, {"handle": FAKE, "role": FAKE, "enc_suite": FAKE}
+    # The server makes the change (so the log confirms it, tests/e2e/test_attack_e2e_r5.py) and
+    # lies in its answer.
+    def server(method: str, path: str, _query: str, doc: Any) -> Any:
+        if method == "POST" and path == "/v1/rooms":
+            return {"room_id": FAKE, "name": "x", "owner": "alice", "epoch": 0, "rekey_required": True}
+        if method == "POST" and path == "/v1/members":
+            return {"handle": FAKE, "role": FAKE, "enc_suite": FAKE}
         return None
 
-    proxy.answer = server
+    proxy.rules.append(server)
     created = await _cli(world, tmp_path, proxy.url, "alice", "rooms", "create", "x")
     r = generate_identity("zed").public_record()
     added = await _cli(world, tmp_path, proxy.url, "alice", "members", "add", "--handle", "zed",

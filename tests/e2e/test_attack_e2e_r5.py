@@ -1,0 +1,100 @@
+"""Red team e2e-r5: the threat model's claims, each tried as a statement to falsify.
+
+Uses attackkit's module world (a real membershipd with a real nats-server and SQLite; alice
+admin, bob, carol, mallory) and its real aiohttp :class:`Proxy` (the compromised server). Each
+test asserts the safe behaviour; each was a claim of docs/operations.md's threat model that the
+code before did not hold.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+
+import pytest
+from aiohttp import web
+from attackkit import new_room
+
+from unibus.client import VerificationError
+from unibus.client.keys import save_identity
+
+
+def _drop(method: str, marker: str, status: int = 200):
+    """A compromised server's answer: ``status`` to every ``method`` whose path holds ``marker``,
+    never forwarded (so never made, never logged)."""
+    dropped: list[str] = []
+
+    def answer(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == method and marker in request.path:
+            dropped.append(request.path)
+            return status, {}
+        return None
+
+    return answer, dropped
+
+
+async def test_a_removal_the_server_answers_but_drops_is_refused_and_never_sealed_to(world, proxy, tmp_path):
+    """The threat model: a compromised server "cannot drop log entries without clients noticing",
+    and "cannot make a client seal a room key to an attacker". A red team's server answered the
+    owner's removal of bob 200 and dropped it: the SDK returned, the CLI said "removed bob", exit
+    0, and the owner's next rekey sealed the new key to bob (still in the log), who opened it.
+    Now a membership change answered 2xx must be in the verified log as this very request (its
+    signer and nonce), or the client raises VerificationError (the CLI exits 1)."""
+    rid = await new_room(world, "bob", "carol")
+    proxy.answer, dropped = _drop("DELETE", "/members/")
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(VerificationError, match="does not hold that request"):
+            await a.remove_room_member(rid, "bob")
+        assert "bob" in a.verified.rooms[rid].members  # the log still has him: the client says so
+        with pytest.raises(VerificationError, match="does not hold that request"):
+            await a.remove_member("bob")
+    assert dropped == [f"/v1/rooms/{rid}/members/bob", "/v1/members/bob"]
+
+    # The CLI: exit 1 with one line, never "removed bob".
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    identity = save_identity(world.people["alice"], home / "alice.json")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+    proc = await asyncio.to_thread(  # the proxy runs on this loop
+        subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", proxy.url, "--identity",
+                         str(identity), "rooms", "remove", rid, "bob"], capture_output=True, text=True,
+        env=env, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert "removed" not in proc.stdout and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("unibus: error: ")]
+    assert len(errors) == 1 and "does not hold that request" in errors[0], proc.stderr
+
+
+@pytest.mark.parametrize("change", ["room.create", "room.member_add", "member.role", "member.bus_key"])
+async def test_every_membership_change_is_confirmed_in_the_log(world, proxy, tmp_path, change):
+    """The same for every route the log records (a keys upload is checked by rekey itself): an
+    answer the server made up, without the change, is a VerificationError, never a success."""
+    rid = await new_room(world, rekey=False)
+    method, marker, call = {
+        "room.create": ("POST", "/v1/rooms", lambda a: a.create_room("made-up")),
+        "room.member_add": ("PUT", "/members/carol", lambda a: a.add_room_member(rid, "carol")),
+        "member.role": ("PATCH", "/v1/members/mallory", lambda a: a.set_role("mallory", "member")),
+        "member.bus_key": ("PUT", "/v1/me/bus-key", lambda a: a.set_bus_key(world.people["alice"].bus_pub)),
+    }[change]
+    answers = {"room.create": {"room_id": "abcdefghijklmnopqrstuvwx", "name": "made-up"}}
+    dropped: list[str] = []
+
+    def answer(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == method and request.path.endswith(marker):
+            dropped.append(request.path)
+            return 201 if method == "POST" else 200, answers.get(change, {})
+        return None
+
+    proxy.answer = answer
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(VerificationError, match="does not hold that request"):
+            await call(a)
+    assert len(dropped) == 1, dropped
+
+    # and through an honest server, the same calls return (the log holds them, no-ops included)
+    proxy.answer = None
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        await call(a)
+        await call(a)
