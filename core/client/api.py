@@ -1227,8 +1227,9 @@ class Bus:
     * :meth:`send` encrypts with the room's current key and signs the
       message. Which epoch is current comes from the verified log
       (:meth:`UnibusClient.current_key`), checked at most every ``key_ttl``
-      seconds per room (0 = on every send); a rekey made through the same
-      client takes effect at once.
+      seconds per room (0 = on every send); a rekey or a membership change
+      made through the same client (any entry it verified since) takes
+      effect at once.
     * :meth:`listen` verifies each message (sender signature, roster, time,
       replay) and decrypts it with the verified key of its own
       ``Unibus-Epoch``. A rejected message does not stop the iteration: it is
@@ -1265,7 +1266,7 @@ class Bus:
         #: called with a one-line note each time the connection came back (the CLI prints it)
         self.on_reconnect: Callable[[str], None] | None = None
         self._nc: Any = None
-        self._current: dict[str, tuple[float, int]] = {}
+        self._current: dict[str, tuple[float, int, tuple[int, str]]] = {}  # room -> (when, epoch, log head)
         self._listeners: set[RoomListener] = set()
         self._closed_reason: str | None = None
         self._publish_denied: list[tuple[float, str]] = []
@@ -1684,14 +1685,17 @@ class Bus:
         """``(epoch, key)`` to send with: the room's current epoch in the verified log (see ``key_ttl``)."""
         now = time.monotonic()
         hit = self._current.get(room_id)
-        # a rekey done through the client (or a newer key it verified) ends the cached answer at once
+        # A rekey done through the client (or a newer key it verified) ends the cached answer at
+        # once, and so does any entry the client verified since (its own removal of a member
+        # among them: a red team's sends went on under the removed member's key for key_ttl).
         newest = max((e for (r, e) in self.client._keys if r == room_id), default=-1)
-        if hit is not None and now - hit[0] < self.key_ttl and newest <= hit[1]:
+        head = self.client.verified.head
+        if hit is not None and now - hit[0] < self.key_ttl and newest <= hit[1] and head == hit[2]:
             key = self.client.cached_key(room_id, hit[1])
             if key is not None:
                 return hit[1], key
         epoch, key = await self.client.current_key(room_id)
-        self._current[room_id] = (now, epoch)
+        self._current[room_id] = (now, epoch, self.client.verified.head)
         return epoch, key
 
     async def send(self, room_id: str, topic: str, data: bytes | str) -> int:

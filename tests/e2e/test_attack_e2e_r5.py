@@ -98,3 +98,20 @@ async def test_every_membership_change_is_confirmed_in_the_log(world, proxy, tmp
     async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
         await call(a)
         await call(a)
+
+
+async def test_a_send_right_after_the_same_clients_removal_never_uses_the_removed_members_key(world):
+    """The threat model: "clients never send on a room that is rekey_required (they rekey first),
+    so nothing new is encrypted under a key it holds". A red team's owner sent on its bus, removed
+    bob through the same client, and sent again within key_ttl (1 s by default): the bus's cached
+    epoch was bob's, and bob opened the message with the key he had. Now any entry the client
+    verified since (its own removal's, confirmed in the log) ends the cached epoch."""
+    rid = await new_room(world, "bob", "carol")
+    async with world.sdk("alice") as a, a.bus(key_ttl=60.0) as bus:
+        first = await bus.send(rid, "chat", "before the removal")
+        await a.remove_room_member(rid, "bob")
+        second = await bus.send(rid, "chat", "after the removal: not for bob")
+        assert second > first  # the code before: the same epoch, bob's
+        assert "bob" not in a.verified.rooms[rid].members
+        third = await bus.send(rid, "chat", "and again, cached")
+        assert third == second
