@@ -46,15 +46,24 @@ it is still in them or not): the next red team created rooms, added a victim and
 them, free while the victim was off the bus, until the victim was in 990 rooms and nobody
 could add it to another.
 
+These bounds are checked before the write, on a count the write then changes, so each add
+of a member to a room (and each new room, for its owner) holds :meth:`ChangeLimit.adding`
+for that member from its checks to its write: on one node, adds of one member go one at a
+time, and the next one's checks see the last one's room. (A red team's concurrent adds put a
+member in 159 rooms of one owner's, where the share is 100.) Other nodes' adds are not
+serialized with this node's.
+
 The times are kept in memory, per node: a cluster of three nodes gives an author three
 budgets, and a restart gives a new one.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from .problems import Problem
 
@@ -97,6 +106,8 @@ class ChangeLimit:
         #: (bus authorization sets both: its login lists every room; None: no bound)
         self.rooms_in: Callable[[str], int] | None = None
         self.max_rooms: int | None = None
+        #: member -> (the lock its adds hold from their checks to their write, how many hold or wait)
+        self._adds: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     def counts(self, target: str) -> bool:
         """Whether a change of ``target``'s rooms counts: only one that would kick its connections."""
@@ -136,6 +147,27 @@ class ChangeLimit:
                     self._whole_at[pair] = whole_at
                 else:
                     del self._whole_at[pair]
+
+    @contextlib.asynccontextmanager
+    async def adding(self, handle: str) -> AsyncIterator[None]:
+        """Hold this while putting ``handle`` in one more room, from :meth:`check_rooms` and
+        :meth:`check_share` to the write (whose change events update :attr:`rooms_in` before
+        it returns): this node's adds of one member then go one at a time, so requests in
+        flight together cannot pass its bounds together. Without bounds, nothing is held."""
+        if self.rooms_in is None or self.max_rooms is None:
+            yield
+            return
+        entry = self._adds.get(handle)
+        if entry is None:
+            entry = self._adds[handle] = (asyncio.Lock(), [0])
+        entry[1][0] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1][0] -= 1
+            if entry[1][0] == 0 and self._adds.get(handle) is entry:
+                del self._adds[handle]
 
     def check_rooms(self, handle: str) -> None:
         """Refuse (409 ``too-many-rooms``) to put ``handle`` in one more room when it is in

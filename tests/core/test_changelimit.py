@@ -360,6 +360,44 @@ def test_one_member_may_fill_only_a_tenth_of_another_members_rooms(world):
     assert bob.put(f"/v1/rooms/{rooms[1]}/members/erin")[0] == 409  # 3 of bob's still: rooms 0, 2 and 3
 
 
+def test_concurrent_adds_cannot_pass_the_bounds_together(world):
+    """A red team of the threat model: the bounds were checked on a count read before the write,
+    so adds in flight at once all passed: one member put another in 159 rooms of its own, where
+    the share is 100. Now a node's adds of one member go one at a time from their checks to
+    their write; so do a member's new rooms (its own bound)."""
+    app, p = world.app, world.people
+    bob = p["bob"]
+    limit = app.app[CHANGE_LIMIT]
+    limit.max_rooms = 60  # the bound the plugin set, made small for the test: bob's share is 6
+    rooms = []
+    for i in range(24):
+        status, room = bob.post("/v1/rooms", {"name": f"bait {i}"})
+        assert status == 201, room
+        rooms.append(room["room_id"])
+
+    async def at_once(method: str, paths: list[str], body: dict | None = None) -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            async def one(path: str) -> int:
+                raw = json.dumps(body).encode() if body is not None else None
+                h = sign_request(method, path, raw, keyid="bob", private_key=bob.identity.sign_key)
+                if raw is not None:
+                    h["Content-Type"] = "application/json"
+                async with s.request(method, app.base_url + path, data=raw, headers=h) as r:
+                    await r.read()
+                    return r.status
+
+            return await asyncio.gather(*(one(path) for path in paths))
+
+    statuses = asyncio.run(asyncio.wait_for(at_once("PUT", [f"/v1/rooms/{r}/members/erin" for r in rooms]), 60))
+    assert sorted(statuses) == [200] * 6 + [409] * 18, statuses  # the code before: 200 for most
+    assert limit.rooms_in("erin") == 6
+
+    # bob's own bound (60 rooms, of which he has 25): 40 new ones at once, 35 made
+    statuses = asyncio.run(asyncio.wait_for(at_once("POST", ["/v1/rooms"] * 40, {"name": "many"}), 60))
+    assert sorted(statuses) == [201] * 35 + [409] * 5, statuses
+    assert limit.rooms_in("bob") == 60 and not limit._adds
+
+
 def test_an_add_the_store_refuses_gives_its_charge_back(world):
     """An add charged, then refused by the store before it wrote anything (the room deleted
     meanwhile: 404), counts for nothing."""
