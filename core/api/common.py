@@ -22,9 +22,10 @@ from ..store.base import LogRecord
 #: member cannot make it grow by megabytes of JSON whitespace.
 MAX_LOGGED_BODY = 16 * 1024
 #: OpenAPI responses every logged route has, besides its own.
-LOGGED_RESPONSES = {400: "malformed JSON, or a path that is not the canonical spelling, a query string, or a "
-                         "signature covering more than @method, @path, @query and content-digest "
-                         "(non-canonical-request: the membership log records requests as signed)",
+LOGGED_RESPONSES = {400: "malformed JSON, or a path that is not the canonical spelling, a query string, a body "
+                         "padded with whitespace or where the route takes none, signature headers longer than "
+                         "the log keeps, or a signature covering more than @method, @path, @query and "
+                         "content-digest (non-canonical-request: the membership log records requests as signed)",
                     401: "missing or invalid signature, or a nonce or created the membership log refuses",
                     409: "the membership log or the record moved during this change (a concurrent writer); try again",
                     413: "a body larger than the membership log keeps"}
@@ -90,6 +91,15 @@ def log_record(request: web.Request) -> LogRecord:
     if logged.body is not None and found[0] not in BODYLESS and len(logged.body) > MAX_LOGGED_BODY:
         raise Problem(413, f"the body of this request is kept in the membership log: at most {MAX_LOGGED_BODY} "
                            "bytes", kind="request-entity-too-large", max_bytes=MAX_LOGGED_BODY)
+    for name, value, most in (("Content-Digest", logged.content_digest, MAX_LOGGED_DIGEST),
+                              ("Signature-Input", logged.signature_input, MAX_LOGGED_SIGNATURE_INPUT),
+                              ("Signature", logged.signature, MAX_LOGGED_SIGNATURE)):
+        if value is not None and len(value) > most:
+            # Kept as sent, like the body: a red team padded Content-Digest with a member of 4 KB
+            # that no check reads, and made the label 3,000 characters (twice kept).
+            raise Problem(400, f"the {name} header of this request is kept in the membership log as sent: at most "
+                               f"{most} characters (it has {len(value)}); send the sha-256 digest alone and a "
+                               "short label", kind="non-canonical-request")
     if logged.body and found[0] not in BODYLESS and _padded(logged.body):
         # Kept byte for byte: a review's member padded its room creations with 16,000 spaces, 22 KB
         # an entry where one takes 535 B (the junk bodies of bodyless routes, by another route).
@@ -112,6 +122,12 @@ def log_record(request: web.Request) -> LogRecord:
                      int(request.app[SETTINGS].auth_skew), sign_pub=bytes(request[MEMBER_KEY].sign_pub))
 
 
+#: The longest signature headers a logged request may carry, as the log keeps them: room for
+#: sha-256 and sha-512 digests; the parameters unibus signs with a label of up to 64 characters.
+#: (What `sign_request` writes takes 54, about 200 and about 95.)
+MAX_LOGGED_DIGEST = 256
+MAX_LOGGED_SIGNATURE_INPUT = 512
+MAX_LOGGED_SIGNATURE = 256
 #: The whitespace a kept body may carry outside its strings: room for an indented object of the
 #: few fields a logged body has, not for padding. (Inside strings, the schema's lengths bound
 #: what escapes can add: a room name of 200 characters.)

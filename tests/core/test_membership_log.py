@@ -9,8 +9,11 @@ and must give exactly the state the server answers with.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import secrets
 import sqlite3
+import time
 
 import aiohttp
 import pytest
@@ -47,8 +50,24 @@ async def post_raw(server, path: str, raw: bytes) -> tuple[int, dict]:
     """A signed POST of exactly ``raw`` as alice (untagged, as clients of the contract may send)."""
     headers = sign_request("POST", path, raw, keyid="alice", private_key=server.alice.sign_key)
     headers["Content-Type"] = "application/json"
+    return await _post(server, path, raw, headers)
+
+
+async def _post(server, path: str, raw: bytes, headers: dict[str, str]) -> tuple[int, dict]:
     async with aiohttp.ClientSession() as s, s.post(server.base_url + path, data=raw, headers=headers) as r:
         return r.status, await r.json(content_type=None)
+
+
+def hand_signed(key, path: str, digest: str, label: str = "sig1") -> dict[str, str]:
+    """RFC 9421 headers made by hand, over a ``Content-Digest`` value of the caller's choosing
+    (``sign_request`` writes only the sha-256 member), as any client of the contract may."""
+    params = (f'("@method" "@path" "@query" "content-digest");created={int(time.time())};'
+              f'nonce="{secrets.token_urlsafe(24)}";keyid="alice";alg="ed25519"')
+    base = (f'"@method": POST\n"@path": {path}\n"@query": ?\n"content-digest": {digest}\n'
+            f'"@signature-params": {params}')
+    signature = base64.b64encode(key.sign(base.encode())).decode()
+    return {"Content-Digest": digest, "Content-Type": "application/json",
+            "Signature-Input": f"{label}={params}", "Signature": f"{label}=:{signature}:"}
 
 
 def stored_texts(server) -> list[str]:
@@ -198,7 +217,24 @@ async def test_non_canonical_requests_are_refused_and_not_appended(server):
             status, problem = await post_raw(server, "/v1/rooms", padded)
             assert status == 400 and "at most 256 bytes of whitespace outside its strings" in problem["detail"], \
                 problem
+        # nor in the signature headers, which the log keeps as sent too (a red team: a Content-Digest
+        # member of 4 KB no check reads, and a label of 3,000 characters, kept twice)
+        raw = b'{"name":"x"}'
+        sha256 = f"sha-256=:{base64.b64encode(hashlib.sha256(raw).digest()).decode()}:"
+        for digest, label, header in ((f"{sha256}, junk=:{base64.b64encode(b'j' * 3000).decode()}:", "sig1",
+                                       "Content-Digest"),
+                                      (sha256, "a" * 200, "Signature")):
+            status, problem = await _post(server, "/v1/rooms", raw, hand_signed(server.alice.sign_key, "/v1/rooms",
+                                                                                 digest, label))
+            assert status == 400 and problem["type"].endswith("/non-canonical-request"), problem
+            assert f"the {header} header of this request is kept in the membership log as sent" in problem["detail"]
         assert await a.log_head() == head
+        # a sha-512 beside it and a label of 64 characters are fine
+        sha512 = f"sha-512=:{base64.b64encode(hashlib.sha512(raw).digest()).decode()}:"
+        status, room = await _post(server, "/v1/rooms", raw, hand_signed(server.alice.sign_key, "/v1/rooms",
+                                                                           f"{sha256}, {sha512}", "l" * 64))
+        assert status == 201, room
+        head = await a.log_head()
         pretty = json.dumps({"name": "pretty \u00e9"}, indent=4).encode()  # indented, escaped: fine
         status, room = await post_raw(server, "/v1/rooms", pretty)
         assert status == 201 and room["name"] == "pretty \u00e9", room
