@@ -152,8 +152,10 @@ class ChangeLimit:
     async def adding(self, handle: str) -> AsyncIterator[None]:
         """Hold this while putting ``handle`` in one more room, from :meth:`check_rooms` and
         :meth:`check_share` to the write (whose change events update :attr:`rooms_in` before
-        it returns): this node's adds of one member then go one at a time, so requests in
-        flight together cannot pass its bounds together. Without bounds, nothing is held."""
+        it returns), and while removing it from one (so that an add's read of whether it is
+        in the room stays true until its write): this node's changes of one member's rooms
+        then go one at a time, so requests in flight together cannot pass its bounds
+        together. Without bounds, nothing is held."""
         if self.rooms_in is None or self.max_rooms is None:
             yield
             return

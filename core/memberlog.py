@@ -488,6 +488,8 @@ class LogState:
         self.rooms: dict[str, Room] = {}
         self.hashes: list[str] = []
         self.nonces: set[tuple[str, str]] = set()
+        #: (author, nonce) -> the room id each logged room creation made (a client confirms its own)
+        self.created_rooms: dict[tuple[str, str], str] = {}
         self.max_created = 0
         self._members_at: dict[str, _Spans] = {}  # handle -> Member snapshot (or None) over seqs
         self._rosters_at: dict[tuple[str, str], _Spans] = {}  # (room, handle) -> bool over seqs
@@ -832,6 +834,8 @@ class LogState:
         else:
             getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
         self.nonces.add((author.handle, pending.nonce))
+        if op == "room.create":
+            self.created_rooms[(author.handle, pending.nonce)] = result["room_id"]
         self.max_created = max(self.max_created, pending.created)
 
     @staticmethod

@@ -214,6 +214,26 @@ def bootstrap_member(data_dir: Path | str, identity: Any, role: str = "member") 
         raise RuntimeError(f"membershipd member add failed: {err.getvalue().strip()}")
 
 
+async def accept_offline_bootstraps(client: Any) -> None:
+    """Have ``client`` (a ``unibus.client.UnibusClient``) accept every offline ``member add``
+    after the first, as each member does with ``unibus trust FINGERPRINT`` after a recovery
+    (docs/client.md): a test that bootstraps several members offline, then changes membership
+    through the SDK, whose changes are made and confirmed only on a log that verifies."""
+    from .memberlog import entry_hash
+
+    await client.deployment_tag()  # pins entry 0 on first use
+    after = 0
+    while True:
+        page = await client.log(after=after, limit=1000)
+        entries = page.get("entries") or []
+        for entry in entries:
+            if entry.get("kind") == "bootstrap":
+                await client.trust(entry_hash(entry))
+        if not entries:
+            return
+        after = entries[-1]["seq"]
+
+
 def nats_server_pids(under: Path | str | None = None) -> set[int]:
     """PIDs of running nats-server processes, those whose config lies ``under`` a path if given.
 

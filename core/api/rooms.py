@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
@@ -181,9 +180,11 @@ async def put_room_member(request: web.Request) -> web.Response:
     limit = request.app[CHANGE_LIMIT]
     # One add of this member at a time on this node, from the bounds' checks to the write: checked
     # on a count the write then changes, concurrent adds passed them together (a red team: 159
-    # rooms of one owner's, where the share is 100).
-    adding = limit.adding(handle) if handle not in room.handles else contextlib.nullcontext()
-    async with adding:
+    # rooms of one owner's, where the share is 100). Whether the member is in the room is read
+    # again under it: a removal that lands meanwhile makes this an add that must be checked.
+    async with limit.adding(handle):
+        if handle in room.handles and limit.max_rooms is not None:
+            room = await load_room(request)
         if handle not in room.handles:  # 409 past the member's bound on rooms, whoever adds it, ...
             limit.check_rooms(handle)
             if not me.is_admin and limit.share_reached(handle):  # ... or past its share of them for this owner
@@ -201,9 +202,11 @@ async def delete_room_member(request: web.Request) -> web.Response:
     handle = request.match_info["handle"]
     if handle != me.handle:
         require_owner_or_admin(room, me)
-    # a member leaving a room is not charged (take never charges the author itself)
-    await charged(request, me, [handle],
-                  lambda: request.app[STORE].remove_room_member(room.room_id, handle, logged=logged))
+    # a member leaving a room is not charged (take never charges the author itself); under the
+    # lock of the member's adds, which read whether it is in the room (put_room_member)
+    async with request.app[CHANGE_LIMIT].adding(handle):
+        await charged(request, me, [handle],
+                      lambda: request.app[STORE].remove_room_member(room.room_id, handle, logged=logged))
     return web.Response(status=204)
 
 

@@ -542,12 +542,17 @@ class UnibusClient:
         encode their arguments). ``json_body`` is serialized once; those exact
         bytes are signed and sent. Raises :class:`ApiError`, :class:`ServerUnreachable`.
 
-        A membership change (a route the membership log records) answered ``2xx``
-        is confirmed before it returns: the verified log must then hold this very
-        request (its signer and nonce), or :class:`VerificationError` is raised.
-        A red team's server answered a room member's removal ``200`` and dropped
-        it, and the remover's next rekey sealed the room key to that member, who
-        was still in the log. (A keys upload is checked by :meth:`rekey` itself.)
+        A membership change (a route the membership log records; a keys upload
+        is checked by :meth:`rekey` itself) is made only on a log that verifies
+        (a sync first), and once answered ``2xx`` it is confirmed before this
+        returns: the verified log must hold this very request (its signer and
+        nonce), or :class:`VerificationError` is raised. A red team's server
+        answered a room member's removal ``200`` and dropped it, and the
+        remover's next rekey sealed the room key to that member, who was still
+        in the log. A 503 that refused such a change before serving it is
+        retried with the same signed request, never a second one: a review's
+        server kept the first try, answered the retry, and appended the first
+        try after the member's removal, which brought the member back.
         """
         method = method.upper()
         url = self.url_for(path, query)
@@ -556,13 +561,20 @@ class UnibusClient:
             body = _dumps(json_body) if json_body is not None else b""
         tag = None if method in ("GET", "HEAD") else await self.deployment_tag()
         change = logged_operation(method, url.raw_path) if tag is not None and not query else None
+        if change is not None and change[0] == "room.keys":
+            change = None
+        if change is not None:
+            await self.sync()  # nothing is changed on a server whose log does not verify
+        # One signed request for a change, resent as it is; a fresh one per try for the rest.
+        signed = (make_nonce(), int(time.time())) if change is not None else None
         attempt = 0
+        state: LogState | None = None
         while True:
-            nonce = make_nonce()
-            status, reason, raw, retry_after = await self._send_once(method, url, body, tag, nonce)
+            nonce, created = signed or (make_nonce(), None)
+            status, reason, raw, retry_after = await self._send_once(method, url, body, tag, nonce, created)
             if 200 <= status < 300:
-                if change is not None and change[0] != "room.keys":
-                    await self._confirm_logged(method, url.raw_path, status, nonce)
+                if change is not None:
+                    state = await self._confirm_logged(method, url.raw_path, status, nonce, change)
                 break
             problem = _problem_from(status, reason, raw)
             delay = retry_503_delay(method, status, problem, retry_after, attempt)
@@ -570,14 +582,23 @@ class UnibusClient:
                 attempt += 1
                 log.info("%s %s: 503 (%s); retrying in %.1f s", method, path, problem.get("detail"), delay)
                 await asyncio.sleep(delay)
-                continue  # signed afresh: a new nonce and `created`
+                continue
             raise ApiError(status, problem)
         if not raw:
             return None
         try:
-            return json.loads(raw)
+            doc = json.loads(raw)
         except ValueError:
             raise ApiError(status, {"title": "Bad response", "detail": "the server answered with a body that is not JSON"}) from None
+        if state is not None and change is not None and change[0] == "room.create":
+            # The room the log says this request made, not one the answer names (a review's server
+            # answered another member's room, keyed with this client in it, as the new one).
+            made = state.created_rooms.get((self.identity.handle, nonce))
+            if not isinstance(doc, dict) or doc.get("room_id") != made:
+                raise VerificationError(f"{self.base_url} answered a room creation with room "
+                                        f"{doc.get('room_id') if isinstance(doc, dict) else None!r}, but its "
+                                        f"membership log says that request made room {made}: do not use it")
+        return doc
 
     async def deployment_tag(self) -> str:
         """The ``tag`` every changing request is signed with: the trust root pinned for this
@@ -605,25 +626,32 @@ class UnibusClient:
             raise LogVerificationError.from_log(e, self.base_url) from None
         return await self.replica.pin_first_use(root)
 
-    async def _confirm_logged(self, method: str, path: str, status: int, nonce: str) -> None:
+    async def _confirm_logged(self, method: str, path: str, status: int, nonce: str,
+                              change: tuple[str, tuple[str, ...]]) -> LogState | None:
         """Sync, and require the verified log to hold this client's request signed with ``nonce``
-        (the server logs every membership change it answers ``2xx``, no-ops included)."""
+        (the server logs every membership change it answers ``2xx``, no-ops included); return
+        the verified state. A member that deleted itself can no longer read the log: that one
+        is not confirmed (None)."""
+        me = self.identity.handle
+        if change[0] == "member.delete" and change[1] == (me,):
+            return None
+        what = f"{self.base_url} answered {status} to {method} {path}, but"
         try:
             state = await self.sync()
-        except ApiError as exc:
+        except (ApiError, VerificationError) as exc:
+            raise VerificationError(f"{what} its membership log could not be read to confirm the change "
+                                    f"({exc}): do not rely on it", getattr(exc, "seq", None)) from None
+        if (me, nonce) not in state.nonces:
             raise VerificationError(
-                f"{self.base_url} answered {status} to {method} {path}, but its membership log could not be read "
-                f"to confirm the change ({exc}): do not rely on it") from None
-        if (self.identity.handle, nonce) not in state.nonces:
-            raise VerificationError(
-                f"{self.base_url} answered {status} to {method} {path}, but its membership log does not hold "
-                "that request: the change may not have been made (a server that drops changes it answers?); "
-                "check with `unibus log show`, and do not rely on it")
+                f"{what} its membership log does not hold that request: the change may not have been made (a "
+                "server that drops changes it answers?); check with `unibus log show`, and do not rely on it")
+        return state
 
     async def _send_once(self, method: str, url: yarl.URL, body: bytes | None, tag: str | None = None,
-                         nonce: str | None = None) -> tuple[int, str | None, bytes, float | None]:
+                         nonce: str | None = None,
+                         created: int | None = None) -> tuple[int, str | None, bytes, float | None]:
         headers = sign_request(method, url.raw_path_qs, body, keyid=self.identity.handle,
-                               private_key=self.identity.sign_key, tag=tag, nonce=nonce)
+                               private_key=self.identity.sign_key, tag=tag, nonce=nonce, created=created)
         headers["Accept"] = "application/json, application/problem+json"
         if body is not None:
             headers["Content-Type"] = _JSON_TYPE

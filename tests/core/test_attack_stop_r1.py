@@ -33,7 +33,8 @@ from unibus.client import UnibusClient
 from unibus.client.blobs import sign_streamed_request
 from unibus.client.keys import generate_identity
 from unibus.signing import sign_request
-from unibus.testing import MembershipdProcess, bootstrap_member, http_json, nats_server_pids
+from unibus.testing import (MembershipdProcess, accept_offline_bootstraps, bootstrap_member, http_json,
+                            nats_server_pids)
 
 #: docs/operations.md, "Signals": stop, then exit 0, within 10 s (the slack is the
 #: test's own wait for the exit, not a performance allowance).
@@ -93,6 +94,7 @@ def _raw_head(method: str, target: str, headers: dict[str, str]) -> bytes:
 
 async def _make_room(proc: MembershipdProcess, owner, members=()) -> str:
     async with UnibusClient(proc.base_url, owner) as c:
+        await accept_offline_bootstraps(c)  # the members were added offline (_world)
         rid = (await c.create_room("stop-r1"))["room_id"]
         for h in members:
             await c.add_room_member(rid, h)

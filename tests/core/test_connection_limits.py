@@ -43,7 +43,8 @@ from unibus.connlimits import (ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_MESSAGE, 
                                IDLE_TIMEOUT_ENV, MIN_MEMBER_REQUESTS, AcceptErrorLog, MemberRequests,
                                max_connections)
 from unibus.signing import sign_request
-from unibus.testing import MembershipdProcess, bootstrap_member, free_port, make_test_pki, run_membershipd
+from unibus.testing import (MembershipdProcess, accept_offline_bootstraps, bootstrap_member, free_port,
+                            make_test_pki, run_membershipd)
 
 #: The idle deadline of the "short" daemons (UNIBUS_HTTP_IDLE_TIMEOUT), and their body deadline:
 #: longer, so that a request can outlast the idle deadline while it keeps within the body's.
@@ -556,6 +557,7 @@ def test_a_response_its_client_does_not_read_counts_until_sent_and_has_a_deadlin
     try:
         async def grow() -> None:
             async with UnibusClient(node.proc.base_url, node.alice, ssl=node.ctx) as admin:
+                await accept_offline_bootstraps(admin)  # the members were added offline (start_node)
                 for i in range(200):  # MLKEM768 keys: /v1/members is then about 370 KB
                     m = generate_identity(f"m{i:03d}", "MLKEM768_X25519")
                     await admin.add_member(m.handle, m.sign_pub_b64, m.enc_pub_b64, "MLKEM768_X25519",

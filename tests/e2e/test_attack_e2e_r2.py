@@ -99,14 +99,22 @@ async def test_the_rekeys_own_key_is_the_one_logged(world, proxy):
 async def test_cli_report_lines_escape_server_text(world, proxy, tmp_path):
     # The server makes the change (so the log confirms it, tests/e2e/test_attack_e2e_r5.py) and
     # lies in its answer.
+    # (A room id other than the one the log says was made is refused: then in the error line.)
+    lie_about_the_id = [True]
+
     def server(method: str, path: str, _query: str, doc: Any) -> Any:
         if method == "POST" and path == "/v1/rooms":
-            return {"room_id": FAKE, "name": "x", "owner": "alice", "epoch": 0, "rekey_required": True}
+            if lie_about_the_id.pop() if lie_about_the_id else False:
+                return {**doc, "room_id": FAKE}
+            return {**doc, "name": FAKE, "owner": FAKE}
         if method == "POST" and path == "/v1/members":
             return {"handle": FAKE, "role": FAKE, "enc_suite": FAKE}
         return None
 
     proxy.rules.append(server)
+    refused = await _cli(world, tmp_path, proxy.url, "alice", "rooms", "create", "x")
+    assert refused.returncode == 1 and "membership log says that request made room" in refused.stderr
+    assert not _controls(refused.stdout + refused.stderr), repr(refused.stderr)
     created = await _cli(world, tmp_path, proxy.url, "alice", "rooms", "create", "x")
     r = generate_identity("zed").public_record()
     added = await _cli(world, tmp_path, proxy.url, "alice", "members", "add", "--handle", "zed",

@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 from aiohttp import web
 from attackkit import new_room
 
 from unibus.client import VerificationError
-from unibus.client.keys import save_identity
+from unibus.client.keys import generate_identity, save_identity
 
 
 def _drop(method: str, marker: str, status: int = 200):
@@ -115,3 +116,70 @@ async def test_a_send_right_after_the_same_clients_removal_never_uses_the_remove
         assert "bob" not in a.verified.rooms[rid].members
         third = await bus.send(rid, "chat", "and again, cached")
         assert third == second
+
+
+async def test_a_change_refused_before_served_is_resent_as_it_was_never_signed_again(world, proxy, tmp_path):
+    """A review: the proxy answered the first try of alice's add of bob 503 (replay protection
+    unavailable: refused before served) and kept it; the client signed a second request, which
+    was logged and confirmed. Once alice had removed bob (confirmed too), the proxy sent the kept
+    first try on: a valid request, a fresh nonce, 200, and bob was back in the log, signed by
+    alice, for her next rekey to seal to. Now a change's retry is the same signed request: the
+    kept one is the one that was served, and it is refused as a replay."""
+    rid = await new_room(world, "carol")
+    tries: list[dict[str, str]] = []
+
+    def hold_first(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == "PUT" and request.path == f"/v1/rooms/{rid}/members/bob":
+            tries.append({k: v for k, v in request.headers.items()
+                          if k.lower() in ("signature", "signature-input", "content-digest")})
+            if len(tries) == 1:
+                return 503, {"type": "https://unibus.dev/problems/nonce-store-unavailable",
+                             "title": "Service Unavailable", "status": 503, "detail": "try again"}
+        return None
+
+    proxy.answer = hold_first
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        await a.add_room_member(rid, "bob")
+        await a.remove_room_member(rid, "bob")
+    assert len(tries) == 2 and tries[0] == tries[1]  # the code before: a second nonce
+    async with aiohttp.ClientSession() as s:  # the kept first try, sent on after the removal
+        async with s.put(world.daemon.base_url + f"/v1/rooms/{rid}/members/bob", headers=tries[0]) as r:
+            assert r.status == 401, await r.text()
+    async with world.sdk("alice") as a:
+        assert "bob" not in (await a.sync()).rooms[rid].members
+
+
+async def test_a_room_creation_is_the_room_the_log_says_it_made(world, proxy, tmp_path):
+    """A review: the proxy made alice's room, then answered with the id of mallory's room (keyed,
+    alice in it): the SDK returned it and `unibus rooms create` printed it, so alice's next adds
+    and rekeys went to a room mallory reads. Now the answer must name the room the log says
+    this very request made."""
+    trap = await new_room(world, "mallory")
+
+    def swap(method: str, path: str, _query: str, doc: object) -> object | None:
+        if method == "POST" and path == "/v1/rooms" and isinstance(doc, dict):
+            return {**doc, "room_id": trap}
+        return None
+
+    proxy.rules.append(swap)
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(VerificationError, match=f"answered a room creation with room '{trap}'"):
+            await a.create_room("secret plans")
+    proxy.rules.clear()
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        made = await a.create_room("secret plans")
+        assert a.verified.rooms[made["room_id"]].owner == "alice"
+
+
+async def test_an_admin_that_deletes_itself_is_not_refused_for_the_log_it_can_no_longer_read(world):
+    """A review: the confirmation's sync after `DELETE /v1/members/<self>` got 401 (no longer a
+    member): VerificationError for a deletion that was made. A member's deletion of itself is
+    made on a verified log, and not confirmed after."""
+    leaver = generate_identity("leaver")
+    async with world.sdk("alice") as a:
+        r = leaver.public_record()
+        await a.add_member("leaver", r["sign_pub"], r["enc_pub"], r["enc_suite"], role="admin", bus_pub=r["bus_pub"])
+    async with world.sdk("leaver", identity=leaver) as me:
+        await me.remove_member("leaver")
+    async with world.sdk("alice") as a:
+        assert "leaver" not in (await a.sync()).members
