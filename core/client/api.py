@@ -638,7 +638,18 @@ class UnibusClient:
         what = f"{self.base_url} answered {status} to {method} {path}, but"
         try:
             state = await self.sync()
-        except (ApiError, VerificationError) as exc:
+        except ServerUnreachable as exc:  # the outcome is unknown, as after a timeout: said so
+            raise ServerUnreachable(exc.url, f"{method} {path} was answered {status}, but the change could not be "
+                                             f"confirmed in the membership log: {exc.reason}") from None
+        except ApiError as exc:
+            if exc.status != 503:
+                raise VerificationError(f"{what} its membership log could not be read to confirm the change "
+                                        f"({exc}): do not rely on it") from None
+            # unavailable for now (a node under faults): the outcome is unknown, as after a timeout
+            raise ApiError(503, {**exc.problem, "detail": f"{method} {path} was answered {status}, but the change "
+                                                          f"could not be confirmed in the membership log: "
+                                                          f"{exc.detail}"}) from None
+        except VerificationError as exc:
             raise VerificationError(f"{what} its membership log could not be read to confirm the change "
                                     f"({exc}): do not rely on it", getattr(exc, "seq", None)) from None
         if (me, nonce) not in state.nonces:

@@ -183,3 +183,29 @@ async def test_an_admin_that_deletes_itself_is_not_refused_for_the_log_it_can_no
         await me.remove_member("leaver")
     async with world.sdk("alice") as a:
         assert "leaver" not in (await a.sync()).members
+
+
+async def test_a_change_that_cannot_be_confirmed_for_now_is_an_unknown_outcome_not_a_forgery(world, proxy, tmp_path):
+    """CI, a cluster under faults: the confirming sync of a change that was made got 503 (the node's
+    nonce store unavailable), and the client raised VerificationError, as for a server that drops
+    changes. A 503 or no answer there leaves the outcome unknown, as a timeout does: the client
+    says so with the 503 (ServerUnreachable), never reports a success, and never calls it forged."""
+    from unibus.client import ApiError
+
+    rid = await new_room(world, rekey=False)
+    made: list[str] = []
+
+    def unavailable_after(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == "PUT":
+            made.append(request.path)
+        elif made and request.path.startswith("/v1/log"):
+            return 503, {"type": "https://unibus.dev/problems/nonce-store-unavailable", "title": "Service Unavailable",
+                         "status": 503, "detail": "replay protection is unavailable; try again"}
+        return None
+
+    proxy.answer = unavailable_after
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(ApiError) as e:
+            await a.add_room_member(rid, "carol")
+    assert e.value.status == 503 and "could not be confirmed in the membership log" in e.value.detail
+    assert made == [f"/v1/rooms/{rid}/members/carol"]
