@@ -93,6 +93,10 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("DELETE", re.compile(rf"\A/v1/rooms/{_ROOM}/members/{_HANDLE}\Z"), "room.member_remove"),
     ("POST", re.compile(rf"\A/v1/rooms/{_ROOM}/keys\Z"), "room.keys"),
 )
+#: An add of a member to a room signed this many seconds or more before a removal of it that the
+#: same author signed and the log holds earlier is taken for a request a server held back
+#: (:attr:`LogState.held_back`): one author's requests follow one clock, within this margin.
+HELD_BACK_MARGIN = 30
 #: Operations whose request body is not kept in the log (the signed digest suffices).
 BODYLESS = frozenset({"room.keys"})
 #: What ``result`` holds, per operation.
@@ -490,6 +494,11 @@ class LogState:
         self.nonces: set[tuple[str, str]] = set()
         #: (author, nonce) -> the room id each logged room creation made (a client confirms its own)
         self.created_rooms: dict[tuple[str, str], str] = {}
+        #: (room, handle) -> (seq of an add, seq of the removal it follows) where one author signed
+        #: the add more than HELD_BACK_MARGIN before the removal it follows: a request a server kept
+        #: back (a try that failed) and appended after (docs/client.md); a rekey refuses to seal to it
+        self.held_back: dict[tuple[str, str], tuple[int, int]] = {}
+        self._removed_by: dict[tuple[str, str], tuple[str, int, int]] = {}  # (room, handle) -> author, created, seq
         self.max_created = 0
         self._members_at: dict[str, _Spans] = {}  # handle -> Member snapshot (or None) over seqs
         self._rosters_at: dict[tuple[str, str], _Spans] = {}  # (room, handle) -> bool over seqs
@@ -829,6 +838,8 @@ class LogState:
             raise LogError(seq, f"created {pending.created} is more than {2 * self.skew} s older than an "
                                 "earlier entry's (a request held back and appended late)")
         doc = self._body_json(seq, op, body) if op in _BODY_FIELDS else None
+        gone = [(r.room_id, args[0]) for r in self.rooms.values() if args[0] in r.members] \
+            if op == "member.delete" else []
         if op == "room.keys":
             self._op_room_keys(seq, author, args, doc, result, digest=req["content_digest"])
         else:
@@ -836,6 +847,17 @@ class LogState:
         self.nonces.add((author.handle, pending.nonce))
         if op == "room.create":
             self.created_rooms[(author.handle, pending.nonce)] = result["room_id"]
+        elif op == "room.member_remove" or gone:
+            for pair in gone or [(args[0], args[1])]:
+                self._removed_by[pair] = (author.handle, pending.created, seq)
+                self.held_back.pop(pair, None)
+        elif op == "room.member_add":
+            pair = (args[0], args[1])
+            removed = self._removed_by.get(pair)
+            if removed is not None and removed[0] == author.handle and pending.created < removed[1] - HELD_BACK_MARGIN:
+                self.held_back[pair] = (seq, removed[2])
+            else:
+                self.held_back.pop(pair, None)
         self.max_created = max(self.max_created, pending.created)
 
     @staticmethod

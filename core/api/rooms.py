@@ -178,20 +178,25 @@ async def put_room_member(request: web.Request) -> web.Response:
     require_owner_or_admin(room, me)
     handle = parse_handle(request.match_info["handle"])
     limit = request.app[CHANGE_LIMIT]
-    # One add of this member at a time on this node, from the bounds' checks to the write: checked
-    # on a count the write then changes, concurrent adds passed them together (a red team: 159
-    # rooms of one owner's, where the share is 100). Whether the member is in the room is read
-    # again under it: a removal that lands meanwhile makes this an add that must be checked.
-    async with limit.adding(handle):
+    # Whether the member is in the room is read again under the pair's lock, which its removals
+    # hold too, so an add read as changing nothing cannot turn into one. One that adds goes under
+    # the member's lock too, from the bounds' checks to the write: checked on a count the write
+    # then changes, concurrent adds passed them together (a red team: 159 rooms of one owner's,
+    # where the share is 100).
+    async with limit.changing(room.room_id, handle):
         if handle in room.handles and limit.max_rooms is not None:
             room = await load_room(request)
-        if handle not in room.handles:  # 409 past the member's bound on rooms, whoever adds it, ...
-            limit.check_rooms(handle)
+        if handle in room.handles:  # nothing to add: no bound to check
+            room = await charged(request, me, [handle],
+                                 lambda: request.app[STORE].add_room_member(room.room_id, handle, logged=logged))
+            return json_response(room.as_json())
+        async with limit.adding(handle):
+            limit.check_rooms(handle)  # 409 past the member's bound on rooms, whoever adds it, ...
             if not me.is_admin and limit.share_reached(handle):  # ... or past its share of them for this owner
                 rooms = await request.app[STORE].list_rooms(handle)
                 limit.check_share(me.handle, handle, sum(1 for r in rooms if r.owner == me.handle))
-        room = await charged(request, me, [handle],
-                             lambda: request.app[STORE].add_room_member(room.room_id, handle, logged=logged))
+            room = await charged(request, me, [handle],
+                                 lambda: request.app[STORE].add_room_member(room.room_id, handle, logged=logged))
     return json_response(room.as_json())
 
 
@@ -203,8 +208,8 @@ async def delete_room_member(request: web.Request) -> web.Response:
     if handle != me.handle:
         require_owner_or_admin(room, me)
     # a member leaving a room is not charged (take never charges the author itself); under the
-    # lock of the member's adds, which read whether it is in the room (put_room_member)
-    async with request.app[CHANGE_LIMIT].adding(handle):
+    # pair's lock, under which an add reads whether the member is in the room (put_room_member)
+    async with request.app[CHANGE_LIMIT].changing(room.room_id, handle):
         await charged(request, me, [handle],
                       lambda: request.app[STORE].remove_room_member(room.room_id, handle, logged=logged))
     return web.Response(status=204)

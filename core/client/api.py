@@ -583,6 +583,12 @@ class UnibusClient:
                 log.info("%s %s: 503 (%s); retrying in %.1f s", method, path, problem.get("detail"), delay)
                 await asyncio.sleep(delay)
                 continue
+            if signed is not None and attempt and status == 401:
+                # The resend of a change refused before it was served: its `created` grew too old for
+                # a small --auth-skew, or its nonce was claimed before the 503 (a nonce bucket lost).
+                problem = {**problem, "detail": f"this change was refused before it was served (503) and resent "
+                                                f"as it was signed, which was refused: {problem.get('detail')}; "
+                                                "nothing was changed: run it again"}
             raise ApiError(status, problem)
         if not raw:
             return None
@@ -1160,6 +1166,14 @@ class UnibusClient:
         while True:
             lroom = await self.verified_room(room_id)
             state = self.verified
+            for handle in sorted(lroom.members):
+                if (room_id, handle) in state.held_back:
+                    added, removed = state.held_back[(room_id, handle)]
+                    raise VerificationError(
+                        f"room {room_id}: {handle} is in it by an add its author signed before that author's "
+                        f"removal of {handle} (seq {removed}), but which the log holds after it (seq {added}): a "
+                        f"request the server held back, such as a try that failed. Nothing was sealed: remove "
+                        f"{handle} again (and add it back if that is meant), then rekey", added)
             epoch = lroom.epoch + 1
             head_seq, head_hash = state.head
             key = new_room_key()

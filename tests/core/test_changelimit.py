@@ -10,6 +10,7 @@ nats-py connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import urllib.error
@@ -192,7 +193,10 @@ class World:
 
     def close(self) -> None:
         for nc in self.connections:
-            self.app.run(nc.close())
+            # a connection kicked a moment ago may be reset as nats-py flushes it on the way out
+            # (ConnectionResetError from its drain, one teardown in about ten)
+            with contextlib.suppress(ConnectionError):
+                self.app.run(nc.close())
 
 
 @pytest.fixture
@@ -396,6 +400,54 @@ def test_concurrent_adds_cannot_pass_the_bounds_together(world):
     statuses = asyncio.run(asyncio.wait_for(at_once("POST", ["/v1/rooms"] * 40, {"name": "many"}), 60))
     assert sorted(statuses) == [201] * 35 + [409] * 5, statuses
     assert limit.rooms_in("bob") == 60 and not limit._adds
+
+
+def test_a_members_changes_in_one_room_do_not_hold_back_its_removal_from_another(world):
+    """A review: every add of a member, even one that changed nothing, and every removal took the
+    member's one lock, so another member's flood of no-op adds of it to its own room held back
+    an admin's removal of it from another room (0.4 s to 3.75 s). Now a removal, and the read of
+    whether an add changes anything, hold the (room, member) pair's lock; only an add that adds
+    takes the member's."""
+    import threading
+
+    app, p, rids = world.app, world.people, world.rids
+    limit = app.app[CHANGE_LIMIT]
+    assert p["bob"].put(f"/v1/rooms/{rids['bob']}/members/erin")[0] == 200
+    assert p["dave"].put(f"/v1/rooms/{rids['dave']}/members/erin")[0] == 200
+
+    async def hold():
+        release = asyncio.Event()
+        taken = asyncio.Event()
+
+        async def holder():
+            async with limit.changing(rids["bob"], "erin"):  # what bob's room's adds of erin hold
+                taken.set()
+                await release.wait()
+
+        task = asyncio.get_running_loop().create_task(holder())
+        await taken.wait()
+        return release, task
+
+    release, task = app.run(hold())
+    try:
+        started = time.monotonic()
+        assert p["dave"].delete(f"/v1/rooms/{rids['dave']}/members/erin")[0] == 204  # another room: at once
+        assert time.monotonic() - started < 5
+        answers: list[int] = []
+        waiting = threading.Thread(target=lambda: answers.append(
+            p["bob"].delete(f"/v1/rooms/{rids['bob']}/members/erin")[0]))
+        waiting.start()
+        waiting.join(0.5)
+        assert waiting.is_alive() and answers == []  # the same pair: it waits for the lock
+    finally:
+        app.run(_release(release, task))
+    waiting.join(10)
+    assert answers == [204] and not limit._adds
+
+
+async def _release(event, task):
+    event.set()
+    await task
 
 
 def test_an_add_the_store_refuses_gives_its_charge_back(world):

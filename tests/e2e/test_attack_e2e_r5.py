@@ -209,3 +209,70 @@ async def test_a_change_that_cannot_be_confirmed_for_now_is_an_unknown_outcome_n
             await a.add_room_member(rid, "carol")
     assert e.value.status == 503 and "could not be confirmed in the membership log" in e.value.detail
     assert made == [f"/v1/rooms/{rid}/members/carol"]
+
+
+async def test_a_resent_change_that_is_refused_says_so(world, proxy, tmp_path):
+    """A review: a change refused before it was served (503) and resent as it was signed could be
+    refused in turn (401: its created too old for a small --auth-skew, or its nonce claimed before
+    the 503), and the user saw a bare 401 "signature expired". The 401 says what happened."""
+    from unibus.client import ApiError
+
+    rid = await new_room(world, rekey=False)
+    tries: list[str] = []
+
+    def refuse_twice(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == "PUT":
+            tries.append(request.headers["Signature-Input"])
+            if len(tries) == 1:
+                return 503, {"type": "https://unibus.dev/problems/nonce-store-unavailable",
+                             "title": "Service Unavailable", "status": 503, "detail": "try again"}
+            return 401, {"type": "https://unibus.dev/problems/invalid-signature", "title": "Unauthorized",
+                         "status": 401, "detail": "signature expired (created is too old)"}
+        return None
+
+    proxy.answer = refuse_twice
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(ApiError) as e:
+            await a.add_room_member(rid, "carol")
+    assert e.value.status == 401 and len(tries) == 2 and tries[0] == tries[1]
+    assert "refused before it was served (503) and resent as it was signed" in e.value.detail
+    assert "signature expired" in e.value.detail and "run it again" in e.value.detail
+
+
+async def test_a_failed_add_the_server_kept_and_appended_after_the_removal_is_never_sealed_to(
+        world, proxy, tmp_path, monkeypatch):
+    """A review: the proxy kept alice's add of bob and answered it 500; she ran it again (made,
+    confirmed), later removed bob (confirmed), and the proxy sent the kept add on: 200, a valid
+    request of hers, and bob was back in the log, so her next rekey sealed to him. The log cannot
+    refuse it (its order rule allows 2 x 600 s), but her add was signed before her removal and is
+    logged after it: a rekey refuses to seal to such a member, naming both entries. (The margin
+    between one author's requests, 30 s, is made 0 here, so that the test need not wait.)"""
+    from unibus import memberlog
+    from unibus.client import ApiError
+
+    monkeypatch.setattr(memberlog, "HELD_BACK_MARGIN", 0)
+    rid = await new_room(world, "carol")
+    kept: list[dict[str, str]] = []
+
+    def keep_first(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == "PUT" and request.path.endswith("/members/bob") and not kept:
+            kept.append({k: v for k, v in request.headers.items()
+                         if k.lower() in ("signature", "signature-input", "content-digest")})
+            return 500, {"type": "about:blank", "title": "Internal Server Error", "status": 500}
+        return None
+
+    proxy.answer = keep_first
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(ApiError):
+            await a.add_room_member(rid, "bob")
+        await a.add_room_member(rid, "bob")  # run again: made and confirmed
+        await asyncio.sleep(1.2)  # the removal is signed a second later than the kept add
+        await a.remove_room_member(rid, "bob")
+        async with aiohttp.ClientSession() as s:  # the kept add, sent on after the removal
+            async with s.put(world.daemon.base_url + f"/v1/rooms/{rid}/members/bob", headers=kept[0]) as r:
+                assert r.status == 200, await r.text()
+        with pytest.raises(VerificationError, match="bob is in it by an add its author signed before"):
+            await a.rekey(rid)  # the code before: sealed to bob
+        await a.remove_room_member(rid, "bob")  # removed again: the rekey goes on without him
+        await a.rekey(rid)
+        assert "bob" not in a.verified.rooms[rid].members
