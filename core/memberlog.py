@@ -495,10 +495,11 @@ class LogState:
         #: (author, nonce) -> the room id each logged room creation made (a client confirms its own)
         self.created_rooms: dict[tuple[str, str], str] = {}
         #: (room, handle) -> (seq of an add, seq of the removal it follows) where one author signed
-        #: the add more than HELD_BACK_MARGIN before the removal it follows: a request a server kept
+        #: the add HELD_BACK_MARGIN or more before a removal of its own that the log holds earlier: a request a server kept
         #: back (a try that failed) and appended after (docs/client.md); a rekey refuses to seal to it
         self.held_back: dict[tuple[str, str], tuple[int, int]] = {}
-        self._removed_by: dict[tuple[str, str], tuple[str, int, int]] = {}  # (room, handle) -> author, created, seq
+        #: (room, handle, author) -> (created, seq) of that author's latest removal of handle from room
+        self._removed_by: dict[tuple[str, str, str], tuple[int, int]] = {}
         self.max_created = 0
         self._members_at: dict[str, _Spans] = {}  # handle -> Member snapshot (or None) over seqs
         self._rosters_at: dict[tuple[str, str], _Spans] = {}  # (room, handle) -> bool over seqs
@@ -840,6 +841,7 @@ class LogState:
         doc = self._body_json(seq, op, body) if op in _BODY_FIELDS else None
         gone = [(r.room_id, args[0]) for r in self.rooms.values() if args[0] in r.members] \
             if op == "member.delete" else []
+        adds = op == "room.member_add" and args[0] in self.rooms and args[1] not in self.rooms[args[0]].members
         if op == "room.keys":
             self._op_room_keys(seq, author, args, doc, result, digest=req["content_digest"])
         else:
@@ -848,16 +850,15 @@ class LogState:
         if op == "room.create":
             self.created_rooms[(author.handle, pending.nonce)] = result["room_id"]
         elif op == "room.member_remove" or gone:
-            for pair in gone or [(args[0], args[1])]:
-                self._removed_by[pair] = (author.handle, pending.created, seq)
-                self.held_back.pop(pair, None)
-        elif op == "room.member_add":
-            pair = (args[0], args[1])
-            removed = self._removed_by.get(pair)
-            if removed is not None and removed[0] == author.handle and pending.created < removed[1] - HELD_BACK_MARGIN:
-                self.held_back[pair] = (seq, removed[2])
+            for room_id, handle in gone or [(args[0], args[1])]:
+                self._removed_by[(room_id, handle, author.handle)] = (pending.created, seq)
+                self.held_back.pop((room_id, handle), None)
+        elif adds:  # an add that changes nothing neither raises the flag nor clears it
+            removed = self._removed_by.get((args[0], args[1], author.handle))
+            if removed is not None and pending.created <= removed[0] - HELD_BACK_MARGIN:
+                self.held_back[(args[0], args[1])] = (seq, removed[1])
             else:
-                self.held_back.pop(pair, None)
+                self.held_back.pop((args[0], args[1]), None)
         self.max_created = max(self.max_created, pending.created)
 
     @staticmethod

@@ -70,7 +70,7 @@ from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
 from ..aio import cancel_and_wait, own_cancel_only, within
-from ..memberlog import LogError, LogState, logged_operation, verify_ed25519
+from ..memberlog import HELD_BACK_MARGIN, LogError, LogState, logged_operation, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, make_nonce, parse_content_digest, sign_request
 from ..tls import connect_bounded, permanent_tls_error
@@ -587,8 +587,9 @@ class UnibusClient:
                 # The resend of a change refused before it was served: its `created` grew too old for
                 # a small --auth-skew, or its nonce was claimed before the 503 (a nonce bucket lost).
                 problem = {**problem, "detail": f"this change was refused before it was served (503) and resent "
-                                                f"as it was signed, which was refused: {problem.get('detail')}; "
-                                                "nothing was changed: run it again"}
+                                                f"as it was signed, which was refused: {problem.get('detail')}; an "
+                                                "honest server made no change: check the log (unibus log show), "
+                                                "then run it again"}
             raise ApiError(status, problem)
         if not raw:
             return None
@@ -1172,8 +1173,9 @@ class UnibusClient:
                     raise VerificationError(
                         f"room {room_id}: {handle} is in it by an add its author signed before that author's "
                         f"removal of {handle} (seq {removed}), but which the log holds after it (seq {added}): a "
-                        f"request the server held back, such as a try that failed. Nothing was sealed: remove "
-                        f"{handle} again (and add it back if that is meant), then rekey", added)
+                        f"request the server held back, such as a try that failed (or that author signs on clocks "
+                        f"more than {HELD_BACK_MARGIN} s apart). Nothing was sealed: remove {handle} again (and add "
+                        f"it back if that is meant), then rekey", added)
             epoch = lroom.epoch + 1
             head_seq, head_hash = state.head
             key = new_room_key()

@@ -580,3 +580,26 @@ def test_a_hostile_entry_0_s_ranges_are_kept_as_ranges(people):
     assert state._legacy[("r1", "bob")][0] == ((1, 5000), (5002, 10001))
     assert state.legacy_covers("r1", "bob", 10001) and not state.legacy_covers("r1", "bob", 5001)
     assert len(state.legacy_epochs("r1", "bob")) == 10000 and state.legacy_epochs("r1", "alice") == (3,)
+
+
+def test_an_add_its_author_signed_before_its_own_removal_is_flagged_held_back(world, people):
+    """LogState.held_back (a rekey refuses to seal to such a member; docs/client.md, "Changes
+    confirmed in the log"): an add that its author signed HELD_BACK_MARGIN (30 s) or more before
+    its own removal of the member, logged after it, is a try a server kept. A review of the first
+    rule: it compared with the pair's latest removal only (another author's in between hid it),
+    and an add that changed nothing raised or cleared the flag."""
+    alice, bob = people["alice"], people["bob"]
+    world.request(bob, "DELETE", "/v1/rooms/r1/members/carol", created=NOW)
+    world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 1)  # an admin adds her back
+    assert replay(world.entries).held_back == {}
+    world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 100)  # bob's kept add: a no-op now
+    assert replay(world.entries).held_back == {}  # nothing added: no flag
+    world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 2)
+    kept = world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 30)["seq"]  # 30 s before his removal
+    state = replay(world.entries)
+    assert "carol" in state.rooms["r1"].members and state.held_back == {("r1", "carol"): (kept, kept - 4)}
+    world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 3)  # a no-op add clears nothing
+    assert replay(world.entries).held_back == {("r1", "carol"): (kept, kept - 4)}
+    world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 4)  # a removal clears it
+    world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 29)  # within the margin: not flagged
+    assert replay(world.entries).held_back == {}

@@ -236,7 +236,7 @@ async def test_a_resent_change_that_is_refused_says_so(world, proxy, tmp_path):
             await a.add_room_member(rid, "carol")
     assert e.value.status == 401 and len(tries) == 2 and tries[0] == tries[1]
     assert "refused before it was served (503) and resent as it was signed" in e.value.detail
-    assert "signature expired" in e.value.detail and "run it again" in e.value.detail
+    assert "signature expired" in e.value.detail and "then run it again" in e.value.detail
 
 
 async def test_a_failed_add_the_server_kept_and_appended_after_the_removal_is_never_sealed_to(

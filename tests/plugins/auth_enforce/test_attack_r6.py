@@ -27,8 +27,8 @@ async def test_a_slow_responder_does_not_cost_every_change_half_the_deadline(tmp
     apply request at once, with ``routes: null``; A's nats-server would tell C's routes in
     milliseconds. But ``_gather`` stops early only when ``mesh.complete`` holds, and
     ``Mesh._resolve`` makes it False while a route set is None: A waits for the whole gather
-    timeout (KICK_DEADLINE / 2 = 1 s), every change, for as long as C is slow, and only then
-    asks C's server. What is left of the 2 s deadline (CONNZ of each revoked member, one
+    timeout (KICK_DEADLINE / 2 = 1.5 s), every change, for as long as C is slow, and only then
+    asks C's server. What is left of the 3 s deadline (CONNZ of each revoked member, one
     after the other, and the kicks) then decides whether a loaded cluster answers 503."""
     ports = {n: free_port() for n in "ABC"}
     rports = {n: free_port() for n in "ABC"}
