@@ -1174,7 +1174,7 @@ class UnibusClient:
                         f"room {room_id}: {handle} is in it by an add its author signed before that author's "
                         f"removal of {handle} (seq {removed}), but which the log holds after it (seq {added}): a "
                         f"request the server held back, such as a try that failed (or that author signs on clocks "
-                        f"more than {HELD_BACK_MARGIN} s apart). Nothing was sealed: remove {handle} again (and add "
+                        f"{HELD_BACK_MARGIN} s or more apart). Nothing was sealed: remove {handle} again (and add "
                         f"it back if that is meant), then rekey", added)
             epoch = lroom.epoch + 1
             head_seq, head_hash = state.head
