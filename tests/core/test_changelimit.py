@@ -220,6 +220,16 @@ def log_seq(app) -> int:
     return head["seq"]
 
 
+def bait_rooms(owner, n: int) -> list[str]:
+    """``n`` new rooms of ``owner``'s; their ids."""
+    rooms = []
+    for i in range(n):
+        status, room = owner.post("/v1/rooms", {"name": f"bait {i}"})
+        assert status == 201, room
+        rooms.append(room["room_id"])
+    return rooms
+
+
 def members_of(client, rid) -> set[str]:
     status, room = client.get(f"/v1/rooms/{rid}")
     assert status == 200, room
@@ -347,11 +357,7 @@ def test_one_member_may_fill_only_a_tenth_of_another_members_rooms(world):
     bob, dave = p["bob"], p["dave"]
     limit = app.app[CHANGE_LIMIT]
     limit.max_rooms = 30  # the bound the plugin set, made small for the test: bob's share is 3
-    rooms = []
-    for i in range(4):
-        status, room = bob.post("/v1/rooms", {"name": f"bait {i}"})
-        assert status == 201, room
-        rooms.append(room["room_id"])
+    rooms = bait_rooms(bob, 4)
     for rid in rooms[:3]:
         assert bob.put(f"/v1/rooms/{rid}/members/erin")[0] == 200
     assert bob.delete(f"/v1/rooms/{rooms[0]}/members/bob")[0] == 204  # bob leaves: still his room
@@ -373,11 +379,7 @@ def test_concurrent_adds_cannot_pass_the_bounds_together(world):
     bob = p["bob"]
     limit = app.app[CHANGE_LIMIT]
     limit.max_rooms = 60  # the bound the plugin set, made small for the test: bob's share is 6
-    rooms = []
-    for i in range(24):
-        status, room = bob.post("/v1/rooms", {"name": f"bait {i}"})
-        assert status == 201, room
-        rooms.append(room["room_id"])
+    rooms = bait_rooms(bob, 24)
 
     async def at_once(method: str, paths: list[str], body: dict | None = None) -> list[int]:
         async with aiohttp.ClientSession() as s:

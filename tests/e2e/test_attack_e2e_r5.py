@@ -22,6 +22,11 @@ from unibus.client import VerificationError
 from unibus.client.keys import generate_identity, save_identity
 
 
+#: What a server answers a request it refused before serving it (replay protection unavailable).
+UNAVAILABLE = (503, {"type": "https://unibus.dev/problems/nonce-store-unavailable", "title": "Service Unavailable",
+                     "status": 503, "detail": "replay protection is unavailable; try again"})
+
+
 def _drop(method: str, marker: str, status: int = 200):
     """A compromised server's answer: ``status`` to every ``method`` whose path holds ``marker``,
     never forwarded (so never made, never logged)."""
@@ -133,8 +138,7 @@ async def test_a_change_refused_before_served_is_resent_as_it_was_never_signed_a
             tries.append({k: v for k, v in request.headers.items()
                           if k.lower() in ("signature", "signature-input", "content-digest")})
             if len(tries) == 1:
-                return 503, {"type": "https://unibus.dev/problems/nonce-store-unavailable",
-                             "title": "Service Unavailable", "status": 503, "detail": "try again"}
+                return UNAVAILABLE
         return None
 
     proxy.answer = hold_first
@@ -199,8 +203,7 @@ async def test_a_change_that_cannot_be_confirmed_for_now_is_an_unknown_outcome_n
         if request.method == "PUT":
             made.append(request.path)
         elif made and request.path.startswith("/v1/log"):
-            return 503, {"type": "https://unibus.dev/problems/nonce-store-unavailable", "title": "Service Unavailable",
-                         "status": 503, "detail": "replay protection is unavailable; try again"}
+            return UNAVAILABLE
         return None
 
     proxy.answer = unavailable_after
@@ -224,8 +227,7 @@ async def test_a_resent_change_that_is_refused_says_so(world, proxy, tmp_path):
         if request.method == "PUT":
             tries.append(request.headers["Signature-Input"])
             if len(tries) == 1:
-                return 503, {"type": "https://unibus.dev/problems/nonce-store-unavailable",
-                             "title": "Service Unavailable", "status": 503, "detail": "try again"}
+                return UNAVAILABLE
             return 401, {"type": "https://unibus.dev/problems/invalid-signature", "title": "Unauthorized",
                          "status": 401, "detail": "signature expired (created is too old)"}
         return None
