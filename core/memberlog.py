@@ -52,6 +52,7 @@ __all__ = [
     "MAX_AUTH_SKEW",
     "MESSAGE_LABEL",
     "ROLES",
+    "KeptBack",
     "LogError",
     "LogState",
     "LoggedRequest",
@@ -464,6 +465,18 @@ class _Spans:
         return self._values[i - 1] if i else None
 
 
+@dataclass(frozen=True)
+class KeptBack:
+    """A change its author's client gave up on (:attr:`LogState.gave_up`) that the log holds after a
+    request the same author signed later (seq :attr:`later`): held back by the server, then appended."""
+
+    author: str
+    nonce: str
+    op: str  # the logged operation, as :func:`logged_operation` names it
+    args: tuple[str, ...]  # its path arguments
+    later: int
+
+
 class LogState:
     """What a verified log establishes: members, rooms, rosters, and their history.
 
@@ -481,13 +494,25 @@ class LogState:
     every server's ``--auth-skew``), and never takes the skew a server reports:
     a compromised server would report a huge one, and a server whose skew was
     lowered would make its own older entries fail (docs/formats.md).
+
+    ``gave_up`` maps (author, nonce) to the second (Unix time, whole) at which
+    that author's client gave up on a change it had sent (an error, no answer,
+    a change not confirmed): a client knows its own. Such a change that the log
+    holds after a request the same author signed later (its ``created``
+    greater) was held back by the server and appended after it
+    (:attr:`kept_back`); the mapping is read, never changed, and the caller
+    may add to it between entries.
     """
 
     def __init__(self, *, trust_root: str | None = None, accepted_bootstraps: Iterable[str] = (),
-                 skew: int = MAX_AUTH_SKEW) -> None:
+                 skew: int = MAX_AUTH_SKEW, gave_up: Mapping[tuple[str, str], int] | None = None) -> None:
         self.trust_root = trust_root
         self.accepted_bootstraps = set(accepted_bootstraps)
         self.skew = int(skew)
+        self.gave_up: Mapping[tuple[str, str], int] = gave_up if gave_up is not None else {}
+        #: seq -> each change in :attr:`gave_up` that the log holds after a request its author signed later
+        self.kept_back: dict[int, KeptBack] = {}
+        self._latest_signed: dict[str, tuple[int, int]] = {}  # author -> (largest created, its seq)
         self.members: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
         self.hashes: list[str] = []
@@ -496,7 +521,8 @@ class LogState:
         self.created_rooms: dict[tuple[str, str], str] = {}
         #: (room, handle) -> (seq of an add, seq of the removal it follows) where one author signed
         #: the add HELD_BACK_MARGIN or more before a removal of its own that the log holds earlier: a request a server kept
-        #: back (a try that failed) and appended after (docs/client.md); a rekey refuses to seal to it
+        #: back (a try that failed) and appended after (docs/client.md); a rekey refuses to seal to it. Also an add
+        #: in :attr:`kept_back` that put the member back: (its seq, the seq of the later request)
         self.held_back: dict[tuple[str, str], tuple[int, int]] = {}
         #: (room, handle, author) -> (created, seq) of that author's latest removal of handle from room
         self._removed_by: dict[tuple[str, str, str], tuple[int, int]] = {}
@@ -847,6 +873,14 @@ class LogState:
         else:
             getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
         self.nonces.add((author.handle, pending.nonce))
+        later = self._latest_signed.get(author.handle)
+        given_up = self.gave_up.get((author.handle, pending.nonce))
+        kept = given_up is not None and later is not None and later[0] > given_up
+        if kept:
+            assert later is not None
+            self.kept_back[seq] = KeptBack(author.handle, pending.nonce, op, tuple(args), later[1])
+        if later is None or pending.created > later[0]:
+            self._latest_signed[author.handle] = (pending.created, seq)
         if op == "room.create":
             self.created_rooms[(author.handle, pending.nonce)] = result["room_id"]
         elif op == "room.member_remove" or gone:
@@ -855,7 +889,9 @@ class LogState:
                 self.held_back.pop((room_id, handle), None)
         elif adds:  # an add that changes nothing neither raises the flag nor clears it
             removed = self._removed_by.get((args[0], args[1], author.handle))
-            if removed is not None and pending.created <= removed[0] - HELD_BACK_MARGIN:
+            if kept:
+                self.held_back[(args[0], args[1])] = (seq, self.kept_back[seq].later)
+            elif removed is not None and pending.created <= removed[0] - HELD_BACK_MARGIN:
                 self.held_back[(args[0], args[1])] = (seq, removed[1])
             else:
                 self.held_back.pop((args[0], args[1]), None)

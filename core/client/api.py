@@ -552,7 +552,11 @@ class UnibusClient:
         in the log. A 503 that refused such a change before serving it is
         retried with the same signed request, never a second one: a review's
         server kept the first try, answered the retry, and appended the first
-        try after the member's removal, which brought the member back.
+        try after the member's removal, which brought the member back. A change
+        this client gives up on (any outcome but a confirmed one) is remembered
+        in the replica (:meth:`Replica.give_up`), and the next change is signed
+        in a later second: the log holding it after that one shows a server
+        that held it back (docs/client.md, "Changes confirmed in the log").
         """
         method = method.upper()
         url = self.url_for(path, query)
@@ -565,8 +569,55 @@ class UnibusClient:
             change = None
         if change is not None:
             await self.sync()  # nothing is changed on a server whose log does not verify
+            await self._after_last_give_up()
         # One signed request for a change, resent as it is; a fresh one per try for the rest.
         signed = (make_nonce(), int(time.time())) if change is not None else None
+        try:
+            status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed)
+        except BaseException:
+            if signed is not None:
+                await self._give_up(*signed)
+            raise
+        if not raw:
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise ApiError(status, {"title": "Bad response", "detail": "the server answered with a body that is not JSON"}) from None
+        if state is not None and change is not None and change[0] == "room.create":
+            assert signed is not None
+            # The room the log says this request made, not one the answer names (a review's server
+            # answered another member's room, keyed with this client in it, as the new one).
+            made = state.created_rooms.get((self.identity.handle, signed[0]))
+            if not isinstance(doc, dict) or doc.get("room_id") != made:
+                raise VerificationError(f"{self.base_url} answered a room creation with room "
+                                        f"{doc.get('room_id') if isinstance(doc, dict) else None!r}, but its "
+                                        f"membership log says that request made room {made}: do not use it")
+        return doc
+
+    async def _give_up(self, nonce: str, created: int) -> None:
+        """Remember a change this client sent and gave up on (docs/client.md, "Changes confirmed in
+        the log"); a replica that cannot be written is logged, and the first error stands."""
+        try:
+            await self.replica.give_up(self.identity.handle, nonce, created)
+        except (ReplicaError, OSError) as exc:
+            log.warning("could not remember a change given up on in the local replica: %s", exc)
+
+    async def _after_last_give_up(self) -> None:
+        """Sign the next change in a later second than the last one given up on, so that its
+        ``created`` shows it was signed after (at most a second's wait, only after a failure)."""
+        last = self.replica.latest_give_up()
+        if last is not None:
+            wait = last + 1 - time.time()
+            if 0 < wait <= 1:
+                await asyncio.sleep(wait)
+
+    async def _send_tries(self, method: str, url: yarl.URL, path: str, body: bytes | None, tag: str | None,
+                           change: tuple[str, tuple[str, ...]] | None,
+                           signed: tuple[str, int] | None) -> tuple[int, bytes, LogState | None]:
+        """:meth:`request`'s tries: the status and body of a ``2xx``, and the verified state that
+        confirmed a change (else an :class:`ApiError`, :class:`ServerUnreachable` or
+        :class:`VerificationError`)."""
         attempt = 0
         state: LogState | None = None
         while True:
@@ -575,7 +626,7 @@ class UnibusClient:
             if 200 <= status < 300:
                 if change is not None:
                     state = await self._confirm_logged(method, url.raw_path, status, nonce, change)
-                break
+                return status, raw, state
             problem = _problem_from(status, reason, raw)
             delay = retry_503_delay(method, status, problem, retry_after, attempt)
             if delay is not None:
@@ -591,21 +642,6 @@ class UnibusClient:
                                                 "honest server made no change: check the log (unibus log show), "
                                                 "then run it again"}
             raise ApiError(status, problem)
-        if not raw:
-            return None
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise ApiError(status, {"title": "Bad response", "detail": "the server answered with a body that is not JSON"}) from None
-        if state is not None and change is not None and change[0] == "room.create":
-            # The room the log says this request made, not one the answer names (a review's server
-            # answered another member's room, keyed with this client in it, as the new one).
-            made = state.created_rooms.get((self.identity.handle, nonce))
-            if not isinstance(doc, dict) or doc.get("room_id") != made:
-                raise VerificationError(f"{self.base_url} answered a room creation with room "
-                                        f"{doc.get('room_id') if isinstance(doc, dict) else None!r}, but its "
-                                        f"membership log says that request made room {made}: do not use it")
-        return doc
 
     async def deployment_tag(self) -> str:
         """The ``tag`` every changing request is signed with: the trust root pinned for this
@@ -1170,6 +1206,14 @@ class UnibusClient:
             for handle in sorted(lroom.members):
                 if (room_id, handle) in state.held_back:
                     added, removed = state.held_back[(room_id, handle)]
+                    kept = state.kept_back.get(added)
+                    if kept is not None:
+                        raise VerificationError(
+                            f"room {room_id}: {handle} is in it by an add (seq {added}) that {kept.author}'s client "
+                            f"gave up on (it failed or went unanswered), which the log holds after a request "
+                            f"{kept.author} signed later (seq {kept.later}): a request the server held back, then "
+                            f"appended. Nothing was sealed: remove {handle} again (and add it back if that is "
+                            f"meant), then rekey", added)
                     raise VerificationError(
                         f"room {room_id}: {handle} is in it by an add its author signed before that author's "
                         f"removal of {handle} (seq {removed}), but which the log holds after it (seq {added}): a "

@@ -19,7 +19,9 @@ refused when another user owns them):
 * ``state.json``: ``{"version": 1, "server", "trust_root", "accepted_bootstraps",
   "head": {"seq", "hash"}, "epochs": {room_id: n}}``, replaced atomically, with
   ``"first_use": true`` while the trust root is one pinned on first use that
-  ``unibus trust`` has not confirmed.
+  ``unibus trust`` has not confirmed, and ``"gave_up": [{"handle", "nonce",
+  "created", "at"}, ...]`` while the client remembers changes it gave up on
+  (:meth:`Replica.give_up`).
 * ``lock``: ``flock``-ed by the process that reads or writes the other two.
 
 The local files are trusted (only their owner can write them): loading
@@ -71,6 +73,8 @@ PAGE_LIMIT = 1000
 TRUST_SEARCH_WITHIN = 60.0
 #: Seconds a process waits for another one's lock on the replica.
 LOCK_TIMEOUT = 30.0
+#: Changes given up on that a replica remembers at most (the oldest are forgotten first).
+GAVE_UP_MAX = 256
 FINGERPRINT_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
 _NAME_MAX = 200
@@ -244,6 +248,10 @@ class Replica:
         self.first_use = False  # the root was pinned on first use, not named by `unibus trust` (persisted)
         self.pinned_head: tuple[int, str] = (-1, "")  # the head this client verified last (persisted)
         self.epochs: dict[str, int] = {}
+        #: (handle, nonce) -> the whole second at which this identity's client gave up on that change,
+        #: and -> its ``created``: :meth:`give_up` (persisted)
+        self.gave_up: dict[tuple[str, str], int] = {}
+        self._gave_up_created: dict[tuple[str, str], int] = {}
         self.state = self._fresh_state()
         self._disk_lines = 0  # lines of log.jsonl that hold state's entries
         self._disk_bytes = 0
@@ -309,7 +317,8 @@ class Replica:
     def _fresh_state(self) -> LogState:
         # The time checks use the constant cap of every server's --auth-skew,
         # never the auth_skew a server reports (docs/client.md, "The verified replica").
-        return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=MAX_AUTH_SKEW)
+        return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=MAX_AUTH_SKEW,
+                        gave_up=self.gave_up)
 
     def _refresh(self) -> None:
         """Catch up with the files (another process may have synced); load them the first time."""
@@ -343,10 +352,15 @@ class Replica:
             if not isinstance(epochs, dict) or not all(isinstance(k, str) and type(v) is int
                                                        for k, v in epochs.items()):
                 raise ValueError("bad epochs")
+            gave_up = _gave_up_from(doc.get("gave_up") or [])
         except (ValueError, TypeError, AttributeError) as exc:
             raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
                                "pin the trust root again with `unibus trust`") from None
-        same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root)
+        same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root
+                    and {k: v[1] for k, v in gave_up.items()} == self.gave_up)
+        self.gave_up.clear()
+        self.gave_up.update((k, at) for k, (_created, at) in gave_up.items())
+        self._gave_up_created = {k: created for k, (created, _at) in gave_up.items()}
         self.trust_root, self.accepted, self.first_use = root, accepted, first_use and root is not None
         self.pinned_head = (seq, digest)
         for room, n in epochs.items():  # never lower an accepted epoch, whoever wrote last
@@ -422,9 +436,50 @@ class Replica:
                "epochs": dict(sorted(self.epochs.items()))}
         if self.first_use:
             doc["first_use"] = True
+        if self.gave_up:
+            doc["gave_up"] = [{"handle": h, "nonce": n, "created": self._gave_up_created.get((h, n), at), "at": at}
+                              for (h, n), at in sorted(self.gave_up.items(), key=lambda kv: (kv[1], kv[0]))]
         raw = (json.dumps(doc, indent=1) + "\n").encode()
         _write_atomic(self.directory / "state.json", raw)
         self._stamp = raw
+
+    # -- changes given up on ----------------------------------------------------------------
+
+    async def give_up(self, handle: str, nonce: str, created: int) -> None:
+        """Remember that this client gave up on its change signed with ``nonce`` at ``created`` (an
+        error answer, no answer, a change it could not confirm): until the log holds it, or can no
+        longer take it, a later entry of it after a request ``handle`` signed later is a request the
+        server held back. At most :data:`GAVE_UP_MAX` not yet in the log are remembered, the oldest
+        forgotten first (:attr:`unibus.memberlog.LogState.kept_back`; docs/client.md, "Changes
+        confirmed in the log\")."""
+        async with self.locked():
+            key = (handle, nonce)
+            self.gave_up[key] = max(int(time.time()), created)
+            self._gave_up_created[key] = created
+            kept = {(k.author, k.nonce) for k in self.state.kept_back.values()}  # for replays: never dropped
+            unsettled = sorted((k for k in self.gave_up if k not in kept),
+                               key=lambda k: (self.gave_up[k], self._gave_up_created.get(k, 0)))
+            for old in unsettled[:max(0, len(unsettled) - GAVE_UP_MAX)]:
+                del self.gave_up[old]
+                self._gave_up_created.pop(old, None)
+            self._write_state()
+
+    def latest_give_up(self) -> int | None:
+        """The latest second at which a change was given up on (None: none remembered)."""
+        return max(self.gave_up.values(), default=None)
+
+    def _forget_settled(self) -> None:
+        """Forget the changes given up on whose outcome the log settled: held in it and not held
+        back (the verdict is the same without them), or too old for any later entry (the log refuses
+        a ``created`` over twice the skew older than its newest). Those it holds after a later
+        request are kept: a replay of the replica finds them again."""
+        state = self.state
+        kept = {(k.author, k.nonce) for k in state.kept_back.values()}
+        for key in list(self.gave_up):
+            created = self._gave_up_created.get(key, self.gave_up[key])
+            if key not in kept and (key in state.nonces or created < state.max_created - 2 * state.skew):
+                del self.gave_up[key]
+                self._gave_up_created.pop(key, None)
 
     # -- pins ------------------------------------------------------------------------------
 
@@ -658,8 +713,10 @@ class Replica:
             self.trust_root = pinned = state.root
             self.first_use = True
         state.trust_root = self.trust_root
+        before = -1 if from_scratch else self.pinned_head[0]
         self.state = state
         self.pinned_head = state.head
+        self._forget_settled()  # on a verified state only
         if from_scratch:
             self._save(lines, rewrite=True)
         else:
@@ -667,6 +724,13 @@ class Replica:
         if pinned is not None and had_root is None:
             self.notice(f"trusting the membership log of {self.server} on first use: its trust root fingerprint is "
                         f"{pinned}; check it with your operator (`unibus trust FINGERPRINT` pins it in advance)")
+        for seq in sorted(s for s in state.kept_back if s > before):
+            kept = state.kept_back[seq]
+            self.notice(f"{self.server}'s membership log holds at seq {seq} a change of {kept.author}'s that its "
+                        f"client gave up on ({kept.op} {' '.join(kept.args)}: it failed or went unanswered), after "
+                        f"a request {kept.author} signed later (seq {kept.later}): the server held it back, then "
+                        f"appended it. Check it (`unibus log show`) and undo it if it is not meant; a rekey does "
+                        f"not seal to a member such a change put back in a room")
         return SyncResult(self.pinned_head, len(lines), pinned)
 
     def _discard(self, from_scratch: bool) -> None:
@@ -681,6 +745,19 @@ class Replica:
             self._stale = True
         else:
             self._reset_memory()
+
+
+def _gave_up_from(records: Any) -> dict[tuple[str, str], tuple[int, int]]:
+    """``state.json``'s ``gave_up`` list as (handle, nonce) -> (created, at); ValueError if malformed."""
+    if not isinstance(records, list):
+        raise ValueError("bad gave_up")
+    out: dict[tuple[str, str], tuple[int, int]] = {}
+    for r in records:
+        if not isinstance(r, dict) or not isinstance(r.get("handle"), str) or not isinstance(r.get("nonce"), str) \
+                or type(r.get("created")) is not int or type(r.get("at")) is not int:
+            raise ValueError("bad gave_up")
+        out[(r["handle"], r["nonce"])] = (r["created"], r["at"])
+    return out
 
 
 def _entry_fingerprint(entry: dict[str, Any]) -> str | None:
