@@ -820,7 +820,27 @@ class UnibusClient:
 
     # -- rooms
     async def create_room(self, name: str) -> dict[str, Any]:
-        return await self._object("POST", "/v1/rooms", json_body={"name": name})
+        """``POST /v1/rooms``: the new room, of which this member is the owner and only member.
+
+        Its id is the room the log says this request made (:meth:`request`), and the rest of the
+        answer must be what the log holds for a new room (the name sent, this member as owner and
+        only member with its keys in the log, epoch 0, ``rekey_required``, the room's subject),
+        else :class:`VerificationError` naming each difference: a review's server answered the
+        right id with a made-up name, owner and roster, and ``unibus rooms create`` printed them."""
+        doc = await self._object("POST", "/v1/rooms", json_body={"name": name})
+        me, room_id = self.identity.handle, doc.get("room_id")
+        member = self.verified.members.get(me)
+        expected = {"name": name, "owner": me, "epoch": 0, "rekey_required": True,
+                    "subject": room_subject(room_id) if isinstance(room_id, str) else None,
+                    "members": [{"handle": me, "enc_pub": _b64(member.enc_pub) if member else None,
+                                 "enc_suite": member.enc_suite if member else None}]}
+        wrong = [f"{field}: the server says {doc.get(field)!r}, the verified log {value!r}"
+                 for field, value in expected.items() if doc.get(field) != value]
+        if wrong:
+            raise VerificationError(f"{self.base_url} answered the creation of room {room_id} with what its "
+                                    f"membership log does not hold ({'; '.join(wrong)}): do not rely on that answer "
+                                    f"(the room is as `unibus log show` shows it)")
+        return doc
 
     async def list_rooms(self) -> list[dict[str, Any]]:
         return await self._records("/v1/rooms", "rooms")

@@ -169,7 +169,6 @@ async def test_a_room_creation_is_the_room_the_log_says_it_made(world, proxy, tm
     async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
         with pytest.raises(VerificationError, match=f"answered a room creation with room '{trap}'"):
             await a.create_room("secret plans")
-    proxy.rules.clear()
     async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
         made = await a.create_room("secret plans")
         assert a.verified.rooms[made["room_id"]].owner == "alice"
@@ -395,3 +394,24 @@ async def test_a_change_given_up_on_that_an_honest_server_made_is_no_alarm(world
         await a.rekey(rid)
     assert not [n for n in notices if "held it back" in n], notices
     assert "gave_up" not in next((tmp_path / "alice.log").glob("*/state.json")).read_text()
+
+
+@pytest.mark.parametrize("lie", ["name", "owner", "members", "epoch", "subject"])
+async def test_a_room_creation_answer_is_what_the_log_holds_for_a_new_room(world, proxy, tmp_path, lie):
+    """A review (stop 38): with the right room id, a made-up name, owner or roster in a creation's
+    answer was returned by the SDK and printed by `unibus rooms create`. The answer must now be
+    what the log holds for a new room, else VerificationError naming the difference (exit 1); an
+    honest server's answer passes (the tests before)."""
+    made_up = {"name": "payroll", "owner": "mallory", "epoch": 7, "subject": "unibus.room.zzzz",
+               "members": [{"handle": "mallory", "enc_pub": world.people["mallory"].enc_pub_b64,
+                            "enc_suite": "X25519"}]}
+
+    def rewrite(method: str, path: str, _query: str, doc: object) -> object | None:
+        if method == "POST" and path == "/v1/rooms" and isinstance(doc, dict):
+            return {**doc, lie: made_up[lie]}
+        return None
+
+    proxy.rules.append(rewrite)
+    async with world.sdk("alice", proxy.url, replica=tmp_path / "alice.log") as a:
+        with pytest.raises(VerificationError, match=f"{lie}: the server says"):
+            await a.create_room("ops")
