@@ -95,8 +95,8 @@ _ROUTES: tuple[tuple[str, re.Pattern[str], str], ...] = (
     ("POST", re.compile(rf"\A/v1/rooms/{_ROOM}/keys\Z"), "room.keys"),
 )
 #: An add of a member to a room signed this many seconds or more before a removal of it that the
-#: same author signed and the log holds earlier is taken for a request a server held back
-#: (:attr:`LogState.held_back`): one author's requests follow one clock, within this margin.
+#: log holds earlier (by any author) is taken for a request a server held back
+#: (:attr:`LogState.held_back`): the members' clocks agree within this margin.
 HELD_BACK_MARGIN = 30
 #: Operations whose request body is not kept in the log (the signed digest suffices).
 BODYLESS = frozenset({"room.keys"})
@@ -519,13 +519,13 @@ class LogState:
         self.nonces: set[tuple[str, str]] = set()
         #: (author, nonce) -> the room id each logged room creation made (a client confirms its own)
         self.created_rooms: dict[tuple[str, str], str] = {}
-        #: (room, handle) -> (seq of an add, seq of the removal it follows) where one author signed
-        #: the add HELD_BACK_MARGIN or more before a removal of its own that the log holds earlier: a request a server kept
-        #: back (a try that failed) and appended after (docs/client.md); a rekey refuses to seal to it. Also an add
-        #: in :attr:`kept_back` that put the member back: (its seq, the seq of the later request)
+        #: (room, handle) -> (seq of an add, seq of the removal it follows) where the add's author signed
+        #: it HELD_BACK_MARGIN or more before a removal that the log holds earlier: a request a server kept back (a try
+        #: that failed) and appended after (docs/client.md); a rekey refuses to seal to it. Also an add in
+        #: :attr:`kept_back` that put the member back: (its seq, the seq of the later request)
         self.held_back: dict[tuple[str, str], tuple[int, int]] = {}
-        #: (room, handle, author) -> (created, seq) of that author's latest removal of handle from room
-        self._removed_by: dict[tuple[str, str, str], tuple[int, int]] = {}
+        #: (room, handle) -> (created, seq) of the removal of handle from room signed last, by anyone
+        self._removed_last: dict[tuple[str, str], tuple[int, int]] = {}
         self.max_created = 0
         self._members_at: dict[str, _Spans] = {}  # handle -> Member snapshot (or None) over seqs
         self._rosters_at: dict[tuple[str, str], _Spans] = {}  # (room, handle) -> bool over seqs
@@ -885,10 +885,12 @@ class LogState:
             self.created_rooms[(author.handle, pending.nonce)] = result["room_id"]
         elif op == "room.member_remove" or gone:
             for room_id, handle in gone or [(args[0], args[1])]:
-                self._removed_by[(room_id, handle, author.handle)] = (pending.created, seq)
+                last = self._removed_last.get((room_id, handle))
+                if last is None or pending.created >= last[0]:
+                    self._removed_last[(room_id, handle)] = (pending.created, seq)
                 self.held_back.pop((room_id, handle), None)
         elif adds:  # an add that changes nothing neither raises the flag nor clears it
-            removed = self._removed_by.get((args[0], args[1], author.handle))
+            removed = self._removed_last.get((args[0], args[1]))
             if kept:
                 self.held_back[(args[0], args[1])] = (seq, self.kept_back[seq].later)
             elif removed is not None and pending.created <= removed[0] - HELD_BACK_MARGIN:

@@ -1235,11 +1235,11 @@ class UnibusClient:
                             f"appended. Nothing was sealed: remove {handle} again (and add it back if that is "
                             f"meant), then rekey", added)
                     raise VerificationError(
-                        f"room {room_id}: {handle} is in it by an add its author signed before that author's "
-                        f"removal of {handle} (seq {removed}), but which the log holds after it (seq {added}): a "
-                        f"request the server held back, such as a try that failed (or that author signs on clocks "
+                        f"room {room_id}: {handle} is in it by an add (seq {added}) signed {HELD_BACK_MARGIN} s or "
+                        f"more before a removal of {handle} that the log holds earlier (seq {removed}): a request "
+                        f"the server held back, such as a try that failed (or the two signers' clocks are "
                         f"{HELD_BACK_MARGIN} s or more apart). Nothing was sealed: remove {handle} again (and add "
-                        f"it back if that is meant), then rekey", added)
+                        f"it back if that is meant, from a host whose clock is right), then rekey", added)
             epoch = lroom.epoch + 1
             head_seq, head_hash = state.head
             key = new_room_key()

@@ -583,12 +583,13 @@ def test_a_hostile_entry_0_s_ranges_are_kept_as_ranges(people):
     assert len(state.legacy_epochs("r1", "bob")) == 10000 and state.legacy_epochs("r1", "alice") == (3,)
 
 
-def test_an_add_its_author_signed_before_its_own_removal_is_flagged_held_back(world, people):
+def test_an_add_signed_before_a_removal_the_log_holds_earlier_is_flagged_held_back(world, people):
     """LogState.held_back (a rekey refuses to seal to such a member; docs/client.md, "Changes
-    confirmed in the log"): an add that its author signed HELD_BACK_MARGIN (30 s) or more before
-    its own removal of the member, logged after it, is a try a server kept. A review of the first
+    confirmed in the log"): an add signed HELD_BACK_MARGIN (30 s) or more before a removal of the
+    member that the log holds earlier, by any author, is a try a server kept. A review of the first
     rule: it compared with the pair's latest removal only (another author's in between hid it),
-    and an add that changed nothing raised or cleared the flag."""
+    and an add that changed nothing raised or cleared the flag. The first rule took only the add's
+    own author's removals; another author's kept add went through (stop 38's open list)."""
     alice, bob = people["alice"], people["bob"]
     world.request(bob, "DELETE", "/v1/rooms/r1/members/carol", created=NOW)
     world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 1)  # an admin adds her back
@@ -596,14 +597,20 @@ def test_an_add_its_author_signed_before_its_own_removal_is_flagged_held_back(wo
     world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 100)  # bob's kept add: a no-op now
     assert replay(world.entries).held_back == {}  # nothing added: no flag
     world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 2)
-    kept = world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 30)["seq"]  # 30 s before his removal
+    kept = world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 28)["seq"]  # 30 s before alice's
     state = replay(world.entries)
-    assert "carol" in state.rooms["r1"].members and state.held_back == {("r1", "carol"): (kept, kept - 4)}
+    assert "carol" in state.rooms["r1"].members and state.held_back == {("r1", "carol"): (kept, kept - 1)}
     world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 3)  # a no-op add clears nothing
-    assert replay(world.entries).held_back == {("r1", "carol"): (kept, kept - 4)}
+    assert replay(world.entries).held_back == {("r1", "carol"): (kept, kept - 1)}
     world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 4)  # a removal clears it
-    world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 29)  # within the margin: not flagged
+    world.request(bob, "PUT", "/v1/rooms/r1/members/carol", created=NOW - 25)  # within the margin: not flagged
     assert replay(world.entries).held_back == {}
+    # the removal signed last counts, whatever the order the log holds removals in
+    world.request(bob, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 40)
+    world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 41)
+    world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 5)  # signed earlier, logged later
+    kept = world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 10)["seq"]
+    assert replay(world.entries).held_back == {("r1", "carol"): (kept, kept - 3)}  # bob's removal, signed last
 
 
 def test_a_change_its_client_gave_up_on_logged_after_a_later_one_is_kept_back(world, people):
