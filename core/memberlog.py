@@ -25,7 +25,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Container, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -495,21 +495,21 @@ class LogState:
     a compromised server would report a huge one, and a server whose skew was
     lowered would make its own older entries fail (docs/formats.md).
 
-    ``gave_up`` maps (author, nonce) to the second (Unix time, whole) at which
-    that author's client gave up on a change it had sent (an error, no answer,
-    a change not confirmed): a client knows its own. Such a change that the log
-    holds after a request the same author signed later (its ``created``
+    ``gave_up`` holds (author, nonce) of the changes that author's client sent
+    and gave up on (an error, no answer, a change not confirmed, a process that
+    ended first): a client knows its own. Such a change that the log holds
+    after a request the same author signed in a later second (its ``created``
     greater) was held back by the server and appended after it
-    (:attr:`kept_back`); the mapping is read, never changed, and the caller
-    may add to it between entries.
+    (:attr:`kept_back`); the set is read, never changed (the caller replays
+    the log when it grows).
     """
 
     def __init__(self, *, trust_root: str | None = None, accepted_bootstraps: Iterable[str] = (),
-                 skew: int = MAX_AUTH_SKEW, gave_up: Mapping[tuple[str, str], int] | None = None) -> None:
+                 skew: int = MAX_AUTH_SKEW, gave_up: Container[tuple[str, str]] = frozenset()) -> None:
         self.trust_root = trust_root
         self.accepted_bootstraps = set(accepted_bootstraps)
         self.skew = int(skew)
-        self.gave_up: Mapping[tuple[str, str], int] = gave_up if gave_up is not None else {}
+        self.gave_up = gave_up
         #: seq -> each change in :attr:`gave_up` that the log holds after a request its author signed later
         self.kept_back: dict[int, KeptBack] = {}
         self._latest_signed: dict[str, tuple[int, int]] = {}  # author -> (largest created, its seq)
@@ -874,8 +874,7 @@ class LogState:
             getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
         self.nonces.add((author.handle, pending.nonce))
         later = self._latest_signed.get(author.handle)
-        given_up = self.gave_up.get((author.handle, pending.nonce))
-        kept = given_up is not None and later is not None and later[0] > given_up
+        kept = later is not None and later[0] > pending.created and (author.handle, pending.nonce) in self.gave_up
         if kept:
             assert later is not None
             self.kept_back[seq] = KeptBack(author.handle, pending.nonce, op, tuple(args), later[1])

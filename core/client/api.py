@@ -553,10 +553,12 @@ class UnibusClient:
         retried with the same signed request, never a second one: a review's
         server kept the first try, answered the retry, and appended the first
         try after the member's removal, which brought the member back. A change
-        this client gives up on (any outcome but a confirmed one) is remembered
-        in the replica (:meth:`Replica.give_up`), and the next change is signed
-        in a later second: the log holding it after that one shows a server
-        that held it back (docs/client.md, "Changes confirmed in the log").
+        is remembered in the replica before it is sent
+        (:meth:`Replica.begin_change`) until it is confirmed; one given up on
+        (any other outcome, or a process that ended first) that the log holds
+        after a request this identity signed in a later second was held back
+        by the server (docs/client.md, "Changes confirmed in the log"). The
+        next change after one given up on is signed in a later second.
         """
         method = method.upper()
         url = self.url_for(path, query)
@@ -572,12 +574,16 @@ class UnibusClient:
             await self._after_last_give_up()
         # One signed request for a change, resent as it is; a fresh one per try for the rest.
         signed = (make_nonce(), int(time.time())) if change is not None else None
+        if signed is not None:  # remembered before it is sent: a ReplicaError sends nothing
+            await self.replica.begin_change(self.identity.handle, *signed)
         try:
             status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed)
         except BaseException:
             if signed is not None:
-                await self._give_up(*signed)
+                await self._give_up(signed[0])
             raise
+        if signed is not None:
+            await self._settle(signed[0])
         if not raw:
             return None
         try:
@@ -595,22 +601,36 @@ class UnibusClient:
                                         f"membership log says that request made room {made}: do not use it")
         return doc
 
-    async def _give_up(self, nonce: str, created: int) -> None:
-        """Remember a change this client sent and gave up on (docs/client.md, "Changes confirmed in
-        the log"); a replica that cannot be written is logged, and the first error stands."""
+    async def _give_up(self, nonce: str) -> None:
+        """Record that this client gave up on a change it sent (docs/client.md, "Changes confirmed
+        in the log"). A replica that cannot be written is logged, and the first error stands: the
+        change stays remembered as this process's, and the next process to read the files takes
+        it for given up once this one has ended."""
         try:
-            await self.replica.give_up(self.identity.handle, nonce, created)
+            await self.replica.give_up(self.identity.handle, nonce)
         except (ReplicaError, OSError) as exc:
-            log.warning("could not remember a change given up on in the local replica: %s", exc)
+            log.warning("could not record a change given up on in the local replica (the next command "
+                        "will): %s", exc)
+
+    async def _settle(self, nonce: str) -> None:
+        """Forget a change that was confirmed; a replica that cannot be written is logged (the change
+        is in the log, so it is forgotten at a later sync anyway)."""
+        try:
+            await self.replica.settle_change(self.identity.handle, nonce)
+        except (ReplicaError, OSError) as exc:
+            log.warning("could not forget a confirmed change in the local replica: %s", exc)
 
     async def _after_last_give_up(self) -> None:
-        """Sign the next change in a later second than the last one given up on, so that its
-        ``created`` shows it was signed after (at most a second's wait, only after a failure)."""
+        """Sign the next change in a later second than the last one given up on was signed, so
+        that its ``created`` shows it was signed after (at most a second's wait, only after a
+        failure in the same second)."""
         last = self.replica.latest_give_up()
-        if last is not None:
-            wait = last + 1 - time.time()
-            if 0 < wait <= 1:
-                await asyncio.sleep(wait)
+        if last is None:
+            return
+        for _ in range(40):  # bounded: a clock stepped back is not waited for
+            if int(time.time()) > last or last - time.time() > 1:
+                return
+            await asyncio.sleep(max(0.01, last + 1 - time.time()))
 
     async def _send_tries(self, method: str, url: yarl.URL, path: str, body: bytes | None, tag: str | None,
                            change: tuple[str, tuple[str, ...]] | None,
@@ -1174,6 +1194,10 @@ class UnibusClient:
         state, me = self.verified, self.identity.handle
         if me not in lroom.members:
             raise NotARoomMember(room_id, me)
+        # Another member's client may have sealed the current key to a member its own client could not
+        # tell was put back by a held-back add (a review: this client refused to rekey, then sent under
+        # the owner's key, which the member held).
+        self._refuse_held_back(room_id, lroom, state)
         # An epoch no logged rekey made (0, or one 0.11 keyed) has no signed key package to encrypt with.
         if lroom.rekey_required or lroom.epoch not in lroom.epochs:
             if rekey and state.may_rekey_at(room_id, me, state.head[0]):
@@ -1201,6 +1225,28 @@ class UnibusClient:
             raise RekeyRequired(room_id, state.rekeyers(room_id))
         return await self.room_key(room_id, lroom.epoch)
 
+    @staticmethod
+    def _refuse_held_back(room_id: str, lroom: LogRoom, state: LogState) -> None:
+        """:class:`VerificationError` when a member of the room is in it by an add the server held
+        back (:attr:`LogState.held_back`): nothing is sealed to it, and no key it may hold is used."""
+        for handle in sorted(lroom.members):
+            if (room_id, handle) in state.held_back:
+                added, removed = state.held_back[(room_id, handle)]
+                kept = state.kept_back.get(added)
+                if kept is not None:
+                    raise VerificationError(
+                        f"room {room_id}: {handle} is in it by an add (seq {added}) that {kept.author}'s client "
+                        f"gave up on (it failed or went unanswered), which the log holds after a request "
+                        f"{kept.author} signed later (seq {kept.later}): a request the server held back, then "
+                        f"appended. Remove {handle} again (and add it back if that is meant), then rekey. "
+                        f"Nothing was sealed or sent", added)
+                raise VerificationError(
+                    f"room {room_id}: {handle} is in it by an add (seq {added}) signed {HELD_BACK_MARGIN} s or "
+                    f"more before a removal of {handle} that the log holds earlier (seq {removed}): a request "
+                    f"the server held back, such as a try that failed (or the two signers' clocks are "
+                    f"{HELD_BACK_MARGIN} s or more apart). Remove {handle} again (and add it back if that is "
+                    f"meant, from a host whose clock is right), then rekey. Nothing was sealed or sent", added)
+
     async def rekey(self, room_id: str) -> int:
         """Draw a new room key, seal it to every member the verified log has, upload it; return the new epoch.
 
@@ -1223,23 +1269,7 @@ class UnibusClient:
         while True:
             lroom = await self.verified_room(room_id)
             state = self.verified
-            for handle in sorted(lroom.members):
-                if (room_id, handle) in state.held_back:
-                    added, removed = state.held_back[(room_id, handle)]
-                    kept = state.kept_back.get(added)
-                    if kept is not None:
-                        raise VerificationError(
-                            f"room {room_id}: {handle} is in it by an add (seq {added}) that {kept.author}'s client "
-                            f"gave up on (it failed or went unanswered), which the log holds after a request "
-                            f"{kept.author} signed later (seq {kept.later}): a request the server held back, then "
-                            f"appended. Nothing was sealed: remove {handle} again (and add it back if that is "
-                            f"meant), then rekey", added)
-                    raise VerificationError(
-                        f"room {room_id}: {handle} is in it by an add (seq {added}) signed {HELD_BACK_MARGIN} s or "
-                        f"more before a removal of {handle} that the log holds earlier (seq {removed}): a request "
-                        f"the server held back, such as a try that failed (or the two signers' clocks are "
-                        f"{HELD_BACK_MARGIN} s or more apart). Nothing was sealed: remove {handle} again (and add "
-                        f"it back if that is meant, from a host whose clock is right), then rekey", added)
+            self._refuse_held_back(room_id, lroom, state)
             epoch = lroom.epoch + 1
             head_seq, head_hash = state.head
             key = new_room_key()

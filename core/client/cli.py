@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import signal
 import sys
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -861,10 +862,36 @@ async def cmd_log_verify(ctx: Context, c: UnibusClient) -> int:
 
 
 async def _run_async(fn: Callable[..., Any], ctx: Context) -> int:
+    """Run a command; SIGTERM and SIGHUP (a closed terminal, a dropped SSH session, ``timeout``)
+    end it as Ctrl-C does, by cancelling it, so that what it was doing ends as after an error (a
+    membership change in flight is recorded as given up on; docs/client.md), then exit 128 + the
+    signal's number."""
     client = ctx.client()
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    got: list[int] = []
+
+    def stop(signum: int) -> None:
+        if not got and task is not None:
+            got.append(signum)
+            task.cancel()
+
+    handled = []
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            loop.add_signal_handler(sig, stop, sig)
+            handled.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal
+            pass
     try:
         return await fn(ctx, client)
+    except asyncio.CancelledError:
+        if got:
+            return 128 + got[0]
+        raise
     finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
         await client.close()
 
 

@@ -19,9 +19,10 @@ refused when another user owns them):
 * ``state.json``: ``{"version": 1, "server", "trust_root", "accepted_bootstraps",
   "head": {"seq", "hash"}, "epochs": {room_id: n}}``, replaced atomically, with
   ``"first_use": true`` while the trust root is one pinned on first use that
-  ``unibus trust`` has not confirmed, and ``"gave_up": [{"handle", "nonce",
-  "created", "at"}, ...]`` while the client remembers changes it gave up on
-  (:meth:`Replica.give_up`).
+  ``unibus trust`` has not confirmed, and ``"changes": [{"handle", "nonce",
+  "created", "process"}, ...]`` while the identity has membership changes in
+  flight (``process`` names the process that sends it) or given up on
+  (``process`` null) that the log has not settled (:meth:`Replica.begin_change`).
 * ``lock``: ``flock``-ed by the process that reads or writes the other two.
 
 The local files are trusted (only their owner can write them): loading
@@ -73,7 +74,7 @@ PAGE_LIMIT = 1000
 TRUST_SEARCH_WITHIN = 60.0
 #: Seconds a process waits for another one's lock on the replica.
 LOCK_TIMEOUT = 30.0
-#: Changes given up on that a replica remembers at most (the oldest are forgotten first).
+#: Changes in flight or given up on that a replica remembers at most (the oldest are forgotten first).
 GAVE_UP_MAX = 256
 FINGERPRINT_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
@@ -248,10 +249,11 @@ class Replica:
         self.first_use = False  # the root was pinned on first use, not named by `unibus trust` (persisted)
         self.pinned_head: tuple[int, str] = (-1, "")  # the head this client verified last (persisted)
         self.epochs: dict[str, int] = {}
-        #: (handle, nonce) -> the whole second at which this identity's client gave up on that change,
-        #: and -> its ``created``: :meth:`give_up` (persisted)
-        self.gave_up: dict[tuple[str, str], int] = {}
-        self._gave_up_created: dict[tuple[str, str], int] = {}
+        #: (handle, nonce) of the changes this identity's clients sent and gave up on (:meth:`give_up`),
+        #: the set :class:`LogState` reads; and (handle, nonce) -> (created, the process that sends it, or
+        #: None once given up) of every change in flight or given up on (persisted)
+        self.gave_up: set[tuple[str, str]] = set()
+        self._changes: dict[tuple[str, str], tuple[int, str | None]] = {}
         self.state = self._fresh_state()
         self._disk_lines = 0  # lines of log.jsonl that hold state's entries
         self._disk_bytes = 0
@@ -328,6 +330,7 @@ class Replica:
             if raw is None and self._stale:
                 self._reset_memory()
             self._stale = False
+            self._reap_ended()
             return
         try:
             doc = json.loads(raw)
@@ -352,15 +355,16 @@ class Replica:
             if not isinstance(epochs, dict) or not all(isinstance(k, str) and type(v) is int
                                                        for k, v in epochs.items()):
                 raise ValueError("bad epochs")
-            gave_up = _gave_up_from(doc.get("gave_up") or [])
+            changes = _changes_from(doc.get("changes") or [])
         except (ValueError, TypeError, AttributeError) as exc:
             raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
                                "pin the trust root again with `unibus trust`") from None
+        gave_up = {k for k, (_created, process) in changes.items() if process is None}
         same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root
-                    and {k: v[1] for k, v in gave_up.items()} == self.gave_up)
+                    and gave_up == self.gave_up)
         self.gave_up.clear()
-        self.gave_up.update((k, at) for k, (_created, at) in gave_up.items())
-        self._gave_up_created = {k: created for k, (created, _at) in gave_up.items()}
+        self.gave_up.update(gave_up)
+        self._changes = changes
         self.trust_root, self.accepted, self.first_use = root, accepted, first_use and root is not None
         self.pinned_head = (seq, digest)
         for room, n in epochs.items():  # never lower an accepted epoch, whoever wrote last
@@ -371,6 +375,30 @@ class Replica:
         else:
             self._load_entries()
         self._stale = False
+        self._reap_ended()
+
+    def _reap_ended(self) -> None:
+        """A change whose process ended before settling it was given up on (a kill, a crash): record
+        so, and replay the log if it holds one of them already."""
+        me = _this_process()
+        ended = [k for k, (_created, process) in self._changes.items()
+                 if process is not None and process != me and not _process_alive(process)]
+        if not ended:
+            return
+        for key in ended:
+            self._changes[key] = (self._changes[key][0], None)
+            self.gave_up.add(key)
+        if any(key in self.state.nonces for key in ended):
+            self._replay()
+        self._write_state()
+
+    def _replay(self) -> None:
+        """Apply the verified entries again (:attr:`gave_up` grew): from the files, or, in memory,
+        from the server at the next sync (the pinned head still holds it to the same log)."""
+        if self.directory is not None:
+            self._load_entries()
+        else:
+            self._reset_memory()
 
     def _reset_memory(self) -> None:
         self.state = self._fresh_state()
@@ -436,50 +464,74 @@ class Replica:
                "epochs": dict(sorted(self.epochs.items()))}
         if self.first_use:
             doc["first_use"] = True
-        if self.gave_up:
-            doc["gave_up"] = [{"handle": h, "nonce": n, "created": self._gave_up_created.get((h, n), at), "at": at}
-                              for (h, n), at in sorted(self.gave_up.items(), key=lambda kv: (kv[1], kv[0]))]
+        if self._changes:
+            doc["changes"] = [{"handle": h, "nonce": n, "created": created, "process": process}
+                              for (h, n), (created, process) in sorted(self._changes.items(),
+                                                                       key=lambda kv: (kv[1][0], kv[0]))]
         raw = (json.dumps(doc, indent=1) + "\n").encode()
         _write_atomic(self.directory / "state.json", raw)
         self._stamp = raw
 
-    # -- changes given up on ----------------------------------------------------------------
+    # -- changes in flight and given up on ---------------------------------------------------
 
-    async def give_up(self, handle: str, nonce: str, created: int) -> None:
-        """Remember that this client gave up on its change signed with ``nonce`` at ``created`` (an
-        error answer, no answer, a change it could not confirm): until the log holds it, or can no
-        longer take it, a later entry of it after a request ``handle`` signed later is a request the
-        server held back. At most :data:`GAVE_UP_MAX` not yet in the log are remembered, the oldest
-        forgotten first (:attr:`unibus.memberlog.LogState.kept_back`; docs/client.md, "Changes
-        confirmed in the log\")."""
+    async def begin_change(self, handle: str, nonce: str, created: int) -> None:
+        """Remember, before it is sent, that this process sends ``handle``'s membership change signed
+        with ``nonce`` at ``created``; :meth:`settle_change` once it is confirmed, :meth:`give_up`
+        otherwise. A process that ends in between (a kill, a crash) gave up on it: the next one to
+        read the files records so. A change given up on that the log holds after a request
+        ``handle`` signed in a later second was held back by the server
+        (:attr:`unibus.memberlog.LogState.kept_back`; docs/client.md, "Changes confirmed in the
+        log"). At most :data:`GAVE_UP_MAX` not settled are remembered, the oldest forgotten first.
+        Raises :class:`ReplicaError` when the files cannot be written: then send nothing."""
+        async with self.locked():
+            self._changes[(handle, nonce)] = (created, _this_process())
+            kept = {(k.author, k.nonce) for k in self.state.kept_back.values()}  # for replays: never dropped
+            unsettled = sorted((k for k in self._changes if k not in kept), key=lambda k: (self._changes[k][0], k))
+            for old in unsettled[:max(0, len(unsettled) - GAVE_UP_MAX)]:
+                del self._changes[old]
+                self.gave_up.discard(old)
+            self._write_state()
+
+    async def settle_change(self, handle: str, nonce: str) -> None:
+        """The change :meth:`begin_change` remembered was confirmed: forget it."""
+        async with self.locked():
+            if self._changes.pop((handle, nonce), None) is not None:
+                self.gave_up.discard((handle, nonce))
+                self._write_state()
+
+    async def give_up(self, handle: str, nonce: str) -> None:
+        """This process gave up on the change :meth:`begin_change` remembered (an error answer, no
+        answer, a change it could not confirm, an interrupt). One the log holds already is checked
+        again: the log is replayed with it given up."""
         async with self.locked():
             key = (handle, nonce)
-            self.gave_up[key] = max(int(time.time()), created)
-            self._gave_up_created[key] = created
-            kept = {(k.author, k.nonce) for k in self.state.kept_back.values()}  # for replays: never dropped
-            unsettled = sorted((k for k in self.gave_up if k not in kept),
-                               key=lambda k: (self.gave_up[k], self._gave_up_created.get(k, 0)))
-            for old in unsettled[:max(0, len(unsettled) - GAVE_UP_MAX)]:
-                del self.gave_up[old]
-                self._gave_up_created.pop(old, None)
+            if key not in self._changes:
+                return
+            self._changes[key] = (self._changes[key][0], None)
+            self.gave_up.add(key)
+            if key in self.state.nonces:
+                self._replay()
             self._write_state()
 
     def latest_give_up(self) -> int | None:
-        """The latest second at which a change was given up on (None: none remembered)."""
-        return max(self.gave_up.values(), default=None)
+        """The ``created`` of the latest change given up on (None: none remembered)."""
+        return max((created for created, process in self._changes.values() if process is None), default=None)
 
     def _forget_settled(self) -> None:
         """Forget the changes given up on whose outcome the log settled: held in it and not held
         back (the verdict is the same without them), or too old for any later entry (the log refuses
         a ``created`` over twice the skew older than its newest). Those it holds after a later
-        request are kept: a replay of the replica finds them again."""
+        request are kept: a replay of the replica finds them again. A change still in flight stays
+        until its process settles it or gives up on it, even when the log holds it already."""
         state = self.state
         kept = {(k.author, k.nonce) for k in state.kept_back.values()}
-        for key in list(self.gave_up):
-            created = self._gave_up_created.get(key, self.gave_up[key])
-            if key not in kept and (key in state.nonces or created < state.max_created - 2 * state.skew):
-                del self.gave_up[key]
-                self._gave_up_created.pop(key, None)
+        for key, (created, process) in list(self._changes.items()):
+            if key in kept:
+                continue
+            if (process is None and key in state.nonces) or \
+                    (key not in state.nonces and created < state.max_created - 2 * state.skew):
+                del self._changes[key]
+                self.gave_up.discard(key)
 
     # -- pins ------------------------------------------------------------------------------
 
@@ -747,17 +799,76 @@ class Replica:
             self._reset_memory()
 
 
-def _gave_up_from(records: Any) -> dict[tuple[str, str], tuple[int, int]]:
-    """``state.json``'s ``gave_up`` list as (handle, nonce) -> (created, at); ValueError if malformed."""
+def _changes_from(records: Any) -> dict[tuple[str, str], tuple[int, str | None]]:
+    """``state.json``'s ``changes`` as (handle, nonce) -> (created, process); ValueError if malformed."""
     if not isinstance(records, list):
-        raise ValueError("bad gave_up")
-    out: dict[tuple[str, str], tuple[int, int]] = {}
+        raise ValueError("bad changes")
+    out: dict[tuple[str, str], tuple[int, str | None]] = {}
     for r in records:
         if not isinstance(r, dict) or not isinstance(r.get("handle"), str) or not isinstance(r.get("nonce"), str) \
-                or type(r.get("created")) is not int or type(r.get("at")) is not int:
-            raise ValueError("bad gave_up")
-        out[(r["handle"], r["nonce"])] = (r["created"], r["at"])
+                or type(r.get("created")) is not int or not (r.get("process") is None or
+                                                             isinstance(r.get("process"), str)):
+            raise ValueError("bad changes")
+        out[(r["handle"], r["nonce"])] = (r["created"], r["process"])
     return out
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return f.read(4096)
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot, /proc), or None where unknown."""
+    stat = _read_small(f"/proc/{pid}/stat")
+    if stat is None or ")" not in stat:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[19] if len(fields) > 19 else None
+
+
+def _process_name() -> str:
+    """This process, named so that another process can tell whether it still runs: the boot, the
+    pid and when it started (Linux), else the pid alone."""
+    boot = (_read_small("/proc/sys/kernel/random/boot_id") or "").strip()
+    pid = os.getpid()
+    return f"{boot}/{pid}/{_process_start(pid) or ''}"
+
+
+def _process_alive(name: str) -> bool:
+    """Whether the process :func:`_process_name` gave ``name`` still runs (a name from another boot,
+    or another host's, does not)."""
+    boot, _, rest = name.partition("/")
+    pid_text, _, start = rest.partition("/")
+    if not pid_text.isdigit() or int(pid_text) <= 0:
+        return False
+    pid = int(pid_text)
+    here = (_read_small("/proc/sys/kernel/random/boot_id") or "").strip()
+    if boot != here:
+        return False
+    if start:
+        return _process_start(pid) == start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it runs, as another user
+    return True
+
+
+_NAMES: dict[int, str] = {}
+
+
+def _this_process() -> str:
+    """:func:`_process_name` of this process (kept per pid: a fork is another process)."""
+    pid = os.getpid()
+    if pid not in _NAMES:
+        _NAMES[pid] = _process_name()
+    return _NAMES[pid]
 
 
 def _entry_fingerprint(entry: dict[str, Any]) -> str | None:
