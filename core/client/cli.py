@@ -817,9 +817,15 @@ def _log_doc(c: UnibusClient) -> dict[str, Any]:
                "bus": _key_fp(sign_pub_from_nkey(m.bus_pub)) if m.bus_pub else None}
         members.append({**m.as_json(), "fingerprints": fps})
     rooms = [state.rooms[r].as_json() for r in sorted(state.rooms)]
+    # what the server held back and appended late (docs/client.md, "Changes confirmed in the log")
+    given_up = [{"seq": s, "author": k.author, "operation": k.op, "args": list(k.args), "after": k.later}
+                for s, k in sorted(state.kept_back.items())]
+    put_back = [{"room_id": r, "handle": h, "seq": added, "after": removed}
+                for (r, h), (added, removed) in sorted(state.held_back.items())]
     return {"server": c.base_url, "replica": str(c.replica.directory) if c.replica.directory else None,
             "trust_root": c.replica.trust_root, "accepted_bootstraps": sorted(c.replica.accepted),
-            "head": {"seq": seq, "hash": digest}, "members": members, "rooms": rooms}
+            "head": {"seq": seq, "hash": digest}, "members": members, "rooms": rooms,
+            "held_back": {"changes_given_up": given_up, "members_put_back": put_back}}
 
 
 async def cmd_log_show(ctx: Context, c: UnibusClient) -> int:
@@ -843,6 +849,13 @@ async def cmd_log_show(ctx: Context, c: UnibusClient) -> int:
     _table([["  " + r["room_id"], r["name"], f"owner={r['owner'] or '(none)'}", f"epoch={r['epoch']}",
              "rekey-required" if r["rekey_required"] else "keyed", "members=" + ",".join(r["members"])]
             for r in doc["rooms"]])
+    held = doc["held_back"]
+    for k in held["changes_given_up"]:
+        _out(f"held back: seq {k['seq']}, {k['author']}'s {k['operation']} {' '.join(k['args'])}, a change its "
+             f"client gave up on, appended after seq {k['after']}")
+    for m in held["members_put_back"]:
+        _out(f"held back: {m['handle']} is in room {m['room_id']} by the add at seq {m['seq']}, held back past seq "
+             f"{m['after']}: no key is sealed to it or sent with until it is removed again")
     return EXIT_OK
 
 

@@ -364,6 +364,10 @@ async def test_the_cli_remembers_a_change_it_gave_up_on_across_commands(world, p
     assert "held it back" in proc.stderr  # the sync's notice
     errors = [line for line in proc.stderr.splitlines() if line.startswith("unibus: error: ")]
     assert len(errors) == 1 and "mallory is in it by an add" in errors[0] and "gave up on" in errors[0], proc.stderr
+    shown = await unibus("log", "show")  # says so for as long as it holds
+    assert shown.returncode == 0, shown.stderr
+    held = [line for line in shown.stdout.splitlines() if line.startswith("held back: ")]
+    assert len(held) == 2 and "alice's room.member_add" in held[0] and "mallory is in room" in held[1], shown.stdout
 
 
 async def test_a_change_given_up_on_that_an_honest_server_made_is_no_alarm(world, proxy, tmp_path):
