@@ -25,7 +25,7 @@ import hmac
 import json
 import re
 import secrets
-from collections.abc import Container, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -467,14 +467,22 @@ class _Spans:
 
 @dataclass(frozen=True)
 class KeptBack:
-    """A change its author's client gave up on (:attr:`LogState.gave_up`) that the log holds after a
-    request the same author signed later (seq :attr:`later`): held back by the server, then appended."""
+    """A change of :attr:`LogState.in_doubt` (its author's client has not seen it confirmed) that
+    the log holds where the server must have held it back: after a request the same author signed
+    later (seq :attr:`later`), or after the head the client read once it had given up on it (seq
+    :attr:`given_up_at`)."""
 
     author: str
     nonce: str
     op: str  # the logged operation, as :func:`logged_operation` names it
     args: tuple[str, ...]  # its path arguments
-    later: int
+    later: int | None
+    given_up_at: int | None
+
+    @property
+    def after(self) -> int:
+        """The seq it was appended after: the later request's, or the head read at the give-up."""
+        return self.later if self.later is not None else int(self.given_up_at or 0)
 
 
 class LogState:
@@ -495,22 +503,24 @@ class LogState:
     a compromised server would report a huge one, and a server whose skew was
     lowered would make its own older entries fail (docs/formats.md).
 
-    ``gave_up`` holds (author, nonce) of the changes that author's client sent
-    and gave up on (an error, no answer, a change not confirmed, a process that
-    ended first): a client knows its own. Such a change that the log holds
-    after a request the same author signed in a later second (its ``created``
-    greater) was held back by the server and appended after it
-    (:attr:`kept_back`); the set is read, never changed (the caller replays
-    the log when it grows).
+    ``in_doubt`` maps (author, nonce) of each change that author's client sent
+    and has not seen confirmed (in flight, or given up on: an error, no answer,
+    an interrupt, a process that ended first) to the seq of the log head the
+    client read once it gave up on it (None: in flight, or not read): a client
+    knows its own. Such a change that the log holds after a request the same
+    author signed later (its ``created`` greater), or after that head, was
+    held back by the server and appended late (:attr:`kept_back`). The
+    mapping is read, never changed (the caller replays the log when it
+    changes).
     """
 
     def __init__(self, *, trust_root: str | None = None, accepted_bootstraps: Iterable[str] = (),
-                 skew: int = MAX_AUTH_SKEW, gave_up: Container[tuple[str, str]] = frozenset()) -> None:
+                 skew: int = MAX_AUTH_SKEW, in_doubt: Mapping[tuple[str, str], int | None] | None = None) -> None:
         self.trust_root = trust_root
         self.accepted_bootstraps = set(accepted_bootstraps)
         self.skew = int(skew)
-        self.gave_up = gave_up
-        #: seq -> each change in :attr:`gave_up` that the log holds after a request its author signed later
+        self.in_doubt: Mapping[tuple[str, str], int | None] = in_doubt if in_doubt is not None else {}
+        #: seq -> each change of :attr:`in_doubt` that the log holds where the server must have held it back
         self.kept_back: dict[int, KeptBack] = {}
         self._latest_signed: dict[str, tuple[int, int]] = {}  # author -> (largest created, its seq)
         self.members: dict[str, Member] = {}
@@ -874,10 +884,15 @@ class LogState:
             getattr(self, "_op_" + op.replace(".", "_"))(seq, author, args, doc, result)
         self.nonces.add((author.handle, pending.nonce))
         later = self._latest_signed.get(author.handle)
-        kept = later is not None and later[0] > pending.created and (author.handle, pending.nonce) in self.gave_up
-        if kept:
-            assert later is not None
-            self.kept_back[seq] = KeptBack(author.handle, pending.nonce, op, tuple(args), later[1])
+        kept = False
+        if (author.handle, pending.nonce) in self.in_doubt:
+            given_up_at = self.in_doubt[(author.handle, pending.nonce)]
+            after_later = later[1] if later is not None and later[0] > pending.created else None
+            after_give_up = given_up_at if given_up_at is not None and seq > given_up_at else None
+            if after_later is not None or after_give_up is not None:
+                kept = True
+                self.kept_back[seq] = KeptBack(author.handle, pending.nonce, op, tuple(args), after_later,
+                                               after_give_up)
         if later is None or pending.created > later[0]:
             self._latest_signed[author.handle] = (pending.created, seq)
         if op == "room.create":
@@ -891,7 +906,7 @@ class LogState:
         elif adds:  # an add that changes nothing neither raises the flag nor clears it
             removed = self._removed_last.get((args[0], args[1]))
             if kept:
-                self.held_back[(args[0], args[1])] = (seq, self.kept_back[seq].later)
+                self.held_back[(args[0], args[1])] = (seq, self.kept_back[seq].after)
             elif removed is not None and pending.created <= removed[0] - HELD_BACK_MARGIN:
                 self.held_back[(args[0], args[1])] = (seq, removed[1])
             else:

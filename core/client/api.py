@@ -133,6 +133,9 @@ REKEY_RETRIES = 3
 #: How often a 503 refused before it was served is tried again (docs/client.md):
 #: replay protection made again after a crash refuses for about 2 s.
 RETRIES_503 = 4
+#: How far ahead of the clock a change's ``created`` may be put, to follow an earlier change of the
+#: same identity (:meth:`UnibusClient._change_created`); every server takes up to --auth-skew (60 s).
+CREATED_AHEAD = 30
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
 #: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
@@ -554,11 +557,12 @@ class UnibusClient:
         server kept the first try, answered the retry, and appended the first
         try after the member's removal, which brought the member back. A change
         is remembered in the replica before it is sent
-        (:meth:`Replica.begin_change`) until it is confirmed; one given up on
-        (any other outcome, or a process that ended first) that the log holds
-        after a request this identity signed in a later second was held back
-        by the server (docs/client.md, "Changes confirmed in the log"). The
-        next change after one given up on is signed in a later second.
+        (:meth:`Replica.begin_change`) until it is confirmed; one not seen
+        confirmed (in flight, or given up on: any other outcome, or a process
+        that ended first) that the log holds after a request this identity
+        signed later, or after the head read once it was given up on, was held
+        back by the server (docs/client.md, "Changes confirmed in the log").
+        A change is signed after every change of the identity still in doubt.
         """
         method = method.upper()
         url = self.url_for(path, query)
@@ -571,16 +575,15 @@ class UnibusClient:
             change = None
         if change is not None:
             await self.sync()  # nothing is changed on a server whose log does not verify
-            await self._after_last_give_up()
         # One signed request for a change, resent as it is; a fresh one per try for the rest.
-        signed = (make_nonce(), int(time.time())) if change is not None else None
+        signed = (make_nonce(), self._change_created()) if change is not None else None
         if signed is not None:  # remembered before it is sent: a ReplicaError sends nothing
             await self.replica.begin_change(self.identity.handle, *signed)
         try:
             status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed)
-        except BaseException:
+        except BaseException as exc:
             if signed is not None:
-                await self._give_up(signed[0])
+                await self._give_up(signed[0], f"{method} {path}", read=not isinstance(exc, asyncio.CancelledError))
             raise
         if signed is not None:
             await self._settle(signed[0])
@@ -601,13 +604,28 @@ class UnibusClient:
                                         f"membership log says that request made room {made}: do not use it")
         return doc
 
-    async def _give_up(self, nonce: str) -> None:
+    async def _give_up(self, nonce: str, what: str, *, read: bool) -> None:
         """Record that this client gave up on a change it sent (docs/client.md, "Changes confirmed
-        in the log"). A replica that cannot be written is logged, and the first error stands: the
-        change stays remembered as this process's, and the next process to read the files takes
-        it for given up once this one has ended."""
+        in the log"), with the log head read right after (``read``; not after an interrupt): one
+        the log holds after that head was appended after the failure was reported. If the log
+        holds it already, it was made: a notice says so, and it is settled. A replica that cannot
+        be written is logged, and the first error stands: the change stays remembered as this
+        process's, and the next process to read the files takes it for given up once this one has
+        ended."""
+        me, head = self.identity.handle, None
         try:
-            await self.replica.give_up(self.identity.handle, nonce)
+            if read:
+                with contextlib.suppress(VerificationError, ApiError, ServerUnreachable, ReplicaError):
+                    state = await self.sync()
+                    if (me, nonce) in state.nonces:
+                        seq = next((s for s, k in state.kept_back.items() if k.nonce == nonce), None)
+                        if seq is None:
+                            self.replica.notice(f"{what} failed, but the membership log of {self.base_url} holds "
+                                                f"it: the change was made")
+                            await self.replica.settle_change(me, nonce)
+                            return
+                    head = state.head[0]
+            await self.replica.give_up(me, nonce, head)
         except (ReplicaError, OSError) as exc:
             log.warning("could not record a change given up on in the local replica (the next command "
                         "will): %s", exc)
@@ -620,17 +638,14 @@ class UnibusClient:
         except (ReplicaError, OSError) as exc:
             log.warning("could not forget a confirmed change in the local replica: %s", exc)
 
-    async def _after_last_give_up(self) -> None:
-        """Sign the next change in a later second than the last one given up on was signed, so
-        that its ``created`` shows it was signed after (at most a second's wait, only after a
-        failure in the same second)."""
-        last = self.replica.latest_give_up()
-        if last is None:
-            return
-        for _ in range(40):  # bounded: a clock stepped back is not waited for
-            if int(time.time()) > last or last - time.time() > 1:
-                return
-            await asyncio.sleep(max(0.01, last + 1 - time.time()))
+    def _change_created(self) -> int:
+        """The ``created`` of a new change: now, but after every change of this identity still in
+        flight or given up on, so that "signed later" is the order of signing whatever the clock
+        did (a clock stepped back hid a kept change from a review), by at most
+        :data:`CREATED_AHEAD` seconds ahead of the clock."""
+        now = int(time.time())
+        last = self.replica.latest_created()
+        return now if last is None else max(now, min(last + 1, now + CREATED_AHEAD))
 
     async def _send_tries(self, method: str, url: yarl.URL, path: str, body: bytes | None, tag: str | None,
                            change: tuple[str, tuple[str, ...]] | None,
@@ -1225,27 +1240,36 @@ class UnibusClient:
             raise RekeyRequired(room_id, state.rekeyers(room_id))
         return await self.room_key(room_id, lroom.epoch)
 
-    @staticmethod
-    def _refuse_held_back(room_id: str, lroom: LogRoom, state: LogState) -> None:
+    def _refuse_held_back(self, room_id: str, lroom: LogRoom, state: LogState) -> None:
         """:class:`VerificationError` when a member of the room is in it by an add the server held
-        back (:attr:`LogState.held_back`): nothing is sealed to it, and no key it may hold is used."""
+        back (:attr:`LogState.held_back`): nothing is sealed to it, and no key it may hold is used.
+        The way out is a removal of that member and a rekey, by this member when it may, else by
+        one who may (named)."""
         for handle in sorted(lroom.members):
-            if (room_id, handle) in state.held_back:
-                added, removed = state.held_back[(room_id, handle)]
-                kept = state.kept_back.get(added)
-                if kept is not None:
-                    raise VerificationError(
-                        f"room {room_id}: {handle} is in it by an add (seq {added}) that {kept.author}'s client "
-                        f"gave up on (it failed or went unanswered), which the log holds after a request "
-                        f"{kept.author} signed later (seq {kept.later}): a request the server held back, then "
-                        f"appended. Remove {handle} again (and add it back if that is meant), then rekey. "
-                        f"Nothing was sealed or sent", added)
-                raise VerificationError(
-                    f"room {room_id}: {handle} is in it by an add (seq {added}) signed {HELD_BACK_MARGIN} s or "
-                    f"more before a removal of {handle} that the log holds earlier (seq {removed}): a request "
-                    f"the server held back, such as a try that failed (or the two signers' clocks are "
-                    f"{HELD_BACK_MARGIN} s or more apart). Remove {handle} again (and add it back if that is "
-                    f"meant, from a host whose clock is right), then rekey. Nothing was sealed or sent", added)
+            if (room_id, handle) not in state.held_back:
+                continue
+            added, removed = state.held_back[(room_id, handle)]
+            kept = state.kept_back.get(added)
+            if kept is not None:
+                when = (f"after a request {kept.author} signed later (seq {kept.later})" if kept.later is not None
+                        else f"after {kept.author}'s client had given up on it and read the log up to seq "
+                             f"{kept.given_up_at}")
+                why = (f"{handle} is in it by an add (seq {added}) that {kept.author}'s client had not seen "
+                       f"confirmed (it failed, went unanswered, or is still in flight), which the log holds "
+                       f"{when}: a request the server held back, then appended")
+            else:
+                why = (f"{handle} is in it by an add (seq {added}) signed {HELD_BACK_MARGIN} s or more before a "
+                       f"removal of {handle} that the log holds earlier (seq {removed}): a request the server "
+                       f"held back, such as a try that failed (or the two signers' clocks are {HELD_BACK_MARGIN} "
+                       f"s or more apart)")
+            me = self.identity.handle
+            if state.may_rekey_at(room_id, me, state.head[0]):
+                todo = (f"remove {handle} again (and add it back if that is meant, from a host whose clock is "
+                        f"right), then rekey")
+            else:
+                todo = (f"ask {' or '.join(state.rekeyers(room_id)) or 'an admin'} to remove {handle} from room "
+                        f"{room_id} again (and add it back if that is meant), then rekey")
+            raise VerificationError(f"room {room_id}: {why}. Nothing was sealed or sent: {todo}", added)
 
     async def rekey(self, room_id: str) -> int:
         """Draw a new room key, seal it to every member the verified log has, upload it; return the new epoch.

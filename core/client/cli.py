@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -548,12 +548,17 @@ async def _upload_bus_key(ctx: Context, identity: Any) -> bool:
                               notice=_note)
     except ValueError as exc:
         raise UsageError(f"--server: {exc}") from None
-    async with client:
-        me = await client.me()
-        if me.get("bus_pub") == identity.bus_pub:
-            _note(f"{ctx.server} already has this bus key for {identity.handle}")
-            return True
-        await client.set_bus_key(identity.bus_pub)
+    async with client, _ended_by_signals() as got:
+        try:
+            me = await client.me()
+            if me.get("bus_pub") == identity.bus_pub:
+                _note(f"{ctx.server} already has this bus key for {identity.handle}")
+                return True
+            await client.set_bus_key(identity.bus_pub)
+        except asyncio.CancelledError:
+            if got:
+                raise _Signalled(got[0]) from None
+            raise
     _note(f"uploaded the bus key of {identity.handle} to {ctx.server}; connections under the old one are closed")
     return True
 
@@ -818,7 +823,7 @@ def _log_doc(c: UnibusClient) -> dict[str, Any]:
         members.append({**m.as_json(), "fingerprints": fps})
     rooms = [state.rooms[r].as_json() for r in sorted(state.rooms)]
     # what the server held back and appended late (docs/client.md, "Changes confirmed in the log")
-    given_up = [{"seq": s, "author": k.author, "operation": k.op, "args": list(k.args), "after": k.later}
+    given_up = [{"seq": s, "author": k.author, "operation": k.op, "args": list(k.args), "after": k.after}
                 for s, k in sorted(state.kept_back.items())]
     put_back = [{"room_id": r, "handle": h, "seq": added, "after": removed}
                 for (r, h), (added, removed) in sorted(state.held_back.items())]
@@ -852,7 +857,7 @@ async def cmd_log_show(ctx: Context, c: UnibusClient) -> int:
     held = doc["held_back"]
     for k in held["changes_given_up"]:
         _out(f"held back: seq {k['seq']}, {k['author']}'s {k['operation']} {' '.join(k['args'])}, a change its "
-             f"client gave up on, appended after seq {k['after']}")
+             f"client had not seen confirmed, appended after seq {k['after']}")
     for m in held["members_put_back"]:
         _out(f"held back: {m['handle']} is in room {m['room_id']} by the add at seq {m['seq']}, held back past seq "
              f"{m['after']}: no key is sealed to it or sent with until it is removed again")
@@ -874,12 +879,19 @@ async def cmd_log_verify(ctx: Context, c: UnibusClient) -> int:
 # --------------------------------------------------------------------------- main
 
 
-async def _run_async(fn: Callable[..., Any], ctx: Context) -> int:
-    """Run a command; SIGTERM and SIGHUP (a closed terminal, a dropped SSH session, ``timeout``)
-    end it as Ctrl-C does, by cancelling it, so that what it was doing ends as after an error (a
-    membership change in flight is recorded as given up on; docs/client.md), then exit 128 + the
-    signal's number."""
-    client = ctx.client()
+class _Signalled(Exception):
+    """SIGTERM or SIGHUP ended a command (:func:`_ended_by_signals`): exit 128 + its number."""
+
+    def __init__(self, signum: int) -> None:
+        self.code = 128 + signum
+        super().__init__(f"ended by signal {signum}")
+
+
+@contextlib.asynccontextmanager
+async def _ended_by_signals() -> AsyncIterator[list[int]]:
+    """SIGTERM and SIGHUP (a closed terminal, a dropped SSH session, ``timeout``) cancel the running
+    task, as Ctrl-C does, so that what it was doing ends as after an error (a membership change in
+    flight is recorded as given up on; docs/client.md); yields the signals received."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     got: list[int] = []
@@ -897,14 +909,25 @@ async def _run_async(fn: Callable[..., Any], ctx: Context) -> int:
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no such signal
             pass
     try:
-        return await fn(ctx, client)
-    except asyncio.CancelledError:
-        if got:
-            return 128 + got[0]
-        raise
+        yield got
     finally:
         for sig in handled:
             loop.remove_signal_handler(sig)
+
+
+async def _run_async(fn: Callable[..., Any], ctx: Context) -> int:
+    """Run a command; SIGTERM and SIGHUP end it as Ctrl-C does (:func:`_ended_by_signals`), with
+    exit 128 + the signal's number."""
+    client = ctx.client()
+    try:
+        async with _ended_by_signals() as got:
+            try:
+                return await fn(ctx, client)
+            except asyncio.CancelledError:
+                if got:
+                    return 128 + got[0]
+                raise
+    finally:
         await client.close()
 
 
@@ -1021,6 +1044,8 @@ def _main(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return EXIT_OK if args.func is cmd_listen else 130
+    except _Signalled as exc:
+        return exc.code
     except Exception as exc:  # noqa: BLE001 - the last resort: one line, never a traceback
         # What no clause above expects is most likely a server's answer of another shape than the
         # API documents, met deeper than the SDK's checks (a red team's server made tracebacks).

@@ -16,13 +16,16 @@ refused when another user owns them):
   SHA-256 of a line is the entry's hash. Only the first ``head.seq + 1``
   lines count (a crash between the append and the state write leaves extra
   lines, cut at the next write).
-* ``state.json``: ``{"version": 1, "server", "trust_root", "accepted_bootstraps",
+* ``state.json``: ``{"version": 2, "server", "trust_root", "accepted_bootstraps",
   "head": {"seq", "hash"}, "epochs": {room_id: n}}``, replaced atomically, with
   ``"first_use": true`` while the trust root is one pinned on first use that
   ``unibus trust`` has not confirmed, and ``"changes": [{"handle", "nonce",
-  "created", "process"}, ...]`` while the identity has membership changes in
-  flight (``process`` names the process that sends it) or given up on
-  (``process`` null) that the log has not settled (:meth:`Replica.begin_change`).
+  "created", "process", "given_up_at"}, ...]`` while the identity has
+  membership changes in flight (``process`` names the process that sends it)
+  or given up on (``process`` null) that the log has not settled
+  (:meth:`Replica.begin_change`). Version 1 (no ``changes``) is read too;
+  version 2 is written, so that a unibus that would drop ``changes`` refuses
+  the file instead.
 * ``lock``: ``flock``-ed by the process that reads or writes the other two.
 
 The local files are trusted (only their owner can write them): loading
@@ -41,6 +44,7 @@ import json
 import logging
 import os
 import re
+import socket
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -67,7 +71,8 @@ __all__ = [
 
 log = logging.getLogger("unibus.client")
 
-REPLICA_VERSION = 1
+REPLICA_VERSION = 2
+_READS = (1, 2)  # the state.json versions this unibus reads
 #: Entries asked for per ``GET /v1/log`` (the server's maximum).
 PAGE_LIMIT = 1000
 #: How long ``unibus trust`` searches a server's log for a bootstrap (a hostile one never ends).
@@ -249,14 +254,17 @@ class Replica:
         self.first_use = False  # the root was pinned on first use, not named by `unibus trust` (persisted)
         self.pinned_head: tuple[int, str] = (-1, "")  # the head this client verified last (persisted)
         self.epochs: dict[str, int] = {}
-        #: (handle, nonce) of the changes this identity's clients sent and gave up on (:meth:`give_up`),
-        #: the set :class:`LogState` reads; and (handle, nonce) -> (created, the process that sends it, or
-        #: None once given up) of every change in flight or given up on (persisted)
-        self.gave_up: set[tuple[str, str]] = set()
-        self._changes: dict[tuple[str, str], tuple[int, str | None]] = {}
+        #: (handle, nonce) -> _Change: this identity's membership changes in flight or given up on,
+        #: not yet settled (:meth:`begin_change`; persisted)
+        self._changes: dict[tuple[str, str], _Change] = {}
+        #: (handle, nonce) -> the head seq read once it was given up on (None: in flight, or not read), of
+        #: each of them: what :class:`LogState` reads (``in_doubt``)
+        self.in_doubt: dict[tuple[str, str], int | None] = {}
+        self._told: set[int] = set()  # the seqs of kept_back this process has given a notice of
         self.state = self._fresh_state()
         self._disk_lines = 0  # lines of log.jsonl that hold state's entries
         self._disk_bytes = 0
+        self._mem_lines: list[bytes] = []  # an in-memory replica's verified entries, canonical (for _replay)
         self._stamp: bytes | None = None  # state.json as last read or written
         self._stale = True  # reload from the files before use
         self._alock = asyncio.Lock()
@@ -320,7 +328,7 @@ class Replica:
         # The time checks use the constant cap of every server's --auth-skew,
         # never the auth_skew a server reports (docs/client.md, "The verified replica").
         return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=MAX_AUTH_SKEW,
-                        gave_up=self.gave_up)
+                        in_doubt=self.in_doubt)
 
     def _refresh(self) -> None:
         """Catch up with the files (another process may have synced); load them the first time."""
@@ -337,9 +345,9 @@ class Replica:
             if not isinstance(doc, dict):
                 raise ValueError("not an object")
             version = doc.get("version")
-            if version != REPLICA_VERSION:
+            if version not in _READS:
                 raise ReplicaError(f"{self.directory}/state.json has version {version!r}; this unibus reads "
-                                   f"version {REPLICA_VERSION} (a newer unibus wrote it?)")
+                                   f"versions {' and '.join(map(str, _READS))} (a newer unibus wrote it?)")
             root = doc.get("trust_root")
             root = _fingerprint(root) if root is not None else None
             first_use = doc.get("first_use", False)
@@ -359,12 +367,11 @@ class Replica:
         except (ValueError, TypeError, AttributeError) as exc:
             raise ReplicaError(f"{self.directory}/state.json is damaged ({exc}); move the directory away and "
                                "pin the trust root again with `unibus trust`") from None
-        gave_up = {k for k, (_created, process) in changes.items() if process is None}
+        doubt = {k: c.given_up_at for k, c in changes.items()}
         same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root
-                    and gave_up == self.gave_up)
-        self.gave_up.clear()
-        self.gave_up.update(gave_up)
+                    and doubt == self.in_doubt)
         self._changes = changes
+        self._sync_doubt()
         self.trust_root, self.accepted, self.first_use = root, accepted, first_use and root is not None
         self.pinned_head = (seq, digest)
         for room, n in epochs.items():  # never lower an accepted epoch, whoever wrote last
@@ -374,6 +381,7 @@ class Replica:
             self.state.accepted_bootstraps = set(accepted)
         else:
             self._load_entries()
+            self._told |= set(self.state.kept_back)  # what the files hold was told when it was found
         self._stale = False
         self._reap_ended()
 
@@ -381,28 +389,57 @@ class Replica:
         """A change whose process ended before settling it was given up on (a kill, a crash): record
         so, and replay the log if it holds one of them already."""
         me = _this_process()
-        ended = [k for k, (_created, process) in self._changes.items()
-                 if process is not None and process != me and not _process_alive(process)]
+        ended = [k for k, c in self._changes.items()
+                 if c.process is not None and c.process != me and not _process_alive(c.process, c.created)]
         if not ended:
             return
         for key in ended:
-            self._changes[key] = (self._changes[key][0], None)
-            self.gave_up.add(key)
-        if any(key in self.state.nonces for key in ended):
-            self._replay()
+            self._changes[key] = _Change(self._changes[key].created, None, None)
+        self._sync_doubt()
         self._write_state()
 
+    def _sync_doubt(self) -> None:
+        """:attr:`in_doubt` as :attr:`_changes` says. The verdict on an entry the log holds changes
+        only when a change taken for held back is settled (confirmed after all: a request in flight
+        that the log held after a later one, honestly); then the log is replayed. (A change given up
+        on is given the head read after its failure, which holds it if the log does: no new verdict.)"""
+        doubt = {k: c.given_up_at for k, c in self._changes.items()}
+        flagged = {(k.author, k.nonce) for k in self.state.kept_back.values()}
+        cleared = any(k in flagged for k in self.in_doubt.keys() - doubt.keys())
+        self.in_doubt.clear()
+        self.in_doubt.update(doubt)
+        if cleared:
+            self._replay()
+
     def _replay(self) -> None:
-        """Apply the verified entries again (:attr:`gave_up` grew): from the files, or, in memory,
-        from the server at the next sync (the pinned head still holds it to the same log)."""
+        """Apply the verified entries again, trusted (:attr:`in_doubt` changed): from the files, or
+        those an in-memory replica keeps."""
         if self.directory is not None:
             self._load_entries()
         else:
-            self._reset_memory()
+            lines, state = self._mem_lines, self._fresh_state()
+            for line in lines:
+                state.apply(json.loads(line), trusted_hash=hashlib.sha256(line).hexdigest())
+            self.state = state
+        self._tell_kept()
+
+    def _tell_kept(self) -> None:
+        """A notice for each change held back that this process has not told of yet."""
+        for seq in sorted(set(self.state.kept_back) - self._told):
+            self._told.add(seq)
+            kept = self.state.kept_back[seq]
+            when = (f"after a request {kept.author} signed later (seq {kept.later})" if kept.later is not None
+                    else f"after its client had given up on it and read the log up to seq {kept.given_up_at}")
+            self.notice(f"{self.server}'s membership log holds at seq {seq} a change of {kept.author}'s that its "
+                        f"client had not seen confirmed ({kept.op} {' '.join(kept.args)}: it failed, went "
+                        f"unanswered, or is still in flight), {when}: the server held it back, then appended it. "
+                        f"Check it (`unibus log show`) and undo it if it is not meant; no room key is sealed to, "
+                        f"or sent with, a member such a change put back in a room")
 
     def _reset_memory(self) -> None:
         self.state = self._fresh_state()
         self._disk_lines = self._disk_bytes = 0
+        self._mem_lines = []
 
     def _load_entries(self) -> None:
         """Replay ``log.jsonl`` up to the pinned head, trusted; a damaged file is rebuilt from the server."""
@@ -435,6 +472,10 @@ class Replica:
     def _save(self, new_lines: Iterable[bytes] = (), *, rewrite: bool = False) -> None:
         """Append ``new_lines`` (canonical entries following the saved ones), then write state.json."""
         if self.directory is None:
+            if rewrite:
+                self._mem_lines = list(new_lines)
+            else:
+                self._mem_lines.extend(new_lines)
             return
         _make_private_dir(self.directory)
         lines = list(new_lines)
@@ -465,9 +506,9 @@ class Replica:
         if self.first_use:
             doc["first_use"] = True
         if self._changes:
-            doc["changes"] = [{"handle": h, "nonce": n, "created": created, "process": process}
-                              for (h, n), (created, process) in sorted(self._changes.items(),
-                                                                       key=lambda kv: (kv[1][0], kv[0]))]
+            doc["changes"] = [{"handle": h, "nonce": n, "created": c.created, "process": c.process,
+                               "given_up_at": c.given_up_at}
+                              for (h, n), c in sorted(self._changes.items(), key=lambda kv: (kv[1].created, kv[0]))]
         raw = (json.dumps(doc, indent=1) + "\n").encode()
         _write_atomic(self.directory / "state.json", raw)
         self._stamp = raw
@@ -478,60 +519,61 @@ class Replica:
         """Remember, before it is sent, that this process sends ``handle``'s membership change signed
         with ``nonce`` at ``created``; :meth:`settle_change` once it is confirmed, :meth:`give_up`
         otherwise. A process that ends in between (a kill, a crash) gave up on it: the next one to
-        read the files records so. A change given up on that the log holds after a request
-        ``handle`` signed in a later second was held back by the server
-        (:attr:`unibus.memberlog.LogState.kept_back`; docs/client.md, "Changes confirmed in the
-        log"). At most :data:`GAVE_UP_MAX` not settled are remembered, the oldest forgotten first.
-        Raises :class:`ReplicaError` when the files cannot be written: then send nothing."""
+        read the files records so. Until it is settled, the log holding it after a request
+        ``handle`` signed later, or after the head read once it was given up on, shows a server
+        that held it back (:attr:`unibus.memberlog.LogState.kept_back`; docs/client.md, "Changes
+        confirmed in the log"). At most :data:`GAVE_UP_MAX` not settled are remembered, the oldest
+        forgotten first. Raises :class:`ReplicaError` when the files cannot be written: then send
+        nothing."""
         async with self.locked():
-            self._changes[(handle, nonce)] = (created, _this_process())
+            self._changes[(handle, nonce)] = _Change(created, _this_process(), None)
             kept = {(k.author, k.nonce) for k in self.state.kept_back.values()}  # for replays: never dropped
-            unsettled = sorted((k for k in self._changes if k not in kept), key=lambda k: (self._changes[k][0], k))
+            unsettled = sorted((k for k in self._changes if k not in kept), key=lambda k: (self._changes[k].created, k))
             for old in unsettled[:max(0, len(unsettled) - GAVE_UP_MAX)]:
                 del self._changes[old]
-                self.gave_up.discard(old)
+            self._sync_doubt()
             self._write_state()
 
     async def settle_change(self, handle: str, nonce: str) -> None:
-        """The change :meth:`begin_change` remembered was confirmed: forget it."""
+        """The change :meth:`begin_change` remembered was confirmed: forget it (and replay the log,
+        if it had been taken for held back while it was in flight)."""
         async with self.locked():
             if self._changes.pop((handle, nonce), None) is not None:
-                self.gave_up.discard((handle, nonce))
+                self._sync_doubt()
                 self._write_state()
 
-    async def give_up(self, handle: str, nonce: str) -> None:
+    async def give_up(self, handle: str, nonce: str, head: int | None) -> None:
         """This process gave up on the change :meth:`begin_change` remembered (an error answer, no
-        answer, a change it could not confirm, an interrupt). One the log holds already is checked
-        again: the log is replayed with it given up."""
+        answer, a change it could not confirm, an interrupt), having read the log up to seq ``head``
+        after that (None: not read). One the log holds already is checked again: the log is replayed."""
         async with self.locked():
             key = (handle, nonce)
             if key not in self._changes:
                 return
-            self._changes[key] = (self._changes[key][0], None)
-            self.gave_up.add(key)
-            if key in self.state.nonces:
-                self._replay()
+            self._changes[key] = _Change(self._changes[key].created, None, head)
+            self._sync_doubt()
             self._write_state()
 
-    def latest_give_up(self) -> int | None:
-        """The ``created`` of the latest change given up on (None: none remembered)."""
-        return max((created for created, process in self._changes.values() if process is None), default=None)
+    def latest_created(self) -> int | None:
+        """The ``created`` of the latest change in flight or given up on (None: none remembered)."""
+        return max((c.created for c in self._changes.values()), default=None)
 
     def _forget_settled(self) -> None:
         """Forget the changes given up on whose outcome the log settled: held in it and not held
         back (the verdict is the same without them), or too old for any later entry (the log refuses
-        a ``created`` over twice the skew older than its newest). Those it holds after a later
-        request are kept: a replay of the replica finds them again. A change still in flight stays
-        until its process settles it or gives up on it, even when the log holds it already."""
+        a ``created`` over twice the skew older than its newest). Those it holds where they were
+        held back are kept: a replay of the replica finds them again. A change still in flight
+        stays until its process settles it or gives up on it, even when the log holds it already."""
         state = self.state
         kept = {(k.author, k.nonce) for k in state.kept_back.values()}
-        for key, (created, process) in list(self._changes.items()):
+        for key, c in list(self._changes.items()):
             if key in kept:
                 continue
-            if (process is None and key in state.nonces) or \
-                    (key not in state.nonces and created < state.max_created - 2 * state.skew):
+            if (c.process is None and key in state.nonces) or \
+                    (key not in state.nonces and c.created < state.max_created - 2 * state.skew):
                 del self._changes[key]
-                self.gave_up.discard(key)
+        self.in_doubt.clear()  # the verdicts on the entries held stay as they are (no replay)
+        self.in_doubt.update({k: c.given_up_at for k, c in self._changes.items()})
 
     # -- pins ------------------------------------------------------------------------------
 
@@ -765,7 +807,6 @@ class Replica:
             self.trust_root = pinned = state.root
             self.first_use = True
         state.trust_root = self.trust_root
-        before = -1 if from_scratch else self.pinned_head[0]
         self.state = state
         self.pinned_head = state.head
         self._forget_settled()  # on a verified state only
@@ -776,13 +817,7 @@ class Replica:
         if pinned is not None and had_root is None:
             self.notice(f"trusting the membership log of {self.server} on first use: its trust root fingerprint is "
                         f"{pinned}; check it with your operator (`unibus trust FINGERPRINT` pins it in advance)")
-        for seq in sorted(s for s in state.kept_back if s > before):
-            kept = state.kept_back[seq]
-            self.notice(f"{self.server}'s membership log holds at seq {seq} a change of {kept.author}'s that its "
-                        f"client gave up on ({kept.op} {' '.join(kept.args)}: it failed or went unanswered), after "
-                        f"a request {kept.author} signed later (seq {kept.later}): the server held it back, then "
-                        f"appended it. Check it (`unibus log show`) and undo it if it is not meant; a rekey does "
-                        f"not seal to a member such a change put back in a room")
+        self._tell_kept()
         return SyncResult(self.pinned_head, len(lines), pinned)
 
     def _discard(self, from_scratch: bool) -> None:
@@ -799,17 +834,27 @@ class Replica:
             self._reset_memory()
 
 
-def _changes_from(records: Any) -> dict[tuple[str, str], tuple[int, str | None]]:
-    """``state.json``'s ``changes`` as (handle, nonce) -> (created, process); ValueError if malformed."""
+@dataclass(frozen=True)
+class _Change:
+    """A membership change of this identity not yet settled (:meth:`Replica.begin_change`)."""
+
+    created: int
+    process: str | None  # the process that sends it (:func:`_process_name`); None once given up on
+    given_up_at: int | None  # the head seq read once it was given up on (None: in flight, or not read)
+
+
+def _changes_from(records: Any) -> dict[tuple[str, str], _Change]:
+    """``state.json``'s ``changes``; ValueError if malformed."""
     if not isinstance(records, list):
         raise ValueError("bad changes")
-    out: dict[tuple[str, str], tuple[int, str | None]] = {}
+    out: dict[tuple[str, str], _Change] = {}
     for r in records:
         if not isinstance(r, dict) or not isinstance(r.get("handle"), str) or not isinstance(r.get("nonce"), str) \
-                or type(r.get("created")) is not int or not (r.get("process") is None or
-                                                             isinstance(r.get("process"), str)):
+                or type(r.get("created")) is not int \
+                or not (r.get("process") is None or isinstance(r.get("process"), str)) \
+                or not (r.get("given_up_at") is None or type(r.get("given_up_at")) is int):
             raise ValueError("bad changes")
-        out[(r["handle"], r["nonce"])] = (r["created"], r["process"])
+        out[(r["handle"], r["nonce"])] = _Change(r["created"], r["process"], r.get("given_up_at"))
     return out
 
 
@@ -830,25 +875,42 @@ def _process_start(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
-def _process_name() -> str:
-    """This process, named so that another process can tell whether it still runs: the boot, the
-    pid and when it started (Linux), else the pid alone."""
+def _namespace() -> str:
+    """This host and PID namespace: the boot, the host name and the PID namespace (Linux)."""
     boot = (_read_small("/proc/sys/kernel/random/boot_id") or "").strip()
+    try:
+        pidns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        pidns = ""
+    return f"{boot}|{socket.gethostname()}|{pidns}".replace("/", "_")
+
+
+def _process_name() -> str:
+    """This process, named so that another process can tell whether it still runs: its host and
+    PID namespace (:func:`_namespace`), its pid, and when it started (Linux)."""
     pid = os.getpid()
-    return f"{boot}/{pid}/{_process_start(pid) or ''}"
+    return f"{_namespace()}/{pid}/{_process_start(pid) or ''}"
 
 
-def _process_alive(name: str) -> bool:
-    """Whether the process :func:`_process_name` gave ``name`` still runs (a name from another boot,
-    or another host's, does not)."""
-    boot, _, rest = name.partition("/")
+def _process_alive(name: str, created: int) -> bool:
+    """Whether the process :func:`_process_name` gave ``name``, sending a change signed at
+    ``created``, may still run. One of this host and PID namespace runs if its pid does, and
+    started when it did. One of an earlier boot of this host does not. One of another host or
+    PID namespace (a container, a home directory shared between hosts) cannot be looked at: it
+    is taken to run until no server could take its change any more (``created`` older than
+    :data:`MAX_AUTH_SKEW`)."""
+    where, _, rest = name.partition("/")
     pid_text, _, start = rest.partition("/")
     if not pid_text.isdigit() or int(pid_text) <= 0:
         return False
+    here = _namespace()
+    if where != here:
+        boot, host, _ns = (where.split("|") + ["", "", ""])[:3]
+        here_boot, here_host, _ = here.split("|")
+        if host == here_host and boot != here_boot:
+            return False  # an earlier boot of this host
+        return time.time() <= created + MAX_AUTH_SKEW
     pid = int(pid_text)
-    here = (_read_small("/proc/sys/kernel/random/boot_id") or "").strip()
-    if boot != here:
-        return False
     if start:
         return _process_start(pid) == start
     try:

@@ -615,47 +615,55 @@ def test_an_add_signed_before_a_removal_the_log_holds_earlier_is_flagged_held_ba
 
 def test_a_change_its_client_gave_up_on_logged_after_a_later_one_is_kept_back(world, people):
     """LogState.kept_back (docs/client.md, "Changes confirmed in the log"): a change its author's
-    client gave up on (``gave_up``, which a client knows of its own requests only), logged after a
-    request the same author signed in a later second, was held back by the server. Unlike
-    held_back's 30 s rule it needs no margin. A room add that put the member back is also
-    held_back; a change the log holds before any later one is not kept back."""
+    client has not seen confirmed (``in_doubt``, which a client knows of its own requests only: in
+    flight, or given up on with the head it read then) that the log holds after a request the same
+    author signed later, or after that head, was held back by the server. Unlike held_back's 30 s
+    rule it needs no margin. A room add that put the member back is also held_back; a change the
+    log holds before both is not kept back."""
     alice = people["alice"]
     world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW, nonce="honest-timeout-00")
     world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 1, nonce="n-later-add-00000")
     world.request(alice, "PATCH", "/v1/members/bob", {"role": "member"}, created=NOW + 2)
-    gave_up = {("alice", "honest-timeout-00")}  # given up on, but logged before anything later
-    state = replay(world.entries, gave_up=gave_up)
+    head = len(world.entries) - 1
+    in_doubt: dict = {("alice", "honest-timeout-00"): head}  # given up on, logged before anything later
+    state = replay(world.entries, in_doubt=in_doubt)
     assert state.kept_back == {} and state.held_back == {}
-    # alice's add of carol, signed at NOW + 3, failed (kept by the server); she removed carol at NOW + 4
+    # alice's add of carol, signed at NOW + 3, is held by the server (in flight); she removes carol at NOW + 4
     world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 4)
     removal = len(world.entries) - 1
     kept = world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 3, nonce="kept-add-0000000")["seq"]
     assert replay(world.entries).held_back == {}  # 1 s before the removal: within held_back's margin
-    gave_up.add(("alice", "kept-add-0000000"))
-    state = replay(world.entries, gave_up=gave_up)
+    in_doubt[("alice", "kept-add-0000000")] = None  # still in flight: already caught
+    state = replay(world.entries, in_doubt=in_doubt)
     assert "carol" in state.rooms["r1"].members
-    assert state.kept_back == {kept: KeptBack("alice", "kept-add-0000000", "room.member_add", ("r1", "carol"), removal)}
+    assert state.kept_back == {kept: KeptBack("alice", "kept-add-0000000", "room.member_add", ("r1", "carol"),
+                                              removal, None)}
     assert state.held_back == {("r1", "carol"): (kept, removal)}
     # another author's later request does not count: one identity's clock
-    assert replay(world.entries, gave_up={("bob", "kept-add-0000000")}).kept_back == {}
+    assert replay(world.entries, in_doubt={("bob", "kept-add-0000000"): None}).kept_back == {}
     # signed in the same second as the later request: not known to be before it, not flagged
     world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=NOW + 6)
     world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=NOW + 6, nonce="same-second-0000")
-    gave_up.add(("alice", "same-second-0000"))
-    assert ("r1", "carol") not in replay(world.entries, gave_up=gave_up).held_back
-    # a kept change that adds nothing is reported, and flags no member
-    world.request(alice, "PATCH", "/v1/members/bob", {"role": "member"}, created=NOW + 1, nonce="kept-role-000000")
-    gave_up.add(("alice", "kept-role-000000"))
-    state = replay(world.entries, gave_up=gave_up)
-    assert state.kept_back[len(world.entries) - 1].op == "member.role"
+    in_doubt[("alice", "same-second-0000")] = None
+    assert ("r1", "carol") not in replay(world.entries, in_doubt=in_doubt).held_back
+    # given up on with the log read up to `head`, appended after it, with no later request: kept back
+    head = len(world.entries) - 1
+    late = world.request(alice, "PATCH", "/v1/members/bob", {"role": "member"}, created=NOW + 7,
+                         nonce="kept-role-000000")["seq"]
+    in_doubt[("alice", "kept-role-000000")] = head
+    state = replay(world.entries, in_doubt=in_doubt)
+    assert state.kept_back[late] == KeptBack("alice", "kept-role-000000", "member.role", ("bob",), None, head)
+    assert state.kept_back[late].after == head
+    in_doubt[("alice", "kept-role-000000")] = late  # read after it was appended: in order, an honest one
+    assert late not in replay(world.entries, in_doubt=in_doubt).kept_back
 
 
 async def test_the_replica_keeps_changes_until_the_log_settles_them(world, people, tmp_path, monkeypatch):
     """Replica.begin_change / settle_change / give_up: kept in state.json (0600, replaced whole), so
     another command of the same identity knows them; a replay of the files finds a kept-back change
-    again; a change whose process ended is taken for given up; forgotten once the log holds it
-    given up on in order, or can no longer take it (older than twice the skew before its newest);
-    at most GAVE_UP_MAX; a malformed record is a damaged replica."""
+    again, and a settled one is replayed out of it; a change whose process ended is taken for given
+    up; forgotten once the log holds it given up on in order, or can no longer take it (older than
+    twice the skew before its newest); at most GAVE_UP_MAX; a malformed record is a damaged replica."""
     from unibus.client import replica as replica_mod
     from unibus.client.replica import ReplicaError
 
@@ -668,38 +676,44 @@ async def test_the_replica_keeps_changes_until_the_log_settles_them(world, peopl
                            ("never-logged-000", now - 3), ("too-old-for-logs", now - 2 * MAX_AUTH_SKEW - 10),
                            ("confirmed-000000", now - 2), ("in-flight-000000", now + 1)):
         await replica.begin_change("alice", nonce, created)
+    head = replica.state.head[0]
     for nonce in ("logged-in-order-0", "kept-add-0000000", "never-logged-000", "too-old-for-logs"):
-        await replica.give_up("alice", nonce)
+        await replica.give_up("alice", nonce, head + 1)  # the first is logged at head + 1, before the read
     await replica.settle_change("alice", "confirmed-000000")
-    assert replica.latest_give_up() == now - 3
+    assert replica.latest_created() == now + 1
     world.request(alice, "PATCH", "/v1/members/bob", {"role": "member"}, created=now - 5, nonce="logged-in-order-0")
     world.request(alice, "DELETE", "/v1/rooms/r1/members/carol", created=now)
     kept = world.request(alice, "PUT", "/v1/rooms/r1/members/carol", created=now - 4, nonce="kept-add-0000000")["seq"]
     world.request(alice, "PUT", "/v1/rooms/r1/members/bob", created=now + 1, nonce="in-flight-000000")
     await replica.sync(_Server(world.entries, 600))
     assert set(replica.state.kept_back) == {kept} and ("r1", "carol") in replica.state.held_back
-    assert replica.gave_up == {("alice", "kept-add-0000000"), ("alice", "never-logged-000")}
-    assert set(replica._changes) == replica.gave_up | {("alice", "in-flight-000000")}  # in flight: kept
+    assert set(replica._changes) == {("alice", "kept-add-0000000"), ("alice", "never-logged-000"),
+                                     ("alice", "in-flight-000000")}  # in flight: kept until settled
     again = Replica("http://127.0.0.1:1", directory)  # another process: replays the files
     async with again.locked():
-        assert again.gave_up == replica.gave_up and set(again.state.kept_back) == {kept}
+        assert again.in_doubt == replica.in_doubt and set(again.state.kept_back) == {kept}
     # a process that ended with a change in flight gave up on it (a kill): the next one says so
     state = directory / "state.json"
     doc = json.loads(state.read_text())
+    assert doc["version"] == 2
+    this_host = replica_mod._namespace()
     for record in doc["changes"]:
         if record["nonce"] == "in-flight-000000":
-            record["process"] = "another-boot/1/1"
+            record["process"] = f"{this_host}/999999999/1"  # no such pid
     state.write_text(json.dumps(doc))
     again = Replica("http://127.0.0.1:1", directory)
     async with again.locked():
-        assert ("alice", "in-flight-000000") in again.gave_up
-    assert '"process": null' in state.read_text() and '"process": "another-boot' not in state.read_text()
+        assert again._changes[("alice", "in-flight-000000")].process is None
+    assert '"process": null' in state.read_text() and "999999999" not in state.read_text()
+    # another host's or container's process cannot be looked at: taken to run while its change is fresh
+    assert replica_mod._process_alive("b|another-host|ns/1/1", int(time.time()))
+    assert not replica_mod._process_alive("b|another-host|ns/1/1", int(time.time()) - MAX_AUTH_SKEW - 5)
     monkeypatch.setattr(replica_mod, "GAVE_UP_MAX", 2)  # not counting the kept-back one
-    await again.begin_change("alice", "one-more-000000000", now)
+    await again.begin_change("alice", "one-more-000000000", now + 2)
     assert set(again._changes) == {("alice", "kept-add-0000000"), ("alice", "in-flight-000000"),
                                    ("alice", "one-more-000000000")}
     doc = json.loads(state.read_text())
-    doc["changes"][0]["created"] = "soon"
+    doc["changes"][0]["given_up_at"] = "soon"
     state.write_text(json.dumps(doc))
     with pytest.raises(ReplicaError, match="damaged"):
         async with Replica("http://127.0.0.1:1", directory).locked():
