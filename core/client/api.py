@@ -583,7 +583,7 @@ class UnibusClient:
             status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed)
         except BaseException as exc:
             if signed is not None:
-                await self._give_up(signed[0], f"{method} {path}", read=not isinstance(exc, asyncio.CancelledError))
+                await self._give_up(signed[0], f"{method} {path}", read=isinstance(exc, Exception))
             raise
         if signed is not None:
             await self._settle(signed[0])
@@ -606,19 +606,20 @@ class UnibusClient:
 
     async def _give_up(self, nonce: str, what: str, *, read: bool) -> None:
         """Record that this client gave up on a change it sent (docs/client.md, "Changes confirmed
-        in the log"), with the log head read right after (``read``; not after an interrupt): one
-        the log holds after that head was appended after the failure was reported. If the log
-        holds it already, it was made: a notice says so, and it is settled. A replica that cannot
-        be written is logged, and the first error stands: the change stays remembered as this
-        process's, and the next process to read the files takes it for given up once this one has
-        ended."""
+        in the log"), with the log head read right after (``read``; not after an interrupt or a
+        cancellation): one the log holds after that head was appended after the failure was
+        reported. If the log holds it already, it was made: a notice says so, and it is settled. A
+        replica that cannot be written is logged, and the first error stands: the change stays
+        remembered as this process's, and the next process to read the files takes it for given up
+        once this one has ended."""
         me, head = self.identity.handle, None
         try:
             if read:
                 with contextlib.suppress(VerificationError, ApiError, ServerUnreachable, ReplicaError):
                     state = await self.sync()
                     if (me, nonce) in state.nonces:
-                        seq = next((s for s, k in state.kept_back.items() if k.nonce == nonce), None)
+                        seq = next((s for s, k in state.kept_back.items() if (k.author, k.nonce) == (me, nonce)),
+                                   None)
                         if seq is None:
                             self.replica.notice(f"{what} failed, but the membership log of {self.base_url} holds "
                                                 f"it: the change was made")

@@ -387,7 +387,7 @@ class Replica:
 
     def _reap_ended(self) -> None:
         """A change whose process ended before settling it was given up on (a kill, a crash): record
-        so, and replay the log if it holds one of them already."""
+        so (with no head read; the verdict on an entry the log holds already is the same)."""
         me = _this_process()
         ended = [k for k, c in self._changes.items()
                  if c.process is not None and c.process != me and not _process_alive(c.process, c.created)]
@@ -545,7 +545,8 @@ class Replica:
     async def give_up(self, handle: str, nonce: str, head: int | None) -> None:
         """This process gave up on the change :meth:`begin_change` remembered (an error answer, no
         answer, a change it could not confirm, an interrupt), having read the log up to seq ``head``
-        after that (None: not read). One the log holds already is checked again: the log is replayed."""
+        after that (None: not read): the log holding it after that head was appended after the
+        failure was reported."""
         async with self.locked():
             key = (handle, nonce)
             if key not in self._changes:
