@@ -313,14 +313,13 @@ async def test_an_add_the_client_gave_up_on_appended_within_seconds_of_its_remov
     documented gap of stop 38). A client now remembers each change it gave up on (in its replica):
     logged after a request it signed later, the change was held back, whatever the seconds between.
     No margin is patched here, and the removal follows the failed add at once."""
-    from unibus.client import ApiError, UnibusClient
+    from unibus.client import ApiError
 
     rid = await new_room(world, "carol")
     kept: list[dict[str, str]] = []
     proxy.answer = _keep_first_add(kept, "bob")
     notices: list[str] = []
-    async with UnibusClient(proxy.url, world.people["alice"], replica_root=tmp_path / "alice.log",
-                            notice=notices.append, timeout=15) as a:
+    async with _client(world, proxy, tmp_path, "alice", notice=notices.append) as a:
         with pytest.raises(ApiError):
             await a.add_room_member(rid, "bob")
         await a.add_room_member(rid, "bob")  # run again: made and confirmed
@@ -355,11 +354,7 @@ async def test_the_cli_remembers_a_change_it_gave_up_on_across_commands(world, p
     assert failed.returncode == 1 and len(kept) == 1, (failed.stdout, failed.stderr)
     states = list((home / "alice.json.log").glob("*/state.json"))
     assert len(states) == 1 and '"process": null' in states[0].read_text()  # given up on, remembered
-    for args in (("rooms", "add", rid, "mallory"), ("rooms", "remove", rid, "mallory")):
-        done = await unibus(*args)
-        assert done.returncode == 0, (args, done.stdout, done.stderr)
-    await _send_kept(world, rid, "mallory", kept[0])
-    proc = await unibus("rooms", "rekey", rid)
+    proc = await _put_back_then_rekey(world, unibus, rid, kept[0])
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "held it back" in proc.stderr  # the sync's notice
     errors = [line for line in proc.stderr.splitlines() if line.startswith("unibus: error: ")]
@@ -374,7 +369,7 @@ async def test_a_change_given_up_on_that_an_honest_server_made_is_no_alarm(world
     """An honest server whose answer was lost (the change made and logged, the client told 502):
     the client reads the log right after giving up, finds the change there, says it was made after
     all, and forgets it; nothing is flagged, and the next change and rekey go on."""
-    from unibus.client import ApiError, UnibusClient
+    from unibus.client import ApiError
 
     rid = await new_room(world, "carol", rekey=False)
     lost: list[int] = []
@@ -391,8 +386,7 @@ async def test_a_change_given_up_on_that_an_honest_server_made_is_no_alarm(world
 
     proxy.answer = lose_the_answer
     notices: list[str] = []
-    async with UnibusClient(proxy.url, world.people["alice"], replica_root=tmp_path / "alice.log",
-                            notice=notices.append, timeout=15) as a:
+    async with _client(world, proxy, tmp_path, "alice", notice=notices.append) as a:
         with pytest.raises(ApiError):
             await a.add_room_member(rid, "bob")
         assert lost == [200] and a.replica.in_doubt == {}
@@ -435,10 +429,7 @@ async def test_another_authors_add_kept_and_appended_after_the_owners_removal_is
     from unibus.client import ApiError
 
     monkeypatch.setattr(memberlog, "HELD_BACK_MARGIN", 0)
-    async with world.sdk("carol") as c:
-        rid = (await c.create_room("carols"))["room_id"]
-        await c.add_room_member(rid, "bob")
-        await c.rekey(rid)
+    rid = await _carols_room(world, "bob")
     kept: list[dict[str, str]] = []
     proxy.answer = _keep_first_add(kept, "bob")
     async with world.sdk("alice", proxy.url) as admin:  # an admin's add of bob, kept by the server
@@ -472,6 +463,43 @@ def _hold_first_add(kept: list[dict[str, str]], handle: str, release: asyncio.Ev
     return answer
 
 
+def _client(world, proxy, tmp_path, handle: str, *, notice=None, timeout: float = 15):
+    """``handle``'s SDK client through the compromised server, with a replica of its own in ``tmp_path``."""
+    from unibus.client import UnibusClient
+
+    return UnibusClient(proxy.url, world.people[handle], replica_root=tmp_path / f"{handle}.log",
+                        notice=notice or (lambda _t: None), timeout=timeout)
+
+
+async def _carols_room(world, *handles: str) -> str:
+    """A room of carol's (its owner), with ``handles`` in it, keyed."""
+    async with world.sdk("carol") as c:
+        rid = (await c.create_room("carols"))["room_id"]
+        for h in handles:
+            await c.add_room_member(rid, h)
+        await c.rekey(rid)
+    return rid
+
+
+async def _put_back_then_rekey(world, unibus, rid: str, kept: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """Through the CLI (``unibus(*args)``): mallory added again and removed (both confirmed), the
+    kept add of mallory appended by the compromised server, then ``rooms rekey``; its result."""
+    for args in (("rooms", "add", rid, "mallory"), ("rooms", "remove", rid, "mallory")):
+        done = await unibus(*args)
+        assert done.returncode == 0, (args, done.stdout, done.stderr)
+    await _send_kept(world, rid, "mallory", kept)
+    return await unibus("rooms", "rekey", rid)
+
+
+async def _reached(kept: list[dict[str, str]]) -> None:
+    """Wait (20 s at most) until the held request has reached the compromised server."""
+    for _ in range(400):
+        if kept:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the request never reached the server")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 async def test_a_cli_killed_while_its_change_is_held_has_given_it_up(world, proxy, tmp_path, sig):
     """A review: the record of a change given up on was written when the command failed, so a CLI
@@ -493,11 +521,7 @@ async def test_a_cli_killed_while_its_change_is_held_has_given_it_up(world, prox
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
     try:
-        for _ in range(400):
-            if kept:
-                break
-            await asyncio.sleep(0.05)
-        assert kept, "the add never reached the server"
+        await _reached(kept)
         proc.send_signal(sig)
         _out, err = await asyncio.wait_for(proc.communicate(), 30)
     finally:
@@ -512,11 +536,7 @@ async def test_a_cli_killed_while_its_change_is_held_has_given_it_up(world, prox
         return await asyncio.to_thread(subprocess.run, [*argv, *args], capture_output=True, text=True, env=env,
                                        timeout=60, stdin=subprocess.DEVNULL, check=False)
 
-    for args in (("rooms", "add", rid, "mallory"), ("rooms", "remove", rid, "mallory")):
-        done = await unibus(*args)
-        assert done.returncode == 0, (args, done.stdout, done.stderr)
-    await _send_kept(world, rid, "mallory", kept[0])
-    rekey = await unibus("rooms", "rekey", rid)
+    rekey = await _put_back_then_rekey(world, unibus, rid, kept[0])
     assert rekey.returncode == 1, (rekey.stdout, rekey.stderr)
     assert "mallory is in it by an add" in rekey.stderr and "had not seen confirmed" in rekey.stderr, rekey.stderr
 
@@ -527,22 +547,16 @@ async def test_a_change_held_while_the_same_client_made_a_later_one_is_caught(wo
     given up on after the removal was signed, so it was not "before" it, and its record was
     forgotten as settled. A change given up on is now compared with its own `created`, and a record
     in flight is kept until its outcome is known."""
-    from unibus.client import ApiError, UnibusClient
+    from unibus.client import ApiError
 
     rid = await new_room(world, "bob", "carol")
     kept: list[dict[str, str]] = []
     release = asyncio.Event()
     proxy.answer = _hold_first_add(kept, "bob", release)
-    async with UnibusClient(proxy.url, world.people["alice"], replica_root=tmp_path / "alice.log",
-                            notice=lambda _t: None, timeout=15) as a:
+    async with _client(world, proxy, tmp_path, "alice") as a:
         add = asyncio.create_task(a.add_room_member(rid, "bob"))
         try:
-            for _ in range(400):
-                if kept:
-                    break
-                await asyncio.sleep(0.05)
-            assert kept, "the add never reached the server"
-            await asyncio.sleep(1.1)  # the removal is signed in a later second than the add
+            await _reached(kept)
             await a.remove_room_member(rid, "bob")
             await _send_kept(world, rid, "bob", kept[0])
         finally:
@@ -558,16 +572,12 @@ async def test_a_key_another_member_sealed_to_a_member_put_back_is_never_sent_wi
     carol, the owner, whose client cannot know it, rekeyed (sealing to bob), and alice's next send
     used carol's key, which bob holds. A send (and a blob upload) refuses the room's key while a
     member put back that way is in the room."""
-    from unibus.client import ApiError, UnibusClient
+    from unibus.client import ApiError
 
-    async with world.sdk("carol") as c:
-        rid = (await c.create_room("carols"))["room_id"]
-        await c.add_room_member(rid, "alice")
-        await c.rekey(rid)
+    rid = await _carols_room(world, "alice")
     kept: list[dict[str, str]] = []
     proxy.answer = _keep_first_add(kept, "bob")
-    async with UnibusClient(proxy.url, world.people["alice"], replica_root=tmp_path / "alice.log",
-                            notice=lambda _t: None, timeout=15) as a:
+    async with _client(world, proxy, tmp_path, "alice") as a:
         with pytest.raises(ApiError):
             await a.add_room_member(rid, "bob")
         await a.add_room_member(rid, "bob")
@@ -588,22 +598,16 @@ async def test_a_change_still_in_flight_that_the_log_holds_after_a_later_one_is_
     """A second review: while the server still held alice's add (no answer yet), she added and
     removed the member again, the server appended the held add, and her next rekey sealed to the
     member: only a change given up on was taken for held back. A change in flight counts too."""
-    from unibus.client import UnibusClient
 
     rid = await new_room(world, "carol")
     kept: list[dict[str, str]] = []
     release = asyncio.Event()
     proxy.answer = _hold_first_add(kept, "bob", release)
     notices: list[str] = []
-    async with UnibusClient(proxy.url, world.people["alice"], replica_root=tmp_path / "alice.log",
-                            notice=notices.append, timeout=40) as a:
+    async with _client(world, proxy, tmp_path, "alice", notice=notices.append, timeout=40) as a:
         add = asyncio.create_task(a.add_room_member(rid, "bob"))
         try:
-            for _ in range(400):
-                if kept:
-                    break
-                await asyncio.sleep(0.05)
-            assert kept, "the add never reached the server"
+            await _reached(kept)
             await a.add_room_member(rid, "bob")
             await a.remove_room_member(rid, "bob")
             await _send_kept(world, rid, "bob", kept[0])  # appended; its answer still held
@@ -622,13 +626,12 @@ async def test_a_clock_stepped_back_does_not_hide_a_kept_change(world, proxy, tm
     back. A change is now signed after every change of the identity still in doubt."""
     import time as time_module
 
-    from unibus.client import ApiError, UnibusClient
+    from unibus.client import ApiError
 
     rid = await new_room(world, "carol")
     kept: list[dict[str, str]] = []
     proxy.answer = _keep_first_add(kept, "bob")
-    async with UnibusClient(proxy.url, world.people["alice"], replica_root=tmp_path / "alice.log",
-                            notice=lambda _t: None, timeout=15) as a:
+    async with _client(world, proxy, tmp_path, "alice") as a:
         with pytest.raises(ApiError):
             await a.add_room_member(rid, "bob")
         real = time_module.time
@@ -646,15 +649,12 @@ async def test_a_failed_change_appended_later_with_no_later_one_is_refused(world
     appended the kept add later, and her next send rekeyed to the member without a word. The
     client reads the log right after giving up; a change the log holds after that was appended
     after the failure was reported."""
-    from unibus.client import ApiError, UnibusClient
+    from unibus.client import ApiError
 
-    async with world.sdk("carol") as c:  # carol's room: her requests are the ones compared
-        rid = (await c.create_room("carols"))["room_id"]
-        await c.rekey(rid)
+    rid = await _carols_room(world)  # carol's requests are the ones compared
     kept: list[dict[str, str]] = []
     proxy.answer = _keep_first_add(kept, "mallory")
-    async with UnibusClient(proxy.url, world.people["carol"], replica_root=tmp_path / "carol.log",
-                            notice=lambda _t: None, timeout=15) as c:
+    async with _client(world, proxy, tmp_path, "carol") as c:
         with pytest.raises(ApiError):
             await c.add_room_member(rid, "mallory")
         await _send_kept(world, rid, "mallory", kept[0])
