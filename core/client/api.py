@@ -133,9 +133,9 @@ REKEY_RETRIES = 3
 #: How often a 503 refused before it was served is tried again (docs/client.md):
 #: replay protection made again after a crash refuses for about 2 s.
 RETRIES_503 = 4
-#: How far ahead of the clock a change's ``created`` may be put, to follow an earlier change of the
-#: same identity (:meth:`UnibusClient._change_created`); every server takes up to --auth-skew (60 s).
-CREATED_AHEAD = 30
+#: How far ahead of the clock a change's ``created`` may be put, to follow a change of the same
+#: identity in flight (:meth:`UnibusClient._change_created`); a server takes up to its --auth-skew.
+CREATED_AHEAD = 2
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
 #: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
@@ -578,7 +578,7 @@ class UnibusClient:
         # One signed request for a change, resent as it is; a fresh one per try for the rest.
         signed = (make_nonce(), self._change_created()) if change is not None else None
         if signed is not None:  # remembered before it is sent: a ReplicaError sends nothing
-            await self.replica.begin_change(self.identity.handle, *signed)
+            await self.replica.begin_change(self.identity.handle, *signed, sent_after=self.verified.head[0])
         try:
             status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed)
         except BaseException as exc:
@@ -606,15 +606,19 @@ class UnibusClient:
 
     async def _give_up(self, nonce: str, what: str, *, read: bool) -> None:
         """Record that this client gave up on a change it sent (docs/client.md, "Changes confirmed
-        in the log"), with the log head read right after (``read``; not after an interrupt or a
-        cancellation): one the log holds after that head was appended after the failure was
-        reported. If the log holds it already, it was made: a notice says so, and it is settled. A
+        in the log"), with the log head read right after (``read``, twice at most; not after an
+        interrupt or a cancellation): one the log holds after that head was appended after the
+        failure was reported. If the log holds it already, it was made: a notice says so, and it
+        is settled. If the log could not be read, the head verified before sending stands in: a
+        review's server failed that read on purpose, then appended the change with no word. A
         replica that cannot be written is logged, and the first error stands: the change stays
         remembered as this process's, and the next process to read the files takes it for given up
         once this one has ended."""
         me, head = self.identity.handle, None
         try:
-            if read:
+            for attempt in range(2 if read else 0):  # a second read a second later: a server down a moment
+                if attempt:
+                    await asyncio.sleep(1.0)
                 with contextlib.suppress(VerificationError, ApiError, ServerUnreachable, ReplicaError):
                     state = await self.sync()
                     if (me, nonce) in state.nonces:
@@ -626,6 +630,7 @@ class UnibusClient:
                             await self.replica.settle_change(me, nonce)
                             return
                     head = state.head[0]
+                    break
             await self.replica.give_up(me, nonce, head)
         except (ReplicaError, OSError) as exc:
             log.warning("could not record a change given up on in the local replica (the next command "
@@ -641,12 +646,16 @@ class UnibusClient:
 
     def _change_created(self) -> int:
         """The ``created`` of a new change: now, but after every change of this identity still in
-        flight or given up on, so that "signed later" is the order of signing whatever the clock
-        did (a clock stepped back hid a kept change from a review), by at most
-        :data:`CREATED_AHEAD` seconds ahead of the clock."""
+        flight, so that "signed later" is the order of signing within a second or a clock stepped
+        back a little, by at most :data:`CREATED_AHEAD` seconds ahead of the clock (and under the
+        skew the server reported). A change given up on needs none of it: the head read then
+        decides (a review: a clock stepped back hid a kept change; another: a stream of changes
+        in flight pushed ``created`` 30 s ahead, past a server's small --auth-skew)."""
         now = int(time.time())
-        last = self.replica.latest_created()
-        return now if last is None else max(now, min(last + 1, now + CREATED_AHEAD))
+        last = self.replica.latest_in_flight()
+        skew = self.replica.server_skew
+        ahead = CREATED_AHEAD if skew is None else min(CREATED_AHEAD, skew - 1)
+        return now if last is None or ahead <= 0 else max(now, min(last + 1, now + ahead))
 
     async def _send_tries(self, method: str, url: yarl.URL, path: str, body: bytes | None, tag: str | None,
                            change: tuple[str, tuple[str, ...]] | None,
@@ -1253,8 +1262,8 @@ class UnibusClient:
             kept = state.kept_back.get(added)
             if kept is not None:
                 when = (f"after a request {kept.author} signed later (seq {kept.later})" if kept.later is not None
-                        else f"after {kept.author}'s client had given up on it and read the log up to seq "
-                             f"{kept.given_up_at}")
+                        else f"after seq {kept.given_up_at}, the log as {kept.author}'s client read it once it "
+                             f"gave up on it (or before sending it, when it could not read it then)")
                 why = (f"{handle} is in it by an add (seq {added}) that {kept.author}'s client had not seen "
                        f"confirmed (it failed, went unanswered, or is still in flight), which the log holds "
                        f"{when}: a request the server held back, then appended")

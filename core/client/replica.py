@@ -261,6 +261,7 @@ class Replica:
         #: each of them: what :class:`LogState` reads (``in_doubt``)
         self.in_doubt: dict[tuple[str, str], int | None] = {}
         self._told: set[int] = set()  # the seqs of kept_back this process has given a notice of
+        self.server_skew: int | None = None  # the --auth-skew the server reported last (availability only)
         self.state = self._fresh_state()
         self._disk_lines = 0  # lines of log.jsonl that hold state's entries
         self._disk_bytes = 0
@@ -387,28 +388,35 @@ class Replica:
 
     def _reap_ended(self) -> None:
         """A change whose process ended before settling it was given up on (a kill, a crash): record
-        so (with no head read; the verdict on an entry the log holds already is the same)."""
+        so, with the head verified before it was sent for the head read at the give-up (the log
+        holding it after that head is held back: a kill right after an honest server made the change
+        meets it too)."""
         me = _this_process()
         ended = [k for k, c in self._changes.items()
                  if c.process is not None and c.process != me and not _process_alive(c.process, c.created)]
         if not ended:
             return
         for key in ended:
-            self._changes[key] = _Change(self._changes[key].created, None, None)
+            c = self._changes[key]
+            self._changes[key] = _Change(c.created, None, c.sent_after, c.sent_after)
         self._sync_doubt()
+        self._tell_kept()
         self._write_state()
 
     def _sync_doubt(self) -> None:
-        """:attr:`in_doubt` as :attr:`_changes` says. The verdict on an entry the log holds changes
-        only when a change taken for held back is settled (confirmed after all: a request in flight
-        that the log held after a later one, honestly); then the log is replayed. (A change given up
-        on is given the head read after its failure, which holds it if the log does: no new verdict.)"""
+        """:attr:`in_doubt` as :attr:`_changes` says, and the log replayed when that may change the
+        verdict on an entry it holds: a change taken for held back settled (confirmed after all: a
+        request in flight that an honest server logged after a later one), or a change the log holds
+        given up on with no head read after it (a process killed, a read that failed). Both are
+        rare: a change given up on is read against the log, and settled when the log holds it."""
         doubt = {k: c.given_up_at for k, c in self._changes.items()}
         flagged = {(k.author, k.nonce) for k in self.state.kept_back.values()}
         cleared = any(k in flagged for k in self.in_doubt.keys() - doubt.keys())
+        given_up = any(k in self.state.nonces and self.in_doubt.get(k, 0) is None and v is not None
+                       for k, v in doubt.items())
         self.in_doubt.clear()
         self.in_doubt.update(doubt)
-        if cleared:
+        if cleared or given_up:
             self._replay()
 
     def _replay(self) -> None:
@@ -424,12 +432,19 @@ class Replica:
         self._tell_kept()
 
     def _tell_kept(self) -> None:
-        """A notice for each change held back that this process has not told of yet."""
+        """A notice for each change held back that this process has not told of yet; not for one
+        this process still has in flight (an honest server may log two changes in flight out of
+        order): it is told once given up on, and never if it is confirmed."""
+        me = _this_process()
         for seq in sorted(set(self.state.kept_back) - self._told):
-            self._told.add(seq)
             kept = self.state.kept_back[seq]
+            mine = self._changes.get((kept.author, kept.nonce))
+            if mine is not None and mine.process == me:
+                continue
+            self._told.add(seq)
             when = (f"after a request {kept.author} signed later (seq {kept.later})" if kept.later is not None
-                    else f"after its client had given up on it and read the log up to seq {kept.given_up_at}")
+                    else f"after seq {kept.given_up_at}, the log as its client read it once it gave up on it (or "
+                         f"before sending it, when it could not read it then)")
             self.notice(f"{self.server}'s membership log holds at seq {seq} a change of {kept.author}'s that its "
                         f"client had not seen confirmed ({kept.op} {' '.join(kept.args)}: it failed, went "
                         f"unanswered, or is still in flight), {when}: the server held it back, then appended it. "
@@ -507,7 +522,7 @@ class Replica:
             doc["first_use"] = True
         if self._changes:
             doc["changes"] = [{"handle": h, "nonce": n, "created": c.created, "process": c.process,
-                               "given_up_at": c.given_up_at}
+                               "given_up_at": c.given_up_at, "sent_after": c.sent_after}
                               for (h, n), c in sorted(self._changes.items(), key=lambda kv: (kv[1].created, kv[0]))]
         raw = (json.dumps(doc, indent=1) + "\n").encode()
         _write_atomic(self.directory / "state.json", raw)
@@ -515,9 +530,10 @@ class Replica:
 
     # -- changes in flight and given up on ---------------------------------------------------
 
-    async def begin_change(self, handle: str, nonce: str, created: int) -> None:
+    async def begin_change(self, handle: str, nonce: str, created: int, sent_after: int = -1) -> None:
         """Remember, before it is sent, that this process sends ``handle``'s membership change signed
-        with ``nonce`` at ``created``; :meth:`settle_change` once it is confirmed, :meth:`give_up`
+        with ``nonce`` at ``created``, the log verified up to seq ``sent_after``;
+        :meth:`settle_change` once it is confirmed, :meth:`give_up`
         otherwise. A process that ends in between (a kill, a crash) gave up on it: the next one to
         read the files records so. Until it is settled, the log holding it after a request
         ``handle`` signed later, or after the head read once it was given up on, shows a server
@@ -526,7 +542,7 @@ class Replica:
         forgotten first. Raises :class:`ReplicaError` when the files cannot be written: then send
         nothing."""
         async with self.locked():
-            self._changes[(handle, nonce)] = _Change(created, _this_process(), None)
+            self._changes[(handle, nonce)] = _Change(created, _this_process(), None, sent_after)
             kept = {(k.author, k.nonce) for k in self.state.kept_back.values()}  # for replays: never dropped
             unsettled = sorted((k for k in self._changes if k not in kept), key=lambda k: (self._changes[k].created, k))
             for old in unsettled[:max(0, len(unsettled) - GAVE_UP_MAX)]:
@@ -545,19 +561,22 @@ class Replica:
     async def give_up(self, handle: str, nonce: str, head: int | None) -> None:
         """This process gave up on the change :meth:`begin_change` remembered (an error answer, no
         answer, a change it could not confirm, an interrupt), having read the log up to seq ``head``
-        after that (None: not read): the log holding it after that head was appended after the
-        failure was reported."""
+        after that: the log holding it after that head was appended after the failure was
+        reported. Without a head read (None: the log could not be read, an interrupt), the head
+        verified before it was sent stands in, and any entry of it is taken for held back."""
         async with self.locked():
             key = (handle, nonce)
             if key not in self._changes:
                 return
-            self._changes[key] = _Change(self._changes[key].created, None, head)
+            c = self._changes[key]
+            self._changes[key] = _Change(c.created, None, c.sent_after if head is None else head, c.sent_after)
             self._sync_doubt()
+            self._tell_kept()
             self._write_state()
 
-    def latest_created(self) -> int | None:
-        """The ``created`` of the latest change in flight or given up on (None: none remembered)."""
-        return max((c.created for c in self._changes.values()), default=None)
+    def latest_in_flight(self) -> int | None:
+        """The ``created`` of the latest change in flight, of any process (None: none)."""
+        return max((c.created for c in self._changes.values() if c.process is not None), default=None)
 
     def _forget_settled(self) -> None:
         """Forget the changes given up on whose outcome the log settled: held in it and not held
@@ -751,6 +770,9 @@ class Replica:
         if type(seq) is not int or not -1 <= seq <= MAX_SAFE_INT or not isinstance(digest, str) \
                 or (seq >= 0 and not FINGERPRINT_RE.match(digest)):
             raise LogVerificationError(f"{self.server} served a malformed log head")
+        skew = head.get("auth_skew")
+        # what the server says it takes: used only to keep a change's `created` within it, never in a check
+        self.server_skew = skew if type(skew) is int and 1 <= skew <= MAX_AUTH_SKEW else None
         pinned_seq, pinned_hash = self.pinned_head
         if seq < pinned_seq:
             raise LogVerificationError(
@@ -841,7 +863,8 @@ class _Change:
 
     created: int
     process: str | None  # the process that sends it (:func:`_process_name`); None once given up on
-    given_up_at: int | None  # the head seq read once it was given up on (None: in flight, or not read)
+    given_up_at: int | None  # the head seq read once it was given up on (else sent_after); None: in flight
+    sent_after: int = -1  # the verified head seq before it was sent
 
 
 def _changes_from(records: Any) -> dict[tuple[str, str], _Change]:
@@ -853,9 +876,11 @@ def _changes_from(records: Any) -> dict[tuple[str, str], _Change]:
         if not isinstance(r, dict) or not isinstance(r.get("handle"), str) or not isinstance(r.get("nonce"), str) \
                 or type(r.get("created")) is not int \
                 or not (r.get("process") is None or isinstance(r.get("process"), str)) \
-                or not (r.get("given_up_at") is None or type(r.get("given_up_at")) is int):
+                or not (r.get("given_up_at") is None or type(r.get("given_up_at")) is int) \
+                or type(r.get("sent_after", -1)) is not int:
             raise ValueError("bad changes")
-        out[(r["handle"], r["nonce"])] = _Change(r["created"], r["process"], r.get("given_up_at"))
+        out[(r["handle"], r["nonce"])] = _Change(r["created"], r["process"], r.get("given_up_at"),
+                                                 r.get("sent_after", -1))
     return out
 
 
