@@ -616,21 +616,28 @@ class UnibusClient:
         once this one has ended."""
         me, head = self.identity.handle, None
         try:
-            for attempt in range(2 if read else 0):  # a second read a second later: a server down a moment
-                if attempt:
-                    await asyncio.sleep(1.0)
-                with contextlib.suppress(VerificationError, ApiError, ServerUnreachable, ReplicaError):
-                    state = await self.sync()
-                    if (me, nonce) in state.nonces:
-                        seq = next((s for s, k in state.kept_back.items() if (k.author, k.nonce) == (me, nonce)),
-                                   None)
-                        if seq is None:
-                            self.replica.notice(f"{what} failed, but the membership log of {self.base_url} holds "
-                                                f"it: the change was made")
-                            await self.replica.settle_change(me, nonce)
-                            return
-                    head = state.head[0]
-                    break
+            try:
+                for attempt in range(2 if read else 0):  # a second read a second later: a server down a moment
+                    if attempt:
+                        await asyncio.sleep(1.0)
+                    with contextlib.suppress(VerificationError, ApiError, ServerUnreachable, ReplicaError):
+                        state = await self.sync()
+                        if (me, nonce) in state.nonces:
+                            seq = next((s for s, k in state.kept_back.items() if (k.author, k.nonce) == (me, nonce)),
+                                       None)
+                            if seq is None:
+                                self.replica.notice(f"{what} failed, but the membership log of {self.base_url} "
+                                                    f"holds it: the change was made")
+                                await self.replica.settle_change(me, nonce)
+                                return
+                        head = state.head[0]
+                        break
+            except BaseException:
+                # Cancelled during the reads (a review's server stalled them, and the caller's timeout
+                # cancelled the task): given up all the same, with the head before sending.
+                with contextlib.suppress(ReplicaError, OSError):
+                    await asyncio.shield(self.replica.give_up(me, nonce, None))
+                raise
             await self.replica.give_up(me, nonce, head)
         except (ReplicaError, OSError) as exc:
             log.warning("could not record a change given up on in the local replica (the next command "

@@ -735,3 +735,38 @@ async def test_created_follows_changes_in_flight_only_a_little_and_within_the_se
         for i in range(10):
             await a.replica.give_up("alice", f"in-flight-{i:08d}", None)
         assert a._change_created() <= int(time.time()) + 0  # given up on: the head read decides
+
+
+async def test_a_change_cancelled_while_its_failure_is_read_is_given_up(world, proxy, tmp_path):
+    """A fourth review: the server answered the add 500 and failed the first read of the log after
+    it, and the caller cancelled the task during the second second's wait (an SDK timeout): the
+    change stayed "in flight" in a live process, and current_key rekeyed to mallory silently. A
+    cancellation there still gives the change up, with the head before sending."""
+    from unibus.client import ApiError
+
+    rid = await _carols_room(world)
+    kept: list[dict[str, str]] = []
+    keep = _keep_first_add(kept, "mallory")
+    failed_reads: list[str] = []
+
+    def answer(request: web.Request, body: bytes) -> tuple[int, object] | None:
+        if kept and not failed_reads and request.path == "/v1/log/head":
+            failed_reads.append(request.path)
+            return 500, {"type": "about:blank", "title": "Internal Server Error", "status": 500}
+        return keep(request, body)
+
+    proxy.answer = answer
+    async with _client(world, proxy, tmp_path, "carol") as c:
+        add = asyncio.create_task(c.add_room_member(rid, "mallory"))
+        for _ in range(200):  # the add failed and the first read too: the client waits a second
+            if failed_reads:
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.3)
+        add.cancel()
+        with pytest.raises((asyncio.CancelledError, ApiError)):
+            await add
+        assert all(change.process is None for change in c.replica._changes.values()), c.replica._changes
+        await _send_kept(world, rid, "mallory", kept[0])
+        with pytest.raises(VerificationError, match="mallory is in it by an add"):
+            await c.current_key(rid)  # the code before: rekeyed to mallory
