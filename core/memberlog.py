@@ -469,8 +469,8 @@ class _Spans:
 class KeptBack:
     """A change of :attr:`LogState.in_doubt` (its author's client has not seen it confirmed) that
     the log holds where the server must have held it back: after a request the same author signed
-    later (seq :attr:`later`), or after the head the client read once it had given up on it (seq
-    :attr:`given_up_at`)."""
+    later (seq :attr:`later`), or after the head the client read once it had given up on it, or the
+    head before sending when it could not read one (seq :attr:`given_up_at`)."""
 
     author: str
     nonce: str
@@ -481,7 +481,7 @@ class KeptBack:
 
     @property
     def after(self) -> int:
-        """The seq it was appended after: the later request's, or the head read at the give-up."""
+        """The seq it was appended after: the later request's, or the give-up's head."""
         return self.later if self.later is not None else int(self.given_up_at or 0)
 
 
@@ -506,8 +506,8 @@ class LogState:
     ``in_doubt`` maps (author, nonce) of each change that author's client sent
     and has not seen confirmed (in flight, or given up on: an error, no answer,
     an interrupt, a process that ended first) to the seq of the log head the
-    client read once it gave up on it (None: in flight, or not read): a client
-    knows its own. Such a change that the log holds after a request the same
+    client read once it gave up on it (or, unread, the head it had verified
+    before sending it; None: in flight): a client knows its own. Such a change that the log holds after a request the same
     author signed later (its ``created`` greater), or after that head, was
     held back by the server and appended late (:attr:`kept_back`). The
     mapping is read, never changed (the caller replays the log when it
@@ -532,7 +532,7 @@ class LogState:
         #: (room, handle) -> (seq of an add, seq of the removal it follows) where the add's author signed
         #: it HELD_BACK_MARGIN or more before a removal that the log holds earlier: a request a server kept back (a try
         #: that failed) and appended after (docs/client.md); a rekey refuses to seal to it. Also an add in
-        #: :attr:`kept_back` that put the member back: (its seq, the seq of the later request)
+        #: :attr:`kept_back` that put the member back: (its seq, the seq it was appended after)
         self.held_back: dict[tuple[str, str], tuple[int, int]] = {}
         #: (room, handle) -> (created, seq) of the removal of handle from room signed last, by anyone
         self._removed_last: dict[tuple[str, str], tuple[int, int]] = {}
