@@ -422,7 +422,7 @@ async def startup(app) -> None:
     await rt.enforcer.start()
     enforcer = rt.enforcer
     rt.metrics = BusAuthMetrics.register(
-        app[METRICS].plugin(PLUGIN_NAME), pending=lambda: len(enforcer.pending),
+        app[METRICS].plugin(PLUGIN_NAME), pending=lambda: enforcer.pending_count,
         connections=lambda: sum(len(c) for c in enforcer.connections.values()))
     rt.responder.metrics = rt.enforcer.metrics = rt.metrics
     stash(app)[RUNTIME] = rt
@@ -479,7 +479,7 @@ def healthz_fields(app) -> dict[str, Any]:
         "kicks": enforcer.stats["kicks"] if enforcer else 0,
         # a count: /healthz answers anyone, and the members' handles are for the log
         # ("bus enforcement of ... still not confirmed")
-        "kicks_pending": len(enforcer.pending) if enforcer else 0,
+        "kicks_pending": enforcer.pending_count if enforcer else 0,
         "last_change_ms": (round(enforcer.last_duration * 1000, 1)
                            if enforcer and enforcer.last_duration is not None else None),
     }

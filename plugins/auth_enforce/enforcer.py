@@ -104,6 +104,7 @@ class Enforcer:
         self.server_ids: dict[str, str] = {}
         self._retired: set[str] = set()  # ids their names left behind
         self.pending: dict[str, bool] = {}  # handle -> revoke? : enforcement not confirmed yet
+        self._retrying: dict[str, bool] = {}  # what the retry loop is trying now (taken out of pending)
         #: the rooms of the changes still pending: every node re-reads them again at each retry
         self.pending_rooms: set[str] = set()
         self.stats = {"changes": 0, "kicks": 0, "unconfirmed": 0, "sweeps": 0}
@@ -501,6 +502,13 @@ class Enforcer:
             log.warning("kicks of %s on this node not confirmed (%s: %s); retrying", ", ".join(sorted(revoked)),
                         type(e).__name__, e)
 
+    @property
+    def pending_count(self) -> int:
+        """Members whose new rights are not confirmed yet, those the retry loop is trying now
+        included (the count read 0 while a retry was under way: a test that read /healthz a moment
+        later than before saw no kick pending while one was)."""
+        return len(self.pending.keys() | self._retrying.keys())
+
     def mark_pending(self, revoked: set[str], granted: set[str], rooms: Iterable[str] = ()) -> None:
         """Enforcement not confirmed: the retry loop takes it up every second (and /healthz shows it),
         asking every node to re-read the members and the rooms again."""
@@ -626,6 +634,7 @@ class Enforcer:
             rooms, self.pending_rooms = sorted(self.pending_rooms), set()
             revoked = {h for h, r in pending.items() if r}
             granted = set(pending) - revoked
+            self._retrying = pending
             try:
                 await within(self._enforce(revoked, granted, rooms), KICK_DEADLINE)
                 log.info("bus enforcement of %s confirmed", ", ".join(sorted(pending)))
@@ -634,6 +643,8 @@ class Enforcer:
                     self.pending[h] = self.pending.get(h, False) or r
                 self.pending_rooms.update(rooms)
                 log.warning("bus enforcement of %s still not confirmed: %s", ", ".join(sorted(pending)), _why(e))
+            finally:
+                self._retrying = {}
 
 
 def _why(e: BaseException) -> str:

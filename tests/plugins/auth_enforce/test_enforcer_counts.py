@@ -592,6 +592,37 @@ async def test_a_full_read_does_not_count_a_change_applied_while_it_read(tmp_pat
         assert granted == {"carol"} and not revoked
 
 
+async def test_changes_being_retried_still_count_as_pending(monkeypatch):
+    """/healthz's kicks_pending and the pending gauge read 0 while the retry loop was trying the
+    pending changes (it takes them out of ``pending`` for the attempt): a cluster test that read
+    /healthz a moment later than before saw no kick pending while one was. They count now."""
+    from unibus.plugins.auth_enforce import enforcer as module
+
+    monkeypatch.setattr(module, "RETRY_EVERY", 0.05)
+    e = enforcer(clustered=False)
+    e.mark_pending({"bob"}, {"carol"}, ["r1"])
+    trying = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_enforce(revoked, granted, rooms):
+        trying.set()
+        await release.wait()
+
+    e._enforce = slow_enforce
+    loop_task = asyncio.create_task(e._retry_loop())
+    try:
+        await asyncio.wait_for(trying.wait(), 5)
+        assert e.pending == {} and e.pending_count == 2  # taken out for the attempt, still counted
+        release.set()
+        assert await until(lambda: e.pending_count == 0, 5)  # confirmed
+    finally:
+        e._stopped = True
+        release.set()
+        loop_task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await loop_task
+
+
 async def test_repeated_revocations_of_a_member_make_one_second_sweep_after_the_last(monkeypatch):
     """Red team: any member may add another to a room of its own and remove it again, in a loop.
     Each revocation scheduled its own second sweep, and each sweep kicked the member's connections,
