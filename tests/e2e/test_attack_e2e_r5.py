@@ -770,3 +770,36 @@ async def test_a_change_cancelled_while_its_failure_is_read_is_given_up(world, p
         await _send_kept(world, rid, "mallory", kept[0])
         with pytest.raises(VerificationError, match="mallory is in it by an add"):
             await c.current_key(rid)  # the code before: rekeyed to mallory
+
+
+async def test_an_honest_add_whose_log_cannot_be_read_after_it_is_refused_until_removed_and_added_again(
+        world, proxy, tmp_path):
+    """The honest case the rules meet, as documented: the server made the add, but the log could
+    not be read to confirm it, nor twice after (a node under faults answers 503): the outcome is
+    unknown, so the change is given up with the head before sending, and the log holding it is
+    taken for held back. The way out works: remove the member again, add it again, rekey."""
+    from unibus.client import ApiError
+
+    rid = await _carols_room(world)
+    unreadable: list[str] = []
+
+    def node_under_faults(request: web.Request, _body: bytes) -> tuple[int, object] | None:
+        if request.method == "PUT" and request.path.endswith("/members/mallory") and not unreadable:
+            unreadable.append("from now")
+        elif unreadable and len(unreadable) < 4 and request.path == "/v1/log/head":
+            unreadable.append(request.path)  # the confirming read and both reads after the failure
+            return 503, {"type": "about:blank", "title": "Service Unavailable", "status": 503}
+        return None
+
+    proxy.answer = node_under_faults
+    async with _client(world, proxy, tmp_path, "carol") as c:
+        with pytest.raises(ApiError) as e:
+            await c.add_room_member(rid, "mallory")  # made, but not confirmed
+        assert e.value.status == 503 and "could not be confirmed" in e.value.detail
+        assert len(unreadable) == 4
+        with pytest.raises(VerificationError, match="mallory is in it by an add"):
+            await c.rekey(rid)
+        await c.remove_room_member(rid, "mallory")
+        await c.add_room_member(rid, "mallory")
+        assert await c.rekey(rid) >= 2
+        assert "mallory" in c.verified.rooms[rid].members
