@@ -372,7 +372,7 @@ class Replica:
         same_log = (not self._stale and self.state.head == (seq, digest) and self.trust_root == root
                     and doubt == self.in_doubt)
         self._changes = changes
-        self._sync_doubt()
+        self._set_doubt()  # a different one is replayed by _load_entries below (same_log is False)
         self.trust_root, self.accepted, self.first_use = root, accepted, first_use and root is not None
         self.pinned_head = (seq, digest)
         for room, n in epochs.items():  # never lower an accepted epoch, whoever wrote last
@@ -409,15 +409,19 @@ class Replica:
         request in flight that an honest server logged after a later one), or a change the log holds
         given up on with no head read after it (a process killed, a read that failed). Both are
         rare: a change given up on is read against the log, and settled when the log holds it."""
-        doubt = {k: c.given_up_at for k, c in self._changes.items()}
+        before = dict(self.in_doubt)
+        self._set_doubt()
         flagged = {(k.author, k.nonce) for k in self.state.kept_back.values()}
-        cleared = any(k in flagged for k in self.in_doubt.keys() - doubt.keys())
-        given_up = any(k in self.state.nonces and self.in_doubt.get(k, 0) is None and v is not None
-                       for k, v in doubt.items())
-        self.in_doubt.clear()
-        self.in_doubt.update(doubt)
+        cleared = any(k in flagged for k in before.keys() - self.in_doubt.keys())
+        given_up = any(k in self.state.nonces and before.get(k, 0) is None and v is not None
+                       for k, v in self.in_doubt.items())
         if cleared or given_up:
             self._replay()
+
+    def _set_doubt(self) -> None:
+        """:attr:`in_doubt` (the mapping :class:`LogState` holds) as :attr:`_changes` says, in place."""
+        self.in_doubt.clear()
+        self.in_doubt.update({k: c.given_up_at for k, c in self._changes.items()})
 
     def _replay(self) -> None:
         """Apply the verified entries again, trusted (:attr:`in_doubt` changed): from the files, or
@@ -592,8 +596,7 @@ class Replica:
             if (c.process is None and key in state.nonces) or \
                     (key not in state.nonces and c.created < state.max_created - 2 * state.skew):
                 del self._changes[key]
-        self.in_doubt.clear()  # the verdicts on the entries held stay as they are (no replay)
-        self.in_doubt.update({k: c.given_up_at for k, c in self._changes.items()})
+        self._set_doubt()  # the verdicts on the entries held stay as they are (no replay)
 
     # -- pins ------------------------------------------------------------------------------
 
