@@ -793,15 +793,30 @@ class UnibusClient:
         return records
 
     # -- members (docs/http-api.md)
-    async def me(self) -> dict[str, Any]:
+    #
+    # The reads return the server's answer. With ``verify=True`` they sync first and raise
+    # :class:`VerificationError` unless it agrees with the verified log in every field the log
+    # holds (what `unibus whoami`, `members` and `rooms` print): a compromised server could
+    # otherwise show a member a key or a roster the log does not hold (docs/client.md, "What the
+    # client verifies").
+    async def me(self, *, verify: bool = False) -> dict[str, Any]:
         """``GET /v1/me``: the caller's own member record."""
+        if verify:
+            return await self._checked("GET /v1/me", self.me,
+                                       lambda r: self.member_differences(r, self.identity.handle))
         return await self._object("GET", "/v1/me")
 
-    async def list_members(self) -> list[dict[str, Any]]:
+    async def list_members(self, *, verify: bool = False) -> list[dict[str, Any]]:
         """``GET /v1/members``: every member record (unwrapped from ``{"members": [...]}``)."""
+        if verify:
+            return await self._checked("GET /v1/members", self.list_members, self.members_differences)
         return await self._records("/v1/members", "members")
 
-    async def get_member(self, handle: str) -> dict[str, Any]:
+    async def get_member(self, handle: str, *, verify: bool = False) -> dict[str, Any]:
+        """``GET /v1/members/{handle}``: that member's record."""
+        if verify:
+            return await self._checked(f"GET /v1/members/{handle}", lambda: self.get_member(handle),
+                                       lambda r: self.member_differences(r, handle))
         return await self._object("GET", "/v1/members/" + _seg(handle, "handle"))
 
     async def add_member(self, handle: str, sign_pub: str, enc_pub: str, enc_suite: str = DEFAULT_ENC_SUITE,
@@ -894,10 +909,19 @@ class UnibusClient:
                                     f"(the room is as `unibus log show` shows it)")
         return doc
 
-    async def list_rooms(self) -> list[dict[str, Any]]:
+    async def list_rooms(self, *, verify: bool = False) -> list[dict[str, Any]]:
+        """``GET /v1/rooms``: the rooms the caller is in (an admin: every room); ``verify`` as :meth:`me`."""
+        if verify:
+            return await self._checked("GET /v1/rooms", self.list_rooms, self.rooms_differences)
         return await self._records("/v1/rooms", "rooms")
 
-    async def get_room(self, room_id: str) -> dict[str, Any]:
+    async def get_room(self, room_id: str, *, verify: bool = False) -> dict[str, Any]:
+        """``GET /v1/rooms/{id}``: the room record with its members; ``verify`` as :meth:`me`."""
+        if verify:
+            return await self._checked(f"GET /v1/rooms/{room_id}", lambda: self.get_room(room_id),
+                                       lambda r: self.room_differences(r) if r.get("room_id") == room_id else
+                                       [f"room_id: the server answered for room {room_id} with room "
+                                        f"{r.get('room_id')!r}"])
         return await self._object("GET", "/v1/rooms/" + _seg(room_id, "room id"))
 
     async def delete_room(self, room_id: str) -> None:
@@ -995,8 +1019,42 @@ class UnibusClient:
         await self.replica.sync(self, from_scratch=True)
         return self.replica.state
 
+    def member_differences(self, record: Any, handle: str | None = None) -> list[str]:
+        """Every difference between a server member record (``GET /v1/me``, ``GET /v1/members/{handle}``,
+        an entry of ``GET /v1/members``) and the member the verified log has: its handle (``handle``:
+        the one asked for), role and public keys. ``created_at`` is the server's own (the log does not
+        hold it)."""
+        if not isinstance(record, Mapping):
+            return ["the server's member record is not a JSON object"]
+        served = record.get("handle")
+        if handle is not None and served != handle:
+            return [f"handle: the server answered for {handle} with the record of {served!r}"]
+        member = self.verified.members.get(served) if isinstance(served, str) else None
+        if member is None:
+            return [f"ghost member {served}: the server lists {served}, the verified log has no such member"]
+        out = [f"{field} of {served}: the server says {record.get(field)!r}, the verified log {value!r}"
+               for field, value in (("role", member.role), ("enc_suite", member.enc_suite),
+                                    ("bus_pub", member.bus_pub))
+               if (record.get(field) or (DEFAULT_ENC_SUITE if field == "enc_suite" else None)) != value]
+        out += [f"swapped key of {served}: the server's {field} for {served} is not the one the verified log has"
+                for field, value in (("sign_pub", member.sign_pub), ("enc_pub", member.enc_pub))
+                if record.get(field) != _b64(value)]
+        return out
+
+    def members_differences(self, records: Sequence[Any]) -> list[str]:
+        """Every difference between ``GET /v1/members`` (its list) and the verified log's members."""
+        listed = Counter(r.get("handle") if isinstance(r, Mapping) else None for r in records)
+        out = [f"member {h} listed {n} times" for h, n in sorted(listed.items(), key=str) if n > 1]
+        out += [f"missing member {h}: the verified log has {h}, the server does not list it"
+                for h in sorted(self.verified.members.keys() - listed.keys())]
+        for r in records:
+            out += self.member_differences(r)
+        return out
+
     def room_differences(self, room: Mapping[str, Any]) -> list[str]:
-        """Every difference between a server room record (``GET /v1/rooms/{id}``) and the verified log."""
+        """Every difference between a server room record (``GET /v1/rooms/{id}``, an entry of
+        ``GET /v1/rooms``) and the verified log: its roster with each member's encryption key,
+        name, owner, epoch, ``rekey_required`` and subject (``created_at`` is the server's own)."""
         state = self.verified
         room_id = room.get("room_id") if isinstance(room, Mapping) else None
         lroom = state.rooms.get(room_id) if isinstance(room_id, str) else None
@@ -1004,9 +1062,14 @@ class UnibusClient:
             return [f"room {room_id}: the verified membership log has no such room"]
         out: list[str] = []
         listed: dict[str, Mapping[str, Any]] = {}
-        for m in room.get("members") or []:
+        entries = room.get("members")
+        for m in entries if isinstance(entries, list) else []:
             handle = m.get("handle") if isinstance(m, Mapping) else None
-            if isinstance(handle, str):
+            if not isinstance(handle, str):
+                out.append(f"room {room_id}: a member entry without a handle")
+            elif handle in listed:
+                out.append(f"room {room_id}: member {handle} listed twice")
+            else:
                 listed[handle] = m
         for handle in sorted(listed.keys() - lroom.members):
             out.append(f"ghost member {handle}: the server lists {handle} in room {room_id}, the verified log "
@@ -1020,11 +1083,48 @@ class UnibusClient:
             if served.get("enc_pub") != _b64(member.enc_pub) or suite != member.enc_suite:
                 out.append(f"swapped key of {handle}: the server's enc_pub for {handle} is not the one the "
                            "verified log has")
-        if room.get("epoch") != lroom.epoch:
-            out.append(f"epoch: the server says {room.get('epoch')!r}, the verified log {lroom.epoch}")
-        if (room.get("owner") or "") != lroom.owner:
-            out.append(f"owner: the server says {room.get('owner')!r}, the verified log {lroom.owner or None!r}")
+        fields = [("epoch", lroom.epoch), ("owner", lroom.owner or None), ("name", lroom.name),
+                  ("rekey_required", lroom.rekey_required), ("subject", room_subject(lroom.room_id))]
+        out += [f"room {room_id}: {field}: the server says {room.get(field)!r}, the verified log {value!r}"
+                for field, value in fields if room.get(field) != value or type(room.get(field)) is not type(value)]
         return out
+
+    def rooms_differences(self, records: Sequence[Any]) -> list[str]:
+        """Every difference between ``GET /v1/rooms`` (its list) and the verified log: the rooms this
+        member is in (every room, for an admin, as the log has the roles), each as
+        :meth:`room_differences` compares it."""
+        state, me = self.verified, self.identity.handle
+        mine = state.members.get(me)
+        admin = mine is not None and mine.role == "admin"
+        visible = {rid for rid, r in state.rooms.items() if admin or me in r.members}
+        listed = Counter(r.get("room_id") if isinstance(r, Mapping) else None for r in records)
+        out = [f"room {rid} listed {n} times" for rid, n in sorted(listed.items(), key=str) if n > 1]
+        out += [f"missing room {rid}: the verified log has {'it' if admin else f'{me} in it'}, the server does not "
+                f"list it" for rid in sorted(visible - listed.keys())]
+        for r in records:
+            rid = r.get("room_id") if isinstance(r, Mapping) else None
+            if rid in state.rooms and rid not in visible:
+                out.append(f"room {rid}: the verified log does not have {me} in it, yet the server lists it")
+            else:
+                out += self.room_differences(r if isinstance(r, Mapping) else {})
+        return out
+
+    async def _checked(self, what: str, read: Callable[[], Any], differences: Callable[[Any], list[str]]) -> Any:
+        """``await read()``, checked against the verified log: a sync after the answer (so the log
+        is at least as recent), then ``differences(answer)``; a difference is read again once (a
+        change between the two reads), then :class:`VerificationError` names each."""
+        diffs: list[str] = []
+        for attempt in range(2):
+            served = await read()
+            await self.sync()
+            diffs = differences(served)
+            if not diffs:
+                return served
+            if attempt == 0:
+                log.info("%s: the server's answer differs from the verified log (%s); reading both again", what,
+                         "; ".join(diffs))
+        raise VerificationError(f"{self.base_url} answered {what} with what its membership log does not hold: "
+                                + "; ".join(diffs) + " (the verified view: `unibus log show`)")
 
     async def verified_room(self, room_id: str) -> LogRoom:
         """The room as the verified log has it, after checking the server's view agrees.

@@ -564,7 +564,7 @@ async def _upload_bus_key(ctx: Context, identity: Any) -> bool:
 
 
 async def cmd_whoami(ctx: Context, c: UnibusClient) -> int:
-    me = await c.me()
+    me = await c.me(verify=True)
     if ctx.json:
         _json_out(me)
         return EXIT_OK
@@ -576,7 +576,7 @@ async def cmd_whoami(ctx: Context, c: UnibusClient) -> int:
 
 
 async def cmd_members_list(ctx: Context, c: UnibusClient) -> int:
-    members = await c.list_members()
+    members = await c.list_members(verify=True)
     if ctx.json:
         _json_out({"members": members})
         return EXIT_OK
@@ -586,7 +586,7 @@ async def cmd_members_list(ctx: Context, c: UnibusClient) -> int:
 
 
 async def cmd_members_show(ctx: Context, c: UnibusClient) -> int:
-    m = await c.get_member(_handle_arg(ctx.args.handle))
+    m = await c.get_member(_handle_arg(ctx.args.handle), verify=True)
     _json_out(m) if ctx.json else _print_member(m)
     return EXIT_OK
 
@@ -617,8 +617,9 @@ async def cmd_members_add(ctx: Context, c: UnibusClient) -> int:
     _key_arg("--enc-pub", validate_enc_pub, a.enc_pub, a.enc_suite)
     _key_arg("--bus-pub", validate_bus_pub, a.bus_pub)
     m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role, bus_pub=a.bus_pub)
-    return _report(ctx, m, f"added {m.get('handle', handle)} ({m.get('role', a.role)}, "
-                           f"{m.get('enc_suite', a.enc_suite)})")
+    if c.member_differences(m, handle):  # the log confirmed the request, not the answer: the log's record
+        m = await c.get_member(handle, verify=True)
+    return _report(ctx, m, f"added {handle} ({m.get('role')}, {m.get('enc_suite')})")
 
 
 async def cmd_members_remove(ctx: Context, c: UnibusClient) -> int:
@@ -636,7 +637,7 @@ async def cmd_rooms_create(ctx: Context, c: UnibusClient) -> int:
 
 
 async def cmd_rooms_list(ctx: Context, c: UnibusClient) -> int:
-    rooms = await c.list_rooms()
+    rooms = await c.list_rooms(verify=True)
     if ctx.json:
         _json_out({"rooms": rooms})
     else:
@@ -645,7 +646,7 @@ async def cmd_rooms_list(ctx: Context, c: UnibusClient) -> int:
 
 
 async def cmd_rooms_show(ctx: Context, c: UnibusClient) -> int:
-    room = await c.get_room(_room_arg(ctx.args.room))
+    room = await c.get_room(_room_arg(ctx.args.room), verify=True)
     _json_out(room) if ctx.json else _print_room(room)
     return EXIT_OK
 
@@ -653,6 +654,8 @@ async def cmd_rooms_show(ctx: Context, c: UnibusClient) -> int:
 async def cmd_rooms_add(ctx: Context, c: UnibusClient) -> int:
     room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
     room = await c.add_room_member(room_id, handle)
+    if room.get("room_id") != room_id or c.room_differences(room):  # as for `members add`
+        room = await c.get_room(room_id, verify=True)
     return _report(ctx, room, f"added {handle} to room {room_id}",
                    f"{handle} cannot read until the room is rekeyed: `unibus rooms rekey {room_id}`")
 
@@ -660,7 +663,9 @@ async def cmd_rooms_add(ctx: Context, c: UnibusClient) -> int:
 async def cmd_rooms_remove(ctx: Context, c: UnibusClient) -> int:
     room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
     room = await c.remove_room_member(room_id, handle)
-    return _report(ctx, room if isinstance(room, dict) else {"room_id": room_id, "handle": handle, "removed": True},
+    if not isinstance(room, dict) or room.get("room_id") != room_id or c.room_differences(room):
+        room = {"room_id": room_id, "handle": handle, "removed": True}  # no record the log does not hold
+    return _report(ctx, room,
                    f"removed {handle} from room {room_id}",
                    f"rekey now so that {handle} cannot read what follows: `unibus rooms rekey {room_id}`")
 

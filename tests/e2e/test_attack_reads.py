@@ -1,0 +1,186 @@
+"""Red team: what `unibus whoami`, `members` and `rooms` print is what the verified log holds.
+
+Before this, those commands printed the server's answer as it was (the SDK checked only that it
+was an object or a list): a compromised server could show a member a key the log does not hold
+(``members show bob``, the record one compares with bob in person), hide a member from a room's
+roster or a room from a list, or make a room look rekeyed. Each test lies in one field through
+attackkit's real :class:`Proxy` in front of a real membershipd, runs the real CLI, and requires
+exit 1 naming the difference, with nothing printed on stdout; the honest answers still print.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from attackkit import new_room
+
+from unibus.client import VerificationError
+from unibus.client.keys import save_identity
+
+
+def _cli(proxy, identity: Path) -> Callable[..., object]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+
+    async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(  # the proxy runs on this loop
+            subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", proxy.url, "--identity",
+                             str(identity), *args], capture_output=True, text=True, env=env, timeout=60,
+            stdin=subprocess.DEVNULL, check=False)
+
+    return unibus
+
+
+@pytest.fixture
+def as_bob(proxy, tmp_path):
+    """The CLI as bob (a plain member), through the compromised server, with a home of its own."""
+    def make(world):
+        home = tmp_path / "home"
+        home.mkdir(mode=0o700, exist_ok=True)
+        return _cli(proxy, save_identity(world.people["bob"], home / "bob.json", force=True))
+    return make
+
+
+def _member(world, handle: str, field: str) -> str:
+    return world.people[handle].public_record()[field]
+
+
+#: (command, the path whose answer is rewritten, the rewrite, what the error must name)
+LIES = {
+    "whoami: a swapped bus key": (
+        ("whoami",), "/v1/me", lambda w, rid, doc: {**doc, "bus_pub": _member(w, "mallory", "bus_pub")},
+        "bus_pub of bob: the server says"),
+    "whoami: a role the log never gave": (
+        ("whoami",), "/v1/me", lambda w, rid, doc: {**doc, "role": "admin"}, "role of bob: the server says 'admin'"),
+    "members show: carol's encryption key swapped": (
+        ("members", "show", "carol"), "/v1/members/carol",
+        lambda w, rid, doc: {**doc, "enc_pub": _member(w, "mallory", "enc_pub")},
+        "swapped key of carol: the server's enc_pub"),
+    "members show: another member's record": (
+        ("members", "show", "carol"), "/v1/members/carol",
+        lambda w, rid, doc: {**doc, "handle": "mallory"}, "answered for carol with the record of 'mallory'"),
+    "members list: mallory hidden": (
+        ("members", "list"), "/v1/members",
+        lambda w, rid, doc: {"members": [m for m in doc["members"] if m["handle"] != "mallory"]},
+        "missing member mallory"),
+    "members list: a ghost": (
+        ("members", "list"), "/v1/members",
+        lambda w, rid, doc: {"members": [*doc["members"], {**doc["members"][0], "handle": "eve"}]},
+        "ghost member eve"),
+    "rooms list: the room hidden": (
+        ("rooms", "list"), "/v1/rooms",
+        lambda w, rid, doc: {"rooms": [r for r in doc["rooms"] if r["room_id"] != rid]}, "missing room"),
+    "rooms list: mallory hidden from its roster": (
+        ("rooms", "list"), "/v1/rooms",
+        lambda w, rid, doc: {"rooms": [{**r, "members": [m for m in r["members"] if m["handle"] != "mallory"]}
+                                       for r in doc["rooms"]]}, "missing member mallory"),
+    "rooms show: mallory hidden from the roster": (
+        ("rooms", "show", "{rid}"), "/v1/rooms/{rid}",
+        lambda w, rid, doc: {**doc, "members": [m for m in doc["members"] if m["handle"] != "mallory"]},
+        "missing member mallory"),
+    "rooms show: an add not yet rekeyed shown as rekeyed": (
+        ("rooms", "show", "{rid}"), "/v1/rooms/{rid}", lambda w, rid, doc: {**doc, "rekey_required": False},
+        "rekey_required: the server says False"),
+    "rooms show: another name": (
+        ("rooms", "show", "{rid}"), "/v1/rooms/{rid}", lambda w, rid, doc: {**doc, "name": "payroll"},
+        "name: the server says 'payroll'"),
+    "rooms show: another room's record": (
+        ("rooms", "show", "{rid}"), "/v1/rooms/{rid}", lambda w, rid, doc: {**doc, "room_id": "zzzz"},
+        "answered for room"),
+}
+
+
+@pytest.fixture(scope="module")
+def room(world):
+    """A room of alice's with bob and mallory, rekeyed, then carol added (so rekey_required)."""
+    async def make() -> str:
+        rid = await new_room(world, "bob", "mallory")
+        async with world.sdk("alice") as a:
+            await a.add_room_member(rid, "carol")
+        return rid
+    return asyncio.run(make())
+
+
+@pytest.mark.parametrize("lie", list(LIES))
+async def test_a_read_command_refuses_an_answer_the_log_does_not_hold(world, proxy, as_bob, room, lie):
+    args, path, rewrite, named = LIES[lie]
+    args, path = tuple(a.format(rid=room) for a in args), path.format(rid=room)
+    unibus = as_bob(world)
+    honest = await unibus(*args, "--json")
+    assert honest.returncode == 0 and honest.stdout, (honest.stdout, honest.stderr)
+    seen: list[str] = []
+
+    def rule(method: str, served: str, _query: str, doc: object) -> object | None:
+        if method == "GET" and served == path:
+            seen.append(served)
+            return rewrite(world, room, doc)
+        return None
+
+    proxy.rules.append(rule)
+    proc = await unibus(*args)
+    assert proc.returncode == 1, (proc.stdout, proc.stderr)
+    assert len(seen) == 2  # read again once: a difference is not taken for a lie at the first read
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("unibus: error: ")]
+    assert len(errors) == 1 and named in errors[0] and "membership log does not hold" in errors[0], proc.stderr
+    assert proc.stdout == ""  # nothing of the made-up answer printed
+
+
+async def test_a_difference_that_is_gone_when_read_again_is_a_change_between_the_reads(world, proxy, as_bob, room):
+    """A change made between the answer and the log read (honest concurrency) differs once: read again,
+    the command prints what both agree on."""
+    unibus = as_bob(world)
+    lied: list[str] = []
+
+    def once(method: str, served: str, _query: str, doc: object) -> object | None:
+        if method == "GET" and served == f"/v1/rooms/{room}" and not lied:
+            lied.append(served)
+            return {**doc, "members": [m for m in doc["members"] if m["handle"] != "mallory"]}
+        return None
+
+    proxy.rules.append(once)
+    proc = await unibus("rooms", "show", room)
+    assert proc.returncode == 0 and lied, (proc.stdout, proc.stderr)
+    assert "mallory" in proc.stdout
+
+
+async def test_the_sdk_reads_are_the_servers_unless_verified(world, proxy, tmp_path, room):
+    """The SDK's reads return the answer as it is by default (a caller may want the server's view);
+    ``verify=True`` is what the CLI uses."""
+    proxy.rules.append(lambda m, p, _q, doc: {**doc, "name": "payroll"} if p == f"/v1/rooms/{room}" else None)
+    async with world.sdk("bob", proxy.url, replica=tmp_path / "bob.log") as b:
+        assert (await b.get_room(room))["name"] == "payroll"
+        with pytest.raises(VerificationError, match="name: the server says 'payroll'"):
+            await b.get_room(room, verify=True)
+        assert {m["handle"] for m in await b.list_members(verify=True)} >= {"alice", "bob", "carol", "mallory"}
+        assert (await b.me(verify=True))["handle"] == "bob"
+
+
+async def test_a_change_prints_the_record_the_log_holds_not_a_made_up_answer(world, proxy, tmp_path, room):
+    """`members add` and `rooms add` print the server's answer to the change: confirmed in the log is
+    the signed request, not that answer. One the log does not hold is replaced by the record as
+    the verified log has it (read and checked), and `rooms remove` prints only what it did."""
+    from unibus.client.keys import generate_identity
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    unibus = _cli(proxy, save_identity(world.people["alice"], home / "alice.json"))
+    dave = generate_identity("dave").public_record()
+    proxy.rules.append(lambda m, p, _q, doc: {**doc, "role": "admin", "enc_pub": _member(world, "mallory", "enc_pub")}
+                       if m == "POST" and p == "/v1/members" else None)
+    proxy.rules.append(lambda m, p, _q, doc: {**doc, "members": [], "name": "payroll"}
+                       if m in ("PUT", "DELETE") and p == f"/v1/rooms/{room}/members/dave" else None)
+    added = await unibus("members", "add", "--handle", "dave", "--sign-pub", dave["sign_pub"], "--enc-pub",
+                         dave["enc_pub"], "--bus-pub", dave["bus_pub"])
+    assert added.returncode == 0 and added.stdout == "added dave (member, X25519)\n", (added.stdout, added.stderr)
+    joined = await unibus("rooms", "add", room, "dave", "--json")
+    assert joined.returncode == 0, joined.stderr
+    record = json.loads(joined.stdout)
+    assert record["name"] == "r" and {m["handle"] for m in record["members"]} >= {"alice", "bob", "dave", "mallory"}
+    left = await unibus("rooms", "remove", room, "dave", "--json")
+    assert left.returncode == 0 and json.loads(left.stdout) == {"room_id": room, "handle": "dave", "removed": True}
