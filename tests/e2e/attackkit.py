@@ -14,9 +14,12 @@ import asyncio
 import base64
 import contextlib
 import json
+import os
 import re
 import secrets
 import sqlite3
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,7 +31,7 @@ import yarl
 from aiohttp import web
 
 from unibus.client import LogVerificationError, UnibusClient
-from unibus.client.keys import generate_identity
+from unibus.client.keys import generate_identity, save_identity
 from unibus.memberlog import entry_hash
 from unibus.signing import _signature_base, content_digest, sign_request
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port
@@ -200,6 +203,24 @@ async def publish_raw(bus: Any, subject: str, payload: bytes, headers: dict[str,
     await bus.nc.publish(subject, payload, headers=headers)
     await bus.nc.flush()
     await bus.nc.flush()
+
+
+def cli(server: str, identity: Any, home: Path) -> Callable[..., Any]:
+    """``await unibus(*args)``: the real ``unibus`` CLI as ``identity`` (saved in ``home``, made
+    0700, whose ``<identity>.log`` holds its replica) against ``server``, with no ``UNIBUS_*``
+    of the environment; a ``CompletedProcess`` (text). It runs in a thread, since the proxy runs
+    on the test's loop."""
+    home.mkdir(mode=0o700, exist_ok=True)
+    path = save_identity(identity, home / f"{identity.handle}.json", force=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
+
+    async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity", str(path),
+                             *args], capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL,
+            check=False)
+
+    return unibus
 
 
 # --------------------------------------------------------------------------- a log of its own

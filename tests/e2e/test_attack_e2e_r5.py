@@ -19,7 +19,7 @@ import time
 import aiohttp
 import pytest
 from aiohttp import web
-from attackkit import new_room
+from attackkit import cli, new_room
 
 from unibus.client import VerificationError
 from unibus.client.keys import generate_identity, save_identity
@@ -62,14 +62,7 @@ async def test_a_removal_the_server_answers_but_drops_is_refused_and_never_seale
     assert dropped == [f"/v1/rooms/{rid}/members/bob", "/v1/members/bob"]
 
     # The CLI: exit 1 with one line, never "removed bob".
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    identity = save_identity(world.people["alice"], home / "alice.json")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    proc = await asyncio.to_thread(  # the proxy runs on this loop
-        subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", proxy.url, "--identity",
-                         str(identity), "rooms", "remove", rid, "bob"], capture_output=True, text=True,
-        env=env, timeout=60, stdin=subprocess.DEVNULL, check=False)
+    proc = await cli(proxy.url, world.people["alice"], tmp_path / "home")("rooms", "remove", rid, "bob")
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert "removed" not in proc.stdout and "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("unibus: error: ")]
@@ -341,16 +334,7 @@ async def test_the_cli_remembers_a_change_it_gave_up_on_across_commands(world, p
     kept: list[dict[str, str]] = []
     proxy.answer = _keep_first_add(kept, "mallory")
     home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    identity = save_identity(world.people["alice"], home / "alice.json")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-
-    async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(  # the proxy runs on this loop
-            subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", proxy.url, "--identity",
-                             str(identity), *args], capture_output=True, text=True, env=env, timeout=60,
-            stdin=subprocess.DEVNULL, check=False)
-
+    unibus = cli(proxy.url, world.people["alice"], home)
     failed = await unibus("rooms", "add", rid, "mallory")
     assert failed.returncode == 1 and len(kept) == 1, (failed.stdout, failed.stderr)
     states = list((home / "alice.json.log").glob("*/state.json"))

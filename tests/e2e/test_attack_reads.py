@@ -2,7 +2,7 @@
 
 Before this, those commands printed the server's answer as it was (the SDK checked only that it
 was an object or a list): a compromised server could show a member a key the log does not hold
-(``members show bob``, the record one compares with bob in person), hide a member from a room's
+(``members show carol``, the record one compares with carol in person), hide a member from a room's
 roster or a room from a list, or make a room look rekeyed. Each test lies in one field through
 attackkit's real :class:`Proxy` in front of a real membershipd, runs the real CLI, and requires
 exit 1 naming the difference, with nothing printed on stdout; the honest answers still print.
@@ -12,39 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
-from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-from attackkit import new_room
+from attackkit import cli, new_room
 
 from unibus.client import VerificationError
-from unibus.client.keys import save_identity
-
-
-def _cli(proxy, identity: Path) -> Callable[..., object]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-
-    async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(  # the proxy runs on this loop
-            subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", proxy.url, "--identity",
-                             str(identity), *args], capture_output=True, text=True, env=env, timeout=60,
-            stdin=subprocess.DEVNULL, check=False)
-
-    return unibus
 
 
 @pytest.fixture
 def as_bob(proxy, tmp_path):
     """The CLI as bob (a plain member), through the compromised server, with a home of its own."""
-    def make(world):
-        home = tmp_path / "home"
-        home.mkdir(mode=0o700, exist_ok=True)
-        return _cli(proxy, save_identity(world.people["bob"], home / "bob.json", force=True))
-    return make
+    return lambda world: cli(proxy.url, world.people["bob"], tmp_path / "home")
 
 
 def _member(world, handle: str, field: str) -> str:
@@ -167,9 +145,7 @@ async def test_a_change_prints_the_record_the_log_holds_not_a_made_up_answer(wor
     the verified log has it (read and checked), and `rooms remove` prints only what it did."""
     from unibus.client.keys import generate_identity
 
-    home = tmp_path / "home"
-    home.mkdir(mode=0o700)
-    unibus = _cli(proxy, save_identity(world.people["alice"], home / "alice.json"))
+    unibus = cli(proxy.url, world.people["alice"], tmp_path / "home")
     dave = generate_identity("dave").public_record()
     proxy.rules.append(lambda m, p, _q, doc: {**doc, "role": "admin", "enc_pub": _member(world, "mallory", "enc_pub")}
                        if m == "POST" and p == "/v1/members" else None)
