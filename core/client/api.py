@@ -326,6 +326,37 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
+def _same(served: Any, logged: Any) -> bool:
+    """A served JSON value is the logged one, of the same type (``1`` is not ``True``, ``""`` not ``None``)."""
+    return type(served) is type(logged) and served == logged
+
+
+#: The most reads of one answer a checked read makes while the membership log keeps moving
+#: (:meth:`UnibusClient._checked`).
+CHECKED_READS = 10
+
+#: The fields a checked read returns (and the CLI prints): the documented ones, so that a field
+#: the log does not hold cannot ride along on a checked answer (a review printed a made-up
+#: ``"verified_in_person": true``). ``created_at`` is the server's own.
+MEMBER_FIELDS = ("handle", "role", "sign_pub", "enc_pub", "enc_suite", "bus_pub", "created_at")
+ROOM_FIELDS = ("room_id", "name", "subject", "owner", "epoch", "rekey_required", "members", "created_at")
+ROOM_MEMBER_FIELDS = ("handle", "enc_pub", "enc_suite")
+
+
+def _fields(record: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    return {k: record[k] for k in names if k in record}
+
+
+def _member_view(record: Mapping[str, Any]) -> dict[str, Any]:
+    return _fields(record, MEMBER_FIELDS)
+
+
+def _room_view(record: Mapping[str, Any]) -> dict[str, Any]:
+    view = _fields(record, ROOM_FIELDS)
+    view["members"] = [_fields(m, ROOM_MEMBER_FIELDS) for m in record["members"]]
+    return view
+
+
 def _seg(value: Any, what: str) -> str:
     """One percent-encoded path segment (nothing left unescaped but unreserved characters)."""
     if not isinstance(value, str) or not value:
@@ -802,21 +833,22 @@ class UnibusClient:
     async def me(self, *, verify: bool = False) -> dict[str, Any]:
         """``GET /v1/me``: the caller's own member record."""
         if verify:
-            return await self._checked("GET /v1/me", self.me,
-                                       lambda r: self.member_differences(r, self.identity.handle))
+            return _member_view(await self._checked("GET /v1/me", self.me,
+                                                    lambda r: self.member_differences(r, self.identity.handle)))
         return await self._object("GET", "/v1/me")
 
     async def list_members(self, *, verify: bool = False) -> list[dict[str, Any]]:
         """``GET /v1/members``: every member record (unwrapped from ``{"members": [...]}``)."""
         if verify:
-            return await self._checked("GET /v1/members", self.list_members, self.members_differences)
+            return [_member_view(r) for r in await self._checked("GET /v1/members", self.list_members,
+                                                                  self.members_differences)]
         return await self._records("/v1/members", "members")
 
     async def get_member(self, handle: str, *, verify: bool = False) -> dict[str, Any]:
         """``GET /v1/members/{handle}``: that member's record."""
         if verify:
-            return await self._checked(f"GET /v1/members/{handle}", lambda: self.get_member(handle),
-                                       lambda r: self.member_differences(r, handle))
+            return _member_view(await self._checked(f"GET /v1/members/{handle}", lambda: self.get_member(handle),
+                                                    lambda r: self.member_differences(r, handle)))
         return await self._object("GET", "/v1/members/" + _seg(handle, "handle"))
 
     async def add_member(self, handle: str, sign_pub: str, enc_pub: str, enc_suite: str = DEFAULT_ENC_SUITE,
@@ -912,16 +944,17 @@ class UnibusClient:
     async def list_rooms(self, *, verify: bool = False) -> list[dict[str, Any]]:
         """``GET /v1/rooms``: the rooms the caller is in (an admin: every room); ``verify`` as :meth:`me`."""
         if verify:
-            return await self._checked("GET /v1/rooms", self.list_rooms, self.rooms_differences)
+            return [_room_view(r) for r in await self._checked("GET /v1/rooms", self.list_rooms,
+                                                                self.rooms_differences)]
         return await self._records("/v1/rooms", "rooms")
 
     async def get_room(self, room_id: str, *, verify: bool = False) -> dict[str, Any]:
         """``GET /v1/rooms/{id}``: the room record with its members; ``verify`` as :meth:`me`."""
         if verify:
-            return await self._checked(f"GET /v1/rooms/{room_id}", lambda: self.get_room(room_id),
-                                       lambda r: self.room_differences(r) if r.get("room_id") == room_id else
-                                       [f"room_id: the server answered for room {room_id} with room "
-                                        f"{r.get('room_id')!r}"])
+            return _room_view(await self._checked(
+                f"GET /v1/rooms/{room_id}", lambda: self.get_room(room_id),
+                lambda r: self.room_differences(r) if r.get("room_id") == room_id else
+                [f"room_id: the server answered for room {room_id} with room {r.get('room_id')!r}"]))
         return await self._object("GET", "/v1/rooms/" + _seg(room_id, "room id"))
 
     async def delete_room(self, room_id: str) -> None:
@@ -1035,16 +1068,18 @@ class UnibusClient:
         out = [f"{field} of {served}: the server says {record.get(field)!r}, the verified log {value!r}"
                for field, value in (("role", member.role), ("enc_suite", member.enc_suite),
                                     ("bus_pub", member.bus_pub))
-               if (record.get(field) or (DEFAULT_ENC_SUITE if field == "enc_suite" else None)) != value]
+               if not _same(record.get(field), value)]
         out += [f"swapped key of {served}: the server's {field} for {served} is not the one the verified log has"
                 for field, value in (("sign_pub", member.sign_pub), ("enc_pub", member.enc_pub))
-                if record.get(field) != _b64(value)]
+                if not _same(record.get(field), _b64(value))]
+        if not isinstance(record.get("created_at", ""), str):
+            out.append(f"created_at of {served}: not a string")
         return out
 
     def members_differences(self, records: Sequence[Any]) -> list[str]:
         """Every difference between ``GET /v1/members`` (its list) and the verified log's members."""
-        listed = Counter(r.get("handle") if isinstance(r, Mapping) else None for r in records)
-        out = [f"member {h} listed {n} times" for h, n in sorted(listed.items(), key=str) if n > 1]
+        listed = Counter(h for r in records if isinstance(r, Mapping) and isinstance(h := r.get("handle"), str))
+        out = [f"member {h} listed {n} times" for h, n in sorted(listed.items()) if n > 1]
         out += [f"missing member {h}: the verified log has {h}, the server does not list it"
                 for h in sorted(self.verified.members.keys() - listed.keys())]
         for r in records:
@@ -1063,6 +1098,8 @@ class UnibusClient:
         out: list[str] = []
         listed: dict[str, Mapping[str, Any]] = {}
         entries = room.get("members")
+        if not isinstance(entries, list):
+            out.append(f"room {room_id}: members: not a list")
         for m in entries if isinstance(entries, list) else []:
             handle = m.get("handle") if isinstance(m, Mapping) else None
             if not isinstance(handle, str):
@@ -1079,14 +1116,16 @@ class UnibusClient:
                        "does not list it")
         for handle in sorted(lroom.members & listed.keys()):
             member, served = state.members[handle], listed[handle]
-            suite = served.get("enc_suite") or DEFAULT_ENC_SUITE
-            if served.get("enc_pub") != _b64(member.enc_pub) or suite != member.enc_suite:
+            if not _same(served.get("enc_pub"), _b64(member.enc_pub)) or not _same(served.get("enc_suite"),
+                                                                                   member.enc_suite):
                 out.append(f"swapped key of {handle}: the server's enc_pub for {handle} is not the one the "
                            "verified log has")
         fields = [("epoch", lroom.epoch), ("owner", lroom.owner or None), ("name", lroom.name),
                   ("rekey_required", lroom.rekey_required), ("subject", room_subject(lroom.room_id))]
         out += [f"room {room_id}: {field}: the server says {room.get(field)!r}, the verified log {value!r}"
-                for field, value in fields if room.get(field) != value or type(room.get(field)) is not type(value)]
+                for field, value in fields if not _same(room.get(field), value)]
+        if not isinstance(room.get("created_at", ""), str):
+            out.append(f"room {room_id}: created_at: not a string")
         return out
 
     def rooms_differences(self, records: Sequence[Any]) -> list[str]:
@@ -1097,55 +1136,59 @@ class UnibusClient:
         mine = state.members.get(me)
         admin = mine is not None and mine.role == "admin"
         visible = {rid for rid, r in state.rooms.items() if admin or me in r.members}
-        listed = Counter(r.get("room_id") if isinstance(r, Mapping) else None for r in records)
-        out = [f"room {rid} listed {n} times" for rid, n in sorted(listed.items(), key=str) if n > 1]
+        listed = Counter(rid for r in records if isinstance(r, Mapping) and isinstance(rid := r.get("room_id"), str))
+        out = [f"room {rid} listed {n} times" for rid, n in sorted(listed.items()) if n > 1]
         out += [f"missing room {rid}: the verified log has {'it' if admin else f'{me} in it'}, the server does not "
                 f"list it" for rid in sorted(visible - listed.keys())]
         for r in records:
             rid = r.get("room_id") if isinstance(r, Mapping) else None
-            if rid in state.rooms and rid not in visible:
+            if isinstance(rid, str) and rid in state.rooms and rid not in visible:
                 out.append(f"room {rid}: the verified log does not have {me} in it, yet the server lists it")
             else:
                 out += self.room_differences(r if isinstance(r, Mapping) else {})
         return out
 
     async def _checked(self, what: str, read: Callable[[], Any], differences: Callable[[Any], list[str]]) -> Any:
-        """``await read()``, checked against the verified log: a sync after the answer (so the log
-        is at least as recent), then ``differences(answer)``; a difference is read again once (a
-        change between the two reads), then :class:`VerificationError` names each."""
-        diffs: list[str] = []
-        for attempt in range(2):
+        """``await read()``, checked against the verified log (docs/client.md, "What the commands
+        print"): a sync after each answer, so the log is at least as recent, then
+        ``differences(answer)``. A difference while the log moved across the read (a change by
+        someone else) is read again; the same log head on both sides of two reads that differ is
+        the server's answer, and :class:`VerificationError` names each difference. At most
+        :data:`CHECKED_READS` reads: a log still moving after them is an error too, that says so
+        (a review: two honest changes in a row, such as an add and its rekey, met a check that
+        read again only once, and the command blamed the server)."""
+        before, stable = self.verified.head, 0
+        for _ in range(CHECKED_READS):
             served = await read()
-            await self.sync()
+            after = (await self.sync()).head
             diffs = differences(served)
             if not diffs:
                 return served
-            if attempt == 0:
-                log.info("%s: the server's answer differs from the verified log (%s); reading both again", what,
-                         "; ".join(diffs))
-        raise VerificationError(f"{self.base_url} answered {what} with what its membership log does not hold: "
-                                + "; ".join(diffs) + " (the verified view: `unibus log show`)")
+            if after != before:
+                log.info("%s: the membership log moved during the read (seq %s to %s); reading again", what,
+                         before[0], after[0])
+                await asyncio.sleep(random.uniform(0, 0.05))  # out of step with changes made in a loop
+            else:
+                stable += 1
+                if stable == 2:
+                    raise VerificationError(f"{self.base_url} answered {what} with what its membership log does not "
+                                            "hold: " + "; ".join(diffs) + " (the verified view: `unibus log show`)")
+                await asyncio.sleep(0.1)  # a node's view a moment behind its log: read again
+            before = after
+        raise VerificationError(f"the membership log of {self.base_url} changed during each of {CHECKED_READS} reads "
+                                f"of {what} (changes being made by others), so the answer could not be checked; "
+                                "nothing was used: run it again")
 
     async def verified_room(self, room_id: str) -> LogRoom:
         """The room as the verified log has it, after checking the server's view agrees.
 
-        ``GET /v1/rooms/{id}``, then a sync (so the log is at least as recent
-        as the answer); a difference is read again once (a change between
-        the two reads), then raises :class:`VerificationError` naming each.
+        ``GET /v1/rooms/{id}``, checked as ``get_room(room_id, verify=True)`` checks it (a
+        difference while the log moved is read again; one on a still log raises
+        :class:`VerificationError` naming each).
         """
         validate_room_id(room_id)
-        for attempt in range(2):
-            served = await self.get_room(room_id)
-            await self.sync()
-            diffs = self.room_differences({**served, "room_id": room_id}) if isinstance(served, dict) else \
-                ["the server's room record is not a JSON object"]
-            if not diffs:
-                return self.verified.rooms[room_id]
-            if attempt == 0:
-                log.info("room %s: the server's view differs from the verified log (%s); reading both again",
-                         room_id, "; ".join(diffs))
-        raise VerificationError(f"room {room_id}: the server's view differs from the verified membership log: "
-                                + "; ".join(diffs))
+        await self.get_room(room_id, verify=True)
+        return self.verified.rooms[room_id]
 
     # -- room keys
     async def room_key(self, room_id: str, epoch: int | None = None, *, legacy: bool = False) -> tuple[int, bytes]:

@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -617,9 +617,19 @@ async def cmd_members_add(ctx: Context, c: UnibusClient) -> int:
     _key_arg("--enc-pub", validate_enc_pub, a.enc_pub, a.enc_suite)
     _key_arg("--bus-pub", validate_bus_pub, a.bus_pub)
     m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role, bus_pub=a.bus_pub)
-    if c.member_differences(m, handle):  # the log confirmed the request, not the answer: the log's record
-        m = await c.get_member(handle, verify=True)
-    return _report(ctx, m, f"added {handle} ({m.get('role')}, {m.get('enc_suite')})")
+    if c.member_differences(m, handle):  # the log confirmed the request, not the answer: the record checked
+        m = await _made_then_read(f"{handle} was added", c.get_member(handle, verify=True))
+    logged = c.verified.members.get(handle)  # the change is in it (confirmed)
+    return _report(ctx, m, f"added {handle} ({logged.role if logged else a.role}, "
+                           f"{logged.enc_suite if logged else a.enc_suite})")
+
+
+async def _made_then_read(made: str, read: Awaitable[Any]) -> Any:
+    """``await read`` (a checked read after a change the log confirmed); its failure says the change was made."""
+    try:
+        return await read
+    except VerificationError as exc:
+        raise VerificationError(f"{made} (the verified membership log holds it), but {exc}") from None
 
 
 async def cmd_members_remove(ctx: Context, c: UnibusClient) -> int:
@@ -655,7 +665,7 @@ async def cmd_rooms_add(ctx: Context, c: UnibusClient) -> int:
     room_id, handle = _room_arg(ctx.args.room), _handle_arg(ctx.args.handle)
     room = await c.add_room_member(room_id, handle)
     if room.get("room_id") != room_id or c.room_differences(room):  # as for `members add`
-        room = await c.get_room(room_id, verify=True)
+        room = await _made_then_read(f"{handle} was added to room {room_id}", c.get_room(room_id, verify=True))
     return _report(ctx, room, f"added {handle} to room {room_id}",
                    f"{handle} cannot read until the room is rekeyed: `unibus rooms rekey {room_id}`")
 
