@@ -35,6 +35,8 @@ from .api import (
     RekeyRequired,
     ServerUnreachable,
     UnibusClient,
+    member_view,
+    room_view,
 )
 from .keys import (
     DEFAULT_ENC_SUITE,
@@ -619,6 +621,7 @@ async def cmd_members_add(ctx: Context, c: UnibusClient) -> int:
     m = await c.add_member(handle, a.sign_pub, a.enc_pub, enc_suite=a.enc_suite, role=a.role, bus_pub=a.bus_pub)
     if c.member_differences(m, handle):  # the log confirmed the request, not the answer: the record checked
         m = await _made_then_read(f"{handle} was added", c.get_member(handle, verify=True))
+    m = member_view(m)  # the documented fields (a review: made-up ones rode along)
     logged = c.verified.members.get(handle)  # the change is in it (confirmed)
     return _report(ctx, m, f"added {handle} ({logged.role if logged else a.role}, "
                            f"{logged.enc_suite if logged else a.enc_suite})")
@@ -666,6 +669,7 @@ async def cmd_rooms_add(ctx: Context, c: UnibusClient) -> int:
     room = await c.add_room_member(room_id, handle)
     if room.get("room_id") != room_id or c.room_differences(room):  # as for `members add`
         room = await _made_then_read(f"{handle} was added to room {room_id}", c.get_room(room_id, verify=True))
+    room = room_view(room)
     return _report(ctx, room, f"added {handle} to room {room_id}",
                    f"{handle} cannot read until the room is rekeyed: `unibus rooms rekey {room_id}`")
 
@@ -675,6 +679,8 @@ async def cmd_rooms_remove(ctx: Context, c: UnibusClient) -> int:
     room = await c.remove_room_member(room_id, handle)
     if not isinstance(room, dict) or room.get("room_id") != room_id or c.room_differences(room):
         room = {"room_id": room_id, "handle": handle, "removed": True}  # no record the log does not hold
+    else:
+        room = room_view(room)
     return _report(ctx, room,
                    f"removed {handle} from room {room_id}",
                    f"rekey now so that {handle} cannot read what follows: `unibus rooms rekey {room_id}`")

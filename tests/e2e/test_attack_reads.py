@@ -223,7 +223,8 @@ async def test_a_log_that_keeps_moving_is_an_error_that_says_so(world, proxy, as
     proxy.answer = answer
     proc = await unibus("rooms", "show", room)
     assert proc.returncode == 1 and proc.stdout == "", (proc.stdout, proc.stderr)
-    assert f"changed during each of {CHECKED_READS} reads" in proc.stderr and "does not hold" not in proc.stderr
+    assert f"moved during each of {CHECKED_READS} reads" in proc.stderr and "does not hold" not in proc.stderr
+    assert "the last one differed: " in proc.stderr  # what a server serving held entries one by one hid
 
 
 async def test_a_checked_answer_carries_only_the_documented_fields(world, proxy, as_bob, room):
@@ -263,3 +264,22 @@ async def test_members_add_prints_the_role_and_suite_the_log_holds(world, proxy,
         "members", "add", "--handle", "dave3", "--sign-pub", dave["sign_pub"], "--enc-pub", dave["enc_pub"],
         "--bus-pub", dave["bus_pub"])
     assert proc.returncode == 0 and proc.stdout == "added dave3 (member, X25519)\n", (proc.stdout, proc.stderr)
+
+
+async def test_a_changes_answer_carries_only_the_documented_fields(world, proxy, tmp_path):
+    """A second review: `members add --json` printed made-up fields of an answer that otherwise
+    agreed with the log (as the reads did before); `rooms create` and `rooms add` alike."""
+    dave = generate_identity("dave4").public_record()
+    extra = {"verified_in_person": True}
+    proxy.rules.append(lambda m, p, _q, doc: {**doc, **extra} if m in ("POST", "PUT") else None)
+    unibus = cli(proxy.url, world.people["alice"], tmp_path / "home")
+    added = await unibus("members", "add", "--handle", "dave4", "--sign-pub", dave["sign_pub"], "--enc-pub",
+                         dave["enc_pub"], "--bus-pub", dave["bus_pub"], "--json")
+    assert added.returncode == 0 and json.loads(added.stdout)["handle"] == "dave4", added.stderr
+    made = await unibus("rooms", "create", "extra", "--json")
+    assert made.returncode == 0, made.stderr
+    rid = json.loads(made.stdout)["room_id"]
+    joined = await unibus("rooms", "add", rid, "dave4", "--json")
+    assert joined.returncode == 0, joined.stderr
+    for proc in (added, made, joined):
+        assert "verified_in_person" not in proc.stdout, proc.stdout
