@@ -1202,6 +1202,21 @@ class LogState:
                                        "and added again); the room must be rekeyed again")
         return record
 
+    def former_key_holders(self, room_id: str, epoch: int) -> list[str]:
+        """Who held the key of ``epoch`` (its rekey sealed it to them) and is not in the room now as
+        the same member: what was sealed under that key, a blob say, may be theirs (a blob carries
+        no signature of its uploader; a message does)."""
+        room = self.rooms.get(room_id)
+        record = room.epochs.get(epoch) if room is not None else None
+        if room is None or record is None:
+            return []
+        out = []
+        for handle in sorted(record.roster):
+            then, now = self.member_at(handle, record.seq), self.members.get(handle)
+            if handle not in room.members or now is None or then is None or now.since != then.since:
+                out.append(handle)
+        return out
+
     def check_sender(self, room_id: str, sender: str, log_seq: int) -> Member:
         """The member who may have sent to the room under a key package whose log head is ``log_seq``:
         in the room then, and still the same member now (a handle deleted and added again is

@@ -89,6 +89,7 @@ from .sealing import (
     seal_room_key,
     validate_room_id,
 )
+from .seen import SeenIds
 from .signed import SENDER_HEADER, Envelope, ReplayGuard, message_headers, parse_envelope, sign_key_packages
 
 __all__ = [
@@ -2089,18 +2090,24 @@ class Bus:
         return epoch
 
     def listen(self, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0,
-               max_age: float = DEFAULT_MAX_AGE) -> RoomListener:
+               max_age: float = DEFAULT_MAX_AGE, remember: bool = True) -> RoomListener:
         """Messages of the room, verified and decrypted: ``async for msg in bus.listen(room_id)``.
 
         Subscribes on ``unibus.room.<room_id>.>`` at the first iteration, or
         explicitly with ``await listener.start()`` / ``async with bus.listen(r) as msgs``
         (so that a send that follows is not missed). ``max_age``: seconds a
-        message's ``Unibus-Time`` may be away from this clock.
+        message's ``Unibus-Time`` may be away from this clock. A message signed
+        more than 30 s before the listener started is refused (published again);
+        with ``remember`` and a replica directory, the msg ids accepted are kept
+        there, and a later listener refuses them (docs/client.md, "Messages
+        accepted once").
         """
         validate_room_id(room_id)
         if not max_age > 0:
             raise ValueError("max_age must be a positive number of seconds")
-        return RoomListener(self, room_id, include_errors=include_errors, grant_wait=grant_wait, max_age=max_age)
+        directory = self.client.replica.directory if remember else None
+        return RoomListener(self, room_id, include_errors=include_errors, grant_wait=grant_wait, max_age=max_age,
+                            seen=SeenIds(directory, room_id) if directory is not None else None)
 
     async def decode(self, room_id: str, msg: Any, guard: ReplayGuard | None = None) -> Message:
         """Verify and decrypt a raw nats-py message of ``room_id`` into a :class:`Message`.
@@ -2193,6 +2200,10 @@ def _check_fresh(guard: ReplayGuard, env: Envelope, now_ms: int) -> None:
                                  "replayed, or a clock that is off)")
     if env.msg_id in guard:
         raise _Rejected("replay", f"msg id {env.msg_id} was already received (a replayed message)")
+    if guard.not_before_ms is not None and env.time_ms < guard.not_before_ms:
+        raise _Rejected("replay", f"it was signed {(guard.not_before_ms - env.time_ms) / 1000 + HELD_BACK_MARGIN:.0f} "
+                                  f"s before this listener started, more than the {HELD_BACK_MARGIN} s members' "
+                                  "clocks may differ: published before it could be heard, so published again")
 
 
 def _decrypt(key: bytes, subject: str, epoch: int, data: bytes) -> bytes:
@@ -2254,11 +2265,11 @@ class RoomListener:
     """
 
     def __init__(self, bus: Bus, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0,
-                 max_age: float = DEFAULT_MAX_AGE) -> None:
+                 max_age: float = DEFAULT_MAX_AGE, seen: SeenIds | None = None) -> None:
         self.bus = bus
         #: rejected messages so far, by reason (:data:`REJECT_REASONS`)
         self.rejected: Counter[str] = Counter()
-        self.guard = ReplayGuard(int(max_age * 1000))
+        self.guard = ReplayGuard(int(max_age * 1000), seen)
         self.room_id = room_id
         self.grant_wait = grant_wait
         self._refusal: str | None = None
@@ -2282,6 +2293,8 @@ class RoomListener:
         if self._sub is not None or self._done:
             return self
         nc = await self.bus.connected()
+        if self.guard.not_before_ms is None:  # before the subscription: what earlier runs accepted
+            self.guard.start(int(time.time() * 1000))
 
         async def cb(msg: Any) -> None:
             size = len(msg.data) + len(msg.subject)

@@ -1557,11 +1557,19 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
     does not verify), :class:`unibus.client.ApiError`.
     """
     async with _replacing(Path(out_path)) as fd:
-        return await _decrypt_into(client, room_id, blob_id, progress, fd)
+        size, epoch = await _decrypt_into(client, room_id, blob_id, progress, fd)
+    gone = client.verified.former_key_holders(room_id, epoch)
+    if gone:  # a review: a removed member's blob, sealed with the key it kept, came through silently
+        client.replica.notice(f"blob {blob_id} of room {room_id} was sealed under the key of epoch {epoch}, which "
+                              f"{', '.join(gone)} also held and {'is' if len(gone) == 1 else 'are'} no longer in "
+                              "the room: a blob carries no signature of its uploader, so it may be theirs")
+    return size
 
 
-async def _decrypt_into(client: Any, room_id: str, blob_id: str, progress: Progress | None, fd: int) -> int:
-    """:func:`get_blob`'s download: verified, decrypted and written to ``fd``; the plaintext size."""
+async def _decrypt_into(client: Any, room_id: str, blob_id: str, progress: Progress | None,
+                        fd: int) -> tuple[int, int]:
+    """:func:`get_blob`'s download: verified, decrypted and written to ``fd``; the plaintext size
+    and the epoch of its key."""
     dec = BlobDecryptor(room_id)
     written = 0
     sink = _FileSink(fd)
@@ -1586,7 +1594,8 @@ async def _decrypt_into(client: Any, room_id: str, blob_id: str, progress: Progr
     await _download(client, room_id, blob_id, progress, consume, first)
     last = dec.finish()
     _write_all(fd, [last])
-    return written + len(last)
+    assert dec.header is not None  # finish() raised otherwise
+    return written + len(last), dec.header.epoch
 
 
 async def delete_blob(client: Any, room_id: str, blob_id: str) -> None:

@@ -131,13 +131,20 @@ def _out(line: str = "", *, divert: bool = True) -> None:
 
 
 def _json_out(obj: Any, *, divert: bool = True) -> None:
-    _out(json.dumps(obj, ensure_ascii=False, separators=(",", ":")), divert=divert)
+    """One JSON line; characters a terminal acts on that JSON leaves as they are (DEL, the C1
+    controls such as the 8-bit CSI, bidi controls, line separators) are written as ``\\uXXXX``,
+    still the same JSON: a review's room name drove the terminal through `log show --json`."""
+    _out(json.dumps(obj, ensure_ascii=False, separators=(",", ":")).translate(_JSON_ESCAPES), divert=divert)
 
 
 #: Characters that reorder or break the line around them (bidi controls, line and
 #: paragraph separators): a name holding them could make a line read as another.
 _REORDERING = frozenset("\u061c\u200e\u200f\u2028\u2029\u202a\u202b\u202c\u202d\u202e"
                         "\u2066\u2067\u2068\u2069")
+
+
+#: What :func:`_json_out` writes as ``\\uXXXX`` (JSON itself escapes only what is below U+0020).
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in (*range(0x7F, 0xA0), *map(ord, _REORDERING))}
 
 
 def _escape(text: str) -> str:
@@ -552,7 +559,7 @@ async def _upload_bus_key(ctx: Context, identity: Any) -> bool:
         raise UsageError(f"--server: {exc}") from None
     async with client, _ended_by_signals() as got:
         try:
-            me = await client.me()
+            me = await client.me(verify=True)  # a review's server said it had the key already: it did not
             if me.get("bus_pub") == identity.bus_pub:
                 _note(f"{ctx.server} already has this bus key for {identity.handle}")
                 return True

@@ -24,9 +24,10 @@ from typing import Any
 
 import nacl.bindings
 
-from ..memberlog import KEY_PACKAGE_LABEL, MESSAGE_LABEL, key_package_input, message_input
+from ..memberlog import HELD_BACK_MARGIN, KEY_PACKAGE_LABEL, MESSAGE_LABEL, key_package_input, message_input
 from .keys import Identity
 from .sealing import EPOCH_HEADER, MessageError, format_epoch_header, parse_epoch_header
+from .seen import SeenIds
 
 __all__ = [
     "MSG_ID_HEADER",
@@ -145,12 +146,32 @@ class ReplayGuard:
     A message whose time is more than ``window_ms`` away from the clock is
     refused anyway, so an id can be forgotten once its own time has left the
     window: memory stays bounded by the messages of about two windows.
+
+    :meth:`start` (a listener's subscription) sets :attr:`not_before_ms`: a
+    message signed more than :data:`~unibus.memberlog.HELD_BACK_MARGIN`
+    seconds (how far the members' clocks may differ) before the listener
+    started was published before it could hear it, so it is one published
+    again. With ``seen`` (the ids earlier runs accepted, in the replica
+    directory) it also loads those, and adds each id it accepts to them
+    (docs/client.md, "Messages accepted once").
     """
 
-    def __init__(self, window_ms: int) -> None:
+    def __init__(self, window_ms: int, seen: SeenIds | None = None) -> None:
         self.window_ms = int(window_ms)
+        self.seen = seen
+        #: messages signed before this (unix ms) are refused: see :meth:`start`
+        self.not_before_ms: int | None = None
         self._ids: set[str] = set()
         self._heap: list[tuple[int, str]] = []
+
+    def start(self, now_ms: int) -> None:
+        """The listener starts hearing the room now: earlier runs' ids loaded, the start noted."""
+        self.not_before_ms = now_ms - HELD_BACK_MARGIN * 1000
+        if self.seen is not None:
+            for time_ms, msg_id in self.seen.load(now_ms, self.window_ms):
+                if msg_id not in self._ids:
+                    self._ids.add(msg_id)
+                    heapq.heappush(self._heap, (time_ms, msg_id))
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -166,6 +187,8 @@ class ReplayGuard:
         self._forget(now_ms)
         self._ids.add(msg_id)
         heapq.heappush(self._heap, (time_ms, msg_id))
+        if self.seen is not None:
+            self.seen.add(msg_id, time_ms)
 
     def _forget(self, now_ms: int) -> None:
         horizon = now_ms - self.window_ms

@@ -209,17 +209,18 @@ def cli(server: str, identity: Any, home: Path) -> Callable[..., Any]:
     """``await unibus(*args)``: the real ``unibus`` CLI as ``identity`` (saved in ``home``, made
     0700, whose ``<identity>.log`` holds its replica) against ``server``, with no ``UNIBUS_*``
     of the environment; a ``CompletedProcess`` (text). It runs in a thread, since the proxy runs
-    on the test's loop."""
+    on the test's loop. ``unibus.argv`` and ``unibus.env`` start a process the test drives."""
     home.mkdir(mode=0o700, exist_ok=True)
     path = save_identity(identity, home / f"{identity.handle}.json", force=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
 
-    async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(
-            subprocess.run, [sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity", str(path),
-                             *args], capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL,
-            check=False)
+    argv = [sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity", str(path)]
 
+    async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
+        return await asyncio.to_thread(subprocess.run, [*argv, *args], capture_output=True, text=True, env=env,
+                                       timeout=60, stdin=subprocess.DEVNULL, check=False)
+
+    unibus.argv, unibus.env = argv, env  # for a process the test drives itself
     return unibus
 
 
