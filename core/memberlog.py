@@ -1203,16 +1203,24 @@ class LogState:
         return record
 
     def former_key_holders(self, room_id: str, epoch: int) -> list[str]:
-        """Who held the key of ``epoch`` (its rekey sealed it to them) and is not in the room now as
+        """Who held the key of ``epoch`` (the roster its rekey sealed it to, and the sealer, who made
+        it; for a key sealed before the log, those entry 0 records) and is not in the room now as
         the same member: what was sealed under that key, a blob say, may be theirs (a blob carries
         no signature of its uploader; a message does)."""
         room = self.rooms.get(room_id)
-        record = room.epochs.get(epoch) if room is not None else None
-        if room is None or record is None:
+        if room is None:
+            return []
+        record = room.epochs.get(epoch)
+        if record is not None:
+            held = {h: self.member_at(h, record.seq) for h in record.roster | {record.sealer}}
+        elif room.since == 0:  # a room of entry 0 (0.11): the keys entry 0 records
+            held = {h: self.member_at(h, 0) for (rid, h), (ranges, _digest) in self._legacy.items()
+                    if rid == room_id and any(a <= epoch <= b for a, b in ranges)}
+        else:
             return []
         out = []
-        for handle in sorted(record.roster):
-            then, now = self.member_at(handle, record.seq), self.members.get(handle)
+        for handle, then in sorted(held.items()):
+            now = self.members.get(handle)
             if handle not in room.members or now is None or then is None or now.since != then.since:
                 out.append(handle)
         return out

@@ -90,7 +90,15 @@ from .sealing import (
     validate_room_id,
 )
 from .seen import SeenIds
-from .signed import SENDER_HEADER, Envelope, ReplayGuard, message_headers, parse_envelope, sign_key_packages
+from .signed import (
+    LISTENER_START_SLACK,
+    SENDER_HEADER,
+    Envelope,
+    ReplayGuard,
+    message_headers,
+    parse_envelope,
+    sign_key_packages,
+)
 
 __all__ = [
     "DEFAULT_MAX_AGE",
@@ -2097,7 +2105,7 @@ class Bus:
         explicitly with ``await listener.start()`` / ``async with bus.listen(r) as msgs``
         (so that a send that follows is not missed). ``max_age``: seconds a
         message's ``Unibus-Time`` may be away from this clock. A message signed
-        more than 30 s before the listener started is refused (published again);
+        more than 120 s before the listener started is refused (published again);
         with ``remember`` and a replica directory, the msg ids accepted are kept
         there, and a later listener refuses them (docs/client.md, "Messages
         accepted once").
@@ -2105,9 +2113,8 @@ class Bus:
         validate_room_id(room_id)
         if not max_age > 0:
             raise ValueError("max_age must be a positive number of seconds")
-        directory = self.client.replica.directory if remember else None
         return RoomListener(self, room_id, include_errors=include_errors, grant_wait=grant_wait, max_age=max_age,
-                            seen=SeenIds(directory, room_id) if directory is not None else None)
+                            remember=remember)
 
     async def decode(self, room_id: str, msg: Any, guard: ReplayGuard | None = None) -> Message:
         """Verify and decrypt a raw nats-py message of ``room_id`` into a :class:`Message`.
@@ -2201,8 +2208,8 @@ def _check_fresh(guard: ReplayGuard, env: Envelope, now_ms: int) -> None:
     if env.msg_id in guard:
         raise _Rejected("replay", f"msg id {env.msg_id} was already received (a replayed message)")
     if guard.not_before_ms is not None and env.time_ms < guard.not_before_ms:
-        raise _Rejected("replay", f"it was signed {(guard.not_before_ms - env.time_ms) / 1000 + HELD_BACK_MARGIN:.0f} "
-                                  f"s before this listener started, more than the {HELD_BACK_MARGIN} s members' "
+        raise _Rejected("replay", f"it was signed {(guard.not_before_ms - env.time_ms) / 1000 + LISTENER_START_SLACK:.0f}"
+                                  f" s before this listener started, more than the {LISTENER_START_SLACK} s two members' "
                                   "clocks may differ: published before it could be heard, so published again")
 
 
@@ -2265,11 +2272,12 @@ class RoomListener:
     """
 
     def __init__(self, bus: Bus, room_id: str, *, include_errors: bool = True, grant_wait: float = 2.0,
-                 max_age: float = DEFAULT_MAX_AGE, seen: SeenIds | None = None) -> None:
+                 max_age: float = DEFAULT_MAX_AGE, remember: bool = True) -> None:
         self.bus = bus
         #: rejected messages so far, by reason (:data:`REJECT_REASONS`)
         self.rejected: Counter[str] = Counter()
-        self.guard = ReplayGuard(int(max_age * 1000), seen)
+        self.guard = ReplayGuard(int(max_age * 1000))
+        self._remember = remember
         self.room_id = room_id
         self.grant_wait = grant_wait
         self._refusal: str | None = None
@@ -2294,6 +2302,7 @@ class RoomListener:
             return self
         nc = await self.bus.connected()
         if self.guard.not_before_ms is None:  # before the subscription: what earlier runs accepted
+            self.guard.seen = self._seen_ids()
             self.guard.start(int(time.time() * 1000))
 
         async def cb(msg: Any) -> None:
@@ -2330,6 +2339,17 @@ class RoomListener:
                 raise BusError(f"the bus refused to let {self.bus.client.identity.handle} subscribe to "
                                f"{self.subject} (not a member of room {self.room_id}?): {self._refusal}")
             await asyncio.sleep(0.1)
+
+    def _seen_ids(self) -> SeenIds | None:
+        """Where the accepted ids are kept: beside the replica, one directory per deployment (its
+        trust root), so that two spellings of one server's URL share it (a review); None without a
+        replica directory, or with ``remember=False``."""
+        replica = self.bus.client.replica
+        if not self._remember or replica.directory is None:
+            return None
+        root = replica.pinned_root()
+        where = replica.directory.parent / "seen" / root if root else replica.directory / "seen"
+        return SeenIds(where, self.room_id, self.guard.window_ms)
 
     def _denied(self, text: str) -> None:
         if self._live:

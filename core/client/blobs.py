@@ -1561,8 +1561,9 @@ async def get_blob(client: Any, room_id: str, blob_id: str, out_path: str | os.P
     gone = client.verified.former_key_holders(room_id, epoch)
     if gone:  # a review: a removed member's blob, sealed with the key it kept, came through silently
         client.replica.notice(f"blob {blob_id} of room {room_id} was sealed under the key of epoch {epoch}, which "
-                              f"{', '.join(gone)} also held and {'is' if len(gone) == 1 else 'are'} no longer in "
-                              "the room: a blob carries no signature of its uploader, so it may be theirs")
+                              f"these members also held and are not in the room now (or not as the member who "
+                              f"held it): {', '.join(gone)}; a blob carries no signature of its uploader, so it "
+                              "may be theirs")
     return size
 
 

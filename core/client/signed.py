@@ -24,7 +24,7 @@ from typing import Any
 
 import nacl.bindings
 
-from ..memberlog import HELD_BACK_MARGIN, KEY_PACKAGE_LABEL, MESSAGE_LABEL, key_package_input, message_input
+from ..memberlog import KEY_PACKAGE_LABEL, MESSAGE_LABEL, key_package_input, message_input
 from .keys import Identity
 from .sealing import EPOCH_HEADER, MessageError, format_epoch_header, parse_epoch_header
 from .seen import SeenIds
@@ -140,6 +140,12 @@ def parse_envelope(headers: Mapping[str, Any] | None) -> Envelope:
     return Envelope(epoch, sender, int(time_text), msg_id, sig)
 
 
+#: Seconds a message may be signed before a listener started and still be taken as sent to it:
+#: each member's clock may be off the server's by its ``--auth-skew`` (60 s by default), so two
+#: members' by twice that (a review: 30 s refused an honest sender 45 s behind).
+LISTENER_START_SLACK = 120
+
+
 class ReplayGuard:
     """The msg ids accepted in this run, each kept only while its time is inside the window.
 
@@ -148,12 +154,11 @@ class ReplayGuard:
     window: memory stays bounded by the messages of about two windows.
 
     :meth:`start` (a listener's subscription) sets :attr:`not_before_ms`: a
-    message signed more than :data:`~unibus.memberlog.HELD_BACK_MARGIN`
-    seconds (how far the members' clocks may differ) before the listener
-    started was published before it could hear it, so it is one published
-    again. With ``seen`` (the ids earlier runs accepted, in the replica
-    directory) it also loads those, and adds each id it accepts to them
-    (docs/client.md, "Messages accepted once").
+    message signed more than :data:`LISTENER_START_SLACK` seconds (how far two
+    members' clocks may differ) before the listener started was published
+    before it could hear it, so it is one published again. With ``seen`` (the
+    ids earlier runs accepted, beside the replica) it also loads those, and
+    adds each id it accepts to them (docs/client.md, "Messages accepted once").
     """
 
     def __init__(self, window_ms: int, seen: SeenIds | None = None) -> None:
@@ -166,9 +171,9 @@ class ReplayGuard:
 
     def start(self, now_ms: int) -> None:
         """The listener starts hearing the room now: earlier runs' ids loaded, the start noted."""
-        self.not_before_ms = now_ms - HELD_BACK_MARGIN * 1000
+        self.not_before_ms = now_ms - LISTENER_START_SLACK * 1000
         if self.seen is not None:
-            for time_ms, msg_id in self.seen.load(now_ms, self.window_ms):
+            for time_ms, msg_id in self.seen.load(now_ms):
                 if msg_id not in self._ids:
                     self._ids.add(msg_id)
                     heapq.heappush(self._heap, (time_ms, msg_id))

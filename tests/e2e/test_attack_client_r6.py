@@ -44,8 +44,9 @@ async def test_a_message_published_again_to_the_next_run_is_refused(world, tmp_p
     """A review: `unibus listen --count 1` in a loop accepted, in each new run, a message the run
     before had accepted, published again unchanged by a room member: "deploy production" ran once
     per pass. A listener now keeps the ids it accepted in the replica, and the next run refuses
-    them; a message the first run never heard, signed more than 30 s before the second started,
-    is refused as published again too."""
+    them; a message the first run never heard, signed more than 120 s before the second started,
+    is refused as published again too; one from a sender whose clock is 45 s behind is not (a
+    second review: a margin of 30 s refused it)."""
     rid = await new_room(world, "bob", "mallory")
     unibus = cli(world.daemon.base_url, world.people["bob"], tmp_path / "home")
     async with world.sdk("alice") as a, a.bus() as abus, world.sdk("mallory") as m, m.bus() as mbus:
@@ -59,13 +60,15 @@ async def test_a_message_published_again_to_the_next_run_is_refused(world, tmp_p
         async def again() -> None:
             await publish_raw(mbus, got.subject, got.data, dict(got.headers))
 
-            # then one signed a minute ago, which no run heard (a key alice holds: signed as alice)
+            # then one signed 200 s ago, which no run heard (a key alice holds: signed as alice)
             epoch, key = await a.current_key(rid)
             subject = room_subject(rid) + ".cmd"
             payload = encrypt_message(key, subject, epoch, b"rotate the keys")
             await publish_raw(mbus, subject, payload, message_headers(world.people["alice"], subject, epoch, payload,
-                                                                      int(time.time() * 1000) - 60_000))
-            await abus.send(rid, "cmd", b"status")  # the one this run may print
+                                                                      int(time.time() * 1000) - 200_000))
+            honest = encrypt_message(key, subject, epoch, b"status")  # alice's clock 45 s behind
+            await publish_raw(abus, subject, honest, message_headers(world.people["alice"], subject, epoch, honest,
+                                                                     int(time.time() * 1000) - 45_000))
 
         second, (out, err) = await _listen_once(world, rid, unibus, again)
     assert second.returncode == 0, err
@@ -109,7 +112,7 @@ async def test_a_blob_sealed_with_a_key_a_removed_member_holds_says_so(world, tm
         await get_blob(b, rid, blob_id, tmp_path / "after")
     assert (tmp_path / "after").read_bytes() == src.read_bytes()
     said = [n for n in notices if "blob" in n]
-    assert len(said) == 1 and "mallory also held" in said[0] and "no signature of its uploader" in said[0], notices
+    assert len(said) == 1 and "held it): mallory;" in said[0] and "no signature of its uploader" in said[0], notices
 
 
 async def test_json_output_escapes_what_drives_a_terminal(world, tmp_path):
@@ -139,3 +142,28 @@ async def test_keygen_upgrade_is_not_told_a_bus_key_is_there_already(world, prox
     proc = await unibus("keygen", "--upgrade")
     assert proc.returncode == 1 and "already has this bus key" not in proc.stderr, (proc.stdout, proc.stderr)
     assert "bus_pub of carol: the server says" in proc.stderr, proc.stderr
+
+
+async def test_another_spelling_of_the_servers_url_shares_the_ids(world, tmp_path):
+    """A second review: the ids were kept per spelling of the server's URL (one replica each), so
+    a message accepted by `listen` through 127.0.0.1 was accepted again through localhost. They are
+    kept per deployment (its trust root)."""
+    rid = await new_room(world, "bob", "mallory")
+    home = tmp_path / "home"
+    one = cli(world.daemon.base_url, world.people["bob"], home)
+    other = cli(world.daemon.base_url.replace("127.0.0.1", "localhost"), world.people["bob"], home)
+    async with world.sdk("alice") as a, a.bus() as abus, world.sdk("mallory") as m, m.bus() as mbus:
+        async with mbus.listen(rid) as spy:
+            async def send() -> None:
+                await abus.send(rid, "cmd", b"deploy production")
+            first, (out, _err) = await _listen_once(world, rid, one, send)
+            assert first.returncode == 0 and "deploy production" in out, out
+            got = await asyncio.wait_for(spy._queue.get(), 10)
+
+        async def again() -> None:
+            await publish_raw(mbus, got.subject, got.data, dict(got.headers))
+            await abus.send(rid, "cmd", b"status")
+
+        second, (out, err) = await _listen_once(world, rid, other, again)
+    assert second.returncode == 0 and json.loads(out)["text"] == "status", (out, err)
+    assert "already received" in err, err
