@@ -2302,7 +2302,7 @@ class RoomListener:
             return self
         nc = await self.bus.connected()
         if self.guard.not_before_ms is None:  # before the subscription: what earlier runs accepted
-            self.guard.seen = self._seen_ids()
+            self.guard.seen = await self._seen_ids()
             self.guard.start(int(time.time() * 1000))
 
         async def cb(msg: Any) -> None:
@@ -2340,16 +2340,22 @@ class RoomListener:
                                f"{self.subject} (not a member of room {self.room_id}?): {self._refusal}")
             await asyncio.sleep(0.1)
 
-    def _seen_ids(self) -> SeenIds | None:
+    async def _seen_ids(self) -> SeenIds | None:
         """Where the accepted ids are kept: beside the replica, one directory per deployment (its
         trust root), so that two spellings of one server's URL share it (a review); None without a
-        replica directory, or with ``remember=False``."""
-        replica = self.bus.client.replica
-        if not self._remember or replica.directory is None:
+        replica directory, or with ``remember=False``. A replica with no root pinned yet (a new
+        client that has not synced) syncs first: a review's first run kept its ids where no later
+        run, once pinned, looked."""
+        client = self.bus.client
+        if not self._remember or client.replica.directory is None:
             return None
-        root = replica.pinned_root()
-        where = replica.directory.parent / "seen" / root if root else replica.directory / "seen"
-        return SeenIds(where, self.room_id, self.guard.window_ms)
+        root = client.replica.pinned_root()
+        if root is None:
+            await client.sync()
+            root = client.replica.pinned_root()
+        if root is None:  # pragma: no cover - a sync pins the root or raises
+            raise ReplicaError(f"no trust root is pinned in {client.replica.directory} after a sync")
+        return SeenIds(client.replica.directory.parent / "seen" / root, self.room_id, self.guard.window_ms)
 
     def _denied(self, text: str) -> None:
         if self._live:

@@ -38,8 +38,10 @@ KEEP_MS = 300_000
 #: (``--max-age 86400``), so that a listener of that room does not lose its ids.
 KEEP_OTHERS_MS = 86_400_000
 
-#: The most lines one listener appends to one minute's file: past it the ids are kept in this
-#: run's memory only (a member flooding a room cannot fill the disk: about 3.7 MB per minute).
+#: The most lines one listener appends in a minute of its clock, to whichever files: past it
+#: the ids are kept in this run's memory only (a member flooding a room cannot fill the disk
+#: faster than about 3.7 MB a minute; a review spread a flood's times over several minutes'
+#: files when the bound was per file).
 MAX_LINES_PER_MINUTE = 100_000
 
 _NAME = re.compile(r"([a-z0-9]{1,40})\.([0-9]{1,12})")
@@ -54,8 +56,8 @@ class SeenIds:
         self.directory = Path(directory)
         self.room_id = room_id
         self.window_ms = int(window_ms)
-        self._pruned = -1  # the minute this instance last removed old files
-        self._written: dict[int, int] = {}  # minute -> lines this instance appended to its file
+        self._pruned = -1  # the minute (of the clock) this instance last removed old files
+        self._written = 0  # lines this instance appended in that minute
         self._capped = False
 
     def _open(self, name: str, flags: int) -> int:
@@ -91,11 +93,15 @@ class SeenIds:
         """Remove the files no window needs any more; ``(name, room_id, minute)`` of the others."""
         mine = (now_ms - max(self.window_ms, KEEP_MS)) // _MINUTE_MS - 1
         others = (now_ms - max(self.window_ms, KEEP_OTHERS_MS)) // _MINUTE_MS - 1
-        self._pruned = now_ms // _MINUTE_MS
+        if now_ms // _MINUTE_MS != self._pruned:
+            self._pruned, self._written = now_ms // _MINUTE_MS, 0
         kept = []
         try:
             with os.scandir(self.directory) as entries:
                 names = [e.name for e in entries]
+        except FileNotFoundError:  # removed while a listener ran: made again, empty
+            _make_private_dir(self.directory)
+            return []
         except OSError as exc:
             raise ReplicaError(f"cannot list {self.directory}: {exc.strerror or exc}") from None
         for name in names:
@@ -113,25 +119,27 @@ class SeenIds:
     def add(self, msg_id: str, time_ms: int) -> None:
         """Append one accepted id. A failure is logged, not raised: the message was accepted, and
         this run still remembers it."""
-        minute = time_ms // _MINUTE_MS
+        name = f"{self.room_id}.{time_ms // _MINUTE_MS}"
         try:
             now_ms = int(time.time() * 1000)
             if now_ms // _MINUTE_MS != self._pruned:
                 self._prune(now_ms)
-            if self._written.get(minute, 0) >= MAX_LINES_PER_MINUTE:
+            if self._written >= MAX_LINES_PER_MINUTE:
                 if not self._capped:
                     self._capped = True
                     log.warning("room %s: more than %d messages in a minute; their ids are kept in this run's "
                                 "memory only", self.room_id, MAX_LINES_PER_MINUTE)
                 return
-            fd = self._open(f"{self.room_id}.{minute}", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            try:
+                fd = self._open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+            except FileNotFoundError:  # the directory was removed meanwhile: made again
+                _make_private_dir(self.directory)
+                fd = self._open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
             try:
                 os.write(fd, f"{time_ms} {msg_id}\n".encode("ascii"))
             finally:
                 os.close(fd)
-            if minute not in self._written and len(self._written) > 32:  # bounded: recent minutes only
-                self._written = {m: n for m, n in self._written.items() if m >= minute - 30}
-            self._written[minute] = self._written.get(minute, 0) + 1
+            self._written += 1
         except (OSError, ReplicaError) as exc:
             log.warning("could not keep the id of an accepted message of room %s in %s (a later run may accept "
                         "it again): %s", self.room_id, self.directory, exc)

@@ -171,12 +171,12 @@ class ReplayGuard:
 
     def start(self, now_ms: int) -> None:
         """The listener starts hearing the room now: earlier runs' ids loaded, the start noted."""
-        self.not_before_ms = now_ms - LISTENER_START_SLACK * 1000
-        if self.seen is not None:
+        if self.seen is not None:  # first: a load that fails leaves the guard unstarted (tried again)
             for time_ms, msg_id in self.seen.load(now_ms):
                 if msg_id not in self._ids:
                     self._ids.add(msg_id)
                     heapq.heappush(self._heap, (time_ms, msg_id))
+        self.not_before_ms = now_ms - LISTENER_START_SLACK * 1000
 
     def __len__(self) -> int:
         return len(self._ids)

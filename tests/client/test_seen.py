@@ -76,13 +76,33 @@ def test_old_files_are_removed_while_a_listener_runs_and_other_rooms_after_a_day
     assert f"r2.{start}" not in {p.name for p in mine.directory.iterdir()}
 
 
-def test_a_flood_is_kept_on_disk_up_to_a_bound_per_minute(tmp_path, monkeypatch):
+def test_a_flood_is_kept_on_disk_up_to_a_bound_per_minute_of_the_clock(tmp_path, monkeypatch):
+    """At most MAX_LINES_PER_MINUTE lines a minute of the listener's clock, whatever minutes the
+    messages name (a third review spread a flood's times over eight files, when the bound was per
+    file); the count starts again the next minute."""
     monkeypatch.setattr(seen_mod, "MAX_LINES_PER_MINUTE", 50)
+    clock = [NOW / 1000]
+    monkeypatch.setattr(seen_mod.time, "time", lambda: clock[0])
     ids = _ids(tmp_path)
     ids.load(NOW)
     for n in range(80):
-        ids.add(_id(n), NOW)
+        ids.add(_id(n), NOW + (n % 8 - 4) * MIN // 2)  # times over several minutes' files
     assert len(_ids(tmp_path).load(NOW)) == 50
+    clock[0] += 60
+    ids.add(_id(99), NOW)
+    assert len(_ids(tmp_path).load(NOW + MIN)) == 51
+
+
+def test_a_directory_removed_while_a_listener_runs_is_made_again(tmp_path):
+    ids = _ids(tmp_path)
+    ids.load(NOW)
+    ids.add(ID, NOW)
+    for path in ids.directory.iterdir():
+        path.unlink()
+    ids.directory.rmdir()
+    ids.add(_id(1), NOW)
+    assert _ids(tmp_path).load(NOW) == [(NOW, _id(1))]
+    assert stat.S_IMODE(os.lstat(ids.directory).st_mode) == 0o700
 
 
 def test_odd_entries_are_refused_or_skipped_never_waited_on(tmp_path):

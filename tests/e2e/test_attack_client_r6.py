@@ -167,3 +167,23 @@ async def test_another_spelling_of_the_servers_url_shares_the_ids(world, tmp_pat
         second, (out, err) = await _listen_once(world, rid, other, again)
     assert second.returncode == 0 and json.loads(out)["text"] == "status", (out, err)
     assert "already received" in err, err
+
+
+async def test_a_new_sdk_clients_first_run_keeps_its_ids_where_later_runs_look(world, tmp_path):
+    """A review: a new SDK client (no root pinned, no sync yet) kept its first run's ids in a
+    directory of its own, and once its first message had pinned the root, later runs looked
+    elsewhere: the message, published again after a restart, was accepted a second time. A
+    listener with nothing pinned syncs first."""
+    rid = await new_room(world, "bob", "mallory")
+    replica = tmp_path / "bob.log"
+    async with world.sdk("alice") as a, a.bus() as abus, world.sdk("mallory") as m, m.bus() as mbus:
+        async with mbus.listen(rid) as spy:
+            async with world.sdk("bob", replica=replica) as b, b.bus() as bus, bus.listen(rid) as first:
+                await abus.send(rid, "cmd", b"deploy production")
+                assert (await asyncio.wait_for(anext(aiter(first)), 10)).text == "deploy production"
+            got = await asyncio.wait_for(spy._queue.get(), 10)
+        async with world.sdk("bob", replica=replica) as b, b.bus() as bus, bus.listen(rid) as second:
+            await publish_raw(mbus, got.subject, got.data, dict(got.headers))
+            again = await asyncio.wait_for(anext(aiter(second)), 10)
+    assert again.error is not None and again.reason == "replay", again
+    assert (replica / "seen").is_dir() and not list(replica.glob("*/seen"))  # one place, by trust root
