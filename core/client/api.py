@@ -70,7 +70,7 @@ from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
 from ..aio import cancel_and_wait, own_cancel_only, within
-from ..memberlog import HELD_BACK_MARGIN, LogError, LogState, logged_operation, verify_ed25519
+from ..memberlog import FIRST_USE_SNAPSHOT_PAIRS, HELD_BACK_MARGIN, LogError, LogState, logged_operation, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, make_nonce, parse_content_digest, sign_request
 from ..tls import connect_bounded, permanent_tls_error
@@ -430,6 +430,36 @@ def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_
 #: ``GET /v1/members`` with 10,000 MLKEM768_X25519 members: about 20 MiB).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
+#: ``GET /v1/log/head``'s cap: ``{"seq", "hash", "auth_skew"}`` is under 200 bytes (a review's
+#: server sent 60 MiB there, which the client parsed into 1.6 GiB).
+HEAD_ANSWER_BYTES = 64 * 1024
+
+#: The most JSON objects and arrays an answer may open: ``[{},{},…]`` turns 3 bytes into about
+#: 64 bytes of Python objects (a review: 1.6 GiB from one 60 MiB answer, 3 GiB from a log page).
+#: Real answers open far fewer: a page of 1,000 log entries about 10,000, an entry 0 of 10,000
+#: members and rooms about 40,000. Counted on the raw bytes (a brace inside a string counts too).
+MAX_ANSWER_CONTAINERS = 250_000
+
+#: The most strings an answer may hold, for the same reason: a review's entry 0 listed 6.8 million
+#: short handles in 59 MiB, parsed into 640 MiB. Real answers hold far fewer (an entry 0 of
+#: 200,000 room memberships, the most a client takes on first use, about 300,000). Counted as
+#: quotes on the raw bytes (an escaped quote counts too).
+MAX_ANSWER_STRINGS = 1_000_000
+
+
+def _loads_answer(raw: bytes) -> Any:
+    """``json.loads`` of an answer; ``ValueError`` for one that is not JSON, opens more than
+    :data:`MAX_ANSWER_CONTAINERS` objects and arrays, holds more than :data:`MAX_ANSWER_STRINGS`
+    strings, or nests past the interpreter's depth."""
+    if raw.count(b"{") + raw.count(b"[") > MAX_ANSWER_CONTAINERS:
+        raise ValueError(f"more than {MAX_ANSWER_CONTAINERS} objects and arrays")
+    if raw.count(b'"') > 2 * MAX_ANSWER_STRINGS:
+        raise ValueError(f"more than {MAX_ANSWER_STRINGS} strings")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("nested too deep") from None
+
 
 class AnswerTooLarge(Exception):
     """An answer beyond :data:`MAX_ANSWER_BYTES` (or the cap given): nothing more of it was read."""
@@ -466,7 +496,7 @@ def _dumps(obj: Any) -> bytes:
 
 def _problem_from(status: int, reason: str | None, raw: bytes) -> dict[str, Any]:
     try:
-        doc = json.loads(raw) if raw else None
+        doc = _loads_answer(raw) if raw else None
     except ValueError:
         doc = None
     if isinstance(doc, dict):
@@ -584,7 +614,7 @@ class UnibusClient:
         return yarl.URL(str(self._base) + target, encoded=True)
 
     async def request(self, method: str, path: str, *, json_body: Any = None, query: Mapping[str, Any] | None = None,
-                      has_body: bool | None = None) -> Any:
+                      has_body: bool | None = None, cap: int = MAX_ANSWER_BYTES) -> Any:
         """Send one signed request; return the decoded JSON (``None`` for an empty body).
 
         ``path`` must already be percent-encoded (use the methods below, which
@@ -626,7 +656,7 @@ class UnibusClient:
         if signed is not None:  # remembered before it is sent: a ReplicaError sends nothing
             await self.replica.begin_change(self.identity.handle, *signed, sent_after=self.verified.head[0])
         try:
-            status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed)
+            status, raw, state = await self._send_tries(method, url, path, body, tag, change, signed, cap)
         except BaseException as exc:
             if signed is not None:
                 await self._give_up(signed[0], f"{method} {path}", read=isinstance(exc, Exception))
@@ -636,9 +666,10 @@ class UnibusClient:
         if not raw:
             return None
         try:
-            doc = json.loads(raw)
-        except ValueError:
-            raise ApiError(status, {"title": "Bad response", "detail": "the server answered with a body that is not JSON"}) from None
+            doc = _loads_answer(raw)
+        except ValueError as exc:
+            raise ApiError(status, {"title": "Bad response", "detail": f"the server answered with a body that is not "
+                                                                      f"JSON the client takes ({exc})"}) from None
         if state is not None and change is not None and change[0] == "room.create":
             assert signed is not None
             # The room the log says this request made, not one the answer names (a review's server
@@ -712,7 +743,8 @@ class UnibusClient:
 
     async def _send_tries(self, method: str, url: yarl.URL, path: str, body: bytes | None, tag: str | None,
                            change: tuple[str, tuple[str, ...]] | None,
-                           signed: tuple[str, int] | None) -> tuple[int, bytes, LogState | None]:
+                           signed: tuple[str, int] | None,
+                           cap: int = MAX_ANSWER_BYTES) -> tuple[int, bytes, LogState | None]:
         """:meth:`request`'s tries: the status and body of a ``2xx``, and the verified state that
         confirmed a change (else an :class:`ApiError`, :class:`ServerUnreachable` or
         :class:`VerificationError`)."""
@@ -720,7 +752,7 @@ class UnibusClient:
         state: LogState | None = None
         while True:
             nonce, created = signed or (make_nonce(), None)
-            status, reason, raw, retry_after = await self._send_once(method, url, body, tag, nonce, created)
+            status, reason, raw, retry_after = await self._send_once(method, url, body, tag, nonce, created, cap)
             if 200 <= status < 300:
                 if change is not None:
                     state = await self._confirm_logged(method, url.raw_path, status, nonce, change)
@@ -762,7 +794,7 @@ class UnibusClient:
             raise VerificationError(f"{self.base_url} serves no membership log to bind a changing request to; "
                                     "nothing was sent")
         try:
-            root = LogState().apply(entries[0])
+            root = LogState(first_use_pairs=FIRST_USE_SNAPSHOT_PAIRS).apply(entries[0])
         except LogError as e:
             raise LogVerificationError.from_log(e, self.base_url) from None
         return await self.replica.pin_first_use(root)
@@ -801,7 +833,8 @@ class UnibusClient:
 
     async def _send_once(self, method: str, url: yarl.URL, body: bytes | None, tag: str | None = None,
                          nonce: str | None = None,
-                         created: int | None = None) -> tuple[int, str | None, bytes, float | None]:
+                         created: int | None = None,
+                         cap: int = MAX_ANSWER_BYTES) -> tuple[int, str | None, bytes, float | None]:
         headers = sign_request(method, url.raw_path_qs, body, keyid=self.identity.handle,
                                private_key=self.identity.sign_key, tag=tag, nonce=nonce, created=created)
         headers["Accept"] = "application/json, application/problem+json"
@@ -810,7 +843,7 @@ class UnibusClient:
         try:
             async with self._http().request(method, url, data=body, headers=headers,
                                             allow_redirects=False) as resp:
-                raw = await _read_capped(resp)
+                raw = await _read_capped(resp, cap)
                 return resp.status, resp.reason, raw, _parse_retry_after(resp.headers.get("Retry-After"))
         except AnswerTooLarge as exc:
             raise ServerUnreachable(self.base_url, f"{method} {url.path}: {exc}") from None
@@ -1022,7 +1055,7 @@ class UnibusClient:
 
     async def log_head(self) -> dict[str, Any]:
         """``GET /v1/log/head`` → ``{"seq", "hash", "auth_skew"}`` (seq -1, hash "" for an empty log), unverified."""
-        return await self.request("GET", "/v1/log/head")  # checked by the replica
+        return await self.request("GET", "/v1/log/head", cap=HEAD_ANSWER_BYTES)  # checked by the replica
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
         """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{room_id, epoch, sealed, sig, sealer, log_head}``,

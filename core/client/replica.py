@@ -54,7 +54,15 @@ from typing import Any
 
 import yarl
 
-from ..memberlog import MAX_AUTH_SKEW, MAX_SAFE_INT, LogError, LogState, UnacceptedBootstrap, entry_hash
+from ..memberlog import (
+    FIRST_USE_SNAPSHOT_PAIRS,
+    MAX_AUTH_SKEW,
+    MAX_SAFE_INT,
+    LogError,
+    LogState,
+    UnacceptedBootstrap,
+    entry_hash,
+)
 from ..privatefiles import make_missing_dirs
 
 __all__ = [
@@ -329,7 +337,7 @@ class Replica:
         # The time checks use the constant cap of every server's --auth-skew,
         # never the auth_skew a server reports (docs/client.md, "The verified replica").
         return LogState(trust_root=self.trust_root, accepted_bootstraps=self.accepted, skew=MAX_AUTH_SKEW,
-                        in_doubt=self.in_doubt)
+                        in_doubt=self.in_doubt, first_use_pairs=FIRST_USE_SNAPSHOT_PAIRS)
 
     def _refresh(self) -> None:
         """Catch up with the files (another process may have synced); load them the first time."""
@@ -742,21 +750,28 @@ class Replica:
         except (LogError, _Redo) as exc:
             root = state.root
             self._discard(from_scratch)
-            if defer:
-                # Something failed: check again entry by entry, which names the first bad one.
-                if self.directory is not None and not from_scratch:
-                    self._refresh()
-                return await self._sync(client, from_scratch, defer=False)
-            assert isinstance(exc, LogError)
-            if isinstance(exc, UnacceptedBootstrap) and self.trust_root is None and root is not None:
-                # First contact with a log whose entry 0 verified, and which holds a later offline
-                # bootstrap: entry 0 is pinned as on any first use, so that `unibus trust <that
-                # bootstrap>`, as the error says, accepts it (it would pin it as the root otherwise).
-                self._pin_on_first_use(root)
-            raise LogVerificationError.from_log(exc, self.server) from None
+            if not defer:
+                assert isinstance(exc, LogError)
+                if isinstance(exc, UnacceptedBootstrap) and self.trust_root is None and root is not None:
+                    # First contact with a log whose entry 0 verified, and which holds a later offline
+                    # bootstrap: entry 0 is pinned as on any first use, so that `unibus trust <that
+                    # bootstrap>`, as the error says, accepts it (it would pin it as the root otherwise).
+                    self._pin_on_first_use(root)
+                raise LogVerificationError.from_log(exc, self.server) from None
+            failed = True
         except BaseException:
             self._discard(from_scratch)
             raise
+        else:
+            failed = False
+        if failed:
+            # Something failed: check again entry by entry, which names the first bad one. Out of
+            # the except block, with the failed state dropped: a review's server made the retry
+            # parse a second 60 MiB page while the first try's traceback still held the first.
+            del state
+            if self.directory is not None and not from_scratch:
+                self._refresh()
+            return await self._sync(client, from_scratch, defer=False)
         try:
             self._check_same_log(state, seq, digest, pinned_head)
         except LogVerificationError:

@@ -12,7 +12,9 @@ import asyncio
 import json
 import time
 
-from attackkit import cli, new_room, publish_raw
+import pytest
+from aiohttp import web
+from attackkit import cli, new_room, publish_raw, serving
 
 from unibus.client.blobs import get_blob, put_blob
 from unibus.client.keys import save_identity, with_bus_key
@@ -187,3 +189,36 @@ async def test_a_new_sdk_clients_first_run_keeps_its_ids_where_later_runs_look(w
             again = await asyncio.wait_for(anext(aiter(second)), 10)
     assert again.error is not None and again.reason == "replay", again
     assert (replica / "seen").is_dir() and not list(replica.glob("*/seen"))  # one place, by trust root
+
+
+@pytest.mark.parametrize("answer", ["a long head", "a page of empty objects", "a page of short strings",
+                                    "a page nested deep"])
+async def test_an_answer_that_would_fill_memory_is_refused_before_it_is_parsed(world, tmp_path, answer):
+    """A review: the byte cap (64 MiB) came before `json.loads`, and `[{},{},…]` makes about 64
+    bytes of Python objects of 3: a 60 MiB `/v1/log/head` took the CLI to 1.6 GiB, a log page to
+    3 GiB (the retry parsed it again while the first try's traceback held the first); an answer
+    nested deep ended in a RecursionError. The head is capped at 64 KiB, an answer may open at
+    most 250,000 objects and arrays and hold at most 1,000,000 strings, and one nested too deep
+    is "not JSON the client takes"."""
+    head = {"seq": 0, "hash": "0" * 64, "auth_skew": 60}
+    bodies = {"a long head": (b'{"seq":0,"pad":"' + b"x" * (1 << 20) + b'"}', None),
+              "a page of empty objects": (json.dumps(head).encode(),
+                                          b'{"entries":[' + b"{}," * 300_000 + b'{}],"head":{}}'),
+              "a page of short strings": (json.dumps(head).encode(),
+                                          b'{"entries":[' + b'"h",' * 1_100_000 + b'"h"],"head":{}}'),
+              "a page nested deep": (json.dumps(head).encode(), b'{"entries":' + b"[" * 100_000 + b"]" * 100_000
+                                     + b"}")}
+    head_body, page_body = bodies[answer]
+
+    async def handler(request: web.Request) -> web.Response:
+        body = head_body if request.path == "/v1/log/head" else page_body
+        return web.Response(body=body, content_type="application/json")
+
+    async with serving(handler) as url:
+        proc = await cli(url, world.people["bob"], tmp_path / "home")("log", "show")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    said = {"a long head": "over the client's limit of 65536 bytes",
+            "a page of empty objects": "more than 250000 objects and arrays",
+            "a page of short strings": "more than 1000000 strings",
+            "a page nested deep": "nested too deep"}[answer]
+    assert said in proc.stderr and "RecursionError" not in proc.stderr, proc.stderr
