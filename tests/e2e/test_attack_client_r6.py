@@ -191,21 +191,20 @@ async def test_a_new_sdk_clients_first_run_keeps_its_ids_where_later_runs_look(w
     assert (replica / "seen").is_dir() and not list(replica.glob("*/seen"))  # one place, by trust root
 
 
-@pytest.mark.parametrize("answer", ["a long head", "a page of empty objects", "a page of short strings",
+@pytest.mark.parametrize("answer", ["a long head", "a page of empty objects", "a page of numbers",
                                     "a page nested deep"])
 async def test_an_answer_that_would_fill_memory_is_refused_before_it_is_parsed(world, tmp_path, answer):
     """A review: the byte cap (64 MiB) came before `json.loads`, and `[{},{},…]` makes about 64
     bytes of Python objects of 3: a 60 MiB `/v1/log/head` took the CLI to 1.6 GiB, a log page to
     3 GiB (the retry parsed it again while the first try's traceback held the first); an answer
-    nested deep ended in a RecursionError. The head is capped at 64 KiB, an answer may open at
-    most 250,000 objects and arrays and hold at most 1,000,000 strings, and one nested too deep
-    is "not JSON the client takes"."""
+    nested deep ended in a RecursionError. The head is capped at 64 KiB, an answer may hold at
+    most 5,000,000 values (its commas and colons, counted before parsing), and one nested too
+    deep is "not JSON the client takes"."""
     head = {"seq": 0, "hash": "0" * 64, "auth_skew": 60}
     bodies = {"a long head": (b'{"seq":0,"pad":"' + b"x" * (1 << 20) + b'"}', None),
               "a page of empty objects": (json.dumps(head).encode(),
-                                          b'{"entries":[' + b"{}," * 300_000 + b'{}],"head":{}}'),
-              "a page of short strings": (json.dumps(head).encode(),
-                                          b'{"entries":[' + b'"h",' * 1_100_000 + b'"h"],"head":{}}'),
+                                          b'{"entries":[' + b"{}," * 5_100_000 + b'{}],"head":{}}'),
+              "a page of numbers": (json.dumps(head).encode(), b'{"entries":[' + b"1," * 5_100_000 + b'1]}'),
               "a page nested deep": (json.dumps(head).encode(), b'{"entries":' + b"[" * 100_000 + b"]" * 100_000
                                      + b"}")}
     head_body, page_body = bodies[answer]
@@ -218,7 +217,7 @@ async def test_an_answer_that_would_fill_memory_is_refused_before_it_is_parsed(w
         proc = await cli(url, world.people["bob"], tmp_path / "home")("log", "show")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     said = {"a long head": "over the client's limit of 65536 bytes",
-            "a page of empty objects": "more than 250000 objects and arrays",
-            "a page of short strings": "more than 1000000 strings",
+            "a page of empty objects": "more than 5000000 values",
+            "a page of numbers": "more than 5000000 values",
             "a page nested deep": "nested too deep"}[answer]
     assert said in proc.stderr and "RecursionError" not in proc.stderr, proc.stderr
