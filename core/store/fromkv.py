@@ -164,7 +164,10 @@ def _room_rows(entries: dict[str, bytes], rows: KvRows, handles: set[str]) -> di
         rows.rooms.append({"room_id": room_id, "name": _str(key, "name", doc.get("name"), empty=True),
                            # An owner that is no member any more has no rights (docs/store.md): "".
                            "owner": owner if owner in handles else "", "epoch": doc["epoch"],
-                           "rekey_required": doc["rekey_required"], "created_at": created})
+                           # A roster naming a handle of no member (a deletion too large for one batch,
+                           # not yet cleared: docs/store.md) needs a rekey, as readers of KV see it.
+                           "rekey_required": doc["rekey_required"] or not set(members) <= handles,
+                           "created_at": created})
         # KV keeps no time of joining: the room's creation stands in for it.
         rows.room_members += [{"room_id": room_id, "handle": h, "added_at": created}
                               for h in sorted(set(members)) if h in handles]

@@ -64,6 +64,7 @@ from .kv_layout import (
     STATE_BUCKET,
     _b64d,
     _bkey,
+    _gkey,
     _keys_record,
     _kkey,
     _lkey,
@@ -79,7 +80,7 @@ from .kv_layout import (
     _valid,
 )
 from .kv_migrate import KvMigrate, KvSnapshot, copy_store
-from .kv_txn import _CasLost, _none, _Write
+from .kv_txn import MAX_BATCH, _CasLost, _none, _Write
 from .kv_watch import KvWatch
 from .sqlite import new_room_id
 
@@ -87,6 +88,8 @@ log = logging.getLogger("unibus.store.kv")
 
 #: Log entries read at once by ``log_entries``.
 LOG_READ_CHUNK = 64
+#: Batches one pass of :meth:`KvStore._sweep_gone` writes at most (each up to ``MAX_BATCH - 1`` rooms).
+SWEEP_BATCHES = 1000
 
 
 @dataclass(frozen=True)
@@ -108,8 +111,13 @@ def _seq(pos: _LogPosition | None) -> int | None:
 def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
                  ) -> tuple[list[_Write], list[str], list[tuple[str, int, int]]]:
     """What deleting ``handle`` writes to the room records of ``rooms`` (``_scan("room")``): the writes,
-    the rooms it was a member of, and the ``(room_id, first, last)`` epochs sealed to it."""
+    the rooms it was a member of, and the ``(room_id, first, last)`` epochs sealed to it.
+
+    The writes to rooms it was a member of come first: those are the ones a
+    deletion's first batch takes when it cannot take them all (``_delete_member``).
+    """
     writes: list[_Write] = []
+    others: list[_Write] = []
     left: list[str] = []
     strip: list[tuple[str, int, int]] = []
     for room, rrev in rooms.values():
@@ -128,8 +136,31 @@ def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
             new["owner"] = ""
         if rng:
             strip.append((room["room_id"], rng[0], rng[1]))
-        writes.append(_Write(_rkey(room["room_id"]), new, rrev))
-    return writes, left, strip
+        (writes if was_member else others).append(_Write(_rkey(room["room_id"]), new, rrev))
+    return writes + others, left, strip
+
+
+def _live_room(room: dict[str, Any], known: dict[str, Any] | set[str] | frozenset[str]) -> dict[str, Any]:
+    """``room`` as readers see it, ``known`` holding every member that exists among its roster
+    and owner: a handle of no member is not in its roster, a room that names one in its roster
+    needs a rekey, and an owner that is no member is ``""``.
+
+    A deletion too large for one atomic batch leaves its handle in some room records
+    until :meth:`KvStore._sweep_gone` removes it (docs/store.md, "Each operation").
+    """
+    roster = room["members"]
+    live = [h for h in roster if h in known]
+    owner = room.get("owner", "")
+    if len(live) == len(roster) and (not owner or owner in known):
+        return room
+    return {**room, "members": live, "owner": owner if owner in known else "",
+            "rekey_required": bool(room["rekey_required"]) or len(live) != len(roster)}
+
+
+def _named(room: dict[str, Any]) -> list[str]:
+    """The handles a room record names that readers must look up: its roster and its owner."""
+    owner = room.get("owner", "")
+    return [*room["members"], owner] if owner and _valid(owner) else list(room["members"])
 
 
 def _unsigned(room: dict[str, Any], keys: dict[str, tuple[dict[str, Any], int]]) -> list[tuple[int, str, bytes]]:
@@ -208,10 +239,11 @@ class KvStore(KvWatch, KvMigrate):
             return False
         ms = sorted((_member(v) for v, _rev in members.values()), key=lambda m: m.handle)
         known = frozenset(m.handle for m in ms)
+        lives = [(_live_room(v, known), v) for v, _rev in rooms.values()]
         entry = snapshot_entry(int(time.time()), [snapshot_member(m) for m in ms],
-                               [snapshot_room(v["room_id"], v["name"], v.get("owner", ""), v["epoch"],
-                                              v["rekey_required"], set(v["members"]), known, _unsigned(v, keys))
-                                for v, _rev in rooms.values()])
+                               [snapshot_room(r["room_id"], r["name"], r.get("owner", ""), r["epoch"],
+                                              r["rekey_required"], set(r["members"]), known, _unsigned(v, keys))
+                                for r, v in lives])
         digest, text = entry_text(entry)
         limit = getattr(self._nc, "max_payload", None)
         if isinstance(limit, int) and len(text.encode("utf-8")) > limit - 1024:
@@ -348,11 +380,19 @@ class KvStore(KvWatch, KvMigrate):
 
         async def attempt() -> tuple[Member, int | None]:
             pos = await self._log_position(logged)
-            (m, mrev), (s, srev), (sb, sbrev), (admins, arev) = await asyncio.gather(
+            (m, mrev), (s, srev), (sb, sbrev), (admins, arev), (gone, _grev) = await asyncio.gather(
                 self._read(_mkey(member.handle)), self._read(_skey(member.sign_pub)), self._read(_bkey(sign_nkey)),
-                self._read(ADMINS_KEY))
+                self._read(ADMINS_KEY), self._read(_gkey(member.handle)))
             if m is not None:
                 raise Conflict(f"a member with handle {member.handle!r} already exists")
+            if gone is not None:
+                # A deleted member of this handle is still named in room records: a new member
+                # must inherit none of its rooms, ownership or keys. Remove the names, then read
+                # everything again (the deletion that left them cannot come back: it needs a member).
+                if not await self._sweep_gone(member.handle):
+                    raise Conflict(f"the rooms of a deleted member {member.handle!r} are still being cleared; "
+                                   "try again")
+                raise _CasLost()
             if s is not None:
                 raise Conflict("another member already has this sign_pub")
             if sb is not None:
@@ -455,12 +495,56 @@ class KvStore(KvWatch, KvMigrate):
             if handle in current:
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current - {handle})}, arev))
             room_writes, left, strip = _leave_rooms(handle, rooms)
-            await self._commit(writes + room_writes + self._log_writes(pos, logged, {}))
-            return sorted(left), strip, _member(m), _seq(pos)
+            log_writes = self._log_writes(pos, logged, {})
+            room = MAX_BATCH - len(writes) - len(log_writes)
+            later = len(room_writes) > room
+            if later:
+                # Too many rooms name it for one batch (a member in 1,000 rooms, or the owner of
+                # many it left): the batch takes the rooms it is in first, and marks the handle
+                # gone. Readers treat the rest as without it (_live_room) until _sweep_gone
+                # rewrites them, and add_member of the handle waits for that.
+                _gone, grev = await self._read(_gkey(handle))
+                writes.append(_Write(_gkey(handle), {"handle": handle}, grev))
+                room_writes = room_writes[:room - 1]
+            await self._commit(writes + room_writes + log_writes)
+            return sorted(left), strip, _member(m), _seq(pos), later
 
-        left, strip, before, seq = await self._retrying(attempt)
+        left, strip, before, seq, later = await self._retrying(attempt)
+        if later:
+            try:
+                await self._sweep_gone(handle)
+            except Exception as e:  # noqa: BLE001 - readers and add_member do not depend on it
+                log.warning("could not yet clear deleted member %s from every room record: %s", handle, e)
         await self._strip_sealed(handle, strip)
         return left, before, seq
+
+    async def _sweep_gone(self, handle: str) -> bool:
+        """Remove a deleted member's handle from the room records its deletion could not rewrite
+        in one batch, then its ``gone.<handle>`` mark; True once no mark is left.
+
+        Each batch is conditional on the mark's revision as well as each room's:
+        the mark exists only while no member has the handle, so no batch can
+        touch the rooms of a member added again since. A room rewritten
+        concurrently makes that batch lose, and it is read again. (Bus
+        authorization's index needs no report of these writes: it counts only
+        members that exist in a room, and drops a deleted member from every room.)
+        """
+        if not _valid(handle):
+            return True
+        for _ in range(SWEEP_BATCHES):
+            (gone, grev), rooms = await asyncio.gather(self._read(_gkey(handle)), self._scan("room"))
+            if gone is None:
+                return True
+            room_writes, _left, _strip = _leave_rooms(handle, rooms)
+            done = len(room_writes) < MAX_BATCH
+            mark = _Write(_gkey(handle), None if done else gone, grev)
+            with contextlib.suppress(_CasLost):
+                await self._commit(room_writes[:MAX_BATCH - 1] + [mark])
+                if done:
+                    log.info("cleared deleted member %s from the last room records that named it", handle)
+                    return True
+            await asyncio.sleep(0)
+        return False
 
     async def _strip_sealed(self, handle: str, ranges: list[tuple[str, int, int]]) -> None:
         """Remove a deleted member's sealed keys from the epochs' entries (hygiene, best effort).
@@ -492,7 +576,9 @@ class KvStore(KvWatch, KvMigrate):
     # -- rooms -----------------------------------------------------------------
 
     def _room(self, d: dict[str, Any], members: dict[str, Member]) -> Room:
-        inside = tuple(members[h] for h in sorted(d["members"]) if h in members)
+        """The room of record ``d``; ``members`` holds every member among its roster and owner (:func:`_named`)."""
+        d = _live_room(d, members)
+        inside = tuple(members[h] for h in sorted(d["members"]))
         return Room(d["room_id"], d["name"], d.get("owner", ""), int(d["epoch"]), bool(d["rekey_required"]),
                     _ts(d["created_at"]), inside)
 
@@ -532,7 +618,7 @@ class KvStore(KvWatch, KvMigrate):
         room, _rev = await self._read(_rkey(room_id))
         if room is None:
             return None
-        return self._room(room, await self._members_of(room["members"]))
+        return self._room(room, await self._members_of(_named(room)))
 
     async def _room_or_404(self, room_id: str) -> tuple[dict[str, Any], int]:
         if not _valid(room_id):
@@ -567,15 +653,17 @@ class KvStore(KvWatch, KvMigrate):
             m, mrev = await self._read(_mkey(handle)) if _valid(handle) else (None, 0)
             if m is None:
                 raise NotFound(f"no member {handle!r}")
+            known = await self._members_of(_named(room))
             if handle in room["members"]:
                 if pos is not None:
                     await self._commit(self._log_writes(pos, logged, {}))
-                return self._room(room, await self._members_of(room["members"])), None, _seq(pos)
-            new = {**room, "members": sorted(set(room["members"]) | {handle}), "rekey_required": True}
+                return self._room(room, known), None, _seq(pos)
+            live = _live_room(room, known)
+            new = {**live, "members": sorted(set(live["members"]) | {handle}), "rekey_required": True}
             # The touch of the member's record: a concurrent delete_member of it cannot miss this room.
             await self._commit([_Write(_rkey(room_id), new, rrev), _Write(_mkey(handle), m, mrev)]
                                + self._log_writes(pos, logged, {}))
-            return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
+            return self._room(new, {**known, handle: _member(m)}), _room_state(room), _seq(pos)
 
         return await self._retrying(attempt)
 
@@ -584,11 +672,15 @@ class KvStore(KvWatch, KvMigrate):
         async def attempt() -> tuple[Room, dict[str, Any], int | None]:
             pos = await self._log_position(logged)
             room, rrev = await self._room_or_404(room_id)
-            if handle not in room["members"]:
+            known = await self._members_of(_named(room))
+            live = _live_room(room, known)
+            # A handle of no member is in no room, whatever a record not yet cleared names
+            # (_live_room): the log would refuse its removal.
+            if handle not in live["members"]:
                 raise NotFound(f"{handle!r} is not a member of room {room_id!r}")
-            new = {**room, "members": [h for h in room["members"] if h != handle], "rekey_required": True}
+            new = {**live, "members": [h for h in live["members"] if h != handle], "rekey_required": True}
             await self._commit([_Write(_rkey(room_id), new, rrev)] + self._log_writes(pos, logged, {}))
-            return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
+            return self._room(new, known), _room_state(room), _seq(pos)
 
         return await self._retrying(attempt)
 
@@ -602,6 +694,8 @@ class KvStore(KvWatch, KvMigrate):
             pos = await self._log_position(logged)
             (room, rrev), (_old, krev) = await asyncio.gather(self._room_or_404(room_id),
                                                              self._read(_kkey(room_id, epoch)))
+            known = await self._members_of(_named(room))
+            room = _live_room(room, known)  # the rekey seals to the members that exist
             check_new_epoch(room["epoch"], epoch, set(room["members"]), sealed)
             # krev: 0 in a consistent store (no entry beyond the room's epoch); read
             # anyway, so that garbage left by an interrupted import cannot wedge the room.
@@ -614,7 +708,7 @@ class KvStore(KvWatch, KvMigrate):
             # One batch, both conditional: of two writers for the same epoch exactly one commits.
             await self._commit([_Write(_kkey(room_id, epoch), entry, krev), _Write(_rkey(room_id), new, rrev)]
                                + self._log_writes(pos, logged, {"epoch": epoch}))
-            return self._room(new, await self._members_of(new["members"])), _room_state(room), _seq(pos)
+            return self._room(new, known), _room_state(room), _seq(pos)
 
         return await self._retrying(attempt)
 

@@ -23,6 +23,10 @@ key                              value (JSON)
 ``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
 ``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
                                  ``created`` (docs/operations.md, "Durability")
+``gone.<handle>``                ``{handle}`` — a deleted member whose handle some room records
+                                 still name (a deletion too large for one batch); readers treat
+                                 a handle without ``member.<handle>`` as absent, and
+                                 ``add_member`` of the handle removes those names first
 
 docs/store.md ("Layout", "Each operation") describes the layout and the batch each operation writes. A
 bucket written by 0.11 (no log keys, ``keys.`` records without signatures)
@@ -110,6 +114,10 @@ def _sign_key_of_nkey(nkey: str) -> str | None:
         return _skey(sign_pub_from_nkey(nkey))
     except KeyFormatError:
         return None
+
+
+def _gkey(handle: str) -> str:
+    return f"gone.{handle}"
 
 
 def _rkey(room_id: str) -> str:
