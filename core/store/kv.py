@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import random
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -88,8 +89,9 @@ log = logging.getLogger("unibus.store.kv")
 
 #: Log entries read at once by ``log_entries``.
 LOG_READ_CHUNK = 64
-#: Batches one pass of :meth:`KvStore._sweep_gone` writes at most (each up to ``MAX_BATCH - 1`` rooms).
-SWEEP_BATCHES = 1000
+#: Scans of the rooms one :meth:`KvStore._sweep_gone` makes at most (a room rewritten
+#: concurrently makes it scan again).
+SWEEP_ROUNDS = 12
 
 
 @dataclass(frozen=True)
@@ -531,19 +533,21 @@ class KvStore(KvWatch, KvMigrate):
         """
         if not _valid(handle):
             return True
-        for _ in range(SWEEP_BATCHES):
+        for _ in range(SWEEP_ROUNDS):
             (gone, grev), rooms = await asyncio.gather(self._read(_gkey(handle)), self._scan("room"))
             if gone is None:
                 return True
             room_writes, _left, _strip = _leave_rooms(handle, rooms)
-            done = len(room_writes) < MAX_BATCH
-            mark = _Write(_gkey(handle), None if done else gone, grev)
+            # One scan, then its rooms in batches: the mark, rewritten by each batch but the last
+            # (which deletes it), carries each batch's condition on to the next.
             with contextlib.suppress(_CasLost):
-                await self._commit(room_writes[:MAX_BATCH - 1] + [mark])
-                if done:
-                    log.info("cleared deleted member %s from the last room records that named it", handle)
-                    return True
-            await asyncio.sleep(0)
+                while len(room_writes) >= MAX_BATCH:
+                    batch, room_writes = room_writes[:MAX_BATCH - 1], room_writes[MAX_BATCH - 1:]
+                    grev = await self._commit(batch + [_Write(_gkey(handle), gone, grev)])
+                await self._commit(room_writes + [_Write(_gkey(handle), None, grev)])
+                log.info("cleared deleted member %s from the last room records that named it", handle)
+                return True
+            await asyncio.sleep(random.uniform(0, 0.05))  # a room changed since the scan: scan again
         return False
 
     async def _strip_sealed(self, handle: str, ranges: list[tuple[str, int, int]]) -> None:

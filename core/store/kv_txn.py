@@ -45,6 +45,8 @@ T = TypeVar("T")
 MAX_BATCH = 1000
 #: A write that keeps losing its compare-and-set this many times ends in Conflict.
 MAX_ATTEMPTS = 12
+#: Seconds a scan of a key prefix (every room, every member) may take while it makes progress.
+SCAN_BUDGET = 60.0
 #: Own revisions remembered for the watch (it tells them from other nodes' writes).
 OWN_REVISIONS = 8192
 
@@ -108,10 +110,11 @@ class KvBucket(Store):
         if nc is None or not nc.is_connected:
             raise StoreUnavailable("not connected to NATS")
 
-    async def _io(self, aw: Awaitable[T], what: str) -> T:
-        """Await one JetStream call within ``timeout``; map failures to StoreUnavailable."""
+    async def _io(self, aw: Awaitable[T], what: str, timeout: float | None = None) -> T:
+        """Await one JetStream call within ``timeout`` (the store's, by default); map failures to
+        StoreUnavailable."""
         try:
-            return await within(aw, self.timeout)
+            return await within(aw, self.timeout if timeout is None else timeout)
         except nats.errors.MaxPayloadError:
             raise Conflict(f"{what}: the record is larger than NATS allows in one message") from None
         except APIError as e:
@@ -151,13 +154,20 @@ class KvBucket(Store):
     async def _scan(self, prefix: str) -> dict[str, tuple[dict[str, Any], int]]:
         """Every live key under ``prefix`` (``"member"``, ``"room"``...): ``{key: (value, revision)}``."""
         self._check_connected()
-        found, _newest = await self._io(self._last_messages(f"{prefix}.>", 2.0), f"list {prefix}")
+        # Bounded by progress, not by its length: a scan fails once no message came for
+        # ``timeout``, or after SCAN_BUDGET. A fixed 2 s failed every scan of a bucket of about
+        # 80,000 rooms, which one member can make: its deletion and bus authorization's load
+        # with them (docs/store.md, "Failure: fail fast, fail closed").
+        found, _newest = await self._io(self._last_messages(f"{prefix}.>", 2.0, stall=self.timeout),
+                                        f"list {prefix}", timeout=max(self.timeout, SCAN_BUDGET))
         return {key: (json.loads(raw), rev) for key, (raw, rev) in found.items()}
 
-    async def _last_messages(self, keys: str, inactive: float) -> tuple[dict[str, tuple[bytes, int]], int]:
+    async def _last_messages(self, keys: str, inactive: float,
+                             stall: float | None = None) -> tuple[dict[str, tuple[bytes, int]], int]:
         """The last message of every key matching ``keys`` (a subject filter below the bucket's
         prefix): ``({key: (stored bytes, revision)} of live keys, the largest stream sequence
-        delivered, tombstones included)``.
+        delivered, tombstones included)``. With ``stall``, :class:`TimeoutError` when no
+        message comes for that many seconds.
 
         An ordered consumer delivering the last message of each subject. The
         end of the snapshot is the message whose ``num_pending`` is 0 — not
@@ -178,7 +188,7 @@ class KvBucket(Store):
             if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                 return out, newest  # nothing matched when the consumer was made
             while True:
-                msg = await queue.get()
+                msg = await (within(queue.get(), stall) if stall is not None else queue.get())
                 meta = msg.metadata
                 key = msg.subject[len(self._prefix):]
                 newest = max(newest, meta.sequence.stream)
@@ -229,8 +239,9 @@ class KvBucket(Store):
                 await nc.publish(subject, data, headers=hdrs)
         raise AssertionError("unreachable")
 
-    async def _commit(self, writes: list[_Write]) -> None:
-        """Write all of ``writes`` or none: one conditional publish, or one atomic batch."""
+    async def _commit(self, writes: list[_Write]) -> int:
+        """Write all of ``writes`` or none: one conditional publish, or one atomic batch. Returns
+        the stream sequence of the last write: the revision its key has now."""
         if len(writes) > MAX_BATCH:
             raise Conflict(f"this change touches {len(writes)} keys; one atomic KV batch holds at most {MAX_BATCH}")
         self._check_connected()
@@ -249,6 +260,7 @@ class KvBucket(Store):
             self._own[s] = None
         while len(self._own) > OWN_REVISIONS:
             self._own.popitem(last=False)
+        return seq
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt`` (read, check, conditional write) until its write is not outraced."""

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from unibus.store.base import (
 from unibus.store.db import migrate
 from unibus.store.fromkv import rows_from_kv
 from unibus.store.kv import STATE_BUCKET, KvStore, copy_store
+from unibus.store.kv_txn import _Write
 from unibus.store.sqlite import SqliteStore, new_member
 from unibus.testing import NatsServer
 from unibus.wire import nkey_from_sign_pub, sign_pub_from_nkey
@@ -1534,6 +1536,32 @@ async def test_kv_a_deletion_cut_after_its_first_batch_is_what_the_log_says(nats
         assert (await store._read("gone.mallory"))[0] is None and await _names(store, "mallory") == set()
         assert await store.list_rooms("mallory") == []
         await assert_replays_to_store(store)
+    finally:
+        await store.close()
+        await nc.close()
+
+
+@pytest.mark.slow
+async def test_kv_a_scan_longer_than_the_timeout_that_makes_progress_succeeds(nats_server: NatsServer) -> None:
+    """Scans are bounded by their progress, not their length: one member can make enough rooms
+    that reading them all takes longer than the store's timeout, and a fixed bound then failed
+    every listing, every deletion and bus authorization's load (docs/store.md, "Failure")."""
+    nc, store = await kv_store(nats_server.url)
+    try:
+        await store.add_member(member("alice", "admin"))
+        await store.add_member(member("mallory"))
+        now = datetime.now(UTC).isoformat()
+        n = 80_000
+        for first in range(0, n, 1000):
+            await store._commit([_Write(f"room.m{i}", {"room_id": f"m{i}", "name": "x", "owner": "mallory",
+                                                         "epoch": 0, "rekey_required": True, "created_at": now,
+                                                         "members": ["mallory"], "sealed": {}}, 0)
+                                 for i in range(first, first + 1000)])
+        slow = KvStore(nc.jetstream(timeout=1.0), timeout=1.0)  # at least a second to read them here
+        started = time.monotonic()
+        assert len(await slow.list_rooms()) == n
+        print(f"{n} rooms listed in {time.monotonic() - started:.2f} s")
+        assert len((await slow.membership()).rooms_of("mallory")) == n
     finally:
         await store.close()
         await nc.close()
