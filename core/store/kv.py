@@ -30,7 +30,7 @@ import logging
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -110,16 +110,20 @@ def _seq(pos: _LogPosition | None) -> int | None:
     return pos.seq if pos is not None else None
 
 
+@dataclass
+class _Cleared:
+    """What :meth:`KvStore._sweep_gone` took out of room records: the rooms a deleted member
+    was in, and the ``(room_id, first, last)`` epochs sealed to it."""
+
+    left: set[str] = field(default_factory=set)
+    strip: list[tuple[str, int, int]] = field(default_factory=list)
+
+
 def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
                  ) -> tuple[list[_Write], list[str], list[tuple[str, int, int]]]:
     """What deleting ``handle`` writes to the room records of ``rooms`` (``_scan("room")``): the writes,
-    the rooms it was a member of, and the ``(room_id, first, last)`` epochs sealed to it.
-
-    The writes to rooms it was a member of come first: those are the ones a
-    deletion's first batch takes when it cannot take them all (``_delete_member``).
-    """
+    the rooms it was a member of, and the ``(room_id, first, last)`` epochs sealed to it."""
     writes: list[_Write] = []
-    others: list[_Write] = []
     left: list[str] = []
     strip: list[tuple[str, int, int]] = []
     for room, rrev in rooms.values():
@@ -138,8 +142,8 @@ def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
             new["owner"] = ""
         if rng:
             strip.append((room["room_id"], rng[0], rng[1]))
-        (writes if was_member else others).append(_Write(_rkey(room["room_id"]), new, rrev))
-    return writes + others, left, strip
+        writes.append(_Write(_rkey(room["room_id"]), new, rrev))
+    return writes, left, strip
 
 
 def _live_room(room: dict[str, Any], known: dict[str, Any] | set[str] | frozenset[str]) -> dict[str, Any]:
@@ -147,8 +151,8 @@ def _live_room(room: dict[str, Any], known: dict[str, Any] | set[str] | frozense
     and owner: a handle of no member is not in its roster, a room that names one in its roster
     needs a rekey, and an owner that is no member is ``""``.
 
-    A deletion too large for one atomic batch leaves its handle in some room records
-    until :meth:`KvStore._sweep_gone` removes it (docs/store.md, "Each operation").
+    A deletion leaves its handle in room records until :meth:`KvStore._sweep_gone`
+    removes it, just after (docs/store.md, "Each operation").
     """
     roster = room["members"]
     live = [h for h in roster if h in known]
@@ -391,9 +395,11 @@ class KvStore(KvWatch, KvMigrate):
                 # A deleted member of this handle is still named in room records: a new member
                 # must inherit none of its rooms, ownership or keys. Remove the names, then read
                 # everything again (the deletion that left them cannot come back: it needs a member).
-                if not await self._sweep_gone(member.handle):
+                cleared = _Cleared()
+                if not await self._sweep_gone(member.handle, cleared):
                     raise Conflict(f"the rooms of a deleted member {member.handle!r} are still being cleared; "
                                    "try again")
+                await self._strip_sealed(member.handle, cleared.strip)
                 raise _CasLost()
             if s is not None:
                 raise Conflict("another member already has this sign_pub")
@@ -473,9 +479,9 @@ class KvStore(KvWatch, KvMigrate):
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
 
-        async def attempt() -> tuple[list[str], list[tuple[str, int, int]], Member, int | None]:
+        async def attempt() -> tuple[Member, int | None]:
             pos = await self._log_position(logged)
-            (m, mrev), rooms = await asyncio.gather(self._read(_mkey(handle)), self._scan("room"))
+            m, mrev = await self._read(_mkey(handle))
             if m is None:
                 raise NotFound(f"no member {handle!r}")
             sign_pub = _b64d(m["sign_pub"])
@@ -483,8 +489,8 @@ class KvStore(KvWatch, KvMigrate):
             bkeys = [_bkey(nkey_from_sign_pub(sign_pub))]
             if m.get("bus_pub") and _valid(m["bus_pub"]):
                 bkeys.append(_bkey(m["bus_pub"]))
-            (s, srev), (admins, arev), *bus = await asyncio.gather(
-                self._read(skey), self._read(ADMINS_KEY), *(self._read(k) for k in bkeys))
+            (s, srev), (admins, arev), (_gone, grev), *bus = await asyncio.gather(
+                self._read(skey), self._read(ADMINS_KEY), self._read(_gkey(handle)), *(self._read(k) for k in bkeys))
             writes = [_Write(_mkey(handle), None, mrev)]
             if s is not None and s.get("handle") == handle:
                 writes.append(_Write(skey, None, srev))
@@ -496,38 +502,34 @@ class KvStore(KvWatch, KvMigrate):
                 raise Conflict(f"{handle!r} is the last admin and cannot be deleted")
             if handle in current:
                 writes.append(_Write(ADMINS_KEY, {"admins": sorted(current - {handle})}, arev))
-            room_writes, left, strip = _leave_rooms(handle, rooms)
-            log_writes = self._log_writes(pos, logged, {})
-            room = MAX_BATCH - len(writes) - len(log_writes)
-            later = len(room_writes) > room
-            if later:
-                # Too many rooms name it for one batch (a member in 1,000 rooms, or the owner of
-                # many it left): the batch takes the rooms it is in first, and marks the handle
-                # gone. Readers treat the rest as without it (_live_room) until _sweep_gone
-                # rewrites them, and add_member of the handle waits for that.
-                _gone, grev = await self._read(_gkey(handle))
-                writes.append(_Write(_gkey(handle), {"handle": handle}, grev))
-                room_writes = room_writes[:room - 1]
-            await self._commit(writes + room_writes + log_writes)
-            return sorted(left), strip, _member(m), _seq(pos), later
+            # The rooms that name it are rewritten after this batch (_sweep_gone), and readers
+            # take them as without it until then (_live_room): the batch holds however many rooms
+            # name the member, reads no room, and depends on a few keys and the log's head only.
+            # With the rooms in it, it read every room first, and a member that kept writing
+            # (each write moves the head) made every try lose: no admin could delete it.
+            writes.append(_Write(_gkey(handle), {"handle": handle}, grev))
+            await self._commit(writes + self._log_writes(pos, logged, {}))
+            return _member(m), _seq(pos)
 
-        left, strip, before, seq, later = await self._retrying(attempt)
-        if later:
-            try:
-                await self._sweep_gone(handle)
-            except Exception as e:  # noqa: BLE001 - readers and add_member do not depend on it
-                log.warning("could not yet clear deleted member %s from every room record: %s", handle, e)
-        await self._strip_sealed(handle, strip)
-        return left, before, seq
+        before, seq = await self._retrying(attempt)
+        cleared = _Cleared()
+        try:
+            await self._sweep_gone(handle, cleared)
+        except Exception as e:  # noqa: BLE001 - readers and add_member do not depend on it
+            log.warning("deleted member %s is still named in some room records (cleared when a member with "
+                        "its handle is added): %s", handle, e)
+        await self._strip_sealed(handle, cleared.strip)
+        return sorted(cleared.left), before, seq
 
-    async def _sweep_gone(self, handle: str) -> bool:
-        """Remove a deleted member's handle from the room records its deletion could not rewrite
-        in one batch, then its ``gone.<handle>`` mark; True once no mark is left.
+    async def _sweep_gone(self, handle: str, cleared: _Cleared | None = None) -> bool:
+        """Remove a deleted member's handle from the room records that still name it (in a
+        roster, as owner, or by a sealed range), then its ``gone.<handle>`` mark; True once no
+        mark is left. ``cleared`` collects the rooms it was in and its sealed ranges.
 
         Each batch is conditional on the mark's revision as well as each room's:
         the mark exists only while no member has the handle, so no batch can
         touch the rooms of a member added again since. A room rewritten
-        concurrently makes that batch lose, and it is read again. (Bus
+        concurrently makes that batch lose, and the rooms are read again. (Bus
         authorization's index needs no report of these writes: it counts only
         members that exist in a room, and drops a deleted member from every room.)
         """
@@ -537,7 +539,10 @@ class KvStore(KvWatch, KvMigrate):
             (gone, grev), rooms = await asyncio.gather(self._read(_gkey(handle)), self._scan("room"))
             if gone is None:
                 return True
-            room_writes, _left, _strip = _leave_rooms(handle, rooms)
+            room_writes, left, strip = _leave_rooms(handle, rooms)
+            if cleared is not None:
+                cleared.left.update(left)
+                cleared.strip.extend(r for r in strip if r not in cleared.strip)
             # One scan, then its rooms in batches: the mark, rewritten by each batch but the last
             # (which deletes it), carries each batch's condition on to the next.
             with contextlib.suppress(_CasLost):
@@ -545,7 +550,6 @@ class KvStore(KvWatch, KvMigrate):
                     batch, room_writes = room_writes[:MAX_BATCH - 1], room_writes[MAX_BATCH - 1:]
                     grev = await self._commit(batch + [_Write(_gkey(handle), gone, grev)])
                 await self._commit(room_writes + [_Write(_gkey(handle), None, grev)])
-                log.info("cleared deleted member %s from the last room records that named it", handle)
                 return True
             await asyncio.sleep(random.uniform(0, 0.05))  # a room changed since the scan: scan again
         return False

@@ -23,8 +23,8 @@ key                              value (JSON)
 ``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
 ``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
                                  ``created`` (docs/operations.md, "Durability")
-``gone.<handle>``                ``{handle}`` — a deleted member whose handle some room records
-                                 still name (a deletion too large for one batch); readers treat
+``gone.<handle>``                ``{handle}`` — a deleted member whose handle room records may
+                                 still name (rewritten just after the deletion); readers treat
                                  a handle without ``member.<handle>`` as absent, and
                                  ``add_member`` of the handle removes those names first
 
