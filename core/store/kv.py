@@ -329,6 +329,26 @@ class KvStore(KvWatch, KvMigrate):
             raise StoreUnavailable(f"KV bucket {self.bucket} holds schema {_schema['version']}; "
                                    f"this membershipd knows {SCHEMA_VERSION}: upgrade it")
         await self._write_root()
+        await self._clear_gone()
+
+    async def _clear_gone(self) -> None:
+        """Finish clearing the room records of deletions cut short after their batch (a crash, a
+        store that could not answer): each ``gone.<handle>`` left. Best effort: readers and
+        ``add_member`` do not depend on it."""
+        try:
+            marks = await self._scan("gone")
+        except Exception as e:  # noqa: BLE001 - best effort (see above)
+            log.warning("could not look for deleted members still named in room records: %s", e)
+            return
+        for key in sorted(marks):
+            handle = key.split(".", 1)[1]
+            cleared = _Cleared()
+            try:
+                if await self._sweep_gone(handle, cleared):
+                    await self._strip_sealed(handle, cleared.strip)
+                    log.info("cleared deleted member %s from the room records that still named it", handle)
+            except Exception as e:  # noqa: BLE001 - best effort (see above)
+                log.warning("could not clear deleted member %s from the room records that name it: %s", handle, e)
 
     # -- bus authorization's reads (with revisions) ----------------------------------
 
@@ -516,8 +536,8 @@ class KvStore(KvWatch, KvMigrate):
         try:
             await self._sweep_gone(handle, cleared)
         except Exception as e:  # noqa: BLE001 - readers and add_member do not depend on it
-            log.warning("deleted member %s is still named in some room records (cleared when a member with "
-                        "its handle is added): %s", handle, e)
+            log.warning("deleted member %s is still named in some room records (cleared at the next start, or "
+                        "when a member with its handle is added): %s", handle, e)
         await self._strip_sealed(handle, cleared.strip)
         return sorted(cleared.left), before, seq
 

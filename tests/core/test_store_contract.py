@@ -1540,6 +1540,29 @@ async def test_kv_a_deletion_cut_after_its_batch_is_what_the_log_says(nats_serve
         await nc.close()
 
 
+async def test_kv_a_deletion_cut_after_its_batch_is_finished_by_the_next_start(nats_server: NatsServer) -> None:
+    """The next start of a node (``ensure()``) clears the rooms a deletion cut short left."""
+    nc = await connect(nats_server.url)
+    cut = _StopsAfterTheBatch(nc.jetstream(timeout=2.0))
+    await cut.ensure()
+    try:
+        await cut.add_member(member("alice", "admin"))
+        await cut.add_member(member("mallory"))
+        rooms = {(await cut.create_room(f"r{i}", "mallory")).room_id for i in range(5)}
+        await cut.put_keys(min(rooms), 1, {"mallory": b"m"})
+        await cut.delete_member("mallory")
+        assert await _names(cut, "mallory") == rooms
+        started = KvStore(nc.jetstream(timeout=2.0))
+        await started.ensure()
+        await started.close()
+        assert await _names(cut, "mallory") == set() and (await cut._read("gone.mallory"))[0] is None
+        keys, _rev = await cut._read(f"keys.{min(rooms)}.1")
+        assert "mallory" not in keys["sealed"]  # its sealed key removed too
+    finally:
+        await cut.close()
+        await nc.close()
+
+
 @pytest.mark.slow
 async def test_kv_a_scan_longer_than_the_timeout_that_makes_progress_succeeds(nats_server: NatsServer) -> None:
     """Scans are bounded by their progress, not their length: one member can make enough rooms
