@@ -527,13 +527,23 @@ class Store(abc.ABC):
     async def delete_member(self, handle: str, *, logged: LogRecord | None = None) -> list[str]:
         """Delete a member and its room memberships; returns the rooms it left (now rekey_required)."""
         left, before, seq = await self._delete_member(handle, logged)
-        await self._report("member_deleted", logged, seq, handle=handle, rooms=tuple(left),
-                           before=member_state(before))
+        try:
+            # Reported as soon as it is committed: the listeners (bus authorization's kicks) must
+            # not wait for the clean-up below, while the member is refused already.
+            await self._report("member_deleted", logged, seq, handle=handle, rooms=tuple(left),
+                               before=member_state(before))
+        finally:
+            await self._after_delete_member(handle)
         return left
 
     @abc.abstractmethod
     async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
         """Commit :meth:`delete_member`: ``(rooms left, sorted; the member before; log seq)``."""
+
+    async def _after_delete_member(self, handle: str) -> None:
+        """Clean up after a committed deletion, once it is reported (the KV store rewrites the
+        room records that still name the member); never raises. Nothing to do by default."""
+        return None
 
     # -- rooms ---------------------------------------------------------------
     async def create_room(self, name: str, owner: str, *, logged: LogRecord | None = None) -> Room:

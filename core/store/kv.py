@@ -498,6 +498,10 @@ class KvStore(KvWatch, KvMigrate):
     async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
+        # The rooms it is in, for the change's report: read before the batch, which must not
+        # depend on them (a room joined since is left all the same: bus authorization drops a
+        # deleted member from every room).
+        left = sorted(v["room_id"] for v, _rev in (await self._scan("room")).values() if handle in v["members"])
 
         async def attempt() -> tuple[Member, int | None]:
             pos = await self._log_position(logged)
@@ -532,14 +536,19 @@ class KvStore(KvWatch, KvMigrate):
             return _member(m), _seq(pos)
 
         before, seq = await self._retrying(attempt)
+        return left, before, seq
+
+    async def _after_delete_member(self, handle: str) -> None:
         cleared = _Cleared()
         try:
-            await self._sweep_gone(handle, cleared)
+            done = await self._sweep_gone(handle, cleared)
+            why = "rooms kept changing while it rewrote them"
         except Exception as e:  # noqa: BLE001 - readers and add_member do not depend on it
-            log.warning("deleted member %s is still named in some room records (cleared at the next start, or "
-                        "when a member with its handle is added): %s", handle, e)
+            done, why = False, str(e)
+        if not done:
+            log.warning("deleted member %s is still named in some room records (readers take it as gone; cleared "
+                        "at the next start, or when a member with its handle is added): %s", handle, why)
         await self._strip_sealed(handle, cleared.strip)
-        return sorted(cleared.left), before, seq
 
     async def _sweep_gone(self, handle: str, cleared: _Cleared | None = None) -> bool:
         """Remove a deleted member's handle from the room records that still name it (in a

@@ -313,16 +313,22 @@ async def _receive(request: web.Request, service: BlobService, room: Any, me: An
 async def _gone_during_upload(request: web.Request, room_id: str, handle: str) -> Problem | None:
     """The answer for an upload whose room was deleted (404), or whose uploader left it or was
     deleted (403), since the upload's checks; None while both still hold. One read of the room's
-    record (``room_handles``), not of every member's, as ``get_room`` makes in a cluster."""
+    record (``room_handles``), not of every member's, as ``get_room`` makes in a cluster, and one
+    of the uploader's: on a cluster a room's record still names a deleted member for a moment
+    after its deletion (docs/store.md, "Each operation"), and a review had a deleted member's
+    upload stored in that moment."""
     from unibus.app import STORE
 
-    handles, _revision = await request.app[STORE].room_handles(room_id)
+    store = request.app[STORE]
+    handles, _revision = await store.room_handles(room_id)
     if handles is None:
         return _problem(404, f"room {room_id!r} was deleted during the upload; nothing was stored",
                         kind="not-found")
     if handle not in handles:
         return _problem(403, "only the room's members may use its blobs, and you left it during the upload; "
                              "nothing was stored", kind="forbidden")
+    if await store.get_member(handle) is None:
+        return _problem(403, "you were deleted during the upload; nothing was stored", kind="forbidden")
     return None
 
 
