@@ -1540,6 +1540,16 @@ async def test_kv_a_deletion_cut_after_its_batch_is_what_the_log_says(nats_serve
         await nc.close()
 
 
+async def _alice_and_mallory(url: str, cls: type[KvStore]) -> tuple[nats.NATS, Any]:
+    """A ``cls`` store on a new connection, with alice (admin) and mallory (member) in it."""
+    nc = await connect(url)
+    store = cls(nc.jetstream(timeout=2.0))
+    await store.ensure()
+    await store.add_member(member("alice", "admin"))
+    await store.add_member(member("mallory"))
+    return nc, store
+
+
 class _SlowToClear(KvStore):
     """A KV store whose clean-up after a deletion waits until ``release`` is set."""
 
@@ -1557,12 +1567,8 @@ async def test_kv_a_deletion_is_reported_before_its_rooms_are_cleared(nats_serve
     not after the rooms that name the member are rewritten: a review made that take 6.9 s by
     rewriting one of them in a loop, and the deleting node let the deleted member log in to the
     bus and read a room meanwhile, while every node refused its signed requests."""
-    nc = await connect(nats_server.url)
-    store = _SlowToClear(nc.jetstream(timeout=2.0))
-    await store.ensure()
+    nc, store = await _alice_and_mallory(nats_server.url, _SlowToClear)
     try:
-        await store.add_member(member("alice", "admin"))
-        await store.add_member(member("mallory"))
         rid = (await store.create_room("r", "mallory")).room_id
         seen: list[Change] = []
         store.add_listener(seen.append)
@@ -1581,12 +1587,8 @@ async def test_kv_a_deletion_is_reported_before_its_rooms_are_cleared(nats_serve
 
 async def test_kv_a_deletion_cut_after_its_batch_is_finished_by_the_next_start(nats_server: NatsServer) -> None:
     """The next start of a node (``ensure()``) clears the rooms a deletion cut short left."""
-    nc = await connect(nats_server.url)
-    cut = _StopsAfterTheBatch(nc.jetstream(timeout=2.0))
-    await cut.ensure()
+    nc, cut = await _alice_and_mallory(nats_server.url, _StopsAfterTheBatch)
     try:
-        await cut.add_member(member("alice", "admin"))
-        await cut.add_member(member("mallory"))
         rooms = {(await cut.create_room(f"r{i}", "mallory")).room_id for i in range(5)}
         await cut.put_keys(min(rooms), 1, {"mallory": b"m"})
         await cut.delete_member("mallory")
