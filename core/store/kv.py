@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from ..aio import within
 from ..errors import RuntimeFailure
 from ..memberlog import snapshot_entry
 from ..wire import nkey_from_sign_pub
@@ -89,9 +90,13 @@ log = logging.getLogger("unibus.store.kv")
 
 #: Log entries read at once by ``log_entries``.
 LOG_READ_CHUNK = 64
-#: Scans of the rooms one :meth:`KvStore._sweep_gone` makes at most (a room rewritten
-#: concurrently makes it scan again).
+#: Rounds of writes one :meth:`KvStore._sweep_gone` makes at most (a room rewritten
+#: concurrently makes its batch lose, and it is read and written again in the next round).
 SWEEP_ROUNDS = 12
+#: Rooms read again and written at once after a batch of the clean-up lost.
+SWEEP_RETRY_CHUNK = 16
+#: Seconds a node's start spends at most finishing clean-ups a crash cut short.
+CLEAR_ON_START = 30.0
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class _Cleared:
     was in, and the ``(room_id, first, last)`` epochs sealed to it."""
 
     left: set[str] = field(default_factory=set)
-    strip: list[tuple[str, int, int]] = field(default_factory=list)
+    strip: set[tuple[str, int, int]] = field(default_factory=set)
 
 
 def _leave_rooms(handle: str, rooms: dict[str, tuple[dict[str, Any], int]]
@@ -333,22 +338,29 @@ class KvStore(KvWatch, KvMigrate):
 
     async def _clear_gone(self) -> None:
         """Finish clearing the room records of deletions cut short after their batch (a crash, a
-        store that could not answer): each ``gone.<handle>`` left. Best effort: readers and
-        ``add_member`` do not depend on it."""
-        try:
+        store that could not answer): each ``gone.<handle>`` left, on one read of the rooms, for
+        at most :data:`CLEAR_ON_START` seconds. Best effort: readers and ``add_member`` do not
+        depend on it, and the next start goes on."""
+        async def clear() -> None:
             marks = await self._scan("gone")
-        except Exception as e:  # noqa: BLE001 - best effort (see above)
-            log.warning("could not look for deleted members still named in room records: %s", e)
-            return
-        for key in sorted(marks):
-            handle = key.split(".", 1)[1]
-            cleared = _Cleared()
-            try:
-                if await self._sweep_gone(handle, cleared):
+            if not marks:
+                return
+            rooms = await self._scan("room")
+            for key in sorted(marks):
+                handle = key.split(".", 1)[1]
+                cleared = _Cleared()
+                if await self._sweep_gone(handle, cleared, rooms):
                     await self._strip_sealed(handle, cleared.strip)
                     log.info("cleared deleted member %s from the room records that still named it", handle)
-            except Exception as e:  # noqa: BLE001 - best effort (see above)
-                log.warning("could not clear deleted member %s from the room records that name it: %s", handle, e)
+                else:
+                    log.warning("deleted member %s is still named in some room records (readers take it as "
+                                "gone): rooms kept changing while they were rewritten", handle)
+
+        try:
+            await within(clear(), CLEAR_ON_START)
+        except Exception as e:  # noqa: BLE001 - best effort (see above)
+            log.warning("could not clear every deleted member from the room records that name it (readers take "
+                        "them as gone; the next start goes on): %s", f"{type(e).__name__} {e}".strip())
 
     # -- bus authorization's reads (with revisions) ----------------------------------
 
@@ -498,6 +510,8 @@ class KvStore(KvWatch, KvMigrate):
     async def _delete_member(self, handle: str, logged: LogRecord | None) -> tuple[list[str], Member, int | None]:
         if not _valid(handle):
             raise NotFound(f"no member {handle!r}")
+        if (await self._read(_mkey(handle)))[0] is None:
+            raise NotFound(f"no member {handle!r}")
         # The rooms it is in, for the change's report: read before the batch, which must not
         # depend on them (a room joined since is left all the same: bus authorization drops a
         # deleted member from every room).
@@ -550,44 +564,89 @@ class KvStore(KvWatch, KvMigrate):
                         "at the next start, or when a member with its handle is added): %s", handle, why)
         await self._strip_sealed(handle, cleared.strip)
 
-    async def _sweep_gone(self, handle: str, cleared: _Cleared | None = None) -> bool:
+    async def _sweep_gone(self, handle: str, cleared: _Cleared | None = None,
+                          rooms: dict[str, tuple[dict[str, Any], int]] | None = None) -> bool:
         """Remove a deleted member's handle from the room records that still name it (in a
         roster, as owner, or by a sealed range), then its ``gone.<handle>`` mark; True once no
-        mark is left. ``cleared`` collects the rooms it was in and its sealed ranges.
+        mark is left. ``cleared`` collects the rooms it was in and its sealed ranges; ``rooms``
+        is a read of every room to start from (``_scan("room")``), or None to read them.
 
         Each batch is conditional on the mark's revision as well as each room's:
         the mark exists only while no member has the handle, so no batch can
-        touch the rooms of a member added again since. A room rewritten
-        concurrently makes that batch lose, and the rooms are read again. (Bus
-        authorization's index needs no report of these writes: it counts only
+        touch the rooms of a member added again since. The rooms are read once;
+        the rooms of a batch that lost (one of them rewritten since) are read
+        again, :data:`SWEEP_RETRY_CHUNK` at a time and written at once, so that a
+        member that keeps rewriting one room cannot hold the others back (a review
+        made a clean-up that read every room again give up). No room can come to
+        name a deleted member, so the mark goes once every room read is clear.
+        (Bus authorization's index needs no report of these writes: it counts only
         members that exist in a room, and drops a deleted member from every room.)
         """
         if not _valid(handle):
             return True
-        for _ in range(SWEEP_ROUNDS):
+        if rooms is None:
             (gone, grev), rooms = await asyncio.gather(self._read(_gkey(handle)), self._scan("room"))
+        else:
+            gone, grev = await self._read(_gkey(handle))
+        chunk = MAX_BATCH - 1
+        for _ in range(SWEEP_ROUNDS):
             if gone is None:
                 return True
             room_writes, left, strip = _leave_rooms(handle, rooms)
             if cleared is not None:
                 cleared.left.update(left)
-                cleared.strip.extend(r for r in strip if r not in cleared.strip)
-            # One scan, then its rooms in batches: the mark, rewritten by each batch but the last
-            # (which deletes it), carries each batch's condition on to the next.
-            with contextlib.suppress(_CasLost):
-                while len(room_writes) >= MAX_BATCH:
-                    batch, room_writes = room_writes[:MAX_BATCH - 1], room_writes[MAX_BATCH - 1:]
+                cleared.strip.update(strip)
+            lost: list[str] = []
+            for i in range(0, len(room_writes), chunk):
+                batch = room_writes[i:i + chunk]
+                try:
                     grev = await self._commit(batch + [_Write(_gkey(handle), gone, grev)])
-                await self._commit(room_writes + [_Write(_gkey(handle), None, grev)])
-                return True
-            await asyncio.sleep(random.uniform(0, 0.05))  # a room changed since the scan: scan again
+                except _CasLost:  # a room of the batch was rewritten since it was read, or the mark
+                    lost += [w.key for w in batch]
+                    gone, grev = await self._read(_gkey(handle))
+                    if gone is None:
+                        return True  # another clean-up finished
+            if not lost:
+                try:
+                    await self._commit([_Write(_gkey(handle), None, grev)])
+                    return True
+                except _CasLost:  # another clean-up moved the mark: every room read here is clear
+                    gone, grev = await self._read(_gkey(handle))
+                    rooms = {}
+                    continue
+            # The rooms of the batches that lost, read again in small chunks, each written at once.
+            chunk = SWEEP_RETRY_CHUNK
+            rooms = {}
+            for i in range(0, len(lost), chunk):
+                keys = lost[i:i + chunk]
+                got = await asyncio.gather(*(self._read(k) for k in keys))
+                part = {k: (v, rev) for k, (v, rev) in zip(keys, got) if v is not None}
+                writes, left, strip = _leave_rooms(handle, part)
+                if cleared is not None:
+                    cleared.left.update(left)
+                    cleared.strip.update(strip)
+                if not writes:
+                    continue
+                try:
+                    grev = await self._commit(writes + [_Write(_gkey(handle), gone, grev)])
+                except _CasLost:
+                    rooms.update(part)  # tried again in the next round, read again there
+                    gone, grev = await self._read(_gkey(handle))
+                    if gone is None:
+                        return True
+            if rooms:
+                got = await asyncio.gather(*(self._read(k) for k in rooms))
+                rooms = {k: (v, rev) for k, (v, rev) in zip(list(rooms), got) if v is not None}
+                await asyncio.sleep(random.uniform(0, 0.02))
         return False
 
-    async def _strip_sealed(self, handle: str, ranges: list[tuple[str, int, int]]) -> None:
+    async def _strip_sealed(self, handle: str, ranges: Iterable[tuple[str, int, int]]) -> None:
         """Remove a deleted member's sealed keys from the epochs' entries (hygiene, best effort).
 
-        They are already unreachable: the member's sealed range left every room
-        record in the deleting batch, and ``get_sealed_key`` reads only inside it.
+        They are already unreachable: no request is signed by a deleted member,
+        and a member added again under its handle comes after :meth:`_sweep_gone`
+        took its sealed ranges out of every room record (``get_sealed_key`` reads
+        only inside them).
         """
         async def strip_one(room_id: str, epoch: int) -> None:
             key = _kkey(room_id, epoch)
@@ -606,7 +665,7 @@ class KvStore(KvWatch, KvMigrate):
             except Exception as e:  # noqa: BLE001 - hygiene only: the keys are unreachable already
                 log.warning("could not remove %s's sealed key from %s: %s", handle, key, e)
 
-        todo = [(r, e) for r, first, last in ranges for e in range(first, last + 1)]
+        todo = [(r, e) for r, first, last in sorted(ranges) for e in range(first, last + 1)]
         for i in range(0, len(todo), 16):
             await asyncio.gather(*(strip_one(r, e) for r, e in todo[i:i + 16]))
 
@@ -670,9 +729,15 @@ class KvStore(KvWatch, KvMigrate):
             pos = await self._log_position(logged)
             room, rev = await self._room_or_404(room_id)
             await self._commit([_Write(_rkey(room_id), None, rev)] + self._log_writes(pos, logged, {}))
-            return _room_state(room), _seq(pos)
+            return room, _seq(pos)
 
-        before, seq = await self._retrying(attempt)
+        room, seq = await self._retrying(attempt)
+        # The room as readers saw it, for the change's report (its members are read after the
+        # write, which does not depend on them: a deleted member named by the record is left out).
+        try:
+            before = _room_state(_live_room(room, await self._members_of(_named(room))))
+        except StoreUnavailable:
+            before = _room_state(room)  # committed all the same: the record as it was
         # The sealed keys are unreachable once the room record is gone (room ids are
         # never reused); purging them is hygiene, and a crash here only leaves garbage.
         try:
@@ -700,7 +765,7 @@ class KvStore(KvWatch, KvMigrate):
             # The touch of the member's record: a concurrent delete_member of it cannot miss this room.
             await self._commit([_Write(_rkey(room_id), new, rrev), _Write(_mkey(handle), m, mrev)]
                                + self._log_writes(pos, logged, {}))
-            return self._room(new, {**known, handle: _member(m)}), _room_state(room), _seq(pos)
+            return self._room(new, {**known, handle: _member(m)}), _room_state(live), _seq(pos)
 
         return await self._retrying(attempt)
 
@@ -717,7 +782,7 @@ class KvStore(KvWatch, KvMigrate):
                 raise NotFound(f"{handle!r} is not a member of room {room_id!r}")
             new = {**live, "members": [h for h in live["members"] if h != handle], "rekey_required": True}
             await self._commit([_Write(_rkey(room_id), new, rrev)] + self._log_writes(pos, logged, {}))
-            return self._room(new, known), _room_state(room), _seq(pos)
+            return self._room(new, known), _room_state(live), _seq(pos)
 
         return await self._retrying(attempt)
 
