@@ -1510,8 +1510,13 @@ async def test_kv_a_deletion_cut_after_its_batch_is_what_the_log_says(nats_serve
             await store.remove_room_member(rid, "mallory",
                                            logged=signed(alice, "DELETE", f"/v1/rooms/{rid}/members/mallory"))
         assert await store.log_head() == head
-        # an admin adds herself to one such room and rekeys it for its members that exist
+        # an admin adds herself to one such room and rekeys it for its members that exist; the
+        # change's report shows the room as readers do (a review saw mallory "leave" in it)
+        seen: list[Change] = []
+        store.add_listener(seen.append)
         await store.add_room_member(rid, "alice", logged=signed(alice, "PUT", f"/v1/rooms/{rid}/members/alice"))
+        assert (seen[0].before["members"], seen[0].before["owner"]) == ([], None)
+        assert seen[0].after["members"] == ["alice"]
         head = await store.log_head()
         await store.put_keys(rid, 1, {"alice": b"a1"}, sealer="alice", log_head={"seq": head[0], "hash": head[1]},
                              logged=signed(alice, "POST", f"/v1/rooms/{rid}/keys", {"epoch": 1}))
