@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import logging
 import random
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -345,11 +346,11 @@ class KvStore(KvWatch, KvMigrate):
             marks = await self._scan("gone")
             if not marks:
                 return
-            rooms = await self._scan("room")
-            for key in sorted(marks):
+            rooms = await self._scan("room")  # after the marks: it is valid for each of them
+            for key, (mark, _rev) in sorted(marks.items()):
                 handle = key.split(".", 1)[1]
                 cleared = _Cleared()
-                if await self._sweep_gone(handle, cleared, rooms):
+                if await self._sweep_gone(handle, cleared, (mark, rooms)):
                     await self._strip_sealed(handle, cleared.strip)
                     log.info("cleared deleted member %s from the room records that still named it", handle)
                 else:
@@ -545,7 +546,10 @@ class KvStore(KvWatch, KvMigrate):
             # name the member, reads no room, and depends on a few keys and the log's head only.
             # With the rooms in it, it read every room first, and a member that kept writing
             # (each write moves the head) made every try lose: no admin could delete it.
-            writes.append(_Write(_gkey(handle), {"handle": handle}, grev))
+            # The mark names this deletion: a clean-up reads the rooms after the mark it clears,
+            # and what it read says nothing of a later deletion of the handle (a review had an old
+            # clean-up delete a newer deletion's mark, and a room kept naming the handle).
+            writes.append(_Write(_gkey(handle), {"handle": handle, "deletion": secrets.token_hex(8)}, grev))
             await self._commit(writes + self._log_writes(pos, logged, {}))
             return _member(m), _seq(pos)
 
@@ -565,62 +569,48 @@ class KvStore(KvWatch, KvMigrate):
         await self._strip_sealed(handle, cleared.strip)
 
     async def _sweep_gone(self, handle: str, cleared: _Cleared | None = None,
-                          rooms: dict[str, tuple[dict[str, Any], int]] | None = None) -> bool:
+                          seen: tuple[dict[str, Any], dict[str, tuple[dict[str, Any], int]]] | None = None) -> bool:
         """Remove a deleted member's handle from the room records that still name it (in a
         roster, as owner, or by a sealed range), then its ``gone.<handle>`` mark; True once no
-        mark is left. ``cleared`` collects the rooms it was in and its sealed ranges; ``rooms``
-        is a read of every room to start from (``_scan("room")``), or None to read them.
+        mark is left. ``cleared`` collects the rooms it was in and its sealed ranges; ``seen`` is
+        a mark and a read of every room made after it (``_scan("room")``), or None to read both.
 
         Each batch is conditional on the mark's revision as well as each room's:
         the mark exists only while no member has the handle, so no batch can
-        touch the rooms of a member added again since. The rooms are read once;
-        the rooms of a batch that lost (one of them rewritten since) are read
-        again, :data:`SWEEP_RETRY_CHUNK` at a time and written at once, so that a
-        member that keeps rewriting one room cannot hold the others back (a review
-        made a clean-up that read every room again give up). No room can come to
-        name a deleted member, so the mark goes once every room read is clear.
-        (Bus authorization's index needs no report of these writes: it counts only
-        members that exist in a room, and drops a deleted member from every room.)
+        touch the rooms of a member added again since. A read of the rooms is
+        used only for the deletion whose mark was read before it: no room can
+        come to name a deleted member, so every room that names it is in that
+        read, but a later deletion of the handle (a member added again, put in
+        rooms, deleted) has a new mark, and the rooms are read again for it. The
+        rooms of a batch that lost (one of them rewritten since) are read again,
+        :data:`SWEEP_RETRY_CHUNK` at a time and written at once, so that a member
+        that keeps rewriting one room cannot hold the others back (a review made a
+        clean-up that read every room again give up). The mark goes once every
+        room of the read is clear. (Bus authorization's index needs no report of
+        these writes: it counts only members that exist in a room, and drops a
+        deleted member from every room.)
         """
         if not _valid(handle):
             return True
-        if rooms is None:
-            (gone, grev), rooms = await asyncio.gather(self._read(_gkey(handle)), self._scan("room"))
-        else:
-            gone, grev = await self._read(_gkey(handle))
-        chunk = MAX_BATCH - 1
+        gone, grev = await self._read(_gkey(handle))
+        if gone is None:
+            return True
+        rooms = seen[1] if seen is not None and seen[0] == gone else await self._scan("room")
+        retry: list[str] = []  # rooms of batches that lost, read again and written a few at a time
         for _ in range(SWEEP_ROUNDS):
-            if gone is None:
-                return True
-            room_writes, left, strip = _leave_rooms(handle, rooms)
-            if cleared is not None:
-                cleared.left.update(left)
-                cleared.strip.update(strip)
-            lost: list[str] = []
-            for i in range(0, len(room_writes), chunk):
-                batch = room_writes[i:i + chunk]
-                try:
-                    grev = await self._commit(batch + [_Write(_gkey(handle), gone, grev)])
-                except _CasLost:  # a room of the batch was rewritten since it was read, or the mark
-                    lost += [w.key for w in batch]
-                    gone, grev = await self._read(_gkey(handle))
-                    if gone is None:
-                        return True  # another clean-up finished
-            if not lost:
-                try:
-                    await self._commit([_Write(_gkey(handle), None, grev)])
-                    return True
-                except _CasLost:  # another clean-up moved the mark: every room read here is clear
-                    gone, grev = await self._read(_gkey(handle))
-                    rooms = {}
-                    continue
-            # The rooms of the batches that lost, read again in small chunks, each written at once.
-            chunk = SWEEP_RETRY_CHUNK
-            rooms = {}
-            for i in range(0, len(lost), chunk):
-                keys = lost[i:i + chunk]
-                got = await asyncio.gather(*(self._read(k) for k in keys))
-                part = {k: (v, rev) for k, (v, rev) in zip(keys, got) if v is not None}
+            fresh = bool(retry)
+            if fresh:
+                parts = [retry[i:i + SWEEP_RETRY_CHUNK] for i in range(0, len(retry), SWEEP_RETRY_CHUNK)]
+            else:
+                named = [w.key for w in _leave_rooms(handle, rooms)[0]]
+                parts = [named[i:i + MAX_BATCH - 1] for i in range(0, len(named), MAX_BATCH - 1)]
+            retry, newer = [], False
+            for keys in parts:
+                if fresh:
+                    got = await asyncio.gather(*(self._read(k) for k in keys))
+                    part = {k: (v, rev) for k, (v, rev) in zip(keys, got) if v is not None}
+                else:
+                    part = {k: rooms[k] for k in keys}
                 writes, left, strip = _leave_rooms(handle, part)
                 if cleared is not None:
                     cleared.left.update(left)
@@ -629,15 +619,32 @@ class KvStore(KvWatch, KvMigrate):
                     continue
                 try:
                     grev = await self._commit(writes + [_Write(_gkey(handle), gone, grev)])
-                except _CasLost:
-                    rooms.update(part)  # tried again in the next round, read again there
-                    gone, grev = await self._read(_gkey(handle))
-                    if gone is None:
-                        return True
-            if rooms:
-                got = await asyncio.gather(*(self._read(k) for k in rooms))
-                rooms = {k: (v, rev) for k, (v, rev) in zip(list(rooms), got) if v is not None}
+                except _CasLost:  # a room was rewritten since it was read, or the mark
+                    now, grev = await self._read(_gkey(handle))
+                    if now is None:
+                        return True  # another clean-up finished
+                    if now != gone:
+                        newer = True
+                        break
+                    retry += keys
+            if newer:  # a later deletion of the handle: what was read says nothing of it
+                gone, grev = await self._read(_gkey(handle))
+                if gone is None:
+                    return True
+                rooms, retry = await self._scan("room"), []
+                continue
+            if retry:
                 await asyncio.sleep(random.uniform(0, 0.02))
+                continue
+            try:  # every room of the read is clear
+                await self._commit([_Write(_gkey(handle), None, grev)])
+                return True
+            except _CasLost:  # another clean-up moved the mark, or a later deletion made one
+                now, grev = await self._read(_gkey(handle))
+                if now is None:
+                    return True
+                # the same deletion's: every room of the read is clear; a later one's: read again
+                gone, rooms = now, ({} if now == gone else await self._scan("room"))
         return False
 
     async def _strip_sealed(self, handle: str, ranges: Iterable[tuple[str, int, int]]) -> None:

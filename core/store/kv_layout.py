@@ -23,7 +23,7 @@ key                              value (JSON)
 ``lognonce.<keyid>.<nonce>``     ``{seq}`` — a (keyid, nonce) in the log (each at most once)
 ``meta.nonce_high_water``        ``{created}`` — no signed request was accepted with a larger
                                  ``created`` (docs/operations.md, "Durability")
-``gone.<handle>``                ``{handle}`` — a deleted member whose handle room records may
+``gone.<handle>``                ``{handle, deletion}`` — a deleted member whose handle room records may
                                  still name (rewritten just after the deletion); readers treat
                                  a handle without ``member.<handle>`` as absent, and
                                  ``add_member`` of the handle removes those names first

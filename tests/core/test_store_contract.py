@@ -1469,8 +1469,8 @@ class _StopsAfterTheBatch(KvStore):
 
     sweeping = False
 
-    async def _sweep_gone(self, handle: str, cleared: Any = None, rooms: Any = None) -> bool:
-        return await super()._sweep_gone(handle, cleared, rooms) if self.sweeping else False
+    async def _sweep_gone(self, handle: str, cleared: Any = None, seen: Any = None) -> bool:
+        return await super()._sweep_gone(handle, cleared, seen) if self.sweeping else False
 
 
 async def _names(store: KvStore, handle: str) -> set[str]:
@@ -1497,7 +1497,7 @@ async def test_kv_a_deletion_cut_after_its_batch_is_what_the_log_says(nats_serve
                                                                               {"name": f"r{i}"}))).room_id
                  for i in range(30)]
         await store.delete_member("mallory", logged=signed(alice, "DELETE", "/v1/members/mallory"))
-        assert (await store._read("gone.mallory"))[0] == {"handle": "mallory"}
+        assert (await store._read("gone.mallory"))[0]["handle"] == "mallory"
         uncleared = await _names(store, "mallory")
         assert uncleared == set(rooms)
 
@@ -1562,9 +1562,9 @@ class _SlowToClear(KvStore):
         super().__init__(*args, **kwargs)
         self.release = asyncio.Event()
 
-    async def _sweep_gone(self, handle: str, cleared: Any = None, rooms: Any = None) -> bool:
+    async def _sweep_gone(self, handle: str, cleared: Any = None, seen: Any = None) -> bool:
         await asyncio.wait_for(self.release.wait(), WAIT)
-        return await super()._sweep_gone(handle, cleared, rooms)
+        return await super()._sweep_gone(handle, cleared, seen)
 
 
 async def test_kv_a_deletion_is_reported_before_its_rooms_are_cleared(nats_server: NatsServer) -> None:
@@ -1647,6 +1647,46 @@ async def test_kv_a_deletion_cut_after_its_batch_is_finished_by_the_next_start(n
         keys, _rev = await cut._read(f"keys.{min(rooms)}.1")
         assert "mallory" not in keys["sealed"]  # its sealed key removed too
     finally:
+        await cut.close()
+        await nc.close()
+
+
+async def test_kv_a_start_does_not_clear_a_later_deletion_with_an_older_read(nats_server: NatsServer) -> None:
+    """A start reads the marks, then the rooms. Meanwhile mallory, whose deletion was cut short,
+    is added again (which clears her rooms), joins room X, and is deleted again, cut short too.
+    The start's read of the rooms predates X naming her: a review had it delete the newer mark
+    with it, X kept naming her, and a third mallory inherited X. Each deletion's mark now names
+    that deletion, and a read of the rooms clears only the deletion whose mark it came after."""
+    nc, cut = await _alice_and_mallory(nats_server.url, _StopsAfterTheBatch)
+    proceed = asyncio.Event()
+
+    class HeldStart(KvStore):  # its start holds between reading the rooms and clearing them
+        async def _sweep_gone(self, handle: str, cleared: Any = None, seen: Any = None) -> bool:
+            if seen is not None:
+                await asyncio.wait_for(proceed.wait(), WAIT)
+            return await super()._sweep_gone(handle, cleared, seen)
+
+    starting = HeldStart(nc.jetstream(timeout=2.0))
+    try:
+        await cut.add_member(member("bob"))
+        await cut.create_room("p", "mallory")
+        x = (await cut.create_room("x", "bob")).room_id
+        await cut.delete_member("mallory")  # cut short: p names her
+        start = asyncio.create_task(starting.ensure())
+        await asyncio.sleep(0.5)  # it has read the marks and the rooms
+        cut.sweeping = True
+        await cut.add_member(member("mallory"))  # clears p first
+        cut.sweeping = False
+        await cut.add_room_member(x, "mallory")
+        await cut.delete_member("mallory")  # cut short: x names her
+        proceed.set()
+        await asyncio.wait_for(start, WAIT)
+        cut.sweeping = True
+        await cut.add_member(member("mallory"))
+        assert await cut.list_rooms("mallory") == [] and await _names(cut, "mallory") == set()
+    finally:
+        proceed.set()
+        await starting.close()
         await cut.close()
         await nc.close()
 
