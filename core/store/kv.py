@@ -419,9 +419,14 @@ class KvStore(KvWatch, KvMigrate):
 
         async def attempt() -> tuple[Member, int | None]:
             pos = await self._log_position(logged)
-            (m, mrev), (s, srev), (sb, sbrev), (admins, arev), (gone, _grev) = await asyncio.gather(
+            (m, mrev), (s, srev), (sb, sbrev), (admins, arev) = await asyncio.gather(
                 self._read(_mkey(member.handle)), self._read(_skey(member.sign_pub)), self._read(_bkey(sign_nkey)),
-                self._read(ADMINS_KEY), self._read(_gkey(member.handle)))
+                self._read(ADMINS_KEY))
+            # The mark is read after the record, not with it: a deletion's tombstone and its mark
+            # are one batch, so a record read as deleted by it is followed by a read of its mark.
+            # Read together, the answers came in either order, and a review's add committed
+            # beside a mark it had not seen (the batch depends on the record's revision only).
+            gone, _grev = await self._read(_gkey(member.handle))
             if m is not None:
                 raise Conflict(f"a member with handle {member.handle!r} already exists")
             if gone is not None:

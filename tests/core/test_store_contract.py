@@ -1691,6 +1691,44 @@ async def test_kv_a_start_does_not_clear_a_later_deletion_with_an_older_read(nat
         await nc.close()
 
 
+async def test_kv_an_add_whose_reads_straddle_a_deletion_of_the_handle_waits_for_its_clean_up(
+        nats_server: NatsServer) -> None:
+    """An add of mallory reads her record and her mark at once, and nothing orders the answers:
+    here the mark is read before another admin's deletion of the old mallory (cut short), and the
+    record after it. The add committed beside the new mark, and the new mallory was in the old
+    one's rooms (a review); it now reads the mark after the record, so it clears them first."""
+    nc, cut = await _alice_and_mallory(nats_server.url, _StopsAfterTheBatch)
+    deleted = asyncio.Event()
+
+    class LateRecord(KvStore):  # its read of mallory's record is answered after the deletion
+        armed = True
+
+        async def _read(self, key: str) -> tuple[dict[str, Any] | None, int]:
+            if self.armed and key == "member.mallory":
+                self.armed = False
+                await asyncio.wait_for(deleted.wait(), WAIT)
+            return await super()._read(key)
+
+    other = LateRecord(nc.jetstream(timeout=2.0))
+    try:
+        await cut.add_member(member("bob"))
+        x = (await cut.create_room("x", "bob")).room_id
+        await cut.add_room_member(x, "mallory")
+        await cut.create_room("o", "mallory")
+        adding = asyncio.create_task(other.add_member(member("mallory")))
+        await asyncio.sleep(0.2)  # it has read the mark, and waits for the record
+        await cut.delete_member("mallory")
+        deleted.set()
+        await asyncio.wait_for(adding, WAIT)
+        assert (await cut._read("gone.mallory"))[0] is None
+        assert await cut.list_rooms("mallory") == [] and await _names(cut, "mallory") == set()
+    finally:
+        deleted.set()
+        await other.close()
+        await cut.close()
+        await nc.close()
+
+
 @pytest.mark.slow
 async def test_kv_a_scan_longer_than_the_timeout_that_makes_progress_succeeds(nats_server: NatsServer) -> None:
     """Scans are bounded by their progress, not their length: one member can make enough rooms
