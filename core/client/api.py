@@ -1749,6 +1749,11 @@ class Bus:
             log.warning("bus: %s", why)
             with contextlib.suppress(Exception):  # ForeignCancel too: closed during a reconnect (unibus.aio)
                 await own_cancel_only(nc.close())  # closed_cb ends every listener with the reason
+                if not nc.is_closed:
+                    # nats-py's reconnect loop can mark the connection "reconnecting" again while
+                    # close() awaits (seen once in CI): the connection is gone, but it does not say
+                    # closed. A second close() finds nothing left to stop, and says so.
+                    await own_cancel_only(nc.close())
 
         self._stopping = asyncio.get_running_loop().create_task(stop(), name="unibus-bus-stop")
 
