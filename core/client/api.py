@@ -147,6 +147,8 @@ RETRIES_503 = 4
 CREATED_AHEAD = 2
 #: Seconds a bus connection may take beyond ``connect_timeout`` (its retries included).
 CONNECT_SLACK = 5.0
+#: Reconnects in a row that a send or a subscription waits through for the server to confirm it.
+BARRIER_TRIES = 3
 #: Reconnecting the bus (docs/client.md, "Reconnects"): the first attempt after
 #: a disconnect waits up to RECONNECT_JITTER s (a kick: come back at once, but
 #: not every kicked member in the same millisecond); each later one
@@ -1695,6 +1697,23 @@ class Bus:
             nc = self.nc
         return nc
 
+    async def _processed(self, nc: Any) -> None:
+        """Return once nats-server has processed everything sent so far on ``nc``, across a
+        reconnect: one under way is waited for (:meth:`connected`), since nats-py forgets the
+        PINGs sent before it and sends the SUBs and PUBs it held once it is back. A PUB written
+        to a socket that was closing goes out at most once (docs/client.md, "Reconnects").
+        :class:`BusError` after BARRIER_TRIES reconnects in a row."""
+        for _ in range(BARRIER_TRIES):
+            generation = self.reconnects
+            try:
+                if await _barrier(nc, self.connect_timeout):
+                    return
+            except (TimeoutError, NatsError, OSError):
+                if self.reconnects == generation and not nc.is_reconnecting:
+                    raise
+            nc = await self.connected()
+        raise BusError(f"the bus connection dropped {BARRIER_TRIES} times in a row while waiting for the server")
+
     async def wait_reconnected(self, count: int | None = None, timeout: float = 10.0) -> int:
         """Wait until :attr:`reconnects` reaches ``count`` (default: one more than now); return it.
 
@@ -2105,20 +2124,10 @@ class Bus:
         nc = await self.connected()
         started = time.monotonic()
         try:
-            generation = self.reconnects
             await nc.publish(subject, payload, headers=headers)
             # nats-server answers a forbidden PUB with -ERR before the PONG that
-            # follows it, so a refusal has reached error_cb when the barrier returns.
-            try:
-                await _barrier(nc, self.connect_timeout)
-            except (TimeoutError, NatsError, OSError):
-                if self.reconnects == generation and not nc.is_reconnecting:
-                    raise
-                # The connection dropped meanwhile: nats-py forgets pending PINGs on a
-                # reconnect. The publish went out once (or was lost with the old
-                # socket; never sent twice): wait for the bus, then for the server.
-                await self.connected()
-                await _barrier(nc, self.connect_timeout)
+            # follows it, so a refusal has reached error_cb when this returns.
+            await self._processed(nc)
         except (TimeoutError, NatsError, OSError) as exc:
             if self._failure is not None:
                 raise BusError(self._failure) from None
@@ -2279,8 +2288,10 @@ def _still_refused(heard: Sequence[BaseException], raised: BaseException) -> boo
     return False
 
 
-async def _barrier(nc: Any, timeout: float) -> None:
-    """Return once nats-server has processed everything sent so far on ``nc``.
+async def _barrier(nc: Any, timeout: float) -> bool:
+    """True once nats-server has processed everything sent so far on ``nc``;
+    False when the connection was not up the whole time (then nothing is known:
+    wait for the reconnect and ask again, as :meth:`Bus._processed` does).
 
     One ``flush()`` is not enough with nats-py 2.16: SUB/PUB wait in its
     pending buffer for the flusher task, but the PING of ``flush()`` is written
@@ -2288,9 +2299,20 @@ async def _barrier(nc: Any, timeout: float) -> None:
     seen the SUB (then a refusal arrives *after* flush returned, and a message
     published right away can be missed). After one round trip the flusher has
     run, so the PING of a second flush follows the SUB/PUB on the wire.
+
+    And while nats-py reconnects, its read loop is down and ``flush()`` returns
+    at once with nothing sent: a SUB or PUB made then waits in the pending
+    buffer until the connection is back (a CI run: a message published "before"
+    another connection's reached the listener after it).
     """
+    if nc.is_closed:
+        raise nats_errors.ConnectionClosedError
+    if not nc.is_connected:
+        return False
+    before = nc.stats["reconnects"]
     await nc.flush(timeout=timeout)
     await nc.flush(timeout=timeout)
+    return nc.is_connected and nc.stats["reconnects"] == before
 
 
 class RoomListener:
@@ -2357,8 +2379,8 @@ class RoomListener:
             self._live = False
             try:
                 self._sub = await nc.subscribe(self.subject, cb=cb)
-                await _barrier(nc, self.bus.connect_timeout)
-            except (TimeoutError, NatsError, OSError) as exc:
+                await self.bus._processed(nc)  # a reconnect meanwhile made it again: waited for
+            except (TimeoutError, NatsError, OSError, BusError) as exc:
                 self.bus._listeners.discard(self)
                 raise BusError(f"cannot subscribe to {self.subject}: {exc or type(exc).__name__}") from None
             if self._refusal is None:

@@ -342,6 +342,58 @@ async def test_a_send_during_a_reconnect_waits_for_the_bus(world):
         assert messages.rejected == Counter()
 
 
+async def test_a_listener_started_while_its_bus_reconnects_hears_the_next_message(world, tmp_path):
+    """A listener whose bus is kicked just before it subscribes (here during the sync that a
+    replica with no trust root pinned makes first) starts once nats-server has its subscription,
+    so a message published right after is heard. Before, nats-py's flush() returned at once
+    while it reconnected, the listener started with its SUB still held back, and the message
+    was missed (a CI run: a test's replay reached a listener after the next message)."""
+    import signal
+
+    room_a = await new_room(world, "bob")
+    room_b = await new_room(world)
+    loop = asyncio.get_running_loop()
+    stopped = resumed = 0
+    async with world.sdk("alice") as a, world.sdk("alice") as sender, sender.bus(key_ttl=WAIT) as alice_bus, \
+            UnibusClient(world.daemon.base_url, world.people["bob"], replica_root=tmp_path / "bob.log",
+                         notice=lambda _text: None) as b, b.bus() as bob_bus:
+        await alice_bus.send(room_a, "t", b"warm")  # alice's key is cached: her next send needs no HTTP
+        real_sync = b.sync
+
+        async def sync():  # the listener's first sync, then a kick; membershipd held while bob reconnects
+            nonlocal stopped
+            state = await real_sync()
+            before = bob_bus.reconnects
+            await a.add_room_member(room_b, "bob")  # bob's connection is closed before the 2xx
+            deadline = time.monotonic() + WAIT
+            while not bob_bus.nc.is_reconnecting:
+                assert bob_bus.reconnects == before and time.monotonic() < deadline  # seen before it is back
+                await asyncio.sleep(0.001)
+            os.kill(world.daemon.pid, signal.SIGSTOP)  # its callout cannot answer the login yet
+            stopped += 1
+
+            def resume() -> None:
+                nonlocal resumed
+                os.kill(world.daemon.pid, signal.SIGCONT)
+                resumed += 1
+            loop.call_later(0.5, resume)  # within nats-server's wait for the callout's answer
+            return state
+
+        b.sync = sync
+        try:
+            async with bob_bus.listen(room_a) as messages:
+                assert stopped == 1 and not bob_bus.nc.is_reconnecting and bob_bus.reconnects == 1
+                await alice_bus.send(room_a, "t", b"right after the start")
+                await alice_bus.send(room_a, "t", b"later")
+                assert (await next_message(messages)).text == "right after the start"
+                assert (await next_message(messages)).text == "later"
+        finally:
+            if stopped > resumed:
+                await asyncio.sleep(0.6)  # the SIGCONT scheduled above
+                if stopped > resumed:
+                    os.kill(world.daemon.pid, signal.SIGCONT)
+
+
 async def _listen_cli(world: World, tmp_path: Any, handle: str, *args: str) -> asyncio.subprocess.Process:
     """`unibus listen ARGS` as ``handle``, started; returns once it says it is listening."""
     path = tmp_path / f"{handle}.json"
