@@ -199,10 +199,22 @@ async def new_room(world: World, *handles: str, rekey: bool = True) -> str:
 
 async def publish_raw(bus: Any, subject: str, payload: bytes, headers: dict[str, str]) -> None:
     """Publish, and return once nats-server has processed it (so what another connection
-    publishes next arrives after it): two flushes, as ``unibus.client.api._barrier`` explains."""
-    await bus.nc.publish(subject, payload, headers=headers)
-    await bus.nc.flush()
-    await bus.nc.flush()
+    publishes next arrives after it), a reconnect under way waited for, as ``Bus.send`` does: a
+    CI run's module-wide daemon kicked mallory's bus (the sweep of an earlier test's removal),
+    two bare flushes returned while it reconnected, and her replay reached the listener after
+    the message alice published next."""
+    nc = await bus.connected()
+    await nc.publish(subject, payload, headers=headers)
+    await bus._processed(nc)
+
+
+async def subscribe_raw(bus: Any, subject: str, cb: Callable[[Any], Any]) -> Any:
+    """A raw nats-py subscription on ``bus``, returned once nats-server has it (a reconnect under
+    way waited for, as :func:`publish_raw` does)."""
+    nc = await bus.connected()
+    sub = await nc.subscribe(subject, cb=cb)
+    await bus._processed(nc)
+    return sub
 
 
 def cli(server: str, identity: Any, home: Path) -> Callable[..., Any]:

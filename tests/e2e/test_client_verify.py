@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from attackkit import Proxy, World, new_room, publish_raw
+from attackkit import Proxy, World, new_room, publish_raw, subscribe_raw
 
 from unibus.client import (
     ApiError,
@@ -126,9 +126,7 @@ async def first_published_after(world: World, rid: str, act: Callable[[], Any]) 
     """
     async with world.sdk("bob") as b, b.bus() as bus:
         seen: asyncio.Queue[Any] = asyncio.Queue()
-        await bus.nc.subscribe(f"unibus.room.{rid}.>", cb=seen.put)
-        await bus.nc.flush()
-        await bus.nc.flush()  # the SUB is live on the server (see publish_raw)
+        await subscribe_raw(bus, f"unibus.room.{rid}.>", seen.put)
         await act()
         await bus.nc.publish(f"unibus.room.{rid}.sentinel", b"sentinel")
         return (await asyncio.wait_for(seen.get(), 15)).subject
@@ -353,9 +351,7 @@ async def test_a_forged_sender_is_rejected_and_never_shown(world):
             b.bus() as bbus, m.bus() as mbus, a.bus() as abus:
         key = (await m.room_key(rid))[1]
         captured: asyncio.Queue[Any] = asyncio.Queue()
-        await mbus.nc.subscribe(subject, cb=captured.put)
-        await mbus.nc.flush()
-        await mbus.nc.flush()  # the SUB is live on the server (see publish_raw)
+        await subscribe_raw(mbus, subject, captured.put)
         await abus.send(rid, "chat", "from alice")  # before bob listens: its msg id is new to him
         genuine = await asyncio.wait_for(captured.get(), 10)
         async with bbus.listen(rid) as msgs:
@@ -401,9 +397,7 @@ async def test_replayed_and_old_messages_are_rejected(world, tmp_path):
         async with world.sdk("mallory") as m, world.sdk("alice") as a, m.bus() as mbus, a.bus() as abus:
             key = (await m.room_key(rid))[1]
             captured: asyncio.Queue[Any] = asyncio.Queue()
-            await mbus.nc.subscribe(subject, cb=captured.put)
-            await mbus.nc.flush()
-            await mbus.nc.flush()  # the SUB is live on the server (see publish_raw)
+            await subscribe_raw(mbus, subject, captured.put)
             await abus.send(rid, "chat", "once only")
             genuine = await asyncio.wait_for(captured.get(), 10)
             await publish_raw(mbus, subject, genuine.data, dict(genuine.headers))  # the same message again
