@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -342,56 +343,133 @@ async def test_a_send_during_a_reconnect_waits_for_the_bus(world):
         assert messages.rejected == Counter()
 
 
-async def test_a_listener_started_while_its_bus_reconnects_hears_the_next_message(world, tmp_path):
+async def _kick_and_hold(world: World, a: UnibusClient, bus: Any, moment: str) -> Callable[[], None]:
+    """Kick ``bus``'s member (added to a new room: its connection is closed before the 2xx), and
+    hold membershipd (SIGSTOP, 0.5 s) once nats-py is ``moment``: "reconnecting" (waiting to try)
+    or "connecting" (the new connection's handshake, waiting for the callout's answer). A kick
+    whose reconnect was over before this saw it is made again (a grant each time: a revocation
+    would be swept, and kicked, again later). Returns what resumes membershipd at once."""
+    import signal
+
+    for _attempt in range(8):
+        before = bus.reconnects
+        await a.add_room_member(await new_room(world), bus.client.identity.handle)
+        deadline = time.monotonic() + WAIT
+        while not bus.nc.is_reconnecting and bus.reconnects == before:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.0005)
+        if bus.nc.is_reconnecting:
+            break
+    else:
+        raise AssertionError("every reconnect was over before the test saw it")
+    os.kill(world.daemon.pid, signal.SIGSTOP)  # its callout cannot answer the login yet
+    held = [True]
+
+    def resume() -> None:
+        if held[0]:
+            held[0] = False
+            os.kill(world.daemon.pid, signal.SIGCONT)
+    asyncio.get_running_loop().call_later(0.5, resume)  # within nats-server's wait for the callout
+    try:
+        while moment == "connecting" and not bus.nc.is_connecting:
+            assert bus.reconnects == before and time.monotonic() < deadline
+            await asyncio.sleep(0.0005)
+    except BaseException:
+        resume()
+        raise
+    return resume
+
+
+@pytest.mark.parametrize("moment", ["reconnecting", "connecting"])
+async def test_a_listener_started_while_its_bus_reconnects_hears_the_next_message(world, tmp_path, moment):
     """A listener whose bus is kicked just before it subscribes (here during the sync that a
     replica with no trust root pinned makes first) starts once nats-server has its subscription,
     so a message published right after is heard. Before, nats-py's flush() returned at once
     while it reconnected, the listener started with its SUB still held back, and the message
-    was missed (a CI run: a test's replay reached a listener after the next message)."""
-    import signal
-
-    room_a = await new_room(world, "bob")
-    room_b = await new_room(world)
-    loop = asyncio.get_running_loop()
-    stopped = resumed = 0
+    was missed (a CI run: a test's replay reached a listener after the next message); and
+    during the new connection's handshake the start failed at once (a review)."""
+    handle = f"lou-{moment}"  # a member of its own: no other test's sweep kicks it meanwhile
+    await world.add(handle)
+    room_a = await new_room(world, handle)
+    resume = None
+    held_at = -1  # the bus's reconnects when membershipd was held
     async with world.sdk("alice") as a, world.sdk("alice") as sender, sender.bus(key_ttl=WAIT) as alice_bus, \
-            UnibusClient(world.daemon.base_url, world.people["bob"], replica_root=tmp_path / "bob.log",
-                         notice=lambda _text: None) as b, b.bus() as bob_bus:
+            UnibusClient(world.daemon.base_url, world.people[handle], replica_root=tmp_path / "lou.log",
+                         notice=lambda _text: None) as b, b.bus() as bus:
         await alice_bus.send(room_a, "t", b"warm")  # alice's key is cached: her next send needs no HTTP
         real_sync = b.sync
 
-        async def sync():  # the listener's first sync, then a kick; membershipd held while bob reconnects
-            nonlocal stopped
+        async def sync():  # the listener's first sync, then the kick
+            nonlocal resume, held_at
             state = await real_sync()
-            before = bob_bus.reconnects
-            await a.add_room_member(room_b, "bob")  # bob's connection is closed before the 2xx
-            deadline = time.monotonic() + WAIT
-            while not bob_bus.nc.is_reconnecting:
-                assert bob_bus.reconnects == before and time.monotonic() < deadline  # seen before it is back
-                await asyncio.sleep(0.001)
-            os.kill(world.daemon.pid, signal.SIGSTOP)  # its callout cannot answer the login yet
-            stopped += 1
-
-            def resume() -> None:
-                nonlocal resumed
-                os.kill(world.daemon.pid, signal.SIGCONT)
-                resumed += 1
-            loop.call_later(0.5, resume)  # within nats-server's wait for the callout's answer
+            resume = await _kick_and_hold(world, a, bus, moment)
+            held_at = bus.reconnects
             return state
 
         b.sync = sync
         try:
-            async with bob_bus.listen(room_a) as messages:
-                assert stopped == 1 and not bob_bus.nc.is_reconnecting and bob_bus.reconnects == 1
+            async with bus.listen(room_a) as messages:
+                assert resume is not None and bus.nc.is_connected and bus.reconnects == held_at + 1
                 await alice_bus.send(room_a, "t", b"right after the start")
                 await alice_bus.send(room_a, "t", b"later")
                 assert (await next_message(messages)).text == "right after the start"
                 assert (await next_message(messages)).text == "later"
         finally:
-            if stopped > resumed:
-                await asyncio.sleep(0.6)  # the SIGCONT scheduled above
-                if stopped > resumed:
-                    os.kill(world.daemon.pid, signal.SIGCONT)
+            if resume is not None:
+                resume()
+
+
+async def test_a_send_while_the_new_connection_waits_for_the_callout_waits_for_it(world):
+    """A review: a member's send while his kicked connection was in its handshake (nats-server asking
+    a slow membershipd about the login) raised "the bus connection dropped 3 times" at once, and
+    the message went out anyway once the bus was back. It waits for the bus, and arrives once."""
+    await world.add("sam")  # a member of its own: no other test's sweep kicks it meanwhile
+    room_a = await new_room(world, "sam")
+    async with world.sdk("alice") as a, a.bus() as alice_bus, alice_bus.listen(room_a) as messages, \
+            world.sdk("sam") as b, b.bus(key_ttl=WAIT) as bus:
+        await bus.send(room_a, "t", b"warm")  # the key is cached: the next send needs no HTTP first
+        assert (await next_message(messages)).text == "warm"
+        resume = await _kick_and_hold(world, a, bus, "connecting")
+        held_at = bus.reconnects
+        try:
+            assert await bus.send(room_a, "t", b"during the handshake") == 1
+            assert bus.reconnects == held_at + 1
+        finally:
+            resume()
+        await bus.send(room_a, "t", b"end")
+        assert [(await next_message(messages)).text for _ in range(2)] == ["during the handshake", "end"]
+        assert messages.rejected == Counter()
+
+
+async def test_a_listener_whose_start_failed_keeps_no_subscription(world):
+    """A review: a start that failed (here its barrier timed out: nats-server frozen) left its
+    nats-py subscription in place, made again at every reconnect and filling a queue nobody
+    reads, and a second start returned at once as if live. The failed start unsubscribes.
+    And the bus hears again once nats-server answers: nats-py's flush() left its timed-out
+    future among the PONGs awaited, and the late PONG ended nats-py's read loop (deaf until
+    its pings went stale, minutes later)."""
+    import signal
+
+    await world.add("flo")  # a member of its own: no other test's sweep kicks it meanwhile
+    room = await new_room(world, "flo")
+    nats_pid = world.daemon.nats_pid()
+    assert nats_pid is not None
+    async with world.sdk("alice") as a, a.bus() as alice_bus, world.sdk("flo") as b, \
+            b.bus(connect_timeout=1) as bus:
+        failed = bus.listen(room)
+        os.kill(nats_pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BusError, match="cannot subscribe to"):
+                await failed.start()
+        finally:
+            os.kill(nats_pid, signal.SIGCONT)
+        async with bus.listen(room) as messages:  # a barrier: the server has seen the UNSUB
+            await alice_bus.send(room, "t", b"after")
+            assert (await next_message(messages)).text == "after"
+        assert failed._queue.qsize() == 0  # heard nothing: no subscription left behind
+        async with failed as again:  # a second start subscribes for real
+            await alice_bus.send(room, "t", b"again")
+            assert (await next_message(again)).text == "again"
 
 
 async def _listen_cli(world: World, tmp_path: Any, handle: str, *args: str) -> asyncio.subprocess.Process:
