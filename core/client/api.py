@@ -2341,7 +2341,7 @@ async def _ping(nc: Any, timeout: float) -> None:
     future = asyncio.get_running_loop().create_future()
     await send_ping(future)
     try:
-        await asyncio.wait_for(asyncio.shield(future), timeout)
+        await within(asyncio.shield(future), timeout)
     except TimeoutError:
         raise nats_errors.FlushTimeoutError from None
 
