@@ -2135,6 +2135,8 @@ class Bus:
         except (TimeoutError, NatsError, OSError) as exc:
             if self._failure is not None:
                 raise BusError(self._failure) from None
+            if self._nc is None:  # closed meanwhile: nats-py never answers the PINGs it had out
+                raise BusError(self._closed_reason or "the bus was closed") from None
             raise BusError(f"cannot publish on {subject}: {exc or type(exc).__name__}") from None
         # nats-py lower-cases -ERR texts; topics may have capitals
         denied = [t for (at, t) in self._publish_denied if at >= started and f'"{subject.lower()}"' in t.lower()]
@@ -2384,7 +2386,7 @@ class RoomListener:
         for up to ``grant_wait`` seconds, since a membership change takes up to
         a second to reach nats-server (docs/bus-auth.md); then :class:`BusError`.
         """
-        if self._sub is not None or self._done:
+        if self._live or self._done:
             return self
         nc = await self.bus.connected()
         if self.guard.not_before_ms is None:  # before the subscription: what earlier runs accepted
@@ -2411,13 +2413,15 @@ class RoomListener:
             try:
                 self._sub = await nc.subscribe(self.subject, cb=cb)
                 await self.bus._processed(nc)  # a reconnect meanwhile made it again: waited for
-            except (TimeoutError, NatsError, OSError, BusError) as exc:
+            except BaseException as exc:  # a cancellation too (a review): no subscription left behind
                 self.bus._listeners.discard(self)
-                sub, self._sub = self._sub, None  # nats-py would make it again at each reconnect (a review)
+                sub, self._sub = self._sub, None  # nats-py would make it again at each reconnect
                 if sub is not None:
                     with contextlib.suppress(NatsError, OSError, TimeoutError):
-                        await sub.unsubscribe()
-                raise BusError(f"cannot subscribe to {self.subject}: {exc or type(exc).__name__}") from None
+                        await sub.unsubscribe()  # no wait: an UNSUB queued to the connection
+                if isinstance(exc, (TimeoutError, NatsError, OSError, BusError)):
+                    raise BusError(f"cannot subscribe to {self.subject}: {exc or type(exc).__name__}") from None
+                raise
             if self._refusal is None:
                 self._live = True
                 return self

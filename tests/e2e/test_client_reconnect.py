@@ -441,26 +441,37 @@ async def test_a_send_while_the_new_connection_waits_for_the_callout_waits_for_i
         assert messages.rejected == Counter()
 
 
-async def test_a_listener_whose_start_failed_keeps_no_subscription(world):
+@pytest.mark.parametrize("ended", ["timed out", "cancelled"])
+async def test_a_listener_whose_start_failed_keeps_no_subscription(world, ended):
     """A review: a start that failed (here its barrier timed out: nats-server frozen) left its
     nats-py subscription in place, made again at every reconnect and filling a queue nobody
-    reads, and a second start returned at once as if live. The failed start unsubscribes.
+    reads, and a second start returned at once as if live (a second review: also a start
+    cancelled by its caller, whose listener then outlived a revocation). It unsubscribes.
     And the bus hears again once nats-server answers: nats-py's flush() left its timed-out
     future among the PONGs awaited, and the late PONG ended nats-py's read loop (deaf until
     its pings went stale, minutes later)."""
     import signal
 
-    await world.add("flo")  # a member of its own: no other test's sweep kicks it meanwhile
-    room = await new_room(world, "flo")
+    handle = "flo" if ended == "timed out" else "flo-c"
+    await world.add(handle)  # a member of its own: no other test's sweep kicks it meanwhile
+    room = await new_room(world, handle)
     nats_pid = world.daemon.nats_pid()
     assert nats_pid is not None
-    async with world.sdk("alice") as a, a.bus() as alice_bus, world.sdk("flo") as b, \
+    async with world.sdk("alice") as a, a.bus() as alice_bus, world.sdk(handle) as b, \
             b.bus(connect_timeout=1) as bus:
         failed = bus.listen(room)
         os.kill(nats_pid, signal.SIGSTOP)
         try:
-            with pytest.raises(BusError, match="cannot subscribe to"):
-                await failed.start()
+            if ended == "timed out":
+                with pytest.raises(BusError, match="cannot subscribe to"):
+                    await failed.start()
+            else:
+                task = asyncio.create_task(failed.start())
+                await asyncio.sleep(0.3)  # waiting for nats-server's answer
+                assert not task.done()
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
         finally:
             os.kill(nats_pid, signal.SIGCONT)
         async with bus.listen(room) as messages:  # a barrier: the server has seen the UNSUB
@@ -470,6 +481,35 @@ async def test_a_listener_whose_start_failed_keeps_no_subscription(world):
         async with failed as again:  # a second start subscribes for real
             await alice_bus.send(room, "t", b"again")
             assert (await next_message(again)).text == "again"
+
+
+async def test_a_send_whose_bus_is_closed_while_the_server_is_silent_says_so(world):
+    """A second review: a send waiting for a frozen nats-server's answer while its bus was
+    closed ended in "flush timeout"; it says the bus was closed."""
+    import signal
+
+    await world.add("cy")
+    room = await new_room(world, "cy")
+    nats_pid = world.daemon.nats_pid()
+    assert nats_pid is not None
+    async with world.sdk("cy") as c:
+        bus = c.bus(connect_timeout=1)
+        await bus.connect()
+        try:
+            await bus.send(room, "t", b"warm")  # the key is cached: the next send needs no HTTP
+            os.kill(nats_pid, signal.SIGSTOP)
+            try:
+                sending = asyncio.create_task(bus.send(room, "t", b"unanswered"))
+                await asyncio.sleep(0.3)
+                assert not sending.done()
+                closing = asyncio.create_task(bus.close())  # its drain waits for the server too
+                with pytest.raises(BusError, match="^the bus was closed$"):
+                    await asyncio.wait_for(sending, WAIT)
+            finally:
+                os.kill(nats_pid, signal.SIGCONT)
+            await asyncio.wait_for(closing, WAIT)
+        finally:
+            await bus.close()
 
 
 async def _listen_cli(world: World, tmp_path: Any, handle: str, *args: str) -> asyncio.subprocess.Process:
