@@ -1716,7 +1716,7 @@ async def test_kv_an_add_whose_reads_straddle_a_deletion_of_the_handle_waits_for
         await cut.add_room_member(x, "mallory")
         await cut.create_room("o", "mallory")
         adding = asyncio.create_task(other.add_member(member("mallory")))
-        await asyncio.sleep(0.2)  # it has read the mark, and waits for the record
+        await asyncio.sleep(0.2)  # its read of the record waits (the mark is read after it)
         await cut.delete_member("mallory")
         deleted.set()
         await asyncio.wait_for(adding, WAIT)
