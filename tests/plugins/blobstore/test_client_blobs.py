@@ -471,3 +471,94 @@ async def test_an_open_queued_by_an_executor_that_failed_to_start_its_thread_is_
     await busy
     assert await _closed_soon(opened)  # the freed thread ran the queued open, and closed its file
     assert len(opened) == 1
+
+
+# -- a download's lanes: each thread may have DOWNLOAD_AHEAD blocks queued --------------------
+
+
+async def _raw_blob_in_blocks(world, tmp_path, monkeypatch, blocks: int = 6) -> tuple[str, str]:
+    """A raw blob of 3 MiB, downloaded in ``blocks`` blocks (the module's MAX_BYTES allows no
+    more than 3 MiB, and a block is 4 MiB)."""
+    import unibus.client.blobs as blobs
+
+    rid = await world.room()
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 1024 * 1024))
+    blob_id = await put_raw_blob(world.clients["carol"], rid, src)
+    monkeypatch.setattr(blobs, "DOWNLOAD_BLOCK", 3 * 1024 * 1024 // blocks)
+    return rid, blob_id
+
+
+async def test_a_cancelled_download_runs_no_block_queued_behind_the_one_its_sink_is_on(world, tmp_path, monkeypatch):
+    """A lane holds up to DOWNLOAD_AHEAD blocks; a cancellation waits for the block its thread is
+    on (no worker writes after the download returns) and drops the ones queued behind it, so the
+    wait stays one block's work."""
+    import asyncio
+    import threading
+    import time
+
+    from unibus.client.blobs import DOWNLOAD_AHEAD, _download
+
+    assert DOWNLOAD_AHEAD >= 2
+    rid, blob_id = await _raw_blob_in_blocks(world, tmp_path, monkeypatch)
+    entered = threading.Event()
+    calls: list[tuple[float, float]] = []
+
+    def slow_sink(parts):  # a slow disk
+        entered.set()
+        start = time.monotonic()
+        time.sleep(1.0)
+        calls.append((start, time.monotonic()))
+
+    task = asyncio.ensure_future(_download(world.clients["bob"], rid, blob_id, None, slow_sink))
+    try:
+        assert await asyncio.to_thread(entered.wait, 10)
+        await asyncio.sleep(0.3)  # loopback is fast: the next block is queued behind it by now
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        returned = time.monotonic()
+    finally:
+        if not task.done():
+            task.cancel()
+    await asyncio.sleep(1.5)  # a queued block that was not dropped would run now
+    assert len(calls) == 1, f"the sink ran {len(calls)} times: the blocks queued behind the first were not dropped"
+    assert calls[0][1] <= returned, "the download returned while its sink was still writing"
+
+
+async def test_a_download_whose_sink_fails_raises_the_first_error_and_leaves_no_thread(
+        world, tmp_path, monkeypatch, caplog):
+    """The sink fails on its second block and again on every later one (a full disk): the download
+    raises the first failure, every block's error is retrieved (nothing logged as lost), no thread
+    of the download is left, and the next download works."""
+    import errno
+    import gc
+    import threading
+
+    from unibus.client.blobs import _download
+
+    rid, blob_id = await _raw_blob_in_blocks(world, tmp_path, monkeypatch)
+    calls = []
+
+    def full_disk(parts):
+        calls.append(sum(len(p) for p in parts))
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "the first failure")
+        if len(calls) > 2:
+            raise OSError(errno.ENOSPC, "a later failure")
+
+    with pytest.raises(OSError, match="the first failure"):
+        await _download(world.clients["bob"], rid, blob_id, None, full_disk)
+    gc.collect()
+    await asyncio_sleep(0)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert not [t for t in threading.enumerate() if t.name.startswith("unibus-blob")]
+    got = []
+    assert await _download(world.clients["bob"], rid, blob_id, None, lambda parts: got.extend(parts)) == 3 * 1024 * 1024
+    assert hashlib.sha256(b"".join(got)).hexdigest() == blob_id
+
+
+async def asyncio_sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
