@@ -53,9 +53,12 @@ test-example: $(EXAMPLE_STAMP)
 wheel-check: install
 	bash .ci/wheel-check
 
-# Every bench/bench_*.py; each writes its own section of docs/benchmarks.md.
+# Every bench/bench_*.py; each writes its own section of docs/benchmarks.md. On a CPU with
+# SHA extensions (x86), the blob bench runs again as on one without (its own section).
 bench: install
 	set -e; for b in bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+	if grep -qw sha_ni /proc/cpuinfo 2>/dev/null; then echo "== bench/bench_blobs.py --no-sha-ext"; \
+		$(PY) bench/bench_blobs.py --no-sha-ext; fi
 
 # The earlier releases bench/baseline.py built under bench/.baselines/ (worktrees and venvs).
 bench-clean:

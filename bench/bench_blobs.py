@@ -37,6 +37,14 @@ and max:
   ``/proc/<pid>/clear_refs`` before the big transfers) over its RSS before
   them, and the client process's peak over its RSS before each big transfer.
 
+``--no-sha-ext`` measures the issue's other aim on a CPU that has SHA extensions:
+the whole run (this process, which measures the floors, the drivers and every
+membershipd they start) runs with ``OPENSSL_ia32cap`` set to leave them unused, so
+OpenSSL's SHA-256, in ``hashlib`` and in ``cryptography``, takes its fastest code
+without them (AVX2 here), as on a CPU that lacks them and has the rest (AES
+instructions included). The section it writes is its own (``bench:blobs-no-sha``),
+and the aim is 80% of that run's one-core SHA-256 floor. x86 only.
+
 ``--profile DIR`` instead records each big transfer of this tree's code with
 ``py-spy record --native`` (client and daemon, collapsed stacks in DIR) and
 prints where the time goes.
@@ -80,6 +88,10 @@ PATH_NAMES = {
     "raw_get": "raw GET: `get_raw_blob`",
 }
 DRIVER_TIMEOUT = 1800.0
+#: ``OPENSSL_ia32cap`` for --no-sha-ext: after the colon, the mask of CPUID leaf 7's EBX
+#: (then ECX), whose bit 29 says the CPU has the SHA extensions; ``~`` clears it. OpenSSL
+#: reads the variable once, when it is loaded, so it has to be there before Python starts.
+NO_SHA_MASK = ":~0x20000000"
 
 
 # --------------------------------------------------------------------------- floors
@@ -455,9 +467,15 @@ def render(data: dict[str, Any]) -> str:
     piece = data.get("sha_piece")
     sha_piece = f"{piece // MIB} MiB pieces of one buffer, as the client and membershipd hash" if piece \
         else "64 MiB buffers"
-    env = (f"Measured {data['date']} by `{data['command']}`: **{data['cpu']}**, SHA extensions "
-           f"**{'yes' if ext else 'no'}** (`{'sha_ni' if platform.machine() in ('x86_64', 'i686') else 'sha2'}` in "
-           f"/proc/cpuinfo), {data['cpus']} CPUs"
+    masked = data.get("sha_masked")
+    if masked:
+        sha_line = (f"SHA extensions **no: masked** (the CPU has `sha_ni`, but every process of the run started with "
+                    f"`OPENSSL_ia32cap={masked}`, so OpenSSL's SHA-256, in `hashlib` and `cryptography`, ran its "
+                    "fastest code without them, AVX2, as on a CPU that lacks them; AES instructions stay in use)")
+    else:
+        sha_line = (f"SHA extensions **{'yes' if ext else 'no'}** "
+                    f"(`{'sha_ni' if platform.machine() in ('x86_64', 'i686') else 'sha2'}` in /proc/cpuinfo)")
+    env = (f"Measured {data['date']} by `{data['command']}`: **{data['cpu']}**, {sha_line}, {data['cpus']} CPUs"
            + (f", this tree's client writes `{data['writes']}` here (0.11.0's: `unibus-blob-v1`)"
               if data.get("writes") else "")
            + f", Python {data['python']}, {data['kernel']}, files in "
@@ -479,7 +497,7 @@ def render(data: dict[str, Any]) -> str:
         size = int(size_s)
         fl = data["floors"][size_s]
         n = len(secs["put"])
-        lines += [f"### {size // MIB} MiB ({n} transfers of each kind)", "",
+        lines += [f"### {'Without SHA extensions: ' if masked else ''}{size // MIB} MiB ({n} transfers of each kind)", "",
                   "| floor | MB/s |", "|---|---:|",
                   f"| `shutil.copyfile` + fsync | {cell(size, fl['copy+fsync'])} |",
                   f"| `shutil.copyfile` | {cell(size, fl['copy'])} |",
@@ -631,6 +649,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave the markdown file alone")
     parser.add_argument("--save", type=Path, default=None, help="also keep the measurements as JSON (0600)")
     parser.add_argument("--render", type=Path, default=None, help="rewrite the section from kept measurements")
+    parser.add_argument("--no-sha-ext", action="store_true",
+                        help="run as on a CPU without SHA extensions (OpenSSL told not to use them in every process; "
+                             "x86 only), into a section of its own, against the aim for such CPUs")
     parser.add_argument("--profile", type=Path, default=None, help="record each big transfer with py-spy into DIR")
     parser.add_argument("--py-spy", default=str(Path(sys.executable).with_name("py-spy")), help=argparse.SUPPRESS)
     parser.add_argument("--driver", default=None, help=argparse.SUPPRESS)
@@ -643,12 +664,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"bench_blobs.py: {flag} must be a positive integer, not {value}", file=sys.stderr)
             return 2
     if args.render is not None:
-        return benchlib.publish(render(json.loads(args.render.read_text())), "blobs", "## Blobs", args.out,
-                                not args.no_write, "bench:blobs")
+        return _publish(json.loads(args.render.read_text()), args)
+    problem = _sha_mask_problem(args.no_sha_ext, os.environ.get("OPENSSL_ia32cap"), platform.machine())
+    if problem:
+        print(f"bench_blobs.py: {problem}", file=sys.stderr)
+        return 2
+    if args.no_sha_ext and os.environ.get("OPENSSL_ia32cap") is None:
+        # OpenSSL reads the mask when it is loaded: start again with it (and every child inherits it)
+        script = str(Path(__file__).resolve())
+        os.execve(sys.executable, [sys.executable, script, *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, "OPENSSL_ia32cap": NO_SHA_MASK})
     big = args.big_mib * MIB
     command = f".venv/bin/python bench/bench_blobs.py --runs {args.runs} --big-mib {args.big_mib}"
     if args.before != BEFORE_REF:
         command += f" --before {args.before}"
+    if args.no_sha_ext:
+        command += " --no-sha-ext"
     with tempfile.TemporaryDirectory(prefix="unibus-bench-blobs-", dir=args.scratch) as tmp:
         scratch = Path(tmp)
         srcs = {}
@@ -673,7 +704,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             python_before = str(baseline.prepare(args.before))
         buf = os.urandom(_BUF)
         data: dict[str, Any] = {
-            "date": date.today().isoformat(), "command": command, "cpu": cpu_model(), "sha_ext": sha_extensions(),
+            "date": date.today().isoformat(), "command": command, "cpu": cpu_model(),
+            "sha_ext": sha_extensions() and not args.no_sha_ext,
+            "sha_masked": NO_SHA_MASK if args.no_sha_ext and sha_extensions() else None,
             "writes": _blob_format_written(), "sha_piece": SHA_PIECE,
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "kernel": f"{platform.system()} {platform.release()}",
@@ -718,7 +751,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         fd = os.open(args.save, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump(data, f)
-    return benchlib.publish(render(data), "blobs", "## Blobs", args.out, not args.no_write, "bench:blobs")
+    return _publish(data, args)
+
+
+def _publish(data: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the section and write it into its own markers: a run with SHA extensions masked has one
+    of its own, beside the run on the CPU as it is."""
+    name, heading = ("blobs-no-sha", "## Blobs without SHA extensions") if data.get("sha_masked") else \
+        ("blobs", "## Blobs")
+    return benchlib.publish(render(data), name, heading, args.out, not args.no_write, f"bench:{name}")
+
+
+def _sha_mask_problem(no_sha_ext: bool, mask: str | None, machine: str) -> str | None:
+    """What is wrong with running with ``--no-sha-ext`` (or without it) here, or None.
+
+    ``OPENSSL_ia32cap`` set by hand would change what the figures mean without the report
+    saying so; the mask itself is x86's (arm's ``OPENSSL_armcap`` replaces the whole word)."""
+    if not no_sha_ext:
+        if mask is not None:
+            return (f"OPENSSL_ia32cap is set ({mask}): the figures would not be this CPU's; unset it, or give "
+                    "--no-sha-ext to measure as without SHA extensions")
+        return None
+    if machine not in ("x86_64", "AMD64", "i686", "i386"):
+        return f"--no-sha-ext masks SHA extensions with OPENSSL_ia32cap, which only x86 has (this is {machine})"
+    if mask is not None and mask != NO_SHA_MASK:
+        return f"OPENSSL_ia32cap is already set ({mask}); unset it: --no-sha-ext sets it to {NO_SHA_MASK}"
+    return None
 
 
 if __name__ == "__main__":
