@@ -462,6 +462,10 @@ def render(data: dict[str, Any]) -> str:
     big = data["big"]
     ext = data["sha_ext"]
     before = data.get("before")
+    # a release is named by its version; any other ref by itself (its version says little mid-release)
+    ref = data.get("before_ref")
+    label = "" if not before else (before["version"] if not ref or ref == f"v{before['version']}"
+                                   else f"`{ref}` ({before['version']})")
     loads = data["loads"]
     # measurements kept before the floor hashed pieces in cache hashed whole 64 MiB buffers
     piece = data.get("sha_piece")
@@ -510,7 +514,7 @@ def render(data: dict[str, Any]) -> str:
         head = "| path | this tree MB/s | vs copy+fsync | vs SHA-256 |"
         rule = "|---|---:|---:|---:|"
         if before:
-            head += f" {before['version']} MB/s | {before['version']} vs copy+fsync | speed-up |"
+            head += f" {label} MB/s | {label} vs copy+fsync | speed-up |"
             rule += "---:|---:|---:|"
         lines += [head, rule]
         for p in PATHS:
@@ -555,7 +559,7 @@ def render(data: dict[str, Any]) -> str:
         head = "| backend, in process (no HTTP) | this tree MB/s | vs copy+fsync |"
         rule = "|---|---:|---:|"
         if before and "backends" in before:
-            head += f" {before['version']} MB/s | speed-up |"
+            head += f" {label} MB/s | speed-up |"
             rule += "---:|---:|"
         lines += [f"Both backends alone, {big // MIB} MiB, in the driver's process: store = hand over 4 MiB at a "
                   "time, hash, commit (the fs backend stages the file and fsyncs it; the object store "
@@ -575,7 +579,7 @@ def render(data: dict[str, Any]) -> str:
     lines += [f"Peak RSS over the {big // MIB} MiB transfers (VmHWM over the RSS before; the bound is +64 MiB for "
               "1 GiB): this tree: " + mem(after) + "."]
     if before:
-        lines[-1] += f" {before['version']}: " + mem(before) + "."
+        lines[-1] += f" {label}: " + mem(before) + "."
     lines += ["", f"Reproduce: `{data['command']}`.", ""]
     return "\n".join(lines)
 
@@ -747,6 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         prev["daemon_rss_before_kib"] = res["daemon_rss_before_kib"]
         data["loads"].append(os.getloadavg()[0])
         data["after"], data["before"] = results["after"], results.get("before")
+        data["before_ref"] = args.before if python_before else None
     if args.save is not None:
         fd = os.open(args.save, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:

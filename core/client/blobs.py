@@ -1067,9 +1067,9 @@ class _Lane:
     went to whichever pool thread was idle, and a 256 MiB ``get_blob`` ran about a
     tenth slower (docs/benchmarks.md, "Blobs")."""
 
-    def __init__(self, fn: Callable[[Any], Any], ahead: int = DOWNLOAD_AHEAD) -> None:
+    def __init__(self, fn: Callable[[Any], Any], ahead: int | None = None) -> None:
         self.fn = fn
-        self.ahead = ahead
+        self.ahead = DOWNLOAD_AHEAD if ahead is None else ahead  # read here: bench/probe_download_lanes.py sets it
         #: each block's future in the thread and the event loop's view of it, oldest first
         self.pending: collections.deque[tuple[concurrent.futures.Future[Any], asyncio.Future[Any]]] = \
             collections.deque()
