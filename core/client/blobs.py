@@ -1067,9 +1067,12 @@ class _Lane:
     went to whichever pool thread was idle, and a 256 MiB ``get_blob`` ran about a
     tenth slower (docs/benchmarks.md, "Blobs")."""
 
-    def __init__(self, fn: Callable[[Any], Any], ahead: int | None = None) -> None:
+    def __init__(self, fn: Callable[[Any], Any], ahead: int | None = None,
+                 on_error: Callable[[BaseException], None] | None = None) -> None:
         self.fn = fn
         self.ahead = DOWNLOAD_AHEAD if ahead is None else ahead  # read here: bench/probe_download_lanes.py sets it
+        #: called in the event loop as soon as a block fails, before anyone awaits it
+        self.on_error = on_error
         #: each block's future in the thread and the event loop's view of it, oldest first
         self.pending: collections.deque[tuple[concurrent.futures.Future[Any], asyncio.Future[Any]]] = \
             collections.deque()
@@ -1079,7 +1082,14 @@ class _Lane:
         while len(self.pending) >= self.ahead:
             await self._oldest()
         work = self._thread.executor.submit(self.fn, data)
-        self.pending.append((work, asyncio.wrap_future(work)))
+        view = asyncio.wrap_future(work)
+        if self.on_error is not None:
+            view.add_done_callback(self._failed)
+        self.pending.append((work, view))
+
+    def _failed(self, view: asyncio.Future[Any]) -> None:
+        if self.on_error is not None and not view.cancelled() and view.exception() is not None:
+            self.on_error(view.exception())
 
     async def _oldest(self) -> None:
         entry = self.pending[0]
@@ -1121,6 +1131,21 @@ class _Lane:
         self._thread.close(wait=True)
         while self.pending:
             self.pending.popleft()[1].add_done_callback(retrieve_exception)
+
+
+class _FirstFailure:
+    """A download's lanes call it with a block's error: it keeps the first and closes
+    :attr:`response`, so that a receive waiting on the server ends at once."""
+
+    def __init__(self) -> None:
+        self.error: BaseException | None = None
+        self.response: Any = None
+
+    def __call__(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+            if self.response is not None:
+                self.response.close()
 
 
 class _OwnThread:
@@ -1232,10 +1257,16 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
         headers["Accept"] = "application/octet-stream, application/problem+json"
         headers["Accept-Encoding"] = "identity"  # the blob's own bytes, which its id and length are of
         h = hashlib.sha256()
-        hasher, writer = _Lane(functools.partial(_hash_parts, h)), _Lane(sink)
+        # A block that fails (a record that does not open, a full disk) ends the download at once:
+        # the response is closed, so a receive waiting on a server that stalls or resets ends too,
+        # and the block's error is what the caller gets, never the closed connection's.
+        failure = _FirstFailure()
+        hasher = _Lane(functools.partial(_hash_parts, h), on_error=failure)
+        writer = _Lane(sink, on_error=failure)
         try:
             async with client._http().get(url, headers=headers, timeout=_transfer_timeout(client),
                                           allow_redirects=False, read_bufsize=DOWNLOAD_BLOCK) as resp:
+                failure.response = resp
                 if resp.status != 200:
                     problem = _problem_from(resp.status, resp.reason, await _read_capped(resp, PROBLEM_MAX_BYTES))
                     delay = retry_503_delay("GET", resp.status, problem,
@@ -1263,6 +1294,17 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
         except aiohttp.ClientConnectorError as e:
             raise ServerUnreachable(client.base_url, _connect_reason(e)) from None
         except (aiohttp.ClientError, TimeoutError) as e:
+            # Bytes that were received and do not open (or could not be written) are the cause
+            # whatever became of the connection after them: closed because a block failed, or
+            # reset or stalled by the server before the failure was seen; so every block handed
+            # over is finished first.
+            for lane in (hasher, writer):
+                try:
+                    await lane.drain()
+                except Exception as lane_error:  # noqa: BLE001 - kept as the cause, raised below
+                    failure(lane_error)
+            if failure.error is not None:
+                raise failure.error from None
             raise ServerUnreachable(client.base_url, f"download of blob {blob_id} failed: "
                                     f"{str(e) or type(e).__name__}") from None
         finally:
@@ -1346,7 +1388,7 @@ async def get_raw_blob(client: Any, room_id: str, blob_id: str, out_path: str | 
 async def _replacing(out_path: Path) -> AsyncIterator[int]:
     """The descriptor of a 0600 temporary file beside ``out_path``: fsynced and renamed over
     ``out_path`` when the block ends normally, removed when it raises."""
-    fd, tmp = await asyncio.to_thread(_temp_beside, out_path)
+    fd, tmp = await _temp_in_thread(out_path)
     f = os.fdopen(fd, "wb", buffering=0)
     try:
         yield fd
@@ -1355,6 +1397,39 @@ async def _replacing(out_path: Path) -> AsyncIterator[int]:
     except BaseException:
         f.close()
         tmp.unlink(missing_ok=True)
+        raise
+
+
+async def _temp_in_thread(out_path: Path) -> tuple[int, Path]:
+    """:func:`_temp_beside` in a worker thread. A temporary file made for a caller that is gone
+    (cancelled while the thread made it: a review) is closed and removed, by the thread itself
+    once it has made it, not left beside ``out_path`` with its descriptor open."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"gone": False, "made": None}
+
+    def job() -> tuple[int, Path]:
+        fd, tmp = _temp_beside(out_path)
+        with lock:
+            if state["gone"]:
+                os.close(fd)
+                tmp.unlink(missing_ok=True)
+                raise _Gone(str(tmp))
+            state["made"] = (fd, tmp)
+        return fd, tmp
+
+    fut: asyncio.Future[tuple[int, Path]] | None = None
+    try:
+        fut = asyncio.get_running_loop().run_in_executor(None, job)
+        return await asyncio.shield(fut)
+    except BaseException:
+        with lock:  # from here the thread removes what it makes; what it made already is removed here
+            state["gone"] = True
+            made = state["made"]
+        if made is not None:
+            os.close(made[0])
+            made[1].unlink(missing_ok=True)
+        if fut is not None:
+            fut.add_done_callback(retrieve_exception)  # its _Gone, or its own error: nobody waits for it
         raise
 
 
@@ -1373,7 +1448,8 @@ class _Stopped(Exception):
 
 
 class _Gone(Exception):
-    """How an open for a ``put_blob`` that is gone ends, its file closed (no caller sees it)."""
+    """How a worker's open for a ``put_blob``, or temporary file for a download, ends when its
+    caller is gone, the file closed (and the temporary one removed); no caller sees it."""
 
 
 def _open_source(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
