@@ -77,3 +77,19 @@ def test_a_masked_run_is_judged_against_the_sha_floor_in_a_section_of_its_own(tm
     # get 330 of a 400 MB/s floor is 82%, put 120 is 30%: the aim needs both
     assert "put 30% and get 82% of one-core SHA-256 (aim 80%): **not met**." in masked
     assert "half the one-core SHA-256 rate, 200 MB/s, 50% of one-core SHA-256 (under the aim of 80%)" in masked
+
+
+def test_the_mask_is_refused_where_it_would_mean_nothing():
+    """On a CPU without SHA extensions the plain run already measures that aim (and writes the
+    main section); on arm the mask is another variable, which replaces the whole word."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_blobs
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    problem = bench_blobs._sha_mask_problem
+    assert problem(True, None, "x86_64", True) is None
+    assert problem(True, bench_blobs.NO_SHA_MASK, "x86_64", True) is None
+    assert "has no SHA extensions" in problem(True, None, "x86_64", False)
+    assert "only x86 has (this is aarch64)" in problem(True, None, "aarch64", True)
+    assert problem(False, None, "aarch64", True) is None
