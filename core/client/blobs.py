@@ -1073,6 +1073,7 @@ class _Lane:
         self.ahead = DOWNLOAD_AHEAD if ahead is None else ahead  # read here: bench/probe_download_lanes.py sets it
         #: called in the event loop as soon as a block fails, before anyone awaits it
         self.on_error = on_error
+        self._broken = False  # set and read in the lane's one thread only
         #: each block's future in the thread and the event loop's view of it, oldest first
         self.pending: collections.deque[tuple[concurrent.futures.Future[Any], asyncio.Future[Any]]] = \
             collections.deque()
@@ -1081,11 +1082,22 @@ class _Lane:
     async def submit(self, data: Any) -> None:
         while len(self.pending) >= self.ahead:
             await self._oldest()
-        work = self._thread.executor.submit(self.fn, data)
+        work = self._thread.executor.submit(self._run, data)
         view = asyncio.wrap_future(work)
         if self.on_error is not None:
             view.add_done_callback(self._failed)
         self.pending.append((work, view))
+
+    def _run(self, data: Any) -> Any:
+        """In the lane's thread: a block after one that failed is not worked on (it would feed a
+        decryptor that gave up, or write after a failed write); its error says so."""
+        if self._broken:
+            raise _AfterFailure("a block before it failed")
+        try:
+            return self.fn(data)
+        except BaseException:
+            self._broken = True
+            raise
 
     def _failed(self, view: asyncio.Future[Any]) -> None:
         if self.on_error is not None and not view.cancelled() and view.exception() is not None:
@@ -1108,7 +1120,8 @@ class _Lane:
 
     async def drain(self) -> None:
         """Wait for every block submitted and not dropped; the first block's error, if any, is
-        raised once all of them are done (a later block's is taken as a consequence of it)."""
+        raised once the others are done, and the blocks not started by then are dropped (a
+        later block's error is taken as a consequence of it, and its work is of no use)."""
         first: BaseException | None = None
         while self.pending:
             if self.pending[0][0].cancelled():
@@ -1119,6 +1132,7 @@ class _Lane:
             except Exception as e:  # noqa: BLE001 - raised below, after the rest
                 if first is None:
                     first = e
+                    self.drop()
         if first is not None:
             raise first
 
@@ -1131,6 +1145,11 @@ class _Lane:
         self._thread.close(wait=True)
         while self.pending:
             self.pending.popleft()[1].add_done_callback(retrieve_exception)
+
+
+class _AfterFailure(Exception):
+    """A download's block that was not worked on, since one before it in its lane failed (the
+    caller gets that one's error)."""
 
 
 class _FirstFailure:
@@ -1299,6 +1318,8 @@ async def _download(client: Any, room_id: str, blob_id: str, progress: Progress 
             # reset or stalled by the server before the failure was seen; so every block handed
             # over is finished first.
             for lane in (hasher, writer):
+                if failure.error is not None:
+                    lane.drop()  # a block failed already: what is queued is of no use
                 try:
                     await lane.drain()
                 except Exception as lane_error:  # noqa: BLE001 - kept as the cause, raised below

@@ -528,9 +528,11 @@ async def test_a_cancelled_download_runs_no_block_queued_behind_the_one_its_sink
 
 async def test_a_download_whose_sink_fails_raises_the_first_error_and_leaves_no_thread(
         world, tmp_path, monkeypatch, caplog):
-    """The sink fails on its second block and again on every later one (a full disk): the download
-    raises the first failure, every block's error is retrieved (nothing logged as lost), no thread
-    of the download is left, and the next download works."""
+    """The sink fails on its second block and would again on every later one (a full disk): the
+    download raises the first failure, the sink is given no block after it, every block's error
+    is retrieved (nothing logged as lost), no thread of the download is left, and the next
+    download works."""
+    import asyncio
     import errno
     import gc
     import threading
@@ -549,19 +551,14 @@ async def test_a_download_whose_sink_fails_raises_the_first_error_and_leaves_no_
 
     with pytest.raises(OSError, match="the first failure"):
         await _download(world.clients["bob"], rid, blob_id, None, full_disk)
+    assert len(calls) == 2, "the sink was given blocks after the one that failed"
     gc.collect()
-    await asyncio_sleep(0)
+    await asyncio.sleep(0)
     assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert not [t for t in threading.enumerate() if t.name.startswith("unibus-blob")]
     got = []
     assert await _download(world.clients["bob"], rid, blob_id, None, lambda parts: got.extend(parts)) == 3 * 1024 * 1024
     assert hashlib.sha256(b"".join(got)).hexdigest() == blob_id
-
-
-async def asyncio_sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
 
 
 @pytest.mark.parametrize("then", ["stalls", "resets"])
