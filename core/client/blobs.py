@@ -130,8 +130,9 @@ DOWNLOAD_BLOCK = 4 * 1024 * 1024
 #: blocks of a download each of its two threads may have queued (the one it works on
 #: included), so that a thread done with its block takes the next without waiting for
 #: the event loop to hand it over. Two against one took a 256 MiB ``get_blob`` from
-#: 342 to 373 MB/s with OpenSSL's SHA-256 kept off the CPU's SHA extensions, and from
-#: 596 to 676 MB/s with them (medians of 8 alternating runs; docs/benchmarks.md, "Blobs")
+#: 568 to 609 MB/s, and from 243 to 259 MB/s with OpenSSL's SHA-256 kept off the CPU's
+#: SHA extensions (medians of 40 alternating runs, bench/probe_download_lanes.py;
+#: docs/benchmarks.md, "Blobs")
 DOWNLOAD_AHEAD = 2
 #: bytes a download asks of the socket per ``recv`` (see _large_reads)
 RECV_SIZE = 1024 * 1024
