@@ -60,7 +60,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -69,6 +69,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ..aio import retrieve_exception
 from .sealing import validate_room_id
+
+_T = TypeVar("_T")
 
 __all__ = [
     "CHUNK_SIZE",
@@ -1423,36 +1425,15 @@ async def _replacing(out_path: Path) -> AsyncIterator[int]:
 
 
 async def _temp_in_thread(out_path: Path) -> tuple[int, Path]:
-    """:func:`_temp_beside` in a worker thread. A temporary file made for a caller that is gone
-    (cancelled while the thread made it: a review) is closed and removed, by the thread itself
-    once it has made it, not left beside ``out_path`` with its descriptor open."""
-    lock = threading.Lock()
-    state: dict[str, Any] = {"gone": False, "made": None}
+    """:func:`_temp_beside` in a worker thread; a temporary file made for a caller that is gone
+    (cancelled while the thread made it: a review) is closed and removed, not left beside
+    ``out_path`` with its descriptor open."""
+    return await _made_in_thread(lambda: _temp_beside(out_path), _remove_temp, str(out_path))
 
-    def job() -> tuple[int, Path]:
-        fd, tmp = _temp_beside(out_path)
-        with lock:
-            if state["gone"]:
-                os.close(fd)
-                tmp.unlink(missing_ok=True)
-                raise _Gone(str(tmp))
-            state["made"] = (fd, tmp)
-        return fd, tmp
 
-    fut: asyncio.Future[tuple[int, Path]] | None = None
-    try:
-        fut = asyncio.get_running_loop().run_in_executor(None, job)
-        return await asyncio.shield(fut)
-    except BaseException:
-        with lock:  # from here the thread removes what it makes; what it made already is removed here
-            state["gone"] = True
-            made = state["made"]
-        if made is not None:
-            os.close(made[0])
-            made[1].unlink(missing_ok=True)
-        if fut is not None:
-            fut.add_done_callback(retrieve_exception)  # its _Gone, or its own error: nobody waits for it
-        raise
+def _remove_temp(made: tuple[int, Path]) -> None:
+    os.close(made[0])
+    made[1].unlink(missing_ok=True)
 
 
 def _close_durably(f: IO[bytes]) -> None:
@@ -1471,7 +1452,8 @@ class _Stopped(Exception):
 
 class _Gone(Exception):
     """How a worker's open for a ``put_blob``, or temporary file for a download, ends when its
-    caller is gone, the file closed (and the temporary one removed); no caller sees it."""
+    caller is gone (:func:`_made_in_thread`), the file closed (and the temporary one removed); no
+    caller sees it."""
 
 
 def _open_source(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
@@ -1603,33 +1585,39 @@ async def _then_close(f: IO[bytes], job: Callable[[], Any], stop: threading.Even
 
 
 async def _open_in_thread(path: Path, same_as: tuple[int, int] | None = None) -> tuple[IO[bytes], tuple[int, int]]:
-    """:func:`_open_source` in a worker thread. A file opened for a caller that is gone (cancelled,
-    or the executor failed to start a thread for a job it had queued all the same) is closed
-    once it is open, by the thread itself, not left to the garbage collector."""
-    lock = threading.Lock()
-    state: dict[str, Any] = {"gone": False, "file": None}
+    """:func:`_open_source` in a worker thread; a file opened for a caller that is gone is closed."""
+    return await _made_in_thread(lambda: _open_source(path, same_as), lambda made: made[0].close(), str(path))
 
-    def job() -> tuple[IO[bytes], tuple[int, int]]:
-        f, ident = _open_source(path, same_as)
+
+async def _made_in_thread(make: Callable[[], _T], undo: Callable[[_T], None], what: str) -> _T:
+    """``make()`` in a worker thread. What it makes for a caller that is gone (cancelled, or the
+    executor failed to start a thread for a job it had queued all the same) is undone with
+    ``undo``: by the thread itself once made, or here if it was made already; never left to
+    the garbage collector, never undone twice."""
+    lock = threading.Lock()
+    state: dict[str, Any] = {"gone": False, "made": None}
+
+    def job() -> _T:
+        made = make()
         with lock:
             if state["gone"]:
-                f.close()
-                raise _Gone(str(path))
-            state["file"] = f
-        return f, ident
+                undo(made)
+                raise _Gone(what)
+            state["made"] = (made,)
+        return made
 
-    fut: asyncio.Future[tuple[IO[bytes], tuple[int, int]]] | None = None
+    fut: asyncio.Future[_T] | None = None
     try:
         fut = asyncio.get_running_loop().run_in_executor(None, job)
         return await asyncio.shield(fut)
     except BaseException:
-        with lock:  # from here the thread closes what it opens; what it opened already is closed here
+        with lock:  # from here the thread undoes what it makes; what it made already is undone here
             state["gone"] = True
-            f = state["file"]
-        if f is not None:
-            f.close()
+            made = state["made"]
+        if made is not None:
+            undo(made[0])
         if fut is not None:
-            fut.add_done_callback(retrieve_exception)  # its _Gone, or the open's own error: nobody waits for it
+            fut.add_done_callback(retrieve_exception)  # its _Gone, or make()'s own error: nobody waits for it
         raise
 
 
