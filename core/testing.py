@@ -25,10 +25,14 @@ fixtures are available in any test suite that has unibus installed:
     Three ``membershipd serve`` nodes formed into one cluster on loopback
     (:class:`Cluster`: route TLS, a route password file, KV replicas 3), the
     admin bootstrapped and migrated into it; ``kill(i)``, ``restart(i)``
-    (tracked), ``pause(i)``/``resume()``, signed clients per node. Every
+    (tracked), ``pause(i)``/``resume()`` (every thread stopped when ``pause``
+    returns), signed clients per node. Every
     process of every node is stopped at teardown.
 ``unibus_app``
     membershipd in this process with only the plugins given (:class:`UnibusApp`).
+
+``freeze(pid)`` stops a process (SIGSTOP) and returns once every thread of it
+is stopped: until then a thread still running can answer.
 
 ``make_test_pki(directory)`` makes a client-facing CA with a server
 certificate for 127.0.0.1, ::1 and localhost and a client certificate
@@ -517,6 +521,56 @@ def signal_pidfd(fd: int, sig: int) -> bool:
         return False
 
 
+def freeze(pid: int, *, pidfd: int | None = None, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid`` (through ``pidfd`` when given) and return once every thread of it is stopped.
+
+    ``kill()`` returns once the signal is queued: the process stops when one
+    of its threads takes the signal, and its other threads only when that one
+    has told them, so a thread still running can answer meanwhile (on a busy
+    machine, for milliseconds). A test that froze nats-server and at once
+    asked it for two PONGs got them, in two CI runs. A process that has exited
+    counts as stopped; :class:`TimeoutError` after ``timeout`` seconds.
+    """
+    if pidfd is None:
+        os.kill(pid, signal.SIGSTOP)
+    elif not signal_pidfd(pidfd, signal.SIGSTOP):
+        return
+    wait_stopped(pid, pidfd=pidfd, timeout=timeout)
+
+
+def _pidfd_pid(fd: int) -> int:
+    """The pid a pidfd names (its ``Pid:`` line in /proc; -1 once that process is reaped)."""
+    for line in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    raise OSError(f"descriptor {fd} is not a pidfd")
+
+
+def wait_stopped(pid: int, *, pidfd: int | None = None, timeout: float = 10.0) -> None:
+    """Return once no thread of ``pid`` can run: every one stopped (``T``, ``t``) or exited.
+
+    With ``pidfd`` (of that process), a pid reused after it exited is never
+    taken for it. :class:`TimeoutError` after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if pidfd is not None and select.select([pidfd], [], [], 0)[0]:
+            return  # a pidfd is readable once its process has exited
+        states = []
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except FileNotFoundError:
+            return
+        for task in tasks:
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        if all(state in ("T", "t", "Z", "X") for state in states):
+            return
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"process {pid} did not stop within {timeout:g} s (thread states {states})")
+        time.sleep(0.001)
+
+
 async def member_connections(daemon: MembershipdProcess, handle: str, *, servers: int = 1) -> set[tuple[str, int]]:
     """``(server id, client id)`` of every connection of ``handle`` that nats-server holds right now.
 
@@ -903,12 +957,14 @@ class Cluster:
         if node.proc is None or node.proc.poll() is not None:
             raise RuntimeError(f"node n{i + 1} is not running")
         fds = [os.pidfd_open(node.pid)]  # our child, not reaped: the pid is still its own
+        pids = [node.pid]
         nats = node.nats_handle()
         if nats is not None:
             fds.append(nats)
-        for fd in reversed(fds):
-            signal_pidfd(fd, signal.SIGSTOP)
+            pids.append(_pidfd_pid(nats))
         self._paused += fds
+        for fd, pid in reversed(list(zip(fds, pids, strict=True))):
+            freeze(pid, pidfd=fd)  # every thread stopped: none answers once this returns
         return fds
 
     def resume(self, fds: Sequence[int]) -> None:

@@ -43,7 +43,7 @@ from unibus.connlimits import (ACCEPT_ERROR_LOG_INTERVAL, ACCEPT_ERROR_MESSAGE, 
                                IDLE_TIMEOUT_ENV, MIN_MEMBER_REQUESTS, AcceptErrorLog, MemberRequests,
                                max_connections)
 from unibus.signing import sign_request
-from unibus.testing import (MembershipdProcess, accept_offline_bootstraps, bootstrap_member, free_port,
+from unibus.testing import (MembershipdProcess, accept_offline_bootstraps, bootstrap_member, free_port, freeze,
                             make_test_pki, run_membershipd)
 
 #: The idle deadline of the "short" daemons (UNIBUS_HTTP_IDLE_TIMEOUT), and their body deadline:
@@ -422,7 +422,7 @@ def test_a_burst_past_the_limit_accepted_at_once_still_lets_members_in(capped):
     wait_no_connections(capped)
     evicted = capped.metric("unibus_http_connections_evicted_total", listener="http")
     socks = []
-    capped.proc.send_signal(signal.SIGSTOP)
+    freeze(capped.proc.pid)
     try:
         for _ in range(CAP + 5):  # the kernel queues them (the listen backlog is 128)
             s = capped.connect(handshake=False)

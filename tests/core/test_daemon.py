@@ -19,7 +19,7 @@ from unibus.daemon import Daemon, _serve
 from unibus.errors import RuntimeFailure
 from unibus.pluginmanager import PluginManager
 from unibus.settings import HostPort, Settings
-from unibus.testing import free_port, http_json, nats_server_pids
+from unibus.testing import free_port, freeze, http_json, nats_server_pids
 
 HEALTHZ_KEYS = {"status", "version", "node", "posture", "nats"}
 NATS_KEYS = {"mode", "url", "connected", "jetstream", "restarts", "kv_replicas", "cluster"}
@@ -107,7 +107,7 @@ def test_nats_crash_degrades_then_recovers(membershipd):
     # Freeze membershipd, kill its nats-server and break the config, so every
     # restart fails until we mend it: the outage is ours to end, and no restart
     # can slip in before /healthz is looked at.
-    membershipd.send_signal(signal.SIGSTOP)
+    freeze(membershipd.pid)
     try:
         os.kill(pid, signal.SIGKILL)
         wait_gone(pid)

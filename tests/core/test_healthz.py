@@ -27,7 +27,7 @@ from unibus.auth import NonceStore
 from unibus.bus import Bus
 from unibus.health import STALE_AFTER, HealthProber, HealthState
 from unibus.signing import sign_request
-from unibus.testing import MembershipdProcess, NatsServer, bootstrap_member, free_port, make_plugin_manager
+from unibus.testing import MembershipdProcess, NatsServer, bootstrap_member, free_port, freeze, make_plugin_manager
 
 
 def _metric(url: str, name: str) -> float:
@@ -49,7 +49,7 @@ async def test_a_frozen_nats_server_makes_healthz_say_degraded_and_it_still_answ
     try:
         nats_pid = daemon.nats_pid()
         assert nats_pid is not None
-        os.kill(nats_pid, signal.SIGSTOP)
+        freeze(nats_pid)
         try:
             body = daemon.wait_healthy(want=503, timeout=20)
             assert body["status"] == "degraded"
@@ -101,21 +101,6 @@ class Server(NatsServer):
             super().stop()
 
 
-async def freeze(pid: int) -> None:
-    """SIGSTOP ``pid`` and wait (bounded) until every thread of it is stopped: the
-    signal is delivered asynchronously, and a thread still running could answer."""
-    os.kill(pid, signal.SIGSTOP)
-
-    def stopped() -> bool:
-        states = []
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{task}/stat") as f:
-                states.append(f.read().rsplit(")", 1)[1].split()[0])
-        return bool(states) and all(state in ("T", "t") for state in states)
-
-    await _until(stopped, timeout=10)
-
-
 @contextlib.asynccontextmanager
 async def nats_with_nonces(tmp_path):
     """A real supervised nats-server, a Bus connected to it and the nonce store on it."""
@@ -145,7 +130,7 @@ async def test_the_prober_reports_what_it_saw_and_never_waits_for_a_hung_probe(t
         prober = HealthProber(bus, nonces=nonces, supervisor=server.supervisor, timeout=0.3, clock=lambda: now[0])
         assert not prober.state().ok  # nothing probed yet: degraded, not a guess
         assert (await prober.probe_once()).ok
-        await freeze(server.pid)  # the server's socket stays open; nothing answers
+        freeze(server.pid)  # the server's socket stays open; nothing answers
         try:
             hung = await asyncio.wait_for(prober.probe_once(), 10)  # the probe gives up on its own
             assert not hung.ok and hung.connected and not hung.jetstream

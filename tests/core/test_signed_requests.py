@@ -20,7 +20,7 @@ from unibus.auth import BAD_SIGNATURE
 from unibus.client.keys import generate_identity
 from unibus.signing import content_digest, sign_request
 
-from unibus.testing import bootstrap_member
+from unibus.testing import bootstrap_member, freeze
 
 
 async def send(base_url, method, path, identity, body=None, *, headers=None, mutate=None, sign_path=None,
@@ -293,7 +293,7 @@ async def test_fails_closed_when_nats_is_down(server, alice):
     assert (await send(server.base_url, "GET", "/v1/me", alice))[0] == 200
     conf = server.data_dir / "nats.conf"
     good = conf.read_text()
-    server.send_signal(signal.SIGSTOP)
+    freeze(server.pid)
     try:
         pid = server.nats_pid()
         os.kill(pid, signal.SIGKILL)

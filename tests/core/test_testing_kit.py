@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from unibus.testing import Cluster, MembershipdProcess, nats_server_pids, signal_pidfd
+from unibus.testing import Cluster, MembershipdProcess, freeze, nats_server_pids, signal_pidfd, wait_stopped
 
 
 def test_restarts_are_tracked_and_all_stopped(tmp_path):
@@ -29,6 +29,53 @@ def test_restarts_are_tracked_and_all_stopped(tmp_path):
         for p in first.family:
             p.stop()
     assert not nats_server_pids(tmp_path)
+
+
+SPINNERS = """
+import sys, threading
+def spin():
+    while True:
+        pass
+for _ in range(6):
+    threading.Thread(target=spin, daemon=True).start()
+print("spinning", flush=True)
+threading.Event().wait()
+"""
+
+
+def _cpu_ticks(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+def _thread_states(pid: int) -> list[str]:
+    return [Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            for t in os.listdir(f"/proc/{pid}/task")]
+
+
+@pytest.mark.parametrize("through", ["pid", "pidfd"])
+def test_freeze_returns_once_no_thread_runs(through):
+    """SIGSTOP is taken by one thread, which then stops the others: a test that went on at once
+    got PONGs from a nats-server it had just frozen (CI, twice). freeze waits for every thread."""
+    child = subprocess.Popen([sys.executable, "-c", SPINNERS], stdout=subprocess.PIPE)
+    fd = os.pidfd_open(child.pid)
+    try:
+        assert child.stdout is not None and child.stdout.readline() == b"spinning\n"
+        assert len(_thread_states(child.pid)) == 7
+        freeze(child.pid, pidfd=fd if through == "pidfd" else None)
+        assert set(_thread_states(child.pid)) == {"T"}
+        ticks = _cpu_ticks(child.pid)
+        select.select([], [], [], 0.2)
+        assert _cpu_ticks(child.pid) == ticks  # six spinning threads, and not one tick more
+        os.kill(child.pid, signal.SIGCONT)
+        with pytest.raises(TimeoutError, match=f"process {child.pid} did not stop within 0.05 s"):
+            wait_stopped(child.pid, timeout=0.05)  # running again: never taken for stopped
+    finally:
+        child.kill()
+        child.wait()
+    wait_stopped(child.pid, pidfd=fd, timeout=1)  # exited: nothing left to run (the pid may be another's now)
+    freeze(child.pid, pidfd=fd)  # through its pidfd, an exited process is not an error
+    os.close(fd)
 
 
 def test_a_pidfd_never_signals_a_reused_pid(tmp_path):

@@ -26,7 +26,7 @@ import pytest
 from unibus.client import ApiError, BusError, NotARoomMember, UnibusClient
 from unibus.client.api import AUTH_FAILURES_LIMIT
 from unibus.client.keys import generate_identity, save_identity, with_bus_key
-from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
+from unibus.testing import MembershipdProcess, bootstrap_member, freeze, member_connections
 
 WAIT = 20.0  # upper bound for "eventually" (never a timing assertion: latency lives in bench/)
 
@@ -255,7 +255,7 @@ async def test_a_first_connection_still_refused_asks_the_control_plane_why(world
                 async with world.sdk(handle) as elsewhere:
                     await elsewhere.rotate_bus_key()
             elif calls == 1:
-                os.kill(world.daemon.pid, signal.SIGSTOP)  # its nats-server keeps running
+                freeze(world.daemon.pid)  # its nats-server keeps running
                 stopped_daemon = True
             return info
 
@@ -303,7 +303,7 @@ async def test_a_first_connection_refused_within_grant_wait_is_tried_again(world
             info = await real_bus_info()
             if not stopped:
                 stopped = True
-                os.kill(world.daemon.pid, signal.SIGSTOP)
+                freeze(world.daemon.pid)
                 loop.call_later(2.5, lambda: (os.kill(world.daemon.pid, signal.SIGCONT), resumed.set_result(None)))
             return info
 
@@ -362,7 +362,7 @@ async def _kick_and_hold(world: World, a: UnibusClient, bus: Any, moment: str) -
             break
     else:
         raise AssertionError("every reconnect was over before the test saw it")
-    os.kill(world.daemon.pid, signal.SIGSTOP)  # its callout cannot answer the login yet
+    freeze(world.daemon.pid)  # its callout cannot answer the login yet
     held = [True]
 
     def resume() -> None:
@@ -460,7 +460,7 @@ async def test_a_listener_whose_start_failed_keeps_no_subscription(world, ended)
     async with world.sdk("alice") as a, a.bus() as alice_bus, world.sdk(handle) as b, \
             b.bus(connect_timeout=1) as bus:
         failed = bus.listen(room)
-        os.kill(nats_pid, signal.SIGSTOP)
+        freeze(nats_pid)  # every thread: one still running answered two PINGs (CI, twice)
         try:
             if ended == "timed out":
                 with pytest.raises(BusError, match="cannot subscribe to"):
@@ -497,7 +497,7 @@ async def test_a_send_whose_bus_is_closed_while_the_server_is_silent_says_so(wor
         await bus.connect()
         try:
             await bus.send(room, "t", b"warm")  # the key is cached: the next send needs no HTTP
-            os.kill(nats_pid, signal.SIGSTOP)
+            freeze(nats_pid)
             try:
                 sending = asyncio.create_task(bus.send(room, "t", b"unanswered"))
                 await asyncio.sleep(0.3)

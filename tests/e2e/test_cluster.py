@@ -19,7 +19,7 @@ from clusters import FORM_TIMEOUT, SECRET, Cluster, connect_member, eventually, 
 
 from unibus.client import ApiError, UnibusClient
 from unibus.client.keys import generate_identity
-from unibus.testing import MembershipdProcess, member_connections
+from unibus.testing import MembershipdProcess, freeze, member_connections
 
 pytestmark = pytest.mark.slow
 
@@ -235,7 +235,7 @@ async def removal_cuts_off_on_another_node(cluster: Cluster, bob, room: str, ali
     nc = await connect_member(hung.nats_url, bob)
     nats_pid = hung.nats_pid()
     assert nats_pid is not None
-    os.kill(nats_pid, signal.SIGSTOP)
+    freeze(nats_pid)
     try:
         async with UnibusClient(serving.base_url, alice, timeout=20) as a:
             with pytest.raises(ApiError) as e:
@@ -341,7 +341,7 @@ async def test_a_hung_membershipd_does_not_keep_a_removed_member_in_the_room_els
 
     assert await eventually(bob_in_the_room, 15)
     nc, sub, sender = live
-    os.kill(hung.pid, signal.SIGSTOP)
+    freeze(hung.pid)
     try:
         async with UnibusClient(serving.base_url, alice, timeout=20) as a:
             with pytest.raises(ApiError) as e:

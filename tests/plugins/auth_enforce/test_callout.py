@@ -28,7 +28,7 @@ from unibus.plugins.auth_enforce import jwt
 from unibus.plugins.auth_enforce.callout import (IN_FLIGHT_TTL, MEMBER_MAX_CONNECTIONS, MEMBER_MAX_SUBSCRIPTIONS,
                                                   Issuer, Responder, holds_key)
 from unibus.plugins.auth_enforce.policy import Policy
-from unibus.testing import MembershipdProcess, bootstrap_member, member_connections
+from unibus.testing import MembershipdProcess, bootstrap_member, freeze, member_connections
 
 SERVER = nacl.signing.SigningKey(os.urandom(32))
 SERVER_ID = nkeys.from_seed(bytearray(nkeys.encode_seed(bytes(SERVER), nkeys.PREFIX_BYTE_SERVER))).public_key.decode()
@@ -210,7 +210,7 @@ async def test_with_no_membershipd_answering_members_are_refused_and_live_ones_k
     await live.flush()
     nats_pid = daemon.nats_pid()
     assert nats_pid is not None
-    os.kill(daemon.pid, signal.SIGSTOP)  # membershipd hangs; its nats-server keeps running
+    freeze(daemon.pid)  # membershipd hangs; its nats-server keeps running
     try:
         with pytest.raises((nats.errors.Error, NoServersError)):
             await nats.connect(daemon.nats_url, nkeys_seed_str=erin.bus_nkey_seed(), allow_reconnect=False,
