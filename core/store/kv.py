@@ -95,9 +95,11 @@ LOG_READ_CHUNK = 64
 #: concurrently makes its batch lose, and it is read and written again in the next round).
 #: A member rewriting a room of its own in a loop makes each round lose with some odds
 #: (measured in the store's contract test: about 0.75, and every one of 12 rounds lost in a
-#: CI run on 2 busy cores), so the bound is the time it allows, about a second, not a count
-#: that a busy machine reaches.
+#: CI run on 2 busy cores): 64 rounds, each after a pause of up to 20 ms.
 SWEEP_ROUNDS = 64
+#: Seconds after which :meth:`KvStore._sweep_gone` tries no more rooms that lost (each costs
+#: a read and a write, one after the other: a member rewriting many rooms makes rounds long).
+SWEEP_SECONDS = 3.0
 #: Reads of every room one :meth:`KvStore._sweep_gone` makes at most (a later deletion of
 #: the handle makes it read them again).
 SWEEP_SCANS = 12
@@ -359,12 +361,17 @@ class KvStore(KvWatch, KvMigrate):
             for key, (mark, _rev) in sorted(marks.items()):
                 handle = key.split(".", 1)[1]
                 cleared = _Cleared()
-                if await self._sweep_gone(handle, cleared, (mark, rooms)):
+                try:  # one handle's failure (a refused write) leaves the others to clear
+                    done = await self._sweep_gone(handle, cleared, (mark, rooms))
+                    why = "rooms kept changing while they were rewritten"
+                except StoreUnavailable as e:
+                    done, why = False, str(e)
+                if done:
                     await self._strip_sealed(handle, cleared.strip)
                     log.info("cleared deleted member %s from the room records that still named it", handle)
                 else:
                     log.warning("deleted member %s is still named in some room records (readers take it as "
-                                "gone): rooms kept changing while they were rewritten", handle)
+                                "gone): %s", handle, why)
 
         try:
             await within(clear(), CLEAR_ON_START)
@@ -601,7 +608,7 @@ class KvStore(KvWatch, KvMigrate):
         when such a batch loses again, so that a member that keeps rewriting one room
         cannot hold the others back (a review made a clean-up that read every room
         again give up), and that room is tried again for up to :data:`SWEEP_ROUNDS`
-        rounds (about a second). The mark goes once every
+        rounds and :data:`SWEEP_SECONDS`. The mark goes once every
         room of the read is clear. (Bus authorization's index needs no report of
         these writes: it counts only members that exist in a room, and drops a
         deleted member from every room.)
@@ -611,13 +618,13 @@ class KvStore(KvWatch, KvMigrate):
         gone, grev = await self._read(_gkey(handle))
         if gone is None:
             return True
-        scans = 0
-        if seen is not None and seen[0] == gone:
-            rooms = seen[1]
-        else:
-            rooms, scans = await self._scan("room"), 1
+        rooms = seen[1] if seen is not None and seen[0] == gone else await self._scan("room")
+        scans = 1
         retry: list[list[str]] = []  # rooms of batches that lost, read again and written a few at a time
+        give_up = time.monotonic() + SWEEP_SECONDS
         for _ in range(SWEEP_ROUNDS):
+            if retry and time.monotonic() >= give_up:
+                return False
             fresh = bool(retry)
             if fresh:
                 parts = retry

@@ -21,9 +21,11 @@ import collections
 import contextlib
 import json
 import logging
+import itertools
 import random
+import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -49,8 +51,17 @@ MAX_ATTEMPTS = 12
 SCAN_BUDGET = 60.0
 #: Own revisions remembered for the watch (it tells them from other nodes' writes).
 OWN_REVISIONS = 8192
+#: Atomic batches one store sends at once; the others wait their turn. nats-server takes
+#: at most 50 in flight per stream (``jetstream.limits.batch.max_inflight_per_stream``) and
+#: refuses the next (``TOO_MANY_BATCHES``): one member's parallel room writes filled it, and
+#: every other write, a deletion's clean-up included, failed (a review). 16 per node keeps a
+#: three-node cluster under it.
+BATCHES_IN_FLIGHT = 16
 
 WRONG_LAST_SEQUENCE = (10071, 10164)
+#: "atomic publish too many inflight" (HTTP 429): the batch was not started, or was dropped
+#: whole; it is sent again after a pause, for up to the store's ``timeout``.
+TOO_MANY_BATCHES = 10210
 STREAM_NAME_IN_USE = 10058
 NO_MESSAGE_FOUND = 10037
 KV_OP = "KV-Operation"
@@ -100,6 +111,7 @@ class KvBucket(Store):
         self._prefix = f"$KV.{bucket}."
         # The revisions this instance wrote: the watch does not report them as "remote".
         self._own: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._batches = asyncio.Semaphore(BATCHES_IN_FLIGHT)
 
     @property
     def _nc(self) -> Any:
@@ -245,12 +257,23 @@ class KvBucket(Store):
         if len(writes) > MAX_BATCH:
             raise Conflict(f"this change touches {len(writes)} keys; one atomic KV batch holds at most {MAX_BATCH}")
         self._check_connected()
-        try:
-            ack = await self._io(self._publish(writes), "write")
-        except _NoAtomicBatches:
-            raise StoreUnavailable("this nats-server does not do atomic batch publishing (needs >= 2.12 "
-                                   "and allow_atomic on the bucket's stream)") from None
-        err = ack.get("error")
+        deadline = time.monotonic() + self.timeout
+        for n in itertools.count():
+            try:
+                if len(writes) == 1:
+                    ack = await self._io(self._publish(writes), "write")
+                else:
+                    async with self._batch_slot():
+                        ack = await self._io(self._publish(writes), "write")
+            except _NoAtomicBatches:
+                raise StoreUnavailable("this nats-server does not do atomic batch publishing (needs >= 2.12 "
+                                       "and allow_atomic on the bucket's stream)") from None
+            err = ack.get("error")
+            if not err or err.get("err_code") != TOO_MANY_BATCHES or time.monotonic() >= deadline:
+                break
+            # Other writers (another node, a tool on the same bucket) fill the server's slots:
+            # nothing of this batch was stored, so it is sent again.
+            await asyncio.sleep(random.uniform(0, min(0.1, 0.002 * 2 ** n)))
         if err:
             if err.get("err_code") in WRONG_LAST_SEQUENCE:
                 raise _CasLost()
@@ -261,6 +284,19 @@ class KvBucket(Store):
         while len(self._own) > OWN_REVISIONS:
             self._own.popitem(last=False)
         return seq
+
+    @contextlib.asynccontextmanager
+    async def _batch_slot(self) -> AsyncIterator[None]:
+        """One of :data:`BATCHES_IN_FLIGHT`, waited for up to the store's ``timeout``."""
+        try:
+            await within(self._batches.acquire(), self.timeout)
+        except TimeoutError:
+            raise StoreUnavailable(f"write: {BATCHES_IN_FLIGHT} atomic batches were in flight for "
+                                   f"{self.timeout:g} s") from None
+        try:
+            yield
+        finally:
+            self._batches.release()
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt`` (read, check, conditional write) until its write is not outraced."""

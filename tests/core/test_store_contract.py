@@ -1632,6 +1632,69 @@ async def test_kv_a_member_rewriting_a_room_in_a_loop_cannot_hold_the_clean_up_b
     await a.add_member(member("mallory"))  # at once: nothing left to clear
 
 
+@pytest.mark.parametrize("stores", [1, 4])
+async def test_kv_batches_beyond_the_servers_in_flight_limit_wait_or_are_sent_again(
+        nats_server: NatsServer, stores: int) -> None:
+    """nats-server takes 50 atomic batches in flight per stream and refuses the next ("atomic
+    publish too many inflight"): 200 two-key writes at once failed 150 times, through one store
+    or four (a review: a member's parallel room writes made every other write fail). One store
+    sends 16 at a time; four (64 > 50) are refused some and send them again. All land."""
+    opened = [await kv_store(nats_server.url) for _ in range(stores)]
+    try:
+        async def write(i: int) -> int:
+            _nc, store = opened[i % stores]
+            return await store._commit([_Write(f"room.b{i}", {"i": i}, 0), _Write(f"room.c{i}", {"i": i}, 0)])
+
+        revisions = await asyncio.gather(*(write(i) for i in range(200)))
+        assert len(set(revisions)) == 200
+        _nc, first = opened[0]
+        got = await first._scan("room")
+        assert {k: v for k, (v, _rev) in got.items()} == {
+            **{f"room.b{i}": {"i": i} for i in range(200)}, **{f"room.c{i}": {"i": i} for i in range(200)}}
+    finally:
+        for nc, store in opened:
+            await store.close()
+            await nc.close()
+
+
+@pytest.mark.slow
+async def test_kv_a_member_writing_many_rooms_in_parallel_cannot_hold_the_clean_up_back(
+        two_kv: tuple[KvStore, KvStore]) -> None:
+    """A review: dave rewrites 30 rooms of his that still name mallory, three writers a room, on
+    another node, while she is deleted. The clean-up's batches were refused (the server's 50
+    batches in flight were his) and it gave up at once, the mark left (4 runs of 8)."""
+    a, b = two_kv
+    for h, role in (("alice", "admin"), ("mallory", "member"), ("dave", "member"), ("carol", "member")):
+        await a.add_member(member(h, role))
+    rooms = []
+    for i in range(30):
+        d = (await a.create_room(f"d{i}", "dave")).room_id
+        await a.add_room_member(d, "mallory")
+        await a.put_keys(d, 1, {"dave": b"d", "mallory": b"m"})
+        await a.remove_room_member(d, "mallory")
+        rooms.append(d)
+    stop = asyncio.Event()
+    writes = 0
+
+    async def toggle(room: str) -> None:
+        nonlocal writes
+        while not stop.is_set():
+            for change in (b.add_room_member, b.remove_room_member):
+                with contextlib.suppress(Conflict, NotFound):  # three writers of one room: they race
+                    await change(room, "carol")
+                    writes += 1
+
+    writers = [asyncio.create_task(toggle(room)) for room in rooms for _ in range(3)]
+    try:
+        await eventually(lambda: writes >= 30, "dave's writes")
+        await a.delete_member("mallory")
+        assert (await a._read("gone.mallory"))[0] is None
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*writers), WAIT)
+    assert await _names(a, "mallory") == set()
+
+
 async def test_kv_a_deletion_cut_after_its_batch_is_finished_by_the_next_start(nats_server: NatsServer) -> None:
     """The next start of a node (``ensure()``) clears the rooms a deletion cut short left."""
     nc, cut = await _alice_and_mallory(nats_server.url, _StopsAfterTheBatch)
