@@ -528,8 +528,11 @@ def freeze(pid: int, *, pidfd: int | None = None, timeout: float = 10.0) -> None
     of its threads takes the signal, and its other threads only when that one
     has told them, so a thread still running can answer meanwhile (on a busy
     machine, for milliseconds). A test that froze nats-server and at once
-    asked it for two PONGs got them, in two CI runs. A process that has exited
-    counts as stopped; :class:`TimeoutError` after ``timeout`` seconds.
+    asked it for two PONGs got them, in two CI runs. Through its pidfd, a
+    process that has exited counts as stopped; by pid, ``ProcessLookupError``
+    once it is reaped. :class:`TimeoutError` after ``timeout`` seconds. It
+    polls every millisecond in the calling thread (an event loop's too): a
+    thread in uninterruptible sleep holds it until that sleep ends.
     """
     if pidfd is None:
         os.kill(pid, signal.SIGSTOP)
@@ -957,12 +960,13 @@ class Cluster:
         if node.proc is None or node.proc.poll() is not None:
             raise RuntimeError(f"node n{i + 1} is not running")
         fds = [os.pidfd_open(node.pid)]  # our child, not reaped: the pid is still its own
+        self._paused.append(fds[0])  # recorded at once: stop() resumes and closes it, whatever follows
         pids = [node.pid]
         nats = node.nats_handle()
         if nats is not None:
             fds.append(nats)
+            self._paused.append(nats)
             pids.append(_pidfd_pid(nats))
-        self._paused += fds
         for fd, pid in reversed(list(zip(fds, pids, strict=True))):
             freeze(pid, pidfd=fd)  # every thread stopped: none answers once this returns
         return fds
