@@ -632,7 +632,10 @@ class KvStore(KvWatch, KvMigrate):
                 named = [w.key for w in _leave_rooms(handle, rooms)[0]]
                 parts = [named[i:i + MAX_BATCH - 1] for i in range(0, len(named), MAX_BATCH - 1)]
             retry, newer = [], False
-            for keys in parts:
+            for n, keys in enumerate(parts):
+                if fresh and time.monotonic() >= give_up:  # the rest is tried no more
+                    retry += parts[n:]
+                    break
                 if fresh:
                     got = await asyncio.gather(*(self._read(k) for k in keys))
                     part = {k: (v, rev) for k, (v, rev) in zip(keys, got) if v is not None}

@@ -58,6 +58,12 @@ OWN_REVISIONS = 8192
 #: three-node cluster under it.
 BATCHES_IN_FLIGHT = 16
 
+#: Seconds nats-server keeps a batch that was started and never committed
+#: (``jetstream.limits.batch.timeout``, 10 s by default): a slot whose batch was cut short
+#: (a timeout, a cancellation) is given back only then, or this node's 16 would be more than
+#: the server's share (a review: 48 cut short, then the next 16 refused).
+SERVER_BATCH_TIMEOUT = 10.0
+
 WRONG_LAST_SEQUENCE = (10071, 10164)
 #: "atomic publish too many inflight" (HTTP 429): the batch was not started, or was dropped
 #: whole; it is sent again after a pause, for up to the store's ``timeout``.
@@ -74,6 +80,12 @@ async def _none() -> tuple[None, int]:
 
 class _CasLost(Exception):
     """A conditional write lost to a concurrent one: re-read and retry."""
+
+
+@dataclass
+class _Slot:
+    """A batch slot: ``open`` while the server may hold a batch of it (sent, not yet answered)."""
+    open: bool = False
 
 
 class _NoAtomicBatches(Exception):
@@ -225,8 +237,10 @@ class KvBucket(Store):
             return self._prefix + w.key, b"", hdrs
         return self._prefix + w.key, json.dumps(w.value, separators=(",", ":"), sort_keys=True).encode(), hdrs
 
-    async def _publish(self, writes: list[_Write]) -> dict[str, Any]:
-        """Send ``writes`` as one conditional publish or one atomic batch; the server's answer."""
+    async def _publish(self, writes: list[_Write], slot: _Slot | None = None) -> dict[str, Any]:
+        """Send ``writes`` as one conditional publish or one atomic batch; the server's answer.
+        ``slot.open`` says whether the server may still hold the batch when this ends."""
+        slot = _Slot() if slot is None else slot
         nc = self._nc
         msgs = [self._encode(w) for w in writes]
         if len(msgs) == 1:
@@ -238,10 +252,14 @@ class KvBucket(Store):
             hdrs = {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
             if i == last:
                 hdrs["Nats-Batch-Commit"] = "1"
-                return _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))
+                answer = _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))
+                slot.open = False  # committed or refused: the server holds it no more
+                return answer
             if i == 1:  # the server answers the first message: batching enabled or not
+                slot.open = True  # from here until an answer says otherwise
                 reply = await nc.request(subject, data, timeout=self.timeout, headers=hdrs)
                 if reply.data:
+                    slot.open = False
                     first = json.loads(reply.data)
                     if "error" in first:
                         return first
@@ -263,8 +281,8 @@ class KvBucket(Store):
                 if len(writes) == 1:
                     ack = await self._io(self._publish(writes), "write")
                 else:
-                    async with self._batch_slot():
-                        ack = await self._io(self._publish(writes), "write")
+                    async with self._batch_slot() as slot:
+                        ack = await self._io(self._publish(writes, slot), "write")
             except _NoAtomicBatches:
                 raise StoreUnavailable("this nats-server does not do atomic batch publishing (needs >= 2.12 "
                                        "and allow_atomic on the bucket's stream)") from None
@@ -286,17 +304,22 @@ class KvBucket(Store):
         return seq
 
     @contextlib.asynccontextmanager
-    async def _batch_slot(self) -> AsyncIterator[None]:
-        """One of :data:`BATCHES_IN_FLIGHT`, waited for up to the store's ``timeout``."""
+    async def _batch_slot(self) -> AsyncIterator[_Slot]:
+        """One of :data:`BATCHES_IN_FLIGHT`, waited for up to the store's ``timeout``; given back
+        at once, or after :data:`SERVER_BATCH_TIMEOUT` when its batch was cut short."""
         try:
             await within(self._batches.acquire(), self.timeout)
         except TimeoutError:
             raise StoreUnavailable(f"write: {BATCHES_IN_FLIGHT} atomic batches were in flight for "
                                    f"{self.timeout:g} s") from None
+        slot = _Slot()
         try:
-            yield
+            yield slot
         finally:
-            self._batches.release()
+            if slot.open:
+                asyncio.get_running_loop().call_later(SERVER_BATCH_TIMEOUT, self._batches.release)
+            else:
+                self._batches.release()
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt`` (read, check, conditional write) until its write is not outraced."""

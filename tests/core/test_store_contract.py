@@ -1658,6 +1658,43 @@ async def test_kv_batches_beyond_the_servers_in_flight_limit_wait_or_are_sent_ag
 
 
 @pytest.mark.slow
+async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(nats_server: NatsServer) -> None:
+    """A review: a batch cut short after its first message (here its next message stalls, and the
+    write times out) gave its turn back at once, while nats-server keeps such a batch for 10 s: 48
+    cut short, and the next 16 were refused. Its turn now comes back after those 10 s, so this
+    node never holds more than 16 of the server's 50, and another node's batch goes through."""
+    nc, a = await kv_store(nats_server.url, timeout=0.5)
+    nc2, b = await kv_store(nats_server.url)
+    real = nc.publish
+
+    async def stalls(*args: Any, **kwargs: Any) -> None:
+        if (kwargs.get("headers") or {}).get("Nats-Batch-Sequence") == "2":
+            await asyncio.sleep(3)  # the connection stalls after the batch began
+        await real(*args, **kwargs)
+
+    def three(tag: str) -> list[_Write]:
+        return [_Write(f"room.{tag}{k}", {"k": k}, 0) for k in range(3)]
+
+    try:
+        nc.publish = stalls
+        failed = []
+        for wave in range(4):  # 64 batches: without the held turns, more than the server's 50
+            failed += await asyncio.gather(*(a._commit(three(f"w{wave}.{i}.")) for i in range(16)),
+                                           return_exceptions=True)
+        nc.publish = real
+        assert all(isinstance(e, StoreUnavailable) for e in failed)
+        assert a._batches._value == 0  # every turn held: the server may still hold those batches
+        await b._commit(three("elsewhere."))  # another node: the server has room (was refused for 2 s)
+        await eventually(lambda: a._batches._value == 16, "the turns, once the server dropped its batches")
+        await a._commit(three("again."))
+    finally:
+        nc.publish = real
+        for store, conn in ((a, nc), (b, nc2)):
+            await store.close()
+            await conn.close()
+
+
+@pytest.mark.slow
 async def test_kv_a_member_writing_many_rooms_in_parallel_cannot_hold_the_clean_up_back(
         two_kv: tuple[KvStore, KvStore]) -> None:
     """A review: dave rewrites 30 rooms of his that still name mallory, three writers a room, on
