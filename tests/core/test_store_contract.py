@@ -44,6 +44,7 @@ from unibus.store.base import (
 from unibus.store.db import migrate
 from unibus.store.fromkv import rows_from_kv
 from unibus.store.kv import STATE_BUCKET, KvStore, copy_store
+from unibus.store import kv_txn
 from unibus.store.kv_txn import _Write
 from unibus.store.sqlite import SqliteStore, new_member
 from unibus.testing import NatsServer
@@ -1657,14 +1658,27 @@ async def test_kv_batches_beyond_the_servers_in_flight_limit_wait_or_are_sent_ag
             await nc.close()
 
 
-@pytest.mark.slow
-async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(nats_server: NatsServer) -> None:
+async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: a batch cut short after its first message (here its next message stalls, and the
     write times out) gave its turn back at once, while nats-server keeps such a batch for 10 s: 48
-    cut short, and the next 16 were refused. Its turn now comes back after those 10 s, so this
-    node never holds more than 16 of the server's 50, and another node's batch goes through."""
-    nc, a = await kv_store(nats_server.url, timeout=0.5)
-    nc2, b = await kv_store(nats_server.url)
+    cut short, and the next 16 were refused. Its turn now comes back after the server's batch
+    timeout (1 s here, set on both sides), so this node never holds more than 16 of the server's
+    50, and another node's batch goes through."""
+    def short_batches(config: dict[str, Any]) -> None:
+        config["jetstream"].setdefault("limits", {})["batch"] = {"timeout": "1s"}
+
+    monkeypatch.setattr(kv_txn, "SERVER_BATCH_TIMEOUT", 1.0)
+    server = await asyncio.to_thread(NatsServer, tmp_path / "nats", config_hook=short_batches)
+    try:
+        await _cut_short_batches(server)
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+async def _cut_short_batches(server: NatsServer) -> None:
+    nc, a = await kv_store(server.url, timeout=0.5)
+    nc2, b = await kv_store(server.url)
     real = nc.publish
 
     async def stalls(*args: Any, **kwargs: Any) -> None:
@@ -1703,13 +1717,17 @@ async def test_kv_a_member_writing_many_rooms_in_parallel_cannot_hold_the_clean_
     a, b = two_kv
     for h, role in (("alice", "admin"), ("mallory", "member"), ("dave", "member"), ("carol", "member")):
         await a.add_member(member(h, role))
-    rooms = []
-    for i in range(30):
-        d = (await a.create_room(f"d{i}", "dave")).room_id
-        await a.add_room_member(d, "mallory")
-        await a.put_keys(d, 1, {"dave": b"d", "mallory": b"m"})
-        await a.remove_room_member(d, "mallory")
-        rooms.append(d)
+    few = asyncio.Semaphore(5)  # set-up, a few rooms at a time (their writes share dave's records)
+
+    async def room(i: int) -> str:
+        async with few:
+            d = (await a.create_room(f"d{i}", "dave")).room_id
+            await a.add_room_member(d, "mallory")
+            await a.put_keys(d, 1, {"dave": b"d", "mallory": b"m"})
+            await a.remove_room_member(d, "mallory")
+            return d
+
+    rooms = await asyncio.gather(*(room(i) for i in range(30)))
     stop = asyncio.Event()
     writes = 0
 
