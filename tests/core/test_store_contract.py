@@ -1591,6 +1591,19 @@ async def test_kv_a_deletion_is_reported_before_its_rooms_are_cleared(nats_serve
         await nc.close()
 
 
+async def _delete_mallory_while(a: KvStore, writers: list[asyncio.Task[None]], stop: asyncio.Event,
+                                busy: Callable[[], bool]) -> None:
+    """Delete mallory once ``busy()`` says the writers are at it; her clean-up is done when it returns."""
+    try:
+        await eventually(busy, "dave's writes")
+        await a.delete_member("mallory")
+        assert (await a._read("gone.mallory"))[0] is None
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*writers), WAIT)
+    assert await _names(a, "mallory") == set()
+
+
 @pytest.mark.slow
 async def test_kv_a_member_rewriting_a_room_in_a_loop_cannot_hold_the_clean_up_back(
         two_kv: tuple[KvStore, KvStore]) -> None:
@@ -1621,15 +1634,7 @@ async def test_kv_a_member_rewriting_a_room_in_a_loop_cannot_hold_the_clean_up_b
             await b.remove_room_member(d, "carol")
             writes += 2
 
-    dave = asyncio.create_task(toggle())
-    try:
-        await eventually(lambda: writes >= 10, "dave's writes")
-        await a.delete_member("mallory")
-        assert (await a._read("gone.mallory"))[0] is None
-    finally:
-        stop.set()
-        await asyncio.wait_for(dave, WAIT)
-    assert await _names(a, "mallory") == set()
+    await _delete_mallory_while(a, [asyncio.create_task(toggle())], stop, lambda: writes >= 10)
     await a.add_member(member("mallory"))  # at once: nothing left to clear
 
 
@@ -1739,15 +1744,8 @@ async def test_kv_a_member_writing_many_rooms_in_parallel_cannot_hold_the_clean_
                     await change(room, "carol")
                     writes += 1
 
-    writers = [asyncio.create_task(toggle(room)) for room in rooms for _ in range(3)]
-    try:
-        await eventually(lambda: writes >= 30, "dave's writes")
-        await a.delete_member("mallory")
-        assert (await a._read("gone.mallory"))[0] is None
-    finally:
-        stop.set()
-        await asyncio.wait_for(asyncio.gather(*writers), WAIT)
-    assert await _names(a, "mallory") == set()
+    await _delete_mallory_while(a, [asyncio.create_task(toggle(room)) for room in rooms for _ in range(3)], stop,
+                                lambda: writes >= 30)
 
 
 async def test_kv_a_deletion_cut_after_its_batch_is_finished_by_the_next_start(nats_server: NatsServer) -> None:
