@@ -19,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import json
 import logging
-import itertools
 import random
 import time
 import uuid
@@ -65,8 +65,9 @@ BATCHES_IN_FLIGHT = 16
 SERVER_BATCH_TIMEOUT = 10.0
 
 WRONG_LAST_SEQUENCE = (10071, 10164)
-#: "atomic publish too many inflight" (HTTP 429): the batch was not started, or was dropped
-#: whole; it is sent again after a pause, for up to the store's ``timeout``.
+#: "atomic publish too many inflight" (HTTP 429): nats-server answers a batch's first message
+#: so, before storing anything, and nothing more of it is sent; the batch is sent again after a
+#: pause, until the store's ``timeout`` has passed since the first try.
 TOO_MANY_BATCHES = 10210
 STREAM_NAME_IN_USE = 10058
 NO_MESSAGE_FOUND = 10037
