@@ -1644,19 +1644,21 @@ async def test_kv_batches_beyond_the_servers_in_flight_limit_wait_or_are_sent_ag
     """nats-server takes 50 atomic batches in flight per stream and refuses the next ("atomic
     publish too many inflight"): 200 two-key writes at once failed 150 times, through one store
     or four (a review: a member's parallel room writes made every other write fail). One store
-    sends 16 at a time; four (64 > 50) are refused some and send them again. All land."""
+    sends 16 at a time; four (64 > 50) are refused some and send them again. All of 64 land
+    (not 200: a write waits for its turn up to the store's timeout, and on a busy machine 200
+    through one store's 16 turns took longer than that: a CI run)."""
     opened = [await kv_store(nats_server.url) for _ in range(stores)]
     try:
         async def write(i: int) -> int:
             _nc, store = opened[i % stores]
             return await store._commit([_Write(f"room.b{i}", {"i": i}, 0), _Write(f"room.c{i}", {"i": i}, 0)])
 
-        revisions = await asyncio.gather(*(write(i) for i in range(200)))
-        assert len(set(revisions)) == 200
+        revisions = await asyncio.gather(*(write(i) for i in range(64)))
+        assert len(set(revisions)) == 64
         _nc, first = opened[0]
         got = await first._scan("room")
         assert {k: v for k, (v, _rev) in got.items()} == {
-            **{f"room.b{i}": {"i": i} for i in range(200)}, **{f"room.c{i}": {"i": i} for i in range(200)}}
+            **{f"room.b{i}": {"i": i} for i in range(64)}, **{f"room.c{i}": {"i": i} for i in range(64)}}
     finally:
         for nc, store in opened:
             await store.close()
@@ -1740,7 +1742,8 @@ async def test_kv_a_member_writing_many_rooms_in_parallel_cannot_hold_the_clean_
         nonlocal writes
         while not stop.is_set():
             for change in (b.add_room_member, b.remove_room_member):
-                with contextlib.suppress(Conflict, NotFound):  # three writers of one room: they race
+                # three writers of one room race, and 90 wait for the node's turns (503 past 2 s)
+                with contextlib.suppress(Conflict, NotFound, StoreUnavailable):
                     await change(room, "carol")
                     writes += 1
 
