@@ -62,6 +62,7 @@ from .pubacks import PubAckUnavailable
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
 from .wire import HANDLE_RE
 from .store.base import Change, Member, Store
+from .store.turns import writer as store_writer
 
 log = logging.getLogger("unibus.auth")
 
@@ -948,6 +949,8 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
         transport = request.transport  # the connection: never pushed out while it serves this request
         if member_requests is not None:
             member_requests.enter(handle, transport)  # 429 when this member holds its share of the listener
+        # The store's writes serve this member: its share of the node's turns (unibus.store.turns).
+        serving = store_writer.set(handle)
         try:
             if not has_body or request.match_info.http_exception is not None:
                 # No body, or an unknown route (404/405): the body is never read, and the
@@ -974,6 +977,7 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
                 await member_requests.send(request, response, body_timeout)  # still counted while it goes out
             return response
         finally:
+            store_writer.reset(serving)
             if member_requests is not None:
                 member_requests.leave(handle, transport)
 

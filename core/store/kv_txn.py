@@ -38,6 +38,7 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 from ..aio import within
 from .base import Conflict, Store, StoreUnavailable
 from .kv_layout import STATE_BUCKET
+from .turns import Turns, writer
 
 log = logging.getLogger("unibus.store.kv")
 
@@ -55,7 +56,8 @@ OWN_REVISIONS = 8192
 #: at most 50 in flight per stream (``jetstream.limits.batch.max_inflight_per_stream``) and
 #: refuses the next (``TOO_MANY_BATCHES``): one member's parallel room writes filled it, and
 #: every other write, a deletion's clean-up included, failed (a review). 16 per node keeps a
-#: three-node cluster under it.
+#: three-node cluster under it. A member holds at most half of them at once, and a turn given
+#: back goes to the writer holding the fewest (:mod:`unibus.store.turns`).
 BATCHES_IN_FLIGHT = 16
 
 #: Seconds nats-server keeps a batch that was started and never committed
@@ -124,7 +126,7 @@ class KvBucket(Store):
         self._prefix = f"$KV.{bucket}."
         # The revisions this instance wrote: the watch does not report them as "remote".
         self._own: collections.OrderedDict[int, None] = collections.OrderedDict()
-        self._batches = asyncio.Semaphore(BATCHES_IN_FLIGHT)
+        self._turns = Turns(BATCHES_IN_FLIGHT)
 
     @property
     def _nc(self) -> Any:
@@ -306,21 +308,23 @@ class KvBucket(Store):
 
     @contextlib.asynccontextmanager
     async def _batch_slot(self) -> AsyncIterator[_Slot]:
-        """One of :data:`BATCHES_IN_FLIGHT`, waited for up to the store's ``timeout``; given back
-        at once, or after :data:`SERVER_BATCH_TIMEOUT` when its batch was cut short."""
+        """A turn among :data:`BATCHES_IN_FLIGHT`, for the member this write serves
+        (:data:`unibus.store.turns.writer`), waited for up to the store's ``timeout``; given
+        back at once, or after :data:`SERVER_BATCH_TIMEOUT` when its batch was cut short."""
+        who = writer.get()
         try:
-            await within(self._batches.acquire(), self.timeout)
+            await self._turns.take(who, self.timeout)
         except TimeoutError:
-            raise StoreUnavailable(f"write: {BATCHES_IN_FLIGHT} atomic batches were in flight for "
-                                   f"{self.timeout:g} s") from None
+            raise StoreUnavailable(f"write: no turn for an atomic batch in {self.timeout:g} s (a node sends "
+                                   f"{BATCHES_IN_FLIGHT} at once, {self._turns.per_writer} for one member)") from None
         slot = _Slot()
         try:
             yield slot
         finally:
             if slot.open:
-                asyncio.get_running_loop().call_later(SERVER_BATCH_TIMEOUT, self._batches.release)
+                asyncio.get_running_loop().call_later(SERVER_BATCH_TIMEOUT, self._turns.give_back, who)
             else:
-                self._batches.release()
+                self._turns.give_back(who)
 
     async def _retrying(self, attempt: Callable[[], Awaitable[T]]) -> T:
         """Run ``attempt`` (read, check, conditional write) until its write is not outraced."""

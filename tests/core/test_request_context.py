@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import aiohttp
 import pytest
 from aiohttp import web
 
@@ -9,6 +12,8 @@ from unibus import hookimpl
 from unibus.app import OPENAPI_DOC, add_route
 from unibus.auth import current_member, require_admin, require_member
 from unibus.openapi import OpenAPI
+from unibus.signing import sign_request
+from unibus.store.turns import writer
 
 CTX_PATHS = web.AppKey("ctx_paths", list)
 
@@ -32,6 +37,9 @@ class ContextPlugin:
         async def outside(request):
             return web.json_response({"handle": require_member(request).handle})
 
+        async def writing_for(request):
+            return web.json_response({"writer": writer.get(), "port": request.transport.get_extra_info("peername")[1]})
+
         app[CTX_PATHS] = [
             add_route(app, "GET", "/whoami", whoami, summary="who", responses={200: "me"}),
             add_route(app, "GET", "/admin", admin_only, summary="admin", responses={200: "admin"}),
@@ -39,6 +47,9 @@ class ContextPlugin:
                       namespaced=False),
             add_route(app, "GET", "/ctx-signed", outside, summary="signed outside /v1/", responses={200: "x"},
                       namespaced=False),
+            add_route(app, "GET", "/writer", writing_for, summary="whose writes", responses={200: "x"}),
+            add_route(app, "GET", "/writer-open", writing_for, summary="whose writes", responses={200: "x"},
+                      signed=False, namespaced=False),
         ]
 
 
@@ -55,7 +66,7 @@ def served(tmp_path_factory):
 
 def test_plugin_routes_live_under_v1_plugins_name(served):
     assert served.app[CTX_PATHS] == ["/v1/plugins/ctx/whoami", "/v1/plugins/ctx/admin", "/ctx-open",
-                                       "/ctx-signed"]
+                                       "/ctx-signed", "/v1/plugins/ctx/writer", "/writer-open"]
     paths = served.app[OPENAPI_DOC].document()["paths"]
     assert "/v1/plugins/ctx/whoami" in paths and "/whoami" not in paths
     assert served.anonymous.get("/whoami")[0] == 404
@@ -213,3 +224,30 @@ def test_an_open_route_that_takes_a_body_reads_it_under_the_body_deadline(tmp_pa
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     finally:
         served.stop()
+
+
+def test_the_stores_writes_in_a_signed_request_are_its_members(served):
+    """The store shares a node's turns for atomic batches between members (docs/store.md, "Batches
+    in flight"): a handler's writes count as the signer's, and an open route's as the node's own,
+    also on a keep-alive connection that served a signed request just before."""
+    bob = served.member("writer-bob")
+
+    async def both() -> list[dict]:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1),
+                                         timeout=aiohttp.ClientTimeout(total=10)) as session:
+            seen = []
+            for path, signed in (("/v1/plugins/ctx/writer", True), ("/writer-open", False),
+                                 ("/v1/plugins/ctx/writer", True), ("/writer-open", True)):
+                headers = (sign_request("GET", path, None, keyid="writer-bob", private_key=bob.identity.sign_key)
+                           if signed else {})
+                async with session.get(served.base_url + path, headers=headers) as resp:
+                    assert resp.status == 200
+                    seen.append(await resp.json())
+            return seen
+
+    seen = asyncio.run(both())
+    assert [s["writer"] for s in seen] == ["writer-bob", None, "writer-bob", None]
+    # one connection: what a request set does not outlive it (aiohttp 3.14 serves each request in a
+    # context of its own, and the middleware resets it as well)
+    assert len({s["port"] for s in seen}) == 1
+    assert served.admin.get("/v1/plugins/ctx/writer")[1]["writer"] == "admin"

@@ -46,6 +46,7 @@ from unibus.store.fromkv import rows_from_kv
 from unibus.store.kv import STATE_BUCKET, KvStore, copy_store
 from unibus.store import kv_txn
 from unibus.store.kv_txn import _Write
+from unibus.store.turns import writer
 from unibus.store.sqlite import SqliteStore, new_member
 from unibus.testing import NatsServer
 from unibus.wire import nkey_from_sign_pub, sign_pub_from_nkey
@@ -1665,6 +1666,35 @@ async def test_kv_batches_beyond_the_servers_in_flight_limit_wait_or_are_sent_ag
             await nc.close()
 
 
+async def test_kv_a_member_with_hundreds_of_writes_in_flight_leaves_the_others_their_turns(
+        nats_server: NatsServer) -> None:
+    """A review: a node's turns for atomic batches were one queue, so a member with about 400
+    multi-key writes in flight on one node made every other member's wait behind them, up to the
+    store's 2 s, and some fail with 503. Now a member holds at most half of the turns, and a turn
+    given back goes to the writer holding the fewest: erin's writes go while most of dave's 200
+    still wait (before: each of hers waited for every one of his queued before it)."""
+    nc, a = await kv_store(nats_server.url)
+    done = {"dave": 0, "erin": 0}
+
+    async def write(who: str, i: int) -> None:
+        writer.set(who)  # as the auth middleware does, for this task only
+        await a._commit([_Write(f"room.{who}{i}", {"i": i}, 0), _Write(f"room.{who}{i}x", {"i": i}, 0)])
+        done[who] += 1
+
+    try:
+        flood = [asyncio.create_task(write("dave", i)) for i in range(200)]
+        await asyncio.sleep(0)  # every one of his has asked for its turn
+        await asyncio.gather(*(write("erin", i) for i in range(16)))
+        assert done["erin"] == 16
+        assert done["dave"] <= 100, done  # with one queue, erin's came after all of his
+        results = await asyncio.gather(*flood, return_exceptions=True)
+        assert all(r is None or isinstance(r, StoreUnavailable) for r in results)  # his own flood may wait 2 s
+        assert a._turns.free == 16
+    finally:
+        await a.close()
+        await nc.close()
+
+
 async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: a batch cut short after its first message (here its next message stalls, and the
@@ -1704,9 +1734,9 @@ async def _cut_short_batches(server: NatsServer) -> None:
                                            return_exceptions=True)
         nc.publish = real
         assert all(isinstance(e, StoreUnavailable) for e in failed)
-        assert a._batches._value == 0  # every turn held: the server may still hold those batches
+        assert a._turns.free == 0  # every turn held: the server may still hold those batches
         await b._commit(three("elsewhere."))  # another node: the server has room (was refused for 2 s)
-        await eventually(lambda: a._batches._value == 16, "the turns, once the server dropped its batches")
+        await eventually(lambda: a._turns.free == 16, "the turns, once the server dropped its batches")
         await a._commit(three("again."))
     finally:
         nc.publish = real
