@@ -246,6 +246,12 @@ class KvBucket(Store):
         slot = _Slot() if slot is None else slot
         nc = self._nc
         msgs = [self._encode(w) for w in writes]
+        limit = getattr(nc, "max_payload", None)
+        if isinstance(limit, int) and any(len(data) > limit for _subject, data, _hdrs in msgs):
+            # Refused here, before the batch's first message, as nats-py would refuse that one
+            # message: nothing was sent, so the turn comes back at once (a review: a record past
+            # max_payload kept a turn for the server's 10 s, though the server held nothing).
+            raise nats.errors.MaxPayloadError
         if len(msgs) == 1:
             subject, data, hdrs = msgs[0]
             return _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextvars
+import heapq
 import itertools
 
 from ..aio import within
@@ -39,8 +40,12 @@ class Turns:
 
     :meth:`take` waits for one, for at most ``timeout`` seconds (``TimeoutError``
     after that, with nothing held); :meth:`give_back` returns it, at once or later
-    (``asyncio.get_running_loop().call_later``). Bounded work: each turn given back
-    looks at the writers waiting, one entry each.
+    (``asyncio.get_running_loop().call_later``).
+
+    The writers waiting are ranked on a heap by (turns held, arrival of their oldest
+    take), each entry checked when it comes up and dropped if either has changed
+    since: a hand-out costs O(log n) in the writers waiting (a review: a scan of
+    every writer took 101 µs with 384 of them waiting, a semaphore 0.07 µs).
     """
 
     def __init__(self, capacity: int, per_writer: int | None = None) -> None:
@@ -52,7 +57,12 @@ class Turns:
         self._held: collections.Counter[str | None] = collections.Counter()
         # writer -> its waiters, oldest first: (arrival number, future)
         self._waiting: dict[str | None, collections.deque[tuple[int, asyncio.Future[None]]]] = {}
+        # (turns held, arrival of the oldest take, entry number, writer): the next to serve on top;
+        # stale entries (held or oldest take changed since) are dropped as they come up. The entry
+        # number is unique, so two entries never compare their writers (None and str do not).
+        self._ranks: list[tuple[int, int, int, str | None]] = []
         self._arrivals = itertools.count()
+        self._entries = itertools.count()
 
     def held(self, who: str | None) -> int:
         """The turns ``who`` holds now."""
@@ -72,7 +82,10 @@ class Turns:
             self._held[who] += 1
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.setdefault(who, collections.deque()).append((next(self._arrivals), fut))
+        queue = self._waiting.setdefault(who, collections.deque())
+        queue.append((next(self._arrivals), fut))
+        if len(queue) == 1:
+            self._rank(who)
         try:
             await within(asyncio.shield(fut), timeout)
         except BaseException:
@@ -91,35 +104,55 @@ class Turns:
         if not self._held[who]:
             del self._held[who]
         self.free += 1
+        self._rank(who)
         self._hand_out()
 
     def _forget(self, who: str | None, fut: asyncio.Future[None]) -> None:
         queue = self._waiting.get(who)
         if queue is None:
             return
+        first = queue[0][1] is fut
         for item in queue:
             if item[1] is fut:
                 queue.remove(item)
                 break
         if not queue:
             del self._waiting[who]
+        elif first:
+            self._rank(who)
         self._hand_out()  # this writer at its bound may have kept a free turn from others
 
+    def _rank(self, who: str | None) -> None:
+        """Put ``who``'s rank now on the heap, if it waits (the entries before it go stale)."""
+        queue = self._waiting.get(who)
+        if not queue:
+            return
+        heapq.heappush(self._ranks, (self._held[who], queue[0][0], next(self._entries), who))
+        if len(self._ranks) > 64 + 4 * len(self._waiting):  # mostly stale: rebuild it, O(writers waiting)
+            self._ranks = [(self._held[w], q[0][0], next(self._entries), w) for w, q in self._waiting.items()]
+            heapq.heapify(self._ranks)
+
     def _hand_out(self) -> None:
-        while self.free and self._waiting:
-            best: tuple[int, int, str | None] | None = None
-            for who, queue in self._waiting.items():
-                if self._may_hold_more(who):
-                    rank = (self._held[who], queue[0][0], who)
-                    if best is None or rank[:2] < best[:2]:
-                        best = rank
-            if best is None:
-                return  # every writer waiting holds its share: the turn stays free for another
-            who = best[2]
-            queue = self._waiting[who]
-            _n, fut = queue.popleft()
-            if not queue:
-                del self._waiting[who]
-            self.free -= 1
-            self._held[who] += 1
-            fut.set_result(None)
+        """Free turns to the writers waiting, fewest held first, then longest waiting; a writer at
+        its bound is passed over (at most ``capacity // per_writer`` of them can be)."""
+        passed: list[tuple[int, int, int, str | None]] = []
+        try:
+            while self.free and self._ranks:
+                rank = heapq.heappop(self._ranks)
+                held, first, _entry, who = rank
+                queue = self._waiting.get(who)
+                if not queue or queue[0][0] != first or self._held[who] != held:
+                    continue  # stale
+                if not self._may_hold_more(who):
+                    passed.append(rank)
+                    continue
+                _n, fut = queue.popleft()
+                if not queue:
+                    del self._waiting[who]
+                self.free -= 1
+                self._held[who] += 1
+                fut.set_result(None)
+                self._rank(who)
+        finally:
+            for rank in passed:
+                heapq.heappush(self._ranks, rank)

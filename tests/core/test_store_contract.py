@@ -1695,6 +1695,26 @@ async def test_kv_a_member_with_hundreds_of_writes_in_flight_leaves_the_others_t
         await nc.close()
 
 
+async def test_kv_a_batch_with_a_record_past_max_payload_sends_nothing_and_keeps_no_turn(
+        nats_server: NatsServer) -> None:
+    """A review: a batch whose third record was past NATS's max_payload failed after its first
+    message had gone out, and kept its turn for the server's 10 s (two members' 8 such writes each
+    held every turn of the node, and others' writes failed with 503). It is refused before its
+    first message now: a Conflict, nothing stored, the turn back at once."""
+    nc, a = await kv_store(nats_server.url)
+    try:
+        big = {"blob": "x" * (nc.max_payload + 1)}
+        for _ in range(20):  # more than a node's 16 turns
+            with pytest.raises(Conflict, match="larger than NATS allows"):
+                await a._commit([_Write("room.p1", {"k": 1}, 0), _Write("room.p2", {"k": 2}, 0),
+                                 _Write("room.p3", big, 0)])
+            assert a._turns.free == 16
+        assert (await a._read("room.p1"))[1] == 0  # nothing of it stored
+    finally:
+        await a.close()
+        await nc.close()
+
+
 async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: a batch cut short after its first message (here its next message stalls, and the

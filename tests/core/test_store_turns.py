@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -125,3 +126,73 @@ async def test_the_writer_is_the_contexts_and_tasks_inherit_it() -> None:
     finally:
         writer.reset(token)
     assert writer.get() is None
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_takes_timeouts_and_cancellations_at_random_keep_every_turn_and_the_order(seed: int) -> None:
+    """A review's fuzz, kept: takes with random timeouts and cancellations (some in the same turn of
+    the loop as a hand-out), turns held for a while and given back at once or later. At every step
+    the 16 turns are all accounted for, no member holds more than 8, a free turn never waits beside
+    a writer that may take it; each hand-out goes where a scan of every writer says (fewest held,
+    then longest waiting), and in the end every turn is back."""
+    rnd = random.Random(seed)
+    turns = Turns(16)
+    writers = [None, *"abcdefgh"]
+    broken: list[str] = []
+    tasks: list[asyncio.Task[None]] = []
+    hand_out = turns._hand_out
+
+    def checked_hand_out() -> None:
+        while turns.free:
+            eligible = [(turns.held(w), q[0][0], w) for w, q in turns._waiting.items()
+                        if w is None or turns.held(w) < turns.per_writer]
+            if not eligible:
+                break
+            want = min(eligible, key=lambda e: e[:2])[2]
+            waiting = turns.waiting(want)
+            free, turns.free = turns.free, 1
+            hand_out()
+            turns.free += free - 1
+            if turns.waiting(want) != waiting - 1:
+                broken.append(f"a turn did not go to {want!r}")
+                break
+        hand_out()
+
+    def check(where: str) -> None:
+        if turns.free + sum(turns.held(w) for w in writers) != 16:
+            broken.append(f"{where}: turns lost or made")
+        if any(turns.held(w) > 8 for w in writers if w is not None):
+            broken.append(f"{where}: a member over its bound")
+        if turns.free and any(turns.waiting(w) and (w is None or turns.held(w) < 8) for w in writers):
+            broken.append(f"{where}: a free turn beside a writer that may take it")
+
+    turns._hand_out = checked_hand_out  # type: ignore[method-assign]
+
+    async def user(who: str | None) -> None:
+        try:
+            await turns.take(who, rnd.choice([None, 0, 0.0005, 0.002, 0.01]))
+        except (TimeoutError, asyncio.CancelledError):
+            return
+        try:
+            for _ in range(rnd.randrange(4)):
+                await asyncio.sleep(0 if rnd.random() < 0.7 else 0.001)
+        finally:
+            if rnd.random() < 0.2:
+                asyncio.get_running_loop().call_later(rnd.choice([0, 0.001, 0.01]), turns.give_back, who)
+            else:
+                turns.give_back(who)
+                if rnd.random() < 0.5:
+                    rnd.choice(tasks).cancel()  # in the same turn of the loop as the hand-out
+            check("after a give-back")
+
+    for _ in range(2000):
+        tasks.append(asyncio.create_task(user(rnd.choice(writers))))
+        if rnd.random() < 0.3:
+            await asyncio.sleep(0)
+            check("between takes")
+        if rnd.random() < 0.05:
+            rnd.choice(tasks).cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.sleep(0.05)  # the later give-backs
+    assert broken == []
+    assert (turns.free, [w for w in writers if turns.held(w) or turns.waiting(w)]) == (16, [])
