@@ -103,6 +103,13 @@ class _Write:
     raw: bytes | None = None  # stored as given, instead of ``value`` as JSON (log entries)
 
 
+def _wire_size(data: bytes, hdrs: dict[str, str]) -> int:
+    """What nats-server counts against ``max_payload`` for a message: its headers as nats-py
+    writes them (``NATS/1.0``, a line per header, an empty line) and its payload."""
+    return (len(data) + len(b"NATS/1.0\r\n\r\n")
+            + sum(len(k.encode()) + len(v.encode()) + 4 for k, v in hdrs.items()))
+
+
 def _reply(reply: Any) -> dict[str, Any]:
     return json.loads(reply.data) if reply.data else {}
 
@@ -246,21 +253,24 @@ class KvBucket(Store):
         slot = _Slot() if slot is None else slot
         nc = self._nc
         msgs = [self._encode(w) for w in writes]
+        if len(msgs) > 1:
+            batch, last = uuid.uuid4().hex, len(msgs)
+            msgs = [(subject, data, {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i),
+                                     **({"Nats-Batch-Commit": "1"} if i == last else {})})
+                    for i, (subject, data, hdrs) in enumerate(msgs, 1)]
         limit = getattr(nc, "max_payload", None)
-        if isinstance(limit, int) and any(len(data) > limit for _subject, data, _hdrs in msgs):
-            # Refused here, before the batch's first message, as nats-py would refuse that one
-            # message: nothing was sent, so the turn comes back at once (a review: a record past
-            # max_payload kept a turn for the server's 10 s, though the server held nothing).
+        if isinstance(limit, int) and any(_wire_size(data, hdrs) > limit for _subject, data, hdrs in msgs):
+            # Refused here, before the first message: nothing is sent, so a batch's turn comes back
+            # at once (a review: a record past max_payload kept it for the server's 10 s). nats-py
+            # checks the payload alone, and nats-server headers and payload together: a record a
+            # few headers short of the limit was sent, and the server's -ERR closed the node's
+            # connection for good (another review).
             raise nats.errors.MaxPayloadError
         if len(msgs) == 1:
             subject, data, hdrs = msgs[0]
             return _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))
-        batch = uuid.uuid4().hex
-        last = len(msgs)
         for i, (subject, data, hdrs) in enumerate(msgs, 1):
-            hdrs = {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i)}
-            if i == last:
-                hdrs["Nats-Batch-Commit"] = "1"
+            if i == len(msgs):
                 answer = _reply(await nc.request(subject, data, timeout=self.timeout, headers=hdrs))
                 slot.open = False  # committed or refused: the server holds it no more
                 return answer

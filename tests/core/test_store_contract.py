@@ -1715,6 +1715,56 @@ async def test_kv_a_batch_with_a_record_past_max_payload_sends_nothing_and_keeps
         await nc.close()
 
 
+@pytest.mark.parametrize("where", ["alone", "first", "last"])
+async def test_kv_a_record_that_fits_only_without_its_headers_is_refused_and_the_connection_stays(
+        tmp_path: Path, where: str) -> None:
+    """A review: nats-py checks a message's payload against max_payload, and nats-server its headers
+    and payload together, so a record a few headers short of the limit was sent, the server
+    answered -ERR, and nats-py closed the node's connection for good (a 503 after 2 s, then every
+    write of the node until a restart). Records are measured with their headers now: one that fits
+    exactly is stored, one byte more is a Conflict before anything is sent, and the connection
+    stays."""
+    def small(config: dict[str, Any]) -> None:
+        config["max_payload"] = 8192
+
+    server = await asyncio.to_thread(NatsServer, tmp_path / "nats", config_hook=small)
+    try:
+        nc, a = await kv_store(server.url)
+        try:
+            def writes(extra: int, tag: str) -> list[_Write]:
+                def big(key: str) -> _Write:
+                    return _Write(key, None, 0, raw=b"x" * (nc.max_payload - 150 + extra))
+                if where == "alone":
+                    return [big(f"room.{tag}big")]
+                small_ones = [_Write(f"room.{tag}{k}", {"k": k}, 0) for k in range(2)]
+                return [big(f"room.{tag}big"), *small_ones] if where == "first" else [*small_ones, big(f"room.{tag}big")]
+
+            # the most that fits, with the headers nats-py writes for it at its place
+            fits = next(extra for extra in range(150, -1, -1) if not any(
+                kv_txn._wire_size(data, hdrs) > nc.max_payload
+                for _s, data, hdrs in _headed(a, writes(extra, "probe."))))
+            await a._commit(writes(fits, "fits."))
+            with pytest.raises(Conflict, match="larger than NATS allows"):
+                await a._commit(writes(fits + 1, "over."))
+            assert nc.is_connected and a._turns.free == 16
+            await a._commit([_Write("room.after1", {"k": 1}, 0), _Write("room.after2", {"k": 2}, 0)])
+        finally:
+            await a.close()
+            await nc.close()
+    finally:
+        await asyncio.to_thread(server.stop)
+
+
+def _headed(store: Any, writes: list[_Write]) -> list[tuple[str, bytes, dict[str, str]]]:
+    """The messages of ``writes`` with the headers the store sends them with (a batch's too)."""
+    msgs = [store._encode(w) for w in writes]
+    if len(msgs) == 1:
+        return msgs
+    return [(subject, data, {**hdrs, "Nats-Batch-Id": "0" * 32, "Nats-Batch-Sequence": str(i),
+                             **({"Nats-Batch-Commit": "1"} if i == len(msgs) else {})})
+            for i, (subject, data, hdrs) in enumerate(msgs, 1)]
+
+
 async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A review: a batch cut short after its first message (here its next message stalls, and the
