@@ -160,7 +160,10 @@ class Bus:
     """A reconnecting nats-py client plus its JetStream context.
 
     It reconnects forever: while nats-server is down (crash, restart) requests
-    that need it fail fast and ``/healthz`` reports ``degraded``.
+    that need it fail fast and ``/healthz`` reports ``degraded``. An end it cannot
+    come back from (nats-py closes the connection after most of the server's
+    ``-ERR`` answers) is told to :attr:`lost_listeners`: membershipd then stops with
+    exit 1, for systemd to start it again.
     """
 
     def __init__(self, url: str, seed: Secret | None = None, *, name: str = "membershipd",
@@ -176,6 +179,9 @@ class Bus:
         self._closing = False  # close() under way: its disconnect is no warning
         #: called (no arguments, synchronously) on every disconnect and reconnect: the health prober wakes up
         self.state_listeners: list[Callable[[], None]] = []
+        #: called (with a one-line reason, synchronously) when the connection ends for good without
+        #: :meth:`close`: nats-py does not reconnect after most of the server's ``-ERR`` answers
+        self.lost_listeners: list[Callable[[str], None]] = []
 
     def _state_changed(self) -> None:
         for listener in list(self.state_listeners):
@@ -210,6 +216,25 @@ class Bus:
             log.info("reconnected to NATS at %s", self.shown_url)
             self._state_changed()
 
+        async def _closed() -> None:
+            # nats-py closes for good, with no reconnect, after a -ERR from the server other than a
+            # stale connection or a permissions violation (a message past max_payload, maximum
+            # connections, an authorization violation on a reconnect): "reconnects forever" no
+            # longer holds, and everything on this connection would fail until a restart.
+            if self._closing or self.nc is None:
+                return
+            why = self.nc.last_error
+            reason = (f"the connection to NATS at {self.shown_url} ended for good"
+                      + (f" after {type(why).__name__}: {why}" if why is not None else "")
+                      + " (nats-py does not reconnect after such an error)")
+            log.error("%s", reason)
+            self._state_changed()
+            for listener in list(self.lost_listeners):
+                try:
+                    listener(reason)
+                except Exception:  # noqa: BLE001 - one listener must not keep the others from hearing it
+                    log.exception("bus lost listener failed")
+
         kwargs: dict = {}
         if self.tls is not None:
             kwargs["tls"] = self.tls
@@ -229,6 +254,7 @@ class Bus:
                     error_cb=_err,
                     disconnected_cb=_disc,
                     reconnected_cb=_reconn,
+                    closed_cb=_closed,
                     **kwargs,
                 ),
                 timeout,

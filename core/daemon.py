@@ -227,6 +227,8 @@ class Daemon:
         self.metrics_server: MetricsServer | None = None
         self.health: HealthProber | None = None
         self._stop = asyncio.Event()
+        #: why the daemon stops of its own accord, with exit 1 (a NATS connection ended for good)
+        self.failure: RuntimeFailure | None = None
         #: the event loop's time of the stop signal: the stop budget counts from there
         self.stop_requested_at: float | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -277,6 +279,7 @@ class Daemon:
                             metrics=self.metrics)
         if self._system_seed is not None:
             self.system_bus = Bus(s.nats_client_url, self._system_seed, name="membershipd-system", tls=tls)
+            self.system_bus.lost_listeners.append(self.connection_lost)
             await self.system_bus.connect(jetstream_timeout=0, check_jetstream=False)
             self.app[EXTRA]["system_bus"] = self.system_bus
         self.app[EXTRA]["nonces"] = nonces
@@ -355,6 +358,7 @@ class Daemon:
         """The service's NATS connection, then the state store: JetStream KV in a cluster, else SQLite."""
         s = self.settings
         self.bus = Bus(s.nats_client_url, seed, tls=tls)
+        self.bus.lost_listeners.append(self.connection_lost)
         self.metrics.bus = self.bus
         await self.bus.connect(jetstream_timeout=js_wait)
         if s.clustered:
@@ -452,6 +456,13 @@ class Daemon:
         config = nats_config(self.settings, self.plugins)
         write_config(render_config(config), self.settings.nats_conf_path)
         return config
+
+    def connection_lost(self, reason: str) -> None:
+        """A NATS connection of membershipd's ended for good: stop, and exit 1 (systemd's
+        ``Restart=on-failure`` starts it again, with new connections)."""
+        if self.failure is None and not self._stop.is_set():
+            self.failure = RuntimeFailure(f"{reason}; membershipd stops, to be started again")
+        self.request_stop()
 
     def request_stop(self) -> None:
         if self.stop_requested_at is None:
@@ -655,6 +666,8 @@ async def _serve(settings: Settings, plugins: PluginManager, watchdog: StopWatch
         elif not await cancel_and_wait(start, HTTP_STOP_TIMEOUT):
             log.error("stop: the start-up ignores its cancellation, left behind: %s", describe(start))
         log.info("stopping")
+        if daemon.failure is not None:
+            raise daemon.failure  # after the stop below: exit 1
     finally:
         watchdog.arm()  # a start-up that failed stops too
         stop.cancel()

@@ -184,6 +184,44 @@ def test_a_burst_of_sighups_is_read_as_a_few(membershipd_factory, tmp_path):
     assert "Traceback" not in log
 
 
+CLOSES_ITS_BUS = """
+    from aiohttp import web
+    from unibus import hookimpl
+    from unibus.app import BUS, add_route
+
+    PLUGIN_NAME = "closesbus"
+
+    @hookimpl
+    def startup(app):
+        async def close_it(request):
+            nc = app[BUS].nc
+            # Within nats-py's check (the payload alone), past nats-server's (headers and payload):
+            # the server answers -ERR and closes, and nats-py does not reconnect after that.
+            await nc.publish("unibus.test.big", b"x" * nc.max_payload, headers={"X-Pad": "y" * 64})
+            return web.json_response({"sent": True})
+
+        add_route(app, "GET", "/close-bus", close_it, summary="close", responses={200: "sent"}, signed=False,
+                  namespaced=False)
+"""
+
+
+def test_a_nats_connection_that_ends_for_good_stops_membershipd_with_exit_1(membershipd_factory, tmp_path):
+    """A review: nats-py closes its connection for good, with no reconnect, after most of the
+    server's -ERR answers (a message past max_payload, maximum connections, an authorization
+    violation on a reconnect). membershipd's connection then stayed closed, every request that
+    needs NATS failed, and the process went on as if degraded for ever. It stops now, with
+    exit 1 and the reason, for systemd's ``Restart=on-failure`` to start it again."""
+    daemon = membershipd_factory("--plugin", "closes_its_bus",
+                                 env=plugin_modules(tmp_path, {"closes_its_bus": CLOSES_ITS_BUS}))
+    nats = daemon.nats_pid()
+    assert http_json("GET", daemon.base_url + "/close-bus")[0] == 200
+    assert daemon.wait(30) == 1
+    log = daemon.log_text()
+    assert "the connection to NATS at" in log and "ended for good" in log, log[-3000:]
+    assert "membershipd stops, to be started again" in log
+    wait_gone(nats)
+
+
 def test_kill_9_leaves_no_nats_server(membershipd):
     nats = membershipd.nats_pid()
     membershipd.send_signal(signal.SIGKILL)
