@@ -161,9 +161,9 @@ class Bus:
 
     It reconnects forever: while nats-server is down (crash, restart) requests
     that need it fail fast and ``/healthz`` reports ``degraded``. An end it cannot
-    come back from (nats-py closes the connection after most of the server's
-    ``-ERR`` answers) is told to :attr:`lost_listeners`: membershipd then stops with
-    exit 1, for systemd to start it again.
+    come back from (nats-py closes a connection that is up after most of the
+    server's ``-ERR`` answers) is told to :attr:`lost_listeners`: membershipd then
+    stops with exit 1, for systemd to start it again.
     """
 
     def __init__(self, url: str, seed: Secret | None = None, *, name: str = "membershipd",
@@ -180,7 +180,7 @@ class Bus:
         #: called (no arguments, synchronously) on every disconnect and reconnect: the health prober wakes up
         self.state_listeners: list[Callable[[], None]] = []
         #: called (with a one-line reason, synchronously) when the connection ends for good without
-        #: :meth:`close`: nats-py does not reconnect after most of the server's ``-ERR`` answers
+        #: :meth:`close`: nats-py does not reconnect after most ``-ERR`` answers on a connection that is up
         self.lost_listeners: list[Callable[[str], None]] = []
 
     def _state_changed(self) -> None:
@@ -217,14 +217,16 @@ class Bus:
             self._state_changed()
 
         async def _closed() -> None:
-            # nats-py closes for good, with no reconnect, after a -ERR from the server other than a
-            # stale connection or a permissions violation (a message past max_payload, maximum
-            # connections, an authorization violation on a reconnect): "reconnects forever" no
-            # longer holds, and everything on this connection would fail until a restart.
+            # nats-py closes for good, with no reconnect, after a -ERR from the server on a
+            # connection that is up, other than a stale connection or a permissions violation (a
+            # message past max_payload, a control line too long, an invalid subject, too many
+            # subscriptions): "reconnects forever" no longer holds, and everything on this
+            # connection would fail until a restart. (A refusal while it reconnects, an
+            # authorization violation or maximum connections, is retried.)
             if self._closing or self.nc is None:
                 return
             why = self.nc.last_error
-            reason = (f"the connection to NATS at {self.shown_url} ended for good"
+            reason = (f"the connection {self.name} to NATS at {self.shown_url} ended for good"
                       + (f" after {type(why).__name__}: {why}" if why is not None else "")
                       + " (nats-py does not reconnect after such an error)")
             log.error("%s", reason)

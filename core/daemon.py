@@ -459,10 +459,11 @@ class Daemon:
 
     def connection_lost(self, reason: str) -> None:
         """A NATS connection of membershipd's ended for good: stop, and exit 1 (systemd's
-        ``Restart=on-failure`` starts it again, with new connections)."""
+        ``Restart=on-failure`` starts it again, with new connections). The stop's budget counts
+        from when :meth:`stop` begins (no signal started it)."""
         if self.failure is None and not self._stop.is_set():
             self.failure = RuntimeFailure(f"{reason}; membershipd stops, to be started again")
-        self.request_stop()
+        self._stop.set()
 
     def request_stop(self) -> None:
         if self.stop_requested_at is None:

@@ -809,6 +809,8 @@ class UnibusApp:
         return result.result(timeout), out.getvalue()
 
     def stop(self) -> None:
+        """Stop the daemon; raise its :class:`~unibus.errors.RuntimeFailure` if it failed while it
+        served (a NATS connection that ended for good: ``membershipd serve`` would exit 1)."""
         if self._loop is None:
             return
         loop, self._loop = self._loop, None
@@ -817,6 +819,8 @@ class UnibusApp:
                 loop.run(self.daemon.stop(), timeout=DEFAULT_TIMEOUT)
         finally:
             loop.close()
+        if self.daemon is not None and self.daemon.failure is not None:
+            raise self.daemon.failure
 
 
 # -- a cluster of membershipd nodes -----------------------------------------------

@@ -206,20 +206,47 @@ CLOSES_ITS_BUS = """
 
 
 def test_a_nats_connection_that_ends_for_good_stops_membershipd_with_exit_1(membershipd_factory, tmp_path):
-    """A review: nats-py closes its connection for good, with no reconnect, after most of the
-    server's -ERR answers (a message past max_payload, maximum connections, an authorization
-    violation on a reconnect). membershipd's connection then stayed closed, every request that
-    needs NATS failed, and the process went on as if degraded for ever. It stops now, with
-    exit 1 and the reason, for systemd's ``Restart=on-failure`` to start it again."""
+    """A review: nats-py closes a connection that is up for good, with no reconnect, after most
+    of the server's -ERR answers (a message past max_payload, a control line too long, an invalid
+    subject). membershipd's connection then stayed closed, every request that needs NATS failed,
+    and the process went on as if degraded for ever. It stops now, with exit 1 and the reason,
+    for systemd's ``Restart=on-failure`` to start it again."""
     daemon = membershipd_factory("--plugin", "closes_its_bus",
                                  env=plugin_modules(tmp_path, {"closes_its_bus": CLOSES_ITS_BUS}))
     nats = daemon.nats_pid()
     assert http_json("GET", daemon.base_url + "/close-bus")[0] == 200
     assert daemon.wait(30) == 1
     log = daemon.log_text()
-    assert "the connection to NATS at" in log and "ended for good" in log, log[-3000:]
+    assert "the connection membershipd to NATS at" in log and "ended for good" in log, log[-3000:]
     assert "membershipd stops, to be started again" in log
     wait_gone(nats)
+
+
+def test_in_process_a_connection_that_ends_for_good_is_the_stops_error(tmp_path, caplog):
+    """The test kit's daemon (``UnibusApp``) stops serving the same way, and its ``stop()`` raises the
+    failure, where ``membershipd serve`` exits 1 (a review: a test saw nothing, and the stop, counted
+    from the loss, warned of a budget overrun for a stop of no time)."""
+    from unibus.testing import UnibusApp
+
+    app = UnibusApp(tmp_path / "d", []).start()
+    stopped = False
+    try:
+        async def past_max_payload() -> None:
+            nc = app.daemon.bus.nc
+            await nc.publish("unibus.test.big", b"x" * nc.max_payload, headers={"X-Pad": "y" * 64})
+
+        app.run(past_max_payload())
+        deadline = time.monotonic() + 10
+        while app.daemon.failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert app.daemon.failure is not None
+        stopped = True
+        with pytest.raises(RuntimeFailure, match="the connection membershipd to NATS at .* ended for good"):
+            app.stop()
+    finally:
+        if not stopped:
+            app.stop()
+    assert not [r for r in caplog.records if r.getMessage().startswith("stopped in") and r.levelname == "WARNING"]
 
 
 def test_kill_9_leaves_no_nats_server(membershipd):
