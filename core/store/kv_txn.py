@@ -247,17 +247,23 @@ class KvBucket(Store):
             return self._prefix + w.key, b"", hdrs
         return self._prefix + w.key, json.dumps(w.value, separators=(",", ":"), sort_keys=True).encode(), hdrs
 
+    def _messages(self, writes: list[_Write]) -> list[tuple[str, bytes, dict[str, str]]]:
+        """``writes`` as the messages :meth:`_publish` sends: one, or an atomic batch's, each with
+        the batch's headers."""
+        msgs = [self._encode(w) for w in writes]
+        if len(msgs) == 1:
+            return msgs
+        batch, last = uuid.uuid4().hex, len(msgs)
+        return [(subject, data, {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i),
+                                 **({"Nats-Batch-Commit": "1"} if i == last else {})})
+                for i, (subject, data, hdrs) in enumerate(msgs, 1)]
+
     async def _publish(self, writes: list[_Write], slot: _Slot | None = None) -> dict[str, Any]:
         """Send ``writes`` as one conditional publish or one atomic batch; the server's answer.
         ``slot.open`` says whether the server may still hold the batch when this ends."""
         slot = _Slot() if slot is None else slot
         nc = self._nc
-        msgs = [self._encode(w) for w in writes]
-        if len(msgs) > 1:
-            batch, last = uuid.uuid4().hex, len(msgs)
-            msgs = [(subject, data, {**hdrs, "Nats-Batch-Id": batch, "Nats-Batch-Sequence": str(i),
-                                     **({"Nats-Batch-Commit": "1"} if i == last else {})})
-                    for i, (subject, data, hdrs) in enumerate(msgs, 1)]
+        msgs = self._messages(writes)
         limit = getattr(nc, "max_payload", None)
         if isinstance(limit, int) and any(_wire_size(data, hdrs) > limit for _subject, data, hdrs in msgs):
             # Refused here, before the first message: nothing is sent, so a batch's turn comes back

@@ -71,8 +71,8 @@ class Turns:
         return self._held[who]
 
     def waiting(self, who: str | None) -> int:
-        """The takes of ``who`` that wait for a turn now."""
-        return sum(1 for _n, fut in self._waiting.get(who, ()) if not fut.done())
+        """The takes of ``who`` that wait for a turn now (a take leaves the line as its wait ends)."""
+        return len(self._waiting.get(who, ()))
 
     def _may_hold_more(self, who: str | None) -> bool:
         return who is None or self._held[who] < self.per_writer

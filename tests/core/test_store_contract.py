@@ -1742,7 +1742,7 @@ async def test_kv_a_record_that_fits_only_without_its_headers_is_refused_and_the
             # the most that fits, with the headers nats-py writes for it at its place
             fits = next(extra for extra in range(150, -1, -1) if not any(
                 kv_txn._wire_size(data, hdrs) > nc.max_payload
-                for _s, data, hdrs in _headed(a, writes(extra, "probe."))))
+                for _s, data, hdrs in a._messages(writes(extra, "probe."))))
             await a._commit(writes(fits, "fits."))
             with pytest.raises(Conflict, match="larger than NATS allows"):
                 await a._commit(writes(fits + 1, "over."))
@@ -1753,16 +1753,6 @@ async def test_kv_a_record_that_fits_only_without_its_headers_is_refused_and_the
             await nc.close()
     finally:
         await asyncio.to_thread(server.stop)
-
-
-def _headed(store: Any, writes: list[_Write]) -> list[tuple[str, bytes, dict[str, str]]]:
-    """The messages of ``writes`` with the headers the store sends them with (a batch's too)."""
-    msgs = [store._encode(w) for w in writes]
-    if len(msgs) == 1:
-        return msgs
-    return [(subject, data, {**hdrs, "Nats-Batch-Id": "0" * 32, "Nats-Batch-Sequence": str(i),
-                             **({"Nats-Batch-Commit": "1"} if i == len(msgs) else {})})
-            for i, (subject, data, hdrs) in enumerate(msgs, 1)]
 
 
 async def test_kv_a_batch_cut_short_keeps_its_turn_while_the_server_keeps_it(
