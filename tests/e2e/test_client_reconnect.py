@@ -343,17 +343,31 @@ async def test_a_send_during_a_reconnect_waits_for_the_bus(world):
         assert messages.rejected == Counter()
 
 
-async def _kick_and_hold(world: World, a: UnibusClient, bus: Any, moment: str) -> Callable[[], None]:
-    """Kick ``bus``'s member (added to a new room: its connection is closed before the 2xx), and
-    hold membershipd (SIGSTOP, 0.5 s) once nats-py is ``moment``: "reconnecting" (waiting to try)
-    or "connecting" (the new connection's handshake, waiting for the callout's answer). A kick
-    whose reconnect was over before this saw it is made again (a grant each time: a revocation
-    would be swept, and kicked, again later). Returns what resumes membershipd at once."""
+#: How many times :func:`_kick_and_hold` may kick before it catches a reconnect in the act.
+KICK_ATTEMPTS = 8
+
+
+async def spare_rooms(world: World) -> list[str]:
+    """Rooms for :func:`_kick_and_hold`, made before the test's buses connect: a room alice makes
+    grants it to her, which kicks her own buses too (a CI run: her listener, still reconnecting
+    when membershipd was held, missed the message the test waited for)."""
+    return [await new_room(world) for _ in range(KICK_ATTEMPTS)]
+
+
+async def _kick_and_hold(world: World, a: UnibusClient, bus: Any, moment: str,
+                         rooms: list[str]) -> Callable[[], None]:
+    """Kick ``bus``'s member (added to one of ``rooms``, from :func:`spare_rooms`: its connection
+    is closed before the 2xx), and hold membershipd (SIGSTOP, 0.5 s) once nats-py is ``moment``:
+    "reconnecting" (waiting to try) or "connecting" (the new connection's handshake, waiting for
+    the callout's answer). A kick whose reconnect was over before this saw it is made again (a
+    grant each time: a revocation would be swept, and kicked, again later). Returns what resumes
+    membershipd at once."""
     import signal
 
-    for _attempt in range(8):
+    assert len(rooms) >= KICK_ATTEMPTS
+    for room in rooms[:KICK_ATTEMPTS]:
         before = bus.reconnects
-        await a.add_room_member(await new_room(world), bus.client.identity.handle)
+        await a.add_room_member(room, bus.client.identity.handle)
         deadline = time.monotonic() + WAIT
         while not bus.nc.is_reconnecting and bus.reconnects == before:
             assert time.monotonic() < deadline
@@ -391,6 +405,7 @@ async def test_a_listener_started_while_its_bus_reconnects_hears_the_next_messag
     handle = f"lou-{moment}"  # a member of its own: no other test's sweep kicks it meanwhile
     await world.add(handle)
     room_a = await new_room(world, handle)
+    rooms = await spare_rooms(world)
     resume = None
     held_at = -1  # the bus's reconnects when membershipd was held
     async with world.sdk("alice") as a, world.sdk("alice") as sender, sender.bus(key_ttl=WAIT) as alice_bus, \
@@ -402,7 +417,7 @@ async def test_a_listener_started_while_its_bus_reconnects_hears_the_next_messag
         async def sync():  # the listener's first sync, then the kick
             nonlocal resume, held_at
             state = await real_sync()
-            resume = await _kick_and_hold(world, a, bus, moment)
+            resume = await _kick_and_hold(world, a, bus, moment, rooms)
             held_at = bus.reconnects
             return state
 
@@ -425,11 +440,12 @@ async def test_a_send_while_the_new_connection_waits_for_the_callout_waits_for_i
     the message went out anyway once the bus was back. It waits for the bus, and arrives once."""
     await world.add("sam")  # a member of its own: no other test's sweep kicks it meanwhile
     room_a = await new_room(world, "sam")
+    rooms = await spare_rooms(world)
     async with world.sdk("alice") as a, a.bus() as alice_bus, alice_bus.listen(room_a) as messages, \
             world.sdk("sam") as b, b.bus(key_ttl=WAIT) as bus:
         await bus.send(room_a, "t", b"warm")  # the key is cached: the next send needs no HTTP first
         assert (await next_message(messages)).text == "warm"
-        resume = await _kick_and_hold(world, a, bus, "connecting")
+        resume = await _kick_and_hold(world, a, bus, "connecting", rooms)
         held_at = bus.reconnects
         try:
             assert await bus.send(room_a, "t", b"during the handshake") == 1
@@ -439,6 +455,7 @@ async def test_a_send_while_the_new_connection_waits_for_the_callout_waits_for_i
         await bus.send(room_a, "t", b"end")
         assert [(await next_message(messages)).text for _ in range(2)] == ["during the handshake", "end"]
         assert messages.rejected == Counter()
+        assert alice_bus.reconnects == 0  # the listener was never kicked: what it missed, the test would not see
 
 
 @pytest.mark.parametrize("ended", ["timed out", "cancelled"])
