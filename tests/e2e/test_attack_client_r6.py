@@ -14,10 +14,10 @@ import time
 
 import pytest
 from aiohttp import web
-from attackkit import cli, new_room, publish_raw, serving
+from attackkit import add, cli, new_room, publish_raw, serving
 
 from unibus.client.blobs import get_blob, put_blob
-from unibus.client.keys import save_identity, with_bus_key
+from unibus.client.keys import generate_identity, save_identity, with_bus_key
 from unibus.client.sealing import encrypt_message, room_subject
 from unibus.client.signed import message_headers
 
@@ -96,11 +96,18 @@ async def test_two_listeners_of_one_identity_both_hear_a_message(world, tmp_path
 async def test_a_blob_sealed_with_a_key_a_removed_member_holds_says_so(world, tmp_path):
     """A review: a blob carries no signature of its uploader, and one sealed with the key of an
     epoch a member since removed also held (its own, or one a compromised server serves) came
-    through with no word. `blob get` now names who else held that key."""
-    rid = await new_room(world, "bob", "mallory")
+    through with no word. `blob get` now names who else held that key.
+
+    The member removed is one of its own: a removal kicks the member's bus again 2.7 s later
+    (docs/bus-auth.md), and mallory's listeners in the next tests lost a message to that kick
+    (a review)."""
+    mona = world.people["mona"] = generate_identity("mona")
+    async with world.sdk("alice") as a:
+        await add(a, mona)
+    rid = await new_room(world, "bob", "mona")
     src = tmp_path / "src"
-    src.write_bytes(b"pay the invoice to mallory's account")
-    async with world.sdk("mallory") as m:
+    src.write_bytes(b"pay the invoice to mona's account")
+    async with world.sdk("mona") as m:
         blob_id = await put_blob(m, rid, src)
     notices: list[str] = []
     async with world.sdk("bob") as b:
@@ -108,13 +115,13 @@ async def test_a_blob_sealed_with_a_key_a_removed_member_holds_says_so(world, tm
         await get_blob(b, rid, blob_id, tmp_path / "before")
         assert not [n for n in notices if "blob" in n]  # everyone who held the key is still in the room
         async with world.sdk("alice") as a:
-            await a.remove_room_member(rid, "mallory")
+            await a.remove_room_member(rid, "mona")
             await a.rekey(rid)
         await b.sync()
         await get_blob(b, rid, blob_id, tmp_path / "after")
     assert (tmp_path / "after").read_bytes() == src.read_bytes()
     said = [n for n in notices if "blob" in n]
-    assert len(said) == 1 and "held it): mallory;" in said[0] and "no signature of its uploader" in said[0], notices
+    assert len(said) == 1 and "held it): mona;" in said[0] and "no signature of its uploader" in said[0], notices
 
 
 async def test_json_output_escapes_what_drives_a_terminal(world, tmp_path):
