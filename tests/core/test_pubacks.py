@@ -239,8 +239,10 @@ async def test_no_reply_in_time_is_an_error_not_a_hang(nats_server):
 
 
 async def test_answers_server_pings(tmp_path):
-    """nats-server closes a client that leaves its PINGs unanswered (here: 2 of them, 0.1 s apart)."""
-    with server(tmp_path, hook=lambda cfg: cfg.update(ping_interval="100ms", ping_max=2)) as srv:
+    """nats-server closes a client that leaves its PINGs unanswered (here: 2 of them, 0.5 s apart;
+    0.1 s apart, a stall of the test's event loop of a quarter of a second on a loaded machine
+    would have dropped the client as stale: a review)."""
+    with server(tmp_path, hook=lambda cfg: cfg.update(ping_interval="500ms", ping_max=2)) as srv:
         # The setting bites: a raw connection that never answers is dropped as stale.
         reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
         await reader.readline()  # INFO
@@ -250,7 +252,7 @@ async def test_answers_server_pings(tmp_path):
         writer.close()
         assert b"Stale Connection" in seen
         async with client(srv.url) as c:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(2.5)  # five of the server's PINGs
             assert c.connected and c.reconnects == 0
             assert (await c.request("nobody", b"", b""))[0] == 503
 

@@ -23,7 +23,7 @@ import pytest
 from nats.errors import NoServersError
 
 from unibus.client import UnibusClient
-from unibus.client.keys import generate_identity
+from unibus.client.keys import Identity, generate_identity
 from unibus.plugins.auth_enforce import jwt
 from unibus.plugins.auth_enforce.callout import (IN_FLIGHT_TTL, MEMBER_MAX_CONNECTIONS, MEMBER_MAX_SUBSCRIPTIONS,
                                                   Issuer, Responder, holds_key)
@@ -250,14 +250,26 @@ async def test_a_storm_of_500_members_is_authorized(tmp_path):
         await store.close()
     daemon = MembershipdProcess(data).start()
     conns: list = []
-    try:
+
+    async def storm(who: list[Identity]) -> list[Identity]:
+        """Log ``who`` in at once; those refused."""
         results = await asyncio.gather(
             *(nats.connect(daemon.nats_url, nkeys_seed_str=p.bus_nkey_seed(), allow_reconnect=False,
-                           max_reconnect_attempts=0, connect_timeout=10) for p in people),
+                           max_reconnect_attempts=0, connect_timeout=10) for p in who),
             return_exceptions=True)
-        conns = [r for r in results if not isinstance(r, BaseException)]
-        failed = [r for r in results if isinstance(r, BaseException)]
-        assert not failed, f"{len(failed)} of 500 refused, e.g. {failed[0]!r}"
+        conns.extend(r for r in results if not isinstance(r, BaseException))
+        failed = [(p, r) for p, r in zip(who, results, strict=True) if isinstance(r, BaseException)]
+        print(f"{len(failed)} of {len(who)} refused{f', e.g. {failed[0][1]!r}' if failed else ''}")
+        return [p for p, _ in failed]
+
+    try:
+        # Every member is authorized. A login whose answer is later than nats-server's 1.5 s is
+        # refused (docs/bus-auth.md, "Login floods"), and the slowest of the 500 took 0.8 to 1.4 s
+        # on a loaded 2-core machine (a review), so one refused is tried once more: how fast a storm
+        # is answered is bench/'s to measure, not a test's.
+        refused = await storm(people)
+        assert not await storm(refused), f"{len(refused)} of 500 refused, and again in a second storm"
+        assert len(conns) == 500
         assert len(await member_connections(daemon, "s499")) == 1
     finally:
         await asyncio.gather(*(c.close() for c in conns), return_exceptions=True)
