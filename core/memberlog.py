@@ -650,8 +650,8 @@ class LogState:
             raise LogError(seq, "the salt of entry 0 must be 32 lowercase hex digits")
         prev = self.hashes[-1] if self.hashes else ""
         if not isinstance(entry["prev"], str) or not hmac.compare_digest(entry["prev"], prev):
-            raise LogError(seq, "prev is not the hash of the entry before it (the log was altered, reordered "
-                                "or forked)")
+            raise LogError(seq, f"prev is not the hash of entry {seq - 1}: one of the two was altered, or the log "
+                                "was reordered or forked")
         at = entry["at"]
         if type(at) is not int or not 0 <= at <= MAX_SAFE_INT:
             raise LogError(seq, "at must be a non-negative integer")

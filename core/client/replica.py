@@ -746,7 +746,7 @@ class Replica:
         state = self._fresh_state() if from_scratch else self.state
         had_root = self.trust_root
         try:
-            lines = await self._apply_pages(client, state, seq, defer)
+            lines = await self._apply_pages(client, state, seq, defer, self.state if from_scratch else None)
         except (LogError, _Redo) as exc:
             root = state.root
             self._discard(from_scratch)
@@ -802,10 +802,15 @@ class Replica:
                 f"({digest} instead of {pinned_hash})", seq)
         return seq, digest
 
-    async def _apply_pages(self, client: Any, state: LogState, seq: int, defer: bool) -> list[bytes]:
+    async def _apply_pages(self, client: Any, state: LogState, seq: int, defer: bool,
+                           verified: LogState | None = None) -> list[bytes]:
         """Fetch and apply the entries after ``state``'s head up to ``seq``; return their canonical lines.
 
-        With ``defer`` the signatures of a page are checked together (:class:`_Redo` if one fails)."""
+        With ``defer`` the signatures of a page are checked together (:class:`_Redo` if one fails).
+        ``verified``: the replica's state, when the log is verified again from seq 0 (``unibus log
+        verify``). An entry it holds that now hashes to something else is named as altered: a field no
+        signature covers (``at``, the server's clock) fails no check of its own entry, and the chain alone
+        would name the entry after it, or, the rest chained again, only the verified head."""
         lines: list[bytes] = []
         while state.head[0] < seq:
             after = state.head[0]
@@ -817,8 +822,13 @@ class Replica:
             if defer:  # the Ed25519 work of a page on every core, then the page's verdict
                 state.defer_checks()
             for entry in entries:
-                _digest, raw = state.apply_canonical(entry)
+                digest, raw = state.apply_canonical(entry)
                 lines.append(raw)
+                if verified is not None:
+                    at, was = state.head[0], verified.hash_at(state.head[0])
+                    if was is not None and was != digest:
+                        raise LogError(at, f"the server altered it: this client verified another entry at seq {at} "
+                                           f"(its hash was {was}, the one served now hashes to {digest})")
             if defer and state.run_deferred() is not None:
                 raise _Redo
         return lines

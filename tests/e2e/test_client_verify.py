@@ -578,6 +578,35 @@ async def test_an_entry_whose_signature_was_changed_is_named(world, tmp_path, mi
         assert e.value.seq == target
 
 
+@pytest.mark.parametrize("rechained", [False, True], ids=["as-stored", "rechained"])
+async def test_an_entry_altered_where_no_signature_covers_it_is_named(world, tmp_path, mitm, rechained):
+    """An entry's ``at`` (the server's clock) is covered by no signature, so an entry whose ``at``
+    was changed fails no check of its own: the chain alone named the entry after it, or, with the
+    rest of the log chained again, only the verified head ("fork"). ``log verify`` now names the
+    entry itself when this client verified it before; a client that never did names both."""
+    async with world.sdk("alice") as a:
+        head = await a.log_head()
+    target = max(1, head["seq"] - 3)
+    assert (await cli(tmp_path, world, "alice", "log", "verify", server=mitm.url)).returncode == 0  # the replica
+
+    def tamper(method: str, path: str, query: str, doc: Any) -> Any:
+        if path != "/v1/log":
+            return None
+        out = [{**e, "at": e["at"] + 1} if e["seq"] == target else e for e in doc["entries"]]
+        for i in range(1, len(out) if rechained else 0):  # as a server rewriting its history would
+            if out[i]["seq"] == out[i - 1]["seq"] + 1:
+                out[i] = {**out[i], "prev": entry_hash(out[i - 1])}
+        return {"entries": out, "head": doc["head"]}
+
+    mitm.rules.append(tamper)
+    line = failed(await cli(tmp_path, world, "alice", "log", "verify", server=mitm.url), f"entry {target}:")
+    assert "the server altered it" in line
+    # Another identity's client, with no replica of this server, can only see the chain break.
+    if not rechained:
+        line = failed(await cli(tmp_path, world, "bob", "log", "verify", server=mitm.url), f"entry {target + 1}:",
+                      f"hash of entry {target}:")
+
+
 async def test_a_listener_stops_on_a_rolled_back_log(world, mitm):
     rid = await new_room(world, "bob")
     async with world.sdk("bob", mitm.url) as b, b.bus() as bus, bus.listen(rid) as msgs, world.sdk("alice") as a, \
