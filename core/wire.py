@@ -22,6 +22,7 @@ __all__ = [
     "ENC_SUITES",
     "DEFAULT_ENC_SUITE",
     "MAX_AUTH_SKEW",
+    "AUTH_SKEW_HEADER",
     "SIGN_PUB_SIZE",
     "SIGN_SEED_SIZE",
     "ENC_PUB_SIZES",
@@ -58,6 +59,11 @@ __all__ = [
 #: cannot widen it, and lowering or raising ``--auth-skew`` later never makes
 #: an old entry unverifiable (docs/formats.md, "The membership log").
 MAX_AUTH_SKEW = 600
+
+#: The response header of ``GET /v1/log/head`` that gives the server's ``--auth-skew`` in
+#: seconds. The body is the head alone, ``{"seq", "hash"}``, the very object a keys POST
+#: takes back as its ``log_head`` (docs/http-api.md).
+AUTH_SKEW_HEADER = "Unibus-Auth-Skew"
 
 #: The HPKE suites a member's ``enc_suite`` may name (docs/formats.md).
 ENC_SUITES: tuple[str, ...] = ("X25519", "MLKEM768_X25519")

@@ -74,6 +74,7 @@ from ..memberlog import FIRST_USE_SNAPSHOT_PAIRS, HELD_BACK_MARGIN, LogError, Lo
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, make_nonce, parse_content_digest, sign_request
 from ..tls import connect_bounded, permanent_tls_error
+from ..wire import AUTH_SKEW_HEADER, MAX_AUTH_SKEW
 from .keys import DEFAULT_ENC_SUITE, Identity, NoBusKey, with_bus_key
 from .replica import LogVerificationError, Replica, ReplicaError, VerificationError, server_id
 from .sealing import (
@@ -397,6 +398,15 @@ def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
     return str(err or exc) or "connection failed"
 
 
+def _parse_auth_skew(value: str) -> int | None:
+    """``Unibus-Auth-Skew``: seconds from 1 to :data:`MAX_AUTH_SKEW`, or None for anything else."""
+    value = value.strip()
+    if not (value.isascii() and value.isdigit() and len(value) <= 3):
+        return None
+    skew = int(value)
+    return skew if 1 <= skew <= MAX_AUTH_SKEW else None
+
+
 def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
@@ -432,7 +442,7 @@ def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_
 #: ``GET /v1/members`` with 10,000 MLKEM768_X25519 members: about 20 MiB).
 MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
-#: ``GET /v1/log/head``'s cap: ``{"seq", "hash", "auth_skew"}`` is under 200 bytes (a review's
+#: ``GET /v1/log/head``'s cap: ``{"seq", "hash"}`` is under 200 bytes (a review's
 #: server sent 60 MiB there, which the client parsed into 1.6 GiB).
 HEAD_ANSWER_BYTES = 64 * 1024
 
@@ -568,6 +578,9 @@ class UnibusClient:
         self._unknown_epoch_missed: dict[str, float] = {}  # room -> when a sync last missed an epoch
         #: open buses, told when this client rotates its bus key (:meth:`rotate_bus_key`)
         self._buses: weakref.WeakSet[Bus] = weakref.WeakSet()
+        #: The ``--auth-skew`` the server gave last (``GET /v1/log/head``'s ``Unibus-Auth-Skew`` header,
+        #: 1 to 600 s), or None: used only to keep a change's ``created`` within it, never in a check.
+        self.reported_auth_skew: int | None = None
         directory = None if replica_root is None else Path(replica_root).expanduser() / server_id(self.base_url)
         self.replica = Replica(self.base_url, directory, trust_root=trust_root, notice=notice)
 
@@ -841,6 +854,9 @@ class UnibusClient:
             async with self._http().request(method, url, data=body, headers=headers,
                                             allow_redirects=False) as resp:
                 raw = await _read_capped(resp, cap)
+                skew = resp.headers.get(AUTH_SKEW_HEADER)
+                if skew is not None:
+                    self.reported_auth_skew = _parse_auth_skew(skew)
                 return resp.status, resp.reason, raw, _parse_retry_after(resp.headers.get("Retry-After"))
         except AnswerTooLarge as exc:
             raise ServerUnreachable(self.base_url, f"{method} {url.path}: {exc}") from None
@@ -1051,7 +1067,8 @@ class UnibusClient:
         return await self.request("GET", "/v1/log", query=query or None)  # checked as a log page by its callers
 
     async def log_head(self) -> dict[str, Any]:
-        """``GET /v1/log/head`` → ``{"seq", "hash", "auth_skew"}`` (seq -1, hash "" for an empty log), unverified."""
+        """``GET /v1/log/head`` → ``{"seq", "hash"}`` (seq -1, hash "" for an empty log), unverified; the
+        server's ``--auth-skew``, which it gives in a header, is then :attr:`reported_auth_skew`."""
         return await self.request("GET", "/v1/log/head", cap=HEAD_ANSWER_BYTES)  # checked by the replica
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:

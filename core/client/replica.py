@@ -788,8 +788,9 @@ class Replica:
         if type(seq) is not int or not -1 <= seq <= MAX_SAFE_INT or not isinstance(digest, str) \
                 or (seq >= 0 and not FINGERPRINT_RE.match(digest)):
             raise LogVerificationError(f"{self.server} served a malformed log head")
-        skew = head.get("auth_skew")
-        # what the server says it takes: used only to keep a change's `created` within it, never in a check
+        # what the server says it takes (GET /v1/log/head's Unibus-Auth-Skew header, read by the client):
+        # used only to keep a change's `created` within it, never in a check
+        skew = getattr(client, "reported_auth_skew", None)
         self.server_skew = skew if type(skew) is int and 1 <= skew <= MAX_AUTH_SKEW else None
         pinned_seq, pinned_hash = self.pinned_head
         if seq < pinned_seq:

@@ -325,7 +325,7 @@ def check_authority(record: LogRecord, author_role: str | None, room_owner: str 
         raise Forbidden(f"{record.keyid!r} may not remove other members of room {args[0]!r} (any more)")
 
 
-def check_new_epoch(current: int, epoch: int, members: set[str], sealed: dict[str, bytes]) -> None:
+def check_new_epoch(current: int, epoch: int, members: set[str], sealed: dict[str, Any]) -> None:
     """The rules of a rekey (docs/store.md, "The contract"): ``epoch`` is the room's
     ``current`` epoch + 1, and ``sealed`` names exactly its ``members``. :class:`Conflict` otherwise."""
     if epoch != current + 1:

@@ -17,7 +17,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from unibus.client.api import RETRIES_503
+from unibus.client.api import RETRIES_503, _parse_auth_skew
 from unibus.client import ApiError, ServerUnreachable, UnibusClient
 from unibus.client.keys import generate_identity
 from unibus.signing import SignatureError, split_path_query, verify_request
@@ -326,3 +326,12 @@ def test_a_connect_counts_as_refused_only_if_the_last_thing_it_heard_was_a_refus
         return real[e] if isinstance(e, str) else e
 
     assert _still_refused([make(e) for e in heard], make(raised)) is refused
+
+
+@pytest.mark.parametrize("value, skew", [("60", 60), (" 1 ", 1), ("600", 600), ("0", None), ("601", None),
+                                         ("-5", None), ("6e1", None), ("\u0666\u0660", None), ("", None),
+                                         ("9" * 400, None)])
+def test_the_reported_auth_skew_is_taken_only_within_its_bounds(value, skew):
+    """``Unibus-Auth-Skew`` (GET /v1/log/head): seconds from 1 to 600, else nothing (a server's value
+    only keeps a change's ``created`` within it; the log's checks never use it)."""
+    assert _parse_auth_skew(value) == skew

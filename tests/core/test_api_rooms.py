@@ -13,6 +13,7 @@ from unibus.client import ApiError, UnibusClient
 from unibus.client.api import KeyUnavailable
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import new_room_key, open_room_key, seal_room_key
+from unibus.testing import SignedClient
 
 
 async def expect(status, coro):
@@ -38,10 +39,10 @@ async def world(daemon_with_admin, alice):
 
 
 async def post_keys(client, room_id, epoch, sealed):
-    """A keys POST as a 0.12 client makes it: each member's key package signed at the served log head."""
+    """A keys POST as a 0.12 client makes it: each member's key package signed at the served log
+    head, which goes back as it was served as the package's ``log_head``."""
     head = await client.log_head()
-    return await client.post_keys(room_id, epoch, sealed, client.sign_key_packages(room_id, epoch, sealed, head),
-                                  {"seq": head["seq"], "hash": head["hash"]})
+    return await client.post_keys(room_id, epoch, sealed, client.sign_key_packages(room_id, epoch, sealed, head), head)
 
 
 def seal_all(room, key, epoch, people):
@@ -114,6 +115,54 @@ async def test_room_lifecycle(world):
     await c["alice"].delete_room(rid)
     await expect(404, c["bob"].get_room(rid))
     await expect(404, c["bob"].my_key(rid))
+
+
+async def test_a_rekeys_conflicts_come_before_its_values_are_checked(world):
+    """docs/http-api.md: the epoch must be current+1 and ``sealed`` must name exactly the current
+    members (409 naming the missing and extra); the values are checked after. An audit: a package
+    with placeholder values and a member missing was answered 422 for a value's size."""
+    server, people, c = world
+    rid = (await c["bob"].create_room("order"))["room_id"]
+    await c["bob"].add_room_member(rid, "carol")
+    head = await c["bob"].log_head()
+    dummy = base64.b64encode(b"x").decode()
+
+    def body(epoch, handles, log_head=head):
+        return {"epoch": epoch, "sealed": {h: dummy for h in handles}, "sigs": {h: dummy for h in handles},
+                "log_head": log_head}
+
+    problem = await expect(409, c["bob"].request("POST", f"/v1/rooms/{rid}/keys", json_body=body(1, ["bob"])))
+    assert problem["missing"] == ["carol"] and problem["extra"] == [], problem
+    problem = await expect(409, c["bob"].request("POST", f"/v1/rooms/{rid}/keys",
+                                                 json_body=body(1, ["bob", "carol", "dave"], log_head={})))
+    assert problem["missing"] == [] and problem["extra"] == ["dave"], problem
+    problem = await expect(409, c["bob"].request("POST", f"/v1/rooms/{rid}/keys", json_body=body(3, ["bob"])))
+    assert "epoch must be 1" in problem["detail"], problem
+    # the right members: now the values are checked
+    problem = await expect(422, c["bob"].request("POST", f"/v1/rooms/{rid}/keys", json_body=body(1, ["bob", "carol"])))
+    assert problem["type"].endswith("/invalid-field") and "sealed." in problem["detail"], problem
+    for bad in ([], {"BOB": dummy}, "x"):  # not a set of handles at all: 422 before anything else
+        problem = await expect(422, c["bob"].request("POST", f"/v1/rooms/{rid}/keys",
+                                                     json_body={**body(1, ["bob"]), "sealed": bad}))
+        assert "sealed" in problem["detail"], problem
+    await expect(403, c["carol"].request("POST", f"/v1/rooms/{rid}/keys", json_body=body(1, ["bob"])))  # not the owner
+    assert (await c["bob"].get_room(rid))["epoch"] == 0  # nothing was written
+
+
+async def test_the_served_log_head_is_what_a_keys_post_takes_back(world):
+    """``GET /v1/log/head`` is ``{"seq", "hash"}``, the object a keys POST takes as ``log_head``
+    and ``GET /v1/log``'s ``head``; the server's --auth-skew is in the ``Unibus-Auth-Skew``
+    header (an audit: a third field in the body made the served head a 422 as ``log_head``)."""
+    server, people, c = world
+    room = await c["bob"].create_room("head")
+    signed = c["bob"]
+    status, head = await asyncio.to_thread(SignedClient(server.base_url, people["bob"]).get, "/v1/log/head")
+    assert status == 200 and set(head) == {"seq", "hash"}, head
+    assert head == (await signed.log())["head"] == await signed.log_head() and signed.reported_auth_skew == 60
+    sealed = seal_all(room, new_room_key(), 1, people)
+    done = await signed.post_keys(room["room_id"], 1, sealed, signed.sign_key_packages(room["room_id"], 1, sealed, head),
+                                  head)
+    assert done["epoch"] == 1
 
 
 async def test_deleting_a_member_removes_it_from_every_room(world):

@@ -259,13 +259,14 @@ def test_the_time_bound_is_the_constant_cap_of_auth_skew(world, people):
 
 
 class _Server:
-    """What Replica.sync reads of a server: a log and a head with any ``auth_skew``."""
+    """What Replica.sync reads of a server: a log, its head, and any ``--auth-skew`` reported
+    (``UnibusClient.reported_auth_skew``, from the head's ``Unibus-Auth-Skew`` header)."""
 
     def __init__(self, entries, auth_skew):
-        self.entries, self.auth_skew = entries, auth_skew
+        self.entries, self.reported_auth_skew = entries, auth_skew
 
     async def log_head(self):
-        return {"seq": len(self.entries) - 1, "hash": entry_hash(self.entries[-1]), "auth_skew": self.auth_skew}
+        return {"seq": len(self.entries) - 1, "hash": entry_hash(self.entries[-1])}
 
     async def log(self, after=None, limit=None):
         start = 0 if after is None else after + 1

@@ -35,7 +35,7 @@ async def test_a_client_signs_no_change_against_an_entry_0_it_would_refuse(tmp_p
         asked.append((request.method, request.path))
         head = {"seq": 0, "hash": entry_hash(entry0)}
         if request.method == "GET" and request.path == "/v1/log/head":
-            return web.json_response({**head, "auth_skew": 60})
+            return web.json_response(head, headers={"Unibus-Auth-Skew": "60"})
         if request.method == "GET" and request.path == "/v1/log":
             return web.json_response({"entries": [entry0], "head": head})
         return web.json_response({"handle": "eve"}, status=201)
