@@ -150,6 +150,12 @@ def settings_for(command: str, argv: Sequence[str], plugins: PluginManager, env=
     ns = _serve_parser(command, plugin_options, plugins).parse_args(argv)
     plugins.require_healthy()
     settings = build_settings(ns, env, plugin_options, disabled_plugins=plugins.blocked)
+    if settings.nats_url is not None and ns.bus_auth is not None and settings.bus_auth == "enforce":
+        # Asked for in so many words, and impossible: never run the bus open silently (an audit found
+        # the posture saying bus_auth off and the start going on). The default stays a warning.
+        raise ConfigError("--bus-auth enforce: membershipd cannot enforce bus authorization on an external NATS "
+                          "server (--nats-url): that server authorizes its own clients. Give --bus-auth off and "
+                          "secure that server, or drop --nats-url to run the embedded one")
     if settings.bus_auth == "enforce" and "auth_enforce" in plugins.blocked:
         raise ConfigError("--disable-plugin auth_enforce is accepted only together with --bus-auth off")
     plugins.validate_settings(settings)

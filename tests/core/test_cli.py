@@ -87,6 +87,9 @@ def test_migrate_creates_a_private_db_and_is_idempotent(tmp_path):
         (["--http-addr", ""], "--http-addr: give a value"),
         (["--kv-replicas", "\u0663"], "--kv-replicas"),  # a review's: the digits of other scripts
         (["--nats-url", "nats://127.0.0.1:4222;password=Hunter2"], "--nats-url"),
+        # an audit: enforcement asked for in so many words, on a server membershipd does not configure
+        (["--nats-url", "nats://127.0.0.1:4222", "--bus-auth", "enforce"], "--bus-auth enforce: membershipd cannot"),
+        (["--bus-auth=enforce", "--nats-url", "nats://127.0.0.1:4222"], "--nats-url"),
     ],
 )
 def test_serve_refusals_exit_2(tmp_path, args, needle):
