@@ -650,6 +650,8 @@ class LogState:
             raise LogError(seq, "the salt of entry 0 must be 32 lowercase hex digits")
         prev = self.hashes[-1] if self.hashes else ""
         if not isinstance(entry["prev"], str) or not hmac.compare_digest(entry["prev"], prev):
+            if seq == 0:
+                raise LogError(seq, 'the prev of entry 0 must be ""')
             raise LogError(seq, f"prev is not the hash of entry {seq - 1}: one of the two was altered, or the log "
                                 "was reordered or forked")
         at = entry["at"]

@@ -741,7 +741,7 @@ class Replica:
             return await self._sync(client, from_scratch)
 
     async def _sync(self, client: Any, from_scratch: bool, defer: bool = True) -> SyncResult:
-        seq, digest = await self._server_head(client)
+        seq, digest = await self._server_head(client, from_scratch)
         pinned_head = self.pinned_head
         state = self._fresh_state() if from_scratch else self.state
         had_root = self.trust_root
@@ -779,8 +779,14 @@ class Replica:
             raise
         return self._adopt(state, lines, from_scratch, had_root)
 
-    async def _server_head(self, client: Any) -> tuple[int, str]:
-        """The server's log head ``(seq, hash)``; a rollback or a fork of the pinned head is refused."""
+    async def _server_head(self, client: Any, from_scratch: bool = False) -> tuple[int, str]:
+        """The server's log head ``(seq, hash)``; a rollback or a fork of the pinned head is refused.
+
+        ``from_scratch`` (``log verify``): another hash at the pinned seq is left to the entries,
+        which are all fetched again and compared with the verified ones, so that the first entry
+        that changed is named rather than the head (a review: a server that rewrote an entry's
+        ``at`` and chained the rest and the head again was named only as a fork at the head);
+        :meth:`_check_same_log` still refuses whatever differs at the pinned head."""
         head = await client.log_head()
         if not isinstance(head, dict):
             raise LogVerificationError(f"{self.server} answered GET /v1/log/head with something else than an object")
@@ -797,7 +803,7 @@ class Replica:
             raise LogVerificationError(
                 f"rollback: {self.server} serves a membership log that ends at seq {seq}, but this client has "
                 f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped", pinned_seq)
-        if seq == pinned_seq and digest != pinned_hash:
+        if seq == pinned_seq and digest != pinned_hash and not from_scratch:
             raise LogVerificationError(
                 f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "
                 f"({digest} instead of {pinned_hash})", seq)

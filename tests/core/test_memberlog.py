@@ -175,6 +175,17 @@ def test_tampered_entries_are_rejected(world, mutate, seq, why):
     assert e.value.seq == seq
 
 
+def test_a_broken_link_names_both_entries_and_entry_0_has_no_prev(world):
+    entries = copy.deepcopy(world.entries)
+    entries[4]["at"] += 1
+    with pytest.raises(LogError, match="prev is not the hash of entry 4: one of the two was altered") as e:
+        replay(entries)
+    assert e.value.seq == 5
+    with pytest.raises(LogError, match='the prev of entry 0 must be ""') as e:  # a review: it named entry -1
+        replay([{**world.entries[0], "prev": "ab"}])
+    assert e.value.seq == 0
+
+
 def test_reordered_and_dropped_entries_are_rejected(world):
     swapped = copy.deepcopy(world.entries)
     swapped[3], swapped[4] = swapped[4], swapped[3]
