@@ -350,10 +350,11 @@ def render(ns: argparse.Namespace, results: dict[str, Mode], environment: str) -
                  "contention from other work): read the others against it."), "",
             ("After a restart of the node (SIGTERM, start, `/healthz` 200), freshly signed requests until one is "
              "served: before, the file bucket survived and the first one is; after, the memory bucket is new and its "
-             "floor is the high-water mark (the last accepted `created` + 2 s): a request created at or before it is "
-             "refused (`503`, retried by clients). A restart takes longer than that 2 s step, so a freshly signed "
-             "request is normally past the floor by the time `/healthz` answers; a client whose clock runs ahead "
-             "of the server's pushes the floor further (docs/operations.md, \"The nonce epoch rule\"):"), "",
+             "floor is the high-water mark (the last second a request was accepted in): a request created at or "
+             "before it is refused (`503`, retried by clients). A start waits for the floor to pass (at most 3 s) "
+             "before it opens HTTP, so a freshly signed request is past it by the time `/healthz` answers; a client "
+             "whose clock runs ahead of the server's pushes the floor further (docs/operations.md, \"The nonce "
+             "epoch rule\"):"), "",
             "| | first fresh request served after (s): min | median | max | refused before it (median) |",
             "|---|---:|---:|---:|---:|"]
     for mode in MODES:

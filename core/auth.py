@@ -82,10 +82,17 @@ NONCE_STORAGE = StorageType.MEMORY
 DEFAULT_NONCE_MAX_BYTES = 256 * 1024 * 1024
 NONCE_MAX_BYTES_ENV = "UNIBUS_NONCE_MAX_BYTES"
 NONCE_MAX_BYTES_RANGE = (1024 * 1024, 64 * 1024 ** 3)
-#: How far ahead of a request's ``created`` the high-water mark is raised: it is
-#: written at most about once per this many seconds, and a lost bucket refuses
-#: fresh requests for about as long.
-HIGH_WATER_STEP = 2
+#: How far ahead of a request's ``created`` the high-water mark is raised. With 0 it is
+#: written at most once a second (under load; never while idle), and a lost bucket's floor
+#: is the last second a request was accepted in, so a fresh request passes it about a
+#: second after the loss. It was 2: the first signed request after a restart of
+#: membershipd, 0.7 s here, was refused in 8 runs of 8 (an acceptance test's view of a
+#: restart), and the writes it saved, one fsync a second, cost nothing measurable.
+HIGH_WATER_STEP = 0
+#: The most a start waits for the floor of a new nonce epoch to pass before it opens HTTP
+#: (:meth:`NonceStore.wait_past_floor`): a floor further ahead (a client whose clock ran
+#: ahead of the server's) still refuses, with 503 and ``Retry-After``, what is created before it.
+START_FLOOR_WAIT = 3.0
 #: Seconds between two checks of the bucket's ``_epoch``.
 EPOCH_CHECK_INTERVAL = 1.0
 RECOVERY_TIMEOUT = 5.0
@@ -245,9 +252,9 @@ class NonceStore:
     node of a cluster crashes at once), and the rule that keeps that safe is:
 
     * the store keeps a durable *high-water mark*: no request was accepted with
-      a ``created`` above it. :meth:`admit` raises it (by :data:`HIGH_WATER_STEP`
-      seconds ahead, so it is written every few seconds, not per request) before
-      a request's nonce is claimed;
+      a ``created`` above it. :meth:`admit` raises it (to the request's second, or
+      now's, plus :data:`HIGH_WATER_STEP`, so it is written at most once a second,
+      not per request) before a request's nonce is claimed;
     * each incarnation of the bucket holds the key ``_epoch`` (created only if
       absent, ``Nats-TTL: never``): its ``floor`` is the high-water mark read
       when it was written. It disappears only with the bucket's contents;
@@ -602,6 +609,31 @@ class NonceStore:
             await self.acks.connect()
         if self._watch_task is None or self._watch_task.done():
             self._watch_task = asyncio.get_running_loop().create_task(self._watch(), name="unibus-nonce-epoch")
+
+    async def wait_past_floor(self, limit: float = START_FLOOR_WAIT) -> float:
+        """At start, before HTTP opens: establish the epoch, then wait until a request signed now
+        is past its floor, for at most ``limit`` seconds in all; return the seconds waited.
+
+        A new epoch's floor is the last second a request may have been accepted in before the
+        bucket was lost, so without this wait the first signed request after a restart of
+        membershipd was refused (503) whenever it came within that second. With it, a client
+        that waits for ``/healthz``, or for the port, gets its first request served."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self.floor is None:
+            with contextlib.suppress(Exception):  # not known yet: requests fail closed, as before
+                await within(self._recover(), limit)
+        floor = self.floor
+        if floor is None:
+            return loop.time() - started
+        wait = min(floor + 1 - time.time(), limit - (loop.time() - started))
+        if floor + 1 - time.time() > wait:
+            log.warning("nonce bucket: its floor is %d, %.0f s ahead of this clock (a client's clock ran ahead); "
+                        "signed requests created before then are refused with 503 until it has passed",
+                        floor, floor - time.time())
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return loop.time() - started
 
     async def close(self) -> None:
         self._closing = True

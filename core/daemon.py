@@ -292,6 +292,11 @@ class Daemon:
         self.events = ChangeEvents(self.app, self.store, self.plugins)
         await retry_until(self.events.start, js_wait, "cannot read the head of the membership log")
         self.app[EVENTS] = self.events
+        # A restart lost the nonces (they live in memory): a request signed now must be past the new
+        # epoch's floor before the port opens, or a client's first request is refused (docs/operations.md).
+        waited = await nonces.wait_past_floor()
+        if waited >= 0.05:
+            log.info("waited %.1f s for the replay floor of the new nonce epoch before opening HTTP", waited)
         await self._listen(http_tls, metrics_tls)
         log.info("membershipd serving on %s://%s (NATS %s, node %s)", s.http_scheme, s.http_addr,
                  s.nats_public_url, s.server_name)

@@ -248,6 +248,26 @@ async def test_a_request_accepted_before_a_nonce_loss_is_refused_after_it(tmp_pa
             d.stop()
 
 
+async def test_the_first_request_signed_after_a_restart_is_served(tmp_path):
+    """A restart of membershipd loses the nonces (memory), and the new epoch's floor is the last
+    second a request may have been accepted in. The floor was 2 s past it, and the port opened
+    before it had passed: the first request signed after a restart, as an acceptance test makes
+    it once ``/healthz`` answers, was refused 503 (8 restarts of 8, 0.7 s each). A start now
+    waits for the floor before it opens HTTP, and the floor is that second itself."""
+    daemon, alice = start_daemon(tmp_path, "node")
+    try:
+        for _ in range(3):
+            accepted = signed(alice)
+            assert (await send(daemon, accepted))[0] == 200
+            daemon.stop()
+            daemon = daemon.again().start()  # /healthz answers 200
+            status, body, _headers = await send(daemon, signed(alice))
+            assert status == 200, body
+            assert_refused_as_unverifiable(await send(daemon, accepted))  # the replay still is not
+    finally:
+        daemon.stop()
+
+
 # -- NonceStore alone, against a bare nats-server ---------------------------------------------------------
 
 
