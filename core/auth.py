@@ -87,7 +87,9 @@ NONCE_MAX_BYTES_RANGE = (1024 * 1024, 64 * 1024 ** 3)
 #: is the last second a request was accepted in, so a fresh request passes it about a
 #: second after the loss. It was 2: the first signed request after a restart of
 #: membershipd, 0.7 s here, was refused in 8 runs of 8 (an acceptance test's view of a
-#: restart), and the writes it saved, one fsync a second, cost nothing measurable.
+#: restart), and the writes it saved cost nothing measurable: with one a second, signed
+#: requests ran at 99% (98-103%) of the throughput and 100% of the server CPU per request
+#: of a step of 2 (``bench/bench_signed.py --runs 7 --before 052af93``, 2026-12-07).
 HIGH_WATER_STEP = 0
 #: The most a start waits for the floor of a new nonce epoch to pass before it opens HTTP
 #: (:meth:`NonceStore.wait_past_floor`): a floor further ahead (a client whose clock ran
