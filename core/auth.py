@@ -95,6 +95,9 @@ HIGH_WATER_STEP = 0
 #: (:meth:`NonceStore.wait_past_floor`): a floor further ahead (a client whose clock ran
 #: ahead of the server's) still refuses, with 503 and ``Retry-After``, what is created before it.
 START_FLOOR_WAIT = 3.0
+#: How many times :meth:`NonceStore.admit` checks a request again when a new epoch comes in
+#: while it raises the mark; past that, 503.
+ADMIT_ROUNDS = 3
 #: Seconds between two checks of the bucket's ``_epoch``.
 EPOCH_CHECK_INTERVAL = 1.0
 RECOVERY_TIMEOUT = 5.0
@@ -578,23 +581,29 @@ class NonceStore:
         floor, :class:`NonceStoreUnavailable` when the epoch is unknown or the
         mark cannot be stored.
         """
-        if self.floor is None or self._reconnects != self.acks.reconnects:
-            await self._recover()
-        floor = self.floor
-        if floor is None:
-            raise NonceStoreUnavailable("the nonce bucket's epoch is not known yet")
-        if created <= floor:
-            self.floor_refusals += 1
-            raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)))
-        while created > self.high_water:
-            fut = self._raising
-            if fut is None:
-                fut = self._raising = asyncio.ensure_future(self._raise(max(created, int(now)) + HIGH_WATER_STEP))
-            try:
-                await asyncio.shield(fut)
-            except Exception as e:  # noqa: BLE001 - fail closed
-                raise NonceStoreUnavailable(f"the high-water mark of signed requests cannot be stored: "
-                                            f"{type(e).__name__}: {e}") from None
+        for _ in range(ADMIT_ROUNDS):
+            if self.floor is None or self._reconnects != self.acks.reconnects:
+                await self._recover()
+            floor, epoch = self.floor, self._epoch_raw
+            if floor is None:
+                raise NonceStoreUnavailable("the nonce bucket's epoch is not known yet")
+            if created <= floor:
+                self.floor_refusals += 1
+                raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)))
+            while created > self.high_water:
+                fut = self._raising
+                if fut is None:
+                    fut = self._raising = asyncio.ensure_future(self._raise(max(created, int(now)) + HIGH_WATER_STEP))
+                try:
+                    await asyncio.shield(fut)
+                except Exception as e:  # noqa: BLE001 - fail closed
+                    raise NonceStoreUnavailable(f"the high-water mark of signed requests cannot be stored: "
+                                                f"{type(e).__name__}: {e}") from None
+            # A new epoch adopted while the mark was raised (a review: its floor was never checked,
+            # and the claim, in the new bucket, passed the sequence check): check it again.
+            if self._epoch_raw == epoch and self.floor == floor and self._reconnects == self.acks.reconnects:
+                return
+        raise NonceStoreUnavailable("the nonce bucket's epoch kept changing while the request was admitted")
 
     async def _raise(self, value: int) -> int:
         try:
@@ -663,12 +672,19 @@ class NonceStore:
         :class:`NonceStoreUnavailable` for anything else than "stored" or
         "already there": the caller fails closed.
         """
+        epoch = self._epoch_raw
         try:
             status, data = await self.acks.request(f"{NONCE_PREFIX}{handle}.{nonce}", CLAIM_HEADERS, b"1")
         except PubAckUnavailable as e:
             self.failures += 1
             raise NonceStoreUnavailable(f"nonce bucket unavailable: {e}") from None
         if status == 0 and data.startswith(b'{"stream":'):
+            if self._epoch_raw != epoch:
+                # a new epoch adopted while the claim was out: it may have landed in the new bucket,
+                # under a floor this request was never checked against (a review); fail closed
+                self.failures += 1
+                raise NonceStoreUnavailable("the nonce bucket's epoch changed during the claim; sign the request "
+                                            "again")
             seq = _ack_seq(data)
             if seq >= self._max_seq:
                 self._max_seq = seq

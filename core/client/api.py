@@ -141,7 +141,8 @@ LISTENER_MAX_MESSAGES = 100_000
 REKEY_RETRIES = 3
 #: How many times a request refused with a retryable 503 is signed again and resent.
 #: How often a 503 refused before it was served is tried again (docs/client.md):
-#: replay protection made again after a crash refuses for about 2 s.
+#: replay protection made again after a crash refuses for about a second (longer when a
+#: signer's clock ran ahead of the server's).
 RETRIES_503 = 4
 #: How far ahead of the clock a change's ``created`` may be put, to follow a change of the same
 #: identity in flight (:meth:`UnibusClient._change_created`); a server takes up to its --auth-skew.

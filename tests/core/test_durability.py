@@ -234,7 +234,7 @@ async def test_a_request_accepted_before_a_nonce_loss_is_refused_after_it(tmp_pa
             assert_refused_as_unverifiable(await send(daemon, accepted))
             assert_refused_as_unverifiable(await send(daemon, unsent))
             refusals = await fresh_until_served(daemon, alice)
-            # seconds (the mark's step), not --auth-skew: a bound on retries, not a timing
+            # seconds (the 3 s this client signed ahead), not --auth-skew: a bound on retries, not a timing
             assert len(refusals) <= 4 * (HIGH_WATER_STEP + 5), how
             assert_refused_as_unverifiable(await send(daemon, accepted))  # and it stays refused
             async with service_js(daemon) as js:
@@ -272,9 +272,11 @@ async def test_the_first_request_signed_after_a_restart_is_served(tmp_path):
 
 
 @contextlib.asynccontextmanager
-async def nonce_stores(url: str, n: int, *, skew: int = 60, watch: bool = False, **kwargs: Any):
-    """``n`` NonceStores (as many nodes) sharing one high-water mark, each with its own connections."""
-    mark = MemoryHighWater()
+async def nonce_stores(url: str, n: int, *, skew: int = 60, watch: bool = False, mark: MemoryHighWater | None = None,
+                       **kwargs: Any):
+    """``n`` NonceStores (as many nodes) sharing one high-water mark (``mark``, else a new one), each
+    with its own connections."""
+    mark = MemoryHighWater() if mark is None else mark
     buses, stores = [], []
     try:
         for i in range(n):
@@ -318,6 +320,60 @@ async def test_a_claim_that_lands_in_a_new_bucket_is_refused(nats_server):
         with pytest.raises(ReplayFloorError) as e:
             await a.admit(int(now), time.time())
         assert e.value.floor == b.floor and a.floor == b.floor and a.resets == 1
+
+
+class _SlowMark(MemoryHighWater):
+    """A shared high-water mark whose writes take a while (a KV write of a cluster's)."""
+
+    async def raise_nonce_high_water(self, value: int) -> int:
+        await asyncio.sleep(0.05)
+        return await super().raise_nonce_high_water(value)
+
+
+async def _adopt_current_epoch(store: NonceStore) -> None:
+    """What a node's epoch watch does when another node wrote a new ``_epoch``."""
+    raw = await store._read_epoch()
+    async with store._lock:
+        store._adopt(raw, await store.high_water_store.nonce_high_water(), store._reconnects)
+
+
+async def test_a_new_epoch_adopted_while_a_request_is_admitted_or_claimed_is_checked(nats_server):
+    """A review (two nodes sharing the mark, a reset of the bucket by the other node): a node that
+    adopted the new epoch while it raised the mark for a replay never checked the replay against
+    the new floor, and its claim, in the new bucket, passed the sequence check (the adopt reset
+    it): the replay was served. Admission now checks the epoch again after the raise, and a claim
+    whose epoch changed while it was out is refused."""
+    async with nonce_stores(nats_server.url, 2, mark=_SlowMark()) as ((a, b), _mark):
+        for _ in range(20):  # a is busy at an earlier second (its sequence check has a high mark)
+            await a.admit(int(time.time()) - 5, time.time())
+            assert await a.claim("bob", make_nonce())
+        now = time.time()
+        created, nonce = int(now) + 1, make_nonce()  # from a client a second ahead, accepted by b
+        await b.admit(created, now)
+        assert await b.claim("alice", nonce)
+        await b.bus.js.delete_stream(NONCE_STREAM)
+        await b.ensure()  # b makes the bucket again: new epoch, its floor covers the request
+        assert b.floor >= created
+        replay = asyncio.create_task(a.admit(created, time.time()))  # a raises the mark for it (50 ms) ...
+        await asyncio.sleep(0.01)
+        await _adopt_current_epoch(a)  # ... while its watch adopts b's epoch
+        with pytest.raises(ReplayFloorError):
+            await replay
+        # the claim's own window: the epoch changes between the claim's send and its answer
+        later, fresh = a.floor + 1, make_nonce()  # past the new floor
+        await a.admit(later, time.time())
+        real = a.acks.request
+
+        async def request_then_reset(*args: Any) -> Any:
+            answer = await real(*args)
+            await b.bus.js.delete_stream(NONCE_STREAM)
+            await b.ensure()
+            await _adopt_current_epoch(a)
+            return answer
+
+        a.acks.request = request_then_reset
+        with pytest.raises(NonceStoreUnavailable, match="epoch changed during the claim"):
+            await a.claim("alice", fresh)
 
 
 async def test_the_epoch_outlives_the_bucket_ttl(nats_server):
