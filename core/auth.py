@@ -92,8 +92,8 @@ NONCE_MAX_BYTES_RANGE = (1024 * 1024, 64 * 1024 ** 3)
 #: of a step of 2 (``bench/bench_signed.py --runs 7 --before 052af93``, 2026-12-07).
 HIGH_WATER_STEP = 0
 #: The most a start waits for the floor of a new nonce epoch to pass before it opens HTTP
-#: (:meth:`NonceStore.wait_past_floor`): a floor further ahead (a client whose clock ran
-#: ahead of the server's) still refuses, with 503 and ``Retry-After``, what is created before it.
+#: (:meth:`NonceStore.wait_past_floor`): a floor further ahead (a signer's clock ran ahead of
+#: the server's) still refuses, with 503 and ``Retry-After``, what is created at or before it.
 START_FLOOR_WAIT = 3.0
 #: How many times :meth:`NonceStore.admit` checks a request again when a new epoch comes in
 #: while it raises the mark; past that, 503.
@@ -639,9 +639,9 @@ class NonceStore:
             return loop.time() - started
         wait = min(floor + 1 - time.time(), limit - (loop.time() - started))
         if floor + 1 - time.time() > wait:
-            log.warning("nonce bucket: its floor is %d, %.0f s ahead of this clock (a client's clock ran ahead); "
-                        "signed requests created before then are refused with 503 until it has passed",
-                        floor, floor - time.time())
+            log.warning("nonce bucket: its floor is %d, %.0f s ahead of this clock (a signer's clock ran ahead of "
+                        "this one, or this one stepped back); signed requests created at or before it are refused "
+                        "with 503 until it has passed", floor, floor - time.time())
         if wait > 0:
             await asyncio.sleep(wait)
         return loop.time() - started
