@@ -48,7 +48,7 @@ from .health import HealthProber
 from .metrics import Metrics, MetricsServer, StateCounts
 from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
 from .pluginmanager import PluginManager, running_plugin
-from .posture import cluster_gate, compute_posture, startup_posture
+from .posture import bus_auth_warnings, cluster_gate, compute_posture, startup_posture
 from .privatefiles import check_own_file, make_private_dirs
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
@@ -311,7 +311,7 @@ class Daemon:
         s = self.settings
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         require_route_password(s)
-        for warning in insecure_plaintext_warnings(s):
+        for warning in [*bus_auth_warnings(s), *insecure_plaintext_warnings(s)]:
             log.warning("%s", warning)
         http_tls = _https_context(s)
         metrics_tls = _metrics_tls_context(s)

@@ -7,7 +7,9 @@ what follows. Facts: ``bus_auth`` ("enforce"/"off"), ``acl`` and ``tls``
 ``plaintext`` or ``none`` (no such listener).
 
 The core reports the listeners it opens itself (HTTP, the embedded NATS
-client port, the metrics listener); the route_tls plugin reports the routes of a clustered node.
+client port, the metrics listener), and ``bus_auth: "off"``, ``acl: false``
+when its own ``--bus-auth off`` or ``--nats-url`` leaves the bus open (so no
+plugin can claim otherwise); the route_tls plugin reports the routes of a clustered node.
 ``tls`` holds when every listener is loopback, TLS or absent, a clustered
 node's routes use mutual TLS, and no plugin reports ``tls: false``. A fact no
 plugin reports counts as not holding. ``summary`` joins the facts that hold in
@@ -75,6 +77,26 @@ def core_listeners(settings: Settings) -> dict[str, str]:
     }
 
 
+def core_facts(settings: Settings) -> dict[str, Any]:
+    """What the core knows of bus authorization from its own flag: nothing enforces it with
+    ``--bus-auth off`` or ``--nats-url``, whatever a plugin reports. ``--bus-auth`` is a core flag,
+    and blocking auth_enforce is accepted with ``--bus-auth off``: another plugin's ``posture`` must
+    not make that open bus read ``enforce+acl`` (and pass the cluster gate)."""
+    if settings.bus_auth == "enforce" and settings.embedded:
+        return {}  # auth_enforce reports it; nobody reporting it is refused (require_reporters)
+    return {"bus_auth": "off", "acl": False}
+
+
+def bus_auth_warnings(settings: Settings) -> list[str]:
+    """The start-up warnings of a bus that membershipd does not authorize (the core's flag, so the
+    core's warning: it holds with auth_enforce blocked too)."""
+    if settings.bus_auth == "off":
+        return ["--bus-auth off: the bus is open to any client that reaches the NATS port (development only)"]
+    if not settings.embedded:
+        return ["--nats-url: bus authorization is the external NATS server's job; posture says bus_auth off"]
+    return []
+
+
 def _weaker(a: str | None, b: str) -> str:
     if a is None:
         return b
@@ -94,7 +116,7 @@ def merge_posture(reports: Iterable[Mapping[str, Any] | None], settings: Setting
     merged: dict[str, Any] = {}
     listeners: dict[str, str | None] = {}
     other_insecure = False
-    for report in [{"listeners": core_listeners(settings)}, *reports]:
+    for report in [{"listeners": core_listeners(settings), **core_facts(settings)}, *reports]:
         if not isinstance(report, Mapping):
             continue
         for fact in FACTS:

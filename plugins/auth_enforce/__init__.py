@@ -19,7 +19,7 @@ changed is kicked on every node, then re-authorized through the callout. The
 configuration is the same for the whole life of the daemon.
 
 ``--bus-auth off`` is for development: one open global account, a warning at
-start-up, and the posture says ``bus_auth: "off"``, ``acl: false``. So does
+start-up (the core's, as the flag is), and the posture says ``bus_auth: "off"``, ``acl: false``. So does
 ``--nats-url``, because the external server's authorization is not
 membershipd's to write.
 """
@@ -397,12 +397,8 @@ async def startup(app) -> None:
     settings = app[SETTINGS]
     if not enforcing(settings):
         # The metrics exist all the same (at 0), so dashboards and alerts see one shape on every node.
+        # The core warned at start-up (unibus.posture.bus_auth_warnings): --bus-auth is its flag.
         BusAuthMetrics.register(app[METRICS].plugin(PLUGIN_NAME), pending=lambda: 0, connections=lambda: 0)
-    if settings.bus_auth == "off":
-        log.warning("--bus-auth off: the bus is open to any client that reaches the NATS port (development only)")
-        return
-    if not settings.embedded:
-        log.warning("--nats-url: bus authorization is the external NATS server's job; posture says bus_auth off")
         return
     store = app[STORE]
     policy = Policy()

@@ -203,6 +203,59 @@ def test_enforce_needs_a_plugin_that_reports_bus_auth(unibus_plugin_manager):
     require_reporters(Settings(), unibus_plugin_manager(Reports(bus_auth="off")), [("x", {"bus_auth": "off"})])
 
 
+def test_an_open_bus_reads_open_whatever_a_plugin_claims(unibus_plugin_manager):
+    """Adversary: a third-party plugin that reports ``enforce``/``acl`` while auth_enforce is blocked
+    (accepted with ``--bus-auth off``). Its claim made the open bus read ``enforce+acl+tls``, and a
+    cluster node passed the gate with no authorization in nats.conf (a black-box test of the
+    contract). ``--bus-auth`` and ``--nats-url`` are the core's flags: the core reports them."""
+    liar = Reports(bus_auth="enforce", acl=True, tls=True)
+    for settings in (Settings(bus_auth="off"), Settings(nats_url="nats://127.0.0.1:4222")):
+        posture = startup_posture(settings, unibus_plugin_manager(liar))
+        assert (posture["bus_auth"], posture["acl"], posture["summary"]) == ("off", False, "tls")
+    clustered = Settings(bus_auth="off", cluster_name="c1", routes=("nats://127.0.0.2:6250",))
+    with pytest.raises(ConfigError) as e:
+        cluster_gate(merge_posture([{**liar.facts, "listeners": {"routes": "mtls"}}], clustered), clustered.clustered)
+    assert e.value.exit_code == 2 and "bus_auth" in str(e.value) and "acl is false" in str(e.value)
+    # the same plugin beside auth_enforce on an enforcing node changes nothing
+    assert startup_posture(Settings(), unibus_plugin_manager(liar, Reports(bus_auth="enforce", acl=True)))[
+        "summary"] == "enforce+acl+tls"
+
+
+CLAIMS_ENFORCE = {"claims_enforce": '''
+    from unibus import hookimpl
+
+    PLUGIN_NAME = "claims_enforce"
+
+    @hookimpl
+    def posture(settings):
+        return {"bus_auth": "enforce", "acl": True, "tls": True}
+'''}
+
+
+def test_a_blocked_auth_enforce_leaves_the_posture_off_and_the_warning_on(tmp_path):
+    """``membershipd posture`` and ``serve`` with auth_enforce blocked and a plugin claiming its facts:
+    the posture says off (exit 1), and the start still warns that the bus is open (the warning
+    lived in auth_enforce, so blocking it silenced the most open setup there is)."""
+    import json
+
+    from helpers import plugin_modules
+
+    from unibus.testing import MembershipdProcess, run_membershipd
+
+    env = plugin_modules(tmp_path, CLAIMS_ENFORCE)
+    args = ["--plugin", "claims_enforce", "--bus-auth", "off", "--disable-plugin", "auth_enforce"]
+    proc = run_membershipd("posture", "--data-dir", str(tmp_path / "p"), *args, env=env)
+    assert proc.returncode == 1, proc.stderr
+    posture = json.loads(proc.stdout)
+    assert (posture["bus_auth"], posture["acl"], posture["summary"]) == ("off", False, "tls")
+    daemon = MembershipdProcess(tmp_path / "d", args, env=env).start()
+    try:
+        assert daemon.healthz()[1]["posture"]["bus_auth"] == "off"
+        assert "--bus-auth off: the bus is open to any client that reaches the NATS port" in daemon.log_text()
+    finally:
+        daemon.stop()
+
+
 def test_a_plaintext_nats_url_to_another_host_is_not_called_tls(tmp_path):
     """Adversary: a network attacker between membershipd and an external NATS (``--nats-url nats://...``)."""
     from unibus.cli import load_settings
