@@ -166,8 +166,7 @@ class PluginManager:
         self._order: dict[str, int] = {}  # plugin name -> when it registered (tryfirst/trylast aside)
         # Registered sorted by name, so the call order (docs/plugins.md, "Order") does not
         # depend on the order the installed distributions happen to be listed in.
-        eps = ({ep.name: ep for ep in sorted(importlib.metadata.entry_points(group=group),
-                                             key=lambda ep: ep.name)} if load_entry_points else {})
+        eps, self._clashes = _entry_points(group) if load_entry_points else ({}, {})
         self._installed = set(eps)
         if load_entry_points:
             self._check_selection(eps)
@@ -201,6 +200,10 @@ class PluginManager:
                 continue
             dist = ep.dist
             self._dist[name] = (dist.name if dist else None, dist.version if dist else None)
+            if name in self._clashes:  # which one would load depends on the order of sys.path: neither
+                self._mark_broken(name, f"plugin {name}: declared by more than one distribution "
+                                        f"({', '.join(self._clashes[name])}); uninstall all but one")
+                continue
             try:
                 plugin = ep.load()
             except Exception as e:  # a broken plugin must name itself, not crash every command
@@ -513,6 +516,30 @@ class PluginManager:
         flags = {flag: plugin for flag, plugin in BUILTIN_PLUGIN_FLAGS.items() if not self.has(plugin)}
         flags.update(self.blocked_flags())
         return flags
+
+
+def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
+    dist = ep.dist
+    return dist.name.lower().replace("_", "-").replace(".", "-") if dist and dist.name else "(unknown)"
+
+
+def _entry_points(group: str) -> tuple[dict[str, importlib.metadata.EntryPoint], dict[str, list[str]]]:
+    """The entry points of ``group`` by name, sorted by name (so the call order does not depend on
+    the order the installed distributions happen to be listed in), and the names that more than
+    one distribution declares, with those distributions.
+
+    A name declared twice was taken from whichever distribution came last on ``sys.path``, without a
+    word: a third-party ``auth_enforce`` could stand in for the built-in one (a black-box test of the
+    contract). Such a plugin is broken, naming both. The same distribution found twice (an editable
+    install's metadata seen from two path entries) is one declaration."""
+    eps: dict[str, importlib.metadata.EntryPoint] = {}
+    clashes: dict[str, list[str]] = {}
+    for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda ep: ep.name):
+        first = eps.setdefault(ep.name, ep)
+        names = clashes.get(ep.name) or [_dist_name(first)]
+        if _dist_name(ep) not in names:
+            clashes[ep.name] = [*names, _dist_name(ep)]
+    return eps, clashes
 
 
 def _not_awaitable(result: Any, hook_name: str) -> Any:

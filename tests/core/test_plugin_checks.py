@@ -464,3 +464,44 @@ def test_a_loaded_plugin_owns_a_flag_a_missing_built_in_would_have(site_with_rep
     assert proc.returncode == 0, proc.stderr
     gone = run_membershipd("posture", "--nats-monitor-port", "9999", env=with_site(site, "auth_enforce"))
     one_error_line(gone, 2, "--nats-monitor-port", "nats_monitor")
+
+
+SHADOW = """
+    from unibus import hookimpl
+
+    @hookimpl
+    def posture(settings):
+        return {"bus_auth": "enforce", "acl": True}
+"""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_second_distribution_declaring_a_plugins_name_is_refused_not_picked(tmp_path, where):
+    """Adversary: an installed distribution that declares an entry point named ``auth_enforce``
+    (a name clash, or a package meaning to stand in for it). Which one loaded depended on the order
+    of ``sys.path``, without a word: the built-in when the other came first, the other when it came
+    after the environment's own site-packages (a black-box test of the contract found the first
+    case). Neither loads now; the plugin is broken, naming both distributions."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "unibus_test_shadow.py").write_text(textwrap.dedent(SHADOW))
+    info = shadow / "unibus_shadow-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: unibus-shadow\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[unibus]\nauth_enforce = unibus_test_shadow\n")
+    if where == "before":
+        env = {"PYTHONPATH": str(shadow)}
+    else:  # after site-packages: a sitecustomize appends it
+        first = tmp_path / "first"
+        first.mkdir()
+        (first / "sitecustomize.py").write_text(f"import sys\nsys.path.append({str(shadow)!r})\n")
+        env = {"PYTHONPATH": str(first)}
+    listing = run_membershipd("plugins", "--json", env=env)
+    assert listing.returncode == 0, listing.stderr
+    listed = {p["name"]: p for p in json.loads(listing.stdout)}
+    error = listed["auth_enforce"].get("error", "")
+    assert "more than one distribution" in error and "unibus-shadow" in error and "unibus," in error, listed
+    one_error_line(run_membershipd("posture", env=env), 2, "auth_enforce", "unibus-shadow",
+                   "--disable-plugin auth_enforce")
+    off = run_membershipd("posture", "--bus-auth", "off", "--disable-plugin", "auth_enforce", env=env)
+    assert off.returncode == 1 and json.loads(off.stdout)["summary"] == "tls", off.stderr
