@@ -201,6 +201,7 @@ class PluginManager:
             dist = ep.dist
             self._dist[name] = (dist.name if dist else None, dist.version if dist else None)
             if name in self._clashes:  # which one would load depends on the order of sys.path: neither
+                self._dist[name] = (", ".join(self._clashes[name]), None)
                 self._mark_broken(name, f"plugin {name}: declared by more than one distribution "
                                         f"({', '.join(self._clashes[name])}); uninstall all but one")
                 continue

@@ -499,6 +499,7 @@ def test_a_second_distribution_declaring_a_plugins_name_is_refused_not_picked(tm
     listing = run_membershipd("plugins", "--json", env=env)
     assert listing.returncode == 0, listing.stderr
     listed = {p["name"]: p for p in json.loads(listing.stdout)}
+    assert set(listed["auth_enforce"]["distribution"].split(", ")) == {"unibus", "unibus-shadow"}, listed
     error = listed["auth_enforce"].get("error", "")
     assert "more than one distribution" in error and "unibus-shadow" in error and "unibus," in error, listed
     one_error_line(run_membershipd("posture", env=env), 2, "auth_enforce", "unibus-shadow",
