@@ -311,8 +311,6 @@ class Daemon:
         s = self.settings
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         require_route_password(s)
-        for warning in [*bus_auth_warnings(s), *insecure_plaintext_warnings(s)]:
-            log.warning("%s", warning)
         http_tls = _https_context(s)
         metrics_tls = _metrics_tls_context(s)
         for listener, kind, path in (("http", "cert", s.http_tls_cert), ("metrics", "cert", s.metrics_tls_cert),
@@ -328,6 +326,9 @@ class Daemon:
             check_port_free("--nats-addr", s.nats_addr)
         if s.metrics_addr is not None:
             check_port_free("--metrics-addr", s.metrics_addr)
+        # after every check that refuses the start (exit 2 is one line and nothing else)
+        for warning in [*bus_auth_warnings(s), *insecure_plaintext_warnings(s)]:
+            log.warning("%s", warning)
         return http_tls, metrics_tls, binary
 
     async def _start_nats(self, binary: Path) -> None:

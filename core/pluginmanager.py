@@ -21,6 +21,7 @@ import difflib
 import importlib.metadata
 import inspect
 import logging
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -52,6 +53,10 @@ BUILTIN_PLUGIN_FLAGS: Mapping[str, str] = {
     "--blob-max-uploads": "blobstore",
     "--blob-max-downloads": "blobstore",
 }
+
+#: The built-in plugins' modules (their entry points in the project's own pyproject).
+BUILTIN_MODULES = frozenset(f"{__package__}.plugins.{n}" for n in ("nats_monitor", "auth_enforce", "route_tls",
+                                                                   "blobstore"))
 
 #: The name of the plugin whose hook implementation is running (None: the core).
 #: ``unibus.app.add_route`` reads it to place a plugin's routes under
@@ -194,7 +199,8 @@ class PluginManager:
         """Import and register each entry point neither blocked nor left out; a failing one is broken."""
         for name, ep in eps.items():
             if name in self.blocked:
-                self._blocked_eps[name] = ep
+                if name not in self._clashes:  # which of two to import for its flags: neither
+                    self._blocked_eps[name] = ep
                 continue
             if name in self.not_loaded:
                 continue
@@ -319,9 +325,21 @@ class PluginManager:
     def has(self, name: str) -> bool:
         return self._pm.has_plugin(name) and self._pm.get_plugin(name) is not None
 
+    def is_builtin(self, name: str) -> bool:
+        """The plugin registered as ``name`` is the built-in module ``unibus.plugins.<name>`` itself,
+        not another module registered under its name (an entry point of another distribution, a
+        ``--plugin`` module whose ``PLUGIN_NAME`` says so). The posture takes the facts a built-in
+        owns (``bus_auth: "enforce"``, ``acl: true``, mutual route TLS) only from it."""
+        module = sys.modules.get(f"{__package__}.plugins.{name}")
+        return module is not None and self.has(name) and self._pm.get_plugin(name) is module
+
     def why_not_loaded(self, name: str) -> str:
         """Why plugin ``name`` is not loaded, as words for an error message."""
         if self.has(name):
+            if f"{__package__}.plugins.{name}" in BUILTIN_MODULES and not self.is_builtin(name):
+                dist = self._dist.get(name, (None, None))[0] or "an unknown distribution"
+                return (f"loaded under that name is not the built-in module {__package__}.plugins.{name} "
+                        f"but one from {dist}")
             return "is loaded"
         if name in self.blocked:
             return f"is blocked by --disable-plugin {name}"

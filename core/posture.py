@@ -169,20 +169,56 @@ def posture_reports(settings: Settings, plugins: PluginManager) -> list[tuple[st
     return plugins.call_each("posture", settings=settings.for_plugins())
 
 
+def owned_reports(reports: Iterable[tuple[str, Any]], plugins: PluginManager,
+                  ignored: list[str] | None = None) -> list[tuple[str, Any]]:
+    """The reports with every claim that a fact holds taken out unless it comes from the built-in
+    plugin that owns the fact (:data:`FACT_OWNERS`, :meth:`PluginManager.is_builtin`): ``bus_auth:
+    "enforce"`` and ``acl: true`` from ``unibus.plugins.auth_enforce``, a secure ``routes`` listener
+    from ``unibus.plugins.route_tls``. Another plugin can still make a fact weaker, never hold.
+
+    A claim's name alone proved nothing: a plugin registered as ``auth_enforce`` from another
+    distribution or with ``--plugin``, or any plugin with the built-in left out
+    (``UNIBUS_LOAD_PLUGINS``), made an open bus read ``enforce+acl+tls`` (a review). ``ignored``
+    collects a line for each claim taken out."""
+    out = []
+    for name, report in reports:
+        if isinstance(report, Mapping):
+            kept = dict(report)
+            for fact in ("bus_auth", "acl"):
+                owner = FACT_OWNERS[fact]
+                if fact in kept and _holds(fact, kept[fact]) and not (name == owner and plugins.is_builtin(owner)):
+                    del kept[fact]
+                    if ignored is not None:
+                        ignored.append(f"plugin {name}: posture fact {fact}={report[fact]!r} ignored: only the "
+                                       f"built-in {owner} plugin reports it")
+            routes = kept.get("listeners")
+            owner = FACT_OWNERS["routes"]
+            if (isinstance(routes, Mapping) and routes.get("routes") in SECURE_STATES - {"none"}
+                    and not (name == owner and plugins.is_builtin(owner))):
+                kept["listeners"] = {k: v for k, v in routes.items() if k != "routes"}
+                if ignored is not None:
+                    ignored.append(f"plugin {name}: posture listener routes={routes['routes']!r} ignored: only the "
+                                   f"built-in {owner} plugin reports it")
+            report = kept
+        out.append((name, report))
+    return out
+
+
 def compute_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
-    return merge_posture((r for _, r in posture_reports(settings, plugins)), settings)
+    return merge_posture((r for _, r in owned_reports(posture_reports(settings, plugins), plugins)), settings)
 
 
 def require_reporters(settings: Settings, plugins: PluginManager, reports: Iterable[tuple[str, Any]]) -> None:
     """Refuse (exit 2) a flag that asks for a fact no loaded plugin reports.
 
-    ``--bus-auth enforce`` (the default) needs a plugin that reports
-    ``bus_auth``: without auth_enforce nothing would write the bus's
-    authorization and the bus would be open.
+    ``--bus-auth enforce`` (the default) needs the built-in auth_enforce, loaded
+    and reporting ``bus_auth``: without it nothing writes the bus's
+    authorization and the bus would be open. Another plugin that reports
+    ``bus_auth``, or one registered under auth_enforce's name, does not do.
     """
-    reported = {key for _, r in reports if isinstance(r, Mapping) for key in r}
-    if settings.bus_auth == "enforce" and "bus_auth" not in reported:
-        owner = FACT_OWNERS["bus_auth"]
+    owner = FACT_OWNERS["bus_auth"]
+    reported = any(name == owner and isinstance(r, Mapping) and "bus_auth" in r for name, r in reports)
+    if settings.bus_auth == "enforce" and not (reported and plugins.is_builtin(owner)):
         raise ConfigError(
             f"--bus-auth enforce: no loaded plugin enforces bus authorization (the {owner} plugin "
             f"{plugins.why_not_loaded(owner)}); the bus would be open. Install or enable {owner}, "
@@ -214,6 +250,10 @@ def startup_posture(settings: Settings, plugins: PluginManager) -> dict[str, Any
     reports = posture_reports(settings, plugins)
     warn_unknown_keys(reports)
     require_reporters(settings, plugins, reports)
+    ignored: list[str] = []
+    reports = owned_reports(reports, plugins, ignored)
+    for line in ignored:
+        log.warning("%s", line)
     return merge_posture((r for _, r in reports), settings)
 
 

@@ -90,6 +90,10 @@ def test_migrate_creates_a_private_db_and_is_idempotent(tmp_path):
         # an audit: enforcement asked for in so many words, on a server membershipd does not configure
         (["--nats-url", "nats://127.0.0.1:4222", "--bus-auth", "enforce"], "--bus-auth enforce: membershipd cannot"),
         (["--bus-auth=enforce", "--nats-url", "nats://127.0.0.1:4222"], "--nats-url"),
+        # a review: the open bus's warning, now the core's, came before the refusal's one line
+        (["--bus-auth", "off", "--nats-server-bin", "/nonexistent/nats-server"], "--nats-server-bin"),
+        (["--bus-auth", "off", "--insecure-plaintext", "--http-addr", "0.0.0.0:1",
+          "--nats-server-bin", "/nonexistent/nats-server"], "--nats-server-bin"),
     ],
 )
 def test_serve_refusals_exit_2(tmp_path, args, needle):

@@ -504,5 +504,26 @@ def test_a_second_distribution_declaring_a_plugins_name_is_refused_not_picked(tm
     assert "more than one distribution" in error and "unibus-shadow" in error and "unibus," in error, listed
     one_error_line(run_membershipd("posture", env=env), 2, "auth_enforce", "unibus-shadow",
                    "--disable-plugin auth_enforce")
-    off = run_membershipd("posture", "--bus-auth", "off", "--disable-plugin", "auth_enforce", env=env)
+    off = run_membershipd("posture", "--bus-auth", "off", "--disable-plugin", "auth_enforce", env=env, cwd=tmp_path)
     assert off.returncode == 1 and json.loads(off.stdout)["summary"] == "tls", off.stderr
+
+
+def test_a_stand_in_that_calls_itself_unibus_is_not_the_built_in(tmp_path):
+    """Adversary: a distribution whose metadata says ``Name: Unibus`` (one name with the real one,
+    so no clash is seen) declaring ``auth_enforce``: it loaded, and its posture was believed (a
+    review). It is not the module ``unibus.plugins.auth_enforce``, so ``--bus-auth enforce`` is
+    refused; blocking a clashed name imports neither distribution."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "unibus_test_standin.py").write_text(textwrap.dedent(SHADOW) + "print('STAND-IN IMPORTED')\n")
+    info = site / "standin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: Unibus\nVersion: 9.9\n")
+    (info / "entry_points.txt").write_text("[unibus]\nauth_enforce = unibus_test_standin\n")
+    env = {"PYTHONPATH": str(site)}  # first on sys.path (the cwd, with the checkout's egg-info, is not)
+    one_error_line(run_membershipd("posture", env=env, cwd=tmp_path), 2, "--bus-auth enforce",
+                   "not the built-in module unibus.plugins.auth_enforce")
+    # a clash (another name): blocked, neither is imported, and the open bus starts as asked
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: other-dist\nVersion: 9.9\n")
+    off = run_membershipd("posture", "--bus-auth", "off", "--disable-plugin", "auth_enforce", env=env, cwd=tmp_path)
+    assert off.returncode == 1 and "STAND-IN IMPORTED" not in off.stdout + off.stderr, (off.stdout, off.stderr)

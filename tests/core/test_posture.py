@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from unibus import hookimpl
 from unibus.daemon import compute_posture
 from unibus.errors import ConfigError
 from unibus.posture import cluster_gate, merge_posture, posture_summary, require_reporters, startup_posture
+from unibus.plugins import auth_enforce
 from unibus.settings import HostPort, Settings, is_loopback_host
 
 
@@ -32,14 +34,14 @@ LOOPBACK_ONLY = {"http": "loopback", "nats": "loopback", "routes": "none", "metr
 
 
 @pytest.mark.parametrize("bus_auth, acl, tls", list(itertools.product(BUS_AUTH, BOOL, BOOL)))
-def test_every_combination(unibus_plugin_manager, bus_auth, acl, tls):
-    plugins = []
+def test_every_combination(bus_auth, acl, tls):
+    """The merge of every combination of reports (as the built-in owners would make them)."""
+    reports = []
     if bus_auth is not None or acl is not None:
-        plugins.append(Reports(**{k: v for k, v in (("bus_auth", bus_auth), ("acl", acl)) if v is not None}))
+        reports.append({k: v for k, v in (("bus_auth", bus_auth), ("acl", acl)) if v is not None})
     if tls is not None:
-        plugins.append(Reports(tls=tls))
-    pm = unibus_plugin_manager(*plugins)
-    posture = compute_posture(Settings(), pm)
+        reports.append({"tls": tls})
+    posture = merge_posture(reports, Settings())
 
     assert posture["bus_auth"] == (bus_auth or "off")
     assert posture["acl"] is bool(acl)
@@ -64,7 +66,7 @@ def test_every_combination(unibus_plugin_manager, bus_auth, acl, tls):
 
 
 def test_weakest_report_wins(unibus_plugin_manager):
-    pm = unibus_plugin_manager(Reports(bus_auth="enforce", acl=True, tls=True), Reports(acl=False))
+    pm = unibus_plugin_manager(auth_enforce, Reports(tls=True), Reports(acl=False))
     assert compute_posture(Settings(), pm)["summary"] == "enforce+tls"
 
 
@@ -130,7 +132,7 @@ CLUSTERED = {"cluster_name": "c", "routes": ("nats://127.0.0.1:6250",)}
 
 
 def test_clustered_routes_without_a_reporter_are_plaintext_and_gated(unibus_plugin_manager):
-    pm = unibus_plugin_manager(Reports(bus_auth="enforce", acl=True))
+    pm = unibus_plugin_manager(auth_enforce)
     posture = compute_posture(Settings(**CLUSTERED), pm)
     assert posture["listeners"]["routes"] == "plaintext" and posture["tls"] is False
     with pytest.raises(ConfigError) as e:
@@ -138,20 +140,21 @@ def test_clustered_routes_without_a_reporter_are_plaintext_and_gated(unibus_plug
     assert "the routes listener is plaintext" in str(e.value) and "--route-tls-cert" in str(e.value)
 
 
-def test_clustered_routes_need_mutual_tls(unibus_plugin_manager):
-    enforced = Reports(bus_auth="enforce", acl=True)
-    mtls = compute_posture(Settings(**CLUSTERED), unibus_plugin_manager(enforced, Reports(listeners={"routes": "mtls"})))
+def test_clustered_routes_need_mutual_tls():
+    """As the built-in owners report them (route_tls's own checks: tests/plugins/route_tls)."""
+    enforced = {"bus_auth": "enforce", "acl": True}
+    mtls = merge_posture([enforced, {"listeners": {"routes": "mtls"}}], Settings(**CLUSTERED))
     assert mtls["listeners"]["routes"] == "mtls" and mtls["summary"] == "enforce+acl+tls"
     cluster_gate(mtls, clustered=True)
-    one_way = compute_posture(Settings(**CLUSTERED), unibus_plugin_manager(enforced, Reports(listeners={"routes": "tls"})))
+    one_way = merge_posture([enforced, {"listeners": {"routes": "tls"}}], Settings(**CLUSTERED))
     assert one_way["tls"] is False
     with pytest.raises(ConfigError, match="routes listener is tls, not mutual TLS"):
         cluster_gate(one_way, clustered=True)
 
 
-def test_exposed_http_is_named_by_the_gate(unibus_plugin_manager):
-    pm = unibus_plugin_manager(Reports(bus_auth="enforce", acl=True), Reports(listeners={"routes": "mtls"}))
-    posture = compute_posture(Settings(http_addr=EXPOSED, insecure_plaintext=True, **CLUSTERED), pm)
+def test_exposed_http_is_named_by_the_gate():
+    posture = merge_posture([{"bus_auth": "enforce", "acl": True}, {"listeners": {"routes": "mtls"}}],
+                            Settings(http_addr=EXPOSED, insecure_plaintext=True, **CLUSTERED))
     with pytest.raises(ConfigError) as e:
         cluster_gate(posture, clustered=True)
     msg = str(e.value)
@@ -175,7 +178,7 @@ def test_a_plugin_s_own_listener_outside_the_table_still_counts_for_tls(unibus_p
 
     caplog.set_level(logging.WARNING, logger="unibus.posture")
     own = Reports(listeners={"badhealth": "plaintext"}, bogus=1)
-    pm = unibus_plugin_manager(own, Reports(bus_auth="enforce", acl=True))
+    pm = unibus_plugin_manager(own, auth_enforce)
     posture = startup_posture(Settings(), pm)
     assert posture["tls"] is False and "badhealth" not in posture["listeners"]
     assert "posture key 'bogus' is not a posture fact" in caplog.text
@@ -200,7 +203,9 @@ def test_enforce_needs_a_plugin_that_reports_bus_auth(unibus_plugin_manager):
         startup_posture(Settings(bus_auth="enforce"), pm)
     assert e.value.exit_code == 2 and "auth_enforce" in str(e.value) and "--bus-auth" in str(e.value)
     assert startup_posture(Settings(bus_auth="off"), pm)["bus_auth"] == "off"
-    require_reporters(Settings(), unibus_plugin_manager(Reports(bus_auth="off")), [("x", {"bus_auth": "off"})])
+    pm = unibus_plugin_manager(auth_enforce)
+    require_reporters(Settings(), pm, [("auth_enforce", {"bus_auth": "enforce"})])
+    assert startup_posture(Settings(), pm)["summary"] == "enforce+acl+tls"
 
 
 def test_an_open_bus_reads_open_whatever_a_plugin_claims(unibus_plugin_manager):
@@ -209,16 +214,16 @@ def test_an_open_bus_reads_open_whatever_a_plugin_claims(unibus_plugin_manager):
     cluster node passed the gate with no authorization in nats.conf (a black-box test of the
     contract). ``--bus-auth`` and ``--nats-url`` are the core's flags: the core reports them."""
     liar = Reports(bus_auth="enforce", acl=True, tls=True)
-    for settings in (Settings(bus_auth="off"), Settings(nats_url="nats://127.0.0.1:4222")):
-        posture = startup_posture(settings, unibus_plugin_manager(liar))
+    for settings, plugins in ((Settings(bus_auth="off"), [liar]),
+                              (Settings(nats_url="nats://127.0.0.1:4222"), [liar, auth_enforce])):
+        posture = startup_posture(settings, unibus_plugin_manager(*plugins))
         assert (posture["bus_auth"], posture["acl"], posture["summary"]) == ("off", False, "tls")
     clustered = Settings(bus_auth="off", cluster_name="c1", routes=("nats://127.0.0.2:6250",))
     with pytest.raises(ConfigError) as e:
         cluster_gate(merge_posture([{**liar.facts, "listeners": {"routes": "mtls"}}], clustered), clustered.clustered)
     assert e.value.exit_code == 2 and "bus_auth" in str(e.value) and "acl is false" in str(e.value)
     # the same plugin beside auth_enforce on an enforcing node changes nothing
-    assert startup_posture(Settings(), unibus_plugin_manager(liar, Reports(bus_auth="enforce", acl=True)))[
-        "summary"] == "enforce+acl+tls"
+    assert startup_posture(Settings(), unibus_plugin_manager(liar, auth_enforce))["summary"] == "enforce+acl+tls"
 
 
 CLAIMS_ENFORCE = {"claims_enforce": '''
@@ -236,8 +241,6 @@ def test_a_blocked_auth_enforce_leaves_the_posture_off_and_the_warning_on(tmp_pa
     """``membershipd posture`` and ``serve`` with auth_enforce blocked and a plugin claiming its facts:
     the posture says off (exit 1), and the start still warns that the bus is open (the warning
     lived in auth_enforce, so blocking it silenced the most open setup there is)."""
-    import json
-
     from helpers import plugin_modules
 
     from unibus.testing import MembershipdProcess, run_membershipd
@@ -254,6 +257,47 @@ def test_a_blocked_auth_enforce_leaves_the_posture_off_and_the_warning_on(tmp_pa
         assert "--bus-auth off: the bus is open to any client that reaches the NATS port" in daemon.log_text()
     finally:
         daemon.stop()
+
+
+IMPERSONATES = {"impersonates": '''
+    from unibus import hookimpl
+
+    PLUGIN_NAME = "auth_enforce"
+
+    @hookimpl
+    def posture(settings):
+        return {"bus_auth": "enforce", "acl": True, "tls": True, "listeners": {"routes": "mtls"}}
+'''}
+
+
+@pytest.mark.parametrize("module, load", [("claims_enforce", "route_tls"), ("impersonates", "")],
+                         ids=["auth_enforce-left-out", "registered-under-its-name"])
+def test_only_the_built_in_auth_enforce_vouches_for_the_bus(tmp_path, module, load):
+    """Adversary: a plugin that claims auth_enforce's facts while the built-in is left out
+    (``UNIBUS_LOAD_PLUGINS``), or registers under its name (``PLUGIN_NAME``). Either made the
+    default ``--bus-auth enforce`` read ``enforce+acl+tls`` with no authorization in nats.conf (a
+    review): the name of a reporter proved nothing. The start is refused, naming auth_enforce."""
+    from helpers import one_error_line, plugin_modules
+
+    from unibus.testing import run_membershipd
+
+    env = {**plugin_modules(tmp_path, {**CLAIMS_ENFORCE, **IMPERSONATES}), "UNIBUS_LOAD_PLUGINS": load}
+    for command in ("posture", "serve"):
+        proc = run_membershipd(command, "--data-dir", str(tmp_path / command), "--plugin", module, env=env)
+        line = one_error_line(proc, 2, "--bus-auth enforce", "auth_enforce")
+        if module == "impersonates":
+            assert "not the built-in module unibus.plugins.auth_enforce" in line
+        assert not (tmp_path / command).exists()
+    # with the open bus asked for, the claims count for nothing (routes included), and a warning says so
+    clustered = ["--cluster-name", "c1", "--routes", "nats://127.0.0.2:6250", "--cluster-pass-file",
+                 str(tmp_path / "pass")]
+    (tmp_path / "pass").write_text("a-route-password-long-enough\n")
+    (tmp_path / "pass").chmod(0o600)
+    proc = run_membershipd("posture", "--plugin", module, "--bus-auth", "off", *clustered, env=env)
+    posture = json.loads(proc.stdout)
+    assert proc.returncode == 1 and posture["summary"] == "open" and posture["listeners"]["routes"] == "plaintext", \
+        (proc.stdout, proc.stderr)
+    assert "posture fact bus_auth='enforce' ignored: only the built-in auth_enforce plugin reports it" in proc.stderr
 
 
 def test_a_plaintext_nats_url_to_another_host_is_not_called_tls(tmp_path):
