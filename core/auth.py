@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -71,6 +72,9 @@ NONCE_STREAM = f"KV_{NONCE_BUCKET}"
 NONCE_PREFIX = f"$KV.{NONCE_BUCKET}."
 #: The key of each incarnation of the nonce bucket: ``{floor, at, id, node}``.
 EPOCH_KEY = "_epoch"
+#: Keys ``_health.<id>`` are the health probe's writes (:meth:`NonceStore.available`). Keys of
+#: claims start with a handle, which starts with a letter: ``_`` keys are never a claim.
+HEALTH_KEY = "_health"
 #: Written only if absent, and kept past the bucket's max age: it goes only with the bucket's contents.
 EPOCH_HEADERS = {"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": "never"}
 #: The nonce bucket's storage (docs/operations.md, "Durability"): memory, so that a
@@ -309,6 +313,8 @@ class NonceStore:
         # Claims go over their own lean connection (see unibus.pubacks); the
         # bucket's management stays on the bus's nats-py client.
         self.acks = bus.pub_ack_client(name=f"{bus.name}-nonces", timeout=timeout)
+        # the health probe's own key: one per process, expiring with the bucket's max age
+        self._health_subject = f"{NONCE_PREFIX}{HEALTH_KEY}.{secrets.token_hex(8)}"
 
     def bucket_config(self) -> KeyValueConfig:
         return KeyValueConfig(bucket=NONCE_BUCKET, history=1, ttl=float(self.ttl), replicas=self.replicas,
@@ -411,7 +417,7 @@ class NonceStore:
                 meta = msg.metadata
                 key = msg.subject[len(NONCE_PREFIX):]
                 left = math.ceil(self.ttl - (now - meta.timestamp.timestamp()))
-                if key != EPOCH_KEY and left > 0 and (msg.headers or {}).get("KV-Operation") is None:
+                if not key.startswith("_") and left > 0 and (msg.headers or {}).get("KV-Operation") is None:
                     out.append((key, left))
                 if meta.num_pending == 0:
                     return out
@@ -653,14 +659,19 @@ class NonceStore:
         await self.acks.close()
 
     async def available(self, timeout: float = 1.0) -> bool:
-        """Claims can be made: the epoch is known, the claim connection is up and the bucket's stream answers."""
+        """Claims can be made: the epoch is known, the claim connection is up, and a write to the
+        bucket is acknowledged (this node's own key :data:`HEALTH_KEY`, written as a claim is).
+
+        A write, not the stream's info: on a cluster that lost its quorum a replica still answers
+        the info of a stream without a leader, and ``/healthz`` said ``ok`` while every signed
+        request was refused 503 (a black-box test of the contract)."""
         if self.bus.js is None or not self.bus.connected or not self.acks.connected or self.floor is None:
             return False
         try:
-            await within(self.bus.js.stream_info(NONCE_STREAM), timeout)
-            return True
+            status, data = await within(self.acks.request(self._health_subject, b"", b"1"), timeout)
         except Exception:
             return False
+        return status == 0 and data.startswith(b'{"stream":')
 
     async def claim(self, handle: str, nonce: str) -> bool:
         """True if this is the first use of ``nonce`` by ``handle``; False for a replay.

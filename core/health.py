@@ -9,8 +9,8 @@ describe the answer. ``/healthz`` must answer at once whatever NATS is doing
   bus's disconnect/reconnect callbacks wake the prober);
 * the supervisor's view of its child (running, restarts);
 * the results of :class:`HealthProber`, which every :data:`PROBE_INTERVAL`
-  seconds asks, each within :data:`PROBE_TIMEOUT`: does the nonce bucket's
-  stream answer, does the store answer (a cluster's state bucket has a
+  seconds asks, each within :data:`PROBE_TIMEOUT`: is a write to the nonce
+  bucket acknowledged, does the store answer (a cluster's state bucket has a
   leader), and how many route peers the node has.
 
 A result older than :data:`STALE_AFTER` counts as a failure: a prober that

@@ -399,13 +399,14 @@ class KvBucket(Store):
             log.info("KV bucket %s updated: %s", self.bucket, ", ".join(changed))
 
     async def available(self) -> bool:
-        """The state bucket's stream answers within ``timeout`` (it has a leader)."""
+        """The state bucket's stream answers within ``timeout`` and has a leader (a replica answers
+        the info of a stream that lost its quorum, with no leader named)."""
         try:
             self._check_connected()
-            await within(self.js.stream_info(self.stream), min(self.timeout, 1.0))
-            return True
+            info = await within(self.js.stream_info(self.stream), min(self.timeout, 1.0))
         except Exception:
             return False
+        return info.cluster is None or bool(info.cluster.leader)
 
     async def status(self) -> dict[str, Any]:
         """The bucket's stream: replicas, messages, atomic batches, leader."""

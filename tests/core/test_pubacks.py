@@ -281,7 +281,7 @@ async def test_nonce_store_claims_over_the_lean_connection(nats_server):
         assert await store.claim("bob", nonce) is True  # per handle
         assert (store.claims, store.replays) == (2, 1)
         info = await bus.js.stream_info(f"KV_{NONCE_BUCKET}")
-        assert info.state.messages == 3  # the two nonces and the bucket's _epoch
+        assert info.state.messages == 4  # the two nonces, the bucket's _epoch and available()'s own key
         await store.close()
         assert not await store.available()
         with pytest.raises(NonceStoreUnavailable, match="not connected"):

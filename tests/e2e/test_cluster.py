@@ -37,6 +37,11 @@ def cluster(tmp_path):
         c.stop()
 
 
+async def _degraded(node: MembershipdProcess) -> bool:
+    status, body = node.healthz()
+    return status == 503 and body["status"] == "degraded" and body["nats"]["jetstream"] is False
+
+
 async def test_cluster_forms_fails_over_and_fails_closed(cluster):
     alice = cluster.identity
     # formed: every node enforce+acl+tls, routed to both peers, R3 nonce bucket
@@ -101,6 +106,9 @@ async def test_cluster_forms_fails_over_and_fails_closed(cluster):
         with pytest.raises(ApiError) as e:
             await client.me()
     assert e.value.status == 503
+    # and /healthz says so: a replica still answered the stream's info without a leader, and it
+    # said "ok" while every signed request was refused (a black-box test of the contract)
+    assert await eventually(lambda: _degraded(cluster.nodes[2]), 15)
 
     # back: state converges, nothing written before is lost
     cluster.restart(0)
