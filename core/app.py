@@ -29,7 +29,7 @@ from .metrics import CLIENT_GONE, Metrics, route_label
 from .openapi import JSON, OpenAPI, Response, ResponseSpec
 from .pluginmanager import PluginManager, current_plugin
 from .pluginstate import Stash, plugin_name, state_dir_of
-from .posture import LISTENER_STATES, LISTENERS, merge_posture
+from .posture import LISTENER_STATES, LISTENERS, merge_posture, owned_reports
 from .httperrors import parser_refusal, parser_refused, unreadable_body
 from .problems import INTERNAL_ERROR_DETAIL, Problem, from_problem, problem_response
 from .settings import Settings, insecure_plaintext_warnings
@@ -491,7 +491,7 @@ def add_schema(app: web.Application, name: str, schema: dict[str, Any]) -> dict[
 def current_posture(app: web.Application) -> dict[str, Any]:
     """The posture of the running node. A ``posture`` hook that fails now is logged, counted
     and left out, so its facts count as not holding (fail closed), and /healthz still answers."""
-    reports = app[PLUGINS].call_each_safe("posture", settings=app[SETTINGS])
+    reports = owned_reports(app[PLUGINS].call_each_safe("posture", settings=app[SETTINGS]), app[PLUGINS])
     return merge_posture((r for _, r in reports), app[SETTINGS])
 
 

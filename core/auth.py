@@ -35,6 +35,7 @@ import collections
 import contextlib
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -72,9 +73,12 @@ NONCE_STREAM = f"KV_{NONCE_BUCKET}"
 NONCE_PREFIX = f"$KV.{NONCE_BUCKET}."
 #: The key of each incarnation of the nonce bucket: ``{floor, at, id, node}``.
 EPOCH_KEY = "_epoch"
-#: Keys ``_health.<id>`` are the health probe's writes (:meth:`NonceStore.available`). Keys of
+#: Keys ``_health.<id>.<n>`` are the health probe's claims (:meth:`NonceStore.available`). Keys of
 #: claims start with a handle, which starts with a letter: ``_`` keys are never a claim.
 HEALTH_KEY = "_health"
+#: The probe's claim is as large as the largest a request makes (a 32-character handle, a
+#: 64-character nonce) or larger, so a bucket that cannot take a claim cannot take it either.
+HEALTH_PAYLOAD = b"1" * 128
 #: Written only if absent, and kept past the bucket's max age: it goes only with the bucket's contents.
 EPOCH_HEADERS = {"Nats-Expected-Last-Subject-Sequence": "0", "Nats-TTL": "never"}
 #: The nonce bucket's storage (docs/operations.md, "Durability"): memory, so that a
@@ -315,6 +319,7 @@ class NonceStore:
         self.acks = bus.pub_ack_client(name=f"{bus.name}-nonces", timeout=timeout)
         # the health probe's own key: one per process, expiring with the bucket's max age
         self._health_subject = f"{NONCE_PREFIX}{HEALTH_KEY}.{secrets.token_hex(8)}"
+        self._health_seq = itertools.count()
 
     def bucket_config(self) -> KeyValueConfig:
         return KeyValueConfig(bucket=NONCE_BUCKET, history=1, ttl=float(self.ttl), replicas=self.replicas,
@@ -659,16 +664,22 @@ class NonceStore:
         await self.acks.close()
 
     async def available(self, timeout: float = 1.0) -> bool:
-        """Claims can be made: the epoch is known, the claim connection is up, and a write to the
-        bucket is acknowledged (this node's own key :data:`HEALTH_KEY`, written as a claim is).
+        """Claims can be made: the epoch is known, the claim connection is up, and a claim is
+        acknowledged: a new key ``_health.<id>.<n>`` of this process's, with the claim's own
+        header, as a request's nonce is claimed.
 
-        A write, not the stream's info: on a cluster that lost its quorum a replica still answers
+        A claim, not the stream's info: on a cluster that lost its quorum a replica still answers
         the info of a stream without a leader, and ``/healthz`` said ``ok`` while every signed
-        request was refused 503 (a black-box test of the contract)."""
+        request was refused 503 (a black-box test of the contract). And a new key each time: an
+        overwrite of one key is accepted by a bucket that is full, whose claims are all refused
+        (a review), and as large as any claim, so a nearly full bucket is not taken for a free one.
+        At one a second, each node keeps about 2 × skew such keys (about 250 bytes each) until
+        they expire with the others."""
         if self.bus.js is None or not self.bus.connected or not self.acks.connected or self.floor is None:
             return False
+        subject = f"{self._health_subject}.{next(self._health_seq)}"
         try:
-            status, data = await within(self.acks.request(self._health_subject, b"", b"1"), timeout)
+            status, data = await within(self.acks.request(subject, CLAIM_HEADERS, HEALTH_PAYLOAD), timeout)
         except Exception:
             return False
         return status == 0 and data.startswith(b'{"stream":')
