@@ -129,10 +129,18 @@ async def sys_request(w: World, subject: str, payload: dict[str, Any] | None = N
 
 
 async def streams(w: World) -> dict[str, int]:
-    """Every stream of UNIBUS with its message count, read with the service user."""
+    """Every stream of UNIBUS with its message count, read with the service user; the health
+    probe's own claims in the nonce bucket (one a second, ``unibus.auth.HEALTH_KEY``) left out."""
+    from unibus.auth import HEALTH_KEY, NONCE_PREFIX
+
     async with Conn(w.daemon.nats_url, w.service_seed) as svc:
         js = svc.nc.jetstream(timeout=5)
-        return {s.config.name: s.state.messages for s in await js.streams_info()}
+        out = {}
+        for s in await js.streams_info():
+            info = await js.stream_info(s.config.name, subjects_filter=">")  # one reading: counts by subject
+            out[s.config.name] = sum(n for subject, n in (info.state.subjects or {}).items()
+                                     if not subject.startswith(f"{NONCE_PREFIX}{HEALTH_KEY}."))
+        return out
 
 
 # -- the configuration ---------------------------------------------------------------
