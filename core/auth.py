@@ -297,6 +297,10 @@ class NonceStore:
         self.claims = 0
         self.replays = 0
         self.failures = 0
+        #: The last claim (a request's or the health probe's) failed: /healthz is degraded until one
+        #: succeeds, not only from the probe's next reading (a signed request answered 503 while
+        #: /healthz still said ok; a black-box test of the contract).
+        self.failing = False
         #: Requests refused because they were created at or before the floor.
         self.floor_refusals = 0
         #: Losses of the bucket this node noticed (a new ``_epoch`` adopted).
@@ -681,8 +685,10 @@ class NonceStore:
         try:
             status, data = await within(self.acks.request(subject, CLAIM_HEADERS, HEALTH_PAYLOAD), timeout)
         except Exception:
+            self.failing = True
             return False
-        return status == 0 and data.startswith(b'{"stream":')
+        self.failing = not (status == 0 and data.startswith(b'{"stream":'))
+        return not self.failing
 
     async def claim(self, handle: str, nonce: str) -> bool:
         """True if this is the first use of ``nonce`` by ``handle``; False for a replay.
@@ -699,12 +705,14 @@ class NonceStore:
             status, data = await self.acks.request(f"{NONCE_PREFIX}{handle}.{nonce}", CLAIM_HEADERS, b"1")
         except PubAckUnavailable as e:
             self.failures += 1
+            self.failing = True
             raise NonceStoreUnavailable(f"nonce bucket unavailable: {e}") from None
         if status == 0 and data.startswith(b'{"stream":'):
             if self._epoch_raw != epoch:
                 # a new epoch adopted while the claim was out: it may have landed in the new bucket,
                 # under a floor this request was never checked against (a review); fail closed
                 self.failures += 1
+                self.failing = True
                 raise NonceStoreUnavailable("the nonce bucket's epoch changed during the claim; sign the request "
                                             "again")
             seq = _ack_seq(data)
@@ -713,9 +721,11 @@ class NonceStore:
             else:
                 await self._same_epoch()
             self.claims += 1
+            self.failing = False
             return True
         if status == 503:
             self.failures += 1
+            self.failing = True
             raise NonceStoreUnavailable("nonce bucket unavailable: no responders (no stream leader, or no bucket)")
         try:
             error = json.loads(data).get("error") or {}
@@ -723,8 +733,10 @@ class NonceStore:
             error = {}
         if error.get("err_code") == WRONG_LAST_SEQUENCE:
             self.replays += 1
+            self.failing = False
             return False
         self.failures += 1
+        self.failing = True
         raise NonceStoreUnavailable(f"JetStream refused the nonce write: {error.get('description') or data[:200]!r}")
 
     async def _same_epoch(self) -> None:

@@ -8,6 +8,8 @@ describe the answer. ``/healthz`` must answer at once whatever NATS is doing
 * the NATS connection's state, which nats-py keeps from the socket (and the
   bus's disconnect/reconnect callbacks wake the prober);
 * the supervisor's view of its child (running, restarts);
+* whether the nonce store's last claim failed (``NonceStore.failing``: a
+  request's claim counts at once, not from the next probe);
 * the results of :class:`HealthProber`, which every :data:`PROBE_INTERVAL`
   seconds asks, each within :data:`PROBE_TIMEOUT`: is a write to the nonce
   bucket acknowledged, does the store answer (a cluster's state bucket has a
@@ -86,7 +88,9 @@ class HealthProber:
     def state(self) -> HealthState:
         connected = bool(self.bus is not None and self.bus.connected)
         fresh = self.fresh()
-        jetstream = connected and fresh and self.jetstream and self.store_ok
+        # a claim that failed since the last probe counts at once (NonceStore.failing)
+        jetstream = (connected and fresh and self.jetstream and self.store_ok
+                     and not getattr(self.nonces, "failing", False))
         running = self.supervisor is None or bool(self.supervisor.running)
         routes = (self.routes or 0) if self.clustered else None
         return HealthState(ok=connected and jetstream and running, connected=connected, jetstream=jetstream,

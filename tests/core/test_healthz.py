@@ -248,3 +248,32 @@ def test_fields_json_cannot_hold_are_left_out_not_a_500(tmp_path):
         assert hook_errors[("careless", "healthz_fields")] >= 1 and hook_errors[("nan", "healthz_fields")] >= 1
     finally:
         served.stop()
+
+
+async def test_a_failed_claim_makes_healthz_degraded_at_once(nats_server):
+    """A signed request was answered 503 (its nonce claim failed) while /healthz still said ok from
+    the probe of a moment before (a black-box test of the contract, on a cluster that had just lost
+    its quorum). The last claim's failure counts at once, until a claim succeeds again."""
+    from unibus.auth import NonceStoreUnavailable
+    from unibus.signing import make_nonce
+
+    bus = Bus(nats_server.url)
+    await bus.connect()
+    nonces = NonceStore(bus, skew=60, replicas=1, timeout=1.0, max_bytes=8192)
+    try:
+        await nonces.ensure()
+        await nonces.start()
+        prober = HealthProber(bus, nonces=nonces)
+        assert (await prober.probe_once()).ok
+        for _ in range(1000):  # until the bucket is full
+            try:
+                await nonces.claim("alice", make_nonce())
+            except NonceStoreUnavailable:
+                break
+        else:
+            pytest.fail("an 8 KiB bucket took 1,000 claims")
+        assert not prober.state().ok  # no probe since: the claim's failure is enough
+        assert not (await prober.probe_once()).ok  # and the probe agrees: the bucket is full
+    finally:
+        await nonces.close()
+        await bus.close()
