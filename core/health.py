@@ -11,8 +11,8 @@ describe the answer. ``/healthz`` must answer at once whatever NATS is doing
 * whether the nonce store's last claim failed (``NonceStore.failing``: a
   request's claim counts at once, not from the next probe);
 * the results of :class:`HealthProber`, which every :data:`PROBE_INTERVAL`
-  seconds asks, each within :data:`PROBE_TIMEOUT`: is a write to the nonce
-  bucket acknowledged, does the store answer (a cluster's state bucket has a
+  seconds asks, each within :data:`PROBE_TIMEOUT`: is a claim of the nonce
+  store's own acknowledged, does the store answer (a cluster's state bucket has a
   leader), and how many route peers the node has.
 
 A result older than :data:`STALE_AFTER` counts as a failure: a prober that

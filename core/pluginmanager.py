@@ -549,8 +549,9 @@ def _entry_points(group: str) -> tuple[dict[str, importlib.metadata.EntryPoint],
 
     A name declared twice was taken from whichever distribution came last on ``sys.path``, without a
     word: a third-party ``auth_enforce`` could stand in for the built-in one (a black-box test of the
-    contract). Such a plugin is broken, naming both. The same distribution found twice (an editable
-    install's metadata seen from two path entries) is one declaration."""
+    contract). Such a plugin is broken, naming both. Declarations under one distribution name are
+    one to this check; the facts the built-ins own are taken only from their own modules
+    (:meth:`PluginManager.is_builtin`), whatever a distribution calls itself."""
     eps: dict[str, importlib.metadata.EntryPoint] = {}
     clashes: dict[str, list[str]] = {}
     for ep in sorted(importlib.metadata.entry_points(group=group), key=lambda ep: ep.name):

@@ -83,7 +83,7 @@ def core_facts(settings: Settings) -> dict[str, Any]:
     and blocking auth_enforce is accepted with ``--bus-auth off``: another plugin's ``posture`` must
     not make that open bus read ``enforce+acl`` (and pass the cluster gate)."""
     if settings.bus_auth == "enforce" and settings.embedded:
-        return {}  # auth_enforce reports it; nobody reporting it is refused (require_reporters)
+        return {}  # the built-in auth_enforce reports it; without it the start is refused (require_reporters)
     return {"bus_auth": "off", "acl": False}
 
 
