@@ -89,6 +89,19 @@ def plugin_modules(directory: Path, modules: Mapping[str, str]) -> dict[str, str
     return {"PYTHONPATH": str(directory)}
 
 
+async def fill_nonce_bucket(store: Any, limit: int = 1000) -> None:
+    """Claim new nonces until ``store`` (a small ``NonceStore``) refuses one: its bucket is full."""
+    from unibus.auth import NonceStoreUnavailable
+    from unibus.signing import make_nonce
+
+    for _ in range(limit):
+        try:
+            await store.claim("alice", make_nonce())
+        except NonceStoreUnavailable:
+            return
+    raise AssertionError(f"the nonce bucket took {limit} claims")
+
+
 def wait_gone(pid: int, timeout: float = 10.0) -> None:
     """Until process ``pid`` has exited (a zombie counts: its parent has not reaped it yet)."""
     deadline = time.monotonic() + timeout
