@@ -94,8 +94,17 @@ def _enforcer(bus: Bus, node: str, clustered: bool = True) -> Enforcer:
 
 
 async def _close(nc) -> None:
-    """Close a test client that a kick may have left reconnecting: nats-py's close then can
-    raise a CancelledError that cancelled no one (unibus.aio.own_cancel_only; a CI run)."""
+    """Close a test client that a kick may have left reconnecting.
+
+    A reconnect under way is given up to 3 s to end first: nats-py's close cancels it, and a
+    cancellation its reconnect loop loses (Python 3.11's ``wait_for``) left the loop trying
+    the stopped servers for its 300 x 0.1 s after the test, which the event loop's teardown
+    waited for (30 s for one test in each full run). The close itself can still raise a
+    CancelledError that cancelled no one (unibus.aio.own_cancel_only; a CI run)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 3
+    while nc.is_reconnecting and loop.time() < deadline:
+        await asyncio.sleep(0.05)
     with contextlib.suppress(ForeignCancel):
         await own_cancel_only(nc.close())
 
@@ -314,7 +323,7 @@ async def test_a_nats_server_restart_leaves_a_stale_connection_that_blocks_every
         first_cid = bob._client_id
         await e.enforce({"bob"}, set(), ["r1"])
         assert e.pending == {}
-        await _until(_async(lambda: bob._client_id != first_cid), "bob was not kicked")
+        await _until(_async(lambda: bob._client_id != first_cid and bob.is_connected), "bob was not kicked")
     finally:
         if bob is not None:
             await _close(bob)
@@ -369,7 +378,7 @@ async def test_a_peer_nats_server_restart_leaves_stale_connections_on_the_other_
         await enforcers["A"].enforce({"bob"}, set(), ["r1"])
         assert enforcers["A"].pending == {}
         assert not {c for c in enforcers["A"].connections.get("bob", ()) if c[0] == old_b}
-        await _until(_async(lambda: bob._client_id != first_cid), "bob was not kicked")
+        await _until(_async(lambda: bob._client_id != first_cid and bob.is_connected), "bob was not kicked")
     finally:
         if bob is not None:
             await _close(bob)
