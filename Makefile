@@ -8,9 +8,9 @@ EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
 # Three workers, a test file each at a time (module fixtures stay together), the
 # longest files first (LONGEST_FIRST in tests/conftest.py; --no-loadscope-reorder keeps
 # that order, which pytest-xdist 3.8 would replace with the files' test counts). Most
-# tests wait on daemons and clusters: on 2 cores three workers took pytest from 9:05
-# to 6:14-7:06 here, leaving about a third of the CPU idle (README.md).
-PYTEST_ARGS ?= -n 3 --dist loadfile --no-loadscope-reorder
+# tests wait on daemons and clusters: on 2 cores four workers took pytest from 9:41
+# with three to 8:22-8:31 here (README.md).
+PYTEST_ARGS ?= -n 4 --dist loadfile --no-loadscope-reorder
 DATA_DIR ?= ./local_files
 
 .PHONY: install run test test-fast test-example wheel-check bench bench-clean lint readme clean
