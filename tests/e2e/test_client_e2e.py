@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -157,12 +158,26 @@ class Listener:
             self.proc.wait(5)
 
 
+@pytest.fixture(scope="module")
+def made_keys(tmp_path_factory) -> dict[str, Member]:
+    """alice, bob (MLKEM768_X25519) and carol (X25519), made once by ``unibus keygen``."""
+    where = tmp_path_factory.mktemp("keys")
+    return {"alice": keygen(where, "alice"), "bob": keygen(where, "bob", "MLKEM768_X25519"),
+            "carol": keygen(where, "carol")}
+
+
+def fresh_copy(member: Member, tmp_path: Path) -> Member:
+    """The identity file alone, in this test's directory: no replica, seen ids or state of another test's."""
+    path = tmp_path / "ids" / member.path.name
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    shutil.copy2(member.path, path)  # keeps its 0600
+    return Member(member.handle, path, member.operator_line)
+
+
 @pytest.fixture
-def world(tmp_path, membershipd_factory):
+def world(tmp_path, membershipd_factory, made_keys):
     """alice (admin, bootstrapped offline), bob (MLKEM768_X25519) and carol (X25519) identities, a daemon."""
-    alice = keygen(tmp_path, "alice")
-    bob = keygen(tmp_path, "bob", "MLKEM768_X25519")
-    carol = keygen(tmp_path, "carol")
+    alice, bob, carol = (fresh_copy(made_keys[h], tmp_path) for h in ("alice", "bob", "carol"))
     data_dir = tmp_path / "data"
     flags = alice.key_flags
     flags[flags.index("--role") + 1] = "admin"
