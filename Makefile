@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 EXAMPLE_VENV ?= .venv-example
 EXAMPLE_STAMP := $(EXAMPLE_VENV)/.installed-stamp
-# Three workers, a test file each at a time (module fixtures stay together), the
+# Four workers, a test file each at a time (module fixtures stay together), the
 # longest files first (LONGEST_FIRST in tests/conftest.py; --no-loadscope-reorder keeps
 # that order, which pytest-xdist 3.8 would replace with the files' test counts). Most
 # tests wait on daemons and clusters: on 2 cores four workers took pytest from 9:41
