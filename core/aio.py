@@ -107,6 +107,39 @@ async def cancel_and_wait(task: asyncio.Future[object], timeout: float | None = 
             return False
 
 
+async def close_nats(nc: Any, timeout: float = 3.0) -> bool:
+    """Close a nats-py client so that it stays closed, even in the middle of a reconnect.
+
+    nats-py 2.16's ``close()`` cancels a reconnect under way and waits for it at most
+    ``reconnect_time_wait``. A reconnect that loses that cancellation (an
+    ``asyncio.wait_for`` of nats-py's whose wait ends as it is cancelled) goes on after the
+    close: closed at random moments of reconnects through a proxy to a server that stayed
+    up, 2 clients in 1,400 were connected again on a new socket once ``close()`` had
+    returned, their reconnect loops alive to try again whenever that socket went (and none of
+    1,200 closed by this function; bench/probe_close_during_reconnect.py). Here the reconnect task is cancelled until it
+    has ended (:func:`cancel_and_wait`), and a client it brought back is closed again.
+
+    At most ``timeout`` seconds; True once the client is closed with no reconnect running.
+    A ``CancelledError`` of nats-py's own is not raised (:func:`own_cancel_only`); a
+    cancellation of the caller is.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    for _ in range(3):
+        try:
+            await within(own_cancel_only(nc.close()), max(0.1, deadline - loop.time()))
+        except (ForeignCancel, TimeoutError):
+            pass
+        task = getattr(nc, "_reconnection_task", None)  # nats-py's; None before any reconnect
+        if task is not None and not task.done():
+            await cancel_and_wait(task, max(0.1, deadline - loop.time()))
+        if nc.is_closed and (task is None or task.done()):
+            return True
+        if loop.time() >= deadline:
+            break
+    return False
+
+
 def retrieve_exception(fut: asyncio.Future[Any]) -> None:
     """Done-callback of a future that nobody may await any more: its exception, if any, counts as
     retrieved, where asyncio would log it as lost. Its failure is logged where it happens, or does

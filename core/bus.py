@@ -16,7 +16,7 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from .aio import own_cancel_only, within
+from .aio import close_nats, within
 from .errors import RuntimeFailure
 from .pubacks import PubAckClient
 from .settings import Secret, redact_url
@@ -335,4 +335,4 @@ class Bus:
         self._closing = True
         if self.nc is not None and not self.nc.is_closed:
             with contextlib.suppress(Exception):
-                await within(own_cancel_only(self.nc.close()), 3.0)  # ForeignCancel: closed during a reconnect
+                await close_nats(self.nc, 3.0)  # closed during a reconnect too (unibus.aio)

@@ -69,7 +69,7 @@ import nats
 from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
-from ..aio import cancel_and_wait, own_cancel_only, within
+from ..aio import cancel_and_wait, close_nats, own_cancel_only, within
 from ..memberlog import FIRST_USE_SNAPSHOT_PAIRS, HELD_BACK_MARGIN, LogError, LogState, logged_operation, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, make_nonce, parse_content_digest, sign_request
@@ -1788,13 +1788,11 @@ class Bus:
             why = reason or await self._refusal_reason()
             self._failure = self._closed_reason = why
             log.warning("bus: %s", why)
-            with contextlib.suppress(Exception):  # ForeignCancel too: closed during a reconnect (unibus.aio)
-                await own_cancel_only(nc.close())  # closed_cb ends every listener with the reason
-                if not nc.is_closed:
-                    # nats-py's reconnect loop can mark the connection "reconnecting" again while
-                    # close() awaits (seen once in CI): the connection is gone, but it does not say
-                    # closed. A second close() finds nothing left to stop, and says so.
-                    await own_cancel_only(nc.close())
+            # closed_cb ends every listener with the reason. nats-py's reconnect loop can mark the
+            # connection "reconnecting" again while close() awaits (seen once in CI), or connect
+            # again after it: close_nats closes until it stays closed (unibus.aio).
+            with contextlib.suppress(Exception):
+                await close_nats(nc)
 
         self._stopping = asyncio.get_running_loop().create_task(stop(), name="unibus-bus-stop")
 
@@ -2105,8 +2103,10 @@ class Bus:
                 await own_cancel_only(nc.drain())  # ForeignCancel: closed during a reconnect (unibus.aio)
             except Exception as exc:  # noqa: BLE001 - best effort on the way out
                 log.debug("bus: drain failed (%s); closing", exc)
-                with contextlib.suppress(Exception):
-                    await own_cancel_only(nc.close())
+            with contextlib.suppress(Exception):
+                # drain() refuses a connection that is reconnecting, and a reconnect can bring a
+                # closed one back: closed until it stays closed (unibus.aio.close_nats)
+                await close_nats(nc)
 
     async def current_key(self, room_id: str) -> tuple[int, bytes]:
         """``(epoch, key)`` to send with: the room's current epoch in the verified log (see ``key_ttl``)."""
