@@ -16,7 +16,7 @@ import subprocess
 
 import nats
 import pytest
-from unibus.aio import ForeignCancel, own_cancel_only
+from unibus.aio import close_nats
 from unibus.bus import Bus
 from unibus.plugins.auth_enforce.callout import Issuer, Responder
 from unibus.plugins.auth_enforce.enforcer import SECOND_SWEEP_AFTER, Enforcer, KickUnconfirmed
@@ -94,19 +94,13 @@ def _enforcer(bus: Bus, node: str, clustered: bool = True) -> Enforcer:
 
 
 async def _close(nc) -> None:
-    """Close a test client that a kick may have left reconnecting.
+    """Close a test client that a kick may have left reconnecting, for good.
 
-    A reconnect under way is given up to 3 s to end first: nats-py's close cancels it, and a
-    cancellation its reconnect loop loses (Python 3.11's ``wait_for``) left the loop trying
-    the stopped servers for its 300 x 0.1 s after the test, which the event loop's teardown
-    waited for (30 s for one test in each full run). The close itself can still raise a
-    CancelledError that cancelled no one (unibus.aio.own_cancel_only; a CI run)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 3
-    while nc.is_reconnecting and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    with contextlib.suppress(ForeignCancel):
-        await own_cancel_only(nc.close())
+    Closed with nats-py's close() in the middle of a reconnect, a client went on trying the
+    servers the test then stopped, for its 300 x 0.1 s, and the event loop's teardown waited
+    for it: 31 s after a test body of 1 s, once in each full run, never when the test ran
+    alone. close_nats cancels such a reconnect until it has ended (unibus.aio)."""
+    await close_nats(nc)
 
 
 async def _bob(port: int):
