@@ -31,6 +31,8 @@ So the daemon and its plugins use these two instead (a test keeps
   with a ``CancelledError`` of its own, or raises ``KeyboardInterrupt``,
   ``SystemExit`` or ``GeneratorExit``, is a ``RuntimeError`` for the caller:
   only the caller's own cancellation propagates.
+- :func:`close_nats` closes a nats-py client so that it stays closed: nats-py's
+  own ``close()`` lets a reconnect that missed its cancellation connect again.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["ESCAPING", "ForeignCancel", "Overran", "cancel_and_wait", "describe", "own_cancel_only", "run_bounded",
-           "within"]
+__all__ = ["ESCAPING", "ForeignCancel", "Overran", "cancel_and_wait", "close_nats", "describe", "own_cancel_only",
+           "run_bounded", "within"]
 
 
 async def within(aw: Awaitable[T], timeout: float | None) -> T:
@@ -116,23 +118,33 @@ async def close_nats(nc: Any, timeout: float = 3.0) -> bool:
     close: closed at random moments of reconnects through a proxy to a server that stayed
     up, 2 clients in 1,400 were connected again on a new socket once ``close()`` had
     returned, their reconnect loops alive to try again whenever that socket went (and none of
-    1,200 closed by this function; bench/probe_close_during_reconnect.py). Here the reconnect task is cancelled until it
-    has ended (:func:`cancel_and_wait`), and a client it brought back is closed again.
+    1,200 closed by this function; bench/probe_close_during_reconnect.py). Here the reconnect
+    task is cancelled until it has ended (:func:`cancel_and_wait`), and a client it brought
+    back, or left marked as reconnecting, is closed again. A client already closed is
+    checked all the same: a close cut short (its caller cancelled) may have left a
+    reconnect running.
 
-    At most ``timeout`` seconds; True once the client is closed with no reconnect running.
-    A ``CancelledError`` of nats-py's own is not raised (:func:`own_cancel_only`); a
-    cancellation of the caller is.
+    About ``timeout`` seconds at most (a part of nats-py's close that runs after a swallowed
+    timeout is not bounded here); True once the client is closed with no reconnect running.
+    An exception of nats-py's close, a ``CancelledError`` of its own included
+    (:func:`own_cancel_only`), does not stop it. A cancellation of the caller propagates, also
+    one that nats-py's close swallowed while it waited for its reconnect task.
     """
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    me = asyncio.current_task()
+    cancelled_before = me.cancelling() if me is not None else 0
     for _ in range(3):
         try:
             await within(own_cancel_only(nc.close()), max(0.1, deadline - loop.time()))
-        except (ForeignCancel, TimeoutError):
+        except Exception:  # noqa: BLE001 - closing: what is left is checked below
             pass
+        if me is not None and me.cancelling() > cancelled_before:
+            raise asyncio.CancelledError  # ours, swallowed in nats-py's close (its wait for the reconnect)
         task = getattr(nc, "_reconnection_task", None)  # nats-py's; None before any reconnect
         if task is not None and not task.done():
             await cancel_and_wait(task, max(0.1, deadline - loop.time()))
+        task = getattr(nc, "_reconnection_task", None)
         if nc.is_closed and (task is None or task.done()):
             return True
         if loop.time() >= deadline:

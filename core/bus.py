@@ -333,6 +333,6 @@ class Bus:
 
     async def close(self) -> None:
         self._closing = True
-        if self.nc is not None and not self.nc.is_closed:
+        if self.nc is not None:  # closed already, it may still have a reconnect running (unibus.aio)
             with contextlib.suppress(Exception):
-                await close_nats(self.nc, 3.0)  # closed during a reconnect too (unibus.aio)
+                await close_nats(self.nc, 3.0)

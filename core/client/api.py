@@ -2098,14 +2098,16 @@ class Bus:
                 await cancel_and_wait(task)  # asking the control plane why; closed here anyway
         for listener in list(self._listeners):
             listener._fail(None)
-        if nc is not None and not nc.is_closed:
-            try:
-                await own_cancel_only(nc.drain())  # ForeignCancel: closed during a reconnect (unibus.aio)
-            except Exception as exc:  # noqa: BLE001 - best effort on the way out
-                log.debug("bus: drain failed (%s); closing", exc)
+        if nc is not None:
+            if not nc.is_closed:
+                try:
+                    await own_cancel_only(nc.drain())  # ForeignCancel: closed during a reconnect (unibus.aio)
+                except Exception as exc:  # noqa: BLE001 - best effort on the way out
+                    log.debug("bus: drain failed (%s); closing", exc)
             with contextlib.suppress(Exception):
-                # drain() refuses a connection that is reconnecting, and a reconnect can bring a
-                # closed one back: closed until it stays closed (unibus.aio.close_nats)
+                # drain() refuses a connection that is reconnecting, a reconnect can bring a closed
+                # one back, and a stop cancelled above may have left one running: closed until it
+                # stays closed (unibus.aio.close_nats; at once on a client that is)
                 await close_nats(nc)
 
     async def current_key(self, room_id: str) -> tuple[int, bytes]:

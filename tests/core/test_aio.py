@@ -223,41 +223,64 @@ async def test_own_cancel_only_still_propagates_a_cancellation_of_the_caller():
 
 
 class _Relay:
-    """A loopback TCP relay to a real nats-server: :meth:`cut` aborts every connection, and
-    while ``refusing`` a new one is closed at once."""
+    """A loopback TCP relay to a real nats-server. :meth:`cut` aborts every connection; while
+    ``refusing`` a new one is closed at once (the client reads EOF where it waits for INFO);
+    :meth:`down` stops listening (a connect is refused) and :meth:`up` listens again."""
 
     def __init__(self, target: int) -> None:
         self.target = target
         self.refusing = False
         self.refused = 0
         self.writers: list[asyncio.StreamWriter] = []
+        self.handlers: set[asyncio.Task[None]] = set()
+        self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> _Relay:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.url = f"nats://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        await self.up(0)
+        self.url = f"nats://127.0.0.1:{self.port}"
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.down()
+        for task in list(self.handlers):
+            await cancel_and_wait(task, 5)
+
+    async def up(self, port: int | None = None) -> None:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port if port is None else port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def down(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
         self.cut()
-        self.server.close()
-        await self.server.wait_closed()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:  # an orderly close: the client reads EOF where it waits for INFO
-            self.refused += 1
-            writer.close()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
-        self.writers += [writer, up_writer]
+        me = asyncio.current_task()
+        assert me is not None
+        self.handlers.add(me)
+        try:
+            if self.refusing:
+                self.refused += 1
+                writer.close()
+                return
+            try:
+                up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+            except OSError:
+                writer.transport.abort()
+                return
+            self.writers += [writer, up_writer]
 
-        async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await a.read(65536):
-                    b.write(data)
-                    await b.drain()
-            b.transport.abort()
+            async def pipe(a: asyncio.StreamReader, b: asyncio.StreamWriter) -> None:
+                with contextlib.suppress(OSError):
+                    while data := await a.read(65536):
+                        b.write(data)
+                        await b.drain()
+                b.transport.abort()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        finally:
+            self.handlers.discard(me)
 
     def cut(self) -> None:
         for w in self.writers:
@@ -273,72 +296,133 @@ def _connections(monitor: int) -> int:
         return int(json.load(r)["num_connections"])
 
 
+class _LosingClient:
+    """A real nats-py client, through a :class:`_Relay` to a real nats-server, whose reconnect
+    loop loses the first cancellation it gets, through nats-py's own ``error_cb`` (which that
+    loop awaits): on an attempt whose INFO never comes (the loop then marks the client
+    reconnecting), or whose connect is refused (the client says closed while the reconnect
+    runs on). :meth:`break_it` drops the connection and returns once the reconnect loop sits
+    in that callback; :meth:`mend` lets the next attempt through."""
+
+    def __init__(self, where: str, reconnect_time_wait: float = 0.05) -> None:
+        self.where = where
+        self.wait = reconnect_time_wait
+        self.swallowed: list[Exception] = []
+        self.in_callback = asyncio.Event()
+
+    async def __aenter__(self) -> _LosingClient:
+        import subprocess
+
+        import nats
+
+        from unibus.supervisor import find_nats_server
+        from unibus.testing import free_port
+
+        port, self.monitor = free_port(), free_port()
+        self.server = subprocess.Popen([str(find_nats_server()), "-a", "127.0.0.1", "-p", str(port),
+                                        "-m", str(self.monitor)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(200):
+                with contextlib.suppress(OSError):
+                    _connections(self.monitor)
+                    break
+                await asyncio.sleep(0.05)
+            self.relay = await _Relay(port).__aenter__()
+            self.nc = await nats.connect(self.relay.url, reconnect_time_wait=self.wait, max_reconnect_attempts=400,
+                                         connect_timeout=2, error_cb=self._error_cb)
+            await self.nc.subscribe("x")
+        except BaseException:
+            await self.__aexit__()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        from unibus.aio import close_nats
+
+        try:
+            if getattr(self, "nc", None) is not None:
+                await close_nats(self.nc)
+            if getattr(self, "relay", None) is not None:
+                await self.relay.__aexit__()
+        finally:
+            self.server.terminate()
+            self.server.wait(10)
+
+    def _lose_here(self, exc: Exception) -> bool:
+        if self.swallowed or asyncio.current_task() is not self.nc._reconnection_task:
+            return False  # once, and in the reconnect loop (not the old socket's reset)
+        return self.relay.refused > 0 if self.where == "at INFO" else isinstance(exc, ConnectionRefusedError)
+
+    async def _error_cb(self, exc: Exception) -> None:
+        if self._lose_here(exc):
+            self.in_callback.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:  # the loss, on purpose: the loop goes on
+                self.swallowed.append(exc)
+
+    async def break_it(self) -> None:
+        assert _connections(self.monitor) == 1
+        if self.where == "at INFO":
+            self.relay.refusing = True
+            self.relay.cut()
+        else:
+            await self.relay.down()
+        await within(self.in_callback.wait(), 10)
+
+    async def mend(self) -> None:
+        if self.where == "at INFO":
+            self.relay.refusing = False
+        else:
+            await self.relay.up()
+
+
+@pytest.mark.parametrize("where", ["at INFO", "at connect"])
 @pytest.mark.parametrize("close", ["nats-py", "close_nats"])
-async def test_a_reconnect_that_loses_the_close_is_closed_again(close):
+async def test_a_reconnect_that_loses_the_close_is_closed_again(close, where):
     """nats-py's close() cancels a reconnect under way and waits for it at most
     ``reconnect_time_wait``; a reconnect that loses that cancellation connected again after the
     close had returned (bench/probe_close_during_reconnect.py: 2 closes in 1,400 during
-    reconnects through a proxy, the server up). Here the loss is made certain through nats-py's own ``error_cb``, which its reconnect
-    loop awaits: it swallows the first cancellation. With close() alone the client is back on
-    the server; close_nats closes it until it stays closed."""
-    import subprocess
-
-    import nats
-
+    reconnects through a proxy, the server up). Here the loss is made certain
+    (:class:`_LosingClient`): with close() alone the client is back on the server; close_nats
+    closes it until it stays closed (a second close is enough after a loss at INFO; after one
+    at connect only cancelling the reconnect task again stops it)."""
     from unibus.aio import close_nats
-    from unibus.supervisor import find_nats_server
-    from unibus.testing import free_port
 
-    port, monitor = free_port(), free_port()
-    server = subprocess.Popen([str(find_nats_server()), "-a", "127.0.0.1", "-p", str(port), "-m", str(monitor)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(100):
-            with contextlib.suppress(OSError):
-                _connections(monitor)
-                break
-            await asyncio.sleep(0.05)
-        async with _Relay(port) as relay:
-            in_callback, swallowed = asyncio.Event(), []
+    async with _LosingClient(where) as c:
+        await c.break_it()
+        if close == "nats-py":
+            with contextlib.suppress(ForeignCancel):
+                await own_cancel_only(c.nc.close())
+            closed = True
+        else:
+            closed = await close_nats(c.nc)
+        assert c.swallowed, "the reconnect did not lose the cancellation: nothing was tested"
+        await c.mend()
+        if close == "nats-py":
+            for _ in range(200):  # it comes back within a few of its 0.05 s waits
+                if c.nc.is_connected:
+                    break
+                await asyncio.sleep(0.05)
+            assert c.nc.is_connected and _connections(c.monitor) == 1, "nats-py's close alone: back again"
+        else:
+            assert closed and c.nc.is_closed and c.nc._reconnection_task.done()
+            await asyncio.sleep(0.5)  # ten of its reconnect waits: nothing may come back
+            assert c.nc.is_closed and not c.nc.is_connected and _connections(c.monitor) == 0
 
-            async def error_cb(exc: Exception) -> None:
-                # in the reconnect loop, on an attempt the relay refused (not the old socket's reset)
-                if relay.refused and not swallowed and asyncio.current_task() is nc._reconnection_task:
-                    in_callback.set()
-                    try:
-                        await asyncio.sleep(5)
-                    except asyncio.CancelledError:  # the loss, on purpose: the loop goes on
-                        swallowed.append(exc)
 
-            nc = await nats.connect(relay.url, reconnect_time_wait=0.05, max_reconnect_attempts=200,
-                                    connect_timeout=2, error_cb=error_cb)
-            try:
-                await nc.subscribe("x")
-                assert _connections(monitor) == 1
-                relay.refusing = True
-                relay.cut()
-                await within(in_callback.wait(), 5)
-                if close == "nats-py":
-                    with contextlib.suppress(ForeignCancel):
-                        await own_cancel_only(nc.close())
-                    closed = True
-                else:
-                    closed = await close_nats(nc)
-                assert swallowed, "the reconnect did not lose the cancellation: nothing was tested"
-                relay.refusing = False
-                for _ in range(40):  # a reconnect that goes on comes back within its 0.05 s waits
-                    if nc.is_connected:
-                        break
-                    await asyncio.sleep(0.05)
-                if close == "nats-py":
-                    assert nc.is_connected and _connections(monitor) == 1, "nats-py's close alone: back again"
-                else:
-                    assert closed and nc.is_closed and not nc.is_connected
-                    assert nc._reconnection_task.done()
-                    assert _connections(monitor) == 0
-            finally:
-                await close_nats(nc)
-                assert nc.is_closed
-    finally:
-        server.terminate()
-        server.wait(10)
+async def test_close_nats_keeps_a_cancellation_of_its_caller_that_nats_py_swallowed():
+    """nats-py's close() waits for the reconnect task it cancelled in ``wait_for(…,
+    reconnect_time_wait)`` under ``except (CancelledError, TimeoutError): pass``: a cancellation
+    of the caller that comes then is swallowed, and the close went on as if nothing had
+    happened (a review). close_nats raises it once nats-py's close returns."""
+    from unibus.aio import close_nats
+
+    async with _LosingClient("at connect", reconnect_time_wait=2.0) as c:
+        await c.break_it()
+        closing = asyncio.create_task(close_nats(c.nc, timeout=10))
+        await asyncio.sleep(0.3)  # nats-py's close now waits up to 2 s for the reconnect it could not stop
+        assert c.swallowed and not closing.done()
+        closing.cancel()
+        await asyncio.wait({closing}, timeout=10)
+        assert closing.cancelled(), f"the caller's cancellation was lost: {closing}"
