@@ -89,6 +89,24 @@ def plugin_modules(directory: Path, modules: Mapping[str, str]) -> dict[str, str
     return {"PYTHONPATH": str(directory)}
 
 
+@contextlib.asynccontextmanager
+async def small_nonce_store(url: str, max_bytes: int = 8192) -> AsyncIterator[tuple[Any, Any]]:
+    """``(bus, store)``: a started ``NonceStore`` whose bucket holds ``max_bytes``, on the nats-server at ``url``."""
+    from unibus.auth import NonceStore
+    from unibus.bus import Bus
+
+    bus = Bus(url)
+    await bus.connect()
+    store = NonceStore(bus, skew=60, replicas=1, timeout=1.0, max_bytes=max_bytes)
+    try:
+        await store.ensure()
+        await store.start()
+        yield bus, store
+    finally:
+        await store.close()
+        await bus.close()
+
+
 async def fill_nonce_bucket(store: Any, limit: int = 1000) -> None:
     """Claim new nonces until ``store`` (a small ``NonceStore``) refuses one: its bucket is full."""
     from unibus.auth import NonceStoreUnavailable

@@ -254,19 +254,11 @@ async def test_a_failed_claim_makes_healthz_degraded_at_once(nats_server):
     """A signed request was answered 503 (its nonce claim failed) while /healthz still said ok from
     the probe of a moment before (a black-box test of the contract, on a cluster that had just lost
     its quorum). The last claim's failure counts at once, until a claim succeeds again."""
-    from helpers import fill_nonce_bucket
+    from helpers import fill_nonce_bucket, small_nonce_store
 
-    bus = Bus(nats_server.url)
-    await bus.connect()
-    nonces = NonceStore(bus, skew=60, replicas=1, timeout=1.0, max_bytes=8192)
-    try:
-        await nonces.ensure()
-        await nonces.start()
+    async with small_nonce_store(nats_server.url) as (bus, nonces):
         prober = HealthProber(bus, nonces=nonces)
         assert (await prober.probe_once()).ok
         await fill_nonce_bucket(nonces)
         assert not prober.state().ok  # no probe since: the claim's failure is enough
         assert not (await prober.probe_once()).ok  # and the probe agrees: the bucket is full
-    finally:
-        await nonces.close()
-        await bus.close()

@@ -295,22 +295,14 @@ async def test_a_full_nonce_bucket_is_not_available(nats_server):
     """A bucket at its size bound refuses every new claim, so no signed request is served. The
     health probe wrote one key of its own again and again, which the full bucket still took:
     ``/healthz`` said ``ok`` while every signed request was 503 (a review). It claims a new key."""
-    from helpers import fill_nonce_bucket
+    from helpers import fill_nonce_bucket, small_nonce_store
 
-    bus = Bus(nats_server.url)
-    await bus.connect()
-    store = NonceStore(bus, skew=60, replicas=1, timeout=1.0, max_bytes=8192)
-    try:
-        await store.ensure()
-        await store.start()
+    async with small_nonce_store(nats_server.url, max_bytes=8192) as (bus, store):
         assert await store.available()
         await fill_nonce_bucket(store)
         assert not await store.available()
         info = await bus.js.stream_info(f"KV_{NONCE_BUCKET}")
         assert info.state.bytes <= 8192
-    finally:
-        await store.close()
-        await bus.close()
 
 
 @contextlib.asynccontextmanager

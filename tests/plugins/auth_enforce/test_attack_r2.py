@@ -93,21 +93,13 @@ def _enforcer(bus: Bus, node: str, clustered: bool = True) -> Enforcer:
                     node=node, routes=bus.route_ids if clustered else None)
 
 
-async def _close(nc) -> None:
-    """Close a test client that a kick may have left reconnecting, for good.
-
-    Closed with nats-py's close() in the middle of a reconnect, a client went on trying the
-    servers the test then stopped, for its 300 x 0.1 s, and the event loop's teardown waited
-    for it: 31 s after a test body of 1 s, once in each full run, never when the test ran
-    alone. close_nats cancels such a reconnect until it has ended (unibus.aio)."""
-    await close_nats(nc)
-
-
 async def _bob(port: int):
     # A bounded number of reconnects (300 x 0.1 s is far more than a restart here): nats-py's
     # reconnect loop never looks at is_closed, so with -1 a cancellation lost in its own
     # wait_for (Python 3.11; unibus.aio) kept it running, and the test's event loop teardown
-    # waited for it for ever (seen twice under load).
+    # waited for it for ever (seen twice under load); closed with nats-py's close() alone, it
+    # still kept trying the stopped servers for those 30 s once a full run: close it with
+    # unibus.aio.close_nats.
     return await nats.connect(f"nats://bob:bob@127.0.0.1:{port}", connect_timeout=3, reconnect_time_wait=0.1,
                               max_reconnect_attempts=300)
 
@@ -233,7 +225,7 @@ async def test_an_isolated_node_kicks_what_the_majority_revoked_once_the_change_
                          "bob's connection on C survived the change reaching C")
         finally:
             if bob is not None:
-                await _close(bob)
+                await close_nats(bob)
 
 
 def _confirmed(caplog, handle: str) -> bool:
@@ -280,7 +272,7 @@ async def test_a_known_connection_on_an_isolated_node_keeps_the_revocation_pendi
                          "bob's connection on C survived the confirmed revocation")
         finally:
             if bob is not None:
-                await _close(bob)
+                await close_nats(bob)
 
 
 async def _has_routes(bus: Bus, n: int) -> bool:
@@ -320,7 +312,7 @@ async def test_a_nats_server_restart_leaves_a_stale_connection_that_blocks_every
         await _until(_async(lambda: bob._client_id != first_cid and bob.is_connected), "bob was not kicked")
     finally:
         if bob is not None:
-            await _close(bob)
+            await close_nats(bob)
         if e is not None:
             await e.stop()
         await bus.close()
@@ -375,7 +367,7 @@ async def test_a_peer_nats_server_restart_leaves_stale_connections_on_the_other_
         await _until(_async(lambda: bob._client_id != first_cid and bob.is_connected), "bob was not kicked")
     finally:
         if bob is not None:
-            await _close(bob)
+            await close_nats(bob)
         for e in enforcers.values():
             await e.stop()
         for b in buses.values():

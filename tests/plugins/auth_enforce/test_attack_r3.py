@@ -9,10 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+from unibus.aio import close_nats
 from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
 from unibus.plugins.auth_enforce.policy import Policy
 
-from .test_attack_r2 import Isolatable, _async, _bob, _close
+from .test_attack_r2 import Isolatable, _async, _bob
 from .test_partial_mesh import _until
 
 
@@ -77,7 +78,7 @@ async def test_a_node_cut_off_right_after_it_applied_a_revocation_kicks_it_itsel
             await _until(_async(lambda: enforcers["A"].pending == {}), "A never confirmed")
         finally:
             if bob is not None:
-                await _close(bob)
+                await close_nats(bob)
 
 
 async def _reaches_c_impl(a: Enforcer, seen: list) -> bool:

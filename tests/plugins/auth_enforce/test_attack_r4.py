@@ -12,13 +12,14 @@ import contextlib
 import subprocess
 
 import pytest
+from unibus.aio import close_nats
 from unibus.bus import Bus
 from unibus.plugins.auth_enforce.callout import Issuer, Responder
 from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import free_port
 
-from .test_attack_r2 import PASSWORD, Relistening, _async, _bob, _close, _conf, _enforcer, _spawn, _stop
+from .test_attack_r2 import PASSWORD, Relistening, _async, _bob, _conf, _enforcer, _spawn, _stop
 from .test_partial_mesh import _until
 
 
@@ -160,7 +161,7 @@ async def test_a_set_learned_before_every_route_formed_confirms_a_revocation_wit
                                f"while B ({ids['B']}) holds bob's connection")
     finally:
         if bob is not None:
-            await _close(bob)
+            await close_nats(bob)
         for e in enforcers.values():
             await e.stop()
         for b in buses.values():

@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import subprocess
 
+from unibus.aio import close_nats
 from unibus.bus import Bus
 from unibus.plugins.auth_enforce.callout import Issuer, Responder
 from unibus.plugins.auth_enforce.enforcer import Enforcer, KickUnconfirmed
 from unibus.plugins.auth_enforce.policy import Policy
 from unibus.testing import free_port
 
-from .test_attack_r2 import PASSWORD, Relistening, _bob, _close, _conf, _enforcer, _spawn, _stop
+from .test_attack_r2 import PASSWORD, Relistening, _bob, _conf, _enforcer, _spawn, _stop
 from .test_attack_r4 import Stallable, _routes_are
 
 
@@ -107,7 +108,7 @@ async def test_a_node_whose_own_routez_is_slow_confirms_without_a_peer_that_join
                                f"while B ({ids['B']}) holds bob's connection")
     finally:
         if bob is not None:
-            await _close(bob)
+            await close_nats(bob)
         for e in enforcers.values():
             await e.stop()
         for b in buses.values():
