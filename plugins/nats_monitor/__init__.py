@@ -117,4 +117,5 @@ def healthz_fields(app) -> dict[str, Any]:
         enabled = current_log_opts().monitor
     except ConfigError:
         enabled = False
-    return {"enabled": enabled, "url": monitor_url(app[SETTINGS]) if enabled else None}
+    # Closed: exactly {"enabled": false}, the shape docs/http-api.md shows for /healthz.
+    return {"enabled": True, "url": monitor_url(app[SETTINGS])} if enabled else {"enabled": False}

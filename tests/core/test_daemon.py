@@ -41,7 +41,7 @@ def test_healthz_shape(membershipd):
         "listeners": {"http": "loopback", "nats": "loopback", "routes": "none", "metrics": "none"},
     }
     assert "warnings" not in body
-    assert body["nats_monitor"] == {"enabled": False, "url": None}
+    assert body["nats_monitor"] == {"enabled": False}
 
 
 def test_errors_are_problem_json(membershipd):

@@ -177,7 +177,7 @@ def test_healthz_fields_are_placed_under_the_plugin_name(unibus_app, pythonpath,
     status, body = http_json("GET", served.base_url + "/healthz")
     assert status == 200 and body["status"] == "ok"
     assert body["greedy_plugin"] == {"status": "hacked", "nats_monitor": {"enabled": True}, "mine": 1}
-    assert body["nats_monitor"] == {"enabled": False, "url": None}
+    assert body["nats_monitor"] == {"enabled": False}
 
 
 class BadRoutes:

@@ -360,7 +360,7 @@ def test_no_toggle_no_monitor(membershipd_factory) -> None:
     port = proc.monitor_port
     status, health = proc.healthz()
     assert status == 200
-    assert health["nats_monitor"] == {"enabled": False, "url": None}
+    assert health["nats_monitor"] == {"enabled": False}
     assert tcp_listeners(port) == []
     assert connect_refused("127.0.0.1", port)
     conf = json.loads((proc.data_dir / "nats.conf").read_text())
