@@ -239,7 +239,8 @@ def read_private_file(path: Path) -> bytes:
         raise RuntimeFailure(f"cannot read {path}: it does not exist") from None
     with os.fdopen(fd, "rb") as f:
         if stat.S_IMODE(st.st_mode) & 0o077:
-            raise RuntimeFailure(f"{path} is readable by group or others; run chmod 600 {path}")
+            raise RuntimeFailure(f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                                 f"run chmod 600 {path}")
         try:
             return f.read()
         except OSError as e:

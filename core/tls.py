@@ -96,7 +96,8 @@ def private_file_problem(path: Path, st: os.stat_result) -> str | None:
         return (f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}) or root; "
                 f"use a copy this user owns (chmod 600)")
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
-        return f"{path} is readable by group or others; run chmod 600 {path}"
+        return (f"{path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                f"run chmod 600 {path}")
     return None
 
 

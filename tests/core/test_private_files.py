@@ -203,8 +203,8 @@ def test_a_seed_behind_a_link_or_open_to_others_is_refused(tmp_path):
     linked.symlink_to(real)
     with pytest.raises(RuntimeFailure, match="symbolic link"):
         read_private_file(linked)
-    os.chmod(real, 0o640)
-    with pytest.raises(RuntimeFailure, match=f"run chmod 600 {real}"):
+    os.chmod(real, 0o620)
+    with pytest.raises(RuntimeFailure, match=rf"\(mode 0620\); run chmod 600 {real}"):
         ensure_service_nkey(data)
 
 

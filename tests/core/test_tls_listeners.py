@@ -192,6 +192,8 @@ def test_the_private_file_check_refuses_another_users_file_and_a_loose_mode():
     assert private_file_problem(key, st(0, 0o100600)) is None  # root's own file
     assert f"belongs to uid {other}" in private_file_problem(key, st(other, 0o100600))
     assert "chmod 600" in private_file_problem(key, st(me, 0o100640))
+    # write access alone is refused too, and the error says what it saw, not "readable"
+    assert "open to group or others (mode 0620)" in private_file_problem(key, st(me, 0o100620))
     assert "not a regular file" in private_file_problem(key, st(me, 0o010600))  # a FIFO
 
 
