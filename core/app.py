@@ -323,7 +323,7 @@ def _http_exception_problem(request: web.Request, e: web.HTTPException) -> web.R
 
 @web.middleware
 async def path_params_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Route parameters against the rules of :mod:`unibus.inputs` (422), for
+    """Route parameters against the rules of :mod:`unibus.inputs` (404), for
     every route, plugins' included; innermost, so after the signature."""
     if request.match_info.http_exception is None:
         check_path_params(request.match_info)
@@ -443,7 +443,7 @@ def add_route(
     ``(description, schema)`` pair (a JSON body; an error's body is the
     ``Problem`` schema unless a schema is given) or a :class:`unibus.openapi.Response`
     (another content type, headers). The statuses the core answers for the
-    route (401, 503, 408, 413, 415, 417, 422 for a path parameter...) are
+    route (401, 503, 408, 413, 415, 417, 404 for a path parameter...) are
     added to them (docs/plugins.md, "Documenting responses").
     ``query`` documents the query parameters the handler reads (name -> JSON
     Schema); path parameters are documented, and checked before the handler

@@ -7,7 +7,8 @@ status each breach gets, are in docs/http-api.md ("Input rules").
 
 Pure: no aiohttp import at module level, no store. Each check raises
 :class:`unibus.problems.Problem` (400 for a body that is not acceptable JSON,
-422 for a value that is out of its range or of the wrong type).
+422 for a value that is out of its range or of the wrong type, 404 for a path
+segment that cannot name anything).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ __all__ = [
     "parse_json",
     "path_param_schema",
     "query_int",
+    "unnamed",
 ]
 
 #: The largest integer every JSON implementation holds exactly (2^53 - 1, the
@@ -53,12 +55,14 @@ ROOM_ID_PATTERN = r"^[a-z0-9]{1,40}$"
 ROOM_ID_RE = re.compile(r"\A[a-z0-9]{1,40}\Z")
 
 #: Route parameters with a rule of their own: name -> (compiled rule, portable
-#: pattern, what the 422 says). Any other parameter only has the generic bound
+#: pattern, what the 404 says). Any other parameter only has the generic bound
 #: (1-MAX_PATH_PARAM printable ASCII characters); its handler checks the rest.
 PATH_PARAMS: dict[str, tuple[re.Pattern[str], str, str]] = {
     "room_id": (ROOM_ID_RE, ROOM_ID_PATTERN, "must be 1-40 characters of a-z and 0-9"),
     "handle": (HANDLE_RE, HANDLE_PATTERN, "must match " + HANDLE_PATTERN),
 }
+#: What a parameter that breaks its rule does not name, for the 404's detail.
+PATH_PARAM_NOUNS = {"room_id": "room", "handle": "member", "blob_id": "blob"}
 _DIGITS = re.compile(r"\A[0-9]{1,20}\Z")  # ASCII digits only: int() would take "٣", "1_0", " 7", "+7"
 _GENERIC_PARAM = re.compile(r"\A[\x21-\x7e]{1,%d}\Z" % MAX_PATH_PARAM)
 #: The same rule in the portable spelling, for /openapi.json (``!`` is 0x21, ``~`` 0x7e).
@@ -189,16 +193,22 @@ def parse_json(raw: bytes) -> Any:
 # --------------------------------------------------------------------------- path segments
 
 
+def unnamed(name: str, why: str) -> Problem:
+    """The 404 of a path parameter that breaks its syntax: it cannot name anything that
+    exists, so the answer is the one an unknown value gets (``no such room: room_id ...``)."""
+    return Problem(404, f"no such {PATH_PARAM_NOUNS.get(name, 'resource')}: {name} {why}", kind="not-found")
+
+
 def check_path_params(params: Mapping[str, str]) -> None:
     """Every route parameter of a matched route against its rule (:data:`PATH_PARAMS`),
-    or the generic bound; 422 ``<name>: ...`` for the first that breaks it."""
+    or the generic bound; 404 (:func:`unnamed`) for the first that breaks it."""
     for name, value in params.items():
         rule = PATH_PARAMS.get(name)
         if rule is not None:
             if rule[0].match(value) is None:
-                raise invalid(name, rule[2])
+                raise unnamed(name, rule[2])
         elif _GENERIC_PARAM.match(value) is None:
-            raise invalid(name, f"must be 1-{MAX_PATH_PARAM} printable ASCII characters")
+            raise unnamed(name, f"must be 1-{MAX_PATH_PARAM} printable ASCII characters")
 
 
 def path_param_schema(name: str) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def core_responses(*, signed: bool, path_params: bool) -> dict[int, Response]:
                       headers={"Retry-After": RETRY_AFTER}),
     })
     if path_params:
-        out[422] = Response("a path parameter breaks its syntax")
+        out[404] = Response("a path parameter breaks its syntax, so it names nothing")
     return out
 
 

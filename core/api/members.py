@@ -224,7 +224,7 @@ def register(app: web.Application) -> None:
               responses={200: ("the record", member), 403: "not an admin", 404: "no such member",
                          **LOGGED_RESPONSES,
                          409: "would remove the last admin; or a concurrent change (try again)",
-                         422: "invalid field, or a handle that breaks its syntax"}, tags=["members"])
+                         422: "invalid field"}, tags=["members"])
     add_route(app, "DELETE", "/v1/members/{handle}", delete_member,
               summary="Delete a member: removed from every room, bus access revoked (admin)",
               responses={204: "deleted", 403: "not an admin", 404: "no such member", **LOGGED_RESPONSES,

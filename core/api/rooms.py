@@ -370,5 +370,5 @@ def register(app: web.Application) -> None:
               responses={200: ("{room_id, epoch, sealed, sig, sealer, log_head}", key_package),
                          403: "the caller was never in the room (no key of any epoch)",
                          404: "no such room, or no key sealed to the caller",
-                         422: "bad epoch, or a room_id that breaks its syntax"},
+                         422: "bad epoch"},
               query={"epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX}}, tags=["keys"])

@@ -231,8 +231,9 @@ def _blob_id(request: web.Request) -> str:
     try:
         return check_blob_id(raw.lower() if len(raw) == 64 else raw)
     except ValueError:
-        raise _problem(422, "blob_id: must be 64 hex characters (the SHA-256 of the blob)",
-                       kind="invalid-field") from None
+        # a blob_id that breaks its syntax names no blob: the answer an unknown one gets
+        raise _problem(404, "no such blob: blob_id must be 64 hex characters (the SHA-256 of the blob)",
+                       kind="not-found") from None
 
 
 def content_digest_value(blob_id: str) -> str:
@@ -482,7 +483,7 @@ async def delete_blob(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-#: ``blob_id``: the SHA-256 of the blob in hex (upper case accepted); the handlers check it (422).
+#: ``blob_id``: the SHA-256 of the blob in hex (upper case accepted); the handlers check it (404).
 BLOB_ID_SCHEMA = {"type": "string", "pattern": "^[0-9a-fA-F]{64}$", "description": "SHA-256 of the blob, hex"}
 #: ``PUT .../blobs``: what was stored.
 BLOB_RECORD = {"type": "object", "required": ["blob_id", "size"], "additionalProperties": False,
@@ -495,7 +496,7 @@ def register_routes(app: web.Application) -> None:
     from unibus.openapi import Response, header
 
     blob = add_schema(app, "Blob", BLOB_RECORD)
-    common = {403: "not allowed", 404: "no such room or blob",
+    common = {403: "not allowed", 404: "no such room or blob (also a room_id or blob_id that breaks its syntax)",
               503: "replay protection, the store or the blob store unavailable; try again after Retry-After"}
     path = "/v1/rooms/{room_id}/blobs"
     add_route(app, "PUT", path, _streaming(_unavailable_as_503(put_blob)),
@@ -521,7 +522,7 @@ def register_routes(app: web.Application) -> None:
                                    "Content-Length": header("the blob's size", {"type": "string", "pattern": "^[0-9]+$"})})
     add_route(app, "GET", path + "/{blob_id}", _unavailable_as_503(get_blob),
               summary="Download a blob (streamed, with Content-Digest and Content-Length; room members)",
-              responses={200: blob_bytes, 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
+              responses={200: blob_bytes,
                          429: "the member already has its share of --blob-max-downloads in progress "
                               "(too-many-downloads)",
                          **common,
@@ -530,8 +531,7 @@ def register_routes(app: web.Application) -> None:
               path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
     add_route(app, "DELETE", path + "/{blob_id}", _unavailable_as_503(delete_blob),
               summary="Delete a blob (the uploader, the room's owner, admins)",
-              responses={204: "deleted", 422: "blob_id is not 64 hex characters, or room_id breaks its syntax",
-                         **common},
+              responses={204: "deleted", **common},
               path_params={"blob_id": BLOB_ID_SCHEMA}, tags=["blobs"], namespaced=False)  # paths of docs/http-api.md
 
 

@@ -240,3 +240,26 @@ async def test_bad_room_input(world):
     with pytest.raises(ApiError) as e:
         await c["bob"].request("GET", f"/v1/rooms/{rid}/keys/me", query={"epoch": "one"})
     assert e.value.status == 422
+
+
+async def test_an_id_that_breaks_its_syntax_is_not_found_and_changes_nothing(world):
+    """``GET /v1/rooms/no-such-room``: an id no room or member can have is 404, as an unknown
+    one is (docs/http-api.md, "Input rules"), on reads and on logged changes alike, and nothing
+    is logged."""
+    server, people, c = world
+    rid = (await c["bob"].create_room("ops"))["room_id"]
+    head = await c["alice"].log_head()
+    for who, method, path in (("bob", "GET", "/v1/rooms/no-such-room"),
+                              ("bob", "GET", "/v1/rooms/NOSUCHROOM"),
+                              ("bob", "GET", "/v1/rooms/no-such-room/keys/me"),
+                              ("bob", "GET", "/v1/members/NoSuch"),
+                              ("alice", "DELETE", "/v1/members/No_Such"),
+                              ("alice", "DELETE", "/v1/rooms/no-such-room"),
+                              ("bob", "PUT", f"/v1/rooms/{rid}/members/Carol"),
+                              ("bob", "DELETE", f"/v1/rooms/{rid}/members/carol!")):
+        problem = await expect(404, c[who].request(method, path))
+        assert problem["type"].endswith("/not-found") and problem["detail"].startswith("no such "), (path, problem)
+    # the same routes with ids of the right shape that name nothing: 404 as well
+    await expect(404, c["bob"].request("GET", "/v1/rooms/nosuchroom"))
+    await expect(404, c["bob"].request("GET", "/v1/members/nosuch"))
+    assert await c["alice"].log_head() == head

@@ -282,12 +282,13 @@ async def test_members_only(world, tmp_path):
 
 
 async def test_blob_id_validation_and_404(world):
+    """A blob_id that is not 64 hex characters names no blob: 404, as an unknown one."""
     rid = await world.room()
     c = world.clients["carol"]
-    for bad in ["xyz", "0" * 63, "0" * 65, "g" * 64]:
-        problem = await expect(422, c.request("GET", f"/v1/rooms/{rid}/blobs/{bad}"))
-        assert "64 hex" in problem["detail"]
-        await expect(422, world.clients["bob"].request("DELETE", f"/v1/rooms/{rid}/blobs/{bad}"))
+    for bad in ["xyz", "0" * 63, "0" * 65, "g" * 64, "no-such-blob"]:
+        problem = await expect(404, c.request("GET", f"/v1/rooms/{rid}/blobs/{bad}"))
+        assert problem["detail"].startswith("no such blob: ") and "64 hex" in problem["detail"]
+        await expect(404, world.clients["bob"].request("DELETE", f"/v1/rooms/{rid}/blobs/{bad}"))
     await expect(404, c.request("GET", f"/v1/rooms/{rid}/blobs/{'0' * 64}"))
     await expect(404, world.clients["bob"].request("DELETE", f"/v1/rooms/{rid}/blobs/{'0' * 64}"))
     await expect(405, c.request("POST", f"/v1/rooms/{rid}/blobs", json_body={}))
