@@ -83,10 +83,9 @@ ROOM_RECORD = {
 #: ``GET /v1/rooms/{room_id}/keys/me``: the key package sealed to the caller.
 KEY_PACKAGE_RECORD = {
     "type": "object",
-    "required": ["room_id", "epoch", "sealed", "sig", "sealer", "log_head"],
+    "required": ["epoch", "sealed", "sig", "sealer", "log_head"],
     "additionalProperties": False,
     "properties": {
-        "room_id": {"type": "string", "pattern": ROOM_ID_PATTERN},
         "epoch": {"type": "integer", "minimum": EPOCH_MIN, "maximum": EPOCH_MAX},
         "sealed": {"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN},
         "sig": {"type": ["string", "null"], "pattern": "^[A-Za-z0-9+/]{86}==$",
@@ -367,7 +366,7 @@ def register(app: web.Application) -> None:
               tags=["keys"])
     add_route(app, "GET", room + "/keys/me", get_my_key,
               summary="The room key sealed to the caller (latest epoch, or ?epoch=N)",
-              responses={200: ("{room_id, epoch, sealed, sig, sealer, log_head}", key_package),
+              responses={200: ("{epoch, sealed, sig, sealer, log_head}", key_package),
                          403: "the caller was never in the room (no key of any epoch)",
                          404: "no such room, or no key sealed to the caller",
                          422: "bad epoch"},

@@ -1073,7 +1073,7 @@ class UnibusClient:
         return await self.request("GET", "/v1/log/head", cap=HEAD_ANSWER_BYTES)  # checked by the replica
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
-        """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{room_id, epoch, sealed, sig, sealer, log_head}``,
+        """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{epoch, sealed, sig, sealer, log_head}``,
         unverified (``sealed`` and ``sig`` still base64). A 404 raises :class:`KeyUnavailable`, and so
         does a 403 (a caller that was never in the room).
         :meth:`room_key` is the verified way to get a key.

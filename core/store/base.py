@@ -368,7 +368,8 @@ class KeyPackage:
     log_head: dict[str, Any] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {"room_id": self.room_id, "epoch": self.epoch, "sealed": b64(self.sealed),
+        # exactly the documented fields (docs/http-api.md): the caller named the room
+        return {"epoch": self.epoch, "sealed": b64(self.sealed),
                 "sig": b64(self.sig) if self.sig is not None else None, "sealer": self.sealer,
                 "log_head": dict(self.log_head) if self.log_head is not None else None}
 

@@ -89,6 +89,7 @@ async def test_room_lifecycle(world):
 
     for h in ("bob", "carol"):
         got = await c[h].my_key(rid)
+        assert set(got) == {"epoch", "sealed", "sig", "sealer", "log_head"}  # exactly, docs/http-api.md
         assert got["epoch"] == 1
         assert open_room_key(base64.b64decode(got["sealed"]), people[h], rid, 1) == key
     with pytest.raises(KeyUnavailable) as e:  # never in the room: no right, as for the room itself (an audit)
