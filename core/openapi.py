@@ -89,6 +89,8 @@ def core_responses(*, signed: bool, path_params: bool) -> dict[int, Response]:
     (docs/http-api.md, "Order of the checks" and "Slow and large bodies")."""
     out = {400: Response("the request line or a header cannot be parsed (malformed-request)"),
            417: Response("an Expect header other than 100-continue")}
+    if path_params:  # on every route, open ones too (unibus.app.path_params_middleware)
+        out[404] = Response("a path parameter breaks its syntax, so it names nothing")
     if not signed:
         return out
     out.update({
@@ -105,8 +107,6 @@ def core_responses(*, signed: bool, path_params: bool) -> dict[int, Response]:
         503: Response("replay protection, the store or the bus is unavailable; try again after Retry-After",
                       headers={"Retry-After": RETRY_AFTER}),
     })
-    if path_params:
-        out[404] = Response("a path parameter breaks its syntax, so it names nothing")
     return out
 
 

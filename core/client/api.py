@@ -1074,8 +1074,8 @@ class UnibusClient:
 
     async def my_key(self, room_id: str, epoch: int | None = None) -> dict[str, Any]:
         """``GET /v1/rooms/{id}/keys/me[?epoch=N]`` → ``{epoch, sealed, sig, sealer, log_head}``,
-        unverified (``sealed`` and ``sig`` still base64). A 404 raises :class:`KeyUnavailable`, and so
-        does a 403 (a caller that was never in the room).
+        unverified (``sealed`` and ``sig`` still base64). A 404 raises :class:`KeyUnavailable` (a room
+        id that breaks its syntax is one too), and so does a 403 (a caller that was never in the room).
         :meth:`room_key` is the verified way to get a key.
         """
         query = None if epoch is None else {"epoch": int(epoch)}

@@ -231,9 +231,10 @@ def _blob_id(request: web.Request) -> str:
     try:
         return check_blob_id(raw.lower() if len(raw) == 64 else raw)
     except ValueError:
-        # a blob_id that breaks its syntax names no blob: the answer an unknown one gets
-        raise _problem(404, "no such blob: blob_id must be 64 hex characters (the SHA-256 of the blob)",
-                       kind="not-found") from None
+        from unibus.inputs import unnamed
+
+        # a blob_id that breaks its syntax names no blob: 404, as the core answers a room_id's
+        raise unnamed("blob_id", "must be 64 hex characters (the SHA-256 of the blob)") from None
 
 
 def content_digest_value(blob_id: str) -> str:
@@ -513,6 +514,7 @@ def register_routes(app: web.Application) -> None:
                          413: "larger than --blob-max-bytes; nothing stored",
                          429: "the member already has its share of --blob-max-uploads in progress (too-many-uploads)",
                          **common,
+                         404: "no such room (also a room_id that breaks its syntax)",
                          503: common[503] + "; or --blob-max-uploads uploads in progress on this node "
                                             "(too-many-uploads)"},
               tags=["blobs"], namespaced=False)  # paths of docs/http-api.md

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -59,6 +60,39 @@ SCHEMA_VALID_MAY_BE_422 = {
     ("POST", "/v1/rooms/{room_id}/keys"): "sigs must name exactly the handles of sealed, and a sealed key must "
                                           "have the size of its member's suite",
 }
+#: The detail of a path parameter refused for its syntax: ``no such room: room_id must ...``
+#: (docs/http-api.md, "Input rules").
+SYNTAX_REFUSAL = re.compile(r"\Ano such \w+: (\w+) must ")
+
+
+def _fits(value: Any, schema: dict[str, Any]) -> bool:
+    """Does ``value`` fit the documented string schema of a path parameter?"""
+    if not isinstance(value, str) or schema.get("type", "string") != "string":
+        return False
+    if not schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value)):
+        return False
+    return "pattern" not in schema or re.search(schema["pattern"], value) is not None
+
+
+@schemathesis.check
+def path_rules_as_documented(ctx: Any, response: Any, case: schemathesis.Case) -> None:
+    """A path parameter refused for its syntax must break the schema /openapi.json documents for it.
+    Such a refusal is a 404, which positive_data_acceptance takes for an unknown id, so without this
+    check a server rule stricter than the document (a room_id the pattern allows, refused) would pass."""
+    if response.status_code != 404 or "json" not in response.headers.get("content-type", [""])[0]:
+        return
+    match = SYNTAX_REFUSAL.match(str(response.json().get("detail", "")))
+    if match is None:
+        return
+    name = match.group(1)
+    value = (case.path_parameters or {}).get(name)
+    documented = [p.get("schema", {}) for p in case.operation.definition.raw.get("parameters", [])
+                  if p.get("in") == "path" and p.get("name") == name]
+    assert documented, f"{name} refused for its syntax, but the operation documents no such path parameter"
+    assert not _fits(value, documented[0]), (f"{name}={value!r} fits its documented schema {documented[0]} "
+                                             f"and was refused for its syntax: {response.json()['detail']}")
+
+
 #: Admin-only operations: a plain member never gets a 2xx from them.
 ADMIN_ONLY = {("POST", "/v1/members"), ("PATCH", "/v1/members/{handle}"), ("DELETE", "/v1/members/{handle}")}
 
@@ -245,7 +279,7 @@ def admin_world(tmp_path, template):
 #: change that drops one fails here instead of passing quietly).
 REQUIRED_CHECKS = {"not_a_server_error", "status_code_conformance", "content_type_conformance",
                    "response_headers_conformance", "response_schema_conformance", "positive_data_acceptance",
-                   "negative_data_rejection", "ignored_auth", "unsupported_method"}
+                   "negative_data_rejection", "ignored_auth", "unsupported_method", "path_rules_as_documented"}
 
 
 def assert_signature_accepted_everywhere(report: FuzzReport, operations: set[str]) -> None:

@@ -276,7 +276,7 @@ async def test_keys_post_validates_sigs_and_log_head_and_keys_me_returns_the_pac
         assert await a.log_head() == before
         await a.post_keys(rid, 1, sealed, sigs, head)
         got = await b.my_key(rid)
-        assert got == {"room_id": rid, "epoch": 1, "sealed": sealed["bob3"], "sig": sigs["bob3"], "sealer": "alice",
+        assert got == {"epoch": 1, "sealed": sealed["bob3"], "sig": sigs["bob3"], "sealer": "alice",
                        "log_head": head}
         assert verify_ed25519(server.alice.sign_pub,
                               key_package_input(rid, 1, "bob3", base64.b64decode(got["sealed"]), head["seq"],

@@ -70,7 +70,7 @@ def test_a_plugin_route_with_descriptions_only_still_works_and_gets_the_core_sta
                                             "pattern": "^[!-~]{1,256}$"}}]
 
 
-def test_open_route_gets_only_400_and_417_and_no_422_without_path_parameters():
+def test_open_route_gets_only_400_and_417_and_the_404_of_its_path_parameters():
     doc = OpenAPI()
     doc.add_operation("GET", "/ping", summary="ping", responses={200: ("pong", {"type": "object"})}, signed=False)
     op = doc.document()["paths"]["/ping"]["get"]
@@ -78,6 +78,10 @@ def test_open_route_gets_only_400_and_417_and_no_422_without_path_parameters():
     assert "malformed-request" in op["responses"]["400"]["description"]
     assert op["responses"]["200"]["content"] == {"application/json": {"schema": {"type": "object"}}}
     assert "security" not in op
+    # an open route with a path parameter: the core answers 404 there too (a review)
+    doc.add_operation("GET", "/ping/{thing}", summary="ping", responses={200: "pong"}, signed=False)
+    op = doc.document()["paths"]["/ping/{thing}"]["get"]
+    assert set(op["responses"]) == {"200", "400", "404", "417"}
 
 
 def test_response_forms_and_merging_with_the_core():

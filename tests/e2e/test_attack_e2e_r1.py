@@ -76,7 +76,7 @@ async def test_a_rekey_held_back_past_a_removal_is_not_used(world, proxy):
             return found
         who = keyid(request)
         if request.method == "GET" and request.path == f"/v1/rooms/{rid}/keys/me" and who in posted["sealed"]:
-            return 200, {"room_id": rid, "epoch": 2, "sealed": posted["sealed"][who], "sig": posted["sigs"][who],
+            return 200, {"epoch": 2, "sealed": posted["sealed"][who], "sig": posted["sigs"][who],
                          "sealer": "alice", "log_head": posted["log_head"]}
         return None
 
@@ -114,7 +114,7 @@ async def test_the_package_of_a_refused_rekey_is_not_used(world, proxy):
     def stale(request: web.Request, _body: bytes) -> Any:
         who = keyid(request)
         if request.method == "GET" and request.path == f"/v1/rooms/{rid}/keys/me" and who in refused["sealed"]:
-            return 200, {"room_id": rid, "epoch": 2, "sealed": refused["sealed"][who], "sig": refused["sigs"][who],
+            return 200, {"epoch": 2, "sealed": refused["sealed"][who], "sig": refused["sigs"][who],
                          "sealer": "alice", "log_head": refused["log_head"]}
         return None
 
