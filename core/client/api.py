@@ -1822,7 +1822,8 @@ class Bus:
                                      "either (the member was deleted?); an admin must add it again")
             if exc.status == 409:
                 return Refusal(True, f"{base}: {client.base_url} has no bus key for {handle}; upload yours with "
-                                     f"`unibus keygen --upgrade --server {client.base_url}`")
+                                     f"`unibus keygen --upgrade --server {client.base_url}` (and `--ca PATH` "
+                                     "if your operator's CA signed its certificate)")
             # Anything else (a 429 of a member's share of the control plane, a 5xx) is no answer.
             return Refusal(False, f"{base}: {client.base_url} answered {exc}")
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:

@@ -177,6 +177,8 @@ def _print_fields(record: dict[str, Any], keys: Sequence[str]) -> None:
         v = record[k]
         if isinstance(v, bool):
             v = "yes" if v else "no"
+        elif v is None:
+            v = "(none)"
         _out(f"{k + ':':<{width}} {_escape(str(v))}")
 
 
@@ -578,10 +580,18 @@ async def cmd_whoami(ctx: Context, c: UnibusClient) -> int:
         _json_out(me)
         return EXIT_OK
     _print_member({**me, "server": c.base_url, "identity": ctx.identity_path}, extra=("server", "identity"))
-    if me.get("bus_pub") != c.identity.bus_pub:
-        _note("the server's bus key for you is not the one in your identity file: "
-              f"run `unibus keygen --upgrade --server {c.base_url}`")
+    upgrade = f"`unibus keygen --upgrade --server {c.base_url}{_ca_flag(ctx)}`"
+    if c.identity.bus_pub is None:
+        _note(f"your identity file has no bus key (a version 1 file from unibus 0.11): run {upgrade}")
+    elif me.get("bus_pub") != c.identity.bus_pub:
+        _note(f"the server's bus key for you is not the one in your identity file: run {upgrade}")
     return EXIT_OK
+
+
+def _ca_flag(ctx: Context) -> str:
+    """`` --ca PATH`` when this command was given a CA, to repeat in a command it suggests."""
+    ca = ctx._path("ca", "UNIBUS_CA")
+    return f" --ca {ca}" if ca else ""
 
 
 async def cmd_members_list(ctx: Context, c: UnibusClient) -> int:

@@ -200,7 +200,8 @@ class Identity:
         if self.bus_key is None:
             raise NoBusKey(
                 f"the identity of {self.handle} has no bus key (a version 1 identity file from unibus 0.11); "
-                "run `unibus keygen --upgrade --server URL` to add one and upload it"
+                "run `unibus keygen --upgrade --server URL` (with `--ca PATH` for a server whose certificate "
+                "your operator's CA signed) to add one and upload it"
             )
         return self.bus_key
 

@@ -83,6 +83,8 @@ REPLICA_VERSION = 2
 _READS = (1, 2)  # the state.json versions this unibus reads
 #: Entries asked for per ``GET /v1/log`` (the server's maximum).
 PAGE_LIMIT = 1000
+#: :meth:`Replica.trust` has not asked the server for its entry 0 yet.
+_UNASKED = object()
 #: How long ``unibus trust`` searches a server's log for a bootstrap (a hostile one never ends).
 TRUST_SEARCH_WITHIN = 60.0
 #: Seconds a process waits for another one's lock on the replica.
@@ -633,18 +635,25 @@ class Replica:
         then took the operator's root for a bootstrap, exit 0)."""
         fp = _fingerprint(fingerprint)
         found: bool | None = None
-        while True:  # at most twice: the search is made once, outside the lock (a review: a server's
-            # endless log held it, and every other command of the identity waited)
+        served_root: str | None | object = _UNASKED if client is not None else None
+        for _ in range(3):  # each question is asked at most once, outside the lock (a review: a
+            # server's endless log held it, and every other command of the identity waited)
             async with self.locked():
-                done = self._trust_now(fp, reset, found)
+                done = self._trust_now(fp, reset, found, served_root)
                 if done is not None:
                     return done
                 after = max(0, self.pinned_head[0])  # what is verified holds no unaccepted bootstrap
-            found = await self._served_bootstrap(client, fp, after)
+                search = self.first_use and found is None
+            if search:
+                found = await self._served_bootstrap(client, fp, after)
+            else:
+                served_root = await self._served_root(client)
+        raise AssertionError("trust asked the server more than twice")  # _trust_now decides by then
 
-    def _trust_now(self, fp: str, reset: bool, found: bool | None) -> str | None:
-        """What :meth:`trust` does, under the lock; None when the server's log must be searched
-        first (``found``: whether that search found ``fp``, or None before it)."""
+    def _trust_now(self, fp: str, reset: bool, found: bool | None, served_root: str | None | object) -> str | None:
+        """What :meth:`trust` does, under the lock; None when the server must be asked first
+        (``found``: whether the search of its log found ``fp``, or None before it; ``served_root``:
+        the fingerprint of the entry 0 it serves, None if unknown, ``_UNASKED`` before asking)."""
         if reset:
             self.trust_root, self.accepted, self.pinned_head, self.epochs = fp, set(), (-1, ""), {}
             self.first_use = False
@@ -678,10 +687,35 @@ class Replica:
         # replaced the root while nothing was verified, so a new member of a deployment that
         # had recovered (`trust ROOT`, then `trust RECOVERY`) could never verify its log (red
         # team). Re-pinning a root is `--reset`.
+        if served_root is _UNASKED and not found:  # a bootstrap found after entry 0 is not entry 0
+            return None
+        if served_root == fp:
+            # The entry 0 of the log the server serves now: a deployment started over (an upgrade
+            # redone from a copy made before it, a new database), which no bootstrap after the
+            # pinned root can be; accepted as one, every later command failed (an upgrade drill).
+            raise TrustRefused(
+                f"{fp} is the trust root of the membership log {self.server} serves now, not a recovery "
+                f"bootstrap after the root you pinned ({self.trust_root}): the deployment started over with "
+                f"a new log. If your operator says so, `unibus trust --reset {fp}` forgets what this client "
+                f"verified of {self.server} and pins {fp}")
         self.accepted.add(fp)
         self.state.accepted_bootstraps.add(fp)
         self._write_state()
         return "accepted"
+
+    async def _served_root(self, client: Any) -> str | None:
+        """The fingerprint of the entry 0 the server serves now, or None when it cannot say (no
+        answer, not a log page). Unverified: it only ever leads to a refusal."""
+        try:
+            page = await client.log(limit=1)
+        except Exception as exc:  # unreachable, refused, a timeout: trust works offline as before
+            log.debug("trust: %s did not serve its entry 0: %s", self.server, exc)
+            return None
+        entries = page.get("entries") if isinstance(page, dict) else None
+        first = entries[0] if isinstance(entries, list) and entries else None
+        if not isinstance(first, dict) or first.get("seq") != 0:
+            return None
+        return _entry_fingerprint(first)
 
     async def _served_bootstrap(self, client: Any, fp: str, after: int = 0) -> bool:
         """Whether the server's log holds a bootstrap entry whose hash is ``fp`` after seq
@@ -802,7 +836,9 @@ class Replica:
         if seq < pinned_seq:
             raise LogVerificationError(
                 f"rollback: {self.server} serves a membership log that ends at seq {seq}, but this client has "
-                f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped", pinned_seq)
+                f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped (if your operator "
+                f"started the deployment over, `unibus trust --reset` with its new trust root starts this "
+                f"client over too)", pinned_seq)
         if seq == pinned_seq and digest != pinned_hash and not from_scratch:
             raise LogVerificationError(
                 f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "

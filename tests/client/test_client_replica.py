@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -249,6 +250,54 @@ def test_a_recovery_bootstrap_needs_explicit_trust(tmp_path, membershipd_factory
     shown = unibus(daemon.base_url, path4, "log", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["trust_root"] == doc["trust_root"]
+
+
+def served_root(daemon, identity) -> str:
+    from unibus.memberlog import entry_hash
+
+    async def first() -> dict:
+        async with UnibusClient(daemon.base_url, identity) as c:
+            return (await c.log(limit=1))["entries"][0]
+
+    return entry_hash(asyncio.run(first()))
+
+
+def test_a_deployment_started_over_is_not_taken_for_a_recovery_bootstrap(tmp_path):
+    """An upgrade drill: the upgrade redone from the copy made before it gives the log a new entry 0
+    (a new trust root). `unibus trust NEW` took it for a recovery bootstrap of the root pinned (exit
+    0), and every later command failed as a rollback. Now `trust` refuses it, naming `--reset`; a
+    fingerprint offered while the server cannot be asked is still accepted in advance."""
+    alice = generate_identity("alice")
+    data_dir = tmp_path / "daemon"
+    bootstrap_member(data_dir, alice, "admin")
+    daemon = MembershipdProcess(data_dir).start()
+    try:
+        old_root = served_root(daemon, alice)
+        path = tmp_path / "alice.json"
+        save_identity(alice, path)
+        assert "pinned" in unibus(daemon.base_url, path, "trust", old_root).stdout
+        assert unibus(daemon.base_url, path, "rooms", "create", "ops").returncode == 0
+    finally:
+        daemon.stop()
+    shutil.rmtree(data_dir)
+    bootstrap_member(data_dir, alice, "admin")  # started over: a new entry 0
+    again = daemon.again().start()
+    try:
+        new_root = served_root(again, alice)
+        assert new_root != old_root
+        assert "rollback" in error_line(unibus(again.base_url, path, "whoami"))
+        line = error_line(unibus(again.base_url, path, "trust", new_root))
+        assert "started over" in line and f"unibus trust --reset {new_root}" in line
+        assert "rollback" in error_line(unibus(again.base_url, path, "log", "show"))  # nothing accepted
+        state = json.loads((path.with_name("alice.json.log") / server_id(again.base_url) / "state.json").read_text())
+        assert state["trust_root"] == old_root and not state.get("accepted_bootstraps")
+        assert "forgot" in unibus(again.base_url, path, "trust", "--reset", new_root).stdout
+        assert unibus(again.base_url, path, "whoami").returncode == 0
+    finally:
+        again.stop()
+    # the server down: a recovery fingerprint given in advance is still accepted, as before
+    recovery = "ab" * 32
+    assert "accepted" in unibus(again.base_url, path, "trust", recovery).stdout
 
 
 def test_a_root_pinned_on_first_use_is_not_taken_for_the_operators_root(tmp_path, membershipd_factory):

@@ -103,6 +103,10 @@ async def test_a_011_deployment_upgrades_members_regain_the_bus_with_a_bus_key(t
                                .decode(), allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=2)
     sent = unibus("send", room, "chat", "hello", identity=files["alice"], server=url)
     assert sent.returncode == 1 and "keygen --upgrade" in sent.stderr, sent.stderr
+    # whoami with the 0.11 file: no Python None on screen, and the way on (an upgrade drill)
+    who = unibus("whoami", identity=files["alice"], server=url)
+    assert who.returncode == 0 and "bus_pub:" in who.stdout and "None" not in who.stdout, who.stdout
+    assert "(none)" in who.stdout and f"unibus keygen --upgrade --server {url}" in who.stderr, who.stderr
 
     # bob upgrades and uploads in one step
     up = unibus("keygen", "--upgrade", identity=files["bob"], server=url)
