@@ -1099,7 +1099,8 @@ class UnibusClient:
     async def trust(self, fingerprint: str, *, reset: bool = False) -> str:
         """``unibus trust`` for this client's replica: pin ``fingerprint`` as the trust root,
         confirm the root pinned on first use, or accept a recovery bootstrap (one the server's log
-        holds, while the root is a first use's); ``reset`` starts over with it as the root.
+        holds, while the root is a first use's; never the entry 0 it serves now, a log started
+        over); ``reset`` starts over with it as the root.
         Returns what was done (:meth:`unibus.client.replica.Replica.trust`)."""
         return await self.replica.trust(fingerprint, reset=reset, client=self)
 

@@ -820,7 +820,12 @@ def _fingerprint_arg(value: str) -> str:
 
 async def cmd_trust(ctx: Context, c: UnibusClient) -> int:
     fp = _fingerprint_arg(ctx.args.fingerprint)
+    before = c.replica.pinned_root()
     done = await c.trust(fp, reset=ctx.args.reset)
+    if done == "reset" and before == fp:
+        _note(f"{fp} was pinned already: this forgot only what was verified of {c.base_url} after it, so a "
+              "log the server rolled back is now taken from its start (right after a restore from a backup, "
+              "not otherwise)")
     where = c.replica.directory
     text = {
         "pinned": f"pinned {fp} as the trust root of {c.base_url}: its membership log must start with that entry",

@@ -85,6 +85,13 @@ _READS = (1, 2)  # the state.json versions this unibus reads
 PAGE_LIMIT = 1000
 #: :meth:`Replica.trust` has not asked the server for its entry 0 yet.
 _UNASKED = object()
+
+
+@dataclass(frozen=True)
+class _Unanswered:
+    """The server gave :meth:`Replica.trust` no entry 0: why."""
+
+    reason: str
 #: How long ``unibus trust`` searches a server's log for a bootstrap (a hostile one never ends).
 TRUST_SEARCH_WITHIN = 60.0
 #: Seconds a process waits for another one's lock on the replica.
@@ -632,7 +639,13 @@ class Replica:
         entry 0, which ``client`` (a :class:`unibus.client.UnibusClient`) is asked for. Otherwise
         :class:`TrustRefused` is raised: the fingerprint may be the root the operator gave, and the
         server another log (a walk-through of the upgrade steps pinned the server's root first,
-        then took the operator's root for a bootstrap, exit 0)."""
+        then took the operator's root for a bootstrap, exit 0).
+
+        A root pinned by hand (or confirmed): another fingerprint is accepted in advance as a
+        recovery bootstrap, after ``client`` was asked for the entry 0 it serves. When that entry's
+        hash is the fingerprint, the deployment started over with a new log, and
+        :class:`TrustRefused` is raised (naming ``--reset``); when the server cannot say (unreachable,
+        an error answer), the fingerprint is accepted with a notice saying so."""
         fp = _fingerprint(fingerprint)
         found: bool | None = None
         served_root: str | None | object = _UNASKED if client is not None else None
@@ -673,6 +686,10 @@ class Replica:
             self._write_state()
             return "pinned"
         if fp in self.accepted:
+            if served_root is _UNASKED and not found:
+                return None
+            if served_root == fp:  # taken for a recovery before this check existed
+                raise self._started_over(fp)
             return "already"
         if self.first_use and not found:
             if found is None:
@@ -693,27 +710,40 @@ class Replica:
             # The entry 0 of the log the server serves now: a deployment started over (an upgrade
             # redone from a copy made before it, a new database), which no bootstrap after the
             # pinned root can be; accepted as one, every later command failed (an upgrade drill).
-            raise TrustRefused(
-                f"{fp} is the trust root of the membership log {self.server} serves now, not a recovery "
-                f"bootstrap after the root you pinned ({self.trust_root}): the deployment started over with "
-                f"a new log. If your operator says so, `unibus trust --reset {fp}` forgets what this client "
-                f"verified of {self.server} and pins {fp}")
+            raise self._started_over(fp)
+        if isinstance(served_root, _Unanswered):
+            self.notice(f"{self.server} did not serve its entry 0 ({served_root.reason}), so {fp} is taken for a "
+                        f"recovery bootstrap unchecked: if it is a new trust root your operator gave you "
+                        f"(the deployment started over), run `unibus trust --reset {fp}` instead")
         self.accepted.add(fp)
         self.state.accepted_bootstraps.add(fp)
         self._write_state()
         return "accepted"
 
-    async def _served_root(self, client: Any) -> str | None:
-        """The fingerprint of the entry 0 the server serves now, or None when it cannot say (no
-        answer, not a log page). Unverified: it only ever leads to a refusal."""
+    def _started_over(self, fp: str) -> TrustRefused:
+        return TrustRefused(
+            f"{self.server} says its membership log now starts with {fp} (unverified), so {fp} is no recovery "
+            f"bootstrap after the root you pinned ({self.trust_root}): the deployment started over with a new "
+            f"log, or the server is not the one you trust. Only if your operator confirms it started over and "
+            f"gave you {fp}, `unibus trust --reset {fp}` forgets what this client verified of {self.server} and "
+            f"pins {fp}")
+
+    async def _served_root(self, client: Any) -> str | None | _Unanswered:
+        """The fingerprint of the entry 0 the server serves now; :class:`_Unanswered` when it gives
+        none (unreachable, an error answer), None for an answer that is not a log page. Unverified:
+        it only ever leads to a refusal (an entry's hash covers its ``seq``, so no entry 0 has a
+        later bootstrap's hash)."""
+        import aiohttp
+
+        from .api import ApiError, ServerUnreachable
+
         try:
             page = await client.log(limit=1)
-        except Exception as exc:  # unreachable, refused, a timeout: trust works offline as before
-            log.debug("trust: %s did not serve its entry 0: %s", self.server, exc)
-            return None
+        except (ApiError, ServerUnreachable, aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return _Unanswered(str(exc)[:200] or type(exc).__name__)
         entries = page.get("entries") if isinstance(page, dict) else None
         first = entries[0] if isinstance(entries, list) and entries else None
-        if not isinstance(first, dict) or first.get("seq") != 0:
+        if not isinstance(first, dict) or type(first.get("seq")) is not int or first["seq"] != 0:
             return None
         return _entry_fingerprint(first)
 
@@ -836,9 +866,9 @@ class Replica:
         if seq < pinned_seq:
             raise LogVerificationError(
                 f"rollback: {self.server} serves a membership log that ends at seq {seq}, but this client has "
-                f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped (if your operator "
-                f"started the deployment over, `unibus trust --reset` with its new trust root starts this "
-                f"client over too)", pinned_seq)
+                f"verified it up to seq {pinned_seq}: entries after seq {seq} were dropped. That is what a "
+                f"compromised server does; only if your operator started the deployment over and gives you "
+                f"its new trust root, `unibus trust --reset NEW_ROOT` starts this client over", pinned_seq)
         if seq == pinned_seq and digest != pinned_hash and not from_scratch:
             raise LogVerificationError(
                 f"fork: {self.server} serves another entry at seq {seq} than the one this client verified "

@@ -289,15 +289,25 @@ def test_a_deployment_started_over_is_not_taken_for_a_recovery_bootstrap(tmp_pat
         line = error_line(unibus(again.base_url, path, "trust", new_root))
         assert "started over" in line and f"unibus trust --reset {new_root}" in line
         assert "rollback" in error_line(unibus(again.base_url, path, "log", "show"))  # nothing accepted
-        state = json.loads((path.with_name("alice.json.log") / server_id(again.base_url) / "state.json").read_text())
+        state_file = path.with_name("alice.json.log") / server_id(again.base_url) / "state.json"
+        state = json.loads(state_file.read_text())
         assert state["trust_root"] == old_root and not state.get("accepted_bootstraps")
+        # a client that took it for a recovery before this check: refused too, not "already trusted"
+        state["accepted_bootstraps"] = [new_root]
+        state_file.write_text(json.dumps(state))
+        assert "started over" in error_line(unibus(again.base_url, path, "trust", new_root))
+        state["accepted_bootstraps"] = []
+        state_file.write_text(json.dumps(state))
         assert "forgot" in unibus(again.base_url, path, "trust", "--reset", new_root).stdout
         assert unibus(again.base_url, path, "whoami").returncode == 0
     finally:
         again.stop()
-    # the server down: a recovery fingerprint given in advance is still accepted, as before
+    # the server down: a recovery fingerprint given in advance is still accepted, as before, and
+    # the notice says it was not checked (a review)
     recovery = "ab" * 32
-    assert "accepted" in unibus(again.base_url, path, "trust", recovery).stdout
+    offline = unibus(again.base_url, path, "trust", recovery)
+    assert offline.returncode == 0 and "accepted" in offline.stdout, offline.stderr
+    assert "did not serve its entry 0" in offline.stderr and f"trust --reset {recovery}" in offline.stderr
 
 
 def test_a_root_pinned_on_first_use_is_not_taken_for_the_operators_root(tmp_path, membershipd_factory):
