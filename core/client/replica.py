@@ -83,15 +83,6 @@ REPLICA_VERSION = 2
 _READS = (1, 2)  # the state.json versions this unibus reads
 #: Entries asked for per ``GET /v1/log`` (the server's maximum).
 PAGE_LIMIT = 1000
-#: :meth:`Replica.trust` has not asked the server for its entry 0 yet.
-_UNASKED = object()
-
-
-@dataclass(frozen=True)
-class _Unanswered:
-    """The server gave :meth:`Replica.trust` no entry 0: why."""
-
-    reason: str
 #: How long ``unibus trust`` searches a server's log for a bootstrap (a hostile one never ends).
 TRUST_SEARCH_WITHIN = 60.0
 #: Seconds a process waits for another one's lock on the replica.
@@ -101,6 +92,15 @@ GAVE_UP_MAX = 256
 FINGERPRINT_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-")
 _NAME_MAX = 200
+#: :meth:`Replica.trust` has not asked the server for its entry 0 yet.
+_UNASKED = object()
+
+
+@dataclass(frozen=True)
+class _Unanswered:
+    """The server gave :meth:`Replica.trust` no entry 0: why."""
+
+    reason: str
 
 
 class VerificationError(Exception):
