@@ -17,6 +17,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections import Counter
@@ -591,7 +592,7 @@ async def cmd_whoami(ctx: Context, c: UnibusClient) -> int:
 def _ca_flag(ctx: Context) -> str:
     """`` --ca PATH`` when this command was given a CA, to repeat in a command it suggests."""
     ca = ctx._path("ca", "UNIBUS_CA")
-    return f" --ca {ca}" if ca else ""
+    return f" --ca {shlex.quote(str(ca))}" if ca else ""
 
 
 async def cmd_members_list(ctx: Context, c: UnibusClient) -> int:

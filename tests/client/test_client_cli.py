@@ -354,3 +354,18 @@ def test_listen_ends_by_saying_what_it_did_not_show():
         "not shown: 3 messages rejected (1 replay, 2 signature); --show-rejected says why, one line each")
     assert _not_shown(Counter({"stale": 1}), 5, True) == (
         "not shown: 1 message rejected (1 stale); 5 dropped while this listener was behind")
+
+
+def test_a_suggested_command_repeats_the_ca_so_that_it_can_be_pasted(tmp_path, monkeypatch):
+    """The `keygen --upgrade` hint carries this command's `--ca` (flag or UNIBUS_CA), quoted for a shell."""
+    import argparse
+
+    from unibus.client.cli import Context, _ca_flag
+
+    monkeypatch.delenv("UNIBUS_CA", raising=False)
+    assert _ca_flag(Context(argparse.Namespace())) == ""
+    spaced = tmp_path / "my ca's.crt"
+    flag = _ca_flag(Context(argparse.Namespace(ca=str(spaced))))
+    assert shlex.split("unibus keygen --upgrade" + flag)[-2:] == ["--ca", str(spaced)]
+    monkeypatch.setenv("UNIBUS_CA", str(spaced))
+    assert _ca_flag(Context(argparse.Namespace())) == flag
