@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -507,6 +508,13 @@ def health_state(app: web.Application) -> HealthState:
                        routes=0 if app[SETTINGS].cluster_name else None)
 
 
+def floor_warning(floor: int) -> str:
+    """The /healthz line for a node whose nonce floor is ahead of its clock (docs/http-api.md)."""
+    wait = max(1, math.ceil(floor + 1 - time.time()))
+    return (f"replay protection restarted (the nonce store was lost and made again): signed requests created at "
+            f"or before {floor} are refused (503) for about {wait} s more (docs/operations.md, the nonce epoch rule)")
+
+
 async def healthz(request: web.Request) -> web.Response:
     app = request.app
     body = await healthz_body(app)
@@ -539,6 +547,8 @@ async def healthz_body(app: web.Application) -> dict[str, Any]:
     }
     # --insecure-plaintext: said on every /healthz, not only once in the log (docs/http-api.md)
     warnings = insecure_plaintext_warnings(settings)
+    if state.floor_ahead is not None:
+        warnings.append(floor_warning(state.floor_ahead))
     if warnings:
         body["warnings"] = warnings
     for name, fields in app[PLUGINS].call_each_safe("healthz_fields", app=app):
@@ -610,8 +620,9 @@ def make_app(
     health = add_schema(app, "Healthz", HEALTHZ_SCHEMA)
     add_route(app, "GET", "/healthz", healthz, summary="Liveness and posture of this node", signed=False,
               responses={200: ("serving", health),
-                         503: Response("degraded (NATS, JetStream or the nonce bucket unavailable): the same body "
-                                       'with "status": "degraded"', health, JSON)},
+                         503: Response("degraded (NATS, JetStream or the nonce bucket unavailable, or the nonce "
+                                       'floor ahead of the clock): the same body with "status": "degraded"',
+                                       health, JSON)},
               tags=["health"])
     add_route(app, "GET", "/openapi.json", openapi_json, summary="This OpenAPI document", signed=False,
               responses={200: ("the document", OPENAPI_SCHEMA)}, tags=["meta"])

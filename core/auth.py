@@ -368,24 +368,44 @@ class NonceStore:
     async def _move_bucket(self, info: Any) -> None:
         """Re-create the bucket with the configured storage (it cannot be changed in place), keeping its nonces.
 
-        Before the old bucket goes, the high-water mark is raised to now + skew,
-        which covers every request it may hold: a crash before the copy is back
-        loses nothing. The copy carries every nonce with the time it has left.
-        When nobody else claims in the bucket (``exclusive``) the copy is exact
-        and the new bucket's floor stays the old mark; otherwise a node of the
-        previous version may have claimed after the copy was read, and the
-        floor is the raised mark (503 for up to ``skew`` seconds).
+        Before the old bucket goes, the high-water mark is raised to cover every
+        request the bucket may hold: a crash before the copy is back loses
+        nothing. A nonce claimed at ``t`` came with a ``created`` of at most ``t``
+        + the skew it was accepted under (half the old bucket's max age, when
+        that is more than ``skew``). When nobody else claims in the bucket
+        (``exclusive``) and its nonces were read, the mark is raised that far for
+        the latest claim (not at all for an empty bucket); otherwise to now + that
+        skew. The copy carries every nonce with the time it has left. When the
+        bucket is ``exclusive`` and the old skew is not larger, the copy is exact
+        and the new bucket's floor stays the old mark; otherwise the floor is the
+        raised mark (503 until it has passed): a node of the previous version may
+        have claimed after the copy was read, or a request accepted under a longer
+        skew can be replayed after its nonce expired from the new bucket.
+
+        The raised mark is the floor of the bucket's next incarnation, as every
+        mark is: a restart within ``skew`` seconds of the latest claim copied
+        refuses requests created until then (the copied nonces were in memory).
+        It was now + skew whatever the bucket held, so a restart within a
+        minute of the upgrade refused every signed request for up to a minute,
+        while ``/healthz`` said ``ok`` (a black-box test of the contract).
         """
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
+        old_skew = max(self.skew, math.ceil((info.config.max_age or 0) / 2))
         try:
             nonces = await within(self._read_nonces(info), MOVE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - the floor covers what is not copied
             log.warning("nonce bucket: could not read the nonces of the %s bucket (%s: %s); requests from the "
-                        "last %d s will be refused instead", old, type(e).__name__, e, self.skew)
+                        "last %d s will be refused instead", old, type(e).__name__, e, old_skew)
             nonces = None
+        now = time.time()
         floor_before = await self.high_water_store.nonce_high_water()
-        raised = await self.high_water_store.raise_nonce_high_water(int(time.time()) + self.skew)
+        if nonces is None or not self.exclusive:
+            cover = int(now) + old_skew
+        else:
+            cover = max((math.ceil(claimed) + old_skew for _key, claimed in nonces), default=0)
+        raised = (await self.high_water_store.raise_nonce_high_water(cover) if cover > floor_before
+                  else floor_before)
         try:
             await self.bus.js.delete_stream(NONCE_STREAM)
         except APIError as e:
@@ -396,15 +416,19 @@ class NonceStore:
         except APIError as e:
             if e.err_code != STREAM_NAME_IN_USE:  # another node re-created it first: copy into that one
                 raise
-        copied = await self._write_nonces(nonces) if nonces else 0
-        exact = self.exclusive and nonces is not None and copied == len(nonces)
+        # each with the time it has left in the new bucket (nonces older than its max age stay out)
+        live = [(key, left) for key, claimed in nonces or ()
+                if (left := math.ceil(self.ttl - (now - claimed))) > 0]
+        copied = await self._write_nonces(live) if live else 0
+        exact = self.exclusive and nonces is not None and copied == len(live) and old_skew <= self.skew
         self._pending_floor = floor_before if exact else raised
         log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) carried "
                     "over%s", old, getattr(self.bucket_config().storage, "value", "?"), copied,
                     "" if exact else f"; requests created at or before {raised} are refused (503) until then")
 
-    async def _read_nonces(self, info: Any) -> list[tuple[str, int]]:
-        """``(key, seconds left)`` of every live nonce in the bucket, ``_epoch`` left out."""
+    async def _read_nonces(self, info: Any) -> list[tuple[str, float]]:
+        """``(key, claimed at)`` of every nonce in the bucket, ``_epoch`` left out (``claimed at``:
+        the server's timestamp of the claim, Unix seconds)."""
         assert self.bus.js is not None
         if not info.state.messages:
             return []
@@ -415,19 +439,17 @@ class NonceStore:
 
         sub = await self.bus.js.subscribe(f"{NONCE_PREFIX}>", stream=NONCE_STREAM, cb=on_msg, ordered_consumer=True,
                                           deliver_policy=DeliverPolicy.LAST_PER_SUBJECT, inactive_threshold=5.0)
-        out: list[tuple[str, int]] = []
+        out: list[tuple[str, float]] = []
         try:
             info = await sub.consumer_info()
             if info.num_pending == 0 and not (info.delivered and info.delivered.consumer_seq):
                 return out
-            now = time.time()
             while True:
                 msg = await queue.get()
                 meta = msg.metadata
                 key = msg.subject[len(NONCE_PREFIX):]
-                left = math.ceil(self.ttl - (now - meta.timestamp.timestamp()))
-                if not key.startswith("_") and left > 0 and (msg.headers or {}).get("KV-Operation") is None:
-                    out.append((key, left))
+                if not key.startswith("_") and (msg.headers or {}).get("KV-Operation") is None:
+                    out.append((key, meta.timestamp.timestamp()))
                 if meta.num_pending == 0:
                     return out
         finally:

@@ -10,6 +10,9 @@ describe the answer. ``/healthz`` must answer at once whatever NATS is doing
 * the supervisor's view of its child (running, restarts);
 * whether the nonce store's last claim failed (``NonceStore.failing``: a
   request's claim counts at once, not from the next probe);
+* whether the nonce bucket's floor is still ahead of this clock, so that
+  every request signed now is refused (``NonceStore.floor``; after a loss
+  whose mark a client's clock, or a move of a 0.11 bucket, put ahead);
 * the results of :class:`HealthProber`, which every :data:`PROBE_INTERVAL`
   seconds asks, each within :data:`PROBE_TIMEOUT`: is a claim of the nonce
   store's own acknowledged, does the store answer (a cluster's state bucket has a
@@ -47,6 +50,8 @@ class HealthState:
     jetstream: bool
     nats_running: bool
     routes: int | None  # None off a cluster
+    #: The nonce bucket's floor while a request signed now would still be refused by it (503), else None.
+    floor_ahead: int | None = None
 
 
 class HealthProber:
@@ -61,7 +66,7 @@ class HealthProber:
     def __init__(self, bus: Any, *, nonces: Any = None, store: Any = None, supervisor: Any = None,
                  route_peers: Callable[[], Awaitable[int | None]] | None = None, clustered: bool = False,
                  interval: float = PROBE_INTERVAL, timeout: float = PROBE_TIMEOUT,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time) -> None:
         self.bus = bus
         self.nonces = nonces
         self.store = store
@@ -71,6 +76,7 @@ class HealthProber:
         self.interval = interval
         self.timeout = timeout
         self.clock = clock
+        self.wall = wall
         self.jetstream = False
         self.store_ok = False
         self.routes: int | None = 0 if clustered else None
@@ -93,8 +99,11 @@ class HealthProber:
                      and not getattr(self.nonces, "failing", False))
         running = self.supervisor is None or bool(self.supervisor.running)
         routes = (self.routes or 0) if self.clustered else None
-        return HealthState(ok=connected and jetstream and running, connected=connected, jetstream=jetstream,
-                           nats_running=running, routes=routes)
+        # a request created at or before the floor is refused: one signed now, until a second past it
+        floor = getattr(self.nonces, "floor", None)
+        ahead = floor if isinstance(floor, int) and floor + 1 > self.wall() else None
+        return HealthState(ok=connected and jetstream and running and ahead is None, connected=connected,
+                           jetstream=jetstream, nats_running=running, routes=routes, floor_ahead=ahead)
 
     # -- probing ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -268,6 +269,33 @@ async def test_the_first_request_signed_after_a_restart_is_served(tmp_path):
         daemon.stop()
 
 
+async def test_healthz_is_degraded_while_the_floor_refuses_every_fresh_request(tmp_path):
+    """A restart whose floor is still ahead of the clock once the start's 3 s wait is over (a
+    client signed ahead of it) refuses every request signed now (503) until it passes: /healthz
+    said ``ok`` meanwhile (a black-box test of the contract, after an upgrade: the move of a 0.11
+    bucket raised the mark a minute ahead). It is ``degraded`` now, and a warning says until when."""
+    daemon, alice = start_daemon(tmp_path, "node")
+    try:
+        ahead = signed(alice, created=int(time.time()) + 12)  # inside the 60 s skew: accepted
+        assert (await send(daemon, ahead))[0] == 200
+        daemon.stop()
+        daemon = daemon.again().start(wait=False)
+        daemon.wait_healthy(timeout=WAIT, want=503)
+        status, body = daemon.healthz()
+        floor = created_of(ahead)
+        if status == 503:  # else the floor passed in between (a very slow start): nothing left to see
+            assert body["status"] == "degraded" and body["nats"]["connected"] and body["nats"]["jetstream"], body
+            assert any(f"created at or before {floor} are refused (503)" in w for w in body["warnings"]), body
+            assert_refused_as_unverifiable(await send(daemon, signed(alice)))  # what the warning says
+        assert time.time() < floor + 1 + WAIT
+        body = daemon.wait_healthy(timeout=WAIT)  # the floor passed: ok again, no warning
+        assert time.time() >= floor + 1 and "warnings" not in body, body
+        assert (await send(daemon, signed(alice)))[0] == 200
+        assert_refused_as_unverifiable(await send(daemon, ahead))
+    finally:
+        daemon.stop()
+
+
 # -- NonceStore alone, against a bare nats-server ---------------------------------------------------------
 
 
@@ -402,11 +430,11 @@ async def test_a_file_bucket_moves_to_memory_with_its_nonces(nats_server, exclus
         kv = await bus.js.create_key_value(config=KeyValueConfig(
             bucket=NONCE_BUCKET, history=1, ttl=120.0, replicas=1, storage=StorageType.FILE))
         old = [make_nonce() for _ in range(300)]
+        t0 = int(time.time())
         for nonce in old:
             await kv.create(f"alice.{nonce}", b"1")
     finally:
         await bus.close()
-    t0 = int(time.time())
     async with nonce_stores(nats_server.url, 1, exclusive=exclusive) as ((store,), mark):
         info = await store.bus.js.stream_info(NONCE_STREAM)
         assert info.config.storage == StorageType.MEMORY
@@ -418,3 +446,40 @@ async def test_a_file_bucket_moves_to_memory_with_its_nonces(nats_server, exclus
             assert store.floor == 0  # an exact copy: nothing to refuse
         else:
             assert store.floor >= t0 + 60  # another node may have claimed after the copy: refuse until then
+
+
+@pytest.mark.parametrize(("claims", "old_ttl"), [(0, 120), (50, 120), (50, 600)])
+async def test_a_move_of_its_own_bucket_raises_the_mark_only_as_far_as_its_nonces_need(nats_server, claims, old_ttl):
+    """On a single node (the bucket is its own) the move raised the mark to now + skew whatever
+    the bucket held, and the mark is the floor after the next restart: a restart within a minute
+    of an upgrade from 0.11 refused every signed request for up to a minute (a black-box test of
+    the contract). A nonce claimed at t came with a ``created`` of at most t + the skew it was
+    accepted under: the mark is raised that far for the latest claim, and not at all for an empty
+    bucket. A bucket made under a longer skew (its max age is twice that) holds requests that stay
+    replayable after their nonces expired from the new one: its floor covers them."""
+    bus = Bus(nats_server.url)
+    await bus.connect()
+    try:
+        kv = await bus.js.create_key_value(config=KeyValueConfig(
+            bucket=NONCE_BUCKET, history=1, ttl=float(old_ttl), replicas=1, storage=StorageType.FILE))
+        for _ in range(claims):
+            await kv.create(f"alice.{make_nonce()}", b"1")
+        last_claim = time.time()
+    finally:
+        await bus.close()
+    await asyncio.sleep(2.5)  # the move comes later than the claims, as an upgrade does
+    moved_at = int(time.time())
+    old_skew = old_ttl // 2
+    async with nonce_stores(nats_server.url, 1, exclusive=True) as ((store,), mark):  # skew 60
+        info = await store.bus.js.stream_info(NONCE_STREAM)
+        assert info.config.storage == StorageType.MEMORY and info.config.max_age == 120.0
+        assert info.state.messages == claims + 1  # every nonce, and the _epoch
+        if claims:
+            assert int(last_claim) + old_skew <= mark.value <= math.ceil(last_claim) + old_skew
+        else:
+            assert mark.value == 0  # nothing to cover: the next restart has nothing to refuse either
+        if old_ttl == 120:
+            assert mark.value < moved_at + 60
+            assert store.floor == 0  # an exact copy: nothing to refuse now
+        else:
+            assert store.floor == mark.value  # refused until the longer skew has passed
