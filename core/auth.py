@@ -192,12 +192,19 @@ class NonceStoreUnavailable(Exception):
 
 class ReplayFloorError(NonceStoreUnavailable):
     """The request was created at or before the nonce bucket's floor: it may have
-    been accepted before the bucket was lost, so it cannot be checked (503)."""
+    been accepted before the bucket was lost, so it cannot be checked.
 
-    def __init__(self, floor: int, retry_after: int) -> None:
+    ``before_epoch``: it was created in a second before the one the bucket's
+    epoch was written in, so signed before the loss: a replay cannot be told
+    from it, and it is refused as one (401). Otherwise it was signed after the
+    loss, by a clock behind the floor (a signer's clock ran ahead before the
+    loss): 503, sign it again once the floor has passed."""
+
+    def __init__(self, floor: int, retry_after: int, before_epoch: bool = False) -> None:
         super().__init__(f"created at or before the nonce floor {floor}")
         self.floor = floor
         self.retry_after = retry_after
+        self.before_epoch = before_epoch
 
 
 class HighWater(Protocol):
@@ -307,6 +314,8 @@ class NonceStore:
         self.resets = 0
         #: The floor of the bucket's current incarnation; None while it is not known (503).
         self.floor: int | None = None
+        #: When the current incarnation's epoch was written (its ``at``, Unix seconds); None if unknown.
+        self.epoch_at: float | None = None
         #: The durable high-water mark as far as this node knows it (a lower bound).
         self.high_water = 0
         self._epoch_raw: bytes | None = None
@@ -529,9 +538,12 @@ class NonceStore:
 
     def _adopt(self, raw: bytes, mark: int, reconnects: int) -> None:
         try:
-            floor = int(json.loads(raw)["floor"])
+            record = json.loads(raw)
+            floor = int(record["floor"])
         except (ValueError, KeyError, TypeError):
             raise NonceStoreUnavailable(f"the nonce epoch is unreadable: {raw[:100]!r}") from None
+        at = record.get("at")
+        epoch_at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
         new = raw != self._epoch_raw
         if new and self._epoch_raw is not None:
             self.resets += 1
@@ -542,6 +554,7 @@ class NonceStore:
         if new:
             self._max_seq = 0
         self._epoch_raw = raw
+        self.epoch_at = epoch_at
         self._pending_floor = None
         self._reconnects = reconnects
         self.high_water = max(self.high_water, mark)
@@ -621,12 +634,13 @@ class NonceStore:
         for _ in range(ADMIT_ROUNDS):
             if self.floor is None or self._reconnects != self.acks.reconnects:
                 await self._recover()
-            floor, epoch = self.floor, self._epoch_raw
+            floor, epoch, epoch_at = self.floor, self._epoch_raw, self.epoch_at
             if floor is None:
                 raise NonceStoreUnavailable("the nonce bucket's epoch is not known yet")
             if created <= floor:
                 self.floor_refusals += 1
-                raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)))
+                raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)),
+                                       before_epoch=epoch_at is not None and created < int(epoch_at))
             while created > self.high_water:
                 fut = self._raising
                 if fut is None:
@@ -850,13 +864,17 @@ class MemberDirectory:
         return len(self._members)
 
 
-def unauthorized(detail: str, reason: str = "other") -> Problem:
+def unauthorized(detail: str, reason: str = "other", kind: str = "invalid-signature") -> Problem:
     """The 401 of a refused signature; ``reason`` (one of unibus.metrics.SIGNATURE_REJECTION_REASONS)
     is counted, never sent: the client gets ``detail``."""
-    problem = Problem(401, detail, kind="invalid-signature", headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
+    problem = Problem(401, detail, kind=kind, headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
     problem.reason = reason  # type: ignore[attr-defined]
     return problem
 
+
+#: The 401 detail of a request signed before the nonce bucket was lost (docs/http-api.md).
+NONCE_LOST = ("signed before replay protection restarted (the nonce store was lost and made again): its nonce may "
+              "have been used, so it is refused as a replay would be; sign it again")
 
 #: The 401 detail of a request signed for another deployment (its ``tag``).
 OTHER_DEPLOYMENT = ("signed for another deployment: the signature's tag is not this server's trust root "
@@ -921,6 +939,8 @@ class Authenticator:
                 await nonces.admit(verified.created, now)
             fresh = await nonces.claim(member.handle, verified.nonce)
         except ReplayFloorError as e:
+            if e.before_epoch:  # signed before the nonces were lost: cannot be told from a replay
+                raise unauthorized(NONCE_LOST, "replay", kind="nonce-lost") from None
             raise Problem(503, f"replay protection restarted (the nonce store was lost and made again): a request "
                           f"created at or before {e.floor} cannot be checked for replay; sign it again in "
                           f"{e.retry_after} s", kind="nonce-store-unavailable",

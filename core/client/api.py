@@ -431,8 +431,17 @@ def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_
                     attempt: int) -> float | None:
     """The one retry policy of every client request (JSON calls and blob
     transfers alike): seconds to wait before signing ``attempt + 1`` afresh,
-    or None when the answer is final."""
-    if status != 503 or attempt >= RETRIES_503 or not _retryable_503(method, problem, retry_after):
+    or None when the answer is final.
+
+    Besides the 503s of :func:`_retryable_503`, a ``401`` ``nonce-lost``: the
+    request was created before the server's replay protection restarted (this
+    clock behind the server's, or a request signed before the restart), and one
+    signed again is not."""
+    if attempt >= RETRIES_503:
+        return None
+    if status == 401 and str(problem.get("type") or "").endswith("/nonce-lost"):
+        return 0.5
+    if status != 503 or not _retryable_503(method, problem, retry_after):
         return None
     return min(max(retry_after or 0.5, 0.1), 2.0)
 
@@ -770,9 +779,11 @@ class UnibusClient:
                 return status, raw, state
             problem = _problem_from(status, reason, raw)
             delay = retry_503_delay(method, status, problem, retry_after, attempt)
+            if delay is not None and signed is not None and status != 503:
+                delay = None  # a change is resent as it was signed: its `created` would be refused again
             if delay is not None:
                 attempt += 1
-                log.info("%s %s: 503 (%s); retrying in %.1f s", method, path, problem.get("detail"), delay)
+                log.info("%s %s: %d (%s); retrying in %.1f s", method, path, status, problem.get("detail"), delay)
                 await asyncio.sleep(delay)
                 continue
             if signed is not None and attempt and status == 401:

@@ -41,9 +41,11 @@ class FakeServer:
         self.members: dict[str, dict[str, Any]] = {}
         self.rooms: dict[str, dict[str, Any]] = {}
         self.seen: set[tuple[str, str]] = set()
+        self.nonces: list[str] = []  # of every request whose signature verified
         self.requests: list[tuple[str, str, bytes]] = []
         self.unavailable = 0  # answer the next N signed requests with 503 (replay protection down)
         self.unavailable_type = "https://unibus.dev/problems/nonce-store-unavailable"
+        self.unavailable_status = 503  # 401: the nonce-lost refusal of a request signed before a loss
         self.echoed = 0
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -85,11 +87,16 @@ class FakeServer:
             v = verify_request(request.method, path, query, request.headers, body, resolve_key=resolve)
         except SignatureError as e:
             return problem(401, e.reason)
+        self.nonces.append(v.nonce)
         if self.unavailable:
             self.unavailable -= 1
             resp = problem(503, "replay protection is unavailable; try again")
             body503 = json.loads(resp.text)
             body503["type"] = self.unavailable_type
+            if self.unavailable_status == 401:
+                body503.update(status=401, title="Unauthorized", type="https://unibus.dev/problems/nonce-lost")
+                return web.Response(status=401, text=json.dumps(body503), content_type="application/problem+json",
+                                    headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
             return web.Response(status=503, text=json.dumps(body503), content_type="application/problem+json",
                                 headers={"Retry-After": "0"})
         if (v.keyid, v.nonce) in self.seen:
@@ -296,6 +303,29 @@ async def test_503_fail_closed_is_retried_with_a_fresh_signature(fake, people):
         assert fake.unavailable == 0 and fake.echoed == 1
         fake.unavailable = 1
         assert (await c.me())["handle"] == "alice"  # a GET with Retry-After is
+
+
+async def test_a_request_signed_before_the_nonces_were_lost_is_signed_again(fake, people):
+    """``401 nonce-lost``: created before the server's replay protection restarted (a clock behind
+    the server's), so one signed again is not; retried as the fail-closed 503 is, and as often."""
+    fake.add(people["alice"], "admin")
+    fake.unavailable_status = 401
+    async with UnibusClient(fake.base_url, people["alice"], trust_root=FAKE_ROOT) as c:
+        fake.unavailable = 2
+        assert (await c.request("POST", "/v1/echo", json_body={"n": 1}))["body"] == {"n": 1}
+        assert fake.echoed == 1 and fake.unavailable == 0
+        assert [p for m, p, _ in fake.requests if m == "POST"] == ["/v1/echo"] * 3  # two 401s, then served
+        assert len(set(fake.nonces)) == len(fake.nonces) == 3  # each try signed afresh
+        fake.unavailable = RETRIES_503 + 1  # one try and every retry refused
+        with pytest.raises(ApiError) as e:
+            await c.me()
+        assert e.value.status == 401 and e.value.problem["type"].endswith("/nonce-lost") and fake.unavailable == 0
+    # any other 401 is final: bob is unknown here
+    before = len(fake.requests)
+    async with UnibusClient(fake.base_url, people["bob"], trust_root=FAKE_ROOT) as b:
+        with pytest.raises(ApiError) as e:
+            await b.me()
+    assert e.value.status == 401 and len(fake.requests) == before + 1
 
 
 @pytest.mark.parametrize(("heard", "raised", "refused"), [

@@ -72,12 +72,20 @@ async def fresh_until_served(daemon: MembershipdProcess, identity: Any) -> list[
         await asyncio.sleep(0.25)
 
 
-def assert_refused_as_unverifiable(result: tuple[int, Any, Any]) -> None:
-    """A replay after a loss: 503 (sign again), never served."""
-    status, body, headers = result
-    assert status == 503, (status, body)
-    assert body["type"].endswith("/nonce-store-unavailable"), body
-    assert int(headers["Retry-After"]) >= 1
+async def assert_refused_as_unverifiable(daemon: MembershipdProcess, request: dict[str, str]) -> None:
+    """A request created at or before the floor after a loss, sent: never served. Signed in a
+    second before the one the bucket's epoch was written in (before the loss): 401 ``nonce-lost``,
+    as a replay. Later (a clock behind the floor): 503, sign it again (docs/http-api.md)."""
+    status, body, headers = await send(daemon, request)
+    async with service_js(daemon) as js:
+        epoch = json.loads((await js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY)).data)
+    assert created_of(request) <= epoch["floor"], (epoch, request)
+    if created_of(request) < int(epoch["at"]):
+        assert status == 401 and body["type"].endswith("/nonce-lost"), (status, body, epoch)
+        assert headers.get("WWW-Authenticate"), headers
+    else:
+        assert status == 503 and body["type"].endswith("/nonce-store-unavailable"), (status, body, epoch)
+        assert int(headers["Retry-After"]) >= 1
 
 
 async def jetstream_config(daemon: MembershipdProcess) -> dict[str, Any]:
@@ -232,12 +240,12 @@ async def test_a_request_accepted_before_a_nonce_loss_is_refused_after_it(tmp_pa
             daemon = await lose_nonces(daemon, how)
             served.append(daemon)
             # its nonce went with the bucket: without the floor these would be served
-            assert_refused_as_unverifiable(await send(daemon, accepted))
-            assert_refused_as_unverifiable(await send(daemon, unsent))
+            await assert_refused_as_unverifiable(daemon, accepted)
+            await assert_refused_as_unverifiable(daemon, unsent)
             refusals = await fresh_until_served(daemon, alice)
             # seconds (the 3 s this client signed ahead), not --auth-skew: a bound on retries, not a timing
             assert len(refusals) <= 4 * (HIGH_WATER_STEP + 5), how
-            assert_refused_as_unverifiable(await send(daemon, accepted))  # and it stays refused
+            await assert_refused_as_unverifiable(daemon, accepted)  # and it stays refused
             async with service_js(daemon) as js:
                 info = await js.stream_info(NONCE_STREAM)
                 after = json.loads((await js.get_msg(NONCE_STREAM, subject=NONCE_PREFIX + EPOCH_KEY)).data)
@@ -254,7 +262,10 @@ async def test_the_first_request_signed_after_a_restart_is_served(tmp_path):
     second a request may have been accepted in. The floor was 2 s past it, and the port opened
     before it had passed: the first request signed after a restart, as an acceptance test makes
     it once ``/healthz`` answers, was refused 503 (8 restarts of 8, 0.7 s each). A start now
-    waits for the floor before it opens HTTP, and the floor is that second itself."""
+    waits for the floor before it opens HTTP, and the floor is that second itself.
+
+    And the replay of a request accepted before the restart is a replay, 401, as the contract has
+    it: it was 503 (sign it again), since its nonce went with the bucket (a black-box test)."""
     daemon, alice = start_daemon(tmp_path, "node")
     try:
         for _ in range(3):
@@ -264,7 +275,10 @@ async def test_the_first_request_signed_after_a_restart_is_served(tmp_path):
             daemon = daemon.again().start()  # /healthz answers 200
             status, body, _headers = await send(daemon, signed(alice))
             assert status == 200, body
-            assert_refused_as_unverifiable(await send(daemon, accepted))  # the replay still is not
+            status, body, headers = await send(daemon, accepted)  # the replay still is not served
+            assert status == 401 and body["type"].endswith("/nonce-lost"), (status, body)
+            assert headers["WWW-Authenticate"] == 'Signature alg="ed25519"' and "Retry-After" not in headers
+            await assert_refused_as_unverifiable(daemon, accepted)
     finally:
         daemon.stop()
 
@@ -286,12 +300,12 @@ async def test_healthz_is_degraded_while_the_floor_refuses_every_fresh_request(t
         if status == 503:  # else the floor passed in between (a very slow start): nothing left to see
             assert body["status"] == "degraded" and body["nats"]["connected"] and body["nats"]["jetstream"], body
             assert any(f"created at or before {floor} are refused (503)" in w for w in body["warnings"]), body
-            assert_refused_as_unverifiable(await send(daemon, signed(alice)))  # what the warning says
+            await assert_refused_as_unverifiable(daemon, signed(alice))  # what the warning says
         assert time.time() < floor + 1 + WAIT
         body = daemon.wait_healthy(timeout=WAIT)  # the floor passed: ok again, no warning
         assert time.time() >= floor + 1 and "warnings" not in body, body
         assert (await send(daemon, signed(alice)))[0] == 200
-        assert_refused_as_unverifiable(await send(daemon, ahead))
+        await assert_refused_as_unverifiable(daemon, ahead)
     finally:
         daemon.stop()
 
