@@ -512,7 +512,7 @@ def floor_warning(floor: int) -> str:
     """The /healthz line for a node whose nonce floor is ahead of its clock (docs/http-api.md)."""
     wait = max(1, math.ceil(floor + 1 - time.time()))
     return (f"replay protection restarted (the nonce store was lost and made again): signed requests created at "
-            f"or before {floor} are refused (503) for about {wait} s more (docs/operations.md, the nonce epoch rule)")
+            f"or before {floor} are refused for about {wait} s more (docs/operations.md, the nonce epoch rule)")
 
 
 async def healthz(request: web.Request) -> web.Response:

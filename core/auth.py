@@ -13,10 +13,12 @@ before step 4:
    Ed25519 signature. An unknown keyid is verified against a fixed dummy key
    and answered with the very same 401 as a bad signature;
 3. claim ``(keyid, nonce)`` in the JetStream KV bucket ``unibus_nonces``: a
-   nonce already there is a replay (401). If the bucket cannot be written, its
-   epoch is not known, or the request was created at or before the epoch's
-   floor (the bucket was lost since: :class:`NonceStore`), the request fails
-   closed with 503: it is never served unauthenticated;
+   nonce already there is a replay (401). A request created at or before the
+   epoch's floor (the bucket was lost since: :class:`NonceStore`) is refused:
+   401 ``nonce-lost`` when it was signed before the epoch began (a replay
+   cannot be told from it), else 503. If the bucket cannot be written or its
+   epoch is not known, the request fails closed with 503: it is never served
+   unauthenticated;
 4. only then the body: refused with 415 if it has a ``Content-Encoding``, with
    413 if longer than :data:`MAX_BODY`, read under the body deadline (408),
    and compared with the signed digest (401). Streamed uploads (handlers
@@ -194,11 +196,13 @@ class ReplayFloorError(NonceStoreUnavailable):
     """The request was created at or before the nonce bucket's floor: it may have
     been accepted before the bucket was lost, so it cannot be checked.
 
-    ``before_epoch``: it was created in a second before the one the bucket's
-    epoch was written in, so signed before the loss: a replay cannot be told
-    from it, and it is refused as one (401). Otherwise it was signed after the
-    loss, by a clock behind the floor (a signer's clock ran ahead before the
-    loss): 503, sign it again once the floor has passed."""
+    ``before_epoch``: its ``created`` second began before the bucket's epoch
+    was written (the epoch's ``at``), so it was signed before the loss, or in
+    the second the loss was noticed in: a replay cannot be told from it, and
+    it is refused as one (401, with ``Retry-After`` for a clock behind).
+    Otherwise it was signed later, by a clock behind the floor (a signer's
+    clock ran ahead before the loss): 503, sign it again once the floor has
+    passed."""
 
     def __init__(self, floor: int, retry_after: int, before_epoch: bool = False) -> None:
         super().__init__(f"created at or before the nonce floor {floor}")
@@ -240,6 +244,21 @@ class _BucketMissing(Exception):
     """The nonce bucket's stream does not exist (a single node's nats-server restarted)."""
 
 
+#: How far ahead of this node's clock an epoch's ``at`` may be (another node's clock) and still
+#: say when the epoch began; beyond it, or not a finite number, it is not used (a floor refusal is
+#: then ``503``, as for an epoch without one).
+EPOCH_AT_AHEAD = 5.0
+
+
+def _epoch_time(at: Any) -> float | None:
+    """An epoch record's ``at``, if it is a finite time not far ahead of this clock."""
+    if isinstance(at, bool) or not isinstance(at, (int, float)) or not math.isfinite(at):
+        return None
+    if not 0 <= at <= time.time() + EPOCH_AT_AHEAD:
+        return None
+    return float(at)
+
+
 def _for_how_long(floor: int) -> str:
     wait = floor - time.time()
     return f"for about {wait:.0f} s more" if wait > 0 else "none is fresh any more"
@@ -278,9 +297,11 @@ class NonceStore:
     * each incarnation of the bucket holds the key ``_epoch`` (created only if
       absent, ``Nats-TTL: never``): its ``floor`` is the high-water mark read
       when it was written. It disappears only with the bucket's contents;
-    * a request created at or before the floor is refused (503): its nonce may
-      have been claimed in the bucket that was lost. Until the epoch is known,
-      every request is refused (503);
+    * a request created at or before the floor is refused: its nonce may have
+      been claimed in the bucket that was lost (401 ``nonce-lost`` when its
+      ``created`` second began before the epoch's ``at``, else 503: see
+      :class:`ReplayFloorError`). Until the epoch is known, every request is
+      refused (503);
     * a loss is noticed from no responders (the stream is gone), the claim
       connection reconnecting, a claim's sequence going backwards, and a check
       of ``_epoch`` every :data:`EPOCH_CHECK_INTERVAL` seconds.
@@ -314,7 +335,8 @@ class NonceStore:
         self.resets = 0
         #: The floor of the bucket's current incarnation; None while it is not known (503).
         self.floor: int | None = None
-        #: When the current incarnation's epoch was written (its ``at``, Unix seconds); None if unknown.
+        #: When the current incarnation's epoch was written (its ``at``, Unix seconds); None if unknown,
+        #: or not a finite time at most :data:`EPOCH_AT_AHEAD` seconds ahead of this clock.
         self.epoch_at: float | None = None
         #: The durable high-water mark as far as this node knows it (a lower bound).
         self.high_water = 0
@@ -386,7 +408,9 @@ class NonceStore:
         the latest claim (not at all for an empty bucket); otherwise to now + that
         skew. The copy carries every nonce with the time it has left. When the
         bucket is ``exclusive`` and the old skew is not larger, the copy is exact
-        and the new bucket's floor stays the old mark; otherwise the floor is the
+        and the new bucket's floor stays the old mark (or now minus the old skew,
+        when the new one is longer: a request accepted then whose nonce expired
+        before the copy was created earlier than that); otherwise the floor is the
         raised mark (503 until it has passed): a node of the previous version may
         have claimed after the copy was read, or a request accepted under a longer
         skew can be replayed after its nonce expired from the new bucket.
@@ -400,7 +424,8 @@ class NonceStore:
         """
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
-        old_skew = max(self.skew, math.ceil((info.config.max_age or 0) / 2))
+        accepted_skew = math.ceil((info.config.max_age or 0) / 2) or self.skew  # the skew it was made with
+        old_skew = max(self.skew, accepted_skew)
         try:
             nonces = await within(self._read_nonces(info), MOVE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - the floor covers what is not copied
@@ -431,9 +456,13 @@ class NonceStore:
         copied = await self._write_nonces(live) if live else 0
         exact = self.exclusive and nonces is not None and copied == len(live) and old_skew <= self.skew
         self._pending_floor = floor_before if exact else raised
+        if exact and accepted_skew < self.skew:
+            # A longer skew now: a request accepted under the shorter one whose nonce already expired
+            # from the old bucket (created before now - that skew) would pass the new window (a review).
+            self._pending_floor = max(floor_before, int(now) - accepted_skew)
         log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) carried "
                     "over%s", old, getattr(self.bucket_config().storage, "value", "?"), copied,
-                    "" if exact else f"; requests created at or before {raised} are refused (503) until then")
+                    "" if exact else f"; requests created at or before {raised} are refused until then")
 
     async def _read_nonces(self, info: Any) -> list[tuple[str, float]]:
         """``(key, claimed at)`` of every nonce in the bucket, ``_epoch`` left out (``claimed at``:
@@ -531,7 +560,7 @@ class NonceStore:
             if error is None and floor > 0:
                 log.warning("nonce bucket: new epoch, written here: the bucket is new and requests may have been "
                             "accepted before (its nonces were lost); signed requests created at or before %d are "
-                            "refused with 503 (%s)", floor, _for_how_long(floor))
+                            "refused (%s)", floor, _for_how_long(floor))
             elif error is None:
                 log.info("nonce bucket: first epoch (no high-water mark of signed requests is stored here yet)")
         self._adopt(raw, mark, reconnects)
@@ -542,13 +571,12 @@ class NonceStore:
             floor = int(record["floor"])
         except (ValueError, KeyError, TypeError):
             raise NonceStoreUnavailable(f"the nonce epoch is unreadable: {raw[:100]!r}") from None
-        at = record.get("at")
-        epoch_at = float(at) if isinstance(at, (int, float)) and not isinstance(at, bool) else None
+        epoch_at = _epoch_time(record.get("at"))
         new = raw != self._epoch_raw
         if new and self._epoch_raw is not None:
             self.resets += 1
             log.warning("nonce bucket: new epoch, adopted: the bucket was lost and made again; signed requests "
-                        "created at or before %d are refused with 503 (%s)", floor, _for_how_long(floor))
+                        "created at or before %d are refused (%s)", floor, _for_how_long(floor))
         elif new:
             log.info("nonce bucket: epoch with floor %d (%s)", floor, _for_how_long(floor))
         if new:
@@ -640,7 +668,7 @@ class NonceStore:
             if created <= floor:
                 self.floor_refusals += 1
                 raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)),
-                                       before_epoch=epoch_at is not None and created < int(epoch_at))
+                                       before_epoch=epoch_at is not None and created < epoch_at)
             while created > self.high_water:
                 fut = self._raising
                 if fut is None:
@@ -940,7 +968,9 @@ class Authenticator:
             fresh = await nonces.claim(member.handle, verified.nonce)
         except ReplayFloorError as e:
             if e.before_epoch:  # signed before the nonces were lost: cannot be told from a replay
-                raise unauthorized(NONCE_LOST, "replay", kind="nonce-lost") from None
+                problem = unauthorized(NONCE_LOST, "replay", kind="nonce-lost")
+                problem.headers["Retry-After"] = str(e.retry_after)  # a clock behind: when to sign again
+                raise problem from None
             raise Problem(503, f"replay protection restarted (the nonce store was lost and made again): a request "
                           f"created at or before {e.floor} cannot be checked for replay; sign it again in "
                           f"{e.retry_after} s", kind="nonce-store-unavailable",

@@ -439,9 +439,8 @@ def retry_503_delay(method: str, status: int, problem: Mapping[str, Any], retry_
     signed again is not."""
     if attempt >= RETRIES_503:
         return None
-    if status == 401 and str(problem.get("type") or "").endswith("/nonce-lost"):
-        return 0.5
-    if status != 503 or not _retryable_503(method, problem, retry_after):
+    lost = status == 401 and str(problem.get("type") or "").endswith("/nonce-lost")
+    if not lost and (status != 503 or not _retryable_503(method, problem, retry_after)):
         return None
     return min(max(retry_after or 0.5, 0.1), 2.0)
 

@@ -96,7 +96,7 @@ class FakeServer:
             if self.unavailable_status == 401:
                 body503.update(status=401, title="Unauthorized", type="https://unibus.dev/problems/nonce-lost")
                 return web.Response(status=401, text=json.dumps(body503), content_type="application/problem+json",
-                                    headers={"WWW-Authenticate": 'Signature alg="ed25519"'})
+                                    headers={"WWW-Authenticate": 'Signature alg="ed25519"', "Retry-After": "0"})
             return web.Response(status=503, text=json.dumps(body503), content_type="application/problem+json",
                                 headers={"Retry-After": "0"})
         if (v.keyid, v.nonce) in self.seen:
