@@ -168,6 +168,8 @@ MAX_RECONNECTS = 60
 #: Seconds a first connection refused while the control plane still has the member's bus key
 #: is tried again: about what MAX_RECONNECTS refused reconnects take (115 s, measured).
 FIRST_CONNECT_PATIENCE = 120.0
+#: The longest wait between two such tries, jitter aside (the budget of logins gets 64 units back a second).
+PATIENCE_WAIT_MAX = 4.0
 #: A bus the control plane says still has its key asks again after at most this many more
 #: refusals (each time twice as many, up to this): within the MAX_RECONNECTS that such an
 #: answer gives every server again.
@@ -1865,6 +1867,7 @@ class Bus:
         # tries a refused login again by itself, within the bound of each connect below.
         started = time.monotonic()
         deadline, patient_until, warned = started + self.grant_wait, started + FIRST_CONNECT_PATIENCE, False
+        waited = 0  # refusals waited out while the control plane has the key
         while True:
             if self.client.identity.bus_pub != used:  # rotated by this client meanwhile: the new key
                 seed, used = self._bus_seed(), self.client.identity.bus_pub
@@ -1895,7 +1898,11 @@ class Bus:
                     warned = True
                     log.warning("bus: %s; trying again until %g s after the start", refusal.why,
                                 FIRST_CONNECT_PATIENCE)
-                await asyncio.sleep(RECONNECT_WAIT * (1 + random.random()))
+                # Spaced out, twice as far each time up to PATIENCE_WAIT_MAX: a bus that refused every
+                # login at once got about 4 logins a second, and the control plane as many questions,
+                # for the whole 120 s (a black-box test of the client).
+                await asyncio.sleep(min(RECONNECT_WAIT * 2 ** waited, PATIENCE_WAIT_MAX) * (1 + random.random()))
+                waited += 1
                 continue
             self._bus_pub = used
             self.client._buses.add(self)
