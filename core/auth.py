@@ -402,8 +402,8 @@ class NonceStore:
         Before the old bucket goes, the high-water mark is raised to cover every
         request the bucket may hold: a crash before the copy is back loses
         nothing. A nonce claimed at ``t`` came with a ``created`` of at most ``t``
-        + the skew it was accepted under (half the old bucket's max age, when
-        that is more than ``skew``). When nobody else claims in the bucket
+        + the skew it was accepted under (half the old bucket's max age; ``skew``
+        for a bucket without one). When nobody else claims in the bucket
         (``exclusive``) and its nonces were read, the mark is raised that far for
         the latest claim (not at all for an empty bucket); otherwise to now + that
         skew. The copy carries every nonce with the time it has left. When the
@@ -425,19 +425,18 @@ class NonceStore:
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
         accepted_skew = math.ceil((info.config.max_age or 0) / 2) or self.skew  # the skew it was made with
-        old_skew = max(self.skew, accepted_skew)
         try:
             nonces = await within(self._read_nonces(info), MOVE_TIMEOUT)
         except Exception as e:  # noqa: BLE001 - the floor covers what is not copied
             log.warning("nonce bucket: could not read the nonces of the %s bucket (%s: %s); requests from the "
-                        "last %d s will be refused instead", old, type(e).__name__, e, old_skew)
+                        "last %d s will be refused instead", old, type(e).__name__, e, accepted_skew)
             nonces = None
         now = time.time()
         floor_before = await self.high_water_store.nonce_high_water()
         if nonces is None or not self.exclusive:
-            cover = int(now) + old_skew
+            cover = int(now) + accepted_skew
         else:
-            cover = max((math.ceil(claimed) + old_skew for _key, claimed in nonces), default=0)
+            cover = max((math.ceil(claimed) + accepted_skew for _key, claimed in nonces), default=0)
         raised = (await self.high_water_store.raise_nonce_high_water(cover) if cover > floor_before
                   else floor_before)
         try:
@@ -454,7 +453,7 @@ class NonceStore:
         live = [(key, left) for key, claimed in nonces or ()
                 if (left := math.ceil(self.ttl - (now - claimed))) > 0]
         copied = await self._write_nonces(live) if live else 0
-        exact = self.exclusive and nonces is not None and copied == len(live) and old_skew <= self.skew
+        exact = self.exclusive and nonces is not None and copied == len(live) and accepted_skew <= self.skew
         self._pending_floor = floor_before if exact else raised
         if exact and accepted_skew < self.skew:
             # A longer skew now: a request accepted under the shorter one whose nonce already expired
