@@ -411,7 +411,7 @@ class NonceStore:
         and the new bucket's floor stays the old mark (or now minus the old skew,
         when the new one is longer: a request accepted then whose nonce expired
         before the copy was created earlier than that); otherwise the floor is the
-        raised mark (503 until it has passed): a node of the previous version may
+        raised mark (refused until it has passed): a node of the previous version may
         have claimed after the copy was read, or a request accepted under a longer
         skew can be replayed after its nonce expired from the new bucket.
 
@@ -718,8 +718,9 @@ class NonceStore:
         wait = min(floor + 1 - time.time(), limit - (loop.time() - started))
         if floor + 1 - time.time() > wait:
             log.warning("nonce bucket: its floor is %d, %.0f s ahead of this clock (a signer's clock ran ahead of "
-                        "this one, or this one stepped back); signed requests created at or before it are refused "
-                        "with 503 until it has passed", floor, floor - time.time())
+                        "this one, this one stepped back, or nonces carried over from a 0.11 bucket still need it); "
+                        "signed requests created at or before it are refused until it has passed (/healthz is "
+                        "degraded meanwhile)", floor, floor - time.time())
         if wait > 0:
             await asyncio.sleep(wait)
         return loop.time() - started

@@ -50,7 +50,7 @@ class HealthState:
     jetstream: bool
     nats_running: bool
     routes: int | None  # None off a cluster
-    #: The nonce bucket's floor while a request signed now would still be refused by it (503), else None.
+    #: The nonce bucket's floor while a request signed now would still be refused by it, else None.
     floor_ahead: int | None = None
 
 
