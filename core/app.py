@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -19,7 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY, send_continue
+from .auth import BODY_TIMEOUT_KEY, DEFAULT_BODY_TIMEOUT, MAX_BODY, floor_wait, send_continue
 from .bus import Bus
 from .changelimit import ChangeLimit
 from .connlimits import DEFAULT_IDLE_TIMEOUT, send_within
@@ -510,9 +509,9 @@ def health_state(app: web.Application) -> HealthState:
 
 def floor_warning(floor: int) -> str:
     """The /healthz line for a node whose nonce floor is ahead of its clock (docs/http-api.md)."""
-    wait = max(1, math.ceil(floor + 1 - time.time()))
     return (f"replay protection restarted (the nonce store was lost and made again): signed requests created at "
-            f"or before {floor} are refused for about {wait} s more (docs/operations.md, the nonce epoch rule)")
+            f"or before {floor} are refused for about {floor_wait(floor, time.time())} s more (docs/operations.md, "
+            "the nonce epoch rule)")
 
 
 async def healthz(request: web.Request) -> web.Response:

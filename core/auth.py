@@ -259,6 +259,11 @@ def _epoch_time(at: Any) -> float | None:
     return float(at)
 
 
+def floor_wait(floor: int, now: float) -> int:
+    """Whole seconds until a request signed then passes ``floor`` (at least 1): its ``Retry-After``."""
+    return max(1, math.ceil(floor + 1 - now))
+
+
 def _for_how_long(floor: int) -> str:
     wait = floor - time.time()
     return f"for about {wait:.0f} s more" if wait > 0 else "none is fresh any more"
@@ -666,7 +671,7 @@ class NonceStore:
                 raise NonceStoreUnavailable("the nonce bucket's epoch is not known yet")
             if created <= floor:
                 self.floor_refusals += 1
-                raise ReplayFloorError(floor, max(1, math.ceil(floor + 1 - now)),
+                raise ReplayFloorError(floor, floor_wait(floor, now),
                                        before_epoch=epoch_at is not None and created < epoch_at)
             while created > self.high_water:
                 fut = self._raising
