@@ -234,6 +234,30 @@ class MemoryHighWater:
         return self.value
 
 
+class CarriedNonces(Protocol):
+    """Where a single node keeps, durably, the nonces it carried over from a bucket that moved
+    to memory (a 0.11 file bucket), until they expire: each new incarnation of the bucket gets
+    them again (:meth:`NonceStore.carry_over`). ``record`` is a JSON text; None clears it."""
+
+    async def carried_nonces(self) -> str | None: ...
+
+    async def keep_carried_nonces(self, record: str | None) -> None: ...
+
+
+class MemoryCarriedNonces:
+    """Carried-over nonces that live as long as the process: for tests of :class:`NonceStore`
+    alone. membershipd passes its SQLite store."""
+
+    def __init__(self) -> None:
+        self.record: str | None = None
+
+    async def carried_nonces(self) -> str | None:
+        return self.record
+
+    async def keep_carried_nonces(self, record: str | None) -> None:
+        self.record = record
+
+
 def nonce_max_bytes_from_env(env: Mapping[str, str]) -> int:
     """``UNIBUS_NONCE_MAX_BYTES``, or the default; ConfigError (exit 2) naming it otherwise."""
     return _number_from_env(env, NONCE_MAX_BYTES_ENV, DEFAULT_NONCE_MAX_BYTES, NONCE_MAX_BYTES_RANGE, int,
@@ -314,7 +338,7 @@ class NonceStore:
 
     def __init__(self, bus: Bus, *, skew: int, replicas: int, high_water: HighWater | None = None,
                  timeout: float = 2.0, max_bytes: int = DEFAULT_NONCE_MAX_BYTES, exclusive: bool = False,
-                 node: str = "") -> None:
+                 node: str = "", carried: CarriedNonces | None = None) -> None:
         self.bus = bus
         self.node = node or bus.name
         self.skew = skew
@@ -326,6 +350,8 @@ class NonceStore:
         #: a file bucket to memory then carries its nonces over exactly.
         self.exclusive = exclusive
         self.high_water_store: HighWater = high_water if high_water is not None else MemoryHighWater()
+        #: Where a single node keeps the nonces a moved bucket carried over (:meth:`carry_over`).
+        self.carried = carried if exclusive else None
         # Read by unibus.metrics (unibus_nonce_claims_total{result}).
         self.claims = 0
         self.replays = 0
@@ -404,28 +430,31 @@ class NonceStore:
     async def _move_bucket(self, info: Any) -> None:
         """Re-create the bucket with the configured storage (it cannot be changed in place), keeping its nonces.
 
-        Before the old bucket goes, the high-water mark is raised to cover every
-        request the bucket may hold: a crash before the copy is back loses
-        nothing. A nonce claimed at ``t`` came with a ``created`` of at most ``t``
-        + the skew it was accepted under (half the old bucket's max age; ``skew``
-        for a bucket without one). When nobody else claims in the bucket
-        (``exclusive``) and its nonces were read, the mark is raised that far for
-        the latest claim (not at all for an empty bucket); otherwise to now + that
-        skew. The copy carries every nonce with the time it has left. When the
-        bucket is ``exclusive`` and the old skew is not larger, the copy is exact
-        and the new bucket's floor stays the old mark (or now minus the old skew,
-        when the new one is longer: a request accepted then whose nonce expired
-        before the copy was created earlier than that); otherwise the floor is the
-        raised mark (refused until it has passed): a node of the previous version may
-        have claimed after the copy was read, or a request accepted under a longer
-        skew can be replayed after its nonce expired from the new bucket.
+        A nonce claimed at ``t`` came with a ``created`` of at most ``t`` + the skew it was
+        accepted under (half the old bucket's max age; ``skew`` for a bucket without one). What
+        the old bucket holds is made safe before it goes, so a crash before the copy is back
+        loses nothing:
 
-        The raised mark is the floor of the bucket's next incarnation, as every
-        mark is: a restart within ``skew`` seconds of the latest claim copied
-        refuses requests created until then (the copied nonces were in memory).
-        It was now + skew whatever the bucket held, so a restart within a
-        minute of the upgrade refused every signed request for up to a minute,
-        while ``/healthz`` said ``ok`` (a black-box test of the contract).
+        * a single node (``exclusive``: nobody else claims in the bucket) with a place to keep
+          ``carried`` nonces, whose nonces were read and whose skew is not shorter than the
+          old one, keeps them there durably, each until it expires from the new bucket (twice
+          this skew after its claim: past the last second it could be replayed in). Every new
+          incarnation of the bucket gets them again before its epoch (:meth:`carry_over`), and
+          the mark is not raised for them. It was raised for the latest claim, and the mark is
+          the floor of the next incarnation: a restart within a minute of an upgrade from 0.11
+          left ``/healthz`` degraded, refusing every signed request, for up to a minute (a
+          black-box test of the upgrade);
+        * otherwise the mark is raised to cover them: for the latest claim when the bucket is
+          this node's own and its nonces were read, else to now + the old skew (a node of the
+          previous version may claim after the copy was read). The copy carries every nonce
+          with the time it has left; unless it was exact (this node's own bucket, every nonce
+          copied, a skew not shorter than the old one), the new bucket's floor is the raised
+          mark, refused until it has passed.
+
+        Under a shorter old skew, a request accepted then whose nonce expired from the old
+        bucket before the move was created before now minus that skew, and the longer window
+        now would take it again: the floor refuses those (a review); the mark is raised that
+        far when the nonces are kept, which costs nothing fresh.
         """
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
@@ -438,12 +467,23 @@ class NonceStore:
             nonces = None
         now = time.time()
         floor_before = await self.high_water_store.nonce_high_water()
-        if nonces is None or not self.exclusive:
-            cover = int(now) + accepted_skew
-        else:
+        # each with the second it expires from the new bucket (nonces older than its max age stay out)
+        live = [(key, expires) for key, claimed in nonces or () if (expires := math.ceil(claimed + self.ttl)) > now]
+        keep = self.carried is not None and nonces is not None and accepted_skew <= self.skew
+        if keep:
+            assert self.carried is not None and nonces is not None
             cover = max((math.ceil(claimed) + accepted_skew for _key, claimed in nonces), default=0)
-        raised = (await self.high_water_store.raise_nonce_high_water(cover) if cover > floor_before
-                  else floor_before)
+            await self.carried.keep_carried_nonces(json.dumps({"cover": cover, "nonces": live}) if live else None)
+            floor = floor_before
+            if accepted_skew < self.skew:
+                floor = await self.high_water_store.raise_nonce_high_water(int(now) - accepted_skew)
+        else:
+            if nonces is None or not self.exclusive:
+                cover = int(now) + accepted_skew
+            else:
+                cover = max((math.ceil(claimed) + accepted_skew for _key, claimed in nonces), default=0)
+            floor = (await self.high_water_store.raise_nonce_high_water(cover) if cover > floor_before
+                     else floor_before)
         try:
             await self.bus.js.delete_stream(NONCE_STREAM)
         except APIError as e:
@@ -454,19 +494,58 @@ class NonceStore:
         except APIError as e:
             if e.err_code != STREAM_NAME_IN_USE:  # another node re-created it first: copy into that one
                 raise
-        # each with the time it has left in the new bucket (nonces older than its max age stay out)
-        live = [(key, left) for key, claimed in nonces or ()
-                if (left := math.ceil(self.ttl - (now - claimed))) > 0]
-        copied = await self._write_nonces(live) if live else 0
+        new = getattr(self.bucket_config().storage, "value", "?")
+        if keep:
+            self._pending_floor = floor  # the epoch written next; carry_over writes the nonces first
+            log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) "
+                        "carried over, kept in the store until they expire", old, new, len(live))
+            return
+        copied = await self._write_nonces([(key, left) for key, expires in live
+                                           if (left := math.ceil(expires - time.time())) > 0]) if live else 0
         exact = self.exclusive and nonces is not None and copied == len(live) and accepted_skew <= self.skew
-        self._pending_floor = floor_before if exact else raised
+        self._pending_floor = floor_before if exact else floor
         if exact and accepted_skew < self.skew:
             # A longer skew now: a request accepted under the shorter one whose nonce already expired
             # from the old bucket (created before now - that skew) would pass the new window (a review).
             self._pending_floor = max(floor_before, int(now) - accepted_skew)
         log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) carried "
-                    "over%s", old, getattr(self.bucket_config().storage, "value", "?"), copied,
-                    "" if exact else f"; requests created at or before {raised} are refused until then")
+                    "over%s", old, new, copied,
+                    "" if exact else f"; requests created at or before {floor} are refused until then")
+
+    async def carry_over(self) -> int:
+        """Write the nonces kept from a moved bucket (:class:`CarriedNonces`) into this new
+        incarnation of the bucket, before its epoch is written. Returns the floor they still
+        need: 0 when every one not yet expired is in the bucket, else the cover of the latest
+        claim (a request accepted with a nonce not written may come again). The record is
+        cleared once none is left."""
+        if self.carried is None:
+            return 0
+        text = await self.carried.carried_nonces()  # the store cannot be read: no epoch, fail closed
+        if text is None:
+            return 0
+        try:
+            record = json.loads(text)
+            cover = int(record["cover"])
+            kept = [(str(key), int(expires)) for key, expires in record["nonces"]]
+        except (ValueError, KeyError, TypeError):
+            # only membershipd writes it; should it be unreadable, refuse what it could have held
+            log.warning("nonce bucket: the nonces carried over from a moved bucket are unreadable; requests "
+                        "created in the next %d s are refused", self.skew)
+            return int(time.time()) + self.skew
+        now = time.time()
+        live = [(key, left) for key, expires in kept if (left := math.ceil(expires - now)) > 0]
+        if not live:
+            await self.carried.keep_carried_nonces(None)
+            log.info("nonce bucket: the nonces carried over from the moved bucket have all expired")
+            return 0
+        copied = await self._write_nonces(live)
+        if copied == len(live):
+            log.info("nonce bucket: %d nonce(s) carried over from the moved bucket written into this one", copied)
+            return 0
+        log.warning("nonce bucket: %d of %d nonce(s) carried over from the moved bucket could not be written "
+                    "into this one; requests created at or before %d are refused (%s)", len(live) - copied,
+                    len(live), cover, _for_how_long(cover))
+        return cover
 
     async def _read_nonces(self, info: Any) -> list[tuple[str, float]]:
         """``(key, claimed at)`` of every nonce in the bucket, ``_epoch`` left out (``claimed at``:
@@ -549,6 +628,7 @@ class NonceStore:
         mark = await self.high_water_store.nonce_high_water()
         if raw is None:
             floor = self._pending_floor if self._pending_floor is not None else mark
+            floor = max(floor, await self.carry_over())
             record = {"floor": floor, "at": round(time.time(), 3), "id": uuid.uuid4().hex, "node": self.node}
             try:
                 reply = await self.bus.nc.request(NONCE_PREFIX + EPOCH_KEY, json.dumps(record).encode(),

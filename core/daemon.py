@@ -380,10 +380,12 @@ class Daemon:
         """The nonce claims of signed requests."""
         s = self.settings
         # The high-water mark of signed requests lives in the store (durable); the
-        # nonces in memory (docs/operations.md, "Durability").
+        # nonces in memory (docs/operations.md, "Durability"). A single node keeps the
+        # nonces a 0.11 bucket carried over in its SQLite store until they expire.
+        exclusive = s.embedded and not s.clustered
         nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
-                            max_bytes=max_bytes, exclusive=s.embedded and not s.clustered,
-                            node=s.server_name)
+                            max_bytes=max_bytes, exclusive=exclusive, node=s.server_name,
+                            carried=self.store if exclusive and isinstance(self.store, SqliteStore) else None)
         await retry_until(nonces.ensure, js_wait, f"cannot create the KV bucket {NONCE_BUCKET}")
         await retry_until(nonces.start, 10.0, "cannot open the nonce-claim connection to NATS")
         self.nonces = nonces

@@ -361,6 +361,26 @@ class SqliteStore(Store):
         # One transaction, committed (WAL, synchronous=FULL: fsynced) before this returns.
         return await self._run(q)
 
+    # -- nonces carried over from a 0.11 bucket (unibus.auth.CarriedNonces) ----------------
+
+    async def carried_nonces(self) -> str | None:
+        """The record of the nonces a moved nonce bucket carried over, None when there is none."""
+        return await self._run(lambda s: s.scalar(select(m.Meta.value).where(m.Meta.key == CARRIED_NONCES_KEY)))
+
+    async def keep_carried_nonces(self, record: str | None) -> None:
+        """Store ``record`` durably before returning (None removes it)."""
+        def q(s: Session) -> None:
+            row = s.get(m.Meta, CARRIED_NONCES_KEY)
+            if record is None:
+                if row is not None:
+                    s.delete(row)
+            elif row is None:
+                s.add(m.Meta(key=CARRIED_NONCES_KEY, value=record))
+            else:
+                row.value = record
+
+        await self._run(q)
+
     async def log_export(self) -> tuple[list[str], list[tuple[str, str, int]], int]:
         """The whole log for ``migrate-to-kv``: entry texts in order, the (keyid, nonce, seq)
         of its requests, and the largest ``created`` of a request in it."""
@@ -438,6 +458,9 @@ def add_member_sync(s: Session, member: Member) -> Member:
 MAX_CREATED_KEY = "log.max_created"
 #: unibus_meta key of the signed requests' high-water mark (docs/operations.md, "Durability").
 HIGH_WATER_KEY = "nonces.high_water"
+#: ``{"cover": N, "nonces": [[key, expires], ...]}``: the nonces carried over from a 0.11
+#: (file) nonce bucket, kept until they expire (unibus.auth.NonceStore.carry_over).
+CARRIED_NONCES_KEY = "nonces.carried"
 
 
 @dataclass(frozen=True)

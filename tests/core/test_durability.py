@@ -28,7 +28,8 @@ from nats.js.api import KeyValueConfig, StorageType
 
 from helpers import service_js
 from unibus.auth import (DEFAULT_NONCE_MAX_BYTES, EPOCH_KEY, HIGH_WATER_STEP, NONCE_BUCKET, NONCE_MAX_BYTES_ENV,
-                         NONCE_PREFIX, NONCE_STREAM, MemoryHighWater, NonceStore, NonceStoreUnavailable,
+                         NONCE_PREFIX, NONCE_STREAM, MemoryCarriedNonces, MemoryHighWater, NonceStore,
+                         NonceStoreUnavailable,
                          ReplayFloorError, nonce_max_bytes_from_env)
 from unibus.bus import Bus
 from unibus.client.keys import generate_identity
@@ -504,6 +505,107 @@ async def test_a_move_of_its_own_bucket_raises_the_mark_only_as_far_as_its_nonce
             assert moved_at - 30 <= store.floor <= int(time.time()) - 30
         else:
             assert store.floor == mark.value  # refused until the longer skew has passed
+
+
+async def file_bucket(url: str, ttl: float, claims: int) -> tuple[list[str], float]:
+    """A bucket as 0.11 made it (file storage, max age ``ttl``) with ``claims`` of alice's nonces;
+    returns them and the time of the last claim."""
+    bus = Bus(url)
+    await bus.connect()
+    try:
+        kv = await bus.js.create_key_value(config=KeyValueConfig(
+            bucket=NONCE_BUCKET, history=1, ttl=ttl, replicas=1, storage=StorageType.FILE))
+        nonces = [make_nonce() for _ in range(claims)]
+        for nonce in nonces:
+            await kv.create(f"alice.{nonce}", b"1")
+        return nonces, time.time()
+    finally:
+        await bus.close()
+
+
+@pytest.mark.parametrize("old_ttl", [120, 60])
+async def test_a_single_node_gives_the_nonces_it_carried_over_to_every_new_bucket(nats_server, old_ttl):
+    """The move of a single node's 0.11 bucket raised the mark for the latest claim + the skew it
+    was accepted under: the floor of the bucket after the next restart, so a restart within a
+    minute of the upgrade refused every fresh request (a black-box test of the upgrade). The
+    nonces are kept in the store until they expire, each new bucket gets them again, and the mark
+    stays where it was (under a shorter old skew: now minus that skew, which refuses nothing fresh)."""
+    old, last_claim = await file_bucket(nats_server.url, float(old_ttl), 50)
+    carried = MemoryCarriedNonces()
+    moved_at = int(time.time())
+    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
+        info = await store.bus.js.stream_info(NONCE_STREAM)
+        assert info.config.storage == StorageType.MEMORY and info.state.messages == len(old) + 1
+        assert carried.record is not None
+        record = json.loads(carried.record)
+        assert sorted(key for key, _expires in record["nonces"]) == sorted(f"alice.{n}" for n in old)
+        # each kept until it expires from the new bucket: twice this skew after its claim
+        assert all(moved_at + 100 <= expires <= math.ceil(last_claim) + 120 for _key, expires in record["nonces"])
+        assert int(last_claim) + old_ttl // 2 <= record["cover"] <= math.ceil(last_claim) + old_ttl // 2
+        if old_ttl == 120:
+            assert mark.value == 0 and store.floor == 0
+        else:  # a request whose nonce expired from the 30 s bucket would pass the 60 s window
+            assert moved_at - 30 <= mark.value == store.floor <= int(time.time()) - 30
+        for nonce in old[:10]:
+            assert await store.claim("alice", nonce) is False
+        await store.bus.js.delete_stream(NONCE_STREAM)  # lost, as a restart of its nats-server loses it
+    floor = mark.value
+    for _restart in range(2):
+        async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried, mark=mark) as ((store,), _):
+            assert store.floor == floor  # refuses nothing fresh
+            for nonce in old:
+                assert await store.claim("alice", nonce) is False  # written again
+            assert await store.claim("alice", make_nonce()) is True
+            await store.bus.js.delete_stream(NONCE_STREAM)
+    # once they expired, the record goes and nothing is written
+    record = json.loads(carried.record)
+    record["nonces"] = [[key, int(time.time())] for key, _expires in record["nonces"]]
+    carried.record = json.dumps(record)
+    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried, mark=mark) as ((store,), _):
+        assert carried.record is None and store.floor == mark.value
+        assert (await store.bus.js.stream_info(NONCE_STREAM)).state.messages == 1  # the epoch
+
+
+async def test_nonces_carried_over_that_cannot_be_written_leave_the_floor_at_their_cover(nats_server):
+    """Fail safe: a kept nonce that does not make it into the new bucket (here a key JetStream
+    refuses) could be replayed; the floor is then the latest claim + the old skew, as without
+    them, and an unreadable record refuses a whole skew."""
+    carried = MemoryCarriedNonces()
+    now = int(time.time())
+    cover = now + 30
+    carried.record = json.dumps({"cover": cover, "nonces": [["alice.kept-nonce-00000001", now + 100],
+                                                           ["alice..not-a-key", now + 100]]})
+    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
+        assert store.floor == cover and mark.value == 0
+        assert await store.claim("alice", "kept-nonce-00000001") is False
+        await store.bus.js.delete_stream(NONCE_STREAM)
+    carried.record = '{"cover": '  # only membershipd writes it; should it be cut short
+    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
+        assert now + 60 <= store.floor <= int(time.time()) + 60
+
+
+async def test_the_store_keeps_carried_nonces_durably(tmp_path):
+    """membershipd's SQLite store keeps the record (a row of ``unibus_meta``) and removes it."""
+    from unibus.store.db import migrate
+    from unibus.store.sqlite import SqliteStore
+
+    db = tmp_path / "membershipd.db"
+    migrate(db)
+    store = SqliteStore(db)
+    try:
+        assert await store.carried_nonces() is None
+        await store.keep_carried_nonces('{"cover": 1, "nonces": []}')
+        await store.keep_carried_nonces('{"cover": 2, "nonces": []}')
+    finally:
+        await store.close()
+    store = SqliteStore(db)
+    try:
+        assert await store.carried_nonces() == '{"cover": 2, "nonces": []}'
+        await store.keep_carried_nonces(None)
+        assert await store.carried_nonces() is None
+        await store.keep_carried_nonces(None)
+    finally:
+        await store.close()
 
 
 @pytest.mark.parametrize("at", ["Infinity", "NaN", "1e400", "-1", "true", '"1796670000"', "null", "FUTURE"])
