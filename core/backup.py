@@ -855,11 +855,17 @@ def _prepare_single_db(db: Path) -> bool:
     return new_root
 
 
-def _build_db_from_kv(kv_file: Path, db: Path) -> None:
+def _build_db_from_kv(kv_file: Path, db: Path) -> bool:
+    """Build ``db`` from a cluster archive's state. True when that state had members but no
+    membership log (a 0.11 cluster's bucket, backed up by this version): its entry 0, a snapshot
+    of the state, is written here, as a node writes it into such a bucket and migration 0004
+    into a 0.11 database: a new trust root. Such an archive was refused (its rows were not what
+    an empty log establishes) after ``backup`` had made it (an upgrade rehearsal)."""
     from sqlalchemy.orm import Session
 
     from .store.db import make_engine, migrate
     from .store.fromkv import KvFormatError, insert_rows, rows_from_kv
+    from .store.sqlite import ensure_root_sync
 
     entries = parse_kv_lines(kv_file.read_bytes())
     try:
@@ -871,10 +877,12 @@ def _build_db_from_kv(kv_file: Path, db: Path) -> None:
     try:
         with Session(engine) as session, session.begin():
             insert_rows(session, rows)
+            new_root = not rows.log_entries and ensure_root_sync(session)[0] == 0
     except KvFormatError as e:
         raise ArchiveError(f"--in: {KV_FILE}: {e}") from None
     finally:
         engine.dispose()
+    return new_root
 
 
 def _fsync_tree(root: Path) -> None:
@@ -942,7 +950,7 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
         if verified.kind == "single":
             new_root = _prepare_single_db(db)
         else:
-            _build_db_from_kv(tmp / KV_FILE, db)
+            new_root = _build_db_from_kv(tmp / KV_FILE, db)
             shutil.rmtree(tmp / KV_FILE.split("/")[0])
         try:
             head = check_log_chain(db)

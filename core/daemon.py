@@ -46,7 +46,8 @@ from .errors import ConfigError, RuntimeFailure
 from .events import ChangeEvents, call_runtime_hook
 from .health import HealthProber
 from .metrics import Metrics, MetricsServer, StateCounts
-from .natsconf import adopt_global_jetstream, base_config, finalize_config, render_config, write_config
+from .natsconf import (adopt_global_jetstream, base_config, check_clustered_global_jetstream, finalize_config,
+                       render_config, write_config)
 from .pluginmanager import PluginManager, running_plugin
 from .posture import bus_auth_warnings, cluster_gate, compute_posture, startup_posture
 from .privatefiles import check_own_file, make_private_dirs
@@ -319,6 +320,8 @@ class Daemon:
                 self.certificates.loaded(listener, kind, path)
         binary = find_nats_server(s.nats_server_bin) if s.embedded else None
         prepare_data_dir(s.data_dir)
+        if s.embedded:
+            check_clustered_global_jetstream(s)  # before the database is migrated
         if self._lock_fd is None:
             self._lock_fd = lock_data_dir(s.data_dir)
         check_port_free("--http-addr", s.http_addr)

@@ -374,6 +374,31 @@ def jetstream_account(config: dict[str, Any]) -> str | None:
     return named[0] if len(named) == 1 else None
 
 
+def _refuse_clustered_global(old: Path, target: str | None) -> ConfigError:
+    where = f"the {target} account" if target else "an account of its own"
+    return ConfigError(
+        f"--data-dir: {old} holds JetStream data of unibus 0.11 (global account), which a clustered 0.12 "
+        f"node keeps in {where}; follow docs/operations.md, section 'Upgrading from 0.11' "
+        "(clusters), before starting this node")
+
+
+def check_clustered_global_jetstream(settings: Settings) -> None:
+    """Before anything of a clustered node's data directory is changed (its database is migrated
+    first): refuse 0.11 JetStream data in the global account, as :func:`adopt_global_jetstream`
+    does once the config is known. A 0.12 node keeps no stream in ``$G``, so streams there, and
+    no account directory beside it, are 0.11's. The refusal came after the migration of
+    ``membershipd.db``, which 0.11 could no longer open (an upgrade rehearsal)."""
+    if not settings.clustered:
+        return
+    root = settings.data_dir / "jetstream" / "jetstream"
+    old = root / "$G"
+    if not old.is_dir() or not any((old / "streams").glob("*")):
+        return
+    if any(d.is_dir() and d.name not in ("$G", "$SYS") for d in root.iterdir()):
+        return  # an account directory of 0.12's is there: adopt_global_jetstream decides
+    raise _refuse_clustered_global(old, None)
+
+
 def adopt_global_jetstream(settings: Settings, config: dict[str, Any]) -> str | None:
     """Move a 0.11 node's JetStream data from the global account into the config's account.
 
@@ -396,9 +421,6 @@ def adopt_global_jetstream(settings: Settings, config: dict[str, Any]) -> str | 
     if not any((old / "streams").glob("*")):
         return None  # nothing to carry over
     if settings.clustered:
-        raise ConfigError(
-            f"--data-dir: {old} holds JetStream data of unibus 0.11 (global account), which a clustered 0.12 "
-            f"node keeps in the {target} account; follow docs/operations.md, section 'Upgrading from 0.11' "
-            "(clusters), before starting this node")
+        raise _refuse_clustered_global(old, target)
     os.rename(old, new)
     return f"moved the 0.11 JetStream data {old} to {new} (account {target})"

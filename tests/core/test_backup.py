@@ -30,6 +30,7 @@ from unibus.cli import main
 from unibus.client import UnibusClient
 from unibus.client.blobs import get_raw_blob, put_raw_blob
 from unibus.client.keys import generate_identity
+from unibus.servicekey import ensure_service_nkey
 from unibus.store.base import Conflict, NotFound
 from unibus.store.fromkv import rows_from_kv
 from unibus.store.kv import KvStore
@@ -611,6 +612,63 @@ async def test_kv_state_backup_restores_to_a_single_node(source, tmp_path):
         assert got[table] == want[table], table
     assert_rows_match_log(got, replay(got["log"]))
     assert stored_blobs(restored_dir) == {(room, blob_id): source.blob}
+
+
+async def test_a_0_11_cluster_state_backs_up_and_restores_with_a_new_entry_0(nats_server, tmp_path):
+    """0.11 kept a cluster's state in KV with no membership log. This version's ``backup
+    --nats-url`` reads it while 0.11 still runs, which is how a cluster upgrades
+    (docs/operations.md, "Upgrading from 0.11"), and restore refused that archive: its rows were
+    not what an empty log establishes (an upgrade rehearsal). Restore writes entry 0 now, a
+    snapshot, as a node does for such a bucket: a new trust root, which --expect-root refuses."""
+    import base64
+
+    alice, bob = generate_identity("alice"), generate_identity("bob")
+    room = "4eelbkievuswdsod2l7jyltn"
+    at = "2026-11-20T10:00:00.000000+00:00"
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode("ascii")
+
+    records = {"meta.admins": {"admins": ["alice"]},  # the records as 0.11 wrote them: no bus_pub, no log
+               f"room.{room}": {"created_at": at, "epoch": 2, "members": ["alice", "bob"], "name": "ops",
+                                "owner": "alice", "rekey_required": False, "room_id": room,
+                                "sealed": {"alice": [1, 2], "bob": [2, 2]}},
+               f"keys.{room}.1": {"epoch": 1, "room_id": room, "sealed": {"alice": b64(os.urandom(80))}},
+               f"keys.{room}.2": {"epoch": 2, "room_id": room, "sealed": {h: b64(os.urandom(80))
+                                                                          for h in ("alice", "bob")}}}
+    for who, role in ((alice, "admin"), (bob, "member")):
+        records[f"member.{who.handle}"] = {"created_at": at, "enc_pub": b64(who.enc_pub), "enc_suite": "X25519",
+                                           "handle": who.handle, "role": role, "sign_pub": b64(who.sign_pub)}
+        records[f"sign.{who.sign_pub.hex()}"] = {"handle": who.handle}
+    nc = await nats.connect(nats_server.url)
+    try:
+        await KvStore(nc.jetstream(timeout=5.0), timeout=5.0).ensure()  # the bucket, empty: no entry 0 to write
+        kv = await nc.jetstream(timeout=5.0).key_value("unibus_state")
+        for key, record in records.items():
+            await kv.put(key, json.dumps(record, separators=(",", ":"), sort_keys=True).encode())
+    finally:
+        await nc.close()
+    node = tmp_path / "node"
+    node.mkdir(mode=0o700)
+    ensure_service_nkey(node)  # a 0.11 node's own (this bare nats-server asks for none)
+    archive = tmp_path / "c011.tar"
+    proc = await asyncio.to_thread(cli, "backup", "--out", str(archive), "--data-dir", str(node), "--nats-url",
+                                   nats_server.url)
+    assert proc.returncode == 0 and "2 member(s), 1 room(s), 0 log entries" in proc.stdout, proc
+    root = hashlib.sha256(b"what the members pinned").hexdigest()
+    one_line(await asyncio.to_thread(cli, "restore", "--in", str(archive), "--data-dir", str(tmp_path / "pinned"),
+                                     "--expect-root", root),
+             2, "--expect-root: the archive's trust root is none: its store predates the membership log")
+    proc = await asyncio.to_thread(restore_into, archive, tmp_path / "restored")
+    assert proc.returncode == 0, proc.stderr
+    got = read_store(tmp_path / "restored" / "membershipd.db")
+    assert [json.loads(text)["kind"] for _s, _h, text in got["log"]] == ["snapshot"]
+    assert f"(new: members pin it with `unibus trust {got['log'][0][1]}`)" in proc.stdout
+    assert {h: (row[0], row[1], row[5]) for h, row in got["members"].items()} == {
+        "alice": ("admin", alice.sign_pub, None), "bob": ("member", bob.sign_pub, None)}
+    assert got["rosters"] == {(room, "alice"), (room, "bob")} and got["rooms"][room][2] == 2
+    assert sorted(got["keys"]) == [(room, 1, "alice"), (room, 2, "alice"), (room, 2, "bob")]
+    assert_rows_match_log(got, replay(got["log"]))
 
 
 # --------------------------------------------------------------------------- KV snapshots under writes

@@ -30,6 +30,7 @@ from unibus.client import UnibusClient
 from unibus.client.keys import Identity, generate_identity
 from unibus.servicekey import ensure_service_nkey
 from unibus.signing import sign_request
+from unibus.store.db import migrate, stored_revision
 from unibus.testing import (MembershipdProcess, NatsServer, bootstrap_member, free_port, make_test_ca,
                             make_test_cert, run_membershipd)
 from unibus.wire import nkey_from_sign_pub
@@ -333,6 +334,7 @@ def test_a_011_cluster_node_refuses_to_start(tmp_path):
     streams_dir = data_dir / "jetstream" / "jetstream" / "$G" / "streams" / "KV_unibus_state"
     streams_dir.mkdir(parents=True)
     (streams_dir / "meta.inf").write_text("{}")
+    migrate(data_dir / "membershipd.db", "0002")  # 0.11's database, which 0.11 must still open afterwards
     proc = run_membershipd(
         "serve", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{free_port()}",
         "--nats-addr", f"127.0.0.1:{free_port()}", "--nats-monitor-port", str(free_port()),
@@ -345,6 +347,8 @@ def test_a_011_cluster_node_refuses_to_start(tmp_path):
     assert len(errors) == 1 and "docs/operations.md" in errors[0] and "Upgrading from 0.11" in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert streams_dir.is_dir() and not (data_dir / "jetstream" / "jetstream" / "UNIBUS").exists()
+    # refused before the database was touched: it was migrated first (an upgrade rehearsal)
+    assert stored_revision(data_dir / "membershipd.db") == "0002"
 
 
 # nats-server imports these system services into every account, MEMBERS included: answered, they would
