@@ -64,7 +64,7 @@ from .httperrors import unreadable_body
 from .problems import Problem
 from .pubacks import PubAckUnavailable
 from .signing import SignatureError, Verified, check_request, header_value, split_path_query
-from .wire import HANDLE_RE
+from .wire import HANDLE_RE, MAX_AUTH_SKEW
 from .store.base import Change, Member, Store
 from .store.turns import writer as store_writer
 
@@ -113,6 +113,11 @@ EPOCH_CHECK_INTERVAL = 1.0
 RECOVERY_TIMEOUT = 5.0
 RECOVERY_BACKOFF = 0.5
 MOVE_TIMEOUT = 60.0
+#: How long a recovery (a bucket lost under a running membershipd) may spend writing the nonces
+#: carried over from a 0.11 bucket into the new one; what is not written by then is covered by
+#: the floor instead. Within RECOVERY_TIMEOUT: 100,000 of them took about 5 s, longer than a
+#: recovery may take, and every recovery timed out until they expired (a review).
+CARRY_OVER_RECOVERY_BUDGET = 3.0
 WRONG_LAST_SEQUENCE = 10071  # JetStream: Nats-Expected-Last-Subject-Sequence failed
 STREAM_NAME_IN_USE = 10058
 STREAM_NOT_FOUND = 10059
@@ -236,8 +241,8 @@ class MemoryHighWater:
 
 class CarriedNonces(Protocol):
     """Where a single node keeps, durably, the nonces it carried over from a bucket that moved
-    to memory (a 0.11 file bucket), until they expire: each new incarnation of the bucket gets
-    them again (:meth:`NonceStore.carry_over`). ``record`` is a JSON text; None clears it."""
+    to memory (a 0.11 file bucket), with their claim times: each new incarnation of the bucket
+    gets them again (:meth:`NonceStore.carry_over`). ``record`` is a JSON text; None clears it."""
 
     async def carried_nonces(self) -> str | None: ...
 
@@ -436,14 +441,16 @@ class NonceStore:
         loses nothing:
 
         * a single node (``exclusive``: nobody else claims in the bucket) with a place to keep
-          ``carried`` nonces, whose nonces were read and whose skew is not shorter than the
-          old one, keeps them there durably, each until it expires from the new bucket (twice
-          this skew after its claim: past the last second it could be replayed in). Every new
-          incarnation of the bucket gets them again before its epoch (:meth:`carry_over`), and
-          the mark is not raised for them. It was raised for the latest claim, and the mark is
-          the floor of the next incarnation: a restart within a minute of an upgrade from 0.11
-          left ``/healthz`` degraded, refusing every signed request, for up to a minute (a
-          black-box test of the upgrade);
+          ``carried`` nonces, whose nonces were read, keeps them there durably with their claim
+          times and the old skew, and every new incarnation of the bucket gets them again
+          before its epoch, for as long as the skew of that start leaves their requests fresh
+          (:meth:`carry_over`). The mark is not raised for them. It was raised for the latest
+          claim, and the mark is the floor of the next incarnation: a restart within a minute
+          of an upgrade from 0.11 left ``/healthz`` degraded, refusing every signed request,
+          for up to a minute (a black-box test of the upgrade). It is raised to now minus the
+          old skew, which refuses nothing fresh: a request whose nonce had expired from the
+          old bucket before the move was created before that, and a longer skew now or later
+          would take it again (a review);
         * otherwise the mark is raised to cover them: for the latest claim when the bucket is
           this node's own and its nonces were read, else to now + the old skew (a node of the
           previous version may claim after the copy was read). The copy carries every nonce
@@ -453,8 +460,7 @@ class NonceStore:
 
         Under a shorter old skew, a request accepted then whose nonce expired from the old
         bucket before the move was created before now minus that skew, and the longer window
-        now would take it again: the floor refuses those (a review); the mark is raised that
-        far when the nonces are kept, which costs nothing fresh.
+        now would take it again: the floor refuses those (a review).
         """
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
@@ -469,14 +475,15 @@ class NonceStore:
         floor_before = await self.high_water_store.nonce_high_water()
         # each with the second it expires from the new bucket (nonces older than its max age stay out)
         live = [(key, expires) for key, claimed in nonces or () if (expires := math.ceil(claimed + self.ttl)) > now]
-        keep = self.carried is not None and nonces is not None and accepted_skew <= self.skew
+        keep = self.carried is not None and nonces is not None
         if keep:
             assert self.carried is not None and nonces is not None
-            cover = max((math.ceil(claimed) + accepted_skew for _key, claimed in nonces), default=0)
-            await self.carried.keep_carried_nonces(json.dumps({"cover": cover, "nonces": live}) if live else None)
-            floor = floor_before
-            if accepted_skew < self.skew:
-                floor = await self.high_water_store.raise_nonce_high_water(int(now) - accepted_skew)
+            # each while some skew a later start may have keeps its request fresh
+            kept = [[key, math.ceil(claimed * 1000) / 1000] for key, claimed in nonces
+                    if claimed + accepted_skew + MAX_AUTH_SKEW >= now]
+            await self.carried.keep_carried_nonces(json.dumps({"skew": accepted_skew, "nonces": kept})
+                                                   if kept else None)
+            floor = await self.high_water_store.raise_nonce_high_water(int(now) - accepted_skew)
         else:
             if nonces is None or not self.exclusive:
                 cover = int(now) + accepted_skew
@@ -498,7 +505,7 @@ class NonceStore:
         if keep:
             self._pending_floor = floor  # the epoch written next; carry_over writes the nonces first
             log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) "
-                        "carried over, kept in the store until they expire", old, new, len(live))
+                        "carried over, kept in the store until they expire", old, new, len(kept))
             return
         copied = await self._write_nonces([(key, left) for key, expires in live
                                            if (left := math.ceil(expires - time.time())) > 0]) if live else 0
@@ -512,40 +519,64 @@ class NonceStore:
                     "over%s", old, new, copied,
                     "" if exact else f"; requests created at or before {floor} are refused until then")
 
-    async def carry_over(self) -> int:
+    async def carry_over(self, budget: float = MOVE_TIMEOUT) -> int:
         """Write the nonces kept from a moved bucket (:class:`CarriedNonces`) into this new
-        incarnation of the bucket, before its epoch is written. Returns the floor they still
-        need: 0 when every one not yet expired is in the bucket, else the cover of the latest
-        claim (a request accepted with a nonce not written may come again). The record is
-        cleared once none is left."""
+        incarnation of the bucket, before its epoch is written, and return the floor they
+        still need (0 for none).
+
+        A nonce claimed at ``t`` under the old skew came with a ``created`` of at most ``t`` +
+        that skew, fresh under this start's skew until that + this skew: it is written with
+        the seconds left until then. One that this bucket cannot keep that long (its max
+        age is twice this skew), or that is not written within ``budget`` seconds, is covered
+        by the floor instead: ``t`` + the old skew. The record goes once no skew a later start
+        may have (up to :data:`MAX_AUTH_SKEW`) can make any of its requests fresh again. The
+        expiries were fixed at the move, and a restart with a longer ``--auth-skew`` let a
+        request the longer window made fresh again be replayed once its nonce had gone (a
+        review)."""
         if self.carried is None:
             return 0
         text = await self.carried.carried_nonces()  # the store cannot be read: no epoch, fail closed
         if text is None:
             return 0
+        now = time.time()
         try:
             record = json.loads(text)
-            cover = int(record["cover"])
-            kept = [(str(key), int(expires)) for key, expires in record["nonces"]]
+            old_skew = int(record["skew"])
+            kept = [(str(key), float(claimed)) for key, claimed in record["nonces"]]
         except (ValueError, KeyError, TypeError):
-            # only membershipd writes it; should it be unreadable, refuse what it could have held
-            log.warning("nonce bucket: the nonces carried over from a moved bucket are unreadable; requests "
-                        "created in the next %d s are refused", self.skew)
-            return int(time.time()) + self.skew
-        now = time.time()
-        live = [(key, left) for key, expires in kept if (left := math.ceil(expires - now)) > 0]
-        if not live:
+            # Only membershipd writes it. Should it be unreadable: refuse what it may hold, from
+            # now on (the mark), and let it go.
+            floor = await self.high_water_store.raise_nonce_high_water(int(now) + self.skew)
             await self.carried.keep_carried_nonces(None)
-            log.info("nonce bucket: the nonces carried over from the moved bucket have all expired")
+            log.error("nonce bucket: the nonces carried over from a moved bucket are unreadable (removed); requests "
+                      "created at or before %d are refused (%s)", floor, _for_how_long(floor))
+            return floor
+        if all(claimed + old_skew + MAX_AUTH_SKEW < now for _key, claimed in kept):
+            await self.carried.keep_carried_nonces(None)
+            log.info("nonce bucket: the nonces carried over from the moved bucket cannot be fresh any more")
             return 0
-        copied = await self._write_nonces(live)
-        if copied == len(live):
+        floor = 0
+        live: list[tuple[str, int]] = []
+        for key, claimed in kept:
+            fresh = claimed + old_skew + self.skew - now  # seconds its request may still be fresh
+            if fresh < 0:
+                continue
+            if fresh >= self.ttl:
+                floor = max(floor, math.ceil(claimed + old_skew))  # past this bucket's max age
+            else:
+                live.append((key, min(math.ceil(fresh) + 1, self.ttl)))
+        copied = -1
+        if live:
+            with contextlib.suppress(TimeoutError):
+                copied = await within(self._write_nonces(live), budget)
+        if live and copied != len(live):
+            floor = max(floor, math.ceil(max(claimed for _key, claimed in kept) + old_skew))
+            log.warning("nonce bucket: %s of %d nonce(s) carried over from the moved bucket could not be written "
+                        "into this one; requests created at or before %d are refused (%s)",
+                        "some" if copied < 0 else len(live) - copied, len(live), floor, _for_how_long(floor))
+        elif live:
             log.info("nonce bucket: %d nonce(s) carried over from the moved bucket written into this one", copied)
-            return 0
-        log.warning("nonce bucket: %d of %d nonce(s) carried over from the moved bucket could not be written "
-                    "into this one; requests created at or before %d are refused (%s)", len(live) - copied,
-                    len(live), cover, _for_how_long(cover))
-        return cover
+        return floor
 
     async def _read_nonces(self, info: Any) -> list[tuple[str, float]]:
         """``(key, claimed at)`` of every nonce in the bucket, ``_epoch`` left out (``claimed at``:
@@ -620,7 +651,7 @@ class NonceStore:
             return None
         return bytes(msg.data)
 
-    async def _establish(self) -> None:
+    async def _establish(self, carry_budget: float = MOVE_TIMEOUT) -> None:
         """Read the bucket's ``_epoch``, writing it first if it is missing (the bucket is new), and adopt it."""
         assert self.bus.nc is not None
         reconnects = self.acks.reconnects
@@ -628,7 +659,7 @@ class NonceStore:
         mark = await self.high_water_store.nonce_high_water()
         if raw is None:
             floor = self._pending_floor if self._pending_floor is not None else mark
-            floor = max(floor, await self.carry_over())
+            floor = max(floor, await self.carry_over(carry_budget))
             record = {"floor": floor, "at": round(time.time(), 3), "id": uuid.uuid4().hex, "node": self.node}
             try:
                 reply = await self.bus.nc.request(NONCE_PREFIX + EPOCH_KEY, json.dumps(record).encode(),
@@ -694,11 +725,11 @@ class NonceStore:
 
     async def _rebuild(self) -> None:
         try:
-            await self._establish()
+            await self._establish(CARRY_OVER_RECOVERY_BUDGET)
         except _BucketMissing:
             log.warning("nonce bucket: %s is gone (its nats-server restarted); creating it again", NONCE_STREAM)
             await self._ensure_bucket()
-            await self._establish()
+            await self._establish(CARRY_OVER_RECOVERY_BUDGET)
 
     async def _watch(self) -> None:
         """Every EPOCH_CHECK_INTERVAL: re-establish an unknown epoch, and notice one that changed."""

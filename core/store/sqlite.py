@@ -458,8 +458,9 @@ def add_member_sync(s: Session, member: Member) -> Member:
 MAX_CREATED_KEY = "log.max_created"
 #: unibus_meta key of the signed requests' high-water mark (docs/operations.md, "Durability").
 HIGH_WATER_KEY = "nonces.high_water"
-#: ``{"cover": N, "nonces": [[key, expires], ...]}``: the nonces carried over from a 0.11
-#: (file) nonce bucket, kept until they expire (unibus.auth.NonceStore.carry_over).
+#: ``{"skew": S, "nonces": [[key, claimed], ...]}``: the nonces carried over from a 0.11 (file)
+#: nonce bucket, their claim times and the skew they were accepted under, kept until no skew
+#: can make their requests fresh again (unibus.auth.NonceStore.carry_over).
 CARRIED_NONCES_KEY = "nonces.carried"
 
 

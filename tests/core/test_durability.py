@@ -31,6 +31,7 @@ from unibus.auth import (DEFAULT_NONCE_MAX_BYTES, EPOCH_KEY, HIGH_WATER_STEP, NO
                          NONCE_PREFIX, NONCE_STREAM, MemoryCarriedNonces, MemoryHighWater, NonceStore,
                          NonceStoreUnavailable,
                          ReplayFloorError, nonce_max_bytes_from_env)
+from unibus.wire import MAX_AUTH_SKEW
 from unibus.bus import Bus
 from unibus.client.keys import generate_identity
 from unibus.errors import ConfigError
@@ -523,29 +524,31 @@ async def file_bucket(url: str, ttl: float, claims: int) -> tuple[list[str], flo
         await bus.close()
 
 
-@pytest.mark.parametrize("old_ttl", [120, 60])
+@pytest.mark.parametrize("old_ttl", [120, 60, 240])
 async def test_a_single_node_gives_the_nonces_it_carried_over_to_every_new_bucket(nats_server, old_ttl):
     """The move of a single node's 0.11 bucket raised the mark for the latest claim + the skew it
     was accepted under: the floor of the bucket after the next restart, so a restart within a
     minute of the upgrade refused every fresh request (a black-box test of the upgrade). The
-    nonces are kept in the store until they expire, each new bucket gets them again, and the mark
-    stays where it was (under a shorter old skew: now minus that skew, which refuses nothing fresh)."""
+    nonces are kept in the store with their claims, each new bucket gets them again, and the
+    mark is now minus the old skew, which refuses nothing fresh (a request whose nonce expired
+    before the move was created before that)."""
+    old_skew = old_ttl // 2
     old, last_claim = await file_bucket(nats_server.url, float(old_ttl), 50)
     carried = MemoryCarriedNonces()
     moved_at = int(time.time())
-    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
+    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):  # skew 60
         info = await store.bus.js.stream_info(NONCE_STREAM)
+        if old_skew > 60:  # fresh for longer than a bucket of 60 s keeps anything: the floor covers them
+            assert info.state.messages == 1 and store.floor == math.ceil(last_claim + old_skew)
+            assert mark.value < store.floor and carried.record is not None
+            return
         assert info.config.storage == StorageType.MEMORY and info.state.messages == len(old) + 1
         assert carried.record is not None
         record = json.loads(carried.record)
-        assert sorted(key for key, _expires in record["nonces"]) == sorted(f"alice.{n}" for n in old)
-        # each kept until it expires from the new bucket: twice this skew after its claim
-        assert all(moved_at + 100 <= expires <= math.ceil(last_claim) + 120 for _key, expires in record["nonces"])
-        assert int(last_claim) + old_ttl // 2 <= record["cover"] <= math.ceil(last_claim) + old_ttl // 2
-        if old_ttl == 120:
-            assert mark.value == 0 and store.floor == 0
-        else:  # a request whose nonce expired from the 30 s bucket would pass the 60 s window
-            assert moved_at - 30 <= mark.value == store.floor <= int(time.time()) - 30
+        assert record["skew"] == old_skew
+        assert sorted(key for key, _claimed in record["nonces"]) == sorted(f"alice.{n}" for n in old)
+        assert all(moved_at - 10 <= claimed <= last_claim + 0.001 for _key, claimed in record["nonces"])
+        assert moved_at - old_skew <= mark.value == store.floor <= int(time.time()) - old_skew
         for nonce in old[:10]:
             assert await store.claim("alice", nonce) is False
         await store.bus.js.delete_stream(NONCE_STREAM)  # lost, as a restart of its nats-server loses it
@@ -557,31 +560,57 @@ async def test_a_single_node_gives_the_nonces_it_carried_over_to_every_new_bucke
                 assert await store.claim("alice", nonce) is False  # written again
             assert await store.claim("alice", make_nonce()) is True
             await store.bus.js.delete_stream(NONCE_STREAM)
-    # once they expired, the record goes and nothing is written
+    # once no skew can make their requests fresh again, the record goes and nothing is written
     record = json.loads(carried.record)
-    record["nonces"] = [[key, int(time.time())] for key, _expires in record["nonces"]]
+    record["nonces"] = [[key, int(time.time()) - old_skew - MAX_AUTH_SKEW - 1] for key, _c in record["nonces"]]
     carried.record = json.dumps(record)
     async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried, mark=mark) as ((store,), _):
         assert carried.record is None and store.floor == mark.value
         assert (await store.bus.js.stream_info(NONCE_STREAM)).state.messages == 1  # the epoch
 
 
+async def test_a_later_start_keeps_the_carried_nonces_as_long_as_its_own_skew_needs(nats_server):
+    """A 0.11 request claimed at t was created at most t + the old skew, and is fresh until that +
+    the skew of whichever start serves it: the expiries were fixed at the move, and a restart with
+    a longer --auth-skew let such a request be replayed once its nonce had gone; with a shorter
+    one the bucket's max age dropped it early (a review). Each start works them out again: written
+    with what its skew needs, or, past its bucket's max age, covered by the floor."""
+    old, last_claim = await file_bucket(nats_server.url, 120.0, 20)  # 0.11 ran with the default 60 s
+    carried, mark = MemoryCarriedNonces(), MemoryHighWater()
+    async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried, mark=mark) as ((store,), _):
+        await store.bus.js.delete_stream(NONCE_STREAM)
+    async with nonce_stores(nats_server.url, 1, skew=300, exclusive=True, carried=carried, mark=mark) as ((s,), _):
+        assert s.floor == mark.value  # nothing fresh refused
+        msg = await s.bus.js.get_msg(NONCE_STREAM, subject=f"{NONCE_PREFIX}alice.{old[0]}")
+        # fresh until the claim + 60 (its created at most) + 300 (this skew)
+        assert int(msg.headers["Nats-TTL"]) >= last_claim + 360 - time.time() - 5
+        for nonce in old:
+            assert await s.claim("alice", nonce) is False
+        await s.bus.js.delete_stream(NONCE_STREAM)
+    async with nonce_stores(nats_server.url, 1, skew=10, exclusive=True, carried=carried, mark=mark) as ((s,), _):
+        # needed for about 70 s, and a bucket of this skew keeps nothing past 20 s: the floor covers them
+        assert s.floor == math.ceil(last_claim + 60)
+        assert (await s.bus.js.stream_info(NONCE_STREAM)).state.messages == 1
+        with pytest.raises(ReplayFloorError):
+            await s.admit(math.ceil(last_claim + 60), time.time())
+    assert carried.record is not None  # a later start with a longer skew needs them again
+
+
 async def test_nonces_carried_over_that_cannot_be_written_leave_the_floor_at_their_cover(nats_server):
     """Fail safe: a kept nonce that does not make it into the new bucket (here a key JetStream
     refuses) could be replayed; the floor is then the latest claim + the old skew, as without
-    them, and an unreadable record refuses a whole skew."""
+    them. An unreadable record refuses a whole skew, durably, and is removed."""
     carried = MemoryCarriedNonces()
     now = int(time.time())
-    cover = now + 30
-    carried.record = json.dumps({"cover": cover, "nonces": [["alice.kept-nonce-00000001", now + 100],
-                                                           ["alice..not-a-key", now + 100]]})
+    carried.record = json.dumps({"skew": 30, "nonces": [["alice.kept-nonce-00000001", now],
+                                                        ["alice..not-a-key", now]]})
     async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
-        assert store.floor == cover and mark.value == 0
+        assert store.floor == now + 30 and mark.value == 0
         assert await store.claim("alice", "kept-nonce-00000001") is False
         await store.bus.js.delete_stream(NONCE_STREAM)
-    carried.record = '{"cover": '  # only membershipd writes it; should it be cut short
+    carried.record = '{"skew": '  # only membershipd writes it; should it be cut short
     async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
-        assert now + 60 <= store.floor <= int(time.time()) + 60
+        assert now + 60 <= store.floor == mark.value <= int(time.time()) + 60 and carried.record is None
 
 
 async def test_the_store_keeps_carried_nonces_durably(tmp_path):
@@ -594,13 +623,13 @@ async def test_the_store_keeps_carried_nonces_durably(tmp_path):
     store = SqliteStore(db)
     try:
         assert await store.carried_nonces() is None
-        await store.keep_carried_nonces('{"cover": 1, "nonces": []}')
-        await store.keep_carried_nonces('{"cover": 2, "nonces": []}')
+        await store.keep_carried_nonces('{"skew": 1, "nonces": []}')
+        await store.keep_carried_nonces('{"skew": 2, "nonces": []}')
     finally:
         await store.close()
     store = SqliteStore(db)
     try:
-        assert await store.carried_nonces() == '{"cover": 2, "nonces": []}'
+        assert await store.carried_nonces() == '{"skew": 2, "nonces": []}'
         await store.keep_carried_nonces(None)
         assert await store.carried_nonces() is None
         await store.keep_carried_nonces(None)
