@@ -18,7 +18,8 @@ before step 4:
    401 ``nonce-lost`` when it was signed before the epoch began (a replay
    cannot be told from it), else 503. If the bucket cannot be written or its
    epoch is not known, the request fails closed with 503: it is never served
-   unauthenticated;
+   unauthenticated. A request whose claim completes after its ``created``
+   window closed is refused as expired (401);
 4. only then the body: refused with 415 if it has a ``Content-Encoding``, with
    413 if longer than :data:`MAX_BODY`, read under the body deadline (408),
    and compared with the signed digest (401). Streamed uploads (handlers
@@ -545,8 +546,8 @@ class NonceStore:
             kept = [(str(key), float(claimed)) for key, claimed in record["nonces"]]
         except (ValueError, KeyError, TypeError):
             # Only membershipd writes it. Should it be unreadable: refuse what it may hold, from
-            # now on (the mark), and let it go.
-            floor = await self.high_water_store.raise_nonce_high_water(int(now) + self.skew)
+            # now on (the mark), whatever skew 0.11 ran with, and let it go.
+            floor = await self.high_water_store.raise_nonce_high_water(int(now) + MAX_AUTH_SKEW)
             await self.carried.keep_carried_nonces(None)
             log.error("nonce bucket: the nonces carried over from a moved bucket are unreadable (removed); requests "
                       "created at or before %d are refused (%s)", floor, _for_how_long(floor))
@@ -1097,6 +1098,11 @@ class Authenticator:
                           kind="nonce-store-unavailable", headers={"Retry-After": "1"}) from None
         if not fresh:
             raise unauthorized("replayed nonce: this (keyid, nonce) was already used", "replay")
+        if verified.created < time.time() - self.skew:
+            # Claimed after its window closed (it waited for a lost bucket to be made again): a
+            # nonce kept only as long as its request is fresh may have expired by then, so the
+            # claim proves nothing. A review replayed a request carried over from 0.11 that way.
+            raise unauthorized("signature expired (created is too old)", "expired")
         request[MEMBER_KEY] = member
         request[SIGNATURE_KEY] = verified
         request[AUTH_TIME_KEY] = now

@@ -11,6 +11,7 @@ signed request served again within seconds.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -31,7 +32,7 @@ from unibus.auth import (DEFAULT_NONCE_MAX_BYTES, EPOCH_KEY, HIGH_WATER_STEP, NO
                          NONCE_PREFIX, NONCE_STREAM, MemoryCarriedNonces, MemoryHighWater, NonceStore,
                          NonceStoreUnavailable,
                          ReplayFloorError, nonce_max_bytes_from_env)
-from unibus.wire import MAX_AUTH_SKEW
+from unibus.app import EXTRA
 from unibus.bus import Bus
 from unibus.client.keys import generate_identity
 from unibus.errors import ConfigError
@@ -41,6 +42,7 @@ from unibus.signing import make_nonce, sign_request
 from unibus.store.sqlite import HIGH_WATER_KEY
 from unibus.supervisor import find_nats_server
 from unibus.testing import MembershipdProcess, bootstrap_member, free_port, run_membershipd
+from unibus.wire import MAX_AUTH_SKEW
 
 WAIT = 20.0  # upper bound of every "eventually"; never a timing assertion
 
@@ -313,6 +315,48 @@ async def test_healthz_is_degraded_while_the_floor_refuses_every_fresh_request(t
         await assert_refused_as_unverifiable(daemon, ahead)
     finally:
         daemon.stop()
+
+
+def test_a_request_claimed_after_its_window_closed_is_refused(unibus_app):
+    """A request is served only if it is still fresh once its nonce is claimed. One that waited
+    for a lost bucket to be made again was claimed after its window had closed: a nonce kept only
+    as long as its request is fresh (the ones carried over from 0.11) may have expired by then,
+    and a review replayed such a request that way. Here the recovery is held while the window
+    closes; the claim then succeeds (a new nonce), and the request is refused as expired."""
+    app = unibus_app(args=["--auth-skew", "1"])
+    nonces = app.app[EXTRA]["nonces"]
+
+    async def hold() -> int:
+        nonces._lost("the test holds the recovery")
+        await nonces._lock.acquire()
+        return nonces.claims
+
+    async def release() -> int:
+        nonces._lock.release()
+        return nonces.claims
+
+    claims = app.run(hold())
+    try:
+        headers = signed(app.admin.identity, created=int(time.time()) + 1)  # fresh for 1 to 2 s more
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            answer = pool.submit(asyncio.run, send(app, headers))
+            deadline = time.monotonic() + WAIT
+            while time.time() <= created_of(headers) + 1.5:  # its window closes while it waits
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            assert not answer.done()
+            claimed = app.run(release())
+            status, body, _headers = answer.result(WAIT)
+    finally:
+        if nonces._lock.locked():
+            app.run(release())
+    assert status == 401 and body["detail"] == "signature expired (created is too old)", (status, body)
+    assert app.run(claims_of(nonces)) == claims + 1 and claimed == claims  # its claim went through first
+    assert asyncio.run(send(app, signed(app.admin.identity)))[0] == 200
+
+
+async def claims_of(nonces: NonceStore) -> int:
+    return nonces.claims
 
 
 # -- NonceStore alone, against a bare nats-server ---------------------------------------------------------
@@ -599,7 +643,7 @@ async def test_a_later_start_keeps_the_carried_nonces_as_long_as_its_own_skew_ne
 async def test_nonces_carried_over_that_cannot_be_written_leave_the_floor_at_their_cover(nats_server):
     """Fail safe: a kept nonce that does not make it into the new bucket (here a key JetStream
     refuses) could be replayed; the floor is then the latest claim + the old skew, as without
-    them. An unreadable record refuses a whole skew, durably, and is removed."""
+    them. An unreadable record refuses the longest skew, durably, and is removed."""
     carried = MemoryCarriedNonces()
     now = int(time.time())
     carried.record = json.dumps({"skew": 30, "nonces": [["alice.kept-nonce-00000001", now],
@@ -610,7 +654,9 @@ async def test_nonces_carried_over_that_cannot_be_written_leave_the_floor_at_the
         await store.bus.js.delete_stream(NONCE_STREAM)
     carried.record = '{"skew": '  # only membershipd writes it; should it be cut short
     async with nonce_stores(nats_server.url, 1, exclusive=True, carried=carried) as ((store,), mark):
-        assert now + 60 <= store.floor == mark.value <= int(time.time()) + 60 and carried.record is None
+        # whatever skew 0.11 ran with (its claims were at most now, their created at most 600 s later)
+        assert now + MAX_AUTH_SKEW <= store.floor == mark.value <= int(time.time()) + MAX_AUTH_SKEW
+        assert carried.record is None
 
 
 async def test_the_store_keeps_carried_nonces_durably(tmp_path):
