@@ -474,8 +474,6 @@ class NonceStore:
             nonces = None
         now = time.time()
         floor_before = await self.high_water_store.nonce_high_water()
-        # each with the second it expires from the new bucket (nonces older than its max age stay out)
-        live = [(key, expires) for key, claimed in nonces or () if (expires := math.ceil(claimed + self.ttl)) > now]
         keep = self.carried is not None and nonces is not None
         if keep:
             assert self.carried is not None and nonces is not None
@@ -506,10 +504,12 @@ class NonceStore:
         if keep:
             self._pending_floor = floor  # the epoch written next; carry_over writes the nonces first
             log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) "
-                        "carried over, kept in the store until they expire", old, new, len(kept))
+                        "carried over, kept in the store while their requests can be fresh", old, new, len(kept))
             return
-        copied = await self._write_nonces([(key, left) for key, expires in live
-                                           if (left := math.ceil(expires - time.time())) > 0]) if live else 0
+        # each with the time it has left in the new bucket (nonces older than its max age stay out)
+        live = [(key, left) for key, claimed in nonces or ()
+                if (left := math.ceil(self.ttl - (time.time() - claimed))) > 0]
+        copied = await self._write_nonces(live) if live else 0
         exact = self.exclusive and nonces is not None and copied == len(live) and accepted_skew <= self.skew
         self._pending_floor = floor_before if exact else floor
         if exact and accepted_skew < self.skew:

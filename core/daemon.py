@@ -384,7 +384,7 @@ class Daemon:
         s = self.settings
         # The high-water mark of signed requests lives in the store (durable); the
         # nonces in memory (docs/operations.md, "Durability"). A single node keeps the
-        # nonces a 0.11 bucket carried over in its SQLite store until they expire.
+        # nonces a 0.11 bucket carried over in its SQLite store (NonceStore.carry_over).
         exclusive = s.embedded and not s.clustered
         nonces = NonceStore(self.bus, skew=s.auth_skew, replicas=s.kv_replicas, high_water=self.store,
                             max_bytes=max_bytes, exclusive=exclusive, node=s.server_name,
