@@ -452,16 +452,13 @@ class NonceStore:
           old skew, which refuses nothing fresh: a request whose nonce had expired from the
           old bucket before the move was created before that, and a longer skew now or later
           would take it again (a review);
-        * otherwise the mark is raised to cover them: for the latest claim when the bucket is
-          this node's own and its nonces were read, else to now + the old skew (a node of the
-          previous version may claim after the copy was read). The copy carries every nonce
-          with the time it has left; unless it was exact (this node's own bucket, every nonce
-          copied, a skew not shorter than the old one), the new bucket's floor is the raised
-          mark, refused until it has passed.
-
-        Under a shorter old skew, a request accepted then whose nonce expired from the old
-        bucket before the move was created before now minus that skew, and the longer window
-        now would take it again: the floor refuses those (a review).
+        * otherwise (a cluster, ``--nats-url``, nonces that could not be read, or a store
+          without a place for them) the mark is raised to cover them: for the latest claim
+          when the bucket is this node's own and its nonces were read, else to now + the old
+          skew (a node of the previous version may claim after the copy was read). The copy
+          carries every nonce with the time it has left, and the new bucket's floor is the
+          raised mark, refused until it has passed. (An exact copy kept the old floor here;
+          with the first case, no deployment took that path any more.)
         """
         assert self.bus.js is not None
         old = getattr(info.config.storage, "value", info.config.storage)
@@ -487,7 +484,10 @@ class NonceStore:
             if nonces is None or not self.exclusive:
                 cover = int(now) + accepted_skew
             else:
-                cover = max((math.ceil(claimed) + accepted_skew for _key, claimed in nonces), default=0)
+                # and now minus the old skew: a request whose nonce expired from the old bucket was
+                # created before that, and a longer skew would take it again (a review)
+                cover = max((math.ceil(claimed) + accepted_skew for _key, claimed in nonces),
+                            default=int(now) - accepted_skew)
             floor = (await self.high_water_store.raise_nonce_high_water(cover) if cover > floor_before
                      else floor_before)
         try:
@@ -501,8 +501,8 @@ class NonceStore:
             if e.err_code != STREAM_NAME_IN_USE:  # another node re-created it first: copy into that one
                 raise
         new = getattr(self.bucket_config().storage, "value", "?")
+        self._pending_floor = floor  # the floor of the epoch written next (after carry_over, if kept)
         if keep:
-            self._pending_floor = floor  # the epoch written next; carry_over writes the nonces first
             log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) "
                         "carried over, kept in the store while their requests can be fresh", old, new, len(kept))
             return
@@ -510,15 +510,8 @@ class NonceStore:
         live = [(key, left) for key, claimed in nonces or ()
                 if (left := math.ceil(self.ttl - (time.time() - claimed))) > 0]
         copied = await self._write_nonces(live) if live else 0
-        exact = self.exclusive and nonces is not None and copied == len(live) and accepted_skew <= self.skew
-        self._pending_floor = floor_before if exact else floor
-        if exact and accepted_skew < self.skew:
-            # A longer skew now: a request accepted under the shorter one whose nonce already expired
-            # from the old bucket (created before now - that skew) would pass the new window (a review).
-            self._pending_floor = max(floor_before, int(now) - accepted_skew)
         log.warning("nonce bucket moved from %s to %s storage (docs/operations.md, Durability): %d nonce(s) carried "
-                    "over%s", old, new, copied,
-                    "" if exact else f"; requests created at or before {floor} are refused until then")
+                    "over; requests created at or before %d are refused until then", old, new, copied, floor)
 
     async def carry_over(self, budget: float = MOVE_TIMEOUT) -> int:
         """Write the nonces kept from a moved bucket (:class:`CarriedNonces`) into this new
