@@ -41,8 +41,8 @@ test-fast: install
 $(EXAMPLE_STAMP): pyproject.toml examples/unibus-hello-plugin/pyproject.toml examples/unibus-audit-plugin/pyproject.toml
 	$(PYTHON) -m venv $(EXAMPLE_VENV)
 	$(EXAMPLE_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(EXAMPLE_VENV)/bin/python -m pip install --quiet -e '.[test]' -e examples/unibus-hello-plugin \
-		-e examples/unibus-audit-plugin
+	$(EXAMPLE_VENV)/bin/python -m pip install --quiet -e . -e 'examples/unibus-hello-plugin[test]' \
+		-e 'examples/unibus-audit-plugin[test]'
 	touch $(EXAMPLE_STAMP)
 
 # Each example plugin's own tests, with both examples installed (as a user would have them).

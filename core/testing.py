@@ -68,6 +68,7 @@ from typing import Any
 
 import pytest
 
+from . import forkrun
 from .aio import ForeignCancel, own_cancel_only, within
 from .natsconf import base_config, finalize_config, write_config
 from .pluginmanager import PluginManager
@@ -158,17 +159,14 @@ def _hand_out(port: int) -> int:
 def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                     timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``membershipd ARGS`` to completion and capture its output."""
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "unibus.cli", *args], capture_output=True, text=True,
-                          env=full_env, cwd=cwd, timeout=timeout, stdin=subprocess.DEVNULL)
+    return forkrun.run("unibus.cli", args, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
 
 
 def run_membershipd_to_full_disk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run ``membershipd ARGS`` with standard output on Linux's ``/dev/full``, where every write
     fails with ENOSPC (a full disk); only stderr is captured."""
     with open("/dev/full", "w") as full:
-        return subprocess.run([sys.executable, "-m", "unibus.cli", *args], stdout=full, stderr=subprocess.PIPE,
-                              text=True, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+        return forkrun.run("unibus.cli", args, stdout=full, timeout=timeout)
 
 
 _migrated_template: Path | None = None
@@ -178,11 +176,15 @@ def _migrated_db() -> Path:
     """An empty database at the newest revision, made once per process (alembic is slow to import)."""
     global _migrated_template
     if _migrated_template is None or not _migrated_template.exists():
+        import atexit
+        import shutil
         import tempfile
 
         from .store.db import migrate
 
-        path = Path(tempfile.mkdtemp(prefix="unibus-testing-")) / "membershipd.db"
+        directory = tempfile.mkdtemp(prefix="unibus-testing-")
+        atexit.register(shutil.rmtree, directory, ignore_errors=True)
+        path = Path(directory) / "membershipd.db"
         migrate(path)
         _migrated_template = path
     return _migrated_template
@@ -361,7 +363,7 @@ class MembershipdProcess:
         if "--nats-monitor-port" not in self.args and "nats_monitor" not in self.args:
             argv += ["--nats-monitor-port", str(self.monitor_port)]
         self.argv = argv + self.args
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc: subprocess.Popen[bytes] | forkrun.ForkedProcess | None = None
         #: Every process of this node (this one and each ``again()``), so a
         #: fixture's teardown stops them all; ``restarts`` counts the starts after the first.
         self.family: list[MembershipdProcess] = [self]
@@ -411,8 +413,12 @@ class MembershipdProcess:
 
     def start(self, wait: bool = True, timeout: float = DEFAULT_TIMEOUT) -> MembershipdProcess:
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
-                                     stdin=subprocess.DEVNULL)
+        if self.argv[:3] == [sys.executable, "-m", "unibus.cli"]:  # forked from a zygote when it can be
+            self.proc = forkrun.spawn("unibus.cli", self.argv[3:], env=self.env, stdout=self._log,
+                                      stderr=subprocess.STDOUT)
+        else:
+            self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
+                                         stdin=subprocess.DEVNULL)
         if wait:
             self.wait_healthy(timeout)
         return self

@@ -14,6 +14,7 @@ import pytest
 from helpers import one_error_line
 from unibus.client.keys import (load_identity, nkey_from_sign_pub, validate_bus_pub, validate_enc_pub,
                                 validate_sign_pub)
+from unibus import forkrun
 from unibus.testing import free_port, run_membershipd
 
 
@@ -23,8 +24,7 @@ def unibus(*args: str, env: dict[str, str] | None = None, home: Path | None = No
     if home is not None:
         full_env["HOME"] = str(home)
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "unibus.client.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, stdin=subprocess.DEVNULL, check=False)
+    return forkrun.run("unibus.client.cli", args, env=full_env, timeout=timeout)
 
 
 def parse_member_add(line: str) -> dict[str, str]:

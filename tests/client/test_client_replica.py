@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from unibus import forkrun
 from unibus.client import UnibusClient
 from unibus.client.keys import generate_identity, save_identity
 from unibus.client.replica import VerificationError, server_id
@@ -26,9 +27,7 @@ from unibus.testing import MembershipdProcess, bootstrap_member, run_membershipd
 
 def unibus(server: str, identity: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    proc = subprocess.run([sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity",
-                           str(identity), *args], capture_output=True, text=True, env=env, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
+    proc = forkrun.run("unibus.client.cli", ["--server", server, "--identity", str(identity), *args], env=env)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 

@@ -30,6 +30,7 @@ import aiohttp
 import yarl
 from aiohttp import web
 
+from unibus import forkrun
 from unibus.client import LogVerificationError, UnibusClient
 from unibus.client.keys import generate_identity, save_identity
 from unibus.memberlog import entry_hash
@@ -229,8 +230,7 @@ def cli(server: str, identity: Any, home: Path) -> Callable[..., Any]:
     argv = [sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity", str(path)]
 
     async def unibus(*args: str) -> subprocess.CompletedProcess[str]:
-        return await asyncio.to_thread(subprocess.run, [*argv, *args], capture_output=True, text=True, env=env,
-                                       timeout=60, stdin=subprocess.DEVNULL, check=False)
+        return await asyncio.to_thread(forkrun.run, "unibus.client.cli", [*argv[3:], *args], env=env)
 
     unibus.argv, unibus.env = argv, env  # for a process the test drives itself
     return unibus

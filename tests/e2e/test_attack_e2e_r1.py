@@ -23,6 +23,7 @@ from aiohttp import web
 from attackkit import add, keyid, new_room, publish_raw, serve_log
 from helpers import whole_log
 
+from unibus import forkrun
 from unibus.client import LogVerificationError, VerificationError
 from unibus.client.keys import generate_identity
 from unibus.client.sealing import encrypt_message, open_room_key
@@ -201,8 +202,6 @@ async def test_a_servers_error_text_cannot_drive_the_terminal(world, proxy, tmp_
     other controls from a compromised server or MITM reach the user's terminal, e.g. to erase the
     error and print a fake success line."""
     import os
-    import subprocess
-    import sys
 
     from unibus.client.keys import save_identity
 
@@ -212,9 +211,8 @@ async def test_a_servers_error_text_cannot_drive_the_terminal(world, proxy, tmp_
     ident = tmp_path / "alice.json"
     save_identity(world.people["alice"], ident)
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    argv = [sys.executable, "-m", "unibus.client.cli", "--server", proxy.url, "--identity", str(ident), "log", "show"]
-    proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, env=env, timeout=60,
-                                   stdin=subprocess.DEVNULL, check=False)
+    argv = ["--server", proxy.url, "--identity", str(ident), "log", "show"]
+    proc = await asyncio.to_thread(forkrun.run, "unibus.client.cli", argv, env=env)
     assert proc.returncode == 1, proc.stderr
     assert "unibus: error: 500" in proc.stderr
     assert not any(ord(ch) < 0x20 and ch != "\n" for ch in proc.stderr), repr(proc.stderr)

@@ -20,6 +20,7 @@ import yarl
 from aiohttp import web
 from attackkit import Proxy, new_room
 
+from unibus import forkrun
 from unibus.client import ApiError, VerificationError
 from unibus.client import api as client_api
 from unibus.client.keys import generate_identity, save_identity
@@ -49,11 +50,10 @@ async def _cli(world: Any, tmp_path: Any, server: str, handle: str, *argv: str) 
     ident = tmp_path / f"{handle}.json"
     if not ident.exists():
         save_identity(world.people[handle], ident)
-    import subprocess
 
-    cmd = [sys.executable, "-m", "unibus.client.cli", "--server", server, "--identity", str(ident), *argv]
-    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, text=True, env=_cli_env(tmp_path),
-                                   timeout=30, stdin=subprocess.DEVNULL, check=False)
+    return await asyncio.to_thread(forkrun.run, "unibus.client.cli",
+                                   ["--server", server, "--identity", str(ident), *argv], env=_cli_env(tmp_path),
+                                   timeout=30)
 
 
 def _controls(text: str) -> list[str]:

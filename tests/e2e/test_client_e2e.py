@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from unibus import forkrun
 from unibus.client import ApiError, BusError, KeyUnavailable, UnibusClient
 from unibus.client.keys import load_identity
 from unibus.client.sealing import SealError, open_room_key
@@ -41,9 +42,7 @@ def unibus(*args: str, server: str | None = None, identity: Path | None = None,
         pre += ["--server", server]
     if identity:
         pre += ["--identity", str(identity)]
-    return subprocess.run([sys.executable, "-m", "unibus.client.cli", *pre, *args], stdout=stdout,
-                          stderr=subprocess.PIPE, text=True, env=env, timeout=timeout, check=False,
-                          **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}))
+    return forkrun.run("unibus.client.cli", [*pre, *args], env=env, timeout=timeout, input=stdin, stdout=stdout)
 
 
 def ok(proc: subprocess.CompletedProcess[str]) -> str:

@@ -26,6 +26,7 @@ import pytest
 from aiohttp import web
 from attackkit import Proxy, World, new_room, publish_raw, subscribe_raw
 
+from unibus import forkrun
 from unibus.client import (
     ApiError,
     BusError,
@@ -95,10 +96,9 @@ async def cli(tmp_path: Path, world: World, handle: str, *args: str, server: str
               timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`unibus ARGS` as ``handle`` (its replica under tmp_path), run without blocking the proxy's loop."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    argv = [sys.executable, "-m", "unibus.client.cli", "--server", server or world.daemon.base_url,
-            "--identity", str(identity_file(tmp_path, world, handle)), *args]
-    proc = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, env=env, timeout=timeout,
-                                   stdin=subprocess.DEVNULL, check=False)
+    argv = ["--server", server or world.daemon.base_url, "--identity", str(identity_file(tmp_path, world, handle)),
+            *args]
+    proc = await asyncio.to_thread(forkrun.run, "unibus.client.cli", argv, env=env, timeout=timeout)
     assert "Traceback" not in proc.stderr, proc.stderr
     return proc
 

@@ -11,7 +11,6 @@ import json
 import os
 import sqlite3
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 from alembic import command
 from nats.errors import NoServersError
 
+from unibus import forkrun
 from unibus.client import ApiError, BusError, UnibusClient
 from unibus.client.keys import Identity, generate_identity, identity_to_json, load_identity
 from unibus.store.db import alembic_config, make_engine
@@ -61,11 +61,10 @@ def build_011_database(db: Path, admins: list[Identity], members: list[Identity]
 
 def unibus(*args: str, identity: Path, server: str | None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UNIBUS_")}
-    argv = [sys.executable, "-m", "unibus.client.cli", "--identity", str(identity)]
+    argv = ["--identity", str(identity)]
     if server:
         argv += ["--server", server]
-    return subprocess.run([*argv, *args], capture_output=True, text=True, env=env, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
+    return forkrun.run("unibus.client.cli", [*argv, *args], env=env)
 
 
 async def test_a_011_deployment_upgrades_members_regain_the_bus_with_a_bus_key(tmp_path, membershipd_factory):

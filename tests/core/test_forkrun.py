@@ -1,0 +1,159 @@
+"""unibus.forkrun: processes forked from a zygote behave as ``python -m MODULE`` would.
+
+Each test runs the same command forked and as a new interpreter
+(``UNIBUS_TESTING_FORK=0``) where the two can be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from unibus import forkrun
+from unibus.testing import run_membershipd
+
+FRESH = {**os.environ, forkrun.FORK_ENV: "0"}
+
+PROBE = textwrap.dedent("""
+    import json, os, sys
+    if sys.argv[1:2] == ["raise"]:
+        raise ValueError("a probe that failed")
+    if sys.argv[1:2] == ["exit"]:
+        sys.exit(sys.argv[2])
+    if sys.argv[1:2] == ["print"]:
+        print("written as it exits")
+        sys.exit(0)
+    json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": os.environ.get("UNIBUS_PROBE"),
+               "stdin": sys.stdin.read(), "name": __name__, "pid": os.getpid(), "ppid": os.getppid(),
+               "path0": sys.path[0]}, sys.stdout)
+    print("to stderr", file=sys.stderr)
+""")
+
+
+@pytest.fixture
+def probe(tmp_path: Path) -> Path:
+    (tmp_path / "forkprobe.py").write_text(PROBE)
+    return tmp_path
+
+
+def both(*args: str, **kwargs: object) -> tuple[subprocess.CompletedProcess[str], subprocess.CompletedProcess[str]]:
+    env = kwargs.pop("env", dict(os.environ))
+    forked = forkrun.run(*args, env=env, **kwargs)  # type: ignore[arg-type]
+    fresh = forkrun.run(*args, env={**env, forkrun.FORK_ENV: "0"}, **kwargs)  # type: ignore[arg-type,dict-item]
+    return forked, fresh
+
+
+def test_a_forked_command_answers_as_a_new_interpreter_does(probe: Path):
+    env = {**os.environ, "UNIBUS_PROBE": "seen"}
+    forked, fresh = both("forkprobe", ["a b", "ü"], env=env, cwd=probe, input="line 1\r\nline 2\n")
+    for proc in (forked, fresh):
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == "to stderr\n"
+        seen = json.loads(proc.stdout)
+        assert seen["argv"] == ["a b", "ü"] and seen["cwd"] == str(probe) and seen["env"] == "seen"
+        assert seen["stdin"] == "line 1\r\nline 2\n" and seen["name"] == "__main__"  # as POSIX reads stdin
+        assert seen["pid"] != os.getpid() and Path(seen["path0"]).resolve() == probe.resolve()
+    assert json.loads(forked.stdout)["ppid"] != os.getpid()  # the zygote's child
+    assert json.loads(fresh.stdout)["ppid"] == os.getpid()
+
+
+def test_the_interpreter_ends_a_forked_command(probe: Path):
+    """A traceback and exit 1, ``sys.exit("text")``, and standard output on a full disk, as the
+    interpreter does them."""
+    forked, fresh = both("forkprobe", ["raise"], cwd=probe)
+    for proc in (forked, fresh):
+        assert proc.returncode == 1 and proc.stderr.startswith("Traceback")
+        assert proc.stderr.endswith("ValueError: a probe that failed\n")
+    forked, fresh = both("forkprobe", ["exit", "said and gone"], cwd=probe)
+    assert (forked.returncode, forked.stderr) == (fresh.returncode, fresh.stderr) == (1, "said and gone\n")
+    with open("/dev/full", "w") as full:
+        forked, fresh = both("forkprobe", ["print"], cwd=probe, stdout=full)
+    assert forked.returncode == fresh.returncode != 0, (forked, fresh)
+    assert forked.stderr.splitlines()[-1] == fresh.stderr.splitlines()[-1], (forked, fresh)
+
+
+def test_membershipd_forked_says_what_a_new_one_says(tmp_path: Path):
+    forked = run_membershipd("plugins", "--json")
+    fresh = run_membershipd("plugins", "--json", env={forkrun.FORK_ENV: "0"})
+    assert forked.returncode == fresh.returncode == 0 and forked.stdout == fresh.stdout
+    forked = run_membershipd("serve", "--http-addr", "nowhere")
+    fresh = run_membershipd("serve", "--http-addr", "nowhere", env={forkrun.FORK_ENV: "0"})
+    assert forked.returncode == fresh.returncode == 2 and forked.stderr == fresh.stderr
+
+
+def test_what_an_interpreter_reads_as_it_starts_gets_a_new_one(probe: Path, tmp_path: Path):
+    """PYTHONPATH (any variable but ours, pytest's, XDG's and HOME) is read before any code runs:
+    a fork could not honour it, so such a command is a new interpreter."""
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "onlythere.py").write_text("import sys; print(sys.argv[1:])\n")
+    proc = forkrun.run("onlythere", ["x"], env={**os.environ, "PYTHONPATH": str(other)})
+    assert (proc.returncode, proc.stdout) == (0, "['x']\n"), proc.stderr
+    assert not forkrun._may_fork({**os.environ, "PYTHONPATH": "x"}, os.environ)
+    assert not forkrun._may_fork({**os.environ, "LC_ALL": "C"}, os.environ)
+    assert forkrun._may_fork({**os.environ, "UNIBUS_X": "1", "PYTEST_CURRENT_TEST": "t", "XDG_CONFIG_HOME": "/c"},
+                             os.environ)
+
+
+def test_a_command_past_its_timeout_is_killed(probe: Path):
+    (probe / "forksleep.py").write_text("import os, sys, time\nprint(os.getpid(), flush=True)\ntime.sleep(60)\n")
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        forkrun.run("forksleep", [], cwd=probe, timeout=1)
+    assert time.monotonic() - started < 30
+
+
+def test_a_spawned_process_takes_signals_and_reports_its_status(probe: Path, tmp_path: Path):
+    (probe / "forksleep.py").write_text("import time\ntime.sleep(60)\n")
+    with open(tmp_path / "out", "wb") as out:
+        proc = forkrun.spawn("forksleep", [], cwd=probe, stdout=out, stderr=subprocess.STDOUT)
+    assert isinstance(proc, forkrun.ForkedProcess)
+    assert proc.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(0.2)
+    proc.terminate()
+    assert proc.wait(10) == -signal.SIGTERM
+    proc.kill()  # once it has exited: nothing is sent
+    assert proc.poll() == -signal.SIGTERM
+
+
+def test_processes_outlive_no_test_process(tmp_path: Path):
+    """A test process that dies leaves nothing it forked running: the zygote kills it and exits."""
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        sys.path.insert(0, {str(tmp_path)!r})
+        from unibus import forkrun
+        open({str(tmp_path / "forksleep.py")!r}, "w").write("import time\\ntime.sleep(60)\\n")
+        proc = forkrun.spawn("forksleep", [], cwd={str(tmp_path)!r})
+        print(proc.pid, forkrun._zygote.proc.pid, flush=True)
+        time.sleep(60)
+    """)
+    test_process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                                    env={**os.environ, forkrun.FORK_ENV: "1"})
+    try:
+        assert test_process.stdout is not None
+        child, zygote = (int(p) for p in test_process.stdout.readline().split())
+        assert Path(f"/proc/{child}").exists() and Path(f"/proc/{zygote}").exists()
+    finally:
+        test_process.kill()
+        test_process.wait(10)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (alive(child) or alive(zygote)):
+        time.sleep(0.05)
+    assert not alive(child) and not alive(zygote)
+
+
+def alive(pid: int) -> bool:
+    """Running, or a zombie nobody reaped: anything but gone (a zygote's child is reaped by it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
