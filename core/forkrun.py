@@ -6,9 +6,10 @@ interpreter and its imports each time: 0.7 s of CPU for ``membershipd serve``,
 they were a third of the suite's CPU. Here one helper process per test process
 (the *zygote*) imports unibus once, and each process asked for is a ``fork`` of
 it that runs ``python -m MODULE ARGS`` there (``runpy``): its own process, pid,
-descriptors, environment, working directory, signals and exit status, as a
-new interpreter would have, and the interpreter's own exit (``SystemExit``, a
-traceback, stdout flushed, ``atexit``).
+descriptors, environment, signals and exit status, the working directory,
+umask, resource limits, nice value and CPUs of the process that asked for it,
+as a new interpreter would have, and the interpreter's own exit
+(``SystemExit``, a traceback, stdout flushed, ``atexit``).
 
 What a fork cannot give is what an interpreter reads as it starts: the
 ``PYTHON*`` variables (``PYTHONPATH``...), the locale, glibc's and OpenSSL's
@@ -139,13 +140,13 @@ class _Zygote:
             self.closed = True
             self._cond.notify_all()
 
-    def fork(self, module: str, args: Sequence[str], env: Mapping[str, str], cwd: str | None,
+    def fork(self, module: str, args: Sequence[str], env: Mapping[str, str], cwd: str,
              fds: tuple[int, int, int]) -> int:
         with self._cond:
             self._next += 1
             request = self._next
         message = json.dumps({"request": request, "module": module, "args": list(args), "env": dict(env),
-                              "cwd": cwd}).encode()
+                              "cwd": cwd, **_inherited()}).encode()
         with self._send_lock:
             socket.send_fds(self.sock, [message], list(fds))
         deadline = time.monotonic() + 30
@@ -182,6 +183,31 @@ class _Zygote:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
+
+
+def _inherited() -> dict[str, Any]:
+    """What a child of this process would inherit from it now, and the zygote's children must
+    be given: a test may have changed them since the zygote started (``os.umask(0)``...)."""
+    import resource
+
+    umask = next(int(line.split()[1], 8) for line in open("/proc/self/status") if line.startswith("Umask:"))
+    limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource)
+              if name.startswith("RLIMIT_")}
+    return {"umask": umask, "limits": limits, "nice": os.nice(0), "cpus": sorted(os.sched_getaffinity(0))}
+
+
+def _take_on(spec: Mapping[str, Any]) -> None:
+    """In a forked child: :func:`_inherited`'s values, where they differ from the zygote's."""
+    import resource
+
+    os.umask(spec["umask"])
+    for name, limit in spec["limits"].items():
+        if resource.getrlimit(getattr(resource, name)) != tuple(limit):
+            resource.setrlimit(getattr(resource, name), tuple(limit))
+    if spec["nice"] != os.nice(0):
+        os.nice(spec["nice"] - os.nice(0))
+    if set(spec["cpus"]) != os.sched_getaffinity(0):
+        os.sched_setaffinity(0, spec["cpus"])
 
 
 _zygote: _Zygote | None = None
@@ -226,6 +252,10 @@ def spawn(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | Non
     full_env = dict(os.environ if env is None else env)
     argv = [sys.executable, "-m", module, *args]
     zygote = _get_zygote(full_env)
+    try:
+        where = os.getcwd() if cwd is None else os.fspath(cwd)
+    except OSError:  # a working directory that is gone, or too deep to name: only a new one inherits it
+        zygote = None
     if zygote is None:
         return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd)
     opened: list[int] = []  # opened here for the child: closed once it has them
@@ -233,7 +263,7 @@ def spawn(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | Non
         fd_in = _std(stdin, 0, os.O_RDONLY, opened)
         fd_out = _std(stdout, 1, os.O_WRONLY, opened)
         fd_err = fd_out if stderr == subprocess.STDOUT else _std(stderr, 2, os.O_WRONLY, opened)
-        pid = zygote.fork(module, args, full_env, None if cwd is None else os.fspath(cwd), (fd_in, fd_out, fd_err))
+        pid = zygote.fork(module, args, full_env, where, (fd_in, fd_out, fd_err))
     finally:
         for fd in opened:
             os.close(fd)
@@ -433,8 +463,8 @@ def _serve(sock: socket.socket) -> dict[str, Any]:
                             os.close(f)
                     os.environ.clear()
                     os.environ.update(spec["env"])
-                    if spec["cwd"] is not None:
-                        os.chdir(spec["cwd"])
+                    os.chdir(spec["cwd"])
+                    _take_on(spec)
                 except BaseException as e:  # noqa: BLE001 - this fork must never return into the loop
                     with contextlib.suppress(OSError):
                         os.write(2, f"forkrun: could not set up the process: {e}\n".encode())

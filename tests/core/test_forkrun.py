@@ -30,7 +30,10 @@ PROBE = textwrap.dedent("""
     if sys.argv[1:2] == ["print"]:
         print("written as it exits")
         sys.exit(0)
-    json.dump({"argv": sys.argv[1:], "cwd": os.getcwd(), "env": os.environ.get("UNIBUS_PROBE"),
+    import resource
+    mask = os.umask(0)
+    json.dump({"umask": mask, "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)[0], "nice": os.nice(0),
+               "cpus": sorted(os.sched_getaffinity(0)), "argv": sys.argv[1:], "cwd": os.getcwd(), "env": os.environ.get("UNIBUS_PROBE"),
                "stdin": sys.stdin.read(), "name": __name__, "pid": os.getpid(), "ppid": os.getppid(),
                "path0": sys.path[0]}, sys.stdout)
     print("to stderr", file=sys.stderr)
@@ -62,6 +65,27 @@ def test_a_forked_command_answers_as_a_new_interpreter_does(probe: Path):
         assert seen["pid"] != os.getpid() and Path(seen["path0"]).resolve() == probe.resolve()
     assert json.loads(forked.stdout)["ppid"] != os.getpid()  # the zygote's child
     assert json.loads(fresh.stdout)["ppid"] == os.getpid()
+
+
+def test_what_a_child_inherits_is_taken_from_the_test_process_as_it_is_now(probe: Path, monkeypatch):
+    """The umask, resource limits, nice value, CPUs and working directory a test has set since the
+    zygote started (a test of private files runs the daemon under umask 000)."""
+    import resource
+
+    forkrun.run("forkprobe", [], cwd=probe)  # the zygote is running before the test changes anything
+    monkeypatch.chdir(probe)
+    old_mask = os.umask(0o027)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft - 7, hard))
+    try:
+        forked, fresh = both("forkprobe", [])
+    finally:
+        os.umask(old_mask)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    for proc in (forked, fresh):
+        seen = json.loads(proc.stdout)
+        assert (seen["umask"], seen["nofile"], seen["cwd"]) == (0o027, soft - 7, str(probe)), seen
+        assert (seen["nice"], seen["cpus"]) == (os.nice(0), sorted(os.sched_getaffinity(0)))
 
 
 def test_the_interpreter_ends_a_forked_command(probe: Path):
