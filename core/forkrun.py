@@ -1,31 +1,48 @@
 """Python processes for tests, forked from an interpreter that has imported unibus already.
 
 A test that runs ``membershipd`` or ``unibus`` as a process pays for a new
-interpreter and its imports each time: 0.7 s of CPU for ``membershipd serve``,
-0.35 s for a ``unibus`` command, on the 2-core VM of docs/benchmarks.md, where
-they were a third of the suite's CPU. Here one helper process per test process
-(the *zygote*) imports unibus once, and each process asked for is a ``fork`` of
-it that runs ``python -m MODULE ARGS`` there (``runpy``): its own process, pid,
-descriptors, environment, signals and exit status, the working directory,
-umask, resource limits, nice value and CPUs of the process that asked for it,
-as a new interpreter would have, and the interpreter's own exit
+interpreter and its imports each time: 1.2 s of CPU for ``membershipd serve``
+started on a new data directory and stopped, 0.4 s for a command, on the
+2-core VM of docs/benchmarks.md, where they were a third of the suite's CPU
+(0.4 s and 0.1 s forked, the zygotes' own starts shared out). Here a few
+helper processes per test process (the *zygotes*) import unibus once, and
+each process asked for is a ``fork`` of one of them that runs ``python -m
+MODULE ARGS`` there (``runpy``). It has its own pid, descriptors (only its
+standard three), environment, signal dispositions and exit status; the
+working directory, umask, resource limits, nice value and CPUs of the process
+that asked for it, as it is when it asks; and the interpreter's own exit
 (``SystemExit``, a traceback, stdout flushed, ``atexit``).
 
-What a fork cannot give is what an interpreter reads as it starts: the
-``PYTHON*`` variables (``PYTHONPATH``...), the locale, glibc's and OpenSSL's
-start-up settings. :func:`spawn` and :func:`run` therefore fork only when the
-environment asked for differs from the zygote's only in variables read
-as a program runs (``UNIBUS_*``, ``PYTEST_*``, ``XDG_*``, ``HOME`` in a venv), and start a new interpreter otherwise, as they do when
-``UNIBUS_TESTING_FORK=0`` is set (for a run that must see the start itself).
+What a fork cannot give:
 
-The zygote is the parent of every process it forks and tells this process
-when each one exits; when this process goes away (its end of the socket
-closes), the zygote kills whatever it forked that still runs, and exits.
+- what an interpreter reads as it starts: the ``PYTHON*`` variables
+  (``PYTHONPATH``...), the locale, glibc's and OpenSSL's start-up settings.
+  :func:`spawn` and :func:`run` fork only when the environment asked for
+  differs from the zygote's in variables read as a program runs
+  (:data:`RUNTIME_PREFIXES`, and ``HOME`` in a venv), and start a new
+  interpreter otherwise, as they do under ``UNIBUS_TESTING_FORK=0``;
+- its own command line and environment in ``/proc/PID/cmdline`` and
+  ``/proc/PID/environ``: those are the zygote's. A test of what other local
+  users can read there starts its process with ``UNIBUS_TESTING_FORK=0``;
+- its own hash seed: every fork of one zygote iterates a set of strings in
+  the same order. Successive forks come from different zygotes
+  (:data:`ZYGOTES`, each with its own seed), so the three nodes of a cluster
+  started together, or a node and its restart, do not share one.
+
+A zygote is the parent of every process it forks. It reports each exit by
+the request that started the process (never by a pid, which the kernel hands
+out again), and sends a pidfd with each new process, through which alone
+signals are sent: never to a pid another process took since. When the test
+process's end of the socket closes, or the zygote fails, it kills whatever
+it forked that still runs; a process it forked dies with it (a parent-death
+signal), so nothing outlives a zygote killed outright.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import selectors
@@ -41,15 +58,19 @@ from typing import Any
 
 #: Set to ``0`` to start every process as a new interpreter.
 FORK_ENV = "UNIBUS_TESTING_FORK"
-#: What the zygote imports before it forks: everything ``membershipd`` and ``unibus`` import.
+#: What a zygote imports before it forks: everything ``membershipd`` and ``unibus`` import.
 PRELOAD = ("unibus.cli", "unibus.daemon", "unibus.client.cli", "unibus.plugins.auth_enforce",
            "unibus.plugins.blobstore", "unibus.plugins.nats_monitor", "unibus.plugins.route_tls")
-_MAX_MESSAGE = 1 << 20
-
-
+#: Zygotes per test process, used in turn: each has a hash seed of its own.
+ZYGOTES = 3
 #: Variables read only once a program runs, never as an interpreter starts: ours, pytest's
 #: (``PYTEST_CURRENT_TEST`` changes with every test), the XDG directories.
 RUNTIME_PREFIXES = ("UNIBUS_", "PYTEST_", "XDG_")
+#: A request larger than this (its environment and arguments) starts a new interpreter: a
+#: message must fit the socket's buffer (212,992 bytes by default on Linux).
+MAX_REQUEST = 128 * 1024
+_REPLY_SIZE = 4096
+PR_SET_PDEATHSIG = 1
 
 
 def _runtime_only(name: str) -> bool:
@@ -64,36 +85,63 @@ def _may_fork(env: Mapping[str, str], base: Mapping[str, str]) -> bool:
     return all(env.get(k) == base.get(k) for k in keys if not _runtime_only(k))
 
 
+class ZygoteGone(RuntimeError):
+    """The zygote that forked a process has exited: that process's exit status is unknown
+    (a parent-death signal has killed it)."""
+
+
 class ForkedProcess:
-    """A process the zygote forked, with the part of :class:`subprocess.Popen` the tests use:
+    """A process a zygote forked, with the part of :class:`subprocess.Popen` the tests use:
     ``pid``, ``args``, ``returncode``, ``poll()``, ``wait()``, ``send_signal()``,
     ``terminate()``, ``kill()`` (its standard streams are the descriptors it was given)."""
 
     stdin = stdout = stderr = None
 
-    def __init__(self, zygote: _Zygote, pid: int, args: list[str]) -> None:
+    def __init__(self, zygote: _Zygote, request: int, pid: int, pidfd: int, args: list[str]) -> None:
         self._zygote = zygote
+        self._request = request
+        self._pidfd: int | None = pidfd
         self.pid = pid
         self.args = args
         self.returncode: int | None = None
 
+    def _exited(self, code: int) -> int:
+        self.returncode = code
+        self._close_pidfd()
+        return code
+
+    def _close_pidfd(self) -> None:
+        fd, self._pidfd = self._pidfd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._close_pidfd()
+
     def poll(self) -> int | None:
+        """The exit status once the zygote has reported it; :class:`ZygoteGone` if it never will."""
         if self.returncode is None:
-            self.returncode = self._zygote.exit_code(self.pid)
+            code = self._zygote.exit_code(self._request)
+            if code is not None:
+                return self._exited(code)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is not None:
+            return self.returncode
         deadline = None if timeout is None else time.monotonic() + timeout
-        code = self._zygote.wait_exit(self.pid, deadline)
+        code = self._zygote.wait_exit(self._request, deadline)
         if code is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        self.returncode = code
-        return code
+        return self._exited(code)
 
     def send_signal(self, sig: int) -> None:
-        if self.poll() is None:  # as Popen: never a signal to a pid the zygote has reaped
+        """Through the process's pidfd: a process that has exited gets nothing, and neither does
+        one that took its pid since."""
+        if self.poll() is None and self._pidfd is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
+                signal.pidfd_send_signal(self._pidfd, sig)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -103,7 +151,7 @@ class ForkedProcess:
 
 
 class _Zygote:
-    """This process's end of the zygote: a SOCK_SEQPACKET socket and a thread that reads it."""
+    """This process's end of one zygote: a SOCK_SEQPACKET socket and a thread that reads it."""
 
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -113,9 +161,10 @@ class _Zygote:
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self.env)
         theirs.close()
         self.sock = ours
+        self.forked = 0
         self._send_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._replies: dict[int, dict[str, Any]] = {}
+        self._replies: dict[int, tuple[dict[str, Any], list[int]]] = {}
         self._exits: dict[int, int] = {}
         self._next = 0
         self.closed = False
@@ -124,7 +173,7 @@ class _Zygote:
     def _read(self) -> None:
         try:
             while True:
-                data = self.sock.recv(_MAX_MESSAGE)
+                data, fds, _, _ = socket.recv_fds(self.sock, _REPLY_SIZE, 1)
                 if not data:
                     break
                 msg = json.loads(data)
@@ -132,7 +181,7 @@ class _Zygote:
                     if "exited" in msg:
                         self._exits[msg["exited"]] = msg["code"]
                     else:
-                        self._replies[msg["request"]] = msg
+                        self._replies[msg["request"]] = (msg, fds)
                     self._cond.notify_all()
         except OSError:
             pass
@@ -141,38 +190,56 @@ class _Zygote:
             self._cond.notify_all()
 
     def fork(self, module: str, args: Sequence[str], env: Mapping[str, str], cwd: str,
-             fds: tuple[int, int, int]) -> int:
+             fds: tuple[int, int, int]) -> ForkedProcess | None:
+        """The process forked; None when the request is too large for the socket. ``OSError``
+        as a new process would raise it (a working directory that does not exist...);
+        :class:`ZygoteGone` when the zygote has exited."""
         with self._cond:
             self._next += 1
             request = self._next
         message = json.dumps({"request": request, "module": module, "args": list(args), "env": dict(env),
                               "cwd": cwd, **_inherited()}).encode()
-        with self._send_lock:
-            socket.send_fds(self.sock, [message], list(fds))
+        if len(message) > MAX_REQUEST:
+            return None
+        try:
+            with self._send_lock:
+                socket.send_fds(self.sock, [message], list(fds))
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                return None
+            raise ZygoteGone(f"the test zygote is gone ({e})") from e
         deadline = time.monotonic() + 30
         with self._cond:
             while request not in self._replies:
-                if self.closed or not self._cond.wait(max(0.0, deadline - time.monotonic())):
-                    raise RuntimeError(f"the test zygote did not fork {module} (it has exited or hangs)")
-            reply = self._replies.pop(request)
-        if "error" in reply:
-            raise OSError(reply["error"])
-        return int(reply["pid"])
-
-    def exit_code(self, pid: int) -> int | None:
-        with self._cond:
-            return self._exits.get(pid)
-
-    def wait_exit(self, pid: int, deadline: float | None) -> int | None:
-        with self._cond:
-            while pid not in self._exits:
                 if self.closed:
-                    raise RuntimeError(f"the test zygote exited while process {pid} ran")
+                    raise ZygoteGone(f"the test zygote exited before it forked {module}")
+                if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    raise RuntimeError(f"the test zygote did not fork {module} within 30 s")
+            reply, pidfds = self._replies.pop(request)
+        if "error" in reply:
+            number, text = reply["error"]
+            raise OSError(number, text)
+        self.forked += 1
+        return ForkedProcess(self, request, int(reply["pid"]), pidfds[0], [sys.executable, "-m", module, *args])
+
+    def exit_code(self, request: int) -> int | None:
+        with self._cond:
+            if request in self._exits:
+                return self._exits.pop(request)
+            if self.closed:
+                raise ZygoteGone("the test zygote exited: a process it forked has been killed with it")
+            return None
+
+    def wait_exit(self, request: int, deadline: float | None) -> int | None:
+        with self._cond:
+            while request not in self._exits:
+                if self.closed:
+                    raise ZygoteGone("the test zygote exited: a process it forked has been killed with it")
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._cond.wait(left)
-            return self._exits[pid]
+            return self._exits.pop(request)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -190,7 +257,8 @@ def _inherited() -> dict[str, Any]:
     be given: a test may have changed them since the zygote started (``os.umask(0)``...)."""
     import resource
 
-    umask = next(int(line.split()[1], 8) for line in open("/proc/self/status") if line.startswith("Umask:"))
+    with open("/proc/self/status") as status:
+        umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
     limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource)
               if name.startswith("RLIMIT_")}
     return {"umask": umask, "limits": limits, "nice": os.nice(0), "cpus": sorted(os.sched_getaffinity(0))}
@@ -210,23 +278,48 @@ def _take_on(spec: Mapping[str, Any]) -> None:
         os.sched_setaffinity(0, spec["cpus"])
 
 
-_zygote: _Zygote | None = None
+_zygotes: list[_Zygote] = []
+_turn = 0
 _zygote_lock = threading.Lock()
+#: Set when a zygote exited before it forked anything (its imports failed, say): new interpreters from then on.
+_unusable = False
 
 
-def _get_zygote(env: Mapping[str, str]) -> _Zygote | None:
-    """The zygote, started on first use; None when ``env`` needs a new interpreter."""
-    global _zygote
-    if os.environ.get(FORK_ENV) == "0" or env.get(FORK_ENV) == "0" or not hasattr(socket, "send_fds"):
+def _forget_zygotes() -> None:
+    """In a child of the test process (``os.fork``, multiprocessing): the zygotes are the parent's."""
+    global _zygotes, _zygote_lock
+    _zygotes = []
+    _zygote_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_zygotes)
+
+
+def _next_zygote(env: Mapping[str, str]) -> _Zygote | None:
+    """The next zygote in turn, started on first use; None when ``env`` needs a new interpreter."""
+    global _turn, _unusable
+    if (os.environ.get(FORK_ENV) == "0" or env.get(FORK_ENV) == "0" or _unusable
+            or not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open")):
         return None
     with _zygote_lock:
-        if _zygote is None or _zygote.closed:
+        if not _zygotes:  # all at once: their imports run side by side
             import atexit
 
-            _zygote = _Zygote()
-            atexit.register(_zygote.close)
-        zygote = _zygote
+            _zygotes.extend(_Zygote() for _ in range(ZYGOTES))
+            atexit.register(_close_all)
+        turn, _turn = _turn, (_turn + 1) % ZYGOTES
+        zygote = _zygotes[turn]
+        if zygote.closed:
+            if not zygote.forked:
+                _unusable = True
+                return None
+            zygote = _zygotes[turn] = _Zygote()
     return zygote if _may_fork(env, zygote.env) else None
+
+
+def _close_all() -> None:
+    for zygote in list(_zygotes):
+        zygote.close()
 
 
 def _std(spec: Any, own: int, mode: int, opened: list[int]) -> int:
@@ -243,7 +336,7 @@ def _std(spec: Any, own: int, mode: int, opened: list[int]) -> int:
 def spawn(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
           cwd: str | os.PathLike[str] | None = None, stdin: Any = subprocess.DEVNULL, stdout: Any = None,
           stderr: Any = None) -> subprocess.Popen[bytes] | ForkedProcess:
-    """``python -m MODULE ARGS``, forked from the zygote when it can be (see the module).
+    """``python -m MODULE ARGS``, forked from a zygote when it can be (see the module).
 
     ``stdin``, ``stdout`` and ``stderr`` are each None (this process's own),
     ``subprocess.DEVNULL``, a descriptor or a file; ``stderr`` may also be
@@ -251,23 +344,28 @@ def spawn(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | Non
     """
     full_env = dict(os.environ if env is None else env)
     argv = [sys.executable, "-m", module, *args]
-    zygote = _get_zygote(full_env)
-    try:
-        where = os.getcwd() if cwd is None else os.fspath(cwd)
-    except OSError:  # a working directory that is gone, or too deep to name: only a new one inherits it
-        zygote = None
-    if zygote is None:
+    zygote = _next_zygote(full_env)
+    proc: ForkedProcess | None = None
+    if zygote is not None:
+        try:
+            where = os.path.abspath(os.getcwd() if cwd is None else os.fspath(cwd))
+        except OSError:  # a working directory that is gone, or too deep to name: only a new process inherits it
+            zygote = None
+    if zygote is not None:
+        opened: list[int] = []  # opened here for the child: closed once it has them
+        try:
+            fd_in = _std(stdin, 0, os.O_RDONLY, opened)
+            fd_out = _std(stdout, 1, os.O_WRONLY, opened)
+            fd_err = fd_out if stderr == subprocess.STDOUT else _std(stderr, 2, os.O_WRONLY, opened)
+            proc = zygote.fork(module, args, full_env, where, (fd_in, fd_out, fd_err))
+        except ZygoteGone:
+            proc = None
+        finally:
+            for fd in opened:
+                os.close(fd)
+    if proc is None:
         return subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=full_env, cwd=cwd)
-    opened: list[int] = []  # opened here for the child: closed once it has them
-    try:
-        fd_in = _std(stdin, 0, os.O_RDONLY, opened)
-        fd_out = _std(stdout, 1, os.O_WRONLY, opened)
-        fd_err = fd_out if stderr == subprocess.STDOUT else _std(stderr, 2, os.O_WRONLY, opened)
-        pid = zygote.fork(module, args, full_env, where, (fd_in, fd_out, fd_err))
-    finally:
-        for fd in opened:
-            os.close(fd)
-    return ForkedProcess(zygote, pid, argv)
+    return proc
 
 
 def run(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
@@ -276,12 +374,7 @@ def run(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None 
     """``python -m MODULE ARGS`` to completion, as ``subprocess.run(..., text=True)``: its
     output captured (``stdout``/``stderr`` may instead be None, DEVNULL or a file), ``input``
     on its standard input (else ``/dev/null``); killed and :class:`subprocess.TimeoutExpired`
-    after ``timeout`` seconds."""
-    full_env = dict(os.environ if env is None else env)
-    if _get_zygote(full_env) is None:
-        return subprocess.run([sys.executable, "-m", module, *args], input=input, text=True, env=full_env,
-                              cwd=cwd, timeout=timeout, stdout=stdout, stderr=stderr,
-                              **({} if input is not None else {"stdin": subprocess.DEVNULL}))
+    (with what it wrote) after ``timeout`` seconds."""
     ends: list[int] = []  # the child's ends, closed here once it has them
     reads: dict[int, str] = {}
     try:
@@ -300,15 +393,17 @@ def run(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None 
                 streams.append(w)
             else:
                 streams.append(spec)
-        proc = spawn(module, args, env=full_env, cwd=cwd, stdin=child_in, stdout=streams[0], stderr=streams[1])
+        proc = spawn(module, args, env=env, cwd=cwd, stdin=child_in, stdout=streams[0], stderr=streams[1])
     except BaseException:
         for fd in [*ends, *reads]:
             os.close(fd)
+        if in_w >= 0:
+            os.close(in_w)
         raise
     for fd in ends:
         os.close(fd)
     out = _collect(proc, reads, in_w, input, timeout)
-    return subprocess.CompletedProcess(proc.args, proc.returncode or 0, out.get("stdout"), out.get("stderr"))
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.get("stdout"), out.get("stderr"))
 
 
 def _collect(proc: subprocess.Popen[bytes] | ForkedProcess, reads: dict[int, str], in_w: int,
@@ -317,6 +412,12 @@ def _collect(proc: subprocess.Popen[bytes] | ForkedProcess, reads: dict[int, str
     deadline = time.monotonic() + timeout
     chunks: dict[str, list[bytes]] = {name: [] for name in reads.values()}
     pending = (input or "").encode()
+
+    def text() -> dict[str, str]:
+        # as text=True reads them: the locale's encoding (UTF-8 here), universal newlines
+        return {name: b"".join(parts).decode().replace("\r\n", "\n").replace("\r", "\n")
+                for name, parts in chunks.items()}
+
     sel = selectors.DefaultSelector()
     try:
         for fd in reads:
@@ -356,23 +457,23 @@ def _collect(proc: subprocess.Popen[bytes] | ForkedProcess, reads: dict[int, str
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(10)
-            raise subprocess.TimeoutExpired(proc.args, timeout) from None
+            seen = text()
+            raise subprocess.TimeoutExpired(proc.args, timeout, output=seen.get("stdout"),
+                                            stderr=seen.get("stderr")) from None
     finally:
         sel.close()
         for fd in reads:
             os.close(fd)
         if in_w >= 0:
             os.close(in_w)
-    # as text=True reads them: the locale's encoding (UTF-8 here), universal newlines
-    return {name: b"".join(parts).decode().replace("\r\n", "\n").replace("\r", "\n")
-            for name, parts in chunks.items()}
+    return text()
 
 
 # -- the zygote ---------------------------------------------------------------------
 
 
 def zygote_main(fd: int) -> None:
-    """The zygote: import unibus, then fork a process for each request on ``fd`` until it closes.
+    """A zygote: import unibus, then fork a process for each request on ``fd`` until it closes.
 
     In a forked process this returns into ``python -m MODULE``, so the
     interpreter ends it as it would end that command.
@@ -381,11 +482,14 @@ def zygote_main(fd: int) -> None:
     import importlib
     import runpy
 
+    # Ctrl-C reaches the whole process group: the test process decides what ends, so the
+    # zygote takes no SIGINT, and each process it forks gets what the zygote started with.
+    on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in PRELOAD:
         importlib.import_module(name)
     gc.collect()
     gc.freeze()  # the imports' objects stay on pages the forks share
-    spec = _serve(socket.socket(fileno=fd))
+    spec = _serve(socket.socket(fileno=fd), on_sigint)
     # As in ``python -m MODULE``: MODULE runs as ``__main__`` and is not imported yet (its
     # imports are); an ``import MODULE`` during the run makes a second copy, as it would there.
     module = spec["module"]
@@ -399,78 +503,111 @@ def zygote_main(fd: int) -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def _serve(sock: socket.socket) -> dict[str, Any]:
+def _set_up_child(spec: Mapping[str, Any], fds: list[int], keep_closed: list[Any], on_sigint: Any,
+                  zygote: int) -> None:
+    """In a forked child, before its module runs: what a new process started so would have."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != zygote:  # the zygote died before the signal was set
+        os._exit(1)
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, on_sigint)
+    for thing in keep_closed:
+        if isinstance(thing, int):
+            os.close(thing)
+        else:
+            thing.close()
+    for target, f in enumerate(fds):
+        os.dup2(f, target)
+    for f in set(fds):
+        if f > 2:
+            os.close(f)
+    os.environ.clear()
+    os.environ.update(spec["env"])
+    os.chdir(spec["cwd"])
+    _take_on(spec)
+
+
+def _serve(sock: socket.socket, on_sigint: Any) -> dict[str, Any]:
+    """Fork a process for each request; in the process forked, return its request."""
+    me = os.getpid()
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    children: set[int] = set()
+    children: dict[int, int] = {}  # pid: the request that started it
     sel = selectors.DefaultSelector()
     sel.register(sock, selectors.EVENT_READ)
     sel.register(wake_r, selectors.EVENT_READ)
 
-    def send(message: dict[str, Any]) -> None:
+    def send(message: dict[str, Any], fds: Sequence[int] = ()) -> None:
         with contextlib.suppress(OSError):
-            sock.send(json.dumps(message).encode())
+            socket.send_fds(sock, [json.dumps(message).encode()], list(fds))
 
-    while True:
-        for key, _ in sel.select():
-            if key.fd == wake_r:
-                with contextlib.suppress(BlockingIOError):
-                    os.read(wake_r, 4096)
-                while children:
-                    try:
-                        pid, status = os.waitpid(-1, os.WNOHANG)
-                    except ChildProcessError:
-                        break
-                    if pid == 0:
-                        break
-                    children.discard(pid)
-                    send({"exited": pid, "code": os.waitstatus_to_exitcode(status)})
-                continue
-            try:
-                data, fds, _, _ = socket.recv_fds(sock, _MAX_MESSAGE, 3)
-            except OSError:
-                data, fds = b"", []
-            if not data:  # the test process has gone: nothing of it may outlive it
-                for pid in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                for pid in list(children):
-                    with contextlib.suppress(ChildProcessError):
-                        os.waitpid(pid, 0)
-                os._exit(0)
-            spec = json.loads(data)
-            try:
-                pid = os.fork()
-            except OSError as e:
-                for f in fds:
-                    os.close(f)
-                send({"request": spec["request"], "error": f"fork: {e}"})
-                continue
-            if pid == 0:
+    try:
+        while True:
+            for key, _ in sel.select():
+                if key.fd == wake_r:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(wake_r, 4096)
+                    while children:
+                        try:
+                            pid, status = os.waitpid(-1, os.WNOHANG)
+                        except ChildProcessError:
+                            break
+                        if pid == 0:
+                            break
+                        if pid in children:
+                            send({"exited": children.pop(pid), "code": os.waitstatus_to_exitcode(status)})
+                    continue
                 try:
-                    signal.set_wakeup_fd(-1)
-                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    sel.close()
-                    sock.close()
-                    os.close(wake_r)
-                    os.close(wake_w)
-                    for target, f in enumerate(fds):
-                        os.dup2(f, target)
-                    for f in set(fds):
-                        if f > 2:
-                            os.close(f)
-                    os.environ.clear()
-                    os.environ.update(spec["env"])
-                    os.chdir(spec["cwd"])
-                    _take_on(spec)
-                except BaseException as e:  # noqa: BLE001 - this fork must never return into the loop
-                    with contextlib.suppress(OSError):
-                        os.write(2, f"forkrun: could not set up the process: {e}\n".encode())
-                    os._exit(127)
-                return spec
-            for f in fds:
-                os.close(f)
-            children.add(pid)
-            send({"request": spec["request"], "pid": pid})
+                    data, fds, _, _ = socket.recv_fds(sock, 2 * MAX_REQUEST, 3)
+                except OSError:
+                    data, fds = b"", []
+                if not data:  # the test process has gone
+                    return {}
+                spec = json.loads(data)
+                # set-up errors come back on this pipe, as subprocess's do before an exec
+                err_r, err_w = os.pipe()
+                try:
+                    pid = os.fork()
+                except OSError as e:
+                    for f in (*fds, err_r, err_w):
+                        os.close(f)
+                    send({"request": spec["request"], "error": [e.errno, f"fork: {e.strerror}"]})
+                    continue
+                if pid == 0:
+                    try:
+                        os.close(err_r)
+                        _set_up_child(spec, fds, [sel, sock, wake_r, wake_w], on_sigint, me)
+                        os.close(err_w)
+                    except BaseException as e:  # noqa: BLE001 - this fork must never return into the loop
+                        with contextlib.suppress(OSError):
+                            os.write(err_w, json.dumps([getattr(e, "errno", None) or errno.EINVAL,
+                                                        str(getattr(e, "strerror", None) or e)]).encode())
+                        os._exit(127)
+                    return spec
+                for f in (*fds, err_w):
+                    os.close(f)
+                pidfd = os.pidfd_open(pid)  # never reaped before this: only this loop reaps
+                failure = b""
+                while chunk := os.read(err_r, 65536):
+                    failure += chunk
+                os.close(err_r)
+                if failure:
+                    os.waitpid(pid, 0)
+                    os.close(pidfd)
+                    send({"request": spec["request"], "error": json.loads(failure)})
+                    continue
+                children[pid] = spec["request"]
+                send({"request": spec["request"], "pid": pid}, [pidfd])
+                os.close(pidfd)
+    finally:
+        if os.getpid() == me:  # the zygote, ending: nothing it forked may outlive it
+            for pid in children:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            for pid in children:
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            os._exit(0)

@@ -458,7 +458,9 @@ async def test_nothing_membershipd_writes_is_open_to_other_local_users(tmp_path,
     bootstrap_member(data, alice, "admin")
     old = os.umask(0o022)
     try:
-        proc = membershipd_factory("--metrics-addr", f"127.0.0.1:{free_port()}", data_dir=data)
+        # a new interpreter: a forked one's /proc/PID/cmdline is its zygote's (docs/plugins.md)
+        proc = membershipd_factory("--metrics-addr", f"127.0.0.1:{free_port()}", data_dir=data,
+                                   env={"UNIBUS_TESTING_FORK": "0"})
         async with UnibusClient(proc.base_url, alice) as admin:
             room = (await admin.create_room("modes"))["room_id"]
             await admin.rekey(room)

@@ -156,22 +156,99 @@ def test_processes_outlive_no_test_process(tmp_path: Path):
         from unibus import forkrun
         open({str(tmp_path / "forksleep.py")!r}, "w").write("import time\\ntime.sleep(60)\\n")
         proc = forkrun.spawn("forksleep", [], cwd={str(tmp_path)!r})
-        print(proc.pid, forkrun._zygote.proc.pid, flush=True)
+        print(proc.pid, *(z.proc.pid for z in forkrun._zygotes), flush=True)
         time.sleep(60)
     """)
     test_process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                                     env={**os.environ, forkrun.FORK_ENV: "1"})
     try:
         assert test_process.stdout is not None
-        child, zygote = (int(p) for p in test_process.stdout.readline().split())
-        assert Path(f"/proc/{child}").exists() and Path(f"/proc/{zygote}").exists()
+        pids = [int(p) for p in test_process.stdout.readline().split()]
+        assert len(pids) == 1 + forkrun.ZYGOTES and all(alive(p) for p in pids)
     finally:
         test_process.kill()
         test_process.wait(10)
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (alive(child) or alive(zygote)):
+    while time.monotonic() < deadline and any(alive(p) for p in pids):
         time.sleep(0.05)
-    assert not alive(child) and not alive(zygote)
+    assert not any(alive(p) for p in pids)
+
+
+def test_a_zygote_killed_outright_takes_what_it_forked_and_is_replaced(probe: Path):
+    """Its processes die with it (a parent-death signal), asking one of them for its status
+    says why, and the next process asked for comes from a new zygote."""
+    (probe / "forksleep.py").write_text("import time\ntime.sleep(60)\n")
+    procs = [forkrun.spawn("forksleep", [], cwd=probe) for _ in range(forkrun.ZYGOTES)]
+    assert all(isinstance(p, forkrun.ForkedProcess) for p in procs)
+    victim = procs[0]
+    zygote = victim._zygote
+    zygote.proc.kill()
+    zygote.proc.wait(10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(victim.pid):
+        time.sleep(0.02)
+    assert not alive(victim.pid)
+    with pytest.raises(forkrun.ZygoteGone):
+        victim.wait(10)
+    for proc in procs[1:]:
+        proc.kill()
+        assert proc.wait(10) == -signal.SIGKILL
+    again = [forkrun.run("forkprobe", [], cwd=probe) for _ in range(forkrun.ZYGOTES)]
+    assert [p.returncode for p in again] == [0] * forkrun.ZYGOTES
+
+
+def test_an_exit_status_belongs_to_its_process_not_its_pid(probe: Path):
+    """The zygote reports an exit by the request that started the process: a pid the kernel
+    hands out again never gets an earlier process's status, nor a signal meant for it."""
+    (probe / "forkexit.py").write_text("import sys\nsys.exit(int(sys.argv[1]))\n")
+    first = forkrun.spawn("forkexit", ["3"], cwd=probe)
+    assert first.wait(10) == 3
+    zygote = first._zygote
+    assert first._request not in zygote._exits and first._pidfd is None  # taken and let go
+    if os.geteuid() == 0:  # reuse the pid itself (root may set the next pid)
+        for _ in range(forkrun.ZYGOTES - 1):  # back to the zygote that forked the first
+            forkrun.run("forkprobe", [], cwd=probe)
+        Path("/proc/sys/kernel/ns_last_pid").write_text(str(first.pid - 1))
+        second = forkrun.spawn("forkexit", ["0"], cwd=probe)
+        if second.pid == first.pid:
+            assert second.wait(10) == 0
+    first.kill()  # long gone: nothing is sent, to this pid or another's
+    assert first.poll() == 3
+
+
+def test_a_child_that_cannot_be_set_up_raises_as_a_new_one_would(probe: Path):
+    """A working directory that does not exist: subprocess's FileNotFoundError, not an exit status."""
+    for env in (os.environ, FRESH):
+        with pytest.raises(FileNotFoundError):
+            forkrun.run("forkprobe", [], cwd=probe / "missing", env=env)
+
+
+def test_a_request_too_large_for_the_socket_starts_a_new_interpreter(probe: Path):
+    # each variable under the kernel's 128 KiB for one string of an exec, together over the limit
+    env = {**os.environ, "UNIBUS_PROBE": "x" * 70_000, "UNIBUS_PAD": "y" * 70_000}
+    proc = forkrun.run("forkprobe", [], cwd=probe, env=env)
+    seen = json.loads(proc.stdout)
+    assert proc.returncode == 0 and seen["env"] == env["UNIBUS_PROBE"] and seen["ppid"] == os.getpid()
+
+
+def test_ctrl_c_ends_the_processes_it_reaches_not_the_zygotes(tmp_path: Path):
+    """SIGINT to the process group (Ctrl-C): a forked process takes it as a new one does; the
+    zygotes take none, so the processes they forked are still reported."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        from unibus import forkrun
+        signal.signal(signal.SIGINT, lambda *_: None)  # this process, as pytest would, lives on
+        open({str(tmp_path / "forksleep.py")!r}, "w").write("import time\\ntime.sleep(60)\\n")
+        forked = forkrun.spawn("forksleep", [], cwd={str(tmp_path)!r})
+        fresh = forkrun.spawn("forksleep", [], cwd={str(tmp_path)!r},
+                              env={{**os.environ, forkrun.FORK_ENV: "0"}})
+        time.sleep(1)  # both in their sleep
+        os.killpg(0, signal.SIGINT)
+        print(forked.wait(20), fresh.wait(20), all(z.proc.poll() is None for z in forkrun._zygotes))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          start_new_session=True, env={**os.environ, forkrun.FORK_ENV: "1"})
+    assert proc.stdout.split() == [str(-signal.SIGINT), str(-signal.SIGINT), "True"], proc.stderr
 
 
 def alive(pid: int) -> bool:
