@@ -7,11 +7,12 @@ started on a new data directory and stopped, 0.4 s for a command, on the
 (0.4 s and 0.1 s forked, the zygotes' own starts shared out). Here a few
 helper processes per test process (the *zygotes*) import unibus once, and
 each process asked for is a ``fork`` of one of them that runs ``python -m
-MODULE ARGS`` there (``runpy``). It has its own pid, descriptors (only its
-standard three), environment, signal dispositions and exit status; the
-working directory, umask, resource limits, nice value and CPUs of the process
-that asked for it, as it is when it asks; and the interpreter's own exit
-(``SystemExit``, a traceback, stdout flushed, ``atexit``).
+MODULE ARGS`` there (``runpy``, as ``-m`` does). It has its own pid,
+descriptors (only its standard three), environment and exit status; the
+working directory, umask, resource limits, nice value, CPUs, ignored signals
+and process group of the process that asked for it, as they are when it
+asks; the other signals as an interpreter starts them; and the interpreter's
+own exit (``SystemExit``, a traceback, stdout flushed, ``atexit``).
 
 What a fork cannot give:
 
@@ -20,22 +21,27 @@ What a fork cannot give:
   :func:`spawn` and :func:`run` fork only when the environment asked for
   differs from the zygote's in variables read as a program runs
   (:data:`RUNTIME_PREFIXES`, and ``HOME`` in a venv), and start a new
-  interpreter otherwise, as they do under ``UNIBUS_TESTING_FORK=0``;
+  interpreter otherwise, as they do for arguments or an environment a new
+  process would refuse (Popen raises as before), and under
+  ``UNIBUS_TESTING_FORK=0``;
 - its own command line and environment in ``/proc/PID/cmdline`` and
   ``/proc/PID/environ``: those are the zygote's. A test of what other local
   users can read there starts its process with ``UNIBUS_TESTING_FORK=0``;
 - its own hash seed: every fork of one zygote iterates a set of strings in
-  the same order. Successive forks come from different zygotes
-  (:data:`ZYGOTES`, each with its own seed), so the three nodes of a cluster
-  started together, or a node and its restart, do not share one.
+  the same order. Successive forks come from the :data:`ZYGOTES` zygotes in
+  turn, each with its own seed, and ``spawn(not_like=...)`` (a daemon's
+  restart in :mod:`unibus.testing`) never from the zygote of the process given.
 
 A zygote is the parent of every process it forks. It reports each exit by
 the request that started the process (never by a pid, which the kernel hands
 out again), and sends a pidfd with each new process, through which alone
-signals are sent: never to a pid another process took since. When the test
-process's end of the socket closes, or the zygote fails, it kills whatever
-it forked that still runs; a process it forked dies with it (a parent-death
-signal), so nothing outlives a zygote killed outright.
+signals are sent: never to a pid another process took since. Each zygote has
+a process group of its own, so a signal to the test's group (Ctrl-C, a CI
+runner's SIGTERM) reaches the forked processes, which are in that group, and
+not the zygotes. When the test process's end of the socket closes, or the
+zygote fails, it kills whatever it forked that still runs; a process it forked
+dies with it (a parent-death signal), so nothing outlives a zygote killed
+outright.
 """
 
 from __future__ import annotations
@@ -156,9 +162,12 @@ class _Zygote:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.env = dict(os.environ)
+        # A process group of its own: a signal to the test's group (Ctrl-C, a CI runner's SIGTERM)
+        # reaches the processes it forked, which join that group, and not the zygote.
         self.proc = subprocess.Popen(
             [sys.executable, "-c", f"from unibus.forkrun import zygote_main; zygote_main({theirs.fileno()})"],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self.env)
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=self.env,
+            process_group=0)
         theirs.close()
         self.sock = ours
         self.forked = 0
@@ -166,6 +175,7 @@ class _Zygote:
         self._cond = threading.Condition()
         self._replies: dict[int, tuple[dict[str, Any], list[int]]] = {}
         self._exits: dict[int, int] = {}
+        self._abandoned: set[int] = set()  # requests given up on: a late reply's process is killed
         self._next = 0
         self.closed = False
         threading.Thread(target=self._read, name="unibus-forkrun", daemon=True).start()
@@ -173,13 +183,19 @@ class _Zygote:
     def _read(self) -> None:
         try:
             while True:
-                data, fds, _, _ = socket.recv_fds(self.sock, _REPLY_SIZE, 1)
+                data, fds, _, _ = socket.recv_fds(self.sock, _REPLY_SIZE, 1, socket.MSG_CMSG_CLOEXEC)
                 if not data:
                     break
                 msg = json.loads(data)
                 with self._cond:
                     if "exited" in msg:
                         self._exits[msg["exited"]] = msg["code"]
+                    elif msg["request"] in self._abandoned:
+                        self._abandoned.discard(msg["request"])
+                        for fd in fds:
+                            with contextlib.suppress(ProcessLookupError):
+                                signal.pidfd_send_signal(fd, signal.SIGKILL)
+                            os.close(fd)
                     else:
                         self._replies[msg["request"]] = (msg, fds)
                     self._cond.notify_all()
@@ -214,11 +230,11 @@ class _Zygote:
                 if self.closed:
                     raise ZygoteGone(f"the test zygote exited before it forked {module}")
                 if not self._cond.wait(max(0.0, deadline - time.monotonic())):
+                    self._abandoned.add(request)
                     raise RuntimeError(f"the test zygote did not fork {module} within 30 s")
             reply, pidfds = self._replies.pop(request)
         if "error" in reply:
-            number, text = reply["error"]
-            raise OSError(number, text)
+            raise OSError(*reply["error"])  # errno, strerror, filename: FileNotFoundError...
         self.forked += 1
         return ForkedProcess(self, request, int(reply["pid"]), pidfds[0], [sys.executable, "-m", module, *args])
 
@@ -261,7 +277,15 @@ def _inherited() -> dict[str, Any]:
         umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
     limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource)
               if name.startswith("RLIMIT_")}
-    return {"umask": umask, "limits": limits, "nice": os.nice(0), "cpus": sorted(os.sched_getaffinity(0))}
+    return {"umask": umask, "limits": limits, "nice": os.nice(0), "cpus": sorted(os.sched_getaffinity(0)),
+            "pgid": os.getpgrp(), "ignored": sorted(_ignored_signals())}
+
+
+def _ignored_signals() -> set[int]:
+    """The signals this process ignores (``SigIgn`` in /proc): a new process inherits them."""
+    with open("/proc/self/status") as status:
+        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
 
 
 def _take_on(spec: Mapping[str, Any]) -> None:
@@ -276,6 +300,17 @@ def _take_on(spec: Mapping[str, Any]) -> None:
         os.nice(spec["nice"] - os.nice(0))
     if set(spec["cpus"]) != os.sched_getaffinity(0):
         os.sched_setaffinity(0, spec["cpus"])
+    # The signals ignored where a new process would inherit them ignored; every other one as
+    # an interpreter starts it (SIGPIPE and SIGXFSZ ignored, SIGINT raising KeyboardInterrupt).
+    ignored = set(spec["ignored"]) | {signal.SIGPIPE, signal.SIGXFSZ}
+    for sig in signal.valid_signals():
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        want = (signal.SIG_IGN if sig in ignored else signal.default_int_handler if sig == signal.SIGINT
+                else signal.SIG_DFL)
+        if signal.getsignal(sig) != want:
+            signal.signal(sig, want)
+    os.setpgid(0, spec["pgid"])  # the test process's group, as its own child would be in
 
 
 _zygotes: list[_Zygote] = []
@@ -288,6 +323,9 @@ _unusable = False
 def _forget_zygotes() -> None:
     """In a child of the test process (``os.fork``, multiprocessing): the zygotes are the parent's."""
     global _zygotes, _zygote_lock
+    for zygote in _zygotes:  # the parent's: closed here, so they see the parent's end alone
+        with contextlib.suppress(OSError):
+            zygote.sock.close()
     _zygotes = []
     _zygote_lock = threading.Lock()
 
@@ -295,8 +333,9 @@ def _forget_zygotes() -> None:
 os.register_at_fork(after_in_child=_forget_zygotes)
 
 
-def _next_zygote(env: Mapping[str, str]) -> _Zygote | None:
-    """The next zygote in turn, started on first use; None when ``env`` needs a new interpreter."""
+def _next_zygote(env: Mapping[str, str], avoid: _Zygote | None = None) -> _Zygote | None:
+    """The next zygote in turn but ``avoid``, started on first use; None when ``env`` needs a
+    new interpreter."""
     global _turn, _unusable
     if (os.environ.get(FORK_ENV) == "0" or env.get(FORK_ENV) == "0" or _unusable
             or not hasattr(socket, "send_fds") or not hasattr(os, "pidfd_open")):
@@ -308,11 +347,14 @@ def _next_zygote(env: Mapping[str, str]) -> _Zygote | None:
             _zygotes.extend(_Zygote() for _ in range(ZYGOTES))
             atexit.register(_close_all)
         turn, _turn = _turn, (_turn + 1) % ZYGOTES
+        if _zygotes[turn] is avoid:
+            turn, _turn = _turn, (_turn + 1) % ZYGOTES
         zygote = _zygotes[turn]
         if zygote.closed:
             if not zygote.forked:
                 _unusable = True
                 return None
+            zygote.close()
             zygote = _zygotes[turn] = _Zygote()
     return zygote if _may_fork(env, zygote.env) else None
 
@@ -333,22 +375,41 @@ def _std(spec: Any, own: int, mode: int, opened: list[int]) -> int:
     return spec if isinstance(spec, int) else spec.fileno()
 
 
+def _plain(args: Sequence[Any], env: Mapping[Any, Any]) -> list[str] | None:
+    """``args`` as strings, or None when a new process would refuse them or ``env`` (a NUL, a
+    key with ``=``, a value that is not a string): Popen then raises as it always has."""
+    try:
+        plain = [os.fsdecode(a) for a in args]
+    except TypeError:
+        return None
+    if any("\0" in a for a in plain):
+        return None
+    for key, value in env.items():
+        if not (isinstance(key, str) and isinstance(value, str)) or "=" in key or "\0" in key + value:
+            return None
+    return plain
+
+
 def spawn(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | None = None,
           cwd: str | os.PathLike[str] | None = None, stdin: Any = subprocess.DEVNULL, stdout: Any = None,
-          stderr: Any = None) -> subprocess.Popen[bytes] | ForkedProcess:
+          stderr: Any = None, not_like: ForkedProcess | subprocess.Popen[bytes] | None = None,
+          ) -> subprocess.Popen[bytes] | ForkedProcess:
     """``python -m MODULE ARGS``, forked from a zygote when it can be (see the module).
 
     ``stdin``, ``stdout`` and ``stderr`` are each None (this process's own),
     ``subprocess.DEVNULL``, a descriptor or a file; ``stderr`` may also be
-    ``subprocess.STDOUT``. Pipes are for :func:`run`.
+    ``subprocess.STDOUT``. Pipes are for :func:`run`. ``not_like``: a process
+    whose zygote this one must not come from (a node's previous start: a hash
+    seed of its own).
     """
     full_env = dict(os.environ if env is None else env)
     argv = [sys.executable, "-m", module, *args]
-    zygote = _next_zygote(full_env)
+    plain = _plain(args, full_env)
+    zygote = None if plain is None else _next_zygote(full_env, getattr(not_like, "_zygote", None))
     proc: ForkedProcess | None = None
     if zygote is not None:
         try:
-            where = os.path.abspath(os.getcwd() if cwd is None else os.fspath(cwd))
+            where = os.path.abspath(os.getcwd() if cwd is None else os.fsdecode(cwd))
         except OSError:  # a working directory that is gone, or too deep to name: only a new process inherits it
             zygote = None
     if zygote is not None:
@@ -357,7 +418,7 @@ def spawn(module: str, args: Sequence[str] = (), *, env: Mapping[str, str] | Non
             fd_in = _std(stdin, 0, os.O_RDONLY, opened)
             fd_out = _std(stdout, 1, os.O_WRONLY, opened)
             fd_err = fd_out if stderr == subprocess.STDOUT else _std(stderr, 2, os.O_WRONLY, opened)
-            proc = zygote.fork(module, args, full_env, where, (fd_in, fd_out, fd_err))
+            proc = zygote.fork(module, plain or [], full_env, where, (fd_in, fd_out, fd_err))
         except ZygoteGone:
             proc = None
         finally:
@@ -482,14 +543,13 @@ def zygote_main(fd: int) -> None:
     import importlib
     import runpy
 
-    # Ctrl-C reaches the whole process group: the test process decides what ends, so the
-    # zygote takes no SIGINT, and each process it forks gets what the zygote started with.
-    on_sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
     for name in PRELOAD:
         importlib.import_module(name)
     gc.collect()
     gc.freeze()  # the imports' objects stay on pages the forks share
-    spec = _serve(socket.socket(fileno=fd), on_sigint)
+    if threading.active_count() != 1:  # a fork keeps only the thread that forks
+        raise RuntimeError(f"an import started a thread: {threading.enumerate()}")
+    spec = _serve(socket.socket(fileno=fd))
     # As in ``python -m MODULE``: MODULE runs as ``__main__`` and is not imported yet (its
     # imports are); an ``import MODULE`` during the run makes a second copy, as it would there.
     module = spec["module"]
@@ -500,18 +560,17 @@ def zygote_main(fd: int) -> None:
     if sys.path and sys.path[0] == "":  # ``-c``'s; ``-m`` puts the directory it starts in
         sys.path[0] = os.getcwd()
     sys.argv = [module, *spec["args"]]
-    runpy.run_module(module, run_name="__main__", alter_sys=True)
+    if sys.stdout is not None and not sys.stdout.write_through:  # as an interpreter sets up its stdout
+        sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    runpy._run_module_as_main(module)  # what ``python -m`` calls: ``__main__`` and argv[0] stay its own
 
 
-def _set_up_child(spec: Mapping[str, Any], fds: list[int], keep_closed: list[Any], on_sigint: Any,
-                  zygote: int) -> None:
+def _set_up_child(spec: Mapping[str, Any], fds: list[int], keep_closed: list[Any], zygote: int) -> None:
     """In a forked child, before its module runs: what a new process started so would have."""
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != zygote:  # the zygote died before the signal was set
         os._exit(1)
     signal.set_wakeup_fd(-1)
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, on_sigint)
     for thing in keep_closed:
         if isinstance(thing, int):
             os.close(thing)
@@ -528,7 +587,7 @@ def _set_up_child(spec: Mapping[str, Any], fds: list[int], keep_closed: list[Any
     _take_on(spec)
 
 
-def _serve(sock: socket.socket, on_sigint: Any) -> dict[str, Any]:
+def _serve(sock: socket.socket) -> dict[str, Any]:
     """Fork a process for each request; in the process forked, return its request."""
     me = os.getpid()
     wake_r, wake_w = os.pipe()
@@ -561,7 +620,7 @@ def _serve(sock: socket.socket, on_sigint: Any) -> dict[str, Any]:
                             send({"exited": children.pop(pid), "code": os.waitstatus_to_exitcode(status)})
                     continue
                 try:
-                    data, fds, _, _ = socket.recv_fds(sock, 2 * MAX_REQUEST, 3)
+                    data, fds, _, _ = socket.recv_fds(sock, 2 * MAX_REQUEST, 3, socket.MSG_CMSG_CLOEXEC)
                 except OSError:
                     data, fds = b"", []
                 if not data:  # the test process has gone
@@ -579,12 +638,14 @@ def _serve(sock: socket.socket, on_sigint: Any) -> dict[str, Any]:
                 if pid == 0:
                     try:
                         os.close(err_r)
-                        _set_up_child(spec, fds, [sel, sock, wake_r, wake_w], on_sigint, me)
+                        _set_up_child(spec, fds, [sel, sock, wake_r, wake_w], me)
                         os.close(err_w)
                     except BaseException as e:  # noqa: BLE001 - this fork must never return into the loop
                         with contextlib.suppress(OSError):
                             os.write(err_w, json.dumps([getattr(e, "errno", None) or errno.EINVAL,
-                                                        str(getattr(e, "strerror", None) or e)]).encode())
+                                                        str(getattr(e, "strerror", None) or e),
+                                                        os.fsdecode(getattr(e, "filename", None) or "")
+                                                        or None]).encode())
                         os._exit(127)
                     return spec
                 for f in (*fds, err_w):

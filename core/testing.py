@@ -414,8 +414,9 @@ class MembershipdProcess:
     def start(self, wait: bool = True, timeout: float = DEFAULT_TIMEOUT) -> MembershipdProcess:
         self._log = open(self.log_path, "ab")
         if self.argv[:3] == [sys.executable, "-m", "unibus.cli"]:  # forked from a zygote when it can be
+            before = [p.proc for p in self.family if p is not self and p.proc is not None]
             self.proc = forkrun.spawn("unibus.cli", self.argv[3:], env=self.env, stdout=self._log,
-                                      stderr=subprocess.STDOUT)
+                                      stderr=subprocess.STDOUT, not_like=before[-1] if before else None)
         else:
             self.proc = subprocess.Popen(self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env,
                                          stdin=subprocess.DEVNULL)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,6 +198,20 @@ def test_a_zygote_killed_outright_takes_what_it_forked_and_is_replaced(probe: Pa
     assert [p.returncode for p in again] == [0] * forkrun.ZYGOTES
 
 
+PID_REUSE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from unibus import forkrun
+    first = forkrun.spawn("forkexit", ["3"])
+    assert first.wait(10) == 3
+    for _ in range(forkrun.ZYGOTES - 1):  # back to the zygote that forked the first
+        forkrun.run("forkexit", ["0"])
+    Path("/proc/sys/kernel/ns_last_pid").write_text(str(first.pid - 1))
+    second = forkrun.spawn("forkexit", ["0"])
+    print(first.pid, second.pid, second.wait(10))
+""")
+
+
 def test_an_exit_status_belongs_to_its_process_not_its_pid(probe: Path):
     """The zygote reports an exit by the request that started the process: a pid the kernel
     hands out again never gets an earlier process's status, nor a signal meant for it."""
@@ -205,15 +220,17 @@ def test_an_exit_status_belongs_to_its_process_not_its_pid(probe: Path):
     assert first.wait(10) == 3
     zygote = first._zygote
     assert first._request not in zygote._exits and first._pidfd is None  # taken and let go
-    if os.geteuid() == 0:  # reuse the pid itself (root may set the next pid)
-        for _ in range(forkrun.ZYGOTES - 1):  # back to the zygote that forked the first
-            forkrun.run("forkprobe", [], cwd=probe)
-        Path("/proc/sys/kernel/ns_last_pid").write_text(str(first.pid - 1))
-        second = forkrun.spawn("forkexit", ["0"], cwd=probe)
-        if second.pid == first.pid:
-            assert second.wait(10) == 0
     first.kill()  # long gone: nothing is sent, to this pid or another's
     assert first.poll() == 3
+    # The pid itself given again, in a PID namespace of its own: the next pid is set there
+    # (as root), never for the processes of the other tests running meanwhile.
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        proc = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", PID_REUSE],
+                              capture_output=True, text=True, timeout=60, cwd=probe,
+                              env={**os.environ, forkrun.FORK_ENV: "1"})
+        assert proc.returncode == 0, proc.stderr
+        first_pid, second_pid, status = proc.stdout.split()
+        assert first_pid == second_pid and status == "0", proc.stdout
 
 
 def test_a_child_that_cannot_be_set_up_raises_as_a_new_one_would(probe: Path):
@@ -231,24 +248,85 @@ def test_a_request_too_large_for_the_socket_starts_a_new_interpreter(probe: Path
     assert proc.returncode == 0 and seen["env"] == env["UNIBUS_PROBE"] and seen["ppid"] == os.getpid()
 
 
-def test_ctrl_c_ends_the_processes_it_reaches_not_the_zygotes(tmp_path: Path):
-    """SIGINT to the process group (Ctrl-C): a forked process takes it as a new one does; the
-    zygotes take none, so the processes they forked are still reported."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_the_test_process_group_reaches_forked_processes_not_the_zygotes(tmp_path: Path, sig):
+    """Ctrl-C (SIGINT) or a CI runner's SIGTERM to the process group: a forked process takes it as
+    a new one does (it is in the test process's group, with an interpreter's handlers), and the
+    zygotes, each in a group of its own, take none, so those processes are still reported."""
     script = textwrap.dedent(f"""
         import os, signal, sys, time
         from unibus import forkrun
-        signal.signal(signal.SIGINT, lambda *_: None)  # this process, as pytest would, lives on
+        signal.signal({int(sig)}, lambda *_: None)  # this process, as pytest would, lives on
         open({str(tmp_path / "forksleep.py")!r}, "w").write("import time\\ntime.sleep(60)\\n")
         forked = forkrun.spawn("forksleep", [], cwd={str(tmp_path)!r})
         fresh = forkrun.spawn("forksleep", [], cwd={str(tmp_path)!r},
                               env={{**os.environ, forkrun.FORK_ENV: "0"}})
         time.sleep(1)  # both in their sleep
-        os.killpg(0, signal.SIGINT)
+        os.killpg(0, {int(sig)})
         print(forked.wait(20), fresh.wait(20), all(z.proc.poll() is None for z in forkrun._zygotes))
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           start_new_session=True, env={**os.environ, forkrun.FORK_ENV: "1"})
-    assert proc.stdout.split() == [str(-signal.SIGINT), str(-signal.SIGINT), "True"], proc.stderr
+    assert proc.stdout.split() == [str(-sig), str(-sig), "True"], proc.stderr
+
+
+def test_signals_the_test_process_ignores_are_ignored_in_what_it_starts(probe: Path):
+    """A new process inherits ignored signals; so does a forked one, whatever the zygote had."""
+    (probe / "forksignals.py").write_text(textwrap.dedent("""
+        import signal
+        print(*(int(s) for s in (signal.SIGHUP, signal.SIGINT, signal.SIGUSR1, signal.SIGPIPE)
+                if signal.getsignal(s) == signal.SIG_IGN))
+        print(signal.getsignal(signal.SIGINT) is signal.default_int_handler, signal.getsignal(signal.SIGCHLD))
+    """))
+    forkrun.run("forkprobe", [], cwd=probe)  # the zygotes run before the change
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGHUP, signal.SIGUSR1)}
+    try:
+        forked, fresh = both("forksignals", [], cwd=probe)
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    assert forked.stdout == fresh.stdout, (forked.stdout, fresh.stdout)
+    assert forked.stdout.splitlines()[0].split() == [str(int(s)) for s in (signal.SIGHUP, signal.SIGUSR1,
+                                                                           signal.SIGPIPE)]
+
+
+def test_what_a_new_process_refuses_is_refused_as_it_was(probe: Path):
+    """A NUL in an argument or the environment: subprocess's ValueError, never a forked run."""
+    with pytest.raises(ValueError):
+        forkrun.run("forkprobe", ["a\0b"], cwd=probe)
+    with pytest.raises(ValueError):
+        forkrun.run("forkprobe", [], cwd=probe, env={**os.environ, "UNIBUS_PROBE": "a\0b"})
+    proc = forkrun.run("forkprobe", [Path("as-a-path")], cwd=probe)  # type: ignore[list-item]
+    assert json.loads(proc.stdout)["argv"] == ["as-a-path"]
+
+
+def test_a_restart_never_comes_from_the_zygote_of_the_start_before(probe: Path):
+    (probe / "forksleep.py").write_text("import time\ntime.sleep(60)\n")
+    first = forkrun.spawn("forksleep", [], cwd=probe)
+    try:
+        for _ in range(forkrun.ZYGOTES):  # whatever the turn, the next one must not be the first's
+            forkrun.run("forkprobe", [], cwd=probe)
+            again = forkrun.spawn("forksleep", [], cwd=probe, not_like=first)
+            assert isinstance(again, forkrun.ForkedProcess) and again._zygote is not first._zygote
+            again.kill()
+            again.wait(10)
+    finally:
+        first.kill()
+        first.wait(10)
+
+
+def test_standard_output_on_a_terminal_is_line_buffered_as_in_a_new_interpreter(probe: Path):
+    """Line-buffered, or unbuffered altogether under PYTHONUNBUFFERED (as on this project's CI
+    machine): the zygote's stdout was a pipe, the forked process's is a terminal."""
+    (probe / "forktty.py").write_text("import sys\n"
+                                      "print(sys.stdout.line_buffering, sys.stdout.write_through, file=sys.stderr)\n")
+    main, other = os.openpty()
+    try:
+        forked, fresh = both("forktty", [], cwd=probe, stdout=other)
+    finally:
+        os.close(main)
+        os.close(other)
+    assert forked.stderr == fresh.stderr and "True" in forked.stderr, (forked.stderr, fresh.stderr)
 
 
 def alive(pid: int) -> bool:
