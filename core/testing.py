@@ -158,7 +158,7 @@ def _hand_out(port: int) -> int:
 
 def run_membershipd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None,
                     timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``membershipd ARGS`` to completion and capture its output."""
+    """Run ``membershipd ARGS`` to completion and capture its output (forked: :mod:`unibus.forkrun`)."""
     return forkrun.run("unibus.cli", args, env={**os.environ, **(env or {})}, cwd=cwd, timeout=timeout)
 
 
@@ -339,7 +339,9 @@ class NatsServer:
 
 
 class MembershipdProcess:
-    """``membershipd serve`` as a child process, on free loopback ports."""
+    """``membershipd serve`` as a process of its own, on free loopback ports: ``python -m
+    unibus.cli`` forked from a zygote (:mod:`unibus.forkrun`) unless ``command`` is given or
+    the environment needs a new interpreter."""
 
     def __init__(self, data_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None,
                  command: Sequence[str] | None = None, *, ca: Path | None = None, http_host: str = "127.0.0.1",

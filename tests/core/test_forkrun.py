@@ -41,6 +41,12 @@ PROBE = textwrap.dedent("""
 """)
 
 
+@pytest.fixture(autouse=True)
+def forking(monkeypatch):
+    """These tests are about forking: on even in a run of new interpreters (UNIBUS_TESTING_FORK=0)."""
+    monkeypatch.setenv(forkrun.FORK_ENV, "1")
+
+
 @pytest.fixture
 def probe(tmp_path: Path) -> Path:
     (tmp_path / "forkprobe.py").write_text(PROBE)
