@@ -273,19 +273,14 @@ def _inherited() -> dict[str, Any]:
     be given: a test may have changed them since the zygote started (``os.umask(0)``...)."""
     import resource
 
-    with open("/proc/self/status") as status:
-        umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    with open("/proc/self/status") as status:  # one read for both: it is read for every process
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("Umask:", "SigIgn:")))
+    ignored = int(fields["SigIgn"], 16)  # the signals this process ignores: a new process inherits them
     limits = {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource)
               if name.startswith("RLIMIT_")}
-    return {"umask": umask, "limits": limits, "nice": os.nice(0), "cpus": sorted(os.sched_getaffinity(0)),
-            "pgid": os.getpgrp(), "ignored": sorted(_ignored_signals())}
-
-
-def _ignored_signals() -> set[int]:
-    """The signals this process ignores (``SigIgn`` in /proc): a new process inherits them."""
-    with open("/proc/self/status") as status:
-        mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigIgn:"))
-    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+    return {"umask": int(fields["Umask"], 8), "limits": limits, "nice": os.nice(0),
+            "cpus": sorted(os.sched_getaffinity(0)), "pgid": os.getpgrp(),
+            "ignored": [n for n in range(1, 65) if ignored >> (n - 1) & 1]}
 
 
 def _take_on(spec: Mapping[str, Any]) -> None:
