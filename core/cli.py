@@ -7,13 +7,14 @@ and exit 2 (configuration, usage) or 1 (runtime); never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -192,11 +193,13 @@ def cmd_posture(argv: Sequence[str]) -> int:
     from .posture import CLUSTER_REQUIRED, cluster_gate, startup_posture
     from .settings import insecure_plaintext_warnings, require_route_password
 
+    # A plugin hook that raises (cli_options, validate_settings, posture) is exit 2 here, not serve's
+    # 1: exit 1 would read "not enforce+acl+tls" to a script that checks the posture.
     try:
         settings, plugins = load_settings("posture", argv)
-    except RuntimeFailure as e:  # a plugin's cli_options raised: exit 1 would read "not enforce+acl+tls"
+        posture = startup_posture(settings, plugins)
+    except RuntimeFailure as e:
         raise ConfigError(str(e)) from None
-    posture = startup_posture(settings, plugins)
     try:
         cluster_gate(posture, settings.clustered)
     except ConfigError as e:
@@ -710,6 +713,17 @@ def _configure_logging() -> None:
         stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)
+
+
+def _not_tls_eof_noise(record: logging.LogRecord) -> bool:
+    """Drop asyncio's ``returning true from eof_received() has no effect when using ssl``.
+
+    nats-py makes a TLS connection by upgrading a plain stream (``loop.start_tls``), whose protocol
+    took the connection for plain and so answers an end of stream with True; asyncio warns of it
+    each time nats-server closes such a connection, at every stop of a node with a ``tls://`` bus.
+    Nothing is wrong, and a WARNING at each stop trips alerts (an operator's walk-through)."""
+    return not (isinstance(record.msg, str) and record.msg.startswith("returning true from eof_received()"))
 
 
 def _report(done: str, lines: Sequence[str]) -> int:
@@ -745,6 +759,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UnibusError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except StopSignal as e:
+        return 128 + e.signum
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `membershipd plugins | head`
@@ -755,6 +771,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = f" ({e.filename})" if e.filename else ""
         print(f"{PROG}: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
+
+
+class StopSignal(KeyboardInterrupt):
+    """SIGTERM or SIGHUP to an operator command (``systemctl stop`` of a timer's unit, ``timeout``, a
+    dropped SSH session): it unwinds as Ctrl-C does, so what the command staged (a backup's
+    ``.part`` file and copy of the database, a restore's directory) is removed, and the exit is
+    128 + the signal's number. Before, such a signal ended the process where it stood and left them
+    (an operator's walk-through found them)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_as_ctrl_c() -> Iterator[None]:
+    """Within it, SIGTERM, and SIGHUP unless it is ignored (``nohup``), raise :class:`StopSignal`.
+
+    The first one wins: both are ignored from then on, so that a second signal does not cut the
+    clean-up short (SIGKILL still ends it). The handlers before are put back at the end (a test
+    runs commands in its own process); outside the main thread nothing changes."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, _frame: Any) -> None:
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        raise StopSignal(signum)
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        signal.signal(signal.SIGTERM, stop)
+        if before[signal.SIGHUP] is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, stop)
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _main(argv: list[str]) -> int:
@@ -774,7 +832,10 @@ def _main(argv: list[str]) -> int:
         print(f"{PROG}: error: unknown command {shown_url(argv[0])}; use one of {', '.join(COMMANDS)}",
               file=sys.stderr)
         return 2
-    return HANDLERS[command](argv)
+    if command == "serve":  # it sets up its own signal handling
+        return cmd_serve(argv)
+    with _stop_as_ctrl_c():
+        return HANDLERS[command](argv)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1855,7 +1855,9 @@ class Bus:
                                  f"{client.base_url}`")
         return Refusal(False, f"{base}: {client.base_url} still has this bus key for {handle}; try again later "
                               "(nats-server also refuses a login that membershipd did not answer in time, one past "
-                              "the member's budget of logins, and one past its bound on connections)", key_held=True)
+                              "the member's budget of logins, and one past its bound on connections; a member added offline, with "
+                              "membershipd member add, is let on the bus only once the operator sent membershipd a "
+                              "SIGHUP)", key_held=True)
 
     async def connect(self) -> None:
         seed, used = self._bus_seed(), self.client.identity.bus_pub

@@ -189,6 +189,11 @@ def test_nothing_but_a_regular_file_is_replaced_by_keys_or_a_blob(identity_file,
                   "abcdefghijklmnopqrstuvwx", "a" * 64, str(identity_file))
     one_error_line(proc, 2, "is your identity file")
     assert identity_file.read_bytes() == before
+    # an OUT in a directory that is not there: exit 2 before any request (nothing listens on the port),
+    # naming the directory (it was exit 1 after the download, naming a temporary file)
+    proc = unibus("--identity", str(identity_file), "--server", f"http://127.0.0.1:{free_port()}", "blob", "get",
+                  "abcdefghijklmnopqrstuvwx", "a" * 64, str(tmp_path / "nodir" / "x"))
+    one_error_line(proc, 2, f"OUT: the directory {tmp_path / 'nodir'} does not exist")
     with pytest.raises(FileExistsError, match="not a regular file"):
         _replaceable(fifo)
     # a link, whatever it names: the rename would replace it (/dev/stdout, as root: two reviews)

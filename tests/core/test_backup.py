@@ -1097,3 +1097,112 @@ def test_backup_refuses_a_state_that_restore_would_refuse(tmp_path):
              "the state cannot be backed up, as restore would refuse it: member 'carol' in the store is not what "
              "its membership log establishes")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d"]
+
+
+# --------------------------------------------------------------------------- stop signals
+
+
+def _wait_for(found: Callable[[], bool], proc: Any, timeout: float = 60) -> bool:
+    """Poll ``found()`` every millisecond until it holds (True) or ``proc`` ended first (False)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise AssertionError("neither the staging nor the end of the command came")
+
+
+@pytest.fixture(scope="module")
+def large_source(tmp_path_factory) -> Path:
+    """A stopped node's data directory with a 24 MiB blob: a compressed backup of it takes long
+    enough to be stopped in the middle."""
+    root = tmp_path_factory.mktemp("backup-large")
+    alice = generate_identity("alice")
+    data_dir = root / "node"
+    bootstrap_member(data_dir, alice, "admin")
+    daemon = MembershipdProcess(data_dir).start()
+    try:
+        async def fill() -> None:
+            async with UnibusClient(daemon.base_url, alice) as a:
+                room = (await a.create_room("big"))["room_id"]
+                await a.rekey(room)
+                (root / "big.bin").write_bytes(os.urandom(24 * 1024 * 1024))
+                await put_raw_blob(a, room, root / "big.bin")
+
+        asyncio.run(fill())
+    finally:
+        daemon.stop()
+    return data_dir
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_backup_stopped_by_a_signal_leaves_nothing_behind(large_source, tmp_path, sig):
+    """SIGTERM (``systemctl stop``, ``timeout``) or SIGHUP (a dropped session) ends ``backup`` as
+    Ctrl-C does: exit 128 + the signal, and neither its ``.part`` file, its copy of the database
+    nor its links in ``blobs/.tmp`` are left (they were, before)."""
+    import signal
+
+    from unibus import forkrun
+
+    out = tmp_path / "out"
+    out.mkdir()
+    for _attempt in range(5):  # a backup that ended before it was seen staging is run again
+        proc = forkrun.spawn("unibus.cli", ["backup", "--data-dir", str(large_source), "--out",
+                                            str(out / "b.tar.gz")], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+        try:
+            staged = _wait_for(lambda: any(p.name.endswith(".part") for p in out.iterdir()), proc)
+            if staged:
+                proc.send_signal(getattr(signal, sig))
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        if staged:
+            break
+        assert code == 0
+        (out / "b.tar.gz").unlink()
+    assert staged, "no backup was seen staging in 5 tries"
+    assert code == 128 + getattr(signal, sig)
+    assert list(out.iterdir()) == []
+    tmp_blobs = large_source / "blobs" / ".tmp"
+    assert not tmp_blobs.exists() or list(tmp_blobs.iterdir()) == []
+
+
+def test_a_restore_stopped_by_a_signal_leaves_nothing_behind(large_source, tmp_path):
+    import signal
+
+    from unibus import forkrun
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    made = cli("backup", "--data-dir", str(large_source), "--out", str(archive / "b.tar.gz"))
+    assert made.returncode == 0, made.stderr
+    area = tmp_path / "area"
+    area.mkdir()
+    for _attempt in range(5):
+        proc = forkrun.spawn("unibus.cli", ["restore", "--in", str(archive / "b.tar.gz"), "--data-dir",
+                                            str(area / "node")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            staged = _wait_for(lambda: any(".restore-" in p.name for p in area.iterdir()), proc)
+            if staged:
+                proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+        if staged:
+            break
+        assert code == 0
+        import shutil
+
+        shutil.rmtree(area / "node")
+    assert staged, "no restore was seen staging in 5 tries"
+    assert code == 128 + signal.SIGTERM
+    assert list(area.iterdir()) == []

@@ -300,6 +300,34 @@ def test_only_the_built_in_auth_enforce_vouches_for_the_bus(tmp_path, module, lo
     assert "posture fact bus_auth='enforce' ignored: only the built-in auth_enforce plugin reports it" in proc.stderr
 
 
+RAISING_POSTURE = {"raising_posture": '''
+    from unibus import hookimpl
+
+    PLUGIN_NAME = "raising_posture"
+
+    @hookimpl
+    def posture(settings):
+        raise RuntimeError("posture at start")
+'''}
+
+
+def test_a_posture_hook_that_raises_is_exit_2_on_posture(tmp_path):
+    """``membershipd posture``'s exit 1 means "not enforce+acl+tls": a plugin whose posture hook
+    raises is a refused configuration there (exit 2, naming the plugin), as a raising
+    ``cli_options`` is, not an open posture (a plugin author's walk-through found exit 1)."""
+    from helpers import one_error_line, plugin_modules
+
+    from unibus.testing import run_membershipd
+
+    env = plugin_modules(tmp_path, RAISING_POSTURE)
+    proc = run_membershipd("posture", "--plugin", "raising_posture", "--bus-auth", "off", env=env)
+    one_error_line(proc, 2, "plugin raising_posture", "posture", "posture at start")
+    assert proc.stdout == ""
+    serve = run_membershipd("serve", "--plugin", "raising_posture", "--bus-auth", "off", "--data-dir",
+                            str(tmp_path / "d"), env=env)
+    one_error_line(serve, 1, "plugin raising_posture", "posture at start")
+
+
 def test_a_plaintext_nats_url_to_another_host_is_not_called_tls(tmp_path):
     """Adversary: a network attacker between membershipd and an external NATS (``--nats-url nats://...``)."""
     from unibus.cli import load_settings

@@ -337,6 +337,18 @@ def test_https_daemon_serves(world):
     assert conf["tls"]["handshake_first"] is True
 
 
+def test_a_stop_of_a_tls_node_logs_no_asyncio_warning(tmp_path):
+    """nats-py's connections over ``tls://`` made asyncio warn ``returning true from eof_received()
+    has no effect when using ssl`` twice at every stop (an operator's walk-through): noise that
+    trips alerts on WARNING lines. The stop logs no asyncio warning."""
+    w = World(tmp_path, verify_clients=False)
+    w.proc.start()
+    w.proc.stop()
+    log = w.proc.log_text()
+    assert "stopped in " in log, log[-2000:]
+    assert [line for line in log.splitlines() if " asyncio: " in line] == []
+
+
 def test_server_context_refuses_old_tls(world):
     from unibus.tls import server_context
 
