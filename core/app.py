@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -578,7 +578,7 @@ def plugin_healthz(name: str, fields: Any) -> dict[str, Any] | None:
     A plugin returns its own fields; the form of plugin API 1, ``{name: {...}}``
     (one key, the plugin's name, holding a dict), is unwrapped. None: nothing to add.
     """
-    if not isinstance(fields, dict) or not fields:
+    if not isinstance(fields, Mapping) or not fields:  # anything else was refused: PluginManager.call_each_safe
         return None
     if len(fields) == 1 and isinstance(fields.get(name), dict):
         return dict(fields[name])

@@ -1244,6 +1244,10 @@ def auth_middleware(authenticator: Authenticator, *, body_timeout: float = DEFAU
                         raise unauthorized("Content-Digest does not match the body", "digest")
                     request[LOGGED_REQUEST_KEY] = _logged(request, body)
                     response = await handler(request)
+            if not isinstance(response, web.StreamResponse):
+                from .app import _checked  # unibus.app imports this module
+
+                _checked(request, response)  # a TypeError naming the route and its plugin (a 500), not sent here
             if member_requests is not None:
                 await member_requests.send(request, response, body_timeout)  # still counted while it goes out
             return response

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -105,11 +106,16 @@ def _refuse_unavailable_flags(argv: Sequence[str], plugins: PluginManager, loade
     A flag that a loaded plugin defines (a third-party replacement of a
     built-in, say) is that plugin's and is never refused here.
     """
+    from .options import reserved_flags
+
     owned = {flag: plugin for flag, plugin in plugins.unavailable_flags().items() if flag not in loaded_flags}
-    for arg in argv:
-        if arg == "--":
-            break
-        flag = arg.split("=", 1)[0]
+    given = [arg.split("=", 1)[0] for arg in itertools.takewhile(lambda a: a != "--", argv)]
+    known = owned.keys() | loaded_flags | reserved_flags()
+    if any(flag.startswith("--") and flag not in known for flag in given):
+        # a plugin UNIBUS_LOAD_PLUGINS leaves out is imported only now, to name it
+        owned.update({flag: plugin for flag, plugin in plugins.left_out_flags().items()
+                      if flag not in loaded_flags and flag not in owned})
+    for flag in given:
         if flag not in owned:
             continue
         plugin = owned[flag]

@@ -25,6 +25,9 @@ hookspec = pluggy.HookspecMarker("unibus")
 #: other hook must be a plain function: an ``async def`` there would return a coroutine that
 #: nobody awaits, so its body (a ``validate_settings`` refusal, say) would never run.
 ASYNC_HOOKS = frozenset({"startup", "shutdown", "store_changed", "reloaded"})
+#: The hooks that return a dict (or None): anything else (a list, a string) is the hook's error,
+#: as an exception is, not a result left out without a word.
+DICT_HOOKS = frozenset({"posture", "healthz_fields"})
 
 
 @hookspec
@@ -95,7 +98,10 @@ def posture(settings: Settings) -> dict[str, Any]:
     refuse bad combinations in ``validate_settings``, which runs first. An
     exception at start-up stops membershipd; while serving it is logged,
     counted (``unibus_plugin_hook_errors_total``) and the plugin's facts are
-    left out, so they count as not holding.
+    left out, so they count as not holding. A result other than a dict or
+    None (``["tls"]``) is the hook's error too: ``plugin hello, hook posture:
+    must return a dict (or None), not list`` stops membershipd at start-up
+    (exit 2); while serving it is counted and logged once an hour.
     """
 
 
@@ -115,8 +121,10 @@ def healthz_fields(app: web.Application) -> dict[str, Any]:
     the running aiohttp application, whose state (settings, NATS connection,
     store, metrics) is reachable through the ``unibus.app`` keys. An
     exception is logged and counted, and the plugin's fields are left out; so
-    are fields that JSON cannot hold (a set, bytes, NaN). It is called as a
-    plain function: an ``async def`` is refused when the plugin registers.
+    are fields that JSON cannot hold (a set, bytes, NaN) and a result other
+    than a dict or None (a list: ``must return a dict``), both logged once an
+    hour. It is called as a plain function: an ``async def`` is refused when
+    the plugin registers.
     """
 
 

@@ -384,7 +384,8 @@ def add_plugin_arguments(parser: argparse.ArgumentParser, options: Sequence[tupl
         parser.add_argument(
             opt.flag,
             dest=f"plugin__{opt.name}",
-            metavar=opt.metavar,
+            # argparse's default would be the dest upper-cased: PLUGIN__NOTES_MODE (a plugin author's walkthrough)
+            metavar=opt.metavar or opt.flag.lstrip("-").replace("-", "_").upper(),
             help=f"{opt.help} [{plugin} plugin]" + (f" [{opt.env}]" if opt.env else ""),
         )
 

@@ -31,6 +31,7 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, RuntimeFailure
+from .logthrottle import LogThrottle
 from .settings import Option
 
 log = logging.getLogger("unibus.plugins")
@@ -159,14 +160,17 @@ class PluginManager:
         self.blocked = tuple(dict.fromkeys(blocked))
         self.only = None if only is None else tuple(only)
         self._blocked_eps: dict[str, importlib.metadata.EntryPoint] = {}
+        self._left_out_eps: dict[str, importlib.metadata.EntryPoint] = {}  # those ``only`` leaves out
         #: plugins that could not be used, ``{name: PluginInfo with error}``
         self.broken: dict[str, PluginInfo] = {}
         self._hook_raised: set[str] = set()  # broken because a hook raised (exit 1), not by a check (exit 2)
         #: hook calls that raised, ``{(plugin, hook): count}`` (unibus_plugin_hook_errors_total)
         self.hook_errors: dict[tuple[str, str], int] = {}
+        self._wrong_results = LogThrottle(burst=1, window=3600.0)  # said once an hour (call_each_safe)
         #: installed plugins that ``only`` left out
         self.not_loaded: tuple[str, ...] = ()
         self._installed: set[str] = set()
+        self._modules: dict[str, str] = {}  # plugin name -> the MODULE of --plugin MODULE that loaded it
         self._validated: Any = None  # the Settings validate_settings last passed
         self._order: dict[str, int] = {}  # plugin name -> when it registered (tryfirst/trylast aside)
         # Registered sorted by name, so the call order (docs/plugins.md, "Order") does not
@@ -203,6 +207,8 @@ class PluginManager:
                     self._blocked_eps[name] = ep
                 continue
             if name in self.not_loaded:
+                if name not in self._clashes:
+                    self._left_out_eps[name] = ep
                 continue
             dist = ep.dist
             self._dist[name] = (dist.name if dist else None, dist.version if dist else None)
@@ -241,6 +247,7 @@ class PluginManager:
         if self._pm.has_plugin(name) or name in self.broken:
             raise ConfigError(f"--plugin {module_name}: a plugin named {name} is already loaded")
         self._dist[name] = (f"--plugin {module_name}", None)
+        self._modules[name] = module_name
         try:
             self.register(module, name)
         except PluginError as e:
@@ -359,8 +366,14 @@ class PluginManager:
             return
         first = next(iter(self.broken.values()))
         more = len(self.broken) - 1
-        message = (f"{first.error}; fix or reinstall it, or block it with --disable-plugin {first.name}"
-                   + (f" ({more} more broken: see membershipd plugins)" if more else ""))
+        module = self._modules.get(first.name)  # --disable-plugin blocks installed plugins only
+        if module is not None:
+            fix = f"fix it, or drop --plugin {module}"
+        elif first.name in self._installed:
+            fix = f"fix or reinstall it, or block it with --disable-plugin {first.name}"
+        else:  # given to PluginManager(plugins=...): a test's (unibus.testing)
+            fix = "fix it"
+        message = f"{first.error}; {fix}" + (f" ({more} more broken: see membershipd plugins)" if more else "")
         raise (RuntimeFailure if first.name in self._hook_raised else ConfigError)(message)
 
     def list_plugins(self) -> list[PluginInfo]:
@@ -400,6 +413,9 @@ class PluginManager:
         for name, impl in self._impls(hook_name):
             with self._hook_failures(name, hook_name), running_plugin(name):
                 res = _not_awaitable(impl.function(**{a: kwargs[a] for a in impl.argnames}), hook_name)
+                wrong = _wrong_type(res, hook_name)
+                if wrong is not None:
+                    raise ConfigError(wrong)
             results.append((name, res))
         return results
 
@@ -424,17 +440,26 @@ class PluginManager:
         """Like :meth:`call_each`, but a failing plugin is logged and skipped.
 
         For hooks called while serving (``healthz_fields``): one broken plugin
-        must not take the health endpoint down with it.
+        must not take the health endpoint down with it. A result of the wrong type
+        (a list from ``posture``) is left out and counted too, and said once an hour.
         """
         results = []
         for name, impl in self._impls(hook_name):
             try:
                 with running_plugin(name):
-                    results.append((name, _not_awaitable(impl.function(**{a: kwargs[a] for a in impl.argnames}),
-                                                         hook_name)))
+                    result = _not_awaitable(impl.function(**{a: kwargs[a] for a in impl.argnames}), hook_name)
             except Exception:
                 self.hook_failed(name, hook_name)
                 log.exception("plugin %s: %s failed", name, hook_name)
+                continue
+            wrong = _wrong_type(result, hook_name)
+            if wrong is not None:
+                self.hook_failed(name, hook_name)
+                if self._wrong_results.admit(f"{name} {hook_name}") is not None:
+                    log.error("plugin %s, hook %s: %s; its result is left out (said once an hour)",
+                              name, hook_name, wrong)
+                continue
+            results.append((name, result))
         return results
 
     async def acall_each(self, hook_name: str, **kwargs: Any) -> list[tuple[str, Any]]:
@@ -516,25 +541,39 @@ class PluginManager:
         The blocked plugin's module is imported only to read its option
         declarations; it is never registered and none of its hooks run.
         """
-        flags: dict[str, str] = {}
-        for name, ep in self._blocked_eps.items():
-            try:
-                module = ep.load()
-                fn = getattr(module, "cli_options", None)
-                opts = fn() if callable(fn) else []
-            except Exception:
-                continue
-            for opt in opts or ():
-                if isinstance(opt, Option):
-                    flags[opt.flag] = name
-        return flags
+        return _declared_flags(self._blocked_eps)
 
     def unavailable_flags(self) -> dict[str, str]:
-        """Flags of plugins that are not loaded, ``{flag: plugin}``: blocked ones
-        (read from the plugin) and the built-ins' (from :data:`BUILTIN_PLUGIN_FLAGS`)."""
+        """Flags of plugins that are not loaded, ``{flag: plugin}``: blocked ones (read from the
+        plugin, imported for that only) and the built-ins' (from :data:`BUILTIN_PLUGIN_FLAGS`)."""
         flags = {flag: plugin for flag, plugin in BUILTIN_PLUGIN_FLAGS.items() if not self.has(plugin)}
         flags.update(self.blocked_flags())
         return flags
+
+    def left_out_flags(self) -> dict[str, str]:
+        """Flags of the installed plugins ``UNIBUS_LOAD_PLUGINS`` leaves out, ``{flag: plugin}``.
+
+        It imports their modules (never registered, no hook run) to read what ``cli_options``
+        declares, so it is called only for a command line that has a flag nothing loaded knows:
+        a start that names none of them runs none of their code."""
+        return _declared_flags(self._left_out_eps)
+
+
+def _declared_flags(eps: Mapping[str, importlib.metadata.EntryPoint]) -> dict[str, str]:
+    """``{flag: plugin}`` of the options the ``cli_options`` of each entry point's module declares;
+    the module is imported, never registered. One that fails to import or declare is left out."""
+    flags: dict[str, str] = {}
+    for name, ep in eps.items():
+        try:
+            module = ep.load()
+            fn = getattr(module, "cli_options", None)
+            opts = list(fn() or ()) if callable(fn) else []
+        except Exception:
+            continue
+        for opt in opts:
+            if isinstance(opt, Option):
+                flags[opt.flag] = name
+    return flags
 
 
 def _dist_name(ep: importlib.metadata.EntryPoint) -> str:
@@ -572,6 +611,14 @@ def _not_awaitable(result: Any, hook_name: str) -> Any:
         raise ConfigError(f"returned an awaitable, which is never awaited: {hook_name} must be a plain function "
                           f"(only {', '.join(sorted(hookspecs.ASYNC_HOOKS))} may be coroutine functions)")
     return result
+
+
+def _wrong_type(result: Any, hook_name: str) -> str | None:
+    """What is wrong with ``result`` of a hook that returns a dict (:data:`unibus.hookspecs.DICT_HOOKS`),
+    or None: a list or a string was left out without a word (a plugin author's walkthrough)."""
+    if hook_name in hookspecs.DICT_HOOKS and result is not None and not isinstance(result, Mapping):
+        return f"must return a dict (or None), not {type(result).__name__}"
+    return None
 
 
 def _named(e: ConfigError, plugin: str, hook: str) -> ConfigError:

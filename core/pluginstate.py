@@ -86,11 +86,12 @@ class Stash:
         return len(self._data)
 
 
-def plugin_name(name: str | None) -> str:
-    """``name``, or the plugin whose hook runs now; ValueError for a name unsafe as a directory."""
+def plugin_name(name: str | None, call: str = "stash") -> str:
+    """``name``, or the plugin whose hook runs now; ValueError for a name unsafe as a directory.
+    ``call`` is the function asked (``stash``, ``state_dir``), which the error shows with the name."""
     name = name if name is not None else current_plugin()
     if name is None:
-        raise RuntimeError("outside a plugin's hook, name the plugin (stash(app, PLUGIN_NAME))")
+        raise RuntimeError(f"outside a plugin's hook, name the plugin ({call}(app, PLUGIN_NAME))")
     if not _SAFE_NAME.fullmatch(name) or name in (".", ".."):
         raise ValueError(f"plugin name {name!r} cannot name a directory; use letters, digits, _ . -")
     return name
@@ -99,7 +100,7 @@ def plugin_name(name: str | None) -> str:
 def state_dir_of(data_dir: Path, name: str | None = None) -> Path:
     """``<data_dir>/plugins/<name>/``, made (and kept) mode 0700, as is ``<data_dir>/plugins``;
     a directory of another user, or one that group or others may write to, is refused (exit 2)."""
-    name = plugin_name(name)
+    name = plugin_name(name, "state_dir")
     base = Path(data_dir) / PLUGINS_DIR
     path = base / name
     for d in (base, path):

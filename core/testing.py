@@ -259,8 +259,18 @@ def nats_server_pids(under: Path | str | None = None) -> set[int]:
 
 
 def make_plugin_manager(*plugins: Any) -> PluginManager:
-    """A plugin manager holding only ``plugins`` (modules or objects with hookimpls)."""
-    return PluginManager(load_entry_points=False, plugins=plugins)
+    """A plugin manager holding only ``plugins`` (modules or objects with hookimpls).
+
+    A plugin that fails the hook checks raises :class:`~unibus.pluginmanager.PluginError`; one whose
+    ``cli_options`` raises or declares what ``serve`` refuses (not ``Option`` objects with ``--flags``,
+    a flag the core or another plugin has) raises the error ``serve`` gives: before, the manager
+    quietly held it as broken and ``pm.options()`` returned ``[]`` (a plugin author's walkthrough)."""
+    from .options import reserved_flags
+
+    pm = PluginManager(load_entry_points=False, plugins=plugins)
+    pm.options(reserved=reserved_flags())
+    pm.require_healthy()
+    return pm
 
 
 # -- a supervised nats-server run from synchronous tests ----------------------

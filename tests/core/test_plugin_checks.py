@@ -272,8 +272,9 @@ def test_a_broken_cli_options_marks_the_plugin_broken():
     assert list(pm.broken) == ["boom", "clash", "strings"]  # in the order they registered
     with pytest.raises(RuntimeFailure) as e:  # the first one's cli_options raised: exit 1
         pm.require_healthy()
-    assert "plugin boom" in str(e.value) and "--disable-plugin boom" in str(e.value)
-    assert "2 more" in str(e.value)
+    assert "plugin boom" in str(e.value) and "2 more" in str(e.value)
+    # given to the manager directly (a test's): neither installed nor --plugin, so no flag removes it
+    assert "; fix it (2 more broken" in str(e.value) and "--disable-plugin" not in str(e.value)
 
 
 def test_of_two_plugins_with_one_flag_the_later_one_is_broken():
@@ -351,6 +352,14 @@ GOOD = {
         @hookimpl
         def cli_options():
             return [Option("--nats-monitor-port", help="another monitor", convert=int)]
+        """, ()),
+    # a third-party plugin with a flag of its own
+    "notes": ("unibus_test_notes", """
+        from unibus import Option, hookimpl
+
+        @hookimpl
+        def cli_options():
+            return [Option("--notes-max", help="most notes kept", default="10")]
         """, ()),
 }
 
@@ -464,6 +473,48 @@ def test_a_loaded_plugin_owns_a_flag_a_missing_built_in_would_have(site_with_rep
     assert proc.returncode == 0, proc.stderr
     gone = run_membershipd("posture", "--nats-monitor-port", "9999", env=with_site(site, "auth_enforce"))
     one_error_line(gone, 2, "--nats-monitor-port", "nats_monitor")
+
+
+@pytest.mark.parametrize("command", ["posture", "serve"])
+def test_a_flag_of_a_third_party_plugin_left_out_is_refused_naming_it(site_with_replacement, tmp_path, command):
+    """Not only the built-ins' flags: argparse said only "unrecognized arguments: --notes-max 3"
+    (a plugin author's walkthrough)."""
+    env = with_site(site_with_replacement, "auth_enforce")
+    proc = run_membershipd(command, "--data-dir", str(tmp_path / "d"), "--notes-max", "3", env=env)
+    one_error_line(proc, 2, "--notes-max belongs to the notes plugin", "UNIBUS_LOAD_PLUGINS=auth_enforce leaves it out")
+    assert "unrecognized arguments" not in proc.stderr
+    assert not (tmp_path / "d").exists() and not nats_server_pids(tmp_path)
+    loaded = run_membershipd("posture", "--notes-max", "3", env=with_site(site_with_replacement, "auth_enforce,notes"))
+    assert loaded.returncode == 0, loaded.stderr
+
+
+NOISY = """
+    import os
+    import pathlib
+
+    from unibus import Option, hookimpl
+
+    pathlib.Path(os.environ["UNIBUS_TEST_IMPORTED"]).touch()  # what running its code would show
+
+    @hookimpl
+    def cli_options():
+        return [Option("--noisy-level", help="how noisy")]
+"""
+
+
+def test_a_plugin_left_out_runs_no_code_unless_its_flag_is_given(tmp_path):
+    """``UNIBUS_LOAD_PLUGINS`` leaves a plugin out: its module is imported only to name it when
+    the command line has a flag nothing loaded knows, never at an ordinary start."""
+    (tmp_path / "site").mkdir()
+    site = make_site(tmp_path / "site", {"noisy": ("unibus_test_noisy", NOISY, ())})
+    marker = tmp_path / "imported"
+    env = {**with_site(site, "auth_enforce"), "UNIBUS_TEST_IMPORTED": str(marker)}
+    plain = run_membershipd("posture", "--bus-auth", "off", env=env)
+    assert plain.returncode in (0, 1) and "error:" not in plain.stderr, plain.stderr
+    assert not marker.exists()
+    flagged = run_membershipd("posture", "--bus-auth", "off", "--noisy-level", "3", env=env)
+    one_error_line(flagged, 2, "--noisy-level belongs to the noisy plugin", "UNIBUS_LOAD_PLUGINS=auth_enforce")
+    assert marker.exists()
 
 
 SHADOW = """

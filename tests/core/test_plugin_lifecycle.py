@@ -131,6 +131,8 @@ def test_a_mistyped_plugin_is_one_line_and_help_and_plugins_still_work(pythonpat
     assert serve.returncode == 2
     line = one_error_line(serve)
     assert f"plugin {name}, hook {hook}: {problem}" in line
+    # --disable-plugin blocks installed plugins only: it said "no plugin named ..." to that advice
+    assert line.endswith(f"; fix it, or drop --plugin {module}") and "--disable-plugin" not in line
     helped = run_membershipd("serve", "--help", "--plugin", module, env=pythonpath)
     assert helped.returncode == 0 and f"{name}: plugin {name}, hook {hook}" in helped.stdout
     listed = run_membershipd("plugins", "--plugin", module, env=pythonpath)
@@ -142,7 +144,7 @@ def test_a_failing_cli_options_stops_serve_with_exit_1_naming_the_plugin(pythonp
     refused configuration, 2); ``posture``, whose 1 says "not enforce+acl+tls", refuses it with 2.
     --help and ``plugins`` still work and show it."""
     expected = ("membershipd: error: plugin failing_options_plugin, hook cli_options: failed: RuntimeError: "
-                "options table missing; fix or reinstall it, or block it with --disable-plugin failing_options_plugin")
+                "options table missing; fix it, or drop --plugin failing_options_plugin")
     serve = run_membershipd("serve", "--plugin", "failing_options_plugin", "--data-dir", str(tmp_path / "d"),
                             env=pythonpath)
     assert serve.returncode == 1 and one_error_line(serve) == expected
@@ -181,8 +183,8 @@ def test_healthz_fields_are_placed_under_the_plugin_name(unibus_app, pythonpath,
 
 
 class BadRoutes:
-    """Routes with a plugin author's slips: a handler that returns no response, and one that
-    fails after its streamed response began."""
+    """Routes with a plugin author's slips: a handler that returns no response (on an open route and
+    on a signed one), and one that fails after its streamed response began."""
 
     PLUGIN_NAME = "badroutes"
 
@@ -205,6 +207,11 @@ class BadRoutes:
             add_route(app, "GET", path, handler, summary="a slip", responses={200: "never"}, signed=False,
                       namespaced=False)
 
+        async def mapping(request):
+            return {"greeting": "hi"}
+
+        add_route(app, "GET", "/dict", mapping, summary="a slip", responses={200: "never"})  # signed
+
 
 def test_a_plugin_handler_s_slips_are_logged_naming_the_route_and_the_plugin(unibus_app, caplog):
     """Both were logged without the route or the plugin: the first as aiohttp's AttributeError deep in
@@ -217,6 +224,12 @@ def test_a_plugin_handler_s_slips_are_logged_naming_the_route_and_the_plugin(uni
     assert status == 500 and body["detail"] == "internal error; see the membershipd log"
     assert "the handler of GET /none (plugin badroutes) returned NoneType, not an aiohttp web.StreamResponse" \
         in caplog.text
+    # a signed route: the auth middleware sends the response, and failed on it with an AttributeError
+    status, body = served.admin.get("/v1/plugins/badroutes/dict")
+    assert status == 500 and body["detail"] == "internal error; see the membershipd log"
+    assert ("the handler of GET /v1/plugins/badroutes/dict (plugin badroutes) returned dict, not an aiohttp "
+            "web.StreamResponse") in caplog.text
+    assert "AttributeError" not in caplog.text
     with pytest.raises(Exception):  # the connection is closed under a response that began
         http_json("GET", served.base_url + "/stream")
     assert "GET /stream (plugin badroutes) raised RuntimeError after its response began to go out" in caplog.text

@@ -11,7 +11,7 @@ from aiohttp import web
 from unibus import Stash, StashKey, hookimpl
 from unibus.app import add_route, stash, state_dir
 from unibus.pluginmanager import running_plugin
-from unibus.pluginstate import state_dir_of
+from unibus.pluginstate import plugin_name, state_dir_of
 
 COUNT = StashKey[int]("count")
 
@@ -53,8 +53,11 @@ def test_a_symlinked_state_dir_is_refused(tmp_path):
 
 
 def test_outside_a_hook_the_plugin_must_be_named(tmp_path):
-    with pytest.raises(RuntimeError, match="name the plugin"):
+    # the call to make names the function asked: state_dir's error showed stash(app, PLUGIN_NAME)
+    with pytest.raises(RuntimeError, match=r"name the plugin \(state_dir\(app, PLUGIN_NAME\)\)"):
         state_dir_of(tmp_path)
+    with pytest.raises(RuntimeError, match=r"name the plugin \(stash\(app, PLUGIN_NAME\)\)"):
+        plugin_name(None)
     with running_plugin("audit"):
         assert state_dir_of(tmp_path) == tmp_path / "plugins" / "audit"
 
