@@ -45,6 +45,7 @@ from typing import Any
 from . import __version__
 from .errors import ConfigError, RuntimeFailure
 from .privatefiles import check_ancestors, make_missing_dirs
+from .stopsignals import stoppable
 
 FORMAT = "unibus-backup"
 FORMAT_VERSION = 1
@@ -162,7 +163,7 @@ def write_archive(out: Path, manifest: dict[str, Any], files: list[ArchiveFile])
     tmp = Path(tmp_name)
     mtime = int(datetime.now(UTC).timestamp())
     try:
-        with os.fdopen(fd, "wb") as raw:
+        with stoppable(), os.fdopen(fd, "wb") as raw:
             # gzip at its default level 6: blobs are ciphertext, level 9 would only cost time.
             gz = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=mtime) if compress else None
             with (gz or contextlib.nullcontext()), \
@@ -356,17 +357,18 @@ def backup_single(data_dir: Path, out: Path, warn: Warn) -> BackupResult:
     blob_staging: Path | None = None
     try:
         blob_staging = _blob_staging(data_dir, staging / BLOBS_DIR)
-        blobs = stage_fs_blobs(data_dir / BLOBS_DIR, blob_staging, warn)
-        snap = staging / DB_NAME
-        snapshot_sqlite(data_dir / DB_NAME, snap)
-        facts = sqlite_facts(snap)
-        _warn_recoveries(facts, warn)
-        _check_restorable(snap, facts)
-        blobs = [b for b in blobs if b.info.room_id in facts.rooms]
-        files = [ArchiveFile.of_file(DB_NAME, snap), *_blob_files(blobs)]
-        manifest = build_manifest("single", socket.gethostname(), files, db_revision=facts.revision,
-                                  log_head=facts.log_head, trust_root=facts.trust_root,
-                                  counts=_counts(facts, blobs))
+        with stoppable():  # what it makes is inside the two staging directories
+            blobs = stage_fs_blobs(data_dir / BLOBS_DIR, blob_staging, warn)
+            snap = staging / DB_NAME
+            snapshot_sqlite(data_dir / DB_NAME, snap)
+            facts = sqlite_facts(snap)
+            _warn_recoveries(facts, warn)
+            _check_restorable(snap, facts)
+            blobs = [b for b in blobs if b.info.room_id in facts.rooms]
+            files = [ArchiveFile.of_file(DB_NAME, snap), *_blob_files(blobs)]
+            manifest = build_manifest("single", socket.gethostname(), files, db_revision=facts.revision,
+                                      log_head=facts.log_head, trust_root=facts.trust_root,
+                                      counts=_counts(facts, blobs))
         return BackupResult(out, write_archive(out, manifest, files), manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -462,46 +464,47 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
 
     staging = _staging_dir(out)
     try:
-        kv = KvStore(js, timeout=5.0)
-        try:
-            await kv.status()
-        except StoreUnavailable as e:
-            raise RuntimeFailure(f"cannot read the KV bucket {STATE_BUCKET} (is this a unibus cluster node, "
-                                 f"after migrate-to-kv?): {e}") from None
-        blobs = await stage_object_store_blobs(js, staging / BLOBS_DIR, warn)
-        snap = await kv.snapshot()
-        raw = {k: v for k, (v, _rev) in snap.entries.items()}
-        if IMPORTING_FIELD in json.loads(raw.get(LOG_HEAD_KEY, b"{}")):
-            raise RuntimeFailure(f"membershipd migrate-to-kv is copying into {STATE_BUCKET}, or was cut short: its "
-                                 "state is partial; run migrate-to-kv again to its end, then back up")
-        try:
-            rows = rows_from_kv(raw)
-        except KvFormatError as e:
-            raise RuntimeFailure(f"the state in {STATE_BUCKET} cannot be restored, so it is not backed up: {e}") from None
-        rooms = frozenset(r["room_id"] for r in rows.rooms)
-        blobs = [b for b in blobs if b.info.room_id in rooms]
-        seq, digest = rows.log_head
-        facts = StoreFacts(None, {"seq": seq, "hash": digest} if seq >= 0 else None, rooms, len(rows.members),
-                           len(rows.log_entries), rows.log_entries[0]["hash"] if rows.log_entries else None,
-                           recovery_bootstraps((e["seq"], e["hash"], e["entry"]) for e in rows.log_entries))
-        _warn_recoveries(facts, warn)
-        kv_text = kv_lines(snap.entries)
-
-        def check() -> None:  # what restore builds, checked as restore checks it
-            (staging / KV_FILE).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            (staging / KV_FILE).write_bytes(kv_text)
+        with stoppable():  # what it makes is inside the staging directory
+            kv = KvStore(js, timeout=5.0)
             try:
-                _build_db_from_kv(staging / KV_FILE, staging / DB_NAME)
-            except ArchiveError as e:
-                raise RuntimeFailure(f"the state in {STATE_BUCKET} cannot be backed up, as restore would refuse "
-                                     f"it: {str(e).removeprefix('--in: ')}") from None
-            _check_restorable(staging / DB_NAME, facts)
+                await kv.status()
+            except StoreUnavailable as e:
+                raise RuntimeFailure(f"cannot read the KV bucket {STATE_BUCKET} (is this a unibus cluster node, "
+                                     f"after migrate-to-kv?): {e}") from None
+            blobs = await stage_object_store_blobs(js, staging / BLOBS_DIR, warn)
+            snap = await kv.snapshot()
+            raw = {k: v for k, (v, _rev) in snap.entries.items()}
+            if IMPORTING_FIELD in json.loads(raw.get(LOG_HEAD_KEY, b"{}")):
+                raise RuntimeFailure(f"membershipd migrate-to-kv is copying into {STATE_BUCKET}, or was cut short: its "
+                                     "state is partial; run migrate-to-kv again to its end, then back up")
+            try:
+                rows = rows_from_kv(raw)
+            except KvFormatError as e:
+                raise RuntimeFailure(f"the state in {STATE_BUCKET} cannot be restored, so it is not backed up: {e}") from None
+            rooms = frozenset(r["room_id"] for r in rows.rooms)
+            blobs = [b for b in blobs if b.info.room_id in rooms]
+            seq, digest = rows.log_head
+            facts = StoreFacts(None, {"seq": seq, "hash": digest} if seq >= 0 else None, rooms, len(rows.members),
+                               len(rows.log_entries), rows.log_entries[0]["hash"] if rows.log_entries else None,
+                               recovery_bootstraps((e["seq"], e["hash"], e["entry"]) for e in rows.log_entries))
+            _warn_recoveries(facts, warn)
+            kv_text = kv_lines(snap.entries)
 
-        await asyncio.to_thread(check)
-        files = [ArchiveFile.of_bytes(KV_FILE, kv_text), *_blob_files(blobs)]
-        manifest = build_manifest("cluster", node, files, kv={"bucket": STATE_BUCKET, "stream_seq": snap.seq,
-                                                             "exact": snap.exact},
-                                  log_head=facts.log_head, trust_root=facts.trust_root, counts=_counts(facts, blobs))
+            def check() -> None:  # what restore builds, checked as restore checks it
+                (staging / KV_FILE).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                (staging / KV_FILE).write_bytes(kv_text)
+                try:
+                    _build_db_from_kv(staging / KV_FILE, staging / DB_NAME)
+                except ArchiveError as e:
+                    raise RuntimeFailure(f"the state in {STATE_BUCKET} cannot be backed up, as restore would refuse "
+                                         f"it: {str(e).removeprefix('--in: ')}") from None
+                _check_restorable(staging / DB_NAME, facts)
+
+            await asyncio.to_thread(check)
+            files = [ArchiveFile.of_bytes(KV_FILE, kv_text), *_blob_files(blobs)]
+            manifest = build_manifest("cluster", node, files, kv={"bucket": STATE_BUCKET, "stream_seq": snap.seq,
+                                                                 "exact": snap.exact},
+                                      log_head=facts.log_head, trust_root=facts.trust_root, counts=_counts(facts, blobs))
         return BackupResult(out, write_archive(out, manifest, files), manifest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -930,7 +933,8 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
     step: a crash or an error leaves ``data_dir`` as it was.
     """
     check_restore_target(data_dir)
-    verified = verify_archive(archive)
+    with stoppable():  # reads, writes nothing
+        verified = verify_archive(archive)
     parent = data_dir.parent
     made: list[Path] = []
     try:
@@ -944,41 +948,42 @@ def restore(archive: Path, data_dir: Path, accepted_bootstraps: Iterable[str] = 
         _remove_made(made)
         raise
     try:
-        _extract(archive, verified, tmp)
-        db = tmp / DB_NAME
-        new_root = False
-        if verified.kind == "single":
-            new_root = _prepare_single_db(db)
-        else:
-            new_root = _build_db_from_kv(tmp / KV_FILE, db)
-            shutil.rmtree(tmp / KV_FILE.split("/")[0])
-        try:
-            head = check_log_chain(db)
-            check_rows_match_log(db, accepted_bootstraps)
-            facts = sqlite_facts(db)
-        except ArchiveError:
-            raise
-        except (sqlite3.Error, TypeError, AttributeError, KeyError, ValueError) as e:
-            raise ArchiveError(f"--in: {DB_NAME} cannot be read as a unibus store ({type(e).__name__}: {e}); "
-                               "nothing was restored") from None
-        if expected_root is not None and (new_root or facts.trust_root != expected_root):
-            found = ("none: its store predates the membership log" if new_root
-                     else facts.trust_root or "none: its membership log is empty")
-            raise ArchiveError(f"--expect-root: the archive's trust root is {found}, not {expected_root}: it is "
-                               "not a backup of the deployment your members pinned; nothing was restored")
-        want = verified.manifest.get("log_head")
-        # A store older than the log gets its entry 0 from the migration: the manifest had no head then.
-        if want is not None and (want["seq"], want["hash"]) != head:
-            raise ArchiveError(f"--in: the archive's membership log ends at {head}, not at the head its manifest "
-                               f"names ({want['seq']}, {want['hash']})")
-        blob_rooms = {p.split("/")[1] for p in verified.files if p.startswith(BLOBS_DIR + "/")}
-        strays = sorted(blob_rooms - facts.rooms)
-        if strays:
-            raise ArchiveError(f"--in: the archive has blobs of room {strays[0]}, which its store does not have")
-        blobs = sum(1 for p in verified.files if p.endswith("/data"))
-        for leftover in (tmp / f"{DB_NAME}-wal", tmp / f"{DB_NAME}-shm"):
-            leftover.unlink(missing_ok=True)
-        _fsync_tree(tmp)
+        with stoppable():  # what it makes is inside tmp; the rename below is the commit point
+            _extract(archive, verified, tmp)
+            db = tmp / DB_NAME
+            new_root = False
+            if verified.kind == "single":
+                new_root = _prepare_single_db(db)
+            else:
+                new_root = _build_db_from_kv(tmp / KV_FILE, db)
+                shutil.rmtree(tmp / KV_FILE.split("/")[0])
+            try:
+                head = check_log_chain(db)
+                check_rows_match_log(db, accepted_bootstraps)
+                facts = sqlite_facts(db)
+            except ArchiveError:
+                raise
+            except (sqlite3.Error, TypeError, AttributeError, KeyError, ValueError) as e:
+                raise ArchiveError(f"--in: {DB_NAME} cannot be read as a unibus store ({type(e).__name__}: {e}); "
+                                   "nothing was restored") from None
+            if expected_root is not None and (new_root or facts.trust_root != expected_root):
+                found = ("none: its store predates the membership log" if new_root
+                         else facts.trust_root or "none: its membership log is empty")
+                raise ArchiveError(f"--expect-root: the archive's trust root is {found}, not {expected_root}: it is "
+                                   "not a backup of the deployment your members pinned; nothing was restored")
+            want = verified.manifest.get("log_head")
+            # A store older than the log gets its entry 0 from the migration: the manifest had no head then.
+            if want is not None and (want["seq"], want["hash"]) != head:
+                raise ArchiveError(f"--in: the archive's membership log ends at {head}, not at the head its manifest "
+                                   f"names ({want['seq']}, {want['hash']})")
+            blob_rooms = {p.split("/")[1] for p in verified.files if p.startswith(BLOBS_DIR + "/")}
+            strays = sorted(blob_rooms - facts.rooms)
+            if strays:
+                raise ArchiveError(f"--in: the archive has blobs of room {strays[0]}, which its store does not have")
+            blobs = sum(1 for p in verified.files if p.endswith("/data"))
+            for leftover in (tmp / f"{DB_NAME}-wal", tmp / f"{DB_NAME}-shm"):
+                leftover.unlink(missing_ok=True)
+            _fsync_tree(tmp)
         check_restore_target(data_dir)  # again: nothing may have appeared there meanwhile
         try:
             os.rename(tmp, data_dir)  # replaces an empty directory in one step

@@ -7,7 +7,6 @@ and exit 2 (configuration, usage) or 1 (runtime); never a traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import itertools
 import json
@@ -15,7 +14,7 @@ import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -27,6 +26,7 @@ from .options import (CLUSTER_PASS_ENV, DATA_DIR, add_core_arguments, add_plugin
                       add_plugin_selection_arguments, build_settings, data_dir_from, reserved_flags)
 from .settings import Settings
 from .stdout import FailedWritesRaise, drop_stdout
+from .stopsignals import StopSignal, operator_command, stoppable
 
 log = logging.getLogger("unibus.cli")
 
@@ -542,7 +542,8 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     check_existing_data_dir(data_dir)
     url, seed, tls = _open_nats_target(ns, target, data_dir)
     try:
-        counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
+        with stoppable():  # the copy is idempotent: a stop leaves what the next run completes
+            counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
     return _report("the copy is done", [
@@ -779,48 +780,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-class StopSignal(KeyboardInterrupt):
-    """SIGTERM or SIGHUP to an operator command (``systemctl stop`` of a timer's unit, ``timeout``, a
-    dropped SSH session): it unwinds as Ctrl-C does, so what the command staged (a backup's
-    ``.part`` file and copy of the database, a restore's directory) is removed, and the exit is
-    128 + the signal's number. Before, such a signal ended the process where it stood and left them
-    (an operator's walk-through found them)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_as_ctrl_c() -> Iterator[None]:
-    """Within it, SIGTERM, and SIGHUP unless it is ignored (``nohup``), raise :class:`StopSignal`.
-
-    The first one wins: both are ignored from then on, so that a second signal does not cut the
-    clean-up short (SIGKILL still ends it). The handlers before are put back at the end (a test
-    runs commands in its own process); outside the main thread nothing changes."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, _frame: Any) -> None:
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        raise StopSignal(signum)
-
-    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        signal.signal(signal.SIGTERM, stop)
-        if before[signal.SIGHUP] is not signal.SIG_IGN:
-            signal.signal(signal.SIGHUP, stop)
-        yield
-    finally:
-        for sig, handler in before.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-
-
 def _main(argv: list[str]) -> int:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"{PROG} {__version__}")
@@ -840,7 +799,7 @@ def _main(argv: list[str]) -> int:
         return 2
     if command == "serve":  # it sets up its own signal handling
         return cmd_serve(argv)
-    with _stop_as_ctrl_c():
+    with operator_command():  # a stop signal ends only its stoppable parts (unibus.stopsignals)
         return HANDLERS[command](argv)
 
 

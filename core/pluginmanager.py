@@ -416,6 +416,7 @@ class PluginManager:
                 wrong = _wrong_type(res, hook_name)
                 if wrong is not None:
                     raise ConfigError(wrong)
+                res = _copied(res, hook_name)
             results.append((name, res))
         return results
 
@@ -448,11 +449,13 @@ class PluginManager:
             try:
                 with running_plugin(name):
                     result = _not_awaitable(impl.function(**{a: kwargs[a] for a in impl.argnames}), hook_name)
+                    wrong = _wrong_type(result, hook_name)
+                    if wrong is None:
+                        result = _copied(result, hook_name)
             except Exception:
                 self.hook_failed(name, hook_name)
                 log.exception("plugin %s: %s failed", name, hook_name)
                 continue
-            wrong = _wrong_type(result, hook_name)
             if wrong is not None:
                 self.hook_failed(name, hook_name)
                 if self._wrong_results.admit(f"{name} {hook_name}") is not None:
@@ -619,6 +622,14 @@ def _wrong_type(result: Any, hook_name: str) -> str | None:
     if hook_name in hookspecs.DICT_HOOKS and result is not None and not isinstance(result, Mapping):
         return f"must return a dict (or None), not {type(result).__name__}"
     return None
+
+
+def _copied(result: Any, hook_name: str) -> Any:
+    """A dict of a dict-returning hook's Mapping, read here, where what its reads raise is the
+    hook's error: read later, by ``/healthz`` or the posture, it was a 500 (a review)."""
+    if hook_name in hookspecs.DICT_HOOKS and result is not None:
+        return dict(result)
+    return result
 
 
 def _named(e: ConfigError, plugin: str, hook: str) -> ConfigError:

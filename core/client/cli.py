@@ -19,6 +19,7 @@ import logging
 import os
 import shlex
 import signal
+import stat
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -1027,8 +1028,15 @@ async def cmd_blob_get(ctx: Context, c: UnibusClient) -> int:
     if len(blob_id) != 64 or any(ch not in "0123456789abcdef" for ch in blob_id):
         raise UsageError(f"{ctx.args.blob_id!r} is not a blob id (64 hex characters)")
     out = Path(ctx.args.out).expanduser()
-    if not out.parent.is_dir():  # it was exit 1 after the download, naming the temporary file beside OUT
-        raise UsageError(f"OUT: the directory {out.parent} does not exist; create it or give another path")
+    try:  # it was exit 1 after the download, naming the temporary file beside OUT
+        parent_is_dir = stat.S_ISDIR(os.stat(out.parent).st_mode)
+    except FileNotFoundError:
+        raise UsageError(f"OUT: the directory {out.parent} does not exist; create it or give another path") from None
+    except OSError as exc:
+        raise UsageError(f"OUT: the directory {out.parent} cannot be reached ({exc.strerror}); give another "
+                         "path") from None
+    if not parent_is_dir:
+        raise UsageError(f"OUT: {out.parent} is not a directory; give another path")
     with contextlib.suppress(OSError):  # a red team's OUT was the identity file in use: its keys were gone
         if os.path.samefile(out, ctx.identity_path):
             raise UsageError(f"OUT: {out} is your identity file; give another path")

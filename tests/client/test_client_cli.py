@@ -194,6 +194,10 @@ def test_nothing_but_a_regular_file_is_replaced_by_keys_or_a_blob(identity_file,
     proc = unibus("--identity", str(identity_file), "--server", f"http://127.0.0.1:{free_port()}", "blob", "get",
                   "abcdefghijklmnopqrstuvwx", "a" * 64, str(tmp_path / "nodir" / "x"))
     one_error_line(proc, 2, f"OUT: the directory {tmp_path / 'nodir'} does not exist")
+    (tmp_path / "afile").write_text("")
+    proc = unibus("--identity", str(identity_file), "--server", f"http://127.0.0.1:{free_port()}", "blob", "get",
+                  "abcdefghijklmnopqrstuvwx", "a" * 64, str(tmp_path / "afile" / "x"))
+    one_error_line(proc, 2, f"OUT: {tmp_path / 'afile'} is not a directory")
     with pytest.raises(FileExistsError, match="not a regular file"):
         _replaceable(fifo)
     # a link, whatever it names: the rename would replace it (/dev/stdout, as root: two reviews)

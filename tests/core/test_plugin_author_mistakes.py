@@ -5,6 +5,7 @@ took without a word (docs/plugins.md, "Hook reference", "Options", "Testing").""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import pytest
 from helpers import one_error_line, plugin_modules
@@ -160,3 +161,46 @@ def test_the_test_kit_gives_serve_s_error(tmp_path):
 def test_the_test_kit_takes_good_options():
     pm = make_plugin_manager(Options(Option("--notes-mode", help="how notes are kept")))
     assert [(name, o.flag) for name, o in pm.options()] == [("notes", "--notes-mode")]
+
+
+class Boom(Mapping):  # type: ignore[type-arg]
+    """A Mapping whose reads raise: read outside the hook's error handling, a 500 (a review)."""
+
+    def __getitem__(self, key):
+        raise RuntimeError("boom")
+
+    def __iter__(self):
+        raise RuntimeError("boom")
+
+    def __len__(self):
+        return 1
+
+
+class BoomFields:
+    PLUGIN_NAME = "boomy"
+
+    @hookimpl
+    def healthz_fields(self, app):
+        return Boom()
+
+
+class LaterBoomPosture:
+    PLUGIN_NAME = "boomposture"
+
+    def __init__(self) -> None:
+        self.report: object = {"tls": False}
+
+    @hookimpl
+    def posture(self, settings):
+        return self.report
+
+
+def test_a_mapping_whose_reads_raise_is_the_hook_s_error_not_a_500(unibus_app):
+    plugin = LaterBoomPosture()
+    served = unibus_app(plugins=[BoomFields(), plugin])
+    plugin.report = Boom()
+    for _ in range(2):
+        status, body = http_json("GET", served.base_url + "/healthz")
+        assert status == 200 and "boomy" not in body, body
+    assert served.metric("unibus_plugin_hook_errors_total", {"plugin": "boomy", "hook": "healthz_fields"}) == 2
+    assert served.metric("unibus_plugin_hook_errors_total", {"plugin": "boomposture", "hook": "posture"}) >= 2
