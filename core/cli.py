@@ -106,8 +106,6 @@ def _refuse_unavailable_flags(argv: Sequence[str], plugins: PluginManager, loade
     A flag that a loaded plugin defines (a third-party replacement of a
     built-in, say) is that plugin's and is never refused here.
     """
-    from .options import reserved_flags
-
     owned = {flag: plugin for flag, plugin in plugins.unavailable_flags().items() if flag not in loaded_flags}
     given = [arg.split("=", 1)[0] for arg in itertools.takewhile(lambda a: a != "--", argv)]
     known = owned.keys() | loaded_flags | reserved_flags()

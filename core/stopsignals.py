@@ -1,4 +1,4 @@
-"""How membershipd's operator commands stop on a signal (docs/operations.md, "Exit codes").
+"""How membershipd's operator commands stop on a signal (docs/operations.md, "Exit codes and refusals").
 
 Ctrl-C, SIGTERM (``systemctl stop``, ``timeout``) and SIGHUP (a closed session) end a command
 such as ``backup`` or ``restore`` only inside the parts marked :func:`stoppable`: copying,
