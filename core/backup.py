@@ -21,7 +21,6 @@ the process that makes or restores the backup, so the core calls it directly.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import gzip
 import hashlib
@@ -163,7 +162,7 @@ def write_archive(out: Path, manifest: dict[str, Any], files: list[ArchiveFile])
     tmp = Path(tmp_name)
     mtime = int(datetime.now(UTC).timestamp())
     try:
-        with stoppable(), os.fdopen(fd, "wb") as raw:
+        with os.fdopen(fd, "wb") as raw, stoppable():
             # gzip at its default level 6: blobs are ciphertext, level 9 would only cost time.
             gz = gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=mtime) if compress else None
             with (gz or contextlib.nullcontext()), \
@@ -500,7 +499,9 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
                                          f"it: {str(e).removeprefix('--in: ')}") from None
                 _check_restorable(staging / DB_NAME, facts)
 
-            await asyncio.to_thread(check)
+            # In this thread, not a worker: a stop cancels this coroutine, whose clean-up must not race
+            # a thread still writing into the staging (a review left a copy of the state there).
+            check()
             files = [ArchiveFile.of_bytes(KV_FILE, kv_text), *_blob_files(blobs)]
             manifest = build_manifest("cluster", node, files, kv={"bucket": STATE_BUCKET, "stream_seq": snap.seq,
                                                                  "exact": snap.exact},
