@@ -23,7 +23,7 @@ from unibus.api import rooms as rooms_api
 from unibus.app import OPENAPI_DOC, add_route, add_schema, make_app
 from unibus.bus import Bus
 from unibus.openapi import OpenAPI, Response, header
-from unibus.pluginmanager import PluginManager
+from unibus.pluginmanager import PluginManager, running_plugin
 from unibus.plugins.blobstore import register_routes as register_blob_routes
 from unibus.settings import Settings
 from unibus.wire import SIGN_PUB_SIZE, KeyFormatError, b64_pattern, b64decode_strict, b64encode
@@ -248,9 +248,10 @@ async def test_the_example_of_docs_plugins_documents_its_route(tmp_path):
     namespace: dict[str, Any] = {"hello": hello}
     exec(compile(code, "docs/plugins.md", "exec"), namespace)  # noqa: S102 - the repository's own docs
     app = bare_app(tmp_path)
-    await namespace["startup"](app)
+    with running_plugin(namespace["PLUGIN_NAME"]):  # as the plugin manager runs its startup
+        await namespace["startup"](app)
     doc = app[OPENAPI_DOC].document()
-    op = doc["paths"]["/v1/hello/{handle}"]["get"]
+    op = doc["paths"]["/v1/plugins/hello/greetings/{handle}"]["get"]  # the path under the plugin's prefix
     assert op["responses"]["200"]["content"] == {
         "application/json": {"schema": {"$ref": "#/components/schemas/HelloGreeting"}}}
     assert op["responses"]["404"]["content"] == PROBLEM and "401" in op["responses"]
