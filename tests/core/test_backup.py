@@ -1139,45 +1139,51 @@ def large_source(tmp_path_factory) -> Path:
     return data_dir
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
-def test_a_backup_stopped_by_a_signal_leaves_nothing_behind(large_source, tmp_path, sig):
-    """SIGTERM (``systemctl stop``, ``timeout``) or SIGHUP (a dropped session) ends ``backup`` as
-    Ctrl-C does: exit 128 + the signal, and neither its ``.part`` file, its copy of the database
-    nor its links in ``blobs/.tmp`` are left (they were, before)."""
-    import signal
-
+def _stopped_while_staging(args: list[str], staging: Callable[[], bool], sig: int, undo: Callable[[], None]) -> int:
+    """``membershipd ARGS`` sent ``sig`` once ``staging()`` holds; its exit status. A command that
+    ended before it was seen staging is undone and run again, up to 5 times."""
     from unibus import forkrun
 
-    out = tmp_path / "out"
-    out.mkdir()
-    for _attempt in range(5):  # a backup that ended before it was seen staging is run again
-        proc = forkrun.spawn("unibus.cli", ["backup", "--data-dir", str(large_source), "--out",
-                                            str(out / "b.tar.gz")], stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    for _attempt in range(5):
+        proc = forkrun.spawn("unibus.cli", args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            staged = _wait_for(lambda: any(p.name.endswith(".part") for p in out.iterdir()), proc)
+            staged = _wait_for(staging, proc)
             if staged:
-                proc.send_signal(getattr(signal, sig))
+                proc.send_signal(sig)
             code = proc.wait(timeout=60)
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
         if staged:
-            break
+            return code
         assert code == 0
-        (out / "b.tar.gz").unlink()
-    assert staged, "no backup was seen staging in 5 tries"
-    assert code == 128 + getattr(signal, sig)
+        undo()
+    raise AssertionError(f"membershipd {args[0]} was not seen staging in 5 tries")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_a_backup_stopped_by_a_signal_leaves_nothing_behind(large_source, tmp_path, sig):
+    """SIGTERM (``systemctl stop``, ``timeout``) or SIGHUP (a dropped session) ends ``backup`` while
+    it writes, as Ctrl-C does: exit 128 + the signal, and neither its ``.part`` file, its copy of
+    the database nor its links in ``blobs/.tmp`` are left (they were, before)."""
+    import signal
+
+    out = tmp_path / "out"
+    out.mkdir()
+    signum = getattr(signal, sig)
+    code = _stopped_while_staging(["backup", "--data-dir", str(large_source), "--out", str(out / "b.tar.gz")],
+                                  lambda: any(p.name.endswith(".part") for p in out.iterdir()), signum,
+                                  lambda: (out / "b.tar.gz").unlink())
+    assert code == 128 + signum
     assert list(out.iterdir()) == []
     tmp_blobs = large_source / "blobs" / ".tmp"
     assert not tmp_blobs.exists() or list(tmp_blobs.iterdir()) == []
 
 
 def test_a_restore_stopped_by_a_signal_leaves_nothing_behind(large_source, tmp_path):
+    import shutil
     import signal
-
-    from unibus import forkrun
 
     archive = tmp_path / "archive"
     archive.mkdir()
@@ -1185,24 +1191,8 @@ def test_a_restore_stopped_by_a_signal_leaves_nothing_behind(large_source, tmp_p
     assert made.returncode == 0, made.stderr
     area = tmp_path / "area"
     area.mkdir()
-    for _attempt in range(5):
-        proc = forkrun.spawn("unibus.cli", ["restore", "--in", str(archive / "b.tar.gz"), "--data-dir",
-                                            str(area / "node")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            staged = _wait_for(lambda: any(".restore-" in p.name for p in area.iterdir()), proc)
-            if staged:
-                proc.send_signal(signal.SIGTERM)
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-        if staged:
-            break
-        assert code == 0
-        import shutil
-
-        shutil.rmtree(area / "node")
-    assert staged, "no restore was seen staging in 5 tries"
+    code = _stopped_while_staging(["restore", "--in", str(archive / "b.tar.gz"), "--data-dir", str(area / "node")],
+                                  lambda: any(".restore-" in p.name for p in area.iterdir()), signal.SIGTERM,
+                                  lambda: shutil.rmtree(area / "node"))
     assert code == 128 + signal.SIGTERM
     assert list(area.iterdir()) == []
