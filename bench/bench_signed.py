@@ -86,6 +86,7 @@ from benchlib import (  # noqa: E402
     proc_cpu_split,
     pyspy_binary,
     sign_batch,
+    stop_all,
     stop_process,
     wait_ready_line,
 )
@@ -96,7 +97,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import signal
 import statistics
 import subprocess
@@ -1171,11 +1171,7 @@ def orchestrate(ns: argparse.Namespace) -> int:
                 print(f"nonce claims, {storage}, {c.phase}: {c.wall_us:.0f} µs/claim, client CPU {c.client_cpu_us:.0f} µs,"
                       f" nats-server CPU {c.server_cpu_us:.0f} µs", file=sys.stderr)
     finally:
-        for p in baselines:
-            stop_process(p)
-        for d in daemons:
-            d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(baselines, daemons, tmp)
 
     if spy is not None and profiles:
         version = subprocess.run([spy, "--version"], capture_output=True, text=True, check=False).stdout.strip()

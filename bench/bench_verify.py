@@ -42,13 +42,12 @@ Every process started here is stopped in a ``finally``; everything listens on
 from __future__ import annotations
 
 import benchlib  # noqa: E402  (bench/ is on sys.path when run as a script)
-from benchlib import daemon_env, med, start_membershipd
+from benchlib import daemon_env, med, start_membershipd, stop_all
 from benchlog import entry_count
 import argparse
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -537,9 +536,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         daemons.append(d)
         log_entries = asyncio.run(measure_log(d.base_url, admin, ns.runs, lg))
     finally:
-        for d in daemons:
-            d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all((), daemons, tmp)
     units = unit_costs()
     body = render(ns, rk, phases, log_entries, lg, msgs, units,
                   environment_line(ns, load_before, os.getloadavg()[0]))

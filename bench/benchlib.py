@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -171,6 +171,16 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0, sig: int = signa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+def stop_all(processes: Iterable[subprocess.Popen], daemons: Iterable[Any], scratch: Path) -> None:
+    """A bench's clean-up: its baseline processes first (:func:`stop_process`), then its
+    membershipd (``MembershipdProcess.stop``), then its scratch directory."""
+    for p in processes:
+        stop_process(p)
+    for d in daemons:
+        d.stop()
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def wait_ready_line(proc: subprocess.Popen, timeout: float = 30.0, what: str = "baseline server") -> None:

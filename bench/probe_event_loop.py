@@ -29,7 +29,6 @@ cheaper by more than it makes the signed path cheaper lowers it.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
@@ -38,7 +37,7 @@ import urllib.request
 from pathlib import Path
 
 import bench_signed as bs
-from benchlib import PYTHON, REPO, daemon_env, machine, stop_process, wait_ready_line
+from benchlib import PYTHON, REPO, daemon_env, machine, stop_all, wait_ready_line
 
 WARMUP = 1000
 
@@ -110,11 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {i + 1}/{ns.runs} {key}: {r.rps:.0f} req/s, server CPU {r.cpu_us['server']:.0f} µs/req",
                       file=sys.stderr)
     finally:
-        for p in baselines:
-            stop_process(p)
-        for d in daemons:
-            d.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_all(baselines, daemons, tmp)
 
     def med(xs: list[float]) -> float:
         return statistics.median(xs)
