@@ -463,7 +463,7 @@ async def backup_cluster(js: Any, node: str, out: Path, warn: Warn) -> BackupRes
 
     staging = _staging_dir(out)
     try:
-        with stoppable():  # what it makes is inside the staging directory
+        async with stoppable():  # what it makes is inside the staging directory
             kv = KvStore(js, timeout=5.0)
             try:
                 await kv.status()

@@ -26,7 +26,7 @@ from .options import (CLUSTER_PASS_ENV, DATA_DIR, add_core_arguments, add_plugin
                       add_plugin_selection_arguments, build_settings, data_dir_from, reserved_flags)
 from .settings import Settings
 from .stdout import FailedWritesRaise, drop_stdout
-from .stopsignals import StopSignal, operator_command, stoppable
+from .stopsignals import StopSignal, exit_on_stop_signal, operator_command, stoppable
 
 log = logging.getLogger("unibus.cli")
 
@@ -490,19 +490,22 @@ async def _copy_to_kv(url: str, seed: Any, tls: Any, data_dir: Path, replicas: i
     migrate(db)
     _check_source(db)  # before any connection: nothing else runs on this loop yet
     bus = Bus(url, seed, name="membershipd-migrate-to-kv", tls=tls)
-    await bus.connect(timeout=10, jetstream_timeout=30)
     src = SqliteStore(db)
     try:
-        dst = KvStore(bus.js, replicas=replicas)
-        await dst.ensure()
-        counts = await copy_store(src, dst)
+        # The copy is idempotent: a stop leaves what the next run completes. The closes below are
+        # not stoppable: a signal there is kept, and dropped as the command ends with its count.
+        async with stoppable():
+            await bus.connect(timeout=10, jetstream_timeout=30)
+            dst = KvStore(bus.js, replicas=replicas)
+            await dst.ensure()
+            counts = await copy_store(src, dst)
 
-        async def room_exists(room_id: str) -> bool:
-            return await dst.get_room(room_id) is not None
+            async def room_exists(room_id: str) -> bool:
+                return await dst.get_room(room_id) is not None
 
-        # The blobs last: the object store keeps only blobs of rooms the bucket has.
-        counts["blobs"] = await copy_to_object_store(bus.js, data_dir / "blobs", replicas=replicas,
-                                                     room_exists=room_exists, warn=_warn)
+            # The blobs last: the object store keeps only blobs of rooms the bucket has.
+            counts["blobs"] = await copy_to_object_store(bus.js, data_dir / "blobs", replicas=replicas,
+                                                         room_exists=room_exists, warn=_warn)
         return counts
     finally:
         await src.close()
@@ -540,8 +543,7 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     check_existing_data_dir(data_dir)
     url, seed, tls = _open_nats_target(ns, target, data_dir)
     try:
-        with stoppable():  # the copy is idempotent: a stop leaves what the next run completes
-            counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
+        counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
     return _report("the copy is done", [
@@ -757,8 +759,17 @@ def _report(done: str, lines: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    operator = args[:1] != ["serve"] and args[:1] and args[0] in HANDLERS
+    code = _exit_code(args, own_process=argv is None)
+    if argv is None and operator:  # its own process (the console script, ``python -m``)
+        exit_on_stop_signal(code)
+    return code
+
+
+def _exit_code(args: list[str], *, own_process: bool) -> int:
     try:
-        code = _main(list(sys.argv[1:] if argv is None else argv))
+        code = _main(args, own_process=own_process)
         sys.stdout.flush()  # here, not at the exit, where a failed write is a traceback of its own
         return code
     except UnibusError as e:
@@ -778,7 +789,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
-def _main(argv: list[str]) -> int:
+def _main(argv: list[str], *, own_process: bool = False) -> int:
     if argv[:1] in (["--version"], ["-V"]):
         print(f"{PROG} {__version__}")
         return 0
@@ -797,7 +808,9 @@ def _main(argv: list[str]) -> int:
         return 2
     if command == "serve":  # it sets up its own signal handling
         return cmd_serve(argv)
-    with operator_command():  # a stop signal ends only its stoppable parts (unibus.stopsignals)
+    # A stop signal ends only its stoppable parts (unibus.stopsignals); in its own process, one
+    # after the command is dropped, and then ends the exit with the command's code (main).
+    with operator_command(restore=not own_process):
         return HANDLERS[command](argv)
 
 
