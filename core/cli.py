@@ -195,7 +195,7 @@ def cmd_serve(argv: Sequence[str]) -> int:
 
 def cmd_posture(argv: Sequence[str]) -> int:
     from .posture import CLUSTER_REQUIRED, cluster_gate, startup_posture
-    from .settings import insecure_plaintext_warnings, require_route_password
+    from .settings import insecure_plaintext_warnings, require_route_password, require_routes
 
     # A plugin hook that raises (cli_options, validate_settings, posture) is exit 2 here, not serve's
     # 1: exit 1 would read "not enforce+acl+tls" to a script that checks the posture.
@@ -214,6 +214,10 @@ def cmd_posture(argv: Sequence[str]) -> int:
     print(json.dumps(posture, indent=2))
     for warning in insecure_plaintext_warnings(settings):
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
+    try:
+        require_routes(settings)
+    except ConfigError as e:  # not a matter of posture; serve refuses it (exit 2)
+        print(f"{PROG}: warning: {e}; serve refuses it", file=sys.stderr)
     if refused is not None:
         print(f"{PROG}: {refused}", file=sys.stderr)
         try:
@@ -337,8 +341,17 @@ def cmd_member(argv: Sequence[str]) -> int:
     ns = _member_parser().parse_args(argv)
     handle, suite, sign_pub, enc_pub, bus_pub = _member_keys(ns)
     data_dir = resolve_data_dir(ns)
-    prepare_data_dir(data_dir)
     db = data_dir / "membershipd.db"
+    cluster = _cluster_node_data_dir(data_dir)
+    if cluster and _has_members(db):
+        # Its membershipd.db was the bootstrap; the cluster's log lives in KV and has moved on: a
+        # walk-through of the runbook added a member here, was told to send SIGHUP (which a
+        # cluster node does not read it for) and got a trust root the cluster does not have.
+        raise ConfigError(f"--data-dir: {data_dir} is a cluster node's, which serves from JetStream KV, and its "
+                          "membershipd.db was bootstrapped already: add members to the cluster with `unibus members "
+                          "add`; to recover lost admins, add them in a scratch directory restored from a backup "
+                          '(docs/operations.md, "Bootstrapping the first admin")')
+    prepare_data_dir(data_dir)
     migrate(db)
     engine = make_engine(db)
     try:
@@ -351,6 +364,12 @@ def cmd_member(argv: Sequence[str]) -> int:
         return 1
     finally:
         engine.dispose()
+    if cluster:
+        lines = [f"added {ns.role} {handle!r} to {db}; a cluster node serves from JetStream KV: copy it there with "
+                 "`membershipd migrate-to-kv` once the cluster has formed (deploy/cluster/README.md, \"Join\")",
+                 f"trust root fingerprint: {fingerprint}, the cluster's once migrate-to-kv has copied this log into "
+                 f"it (members pin it with `unibus trust {fingerprint}`)"]
+        return _report(f"{handle!r} was added", lines)
     lines = [f"added {ns.role} {handle!r} to {db}; send SIGHUP to a running membershipd to pick it up"]
     if seq == 0:
         lines.append(f"trust root fingerprint: {fingerprint} (members pin it with `unibus trust {fingerprint}`)")
@@ -551,6 +570,20 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
         f"{counts['members']} member(s), {counts['rooms']} room(s), {counts['sealed_epochs']} sealed "
         f"epoch(s), {counts['blobs']} blob(s) to {redact_url(url)}"
         + ("" if any(counts.values()) else " (already there: nothing to do)")])
+
+
+def _has_members(db: Path) -> bool:
+    """Whether the database ``db`` holds a member (read only; a missing or unreadable one holds none)."""
+    import contextlib
+    import sqlite3
+
+    if not db.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT 1 FROM members LIMIT 1").fetchone() is not None
+    except sqlite3.Error:
+        return False
 
 
 def _cluster_node_data_dir(data_dir: Path) -> bool:

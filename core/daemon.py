@@ -53,7 +53,7 @@ from .posture import bus_auth_warnings, cluster_gate, compute_posture, startup_p
 from .privatefiles import check_own_file, make_private_dirs
 from .sdnotify import sd_notify
 from .servicekey import SYSTEM_NKEY_FILE, ensure_service_nkey
-from .settings import HostPort, Settings, insecure_plaintext_warnings, require_route_password
+from .settings import HostPort, Settings, insecure_plaintext_warnings, require_route_password, require_routes
 from .store.base import ChangeNotEnforced, Store
 from .store.db import migrate
 from .store.kv import KvStore
@@ -312,6 +312,7 @@ class Daemon:
         s = self.settings
         cluster_gate(startup_posture(s, self.plugins), s.clustered)
         require_route_password(s)
+        require_routes(s)
         http_tls = _https_context(s)
         metrics_tls = _metrics_tls_context(s)
         for listener, kind, path in (("http", "cert", s.http_tls_cert), ("metrics", "cert", s.metrics_tls_cert),

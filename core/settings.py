@@ -389,6 +389,16 @@ def require_route_password(settings: Settings) -> None:
         raise ConfigError("--cluster-name needs a route password: --cluster-pass-file PATH or UNIBUS_CLUSTER_PASS")
 
 
+def require_routes(settings: Settings) -> None:
+    """A cluster node needs routes (ConfigError otherwise): nats-server starts no JetStream in a
+    cluster without them ("JetStream cluster requires configured routes"), which a walk-through of
+    the runbook met as an exit 1 after the start, naming nothing to change. Checked by ``serve``
+    after the route password; ``posture`` warns."""
+    if settings.cluster_name and not settings.routes:
+        raise ConfigError("--cluster-name needs --routes: the route URLs of the other nodes (every node lists the "
+                          "others, the first one too: nats-server starts no JetStream in a cluster without routes)")
+
+
 def validate(settings: Settings) -> None:
     """Cross-flag rules (docs/operations.md, "Flags and environment", "Listeners and TLS"); raises :class:`ConfigError`."""
     s = settings

@@ -108,12 +108,15 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
             if client.public_key() == ca.public_key() or client.fingerprint(client.signature_hash_algorithm) == \
                     ca.fingerprint(ca.signature_hash_algorithm):
                 raise ConfigError("--route-tls-ca is the client CA (--tls-ca); routes need a dedicated route CA")
-    if client_cert is not None and _issued_by(_load_certs(client_cert, "--tls-cert")[0], ca):
-        raise ConfigError("--tls-cert is issued by the route CA; client and route certificates need separate CAs")
-    for flag, path in (("--http-tls-cert", http_cert), ("--metrics-tls-cert", metrics_cert)):
-        if path is not None and _issued_by(_load_certs(path, flag)[0], ca):
-            raise ConfigError(f"{flag} is issued by the route CA; client-facing and route certificates need "
-                              "separate CAs (deploy/generate-certs.sh makes the client-facing one)")
+    for flag, path in (("--tls-cert", client_cert), ("--http-tls-cert", http_cert),
+                       ("--metrics-tls-cert", metrics_cert)):
+        if path is None or not _issued_by(_load_certs(path, flag)[0], ca):
+            continue
+        if not _issued_by(cert, ca):  # the route CA given is the client-facing one (a walk-through's slip)
+            raise ConfigError(f"--route-tls-ca: {ca_path} issued {flag}, not --route-tls-cert: it is the client CA; "
+                              "give the route CA (deploy/cluster/generate-cluster-certs.sh makes it)")
+        raise ConfigError(f"{flag} is issued by the route CA; client-facing and route certificates need "
+                          "separate CAs (deploy/generate-certs.sh makes the client-facing one)")
 
     now = dt.datetime.now(dt.UTC)
     if cert.not_valid_before_utc > now:

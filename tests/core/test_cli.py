@@ -224,3 +224,31 @@ def test_a_member_added_whose_output_cannot_be_written_is_said_on_stderr(tmp_pat
                              "says follows here"), lines
     assert lines[1].startswith(f"{db}: already at revision "), lines
     assert lines[2].startswith(f"trust root fingerprint: {fingerprint} "), lines
+
+
+def test_member_add_on_a_cluster_nodes_data_directory(tmp_path):
+    """A walk-through of the cluster runbook ran `member add` on a joined node: it added the member to
+    a membershipd.db the node does not serve from, said to send SIGHUP (which a cluster node does
+    not read it for) and printed a trust root the cluster does not have. The first admin of a node
+    (the runbook's bootstrap) is told to use migrate-to-kv; a second add there is refused."""
+    data_dir = tmp_path / "n1"
+    data_dir.mkdir(mode=0o700)
+    conf = data_dir / "nats.conf"  # what serve writes on a cluster node: a cluster block
+    conf.write_text(json.dumps({"server_name": "n1", "cluster": {"name": "unibus", "routes": []}}))
+    conf.chmod(0o600)
+
+    def add(who):
+        return run_membershipd("member", "add", "--data-dir", str(data_dir), "--handle", who.handle, "--role", "admin",
+                               "--sign-pub", who.sign_pub_b64, "--enc-pub", who.enc_pub_b64, "--bus-pub", who.bus_pub)
+
+    first = add(generate_identity("alice"))
+    assert first.returncode == 0, first.stderr
+    assert "migrate-to-kv" in first.stdout and "SIGHUP" not in first.stdout, first.stdout
+    assert "the cluster's once migrate-to-kv has copied this log into it" in first.stdout
+    db = data_dir / "membershipd.db"
+    before = db.read_bytes()
+    second = add(generate_identity("bob"))
+    assert_one_line_error(second, 2, "is a cluster node's", "unibus members add", "Bootstrapping the first admin")
+    assert db.read_bytes() == before
+    with sqlite3.connect(db) as conn:
+        assert [h for (h,) in conn.execute("SELECT handle FROM members")] == ["alice"]

@@ -80,14 +80,19 @@ def test_config_has_verified_route_tls(pki, tmp_path):
                                               ("route", "cert", pki["node"][0].resolve())]
 
 
-@pytest.mark.parametrize("case", ["ca-is-client-ca", "client-cert-from-route-ca", "https-cert-from-route-ca",
+@pytest.mark.parametrize("case", ["ca-is-client-ca", "route-ca-given-the-client-ca", "client-cert-from-route-ca",
+                                  "https-cert-from-route-ca",
                                   "metrics-cert-from-route-ca", "expired",
                                   "not-yet-valid", "other-ca", "no-client-auth", "wrong-key", "key-readable", "partial"])
 def test_refusals(pki, case):
     d = pki["dir"]
     args = cluster_args(pki)
     extra: list[str] = []
-    needle = {"ca-is-client-ca": "client CA", "client-cert-from-route-ca": "--tls-cert",
+    needle = {"ca-is-client-ca": "client CA",
+              # no --tls-ca: a walk-through was told --tls-cert was wrong, when --route-tls-ca was
+              "route-ca-given-the-client-ca": f"--route-tls-ca: {pki['client_ca'][0]} issued --tls-cert, not "
+                                              "--route-tls-cert: it is the client CA; give the route CA",
+              "client-cert-from-route-ca": "--tls-cert is issued by the route CA",
               "https-cert-from-route-ca": "--http-tls-cert is issued by the route CA",
               "metrics-cert-from-route-ca": "--metrics-tls-cert is issued by the route CA",
               "expired": "expired", "not-yet-valid": "not valid before", "other-ca": "not signed by the route CA",
@@ -96,6 +101,9 @@ def test_refusals(pki, case):
     if case == "ca-is-client-ca":
         extra = ["--tls-cert", str(pki["client"][0]), "--tls-key", str(pki["client"][1]),
                  "--tls-ca", str(pki["route_ca"][0])]
+    elif case == "route-ca-given-the-client-ca":
+        args = cluster_args(pki, ca=pki["client_ca"])
+        extra = ["--tls-cert", str(pki["client"][0]), "--tls-key", str(pki["client"][1])]
     elif case == "client-cert-from-route-ca":
         bad_client = make_test_cert(d, "client-from-route", pki["route_ca"])
         extra = ["--tls-cert", str(bad_client[0]), "--tls-key", str(bad_client[1]), "--tls-ca", str(pki["client_ca"][0])]
@@ -187,3 +195,24 @@ def test_routes_are_reported_only_on_a_clustered_node(pki):
     plain = plain[: plain.index("--route-tls-cert")]
     clustered_plain, _ = load_settings("posture", plain, env={})
     assert route_tls.posture(clustered_plain.for_plugins()) == {"tls": False, "listeners": {"routes": "plaintext"}}
+
+
+def test_a_cluster_node_without_routes_is_refused_naming_them(pki, tmp_path):
+    """The docs said `--cluster-name` without `--routes` was the first node of a new cluster; nats-server
+    starts no JetStream in a cluster without routes, and a walk-through of the runbook got exit 1
+    after the start, naming nothing to change. serve refuses it before anything starts; posture,
+    whose exit says the posture, warns."""
+    args = [a for a in cluster_args(pki)]
+    at = args.index("--routes")
+    del args[at:at + 2]
+    data_dir = tmp_path / "n1"
+    serve = run_membershipd("serve", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{free_port()}",
+                            "--nats-addr", f"127.0.0.1:{free_port()}", *args, timeout=60)
+    assert serve.returncode == 2, serve.stderr
+    assert serve.stderr.strip().splitlines() == [
+        "membershipd: error: --cluster-name needs --routes: the route URLs of the other nodes (every node lists the "
+        "others, the first one too: nats-server starts no JetStream in a cluster without routes)"]
+    assert not (data_dir / "nats.conf").exists()
+    checked = posture(*args)
+    assert checked.returncode == 0 and json.loads(checked.stdout)["summary"] == "enforce+acl+tls", checked.stderr
+    assert "warning: --cluster-name needs --routes" in checked.stderr and "serve refuses it" in checked.stderr
