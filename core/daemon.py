@@ -95,6 +95,26 @@ def nats_config(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
     return finalize_config(config, settings)
 
 
+#: What a route error usually means, by what nats-server's line says.
+_ROUTE_HINTS = (
+    (("authorization violation", "authentication error"),
+     "is the route password (--cluster-pass-file) the same on every node?"),
+    (("certificate", "tls"), "are every node's route certificates from the one route CA (--route-tls-ca)?"),
+    (("connection refused", "no route to host", "i/o timeout", "no such host"),
+     "are the other nodes up, and their addresses in --routes right?"),
+)
+
+
+def with_route_problem(failure: str, problem: str | None) -> str:
+    """A cluster node's start that found no JetStream quorum, with the last route error nats-server
+    logged and what it usually means; ``failure`` alone when there was none."""
+    if problem is None:
+        return failure
+    lowered = problem.lower()
+    hint = next((h for needles, h in _ROUTE_HINTS if any(n in lowered for n in needles)), None)
+    return f"{failure}; nats-server's last route error: {problem}" + (f" ({hint})" if hint else "")
+
+
 def forward_levels(config: dict[str, Any]) -> frozenset[str]:
     """Quiet unless nats-server's own debug/trace is on (the nats_monitor switch)."""
     return ALL_LEVELS if config.get("debug") or config.get("trace") else QUIET_LEVELS
@@ -266,8 +286,13 @@ class Daemon:
         tls = self.nats_tls.context if self.nats_tls is not None else None
         # A forming cluster has no JetStream until a quorum of nodes is up.
         js_wait = CLUSTER_FORM_TIMEOUT if s.clustered else 10.0
-        await self._open_store(seed, tls, js_wait)
-        nonces = await self._open_nonces(nonce_max_bytes, js_wait)
+        try:
+            await self._open_store(seed, tls, js_wait)
+            nonces = await self._open_nonces(nonce_max_bytes, js_wait)
+        except RuntimeFailure as e:
+            if not s.clustered or self.supervisor is None:
+                raise
+            raise RuntimeFailure(with_route_problem(str(e), self.supervisor.route_problem())) from None
         counts = StateCounts(self.store)
         await counts.refresh()
         self.store.add_listener(counts.on_change)
