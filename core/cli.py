@@ -455,6 +455,8 @@ def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Pat
     ``<data-dir>/service.nkey``, mode 0600) and TLS verified against ``--ca`` (``tls://``)."""
     from .servicekey import SERVICE_NKEY_FILE, load_nkey_seed
 
+    # nats-py's TLS connections are upgraded plain ones: asyncio warned of each close (unibus.cli's filter)
+    logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)
     seed_file = Path(ns.nkey_seed_file).expanduser() if ns.nkey_seed_file else data_dir / SERVICE_NKEY_FILE
     try:
         seed, _ = load_nkey_seed(seed_file)
@@ -469,6 +471,23 @@ def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Pat
     except TLSFileError as e:
         raise ConfigError(str(e)) from None
     return "tls://" + target.netloc, seed, tls
+
+
+def _connect_hint(failure: RuntimeFailure, has_ca: bool) -> RuntimeFailure:
+    """``failure`` to connect to ``--nats-url``, with what to change where the cause says it (a
+    walk-through of the cluster runbook got the bare TLS or protocol error, naming no flag)."""
+    said = str(failure)
+    if not said.startswith("cannot connect to NATS"):
+        return failure
+    if "certificate verify failed" in said.lower():
+        hint = ("is --ca the CA that issued the node's NATS certificate?" if has_ca else
+                "give --ca PATH, the CA of the node's NATS certificate: client-ca.crt, where "
+                "deploy/generate-certs.sh made it")
+    elif "expecting INFO" in said:
+        hint = "the listener may want TLS first: give a tls:// URL and --ca"
+    else:
+        return failure
+    return RuntimeFailure(f"{said} ({hint})")
 
 
 def _warn(message: str) -> None:
@@ -563,6 +582,8 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     url, seed, tls = _open_nats_target(ns, target, data_dir)
     try:
         counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
+    except RuntimeFailure as e:
+        raise _connect_hint(e, tls is not None) from None
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
     return _report("the copy is done", [
@@ -664,6 +685,8 @@ def _backup_through_nats(ns: argparse.Namespace, data_dir: Path, out: Path) -> A
 
     try:
         return asyncio.run(run())
+    except RuntimeFailure as e:
+        raise _connect_hint(e, tls is not None) from None
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"backup through {redact_url(url)} failed: {type(e).__name__}: {e}") from None
 

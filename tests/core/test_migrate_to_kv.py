@@ -86,9 +86,17 @@ def test_ca_requires_verified_tls(tmp_path, daemon_with_admin):
     url = f"nats://localhost:{server.nats_port}"
     ok = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url, "--ca", str(ca[0]))
     assert ok.returncode == 0, ok.stderr
+    assert "eof_received" not in ok.stderr  # asyncio's warning at each close of a TLS connection: dropped
     other = make_test_ca(pki, "other-ca")
     bad = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url, "--ca", str(other[0]))
     one_line(bad, 1, "cannot connect")
+    assert "(is --ca the CA that issued the node's NATS certificate?)" in bad.stderr, bad.stderr
+    # What to change, where the cause says it (a walk-through got the bare TLS or protocol error).
+    tls_url = f"tls://localhost:{server.nats_port}"
+    no_ca = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", tls_url)
+    one_line(no_ca, 1, "(give --ca PATH, the CA of the node's NATS certificate")
+    plain = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url)
+    one_line(plain, 1, "(the listener may want TLS first: give a tls:// URL and --ca)")
     # backup --nats-url follows the same rules: verified TLS, or nothing read and nothing written.
     out = tmp_path / "kv.tar"
     bad = run_membershipd("backup", "--out", str(out), "--data-dir", str(server.data_dir), "--nats-url", url,
