@@ -244,9 +244,12 @@ class Bus:
             kwargs["tls_handshake_first"] = True
         if self._seed is not None:
             kwargs["nkeys_seed_str"] = self._seed.reveal()
+        # Made here, not by nats.connect(): a connection cut short (a timeout, a cancellation: an
+        # operator command stopped) is closed, not left with its socket open (a review).
+        nc = nats.NATS()
         try:
-            self.nc = await connect_bounded(
-                nats.connect(
+            await connect_bounded(
+                nc.connect(
                     servers=[self.url],
                     name=self.name,
                     connect_timeout=2,
@@ -262,7 +265,11 @@ class Bus:
                 timeout,
                 give_up,
             )
-        except Exception as exc:
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await close_nats(nc, 3.0)
+            if not isinstance(exc, Exception):
+                raise
             cause = exc
             refused = [x for x in connect_errors if _refused_login(x)]
             if refused:
@@ -272,6 +279,7 @@ class Bus:
             hint = " (the server does not know this nkey: is it this node's service.nkey?)" if refused else ""
             raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(cause).__name__}: {cause}"
                                  f"{hint}") from None
+        self.nc = nc
         self.js = self.nc.jetstream(timeout=2.0)
         if check_jetstream:
             await self.wait_jetstream(jetstream_timeout)

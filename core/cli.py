@@ -676,8 +676,9 @@ def _backup_through_nats(ns: argparse.Namespace, data_dir: Path, out: Path) -> A
         from .bus import Bus
 
         bus = Bus(url, seed, name="membershipd-backup", tls=tls)
-        await bus.connect(timeout=10, jetstream_timeout=30)
         try:
+            async with stoppable():  # the connection and the wait for JetStream (up to 40 s)
+                await bus.connect(timeout=10, jetstream_timeout=30)
             info = getattr(bus.nc, "_server_info", None) or {}
             return await backup_cluster(bus.js, str(info.get("server_name") or target.netloc), out, _warn)
         finally:
@@ -815,6 +816,10 @@ def _report(done: str, lines: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """membershipd's command line; its exit code. Without ``argv`` it is the process's own entry
+    (the console script, ``python -m unibus.cli``): an operator command then leaves the stop
+    signals set to end the process with its code (:func:`unibus.stopsignals.exit_on_stop_signal`).
+    A program that embeds it passes ``argv``, and gets its handlers back as they were."""
     args = list(sys.argv[1:] if argv is None else argv)
     operator = args[:1] != ["serve"] and args[:1] and args[0] in HANDLERS
     code = _exit_code(args, own_process=argv is None)

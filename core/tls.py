@@ -199,7 +199,7 @@ def permanent_tls_error(exc: BaseException) -> bool:
 
 
 async def connect_bounded(connect: Any, timeout: float, give_up: asyncio.Event) -> Any:
-    """Await a ``nats.connect(...)`` coroutine at most ``timeout`` seconds, or until ``give_up`` is set.
+    """Await a nats-py connect coroutine at most ``timeout`` seconds, or until ``give_up`` is set.
 
     Bounded because after a failed TLS handshake nats-py 2.16 may wait forever
     for the dead socket to close before its next attempt; and a certificate
