@@ -38,6 +38,7 @@ So the daemon and its plugins use these two instead (a test keeps
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -222,3 +223,20 @@ def describe(task: asyncio.Future[object], depth: int = 12) -> str:
         where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
         coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
     return f"task {task.get_name()!r} at " + (" > ".join(where) or "(no frame)")
+
+
+def drop_tls_eof_warning(record: logging.LogRecord) -> bool:
+    """A logging filter: drop asyncio's ``returning true from eof_received() has no effect when
+    using ssl``.
+
+    nats-py makes a TLS connection by upgrading a plain stream (``loop.start_tls``), whose
+    protocol took the connection for plain and so answers an end of stream with True; asyncio
+    warns of it each time the other side closes such a connection (every stop of a node with a
+    ``tls://`` bus, every close of a client's). Nothing is wrong, and a WARNING trips alerts
+    (an operator's walk-through); a program that configured no logging got it on stderr."""
+    return not (isinstance(record.msg, str) and record.msg.startswith("returning true from eof_received()"))
+
+
+def quiet_tls_eof_warnings() -> None:
+    """Put :func:`drop_tls_eof_warning` on asyncio's logger (once: a filter is added only once)."""
+    logging.getLogger("asyncio").addFilter(drop_tls_eof_warning)

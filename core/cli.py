@@ -455,8 +455,9 @@ def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Pat
     ``<data-dir>/service.nkey``, mode 0600) and TLS verified against ``--ca`` (``tls://``)."""
     from .servicekey import SERVICE_NKEY_FILE, load_nkey_seed
 
-    # nats-py's TLS connections are upgraded plain ones: asyncio warned of each close (unibus.cli's filter)
-    logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)
+    from .aio import quiet_tls_eof_warnings
+
+    quiet_tls_eof_warnings()  # nats-py's TLS connections are upgraded plain ones: asyncio warned of each close
     seed_file = Path(ns.nkey_seed_file).expanduser() if ns.nkey_seed_file else data_dir / SERVICE_NKEY_FILE
     try:
         seed, _ = load_nkey_seed(seed_file)
@@ -777,17 +778,9 @@ def _configure_logging() -> None:
         stream=sys.stderr,
     )
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)
+    from .aio import quiet_tls_eof_warnings
 
-
-def _not_tls_eof_noise(record: logging.LogRecord) -> bool:
-    """Drop asyncio's ``returning true from eof_received() has no effect when using ssl``.
-
-    nats-py makes a TLS connection by upgrading a plain stream (``loop.start_tls``), whose protocol
-    took the connection for plain and so answers an end of stream with True; asyncio warns of it
-    each time nats-server closes such a connection, at every stop of a node with a ``tls://`` bus.
-    Nothing is wrong, and a WARNING at each stop trips alerts (an operator's walk-through)."""
-    return not (isinstance(record.msg, str) and record.msg.startswith("returning true from eof_received()"))
+    quiet_tls_eof_warnings()
 
 
 def _report(done: str, lines: Sequence[str]) -> int:

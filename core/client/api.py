@@ -69,7 +69,7 @@ import nats
 from nats import errors as nats_errors
 from nats.errors import Error as NatsError
 
-from ..aio import cancel_and_wait, close_nats, own_cancel_only, within
+from ..aio import cancel_and_wait, close_nats, own_cancel_only, quiet_tls_eof_warnings, within
 from ..memberlog import FIRST_USE_SNAPSHOT_PAIRS, HELD_BACK_MARGIN, LogError, LogState, logged_operation, verify_ed25519
 from ..memberlog import Room as LogRoom
 from ..signing import SignatureError, make_nonce, parse_content_digest, sign_request
@@ -385,6 +385,12 @@ def _seg(value: Any, what: str) -> str:
     return urllib.parse.quote(value, safe="")
 
 
+def _said(exc: BaseException) -> str:
+    """What an exception says, or its class's name when it says nothing (``TimeoutError()``;
+    an exception object is always true, so ``exc or name`` printed an empty reason)."""
+    return str(exc) or type(exc).__name__
+
+
 def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         cert_err = exc.certificate_error
@@ -393,7 +399,10 @@ def _connect_reason(exc: aiohttp.ClientConnectorError) -> str:
                 "[UNIBUS_CA] (SDK: ssl=unibus.client.tls_context(ca=PATH))")
     if isinstance(exc, aiohttp.ClientSSLError):
         err = getattr(exc, "os_error", None)
-        return f"the TLS handshake failed ({getattr(err, 'reason', None) or err or exc})"
+        why = getattr(err, "reason", None) or err or exc
+        if str(why) == "WRONG_VERSION_NUMBER":  # what OpenSSL says of a peer that does not speak TLS
+            return f"the TLS handshake failed ({why}): is the server plain HTTP? give an http:// URL"
+        return f"the TLS handshake failed ({why})"
     err = getattr(exc, "os_error", None)
     errno_ = getattr(err, "errno", None)
     if errno_:
@@ -878,7 +887,11 @@ class UnibusClient:
         except TimeoutError:
             raise ServerUnreachable(self.base_url, f"no answer within {self.timeout} s") from None
         except aiohttp.ClientError as exc:
-            raise ServerUnreachable(self.base_url, str(exc) or type(exc).__name__) from None
+            said = _said(exc)
+            if isinstance(exc, aiohttp.ServerDisconnectedError) and url.scheme == "http":
+                # An HTTPS listener closes a connection that does not start with a handshake.
+                said += ": does the server want TLS? give an https:// URL"
+            raise ServerUnreachable(self.base_url, said) from None
 
     # -- answers of the documented shape (a red team's server answered null, [] or 204, and the
     # CLI printed tracebacks)
@@ -1840,7 +1853,7 @@ class Bus:
             # Anything else (a 429 of a member's share of the control plane, a 5xx) is no answer.
             return Refusal(False, f"{base}: {client.base_url} answered {exc}")
         except (ServerUnreachable, TimeoutError, aiohttp.ClientError) as exc:
-            return Refusal(False, f"{base}: the control plane could not say why ({exc or type(exc).__name__}); "
+            return Refusal(False, f"{base}: the control plane could not say why ({_said(exc)}); "
                                   "membershipd answers every login for nats-server, which refuses it when no answer "
                                   "comes in time: is membershipd down or overloaded?")
         except RuntimeError as exc:  # the client was closed under its bus (docs/client.md)
@@ -1950,6 +1963,10 @@ class Bus:
             # in clear, and a man in the middle who removed tls_required from it
             # would get our nkey's answer to the nonce in clear (docs/client.md, "TLS").
             options["tls_handshake_first"] = True
+        if any(str(s).strip().lower().startswith("tls://") for s in servers) or self.tls is not None:
+            # asyncio warns at each close of such a connection, on stderr when the program
+            # configured no logging (a developer's walk-through): dropped, and only that line.
+            quiet_tls_eof_warnings()
         return {
             "servers": servers,
             **options,
@@ -2107,7 +2124,7 @@ class Bus:
         event.set()
         log.info("bus: reconnected (%d so far); subscriptions made again", self.reconnects)
         if self.on_reconnect is not None:
-            self.on_reconnect(f"the bus connection was closed (your rights changed?) and is back; "
+            self.on_reconnect(f"the bus connection was closed (a restart, or your rights changed) and is back; "
                               f"listening again ({self.reconnects} reconnect{'s' if self.reconnects > 1 else ''})")
 
     async def close(self) -> None:
@@ -2178,7 +2195,8 @@ class Bus:
                 raise BusError(self._failure) from None
             if self._nc is None:  # closed meanwhile: nats-py never answers the PINGs it had out
                 raise BusError(self._closed_reason or "the bus was closed") from None
-            raise BusError(f"cannot publish on {subject}: {exc or type(exc).__name__}") from None
+            sent = "; it may have gone out" if isinstance(exc, TimeoutError) else ""
+            raise BusError(f"cannot publish on {subject}: {_said(exc)}{sent}") from None
         # nats-py lower-cases -ERR texts; topics may have capitals
         denied = [t for (at, t) in self._publish_denied if at >= started and f'"{subject.lower()}"' in t.lower()]
         if denied:
@@ -2461,7 +2479,7 @@ class RoomListener:
                     with contextlib.suppress(NatsError, OSError, TimeoutError):
                         await sub.unsubscribe()  # no wait: an UNSUB queued to the connection
                 if isinstance(exc, (TimeoutError, NatsError, OSError, BusError)):
-                    raise BusError(f"cannot subscribe to {self.subject}: {exc or type(exc).__name__}") from None
+                    raise BusError(f"cannot subscribe to {self.subject}: {_said(exc)}") from None
                 raise
             if self._refusal is None:
                 self._live = True

@@ -277,6 +277,16 @@ async def test_unreachable_server():
     assert f"http://127.0.0.1:{port}" in str(e.value) and "refused" in str(e.value)
 
 
+async def test_https_to_a_plain_server_is_named(fake, people):
+    """https:// to a plain HTTP server said only "the TLS handshake failed (WRONG_VERSION_NUMBER)"
+    (a developer's walk-through)."""
+    async with UnibusClient(f"https://127.0.0.1:{fake.port}", people["alice"], timeout=5) as c:
+        with pytest.raises(ServerUnreachable) as e:
+            await c.me()
+    assert e.value.reason == ("the TLS handshake failed (WRONG_VERSION_NUMBER): is the server plain HTTP? "
+                              "give an http:// URL"), e.value
+
+
 def test_bad_base_url():
     with pytest.raises(ValueError):
         UnibusClient("127.0.0.1:8470", generate_identity("alice"))

@@ -17,6 +17,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -586,3 +587,40 @@ async def test_unreachable_https_message_without_ca(world):
     async with UnibusClient(world.proc.base_url, world.alice) as c:
         with pytest.raises(ServerUnreachable, match="does not verify"):
             await c.me()
+
+
+def test_an_sdk_program_with_a_tls_bus_prints_no_asyncio_warning(world):
+    """A program using the SDK with a ``tls://`` bus, and no logging configured, printed asyncio's
+    ``returning true from eof_received() has no effect when using ssl`` on stderr at each close (a
+    developer's walk-through of docs/client.md)."""
+    script = textwrap.dedent(f"""
+        import asyncio
+        from unibus.client import UnibusClient, load_identity, tls_context
+
+        async def main():
+            ssl = tls_context(ca={str(world.pki.ca[0])!r})
+            async with UnibusClient({world.proc.base_url!r}, load_identity({str(world.identity)!r}), ssl=ssl,
+                                    replica_root={str(world.identity.parent / "sdk-replica")!r}) as c:
+                room = (await c.create_room("eof"))["room_id"]
+                await c.rekey(room)
+                async with c.bus() as bus:
+                    await bus.send(room, "t", b"x")
+            print("done")
+
+        asyncio.run(main())
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0 and proc.stdout.strip() == "done", proc.stderr
+    assert "eof_received" not in proc.stderr, proc.stderr
+
+
+async def test_a_url_of_the_wrong_scheme_is_named(world):
+    """http:// to an HTTPS listener said only "Server disconnected" (a developer's walk-through)."""
+    from unibus.client import ServerUnreachable, UnibusClient
+
+    async with UnibusClient(f"http://127.0.0.1:{world.proc.http_port}", world.alice, timeout=5,
+                            replica_root=world.identity.parent / "scheme-replica") as c:
+        with pytest.raises(ServerUnreachable) as unreachable:
+            await c.me()
+    assert unreachable.value.reason.endswith(": does the server want TLS? give an https:// URL"), unreachable.value

@@ -304,7 +304,7 @@ async def test_what_the_sdks_bus_takes_as_a_reason_to_stop():
         "still ours": ({"user_nkey": bob.bus_pub}, False, "still has this bus key"),
         "429": (ApiError(429, {"detail": "bob has 4 requests in progress"}), False, "answered"),
         "503": (ApiError(503, {"detail": "nonce-store-unavailable"}), False, "answered"),
-        "timeout": (TimeoutError(), False, "could not say why"),
+        "timeout": (TimeoutError(), False, "could not say why (TimeoutError)"),  # it said "()"
         "unreachable": (ServerUnreachable("http://127.0.0.1:9", "connection refused"), False, "could not say why"),
     }
     async with UnibusClient("http://127.0.0.1:9", bob) as client:
