@@ -266,18 +266,21 @@ class Bus:
                 give_up,
             )
         except BaseException as exc:
+            heard = list(connect_errors)  # before the close, whose own errors and disconnection are no news
+            self._closing = True
             with contextlib.suppress(Exception):
                 await close_nats(nc, 3.0)
             if not isinstance(exc, Exception):
                 raise
             cause = exc
-            refused = [x for x in connect_errors if _refused_login(x)]
+            refused = [x for x in heard if _refused_login(x)]
             if refused:
                 cause = refused[-1]  # the cause, rather than the reset or the timeout that followed it
-            elif isinstance(exc, TimeoutError) and connect_errors:
-                cause = connect_errors[-1]  # what kept it from connecting, rather than the timeout
+            elif isinstance(exc, TimeoutError) and heard:
+                cause = heard[-1]  # what kept it from connecting, rather than the timeout
             hint = " (the server does not know this nkey: is it this node's service.nkey?)" if refused else ""
-            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(cause).__name__}: {cause}"
+            said = str(cause) or f"no answer within {timeout:g} s"
+            raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(cause).__name__}: {said}"
                                  f"{hint}") from None
         self.nc = nc
         self.js = self.nc.jetstream(timeout=2.0)

@@ -31,7 +31,7 @@ from .stopsignals import StopSignal, exit_on_stop_signal, operator_command, stop
 log = logging.getLogger("unibus.cli")
 
 PROG = "membershipd"
-COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "backup", "restore", "posture", "plugins")
+COMMANDS = ("serve", "migrate", "member", "migrate-to-kv", "backup", "restore", "remove-peer", "posture", "plugins")
 
 
 class _Parser(FailedWritesRaise):
@@ -95,6 +95,7 @@ _DESCRIPTIONS = {
     "backup": "Write an online, consistent snapshot of the state (a single node's, or a cluster's with "
               "--nats-url) into one archive.",
     "restore": "Restore a backup archive into an empty data directory, checking all of it first.",
+    "remove-peer": "Remove a cluster node that is gone for good from the JetStream meta group, from a live node.",
     "posture": "Print the posture this configuration would report; exit 0 when enforce+acl+tls.",
     "plugins": "List the loaded plugins with their distribution, version and hooks.",
 }
@@ -342,16 +343,17 @@ def cmd_member(argv: Sequence[str]) -> int:
     handle, suite, sign_pub, enc_pub, bus_pub = _member_keys(ns)
     data_dir = resolve_data_dir(ns)
     db = data_dir / "membershipd.db"
+    prepare_data_dir(data_dir)  # its owner and modes first: nothing of another user's is read
     cluster = _cluster_node_data_dir(data_dir)
     if cluster and _has_members(db):
         # Its membershipd.db was the bootstrap; the cluster's log lives in KV and has moved on: a
         # walk-through of the runbook added a member here, was told to send SIGHUP (which a
         # cluster node does not read it for) and got a trust root the cluster does not have.
         raise ConfigError(f"--data-dir: {data_dir} is a cluster node's, which serves from JetStream KV, and its "
-                          "membershipd.db was bootstrapped already: add members to the cluster with `unibus members "
-                          "add`; to recover lost admins, add them in a scratch directory restored from a backup "
+                          "membershipd.db was bootstrapped already: copy it into the cluster with `membershipd "
+                          "migrate-to-kv` if that was not done, then add members with `unibus members add`; to "
+                          "recover lost admins, add one in a scratch directory restored from a backup "
                           '(docs/operations.md, "Bootstrapping the first admin")')
-    prepare_data_dir(data_dir)
     migrate(db)
     engine = make_engine(db)
     try:
@@ -366,7 +368,8 @@ def cmd_member(argv: Sequence[str]) -> int:
         engine.dispose()
     if cluster:
         lines = [f"added {ns.role} {handle!r} to {db}; a cluster node serves from JetStream KV: copy it there with "
-                 "`membershipd migrate-to-kv` once the cluster has formed (deploy/cluster/README.md, \"Join\")",
+                 "`membershipd migrate-to-kv` once the cluster has formed (deploy/cluster/README.md, \"Join\"), "
+                 "which refuses a cluster that has a membership log already: there, use `unibus members add`",
                  f"trust root fingerprint: {fingerprint}, the cluster's once migrate-to-kv has copied this log into "
                  f"it (members pin it with `unibus trust {fingerprint}`)"]
         return _report(f"{handle!r} was added", lines)
@@ -390,8 +393,10 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _add_nats_target_arguments(parser: argparse.ArgumentParser, *, required: bool, what: str) -> None:
-    """The connection flags of the commands that reach a node's NATS (migrate-to-kv, backup)."""
+def _add_nats_target_arguments(parser: argparse.ArgumentParser, *, required: bool, what: str,
+                               seed: str | None = None) -> None:
+    """The connection flags of the commands that reach a node's NATS (migrate-to-kv, backup,
+    remove-peer); ``seed``: the file in the data directory that ``--nkey-seed-file`` defaults to."""
     from .servicekey import SERVICE_NKEY_FILE
 
     parser.add_argument("--nats-url", required=required, metavar="URL", help=what)
@@ -399,7 +404,7 @@ def _add_nats_target_arguments(parser: argparse.ArgumentParser, *, required: boo
     parser.add_argument("--cert", metavar="PATH", help="client certificate for a target that verifies clients (with --key, --ca)")
     parser.add_argument("--key", metavar="PATH", help="the client certificate's private key (mode 0600)")
     parser.add_argument("--nkey-seed-file", metavar="PATH",
-                        help=f"the nkey seed to authenticate with (default <data-dir>/{SERVICE_NKEY_FILE})")
+                        help=f"the nkey seed to authenticate with (default <data-dir>/{seed or SERVICE_NKEY_FILE})")
 
 
 @dataclass(frozen=True)
@@ -450,15 +455,17 @@ def _check_nats_target(ns: argparse.Namespace) -> _NatsTarget:
     return _NatsTarget(ns.nats_url, parts.netloc, ca, cert, key)
 
 
-def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Path) -> tuple[str, Any, Any]:
+def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Path,
+                      seed_name: str | None = None) -> tuple[str, Any, Any]:
     """``(url, seed, TLS context or None)``: the seed of ``--nkey-seed-file`` (default
-    ``<data-dir>/service.nkey``, mode 0600) and TLS verified against ``--ca`` (``tls://``)."""
+    ``<data-dir>/service.nkey``, or ``seed_name`` there; mode 0600) and TLS verified against
+    ``--ca`` (``tls://``)."""
     from .servicekey import SERVICE_NKEY_FILE, load_nkey_seed
 
     from .aio import quiet_tls_eof_warnings
 
     quiet_tls_eof_warnings()  # nats-py's TLS connections are upgraded plain ones: asyncio warned of each close
-    seed_file = Path(ns.nkey_seed_file).expanduser() if ns.nkey_seed_file else data_dir / SERVICE_NKEY_FILE
+    seed_file = Path(ns.nkey_seed_file).expanduser() if ns.nkey_seed_file else data_dir / (seed_name or SERVICE_NKEY_FILE)
     try:
         seed, _ = load_nkey_seed(seed_file)
     except UnibusError as e:
@@ -474,18 +481,30 @@ def _open_nats_target(ns: argparse.Namespace, target: _NatsTarget, data_dir: Pat
     return "tls://" + target.netloc, seed, tls
 
 
-def _connect_hint(failure: RuntimeFailure, has_ca: bool) -> RuntimeFailure:
+def _connect_hint(failure: RuntimeFailure, url: str, has_ca: bool) -> RuntimeFailure:
     """``failure`` to connect to ``--nats-url``, with what to change where the cause says it (a
-    walk-through of the cluster runbook got the bare TLS or protocol error, naming no flag)."""
+    walk-through of the cluster runbook got the bare TLS or protocol error, naming no flag; a
+    review, a hint that blamed --ca for a certificate of the wrong names)."""
     said = str(failure)
     if not said.startswith("cannot connect to NATS"):
         return failure
-    if "certificate verify failed" in said.lower():
+    lowered = said.lower()
+    plain = url.startswith("nats://") and not has_ca
+    if "hostname mismatch" in lowered or "ip address mismatch" in lowered:
+        hint = ("the node's NATS certificate does not name that host: dial a name it has (localhost where "
+                "deploy/generate-certs.sh made it), or make it again with that name")
+    elif "certificate has expired" in lowered or "not yet valid" in lowered:
+        hint = "the node's NATS certificate is out of its validity: renew it (deploy/generate-certs.sh)"
+    elif "certificate verify failed" in lowered:
         hint = ("is --ca the CA that issued the node's NATS certificate?" if has_ca else
                 "give --ca PATH, the CA of the node's NATS certificate: client-ca.crt, where "
                 "deploy/generate-certs.sh made it")
-    elif "expecting INFO" in said:
-        hint = "the listener may want TLS first: give a tls:// URL and --ca"
+    elif "certificate required" in lowered:
+        hint = "the node verifies its clients (--tls-ca): give --cert and --key"
+    elif "wrong_version_number" in lowered:
+        hint = "the listener does not speak TLS: give a nats:// URL, without --ca"
+    elif plain and ("expecting info" in lowered or "timeouterror" in lowered):
+        hint = "no greeting: if the listener wants TLS first, give a tls:// URL and --ca"
     else:
         return failure
     return RuntimeFailure(f"{said} ({hint})")
@@ -584,7 +603,7 @@ def cmd_migrate_to_kv(argv: Sequence[str]) -> int:
     try:
         counts = asyncio.run(_copy_to_kv(url, seed, tls, data_dir, ns.kv_replicas))
     except RuntimeFailure as e:
-        raise _connect_hint(e, tls is not None) from None
+        raise _connect_hint(e, url, tls is not None) from None
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"migrate-to-kv to {redact_url(url)} failed: {type(e).__name__}: {e}") from None
     return _report("the copy is done", [
@@ -601,17 +620,77 @@ def _has_members(db: Path) -> bool:
 
     if not db.is_file():
         return False
-    try:
-        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+    try:  # immutable: no -wal or -shm file made beside it (a review); no process writes it meanwhile
+        with contextlib.closing(sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro&immutable=1", uri=True)) as conn:
             return conn.execute("SELECT 1 FROM members LIMIT 1").fetchone() is not None
     except sqlite3.Error:
         return False
 
 
+def _remove_peer_parser() -> argparse.ArgumentParser:
+    from .servicekey import SYSTEM_NKEY_FILE
+
+    parser = _Parser(prog=f"{PROG} remove-peer", description=_DESCRIPTIONS["remove-peer"])
+    _add_data_dir(parser)
+    _add_nats_target_arguments(parser, required=True, what="this live node's NATS (its loopback URL)",
+                               seed=SYSTEM_NKEY_FILE)
+    parser.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for every live node to drop the peer (default 60)")
+    parser.add_argument("--dry-run", action="store_true", help="check everything, remove nothing")
+    parser.add_argument("--allow-others-down", action="store_true",
+                        help="remove it although another peer answers nothing either (that one gone for good too)")
+    parser.add_argument("name", metavar="NAME", help="the --server-name of the node that is gone for good")
+    return parser
+
+
+def cmd_remove_peer(argv: Sequence[str]) -> int:
+    """deploy/cluster/README.md, "Replacing a dead node"; the logic is :mod:`unibus.removepeer`."""
+    import asyncio
+    import ssl
+
+    from .servicekey import SYSTEM_NKEY_FILE
+    from .settings import redact_url
+
+    ns = _remove_peer_parser().parse_args(argv)
+    if not 0 < ns.wait <= 3600:
+        raise ConfigError(f"--wait: {ns.wait:g} must be more than 0 and at most 3600 seconds")
+    target = _check_nats_target(ns)
+    data_dir = resolve_data_dir(ns)
+    check_existing_data_dir(data_dir)
+    url, seed, tls = _open_nats_target(ns, target, data_dir, SYSTEM_NKEY_FILE)
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+
+    async def run() -> list[str]:
+        from .bus import Bus
+        from .removepeer import remove_peer
+
+        bus = Bus(url, seed, name="membershipd-remove-peer", tls=tls)
+        try:
+            async with stoppable():
+                await bus.connect(timeout=10, check_jetstream=False)
+            info = getattr(bus.nc, "_server_info", None) or {}
+            me = str(info.get("server_name") or info.get("name") or "")
+            return await remove_peer(bus.nc, me, ns.name, wait=ns.wait, dry_run=ns.dry_run,
+                                     others_down_ok=ns.allow_others_down, say=say)
+        finally:
+            await bus.close()
+
+    try:
+        lines = asyncio.run(run())
+    except RuntimeFailure as e:
+        raise _connect_hint(e, url, tls is not None) from None
+    except (ssl.SSLError, OSError) as e:
+        raise RuntimeFailure(f"remove-peer through {redact_url(url)} failed: {type(e).__name__}: {e}") from None
+    return _report(f"{ns.name} was removed" if not ns.dry_run else "the dry run is done", lines)
+
+
 def _cluster_node_data_dir(data_dir: Path) -> bool:
     """Whether ``data_dir`` belongs to a cluster node: its generated nats.conf has a cluster block."""
     try:
-        return "cluster" in json.loads((data_dir / "nats.conf").read_text())
+        conf = json.loads((data_dir / "nats.conf").read_text())
+        return isinstance(conf, dict) and isinstance(conf.get("cluster"), dict)
     except (OSError, ValueError, TypeError):
         return False
 
@@ -688,7 +767,7 @@ def _backup_through_nats(ns: argparse.Namespace, data_dir: Path, out: Path) -> A
     try:
         return asyncio.run(run())
     except RuntimeFailure as e:
-        raise _connect_hint(e, tls is not None) from None
+        raise _connect_hint(e, url, tls is not None) from None
     except (StoreError, BlobError, ssl.SSLError, OSError) as e:
         raise RuntimeFailure(f"backup through {redact_url(url)} failed: {type(e).__name__}: {e}") from None
 
@@ -751,13 +830,16 @@ def cmd_restore(argv: Sequence[str]) -> int:
     return _report(f"{data_dir} is restored", lines)
 
 
-HANDLERS = {"serve": cmd_serve, "migrate-to-kv": cmd_migrate_to_kv, "backup": cmd_backup, "restore": cmd_restore, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture, "plugins": cmd_plugins}
+HANDLERS = {"serve": cmd_serve, "migrate-to-kv": cmd_migrate_to_kv, "backup": cmd_backup, "restore": cmd_restore,
+            "remove-peer": cmd_remove_peer, "migrate": cmd_migrate, "member": cmd_member, "posture": cmd_posture,
+            "plugins": cmd_plugins}
 
 
 def _top_help() -> str:
     lines = [f"usage: {PROG} [COMMAND] [FLAGS]", "", "commands:"]
+    width = max(map(len, COMMANDS))
     for name in COMMANDS:
-        lines.append(f"  {name:<10} {_DESCRIPTIONS[name]}")
+        lines.append(f"  {name:<{width}}  {_DESCRIPTIONS[name]}")
     lines += ["", "serve is the default command; run 'membershipd serve --help' for its flags.", "  --version  print the version and exit"]
     try:
         plugins = make_plugins([])

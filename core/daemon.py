@@ -95,24 +95,42 @@ def nats_config(settings: Settings, plugins: PluginManager) -> dict[str, Any]:
     return finalize_config(config, settings)
 
 
-#: What a route error usually means, by what nats-server's line says.
+#: What a route error usually means, by what nats-server's line says: the first that matches, in
+#: this order (a host with "tls" in its name that does not resolve is a dial error). Each with its
+#: rank when a node saw several: the one that names a cause beats a peer that went away after it.
 _ROUTE_HINTS = (
-    (("authorization violation", "authentication error"),
-     "is the route password (--cluster-pass-file) the same on every node?"),
-    (("certificate", "tls"), "are every node's route certificates from the one route CA (--route-tls-ca)?"),
-    (("connection refused", "no route to host", "i/o timeout", "no such host"),
+    (("connection refused", "no route to host", "i/o timeout", "no such host", "network is unreachable"), 2,
      "are the other nodes up, and their addresses in --routes right?"),
+    (("authorization violation", "authentication error"), 0,
+     "is the route password (--cluster-pass-file) the same on every node?"),
+    (("first record does not look like a tls handshake",), 1,
+     "is each port in --routes a peer's --cluster-addr, not its client port?"),
+    (("certificate is valid for", "certificate is not valid for"), 1,
+     "does each node's route certificate name the address the others dial?"),
+    (("certificate has expired", "not yet valid"), 1, "is a route certificate out of its validity? renew it"),
+    (("unknown authority", "bad certificate", "certificate"), 1,
+     "are every node's route certificates from the one route CA (--route-tls-ca)?"),
 )
 
 
-def with_route_problem(failure: str, problem: str | None) -> str:
-    """A cluster node's start that found no JetStream quorum, with the last route error nats-server
-    logged and what it usually means; ``failure`` alone when there was none."""
-    if problem is None:
-        return failure
+def _route_hint(problem: str) -> tuple[int, str | None]:
     lowered = problem.lower()
-    hint = next((h for needles, h in _ROUTE_HINTS if any(n in lowered for n in needles)), None)
-    return f"{failure}; nats-server's last route error: {problem}" + (f" ({hint})" if hint else "")
+    for needles, rank, hint in _ROUTE_HINTS:
+        if any(n in lowered for n in needles):
+            return rank, hint
+    return 3, None
+
+
+def with_route_problem(failure: str, problems: Sequence[str]) -> str:
+    """A cluster node's start that found no JetStream quorum, with the route error nats-server
+    logged that says most (the latest of the best rank) and what it usually means; ``failure``
+    alone when there was none. (A review: the nodes with the right password quoted a peer's
+    "connection refused", logged after the refused logins, once that peer had given up.)"""
+    if not problems:
+        return failure
+    best = min(range(len(problems)), key=lambda i: (_route_hint(problems[i])[0], -i))
+    hint = _route_hint(problems[best])[1]
+    return f"{failure}; nats-server's route error: {problems[best]}" + (f" ({hint})" if hint else "")
 
 
 def forward_levels(config: dict[str, Any]) -> frozenset[str]:
@@ -292,7 +310,7 @@ class Daemon:
         except RuntimeFailure as e:
             if not s.clustered or self.supervisor is None:
                 raise
-            raise RuntimeFailure(with_route_problem(str(e), self.supervisor.route_problem())) from None
+            raise RuntimeFailure(with_route_problem(str(e), self.supervisor.route_problems())) from None
         counts = StateCounts(self.store)
         await counts.refresh()
         self.store.add_listener(counts.on_change)

@@ -81,6 +81,7 @@ def find_nats_server(override: Path | None = None) -> Path:
 
 
 _CREDENTIALS_RE = re.compile(r"//[^/@\s]+@")
+_RID_RE = re.compile(r"\S+:\d+ - rid:\d+|\(attempt \d+\)")
 
 
 def nats_line_level(line: str) -> str | None:
@@ -142,8 +143,8 @@ class NatsSupervisor:
         self._watcher: asyncio.Task[None] | None = None
         self._stopping = False
         self._recent: deque[str] = deque(maxlen=20)
-        #: the last errors of routes, kept apart: a quorum that never comes says why (route_problem)
-        self._route_errors: deque[str] = deque(maxlen=4)
+        #: the last errors of routes, kept apart: a quorum that never comes says why (route_problems)
+        self._route_errors: deque[str] = deque(maxlen=16)
         #: "] host:port - " of the readiness probe's connections (_port_open), the last few
         self._probes: deque[str] = deque(maxlen=8)
         self._log_throttle = LogThrottle()
@@ -228,13 +229,14 @@ class NatsSupervisor:
             return self._recent[-1]
         return None
 
-    def route_problem(self) -> str | None:
-        """The last error nats-server logged about a route (a refused password, a certificate of
-        another CA, a peer it cannot dial), without its time stamp; None if there was none.
+    def route_problems(self) -> list[str]:
+        """The last errors nats-server logged about routes (a refused password, a certificate of
+        another CA, a peer it cannot dial), oldest first, without their time stamps, each once.
 
         A cluster node whose routes never come up waits 120 s for a JetStream quorum and says
-        only that: a walk-through of the runbook found the cause in nats-server's lines alone."""
-        return self._route_errors[-1] if self._route_errors else None
+        only that: a walk-through of the runbook found the cause in nats-server's lines alone.
+        (:func:`unibus.daemon.with_route_problem` picks the one to quote.)"""
+        return list(self._route_errors)
 
     async def _read_log(self, proc: asyncio.subprocess.Process) -> None:
         assert proc.stdout is not None
@@ -246,9 +248,14 @@ class NatsSupervisor:
             self._recent.append(line)
             level = nats_line_level(line)
             if level in ("ERR", "FTL") and ("route" in line.lower() or " - rid:" in line):
-                # A route URL's credentials never go further (nats-server redacts them; this is a backstop).
                 said = line.split(f"[{level}] ", 1)[-1].strip()  # without the pid and the time stamp
-                self._route_errors.append(_CREDENTIALS_RE.sub("//[REDACTED]@", said))
+                # A route URL's credentials never go further (nats-server redacts them; this is a backstop).
+                said = _CREDENTIALS_RE.sub("//[REDACTED]@", said)
+                # The same line again (its connection id aside) moves to the end instead of filling the window.
+                kind = _RID_RE.sub("rid", said)
+                for seen in [x for x in self._route_errors if _RID_RE.sub("rid", x) == kind]:
+                    self._route_errors.remove(seen)
+                self._route_errors.append(said)
             if READY_MARKER in line:
                 self._ready.set()
             if "TLS handshake error" in line and any(probe in line for probe in self._probes):

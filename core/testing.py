@@ -904,22 +904,42 @@ class Cluster:
         given = list(data_dirs) + [None] * size
         self.nodes: list[MembershipdProcess] = []
         self._paused: list[int] = []
+        self._name, self._replicas, self._env, self._tls_ca = name, size, env, tls_ca
+        self._common = [a for m in plugins for a in ("--plugin", m)] + list(args)
         for i in range(size):
-            node = f"n{i + 1}"
-            cert = make_test_cert(pki, node, self.ca)
             routes = ",".join(f"nats://127.0.0.1:{p}" for j, p in enumerate(self.route_ports) if j != i)
-            data = given[i] or directory / node
+            data = given[i] or directory / f"n{i + 1}"
             if i == 0 and admin is not None:
                 bootstrap_member(data, admin, "admin")
-            node_args = ["--server-name", node, "--cluster-name", name,
-                         "--cluster-addr", f"127.0.0.1:{self.route_ports[i]}", "--routes", routes,
-                         "--cluster-pass-file", str(self.pass_file), "--kv-replicas", str(size),
-                         "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]),
-                         "--route-tls-ca", str(self.ca[0])]
-            if metrics:
-                node_args += ["--metrics-addr", f"127.0.0.1:{self.metrics_ports[i]}"]
-            node_args += [a for m in plugins for a in ("--plugin", m)] + list(args)
-            self.nodes.append(MembershipdProcess(data, node_args, env, ca=tls_ca))
+            self.nodes.append(self._node(f"n{i + 1}", data, self.route_ports[i], routes,
+                                         self.metrics_ports[i] if metrics else None))
+
+    def _node(self, name: str, data: Path, route_port: int, routes: str, metrics_port: int | None) -> MembershipdProcess:
+        cert = make_test_cert(self.directory / "pki", name, self.ca)
+        node_args = ["--server-name", name, "--cluster-name", self._name,
+                     "--cluster-addr", f"127.0.0.1:{route_port}", "--routes", routes,
+                     "--cluster-pass-file", str(self.pass_file), "--kv-replicas", str(self._replicas),
+                     "--route-tls-cert", str(cert[0]), "--route-tls-key", str(cert[1]),
+                     "--route-tls-ca", str(self.ca[0])]
+        if metrics_port is not None:
+            node_args += ["--metrics-addr", f"127.0.0.1:{metrics_port}"]
+        return MembershipdProcess(data, node_args + self._common, self._env, ca=self._tls_ca)
+
+    def add_node(self, name: str, routes_to: Sequence[int]) -> MembershipdProcess:
+        """A new node ``name`` (a new ``--server-name``: never a removed node's), made as the others
+        with ``--routes`` to the nodes of ``routes_to`` (indexes), not started; appended to
+        :attr:`nodes`, so that :meth:`stop` stops it (deploy/cluster/README.md, "Replacing a dead
+        node")."""
+        port = free_port()
+        self.route_ports.append(port)
+        metrics_port = None
+        if self.metrics_ports:
+            metrics_port = free_port()
+            self.metrics_ports.append(metrics_port)
+        routes = ",".join(f"nats://127.0.0.1:{self.route_ports[j]}" for j in routes_to)
+        node = self._node(name, self.directory / name, port, routes, metrics_port)
+        self.nodes.append(node)
+        return node
 
     # -- life cycle
 

@@ -6,8 +6,9 @@ on: every route, dialled or accepted, must present a certificate signed by the
 route CA (nats-server always verifies route peers). Refused with exit 2,
 before anything starts:
 
-* a route CA that is the client CA (``--tls-ca``): a client certificate must
-  never be able to join the cluster as a route;
+* a route CA that is the client CA (``--tls-ca``), or a file of route CAs that
+  holds it: a client certificate must never be able to join the cluster as a
+  route (every CA of the file is checked: nats-server trusts each);
 * a ``--tls-cert`` (client listener), ``--http-tls-cert`` (HTTPS) or
   ``--metrics-tls-cert`` (the metrics listener) issued by the route CA;
 * a route certificate that is expired, not yet valid, not signed by the route
@@ -100,21 +101,28 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
     from cryptography.hazmat.primitives import serialization
     from cryptography.x509.oid import ExtendedKeyUsageOID
 
-    ca = _load_certs(ca_path, "--route-tls-ca")[0]
+    # Every CA of the file: nats-server trusts each (a review's bundle of the route CA and the client
+    # CA passed every check made on its first alone, and a node's server.crt then joined as a route).
+    cas = _load_certs(ca_path, "--route-tls-ca")
     cert = _load_certs(cert_path, "--route-tls-cert")[0]
+
+    def issued_by_route_ca(certificate: Any) -> bool:
+        return any(_issued_by(certificate, ca) for ca in cas)
 
     if client_ca is not None:
         for client in _load_certs(client_ca, "--tls-ca"):
-            if client.public_key() == ca.public_key() or client.fingerprint(client.signature_hash_algorithm) == \
-                    ca.fingerprint(ca.signature_hash_algorithm):
-                raise ConfigError("--route-tls-ca is the client CA (--tls-ca); routes need a dedicated route CA")
+            for ca in cas:
+                if client.public_key() == ca.public_key() or client.fingerprint(client.signature_hash_algorithm) == \
+                        ca.fingerprint(ca.signature_hash_algorithm):
+                    raise ConfigError("--route-tls-ca is the client CA (--tls-ca), or holds it; routes need a "
+                                      "dedicated route CA")
     for flag, path in (("--tls-cert", client_cert), ("--http-tls-cert", http_cert),
                        ("--metrics-tls-cert", metrics_cert)):
-        if path is None or not _issued_by(_load_certs(path, flag)[0], ca):
+        if path is None or not issued_by_route_ca(_load_certs(path, flag)[0]):
             continue
-        if not _issued_by(cert, ca):  # the route CA given is the client-facing one (a walk-through's slip)
-            raise ConfigError(f"--route-tls-ca: {ca_path} issued {flag}, not --route-tls-cert: it is the client CA; "
-                              "give the route CA (deploy/cluster/generate-cluster-certs.sh makes it)")
+        if not issued_by_route_ca(cert):  # the route CA given is the client-facing one (a walk-through's slip)
+            raise ConfigError(f"--route-tls-ca: {ca_path} issued {flag}, not --route-tls-cert: is it the client "
+                              "CA? give the route CA (deploy/cluster/generate-cluster-certs.sh makes it)")
         raise ConfigError(f"{flag} is issued by the route CA; client-facing and route certificates need "
                           "separate CAs (deploy/generate-certs.sh makes the client-facing one)")
 
@@ -123,7 +131,7 @@ def validate(cert_path: Path, key_path: Path, ca_path: Path, client_ca: Path | N
         raise ConfigError(f"--route-tls-cert: {cert_path} is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     if cert.not_valid_after_utc < now:
         raise ConfigError(f"--route-tls-cert: {cert_path} expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
-    if not _issued_by(cert, ca):
+    if not issued_by_route_ca(cert):
         raise ConfigError(f"--route-tls-cert: {cert_path} is not signed by the route CA {ca_path}")
     try:
         eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value

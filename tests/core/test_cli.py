@@ -246,9 +246,28 @@ def test_member_add_on_a_cluster_nodes_data_directory(tmp_path):
     assert "migrate-to-kv" in first.stdout and "SIGHUP" not in first.stdout, first.stdout
     assert "the cluster's once migrate-to-kv has copied this log into it" in first.stdout
     db = data_dir / "membershipd.db"
-    before = db.read_bytes()
+    before, files = db.read_bytes(), sorted(p.name for p in data_dir.iterdir())
     second = add(generate_identity("bob"))
-    assert_one_line_error(second, 2, "is a cluster node's", "unibus members add", "Bootstrapping the first admin")
+    assert_one_line_error(second, 2, "is a cluster node's", "migrate-to-kv", "unibus members add",
+                          "Bootstrapping the first admin")
     assert db.read_bytes() == before
+    assert sorted(p.name for p in data_dir.iterdir()) == files  # no -wal or -shm of a read (a review)
     with sqlite3.connect(db) as conn:
         assert [h for (h,) in conn.execute("SELECT handle FROM members")] == ["alice"]
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--nats-url", "nats://192.0.2.7:4250", "n3"], "not a loopback address"),
+    (["--nats-url", "nats://route:secret@127.0.0.1:4250", "n3"], "must not carry credentials"),
+    (["--nats-url", "nats://127.0.0.1:4250", "--wait", "0", "n3"], "--wait: 0 must be more than 0"),
+    (["--nats-url", "nats://127.0.0.1:4250", "n3"], "--nkey-seed-file"),  # no system.nkey: not a node's directory
+    (["--nats-url", "nats://127.0.0.1:4250"], "NAME"),
+])
+def test_remove_peer_refusals_before_connecting(tmp_path, args, needle):
+    """`membershipd remove-peer` (deploy/cluster/README.md, "Replacing a dead node"; its work is
+    tests/e2e/test_cluster_replace_node.py): what it refuses before it connects, exit 2."""
+    data_dir = tmp_path / "node"
+    data_dir.mkdir(mode=0o700)
+    proc = run_membershipd("remove-peer", "--data-dir", str(data_dir), *args)
+    assert_one_line_error(proc, 2, needle)
+    assert "secret" not in proc.stderr

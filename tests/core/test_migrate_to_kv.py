@@ -96,7 +96,7 @@ def test_ca_requires_verified_tls(tmp_path, daemon_with_admin):
     no_ca = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", tls_url)
     one_line(no_ca, 1, "(give --ca PATH, the CA of the node's NATS certificate")
     plain = run_membershipd("migrate-to-kv", "--data-dir", str(server.data_dir), "--nats-url", url)
-    one_line(plain, 1, "(the listener may want TLS first: give a tls:// URL and --ca)")
+    one_line(plain, 1, "(no greeting: if the listener wants TLS first, give a tls:// URL and --ca)")
     # backup --nats-url follows the same rules: verified TLS, or nothing read and nothing written.
     out = tmp_path / "kv.tar"
     bad = run_membershipd("backup", "--out", str(out), "--data-dir", str(server.data_dir), "--nats-url", url,

@@ -41,38 +41,41 @@ async def routed_node(tmp_path, name: str, port: int, peer: int, password: str, 
         await supervisor.stop()
 
 
-async def route_problem(supervisor: NatsSupervisor, hint: str, timeout: float = 20.0) -> str | None:
-    """The last route error once what it says means ``hint`` (a peer not up yet comes first); the
-    last one seen if that never comes."""
+async def route_problems(supervisor: NatsSupervisor, hint: str, timeout: float = 20.0) -> list[str]:
+    """The route errors once the one quoted means ``hint`` (a peer not up yet comes first); the
+    last seen if that never comes."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
-    problem = None
+    problems: list[str] = []
     while loop.time() < deadline:
-        problem = supervisor.route_problem()
-        if problem is not None and with_route_problem(FAILURE, problem).endswith(f"({hint})"):
+        problems = supervisor.route_problems()
+        if problems and with_route_problem(FAILURE, problems).endswith(f"({hint})"):
             break
         await asyncio.sleep(0.1)
-    return problem
+    return problems
 
 
 async def test_a_route_password_that_differs_is_named(tmp_path):
     a_port, b_port = free_port(), free_port()
     async with routed_node(tmp_path, "a", a_port, b_port, "the-first-route-password") as a, \
             routed_node(tmp_path, "b", b_port, a_port, "another-route-password") as b:
-        problems = [await route_problem(node, PASSWORD_HINT) for node in (a, b)]
-    assert all(problems), problems
-    for problem in problems:  # "authentication error - User "route"" and "Route Error 'Authorization Violation'"
-        assert "route-password" not in problem and "[ERR]" not in problem and "/12/" not in problem, problem
-        said = with_route_problem(FAILURE, problem)
-        assert said.startswith(f"{FAILURE}; nats-server's last route error: "), said
+        seen = [await route_problems(node, PASSWORD_HINT) for node in (a, b)]
+    for problems in seen:  # "authentication error - User "route"" and "Route Error 'Authorization Violation'"
+        assert problems, seen
+        for problem in problems:
+            assert "route-password" not in problem and "[ERR]" not in problem and "/12/" not in problem, problem
+        said = with_route_problem(FAILURE, problems)
+        assert said.startswith(f"{FAILURE}; nats-server's route error: "), said
         assert said.endswith(f"({PASSWORD_HINT})"), said
 
 
 async def test_a_peer_that_is_not_there_is_named(tmp_path):
     async with routed_node(tmp_path, "a", free_port(), free_port(), "the-only-route-password") as a:
-        problem = await route_problem(a, PEER_HINT)
-    assert problem is not None and "route-password" not in problem, problem
-    assert with_route_problem(FAILURE, problem).endswith(f"({PEER_HINT})"), problem
+        problems = await route_problems(a, PEER_HINT)
+    assert problems and not any("route-password" in p for p in problems), problems
+    assert with_route_problem(FAILURE, problems).endswith(f"({PEER_HINT})"), problems
+    # The same error again is kept once (its attempt number aside): the window holds different ones.
+    assert len(problems) == len({p.split("(attempt")[0] for p in problems}), problems
 
 
 async def test_route_certificates_of_another_ca_are_named(tmp_path):
@@ -84,10 +87,22 @@ async def test_route_certificates_of_another_ca_are_named(tmp_path):
     a_port, b_port = free_port(), free_port()
     async with routed_node(tmp_path, "a", a_port, b_port, "one-route-password", route_tls("a")) as a, \
             routed_node(tmp_path, "b", b_port, a_port, "one-route-password", route_tls("b")) as b:
-        problems = [await route_problem(node, CA_HINT) for node in (a, b)]
-    assert all(problems), problems
-    assert all(with_route_problem(FAILURE, problem).endswith(f"({CA_HINT})") for problem in problems), problems
+        seen = [await route_problems(node, CA_HINT) for node in (a, b)]
+    assert all(seen), seen
+    assert all(with_route_problem(FAILURE, problems).endswith(f"({CA_HINT})") for problems in seen), seen
+
+
+def test_the_error_that_names_a_cause_is_quoted_over_a_peer_that_went_away_after_it():
+    """A review: a node with the right password quoted "connection refused", logged after a
+    hundred refused logins, once the peer with the wrong one had given up."""
+    problems = ["127.0.0.1:6250 - rid:5 - Route Error 'Authorization Violation'",
+                "Error trying to connect to route (attempt 9): dial tcp 127.0.0.1:6250: connect: connection refused"]
+    assert with_route_problem(FAILURE, problems).endswith(f"({PASSWORD_HINT})")
+    assert with_route_problem(FAILURE, problems[1:]).endswith(f"({PEER_HINT})")
+    # A host whose name holds "tls" that does not resolve is a dial error, not a certificate's.
+    dns = "Error trying to connect to route: dial tcp: lookup tls-n2.example: no such host"
+    assert with_route_problem(FAILURE, [dns]).endswith(f"({PEER_HINT})")
 
 
 def test_without_a_route_error_the_failure_stands_alone():
-    assert with_route_problem(FAILURE, None) == FAILURE
+    assert with_route_problem(FAILURE, []) == FAILURE
