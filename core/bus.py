@@ -167,8 +167,10 @@ class Bus:
     """
 
     def __init__(self, url: str, seed: Secret | None = None, *, name: str = "membershipd",
-                 tls: ssl.SSLContext | None = None) -> None:
+                 tls: ssl.SSLContext | None = None, seed_name: str = "service.nkey") -> None:
         self.url = url
+        #: the seed's file as a refused login's error names it (remove-peer logs in with system.nkey)
+        self.seed_name = seed_name
         #: the URL as logs and errors show it: without a ``user:pass@``
         self.shown_url = redact_url(url)
         self._seed = seed
@@ -278,7 +280,7 @@ class Bus:
                 cause = refused[-1]  # the cause, rather than the reset or the timeout that followed it
             elif isinstance(exc, TimeoutError) and heard:
                 cause = heard[-1]  # what kept it from connecting, rather than the timeout
-            hint = " (the server does not know this nkey: is it this node's service.nkey?)" if refused else ""
+            hint = f" (the server does not know this nkey: is it this node's {self.seed_name}?)" if refused else ""
             said = str(cause) or f"no answer within {timeout:g} s"
             raise RuntimeFailure(f"cannot connect to NATS at {self.shown_url}: {type(cause).__name__}: {said}"
                                  f"{hint}") from None

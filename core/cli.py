@@ -652,6 +652,12 @@ def cmd_remove_peer(argv: Sequence[str]) -> int:
     from .settings import redact_url
 
     ns = _remove_peer_parser().parse_args(argv)
+    from .settings import SERVER_NAME_RE
+
+    if not SERVER_NAME_RE.fullmatch(ns.name):
+        # what --server-name takes; never a line break, a wildcard or an empty name (a review
+        # printed a second "error:" line through one)
+        raise ConfigError(f"NAME: {ns.name!r} is not a server name; give the --server-name of the dead node")
     if not 0 < ns.wait <= 3600:
         raise ConfigError(f"--wait: {ns.wait:g} must be more than 0 and at most 3600 seconds")
     target = _check_nats_target(ns)
@@ -666,7 +672,8 @@ def cmd_remove_peer(argv: Sequence[str]) -> int:
         from .bus import Bus
         from .removepeer import remove_peer
 
-        bus = Bus(url, seed, name="membershipd-remove-peer", tls=tls)
+        bus = Bus(url, seed, name="membershipd-remove-peer", tls=tls,
+                  seed_name=Path(ns.nkey_seed_file).name if ns.nkey_seed_file else SYSTEM_NKEY_FILE)
         try:
             async with stoppable():
                 await bus.connect(timeout=10, check_jetstream=False)

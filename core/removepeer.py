@@ -35,6 +35,7 @@ from .stopsignals import stoppable
 
 PING_SUBJECT = "$SYS.REQ.SERVER.PING.JSZ"
 REMOVE_SUBJECT = "$JS.API.SERVER.REMOVE"
+NOT_A_MEMBER = 10044  # nats-server's err_code: "server is not a member of the cluster"
 #: How long every live server is given to answer a ping (they answer within milliseconds on a LAN).
 GATHER = 2.0
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -106,18 +107,28 @@ def _named(replica: dict) -> str:
     return name if name and not name.startswith("Server name unknown") else f"(peer id {replica.get('peer')})"
 
 
-async def check_removable(nc: Any, me: str, target: str, *, others_down_ok: bool) -> str:
+def _peer_entry(answer: dict | None, wanted: str) -> dict | None:
+    return next((r for r in _meta(answer).get("replicas") or [] if r.get("peer") == wanted), None)
+
+
+async def check_removable(nc: Any, me: str, target: str, *, others_down_ok: bool, gather: float = GATHER) -> str:
     """Refuse (ConfigError, exit 2) unless ``target`` is a peer of the meta group, not ``me``, answers
-    nothing, is marked offline, and no other peer is silent; RuntimeFailure (exit 1) when the
-    cluster cannot say. Returns what it found, in one line."""
-    answers = await ping_jsz(nc)
+    nothing, is marked offline by every node that answers (the meta leader among them), and the
+    nodes that answer all see each other, and no other peer is silent; RuntimeFailure (exit 1)
+    when the cluster cannot say. Returns what it found, in one line.
+
+    Every view, not this node's alone: a review cut only the route between n1 and n3, and n1,
+    which saw n3 offline, removed it while the meta leader n2 still heard it."""
+    answers = await ping_jsz(nc, gather=gather)
     if me not in answers:
-        raise RuntimeFailure(f"{me} did not answer {PING_SUBJECT} (is --nkey-seed-file the node's system.nkey, "
-                             "a user of nats-server's system account?)")
+        raise RuntimeFailure(f"{me} did not answer {PING_SUBJECT}: the seed given is no user of nats-server's system "
+                             "account here (--nkey-seed-file, default <data-dir>/system.nkey; a node with "
+                             "--bus-auth off has none in use: remove-peer needs --bus-auth enforce)")
     meta = _meta(answers[me])
     if not meta:
         raise ConfigError(f"{me} has no JetStream meta group: it is not a cluster node; nothing to remove")
-    if not meta.get("leader"):
+    leader = meta.get("leader")
+    if not leader:
         raise RuntimeFailure("the JetStream meta group has no leader: a removal needs a majority of it; bring back "
                              "the nodes that are down, then run remove-peer again")
     if target == me:
@@ -125,25 +136,39 @@ async def check_removable(nc: Any, me: str, target: str, *, others_down_ok: bool
                           "stopped for good")
     replicas = meta.get("replicas") or []
     wanted = peer_id(target)
-    entry = next((r for r in replicas if r.get("peer") == wanted), None)
-    if entry is None:
+    if not any(r.get("peer") == wanted for r in replicas):
         known = ", ".join(sorted([me, *(_named(r) for r in replicas)]))
         raise ConfigError(f"{target} is not a peer of the JetStream meta group (its peers: {known}); give the "
                           "--server-name of the dead node")
     if target in answers:
         raise ConfigError(f"{target} is online (it answered through the cluster): remove-peer removes only a node "
                           f"gone for good; stop and disable membershipd on {target} first")
-    if not entry.get("offline"):
-        raise ConfigError(f"{target} answers nothing, but nats-server has not marked it offline yet (at once after a "
-                          "clean stop, 150 to 240 s after a crash or a cut): make sure it is gone for good, wait, "
-                          "and run remove-peer again")
+    if leader not in answers:
+        raise RuntimeFailure(f"the meta leader {leader} did not answer: the nodes may be cut off from each other; "
+                             "check the routes and run remove-peer again")
+    peers = {me} | {str(r.get("name")) for r in replicas}
+    strangers = sorted(set(answers) - peers)
+    if strangers:
+        raise ConfigError(f"{', '.join(strangers)} answer(s) but are no peer of the meta group (a removed node "
+                          "started again under its name?): stop it for good first")
+    for name, answer in sorted(answers.items()):
+        entry = _peer_entry(answer, wanted)
+        if entry is not None and (entry.get("current") or not entry.get("offline")):
+            raise ConfigError(f"{target} answers nothing here, but {name} still hears it: the nodes are cut off from "
+                              "each other, or it is not marked offline yet (at once after a clean stop, 150 to 240 s "
+                              "after a crash or a cut): make sure it is gone for good, wait, and run remove-peer again")
+        seen = {str(r.get("name")): r for r in _meta(answer).get("replicas") or []}
+        cut = sorted(other for other in answers if other != name and seen.get(other, {}).get("offline"))
+        if cut:
+            raise ConfigError(f"{name} sees {', '.join(cut)} offline although they answer: the live nodes are cut off "
+                              "from each other; never change the membership then; mend the routes first")
     silent = sorted(_named(r) for r in replicas if r.get("peer") != wanted and r.get("name") not in answers)
     if silent and not others_down_ok:
         raise ConfigError(f"{', '.join(silent)} answer(s) nothing either: never change the membership while another "
                           "node is down or cut off (acknowledged writes can be lost); bring it back first, or give "
                           "--allow-others-down if it is gone for good too")
     return (f"{target} (peer id {wanted}) is an offline peer of the meta group; live nodes: "
-            f"{', '.join(sorted(answers))}; meta leader: {meta.get('leader')}")
+            f"{', '.join(sorted(answers))}; meta leader: {leader}")
 
 
 async def send_removal(nc: Any, target: str) -> None:
@@ -159,6 +184,9 @@ async def send_removal(nc: Any, target: str) -> None:
         raise RuntimeFailure(f"{REMOVE_SUBJECT} got no answer ({type(e).__name__}): the meta leader may have "
                              "changed or lost its majority; check the cluster and run remove-peer again") from None
     error = answer.get("error") if isinstance(answer, dict) else None
+    if error and error.get("err_code") == NOT_A_MEMBER:
+        raise RuntimeFailure(f"nats-server refused the removal: {target} is no member of the cluster any more "
+                             "(removed meanwhile: by another run?)")
     if error:
         raise RuntimeFailure(f"nats-server refused the removal: {error.get('description')} (code {error.get('code')}, "
                              f"err_code {error.get('err_code')})")
@@ -174,6 +202,10 @@ async def wait_removed(nc: Any, me: str, target: str, wait: float, say: Callable
     deadline = loop.time() + wait
     while True:
         answers = await ping_jsz(nc, {"accounts": True, "streams": True, "config": True}, gather=1.0)
+        if target in answers:  # it came back as the removal went out (a review: exit 0 all the same)
+            raise RuntimeFailure(f"{target} answers: it is running, and was removed from the meta group while it "
+                                 f"came back; stop it for good now (nats-server lets a removed peer back in after "
+                                 f"five minutes, under its old name), then check with check-r3-current.sh")
         listing = sorted(name for name, a in answers.items()
                          if any(r.get("peer") == wanted for r in _meta(a).get("replicas") or []))
         streams = placements(answers)
@@ -211,9 +243,11 @@ async def remove_peer(nc: Any, me: str, target: str, *, wait: float, dry_run: bo
     """The whole command on a connection as the system user; the lines that say what it did."""
     async with stoppable():  # the checks read only
         found = await check_removable(nc, me, target, others_down_ok=others_down_ok)
-    say(found)
-    if dry_run:
-        return [f"dry run: would send {REMOVE_SUBJECT} for {target} (peer id {peer_id(target)}); nothing removed"]
+        say(found)
+        if dry_run:
+            return [f"dry run: would send {REMOVE_SUBJECT} for {target} (peer id {peer_id(target)}); nothing removed"]
+        # Again just before: the first answers are two seconds old (a review restarted the node meanwhile).
+        await check_removable(nc, me, target, others_down_ok=others_down_ok, gather=0.5)
     # The commit point: once sent, a stop signal waits for the end (bounded by wait).
     await send_removal(nc, target)
     say(f"sent {REMOVE_SUBJECT} for {target}: the meta leader committed it")

@@ -163,7 +163,11 @@ class stoppable:  # noqa: N801 - used as a context manager, like contextlib's
     within the part (the signal raises where it comes, which must be the part's own code);
     ``async with stoppable():`` in a coroutine (the signal cancels the task at its next ``await``
     inside the part, and the part raises :class:`StopSignal`; ``finally`` clauses within it run
-    as for any cancellation). One coroutine's part at a time.
+    as for any cancellation). One coroutine's part at a time. Two consequences of the
+    cancellation made again every ``RECANCEL_EVERY`` seconds: a clean-up inside the part gets at
+    most that long once cancelled (one that must finish belongs after the part, or shielded),
+    and a work in a worker thread (``to_thread``) is waited for by ``asyncio.run`` at the end,
+    so a stop during a long one takes as long as it does.
     """
 
     def __enter__(self) -> None:

@@ -920,7 +920,9 @@ class ObjectStoreBackend(BlobBackend):
         chunks = _Chunks(self)
         h = hashlib.sha256()
         loop = asyncio.get_running_loop()
-        f = await asyncio.to_thread(open, path, "rb", buffering=0)
+        # Opened here, not in a worker: a cancellation of that await (an operator command stopped,
+        # migrate-to-kv's copy) left the file the worker opened to the garbage collector (a review).
+        f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in the finally below
 
         def read() -> bytes:
             block = f.read(PUT_READ)

@@ -262,6 +262,10 @@ def test_member_add_on_a_cluster_nodes_data_directory(tmp_path):
     (["--nats-url", "nats://127.0.0.1:4250", "--wait", "0", "n3"], "--wait: 0 must be more than 0"),
     (["--nats-url", "nats://127.0.0.1:4250", "n3"], "--nkey-seed-file"),  # no system.nkey: not a node's directory
     (["--nats-url", "nats://127.0.0.1:4250"], "NAME"),
+    # a review printed a second "error:" line through a name with a line break
+    (["--nats-url", "nats://127.0.0.1:4250", "n3\nerror: fake"], "NAME: 'n3\\nerror: fake' is not a server name"),
+    (["--nats-url", "nats://127.0.0.1:4250", ""], "NAME: '' is not a server name"),
+    (["--nats-url", "nats://127.0.0.1:4250", "n3.>"], "is not a server name"),
 ])
 def test_remove_peer_refusals_before_connecting(tmp_path, args, needle):
     """`membershipd remove-peer` (deploy/cluster/README.md, "Replacing a dead node"; its work is

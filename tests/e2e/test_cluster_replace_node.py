@@ -134,7 +134,7 @@ async def test_a_dead_node_is_replaced_then_removed(cluster, tmp_path):
     # marks it offline, at once after a clean stop, 150 to 240 s after a crash.
     fds = cluster.pause(2)
     try:
-        eventually(lambda: refused(remove_peer(n1, "--dry-run", "n3"), "has not marked it offline yet"), 30,
+        eventually(lambda: refused(remove_peer(n1, "--dry-run", "n3"), "still hears it", "not marked offline yet"), 30,
                    "a refusal of a silent n3")
     finally:
         cluster.resume(fds)
