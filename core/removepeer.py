@@ -36,6 +36,7 @@ from .stopsignals import stoppable
 PING_SUBJECT = "$SYS.REQ.SERVER.PING.JSZ"
 REMOVE_SUBJECT = "$JS.API.SERVER.REMOVE"
 NOT_A_MEMBER = 10044  # nats-server's err_code: "server is not a member of the cluster"
+CHANGE_IN_PROGRESS = 10202  # "cluster member change is in progress"
 #: How long every live server is given to answer a ping (they answer within milliseconds on a LAN).
 GATHER = 2.0
 _BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -136,13 +137,17 @@ async def check_removable(nc: Any, me: str, target: str, *, others_down_ok: bool
                           "stopped for good")
     replicas = meta.get("replicas") or []
     wanted = peer_id(target)
-    if not any(r.get("peer") == wanted for r in replicas):
+    is_peer = any(r.get("peer") == wanted for r in replicas)
+    if target in answers:
+        if not is_peer:  # a review: only "not a peer" was said of a removed node running again
+            raise ConfigError(f"{target} answers but is no peer of the meta group: a removed node started again "
+                              "under its name? stop it for good (nats-server lets it back in after five minutes)")
+        raise ConfigError(f"{target} is online (it answered through the cluster): remove-peer removes only a node "
+                          f"gone for good; stop and disable membershipd on {target} first")
+    if not is_peer:
         known = ", ".join(sorted([me, *(_named(r) for r in replicas)]))
         raise ConfigError(f"{target} is not a peer of the JetStream meta group (its peers: {known}); give the "
                           "--server-name of the dead node")
-    if target in answers:
-        raise ConfigError(f"{target} is online (it answered through the cluster): remove-peer removes only a node "
-                          f"gone for good; stop and disable membershipd on {target} first")
     if leader not in answers:
         raise RuntimeFailure(f"the meta leader {leader} did not answer: the nodes may be cut off from each other; "
                              "check the routes and run remove-peer again")
@@ -151,22 +156,29 @@ async def check_removable(nc: Any, me: str, target: str, *, others_down_ok: bool
     if strangers:
         raise ConfigError(f"{', '.join(strangers)} answer(s) but are no peer of the meta group (a removed node "
                           "started again under its name?): stop it for good first")
+    silent = [r for r in replicas if r.get("peer") != wanted and r.get("name") not in answers]
+    if silent and not others_down_ok:
+        raise ConfigError(f"{', '.join(sorted(map(_named, silent)))} answer(s) nothing either: never change the "
+                          "membership while another node is down or cut off (acknowledged writes can be lost); bring "
+                          "it back first, or give --allow-others-down if it is gone for good too")
     for name, answer in sorted(answers.items()):
-        entry = _peer_entry(answer, wanted)
-        if entry is not None and (entry.get("current") or not entry.get("offline")):
-            raise ConfigError(f"{target} answers nothing here, but {name} still hears it: the nodes are cut off from "
-                              "each other, or it is not marked offline yet (at once after a clean stop, 150 to 240 s "
-                              "after a crash or a cut): make sure it is gone for good, wait, and run remove-peer again")
+        # The target, and with --allow-others-down the other silent peers: offline in every view.
+        for peer, who in ((wanted, target), *((str(r.get("peer")), _named(r)) for r in silent)):
+            entry = _peer_entry(answer, peer)
+            if entry is None or (not entry.get("current") and entry.get("offline")):
+                continue
+            if name == me:
+                raise ConfigError(f"{who} answers nothing, but nats-server here has not marked it offline yet (at "
+                                  "once after a clean stop, 150 to 240 s after a crash or a cut): make sure it is gone "
+                                  "for good, wait, and run remove-peer again")
+            raise ConfigError(f"{who} answers nothing here, but {name} still hears it: the nodes are cut off from each "
+                              "other, or it is not marked offline there yet; make sure it is gone for good, wait, and "
+                              "run remove-peer again")
         seen = {str(r.get("name")): r for r in _meta(answer).get("replicas") or []}
         cut = sorted(other for other in answers if other != name and seen.get(other, {}).get("offline"))
         if cut:
             raise ConfigError(f"{name} sees {', '.join(cut)} offline although they answer: the live nodes are cut off "
                               "from each other; never change the membership then; mend the routes first")
-    silent = sorted(_named(r) for r in replicas if r.get("peer") != wanted and r.get("name") not in answers)
-    if silent and not others_down_ok:
-        raise ConfigError(f"{', '.join(silent)} answer(s) nothing either: never change the membership while another "
-                          "node is down or cut off (acknowledged writes can be lost); bring it back first, or give "
-                          "--allow-others-down if it is gone for good too")
     return (f"{target} (peer id {wanted}) is an offline peer of the meta group; live nodes: "
             f"{', '.join(sorted(answers))}; meta leader: {leader}")
 
@@ -187,6 +199,9 @@ async def send_removal(nc: Any, target: str) -> None:
     if error and error.get("err_code") == NOT_A_MEMBER:
         raise RuntimeFailure(f"nats-server refused the removal: {target} is no member of the cluster any more "
                              "(removed meanwhile: by another run?)")
+    if error and error.get("err_code") == CHANGE_IN_PROGRESS:
+        raise RuntimeFailure("nats-server refused the removal: another change of the cluster's members is under way "
+                             "(another run?); run remove-peer again once it is done")
     if error:
         raise RuntimeFailure(f"nats-server refused the removal: {error.get('description')} (code {error.get('code')}, "
                              f"err_code {error.get('err_code')})")
@@ -224,6 +239,13 @@ async def wait_removed(nc: Any, me: str, target: str, wait: float, say: Callable
         say(f"waiting: {target} listed by {', '.join(listing) or 'no node'}; streams being placed: "
             f"{', '.join(holding + placing) or 'none'}")
         await asyncio.sleep(1.0)
+    # Once more, a while after the commit: a server that joined after the last ping was sent never
+    # answered it (a review: the node, restarted 4 s into the command, was removed and exit 0).
+    await asyncio.sleep(1.0)
+    if target in await ping_jsz(nc, gather=1.5):
+        raise RuntimeFailure(f"{target} answers: it is running, and was removed from the meta group while it came "
+                             "back; stop it for good now (nats-server lets a removed peer back in after five minutes, "
+                             "under its old name), then check with check-r3-current.sh")
     lines = [f"{target} is gone from the meta group of every live node ({', '.join(sorted(answers))})"]
     short = []
     for name, p in sorted(streams.items()):
