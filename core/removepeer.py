@@ -209,6 +209,12 @@ async def send_removal(nc: Any, target: str) -> None:
         raise RuntimeFailure(f"{REMOVE_SUBJECT} answered neither success nor an error: {answer!r:.200}")
 
 
+def _came_back(target: str) -> RuntimeFailure:
+    return RuntimeFailure(f"{target} answers: it is running, and was removed from the meta group while it came back; "
+                          "stop it for good now (nats-server lets a removed peer back in after five minutes, under "
+                          "its old name), then check with check-r3-current.sh")
+
+
 async def wait_removed(nc: Any, me: str, target: str, wait: float, say: Callable[[str], None]) -> list[str]:
     """Wait, at most ``wait`` seconds, until no live node lists ``target`` and its streams are placed
     elsewhere; the lines that say where every stream is. RuntimeFailure if it is still listed."""
@@ -218,9 +224,7 @@ async def wait_removed(nc: Any, me: str, target: str, wait: float, say: Callable
     while True:
         answers = await ping_jsz(nc, {"accounts": True, "streams": True, "config": True}, gather=1.0)
         if target in answers:  # it came back as the removal went out (a review: exit 0 all the same)
-            raise RuntimeFailure(f"{target} answers: it is running, and was removed from the meta group while it "
-                                 f"came back; stop it for good now (nats-server lets a removed peer back in after "
-                                 f"five minutes, under its old name), then check with check-r3-current.sh")
+            raise _came_back(target)
         listing = sorted(name for name, a in answers.items()
                          if any(r.get("peer") == wanted for r in _meta(a).get("replicas") or []))
         streams = placements(answers)
@@ -243,9 +247,7 @@ async def wait_removed(nc: Any, me: str, target: str, wait: float, say: Callable
     # answered it (a review: the node, restarted 4 s into the command, was removed and exit 0).
     await asyncio.sleep(1.0)
     if target in await ping_jsz(nc, gather=1.5):
-        raise RuntimeFailure(f"{target} answers: it is running, and was removed from the meta group while it came "
-                             "back; stop it for good now (nats-server lets a removed peer back in after five minutes, "
-                             "under its old name), then check with check-r3-current.sh")
+        raise _came_back(target)
     lines = [f"{target} is gone from the meta group of every live node ({', '.join(sorted(answers))})"]
     short = []
     for name, p in sorted(streams.items()):
