@@ -649,11 +649,9 @@ def cmd_remove_peer(argv: Sequence[str]) -> int:
     import ssl
 
     from .servicekey import SYSTEM_NKEY_FILE
-    from .settings import redact_url
+    from .settings import SERVER_NAME_RE, redact_url
 
     ns = _remove_peer_parser().parse_args(argv)
-    from .settings import SERVER_NAME_RE
-
     if not SERVER_NAME_RE.fullmatch(ns.name):
         # what --server-name takes; never a line break, a wildcard or an empty name (a review
         # printed a second "error:" line through one)
