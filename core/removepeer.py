@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, RuntimeFailure
-from .stopsignals import stoppable
+from .stopsignals import checkpoint, stoppable
 
 PING_SUBJECT = "$SYS.REQ.SERVER.PING.JSZ"
 REMOVE_SUBJECT = "$JS.API.SERVER.REMOVE"
@@ -272,6 +272,7 @@ async def remove_peer(nc: Any, me: str, target: str, *, wait: float, dry_run: bo
             return [f"dry run: would send {REMOVE_SUBJECT} for {target} (peer id {peer_id(target)}); nothing removed"]
         # Again just before: the first answers are two seconds old (a review restarted the node meanwhile).
         await check_removable(nc, me, target, others_down_ok=others_down_ok, gather=0.5)
+    checkpoint()  # a stop during the checks, even one they swallowed, ends the command before the removal
     # The commit point: once sent, a stop signal waits for the end (bounded by wait).
     await send_removal(nc, target)
     say(f"sent {REMOVE_SUBJECT} for {target}: the meta leader committed it")

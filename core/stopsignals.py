@@ -216,3 +216,11 @@ class stoppable:  # noqa: N801 - used as a context manager, like contextlib's
             _state.raised = False
             return
         raise StopSignal(_state.kept) from None
+
+
+def checkpoint() -> None:
+    """End the command here if a stop signal is kept (a stoppable part with nothing in it): the
+    last point before a commit that no stop may cut, so that a stop which came during the checks
+    before it (at their very end, or swallowed there) does not let the commit go ahead."""
+    with stoppable():
+        pass

@@ -92,7 +92,7 @@ def test_a_stop_signal_ends_only_a_stoppable_part_and_never_a_clean_up():
 
 ASYNC_SCRIPT = textwrap.dedent('''
     import asyncio, json, os, signal, threading, warnings
-    from unibus.stopsignals import StopSignal, operator_command, stoppable
+    from unibus.stopsignals import StopSignal, checkpoint, operator_command, stoppable
 
     warnings.simplefilter("error")  # a coroutine never awaited, a task never retrieved: an error
     out = {}
@@ -169,6 +169,18 @@ ASYNC_SCRIPT = textwrap.dedent('''
         out["close after a swallowed stop"] = "whole"
     out["swallowed, done"] = outcome(swallowed_and_the_part_done)
 
+    async def swallowed_then_a_commit():
+        # The same, with a commit after the part: the kept signal ends the command before it.
+        async with stoppable():
+            signal.raise_signal(signal.SIGTERM)
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                pass
+        checkpoint()
+        out["committed"] = "yes"  # never
+    out["swallowed, then a commit"] = outcome(swallowed_then_a_commit)
+
     # A signal at each line of the part's entry (a review's, as the task was being set, was lost
     # for good): the part never runs its body whole.
     import inspect, sys
@@ -231,6 +243,7 @@ def test_in_a_coroutine_a_stop_signal_cancels_the_part_at_its_await_and_never_it
     assert out["swallowed"] == "stopped 15" and out["first cancellation"] == "swallowed", out
     assert "after the hour" not in out, out
     assert out["swallowed, done"] == "done" and out["close after a swallowed stop"] == "whole", out
+    assert out["swallowed, then a commit"] == "stopped 15" and "committed" not in out, out
     assert out["entry"] and set(out["entry"]) == {"stopped 15"}, out
     assert "entry bodies run whole" not in out, out
     assert out["nested"] == "stoppable(): one stoppable part at a time", out
